@@ -1,0 +1,99 @@
+"""Generate images with SD3 / SD3.5, optionally with LoRAs.
+
+    python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red fox in snow"
+    python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors
+    python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
+
+Unset sampling flags take the detected variant's recommended settings (see PRESETS in sd35_lora.py).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import sd35_lora as sd
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
+    p.add_argument("--text-encoders", help="diffusers-layout folder with the text encoders (for single-file models)")
+    p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
+    p.add_argument("--variant", default="", help=f"override the detected variant: {', '.join(sd.PRESETS)}")
+    p.add_argument("--prompt", action="append", help="repeat for a batch")
+    p.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, help="sigma shift of the schedule")
+    p.add_argument("--sampler", choices=sd.SAMPLERS)
+    p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
+    p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
+    p.add_argument("--slg-layers", type=lambda s: tuple(int(i) for i in s.split(",")), help="e.g. 7,8,9")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--t5-length", type=int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
+    p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
+    p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
+    p.add_argument("--lora-scale", type=float, action="append", default=[], help="one per --lora, or one for all")
+    p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
+    p.add_argument("--offload", action="store_true", help="keep models on the CPU, moving each to the GPU only while it runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--out", default="samples", help="output folder")
+    args = p.parse_args(argv)
+    if not args.prompt:
+        p.error("give at least one --prompt")
+    if args.lora_scale and len(args.lora_scale) not in (1, len(args.lora)):
+        p.error("give one --lora-scale per --lora, or a single one for all")
+    return args
+
+
+def lora_t5_length(paths: list[str]) -> int | None:
+    """The T5 length a LoRA was trained with, from its metadata (so sampling matches training by default)."""
+    for path in paths:
+        _, meta = sd.read_safetensors(path, with_metadata=True)
+        length = json.loads(meta.get("sd35_lora", "{}")).get("t5_length")
+        if length:
+            return int(length)
+    return None
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    t5_length = args.t5_length or lora_t5_length(args.lora) or sd.T5_LENGTH
+    pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
+                            use_t5=not args.no_t5, variant=args.variant, offload=args.offload)
+    scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
+    for path, scale in zip(args.lora, scales):
+        n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
+        print(f"loaded {path} on {n} layers (scale {scale})")
+    settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, args.slg_scale,
+                                 args.slg_layers, args.width, args.height, args.seed).resolved(pipe.variant)
+    images = sd.generate(pipe, args.prompt, args.negative, settings)
+    return save_images(images, args, settings, pipe.variant, t5_length)
+
+
+def save_images(images, args, settings, variant: str, t5_length: int) -> list[Path]:
+    from PIL.PngImagePlugin import PngInfo
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(images, args.prompt)):
+        params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
+                  "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,
+                  "lora_scale": args.lora_scale, **{k: v for k, v in vars(settings).items() if k != "seed"}}
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(params))
+        path = out / f"sample_{i:02d}.png"
+        image.save(path, pnginfo=info)
+        print(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except sd.UserError as e:
+        sys.exit(f"error: {e}")

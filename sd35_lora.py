@@ -1,0 +1,1448 @@
+"""Stable Diffusion 3 / 3.5 LoRA training and sampling in one readable file.
+
+    python sd35_lora.py config.yaml                          # train a LoRA, sampling every N steps
+    python sd35_lora.py config.yaml --set train.lr=5e-5      # override any config key
+    python sd35_lora.py config.yaml --resume                 # continue the run in output_dir
+    python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
+
+Data flow:
+    sampling:  prompts -> TextEncoders -> (context, pooled) -> denoise(MMDiT [+LoRA], sigmas) -> latents -> VAE -> images
+    training:  images -> VAE.encode -> latents --+  (cached on disk; the encoders then leave the GPU)
+               captions -> TextEncoders -> cond -+-> flow-matching loss on MMDiT+LoRA -> AdamW -> LoRA file
+
+Sections, in reading order: presets and config, flow matching, MMDiT, LoRA, VAE, text encoders,
+checkpoint I/O, sampling, data, training. Parameter names are those of Stability AI's official
+checkpoints (minus `model.diffusion_model.`), so an official file loads by stripping that prefix;
+the diffusers layout is converted on load through one key table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback."""
+
+
+#################################################################################
+#                           Presets and Configuration                           #
+#################################################################################
+
+@dataclass(frozen=True)
+class Preset:
+    """Recommended sampling settings of one model variant (Stability AI's reference defaults)."""
+    steps: int
+    cfg: float
+    shift: float
+    sampler: str
+    slg_scale: float = 0.0                 # skip-layer guidance, 0 = off
+    slg_layers: tuple[int, ...] = ()
+
+
+PRESETS = {
+    "sd3-medium": Preset(steps=28, cfg=5.0, shift=3.0, sampler="dpmpp_2m"),
+    "sd3.5-medium": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
+    "sd3.5-large": Preset(steps=28, cfg=4.0, shift=3.0, sampler="dpmpp_2m"),
+    "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),
+}
+SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
+T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
+SAMPLERS = ("euler", "dpmpp_2m")
+SCHEDULES = ("linear", "cosine")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "data"                     # folder of images with same-name .txt captions
+    resolution: int = 1024                 # bucket area ~ resolution^2, sides multiples of 64
+    default_caption: str = ""              # used (and counted) where a .txt is missing
+    caption_dropout: float = 0.1           # fraction of steps trained on the empty caption (keeps CFG working)
+    flip: bool = False                     # random horizontal flips
+    cache_dir: str = "cache"               # latents + text embeddings, keyed by content and settings
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 16.0                    # scale = alpha / rank
+    targets: str = "attn"                  # attn | attn_mlp | all | comma list of regexes on module names
+    blocks: str = ""                       # "" = all joint blocks, or a range such as "0-11"
+    dropout: float = 0.0
+    format: str = "diffusers"              # diffusers | kohya
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "constant"          # constant | cosine (both after warmup)
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 250
+    timestep_sampling: str = "logit_normal"  # logit_normal | mode | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"                # none | sigma_sqrt | cosmap
+    gradient_checkpointing: bool = True
+    loss_bins: int = 5                     # loss is also tracked per timestep bin
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = ""                      # "" = the variant's preset
+    sample_every: int = 250                # 0 = only at the start and the end
+    sample_steps: int = 0                  # 0 = the variant's preset
+    guidance_scale: float = 0.0            # 0 = the variant's preset
+    shift: float = 0.0                     # 0 = the variant's preset
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    neg: str = ""
+    width: int = 1024
+    height: int = 1024
+    seed: int = 42
+
+
+@dataclass
+class Config:
+    model: str = ""                        # diffusers folder, official .safetensors, hub id, or "tiny"
+    text_encoders: str = ""                # diffusers-layout folder with text_encoder*/tokenizer* ("" = model)
+    vae: str = ""                          # "" = the VAE inside `model`
+    variant: str = ""                      # "" = detected; one of PRESETS to override
+    output_dir: str = "runs/lora"
+    device: str = "auto"                   # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = "bf16"                    # frozen weights; LoRA and optimizer stay fp32
+    t5_length: int = T5_LENGTH
+    use_t5: bool = True                    # False: zeros instead of T5 (saves ~10 GB)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _coerce(value, default, key: str):
+    """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if isinstance(default, int) and not float(value).is_integer():
+            raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, list):
+        return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+    if isinstance(default, str):
+        return "" if value is None else str(value)
+    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, got {value!r}")
+
+
+def _fill(obj, data: dict, prefix: str = ""):
+    """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in (data or {}).items():
+        full = prefix + str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
+            raise UserError(f"unknown config key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' must be a section with keys, got {value!r}")
+            _fill(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, full))
+    return obj
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
+    import yaml
+    data = {}
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    config = _fill(Config(), data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
+        nested = yaml.safe_load(raw) if raw else ""
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        _fill(config, nested)
+    return config
+
+
+#################################################################################
+#                                 Flow Matching                                 #
+#################################################################################
+# Rectified flow: x_t = (1 - sigma) * x0 + sigma * noise, the model predicts v = noise - x0.
+
+def shift_sigma(sigma, shift: float):
+    """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
+    """Sigmas from 1 to 0 (steps + 1 values), built as the references do: the end point
+    shift(1/1000) is spaced, then shifted again. `cosine` spaces densely at both ends."""
+    if spacing not in SCHEDULES:
+        raise UserError(f"unknown schedule '{spacing}': choose one of {', '.join(SCHEDULES)}")
+    end = shift_sigma(1 / 1000, shift)
+    frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "cosine":
+        frac = (1 - torch.cos(math.pi * frac)) / 2
+    sigmas = shift_sigma(1 - (1 - end) * frac, shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
+    if cfg.timestep_sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean)
+    elif cfg.timestep_sampling == "mode":
+        u = torch.rand(n, generator=generator)
+        u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    elif cfg.timestep_sampling == "uniform":
+        u = torch.rand(n, generator=generator)
+    else:
+        raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': use logit_normal, mode or uniform")
+    index = (u * 1000).long().clamp(0, 999)
+    return shift_sigma((1000 - index).float() / 1000, shift)
+
+
+def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample loss weights of SD3's paper: none, sigma_sqrt (sigma^-2) or cosmap."""
+    if scheme == "none":
+        return torch.ones_like(sigmas)
+    if scheme == "sigma_sqrt":
+        return sigmas ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    raise UserError(f"unknown train.weighting '{scheme}': use none, sigma_sqrt or cosmap")
+
+
+#################################################################################
+#                                     MMDiT                                     #
+#################################################################################
+
+@dataclass
+class MMDiTConfig:
+    depth: int = 24                        # joint blocks; official models have heads = depth, head_dim = 64
+    hidden: int = 1536
+    heads: int = 24
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    context_dim: int = 4096                # T5 width
+    pooled_dim: int = 2048                 # CLIP-L + CLIP-G pooled
+    pos_embed_max_size: int = 384
+    qk_norm: bool = True
+    dual_attention_layers: tuple[int, ...] = ()
+    mlp_ratio: int = 4
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "MMDiTConfig":
+        """Architecture from official-name weight shapes (works on meta tensors)."""
+        proj = sd["x_embedder.proj.weight"]                       # (hidden, in_ch, p, p)
+        ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")  # (head_dim,)
+        hidden, patch = proj.shape[0], proj.shape[-1]
+        return cls(
+            depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")),
+            hidden=hidden,
+            heads=hidden // (ln_q.shape[0] if ln_q is not None else 64),
+            patch_size=patch,
+            in_channels=proj.shape[1],
+            out_channels=sd["final_layer.linear.weight"].shape[0] // patch ** 2,
+            context_dim=sd["context_embedder.weight"].shape[1],
+            pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
+            pos_embed_max_size=math.isqrt(sd["pos_embed"].shape[1]),
+            qk_norm=ln_q is not None,
+            dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k})),
+            mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden,
+        )
+
+    @classmethod
+    def from_diffusers(cls, c: dict) -> "MMDiTConfig":
+        """Architecture from a diffusers `transformer/config.json`."""
+        return cls(depth=c["num_layers"], hidden=c["num_attention_heads"] * c["attention_head_dim"],
+                   heads=c["num_attention_heads"], patch_size=c.get("patch_size", 2),
+                   in_channels=c.get("in_channels", 16), out_channels=c.get("out_channels") or c.get("in_channels", 16),
+                   context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 2048),
+                   pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=c.get("qk_norm") == "rms_norm",
+                   dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
+
+    def variant(self, hint: str = "") -> str:
+        """The PRESETS entry for this architecture; Large and Large Turbo differ only in weights,
+        so Turbo is recognised by its name (or set `variant` explicitly)."""
+        if self.dual_attention_layers:
+            return "sd3.5-medium"
+        if not self.qk_norm:
+            return "sd3-medium"
+        return "sd3.5-large-turbo" if "turbo" in hint.lower() else "sd3.5-large"
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t = sigma * 1000, cosines first. (B,) -> (B, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """2D sine-cosine table for a fresh model; real checkpoints store their own. -> (1, grid*grid, dim)"""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]         # (grid, dim/4)
+    emb = torch.cat([torch.sin(pos), torch.cos(pos)], dim=1)                       # (grid, dim/2)
+    table = torch.cat([emb[None, :, :].expand(grid, -1, -1), emb[:, None, :].expand(-1, grid, -1)], dim=-1)
+    return table.reshape(1, grid * grid, dim).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Fused qkv projection with optional per-head RMSNorm on q and k (SD3.5)."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, pre_only: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ln_q = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.ln_k = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = None if pre_only else nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor):
+        """(B, L, D) -> q, k, v each (B, heads, L, head_dim)"""
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        return self.ln_q(q), self.ln_k(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain self-attention (the dual `attn2` of MMDiT-X)."""
+        out = F.scaled_dot_product_attention(*self.qkv_heads(x))
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class StreamBlock(nn.Module):
+    """One stream (image `x_block` or text `context_block`) of a joint block.
+
+    adaLN turns the conditioning vector into shift/scale/gate chunks: 6 of them, 9 with the dual
+    attention of SD3.5 Medium, 2 for the last text block, which is `pre_only` (its output is unused).
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool = False, dual: bool = False):
+        super().__init__()
+        self.pre_only, self.dual = pre_only, dual
+        self.n_mod = 2 if pre_only else 9 if dual else 6
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm, pre_only)
+        self.attn2 = Attention(dim, heads, qk_norm) if dual else None
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = MLP(dim, dim * mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
+
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """-> (q, k, v) of this stream and the state post_attention needs."""
+        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
+        normed = self.norm1(x)
+        return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
+
+    def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
+        normed, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods2) = state
+        x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
+        if self.dual:
+            shift_msa2, scale_msa2, gate_msa2 = mods2
+            x = torch.addcmul(x, gate_msa2, self.attn2(modulate(normed, shift_msa2, scale_msa2)))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class JointBlock(nn.Module):
+    """Text and image streams with their own weights, attending jointly over the concatenated sequence."""
+
+    def __init__(self, cfg: MMDiTConfig, index: int):
+        super().__init__()
+        self.context_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
+                                         pre_only=index == cfg.depth - 1)
+        self.x_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
+                                   dual=index in cfg.dual_attention_layers)
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+        ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
+        x_qkv, x_state = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(ctx_qkv, x_qkv))       # (B, H, Lc + Lx, d)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
+        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
+        if not self.context_block.pre_only:
+            context = self.context_block.post_attention(ctx_out, context, ctx_state)
+        return context, self.x_block.post_attention(x_out, x, x_state)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """The SD3 / SD3.5 diffusion transformer (MMDiT, and MMDiT-X with dual attention for SD3.5 Medium)."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embedder = nn.Module()
+        self.y_embedder.mlp = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
+        self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch_size ** 2 * cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each joint block in the backward pass: activation memory ~1 block instead of all."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
+        m = self.cfg.pos_embed_max_size
+        if h > m or w > m:
+            limit = m * self.cfg.patch_size * 8
+            raise UserError(f"image of {h * self.cfg.patch_size * 8}x{w * self.cfg.patch_size * 8} px is too large "
+                            f"for this model: at most {limit} px per side")
+        top, left = (m - h) // 2, (m - w) // 2
+        grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
+        return grid.reshape(1, h * w, -1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                skip_layers=()) -> torch.Tensor:
+        """x (B, 16, H/8, W/8) latents, t (B,) = sigma * 1000, context (B, L, 4096), y (B, 2048) -> velocity like x."""
+        p = self.cfg.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        dtype = self.context_embedder.weight.dtype
+        x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d")  # (B, h*w, D)
+        x = x + self.cropped_pos_embed(h, w).to(x.dtype)
+        c = self.t_embedder.mlp(timestep_embedding(t).to(dtype)) + self.y_embedder.mlp(y.to(dtype))  # (B, D)
+        context = self.context_embedder(context.to(dtype))                      # (B, L, D)
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip_layers:
+                continue
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                context, x = checkpoint(block, context, x, c, use_reentrant=False)
+            else:
+                context, x = block(context, x, c)
+        x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+
+# Official module name (inside `joint_blocks.{i}.`) -> diffusers name (inside `transformer_blocks.{i}.`).
+# One table serves weight conversion both ways and LoRA files of both layouts; a fused qkv maps to three.
+BLOCK_NAMES = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": "attn.to_out.0",
+    "x_block.attn.ln_q": "attn.norm_q",
+    "x_block.attn.ln_k": "attn.norm_k",
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": "attn2.to_out.0",
+    "x_block.attn2.ln_q": "attn2.norm_q",
+    "x_block.attn2.ln_k": "attn2.norm_k",
+    "x_block.adaLN_modulation.1": "norm1.linear",
+    "x_block.mlp.fc1": "ff.net.0.proj",
+    "x_block.mlp.fc2": "ff.net.2",
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": "attn.to_add_out",
+    "context_block.attn.ln_q": "attn.norm_added_q",
+    "context_block.attn.ln_k": "attn.norm_added_k",
+    "context_block.adaLN_modulation.1": "norm1_context.linear",
+    "context_block.mlp.fc1": "ff_context.net.0.proj",
+    "context_block.mlp.fc2": "ff_context.net.2",
+}
+TOP_NAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def diffusers_names(depth: int) -> dict[str, tuple[str, ...]]:
+    """Official module name -> its diffusers module name(s), for a model of `depth` joint blocks."""
+    names = {k: (v,) for k, v in TOP_NAMES.items()}
+    for i in range(depth):
+        for official, ours in BLOCK_NAMES.items():
+            parts = ours if isinstance(ours, tuple) else (ours,)
+            names[f"joint_blocks.{i}.{official}"] = tuple(f"transformer_blocks.{i}.{p}" for p in parts)
+    return names
+
+
+def is_swapped(official_name: str, depth: int) -> bool:
+    """diffusers stores these two modulations as (scale, shift); the official files as (shift, scale)."""
+    return official_name in ("final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
+    """diffusers `transformer/` state dict -> official names (qkv fused, the two swaps undone)."""
+    sd, out = dict(sd), {}
+    if "pos_embed.pos_embed" in sd:
+        out["pos_embed"] = sd.pop("pos_embed.pos_embed")
+    for official, parts in diffusers_names(depth).items():
+        for p in ("weight", "bias"):
+            tensors = [sd.pop(f"{name}.{p}") for name in parts if f"{name}.{p}" in sd]
+            if tensors:
+                t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+                out[f"{official}.{p}"] = swap_halves(t) if is_swapped(official, depth) else t
+    if sd:
+        raise UserError(f"unexpected keys in the diffusers transformer weights: {sorted(sd)[:5]}")
+    return out
+
+
+def mmdit_to_diffusers(sd: dict, depth: int) -> dict:
+    """Official names -> diffusers `transformer/` names; the exact inverse of mmdit_from_diffusers."""
+    sd, out = dict(sd), {}
+    if "pos_embed" in sd:
+        out["pos_embed.pos_embed"] = sd.pop("pos_embed")
+    for official, parts in diffusers_names(depth).items():
+        for p in ("weight", "bias"):
+            if f"{official}.{p}" in sd:
+                t = sd.pop(f"{official}.{p}")
+                t = swap_halves(t) if is_swapped(official, depth) else t
+                out.update(zip((f"{name}.{p}" for name in parts), t.chunk(len(parts))))
+    if sd:
+        raise UserError(f"unexpected keys in the official MMDiT weights: {sorted(sd)[:5]}")
+    return out
+
+
+#################################################################################
+#                                      LoRA                                     #
+#################################################################################
+# W x + b + (alpha / rank) * multiplier * up(down(x)). `up` starts at zero, so a fresh adapter changes
+# nothing and training starts from the base model. The fused qkv gets one adapter (rank r shared by q, k, v).
+
+LORA_TARGETS = {
+    "attn": r"joint_blocks\.\d+\.\w+_block\.attn\.(qkv|proj)$",
+    "attn_mlp": r"joint_blocks\.\d+\.\w+_block\.(attn\.(qkv|proj)|mlp\.fc[12])$",
+    "all": r"(attn2?\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1|_embedder(\.mlp\.[02])?|final_layer\.linear)$",
+}
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear (same weight/bias names) plus a trainable fp32 low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.multiplier, self.merged = rank, alpha, 1.0, False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_down = nn.Linear(self.in_features, rank, **kw)
+        self.lora_up = nn.Linear(rank, self.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank * self.multiplier
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_up.weight @ self.lora_down.weight) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        update = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
+        return out + (update * self.scale).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the base weight: inference at the cost of a plain Linear."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+
+def parse_blocks(spec: str, depth: int) -> set[int]:
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks."""
+    if not spec:
+        return set(range(depth))
+    blocks = set()
+    for part in str(spec).split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        blocks.update(range(int(lo), int(hi or lo) + 1))
+    return blocks & set(range(depth))
+
+
+def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: str = "") -> list[str]:
+    """Names of the nn.Linear modules a preset (attn, attn_mlp, all) or a list of regexes selects."""
+    if isinstance(targets, str):
+        patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    else:
+        patterns = list(targets)
+    try:
+        regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
+    keep = parse_blocks(blocks, model.cfg.depth)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
+             and any(r.search(name) for r in regexes)
+             and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
+    if not names:
+        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the MMDiT; "
+                        f"use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
+    return names
+
+
+def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
+             dropout: float = 0.0) -> list[nn.Parameter]:
+    """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
+    if rank < 1:
+        raise UserError(f"lora.rank must be at least 1, got {rank}")
+    model.requires_grad_(False)
+    params = []
+    for name in lora_target_names(model, targets, blocks):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = getattr(owner, child)
+        if isinstance(base, LoRALinear):
+            raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
+        layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout)
+        setattr(owner, child, layer)
+        params += [layer.lora_down.weight, layer.lora_up.weight]
+    return params
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_lora_merged(model: nn.Module, merged: bool):
+    for layer in lora_layers(model).values():
+        layer.merge() if merged else layer.unmerge()
+
+
+def _atomic_save(tensors: dict, path: str | Path, metadata: dict | None = None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
+    """The adapters as a LoRA file's tensors. diffusers: alpha folded into lora_B (loaders assume
+    alpha = rank), the fused qkv written as to_q/to_k/to_v sharing lora_A. kohya: official names + alpha."""
+    depth, names, out = model.cfg.depth, diffusers_names(model.cfg.depth), {}
+    for name, layer in lora_layers(model).items():
+        down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
+        if format == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(float(layer.alpha))})
+        elif format == "diffusers":
+            up = up * (layer.alpha / layer.rank)
+            up = swap_halves(up) if is_swapped(name, depth) else up
+            for part, up_part in zip(names[name], up.chunk(len(names[name]))):
+                out[f"transformer.{part}.lora_A.weight"] = down
+                out[f"transformer.{part}.lora_B.weight"] = up_part
+        else:
+            raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
+    if not out:
+        raise UserError("the model has no LoRA layers to save (call add_lora first)")
+    return out
+
+
+def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
+    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
+    layers = list(lora_layers(model).values())
+    info = {"format": format, "rank": layers[0].rank if layers else 0, "alpha": layers[0].alpha if layers else 0,
+            "alpha_folded": format == "diffusers", "modules": sorted(lora_layers(model)), **(metadata or {})}
+    _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
+
+
+def _lora_key(key: str):
+    """A LoRA tensor name -> (module name as written, layout, role) or None. Layouts: diffusers/PEFT
+    (`transformer.` / `base_model.model.` prefix, lora_A/B), kohya (`lora_unet_`, flattened official
+    names), ComfyUI (`diffusion_model.` official names; `lora_transformer_` flattened diffusers names)."""
+    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$|^(.*)\.(alpha)$", key)
+    if not m:
+        return None
+    module, role = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
+    for prefix, layout in (("transformer.", "diffusers"), ("base_model.model.", "diffusers"),
+                           ("diffusion_model.", "official"), ("model.diffusion_model.", "official"),
+                           ("lora_unet_", "official_flat"), ("lora_transformer_", "diffusers_flat")):
+        if module.startswith(prefix):
+            return module[len(prefix):], layout, role
+    return module, "diffusers" if module.startswith("transformer_blocks.") else "official", role
+
+
+def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
+    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
+    sd, meta = read_safetensors(path, with_metadata=True)
+    depth = model.cfg.depth
+    official_of = {}                                      # any spelling -> (official name, part index, parts)
+    for official, parts in diffusers_names(depth).items():
+        official_of[official] = official_of[official.replace(".", "_")] = (official, 0, 1)
+        for i, part in enumerate(parts):
+            official_of[part] = official_of[part.replace(".", "_")] = (official, i, len(parts))
+    peft = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
+    peft = peft.get("transformer", peft) if isinstance(peft, dict) else {}
+    groups, unknown = {}, []
+    for key, tensor in sd.items():
+        parsed = _lora_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        module, layout, role = parsed
+        groups.setdefault((module, layout), {})[role] = tensor.float()
+    if not groups:
+        looks = describe_checkpoint(sd)
+        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {looks})")
+    pieces, unmatched = {}, []
+    for (module, layout), t in groups.items():
+        if "down" not in t or "up" not in t:
+            raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
+        down, up = t["down"], t["up"]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
+        rank = down.shape[0]
+        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank)) if peft else rank
+        target = official_of.get(module)
+        if target is None:
+            unmatched.append(module)
+            continue
+        official, index, n_parts = target
+        if layout.startswith("diffusers") and is_swapped(official, depth):
+            up = swap_halves(up)
+        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
+    if not pieces:
+        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
+                        f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
+                        f"or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
+    if unmatched:
+        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, e.g. {unmatched[:3]}",
+              file=sys.stderr)
+    modules = dict(model.named_modules())
+    adapters = {}
+    for official, parts in pieces.items():
+        layer = modules.get(official)
+        if not isinstance(layer, nn.Linear):
+            raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
+                            f"dual attention {list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
+        rows = layer.out_features // len(parts)
+        downs = [p[0] if p else None for p in parts]
+        for p in parts:
+            if p and p[0].shape[1] != layer.in_features:
+                raise UserError(f"{path}: '{official}' expects input width {layer.in_features}, the LoRA has "
+                                f"{p[0].shape[1]} (down {tuple(p[0].shape)}): a LoRA for another variant?")
+            if p and p[1].shape[0] != rows:
+                raise UserError(f"{path}: '{official}' expects up of shape ({rows}, r), the LoRA has "
+                                f"{tuple(p[1].shape)}: a LoRA for another variant?")
+        if len(parts) == 1:
+            adapters[official] = parts[0]
+        elif all(d is not None and torch.equal(d, downs[0]) for d in downs):    # shared A: stays rank r
+            adapters[official] = (downs[0], torch.cat([p[1] for p in parts]))
+        else:                                             # separate A's: block-diagonal, rank = sum of ranks
+            present = [p for p in parts if p]
+            down = torch.cat([p[0] for p in present])
+            up = torch.zeros(layer.out_features, down.shape[0])
+            col = 0
+            for i, p in enumerate(parts):
+                if p:
+                    up[i * rows:(i + 1) * rows, col:col + p[0].shape[0]] = p[1]
+                    col += p[0].shape[0]
+            adapters[official] = (down, up)
+    return adapters
+
+
+@torch.no_grad()
+def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
+    """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
+    (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
+    adapters = read_lora(model, path)                      # validates everything before touching the model
+    modules = dict(model.named_modules())
+    for name, (down, up) in adapters.items():
+        layer = modules[name]
+        if merge:
+            layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
+        else:
+            if isinstance(layer, LoRALinear):
+                raise UserError(f"{name} already has an unmerged LoRA; load further LoRAs with merge=True")
+            parent, _, child = name.rpartition(".")
+            wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0])
+            wrapped.lora_down.weight.copy_(down)
+            wrapped.lora_up.weight.copy_(up)
+            wrapped.multiplier = scale
+            setattr(modules[parent] if parent else model, child, wrapped)
+    return len(adapters)
+
+
+#################################################################################
+#                                      VAE                                      #
+#################################################################################
+
+@dataclass
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2                # per level in the encoder; the decoder has one more
+    latent_channels: int = 16
+    groups: int = 32
+    scaling_factor: float = 1.5305         # SD3's latents: (z - shift) * scale goes into the MMDiT
+    shift_factor: float = 0.0609
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        return cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                   num_res_blocks=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")),
+                   latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (the VAE's mid block)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=x.shape[2])
+        return x + self.proj_out(out)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Resample(nn.Module):
+    """x2 down (asymmetric pad, stride-2 conv) or x2 up (nearest, conv)."""
+
+    def __init__(self, ch: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=0 if down else 1)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n_blocks))
+    return level
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths = [c.ch * m for m in c.ch_mult]
+        self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
+        self.down = nn.ModuleList(_level(([c.ch] + widths)[i], w, c.num_res_blocks, c.groups) for i, w in enumerate(widths))
+        for level, w in zip(self.down[:-1], widths):
+            level.downsample = Resample(w, down=True)
+        self.mid = MidBlock(widths[-1], c.groups)
+        self.norm_out = nn.GroupNorm(c.groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths = [c.ch * m for m in c.ch_mult]
+        self.conv_in = nn.Conv2d(c.latent_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], c.groups)
+        # up[i] works at width widths[i]; it runs from the deepest level up, as in the official layout
+        self.up = nn.ModuleList(_level((widths + [widths[-1]])[i + 1], w, c.num_res_blocks + 1, c.groups)
+                                for i, w in enumerate(widths))
+        for level, w in zip(self.up[1:], widths[1:]):
+            level.upsample = Resample(w, down=False)
+        self.norm_out = nn.GroupNorm(c.groups, widths[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAE(nn.Module):
+    """SD3's 16-channel autoencoder; pixels in [-1, 1], latents 8x smaller and already scaled for the MMDiT."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance, what the training cache stores."""
+        return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample z ~ N(mean, var) and scale it into the MMDiT's latent space (the one place the scale lives)."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents_from_moments(self.encode_moments(images), generator)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.cfg.scaling_factor + self.cfg.shift_factor
+        return self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
+
+
+# diffusers `vae/` names -> official (SAI/LDM) names; the decoder's up blocks are numbered in reverse.
+VAE_RENAMES = [
+    (r"\.conv_norm_out\.", ".norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.up.{\1}.block."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.{\1}.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+]
+
+
+def vae_from_diffusers(sd: dict) -> dict:
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
+    out = {}
+    for key, tensor in sd.items():
+        for pattern, repl in VAE_RENAMES:
+            key = re.sub(pattern, repl, key)
+        key = re.sub(r"\{(\d+)\}", lambda m: str(levels - 1 - int(m.group(1))), key)
+        if ".attn_1." in key and key.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]                     # Linear -> 1x1 conv
+        out[key] = tensor
+    return out
+
+
+#################################################################################
+#                                 Text Encoders                                 #
+#################################################################################
+
+class TextEncoders:
+    """CLIP-L and CLIP-G (penultimate hidden states, pooled projections) and T5-XXL, combined as SD3 expects:
+    context = [CLIP-L | CLIP-G | zero pad to T5 width] ++ T5 along the sequence -> (B, 77 + t5_length, 4096),
+    pooled = [CLIP-L pooled | CLIP-G pooled] -> (B, 2048). Without T5 its part is zeros."""
+
+    def __init__(self, clip_l, clip_g, t5, tokenizers, t5_length: int = T5_LENGTH, context_dim: int = 4096):
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.tok_l, self.tok_g, self.tok_t5 = tokenizers
+        self.t5_length, self.context_dim = t5_length, context_dim
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
+
+    def _tokens(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.clip_l.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
+        seqs, pooled = [], []
+        for model, tokenizer in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
+            out = model(self._tokens(tokenizer, prompts, self.tok_l.model_max_length), output_hidden_states=True)
+            seqs.append(out.hidden_states[-2].float())
+            pooled.append(out.text_embeds.float())
+        clip = torch.cat(seqs, dim=-1)                                          # (B, 77, D_l + D_g)
+        if self.t5 is not None:
+            t5 = self.t5(self._tokens(self.tok_t5, prompts, self.t5_length)).last_hidden_state.float()
+        else:
+            t5 = clip.new_zeros(len(prompts), self.t5_length, self.context_dim)
+        context = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
+        return context, torch.cat(pooled, dim=-1)
+
+
+#################################################################################
+#                                Checkpoint I/O                                 #
+#################################################################################
+# Accepted: a diffusers-layout folder (the Hugging Face SD3.5 repos), an official single .safetensors
+# (MMDiT + VAE under `model.diffusion_model.` / `first_stage_model.`) with text encoders from a diffusers
+# folder, or a Hugging Face repo id. Only safetensors are read: nothing downloaded is ever unpickled.
+
+CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
+    ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
+    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
+    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"),
+    ("decoder.up", "a VAE"), ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+]
+
+
+def describe_checkpoint(sd: dict) -> str:
+    for fragment, what in CHECKPOINT_SIGNATURES:
+        if any(fragment in k for k in sd):
+            return f"it looks like {what}"
+    return f"its first keys are {sorted(sd)[:3]}"
+
+
+def read_safetensors(path: str | Path, with_metadata: bool = False):
+    """All tensors of a .safetensors file (and its metadata), or a UserError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); use the .safetensors release")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
+                        f"a truncated download? download it again") from None
+    return (sd, meta) if with_metadata else sd
+
+
+def read_weights_dir(folder: Path, stem: str) -> dict:
+    """A diffusers component's weights: `stem.safetensors` or shards listed in `stem.safetensors.index.json`."""
+    if (folder / f"{stem}.safetensors").is_file():
+        return read_safetensors(folder / f"{stem}.safetensors")
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+    found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); only safetensors weights are read")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _single_file(path: Path, prefix: str) -> dict:
+    """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
+    sd = read_safetensors(path)
+    inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return inner or sd
+
+
+def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
+    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast."""
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
+                        f"{str(e).splitlines()[1].strip()[:300]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
+    """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{path} has no transformer/config.json: not a diffusers SD3 folder")
+        config = _read_json(folder / "config.json")
+        if "joint_attention_dim" not in config:
+            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
+        cfg = MMDiTConfig.from_diffusers(config)
+        sd = mmdit_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"), cfg.depth)
+    else:
+        sd = _single_file(path, "model.diffusion_model.")
+        if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" in sd:  # a diffusers-named single file
+            sd = mmdit_from_diffusers(sd, 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")))
+        if "x_embedder.proj.weight" not in sd:
+            raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
+        cfg = MMDiTConfig.from_state_dict(sd)
+    return _build(MMDiT, cfg, sd, "MMDiT", path, device, dtype)
+
+
+def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
+    """The VAE from a diffusers root folder, its `vae/` folder, or an official single file."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        sd = vae_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"))
+        overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
+                                                ("shift_factor", "shift_factor")) if config.get(d) is not None}
+    else:
+        sd, overrides = _single_file(path, "first_stage_model."), {}
+        if any(k.startswith("decoder.up_blocks.") for k in sd):
+            sd = vae_from_diffusers(sd)
+    if "decoder.conv_in.weight" not in sd:
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
+    return _build(VAE, VAEConfig.from_state_dict(sd, **overrides), sd, "VAE", path, device, dtype)
+
+
+def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
+                       use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
+    """CLIP-L, CLIP-G and T5 with their tokenizers from a diffusers-layout folder (text_encoder{,_2,_3}/, tokenizer{,_2,_3}/)."""
+    import transformers
+    folder = Path(folder)
+    parts = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + (["text_encoder_3", "tokenizer_3"] if use_t5 else [])
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
+                        f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" + ("" if use_t5 else "") +
+                        (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+
+    def component(name: str, default: str, **kw):
+        cls = getattr(transformers, (index.get(name) or [None, default])[1], None) or getattr(transformers, default)
+        return cls.from_pretrained(folder / name, **kw)
+
+    model_kw = dict(dtype=dtype, use_safetensors=True)
+    encoders = [component(n, cls, **model_kw).to(device).eval().requires_grad_(False) if use_t5 or n != "text_encoder_3" else None
+                for n, cls in (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+                               ("text_encoder_3", "T5EncoderModel"))]
+    tokenizers = [component(n, "AutoTokenizer") if use_t5 or n != "tokenizer_3" else None
+                  for n in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+
+
+def resolve_model(name: str, use_t5: bool = True) -> Path:
+    """A local path as is; a Hugging Face repo id is downloaded (diffusers layout, safetensors only)."""
+    if os.path.exists(name):
+        return Path(name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+        raise UserError(f"model not found: {name!r} (give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                "tokenizer_2/*"] + (["text_encoder_3/*", "tokenizer_3/*"] if use_t5 else [])
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+    except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
+        text = f"{type(e).__name__}: {e}"
+        if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
+            hint = f"accept the licence at https://huggingface.co/{name}, then run `hf auth login` (or set HF_TOKEN)"
+        elif re.search(r"RepositoryNotFound|404", text):
+            hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
+        else:
+            hint = ("no network? download it where there is one (`hf download " + name + " --local-dir DIR`) "
+                    "and pass --model DIR")
+        raise UserError(f"could not download {name}: {hint}") from None
+
+
+@dataclass
+class Pipeline:
+    """Everything sampling needs. With `offload`, components live on the CPU and visit `device` one at a time."""
+    mmdit: MMDiT
+    vae: VAE
+    text: TextEncoders | None
+    variant: str
+    device: torch.device
+    offload: bool = False
+
+    @contextlib.contextmanager
+    def on_device(self, *modules: nn.Module):
+        if self.offload:
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in modules:
+                    m.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if not name:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
+                  dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
+                  variant: str = "", offload: bool = False) -> Pipeline:
+    """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or "tiny"."""
+    device = pick_device(str(device))
+    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
+    home = "cpu" if offload else device
+    if model == "tiny":
+        return tiny_pipeline(device, dtype, t5_length, use_t5)
+    root = resolve_model(model, use_t5)
+    mmdit = load_mmdit(root, home, dtype)
+    if text_encoders is None and not root.is_dir():
+        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
+                        f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
+    text = load_text_encoders(resolve_model(text_encoders, use_t5) if text_encoders else root, home, dtype,
+                              t5_length, use_t5, mmdit.cfg.context_dim)
+    vae_model = load_vae(resolve_model(vae) if vae else root, home, dtype)
+    if variant and variant not in PRESETS:
+        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
+    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device, offload)
+
+
+def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'", pad_with_eos: bool = True):
+    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + list(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<eos>" if pad_with_eos else "<pad>", model_max_length=77)
+
+
+def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True, seed: int = 0) -> Pipeline:
+    """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
+    program runs on a laptop CPU through the same code paths as the real weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    clip = lambda width: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+        projection_dim=width, max_position_embeddings=77, bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None
+    mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48, pos_embed_max_size=32,
+                              qk_norm=True, dual_attention_layers=(0, 1)))
+    vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
+    text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
+    for m in [mmdit, vae, *text.modules()]:
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
+
+
+#################################################################################
+#                                   Sampling                                    #
+#################################################################################
+
+def dpmpp_2m_step(x, denoised, old_denoised, sigmas, i):
+    """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in t = -log(sigma)."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    if sigma_next == 0:
+        return denoised
+    h = torch.log(sigma / sigma_next)
+    if old_denoised is not None:
+        r = torch.log(sigmas[i - 1] / sigma) / h
+        denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return (sigma_next / sigma) * x - torch.expm1(-h) * denoised
+
+
+@torch.no_grad()
+def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=None, cfg: float = 1.0,
+            sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(), progress: bool = False) -> torch.Tensor:
+    """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
+    skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
+    from tqdm import tqdm
+    use_cfg = uncond is not None and cfg != 1.0
+    context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
+    steps, previous = len(sigmas) - 1, None
+    x = x.float()
+    for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+        sigma = sigmas[i]
+        batch = torch.cat([x, x]) if use_cfg else x
+        v = model(batch, (sigma * 1000).expand(batch.shape[0]), context, pooled).float()
+        if use_cfg:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + cfg * (v_cond - v_uncond)
+            if slg_scale and slg_layers and SLG_WINDOW[0] * steps < i < SLG_WINDOW[1] * steps:
+                v_skip = model(x, (sigma * 1000).expand(x.shape[0]), *cond, skip_layers=tuple(slg_layers)).float()
+                v = v + slg_scale * (v_cond - v_skip)
+        if sampler == "euler":
+            x = x + (sigmas[i + 1] - sigma) * v
+        else:
+            denoised = x - sigma * v
+            x, previous = dpmpp_2m_step(x, denoised, previous, sigmas, i), denoised
+    return x
+
+
+def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
+    """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
+    return torch.cat([torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(s))
+                      for s in seeds])
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
+    from PIL import Image
+    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+@dataclass
+class SampleSettings:
+    """Sampling parameters; None means the variant's preset."""
+    steps: int | None = None
+    cfg: float | None = None
+    shift: float | None = None
+    sampler: str | None = None
+    schedule: str = "linear"
+    slg_scale: float | None = None
+    slg_layers: tuple[int, ...] | None = None
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+
+    def resolved(self, variant: str) -> "SampleSettings":
+        preset = PRESETS[variant]
+        out = dataclasses.replace(self, **{k: getattr(preset, k) for k in ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
+                                           if getattr(self, k) is None})
+        if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
+            raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
+        if out.steps < 1:
+            raise UserError(f"steps must be at least 1, got {out.steps}")
+        if out.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
+        if out.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule '{out.schedule}': choose one of {', '.join(SCHEDULES)}")
+        return out
+
+
+def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
+             embeddings=None, progress: bool = True) -> list:
+    """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+    s = (settings or SampleSettings()).resolved(pipe.variant)
+    if embeddings is None:
+        with pipe.on_device(*pipe.text.modules()):
+            cond = pipe.text.encode(prompts)
+            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg != 1.0 else None
+    else:
+        cond, uncond = embeddings
+    device = pipe.device
+    cond = tuple(t.to(device) for t in cond)
+    uncond = tuple(t.to(device) for t in uncond) if uncond is not None else None
+    x = initial_noise([s.seed + i for i in range(len(prompts))], pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
+    sigmas = get_schedule(s.steps, s.shift, s.schedule).to(device)
+    with pipe.on_device(pipe.mmdit):
+        latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, s.slg_layers, progress)
+    with pipe.on_device(pipe.vae):
+        return to_pil(pipe.vae.decode(latents))
+
+
