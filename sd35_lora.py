@@ -60,10 +60,10 @@ class Preset:
     slg_layers: tuple[int, ...] = ()
 
 
-PRESETS = {
-    "sd3-medium": Preset(steps=28, cfg=5.0, shift=3.0, sampler="dpmpp_2m"),
-    "sd3.5-medium": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
-    "sd3.5-large": Preset(steps=28, cfg=4.0, shift=3.0, sampler="dpmpp_2m"),
+PRESETS = {  # Stability AI's reference settings (sd3_infer.py); SD3 Medium's from its model card
+    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="dpmpp_2m"),
+    "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
+    "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
@@ -151,6 +151,11 @@ def _coerce(value, default, key: str):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        try:                                   # YAML reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
         if isinstance(default, int) and not float(value).is_integer():
             raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
@@ -230,7 +235,7 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
 def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
     if cfg.timestep_sampling == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean)
+        u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=generator))
     elif cfg.timestep_sampling == "mode":
         u = torch.rand(n, generator=generator)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
@@ -718,7 +723,7 @@ def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.
             up = up * (layer.alpha / layer.rank)
             up = swap_halves(up) if is_swapped(name, depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
-                out[f"transformer.{part}.lora_A.weight"] = down
+                out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
         else:
             raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
@@ -1446,3 +1451,380 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         return to_pil(pipe.vae.decode(latents))
 
 
+#################################################################################
+#                                     Data                                      #
+#################################################################################
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `step`, with area close to resolution^2 and aspect up to 4:1."""
+    sizes = []
+    for w in range(step, 4 * resolution + 1, step):
+        h = (resolution * resolution // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_aspect:
+            sizes.append((w, h))
+    return sizes
+
+
+def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover `size` (width, height), centre-crop, -> (3, H, W) in [-1, 1]."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        w, h = size
+        scale = max(w / im.width, h / im.height)
+        im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - w) // 2, (im.height - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def scan_dataset(cfg: DatasetConfig) -> list[dict]:
+    """Images with their captions and aspect bucket. Unreadable images are skipped and reported."""
+    from PIL import Image
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
+    buckets = bucket_sizes(cfg.resolution)
+    items, broken, uncaptioned = [], [], 0
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:
+                width, height = im.size
+        except Exception as e:
+            broken.append(f"{path.name} ({type(e).__name__})")
+            continue
+        caption_file = path.with_suffix(".txt")
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        else:
+            caption, uncaptioned = cfg.default_caption, uncaptioned + 1
+        bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
+        items.append({"path": path, "caption": caption, "size": bucket})
+    if broken:
+        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
+    if uncaptioned:
+        print(f"warning: {uncaptioned} images have no .txt caption; using dataset.default_caption "
+              f"{cfg.default_caption!r}", file=sys.stderr)
+    if not items:
+        raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
+    return items
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()[:32]
+
+
+def cached(path: Path, compute) -> dict[str, torch.Tensor]:
+    """Load `path` if present, else compute the tensors and write them atomically."""
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except Exception:
+            print(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
+    tensors = compute()
+    _atomic_save(tensors, path)
+    return tensors
+
+
+class LatentDataset:
+    """VAE moments and text embeddings of every image, computed once (cached on disk, keyed by the file's
+    content and every setting that changes the result), then served as same-bucket batches."""
+
+    def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
+        cache = Path(cfg.dataset.cache_dir)
+        vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
+        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
+        self.moments, self.flipped, self.embeds, self.sizes = [], [], [], []
+        from tqdm import tqdm
+        with pipe.on_device(pipe.vae, *pipe.text.modules()):
+            for item in tqdm(items, desc="caching latents and text", leave=False):
+                image_key = _digest(item["path"].read_bytes(), item["size"], vae_id)
+
+                def encode_image():
+                    pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
+                    return {"moments": pipe.vae.encode_moments(pixels)[0].cpu(),
+                            "flipped": pipe.vae.encode_moments(pixels.flip(-1))[0].cpu()}
+                latents = cached(cache / "latents" / f"{image_key}.safetensors", encode_image)
+                self.moments.append(latents["moments"])
+                self.flipped.append(latents["flipped"])
+                self.embeds.append(self.text(pipe, cache, item["caption"], text_id))
+                self.sizes.append(item["size"])
+            self.empty = self.text(pipe, cache, "", text_id)
+
+    @staticmethod
+    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode():
+            context, pooled = pipe.text.encode([caption])
+            return {"context": context[0].cpu(), "pooled": pooled[0].cpu()}
+        t = cached(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+        return t["context"], t["pooled"]
+
+    def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
+        """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
+        g = torch.Generator().manual_seed(epoch_seed)
+        by_bucket = {}
+        for i in torch.randperm(len(self.sizes), generator=g).tolist():
+            by_bucket.setdefault(self.sizes[i], []).append(i)
+        batches = [ids[j:j + batch_size] for ids in by_bucket.values() for j in range(0, len(ids), batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator):
+        """-> latents (B, 16, h, w), context (B, L, D), pooled (B, P), with flips and caption dropout drawn from g."""
+        flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
+        drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
+        moments = torch.stack([self.flipped[i] if f else self.moments[i] for i, f in zip(ids, flip)])
+        embeds = [self.empty if d else self.embeds[i] for i, d in zip(ids, drop)]
+        return (vae.latents_from_moments(moments, g), torch.stack([e[0] for e in embeds]),
+                torch.stack([e[1] for e in embeds]))
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then constant or cosine decay to zero."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_schedule != "constant":
+        raise UserError(f"unknown train.lr_schedule '{cfg.lr_schedule}': use constant or cosine")
+    return cfg.lr
+
+
+def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
+                       autocast_dtype: torch.dtype | None):
+    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (mean loss, per-sample losses, sigmas)"""
+    device = latents.device
+    sigmas = sample_training_sigmas(latents.shape[0], cfg, shift, g).to(device)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = model(noisy, sigmas * 1000, context, pooled)
+    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
+
+
+def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config):
+    """LoRA, AdamW moments, step, RNG states and config in one safetensors file (no pickle)."""
+    tensors = {f"param.{i}": p for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        for name, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    tensors, meta = read_safetensors(path, with_metadata=True)
+    if sum(k.startswith("param.") for k in tensors) != len(params):
+        raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets?); resume with the run's config")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if state:
+                opt.state[p] = state
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(meta["step"]), json.loads(meta["config"])
+
+
+def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
+    """Loss curve (raw and moving average) as a PNG, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines() if line.strip()]
+    if len(losses) < 2:
+        return
+    window = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+    lo, hi = min(losses), max(losses)
+    W, H, pad = size[0], size[1], 40
+    point = lambda i, v: (pad + (W - 2 * pad) * i / (len(losses) - 1), H - pad - (H - 2 * pad) * (v - lo) / ((hi - lo) or 1))
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
+    draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
+    draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
+    draw.text((pad, 10), f"loss  steps 1-{len(losses)}  min {lo:.4f}  max {hi:.4f}  last (avg) {smooth[-1]:.4f}", fill="black")
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, png_path)
+
+
+class Trainer:
+    """State shared by the loop's helpers: the pipeline, the LoRA parameters, the optimizer and the output folder."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.state_path = self.out / "training_state.safetensors"
+        if resume and not self.state_path.is_file():
+            raise UserError(f"--resume: no {self.state_path} to resume from")
+        if not resume and self.out.is_dir() and any(self.out.iterdir()):
+            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
+                            f"or choose another output_dir (--set output_dir=...)")
+        if not cfg.model:
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
+                            "a hub id, or 'tiny'")
+        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
+        self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
+                                  cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
+        self.device = self.pipe.device
+        self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
+        s = cfg.sample
+        self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
+                                              s.sampler or None, width=s.width, height=s.height,
+                                              seed=s.seed).resolved(self.pipe.variant)
+        with self.pipe.on_device(*self.pipe.text.modules()):       # validation prompts, encoded once
+            cond = self.pipe.text.encode(s.prompts) if s.prompts else None
+            uncond = self.pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
+        self.embeddings = (cond, uncond if self.sample_settings.cfg != 1.0 else None)
+        self.pipe.text = None                                      # text encoders are no longer needed
+        self.pipe.offload = False
+        self.mmdit = self.pipe.mmdit.to(self.device)
+        self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks, cfg.lora.dropout)
+        self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.step = 0
+        if resume:
+            self.step, saved = load_training_state(self.state_path, self.params, self.opt)
+            print(f"resumed from {self.state_path} at step {self.step}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "log.jsonl"
+        self.autocast = self.pipe.mmdit.context_embedder.weight.dtype
+        self.autocast = None if self.autocast == torch.float32 else self.autocast
+
+    def batch(self, micro_step: int, g: torch.Generator):
+        """The micro-batch of a global micro-step: a pure function of (seed, step), so resume is exact."""
+        epoch_batches = self.data.batches(self.cfg.train.batch_size, self.cfg.train.seed)
+        epoch, index = divmod(micro_step, len(epoch_batches))
+        ids = self.data.batches(self.cfg.train.batch_size, self.cfg.train.seed + epoch)[index]
+        latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g)
+        return latents.to(self.device), context.to(self.device), pooled.to(self.device)
+
+    def sample_images(self):
+        """Validation images for the configured prompts, with the same seeds at every step."""
+        if not self.cfg.sample.prompts:
+            return
+        folder = self.out / f"samples_step_{self.step:06d}"
+        try:
+            self.mmdit.eval()
+            self.pipe.vae.to(self.device)
+            images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
+                              embeddings=self.embeddings, progress=False)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                path = folder / f"step_{self.step:06d}_sample_{i:02d}.png"
+                image.save(path)
+                print(f"sample: {path}")
+            if self.log_path.is_file():
+                plot_losses(self.log_path, self.out / "loss.png")
+        except Exception as e:                              # a failed preview must not end a long run
+            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training continues",
+                  file=sys.stderr)
+        finally:
+            self.pipe.vae.to("cpu")
+            self.mmdit.train()
+
+    def save(self):
+        """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
+        c = self.cfg
+        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length if c.use_t5 else 0, "targets": c.lora.targets,
+                "base_model": c.model, "step": self.step,
+                "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
+        save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
+        save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
+        save_training_state(self.state_path, self.params, self.opt, self.step, c)
+        print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """The training loop. Returns the path of the final LoRA."""
+    from tqdm import tqdm
+    tr = Trainer(cfg, resume)
+    tc, shift = cfg.train, tr.sample_settings.shift
+    bins = torch.zeros(tc.loss_bins), torch.zeros(tc.loss_bins)          # per-timestep-bin loss sums, counts
+    if tr.step == 0:
+        tr.sample_images()                                                # baseline before any update
+    tr.mmdit.train()
+    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True)
+    try:
+        while tr.step < tc.steps:
+            # per-step randomness (noise, timesteps, flips, dropout) from (seed, step): resume reproduces it
+            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + tr.step)
+            lr = get_lr(tr.step, tc)
+            for group in tr.opt.param_groups:
+                group["lr"] = lr
+            # forward and backward over the accumulated micro-batches
+            total = 0.0
+            for micro in range(tc.grad_accum):
+                latents, context, pooled = tr.batch(tr.step * tc.grad_accum + micro, g)
+                loss, per_sample, sigmas = flow_matching_loss(tr.mmdit, latents, context, pooled, tc, shift, g, tr.autocast)
+                (loss / tc.grad_accum).backward()
+                total += loss.item() / tc.grad_accum
+                index = (sigmas.cpu() * tc.loss_bins).long().clamp(max=tc.loss_bins - 1)
+                bins[0].index_add_(0, index, per_sample.cpu())
+                bins[1].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+            # a diverged run stops here; the last checkpoint on disk stays intact
+            if not math.isfinite(total):
+                raise UserError(f"loss became {total} at step {tr.step + 1}; stopped without saving. Lower train.lr or "
+                                f"check the data; the last good checkpoint is {tr.out / 'lora.safetensors'}")
+            # clip, update
+            grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm).item()
+            tr.opt.step()
+            tr.opt.zero_grad(set_to_none=True)
+            tr.step += 1
+            # log
+            with open(tr.log_path, "a") as f:
+                f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                                    "sigma": sigmas.mean().item(), "time": time.time()}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+            # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
+            if tr.step % tc.save_every == 0 or tr.step == tc.steps:
+                tr.save()
+            if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
+                means = (bins[0] / bins[1].clamp(min=1)).tolist()
+                print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m:.4f}"
+                                                        for i, m in enumerate(means)))
+                bins[0].zero_(), bins[1].zero_()
+                tr.sample_images()
+    except KeyboardInterrupt:
+        bar.close()
+        tr.save()
+        print(f"interrupted at step {tr.step}; checkpoint saved. Continue with --resume")
+        raise SystemExit(130)
+    bar.close()
+    return tr.out / "lora.safetensors"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA (see config.yaml for every setting).")
+    parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=5e-5")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        path = train(load_config(args.config, args.set), args.resume)
+        print(f"done: {path}")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
