@@ -564,15 +564,8 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
 #################################################################################
 
 def make_dataset(folder: Path):
-    """Two synthetic 64x64 images with captions, plus a broken file and an uncaptioned image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
-    stripes = ((torch.sin(xx * 9) > 0).float()[..., None] * torch.tensor([255, 40, 40])).to(torch.uint8)
-    disc = ((xx ** 2 + yy ** 2 < 0.4).float()[..., None] * torch.tensor([30, 60, 250])).to(torch.uint8)
-    Image.fromarray(stripes.numpy()).save(folder / "stripes.png")
-    (folder / "stripes.txt").write_text("red stripes")
-    Image.fromarray(disc.numpy()).save(folder / "disc.png")
-    (folder / "disc.txt").write_text("blue disc")
+    """The demo dataset (red stripes, blue disc) plus a broken file that must be skipped."""
+    sd.write_demo_dataset(folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
 
 
@@ -651,7 +644,8 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     with pytest.raises(sd.UserError, match="loss became nan at step 6"):
         sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "train.save_every": 4}), resume=True)
     assert (run / "lora_step_000004.safetensors").is_file() and not (run / "lora_step_000006.safetensors").exists()
-    assert (run / "lora.safetensors").read_bytes() == (run / "lora_step_000004.safetensors").read_bytes()
+    latest, last_good = (sd.read_safetensors(run / f, with_metadata=True) for f in ("lora.safetensors", "lora_step_000004.safetensors"))
+    assert latest[1] == last_good[1] and all(torch.equal(v, last_good[0][k]) for k, v in latest[0].items())
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
@@ -670,3 +664,11 @@ def test_config_errors_name_the_key(tmp_path):
     empty.mkdir()
     with pytest.raises(sd.UserError, match="no usable images"):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
+
+
+def test_tiny_command_from_readme_runs(tmp_path):
+    r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=2",
+                "--set", "sample.sample_every=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = next((tmp_path / "runs").glob("tiny_2*"))
+    assert (run / "lora.safetensors").is_file() and (run / "samples_step_000002/step_000002_sample_01.png").is_file()
