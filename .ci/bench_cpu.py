@@ -1,0 +1,81 @@
+"""CPU side-by-side benchmark (fp32, one process, interleaved repeats; quote the ratios, not the times).
+
+    python .ci/bench_cpu.py [--layers 4] [--size 512] [--reps 5]
+
+1. MMDiT forward vs diffusers' SD3Transformer2DModel on the same weights and inputs (SD3.5 Medium width:
+   hidden 1536, 24 heads, dual attention in the first blocks, qk-norm; `--layers` of its 24 blocks to fit a CPU).
+2. LoRA cost: a training step (forward + backward) with an unmerged rank-16 `attn` LoRA vs the same step
+   training nothing, and a merged-LoRA forward vs the plain forward.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sd35_lora as sd  # noqa: E402
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(sample_size=128, num_layers=args.layers, attention_head_dim=64, num_attention_heads=24,
+                                caption_projection_dim=1536, joint_attention_dim=4096, pooled_projection_dim=2048,
+                                pos_embed_max_size=384, qk_norm="rms_norm",
+                                dual_attention_layers=tuple(range(min(2, args.layers)))).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(Path(folder) / "transformer")
+        ours = sd.load_mmdit(folder).requires_grad_(False)
+    n = args.size // 8
+    x, t = torch.randn(1, 16, n, n), torch.tensor([500.0])
+    context, pooled = torch.randn(1, 333, 4096), torch.randn(1, 2048)
+    run_ref = lambda: ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                          return_dict=False)[0]
+    run_ours = lambda: ours(x, t, context, pooled)
+    with torch.no_grad():
+        err = ((run_ours() - run_ref()).norm() / run_ref().norm()).item()
+        ratios = [median_time(run_ours, 1) / median_time(run_ref, 1) for _ in range(args.reps)]
+        ours_s, ref_s = median_time(run_ours, args.reps), median_time(run_ref, args.reps)
+    print(f"forward, {args.layers} of 24 Medium blocks, {args.size}px + 333 tokens, fp32, {torch.get_num_threads()} threads:")
+    print(f"  sd35_lora {ours_s:.3f} s, diffusers {ref_s:.3f} s; interleaved ratio median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); relative error {err:.1e}")
+
+    target = torch.randn_like(x)
+
+    def train_step():
+        loss = ((ours(x, t, context, pooled) - target) ** 2).mean()
+        loss.backward()
+
+    ours.x_embedder.proj.weight.requires_grad_(True)      # baseline: backward through every block, no LoRA
+    base_step = median_time(train_step, args.reps)
+    ours.x_embedder.proj.weight.requires_grad_(False)
+    sd.add_lora(ours, rank=16, targets="attn")
+    lora_step = median_time(train_step, args.reps)
+    print(f"training step (forward + backward): no LoRA {base_step:.3f} s, unmerged rank-16 attn LoRA {lora_step:.3f} s "
+          f"-> overhead {100 * (lora_step / base_step - 1):+.1f}%")
+    with torch.no_grad():
+        sd.set_lora_merged(ours, True)
+        merged = median_time(run_ours, args.reps)
+    print(f"sampling forward with the LoRA merged: {merged:.3f} s vs {ours_s:.3f} s plain ({merged / ours_s:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()
