@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=float, action="append", default=[], help="one per --lora, or one for all")
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
-    p.add_argument("--offload", action="store_true", help="keep models on the CPU, moving each to the GPU only while it runs")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", default="samples", help="output folder")

@@ -1152,6 +1152,15 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _holds_mmdit(path: Path) -> bool:
+    """Whether a .safetensors file has MMDiT weights, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any("joint_blocks." in k or k.startswith("transformer_blocks.") for k in f.keys())
+    except Exception:
+        return False
+
+
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
     path = Path(path)
@@ -1251,6 +1260,20 @@ class Pipeline:
     device: torch.device
     offload: bool = False
 
+    def place(self, offload: bool | None = None) -> "Pipeline":
+        """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
+        fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
+        modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
+        if offload is None:
+            need = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+            offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
+            if offload:
+                print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: each visits the GPU only while it runs")
+        self.offload = offload
+        for m in modules:
+            m.to("cpu" if offload else self.device)
+        return self
+
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
         if self.offload:
@@ -1288,24 +1311,26 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
                   dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
-                  variant: str = "", offload: bool = False) -> Pipeline:
-    """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or "tiny"."""
+                  variant: str = "", offload: bool | None = None) -> Pipeline:
+    """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
+    "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
     device = pick_device(str(device))
     dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
-    home = "cpu" if offload else device
-    if model == "tiny":
-        return tiny_pipeline(device, dtype, t5_length, use_t5)
-    root = resolve_model(model, use_t5)
-    mmdit = load_mmdit(root, home, dtype)
-    if text_encoders is None and not root.is_dir():
-        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
-                        f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
-    text = load_text_encoders(resolve_model(text_encoders, use_t5) if text_encoders else root, home, dtype,
-                              t5_length, use_t5, mmdit.cfg.context_dim)
-    vae_model = load_vae(resolve_model(vae) if vae else root, home, dtype)
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
-    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device, offload)
+    if model == "tiny":
+        return tiny_pipeline(device, dtype, t5_length, use_t5).place(offload)
+    root = resolve_model(model, use_t5)
+    if text_encoders is None and not root.is_dir():
+        if not _holds_mmdit(root):
+            load_mmdit(root)                       # raises the error that says what the file is instead
+        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
+                        f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
+    mmdit = load_mmdit(root, "cpu", dtype)
+    text = load_text_encoders(resolve_model(text_encoders, use_t5) if text_encoders else root, "cpu", dtype,
+                              t5_length, use_t5, mmdit.cfg.context_dim)
+    vae_model = load_vae(resolve_model(vae) if vae else root, "cpu", dtype)
+    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
 
 
 def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'", pad_with_eos: bool = True):
@@ -1343,7 +1368,7 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
                 p.mul_(0.1)
     text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
     for m in [mmdit, vae, *text.modules()]:
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        m.to(dtype=dtype).eval().requires_grad_(False)
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
