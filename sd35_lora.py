@@ -1476,7 +1476,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise([s.seed + i for i in range(len(prompts))], pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(device)
     with pipe.on_device(pipe.mmdit):
-        latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, s.slg_layers, progress)
+        slg_layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # preset layers may exceed a tiny model
+        latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, slg_layers, progress)
     with pipe.on_device(pipe.vae):
         return to_pil(pipe.vae.decode(latents))
 
