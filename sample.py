@@ -14,6 +14,12 @@ from pathlib import Path
 import sd35_lora as sd
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
@@ -22,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", default="", help=f"override the detected variant: {', '.join(sd.PRESETS)}")
     p.add_argument("--prompt", action="append", help="repeat for a batch")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--shift", type=float, help="sigma shift of the schedule")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
@@ -32,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--t5-length", type=int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
+    p.add_argument("--t5-length", type=positive_int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=float, action="append", default=[], help="one per --lora, or one for all")
@@ -51,19 +57,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def lora_t5_length(paths: list[str]) -> int | None:
-    """The T5 length a LoRA was trained with, from its metadata (so sampling matches training by default)."""
+def lora_text_settings(paths: list[str]) -> dict:
+    """T5 length and use, as the first LoRA that records them was trained (so sampling matches training)."""
     for path in paths:
         _, meta = sd.read_safetensors(path, with_metadata=True)
-        length = json.loads(meta.get("sd35_lora", "{}")).get("t5_length")
-        if length:
-            return int(length)
-    return None
+        info = json.loads(meta.get("sd35_lora", "{}"))
+        if info.get("t5_length"):
+            return {"t5_length": int(info["t5_length"]), "use_t5": info.get("use_t5", True)}
+    return {}
 
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    t5_length = args.t5_length or lora_t5_length(args.lora) or sd.T5_LENGTH
+    trained = lora_text_settings(args.lora)
+    t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
+    if not trained.get("use_t5", True) and not args.no_t5:
+        print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
+        args.no_t5 = True
+    if Path(args.out).is_file():
+        raise sd.UserError(f"--out {args.out} is a file; give a folder")
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)

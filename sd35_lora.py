@@ -21,12 +21,12 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -161,7 +161,7 @@ def _coerce(value, default, key: str):
             raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
         return type(default)(value)
     if isinstance(default, list):
-        return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+        return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
     if isinstance(default, str):
         return "" if value is None else str(value)
     raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, got {value!r}")
@@ -186,6 +186,34 @@ def _fill(obj, data: dict, prefix: str = ""):
     return obj
 
 
+CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
+           "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
+           "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
+AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
+                "train.loss_bins", "sample.width", "sample.height")
+NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
+                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject bad values before any model is loaded, instead of hours into a run."""
+    value = lambda key: functools.reduce(getattr, key.split("."), cfg)
+    for key, options in CHOICES.items():
+        if value(key) not in options:
+            raise UserError(f"config key '{key}' is {value(key)!r}: use one of {', '.join(map(repr, options))}")
+    for key in AT_LEAST_ONE:
+        if value(key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
+    for key in NOT_NEGATIVE:
+        if not value(key) >= 0:
+            raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+    if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
+        raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
+    if cfg.dtype == "fp16":
+        raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
+    return cfg
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
@@ -202,11 +230,14 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
-        nested = yaml.safe_load(raw) if raw else ""
+        try:
+            nested = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: the value is not valid YAML (quote lists like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _fill(config, nested)
-    return config
+    return validate(config)
 
 
 #################################################################################
@@ -740,21 +771,21 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
+LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
+                 "lora_transformer_")
+
+
 def _lora_key(key: str):
-    """A LoRA tensor name -> (module name as written, layout, role) or None. Layouts: diffusers/PEFT
-    (`transformer.` / `base_model.model.` prefix, lora_A/B), kohya (`lora_unet_`, flattened official
-    names), ComfyUI (`diffusion_model.` official names; `lora_transformer_` flattened diffusers names)."""
+    """A LoRA tensor name -> (module name as written, role) or None. Accepted: diffusers/PEFT (`transformer.`,
+    `base_model.model.` or no prefix; lora_A/B), kohya (`lora_unet_` + flattened official names, lora_down/up,
+    alpha), ComfyUI (`diffusion_model.` official names; `lora_transformer_` + flattened diffusers names)."""
     m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$|^(.*)\.(alpha)$", key)
     if not m:
         return None
     module, role = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
     role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
-    for prefix, layout in (("transformer.", "diffusers"), ("base_model.model.", "diffusers"),
-                           ("diffusion_model.", "official"), ("model.diffusion_model.", "official"),
-                           ("lora_unet_", "official_flat"), ("lora_transformer_", "diffusers_flat")):
-        if module.startswith(prefix):
-            return module[len(prefix):], layout, role
-    return module, "diffusers" if module.startswith("transformer_blocks.") else "official", role
+    prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
+    return module[len(prefix):], role
 
 
 def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -762,41 +793,47 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
     depth = model.cfg.depth
-    official_of = {}                                      # any spelling -> (official name, part index, parts)
+    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
     for official, parts in diffusers_names(depth).items():
-        official_of[official] = official_of[official.replace(".", "_")] = (official, 0, 1)
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
-            official_of[part] = official_of[part.replace(".", "_")] = (official, i, len(parts))
-    peft = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
-    peft = peft.get("transformer", peft) if isinstance(peft, dict) else {}
-    groups, unknown = {}, []
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+    # diffusers writes PEFT's config flat, as {"transformer.r": .., "transformer.lora_alpha": ..}
+    peft = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    peft = {k.removeprefix("transformer."): v for k, v in peft.items()} if isinstance(peft, dict) else {}
+    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
+        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
+    groups, ignored = {}, []
     for key, tensor in sd.items():
+        if "dora_scale" in key or "lora_magnitude_vector" in key:
+            raise UserError(f"{path} is a DoRA ({key}); only plain LoRA files are supported")
         parsed = _lora_key(key)
         if parsed is None:
-            unknown.append(key)
+            ignored.append(key)
             continue
-        module, layout, role = parsed
-        groups.setdefault((module, layout), {})[role] = tensor.float()
+        module, role = parsed
+        groups.setdefault(module, {})[role] = tensor.float()
     if not groups:
-        looks = describe_checkpoint(sd)
-        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {looks})")
+        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {describe_checkpoint(sd)})")
     pieces, unmatched = {}, []
-    for (module, layout), t in groups.items():
+    for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
         rank = down.shape[0]
-        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank)) if peft else rank
-        target = official_of.get(module)
-        if target is None:
+        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        if module not in spellings:
             unmatched.append(module)
             continue
-        official, index, n_parts = target
-        if layout.startswith("diffusers") and is_swapped(official, depth):
+        official, index, n_parts, diffusers_spelling = spellings[module]
+        if diffusers_spelling and is_swapped(official, depth):
             up = swap_halves(up)
         pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
+    if ignored:
+        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
+              file=sys.stderr)
     if not pieces:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
                         f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
@@ -849,7 +886,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
         else:
             if isinstance(layer, LoRALinear):
-                raise UserError(f"{name} already has an unmerged LoRA; load further LoRAs with merge=True")
+                raise UserError(f"{name} already has an unmerged LoRA: only one LoRA can stay unmerged (merge the others)")
             parent, _, child = name.rpartition(".")
             wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0])
             wrapped.lora_down.weight.copy_(down)
@@ -1064,7 +1101,7 @@ class TextEncoders:
         """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
         seqs, pooled = [], []
         for model, tokenizer in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
-            out = model(self._tokens(tokenizer, prompts, self.tok_l.model_max_length), output_hidden_states=True)
+            out = model(self._tokens(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=True)
             seqs.append(out.hidden_states[-2].float())
             pooled.append(out.text_embeds.float())
         clip = torch.cat(seqs, dim=-1)                                          # (B, 77, D_l + D_g)
@@ -1098,8 +1135,9 @@ def describe_checkpoint(sd: dict) -> str:
     return f"its first keys are {sorted(sd)[:3]}"
 
 
-def read_safetensors(path: str | Path, with_metadata: bool = False):
-    """All tensors of a .safetensors file (and its metadata), or a UserError saying what is wrong."""
+def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = ""):
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped), and its metadata;
+    or a UserError saying what is wrong. Tensors outside `prefix` are never read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -1107,7 +1145,8 @@ def read_safetensors(path: str | Path, with_metadata: bool = False):
         raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); use the .safetensors release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
                         f"a truncated download? download it again") from None
@@ -1135,9 +1174,7 @@ def _read_json(path: Path) -> dict:
 
 def _single_file(path: Path, prefix: str) -> dict:
     """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
-    sd = read_safetensors(path)
-    inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return inner or sd
+    return read_safetensors(path, prefix=prefix) or read_safetensors(path)
 
 
 def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
@@ -1210,7 +1247,7 @@ def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5
     missing = [p for p in parts if not (folder / p).is_dir()]
     if missing:
         raise UserError(f"{folder} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
-                        f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" + ("" if use_t5 else "") +
+                        f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" +
                         (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
 
@@ -1227,15 +1264,16 @@ def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5
     return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
 
 
-def resolve_model(name: str, use_t5: bool = True) -> Path:
-    """A local path as is; a Hugging Face repo id is downloaded (diffusers layout, safetensors only)."""
+def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
+    """A local path as is; a Hugging Face repo id has its diffusers-layout `parts` downloaded (safetensors only)."""
     if os.path.exists(name):
         return Path(name)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+    looks_local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
         raise UserError(f"model not found: {name!r} (give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
-    patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
-                "tokenizer_2/*"] + (["text_encoder_3/*", "tokenizer_3/*"] if use_t5 else [])
+    patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
@@ -1320,16 +1358,20 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if model == "tiny":
         return tiny_pipeline(device, dtype, t5_length, use_t5).place(offload)
-    root = resolve_model(model, use_t5)
+    text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
+    root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
     if text_encoders is None and not root.is_dir():
         if not _holds_mmdit(root):
             load_mmdit(root)                       # raises the error that says what the file is instead
         raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
                         f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
     mmdit = load_mmdit(root, "cpu", dtype)
-    text = load_text_encoders(resolve_model(text_encoders, use_t5) if text_encoders else root, "cpu", dtype,
+    text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
                               t5_length, use_t5, mmdit.cfg.context_dim)
-    vae_model = load_vae(resolve_model(vae) if vae else root, "cpu", dtype)
+    vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
+    if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
+        raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
+                        f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
     return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
 
 
@@ -1451,8 +1493,8 @@ class SampleSettings:
                                            if getattr(self, k) is None})
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
             raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
-        if out.steps < 1:
-            raise UserError(f"steps must be at least 1, got {out.steps}")
+        if out.steps < 1 or out.shift <= 0:
+            raise UserError(f"steps must be at least 1 and shift above 0, got {out.steps} and {out.shift}")
         if out.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
         if out.schedule not in SCHEDULES:
@@ -1478,8 +1520,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     with pipe.on_device(pipe.mmdit):
         slg_layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # preset layers may exceed a tiny model
         latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, slg_layers, progress)
-    with pipe.on_device(pipe.vae):
-        return to_pil(pipe.vae.decode(latents))
+    with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
+        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in latents]))
 
 
 #################################################################################
@@ -1515,7 +1557,7 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 def scan_dataset(cfg: DatasetConfig) -> list[dict]:
     """Images with their captions and aspect bucket. Unreadable images are skipped and reported."""
-    from PIL import Image
+    from PIL import Image, ImageOps
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
@@ -1526,7 +1568,7 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
             with Image.open(path) as im:
                 im.verify()
             with Image.open(path) as im:
-                width, height = im.size
+                width, height = ImageOps.exif_transpose(im).size      # phone photos are stored rotated
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
@@ -1575,27 +1617,28 @@ class LatentDataset:
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         self.moments, self.flipped, self.embeds, self.sizes = [], [], [], []
+        flip = cfg.dataset.flip
         from tqdm import tqdm
-        with pipe.on_device(pipe.vae, *pipe.text.modules()):
-            for item in tqdm(items, desc="caching latents and text", leave=False):
-                image_key = _digest(item["path"].read_bytes(), item["size"], vae_id)
+        for item in tqdm(items, desc="caching latents and text", leave=False):
+            image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
-                def encode_image():
-                    pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
-                    return {"moments": pipe.vae.encode_moments(pixels)[0].cpu(),
-                            "flipped": pipe.vae.encode_moments(pixels.flip(-1))[0].cpu()}
-                latents = cached(cache / "latents" / f"{image_key}.safetensors", encode_image)
-                self.moments.append(latents["moments"])
-                self.flipped.append(latents["flipped"])
-                self.embeds.append(self.text(pipe, cache, item["caption"], text_id))
-                self.sizes.append(item["size"])
-            self.empty = self.text(pipe, cache, "", text_id)
+            def encode_image():
+                pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
+                versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
+                return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
+            latents = cached(cache / "latents" / f"{image_key}.safetensors", encode_image)
+            self.moments.append(latents["moments"])
+            self.flipped.append(latents.get("flipped"))
+            self.embeds.append(self.text(pipe, cache, item["caption"], text_id))
+            self.sizes.append(item["size"])
+        self.empty = self.text(pipe, cache, "", text_id)
 
     @staticmethod
     def text(pipe: Pipeline, cache: Path, caption: str, text_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         def encode():
             context, pooled = pipe.text.encode([caption])
-            return {"context": context[0].cpu(), "pooled": pooled[0].cpu()}
+            dtype = pipe.mmdit.context_embedder.weight.dtype                 # bf16 halves RAM and disk
+            return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
         t = cached(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
         return t["context"], t["pooled"]
 
@@ -1662,12 +1705,15 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
     tensors, meta = read_safetensors(path, with_metadata=True)
-    if sum(k.startswith("param.") for k in tensors) != len(params):
-        raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets?); resume with the run's config")
+    saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+    if saved != [p.shape for p in params]:
+        raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
+                        f"resume with the run's config")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            state = {k.split(".", 2)[2]: v if k.endswith(".step") else v.to(p.device)   # AdamW keeps `step` on the CPU
+                     for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 opt.state[p] = state
     torch.set_rng_state(tensors["rng.cpu"])
@@ -1716,13 +1762,15 @@ class Trainer:
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
-        self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
         s = cfg.sample
         self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                               s.sampler or None, width=s.width, height=s.height,
                                               seed=s.seed).resolved(self.pipe.variant)
-        with self.pipe.on_device(*self.pipe.text.modules()):       # validation prompts, encoded once
-            cond = self.pipe.text.encode(s.prompts) if s.prompts else None
+        largest = max(side for item in items for side in item["size"])     # too large for the model: fail now
+        self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):    # the encoders visit the GPU once
+            self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
+            cond = self.pipe.text.encode(s.prompts) if s.prompts else None      # validation prompts, encoded once
             uncond = self.pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond if self.sample_settings.cfg != 1.0 else None)
         self.pipe.text = None                                      # text encoders are no longer needed
@@ -1734,11 +1782,17 @@ class Trainer:
         self.step = 0
         if resume:
             self.step, saved = load_training_state(self.state_path, self.params, self.opt)
+            now = dataclasses.asdict(cfg)
+            changed = [f"{section}.{k}" for section in ("dataset", "lora", "train") for k, v in saved[section].items()
+                       if now[section].get(k) != v and k not in ("steps", "save_every")]
+            if changed:
+                print(f"warning: resuming with changed settings {changed}: the run will differ from an uninterrupted one",
+                      file=sys.stderr)
             print(f"resumed from {self.state_path} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
-        self.autocast = self.pipe.mmdit.context_embedder.weight.dtype
-        self.autocast = None if self.autocast == torch.float32 else self.autocast
+        weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
+        self.autocast = None if weights_dtype == torch.float32 else weights_dtype
 
     def batch(self, micro_step: int, g: torch.Generator):
         """The micro-batch of a global micro-step: a pure function of (seed, step), so resume is exact."""
@@ -1775,7 +1829,7 @@ class Trainer:
     def save(self):
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
-        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length if c.use_t5 else 0, "targets": c.lora.targets,
+        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
                 "base_model": c.model, "step": self.step,
                 "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
@@ -1811,12 +1865,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 index = (sigmas.cpu() * tc.loss_bins).long().clamp(max=tc.loss_bins - 1)
                 bins[0].index_add_(0, index, per_sample.cpu())
                 bins[1].index_add_(0, index, torch.ones_like(per_sample.cpu()))
-            # a diverged run stops here; the last checkpoint on disk stays intact
-            if not math.isfinite(total):
-                raise UserError(f"loss became {total} at step {tr.step + 1}; stopped without saving. Lower train.lr or "
-                                f"check the data; the last good checkpoint is {tr.out / 'lora.safetensors'}")
-            # clip, update
-            grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm).item()
+            # clip (max_grad_norm 0 = off); a diverged run stops here and the last checkpoint on disk stays intact
+            grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; stopped without "
+                                f"saving. Lower train.lr or check the data; the last good checkpoint is "
+                                f"{tr.out / 'lora.safetensors'}")
+            # update
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1

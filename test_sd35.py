@@ -236,6 +236,24 @@ def test_key_conversion_roundtrip_loses_nothing():
     assert {k: tuple(v.shape) for k, v in there.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_official_names_match_diffusers_single_file_converter(variant):
+    """diffusers' own official->diffusers converters are the oracle for our names, fusing and swaps."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    parts = make_components(variant)
+    want = parts["transformer"].state_dict()
+    official = sd.mmdit_from_diffusers(want, 3)
+    got = single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers(
+        {f"model.diffusion_model.{k}": v for k, v in official.items()})
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    vae = parts["vae"]
+    ours = sd.vae_from_diffusers(vae.state_dict())
+    got = single_file_utils.convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in ours.items()},
+                                                       dict(vae.config))
+    want = vae.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k].reshape(want[k].shape), want[k]) for k in want)
+
+
 REAL_SIZES = {  # the published architectures, as diffusers configures them
     "sd3-medium": dict(num_layers=24, pos_embed_max_size=192, qk_norm=None, dual_attention_layers=()),
     "sd3.5-medium": dict(num_layers=24, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
@@ -421,7 +439,7 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
         assert sd.load_lora(fresh, tmp_path / "l.safetensors", merge=merge) == len(sd.lora_layers(trained))
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), expected, atol=1e-5, rtol=1e-5)
-    assert sample.lora_t5_length([str(tmp_path / "l.safetensors")]) == 77
+    assert sample.lora_text_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
 
 
 def test_kohya_lora_equals_manual_merge(tmp_path):
@@ -490,6 +508,45 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
                          "--seed", "1", "--steps", "3", "--cfg", "4.5", "--sampler", "euler", "--slg-scale", "0",
                          "--t5-length", "16", "--width", "64", "--height", "64", "--out", str(tmp_path / "o")])
     assert_images_close(images_of(paths), ref_images)
+
+
+def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path):
+    """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    parts = make_components()
+    transformer = parts["transformer"]
+    transformer.save_pretrained(tmp_path / "base" / "transformer")
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"])
+    transformer.add_adapter(config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = get_peft_model_state_dict(transformer)
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=lora,
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
+    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                               return_dict=False)[0]
+    written = tmp_path / "pytorch_lora_weights.safetensors"
+    unprefixed = tmp_path / "unprefixed.safetensors"
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(written).items()}, unprefixed,
+              sd.read_safetensors(written, with_metadata=True)[1])
+    for path in (written, unprefixed):
+        ours = sd.load_mmdit(tmp_path / "base")
+        sd.load_lora(ours, path)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
+    with pytest.raises(sd.UserError, match="DoRA"):
+        sd.load_lora(ours, tmp_path / "dora.safetensors")
 
 
 def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
@@ -608,13 +665,11 @@ def test_training_end_to_end_overfits_and_writes_outputs(tmp_path):
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
     make_dataset(tmp_path / "data")
-    sd.train(tiny_config(tmp_path, **{"train.steps": 12, "train.save_every": 6, "sample.sample_every": 0,
-                                      "output_dir": str(tmp_path / "full"), "lora.dropout": 0.1}))
-    first = tiny_config(tmp_path, **{"train.steps": 6, "train.save_every": 6, "sample.sample_every": 0,
-                                     "output_dir": str(tmp_path / "half"), "lora.dropout": 0.1})
-    sd.train(first)
-    sd.train(tiny_config(tmp_path, **{"train.steps": 12, "train.save_every": 6, "sample.sample_every": 0,
-                                      "output_dir": str(tmp_path / "half"), "lora.dropout": 0.1}), resume=True)
+    shared = {"train.save_every": 6, "sample.sample_every": 0, "lora.dropout": 0.1, "dataset.flip": True,
+              "dataset.caption_dropout": 0.3, "train.batch_size": 2, "train.grad_accum": 2}
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "full")}))
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 6, "output_dir": str(tmp_path / "half")}))
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
 
 
@@ -641,7 +696,7 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
         loss, per_sample, sigmas = real_loss(*args)
         return (loss * float("nan") if len(losses(run)) == 5 else loss), per_sample, sigmas
     monkeypatch.setattr(sd, "flow_matching_loss", diverge_at_step_6)
-    with pytest.raises(sd.UserError, match="loss became nan at step 6"):
+    with pytest.raises(sd.UserError, match=r"loss became nan \(gradient norm nan\) at step 6"):
         sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "train.save_every": 4}), resume=True)
     assert (run / "lora_step_000004.safetensors").is_file() and not (run / "lora_step_000006.safetensors").exists()
     latest, last_good = (sd.read_safetensors(run / f, with_metadata=True) for f in ("lora.safetensors", "lora_step_000004.safetensors"))
@@ -672,3 +727,21 @@ def test_tiny_command_from_readme_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     run = next((tmp_path / "runs").glob("tiny_2*"))
     assert (run / "lora.safetensors").is_file() and (run / "samples_step_000002/step_000002_sample_01.png").is_file()
+
+
+def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
+    image = Image.new("RGB", (128, 64), (200, 30, 30))
+    exif = image.getexif()
+    exif[274] = 6                                                            # stored landscape, shown portrait
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=256))
+    width, height = item["size"]
+    assert height > width and sd.load_image(item["path"], item["size"]).shape == (3, height, width)
+
+
+def test_bf16_autocast_training_step_runs(tmp_path):
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
+    with pytest.raises(sd.UserError, match="fp16 is not supported for training"):
+        tiny_config(tmp_path, dtype="fp16")
