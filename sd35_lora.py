@@ -711,15 +711,18 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="
     model.requires_grad_(False)
     params = []
     for name in lora_target_names(model, targets, blocks):
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        base = getattr(owner, child)
+        base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
-        layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout)
-        setattr(owner, child, layer)
+        layer = _replace(model, name, LoRALinear(base, rank, rank if alpha is None else alpha, dropout))
         params += [layer.lora_down.weight, layer.lora_up.weight]
     return params
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+    return module
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -849,28 +852,15 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
                             f"dual attention {list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
         rows = layer.out_features // len(parts)
-        downs = [p[0] if p else None for p in parts]
-        for p in parts:
-            if p and p[0].shape[1] != layer.in_features:
-                raise UserError(f"{path}: '{official}' expects input width {layer.in_features}, the LoRA has "
-                                f"{p[0].shape[1]} (down {tuple(p[0].shape)}): a LoRA for another variant?")
-            if p and p[1].shape[0] != rows:
-                raise UserError(f"{path}: '{official}' expects up of shape ({rows}, r), the LoRA has "
-                                f"{tuple(p[1].shape)}: a LoRA for another variant?")
-        if len(parts) == 1:
-            adapters[official] = parts[0]
-        elif all(d is not None and torch.equal(d, downs[0]) for d in downs):    # shared A: stays rank r
-            adapters[official] = (downs[0], torch.cat([p[1] for p in parts]))
-        else:                                             # separate A's: block-diagonal, rank = sum of ranks
-            present = [p for p in parts if p]
-            down = torch.cat([p[0] for p in present])
-            up = torch.zeros(layer.out_features, down.shape[0])
-            col = 0
-            for i, p in enumerate(parts):
-                if p:
-                    up[i * rows:(i + 1) * rows, col:col + p[0].shape[0]] = p[1]
-                    col += p[0].shape[0]
-            adapters[official] = (down, up)
+        for down, up in filter(None, parts):
+            if down.shape[1] != layer.in_features or up.shape[0] != rows:
+                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, the LoRA has down "
+                                f"{tuple(down.shape)} and up {tuple(up.shape)}: a LoRA for another variant?")
+        downs, ups = zip(*(p or (torch.zeros(0, layer.in_features), torch.zeros(rows, 0)) for p in parts))
+        if all(torch.equal(d, downs[0]) for d in downs):          # one shared A (as we save qkv): stays rank r
+            adapters[official] = (downs[0], torch.cat(ups))
+        else:                                                      # separate A's: block-diagonal, ranks add up
+            adapters[official] = (torch.cat(downs), torch.block_diag(*ups))
     return adapters
 
 
@@ -887,12 +877,10 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
         else:
             if isinstance(layer, LoRALinear):
                 raise UserError(f"{name} already has an unmerged LoRA: only one LoRA can stay unmerged (merge the others)")
-            parent, _, child = name.rpartition(".")
-            wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0])
+            wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)
             wrapped.multiplier = scale
-            setattr(modules[parent] if parent else model, child, wrapped)
     return len(adapters)
 
 
