@@ -1345,7 +1345,9 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if model == "tiny":
-        return tiny_pipeline(device, dtype, t5_length, use_t5).place(offload)
+        pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
+        pipe.variant = variant or pipe.variant
+        return pipe.place(offload)
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
     if text_encoders is None and not root.is_dir():
@@ -1483,6 +1485,9 @@ class SampleSettings:
             raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
         if out.steps < 1 or out.shift <= 0:
             raise UserError(f"steps must be at least 1 and shift above 0, got {out.steps} and {out.shift}")
+        if out.slg_scale and not out.slg_layers:
+            raise UserError(f"skip-layer guidance scale {out.slg_scale} without layers ({variant} has no preset): "
+                            f"add --slg-layers, e.g. 7,8,9")
         if out.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
         if out.schedule not in SCHEDULES:
