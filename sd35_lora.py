@@ -3,6 +3,7 @@
     python sd35_lora.py config.yaml                          # train a LoRA, sampling every N steps
     python sd35_lora.py config.yaml --set train.lr=5e-5      # override any config key
     python sd35_lora.py config.yaml --resume                 # continue the run in output_dir
+    python sd35_lora.py config.yaml --tiny                   # ~1 minute CPU smoke run: random tiny model, demo data
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
 Data flow:

@@ -614,6 +614,10 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
     assert r.returncode == 2 and "invalid choice: 'heun'" in r.stderr
     with pytest.raises(sd.UserError, match="unknown sampler 'heun'"):
         sd.SampleSettings(sampler="heun", steps=1).resolved("sd3.5-large")
+    with pytest.raises(sd.UserError, match="without layers.*--slg-layers"):
+        sd.SampleSettings(slg_scale=2.5).resolved("sd3.5-large")
+    with pytest.raises(sd.UserError, match="shift above 0"):
+        sd.SampleSettings(shift=0.0).resolved("sd3.5-large")
 
 
 #################################################################################
