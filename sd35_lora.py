@@ -1722,7 +1722,7 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines() if line.strip()]
     if len(losses) < 2:
         return
-    window = max(1, len(losses) // 50)
+    window = max(2, len(losses) // 20)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
     lo, hi = min(losses), max(losses)
     W, H, pad = size[0], size[1], 40
