@@ -510,7 +510,9 @@ class MMDiT(nn.Module):
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         dtype = self.context_embedder.weight.dtype
-        x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d")  # (B, h*w, D)
+        # (B, h*w, D), made contiguous: a residual stream left in the conv's channel-first layout makes
+        # every LayerNorm and Linear downstream copy it first
+        x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder.mlp(timestep_embedding(t).to(dtype)) + self.y_embedder.mlp(y.to(dtype))  # (B, D)
         context = self.context_embedder(context.to(dtype))                      # (B, L, D)
@@ -1174,7 +1176,7 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
-                        f"{str(e).splitlines()[1].strip()[:300]}") from None
+                        f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -1205,7 +1207,10 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
             sd = mmdit_from_diffusers(sd, 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")))
         if "x_embedder.proj.weight" not in sd:
             raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
-        cfg = MMDiTConfig.from_state_dict(sd)
+        try:
+            cfg = MMDiTConfig.from_state_dict(sd)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path}: incomplete SD3 MMDiT weights (missing {e}); download the file again") from None
     return _build(MMDiT, cfg, sd, "MMDiT", path, device, dtype)
 
 
@@ -1224,7 +1229,11 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
             sd = vae_from_diffusers(sd)
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
-    return _build(VAE, VAEConfig.from_state_dict(sd, **overrides), sd, "VAE", path, device, dtype)
+    try:
+        cfg = VAEConfig.from_state_dict(sd, **overrides)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: incomplete SD3 VAE weights (missing {e}); download the file again") from None
+    return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
 def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,

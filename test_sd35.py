@@ -590,6 +590,7 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
     ok = run_cli("sample.py", "--model", "tiny", "--prompt", "a cat", "--width", "32", "--height", "48", "--out", str(tmp_path))
     assert ok.returncode == 0 and Image.open(tmp_path / "sample_00.png").size == (32, 48), ok.stderr
     save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, tmp_path / "flux.safetensors")
+    save_file({"model.diffusion_model.x_embedder.proj.weight": torch.zeros(64, 16, 2, 2)}, tmp_path / "partial.safetensors")
     (tmp_path / "cut.safetensors").write_bytes((folder / "vae/diffusion_pytorch_model.safetensors").read_bytes()[:1000])
     no_tok = tmp_path / "no_tokenizer"
     no_tok.mkdir()
@@ -599,6 +600,7 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
         ("--model", str(tmp_path / "missing")): "model not found",
         ("--model", str(tmp_path / "flux.safetensors")): "not an SD3.*FLUX",
         ("--model", str(tmp_path / "cut.safetensors")): "truncated",
+        ("--model", str(tmp_path / "partial.safetensors")): "incomplete SD3 MMDiT weights",
         ("--model", str(no_tok)): "lacks tokenizer, tokenizer_2",
         ("--model", "tiny", "--width", "100"): "multiples of 16",
         ("--model", "tiny", "--width", "4096"): "too large",

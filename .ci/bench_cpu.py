@@ -1,6 +1,6 @@
 """CPU side-by-side benchmark (fp32, one process, interleaved repeats; quote the ratios, not the times).
 
-    python .ci/bench_cpu.py [--layers 4] [--size 512] [--reps 5]
+    python .ci/bench_cpu.py [--layers 4] [--size 512] [--reps 5] [--batch 1]
 
 1. MMDiT forward vs diffusers' SD3Transformer2DModel on the same weights and inputs (SD3.5 Medium width:
    hidden 1536, 24 heads, dual attention in the first blocks, qk-norm; `--layers` of its 24 blocks to fit a CPU).
@@ -40,6 +40,7 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="2 = a CFG sampling step")
     args = p.parse_args()
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(0)
@@ -51,8 +52,9 @@ def main():
         ref.save_pretrained(Path(folder) / "transformer")
         ours = sd.load_mmdit(folder).requires_grad_(False)
     n = args.size // 8
-    x, t = torch.randn(1, 16, n, n), torch.tensor([500.0])
-    context, pooled = torch.randn(1, 333, 4096), torch.randn(1, 2048)
+    b = args.batch
+    x, t = torch.randn(b, 16, n, n), torch.full((b,), 500.0)
+    context, pooled = torch.randn(b, 333, 4096), torch.randn(b, 2048)
     run_ref = lambda: ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
                           return_dict=False)[0]
     run_ours = lambda: ours(x, t, context, pooled)
@@ -75,7 +77,8 @@ def main():
         err = ((run_ours() - run_ref()).norm() / run_ref().norm()).item()
         project, noise = ratios(run_ours, run_ref), ratios(run_copy, run_ref)
         ours_s, ref_s = median_time(run_ours, args.reps), median_time(run_ref, args.reps)
-    print(f"forward, {args.layers} of 24 Medium blocks, {args.size}px + 333 tokens, fp32, {torch.get_num_threads()} threads:")
+    print(f"forward, {args.layers} of 24 Medium blocks, batch {b}, {args.size}px + 333 tokens, fp32, "
+          f"{torch.get_num_threads()} threads:")
     print(f"  sd35_lora {ours_s:.3f} s, diffusers {ref_s:.3f} s; relative error {err:.1e}")
     report("sd35_lora / diffusers", project)
     report("diffusers / diffusers (noise floor)", noise)
