@@ -1796,12 +1796,15 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
+        # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
+        tc = cfg.train
+        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(tc.batch_size, tc.seed + epoch))
+        self.batches_per_epoch = len(self.epoch_batches(0))
 
     def batch(self, micro_step: int, g: torch.Generator):
         """The micro-batch of a global micro-step: a pure function of (seed, step), so resume is exact."""
-        epoch_batches = self.data.batches(self.cfg.train.batch_size, self.cfg.train.seed)
-        epoch, index = divmod(micro_step, len(epoch_batches))
-        ids = self.data.batches(self.cfg.train.batch_size, self.cfg.train.seed + epoch)[index]
+        epoch, index = divmod(micro_step, self.batches_per_epoch)
+        ids = self.epoch_batches(epoch)[index]
         latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g)
         return latents.to(self.device), context.to(self.device), pooled.to(self.device)
 
