@@ -377,7 +377,10 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        hidden = self.fc1(x)                                                     # (B, L, 4D): the block's largest
+        if torch.is_grad_enabled():
+            return self.fc2(F.gelu(hidden, approximate="tanh"))
+        return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
 
 
 class Attention(nn.Module):

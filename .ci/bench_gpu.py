@@ -1,0 +1,223 @@
+"""GPU checks of the targets in issues 2 and 4 that ../shared/bench/gpu_compare.py does not cover.
+
+    PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [compile] [pipeline] [train]   # default: all three
+    python .ci/bench_gpu.py --smoke                                                  # tiny sizes on the CPU: the script runs
+
+1. compile:  sampling step at SD3.5 Medium size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same random
+             weights: diffusers eager, sd35_lora eager, sd35_lora torch.compile (as `sample.py --compile`); peak memory.
+2. pipeline: SD3.5 Large at 1024px inside a 24 GB budget (allocator capped with set_per_process_memory_fraction):
+             random full-size CLIP-L, CLIP-G, T5-XXL, MMDiT and VAE through `generate()`, 2 steps with CFG;
+             with T5 (offloaded: each model visits the GPU while it runs) and without T5 (everything resident).
+3. train:    this project's training step (flow_matching_loss, LoRA rank 16 on attn, AdamW fp32, clipping) at 1024px,
+             batch 1, gradient checkpointing, bf16 weights + autocast, for Medium and Large sizes.
+Each finished stage prints one JSON line and rewrites bench_gpu.json in $OUT (or /tmp).
+"""
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sd35_lora as sd  # noqa: E402
+
+SMOKE = "--smoke" in sys.argv
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+PX = 64 if SMOKE else 1024
+BUDGET_GIB = 23.0                 # a 24 GB card less the CUDA context
+# random-weight stand-ins with the real architectures (tiny ones for --smoke)
+MMDIT = {"medium": sd.MMDiTConfig(depth=24, hidden=1536, heads=24, qk_norm=True, dual_attention_layers=tuple(range(13))),
+         "large": sd.MMDiTConfig(depth=38, hidden=2432, heads=38, pos_embed_max_size=192, qk_norm=True)}
+if SMOKE:
+    MMDIT = {k: sd.MMDiTConfig(depth=2, hidden=64, heads=4, context_dim=64, pooled_dim=96, pos_embed_max_size=32,
+                               qk_norm=True, dual_attention_layers=(0,) if k == "medium" else ()) for k in MMDIT}
+results = {"device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__}
+
+
+def report(stage: str, values: dict):
+    results[stage] = values
+    Path(os.environ.get("OUT", "/tmp"), "bench_gpu.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({stage: values}), flush=True)
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, n: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / n
+
+
+def reset_peak():
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> dict:
+    if DEVICE.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+@contextlib.contextmanager
+def building():
+    """Create modules directly on the device in the benchmark dtype (no fp32 host copy of 8B parameters)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    torch.manual_seed(0)
+    try:
+        with torch.device(DEVICE):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def random_mmdit(name: str) -> sd.MMDiT:
+    with building():
+        return sd.MMDiT(MMDIT[name]).to(DTYPE).eval().requires_grad_(False)
+
+
+def inputs(batch: int, cfg: sd.MMDiTConfig):
+    g = torch.Generator(DEVICE).manual_seed(0)
+    kw = dict(device=DEVICE, dtype=DTYPE, generator=g)
+    return (torch.randn(batch, 16, PX // 8, PX // 8, **kw), torch.full((batch,), 500.0, device=DEVICE),
+            torch.randn(batch, 333, cfg.context_dim, **kw), torch.randn(batch, cfg.pooled_dim, **kw))
+
+
+def bench_compile():
+    from diffusers import SD3Transformer2DModel
+    c = MMDIT["medium"]
+    with building():
+        ref = SD3Transformer2DModel(sample_size=PX // 8, num_layers=c.depth, attention_head_dim=c.hidden // c.heads,
+                                    num_attention_heads=c.heads, joint_attention_dim=c.context_dim,
+                                    caption_projection_dim=c.hidden, pooled_projection_dim=c.pooled_dim,
+                                    pos_embed_max_size=c.pos_embed_max_size, qk_norm="rms_norm",
+                                    dual_attention_layers=c.dual_attention_layers)
+    ref = ref.to(DTYPE).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(Path(folder) / "transformer")
+        ours = sd.load_mmdit(folder, DEVICE, DTYPE).eval()
+    x, t, context, pooled = inputs(2, c)
+    runs = {"diffusers_eager": lambda: ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                                           timestep=t, return_dict=False)[0],
+            "sd35_lora_eager": lambda: ours(x, t, context, pooled)}
+    out = {}
+    with torch.no_grad():
+        a, b = runs["sd35_lora_eager"]().float(), runs["diffusers_eager"]().float()
+        out["rel_err"] = ((a - b).norm() / b.norm()).item()
+        start = time.perf_counter()
+        compiled = torch.compile(ours)
+        compiled(x, t, context, pooled)
+        sync()
+        out["compile_s"] = round(time.perf_counter() - start, 1)
+        runs["sd35_lora_compiled"] = lambda: compiled(x, t, context, pooled)
+        for label, fn in runs.items():
+            reset_peak()
+            out[f"{label}_step_s"] = seconds_per_call(fn, 10)
+            out[f"{label}_memory"] = peak_gib()
+    for label in ("sd35_lora_eager", "sd35_lora_compiled"):
+        out[f"ratio_{label}_vs_diffusers_eager"] = round(out[f"{label}_step_s"] / out["diffusers_eager_step_s"], 3)
+    report("compile", out)
+
+
+def random_text_encoders(use_t5: bool) -> sd.TextEncoders:
+    """CLIP-L, CLIP-G and T5-XXL at their real sizes, random weights, character-level tokenizers."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    tok = sd.tiny_tokenizer()
+    if SMOKE:
+        widths, t5_cfg = ((32, 64, 2, 2), (64, 128, 2, 2)), T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+    else:
+        widths = ((768, 3072, 12, 12), (1280, 5120, 32, 20))
+        t5_cfg = T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w, intermediate_size=f, num_hidden_layers=n,
+                                                        num_attention_heads=h, projection_dim=w, bos_token_id=2,
+                                                        eos_token_id=3, pad_token_id=3)) for w, f, n, h in widths]
+    t5 = T5EncoderModel(t5_cfg) if use_t5 else None
+    for m in [*clips, t5]:
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return sd.TextEncoders(*clips, t5, (tok, tok, tok), t5_length=256, context_dim=t5_cfg.d_model)
+
+
+def cap_memory(gib: float | None):
+    """Emulate a smaller card: the caching allocator refuses to hold more than `gib` (None: the whole GPU)."""
+    if DEVICE.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else gib * 2**30 / total)
+
+
+def bench_pipeline():
+    out = {"budget_gib": BUDGET_GIB}
+    settings = sd.SampleSettings(steps=2, width=PX, height=PX)
+    for use_t5, offload in ((True, True), (False, False)):
+        label = f"large_{'t5' if use_t5 else 'no_t5'}_{'offload' if offload else 'resident'}"
+        try:
+            mmdit = random_mmdit("large")
+            with building():
+                vae = sd.VAE(sd.VAEConfig(ch=8, groups=4) if SMOKE else sd.VAEConfig()).eval()
+                text = random_text_encoders(use_t5)
+            pipe = sd.Pipeline(mmdit, vae, text, "sd3.5-large", DEVICE).place(offload)
+            reset_peak()
+            cap_memory(BUDGET_GIB)
+            start = time.perf_counter()
+            sd.generate(pipe, ["a lighthouse on a cliff"], "", settings, progress=False)
+            sync()
+            out[label] = {"seconds": round(time.perf_counter() - start, 1), **peak_gib()}
+        except Exception:
+            out[label] = {"error": traceback.format_exc()[-1500:]}
+        finally:
+            pipe = mmdit = vae = text = None
+            cap_memory(None)
+        report("pipeline", out)
+
+
+def bench_train():
+    out = {}
+    for name in ("medium", "large"):
+        try:
+            model = random_mmdit(name)
+            params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+            model.enable_gradient_checkpointing().train()
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            latents, _, context, pooled = inputs(1, model.cfg)
+            tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+            autocast = None if DTYPE == torch.float32 else DTYPE
+
+            def step():
+                loss = sd.flow_matching_loss(model, latents.float(), context, pooled, tc, 3.0, g, autocast)[0]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            reset_peak()
+            out[name] = {"step_s": seconds_per_call(step, 5), **peak_gib()}
+        except Exception:
+            out[name] = {"error": traceback.format_exc()[-1500:]}
+        model = params = opt = None
+        reset_peak()
+        report("train", out)
+
+
+if __name__ == "__main__":
+    stages = [a for a in sys.argv[1:] if not a.startswith("--")] or ["compile", "pipeline", "train"]
+    for stage in stages:
+        try:
+            {"compile": bench_compile, "pipeline": bench_pipeline, "train": bench_train}[stage]()
+        except Exception:
+            report(stage, {"error": traceback.format_exc()[-1500:]})
