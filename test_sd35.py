@@ -751,3 +751,15 @@ def test_bf16_autocast_training_step_runs(tmp_path):
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
     with pytest.raises(sd.UserError, match="fp16 is not supported for training"):
         tiny_config(tmp_path, dtype="fp16")
+
+
+def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
+    """.ci/bench_gpu.py is run by a session that holds a GPU for minutes: keep it working between such sessions."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    r = subprocess.run([sys.executable, ".ci/bench_gpu.py", "--smoke", "pipeline", "train"], capture_output=True,
+                       text=True, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
+    results = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert r.returncode == 0 and "error" not in json.dumps(results), (r.stderr[-2000:], results)
+    assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
+    assert all(results["train"][size]["ratio_step"] > 0 for size in ("medium", "large"))

@@ -1,6 +1,9 @@
 """CPU side-by-side benchmark (fp32, one process, interleaved repeats; quote the ratios, not the times).
 
-    python .ci/bench_cpu.py [--layers 4] [--size 512] [--reps 5] [--batch 1]
+    python .ci/bench_cpu.py [--layers 4] [--size 512] [--reps 5] [--batch 1] [--threads N]
+
+With `--threads 1` each call is timed in process CPU time, which time stolen by other tenants of a shared
+VM does not inflate: the ratios then scatter about 1% instead of 3-5%.
 
 1. MMDiT forward vs diffusers' SD3Transformer2DModel on the same weights and inputs (SD3.5 Medium width:
    hidden 1536, 24 heads, dual attention in the first blocks, qk-norm; `--layers` of its 24 blocks to fit a CPU).
@@ -21,12 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sd35_lora as sd  # noqa: E402
 
 
+clock = time.perf_counter
+
+
 def median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -41,7 +47,13 @@ def main():
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=1, help="2 = a CFG sampling step")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    global clock
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.get_num_threads() == 1:
+        clock = time.process_time
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(0)
     ref = SD3Transformer2DModel(sample_size=128, num_layers=args.layers, attention_head_dim=64, num_attention_heads=24,
@@ -78,7 +90,7 @@ def main():
         project, noise = ratios(run_ours, run_ref), ratios(run_copy, run_ref)
         ours_s, ref_s = median_time(run_ours, args.reps), median_time(run_ref, args.reps)
     print(f"forward, {args.layers} of 24 Medium blocks, batch {b}, {args.size}px + 333 tokens, fp32, "
-          f"{torch.get_num_threads()} threads:")
+          f"{torch.get_num_threads()} threads, {clock.__name__}:")
     print(f"  sd35_lora {ours_s:.3f} s, diffusers {ref_s:.3f} s; relative error {err:.1e}")
     report("sd35_lora / diffusers", project)
     report("diffusers / diffusers (noise floor)", noise)

@@ -8,8 +8,9 @@
 2. pipeline: SD3.5 Large at 1024px inside a 24 GB budget (allocator capped with set_per_process_memory_fraction):
              random full-size CLIP-L, CLIP-G, T5-XXL, MMDiT and VAE through `generate()`, 2 steps with CFG;
              with T5 (offloaded: each model visits the GPU while it runs) and without T5 (everything resident).
-3. train:    this project's training step (flow_matching_loss, LoRA rank 16 on attn, AdamW fp32, clipping) at 1024px,
-             batch 1, gradient checkpointing, bf16 weights + autocast, for Medium and Large sizes.
+3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
+             fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
+             sizes: sd35_lora vs diffusers + PEFT on the same step; time and peak memory.
 Each finished stage prints one JSON line and rewrites bench_gpu.json in $OUT (or /tmp).
 """
 import contextlib
@@ -104,12 +105,8 @@ def bench_compile():
     from diffusers import SD3Transformer2DModel
     c = MMDIT["medium"]
     with building():
-        ref = SD3Transformer2DModel(sample_size=PX // 8, num_layers=c.depth, attention_head_dim=c.hidden // c.heads,
-                                    num_attention_heads=c.heads, joint_attention_dim=c.context_dim,
-                                    caption_projection_dim=c.hidden, pooled_projection_dim=c.pooled_dim,
-                                    pos_embed_max_size=c.pos_embed_max_size, qk_norm="rms_norm",
-                                    dual_attention_layers=c.dual_attention_layers)
-    ref = ref.to(DTYPE).eval().requires_grad_(False)
+        ref = SD3Transformer2DModel(**diffusers_config(c))
+    ref = ref.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(Path(folder) / "transformer")
         ours = sd.load_mmdit(folder, DEVICE, DTYPE).eval()
@@ -187,29 +184,62 @@ def bench_pipeline():
         report("pipeline", out)
 
 
+def diffusers_config(c: sd.MMDiTConfig) -> dict:
+    return dict(sample_size=PX // 8, num_layers=c.depth, attention_head_dim=c.hidden // c.heads, num_attention_heads=c.heads,
+                joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden, pooled_projection_dim=c.pooled_dim,
+                pos_embed_max_size=c.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=c.dual_attention_layers)
+
+
+def lora_train_step(forward, params, latents, context, pooled):
+    """One step of this project's loss (timestep sampling, flow target) + AdamW, for either model."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+    autocast = None if DTYPE == torch.float32 else DTYPE
+
+    def step():
+        loss = sd.flow_matching_loss(forward, latents.float(), context, pooled, tc, 3.0, g, autocast)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_train():
+    """Rank-16 LoRA on the attention projections of both streams, as diffusers' training scripts target them."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
     out = {}
     for name in ("medium", "large"):
+        r = out[name] = {}
         try:
             model = random_mmdit(name)
             params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
             model.enable_gradient_checkpointing().train()
-            opt = torch.optim.AdamW(params, lr=1e-4)
             latents, _, context, pooled = inputs(1, model.cfg)
-            tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
-            autocast = None if DTYPE == torch.float32 else DTYPE
-
-            def step():
-                loss = sd.flow_matching_loss(model, latents.float(), context, pooled, tc, 3.0, g, autocast)[0]
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
             reset_peak()
-            out[name] = {"step_s": seconds_per_call(step, 5), **peak_gib()}
+            r["sd35_lora_step_s"] = seconds_per_call(lora_train_step(model, params, latents, context, pooled), 5)
+            r["sd35_lora_memory"] = peak_gib()
+            model = params = None
+            with building():
+                ref = SD3Transformer2DModel(**diffusers_config(MMDIT[name])).requires_grad_(False)
+            ref.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=[
+                "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]))
+            params = [p for p in ref.parameters() if p.requires_grad]
+            for p in params:
+                p.data = p.data.float()
+            ref.enable_gradient_checkpointing()
+            ref.train()
+            forward = lambda x, t, c, y: ref(hidden_states=x, encoder_hidden_states=c, pooled_projections=y, timestep=t,
+                                             return_dict=False)[0]
+            reset_peak()
+            r["diffusers_peft_step_s"] = seconds_per_call(lora_train_step(forward, params, latents, context, pooled), 5)
+            r["diffusers_peft_memory"] = peak_gib()
+            r["ratio_step"] = round(r["sd35_lora_step_s"] / r["diffusers_peft_step_s"], 3)
         except Exception:
-            out[name] = {"error": traceback.format_exc()[-1500:]}
-        model = params = opt = None
+            r["error"] = traceback.format_exc()[-1500:]
+        model = params = ref = forward = None
         reset_peak()
         report("train", out)
 
