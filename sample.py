@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT (faster steps after a one-off compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", default="samples", help="output folder")
@@ -83,7 +83,7 @@ def main(argv=None) -> list[Path]:
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
         print(f"loaded {path} on {n} layers (scale {scale})")
     if args.compile:
-        pipe.mmdit.compile()
+        pipe.mmdit.compile_blocks()
     settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, args.slg_scale,
                                  args.slg_layers, args.width, args.height, args.seed).resolved(pipe.variant)
     images = sd.generate(pipe, args.prompt, args.negative, settings)

@@ -112,6 +112,7 @@ class TrainConfig:
     mode_scale: float = 1.29
     weighting: str = "none"                # none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
+    compile: bool = False                  # torch.compile the joint blocks (a one-off compile at the first steps)
     loss_bins: int = 5                     # loss is also tracked per timestep bin
 
 
@@ -494,6 +495,13 @@ class MMDiT(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each joint block in the backward pass: activation memory ~1 block instead of all."""
         self.gradient_checkpointing = enabled
+        return self
+
+    def compile_blocks(self):
+        """torch.compile each joint block ("regional" compilation): blocks of the same structure share one
+        compiled graph, so the one-off compile covers a few blocks instead of the whole model."""
+        for block in self.joint_blocks:
+            block.compile()
         return self
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
@@ -1784,6 +1792,8 @@ class Trainer:
         self.mmdit = self.pipe.mmdit.to(self.device)
         self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks, cfg.lora.dropout)
         self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+        if cfg.train.compile:
+            self.mmdit.compile_blocks()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.step = 0
         if resume:

@@ -710,6 +710,18 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
+def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
+    make_dataset(tmp_path / "data")
+    runs = {}
+    for label, compiled in (("eager", False), ("compiled", True)):
+        runs[label] = tmp_path / label
+        sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0, "train.compile": compiled,
+                                          "output_dir": str(runs[label])}))
+    np.testing.assert_allclose(losses(runs["compiled"]), losses(runs["eager"]), rtol=1e-4)
+    image = lambda run: np.asarray(Image.open(run / "samples_step_000002/step_000002_sample_00.png"), dtype=int)
+    assert np.abs(image(runs["compiled"]) - image(runs["eager"])).max() <= 1
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
@@ -762,4 +774,5 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert r.returncode == 0 and "error" not in json.dumps(results), (r.stderr[-2000:], results)
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
-    assert all(results["train"][size]["ratio_step"] > 0 for size in ("medium", "large"))
+    assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
+    assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
