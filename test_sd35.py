@@ -747,6 +747,26 @@ def test_tiny_command_from_readme_runs(tmp_path):
     assert (run / "lora.safetensors").is_file() and (run / "samples_step_000002/step_000002_sample_01.png").is_file()
 
 
+def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, capsys):
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"dataset.flip": True})
+    pipe = sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    first = build()
+    files = lambda: sorted((tmp_path / "cache").rglob("*.safetensors"))
+    stamps = {f: f.stat().st_mtime_ns for f in files()}
+    assert len(stamps) == 2 + 3                                 # two images; two captions + the empty one
+    assert {f: f.stat().st_mtime_ns for f in files()} == stamps and build().latent_files == first.latent_files
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(tmp_path / "data" / "blue_disc.png")     # edited image
+    edited = build()
+    assert edited.latent_files[0] not in first.latent_files and len(files()) == 6
+    edited.latent_files[1].write_bytes(b"truncated")           # a damaged cache file is rebuilt, not fatal
+    repaired = build()
+    assert "rebuilding unreadable cache file" in capsys.readouterr().err
+    latents, context, pooled = repaired.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+
+
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
     exif = image.getexif()
