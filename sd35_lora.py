@@ -500,6 +500,9 @@ class MMDiT(nn.Module):
     def compile_blocks(self):
         """torch.compile each joint block ("regional" compilation): blocks of the same structure share one
         compiled graph, so the one-off compile covers a few blocks instead of the whole model."""
+        # every (block structure, grad mode, input shape) is one more version of JointBlock.forward; past the
+        # limit (8 by default) dynamo silently runs the rest eagerly, and training with buckets passes it
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.joint_blocks:
             block.compile()
         return self
@@ -1180,7 +1183,8 @@ def _single_file(path: Path, prefix: str) -> dict:
 
 
 def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
-    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast."""
+    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast. Loaded models are
+    frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
     with torch.device("meta"):
         model = module_cls(cfg)
     try:
@@ -1188,7 +1192,7 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     except RuntimeError as e:
         raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
                         f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _holds_mmdit(path: Path) -> bool:
@@ -1516,6 +1520,7 @@ class SampleSettings:
         return out
 
 
+@torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
@@ -1637,6 +1642,7 @@ class LatentDataset:
         for item in tqdm(items, desc="caching latents and text", leave=False):
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
+            @torch.no_grad()
             def encode_image():
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}

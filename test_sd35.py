@@ -362,6 +362,18 @@ def test_no_t5_and_skip_layer_guidance_match_diffusers(diffusers_folder):
     assert_images_close(mine, ref)
 
 
+def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
+    pipe = sd.load_pipeline(str(diffusers_folder[0]), device="cpu", dtype="fp32", t5_length=8)
+    modules = [pipe.mmdit, pipe.vae, *pipe.text.modules()]
+    assert not any(p.requires_grad for m in modules for p in m.parameters())
+    for m in modules:                                  # a fork training them must still sample without a graph
+        m.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sd.generate(pipe, ["a cat"], "ugly", sd.SampleSettings(steps=2, width=32, height=32), progress=False)
+    assert not saved, f"{len(saved)} tensors kept for backward while sampling"
+
+
 def test_generate_is_deterministic_per_seed_and_prompt():
     pipe = sd.tiny_pipeline()
     s = sd.SampleSettings(steps=3, width=32, height=32, seed=5)

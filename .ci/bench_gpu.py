@@ -1,6 +1,6 @@
 """GPU checks of the targets in issues 2 and 4 that ../shared/bench/gpu_compare.py does not cover.
 
-    PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [compile] [pipeline] [train]   # default: all three
+    PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [pipeline] [train] [compile]   # default: all three, this order
     python .ci/bench_gpu.py --smoke                                                  # tiny sizes on the CPU: the script runs
 
 1. compile:  sampling step at SD3.5 Medium size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same random
@@ -11,9 +11,12 @@
 3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
              sizes: sd35_lora (eager; compiled too for Medium) vs diffusers + PEFT on the same step; time, peak memory.
+             The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
+Peaks are max_memory_allocated since the stage's reset; `start_allocated_gib` is what was resident at the reset.
 Each finished stage prints one JSON line and rewrites bench_gpu.json in $OUT (or /tmp).
 """
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -63,17 +66,24 @@ def seconds_per_call(fn, n: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / n
 
 
+start_bytes = 0                           # allocated at the last reset_peak()
+
+
 def reset_peak():
+    global start_bytes
+    gc.collect()                          # compiled modules sit in reference cycles: free them now
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        start_bytes = torch.cuda.memory_allocated()
 
 
 def peak_gib() -> dict:
     if DEVICE.type != "cuda":
         return {}
     return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "start_allocated_gib": round(start_bytes / 2**30, 2)}
 
 
 @contextlib.contextmanager
@@ -255,9 +265,11 @@ def bench_train():
 
 
 if __name__ == "__main__":
-    stages = [a for a in sys.argv[1:] if not a.startswith("--")] or ["compile", "pipeline", "train"]
+    stages = [a for a in sys.argv[1:] if not a.startswith("--")] or ["pipeline", "train", "compile"]
     for stage in stages:
         try:
             {"compile": bench_compile, "pipeline": bench_pipeline, "train": bench_train}[stage]()
         except Exception:
             report(stage, {"error": traceback.format_exc()[-1500:]})
+        torch._dynamo.reset()
+        reset_peak()
