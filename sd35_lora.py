@@ -669,7 +669,9 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        update = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):          # autocast would cast an fp32 copy straight back
+            x = x.to(self.lora_down.weight.dtype)
+        update = self.lora_up(self.lora_down(self.dropout(x)))
         return out + (update * self.scale).to(out.dtype)
 
     @torch.no_grad()
@@ -1187,6 +1189,9 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
     with torch.device("meta"):
         model = module_cls(cfg)
+    for name, tensor in sd.items():                 # cast in place, one tensor at a time: never two copies in RAM
+        if tensor.is_floating_point():
+            sd[name] = tensor.to(dtype)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
@@ -1327,10 +1332,10 @@ class Pipeline:
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
-        if self.offload:
-            for m in modules:
-                m.to(self.device)
         try:
+            if self.offload:
+                for m in modules:
+                    m.to(self.device)
             yield
         finally:
             if self.offload:
@@ -1433,16 +1438,17 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
 #                                   Sampling                                    #
 #################################################################################
 
-def dpmpp_2m_step(x, denoised, old_denoised, sigmas, i):
-    """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in t = -log(sigma)."""
+def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
+    """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in t = -log(sigma).
+    `sigmas` are Python floats: branching on device tensors would stall the GPU at every step."""
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     if sigma_next == 0:
         return denoised
-    h = torch.log(sigma / sigma_next)
+    h = math.log(sigma / sigma_next)
     if old_denoised is not None:
-        r = torch.log(sigmas[i - 1] / sigma) / h
+        r = math.log(sigmas[i - 1] / sigma) / h
         denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-    return (sigma_next / sigma) * x - torch.expm1(-h) * denoised
+    return (sigma_next / sigma) * x - math.expm1(-h) * denoised
 
 
 @torch.no_grad()
@@ -1455,7 +1461,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     from tqdm import tqdm
     use_cfg = uncond is not None and cfg != 1.0
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
-    steps, previous = len(sigmas) - 1, None
+    steps, previous, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
     x = x.float()
     for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
         sigma = sigmas[i]
@@ -1471,7 +1477,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             x = x + (sigmas[i + 1] - sigma) * v
         else:
             denoised = x - sigma * v
-            x, previous = dpmpp_2m_step(x, denoised, previous, sigmas, i), denoised
+            x, previous = dpmpp_2m_step(x, denoised, previous, sigma_values, i), denoised
     return x
 
 
@@ -1716,8 +1722,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         for name, value in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))})
 
 
@@ -1735,8 +1741,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
             if state:
                 opt.state[p] = state
     torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if "rng.cuda" in tensors and params[0].device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return int(meta["step"]), json.loads(meta["config"])
 
 
@@ -1794,6 +1800,7 @@ class Trainer:
         self.pipe.text = None                                      # text encoders are no longer needed
         self.pipe.offload = False
         self.mmdit = self.pipe.mmdit.to(self.device)
+        torch.manual_seed(cfg.train.seed)                          # LoRA init (and dropout) follow train.seed
         self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks, cfg.lora.dropout)
         self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
         if cfg.train.compile:

@@ -372,6 +372,9 @@ def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         sd.generate(pipe, ["a cat"], "ugly", sd.SampleSettings(steps=2, width=32, height=32), progress=False)
     assert not saved, f"{len(saved)} tensors kept for backward while sampling"
+    half = sd.load_mmdit(diffusers_folder[0], dtype=torch.bfloat16)            # cast while loading
+    pairs = zip(half.state_dict().values(), pipe.mmdit.state_dict().values())
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)) for a, b in pairs)
 
 
 def test_generate_is_deterministic_per_seed_and_prompt():
