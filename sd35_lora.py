@@ -1197,7 +1197,7 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     except RuntimeError as e:
         raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
                         f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _holds_mmdit(path: Path) -> bool:

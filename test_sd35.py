@@ -595,9 +595,9 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
 #                            Loading and user errors                            #
 #################################################################################
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, **env):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600)
 
 
 def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
@@ -819,8 +819,7 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     """.ci/bench_gpu.py is run by a session that holds a GPU for minutes: keep it working between such sessions."""
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    r = subprocess.run([sys.executable, ".ci/bench_gpu.py", "--smoke", "pipeline", "train"], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
+    r = run_cli(".ci/bench_gpu.py", "--smoke", "pipeline", "train", OUT=str(tmp_path))
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert r.returncode == 0 and "error" not in json.dumps(results), (r.stderr[-2000:], results)
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
