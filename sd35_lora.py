@@ -52,20 +52,22 @@ class UserError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """Recommended sampling settings of one model variant (Stability AI's reference defaults)."""
+    """Recommended sampling settings of one model variant, each labelled with its source in PRESETS."""
     steps: int
     cfg: float
     shift: float
     sampler: str
-    slg_scale: float = 0.0                 # skip-layer guidance, 0 = off
+    slg_scale: float = 0.0                 # skip-layer guidance when asked for (sample.py --slg); off by default
     slg_layers: tuple[int, ...] = ()
 
 
-PRESETS = {  # Stability AI's reference settings (sd3_infer.py); SD3 Medium's from its model card
-    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="dpmpp_2m"),
+PRESETS = {
+    # diffusers' SD3 Medium model card and scheduler (Stability AI's sd3_infer.py: 50 steps, cfg 5, shift 1, dpmpp_2m)
+    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),
+    # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg and diffusers has none by default
     "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
-    "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
-    "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),
+    "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),          # sd3_infer.py CONFIGS
+    "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
@@ -159,6 +161,8 @@ def _coerce(value, default, key: str):
         except ValueError:
             pass
     if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):      # NaN passes every `<` check
+            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
         if isinstance(default, int) and not float(value).is_integer():
             raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
         return type(default)(value)
@@ -834,6 +838,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             ignored.append(key)
             continue
         module, role = parsed
+        if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
+            raise UserError(f"{path}: tensor '{key}' holds NaN or infinite values (a diverged or damaged LoRA); "
+                            f"use an earlier checkpoint of it")
         groups.setdefault(module, {})[role] = tensor.float()
     if not groups:
         raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {describe_checkpoint(sd)})")
@@ -846,6 +853,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        if not math.isfinite(alpha):
+            raise UserError(f"{path}: the alpha of '{module}' is {alpha}; use a LoRA file with finite numbers")
         if module not in spellings:
             unmatched.append(module)
             continue
@@ -887,6 +896,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
     (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
+    if not math.isfinite(scale):
+        raise UserError(f"the scale of {path} is {scale}: give a finite number")
     adapters = read_lora(model, path)                      # validates everything before touching the model
     modules = dict(model.named_modules())
     for name, (down, up) in adapters.items():
@@ -1502,7 +1513,7 @@ class SampleSettings:
     shift: float | None = None
     sampler: str | None = None
     schedule: str = "linear"
-    slg_scale: float | None = None
+    slg_scale: float | None = 0.0          # off, as in both references; None = the variant's recommended scale
     slg_layers: tuple[int, ...] | None = None
     width: int = 1024
     height: int = 1024
@@ -1510,10 +1521,16 @@ class SampleSettings:
 
     def resolved(self, variant: str) -> "SampleSettings":
         preset = PRESETS[variant]
+        if self.slg_scale is None and not preset.slg_scale:
+            raise UserError(f"{variant} has no recommended skip-layer guidance (Stability AI lists it for SD3.5 Medium "
+                            f"only): give a scale and layers instead (--slg-scale 2.5 --slg-layers 7,8,9)")
         out = dataclasses.replace(self, **{k: getattr(preset, k) for k in ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
                                            if getattr(self, k) is None})
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
             raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
+        if not all(map(math.isfinite, (out.cfg, out.shift, out.slg_scale))):
+            raise UserError(f"cfg, shift and skip-layer guidance scale must be finite numbers, got {out.cfg}, "
+                            f"{out.shift} and {out.slg_scale}")
         if out.steps < 1 or out.shift <= 0:
             raise UserError(f"steps must be at least 1 and shift above 0, got {out.steps} and {out.shift}")
         if out.slg_scale and not out.slg_layers:
@@ -1546,7 +1563,12 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         slg_layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # preset layers may exceed a tiny model
         latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, slg_layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in latents]))
+        images = torch.cat([pipe.vae.decode(z[None]) for z in latents])
+    bad = [i for i, ok in enumerate(images.flatten(1).isfinite().all(1).tolist()) if not ok]   # one check per image
+    if bad:
+        raise UserError(f"sampling gave NaN/infinite values for image(s) {bad} (prompt {prompts[bad[0]]!r}), which "
+                        f"would save black: lower the cfg or LoRA scale, or use dtype bf16/fp32 instead of fp16")
+    return to_pil(images)
 
 
 #################################################################################
@@ -1580,15 +1602,21 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def scan_dataset(cfg: DatasetConfig) -> list[dict]:
-    """Images with their captions and aspect bucket. Unreadable images are skipped and reported."""
+def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
+    """Images (searched recursively) with their captions and aspect bucket; the run's own output and cache
+    folders are left out. Unreadable images are skipped and reported."""
     from PIL import Image, ImageOps
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
+    own = [Path(d).resolve() for d in (output_dir, cfg.cache_dir) if d and Path(d).resolve().is_relative_to(root.resolve())]
+    if own:           # else the next run would train on this run's samples and loss.png
+        print(f"note: leaving {', '.join(map(str, own))} (output_dir / dataset.cache_dir) out of the dataset scan")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                   and not any(p.resolve().is_relative_to(d) for d in own))
     buckets = bucket_sizes(cfg.resolution)
-    items, broken, uncaptioned = [], [], 0
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+    items, broken, uncaptioned = [], [], []
+    for path in paths:
         try:
             with Image.open(path) as im:
                 im.verify()
@@ -1601,16 +1629,24 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
         if caption_file.is_file():
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
         else:
-            caption, uncaptioned = cfg.default_caption, uncaptioned + 1
+            caption = cfg.default_caption
+            uncaptioned.append(path.name)
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if uncaptioned:
-        print(f"warning: {uncaptioned} images have no .txt caption; using dataset.default_caption "
-              f"{cfg.default_caption!r}", file=sys.stderr)
+        print(f"warning: {len(uncaptioned)} images have no .txt caption (e.g. {', '.join(uncaptioned[:5])}); using "
+              f"dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+    stems = {}
+    for item in items:
+        stems.setdefault(item["path"].with_suffix(""), []).append(item["path"].name)
+    shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
+    if shared:
+        print(f"warning: {len(shared)} sets of images share one caption file: {', '.join(shared[:5])}", file=sys.stderr)
     if not items:
         raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
+    print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root} (recursive)")
     return items
 
 
@@ -1715,8 +1751,9 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
 
 
-def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config):
-    """LoRA, AdamW moments, step, RNG states and config in one safetensors file (no pickle)."""
+def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config,
+                        changes: list[str] = ()):
+    """LoRA, AdamW moments, step, RNG states, config and changes made on resume in one safetensors file (no pickle)."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
     for i, p in enumerate(params):
         for name, value in opt.state.get(p, {}).items():
@@ -1724,7 +1761,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
-    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))})
+    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
+                                 "changes": json.dumps(list(changes))})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
@@ -1744,6 +1782,48 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return int(meta["step"]), json.loads(meta["config"])
+
+
+# --resume compares the config with the saved run's. Keys that only alter the trajectory are warned about, keys
+# that touch nothing saved are free; any other change (model, variant, dtype, T5, the LoRA's shape, keys added
+# later) would make the saved LoRA and optimizer state mean something else, so it is refused.
+RESUME_WARN = ("text_encoders", "vae", "dataset.path", "dataset.resolution", "dataset.default_caption",
+               "dataset.caption_dropout", "dataset.flip", "lora.dropout", "sample.shift",
+               *(f"train.{k}" for k in ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed",
+                                        "batch_size", "grad_accum", "timestep_sampling", "logit_mean", "logit_std",
+                                        "mode_scale", "weighting")))
+RESUME_FREE = ("output_dir", "device", "dataset.cache_dir", "lora.format", "train.steps", "train.save_every",
+               "train.compile", "train.gradient_checkpointing", "train.loss_bins", "sample.")
+
+
+def resume_changes(state_path: Path, cfg: Config) -> list[str]:
+    """Refuse config changes that alter what the saved state means; -> the run's trajectory changes so far."""
+    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # no tensor is named "-...": header only
+    flat = lambda d: {f"{a}.{b}" if b else a: w for a, v in d.items() for b, w in (v.items() if isinstance(v, dict)
+                                                                                    else [("", v)])}
+    saved = {**flat(dataclasses.asdict(Config())), **flat(json.loads(meta["config"]))}   # keys added later: defaults
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(dataclasses.asdict(cfg)).items() if saved[k] != v}
+    refused = [c for k, c in changed.items() if k not in RESUME_WARN + RESUME_FREE and k.split(".")[0] + "." not in RESUME_FREE]
+    if refused:
+        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state would mean "
+                        f"something else. Resume with the run's values, or start a new run in another output_dir")
+    warned = [c for k, c in changed.items() if k in RESUME_WARN]
+    if warned:
+        print(f"warning: resuming with changed {'; '.join(warned)}: the run differs from an uninterrupted one",
+              file=sys.stderr)
+    return json.loads(meta.get("changes", "[]")) + ([f"at step {meta['step']}: {'; '.join(warned)}"] if warned else [])
+
+
+def drop_log_entries_after(log_path: Path, step: int):
+    """Drop the log lines a crashed run wrote after its last checkpoint (resume redoes those steps), atomically."""
+    keep = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):      # a line cut short by the crash goes too
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, log_path)
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -1776,13 +1856,14 @@ class Trainer:
         self.state_path = self.out / "training_state.safetensors"
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
+        self.changes = resume_changes(self.state_path, cfg) if resume else []     # refuses before any model loads
         if not resume and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
                             f"or choose another output_dir (--set output_dir=...)")
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
-        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
+        items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
@@ -1808,16 +1889,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.step = 0
         if resume:
-            self.step, saved = load_training_state(self.state_path, self.params, self.opt)
-            now = dataclasses.asdict(cfg)
-            changed = [f"{section}.{k}" for section in ("dataset", "lora", "train") for k, v in saved[section].items()
-                       if now[section].get(k) != v and k not in ("steps", "save_every")]
-            if changed:
-                print(f"warning: resuming with changed settings {changed}: the run will differ from an uninterrupted one",
-                      file=sys.stderr)
+            self.step, _ = load_training_state(self.state_path, self.params, self.opt)
             print(f"resumed from {self.state_path} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
+        if resume and self.log_path.is_file():
+            drop_log_entries_after(self.log_path, self.step)
         weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
@@ -1860,11 +1937,11 @@ class Trainer:
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
-                "base_model": c.model, "step": self.step,
+                "base_model": c.model, "step": self.step, "resumed_with_changes": self.changes,
                 "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
-        save_training_state(self.state_path, self.params, self.opt, self.step, c)
+        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
 
