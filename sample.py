@@ -41,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
-    p.add_argument("--slg", action="store_true", help="skip-layer guidance with the variant's recommended scale and "
-                   "layers (Stability AI's, SD3.5 Medium only; off by default as in both references)")
+    p.add_argument("--slg", action="store_true", help="skip-layer guidance at the variant's recommended "
+                   "scale and layers (Stability AI's, SD3.5 Medium only; off by default in both references)")
     p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
     p.add_argument("--slg-layers", type=lambda s: tuple(int(i) for i in s.split(",")), help="e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t5-length", type=positive_int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
-    p.add_argument("--lora-scale", type=finite_float, action="append", default=[], help="one per --lora, or one for all")
+    p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
+                   help="one per --lora, or one for all")
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
@@ -106,7 +107,7 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdigit()]
-    first = max(taken, default=-1) + 1                  # never overwrite earlier samples: continue the numbering
+    first = max(taken, default=-1) + 1                  # never overwrite earlier samples: number on
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,

@@ -19,6 +19,7 @@ the diffusers layout is converted on load through one key table.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -57,14 +58,13 @@ class Preset:
     cfg: float
     shift: float
     sampler: str
-    slg_scale: float = 0.0                 # skip-layer guidance when asked for (sample.py --slg); off by default
+    slg_scale: float | None = None         # skip-layer guidance if asked for (--slg); None = no reference
     slg_layers: tuple[int, ...] = ()
 
 
-PRESETS = {
-    # diffusers' SD3 Medium model card and scheduler (Stability AI's sd3_infer.py: 50 steps, cfg 5, shift 1, dpmpp_2m)
-    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),
-    # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg and diffusers has none by default
+PRESETS = {  # sources: README "Variants and recommended settings"
+    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),               # diffusers' model card
+    # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg, diffusers has it off
     "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
     "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),          # sd3_infer.py CONFIGS
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
@@ -161,10 +161,9 @@ def _coerce(value, default, key: str):
         except ValueError:
             pass
     if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):      # NaN passes every `<` check
-            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
-        if isinstance(default, int) and not float(value).is_integer():
-            raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
+        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
+        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
+            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
         return type(default)(value)
     if isinstance(default, list):
         return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
@@ -839,8 +838,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             continue
         module, role = parsed
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
-            raise UserError(f"{path}: tensor '{key}' holds NaN or infinite values (a diverged or damaged LoRA); "
-                            f"use an earlier checkpoint of it")
+            raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         groups.setdefault(module, {})[role] = tensor.float()
     if not groups:
         raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {describe_checkpoint(sd)})")
@@ -853,8 +851,6 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
-        if not math.isfinite(alpha):
-            raise UserError(f"{path}: the alpha of '{module}' is {alpha}; use a LoRA file with finite numbers")
         if module not in spellings:
             unmatched.append(module)
             continue
@@ -896,8 +892,6 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
     (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
-    if not math.isfinite(scale):
-        raise UserError(f"the scale of {path} is {scale}: give a finite number")
     adapters = read_lora(model, path)                      # validates everything before touching the model
     modules = dict(model.named_modules())
     for name, (down, up) in adapters.items():
@@ -1501,6 +1495,9 @@ def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> t
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
     from PIL import Image
+    if not images.isfinite().all():                        # one check per batch, not per sampling step
+        raise UserError("sampling gave NaN/infinite values, which would be saved as black images: lower "
+                        "the cfg or the LoRA scale, or use dtype bf16/fp32 instead of fp16")
     arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
 
@@ -1513,7 +1510,7 @@ class SampleSettings:
     shift: float | None = None
     sampler: str | None = None
     schedule: str = "linear"
-    slg_scale: float | None = 0.0          # off, as in both references; None = the variant's recommended scale
+    slg_scale: float | None = 0.0          # off, as in both references; None = the variant's recommended one
     slg_layers: tuple[int, ...] | None = None
     width: int = 1024
     height: int = 1024
@@ -1521,21 +1518,16 @@ class SampleSettings:
 
     def resolved(self, variant: str) -> "SampleSettings":
         preset = PRESETS[variant]
-        if self.slg_scale is None and not preset.slg_scale:
-            raise UserError(f"{variant} has no recommended skip-layer guidance (Stability AI lists it for SD3.5 Medium "
-                            f"only): give a scale and layers instead (--slg-scale 2.5 --slg-layers 7,8,9)")
         out = dataclasses.replace(self, **{k: getattr(preset, k) for k in ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
                                            if getattr(self, k) is None})
+        if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
+            raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
+                            f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
             raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
-        if not all(map(math.isfinite, (out.cfg, out.shift, out.slg_scale))):
-            raise UserError(f"cfg, shift and skip-layer guidance scale must be finite numbers, got {out.cfg}, "
-                            f"{out.shift} and {out.slg_scale}")
-        if out.steps < 1 or out.shift <= 0:
-            raise UserError(f"steps must be at least 1 and shift above 0, got {out.steps} and {out.shift}")
-        if out.slg_scale and not out.slg_layers:
-            raise UserError(f"skip-layer guidance scale {out.slg_scale} without layers ({variant} has no preset): "
-                            f"add --slg-layers, e.g. 7,8,9")
+        if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
+            raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
+                            f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
         if out.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
         if out.schedule not in SCHEDULES:
@@ -1563,12 +1555,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         slg_layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # preset layers may exceed a tiny model
         latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, slg_layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        images = torch.cat([pipe.vae.decode(z[None]) for z in latents])
-    bad = [i for i, ok in enumerate(images.flatten(1).isfinite().all(1).tolist()) if not ok]   # one check per image
-    if bad:
-        raise UserError(f"sampling gave NaN/infinite values for image(s) {bad} (prompt {prompts[bad[0]]!r}), which "
-                        f"would save black: lower the cfg or LoRA scale, or use dtype bf16/fp32 instead of fp16")
-    return to_pil(images)
+        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in latents]))
 
 
 #################################################################################
@@ -1603,17 +1590,14 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
-    """Images (searched recursively) with their captions and aspect bucket; the run's own output and cache
-    folders are left out. Unreadable images are skipped and reported."""
+    """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
-    own = [Path(d).resolve() for d in (output_dir, cfg.cache_dir) if d and Path(d).resolve().is_relative_to(root.resolve())]
-    if own:           # else the next run would train on this run's samples and loss.png
-        print(f"note: leaving {', '.join(map(str, own))} (output_dir / dataset.cache_dir) out of the dataset scan")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS
-                   and not any(p.resolve().is_relative_to(d) for d in own))
+    own = [Path(d).resolve() for d in (output_dir, cfg.cache_dir) if d]   # else runs train on their samples
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]
     buckets = bucket_sizes(cfg.resolution)
     items, broken, uncaptioned = [], [], []
     for path in paths:
@@ -1629,24 +1613,21 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         if caption_file.is_file():
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
         else:
-            caption = cfg.default_caption
-            uncaptioned.append(path.name)
+            caption, uncaptioned = cfg.default_caption, uncaptioned + [path.name]
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if uncaptioned:
-        print(f"warning: {len(uncaptioned)} images have no .txt caption (e.g. {', '.join(uncaptioned[:5])}); using "
-              f"dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
-    stems = {}
-    for item in items:
-        stems.setdefault(item["path"].with_suffix(""), []).append(item["path"].name)
-    shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
-    if shared:
-        print(f"warning: {len(shared)} sets of images share one caption file: {', '.join(shared[:5])}", file=sys.stderr)
+        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
+              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+    stems = collections.Counter(path.with_suffix("") for path in paths)
+    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
+        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
     if not items:
         raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
-    print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root} (recursive)")
+    print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
+          f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
     return items
 
 
@@ -1751,9 +1732,9 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
 
 
-def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config,
-                        changes: list[str] = ()):
-    """LoRA, AdamW moments, step, RNG states, config and changes made on resume in one safetensors file (no pickle)."""
+def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
+                        cfg: Config, changes: list[str] = ()):
+    """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
     for i, p in enumerate(params):
         for name, value in opt.state.get(p, {}).items():
@@ -1784,46 +1765,38 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return int(meta["step"]), json.loads(meta["config"])
 
 
-# --resume compares the config with the saved run's. Keys that only alter the trajectory are warned about, keys
-# that touch nothing saved are free; any other change (model, variant, dtype, T5, the LoRA's shape, keys added
-# later) would make the saved LoRA and optimizer state mean something else, so it is refused.
-RESUME_WARN = ("text_encoders", "vae", "dataset.path", "dataset.resolution", "dataset.default_caption",
-               "dataset.caption_dropout", "dataset.flip", "lora.dropout", "sample.shift",
-               *(f"train.{k}" for k in ("lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed",
-                                        "batch_size", "grad_accum", "timestep_sampling", "logit_mean", "logit_std",
-                                        "mode_scale", "weighting")))
-RESUME_FREE = ("output_dir", "device", "dataset.cache_dir", "lora.format", "train.steps", "train.save_every",
-               "train.compile", "train.gradient_checkpointing", "train.loss_bins", "sample.")
+# --resume refuses changed keys that make the saved state mean something else: all but these, which alter
+# only the trajectory (warned about, recorded in the LoRA) or touch nothing saved (free: key or key prefix)
+RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
+               "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
+                   "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
+                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
+RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
+                    "train.compile train.gradient_checkpointing train.loss_bins sample.".split())
 
 
-def resume_changes(state_path: Path, cfg: Config) -> list[str]:
-    """Refuse config changes that alter what the saved state means; -> the run's trajectory changes so far."""
-    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # no tensor is named "-...": header only
-    flat = lambda d: {f"{a}.{b}" if b else a: w for a, v in d.items() for b, w in (v.items() if isinstance(v, dict)
-                                                                                    else [("", v)])}
-    saved = {**flat(dataclasses.asdict(Config())), **flat(json.loads(meta["config"]))}   # keys added later: defaults
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(dataclasses.asdict(cfg)).items() if saved[k] != v}
-    refused = [c for k, c in changed.items() if k not in RESUME_WARN + RESUME_FREE and k.split(".")[0] + "." not in RESUME_FREE]
+def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
+    """Before any model loads: refuse config changes that alter what the saved state means and drop the
+    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
+    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
+    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
+                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
+    saved = flat(_fill(Config(), json.loads(meta["config"])))      # keys added since the save: their defaults
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
+    refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
-        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state would mean "
-                        f"something else. Resume with the run's values, or start a new run in another output_dir")
+        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
+                        f"would mean something else. Resume with the run's values, or use another output_dir")
     warned = [c for k, c in changed.items() if k in RESUME_WARN]
     if warned:
-        print(f"warning: resuming with changed {'; '.join(warned)}: the run differs from an uninterrupted one",
-              file=sys.stderr)
-    return json.loads(meta.get("changes", "[]")) + ([f"at step {meta['step']}: {'; '.join(warned)}"] if warned else [])
-
-
-def drop_log_entries_after(log_path: Path, step: int):
-    """Drop the log lines a crashed run wrote after its last checkpoint (resume redoes those steps), atomically."""
-    keep = []
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):      # a line cut short by the crash goes too
-            if json.loads(line)["step"] <= step:
-                keep.append(line + "\n")
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, log_path)
+        print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
+    log, step = state_path.with_name("log.jsonl"), int(meta["step"])
+    if log.is_file():                                       # a line cut short (no newline) goes too
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+        log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
+        os.replace(log.with_suffix(".tmp"), log)
+    history = json.loads(meta.get("changes", "[]"))
+    return history + ([f"at step {step}: {'; '.join(warned)}"] if warned else [])
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -1856,7 +1829,7 @@ class Trainer:
         self.state_path = self.out / "training_state.safetensors"
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
-        self.changes = resume_changes(self.state_path, cfg) if resume else []     # refuses before any model loads
+        self.changes = prepare_resume(self.state_path, cfg) if resume else []
         if not resume and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
                             f"or choose another output_dir (--set output_dir=...)")
@@ -1893,8 +1866,6 @@ class Trainer:
             print(f"resumed from {self.state_path} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
-        if resume and self.log_path.is_file():
-            drop_log_entries_after(self.log_path, self.step)
         weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
