@@ -106,7 +106,7 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     from PIL.PngImagePlugin import PngInfo
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdigit()]
+    paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
     first = max(taken, default=-1) + 1                  # never overwrite earlier samples: number on
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
