@@ -1496,8 +1496,7 @@ def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
     from PIL import Image
     if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/infinite values, which would be saved as black images: lower "
-                        "the cfg or the LoRA scale, or use dtype bf16/fp32 instead of fp16")
+        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
     arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
 
@@ -1595,9 +1594,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
-    own = [Path(d).resolve() for d in (output_dir, cfg.cache_dir) if d]   # else runs train on their samples
+    own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]
+    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     buckets = bucket_sizes(cfg.resolution)
     items, broken, uncaptioned = [], [], []
     for path in paths:
@@ -1613,7 +1612,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         if caption_file.is_file():
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
         else:
-            caption, uncaptioned = cfg.default_caption, uncaptioned + [path.name]
+            caption = cfg.default_caption
+            uncaptioned.append(path.name)
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
@@ -1765,8 +1765,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return int(meta["step"]), json.loads(meta["config"])
 
 
-# --resume refuses changed keys that make the saved state mean something else: all but these, which alter
-# only the trajectory (warned about, recorded in the LoRA) or touch nothing saved (free: key or key prefix)
+# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
@@ -1781,7 +1780,11 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
     flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
                       for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    saved = flat(_fill(Config(), json.loads(meta["config"])))      # keys added since the save: their defaults
+    try:                                                        # keys added since the save: their defaults
+        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
+                        f"start a new run in another output_dir") from None
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
     refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
@@ -1790,13 +1793,12 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     warned = [c for k, c in changed.items() if k in RESUME_WARN]
     if warned:
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
-    log, step = state_path.with_name("log.jsonl"), int(meta["step"])
+    log = state_path.with_name("log.jsonl")
     if log.is_file():                                       # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
         os.replace(log.with_suffix(".tmp"), log)
-    history = json.loads(meta.get("changes", "[]"))
-    return history + ([f"at step {step}: {'; '.join(warned)}"] if warned else [])
+    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):

@@ -846,6 +846,8 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     out = capsys.readouterr()
     assert "4 images in 2 folders" in out.out and "run" in out.out and "cache" in out.out, out.out
     assert "lonely.png" in out.err and "red_stripes.jpg + red_stripes.png" in out.err, out.err
+    cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
+    assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
 
 
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
@@ -858,6 +860,9 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
         with pytest.raises(sd.UserError, match=rf"--resume with changed {key} .*Resume with the run's values"):
             sd.train(tiny_config(tmp_path, **{**base, key: value}), resume=True)
     assert (run / "training_state.safetensors").read_bytes() == state           # nothing touched
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "bare.safetensors")
+    with pytest.raises(sd.UserError, match="lacks a readable step and config"):
+        sd.prepare_resume(tmp_path / "bare.safetensors", tiny_config(tmp_path))
     with (run / "log.jsonl").open("a") as f:                                     # a crash after step 4's checkpoint
         f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + '{"step": 6, "lo')
     capsys.readouterr()
@@ -867,7 +872,7 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert "changed train.lr 0.003 -> 0.001" in err and "guidance" not in err, err
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
-    assert meta["resumed_with_changes"] == ["at step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
+    assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
@@ -895,12 +900,12 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
         layer.lora_down.weight.data.fill_(1e30)
     sd.save_lora(pipe.mmdit, tmp_path / "huge.safetensors")
     args = ["--model", "tiny", "--prompt", "a", "--prompt", "b", "--steps", "2", "--width", "32", "--height", "32"]
-    with pytest.raises(sd.UserError, match="NaN/infinite values, which would be saved as black images"):
+    with pytest.raises(sd.UserError, match=r"NaN/inf values \(black images\)"):
         sample.main([*args, "--lora", str(tmp_path / "huge.safetensors"), "--out", str(tmp_path / "out")])
     assert not list(tmp_path.glob("out/*.png"))
     make_dataset(tmp_path / "data")                # training previews: a warning, no black PNG, training goes on
     sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": 1e30}))
-    assert "NaN/infinite values" in capsys.readouterr().err and not list((tmp_path / "run").rglob("*.png"))
+    assert "NaN/inf values (black images)" in capsys.readouterr().err and not list((tmp_path / "run").rglob("*.png"))
     assert len(losses(tmp_path / "run")) == 1
 
 
