@@ -4,7 +4,8 @@
     python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors
     python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
 
-Unset sampling flags take the detected variant's recommended settings (see PRESETS in sd35_lora.py).
+Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer
+guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3_infer.py.
 """
 import argparse
 import json
