@@ -4,10 +4,12 @@
     python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors
     python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
 
-Unset sampling flags take the detected variant's recommended settings (see PRESETS in sd35_lora.py).
+Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer
+guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3_infer.py.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +22,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def finite_float(text: str) -> float:
+    value = float(text)                # a ValueError here is reported by argparse as an invalid value
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
@@ -29,11 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="repeat for a batch")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=positive_int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, help="sigma shift of the schedule")
+    p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
-    p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
+    p.add_argument("--slg", action="store_true", help="skip-layer guidance at the variant's recommended "
+                   "scale and layers (Stability AI's, SD3.5 Medium only; off by default in both references)")
+    p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
     p.add_argument("--slg-layers", type=lambda s: tuple(int(i) for i in s.split(",")), help="e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--width", type=int, default=1024)
@@ -41,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t5-length", type=positive_int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
-    p.add_argument("--lora-scale", type=float, action="append", default=[], help="one per --lora, or one for all")
+    p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
+                   help="one per --lora, or one for all")
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
@@ -84,7 +96,8 @@ def main(argv=None) -> list[Path]:
         print(f"loaded {path} on {n} layers (scale {scale})")
     if args.compile:
         pipe.mmdit.compile_blocks()
-    settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, args.slg_scale,
+    slg_scale = 0.0 if args.slg_scale is None and not args.slg else args.slg_scale     # None: the preset's
+    settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, slg_scale,
                                  args.slg_layers, args.width, args.height, args.seed).resolved(pipe.variant)
     images = sd.generate(pipe, args.prompt, args.negative, settings)
     return save_images(images, args, settings, pipe.variant, t5_length)
@@ -94,17 +107,19 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     from PIL.PngImagePlugin import PngInfo
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
+    first = max(taken, default=-1) + 1                  # never overwrite earlier samples: number on
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,
                   "lora_scale": args.lora_scale, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        path = out / f"sample_{i:02d}.png"
+        path = out / f"sample_{first + i:02d}.png"
         image.save(path, pnginfo=info)
-        print(path)
         paths.append(path)
+    kept = f" (after the {len(taken)} earlier samples there, kept)" if taken else ""
+    print(f"saved {len(paths)} images to {out}: {', '.join(p.name for p in paths)}{kept}")
     return paths
 
 

@@ -19,6 +19,7 @@ the diffusers layout is converted on load through one key table.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -52,20 +53,21 @@ class UserError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """Recommended sampling settings of one model variant (Stability AI's reference defaults)."""
+    """Recommended sampling settings of one model variant, each labelled with its source in PRESETS."""
     steps: int
     cfg: float
     shift: float
     sampler: str
-    slg_scale: float = 0.0                 # skip-layer guidance, 0 = off
+    slg_scale: float | None = None         # skip-layer guidance if asked for (--slg); None = no reference
     slg_layers: tuple[int, ...] = ()
 
 
-PRESETS = {  # Stability AI's reference settings (sd3_infer.py); SD3 Medium's from its model card
-    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="dpmpp_2m"),
+PRESETS = {  # sources: README "Variants and recommended settings"
+    "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),               # diffusers' model card
+    # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg, diffusers has it off
     "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
-    "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
-    "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),
+    "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),          # sd3_infer.py CONFIGS
+    "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
@@ -159,8 +161,9 @@ def _coerce(value, default, key: str):
         except ValueError:
             pass
     if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if isinstance(default, int) and not float(value).is_integer():
-            raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
+        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
+        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
+            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
         return type(default)(value)
     if isinstance(default, list):
         return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
@@ -834,6 +837,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             ignored.append(key)
             continue
         module, role = parsed
+        if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
+            raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         groups.setdefault(module, {})[role] = tensor.float()
     if not groups:
         raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {describe_checkpoint(sd)})")
@@ -1490,6 +1495,8 @@ def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> t
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
     from PIL import Image
+    if not images.isfinite().all():                        # one check per batch, not per sampling step
+        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
     arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
 
@@ -1502,7 +1509,7 @@ class SampleSettings:
     shift: float | None = None
     sampler: str | None = None
     schedule: str = "linear"
-    slg_scale: float | None = None
+    slg_scale: float | None = 0.0          # off, as in both references; None = the variant's recommended one
     slg_layers: tuple[int, ...] | None = None
     width: int = 1024
     height: int = 1024
@@ -1512,13 +1519,14 @@ class SampleSettings:
         preset = PRESETS[variant]
         out = dataclasses.replace(self, **{k: getattr(preset, k) for k in ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
                                            if getattr(self, k) is None})
+        if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
+            raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
+                            f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
             raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
-        if out.steps < 1 or out.shift <= 0:
-            raise UserError(f"steps must be at least 1 and shift above 0, got {out.steps} and {out.shift}")
-        if out.slg_scale and not out.slg_layers:
-            raise UserError(f"skip-layer guidance scale {out.slg_scale} without layers ({variant} has no preset): "
-                            f"add --slg-layers, e.g. 7,8,9")
+        if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
+            raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
+                            f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
         if out.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
         if out.schedule not in SCHEDULES:
@@ -1580,15 +1588,18 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def scan_dataset(cfg: DatasetConfig) -> list[dict]:
-    """Images with their captions and aspect bucket. Unreadable images are skipped and reported."""
+def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
+    """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
+    own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     buckets = bucket_sizes(cfg.resolution)
-    items, broken, uncaptioned = [], [], 0
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+    items, broken, uncaptioned = [], [], []
+    for path in paths:
         try:
             with Image.open(path) as im:
                 im.verify()
@@ -1601,16 +1612,22 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
         if caption_file.is_file():
             caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
         else:
-            caption, uncaptioned = cfg.default_caption, uncaptioned + 1
+            caption = cfg.default_caption
+            uncaptioned.append(path.name)
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if uncaptioned:
-        print(f"warning: {uncaptioned} images have no .txt caption; using dataset.default_caption "
-              f"{cfg.default_caption!r}", file=sys.stderr)
+        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
+              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+    stems = collections.Counter(path.with_suffix("") for path in paths)
+    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
+        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
     if not items:
         raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
+    print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
+          f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
     return items
 
 
@@ -1715,8 +1732,9 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
 
 
-def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config):
-    """LoRA, AdamW moments, step, RNG states and config in one safetensors file (no pickle)."""
+def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
+                        cfg: Config, changes: list[str] = ()):
+    """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
     for i, p in enumerate(params):
         for name, value in opt.state.get(p, {}).items():
@@ -1724,7 +1742,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
-    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))})
+    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
+                                 "changes": json.dumps(list(changes))})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
@@ -1744,6 +1763,42 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return int(meta["step"]), json.loads(meta["config"])
+
+
+# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
+               "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
+                   "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
+                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
+RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
+                    "train.compile train.gradient_checkpointing train.loss_bins sample.".split())
+
+
+def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
+    """Before any model loads: refuse config changes that alter what the saved state means and drop the
+    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
+    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
+    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
+                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
+    try:                                                        # keys added since the save: their defaults
+        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
+                        f"start a new run in another output_dir") from None
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
+    refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
+    if refused:
+        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
+                        f"would mean something else. Resume with the run's values, or use another output_dir")
+    warned = [c for k, c in changed.items() if k in RESUME_WARN]
+    if warned:
+        print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
+    log = state_path.with_name("log.jsonl")
+    if log.is_file():                                       # a line cut short (no newline) goes too
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+        log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
+        os.replace(log.with_suffix(".tmp"), log)
+    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -1776,13 +1831,14 @@ class Trainer:
         self.state_path = self.out / "training_state.safetensors"
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
+        self.changes = prepare_resume(self.state_path, cfg) if resume else []
         if not resume and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
                             f"or choose another output_dir (--set output_dir=...)")
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
-        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
+        items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
@@ -1808,13 +1864,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.step = 0
         if resume:
-            self.step, saved = load_training_state(self.state_path, self.params, self.opt)
-            now = dataclasses.asdict(cfg)
-            changed = [f"{section}.{k}" for section in ("dataset", "lora", "train") for k, v in saved[section].items()
-                       if now[section].get(k) != v and k not in ("steps", "save_every")]
-            if changed:
-                print(f"warning: resuming with changed settings {changed}: the run will differ from an uninterrupted one",
-                      file=sys.stderr)
+            self.step, _ = load_training_state(self.state_path, self.params, self.opt)
             print(f"resumed from {self.state_path} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
@@ -1860,11 +1910,11 @@ class Trainer:
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
-                "base_model": c.model, "step": self.step,
+                "base_model": c.model, "step": self.step, "resumed_with_changes": self.changes,
                 "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
-        save_training_state(self.state_path, self.params, self.opt, self.step, c)
+        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
 

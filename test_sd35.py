@@ -338,7 +338,7 @@ def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
     prompts = ["a red fox in the snow", "a blue boat on the lake at sunset"]
     ref = run_diffusers(pipe, prompts, "blurry painting", seed=7, steps=4, cfg=4.5, t5_length=32, height=64, width=48)
     args = ["--prompt", prompts[0], "--prompt", prompts[1], "--negative", "blurry painting", "--seed", "7", "--steps",
-            "4", "--cfg", "4.5", "--sampler", "euler", "--slg-scale", "0", "--t5-length", "32", "--height", "64",
+            "4", "--cfg", "4.5", "--sampler", "euler", "--t5-length", "32", "--height", "64",
             "--width", "48", "--dtype", "fp32", "--device", "cpu"]
     assert_images_close(images_of(sample.main(["--model", str(folder), *args, "--out", str(tmp_path / "a")])), ref)
     official_single_file(folder, tmp_path / "sd3.5_medium_tiny.safetensors")
@@ -520,7 +520,7 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     assert (got - plain).abs().max() > 1e-2                                  # the LoRA really does something
     ref_images = run_diffusers(ref, ["a red fox"], "", seed=1, steps=3, t5_length=16)
     paths = sample.main(["--model", str(folder), "--lora", str(tmp_path / "lora.safetensors"), "--prompt", "a red fox",
-                         "--seed", "1", "--steps", "3", "--cfg", "4.5", "--sampler", "euler", "--slg-scale", "0",
+                         "--seed", "1", "--steps", "3", "--cfg", "4.5", "--sampler", "euler",
                          "--t5-length", "16", "--width", "64", "--height", "64", "--out", str(tmp_path / "o")])
     assert_images_close(images_of(paths), ref_images)
 
@@ -631,7 +631,7 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
     assert r.returncode == 2 and "invalid choice: 'heun'" in r.stderr
     with pytest.raises(sd.UserError, match="unknown sampler 'heun'"):
         sd.SampleSettings(sampler="heun", steps=1).resolved("sd3.5-large")
-    with pytest.raises(sd.UserError, match="without layers.*--slg-layers"):
+    with pytest.raises(sd.UserError, match="needs a scale and layers.*--slg-layers"):
         sd.SampleSettings(slg_scale=2.5).resolved("sd3.5-large")
     with pytest.raises(sd.UserError, match="shift above 0"):
         sd.SampleSettings(shift=0.0).resolved("sd3.5-large")
@@ -825,3 +825,102 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
     assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
     assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
+
+
+#################################################################################
+#                     Hardening: odd datasets, resumes, numbers                  #
+#################################################################################
+
+def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data)
+    (data / "sub").mkdir()
+    Image.new("RGB", (64, 64), "green").save(data / "sub" / "lonely.png")          # no caption
+    Image.new("RGB", (64, 64), "red").save(data / "red_stripes.jpg")               # shares red_stripes.txt
+    overrides = {"output_dir": str(data / "run"), "dataset.cache_dir": str(data / "cache"), "train.steps": 1,
+                 "sample.sample_every": 0}
+    sd.train(tiny_config(tmp_path, **overrides))                                   # writes PNGs into data/run
+    assert list((data / "run").rglob("*.png")) and list((data / "cache").rglob("*"))
+    capsys.readouterr()
+    sd.train(tiny_config(tmp_path, **{**overrides, "train.steps": 2}), resume=True)
+    out = capsys.readouterr()
+    assert "4 images in 2 folders" in out.out and "run" in out.out and "cache" in out.out, out.out
+    assert "lonely.png" in out.err and "red_stripes.jpg + red_stripes.png" in out.err, out.err
+    cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
+    assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
+
+
+def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
+    make_dataset(tmp_path / "data")
+    base = {"train.steps": 4, "train.save_every": 2, "sample.sample_every": 0}
+    sd.train(tiny_config(tmp_path, **base))
+    run, state = tmp_path / "run", (tmp_path / "run" / "training_state.safetensors").read_bytes()
+    for key, value in {"lora.blocks": "1", "lora.rank": 4, "lora.targets": "attn", "t5_length": 8, "use_t5": False,
+                       "dtype": "bf16", "variant": "sd3.5-large", "model": str(tmp_path / "other")}.items():
+        with pytest.raises(sd.UserError, match=rf"--resume with changed {key} .*Resume with the run's values"):
+            sd.train(tiny_config(tmp_path, **{**base, key: value}), resume=True)
+    assert (run / "training_state.safetensors").read_bytes() == state           # nothing touched
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "bare.safetensors")
+    with pytest.raises(sd.UserError, match="lacks a readable step and config"):
+        sd.prepare_resume(tmp_path / "bare.safetensors", tiny_config(tmp_path))
+    with (run / "log.jsonl").open("a") as f:                                     # a crash after step 4's checkpoint
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + '{"step": 6, "lo')
+    capsys.readouterr()
+    changed = {"train.steps": 6, "train.lr": 1e-3, "sample.guidance_scale": 2}
+    lora = sd.train(tiny_config(tmp_path, **{**base, **changed}), resume=True)
+    err = capsys.readouterr().err
+    assert "changed train.lr 0.003 -> 0.001" in err and "guidance" not in err, err
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+    meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
+    assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
+
+
+def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
+    for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--model", "tiny", "--prompt", "x", flag])
+        assert "expected a finite number" in capsys.readouterr().err.splitlines()[-1]
+    for key, value in (("sample.guidance_scale", math.nan), ("sample.shift", math.inf), ("train.lr", ".inf")):
+        with pytest.raises(sd.UserError, match=f"'{key}' must be a finite number"):
+            sd.load_config(None, [f"{key}={value}"])
+    with pytest.raises(sd.UserError, match="finite"):
+        sd.SampleSettings(cfg=math.nan).resolved("sd3.5-large")
+    model = lora_model()
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    sd.save_lora(model, good, "kohya")
+    tensors = load_file(good)
+    tensors["lora_unet_joint_blocks_1_x_block_mlp_fc2.alpha"] = torch.tensor(math.inf)
+    save_file(tensors, bad)
+    with pytest.raises(sd.UserError, match=r"'lora_unet_joint_blocks_1_x_block_mlp_fc2.alpha' holds NaN/inf"):
+        sd.load_lora(tiny_mmdit(), bad)
+    pipe = sd.tiny_pipeline()                      # finite but overflowing: the merged weights become inf
+    sd.add_lora(pipe.mmdit, rank=2, targets="final_layer")
+    for layer in sd.lora_layers(pipe.mmdit).values():
+        layer.lora_up.weight.data.fill_(1e30)
+        layer.lora_down.weight.data.fill_(1e30)
+    sd.save_lora(pipe.mmdit, tmp_path / "huge.safetensors")
+    args = ["--model", "tiny", "--prompt", "a", "--prompt", "b", "--steps", "2", "--width", "32", "--height", "32"]
+    with pytest.raises(sd.UserError, match=r"NaN/inf values \(black images\)"):
+        sample.main([*args, "--lora", str(tmp_path / "huge.safetensors"), "--out", str(tmp_path / "out")])
+    assert not list(tmp_path.glob("out/*.png"))
+    make_dataset(tmp_path / "data")                # training previews: a warning, no black PNG, training goes on
+    sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": 1e30}))
+    assert "NaN/inf values (black images)" in capsys.readouterr().err
+    assert not list((tmp_path / "run").rglob("*.png"))
+    assert len(losses(tmp_path / "run")) == 1
+
+
+def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsys):
+    args = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32",
+            "--out", str(tmp_path)]
+    first = sample.main(args)[0].read_bytes()
+    second = sample.main([*args, "--slg", "--seed", "1"])
+    assert second == [tmp_path / "sample_01.png"] and (tmp_path / "sample_00.png").read_bytes() == first
+    assert f"saved 1 images to {tmp_path}: sample_01.png" in capsys.readouterr().out
+    params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (0, 1)]
+    assert params[0]["slg_scale"] == 0.0 and (params[1]["slg_scale"], params[1]["slg_layers"]) == (2.5, [7, 8, 9])
+    assert sd.SampleSettings().resolved("sd3.5-medium").slg_scale == 0.0           # both references' default
+    with pytest.raises(sd.UserError, match="sd3.5-large has no recommended ones.*--slg-scale and --slg-layers"):
+        sd.SampleSettings(slg_scale=None).resolved("sd3.5-large")
+    readme = (ROOT / "README.md").read_text()
+    assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
