@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
+    p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; fp8 "
+                   "matmuls on GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
@@ -89,7 +91,7 @@ def main(argv=None) -> list[Path]:
     if Path(args.out).is_file():
         raise sd.UserError(f"--out {args.out} is a file; give a folder")
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
-                            use_t5=not args.no_t5, variant=args.variant, offload=args.offload)
+                            use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
     for path, scale in zip(args.lora, scales):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
@@ -112,7 +114,7 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,
-                  "lora_scale": args.lora_scale, **{k: v for k, v in vars(settings).items() if k != "seed"}}
+                  "lora_scale": args.lora_scale, "fp8": args.fp8, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
         path = out / f"sample_{first + i:02d}.png"

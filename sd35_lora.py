@@ -143,6 +143,7 @@ class Config:
     dtype: str = "bf16"                    # frozen weights; LoRA and optimizer stay fp32
     t5_length: int = T5_LENGTH
     use_t5: bool = True                    # False: zeros instead of T5 (saves ~10 GB)
+    fp8: bool = False                      # joint-block weights in float8, a scale per row (half the MMDiT)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -526,7 +527,7 @@ class MMDiT(nn.Module):
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma * 1000, context (B, L, 4096), y (B, 2048) -> velocity like x."""
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        dtype = self.context_embedder.weight.dtype
+        dtype = self.x_embedder.proj.weight.dtype                # the compute dtype, never fp8
         # (B, h*w, D), made contiguous: a residual stream left in the conv's channel-first layout makes
         # every LayerNorm and Linear downstream copy it first
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
@@ -542,6 +543,74 @@ class MMDiT(nn.Module):
                 context, x = block(context, x, c)
         x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+
+# fp8: the frozen weight matrices of the joint blocks and the context embedder (~95 % of the bytes) are stored
+# as float8_e4m3fn (3 mantissa bits, largest value 448) with one fp32 scale per output row: W[i] = w[i] * s[i]
+FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
+FP8_WEIGHTS = r"^(joint_blocks\.\d+\..+|context_embedder)$"   # the Linear modules whose weight goes fp8
+FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (float8 w, fp32 scale (out,)): each row's largest |value| becomes 448."""
+    scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 448
+    return (w.float() / scale[:, None]).to(FP8), scale
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype) * scale.to(dtype)[:, None]
+
+
+class Fp8Matmul(torch.autograd.Function):
+    """x W^T + b for a frozen fp8 W; the backward (grad_x only) dequantizes W again rather than saving it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias):
+        ctx.save_for_backward(weight, scale)
+        # torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16
+        if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
+                and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
+            return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
+        rows = x.reshape(-1, x.shape[-1])            # fp8 tensor cores: x is quantized per row (token), here
+        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
+        out = torch._scaled_mm((rows / x_scale).to(FP8), weight.t(), scale_a=x_scale, scale_b=scale[None],
+                               bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        return grad @ dequantize_fp8(weight, scale, grad.dtype), None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
+    return F.linear(x, weight, bias) if scale is None else Fp8Matmul.apply(x, weight, scale, bias)
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is float8_e4m3fn, with one fp32 scale per row in `weight_scale`."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: nn.Parameter | None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = nn.Parameter(weight, requires_grad=False), bias
+        self.register_buffer("weight_scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+@torch.no_grad()
+def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
+    layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
+    if not layers:
+        raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
+    for name, layer in layers:
+        weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
+        _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
+    return model
 
 
 # Official module name (inside `joint_blocks.{i}.`) -> diffusers name (inside `transformer_blocks.{i}.`).
@@ -650,6 +719,7 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.register_buffer("weight_scale", getattr(base, "weight_scale", None))    # an fp8 base's scales
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -669,7 +739,7 @@ class LoRALinear(nn.Linear):
         return (self.lora_up.weight @ self.lora_down.weight) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
         if self.merged:
             return out
         if not torch.is_autocast_enabled(x.device.type):          # autocast would cast an fp32 copy straight back
@@ -896,7 +966,12 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     modules = dict(model.named_modules())
     for name, (down, up) in adapters.items():
         layer = modules[name]
-        if merge:
+        if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
+            weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
+            weight, row_scale = quantize_fp8(weight + ((up @ down) * scale).to(weight.device))
+            layer.weight.copy_(weight)
+            layer.weight_scale.copy_(row_scale)
+        elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
         else:
             if isinstance(layer, LoRALinear):
@@ -1195,13 +1270,14 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     with torch.device("meta"):
         model = module_cls(cfg)
     for name, tensor in sd.items():                 # cast in place, one tensor at a time: never two copies in RAM
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and tensor.dtype != FP8:     # fp8 weights stay fp8 (see load_mmdit)
             sd[name] = tensor.to(dtype)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
                         f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
+    sd.clear()                                      # the model holds the last reference: quantizing frees
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -1214,7 +1290,26 @@ def _holds_mmdit(path: Path) -> bool:
         return False
 
 
-def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
+def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
+    none (1); markers are dropped. fp8: e4m3 weights stay -> {module: per-row s}; else each becomes dtype."""
+    for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
+        del sd[key]
+    if any(not t.is_floating_point() for t in sd.values()):
+        raise UserError("the MMDiT has integer-quantized weights (int8, nvfp4): use a bf16, fp16 or fp8 file")
+    scales = {}
+    for key in [k for k, t in sd.items() if t.element_size() == 1]:
+        module, weight = key.removesuffix(".weight"), sd[key]
+        given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
+        scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
+        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):
+            scales[module] = scale
+        else:                                           # one tensor at a time
+            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
+    return scales
+
+
+def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
     path = Path(path)
     if path.is_dir():
@@ -1236,7 +1331,9 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
             cfg = MMDiTConfig.from_state_dict(sd)
         except (KeyError, ValueError) as e:
             raise UserError(f"{path}: incomplete SD3 MMDiT weights (missing {e}); download the file again") from None
-    return _build(MMDiT, cfg, sd, "MMDiT", path, device, dtype)
+    scales = _fp8_checkpoint(sd, fp8, dtype)
+    model = _build(MMDiT, cfg, sd, "MMDiT", path, "cpu" if fp8 else device, dtype)
+    return quantize_mmdit(model, scales).to(device) if fp8 else model
 
 
 def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
@@ -1372,15 +1469,18 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
                   dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
-                  variant: str = "", offload: bool | None = None) -> Pipeline:
+                  variant: str = "", offload: bool | None = None, fp8: bool = False) -> Pipeline:
     """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
     "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
     device = pick_device(str(device))
+    if fp8 and (FP8 is None or device.type == "mps"):
+        raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
     dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if model == "tiny":
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
+        pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
         return pipe.place(offload)
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
@@ -1390,7 +1490,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
             load_mmdit(root)                       # raises the error that says what the file is instead
         raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
                         f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
-    mmdit = load_mmdit(root, "cpu", dtype)
+    mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
                               t5_length, use_t5, mmdit.cfg.context_dim)
     vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
@@ -1679,7 +1779,7 @@ class LatentDataset:
     def text(pipe: Pipeline, cache: Path, caption: str, text_id: str) -> Path:
         def encode():
             context, pooled = pipe.text.encode([caption])
-            dtype = pipe.mmdit.context_embedder.weight.dtype                 # bf16 halves the cache
+            dtype = pipe.mmdit.x_embedder.proj.weight.dtype                 # bf16 halves the cache
             return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
         return cached(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
 
@@ -1840,7 +1940,7 @@ class Trainer:
                             "a hub id, or 'tiny'")
         items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
-                                  cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
+                                  cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
         self.device = self.pipe.device
         s = cfg.sample
         self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
@@ -1868,7 +1968,7 @@ class Trainer:
             print(f"resumed from {self.state_path} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
-        weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
+        weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
         tc = cfg.train
@@ -1911,6 +2011,7 @@ class Trainer:
         c = self.cfg
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
                 "base_model": c.model, "step": self.step, "resumed_with_changes": self.changes,
+                "fp8": c.fp8,
                 "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)

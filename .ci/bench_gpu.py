@@ -1,6 +1,6 @@
 """GPU checks of the targets in issues 2 and 4 that ../shared/bench/gpu_compare.py does not cover.
 
-    PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [pipeline] [train] [compile]   # default: all three, this order
+    PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [pipeline] [train] [compile] [fp8]   # default: the first three
     python .ci/bench_gpu.py --smoke                                                  # tiny sizes on the CPU: the script runs
 
 1. compile:  sampling step at SD3.5 Medium size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same random
@@ -12,6 +12,9 @@
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
              sizes: sd35_lora (eager; compiled too for Medium) vs diffusers + PEFT on the same step; time, peak memory.
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
+4. fp8:      issue 9's float8 weights: a torch._scaled_mm row-wise check against the dequantized matmul; LoRA
+             training steps of Large (bf16, fp8, fp8 forced to dequantize) and Medium (fp8); a Medium CFG sampling
+             step, eager and compiled, bf16 vs fp8 with the relative error of the output; Large sampling, T5 offloaded.
 Peaks are max_memory_allocated since the stage's reset; `start_allocated_gib` is what was resident at the reset.
 Each finished stage prints one JSON line and rewrites bench_gpu.json in $OUT (or /tmp).
 """
@@ -264,11 +267,115 @@ def bench_train():
         report("train", out)
 
 
+def fp8_scaled_mm_check() -> dict:
+    """torch._scaled_mm row-wise runs (the fp8 path is taken) and matches the dequantized matmul, grad_x included."""
+    calls, scaled_mm = [], torch._scaled_mm
+    torch._scaled_mm = lambda *a, **k: calls.append(1) or scaled_mm(*a, **k)
+    try:
+        g = torch.Generator(DEVICE).manual_seed(0)
+        rows, dim, out_dim = (64, 64, 192) if SMOKE else (2 * 4429, 1536, 6144)   # Medium's qkv, CFG batch 2
+        x = torch.randn(rows, dim, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
+        weight, scale = sd.quantize_fp8(torch.randn(out_dim, dim, device=DEVICE, generator=g) / dim ** 0.5)
+        bias = torch.randn(out_dim, device=DEVICE, dtype=DTYPE, generator=g)
+        dequantized = sd.dequantize_fp8(weight, scale, DTYPE)
+        ref = torch.nn.functional.linear(x, dequantized, bias)
+        out = sd.fp8_linear(x, weight, scale, bias)
+        out.float().square().sum().backward()
+        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+        grad_ref = 2 * ref.float().to(DTYPE) @ dequantized
+        r = {"scaled_mm_used": bool(calls), "rel_err_vs_dequantized": rel(out, ref), "grad_rel_err": rel(x.grad, grad_ref)}
+        with torch.no_grad():
+            r["fp8_matmul_s"] = seconds_per_call(lambda: sd.fp8_linear(x, weight, scale, bias), 20)
+            r["bf16_matmul_s"] = seconds_per_call(lambda: torch.nn.functional.linear(x, dequantized, bias), 20)
+        return r
+    finally:
+        torch._scaled_mm = scaled_mm
+
+
+def fp8_train(name: str, baseline: bool) -> dict:
+    """LoRA training step as in `train` (rank 16, attn, grad ckpt, 1024 px): fp8 weights vs bf16 in the same run."""
+    r = {}
+    for label in (["bf16"] if baseline else []) + ["fp8"] + (["fp8_dequantize"] if baseline else []):
+        model = random_mmdit(name)
+        model = sd.quantize_mmdit(model) if label.startswith("fp8") else model
+        sd.FP8_MATMUL = label != "fp8_dequantize"
+        params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+        model.enable_gradient_checkpointing().train()
+        latents, _, context, pooled = inputs(1, model.cfg)
+        reset_peak()
+        r[f"{label}_step_s"] = seconds_per_call(lora_train_step(model, params, latents, context, pooled), 5)
+        r[f"{label}_memory"] = peak_gib()
+        model = params = None
+        sd.FP8_MATMUL = True
+    if baseline:
+        r["ratio_fp8_vs_bf16_step"] = round(r["fp8_step_s"] / r["bf16_step_s"], 3)
+    return r
+
+
+def fp8_sampling_step() -> dict:
+    """Medium CFG sampling step (batch 2, 333 text tokens), compiled: bf16 vs fp8 matmuls on the same weights."""
+    r, outputs = {}, {}
+    for label in ("bf16", "fp8"):
+        model = random_mmdit("medium")                       # same seed: the same weights for both
+        model = sd.quantize_mmdit(model) if label == "fp8" else model
+        x, t, context, pooled = inputs(2, model.cfg)
+        with torch.no_grad():
+            outputs[label] = model(x, t, context, pooled).float()
+            r[f"{label}_eager_step_s"] = seconds_per_call(lambda: model(x, t, context, pooled), 5)
+            if not SMOKE:                                    # a CPU compile takes minutes
+                model.compile_blocks()
+            start = time.perf_counter()
+            outputs[f"{label}_compiled"] = model(x, t, context, pooled).float()
+            r[f"{label}_compile_s"] = round(time.perf_counter() - start, 1)
+            reset_peak()
+            r[f"{label}_compiled_step_s"] = seconds_per_call(lambda: model(x, t, context, pooled), 10)
+            r[f"{label}_compiled_memory"] = peak_gib()
+        model = None
+        torch._dynamo.reset()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    r["rel_err_fp8_vs_bf16"] = rel(outputs["fp8"], outputs["bf16"])
+    r["rel_err_fp8_compiled_vs_bf16"] = rel(outputs["fp8_compiled"], outputs["bf16"])
+    r["ratio_fp8_vs_bf16_compiled_step"] = round(r["fp8_compiled_step_s"] / r["bf16_compiled_step_s"], 3)
+    return r
+
+
+def fp8_pipeline() -> dict:
+    """Large at 1024 px through generate(), 2 steps with CFG, T5 offloaded (as in `pipeline`), fp8 MMDiT."""
+    mmdit = sd.quantize_mmdit(random_mmdit("large"))
+    with building():
+        vae = sd.VAE(sd.VAEConfig(ch=8, groups=4) if SMOKE else sd.VAEConfig()).eval()
+        text = random_text_encoders(True)
+    pipe = sd.Pipeline(mmdit, vae, text, "sd3.5-large", DEVICE).place(True)
+    reset_peak()
+    start = time.perf_counter()
+    sd.generate(pipe, ["a lighthouse on a cliff"], "", sd.SampleSettings(steps=2, width=PX, height=PX), progress=False)
+    sync()
+    return {"seconds": round(time.perf_counter() - start, 1), **peak_gib()}
+
+
+def bench_fp8():
+    """Issue 9 targets: Large training <= 11 GiB, Medium <= 4 GiB, Large sampling (T5 offloaded) <= 11 GiB,
+    Medium CFG step compiled with fp8 matmuls <= 38 ms (H200). Each part is reported even if another fails."""
+    out = {}
+    parts = {"scaled_mm": fp8_scaled_mm_check, "train_large": lambda: fp8_train("large", baseline=True),
+             "train_medium": lambda: fp8_train("medium", baseline=False), "sample_medium": fp8_sampling_step,
+             "pipeline_large_t5_offload": fp8_pipeline}
+    for label, part in parts.items():
+        try:
+            out[label] = part()
+        except Exception:
+            out[label] = {"error": traceback.format_exc()[-1500:]}
+        sd.FP8_MATMUL = True
+        torch._dynamo.reset()
+        reset_peak()
+        report("fp8", out)
+
+
 if __name__ == "__main__":
     stages = [a for a in sys.argv[1:] if not a.startswith("--")] or ["pipeline", "train", "compile"]
     for stage in stages:
         try:
-            {"compile": bench_compile, "pipeline": bench_pipeline, "train": bench_train}[stage]()
+            {"compile": bench_compile, "pipeline": bench_pipeline, "train": bench_train, "fp8": bench_fp8}[stage]()
         except Exception:
             report(stage, {"error": traceback.format_exc()[-1500:]})
         torch._dynamo.reset()
