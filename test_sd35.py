@@ -637,6 +637,84 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
         sd.SampleSettings(shift=0.0).resolved("sd3.5-large")
 
 
+def standard_components() -> dict:
+    """make_components with the real encoders' proportions single files imply (CLIP heads of 64 channels, a
+    CLIP-L projection that is the identity) and T5 weights that fp16 holds exactly, as t5xxl_fp16 does."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    parts, gen = make_components(), torch.Generator().manual_seed(1)
+    clip = lambda width, tok, act: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3, num_attention_heads=width // 64,
+        projection_dim=width, hidden_act=act, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    parts.update(text_encoder=clip(64, parts["tokenizer"], "quick_gelu"), text_encoder_2=clip(128, parts["tokenizer_2"], "gelu"),
+                 text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(parts["tokenizer_3"]), d_model=192, d_kv=16, d_ff=128,
+                                                        num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                                        eos_token_id=1, decoder_start_token_id=0)).eval(),
+                 transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                                                   attention_head_dim=64, num_attention_heads=3, caption_projection_dim=192,
+                                                   joint_attention_dim=192, pooled_projection_dim=192, pos_embed_max_size=16,
+                                                   **VARIANTS["sd3.5-medium"]).eval())
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        randomize(parts[name], gen)
+    with torch.no_grad():
+        parts["text_encoder"].text_projection.weight.copy_(torch.eye(64))
+        for p in parts["text_encoder_3"].parameters():
+            p.copy_(p.half().float())
+    return parts
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory):
+    """A diffusers folder, the same text encoders as distributed single files (with tokenizer*/ beside them), and an
+    all-in-one checkpoint (MMDiT, VAE and the three under `text_encoders.*.transformer.`) with tokenizers beside it."""
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("single_files")
+    pipe = diffusers.StableDiffusion3Pipeline(**standard_components())
+    pipe.save_pretrained(root / "diffusers", safe_serialization=True)
+    sds = {role: {k: v.contiguous() for k, v in getattr(pipe, name).state_dict().items()} for role, name in
+           (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3"))}
+    del sds["clip_l"]["text_projection.weight"]                      # as in the distributed clip_l.safetensors
+    sds["clip_l"]["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    (root / "clip").mkdir()
+    (root / "aio").mkdir()
+    for folder in ("clip", "aio"):
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (root / folder / name).symlink_to(root / "diffusers" / name)
+    save_file(sds["clip_l"], root / "clip/clip_l.safetensors")
+    save_file(sds["clip_g"], root / "clip/clip_g.safetensors")
+    t5 = {k: v.half() for k, v in sds["t5xxl"].items() if k != "encoder.embed_tokens.weight"}  # ComfyUI: shared.weight
+    save_file(t5, root / "clip/t5xxl_fp16.safetensors")
+    official_single_file(root / "diffusers", root / "aio/model.safetensors")
+    sds["t5xxl"]["encoder.embed_tokens.weight"] = sds["t5xxl"].pop("shared.weight")             # SAI: embed_tokens
+    save_file({**load_file(root / "aio/model.safetensors"), **{f"text_encoders.{role}.transformer.{k}": v
+                                                               for role, sd_ in sds.items() for k, v in sd_.items()}},
+              root / "aio/sd3.5_medium_incl_clips_t5xxlfp16.safetensors")
+    (root / "aio/model.safetensors").unlink()
+    return root, pipe
+
+
+@pytest.mark.parametrize("use_t5", [True, False])
+def test_single_file_text_encoders_match_the_diffusers_folder(single_files, use_t5):
+    root, pipe = single_files
+    prompts = ["a red fox in the snow", ""]
+    ref = sd.load_text_encoders(root / "diffusers", use_t5=use_t5, context_dim=192, t5_length=24).encode(prompts)
+    with torch.no_grad():
+        oracle = pipe.encode_prompt(prompts, None, None, max_sequence_length=24, do_classifier_free_guidance=False)
+    if use_t5:
+        torch.testing.assert_close(ref, (oracle[0], oracle[2]))
+    for source in (root / "clip", root / "aio/sd3.5_medium_incl_clips_t5xxlfp16.safetensors"):
+        torch.testing.assert_close(sd.load_text_encoders(source, use_t5=use_t5, context_dim=192, t5_length=24).encode(prompts), ref)
+    settings = sd.SampleSettings(steps=4, cfg=4.5, sampler="euler", width=32, height=32, seed=3, slg_scale=0)
+    images = [np.stack([np.asarray(im) for im in sd.generate(sd.load_pipeline(model, te, device="cpu", dtype="fp32",
+                                                                               t5_length=24, use_t5=use_t5),
+                                                              ["a red fox"], "blurry", settings, progress=False)])
+              for model, te in ((root / "diffusers", None), (root / "aio/sd3.5_medium_incl_clips_t5xxlfp16.safetensors", None),
+                                (root / "aio/sd3.5_medium_incl_clips_t5xxlfp16.safetensors", root / "clip"))]
+    for mine in images[1:]:
+        assert_images_close(mine, images[0])
+
+
 #################################################################################
 #                                   Training                                    #
 #################################################################################
