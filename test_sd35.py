@@ -715,6 +715,62 @@ def test_single_file_text_encoders_match_the_diffusers_folder(single_files, use_
         assert_images_close(mine, images[0])
 
 
+def test_fp8_t5_files_load_upcast_and_fp16_is_preferred(single_files, tmp_path):
+    root, _ = single_files
+    t5 = load_file(root / "clip/t5xxl_fp16.safetensors")
+    scales = {k: v.abs().max().float() / 448 for k, v in t5.items() if k.endswith("q.weight")}   # some scaled, as ComfyUI's
+    fp8 = {k: (v.float() / scales[k] if k in scales else v).to(torch.float8_e4m3fn) for k, v in t5.items()}
+    fp8.update({k.replace(".weight", ".scale_weight"): s for k, s in scales.items()}, scaled_fp8=torch.zeros(0))
+    (tmp_path / "comfy").mkdir()
+    for name in ("clip_l.safetensors", "clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "comfy" / name).symlink_to(root / "clip" / name)
+    save_file(fp8, tmp_path / "comfy/t5xxl_fp8_e4m3fn_scaled.safetensors")
+    loaded = sd.load_text_encoders(tmp_path / "comfy", dtype=torch.bfloat16, context_dim=192).t5.state_dict()
+    for k, v in fp8.items():
+        if k.endswith(".weight"):
+            expect = (v.float() * scales[k]).to(torch.bfloat16) if k in scales else v.to(torch.bfloat16)
+            assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], expect), k
+    (tmp_path / "comfy/t5xxl_fp16.safetensors").symlink_to(root / "clip/t5xxl_fp16.safetensors")
+    loaded = sd.load_text_encoders(tmp_path / "comfy", context_dim=192).t5.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in t5.items())
+
+
+def test_single_file_text_encoder_errors(single_files, tmp_path):
+    root, _ = single_files
+    model = root / "aio/sd3.5_medium_incl_clips_t5xxlfp16.safetensors"
+    folders = {name: tmp_path / name for name in ("empty", "no_t5", "vae_as_g", "l_as_g", "renamed")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (folder / tok).symlink_to(root / "clip" / tok)
+    save_file({"x": torch.zeros(1)}, folders["empty"] / "notes.safetensors")
+    for name, files in {"no_t5": ("clip_l", "clip_g"), "vae_as_g": ("clip_l", "t5xxl_fp16"), "l_as_g": ("clip_l", "t5xxl_fp16"),
+                        "renamed": ("clip_l", "clip_g", "t5xxl_fp16")}.items():
+        for f in files:   # "renamed": found by what the files hold (a T5 under another name)
+            target = folders[name] / (f"{f}.safetensors" if name != "renamed" or f != "t5xxl_fp16" else "encoder.safetensors")
+            target.symlink_to(root / f"clip/{f}.safetensors")
+    (folders["vae_as_g"] / "clip_g.safetensors").symlink_to(root / "diffusers/vae/diffusion_pytorch_model.safetensors")
+    (folders["l_as_g"] / "clip_g.safetensors").symlink_to(root / "clip/clip_l.safetensors")
+    assert sd.load_text_encoders(folders["renamed"], context_dim=192).t5 is not None
+    cases = {
+        folders["empty"]: "holds no SD3 text encoders",
+        folders["no_t5"]: "no t5xxl.*--no-t5",
+        folders["vae_as_g"]: "clip_g.safetensors is not a clip_g text encoder: it looks like a VAE",
+        folders["l_as_g"]: "widths.*CLIP-L \\+ CLIP-G pooled 128.*do not fit the MMDiT \\(192",
+    }
+    for folder, message in cases.items():
+        r = run_cli("sample.py", "--model", str(model), "--text-encoders", str(folder), "--prompt", "x", "--steps", "1",
+                    "--out", str(tmp_path / "x"))
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert __import__("re").search(message, r.stderr.strip().splitlines()[-1]), r.stderr
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare/model.safetensors").symlink_to(model)
+    r = run_cli("sample.py", "--model", str(tmp_path / "bare/model.safetensors"), "--prompt", "x", "--out", str(tmp_path / "x"),
+                HF_HOME=str(tmp_path / "hf"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "carry no tokenizers" in last and "go online once" in last, r.stderr
+
+
 #################################################################################
 #                                   Training                                    #
 #################################################################################
