@@ -1201,7 +1201,7 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
 
 
 def _holds(path: Path, *prefixes: str) -> bool:
-    """Whether a .safetensors file has tensors under one of `prefixes` (after an optional `model.diffusion_model.`)."""
+    """Whether a .safetensors file's header lists tensors under `prefixes` (past `model.diffusion_model.`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return any(k.removeprefix("model.diffusion_model.").startswith(prefixes) for k in f.keys())
@@ -1256,138 +1256,98 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
-# Text encoders as people have them. Single files (ComfyUI/Forge/SwarmUI `models/clip/`, Stability AI's
-# `text_encoders/`) hold transformers' key names unprefixed; all-in-one checkpoints hold the same names under
-# `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` (ComfyUI supported_models.SD3, diffusers single_file_utils).
-# clip_l has no `text_projection`: the identity, as diffusers' converter fills it (torch.eye) and as SAI's
-# sd3_infer/ComfyUI pool CLIP-L unprojected; clip_g carries its projection. T5's embedding is `shared.weight`
-# (ComfyUI) or `encoder.embed_tokens.weight` (SAI's other_impls): one tied tensor. fp8 T5 is float8_e4m3fn;
-# ComfyUI's `_scaled` files add a `scaled_fp8` marker and per-layer `scale_weight` (weight = fp8 * scale).
-# No configs ride along: CLIP heads are width / 64, activations are those of SAI's CLIPL/CLIPG_CONFIG.
-TEXT_ENCODER_FILES = {"clip_l": r"clip.?l", "clip_g": r"clip.?g", "t5xxl": r"t5.?(v1_1.?)?xxl"}  # distributed names
-TEXT_ENCODER_KEYS = {"clip": "text_model.embeddings.token_embedding.weight", "t5xxl": "encoder.final_layer_norm.weight"}
-TOKENIZER_REPOS = {"clip": "openai/clip-vit-large-patch14", "t5xxl": "google-t5/t5-base"}  # T5 v1.1 has the same vocab
+# Text encoders as people have them: the key layouts of single and all-in-one files, what they lack, and
+# sources, are in the README ("Text encoder files"). CLIP heads: width / 64, activations: SAI's CLIP*_CONFIG.
+TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
+    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
+    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
+    "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
 
 
-def _text_encoder_role(path: Path) -> str | None:
-    """clip_l, clip_g or t5xxl from a file's header: T5 by its keys, CLIP-L/G by width (768/1280)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            width = f.get_slice(TEXT_ENCODER_KEYS["clip"]).get_shape()[1] if TEXT_ENCODER_KEYS["clip"] in keys else 0
-    except Exception:
-        return None
-    return "t5xxl" if TEXT_ENCODER_KEYS["t5xxl"] in keys else {768: "clip_l", 1280: "clip_g"}.get(width)
-
-
-def text_encoder_weights(source: Path, roles: list[str]) -> dict[str, dict]:
-    """role -> state dict from an all-in-one checkpoint or a folder of single files (found by name, else content)."""
-    if source.is_file():
-        sd = read_safetensors(source, prefix="text_encoders.")
-        found = {r: {k[len(r) + 13:]: sd.pop(k) for k in list(sd) if k.startswith(f"{r}.transformer.")} for r in roles}
-        files = {r: source for r in roles}
+def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
+    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
+    import transformers
+    if (source / "text_encoder").is_dir():
+        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
+        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
     else:
-        candidates = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
-        named = lambda r: [p for p in candidates if re.search(rf"(?<![a-z]){TEXT_ENCODER_FILES[r]}(?![a-z])", p.name.lower())]
-        files = {r: (named(r) or [p for p in candidates if _text_encoder_role(p) == r] or [None])[0] for r in roles}
-        if not any(files.values()):
-            raise UserError(f"{source} holds no SD3 text encoders: expected clip_l.safetensors, clip_g.safetensors and "
-                            f"t5xxl_fp16.safetensors, or a diffusers-layout folder with text_encoder*/ and tokenizer*/")
-        found = {r: read_safetensors(f) if f else {} for r, f in files.items()}
-    for role, sd in found.items():
-        if not sd and not source.is_file() and files[role] is None:
-            raise UserError(f"{source} has no {role}.safetensors (or t5xxl_fp16/t5xxl_fp8_e4m3fn for T5)" +
-                            ("; T5 may be skipped with --no-t5" if role == "t5xxl" else ""))
-        if TEXT_ENCODER_KEYS[role[:4] if role != "t5xxl" else role] not in sd:
-            raise UserError(f"{files[role]} is not a {role} text encoder: {describe_checkpoint(sd)}" +
-                            ("; T5 may be skipped with --no-t5" if role == "t5xxl" else ""))
-    return found
+        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
+        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
+                                                         p.name.lower())), source) for r in roles}
+        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
+                            if p.is_file() else {} for r, p in picked.items()}, {}
+    for role, sd in weights.items():
+        if TEXT_ENCODERS[role][2] not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            raise UserError(f"{picked[role]} {problem} (looked for {role}*.safetensors or a diffusers-layout"
+                            f" text_encoder*/)" + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
+    return weights, configs
 
 
 def _tokenizers(folder: Path, use_t5: bool) -> list:
-    """From a diffusers-layout folder's tokenizer*/ if it has them, else the standard ones (downloaded once, cached)."""
+    """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
     from transformers import AutoTokenizer
-    names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if use_t5 else [])
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
     from huggingface_hub import snapshot_download
     try:
-        clip, t5 = (snapshot_download(TOKENIZER_REPOS[k], allow_patterns=["tokenizer*", "special_tokens_map.json",
-                                                                           "vocab.json", "merges.txt"]) for k in TOKENIZER_REPOS)
-    except Exception:  # offline, or no such file in the cache
-        raise UserError(f"single-file text encoders carry no tokenizers, and {', '.join(TOKENIZER_REPOS.values())} "
-                        f"could not be downloaded: go online once, or put tokenizer/, tokenizer_2/, tokenizer_3/ of "
-                        f"a diffusers SD3.5 download into {folder}") from None
-    return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),
-            AutoTokenizer.from_pretrained(t5) if use_t5 else None]   # SD3's CLIP-G pads with "!" (id 0)
+        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
+    except Exception:  # offline without a cached copy, mostly
+        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
+                        f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
+    return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
+            AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def _text_encoder_config(role: str, sd: dict, tokenizer):
-    """The transformers config of a single-file encoder, from its shapes and the published hyper-parameters."""
+def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
+    """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
+    config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
     import transformers
-    layers = 1 + max(int(k.split(".")[2 if role == "t5xxl" else 3]) for k in sd if ".layers." in k or ".block." in k)
-    if role == "t5xxl":
-        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-        d_ff, d_model = sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[::-1]
-        return transformers.T5Config(
-            vocab_size=sd["shared.weight"].shape[0], d_model=d_model, d_ff=d_ff, num_layers=layers, num_heads=heads,
-            d_kv=sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads, layer_norm_epsilon=1e-6,
-            relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
-    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-    return transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers, num_attention_heads=width // 64, projection_dim=sd["text_projection.weight"].shape[0],
-        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0], layer_norm_eps=1e-5,
-        hidden_act="quick_gelu" if role == "clip_l" else "gelu", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-
-
-def _text_encoder(role: str, sd: dict, config, tokenizer, path, device, dtype) -> nn.Module:
-    """A transformers CLIP or T5 encoder: meta-built, then adopting the tensors (fp8 upcast) one at a time."""
-    import transformers
-    for key in [k for k in sd if k.endswith(".scale_weight")]:           # scaled fp8: weight = fp8 * scale
-        name = key[:-len("scale_weight")] + "weight"
+    for key in [k for k in sd if k.endswith(".scale_weight")]:          # scaled fp8: weight = fp8 * scale
+        name = key.removesuffix("scale_weight") + "weight"
         sd[name] = (sd[name].float() * sd.pop(key).float()).to(dtype)
-    for key in [k for k in sd if k.endswith(("position_ids", "scale_input", "logit_scale")) or k == "scaled_fp8"]:
-        del sd[key]
-    if role == "t5xxl":
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-        return _build(transformers.T5EncoderModel, config or _text_encoder_config(role, sd, tokenizer), sd, role, path,
-                      device, dtype)
-    width = sd[TEXT_ENCODER_KEYS["clip"]].shape[1]
-    sd.setdefault("text_projection.weight", torch.eye(width))           # CLIP-L single files: identity (see above)
+    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "_input", "logit_scale", "fp8"))}
+    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
+    rows = lambda name: sd[name].shape[0]
+    if role == "t5xxl":                                                 # one tied tensor under both names
+        embedding = sd.pop("encoder.embed_tokens.weight", None)
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding)
+        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        config = config or transformers.T5Config(
+            vocab_size=rows("shared.weight"), d_model=rows(TEXT_ENCODERS[role][2]), num_layers=layers,
+            d_ff=rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), num_heads=heads,
+            d_kv=rows("encoder.block.0.layer.0.SelfAttention.q.weight") // heads, layer_norm_epsilon=1e-6,
+            relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu")
+        return _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
+    vocab, width = sd[TEXT_ENCODERS[role][2]].shape
+    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
+    config = config or transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+        intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
+        projection_dim=rows("text_projection.weight"), hidden_act={"clip_g": "gelu"}.get(role, "quick_gelu"),
+        max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
-    def clip(cfg):
-        model = transformers.CLIPTextModelWithProjection(cfg)            # its position ids are a non-saved buffer
-        model.text_model.embeddings.register_buffer(
-            "position_ids", torch.arange(cfg.max_position_embeddings, device="cpu")[None], persistent=False)
+    def clip(cfg):                                                      # with the position ids no file holds
+        model = transformers.CLIPTextModelWithProjection(cfg)
+        positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
+        model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
         return model
-    return _build(clip, config or _text_encoder_config(role, sd, tokenizer), sd, role, path, device, dtype)
+    return _build(clip, config, sd, role, path, "cpu", dtype)
 
 
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
-    """CLIP-L, CLIP-G and T5 with tokenizers from a diffusers-layout folder (text_encoder{,_2,_3}/, tokenizer{,_2,_3}/),
-    a folder of single files (clip_l, clip_g, t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors) or an all-in-one checkpoint."""
-    import transformers
-    source = Path(source)
-    roles = ["clip_l", "clip_g"] + (["t5xxl"] if use_t5 else [])
-    parts = dict(zip(roles, ["text_encoder", "text_encoder_2", "text_encoder_3"]))
-    if source.is_dir() and (source / "text_encoder").is_dir():
-        missing = [p for p in [*parts.values(), "tokenizer", "tokenizer_2"] + (["tokenizer_3"] * use_t5)
-                   if not (source / p).is_dir()]
-        if missing:
-            raise UserError(f"{source} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
-                            f"or a folder of clip_l/clip_g/t5xxl .safetensors" +
-                            (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
-        weights = {r: read_weights_dir(source / p, "model") for r, p in parts.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(source / p) for r, p in parts.items()}
-    else:
-        weights, configs = text_encoder_weights(source, roles), {}
+    """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
+    folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
+    source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
-    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, device, dtype) if r in roles else None
-                for r, tok in zip(("clip_l", "clip_g", "t5xxl"), tokenizers)]
+    weights, configs = _text_encoder_weights(source, roles)
+    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
+                else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
 
 
@@ -1492,15 +1452,16 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
         if not _holds(root, "joint_blocks.", "transformer_blocks."):
             load_mmdit(root)                       # raises the error that says what the file is instead
-        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder with "
-                        f"clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
+        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
+                        f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
     mmdit = load_mmdit(root, "cpu", dtype)
     text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
                               t5_length, use_t5, mmdit.cfg.context_dim)
-    widths = (text.clip_l.config.projection_dim + text.clip_g.config.projection_dim, text.t5 and text.t5.config.d_model)
-    if widths != (mmdit.cfg.pooled_dim, text.t5 and mmdit.cfg.context_dim):
-        raise UserError(f"the text encoders' widths (CLIP-L + CLIP-G pooled {widths[0]}, T5 {widths[1]}) do not fit the "
-                        f"MMDiT ({mmdit.cfg.pooled_dim}, {mmdit.cfg.context_dim}): use SD3's clip_l, clip_g and t5xxl")
+    pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
+    t5_width = text.t5 and text.t5.config.d_model
+    if (pooled, t5_width) != (mmdit.cfg.pooled_dim, text.t5 and mmdit.cfg.context_dim):
+        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G {pooled}, T5 "
+                        f"{t5_width}; it takes {mmdit.cfg.pooled_dim}, {mmdit.cfg.context_dim}): use SD3's")
     vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
