@@ -133,7 +133,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: str = ""                        # diffusers folder, official .safetensors, hub id, or "tiny"
-    text_encoders: str = ""                # diffusers-layout folder with text_encoder*/tokenizer* ("" = model)
+    text_encoders: str = ""                # folder of clip_l/clip_g/t5xxl files or diffusers layout ("" = model)
     vae: str = ""                          # "" = the VAE inside `model`
     variant: str = ""                      # "" = detected; one of PRESETS to override
     output_dir: str = "runs/lora"
