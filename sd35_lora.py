@@ -133,7 +133,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: str = ""                        # diffusers folder, official .safetensors, hub id, or "tiny"
-    text_encoders: str = ""                # folder of clip_l/clip_g/t5xxl files or diffusers layout ("" = model)
+    text_encoders: str = ""                # folder of clip_l/clip_g/t5xxl files or diffusers ("" = model)
     vae: str = ""                          # "" = the VAE inside `model`
     variant: str = ""                      # "" = detected; one of PRESETS to override
     output_dir: str = "runs/lora"
@@ -1256,8 +1256,7 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
-# Text encoders as people have them: the key layouts of single and all-in-one files, what they lack, and
-# sources, are in the README ("Text encoder files"). CLIP heads: width / 64, activations: SAI's CLIP*_CONFIG.
+# Text encoders as people have them. Key layouts, what files lack, sources: README, "Text encoder files".
 TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
     "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
     "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
@@ -1458,10 +1457,9 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
                               t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
-    t5_width = text.t5 and text.t5.config.d_model
-    if (pooled, t5_width) != (mmdit.cfg.pooled_dim, text.t5 and mmdit.cfg.context_dim):
-        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G {pooled}, T5 "
-                        f"{t5_width}; it takes {mmdit.cfg.pooled_dim}, {mmdit.cfg.context_dim}): use SD3's")
+    if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
+        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
+                        f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
     vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
