@@ -1313,7 +1313,7 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     rows = lambda name: sd[name].shape[0]
     if role == "t5xxl":                                                 # one tied tensor under both names
         embedding = sd.pop("encoder.embed_tokens.weight", None)
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding)
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding).to(dtype)
         buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
         config = config or transformers.T5Config(
             vocab_size=rows("shared.weight"), d_model=rows(TEXT_ENCODERS[role][2]), num_layers=layers,
