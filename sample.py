@@ -32,7 +32,8 @@ def finite_float(text: str) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
-    p.add_argument("--text-encoders", help="diffusers-layout folder with the text encoders (for single-file models)")
+    p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
+                                           " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
     p.add_argument("--variant", default="", help=f"override the detected variant: {', '.join(sd.PRESETS)}")
     p.add_argument("--prompt", action="append", help="repeat for a batch")

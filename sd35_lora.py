@@ -135,7 +135,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: str = ""                        # diffusers folder, official .safetensors, hub id, or "tiny"
-    text_encoders: str = ""                # diffusers-layout folder with text_encoder*/tokenizer* ("" = model)
+    text_encoders: str = ""                # folder of clip_l/clip_g/t5xxl files or diffusers ("" = model)
     vae: str = ""                          # "" = the VAE inside `model`
     variant: str = ""                      # "" = detected; one of PRESETS to override
     output_dir: str = "runs/lora"
@@ -1281,11 +1281,11 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _holds_mmdit(path: Path) -> bool:
-    """Whether a .safetensors file has MMDiT weights, from its header alone."""
+def _holds(path: Path, *prefixes: str) -> bool:
+    """Whether a .safetensors file's header lists tensors under `prefixes` (past `model.diffusion_model.`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return any("joint_blocks." in k or k.startswith("transformer_blocks.") for k in f.keys())
+            return any(k.removeprefix("model.diffusion_model.").startswith(prefixes) for k in f.keys())
     except Exception:
         return False
 
@@ -1296,7 +1296,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("the MMDiT has integer-quantized weights (int8, nvfp4): use a bf16, fp16 or fp8 file")
+        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: use a bf16, fp16 or fp8 file")
     scales = {}
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
@@ -1358,29 +1358,95 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
-def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
-                       use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
-    """CLIP-L, CLIP-G and T5 with their tokenizers from a diffusers-layout folder (text_encoder{,_2,_3}/, tokenizer{,_2,_3}/)."""
+# Text encoders as people have them. Key layouts, what files lack, sources: README, "Text encoder files".
+TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
+    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
+    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
+    "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
+
+
+def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
+    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
     import transformers
-    folder = Path(folder)
-    parts = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + (["text_encoder_3", "tokenizer_3"] if use_t5 else [])
-    missing = [p for p in parts if not (folder / p).is_dir()]
-    if missing:
-        raise UserError(f"{folder} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
-                        f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" +
-                        (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    if (source / "text_encoder").is_dir():
+        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
+        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+    else:
+        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
+        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
+                                                         p.name.lower())), source) for r in roles}
+        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
+                            if p.is_file() else {} for r, p in picked.items()}, {}
+    for role, sd in weights.items():
+        if TEXT_ENCODERS[role][2] not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            raise UserError(f"{picked[role]} {problem} (looked for {role}*.safetensors or a diffusers-layout"
+                            f" text_encoder*/)" + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
+    return weights, configs
 
-    def component(name: str, default: str, **kw):
-        cls = getattr(transformers, (index.get(name) or [None, default])[1], None) or getattr(transformers, default)
-        return cls.from_pretrained(folder / name, **kw)
 
-    model_kw = dict(dtype=dtype, use_safetensors=True)
-    encoders = [component(n, cls, **model_kw).to(device).eval().requires_grad_(False) if use_t5 or n != "text_encoder_3" else None
-                for n, cls in (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
-                               ("text_encoder_3", "T5EncoderModel"))]
-    tokenizers = [component(n, "AutoTokenizer") if use_t5 or n != "tokenizer_3" else None
-                  for n in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+def _tokenizers(folder: Path, use_t5: bool) -> list:
+    """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
+    from transformers import AutoTokenizer
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
+    if all((folder / n).is_dir() for n in names):
+        return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+    from huggingface_hub import snapshot_download
+    try:
+        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
+    except Exception:  # offline without a cached copy, mostly
+        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
+                        f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
+    return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
+            AutoTokenizer.from_pretrained(t5) if use_t5 else None]
+
+
+def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
+    """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
+    config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
+    import transformers
+    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
+    _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
+    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
+    rows = lambda name: sd[name].shape[0]
+    if role == "t5xxl":                                                 # one tied tensor under both names
+        embedding = sd.pop("encoder.embed_tokens.weight", None)
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding).to(dtype)
+        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        config = config or transformers.T5Config(
+            vocab_size=rows("shared.weight"), d_model=rows(TEXT_ENCODERS[role][2]), num_layers=layers,
+            d_ff=rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), num_heads=heads,
+            d_kv=rows("encoder.block.0.layer.0.SelfAttention.q.weight") // heads, layer_norm_epsilon=1e-6,
+            relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu")
+        return _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
+    vocab, width = sd[TEXT_ENCODERS[role][2]].shape
+    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
+    config = config or transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+        intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
+        projection_dim=rows("text_projection.weight"), hidden_act={"clip_g": "gelu"}.get(role, "quick_gelu"),
+        max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def clip(cfg):                                                      # with the position ids no file holds
+        model = transformers.CLIPTextModelWithProjection(cfg)
+        positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
+        model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
+        return model
+    return _build(clip, config, sd, role, path, "cpu", dtype)
+
+
+def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
+                       use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
+    """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
+    folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
+    source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
+    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
+    weights, configs = _text_encoder_weights(source, roles)
+    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
+                else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
 
 
@@ -1485,14 +1551,18 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         return pipe.place(offload)
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    if text_encoders is None and not root.is_dir():
-        if not _holds_mmdit(root):
+    if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
+        if not _holds(root, "joint_blocks.", "transformer_blocks."):
             load_mmdit(root)                       # raises the error that says what the file is instead
-        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR "
-                        f"(a diffusers-layout SD3.5 folder with text_encoder*/ and tokenizer*/)")
+        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
+                        f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
                               t5_length, use_t5, mmdit.cfg.context_dim)
+    pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
+    if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
+        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
+                        f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
     vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "

@@ -616,7 +616,7 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
         ("--model", str(tmp_path / "flux.safetensors")): "not an SD3.*FLUX",
         ("--model", str(tmp_path / "cut.safetensors")): "truncated",
         ("--model", str(tmp_path / "partial.safetensors")): "incomplete SD3 MMDiT weights",
-        ("--model", str(no_tok)): "lacks tokenizer, tokenizer_2",
+        ("--model", str(no_tok)): "no tokenizer.*go online",
         ("--model", "tiny", "--width", "100"): "multiples of 16",
         ("--model", "tiny", "--width", "4096"): "too large",
         ("--model", "stabilityai/stable-diffusion-3.5-medium"): "could not download.*(network|licence)",
@@ -635,6 +635,146 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
         sd.SampleSettings(slg_scale=2.5).resolved("sd3.5-large")
     with pytest.raises(sd.UserError, match="shift above 0"):
         sd.SampleSettings(shift=0.0).resolved("sd3.5-large")
+
+
+def standard_components() -> dict:
+    """make_components with what single files imply: CLIP heads of 64 channels (files carry no config), a
+    CLIP-L projection that is the identity (they carry none), T5 weights that fp16 holds exactly."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    parts, gen = make_components(), torch.Generator().manual_seed(1)
+    clip = lambda width, tok, act: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+        num_attention_heads=width // 64, projection_dim=width, hidden_act=act, max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    t5 = T5Config(vocab_size=len(parts["tokenizer_3"]), d_model=192, d_kv=16, d_ff=128, num_layers=2,
+                  num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                  decoder_start_token_id=0)
+    parts.update(
+        text_encoder=clip(64, parts["tokenizer"], "quick_gelu"), text_encoder_3=T5EncoderModel(t5).eval(),
+        text_encoder_2=clip(128, parts["tokenizer_2"], "gelu"),
+        transformer=SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
+            num_attention_heads=3, caption_projection_dim=192, joint_attention_dim=192,
+            pooled_projection_dim=192, pos_embed_max_size=16, **VARIANTS["sd3.5-medium"]).eval())
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        randomize(parts[name], gen)
+    with torch.no_grad():
+        parts["text_encoder"].text_projection.weight.copy_(torch.eye(64))
+        for p in parts["text_encoder_3"].parameters():
+            p.copy_(p.half().float())
+    return parts
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory):
+    """A diffusers folder; the same text encoders as distributed single files, tokenizer*/ beside them; and an
+    all-in-one checkpoint (MMDiT, VAE, the three under `text_encoders.*.transformer.`), tokenizers by it."""
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("single_files")
+    pipe = diffusers.StableDiffusion3Pipeline(**standard_components())
+    pipe.save_pretrained(root / "diffusers", safe_serialization=True)
+    sds = {role: {k: v.contiguous() for k, v in getattr(pipe, name).state_dict().items()} for role, name in
+           (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3"))}
+    del sds["clip_l"]["text_projection.weight"]                          # as in the distributed clip_l
+    sds["clip_l"]["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # older files have it
+    for folder in ("clip", "aio"):
+        (root / folder).mkdir()
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (root / folder / name).symlink_to(root / "diffusers" / name)
+    save_file(sds["clip_l"], root / "clip/clip_l.safetensors")
+    save_file(sds["clip_g"], root / "clip/clip_g.safetensors")
+    t5 = {k: v.half() for k, v in sds["t5xxl"].items() if k != "encoder.embed_tokens.weight"}  # as ComfyUI's
+    save_file(t5, root / "clip/t5xxl_fp16.safetensors")
+    official_single_file(root / "diffusers", root / "aio/model.safetensors")
+    sds["t5xxl"]["encoder.embed_tokens.weight"] = sds["t5xxl"].pop("shared.weight")         # as SAI's
+    bundled = {f"text_encoders.{r}.transformer.{k}": v for r, part in sds.items() for k, v in part.items()}
+    save_file({**load_file(root / "aio/model.safetensors"), **bundled}, root / f"aio/{ALL_IN_ONE}")
+    (root / "aio/model.safetensors").unlink()
+    return root, pipe
+
+
+ALL_IN_ONE = "sd3.5_medium_incl_clips_t5xxlfp16.safetensors"
+
+
+@pytest.mark.parametrize("use_t5", [True, False])
+def test_single_file_text_encoders_match_the_diffusers_folder(single_files, use_t5):
+    root, pipe = single_files
+    prompts = ["a red fox in the snow", ""]
+    encode = lambda src: sd.load_text_encoders(src, use_t5=use_t5, context_dim=192, t5_length=24).encode(
+        prompts)
+    ref = encode(root / "diffusers")
+    with torch.no_grad():
+        oracle = pipe.encode_prompt(prompts, None, None, max_sequence_length=24,
+                                    do_classifier_free_guidance=False)
+    if use_t5:
+        torch.testing.assert_close(ref, (oracle[0], oracle[2]))
+    for source in (root / "clip", root / "aio" / ALL_IN_ONE):
+        torch.testing.assert_close(encode(source), ref)
+    settings = sd.SampleSettings(steps=4, cfg=4.5, sampler="euler", width=32, height=32, seed=3, slg_scale=0)
+    images = []
+    for model, text_encoders in ((root / "diffusers", None), (root / "aio" / ALL_IN_ONE, None),
+                                 (root / "aio" / ALL_IN_ONE, root / "clip")):
+        pipe = sd.load_pipeline(model, text_encoders, device="cpu", dtype="fp32", t5_length=24, use_t5=use_t5)
+        images.append(np.stack([np.asarray(im) for im in sd.generate(pipe, ["a fox"], "blurry", settings,
+                                                                     progress=False)]))
+    for mine in images[1:]:
+        assert_images_close(mine, images[0])
+
+
+def test_fp8_t5_files_load_upcast_and_fp16_is_preferred(single_files, tmp_path):
+    root, _ = single_files
+    t5 = load_file(root / "clip/t5xxl_fp16.safetensors")
+    scales = {k: v.abs().max().float() / 448 for k, v in t5.items() if k.endswith("q.weight")}  # as _scaled
+    fp8 = {k: (v.float() / scales[k] if k in scales else v).to(torch.float8_e4m3fn) for k, v in t5.items()}
+    fp8.update({k.replace(".weight", ".scale_weight"): s for k, s in scales.items()})
+    fp8["scaled_fp8"] = torch.zeros(0)
+    (tmp_path / "comfy").mkdir()
+    for name in ("clip_l.safetensors", "clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "comfy" / name).symlink_to(root / "clip" / name)
+    save_file(fp8, tmp_path / "comfy/t5xxl_fp8_e4m3fn_scaled.safetensors")
+    loaded = sd.load_text_encoders(tmp_path / "comfy", dtype=torch.bfloat16, context_dim=192).t5.state_dict()
+    for k, v in fp8.items():
+        if k.endswith(".weight"):
+            expect = (v.float() * scales[k]).to(torch.bfloat16) if k in scales else v.to(torch.bfloat16)
+            assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], expect), k
+    (tmp_path / "comfy/t5xxl_fp16.safetensors").symlink_to(root / "clip/t5xxl_fp16.safetensors")
+    loaded = sd.load_text_encoders(tmp_path / "comfy", context_dim=192).t5.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in t5.items())
+
+
+def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
+    root, _ = single_files
+    model = root / "aio" / ALL_IN_ONE
+    l, g, t5 = "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"
+    layouts = {  # folder -> {file name: the file it is}
+        "renamed": {l: l, g: g, "google_t5-v1_1-xxl_encoderonly-fp16.safetensors": t5,
+                    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": l},   # Wan's T5, not SD3's: never picked
+        "empty": {"notes.safetensors": "vae"}, "no_t5": {l: l, g: g},
+        "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}}
+    for folder, files in layouts.items():
+        (tmp_path / folder).mkdir()
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (tmp_path / folder / name).symlink_to(root / "clip" / name)
+        for name, what in files.items():
+            vae = root / "diffusers/vae/diffusion_pytorch_model.safetensors"
+            (tmp_path / folder / name).symlink_to(vae if what == "vae" else root / "clip" / what)
+    assert sd.load_text_encoders(tmp_path / "renamed", context_dim=192).t5.config.d_model == 192
+    cases = {
+        "empty": "empty has no clip_l \\(looked for clip_l\\*.safetensors or a diffusers-layout text_encoder",
+        "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
+        "vae_as_g": "clip_g.safetensors is not a clip_g text encoder: it looks like a VAE",
+        "l_as_g": "wrong width for this MMDiT \\(pooled CLIP-L \\+ G: 128; it takes 192 and a 192-wide T5",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(sd.UserError, match=message):
+            sd.load_pipeline(str(model), str(tmp_path / folder), device="cpu", dtype="fp32")
+    (tmp_path / "bare").mkdir()                 # no tokenizers beside it, offline, no cache: the CLI's one line
+    (tmp_path / "bare/model.safetensors").symlink_to(model)
+    r = run_cli("sample.py", "--model", str(tmp_path / "bare/model.safetensors"), "--prompt", "x",
+                "--out", str(tmp_path / "x"), HF_HOME=str(tmp_path / "hf"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "no tokenizer*/ in" in last and "go online once" in last, r.stderr
 
 
 #################################################################################
