@@ -60,10 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def lora_text_settings(paths: list[str]) -> dict:
     """T5 length and use, as the first LoRA that records them was trained (so sampling matches training)."""
     for path in paths:
-        _, meta = sd.read_safetensors(path, with_metadata=True)
-        info = json.loads(meta.get("sd35_lora", "{}"))
-        if info.get("t5_length"):
-            return {"t5_length": int(info["t5_length"]), "use_t5": info.get("use_t5", True)}
+        info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
+        if "t5_length" in info:
+            return {"t5_length": info["t5_length"], "use_t5": info.get("use_t5", True)}
     return {}
 
 
@@ -74,8 +73,7 @@ def main(argv=None) -> list[Path]:
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
         args.no_t5 = True
-    if Path(args.out).is_file():
-        raise sd.UserError(f"--out {args.out} is a file; give a folder")
+    sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
@@ -101,8 +99,7 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
                   "lora_scale": args.lora_scale, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        path = out / f"sample_{i:02d}.png"
-        image.save(path, pnginfo=info)
+        path = sd.atomic_write(out / f"sample_{i:02d}.png", lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
         print(path)
         paths.append(path)
     return paths
@@ -113,3 +110,6 @@ if __name__ == "__main__":
         main()
     except sd.UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: images already written stay in --out", file=sys.stderr)
+        sys.exit(130)

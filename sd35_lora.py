@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ PRESETS = {  # Stability AI's reference settings (sd3_infer.py); SD3 Medium's fr
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
+T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -209,6 +211,11 @@ def validate(cfg: Config) -> Config:
     for key in NOT_NEGATIVE:
         if not value(key) >= 0:
             raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+    for key in ("train.seed", "sample.seed"):
+        if not 0 <= value(key) < 2**64:
+            raise UserError(f"config key '{key}' must be in 0..2^64-1, got {value(key)}")
+    if not cfg.train.lr > 0:
+        raise UserError(f"config key 'train.lr' must be above 0, got {cfg.train.lr}")
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
@@ -224,9 +231,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not os.path.isfile(path):
             raise UserError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{path} is not valid UTF-8 YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a {type(data).__name__}, not `key: value` settings: see config.yaml")
     config = _fill(Config(), data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -295,6 +304,14 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 #                                     MMDiT                                     #
 #################################################################################
 
+def _block_count(sd: dict, prefix: str) -> int:
+    """N for weights named `prefix`0. .. `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) is an error."""
+    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    if found != {str(i) for i in range(len(found))}:
+        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
+    return len(found)
+
+
 @dataclass
 class MMDiTConfig:
     depth: int = 24                        # joint blocks; official models have heads = depth, head_dim = 64
@@ -317,7 +334,7 @@ class MMDiTConfig:
         ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")  # (head_dim,)
         hidden, patch = proj.shape[0], proj.shape[-1]
         return cls(
-            depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")),
+            depth=_block_count(sd, "joint_blocks."),
             hidden=hidden,
             heads=hidden // (ln_q.shape[0] if ln_q is not None else 64),
             patch_size=patch,
@@ -329,7 +346,15 @@ class MMDiTConfig:
             qk_norm=ln_q is not None,
             dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k})),
             mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden,
-        )
+        ).checked(sd)
+
+    def checked(self, sd: dict) -> "MMDiTConfig":
+        """Refuse sizes no SD3 model has (zero widths, uneven heads, a depth the weights lack) before building."""
+        sizes = (self.depth, self.hidden, self.heads, self.patch_size, self.in_channels, self.out_channels,
+                 self.context_dim, self.pooled_dim, self.pos_embed_max_size, self.mlp_ratio)
+        if min(sizes) < 1 or self.hidden % self.heads or self.depth != _block_count(sd, "joint_blocks."):
+            raise ValueError(f"sizes of no SD3 MMDiT: {self}")
+        return self
 
     @classmethod
     def from_diffusers(cls, c: dict) -> "MMDiTConfig":
@@ -725,11 +750,13 @@ def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: s
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
              dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
-    if rank < 1:
-        raise UserError(f"lora.rank must be at least 1, got {rank}")
+    names = lora_target_names(model, targets, blocks)
+    width = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names)
+    if not 1 <= rank <= width:
+        raise UserError(f"lora.rank must be in 1..{width} (the narrowest targeted layer), got {rank}")
     model.requires_grad_(False)
     params = []
-    for name in lora_target_names(model, targets, blocks):
+    for name in names:
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
@@ -753,13 +780,40 @@ def set_lora_merged(model: nn.Module, merged: bool):
         layer.merge() if merged else layer.unmerge()
 
 
-def _atomic_save(tensors: dict, path: str | Path, metadata: dict | None = None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+def atomic_write(path: str | Path, write) -> Path:
+    """`write(tmp)` to a temporary file of its own (pid + random: runs sharing a folder never collide; scans and
+    caches ignore `.*.tmp`), flushed to disk, then renamed over `path`: a crash or a full disk leaves no half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
+                        f"files written before are intact") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create the folder `path` and try a write there, before any model loads: no work is lost to a bad path."""
+    probe = Path(path) / f".write_test_{os.getpid()}.tmp"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another one") from None
+    return probe.parent
+
+
+def _atomic_save(tensors: dict, path: str | Path, metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
@@ -793,6 +847,30 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
+LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20), "r": (1, 2**20),
+                 "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}          # header key: allowed range
+
+
+def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
+    """A LoRA file's own `sd35_lora` and PEFT's `lora_adapter_metadata` headers, checked (files are untrusted).
+    diffusers writes PEFT's config flat, as {"transformer.r": .., "transformer.lora_alpha": ..}."""
+    headers = []
+    for name in ("sd35_lora", "lora_adapter_metadata"):
+        try:
+            info = json.loads(meta.get(name) or "{}")
+        except json.JSONDecodeError:
+            info = None
+        if not isinstance(info, dict):
+            raise UserError(f"{path}: its '{name}' metadata is not a JSON object; save the LoRA again")
+        info = {k.removeprefix("transformer."): v for k, v in info.items()}
+        for key, (lo, hi) in LORA_METADATA.items():
+            v = info.get(key, lo)
+            if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
+                raise UserError(f"{path}: '{name}' metadata has {key} = {v!r}, expected {lo}..{hi}; save the LoRA again")
+        headers.append(info)
+    return tuple(headers)
+
+
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
                  "lora_transformer_")
 
@@ -814,15 +892,12 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    depth = model.cfg.depth
+    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
     spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
     for official, parts in diffusers_names(depth).items():
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
             spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
-    # diffusers writes PEFT's config flat, as {"transformer.r": .., "transformer.lora_alpha": ..}
-    peft = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    peft = {k.removeprefix("transformer."): v for k, v in peft.items()} if isinstance(peft, dict) else {}
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
         raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
     groups, ignored = {}, []
@@ -842,8 +917,11 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
+        if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
+            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)} "
+                            f"(equal ranks of at least 1 expected): a damaged file?")
+        if "alpha" in t and t["alpha"].numel() != 1:
+            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alpha values, a LoRA has one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
         if module not in spellings:
@@ -919,11 +997,13 @@ class VAEConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
-        return cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                   num_res_blocks=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")),
-                   latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
+        ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
+        c = cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                num_res_blocks=_block_count(sd, "encoder.down.0.block."),
+                latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
+        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, levels, *c.ch_mult) < 1 or c.ch % c.groups:
+            raise ValueError(f"sizes of no SD3 VAE: {c}")           # before building, not a division by zero
+        return c
 
 
 class ResnetBlock(nn.Module):
@@ -1070,7 +1150,7 @@ VAE_RENAMES = [
 
 
 def vae_from_diffusers(sd: dict) -> dict:
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
+    levels = _block_count(sd, "decoder.up_blocks.")
     out = {}
     for key, tensor in sd.items():
         for pattern, repl in VAE_RENAMES:
@@ -1174,9 +1254,12 @@ def read_weights_dir(folder: Path, stem: str) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object: download the model again")
+    return data
 
 
 def _single_file(path: Path, prefix: str) -> dict:
@@ -1211,7 +1294,7 @@ def _holds_mmdit(path: Path) -> bool:
 
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    path = Path(path)
+    path, config = Path(path), None
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         if not (folder / "config.json").is_file():
@@ -1219,18 +1302,18 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
         config = _read_json(folder / "config.json")
         if "joint_attention_dim" not in config:
             raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
-        cfg = MMDiTConfig.from_diffusers(config)
-        sd = mmdit_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"), cfg.depth)
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
     else:
         sd = _single_file(path, "model.diffusion_model.")
-        if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" in sd:  # a diffusers-named single file
-            sd = mmdit_from_diffusers(sd, 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")))
-        if "x_embedder.proj.weight" not in sd:
-            raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
-        try:
-            cfg = MMDiTConfig.from_state_dict(sd)
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{path}: incomplete SD3 MMDiT weights (missing {e}); download the file again") from None
+    if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
+        raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
+    try:                                  # shapes and counts come from an untrusted header: check them first
+        if "x_embedder.proj.weight" not in sd:                                   # diffusers names
+            sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
+        cfg = MMDiTConfig.from_diffusers(config).checked(sd) if config else MMDiTConfig.from_state_dict(sd)
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: incomplete SD3 MMDiT weights or a damaged file ({type(e).__name__}: {e}); "
+                        f"download it again") from None
     return _build(MMDiT, cfg, sd, "MMDiT", path, device, dtype)
 
 
@@ -1240,19 +1323,20 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        sd = vae_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"))
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
         overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
                                                 ("shift_factor", "shift_factor")) if config.get(d) is not None}
     else:
         sd, overrides = _single_file(path, "first_stage_model."), {}
-        if any(k.startswith("decoder.up_blocks.") for k in sd):
-            sd = vae_from_diffusers(sd)
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
     try:
+        if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
+            sd = vae_from_diffusers(sd)
         cfg = VAEConfig.from_state_dict(sd, **overrides)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: incomplete SD3 VAE weights (missing {e}); download the file again") from None
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: incomplete SD3 VAE weights or a damaged file ({type(e).__name__}: {e}); "
+                        f"download it again") from None
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
@@ -1267,6 +1351,10 @@ def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{folder} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
                         f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" +
                         (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
+    pickled = [p for p in parts if p.startswith("text_") and not any((folder / p).glob("*.safetensors"))]
+    if pickled:
+        raise UserError(f"{folder}: {', '.join(pickled)} hold no .safetensors weights; only safetensors are read "
+                        f"(pickle files can run code): download the .safetensors files")
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
 
     def component(name: str, default: str, **kw):
@@ -1374,6 +1462,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
+    if not 1 <= t5_length <= T5_MAX_LENGTH:
+        raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.variant = variant or pipe.variant
@@ -1531,6 +1621,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
+    if not 0 <= s.seed <= 2**64 - len(prompts):          # torch wraps seeds mod 2^64: distinct seeds would collide
+        raise UserError(f"seed {s.seed} for {len(prompts)} images (image i uses seed + i): use 0..{2**64 - len(prompts)}")
+    p = 8 * pipe.mmdit.cfg.patch_size                     # too large for the model: fail before any allocation
+    pipe.mmdit.cropped_pos_embed(s.height // p, s.width // p)
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
@@ -1567,15 +1661,15 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> li
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover `size` (width, height), centre-crop, -> (3, H, W) in [-1, 1]."""
+    """Centre-crop to the aspect of `size` (width, height), then resize (never the other way round: a 1000000 x 4
+    image would be upscaled to 32000000 x 128 first) -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = size
-        scale = max(w / im.width, h / im.height)
-        im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - w) // 2, (im.height - h) // 2
-        im = im.crop((left, top, left + w, top + h))
+        crop_w, crop_h = min(im.width, im.height * w / h), min(im.height, im.width * h / w)
+        left, top = (im.width - crop_w) / 2, (im.height - crop_h) / 2
+        im = im.resize((w, h), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
@@ -1590,7 +1684,8 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
     items, broken, uncaptioned = [], [], 0
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         try:
-            with Image.open(path) as im:
+            bomb = dict(action="error", category=Image.DecompressionBombWarning)   # over PIL's pixel limit: skip
+            with warnings.catch_warnings(**bomb), Image.open(path) as im:
                 im.verify()
             with Image.open(path) as im:
                 width, height = ImageOps.exif_transpose(im).size      # phone photos are stored rotated
@@ -1599,7 +1694,7 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
             continue
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+            caption = read_caption(caption_file)
         else:
             caption, uncaptioned = cfg.default_caption, uncaptioned + 1
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
@@ -1612,6 +1707,14 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
     if not items:
         raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
     return items
+
+
+def read_caption(path: Path) -> str:
+    """A caption, strictly UTF-8 (a BOM is dropped): a bad byte is an error naming the file, never a silent '?'."""
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"caption {path} cannot be read ({e}): save it as UTF-8 text") from None
 
 
 def _digest(*parts) -> str:
@@ -1668,7 +1771,7 @@ class LatentDataset:
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
-        g = torch.Generator().manual_seed(epoch_seed)
+        g = torch.Generator().manual_seed(epoch_seed % 2**64)
         by_bucket = {}
         for i in torch.randperm(len(self.sizes), generator=g).tolist():
             by_bucket.setdefault(self.sizes[i], []).append(i)
@@ -1729,6 +1832,13 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
     tensors, meta = read_safetensors(path, with_metadata=True)
+    try:
+        step, config = int(meta["step"]), json.loads(meta["config"])
+    except (KeyError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "rng.cpu" not in tensors:
+        raise UserError(f"{path} is not a complete training state (no step, config or RNG state): "
+                        f"start a new run in another output_dir")
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
@@ -1743,7 +1853,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
-    return int(meta["step"]), json.loads(meta["config"])
+    return step, config
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -1763,9 +1873,7 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
     draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
     draw.text((pad, 10), f"loss  steps 1-{len(losses)}  min {lo:.4f}  max {hi:.4f}  last (avg) {smooth[-1]:.4f}", fill="black")
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
+    atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 class Trainer:
@@ -1782,7 +1890,9 @@ class Trainer:
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
-        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
+        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset or path before loading gigabytes
+        writable_dir(self.out, "output_dir")
+        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
@@ -1790,7 +1900,7 @@ class Trainer:
         self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                               s.sampler or None, width=s.width, height=s.height,
                                               seed=s.seed).resolved(self.pipe.variant)
-        largest = max(side for item in items for side in item["size"])     # too large for the model: fail now
+        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))  # too large: fail now
         self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):    # the encoders visit the GPU once
             self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
@@ -1845,7 +1955,7 @@ class Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 path = folder / f"step_{self.step:06d}_sample_{i:02d}.png"
-                image.save(path)
+                atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
                 print(f"sample: {path}")
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
@@ -1881,7 +1991,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     try:
         while tr.step < tc.steps:
             # per-step randomness (noise, timesteps, flips, dropout) from (seed, step): resume reproduces it
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + tr.step)
+            g = torch.Generator().manual_seed((tc.seed * 1_000_003 + tr.step) % 2**64)
             lr = get_lr(tr.step, tc)
             for group in tr.opt.param_groups:
                 group["lr"] = lr

@@ -825,3 +825,179 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
     assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
     assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
+
+
+#################################################################################
+#                     Hostile files, bad paths, full disks                      #
+#################################################################################
+
+def one_line_error(call, match: str):
+    """`call` fails with a UserError (printed as one line by the CLIs) whose text matches."""
+    with pytest.raises(sd.UserError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
+    lora = tmp_path / "lora.safetensors"
+    sd.save_lora(lora_model(), lora, metadata={"t5_length": 10**9})
+    one_line_error(lambda: sample.lora_text_settings([str(lora)]), "t5_length = 1000000000, expected 1..512")
+    one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=10**9), "T5 length .* 1..512")
+    # checkpoint headers: a block index far out, zero and 1-D shapes, a config.json claiming millions of blocks
+    weights = tiny_mmdit().state_dict()
+    for name, hostile, match in [("gap", {"joint_blocks.2000000.x_block.attn.qkv.bias": torch.zeros(1)}, "not 0..3"),
+                                 ("zero", {"joint_blocks.0.x_block.attn.ln_q.weight": torch.zeros(0)}, "ZeroDivision"),
+                                 ("flat", {"x_embedder.proj.weight": torch.zeros(64)}, "IndexError")]:
+        save_file({**weights, **hostile}, tmp_path / f"{name}.safetensors")
+        one_line_error(lambda: sd.load_mmdit(tmp_path / f"{name}.safetensors"), f"damaged file.*{match}")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file(sd.mmdit_to_diffusers(weights, 3), folder / "diffusion_pytorch_model.safetensors")
+    config = dict(num_layers=2_000_000, num_attention_heads=4, attention_head_dim=16, joint_attention_dim=32,
+                  pooled_projection_dim=24, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=[0])
+    (folder / "config.json").write_text(json.dumps(config))
+    one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
+    (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    assert sd.load_mmdit(folder).cfg.depth == 3
+    vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)).state_dict()
+    save_file({**vae, "encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)}, tmp_path / "vae.safetensors")
+    one_line_error(lambda: sd.load_vae(tmp_path / "vae.safetensors"), "SD3 VAE weights or a damaged file")
+    # images: crop to the bucket's aspect before resizing; decompression bombs are skipped with a warning
+    Image.new("RGB", (1_000_000, 4), (200, 0, 0)).save(tmp_path / "strip.png")
+    real_resize = Image.Image.resize
+
+    def bounded_resize(im, size, *args, **kwargs):
+        assert size[0] * size[1] <= 256 * 64, f"resized to {size} before cropping"
+        return real_resize(im, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    pixels = sd.load_image(tmp_path / "strip.png", (256, 64))
+    assert pixels.shape == (3, 64, 256) and pixels[0].mean() > 0.5
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    Image.new("RGB", (80, 80)).save(data / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)       # 6400 px: PIL only warns below twice the limit
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))) == 2
+    assert "skipped 1 unreadable images: bomb.png (DecompressionBombWarning)" in capsys.readouterr().err
+    monkeypatch.undo()
+    # sampling: sizes against the model before the noise exists; seeds within torch's range, never wrapped
+    pipe = sd.tiny_pipeline()
+    monkeypatch.setattr(sd, "initial_noise", lambda *a: pytest.fail("noise allocated before the checks"))
+    fast = dict(steps=1, cfg=1.0)
+    one_line_error(lambda: sd.generate(pipe, ["x"], settings=sd.SampleSettings(**fast, width=10**6)), "too large")
+    for seed, n in ((-1, 1), (2**64, 1), (2**64 - 1, 2)):
+        one_line_error(lambda: sd.generate(pipe, ["x"] * n, settings=sd.SampleSettings(**fast, seed=seed)),
+                       f"seed {seed} for {n} images")
+    # training settings
+    one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
+    for key, value, match in (("train.lr", 0, "above 0"), ("train.seed", -1, "0..2"), ("sample.seed", 2**64, "0..2")):
+        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"'{key}' must be .*{match}")
+
+
+def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    model, lora = tiny_mmdit(), tmp_path / "lora.safetensors"
+    sd.save_lora(lora_model(), lora)
+    tensors, meta = sd.read_safetensors(lora, with_metadata=True)
+    ours = json.loads(meta["sd35_lora"])
+    for header, text, match in [("sd35_lora", "{not json", "not a JSON object"),
+                                ("sd35_lora", json.dumps({**ours, "rank": 0}), "rank = 0"),
+                                ("sd35_lora", json.dumps({**ours, "alpha": [8, 8]}), r"alpha = \[8, 8\]"),
+                                ("sd35_lora", json.dumps({**ours, "t5_length": "256"}), "t5_length = '256'"),
+                                ("sd35_lora", json.dumps({**ours, "use_t5": "no"}), "use_t5 = 'no'"),
+                                ("lora_adapter_metadata", "[4, 8]", "not a JSON object"),
+                                ("lora_adapter_metadata", '{"transformer.lora_alpha": [8]}', "lora_alpha")]:
+        save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, header: text})
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "bad.safetensors"), f"'{header}' metadata.*{match}")
+        if header == "sd35_lora":
+            one_line_error(lambda: sample.lora_text_settings([str(tmp_path / "bad.safetensors")]), match)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    for extra, match in [({f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)},
+                          "rank mismatch"), ({f"{key}.alpha": torch.ones(2)}, "2 alpha values")]:
+        base = {f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4)}
+        save_file({**base, **extra}, tmp_path / "bad.safetensors")
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "bad.safetensors"), match)
+    # config files: a list at the top level, Latin-1 bytes
+    (tmp_path / "list.yaml").write_text("- model: tiny\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "list.yaml")), "holds a list, not `key: value` settings")
+    (tmp_path / "latin.yaml").write_bytes("model: café\n".encode("latin-1"))
+    one_line_error(lambda: sd.load_config(str(tmp_path / "latin.yaml")), "not valid UTF-8 YAML")
+    # a caption in another encoding is named, never decoded with replacement characters
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "blue_disc.txt").write_bytes("disque bleu, café".encode("latin-1"))
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   "caption .*blue_disc.txt cannot be read .*utf-8.*save it as UTF-8")
+    # text encoders stored only as pickles; a diffusers config that is not an object; a state without metadata
+    encoders = tmp_path / "encoders"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (encoders / part).mkdir(parents=True)
+        (encoders / part / "pytorch_model.bin").write_bytes(b"pickle")
+    one_line_error(lambda: sd.load_text_encoders(encoders), "text_encoder, text_encoder_2, text_encoder_3 hold no "
+                                                           r"\.safetensors weights; only safetensors")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
+    one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "config.json is not a JSON object")
+    save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    one_line_error(lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params)),
+                   "not a complete training state")
+    # Ctrl-C in sample.py: exit 130 with one line
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd, "load_pipeline", interrupt)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        __import__("runpy").run_path(str(ROOT / "sample.py"), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "data")
+    (tmp_path / "file").write_text("not a folder")
+    real_load = sd.load_pipeline
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the paths were checked"))
+    for key, where in [("output_dir", "file"), ("output_dir", "file/run"), ("dataset.cache_dir", "file/cache")]:
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(tmp_path / where)})),
+                       f"{key} .*{where} is not a writable folder")
+        one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / where)]),
+                       f"--out .*{where} is not a writable folder")
+    if os.geteuid() != 0:                                    # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "locked"))), "not a writable")
+    monkeypatch.setattr(sd, "load_pipeline", real_load)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}))
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".safetensors"}
+    real_save = sd.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)      # a partial file is on disk when the space runs out
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2,
+                                                              "sample.sample_every": 0}), resume=True),
+                   "cannot write .*lora_step_000004.safetensors .No space left on device.: free disk space")
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".safetensors"}
+    assert after == before and not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
+    target, real_save, calls = tmp_path / "cache" / "x.safetensors", sd.save_file, []
+
+    def second_run_writes_meanwhile(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        if not calls:                                          # another run sharing the cache writes the same file
+            calls.append(filename)
+            sd._atomic_save({"v": torch.ones(2)}, target)
+    monkeypatch.setattr(sd, "save_file", second_run_writes_meanwhile)
+    sd._atomic_save({"v": torch.zeros(2)}, target)
+    assert torch.equal(load_file(target)["v"], torch.zeros(2)) and os.listdir(target.parent) == ["x.safetensors"]
+    order = []
+    monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b)))
+    (tmp_path / "log.jsonl").write_text('{"loss": 1.0}\n{"loss": 0.5}\n')
+    sd.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+    assert order == ["fsync", "replace"] and Image.open(tmp_path / "loss.png").size == (800, 400)
+    # a killed run's temporary file is never read as a cache file
+    (tmp_path / "cache" / "x.safetensors.tmp").write_bytes(b"half")
+    (tmp_path / "cache" / ".x.safetensors.123-0a1b2c3d.tmp").write_bytes(b"half")
+    assert torch.equal(load_file(sd.cached(target, pytest.fail))["v"], torch.zeros(2))
