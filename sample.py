@@ -99,7 +99,8 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
                   "lora_scale": args.lora_scale, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        path = sd.atomic_write(out / f"sample_{i:02d}.png", lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        path = out / f"sample_{i:02d}.png"
+        sd._atomic_save(image, path, info)
         print(path)
         paths.append(path)
     return paths

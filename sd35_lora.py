@@ -29,6 +29,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -211,11 +212,9 @@ def validate(cfg: Config) -> Config:
     for key in NOT_NEGATIVE:
         if not value(key) >= 0:
             raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
-    for key in ("train.seed", "sample.seed"):
-        if not 0 <= value(key) < 2**64:
-            raise UserError(f"config key '{key}' must be in 0..2^64-1, got {value(key)}")
-    if not cfg.train.lr > 0:
-        raise UserError(f"config key 'train.lr' must be above 0, got {cfg.train.lr}")
+    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
+        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
+                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
@@ -228,14 +227,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     import yaml
     data = {}
     if path:
-        if not os.path.isfile(path):
-            raise UserError(f"config file not found: {path}")
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{path} is not valid UTF-8 YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise UserError(f"{path} holds a {type(data).__name__}, not `key: value` settings: see config.yaml")
+            raise UserError(f"{path} holds a {type(data).__name__}, not `key: value` lines: see config.yaml")
     config = _fill(Config(), data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -305,7 +302,7 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 #################################################################################
 
 def _block_count(sd: dict, prefix: str) -> int:
-    """N for weights named `prefix`0. .. `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) is an error."""
+    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
     found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
     if found != {str(i) for i in range(len(found))}:
         raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
@@ -346,15 +343,7 @@ class MMDiTConfig:
             qk_norm=ln_q is not None,
             dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k})),
             mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden,
-        ).checked(sd)
-
-    def checked(self, sd: dict) -> "MMDiTConfig":
-        """Refuse sizes no SD3 model has (zero widths, uneven heads, a depth the weights lack) before building."""
-        sizes = (self.depth, self.hidden, self.heads, self.patch_size, self.in_channels, self.out_channels,
-                 self.context_dim, self.pooled_dim, self.pos_embed_max_size, self.mlp_ratio)
-        if min(sizes) < 1 or self.hidden % self.heads or self.depth != _block_count(sd, "joint_blocks."):
-            raise ValueError(f"sizes of no SD3 MMDiT: {self}")
-        return self
+        )
 
     @classmethod
     def from_diffusers(cls, c: dict) -> "MMDiTConfig":
@@ -780,40 +769,32 @@ def set_lora_merged(model: nn.Module, merged: bool):
         layer.merge() if merged else layer.unmerge()
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """`write(tmp)` to a temporary file of its own (pid + random: runs sharing a folder never collide; scans and
-    caches ignore `.*.tmp`), flushed to disk, then renamed over `path`: a crash or a full disk leaves no half file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+def _atomic_save(data, path: str | Path, metadata=None):
+    """Tensors or a PIL image to a tmp file of this process, fsynced, renamed: no half file, no shared tmp."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, dict):
+            save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
+        else:
+            data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
-                        f"files written before are intact") from None
+                        f"older files are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
-def writable_dir(path: str | Path, what: str) -> Path:
-    """Create the folder `path` and try a write there, before any model loads: no work is lost to a bad path."""
-    probe = Path(path) / f".write_test_{os.getpid()}.tmp"
+def writable_dir(path: str | Path, what: str):
+    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another one") from None
-    return probe.parent
-
-
-def _atomic_save(tensors: dict, path: str | Path, metadata: dict | None = None):
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
 def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
@@ -847,32 +828,10 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
-LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20), "r": (1, 2**20),
-                 "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}          # header key: allowed range
-
-
-def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
-    """A LoRA file's own `sd35_lora` and PEFT's `lora_adapter_metadata` headers, checked (files are untrusted).
-    diffusers writes PEFT's config flat, as {"transformer.r": .., "transformer.lora_alpha": ..}."""
-    headers = []
-    for name in ("sd35_lora", "lora_adapter_metadata"):
-        try:
-            info = json.loads(meta.get(name) or "{}")
-        except json.JSONDecodeError:
-            info = None
-        if not isinstance(info, dict):
-            raise UserError(f"{path}: its '{name}' metadata is not a JSON object; save the LoRA again")
-        info = {k.removeprefix("transformer."): v for k, v in info.items()}
-        for key, (lo, hi) in LORA_METADATA.items():
-            v = info.get(key, lo)
-            if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
-                raise UserError(f"{path}: '{name}' metadata has {key} = {v!r}, expected {lo}..{hi}; save the LoRA again")
-        headers.append(info)
-    return tuple(headers)
-
-
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
                  "lora_transformer_")
+LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
+                 "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
 
 
 def _lora_key(key: str):
@@ -886,6 +845,19 @@ def _lora_key(key: str):
     role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
     prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
     return module[len(prefix):], role
+
+
+def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
+    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
+    try:
+        headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
+                        for h in ("sd35_lora", "lora_adapter_metadata"))
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
+    for key, v, (lo, hi) in ((k, h[k], LORA_METADATA[k]) for h in headers for k in LORA_METADATA if k in h):
+        if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
+            raise UserError(f"{path}: metadata {key} = {v!r} is not in {lo}..{hi}; save the LoRA again")
+    return headers
 
 
 def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -918,10 +890,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)} "
-                            f"(equal ranks of at least 1 expected): a damaged file?")
+            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
-            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alpha values, a LoRA has one; save it again")
+            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
         if module not in spellings:
@@ -998,12 +969,9 @@ class VAEConfig:
     @classmethod
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
         ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
-        c = cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                num_res_blocks=_block_count(sd, "encoder.down.0.block."),
-                latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
-        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, levels, *c.ch_mult) < 1 or c.ch % c.groups:
-            raise ValueError(f"sizes of no SD3 VAE: {c}")           # before building, not a division by zero
-        return c
+        return cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                   num_res_blocks=_block_count(sd, "encoder.down.0.block."),
+                   latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
 
 
 class ResnetBlock(nn.Module):
@@ -1254,12 +1222,9 @@ def read_weights_dir(folder: Path, stem: str) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object: download the model again")
-    return data
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
 
 
 def _single_file(path: Path, prefix: str) -> dict:
@@ -1297,8 +1262,6 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
     path, config = Path(path), None
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{path} has no transformer/config.json: not a diffusers SD3 folder")
         config = _read_json(folder / "config.json")
         if "joint_attention_dim" not in config:
             raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
@@ -1310,10 +1273,12 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32) -> MMDiT:
     try:                                  # shapes and counts come from an untrusted header: check them first
         if "x_embedder.proj.weight" not in sd:                                   # diffusers names
             sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
-        cfg = MMDiTConfig.from_diffusers(config).checked(sd) if config else MMDiTConfig.from_state_dict(sd)
+        cfg = MMDiTConfig.from_diffusers(config) if config else MMDiTConfig.from_state_dict(sd)
+        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
+        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
+            raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: incomplete SD3 MMDiT weights or a damaged file ({type(e).__name__}: {e}); "
-                        f"download it again") from None
+        raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
     return _build(MMDiT, cfg, sd, "MMDiT", path, device, dtype)
 
 
@@ -1333,10 +1298,11 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
-        cfg = VAEConfig.from_state_dict(sd, **overrides)
+        c = cfg = VAEConfig.from_state_dict(sd, **overrides)
+        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
+            raise ValueError(f"sizes of no SD3 VAE: {c}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: incomplete SD3 VAE weights or a damaged file ({type(e).__name__}: {e}); "
-                        f"download it again") from None
+        raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
@@ -1351,10 +1317,8 @@ def load_text_encoders(folder: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{folder} lacks {', '.join(missing)}: pass --text-encoders with a diffusers-layout SD3 folder "
                         f"(e.g. a download of stabilityai/stable-diffusion-3.5-medium)" +
                         (" or use --no-t5" if any(p.endswith("_3") for p in missing) else ""))
-    pickled = [p for p in parts if p.startswith("text_") and not any((folder / p).glob("*.safetensors"))]
-    if pickled:
-        raise UserError(f"{folder}: {', '.join(pickled)} hold no .safetensors weights; only safetensors are read "
-                        f"(pickle files can run code): download the .safetensors files")
+    if pickled := [p for p in parts if p.startswith("text_") and not any((folder / p).glob("*.safetensors"))]:
+        raise UserError(f"{folder}: {', '.join(pickled)} hold no .safetensors (pickles are never read)")
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
 
     def component(name: str, default: str, **kw):
@@ -1621,10 +1585,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
-    if not 0 <= s.seed <= 2**64 - len(prompts):          # torch wraps seeds mod 2^64: distinct seeds would collide
-        raise UserError(f"seed {s.seed} for {len(prompts)} images (image i uses seed + i): use 0..{2**64 - len(prompts)}")
-    p = 8 * pipe.mmdit.cfg.patch_size                     # too large for the model: fail before any allocation
-    pipe.mmdit.cropped_pos_embed(s.height // p, s.width // p)
+    if not 0 <= s.seed <= 2**64 - len(prompts):            # torch wraps seeds mod 2^64: two seeds, one image
+        raise UserError(f"seed {s.seed} for {len(prompts)} images (seed + i): use 0..2^64-{len(prompts)}")
+    pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
@@ -1661,8 +1624,8 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> li
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Centre-crop to the aspect of `size` (width, height), then resize (never the other way round: a 1000000 x 4
-    image would be upscaled to 32000000 x 128 first) -> (3, H, W) in [-1, 1]."""
+    """Centre-crop to the aspect of `size` (width, height), then resize (a 10^6 x 4 px strip is never upscaled
+    to its bucket's height first) -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
@@ -1684,7 +1647,7 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
     items, broken, uncaptioned = [], [], 0
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         try:
-            bomb = dict(action="error", category=Image.DecompressionBombWarning)   # over PIL's pixel limit: skip
+            bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
             with warnings.catch_warnings(**bomb), Image.open(path) as im:
                 im.verify()
             with Image.open(path) as im:
@@ -1694,7 +1657,10 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
             continue
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
-            caption = read_caption(caption_file)
+            try:
+                caption = caption_file.read_text(encoding="utf-8-sig").strip()  # a bad byte is no silent ?
+            except (OSError, UnicodeError) as e:
+                raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         else:
             caption, uncaptioned = cfg.default_caption, uncaptioned + 1
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
@@ -1707,14 +1673,6 @@ def scan_dataset(cfg: DatasetConfig) -> list[dict]:
     if not items:
         raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
     return items
-
-
-def read_caption(path: Path) -> str:
-    """A caption, strictly UTF-8 (a BOM is dropped): a bad byte is an error naming the file, never a silent '?'."""
-    try:
-        return path.read_text(encoding="utf-8-sig").strip()
-    except (OSError, UnicodeError) as e:
-        raise UserError(f"caption {path} cannot be read ({e}): save it as UTF-8 text") from None
 
 
 def _digest(*parts) -> str:
@@ -1833,12 +1791,9 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
-        step, config = int(meta["step"]), json.loads(meta["config"])
-    except (KeyError, ValueError):
-        config = None
-    if not isinstance(config, dict) or "rng.cpu" not in tensors:
-        raise UserError(f"{path} is not a complete training state (no step, config or RNG state): "
-                        f"start a new run in another output_dir")
+        step, config, rng = int(meta["step"]), dict(json.loads(meta["config"])), tensors["rng.cpu"]
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
@@ -1850,7 +1805,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                      for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 opt.state[p] = state
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return step, config
@@ -1873,7 +1828,7 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
     draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
     draw.text((pad, 10), f"loss  steps 1-{len(losses)}  min {lo:.4f}  max {hi:.4f}  last (avg) {smooth[-1]:.4f}", fill="black")
-    atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))
+    _atomic_save(im, png_path)
 
 
 class Trainer:
@@ -1890,7 +1845,7 @@ class Trainer:
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
-        items = scan_dataset(cfg.dataset)                  # fail on a bad dataset or path before loading gigabytes
+        items = scan_dataset(cfg.dataset)                  # fail on bad data or paths before loading models
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1900,7 +1855,7 @@ class Trainer:
         self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                               s.sampler or None, width=s.width, height=s.height,
                                               seed=s.seed).resolved(self.pipe.variant)
-        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))  # too large: fail now
+        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):    # the encoders visit the GPU once
             self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
@@ -1926,7 +1881,6 @@ class Trainer:
                 print(f"warning: resuming with changed settings {changed}: the run will differ from an uninterrupted one",
                       file=sys.stderr)
             print(f"resumed from {self.state_path} at step {self.step}")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
@@ -1952,10 +1906,9 @@ class Trainer:
             self.pipe.vae.to(self.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
                               embeddings=self.embeddings, progress=False)
-            folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 path = folder / f"step_{self.step:06d}_sample_{i:02d}.png"
-                atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+                _atomic_save(image, path)
                 print(f"sample: {path}")
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
