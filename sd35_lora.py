@@ -2030,6 +2030,8 @@ def main(argv=None):
         print(f"done: {path}")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:                                    # e.g. a full disk while logging; checkpoints are intact
+        sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
 
 
 if __name__ == "__main__":

@@ -976,6 +976,20 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
                    r"cannot write .*lora_step_000004.safetensors \(No space left on device\): free disk space")
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".safetensors"}
     assert after == before and not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    real_open = open                                          # the disk is full when the log is appended to
+
+    def full_log(file, mode="r", *args, **kwargs):
+        if str(file).endswith("log.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(sd, "save_file", real_save)
+    monkeypatch.setattr(sd, "open", full_log, raising=False)
+    cfg = tiny_config(tmp_path, **{"sample.sample_every": 0})
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main(["--resume"])
+    assert str(e.value.code).startswith("error: [Errno 28] No space left on device") and "\n" not in e.value.code
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".safetensors"} == before
 
 
 def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
