@@ -174,8 +174,10 @@ def _coerce(value, default, key: str):
 
 def _fill(obj, data: dict, prefix: str = ""):
     """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    if not isinstance(data, dict):
+        raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in (data or {}).items():
+    for key, value in data.items():
         full = prefix + str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
@@ -183,8 +185,6 @@ def _fill(obj, data: dict, prefix: str = ""):
             raise UserError(f"unknown config key '{full}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise UserError(f"config key '{full}' must be a section with keys, got {value!r}")
             _fill(current, value, full + ".")
         else:
             setattr(obj, key, _coerce(value, current, full))
@@ -231,8 +231,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} holds a {type(data).__name__}, not `key: value` lines: see config.yaml")
     config = _fill(Config(), data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -739,13 +737,11 @@ def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: s
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
              dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
-    names = lora_target_names(model, targets, blocks)
-    width = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names)
-    if not 1 <= rank <= width:
-        raise UserError(f"lora.rank must be in 1..{width} (the narrowest targeted layer), got {rank}")
+    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
+        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     model.requires_grad_(False)
     params = []
-    for name in names:
+    for name in lora_target_names(model, targets, blocks):
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
@@ -1586,7 +1582,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
     if not 0 <= s.seed <= 2**64 - len(prompts):            # torch wraps seeds mod 2^64: two seeds, one image
-        raise UserError(f"seed {s.seed} for {len(prompts)} images (seed + i): use 0..2^64-{len(prompts)}")
+        raise UserError(f"seed {s.seed} is outside 0..2^64-{len(prompts)} (image i uses seed + i)")
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
@@ -1624,8 +1620,7 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> li
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Centre-crop to the aspect of `size` (width, height), then resize (a 10^6 x 4 px strip is never upscaled
-    to its bucket's height first) -> (3, H, W) in [-1, 1]."""
+    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
@@ -1900,14 +1895,13 @@ class Trainer:
         """Validation images for the configured prompts, with the same seeds at every step."""
         if not self.cfg.sample.prompts:
             return
-        folder = self.out / f"samples_step_{self.step:06d}"
         try:
             self.mmdit.eval()
             self.pipe.vae.to(self.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
                               embeddings=self.embeddings, progress=False)
             for i, image in enumerate(images):
-                path = folder / f"step_{self.step:06d}_sample_{i:02d}.png"
+                path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
                 _atomic_save(image, path)
                 print(f"sample: {path}")
             if self.log_path.is_file():
@@ -2030,7 +2024,7 @@ def main(argv=None):
         print(f"done: {path}")
     except UserError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:                                    # e.g. a full disk while logging; checkpoints are intact
+    except OSError as e:                                    # e.g. a full disk while logging
         sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
 
 
