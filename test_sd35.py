@@ -884,9 +884,12 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     monkeypatch.setattr(sd, "initial_noise", lambda *a: pytest.fail("noise allocated before the checks"))
     fast = dict(steps=1, cfg=1.0)
     one_line_error(lambda: sd.generate(pipe, ["x"], settings=sd.SampleSettings(**fast, width=10**6)), "too large")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("sample.py loaded a model first"))
     for seed, n in ((-1, 1), (2**64, 1), (2**64 - 1, 2)):
         one_line_error(lambda: sd.generate(pipe, ["x"] * n, settings=sd.SampleSettings(**fast, seed=seed)),
                        f"seed {seed} is outside 0..2\\^64-{n} ")
+        one_line_error(lambda: sample.main(["--model", "tiny", "--seed", str(seed), "--out", str(tmp_path / "out"),
+                                            *["--prompt", "x"] * n]), f"--seed {seed} is outside")
     # training settings
     one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
     for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
@@ -958,9 +961,12 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
                        f"{key} .*{where} is not a writable folder")
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / where)]),
                        f"--out .*{where} is not a writable folder")
-    if os.geteuid() != 0:                                    # root writes anywhere
-        (tmp_path / "locked").mkdir(mode=0o500)
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "locked"))), "not a writable")
+    def read_only(*args, **kwargs):                          # chmod cannot stop root: simulate the refusal
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", read_only)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "ro"))),
+                   r"output_dir .*ro is not a writable folder \(Permission denied\)")
+    monkeypatch.undo()
     monkeypatch.setattr(sd, "load_pipeline", real_load)
     sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}))
     run = tmp_path / "run"
