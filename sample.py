@@ -75,10 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def lora_text_settings(paths: list[str]) -> dict:
     """T5 length and use, as the first LoRA that records them was trained (so sampling matches training)."""
     for path in paths:
-        _, meta = sd.read_safetensors(path, with_metadata=True)
-        info = json.loads(meta.get("sd35_lora", "{}"))
-        if info.get("t5_length"):
-            return {"t5_length": int(info["t5_length"]), "use_t5": info.get("use_t5", True)}
+        info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
+        if "t5_length" in info:
+            return {"t5_length": info["t5_length"], "use_t5": info.get("use_t5", True)}
     return {}
 
 
@@ -89,8 +88,9 @@ def main(argv=None) -> list[Path]:
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
         args.no_t5 = True
-    if Path(args.out).is_file():
-        raise sd.UserError(f"--out {args.out} is a file; give a folder")
+    sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
+    if not 0 <= args.seed <= 2**64 - len(args.prompt):  # torch wraps seeds mod 2^64: two seeds, one image
+        raise sd.UserError(f"--seed {args.seed} is outside 0..2^64-{len(args.prompt)} (image i: seed + i)")
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
@@ -119,7 +119,7 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
         path = out / f"sample_{first + i:02d}.png"
-        image.save(path, pnginfo=info)
+        sd._atomic_save(image, path, info)
         paths.append(path)
     kept = f" (after the {len(taken)} earlier samples there, kept)" if taken else ""
     print(f"saved {len(paths)} images to {out}: {', '.join(p.name for p in paths)}{kept}")
@@ -131,3 +131,6 @@ if __name__ == "__main__":
         main()
     except sd.UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: images already written stay in --out", file=sys.stderr)
+        sys.exit(130)

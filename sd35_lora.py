@@ -30,7 +30,9 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
+T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,8 +178,10 @@ def _coerce(value, default, key: str):
 
 def _fill(obj, data: dict, prefix: str = ""):
     """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    if not isinstance(data, dict):
+        raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in (data or {}).items():
+    for key, value in data.items():
         full = prefix + str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
@@ -184,8 +189,6 @@ def _fill(obj, data: dict, prefix: str = ""):
             raise UserError(f"unknown config key '{full}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise UserError(f"config key '{full}' must be a section with keys, got {value!r}")
             _fill(current, value, full + ".")
         else:
             setattr(obj, key, _coerce(value, current, full))
@@ -213,6 +216,9 @@ def validate(cfg: Config) -> Config:
     for key in NOT_NEGATIVE:
         if not value(key) >= 0:
             raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
+        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
+                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
@@ -225,12 +231,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     import yaml
     data = {}
     if path:
-        if not os.path.isfile(path):
-            raise UserError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
     config = _fill(Config(), data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -299,6 +303,14 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 #                                     MMDiT                                     #
 #################################################################################
 
+def _block_count(sd: dict, prefix: str) -> int:
+    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
+    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    if found != {str(i) for i in range(len(found))}:
+        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
+    return len(found)
+
+
 @dataclass
 class MMDiTConfig:
     depth: int = 24                        # joint blocks; official models have heads = depth, head_dim = 64
@@ -321,7 +333,7 @@ class MMDiTConfig:
         ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")  # (head_dim,)
         hidden, patch = proj.shape[0], proj.shape[-1]
         return cls(
-            depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")),
+            depth=_block_count(sd, "joint_blocks."),
             hidden=hidden,
             heads=hidden // (ln_q.shape[0] if ln_q is not None else 64),
             patch_size=patch,
@@ -798,8 +810,8 @@ def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: s
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
              dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
-    if rank < 1:
-        raise UserError(f"lora.rank must be at least 1, got {rank}")
+    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
+        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     model.requires_grad_(False)
     params = []
     for name in lora_target_names(model, targets, blocks):
@@ -826,13 +838,32 @@ def set_lora_merged(model: nn.Module, merged: bool):
         layer.merge() if merged else layer.unmerge()
 
 
-def _atomic_save(tensors: dict, path: str | Path, metadata: dict | None = None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def _atomic_save(data, path: str | Path, metadata=None):
+    """Tensors or a PIL image to a tmp file of this process, fsynced, renamed: no half file, no shared tmp."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, dict):
+            save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
+        else:
+            data.save(tmp, format="PNG", pnginfo=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
+                        f"older files are intact") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | Path, what: str):
+    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
 def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
@@ -868,6 +899,8 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
                  "lora_transformer_")
+LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
+                 "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
 
 
 def _lora_key(key: str):
@@ -883,19 +916,29 @@ def _lora_key(key: str):
     return module[len(prefix):], role
 
 
+def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
+    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
+    try:
+        headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
+                        for h in ("sd35_lora", "lora_adapter_metadata"))
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
+    for key, v, (lo, hi) in ((k, h[k], LORA_METADATA[k]) for h in headers for k in LORA_METADATA if k in h):
+        if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
+            raise UserError(f"{path}: metadata {key} = {v!r} is not in {lo}..{hi}; save the LoRA again")
+    return headers
+
+
 def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    depth = model.cfg.depth
+    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
     spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
     for official, parts in diffusers_names(depth).items():
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
             spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
-    # diffusers writes PEFT's config flat, as {"transformer.r": .., "transformer.lora_alpha": ..}
-    peft = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    peft = {k.removeprefix("transformer."): v for k, v in peft.items()} if isinstance(peft, dict) else {}
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
         raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
     groups, ignored = {}, []
@@ -917,8 +960,10 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
+        if "alpha" in t and t["alpha"].numel() != 1:
+            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
         if module not in spellings:
@@ -999,10 +1044,9 @@ class VAEConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
         return cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                   num_res_blocks=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")),
+                   num_res_blocks=_block_count(sd, "encoder.down.0.block."),
                    latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
 
 
@@ -1150,7 +1194,7 @@ VAE_RENAMES = [
 
 
 def vae_from_diffusers(sd: dict) -> dict:
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
+    levels = _block_count(sd, "decoder.up_blocks.")
     out = {}
     for key, tensor in sd.items():
         for pattern, repl in VAE_RENAMES:
@@ -1254,9 +1298,9 @@ def read_weights_dir(folder: Path, stem: str) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
 
 
 def _single_file(path: Path, prefix: str) -> dict:
@@ -1311,26 +1355,26 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    path = Path(path)
+    path, config = Path(path), None
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{path} has no transformer/config.json: not a diffusers SD3 folder")
         config = _read_json(folder / "config.json")
         if "joint_attention_dim" not in config:
             raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
-        cfg = MMDiTConfig.from_diffusers(config)
-        sd = mmdit_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"), cfg.depth)
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
     else:
         sd = _single_file(path, "model.diffusion_model.")
-        if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" in sd:  # a diffusers-named single file
-            sd = mmdit_from_diffusers(sd, 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")))
-        if "x_embedder.proj.weight" not in sd:
-            raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
-        try:
-            cfg = MMDiTConfig.from_state_dict(sd)
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{path}: incomplete SD3 MMDiT weights (missing {e}); download the file again") from None
+    if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
+        raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
+    try:                                  # shapes and counts come from an untrusted header: check them first
+        if "x_embedder.proj.weight" not in sd:                                   # diffusers names
+            sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
+        cfg = MMDiTConfig.from_diffusers(config) if config else MMDiTConfig.from_state_dict(sd)
+        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
+        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
+            raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
     scales = _fp8_checkpoint(sd, fp8, dtype)
     model = _build(MMDiT, cfg, sd, "MMDiT", path, "cpu" if fp8 else device, dtype)
     return quantize_mmdit(model, scales).to(device) if fp8 else model
@@ -1342,19 +1386,21 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        sd = vae_from_diffusers(read_weights_dir(folder, "diffusion_pytorch_model"))
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
         overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
                                                 ("shift_factor", "shift_factor")) if config.get(d) is not None}
     else:
         sd, overrides = _single_file(path, "first_stage_model."), {}
-        if any(k.startswith("decoder.up_blocks.") for k in sd):
-            sd = vae_from_diffusers(sd)
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
     try:
-        cfg = VAEConfig.from_state_dict(sd, **overrides)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: incomplete SD3 VAE weights (missing {e}); download the file again") from None
+        if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
+            sd = vae_from_diffusers(sd)
+        c = cfg = VAEConfig.from_state_dict(sd, **overrides)
+        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
+            raise ValueError(f"sizes of no SD3 VAE: {c}")
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
 
 
@@ -1443,8 +1489,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
     folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
     source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
-    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     weights, configs = _text_encoder_weights(source, roles)
+    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
                 else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
@@ -1544,6 +1590,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
+    if not 1 <= t5_length <= T5_MAX_LENGTH:
+        raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
@@ -1709,6 +1757,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
+    if not 0 <= s.seed <= 2**64 - len(prompts):            # torch wraps seeds mod 2^64: two seeds, one image
+        raise UserError(f"seed {s.seed} is outside 0..2^64-{len(prompts)} (image i uses seed + i)")
+    pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
@@ -1745,15 +1796,14 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> li
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover `size` (width, height), centre-crop, -> (3, H, W) in [-1, 1]."""
+    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = size
-        scale = max(w / im.width, h / im.height)
-        im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - w) // 2, (im.height - h) // 2
-        im = im.crop((left, top, left + w, top + h))
+        crop_w, crop_h = min(im.width, im.height * w / h), min(im.height, im.width * h / w)
+        left, top = (im.width - crop_w) / 2, (im.height - crop_h) / 2
+        im = im.resize((w, h), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
@@ -1771,7 +1821,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     items, broken, uncaptioned = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as im:
+            bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
+            with warnings.catch_warnings(**bomb), Image.open(path) as im:
                 im.verify()
             with Image.open(path) as im:
                 width, height = ImageOps.exif_transpose(im).size      # phone photos are stored rotated
@@ -1780,7 +1831,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             continue
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+            try:
+                caption = caption_file.read_text(encoding="utf-8-sig").strip()  # a bad byte is no silent ?
+            except (OSError, UnicodeError) as e:
+                raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         else:
             caption = cfg.default_caption
             uncaptioned.append(path.name)
@@ -1855,7 +1909,7 @@ class LatentDataset:
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
-        g = torch.Generator().manual_seed(epoch_seed)
+        g = torch.Generator().manual_seed(epoch_seed % 2**64)
         by_bucket = {}
         for i in torch.randperm(len(self.sizes), generator=g).tolist():
             by_bucket.setdefault(self.sizes[i], []).append(i)
@@ -1918,6 +1972,10 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
     tensors, meta = read_safetensors(path, with_metadata=True)
+    try:
+        step, config, rng = int(meta["step"]), dict(json.loads(meta["config"])), tensors["rng.cpu"]
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
@@ -1929,10 +1987,10 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                      for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 opt.state[p] = state
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
-    return int(meta["step"]), json.loads(meta["config"])
+    return step, config
 
 
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
@@ -1988,9 +2046,7 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
     draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
     draw.text((pad, 10), f"loss  steps 1-{len(losses)}  min {lo:.4f}  max {hi:.4f}  last (avg) {smooth[-1]:.4f}", fill="black")
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
+    _atomic_save(im, png_path)
 
 
 class Trainer:
@@ -2009,6 +2065,8 @@ class Trainer:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
         items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
+        writable_dir(self.out, "output_dir")
+        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
         self.device = self.pipe.device
@@ -2016,7 +2074,7 @@ class Trainer:
         self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                               s.sampler or None, width=s.width, height=s.height,
                                               seed=s.seed).resolved(self.pipe.variant)
-        largest = max(side for item in items for side in item["size"])     # too large for the model: fail now
+        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):    # the encoders visit the GPU once
             self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
@@ -2036,7 +2094,6 @@ class Trainer:
         if resume:
             self.step, _ = load_training_state(self.state_path, self.params, self.opt)
             print(f"resumed from {self.state_path} at step {self.step}")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
@@ -2056,16 +2113,14 @@ class Trainer:
         """Validation images for the configured prompts, with the same seeds at every step."""
         if not self.cfg.sample.prompts:
             return
-        folder = self.out / f"samples_step_{self.step:06d}"
         try:
             self.mmdit.eval()
             self.pipe.vae.to(self.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
                               embeddings=self.embeddings, progress=False)
-            folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
-                path = folder / f"step_{self.step:06d}_sample_{i:02d}.png"
-                image.save(path)
+                path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
+                _atomic_save(image, path)
                 print(f"sample: {path}")
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
@@ -2102,7 +2157,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     try:
         while tr.step < tc.steps:
             # per-step randomness (noise, timesteps, flips, dropout) from (seed, step): resume reproduces it
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + tr.step)
+            g = torch.Generator().manual_seed((tc.seed * 1_000_003 + tr.step) % 2**64)
             lr = get_lr(tr.step, tc)
             for group in tr.opt.param_groups:
                 group["lr"] = lr
@@ -2188,6 +2243,8 @@ def main(argv=None):
         print(f"done: {path}")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:                                    # e.g. a full disk while logging
+        sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
 
 
 if __name__ == "__main__":

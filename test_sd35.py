@@ -615,7 +615,7 @@ def test_sample_cli_tiny_and_user_errors(tmp_path, diffusers_folder):
         ("--model", str(tmp_path / "missing")): "model not found",
         ("--model", str(tmp_path / "flux.safetensors")): "not an SD3.*FLUX",
         ("--model", str(tmp_path / "cut.safetensors")): "truncated",
-        ("--model", str(tmp_path / "partial.safetensors")): "incomplete SD3 MMDiT weights",
+        ("--model", str(tmp_path / "partial.safetensors")): "bad SD3 MMDiT weights",
         ("--model", str(no_tok)): "no tokenizer.*go online",
         ("--model", "tiny", "--width", "100"): "multiples of 16",
         ("--model", "tiny", "--width", "4096"): "too large",
@@ -1220,3 +1220,204 @@ def test_fp8_training_tracks_full_precision_and_its_lora_samples(tmp_path):
         assert np.abs(plain.astype(int) - tuned.astype(int)).mean() > 1
     with pytest.raises(sd.UserError, match="changed fp8 True -> False"):
         sd.train(tiny_config(tmp_path, **{"train.steps": 30, "output_dir": str(runs[True])}), resume=True)
+
+
+#################################################################################
+#                     Hostile files, bad paths, full disks                      #
+#################################################################################
+
+def one_line_error(call, match: str):
+    """`call` fails with a UserError (printed as one line by the CLIs) whose text matches."""
+    with pytest.raises(sd.UserError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
+    lora = tmp_path / "lora.safetensors"
+    sd.save_lora(lora_model(), lora, metadata={"t5_length": 10**9})
+    one_line_error(lambda: sample.lora_text_settings([str(lora)]), "t5_length = 1000000000 is not in 1..512")
+    one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=10**9), "T5 length .* 1..512")
+    # checkpoint headers: a block index far out, zero and 1-D shapes, a config.json claiming 2M blocks
+    weights = tiny_mmdit().state_dict()
+    hostile = {"gap": ({"joint_blocks.2000000.x_block.attn.qkv.bias": torch.zeros(1)}, "not 0..3"),
+               "zero": ({"joint_blocks.0.x_block.attn.ln_q.weight": torch.zeros(0)}, "ZeroDivision"),
+               "flat": ({"x_embedder.proj.weight": torch.zeros(64)}, "IndexError")}
+    for name, (tensors, match) in hostile.items():
+        save_file({**weights, **tensors}, tmp_path / f"{name}.safetensors")
+        one_line_error(lambda: sd.load_mmdit(tmp_path / f"{name}.safetensors"), f"bad SD3 MMDiT .*{match}")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file(sd.mmdit_to_diffusers(weights, 3), folder / "diffusion_pytorch_model.safetensors")
+    config = dict(num_layers=2_000_000, num_attention_heads=4, attention_head_dim=16, joint_attention_dim=32,
+                  pooled_projection_dim=24, pos_embed_max_size=16, qk_norm="rms_norm",
+                  dual_attention_layers=[0])
+    (folder / "config.json").write_text(json.dumps(config))
+    one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
+    (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    assert sd.load_mmdit(folder).cfg.depth == 3
+    vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)).state_dict()
+    save_file({**vae, "encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)}, tmp_path / "vae.safetensors")
+    one_line_error(lambda: sd.load_vae(tmp_path / "vae.safetensors"), "bad SD3 VAE weights .*ZeroDivision")
+    # images: crop to the bucket's aspect before resizing; decompression bombs are skipped with a warning
+    Image.new("RGB", (1_000_000, 4), (200, 0, 0)).save(tmp_path / "strip.png")
+    real_resize = Image.Image.resize
+
+    def bounded_resize(im, size, *args, **kwargs):
+        assert size[0] * size[1] <= 256 * 64, f"resized to {size} before cropping"
+        return real_resize(im, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    pixels = sd.load_image(tmp_path / "strip.png", (256, 64))
+    assert pixels.shape == (3, 64, 256) and pixels[0].mean() > 0.5
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    Image.new("RGB", (80, 80)).save(data / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)       # 6400 px: PIL only warns below twice the limit
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))) == 2
+    assert "skipped 1 unreadable images: bomb.png (DecompressionBombWarning)" in capsys.readouterr().err
+    monkeypatch.undo()
+    # sampling: sizes against the model before the noise exists; seeds within torch's range, never wrapped
+    pipe = sd.tiny_pipeline()
+    monkeypatch.setattr(sd, "initial_noise", lambda *a: pytest.fail("noise allocated before the checks"))
+    fast = dict(steps=1, cfg=1.0)
+    huge = sd.SampleSettings(**fast, width=10**6)
+    one_line_error(lambda: sd.generate(pipe, ["x"], settings=huge), "too large")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("sample.py loaded a model first"))
+    for seed, n in ((-1, 1), (2**64, 1), (2**64 - 1, 2)):
+        one_line_error(lambda: sd.generate(pipe, ["x"] * n, settings=sd.SampleSettings(**fast, seed=seed)),
+                       f"seed {seed} is outside 0..2\\^64-{n} ")
+        args = ["--model", "tiny", "--seed", str(seed), "--out", str(tmp_path), *["--prompt", "x"] * n]
+        one_line_error(lambda: sample.main(args), f"--seed {seed} is outside")
+    # training settings
+    one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
+    for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
+        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"must be above 0.*{value}")
+
+
+def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    model, lora, bad = tiny_mmdit(), tmp_path / "lora.safetensors", tmp_path / "bad.safetensors"
+    sd.save_lora(lora_model(), lora)
+    tensors, meta = sd.read_safetensors(lora, with_metadata=True)
+    ours = json.loads(meta["sd35_lora"])
+    for header, text, match in [("sd35_lora", "{not json", "sd35_lora or PEFT metadata is no JSON"),
+                                ("sd35_lora", json.dumps({**ours, "rank": 0}), "rank = 0"),
+                                ("sd35_lora", json.dumps({**ours, "alpha": [8, 8]}), r"alpha = \[8, 8\]"),
+                                ("sd35_lora", json.dumps({**ours, "t5_length": "256"}), "t5_length = '256'"),
+                                ("sd35_lora", json.dumps({**ours, "use_t5": "no"}), "use_t5 = 'no'"),
+                                ("lora_adapter_metadata", "[4, 8]", "no JSON object"),
+                                ("lora_adapter_metadata", '{"transformer.lora_alpha": [8]}', "lora_alpha")]:
+        save_file(tensors, bad, metadata={**meta, header: text})
+        one_line_error(lambda: sd.load_lora(model, bad), match)
+        if header == "sd35_lora":
+            one_line_error(lambda: sample.lora_text_settings([str(bad)]), match)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    rank_0 = {f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)}
+    for extra, match in [(rank_0, "rank mismatch"), ({f"{key}.alpha": torch.ones(2)}, "2 alphas, not one")]:
+        base = {f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4)}
+        save_file({**base, **extra}, bad)
+        one_line_error(lambda: sd.load_lora(model, bad), match)
+    # config files: a list at the top level, Latin-1 bytes
+    (tmp_path / "list.yaml").write_text("- model: tiny\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "list.yaml")),
+                   r"config file needs `key: value` lines, got \[\{'model': 'tiny'\}\]")
+    (tmp_path / "latin.yaml").write_bytes("model: café\n".encode("latin-1"))
+    one_line_error(lambda: sd.load_config(str(tmp_path / "latin.yaml")), "cannot read .*latin.yaml as UTF-8")
+    # a caption in another encoding is named, never decoded with replacement characters
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "blue_disc.txt").write_bytes("disque bleu, café".encode("latin-1"))
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   "caption .*blue_disc.txt: 'utf-8' codec can't decode.*save it as UTF-8")
+    # text encoders stored only as pickles; a diffusers config that is not an object; a state without metadata
+    encoders = tmp_path / "encoders"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                 "tokenizer_3"):
+        (encoders / part).mkdir(parents=True)
+        (encoders / part / "pytorch_model.bin").write_bytes(b"pickle")
+    one_line_error(lambda: sd.load_text_encoders(encoders),
+                   r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
+    one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
+    save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
+    one_line_error(state, "lacks step, config or RNG state")
+    # Ctrl-C in sample.py: exit 130 with one line
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd, "load_pipeline", interrupt)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--model=tiny", "--prompt=x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        __import__("runpy").run_path(str(ROOT / "sample.py"), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "data")
+    (tmp_path / "file").write_text("not a folder")
+    real_load = sd.load_pipeline
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the paths"))
+    for key, where in [("output_dir", "file"), ("output_dir", "file/run"), ("dataset.cache_dir", "file/c")]:
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(tmp_path / where)})),
+                       f"{key} .*{where} is not a writable folder")
+        args = ["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / where)]
+        one_line_error(lambda: sample.main(args), f"--out .*{where} is not a writable folder")
+
+    def read_only(*args, **kwargs):                          # chmod cannot stop root: simulate the refusal
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", read_only)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "ro"))),
+                   r"output_dir .*ro is not a writable folder \(Permission denied\)")
+    monkeypatch.undo()
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}))
+    run = tmp_path / "run"
+    checkpoints = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".safetensors"}
+    before, real_save = checkpoints(), sd.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)      # a partial file is on disk when space runs out
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2,
+                                                              "sample.sample_every": 0}), resume=True),
+                   r"cannot write .*lora_step_000004.safetensors \(No space left on device\): free disk")
+    assert checkpoints() == before and not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    real_open = open                                          # the disk is full when the log is appended to
+
+    def full_log(file, mode="r", *args, **kwargs):
+        if str(file).endswith("log.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(sd, "save_file", real_save)
+    monkeypatch.setattr(sd, "open", full_log, raising=False)
+    cfg = tiny_config(tmp_path, **{"sample.sample_every": 0})
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main(["--resume"])
+    assert e.value.code.startswith("error: [Errno 28] No space left on device") and "\n" not in e.value.code
+    assert checkpoints() == before
+
+
+def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
+    target, real_save, calls = tmp_path / "cache" / "x.safetensors", sd.save_file, []
+
+    def second_run_writes_meanwhile(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        if not calls:                                          # another run sharing the cache writes it too
+            calls.append(filename)
+            sd._atomic_save({"v": torch.ones(2)}, target)
+    monkeypatch.setattr(sd, "save_file", second_run_writes_meanwhile)
+    sd._atomic_save({"v": torch.zeros(2)}, target)
+    assert torch.equal(load_file(target)["v"], torch.zeros(2)) and os.listdir(target.parent) == [target.name]
+    order = []
+    monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b)))
+    (tmp_path / "log.jsonl").write_text('{"loss": 1.0}\n{"loss": 0.5}\n')
+    sd.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+    assert order == ["fsync", "replace"] and Image.open(tmp_path / "loss.png").size == (800, 400)
+    # a killed run's temporary file is never read as a cache file
+    (tmp_path / "cache" / "x.safetensors.tmp").write_bytes(b"half")
+    (tmp_path / "cache" / ".x.safetensors.123-0a1b2c3d.tmp").write_bytes(b"half")
+    assert torch.equal(load_file(sd.cached(target, pytest.fail))["v"], torch.zeros(2))
