@@ -28,12 +28,14 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -44,6 +46,10 @@ from torch.utils.checkpoint import checkpoint
 
 class UserError(ValueError):
     """Bad input from the user: printed as one line by the command-line entry points, no traceback."""
+
+
+class LostContact(UserError):
+    """Another process of a torchrun job died or hung: reported by every process that is left."""
 
 
 #################################################################################
@@ -114,6 +120,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (a one-off compile at the first steps)
     loss_bins: int = 5                     # loss is also tracked per timestep bin
+    dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others before it gives up
 
 
 @dataclass
@@ -192,7 +199,7 @@ CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("d
            "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
            "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
 AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
-                "train.loss_bins", "sample.width", "sample.height")
+                "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
 
@@ -1038,10 +1045,11 @@ class VAE(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance, what the training cache stores."""
         return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
-    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
+                             noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample z ~ N(mean, var) and scale it into the MMDiT's latent space (the one place the scale lives)."""
         mean, logvar = moments.float().chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
         return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
 
@@ -1346,6 +1354,8 @@ class Pipeline:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
@@ -1639,13 +1649,16 @@ class LatentDataset:
     RAM does not grow with the dataset (~5 MB per 1024 px image)."""
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
+        rank, world = rank_and_world()
+        # torchrun: each file is written by the one process its digest picks (captions repeat), then all read
+        store = lambda path, compute: cached(path, compute) if int(path.stem, 16) % world == rank else path
         cache = Path(cfg.dataset.cache_dir)
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         self.latent_files, self.text_files, self.sizes = [], [], []
         flip = cfg.dataset.flip
         from tqdm import tqdm
-        for item in tqdm(items, desc="caching latents and text", leave=False):
+        for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
             @torch.no_grad()
@@ -1653,18 +1666,21 @@ class LatentDataset:
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            self.latent_files.append(cached(cache / "latents" / f"{image_key}.safetensors", encode_image))
-            self.text_files.append(self.text(pipe, cache, item["caption"], text_id))
+            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
+            self.text_files.append(self.text(pipe, cache, item["caption"], text_id, store))
             self.sizes.append(item["size"])
-        self.empty = load_file(str(self.text(pipe, cache, "", text_id)))
+        empty = self.text(pipe, cache, "", text_id, store)
+        if world > 1:
+            dist.barrier()                                     # the cache is complete
+        self.empty = load_file(str(empty))
 
     @staticmethod
-    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str) -> Path:
+    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str, store=cached) -> Path:
         def encode():
             context, pooled = pipe.text.encode([caption])
             dtype = pipe.mmdit.context_embedder.weight.dtype                 # bf16 halves the cache
             return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-        return cached(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+        return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1675,13 +1691,16 @@ class LatentDataset:
         batches = [ids[j:j + batch_size] for ids in by_bucket.values() for j in range(0, len(ids), batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
-    def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator):
-        """-> latents (B, 16, h, w), context (B, L, D), pooled (B, P), with flips and caption dropout drawn from g."""
+    def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
+        """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption dropout and
+        posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
         drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
-        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"] for i, f in zip(ids, flip)])
-        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, d in zip(ids, drop)]
-        return (vae.latents_from_moments(moments, g), torch.stack([e["context"] for e in embeds]),
+        picked = list(zip(ids, flip.tolist(), drop.tolist()))[keep]
+        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"] for i, f, _ in picked])
+        noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
+        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, _, d in picked]
+        return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
                 torch.stack([e["pooled"] for e in embeds]))
 
 
@@ -1702,17 +1721,18 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
-                       autocast_dtype: torch.dtype | None):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (mean loss, per-sample losses, sigmas)"""
-    device = latents.device
-    sigmas = sample_training_sigmas(latents.shape[0], cfg, shift, g).to(device)
-    noise = torch.randn(latents.shape, generator=g).to(device)
+                       autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
+    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per-sample losses, sigmas).
+    The batch may be the slice `keep` of a batch of n: timesteps and noise are drawn for all n, the loss is sum / n."""
+    device, n = latents.device, n or latents.shape[0]
+    sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
+    noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = model(noisy, sigmas * 1000, context, pooled)
     per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
-    return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
+    return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int, cfg: Config):
@@ -1724,7 +1744,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
-    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg))})
+    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
+                                 "world_size": str(rank_and_world()[1])})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
@@ -1744,6 +1765,48 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return int(meta["step"]), json.loads(meta["config"])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device, timeout_s: float):
+    """Join the torchrun job: NCCL between GPUs, gloo on the CPU. A plain run does nothing."""
+    if rank_and_world()[1] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        import datetime
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_global_batch(state_path: Path, tc: TrainConfig):
+    """Resuming on another number of processes reproduces the run if the global batch stays the same."""
+    with safe_open(str(state_path), "pt") as f:
+        meta = f.metadata() or {}
+    saved, saved_world = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
+    bs, accum, world = saved.get("batch_size", 1), saved.get("grad_accum", 1), rank_and_world()[1]
+    if world != saved_world and bs * accum * saved_world != tc.batch_size * tc.grad_accum * world:
+        raise UserError(f"{state_path} was trained with a global batch of {bs * accum * saved_world} ({saved_world} "
+                        f"processes x batch_size {bs} x grad_accum {accum}); on {world} processes keep it with "
+                        f"train.batch_size x train.grad_accum = {bs * accum * saved_world / world:g}, or resume on "
+                        f"{saved_world} processes")
+
+
+def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
+    """Sum the LoRA gradients and the step's numbers over all processes in one collective (frozen weights stay)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
+    flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
+    try:
+        dist.all_reduce(flat)
+    except RuntimeError as e:                       # gloo: a peer closed the connection; both: the timeout
+        raise LostContact(f"process {dist.get_rank()} lost contact with the others ({str(e).splitlines()[0][:200]}): "
+                          f"one died or hung past train.dist_timeout; continue the run with --resume") from None
+    for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+    return flat[-len(numbers):].cpu()
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -1776,6 +1839,8 @@ class Trainer:
         self.state_path = self.out / "training_state.safetensors"
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
+        if resume:
+            check_global_batch(self.state_path, cfg.train)
         if not resume and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
                             f"or choose another output_dir (--set output_dir=...)")
@@ -1783,6 +1848,8 @@ class Trainer:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
         items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
+        init_distributed(pick_device(cfg.device), cfg.train.dist_timeout)
+        self.rank, self.world = rank_and_world()
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
@@ -1820,21 +1887,51 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.context_embedder.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
+        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         tc = cfg.train
-        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(tc.batch_size, tc.seed + epoch))
+        self.global_batch = tc.batch_size * tc.grad_accum * self.world
+        print(f"global batch {self.global_batch} = {self.world} processes x batch_size {tc.batch_size} "
+              f"x grad_accum {tc.grad_accum}")
+        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch, tc.seed + epoch))
         self.batches_per_epoch = len(self.epoch_batches(0))
 
-    def batch(self, micro_step: int, g: torch.Generator):
-        """The micro-batch of a global micro-step: a pure function of (seed, step), so resume is exact."""
-        epoch, index = divmod(micro_step, self.batches_per_epoch)
-        ids = self.epoch_batches(epoch)[index]
-        latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g)
-        return latents.to(self.device), context.to(self.device), pooled.to(self.device)
+    def batch(self, step: int, micro: int, g: torch.Generator):
+        """This process's share of micro-batch `micro` of a step's global batch, with the randomness that one process
+        would draw for the whole batch: a pure function of (seed, step), so resume is exact. None if it is empty."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        ids, size = self.epoch_batches(epoch)[index], self.cfg.train.batch_size
+        keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
+        if keep.start >= len(ids):                     # the last batch of a bucket can be short
+            return None
+        latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g, keep)
+        return latents.to(self.device), context.to(self.device), pooled.to(self.device), keep, len(ids)
+
+    def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
+        """Gradients of the step's global batch, summed over the processes together with the step's numbers:
+        -> [loss, sigma sum, processes asked to stop, loss sum per sigma bin..., samples per bin...]."""
+        tc, bins = self.cfg.train, self.cfg.train.loss_bins
+        numbers = torch.zeros(3 + 2 * bins)
+        numbers[2] = stopping
+        if self.world > 1:                          # LoRA dropout: own masks per process, reproduced on resume
+            torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
+        for micro in range(tc.grad_accum):
+            # per-step randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
+            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + self.step)
+            part = self.batch(self.step, micro, g)
+            if part is None:
+                continue
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *part[:3], tc, shift, g, self.autocast, *part[3:])
+            loss.backward()
+            index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
+            numbers[0] += loss.item()
+            numbers[1] += sigmas.sum().item()
+            numbers[3:3 + bins].index_add_(0, index, per_sample.cpu())
+            numbers[3 + bins:].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+        return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
 
     def sample_images(self):
         """Validation images for the configured prompts, with the same seeds at every step."""
-        if not self.cfg.sample.prompts:
+        if not self.cfg.sample.prompts or self.rank > 0:
             return
         folder = self.out / f"samples_step_{self.step:06d}"
         try:
@@ -1859,9 +1956,12 @@ class Trainer:
     def save(self):
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
+        if self.rank > 0:                                   # one writer: process 0
+            return
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
                 "base_model": c.model, "step": self.step,
-                "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
+                "training": {**{k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")},
+                             "world_size": self.world, "global_batch": self.global_batch}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
         save_training_state(self.state_path, self.params, self.opt, self.step, c)
@@ -1877,24 +1977,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
     tr.mmdit.train()
-    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
+    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+    previous, stopping = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}, False
     try:
         while tr.step < tc.steps:
-            # per-step randomness (noise, timesteps, flips, dropout) from (seed, step): resume reproduces it
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + tr.step)
             lr = get_lr(tr.step, tc)
             for group in tr.opt.param_groups:
                 group["lr"] = lr
-            # forward and backward over the accumulated micro-batches
-            total = 0.0
-            for micro in range(tc.grad_accum):
-                latents, context, pooled = tr.batch(tr.step * tc.grad_accum + micro, g)
-                loss, per_sample, sigmas = flow_matching_loss(tr.mmdit, latents, context, pooled, tc, shift, g, tr.autocast)
-                (loss / tc.grad_accum).backward()
-                total += loss.item() / tc.grad_accum
-                index = (sigmas.cpu() * tc.loss_bins).long().clamp(max=tc.loss_bins - 1)
-                bins[0].index_add_(0, index, per_sample.cpu())
-                bins[1].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+            numbers = tr.forward_backward(shift, bool(stop))
+            total, stopping = numbers[0].item(), numbers[2].item() > 0
             # clip (max_grad_norm 0 = off); a diverged run stops here and the last checkpoint on disk stays intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -1905,15 +2000,20 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
+            bins[0].add_(numbers[3:3 + tc.loss_bins]), bins[1].add_(numbers[3 + tc.loss_bins:])
             # log
-            with open(tr.log_path, "a") as f:
-                f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                                    "sigma": sigmas.mean().item(), "time": time.time()}) + "\n")
+            if tr.rank == 0:
+                with open(tr.log_path, "a") as f:
+                    f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                                        "sigma": numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item(),
+                                        "time": time.time()}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
-            if tr.step % tc.save_every == 0 or tr.step == tc.steps:
+            if tr.step % tc.save_every == 0 or tr.step == tc.steps or stopping:
                 tr.save()
+            if stopping:
+                raise KeyboardInterrupt
             if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
                 means = (bins[0] / bins[1].clamp(min=1)).tolist()
                 print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m:.4f}"
@@ -1922,10 +2022,17 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 tr.sample_images()
     except KeyboardInterrupt:
         bar.close()
-        tr.save()
-        print(f"interrupted at step {tr.step}; checkpoint saved. Continue with --resume")
-        raise SystemExit(130)
+        if not stopping:
+            tr.save()
+        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; checkpoint saved. "
+              f"Continue with --resume")
+        raise SystemExit(143 if signal.SIGTERM in stop else 130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     bar.close()
+    if tr.world > 1:
+        dist.barrier()                              # the others wait for process 0's last checkpoint and samples
     return tr.out / "lora.safetensors"
 
 
@@ -1956,6 +2063,9 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image demo dataset "
                         "on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
+    rank = rank_and_world()[0]
+    if rank > 0:                                    # torchrun: process 0 speaks for all
+        sys.stdout = open(os.devnull, "w")
     try:
         overrides = args.set
         if args.tiny:
@@ -1966,7 +2076,10 @@ def main(argv=None):
         path = train(cfg, args.resume)
         print(f"done: {path}")
     except UserError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if rank == 0 or isinstance(e, LostContact) else 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -648,6 +648,10 @@ def make_dataset(folder: Path):
 
 
 def tiny_config(tmp_path, **sets) -> sd.Config:
+    return sd.load_config(None, tiny_overrides(tmp_path, **sets))
+
+
+def tiny_overrides(tmp_path, **sets) -> list[str]:
     base = {"model": "tiny", "dtype": "fp32", "device": "cpu", "t5_length": 16, "output_dir": str(tmp_path / "run"),
             "dataset.path": str(tmp_path / "data"), "dataset.resolution": 64, "dataset.cache_dir": str(tmp_path / "cache"),
             "dataset.caption_dropout": 0.0, "lora.rank": 8, "lora.targets": "all", "train.lr": 3e-3,
@@ -655,7 +659,7 @@ def tiny_config(tmp_path, **sets) -> sd.Config:
             "train.gradient_checkpointing": True, "sample.sample_every": 20, "sample.sample_steps": 3,
             "sample.width": 32, "sample.height": 32, "sample.prompts": ["red stripes", "blue disc"]}
     base.update(sets)
-    return sd.load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 
 def losses(run: Path) -> list[float]:
@@ -825,3 +829,78 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
     assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
     assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
+
+
+#################################################################################
+#                     Several processes (torchrun, gloo, CPU)                   #
+#################################################################################
+
+def torchrun(*args, nproc: int = 2, wait: bool = True, **env):
+    """`torchrun --standalone` of CPU processes (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_cli(tmp_path, **sets) -> list[str]:
+    return [str(ROOT / "sd35_lora.py"), *(arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item))]
+
+
+def wait_for_steps(run: Path, n: int, proc, limit: float = 120):
+    start = __import__("time").time()
+    while not ((run / "log.jsonl").is_file() and len(losses(run)) >= n):
+        assert proc.poll() is None and __import__("time").time() - start < limit, proc.communicate()
+        __import__("time").sleep(0.2)
+
+
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-5):
+    np.testing.assert_allclose(losses(a), losses(b), rtol=rtol)
+    la, lb = load_file(a / "lora.safetensors"), load_file(b / "lora.safetensors")
+    assert la.keys() == lb.keys()
+    for k in la:                                     # relative to the tensor: Adam magnifies rounding near zero
+        assert (la[k] - lb[k]).norm() <= rtol * lb[k].norm(), (k, ((la[k] - lb[k]).norm() / lb[k].norm()).item())
+
+
+def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
+    make_dataset(tmp_path / "data")
+    for i, color in enumerate([(0, 200, 0), (250, 250, 0), (120, 0, 160)]):  # 5 images: short last batches
+        Image.new("RGB", (64, 64), color).save(tmp_path / "data" / f"plain_{i}.png")
+        (tmp_path / "data" / f"plain_{i}.txt").write_text(f"plain {i}")
+    shared = {"train.steps": 3, "train.save_every": 1, "sample.sample_every": 0, "sample.prompts": ["red stripes"],
+              "dataset.flip": True, "dataset.caption_dropout": 0.3, "lora.targets": "attn"}
+    runs = {  # name: (settings, resume)
+        "two_bs1": ({**shared}, False),
+        "two_bs1_accum2": ({**shared, "train.grad_accum": 2}, False),
+        "two_half": ({**shared, "train.steps": 1}, False),
+        "dropout_full": ({**shared, "lora.dropout": 0.2}, False),
+        "dropout_half": ({**shared, "lora.dropout": 0.2, "train.steps": 1}, False),
+        "dropout_resumed": ({**shared, "lora.dropout": 0.2, "output_dir": str(tmp_path / "dropout_half")}, True)}
+    plan = [(tiny_overrides(tmp_path, **{"output_dir": str(tmp_path / name), **sets}), resume)
+            for name, (sets, resume) in runs.items()]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = torchrun(str(ROOT / "test_sd35.py"), str(tmp_path / "plan.json"))
+    assert r.returncode == 0, [line for line in r.stderr.splitlines() if line.startswith("[rank")][-20:]
+    for name, sets in (("one_bs2", {**shared, "train.batch_size": 2}),
+                       ("one_bs4", {**shared, "train.batch_size": 4})):
+        sd.train(tiny_config(tmp_path, **sets, output_dir=str(tmp_path / name)))
+    assert_same_run(tmp_path / "two_bs1", tmp_path / "one_bs2")              # 2 x 1 == 1 x 2
+    assert_same_run(tmp_path / "two_bs1_accum2", tmp_path / "one_bs4")       # 2 x 1 x accum 2 == 1 x 4
+    assert losses(tmp_path / "dropout_half") == losses(tmp_path / "dropout_full")   # resumed under torchrun
+    assert load_file(tmp_path / "dropout_half/lora.safetensors").keys() == load_file(tmp_path / "dropout_full/lora.safetensors").keys()
+    image = lambda run: np.asarray(Image.open(run / "samples_step_000003/step_000003_sample_00.png"), dtype=int)
+    assert np.abs(image(tmp_path / "two_bs1") - image(tmp_path / "one_bs2")).max() <= 1
+    meta = json.loads(sd.read_safetensors(tmp_path / "two_bs1/lora.safetensors", with_metadata=True)[1]["sd35_lora"])
+    assert meta["training"]["world_size"] == 2 and meta["training"]["global_batch"] == 2
+    half = {**shared, "output_dir": str(tmp_path / "two_half")}              # resumed on 1 process
+    with pytest.raises(sd.UserError, match=r"global batch of 2 \(2 processes x batch_size 1 x grad_accum 1\); on 1 "
+                                           r"processes keep it with train.batch_size x train.grad_accum = 2"):
+        sd.train(tiny_config(tmp_path, **half), resume=True)
+    sd.train(tiny_config(tmp_path, **half, **{"train.batch_size": 2}), resume=True)
+    assert_same_run(tmp_path / "two_half", tmp_path / "two_bs1")
+
+
+if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
+    for overrides, resume in json.loads(Path(sys.argv[1]).read_text()):
+        sd.train(sd.load_config(None, overrides), resume)
