@@ -48,10 +48,6 @@ class UserError(ValueError):
     """Bad input from the user: printed as one line by the command-line entry points, no traceback."""
 
 
-class LostContact(UserError):
-    """Another process of a torchrun job died or hung: reported by every process that is left."""
-
-
 #################################################################################
 #                           Presets and Configuration                           #
 #################################################################################
@@ -1786,13 +1782,12 @@ def check_global_batch(state_path: Path, tc: TrainConfig):
     """Resuming on another number of processes reproduces the run if the global batch stays the same."""
     with safe_open(str(state_path), "pt") as f:
         meta = f.metadata() or {}
-    saved, saved_world = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
-    bs, accum, world = saved.get("batch_size", 1), saved.get("grad_accum", 1), rank_and_world()[1]
-    if world != saved_world and bs * accum * saved_world != tc.batch_size * tc.grad_accum * world:
-        raise UserError(f"{state_path} was trained with a global batch of {bs * accum * saved_world} ({saved_world} "
-                        f"processes x batch_size {bs} x grad_accum {accum}); on {world} processes keep it with "
-                        f"train.batch_size x train.grad_accum = {bs * accum * saved_world / world:g}, or resume on "
-                        f"{saved_world} processes")
+    saved, was, world = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1)), \
+        rank_and_world()[1]
+    before = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was
+    if world != was and before != tc.batch_size * tc.grad_accum * world:
+        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: on {world}, keep "
+                        f"it with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
 
 
 def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
@@ -1801,9 +1796,9 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
     flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
     try:
         dist.all_reduce(flat)
-    except RuntimeError as e:                       # gloo: a peer closed the connection; both: the timeout
-        raise LostContact(f"process {dist.get_rank()} lost contact with the others ({str(e).splitlines()[0][:200]}): "
-                          f"one died or hung past train.dist_timeout; continue the run with --resume") from None
+    except RuntimeError as e:                       # a peer closed the connection (gloo) or the timeout passed
+        raise UserError(f"process {dist.get_rank()} lost contact with the others ({str(e).splitlines()[0][:150]}): "
+                        f"one died or hung past train.dist_timeout; continue with --resume") from None
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()
@@ -1895,36 +1890,25 @@ class Trainer:
         self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch, tc.seed + epoch))
         self.batches_per_epoch = len(self.epoch_batches(0))
 
-    def batch(self, step: int, micro: int, g: torch.Generator):
-        """This process's share of micro-batch `micro` of a step's global batch, with the randomness that one process
-        would draw for the whole batch: a pure function of (seed, step), so resume is exact. None if it is empty."""
-        epoch, index = divmod(step, self.batches_per_epoch)
-        ids, size = self.epoch_batches(epoch)[index], self.cfg.train.batch_size
-        keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
-        if keep.start >= len(ids):                     # the last batch of a bucket can be short
-            return None
-        latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g, keep)
-        return latents.to(self.device), context.to(self.device), pooled.to(self.device), keep, len(ids)
-
     def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
-        """Gradients of the step's global batch, summed over the processes together with the step's numbers:
-        -> [loss, sigma sum, processes asked to stop, loss sum per sigma bin..., samples per bin...]."""
-        tc, bins = self.cfg.train, self.cfg.train.loss_bins
-        numbers = torch.zeros(3 + 2 * bins)
-        numbers[2] = stopping
+        """Gradients of this process's slices of the step's global batch, then of the whole batch, summed over the
+        processes with [loss, sigma sum, stop, loss per sigma bin, samples per bin]."""
+        tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
+        ids = self.epoch_batches(self.step // self.batches_per_epoch)[self.step % self.batches_per_epoch]
+        numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
         if self.world > 1:                          # LoRA dropout: own masks per process, reproduced on resume
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
         for micro in range(tc.grad_accum):
-            # per-step randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + self.step)
-            part = self.batch(self.step, micro, g)
-            if part is None:
+            keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
+            if keep.start >= len(ids):              # the last batch of a bucket can be short
                 continue
-            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *part[:3], tc, shift, g, self.autocast, *part[3:])
+            # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
+            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + self.step)
+            batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast, keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
-            numbers[0] += loss.item()
-            numbers[1] += sigmas.sum().item()
+            numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
             numbers[3:3 + bins].index_add_(0, index, per_sample.cpu())
             numbers[3 + bins:].index_add_(0, index, torch.ones_like(per_sample.cpu()))
         return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
@@ -1978,11 +1962,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         tr.sample_images()                                                # baseline before any update
     tr.mmdit.train()
     bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
-    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
-
-    def on_signal(signum, frame):
-        stop.append(signum)
-    previous, stopping = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}, False
+    stop, stopping = [], False                  # Ctrl-C or SIGTERM: every process stops after the same step
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
@@ -2063,8 +2044,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image demo dataset "
                         "on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
-    rank = rank_and_world()[0]
-    if rank > 0:                                    # torchrun: process 0 speaks for all
+    if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     try:
         overrides = args.set
@@ -2076,7 +2056,7 @@ def main(argv=None):
         path = train(cfg, args.resume)
         print(f"done: {path}")
     except UserError as e:
-        sys.exit(f"error: {e}" if rank == 0 or isinstance(e, LostContact) else 1)
+        sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
