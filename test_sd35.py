@@ -896,8 +896,8 @@ def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
     meta = json.loads(sd.read_safetensors(tmp_path / "two_bs1/lora.safetensors", with_metadata=True)[1]["sd35_lora"])
     assert meta["training"]["world_size"] == 2 and meta["training"]["global_batch"] == 2
     half = {**shared, "output_dir": str(tmp_path / "two_half")}              # resumed on 1 process
-    with pytest.raises(sd.UserError, match=r"global batch of 2 \(2 processes x batch_size 1 x grad_accum 1\); on 1 "
-                                           r"processes keep it with train.batch_size x train.grad_accum = 2"):
+    with pytest.raises(sd.UserError, match=r"global batch of 2 on 2 processes: on 1, keep it with "
+                                           r"train.batch_size x train.grad_accum = 2, or resume on 2"):
         sd.train(tiny_config(tmp_path, **half), resume=True)
     sd.train(tiny_config(tmp_path, **half, **{"train.batch_size": 2}), resume=True)
     assert_same_run(tmp_path / "two_half", tmp_path / "two_bs1")
@@ -918,6 +918,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert job.returncode == 143, err[-2000:]
     assert out.strip().splitlines()[-1] == f"terminated at step {step}; checkpoint saved. Continue with --resume"
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == str(step)
+
+
+def test_torchrun_sigterm_stops_every_process_after_the_same_step(tmp_path):
+    make_dataset(tmp_path / "data")
+    job = torchrun(*train_cli(tmp_path, **LONG_RUN), wait=False)
+    wait_for_steps(tmp_path / "run", 2, job)
+    job.send_signal(signal.SIGTERM)                 # torchrun passes it to every process
+    out, err = job.communicate(timeout=120)
+    step = len(losses(tmp_path / "run"))
+    assert out.strip().splitlines()[-1] == f"terminated at step {step}; checkpoint saved. Continue with --resume", err
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == str(step)
+    assert "]: Traceback" not in err and out.count("checkpoint saved") == 1
 
 
 def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
