@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import functools
 import hashlib
@@ -116,7 +117,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (a one-off compile at the first steps)
     loss_bins: int = 5                     # loss is also tracked per timestep bin
-    dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others before it gives up
+    dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
 
 @dataclass
@@ -1688,12 +1689,13 @@ class LatentDataset:
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
-        """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption dropout and
-        posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
+        """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption
+        dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
         drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
         picked = list(zip(ids, flip.tolist(), drop.tolist()))[keep]
-        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"] for i, f, _ in picked])
+        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
+                               for i, f, _ in picked])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
         embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, _, d in picked]
         return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
@@ -1718,8 +1720,8 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
                        autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per-sample losses, sigmas).
-    The batch may be the slice `keep` of a batch of n: timesteps and noise are drawn for all n, the loss is sum / n."""
+    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
+    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
@@ -1768,37 +1770,41 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device: torch.device, timeout_s: float):
-    """Join the torchrun job: NCCL between GPUs, gloo on the CPU. A plain run does nothing."""
-    if rank_and_world()[1] > 1 and not dist.is_initialized():
+def init_distributed(cfg: Config) -> tuple[int, int]:
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
+    (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
+    if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        import datetime
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
+    print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
+          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
+    return rank, world
 
 
 def check_global_batch(state_path: Path, tc: TrainConfig):
     """Resuming on another number of processes reproduces the run if the global batch stays the same."""
     with safe_open(str(state_path), "pt") as f:
         meta = f.metadata() or {}
-    saved, was, world = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1)), \
-        rank_and_world()[1]
-    before = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was
+    saved, was = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
+    before, world = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was, rank_and_world()[1]
     if world != was and before != tc.batch_size * tc.grad_accum * world:
-        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: on {world}, keep "
-                        f"it with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
+        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
+                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
+                        f"or resume on {was}")
 
 
 def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
-    """Sum the LoRA gradients and the step's numbers over all processes in one collective (frozen weights stay)."""
+    """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
     flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
     try:
         dist.all_reduce(flat)
-    except RuntimeError as e:                       # a peer closed the connection (gloo) or the timeout passed
-        raise UserError(f"process {dist.get_rank()} lost contact with the others ({str(e).splitlines()[0][:150]}): "
-                        f"one died or hung past train.dist_timeout; continue with --resume") from None
+    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        raise UserError(f"process {dist.get_rank()} lost contact with the others "
+                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
+                        f"continue with --resume") from None
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()
@@ -1843,8 +1849,7 @@ class Trainer:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
                             "a hub id, or 'tiny'")
         items = scan_dataset(cfg.dataset)                  # fail on a bad dataset before loading gigabytes
-        init_distributed(pick_device(cfg.device), cfg.train.dist_timeout)
-        self.rank, self.world = rank_and_world()
+        self.rank, self.world = init_distributed(cfg)
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True)
         self.device = self.pipe.device
@@ -1885,18 +1890,17 @@ class Trainer:
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         tc = cfg.train
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
-        print(f"global batch {self.global_batch} = {self.world} processes x batch_size {tc.batch_size} "
-              f"x grad_accum {tc.grad_accum}")
-        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch, tc.seed + epoch))
+        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch,
+                                                                                            tc.seed + epoch))
         self.batches_per_epoch = len(self.epoch_batches(0))
 
     def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
-        """Gradients of this process's slices of the step's global batch, then of the whole batch, summed over the
-        processes with [loss, sigma sum, stop, loss per sigma bin, samples per bin]."""
+        """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
+        the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         ids = self.epoch_batches(self.step // self.batches_per_epoch)[self.step % self.batches_per_epoch]
         numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
-        if self.world > 1:                          # LoRA dropout: own masks per process, reproduced on resume
+        if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
         for micro in range(tc.grad_accum):
             keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
@@ -1905,7 +1909,8 @@ class Trainer:
             # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
             g = torch.Generator().manual_seed(tc.seed * 1_000_003 + self.step)
             batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
-            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast, keep, len(ids))
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast,
+                                                          keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
             numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
@@ -1944,8 +1949,8 @@ class Trainer:
             return
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
                 "base_model": c.model, "step": self.step,
-                "training": {**{k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")},
-                             "world_size": self.world, "global_batch": self.global_batch}}
+                "world_size": self.world, "global_batch": self.global_batch,
+                "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
         save_training_state(self.state_path, self.params, self.opt, self.step, c)
@@ -1962,8 +1967,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         tr.sample_images()                                                # baseline before any update
     tr.mmdit.train()
     bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
-    stop, stopping = [], False                  # Ctrl-C or SIGTERM: every process stops after the same step
-    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
@@ -1990,11 +1996,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
                                         "time": time.time()}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
-            if tr.step % tc.save_every == 0 or tr.step == tc.steps or stopping:
-                tr.save()
-            if stopping:
+            if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt
+            # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
+            if tr.step % tc.save_every == 0 or tr.step == tc.steps:
+                tr.save()
             if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
                 means = (bins[0] / bins[1].clamp(min=1)).tolist()
                 print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m:.4f}"
@@ -2003,17 +2009,16 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 tr.sample_images()
     except KeyboardInterrupt:
         bar.close()
-        if not stopping:
-            tr.save()
-        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; checkpoint saved. "
-              f"Continue with --resume")
+        tr.save()
+        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; "
+              f"checkpoint saved. Continue with --resume")
         raise SystemExit(143 if signal.SIGTERM in stop else 130)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     bar.close()
     if tr.world > 1:
-        dist.barrier()                              # the others wait for process 0's last checkpoint and samples
+        dist.barrier()                              # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 

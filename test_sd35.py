@@ -894,7 +894,7 @@ def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
     image = lambda run: np.asarray(Image.open(run / "samples_step_000002/step_000002_sample_00.png"), dtype=int)
     assert np.abs(image(tmp_path / "two_bs1") - image(tmp_path / "one_bs2")).max() <= 1
     meta = json.loads(sd.read_safetensors(tmp_path / "two_bs1/lora.safetensors", with_metadata=True)[1]["sd35_lora"])
-    assert meta["training"]["world_size"] == 2 and meta["training"]["global_batch"] == 2
+    assert meta["world_size"] == 2 and meta["global_batch"] == 2
     half = {**shared, "output_dir": str(tmp_path / "two_half")}              # resumed on 1 process
     with pytest.raises(sd.UserError, match=r"global batch of 2 on 2 processes: on 1, keep it with "
                                            r"train.batch_size x train.grad_accum = 2, or resume on 2"):
