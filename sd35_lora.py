@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -119,6 +122,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (a one-off compile at the first steps)
     loss_bins: int = 5                     # loss is also tracked per timestep bin
+    dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
 
 @dataclass
@@ -199,7 +203,7 @@ CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("d
            "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
            "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
 AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
-                "train.loss_bins", "sample.width", "sample.height")
+                "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
 
@@ -1162,10 +1166,11 @@ class VAE(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance, what the training cache stores."""
         return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
-    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
+                             noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample z ~ N(mean, var) and scale it into the MMDiT's latent space (the one place the scale lives)."""
         mean, logvar = moments.float().chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
         return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
 
@@ -1560,6 +1565,8 @@ class Pipeline:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
@@ -1880,13 +1887,16 @@ class LatentDataset:
     RAM does not grow with the dataset (~5 MB per 1024 px image)."""
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
+        rank, world = rank_and_world()
+        # torchrun: each file is written by the one process its digest picks (captions repeat), then all read
+        store = lambda path, compute: cached(path, compute) if int(path.stem, 16) % world == rank else path
         cache = Path(cfg.dataset.cache_dir)
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         self.latent_files, self.text_files, self.sizes = [], [], []
         flip = cfg.dataset.flip
         from tqdm import tqdm
-        for item in tqdm(items, desc="caching latents and text", leave=False):
+        for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
             @torch.no_grad()
@@ -1894,18 +1904,21 @@ class LatentDataset:
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            self.latent_files.append(cached(cache / "latents" / f"{image_key}.safetensors", encode_image))
-            self.text_files.append(self.text(pipe, cache, item["caption"], text_id))
+            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
+            self.text_files.append(self.text(pipe, cache, item["caption"], text_id, store))
             self.sizes.append(item["size"])
-        self.empty = load_file(str(self.text(pipe, cache, "", text_id)))
+        empty = self.text(pipe, cache, "", text_id, store)
+        if world > 1:
+            dist.barrier()                                     # the cache is complete
+        self.empty = load_file(str(empty))
 
     @staticmethod
-    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str) -> Path:
+    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str, store=cached) -> Path:
         def encode():
             context, pooled = pipe.text.encode([caption])
             dtype = pipe.mmdit.x_embedder.proj.weight.dtype                 # bf16 halves the cache
             return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-        return cached(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+        return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1916,13 +1929,17 @@ class LatentDataset:
         batches = [ids[j:j + batch_size] for ids in by_bucket.values() for j in range(0, len(ids), batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
-    def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator):
-        """-> latents (B, 16, h, w), context (B, L, D), pooled (B, P), with flips and caption dropout drawn from g."""
+    def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
+        """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption
+        dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
         drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
-        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"] for i, f in zip(ids, flip)])
-        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, d in zip(ids, drop)]
-        return (vae.latents_from_moments(moments, g), torch.stack([e["context"] for e in embeds]),
+        picked = list(zip(ids, flip.tolist(), drop.tolist()))[keep]
+        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
+                               for i, f, _ in picked])
+        noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
+        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, _, d in picked]
+        return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
                 torch.stack([e["pooled"] for e in embeds]))
 
 
@@ -1943,17 +1960,18 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
-                       autocast_dtype: torch.dtype | None):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (mean loss, per-sample losses, sigmas)"""
-    device = latents.device
-    sigmas = sample_training_sigmas(latents.shape[0], cfg, shift, g).to(device)
-    noise = torch.randn(latents.shape, generator=g).to(device)
+                       autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
+    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
+    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
+    device, n = latents.device, n or latents.shape[0]
+    sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
+    noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = model(noisy, sigmas * 1000, context, pooled)
     per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
-    return (per_sample * loss_weight(sigmas, cfg.weighting)).mean(), per_sample.detach(), sigmas
+    return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
@@ -1967,7 +1985,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
-                                 "changes": json.dumps(list(changes))})
+                                 "changes": json.dumps(list(changes)),
+                                 "world_size": str(rank_and_world()[1])})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
@@ -1999,7 +2018,7 @@ RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.defaul
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
                    "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.compile train.gradient_checkpointing train.loss_bins sample.".split())
+                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
 def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
@@ -2013,6 +2032,7 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
                         f"start a new run in another output_dir") from None
+    check_global_batch(state_path, meta, cfg.train)
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
     refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
@@ -2022,11 +2042,54 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     if warned:
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
     log = state_path.with_name("log.jsonl")
-    if log.is_file():                                       # a line cut short (no newline) goes too
+    if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
         os.replace(log.with_suffix(".tmp"), log)
     return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(cfg: Config) -> tuple[int, int]:
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
+    (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
+    print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
+          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
+    return rank, world
+
+
+def check_global_batch(state_path: Path, meta: dict, tc: TrainConfig):
+    """Resuming on another number of processes reproduces the run if the global batch stays the same."""
+    saved, was = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
+    before, world = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was, rank_and_world()[1]
+    if world != was and before != tc.batch_size * tc.grad_accum * world:
+        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
+                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
+                        f"or resume on {was}")
+
+
+def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
+    """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
+    flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
+    try:
+        dist.all_reduce(flat)
+    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        raise UserError(f"process {dist.get_rank()} lost contact with the others "
+                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
+                        f"continue with --resume") from None
+    for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+    return flat[-len(numbers):].cpu()
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
@@ -2067,6 +2130,7 @@ class Trainer:
         items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        self.rank, self.world = init_distributed(cfg)
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
         self.device = self.pipe.device
@@ -2097,21 +2161,40 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        # an epoch's batch order is drawn once (not per micro-step); its length depends only on the buckets
+        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         tc = cfg.train
-        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(tc.batch_size, tc.seed + epoch))
+        self.global_batch = tc.batch_size * tc.grad_accum * self.world
+        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch,
+                                                                                            tc.seed + epoch))
         self.batches_per_epoch = len(self.epoch_batches(0))
 
-    def batch(self, micro_step: int, g: torch.Generator):
-        """The micro-batch of a global micro-step: a pure function of (seed, step), so resume is exact."""
-        epoch, index = divmod(micro_step, self.batches_per_epoch)
-        ids = self.epoch_batches(epoch)[index]
-        latents, context, pooled = self.data.get(ids, self.pipe.vae, self.cfg, g)
-        return latents.to(self.device), context.to(self.device), pooled.to(self.device)
+    def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
+        """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
+        the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
+        tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
+        ids = self.epoch_batches(self.step // self.batches_per_epoch)[self.step % self.batches_per_epoch]
+        numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
+        if self.world > 1:                          # LoRA dropout: own masks per process, resumable
+            torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
+        for micro in range(tc.grad_accum):
+            keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
+            if keep.start >= len(ids):              # the last batch of a bucket can be short
+                continue
+            # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
+            g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
+            batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast,
+                                                          keep, len(ids))
+            loss.backward()
+            index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
+            numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
+            numbers[3:3 + bins].index_add_(0, index, per_sample.cpu())
+            numbers[3 + bins:].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+        return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
 
     def sample_images(self):
         """Validation images for the configured prompts, with the same seeds at every step."""
-        if not self.cfg.sample.prompts:
+        if not self.cfg.sample.prompts or self.rank > 0:
             return
         try:
             self.mmdit.eval()
@@ -2134,9 +2217,12 @@ class Trainer:
     def save(self):
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
+        if self.rank > 0:                                   # one writer: process 0
+            return
         meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
                 "base_model": c.model, "step": self.step, "resumed_with_changes": self.changes,
                 "fp8": c.fp8,
+                "world_size": self.world, "global_batch": self.global_batch,
                 "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
@@ -2153,24 +2239,17 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
     tr.mmdit.train()
-    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
+    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
+    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while tr.step < tc.steps:
-            # per-step randomness (noise, timesteps, flips, dropout) from (seed, step): resume reproduces it
-            g = torch.Generator().manual_seed((tc.seed * 1_000_003 + tr.step) % 2**64)
             lr = get_lr(tr.step, tc)
             for group in tr.opt.param_groups:
                 group["lr"] = lr
-            # forward and backward over the accumulated micro-batches
-            total = 0.0
-            for micro in range(tc.grad_accum):
-                latents, context, pooled = tr.batch(tr.step * tc.grad_accum + micro, g)
-                loss, per_sample, sigmas = flow_matching_loss(tr.mmdit, latents, context, pooled, tc, shift, g, tr.autocast)
-                (loss / tc.grad_accum).backward()
-                total += loss.item() / tc.grad_accum
-                index = (sigmas.cpu() * tc.loss_bins).long().clamp(max=tc.loss_bins - 1)
-                bins[0].index_add_(0, index, per_sample.cpu())
-                bins[1].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+            numbers = tr.forward_backward(shift, bool(stop))
+            total, stopping = numbers[0].item(), numbers[2].item() > 0
             # clip (max_grad_norm 0 = off); a diverged run stops here and the last checkpoint on disk stays intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -2181,12 +2260,17 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
+            bins[0].add_(numbers[3:3 + tc.loss_bins]), bins[1].add_(numbers[3 + tc.loss_bins:])
             # log
-            with open(tr.log_path, "a") as f:
-                f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                                    "sigma": sigmas.mean().item(), "time": time.time()}) + "\n")
+            if tr.rank == 0:
+                with open(tr.log_path, "a") as f:
+                    f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                                        "sigma": numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item(),
+                                        "time": time.time()}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+            if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
+                raise KeyboardInterrupt
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
             if tr.step % tc.save_every == 0 or tr.step == tc.steps:
                 tr.save()
@@ -2199,9 +2283,15 @@ def train(cfg: Config, resume: bool = False) -> Path:
     except KeyboardInterrupt:
         bar.close()
         tr.save()
-        print(f"interrupted at step {tr.step}; checkpoint saved. Continue with --resume")
-        raise SystemExit(130)
+        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; "
+              f"checkpoint saved. Continue with --resume")
+        raise SystemExit(143 if signal.SIGTERM in stop else 130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     bar.close()
+    if tr.world > 1:
+        dist.barrier()                              # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 
@@ -2232,6 +2322,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image demo dataset "
                         "on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
+    if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
+        sys.stdout = open(os.devnull, "w")
     try:
         overrides = args.set
         if args.tiny:
@@ -2242,9 +2334,12 @@ def main(argv=None):
         path = train(cfg, args.resume)
         print(f"done: {path}")
     except UserError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

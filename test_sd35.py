@@ -5,8 +5,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -788,6 +790,10 @@ def make_dataset(folder: Path):
 
 
 def tiny_config(tmp_path, **sets) -> sd.Config:
+    return sd.load_config(None, tiny_overrides(tmp_path, **sets))
+
+
+def tiny_overrides(tmp_path, **sets) -> list[str]:
     base = {"model": "tiny", "dtype": "fp32", "device": "cpu", "t5_length": 16, "output_dir": str(tmp_path / "run"),
             "dataset.path": str(tmp_path / "data"), "dataset.resolution": 64, "dataset.cache_dir": str(tmp_path / "cache"),
             "dataset.caption_dropout": 0.0, "lora.rank": 8, "lora.targets": "all", "train.lr": 3e-3,
@@ -795,7 +801,7 @@ def tiny_config(tmp_path, **sets) -> sd.Config:
             "train.gradient_checkpointing": True, "sample.sample_every": 20, "sample.sample_steps": 3,
             "sample.width": 32, "sample.height": 32, "sample.prompts": ["red stripes", "blue disc"]}
     base.update(sets)
-    return sd.load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 
 def losses(run: Path) -> list[float]:
@@ -1421,3 +1427,132 @@ def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
     (tmp_path / "cache" / "x.safetensors.tmp").write_bytes(b"half")
     (tmp_path / "cache" / ".x.safetensors.123-0a1b2c3d.tmp").write_bytes(b"half")
     assert torch.equal(load_file(sd.cached(target, pytest.fail))["v"], torch.zeros(2))
+
+
+#################################################################################
+#                     Several processes (torchrun, gloo, CPU)                   #
+#################################################################################
+
+def torchrun(*args, nproc: int = 2, wait: bool = True, **env):
+    """`torchrun --standalone` of CPU processes (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_cli(tmp_path, **sets) -> list[str]:
+    return [str(ROOT / "sd35_lora.py"), *(arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item))]
+
+
+def wait_for_steps(run: Path, n: int, job: subprocess.Popen, limit: float = 120):
+    start = time.time()
+    while not ((run / "log.jsonl").is_file() and len(losses(run)) >= n):
+        assert job.poll() is None and time.time() - start < limit, job.communicate()
+        time.sleep(0.2)
+
+
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-5):
+    np.testing.assert_allclose(losses(a), losses(b), rtol=rtol)
+    la, lb = load_file(a / "lora.safetensors"), load_file(b / "lora.safetensors")
+    assert la.keys() == lb.keys()
+    for k in la:                                     # relative to the tensor: Adam magnifies rounding near zero
+        assert (la[k] - lb[k]).norm() <= rtol * lb[k].norm(), (k, ((la[k] - lb[k]).norm() / lb[k].norm()).item())
+
+
+def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
+    make_dataset(tmp_path / "data")
+    for i, color in enumerate([(0, 200, 0), (250, 250, 0), (120, 0, 160)]):  # 5 images: short last batches
+        Image.new("RGB", (64, 64), color).save(tmp_path / "data" / f"plain_{i}.png")
+        (tmp_path / "data" / f"plain_{i}.txt").write_text(f"plain {i}")
+    shared = {"train.steps": 2, "sample.sample_every": 0, "sample.prompts": [], "dataset.flip": True,
+              "dataset.caption_dropout": 0.3, "lora.targets": "attn", "train.gradient_checkpointing": False}
+    checked = {"sample.prompts": ["red stripes"], "train.gradient_checkpointing": True}     # images, checkpointing
+    runs = {  # name: (settings, resume)
+        "two_bs1": ({**shared, **checked}, False),
+        "two_bs1_accum2": ({**shared, "train.grad_accum": 2}, False),
+        "two_half": ({**shared, "train.steps": 1}, False),
+        "dropout_full": ({**shared, "lora.dropout": 0.2}, False),
+        "dropout_half": ({**shared, "lora.dropout": 0.2, "train.steps": 1}, False),
+        "dropout_resumed": ({**shared, "lora.dropout": 0.2, "output_dir": str(tmp_path / "dropout_half")}, True)}
+    plan = [(tiny_overrides(tmp_path, **{"output_dir": str(tmp_path / name), **sets}), resume)
+            for name, (sets, resume) in runs.items()]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = torchrun(str(ROOT / "test_sd35.py"), str(tmp_path / "plan.json"))
+    assert r.returncode == 0, [line for line in r.stderr.splitlines() if line.startswith("[rank")][-20:]
+    for name, sets in (("one_bs2", {**shared, **checked, "train.batch_size": 2}),
+                       ("one_bs4", {**shared, "train.batch_size": 4})):
+        sd.train(tiny_config(tmp_path, **sets, output_dir=str(tmp_path / name)))
+    assert_same_run(tmp_path / "two_bs1", tmp_path / "one_bs2")              # 2 x 1 == 1 x 2
+    assert_same_run(tmp_path / "two_bs1_accum2", tmp_path / "one_bs4")       # 2 x 1 x accum 2 == 1 x 4
+    assert_same_run(tmp_path / "dropout_half", tmp_path / "dropout_full", rtol=0)    # resumed under torchrun
+    image = lambda run: np.asarray(Image.open(run / "samples_step_000002/step_000002_sample_00.png"), dtype=int)
+    assert np.abs(image(tmp_path / "two_bs1") - image(tmp_path / "one_bs2")).max() <= 1
+    meta = json.loads(sd.read_safetensors(tmp_path / "two_bs1/lora.safetensors", with_metadata=True)[1]["sd35_lora"])
+    assert meta["world_size"] == 2 and meta["global_batch"] == 2
+    half = {**shared, "output_dir": str(tmp_path / "two_half")}              # resumed on 1 process
+    with pytest.raises(sd.UserError, match=r"global batch of 2 on 2 processes: on 1, keep it with "
+                                           r"train.batch_size x train.grad_accum = 2, or resume on 2"):
+        sd.train(tiny_config(tmp_path, **half), resume=True)
+    sd.train(tiny_config(tmp_path, **half, **{"train.batch_size": 2}), resume=True)
+    assert_same_run(tmp_path / "two_half", tmp_path / "two_bs1")
+
+
+LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
+            "train.gradient_checkpointing": False}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    make_dataset(tmp_path / "data")
+    job = subprocess.Popen([sys.executable, *train_cli(tmp_path, **LONG_RUN)], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_for_steps(tmp_path / "run", 2, job)
+    job.send_signal(signal.SIGTERM)                 # what schedulers and `timeout` send
+    out, err = job.communicate(timeout=120)
+    step = len(losses(tmp_path / "run"))
+    assert job.returncode == 143, err[-2000:]
+    assert out.strip().splitlines()[-1] == f"terminated at step {step}; checkpoint saved. Continue with --resume"
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == str(step)
+
+
+def test_torchrun_sigterm_stops_every_process_after_the_same_step(tmp_path):
+    make_dataset(tmp_path / "data")
+    job = torchrun(*train_cli(tmp_path, **LONG_RUN), wait=False)
+    wait_for_steps(tmp_path / "run", 2, job)
+    job.send_signal(signal.SIGTERM)                 # torchrun passes it to every process
+    out, err = job.communicate(timeout=120)
+    step = len(losses(tmp_path / "run"))
+    assert out.strip().splitlines()[-1] == f"terminated at step {step}; checkpoint saved. Continue with --resume", err
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == str(step)
+    assert "]: Traceback" not in err and out.count("checkpoint saved") == 1
+
+
+def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
+    make_dataset(tmp_path / "data")
+    sets = {**LONG_RUN, "train.steps": 3}
+    cfg = tiny_config(tmp_path, **sets)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    poisoned = data.latent_files[0]                 # one image's cached latents: only the process given it sees NaN
+    save_file({k: v * float("nan") for k, v in load_file(poisoned).items()}, poisoned)
+    r = torchrun(*train_cli(tmp_path, **sets))
+    assert r.returncode != 0 and r.stderr.count("error: loss became nan (gradient norm nan) at step 1") == 1, r.stderr
+    assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
+    make_dataset(tmp_path / "data")
+    job = torchrun(*train_cli(tmp_path, **LONG_RUN, **{"train.dist_timeout": 30}), wait=False)
+    wait_for_steps(tmp_path / "run", 2, job)
+    workers = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
+    rank1 = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    start = time.time()
+    os.kill(int(rank1), signal.SIGKILL)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - start < 60
+    assert "error: process 0 lost contact with the others" in err, err[-3000:]
+
+
+if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
+    for overrides, resume in json.loads(Path(sys.argv[1]).read_text()):
+        sd.train(sd.load_config(None, overrides), resume)
