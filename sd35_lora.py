@@ -2093,22 +2093,30 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
 
 
 def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
-    """Loss curve (raw and moving average) as a PNG, drawn with Pillow."""
+    """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
-    losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    steps, losses = [e["step"] for e in entries], [e["loss"] for e in entries]
     if len(losses) < 2:
         return
     window = max(2, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-    lo, hi = min(losses), max(losses)
-    W, H, pad = size[0], size[1], 40
-    point = lambda i, v: (pad + (W - 2 * pad) * i / (len(losses) - 1), H - pad - (H - 2 * pad) * (v - lo) / ((hi - lo) or 1))
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+              for i in range(len(losses))]
+    (lo, hi), (first, last) = (min(losses), max(losses)), (steps[0], steps[-1])
+    W, H, left, pad = size[0], size[1], 70, 40
+    x_of = lambda step: left + (W - left - pad) * (step - first) / ((last - first) or 1)
+    y_of = lambda loss: H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1)
     im = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(im)
-    draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
-    draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
-    draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
-    draw.text((pad, 10), f"loss  steps 1-{len(losses)}  min {lo:.4f}  max {hi:.4f}  last (avg) {smooth[-1]:.4f}", fill="black")
+    draw.rectangle([left, pad, W - pad, H - pad], outline="gray")
+    for k in range(5):                                   # tick values on both axes
+        step, loss = first + (last - first) * k / 4, lo + (hi - lo) * k / 4
+        draw.text((x_of(step) - 10, H - pad + 5), f"{step:.0f}", fill="black")
+        draw.text((5, y_of(loss) - 6), f"{loss:.4g}", fill="black")
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
+    draw.text((W // 2 - 15, H - 18), "steps", fill="black")
+    draw.text((5, 10), f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}", fill="black")
     _atomic_save(im, png_path)
 
 
@@ -2275,8 +2283,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if tr.step % tc.save_every == 0 or tr.step == tc.steps:
                 tr.save()
             if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
-                means = (bins[0] / bins[1].clamp(min=1)).tolist()
-                print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m:.4f}"
+                means = [f"{s / n:.4f}" if n else "-" for s, n in zip(bins[0].tolist(), bins[1].tolist())]
+                print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m}"
                                                         for i, m in enumerate(means)))
                 bins[0].zero_(), bins[1].zero_()
                 tr.sample_images()
