@@ -933,18 +933,8 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
     return headers
 
 
-def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
-    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
-    sd, meta = read_safetensors(path, with_metadata=True)
-    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
-    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
-    for official, parts in diffusers_names(depth).items():
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
-    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
+def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA tensors by module as written -> {"down", "up", "alpha"}; other tensors are reported and ignored."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
         if "dora_scale" in key or "lora_magnitude_vector" in key:
@@ -958,7 +948,27 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         groups.setdefault(module, {})[role] = tensor.float()
     if not groups:
-        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; {describe_checkpoint(sd)})")
+        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
+                        f"{describe_checkpoint(sd)})")
+    if ignored:
+        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
+              file=sys.stderr)
+    return groups
+
+
+def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
+    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
+    sd, meta = read_safetensors(path, with_metadata=True)
+    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
+    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
+        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
+    groups = _lora_groups(sd, path)
     pieces, unmatched = {}, []
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
@@ -977,9 +987,6 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if diffusers_spelling and is_swapped(official, depth):
             up = swap_halves(up)
         pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
-    if ignored:
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
-              file=sys.stderr)
     if not pieces:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
                         f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
@@ -987,7 +994,12 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     if unmatched:
         print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, e.g. {unmatched[:3]}",
               file=sys.stderr)
-    modules = dict(model.named_modules())
+    return _fit_lora(model, pieces, path)
+
+
+def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Check each module's (down, up) parts against the model's layer and join them into one adapter."""
+    modules, depth = dict(model.named_modules()), model.cfg.depth
     adapters = {}
     for official, parts in pieces.items():
         layer = modules.get(official)
@@ -2126,18 +2138,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.state_path = self.out / "training_state.safetensors"
-        if resume and not self.state_path.is_file():
-            raise UserError(f"--resume: no {self.state_path} to resume from")
-        self.changes = prepare_resume(self.state_path, cfg) if resume else []
-        if not resume and self.out.is_dir() and any(self.out.iterdir()):
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with --resume "
-                            f"or choose another output_dir (--set output_dir=...)")
-        if not cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
-                            "a hub id, or 'tiny'")
-        items = scan_dataset(cfg.dataset, cfg.output_dir)  # fail on a bad dataset before loading gigabytes
-        writable_dir(self.out, "output_dir")
-        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        items = self.check_before_loading(resume)
         self.rank, self.world = init_distributed(cfg)
         self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                                   cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
@@ -2175,6 +2176,22 @@ class Trainer:
         self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch,
                                                                                             tc.seed + epoch))
         self.batches_per_epoch = len(self.epoch_batches(0))
+
+    def check_before_loading(self, resume: bool) -> list[dict]:
+        """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
+        if resume and not self.state_path.is_file():
+            raise UserError(f"--resume: no {self.state_path} to resume from")
+        self.changes = prepare_resume(self.state_path, self.cfg) if resume else []
+        if not resume and self.out.is_dir() and any(self.out.iterdir()):
+            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
+                            f"--resume or choose another output_dir (--set output_dir=...)")
+        if not self.cfg.model:
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
+                            "a hub id, or 'tiny'")
+        items = scan_dataset(self.cfg.dataset, self.cfg.output_dir)
+        writable_dir(self.out, "output_dir")
+        writable_dir(self.cfg.dataset.cache_dir, "dataset.cache_dir")
+        return items
 
     def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
@@ -2222,6 +2239,13 @@ class Trainer:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
 
+    def log(self, loss: float, lr: float, grad_norm: float, sigma: float):
+        """One line of log.jsonl per step (process 0)."""
+        if self.rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    "sigma": sigma, "time": time.time()}) + "\n")
+
     def save(self):
         """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
         c = self.cfg
@@ -2243,7 +2267,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     from tqdm import tqdm
     tr = Trainer(cfg, resume)
     tc, shift = cfg.train, tr.sample_settings.shift
-    bins = torch.zeros(tc.loss_bins), torch.zeros(tc.loss_bins)          # per-timestep-bin loss sums, counts
+    bins = torch.zeros(2, tc.loss_bins)                                 # per-timestep-bin loss sums, counts
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
     tr.mmdit.train()
@@ -2268,13 +2292,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
-            bins[0].add_(numbers[3:3 + tc.loss_bins]), bins[1].add_(numbers[3 + tc.loss_bins:])
-            # log
-            if tr.rank == 0:
-                with open(tr.log_path, "a") as f:
-                    f.write(json.dumps({"step": tr.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                                        "sigma": numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item(),
-                                        "time": time.time()}) + "\n")
+            bins += numbers[3:].view(2, -1)
+            tr.log(total, lr, grad_norm, sigma=numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item())
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
@@ -2283,10 +2302,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if tr.step % tc.save_every == 0 or tr.step == tc.steps:
                 tr.save()
             if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
-                means = [f"{s / n:.4f}" if n else "-" for s, n in zip(bins[0].tolist(), bins[1].tolist())]
+                means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
                 print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m}"
                                                         for i, m in enumerate(means)))
-                bins[0].zero_(), bins[1].zero_()
+                bins.zero_()
                 tr.sample_images()
     except KeyboardInterrupt:
         bar.close()
