@@ -65,7 +65,7 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket).removeprefix("aten.")
         self.ops[name] += 1
-        if not func.is_view and name not in ("detach", "_local_scalar_dense"):
+        if not func.is_view and name not in ("detach", "_unsafe_view", "_local_scalar_dense"):
             tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
             self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
         return out
@@ -99,8 +99,7 @@ def count_train_step(lora: bool) -> OpCounter:
             p.requires_grad_(True)
     model.enable_gradient_checkpointing().train()
     tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
-    opt = sd.make_optimizer(params, tc) if hasattr(sd, "make_optimizer") else \
-        torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)     # as `train` makes it
 
     def step():
         loss = sd.flow_matching_loss(model, latents, context, pooled, tc, 3.0, g, torch.bfloat16)[0]
