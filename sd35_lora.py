@@ -460,7 +460,9 @@ class JointBlock(nn.Module):
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
+        del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before the attention
         out = attention(q, k, v)
+        del q, k, v                                 # and the joined ones before the MLPs
         ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(ctx_out, context, ctx_state)
