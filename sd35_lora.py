@@ -404,6 +404,12 @@ class MLP(nn.Module):
         return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention on (B, L, heads, head_dim) tensors -> (B, L, D)."""
+    out = F.scaled_dot_product_attention(*(rearrange(t, "b l h d -> b h l d") for t in (q, k, v)))
+    return rearrange(out, "b h l d -> b l (h d)")
+
+
 class Attention(nn.Module):
     """Fused qkv projection with optional per-head RMSNorm on q and k (SD3.5)."""
 
@@ -416,14 +422,14 @@ class Attention(nn.Module):
         self.proj = None if pre_only else nn.Linear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor):
-        """(B, L, D) -> q, k, v each (B, heads, L, head_dim)"""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        """(B, L, D) -> q, k, v each (B, L, heads, head_dim)"""
+        # token-major (the projection's layout): RMSNorm and the joint cat read q/k in long runs, not by head
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
         return self.ln_q(q), self.ln_k(k), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain self-attention (the dual `attn2` of MMDiT-X)."""
-        out = F.scaled_dot_product_attention(*self.qkv_heads(x))
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+        return self.proj(attention(*self.qkv_heads(x)))
 
 
 class StreamBlock(nn.Module):
@@ -473,8 +479,10 @@ class JointBlock(nn.Module):
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(ctx_qkv, x_qkv))       # (B, H, Lc + Lx, d)
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
+        del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before the attention
+        out = attention(q, k, v)
+        del q, k, v                                 # and the joined ones before the MLPs
         ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(ctx_out, context, ctx_state)
@@ -758,10 +766,13 @@ class LoRALinear(nn.Linear):
         out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
         if self.merged:
             return out
+        dtype, lora_dtype = out.dtype, self.lora_down.weight.dtype
         if not torch.is_autocast_enabled(x.device.type):          # autocast would cast an fp32 copy straight back
-            x = x.to(self.lora_down.weight.dtype)
-        update = self.lora_up(self.lora_down(self.dropout(x)))
-        return out + (update * self.scale).to(out.dtype)
+            x, out = x.to(lora_dtype), out.to(lora_dtype)
+        down = F.linear(self.dropout(x).flatten(0, -2), self.lora_down.weight)
+        # out + scale * up(down) as one addmm on 2-D views: one kernel (and its backward) instead of three
+        update = torch.addmm(out.flatten(0, -2), down, self.lora_up.weight.t(), alpha=self.scale)
+        return update.view(out.shape).to(dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -2011,10 +2022,11 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
+    fused = opt.defaults.get("fused")                  # AdamW keeps `step` on the CPU, fused AdamW on the GPU
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            state = {k.split(".", 2)[2]: v if k.endswith(".step") else v.to(p.device)   # AdamW keeps `step` on the CPU
+            state = {k.split(".", 2)[2]: v if k.endswith(".step") and not fused else v.to(p.device)
                      for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 opt.state[p] = state
@@ -2162,7 +2174,9 @@ class Trainer:
         self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
         if cfg.train.compile:
             self.mmdit.compile_blocks()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        fused = self.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
+        self.opt = torch.optim.AdamW(self.params, cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     fused=fused)
         self.step = 0
         if resume:
             self.step, _ = load_training_state(self.state_path, self.params, self.opt)

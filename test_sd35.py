@@ -437,6 +437,27 @@ def test_merge_and_unmerge():
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+def test_lora_forward_is_base_plus_scaled_update_in_each_precision():
+    """The fused addmm form equals W x + b + scale * up(down(x)): fp32, bf16 weights without autocast (update in
+    fp32, result in bf16) and under bf16 autocast."""
+    torch.manual_seed(0)
+    layer = sd.LoRALinear(torch.nn.Linear(32, 48), rank=4, alpha=2.0)
+    torch.nn.init.normal_(layer.lora_up.weight)
+    x = torch.randn(2, 5, 32)
+    reference = lambda x: torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float()) + 0.5 * (
+        x @ layer.lora_down.weight.T @ layer.lora_up.weight.T)
+    torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-5)
+    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    xb = x.bfloat16()
+    out = layer(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(xb.float()), atol=3e-2, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(xb.float()), atol=6e-2, rtol=2e-2)
+
+
 def base_output(state, x):
     model = tiny_mmdit()
     model.load_state_dict(state)

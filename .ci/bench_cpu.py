@@ -9,8 +9,19 @@ VM does not inflate: the ratios then scatter about 1% instead of 3-5%.
    hidden 1536, 24 heads, dual attention in the first blocks, qk-norm; `--layers` of its 24 blocks to fit a CPU).
 2. LoRA cost: a training step (forward + backward) with an unmerged rank-16 `attn` LoRA vs the same step
    training nothing, and a merged-LoRA forward vs the plain forward.
+
+    python .ci/bench_cpu.py --count-ops
+
+counts the aten operators one step dispatches (a GPU launches about one kernel per non-view operator, so on a
+GPU a step with many small operators waits on launches) and the bytes they read and write, with a
+TorchDispatchMode, at a small width (the counts do not depend on it): (a) one LoRA training step as `train`
+runs it on SD3.5 Large's block structure (38 blocks, qk-norm): bf16 frozen weights, fp32 rank-16 `attn` LoRA,
+bf16 autocast, gradient checkpointing, forward, recompute, backward, clip_grad_norm_, AdamW, the two .item()s;
+(b) the same step without a LoRA, training only the image stream's q RMSNorm weights (so that backward runs
+through every block); (c) one SD3.5 Medium CFG sampling step (batch 2, no grad, `denoise` with DPM++ 2M).
 """
 import argparse
+import collections
 import copy
 import statistics
 import sys
@@ -19,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sd35_lora as sd  # noqa: E402
@@ -41,6 +54,81 @@ def report(label: str, ratios: list[float]):
     print(f"  {label}: median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f} over {len(ratios)} pairs")
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts aten operators and the bytes of the tensors non-view operators read and write."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket).removeprefix("aten.")
+        self.ops[name] += 1
+        if not func.is_view and name not in ("detach", "_unsafe_view", "_local_scalar_dense"):
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def counted(fn) -> OpCounter:
+    fn()                                                    # warm-up: lazy state (optimizer moments) exists
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def small_mmdit(depth: int, dual: tuple[int, ...] = (), tokens: int = 4) -> tuple[sd.MMDiT, tuple]:
+    torch.manual_seed(0)
+    cfg = sd.MMDiTConfig(depth=depth, hidden=128, heads=2, context_dim=32, pooled_dim=32, pos_embed_max_size=16,
+                         qk_norm=True, dual_attention_layers=dual)
+    n = 2 * tokens
+    bf16 = dict(dtype=torch.bfloat16)                       # text embeddings come from the cache in the weights' dtype
+    return sd.MMDiT(cfg).to(torch.bfloat16), (torch.randn(1, 16, n, n), torch.randn(1, 77, 32, **bf16), torch.randn(1, 32, **bf16))
+
+
+def count_train_step(lora: bool) -> OpCounter:
+    """One `train` step at Large's block structure (see the module docstring)."""
+    model, (latents, context, pooled) = small_mmdit(38)
+    if lora:
+        params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+    else:
+        params = [block.x_block.attn.ln_q.weight for block in model.joint_blocks]
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+    model.enable_gradient_checkpointing().train()
+    tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)     # as `train` makes it
+
+    def step():
+        loss = sd.flow_matching_loss(model, latents, context, pooled, tc, 3.0, g, torch.bfloat16)[0]
+        loss.backward()
+        loss.item()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return counted(step)
+
+
+def count_sampling_step() -> OpCounter:
+    """One Medium CFG step as `generate` runs it: batch 2 (uncond, cond), no grad, bf16."""
+    model, (x, context, pooled) = small_mmdit(24, dual=tuple(range(13)), tokens=16)
+    model.eval().requires_grad_(False)
+    cond = uncond = (context, pooled)
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    return counted(lambda: sd.denoise(model, x, sigmas[:2], cond, uncond, cfg=5.0, sampler="dpmpp_2m"))
+
+
+def count_ops():
+    print("aten operators per step (bytes: read + written by non-view operators, at this small width):")
+    for label, counter in (("LoRA training step, Large structure", count_train_step(True)),
+                           ("training step without LoRA (q RMSNorm weights)", count_train_step(False)),
+                           ("Medium CFG sampling step, batch 2", count_sampling_step())):
+        top = ", ".join(f"{k} {v}" for k, v in counter.ops.most_common(8))
+        print(f"  {label}: {sum(counter.ops.values())} ops, {sum(counter.bytes.values()) / 2**20:.1f} MiB ({top})")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
@@ -48,7 +136,10 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=1, help="2 = a CFG sampling step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--count-ops", action="store_true", help="count the operators of a step instead of timing")
     args = p.parse_args()
+    if args.count_ops:
+        return count_ops()
     global clock
     if args.threads:
         torch.set_num_threads(args.threads)

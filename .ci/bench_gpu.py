@@ -1,16 +1,18 @@
-"""GPU checks of the targets in issues 2 and 4 that ../shared/bench/gpu_compare.py does not cover.
+"""GPU checks of the targets in issues 2, 4 and 10 that ../shared/bench/gpu_compare.py does not cover.
 
     PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [pipeline] [train] [compile] [fp8]   # default: the first three
+    python3 .ci/bench_gpu.py train compile          # every row of issue 10's table (~6-8 min on one H100/H200)
     python .ci/bench_gpu.py --smoke                                                  # tiny sizes on the CPU: the script runs
 
-1. compile:  sampling step at SD3.5 Medium size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same random
-             weights: diffusers eager, sd35_lora eager, sd35_lora compiled (as `sample.py --compile`); peak memory.
+1. compile:  sampling step at SD3.5 Medium and Large size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same
+             random weights: diffusers eager, sd35_lora eager, sd35_lora compiled (as `sample.py --compile`); peak
+             memory; and per-head RMSNorm on the layouts q can have (Medium shape).
 2. pipeline: SD3.5 Large at 1024px inside a 24 GB budget (allocator capped with set_per_process_memory_fraction):
              random full-size CLIP-L, CLIP-G, T5-XXL, MMDiT and VAE through `generate()`, 2 steps with CFG;
              with T5 (offloaded: each model visits the GPU while it runs) and without T5 (everything resident).
 3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
-             sizes: sd35_lora (eager; compiled too for Medium) vs diffusers + PEFT on the same step; time, peak memory.
+             sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory.
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
 4. fp8:      issue 9's float8 weights: a torch._scaled_mm row-wise check against the dequantized matmul; LoRA
              training steps of Large (bf16, fp8, fp8 forced to dequantize) and Medium (fp8); a Medium CFG sampling
@@ -114,38 +116,64 @@ def inputs(batch: int, cfg: sd.MMDiTConfig):
             torch.randn(batch, 333, cfg.context_dim, **kw), torch.randn(batch, cfg.pooled_dim, **kw))
 
 
-def bench_compile():
-    from diffusers import SD3Transformer2DModel
-    c = MMDIT["medium"]
-    with building():
-        ref = SD3Transformer2DModel(**diffusers_config(c))
-    ref = ref.eval().requires_grad_(False)
-    with tempfile.TemporaryDirectory() as folder:
-        ref.save_pretrained(Path(folder) / "transformer")
-        ours = sd.load_mmdit(folder, DEVICE, DTYPE).eval()
-    x, t, context, pooled = inputs(2, c)
-    runs = {"diffusers_eager": lambda: ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                                           timestep=t, return_dict=False)[0],
-            "sd35_lora_eager": lambda: ours(x, t, context, pooled)}
-    out = {}
+def ours_from(ref, c: sd.MMDiTConfig) -> sd.MMDiT:
+    """sd35_lora's MMDiT with the weights of a diffusers transformer, converted in memory."""
+    return sd._build(sd.MMDiT, c, sd.mmdit_from_diffusers(ref.state_dict(), c.depth), "MMDiT", "bench", DEVICE, DTYPE)
+
+
+def bench_rmsnorm(c: sd.MMDiTConfig) -> dict:
+    """Per-head RMSNorm of q at the Medium CFG step's shape, on the layouts q can have (microseconds per call)."""
+    L, H = (PX // 16) ** 2 + 333, c.heads
+    qkv = torch.randn(2, L, 3, H, c.hidden // H, device=DEVICE, dtype=DTYPE)
+    norm = torch.nn.RMSNorm(c.hidden // H, eps=1e-6, device=DEVICE, dtype=DTYPE)
+    views = {"head_major_view": qkv[:, :, 0].transpose(1, 2), "token_major_view": qkv[:, :, 0],
+             "contiguous": qkv[:, :, 0].contiguous()}
     with torch.no_grad():
-        a, b = runs["sd35_lora_eager"]().float(), runs["diffusers_eager"]().float()
-        out["rel_err"] = ((a - b).norm() / b.norm()).item()
-        for label, fn in runs.items():
-            reset_peak()
-            out[f"{label}_step_s"] = seconds_per_call(fn, 10)
-            out[f"{label}_memory"] = peak_gib()
-        start = time.perf_counter()
-        ours.compile_blocks()                                   # what sample.py --compile does
-        ours(x, t, context, pooled)
-        sync()
-        out["compile_s"] = round(time.perf_counter() - start, 1)
+        return {f"rmsnorm_{k}_us": round(seconds_per_call(lambda: norm(v), 20) * 1e6, 1) for k, v in views.items()}
+
+
+def bench_compile():
+    """CFG sampling step (batch 2) at Medium and Large size: diffusers eager, sd35_lora eager and compiled."""
+    from diffusers import SD3Transformer2DModel
+    for name in ("medium", "large"):
+        c, out = MMDIT[name], {}
+        results.setdefault("compile", {})[name] = out
+        try:
+            with building():
+                ref = SD3Transformer2DModel(**diffusers_config(c))
+            ref = ref.eval().requires_grad_(False)
+            ours = ours_from(ref, c)
+            x, t, context, pooled = inputs(2, c)
+            runs = {"diffusers_eager": lambda: ref(hidden_states=x, encoder_hidden_states=context,
+                                                   pooled_projections=pooled, timestep=t, return_dict=False)[0],
+                    "sd35_lora_eager": lambda: ours(x, t, context, pooled)}
+            with torch.no_grad():
+                a, b = runs["sd35_lora_eager"]().float(), runs["diffusers_eager"]().float()
+                out["rel_err"] = ((a - b).norm() / b.norm()).item()
+                a = b = None
+                for label, fn in runs.items():
+                    reset_peak()
+                    out[f"{label}_step_s"] = seconds_per_call(fn, 5)
+                    out[f"{label}_memory"] = peak_gib()
+                ref = runs = None
+                start = time.perf_counter()
+                ours.compile_blocks()                                   # what sample.py --compile does
+                ours(x, t, context, pooled)
+                sync()
+                out["compile_s"] = round(time.perf_counter() - start, 1)
+                reset_peak()
+                out["sd35_lora_compiled_step_s"] = seconds_per_call(lambda: ours(x, t, context, pooled), 5)
+                out["sd35_lora_compiled_memory"] = peak_gib()
+            for label in ("sd35_lora_eager", "sd35_lora_compiled"):
+                out[f"ratio_{label}_vs_diffusers_eager"] = round(out[f"{label}_step_s"] / out["diffusers_eager_step_s"], 3)
+            if name == "medium":
+                out.update(bench_rmsnorm(c))
+        except Exception:
+            out["error"] = traceback.format_exc()[-1500:]
+        ref = ours = runs = None
+        torch._dynamo.reset()
         reset_peak()
-        out["sd35_lora_compiled_step_s"] = seconds_per_call(lambda: ours(x, t, context, pooled), 10)
-        out["sd35_lora_compiled_memory"] = peak_gib()
-    for label in ("sd35_lora_eager", "sd35_lora_compiled"):
-        out[f"ratio_{label}_vs_diffusers_eager"] = round(out[f"{label}_step_s"] / out["diffusers_eager_step_s"], 3)
-    report("compile", out)
+        report("compile", results["compile"])
 
 
 def random_text_encoders(use_t5: bool) -> sd.TextEncoders:
@@ -205,9 +233,9 @@ def diffusers_config(c: sd.MMDiTConfig) -> dict:
                 pos_embed_max_size=c.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=c.dual_attention_layers)
 
 
-def lora_train_step(forward, params, latents, context, pooled):
+def lora_train_step(forward, params, latents, context, pooled, fused: bool | None = None):
     """One step of this project's loss (timestep sampling, flow target) + AdamW, for either model."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
     autocast = None if DTYPE == torch.float32 else DTYPE
 
@@ -233,10 +261,10 @@ def bench_train():
             model.enable_gradient_checkpointing().train()
             latents, _, context, pooled = inputs(1, model.cfg)
             reset_peak()
-            step = lora_train_step(model, params, latents, context, pooled)
+            step = lora_train_step(model, params, latents, context, pooled, fused=True)   # as `train` makes it
             r["sd35_lora_step_s"] = seconds_per_call(step, 5)
             r["sd35_lora_memory"] = peak_gib()
-            if name == "medium":                                # train.compile: true
+            if not SMOKE or name == "medium":                   # train.compile: true (one size is enough on a CPU)
                 model.compile_blocks()
                 reset_peak()
                 r["sd35_lora_compiled_step_s"] = seconds_per_call(step, 5, warmup=3)
