@@ -157,107 +157,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-def _coerce(value, default, key: str):
-    """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        try:                                   # YAML reads 1e-4 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
-        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
-            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
-        return type(default)(value)
-    if isinstance(default, list):
-        return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
-    if isinstance(default, str):
-        return "" if value is None else str(value)
-    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, got {value!r}")
-
-
-def _fill(obj, data: dict, prefix: str = ""):
-    """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
-    if not isinstance(data, dict):
-        raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        full = prefix + str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
-            raise UserError(f"unknown config key '{full}'{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, full + ".")
-        else:
-            setattr(obj, key, _coerce(value, current, full))
-    return obj
-
-
-CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
-           "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
-           "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
-AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
-                "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
-                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
-
-
-def validate(cfg: Config) -> Config:
-    """Reject bad values before any model is loaded, instead of hours into a run."""
-    value = lambda key: functools.reduce(getattr, key.split("."), cfg)
-    for key, options in CHOICES.items():
-        if value(key) not in options:
-            raise UserError(f"config key '{key}' is {value(key)!r}: use one of {', '.join(map(repr, options))}")
-    for key in AT_LEAST_ONE:
-        if value(key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
-    for key in NOT_NEGATIVE:
-        if not value(key) >= 0:
-            raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
-    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
-        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
-                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
-    if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
-        raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
-    if cfg.dtype == "fp16":
-        raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
-    return cfg
-
-
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
-    import yaml
-    data = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-    config = _fill(Config(), data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
-        try:
-            nested = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            raise UserError(f"--set {item}: the value is not valid YAML (quote lists like '[a, b]' as a whole)") from None
-        for part in reversed(key.strip().split(".")):
-            nested = {part: nested}
-        _fill(config, nested)
-    return validate(config)
-
-
 #################################################################################
 #                                 Flow Matching                                 #
 #################################################################################
-# Rectified flow: x_t = (1 - sigma) * x0 + sigma * noise, the model predicts v = noise - x0.
 
 def shift_sigma(sigma, shift: float):
     """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
@@ -303,17 +205,24 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     raise UserError(f"unknown train.weighting '{scheme}': use none, sigma_sqrt or cosmap")
 
 
+def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
+                       autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
+    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
+    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
+    device, n = latents.device, n or latents.shape[0]
+    sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
+    noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = model(noisy, sigmas * 1000, context, pooled)
+    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
+
+
 #################################################################################
 #                                     MMDiT                                     #
 #################################################################################
-
-def _block_count(sd: dict, prefix: str) -> int:
-    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
-    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
-    if found != {str(i) for i in range(len(found))}:
-        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
-    return len(found)
-
 
 @dataclass
 class MMDiTConfig:
@@ -569,165 +478,9 @@ class MMDiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
 
-# fp8: the frozen weight matrices of the joint blocks and the context embedder (~95 % of the bytes) are stored
-# as float8_e4m3fn (3 mantissa bits, largest value 448) with one fp32 scale per output row: W[i] = w[i] * s[i]
-FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
-FP8_WEIGHTS = r"^(joint_blocks\.\d+\..+|context_embedder)$"   # the Linear modules whose weight goes fp8
-FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
-
-
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) -> (float8 w, fp32 scale (out,)): each row's largest |value| becomes 448."""
-    scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 448
-    return (w.float() / scale[:, None]).to(FP8), scale
-
-
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return w.to(dtype) * scale.to(dtype)[:, None]
-
-
-class Fp8Matmul(torch.autograd.Function):
-    """x W^T + b for a frozen fp8 W; the backward (grad_x only) dequantizes W again rather than saving it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias):
-        ctx.save_for_backward(weight, scale)
-        # torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16
-        if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
-                and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
-            return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
-        rows = x.reshape(-1, x.shape[-1])            # fp8 tensor cores: x is quantized per row (token), here
-        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
-        out = torch._scaled_mm((rows / x_scale).to(FP8), weight.t(), scale_a=x_scale, scale_b=scale[None],
-                               bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
-        return out.reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight, scale = ctx.saved_tensors
-        return grad @ dequantize_fp8(weight, scale, grad.dtype), None, None, None
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
-    return F.linear(x, weight, bias) if scale is None else Fp8Matmul.apply(x, weight, scale, bias)
-
-
-class Fp8Linear(nn.Linear):
-    """A frozen nn.Linear whose weight is float8_e4m3fn, with one fp32 scale per row in `weight_scale`."""
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: nn.Parameter | None):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        self.weight, self.bias = nn.Parameter(weight, requires_grad=False), bias
-        self.register_buffer("weight_scale", scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
-
-
-@torch.no_grad()
-def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
-    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
-    layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
-    if not layers:
-        raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
-    for name, layer in layers:
-        weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
-        _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
-    return model
-
-
-# Official module name (inside `joint_blocks.{i}.`) -> diffusers name (inside `transformer_blocks.{i}.`).
-# One table serves weight conversion both ways and LoRA files of both layouts; a fused qkv maps to three.
-BLOCK_NAMES = {
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "x_block.attn.proj": "attn.to_out.0",
-    "x_block.attn.ln_q": "attn.norm_q",
-    "x_block.attn.ln_k": "attn.norm_k",
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    "x_block.attn2.proj": "attn2.to_out.0",
-    "x_block.attn2.ln_q": "attn2.norm_q",
-    "x_block.attn2.ln_k": "attn2.norm_k",
-    "x_block.adaLN_modulation.1": "norm1.linear",
-    "x_block.mlp.fc1": "ff.net.0.proj",
-    "x_block.mlp.fc2": "ff.net.2",
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block.attn.proj": "attn.to_add_out",
-    "context_block.attn.ln_q": "attn.norm_added_q",
-    "context_block.attn.ln_k": "attn.norm_added_k",
-    "context_block.adaLN_modulation.1": "norm1_context.linear",
-    "context_block.mlp.fc1": "ff_context.net.0.proj",
-    "context_block.mlp.fc2": "ff_context.net.2",
-}
-TOP_NAMES = {
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "context_embedder": "context_embedder",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-
-
-def diffusers_names(depth: int) -> dict[str, tuple[str, ...]]:
-    """Official module name -> its diffusers module name(s), for a model of `depth` joint blocks."""
-    names = {k: (v,) for k, v in TOP_NAMES.items()}
-    for i in range(depth):
-        for official, ours in BLOCK_NAMES.items():
-            parts = ours if isinstance(ours, tuple) else (ours,)
-            names[f"joint_blocks.{i}.{official}"] = tuple(f"transformer_blocks.{i}.{p}" for p in parts)
-    return names
-
-
-def is_swapped(official_name: str, depth: int) -> bool:
-    """diffusers stores these two modulations as (scale, shift); the official files as (shift, scale)."""
-    return official_name in ("final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
-
-
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first])
-
-
-def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
-    """diffusers `transformer/` state dict -> official names (qkv fused, the two swaps undone)."""
-    sd, out = dict(sd), {}
-    if "pos_embed.pos_embed" in sd:
-        out["pos_embed"] = sd.pop("pos_embed.pos_embed")
-    for official, parts in diffusers_names(depth).items():
-        for p in ("weight", "bias"):
-            tensors = [sd.pop(f"{name}.{p}") for name in parts if f"{name}.{p}" in sd]
-            if tensors:
-                t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-                out[f"{official}.{p}"] = swap_halves(t) if is_swapped(official, depth) else t
-    if sd:
-        raise UserError(f"unexpected keys in the diffusers transformer weights: {sorted(sd)[:5]}")
-    return out
-
-
-def mmdit_to_diffusers(sd: dict, depth: int) -> dict:
-    """Official names -> diffusers `transformer/` names; the exact inverse of mmdit_from_diffusers."""
-    sd, out = dict(sd), {}
-    if "pos_embed" in sd:
-        out["pos_embed.pos_embed"] = sd.pop("pos_embed")
-    for official, parts in diffusers_names(depth).items():
-        for p in ("weight", "bias"):
-            if f"{official}.{p}" in sd:
-                t = sd.pop(f"{official}.{p}")
-                t = swap_halves(t) if is_swapped(official, depth) else t
-                out.update(zip((f"{name}.{p}" for name in parts), t.chunk(len(parts))))
-    if sd:
-        raise UserError(f"unexpected keys in the official MMDiT weights: {sorted(sd)[:5]}")
-    return out
-
-
 #################################################################################
 #                                      LoRA                                     #
 #################################################################################
-# W x + b + (alpha / rank) * multiplier * up(down(x)). `up` starts at zero, so a fresh adapter changes
-# nothing and training starts from the base model. The fused qkv gets one adapter (rank r shared by q, k, v).
 
 LORA_TARGETS = {
     "attn": r"joint_blocks\.\d+\.\w+_block\.attn\.(qkv|proj)$",
@@ -747,7 +500,7 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.alpha, self.multiplier, self.merged = rank, alpha, 1.0, False
+        self.rank, self.alpha, self.multiplier = rank, alpha, 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_down = nn.Linear(self.in_features, rank, **kw)
@@ -764,8 +517,6 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
-        if self.merged:
-            return out
         dtype, lora_dtype = out.dtype, self.lora_down.weight.dtype
         if not torch.is_autocast_enabled(x.device.type):          # autocast would cast an fp32 copy straight back
             x, out = x.to(lora_dtype), out.to(lora_dtype)
@@ -773,19 +524,6 @@ class LoRALinear(nn.Linear):
         # out + scale * up(down) as one addmm on 2-D views: one kernel (and its backward) instead of three
         update = torch.addmm(out.flatten(0, -2), down, self.lora_up.weight.t(), alpha=self.scale)
         return update.view(out.shape).to(dtype)
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold the update into the base weight: inference at the cost of a plain Linear."""
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
@@ -846,213 +584,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def set_lora_merged(model: nn.Module, merged: bool):
-    for layer in lora_layers(model).values():
-        layer.merge() if merged else layer.unmerge()
-
-
-def _atomic_save(data, path: str | Path, metadata=None):
-    """Tensors or a PIL image to a tmp file of this process, fsynced, renamed: no half file, no shared tmp."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, dict):
-            save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
-        else:
-            data.save(tmp, format="PNG", pnginfo=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
-                        f"older files are intact") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def writable_dir(path: str | Path, what: str):
-    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
-
-
-def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
-    """The adapters as a LoRA file's tensors. diffusers: alpha folded into lora_B (loaders assume
-    alpha = rank), the fused qkv written as to_q/to_k/to_v sharing lora_A. kohya: official names + alpha."""
-    depth, names, out = model.cfg.depth, diffusers_names(model.cfg.depth), {}
-    for name, layer in lora_layers(model).items():
-        down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
-        if format == "kohya":
-            key = "lora_unet_" + name.replace(".", "_")
-            out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                        f"{key}.alpha": torch.tensor(float(layer.alpha))})
-        elif format == "diffusers":
-            up = up * (layer.alpha / layer.rank)
-            up = swap_halves(up) if is_swapped(name, depth) else up
-            for part, up_part in zip(names[name], up.chunk(len(names[name]))):
-                out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
-                out[f"transformer.{part}.lora_B.weight"] = up_part
-        else:
-            raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
-    if not out:
-        raise UserError("the model has no LoRA layers to save (call add_lora first)")
-    return out
-
-
-def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
-    layers = list(lora_layers(model).values())
-    info = {"format": format, "rank": layers[0].rank if layers else 0, "alpha": layers[0].alpha if layers else 0,
-            "alpha_folded": format == "diffusers", "modules": sorted(lora_layers(model)), **(metadata or {})}
-    _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
-
-
-LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
-                 "lora_transformer_")
-LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
-                 "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
-
-
-def _lora_key(key: str):
-    """A LoRA tensor name -> (module name as written, role) or None. Accepted: diffusers/PEFT (`transformer.`,
-    `base_model.model.` or no prefix; lora_A/B), kohya (`lora_unet_` + flattened official names, lora_down/up,
-    alpha), ComfyUI (`diffusion_model.` official names; `lora_transformer_` + flattened diffusers names)."""
-    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$|^(.*)\.(alpha)$", key)
-    if not m:
-        return None
-    module, role = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-    role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
-    prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
-    return module[len(prefix):], role
-
-
-def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
-    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
-    try:
-        headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
-                        for h in ("sd35_lora", "lora_adapter_metadata"))
-    except (ValueError, AttributeError):
-        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
-    for key, v, (lo, hi) in ((k, h[k], LORA_METADATA[k]) for h in headers for k in LORA_METADATA if k in h):
-        if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
-            raise UserError(f"{path}: metadata {key} = {v!r} is not in {lo}..{hi}; save the LoRA again")
-    return headers
-
-
-def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA tensors by module as written -> {"down", "up", "alpha"}; other tensors are reported and ignored."""
-    groups, ignored = {}, []
-    for key, tensor in sd.items():
-        if "dora_scale" in key or "lora_magnitude_vector" in key:
-            raise UserError(f"{path} is a DoRA ({key}); only plain LoRA files are supported")
-        parsed = _lora_key(key)
-        if parsed is None:
-            ignored.append(key)
-            continue
-        module, role = parsed
-        if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
-            raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
-        groups.setdefault(module, {})[role] = tensor.float()
-    if not groups:
-        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
-                        f"{describe_checkpoint(sd)})")
-    if ignored:
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
-              file=sys.stderr)
-    return groups
-
-
-def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
-    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
-    sd, meta = read_safetensors(path, with_metadata=True)
-    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
-    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
-    for official, parts in diffusers_names(depth).items():
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
-    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
-    groups = _lora_groups(sd, path)
-    pieces, unmatched = {}, []
-    for module, t in groups.items():
-        if "down" not in t or "up" not in t:
-            raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
-        down, up = t["down"], t["up"]
-        if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
-        if "alpha" in t and t["alpha"].numel() != 1:
-            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
-        rank = down.shape[0]
-        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
-        if module not in spellings:
-            unmatched.append(module)
-            continue
-        official, index, n_parts, diffusers_spelling = spellings[module]
-        if diffusers_spelling and is_swapped(official, depth):
-            up = swap_halves(up)
-        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
-    if not pieces:
-        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
-                        f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
-                        f"or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
-    if unmatched:
-        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, e.g. {unmatched[:3]}",
-              file=sys.stderr)
-    return _fit_lora(model, pieces, path)
-
-
-def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Check each module's (down, up) parts against the model's layer and join them into one adapter."""
-    modules, depth = dict(model.named_modules()), model.cfg.depth
-    adapters = {}
-    for official, parts in pieces.items():
-        layer = modules.get(official)
-        if not isinstance(layer, nn.Linear):
-            raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
-                            f"dual attention {list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
-        rows = layer.out_features // len(parts)
-        for down, up in filter(None, parts):
-            if down.shape[1] != layer.in_features or up.shape[0] != rows:
-                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, the LoRA has down "
-                                f"{tuple(down.shape)} and up {tuple(up.shape)}: a LoRA for another variant?")
-        downs, ups = zip(*(p or (torch.zeros(0, layer.in_features), torch.zeros(rows, 0)) for p in parts))
-        if all(torch.equal(d, downs[0]) for d in downs):          # one shared A (as we save qkv): stays rank r
-            adapters[official] = (downs[0], torch.cat(ups))
-        else:                                                      # separate A's: block-diagonal, ranks add up
-            adapters[official] = (torch.cat(downs), torch.block_diag(*ups))
-    return adapters
-
-
-@torch.no_grad()
-def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
-    """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
-    (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
-    adapters = read_lora(model, path)                      # validates everything before touching the model
-    modules = dict(model.named_modules())
-    for name, (down, up) in adapters.items():
-        layer = modules[name]
-        if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
-            weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
-            weight, row_scale = quantize_fp8(weight + ((up @ down) * scale).to(weight.device))
-            layer.weight.copy_(weight)
-            layer.weight_scale.copy_(row_scale)
-        elif merge:
-            layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
-        else:
-            if isinstance(layer, LoRALinear):
-                raise UserError(f"{name} already has an unmerged LoRA: only one LoRA can stay unmerged (merge the others)")
-            wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
-            wrapped.lora_down.weight.copy_(down)
-            wrapped.lora_up.weight.copy_(up)
-            wrapped.multiplier = scale
-    return len(adapters)
 
 
 #################################################################################
@@ -1205,35 +736,6 @@ class VAE(nn.Module):
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
 
 
-# diffusers `vae/` names -> official (SAI/LDM) names; the decoder's up blocks are numbered in reverse.
-VAE_RENAMES = [
-    (r"\.conv_norm_out\.", ".norm_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.up.{\1}.block."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.{\1}.upsample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
-]
-
-
-def vae_from_diffusers(sd: dict) -> dict:
-    levels = _block_count(sd, "decoder.up_blocks.")
-    out = {}
-    for key, tensor in sd.items():
-        for pattern, repl in VAE_RENAMES:
-            key = re.sub(pattern, repl, key)
-        key = re.sub(r"\{(\d+)\}", lambda m: str(levels - 1 - int(m.group(1))), key)
-        if ".attn_1." in key and key.endswith("weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]                     # Linear -> 1x1 conv
-        out[key] = tensor
-    return out
-
-
 #################################################################################
 #                                 Text Encoders                                 #
 #################################################################################
@@ -1273,280 +775,8 @@ class TextEncoders:
 
 
 #################################################################################
-#                                Checkpoint I/O                                 #
+#                                    Sampling                                   #
 #################################################################################
-# Accepted: a diffusers-layout folder (the Hugging Face SD3.5 repos), an official single .safetensors
-# (MMDiT + VAE under `model.diffusion_model.` / `first_stage_model.`) with text encoders from a diffusers
-# folder, or a Hugging Face repo id. Only safetensors are read: nothing downloaded is ever unpickled.
-
-CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
-    ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
-    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
-    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"),
-    ("decoder.up", "a VAE"), ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
-]
-
-
-def describe_checkpoint(sd: dict) -> str:
-    for fragment, what in CHECKPOINT_SIGNATURES:
-        if any(fragment in k for k in sd):
-            return f"it looks like {what}"
-    return f"its first keys are {sorted(sd)[:3]}"
-
-
-def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = ""):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped), and its metadata;
-    or a UserError saying what is wrong. Tensors outside `prefix` are never read."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
-        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); use the .safetensors release")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
-                        f"a truncated download? download it again") from None
-    return (sd, meta) if with_metadata else sd
-
-
-def read_weights_dir(folder: Path, stem: str) -> dict:
-    """A diffusers component's weights: `stem.safetensors` or shards listed in `stem.safetensors.index.json`."""
-    if (folder / f"{stem}.safetensors").is_file():
-        return read_safetensors(folder / f"{stem}.safetensors")
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
-    found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); only safetensors weights are read")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
-
-
-def _single_file(path: Path, prefix: str) -> dict:
-    """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
-    return read_safetensors(path, prefix=prefix) or read_safetensors(path)
-
-
-def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
-    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast. Loaded models are
-    frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
-    with torch.device("meta"):
-        model = module_cls(cfg)
-    for name, tensor in sd.items():                 # cast in place, one tensor at a time: never two copies in RAM
-        if tensor.is_floating_point() and tensor.dtype != FP8:     # fp8 weights stay fp8 (see load_mmdit)
-            sd[name] = tensor.to(dtype)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
-                        f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
-    sd.clear()                                      # the model holds the last reference: quantizing frees
-    return model.to(device).eval().requires_grad_(False)
-
-
-def _holds(path: Path, *prefixes: str) -> bool:
-    """Whether a .safetensors file's header lists tensors under `prefixes` (past `model.diffusion_model.`)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.removeprefix("model.diffusion_model.").startswith(prefixes) for k in f.keys())
-    except Exception:
-        return False
-
-
-def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
-    none (1); markers are dropped. fp8: e4m3 weights stay -> {module: per-row s}; else each becomes dtype."""
-    for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
-        del sd[key]
-    if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: use a bf16, fp16 or fp8 file")
-    scales = {}
-    for key in [k for k, t in sd.items() if t.element_size() == 1]:
-        module, weight = key.removesuffix(".weight"), sd[key]
-        given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
-        scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):
-            scales[module] = scale
-        else:                                           # one tensor at a time
-            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
-    return scales
-
-
-def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
-    """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    path, config = Path(path), None
-    if path.is_dir():
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
-        config = _read_json(folder / "config.json")
-        if "joint_attention_dim" not in config:
-            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
-        sd = read_weights_dir(folder, "diffusion_pytorch_model")
-    else:
-        sd = _single_file(path, "model.diffusion_model.")
-    if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
-        raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
-    try:                                  # shapes and counts come from an untrusted header: check them first
-        if "x_embedder.proj.weight" not in sd:                                   # diffusers names
-            sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
-        cfg = MMDiTConfig.from_diffusers(config) if config else MMDiTConfig.from_state_dict(sd)
-        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
-        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
-            raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
-    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
-    scales = _fp8_checkpoint(sd, fp8, dtype)
-    model = _build(MMDiT, cfg, sd, "MMDiT", path, "cpu" if fp8 else device, dtype)
-    return quantize_mmdit(model, scales).to(device) if fp8 else model
-
-
-def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
-    """The VAE from a diffusers root folder, its `vae/` folder, or an official single file."""
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        sd = read_weights_dir(folder, "diffusion_pytorch_model")
-        overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
-                                                ("shift_factor", "shift_factor")) if config.get(d) is not None}
-    else:
-        sd, overrides = _single_file(path, "first_stage_model."), {}
-    if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
-    try:
-        if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
-            sd = vae_from_diffusers(sd)
-        c = cfg = VAEConfig.from_state_dict(sd, **overrides)
-        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
-            raise ValueError(f"sizes of no SD3 VAE: {c}")
-    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
-    return _build(VAE, cfg, sd, "VAE", path, device, dtype)
-
-
-# Text encoders as people have them. Key layouts, what files lack, sources: README, "Text encoder files".
-TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
-    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
-    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
-    "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
-TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
-
-
-def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
-    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
-    import transformers
-    if (source / "text_encoder").is_dir():
-        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
-        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
-    else:
-        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
-        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
-                                                         p.name.lower())), source) for r in roles}
-        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
-                            if p.is_file() else {} for r, p in picked.items()}, {}
-    for role, sd in weights.items():
-        if TEXT_ENCODERS[role][2] not in sd:
-            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
-            raise UserError(f"{picked[role]} {problem} (looked for {role}*.safetensors or a diffusers-layout"
-                            f" text_encoder*/)" + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
-    return weights, configs
-
-
-def _tokenizers(folder: Path, use_t5: bool) -> list:
-    """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
-    from transformers import AutoTokenizer
-    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
-    if all((folder / n).is_dir() for n in names):
-        return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
-    from huggingface_hub import snapshot_download
-    try:
-        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
-    except Exception:  # offline without a cached copy, mostly
-        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
-                        f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
-    return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
-            AutoTokenizer.from_pretrained(t5) if use_t5 else None]
-
-
-def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
-    """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
-    config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
-    import transformers
-    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
-    _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
-    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
-    rows = lambda name: sd[name].shape[0]
-    if role == "t5xxl":                                                 # one tied tensor under both names
-        embedding = sd.pop("encoder.embed_tokens.weight", None)
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding).to(dtype)
-        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-        config = config or transformers.T5Config(
-            vocab_size=rows("shared.weight"), d_model=rows(TEXT_ENCODERS[role][2]), num_layers=layers,
-            d_ff=rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), num_heads=heads,
-            d_kv=rows("encoder.block.0.layer.0.SelfAttention.q.weight") // heads, layer_norm_epsilon=1e-6,
-            relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu")
-        return _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
-    vocab, width = sd[TEXT_ENCODERS[role][2]].shape
-    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
-    config = config or transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
-        intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
-        projection_dim=rows("text_projection.weight"), hidden_act={"clip_g": "gelu"}.get(role, "quick_gelu"),
-        max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-    def clip(cfg):                                                      # with the position ids no file holds
-        model = transformers.CLIPTextModelWithProjection(cfg)
-        positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
-        model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
-        return model
-    return _build(clip, config, sd, role, path, "cpu", dtype)
-
-
-def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
-                       use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
-    """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
-    folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
-    source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
-    weights, configs = _text_encoder_weights(source, roles)
-    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
-    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
-                else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
-    return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-
-
-def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
-    """A local path as is; a Hugging Face repo id has its diffusers-layout `parts` downloaded (safetensors only)."""
-    if os.path.exists(name):
-        return Path(name)
-    looks_local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
-    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
-        raise UserError(f"model not found: {name!r} (give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
-    from huggingface_hub import snapshot_download
-    patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
-    except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
-        text = f"{type(e).__name__}: {e}"
-        if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
-            hint = f"accept the licence at https://huggingface.co/{name}, then run `hf auth login` (or set HF_TOKEN)"
-        elif re.search(r"RepositoryNotFound|404", text):
-            hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
-        else:
-            hint = ("no network? download it where there is one (`hf download " + name + " --local-dir DIR`) "
-                    "and pass --model DIR")
-        raise UserError(f"could not download {name}: {hint}") from None
-
 
 @dataclass
 class Pipeline:
@@ -1586,110 +816,6 @@ class Pipeline:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return device
-
-
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if not name:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}: use {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
-                  dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
-                  variant: str = "", offload: bool | None = None, fp8: bool = False) -> Pipeline:
-    """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
-    "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
-    device = pick_device(str(device))
-    if fp8 and (FP8 is None or device.type == "mps"):
-        raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
-    if variant and variant not in PRESETS:
-        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
-    if not 1 <= t5_length <= T5_MAX_LENGTH:
-        raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
-    if model == "tiny":
-        pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
-        pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
-        pipe.variant = variant or pipe.variant
-        return pipe.place(offload)
-    text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
-    root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
-        if not _holds(root, "joint_blocks.", "transformer_blocks."):
-            load_mmdit(root)                       # raises the error that says what the file is instead
-        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
-                        f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
-    mmdit = load_mmdit(root, "cpu", dtype, fp8)
-    text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
-                              t5_length, use_t5, mmdit.cfg.context_dim)
-    pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
-    if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
-        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
-                        f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
-    vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
-    if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
-        raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
-                        f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
-    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
-
-
-def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'", pad_with_eos: bool = True):
-    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {t: i for i, t in enumerate(specials + list(vocab_words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<eos>" if pad_with_eos else "<pad>", model_max_length=77)
-
-
-def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True, seed: int = 0) -> Pipeline:
-    """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
-    program runs on a laptop CPU through the same code paths as the real weights."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    clip = lambda width: CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=width, max_position_embeddings=77, bos_token_id=2, eos_token_id=3, pad_token_id=3))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None
-    mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48, pos_embed_max_size=32,
-                              qk_norm=True, dual_attention_layers=(0, 1)))
-    vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
-    with torch.no_grad():  # a random encoder's posterior is as wide as its mean; make it narrow, as a trained one's
-        vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
-        for name, p in mmdit.named_parameters():  # small adaLN gates: a near-identity residual stream trains well
-            if "adaLN_modulation" in name:
-                p.mul_(0.1)
-    text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
-    for m in [mmdit, vae, *text.modules()]:
-        m.to(dtype=dtype).eval().requires_grad_(False)
-    return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
-
-
-#################################################################################
-#                                   Sampling                                    #
-#################################################################################
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
     """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in t = -log(sigma).
@@ -1809,7 +935,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
 
 
 #################################################################################
-#                                     Data                                      #
+#                                      Data                                     #
 #################################################################################
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -1967,7 +1093,7 @@ class LatentDataset:
 
 
 #################################################################################
-#                                   Training                                    #
+#                                    Training                                   #
 #################################################################################
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -1980,21 +1106,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule != "constant":
         raise UserError(f"unknown train.lr_schedule '{cfg.lr_schedule}': use constant or cosine")
     return cfg.lr
-
-
-def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
-                       autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
-    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
-    device, n = latents.device, n or latents.shape[0]
-    sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
-    noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
-    s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = model(noisy, sigmas * 1000, context, pooled)
-    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
-    return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
@@ -2034,114 +1145,6 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
     return step, config
-
-
-# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
-RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
-               "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
-                   "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
-                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
-RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
-
-
-def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
-    """Before any model loads: refuse config changes that alter what the saved state means and drop the
-    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
-    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
-    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
-                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    try:                                                        # keys added since the save: their defaults
-        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
-    except (KeyError, TypeError, AttributeError, ValueError):
-        raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
-                        f"start a new run in another output_dir") from None
-    check_global_batch(state_path, meta, cfg.train)
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
-    refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
-    if refused:
-        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
-                        f"would mean something else. Resume with the run's values, or use another output_dir")
-    warned = [c for k, c in changed.items() if k in RESUME_WARN]
-    if warned:
-        print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
-    log = state_path.with_name("log.jsonl")
-    if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
-        log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
-        os.replace(log.with_suffix(".tmp"), log)
-    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(cfg: Config) -> tuple[int, int]:
-    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
-    (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
-    print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
-          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
-    return rank, world
-
-
-def check_global_batch(state_path: Path, meta: dict, tc: TrainConfig):
-    """Resuming on another number of processes reproduces the run if the global batch stays the same."""
-    saved, was = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
-    before, world = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was, rank_and_world()[1]
-    if world != was and before != tc.batch_size * tc.grad_accum * world:
-        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
-                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
-                        f"or resume on {was}")
-
-
-def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
-    """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
-    flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
-    try:
-        dist.all_reduce(flat)
-    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
-        raise UserError(f"process {dist.get_rank()} lost contact with the others "
-                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
-                        f"continue with --resume") from None
-    for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)
-    return flat[-len(numbers):].cpu()
-
-
-def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
-    """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    steps, losses = [e["step"] for e in entries], [e["loss"] for e in entries]
-    if len(losses) < 2:
-        return
-    window = max(2, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
-              for i in range(len(losses))]
-    (lo, hi), (first, last) = (min(losses), max(losses)), (steps[0], steps[-1])
-    W, H, left, pad = size[0], size[1], 70, 40
-    x_of = lambda step: left + (W - left - pad) * (step - first) / ((last - first) or 1)
-    y_of = lambda loss: H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1)
-    im = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(im)
-    draw.rectangle([left, pad, W - pad, H - pad], outline="gray")
-    for k in range(5):                                   # tick values on both axes
-        step, loss = first + (last - first) * k / 4, lo + (hi - lo) * k / 4
-        draw.text((x_of(step) - 10, H - pad + 5), f"{step:.0f}", fill="black")
-        draw.text((5, y_of(loss) - 6), f"{loss:.4g}", fill="black")
-    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
-    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
-    draw.text((W // 2 - 15, H - 18), "steps", fill="black")
-    draw.text((5, 10), f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}", fill="black")
-    _atomic_save(im, png_path)
 
 
 class Trainer:
@@ -2334,6 +1337,997 @@ def train(cfg: Config, resume: bool = False) -> Path:
     if tr.world > 1:
         dist.barrier()                              # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
+
+
+#################################################################################
+#                                Part 2: plumbing                               #
+#The method ends above. Below: file formats, downloads, config files, launch glu#
+#################################################################################
+
+
+#################################################################################
+#                         Checkpoint Formats and Loading                        #
+#################################################################################
+
+# Official module name (inside `joint_blocks.{i}.`) -> diffusers name (inside `transformer_blocks.{i}.`).
+# One table serves weight conversion both ways and LoRA files of both layouts; a fused qkv maps to three.
+BLOCK_NAMES = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": "attn.to_out.0",
+    "x_block.attn.ln_q": "attn.norm_q",
+    "x_block.attn.ln_k": "attn.norm_k",
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": "attn2.to_out.0",
+    "x_block.attn2.ln_q": "attn2.norm_q",
+    "x_block.attn2.ln_k": "attn2.norm_k",
+    "x_block.adaLN_modulation.1": "norm1.linear",
+    "x_block.mlp.fc1": "ff.net.0.proj",
+    "x_block.mlp.fc2": "ff.net.2",
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": "attn.to_add_out",
+    "context_block.attn.ln_q": "attn.norm_added_q",
+    "context_block.attn.ln_k": "attn.norm_added_k",
+    "context_block.adaLN_modulation.1": "norm1_context.linear",
+    "context_block.mlp.fc1": "ff_context.net.0.proj",
+    "context_block.mlp.fc2": "ff_context.net.2",
+}
+TOP_NAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def diffusers_names(depth: int) -> dict[str, tuple[str, ...]]:
+    """Official module name -> its diffusers module name(s), for a model of `depth` joint blocks."""
+    names = {k: (v,) for k, v in TOP_NAMES.items()}
+    for i in range(depth):
+        for official, ours in BLOCK_NAMES.items():
+            parts = ours if isinstance(ours, tuple) else (ours,)
+            names[f"joint_blocks.{i}.{official}"] = tuple(f"transformer_blocks.{i}.{p}" for p in parts)
+    return names
+
+
+def is_swapped(official_name: str, depth: int) -> bool:
+    """diffusers stores these two modulations as (scale, shift); the official files as (shift, scale)."""
+    return official_name in ("final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
+    """diffusers `transformer/` state dict -> official names (qkv fused, the two swaps undone)."""
+    sd, out = dict(sd), {}
+    if "pos_embed.pos_embed" in sd:
+        out["pos_embed"] = sd.pop("pos_embed.pos_embed")
+    for official, parts in diffusers_names(depth).items():
+        for p in ("weight", "bias"):
+            tensors = [sd.pop(f"{name}.{p}") for name in parts if f"{name}.{p}" in sd]
+            if tensors:
+                t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+                out[f"{official}.{p}"] = swap_halves(t) if is_swapped(official, depth) else t
+    if sd:
+        raise UserError(f"unexpected keys in the diffusers transformer weights: {sorted(sd)[:5]}")
+    return out
+
+
+# diffusers `vae/` names -> official (SAI/LDM) names; the decoder's up blocks are numbered in reverse.
+VAE_RENAMES = [
+    (r"\.conv_norm_out\.", ".norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.up.{\1}.block."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.{\1}.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+]
+
+
+def vae_from_diffusers(sd: dict) -> dict:
+    levels = _block_count(sd, "decoder.up_blocks.")
+    out = {}
+    for key, tensor in sd.items():
+        for pattern, repl in VAE_RENAMES:
+            key = re.sub(pattern, repl, key)
+        key = re.sub(r"\{(\d+)\}", lambda m: str(levels - 1 - int(m.group(1))), key)
+        if ".attn_1." in key and key.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]                     # Linear -> 1x1 conv
+        out[key] = tensor
+    return out
+
+
+CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
+    ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
+    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
+    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"),
+    ("decoder.up", "a VAE"), ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+]
+
+
+def describe_checkpoint(sd: dict) -> str:
+    for fragment, what in CHECKPOINT_SIGNATURES:
+        if any(fragment in k for k in sd):
+            return f"it looks like {what}"
+    return f"its first keys are {sorted(sd)[:3]}"
+
+
+def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = ""):
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped), and its metadata;
+    or a UserError saying what is wrong. Tensors outside `prefix` are never read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); use the .safetensors release")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
+                        f"a truncated download? download it again") from None
+    return (sd, meta) if with_metadata else sd
+
+
+def read_weights_dir(folder: Path, stem: str) -> dict:
+    """A diffusers component's weights: `stem.safetensors` or shards listed in `stem.safetensors.index.json`."""
+    if (folder / f"{stem}.safetensors").is_file():
+        return read_safetensors(folder / f"{stem}.safetensors")
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+    found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); only safetensors weights are read")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
+
+
+def _single_file(path: Path, prefix: str) -> dict:
+    """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
+    return read_safetensors(path, prefix=prefix) or read_safetensors(path)
+
+
+def _block_count(sd: dict, prefix: str) -> int:
+    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
+    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    if found != {str(i) for i in range(len(found))}:
+        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
+    return len(found)
+
+
+def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
+    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast. Loaded models are
+    frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    for name, tensor in sd.items():                 # cast in place, one tensor at a time: never two copies in RAM
+        if tensor.is_floating_point() and tensor.dtype != FP8:     # fp8 weights stay fp8 (see load_mmdit)
+            sd[name] = tensor.to(dtype)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: {what} weights do not fit the detected architecture: "
+                        f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
+    sd.clear()                                      # the model holds the last reference: quantizing frees
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _holds(path: Path, *prefixes: str) -> bool:
+    """Whether a .safetensors file's header lists tensors under `prefixes` (past `model.diffusion_model.`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.removeprefix("model.diffusion_model.").startswith(prefixes) for k in f.keys())
+    except Exception:
+        return False
+
+
+def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
+    """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
+    path, config = Path(path), None
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        config = _read_json(folder / "config.json")
+        if "joint_attention_dim" not in config:
+            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
+    else:
+        sd = _single_file(path, "model.diffusion_model.")
+    if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
+        raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
+    try:                                  # shapes and counts come from an untrusted header: check them first
+        if "x_embedder.proj.weight" not in sd:                                   # diffusers names
+            sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
+        cfg = MMDiTConfig.from_diffusers(config) if config else MMDiTConfig.from_state_dict(sd)
+        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
+        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
+            raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
+    scales = _fp8_checkpoint(sd, fp8, dtype)
+    model = _build(MMDiT, cfg, sd, "MMDiT", path, "cpu" if fp8 else device, dtype)
+    return quantize_mmdit(model, scales).to(device) if fp8 else model
+
+
+def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
+    """The VAE from a diffusers root folder, its `vae/` folder, or an official single file."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        sd = read_weights_dir(folder, "diffusion_pytorch_model")
+        overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
+                                                ("shift_factor", "shift_factor")) if config.get(d) is not None}
+    else:
+        sd, overrides = _single_file(path, "first_stage_model."), {}
+    if "decoder.conv_in.weight" not in sd:
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
+    try:
+        if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
+            sd = vae_from_diffusers(sd)
+        c = cfg = VAEConfig.from_state_dict(sd, **overrides)
+        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
+            raise ValueError(f"sizes of no SD3 VAE: {c}")
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
+    return _build(VAE, cfg, sd, "VAE", path, device, dtype)
+
+
+# Text encoders as people have them. Key layouts, what files lack, sources: README, "Text encoder files".
+TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
+    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
+    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
+    "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+
+
+def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
+    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
+    import transformers
+    if (source / "text_encoder").is_dir():
+        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
+        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+    else:
+        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
+        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
+                                                         p.name.lower())), source) for r in roles}
+        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
+                            if p.is_file() else {} for r, p in picked.items()}, {}
+    for role, sd in weights.items():
+        if TEXT_ENCODERS[role][2] not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            raise UserError(f"{picked[role]} {problem} (looked for {role}*.safetensors or a diffusers-layout"
+                            f" text_encoder*/)" + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
+    return weights, configs
+
+
+def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
+    """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
+    config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
+    import transformers
+    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
+    _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
+    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
+    rows = lambda name: sd[name].shape[0]
+    if role == "t5xxl":                                                 # one tied tensor under both names
+        embedding = sd.pop("encoder.embed_tokens.weight", None)
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = sd.get("shared.weight", embedding).to(dtype)
+        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        config = config or transformers.T5Config(
+            vocab_size=rows("shared.weight"), d_model=rows(TEXT_ENCODERS[role][2]), num_layers=layers,
+            d_ff=rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), num_heads=heads,
+            d_kv=rows("encoder.block.0.layer.0.SelfAttention.q.weight") // heads, layer_norm_epsilon=1e-6,
+            relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu")
+        return _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
+    vocab, width = sd[TEXT_ENCODERS[role][2]].shape
+    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
+    config = config or transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+        intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
+        projection_dim=rows("text_projection.weight"), hidden_act={"clip_g": "gelu"}.get(role, "quick_gelu"),
+        max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def clip(cfg):                                                      # with the position ids no file holds
+        model = transformers.CLIPTextModelWithProjection(cfg)
+        positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
+        model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
+        return model
+    return _build(clip, config, sd, role, path, "cpu", dtype)
+
+
+def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
+                       use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
+    """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
+    folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
+    source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
+    weights, configs = _text_encoder_weights(source, roles)
+    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
+    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
+                else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
+    return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if not name:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
+                  dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
+                  variant: str = "", offload: bool | None = None, fp8: bool = False) -> Pipeline:
+    """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
+    "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
+    device = pick_device(str(device))
+    if fp8 and (FP8 is None or device.type == "mps"):
+        raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
+    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
+    if variant and variant not in PRESETS:
+        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
+    if not 1 <= t5_length <= T5_MAX_LENGTH:
+        raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
+    if model == "tiny":
+        pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
+        pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
+        pipe.variant = variant or pipe.variant
+        return pipe.place(offload)
+    text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
+    root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
+    if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
+        if not _holds(root, "joint_blocks.", "transformer_blocks."):
+            load_mmdit(root)                       # raises the error that says what the file is instead
+        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
+                        f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
+    mmdit = load_mmdit(root, "cpu", dtype, fp8)
+    text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
+                              t5_length, use_t5, mmdit.cfg.context_dim)
+    pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
+    if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
+        raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
+                        f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
+    vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
+    if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
+        raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
+                        f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
+    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
+
+
+#################################################################################
+#                                 Hub Downloads                                 #
+#################################################################################
+
+TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
+
+
+def _tokenizers(folder: Path, use_t5: bool) -> list:
+    """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
+    from transformers import AutoTokenizer
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
+    if all((folder / n).is_dir() for n in names):
+        return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+    from huggingface_hub import snapshot_download
+    try:
+        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
+    except Exception:  # offline without a cached copy, mostly
+        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
+                        f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
+    return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
+            AutoTokenizer.from_pretrained(t5) if use_t5 else None]
+
+
+def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
+    """A local path as is; a Hugging Face repo id has its diffusers-layout `parts` downloaded (safetensors only)."""
+    if os.path.exists(name):
+        return Path(name)
+    looks_local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+        raise UserError(f"model not found: {name!r} (give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+    except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
+        text = f"{type(e).__name__}: {e}"
+        if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
+            hint = f"accept the licence at https://huggingface.co/{name}, then run `hf auth login` (or set HF_TOKEN)"
+        elif re.search(r"RepositoryNotFound|404", text):
+            hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
+        else:
+            hint = ("no network? download it where there is one (`hf download " + name + " --local-dir DIR`) "
+                    "and pass --model DIR")
+        raise UserError(f"could not download {name}: {hint}") from None
+
+
+#################################################################################
+#                                   LoRA Files                                  #
+#################################################################################
+
+def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
+    """The adapters as a LoRA file's tensors. diffusers: alpha folded into lora_B (loaders assume
+    alpha = rank), the fused qkv written as to_q/to_k/to_v sharing lora_A. kohya: official names + alpha."""
+    depth, names, out = model.cfg.depth, diffusers_names(model.cfg.depth), {}
+    for name, layer in lora_layers(model).items():
+        down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
+        if format == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(float(layer.alpha))})
+        elif format == "diffusers":
+            up = up * (layer.alpha / layer.rank)
+            up = swap_halves(up) if is_swapped(name, depth) else up
+            for part, up_part in zip(names[name], up.chunk(len(names[name]))):
+                out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
+                out[f"transformer.{part}.lora_B.weight"] = up_part
+        else:
+            raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
+    if not out:
+        raise UserError("the model has no LoRA layers to save (call add_lora first)")
+    return out
+
+
+def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
+    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
+    layers = list(lora_layers(model).values())
+    info = {"format": format, "rank": layers[0].rank if layers else 0, "alpha": layers[0].alpha if layers else 0,
+            "alpha_folded": format == "diffusers", "modules": sorted(lora_layers(model)), **(metadata or {})}
+    _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
+
+
+LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
+                 "lora_transformer_")
+LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
+                 "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
+
+
+def _lora_key(key: str):
+    """A LoRA tensor name -> (module name as written, role) or None. Accepted: diffusers/PEFT (`transformer.`,
+    `base_model.model.` or no prefix; lora_A/B), kohya (`lora_unet_` + flattened official names, lora_down/up,
+    alpha), ComfyUI (`diffusion_model.` official names; `lora_transformer_` + flattened diffusers names)."""
+    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$|^(.*)\.(alpha)$", key)
+    if not m:
+        return None
+    module, role = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
+    prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
+    return module[len(prefix):], role
+
+
+def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
+    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
+    try:
+        headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
+                        for h in ("sd35_lora", "lora_adapter_metadata"))
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
+    for key, v, (lo, hi) in ((k, h[k], LORA_METADATA[k]) for h in headers for k in LORA_METADATA if k in h):
+        if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
+            raise UserError(f"{path}: metadata {key} = {v!r} is not in {lo}..{hi}; save the LoRA again")
+    return headers
+
+
+def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA tensors by module as written -> {"down", "up", "alpha"}; other tensors are reported and ignored."""
+    groups, ignored = {}, []
+    for key, tensor in sd.items():
+        if "dora_scale" in key or "lora_magnitude_vector" in key:
+            raise UserError(f"{path} is a DoRA ({key}); only plain LoRA files are supported")
+        parsed = _lora_key(key)
+        if parsed is None:
+            ignored.append(key)
+            continue
+        module, role = parsed
+        if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
+            raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
+        groups.setdefault(module, {})[role] = tensor.float()
+    if not groups:
+        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
+                        f"{describe_checkpoint(sd)})")
+    if ignored:
+        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
+              file=sys.stderr)
+    return groups
+
+
+def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
+    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
+    sd, meta = read_safetensors(path, with_metadata=True)
+    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
+    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
+        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
+    groups = _lora_groups(sd, path)
+    pieces, unmatched = {}, []
+    for module, t in groups.items():
+        if "down" not in t or "up" not in t:
+            raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
+        down, up = t["down"], t["up"]
+        if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
+            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
+        if "alpha" in t and t["alpha"].numel() != 1:
+            raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
+        rank = down.shape[0]
+        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        if module not in spellings:
+            unmatched.append(module)
+            continue
+        official, index, n_parts, diffusers_spelling = spellings[module]
+        if diffusers_spelling and is_swapped(official, depth):
+            up = swap_halves(up)
+        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
+    if not pieces:
+        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
+                        f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
+                        f"or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
+    if unmatched:
+        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, e.g. {unmatched[:3]}",
+              file=sys.stderr)
+    return _fit_lora(model, pieces, path)
+
+
+def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Check each module's (down, up) parts against the model's layer and join them into one adapter."""
+    modules, depth = dict(model.named_modules()), model.cfg.depth
+    adapters = {}
+    for official, parts in pieces.items():
+        layer = modules.get(official)
+        if not isinstance(layer, nn.Linear):
+            raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
+                            f"dual attention {list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
+        rows = layer.out_features // len(parts)
+        for down, up in filter(None, parts):
+            if down.shape[1] != layer.in_features or up.shape[0] != rows:
+                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, the LoRA has down "
+                                f"{tuple(down.shape)} and up {tuple(up.shape)}: a LoRA for another variant?")
+        downs, ups = zip(*(p or (torch.zeros(0, layer.in_features), torch.zeros(rows, 0)) for p in parts))
+        if all(torch.equal(d, downs[0]) for d in downs):          # one shared A (as we save qkv): stays rank r
+            adapters[official] = (downs[0], torch.cat(ups))
+        else:                                                      # separate A's: block-diagonal, ranks add up
+            adapters[official] = (torch.cat(downs), torch.block_diag(*ups))
+    return adapters
+
+
+@torch.no_grad()
+def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
+    """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
+    (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
+    adapters = read_lora(model, path)                      # validates everything before touching the model
+    modules = dict(model.named_modules())
+    for name, (down, up) in adapters.items():
+        layer = modules[name]
+        if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
+            weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
+            weight, row_scale = quantize_fp8(weight + ((up @ down) * scale).to(weight.device))
+            layer.weight.copy_(weight)
+            layer.weight_scale.copy_(row_scale)
+        elif merge:
+            layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
+        else:
+            if isinstance(layer, LoRALinear):
+                raise UserError(f"{name} already has an unmerged LoRA: only one LoRA can stay unmerged (merge the others)")
+            wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
+            wrapped.lora_down.weight.copy_(down)
+            wrapped.lora_up.weight.copy_(up)
+            wrapped.multiplier = scale
+    return len(adapters)
+
+
+#################################################################################
+#                                  fp8 Weights                                  #
+#################################################################################
+
+# fp8: the frozen weight matrices of the joint blocks and the context embedder (~95 % of the bytes) are stored
+# as float8_e4m3fn (3 mantissa bits, largest value 448) with one fp32 scale per output row: W[i] = w[i] * s[i]
+FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
+FP8_WEIGHTS = r"^(joint_blocks\.\d+\..+|context_embedder)$"   # the Linear modules whose weight goes fp8
+FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (float8 w, fp32 scale (out,)): each row's largest |value| becomes 448."""
+    scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 448
+    return (w.float() / scale[:, None]).to(FP8), scale
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype) * scale.to(dtype)[:, None]
+
+
+class Fp8Matmul(torch.autograd.Function):
+    """x W^T + b for a frozen fp8 W; the backward (grad_x only) dequantizes W again rather than saving it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias):
+        ctx.save_for_backward(weight, scale)
+        # torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16
+        if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
+                and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
+            return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
+        rows = x.reshape(-1, x.shape[-1])            # fp8 tensor cores: x is quantized per row (token), here
+        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
+        out = torch._scaled_mm((rows / x_scale).to(FP8), weight.t(), scale_a=x_scale, scale_b=scale[None],
+                               bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        return grad @ dequantize_fp8(weight, scale, grad.dtype), None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
+    return F.linear(x, weight, bias) if scale is None else Fp8Matmul.apply(x, weight, scale, bias)
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is float8_e4m3fn, with one fp32 scale per row in `weight_scale`."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: nn.Parameter | None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = nn.Parameter(weight, requires_grad=False), bias
+        self.register_buffer("weight_scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+@torch.no_grad()
+def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
+    layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
+    if not layers:
+        raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
+    for name, layer in layers:
+        weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
+        _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
+    return model
+
+
+def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
+    none (1); markers are dropped. fp8: e4m3 weights stay -> {module: per-row s}; else each becomes dtype."""
+    for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
+        del sd[key]
+    if any(not t.is_floating_point() for t in sd.values()):
+        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: use a bf16, fp16 or fp8 file")
+    scales = {}
+    for key in [k for k, t in sd.items() if t.element_size() == 1]:
+        module, weight = key.removesuffix(".weight"), sd[key]
+        given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
+        scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
+        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):
+            scales[module] = scale
+        else:                                           # one tensor at a time
+            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
+    return scales
+
+
+#################################################################################
+#                         Config Files and Resume Rules                         #
+#################################################################################
+
+def _coerce(value, default, key: str):
+    """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        try:                                   # YAML reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
+        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
+            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, list):
+        return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
+    if isinstance(default, str):
+        return "" if value is None else str(value)
+    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, got {value!r}")
+
+
+def _fill(obj, data: dict, prefix: str = ""):
+    """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    if not isinstance(data, dict):
+        raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
+            raise UserError(f"unknown config key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, full))
+    return obj
+
+
+CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
+           "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
+           "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
+AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
+                "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
+NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
+                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject bad values before any model is loaded, instead of hours into a run."""
+    value = lambda key: functools.reduce(getattr, key.split("."), cfg)
+    for key, options in CHOICES.items():
+        if value(key) not in options:
+            raise UserError(f"config key '{key}' is {value(key)!r}: use one of {', '.join(map(repr, options))}")
+    for key in AT_LEAST_ONE:
+        if value(key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
+    for key in NOT_NEGATIVE:
+        if not value(key) >= 0:
+            raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
+        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
+                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
+        raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
+    if cfg.dtype == "fp16":
+        raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
+    import yaml
+    data = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
+    config = _fill(Config(), data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
+        try:
+            nested = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: the value is not valid YAML (quote lists like '[a, b]' as a whole)") from None
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        _fill(config, nested)
+    return validate(config)
+
+
+# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
+               "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
+                   "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
+                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
+RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
+                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
+
+
+def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
+    """Before any model loads: refuse config changes that alter what the saved state means and drop the
+    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
+    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
+    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
+                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
+    try:                                                        # keys added since the save: their defaults
+        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
+                        f"start a new run in another output_dir") from None
+    check_global_batch(state_path, meta, cfg.train)
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
+    refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
+    if refused:
+        raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
+                        f"would mean something else. Resume with the run's values, or use another output_dir")
+    warned = [c for k, c in changed.items() if k in RESUME_WARN]
+    if warned:
+        print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
+    log = state_path.with_name("log.jsonl")
+    if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+        log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
+        os.replace(log.with_suffix(".tmp"), log)
+    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+
+
+#################################################################################
+#                                  Output Files                                 #
+#################################################################################
+
+def _atomic_save(data, path: str | Path, metadata=None):
+    """Tensors or a PIL image to a tmp file of this process, fsynced, renamed: no half file, no shared tmp."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, dict):
+            save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
+        else:
+            data.save(tmp, format="PNG", pnginfo=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
+                        f"older files are intact") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | Path, what: str):
+    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
+
+
+def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
+    """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    steps, losses = [e["step"] for e in entries], [e["loss"] for e in entries]
+    if len(losses) < 2:
+        return
+    window = max(2, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+              for i in range(len(losses))]
+    (lo, hi), (first, last) = (min(losses), max(losses)), (steps[0], steps[-1])
+    W, H, left, pad = size[0], size[1], 70, 40
+    x_of = lambda step: left + (W - left - pad) * (step - first) / ((last - first) or 1)
+    y_of = lambda loss: H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1)
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([left, pad, W - pad, H - pad], outline="gray")
+    for k in range(5):                                   # tick values on both axes
+        step, loss = first + (last - first) * k / 4, lo + (hi - lo) * k / 4
+        draw.text((x_of(step) - 10, H - pad + 5), f"{step:.0f}", fill="black")
+        draw.text((5, y_of(loss) - 6), f"{loss:.4g}", fill="black")
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
+    draw.text((W // 2 - 15, H - 18), "steps", fill="black")
+    draw.text((5, 10), f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}", fill="black")
+    _atomic_save(im, png_path)
+
+
+#################################################################################
+#                          Several Processes (torchrun)                         #
+#################################################################################
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(cfg: Config) -> tuple[int, int]:
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
+    (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
+    print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
+          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
+    return rank, world
+
+
+def check_global_batch(state_path: Path, meta: dict, tc: TrainConfig):
+    """Resuming on another number of processes reproduces the run if the global batch stays the same."""
+    saved, was = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
+    before, world = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was, rank_and_world()[1]
+    if world != was and before != tc.batch_size * tc.grad_accum * world:
+        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
+                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
+                        f"or resume on {was}")
+
+
+def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
+    """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
+    flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
+    try:
+        dist.all_reduce(flat)
+    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        raise UserError(f"process {dist.get_rank()} lost contact with the others "
+                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
+                        f"continue with --resume") from None
+    for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+    return flat[-len(numbers):].cpu()
+
+
+#################################################################################
+#                        Command Line and the Tiny Model                        #
+#################################################################################
+
+def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'", pad_with_eos: bool = True):
+    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + list(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<eos>" if pad_with_eos else "<pad>", model_max_length=77)
+
+
+def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True, seed: int = 0) -> Pipeline:
+    """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
+    program runs on a laptop CPU through the same code paths as the real weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    clip = lambda width: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+        projection_dim=width, max_position_embeddings=77, bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None
+    mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48, pos_embed_max_size=32,
+                              qk_norm=True, dual_attention_layers=(0, 1)))
+    vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
+    with torch.no_grad():  # a random encoder's posterior is as wide as its mean; make it narrow, as a trained one's
+        vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
+        for name, p in mmdit.named_parameters():  # small adaLN gates: a near-identity residual stream trains well
+            if "adaLN_modulation" in name:
+                p.mul_(0.1)
+    text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
+    for m in [mmdit, vae, *text.modules()]:
+        m.to(dtype=dtype).eval().requires_grad_(False)
+    return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
 TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.path=runs/tiny_data",

@@ -223,10 +223,37 @@ def mmdit_inputs(batch=2, h=8, w=6, seed=1):
             torch.randn(batch, 7, 32, generator=g), torch.randn(batch, 24, generator=g))
 
 
+def mmdit_to_diffusers(official: dict, depth: int) -> dict:
+    """Official names -> diffusers `transformer/` names; the exact inverse of sd.mmdit_from_diffusers."""
+    official, out = dict(official), {}
+    if "pos_embed" in official:
+        out["pos_embed.pos_embed"] = official.pop("pos_embed")
+    for name, parts in sd.diffusers_names(depth).items():
+        for p in ("weight", "bias"):
+            if f"{name}.{p}" in official:
+                t = official.pop(f"{name}.{p}")
+                t = sd.swap_halves(t) if sd.is_swapped(name, depth) else t
+                out.update(zip((f"{part}.{p}" for part in parts), t.chunk(len(parts))))
+    assert not official, sorted(official)[:5]
+    return out
+
+
+def set_lora_merged(model: torch.nn.Module, merged: bool):
+    """Fold every LoRALinear's update into its weight (its own update switched off), or take it out again."""
+    with torch.no_grad():
+        for layer in sd.lora_layers(model).values():
+            if merged:
+                layer.weight += layer.delta_weight().to(layer.weight.dtype)
+                layer.merged_multiplier, layer.multiplier = layer.multiplier, 0.0
+            else:
+                layer.multiplier = layer.merged_multiplier
+                layer.weight -= layer.delta_weight().to(layer.weight.dtype)
+
+
 def test_key_conversion_roundtrip_loses_nothing():
     model = tiny_mmdit(dual=(0, 1))
     official = model.state_dict()
-    there = sd.mmdit_to_diffusers(official, 3)
+    there = mmdit_to_diffusers(official, 3)
     back = sd.mmdit_from_diffusers(there, 3)
     assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
     assert sum(v.numel() for v in there.values()) == sum(v.numel() for v in official.values())
@@ -428,9 +455,9 @@ def test_merge_and_unmerge():
     base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
         unmerged = model(*x)
-        sd.set_lora_merged(model, True)
+        set_lora_merged(model, True)
         merged = model(*x)
-        sd.set_lora_merged(model, False)
+        set_lora_merged(model, False)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     assert (merged - base_output(base, x)).abs().max() > 1e-3
     for k, v in base.items():
@@ -1275,7 +1302,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
         one_line_error(lambda: sd.load_mmdit(tmp_path / f"{name}.safetensors"), f"bad SD3 MMDiT .*{match}")
     folder = tmp_path / "transformer"
     folder.mkdir()
-    save_file(sd.mmdit_to_diffusers(weights, 3), folder / "diffusion_pytorch_model.safetensors")
+    save_file(mmdit_to_diffusers(weights, 3), folder / "diffusion_pytorch_model.safetensors")
     config = dict(num_layers=2_000_000, num_attention_heads=4, attention_head_dim=16, joint_attention_dim=32,
                   pooled_projection_dim=24, pos_embed_max_size=16, qk_norm="rms_norm",
                   dual_attention_layers=[0])
