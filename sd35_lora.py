@@ -512,9 +512,6 @@ class LoRALinear(nn.Linear):
     def scale(self) -> float:
         return self.alpha / self.rank * self.multiplier
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_up.weight @ self.lora_down.weight) * self.scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
         dtype, lora_dtype = out.dtype, self.lora_down.weight.dtype
