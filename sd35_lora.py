@@ -1275,6 +1275,25 @@ class Trainer:
         save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
+    def save_and_sample(self, bins: torch.Tensor):
+        """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
+        tc, every = self.cfg.train, self.cfg.sample.sample_every
+        if self.step % tc.save_every == 0 or self.step == tc.steps:
+            self.save()
+        if (every and self.step % every == 0) or self.step == tc.steps:
+            means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
+            print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m}"
+                                                    for i, m in enumerate(means)))
+            bins.zero_()                                    # the next report covers the steps after this one
+            self.sample_images()
+
+    def exit_interrupted(self, terminated: bool):
+        """Ctrl-C or SIGTERM: save a checkpoint, then exit with the shell's code for the signal (130, 143)."""
+        self.save()
+        print(f"{'terminated' if terminated else 'interrupted'} at step {self.step}; "
+              f"checkpoint saved. Continue with --resume")
+        raise SystemExit(143 if terminated else 130)
+
 
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
@@ -1313,20 +1332,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
-            if tr.step % tc.save_every == 0 or tr.step == tc.steps:
-                tr.save()
-            if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
-                means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
-                print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m}"
-                                                        for i, m in enumerate(means)))
-                bins.zero_()
-                tr.sample_images()
+            tr.save_and_sample(bins)
     except KeyboardInterrupt:
         bar.close()
-        tr.save()
-        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; "
-              f"checkpoint saved. Continue with --resume")
-        raise SystemExit(143 if signal.SIGTERM in stop else 130)
+        tr.exit_interrupted(terminated=signal.SIGTERM in stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
