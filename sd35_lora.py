@@ -374,10 +374,11 @@ class StreamBlock(nn.Module):
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
-        normed, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods2) = state
+        normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
         if self.dual:
-            shift_msa2, scale_msa2, gate_msa2 = mods2
+            shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             x = torch.addcmul(x, gate_msa2, self.attn2(modulate(normed, shift_msa2, scale_msa2)))
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -763,9 +764,8 @@ class TextEncoders:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
 
     def _tokens(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt").input_ids
-        return ids.to(self.clip_l.device)
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.clip_l.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1205,12 +1205,8 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
-        tc = cfg.train
-        self.global_batch = tc.batch_size * tc.grad_accum * self.world
-        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch,
-                                                                                            tc.seed + epoch))
-        self.batches_per_epoch = len(self.epoch_batches(0))
+        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
+        self.epoch, self.order = 0, self.data.batches(self.global_batch, cfg.train.seed)   # epoch 0's batches
 
     def check_before_loading(self, resume: bool) -> list[dict]:
         """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
@@ -1232,7 +1228,11 @@ class Trainer:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
         the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
-        ids = self.epoch_batches(self.step // self.batches_per_epoch)[self.step % self.batches_per_epoch]
+        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
+        epoch, nth = divmod(self.step, len(self.order))
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, self.data.batches(self.global_batch, tc.seed + epoch)
+        ids = self.order[nth]
         numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
