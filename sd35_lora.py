@@ -70,7 +70,8 @@ class Preset:
 PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),               # diffusers' model card
     # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg, diffusers has it off
-    "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m", slg_scale=2.5, slg_layers=(7, 8, 9)),
+    "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m",
+                           slg_scale=2.5, slg_layers=(7, 8, 9)),
     "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),          # sd3_infer.py CONFIGS
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
@@ -87,7 +88,7 @@ class DatasetConfig:
     path: str = "data"                     # folder of images with same-name .txt captions
     resolution: int = 1024                 # bucket area ~ resolution^2, sides multiples of 64
     default_caption: str = ""              # used (and counted) where a .txt is missing
-    caption_dropout: float = 0.1           # fraction of steps trained on the empty caption (keeps CFG working)
+    caption_dropout: float = 0.1           # share of steps on the empty caption (keeps CFG working)
     flip: bool = False                     # random horizontal flips
     cache_dir: str = "cache"               # latents + text embeddings, keyed by content and settings
 
@@ -120,7 +121,7 @@ class TrainConfig:
     mode_scale: float = 1.29
     weighting: str = "none"                # none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
-    compile: bool = False                  # torch.compile the joint blocks (a one-off compile at the first steps)
+    compile: bool = False                  # torch.compile the joint blocks (compiled at the first steps)
     loss_bins: int = 5                     # loss is also tracked per timestep bin
     dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
@@ -179,7 +180,8 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
-def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
+def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float,
+                           generator: torch.Generator) -> torch.Tensor:
     """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=generator))
@@ -189,7 +191,8 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, generator: to
     elif cfg.timestep_sampling == "uniform":
         u = torch.rand(n, generator=generator)
     else:
-        raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': use logit_normal, mode or uniform")
+        raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': "
+                        "use logit_normal, mode or uniform")
     index = (u * 1000).long().clamp(0, 999)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
@@ -205,8 +208,9 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     raise UserError(f"unknown train.weighting '{scheme}': use none, sigma_sqrt or cosmap")
 
 
-def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float, g: torch.Generator,
-                       autocast_dtype: torch.dtype | None, keep: slice = slice(None), n: int = 0):
+def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
+                       g: torch.Generator, autocast_dtype: torch.dtype | None, keep: slice = slice(None),
+                       n: int = 0):
     """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
     The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
     device, n = latents.device, n or latents.shape[0]
@@ -263,10 +267,12 @@ class MMDiTConfig:
     @classmethod
     def from_diffusers(cls, c: dict) -> "MMDiTConfig":
         """Architecture from a diffusers `transformer/config.json`."""
+        channels = c.get("in_channels", 16)
         return cls(depth=c["num_layers"], hidden=c["num_attention_heads"] * c["attention_head_dim"],
                    heads=c["num_attention_heads"], patch_size=c.get("patch_size", 2),
-                   in_channels=c.get("in_channels", 16), out_channels=c.get("out_channels") or c.get("in_channels", 16),
-                   context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 2048),
+                   in_channels=channels, out_channels=c.get("out_channels") or channels,
+                   context_dim=c.get("joint_attention_dim", 4096),
+                   pooled_dim=c.get("pooled_projection_dim", 2048),
                    pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=c.get("qk_norm") == "rms_norm",
                    dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
 
@@ -307,7 +313,7 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        hidden = self.fc1(x)                                                     # (B, L, 4D): the block's largest
+        hidden = self.fc1(x)                                        # (B, L, 4D): the block's largest
         if torch.is_grad_enabled():
             return self.fc2(F.gelu(hidden, approximate="tanh"))
         return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
@@ -348,7 +354,8 @@ class StreamBlock(nn.Module):
     attention of SD3.5 Medium, 2 for the last text block, which is `pre_only` (its output is unused).
     """
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool = False, dual: bool = False):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool = False,
+                 dual: bool = False):
         super().__init__()
         self.pre_only, self.dual = pre_only, dual
         self.n_mod = 2 if pre_only else 9 if dual else 6
@@ -367,10 +374,11 @@ class StreamBlock(nn.Module):
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
-        normed, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp, *mods2) = state
+        normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
         if self.dual:
-            shift_msa2, scale_msa2, gate_msa2 = mods2
+            shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             x = torch.addcmul(x, gate_msa2, self.attn2(modulate(normed, shift_msa2, scale_msa2)))
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -389,7 +397,7 @@ class JointBlock(nn.Module):
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
-        del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before the attention
+        del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before attention
         out = attention(q, k, v)
         del q, k, v                                 # and the joined ones before the MLPs
         ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
@@ -448,16 +456,16 @@ class MMDiT(nn.Module):
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
         m = self.cfg.pos_embed_max_size
         if h > m or w > m:
-            limit = m * self.cfg.patch_size * 8
-            raise UserError(f"image of {h * self.cfg.patch_size * 8}x{w * self.cfg.patch_size * 8} px is too large "
-                            f"for this model: at most {limit} px per side")
+            px = self.cfg.patch_size * 8
+            raise UserError(f"image of {h * px}x{w * px} px is too large "
+                            f"for this model: at most {m * px} px per side")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 skip_layers=()) -> torch.Tensor:
-        """x (B, 16, H/8, W/8) latents, t (B,) = sigma * 1000, context (B, L, 4096), y (B, 2048) -> velocity like x."""
+        """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity."""
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         dtype = self.x_embedder.proj.weight.dtype                # the compute dtype, never fp8
@@ -485,7 +493,8 @@ class MMDiT(nn.Module):
 LORA_TARGETS = {
     "attn": r"joint_blocks\.\d+\.\w+_block\.attn\.(qkv|proj)$",
     "attn_mlp": r"joint_blocks\.\d+\.\w+_block\.(attn\.(qkv|proj)|mlp\.fc[12])$",
-    "all": r"(attn2?\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1|_embedder(\.mlp\.[02])?|final_layer\.linear)$",
+    "all": r"(attn2?\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1|_embedder(\.mlp\.[02])?"
+           r"|final_layer\.linear)$",
 }
 
 
@@ -512,13 +521,10 @@ class LoRALinear(nn.Linear):
     def scale(self) -> float:
         return self.alpha / self.rank * self.multiplier
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_up.weight @ self.lora_down.weight) * self.scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
         dtype, lora_dtype = out.dtype, self.lora_down.weight.dtype
-        if not torch.is_autocast_enabled(x.device.type):          # autocast would cast an fp32 copy straight back
+        if not torch.is_autocast_enabled(x.device.type):    # autocast would cast an fp32 copy straight back
             x, out = x.to(lora_dtype), out.to(lora_dtype)
         down = F.linear(self.dropout(x).flatten(0, -2), self.lora_down.weight)
         # out + scale * up(down) as one addmm on 2-D views: one kernel (and its backward) instead of three
@@ -555,8 +561,8 @@ def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: s
              and any(r.search(name) for r in regexes)
              and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
     if not names:
-        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the MMDiT; "
-                        f"use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
+        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
+                        f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
     return names
 
 
@@ -603,7 +609,8 @@ class VAEConfig:
     @classmethod
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
         ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
-        return cls(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+        return cls(ch=ch, ch_mult=mult,
                    num_res_blocks=_block_count(sd, "encoder.down.0.block."),
                    latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
 
@@ -638,7 +645,8 @@ class AttnBlock(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
+        self.block_1, self.attn_1 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -653,7 +661,8 @@ class Resample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
@@ -667,7 +676,8 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [c.ch * m for m in c.ch_mult]
         self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
-        self.down = nn.ModuleList(_level(([c.ch] + widths)[i], w, c.num_res_blocks, c.groups) for i, w in enumerate(widths))
+        self.down = nn.ModuleList(_level(cin, w, c.num_res_blocks, c.groups)
+                                  for cin, w in zip([c.ch] + widths, widths))
         for level, w in zip(self.down[:-1], widths):
             level.downsample = Resample(w, down=True)
         self.mid = MidBlock(widths[-1], c.groups)
@@ -709,7 +719,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """SD3's 16-channel autoencoder; pixels in [-1, 1], latents 8x smaller and already scaled for the MMDiT."""
+    """SD3's 16-channel autoencoder: pixels in [-1, 1], latents 8x smaller, already scaled for the MMDiT."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -717,12 +727,12 @@ class VAE(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
 
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance, what the training cache stores."""
+        """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance (what the cache stores)."""
         return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
                              noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample z ~ N(mean, var) and scale it into the MMDiT's latent space (the one place the scale lives)."""
+        """z ~ N(mean, var), scaled into the MMDiT's latent space (the one place the scale lives)."""
         mean, logvar = moments.float().chunk(2, dim=1)
         noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
@@ -754,15 +764,15 @@ class TextEncoders:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
 
     def _tokens(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.clip_l.device)
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.clip_l.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
         seqs, pooled = [], []
-        for model, tokenizer in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
-            out = model(self._tokens(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=True)
+        for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
+            out = model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
             seqs.append(out.hidden_states[-2].float())
             pooled.append(out.text_embeds.float())
         clip = torch.cat(seqs, dim=-1)                                          # (B, 77, D_l + D_g)
@@ -780,7 +790,7 @@ class TextEncoders:
 
 @dataclass
 class Pipeline:
-    """Everything sampling needs. With `offload`, components live on the CPU and visit `device` one at a time."""
+    """Everything sampling needs. With `offload`, the components visit `device` one at a time."""
     mmdit: MMDiT
     vae: VAE
     text: TextEncoders | None
@@ -796,7 +806,8 @@ class Pipeline:
             need = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
             if offload:
-                print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: each visits the GPU only while it runs")
+                print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: "
+                      "each visits the GPU only while it runs")
         self.offload = offload
         for m in modules:
             m.to("cpu" if offload else self.device)
@@ -832,7 +843,8 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
 
 @torch.no_grad()
 def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=None, cfg: float = 1.0,
-            sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(), progress: bool = False) -> torch.Tensor:
+            sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(),
+            progress: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
     if sampler not in SAMPLERS:
@@ -850,8 +862,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
             if slg_scale and slg_layers and SLG_WINDOW[0] * steps < i < SLG_WINDOW[1] * steps:
-                v_skip = model(x, (sigma * 1000).expand(x.shape[0]), *cond, skip_layers=tuple(slg_layers)).float()
-                v = v + slg_scale * (v_cond - v_skip)
+                v_skip = model(x, (sigma * 1000).expand(x.shape[0]), *cond, skip_layers=tuple(slg_layers))
+                v = v + slg_scale * (v_cond - v_skip.float())
         if sampler == "euler":
             x = x + (sigmas[i + 1] - sigma) * v
         else:
@@ -862,8 +874,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    return torch.cat([torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(s))
-                      for s in seeds])
+    shape = (1, channels, height // 8, width // 8)
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -891,13 +903,14 @@ class SampleSettings:
 
     def resolved(self, variant: str) -> "SampleSettings":
         preset = PRESETS[variant]
-        out = dataclasses.replace(self, **{k: getattr(preset, k) for k in ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
-                                           if getattr(self, k) is None})
+        keys = ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
+        out = dataclasses.replace(self, **{k: getattr(preset, k) for k in keys if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
-            raise UserError(f"width and height must be positive multiples of 16, got {out.width}x{out.height}")
+            raise UserError(f"width and height must be positive multiples of 16, "
+                            f"got {out.width}x{out.height}")
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
@@ -911,7 +924,7 @@ class SampleSettings:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True) -> list:
-    """Prompts -> PIL images (image i uses seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+    """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
     if not 0 <= s.seed <= 2**64 - len(prompts):            # torch wraps seeds mod 2^64: two seeds, one image
         raise UserError(f"seed {s.seed} is outside 0..2^64-{len(prompts)} (image i uses seed + i)")
@@ -925,13 +938,14 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     device = pipe.device
     cond = tuple(t.to(device) for t in cond)
     uncond = tuple(t.to(device) for t in uncond) if uncond is not None else None
-    x = initial_noise([s.seed + i for i in range(len(prompts))], pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
+    seeds = [s.seed + i for i in range(len(prompts))]
+    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(device)
     with pipe.on_device(pipe.mmdit):
-        slg_layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # preset layers may exceed a tiny model
-        latents = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, slg_layers, progress)
+        layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # presets may exceed a tiny model
+        x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in latents]))
+        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in x]))
 
 
 #################################################################################
@@ -969,7 +983,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     from PIL import Image, ImageOps
     root = Path(cfg.path)
     if not root.is_dir():
-        raise UserError(f"dataset.path {root} is not a folder (it should hold images with same-name .txt captions)")
+        raise UserError(f"dataset.path {root} is not a folder "
+                        f"(it should hold images with same-name .txt captions)")
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
@@ -1072,10 +1087,10 @@ class LatentDataset:
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
         g = torch.Generator().manual_seed(epoch_seed % 2**64)
-        by_bucket = {}
+        buckets = {}
         for i in torch.randperm(len(self.sizes), generator=g).tolist():
-            by_bucket.setdefault(self.sizes[i], []).append(i)
-        batches = [ids[j:j + batch_size] for ids in by_bucket.values() for j in range(0, len(ids), batch_size)]
+            buckets.setdefault(self.sizes[i], []).append(i)
+        batches = [ids[j:j + batch_size] for ids in buckets.values() for j in range(0, len(ids), batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
@@ -1123,7 +1138,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                                  "world_size": str(rank_and_world()[1])})
 
 
-def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_training_state(path: Path, params: list[nn.Parameter],
+                        opt: torch.optim.Optimizer) -> tuple[int, dict]:
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
         step, config, rng = int(meta["step"]), dict(json.loads(meta["config"])), tensors["rng.cpu"]
@@ -1148,32 +1164,34 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 
 class Trainer:
-    """State shared by the loop's helpers: the pipeline, the LoRA parameters, the optimizer and the output folder."""
+    """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.state_path = self.out / "training_state.safetensors"
         items = self.check_before_loading(resume)
         self.rank, self.world = init_distributed(cfg)
-        self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
-                                  cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
+        self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device,
+                                  cfg.dtype, cfg.t5_length, cfg.use_t5, cfg.variant, offload=True,
+                                  fp8=cfg.fp8)
         self.device = self.pipe.device
         s = cfg.sample
-        self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
-                                              s.sampler or None, width=s.width, height=s.height,
-                                              seed=s.seed).resolved(self.pipe.variant)
+        self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None,
+                                              s.shift or None, s.sampler or None, width=s.width,
+                                              height=s.height, seed=s.seed).resolved(self.pipe.variant)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
-        with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):    # the encoders visit the GPU once
+        with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):  # the encoders visit the GPU once
             self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
-            cond = self.pipe.text.encode(s.prompts) if s.prompts else None      # validation prompts, encoded once
+            cond = self.pipe.text.encode(s.prompts) if s.prompts else None    # sample prompts, encoded once
             uncond = self.pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond if self.sample_settings.cfg != 1.0 else None)
         self.pipe.text = None                                      # text encoders are no longer needed
         self.pipe.offload = False
         self.mmdit = self.pipe.mmdit.to(self.device)
         torch.manual_seed(cfg.train.seed)                          # LoRA init (and dropout) follow train.seed
-        self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks, cfg.lora.dropout)
+        self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks,
+                               cfg.lora.dropout)
         self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
         if cfg.train.compile:
             self.mmdit.compile_blocks()
@@ -1187,12 +1205,8 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
-        tc = cfg.train
-        self.global_batch = tc.batch_size * tc.grad_accum * self.world
-        self.epoch_batches = functools.lru_cache(maxsize=1)(lambda epoch: self.data.batches(self.global_batch,
-                                                                                            tc.seed + epoch))
-        self.batches_per_epoch = len(self.epoch_batches(0))
+        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
+        self.epoch, self.order = 0, self.data.batches(self.global_batch, cfg.train.seed)   # epoch 0's batches
 
     def check_before_loading(self, resume: bool) -> list[dict]:
         """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
@@ -1203,8 +1217,8 @@ class Trainer:
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
                             f"--resume or choose another output_dir (--set output_dir=...)")
         if not self.cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, an official .safetensors, "
-                            "a hub id, or 'tiny'")
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, "
+                            "an official .safetensors, a hub id, or 'tiny'")
         items = scan_dataset(self.cfg.dataset, self.cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(self.cfg.dataset.cache_dir, "dataset.cache_dir")
@@ -1214,7 +1228,11 @@ class Trainer:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
         the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
-        ids = self.epoch_batches(self.step // self.batches_per_epoch)[self.step % self.batches_per_epoch]
+        # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
+        epoch, nth = divmod(self.step, len(self.order))
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, self.data.batches(self.global_batch, tc.seed + epoch)
+        ids = self.order[nth]
         numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
@@ -1250,8 +1268,8 @@ class Trainer:
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
-            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training continues",
-                  file=sys.stderr)
+            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); "
+                  "training continues", file=sys.stderr)
         finally:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
@@ -1268,15 +1286,34 @@ class Trainer:
         c = self.cfg
         if self.rank > 0:                                   # one writer: process 0
             return
-        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "targets": c.lora.targets,
-                "base_model": c.model, "step": self.step, "resumed_with_changes": self.changes,
-                "fp8": c.fp8,
-                "world_size": self.world, "global_batch": self.global_batch,
-                "training": {k: getattr(c.train, k) for k in ("lr", "batch_size", "timestep_sampling", "weighting")}}
+        trained = ("lr", "batch_size", "timestep_sampling", "weighting")
+        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5,
+                "targets": c.lora.targets, "base_model": c.model, "step": self.step,
+                "resumed_with_changes": self.changes, "fp8": c.fp8, "world_size": self.world,
+                "global_batch": self.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
         save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
+
+    def save_and_sample(self, bins: torch.Tensor):
+        """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
+        tc, every, k = self.cfg.train, self.cfg.sample.sample_every, self.cfg.train.loss_bins
+        if self.step % tc.save_every == 0 or self.step == tc.steps:
+            self.save()
+        if (every and self.step % every == 0) or self.step == tc.steps:
+            means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
+            print("loss by sigma bin: " + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}"
+                                                    for i, m in enumerate(means)))
+            bins.zero_()                                    # the next report covers the steps after this one
+            self.sample_images()
+
+    def exit_interrupted(self, terminated: bool):
+        """Ctrl-C or SIGTERM: save a checkpoint, then exit with the shell's code for the signal (130, 143)."""
+        self.save()
+        print(f"{'terminated' if terminated else 'interrupted'} at step {self.step}; "
+              f"checkpoint saved. Continue with --resume")
+        raise SystemExit(143 if terminated else 130)
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -1299,12 +1336,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 group["lr"] = lr
             numbers = tr.forward_backward(shift, bool(stop))
             total, stopping = numbers[0].item(), numbers[2].item() > 0
-            # clip (max_grad_norm 0 = off); a diverged run stops here and the last checkpoint on disk stays intact
+            # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; stopped without "
-                                f"saving. Lower train.lr or check the data; the last good checkpoint is "
-                                f"{tr.out / 'lora.safetensors'}")
+                raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
+                                f"stopped without saving. Lower train.lr or check the data; the last good "
+                                f"checkpoint is {tr.out / 'lora.safetensors'}")
             # update
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
@@ -1316,20 +1353,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
-            if tr.step % tc.save_every == 0 or tr.step == tc.steps:
-                tr.save()
-            if (cfg.sample.sample_every and tr.step % cfg.sample.sample_every == 0) or tr.step == tc.steps:
-                means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
-                print("loss by sigma bin: " + "  ".join(f"[{i / tc.loss_bins:.1f},{(i + 1) / tc.loss_bins:.1f}) {m}"
-                                                        for i, m in enumerate(means)))
-                bins.zero_()
-                tr.sample_images()
+            tr.save_and_sample(bins)
     except KeyboardInterrupt:
         bar.close()
-        tr.save()
-        print(f"{'terminated' if signal.SIGTERM in stop else 'interrupted'} at step {tr.step}; "
-              f"checkpoint saved. Continue with --resume")
-        raise SystemExit(143 if signal.SIGTERM in stop else 130)
+        tr.exit_interrupted(terminated=signal.SIGTERM in stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1395,7 +1422,8 @@ def diffusers_names(depth: int) -> dict[str, tuple[str, ...]]:
 
 def is_swapped(official_name: str, depth: int) -> bool:
     """diffusers stores these two modulations as (scale, shift); the official files as (shift, scale)."""
-    return official_name in ("final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
+    return official_name in ("final_layer.adaLN_modulation.1",
+                             f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -1451,8 +1479,8 @@ def vae_from_diffusers(sd: dict) -> dict:
 CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
     ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
-    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"),
-    ("decoder.up", "a VAE"), ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
+    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
 ]
 
 
@@ -1470,7 +1498,8 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
-        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); use the .safetensors release")
+        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); "
+                        "use the .safetensors release")
     try:
         with safe_open(str(path), framework="pt") as f:
             sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
@@ -1482,7 +1511,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
 
 
 def read_weights_dir(folder: Path, stem: str) -> dict:
-    """A diffusers component's weights: `stem.safetensors` or shards listed in `stem.safetensors.index.json`."""
+    """Weights of a diffusers component: `stem.safetensors` or the shards in `stem.safetensors.index.json`."""
     if (folder / f"{stem}.safetensors").is_file():
         return read_safetensors(folder / f"{stem}.safetensors")
     index = folder / f"{stem}.safetensors.index.json"
@@ -1490,7 +1519,8 @@ def read_weights_dir(folder: Path, stem: str) -> dict:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); only safetensors weights are read")
+    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); "
+                    "only safetensors weights are read")
 
 
 def _read_json(path: Path) -> dict:
@@ -1518,7 +1548,7 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
     with torch.device("meta"):
         model = module_cls(cfg)
-    for name, tensor in sd.items():                 # cast in place, one tensor at a time: never two copies in RAM
+    for name, tensor in sd.items():         # cast in place, one tensor at a time: never two copies in RAM
         if tensor.is_floating_point() and tensor.dtype != FP8:     # fp8 weights stay fp8 (see load_mmdit)
             sd[name] = tensor.to(dtype)
     try:
@@ -1546,7 +1576,8 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         config = _read_json(folder / "config.json")
         if "joint_attention_dim" not in config:
-            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, not an SD3 transformer")
+            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, "
+                            "not an SD3 transformer")
         sd = read_weights_dir(folder, "diffusion_pytorch_model")
     else:
         sd = _single_file(path, "model.diffusion_model.")
@@ -1573,12 +1604,14 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
         folder = path / "vae" if (path / "vae").is_dir() else path
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         sd = read_weights_dir(folder, "diffusion_pytorch_model")
-        overrides = {k: config[d] for k, d in (("groups", "norm_num_groups"), ("scaling_factor", "scaling_factor"),
-                                                ("shift_factor", "shift_factor")) if config.get(d) is not None}
+        names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor",
+                 "shift_factor": "shift_factor"}
+        overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     else:
         sd, overrides = _single_file(path, "first_stage_model."), {}
     if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass --vae with the VAE file or folder")
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); "
+                        "pass --vae with the VAE file or folder")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -1669,7 +1702,8 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        mps = torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -1705,7 +1739,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
         return pipe.place(offload)
-    text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") + (("text_encoder_3", "tokenizer_3") if use_t5 else ())
+    text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
     if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
         if not _holds(root, "joint_blocks.", "transformer_blocks."):
@@ -1713,8 +1748,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
                         f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
-    text = load_text_encoders(resolve_model(text_encoders, text_parts) if text_encoders else root, "cpu", dtype,
-                              t5_length, use_t5, mmdit.cfg.context_dim)
+    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
+    text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
     if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
         raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
@@ -1751,20 +1786,23 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 
 def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                                     "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
-    """A local path as is; a Hugging Face repo id has its diffusers-layout `parts` downloaded (safetensors only)."""
+    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only)."""
     if os.path.exists(name):
         return Path(name)
-    looks_local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
-    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
-        raise UserError(f"model not found: {name!r} (give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
+    local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
+    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+        raise UserError(f"model not found: {name!r} "
+                        f"(give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
     patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+        return Path(snapshot_download(name, allow_patterns=patterns,
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
         text = f"{type(e).__name__}: {e}"
         if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
-            hint = f"accept the licence at https://huggingface.co/{name}, then run `hf auth login` (or set HF_TOKEN)"
+            hint = (f"accept the licence at https://huggingface.co/{name}, "
+                    "then run `hf auth login` (or set HF_TOKEN)")
         elif re.search(r"RepositoryNotFound|404", text):
             hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
         else:
@@ -1803,13 +1841,14 @@ def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
     layers = list(lora_layers(model).values())
-    info = {"format": format, "rank": layers[0].rank if layers else 0, "alpha": layers[0].alpha if layers else 0,
-            "alpha_folded": format == "diffusers", "modules": sorted(lora_layers(model)), **(metadata or {})}
+    rank, alpha = (layers[0].rank, layers[0].alpha) if layers else (0, 0)
+    info = {"format": format, "rank": rank, "alpha": alpha, "alpha_folded": format == "diffusers",
+            "modules": sorted(lora_layers(model)), **(metadata or {})}
     _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
-LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet_",
-                 "lora_transformer_")
+LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
+                 "lora_unet_", "lora_transformer_")
 LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
                  "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
 
@@ -1818,10 +1857,11 @@ def _lora_key(key: str):
     """A LoRA tensor name -> (module name as written, role) or None. Accepted: diffusers/PEFT (`transformer.`,
     `base_model.model.` or no prefix; lora_A/B), kohya (`lora_unet_` + flattened official names, lora_down/up,
     alpha), ComfyUI (`diffusion_model.` official names; `lora_transformer_` + flattened diffusers names)."""
-    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$|^(.*)\.(alpha)$", key)
+    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$", key)
+    m = m or re.match(r"^(.*)\.(alpha)$", key)
     if not m:
         return None
-    module, role = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    module, role = m.groups()
     role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
     prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
     return module[len(prefix):], role
@@ -1841,7 +1881,7 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
 
 
 def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA tensors by module as written -> {"down", "up", "alpha"}; other tensors are reported and ignored."""
+    """LoRA tensors by module as written -> {"down", "up", "alpha"}; a warning lists the other tensors."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
         if "dora_scale" in key or "lora_magnitude_vector" in key:
@@ -1858,23 +1898,24 @@ def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
         raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
                         f"{describe_checkpoint(sd)})")
     if ignored:
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, e.g. {ignored[:3]}",
-              file=sys.stderr)
+        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, "
+              f"e.g. {ignored[:3]}", file=sys.stderr)
     return groups
 
 
 def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) with alpha folded in)},
+    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) * alpha / r)},
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
     peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
-    spellings = {}                         # any spelling -> (official name, part index, parts, diffusers spelling)
+    spellings = {}                  # any spelling -> (official name, part index, parts, diffusers spelling)
     for official, parts in diffusers_names(depth).items():
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
             spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) are not supported")
+        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) "
+                        "are not supported")
     groups = _lora_groups(sd, path)
     pieces, unmatched = {}, []
     for module, t in groups.items():
@@ -1882,7 +1923,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} vs up {tuple(up.shape)}")
+            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
+                            f"vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
@@ -1895,12 +1937,13 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             up = swap_halves(up)
         pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
     if not pieces:
-        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first keys "
-                        f"{sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
+        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): "
+                        f"first keys {sorted(sd)[:3]}; expected e.g. "
+                        f"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
                         f"or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
     if unmatched:
-        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, e.g. {unmatched[:3]}",
-              file=sys.stderr)
+        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, "
+              f"e.g. {unmatched[:3]}", file=sys.stderr)
     return _fit_lora(model, pieces, path)
 
 
@@ -1912,16 +1955,18 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
         layer = modules.get(official)
         if not isinstance(layer, nn.Linear):
             raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
-                            f"dual attention {list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
+                            f"dual attention {list(model.cfg.dual_attention_layers)}): "
+                            "a LoRA for another variant?")
         rows = layer.out_features // len(parts)
         for down, up in filter(None, parts):
             if down.shape[1] != layer.in_features or up.shape[0] != rows:
-                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, the LoRA has down "
-                                f"{tuple(down.shape)} and up {tuple(up.shape)}: a LoRA for another variant?")
+                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, "
+                                f"the LoRA has down {tuple(down.shape)} and up {tuple(up.shape)}: "
+                                f"a LoRA for another variant?")
         downs, ups = zip(*(p or (torch.zeros(0, layer.in_features), torch.zeros(rows, 0)) for p in parts))
-        if all(torch.equal(d, downs[0]) for d in downs):          # one shared A (as we save qkv): stays rank r
+        if all(torch.equal(d, downs[0]) for d in downs):    # one shared A (as we save qkv): stays rank r
             adapters[official] = (downs[0], torch.cat(ups))
-        else:                                                      # separate A's: block-diagonal, ranks add up
+        else:                                               # separate A's: block-diagonal, ranks add up
             adapters[official] = (torch.cat(downs), torch.block_diag(*ups))
     return adapters
 
@@ -1943,7 +1988,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
         else:
             if isinstance(layer, LoRALinear):
-                raise UserError(f"{name} already has an unmerged LoRA: only one LoRA can stay unmerged (merge the others)")
+                raise UserError(f"{name} already has an unmerged LoRA: "
+                                "only one LoRA can stay unmerged (merge the others)")
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)
@@ -2029,7 +2075,8 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: use a bf16, fp16 or fp8 file")
+        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: "
+                        "use a bf16, fp16 or fp8 file")
     scales = {}
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
@@ -2066,7 +2113,8 @@ def _coerce(value, default, key: str):
         return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
     if isinstance(default, str):
         return "" if value is None else str(value)
-    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, got {value!r}")
+    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, "
+                    f"got {value!r}")
 
 
 def _fill(obj, data: dict, prefix: str = ""):
@@ -2089,12 +2137,14 @@ def _fill(obj, data: dict, prefix: str = ""):
 
 
 CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
-           "train.lr_schedule": ("constant", "cosine"), "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
+           "train.lr_schedule": ("constant", "cosine"),
+           "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
            "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
-AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum", "train.save_every",
-                "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
-                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout", "dataset.caption_dropout")
+AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
+                "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
+NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+                "sample.sample_every", "sample.sample_steps", "sample.guidance_scale", "sample.shift",
+                "lora.dropout", "dataset.caption_dropout")
 
 
 def validate(cfg: Config) -> Config:
@@ -2102,7 +2152,8 @@ def validate(cfg: Config) -> Config:
     value = lambda key: functools.reduce(getattr, key.split("."), cfg)
     for key, options in CHOICES.items():
         if value(key) not in options:
-            raise UserError(f"config key '{key}' is {value(key)!r}: use one of {', '.join(map(repr, options))}")
+            raise UserError(f"config key '{key}' is {value(key)!r}: "
+                            f"use one of {', '.join(map(repr, options))}")
     for key in AT_LEAST_ONE:
         if value(key) < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
@@ -2136,7 +2187,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         try:
             nested = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
-            raise UserError(f"--set {item}: the value is not valid YAML (quote lists like '[a, b]' as a whole)") from None
+            raise UserError(f"--set {item}: the value is not valid YAML "
+                            f"(quote lists like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _fill(config, nested)
@@ -2149,7 +2201,8 @@ RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.defaul
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
                    "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
+                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout "
+                    "sample.".split())
 
 
 def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
@@ -2236,7 +2289,8 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
     draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
-    draw.text((5, 10), f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}", fill="black")
+    title = f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}"
+    draw.text((5, 10), title, fill="black")
     _atomic_save(im, png_path)
 
 
@@ -2299,29 +2353,35 @@ def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'
     vocab = {t: i for i, t in enumerate(specials + list(vocab_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<eos>" if pad_with_eos else "<pad>", model_max_length=77)
+    split = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), split])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<eos>" if pad_with_eos else "<pad>",
+                                   model_max_length=77)
 
 
-def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True, seed: int = 0) -> Pipeline:
+def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True,
+                  seed: int = 0) -> Pipeline:
     """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
     program runs on a laptop CPU through the same code paths as the real weights."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     clip = lambda width: CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=width, max_position_embeddings=77, bos_token_id=2, eos_token_id=3, pad_token_id=3))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None
-    mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48, pos_embed_max_size=32,
-                              qk_norm=True, dual_attention_layers=(0, 1)))
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, projection_dim=width, max_position_embeddings=77, bos_token_id=2,
+        eos_token_id=3, pad_token_id=3))
+    t5_config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                         pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    t5 = T5EncoderModel(t5_config) if use_t5 else None
+    mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48,
+                              pos_embed_max_size=32, qk_norm=True, dual_attention_layers=(0, 1)))
     vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
-    with torch.no_grad():  # a random encoder's posterior is as wide as its mean; make it narrow, as a trained one's
+    with torch.no_grad():  # a random encoder's posterior is as wide as its mean; narrow, like a trained one's
         vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
-        for name, p in mmdit.named_parameters():  # small adaLN gates: a near-identity residual stream trains well
+        for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
             if "adaLN_modulation" in name:
                 p.mul_(0.1)
     text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
@@ -2331,9 +2391,10 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
 
 
 TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.path=runs/tiny_data",
-            "dataset.resolution=64", "dataset.cache_dir=runs/tiny_cache", "lora.targets=all", "train.steps=60",
-            "train.lr=1e-2", "train.warmup_steps=0", "train.save_every=30", "sample.sample_every=30",
-            "sample.sample_steps=8", "sample.width=64", "sample.height=64", "sample.prompts=[red stripes, blue disc]"]
+            "dataset.resolution=64", "dataset.cache_dir=runs/tiny_cache", "lora.targets=all",
+            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "train.save_every=30",
+            "sample.sample_every=30", "sample.sample_steps=8", "sample.width=64", "sample.height=64",
+            "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):
@@ -2350,12 +2411,15 @@ def write_demo_dataset(folder: Path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA (see config.yaml for every setting).")
+    parser = argparse.ArgumentParser(
+        description="Train an SD3/SD3.5 LoRA (see config.yaml for every setting).")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=5e-5")
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image demo dataset "
-                        "on the CPU (~1 minute), through the same code paths")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override, e.g. train.lr=5e-5")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir from its last checkpoint")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
+                        "demo dataset on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")

@@ -238,16 +238,21 @@ def mmdit_to_diffusers(official: dict, depth: int) -> dict:
     return out
 
 
+def delta_weight(layer: sd.LoRALinear) -> torch.Tensor:
+    """The LoRA update as one weight matrix: scale * up @ down."""
+    return (layer.lora_up.weight @ layer.lora_down.weight) * layer.scale
+
+
 def set_lora_merged(model: torch.nn.Module, merged: bool):
     """Fold every LoRALinear's update into its weight (its own update switched off), or take it out again."""
     with torch.no_grad():
         for layer in sd.lora_layers(model).values():
             if merged:
-                layer.weight += layer.delta_weight().to(layer.weight.dtype)
+                layer.weight += delta_weight(layer).to(layer.weight.dtype)
                 layer.merged_multiplier, layer.multiplier = layer.multiplier, 0.0
             else:
                 layer.multiplier = layer.merged_multiplier
-                layer.weight -= layer.delta_weight().to(layer.weight.dtype)
+                layer.weight -= delta_weight(layer).to(layer.weight.dtype)
 
 
 def test_key_conversion_roundtrip_loses_nothing():
@@ -1156,7 +1161,7 @@ def test_fp8_layer_equals_linear_with_dequantized_weight():
     lora = sd.LoRALinear(layer, rank=4, alpha=4)                     # a LoRA on an fp8 base keeps its scales
     torch.nn.init.normal_(lora.lora_up.weight)
     with torch.no_grad():
-        expected = torch.nn.functional.linear(x, weight + lora.delta_weight(), base.bias)
+        expected = torch.nn.functional.linear(x, weight + delta_weight(lora), base.bias)
         torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
 
 
