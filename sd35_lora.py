@@ -1,20 +1,40 @@
 """Stable Diffusion 3 / 3.5 LoRA training and sampling in one readable file.
 
-    python sd35_lora.py config.yaml                          # train a LoRA, sampling every N steps
-    python sd35_lora.py config.yaml --set train.lr=5e-5      # override any config key
-    python sd35_lora.py config.yaml --resume                 # continue the run in output_dir
-    python sd35_lora.py config.yaml --tiny                   # ~1 minute CPU smoke run: random tiny model, demo data
+    python sd35_lora.py config.yaml                        # train a LoRA, sampling every N steps
+    python sd35_lora.py config.yaml --set train.lr=5e-5    # override any config key
+    python sd35_lora.py config.yaml --resume               # continue the run in output_dir
+    python sd35_lora.py config.yaml --tiny                 # ~1 minute CPU smoke run, random tiny model
+    torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # the same run on 8 GPUs
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
 Data flow:
-    sampling:  prompts -> TextEncoders -> (context, pooled) -> denoise(MMDiT [+LoRA], sigmas) -> latents -> VAE -> images
+    sampling:  prompts -> TextEncoders -> (context, pooled) -> denoise(MMDiT [+LoRA]) -> latents -> VAE
     training:  images -> VAE.encode -> latents --+  (cached on disk; the encoders then leave the GPU)
                captions -> TextEncoders -> cond -+-> flow-matching loss on MMDiT+LoRA -> AdamW -> LoRA file
 
-Sections, in reading order: presets and config, flow matching, MMDiT, LoRA, VAE, text encoders,
-checkpoint I/O, sampling, data, training. Parameter names are those of Stability AI's official
-checkpoints (minus `model.diffusion_model.`), so an official file loads by stripping that prefix;
-the diffusers layout is converted on load through one key table.
+Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
+have. Sections (line numbers):
+       75  Presets and Configuration        per-variant sampling presets, the training config
+      181  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      247  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      509  LoRA                             LoRALinear and add_lora
+      615  VAE                              16-channel autoencoder, the latent scale and shift
+      769  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      807  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      971  Data                             dataset scan, aspect buckets, the latent and text cache
+     1130  Training                         Trainer and the training loop
+     1389  Part 2: plumbing                 a reader can stop here
+     1396  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1785  Hub Downloads                    snapshot downloads, tokenizers
+     1835  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2021  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2113  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2257  Output Files                     atomic writes, loss.png
+     2319  Several Processes (torchrun)     one all-reduce per step
+     2366  Command Line and the Tiny Model  main(), --tiny
+
+Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
+official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
 """
 from __future__ import annotations
 
@@ -1368,7 +1388,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
 #################################################################################
 #                                Part 2: plumbing                               #
-#The method ends above. Below: file formats, downloads, config files, launch glu#
+#      The method ends above: a reader can stop here. Below: checkpoint and     #
+#     LoRA file formats, downloads, fp8, config files, torchrun glue, the CLI.  #
 #################################################################################
 
 
@@ -2269,7 +2290,8 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    steps, losses = [e["step"] for e in entries], [e["loss"] for e in entries]
+    steps = [e.get("step", i + 1) for i, e in enumerate(entries)]      # a hand-made log: by line
+    losses = [e["loss"] for e in entries]
     if len(losses) < 2:
         return
     window = max(2, len(losses) // 20)

@@ -1609,3 +1609,13 @@ def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
 if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
     for overrides, resume in json.loads(Path(sys.argv[1]).read_text()):
         sd.train(sd.load_config(None, overrides), resume)
+
+
+def test_file_layout_rules_of_the_reference():
+    """Issue 13's shape rules (.ci/check_layout.py): the method first, plumbing after the banner, short functions."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    import check_layout
+    m = check_layout.measure((ROOT / "sd35_lora.py").read_text(), (ROOT / "sample.py").read_text())
+    assert m["banner_line"] is not None and m["banner_line"] <= 1500, m["banner_line"]
+    assert not m["functions_over_limit"] and not m["one_liners"] and not m["unused_here"], m
+    assert m["long_lines"] <= 0.01 * m["lines"], m["long_lines"]

@@ -22,7 +22,7 @@ LIMITS = {"banner_line": 1500, "lines": 2099, "function_lines": 50, "long_line_c
 def measure(source: str, users: str) -> dict:
     lines = source.splitlines()
     tree = ast.parse(source)
-    banner = next((i + 1 for i, line in enumerate(lines) if BANNER in line), None)
+    banner = next((i for i, line in enumerate(lines) if line.startswith("#") and BANNER in line), None)
     functions = {node.name if isinstance(parent, ast.Module) else f"{parent.name}.{node.name}":
                  node.end_lineno - node.lineno + 1
                  for parent in [tree, *(n for n in tree.body if isinstance(n, ast.ClassDef))]
