@@ -1512,9 +1512,10 @@ def describe_checkpoint(sd: dict) -> str:
     return f"its first keys are {sorted(sd)[:3]}"
 
 
-def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = ""):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped), and its metadata;
-    or a UserError saying what is wrong. Tensors outside `prefix` are never read."""
+def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = "", convert=None):
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped), each passed through
+    `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong. Tensors
+    outside `prefix` are never read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -1523,7 +1524,10 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
                         "use the .safetensors release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            sd = {}
+            for key in (k for k in f.keys() if k.startswith(prefix)):
+                name = key[len(prefix):]
+                sd[name] = convert(name, f.get_tensor(key)) if convert else f.get_tensor(key)
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
@@ -1551,9 +1555,9 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
 
 
-def _single_file(path: Path, prefix: str) -> dict:
+def _single_file(path: Path, prefix: str, convert=None) -> dict:
     """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
-    return read_safetensors(path, prefix=prefix) or read_safetensors(path)
+    return read_safetensors(path, prefix=prefix, convert=convert) or read_safetensors(path, convert=convert)
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1592,7 +1596,7 @@ def _holds(path: Path, *prefixes: str) -> bool:
 
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    path, config = Path(path), None
+    path, config, quantized = Path(path), None, {}
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         config = _read_json(folder / "config.json")
@@ -1600,8 +1604,9 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
             raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, "
                             "not an SD3 transformer")
         sd = read_weights_dir(folder, "diffusion_pytorch_model")
-    else:
-        sd = _single_file(path, "model.diffusion_model.")
+    else:                                 # fp8: each matrix quantized as it is read, never all of it in bf16
+        on_read = functools.partial(_fp8_on_read, quantized) if fp8 else None
+        sd = _single_file(path, "model.diffusion_model.", on_read)
     if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
         raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
     try:                                  # shapes and counts come from an untrusted header: check them first
@@ -1613,7 +1618,7 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
             raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
-    scales = _fp8_checkpoint(sd, fp8, dtype)
+    scales = {**_fp8_checkpoint(sd, fp8, dtype), **quantized}
     model = _build(MMDiT, cfg, sd, "MMDiT", path, "cpu" if fp8 else device, dtype)
     return quantize_mmdit(model, scales).to(device) if fp8 else model
 
@@ -2088,6 +2093,15 @@ def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) 
         weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
         _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
     return model
+
+
+def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A single file's FP8_WEIGHTS matrix, quantized as it is read (its row scales go to `scales`)."""
+    module = name.removesuffix(".weight")
+    is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
+    if is_matrix and re.match(FP8_WEIGHTS, module):
+        tensor, scales[module] = quantize_fp8(tensor)
+    return tensor
 
 
 def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -1619,3 +1619,23 @@ def test_file_layout_rules_of_the_reference():
     assert m["banner_line"] is not None and m["banner_line"] <= 1500, m["banner_line"]
     assert not m["functions_over_limit"] and not m["one_liners"] and not m["unused_here"], m
     assert m["long_lines"] <= 0.01 * m["lines"], m["long_lines"]
+
+
+def test_fp8_single_file_is_quantized_while_reading(tmp_path, monkeypatch):
+    """The host never holds the full-precision joint-block matrices: they arrive at _build already in fp8."""
+    model = tiny_mmdit()
+    save_file({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    real_build, seen = sd._build, []
+
+    def build(cls, cfg, weights, *args):
+        seen.extend(k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2)
+        assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
+        return real_build(cls, cfg, weights, *args)
+    monkeypatch.setattr(sd, "_build", build)
+    fp8 = sd.load_mmdit(tmp_path / "m.safetensors", fp8=True)
+    monkeypatch.setattr(sd, "_build", real_build)
+    after = sd.quantize_mmdit(sd.load_mmdit(tmp_path / "m.safetensors"))       # quantized after loading
+    assert seen and all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
