@@ -63,7 +63,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -1233,7 +1233,8 @@ class Trainer:
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
         self.changes = prepare_resume(self.state_path, self.cfg) if resume else []
-        if not resume and self.out.is_dir() and any(self.out.iterdir()):
+        first = rank_and_world()[0] == 0                 # torchrun: process 0 checks before the others write
+        if not resume and first and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
                             f"--resume or choose another output_dir (--set output_dir=...)")
         if not self.cfg.model:
@@ -2067,7 +2068,11 @@ class Fp8Matmul(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
-    return F.linear(x, weight, bias) if scale is None else Fp8Matmul.apply(x, weight, scale, bias)
+    if scale is None:
+        return F.linear(x, weight, bias)
+    if torch.is_autocast_enabled(x.device.type):     # CUDA autocast leaves LayerNorm outputs fp32
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return Fp8Matmul.apply(x, weight, scale, bias)
 
 
 class Fp8Linear(nn.Linear):
@@ -2117,7 +2122,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):
+        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):  # (load_mmdit: on-read scales win)
             scales[module] = scale
         else:                                           # one tensor at a time
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
@@ -2284,9 +2289,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another folder; "
-                        f"older files are intact") from None
+    except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): free disk space or "
+                        f"choose another folder; older files are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -2342,6 +2347,8 @@ def rank_and_world() -> tuple[int, int]:
 def init_distributed(cfg: Config) -> tuple[int, int]:
     """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
+    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
+        raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -1639,3 +1639,14 @@ def test_fp8_single_file_is_quantized_while_reading(tmp_path, monkeypatch):
     x = mmdit_inputs()
     with torch.no_grad():
         torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
+
+
+def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError                  # not an OSError: save_file's own error type
+
+    def full_disk(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                   r"cannot write .*a\.safetensors .*No space left on device")
+    assert not list(tmp_path.iterdir())
