@@ -23,15 +23,15 @@ have. Sections (line numbers):
       807  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       971  Data                             dataset scan, aspect buckets, the latent and text cache
      1130  Training                         Trainer and the training loop
-     1389  Part 2: plumbing                 a reader can stop here
-     1396  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1785  Hub Downloads                    snapshot downloads, tokenizers
-     1835  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2021  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2113  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2257  Output Files                     atomic writes, loss.png
-     2319  Several Processes (torchrun)     one all-reduce per step
-     2366  Command Line and the Tiny Model  main(), --tiny
+     1390  Part 2: plumbing                 a reader can stop here
+     1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1791  Hub Downloads                    snapshot downloads, tokenizers
+     1841  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2027  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2132  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2276  Output Files                     atomic writes, loss.png
+     2338  Several Processes (torchrun)     one all-reduce per step
+     2387  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.

@@ -1619,6 +1619,11 @@ def test_file_layout_rules_of_the_reference():
     assert m["banner_line"] is not None and m["banner_line"] <= 1500, m["banner_line"]
     assert not m["functions_over_limit"] and not m["one_liners"] and not m["unused_here"], m
     assert m["long_lines"] <= 0.01 * m["lines"], m["long_lines"]
+    import re
+    lines = (ROOT / "sd35_lora.py").read_text().splitlines()      # the docstring's map points at the banners
+    rows = re.findall(r"^ +(\d+)  (\S.*?) {2,}", sd.__doc__, re.M)
+    assert len(rows) >= 15 and all(lines[int(n) - 1].startswith("#####") and title in lines[int(n)]
+                                   for n, title in rows), rows
 
 
 def test_fp8_single_file_is_quantized_while_reading(tmp_path, monkeypatch):
