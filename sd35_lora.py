@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1791  Hub Downloads                    snapshot downloads, tokenizers
      1841  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2027  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2132  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2276  Output Files                     atomic writes, loss.png
-     2338  Several Processes (torchrun)     one all-reduce per step
-     2387  Command Line and the Tiny Model  main(), --tiny
+     2030  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2135  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2279  Output Files                     atomic writes, loss.png
+     2341  Several Processes (torchrun)     one all-reduce per step
+     2390  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1876,8 +1876,9 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_")
-LORA_METADATA = {"t5_length": (1, T5_MAX_LENGTH), "use_t5": (False, True), "rank": (1, 2**20),  # type, range
-                 "r": (1, 2**20), "alpha": (-1e9, 1e9), "lora_alpha": (-1e9, 1e9)}
+LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
+                 "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
+                 "lora_alpha": ((int, float), -1e9, 1e9)}
 
 
 def _lora_key(key: str):
@@ -1901,9 +1902,11 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
                         for h in ("sd35_lora", "lora_adapter_metadata"))
     except (ValueError, AttributeError):
         raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
-    for key, v, (lo, hi) in ((k, h[k], LORA_METADATA[k]) for h in headers for k in LORA_METADATA if k in h):
-        if type(v) not in {bool: (bool,), int: (int,), float: (int, float)}[type(lo)] or not lo <= v <= hi:
-            raise UserError(f"{path}: metadata {key} = {v!r} is not in {lo}..{hi}; save the LoRA again")
+    for header in headers:
+        for key, (types, lo, hi) in LORA_METADATA.items():
+            value = header.get(key, lo)
+            if type(value) not in types or not lo <= value <= hi:    # type(): True is no rank
+                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; save the LoRA again")
     return headers
 
 
