@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1791  Hub Downloads                    snapshot downloads, tokenizers
      1841  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2030  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2135  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2279  Output Files                     atomic writes, loss.png
-     2341  Several Processes (torchrun)     one all-reduce per step
-     2390  Command Line and the Tiny Model  main(), --tiny
+     2031  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2136  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2280  Output Files                     atomic writes, loss.png
+     2342  Several Processes (torchrun)     one all-reduce per step
+     2391  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1906,7 +1906,8 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
         for key, (types, lo, hi) in LORA_METADATA.items():
             value = header.get(key, lo)
             if type(value) not in types or not lo <= value <= hi:    # type(): True is no rank
-                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; save the LoRA again")
+                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; "
+                                "save the LoRA again")
     return headers
 
 
