@@ -89,8 +89,7 @@ def main(argv=None) -> list[Path]:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
         args.no_t5 = True
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
-    if not 0 <= args.seed <= 2**64 - len(args.prompt):  # torch wraps seeds mod 2^64: two seeds, one image
-        raise sd.UserError(f"--seed {args.seed} is outside 0..2^64-{len(args.prompt)} (image i: seed + i)")
+    sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)

@@ -21,17 +21,17 @@ have. Sections (line numbers):
       615  VAE                              16-channel autoencoder, the latent scale and shift
       769  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       807  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      971  Data                             dataset scan, aspect buckets, the latent and text cache
-     1130  Training                         Trainer and the training loop
-     1390  Part 2: plumbing                 a reader can stop here
-     1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1791  Hub Downloads                    snapshot downloads, tokenizers
-     1841  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2031  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2136  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2280  Output Files                     atomic writes, loss.png
-     2342  Several Processes (torchrun)     one all-reduce per step
-     2391  Command Line and the Tiny Model  main(), --tiny
+      976  Data                             dataset scan, aspect buckets, the latent and text cache
+     1135  Training                         Trainer and the training loop
+     1395  Part 2: plumbing                 a reader can stop here
+     1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1796  Hub Downloads                    snapshot downloads, tokenizers
+     1846  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2036  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2141  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2284  Output Files                     atomic writes, loss.png
+     2348  Several Processes (torchrun)     one all-reduce per step
+     2397  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -941,13 +941,18 @@ class SampleSettings:
         return out
 
 
+def check_seed(seed: int, images: int, name: str = "seed"):
+    """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
+    if not 0 <= seed <= 2**64 - images:
+        raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
     s = (settings or SampleSettings()).resolved(pipe.variant)
-    if not 0 <= s.seed <= 2**64 - len(prompts):            # torch wraps seeds mod 2^64: two seeds, one image
-        raise UserError(f"seed {s.seed} is outside 0..2^64-{len(prompts)} (image i uses seed + i)")
+    check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
@@ -2272,8 +2277,7 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     log = state_path.with_name("log.jsonl")
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
-        log.with_suffix(".tmp").write_text("".join(m[0] for m in lines if m and int(m[1]) <= step))
-        os.replace(log.with_suffix(".tmp"), log)
+        _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
     return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
 
 
@@ -2282,12 +2286,14 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
 #################################################################################
 
 def _atomic_save(data, path: str | Path, metadata=None):
-    """Tensors or a PIL image to a tmp file of this process, fsynced, renamed: no half file, no shared tmp."""
+    """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
             save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
+        elif isinstance(data, str):
+            tmp.write_text(data)
         else:
             data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:
