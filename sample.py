@@ -10,6 +10,7 @@ guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -110,19 +111,36 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
-    first = max(taken, default=-1) + 1                  # never overwrite earlier samples: number on
+    number = max(taken, default=-1) + 1                 # never overwrite earlier samples: number on
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,
                   "lora_scale": args.lora_scale, "fp8": args.fp8, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        path = out / f"sample_{first + i:02d}.png"
-        sd._atomic_save(image, path, info)
+        path, number = reserve(out, number)
+        try:
+            sd._atomic_save(image, path, info)
+        except BaseException:                           # full disk or Ctrl-C: no empty PNG left behind
+            path.unlink(missing_ok=True)
+            raise
         paths.append(path)
+        number += 1
     kept = f" (after the {len(taken)} earlier samples there, kept)" if taken else ""
     print(f"saved {len(paths)} images to {out}: {', '.join(p.name for p in paths)}{kept}")
     return paths
+
+
+def reserve(out: Path, number: int) -> tuple[Path, int]:
+    """The first free sample_NN.png from `number` on, created empty at once (O_EXCL): another sample.py
+    writing into the same --out at the same time takes the next number instead of overwriting this one."""
+    while True:
+        path = out / f"sample_{number:02d}.png"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path, number
+        except FileExistsError:
+            number += 1
 
 
 if __name__ == "__main__":

@@ -1127,6 +1127,16 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
 
 
+def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
+    (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
+    saved = sample.main(["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--steps", "1",
+                         "--width", "32", "--height", "32", "--out", str(tmp_path)])
+    assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
+    assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
+    assert all(Image.open(path).size == (32, 32) for path in saved)
+
+
 #################################################################################
 #                                  fp8 weights                                  #
 #################################################################################
