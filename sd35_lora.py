@@ -2144,45 +2144,51 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        try:                                   # YAML reads 1e-4 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
-        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
-            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
-        return type(default)(value)
     if isinstance(default, list):
         return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
     if isinstance(default, str):
         return "" if value is None else str(value)
-    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, "
-                    f"got {value!r}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    kind = "whole" if isinstance(default, int) else "finite"              # NaN would pass every `<` check
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or kind == "whole" and not float(value).is_integer()):
+        raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
+    return type(default)(value)
 
 
 def _fill(obj, data: dict, prefix: str = ""):
     """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
     if not isinstance(data, dict):
         raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
-        full = prefix + str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
-            raise UserError(f"unknown config key '{full}'{hint}")
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _fill(current, value, full + ".")
+            _fill(current, value, f"{prefix}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, full))
+            setattr(obj, key, _coerce(value, current, f"{prefix}{key}"))
     return obj
+
+
+def flat_config(cfg: Config) -> dict:
+    """Every setting under its config key: {"model": ..., "train.lr": ..., ...}."""
+    flat = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
@@ -2191,24 +2197,20 @@ CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("d
            "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
 AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
-                "sample.sample_every", "sample.sample_steps", "sample.guidance_scale", "sample.shift",
-                "lora.dropout", "dataset.caption_dropout")
+NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
+                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
+                "dataset.caption_dropout")
 
 
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run."""
-    value = lambda key: functools.reduce(getattr, key.split("."), cfg)
+    value = flat_config(cfg)
     for key, options in CHOICES.items():
-        if value(key) not in options:
-            raise UserError(f"config key '{key}' is {value(key)!r}: "
-                            f"use one of {', '.join(map(repr, options))}")
-    for key in AT_LEAST_ONE:
-        if value(key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
-    for key in NOT_NEGATIVE:
-        if not value(key) >= 0:
-            raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+        if value[key] not in options:
+            raise UserError(f"config key '{key}' is {value[key]!r}: use one of {', '.join(map(repr, options))}")
+    for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
+        if value[key] < lowest:
+            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {value[key]}")
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
@@ -2257,16 +2259,15 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     """Before any model loads: refuse config changes that alter what the saved state means and drop the
     log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
-    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
-    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
-                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    try:                                                        # keys added since the save: their defaults
-        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
-    except (KeyError, TypeError, AttributeError, ValueError):
+    try:                                       # the header only; keys added since the save get their defaults
+        with safe_open(str(state_path), framework="pt") as f:
+            meta = f.metadata() or {}
+        saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
                         f"start a new run in another output_dir") from None
     check_global_batch(state_path, meta, cfg.train)
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
     refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
