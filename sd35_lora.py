@@ -2320,7 +2320,7 @@ def writable_dir(path: str | Path, what: str):
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
-def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
+def plot_losses(log_path: Path, png_path: Path):
     """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
@@ -2331,12 +2331,12 @@ def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
     window = max(2, len(losses) // 20)
     smooth = [sum(losses[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(losses))]
     lo, hi, first, last = min(losses), max(losses), steps[0], steps[-1]
-    (W, H), left, pad = size, 70, 40
+    W, H, left, pad = 800, 400, 70, 40
 
     def xy(step, loss):
         return (left + (W - left - pad) * (step - first) / ((last - first) or 1),
                 H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1))
-    im = Image.new("RGB", size, "white")
+    im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
     draw.rectangle([left, pad, W - pad, H - pad], outline="gray")
     for k in range(5):                                   # tick values on both axes
