@@ -2204,14 +2204,14 @@ NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm
 
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run."""
-    value = flat_config(cfg)
+    flat = flat_config(cfg)
     for key, options in CHOICES.items():
-        if value[key] not in options:
-            raise UserError(f"config key '{key}' is {value[key]!r}: "
+        if flat[key] not in options:
+            raise UserError(f"config key '{key}' is {flat[key]!r}: "
                             f"use one of {', '.join(map(repr, options))}")
     for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
-        if value[key] < lowest:
-            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {value[key]}")
+        if flat[key] < lowest:
+            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
@@ -2256,8 +2256,8 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
-    """Before any model loads: refuse config changes that alter what the saved state means and drop the
-    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
+    """Before any model loads: refuse config changes that alter what the saved state means; drop the log
+    lines written past the checkpoint (they are redone). -> the trajectory changes so far."""
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(state_path), framework="pt") as f:
             meta = f.metadata() or {}
