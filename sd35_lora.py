@@ -2144,45 +2144,51 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        try:                                   # YAML reads 1e-4 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        kind = "whole" if isinstance(default, int) else "finite"          # NaN would pass every `<` check
-        if not math.isfinite(value) or kind == "whole" and not float(value).is_integer():
-            raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
-        return type(default)(value)
     if isinstance(default, list):
         return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
     if isinstance(default, str):
         return "" if value is None else str(value)
-    raise UserError(f"config key '{key}' has the wrong type: expected {type(default).__name__}, "
-                    f"got {value!r}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    kind = "whole" if isinstance(default, int) else "finite"              # NaN would pass every `<` check
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or kind == "whole" and not float(value).is_integer()):
+        raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
+    return type(default)(value)
 
 
 def _fill(obj, data: dict, prefix: str = ""):
     """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
     if not isinstance(data, dict):
         raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
-        full = prefix + str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
-            raise UserError(f"unknown config key '{full}'{hint}")
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _fill(current, value, full + ".")
+            _fill(current, value, f"{prefix}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, full))
+            setattr(obj, key, _coerce(value, current, f"{prefix}{key}"))
     return obj
+
+
+def flat_config(cfg: Config) -> dict:
+    """Every setting under its config key: {"model": ..., "train.lr": ..., ...}."""
+    flat = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
@@ -2191,24 +2197,21 @@ CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("d
            "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
 AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
-                "sample.sample_every", "sample.sample_steps", "sample.guidance_scale", "sample.shift",
-                "lora.dropout", "dataset.caption_dropout")
+NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
+                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
+                "dataset.caption_dropout")
 
 
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run."""
-    value = lambda key: functools.reduce(getattr, key.split("."), cfg)
+    flat = flat_config(cfg)
     for key, options in CHOICES.items():
-        if value(key) not in options:
-            raise UserError(f"config key '{key}' is {value(key)!r}: "
+        if flat[key] not in options:
+            raise UserError(f"config key '{key}' is {flat[key]!r}: "
                             f"use one of {', '.join(map(repr, options))}")
-    for key in AT_LEAST_ONE:
-        if value(key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1, got {value(key)}")
-    for key in NOT_NEGATIVE:
-        if not value(key) >= 0:
-            raise UserError(f"config key '{key}' must be a number >= 0, got {value(key)}")
+    for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
+        if flat[key] < lowest:
+            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
@@ -2222,13 +2225,12 @@ def validate(cfg: Config) -> Config:
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
-    data = {}
+    config = Config()
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            _fill(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-    config = _fill(Config(), data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -2236,8 +2238,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         try:
             nested = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
-            raise UserError(f"--set {item}: the value is not valid YAML "
-                            f"(quote lists like '[a, b]' as a whole)") from None
+            raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _fill(config, nested)
@@ -2255,18 +2256,22 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
-    """Before any model loads: refuse config changes that alter what the saved state means and drop the
-    log lines a crashed run wrote past its checkpoint (they are redone). -> the trajectory changes so far."""
-    _, meta = read_safetensors(state_path, with_metadata=True, prefix="-")     # header only: no tensor "-..."
-    flat = lambda c: {f"{a}.{b}".strip("."): w for a, v in dataclasses.asdict(c).items()
-                      for b, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    try:                                                        # keys added since the save: their defaults
-        saved, step = flat(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
-    except (KeyError, TypeError, AttributeError, ValueError):
+    """Before any model loads: refuse config changes that alter what the saved state means; drop the log
+    lines written past the checkpoint (they are redone). -> the trajectory changes so far."""
+    try:                                       # the header only; keys added since the save get their defaults
+        with safe_open(str(state_path), framework="pt") as f:
+            meta = f.metadata() or {}
+        saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+        was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
                         f"start a new run in another output_dir") from None
-    check_global_batch(state_path, meta, cfg.train)
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat(cfg).items() if saved[k] != v}
+    before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
+    if world != was and before != cfg.train.batch_size * cfg.train.grad_accum * world:
+        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
+                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
+                        f"or resume on {was}")
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
     refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
@@ -2315,30 +2320,32 @@ def writable_dir(path: str | Path, what: str):
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
-def plot_losses(log_path: Path, png_path: Path, size=(800, 400)):
+def plot_losses(log_path: Path, png_path: Path):
     """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if len(entries) < 2:
+        return
     steps = [e.get("step", i + 1) for i, e in enumerate(entries)]      # a hand-made log: by line
     losses = [e["loss"] for e in entries]
-    if len(losses) < 2:
-        return
     window = max(2, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
-              for i in range(len(losses))]
-    (lo, hi), (first, last) = (min(losses), max(losses)), (steps[0], steps[-1])
-    W, H, left, pad = size[0], size[1], 70, 40
-    x_of = lambda step: left + (W - left - pad) * (step - first) / ((last - first) or 1)
-    y_of = lambda loss: H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1)
-    im = Image.new("RGB", size, "white")
+    smooth = [sum(losses[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(losses))]
+    lo, hi, first, last = min(losses), max(losses), steps[0], steps[-1]
+    W, H, left, pad = 800, 400, 70, 40
+
+    def xy(step, loss):
+        return (left + (W - left - pad) * (step - first) / ((last - first) or 1),
+                H - pad - (H - 2 * pad) * (loss - lo) / ((hi - lo) or 1))
+    im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
     draw.rectangle([left, pad, W - pad, H - pad], outline="gray")
     for k in range(5):                                   # tick values on both axes
         step, loss = first + (last - first) * k / 4, lo + (hi - lo) * k / 4
-        draw.text((x_of(step) - 10, H - pad + 5), f"{step:.0f}", fill="black")
-        draw.text((5, y_of(loss) - 6), f"{loss:.4g}", fill="black")
-    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
-    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
+        x, y = xy(step, loss)
+        draw.text((x - 10, H - pad + 5), f"{step:.0f}", fill="black")
+        draw.text((5, y - 6), f"{loss:.4g}", fill="black")
+    draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
+    draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
     title = f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}"
     draw.text((5, 10), title, fill="black")
@@ -2369,16 +2376,6 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     return rank, world
 
 
-def check_global_batch(state_path: Path, meta: dict, tc: TrainConfig):
-    """Resuming on another number of processes reproduces the run if the global batch stays the same."""
-    saved, was = json.loads(meta.get("config", "{}")).get("train", {}), int(meta.get("world_size", 1))
-    before, world = saved.get("batch_size", 1) * saved.get("grad_accum", 1) * was, rank_and_world()[1]
-    if world != was and before != tc.batch_size * tc.grad_accum * world:
-        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
-                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
-                        f"or resume on {was}")
-
-
 def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
     """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
@@ -2398,46 +2395,43 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
 #                        Command Line and the Tiny Model                        #
 #################################################################################
 
-def tiny_tokenizer(vocab_words: str = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'", pad_with_eos: bool = True):
+def tiny_tokenizer():
     """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
     from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {t: i for i, t in enumerate(specials + list(vocab_words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokens = ["<pad>", "<unk>", "<bos>", "<eos>", *"abcdefghijklmnopqrstuvwxyz0123456789.,!-'"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     split = pre_tokenizers.Split(Regex("."), "isolated")
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), split])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
                                                        special_tokens=[("<bos>", 2), ("<eos>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", pad_token="<eos>" if pad_with_eos else "<pad>",
-                                   model_max_length=77)
+                                   unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
-def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True,
-                  seed: int = 0) -> Pipeline:
+def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
     program runs on a laptop CPU through the same code paths as the real weights."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     tok = tiny_tokenizer()
-    clip = lambda width: CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, projection_dim=width, max_position_embeddings=77, bos_token_id=2,
-        eos_token_id=3, pad_token_id=3))
     t5_config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
                          pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
     t5 = T5EncoderModel(t5_config) if use_t5 else None
     mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48,
                               pos_embed_max_size=32, qk_norm=True, dual_attention_layers=(0, 1)))
     vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
+    clip_l, clip_g = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, projection_dim=width, max_position_embeddings=77, bos_token_id=2,
+        eos_token_id=3, pad_token_id=3)) for width in (32, 48)]
     with torch.no_grad():  # a random encoder's posterior is as wide as its mean; narrow, like a trained one's
         vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
         for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
             if "adaLN_modulation" in name:
                 p.mul_(0.1)
-    text = TextEncoders(clip(32), clip(48), t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
+    text = TextEncoders(clip_l, clip_g, t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
     for m in [mmdit, vae, *text.modules()]:
         m.to(dtype=dtype).eval().requires_grad_(False)
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
@@ -2467,8 +2461,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Train an SD3/SD3.5 LoRA (see config.yaml for every setting).")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override, e.g. train.lr=5e-5")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=5e-5")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
@@ -2477,14 +2470,11 @@ def main(argv=None):
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     try:
-        overrides = args.set
-        if args.tiny:
-            overrides = TINY_RUN + [f"output_dir=runs/tiny_{time.strftime('%Y%m%d-%H%M%S')}"] + args.set
-        cfg = load_config(args.config, overrides)
+        tiny = TINY_RUN + [f"output_dir=runs/tiny_{time.strftime('%Y%m%d-%H%M%S')}"] if args.tiny else []
+        cfg = load_config(args.config, tiny + args.set)
         if args.tiny and not Path(cfg.dataset.path).exists():
             write_demo_dataset(Path(cfg.dataset.path))
-        path = train(cfg, args.resume)
-        print(f"done: {path}")
+        print(f"done: {train(cfg, args.resume)}")
     except UserError as e:
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
