@@ -40,7 +40,7 @@ def step_time(folder: Path, nproc: int, batch: int, steps: int) -> float:
 def all_reduce_time(reps: int = 200) -> dict:
     """Run under torchrun: the tiny model's LoRA gradients all-reduced as one buffer, like a training step."""
     torch.set_num_threads(1)
-    sd.init_distributed(torch.device("cpu"), 60)
+    sd.init_distributed(sd.load_config(None, ["device=cpu", "train.dist_timeout=60"]))
     torch.manual_seed(0)
     params = sd.add_lora(sd.tiny_pipeline().mmdit, 16, 16, "attn")
     for p in params:
