@@ -1442,8 +1442,7 @@ def is_swapped(official_name: str, depth: int) -> bool:
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first])
+    return torch.cat(t.chunk(2)[::-1])
 
 
 def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
@@ -1518,10 +1517,8 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
                         "use the .safetensors release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            sd = {}
-            for key in (k for k in f.keys() if k.startswith(prefix)):
-                name = key[len(prefix):]
-                sd[name] = convert(name, f.get_tensor(key)) if convert else f.get_tensor(key)
+            names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+            sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
@@ -1711,8 +1708,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
-        mps = torch.backends.mps.is_available()
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -1783,13 +1779,12 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
+def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only)."""
     if os.path.exists(name):
         return Path(name)
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
-    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} "
                         f"(give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
@@ -1797,17 +1792,10 @@ def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_
     try:
         return Path(snapshot_download(name, allow_patterns=patterns,
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
-    except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
-        text = f"{type(e).__name__}: {e}"
-        if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
-            hint = (f"accept the licence at https://huggingface.co/{name}, "
-                    "then run `hf auth login` (or set HF_TOKEN)")
-        elif re.search(r"RepositoryNotFound|404", text):
-            hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
-        else:
-            hint = ("no network? download it where there is one (`hf download " + name + " --local-dir DIR`) "
-                    "and pass --model DIR")
-        raise UserError(f"could not download {name}: {hint}") from None
+    except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
+        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
+                        f"--local-dir DIR` where there is a network and pass --model DIR; gated? accept the "
+                        f"licence at https://huggingface.co/{name} and run `hf auth login`") from None
 
 
 #################################################################################
