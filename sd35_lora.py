@@ -1651,7 +1651,7 @@ def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
             where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl .safetensors or a diffusers SD3.5")
+                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl files or a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
     return weights, configs
