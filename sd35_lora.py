@@ -1634,29 +1634,6 @@ TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key
     "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
 
 
-def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
-    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
-    import transformers
-    if (source / "text_encoder").is_dir():
-        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
-        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
-    else:
-        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
-        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
-                                                         p.name.lower())), source) for r in roles}
-        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
-                            if p.is_file() else {} for r, p in picked.items()}, {}
-    for role, sd in weights.items():
-        if TEXT_ENCODERS[role][2] not in sd:
-            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
-            where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl files or a diffusers SD3.5 folder")
-            raise UserError(f"{picked[role]} {problem} ({where})"
-                            + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
-    return weights, configs
-
-
 def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
     """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
     config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
@@ -1696,8 +1673,25 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
     folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
+    import transformers
     source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
-    weights, configs = _text_encoder_weights(source, roles)
+    if (source / "text_encoder").is_dir():
+        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
+        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+    else:
+        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
+        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
+                                                         p.name.lower())), source) for r in roles}
+        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
+                            if p.is_file() else {} for r, p in picked.items()}, {}
+    for role, sd in weights.items():
+        if TEXT_ENCODERS[role][2] not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
+                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl files or a diffusers SD3.5 folder")
+            raise UserError(f"{picked[role]} {problem} ({where})"
+                            + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
                 else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
@@ -1793,9 +1787,9 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns,
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
-        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
-                        f"--local-dir DIR` where there is a network and pass --model DIR; gated? accept the "
-                        f"licence at https://huggingface.co/{name} and run `hf auth login`") from None
+        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
+                        f" --local-dir DIR` where there is a network, then --model DIR; gated? accept the"
+                        f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
 
 
 #################################################################################
