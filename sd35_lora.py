@@ -1555,7 +1555,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     folder = path / part if (path / part).is_dir() else path
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
-        raise UserError(f"{folder} holds a {config['_class_name']} model, not an SD3 {class_name}")
+        raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
     return read_weights_dir(folder, "diffusion_pytorch_model"), config
 
 
