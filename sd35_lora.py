@@ -284,18 +284,6 @@ class MMDiTConfig:
             mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden,
         )
 
-    @classmethod
-    def from_diffusers(cls, c: dict) -> "MMDiTConfig":
-        """Architecture from a diffusers `transformer/config.json`."""
-        channels = c.get("in_channels", 16)
-        return cls(depth=c["num_layers"], hidden=c["num_attention_heads"] * c["attention_head_dim"],
-                   heads=c["num_attention_heads"], patch_size=c.get("patch_size", 2),
-                   in_channels=channels, out_channels=c.get("out_channels") or channels,
-                   context_dim=c.get("joint_attention_dim", 4096),
-                   pooled_dim=c.get("pooled_projection_dim", 2048),
-                   pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=c.get("qk_norm") == "rms_norm",
-                   dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
-
     def variant(self, hint: str = "") -> str:
         """The PRESETS entry for this architecture; Large and Large Turbo differ only in weights,
         so Turbo is recognised by its name (or set `variant` explicitly)."""
@@ -1454,8 +1442,7 @@ def is_swapped(official_name: str, depth: int) -> bool:
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first])
+    return torch.cat(t.chunk(2)[::-1])
 
 
 def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
@@ -1530,10 +1517,8 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
                         "use the .safetensors release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            sd = {}
-            for key in (k for k in f.keys() if k.startswith(prefix)):
-                name = key[len(prefix):]
-                sd[name] = convert(name, f.get_tensor(key)) if convert else f.get_tensor(key)
+            names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+            sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
@@ -1561,9 +1546,17 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
 
 
-def _single_file(path: Path, prefix: str, convert=None) -> dict:
-    """Tensors under `prefix` of an official single file (prefix stripped); all tensors if none has it."""
-    return read_safetensors(path, prefix=prefix, convert=convert) or read_safetensors(path, convert=convert)
+def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
+    """(weights, config.json) of a diffusers root folder's `part`/ or of that folder itself; or the tensors of
+    an official single file under `prefix` (stripped; all if none has it), through `convert`, and {}."""
+    if not path.is_dir():
+        sd = read_safetensors(path, prefix=prefix, convert=convert)
+        return sd or read_safetensors(path, convert=convert), {}
+    folder = path / part if (path / part).is_dir() else path
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
+        raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
+    return read_weights_dir(folder, "diffusion_pytorch_model"), config
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1591,34 +1584,20 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _holds(path: Path, *prefixes: str) -> bool:
-    """Whether a .safetensors file's header lists tensors under `prefixes` (past `model.diffusion_model.`)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.removeprefix("model.diffusion_model.").startswith(prefixes) for k in f.keys())
-    except Exception:
-        return False
-
-
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    path, config, quantized = Path(path), None, {}
-    if path.is_dir():
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
-        config = _read_json(folder / "config.json")
-        if "joint_attention_dim" not in config:
-            raise UserError(f"{folder} holds a {config.get('_class_name', 'non-SD3')} model, "
-                            "not an SD3 transformer")
-        sd = read_weights_dir(folder, "diffusion_pytorch_model")
-    else:                                 # fp8: each matrix quantized as it is read, never all of it in bf16
-        on_read = functools.partial(_fp8_on_read, quantized) if fp8 else None
-        sd = _single_file(path, "model.diffusion_model.", on_read)
+    quantized = {}                  # fp8: a single file's matrices quantized as read, never all of it in bf16
+    on_read = functools.partial(_fp8_on_read, quantized) if fp8 else None
+    sd, config = _read_part(Path(path), "transformer", "SD3Transformer2DModel", "model.diffusion_model.",
+                            on_read)
     if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
         raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
     try:                                  # shapes and counts come from an untrusted header: check them first
         if "x_embedder.proj.weight" not in sd:                                   # diffusers names
             sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
-        cfg = MMDiTConfig.from_diffusers(config) if config else MMDiTConfig.from_state_dict(sd)
+        cfg = MMDiTConfig.from_state_dict(sd)
+        if config:                # shapes show the head count only through qk_norm; config.json names it
+            cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
         sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
         if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
             raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
@@ -1631,16 +1610,9 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
 
 def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     """The VAE from a diffusers root folder, its `vae/` folder, or an official single file."""
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        sd = read_weights_dir(folder, "diffusion_pytorch_model")
-        names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor",
-                 "shift_factor": "shift_factor"}
-        overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
-    else:
-        sd, overrides = _single_file(path, "first_stage_model."), {}
+    sd, config = _read_part(Path(path), "vae", "AutoencoderKL", "first_stage_model.")
+    names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
+    overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); "
                         "pass --vae with the VAE file or folder")
@@ -1660,27 +1632,6 @@ TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key
     "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
     "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
     "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
-
-
-def _text_encoder_weights(source: Path, roles: list[str]) -> tuple[dict, dict]:
-    """role -> state dict, role -> config (diffusers only), from the layouts load_text_encoders accepts."""
-    import transformers
-    if (source / "text_encoder").is_dir():
-        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
-        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
-    else:
-        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
-        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
-                                                         p.name.lower())), source) for r in roles}
-        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
-                            if p.is_file() else {} for r, p in picked.items()}, {}
-    for role, sd in weights.items():
-        if TEXT_ENCODERS[role][2] not in sd:
-            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
-            raise UserError(f"{picked[role]} {problem} (looked for {role}*.safetensors or a diffusers-layout"
-                            f" text_encoder*/)" + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
-    return weights, configs
 
 
 def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
@@ -1722,8 +1673,25 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
     folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
+    import transformers
     source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
-    weights, configs = _text_encoder_weights(source, roles)
+    if (source / "text_encoder").is_dir():
+        picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
+        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+    else:
+        files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
+        picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
+                                                         p.name.lower())), source) for r in roles}
+        weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
+                            if p.is_file() else {} for r, p in picked.items()}, {}
+    for role, sd in weights.items():
+        if TEXT_ENCODERS[role][2] not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
+                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl files or a diffusers SD3.5 folder")
+            raise UserError(f"{picked[role]} {problem} ({where})"
+                            + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
                 else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
@@ -1734,8 +1702,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
-        mps = torch.backends.mps.is_available()
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -1743,14 +1710,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
     return device
-
-
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if not name:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}: use {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
@@ -1761,7 +1720,10 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
+    if isinstance(dtype, str) and dtype not in ("", *DTYPES):
+        raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
+        dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if variant and variant not in PRESETS:
         raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if not 1 <= t5_length <= T5_MAX_LENGTH:
@@ -1774,11 +1736,6 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    if text_encoders is None and not root.is_dir() and not _holds(root, "text_encoders."):
-        if not _holds(root, "joint_blocks.", "transformer_blocks."):
-            load_mmdit(root)                       # raises the error that says what the file is instead
-        raise UserError(f"{root} is a single file without text encoders: pass --text-encoders DIR (a folder "
-                        f"with clip_l, clip_g, t5xxl_fp16 .safetensors, or a diffusers-layout SD3.5 folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
@@ -1816,13 +1773,12 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")) -> Path:
+def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only)."""
     if os.path.exists(name):
         return Path(name)
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
-    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name or ""):
+    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} "
                         f"(give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
@@ -1830,17 +1786,10 @@ def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_
     try:
         return Path(snapshot_download(name, allow_patterns=patterns,
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
-    except Exception as e:  # huggingface_hub's error classes move between versions; dispatch on what it says
-        text = f"{type(e).__name__}: {e}"
-        if re.search(r"Gated|401|403|[Aa]uthenticat|token", text):
-            hint = (f"accept the licence at https://huggingface.co/{name}, "
-                    "then run `hf auth login` (or set HF_TOKEN)")
-        elif re.search(r"RepositoryNotFound|404", text):
-            hint = "no such repository: check the id, e.g. stabilityai/stable-diffusion-3.5-medium"
-        else:
-            hint = ("no network? download it where there is one (`hf download " + name + " --local-dir DIR`) "
-                    "and pass --model DIR")
-        raise UserError(f"could not download {name}: {hint}") from None
+    except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
+        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
+                        f" --local-dir DIR` where there is a network, then --model DIR; gated? accept the"
+                        f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
 
 
 #################################################################################

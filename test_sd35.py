@@ -314,7 +314,6 @@ def test_config_detection_from_real_size_meta_weights(variant):
     with torch.device("meta"):
         ref = diffusers.SD3Transformer2DModel(**diff_config)
     assert sd.MMDiTConfig.from_state_dict(sd.mmdit_from_diffusers(ref.state_dict(), depth)) == expected
-    assert sd.MMDiTConfig.from_diffusers(diff_config) == expected
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
