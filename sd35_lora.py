@@ -1847,11 +1847,14 @@ def resolve_model(name: str, parts=("transformer", "vae", "text_encoder", "text_
 #                                   LoRA Files                                  #
 #################################################################################
 
-def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
-    """The adapters as a LoRA file's tensors. diffusers: alpha folded into lora_B (loaders assume
-    alpha = rank), the fused qkv written as to_q/to_k/to_v sharing lora_A. kohya: official names + alpha."""
-    depth, names, out = model.cfg.depth, diffusers_names(model.cfg.depth), {}
-    for name, layer in lora_layers(model).items():
+def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
+    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header. diffusers:
+    alpha folded into lora_B (loaders assume alpha = rank), the fused qkv written as to_q/to_k/to_v sharing
+    lora_A. kohya: official names + alpha."""
+    layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
+    if not layers:
+        raise UserError("the model has no LoRA layers to save (call add_lora first)")
+    for name, layer in layers.items():
         down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
         if format == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
@@ -1859,24 +1862,16 @@ def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
         elif format == "diffusers":
             up = up * (layer.alpha / layer.rank)
-            up = swap_halves(up) if is_swapped(name, depth) else up
+            up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
         else:
             raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
-    if not out:
-        raise UserError("the model has no LoRA layers to save (call add_lora first)")
-    return out
-
-
-def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
-    layers = list(lora_layers(model).values())
-    rank, alpha = (layers[0].rank, layers[0].alpha) if layers else (0, 0)
-    info = {"format": format, "rank": rank, "alpha": alpha, "alpha_folded": format == "diffusers",
-            "modules": sorted(lora_layers(model)), **(metadata or {})}
-    _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
+    first = next(iter(layers.values()))
+    info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
+            "modules": sorted(layers), **(metadata or {})}
+    _atomic_save(out, path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
@@ -1949,8 +1944,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     sd, meta = read_safetensors(path, with_metadata=True)
     peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) "
-                        "are not supported")
+        raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
     spellings, pieces = lora_spellings(depth), {}
     groups = _lora_groups(sd, path, spellings)
     if not groups:
