@@ -1796,11 +1796,14 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
 #                                   LoRA Files                                  #
 #################################################################################
 
-def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.Tensor]:
-    """The adapters as a LoRA file's tensors. diffusers: alpha folded into lora_B (loaders assume
-    alpha = rank), the fused qkv written as to_q/to_k/to_v sharing lora_A. kohya: official names + alpha."""
-    depth, names, out = model.cfg.depth, diffusers_names(model.cfg.depth), {}
-    for name, layer in lora_layers(model).items():
+def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
+    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header. diffusers:
+    alpha folded into lora_B (loaders assume alpha = rank), the fused qkv written as to_q/to_k/to_v sharing
+    lora_A. kohya: official names + alpha."""
+    layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
+    if not layers:
+        raise UserError("the model has no LoRA layers to save (call add_lora first)")
+    for name, layer in layers.items():
         down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
         if format == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
@@ -1808,45 +1811,28 @@ def lora_state_dict(model: MMDiT, format: str = "diffusers") -> dict[str, torch.
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
         elif format == "diffusers":
             up = up * (layer.alpha / layer.rank)
-            up = swap_halves(up) if is_swapped(name, depth) else up
+            up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
         else:
             raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
-    if not out:
-        raise UserError("the model has no LoRA layers to save (call add_lora first)")
-    return out
+    first = next(iter(layers.values()))
+    info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
+            "modules": sorted(layers), **(metadata or {})}
+    _atomic_save(out, path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
-def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header."""
-    layers = list(lora_layers(model).values())
-    rank, alpha = (layers[0].rank, layers[0].alpha) if layers else (0, 0)
-    info = {"format": format, "rank": rank, "alpha": alpha, "alpha_folded": format == "diffusers",
-            "modules": sorted(lora_layers(model)), **(metadata or {})}
-    _atomic_save(lora_state_dict(model, format), path, {"format": "pt", "sd35_lora": json.dumps(info)})
-
-
+# A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
+# prefix, lora_A/B; kohya: `lora_unet_` + official names flattened with "_", lora_down/up and alpha; ComfyUI:
+# `diffusion_model.` + official names, or `lora_transformer_` + flattened diffusers names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_")
+LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
+              ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha"}
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
                  "lora_alpha": ((int, float), -1e9, 1e9)}
-
-
-def _lora_key(key: str):
-    """A LoRA tensor name -> (module name as written, role) or None. Accepted: diffusers/PEFT (`transformer.`,
-    `base_model.model.` or no prefix; lora_A/B), kohya (`lora_unet_` + flattened official names, lora_down/up,
-    alpha), ComfyUI (`diffusion_model.` official names; `lora_transformer_` + flattened diffusers names)."""
-    m = re.match(r"^(.*?)\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$", key)
-    m = m or re.match(r"^(.*)\.(alpha)$", key)
-    if not m:
-        return None
-    module, role = m.groups()
-    role = {"lora_A": "down", "lora_down": "down", "lora.down": "down", "alpha": "alpha"}.get(role, "up")
-    prefix = next((p for p in LORA_PREFIXES if module.startswith(p)), "")
-    return module[len(prefix):], role
 
 
 def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
@@ -1860,30 +1846,43 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
         for key, (types, lo, hi) in LORA_METADATA.items():
             value = header.get(key, lo)
             if type(value) not in types or not lo <= value <= hi:    # type(): True is no rank
-                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; "
-                                "save the LoRA again")
+                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; save it again")
     return headers
 
 
-def _lora_groups(sd: dict, path) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA tensors by module as written -> {"down", "up", "alpha"}; a warning lists the other tensors."""
+def lora_spellings(depth: int) -> dict[str, tuple[str, int, int, bool]]:
+    """A LoRA module name past LORA_PREFIXES, official or diffusers, dotted or flattened with "_" ->
+    (official name, part index, parts, whether a diffusers (scale, shift) modulation to swap back)."""
+    spellings = {}
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            swap = is_swapped(official, depth)
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
+    return spellings
+
+
+def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The LoRA tensors of the modules in `spellings`, by module -> {"down", "up", "alpha"}; a warning lists
+    the other tensors."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
         if "dora_scale" in key or "lora_magnitude_vector" in key:
             raise UserError(f"{path} is a DoRA ({key}); only plain LoRA files are supported")
-        parsed = _lora_key(key)
-        if parsed is None:
+        suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
+        module = key.removesuffix(suffix)
+        module = module.removeprefix(next((p for p in LORA_PREFIXES if module.startswith(p)), ""))
+        if not suffix or module not in spellings:
             ignored.append(key)
             continue
-        module, role = parsed
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
-        groups.setdefault(module, {})[role] = tensor.float()
-    if not groups:
+        groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
+    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):
         raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
                         f"{describe_checkpoint(sd)})")
-    if ignored:
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are not LoRA weights, "
+    if ignored and groups:                                  # (no groups: read_lora says why)
+        print(f"warning: ignored {len(ignored)} tensors of {path} that are no LoRA weights of this model, "
               f"e.g. {ignored[:3]}", file=sys.stderr)
     return groups
 
@@ -1893,16 +1892,14 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
     peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
-    spellings = {}                  # any spelling -> (official name, part index, parts, diffusers spelling)
-    for official, parts in diffusers_names(depth).items():
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: per-module rank/alpha patterns (PEFT rank_pattern/alpha_pattern) "
-                        "are not supported")
-    groups = _lora_groups(sd, path)
-    pieces, unmatched = {}, []
+        raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
+    spellings, pieces = lora_spellings(depth), {}
+    groups = _lora_groups(sd, path, spellings)
+    if not groups:
+        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
+                        f"keys {sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q."
+                        "lora_A.weight' or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
@@ -1914,32 +1911,19 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
-        if module not in spellings:
-            unmatched.append(module)
-            continue
-        official, index, n_parts, diffusers_spelling = spellings[module]
-        if diffusers_spelling and is_swapped(official, depth):
-            up = swap_halves(up)
+        official, index, n_parts, swap = spellings[module]
+        up = swap_halves(up) if swap else up
         pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
-    if not pieces:
-        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): "
-                        f"first keys {sorted(sd)[:3]}; expected e.g. "
-                        f"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
-                        f"or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
-    if unmatched:
-        print(f"warning: {len(unmatched)} LoRA modules in {path} have no counterpart here, "
-              f"e.g. {unmatched[:3]}", file=sys.stderr)
     return _fit_lora(model, pieces, path)
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Check each module's (down, up) parts against the model's layer and join them into one adapter."""
-    modules, depth = dict(model.named_modules()), model.cfg.depth
-    adapters = {}
+    modules, adapters = dict(model.named_modules()), {}
     for official, parts in pieces.items():
         layer = modules.get(official)
         if not isinstance(layer, nn.Linear):
-            raise UserError(f"{path}: '{official}' does not exist in this model (depth {depth}, "
+            raise UserError(f"{path}: '{official}' does not exist in this model (depth {model.cfg.depth}, "
                             f"dual attention {list(model.cfg.dual_attention_layers)}): "
                             "a LoRA for another variant?")
         rows = layer.out_features // len(parts)
@@ -1961,9 +1945,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
     (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
     adapters = read_lora(model, path)                      # validates everything before touching the model
-    modules = dict(model.named_modules())
     for name, (down, up) in adapters.items():
-        layer = modules[name]
+        layer = model.get_submodule(name)
         if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
             weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
             weight, row_scale = quantize_fp8(weight + ((up @ down) * scale).to(weight.device))
@@ -1971,10 +1954,10 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight_scale.copy_(row_scale)
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
+        elif isinstance(layer, LoRALinear):
+            raise UserError(f"{name} already has an unmerged LoRA: "
+                            "only one LoRA can stay unmerged (merge the others)")
         else:
-            if isinstance(layer, LoRALinear):
-                raise UserError(f"{name} already has an unmerged LoRA: "
-                                "only one LoRA can stay unmerged (merge the others)")
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)
