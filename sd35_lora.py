@@ -368,23 +368,21 @@ class Attention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream (image `x_block` or text `context_block`) of a joint block.
+    """One stream (image `x_block` or text `context_block`) of a joint block. adaLN turns the conditioning
+    vector into shift/scale/gate chunks: 6 of them, 9 with the dual attention of SD3.5 Medium, 2 for the
+    last text block, which is `pre_only` (its output is unused)."""
 
-    adaLN turns the conditioning vector into shift/scale/gate chunks: 6 of them, 9 with the dual
-    attention of SD3.5 Medium, 2 for the last text block, which is `pre_only` (its output is unused).
-    """
-
-    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool = False,
-                 dual: bool = False):
+    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False, dual: bool = False):
         super().__init__()
+        dim = cfg.hidden
         self.pre_only, self.dual = pre_only, dual
         self.n_mod = 2 if pre_only else 9 if dual else 6
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm, pre_only)
-        self.attn2 = Attention(dim, heads, qk_norm) if dual else None
+        self.attn = Attention(dim, cfg.heads, cfg.qk_norm, pre_only)
+        self.attn2 = Attention(dim, cfg.heads, cfg.qk_norm) if dual else None
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.mlp = MLP(dim, dim * mlp_ratio)
+            self.mlp = MLP(dim, dim * cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
@@ -408,10 +406,8 @@ class JointBlock(nn.Module):
 
     def __init__(self, cfg: MMDiTConfig, index: int):
         super().__init__()
-        self.context_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
-                                         pre_only=index == cfg.depth - 1)
-        self.x_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
-                                   dual=index in cfg.dual_attention_layers)
+        self.context_block = StreamBlock(cfg, pre_only=index == cfg.depth - 1)
+        self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
@@ -444,17 +440,15 @@ class MMDiT(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         self.cfg = cfg
-        D = cfg.hidden
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
+        D, p = cfg.hidden, cfg.patch_size
+        self.x_embedder = nn.ModuleDict({"proj": nn.Conv2d(cfg.in_channels, D, p, stride=p)})
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
-        self.t_embedder = nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-        self.y_embedder = nn.Module()
-        self.y_embedder.mlp = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.t_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))})
+        self.y_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(),
+                                                              nn.Linear(D, D))})
         self.context_embedder = nn.Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size ** 2 * cfg.out_channels)
+        self.final_layer = FinalLayer(D, p * p * cfg.out_channels)
         self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, enabled: bool = True):
@@ -523,12 +517,10 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
+        base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.register_buffer("weight_scale", getattr(base, "weight_scale", None))    # an fp8 base's scales
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         self.rank, self.alpha, self.multiplier = rank, alpha, 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
@@ -565,12 +557,9 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
     return blocks & set(range(depth))
 
 
-def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: str = "") -> list[str]:
-    """Names of the nn.Linear modules a preset (attn, attn_mlp, all) or a list of regexes selects."""
-    if isinstance(targets, str):
-        patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    else:
-        patterns = list(targets)
+def lora_target_names(model: MMDiT, targets: str = "attn", blocks: str = "") -> list[str]:
+    """Names of the nn.Linear modules a preset (attn, attn_mlp, all) or a comma list of regexes selects."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
     try:
         regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
     except re.error as e:
@@ -662,14 +651,10 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class MidBlock(nn.Module):
-    def __init__(self, ch: int, groups: int):
-        super().__init__()
-        self.block_1, self.attn_1 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups)
-        self.block_2 = ResnetBlock(ch, ch, groups)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+def mid_block(ch: int, groups: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution, under their official names."""
+    return nn.Sequential(collections.OrderedDict(
+        block_1=ResnetBlock(ch, ch, groups), attn_1=AttnBlock(ch, groups), block_2=ResnetBlock(ch, ch, groups)))
 
 
 class Resample(nn.Module):
@@ -687,7 +672,8 @@ class Resample(nn.Module):
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
     level = nn.Module()
-    level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n_blocks))
+    level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else cout, cout, groups)
+                                  for j in range(n_blocks)))
     return level
 
 
@@ -700,15 +686,14 @@ class Encoder(nn.Module):
                                   for cin, w in zip([c.ch] + widths, widths))
         for level, w in zip(self.down[:-1], widths):
             level.downsample = Resample(w, down=True)
-        self.mid = MidBlock(widths[-1], c.groups)
+        self.mid = mid_block(widths[-1], c.groups)
         self.norm_out = nn.GroupNorm(c.groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            h = level.block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
@@ -719,10 +704,10 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [c.ch * m for m in c.ch_mult]
         self.conv_in = nn.Conv2d(c.latent_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], c.groups)
+        self.mid = mid_block(widths[-1], c.groups)
         # up[i] works at width widths[i]; it runs from the deepest level up, as in the official layout
-        self.up = nn.ModuleList(_level((widths + [widths[-1]])[i + 1], w, c.num_res_blocks + 1, c.groups)
-                                for i, w in enumerate(widths))
+        self.up = nn.ModuleList(_level(cin, w, c.num_res_blocks + 1, c.groups)
+                                for cin, w in zip(widths[1:] + widths[-1:], widths))
         for level, w in zip(self.up[1:], widths[1:]):
             level.upsample = Resample(w, down=False)
         self.norm_out = nn.GroupNorm(c.groups, widths[0], eps=1e-6)
@@ -731,8 +716,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+            h = level.block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
