@@ -619,8 +619,7 @@ class VAEConfig:
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
         ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
         mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        return cls(ch=ch, ch_mult=mult,
-                   num_res_blocks=_block_count(sd, "encoder.down.0.block."),
+        return cls(ch=ch, ch_mult=mult, num_res_blocks=_block_count(sd, "encoder.down.0.block."),
                    latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
 
 
@@ -684,8 +683,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
         self.down = nn.ModuleList(_level(cin, w, c.num_res_blocks, c.groups)
                                   for cin, w in zip([c.ch] + widths, widths))
-        for level, w in zip(self.down[:-1], widths):
-            level.downsample = Resample(w, down=True)
+        for i, (level, w) in enumerate(zip(self.down, widths)):         # the deepest level keeps its size
+            level.downsample = Resample(w, down=True) if i < len(widths) - 1 else nn.Identity()
         self.mid = mid_block(widths[-1], c.groups)
         self.norm_out = nn.GroupNorm(c.groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
@@ -693,9 +692,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            h = level.block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level.downsample(level.block(h))
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -708,17 +705,15 @@ class Decoder(nn.Module):
         # up[i] works at width widths[i]; it runs from the deepest level up, as in the official layout
         self.up = nn.ModuleList(_level(cin, w, c.num_res_blocks + 1, c.groups)
                                 for cin, w in zip(widths[1:] + widths[-1:], widths))
-        for level, w in zip(self.up[1:], widths[1:]):
-            level.upsample = Resample(w, down=False)
+        for i, (level, w) in enumerate(zip(self.up, widths)):
+            level.upsample = Resample(w, down=False) if i > 0 else nn.Identity()
         self.norm_out = nn.GroupNorm(c.groups, widths[0], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            h = level.block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level.upsample(level.block(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -805,7 +800,7 @@ class Pipeline:
     def place(self, offload: bool | None = None) -> "Pipeline":
         """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
-        modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
+        modules = [self.mmdit, self.vae, *self.text.modules()]
         if offload is None:
             need = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
@@ -819,17 +814,17 @@ class Pipeline:
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
+        """With `offload`, the modules visit `device` for the `with` block, then go back to the CPU."""
+        visiting = modules if self.offload else ()
         try:
-            if self.offload:
-                for m in modules:
-                    m.to(self.device)
+            for m in visiting:
+                m.to(self.device)
             yield
         finally:
-            if self.offload:
-                for m in modules:
-                    m.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for m in visiting:
+                m.to("cpu")
+            if visiting and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
@@ -906,9 +901,8 @@ class SampleSettings:
     seed: int = 0
 
     def resolved(self, variant: str) -> "SampleSettings":
-        preset = PRESETS[variant]
-        keys = ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
-        out = dataclasses.replace(self, **{k: getattr(preset, k) for k in keys if getattr(self, k) is None})
+        preset = dataclasses.asdict(PRESETS[variant])
+        out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
@@ -944,12 +938,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg != 1.0 else None
     else:
         cond, uncond = embeddings
-    device = pipe.device
-    cond = tuple(t.to(device) for t in cond)
-    uncond = tuple(t.to(device) for t in uncond) if uncond is not None else None
+    cond = tuple(t.to(pipe.device) for t in cond)
+    uncond = tuple(t.to(pipe.device) for t in uncond) if uncond is not None else None
     seeds = [s.seed + i for i in range(len(prompts))]
-    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
-    sigmas = get_schedule(s.steps, s.shift, s.schedule).to(device)
+    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
+    sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
         layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # presets may exceed a tiny model
         x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
