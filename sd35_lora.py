@@ -557,8 +557,12 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
     return blocks & set(range(depth))
 
 
-def lora_target_names(model: MMDiT, targets: str = "attn", blocks: str = "") -> list[str]:
-    """Names of the nn.Linear modules a preset (attn, attn_mlp, all) or a comma list of regexes selects."""
+def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
+             blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
+    """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
+    on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
+    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
+        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
     try:
         regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
@@ -572,17 +576,9 @@ def lora_target_names(model: MMDiT, targets: str = "attn", blocks: str = "") -> 
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
                         f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
-
-
-def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
-             dropout: float = 0.0) -> list[nn.Parameter]:
-    """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
-    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
-        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     model.requires_grad_(False)
     params = []
-    for name in lora_target_names(model, targets, blocks):
+    for name in names:
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
@@ -652,8 +648,9 @@ class AttnBlock(nn.Module):
 
 def mid_block(ch: int, groups: int) -> nn.Sequential:
     """ResNet, attention, ResNet at the lowest resolution, under their official names."""
-    return nn.Sequential(collections.OrderedDict(
-        block_1=ResnetBlock(ch, ch, groups), attn_1=AttnBlock(ch, groups), block_2=ResnetBlock(ch, ch, groups)))
+    return nn.Sequential(collections.OrderedDict(block_1=ResnetBlock(ch, ch, groups),
+                                                 attn_1=AttnBlock(ch, groups),
+                                                 block_2=ResnetBlock(ch, ch, groups)))
 
 
 class Resample(nn.Module):
@@ -769,18 +766,16 @@ class TextEncoders:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
-        seqs, pooled = [], []
-        for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
-            out = model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
-            seqs.append(out.hidden_states[-2].float())
-            pooled.append(out.text_embeds.float())
-        clip = torch.cat(seqs, dim=-1)                                          # (B, 77, D_l + D_g)
+        outs = [model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
+                for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g))]
+        clip = torch.cat([out.hidden_states[-2].float() for out in outs], dim=-1)   # (B, 77, D_l + D_g)
+        pooled = torch.cat([out.text_embeds.float() for out in outs], dim=-1)       # (B, D_l + D_g)
         if self.t5 is not None:
             t5 = self.t5(self._tokens(self.tok_t5, prompts, self.t5_length)).last_hidden_state.float()
         else:
             t5 = clip.new_zeros(len(prompts), self.t5_length, self.context_dim)
         context = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
-        return context, torch.cat(pooled, dim=-1)
+        return context, pooled
 
 
 #################################################################################
