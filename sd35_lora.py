@@ -680,8 +680,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
         self.down = nn.ModuleList(_level(cin, w, c.num_res_blocks, c.groups)
                                   for cin, w in zip([c.ch] + widths, widths))
-        for i, (level, w) in enumerate(zip(self.down, widths)):         # the deepest level keeps its size
-            level.downsample = Resample(w, down=True) if i < len(widths) - 1 else nn.Identity()
+        for i, level in enumerate(self.down):                           # the deepest level keeps its size
+            level.downsample = Resample(widths[i], down=True) if i < len(widths) - 1 else nn.Identity()
         self.mid = mid_block(widths[-1], c.groups)
         self.norm_out = nn.GroupNorm(c.groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
@@ -702,8 +702,8 @@ class Decoder(nn.Module):
         # up[i] works at width widths[i]; it runs from the deepest level up, as in the official layout
         self.up = nn.ModuleList(_level(cin, w, c.num_res_blocks + 1, c.groups)
                                 for cin, w in zip(widths[1:] + widths[-1:], widths))
-        for i, (level, w) in enumerate(zip(self.up, widths)):
-            level.upsample = Resample(w, down=False) if i > 0 else nn.Identity()
+        for i, level in enumerate(self.up):
+            level.upsample = Resample(widths[i], down=False) if i > 0 else nn.Identity()
         self.norm_out = nn.GroupNorm(c.groups, widths[0], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
 
@@ -872,15 +872,6 @@ def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> t
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
-    from PIL import Image
-    if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
-    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
-
-
 @dataclass
 class SampleSettings:
     """Sampling parameters; None means the variant's preset."""
@@ -924,6 +915,7 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+    from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -942,7 +934,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # presets may exceed a tiny model
         x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in x]))
+        images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
+    if not images.isfinite().all():                        # one check per batch, not per sampling step
+        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
+    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
 
 
 #################################################################################
