@@ -200,16 +200,15 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
-def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float,
-                           generator: torch.Generator) -> torch.Tensor:
+def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Generator) -> torch.Tensor:
     """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
     if cfg.timestep_sampling == "logit_normal":
-        u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=generator))
+        u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
     elif cfg.timestep_sampling == "mode":
-        u = torch.rand(n, generator=generator)
+        u = torch.rand(n, generator=g)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     elif cfg.timestep_sampling == "uniform":
-        u = torch.rand(n, generator=generator)
+        u = torch.rand(n, generator=g)
     else:
         raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': "
                         "use logit_normal, mode or uniform")
@@ -797,7 +796,7 @@ class Pipeline:
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
         modules = [self.mmdit, self.vae, *self.text.modules()]
         if offload is None:
-            need = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+            need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
             if offload:
                 print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: "
