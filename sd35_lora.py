@@ -794,7 +794,7 @@ class Pipeline:
     def place(self, offload: bool | None = None) -> "Pipeline":
         """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
-        modules = [self.mmdit, self.vae, *self.text.modules()]
+        modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
         if offload is None:
             need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
@@ -892,8 +892,7 @@ class SampleSettings:
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
-            raise UserError(f"width and height must be positive multiples of 16, "
-                            f"got {out.width}x{out.height}")
+            raise UserError(f"width and height must be positive multiples of 16: {out.width}x{out.height}")
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
