@@ -200,16 +200,15 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
-def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float,
-                           generator: torch.Generator) -> torch.Tensor:
+def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Generator) -> torch.Tensor:
     """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
     if cfg.timestep_sampling == "logit_normal":
-        u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=generator))
+        u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
     elif cfg.timestep_sampling == "mode":
-        u = torch.rand(n, generator=generator)
+        u = torch.rand(n, generator=g)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     elif cfg.timestep_sampling == "uniform":
-        u = torch.rand(n, generator=generator)
+        u = torch.rand(n, generator=g)
     else:
         raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': "
                         "use logit_normal, mode or uniform")
@@ -356,23 +355,21 @@ class Attention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream (image `x_block` or text `context_block`) of a joint block.
+    """One stream (image `x_block` or text `context_block`) of a joint block. adaLN turns the conditioning
+    vector into shift/scale/gate chunks: 6 of them, 9 with the dual attention of SD3.5 Medium, 2 for the
+    last text block, which is `pre_only` (its output is unused)."""
 
-    adaLN turns the conditioning vector into shift/scale/gate chunks: 6 of them, 9 with the dual
-    attention of SD3.5 Medium, 2 for the last text block, which is `pre_only` (its output is unused).
-    """
-
-    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool = False,
-                 dual: bool = False):
+    def __init__(self, cfg: MMDiTConfig, pre_only: bool = False, dual: bool = False):
         super().__init__()
+        dim = cfg.hidden
         self.pre_only, self.dual = pre_only, dual
         self.n_mod = 2 if pre_only else 9 if dual else 6
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm, pre_only)
-        self.attn2 = Attention(dim, heads, qk_norm) if dual else None
+        self.attn = Attention(dim, cfg.heads, cfg.qk_norm, pre_only)
+        self.attn2 = Attention(dim, cfg.heads, cfg.qk_norm) if dual else None
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.mlp = MLP(dim, dim * mlp_ratio)
+            self.mlp = MLP(dim, dim * cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
@@ -396,10 +393,8 @@ class JointBlock(nn.Module):
 
     def __init__(self, cfg: MMDiTConfig, index: int):
         super().__init__()
-        self.context_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
-                                         pre_only=index == cfg.depth - 1)
-        self.x_block = StreamBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio,
-                                   dual=index in cfg.dual_attention_layers)
+        self.context_block = StreamBlock(cfg, pre_only=index == cfg.depth - 1)
+        self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
@@ -432,17 +427,15 @@ class MMDiT(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         self.cfg = cfg
-        D = cfg.hidden
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size)
+        D, p = cfg.hidden, cfg.patch_size
+        self.x_embedder = nn.ModuleDict({"proj": nn.Conv2d(cfg.in_channels, D, p, stride=p)})
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
-        self.t_embedder = nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-        self.y_embedder = nn.Module()
-        self.y_embedder.mlp = nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.t_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))})
+        self.y_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(),
+                                                              nn.Linear(D, D))})
         self.context_embedder = nn.Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size ** 2 * cfg.out_channels)
+        self.final_layer = FinalLayer(D, p * p * cfg.out_channels)
         self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, enabled: bool = True):
@@ -511,12 +504,10 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
+        base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.register_buffer("weight_scale", getattr(base, "weight_scale", None))    # an fp8 base's scales
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         self.rank, self.alpha, self.multiplier = rank, alpha, 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
@@ -553,12 +544,13 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
     return blocks & set(range(depth))
 
 
-def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: str = "") -> list[str]:
-    """Names of the nn.Linear modules a preset (attn, attn_mlp, all) or a list of regexes selects."""
-    if isinstance(targets, str):
-        patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    else:
-        patterns = list(targets)
+def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
+             blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
+    """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
+    on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
+    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
+        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
     try:
         regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
     except re.error as e:
@@ -571,17 +563,9 @@ def lora_target_names(model: MMDiT, targets: str | list[str] = "attn", blocks: s
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
                         f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
-
-
-def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets="attn", blocks: str = "",
-             dropout: float = 0.0) -> list[nn.Parameter]:
-    """Freeze the model, wrap the targeted Linears in LoRALinear and return the trainable parameters."""
-    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
-        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     model.requires_grad_(False)
     params = []
-    for name in lora_target_names(model, targets, blocks):
+    for name in names:
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
@@ -618,8 +602,7 @@ class VAEConfig:
     def from_state_dict(cls, sd: dict, **overrides) -> "VAEConfig":
         ch, levels = sd["encoder.conv_in.weight"].shape[0], _block_count(sd, "encoder.down.")
         mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        return cls(ch=ch, ch_mult=mult,
-                   num_res_blocks=_block_count(sd, "encoder.down.0.block."),
+        return cls(ch=ch, ch_mult=mult, num_res_blocks=_block_count(sd, "encoder.down.0.block."),
                    latent_channels=sd["decoder.conv_in.weight"].shape[1], **overrides)
 
 
@@ -650,14 +633,11 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class MidBlock(nn.Module):
-    def __init__(self, ch: int, groups: int):
-        super().__init__()
-        self.block_1, self.attn_1 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups)
-        self.block_2 = ResnetBlock(ch, ch, groups)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+def mid_block(ch: int, groups: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution, under their official names."""
+    return nn.Sequential(collections.OrderedDict(block_1=ResnetBlock(ch, ch, groups),
+                                                 attn_1=AttnBlock(ch, groups),
+                                                 block_2=ResnetBlock(ch, ch, groups)))
 
 
 class Resample(nn.Module):
@@ -675,7 +655,8 @@ class Resample(nn.Module):
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
     level = nn.Module()
-    level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n_blocks))
+    level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else cout, cout, groups)
+                                  for j in range(n_blocks)))
     return level
 
 
@@ -686,19 +667,16 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, c.ch, 3, padding=1)
         self.down = nn.ModuleList(_level(cin, w, c.num_res_blocks, c.groups)
                                   for cin, w in zip([c.ch] + widths, widths))
-        for level, w in zip(self.down[:-1], widths):
-            level.downsample = Resample(w, down=True)
-        self.mid = MidBlock(widths[-1], c.groups)
+        for i, level in enumerate(self.down):                           # the deepest level keeps its size
+            level.downsample = Resample(widths[i], down=True) if i < len(widths) - 1 else nn.Identity()
+        self.mid = mid_block(widths[-1], c.groups)
         self.norm_out = nn.GroupNorm(c.groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level.downsample(level.block(h))
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -707,22 +685,19 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [c.ch * m for m in c.ch_mult]
         self.conv_in = nn.Conv2d(c.latent_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], c.groups)
+        self.mid = mid_block(widths[-1], c.groups)
         # up[i] works at width widths[i]; it runs from the deepest level up, as in the official layout
-        self.up = nn.ModuleList(_level((widths + [widths[-1]])[i + 1], w, c.num_res_blocks + 1, c.groups)
-                                for i, w in enumerate(widths))
-        for level, w in zip(self.up[1:], widths[1:]):
-            level.upsample = Resample(w, down=False)
+        self.up = nn.ModuleList(_level(cin, w, c.num_res_blocks + 1, c.groups)
+                                for cin, w in zip(widths[1:] + widths[-1:], widths))
+        for i, level in enumerate(self.up):
+            level.upsample = Resample(widths[i], down=False) if i > 0 else nn.Identity()
         self.norm_out = nn.GroupNorm(c.groups, widths[0], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level.upsample(level.block(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -778,18 +753,16 @@ class TextEncoders:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
-        seqs, pooled = [], []
-        for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g)):
-            out = model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
-            seqs.append(out.hidden_states[-2].float())
-            pooled.append(out.text_embeds.float())
-        clip = torch.cat(seqs, dim=-1)                                          # (B, 77, D_l + D_g)
+        outs = [model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
+                for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g))]
+        clip = torch.cat([out.hidden_states[-2].float() for out in outs], dim=-1)   # (B, 77, D_l + D_g)
+        pooled = torch.cat([out.text_embeds.float() for out in outs], dim=-1)       # (B, D_l + D_g)
         if self.t5 is not None:
             t5 = self.t5(self._tokens(self.tok_t5, prompts, self.t5_length)).last_hidden_state.float()
         else:
             t5 = clip.new_zeros(len(prompts), self.t5_length, self.context_dim)
         context = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
-        return context, torch.cat(pooled, dim=-1)
+        return context, pooled
 
 
 #################################################################################
@@ -811,7 +784,7 @@ class Pipeline:
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
         modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
         if offload is None:
-            need = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+            need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
             if offload:
                 print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: "
@@ -823,17 +796,17 @@ class Pipeline:
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
+        """With `offload`, the modules visit `device` for the `with` block, then go back to the CPU."""
+        visiting = modules if self.offload else ()
         try:
-            if self.offload:
-                for m in modules:
-                    m.to(self.device)
+            for m in visiting:
+                m.to(self.device)
             yield
         finally:
-            if self.offload:
-                for m in modules:
-                    m.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for m in visiting:
+                m.to("cpu")
+            if visiting and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
@@ -886,15 +859,6 @@ def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> t
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers does."""
-    from PIL import Image
-    if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
-    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
-
-
 @dataclass
 class SampleSettings:
     """Sampling parameters; None means the variant's preset."""
@@ -910,15 +874,13 @@ class SampleSettings:
     seed: int = 0
 
     def resolved(self, variant: str) -> "SampleSettings":
-        preset = PRESETS[variant]
-        keys = ("steps", "cfg", "shift", "sampler", "slg_scale", "slg_layers")
-        out = dataclasses.replace(self, **{k: getattr(preset, k) for k in keys if getattr(self, k) is None})
+        preset = dataclasses.asdict(PRESETS[variant])
+        out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
         if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
-            raise UserError(f"width and height must be positive multiples of 16, "
-                            f"got {out.width}x{out.height}")
+            raise UserError(f"width and height must be positive multiples of 16: {out.width}x{out.height}")
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
@@ -939,6 +901,7 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True) -> list:
     """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+    from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -948,17 +911,20 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg != 1.0 else None
     else:
         cond, uncond = embeddings
-    device = pipe.device
-    cond = tuple(t.to(device) for t in cond)
-    uncond = tuple(t.to(device) for t in uncond) if uncond is not None else None
+    cond = tuple(t.to(pipe.device) for t in cond)
+    uncond = tuple(t.to(pipe.device) for t in uncond) if uncond is not None else None
     seeds = [s.seed + i for i in range(len(prompts))]
-    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(device)
-    sigmas = get_schedule(s.steps, s.shift, s.schedule).to(device)
+    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
+    sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
         layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # presets may exceed a tiny model
         x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        return to_pil(torch.cat([pipe.vae.decode(z[None]) for z in x]))
+        images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
+    if not images.isfinite().all():                        # one check per batch, not per sampling step
+        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
+    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
 
 
 #################################################################################
