@@ -980,14 +980,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, multiples of `step`, with area close to resolution^2 and aspect up to 4:1."""
-    sizes = []
-    for w in range(step, 4 * resolution + 1, step):
-        h = (resolution * resolution // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_aspect:
-            sizes.append((w, h))
-    return sizes
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of 64, with area close to resolution^2 and aspect up to 4:1."""
+    sizes = [(w, resolution * resolution // w // 64 * 64) for w in range(64, 4 * resolution + 1, 64)]
+    return [(w, h) for w, h in sizes if h >= 64 and max(w / h, h / w) <= 4]
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
@@ -1007,9 +1003,6 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
     root = Path(cfg.path)
-    if not root.is_dir():
-        raise UserError(f"dataset.path {root} is not a folder "
-                        f"(it should hold images with same-name .txt captions)")
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
@@ -1044,8 +1037,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    if not items:
-        raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
+    if not items:                                          # also when dataset.path is no folder
+        raise UserError(f"no usable images in dataset.path {root}: give a folder of images "
+                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
           f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
     return items
@@ -1077,14 +1071,21 @@ class LatentDataset:
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
-        # torchrun: each file is written by the one process its digest picks (captions repeat), then all read
-        store = lambda path, compute: cached(path, compute) if int(path.stem, 16) % world == rank else path
-        cache = Path(cfg.dataset.cache_dir)
+        cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
-        self.latent_files, self.text_files, self.sizes = [], [], []
-        flip = cfg.dataset.flip
+        dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
+
+        def store(path: Path, compute) -> Path:       # torchrun: one writer per file, picked by its digest
+            return cached(path, compute) if int(path.stem, 16) % world == rank else path
+
+        def text_file(caption: str) -> Path:
+            def encode():
+                context, pooled = pipe.text.encode([caption])
+                return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
+            return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
         from tqdm import tqdm
+        self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
@@ -1094,20 +1095,12 @@ class LatentDataset:
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
             self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
-            self.text_files.append(self.text(pipe, cache, item["caption"], text_id, store))
+            self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
-        empty = self.text(pipe, cache, "", text_id, store)
+        empty = text_file("")
         if world > 1:
             dist.barrier()                                     # the cache is complete
         self.empty = load_file(str(empty))
-
-    @staticmethod
-    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str, store=cached) -> Path:
-        def encode():
-            context, pooled = pipe.text.encode([caption])
-            dtype = pipe.mmdit.x_embedder.proj.weight.dtype                 # bf16 halves the cache
-            return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-        return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1152,9 +1145,8 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                         cfg: Config, changes: list[str] = ()):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
-    for i, p in enumerate(params):
-        for name, value in opt.state.get(p, {}).items():
-            tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    for i, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{name}": value for name, value in state.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
@@ -1163,75 +1155,65 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                                  "world_size": str(rank_and_world()[1])})
 
 
-def load_training_state(path: Path, params: list[nn.Parameter],
-                        opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
+    """Restore what save_training_state wrote. -> the step to continue from."""
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
-        step, config, rng = int(meta["step"]), dict(json.loads(meta["config"])), tensors["rng.cpu"]
+        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
-    fused = opt.defaults.get("fused")                  # AdamW keeps `step` on the CPU, fused AdamW on the GPU
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            state = {k.split(".", 2)[2]: v if k.endswith(".step") and not fused else v.to(p.device)
-                     for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if state:
-                opt.state[p] = state
+    state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+             for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
-    return step, config
+    print(f"resumed from {path} at step {step}")
+    return step
 
 
 class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out = cfg, Path(cfg.output_dir)
-        self.state_path = self.out / "training_state.safetensors"
+        self.cfg, self.out, tc, s = cfg, Path(cfg.output_dir), cfg.train, cfg.sample
+        self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
         items = self.check_before_loading(resume)
         self.rank, self.world = init_distributed(cfg)
-        self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device,
-                                  cfg.dtype, cfg.t5_length, cfg.use_t5, cfg.variant, offload=True,
-                                  fp8=cfg.fp8)
-        self.device = self.pipe.device
-        s = cfg.sample
-        self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None,
-                                              s.shift or None, s.sampler or None, width=s.width,
-                                              height=s.height, seed=s.seed).resolved(self.pipe.variant)
+        pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
+                             cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
+        self.pipe, self.device = pipe, pipe.device
+        settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
+                                  s.sampler or None, width=s.width, height=s.height, seed=s.seed)
+        self.sample_settings = settings.resolved(pipe.variant)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
-        self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
-        with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):  # the encoders visit the GPU once
-            self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
-            cond = self.pipe.text.encode(s.prompts) if s.prompts else None    # sample prompts, encoded once
-            uncond = self.pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
-        self.embeddings = (cond, uncond if self.sample_settings.cfg != 1.0 else None)
-        self.pipe.text = None                                      # text encoders are no longer needed
-        self.pipe.offload = False
-        self.mmdit = self.pipe.mmdit.to(self.device)
-        torch.manual_seed(cfg.train.seed)                          # LoRA init (and dropout) follow train.seed
+        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
+            self.data = LatentDataset(items, pipe, cfg, cfg.model)
+            prompts = (s.prompts, [s.neg] * len(s.prompts))                 # sample prompts, encoded once
+            self.embeddings = [pipe.text.encode(p) for p in prompts] if s.prompts else None
+        pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
+        self.mmdit = pipe.mmdit.to(self.device)
+        torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
         self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks,
                                cfg.lora.dropout)
-        self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
-        if cfg.train.compile:
+        self.mmdit.enable_gradient_checkpointing(tc.gradient_checkpointing)
+        if tc.compile:
             self.mmdit.compile_blocks()
         fused = self.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
-        self.opt = torch.optim.AdamW(self.params, cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                     fused=fused)
-        self.step = 0
-        if resume:
-            self.step, _ = load_training_state(self.state_path, self.params, self.opt)
-            print(f"resumed from {self.state_path} at step {self.step}")
-        self.log_path = self.out / "log.jsonl"
-        weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
+        self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
+        self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
+        weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
-        self.epoch, self.order = 0, self.data.batches(self.global_batch, cfg.train.seed)   # epoch 0's batches
+        self.global_batch = tc.batch_size * tc.grad_accum * self.world
+        self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
     def check_before_loading(self, resume: bool) -> list[dict]:
         """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
