@@ -989,13 +989,9 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        w, h = size
-        crop_w, crop_h = min(im.width, im.height * w / h), min(im.height, im.width * h / w)
-        left, top = (im.width - crop_w) / 2, (im.height - crop_h) / 2
-        im = im.resize((w, h), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    with Image.open(path) as im:                # fit crops inside the resize: a huge strip is never upscaled
+        im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size, Image.BICUBIC)
+        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -1012,9 +1008,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         try:
             bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
             with warnings.catch_warnings(**bomb), Image.open(path) as im:
-                im.verify()
-            with Image.open(path) as im:
-                width, height = ImageOps.exif_transpose(im).size      # phone photos are stored rotated
+                width, height = ImageOps.exif_transpose(im).size  # decodes (broken files fail); phones rotate
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
@@ -1046,10 +1040,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
 
 
 def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
-    return h.hexdigest()[:32]
+    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def cached(path: Path, compute) -> Path:
@@ -1065,9 +1057,8 @@ def cached(path: Path, compute) -> Path:
 
 
 class LatentDataset:
-    """VAE moments and text embeddings of every image, computed once (cached on disk, keyed by the file's
-    content and every setting that changes the result), then read back per batch as same-bucket batches:
-    RAM does not grow with the dataset (~5 MB per 1024 px image)."""
+    """VAE moments and text embeddings of every image, cached on disk (keyed by the file's content and every
+    setting that changes them) and read back per same-bucket batch: RAM does not grow with the dataset."""
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
@@ -1089,8 +1080,7 @@ class LatentDataset:
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
 
-            @torch.no_grad()
-            def encode_image():
+            def encode_image():                                # frozen VAE, plain pixels: no autograd graph
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
@@ -1114,13 +1104,12 @@ class LatentDataset:
     def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
         """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
-        flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
-        drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
-        picked = list(zip(ids, flip.tolist(), drop.tolist()))[keep]
+        flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
+        drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
         moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
-                               for i, f, _ in picked])
+                               for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, _, d in picked]
+        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, d in zip(ids[keep], drop)]
         return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
                 torch.stack([e["pooled"] for e in embeds]))
 
@@ -1142,7 +1131,7 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                        cfg: Config, changes: list[str] = ()):
+                        cfg: Config, changes: list[str]):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     tensors = {f"param.{i}": p for i, p in enumerate(params)}
     for i, state in opt.state_dict()["state"].items():
@@ -1151,8 +1140,7 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
-                                 "changes": json.dumps(list(changes)),
-                                 "world_size": str(rank_and_world()[1])})
+                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1])})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
@@ -1185,7 +1173,18 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.out, tc, s = cfg, Path(cfg.output_dir), cfg.train, cfg.sample
         self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
-        items = self.check_before_loading(resume)
+        # refuse bad resumes, paths and data before gigabytes load
+        self.changes = prepare_resume(self.state_path, cfg) if resume else []
+        first = rank_and_world()[0] == 0                 # torchrun: process 0 checks before the others write
+        if not resume and first and self.out.is_dir() and any(self.out.iterdir()):
+            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
+                            f"--resume or choose another output_dir (--set output_dir=...)")
+        if not cfg.model:
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, "
+                            "an official .safetensors, a hub id, or 'tiny'")
+        items = scan_dataset(cfg.dataset, cfg.output_dir)
+        writable_dir(self.out, "output_dir")
+        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
@@ -1204,7 +1203,7 @@ class Trainer:
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
         self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks,
                                cfg.lora.dropout)
-        self.mmdit.enable_gradient_checkpointing(tc.gradient_checkpointing)
+        self.mmdit.enable_gradient_checkpointing(tc.gradient_checkpointing).train()     # LoRA dropout on
         if tc.compile:
             self.mmdit.compile_blocks()
         fused = self.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
@@ -1215,26 +1214,9 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
-    def check_before_loading(self, resume: bool) -> list[dict]:
-        """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
-        if resume and not self.state_path.is_file():
-            raise UserError(f"--resume: no {self.state_path} to resume from")
-        self.changes = prepare_resume(self.state_path, self.cfg) if resume else []
-        first = rank_and_world()[0] == 0                 # torchrun: process 0 checks before the others write
-        if not resume and first and self.out.is_dir() and any(self.out.iterdir()):
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
-                            f"--resume or choose another output_dir (--set output_dir=...)")
-        if not self.cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, "
-                            "an official .safetensors, a hub id, or 'tiny'")
-        items = scan_dataset(self.cfg.dataset, self.cfg.output_dir)
-        writable_dir(self.out, "output_dir")
-        writable_dir(self.cfg.dataset.cache_dir, "dataset.cache_dir")
-        return items
-
     def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
-        the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
+        the processes, with [loss, sigma sum, stop, loss sums per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         epoch, nth = divmod(self.step, len(self.order))
@@ -1244,10 +1226,8 @@ class Trainer:
         numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
-        for micro in range(tc.grad_accum):
-            keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
-            if keep.start >= len(ids):              # the last batch of a bucket can be short
-                continue
+        for start in range(self.rank * size, len(ids), self.world * size):  # up to grad_accum micro-batches
+            keep = slice(start, start + size)       # this process's; a bucket's last batch can be short
             # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
             g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
             batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
@@ -1316,13 +1296,6 @@ class Trainer:
             bins.zero_()                                    # the next report covers the steps after this one
             self.sample_images()
 
-    def exit_interrupted(self, terminated: bool):
-        """Ctrl-C or SIGTERM: save a checkpoint, then exit with the shell's code for the signal (130, 143)."""
-        self.save()
-        print(f"{'terminated' if terminated else 'interrupted'} at step {self.step}; "
-              f"checkpoint saved. Continue with --resume")
-        raise SystemExit(143 if terminated else 130)
-
 
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
@@ -1332,7 +1305,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
     bins = torch.zeros(2, tc.loss_bins)                                 # per-timestep-bin loss sums, counts
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
-    tr.mmdit.train()
     bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
@@ -1340,8 +1312,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     try:
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
-            for group in tr.opt.param_groups:
-                group["lr"] = lr
+            tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
             numbers = tr.forward_backward(shift, bool(stop))
             total, stopping = numbers[0].item(), numbers[2].item() > 0
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
@@ -1362,9 +1333,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 raise KeyboardInterrupt
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
             tr.save_and_sample(bins)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        tr.exit_interrupted(terminated=signal.SIGTERM in stop)
+        tr.save()
+        name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
+        print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
+        raise SystemExit(code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
