@@ -1012,15 +1012,13 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
-        caption_file = path.with_suffix(".txt")
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8-sig").strip()  # a bad byte is no silent ?
-            except (OSError, UnicodeError) as e:
-                raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
-        else:
-            caption = cfg.default_caption
+        caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
+        try:
+            caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
+        except FileNotFoundError:
             uncaptioned.append(path.name)
+        except (OSError, UnicodeError) as e:
+            raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
@@ -1133,9 +1131,8 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
                         cfg: Config, changes: list[str]):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
-    tensors = {f"param.{i}": p for i, p in enumerate(params)}
-    for i, state in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{name}": value for name, value in state.items()})
+    moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
+    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
@@ -1144,7 +1141,6 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
-    """Restore what save_training_state wrote. -> the step to continue from."""
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
@@ -1171,24 +1167,20 @@ class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out, tc, s = cfg, Path(cfg.output_dir), cfg.train, cfg.sample
+        self.cfg, self.out, tc, s, lc = cfg, Path(cfg.output_dir), cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
-        # refuse bad resumes, paths and data before gigabytes load
+        # refuse bad resumes, paths and data before gigabytes load (torchrun: process 0 checks output_dir)
         self.changes = prepare_resume(self.state_path, cfg) if resume else []
-        first = rank_and_world()[0] == 0                 # torchrun: process 0 checks before the others write
-        if not resume and first and self.out.is_dir() and any(self.out.iterdir()):
+        if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
                             f"--resume or choose another output_dir (--set output_dir=...)")
-        if not cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, "
-                            "an official .safetensors, a hub id, or 'tiny'")
         items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
-        self.pipe, self.device = pipe, pipe.device
+        self.pipe = pipe
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant)
@@ -1199,14 +1191,13 @@ class Trainer:
             prompts = (s.prompts, [s.neg] * len(s.prompts))                 # sample prompts, encoded once
             self.embeddings = [pipe.text.encode(p) for p in prompts] if s.prompts else None
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
-        self.mmdit = pipe.mmdit.to(self.device)
+        self.mmdit = pipe.mmdit.to(pipe.device)
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
-        self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks,
-                               cfg.lora.dropout)
+        self.params = add_lora(self.mmdit, lc.rank, lc.alpha, lc.targets, lc.blocks, lc.dropout)
         self.mmdit.enable_gradient_checkpointing(tc.gradient_checkpointing).train()     # LoRA dropout on
         if tc.compile:
             self.mmdit.compile_blocks()
-        fused = self.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
+        fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
         weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
@@ -1230,14 +1221,13 @@ class Trainer:
             keep = slice(start, start + size)       # this process's; a bucket's last batch can be short
             # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
             g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
-            batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
+            batch = [t.to(self.pipe.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
             loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast,
                                                           keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
             numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
-            numbers[3:3 + bins].index_add_(0, index, per_sample.cpu())
-            numbers[3 + bins:].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+            numbers[3:] += torch.cat([index.bincount(per_sample.cpu(), bins), index.bincount(minlength=bins)])
         return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
 
     def sample_images(self):
@@ -1246,7 +1236,7 @@ class Trainer:
             return
         try:
             self.mmdit.eval()
-            self.pipe.vae.to(self.device)
+            self.pipe.vae.to(self.pipe.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
                               embeddings=self.embeddings, progress=False)
             for i, image in enumerate(images):
@@ -1256,8 +1246,7 @@ class Trainer:
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
-            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); "
-                  "training continues", file=sys.stderr)
+            print(f"warning: sampling at step {self.step} failed ({e!r}); training goes on", file=sys.stderr)
         finally:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
