@@ -1080,10 +1080,9 @@ class LatentDataset:
             self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
-        empty = text_file("")
+        self.empty = text_file("")                             # what caption dropout trains on
         if world > 1:
             dist.barrier()                                     # the cache is complete
-        self.empty = load_file(str(empty))
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1102,7 +1101,7 @@ class LatentDataset:
         moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, d in zip(ids[keep], drop)]
+        embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
         return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
                 torch.stack([e["pooled"] for e in embeds]))
 
@@ -1165,6 +1164,8 @@ class Trainer:
         self.cfg, self.out, tc, s, lc = cfg, Path(cfg.output_dir), cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
         # refuse bad resumes, paths and data before gigabytes load; torchrun: only process 0 checks output_dir
+        if resume and not self.state_path.is_file():
+            raise UserError(f"--resume: no {self.state_path} to resume from")
         self.changes = prepare_resume(self.state_path, cfg) if resume else []
         if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
@@ -1200,7 +1201,7 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
-    def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
+    def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
         the processes, with [loss, sigma sum, stop, loss sums per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
@@ -1217,8 +1218,8 @@ class Trainer:
             # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
             g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
             batch = [t.to(self.pipe.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
-            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast,
-                                                          keep, len(ids))
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, self.sample_settings.shift,
+                                                          g, self.autocast, keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
             numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
@@ -1285,8 +1286,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm
     tr = Trainer(cfg, resume)
-    tc, shift = cfg.train, tr.sample_settings.shift
-    bins = torch.zeros(2, tc.loss_bins)                                 # per-timestep-bin loss sums, counts
+    tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
     bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
@@ -1297,7 +1297,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
             tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
-            numbers = tr.forward_backward(shift, bool(stop))
+            numbers = tr.forward_backward(bool(stop))
             total, stopping = numbers[0].item(), numbers[2].item() > 0
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
