@@ -934,60 +934,41 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, multiples of `step`, with area close to resolution^2 and aspect up to 4:1."""
-    sizes = []
-    for w in range(step, 4 * resolution + 1, step):
-        h = (resolution * resolution // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_aspect:
-            sizes.append((w, h))
-    return sizes
-
-
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        w, h = size
-        crop_w, crop_h = min(im.width, im.height * w / h), min(im.height, im.width * h / w)
-        left, top = (im.width - crop_w) / 2, (im.height - crop_h) / 2
-        im = im.resize((w, h), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    with Image.open(path) as im:                # fit crops inside the resize: a huge strip is never upscaled
+        im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size, Image.BICUBIC)
+        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
-    root = Path(cfg.path)
-    if not root.is_dir():
-        raise UserError(f"dataset.path {root} is not a folder "
-                        f"(it should hold images with same-name .txt captions)")
+    root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
-    buckets = bucket_sizes(cfg.resolution)
+    # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
+    sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
+    buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
     items, broken, uncaptioned = [], [], []
     for path in paths:
         try:
             bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
             with warnings.catch_warnings(**bomb), Image.open(path) as im:
-                im.verify()
-            with Image.open(path) as im:
-                width, height = ImageOps.exif_transpose(im).size      # phone photos are stored rotated
+                width, height = ImageOps.exif_transpose(im).size  # decodes (broken files fail); phones rotate
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
-        caption_file = path.with_suffix(".txt")
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8-sig").strip()  # a bad byte is no silent ?
-            except (OSError, UnicodeError) as e:
-                raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
-        else:
-            caption = cfg.default_caption
+        caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
+        try:
+            caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
+        except FileNotFoundError:
             uncaptioned.append(path.name)
+        except (OSError, UnicodeError) as e:
+            raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
     if broken:
@@ -998,18 +979,17 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    if not items:
-        raise UserError(f"no usable images in {root} ({', '.join(sorted(IMAGE_EXTS))}, with .txt captions)")
+    if not items:                                          # also when dataset.path is no folder
+        raise UserError(f"no usable images in dataset.path {root}: give a folder of images "
+                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
           f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
     return items
 
 
 def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
-    return h.hexdigest()[:32]
+    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def cached(path: Path, compute) -> Path:
@@ -1025,43 +1005,38 @@ def cached(path: Path, compute) -> Path:
 
 
 class LatentDataset:
-    """VAE moments and text embeddings of every image, computed once (cached on disk, keyed by the file's
-    content and every setting that changes the result), then read back per batch as same-bucket batches:
-    RAM does not grow with the dataset (~5 MB per 1024 px image)."""
+    """VAE moments and text embeddings per image, cached on disk (keyed by content and every setting that
+    changes them) and read back per batch: RAM does not grow with the dataset (~5 MB per 1024 px image)."""
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
-        # torchrun: each file is written by the one process its digest picks (captions repeat), then all read
-        store = lambda path, compute: cached(path, compute) if int(path.stem, 16) % world == rank else path
-        cache = Path(cfg.dataset.cache_dir)
+        cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
-        self.latent_files, self.text_files, self.sizes = [], [], []
-        flip = cfg.dataset.flip
-        from tqdm import tqdm
-        for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
-            image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
+        dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
-            @torch.no_grad()
-            def encode_image():
+        def store(path: Path, compute) -> Path:       # torchrun: one writer per file, picked by its digest
+            return cached(path, compute) if int(path.stem, 16) % world == rank else path
+
+        def text_file(caption: str) -> Path:
+            def encode():
+                context, pooled = pipe.text.encode([caption])
+                return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
+            return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+        from tqdm import tqdm
+        self.latent_files, self.text_files, self.sizes = [], [], []
+        for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
+            def encode_image():                                # frozen VAE, plain pixels: no autograd graph
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
+            image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
             self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
-            self.text_files.append(self.text(pipe, cache, item["caption"], text_id, store))
+            self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
-        empty = self.text(pipe, cache, "", text_id, store)
+        self.empty = text_file("")                             # what caption dropout trains on
         if world > 1:
             dist.barrier()                                     # the cache is complete
-        self.empty = load_file(str(empty))
-
-    @staticmethod
-    def text(pipe: Pipeline, cache: Path, caption: str, text_id: str, store=cached) -> Path:
-        def encode():
-            context, pooled = pipe.text.encode([caption])
-            dtype = pipe.mmdit.x_embedder.proj.weight.dtype                 # bf16 halves the cache
-            return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-        return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1075,13 +1050,12 @@ class LatentDataset:
     def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
         """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
-        flip = (torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip
-        drop = torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout
-        picked = list(zip(ids, flip.tolist(), drop.tolist()))[keep]
+        flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
+        drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
         moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
-                               for i, f, _ in picked])
+                               for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        embeds = [self.empty if d else load_file(str(self.text_files[i])) for i, _, d in picked]
+        embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
         return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
                 torch.stack([e["pooled"] for e in embeds]))
 
@@ -1103,110 +1077,87 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                        cfg: Config, changes: list[str] = ()):
+                        cfg: Config, changes: list[str]):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
-    tensors = {f"param.{i}": p for i, p in enumerate(params)}
-    for i, p in enumerate(params):
-        for name, value in opt.state.get(p, {}).items():
-            tensors[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
+    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments
     tensors["rng.cpu"] = torch.get_rng_state()
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
-                                 "changes": json.dumps(list(changes)),
-                                 "world_size": str(rank_and_world()[1])})
+                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1])})
 
 
-def load_training_state(path: Path, params: list[nn.Parameter],
-                        opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
-        step, config, rng = int(meta["step"]), dict(json.loads(meta["config"])), tensors["rng.cpu"]
+        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
-    fused = opt.defaults.get("fused")                  # AdamW keeps `step` on the CPU, fused AdamW on the GPU
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            state = {k.split(".", 2)[2]: v if k.endswith(".step") and not fused else v.to(p.device)
-                     for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if state:
-                opt.state[p] = state
+    state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+             for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
-    return step, config
+    print(f"resumed from {path} at step {step}")
+    return step
 
 
 class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out = cfg, Path(cfg.output_dir)
-        self.state_path = self.out / "training_state.safetensors"
-        items = self.check_before_loading(resume)
-        self.rank, self.world = init_distributed(cfg)
-        self.pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device,
-                                  cfg.dtype, cfg.t5_length, cfg.use_t5, cfg.variant, offload=True,
-                                  fp8=cfg.fp8)
-        self.device = self.pipe.device
-        s = cfg.sample
-        self.sample_settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None,
-                                              s.shift or None, s.sampler or None, width=s.width,
-                                              height=s.height, seed=s.seed).resolved(self.pipe.variant)
-        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
-        self.pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
-        with self.pipe.on_device(self.pipe.vae, *self.pipe.text.modules()):  # the encoders visit the GPU once
-            self.data = LatentDataset(items, self.pipe, cfg, cfg.model)
-            cond = self.pipe.text.encode(s.prompts) if s.prompts else None    # sample prompts, encoded once
-            uncond = self.pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
-        self.embeddings = (cond, uncond if self.sample_settings.cfg != 1.0 else None)
-        self.pipe.text = None                                      # text encoders are no longer needed
-        self.pipe.offload = False
-        self.mmdit = self.pipe.mmdit.to(self.device)
-        torch.manual_seed(cfg.train.seed)                          # LoRA init (and dropout) follow train.seed
-        self.params = add_lora(self.mmdit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.blocks,
-                               cfg.lora.dropout)
-        self.mmdit.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
-        if cfg.train.compile:
-            self.mmdit.compile_blocks()
-        fused = self.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
-        self.opt = torch.optim.AdamW(self.params, cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                     fused=fused)
-        self.step = 0
-        if resume:
-            self.step, _ = load_training_state(self.state_path, self.params, self.opt)
-            print(f"resumed from {self.state_path} at step {self.step}")
-        self.log_path = self.out / "log.jsonl"
-        weights_dtype = self.pipe.mmdit.x_embedder.proj.weight.dtype
-        self.autocast = None if weights_dtype == torch.float32 else weights_dtype
-        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
-        self.epoch, self.order = 0, self.data.batches(self.global_batch, cfg.train.seed)   # epoch 0's batches
-
-    def check_before_loading(self, resume: bool) -> list[dict]:
-        """Refuse bad paths, data or resumes before gigabytes load. -> the dataset's items."""
+        self.cfg, self.out, tc, s, lc = cfg, Path(cfg.output_dir), cfg.train, cfg.sample, cfg.lora
+        self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
+        # refuse bad resumes, paths and data before gigabytes load; torchrun: only process 0 checks output_dir
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
-        self.changes = prepare_resume(self.state_path, self.cfg) if resume else []
-        first = rank_and_world()[0] == 0                 # torchrun: process 0 checks before the others write
-        if not resume and first and self.out.is_dir() and any(self.out.iterdir()):
+        self.changes = prepare_resume(self.state_path, cfg) if resume else []
+        if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
                             f"--resume or choose another output_dir (--set output_dir=...)")
-        if not self.cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, "
-                            "an official .safetensors, a hub id, or 'tiny'")
-        items = scan_dataset(self.cfg.dataset, self.cfg.output_dir)
+        items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
-        writable_dir(self.cfg.dataset.cache_dir, "dataset.cache_dir")
-        return items
+        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        self.rank, self.world = init_distributed(cfg)
+        pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
+                             cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
+        self.pipe = pipe
+        settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
+                                  s.sampler or None, width=s.width, height=s.height, seed=s.seed)
+        self.sample_settings = settings.resolved(pipe.variant)
+        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
+        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
+            self.data = LatentDataset(items, pipe, cfg, cfg.model)
+            prompts = (s.prompts, [s.neg] * len(s.prompts))                 # sample prompts, encoded once
+            self.embeddings = [pipe.text.encode(p) for p in prompts] if s.prompts else None
+        pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
+        self.mmdit = pipe.mmdit.to(pipe.device)
+        torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
+        self.params = add_lora(self.mmdit, lc.rank, lc.alpha, lc.targets, lc.blocks, lc.dropout)
+        self.mmdit.enable_gradient_checkpointing(tc.gradient_checkpointing).train()     # LoRA dropout on
+        if tc.compile:
+            self.mmdit.compile_blocks()
+        fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
+        self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
+        self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
+        weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
+        self.autocast = None if weights_dtype == torch.float32 else weights_dtype
+        self.global_batch = tc.batch_size * tc.grad_accum * self.world
+        self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
-    def forward_backward(self, shift: float, stopping: bool) -> torch.Tensor:
+    def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
-        the processes, with [loss, sigma sum, stop, loss per sigma bin, samples per bin])."""
+        the processes, with [loss, sigma sum, stop, loss sums per sigma bin, samples per bin])."""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         epoch, nth = divmod(self.step, len(self.order))
@@ -1216,20 +1167,17 @@ class Trainer:
         numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
-        for micro in range(tc.grad_accum):
-            keep = slice((micro * self.world + self.rank) * size, (micro * self.world + self.rank + 1) * size)
-            if keep.start >= len(ids):              # the last batch of a bucket can be short
-                continue
+        for start in range(self.rank * size, len(ids), self.world * size):  # up to grad_accum micro-batches
+            keep = slice(start, start + size)       # this process's; a bucket's last batch can be short
             # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
             g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
-            batch = [t.to(self.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
-            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, shift, g, self.autocast,
-                                                          keep, len(ids))
+            batch = [t.to(self.pipe.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
+            loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, self.sample_settings.shift,
+                                                          g, self.autocast, keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
             numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
-            numbers[3:3 + bins].index_add_(0, index, per_sample.cpu())
-            numbers[3 + bins:].index_add_(0, index, torch.ones_like(per_sample.cpu()))
+            numbers[3:] += torch.cat([index.bincount(per_sample.cpu(), bins), index.bincount(minlength=bins)])
         return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
 
     def sample_images(self):
@@ -1238,7 +1186,7 @@ class Trainer:
             return
         try:
             self.mmdit.eval()
-            self.pipe.vae.to(self.device)
+            self.pipe.vae.to(self.pipe.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
                               embeddings=self.embeddings, progress=False)
             for i, image in enumerate(images):
@@ -1248,8 +1196,7 @@ class Trainer:
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
-            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); "
-                  "training continues", file=sys.stderr)
+            print(f"warning: sampling at step {self.step} failed ({e!r}); training goes on", file=sys.stderr)
         finally:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
@@ -1288,23 +1235,14 @@ class Trainer:
             bins.zero_()                                    # the next report covers the steps after this one
             self.sample_images()
 
-    def exit_interrupted(self, terminated: bool):
-        """Ctrl-C or SIGTERM: save a checkpoint, then exit with the shell's code for the signal (130, 143)."""
-        self.save()
-        print(f"{'terminated' if terminated else 'interrupted'} at step {self.step}; "
-              f"checkpoint saved. Continue with --resume")
-        raise SystemExit(143 if terminated else 130)
-
 
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm
     tr = Trainer(cfg, resume)
-    tc, shift = cfg.train, tr.sample_settings.shift
-    bins = torch.zeros(2, tc.loss_bins)                                 # per-timestep-bin loss sums, counts
+    tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     if tr.step == 0:
         tr.sample_images()                                                # baseline before any update
-    tr.mmdit.train()
     bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
@@ -1312,9 +1250,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     try:
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
-            for group in tr.opt.param_groups:
-                group["lr"] = lr
-            numbers = tr.forward_backward(shift, bool(stop))
+            tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
+            numbers = tr.forward_backward(bool(stop))
             total, stopping = numbers[0].item(), numbers[2].item() > 0
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
@@ -1334,9 +1271,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 raise KeyboardInterrupt
             # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
             tr.save_and_sample(bins)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        tr.exit_interrupted(terminated=signal.SIGTERM in stop)
+        tr.save()
+        name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
+        print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
+        raise SystemExit(code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
