@@ -15,23 +15,23 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
-      181  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      247  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      509  LoRA                             LoRALinear and add_lora
-      615  VAE                              16-channel autoencoder, the latent scale and shift
-      769  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      807  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      976  Data                             dataset scan, aspect buckets, the latent and text cache
-     1135  Training                         Trainer and the training loop
-     1395  Part 2: plumbing                 a reader can stop here
-     1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1796  Hub Downloads                    snapshot downloads, tokenizers
-     1846  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2036  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2141  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2284  Output Files                     atomic writes, loss.png
-     2348  Several Processes (torchrun)     one all-reduce per step
-     2397  Command Line and the Tiny Model  main(), --tiny
+      186  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      244  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      488  LoRA                             LoRALinear and add_lora
+      585  VAE                              16-channel autoencoder, the latent scale and shift
+      730  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      766  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      925  Data                             dataset scan, aspect buckets, the latent and text cache
+     1058  Training                         Trainer and the training loop
+     1282  Part 2: plumbing                 a reader can stop here
+     1289  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1652  Hub Downloads                    snapshot downloads, tokenizers
+     1694  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1865  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1970  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2117  Output Files                     atomic writes, loss.png
+     2183  Several Processes (torchrun)     one all-reduce per step
+     2222  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -98,8 +98,13 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
+# every option list, once: validate() and sample.py's flags read these; the functions below trust them
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
+TIMESTEP_SAMPLINGS = ("logit_normal", "mode", "uniform")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+LR_SCHEDULES = ("constant", "cosine")
+LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -190,8 +195,6 @@ def shift_sigma(sigma, shift: float):
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
     """Sigmas from 1 to 0 (steps + 1 values), built as the references do: the end point
     shift(1/1000) is spaced, then shifted again. `cosine` spaces densely at both ends."""
-    if spacing not in SCHEDULES:
-        raise UserError(f"unknown schedule '{spacing}': choose one of {', '.join(SCHEDULES)}")
     end = shift_sigma(1 / 1000, shift)
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
     if spacing == "cosine":
@@ -207,24 +210,19 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
     elif cfg.timestep_sampling == "mode":
         u = torch.rand(n, generator=g)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    elif cfg.timestep_sampling == "uniform":
+    else:                                                       # uniform
         u = torch.rand(n, generator=g)
-    else:
-        raise UserError(f"unknown train.timestep_sampling '{cfg.timestep_sampling}': "
-                        "use logit_normal, mode or uniform")
     index = (u * 1000).long().clamp(0, 999)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
 def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     """Per-sample loss weights of SD3's paper: none, sigma_sqrt (sigma^-2) or cosmap."""
-    if scheme == "none":
-        return torch.ones_like(sigmas)
     if scheme == "sigma_sqrt":
         return sigmas ** -2.0
     if scheme == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
-    raise UserError(f"unknown train.weighting '{scheme}': use none, sigma_sqrt or cosmap")
+    return torch.ones_like(sigmas)
 
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
@@ -828,8 +826,6 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             progress: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}': choose one of {', '.join(SAMPLERS)}")
     from tqdm import tqdm
     use_cfg = uncond is not None and cfg != 1.0
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
@@ -884,10 +880,9 @@ class SampleSettings:
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
-        if out.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler '{out.sampler}': choose one of {', '.join(SAMPLERS)}")
-        if out.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule '{out.schedule}': choose one of {', '.join(SCHEDULES)}")
+        for name, options in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
+            if getattr(out, name) not in options:
+                raise UserError(f"unknown {name} '{getattr(out, name)}': choose one of {', '.join(options)}")
         return out
 
 
@@ -1071,8 +1066,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if cfg.lr_schedule != "constant":
-        raise UserError(f"unknown train.lr_schedule '{cfg.lr_schedule}': use constant or cosine")
     return cfg.lr
 
 
@@ -1686,7 +1679,7 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} "
-                        f"(give a diffusers folder, a .safetensors file or a Hugging Face repo id)")
+                        f"(give a diffusers folder, a .safetensors file, a Hugging Face repo id or 'tiny')")
     from huggingface_hub import snapshot_download
     patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
     try:
@@ -1715,14 +1708,12 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
             key = "lora_unet_" + name.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
-        elif format == "diffusers":
+        else:                                                    # diffusers
             up = up * (layer.alpha / layer.rank)
             up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
-        else:
-            raise UserError(f"unknown LoRA format '{format}': use diffusers or kohya")
     first = next(iter(layers.values()))
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
             "modules": sorted(layers), **(metadata or {})}
@@ -2029,10 +2020,9 @@ def flat_config(cfg: Config) -> dict:
     return flat
 
 
-CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": ("diffusers", "kohya"),
-           "train.lr_schedule": ("constant", "cosine"),
-           "train.timestep_sampling": ("logit_normal", "mode", "uniform"),
-           "train.weighting": ("none", "sigma_sqrt", "cosmap"), "sample.sampler": ("", *SAMPLERS)}
+CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": LORA_FORMATS,
+           "train.lr_schedule": LR_SCHEDULES, "train.timestep_sampling": TIMESTEP_SAMPLINGS,
+           "train.weighting": WEIGHTINGS, "sample.sampler": ("", *SAMPLERS)}
 AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
