@@ -267,23 +267,17 @@ class MMDiTConfig:
         ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")  # (head_dim,)
         hidden, patch = proj.shape[0], proj.shape[-1]
         return cls(
-            depth=_block_count(sd, "joint_blocks."),
-            hidden=hidden,
-            heads=hidden // (ln_q.shape[0] if ln_q is not None else 64),
-            patch_size=patch,
-            in_channels=proj.shape[1],
-            out_channels=sd["final_layer.linear.weight"].shape[0] // patch ** 2,
+            depth=_block_count(sd, "joint_blocks."), hidden=hidden, patch_size=patch,
+            heads=hidden // (ln_q.shape[0] if ln_q is not None else 64), qk_norm=ln_q is not None,
+            in_channels=proj.shape[1], out_channels=sd["final_layer.linear.weight"].shape[0] // patch ** 2,
             context_dim=sd["context_embedder.weight"].shape[1],
             pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
             pos_embed_max_size=math.isqrt(sd["pos_embed"].shape[1]),
-            qk_norm=ln_q is not None,
             dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k})),
-            mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden,
-        )
+            mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden)
 
     def variant(self, hint: str = "") -> str:
-        """The PRESETS entry for this architecture; Large and Large Turbo differ only in weights,
-        so Turbo is recognised by its name (or set `variant` explicitly)."""
+        """The PRESETS entry; Large Turbo has Large's shapes, so it is told by its name (or set `variant`)."""
         if self.dual_attention_layers:
             return "sd3.5-medium"
         if not self.qk_norm:
@@ -353,9 +347,8 @@ class Attention(nn.Module):
 
 
 class StreamBlock(nn.Module):
-    """One stream (image `x_block` or text `context_block`) of a joint block. adaLN turns the conditioning
-    vector into shift/scale/gate chunks: 6 of them, 9 with the dual attention of SD3.5 Medium, 2 for the
-    last text block, which is `pre_only` (its output is unused)."""
+    """One stream (image `x_block` or text `context_block`) of a joint block. adaLN gives 6 shift/scale/gate
+    chunks (9 with SD3.5 Medium's dual attention, 2 in the last text block: `pre_only`, its output unused)."""
 
     def __init__(self, cfg: MMDiTConfig, pre_only: bool = False, dual: bool = False):
         super().__init__()
@@ -456,8 +449,7 @@ class MMDiT(nn.Module):
         m = self.cfg.pos_embed_max_size
         if h > m or w > m:
             px = self.cfg.patch_size * 8
-            raise UserError(f"image of {h * px}x{w * px} px is too large "
-                            f"for this model: at most {m * px} px per side")
+            raise UserError(f"{h * px}x{w * px} px is too large for this model: at most {m * px} px per side")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
@@ -468,8 +460,7 @@ class MMDiT(nn.Module):
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         dtype = self.x_embedder.proj.weight.dtype                # the compute dtype, never fp8
-        # (B, h*w, D), made contiguous: a residual stream left in the conv's channel-first layout makes
-        # every LayerNorm and Linear downstream copy it first
+        # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder.mlp(timestep_embedding(t).to(dtype)) + self.y_embedder.mlp(y.to(dtype))  # (B, D)
@@ -653,8 +644,7 @@ class Resample(nn.Module):
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
     level = nn.Module()
-    level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else cout, cout, groups)
-                                  for j in range(n_blocks)))
+    level.block = nn.Sequential(*(ResnetBlock(cout if j else cin, cout, groups) for j in range(n_blocks)))
     return level
 
 
@@ -1252,7 +1242,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
                                 f"stopped without saving. Lower train.lr or check the data; the last good "
                                 f"checkpoint is {tr.out / 'lora.safetensors'}")
-            # update
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -1262,7 +1251,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt
-            # checkpoint, then validation samples (with the loss per timestep bin since the last ones)
             tr.save_and_sample(bins)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
