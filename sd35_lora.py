@@ -603,8 +603,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return self.nin_shortcut(x) + h
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
 
 
 class AttnBlock(nn.Module):
@@ -723,8 +722,7 @@ class VAE(nn.Module):
 
 class TextEncoders:
     """CLIP-L and CLIP-G (penultimate hidden states, pooled projections) and T5-XXL, combined as SD3 expects:
-    context = [CLIP-L | CLIP-G | zero pad to T5 width] ++ T5 along the sequence -> (B, 77 + t5_length, 4096),
-    pooled = [CLIP-L pooled | CLIP-G pooled] -> (B, 2048). Without T5 its part is zeros."""
+    context = [CLIP-L | CLIP-G | zero pad to T5 width] ++ (T5 or zeros), pooled = [CLIP-L | CLIP-G] pooled."""
 
     def __init__(self, clip_l, clip_g, t5, tokenizers, t5_length: int = T5_LENGTH, context_dim: int = 4096):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
@@ -775,8 +773,7 @@ class Pipeline:
             need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
             if offload:
-                print(f"models ({need / 2**30:.1f} GB) exceed the free GPU memory: "
-                      "each visits the GPU only while it runs")
+                print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: each visits it only to run")
         self.offload = offload
         for m in modules:
             m.to("cpu" if offload else self.device)
@@ -1063,8 +1060,7 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                         cfg: Config, changes: list[str]):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
-    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | {"rng.cpu": torch.get_rng_state()}
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
