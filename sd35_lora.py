@@ -637,8 +637,7 @@ class Resample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        x = F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0))
 
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
@@ -773,7 +772,7 @@ class Pipeline:
             need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
             offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
             if offload:
-                print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: each visits it only to run")
+                print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
         self.offload = offload
         for m in modules:
             m.to("cpu" if offload else self.device)
