@@ -737,7 +737,7 @@ class TextEncoders:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> context (B, 77 + t5_length, D_t5), pooled (B, D_l + D_g), float32."""
+        """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
         outs = [model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
                 for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g))]
         clip = torch.cat([out.hidden_states[-2].float() for out in outs], dim=-1)   # (B, 77, D_l + D_g)
