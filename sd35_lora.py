@@ -277,7 +277,7 @@ class MMDiTConfig:
             mlp_ratio=sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] // hidden)
 
     def variant(self, hint: str = "") -> str:
-        """The PRESETS entry; Large Turbo has Large's shapes, so it is told by its name (or set `variant`)."""
+        """The PRESETS entry; Large Turbo has Large's shapes, so its name (or `variant`) tells it apart."""
         if self.dual_attention_layers:
             return "sd3.5-medium"
         if not self.qk_norm:
