@@ -1376,8 +1376,7 @@ VAE_RENAMES = [
 
 
 def vae_from_diffusers(sd: dict) -> dict:
-    levels = _block_count(sd, "decoder.up_blocks.")
-    out = {}
+    levels, out = _block_count(sd, "decoder.up_blocks."), {}
     for key, tensor in sd.items():
         for pattern, repl in VAE_RENAMES:
             key = re.sub(pattern, repl, key)
@@ -1438,12 +1437,11 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
     folder = path / part if (path / part).is_dir() else path
-    config, file = {}, folder / "config.json"
-    if file.is_file():
-        try:
-            config = dict(json.loads(file.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
+    file = folder / "config.json"
+    try:
+        config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
     return read_weights_dir(folder, "diffusion_pytorch_model"), config
@@ -1610,8 +1608,6 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    if variant and variant not in PRESETS:
-        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
@@ -1731,18 +1727,6 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
     return headers
 
 
-def lora_spellings(depth: int) -> dict[str, tuple[str, int, int, bool]]:
-    """A LoRA module name past LORA_PREFIXES, official or diffusers, dotted or flattened with "_" ->
-    (official name, part index, parts, whether a diffusers (scale, shift) modulation to swap back)."""
-    spellings = {}
-    for official, parts in diffusers_names(depth).items():
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            swap = is_swapped(official, depth)
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
-    return spellings
-
-
 def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.Tensor]]:
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
     groups, ignored = {}, []
@@ -1773,7 +1757,12 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
         raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
-    spellings, pieces = lora_spellings(depth), {}
+    spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            swap = is_swapped(official, depth)
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
     groups = _lora_groups(sd, path, spellings)
     if not groups:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
@@ -1819,8 +1808,7 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 
 @torch.no_grad()
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
-    """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
-    (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
+    """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
     adapters = read_lora(model, path)                      # validates everything before touching the model
     for name, (down, up) in adapters.items():
         layer = model.get_submodule(name)
@@ -1872,10 +1860,9 @@ class Fp8Matmul(torch.autograd.Function):
         if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
                 and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
             return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
-        rows, x_scale = quantize_fp8(x.reshape(-1, x.shape[-1]))    # fp8 tensor cores: x per row (token), too
-        out = torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
-                               out_dtype=torch.bfloat16, use_fast_accum=True)
-        return out.reshape(*x.shape[:-1], -1)
+        rows, x_scale = quantize_fp8(x.reshape(-1, x.shape[-1]))    # fp8 tensor cores: x quantized per token
+        return torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
+                                out_dtype=torch.bfloat16, use_fast_accum=True).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
