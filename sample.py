@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
-    p.add_argument("--variant", default="", help=f"override the detected variant: {', '.join(sd.PRESETS)}")
+    p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
     p.add_argument("--prompt", action="append", help="repeat for a batch")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=positive_int)

@@ -1329,9 +1329,8 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
     """diffusers `transformer/` state dict -> official names (qkv fused, the two swaps undone)."""
-    sd, out = dict(sd), {}
-    if "pos_embed.pos_embed" in sd:
-        out["pos_embed"] = sd.pop("pos_embed.pos_embed")
+    sd = dict(sd)
+    out = {"pos_embed": sd.pop("pos_embed.pos_embed")} if "pos_embed.pos_embed" in sd else {}
     for official, parts in diffusers_names(depth).items():
         for p in ("weight", "bias"):
             tensors = [sd.pop(f"{name}.{p}") for name in parts if f"{name}.{p}" in sd]
@@ -1360,8 +1359,7 @@ VAE_RENAMES = [
 
 
 def vae_from_diffusers(sd: dict) -> dict:
-    levels = _block_count(sd, "decoder.up_blocks.")
-    out = {}
+    levels, out = _block_count(sd, "decoder.up_blocks."), {}
     for key, tensor in sd.items():
         for pattern, repl in VAE_RENAMES:
             key = re.sub(pattern, repl, key)
@@ -1376,27 +1374,22 @@ CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
     ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
-    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
-]
+    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer")]
 
 
 def describe_checkpoint(sd: dict) -> str:
-    for fragment, what in CHECKPOINT_SIGNATURES:
-        if any(fragment in k for k in sd):
-            return f"it looks like {what}"
-    return f"its first keys are {sorted(sd)[:3]}"
+    what = next((kind for fragment, kind in CHECKPOINT_SIGNATURES if any(fragment in k for k in sd)), None)
+    return f"it looks like {what}" if what else f"its first keys are {sorted(sd)[:3]}"
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = "", convert=None):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped), each passed through
-    `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong. Tensors
-    outside `prefix` are never read."""
+    """The tensors of a .safetensors file named `prefix`... (stripped; no others are read), each through
+    `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
-        raise UserError(f"{path}: only .safetensors files are read (pickle files can run code); "
-                        "use the .safetensors release")
+        raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
             names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
@@ -1417,15 +1410,7 @@ def read_weights_dir(folder: Path, stem: str) -> dict:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-    raise UserError(f"no {stem}.safetensors in {folder} (found {found[:5]}); "
-                    "only safetensors weights are read")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read {path} as a JSON object ({e}): download it again") from None
+    raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
 
 def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
@@ -1435,7 +1420,11 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
     folder = path / part if (path / part).is_dir() else path
-    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    file = folder / "config.json"
+    try:
+        config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
     return read_weights_dir(folder, "diffusion_pytorch_model"), config
@@ -1469,9 +1458,8 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
     quantized = {}                  # fp8: a single file's matrices quantized as read, never all of it in bf16
-    on_read = functools.partial(_fp8_on_read, quantized) if fp8 else None
     sd, config = _read_part(Path(path), "transformer", "SD3Transformer2DModel", "model.diffusion_model.",
-                            on_read)
+                            functools.partial(_fp8_on_read, quantized) if fp8 else None)
     if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
         raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
     try:                                  # shapes and counts come from an untrusted header: check them first
@@ -1496,8 +1484,7 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
     overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); "
-                        "pass --vae with the VAE file or folder")
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -1602,12 +1589,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if isinstance(dtype, str) and dtype not in ("", *DTYPES):
-        raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    if variant and variant not in PRESETS:
-        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
@@ -1661,12 +1644,10 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
         return Path(name)
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"model not found: {name!r} "
-                        f"(give a diffusers folder, a .safetensors file, a Hugging Face repo id or 'tiny')")
+        raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
     from huggingface_hub import snapshot_download
-    patterns = ["model_index.json"] + [f"{part}/*" for part in parts]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns,
+        return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
@@ -1679,9 +1660,8 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
 #################################################################################
 
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Write the adapters as safetensors; rank/alpha/targets and `metadata` go into the header. diffusers:
-    alpha folded into lora_B (loaders assume alpha = rank), the fused qkv written as to_q/to_k/to_v sharing
-    lora_A. kohya: official names + alpha."""
+    """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
+    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
         raise UserError("the model has no LoRA layers to save (call add_lora first)")
@@ -1730,21 +1710,8 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
     return headers
 
 
-def lora_spellings(depth: int) -> dict[str, tuple[str, int, int, bool]]:
-    """A LoRA module name past LORA_PREFIXES, official or diffusers, dotted or flattened with "_" ->
-    (official name, part index, parts, whether a diffusers (scale, shift) modulation to swap back)."""
-    spellings = {}
-    for official, parts in diffusers_names(depth).items():
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            swap = is_swapped(official, depth)
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
-    return spellings
-
-
 def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The LoRA tensors of the modules in `spellings`, by module -> {"down", "up", "alpha"}; a warning lists
-    the other tensors."""
+    """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
         if "dora_scale" in key or "lora_magnitude_vector" in key:
@@ -1759,8 +1726,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):
-        raise UserError(f"{path} is not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors; "
-                        f"{describe_checkpoint(sd)})")
+        raise UserError(f"{path} is not a LoRA (no lora_A/B or lora_down/up; {describe_checkpoint(sd)})")
     if ignored and groups:                                  # (no groups: read_lora says why)
         print(f"warning: ignored {len(ignored)} tensors of {path} that are no LoRA weights of this model, "
               f"e.g. {ignored[:3]}", file=sys.stderr)
@@ -1774,7 +1740,12 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
         raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
-    spellings, pieces = lora_spellings(depth), {}
+    spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            swap = is_swapped(official, depth)
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
     groups = _lora_groups(sd, path, spellings)
     if not groups:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
@@ -1803,15 +1774,13 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
     for official, parts in pieces.items():
         layer = modules.get(official)
         if not isinstance(layer, nn.Linear):
-            raise UserError(f"{path}: '{official}' does not exist in this model (depth {model.cfg.depth}, "
-                            f"dual attention {list(model.cfg.dual_attention_layers)}): "
-                            "a LoRA for another variant?")
+            raise UserError(f"{path}: no '{official}' in this model (depth {model.cfg.depth}, dual attention "
+                            f"{list(model.cfg.dual_attention_layers)}): a LoRA for another variant?")
         rows = layer.out_features // len(parts)
         for down, up in filter(None, parts):
             if down.shape[1] != layer.in_features or up.shape[0] != rows:
-                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, "
-                                f"the LoRA has down {tuple(down.shape)} and up {tuple(up.shape)}: "
-                                f"a LoRA for another variant?")
+                raise UserError(f"{path}: '{official}' takes ({layer.in_features} -> {rows}) per part, not "
+                                f"down {tuple(down.shape)}, up {tuple(up.shape)}: another variant's LoRA?")
         downs, ups = zip(*(p or (torch.zeros(0, layer.in_features), torch.zeros(rows, 0)) for p in parts))
         if all(torch.equal(d, downs[0]) for d in downs):    # one shared A (as we save qkv): stays rank r
             adapters[official] = (downs[0], torch.cat(ups))
@@ -1822,8 +1791,7 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 
 @torch.no_grad()
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
-    """Apply a LoRA file (diffusers/PEFT, kohya or ComfyUI layout). merge=True folds it into the weights
-    (stackable, zero overhead); merge=False wraps the layers in LoRALinear. Returns the layer count."""
+    """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
     adapters = read_lora(model, path)                      # validates everything before touching the model
     for name, (down, up) in adapters.items():
         layer = model.get_submodule(name)
@@ -1835,8 +1803,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
         elif isinstance(layer, LoRALinear):
-            raise UserError(f"{name} already has an unmerged LoRA: "
-                            "only one LoRA can stay unmerged (merge the others)")
+            raise UserError(f"{name} already has an unmerged LoRA; only one may stay so: merge the others")
         else:
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
@@ -1859,7 +1826,7 @@ FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequant
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> (float8 w, fp32 scale (out,)): each row's largest |value| becomes 448."""
     scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 448
-    return (w.float() / scale[:, None]).to(FP8), scale
+    return (w / scale[:, None]).to(FP8), scale                  # w / fp32 scale: computed in fp32
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1876,11 +1843,9 @@ class Fp8Matmul(torch.autograd.Function):
         if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
                 and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
             return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
-        rows = x.reshape(-1, x.shape[-1])            # fp8 tensor cores: x is quantized per row (token), here
-        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448
-        out = torch._scaled_mm((rows / x_scale).to(FP8), weight.t(), scale_a=x_scale, scale_b=scale[None],
-                               bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
-        return out.reshape(*x.shape[:-1], -1)
+        rows, x_scale = quantize_fp8(x.reshape(-1, x.shape[-1]))    # fp8 tensor cores: x quantized per token
+        return torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
+                                out_dtype=torch.bfloat16, use_fast_accum=True).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -1936,8 +1901,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("integer-quantized weights (int8, nvfp4) are not supported: "
-                        "use a bf16, fp16 or fp8 file")
+        raise UserError("integer-quantized weights (int8, nvfp4) are unsupported: use a bf16/fp16/fp8 file")
     scales = {}
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
