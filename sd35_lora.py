@@ -1984,9 +1984,8 @@ def _coerce(value, default, key: str):
     if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
         with contextlib.suppress(ValueError):
             value = float(value)
-    kind = "whole" if isinstance(default, int) else "finite"              # NaN would pass every `<` check
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or kind == "whole" and not float(value).is_integer()):
+    kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
+    if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
     return type(default)(value)
 
@@ -2224,8 +2223,7 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\s"), "")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")            # one token per character
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tok.post_processor = processors.BertProcessing(("<eos>", 3), ("<bos>", 2))  # (sep, cls): <bos> text <eos>
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
@@ -2255,11 +2253,10 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
-TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.path=runs/tiny_data",
-            "dataset.resolution=64", "dataset.cache_dir=runs/tiny_cache", "lora.targets=all",
-            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "train.save_every=30",
-            "sample.sample_every=30", "sample.sample_steps=8", "sample.width=64", "sample.height=64",
-            "sample.prompts=[red stripes, blue disc]"]
+TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
+            "dataset.path=runs/tiny_data", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
+            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
+            "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):
