@@ -2238,10 +2238,9 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
     mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48,
                               pos_embed_max_size=32, qk_norm=True, dual_attention_layers=(0, 1)))
     vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
-    clip_l, clip_g = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, projection_dim=width, max_position_embeddings=77, bos_token_id=2,
-        eos_token_id=3, pad_token_id=3)) for width in (32, 48)]
+    clip_l, clip_g = [CLIPTextModelWithProjection(CLIPTextConfig(     # 77 positions: CLIPTextConfig's default
+        vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w, projection_dim=w, num_hidden_layers=2,
+        num_attention_heads=2, bos_token_id=2, eos_token_id=3, pad_token_id=3)) for w in (32, 48)]
     with torch.no_grad():  # a random encoder's posterior is as wide as its mean; narrow, like a trained one's
         vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
         for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
