@@ -1931,9 +1931,8 @@ def _coerce(value, default, key: str):
     if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
         with contextlib.suppress(ValueError):
             value = float(value)
-    kind = "whole" if isinstance(default, int) else "finite"              # NaN would pass every `<` check
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or kind == "whole" and not float(value).is_integer()):
+    kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
+    if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
     return type(default)(value)
 
@@ -1959,11 +1958,8 @@ def _fill(obj, data: dict, prefix: str = ""):
 def flat_config(cfg: Config) -> dict:
     """Every setting under its config key: {"model": ..., "train.lr": ..., ...}."""
     flat = {}
-    for name, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, dict):
-            flat.update({f"{name}.{key}": v for key, v in value.items()})
-        else:
-            flat[name] = value
+    for key, value in dataclasses.asdict(cfg).items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     return flat
 
 
@@ -1982,8 +1978,7 @@ def validate(cfg: Config) -> Config:
     flat = flat_config(cfg)
     for key, options in CHOICES.items():
         if flat[key] not in options:
-            raise UserError(f"config key '{key}' is {flat[key]!r}: "
-                            f"use one of {', '.join(map(repr, options))}")
+            raise UserError(f"config key '{key}' is {flat[key]!r} (valid: {', '.join(map(repr, options))})")
     for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
         if flat[key] < lowest:
             raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
@@ -2030,22 +2025,20 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
                     "sample.".split())
 
 
-def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
-    """Before any model loads: refuse config changes that alter what the saved state means; drop the log
-    lines written past the checkpoint (they are redone). -> the trajectory changes so far."""
+def prepare_resume(path: Path, cfg: Config) -> list[str]:
+    """Before any model loads: refuse config changes that alter what the training state `path` means; drop
+    the log lines written past its step (they are redone). -> the trajectory changes so far."""
     try:                                       # the header only; keys added since the save get their defaults
-        with safe_open(str(state_path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
         was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
     except (OSError, SafetensorError, KeyError, TypeError, ValueError):
-        raise UserError(f"{state_path} lacks a readable step and config (not saved by this trainer?): "
-                        f"start a new run in another output_dir") from None
+        raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
     if world != was and before != cfg.train.batch_size * cfg.train.grad_accum * world:
-        raise UserError(f"{state_path} was trained with a global batch of {before} on {was} processes: "
-                        f"on {world}, keep it with train.batch_size x train.grad_accum = {before / world:g}, "
-                        f"or resume on {was}")
+        raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
+                        f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
     refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
     if refused:
@@ -2054,7 +2047,7 @@ def prepare_resume(state_path: Path, cfg: Config) -> list[str]:
     warned = [c for k, c in changed.items() if k in RESUME_WARN]
     if warned:
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
-    log = state_path.with_name("log.jsonl")
+    log = path.with_name("log.jsonl")
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
@@ -2122,8 +2115,7 @@ def plot_losses(log_path: Path, png_path: Path):
     draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
     draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
-    title = f"loss (light: per step, dark: mean of {window})   last mean {smooth[-1]:.4f}"
-    draw.text((5, 10), title, fill="black")
+    draw.text((5, 10), f"loss (light: per step, dark: mean of {window}, last {smooth[-1]:.4f})", fill="black")
     _atomic_save(im, png_path)
 
 
@@ -2176,31 +2168,26 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
     tokens = ["<pad>", "<unk>", "<bos>", "<eos>", *"abcdefghijklmnopqrstuvwxyz0123456789.,!-'"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    split = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), split])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\s"), "")])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")            # one token per character
+    tok.post_processor = processors.BertProcessing(("<eos>", 3), ("<bos>", 2))  # (sep, cls): <bos> text <eos>
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
-    """A random miniature SD3.5 Medium (dual attention, qk-norm) with tiny CLIP/T5 and tokenizers: the whole
-    program runs on a laptop CPU through the same code paths as the real weights."""
+    """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(0)
     tok = tiny_tokenizer()
-    t5_config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                         pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
-    t5 = T5EncoderModel(t5_config) if use_t5 else None
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                                 num_heads=4, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None
     mmdit = MMDiT(MMDiTConfig(depth=3, hidden=64, heads=4, context_dim=64, pooled_dim=32 + 48,
                               pos_embed_max_size=32, qk_norm=True, dual_attention_layers=(0, 1)))
     vae = VAE(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4))
-    clip_l, clip_g = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, projection_dim=width, max_position_embeddings=77, bos_token_id=2,
-        eos_token_id=3, pad_token_id=3)) for width in (32, 48)]
+    clip_l, clip_g = [CLIPTextModelWithProjection(CLIPTextConfig(     # 77 positions: CLIPTextConfig's default
+        vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w, projection_dim=w, num_hidden_layers=2,
+        num_attention_heads=2, bos_token_id=2, eos_token_id=3, pad_token_id=3)) for w in (32, 48)]
     with torch.no_grad():  # a random encoder's posterior is as wide as its mean; narrow, like a trained one's
         vae.encoder.conv_out.bias[vae.cfg.latent_channels:] = -10.0
         for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
@@ -2212,11 +2199,10 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
-TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.path=runs/tiny_data",
-            "dataset.resolution=64", "dataset.cache_dir=runs/tiny_cache", "lora.targets=all",
-            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "train.save_every=30",
-            "sample.sample_every=30", "sample.sample_steps=8", "sample.width=64", "sample.height=64",
-            "sample.prompts=[red stripes, blue disc]"]
+TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
+            "dataset.path=runs/tiny_data", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
+            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
+            "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):
@@ -2233,12 +2219,10 @@ def write_demo_dataset(folder: Path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Train an SD3/SD3.5 LoRA (see config.yaml for every setting).")
+    parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA; config.yaml lists every setting.")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=5e-5")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in output_dir from its last checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
