@@ -17,21 +17,21 @@ have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
       186  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       244  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      488  LoRA                             LoRALinear and add_lora
-      585  VAE                              16-channel autoencoder, the latent scale and shift
-      730  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      766  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      925  Data                             dataset scan, aspect buckets, the latent and text cache
-     1058  Training                         Trainer and the training loop
-     1282  Part 2: plumbing                 a reader can stop here
-     1289  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1652  Hub Downloads                    snapshot downloads, tokenizers
-     1694  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1865  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1970  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2117  Output Files                     atomic writes, loss.png
-     2183  Several Processes (torchrun)     one all-reduce per step
-     2222  Command Line and the Tiny Model  main(), --tiny
+      479  LoRA                             LoRALinear and add_lora
+      576  VAE                              16-channel autoencoder, the latent scale and shift
+      718  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      753  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      911  Data                             dataset scan, aspect buckets, the latent and text cache
+     1044  Training                         Trainer and the training loop
+     1265  Part 2: plumbing                 a reader can stop here
+     1272  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1623  Hub Downloads                    snapshot downloads, tokenizers
+     1663  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1820  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1922  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2062  Output Files                     atomic writes, loss.png
+     2127  Several Processes (torchrun)     one all-reduce per step
+     2166  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1401,21 +1401,22 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
     return (sd, meta) if with_metadata else sd
 
 
-def read_weights_dir(folder: Path, stem: str) -> dict:
+def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     """Weights of a diffusers component: `stem.safetensors` or the shards in `stem.safetensors.index.json`."""
     if (folder / f"{stem}.safetensors").is_file():
-        return read_safetensors(folder / f"{stem}.safetensors")
+        return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+        return {k: v for shard in shards
+                for k, v in read_safetensors(folder / shard, convert=convert).items()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
 
 def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
     """(weights, config.json) of a diffusers root folder's `part`/ or of that folder itself; or the tensors of
-    an official single file under `prefix` (stripped; all if none has it), through `convert`, and {}."""
+    an official single file under `prefix` (stripped; all if none has it), and {}. Tensors pass `convert`."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
@@ -1427,7 +1428,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
-    return read_weights_dir(folder, "diffusion_pytorch_model"), config
+    return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1457,14 +1458,18 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
 
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
-    quantized = {}                  # fp8: a single file's matrices quantized as read, never all of it in bf16
+    quantized = {}                      # fp8: matrices are quantized as they are read, never all in bf16
     sd, config = _read_part(Path(path), "transformer", "SD3Transformer2DModel", "model.diffusion_model.",
                             functools.partial(_fp8_on_read, quantized) if fp8 else None)
     if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
         raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
     try:                                  # shapes and counts come from an untrusted header: check them first
         if "x_embedder.proj.weight" not in sd:                                   # diffusers names
-            sd = mmdit_from_diffusers(sd, _block_count(sd, "transformer_blocks."))
+            depth = _block_count(sd, "transformer_blocks.")
+            sd = mmdit_from_diffusers(sd, depth)
+            # row scales follow their rows: fused into qkv, halves swapped
+            scales = mmdit_from_diffusers({f"{m}.weight": s for m, s in quantized.items()}, depth)
+            quantized = {name.removesuffix(".weight"): s for name, s in scales.items()}
         cfg = MMDiTConfig.from_state_dict(sd)
         if config:                # shapes show the head count only through qk_norm; config.json names it
             cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
@@ -1819,7 +1824,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
 # fp8: the frozen weight matrices of the joint blocks and the context embedder (~95 % of the bytes) are stored
 # as float8_e4m3fn (3 mantissa bits, largest value 448) with one fp32 scale per output row: W[i] = w[i] * s[i]
 FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
-FP8_WEIGHTS = r"^(joint_blocks\.\d+\..+|context_embedder)$"   # the Linear modules whose weight goes fp8
+FP8_WEIGHTS = r"^((joint|transformer)_blocks\.\d+\..+|context_embedder)$"  # Linears whose weight goes fp8
 FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
 
 
@@ -1887,7 +1892,7 @@ def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) 
 
 
 def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A single file's FP8_WEIGHTS matrix, quantized as it is read (its row scales go to `scales`)."""
+    """An FP8_WEIGHTS matrix (official or diffusers name) quantized as it is read; row scales to `scales`."""
     module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
     if is_matrix and re.match(FP8_WEIGHTS, module):

@@ -1635,10 +1635,17 @@ def test_file_layout_rules_of_the_reference():
                                    for n, title in rows), rows
 
 
-def test_fp8_single_file_is_quantized_while_reading(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
+def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
     """The host never holds the full-precision joint-block matrices: they arrive at _build already in fp8."""
-    model = tiny_mmdit()
-    save_file({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    model, path = tiny_mmdit(), tmp_path / "m.safetensors"
+    if layout == "single file":
+        save_file({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}, path)
+    else:                                          # per-row scales of to_q/k/v and swapped halves follow their rows
+        path = tmp_path / "transformer"
+        path.mkdir()
+        save_file(mmdit_to_diffusers(model.state_dict(), 3), path / "diffusion_pytorch_model.safetensors")
+        (path / "config.json").write_text(json.dumps({"num_layers": 3, "num_attention_heads": 4}))
     real_build, seen = sd._build, []
 
     def build(cls, cfg, weights, *args):
@@ -1646,9 +1653,9 @@ def test_fp8_single_file_is_quantized_while_reading(tmp_path, monkeypatch):
         assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
         return real_build(cls, cfg, weights, *args)
     monkeypatch.setattr(sd, "_build", build)
-    fp8 = sd.load_mmdit(tmp_path / "m.safetensors", fp8=True)
+    fp8 = sd.load_mmdit(path, fp8=True)
     monkeypatch.setattr(sd, "_build", real_build)
-    after = sd.quantize_mmdit(sd.load_mmdit(tmp_path / "m.safetensors"))       # quantized after loading
+    after = sd.quantize_mmdit(sd.load_mmdit(path))                              # quantized after loading
     assert seen and all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
     x = mmdit_inputs()
     with torch.no_grad():
