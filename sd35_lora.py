@@ -16,22 +16,22 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
       186  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      244  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      479  LoRA                             LoRALinear and add_lora
-      576  VAE                              16-channel autoencoder, the latent scale and shift
-      718  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      753  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      911  Data                             dataset scan, aspect buckets, the latent and text cache
-     1044  Training                         Trainer and the training loop
-     1265  Part 2: plumbing                 a reader can stop here
-     1272  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1623  Hub Downloads                    snapshot downloads, tokenizers
-     1663  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1820  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1922  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2062  Output Files                     atomic writes, loss.png
-     2127  Several Processes (torchrun)     one all-reduce per step
-     2166  Command Line and the Tiny Model  main(), --tiny
+      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      486  LoRA                             LoRALinear and add_lora
+      583  VAE                              16-channel autoencoder, the latent scale and shift
+      728  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      763  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      923  Data                             dataset scan, aspect buckets, the latent and text cache
+     1058  Training                         Trainer and the training loop
+     1288  Part 2: plumbing                 a reader can stop here
+     1295  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1664  Hub Downloads                    snapshot downloads, tokenizers
+     1704  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1864  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1966  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2106  Output Files                     atomic writes, loss.png
+     2171  Several Processes (torchrun)     one all-reduce per step
+     2210  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -98,7 +98,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
-# every option list, once: validate() and sample.py's flags read these; the functions below trust them
+# every option list, once: validate(), sample.py's flags and the functions' error messages read these
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
 TIMESTEP_SAMPLINGS = ("logit_normal", "mode", "uniform")
@@ -197,6 +197,8 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
     shift(1/1000) is spaced, then shifted again. `cosine` spaces densely at both ends."""
     end = shift_sigma(1 / 1000, shift)
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing not in SCHEDULES:                   # a typo must not quietly mean another schedule
+        raise UserError(f"unknown schedule {spacing!r}: use one of {', '.join(SCHEDULES)}")
     if spacing == "cosine":
         frac = (1 - torch.cos(math.pi * frac)) / 2
     sigmas = shift_sigma(1 - (1 - end) * frac, shift)
@@ -210,19 +212,24 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
     elif cfg.timestep_sampling == "mode":
         u = torch.rand(n, generator=g)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    else:                                                       # uniform
+    elif cfg.timestep_sampling == "uniform":
         u = torch.rand(n, generator=g)
+    else:
+        raise UserError(f"unknown timestep_sampling {cfg.timestep_sampling!r}: "
+                        f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
     index = (u * 1000).long().clamp(0, 999)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
 def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     """Per-sample loss weights of SD3's paper: none, sigma_sqrt (sigma^-2) or cosmap."""
+    if scheme == "none":
+        return torch.ones_like(sigmas)
     if scheme == "sigma_sqrt":
         return sigmas ** -2.0
     if scheme == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
-    return torch.ones_like(sigmas)
+    raise UserError(f"unknown weighting {scheme!r}: use one of {', '.join(WEIGHTINGS)}")
 
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
@@ -603,7 +610,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -637,12 +645,14 @@ class Resample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0))
+        x = F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
     level = nn.Module()
-    level.block = nn.Sequential(*(ResnetBlock(cout if j else cin, cout, groups) for j in range(n_blocks)))
+    widths = [cin] + [cout] * (n_blocks - 1)                         # the first block changes the width
+    level.block = nn.Sequential(*(ResnetBlock(w, cout, groups) for w in widths))
     return level
 
 
@@ -812,6 +822,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             progress: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     from tqdm import tqdm
     use_cfg = uncond is not None and cfg != 1.0
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
@@ -918,7 +930,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:                # fit crops inside the resize: a huge strip is never upscaled
+    with Image.open(path) as im:                # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size, Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
@@ -960,8 +972,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    if not items:                                          # also when dataset.path is no folder
-        raise UserError(f"no usable images in dataset.path {root}: give a folder of images "
+    if not items:
+        missing = "" if root.is_dir() else " (no such folder)"
+        raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
           f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
@@ -1007,7 +1020,8 @@ class LatentDataset:
         from tqdm import tqdm
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
-            def encode_image():                                # frozen VAE, plain pixels: no autograd graph
+            @torch.no_grad()
+            def encode_image():
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
@@ -1052,6 +1066,8 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_schedule != "constant":
+        raise UserError(f"unknown lr_schedule {cfg.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
     return cfg.lr
 
 
@@ -1093,9 +1109,13 @@ class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out, tc, s, lc = cfg, Path(cfg.output_dir), cfg.train, cfg.sample, cfg.lora
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
         # refuse bad resumes, paths and data before gigabytes load; torchrun: only process 0 checks output_dir
+        if not cfg.model:
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
+                            "a hub id or 'tiny'")
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
         self.changes = prepare_resume(self.state_path, cfg) if resume else []
@@ -1116,8 +1136,9 @@ class Trainer:
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
-            prompts = (s.prompts, [s.neg] * len(s.prompts))                 # sample prompts, encoded once
-            self.embeddings = [pipe.text.encode(p) for p in prompts] if s.prompts else None
+            cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
+            uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
+        self.embeddings = (cond, uncond)
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
         self.mmdit = pipe.mmdit.to(pipe.device)
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
@@ -1155,7 +1176,8 @@ class Trainer:
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
             numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
-            numbers[3:] += torch.cat([index.bincount(per_sample.cpu(), bins), index.bincount(minlength=bins)])
+            loss_sums = index.bincount(weights=per_sample.cpu(), minlength=bins)
+            numbers[3:] += torch.cat([loss_sums, index.bincount(minlength=bins)])
         return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
 
     def sample_images(self):
@@ -1174,7 +1196,8 @@ class Trainer:
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
-            print(f"warning: sampling at step {self.step} failed ({e!r}); training goes on", file=sys.stderr)
+            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training goes on",
+                  file=sys.stderr)
         finally:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
@@ -1246,7 +1269,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt
-            tr.save_and_sample(bins)
+            tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
         tr.save()
@@ -1383,8 +1406,8 @@ def describe_checkpoint(sd: dict) -> str:
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = "", convert=None):
-    """The tensors of a .safetensors file named `prefix`... (stripped; no others are read), each through
-    `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read), each
+    through `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -1427,7 +1450,8 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
-        raise UserError(f"{folder} holds a {config['_class_name']}, where SD3 has an {class_name}")
+        raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
+                        f"give the right folder (--model, or --vae for the VAE)")
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
 
@@ -1586,6 +1610,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _header_groups(path: Path) -> set[str]:
+    """First parts of the tensor names in a .safetensors header, past `model.diffusion_model.` (no tensor is
+    read): {"joint_blocks", "text_encoders", ...}; empty for any other file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k.removeprefix("model.diffusion_model.").split(".")[0] for k in f.keys()}
+    except Exception:                               # not safetensors: load_mmdit's error says what it is
+        return set()
+
+
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
                   dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
                   variant: str = "", offload: bool | None = None, fp8: bool = False) -> Pipeline:
@@ -1594,6 +1628,9 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
+    if isinstance(dtype, str) and dtype not in ("", *DTYPES) or variant and variant not in PRESETS:
+        raise UserError(f"unknown dtype {dtype!r} or variant {variant!r}: dtype is one of "
+                        f"{', '.join(DTYPES)}, variant one of {', '.join(PRESETS)}")
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if not 1 <= t5_length <= T5_MAX_LENGTH:
@@ -1606,6 +1643,10 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
+    groups = _header_groups(root) if root.is_file() and not text_encoders else set()   # before gigabytes load
+    if groups & {"joint_blocks", "transformer_blocks"} and "text_encoders" not in groups:
+        raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (clip_l, clip_g, t5xxl "
+                        f".safetensors files, or a diffusers-layout SD3.5 folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
@@ -1676,12 +1717,14 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
             key = "lora_unet_" + name.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
-        else:                                                    # diffusers
+        elif format == "diffusers":
             up = up * (layer.alpha / layer.rank)
             up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
+        else:
+            raise UserError(f"unknown LoRA format {format!r}: use one of {', '.join(LORA_FORMATS)}")
     first = next(iter(layers.values()))
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
             "modules": sorted(layers), **(metadata or {})}
@@ -1808,7 +1851,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
         elif isinstance(layer, LoRALinear):
-            raise UserError(f"{name} already has an unmerged LoRA; only one may stay so: merge the others")
+            raise UserError(f"{name} already has an unmerged LoRA: only one can stay unmerged, merge the "
+                            f"others")
         else:
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
@@ -1985,7 +2029,7 @@ def validate(cfg: Config) -> Config:
         if flat[key] not in options:
             raise UserError(f"config key '{key}' is {flat[key]!r} (valid: {', '.join(map(repr, options))})")
     for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
-        if flat[key] < lowest:
+        if not flat[key] >= lowest:                         # `not >=`: NaN fails too
             raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "

@@ -2,6 +2,7 @@
 
     pytest -q test_sd35.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -313,7 +314,10 @@ def test_config_detection_from_real_size_meta_weights(variant):
                        out_channels=16, **c)
     with torch.device("meta"):
         ref = diffusers.SD3Transformer2DModel(**diff_config)
-    assert sd.MMDiTConfig.from_state_dict(sd.mmdit_from_diffusers(ref.state_dict(), depth)) == expected
+    from_shapes = sd.MMDiTConfig.from_state_dict(sd.mmdit_from_diffusers(ref.state_dict(), depth))
+    assert from_shapes == expected           # and with config.json's counts, as load_mmdit reads a folder:
+    assert dataclasses.replace(from_shapes, depth=diff_config["num_layers"],
+                               heads=diff_config["num_attention_heads"]) == expected
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
@@ -823,6 +827,12 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     for folder, message in cases.items():
         with pytest.raises(sd.UserError, match=message):
             sd.load_pipeline(str(model), str(tmp_path / folder), device="cpu", dtype="fp32")
+    weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
+    save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_text.safetensors"), device="cpu"),
+                       "no_text.safetensors holds no text encoders: pass --text-encoders DIR")
     (tmp_path / "bare").mkdir()                 # no tokenizers beside it, offline, no cache: the CLI's one line
     (tmp_path / "bare/model.safetensors").symlink_to(model)
     r = run_cli("sample.py", "--model", str(tmp_path / "bare/model.safetensors"), "--prompt", "x",
