@@ -22,16 +22,16 @@ have. Sections (line numbers):
       728  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       763  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       923  Data                             dataset scan, aspect buckets, the latent and text cache
-     1058  Training                         Trainer and the training loop
-     1288  Part 2: plumbing                 a reader can stop here
-     1295  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1664  Hub Downloads                    snapshot downloads, tokenizers
-     1704  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1864  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1966  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2106  Output Files                     atomic writes, loss.png
-     2171  Several Processes (torchrun)     one all-reduce per step
-     2210  Command Line and the Tiny Model  main(), --tiny
+     1059  Training                         Trainer and the training loop
+     1289  Part 2: plumbing                 a reader can stop here
+     1296  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1665  Hub Downloads                    snapshot downloads, tokenizers
+     1705  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1865  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1967  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2107  Output Files                     atomic writes, loss.png
+     2172  Several Processes (torchrun)     one all-reduce per step
+     2211  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1005,7 +1005,8 @@ class LatentDataset:
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
-        vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)))
+        vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
+                         "crop-then-resize")     # caches of the older resize-then-crop load_image: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 

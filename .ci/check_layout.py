@@ -1,6 +1,7 @@
 """Checks the shape rules of sd35_lora.py (issue 13): the reference first, the plumbing after a banner.
 
     python .ci/check_layout.py            # prints the numbers; exit 1 with the broken rules
+    python .ci/check_layout.py --fix-map  # first rewrites the docstring's section line numbers
 
 Rules: the plumbing banner starts at or before line 1500; the file has fewer than 2,100 lines; no function is
 longer than 50 lines; at most 1 % of lines are longer than 110 characters; no compound statement keeps its body
@@ -44,6 +45,23 @@ def measure(source: str, users: str) -> dict:
             "one_liners": sorted(set(one_liners)), "unused_here": unused}
 
 
+def fix_section_map(source: str) -> str:
+    """The module docstring's rows `  <line>  <Section title>  ...` pointed at the `#####` line above each banner."""
+    lines = source.splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines) if i > 0 and line.startswith('"""'))
+    banners = {}
+    for i, line in enumerate(lines):
+        title = re.match(r"^#\s+(.+?)\s+#$", line.rstrip("\n"))
+        if title and i > end and lines[i - 1].startswith("#####"):
+            banners.setdefault(title.group(1), i)          # the 0-based index of the title = the ##### line's number
+    for j in range(end):
+        row = re.match(r"^\s+\d+  (\S.*)$", lines[j].rstrip("\n"))
+        title = row and max((t for t in banners if row.group(1).startswith(t + " ")), key=len, default=None)
+        if title:
+            lines[j] = f"{banners[title]:>9}  {row.group(1)}\n"
+    return "".join(lines)
+
+
 def broken(m: dict) -> list[str]:
     problems = []
     if m["banner_line"] is None or m["banner_line"] > LIMITS["banner_line"]:
@@ -62,6 +80,9 @@ def broken(m: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    if "--fix-map" in sys.argv:
+        path = ROOT / "sd35_lora.py"
+        path.write_text(fix_section_map(path.read_text()))
     m = measure((ROOT / "sd35_lora.py").read_text(), (ROOT / "sample.py").read_text())
     print({k: v for k, v in m.items() if k not in ("one_liners", "unused_here")})
     problems = broken(m)
