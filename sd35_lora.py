@@ -2249,8 +2249,9 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
+TINY_DATA = "runs/tiny_data"
 TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
-            "dataset.path=runs/tiny_data", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
+            f"dataset.path={TINY_DATA}", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
             "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
             "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
@@ -2258,14 +2259,13 @@ TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.c
 def write_demo_dataset(folder: Path):
     """Two captioned 64x64 images (red stripes, a blue disc): enough for the tiny model to overfit."""
     from PIL import Image
-    folder.mkdir(parents=True, exist_ok=True)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
     images = {"red stripes": (torch.sin(xx * 9) > 0).float()[..., None] * torch.tensor([255.0, 40, 40]),
               "blue disc": (xx ** 2 + yy ** 2 < 0.4).float()[..., None] * torch.tensor([30.0, 60, 250])}
     for caption, pixels in images.items():
         name = caption.replace(" ", "_")
-        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(caption)
+        _atomic_save(Image.fromarray(pixels.to(torch.uint8).numpy()), folder / f"{name}.png")  # whole files:
+        _atomic_save(caption, folder / f"{name}.txt")              # under torchrun every process writes them
 
 
 def main(argv=None):
@@ -2279,9 +2279,11 @@ def main(argv=None):
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     try:
-        tiny = TINY_RUN + [f"output_dir=runs/tiny_{time.strftime('%Y%m%d-%H%M%S')}"] if args.tiny else []
+        # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process)
+        stamp = os.environ.get("TORCHELASTIC_RUN_ID", time.strftime("%Y%m%d-%H%M%S"))[:15]
+        tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
-        if args.tiny and not Path(cfg.dataset.path).exists():
+        if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:

@@ -1600,6 +1600,18 @@ def test_torchrun_sigterm_stops_every_process_after_the_same_step(tmp_path):
     assert "]: Traceback" not in err and out.count("checkpoint saved") == 1
 
 
+def test_tiny_under_torchrun_shares_one_output_dir_and_writes_whole_demo_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")        # what torchrun gives every process of a job
+    (tmp_path / "runs/tiny_data").mkdir(parents=True)          # another process has just created it
+    seen = []
+    monkeypatch.setattr(sd, "train", lambda cfg, resume: seen.append(cfg) or Path("lora.safetensors"))
+    sd.main(["--tiny"])
+    assert seen[0].output_dir == "runs/tiny_job-42"          # not a timestamp that may differ by a second
+    names = sorted(p.name for p in (tmp_path / "runs/tiny_data").iterdir())
+    assert names == ["blue_disc.png", "blue_disc.txt", "red_stripes.png", "red_stripes.txt"]
+
+
 def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     make_dataset(tmp_path / "data")
     sets = {**LONG_RUN, "train.steps": 3}
