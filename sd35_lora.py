@@ -2279,8 +2279,10 @@ def main(argv=None):
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     try:
-        # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process)
-        stamp = os.environ.get("TORCHELASTIC_RUN_ID", time.strftime("%Y%m%d-%H%M%S"))[:15]
+        # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
+        # "none" when several machines are started without --rdzv-id)
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
         tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
