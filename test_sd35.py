@@ -184,6 +184,40 @@ def test_training_sigmas_and_weights_match_diffusers():
         torch.testing.assert_close(sd.loss_weight(sigmas, scheme), ref)
 
 
+def test_lr_warmup_then_constant_or_cosine_as_diffusers():
+    optimization = pytest.importorskip("diffusers.optimization")
+    cfg = sd.TrainConfig(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
+    # warmup starts at lr / warmup, not 0 (diffusers' lambda gives the first step lr 0)
+    assert [sd.get_lr(step, cfg) for step in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    params = [torch.zeros(1, requires_grad=True)]
+    cosine = optimization.get_cosine_schedule_with_warmup(torch.optim.SGD(params, lr=1e-3), 4, 20)
+    ours = [sd.get_lr(step, cfg) for step in range(4, 21)]
+    assert ours == pytest.approx([1e-3 * cosine.lr_lambdas[0](step) for step in range(4, 21)], abs=1e-12)
+    assert ours[0] == 1e-3 and ours[-1] == pytest.approx(0, abs=1e-12)
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    assert [sd.get_lr(step, constant) for step in (3, 4, 19, 500)] == [1e-3] * 4
+    with pytest.raises(sd.UserError, match="unknown lr_schedule 'cosin': use one of constant, cosine"):
+        sd.get_lr(5, dataclasses.replace(cfg, lr_schedule="cosin"))
+
+
+def test_a_mistyped_option_never_runs_another_algorithm(tmp_path):
+    model = tiny_mmdit()
+    sd.add_lora(model, rank=2)
+    x, t, context, pooled = mmdit_inputs(batch=1)
+    calls = {
+        "unknown timestep_sampling 'logit-normal'": lambda: sd.sample_training_sigmas(
+            2, sd.TrainConfig(timestep_sampling="logit-normal"), 3.0, torch.Generator()),
+        "unknown weighting 'sigma-sqrt'": lambda: sd.loss_weight(torch.ones(2), "sigma-sqrt"),
+        "unknown schedule 'cosin'": lambda: sd.get_schedule(4, 3.0, "cosin"),
+        "unknown sampler 'heun'": lambda: sd.denoise(model, x, sd.get_schedule(2, 3.0), (context, pooled),
+                                                     sampler="heun"),
+        "unknown LoRA format 'comfyui'": lambda: sd.save_lora(model, tmp_path / "l.safetensors", "comfyui"),
+    }
+    for message, call in calls.items():
+        one_line_error(call, message)
+    assert not list(tmp_path.iterdir())
+
+
 def test_dpmpp_2m_converges_at_second_order():
     """For data x0 ~ N(0, a^2) the exact velocity is known and the flow maps x1 to a * x1. Doubling the steps
     must cut DPM++ 2M's error about 4x (second order) and Euler's about 2x; the first steps agree."""
