@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1059  Training                         Trainer and the training loop
      1289  Part 2: plumbing                 a reader can stop here
      1296  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1665  Hub Downloads                    snapshot downloads, tokenizers
-     1705  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1865  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1967  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2107  Output Files                     atomic writes, loss.png
-     2172  Several Processes (torchrun)     one all-reduce per step
-     2211  Command Line and the Tiny Model  main(), --tiny
+     1666  Hub Downloads                    snapshot downloads, tokenizers
+     1706  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1866  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1968  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2108  Output Files                     atomic writes, loss.png
+     2173  Several Processes (torchrun)     one all-reduce per step
+     2212  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1629,9 +1629,10 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if isinstance(dtype, str) and dtype not in ("", *DTYPES) or variant and variant not in PRESETS:
-        raise UserError(f"unknown dtype {dtype!r} or variant {variant!r}: dtype is one of "
-                        f"{', '.join(DTYPES)}, variant one of {', '.join(PRESETS)}")
+    if isinstance(dtype, str) and dtype not in ("", *DTYPES):
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if variant and variant not in PRESETS:
+        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if not 1 <= t5_length <= T5_MAX_LENGTH:

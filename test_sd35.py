@@ -212,6 +212,8 @@ def test_a_mistyped_option_never_runs_another_algorithm(tmp_path):
         "unknown sampler 'heun'": lambda: sd.denoise(model, x, sd.get_schedule(2, 3.0), (context, pooled),
                                                      sampler="heun"),
         "unknown LoRA format 'comfyui'": lambda: sd.save_lora(model, tmp_path / "l.safetensors", "comfyui"),
+        "unknown dtype 'float16': use one of fp32, bf16": lambda: sd.load_pipeline("tiny", dtype="float16"),
+        "unknown variant 'sd3.5-larg'": lambda: sd.load_pipeline("tiny", variant="sd3.5-larg"),
     }
     for message, call in calls.items():
         one_line_error(call, message)
