@@ -15,23 +15,23 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
-      186  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      486  LoRA                             LoRALinear and add_lora
-      583  VAE                              16-channel autoencoder, the latent scale and shift
-      728  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      763  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      488  LoRA                             LoRALinear and add_lora
+      585  VAE                              16-channel autoencoder, the latent scale and shift
+      730  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      765  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       923  Data                             dataset scan, aspect buckets, the latent and text cache
      1059  Training                         Trainer and the training loop
-     1289  Part 2: plumbing                 a reader can stop here
-     1296  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1666  Hub Downloads                    snapshot downloads, tokenizers
-     1706  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1866  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1968  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2108  Output Files                     atomic writes, loss.png
-     2173  Several Processes (torchrun)     one all-reduce per step
-     2212  Command Line and the Tiny Model  main(), --tiny
+     1288  Part 2: plumbing                 a reader can stop here
+     1295  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1665  Hub Downloads                    snapshot downloads, tokenizers
+     1705  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1864  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1966  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2106  Output Files                     atomic writes, loss.png
+     2171  Several Processes (torchrun)     one all-reduce per step
+     2210  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -98,7 +98,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
-# every option list, once: validate(), sample.py's flags and the functions' error messages read these
+# every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
 TIMESTEP_SAMPLINGS = ("logit_normal", "mode", "uniform")
@@ -106,6 +106,12 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULES = ("constant", "cosine")
 LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_choice(name: str, value, options):
+    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
+    if value not in options:
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 @dataclass
@@ -195,10 +201,9 @@ def shift_sigma(sigma, shift: float):
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
     """Sigmas from 1 to 0 (steps + 1 values), built as the references do: the end point
     shift(1/1000) is spaced, then shifted again. `cosine` spaces densely at both ends."""
+    check_choice("schedule", spacing, SCHEDULES)
     end = shift_sigma(1 / 1000, shift)
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
-    if spacing not in SCHEDULES:                   # a typo must not quietly mean another schedule
-        raise UserError(f"unknown schedule {spacing!r}: use one of {', '.join(SCHEDULES)}")
     if spacing == "cosine":
         frac = (1 - torch.cos(math.pi * frac)) / 2
     sigmas = shift_sigma(1 - (1 - end) * frac, shift)
@@ -207,29 +212,26 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
 
 def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Generator) -> torch.Tensor:
     """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
+    check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
     elif cfg.timestep_sampling == "mode":
         u = torch.rand(n, generator=g)
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    elif cfg.timestep_sampling == "uniform":
+    else:                                                       # uniform
         u = torch.rand(n, generator=g)
-    else:
-        raise UserError(f"unknown timestep_sampling {cfg.timestep_sampling!r}: "
-                        f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
     index = (u * 1000).long().clamp(0, 999)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
 def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     """Per-sample loss weights of SD3's paper: none, sigma_sqrt (sigma^-2) or cosmap."""
+    check_choice("weighting", scheme, WEIGHTINGS)
     if scheme == "none":
         return torch.ones_like(sigmas)
     if scheme == "sigma_sqrt":
         return sigmas ** -2.0
-    if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
-    raise UserError(f"unknown weighting {scheme!r}: use one of {', '.join(WEIGHTINGS)}")
+    return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))   # cosmap
 
 
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
@@ -822,8 +824,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             progress: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    check_choice("sampler", sampler, SAMPLERS)
     from tqdm import tqdm
     use_cfg = uncond is not None and cfg != 1.0
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
@@ -878,9 +879,8 @@ class SampleSettings:
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
-        for name, options in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
-            if getattr(out, name) not in options:
-                raise UserError(f"unknown {name} '{getattr(out, name)}': choose one of {', '.join(options)}")
+        check_choice("sampler", out.sampler, SAMPLERS)
+        check_choice("schedule", out.schedule, SCHEDULES)
         return out
 
 
@@ -1062,13 +1062,12 @@ class LatentDataset:
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then constant or cosine decay to zero."""
+    check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if cfg.lr_schedule != "constant":
-        raise UserError(f"unknown lr_schedule {cfg.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
     return cfg.lr
 
 
@@ -1629,10 +1628,10 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if isinstance(dtype, str) and dtype not in ("", *DTYPES):
-        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if variant and variant not in PRESETS:
-        raise UserError(f"unknown variant {variant!r}: use one of {', '.join(PRESETS)}")
+    if isinstance(dtype, str) and dtype:
+        check_choice("dtype", dtype, DTYPES)
+    if variant:
+        check_choice("variant", variant, PRESETS)
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if not 1 <= t5_length <= T5_MAX_LENGTH:
@@ -1710,6 +1709,7 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
         raise UserError("the model has no LoRA layers to save (call add_lora first)")
@@ -1719,14 +1719,12 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
             key = "lora_unet_" + name.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
-        elif format == "diffusers":
+        else:                                                    # diffusers
             up = up * (layer.alpha / layer.rank)
             up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
-        else:
-            raise UserError(f"unknown LoRA format {format!r}: use one of {', '.join(LORA_FORMATS)}")
     first = next(iter(layers.values()))
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
             "modules": sorted(layers), **(metadata or {})}
