@@ -17,21 +17,21 @@ have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      488  LoRA                             LoRALinear and add_lora
-      585  VAE                              16-channel autoencoder, the latent scale and shift
-      730  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      765  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      923  Data                             dataset scan, aspect buckets, the latent and text cache
-     1059  Training                         Trainer and the training loop
-     1288  Part 2: plumbing                 a reader can stop here
-     1295  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1665  Hub Downloads                    snapshot downloads, tokenizers
-     1705  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1864  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1966  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2106  Output Files                     atomic writes, loss.png
-     2171  Several Processes (torchrun)     one all-reduce per step
-     2210  Command Line and the Tiny Model  main(), --tiny
+      492  LoRA                             LoRALinear and add_lora
+      612  VAE                              16-channel autoencoder, the latent scale and shift
+      757  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      950  Data                             dataset scan, aspect buckets, the latent and text cache
+     1086  Training                         Trainer and the training loop
+     1315  Part 2: plumbing                 a reader can stop here
+     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1692  Hub Downloads                    snapshot downloads, tokenizers
+     1732  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1891  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1993  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2133  Output Files                     atomic writes, loss.png
+     2198  Several Processes (torchrun)     one all-reduce per step
+     2237  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -315,6 +315,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without weights (adaLN brings scale and shift), in x's dtype: under autocast it would return
+    fp32, and the matmul after it would cast back, two copies of (B, L, D) per call."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -364,18 +371,16 @@ class StreamBlock(nn.Module):
         dim = cfg.hidden
         self.pre_only, self.dual = pre_only, dual
         self.n_mod = 2 if pre_only else 9 if dual else 6
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, cfg.heads, cfg.qk_norm, pre_only)
         self.attn2 = Attention(dim, cfg.heads, cfg.qk_norm) if dual else None
         if not pre_only:
-            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = MLP(dim, dim * cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """-> (q, k, v) of this stream and the state post_attention needs."""
         mods = self.adaLN_modulation(c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
-        normed = self.norm1(x)
+        normed = layer_norm(x)
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
@@ -385,7 +390,7 @@ class StreamBlock(nn.Module):
         if self.dual:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             x = torch.addcmul(x, gate_msa2, self.attn2(modulate(normed, shift_msa2, scale_msa2)))
-        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -412,13 +417,12 @@ class JointBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out_dim: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(layer_norm(x), shift, scale))
 
 
 class MMDiT(nn.Module):
@@ -519,14 +523,37 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.rank * self.multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fp8_linear(x, self.weight, self.weight_scale, self.bias)
-        dtype, lora_dtype = out.dtype, self.lora_down.weight.dtype
-        if not torch.is_autocast_enabled(x.device.type):    # autocast would cast an fp32 copy straight back
-            x, out = x.to(lora_dtype), out.to(lora_dtype)
-        down = F.linear(self.dropout(x).flatten(0, -2), self.lora_down.weight)
-        # out + scale * up(down) as one addmm on 2-D views: one kernel (and its backward) instead of three
-        update = torch.addmm(out.flatten(0, -2), down, self.lora_up.weight.t(), alpha=self.scale)
-        return update.view(out.shape).to(dtype)
+        out, device = fp8_linear(x, self.weight, self.weight_scale, self.bias), x.device.type
+        # the update runs in autocast's dtype, else in the adapters' fp32 (a bf16 model sampled unmerged)
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.lora_down.weight.dtype
+        update = LoRAUpdate.apply(self.dropout(x.to(dtype)), out.to(dtype), self.lora_down.weight,
+                                  self.lora_up.weight, self.scale)
+        return update.to(out.dtype)
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """out + scale * x down^T up^T with its backward written out: 4 matmuls where autograd dispatches ~30
+    operators per layer (a Large LoRA step is bound by kernel launches). The fp32 adapters compute in x's
+    dtype; their gradients come back in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float):
+        x2, down, up = x.reshape(-1, x.shape[-1]), down.to(x.dtype), up.to(x.dtype)     # (N, in)
+        hidden = x2 @ down.t()                                                          # (N, rank)
+        ctx.save_for_backward(x2, hidden, down, up)
+        ctx.scale = scale
+        return torch.addmm(out.reshape(-1, out.shape[-1]), hidden, up.t(), alpha=scale).view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, hidden, down, up = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])                                            # (N, out)
+        grad_hidden = (g @ up) * ctx.scale                                              # (N, rank)
+        grad_x = (grad_hidden @ down).view(*grad.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        grad_down = (grad_hidden.t() @ x2).float()
+        grad_up = (g.t() @ hidden).float() * ctx.scale
+        return grad_x, grad, grad_down, grad_up, None
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
@@ -1905,7 +1932,7 @@ class Fp8Matmul(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
     if scale is None:
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):     # CUDA autocast leaves LayerNorm outputs fp32
+    if torch.is_autocast_enabled(x.device.type):     # an output of autocast's fp32 ops: back to bf16
         x = x.to(torch.get_autocast_dtype(x.device.type))
     return Fp8Matmul.apply(x, weight, scale, bias)
 

@@ -508,6 +508,42 @@ def test_merge_and_unmerge():
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+def test_lora_gradients_equal_autograd_of_the_plain_formula():
+    """LoRAUpdate's hand-written backward gives autograd's gradients of W x + b + scale * up(down(dropout(x)))
+    for x, down and up: fp32 exactly, bf16 autocast as autograd computes it (bf16 matmuls, fp32 gradients)."""
+    torch.manual_seed(0)
+    layer = sd.LoRALinear(torch.nn.Linear(32, 48), rank=4, alpha=2.0, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_up.weight)
+    down, up = layer.lora_down.weight, layer.lora_up.weight
+    x, grad_out = torch.randn(2, 5, 32), torch.randn(2, 5, 48)
+
+    def grads(fn, x, autocast):
+        x = x.clone().requires_grad_()
+        down.grad = up.grad = None
+        torch.manual_seed(1)                                    # the same dropout mask on both sides
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x)
+        out.backward(grad_out.to(out.dtype))
+        return out.float(), x.grad, down.grad, up.grad
+
+    def reference(x):
+        kept = layer.dropout(x)
+        return torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scale * (kept @ down.T @ up.T)
+    for got, want in zip(grads(layer, x, False), grads(reference, x, False)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+    from torch.profiler import profile
+    for needs_grad, matmuls in ((True, 5), (False, 3)):        # no input gradient wanted: none computed
+        with torch.autocast("cpu", dtype=torch.bfloat16):      # (5: the base layer's and LoRAUpdate's 4)
+            out = layer(x.bfloat16().requires_grad_(needs_grad)).float().sum()
+        with profile() as prof:
+            out.backward()
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::mm") == matmuls
+
+
 def test_lora_forward_is_base_plus_scaled_update_in_each_precision():
     """The fused addmm form equals W x + b + scale * up(down(x)): fp32, bf16 weights without autocast (update in
     fp32, result in bf16) and under bf16 autocast."""
