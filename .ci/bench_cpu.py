@@ -19,6 +19,14 @@ runs it on SD3.5 Large's block structure (38 blocks, qk-norm): bf16 frozen weigh
 bf16 autocast, gradient checkpointing, forward, recompute, backward, clip_grad_norm_, AdamW, the two .item()s;
 (b) the same step without a LoRA, training only the image stream's q RMSNorm weights (so that backward runs
 through every block); (c) one SD3.5 Medium CFG sampling step (batch 2, no grad, `denoise` with DPM++ 2M).
+
+    python .ci/bench_cpu.py --peak-memory
+
+tracks the bytes of the live tensors that one CFG sampling forward allocates (weights and inputs left out),
+sd35_lora vs diffusers on the same weights: Medium width (1536, 24 heads), 2 blocks (the first with dual
+attention), batch 2, 1024 px + 333 tokens, fp32. RMSNorm counts as CUDA runs it, one fused kernel (plus a
+contiguous copy of a strided input), not as the CPU's fp32 decomposition. The GPU allocator's rounding and
+the attention kernels' workspaces are not in it: a proxy for the GPU peak, to compare the two codes.
 """
 import argparse
 import collections
@@ -27,6 +35,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -120,6 +130,79 @@ def count_sampling_step() -> OpCounter:
     return counted(lambda: sd.denoise(model, x, sigmas[:2], cond, uncond, cfg=5.0, sampler="dpmpp_2m"))
 
 
+class LiveBytes(TorchDispatchMode):
+    """The peak of the summed sizes of the storages that operators allocate and Python still holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.size, self.live, self.peak, self.where = collections.Counter(), {}, 0, 0, ""
+
+    def hold(self, tensor: torch.Tensor, where: str):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in self.size:
+            self.size[key] = tensor.untyped_storage().nbytes()
+            self.live += self.size[key]
+        self.refs[key] += 1
+        weakref.finalize(tensor, self.release, key)
+        if self.live > self.peak:
+            self.peak, self.where = self.live, where
+
+    def release(self, key):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.size.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        caller = next((f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_stack())
+                       if f.filename == sd.__file__), "")
+        for t in tree_flatten(out)[0]:
+            new = isinstance(t, torch.Tensor) and not func.is_view and t.untyped_storage().data_ptr() not in inputs
+            if new or isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.size:
+                self.hold(t, f"{func.overloadpacket.__name__} in {caller or 'diffusers'}")
+        return out
+
+
+def peak_memory():
+    """Peak live activation bytes of one no-grad CFG forward, sd35_lora vs diffusers (module docstring)."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(sample_size=128, num_layers=2, attention_head_dim=64, num_attention_heads=24,
+                                caption_projection_dim=1536, joint_attention_dim=4096, pooled_projection_dim=2048,
+                                pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=(0,))
+    ref = ref.eval().requires_grad_(False)
+    cfg = sd.MMDiTConfig(depth=2, dual_attention_layers=(0,))
+    weights = sd.mmdit_from_diffusers(ref.state_dict(), 2)
+    ours = sd._build(sd.MMDiT, cfg, weights, "MMDiT", "bench", "cpu", torch.float32)
+    x, t = torch.randn(2, 16, 128, 128), torch.full((2,), 500.0)
+    context, pooled = torch.randn(2, 333, 4096), torch.randn(2, 2048)
+    runs = {"sd35_lora": lambda: ours(x, t, context, pooled),
+            "diffusers": lambda: ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                                     timestep=t, return_dict=False)[0]}
+    rms_norm = torch.nn.functional.rms_norm
+    print("peak live activations of one forward (Medium width, 2 blocks, batch 2, 1024 px, fp32):")
+    for label, run in runs.items():
+        tracker = LiveBytes()
+
+        def fused_rms_norm(x, shape, weight=None, eps=None):     # as CUDA's _fused_rms_norm: one output tensor
+            with torch.utils._python_dispatch._disable_current_modes():
+                out = rms_norm(x, shape, weight, eps)
+            copy = 0 if x.is_contiguous() else x.numel() * x.element_size()
+            tracker.live += copy                                   # a strided input is copied first
+            tracker.hold(out, "fused rms_norm")
+            tracker.live -= copy
+            return out
+        torch.nn.functional.rms_norm = fused_rms_norm              # nn.RMSNorm calls F.rms_norm; diffusers does not
+        try:
+            with torch.no_grad(), tracker:
+                run()
+        finally:
+            torch.nn.functional.rms_norm = rms_norm
+        print(f"  {label}: {tracker.peak / 2**20:.1f} MiB, at {tracker.where}")
+
+
 def count_ops():
     print("aten operators per step (bytes: read + written by non-view operators, at this small width):")
     for label, counter in (("LoRA training step, Large structure", count_train_step(True)),
@@ -137,9 +220,12 @@ def main():
     p.add_argument("--batch", type=int, default=1, help="2 = a CFG sampling step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--count-ops", action="store_true", help="count the operators of a step instead of timing")
+    p.add_argument("--peak-memory", action="store_true", help="peak live activations of a CFG forward vs diffusers")
     args = p.parse_args()
     if args.count_ops:
         return count_ops()
+    if args.peak_memory:
+        return peak_memory()
     global clock
     if args.threads:
         torch.set_num_threads(args.threads)
