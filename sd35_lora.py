@@ -22,16 +22,16 @@ have. Sections (line numbers):
       757  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       950  Data                             dataset scan, aspect buckets, the latent and text cache
-     1086  Training                         Trainer and the training loop
-     1315  Part 2: plumbing                 a reader can stop here
-     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1692  Hub Downloads                    snapshot downloads, tokenizers
-     1732  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1891  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1993  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2133  Output Files                     atomic writes, loss.png
-     2198  Several Processes (torchrun)     one all-reduce per step
-     2237  Command Line and the Tiny Model  main(), --tiny
+     1089  Training                         Trainer and the training loop
+     1318  Part 2: plumbing                 a reader can stop here
+     1325  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1695  Hub Downloads                    snapshot downloads, tokenizers
+     1735  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1894  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1996  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2136  Output Files                     atomic writes, loss.png
+     2201  Several Processes (torchrun)     one all-reduce per step
+     2240  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -958,7 +958,10 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:                # ImageOps.fit crops and resizes in one resampling step
-        im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size, Image.BICUBIC)
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
+            im = im.point(lambda v: v / 257)
+        im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 

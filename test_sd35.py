@@ -1087,6 +1087,14 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     assert height > width and sd.load_image(item["path"], item["size"]).shape == (3, height, width)
 
 
+def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)      # a dark-to-light ramp
+    Image.fromarray(grey).save(tmp_path / "ramp16.png")                          # opens in mode I;16
+    Image.fromarray((grey / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
+    ramp16, ramp8 = (sd.load_image(tmp_path / f"ramp{bits}.png", (64, 64)) for bits in (16, 8))
+    assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
