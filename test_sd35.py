@@ -1049,6 +1049,15 @@ def test_config_errors_name_the_key(tmp_path):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
 
 
+def test_sample_size_and_seed_are_refused_before_any_model_loads():
+    # generate() refuses them too, but only after the models loaded (size) or at every preview (seed)
+    with pytest.raises(sd.UserError, match="'sample.width' and 'sample.height' must be multiples of 16.*72x64"):
+        sd.load_config(None, ["sample.width=72", "sample.height=64"])
+    with pytest.raises(sd.UserError, match="sample.seed 18446744073709551615 is outside 0..2\\^64-2"):
+        sd.load_config(None, [f"sample.seed={2**64 - 1}", "sample.prompts=[a, b]"])
+    assert sd.load_config(None, [f"sample.seed={2**64 - 2}", "sample.prompts=[a, b]"]).sample.seed == 2**64 - 2
+
+
 def test_tiny_command_from_readme_runs(tmp_path):
     r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=2",
                 "--set", "sample.sample_every=0", cwd=tmp_path)
