@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("give at least one --prompt")
-    if args.lora_scale and len(args.lora_scale) not in (1, len(args.lora)):
-        p.error("give one --lora-scale per --lora, or a single one for all")
+    if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
+        p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
     return args
 
 

@@ -1225,6 +1225,14 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
 
 
+def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
+    base = ["--model", "tiny", "--prompt", "a cat"]
+    with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
+        sample.parse_args([*base, "--lora-scale", "0.8"])
+    assert exit_info.value.code == 2 and "--lora-scale" in capsys.readouterr().err
+    assert sample.parse_args([*base, "--lora", "a", "--lora", "b", "--lora-scale", "0.8"]).lora_scale == [0.8]
+
+
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
