@@ -21,17 +21,17 @@ have. Sections (line numbers):
       612  VAE                              16-channel autoencoder, the latent scale and shift
       757  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      950  Data                             dataset scan, aspect buckets, the latent and text cache
-     1089  Training                         Trainer and the training loop
-     1318  Part 2: plumbing                 a reader can stop here
-     1325  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1695  Hub Downloads                    snapshot downloads, tokenizers
-     1735  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1894  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1996  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2140  Output Files                     atomic writes, loss.png
-     2205  Several Processes (torchrun)     one all-reduce per step
-     2244  Command Line and the Tiny Model  main(), --tiny
+      954  Data                             dataset scan, aspect buckets, the latent and text cache
+     1093  Training                         Trainer and the training loop
+     1322  Part 2: plumbing                 a reader can stop here
+     1329  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1699  Hub Downloads                    snapshot downloads, tokenizers
+     1739  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1898  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2000  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2144  Output Files                     atomic writes, loss.png
+     2209  Several Processes (torchrun)     one all-reduce per step
+     2248  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -925,6 +925,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
+    depth, wrong = pipe.mmdit.cfg.depth, [i for i in s.slg_layers if not 0 <= i < pipe.mmdit.cfg.depth]
+    if s.slg_scale and wrong and tuple(s.slg_layers) != PRESETS[pipe.variant].slg_layers:  # else: no effect
+        raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
+                        f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
@@ -937,7 +941,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
-        layers = [i for i in s.slg_layers if i < pipe.mmdit.cfg.depth]    # presets may exceed a tiny model
+        layers = [i for i in s.slg_layers if i < depth]                    # presets may exceed a tiny model
         x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]

@@ -1225,6 +1225,16 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
 
 
+def test_skip_layers_outside_the_model_are_an_error_not_ignored():
+    pipe = sd.tiny_pipeline()                                            # 3 joint blocks
+    for layers in ((1, 5), (-1,)):                                       # a typo would silently skip nothing
+        settings = sd.SampleSettings(steps=1, slg_scale=2.5, slg_layers=layers, width=32, height=32)
+        with pytest.raises(sd.UserError, match=r"skip-layer guidance layers \[-?\d\] are not in this 3-block"):
+            sd.generate(pipe, ["a cat"], settings=settings, progress=False)
+    preset = sd.SampleSettings(steps=1, slg_scale=None, width=32, height=32)   # --slg: 7,8,9 of Medium's 24
+    assert len(sd.generate(pipe, ["a cat"], settings=preset, progress=False)) == 1
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
