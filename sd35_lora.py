@@ -23,15 +23,15 @@ have. Sections (line numbers):
       792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       954  Data                             dataset scan, aspect buckets, the latent and text cache
      1093  Training                         Trainer and the training loop
-     1322  Part 2: plumbing                 a reader can stop here
-     1329  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1699  Hub Downloads                    snapshot downloads, tokenizers
-     1739  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1898  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2000  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2144  Output Files                     atomic writes, loss.png
-     2209  Several Processes (torchrun)     one all-reduce per step
-     2248  Command Line and the Tiny Model  main(), --tiny
+     1324  Part 2: plumbing                 a reader can stop here
+     1331  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1701  Hub Downloads                    snapshot downloads, tokenizers
+     1741  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1900  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2002  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2146  Output Files                     atomic writes, loss.png
+     2211  Several Processes (torchrun)     one all-reduce per step
+     2250  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1291,9 +1291,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                last = tr.out / "lora.safetensors"              # none before the first save_every
+                last = (f"the last good checkpoint is {last}" if last.is_file()
+                        else "no checkpoint was saved yet: start again in a new or empty output_dir")
                 raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
-                                f"stopped without saving. Lower train.lr or check the data; the last good "
-                                f"checkpoint is {tr.out / 'lora.safetensors'}")
+                                f"stopped without saving. Lower train.lr or check the data; {last}")
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1

@@ -1020,6 +1020,16 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
+def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "data")
+    real_loss = sd.flow_matching_loss
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *a: (lambda l, p, s: (l * float("nan"), p, s))(*real_loss(*a)))
+    with pytest.raises(sd.UserError, match="at step 1; stopped without saving") as error:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.prompts": []}))
+    assert not (tmp_path / "run/lora.safetensors").exists()
+    assert "last good checkpoint" not in str(error.value) and "no checkpoint was saved yet" in str(error.value)
+
+
 def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
     make_dataset(tmp_path / "data")
     runs = {}
