@@ -1253,6 +1253,15 @@ def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     assert sample.parse_args([*base, "--lora", "a", "--lora", "b", "--lora-scale", "0.8"]).lora_scale == [0.8]
 
 
+def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
+    base = ["--model", "tiny", "--prompt", "a cat"]
+    with pytest.raises(SystemExit) as exit_info:                         # the scale's default 0 = no SLG
+        sample.parse_args([*base, "--slg-layers", "7,8,9"])
+    assert exit_info.value.code == 2 and "--slg-layers needs --slg-scale" in capsys.readouterr().err
+    for scale in (["--slg"], ["--slg-scale", "2.5"]):
+        assert sample.parse_args([*base, *scale, "--slg-layers", "7,8,9"]).slg_layers == (7, 8, 9)
+
+
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
