@@ -1253,6 +1253,13 @@ def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     assert sample.parse_args([*base, "--lora", "a", "--lora", "b", "--lora-scale", "0.8"]).lora_scale == [0.8]
 
 
+def test_sample_cli_refuses_a_bad_size_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    for size in (["--width", "1000"], ["--height", "0"]):               # generate() refuses it after loading
+        with pytest.raises(sd.UserError, match="positive multiples of 16"):
+            sample.main(["--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path), *size])
+
+
 def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # the scale's default 0 = no SLG
