@@ -1276,13 +1276,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
     from tqdm import tqdm
     tr = Trainer(cfg, resume)
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
-    if tr.step == 0:
-        tr.sample_images()                                                # baseline before any update
-    bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM)}          # before the step-0 previews too
     try:
+        if tr.step == 0:
+            tr.sample_images()                                            # baseline before any update
+        bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
             tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA

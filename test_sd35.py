@@ -1020,6 +1020,21 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
+def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "data")
+    real_generate = sd.generate
+
+    def interrupted(*args, **kwargs):            # Ctrl-C while the step-0 previews render
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:   # else a traceback, no state
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 0}))
+    assert exit_info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
