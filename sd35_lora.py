@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1692  Hub Downloads                    snapshot downloads, tokenizers
      1732  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1891  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1993  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2133  Output Files                     atomic writes, loss.png
-     2198  Several Processes (torchrun)     one all-reduce per step
-     2237  Command Line and the Tiny Model  main(), --tiny
+     1892  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1994  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2134  Output Files                     atomic writes, loss.png
+     2199  Several Processes (torchrun)     one all-reduce per step
+     2238  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1767,7 +1767,7 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha"}
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
-                 "lora_alpha": ((int, float), -1e9, 1e9)}
+                 "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
 
 
 def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
@@ -1837,9 +1837,10 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         official, index, n_parts, swap = spellings[module]
         up = swap_halves(up) if swap else up
-        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
+        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path)
 
 

@@ -655,8 +655,10 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     assert_images_close(images_of(paths), ref_images)
 
 
-def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path):
-    """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers."""
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
+    """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers; rsLoRA
+    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it."""
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
@@ -664,7 +666,8 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path):
     parts = make_components()
     transformer = parts["transformer"]
     transformer.save_pretrained(tmp_path / "base" / "transformer")
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"])
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
+                        use_rslora=rslora)
     transformer.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
