@@ -1984,9 +1984,9 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):  # (load_mmdit: on-read scales win)
-            scales[module] = scale
-        else:                                           # one tensor at a time
+        if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
+            scales[module] = scale                      # (load_mmdit: on-read scales win)
+        else:                                           # biases, norms, the rest: one tensor at a time
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
     return scales
 

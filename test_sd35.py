@@ -1317,6 +1317,20 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
         sd.load_mmdit(tmp_path / "int8.safetensors", fp8=True)
 
 
+def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
+    """A whole-model fp8 cast (biases and qk-norm weights in float8 too): only matrices stay fp8 with `fp8`."""
+    fp8_part = ("joint_blocks.", "context_")
+    tensors = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) if k.startswith(fp8_part) else v
+               for k, v in tiny_mmdit().state_dict().items()}
+    save_file(tensors, tmp_path / "all_fp8.safetensors")
+    fp8, plain = (sd.load_mmdit(tmp_path / "all_fp8.safetensors", fp8=on) for on in (True, False))
+    attn = fp8.joint_blocks[0].x_block.attn
+    assert attn.qkv.weight.dtype == sd.FP8 and attn.qkv.bias.dtype == attn.ln_q.weight.dtype == torch.float32
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fp8(*x), plain(*x), rtol=1e-5, atol=1e-5)
+
+
 def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
