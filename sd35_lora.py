@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1086  Training                         Trainer and the training loop
      1315  Part 2: plumbing                 a reader can stop here
      1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1692  Hub Downloads                    snapshot downloads, tokenizers
-     1732  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1892  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1994  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2134  Output Files                     atomic writes, loss.png
-     2199  Several Processes (torchrun)     one all-reduce per step
-     2238  Command Line and the Tiny Model  main(), --tiny
+     1696  Hub Downloads                    snapshot downloads, tokenizers
+     1736  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1896  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     1998  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2138  Output Files                     atomic writes, loss.png
+     2203  Several Processes (torchrun)     one all-reduce per step
+     2242  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1628,12 +1628,16 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        device = torch.device("meta")                               # not in `count`: refused below
+    if device.type not in count:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
+        raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
+                        f"device(s); use --device cpu")
     return device
 
 

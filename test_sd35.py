@@ -1225,6 +1225,16 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
 #                                  fp8 weights                                  #
 #################################################################################
 
+def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sd.pick_device("cuda:0") == torch.device("cuda", 0)
+    for name, match in [("mps", "sees 0 mps"), ("cuda:1", "sees 1 cuda"), ("xla", "unknown device 'xla'"),
+                        ("gpu", "unknown device 'gpu'")]:
+        one_line_error(lambda: sd.pick_device(name), match)
+
+
 def test_fp8_rows_round_within_e4m3_precision():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 96, generator=g) * torch.logspace(-6, 3, 64)[:, None]          # rows of very different size
@@ -1335,6 +1345,7 @@ def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
         sd.quantize_mmdit(model)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)       # as on a Mac
     with pytest.raises(sd.UserError, match="fp8 needs float8, which MPS lacks"):
         sd.load_pipeline("tiny", device="mps", fp8=True)
     monkeypatch.setattr(sd, "FP8", None)
