@@ -18,20 +18,20 @@ have. Sections (line numbers):
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       492  LoRA                             LoRALinear and add_lora
-      612  VAE                              16-channel autoencoder, the latent scale and shift
-      757  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      950  Data                             dataset scan, aspect buckets, the latent and text cache
-     1086  Training                         Trainer and the training loop
-     1315  Part 2: plumbing                 a reader can stop here
-     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1696  Hub Downloads                    snapshot downloads, tokenizers
-     1736  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1896  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     1998  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2138  Output Files                     atomic writes, loss.png
-     2203  Several Processes (torchrun)     one all-reduce per step
-     2242  Command Line and the Tiny Model  main(), --tiny
+      616  VAE                              16-channel autoencoder, the latent scale and shift
+      761  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      796  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      954  Data                             dataset scan, aspect buckets, the latent and text cache
+     1090  Training                         Trainer and the training loop
+     1319  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1700  Hub Downloads                    snapshot downloads, tokenizers
+     1740  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1900  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2002  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2147  Output Files                     atomic writes, loss.png
+     2212  Several Processes (torchrun)     one all-reduce per step
+     2251  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -569,18 +569,22 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
     return blocks & set(range(depth))
 
 
+def target_regexes(targets: str) -> list[re.Pattern]:
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    try:
+        return [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
+
+
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
     if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
         raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
-    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    try:
-        regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
-    except re.error as e:
-        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
-    keep = parse_blocks(blocks, model.cfg.depth)
+    regexes, keep = target_regexes(targets), parse_blocks(blocks, model.cfg.depth)
     names = [name for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
@@ -2070,6 +2074,11 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
+    if cfg.sample.width % 16 or cfg.sample.height % 16:
+        raise UserError(f"sample.width and sample.height must be multiples of 16, got "
+                        f"{cfg.sample.width}x{cfg.sample.height}")
+    target_regexes(cfg.lora.targets)                    # their syntax now, not after the dataset is cached
+    parse_blocks(cfg.lora.blocks, 0)
     return cfg
 
 

@@ -1052,6 +1052,15 @@ def test_config_errors_name_the_key(tmp_path):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
 
 
+def test_lora_and_sample_sizes_are_refused_before_any_model_loads():
+    """README: bad values are refused before any model loads (these failed after loading and caching)."""
+    for item, match in [("lora.blocks=0-x", "lora.blocks must look like"),
+                        ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
+                        ("sample.width=1000", "sample.width and sample.height must be multiples of 16")]:
+        one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
+    assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768"])
+
+
 def test_tiny_command_from_readme_runs(tmp_path):
     r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=2",
                 "--set", "sample.sample_every=0", cwd=tmp_path)
