@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1740  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1900  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2002  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2147  Output Files                     atomic writes, loss.png
-     2212  Several Processes (torchrun)     one all-reduce per step
-     2251  Command Line and the Tiny Model  main(), --tiny
+     2151  Output Files                     atomic writes, loss.png
+     2216  Several Processes (torchrun)     one all-reduce per step
+     2255  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2006,8 +2006,12 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
+        if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path
+            raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
+                            f"unquoted 'a: b' as a mapping)")
         return "" if value is None else str(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):

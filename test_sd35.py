@@ -1061,6 +1061,15 @@ def test_lora_and_sample_sizes_are_refused_before_any_model_loads():
     assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768"])
 
 
+def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
+    """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'sample.prompts' must be text.*quote it")
+    one_line_error(lambda: sd.load_config(None, ["sample.neg=[blurry, lowres]"]), "'sample.neg' must be text")
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - 'a dog, style: watercolor'\n    - 7\n")
+    assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
+
+
 def test_tiny_command_from_readme_runs(tmp_path):
     r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=2",
                 "--set", "sample.sample_every=0", cwd=tmp_path)
