@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1090  Training                         Trainer and the training loop
      1319  Part 2: plumbing                 a reader can stop here
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1700  Hub Downloads                    snapshot downloads, tokenizers
-     1740  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1900  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2002  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2151  Output Files                     atomic writes, loss.png
-     2216  Several Processes (torchrun)     one all-reduce per step
-     2255  Command Line and the Tiny Model  main(), --tiny
+     1704  Hub Downloads                    snapshot downloads, tokenizers
+     1744  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1904  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2006  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2155  Output Files                     atomic writes, loss.png
+     2220  Several Processes (torchrun)     one all-reduce per step
+     2259  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1461,7 +1461,11 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
         return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
+                            f"again") from None
         return {k: v for shard in shards
                 for k, v in read_safetensors(folder / shard, convert=convert).items()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []

@@ -1534,6 +1534,11 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
+    (tmp_path / "transformer" / "config.json").unlink()
+    index = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
+        index.write_text(text)
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
     state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
