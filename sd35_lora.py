@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1744  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1904  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2006  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2155  Output Files                     atomic writes, loss.png
-     2220  Several Processes (torchrun)     one all-reduce per step
-     2259  Command Line and the Tiny Model  main(), --tiny
+     2158  Output Files                     atomic writes, loss.png
+     2223  Several Processes (torchrun)     one all-reduce per step
+     2262  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2085,6 +2085,9 @@ def validate(cfg: Config) -> Config:
     if cfg.sample.width % 16 or cfg.sample.height % 16:
         raise UserError(f"sample.width and sample.height must be multiples of 16, got "
                         f"{cfg.sample.width}x{cfg.sample.height}")
+    if cfg.lora.alpha == 0:                             # (kohya reads 0 as alpha = rank)
+        raise UserError("lora.alpha 0 scales the LoRA by alpha / rank = 0: it would train nothing; use "
+                        f"e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
     target_regexes(cfg.lora.targets)                    # their syntax now, not after the dataset is cached
     parse_blocks(cfg.lora.blocks, 0)
     return cfg

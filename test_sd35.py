@@ -1052,9 +1052,10 @@ def test_config_errors_name_the_key(tmp_path):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
 
 
-def test_lora_and_sample_sizes_are_refused_before_any_model_loads():
-    """README: bad values are refused before any model loads (these failed after loading and caching)."""
-    for item, match in [("lora.blocks=0-x", "lora.blocks must look like"),
+def test_lora_and_sample_settings_are_refused_before_any_model_loads():
+    """README: bad values are refused before any model loads (these failed after loading and caching, or, for
+    alpha 0, trained nothing: the LoRA's scale alpha / rank was 0)."""
+    for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
                         ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
                         ("sample.width=1000", "sample.width and sample.height must be multiples of 16")]:
         one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
