@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1704  Hub Downloads                    snapshot downloads, tokenizers
      1744  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1904  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2006  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2158  Output Files                     atomic writes, loss.png
-     2223  Several Processes (torchrun)     one all-reduce per step
-     2262  Command Line and the Tiny Model  main(), --tiny
+     1905  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2007  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2159  Output Files                     atomic writes, loss.png
+     2224  Several Processes (torchrun)     one all-reduce per step
+     2263  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1881,6 +1881,10 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
     adapters = read_lora(model, path)                      # validates everything before touching the model
+    taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
+    if taken and not merge:
+        raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
+                        f"merge the others (sample.py: leave out --no-merge)")
     for name, (down, up) in adapters.items():
         layer = model.get_submodule(name)
         if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
@@ -1890,9 +1894,6 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight_scale.copy_(row_scale)
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
-        elif isinstance(layer, LoRALinear):
-            raise UserError(f"{name} already has an unmerged LoRA: only one can stay unmerged, merge the "
-                            f"others")
         else:
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)

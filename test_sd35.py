@@ -625,6 +625,20 @@ def test_separate_qkv_adapters_and_comfyui_prefixes(tmp_path):
             torch.testing.assert_close(model(*x), by_hand(*x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+                        f"{key}.lora_up.weight": torch.randn(64, 2, generator=g)}
+    save_file(pair("lora_unet_joint_blocks_1_x_block_attn_proj"), tmp_path / "a.safetensors")
+    save_file({**pair("lora_unet_joint_blocks_0_x_block_attn_proj"),
+               **pair("lora_unet_joint_blocks_1_x_block_attn_proj")}, tmp_path / "b.safetensors")
+    model = tiny_mmdit()
+    sd.load_lora(model, tmp_path / "a.safetensors", merge=False)
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "b.safetensors", merge=False),
+                   "joint_blocks.1.x_block.attn.proj already has an unmerged LoRA")
+    assert list(sd.lora_layers(model)) == ["joint_blocks.1.x_block.attn.proj"]          # block 0 untouched
+
+
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
