@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1090  Training                         Trainer and the training loop
      1319  Part 2: plumbing                 a reader can stop here
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1704  Hub Downloads                    snapshot downloads, tokenizers
-     1744  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1905  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2007  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2159  Output Files                     atomic writes, loss.png
-     2224  Several Processes (torchrun)     one all-reduce per step
-     2263  Command Line and the Tiny Model  main(), --tiny
+     1708  Hub Downloads                    snapshot downloads, tokenizers
+     1748  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1909  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2011  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2163  Output Files                     atomic writes, loss.png
+     2228  Several Processes (torchrun)     one all-reduce per step
+     2267  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1611,7 +1611,11 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+        try:
+            configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+        except (OSError, ValueError) as e:                  # a config.json missing, cut short, of no model
+            raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
+                            f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",

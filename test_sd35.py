@@ -1546,6 +1546,12 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         (encoders / part / "pytorch_model.bin").write_bytes(b"pickle")
     one_line_error(lambda: sd.load_text_encoders(encoders),
                    r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):      # weights, but no or a cut config
+        save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
+    for damaged in (False, True):                                           # missing, then cut short
+        if damaged:
+            (encoders / "text_encoder" / "config.json").write_text('{"model_type": "clip_text')
+        one_line_error(lambda: sd.load_text_encoders(encoders), "text_encoder.*config.json is missing or damaged")
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
