@@ -1548,6 +1548,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
                    r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):      # weights, but no or a cut config
         save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
+    one_line_error(lambda: sd._tokenizers(encoders, True), "tokenizer.* folders are incomplete")  # empty
     for damaged in (False, True):                                           # missing, then cut short
         if damaged:
             (encoders / "text_encoder" / "config.json").write_text('{"model_type": "clip_text')
