@@ -28,10 +28,10 @@ have. Sections (line numbers):
      1708  Hub Downloads                    snapshot downloads, tokenizers
      1752  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1913  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2015  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2167  Output Files                     atomic writes, loss.png
-     2232  Several Processes (torchrun)     one all-reduce per step
-     2271  Command Line and the Tiny Model  main(), --tiny
+     2018  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2170  Output Files                     atomic writes, loss.png
+     2235  Several Processes (torchrun)     one all-reduce per step
+     2274  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2004,6 +2004,9 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
+        if given and given[0].numel() not in (1, weight.shape[0]):
+            raise UserError(f"{key}: block-wise fp8 scales {tuple(given[0].shape)} (mxfp8) are unsupported: "
+                            f"use a bf16/fp16 file or one with a scale per tensor")
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
         if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
             scales[module] = scale                      # (load_mmdit: on-read scales win)

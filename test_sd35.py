@@ -1358,6 +1358,11 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
               tmp_path / "int8.safetensors")
     with pytest.raises(sd.UserError, match="integer-quantized"):
         sd.load_mmdit(tmp_path / "int8.safetensors", fp8=True)
+    block_scaled = {**load_file(tmp_path / "fp8.safetensors"),   # a scale per 16 weights of a row, as mxfp8
+                    "model.diffusion_model.context_embedder.scale_weight": torch.ones(64, 2)}
+    save_file(block_scaled, tmp_path / "mx.safetensors")
+    for fp8 in (True, False):
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "mx.safetensors", fp8=fp8), r"block-wise fp8 scales \(64, 2\)")
 
 
 def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
