@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1752  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1913  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2018  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2170  Output Files                     atomic writes, loss.png
-     2235  Several Processes (torchrun)     one all-reduce per step
-     2274  Command Line and the Tiny Model  main(), --tiny
+     2171  Output Files                     atomic writes, loss.png
+     2236  Several Processes (torchrun)     one all-reduce per step
+     2275  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2090,6 +2090,7 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":

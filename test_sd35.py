@@ -1068,12 +1068,15 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
-    alpha 0, trained nothing: the LoRA's scale alpha / rank was 0)."""
+    alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
+    every preview)."""
     for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
                         ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
-                        ("sample.width=1000", "sample.width and sample.height must be multiples of 16")]:
-        one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
-    assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768"])
+                        ("sample.width=1000", "sample.width and sample.height must be multiples of 16"),
+                        (f"sample.seed={2**64 - 1}", r"sample.seed .* is outside 0..2\^64-2")]:  # 2 prompts: seed+1
+        one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
+    assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768",
+                                 f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
 
 
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
