@@ -26,12 +26,12 @@ have. Sections (line numbers):
      1319  Part 2: plumbing                 a reader can stop here
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1708  Hub Downloads                    snapshot downloads, tokenizers
-     1752  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1913  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2018  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2171  Output Files                     atomic writes, loss.png
-     2236  Several Processes (torchrun)     one all-reduce per step
-     2275  Command Line and the Tiny Model  main(), --tiny
+     1753  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1914  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2019  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2172  Output Files                     atomic writes, loss.png
+     2237  Several Processes (torchrun)     one all-reduce per step
+     2276  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1720,8 +1720,9 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
-            raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}):"
-                            f" copy them again from a diffusers SD3.5 download") from None
+            reason = str(e).splitlines()[0][:120]
+            raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
+                            f"from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
