@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1090  Training                         Trainer and the training loop
      1319  Part 2: plumbing                 a reader can stop here
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1708  Hub Downloads                    snapshot downloads, tokenizers
-     1753  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1914  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2019  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2172  Output Files                     atomic writes, loss.png
-     2237  Several Processes (torchrun)     one all-reduce per step
-     2276  Command Line and the Tiny Model  main(), --tiny
+     1711  Hub Downloads                    snapshot downloads, tokenizers
+     1756  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1917  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2022  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2175  Output Files                     atomic writes, loss.png
+     2240  Several Processes (torchrun)     one all-reduce per step
+     2279  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1687,10 +1687,13 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    groups = _header_groups(root) if root.is_file() and not text_encoders else set()   # before gigabytes load
-    if groups & {"joint_blocks", "transformer_blocks"} and "text_encoders" not in groups:
+    groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
+    mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
+    if mmdit_file and "text_encoders" not in groups and not text_encoders:
         raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (clip_l, clip_g, t5xxl "
                         f".safetensors files, or a diffusers-layout SD3.5 folder)")
+    if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
+        raise UserError(f"{root} holds no VAE: pass --vae (a diffusers SD3.5 folder or its vae/ folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)

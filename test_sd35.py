@@ -922,6 +922,10 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         patch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_text.safetensors"), device="cpu"),
                        "no_text.safetensors holds no text encoders: pass --text-encoders DIR")
+        save_file({k: v for k, v in load_file(model).items() if not k.startswith("first_stage_model.")},
+                  tmp_path / "no_vae.safetensors")          # else read whole a second time, only to fail
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_vae.safetensors"), device="cpu"),
+                       "no_vae.safetensors holds no VAE: pass --vae")
     (tmp_path / "bare").mkdir()                 # no tokenizers beside it, offline, no cache: the CLI's one line
     (tmp_path / "bare/model.safetensors").symlink_to(model)
     r = run_cli("sample.py", "--model", str(tmp_path / "bare/model.safetensors"), "--prompt", "x",
