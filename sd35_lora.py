@@ -18,20 +18,20 @@ have. Sections (line numbers):
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       492  LoRA                             LoRALinear and add_lora
-      616  VAE                              16-channel autoencoder, the latent scale and shift
-      761  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      796  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      954  Data                             dataset scan, aspect buckets, the latent and text cache
-     1090  Training                         Trainer and the training loop
-     1319  Part 2: plumbing                 a reader can stop here
-     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1711  Hub Downloads                    snapshot downloads, tokenizers
-     1756  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1917  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2022  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2175  Output Files                     atomic writes, loss.png
-     2240  Several Processes (torchrun)     one all-reduce per step
-     2279  Command Line and the Tiny Model  main(), --tiny
+      619  VAE                              16-channel autoencoder, the latent scale and shift
+      764  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      957  Data                             dataset scan, aspect buckets, the latent and text cache
+     1093  Training                         Trainer and the training loop
+     1322  Part 2: plumbing                 a reader can stop here
+     1329  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1714  Hub Downloads                    snapshot downloads, tokenizers
+     1759  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1920  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2025  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2178  Output Files                     atomic writes, loss.png
+     2243  Several Processes (torchrun)     one all-reduce per step
+     2282  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -557,7 +557,7 @@ class LoRAUpdate(torch.autograd.Function):
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks."""
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
     if not spec:
         return set(range(depth))
     blocks = set()
@@ -565,8 +565,11 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
             raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
+            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
+                            f"are 0-{depth - 1}")
         blocks.update(range(int(lo), int(hi or lo) + 1))
-    return blocks & set(range(depth))
+    return blocks
 
 
 def target_regexes(targets: str) -> list[re.Pattern]:
@@ -2106,7 +2109,7 @@ def validate(cfg: Config) -> Config:
         raise UserError("lora.alpha 0 scales the LoRA by alpha / rank = 0: it would train nothing; use "
                         f"e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
     target_regexes(cfg.lora.targets)                    # their syntax now, not after the dataset is cached
-    parse_blocks(cfg.lora.blocks, 0)
+    parse_blocks(cfg.lora.blocks, 38)                   # (no SD3 model has more than Large's 38 blocks)
     return cfg
 
 

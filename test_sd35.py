@@ -491,6 +491,9 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
     names = set(sd.lora_layers(everything))
     assert {"joint_blocks.0.x_block.attn2.qkv", "context_embedder", "final_layer.adaLN_modulation.1"} <= names
     assert not any(n.startswith("joint_blocks.2.") for n in names)
+    for blocks in ("1-5", "2,3"):                       # blocks the model lacks: an error, never cut short
+        one_line_error(lambda: sd.add_lora(tiny_mmdit(), blocks=blocks), "names block .* joint blocks are 0-2")
+    one_line_error(lambda: sd.load_config(None, ["lora.blocks=0-99999999999"]), "names block 99999999999")
 
 
 def test_merge_and_unmerge():
