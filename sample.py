@@ -93,8 +93,7 @@ def main(argv=None) -> list[Path]:
         args.no_t5 = True
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
-    if args.width % 16 or args.height % 16 or args.width <= 0 or args.height <= 0:      # (generate checks late)
-        raise sd.UserError(f"width and height must be positive multiples of 16: {args.width}x{args.height}")
+    sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)

@@ -18,20 +18,20 @@ have. Sections (line numbers):
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       492  LoRA                             LoRALinear and add_lora
-      612  VAE                              16-channel autoencoder, the latent scale and shift
-      757  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      792  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      954  Data                             dataset scan, aspect buckets, the latent and text cache
-     1093  Training                         Trainer and the training loop
-     1324  Part 2: plumbing                 a reader can stop here
-     1331  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1701  Hub Downloads                    snapshot downloads, tokenizers
-     1741  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1900  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2002  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2146  Output Files                     atomic writes, loss.png
-     2211  Several Processes (torchrun)     one all-reduce per step
-     2250  Command Line and the Tiny Model  main(), --tiny
+      619  VAE                              16-channel autoencoder, the latent scale and shift
+      764  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      966  Data                             dataset scan, aspect buckets, the latent and text cache
+     1105  Training                         Trainer and the training loop
+     1336  Part 2: plumbing                 a reader can stop here
+     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1728  Hub Downloads                    snapshot downloads, tokenizers
+     1773  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1934  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2039  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2192  Output Files                     atomic writes, loss.png
+     2257  Several Processes (torchrun)     one all-reduce per step
+     2296  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -557,7 +557,7 @@ class LoRAUpdate(torch.autograd.Function):
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks."""
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
     if not spec:
         return set(range(depth))
     blocks = set()
@@ -565,8 +565,20 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
             raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
+            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
+                            f"are 0-{depth - 1}")
         blocks.update(range(int(lo), int(hi or lo) + 1))
-    return blocks & set(range(depth))
+    return blocks
+
+
+def target_regexes(targets: str) -> list[re.Pattern]:
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    try:
+        return [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
@@ -575,12 +587,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
     if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
         raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
-    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    try:
-        regexes = [re.compile(p.strip()) for p in patterns if p.strip()]
-    except re.error as e:
-        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
-    keep = parse_blocks(blocks, model.cfg.depth)
+    regexes, keep = target_regexes(targets), parse_blocks(blocks, model.cfg.depth)
     names = [name for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
@@ -901,14 +908,19 @@ class SampleSettings:
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
-        if out.width % 16 or out.height % 16 or out.width <= 0 or out.height <= 0:
-            raise UserError(f"width and height must be positive multiples of 16: {out.width}x{out.height}")
+        check_size(out.width, out.height)
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
         check_choice("sampler", out.sampler, SAMPLERS)
         check_choice("schedule", out.schedule, SCHEDULES)
         return out
+
+
+def check_size(width: int, height: int, name: str = "width and height"):
+    """Image sides are positive multiples of 16: the VAE divides by 8, the MMDiT's 2x2 patches by 2 more."""
+    if width % 16 or height % 16 or width <= 0 or height <= 0:
+        raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
 
 
 def check_seed(seed: int, images: int, name: str = "seed"):
@@ -1466,7 +1478,11 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
         return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
+                            f"again") from None
         return {k: v for shard in shards
                 for k, v in read_safetensors(folder / shard, convert=convert).items()}
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
@@ -1612,7 +1628,11 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
-        configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+        try:
+            configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+        except (OSError, ValueError) as e:                  # a config.json missing, cut short, of no model
+            raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
+                            f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
@@ -1637,12 +1657,16 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        device = torch.device("meta")                               # not in `count`: refused below
+    if device.type not in count:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
+        raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
+                        f"device(s); use --device cpu")
     return device
 
 
@@ -1680,10 +1704,13 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    groups = _header_groups(root) if root.is_file() and not text_encoders else set()   # before gigabytes load
-    if groups & {"joint_blocks", "transformer_blocks"} and "text_encoders" not in groups:
+    groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
+    mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
+    if mmdit_file and "text_encoders" not in groups and not text_encoders:
         raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (clip_l, clip_g, t5xxl "
                         f".safetensors files, or a diffusers-layout SD3.5 folder)")
+    if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
+        raise UserError(f"{root} holds no VAE: pass --vae (a diffusers SD3.5 folder or its vae/ folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
@@ -1710,7 +1737,12 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     from transformers import AutoTokenizer
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
-        return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+        try:
+            return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+        except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
+            reason = str(e).splitlines()[0][:120]
+            raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
+                            f"from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
@@ -1776,7 +1808,7 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha"}
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
-                 "lora_alpha": ((int, float), -1e9, 1e9)}
+                 "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
 
 
 def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
@@ -1846,9 +1878,10 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         official, index, n_parts, swap = spellings[module]
         up = swap_halves(up) if swap else up
-        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / rank))
+        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path)
 
 
@@ -1877,6 +1910,10 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
     adapters = read_lora(model, path)                      # validates everything before touching the model
+    taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
+    if taken and not merge:
+        raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
+                        f"merge the others (sample.py: leave out --no-merge)")
     for name, (down, up) in adapters.items():
         layer = model.get_submodule(name)
         if merge and getattr(layer, "weight_scale", None) is not None:   # fp8: dequantize, add, requantize
@@ -1886,9 +1923,6 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight_scale.copy_(row_scale)
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
-        elif isinstance(layer, LoRALinear):
-            raise UserError(f"{name} already has an unmerged LoRA: only one can stay unmerged, merge the "
-                            f"others")
         else:
             wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
             wrapped.lora_down.weight.copy_(down)
@@ -1991,10 +2025,13 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
+        if given and given[0].numel() not in (1, weight.shape[0]):
+            raise UserError(f"{key}: block-wise fp8 scales {tuple(given[0].shape)} (mxfp8) are unsupported: "
+                            f"use a bf16/fp16 file or one with a scale per tensor")
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and re.match(FP8_WEIGHTS, module):  # (load_mmdit: on-read scales win)
-            scales[module] = scale
-        else:                                           # one tensor at a time
+        if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
+            scales[module] = scale                      # (load_mmdit: on-read scales win)
+        else:                                           # biases, norms, the rest: one tensor at a time
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
     return scales
 
@@ -2006,8 +2043,12 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        return [str(v) for v in (value if isinstance(value, list) else [] if value is None else [value])]
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
+        if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path
+            raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
+                            f"unquoted 'a: b' as a mapping)")
         return "" if value is None else str(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -2070,14 +2111,19 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
-    if cfg.sample.width % 16 or cfg.sample.height % 16:             # generate() says so only after loading
-        raise UserError(f"config keys 'sample.width' and 'sample.height' must be multiples of 16, got "
-                        f"{cfg.sample.width}x{cfg.sample.height}")
-    check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")      # else every preview fails
+    check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
+    check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
+    if cfg.lora.alpha == 0:                             # (kohya reads 0 as alpha = rank)
+        raise UserError("lora.alpha 0 scales the LoRA by alpha / rank = 0: it would train nothing; use "
+                        f"e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
+    # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
+    if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
+        raise UserError(f"lora.targets {cfg.lora.targets!r} in lora.blocks {cfg.lora.blocks!r} select "
+                        f"nothing: use attn, attn_mlp, all or regexes, and blocks such as '0-11'")
     return cfg
 
 

@@ -491,6 +491,9 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
     names = set(sd.lora_layers(everything))
     assert {"joint_blocks.0.x_block.attn2.qkv", "context_embedder", "final_layer.adaLN_modulation.1"} <= names
     assert not any(n.startswith("joint_blocks.2.") for n in names)
+    for blocks in ("1-5", "2,3"):                       # blocks the model lacks: an error, never cut short
+        one_line_error(lambda: sd.add_lora(tiny_mmdit(), blocks=blocks), "names block .* joint blocks are 0-2")
+    one_line_error(lambda: sd.load_config(None, ["lora.blocks=0-99999999999"]), "names block 99999999999")
 
 
 def test_merge_and_unmerge():
@@ -625,6 +628,20 @@ def test_separate_qkv_adapters_and_comfyui_prefixes(tmp_path):
             torch.testing.assert_close(model(*x), by_hand(*x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+                        f"{key}.lora_up.weight": torch.randn(64, 2, generator=g)}
+    save_file(pair("lora_unet_joint_blocks_1_x_block_attn_proj"), tmp_path / "a.safetensors")
+    save_file({**pair("lora_unet_joint_blocks_0_x_block_attn_proj"),
+               **pair("lora_unet_joint_blocks_1_x_block_attn_proj")}, tmp_path / "b.safetensors")
+    model = tiny_mmdit()
+    sd.load_lora(model, tmp_path / "a.safetensors", merge=False)
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "b.safetensors", merge=False),
+                   "joint_blocks.1.x_block.attn.proj already has an unmerged LoRA")
+    assert list(sd.lora_layers(model)) == ["joint_blocks.1.x_block.attn.proj"]          # block 0 untouched
+
+
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
@@ -655,8 +672,10 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     assert_images_close(images_of(paths), ref_images)
 
 
-def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path):
-    """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers."""
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
+    """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers; rsLoRA
+    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it."""
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
@@ -664,7 +683,8 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path):
     parts = make_components()
     transformer = parts["transformer"]
     transformer.save_pretrained(tmp_path / "base" / "transformer")
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"])
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
+                        use_rslora=rslora)
     transformer.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -905,6 +925,10 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         patch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_text.safetensors"), device="cpu"),
                        "no_text.safetensors holds no text encoders: pass --text-encoders DIR")
+        save_file({k: v for k, v in load_file(model).items() if not k.startswith("first_stage_model.")},
+                  tmp_path / "no_vae.safetensors")          # else read whole a second time, only to fail
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_vae.safetensors"), device="cpu"),
+                       "no_vae.safetensors holds no VAE: pass --vae")
     (tmp_path / "bare").mkdir()                 # no tokenizers beside it, offline, no cache: the CLI's one line
     (tmp_path / "bare/model.safetensors").symlink_to(model)
     r = run_cli("sample.py", "--model", str(tmp_path / "bare/model.safetensors"), "--prompt", "x",
@@ -1074,13 +1098,27 @@ def test_config_errors_name_the_key(tmp_path):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
 
 
-def test_sample_size_and_seed_are_refused_before_any_model_loads():
-    # generate() refuses them too, but only after the models loaded (size) or at every preview (seed)
-    with pytest.raises(sd.UserError, match="'sample.width' and 'sample.height' must be multiples of 16.*72x64"):
-        sd.load_config(None, ["sample.width=72", "sample.height=64"])
-    with pytest.raises(sd.UserError, match="sample.seed 18446744073709551615 is outside 0..2\\^64-2"):
-        sd.load_config(None, [f"sample.seed={2**64 - 1}", "sample.prompts=[a, b]"])
-    assert sd.load_config(None, [f"sample.seed={2**64 - 2}", "sample.prompts=[a, b]"]).sample.seed == 2**64 - 2
+def test_lora_and_sample_settings_are_refused_before_any_model_loads():
+    """README: bad values are refused before any model loads (these failed after loading and caching, or, for
+    alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
+    every preview)."""
+    for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
+                        ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
+                        ("lora.blocks=5-3", "select nothing"), ("lora.targets=' , '", "select nothing"),
+                        ("sample.width=1000", "sample.width and sample.height must be positive multiples of 16"),
+                        (f"sample.seed={2**64 - 1}", r"sample.seed .* is outside 0..2\^64-2")]:  # 2 prompts: seed+1
+        one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
+    assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768",
+                                 f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
+
+
+def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
+    """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'sample.prompts' must be text.*quote it")
+    one_line_error(lambda: sd.load_config(None, ["sample.neg=[blurry, lowres]"]), "'sample.neg' must be text")
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - 'a dog, style: watercolor'\n    - 7\n")
+    assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
 
 
 def test_tiny_command_from_readme_runs(tmp_path):
@@ -1298,6 +1336,16 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
 #                                  fp8 weights                                  #
 #################################################################################
 
+def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sd.pick_device("cuda:0") == torch.device("cuda", 0)
+    for name, match in [("mps", "sees 0 mps"), ("cuda:1", "sees 1 cuda"), ("xla", "unknown device 'xla'"),
+                        ("gpu", "unknown device 'gpu'")]:
+        one_line_error(lambda: sd.pick_device(name), match)
+
+
 def test_fp8_rows_round_within_e4m3_precision():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 96, generator=g) * torch.logspace(-6, 3, 64)[:, None]          # rows of very different size
@@ -1388,12 +1436,32 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
               tmp_path / "int8.safetensors")
     with pytest.raises(sd.UserError, match="integer-quantized"):
         sd.load_mmdit(tmp_path / "int8.safetensors", fp8=True)
+    block_scaled = {**load_file(tmp_path / "fp8.safetensors"),   # a scale per 16 weights of a row, as mxfp8
+                    "model.diffusion_model.context_embedder.scale_weight": torch.ones(64, 2)}
+    save_file(block_scaled, tmp_path / "mx.safetensors")
+    for fp8 in (True, False):
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "mx.safetensors", fp8=fp8), r"block-wise fp8 scales \(64, 2\)")
+
+
+def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
+    """A whole-model fp8 cast (biases and qk-norm weights in float8 too): only matrices stay fp8 with `fp8`."""
+    fp8_part = ("joint_blocks.", "context_")
+    tensors = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) if k.startswith(fp8_part) else v
+               for k, v in tiny_mmdit().state_dict().items()}
+    save_file(tensors, tmp_path / "all_fp8.safetensors")
+    fp8, plain = (sd.load_mmdit(tmp_path / "all_fp8.safetensors", fp8=on) for on in (True, False))
+    attn = fp8.joint_blocks[0].x_block.attn
+    assert attn.qkv.weight.dtype == sd.FP8 and attn.qkv.bias.dtype == attn.ln_q.weight.dtype == torch.float32
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fp8(*x), plain(*x), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
         sd.quantize_mmdit(model)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)       # as on a Mac
     with pytest.raises(sd.UserError, match="fp8 needs float8, which MPS lacks"):
         sd.load_pipeline("tiny", device="mps", fp8=True)
     monkeypatch.setattr(sd, "FP8", None)
@@ -1561,9 +1629,21 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         (encoders / part / "pytorch_model.bin").write_bytes(b"pickle")
     one_line_error(lambda: sd.load_text_encoders(encoders),
                    r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):      # weights, but no or a cut config
+        save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
+    one_line_error(lambda: sd._tokenizers(encoders, True), "tokenizer.* folders are incomplete")  # empty
+    for damaged in (False, True):                                           # missing, then cut short
+        if damaged:
+            (encoders / "text_encoder" / "config.json").write_text('{"model_type": "clip_text')
+        one_line_error(lambda: sd.load_text_encoders(encoders), "text_encoder.*config.json is missing or damaged")
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
+    (tmp_path / "transformer" / "config.json").unlink()
+    index = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
+        index.write_text(text)
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
     state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
