@@ -23,15 +23,15 @@ have. Sections (line numbers):
       799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       966  Data                             dataset scan, aspect buckets, the latent and text cache
      1105  Training                         Trainer and the training loop
-     1336  Part 2: plumbing                 a reader can stop here
-     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1728  Hub Downloads                    snapshot downloads, tokenizers
-     1773  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1934  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2039  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2192  Output Files                     atomic writes, loss.png
-     2257  Several Processes (torchrun)     one all-reduce per step
-     2296  Command Line and the Tiny Model  main(), --tiny
+     1338  Part 2: plumbing                 a reader can stop here
+     1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1730  Hub Downloads                    snapshot downloads, tokenizers
+     1775  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1940  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2045  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2198  Output Files                     atomic writes, loss.png
+     2263  Several Processes (torchrun)     one all-reduce per step
+     2302  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1166,8 +1166,10 @@ class Trainer:
             raise UserError(f"--resume: no {self.state_path} to resume from")
         self.changes = prepare_resume(self.state_path, cfg) if resume else []
         if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; continue it with "
-                            f"--resume or choose another output_dir (--set output_dir=...)")
+            saved = self.state_path.is_file()
+            fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
+            raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
+                            f"another output_dir (--set output_dir=...)")
         items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
@@ -1830,8 +1832,8 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
-        if "dora_scale" in key or "lora_magnitude_vector" in key:
-            raise UserError(f"{path} is a DoRA ({key}); only plain LoRA files are supported")
+        if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w", key):       # LyCORIS: hada, lokr
+            raise UserError(f"{path} is a DoRA, LoHa or LoKr ({key}); only plain LoRA files are supported")
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
         module = module.removeprefix(next((p for p in LORA_PREFIXES if module.startswith(p)), ""))
@@ -1853,7 +1855,11 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) * alpha / r)},
     checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    peft, depth = lora_metadata(meta, path)[1], model.cfg.depth
+    ours, peft = lora_metadata(meta, path)
+    depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
+    if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
+        print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
+              f"not work as intended", file=sys.stderr)
     if peft.get("alpha_pattern") or peft.get("rank_pattern"):
         raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
@@ -2074,8 +2080,8 @@ def _fill(obj, data: dict, prefix: str = ""):
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, f"{prefix}{key}.")
+        if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults
+            _fill(current, {} if value is None else value, f"{prefix}{key}.")
         else:
             setattr(obj, key, _coerce(value, current, f"{prefix}{key}"))
     return obj

@@ -712,6 +712,9 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
     with pytest.raises(sd.UserError, match="DoRA"):
         sd.load_lora(ours, tmp_path / "dora.safetensors")
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.hada_w1_a": torch.ones(4, 192)}, tmp_path / "loha.safetensors")
+    with pytest.raises(sd.UserError, match="LoHa"):                    # LyCORIS, not an 'incomplete pair'
+        sd.load_lora(ours, tmp_path / "loha.safetensors")
 
 
 def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
@@ -1110,6 +1113,31 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
         one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
     assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768",
                                  f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
+
+
+def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
+    (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
+    cfg = sd.load_config(str(tmp_path / "c.yaml"))
+    assert cfg.lora == sd.LoRAConfig() and cfg.train.steps == 3
+
+
+def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
+    """A run that stopped before its first checkpoint: --resume cannot continue it, so the error does not say so."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    with pytest.raises(sd.UserError, match="it saved no checkpoint: empty it or choose another") as error:
+        sd.train(tiny_config(tmp_path))
+    assert "--resume" not in str(error.value)
+
+
+def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
+    """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
+    model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
+    sd.add_lora(model, rank=4)
+    for variant, warned in (("sd3-medium", True), ("sd3.5-medium", False)):
+        sd.save_lora(model, tmp_path / "lora.safetensors", metadata={"variant": variant})
+        sd.load_lora(sd.tiny_pipeline().mmdit, tmp_path / "lora.safetensors")
+        assert ("was trained on sd3-medium, this model is sd3.5-medium" in capsys.readouterr().err) == warned
 
 
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
