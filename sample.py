@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="repeat for a batch")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=positive_int)
-    p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
     p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")

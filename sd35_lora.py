@@ -860,7 +860,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
     check_choice("sampler", sampler, SAMPLERS)
     from tqdm import tqdm
-    use_cfg = uncond is not None and cfg != 1.0
+    use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
     steps, previous, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
     x = x.float()
@@ -944,7 +944,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if embeddings is None:
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
-            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg != 1.0 else None
+            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
     else:
         cond, uncond = embeddings
     cond = tuple(t.to(pipe.device) for t in cond)

@@ -435,6 +435,17 @@ def test_no_t5_and_skip_layer_guidance_match_diffusers(diffusers_folder):
     assert_images_close(mine, ref)
 
 
+def test_cfg_of_1_or_less_is_no_guidance_as_in_diffusers(diffusers_folder):
+    """diffusers guides only above 1: its Large Turbo card samples with guidance_scale 0, which must not give
+    images of the negative prompt (v_u + 0 * (v_c - v_u)) that ignore the prompt."""
+    folder, pipe = diffusers_folder
+    ours = sd.load_pipeline(str(folder), device="cpu", dtype="fp32", t5_length=32)
+    for cfg in (0.0, 0.5, 1.0):
+        settings = sd.SampleSettings(steps=4, cfg=cfg, sampler="euler", width=32, height=32, seed=2)
+        mine = np.stack([np.asarray(im) for im in sd.generate(ours, ["a red fox"], "snow", settings, progress=False)])
+        assert_images_close(mine, run_diffusers(pipe, ["a red fox"], "snow", seed=2, cfg=cfg, height=32, width=32))
+
+
 def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
     pipe = sd.load_pipeline(str(diffusers_folder[0]), device="cpu", dtype="fp32", t5_length=8)
     modules = [pipe.mmdit, pipe.vae, *pipe.text.modules()]
