@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1105  Training                         Trainer and the training loop
      1338  Part 2: plumbing                 a reader can stop here
      1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1730  Hub Downloads                    snapshot downloads, tokenizers
-     1775  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1940  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2045  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2198  Output Files                     atomic writes, loss.png
-     2263  Several Processes (torchrun)     one all-reduce per step
-     2302  Command Line and the Tiny Model  main(), --tiny
+     1734  Hub Downloads                    snapshot downloads, tokenizers
+     1779  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1944  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2049  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2202  Output Files                     atomic writes, loss.png
+     2267  Several Processes (torchrun)     one all-reduce per step
+     2306  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1603,7 +1603,11 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
             d_ff=rows("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), num_heads=heads,
             d_kv=rows("encoder.block.0.layer.0.SelfAttention.q.weight") // heads, layer_norm_epsilon=1e-6,
             relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu")
-        return _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
+        t5 = _build(transformers.T5EncoderModel, config, sd, role, path, "cpu", dtype)
+        for name, module in t5.named_modules():      # T5 v1.1's feed-forward outputs overflow fp16: as in
+            if dtype == torch.float16 and name.endswith(".wo"):     # from_pretrained, they stay in fp32
+                module.float()
+        return t5
     vocab, width = sd[TEXT_ENCODERS[role][2]].shape
     sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
     config = config or transformers.CLIPTextConfig(

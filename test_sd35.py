@@ -886,6 +886,23 @@ def test_single_file_text_encoders_match_the_diffusers_folder(single_files, use_
         assert_images_close(mine, images[0])
 
 
+def test_fp16_t5_keeps_its_feed_forward_output_in_fp32_as_transformers_does(single_files, tmp_path):
+    """T5 v1.1's feed-forward outputs overflow fp16; transformers' from_pretrained, so diffusers, keeps T5's
+    `wo` layers in fp32 when asked for fp16. Here a T5 whose weights fit fp16 but whose feed-forward outputs
+    do not (pure fp16 clamps them: off by 4.6 on values of 3.8) shows it."""
+    root, _ = single_files
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_l.safetensors", "clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    gain = lambda k: 3000 if k.endswith(".wo.weight") else 30 if ".wi_" in k else 1
+    t5 = {k: v * gain(k) for k, v in load_file(root / "clip/t5xxl_fp16.safetensors").items()}
+    assert max(v.abs().max() for v in t5.values()) < 2000                     # the weights fit fp16
+    save_file(t5, tmp_path / "enc/t5xxl_fp16.safetensors")
+    encode = lambda dtype: sd.load_text_encoders(tmp_path / "enc", dtype=dtype, context_dim=192, t5_length=16
+                                                 ).encode(["a red fox in the snow"])[0]
+    torch.testing.assert_close(encode(torch.float16), encode(torch.float32), atol=0.05, rtol=0.01)
+
+
 def test_fp8_t5_files_load_upcast_and_fp16_is_preferred(single_files, tmp_path):
     root, _ = single_files
     t5 = load_file(root / "clip/t5xxl_fp16.safetensors")
