@@ -1360,6 +1360,27 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert all(Image.open(path).size == (32, 32) for path in saved)
 
 
+
+def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
+    """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
+    tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
+    ([] for the default 1.0, one value for several LoRAs)."""
+    model = sd.tiny_pipeline().mmdit
+    sd.add_lora(model, rank=2)
+    sd.save_lora(model, tmp_path / "lora.safetensors")
+    lora = str(tmp_path / "lora.safetensors")
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32", "--no-t5"]
+    runs = {"8": [], "24": ["--lora", lora, "--lora", lora, "--lora-scale", "0.5"]}
+    params = {}
+    for length, extra in runs.items():
+        path = sample.main([*base, "--t5-length", length, *extra, "--out", str(tmp_path / length)])[0]
+        params[length] = json.loads(Image.open(path).text["parameters"])
+    assert images_of([tmp_path / "8/sample_00.png"]).tolist() != images_of([tmp_path / "24/sample_00.png"]).tolist()
+    assert (params["8"]["t5_length"], params["8"]["use_t5"], params["24"]["t5_length"]) == (8, False, 24)
+    assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
+    one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
+    assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+
 #################################################################################
 #                                  fp8 weights                                  #
 #################################################################################
