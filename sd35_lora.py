@@ -2383,6 +2383,10 @@ def main(argv=None):
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
+    except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
+        print("interrupted before training began: nothing new to save (finished cache files are kept)",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1062,6 +1062,21 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
 
 
+def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
+    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback."""
+    make_dataset(tmp_path / "data")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd, "LatentDataset", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted before training began")
+    assert not (tmp_path / "run/training_state.safetensors").exists()
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
