@@ -119,7 +119,7 @@ class DatasetConfig:
     path: str = "data"                     # folder of images with same-name .txt captions
     resolution: int = 1024                 # bucket area ~ resolution^2, sides multiples of 64
     default_caption: str = ""              # used (and counted) where a .txt is missing
-    caption_dropout: float = 0.1           # share of steps on the empty caption (keeps CFG working)
+    caption_dropout: float = 0.1           # share of samples on the empty caption (keeps CFG working)
     flip: bool = False                     # random horizontal flips
     cache_dir: str = "cache"               # latents + text embeddings, keyed by content and settings
 
