@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1105  Training                         Trainer and the training loop
      1338  Part 2: plumbing                 a reader can stop here
      1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1730  Hub Downloads                    snapshot downloads, tokenizers
-     1775  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1940  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2045  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2198  Output Files                     atomic writes, loss.png
-     2263  Several Processes (torchrun)     one all-reduce per step
-     2302  Command Line and the Tiny Model  main(), --tiny
+     1731  Hub Downloads                    snapshot downloads, tokenizers
+     1776  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1941  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2046  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2199  Output Files                     atomic writes, loss.png
+     2264  Several Processes (torchrun)     one all-reduce per step
+     2303  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1706,6 +1706,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
+    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
+    vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
@@ -1714,13 +1716,12 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (a diffusers SD3.5 folder or its vae/ folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
-    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
     if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
         raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
                         f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
-    vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
+    vae_model = load_vae(vae_root, "cpu", dtype)
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
                         f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")

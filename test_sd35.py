@@ -1116,6 +1116,16 @@ def test_config_errors_name_the_key(tmp_path):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
 
 
+def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """README: bad values are refused before any model loads. A mistyped text_encoders or vae path was found
+    only after the MMDiT (16 GB for Large) and the text encoders had loaded."""
+    monkeypatch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
+    (tmp_path / "model").mkdir()
+    for paths in ({"text_encoders": str(tmp_path / "missing")}, {"vae": str(tmp_path / "missing.safetensors")}):
+        with pytest.raises(sd.UserError, match="model not found: .*missing"):
+            sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
