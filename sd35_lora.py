@@ -23,15 +23,15 @@ have. Sections (line numbers):
       799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       966  Data                             dataset scan, aspect buckets, the latent and text cache
      1105  Training                         Trainer and the training loop
-     1338  Part 2: plumbing                 a reader can stop here
-     1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1731  Hub Downloads                    snapshot downloads, tokenizers
-     1776  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1941  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2046  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2199  Output Files                     atomic writes, loss.png
-     2264  Several Processes (torchrun)     one all-reduce per step
-     2303  Command Line and the Tiny Model  main(), --tiny
+     1339  Part 2: plumbing                 a reader can stop here
+     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1732  Hub Downloads                    snapshot downloads, tokenizers
+     1777  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1942  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2047  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2200  Output Files                     atomic writes, loss.png
+     2265  Several Processes (torchrun)     one all-reduce per step
+     2304  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1182,6 +1182,7 @@ class Trainer:
         self.sample_settings = settings.resolved(pipe.variant)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        parse_blocks(lc.blocks, pipe.mmdit.cfg.depth)     # e.g. Large's '20-37' on Medium: before the caching
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once

@@ -1126,6 +1126,15 @@ def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(t
             sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
 
 
+def test_lora_blocks_the_model_lacks_are_refused_before_the_cache_builds(tmp_path, monkeypatch):
+    """Blocks past the loaded model's depth (a Large recipe's '20-37' on Medium) can only be checked once it has
+    loaded; that was after every image and caption had been encoded into the cache."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: pytest.fail("the cache was built before the error"))
+    with pytest.raises(sd.UserError, match="lora.blocks '1-5' names block 5: the model's joint blocks are 0-2"):
+        sd.train(tiny_config(tmp_path, **{"lora.blocks": "1-5"}))
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
