@@ -97,6 +97,7 @@ def main(argv=None) -> list[Path]:
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
+    args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
     for path, scale in zip(args.lora, scales):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
         print(f"loaded {path} on {n} layers (scale {scale})")
@@ -116,8 +117,9 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
     paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
     number = max(taken, default=-1) + 1                 # never overwrite earlier samples: number on
     for i, (image, prompt) in enumerate(zip(images, args.prompt)):
+        # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
-                  "seed": settings.seed + i, "t5_length": 0 if args.no_t5 else t5_length, "lora": args.lora,
+                  "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
                   "lora_scale": args.lora_scale, "fp8": args.fp8, **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))

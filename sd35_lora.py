@@ -23,15 +23,15 @@ have. Sections (line numbers):
       799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       966  Data                             dataset scan, aspect buckets, the latent and text cache
      1105  Training                         Trainer and the training loop
-     1338  Part 2: plumbing                 a reader can stop here
-     1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1734  Hub Downloads                    snapshot downloads, tokenizers
-     1779  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1944  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2049  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2202  Output Files                     atomic writes, loss.png
-     2267  Several Processes (torchrun)     one all-reduce per step
-     2306  Command Line and the Tiny Model  main(), --tiny
+     1339  Part 2: plumbing                 a reader can stop here
+     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1736  Hub Downloads                    snapshot downloads, tokenizers
+     1781  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1946  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2051  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2204  Output Files                     atomic writes, loss.png
+     2269  Several Processes (torchrun)     one all-reduce per step
+     2308  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -119,7 +119,7 @@ class DatasetConfig:
     path: str = "data"                     # folder of images with same-name .txt captions
     resolution: int = 1024                 # bucket area ~ resolution^2, sides multiples of 64
     default_caption: str = ""              # used (and counted) where a .txt is missing
-    caption_dropout: float = 0.1           # share of steps on the empty caption (keeps CFG working)
+    caption_dropout: float = 0.1           # share of samples on the empty caption (keeps CFG working)
     flip: bool = False                     # random horizontal flips
     cache_dir: str = "cache"               # latents + text embeddings, keyed by content and settings
 
@@ -1182,6 +1182,7 @@ class Trainer:
         self.sample_settings = settings.resolved(pipe.variant)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        parse_blocks(lc.blocks, pipe.mmdit.cfg.depth)     # e.g. Large's '20-37' on Medium: before the caching
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
@@ -1710,6 +1711,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
+    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
+    vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
@@ -1718,13 +1721,12 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (a diffusers SD3.5 folder or its vae/ folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
-    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
     if pooled != mmdit.cfg.pooled_dim or text.t5 and text.t5.config.d_model != mmdit.cfg.context_dim:
         raise UserError(f"text encoders of the wrong width for this MMDiT (pooled CLIP-L + G: {pooled}; "
                         f"it takes {mmdit.cfg.pooled_dim} and a {mmdit.cfg.context_dim}-wide T5): use SD3's")
-    vae_model = load_vae(resolve_model(vae, ("vae",)) if vae else root, "cpu", dtype)
+    vae_model = load_vae(vae_root, "cpu", dtype)
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
                         f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
@@ -2387,6 +2389,10 @@ def main(argv=None):
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
+    except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
+        print("interrupted before training began: nothing new to save (finished cache files are kept)",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1090,6 +1090,21 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
 
 
+def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
+    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback."""
+    make_dataset(tmp_path / "data")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd, "LatentDataset", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted before training began")
+    assert not (tmp_path / "run/training_state.safetensors").exists()
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
@@ -1127,6 +1142,25 @@ def test_config_errors_name_the_key(tmp_path):
     empty.mkdir()
     with pytest.raises(sd.UserError, match="no usable images"):
         sd.scan_dataset(sd.DatasetConfig(path=str(empty)))
+
+
+def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """README: bad values are refused before any model loads. A mistyped text_encoders or vae path was found
+    only after the MMDiT (16 GB for Large) and the text encoders had loaded."""
+    monkeypatch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
+    (tmp_path / "model").mkdir()
+    for paths in ({"text_encoders": str(tmp_path / "missing")}, {"vae": str(tmp_path / "missing.safetensors")}):
+        with pytest.raises(sd.UserError, match="model not found: .*missing"):
+            sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
+
+
+def test_lora_blocks_the_model_lacks_are_refused_before_the_cache_builds(tmp_path, monkeypatch):
+    """Blocks past the loaded model's depth (a Large recipe's '20-37' on Medium) can only be checked once it has
+    loaded; that was after every image and caption had been encoded into the cache."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: pytest.fail("the cache was built before the error"))
+    with pytest.raises(sd.UserError, match="lora.blocks '1-5' names block 5: the model's joint blocks are 0-2"):
+        sd.train(tiny_config(tmp_path, **{"lora.blocks": "1-5"}))
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
@@ -1387,6 +1421,27 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
 
+
+
+def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
+    """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
+    tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
+    ([] for the default 1.0, one value for several LoRAs)."""
+    model = sd.tiny_pipeline().mmdit
+    sd.add_lora(model, rank=2)
+    sd.save_lora(model, tmp_path / "lora.safetensors")
+    lora = str(tmp_path / "lora.safetensors")
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32", "--no-t5"]
+    runs = {"8": [], "24": ["--lora", lora, "--lora", lora, "--lora-scale", "0.5"]}
+    params = {}
+    for length, extra in runs.items():
+        path = sample.main([*base, "--t5-length", length, *extra, "--out", str(tmp_path / length)])[0]
+        params[length] = json.loads(Image.open(path).text["parameters"])
+    assert images_of([tmp_path / "8/sample_00.png"]).tolist() != images_of([tmp_path / "24/sample_00.png"]).tolist()
+    assert (params["8"]["t5_length"], params["8"]["use_t5"], params["24"]["t5_length"]) == (8, False, 24)
+    assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
+    one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
+    assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
 
 #################################################################################
 #                                  fp8 weights                                  #
