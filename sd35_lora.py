@@ -1668,8 +1668,8 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        device = torch.device("meta")                               # not in `count`: refused below
-    if device.type not in count:
+        device = None
+    if device is None or device.type not in count:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
         raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
