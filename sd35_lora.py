@@ -30,8 +30,8 @@ have. Sections (line numbers):
      1946  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2051  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
      2204  Output Files                     atomic writes, loss.png
-     2269  Several Processes (torchrun)     one all-reduce per step
-     2308  Command Line and the Tiny Model  main(), --tiny
+     2272  Several Processes (torchrun)     one all-reduce per step
+     2311  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2218,6 +2218,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
             data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): free disk space or "

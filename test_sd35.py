@@ -1816,6 +1816,18 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
     assert checkpoints() == before
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its files owner-only (0600): a LoRA gets the umask's 0644 like the PNGs next to it."""
+    umask = os.umask(0o022)
+    try:
+        sd._atomic_save({"a": torch.zeros(2)}, tmp_path / "lora.safetensors")
+        sd._atomic_save("text", tmp_path / "log.txt")
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"lora.safetensors": 0o644,
+                                                                           "log.txt": 0o644}
+
+
 def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
     target, real_save, calls = tmp_path / "cache" / "x.safetensors", sd.save_file, []
 
