@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1781  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1946  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2051  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2204  Output Files                     atomic writes, loss.png
-     2272  Several Processes (torchrun)     one all-reduce per step
-     2311  Command Line and the Tiny Model  main(), --tiny
+     2205  Output Files                     atomic writes, loss.png
+     2273  Several Processes (torchrun)     one all-reduce per step
+     2312  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2187,11 +2187,12 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
-    refused = [c for k, c in changed.items() if k not in RESUME_WARN and not k.startswith(RESUME_FREE)]
+    warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
+    refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
                         f"would mean something else. Resume with the run's values, or use another output_dir")
-    warned = [c for k, c in changed.items() if k in RESUME_WARN]
+    warned = [c for k, c in changed.items() if k in warn]
     if warned:
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
     log = path.with_name("log.jsonl")

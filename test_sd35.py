@@ -1327,6 +1327,18 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
+def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, capsys):
+    """More steps extend a constant-lr run freely; under cosine they move the decay: a trajectory change, warned."""
+    for schedule, warned in (("constant", False), ("cosine", True)):
+        saved = tiny_config(tmp_path, **{"train.lr_schedule": schedule})
+        save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+                  {"step": "4", "config": json.dumps(dataclasses.asdict(saved))})
+        changes = sd.prepare_resume(tmp_path / "state.safetensors",
+                                    tiny_config(tmp_path, **{"train.lr_schedule": schedule, "train.steps": 80}))
+        assert ("changed train.steps 40 -> 80" in capsys.readouterr().err) == warned
+        assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
