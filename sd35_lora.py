@@ -1661,7 +1661,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 def pick_device(name: str = "auto") -> torch.device:
     if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))       # torchrun: one GPU per process
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
@@ -1673,7 +1673,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
         raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
-                        f"device(s); use --device cpu")
+                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU")
     return device
 
 

@@ -1467,6 +1467,10 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     for name, match in [("mps", "sees 0 mps"), ("cuda:1", "sees 1 cuda"), ("xla", "unknown device 'xla'"),
                         ("gpu", "unknown device 'gpu'")]:
         one_line_error(lambda: sd.pick_device(name), match)
+    monkeypatch.setenv("LOCAL_RANK", "1")                   # torchrun with more processes than GPUs
+    one_line_error(lambda: sd.pick_device("auto"), "cuda:1 asked for, but this torch sees 1 cuda")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert sd.pick_device("auto") == torch.device("cuda", 0)
 
 
 def test_fp8_rows_round_within_e4m3_precision():
