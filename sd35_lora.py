@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1105  Training                         Trainer and the training loop
      1339  Part 2: plumbing                 a reader can stop here
      1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1736  Hub Downloads                    snapshot downloads, tokenizers
-     1781  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1946  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2051  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2205  Output Files                     atomic writes, loss.png
-     2273  Several Processes (torchrun)     one all-reduce per step
-     2312  Command Line and the Tiny Model  main(), --tiny
+     1742  Hub Downloads                    snapshot downloads, tokenizers
+     1787  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1952  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2057  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2211  Output Files                     atomic writes, loss.png
+     2279  Several Processes (torchrun)     one all-reduce per step
+     2318  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1654,8 +1654,14 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
-    encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device) if r in roles
-                else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
+    try:
+        encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
+                    if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
+    except UserError:
+        raise
+    except (KeyError, ValueError, IndexError, AttributeError) as e:    # tensors missing from a damaged file
+        raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
+                        f"again") from None
     return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
 
 

@@ -950,6 +950,12 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     for folder, message in cases.items():
         with pytest.raises(sd.UserError, match=message):
             sd.load_pipeline(str(model), str(tmp_path / folder), device="cpu", dtype="fp32")
+    (tmp_path / "cut_t5").mkdir()                           # a T5 file without its token embedding
+    for name in (l, g, "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "cut_t5" / name).symlink_to(root / "clip" / name)
+    save_file({k: v for k, v in load_file(root / "clip" / t5).items() if "embed_tokens" not in k and "shared" not in k},
+              tmp_path / "cut_t5" / t5)
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "cut_t5", context_dim=192), "bad text encoder weights")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
     with pytest.MonkeyPatch.context() as patch:
