@@ -30,9 +30,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def block_list(text: str) -> tuple[int, ...]:
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected joint block numbers such as 7,8,9, got {text!r}")
+    return tuple(int(part) for part in text.split(","))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
+    p.add_argument("--model", required=True,
+                   help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
     p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
@@ -47,21 +54,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slg", action="store_true", help="skip-layer guidance at the variant's recommended "
                    "scale and layers (Stability AI's, SD3.5 Medium only; off by default in both references)")
     p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
-    p.add_argument("--slg-layers", type=lambda s: tuple(int(i) for i in s.split(",")), help="e.g. 7,8,9")
+    p.add_argument("--slg-layers", type=block_list, help="joint blocks to skip, e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--t5-length", type=positive_int, help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
+    p.add_argument("--t5-length", type=positive_int,
+                   help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
-    p.add_argument("--no-merge", action="store_true", help="keep LoRAs unmerged (slower; for checking)")
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower; for checking; one "
+                   "unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep models on the CPU, each visiting the GPU only while it runs (default: when they do not fit)")
+                   help="keep models on the CPU, each visiting the GPU only while it runs (default: when they "
+                   "do not fit)")
     p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; fp8 "
                    "matmuls on GPUs of compute capability >= 8.9)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", default="samples", help="output folder")
@@ -96,7 +107,8 @@ def main(argv=None) -> list[Path]:
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
-    scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale or [1.0] * len(args.lora)
+    one_for_all = args.lora_scale if len(args.lora_scale) == 1 else [1.0] if not args.lora_scale else None
+    scales = one_for_all * len(args.lora) if one_for_all else args.lora_scale
     args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
     for path, scale in zip(args.lora, scales):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
@@ -120,7 +132,8 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
         # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
-                  "lora_scale": args.lora_scale, "fp8": args.fp8, **{k: v for k, v in vars(settings).items() if k != "seed"}}
+                  "lora_scale": args.lora_scale, "fp8": args.fp8,
+                  **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
         path, number = reserve(out, number)

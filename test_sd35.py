@@ -1428,6 +1428,9 @@ def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     assert exit_info.value.code == 2 and "--slg-layers needs --slg-scale" in capsys.readouterr().err
     for scale in (["--slg"], ["--slg-scale", "2.5"]):
         assert sample.parse_args([*base, *scale, "--slg-layers", "7,8,9"]).slg_layers == (7, 8, 9)
+    with pytest.raises(SystemExit):                                      # not argparse's "invalid <lambda>"
+        sample.parse_args([*base, "--slg", "--slg-layers", "7,x"])
+    assert "expected joint block numbers such as 7,8,9, got '7,x'" in capsys.readouterr().err
 
 
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
