@@ -28,10 +28,10 @@ have. Sections (line numbers):
      1742  Hub Downloads                    snapshot downloads, tokenizers
      1787  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1952  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2057  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2211  Output Files                     atomic writes, loss.png
-     2279  Several Processes (torchrun)     one all-reduce per step
-     2318  Command Line and the Tiny Model  main(), --tiny
+     2060  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2214  Output Files                     atomic writes, loss.png
+     2282  Several Processes (torchrun)     one all-reduce per step
+     2321  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2015,6 +2015,9 @@ class Fp8Linear(nn.Linear):
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
     """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
+    if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
+        raise UserError(f"fp8: {next(iter(lora_layers(model)))} already has a LoRA: quantize once, before "
+                        f"add_lora or an unmerged load_lora (merged ones may come first)")
     if not layers:
         raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
     for name, layer in layers:

@@ -1597,6 +1597,12 @@ def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
         sd.quantize_mmdit(model)
+    unmerged = lora_model(targets="attn")                 # its lora_down/up were quantized too, without scales
+    one_line_error(lambda: sd.quantize_mmdit(unmerged), r"joint_blocks.0.context_block.attn.qkv already has a LoRA")
+    assert unmerged.joint_blocks[0].x_block.attn.qkv.lora_down.weight.dtype == torch.float32     # nothing touched
+    assert type(unmerged.joint_blocks[0].x_block.mlp.fc1) is torch.nn.Linear
+    sd.add_lora(model, rank=2)                                                  # quantized, then a LoRA: no twice
+    one_line_error(lambda: sd.quantize_mmdit(model), "already has a LoRA: quantize once")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)       # as on a Mac
     with pytest.raises(sd.UserError, match="fp8 needs float8, which MPS lacks"):
         sd.load_pipeline("tiny", device="mps", fp8=True)
