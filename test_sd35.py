@@ -1345,6 +1345,22 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
 
+def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_counts_can(tmp_path, monkeypatch):
+    """A global batch of 8 saved on 2 processes: on 3 or 16 no batch_size x grad_accum keeps it (not '2.66667')."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 4})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    for world in (3, 16):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        with pytest.raises(sd.UserError) as e:
+            sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 1}))
+        assert str(e.value).endswith(f"had a global batch of 8 on 2 processes: {world} processes cannot share it; "
+                                     "resume on a process count that divides 8 (1, 2, 4, 8)"), str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")                              # still the hint that keeps it
+    with pytest.raises(sd.UserError, match="on 4, keep it with train.batch_size x train.grad_accum = 2, or resume"):
+        sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 1}))
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
