@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1787  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1952  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2057  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2215  Output Files                     atomic writes, loss.png
-     2283  Several Processes (torchrun)     one all-reduce per step
-     2322  Command Line and the Tiny Model  main(), --tiny
+     2216  Output Files                     atomic writes, loss.png
+     2284  Several Processes (torchrun)     one all-reduce per step
+     2323  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2192,8 +2192,9 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     if world != was and before != cfg.train.batch_size * cfg.train.grad_accum * world:
         if before % world:                             # no whole batch_size x grad_accum keeps it
             counts = [str(n) for n in range(1, before + 1) if before % n == 0]
-            raise UserError(f"{path} had a global batch of {before} on {was} processes: {world} processes cannot "
-                            f"share it; resume on a process count that divides {before} ({', '.join(counts)})")
+            raise UserError(f"{path} had a global batch of {before} on {was} processes: {world} processes "
+                            f"cannot share it; resume on a process count that divides {before} "
+                            f"({', '.join(counts)})")
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
