@@ -1361,6 +1361,23 @@ def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_
         sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 1}))
 
 
+def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp_path, monkeypatch, capsys):
+    """README: process 0 prints for all; 8 GPUs must not print every dataset or resume warning 8 times."""
+    make_dataset(tmp_path / "data")                                             # with a broken image
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "red_stripes.jpg")      # no caption of its own, shared
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "lonely.png")           # no caption
+    saved = tiny_config(tmp_path)
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warnings in (("1", 0), ("0", 4)):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert len(sd.scan_dataset(saved.dataset)) == 4
+        sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.lr": 1e-3}))
+        assert capsys.readouterr().err.count("warning: ") == warnings
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
