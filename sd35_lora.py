@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1788  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1953  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2058  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2217  Output Files                     atomic writes, loss.png
-     2285  Several Processes (torchrun)     one all-reduce per step
-     2324  Command Line and the Tiny Model  main(), --tiny
+     2220  Output Files                     atomic writes, loss.png
+     2288  Several Processes (torchrun)     one all-reduce per step
+     2327  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2190,7 +2190,8 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
-    if world != was and before != cfg.train.batch_size * cfg.train.grad_accum * world:
+    kept = before == cfg.train.batch_size * cfg.train.grad_accum * world
+    if world != was and not kept:
         if before % world:                             # no whole batch_size x grad_accum keeps it
             counts = [str(n) for n in range(1, before + 1) if before % n == 0]
             raise UserError(f"{path} had a global batch of {before} on {was} processes: {world} processes "
@@ -2198,7 +2199,9 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
                             f"({', '.join(counts)})")
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
+    split = ("train.batch_size", "train.grad_accum") if kept else ()     # the same global batch: no change
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
+               if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:

@@ -1378,6 +1378,22 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
         assert capsys.readouterr().err.count("warning: ") == warnings
 
 
+def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_path, monkeypatch, capsys):
+    """2 processes x batch 1 resumed as 1 x 2 (or 1 x 1 x grad_accum 2) is the same run: no warning, no
+    'resumed_with_changes' in the LoRA; a different global batch on as many processes is still a change."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 1})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for sets in ({"train.batch_size": 2}, {"train.grad_accum": 2}):
+        capsys.readouterr()
+        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets)) == []
+        assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))
+    assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
