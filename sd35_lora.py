@@ -22,16 +22,16 @@ have. Sections (line numbers):
       764  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       966  Data                             dataset scan, aspect buckets, the latent and text cache
-     1105  Training                         Trainer and the training loop
-     1339  Part 2: plumbing                 a reader can stop here
-     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1742  Hub Downloads                    snapshot downloads, tokenizers
-     1787  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1952  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2062  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2216  Output Files                     atomic writes, loss.png
-     2284  Several Processes (torchrun)     one all-reduce per step
-     2323  Command Line and the Tiny Model  main(), --tiny
+     1106  Training                         Trainer and the training loop
+     1340  Part 2: plumbing                 a reader can stop here
+     1347  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1743  Hub Downloads                    snapshot downloads, tokenizers
+     1788  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1953  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2063  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2225  Output Files                     atomic writes, loss.png
+     2293  Several Processes (torchrun)     one all-reduce per step
+     2332  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1010,13 +1010,14 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
-    if broken:
+    first = rank_and_world()[0] == 0                         # torchrun: process 0 warns for all
+    if broken and first:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
-    if uncaptioned:
+    if uncaptioned and first:
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
               f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
     stems = collections.Counter(path.with_suffix("") for path in paths)
-    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
+    if first and (shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]):
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
     if not items:
         missing = "" if root.is_dir() else " (no such folder)"
@@ -2194,17 +2195,25 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
-    if world != was and before != cfg.train.batch_size * cfg.train.grad_accum * world:
+    kept = before == cfg.train.batch_size * cfg.train.grad_accum * world
+    if world != was and not kept:
+        if before % world:                             # no whole batch_size x grad_accum keeps it
+            counts = [str(n) for n in range(1, before + 1) if before % n == 0]
+            raise UserError(f"{path} had a global batch of {before} on {was} processes: {world} processes "
+                            f"cannot share it; resume on a process count that divides {before} "
+                            f"({', '.join(counts)})")
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
-    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items() if saved[k] != v}
+    split = ("train.batch_size", "train.grad_accum") if kept else ()     # the same global batch: no change
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
+               if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
                         f"would mean something else. Resume with the run's values, or use another output_dir")
     warned = [c for k, c in changed.items() if k in warn]
-    if warned:
+    if warned and rank_and_world()[0] == 0:              # torchrun: once, not once per process
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
     log = path.with_name("log.jsonl")
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too

@@ -1345,6 +1345,55 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
 
+def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_counts_can(tmp_path, monkeypatch):
+    """A global batch of 8 saved on 2 processes: on 3 or 16 no batch_size x grad_accum keeps it (not '2.66667')."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 4})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    for world in (3, 16):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        with pytest.raises(sd.UserError) as e:
+            sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 1}))
+        assert str(e.value).endswith(f"had a global batch of 8 on 2 processes: {world} processes cannot share it; "
+                                     "resume on a process count that divides 8 (1, 2, 4, 8)"), str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")                              # still the hint that keeps it
+    with pytest.raises(sd.UserError, match="on 4, keep it with train.batch_size x train.grad_accum = 2, or resume"):
+        sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 1}))
+
+
+def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp_path, monkeypatch, capsys):
+    """README: process 0 prints for all; 8 GPUs must not print every dataset or resume warning 8 times."""
+    make_dataset(tmp_path / "data")                                             # with a broken image
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "red_stripes.jpg")      # no caption of its own, shared
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "lonely.png")           # no caption
+    saved = tiny_config(tmp_path)
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warnings in (("1", 0), ("0", 4)):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert len(sd.scan_dataset(saved.dataset)) == 4
+        sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.lr": 1e-3}))
+        assert capsys.readouterr().err.count("warning: ") == warnings
+
+
+def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_path, monkeypatch, capsys):
+    """2 processes x batch 1 resumed as 1 x 2 (or 1 x 1 x grad_accum 2) is the same run: no warning, no
+    'resumed_with_changes' in the LoRA; a different global batch on as many processes is still a change."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 1})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for sets in ({"train.batch_size": 2}, {"train.grad_accum": 2}):
+        capsys.readouterr()
+        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets)) == []
+        assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))
+    assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
