@@ -2414,8 +2414,9 @@ def main(argv=None):
     except OSError as e:                                    # e.g. a full disk while logging
         sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
-        print("interrupted before training began: nothing new to save (finished cache files are kept)",
-              file=sys.stderr)
+        if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
+            print("interrupted before training began: nothing new to save (finished cache files are kept)",
+                  file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():

@@ -1109,6 +1109,11 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted before training began")
     assert not (tmp_path / "run/training_state.safetensors").exists()
+    monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
+    with pytest.raises(SystemExit):
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert "interrupted" not in capsys.readouterr().err
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
