@@ -17,21 +17,21 @@ have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      492  LoRA                             LoRALinear and add_lora
-      619  VAE                              16-channel autoencoder, the latent scale and shift
-      764  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      799  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      966  Data                             dataset scan, aspect buckets, the latent and text cache
-     1106  Training                         Trainer and the training loop
-     1340  Part 2: plumbing                 a reader can stop here
-     1347  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1743  Hub Downloads                    snapshot downloads, tokenizers
-     1788  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1953  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2063  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2225  Output Files                     atomic writes, loss.png
-     2293  Several Processes (torchrun)     one all-reduce per step
-     2332  Command Line and the Tiny Model  main(), --tiny
+      494  LoRA                             LoRALinear and add_lora
+      621  VAE                              16-channel autoencoder, the latent scale and shift
+      766  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      801  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      968  Data                             dataset scan, aspect buckets, the latent and text cache
+     1108  Training                         Trainer and the training loop
+     1342  Part 2: plumbing                 a reader can stop here
+     1349  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1745  Hub Downloads                    snapshot downloads, tokenizers
+     1790  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1955  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2065  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2227  Output Files                     atomic writes, loss.png
+     2295  Several Processes (torchrun)     one all-reduce per step
+     2334  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -318,7 +318,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm without weights (adaLN brings scale and shift), in x's dtype: under autocast it would return
     fp32, and the matmul after it would cast back, two copies of (B, L, D) per call."""
-    with torch.autocast(x.device.type, enabled=False):
+    if not torch.is_autocast_enabled(x.device.type):
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    with torch.autocast(x.device.type, enabled=False):     # entered only under autocast: ~10 us a call
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
