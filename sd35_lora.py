@@ -17,21 +17,21 @@ have. Sections (line numbers):
        75  Presets and Configuration        per-variant sampling presets, the training config
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      494  LoRA                             LoRALinear and add_lora
-      621  VAE                              16-channel autoencoder, the latent scale and shift
-      766  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      801  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      968  Data                             dataset scan, aspect buckets, the latent and text cache
-     1108  Training                         Trainer and the training loop
-     1342  Part 2: plumbing                 a reader can stop here
-     1349  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1745  Hub Downloads                    snapshot downloads, tokenizers
-     1790  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1955  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2065  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2227  Output Files                     atomic writes, loss.png
-     2295  Several Processes (torchrun)     one all-reduce per step
-     2334  Command Line and the Tiny Model  main(), --tiny
+      506  LoRA                             LoRALinear and add_lora
+      651  VAE                              16-channel autoencoder, the latent scale and shift
+      796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      831  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+      998  Data                             dataset scan, aspect buckets, the latent and text cache
+     1138  Training                         Trainer and the training loop
+     1372  Part 2: plumbing                 a reader can stop here
+     1379  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1775  Hub Downloads                    snapshot downloads, tokenizers
+     1820  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1985  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2080  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2242  Output Files                     atomic writes, loss.png
+     2310  Several Processes (torchrun)     one all-reduce per step
+     2349  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -315,13 +315,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without weights (adaLN brings scale and shift), in x's dtype: under autocast it would return
-    fp32, and the matmul after it would cast back, two copies of (B, L, D) per call."""
+def without_autocast(norm, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """norm(x) in x's dtype. CUDA autocast runs layer_norm and rms_norm in fp32 (both normalize in fp32
+    inside anyway), so the matmul or attention after them would cast back: two copies of x per call."""
     if not torch.is_autocast_enabled(x.device.type):
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        return norm(x, *args, **kwargs)
     with torch.autocast(x.device.type, enabled=False):     # entered only under autocast: ~10 us a call
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        return norm(x, *args, **kwargs)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without weights: adaLN brings the scale and shift."""
+    return without_autocast(F.layer_norm, x, x.shape[-1:], eps=1e-6)
 
 
 class MLP(nn.Module):
@@ -357,11 +362,17 @@ class Attention(nn.Module):
         """(B, L, D) -> q, k, v each (B, L, heads, head_dim)"""
         # token-major (the projection's layout): RMSNorm and the joint cat read q/k in long runs, not by head
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
-        return self.ln_q(q), self.ln_k(k), v
+        return without_autocast(self.ln_q, q), without_autocast(self.ln_k, k), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain self-attention (the dual `attn2` of MMDiT-X)."""
         return self.proj(attention(*self.qkv_heads(x)))
+
+
+def adaLN(dim: int, chunks: int) -> nn.ModuleDict:
+    """adaLN_modulation: SiLU(c) -> Linear -> `chunks` shifts, scales and gates of width dim. The checkpoints
+    name it a Sequential (SiLU, Linear), so the Linear is "1"; MMDiT.forward applies the SiLU once for all."""
+    return nn.ModuleDict({"1": nn.Linear(dim, chunks * dim)})
 
 
 class StreamBlock(nn.Module):
@@ -377,11 +388,11 @@ class StreamBlock(nn.Module):
         self.attn2 = Attention(dim, cfg.heads, cfg.qk_norm) if dual else None
         if not pre_only:
             self.mlp = MLP(dim, dim * cfg.mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
+        self.adaLN_modulation = adaLN(dim, self.n_mod)
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """-> (q, k, v) of this stream and the state post_attention needs."""
-        mods = self.adaLN_modulation(c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
+        mods = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
         normed = layer_norm(x)
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
@@ -420,10 +431,10 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out_dim: int):
         super().__init__()
         self.linear = nn.Linear(hidden, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.adaLN_modulation = adaLN(hidden, 2)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(2, dim=-1)
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
@@ -479,6 +490,7 @@ class MMDiT(nn.Module):
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder.mlp(timestep_embedding(t).to(dtype)) + self.y_embedder.mlp(y.to(dtype))  # (B, D)
+        c = F.silu(c)                                   # the SiLU that starts every adaLN_modulation, once
         context = self.context_embedder(context.to(dtype))                      # (B, L, D)
         for i, block in enumerate(self.joint_blocks):
             if i in skip_layers:
@@ -503,6 +515,47 @@ LORA_TARGETS = {
 }
 
 
+class FrozenLinear(torch.autograd.Function):
+    """x W^T + b for a frozen W (fp8 when it comes with row scales: the backward dequantizes it again rather
+    than keep a copy), plus, given LoRA adapters, scale * x' down^T up^T (x': x after LoRA dropout; None: x),
+    with the backward written out. A Large LoRA step is bound by kernel launches: a LoRA layer of a
+    checkpointed training step dispatches 41 operators here, 67 as autograd's graph of the same formula (15
+    without LoRA). The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_scale, bias, x_lora=None, down=None, up=None, scale=0.0):
+        x2 = x.reshape(-1, x.shape[-1])                                                 # (N, in)
+        out = F.linear(x2, weight, bias) if w_scale is None else fp8_matmul(x2, weight, w_scale, bias)
+        hidden = None
+        if down is not None:
+            x_lora = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+            down, up = down.to(x_lora.dtype), up.to(x_lora.dtype)
+            hidden = x_lora @ down.t()                                                  # (N, rank)
+            out = torch.addmm(out.to(x_lora.dtype), hidden, up.t(), alpha=scale)        # (N, out)
+        ctx.save_for_backward(weight, w_scale, x_lora, hidden, down, up)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, w_scale, x_lora, hidden, down, up = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])                                            # (N, out)
+        grad_x = grad_x_lora = grad_down = grad_up = grad_hidden = None
+        if down is not None:
+            grad_hidden = g @ up                                                        # (N, rank), unscaled
+            scale = g.new_full((1,), ctx.scale, dtype=torch.float32)    # bf16 * (1,) fp32: fp32, in one op
+            grad_down, grad_up = (grad_hidden.t() @ x_lora) * scale, (g.t() @ hidden) * scale
+            if ctx.needs_input_grad[4]:
+                grad_x_lora = ((grad_hidden @ down) * ctx.scale).view(ctx.x_shape)    # x_lora: x's shape
+        if ctx.needs_input_grad[0]:
+            w = weight if w_scale is None else dequantize_fp8(weight, w_scale, g.dtype)
+            grad_x = g.to(w.dtype) @ w                                  # (g is fp32 for an fp32 update)
+            if grad_hidden is not None and grad_x_lora is None:        # x fed the update too
+                grad_x = torch.addmm(grad_x, grad_hidden, down, alpha=ctx.scale)
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, None, None, grad_x_lora, grad_down, grad_up, None
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear (same weight/bias names) plus a trainable fp32 low-rank update."""
 
@@ -525,37 +578,14 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.rank * self.multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, device = fp8_linear(x, self.weight, self.weight_scale, self.bias), x.device.type
-        # the update runs in autocast's dtype, else in the adapters' fp32 (a bf16 model sampled unmerged)
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else self.lora_down.weight.dtype
-        update = LoRAUpdate.apply(self.dropout(x.to(dtype)), out.to(dtype), self.lora_down.weight,
-                                  self.lora_up.weight, self.scale)
-        return update.to(out.dtype)
-
-
-class LoRAUpdate(torch.autograd.Function):
-    """out + scale * x down^T up^T with its backward written out: 4 matmuls where autograd dispatches ~30
-    operators per layer (a Large LoRA step is bound by kernel launches). The fp32 adapters compute in x's
-    dtype; their gradients come back in fp32."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float):
-        x2, down, up = x.reshape(-1, x.shape[-1]), down.to(x.dtype), up.to(x.dtype)     # (N, in)
-        hidden = x2 @ down.t()                                                          # (N, rank)
-        ctx.save_for_backward(x2, hidden, down, up)
-        ctx.scale = scale
-        return torch.addmm(out.reshape(-1, out.shape[-1]), hidden, up.t(), alpha=scale).view(out.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x2, hidden, down, up = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])                                            # (N, out)
-        grad_hidden = (g @ up) * ctx.scale                                              # (N, rank)
-        grad_x = (grad_hidden @ down).view(*grad.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        grad_down = (grad_hidden.t() @ x2).float()
-        grad_up = (g.t() @ hidden).float() * ctx.scale
-        return grad_x, grad, grad_down, grad_up, None
+        autocast = torch.is_autocast_enabled(x.device.type)
+        x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x   # autocast's fp32 outputs: bf16
+        # the update runs in x's dtype; without autocast in the adapters' fp32 (a bf16 model sampled unmerged)
+        x_lora = self.dropout(x if autocast else x.to(self.lora_down.weight.dtype))
+        x_lora = None if x_lora is x else x_lora                        # None: one input, one gradient
+        out = FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias, x_lora, self.lora_down.weight,
+                                 self.lora_up.weight, self.scale)
+        return out.to(x.dtype)
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
@@ -1975,32 +2005,15 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (w.float() * scale.float()[:, None]).to(dtype)
 
 
-class Fp8Matmul(torch.autograd.Function):
-    """x W^T + b for a frozen fp8 W; the backward (grad_x only) dequantizes W again rather than saving it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias):
-        ctx.save_for_backward(weight, scale)
-        # torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16
-        if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
-                and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
-            return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
-        rows, x_scale = quantize_fp8(x.reshape(-1, x.shape[-1]))    # fp8 tensor cores: x quantized per token
-        return torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
-                                out_dtype=torch.bfloat16, use_fast_accum=True).reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight, scale = ctx.saved_tensors
-        return grad @ dequantize_fp8(weight, scale, grad.dtype), None, None, None
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias) -> torch.Tensor:
-    if scale is None:
-        return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):     # an output of autocast's fp32 ops: back to bf16
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    return Fp8Matmul.apply(x, weight, scale, bias)
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """(N, in) x fp8 W^T + b: on fp8 tensor cores where the card has them, else with W dequantized."""
+    # torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16
+    if not (FP8_MATMUL and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0
+            and weight.shape[0] % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 9)):
+        return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
+    rows, x_scale = quantize_fp8(x)                              # fp8 tensor cores: x quantized per token
+    return torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
+                            out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
 class Fp8Linear(nn.Linear):
@@ -2013,7 +2026,9 @@ class Fp8Linear(nn.Linear):
         self.register_buffer("weight_scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        if torch.is_autocast_enabled(x.device.type):     # an output of autocast's fp32 ops: back to bf16
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias)
 
 
 @torch.no_grad()

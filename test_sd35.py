@@ -522,11 +522,16 @@ def test_merge_and_unmerge():
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
-def test_lora_gradients_equal_autograd_of_the_plain_formula():
-    """LoRAUpdate's hand-written backward gives autograd's gradients of W x + b + scale * up(down(dropout(x)))
-    for x, down and up: fp32 exactly, bf16 autocast as autograd computes it (bf16 matmuls, fp32 gradients)."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
+    """FrozenLinear's hand-written backward gives autograd's gradients of W x + b + scale * up(down(dropout(x)))
+    for x, down and up, on a full or an fp8 W, with and without dropout: fp32 exactly, bf16 autocast as autograd
+    computes it (bf16 matmuls, fp32 gradients); and no input gradient is computed when none is wanted."""
     torch.manual_seed(0)
-    layer = sd.LoRALinear(torch.nn.Linear(32, 48), rank=4, alpha=2.0, dropout=0.3)
+    base = torch.nn.Linear(32, 48)
+    base = sd.Fp8Linear(*sd.quantize_fp8(base.weight.detach()), base.bias) if fp8 else base
+    layer = sd.LoRALinear(base, rank=4, alpha=2.0, dropout=dropout)
     torch.nn.init.normal_(layer.lora_up.weight)
     down, up = layer.lora_down.weight, layer.lora_up.weight
     x, grad_out = torch.randn(2, 5, 32), torch.randn(2, 5, 48)
@@ -541,21 +546,42 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula():
         return out.float(), x.grad, down.grad, up.grad
 
     def reference(x):
+        weight = sd.dequantize_fp8(layer.weight, layer.weight_scale, x.dtype) if fp8 else layer.weight
         kept = layer.dropout(x)
-        return torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scale * (kept @ down.T @ up.T)
+        return torch.nn.functional.linear(x, weight, layer.bias) + layer.scale * (kept @ down.T @ up.T)
     for got, want in zip(grads(layer, x, False), grads(reference, x, False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    layer.weight.data = layer.weight.data if fp8 else layer.weight.data.bfloat16()
+    layer.bias.data = layer.bias.data.bfloat16()
     for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
     from torch.profiler import profile
     for needs_grad, matmuls in ((True, 5), (False, 3)):        # no input gradient wanted: none computed
-        with torch.autocast("cpu", dtype=torch.bfloat16):      # (5: the base layer's and LoRAUpdate's 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):      # (5: x's gradient through W and the update)
             out = layer(x.bfloat16().requires_grad_(needs_grad)).float().sum()
         with profile() as prof:
             out.backward()
-        assert sum(e.count for e in prof.key_averages() if e.key == "aten::mm") == matmuls
+        assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) == matmuls
+
+
+def test_norms_run_in_their_input_dtype_under_autocast(monkeypatch):
+    """LayerNorm and the q/k RMSNorms run with autocast off, in their input's bf16: CUDA's autocast lists them as
+    fp32 operators, and the matmul or attention after them would cast their fp32 outputs back (two copies)."""
+    calls = []
+
+    def spy(norm):
+        def spied(x, *args, **kwargs):
+            calls.append((norm.__name__, torch.is_autocast_enabled("cpu"), x.dtype))
+            return norm(x, *args, **kwargs)
+        return spied
+    for name in ("layer_norm", "rms_norm"):
+        monkeypatch.setattr(torch.nn.functional, name, spy(getattr(torch.nn.functional, name)))
+    model = tiny_mmdit().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 16, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, 32), torch.randn(1, 24))
+    assert {name for name, _, _ in calls} == {"layer_norm", "rms_norm"}
+    assert {(autocast, dtype) for _, autocast, dtype in calls} == {(False, torch.bfloat16)}
 
 
 def test_lora_forward_is_base_plus_scaled_update_in_each_precision():
