@@ -1191,13 +1191,19 @@ def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(t
             sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
 
 
-def test_lora_blocks_the_model_lacks_are_refused_before_the_cache_builds(tmp_path, monkeypatch):
-    """Blocks past the loaded model's depth (a Large recipe's '20-37' on Medium) can only be checked once it has
-    loaded; that was after every image and caption had been encoded into the cache."""
+@pytest.mark.parametrize("setting, error", [
+    ({"lora.blocks": "1-5"}, "lora.blocks '1-5' names block 5: the model's joint blocks are 0-2"),
+    ({"lora.rank": 65}, "lora.rank must be in 1..64"),
+    ({"lora.targets": "attn3"}, "lora.targets 'attn3' .* matches no Linear layer")])
+def test_lora_settings_the_model_cannot_take_are_refused_before_the_cache_builds(tmp_path, monkeypatch, setting,
+                                                                                 error):
+    """Blocks past the loaded model's depth (a Large recipe's '20-37' on Medium), a rank above its width and
+    targets matching none of its layers can only be checked once it has loaded; that was after every image and
+    caption had been encoded into the cache."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: pytest.fail("the cache was built before the error"))
-    with pytest.raises(sd.UserError, match="lora.blocks '1-5' names block 5: the model's joint blocks are 0-2"):
-        sd.train(tiny_config(tmp_path, **{"lora.blocks": "1-5"}))
+    with pytest.raises(sd.UserError, match=error):
+        sd.train(tiny_config(tmp_path, **setting))
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
