@@ -2426,6 +2426,9 @@ def main(argv=None):
         # "none" when several machines are started without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
+        saved = list(Path("runs").glob("tiny_*/training_state.safetensors"))
+        if args.tiny and args.resume and saved:                 # continue the newest tiny run that saved
+            stamp = max(saved, key=lambda p: p.stat().st_mtime).parent.name.removeprefix("tiny_")
         tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):

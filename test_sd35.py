@@ -1254,12 +1254,18 @@ def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
 
 
-def test_tiny_command_from_readme_runs(tmp_path):
+def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
+    """Also `--tiny --resume`, as the interrupt message suggests: --tiny names its folder by the time, and the
+    resume looked for a checkpoint in a new folder ("no ... to resume from"); it continues the newest tiny run."""
     r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=2",
                 "--set", "sample.sample_every=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     run = next((tmp_path / "runs").glob("tiny_2*"))
     assert (run / "lora.safetensors").is_file() and (run / "samples_step_000002/step_000002_sample_01.png").is_file()
+    r = run_cli(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--resume", "--set", "train.steps=3",
+                "--set", "sample.sample_every=0", cwd=tmp_path)
+    assert r.returncode == 0 and [p.name for p in (tmp_path / "runs").glob("tiny_2*")] == [run.name], r.stderr
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
 def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, capsys):
