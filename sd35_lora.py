@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1820  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1985  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2080  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2242  Output Files                     atomic writes, loss.png
-     2310  Several Processes (torchrun)     one all-reduce per step
-     2349  Command Line and the Tiny Model  main(), --tiny
+     2245  Output Files                     atomic writes, loss.png
+     2313  Several Processes (torchrun)     one all-reduce per step
+     2352  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2152,6 +2152,9 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
+        raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
+                        f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:

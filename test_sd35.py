@@ -1214,6 +1214,17 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
                                  f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
 
 
+def test_fractions_above_1_are_refused_before_any_model_loads():
+    """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
+    it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
+    for item, match in [("lora.dropout=1.5", "'lora.dropout' must be below 1.*got 1.5"),
+                        ("lora.dropout=1", "'lora.dropout' must be below 1.*got 1.0"),
+                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' at most 1.*10.0")]:
+        one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
+    cfg = sd.load_config(None, ["lora.dropout=0.99", "dataset.caption_dropout=1"])   # all captions empty: allowed
+    assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
+
+
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
     cfg = sd.load_config(str(tmp_path / "c.yaml"))
