@@ -2137,7 +2137,7 @@ AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "tr
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout")
+                "dataset.caption_dropout", "train.logit_std")
 
 
 def validate(cfg: Config) -> Config:

@@ -1225,6 +1225,13 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
 
 
+def test_a_negative_logit_std_is_refused_before_any_model_loads():
+    """train.logit_std -1 ended in torch's bare RuntimeError (normal expects std >= 0) at the first step, after
+    loading and caching; 0 is a valid (fixed-sigma) choice."""
+    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be a number >= 0")
+    assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
+
+
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
     cfg = sd.load_config(str(tmp_path / "c.yaml"))
