@@ -1200,6 +1200,14 @@ def test_lora_blocks_the_model_lacks_are_refused_before_the_cache_builds(tmp_pat
         sd.train(tiny_config(tmp_path, **{"lora.blocks": "1-5"}))
 
 
+def test_a_lora_rank_above_the_model_width_is_refused_before_the_cache_builds(tmp_path, monkeypatch):
+    """A rank above the loaded model's width (a typo such as 16000) was refused only by add_lora, after every
+    image and caption had been encoded into the cache."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: pytest.fail("the cache was built before the error"))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"lora.rank": 65})), r"lora.rank must be in 1..64")
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
