@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1825  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      1990  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2085  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2250  Output Files                     atomic writes, loss.png
-     2318  Several Processes (torchrun)     one all-reduce per step
-     2357  Command Line and the Tiny Model  main(), --tiny
+     2267  Output Files                     atomic writes, loss.png
+     2335  Several Processes (torchrun)     one all-reduce per step
+     2374  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2176,13 +2176,30 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: str):
+    """A YAML file, refusing a key given twice in one section: YAML would silently keep only the last."""
+    import yaml
+
+    def unique_keys(loader, node):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise UserError(f"{path} line {key.start_mark.line + 1}: '{key.value}' is given twice in one "
+                                f"section, and YAML keeps only the last: merge the two")
+            seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+        return loader.construct_mapping(node, deep=True)
+    loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
+    return yaml.load(Path(path).read_text(encoding="utf-8"), loader)
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
     if path:
         try:
-            _fill(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+            _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
     for item in overrides:

@@ -1240,6 +1240,17 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
+def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second `train:` section added at the end of config.yaml silently
+    dropped every setting of the first (train.steps 3000 became the default 1000)."""
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 3000\nlora:\n  rank: 4\ntrain:\n  lr: 5e-5\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), r"c.yaml line 5: 'train' is given twice")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n  steps: 10\n  lr: 5e-5\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), r"line 4: 'lr' is given twice")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5e-5\nlora:\n  rank: 4\nsample:\n  prompts: [a, a]\n")
+    assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
+
+
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
     cfg = sd.load_config(str(tmp_path / "c.yaml"))
