@@ -18,20 +18,20 @@ have. Sections (line numbers):
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       506  LoRA                             LoRALinear and add_lora
-      655  VAE                              16-channel autoencoder, the latent scale and shift
-      800  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1002  Data                             dataset scan, aspect buckets, the latent and text cache
-     1142  Training                         Trainer and the training loop
-     1377  Part 2: plumbing                 a reader can stop here
-     1384  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1780  Hub Downloads                    snapshot downloads, tokenizers
-     1825  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1990  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2085  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2267  Output Files                     atomic writes, loss.png
-     2335  Several Processes (torchrun)     one all-reduce per step
-     2374  Command Line and the Tiny Model  main(), --tiny
+      657  VAE                              16-channel autoencoder, the latent scale and shift
+      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1004  Data                             dataset scan, aspect buckets, the latent and text cache
+     1144  Training                         Trainer and the training loop
+     1378  Part 2: plumbing                 a reader can stop here
+     1385  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1781  Hub Downloads                    snapshot downloads, tokenizers
+     1826  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1991  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2086  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2268  Output Files                     atomic writes, loss.png
+     2336  Several Processes (torchrun)     one all-reduce per step
+     2375  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -613,16 +613,11 @@ def target_regexes(targets: str) -> list[re.Pattern]:
         raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
-def check_rank(rank: int, width: int):
-    if not 1 <= rank <= width:                             # a higher rank adds nothing, only memory
-        raise UserError(f"lora.rank must be in 1..{width} (the model's width), got {rank}")
-
-
-def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
-             blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
-    """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
-    on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
-    check_rank(rank, model.cfg.hidden)
+def lora_names(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str]:
+    """The Linears that `targets` (a LORA_TARGETS preset or regexes on module names, comma-separated) selects
+    in the joint `blocks`; a rank or a selection that does not fit the model is an error."""
+    if not 1 <= rank <= model.cfg.hidden:                  # a higher rank adds nothing, only memory
+        raise UserError(f"lora.rank must be in 1..{model.cfg.hidden} (the model's width), got {rank}")
     regexes, keep = target_regexes(targets), parse_blocks(blocks, model.cfg.depth)
     names = [name for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
@@ -631,6 +626,13 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
                         f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
+    return names
+
+
+def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
+             blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
+    """Freeze the model, wrap the Linears of `lora_names` in LoRALinear; -> the trainable parameters."""
+    names = lora_names(model, rank, targets, blocks)
     model.requires_grad_(False)
     params = []
     for name in names:
@@ -1219,8 +1221,7 @@ class Trainer:
         self.sample_settings = settings.resolved(pipe.variant)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
-        parse_blocks(lc.blocks, pipe.mmdit.cfg.depth)     # e.g. Large's '20-37' on Medium: before the caching
-        check_rank(lc.rank, pipe.mmdit.cfg.hidden)
+        lora_names(pipe.mmdit, lc.rank, lc.targets, lc.blocks)  # before the caching: '20-37' on Medium
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once

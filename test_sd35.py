@@ -1208,6 +1208,14 @@ def test_a_lora_rank_above_the_model_width_is_refused_before_the_cache_builds(tm
     one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"lora.rank": 65})), r"lora.rank must be in 1..64")
 
 
+def test_lora_targets_that_match_no_layer_are_refused_before_the_cache_builds(tmp_path, monkeypatch):
+    """A targets regex with a typo ('atn') compiles, so only the loaded model can refuse it: that was after every
+    image and caption had been encoded into the cache."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: pytest.fail("the cache was built before the error"))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"lora.targets": "atn\\.qkv$"})), "matches no Linear layer")
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
