@@ -23,15 +23,15 @@ have. Sections (line numbers):
       837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1004  Data                             dataset scan, aspect buckets, the latent and text cache
      1144  Training                         Trainer and the training loop
-     1378  Part 2: plumbing                 a reader can stop here
-     1385  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1781  Hub Downloads                    snapshot downloads, tokenizers
-     1826  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1991  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2086  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2268  Output Files                     atomic writes, loss.png
-     2336  Several Processes (torchrun)     one all-reduce per step
-     2375  Command Line and the Tiny Model  main(), --tiny
+     1379  Part 2: plumbing                 a reader can stop here
+     1386  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1782  Hub Downloads                    snapshot downloads, tokenizers
+     1827  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1992  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2087  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2271  Output Files                     atomic writes, loss.png
+     2339  Several Processes (torchrun)     one all-reduce per step
+     2378  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1209,6 +1209,7 @@ class Trainer:
             fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
+        pick_device(cfg.device)                     # a typo ('gpu') before the scan (it decodes every image)
         items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
@@ -2161,6 +2162,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
         raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
                         f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
+    if cfg.t5_length > T5_MAX_LENGTH:                   # else only after the dataset scan
+        raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
