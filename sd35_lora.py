@@ -23,15 +23,15 @@ have. Sections (line numbers):
       837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1004  Data                             dataset scan, aspect buckets, the latent and text cache
      1144  Training                         Trainer and the training loop
-     1379  Part 2: plumbing                 a reader can stop here
-     1386  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1782  Hub Downloads                    snapshot downloads, tokenizers
-     1827  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1992  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2087  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2271  Output Files                     atomic writes, loss.png
-     2339  Several Processes (torchrun)     one all-reduce per step
-     2378  Command Line and the Tiny Model  main(), --tiny
+     1386  Part 2: plumbing                 a reader can stop here
+     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1789  Hub Downloads                    snapshot downloads, tokenizers
+     1837  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2002  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2097  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2281  Output Files                     atomic writes, loss.png
+     2349  Several Processes (torchrun)     one all-reduce per step
+     2388  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1190,6 +1190,13 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+def check_sources(cfg: Config):
+    """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
+    pick_device(cfg.device)
+    for name in {cfg.model, cfg.text_encoders, cfg.vae} - {"", "tiny"}:
+        resolve_model(name, (), download=False)                       # hub ids download after the scan
+
+
 class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
@@ -1209,7 +1216,7 @@ class Trainer:
             fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
-        pick_device(cfg.device)                     # a typo ('gpu') before the scan (it decodes every image)
+        check_sources(cfg)
         items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
@@ -1807,13 +1814,16 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
-    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only)."""
+def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
+    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
+    None without `download`."""
     if os.path.exists(name):
         return Path(name)
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
+    if not download:
+        return None
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],

@@ -1216,11 +1216,14 @@ def test_lora_targets_that_match_no_layer_are_refused_before_the_cache_builds(tm
     one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"lora.targets": "atn\\.qkv$"})), "matches no Linear layer")
 
 
-def test_a_bad_device_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
-    """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo or a
-    t5_length above 512 was refused only after it, by load_pipeline."""
+def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
+    """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo, a
+    missing model, text_encoders or vae path or a t5_length above 512 was refused only after it."""
     monkeypatch.setattr(sd, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned before the error"))
     one_line_error(lambda: sd.train(tiny_config(tmp_path, device="gpu")), "unknown device 'gpu'")
+    for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
+        missing = str(tmp_path / "sd3.5_large.safetensor")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: missing})), "model not found: .*safetensor'")
     one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "t5_length 1000 is outside 1..512")
 
 
