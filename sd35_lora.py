@@ -1217,9 +1217,9 @@ class Trainer:
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
         check_sources(cfg)
-        items = scan_dataset(cfg.dataset, cfg.output_dir)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)

@@ -1218,12 +1218,17 @@ def test_lora_targets_that_match_no_layer_are_refused_before_the_cache_builds(tm
 
 def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
     """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo, a
-    missing model, text_encoders or vae path or a t5_length above 512 was refused only after it."""
+    missing model, text_encoders or vae path, an unwritable output_dir or cache_dir or a t5_length above 512
+    was refused only after it."""
     monkeypatch.setattr(sd, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned before the error"))
     one_line_error(lambda: sd.train(tiny_config(tmp_path, device="gpu")), "unknown device 'gpu'")
     for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
         missing = str(tmp_path / "sd3.5_large.safetensor")
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: missing})), "model not found: .*safetensor'")
+    (tmp_path / "file").write_text("")
+    for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
+        bad = str(tmp_path / "file" / "run")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: bad})), f"{key} .*run is not a writable")
     one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "t5_length 1000 is outside 1..512")
 
 
