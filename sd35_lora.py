@@ -2221,7 +2221,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         try:
-            nested = yaml.safe_load(raw) if raw else ""
+            nested = yaml.safe_load(raw)                # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):

@@ -1275,6 +1275,15 @@ def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
 
 
+def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
+    """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
+    sampled an unconditional preview set every sample_every steps."""
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n  neg:\n")
+    from_file = sd.load_config(str(tmp_path / "c.yaml")).sample
+    from_set = sd.load_config(None, ["sample.prompts=", "sample.neg="]).sample
+    assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
+
+
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
     cfg = sd.load_config(str(tmp_path / "c.yaml"))
