@@ -1193,7 +1193,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 def check_sources(cfg: Config):
     """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
     pick_device(cfg.device)
-    for name in {cfg.model, cfg.text_encoders, cfg.vae} - {"", "tiny"}:
+    for name in {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ():  # tiny reads none
         resolve_model(name, (), download=False)                       # hub ids download after the scan
 
 

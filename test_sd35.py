@@ -1224,7 +1224,8 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     one_line_error(lambda: sd.train(tiny_config(tmp_path, device="gpu")), "unknown device 'gpu'")
     for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
         missing = str(tmp_path / "sd3.5_large.safetensor")
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: missing})), "model not found: .*safetensor'")
+        sets = {"model": str(tmp_path), key: missing}             # (model tiny reads neither text_encoders nor vae)
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), "model not found: .*safetensor'")
     (tmp_path / "file").write_text("")
     for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
         bad = str(tmp_path / "file" / "run")
