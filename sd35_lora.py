@@ -23,15 +23,15 @@ have. Sections (line numbers):
       837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1004  Data                             dataset scan, aspect buckets, the latent and text cache
      1144  Training                         Trainer and the training loop
-     1386  Part 2: plumbing                 a reader can stop here
-     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1789  Hub Downloads                    snapshot downloads, tokenizers
-     1837  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2002  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2097  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2281  Output Files                     atomic writes, loss.png
-     2349  Several Processes (torchrun)     one all-reduce per step
-     2388  Command Line and the Tiny Model  main(), --tiny
+     1387  Part 2: plumbing                 a reader can stop here
+     1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1790  Hub Downloads                    snapshot downloads, tokenizers
+     1838  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2003  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2098  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2282  Output Files                     atomic writes, loss.png
+     2350  Several Processes (torchrun)     one all-reduce per step
+     2389  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1193,7 +1193,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 def check_sources(cfg: Config):
     """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
     pick_device(cfg.device)
-    for name in {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ():  # tiny reads none
+    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
+    for name in paths:
         resolve_model(name, (), download=False)                       # hub ids download after the scan
 
 
