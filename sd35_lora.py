@@ -23,15 +23,15 @@ have. Sections (line numbers):
       836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1003  Data                             dataset scan, aspect buckets, the latent and text cache
      1143  Training                         Trainer and the training loop
-     1377  Part 2: plumbing                 a reader can stop here
-     1384  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1780  Hub Downloads                    snapshot downloads, tokenizers
-     1825  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1990  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2085  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2247  Output Files                     atomic writes, loss.png
-     2315  Several Processes (torchrun)     one all-reduce per step
-     2354  Command Line and the Tiny Model  main(), --tiny
+     1386  Part 2: plumbing                 a reader can stop here
+     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1789  Hub Downloads                    snapshot downloads, tokenizers
+     1837  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2002  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2097  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2281  Output Files                     atomic writes, loss.png
+     2349  Several Processes (torchrun)     one all-reduce per step
+     2388  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1189,6 +1189,14 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+def check_sources(cfg: Config):
+    """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
+    pick_device(cfg.device)
+    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
+    for name in paths:
+        resolve_model(name, (), download=False)                       # hub ids download after the scan
+
+
 class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
@@ -1208,9 +1216,10 @@ class Trainer:
             fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
-        items = scan_dataset(cfg.dataset, cfg.output_dir)
+        check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
@@ -1805,13 +1814,16 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
-    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only)."""
+def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
+    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
+    None without `download`."""
     if os.path.exists(name):
         return Path(name)
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
+    if not download:
+        return None
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
@@ -2142,7 +2154,7 @@ AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "tr
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout")
+                "dataset.caption_dropout", "train.logit_std")
 
 
 def validate(cfg: Config) -> Config:
@@ -2157,6 +2169,11 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
+        raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
+                        f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
+    if cfg.t5_length > T5_MAX_LENGTH:                   # else only after the dataset scan
+        raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
@@ -2173,13 +2190,30 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_yaml(path: str):
+    """A YAML file, refusing a key given twice in one section: YAML would silently keep only the last."""
+    import yaml
+
+    def unique_keys(loader, node):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise UserError(f"{path} line {key.start_mark.line + 1}: '{key.value}' is given twice in one "
+                                f"section, and YAML keeps only the last: merge the two")
+            seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+        return loader.construct_mapping(node, deep=True)
+    loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
+    return yaml.load(Path(path).read_text(encoding="utf-8"), loader)
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
     if path:
         try:
-            _fill(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+            _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
     for item in overrides:
@@ -2187,7 +2221,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         try:
-            nested = yaml.safe_load(raw) if raw else ""
+            nested = yaml.safe_load(raw)                # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):

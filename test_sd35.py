@@ -1206,6 +1206,23 @@ def test_lora_settings_the_model_cannot_take_are_refused_before_the_cache_builds
         sd.train(tiny_config(tmp_path, **setting))
 
 
+def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
+    """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo, a
+    missing model, text_encoders or vae path, an unwritable output_dir or cache_dir or a t5_length above 512
+    was refused only after it."""
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned before the error"))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, device="gpu")), "unknown device 'gpu'")
+    for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
+        missing = str(tmp_path / "sd3.5_large.safetensor")
+        sets = {"model": str(tmp_path), key: missing}             # (model tiny reads neither text_encoders nor vae)
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), "model not found: .*safetensor'")
+    (tmp_path / "file").write_text("")
+    for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
+        bad = str(tmp_path / "file" / "run")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: bad})), f"{key} .*run is not a writable")
+    one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "t5_length 1000 is outside 1..512")
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
@@ -1218,6 +1235,44 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
         one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
     assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768",
                                  f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
+
+
+def test_fractions_above_1_are_refused_before_any_model_loads():
+    """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
+    it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
+    for item, match in [("lora.dropout=1.5", "'lora.dropout' must be below 1.*got 1.5"),
+                        ("lora.dropout=1", "'lora.dropout' must be below 1.*got 1.0"),
+                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' at most 1.*10.0")]:
+        one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
+    cfg = sd.load_config(None, ["lora.dropout=0.99", "dataset.caption_dropout=1"])   # all captions empty: allowed
+    assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
+
+
+def test_a_negative_logit_std_is_refused_before_any_model_loads():
+    """train.logit_std -1 ended in torch's bare RuntimeError (normal expects std >= 0) at the first step, after
+    loading and caching; 0 is a valid (fixed-sigma) choice."""
+    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be a number >= 0")
+    assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
+
+
+def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second `train:` section added at the end of config.yaml silently
+    dropped every setting of the first (train.steps 3000 became the default 1000)."""
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 3000\nlora:\n  rank: 4\ntrain:\n  lr: 5e-5\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), r"c.yaml line 5: 'train' is given twice")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n  steps: 10\n  lr: 5e-5\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), r"line 4: 'lr' is given twice")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5e-5\nlora:\n  rank: 4\nsample:\n  prompts: [a, a]\n")
+    assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
+
+
+def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
+    """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
+    sampled an unconditional preview set every sample_every steps."""
+    (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n  neg:\n")
+    from_file = sd.load_config(str(tmp_path / "c.yaml")).sample
+    from_set = sd.load_config(None, ["sample.prompts=", "sample.neg="]).sample
+    assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
 
 
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
