@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1837  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2002  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2097  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2281  Output Files                     atomic writes, loss.png
-     2349  Several Processes (torchrun)     one all-reduce per step
-     2388  Command Line and the Tiny Model  main(), --tiny
+     2285  Output Files                     atomic writes, loss.png
+     2353  Several Processes (torchrun)     one all-reduce per step
+     2392  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2098,6 +2098,9 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #                         Config Files and Resume Rules                         #
 #################################################################################
 
+PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
+
+
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
@@ -2107,7 +2110,8 @@ def _coerce(value, default, key: str):
         if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
-        return "" if value is None else str(value)
+        text = "" if value is None else str(value)
+        return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: the home folder, as in a shell
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")

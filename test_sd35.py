@@ -1266,6 +1266,17 @@ def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
 
 
+def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
+    """`output_dir: ~/runs` (and --set output_dir=~/runs, which the shell leaves alone) made a folder named '~' in
+    the current one; every path key now expands '~' as a shell would, and text keys keep it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("output_dir: ~/runs\ndataset:\n  path: ~/data\nsample:\n  neg: ~/x\n")
+    cfg = sd.load_config(str(tmp_path / "c.yaml"), ["dataset.cache_dir=~/cache", "model=~/sd3.5.safetensors"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.dataset.cache_dir, cfg.model) == (
+        str(tmp_path / "runs"), str(tmp_path / "data"), str(tmp_path / "cache"), str(tmp_path / "sd3.5.safetensors"))
+    assert cfg.sample.neg == "~/x"
+
+
 def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
     sampled an unconditional preview set every sample_every steps."""
