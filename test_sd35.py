@@ -1544,6 +1544,19 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
 
+def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
+    """bf16 and fp32 give different images (up to 9/255 on the tiny model), and so do another VAE or text
+    encoders: without them in the PNG's parameters the image cannot be made again. The default dtype depends
+    on the device, so the one used is recorded, not the flag."""
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32"]
+    params = {}
+    for dtype in ("", "bf16"):
+        path = sample.main([*base, *(["--dtype", dtype] if dtype else []), "--out", str(tmp_path / dtype)])[0]
+        params[dtype] = json.loads(Image.open(path).text["parameters"])
+    assert images_of([tmp_path / "sample_00.png"]).tolist() != images_of([tmp_path / "bf16/sample_00.png"]).tolist()
+    assert (params[""]["dtype"], params["bf16"]["dtype"]) == ("fp32", "bf16")
+    assert all(params[""][key] is None for key in ("text_encoders", "vae")) and params[""]["no_merge"] is False
+
 #################################################################################
 #                                  fp8 weights                                  #
 #################################################################################
