@@ -1812,7 +1812,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     monkeypatch.setattr(sd, "initial_noise", lambda *a: pytest.fail("noise allocated before the checks"))
     fast = dict(steps=1, cfg=1.0)
     huge = sd.SampleSettings(**fast, width=10**6)
-    one_line_error(lambda: sd.generate(pipe, ["x"], settings=huge), "too large")
+    one_line_error(lambda: sd.generate(pipe, ["x"], settings=huge), "1000000x1024 px is too large")   # as given
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("sample.py loaded a model first"))
     for seed, n in ((-1, 1), (2**64, 1), (2**64 - 1, 2)):
         one_line_error(lambda: sd.generate(pipe, ["x"] * n, settings=sd.SampleSettings(**fast, seed=seed)),
