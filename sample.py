@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give at least one --prompt")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
+    if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
+        p.error("--model tiny has its own random text encoders and VAE: leave out --text-encoders and --vae")
     if args.slg_layers is not None and args.slg_scale is None and not args.slg:     # else silently no SLG
         p.error("--slg-layers needs --slg-scale S (or --slg for the variant's recommended scale)")
     return args

@@ -1513,6 +1513,13 @@ def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     assert "expected joint block numbers such as 7,8,9, got '7,x'" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(capsys):
+    for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path"])
+        assert exit_info.value.code == 2 and "--model tiny has its own" in capsys.readouterr().err
+
+
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
