@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give at least one --prompt")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
+    if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
+        p.error("--model tiny has its own random text encoders and VAE: leave out --text-encoders and --vae")
     if args.slg_layers is not None and args.slg_scale is None and not args.slg:     # else silently no SLG
         p.error("--slg-layers needs --slg-scale S (or --slg for the variant's recommended scale)")
     return args
@@ -107,6 +109,8 @@ def main(argv=None) -> list[Path]:
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
+    used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
+    args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
     one_for_all = args.lora_scale if len(args.lora_scale) == 1 else [1.0] if not args.lora_scale else None
     scales = one_for_all * len(args.lora) if one_for_all else args.lora_scale
     args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
@@ -132,7 +136,8 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
         # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
-                  "lora_scale": args.lora_scale, "fp8": args.fp8,
+                  "lora_scale": args.lora_scale, "fp8": args.fp8, "no_merge": args.no_merge,
+                  "dtype": args.dtype, "text_encoders": args.text_encoders, "vae": args.vae,   # all change it
                   **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))

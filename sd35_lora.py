@@ -475,7 +475,7 @@ class MMDiT(nn.Module):
         m = self.cfg.pos_embed_max_size
         if h > m or w > m:
             px = self.cfg.patch_size * 8
-            raise UserError(f"{h * px}x{w * px} px is too large for this model: at most {m * px} px per side")
+            raise UserError(f"{w * px}x{h * px} px is too large for this model: at most {m * px} px per side")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)

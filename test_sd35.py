@@ -1591,6 +1591,13 @@ def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     assert "expected joint block numbers such as 7,8,9, got '7,x'" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(capsys):
+    for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path"])
+        assert exit_info.value.code == 2 and "--model tiny has its own" in capsys.readouterr().err
+
+
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
@@ -1621,6 +1628,19 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+
+def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
+    """bf16 and fp32 give different images (up to 9/255 on the tiny model), and so do another VAE or text
+    encoders: without them in the PNG's parameters the image cannot be made again. The default dtype depends
+    on the device, so the one used is recorded, not the flag."""
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32"]
+    params = {}
+    for dtype in ("", "bf16"):
+        path = sample.main([*base, *(["--dtype", dtype] if dtype else []), "--out", str(tmp_path / dtype)])[0]
+        params[dtype] = json.loads(Image.open(path).text["parameters"])
+    assert images_of([tmp_path / "sample_00.png"]).tolist() != images_of([tmp_path / "bf16/sample_00.png"]).tolist()
+    assert (params[""]["dtype"], params["bf16"]["dtype"]) == ("fp32", "bf16")
+    assert all(params[""][key] is None for key in ("text_encoders", "vae")) and params[""]["no_merge"] is False
 
 #################################################################################
 #                                  fp8 weights                                  #
@@ -1877,7 +1897,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     monkeypatch.setattr(sd, "initial_noise", lambda *a: pytest.fail("noise allocated before the checks"))
     fast = dict(steps=1, cfg=1.0)
     huge = sd.SampleSettings(**fast, width=10**6)
-    one_line_error(lambda: sd.generate(pipe, ["x"], settings=huge), "too large")
+    one_line_error(lambda: sd.generate(pipe, ["x"], settings=huge), "1000000x1024 px is too large")   # as given
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("sample.py loaded a model first"))
     for seed, n in ((-1, 1), (2**64, 1), (2**64 - 1, 2)):
         one_line_error(lambda: sd.generate(pipe, ["x"] * n, settings=sd.SampleSettings(**fast, seed=seed)),
