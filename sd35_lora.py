@@ -22,16 +22,16 @@ have. Sections (line numbers):
       796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       831  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
       998  Data                             dataset scan, aspect buckets, the latent and text cache
-     1138  Training                         Trainer and the training loop
-     1372  Part 2: plumbing                 a reader can stop here
-     1379  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1775  Hub Downloads                    snapshot downloads, tokenizers
-     1820  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1985  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2080  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2242  Output Files                     atomic writes, loss.png
-     2310  Several Processes (torchrun)     one all-reduce per step
-     2349  Command Line and the Tiny Model  main(), --tiny
+     1144  Training                         Trainer and the training loop
+     1378  Part 2: plumbing                 a reader can stop here
+     1385  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1781  Hub Downloads                    snapshot downloads, tokenizers
+     1826  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     1991  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2086  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2248  Output Files                     atomic writes, loss.png
+     2316  Several Processes (torchrun)     one all-reduce per step
+     2355  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1065,7 +1065,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def cached(path: Path, compute) -> Path:
+def cached(path: Path, compute, source: str = "") -> Path:
     """`path`, after checking that it reads; computed from `compute()` and written atomically if not."""
     if path.is_file():
         try:
@@ -1073,7 +1073,11 @@ def cached(path: Path, compute) -> Path:
             return path
         except Exception:
             print(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
-    _atomic_save(compute(), path)
+    tensors = compute()
+    if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
+        raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
+                        f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
+    _atomic_save(tensors, path)
     return path
 
 
@@ -1089,14 +1093,15 @@ class LatentDataset:
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
-        def store(path: Path, compute) -> Path:       # torchrun: one writer per file, picked by its digest
-            return cached(path, compute) if int(path.stem, 16) % world == rank else path
+        def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
+            return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
 
         def text_file(caption: str) -> Path:
             def encode():
                 context, pooled = pipe.text.encode([caption])
                 return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-            return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+            path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
+            return store(path, encode, f"the caption {caption!r:.60}")
         from tqdm import tqdm
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
@@ -1106,7 +1111,8 @@ class LatentDataset:
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
-            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
+            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
+                                           str(item["path"])))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")                             # what caption dropout trains on

@@ -1276,6 +1276,19 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
     assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
 
 
+def test_nan_encodings_are_refused_and_never_cached(tmp_path):
+    """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
+    cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    for part, match, folder in (("vae", r"encoding .*blue_disc.png gave NaN/inf", "latents"),
+                                ("t5", "encoding the caption '", "text")):
+        pipe = sd.tiny_pipeline(t5_length=16)
+        next(p for p in getattr(pipe.text if part == "t5" else pipe, part).parameters() if p.ndim > 1).fill_(math.nan)
+        one_line_error(lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model), match)
+        assert not list((tmp_path / "cache" / folder).glob("*.safetensors"))
+
+
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
     exif = image.getexif()
