@@ -21,17 +21,17 @@ have. Sections (line numbers):
       651  VAE                              16-channel autoencoder, the latent scale and shift
       796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       831  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-      998  Data                             dataset scan, aspect buckets, the latent and text cache
-     1144  Training                         Trainer and the training loop
-     1378  Part 2: plumbing                 a reader can stop here
-     1385  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1781  Hub Downloads                    snapshot downloads, tokenizers
-     1826  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     1991  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2086  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2248  Output Files                     atomic writes, loss.png
-     2316  Several Processes (torchrun)     one all-reduce per step
-     2355  Command Line and the Tiny Model  main(), --tiny
+     1000  Data                             dataset scan, aspect buckets, the latent and text cache
+     1146  Training                         Trainer and the training loop
+     1381  Part 2: plumbing                 a reader can stop here
+     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1795  Hub Downloads                    snapshot downloads, tokenizers
+     1840  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2005  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2100  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2262  Output Files                     atomic writes, loss.png
+     2330  Several Processes (torchrun)     one all-reduce per step
+     2369  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -990,7 +990,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
     if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
+        raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+            [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
+            "lower the cfg/LoRA scale or use fp32"))
     arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
 
@@ -1348,8 +1350,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 last = tr.out / "lora.safetensors"              # none before the first save_every
                 last = (f"the last good checkpoint is {last}" if last.is_file()
                         else "no checkpoint was saved yet: start again in a new or empty output_dir")
+                fix = nan_advice([tr.mmdit], "lower train.lr or check the data")
                 raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
-                                f"stopped without saving. Lower train.lr or check the data; {last}")
+                                f"stopped without saving: {fix}; {last}")
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -1572,6 +1575,17 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
                         f"{' '.join(str(e).splitlines()[1:]).strip()[:300] or e}") from None
     sd.clear()                                      # the model holds the last reference: quantizing frees
     return model.to(device).eval().requires_grad_(False)
+
+
+def nan_advice(modules: list[nn.Module], otherwise: str) -> str:
+    """What to do after a NaN/inf result: name a weight holding NaN/inf, if any (looked for only now: a check
+    of every weight while loading would cost seconds per gigabyte), else the usual advice `otherwise`."""
+    for module in modules:
+        for name, t in module.state_dict().items():      # 1-byte fp8 has no isfinite: its row scales show it
+            if t.is_floating_point() and t.element_size() > 1 and not t.isfinite().all():
+                return (f"the weight {name} holds NaN/inf (a damaged model file, or a LoRA merged at too "
+                        f"large a scale): download the model again, or lower the LoRA scale")
+    return otherwise
 
 
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:

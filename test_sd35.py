@@ -1473,6 +1473,30 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, monkeypatch):
+    """A damaged checkpoint holding NaN loads (a check of every weight while loading would cost seconds per
+    gigabyte); the NaN images or loss it gives name the weight, not the cfg scale or train.lr."""
+    name = "joint_blocks.1.x_block.mlp.fc1.weight"
+    fast = sd.SampleSettings(steps=1, cfg=1.0, width=32, height=32)
+    for fp8 in (False, True):                                   # fp8 weights: their row scales show it
+        pipe = sd.tiny_pipeline()
+        pipe.mmdit.get_parameter(name).data[3, 5] = math.nan
+        pipe.mmdit = sd.quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
+        one_line_error(lambda: sd.generate(pipe, ["x"], settings=fast),
+                       rf"black images\): the weight {name.removesuffix('weight')}weight(_scale)? holds NaN/inf .*"
+                       "download the model again")
+    real_tiny = sd.tiny_pipeline
+
+    def damaged(*args, **kwargs):
+        pipe = real_tiny(*args, **kwargs)
+        pipe.mmdit.get_parameter(name).data[3, 5] = math.inf
+        return pipe
+    monkeypatch.setattr(sd, "tiny_pipeline", damaged)
+    make_dataset(tmp_path / "data")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0})),
+                   rf"loss became nan .* at step 1; stopped without saving: the weight {name} holds NaN/inf")
+
+
 def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsys):
     args = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32",
             "--out", str(tmp_path)]
