@@ -26,12 +26,12 @@ have. Sections (line numbers):
      1381  Part 2: plumbing                 a reader can stop here
      1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1795  Hub Downloads                    snapshot downloads, tokenizers
-     1840  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2005  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2100  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2262  Output Files                     atomic writes, loss.png
-     2330  Several Processes (torchrun)     one all-reduce per step
-     2369  Command Line and the Tiny Model  main(), --tiny
+     1843  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2008  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2103  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2265  Output Files                     atomic writes, loss.png
+     2333  Several Processes (torchrun)     one all-reduce per step
+     2372  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1832,6 +1832,9 @@ def resolve_model(name: str, parts: tuple[str, ...]) -> Path:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
+        if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
+            raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
+                            f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
                         f" --local-dir DIR` where there is a network, then --model DIR; gated? accept the"
                         f" licence at https://huggingface.co/{name}, then `hf auth login`") from None

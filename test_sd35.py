@@ -2194,3 +2194,15 @@ def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monke
     one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
                    r"cannot write .*a\.safetensors .*No space left on device")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
+    import huggingface_hub
+    for error in (OSError(28, "No space left on device"),                                  # plain http download
+                  RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")):  # hf_xet
+
+        def full_disk(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
+        one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
+                       "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
