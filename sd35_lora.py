@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1146  Training                         Trainer and the training loop
      1381  Part 2: plumbing                 a reader can stop here
      1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1795  Hub Downloads                    snapshot downloads, tokenizers
-     1843  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2008  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2103  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2265  Output Files                     atomic writes, loss.png
-     2333  Several Processes (torchrun)     one all-reduce per step
-     2372  Command Line and the Tiny Model  main(), --tiny
+     1798  Hub Downloads                    snapshot downloads, tokenizers
+     1846  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2011  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2106  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2268  Output Files                     atomic writes, loss.png
+     2336  Several Processes (torchrun)     one all-reduce per step
+     2375  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1504,7 +1504,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -1512,6 +1512,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
+        if "header too large" in str(e):        # first 8 bytes that no cut-short download has
+            raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "
+                            f"never read) or a web page saved by a failed download? get the file") from None
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
                         f"a truncated download? download it again") from None
     return (sd, meta) if with_metadata else sd

@@ -2206,3 +2206,15 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
         one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
+
+
+def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download(tmp_path):
+    """Renaming model.ckpt to .safetensors converts nothing; a failed download may save a login page: neither
+    is fixed by downloading the same thing again. Pickles are refused by their name in any case, never read."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "renamed.safetensors")
+    (tmp_path / "page.safetensors").write_text("<!DOCTYPE html><html>Access to model is restricted</html>")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "MODEL.CKPT")
+    for name, match in (("renamed.safetensors", "is no .safetensors file: a renamed .ckpt/.pt .* web page"),
+                        ("page.safetensors", "is no .safetensors file"), ("MODEL.CKPT", "pickle files can run code")):
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / name), match)
+        one_line_error(lambda: sd.load_mmdit(tmp_path / name), match)
