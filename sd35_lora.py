@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1146  Training                         Trainer and the training loop
      1381  Part 2: plumbing                 a reader can stop here
      1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1798  Hub Downloads                    snapshot downloads, tokenizers
-     1846  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2011  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2106  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2268  Output Files                     atomic writes, loss.png
-     2336  Several Processes (torchrun)     one all-reduce per step
-     2375  Command Line and the Tiny Model  main(), --tiny
+     1800  Hub Downloads                    snapshot downloads, tokenizers
+     1848  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2013  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2108  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2270  Output Files                     atomic writes, loss.png
+     2338  Several Processes (torchrun)     one all-reduce per step
+     2377  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1581,11 +1581,13 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
 
 
 def nan_advice(modules: list[nn.Module], otherwise: str) -> str:
-    """What to do after a NaN/inf result: name a weight holding NaN/inf, if any (looked for only now: a check
-    of every weight while loading would cost seconds per gigabyte), else the usual advice `otherwise`."""
+    """What to do after a NaN/inf result: name a frozen weight holding NaN/inf, if any (looked for only now: a
+    check while loading would cost seconds per gigabyte), else the usual advice `otherwise`. Trained weights
+    are left out (NaN there is a diverged run's), and so is fp8 (no isfinite): its row scales show it."""
     for module in modules:
-        for name, t in module.state_dict().items():      # 1-byte fp8 has no isfinite: its row scales show it
-            if t.is_floating_point() and t.element_size() > 1 and not t.isfinite().all():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            frozen = t.is_floating_point() and t.element_size() > 1 and not t.requires_grad
+            if frozen and not t.isfinite().all():
                 return (f"the weight {name} holds NaN/inf (a damaged model file, or a LoRA merged at too "
                         f"large a scale): download the model again, or lower the LoRA scale")
     return otherwise

@@ -1485,6 +1485,9 @@ def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, 
         one_line_error(lambda: sd.generate(pipe, ["x"], settings=fast),
                        rf"black images\): the weight {name.removesuffix('weight')}weight(_scale)? holds NaN/inf .*"
                        "download the model again")
+    make_dataset(tmp_path / "data")                             # a LoRA diverged by its lr: the lr is blamed
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "train.lr": 1e38})),
+                   "at step 2; stopped without saving: lower train.lr")
     real_tiny = sd.tiny_pipeline
 
     def damaged(*args, **kwargs):
@@ -1492,8 +1495,7 @@ def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, 
         pipe.mmdit.get_parameter(name).data[3, 5] = math.inf
         return pipe
     monkeypatch.setattr(sd, "tiny_pipeline", damaged)
-    make_dataset(tmp_path / "data")
-    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0})),
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "output_dir": str(tmp_path / "b")})),
                    rf"loss became nan .* at step 1; stopped without saving: the weight {name} holds NaN/inf")
 
 
