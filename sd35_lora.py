@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1848  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2013  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2108  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2270  Output Files                     atomic writes, loss.png
-     2338  Several Processes (torchrun)     one all-reduce per step
-     2377  Command Line and the Tiny Model  main(), --tiny
+     2273  Output Files                     atomic writes, loss.png
+     2341  Several Processes (torchrun)     one all-reduce per step
+     2380  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2237,6 +2237,9 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
             meta = f.metadata() or {}
         saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
         was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
+        changes = json.loads(meta.get("changes", "[]"))
+        if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
+            raise ValueError
     except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
@@ -2264,7 +2267,7 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
-    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
 
 
 #################################################################################

@@ -1907,6 +1907,11 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
         index.write_text(text)
         one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
+    config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))           # a hand-edited resume header
+    for header in ({"changes": "[oops"}, {"changes": "{}"}, {"step": "-5"}, {"world_size": "0"}):
+        save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config, **header})
+        one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
+                       "lacks a readable step and config")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
     state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
