@@ -22,16 +22,16 @@ have. Sections (line numbers):
       796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       831  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1000  Data                             dataset scan, aspect buckets, the latent and text cache
-     1146  Training                         Trainer and the training loop
-     1381  Part 2: plumbing                 a reader can stop here
-     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1800  Hub Downloads                    snapshot downloads, tokenizers
-     1848  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2013  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2108  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2273  Output Files                     atomic writes, loss.png
-     2341  Several Processes (torchrun)     one all-reduce per step
-     2380  Command Line and the Tiny Model  main(), --tiny
+     1151  Training                         Trainer and the training loop
+     1386  Part 2: plumbing                 a reader can stop here
+     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1805  Hub Downloads                    snapshot downloads, tokenizers
+     1853  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2018  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2113  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2278  Output Files                     atomic writes, loss.png
+     2346  Several Processes (torchrun)     one all-reduce per step
+     2385  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1021,7 +1021,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     from PIL import Image, ImageOps
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    files = list(root.rglob("*"))
+    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
@@ -1053,6 +1054,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if first and (shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]):
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
+    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
+    if first and orphans:
+        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
+              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
     if not items:
         missing = "" if root.is_dir() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "

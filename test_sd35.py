@@ -1339,6 +1339,8 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     (data / "sub").mkdir()
     Image.new("RGB", (64, 64), "green").save(data / "sub" / "lonely.png")          # no caption
     Image.new("RGB", (64, 64), "red").save(data / "red_stripes.jpg")               # shares red_stripes.txt
+    (data / "sub" / "IMG_0001.heic").write_bytes(b"ftypheic")                     # a format not read
+    (data / "sub" / "IMG_0001.txt").write_text("a phone photo")
     overrides = {"output_dir": str(data / "run"), "dataset.cache_dir": str(data / "cache"), "train.steps": 1,
                  "sample.sample_every": 0}
     sd.train(tiny_config(tmp_path, **overrides))                                   # writes PNGs into data/run
@@ -1348,6 +1350,7 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     out = capsys.readouterr()
     assert "4 images in 2 folders" in out.out and "run" in out.out and "cache" in out.out, out.out
     assert "lonely.png" in out.err and "red_stripes.jpg + red_stripes.png" in out.err, out.err
+    assert "1 .txt captions have no image, e.g. IMG_0001.txt; images are read from .bmp" in out.err, out.err
     cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
     assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
 
