@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1151  Training                         Trainer and the training loop
      1386  Part 2: plumbing                 a reader can stop here
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1805  Hub Downloads                    snapshot downloads, tokenizers
-     1853  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2018  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2113  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2278  Output Files                     atomic writes, loss.png
-     2346  Several Processes (torchrun)     one all-reduce per step
-     2385  Command Line and the Tiny Model  main(), --tiny
+     1807  Hub Downloads                    snapshot downloads, tokenizers
+     1855  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2020  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2115  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2280  Output Files                     atomic writes, loss.png
+     2348  Several Processes (torchrun)     one all-reduce per step
+     2387  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1656,7 +1656,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     import transformers
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
-    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
+    layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
+    if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built
+        raise ValueError(f"weights of {layers} layers, config of {getattr(config, 'num_hidden_layers', 0)}")
     rows = lambda name: sd[name].shape[0]
     if role == "t5xxl":                                                 # one tied tensor under both names
         embedding = sd.pop("encoder.embed_tokens.weight", None)

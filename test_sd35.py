@@ -982,6 +982,18 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     save_file({k: v for k, v in load_file(root / "clip" / t5).items() if "embed_tokens" not in k and "shared" not in k},
               tmp_path / "cut_t5" / t5)
     one_line_error(lambda: sd.load_text_encoders(tmp_path / "cut_t5", context_dim=192), "bad text encoder weights")
+    # untrusted layer counts, refused before that many layers are built: a far index, a config.json claiming 2M
+    far = {**load_file(root / "clip" / t5), "encoder.block.2000000.layer.0.layer_norm.weight": torch.ones(1)}
+    save_file(far, tmp_path / "cut_t5" / t5)
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "cut_t5", context_dim=192), r"not 0\.\.\d+: .*2000000")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "huge" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "huge" / name / f.name).symlink_to(f)
+    config = json.loads((root / "diffusers/text_encoder/config.json").read_text())
+    (tmp_path / "huge/text_encoder/config.json").unlink()
+    (tmp_path / "huge/text_encoder/config.json").write_text(json.dumps({**config, "num_hidden_layers": 2_000_000}))
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), "weights of \d+ layers, config of 2000000")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
     with pytest.MonkeyPatch.context() as patch:
