@@ -23,15 +23,15 @@ have. Sections (line numbers):
       831  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1000  Data                             dataset scan, aspect buckets, the latent and text cache
      1151  Training                         Trainer and the training loop
-     1386  Part 2: plumbing                 a reader can stop here
-     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1807  Hub Downloads                    snapshot downloads, tokenizers
-     1855  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2020  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2115  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2280  Output Files                     atomic writes, loss.png
-     2348  Several Processes (torchrun)     one all-reduce per step
-     2387  Command Line and the Tiny Model  main(), --tiny
+     1388  Part 2: plumbing                 a reader can stop here
+     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1809  Hub Downloads                    snapshot downloads, tokenizers
+     1857  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2022  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2117  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2282  Output Files                     atomic writes, loss.png
+     2350  Several Processes (torchrun)     one all-reduce per step
+     2389  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1211,7 +1211,9 @@ class Trainer:
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
         self.changes = prepare_resume(self.state_path, cfg) if resume else []
-        if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
+        # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
+        earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
+        if not resume and rank_and_world()[0] == 0 and earlier:
             saved = self.state_path.is_file()
             fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "

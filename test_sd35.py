@@ -1241,6 +1241,13 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     assert "--resume" not in str(error.value)
 
 
+def test_an_output_dir_holding_only_hidden_files_is_no_earlier_run(tmp_path):
+    """macOS's Finder puts .DS_Store into a folder the user made for the run: that is no earlier run's file."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images in dataset.path")   # the next check
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
