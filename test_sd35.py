@@ -993,7 +993,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     config = json.loads((root / "diffusers/text_encoder/config.json").read_text())
     (tmp_path / "huge/text_encoder/config.json").unlink()
     (tmp_path / "huge/text_encoder/config.json").write_text(json.dumps({**config, "num_hidden_layers": 2_000_000}))
-    one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), "weights of \d+ layers, config of 2000000")
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), r"weights of \d+ layers, config of 2000000")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
     with pytest.MonkeyPatch.context() as patch:
