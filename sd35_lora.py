@@ -21,17 +21,17 @@ have. Sections (line numbers):
       656  VAE                              16-channel autoencoder, the latent scale and shift
       801  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1003  Data                             dataset scan, aspect buckets, the latent and text cache
-     1143  Training                         Trainer and the training loop
-     1386  Part 2: plumbing                 a reader can stop here
-     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1789  Hub Downloads                    snapshot downloads, tokenizers
-     1837  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2002  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2097  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2285  Output Files                     atomic writes, loss.png
-     2353  Several Processes (torchrun)     one all-reduce per step
-     2392  Command Line and the Tiny Model  main(), --tiny
+     1005  Data                             dataset scan, aspect buckets, the latent and text cache
+     1156  Training                         Trainer and the training loop
+     1408  Part 2: plumbing                 a reader can stop here
+     1415  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1829  Hub Downloads                    snapshot downloads, tokenizers
+     1880  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2045  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2140  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2331  Output Files                     atomic writes, loss.png
+     2399  Several Processes (torchrun)     one all-reduce per step
+     2438  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -995,7 +995,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
     if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): lower the cfg/LoRA scale or use fp32")
+        raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+            [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
+            "lower the cfg/LoRA scale or use fp32"))
     arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
 
@@ -1024,7 +1026,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     from PIL import Image, ImageOps
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    files = list(root.rglob("*"))
+    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
@@ -1056,6 +1059,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if first and (shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]):
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
+    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
+    if first and orphans:
+        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
+              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
     if not items:
         missing = "" if root.is_dir() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -1070,7 +1077,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def cached(path: Path, compute) -> Path:
+def cached(path: Path, compute, source: str = "") -> Path:
     """`path`, after checking that it reads; computed from `compute()` and written atomically if not."""
     if path.is_file():
         try:
@@ -1078,7 +1085,11 @@ def cached(path: Path, compute) -> Path:
             return path
         except Exception:
             print(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
-    _atomic_save(compute(), path)
+    tensors = compute()
+    if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
+        raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
+                        f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
+    _atomic_save(tensors, path)
     return path
 
 
@@ -1094,14 +1105,15 @@ class LatentDataset:
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
-        def store(path: Path, compute) -> Path:       # torchrun: one writer per file, picked by its digest
-            return cached(path, compute) if int(path.stem, 16) % world == rank else path
+        def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
+            return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
 
         def text_file(caption: str) -> Path:
             def encode():
                 context, pooled = pipe.text.encode([caption])
                 return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
-            return store(cache / "text" / f"{_digest(caption, text_id)}.safetensors", encode)
+            path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
+            return store(path, encode, f"the caption {caption!r:.60}")
         from tqdm import tqdm
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
@@ -1111,7 +1123,8 @@ class LatentDataset:
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
             image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
-            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image))
+            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
+                                           str(item["path"])))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")                             # what caption dropout trains on
@@ -1204,21 +1217,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
-        # refuse bad resumes, paths and data before gigabytes load; torchrun: only process 0 checks output_dir
-        if not cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
-                            "a hub id or 'tiny'")
-        if resume and not self.state_path.is_file():
-            raise UserError(f"--resume: no {self.state_path} to resume from")
-        self.changes = prepare_resume(self.state_path, cfg) if resume else []
-        if not resume and rank_and_world()[0] == 0 and self.out.is_dir() and any(self.out.iterdir()):
-            saved = self.state_path.is_file()
-            fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
-                            f"another output_dir (--set output_dir=...)")
-        check_sources(cfg)
-        writable_dir(self.out, "output_dir")
-        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        self.changes = self.refuse_early(resume)
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1249,6 +1248,28 @@ class Trainer:
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
+
+    def refuse_early(self, resume: bool) -> list[str]:
+        """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
+        only process 0 checks output_dir). -> the trajectory changes of a resume."""
+        cfg = self.cfg
+        if not cfg.model:
+            raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
+                            "a hub id or 'tiny'")
+        if resume and not self.state_path.is_file():
+            raise UserError(f"--resume: no {self.state_path} to resume from")
+        changes = prepare_resume(self.state_path, cfg) if resume else []
+        # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
+        earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
+        if not resume and rank_and_world()[0] == 0 and earlier:
+            saved = self.state_path.is_file()
+            fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
+            raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
+                            f"another output_dir (--set output_dir=...)")
+        check_sources(cfg)
+        writable_dir(self.out, "output_dir")
+        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        return changes
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
@@ -1356,8 +1377,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 last = tr.out / "lora.safetensors"              # none before the first save_every
                 last = (f"the last good checkpoint is {last}" if last.is_file()
                         else "no checkpoint was saved yet: start again in a new or empty output_dir")
+                fix = nan_advice([tr.mmdit], "lower train.lr or check the data")
                 raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
-                                f"stopped without saving. Lower train.lr or check the data; {last}")
+                                f"stopped without saving: {fix}; {last}")
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -1509,7 +1531,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -1517,6 +1539,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
+        if "header too large" in str(e):        # first 8 bytes that no cut-short download has
+            raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "
+                            f"never read) or a web page saved by a failed download? get the file") from None
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
                         f"a truncated download? download it again") from None
     return (sd, meta) if with_metadata else sd
@@ -1582,6 +1607,19 @@ def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
+def nan_advice(modules: list[nn.Module], otherwise: str) -> str:
+    """What to do after a NaN/inf result: name a frozen weight holding NaN/inf, if any (looked for only now: a
+    check while loading would cost seconds per gigabyte), else the usual advice `otherwise`. Trained weights
+    are left out (NaN there is a diverged run's), and so is fp8 (no isfinite): its row scales show it."""
+    for module in modules:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            frozen = t.is_floating_point() and t.element_size() > 1 and not t.requires_grad
+            if frozen and not t.isfinite().all():
+                return (f"the weight {name} holds NaN/inf (a damaged model file, or a LoRA merged at too "
+                        f"large a scale): download the model again, or lower the LoRA scale")
+    return otherwise
+
+
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
     quantized = {}                      # fp8: matrices are quantized as they are read, never all in bf16
@@ -1640,7 +1678,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     import transformers
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
-    layers = 1 + max(int(k.split(".")[2 + (role != "t5xxl")]) for k in sd if ".layers." in k or ".block" in k)
+    layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
+    if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built
+        raise ValueError(f"weights of {layers} layers, config of {getattr(config, 'num_hidden_layers', 0)}")
     rows = lambda name: sd[name].shape[0]
     if role == "t5xxl":                                                 # one tied tensor under both names
         embedding = sd.pop("encoder.embed_tokens.weight", None)
@@ -1829,6 +1869,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
+        if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
+            raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
+                            f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
                         f" --local-dir DIR` where there is a network, then --model DIR; gated? accept the"
                         f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
@@ -2252,6 +2295,9 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
             meta = f.metadata() or {}
         saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
         was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
+        changes = json.loads(meta.get("changes", "[]"))
+        if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
+            raise ValueError
     except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
@@ -2279,7 +2325,7 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
-    return json.loads(meta.get("changes", "[]")) + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
 
 
 #################################################################################

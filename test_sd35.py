@@ -982,6 +982,18 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     save_file({k: v for k, v in load_file(root / "clip" / t5).items() if "embed_tokens" not in k and "shared" not in k},
               tmp_path / "cut_t5" / t5)
     one_line_error(lambda: sd.load_text_encoders(tmp_path / "cut_t5", context_dim=192), "bad text encoder weights")
+    # untrusted layer counts, refused before that many layers are built: a far index, a config.json claiming 2M
+    far = {**load_file(root / "clip" / t5), "encoder.block.2000000.layer.0.layer_norm.weight": torch.ones(1)}
+    save_file(far, tmp_path / "cut_t5" / t5)
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "cut_t5", context_dim=192), r"not 0\.\.\d+: .*2000000")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "huge" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "huge" / name / f.name).symlink_to(f)
+    config = json.loads((root / "diffusers/text_encoder/config.json").read_text())
+    (tmp_path / "huge/text_encoder/config.json").unlink()
+    (tmp_path / "huge/text_encoder/config.json").write_text(json.dumps({**config, "num_hidden_layers": 2_000_000}))
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), r"weights of \d+ layers, config of 2000000")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
     with pytest.MonkeyPatch.context() as patch:
@@ -1301,6 +1313,13 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     assert "--resume" not in str(error.value)
 
 
+def test_an_output_dir_holding_only_hidden_files_is_no_earlier_run(tmp_path):
+    """macOS's Finder puts .DS_Store into a folder the user made for the run: that is no earlier run's file."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images in dataset.path")   # the next check
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
@@ -1354,6 +1373,19 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
     assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
 
 
+def test_nan_encodings_are_refused_and_never_cached(tmp_path):
+    """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
+    cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    for part, match, folder in (("vae", r"encoding .*blue_disc.png gave NaN/inf", "latents"),
+                                ("t5", "encoding the caption '", "text")):
+        pipe = sd.tiny_pipeline(t5_length=16)
+        next(p for p in getattr(pipe.text if part == "t5" else pipe, part).parameters() if p.ndim > 1).fill_(math.nan)
+        one_line_error(lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model), match)
+        assert not list((tmp_path / "cache" / folder).glob("*.safetensors"))
+
+
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
     exif = image.getexif()
@@ -1404,6 +1436,8 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     (data / "sub").mkdir()
     Image.new("RGB", (64, 64), "green").save(data / "sub" / "lonely.png")          # no caption
     Image.new("RGB", (64, 64), "red").save(data / "red_stripes.jpg")               # shares red_stripes.txt
+    (data / "sub" / "IMG_0001.heic").write_bytes(b"ftypheic")                     # a format not read
+    (data / "sub" / "IMG_0001.txt").write_text("a phone photo")
     overrides = {"output_dir": str(data / "run"), "dataset.cache_dir": str(data / "cache"), "train.steps": 1,
                  "sample.sample_every": 0}
     sd.train(tiny_config(tmp_path, **overrides))                                   # writes PNGs into data/run
@@ -1413,6 +1447,7 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     out = capsys.readouterr()
     assert "4 images in 2 folders" in out.out and "run" in out.out and "cache" in out.out, out.out
     assert "lonely.png" in out.err and "red_stripes.jpg + red_stripes.png" in out.err, out.err
+    assert "1 .txt captions have no image, e.g. IMG_0001.txt; images are read from .bmp" in out.err, out.err
     cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
     assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
 
@@ -1536,6 +1571,32 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert "NaN/inf values (black images)" in capsys.readouterr().err
     assert not list((tmp_path / "run").rglob("*.png"))
     assert len(losses(tmp_path / "run")) == 1
+
+
+def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, monkeypatch):
+    """A damaged checkpoint holding NaN loads (a check of every weight while loading would cost seconds per
+    gigabyte); the NaN images or loss it gives name the weight, not the cfg scale or train.lr."""
+    name = "joint_blocks.1.x_block.mlp.fc1.weight"
+    fast = sd.SampleSettings(steps=1, cfg=1.0, width=32, height=32)
+    for fp8 in (False, True):                                   # fp8 weights: their row scales show it
+        pipe = sd.tiny_pipeline()
+        pipe.mmdit.get_parameter(name).data[3, 5] = math.nan
+        pipe.mmdit = sd.quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
+        one_line_error(lambda: sd.generate(pipe, ["x"], settings=fast),
+                       rf"black images\): the weight {name.removesuffix('weight')}weight(_scale)? holds NaN/inf .*"
+                       "download the model again")
+    make_dataset(tmp_path / "data")                             # a LoRA diverged by its lr: the lr is blamed
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "train.lr": 1e38})),
+                   "at step 2; stopped without saving: lower train.lr")
+    real_tiny = sd.tiny_pipeline
+
+    def damaged(*args, **kwargs):
+        pipe = real_tiny(*args, **kwargs)
+        pipe.mmdit.get_parameter(name).data[3, 5] = math.inf
+        return pipe
+    monkeypatch.setattr(sd, "tiny_pipeline", damaged)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"sample.sample_every": 0, "output_dir": str(tmp_path / "b")})),
+                   rf"loss became nan .* at step 1; stopped without saving: the weight {name} holds NaN/inf")
 
 
 def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsys):
@@ -1966,6 +2027,11 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
         index.write_text(text)
         one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
+    config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))           # a hand-edited resume header
+    for header in ({"changes": "[oops"}, {"changes": "{}"}, {"step": "-5"}, {"world_size": "0"}):
+        save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config, **header})
+        one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
+                       "lacks a readable step and config")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
     state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
@@ -2255,3 +2321,27 @@ def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monke
     one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
                    r"cannot write .*a\.safetensors .*No space left on device")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
+    import huggingface_hub
+    for error in (OSError(28, "No space left on device"),                                  # plain http download
+                  RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")):  # hf_xet
+
+        def full_disk(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
+        one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
+                       "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
+
+
+def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download(tmp_path):
+    """Renaming model.ckpt to .safetensors converts nothing; a failed download may save a login page: neither
+    is fixed by downloading the same thing again. Pickles are refused by their name in any case, never read."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "renamed.safetensors")
+    (tmp_path / "page.safetensors").write_text("<!DOCTYPE html><html>Access to model is restricted</html>")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "MODEL.CKPT")
+    for name, match in (("renamed.safetensors", "is no .safetensors file: a renamed .ckpt/.pt .* web page"),
+                        ("page.safetensors", "is no .safetensors file"), ("MODEL.CKPT", "pickle files can run code")):
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / name), match)
+        one_line_error(lambda: sd.load_mmdit(tmp_path / name), match)
