@@ -22,16 +22,16 @@ have. Sections (line numbers):
       801  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1005  Data                             dataset scan, aspect buckets, the latent and text cache
-     1156  Training                         Trainer and the training loop
-     1408  Part 2: plumbing                 a reader can stop here
-     1415  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1829  Hub Downloads                    snapshot downloads, tokenizers
-     1880  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2045  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2140  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2331  Output Files                     atomic writes, loss.png
-     2399  Several Processes (torchrun)     one all-reduce per step
-     2438  Command Line and the Tiny Model  main(), --tiny
+     1169  Training                         Trainer and the training loop
+     1421  Part 2: plumbing                 a reader can stop here
+     1428  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1842  Hub Downloads                    snapshot downloads, tokenizers
+     1893  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2058  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2153  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2344  Output Files                     atomic writes, loss.png
+     2412  Several Processes (torchrun)     one all-reduce per step
+     2451  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1021,12 +1021,25 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
+def files_under(root: Path) -> list[Path]:
+    """Every file below root, through symlinked folders too (people link image folders into a dataset), each
+    real folder once: a link to a parent is no loop."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen:
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        files += [Path(folder, name) for name in names]
+    return files
+
+
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
-    files = list(root.rglob("*"))
+    files = files_under(root)
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
