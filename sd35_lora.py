@@ -22,16 +22,16 @@ have. Sections (line numbers):
       801  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1005  Data                             dataset scan, aspect buckets, the latent and text cache
-     1169  Training                         Trainer and the training loop
-     1421  Part 2: plumbing                 a reader can stop here
-     1428  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1842  Hub Downloads                    snapshot downloads, tokenizers
-     1893  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2058  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2153  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2344  Output Files                     atomic writes, loss.png
-     2412  Several Processes (torchrun)     one all-reduce per step
-     2451  Command Line and the Tiny Model  main(), --tiny
+     1170  Training                         Trainer and the training loop
+     1422  Part 2: plumbing                 a reader can stop here
+     1429  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1843  Hub Downloads                    snapshot downloads, tokenizers
+     1894  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2059  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2154  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2345  Output Files                     atomic writes, loss.png
+     2413  Several Processes (torchrun)     one all-reduce per step
+     2452  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1040,7 +1040,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     files = files_under(root)
-    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
+    # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image
+    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("._"))
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]

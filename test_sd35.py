@@ -1430,15 +1430,18 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
 #                     Hardening: odd datasets, resumes, numbers                  #
 #################################################################################
 
-def test_dataset_scan_follows_linked_image_folders_once(tmp_path):
+def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     """Image folders linked into the dataset were left out without a word (Path.rglob does not follow links);
-    a link back to a parent folder is no endless loop and no image is read twice."""
+    a link back to a parent folder is no endless loop and no image is read twice. macOS's ._name metadata
+    files (one per image in a zip made on a Mac) are no images, not 'unreadable images'."""
     sd.write_demo_dataset(tmp_path / "elsewhere")
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "._red_stripes.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "data", target_is_directory=True)
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64, cache_dir=str(tmp_path)))
     assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
+    assert "unreadable" not in capsys.readouterr().err
 
 
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
