@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1170  Training                         Trainer and the training loop
      1422  Part 2: plumbing                 a reader can stop here
      1429  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1843  Hub Downloads                    snapshot downloads, tokenizers
-     1894  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2059  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2154  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2345  Output Files                     atomic writes, loss.png
-     2413  Several Processes (torchrun)     one all-reduce per step
-     2452  Command Line and the Tiny Model  main(), --tiny
+     1847  Hub Downloads                    snapshot downloads, tokenizers
+     1898  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2063  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2158  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2349  Output Files                     atomic writes, loss.png
+     2417  Several Processes (torchrun)     one all-reduce per step
+     2456  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1543,6 +1543,10 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
     """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read), each
     through `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
     path = Path(path)
+    if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        example = f" in it, e.g. {inside[0]}" if inside else ""
+        raise UserError(f"{path} is a folder: give a .safetensors file{example}")
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):

@@ -2349,6 +2349,14 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
 
 
+def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
+    """`--lora runs/my_run` (the training run's folder) said 'file not found', though the folder exists."""
+    save_file({"x": torch.zeros(1)}, tmp_path / "training_state.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "lora.safetensors")
+    one_line_error(lambda: sd.read_safetensors(tmp_path), "is a folder: give a .safetensors file in it, e.g. lora.")
+    one_line_error(lambda: sd.read_safetensors(tmp_path / "missing.safetensors"), "file not found")
+
+
 def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download(tmp_path):
     """Renaming model.ckpt to .safetensors converts nothing; a failed download may save a login page: neither
     is fixed by downloading the same thing again. Pickles are refused by their name in any case, never read."""
