@@ -2172,7 +2172,7 @@ def _coerce(value, default, key: str):
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
         text = "" if value is None else str(value)
-        return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: the home folder, as in a shell
+        return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
