@@ -551,11 +551,12 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         return torch.nn.functional.linear(x, weight, layer.bias) + layer.scale * (kept @ down.T @ up.T)
     for got, want in zip(grads(layer, x, False), grads(reference, x, False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    layer.weight.data = layer.weight.data if fp8 else layer.weight.data.bfloat16()
-    layer.bias.data = layer.bias.data.bfloat16()
-    for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+    for weights in (torch.float32, torch.bfloat16):     # autocast on fp32 weights (the usual AMP recipe) and bf16
+        layer.weight.data = layer.weight.data if fp8 else layer.weight.data.to(weights)
+        layer.bias.data = layer.bias.data.to(weights)
+        for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
     from torch.profiler import profile
     for needs_grad, matmuls in ((True, 5), (False, 3)):        # no input gradient wanted: none computed
         with torch.autocast("cpu", dtype=torch.bfloat16):      # (5: x's gradient through W and the update)
