@@ -534,7 +534,7 @@ class FrozenLinear(torch.autograd.Function):
             out = torch.addmm(out.to(x_lora.dtype), hidden, up.t(), alpha=scale)        # (N, out)
         ctx.save_for_backward(weight, w_scale, x_lora, hidden, down, up)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], out.shape[-1])                           # not -1: ambiguous for 0 rows
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

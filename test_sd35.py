@@ -566,6 +566,18 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) == matmuls
 
 
+def test_frozen_layers_take_an_empty_batch_like_nn_linear():
+    """0 images or 0 tokens pass a LoRA layer and an fp8 layer as they pass nn.Linear, forward and backward."""
+    base = torch.nn.Linear(8, 12)
+    for layer in (sd.LoRALinear(base, rank=2, alpha=2.0), sd.Fp8Linear(*sd.quantize_fp8(base.weight), base.bias)):
+        for shape in ((0, 8), (2, 0, 8)):
+            x = torch.randn(shape, requires_grad=True)
+            out = layer(x)
+            assert out.shape == (*shape[:-1], 12)
+            out.sum().backward()
+            assert x.grad.shape == shape
+
+
 def test_norms_run_in_their_input_dtype_under_autocast(monkeypatch):
     """LayerNorm and the q/k RMSNorms run with autocast off, in their input's bf16: CUDA's autocast lists them as
     fp32 operators, and the matmul or attention after them would cast their fp32 outputs back (two copies)."""
