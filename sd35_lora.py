@@ -18,20 +18,20 @@ have. Sections (line numbers):
       192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       506  LoRA                             LoRALinear and add_lora
-      656  VAE                              16-channel autoencoder, the latent scale and shift
-      801  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1005  Data                             dataset scan, aspect buckets, the latent and text cache
-     1170  Training                         Trainer and the training loop
-     1422  Part 2: plumbing                 a reader can stop here
-     1429  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1847  Hub Downloads                    snapshot downloads, tokenizers
-     1898  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2063  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2158  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2349  Output Files                     atomic writes, loss.png
-     2417  Several Processes (torchrun)     one all-reduce per step
-     2456  Command Line and the Tiny Model  main(), --tiny
+      657  VAE                              16-channel autoencoder, the latent scale and shift
+      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1006  Data                             dataset scan, aspect buckets, the latent and text cache
+     1171  Training                         Trainer and the training loop
+     1423  Part 2: plumbing                 a reader can stop here
+     1430  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1848  Hub Downloads                    snapshot downloads, tokenizers
+     1899  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2064  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2159  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2350  Output Files                     atomic writes, loss.png
+     2418  Several Processes (torchrun)     one all-reduce per step
+     2457  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -533,8 +533,8 @@ class FrozenLinear(torch.autograd.Function):
             hidden = x_lora @ down.t()                                                  # (N, rank)
             out = torch.addmm(out.to(x_lora.dtype), hidden, up.t(), alpha=scale)        # (N, out)
         ctx.save_for_backward(weight, w_scale, x_lora, hidden, down, up)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        return out.view(*x.shape[:-1], -1)
+        ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])                           # not -1: ambiguous for 0 rows
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -548,8 +548,9 @@ class FrozenLinear(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_x_lora = ((grad_hidden @ down) * ctx.scale).view(ctx.x_shape)    # x_lora: x's shape
         if ctx.needs_input_grad[0]:
-            w = weight if w_scale is None else dequantize_fp8(weight, w_scale, g.dtype)
-            grad_x = g.to(w.dtype) @ w                                  # (g is fp32 for an fp32 update)
+            # the base matmul ran in x's dtype (autocast casts fp32 weights to it); g: fp32 for an fp32 update
+            w = weight.to(ctx.x_dtype) if w_scale is None else dequantize_fp8(weight, w_scale, ctx.x_dtype)
+            grad_x = g.to(ctx.x_dtype) @ w
             if grad_hidden is not None and grad_x_lora is None:        # x fed the update too
                 grad_x = torch.addmm(grad_x, grad_hidden, down, alpha=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)

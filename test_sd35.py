@@ -551,11 +551,12 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         return torch.nn.functional.linear(x, weight, layer.bias) + layer.scale * (kept @ down.T @ up.T)
     for got, want in zip(grads(layer, x, False), grads(reference, x, False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    layer.weight.data = layer.weight.data if fp8 else layer.weight.data.bfloat16()
-    layer.bias.data = layer.bias.data.bfloat16()
-    for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+    for weights in (torch.float32, torch.bfloat16):     # autocast on fp32 weights (the usual AMP recipe) and bf16
+        layer.weight.data = layer.weight.data if fp8 else layer.weight.data.to(weights)
+        layer.bias.data = layer.bias.data.to(weights)
+        for got, want in zip(grads(layer, x.bfloat16(), True), grads(reference, x.bfloat16(), True)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
     from torch.profiler import profile
     for needs_grad, matmuls in ((True, 5), (False, 3)):        # no input gradient wanted: none computed
         with torch.autocast("cpu", dtype=torch.bfloat16):      # (5: x's gradient through W and the update)
@@ -563,6 +564,18 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         with profile() as prof:
             out.backward()
         assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) == matmuls
+
+
+def test_frozen_layers_take_an_empty_batch_like_nn_linear():
+    """0 images or 0 tokens pass a LoRA layer and an fp8 layer as they pass nn.Linear, forward and backward."""
+    base = torch.nn.Linear(8, 12)
+    for layer in (sd.LoRALinear(base, rank=2, alpha=2.0), sd.Fp8Linear(*sd.quantize_fp8(base.weight), base.bias)):
+        for shape in ((0, 8), (2, 0, 8)):
+            x = torch.randn(shape, requires_grad=True)
+            out = layer(x)
+            assert out.shape == (*shape[:-1], 12)
+            out.sum().backward()
+            assert x.grad.shape == shape
 
 
 def test_norms_run_in_their_input_dtype_under_autocast(monkeypatch):
