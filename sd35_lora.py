@@ -23,15 +23,15 @@ have. Sections (line numbers):
       837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1006  Data                             dataset scan, aspect buckets, the latent and text cache
      1171  Training                         Trainer and the training loop
-     1423  Part 2: plumbing                 a reader can stop here
-     1430  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1848  Hub Downloads                    snapshot downloads, tokenizers
-     1899  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2064  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2159  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2350  Output Files                     atomic writes, loss.png
-     2418  Several Processes (torchrun)     one all-reduce per step
-     2457  Command Line and the Tiny Model  main(), --tiny
+     1426  Part 2: plumbing                 a reader can stop here
+     1433  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1851  Hub Downloads                    snapshot downloads, tokenizers
+     1902  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2067  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2162  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2353  Output Files                     atomic writes, loss.png
+     2421  Several Processes (torchrun)     one all-reduce per step
+     2460  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1259,6 +1259,9 @@ class Trainer:
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
+        if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
+            print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
+                  f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
         weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         self.global_batch = tc.batch_size * tc.grad_accum * self.world

@@ -1076,13 +1076,19 @@ def test_training_end_to_end_overfits_and_writes_outputs(tmp_path):
         sd.train(tiny_config(tmp_path))
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path):
+def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
+    """Also: resuming a finished run without raising train.steps says there is nothing to train (it returned
+    the LoRA without a word, as if it had trained on)."""
     make_dataset(tmp_path / "data")
     shared = {"train.save_every": 6, "sample.sample_every": 0, "lora.dropout": 0.1, "dataset.flip": True,
               "dataset.caption_dropout": 0.3, "train.batch_size": 2, "train.grad_accum": 2}
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "full")}))
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 6, "output_dir": str(tmp_path / "half")}))
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")
+    capsys.readouterr()
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
+    assert "nothing to train: the checkpoint is at step 12 and train.steps is 12" in capsys.readouterr().err
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
 
 
