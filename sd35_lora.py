@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1171  Training                         Trainer and the training loop
      1426  Part 2: plumbing                 a reader can stop here
      1433  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1851  Hub Downloads                    snapshot downloads, tokenizers
-     1902  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2067  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2162  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2353  Output Files                     atomic writes, loss.png
-     2421  Several Processes (torchrun)     one all-reduce per step
-     2460  Command Line and the Tiny Model  main(), --tiny
+     1854  Hub Downloads                    snapshot downloads, tokenizers
+     1906  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2071  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2166  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2357  Output Files                     atomic writes, loss.png
+     2425  Several Processes (torchrun)     one all-reduce per step
+     2464  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1600,7 +1600,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
-                        f"give the right folder (--model, or --vae for the VAE)")
+                        f"give the right folder (--model, or --vae for the VAE; in a config: model, vae)")
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
 
@@ -1675,7 +1675,8 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
     overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae")
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
+                        f"(config: vae)")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -1759,9 +1760,10 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
             where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else "pass --text-encoders DIR: clip_l, clip_g, t5xxl files or a diffusers SD3.5 folder")
+                     else "pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl files or "
+                          "a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
-                            + "; T5 may be skipped with --no-t5" * (role == "t5xxl"))
+                            + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
@@ -1831,10 +1833,11 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
-        raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (clip_l, clip_g, t5xxl "
-                        f".safetensors files, or a diffusers-layout SD3.5 folder)")
+        raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (config: text_encoders; "
+                        f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
-        raise UserError(f"{root} holds no VAE: pass --vae (a diffusers SD3.5 folder or its vae/ folder)")
+        raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or its vae/ "
+                        f"folder)")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
@@ -1895,7 +1898,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
-                        f" --local-dir DIR` where there is a network, then --model DIR; gated? accept the"
+                        f" --local-dir DIR` where there is a network, then --model DIR (config: model: DIR);"
+                        f" gated? accept the"
                         f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
 
 

@@ -8,7 +8,8 @@ VM does not inflate: the ratios then scatter about 1% instead of 3-5%.
 1. MMDiT forward vs diffusers' SD3Transformer2DModel on the same weights and inputs (SD3.5 Medium width:
    hidden 1536, 24 heads, dual attention in the first blocks, qk-norm; `--layers` of its 24 blocks to fit a CPU).
 2. LoRA cost: a training step (forward + backward) with an unmerged rank-16 `attn` LoRA vs the same step
-   training nothing, and a merged-LoRA forward vs the plain forward.
+   without a LoRA, training only the patch embedder's weight (so backward runs through every block), and a
+   merged-LoRA forward vs the plain forward.
 
     python .ci/bench_cpu.py --count-ops
 

@@ -18,7 +18,8 @@
              training steps of Large (bf16, fp8, fp8 forced to dequantize) and Medium (fp8); a Medium CFG sampling
              step, eager and compiled, bf16 vs fp8 with the relative error of the output; Large sampling, T5 offloaded.
 Peaks are max_memory_allocated since the stage's reset; `start_allocated_gib` is what was resident at the reset.
-Each finished stage prints one JSON line and rewrites bench_gpu.json in $OUT (or /tmp).
+Each stage prints a JSON line of its results so far as each of its parts (model size, fp8 check) finishes,
+and rewrites bench_gpu.json in $OUT (or /tmp).
 """
 import contextlib
 import gc
