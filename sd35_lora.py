@@ -9,7 +9,7 @@
 
 Data flow:
     sampling:  prompts -> TextEncoders -> (context, pooled) -> denoise(MMDiT [+LoRA]) -> latents -> VAE
-    training:  images -> VAE.encode -> latents --+  (cached on disk; the encoders then leave the GPU)
+    training:  images -> VAE.encode_moments -----+  (cached on disk; latents drawn per batch)
                captions -> TextEncoders -> cond -+-> flow-matching loss on MMDiT+LoRA -> AdamW -> LoRA file
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
@@ -895,7 +895,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(),
             progress: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
-    skip-layer guidance adds a cond pass without `slg_layers` in the early-middle steps."""
+    skip-layer guidance adds a cond pass without `slg_layers` in the steps of SLG_WINDOW (1 %-20 %)."""
     check_choice("sampler", sampler, SAMPLERS)
     from tqdm import tqdm
     use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
