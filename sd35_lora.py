@@ -22,16 +22,16 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1006  Data                             dataset scan, aspect buckets, the latent and text cache
-     1171  Training                         Trainer and the training loop
-     1426  Part 2: plumbing                 a reader can stop here
-     1433  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1854  Hub Downloads                    snapshot downloads, tokenizers
-     1906  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2071  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2166  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2357  Output Files                     atomic writes, loss.png
-     2425  Several Processes (torchrun)     one all-reduce per step
-     2464  Command Line and the Tiny Model  main(), --tiny
+     1172  Training                         Trainer and the training loop
+     1427  Part 2: plumbing                 a reader can stop here
+     1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1855  Hub Downloads                    snapshot downloads, tokenizers
+     1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2072  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2167  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2358  Output Files                     atomic writes, loss.png
+     2426  Several Processes (torchrun)     one all-reduce per step
+     2465  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -991,7 +991,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
-        layers = [i for i in s.slg_layers if i < depth]                    # presets may exceed a tiny model
+        layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
         x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
@@ -1027,10 +1027,11 @@ def files_under(root: Path) -> list[Path]:
     real folder once: a link to a parent is no loop."""
     seen, files = set(), []
     for folder, subfolders, names in os.walk(root, followlinks=True):
-        if os.path.realpath(folder) in seen:
+        real = os.path.realpath(folder)
+        if real in seen:
             subfolders.clear()
             continue
-        seen.add(os.path.realpath(folder))
+        seen.add(real)
         files += [Path(folder, name) for name in names]
     return files
 
@@ -2536,9 +2537,9 @@ def main(argv=None):
         # "none" when several machines are started without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
-        saved = list(Path("runs").glob("tiny_*/training_state.safetensors"))
-        if args.tiny and args.resume and saved:                 # continue the newest tiny run that saved
-            stamp = max(saved, key=lambda p: p.stat().st_mtime).parent.name.removeprefix("tiny_")
+        if args.tiny and args.resume:                           # continue the newest tiny run that saved
+            saved = sorted(Path("runs").glob("tiny_*/training_state.safetensors"), key=os.path.getmtime)
+            stamp = saved[-1].parent.name.removeprefix("tiny_") if saved else stamp
         tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
