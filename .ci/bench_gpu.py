@@ -14,8 +14,8 @@
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
              sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory.
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
-4. fp8:      issue 9's float8 weights: a torch._scaled_mm row-wise check against the dequantized matmul; LoRA
-             training steps of Large (bf16, fp8, fp8 forced to dequantize) and Medium (fp8); a Medium CFG sampling
+4. fp8:      issue 9's float8 weights: a compiled torch._scaled_mm row-wise check against the dequantized matmul;
+             LoRA training steps of Large (bf16 and fp8, eager and compiled) and Medium (fp8); a Medium CFG sampling
              step, eager and compiled, bf16 vs fp8 with the relative error of the output; Large sampling, T5 offloaded.
 Peaks are max_memory_allocated since the stage's reset; `start_allocated_gib` is what was resident at the reset.
 Each stage prints a JSON line of its results so far as each of its parts (model size, fp8 check) finishes,
@@ -297,47 +297,50 @@ def bench_train():
 
 
 def fp8_scaled_mm_check() -> dict:
-    """torch._scaled_mm row-wise runs (the fp8 path is taken) and matches the dequantized matmul, grad_x included."""
-    calls, scaled_mm = [], torch._scaled_mm
-    torch._scaled_mm = lambda *a, **k: calls.append(1) or scaled_mm(*a, **k)
-    try:
-        g = torch.Generator(DEVICE).manual_seed(0)
-        rows, dim, out_dim = (64, 64, 192) if SMOKE else (2 * 4429, 1536, 6144)   # Medium's qkv, CFG batch 2
-        x = torch.randn(rows, dim, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
-        weight, scale = sd.quantize_fp8(torch.randn(out_dim, dim, device=DEVICE, generator=g) / dim ** 0.5)
-        bias = torch.randn(out_dim, device=DEVICE, dtype=DTYPE, generator=g)
-        dequantized = sd.dequantize_fp8(weight, scale, DTYPE)
-        ref = torch.nn.functional.linear(x, dequantized, bias)
-        out = sd.FrozenLinear.apply(x, weight, scale, bias)
+    """Compiled, torch._scaled_mm row-wise runs (the fp8 path is taken) and matches the dequantized matmul, grad_x
+    included; eager, the layer dequantizes (fp8_matmul says why). Times: fp8 compiled, dequantized eager, bf16."""
+    g = torch.Generator(DEVICE).manual_seed(0)
+    rows, dim, out_dim = (64, 64, 192) if SMOKE else (2 * 4429, 1536, 6144)   # Medium's fc1, CFG batch 2
+    x = torch.randn(rows, dim, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
+    weight, scale = sd.quantize_fp8(torch.randn(out_dim, dim, device=DEVICE, generator=g) / dim ** 0.5)
+    bias = torch.randn(out_dim, device=DEVICE, dtype=DTYPE, generator=g)
+    dequantized = sd.dequantize_fp8(weight, scale, DTYPE)
+    ref = torch.nn.functional.linear(x, dequantized, bias)
+    compiled = torch.compile(lambda *args: sd.FrozenLinear.apply(*args))
+    with torch.profiler.profile() as prof:
+        out = compiled(x, weight, scale, bias)
         out.float().square().sum().backward()
-        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-        grad_ref = 2 * ref.float().to(DTYPE) @ dequantized
-        r = {"scaled_mm_used": bool(calls), "rel_err_vs_dequantized": rel(out, ref), "grad_rel_err": rel(x.grad, grad_ref)}
-        with torch.no_grad():
-            r["fp8_matmul_s"] = seconds_per_call(lambda: sd.FrozenLinear.apply(x, weight, scale, bias), 20)
-            r["bf16_matmul_s"] = seconds_per_call(lambda: torch.nn.functional.linear(x, dequantized, bias), 20)
-        return r
-    finally:
-        torch._scaled_mm = scaled_mm
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    grad_ref = 2 * ref.float().to(DTYPE) @ dequantized
+    r = {"scaled_mm_used": any("scaled_mm" in e.key for e in prof.key_averages()),
+         "rel_err_vs_dequantized": rel(out, ref), "grad_rel_err": rel(x.grad, grad_ref)}
+    with torch.no_grad():
+        r["fp8_compiled_matmul_s"] = seconds_per_call(lambda: compiled(x, weight, scale, bias), 20)
+        r["dequantized_eager_matmul_s"] = seconds_per_call(lambda: sd.FrozenLinear.apply(x, weight, scale, bias), 20)
+        r["bf16_matmul_s"] = seconds_per_call(lambda: torch.nn.functional.linear(x, dequantized, bias), 20)
+    return r
 
 
 def fp8_train(name: str, baseline: bool) -> dict:
-    """LoRA training step as in `train` (rank 16, attn, grad ckpt, 1024 px): fp8 weights vs bf16 in the same run."""
+    """LoRA training step as in `train` (rank 16, attn, grad ckpt, 1024 px): fp8 weights vs bf16 in the same run,
+    eager (fp8 dequantized) and, with `baseline`, compiled (fp8 tensor cores)."""
     r = {}
-    for label in (["bf16"] if baseline else []) + ["fp8"] + (["fp8_dequantize"] if baseline else []):
+    for label in ["bf16", "fp8", "bf16_compiled", "fp8_compiled"][slice(None) if baseline else slice(1, 2)]:
         model = random_mmdit(name)
         model = sd.quantize_mmdit(model) if label.startswith("fp8") else model
-        sd.FP8_MATMUL = label != "fp8_dequantize"
         params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
         model.enable_gradient_checkpointing().train()
+        if label.endswith("compiled") and not SMOKE:
+            model.compile_blocks()
         latents, _, context, pooled = inputs(1, model.cfg)
         reset_peak()
-        r[f"{label}_step_s"] = seconds_per_call(lora_train_step(model, params, latents, context, pooled), 5)
+        step = lora_train_step(model, params, latents, context, pooled, fused=True)       # as `train` makes it
+        r[f"{label}_step_s"] = seconds_per_call(step, 5, warmup=3)
         r[f"{label}_memory"] = peak_gib()
-        model = params = None
-        sd.FP8_MATMUL = True
-    if baseline:
-        r["ratio_fp8_vs_bf16_step"] = round(r["fp8_step_s"] / r["bf16_step_s"], 3)
+        model = params = step = None
+        torch._dynamo.reset()
+    for label in ("", "_compiled") if baseline else ():
+        r[f"ratio_fp8_vs_bf16{label}_step"] = round(r[f"fp8{label}_step_s"] / r[f"bf16{label}_step_s"], 3)
     return r
 
 
@@ -394,7 +397,6 @@ def bench_fp8():
             out[label] = part()
         except Exception:
             out[label] = {"error": traceback.format_exc()[-1500:]}
-        sd.FP8_MATMUL = True
         torch._dynamo.reset()
         reset_peak()
         report("fp8", out)
