@@ -69,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they "
                    "do not fit)")
-    p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; fp8 "
-                   "matmuls on GPUs of compute capability >= 8.9)")
+    p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; "
+                   "with --compile, fp8 matmuls on GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
