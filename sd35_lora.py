@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2072  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2171  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2362  Output Files                     atomic writes, loss.png
-     2430  Several Processes (torchrun)     one all-reduce per step
-     2469  Command Line and the Tiny Model  main(), --tiny
+     2083  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2182  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2373  Output Files                     atomic writes, loss.png
+     2441  Several Processes (torchrun)     one all-reduce per step
+     2480  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1974,6 +1974,8 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
             continue
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
+        if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
+            _two_adapters(path, spellings[module][0], key)
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):
         raise UserError(f"{path} is not a LoRA (no lora_A/B or lora_down/up; {describe_checkpoint(sd)})")
@@ -2019,8 +2021,17 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         official, index, n_parts, swap = spellings[module]
         up = swap_halves(up) if swap else up
-        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / divisor))
+        slots = pieces.setdefault(official, [None] * n_parts)
+        if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
+            _two_adapters(path, official, module)
+        slots[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path)
+
+
+def _two_adapters(path, official: str, key: str):
+    """Keeping either of a layer's two adapters would give other images than the tool that wrote the file."""
+    raise UserError(f"{path} has two adapters for '{official}' (again as '{key}'): a file of two layouts? "
+                    f"keep one of them")
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

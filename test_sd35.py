@@ -794,6 +794,28 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
     assert not sd.lora_layers(model)
 
 
+def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
+    """One file holding a layer's adapter twice (two prefixes, official and diffusers names, fused qkv and to_q):
+    keeping either silently would give other images than the tool that wrote it; refused, naming the layer."""
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key, out=64, a="lora_down", b="lora_up": {f"{key}.{a}.weight": torch.randn(2, 64, generator=g),
+                                                             f"{key}.{b}.weight": torch.randn(out, 2, generator=g)}
+    q = "transformer_blocks.0.attn.to_q"
+    files = {"prefixes": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"base_model.model.{q}")},
+             "layouts": {**pair("lora_unet_joint_blocks_0_x_block_attn_proj"),
+                         **pair("diffusion_model.joint_blocks.0.x_block.attn.proj")},
+             "spellings": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"lora_transformer_{q}")},
+             "fused and split": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),
+                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")}}
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors"),
+                       "two adapters for 'joint_blocks.0.x_block.attn.(qkv|proj)'.*keep one")
+        assert not sd.lora_layers(model) and torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.qkv.weight"],
+                                                         tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.qkv.weight"])
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
