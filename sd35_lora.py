@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2083  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2182  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2373  Output Files                     atomic writes, loss.png
-     2441  Several Processes (torchrun)     one all-reduce per step
-     2480  Command Line and the Tiny Model  main(), --tiny
+     2086  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2185  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2376  Output Files                     atomic writes, loss.png
+     2444  Several Processes (torchrun)     one all-reduce per step
+     2483  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1966,6 +1966,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     for key, tensor in sd.items():
         if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w", key):       # LyCORIS: hada, lokr
             raise UserError(f"{path} is a DoRA, LoHa or LoKr ({key}); only plain LoRA files are supported")
+        if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
+            raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
+                            f"LoRA files are")
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
         module = module.removeprefix(next((p for p in LORA_PREFIXES if module.startswith(p)), ""))

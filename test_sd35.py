@@ -816,6 +816,18 @@ def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_pa
                                                          tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.qkv.weight"])
 
 
+def test_a_peft_lora_with_biases_is_refused_not_loaded_without_them(tmp_path):
+    """PEFT's lora_bias=True adds `lora_B.bias`, which diffusers applies: loading the rest would be another LoRA."""
+    g = torch.Generator().manual_seed(0)
+    key = "transformer.transformer_blocks.0.attn.to_out.0"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 64, generator=g), f"{key}.lora_B.weight": torch.randn(64, 2, generator=g),
+               f"{key}.lora_B.bias": torch.randn(64, generator=g)}, tmp_path / "bias.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "bias.safetensors"), "lora_B.bias.*lora_bias.*not supported")
+    assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"],
+                       tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"])
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
