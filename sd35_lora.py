@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2086  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2185  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2376  Output Files                     atomic writes, loss.png
-     2444  Several Processes (torchrun)     one all-reduce per step
-     2483  Command Line and the Tiny Model  main(), --tiny
+     2090  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2189  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2380  Output Files                     atomic writes, loss.png
+     2448  Several Processes (torchrun)     one all-reduce per step
+     2487  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2022,6 +2022,10 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
+        bound = float(torch.linalg.norm(up)) * float(torch.linalg.norm(down)) * abs(alpha / divisor)
+        if not bound <= torch.finfo(torch.float32).max:     # |(up down)_ij| <= |up| |down|: inf weights else
+            raise UserError(f"{path}: '{module}' has alpha {alpha:g} (rank {rank}): its update would "
+                            f"overflow to inf (a damaged file?); use another file")
         official, index, n_parts, swap = spellings[module]
         up = swap_halves(up) if swap else up
         slots = pieces.setdefault(official, [None] * n_parts)

@@ -828,6 +828,16 @@ def test_a_peft_lora_with_biases_is_refused_not_loaded_without_them(tmp_path):
                        tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"])
 
 
+def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 64, generator=g), f"{key}.lora_up.weight": torch.randn(64, 2, generator=g),
+               f"{key}.alpha": torch.tensor(3e38)}, tmp_path / "huge.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "huge.safetensors"), "alpha 3.*e\\+38.*overflow.*another file")
+    assert torch.isfinite(model.joint_blocks[0].x_block.attn.proj.weight).all()
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
