@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2090  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2189  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2380  Output Files                     atomic writes, loss.png
-     2448  Several Processes (torchrun)     one all-reduce per step
-     2487  Command Line and the Tiny Model  main(), --tiny
+     2092  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2191  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2382  Output Files                     atomic writes, loss.png
+     2450  Several Processes (torchrun)     one all-reduce per step
+     2489  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1939,7 +1939,8 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_")
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
-              ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha"}
+              ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
+              ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
@@ -1980,8 +1981,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
             _two_adapters(path, spellings[module][0], key)
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
-    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):
-        raise UserError(f"{path} is not a LoRA (no lora_A/B or lora_down/up; {describe_checkpoint(sd)})")
+    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
+        what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
+        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     if ignored and groups:                                  # (no groups: read_lora says why)
         print(f"warning: ignored {len(ignored)} tensors of {path} that are no LoRA weights of this model, "
               f"e.g. {ignored[:3]}", file=sys.stderr)

@@ -838,6 +838,25 @@ def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weigh
     assert torch.isfinite(model.joint_blocks[0].x_block.attn.proj.weight).all()
 
 
+def test_peft_keys_with_the_adapter_name_load_and_unknown_lora_layouts_are_named(tmp_path):
+    """A PEFT model's own state dict names the adapter (`lora_A.default.weight`); a layout read nowhere here gets an
+    error that shows its keys, not 'is not a LoRA ... it looks like a LoRA (load it with --lora)'."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    key = "base_model.model.transformer_blocks.1.attn.to_out.0"
+    save_file({f"{key}.lora_A.default.weight": a, f"{key}.lora_B.default.weight": b}, tmp_path / "peft.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "peft.safetensors")
+    by_hand.joint_blocks[1].x_block.attn.proj.weight.data += b @ a
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    save_file({f"{key}.lora_A.style.weight": a, f"{key}.lora_B.style.weight": b}, tmp_path / "named.safetensors")
+    with pytest.raises(sd.UserError, match=r"lora_A\.style\.weight") as e:
+        sd.load_lora(model, tmp_path / "named.safetensors")
+    assert "load it with --lora" not in str(e.value)
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
