@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2092  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2191  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2382  Output Files                     atomic writes, loss.png
-     2450  Several Processes (torchrun)     one all-reduce per step
-     2489  Command Line and the Tiny Model  main(), --tiny
+     2099  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2198  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2389  Output Files                     atomic writes, loss.png
+     2457  Several Processes (torchrun)     one all-reduce per step
+     2496  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1984,9 +1984,16 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
-    if ignored and groups:                                  # (no groups: read_lora says why)
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are no LoRA weights of this model, "
-              f"e.g. {ignored[:3]}", file=sys.stderr)
+    text = [k for k in ignored if re.match(r"(lora_te\d*_|text_encoders?(_\d)?\.)", k)]   # CLIP-L/G, T5
+    if text and not groups:
+        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
+    if text:                            # diffusers and ComfyUI apply it: their images differ from these
+        print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
+              f"only its MMDiT part", file=sys.stderr)
+    if len(ignored) > len(text) and groups:                 # (no groups: read_lora says why)
+        rest = [k for k in ignored if k not in text]
+        print(f"warning: ignored {len(rest)} tensors of {path} that are no LoRA weights of this model, "
+              f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
 
 

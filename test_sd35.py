@@ -857,6 +857,21 @@ def test_peft_keys_with_the_adapter_name_load_and_unknown_lora_layouts_are_named
     assert "load it with --lora" not in str(e.value)
 
 
+def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, capsys):
+    """diffusers and ComfyUI apply a LoRA's text-encoder part (text_encoder., lora_te1_...); here only the MMDiT's
+    loads: the warning says so (it called them 'no LoRA weights of this model'), a text-encoder-only file is refused."""
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+                        f"{key}.lora_up.weight": torch.randn(64, 2, generator=g)}
+    text = {**pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
+            **pair("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj")}
+    save_file({**pair("lora_unet_joint_blocks_0_x_block_attn_proj"), **text}, tmp_path / "both.safetensors")
+    assert sd.load_lora(tiny_mmdit(), tmp_path / "both.safetensors") == 1
+    assert "text-encoder LoRA (4 tensors" in capsys.readouterr().err
+    save_file(text, tmp_path / "text.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "text.safetensors"), "text-encoder LoRA only")
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
