@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2099  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2198  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2389  Output Files                     atomic writes, loss.png
-     2457  Several Processes (torchrun)     one all-reduce per step
-     2496  Command Line and the Tiny Model  main(), --tiny
+     2102  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2201  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2392  Output Files                     atomic writes, loss.png
+     2460  Several Processes (torchrun)     one all-reduce per step
+     2499  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2023,6 +2023,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
+        if down.ndim == 4:                                  # sd-scripts' emb_dims: x_embedder's 2x2 conv
+            raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): not "
+                            f"supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
                             f"vs up {tuple(up.shape)}")

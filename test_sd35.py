@@ -872,6 +872,14 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "text.safetensors"), "text-encoder LoRA only")
 
 
+def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
+    """sd-scripts' emb_dims train the x_embedder's 2x2 conv: down (r, 16, 2, 2), up (hidden, r, 1, 1)."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_x_embedder_proj.lora_down.weight": torch.randn(2, 16, 2, 2, generator=g),
+               "lora_unet_x_embedder_proj.lora_up.weight": torch.randn(64, 2, 1, 1, generator=g)}, tmp_path / "c.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "c.safetensors"), "x_embedder.*convolution.*not supported")
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
