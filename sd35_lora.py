@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2102  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2201  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2392  Output Files                     atomic writes, loss.png
-     2460  Several Processes (torchrun)     one all-reduce per step
-     2499  Command Line and the Tiny Model  main(), --tiny
+     2115  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2214  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2405  Output Files                     atomic writes, loss.png
+     2473  Several Processes (torchrun)     one all-reduce per step
+     2512  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2006,8 +2006,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)
-    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
+    alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
     for official, parts in diffusers_names(depth).items():
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
@@ -2032,7 +2031,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
-        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        key = next((k for k in alphas if re.match(rf"(.*\.)?({k})$", module)), None)   # as PEFT matches
+        alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         bound = float(torch.linalg.norm(up)) * float(torch.linalg.norm(down)) * abs(alpha / divisor)
         if not bound <= torch.finfo(torch.float32).max:     # |(up down)_ij| <= |up| |down|: inf weights else
@@ -2051,6 +2051,19 @@ def _two_adapters(path, official: str, key: str):
     """Keeping either of a layer's two adapters would give other images than the tool that wrote the file."""
     raise UserError(f"{path} has two adapters for '{official}' (again as '{key}'): a file of two layouts? "
                     f"keep one of them")
+
+
+def _alpha_pattern(peft: dict, path) -> dict[str, float]:
+    """PEFT's per-module alphas, {module name regex: alpha}, checked: the metadata is untrusted."""
+    alphas = peft.get("alpha_pattern") or {}
+    try:
+        for k, v in alphas.items():
+            re.compile(k)
+            if type(v) not in (int, float) or not abs(v) <= 1e9:
+                raise ValueError
+    except (AttributeError, re.error, ValueError):
+        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again") from None
+    return alphas
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -722,10 +722,11 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     assert_images_close(images_of(paths), ref_images)
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
+@pytest.mark.parametrize("rslora, patterns", [(False, False), (True, False), (False, True), (True, True)])
+def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patterns):
     """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers; rsLoRA
-    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it."""
+    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it; per-module ranks and alphas
+    (rank_pattern, alpha_pattern: keys matched as PEFT matches them) as PEFT computes them."""
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
@@ -734,7 +735,8 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
     transformer = parts["transformer"]
     transformer.save_pretrained(tmp_path / "base" / "transformer")
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
-                        use_rslora=rslora)
+                        use_rslora=rslora, rank_pattern={"to_q": 2, "transformer_blocks.1.attn.to_k": 3} if patterns else {},
+                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5} if patterns else {})
     transformer.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -759,6 +761,10 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
         sd.load_lora(ours, path)
         with torch.no_grad():
             torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
+    for bad in ({"to_(q": 2}, {"to_q": "2"}, [2]):                  # untrusted metadata: a one-line error
+        save_file(load_file(written), tmp_path / "bad.safetensors",
+                  {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": bad})})
+        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern is no")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
     with pytest.raises(sd.UserError, match="DoRA"):
         sd.load_lora(ours, tmp_path / "dora.safetensors")
