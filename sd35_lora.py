@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2115  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2214  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2405  Output Files                     atomic writes, loss.png
-     2473  Several Processes (torchrun)     one all-reduce per step
-     2512  Command Line and the Tiny Model  main(), --tiny
+     2116  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2215  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2406  Output Files                     atomic writes, loss.png
+     2474  Several Processes (torchrun)     one all-reduce per step
+     2513  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1935,9 +1935,10 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
 # prefix, lora_A/B; kohya: `lora_unet_` + official names flattened with "_", lora_down/up and alpha; ComfyUI:
-# `diffusion_model.` + official names, or `lora_transformer_` + flattened diffusers names.
+# `diffusion_model.` + official names, or `lora_transformer_` (OneTrainer) or `lycoris_` (SimpleTuner's
+# LyCORIS) + flattened diffusers names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                 "lora_unet_", "lora_transformer_")
+                 "lora_unet_", "lora_transformer_", "lycoris_")
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()

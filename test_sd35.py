@@ -886,6 +886,22 @@ def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mis
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "c.safetensors"), "x_embedder.*convolution.*not supported")
 
 
+def test_simpletuner_lycoris_plain_lora_loads_as_comfyui_reads_it(tmp_path):
+    """SimpleTuner's LyCORIS files (algo lora) name modules `lycoris_` + the diffusers name flattened, with alphas;
+    ComfyUI reads them."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "lycoris_transformer_blocks_1_attn_add_k_proj"
+    save_file({f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(2.0)},
+              tmp_path / "l.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    assert sd.load_lora(model, tmp_path / "l.safetensors") == 1
+    by_hand.joint_blocks[1].context_block.attn.qkv.weight.data[64:128] += b @ a * (2.0 / 4)
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
