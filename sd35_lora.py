@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2116  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2215  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2406  Output Files                     atomic writes, loss.png
-     2474  Several Processes (torchrun)     one all-reduce per step
-     2513  Command Line and the Tiny Model  main(), --tiny
+     2122  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2221  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2412  Output Files                     atomic writes, loss.png
+     2480  Several Processes (torchrun)     one all-reduce per step
+     2519  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1939,6 +1939,7 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 # LyCORIS) + flattened diffusers names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_", "lycoris_")
+TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' part: CLIP-L, CLIP-G, T5
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
@@ -1971,6 +1972,11 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
             raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
                             f"LoRA files are")
+        if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
+            if tensor.any():                                # (bias_diff on): zero ones change nothing
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI LoraSave's "
+                                f"bias_diff): not supported; save the LoRA with bias_diff off")
+            continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
         module = module.removeprefix(next((p for p in LORA_PREFIXES if module.startswith(p)), ""))
@@ -1985,7 +1991,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
-    text = [k for k in ignored if re.match(r"(lora_te\d*_|text_encoders?(_\d)?\.)", k)]   # CLIP-L/G, T5
+    text = [k for k in ignored if re.match(TEXT_LORA, k)]
     if text and not groups:
         raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
     if text:                            # diffusers and ComfyUI apply it: their images differ from these

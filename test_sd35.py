@@ -902,6 +902,26 @@ def test_simpletuner_lycoris_plain_lora_loads_as_comfyui_reads_it(tmp_path):
         torch.testing.assert_close(model(*x), by_hand(*x))
 
 
+def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_path, capsys):
+    """ComfyUI's LoraSave (bias_diff on by default) adds `.diff_b` for every bias and `.diff` for 1-D weights: zero
+    ones change nothing, others would be dropped (the LoRA loaded without them): refused."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "diffusion_model.joint_blocks.0.x_block.attn.proj"
+    tensors = {f"{key}.lora_down.weight": a.half(), f"{key}.lora_up.weight": b.half(), f"{key}.diff_b": torch.zeros(64).half(),
+               "diffusion_model.joint_blocks.0.x_block.attn.ln_q.diff": torch.zeros(16).half()}
+    save_file(tensors, tmp_path / "zero.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "zero.safetensors")
+    assert "ignored" not in capsys.readouterr().err
+    by_hand.joint_blocks[0].x_block.attn.proj.weight.data += b.half().float() @ a.half().float()
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    save_file({**tensors, f"{key}.diff_b": torch.ones(64).half()}, tmp_path / "bias.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bias.safetensors"), "attn.proj.diff_b.*bias_diff")
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
