@@ -1992,9 +1992,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
-    if text and not groups:
+    if text and not groups and len(text) == len(ignored):  # (else e.g. an SDXL LoRA: read_lora says so)
         raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
-    if text:                            # diffusers and ComfyUI apply it: their images differ from these
+    if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
         print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
               f"only its MMDiT part", file=sys.stderr)
     if len(ignored) > len(text) and groups:                 # (no groups: read_lora says why)

@@ -876,6 +876,10 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     assert "text-encoder LoRA (4 tensors" in capsys.readouterr().err
     save_file(text, tmp_path / "text.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "text.safetensors"), "text-encoder LoRA only")
+    save_file({**pair("lora_unet_input_blocks_4_1_proj_in"), **text}, tmp_path / "sdxl.safetensors")   # another model's
+    capsys.readouterr()
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "sdxl.safetensors"), "matches no layer")
+    assert "text-encoder" not in capsys.readouterr().err
 
 
 def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
