@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2072  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2171  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2362  Output Files                     atomic writes, loss.png
-     2430  Several Processes (torchrun)     one all-reduce per step
-     2469  Command Line and the Tiny Model  main(), --tiny
+     2122  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2221  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2412  Output Files                     atomic writes, loss.png
+     2480  Several Processes (torchrun)     one all-reduce per step
+     2519  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1935,11 +1935,14 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
 # prefix, lora_A/B; kohya: `lora_unet_` + official names flattened with "_", lora_down/up and alpha; ComfyUI:
-# `diffusion_model.` + official names, or `lora_transformer_` + flattened diffusers names.
+# `diffusion_model.` + official names, or `lora_transformer_` (OneTrainer) or `lycoris_` (SimpleTuner's
+# LyCORIS) + flattened diffusers names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                 "lora_unet_", "lora_transformer_")
+                 "lora_unet_", "lora_transformer_", "lycoris_")
+TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' part: CLIP-L, CLIP-G, T5
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
-              ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha"}
+              ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
+              ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
@@ -1966,6 +1969,14 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     for key, tensor in sd.items():
         if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w", key):       # LyCORIS: hada, lokr
             raise UserError(f"{path} is a DoRA, LoHa or LoKr ({key}); only plain LoRA files are supported")
+        if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
+            raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
+                            f"LoRA files are")
+        if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
+            if tensor.any():                                # (bias_diff on): zero ones change nothing
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI LoraSave's "
+                                f"bias_diff): not supported; save the LoRA with bias_diff off")
+            continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
         module = module.removeprefix(next((p for p in LORA_PREFIXES if module.startswith(p)), ""))
@@ -1974,12 +1985,22 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
             continue
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
+        if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
+            _two_adapters(path, spellings[module][0], key)
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
-    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):
-        raise UserError(f"{path} is not a LoRA (no lora_A/B or lora_down/up; {describe_checkpoint(sd)})")
-    if ignored and groups:                                  # (no groups: read_lora says why)
-        print(f"warning: ignored {len(ignored)} tensors of {path} that are no LoRA weights of this model, "
-              f"e.g. {ignored[:3]}", file=sys.stderr)
+    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
+        what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
+        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
+    text = [k for k in ignored if re.match(TEXT_LORA, k)]
+    if text and not groups and len(text) == len(ignored):  # (else e.g. an SDXL LoRA: read_lora says so)
+        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
+    if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
+        print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
+              f"only its MMDiT part", file=sys.stderr)
+    if len(ignored) > len(text) and groups:                 # (no groups: read_lora says why)
+        rest = [k for k in ignored if k not in text]
+        print(f"warning: ignored {len(rest)} tensors of {path} that are no LoRA weights of this model, "
+              f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
 
 
@@ -1992,8 +2013,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)
-    if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-        raise UserError(f"{path}: PEFT rank_pattern/alpha_pattern (per-module rank/alpha) is not supported")
+    alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
     for official, parts in diffusers_names(depth).items():
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
@@ -2009,18 +2029,48 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
+        if down.ndim == 4:                                  # sd-scripts' emb_dims: x_embedder's 2x2 conv
+            raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): not "
+                            f"supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
                             f"vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
-        alpha = float(t["alpha"]) if "alpha" in t else float(peft.get("lora_alpha", rank))
+        key = next((k for k in alphas if re.match(rf"(.*\.)?({k})$", module)), None)   # as PEFT matches
+        alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
+        bound = float(torch.linalg.norm(up)) * float(torch.linalg.norm(down)) * abs(alpha / divisor)
+        if not bound <= torch.finfo(torch.float32).max:     # |(up down)_ij| <= |up| |down|: inf weights else
+            raise UserError(f"{path}: '{module}' has alpha {alpha:g} (rank {rank}): its update would "
+                            f"overflow to inf (a damaged file?); use another file")
         official, index, n_parts, swap = spellings[module]
         up = swap_halves(up) if swap else up
-        pieces.setdefault(official, [None] * n_parts)[index] = (down, up * (alpha / divisor))
+        slots = pieces.setdefault(official, [None] * n_parts)
+        if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
+            _two_adapters(path, official, module)
+        slots[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path)
+
+
+def _two_adapters(path, official: str, key: str):
+    """Keeping either of a layer's two adapters would give other images than the tool that wrote the file."""
+    raise UserError(f"{path} has two adapters for '{official}' (again as '{key}'): a file of two layouts? "
+                    f"keep one of them")
+
+
+def _alpha_pattern(peft: dict, path) -> dict[str, float]:
+    """PEFT's per-module alphas, {module name regex: alpha}, checked: the metadata is untrusted."""
+    alphas = peft.get("alpha_pattern") or {}
+    try:
+        for k, v in alphas.items():
+            re.compile(k)
+            if type(v) not in (int, float) or not abs(v) <= 1e9:
+                raise ValueError
+    except (AttributeError, re.error, ValueError):
+        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again") from None
+    return alphas
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -722,10 +722,11 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     assert_images_close(images_of(paths), ref_images)
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
+@pytest.mark.parametrize("rslora, patterns", [(False, False), (True, False), (False, True), (True, True)])
+def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patterns):
     """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers; rsLoRA
-    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it."""
+    (use_rslora in the metadata) scales by alpha / sqrt(r), as diffusers loads it; per-module ranks and alphas
+    (rank_pattern, alpha_pattern: keys matched as PEFT matches them) as PEFT computes them."""
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
@@ -734,7 +735,8 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
     transformer = parts["transformer"]
     transformer.save_pretrained(tmp_path / "base" / "transformer")
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
-                        use_rslora=rslora)
+                        use_rslora=rslora, rank_pattern={"to_q": 2, "transformer_blocks.1.attn.to_k": 3} if patterns else {},
+                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5} if patterns else {})
     transformer.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -759,6 +761,10 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora):
         sd.load_lora(ours, path)
         with torch.no_grad():
             torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
+    for bad in ({"to_(q": 2}, {"to_q": "2"}, [2]):                  # untrusted metadata: a one-line error
+        save_file(load_file(written), tmp_path / "bad.safetensors",
+                  {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": bad})})
+        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern is no")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
     with pytest.raises(sd.UserError, match="DoRA"):
         sd.load_lora(ours, tmp_path / "dora.safetensors")
@@ -792,6 +798,132 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
         sd.load_lora(model, tmp_path / "cut.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not sd.lora_layers(model)
+
+
+def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
+    """One file holding a layer's adapter twice (two prefixes, official and diffusers names, fused qkv and to_q):
+    keeping either silently would give other images than the tool that wrote it; refused, naming the layer."""
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key, out=64, a="lora_down", b="lora_up": {f"{key}.{a}.weight": torch.randn(2, 64, generator=g),
+                                                             f"{key}.{b}.weight": torch.randn(out, 2, generator=g)}
+    q = "transformer_blocks.0.attn.to_q"
+    files = {"prefixes": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"base_model.model.{q}")},
+             "layouts": {**pair("lora_unet_joint_blocks_0_x_block_attn_proj"),
+                         **pair("diffusion_model.joint_blocks.0.x_block.attn.proj")},
+             "spellings": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"lora_transformer_{q}")},
+             "fused and split": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),
+                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")}}
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors"),
+                       "two adapters for 'joint_blocks.0.x_block.attn.(qkv|proj)'.*keep one")
+        assert not sd.lora_layers(model) and torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.qkv.weight"],
+                                                         tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.qkv.weight"])
+
+
+def test_a_peft_lora_with_biases_is_refused_not_loaded_without_them(tmp_path):
+    """PEFT's lora_bias=True adds `lora_B.bias`, which diffusers applies: loading the rest would be another LoRA."""
+    g = torch.Generator().manual_seed(0)
+    key = "transformer.transformer_blocks.0.attn.to_out.0"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 64, generator=g), f"{key}.lora_B.weight": torch.randn(64, 2, generator=g),
+               f"{key}.lora_B.bias": torch.randn(64, generator=g)}, tmp_path / "bias.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "bias.safetensors"), "lora_B.bias.*lora_bias.*not supported")
+    assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"],
+                       tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"])
+
+
+def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 64, generator=g), f"{key}.lora_up.weight": torch.randn(64, 2, generator=g),
+               f"{key}.alpha": torch.tensor(3e38)}, tmp_path / "huge.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "huge.safetensors"), "alpha 3.*e\\+38.*overflow.*another file")
+    assert torch.isfinite(model.joint_blocks[0].x_block.attn.proj.weight).all()
+
+
+def test_peft_keys_with_the_adapter_name_load_and_unknown_lora_layouts_are_named(tmp_path):
+    """A PEFT model's own state dict names the adapter (`lora_A.default.weight`); a layout read nowhere here gets an
+    error that shows its keys, not 'is not a LoRA ... it looks like a LoRA (load it with --lora)'."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    key = "base_model.model.transformer_blocks.1.attn.to_out.0"
+    save_file({f"{key}.lora_A.default.weight": a, f"{key}.lora_B.default.weight": b}, tmp_path / "peft.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "peft.safetensors")
+    by_hand.joint_blocks[1].x_block.attn.proj.weight.data += b @ a
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    save_file({f"{key}.lora_A.style.weight": a, f"{key}.lora_B.style.weight": b}, tmp_path / "named.safetensors")
+    with pytest.raises(sd.UserError, match=r"lora_A\.style\.weight") as e:
+        sd.load_lora(model, tmp_path / "named.safetensors")
+    assert "load it with --lora" not in str(e.value)
+
+
+def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, capsys):
+    """diffusers and ComfyUI apply a LoRA's text-encoder part (text_encoder., lora_te1_...); here only the MMDiT's
+    loads: the warning says so (it called them 'no LoRA weights of this model'), a text-encoder-only file is refused."""
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+                        f"{key}.lora_up.weight": torch.randn(64, 2, generator=g)}
+    text = {**pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
+            **pair("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj")}
+    save_file({**pair("lora_unet_joint_blocks_0_x_block_attn_proj"), **text}, tmp_path / "both.safetensors")
+    assert sd.load_lora(tiny_mmdit(), tmp_path / "both.safetensors") == 1
+    assert "text-encoder LoRA (4 tensors" in capsys.readouterr().err
+    save_file(text, tmp_path / "text.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "text.safetensors"), "text-encoder LoRA only")
+    save_file({**pair("lora_unet_input_blocks_4_1_proj_in"), **text}, tmp_path / "sdxl.safetensors")   # another model's
+    capsys.readouterr()
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "sdxl.safetensors"), "matches no layer")
+    assert "text-encoder" not in capsys.readouterr().err
+
+
+def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
+    """sd-scripts' emb_dims train the x_embedder's 2x2 conv: down (r, 16, 2, 2), up (hidden, r, 1, 1)."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_x_embedder_proj.lora_down.weight": torch.randn(2, 16, 2, 2, generator=g),
+               "lora_unet_x_embedder_proj.lora_up.weight": torch.randn(64, 2, 1, 1, generator=g)}, tmp_path / "c.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "c.safetensors"), "x_embedder.*convolution.*not supported")
+
+
+def test_simpletuner_lycoris_plain_lora_loads_as_comfyui_reads_it(tmp_path):
+    """SimpleTuner's LyCORIS files (algo lora) name modules `lycoris_` + the diffusers name flattened, with alphas;
+    ComfyUI reads them."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "lycoris_transformer_blocks_1_attn_add_k_proj"
+    save_file({f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(2.0)},
+              tmp_path / "l.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    assert sd.load_lora(model, tmp_path / "l.safetensors") == 1
+    by_hand.joint_blocks[1].context_block.attn.qkv.weight.data[64:128] += b @ a * (2.0 / 4)
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+
+
+def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_path, capsys):
+    """ComfyUI's LoraSave (bias_diff on by default) adds `.diff_b` for every bias and `.diff` for 1-D weights: zero
+    ones change nothing, others would be dropped (the LoRA loaded without them): refused."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "diffusion_model.joint_blocks.0.x_block.attn.proj"
+    tensors = {f"{key}.lora_down.weight": a.half(), f"{key}.lora_up.weight": b.half(), f"{key}.diff_b": torch.zeros(64).half(),
+               "diffusion_model.joint_blocks.0.x_block.attn.ln_q.diff": torch.zeros(16).half()}
+    save_file(tensors, tmp_path / "zero.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "zero.safetensors")
+    assert "ignored" not in capsys.readouterr().err
+    by_hand.joint_blocks[0].x_block.attn.proj.weight.data += b.half().float() @ a.half().float()
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    save_file({**tensors, f"{key}.diff_b": torch.ones(64).half()}, tmp_path / "bias.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bias.safetensors"), "attn.proj.diff_b.*bias_diff")
 
 
 #################################################################################
