@@ -28,10 +28,10 @@ have. Sections (line numbers):
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2122  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2221  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2412  Output Files                     atomic writes, loss.png
-     2480  Several Processes (torchrun)     one all-reduce per step
-     2519  Command Line and the Tiny Model  main(), --tiny
+     2223  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2414  Output Files                     atomic writes, loss.png
+     2482  Several Processes (torchrun)     one all-reduce per step
+     2521  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2198,7 +2198,7 @@ def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
-    none (1); markers are dropped. fp8: e4m3 weights stay -> {module: per-row s}; else each becomes dtype."""
+    none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {module: row s}; else each: dtype."""
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     if any(not t.is_floating_point() for t in sd.values()):
@@ -2213,6 +2213,8 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
         if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
             scales[module] = scale                      # (load_mmdit: on-read scales win)
+        elif fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):    # e5m2: to e4m3 now, not all
+            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])   # upcast to dtype first
         else:                                           # biases, norms, the rest: one tensor at a time
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
     return scales

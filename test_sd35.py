@@ -1999,6 +1999,31 @@ def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
         torch.testing.assert_close(fp8(*x), plain(*x), rtol=1e-5, atol=1e-5)
 
 
+def test_e5m2_file_is_requantized_while_reading_never_upcast_whole(tmp_path, monkeypatch):
+    """float8_e5m2 matrices (with a per-tensor scale) reach _build already as e4m3 with `fp8`: they were upcast to
+    `dtype` together, the whole MMDiT in bf16 on the host, before quantize_mmdit turned them back one at a time."""
+    model, path = tiny_mmdit(), tmp_path / "e5m2.safetensors"
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if t.ndim == 2 and name.startswith(("joint_blocks.", "context_embedder")):
+            tensors[name] = (t / (t.abs().max() / 57344)).to(torch.float8_e5m2)
+            tensors[name.replace(".weight", ".scale_weight")] = (t.abs().max() / 57344).reshape(())
+        else:
+            tensors[name] = t
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in tensors.items()}, path)
+    real_build = sd._build
+
+    def build(cls, cfg, weights, *args):
+        late = [k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2 and v.dtype != sd.FP8]
+        assert not late, f"{late[0]} reached _build as {weights[late[0]].dtype}"
+        return real_build(cls, cfg, weights, *args)
+    monkeypatch.setattr(sd, "_build", build)
+    fp8 = sd.load_mmdit(path, fp8=True)
+    monkeypatch.setattr(sd, "_build", real_build)
+    after = sd.quantize_mmdit(sd.load_mmdit(path))                    # fp32: the same per-row quantization
+    assert all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
+
+
 def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
