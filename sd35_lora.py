@@ -28,10 +28,10 @@ have. Sections (line numbers):
      1855  Hub Downloads                    snapshot downloads, tokenizers
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2122  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2223  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2414  Output Files                     atomic writes, loss.png
-     2482  Several Processes (torchrun)     one all-reduce per step
-     2521  Command Line and the Tiny Model  main(), --tiny
+     2224  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2415  Output Files                     atomic writes, loss.png
+     2483  Several Processes (torchrun)     one all-reduce per step
+     2522  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2147,9 +2147,10 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias)
     """(N, in) x fp8 W^T + b: on fp8 tensor cores when compiled on a card with them, else W dequantized."""
     # Eager, quantizing x per token takes separate kernels that cost more than the fp8 GEMM saves (H200, Large
     # LoRA step: 0.60 s vs 0.56 s dequantized); compiled, they fuse into the kernel before it and the fp8 GEMM
-    # wins. torch._scaled_mm with row-wise scales needs compute capability >= 8.9, bf16, dims multiple of 16.
-    if not (FP8_MATMUL and torch.compiler.is_compiling() and x.is_cuda and x.dtype == torch.bfloat16
-            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
+    # wins. torch._scaled_mm with row-wise scales needs an NVIDIA card of compute capability >= 8.9 (ROCm's
+    # takes other fp8 types), bf16, dims multiple of 16.
+    if not (FP8_MATMUL and torch.compiler.is_compiling() and x.is_cuda and not torch.version.hip
+            and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
             and torch.cuda.get_device_capability(x.device) >= (8, 9)):
         return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
     rows, x_scale = quantize_fp8(x)                              # fp8 tensor cores: x quantized per token
