@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2072  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2171  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2362  Output Files                     atomic writes, loss.png
-     2430  Several Processes (torchrun)     one all-reduce per step
-     2469  Command Line and the Tiny Model  main(), --tiny
+     2368  Output Files                     atomic writes, loss.png
+     2436  Several Processes (torchrun)     one all-reduce per step
+     2475  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2190,9 +2190,10 @@ def _coerce(value, default, key: str):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value
-    if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
+    for parse in (int, float) if isinstance(value, str) else ():    # read_yaml leaves numbers as text
         with contextlib.suppress(ValueError):
-            value = float(value)
+            value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
+            break
     kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
     if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
@@ -2268,8 +2269,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def read_yaml(path: str):
-    """A YAML file, refusing a key given twice in one section: YAML would silently keep only the last."""
+def read_yaml(path: str, text: str | None = None):
+    """A YAML file (or `text`, named `path` in errors), refusing a key given twice in one section: YAML would
+    silently keep only the last. Numbers and dates stay text, as written: _coerce reads number keys."""
     import yaml
 
     def unique_keys(loader, node):
@@ -2282,7 +2284,11 @@ def read_yaml(path: str):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    return yaml.load(Path(path).read_text(encoding="utf-8"), loader)
+    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` 2024-01-05: paths, prompts rewritten
+    drop = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+    loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -2299,7 +2305,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         try:
-            nested = yaml.safe_load(raw)                # "key=" is YAML's "key:" (null): prompts= -> none
+            nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):

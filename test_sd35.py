@@ -1297,6 +1297,30 @@ def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
 
 
+def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
+    """PyYAML reads YAML 1.1: `output_dir: 010` was the octal 8, `dataset.path: 2024_01` 202401, a prompt `1:30` the
+    sexagesimal 90 and `2024-1-5` the date 2024-01-05, so the run silently used another folder. Text keys keep the
+    text as written (from the file and from --set); number keys read decimal text as before."""
+    (tmp_path / "c.yaml").write_text("output_dir: 010\ndataset:\n  path: 2024_01\n  cache_dir: 2024-1-5\n"
+                                     "sample:\n  prompts: [1:30, 0x10, 1_0.5]\n  seed: 010\n")
+    cfg = sd.load_config(str(tmp_path / "c.yaml"), ["sample.neg=0o17", "model=1_000"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.dataset.cache_dir, cfg.sample.neg, cfg.model) == (
+        "010", "2024_01", "2024-1-5", "0o17", "1_000")
+    assert cfg.sample.prompts == ["1:30", "0x10", "1_0.5"] and cfg.sample.seed == 10     # was 8
+    import yaml
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())        # every number of config.yaml as before
+    flat = sd.flat_config(sd.load_config(str(ROOT / "config.yaml")))
+    numbers = {f"{section}.{key}" if isinstance(values, dict) else section: value
+               for section, values in shipped.items()
+               for key, value in (values.items() if isinstance(values, dict) else [(None, values)])
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert len(numbers) > 25 and all(flat[k] == v for k, v in numbers.items())
+    big = 2**64 - 1                                                     # exact, never through a float
+    assert sd.load_config(None, [f"train.seed={big}", "train.steps=1_000", "train.lr=1e-4"]).train.seed == big
+    assert sd.load_config(None, ["train.steps=1_000", "train.lr=1e-4", "sample.shift=3"]).sample.shift == 3.0
+    one_line_error(lambda: sd.load_config(None, ["train.seed=0x10"]), "'train.seed' must be a whole number")
+
+
 def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     """`output_dir: ~/runs` (and --set output_dir=~/runs, which the shell leaves alone) made a folder named '~' in
     the current one; every path key now expands '~' as a shell would, and text keys keep it."""
