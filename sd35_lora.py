@@ -20,18 +20,18 @@ have. Sections (line numbers):
       506  LoRA                             LoRALinear and add_lora
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1006  Data                             dataset scan, aspect buckets, the latent and text cache
-     1172  Training                         Trainer and the training loop
-     1427  Part 2: plumbing                 a reader can stop here
-     1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1855  Hub Downloads                    snapshot downloads, tokenizers
-     1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2072  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2171  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2368  Output Files                     atomic writes, loss.png
-     2436  Several Processes (torchrun)     one all-reduce per step
-     2475  Command Line and the Tiny Model  main(), --tiny
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1029  Data                             dataset scan, aspect buckets, the latent and text cache
+     1197  Training                         Trainer and the training loop
+     1454  Part 2: plumbing                 a reader can stop here
+     1461  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1882  Hub Downloads                    snapshot downloads, tokenizers
+     1934  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2099  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2198  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2395  Output Files                     atomic writes, loss.png
+     2463  Several Processes (torchrun)     one all-reduce per step
+     2502  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -819,6 +819,28 @@ class TextEncoders:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(self.clip_l.device)
 
+    def warn_cut(self, texts: list[str], each: bool = True):
+        """Warn of texts longer than CLIP's 77 tokens or T5's t5_length, which encode cuts without a word (as
+        transformers does; diffusers warns): a line per prompt (each), else one line counting the captions."""
+        texts = list(dict.fromkeys(texts)) if each else texts
+        windows = [("CLIP", self.tok_l, self.tok_l.model_max_length)]
+        windows += [("T5", self.tok_t5, self.t5_length)] if self.t5 is not None else []
+        tokens = [tok(texts, verbose=False).input_ids if texts else [] for _, tok, _ in windows]
+        lengths = [[len(ids) for ids in ids_of] for ids_of in tokens]
+        cut = [[(name, window, n[i]) for (name, _, window), n in zip(windows, lengths) if n[i] > window]
+               for i in range(len(texts))]
+        for text, parts in zip(texts, cut) if each else ():
+            if parts:
+                told = " and ".join(f"{name}'s {window} tokens (of {n})" for name, window, n in parts)
+                print(f"warning: the prompt {text!r:.60} is cut to {told}: the rest is ignored",
+                      file=sys.stderr)
+        if not each and any(cut):
+            per = collections.Counter(part[:2] for parts in cut for part in parts)
+            told = ", ".join(f"{k} to {name}'s {window} tokens" for (name, window), k in per.items())
+            example = next(text for text, parts in zip(texts, cut) if parts)
+            print(f"warning: {sum(map(bool, cut))} of {len(texts)} captions are cut, the rest of them "
+                  f"ignored: {told}; e.g. {example!r:.60}", file=sys.stderr)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
@@ -980,6 +1002,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                         f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
+        pipe.text.warn_cut([*prompts, *[negative] * (s.cfg > 1.0)])
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1131,6 +1154,8 @@ class LatentDataset:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             return store(path, encode, f"the caption {caption!r:.60}")
         from tqdm import tqdm
+        if rank == 0:
+            pipe.text.warn_cut([item["caption"] for item in items], each=False)
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
@@ -1247,6 +1272,8 @@ class Trainer:
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
+            if self.rank == 0 and s.prompts:
+                pipe.text.warn_cut([*s.prompts, *[s.neg] * (self.sample_settings.cfg > 1.0)])
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
