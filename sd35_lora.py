@@ -21,17 +21,17 @@ have. Sections (line numbers):
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1029  Data                             dataset scan, aspect buckets, the latent and text cache
-     1197  Training                         Trainer and the training loop
-     1454  Part 2: plumbing                 a reader can stop here
-     1461  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1882  Hub Downloads                    snapshot downloads, tokenizers
-     1934  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2099  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2198  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2395  Output Files                     atomic writes, loss.png
-     2463  Several Processes (torchrun)     one all-reduce per step
-     2502  Command Line and the Tiny Model  main(), --tiny
+     1033  Data                             dataset scan, aspect buckets, the latent and text cache
+     1201  Training                         Trainer and the training loop
+     1458  Part 2: plumbing                 a reader can stop here
+     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1886  Hub Downloads                    snapshot downloads, tokenizers
+     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2103  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2202  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2399  Output Files                     atomic writes, loss.png
+     2467  Several Processes (torchrun)     one all-reduce per step
+     2506  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -991,8 +991,9 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
-             embeddings=None, progress: bool = True) -> list:
-    """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+             embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
+    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time: all at once, many prompts ran
+    out of GPU memory. `embeddings` = (cond, uncond) skips the text encoders."""
     from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
@@ -1015,7 +1016,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
         layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
-        x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
+        part = lambda pair, i: pair and tuple(t[i:i + batch_size] for t in pair)     # (uncond None stays)
+        x = torch.cat([denoise(pipe.mmdit, x[i:i + batch_size], sigmas, part(cond, i), part(uncond, i), s.cfg,
+                               s.sampler, s.slg_scale, layers, progress)
+                       for i in range(0, len(x), batch_size)])
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
     if not images.isfinite().all():                        # one check per batch, not per sampling step
