@@ -23,15 +23,15 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1033  Data                             dataset scan, aspect buckets, the latent and text cache
      1201  Training                         Trainer and the training loop
-     1458  Part 2: plumbing                 a reader can stop here
-     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1886  Hub Downloads                    snapshot downloads, tokenizers
-     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2103  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2202  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2399  Output Files                     atomic writes, loss.png
-     2467  Several Processes (torchrun)     one all-reduce per step
-     2506  Command Line and the Tiny Model  main(), --tiny
+     1465  Part 2: plumbing                 a reader can stop here
+     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1893  Hub Downloads                    snapshot downloads, tokenizers
+     1945  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2110  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2209  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2406  Output Files                     atomic writes, loss.png
+     2474  Several Processes (torchrun)     one all-reduce per step
+     2513  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1239,6 +1239,13 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
             p.copy_(tensors[f"param.{i}"])
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
+    # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
+    moments = ("exp_avg", "exp_avg_sq")
+    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
+                                                 or any(m[k].shape != params[i].shape for k in moments))]
+    if bad or step and not any(state.values()):
+        raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
+                        f"resume; start anew in another output_dir")
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":

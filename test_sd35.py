@@ -2151,6 +2151,30 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
+    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
+    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
+    tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    moments = {k: None for k in tensors if k.startswith("opt.")}
+    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
+        save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
+        fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
+                       "damaged AdamW moments .*start anew in another output_dir")
+    save_file(tensors, path, meta)                                      # intact: resumes and steps
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    opt = torch.optim.AdamW(fresh)
+    assert sd.load_training_state(path, fresh, opt) == 1
+    sum(p.sum() for p in fresh).backward()
+    opt.step()
+
+
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
