@@ -2580,6 +2580,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
+    cfg = None
     try:
         # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
         # "none" when several machines are started without --rdzv-id)
@@ -2596,7 +2597,10 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
-        sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
+        saved = cfg is not None and Path(cfg.output_dir, "training_state.safetensors").is_file()
+        then = ("continue with --resume" if saved else
+                "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
+        sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
             print("interrupted before training began: nothing new to save (finished cache files are kept)",

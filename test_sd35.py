@@ -2221,6 +2221,26 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
     assert checkpoints() == before
 
 
+def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
+    """main's error for an OSError (a full disk while the log is appended to) said 'then continue with --resume'
+    also before the first checkpoint, where --resume only answers that there is nothing to resume from."""
+    make_dataset(tmp_path / "data")
+    real_open = open
+
+    def full_log(file, mode="r", *args, **kwargs):
+        if str(file).endswith("log.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(sd, "open", full_log, raising=False)
+    cfg = tiny_config(tmp_path, **{"sample.sample_every": 0, "sample.prompts": [], "train.save_every": 100})
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main([])
+    assert not (tmp_path / "run" / "training_state.safetensors").exists()
+    assert e.value.code.startswith("error: [Errno 28]") and "--resume" not in e.value.code, e.value.code
+    assert "no checkpoint" in e.value.code
+
+
 def test_saved_files_get_the_usual_permissions(tmp_path):
     """safetensors creates its files owner-only (0600): a LoRA gets the umask's 0644 like the PNGs next to it."""
     umask = os.umask(0o022)
