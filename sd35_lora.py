@@ -20,18 +20,18 @@ have. Sections (line numbers):
       506  LoRA                             LoRALinear and add_lora
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1006  Data                             dataset scan, aspect buckets, the latent and text cache
-     1172  Training                         Trainer and the training loop
-     1427  Part 2: plumbing                 a reader can stop here
-     1434  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1855  Hub Downloads                    snapshot downloads, tokenizers
-     1907  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2122  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2224  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2415  Output Files                     atomic writes, loss.png
-     2483  Several Processes (torchrun)     one all-reduce per step
-     2522  Command Line and the Tiny Model  main(), --tiny
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1033  Data                             dataset scan, aspect buckets, the latent and text cache
+     1201  Training                         Trainer and the training loop
+     1465  Part 2: plumbing                 a reader can stop here
+     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1893  Hub Downloads                    snapshot downloads, tokenizers
+     1945  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2160  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2262  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2459  Output Files                     atomic writes, loss.png
+     2527  Several Processes (torchrun)     one all-reduce per step
+     2566  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -819,6 +819,28 @@ class TextEncoders:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(self.clip_l.device)
 
+    def warn_cut(self, texts: list[str], each: bool = True):
+        """Warn of texts longer than CLIP's 77 tokens or T5's t5_length, which encode cuts without a word (as
+        transformers does; diffusers warns): a line per prompt (each), else one line counting the captions."""
+        texts = list(dict.fromkeys(texts)) if each else texts
+        windows = [("CLIP", self.tok_l, self.tok_l.model_max_length)]
+        windows += [("T5", self.tok_t5, self.t5_length)] if self.t5 is not None else []
+        tokens = [tok(texts, verbose=False).input_ids if texts else [] for _, tok, _ in windows]
+        lengths = [[len(ids) for ids in ids_of] for ids_of in tokens]
+        cut = [[(name, window, n[i]) for (name, _, window), n in zip(windows, lengths) if n[i] > window]
+               for i in range(len(texts))]
+        for text, parts in zip(texts, cut) if each else ():
+            if parts:
+                told = " and ".join(f"{name}'s {window} tokens (of {n})" for name, window, n in parts)
+                print(f"warning: the prompt {text!r:.60} is cut to {told}: the rest is ignored",
+                      file=sys.stderr)
+        if not each and any(cut):
+            per = collections.Counter(part[:2] for parts in cut for part in parts)
+            told = ", ".join(f"{k} to {name}'s {window} tokens" for (name, window), k in per.items())
+            example = next(text for text, parts in zip(texts, cut) if parts)
+            print(f"warning: {sum(map(bool, cut))} of {len(texts)} captions are cut, the rest of them "
+                  f"ignored: {told}; e.g. {example!r:.60}", file=sys.stderr)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
@@ -969,8 +991,9 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
-             embeddings=None, progress: bool = True) -> list:
-    """Prompts -> PIL images (image i: seed + i). `embeddings` = (cond, uncond) skips the text encoders."""
+             embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
+    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time: all at once, many prompts ran
+    out of GPU memory. `embeddings` = (cond, uncond) skips the text encoders."""
     from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
@@ -980,6 +1003,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                         f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
+        pipe.text.warn_cut([*prompts, *[negative] * (s.cfg > 1.0)])
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -992,7 +1016,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
         layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
-        x = denoise(pipe.mmdit, x, sigmas, cond, uncond, s.cfg, s.sampler, s.slg_scale, layers, progress)
+        part = lambda pair, i: pair and tuple(t[i:i + batch_size] for t in pair)     # (uncond None stays)
+        x = torch.cat([denoise(pipe.mmdit, x[i:i + batch_size], sigmas, part(cond, i), part(uncond, i), s.cfg,
+                               s.sampler, s.slg_scale, layers, progress)
+                       for i in range(0, len(x), batch_size)])
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
     if not images.isfinite().all():                        # one check per batch, not per sampling step
@@ -1131,6 +1158,8 @@ class LatentDataset:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             return store(path, encode, f"the caption {caption!r:.60}")
         from tqdm import tqdm
+        if rank == 0:
+            pipe.text.warn_cut([item["caption"] for item in items], each=False)
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
@@ -1210,6 +1239,13 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
             p.copy_(tensors[f"param.{i}"])
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
+    # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
+    moments = ("exp_avg", "exp_avg_sq")
+    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
+                                                 or any(m[k].shape != params[i].shape for k in moments))]
+    if bad or step and not any(state.values()):
+        raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
+                        f"resume; start anew in another output_dir")
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
@@ -1247,6 +1283,8 @@ class Trainer:
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
+            if self.rank == 0 and s.prompts:
+                pipe.text.warn_cut([*s.prompts, *[s.neg] * (self.sample_settings.cfg > 1.0)])
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
@@ -2243,9 +2281,10 @@ def _coerce(value, default, key: str):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value
-    if isinstance(value, str):                             # YAML reads 1e-4 (no dot) as a string
+    for parse in (int, float) if isinstance(value, str) else ():    # read_yaml leaves numbers as text
         with contextlib.suppress(ValueError):
-            value = float(value)
+            value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
+            break
     kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
     if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
@@ -2321,8 +2360,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def read_yaml(path: str):
-    """A YAML file, refusing a key given twice in one section: YAML would silently keep only the last."""
+def read_yaml(path: str, text: str | None = None):
+    """A YAML file (or `text`, named `path` in errors), refusing a key given twice in one section: YAML would
+    silently keep only the last. Numbers and dates stay text, as written: _coerce reads number keys."""
     import yaml
 
     def unique_keys(loader, node):
@@ -2335,7 +2375,11 @@ def read_yaml(path: str):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    return yaml.load(Path(path).read_text(encoding="utf-8"), loader)
+    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` 2024-01-05: paths, prompts rewritten
+    drop = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+    loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -2352,7 +2396,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         try:
-            nested = yaml.safe_load(raw)                # "key=" is YAML's "key:" (null): prompts= -> none
+            nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
@@ -2589,6 +2633,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
+    cfg = None
     try:
         # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
         # "none" when several machines are started without --rdzv-id)
@@ -2605,7 +2650,10 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
-        sys.exit(f"error: {e}: free disk space (or fix the path), then continue with --resume")
+        saved = cfg is not None and Path(cfg.output_dir, "training_state.safetensors").is_file()
+        then = ("continue with --resume" if saved else
+                "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
+        sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
             print("interrupted before training began: nothing new to save (finished cache files are kept)",

@@ -471,6 +471,30 @@ def test_generate_is_deterministic_per_seed_and_prompt():
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 1
 
 
+
+def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
+    """CLIP reads 77 tokens and T5 t5_length: the rest of a longer prompt was dropped without a word (diffusers
+    warns). Sampling warns once per prompt, the training cache once with a count (not a line per caption)."""
+    pipe = sd.tiny_pipeline(t5_length=16)                               # one token per character
+    s = sd.SampleSettings(steps=1, width=32, height=32, cfg=1.0)
+    sd.generate(pipe, ["red", "b" * 20, "c" * 90, "b" * 20], settings=s, progress=False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["warning: the prompt 'bbbbbbbbbbbbbbbbbbbb' is cut to T5's 16 tokens (of 22): the rest is ignored",
+                     f"warning: the prompt '{'c' * 59} is cut to CLIP's 77 tokens (of 92) and T5's 16 tokens (of 92): "
+                     f"the rest is ignored"]
+    sd.generate(pipe, ["red"], settings=s, progress=False)
+    assert capsys.readouterr().err == ""
+    items = [{"path": tmp_path / f"{i}.png", "caption": c, "size": (64, 64)}
+             for i, c in enumerate(["red", "d" * 20, "e" * 80, "f" * 30])]
+    for item in items:
+        Image.new("RGB", (64, 64)).save(item["path"])
+    cfg = tiny_config(tmp_path)
+    sd.LatentDataset(items, pipe, cfg, cfg.model)
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [   # not tqdm's
+        "warning: 3 of 4 captions are cut, the rest of them ignored: 3 to T5's 16 tokens, 1 to CLIP's 77 tokens; "
+        f"e.g. {'d' * 20!r}"]
+
+
 #################################################################################
 #                                      LoRA                                     #
 #################################################################################
@@ -1429,6 +1453,30 @@ def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a", "a"]    # lists may repeat
 
 
+def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
+    """PyYAML reads YAML 1.1: `output_dir: 010` was the octal 8, `dataset.path: 2024_01` 202401, a prompt `1:30` the
+    sexagesimal 90 and `2024-1-5` the date 2024-01-05, so the run silently used another folder. Text keys keep the
+    text as written (from the file and from --set); number keys read decimal text as before."""
+    (tmp_path / "c.yaml").write_text("output_dir: 010\ndataset:\n  path: 2024_01\n  cache_dir: 2024-1-5\n"
+                                     "sample:\n  prompts: [1:30, 0x10, 1_0.5]\n  seed: 010\n")
+    cfg = sd.load_config(str(tmp_path / "c.yaml"), ["sample.neg=0o17", "model=1_000"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.dataset.cache_dir, cfg.sample.neg, cfg.model) == (
+        "010", "2024_01", "2024-1-5", "0o17", "1_000")
+    assert cfg.sample.prompts == ["1:30", "0x10", "1_0.5"] and cfg.sample.seed == 10     # was 8
+    import yaml
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())        # every number of config.yaml as before
+    flat = sd.flat_config(sd.load_config(str(ROOT / "config.yaml")))
+    numbers = {f"{section}.{key}" if isinstance(values, dict) else section: value
+               for section, values in shipped.items()
+               for key, value in (values.items() if isinstance(values, dict) else [(None, values)])
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert len(numbers) > 25 and all(flat[k] == v for k, v in numbers.items())
+    big = 2**64 - 1                                                     # exact, never through a float
+    assert sd.load_config(None, [f"train.seed={big}", "train.steps=1_000", "train.lr=1e-4"]).train.seed == big
+    assert sd.load_config(None, ["train.steps=1_000", "train.lr=1e-4", "sample.shift=3"]).sample.shift == 3.0
+    one_line_error(lambda: sd.load_config(None, ["train.seed=0x10"]), "'train.seed' must be a whole number")
+
+
 def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     """`output_dir: ~/runs` (and --set output_dir=~/runs, which the shell leaves alone) made a folder named '~' in
     the current one; every path key now expands '~' as a shell would, and text keys keep it."""
@@ -1822,6 +1870,29 @@ def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(capsys):
         with pytest.raises(SystemExit) as exit_info:
             sample.parse_args(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path"])
         assert exit_info.value.code == 2 and "--model tiny has its own" in capsys.readouterr().err
+
+
+def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_path, monkeypatch):
+    """sample.py denoised every --prompt in one batch (twice that with CFG): ten prompts on a small GPU ran out
+    of memory. Image i has its own seed, so one image at a time (the default, also for the training's previews)
+    gives the same images (batched matmuls round differently: within 1/255) under the same names."""
+    sizes, real = [], sd.denoise
+    monkeypatch.setattr(sd, "denoise", lambda model, x, *a, **k: sizes.append(len(x)) or real(model, x, *a, **k))
+    base = ["--model", "tiny", "--prompt", "red", "--prompt", "a fox", "--prompt", "blue", "--negative", "ugly",
+            "--cfg", "4", "--steps", "3", "--width", "48", "--height", "32", "--seed", "5"]
+    runs = {size: sample.main([*base, *extra, "--out", str(tmp_path / size)])
+            for size, extra in (("1", []), ("2", ["--batch-size", "2"]), ("3", ["--batch-size", "3"]))}
+    assert sizes == [1, 1, 1, 2, 1, 3]
+    names = {size: [p.name for p in paths] for size, paths in runs.items()}
+    assert names["1"] == names["2"] == names["3"] == ["sample_00.png", "sample_01.png", "sample_02.png"]
+    params = {size: [Image.open(p).text["parameters"] for p in paths] for size, paths in runs.items()}
+    assert params["1"] == params["2"] == params["3"]
+    images = {size: images_of(paths).astype(int) for size, paths in runs.items()}
+    assert np.abs(images["1"] - images["3"]).max() <= 1 and np.abs(images["2"] - images["3"]).max() <= 1
+    pipe, s = sd.tiny_pipeline(t5_length=sd.T5_LENGTH), sd.SampleSettings(steps=3, width=48, height=32, cfg=4.0)
+    alone = [np.asarray(sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=5 + i), progress=False)[0])
+             for i, p in enumerate(["red", "a fox", "blue"])]
+    assert np.abs(images["1"] - np.stack(alone)).max() <= 1
 
 
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
@@ -2237,6 +2308,30 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
+    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
+    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
+    tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    moments = {k: None for k in tensors if k.startswith("opt.")}
+    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
+        save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
+        fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
+                       "damaged AdamW moments .*start anew in another output_dir")
+    save_file(tensors, path, meta)                                      # intact: resumes and steps
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    opt = torch.optim.AdamW(fresh)
+    assert sd.load_training_state(path, fresh, opt) == 1
+    sum(p.sum() for p in fresh).backward()
+    opt.step()
+
+
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
@@ -2281,6 +2376,26 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
         sd.main(["--resume"])
     assert e.value.code.startswith("error: [Errno 28] No space left on device") and "\n" not in e.value.code
     assert checkpoints() == before
+
+
+def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
+    """main's error for an OSError (a full disk while the log is appended to) said 'then continue with --resume'
+    also before the first checkpoint, where --resume only answers that there is nothing to resume from."""
+    make_dataset(tmp_path / "data")
+    real_open = open
+
+    def full_log(file, mode="r", *args, **kwargs):
+        if str(file).endswith("log.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(sd, "open", full_log, raising=False)
+    cfg = tiny_config(tmp_path, **{"sample.sample_every": 0, "sample.prompts": [], "train.save_every": 100})
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main([])
+    assert not (tmp_path / "run" / "training_state.safetensors").exists()
+    assert e.value.code.startswith("error: [Errno 28]") and "--resume" not in e.value.code, e.value.code
+    assert "no checkpoint" in e.value.code
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
