@@ -20,18 +20,18 @@ have. Sections (line numbers):
       506  LoRA                             LoRALinear and add_lora
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1033  Data                             dataset scan, aspect buckets, the latent and text cache
-     1201  Training                         Trainer and the training loop
-     1465  Part 2: plumbing                 a reader can stop here
-     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1893  Hub Downloads                    snapshot downloads, tokenizers
-     1945  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2160  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2262  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2459  Output Files                     atomic writes, loss.png
-     2527  Several Processes (torchrun)     one all-reduce per step
-     2566  Command Line and the Tiny Model  main(), --tiny
+      852  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1029  Data                             dataset scan, aspect buckets, the latent and text cache
+     1197  Training                         Trainer and the training loop
+     1461  Part 2: plumbing                 a reader can stop here
+     1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1889  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2156  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2258  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2455  Output Files                     atomic writes, loss.png
+     2523  Several Processes (torchrun)     one all-reduce per step
+     2562  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -819,27 +819,20 @@ class TextEncoders:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(self.clip_l.device)
 
-    def warn_cut(self, texts: list[str], each: bool = True):
-        """Warn of texts longer than CLIP's 77 tokens or T5's t5_length, which encode cuts without a word (as
-        transformers does; diffusers warns): a line per prompt (each), else one line counting the captions."""
-        texts = list(dict.fromkeys(texts)) if each else texts
-        windows = [("CLIP", self.tok_l, self.tok_l.model_max_length)]
-        windows += [("T5", self.tok_t5, self.t5_length)] if self.t5 is not None else []
-        tokens = [tok(texts, verbose=False).input_ids if texts else [] for _, tok, _ in windows]
-        lengths = [[len(ids) for ids in ids_of] for ids_of in tokens]
-        cut = [[(name, window, n[i]) for (name, _, window), n in zip(windows, lengths) if n[i] > window]
-               for i in range(len(texts))]
-        for text, parts in zip(texts, cut) if each else ():
-            if parts:
-                told = " and ".join(f"{name}'s {window} tokens (of {n})" for name, window, n in parts)
-                print(f"warning: the prompt {text!r:.60} is cut to {told}: the rest is ignored",
-                      file=sys.stderr)
-        if not each and any(cut):
-            per = collections.Counter(part[:2] for parts in cut for part in parts)
-            told = ", ".join(f"{k} to {name}'s {window} tokens" for (name, window), k in per.items())
-            example = next(text for text, parts in zip(texts, cut) if parts)
-            print(f"warning: {sum(map(bool, cut))} of {len(texts)} captions are cut, the rest of them "
-                  f"ignored: {told}; e.g. {example!r:.60}", file=sys.stderr)
+    def warn_cut(self, texts: list[str], what: str):
+        """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which encode() cuts
+        without a word (as transformers does; diffusers warns)."""
+        limits = [("CLIP", self.tok_l, self.tok_l.model_max_length)]
+        limits += [("T5", self.tok_t5, self.t5_length)] if self.t5 is not None else []
+        cut = {}
+        for name, tok, limit in limits if texts else ():
+            lengths = map(len, tok(texts, verbose=False).input_ids)
+            cut[f"{name}'s {limit}"] = {i for i, n in enumerate(lengths) if n > limit}
+        over = sorted(set().union(*cut.values()))
+        if over:
+            told = ", ".join(f"{len(i)} at {window}" for window, i in cut.items() if i)
+            print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
+                  f"ignored, e.g. {texts[over[0]]!r:.60}", file=sys.stderr)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -992,8 +985,8 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time: all at once, many prompts ran
-    out of GPU memory. `embeddings` = (cond, uncond) skips the text encoders."""
+    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time. `embeddings` = (cond, uncond)
+    skips the text encoders."""
     from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant)
     check_seed(s.seed, len(prompts))
@@ -1003,7 +996,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                         f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
-        pipe.text.warn_cut([*prompts, *[negative] * (s.cfg > 1.0)])
+        pipe.text.warn_cut([*prompts, negative] if s.cfg > 1.0 else prompts, "prompts")
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1016,10 +1009,13 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
         layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
-        part = lambda pair, i: pair and tuple(t[i:i + batch_size] for t in pair)     # (uncond None stays)
-        x = torch.cat([denoise(pipe.mmdit, x[i:i + batch_size], sigmas, part(cond, i), part(uncond, i), s.cfg,
-                               s.sampler, s.slg_scale, layers, progress)
-                       for i in range(0, len(x), batch_size)])
+        batches = []
+        for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
+            part = slice(i, i + batch_size)
+            c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
+            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, layers,
+                                   progress))
+        x = torch.cat(batches)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
     if not images.isfinite().all():                        # one check per batch, not per sampling step
@@ -1159,7 +1155,7 @@ class LatentDataset:
             return store(path, encode, f"the caption {caption!r:.60}")
         from tqdm import tqdm
         if rank == 0:
-            pipe.text.warn_cut([item["caption"] for item in items], each=False)
+            pipe.text.warn_cut([item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes = [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
@@ -1284,7 +1280,7 @@ class Trainer:
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                pipe.text.warn_cut([*s.prompts, *[s.neg] * (self.sample_settings.cfg > 1.0)])
+                pipe.text.warn_cut(s.prompts + [s.neg] * (self.sample_settings.cfg > 1.0), "sample.prompts")
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
