@@ -1768,15 +1768,17 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     save_file(tensors, bad)
     with pytest.raises(sd.UserError, match=r"'lora_unet_joint_blocks_1_x_block_mlp_fc2.alpha' holds NaN/inf"):
         sd.load_lora(tiny_mmdit(), bad)
-    pipe = sd.tiny_pipeline()                      # finite but overflowing: the merged weights become inf
+    pipe = sd.tiny_pipeline()                      # finite but overflowing once merged: refused at load
     sd.add_lora(pipe.mmdit, rank=2, targets="final_layer")
     for layer in sd.lora_layers(pipe.mmdit).values():
         layer.lora_up.weight.data.fill_(1e30)
         layer.lora_down.weight.data.fill_(1e30)
     sd.save_lora(pipe.mmdit, tmp_path / "huge.safetensors")
     args = ["--model", "tiny", "--prompt", "a", "--prompt", "b", "--steps", "2", "--width", "32", "--height", "32"]
-    with pytest.raises(sd.UserError, match=r"NaN/inf values \(black images\)"):
+    with pytest.raises(sd.UserError, match="would overflow to inf"):              # refused before it merges
         sample.main([*args, "--lora", str(tmp_path / "huge.safetensors"), "--out", str(tmp_path / "out")])
+    with pytest.raises(sd.UserError, match=r"NaN/inf values \(black images\)"):
+        sample.main([*args, "--cfg", "1e30", "--out", str(tmp_path / "out")])
     assert not list(tmp_path.glob("out/*.png"))
     make_dataset(tmp_path / "data")                # training previews: a warning, no black PNG, training goes on
     sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": 1e30}))
