@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
-    p.add_argument("--prompt", action="append", help="repeat for a batch")
+    p.add_argument("--prompt", action="append", help="repeatable: one image each")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slg-layers", type=block_list, help="joint blocks to skip, e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images denoised at once (more: faster on "
-                   "a large GPU, more memory; the same images)")
+                   "a large GPU, more memory; the same images to within 1/255: matmuls round differently)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep models on the CPU, each visiting the GPU only while it runs (default: when they "
                    "do not fit)")
     p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; "
-                   "with --compile, fp8 matmuls on GPUs of compute capability >= 8.9)")
+                   "with --compile, fp8 matmuls on NVIDIA GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
