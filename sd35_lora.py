@@ -2646,7 +2646,8 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
-        saved = cfg is not None and Path(cfg.output_dir, "training_state.safetensors").is_file()
+        # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
+        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, "training_state.safetensors"))
         then = ("continue with --resume" if saved else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")

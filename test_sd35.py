@@ -2399,6 +2399,17 @@ def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path,
     assert "no checkpoint" in e.value.code
 
 
+def test_an_output_dir_name_too_long_gets_one_line(tmp_path, monkeypatch):
+    """An output_dir with a folder name over 255 bytes: main's OSError advice looked for a checkpoint in it with
+    Path.is_file, which raises that same OSError (ENAMETOOLONG) again: a bare traceback instead of the line."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / ("x" * 300) / "run"))
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main([])
+    assert e.value.code.startswith("error: [Errno 36] File name too long") and "\n" not in e.value.code
+
+
 def test_saved_files_get_the_usual_permissions(tmp_path):
     """safetensors creates its files owner-only (0600): a LoRA gets the umask's 0644 like the PNGs next to it."""
     umask = os.umask(0o022)
