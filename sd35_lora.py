@@ -2246,12 +2246,12 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
             raise UserError(f"{key}: block-wise fp8 scales {tuple(given[0].shape)} (mxfp8) are unsupported: "
                             f"use a bf16/fp16 file or one with a scale per tensor")
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
-            scales[module] = scale                      # (load_mmdit: on-read scales win)
-        elif fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):    # e5m2: to e4m3 now, not all
-            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])   # upcast to dtype first
-        else:                                           # biases, norms, the rest: one tensor at a time
-            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
+        if not (fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module)):  # biases, norms, the rest,
+            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)  # one by one
+        elif weight.dtype == FP8:                       # e4m3 matrices stay (load_mmdit: on-read scales win)
+            scales[module] = scale
+        else:                                           # e5m2: to e4m3 now, not all upcast to dtype first
+            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])
     return scales
 
 
