@@ -2026,13 +2026,13 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
-    if text and not groups and len(text) == len(ignored):  # (else e.g. an SDXL LoRA: read_lora says so)
+    rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
+    if text and not groups and not rest:                    # (else e.g. an SDXL LoRA: read_lora says so)
         raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
     if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
         print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
               f"only its MMDiT part", file=sys.stderr)
-    if len(ignored) > len(text) and groups:                 # (no groups: read_lora says why)
-        rest = [k for k in ignored if k not in text]
+    if rest and groups:                                     # (no groups: read_lora says why)
         print(f"warning: ignored {len(rest)} tensors of {path} that are no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
