@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1889  Hub Downloads                    snapshot downloads, tokenizers
      1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2156  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2258  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2455  Output Files                     atomic writes, loss.png
-     2523  Several Processes (torchrun)     one all-reduce per step
-     2562  Command Line and the Tiny Model  main(), --tiny
+     2158  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2260  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2457  Output Files                     atomic writes, loss.png
+     2525  Several Processes (torchrun)     one all-reduce per step
+     2564  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2063,6 +2063,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
+        if down.ndim == 4 and not (up.any() and down.any()):    # ComfyUI's LoraSave extracts one from every
+            continue                                        # conv, a zero one from the unchanged x_embedder
         if down.ndim == 4:                                  # sd-scripts' emb_dims: x_embedder's 2x2 conv
             raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): not "
                             f"supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")

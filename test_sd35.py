@@ -949,6 +949,27 @@ def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bias.safetensors"), "attn.proj.diff_b.*bias_diff")
 
 
+def test_comfyui_lora_save_files_with_the_unchanged_patch_embedding_load(tmp_path):
+    """ComfyUI's LoraSave extracts a LoRA from every weight of 2+ dims, the x_embedder's 2x2 conv too: a merged
+    LoRA leaves it unchanged, so its pair is (hidden, r, 1, 1) zeros up, (r, 16, 2, 2) SVD rows down. Such files
+    were refused whole as 'a LoRA on a convolution'; a zero one changes nothing (a non-zero one is refused)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "diffusion_model.joint_blocks.0.x_block.attn.proj"
+    conv = {"diffusion_model.x_embedder.proj.lora_down.weight": torch.randn(4, 16, 2, 2, generator=g).half(),
+            "diffusion_model.x_embedder.proj.lora_up.weight": torch.zeros(64, 4, 1, 1).half()}
+    save_file({f"{key}.lora_down.weight": a.half(), f"{key}.lora_up.weight": b.half(), **conv}, tmp_path / "l.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "l.safetensors")
+    by_hand.joint_blocks[0].x_block.attn.proj.weight.data += b.half().float() @ a.half().float()
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    conv["diffusion_model.x_embedder.proj.lora_up.weight"][0] = 1
+    save_file(conv, tmp_path / "c.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "c.safetensors"), "x_embedder.*convolution.*not supported")
+
+
 #################################################################################
 #                            Loading and user errors                            #
 #################################################################################
