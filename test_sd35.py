@@ -947,6 +947,9 @@ def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_
         torch.testing.assert_close(model(*x), by_hand(*x))
     save_file({**tensors, f"{key}.diff_b": torch.ones(64).half()}, tmp_path / "bias.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bias.safetensors"), "attn.proj.diff_b.*bias_diff")
+    # lora_type full_diff writes `.diff` for the matrices too: turning bias_diff off alone would not help
+    save_file({f"{key}.diff": torch.randn(64, 64, generator=g).half()}, tmp_path / "full.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "full.safetensors"), "attn.proj.diff'.*save it as standard")
 
 
 def test_comfyui_lora_save_files_with_the_unchanged_patch_embedding_load(tmp_path):
