@@ -2431,7 +2431,8 @@ def test_an_output_dir_name_too_long_gets_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
     with pytest.raises(SystemExit) as e:
         sd.main([])
-    assert e.value.code.startswith("error: [Errno 36] File name too long") and "\n" not in e.value.code
+    assert e.value.code.startswith("error: [Errno ") and "File name too long" in e.value.code   # 63 on macOS
+    assert "\n" not in e.value.code
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
