@@ -27,11 +27,11 @@ have. Sections (line numbers):
      1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1889  Hub Downloads                    snapshot downloads, tokenizers
      1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2156  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2258  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2455  Output Files                     atomic writes, loss.png
-     2523  Several Processes (torchrun)     one all-reduce per step
-     2562  Command Line and the Tiny Model  main(), --tiny
+     2158  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2260  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2457  Output Files                     atomic writes, loss.png
+     2525  Several Processes (torchrun)     one all-reduce per step
+     2564  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2009,7 +2009,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI LoraSave's "
-                                f"bias_diff): not supported; save the LoRA with bias_diff off")
+                                f"bias_diff or full_diff): not supported; save it as standard, bias_diff off")
             continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
@@ -2026,13 +2026,13 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
-    if text and not groups and len(text) == len(ignored):  # (else e.g. an SDXL LoRA: read_lora says so)
+    rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
+    if text and not groups and not rest:                    # (else e.g. an SDXL LoRA: read_lora says so)
         raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
     if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
         print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
               f"only its MMDiT part", file=sys.stderr)
-    if len(ignored) > len(text) and groups:                 # (no groups: read_lora says why)
-        rest = [k for k in ignored if k not in text]
+    if rest and groups:                                     # (no groups: read_lora says why)
         print(f"warning: ignored {len(rest)} tensors of {path} that are no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
@@ -2063,6 +2063,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
+        if down.ndim == 4 and not (up.any() and down.any()):    # ComfyUI's LoraSave extracts one from every
+            continue                                        # conv, a zero one from the unchanged x_embedder
         if down.ndim == 4:                                  # sd-scripts' emb_dims: x_embedder's 2x2 conv
             raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): not "
                             f"supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
@@ -2246,12 +2248,12 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
             raise UserError(f"{key}: block-wise fp8 scales {tuple(given[0].shape)} (mxfp8) are unsupported: "
                             f"use a bf16/fp16 file or one with a scale per tensor")
         scale = (given[0] if given else torch.ones(())).float().flatten().expand(weight.shape[0]).clone()
-        if fp8 and weight.dtype == FP8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):  # matrices
-            scales[module] = scale                      # (load_mmdit: on-read scales win)
-        elif fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module):    # e5m2: to e4m3 now, not all
-            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])   # upcast to dtype first
-        else:                                           # biases, norms, the rest: one tensor at a time
-            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)
+        if not (fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module)):  # biases, norms, the rest,
+            sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)  # one by one
+        elif weight.dtype == FP8:                       # e4m3 matrices stay (load_mmdit: on-read scales win)
+            scales[module] = scale
+        else:                                           # e5m2: to e4m3 now, not all upcast to dtype first
+            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])
     return scales
 
 
@@ -2646,7 +2648,8 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
-        saved = cfg is not None and Path(cfg.output_dir, "training_state.safetensors").is_file()
+        # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
+        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, "training_state.safetensors"))
         then = ("continue with --resume" if saved else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")

@@ -947,6 +947,30 @@ def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_
         torch.testing.assert_close(model(*x), by_hand(*x))
     save_file({**tensors, f"{key}.diff_b": torch.ones(64).half()}, tmp_path / "bias.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bias.safetensors"), "attn.proj.diff_b.*bias_diff")
+    # lora_type full_diff writes `.diff` for the matrices too: turning bias_diff off alone would not help
+    save_file({f"{key}.diff": torch.randn(64, 64, generator=g).half()}, tmp_path / "full.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "full.safetensors"), "attn.proj.diff'.*save it as standard")
+
+
+def test_comfyui_lora_save_files_with_the_unchanged_patch_embedding_load(tmp_path):
+    """ComfyUI's LoraSave extracts a LoRA from every weight of 2+ dims, the x_embedder's 2x2 conv too: a merged
+    LoRA leaves it unchanged, so its pair is (hidden, r, 1, 1) zeros up, (r, 16, 2, 2) SVD rows down. Such files
+    were refused whole as 'a LoRA on a convolution'; a zero one changes nothing (a non-zero one is refused)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    key = "diffusion_model.joint_blocks.0.x_block.attn.proj"
+    conv = {"diffusion_model.x_embedder.proj.lora_down.weight": torch.randn(4, 16, 2, 2, generator=g).half(),
+            "diffusion_model.x_embedder.proj.lora_up.weight": torch.zeros(64, 4, 1, 1).half()}
+    save_file({f"{key}.lora_down.weight": a.half(), f"{key}.lora_up.weight": b.half(), **conv}, tmp_path / "l.safetensors")
+    model, by_hand = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(model, tmp_path / "l.safetensors")
+    by_hand.joint_blocks[0].x_block.attn.proj.weight.data += b.half().float() @ a.half().float()
+    x = mmdit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), by_hand(*x))
+    conv["diffusion_model.x_embedder.proj.lora_up.weight"][0] = 1
+    save_file(conv, tmp_path / "c.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "c.safetensors"), "x_embedder.*convolution.*not supported")
 
 
 #################################################################################
@@ -2397,6 +2421,18 @@ def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path,
     assert not (tmp_path / "run" / "training_state.safetensors").exists()
     assert e.value.code.startswith("error: [Errno 28]") and "--resume" not in e.value.code, e.value.code
     assert "no checkpoint" in e.value.code
+
+
+def test_an_output_dir_name_too_long_gets_one_line(tmp_path, monkeypatch):
+    """An output_dir with a folder name over 255 bytes: main's OSError advice looked for a checkpoint in it with
+    Path.is_file, which raises that same OSError (ENAMETOOLONG) again: a bare traceback instead of the line."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / ("x" * 300) / "run"))
+    monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
+    with pytest.raises(SystemExit) as e:
+        sd.main([])
+    assert e.value.code.startswith("error: [Errno ") and "File name too long" in e.value.code   # 63 on macOS
+    assert "\n" not in e.value.code
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
