@@ -29,9 +29,9 @@ have. Sections (line numbers):
      1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2158  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2260  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2457  Output Files                     atomic writes, loss.png
-     2525  Several Processes (torchrun)     one all-reduce per step
-     2564  Command Line and the Tiny Model  main(), --tiny
+     2460  Output Files                     atomic writes, loss.png
+     2528  Several Processes (torchrun)     one all-reduce per step
+     2567  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2276,6 +2276,8 @@ def _coerce(value, default, key: str):
         text = "" if value is None else str(value)
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
+        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+        value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value
@@ -2360,7 +2362,7 @@ def validate(cfg: Config) -> Config:
 
 def read_yaml(path: str, text: str | None = None):
     """A YAML file (or `text`, named `path` in errors), refusing a key given twice in one section: YAML would
-    silently keep only the last. Numbers and dates stay text, as written: _coerce reads number keys."""
+    silently keep only the last. Numbers, dates and booleans stay text, as written: _coerce reads them."""
     import yaml
 
     def unique_keys(loader, node):
@@ -2373,8 +2375,9 @@ def read_yaml(path: str, text: str | None = None):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` 2024-01-05: paths, prompts rewritten
-    drop = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false: paths and prompts
+    # were rewritten. Scalars stay text; _coerce reads the number and true/false keys.
+    drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)

@@ -1498,6 +1498,11 @@ def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
     assert sd.load_config(None, [f"train.seed={big}", "train.steps=1_000", "train.lr=1e-4"]).train.seed == big
     assert sd.load_config(None, ["train.steps=1_000", "train.lr=1e-4", "sample.shift=3"]).sample.shift == 3.0
     one_line_error(lambda: sd.load_config(None, ["train.seed=0x10"]), "'train.seed' must be a whole number")
+    (tmp_path / "b.yaml").write_text("use_t5: off\nfp8: Yes\nsample:\n  neg: no\n  prompts: [on, 'yes']\n")
+    cfg = sd.load_config(str(tmp_path / "b.yaml"), ["dataset.flip=true"])              # `neg: no` was "False"
+    assert (cfg.use_t5, cfg.fp8, cfg.dataset.flip, cfg.sample.neg, cfg.sample.prompts) == (
+        False, True, True, "no", ["on", "yes"])
+    one_line_error(lambda: sd.load_config(None, ["dataset.flip=maybe"]), "'dataset.flip' must be true or false")
 
 
 def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
