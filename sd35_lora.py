@@ -22,16 +22,16 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       852  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1029  Data                             dataset scan, aspect buckets, the latent and text cache
-     1197  Training                         Trainer and the training loop
-     1461  Part 2: plumbing                 a reader can stop here
-     1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1889  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2158  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2260  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2460  Output Files                     atomic writes, loss.png
-     2528  Several Processes (torchrun)     one all-reduce per step
-     2567  Command Line and the Tiny Model  main(), --tiny
+     1200  Training                         Trainer and the training loop
+     1479  Part 2: plumbing                 a reader can stop here
+     1486  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1907  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2278  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2478  Output Files                     atomic writes, loss.png
+     2546  Several Processes (torchrun)     one all-reduce per step
+     2585  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1156,19 +1156,22 @@ class LatentDataset:
         from tqdm import tqdm
         if rank == 0:
             pipe.text.warn_cut([item["caption"] for item in items], "captions")
-        self.latent_files, self.text_files, self.sizes = [], [], []
+        self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
             def encode_image():
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            image_key = _digest(item["path"].read_bytes(), item["size"], flip, vae_id)
+            data = item["path"].read_bytes()
+            image_key = _digest(data, item["size"], flip, vae_id)
+            contents.append(_digest(data, item["caption"]))
             self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                            str(item["path"])))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")                             # what caption dropout trains on
+        self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             dist.barrier()                                     # the cache is complete
 
@@ -1210,14 +1213,15 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                        cfg: Config, changes: list[str]):
+                        cfg: Config, changes: list[str], data: str = ""):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
     tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | {"rng.cpu": torch.get_rng_state()}
     if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
-                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1])})
+                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1]),
+                                 "data": data})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
@@ -1294,6 +1298,8 @@ class Trainer:
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
+        if resume:
+            self.note_data_changes()
         if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
             print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
                   f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
@@ -1323,6 +1329,17 @@ class Trainer:
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         return changes
+
+    def note_data_changes(self):
+        """Images or captions edited, added or removed under the same dataset.path: warned and recorded, as a
+        changed config key is (states saved before this check hold no digest: nothing to compare)."""
+        with safe_open(str(self.state_path), framework="pt") as f:
+            saved = (f.metadata() or {}).get("data", "")
+        if saved and saved != self.data.contents:
+            self.changes.append(f"step {self.step}: the images or captions in dataset.path")
+            if self.rank == 0:
+                print("warning: resumed after the images or captions in dataset.path changed (recorded in "
+                      "the LoRA)", file=sys.stderr)
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
@@ -1391,7 +1408,8 @@ class Trainer:
                 "global_batch": self.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
-        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes)
+        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes,
+                            self.data.contents)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
     def save_and_sample(self, bins: torch.Tensor):

@@ -1718,6 +1718,21 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
+def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys):
+    """The README: a resume with changed data is warned about and recorded, also when dataset.path stays the same
+    but its images or captions were edited, added or removed (the losses are no longer the uninterrupted run's)."""
+    make_dataset(tmp_path / "data")
+    base = {"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}
+    sd.train(tiny_config(tmp_path, **base))
+    caption = next((tmp_path / "data").glob("*.txt"))
+    caption.write_text(caption.read_text() + ", edited")
+    capsys.readouterr()
+    lora = sd.train(tiny_config(tmp_path, **{**base, "train.steps": 3}), resume=True)
+    assert "images or captions in dataset.path changed" in capsys.readouterr().err
+    meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
+    assert meta["resumed_with_changes"] == ["step 2: the images or captions in dataset.path"]
+
+
 def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, capsys):
     """More steps extend a constant-lr run freely; under cosine they move the decay: a trajectory change, warned."""
     for schedule, warned in (("constant", False), ("cosine", True)):
