@@ -23,15 +23,15 @@ have. Sections (line numbers):
       852  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1029  Data                             dataset scan, aspect buckets, the latent and text cache
      1200  Training                         Trainer and the training loop
-     1479  Part 2: plumbing                 a reader can stop here
-     1486  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1907  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2478  Output Files                     atomic writes, loss.png
-     2546  Several Processes (torchrun)     one all-reduce per step
-     2585  Command Line and the Tiny Model  main(), --tiny
+     1482  Part 2: plumbing                 a reader can stop here
+     1489  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1910  Hub Downloads                    snapshot downloads, tokenizers
+     1962  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2281  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2481  Output Files                     atomic writes, loss.png
+     2549  Several Processes (torchrun)     one all-reduce per step
+     2588  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1321,7 +1321,10 @@ class Trainer:
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
         if not resume and rank_and_world()[0] == 0 and earlier:
-            saved = self.state_path.is_file()
+            saved, data = self.state_path.is_file(), Path(cfg.dataset.path).resolve()
+            if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
+                raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
+                                f"another output_dir (--set output_dir=...), outside the dataset")
             fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")

@@ -1540,6 +1540,17 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     assert "--resume" not in str(error.value)
 
 
+def test_an_output_dir_holding_the_dataset_is_not_to_be_emptied(tmp_path):
+    """output_dir set to the image folder (or a folder above it, '.'): the error said 'empty it', which deletes the
+    user's images; it names the dataset and asks for another output_dir."""
+    make_dataset(tmp_path / "data")
+    for out in (tmp_path / "data", tmp_path):
+        with pytest.raises(sd.UserError, match="holds dataset.path .*choose another output_dir") as error:
+            sd.train(tiny_config(tmp_path, output_dir=str(out)))
+        assert "empty it" not in str(error.value)
+    assert len(list((tmp_path / "data").iterdir())) == 5
+
+
 def test_an_output_dir_holding_only_hidden_files_is_no_earlier_run(tmp_path):
     """macOS's Finder puts .DS_Store into a folder the user made for the run: that is no earlier run's file."""
     (tmp_path / "run").mkdir()
