@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1197  Training                         Trainer and the training loop
      1461  Part 2: plumbing                 a reader can stop here
      1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1889  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2158  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2260  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2460  Output Files                     atomic writes, loss.png
-     2528  Several Processes (torchrun)     one all-reduce per step
-     2567  Command Line and the Tiny Model  main(), --tiny
+     1891  Hub Downloads                    snapshot downloads, tokenizers
+     1943  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2160  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2262  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2462  Output Files                     atomic writes, loss.png
+     2530  Several Processes (torchrun)     one all-reduce per step
+     2569  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1755,7 +1755,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
                 module.float()
         return t5
     vocab, width = sd[TEXT_ENCODERS[role][2]].shape
-    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
+    if role == "clip_l" and not config:     # single files: SAI, ComfyUI and diffusers' converter apply no
+        sd["text_projection.weight"] = torch.eye(width)                 # CLIP-L projection, even one it has
+    sd.setdefault("text_projection.weight", torch.eye(width))
     config = config or transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
         intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,

@@ -1142,6 +1142,22 @@ def test_fp8_t5_files_load_upcast_and_fp16_is_preferred(single_files, tmp_path):
     assert all(torch.equal(loaded[k], v.float()) for k, v in t5.items())
 
 
+def test_a_clip_l_file_with_a_text_projection_is_read_as_the_references_read_it(single_files, tmp_path):
+    """SAI's reference, ComfyUI and diffusers' single-file converter take CLIP-L's pooled output without any
+    projection (the README): one a clip_l file carries (e.g. openai's, saved by transformers) is not applied."""
+    root, _ = single_files
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "t5xxl_fp16.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    clip_l = load_file(root / "clip/clip_l.safetensors")
+    projection = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    expected = sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"])
+    save_file({**clip_l, "text_projection.weight": projection}, tmp_path / "enc/clip_l.safetensors")
+    torch.testing.assert_close(sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"]),
+                               expected)
+
+
 def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     root, _ = single_files
     model = root / "aio" / ALL_IN_ONE
