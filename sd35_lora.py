@@ -20,18 +20,18 @@ have. Sections (line numbers):
       506  LoRA                             LoRALinear and add_lora
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      852  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1029  Data                             dataset scan, aspect buckets, the latent and text cache
-     1197  Training                         Trainer and the training loop
-     1461  Part 2: plumbing                 a reader can stop here
-     1468  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1891  Hub Downloads                    snapshot downloads, tokenizers
-     1943  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2160  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2262  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2462  Output Files                     atomic writes, loss.png
-     2530  Several Processes (torchrun)     one all-reduce per step
-     2569  Command Line and the Tiny Model  main(), --tiny
+      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1030  Data                             dataset scan, aspect buckets, the latent and text cache
+     1198  Training                         Trainer and the training loop
+     1462  Part 2: plumbing                 a reader can stop here
+     1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1894  Hub Downloads                    snapshot downloads, tokenizers
+     1946  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2163  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2265  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2465  Output Files                     atomic writes, loss.png
+     2533  Several Processes (torchrun)     one all-reduce per step
+     2572  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -811,6 +811,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
+        self.files: list = []        # (name, size, mtime) of single files read: a swapped file is a new cache
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1141,7 +1142,7 @@ class LatentDataset:
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize")     # caches of the older resize-then-crop load_image: not reused
-        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
+        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
@@ -1810,7 +1811,9 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     except (KeyError, ValueError, IndexError, AttributeError) as e:    # tensors missing from a damaged file
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
-    return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+    text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+    text.files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in picked.values() if p.is_file()]
+    return text
 
 
 def pick_device(name: str = "auto") -> torch.device:

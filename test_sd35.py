@@ -1616,6 +1616,35 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
     assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
 
 
+def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_files, tmp_path):
+    """The cache is keyed by the text_encoders folder; a file swapped in it (a fine-tuned clip_l under the
+    same name, a t5xxl_fp16 added beside the fp8 one, which it then replaces) must give new embeddings."""
+    root, _ = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    t5 = load_file(root / "clip/t5xxl_fp16.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in t5.items()}, tmp_path / "enc/t5xxl_fp8_e4m3fn.safetensors")
+    clip_l = load_file(root / "clip/clip_l.safetensors")
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+
+    def captions():
+        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
+        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+        cached = load_file(data.empty)                                          # what the cache holds
+        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
+        return data.text_files
+    first = captions()
+    clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same name and size
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    second = captions()
+    (tmp_path / "enc/t5xxl_fp16.safetensors").symlink_to(root / "clip/t5xxl_fp16.safetensors")
+    third = captions()
+    assert not set(first) & set(second) and not set(second) & set(third)
+
+
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
     """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
     cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
