@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1198  Training                         Trainer and the training loop
      1462  Part 2: plumbing                 a reader can stop here
      1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1894  Hub Downloads                    snapshot downloads, tokenizers
-     1946  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2163  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2265  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2465  Output Files                     atomic writes, loss.png
-     2533  Several Processes (torchrun)     one all-reduce per step
-     2572  Command Line and the Tiny Model  main(), --tiny
+     1898  Hub Downloads                    snapshot downloads, tokenizers
+     1950  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2167  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2269  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2469  Output Files                     atomic writes, loss.png
+     2537  Several Processes (torchrun)     one all-reduce per step
+     2576  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1802,6 +1802,10 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                           "a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
+    width = {r: weights[r][TEXT_ENCODERS[r][2]].shape[-1] for r in ("clip_l", "clip_g")}
+    if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
+        raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
+                        f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)

@@ -1166,7 +1166,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         "renamed": {l: l, g: g, "google_t5-v1_1-xxl_encoderonly-fp16.safetensors": t5,
                     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": l},   # Wan's T5, not SD3's: never picked
         "empty": {"notes.safetensors": "vae"}, "no_t5": {l: l, g: g},
-        "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}}
+        "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}, "swapped": {l: g, g: l, t5: t5}}
     for folder, files in layouts.items():
         (tmp_path / folder).mkdir()
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
@@ -1180,6 +1180,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
         "vae_as_g": "clip_g.safetensors is not a clip_g text encoder: it looks like a VAE",
         "l_as_g": "wrong width for this MMDiT \\(pooled CLIP-L \\+ G: 128; it takes 192 and a 192-wide T5",
+        "swapped": "clip_l.safetensors is 128 wide, clip_g.safetensors 64: CLIP-L is the narrower",  # same sum
     }
     for folder, message in cases.items():
         with pytest.raises(sd.UserError, match=message):
