@@ -26,12 +26,12 @@ have. Sections (line numbers):
      1462  Part 2: plumbing                 a reader can stop here
      1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1898  Hub Downloads                    snapshot downloads, tokenizers
-     1950  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2167  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2269  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2469  Output Files                     atomic writes, loss.png
-     2537  Several Processes (torchrun)     one all-reduce per step
-     2576  Command Line and the Tiny Model  main(), --tiny
+     1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2172  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2274  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2474  Output Files                     atomic writes, loss.png
+     2542  Several Processes (torchrun)     one all-reduce per step
+     2581  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1923,6 +1923,11 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
+# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors,
+# which is what read_weights_dir reads
+FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
+
+
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
     None without `download`."""
@@ -1936,7 +1941,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", *FP16_COPIES]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "

@@ -2728,6 +2728,26 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
 
 
+def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tmp_path):
+    """SD3.5's diffusers repos hold each text encoder twice, as model*.safetensors and as the fp16 variant
+    model.fp16*.safetensors (about 11 GB more), and only the first is read: the second is not downloaded."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    repo = ["model_index.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model.safetensors.index.json",
+            "text_encoder_3/model.fp16-00001-of-00002.safetensors", "text_encoder_3/model.safetensors.index.fp16.json",
+            "vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.bin"]
+    got = []
+
+    def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
+        got.extend(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("text_encoder", "text_encoder_3", "vae"))
+    assert got == ["model_index.json", "text_encoder/model.safetensors", "text_encoder_3/model-00001-of-00002.safetensors",
+                   "text_encoder_3/model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
 def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
     """`--lora runs/my_run` (the training run's folder) said 'file not found', though the folder exists."""
     save_file({"x": torch.zeros(1)}, tmp_path / "training_state.safetensors")
