@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1198  Training                         Trainer and the training loop
      1462  Part 2: plumbing                 a reader can stop here
      1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1898  Hub Downloads                    snapshot downloads, tokenizers
-     1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2172  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2274  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2474  Output Files                     atomic writes, loss.png
-     2542  Several Processes (torchrun)     one all-reduce per step
-     2581  Command Line and the Tiny Model  main(), --tiny
+     1906  Hub Downloads                    snapshot downloads, tokenizers
+     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2282  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2482  Output Files                     atomic writes, loss.png
+     2550  Several Processes (torchrun)     one all-reduce per step
+     2589  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -811,7 +811,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
-        self.files: list = []        # (name, size, mtime) of single files read: a swapped file is a new cache
+        self.files: list[str] = []   # _file_id of the single files read: a swapped file is a new cache
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1774,6 +1774,14 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     return _build(clip, config, sd, role, path, "cpu", dtype)
 
 
+def _file_id(path: Path) -> str:
+    """Name, size and last MB of a file: a fine-tune swapped in under the same name differs there. No mtime:
+    under torchrun across machines each has its own copy, and all must agree on the cache's file names."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 2**20))
+        return _digest(path.name, path.stat().st_size, f.read())
+
+
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
@@ -1816,7 +1824,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in picked.values() if p.is_file()]
+    text.files = [_file_id(p) for p in picked.values() if p.is_file()]
     return text
 
 
