@@ -20,18 +20,18 @@ have. Sections (line numbers):
       506  LoRA                             LoRALinear and add_lora
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      852  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1029  Data                             dataset scan, aspect buckets, the latent and text cache
-     1200  Training                         Trainer and the training loop
-     1482  Part 2: plumbing                 a reader can stop here
-     1489  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1910  Hub Downloads                    snapshot downloads, tokenizers
-     1962  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2281  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2481  Output Files                     atomic writes, loss.png
-     2549  Several Processes (torchrun)     one all-reduce per step
-     2588  Command Line and the Tiny Model  main(), --tiny
+      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1030  Data                             dataset scan, aspect buckets, the latent and text cache
+     1201  Training                         Trainer and the training loop
+     1483  Part 2: plumbing                 a reader can stop here
+     1490  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1927  Hub Downloads                    snapshot downloads, tokenizers
+     1984  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2303  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2503  Output Files                     atomic writes, loss.png
+     2571  Several Processes (torchrun)     one all-reduce per step
+     2610  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -811,6 +811,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
+        self.files: list[str] = []   # _file_id of the single files read: a swapped file is a new cache
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1141,7 +1142,7 @@ class LatentDataset:
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(model_id, cfg.vae, cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize")     # caches of the older resize-then-crop load_image: not reused
-        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5)
+        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
@@ -1776,7 +1777,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
                 module.float()
         return t5
     vocab, width = sd[TEXT_ENCODERS[role][2]].shape
-    sd.setdefault("text_projection.weight", torch.eye(width))          # CLIP-L files: the identity
+    if role == "clip_l" and not config:     # single files: SAI, ComfyUI and diffusers' converter apply no
+        sd["text_projection.weight"] = torch.eye(width)                 # CLIP-L projection, even one it has
+    sd.setdefault("text_projection.weight", torch.eye(width))
     config = config or transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
         intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
@@ -1790,6 +1793,14 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
         return model
     return _build(clip, config, sd, role, path, "cpu", dtype)
+
+
+def _file_id(path: Path) -> str:
+    """Name, size and last MB of a file: a fine-tune swapped in under the same name differs there. No mtime:
+    under torchrun across machines each has its own copy, and all must agree on the cache's file names."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 2**20))
+        return _digest(path.name, path.stat().st_size, f.read())
 
 
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
@@ -1820,6 +1831,10 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                           "a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
+    width = {r: weights[r][TEXT_ENCODERS[r][2]].shape[-1] for r in ("clip_l", "clip_g")}
+    if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
+        raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
+                        f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
     tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
@@ -1829,7 +1844,9 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     except (KeyError, ValueError, IndexError, AttributeError) as e:    # tensors missing from a damaged file
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
-    return TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+    text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
+    text.files = [_file_id(p) for p in picked.values() if p.is_file()]
+    return text
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -1935,6 +1952,11 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
+# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors,
+# which is what read_weights_dir reads
+FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
+
+
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
     None without `download`."""
@@ -1948,7 +1970,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", *FP16_COPIES]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "

@@ -1142,6 +1142,22 @@ def test_fp8_t5_files_load_upcast_and_fp16_is_preferred(single_files, tmp_path):
     assert all(torch.equal(loaded[k], v.float()) for k, v in t5.items())
 
 
+def test_a_clip_l_file_with_a_text_projection_is_read_as_the_references_read_it(single_files, tmp_path):
+    """SAI's reference, ComfyUI and diffusers' single-file converter take CLIP-L's pooled output without any
+    projection (the README): one a clip_l file carries (e.g. openai's, saved by transformers) is not applied."""
+    root, _ = single_files
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "t5xxl_fp16.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    clip_l = load_file(root / "clip/clip_l.safetensors")
+    projection = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    expected = sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"])
+    save_file({**clip_l, "text_projection.weight": projection}, tmp_path / "enc/clip_l.safetensors")
+    torch.testing.assert_close(sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"]),
+                               expected)
+
+
 def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     root, _ = single_files
     model = root / "aio" / ALL_IN_ONE
@@ -1150,7 +1166,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         "renamed": {l: l, g: g, "google_t5-v1_1-xxl_encoderonly-fp16.safetensors": t5,
                     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": l},   # Wan's T5, not SD3's: never picked
         "empty": {"notes.safetensors": "vae"}, "no_t5": {l: l, g: g},
-        "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}}
+        "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}, "swapped": {l: g, g: l, t5: t5}}
     for folder, files in layouts.items():
         (tmp_path / folder).mkdir()
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
@@ -1164,6 +1180,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
         "vae_as_g": "clip_g.safetensors is not a clip_g text encoder: it looks like a VAE",
         "l_as_g": "wrong width for this MMDiT \\(pooled CLIP-L \\+ G: 128; it takes 192 and a 192-wide T5",
+        "swapped": "clip_l.safetensors is 128 wide, clip_g.safetensors 64: CLIP-L is the narrower",  # same sum
     }
     for folder, message in cases.items():
         with pytest.raises(sd.UserError, match=message):
@@ -1609,6 +1626,37 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
     assert "rebuilding unreadable cache file" in capsys.readouterr().err
     latents, context, pooled = repaired.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
     assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+
+
+def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_files, tmp_path):
+    """The cache is keyed by the text_encoders folder; a file swapped in it (a fine-tuned clip_l under the
+    same name, a t5xxl_fp16 added beside the fp8 one, which it then replaces) must give new embeddings."""
+    root, _ = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    t5 = load_file(root / "clip/t5xxl_fp16.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in t5.items()}, tmp_path / "enc/t5xxl_fp8_e4m3fn.safetensors")
+    clip_l = load_file(root / "clip/clip_l.safetensors")
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+
+    def captions():
+        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
+        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+        cached = load_file(data.empty)                                          # what the cache holds
+        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
+        return data.text_files
+    first = captions()
+    clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same name and size
+    save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
+    second = captions()
+    (tmp_path / "enc/t5xxl_fp16.safetensors").symlink_to(root / "clip/t5xxl_fp16.safetensors")
+    third = captions()
+    assert not set(first) & set(second) and not set(second) & set(third)
+    os.utime(tmp_path / "enc/clip_l.safetensors", (1, 1))     # a copy on another machine (torchrun): the same
+    assert captions() == third
 
 
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
@@ -2706,6 +2754,26 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
         one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
+
+
+def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tmp_path):
+    """SD3.5's diffusers repos hold each text encoder twice, as model*.safetensors and as the fp16 variant
+    model.fp16*.safetensors (about 11 GB more), and only the first is read: the second is not downloaded."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    repo = ["model_index.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder_3/model-00001-of-00002.safetensors", "text_encoder_3/model.safetensors.index.json",
+            "text_encoder_3/model.fp16-00001-of-00002.safetensors", "text_encoder_3/model.safetensors.index.fp16.json",
+            "vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.bin"]
+    got = []
+
+    def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
+        got.extend(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("text_encoder", "text_encoder_3", "vae"))
+    assert got == ["model_index.json", "text_encoder/model.safetensors", "text_encoder_3/model-00001-of-00002.safetensors",
+                   "text_encoder_3/model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors"]
 
 
 def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
