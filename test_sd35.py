@@ -2675,7 +2675,9 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
 
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
-    job = torchrun(*train_cli(tmp_path, **LONG_RUN, **{"train.dist_timeout": 30}), wait=False)
+    # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
+    # both fired at once and the message was sometimes lost)
+    job = torchrun(*train_cli(tmp_path, **LONG_RUN, **{"train.dist_timeout": 15}), wait=False)
     wait_for_steps(tmp_path / "run", 2, job)
     workers = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
     rank1 = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
