@@ -23,15 +23,15 @@ have. Sections (line numbers):
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
      1201  Training                         Trainer and the training loop
-     1483  Part 2: plumbing                 a reader can stop here
-     1490  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1927  Hub Downloads                    snapshot downloads, tokenizers
-     1984  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2303  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2503  Output Files                     atomic writes, loss.png
-     2571  Several Processes (torchrun)     one all-reduce per step
-     2610  Command Line and the Tiny Model  main(), --tiny
+     1486  Part 2: plumbing                 a reader can stop here
+     1493  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1930  Hub Downloads                    snapshot downloads, tokenizers
+     1987  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2204  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2306  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2506  Output Files                     atomic writes, loss.png
+     2574  Several Processes (torchrun)     one all-reduce per step
+     2613  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1263,13 +1263,16 @@ def check_sources(cfg: Config):
         resolve_model(name, (), download=False)                       # hub ids download after the scan
 
 
+STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
+
+
 class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
-        self.state_path, self.log_path = self.out / "training_state.safetensors", self.out / "log.jsonl"
+        self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes = self.refuse_early(resume)
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
@@ -2684,7 +2687,7 @@ def main(argv=None):
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
         if args.tiny and args.resume:                           # continue the newest tiny run that saved
-            saved = sorted(Path("runs").glob("tiny_*/training_state.safetensors"), key=os.path.getmtime)
+            saved = sorted(Path("runs").glob(f"tiny_*/{STATE_FILE}"), key=os.path.getmtime)
             stamp = saved[-1].parent.name.removeprefix("tiny_") if saved else stamp
         tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
@@ -2695,7 +2698,7 @@ def main(argv=None):
         sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
-        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, "training_state.safetensors"))
+        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
         then = ("continue with --resume" if saved else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
