@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1201  Training                         Trainer and the training loop
      1486  Part 2: plumbing                 a reader can stop here
      1493  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1930  Hub Downloads                    snapshot downloads, tokenizers
-     1987  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2204  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2306  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2506  Output Files                     atomic writes, loss.png
-     2574  Several Processes (torchrun)     one all-reduce per step
-     2613  Command Line and the Tiny Model  main(), --tiny
+     1931  Hub Downloads                    snapshot downloads, tokenizers
+     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2307  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2507  Output Files                     atomic writes, loss.png
+     2575  Several Processes (torchrun)     one all-reduce per step
+     2614  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1780,9 +1780,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
                 module.float()
         return t5
     vocab, width = sd[TEXT_ENCODERS[role][2]].shape
-    if role == "clip_l" and not config:     # single files: SAI, ComfyUI and diffusers' converter apply no
-        sd["text_projection.weight"] = torch.eye(width)                 # CLIP-L projection, even one it has
-    sd.setdefault("text_projection.weight", torch.eye(width))
+    # CLIP-L single files: SAI, ComfyUI and diffusers' converter apply no projection, even one the file has
+    if role == "clip_l" and not config or "text_projection.weight" not in sd:
+        sd["text_projection.weight"] = torch.eye(width)
     config = config or transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
         intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
@@ -1801,9 +1801,10 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
 def _file_id(path: Path) -> str:
     """Name, size and last MB of a file: a fine-tune swapped in under the same name differs there. No mtime:
     under torchrun across machines each has its own copy, and all must agree on the cache's file names."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 2**20))
-        return _digest(path.name, path.stat().st_size, f.read())
+        f.seek(max(0, size - 2**20))
+        return _digest(path.name, size, f.read())
 
 
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
@@ -2109,11 +2110,11 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
         down, up = t["down"], t["up"]
-        if down.ndim == 4 and not (up.any() and down.any()):    # ComfyUI's LoraSave extracts one from every
-            continue                                        # conv, a zero one from the unchanged x_embedder
-        if down.ndim == 4:                                  # sd-scripts' emb_dims: x_embedder's 2x2 conv
-            raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): not "
-                            f"supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
+        if down.ndim == 4:                                  # x_embedder's 2x2 conv: sd-scripts' emb_dims, and
+            if up.any() and down.any():                     # ComfyUI's LoraSave (zero when it is unchanged)
+                raise UserError(f"{path}: '{module}' has a LoRA on a convolution (down {tuple(down.shape)}): "
+                                f"not supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
+            continue
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
             raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
                             f"vs up {tuple(up.shape)}")
