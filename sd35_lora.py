@@ -22,16 +22,16 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1201  Training                         Trainer and the training loop
-     1486  Part 2: plumbing                 a reader can stop here
-     1493  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1931  Hub Downloads                    snapshot downloads, tokenizers
-     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2307  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2507  Output Files                     atomic writes, loss.png
-     2575  Several Processes (torchrun)     one all-reduce per step
-     2614  Command Line and the Tiny Model  main(), --tiny
+     1213  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1943  Hub Downloads                    snapshot downloads, tokenizers
+     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2217  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2519  Output Files                     atomic writes, loss.png
+     2587  Several Processes (torchrun)     one all-reduce per step
+     2626  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1060,6 +1060,29 @@ def files_under(root: Path) -> list[Path]:
     return files
 
 
+def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
+                     uncaptioned: list[str], empty: list[str]):
+    """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
+    if rank_and_world()[0] != 0:
+        return
+    if broken:
+        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
+    if uncaptioned:
+        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
+              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+    if empty:
+        print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
+              f"train with the empty caption (unconditioned); delete such a .txt to use "
+              f"dataset.default_caption", file=sys.stderr)
+    stems = collections.Counter(path.with_suffix("") for path in paths)
+    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
+        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
+    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
+    if orphans:
+        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
+              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
+
+
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import Image, ImageOps
@@ -1072,7 +1095,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned = [], [], []
+    items, broken, uncaptioned, empty = [], [], [], []
     for path in paths:
         try:
             bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
@@ -1084,25 +1107,14 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
         try:
             caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
+            empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
         except (OSError, UnicodeError) as e:
             raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
-    first = rank_and_world()[0] == 0                         # torchrun: process 0 warns for all
-    if broken and first:
-        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
-    if uncaptioned and first:
-        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
-              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
-    stems = collections.Counter(path.with_suffix("") for path in paths)
-    if first and (shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]):
-        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
-    if first and orphans:
-        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
-              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
+    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty)
     if not items:
         missing = "" if root.is_dir() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 import sample
@@ -1688,6 +1689,18 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     Image.fromarray((grey / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
     ramp16, ramp8 = (sd.load_image(tmp_path / f"ramp{bits}.png", (64, 64)) for bits in (16, 8))
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
+
+
+def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(tmp_path, capsys):
+    """An empty .txt (a tagger that found nothing, a caption never written) trains as the empty caption, as
+    caption dropout does: it may be meant (not the default_caption, which is for images without a .txt), but
+    it was silent; it is counted as missing captions are."""
+    sd.write_demo_dataset(tmp_path)
+    (tmp_path / "blue_disc.txt").write_text(" \r\n\t\n")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64, default_caption="a shape"))
+    assert [item["caption"] for item in items] == ["", "red stripes"]
+    err = capsys.readouterr().err
+    assert "1 .txt captions are empty, e.g. blue_disc.txt" in err and "default_caption" in err, err
 
 
 def test_bf16_autocast_training_step_runs(tmp_path):
