@@ -22,16 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1213  Training                         Trainer and the training loop
-     1498  Part 2: plumbing                 a reader can stop here
-     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1943  Hub Downloads                    snapshot downloads, tokenizers
-     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2217  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2519  Output Files                     atomic writes, loss.png
-     2587  Several Processes (torchrun)     one all-reduce per step
-     2626  Command Line and the Tiny Model  main(), --tiny
+     1178  Training                         Trainer and the training loop
+     1463  Part 2: plumbing                 a reader can stop here
+     1470  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1908  Hub Downloads                    snapshot downloads, tokenizers
+     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2182  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2284  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2484  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2557  Output Files                     atomic writes, loss.png
+     2625  Several Processes (torchrun)     one all-reduce per step
+     2664  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -54,7 +55,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1037,7 +1037,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:                # ImageOps.fit crops and resizes in one resampling step
+    with open_image(path) as im:                # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
@@ -1046,46 +1046,9 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def files_under(root: Path) -> list[Path]:
-    """Every file below root, through symlinked folders too (people link image folders into a dataset), each
-    real folder once: a link to a parent is no loop."""
-    seen, files = set(), []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        files += [Path(folder, name) for name in names]
-    return files
-
-
-def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
-                     uncaptioned: list[str], empty: list[str]):
-    """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
-    if rank_and_world()[0] != 0:
-        return
-    if broken:
-        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
-    if uncaptioned:
-        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
-              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
-    if empty:
-        print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
-              f"train with the empty caption (unconditioned); delete such a .txt to use "
-              f"dataset.default_caption", file=sys.stderr)
-    stems = collections.Counter(path.with_suffix("") for path in paths)
-    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
-        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
-    if orphans:
-        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
-              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
-
-
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     files = files_under(root)
@@ -1095,12 +1058,14 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty = [], [], [], []
+    items, broken, uncaptioned, empty, large = [], [], [], [], []
     for path in paths:
         try:
-            bomb = dict(action="error", category=Image.DecompressionBombWarning)   # too many pixels: skip
-            with warnings.catch_warnings(**bomb), Image.open(path) as im:
+            with open_image(path) as im:
                 width, height = ImageOps.exif_transpose(im).size  # decodes (broken files fail); phones rotate
+        except TooLarge as e:
+            large.append(str(e))
+            continue
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
@@ -1114,7 +1079,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty)
+    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large)
     if not items:
         missing = "" if root.is_dir() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -2514,6 +2479,79 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
     return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+
+
+#################################################################################
+#                                 Dataset Files                                 #
+#################################################################################
+
+def files_under(root: Path) -> list[Path]:
+    """Every file below root, through symlinked folders too (people link image folders into a dataset), each
+    real folder once: a link to a parent is no loop."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder, name) for name in names]
+    return files
+
+
+def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
+                     uncaptioned: list[str], empty: list[str], large: list[str]):
+    """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
+    if rank_and_world()[0] != 0:
+        return
+    for name in large:
+        print(f"warning: skipped {name}: over the limit of {MAX_PIXELS / 1e6:g} megapixels for images other "
+              f"than JPEG (a guard against decompression bombs); save it smaller or as JPEG", file=sys.stderr)
+    if broken:
+        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
+    if uncaptioned:
+        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
+              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+    if empty:
+        print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
+              f"train with the empty caption (unconditioned); delete such a .txt to use "
+              f"dataset.default_caption", file=sys.stderr)
+    stems = collections.Counter(path.with_suffix("") for path in paths)
+    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
+        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
+    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
+    if orphans:
+        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
+              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
+
+
+# Pillow's bomb guard (89 MP) refuses 108 and 200 MP phone photos; past this, a small file that claims e.g.
+# 50,000 x 50,000 pixels would take gigabytes of RAM
+MAX_PIXELS = 300_000_000
+
+
+class TooLarge(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def open_image(path: Path):
+    """Image.open with MAX_PIXELS for Pillow's limit. A JPEG over it is decoded at 1/2..1/8 scale (its cheap
+    DCT scaling); any other image over it raises TooLarge, before it is decoded."""
+    from PIL import Image
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None                  # checked here instead
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with im:
+        width, height = im.size
+        scale = 2 ** math.ceil(math.log2(max(1.0, width * height / MAX_PIXELS)) / 2)
+        if scale > 1 and im.format == "JPEG":
+            im.draft(im.mode, (width // scale, height // scale))
+        if im.width * im.height > MAX_PIXELS:
+            raise TooLarge(f"{path.name} ({width} x {height})")
+        yield im
 
 
 #################################################################################

@@ -1703,6 +1703,38 @@ def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(t
     assert "1 .txt captions are empty, e.g. blue_disc.txt" in err and "default_caption" in err, err
 
 
+def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipped(tmp_path, monkeypatch, capsys):
+    """Pillow's 89 MP bomb guard skipped 108 and 200 MP phone photos as 'unreadable'. Up to sd.MAX_PIXELS an
+    image trains as it is (the same pixels as before); over it a JPEG is decoded at 1/2..1/8 scale (its cheap
+    DCT scaling), any other file is skipped with a warning naming the limit, and a tiny file claiming 50,000 x
+    50,000 pixels is never decoded. Both limits are scaled down here (no 200 MP test image)."""
+    yy, xx = np.mgrid[0:256, 0:512]
+    smooth = np.stack([xx / 2, yy, (xx + yy) / 3], -1).astype(np.uint8)
+    Image.fromarray(smooth[:64, :192]).save(tmp_path / "photo.png")
+    Image.fromarray(smooth).save(tmp_path / "panorama.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "huge.png")
+    png = bytearray((tmp_path / "photo.png").read_bytes())                  # IHDR: width, height at 16..24
+    png[16:24] = (50_000).to_bytes(4, "big") * 2
+    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, "big")
+    (tmp_path / "bomb.png").write_bytes(png[:200])
+    size = (192, 64)
+    with Image.open(tmp_path / "photo.png") as im:                         # what load_image gave before
+        before = torch.tensor(np.array(ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC))).permute(2, 0, 1)
+    with Image.open(tmp_path / "panorama.jpg") as im:
+        full = torch.tensor(np.array(ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC))).permute(2, 0, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)          # as a 200 MP photo is to Pillow's limit
+    monkeypatch.setattr(sd, "MAX_PIXELS", 160 * 160, raising=False)
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))
+    assert [(item["path"].name, item["size"]) for item in items] == [("panorama.jpg", size), ("photo.png", size)]
+    err = capsys.readouterr().err
+    assert "unreadable" not in err and "bomb.png (50000 x 50000)" in err and "huge.png (512 x 256)" in err, err
+    assert "over the limit of 0.0256 megapixels" in err, err
+    torch.testing.assert_close(sd.load_image(tmp_path / "photo.png", size), before.float() / 127.5 - 1)
+    drafted = sd.load_image(tmp_path / "panorama.jpg", size)
+    assert (drafted - (full.float() / 127.5 - 1)).abs().mean() < 4 / 127.5
+    assert Image.MAX_IMAGE_PIXELS == 64 * 64                                 # Pillow's own setting kept
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
@@ -2327,9 +2359,9 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     data = tmp_path / "data"
     sd.write_demo_dataset(data)
     Image.new("RGB", (80, 80)).save(data / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)       # 6400 px: PIL only warns below twice the limit
+    monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))) == 2
-    assert "skipped 1 unreadable images: bomb.png (DecompressionBombWarning)" in capsys.readouterr().err
+    assert "skipped bomb.png (80 x 80): over the limit of 0.005 megapixels" in capsys.readouterr().err
     monkeypatch.undo()
     # sampling: sizes against the model before the noise exists; seeds within torch's range, never wrapped
     pipe = sd.tiny_pipeline()
