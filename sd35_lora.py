@@ -22,17 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1178  Training                         Trainer and the training loop
-     1463  Part 2: plumbing                 a reader can stop here
-     1470  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1908  Hub Downloads                    snapshot downloads, tokenizers
-     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2182  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2284  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2484  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2557  Output Files                     atomic writes, loss.png
-     2625  Several Processes (torchrun)     one all-reduce per step
-     2664  Command Line and the Tiny Model  main(), --tiny
+     1180  Training                         Trainer and the training loop
+     1465  Part 2: plumbing                 a reader can stop here
+     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1910  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2184  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2286  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2486  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2568  Output Files                     atomic writes, loss.png
+     2636  Several Processes (torchrun)     one all-reduce per step
+     2675  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1051,7 +1051,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     from PIL import ImageOps
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
-    files = files_under(root)
+    files, left_out = files_under(root)
     # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("._"))
     paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
@@ -1084,8 +1084,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
+    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {', '.join(left_out[:5])}"
     print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
-          f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out)")
+          f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out"
+          + skipped * bool(left_out) + ", ..." * (len(left_out) > 5) + ")")
     return items
 
 
@@ -2485,10 +2487,16 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
 #                                 Dataset Files                                 #
 #################################################################################
 
-def files_under(root: Path) -> list[Path]:
+# thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on
+NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
+            "__MACOSX", "System Volume Information"}
+
+
+def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
-    real folder once: a link to a parent is no loop."""
-    seen, files = set(), []
+    real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
+    out: -> (files, those folders)."""
+    seen, files, left_out = set(), [], []
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2496,7 +2504,10 @@ def files_under(root: Path) -> list[Path]:
             continue
         seen.add(real)
         files += [Path(folder, name) for name in names]
-    return files
+        skip = [name for name in subfolders if name.startswith(".") or name in NOT_DATA]
+        subfolders[:] = [name for name in subfolders if name not in skip]
+        left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
+    return files, sorted(left_out)
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],

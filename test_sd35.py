@@ -1735,6 +1735,24 @@ def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipp
     assert Image.MAX_IMAGE_PIXELS == 64 * 64                                 # Pillow's own setting kept
 
 
+def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_path, capsys):
+    """A Synology NAS keeps a thumbnail folder @eaDir (one subfolder per image) in every folder, file managers
+    .thumbnails, zips made on a Mac __MACOSX, NAS recycle bins #recycle: no images of the dataset (or deleted
+    ones). They were trained on; they are left out and named."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    for folder in ("@eaDir/red_stripes.png", ".thumbnails/normal", ".git", "__MACOSX", "sub/@eaDir", "#recycle"):
+        (data / folder).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(data / folder / "SYNOPHOTO_THUMB_M.jpg")
+    Image.new("RGB", (64, 64)).save(data / "sub" / "kept.png")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))
+    assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png", "kept.png"]
+    out = capsys.readouterr()
+    assert "SYNOPHOTO" not in out.err, out.err
+    assert "6 hidden, thumbnail and recycle folders: #recycle, .git, .thumbnails, @eaDir, __MACOSX, ...)" in out.out
+
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
