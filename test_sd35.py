@@ -1753,6 +1753,24 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
 
 
 
+def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_path):
+    """A fine-tuned VAE (or all-in-one checkpoint) downloaded over the old file loads other weights under the
+    same path strings: its latents must not come from the old VAE's cache. The same weights (the seeded tiny
+    model built again, or a model folder moved) keep the cache."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    build = lambda pipe: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model).latent_files
+    first = build(sd.tiny_pipeline(t5_length=16))
+    assert build(sd.tiny_pipeline(t5_length=16)) == first
+    pipe = sd.tiny_pipeline(t5_length=16)
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.weight.mul_(1.5)
+    second = build(pipe)
+    assert not set(first) & set(second)
+    pixels = sd.load_image(tmp_path / "data" / "blue_disc.png", (64, 64))[None]
+    torch.testing.assert_close(load_file(second[0])["moments"], pipe.vae.encode_moments(pixels)[0])
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
