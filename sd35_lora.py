@@ -22,17 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1188  Training                         Trainer and the training loop
-     1473  Part 2: plumbing                 a reader can stop here
-     1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1918  Hub Downloads                    snapshot downloads, tokenizers
-     1975  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2192  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2294  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2494  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2576  Output Files                     atomic writes, loss.png
-     2644  Several Processes (torchrun)     one all-reduce per step
-     2683  Command Line and the Tiny Model  main(), --tiny
+     1190  Training                         Trainer and the training loop
+     1475  Part 2: plumbing                 a reader can stop here
+     1482  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1920  Hub Downloads                    snapshot downloads, tokenizers
+     1977  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2296  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2496  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2578  Output Files                     atomic writes, loss.png
+     2646  Several Processes (torchrun)     one all-reduce per step
+     2685  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1105,11 +1105,13 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def cached(path: Path, compute, source: str = "") -> Path:
-    """`path`, after checking that it reads; computed from `compute()` and written atomically if not."""
+    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
+    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
     if path.is_file():
         try:
-            load_file(str(path))
-            return path
+            if all(t.isfinite().all() for t in load_file(str(path)).values()):
+                return path
+            print(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
         except Exception:
             print(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
     tensors = compute()

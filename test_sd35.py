@@ -1752,7 +1752,6 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     assert "6 hidden, thumbnail and recycle folders: #recycle, .git, .thumbnails, @eaDir, __MACOSX, ...)" in out.out
 
 
-
 def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_path):
     """A fine-tuned VAE (or all-in-one checkpoint) downloaded over the old file loads other weights under the
     same path strings: its latents must not come from the old VAE's cache. The same weights (the seeded tiny
@@ -1769,6 +1768,23 @@ def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_pa
     assert not set(first) & set(second)
     pixels = sd.load_image(tmp_path / "data" / "blue_disc.png", (64, 64))[None]
     torch.testing.assert_close(load_file(second[0])["moments"], pipe.vae.encode_moments(pixels)[0])
+
+
+def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(tmp_path, capsys):
+    """New cache writes refuse NaN/inf; a file written before that check (or damaged on disk into NaN bytes)
+    read as valid and came back as a NaN loss in every run. Reading checks it: it is rebuilt."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    data = build()
+    good = {name: load_file(path) for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1]))}
+    for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1])):
+        save_file({k: torch.full_like(v, math.nan) for k, v in good[name].items()}, path)
+    capsys.readouterr()
+    data = build()
+    assert capsys.readouterr().err.count("rebuilding") == 2
+    for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1])):
+        torch.testing.assert_close(load_file(path), good[name])
 
 
 def test_bf16_autocast_training_step_runs(tmp_path):
