@@ -2568,7 +2568,7 @@ def open_image(path: Path):
     with im:
         width, height = im.size
         scale = 2 ** math.ceil(math.log2(max(1.0, width * height / MAX_PIXELS)) / 2)
-        if scale > 1 and im.format == "JPEG":
+        if scale > 1:                                                 # draft: a no-op but for JPEG (MPO too)
             im.draft(im.mode, (width // scale, height // scale))
         if im.width * im.height > MAX_PIXELS:
             raise TooLarge(f"{path.name} ({width} x {height})")

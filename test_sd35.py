@@ -1712,6 +1712,8 @@ def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipp
     smooth = np.stack([xx / 2, yy, (xx + yy) / 3], -1).astype(np.uint8)
     Image.fromarray(smooth[:64, :192]).save(tmp_path / "photo.png")
     Image.fromarray(smooth).save(tmp_path / "panorama.jpg", quality=95)
+    depth = Image.new("L", (512, 256))                # phones' portrait photos: a JPEG with a depth map (MPO)
+    Image.fromarray(smooth).save(tmp_path / "portrait.jpg", "MPO", save_all=True, append_images=[depth])
     Image.fromarray(smooth).save(tmp_path / "huge.png")
     png = bytearray((tmp_path / "photo.png").read_bytes())                  # IHDR: width, height at 16..24
     png[16:24] = (50_000).to_bytes(4, "big") * 2
@@ -1725,7 +1727,8 @@ def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)          # as a 200 MP photo is to Pillow's limit
     monkeypatch.setattr(sd, "MAX_PIXELS", 160 * 160, raising=False)
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))
-    assert [(item["path"].name, item["size"]) for item in items] == [("panorama.jpg", size), ("photo.png", size)]
+    assert [(item["path"].name, item["size"]) for item in items] == [(name, size) for name in
+                                                                      ("panorama.jpg", "photo.png", "portrait.jpg")]
     err = capsys.readouterr().err
     assert "unreadable" not in err and "bomb.png (50000 x 50000)" in err and "huge.png (512 x 256)" in err, err
     assert "over the limit of 0.0256 megapixels" in err, err
