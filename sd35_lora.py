@@ -22,17 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1190  Training                         Trainer and the training loop
-     1475  Part 2: plumbing                 a reader can stop here
-     1482  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1920  Hub Downloads                    snapshot downloads, tokenizers
-     1977  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2296  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2496  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2578  Output Files                     atomic writes, loss.png
-     2646  Several Processes (torchrun)     one all-reduce per step
-     2685  Command Line and the Tiny Model  main(), --tiny
+     1192  Training                         Trainer and the training loop
+     1477  Part 2: plumbing                 a reader can stop here
+     1484  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1922  Hub Downloads                    snapshot downloads, tokenizers
+     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2298  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2498  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2580  Output Files                     atomic writes, loss.png
+     2648  Several Processes (torchrun)     one all-reduce per step
+     2687  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1070,6 +1070,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
         caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
+        if not caption_file.exists() and path.with_suffix(".TXT").exists():    # as Windows and macOS find it
+            caption_file = path.with_suffix(".TXT")
         try:
             caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
@@ -2540,8 +2542,8 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems]   # a .heic?
-    if orphans:
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    if orphans:                                                          # (a .heic's, say)
         print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
               f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
 

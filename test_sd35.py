@@ -1790,6 +1790,18 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
         torch.testing.assert_close(load_file(path), good[name])
 
 
+def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
+    """IMG_0001.JPG + IMG_0001.TXT (a camera's and an old tool's names) captioned on Windows, trained on a Linux
+    GPU box: the caption was replaced by default_caption (a case-sensitive file system finds no .txt)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "IMG_0001.JPG")
+    (tmp_path / "IMG_0001.TXT").write_text("a dog")
+    (tmp_path / "IMG_0002.TXT").write_text("its image is a .heic")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert item["caption"] == "a dog" and "no .txt caption" not in err, err
+    assert "1 .txt captions have no image, e.g. IMG_0002.TXT" in err, err
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
