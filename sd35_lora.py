@@ -1083,7 +1083,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         items.append({"path": path, "caption": caption, "size": bucket})
     dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large)
     if not items:
-        missing = "" if root.is_dir() else " (no such folder)"
+        missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {', '.join(left_out[:5])}"

@@ -1802,6 +1802,12 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     assert "1 .txt captions have no image, e.g. IMG_0002.TXT" in err, err
 
 
+def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "me.png")
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "me.png"))),
+                   r"me.png \(a file, not a folder\): give a folder of images")
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
