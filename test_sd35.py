@@ -2785,7 +2785,8 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     cfg = tiny_config(tmp_path, **sets)
     data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
     poisoned = data.latent_files[0]                 # one image's cached latents: only the process given it sees NaN
-    save_file({k: v * float("nan") for k, v in load_file(poisoned).items()}, poisoned)
+    # finite on disk (a NaN file would be rebuilt), inf once scaled into the MMDiT's latent space
+    save_file({k: torch.full_like(v, 3e38) for k, v in load_file(poisoned).items()}, poisoned)
     r = torchrun(*train_cli(tmp_path, **sets))
     assert r.returncode != 0 and r.stderr.count("error: loss became nan (gradient norm nan) at step 1") == 1, r.stderr
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
