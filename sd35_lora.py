@@ -22,17 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1192  Training                         Trainer and the training loop
-     1477  Part 2: plumbing                 a reader can stop here
-     1484  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1922  Hub Downloads                    snapshot downloads, tokenizers
-     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2298  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2498  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2580  Output Files                     atomic writes, loss.png
-     2648  Several Processes (torchrun)     one all-reduce per step
-     2687  Command Line and the Tiny Model  main(), --tiny
+     1193  Training                         Trainer and the training loop
+     1478  Part 2: plumbing                 a reader can stop here
+     1485  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1923  Hub Downloads                    snapshot downloads, tokenizers
+     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2299  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2499  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2585  Output Files                     atomic writes, loss.png
+     2653  Several Processes (torchrun)     one all-reduce per step
+     2692  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1058,7 +1058,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty, large = [], [], [], [], []
+    items, broken, uncaptioned, empty, large, small = [], [], [], [], [], []
     for path in paths:
         try:
             with open_image(path) as im:
@@ -1081,7 +1081,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large)
+        small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
+    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small)
     if not items:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -2523,7 +2524,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
-                     uncaptioned: list[str], empty: list[str], large: list[str]):
+                     uncaptioned: list[str], empty: list[str], large: list[str], small: list[str]):
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
@@ -2532,6 +2533,10 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
               f"than JPEG (a guard against decompression bombs); save it smaller or as JPEG", file=sys.stderr)
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
+    if small:
+        print(f"warning: {len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
+              f"{cfg.resolution} px, so they train blurred, e.g. {', '.join(small[:5])}; use larger images "
+              f"or a lower dataset.resolution", file=sys.stderr)
     if uncaptioned:
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
               f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)

@@ -1808,6 +1808,17 @@ def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
                    r"me.png \(a file, not a folder\): give a folder of images")
 
 
+def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_path, capsys):
+    """A 256 px image in a 1024 px run is upscaled 4x without a word (web thumbnails, an SD 1.5 era dataset):
+    the LoRA learns the blur. Up to 2x passes quietly."""
+    for name, size in (("thumb.png", (32, 24)), ("half.png", (64, 64)), ("ok.png", (128, 128))):
+        Image.new("RGB", size).save(tmp_path / name)
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))) == 3
+    err = capsys.readouterr().err
+    assert "1 images are upscaled over 2x to their bucket around dataset.resolution 128 px" in err, err
+    assert "e.g. thumb.png (32x24);" in err, err
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
