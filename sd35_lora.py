@@ -2559,7 +2559,7 @@ MAX_PIXELS = 300_000_000
 
 
 class TooLarge(ValueError):
-    pass
+    """An image over MAX_PIXELS that cannot be read smaller: not decoded."""
 
 
 @contextlib.contextmanager
