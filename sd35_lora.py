@@ -22,17 +22,17 @@ have. Sections (line numbers):
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1193  Training                         Trainer and the training loop
-     1478  Part 2: plumbing                 a reader can stop here
-     1485  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1923  Hub Downloads                    snapshot downloads, tokenizers
-     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2299  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2499  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2585  Output Files                     atomic writes, loss.png
-     2653  Several Processes (torchrun)     one all-reduce per step
-     2692  Command Line and the Tiny Model  main(), --tiny
+     1195  Training                         Trainer and the training loop
+     1480  Part 2: plumbing                 a reader can stop here
+     1487  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1925  Hub Downloads                    snapshot downloads, tokenizers
+     1982  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2199  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2301  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2501  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2587  Output Files                     atomic writes, loss.png
+     2655  Several Processes (torchrun)     one all-reduce per step
+     2694  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1088,9 +1088,11 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {', '.join(left_out[:5])}"
-    print(f"dataset: {len(items)} images in {len({i['path'].parent for i in items})} folders under {root}, "
-          f"searched recursively ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out"
-          + skipped * bool(left_out) + ", ..." * (len(left_out) > 5) + ")")
+    if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
+        folders = len({i["path"].parent for i in items})
+        print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
+              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out"
+              + skipped * bool(left_out) + ", ..." * (len(left_out) > 5) + ")")
     return items
 
 

@@ -1950,7 +1950,7 @@ def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_
 
 
 def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp_path, monkeypatch, capsys):
-    """README: process 0 prints for all; 8 GPUs must not print every dataset or resume warning 8 times."""
+    """README: process 0 prints for all; 8 GPUs must not print every dataset line or resume warning 8 times."""
     make_dataset(tmp_path / "data")                                             # with a broken image
     Image.new("RGB", (64, 64)).save(tmp_path / "data" / "red_stripes.jpg")      # no caption of its own, shared
     Image.new("RGB", (64, 64)).save(tmp_path / "data" / "lonely.png")           # no caption
@@ -1963,7 +1963,8 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
         capsys.readouterr()
         assert len(sd.scan_dataset(saved.dataset)) == 4
         sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.lr": 1e-3}))
-        assert capsys.readouterr().err.count("warning: ") == warnings
+        out = capsys.readouterr()
+        assert out.err.count("warning: ") == warnings and out.out.count("dataset: ") == (rank == "0"), out
 
 
 def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_path, monkeypatch, capsys):
