@@ -14,24 +14,24 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       75  Presets and Configuration        per-variant sampling presets, the training config
-      192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      506  LoRA                             LoRALinear and add_lora
-      657  VAE                              16-channel autoencoder, the latent scale and shift
-      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1201  Training                         Trainer and the training loop
-     1486  Part 2: plumbing                 a reader can stop here
-     1493  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1931  Hub Downloads                    snapshot downloads, tokenizers
-     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2307  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2507  Output Files                     atomic writes, loss.png
-     2575  Several Processes (torchrun)     one all-reduce per step
-     2614  Command Line and the Tiny Model  main(), --tiny
+       81  Presets and Configuration        per-variant sampling presets, the training config
+      198  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear and add_lora
+      663  VAE                              16-channel autoencoder, the latent scale and shift
+      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1211  Training                         Trainer and the training loop
+     1496  Part 2: plumbing                 a reader can stop here
+     1503  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1943  Hub Downloads                    snapshot downloads, tokenizers
+     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2217  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2519  Output Files                     atomic writes, loss.png
+     2587  Several Processes (torchrun)     one all-reduce per step
+     2625  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -69,7 +69,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback."""
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun process 0 prints the errors every process meets alike (config, paths, data); `own`: one of
+    this process alone (its GPU, its share of the cache, its link to the others): it prints it, named."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
 
 
 #################################################################################
@@ -1146,7 +1152,11 @@ class LatentDataset:
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
-            return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+            try:
+                return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+            except UserError as e:                      # this process's share: process 0 may never see it
+                e.own = True
+                raise
 
         def text_file(caption: str) -> Path:
             def encode():
@@ -1854,7 +1864,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+    by_rank = name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+    if by_rank:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1867,7 +1878,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
         raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
-                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU")
+                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU",
+                        own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 
 
@@ -2603,9 +2615,8 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
     try:
         dist.all_reduce(flat)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
-        raise UserError(f"process {dist.get_rank()} lost contact with the others "
-                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
-                        f"continue with --resume") from None
+        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died or hung "
+                        f"past train.dist_timeout; continue with --resume", own=True) from None
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()
@@ -2695,8 +2706,9 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:
-        sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
+    except UserError as e:                      # torchrun: an error of one process's own, by that process
+        rank, world = rank_and_world()
+        sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if rank == 0 or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

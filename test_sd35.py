@@ -2673,6 +2673,27 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
 
 
+def test_torchrun_an_error_of_one_process_alone_is_printed_by_it_and_shared_ones_once(tmp_path, monkeypatch):
+    """A cache file of process 1's share that cannot be written: only process 1 meets the error, and torchrun
+    stops process 0 before it says anything; process 1 exited 1 without a word. A config error, which every
+    process meets, is still printed once (by process 0)."""
+    make_dataset(tmp_path / "data")
+    sets = {**LONG_RUN, "train.steps": 2}
+    cfg = tiny_config(tmp_path, **sets)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    blocked = next(f for f in data.latent_files + data.text_files if int(f.stem, 16) % 2 == 1)   # process 1's
+    blocked.unlink()
+    blocked.mkdir()                                 # its rewrite fails
+    r = torchrun(*train_cli(tmp_path, **sets))
+    assert r.returncode != 0 and r.stderr.count(f"error: process 1: cannot write {blocked}") == 1, r.stderr[-3000:]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, code in (("1", 1), ("0", "error: 'train.lr' must be above 0")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+        assert str(exit_info.value.code).startswith(str(code))
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
@@ -2685,7 +2706,7 @@ def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     os.kill(int(rank1), signal.SIGKILL)
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - start < 60
-    assert "error: process 0 lost contact with the others" in err, err[-3000:]
+    assert "error: process 0: lost contact with the others" in err, err[-3000:]
 
 
 if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
