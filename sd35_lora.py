@@ -2466,13 +2466,13 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
-                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
+                   "timestep_sampling logit_mean logit_std mode_scale weighting compile").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout "
-                    "sample.".split())
+                    "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
 def prepare_resume(path: Path, cfg: Config) -> list[str]:

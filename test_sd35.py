@@ -1804,6 +1804,16 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
 
+def test_resume_that_switches_train_compile_warns_and_records_it(tmp_path, capsys):
+    """Compiled blocks round differently (fused kernels; with fp8 on recent GPUs, fp8 matmuls): switching
+    train.compile on a resume changes the trajectory as a changed lr does. It was free: silent, unrecorded."""
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(tiny_config(tmp_path)))})
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))
+    assert changes == ["step 4: train.compile False -> True"]
+    assert "changed train.compile False -> True (recorded in the LoRA)" in capsys.readouterr().err
+
+
 def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_counts_can(tmp_path, monkeypatch):
     """A global batch of 8 saved on 2 processes: on 3 or 16 no batch_size x grad_accum keeps it (not '2.66667')."""
     saved = tiny_config(tmp_path, **{"train.batch_size": 4})
