@@ -29,9 +29,9 @@ have. Sections (line numbers):
      2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2217  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2519  Output Files                     atomic writes, loss.png
-     2587  Several Processes (torchrun)     one all-reduce per step
-     2625  Command Line and the Tiny Model  main(), --tiny
+     2520  Output Files                     atomic writes, loss.png
+     2588  Several Processes (torchrun)     one all-reduce per step
+     2626  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2498,7 +2498,8 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
                             f"({', '.join(counts)})")
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
-    split = ("train.batch_size", "train.grad_accum") if kept else ()     # the same global batch: no change
+    # the same global batch on another split: no change, unless LoRA dropout's masks follow the split
+    split = ("train.batch_size", "train.grad_accum") if kept and not cfg.lora.dropout else ()
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay

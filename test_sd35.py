@@ -1863,6 +1863,20 @@ def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_
     assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
 
 
+def test_resume_on_another_split_with_lora_dropout_is_a_recorded_change(tmp_path, monkeypatch, capsys):
+    """LoRA dropout's masks follow the split (per process, per micro-batch): batch 2 resumed as 1 x grad_accum 2
+    with lora.dropout 0.2 gave other losses (1e-3 off at the 4th step of the tiny run) and was passed off as the
+    same run: no warning, nothing recorded."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 2, "lora.dropout": 0.2})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "2", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "1"})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    changes = sd.prepare_resume(tmp_path / "state.safetensors",
+                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))
+    assert changes == ["step 2: train.batch_size 2 -> 1; train.grad_accum 1 -> 2"]
+    assert "changed train.batch_size 2 -> 1" in capsys.readouterr().err
+
+
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
     for flag in ("--cfg=nan", "--shift=inf", "--slg-scale=-inf", "--lora-scale=nan"):
         with pytest.raises(SystemExit):
