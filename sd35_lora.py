@@ -31,7 +31,7 @@ have. Sections (line numbers):
      2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
      2520  Output Files                     atomic writes, loss.png
      2588  Several Processes (torchrun)     one all-reduce per step
-     2626  Command Line and the Tiny Model  main(), --tiny
+     2628  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2616,8 +2616,10 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
     try:
         dist.all_reduce(flat)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
-        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died or hung "
-                        f"past train.dist_timeout; continue with --resume", own=True) from None
+        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
+                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
+                        f"checkpoints: raise it if those take longer); continue with --resume",
+                        own=True) from None
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()

@@ -2718,6 +2718,19 @@ def test_torchrun_an_error_of_one_process_alone_is_printed_by_it_and_shared_ones
         assert str(exit_info.value.code).startswith(str(code))
 
 
+def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
+    """Seen under torchrun (gloo, train.dist_timeout 3, 400-step previews): process 1 waited out process 0's
+    previews at its next all-reduce, timed out, and blamed a dead or hung process; the fix (raise dist_timeout)
+    went unsaid."""
+    def timed_out(tensor):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
+    monkeypatch.setattr(sd.dist, "all_reduce", timed_out)
+    with pytest.raises(sd.UserError, match=r"Timed out waiting 3000ms.*process 0's previews and checkpoints: "
+                                           r"raise it if those take longer\); continue with --resume") as e:
+        sd.all_reduce_step([torch.nn.Parameter(torch.zeros(2))], torch.zeros(3))
+    assert e.value.own
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
