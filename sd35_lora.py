@@ -23,15 +23,15 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1496  Part 2: plumbing                 a reader can stop here
-     1503  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1943  Hub Downloads                    snapshot downloads, tokenizers
-     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2217  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2319  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2520  Output Files                     atomic writes, loss.png
-     2588  Several Processes (torchrun)     one all-reduce per step
-     2628  Command Line and the Tiny Model  main(), --tiny
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1945  Hub Downloads                    snapshot downloads, tokenizers
+     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2522  Output Files                     atomic writes, loss.png
+     2590  Several Processes (torchrun)     one all-reduce per step
+     2630  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1339,7 +1339,9 @@ class Trainer:
             if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
                 raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
                                 f"another output_dir (--set output_dir=...), outside the dataset")
-            fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
+            loras = not saved and any(self.out.glob("lora*.safetensors"))    # not to be emptied away
+            fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: move "
+                   "them away" if loras else "it saved no checkpoint: empty it")
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
         check_sources(cfg)

@@ -1555,6 +1555,9 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     with pytest.raises(sd.UserError, match="it saved no checkpoint: empty it or choose another") as error:
         sd.train(tiny_config(tmp_path))
     assert "--resume" not in str(error.value)
+    (tmp_path / "run" / "lora.safetensors").write_bytes(b"")      # its training state deleted to save space:
+    with pytest.raises(sd.UserError, match="holds LoRA files but no training state: move them away or choose"):
+        sd.train(tiny_config(tmp_path))                            # "empty it" deleted the trained LoRA
 
 
 def test_an_output_dir_holding_the_dataset_is_not_to_be_emptied(tmp_path):
