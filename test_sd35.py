@@ -2700,10 +2700,9 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
 
 
-def test_torchrun_an_error_of_one_process_alone_is_printed_by_it_and_shared_ones_once(tmp_path, monkeypatch):
+def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     """A cache file of process 1's share that cannot be written: only process 1 meets the error, and torchrun
-    stops process 0 before it says anything; process 1 exited 1 without a word. A config error, which every
-    process meets, is still printed once (by process 0)."""
+    stops process 0 before it says anything; process 1 exited 1 without a word."""
     make_dataset(tmp_path / "data")
     sets = {**LONG_RUN, "train.steps": 2}
     cfg = tiny_config(tmp_path, **sets)
@@ -2713,9 +2712,15 @@ def test_torchrun_an_error_of_one_process_alone_is_printed_by_it_and_shared_ones
     blocked.mkdir()                                 # its rewrite fails
     r = torchrun(*train_cli(tmp_path, **sets))
     assert r.returncode != 0 and r.stderr.count(f"error: process 1: cannot write {blocked}") == 1, r.stderr[-3000:]
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, code in (("1", 1), ("0", "error: 'train.lr' must be above 0")):
-        monkeypatch.setenv("RANK", rank)
+
+
+def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
+    """Once, not once per process; but by each machine's first process: with two machines (seen with two
+    `torchrun --nnodes 2`), a dataset.path missing on the second one stopped its processes without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for (rank, local), code in (((1, 1), 1), ((0, 0), "error: 'train.lr'"), ((2, 0), "error: 'train.lr'")):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
         with pytest.raises(SystemExit) as exit_info:
             sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
         assert str(exit_info.value.code).startswith(str(code))
