@@ -31,7 +31,7 @@ have. Sections (line numbers):
      2322  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
      2523  Output Files                     atomic writes, loss.png
      2591  Several Processes (torchrun)     one all-reduce per step
-     2631  Command Line and the Tiny Model  main(), --tiny
+     2637  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1185,7 +1185,7 @@ class LatentDataset:
         self.empty = text_file("")                             # what caption dropout trains on
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
-            dist.barrier()                                     # the cache is complete
+            collective(dist.barrier)                           # the cache is complete
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1492,7 +1492,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             signal.signal(sig, handler)
     bar.close()
     if tr.world > 1:
-        dist.barrier()                              # the others wait for process 0's last files
+        collective(dist.barrier)                    # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 
@@ -2605,24 +2605,30 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
+        collective(dist.init_process_group, "nccl" if device.type == "cuda" else "gloo",
+                   timeout=datetime.timedelta(seconds=tc.dist_timeout))
     print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
           f"{tc.batch_size} x grad_accum {tc.grad_accum}")
     return rank, world
+
+
+def collective(call, *args, **kwargs):
+    """Joining, a barrier or an all-reduce of every process: one that died, or never came within
+    train.dist_timeout, is a one-line error (it was a traceback outside the training steps)."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
+                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
+                        f"checkpoints: raise it if those take longer); run again, with --resume once a "
+                        f"checkpoint was saved", own=True) from None
 
 
 def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
     """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
     flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
-    try:
-        dist.all_reduce(flat)
-    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
-        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
-                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
-                        f"checkpoints: raise it if those take longer); continue with --resume",
-                        own=True) from None
+    collective(dist.all_reduce, flat)
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()

@@ -2734,9 +2734,26 @@ def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
         raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
     monkeypatch.setattr(sd.dist, "all_reduce", timed_out)
     with pytest.raises(sd.UserError, match=r"Timed out waiting 3000ms.*process 0's previews and checkpoints: "
-                                           r"raise it if those take longer\); continue with --resume") as e:
+                                           r"raise it if those take longer\); run again, with --resume") as e:
         sd.all_reduce_step([torch.nn.Parameter(torch.zeros(2))], torch.zeros(3))
     assert e.value.own
+
+
+def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact_not_a_traceback(tmp_path, monkeypatch):
+    """Seen with two `torchrun --nnodes 2`, one machine failing before it joined: the other waited out
+    train.dist_timeout and ended in a DistStoreError traceback (a hang while the cache builds: a RuntimeError)."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    def fail(*args, **kwargs):
+        raise sd.dist.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cpu//0/1")
+    for name, call in (("init_process_group", lambda: sd.init_distributed(cfg)),
+                       ("barrier", lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16),
+                                                            cfg, cfg.model))):
+        monkeypatch.setattr(sd.dist, name, fail)
+        with pytest.raises(sd.UserError, match=r"lost contact with the others \(wait timeout after 600000ms") as e:
+            call()
+        assert e.value.own
 
 
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
