@@ -14,24 +14,24 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       82  Presets and Configuration        per-variant sampling presets, the training config
-      199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      513  LoRA                             LoRALinear and add_lora
-      664  VAE                              16-channel autoencoder, the latent scale and shift
-      809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1212  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1946  Hub Downloads                    snapshot downloads, tokenizers
-     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2322  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2523  Output Files                     atomic writes, loss.png
-     2591  Several Processes (torchrun)     one all-reduce per step
-     2637  Command Line and the Tiny Model  main(), --tiny
+       81  Presets and Configuration        per-variant sampling presets, the training config
+      198  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear and add_lora
+      663  VAE                              16-channel autoencoder, the latent scale and shift
+      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1211  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1945  Hub Downloads                    snapshot downloads, tokenizers
+     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2522  Output Files                     atomic writes, loss.png
+     2590  Several Processes (torchrun)     one all-reduce per step
+     2636  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -70,9 +70,8 @@ from torch.utils.checkpoint import checkpoint
 
 class UserError(ValueError):
     """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
-    torchrun each machine's first process prints the errors its processes meet alike (config, paths,
-    data); `own`: one of this process alone (its GPU, its share of the cache, its link to the others),
-    printed by that process."""
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
 
     def __init__(self, message: str, own: bool = False):
         super().__init__(message)
