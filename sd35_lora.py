@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       75  Presets and Configuration        per-variant sampling presets, the training config
-      192  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      506  LoRA                             LoRALinear and add_lora
-      657  VAE                              16-channel autoencoder, the latent scale and shift
-      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1195  Training                         Trainer and the training loop
-     1480  Part 2: plumbing                 a reader can stop here
-     1487  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1925  Hub Downloads                    snapshot downloads, tokenizers
-     1982  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2199  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2301  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2501  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2587  Output Files                     atomic writes, loss.png
-     2655  Several Processes (torchrun)     one all-reduce per step
-     2694  Command Line and the Tiny Model  main(), --tiny
+       81  Presets and Configuration        per-variant sampling presets, the training config
+      198  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear and add_lora
+      663  VAE                              16-channel autoencoder, the latent scale and shift
+      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1205  Training                         Trainer and the training loop
+     1492  Part 2: plumbing                 a reader can stop here
+     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1939  Hub Downloads                    snapshot downloads, tokenizers
+     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2315  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2516  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2602  Output Files                     atomic writes, loss.png
+     2670  Several Processes (torchrun)     one all-reduce per step
+     2716  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -69,7 +69,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback."""
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
 
 
 #################################################################################
@@ -1140,7 +1146,11 @@ class LatentDataset:
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
-            return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+            try:
+                return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+            except UserError as e:                      # this process's share: process 0 may never see it
+                e.own = True
+                raise
 
         def text_file(caption: str) -> Path:
             def encode():
@@ -1168,7 +1178,7 @@ class LatentDataset:
         self.empty = text_file("")                             # what caption dropout trains on
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
-            dist.barrier()                                     # the cache is complete
+            collective(dist.barrier)                           # the cache is complete
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
@@ -1323,7 +1333,9 @@ class Trainer:
             if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
                 raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
                                 f"another output_dir (--set output_dir=...), outside the dataset")
-            fix = "continue it with --resume" if saved else "it saved no checkpoint: empty it"
+            loras = not saved and any(self.out.glob("lora*.safetensors"))    # not to be emptied away
+            fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
+                   "move them away" if loras else "it saved no checkpoint: empty it")
             raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
                             f"another output_dir (--set output_dir=...)")
         check_sources(cfg)
@@ -1473,7 +1485,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             signal.signal(sig, handler)
     bar.close()
     if tr.world > 1:
-        dist.barrier()                              # the others wait for process 0's last files
+        collective(dist.barrier)                    # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 
@@ -1848,7 +1860,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+    by_rank = name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+    if by_rank:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1861,7 +1874,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
         raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
-                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU")
+                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU",
+                        own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 
 
@@ -2448,13 +2462,13 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
-                   "timestep_sampling logit_mean logit_std mode_scale weighting").split()]
+                   "timestep_sampling logit_mean logit_std mode_scale weighting compile").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.compile train.gradient_checkpointing train.loss_bins train.dist_timeout "
-                    "sample.".split())
+                    "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
 def prepare_resume(path: Path, cfg: Config) -> list[str]:
@@ -2480,7 +2494,8 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
                             f"({', '.join(counts)})")
         raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
                         f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
-    split = ("train.batch_size", "train.grad_accum") if kept else ()     # the same global batch: no change
+    # the same global batch on another split: no change, unless LoRA dropout's masks follow the split
+    split = ("train.batch_size", "train.grad_accum") if kept and not cfg.lora.dropout else ()
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
@@ -2669,23 +2684,30 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=tc.dist_timeout))
+        collective(dist.init_process_group, "nccl" if device.type == "cuda" else "gloo",
+                   timeout=datetime.timedelta(seconds=tc.dist_timeout))
     print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
           f"{tc.batch_size} x grad_accum {tc.grad_accum}")
     return rank, world
+
+
+def collective(call, *args, **kwargs):
+    """Joining, a barrier or an all-reduce of every process: one that died, or never came within
+    train.dist_timeout, is a one-line error (it was a traceback outside the training steps)."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
+                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
+                        f"checkpoints: raise it if those take longer); run again, with --resume once a "
+                        f"checkpoint was saved", own=True) from None
 
 
 def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
     """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
     flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
-    try:
-        dist.all_reduce(flat)
-    except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
-        raise UserError(f"process {dist.get_rank()} lost contact with the others "
-                        f"({str(e).splitlines()[0][:99]}): one died or hung past train.dist_timeout; "
-                        f"continue with --resume") from None
+    collective(dist.all_reduce, flat)
     for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
     return flat[-len(numbers):].cpu()
@@ -2775,8 +2797,10 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:
-        sys.exit(f"error: {e}" if rank_and_world()[0] == 0 or "lost contact" in str(e) else 1)
+    except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
+        rank, world = rank_and_world()
+        first = int(os.environ.get("LOCAL_RANK", rank)) == 0      # a dataset missing on one machine: its log
+        sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

@@ -1556,6 +1556,9 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     with pytest.raises(sd.UserError, match="it saved no checkpoint: empty it or choose another") as error:
         sd.train(tiny_config(tmp_path))
     assert "--resume" not in str(error.value)
+    (tmp_path / "run" / "lora.safetensors").write_bytes(b"")      # its training state deleted to save space:
+    with pytest.raises(sd.UserError, match="holds LoRA files but no training state: move them away or choose"):
+        sd.train(tiny_config(tmp_path))                            # "empty it" deleted the trained LoRA
 
 
 def test_an_output_dir_holding_the_dataset_is_not_to_be_emptied(tmp_path):
@@ -1933,6 +1936,16 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
 
+def test_resume_that_switches_train_compile_warns_and_records_it(tmp_path, capsys):
+    """Compiled blocks round differently (fused kernels; with fp8 on recent GPUs, fp8 matmuls): switching
+    train.compile on a resume changes the trajectory as a changed lr does. It was free: silent, unrecorded."""
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "4", "config": json.dumps(dataclasses.asdict(tiny_config(tmp_path)))})
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))
+    assert changes == ["step 4: train.compile False -> True"]
+    assert "changed train.compile False -> True (recorded in the LoRA)" in capsys.readouterr().err
+
+
 def test_resume_on_a_process_count_that_cannot_keep_the_global_batch_says_which_counts_can(tmp_path, monkeypatch):
     """A global batch of 8 saved on 2 processes: on 3 or 16 no batch_size x grad_accum keeps it (not '2.66667')."""
     saved = tiny_config(tmp_path, **{"train.batch_size": 4})
@@ -1981,6 +1994,20 @@ def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_
     monkeypatch.setenv("WORLD_SIZE", "2")
     changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))
     assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
+
+
+def test_resume_on_another_split_with_lora_dropout_is_a_recorded_change(tmp_path, monkeypatch, capsys):
+    """LoRA dropout's masks follow the split (per process, per micro-batch): batch 2 resumed as 1 x grad_accum 2
+    with lora.dropout 0.2 gave other losses (1e-3 off at the 4th step of the tiny run) and was passed off as the
+    same run: no warning, nothing recorded."""
+    saved = tiny_config(tmp_path, **{"train.batch_size": 2, "lora.dropout": 0.2})
+    save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
+              {"step": "2", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "1"})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    changes = sd.prepare_resume(tmp_path / "state.safetensors",
+                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))
+    assert changes == ["step 2: train.batch_size 2 -> 1; train.grad_accum 1 -> 2"]
+    assert "changed train.batch_size 2 -> 1" in capsys.readouterr().err
 
 
 def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path, capsys):
@@ -2804,6 +2831,62 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
 
 
+def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
+    """A cache file of process 1's share that cannot be written: only process 1 meets the error, and torchrun
+    stops process 0 before it says anything; process 1 exited 1 without a word."""
+    make_dataset(tmp_path / "data")
+    sets = {**LONG_RUN, "train.steps": 2}
+    cfg = tiny_config(tmp_path, **sets)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    blocked = next(f for f in data.latent_files + data.text_files if int(f.stem, 16) % 2 == 1)   # process 1's
+    blocked.unlink()
+    blocked.mkdir()                                 # its rewrite fails
+    r = torchrun(*train_cli(tmp_path, **sets))
+    assert r.returncode != 0 and r.stderr.count(f"error: process 1: cannot write {blocked}") == 1, r.stderr[-3000:]
+
+
+def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
+    """Once, not once per process; but by each machine's first process: with two machines (seen with two
+    `torchrun --nnodes 2`), a dataset.path missing on the second one stopped its processes without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for (rank, local), code in (((1, 1), 1), ((0, 0), "error: 'train.lr'"), ((2, 0), "error: 'train.lr'")):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+        assert str(exit_info.value.code).startswith(str(code))
+
+
+def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
+    """Seen under torchrun (gloo, train.dist_timeout 3, 400-step previews): process 1 waited out process 0's
+    previews at its next all-reduce, timed out, and blamed a dead or hung process; the fix (raise dist_timeout)
+    went unsaid."""
+    def timed_out(tensor):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
+    monkeypatch.setattr(sd.dist, "all_reduce", timed_out)
+    with pytest.raises(sd.UserError, match=r"Timed out waiting 3000ms.*process 0's previews and checkpoints: "
+                                           r"raise it if those take longer\); run again, with --resume") as e:
+        sd.all_reduce_step([torch.nn.Parameter(torch.zeros(2))], torch.zeros(3))
+    assert e.value.own
+
+
+def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact_not_a_traceback(tmp_path, monkeypatch):
+    """Seen with two `torchrun --nnodes 2`, one machine failing before it joined: the other waited out
+    train.dist_timeout and ended in a DistStoreError traceback (a hang while the cache builds: a RuntimeError)."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    def fail(*args, **kwargs):
+        raise sd.dist.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cpu//0/1")
+    for name, call in (("init_process_group", lambda: sd.init_distributed(cfg)),
+                       ("barrier", lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16),
+                                                            cfg, cfg.model))):
+        monkeypatch.setattr(sd.dist, name, fail)
+        with pytest.raises(sd.UserError, match=r"lost contact with the others \(wait timeout after 600000ms") as e:
+            call()
+        assert e.value.own
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
@@ -2816,7 +2899,7 @@ def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     os.kill(int(rank1), signal.SIGKILL)
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - start < 60
-    assert "error: process 0 lost contact with the others" in err, err[-3000:]
+    assert "error: process 0: lost contact with the others" in err, err[-3000:]
 
 
 if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
