@@ -2030,6 +2030,31 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
 
+def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys):
+    """Several --lora of different recorded T5 lengths sampled at the first one's length without a word (the
+    second LoRA's own prompts got another context length than in its training); one LoRA trained without T5
+    turned T5 off, or not, by its place among the --lora flags."""
+    model = sd.tiny_pipeline().mmdit
+    sd.add_lora(model, rank=2)
+    loras = {}
+    for name, length, use_t5 in (("a77", 77, True), ("b24", 24, True), ("c24", 24, False)):
+        loras[name] = str(tmp_path / f"{name}.safetensors")
+        sd.save_lora(model, loras[name], metadata={"t5_length": length, "use_t5": use_t5})
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32"]
+    with pytest.raises(sd.UserError, match=rf"different T5 lengths \({loras['a77']}: 77, {loras['b24']}: 24\): "
+                                           "choose one with --t5-length"):
+        sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--out", str(tmp_path / "x")])
+    chosen = sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--t5-length", "24",
+                          "--out", str(tmp_path / "chosen")])[0]
+    assert json.loads(Image.open(chosen).text["parameters"])["t5_length"] == 24
+    capsys.readouterr()
+    for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
+        assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
+        assert f"warning: {loras['c24']} trained without T5, the other LoRAs with it: sampling with T5" in \
+            capsys.readouterr().err
+    assert sample.lora_text_settings([loras["c24"], loras["c24"]]) == {"t5_length": 24, "use_t5": False}
+
+
 def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
     """bf16 and fp32 give different images (up to 9/255 on the tiny model), and so do another VAE or text
     encoders: without them in the PNG's parameters the image cannot be made again. The default dtype depends
