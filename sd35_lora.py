@@ -21,17 +21,17 @@ have. Sections (line numbers):
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1201  Training                         Trainer and the training loop
-     1486  Part 2: plumbing                 a reader can stop here
-     1493  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1931  Hub Downloads                    snapshot downloads, tokenizers
-     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2307  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2507  Output Files                     atomic writes, loss.png
-     2575  Several Processes (torchrun)     one all-reduce per step
-     2614  Command Line and the Tiny Model  main(), --tiny
+     1031  Data                             dataset scan, aspect buckets, the latent and text cache
+     1202  Training                         Trainer and the training loop
+     1488  Part 2: plumbing                 a reader can stop here
+     1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1933  Hub Downloads                    snapshot downloads, tokenizers
+     1990  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2309  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2509  Output Files                     atomic writes, loss.png
+     2577  Several Processes (torchrun)     one all-reduce per step
+     2616  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -997,7 +997,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                         f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
-        pipe.text.warn_cut([*prompts, negative] if s.cfg > 1.0 else prompts, "prompts")
+        pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
+        pipe.text.warn_cut([negative] if s.cfg > 1.0 else [], "negative prompts")
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1288,7 +1289,8 @@ class Trainer:
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                pipe.text.warn_cut(s.prompts + [s.neg] * (self.sample_settings.cfg > 1.0), "sample.prompts")
+                pipe.text.warn_cut(s.prompts, "sample.prompts")
+                pipe.text.warn_cut([s.neg] * (self.sample_settings.cfg > 1.0), "sample.neg prompts")
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)

@@ -483,6 +483,12 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
                      f"is ignored, e.g. {'b' * 20!r}"]
     sd.generate(pipe, ["red"], settings=s, progress=False)
     assert capsys.readouterr().err == ""
+    cfg = dataclasses.replace(s, cfg=4.0)      # the negative prompt was counted among the prompts: "1 of 3"
+    sd.generate(pipe, ["red", "blue"], "x" * 30, settings=cfg, progress=False)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. {'x' * 30!r}"]
+    sd.generate(pipe, ["b" * 20], settings=cfg, progress=False)
+    assert "1 of 1 prompts are cut" in capsys.readouterr().err
     items = [{"path": tmp_path / f"{i}.png", "caption": c, "size": (64, 64)}
              for i, c in enumerate(["red", "d" * 20, "e" * 80, "f" * 30])]
     for item in items:
