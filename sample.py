@@ -91,9 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
-    """T5 length and use as the LoRAs that record them were trained (so sampling matches training). LoRAs of
-    different lengths need --t5-length (`t5_length`): no one length is right for both. T5 is left out only when
-    all were trained without it."""
+    """T5 length and use as the LoRAs that record them were trained (so sampling matches training). LoRAs
+    of different lengths need --t5-length (`t5_length`): no one length is right for both. T5 is left out only
+    when all were trained without it."""
     found = {}
     for path in paths:
         info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
@@ -136,7 +136,8 @@ def main(argv=None) -> list[Path]:
         pipe.mmdit.compile_blocks()
     slg_scale = 0.0 if args.slg_scale is None and not args.slg else args.slg_scale     # None: the preset's
     settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, slg_scale,
-                                 args.slg_layers, args.width, args.height, args.seed).resolved(pipe.variant)
+                                 args.slg_layers, args.width, args.height, args.seed)
+    settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)    # as it runs: the PNG records it
     images = sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size)
     return save_images(images, args, settings, pipe.variant, t5_length)
 

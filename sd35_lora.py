@@ -21,17 +21,17 @@ have. Sections (line numbers):
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1031  Data                             dataset scan, aspect buckets, the latent and text cache
-     1202  Training                         Trainer and the training loop
-     1488  Part 2: plumbing                 a reader can stop here
-     1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1933  Hub Downloads                    snapshot downloads, tokenizers
-     1990  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2309  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2509  Output Files                     atomic writes, loss.png
-     2577  Several Processes (torchrun)     one all-reduce per step
-     2616  Command Line and the Tiny Model  main(), --tiny
+     1037  Data                             dataset scan, aspect buckets, the latent and text cache
+     1208  Training                         Trainer and the training loop
+     1494  Part 2: plumbing                 a reader can stop here
+     1501  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1939  Hub Downloads                    snapshot downloads, tokenizers
+     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2315  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2515  Output Files                     atomic writes, loss.png
+     2583  Several Processes (torchrun)     one all-reduce per step
+     2622  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -956,12 +956,23 @@ class SampleSettings:
     height: int = 1024
     seed: int = 0
 
-    def resolved(self, variant: str) -> "SampleSettings":
+    def resolved(self, variant: str, depth: int | None = None) -> "SampleSettings":
+        """The settings that run on `variant` with `depth` joint blocks: the preset's skip layers past a
+        smaller model's (7,8,9 of a tiny one) are left out, so that they are not recorded as having run."""
         preset = dataclasses.asdict(PRESETS[variant])
         out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
+        wrong = [i for i in out.slg_layers if depth is not None and not 0 <= i < depth]
+        if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
+            raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
+                            f"0..{depth - 1}: fix --slg-layers")
+        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
+        if out.slg_scale and out.cfg <= 1.0:                # denoise() guides with it only under CFG
+            raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
+                            f"--cfg or leave out --slg/--slg-scale")
         check_size(out.width, out.height)
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
@@ -989,13 +1000,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time. `embeddings` = (cond, uncond)
     skips the text encoders."""
     from PIL import Image
-    s = (settings or SampleSettings()).resolved(pipe.variant)
+    s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
-    depth, wrong = pipe.mmdit.cfg.depth, [i for i in s.slg_layers if not 0 <= i < pipe.mmdit.cfg.depth]
-    if s.slg_scale and wrong and tuple(s.slg_layers) != PRESETS[pipe.variant].slg_layers:  # else: no effect
-        raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
-                        f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
         pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
         pipe.text.warn_cut([negative] if s.cfg > 1.0 else [], "negative prompts")
@@ -1010,13 +1017,12 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
-        layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
         batches = []
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
             part = slice(i, i + batch_size)
             c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
-            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, layers,
-                                   progress))
+            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
+                                   s.slg_layers, progress))
         x = torch.cat(batches)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]

@@ -1930,7 +1930,9 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert second == [tmp_path / "sample_01.png"] and (tmp_path / "sample_00.png").read_bytes() == first
     assert f"saved 1 images to {tmp_path}: sample_01.png" in capsys.readouterr().out
     params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (0, 1)]
-    assert params[0]["slg_scale"] == 0.0 and (params[1]["slg_scale"], params[1]["slg_layers"]) == (2.5, [7, 8, 9])
+    assert params[0]["slg_scale"] == 0.0 and params[1]["slg_scale"] == 0.0   # the tiny model has no block 7,8,9
+    on = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=24)    # --slg on Medium's 24 blocks
+    assert (on.slg_scale, on.slg_layers) == (2.5, (7, 8, 9))
     assert sd.SampleSettings().resolved("sd3.5-medium").slg_scale == 0.0           # both references' default
     with pytest.raises(sd.UserError, match="sd3.5-large has no recommended ones.*--slg-scale and --slg-layers"):
         sd.SampleSettings(slg_scale=None).resolved("sd3.5-large")
@@ -1946,6 +1948,27 @@ def test_skip_layers_outside_the_model_are_an_error_not_ignored():
             sd.generate(pipe, ["a cat"], settings=settings, progress=False)
     preset = sd.SampleSettings(steps=1, slg_scale=None, width=32, height=32)   # --slg: 7,8,9 of Medium's 24
     assert len(sd.generate(pipe, ["a cat"], settings=preset, progress=False)) == 1
+
+
+def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
+    """--slg on the 3-block tiny model recorded layers 7,8,9 at scale 2.5 though none of them ran, and with
+    --cfg 1 skip-layer guidance never runs (it guides the CFG step) while the PNG recorded it too."""
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "8", "--width", "32", "--height", "32"]
+    runs = {"off": [], "preset": ["--slg"], "given": ["--slg-scale", "2.5", "--slg-layers", "1,2"]}
+    params, images = {}, {}
+    for name, extra in runs.items():
+        path = sample.main([*base, *extra, "--out", str(tmp_path / name)])[0]
+        params[name], images[name] = json.loads(Image.open(path).text["parameters"]), images_of([path])
+    assert (params["preset"]["slg_scale"], params["preset"]["slg_layers"]) == (0.0, [])
+    assert images["preset"].tolist() == images["off"].tolist()
+    assert (params["given"]["slg_scale"], params["given"]["slg_layers"]) == (2.5, [1, 2])
+    assert images["given"].tolist() != images["off"].tolist()
+    with pytest.raises(sd.UserError, match="skip-layer guidance works only with CFG.*raise --cfg"):
+        sample.main([*base, *runs["given"], "--cfg", "1", "--out", str(tmp_path / "nocfg")])
+    with pytest.raises(sd.UserError, match=r"layers \[7, 8, 9\] are not in this 3-block"):   # typed: no preset
+        sample.main([*base, "--slg-scale", "2.5", "--slg-layers", "7,8,9", "--out", str(tmp_path / "typed")])
+    partial = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=8)   # what runs is recorded
+    assert (partial.slg_scale, partial.slg_layers) == (2.5, (7,))
 
 
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
