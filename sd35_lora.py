@@ -25,13 +25,13 @@ have. Sections (line numbers):
      1208  Training                         Trainer and the training loop
      1494  Part 2: plumbing                 a reader can stop here
      1501  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1939  Hub Downloads                    snapshot downloads, tokenizers
-     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2315  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2515  Output Files                     atomic writes, loss.png
-     2583  Several Processes (torchrun)     one all-reduce per step
-     2622  Command Line and the Tiny Model  main(), --tiny
+     1945  Hub Downloads                    snapshot downloads, tokenizers
+     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2521  Output Files                     atomic writes, loss.png
+     2589  Several Processes (torchrun)     one all-reduce per step
+     2628  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1745,6 +1745,12 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
                         f"(config: vae)")
+    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
+    sd3 = (VAEConfig.scaling_factor, VAEConfig.shift_factor)
+    given = tuple(overrides.get(k, v) for k, v in zip(("scaling_factor", "shift_factor"), sd3))
+    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
+        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
+                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
