@@ -21,17 +21,17 @@ have. Sections (line numbers):
       657  VAE                              16-channel autoencoder, the latent scale and shift
       802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1208  Training                         Trainer and the training loop
-     1494  Part 2: plumbing                 a reader can stop here
-     1501  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1945  Hub Downloads                    snapshot downloads, tokenizers
-     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2321  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2521  Output Files                     atomic writes, loss.png
-     2589  Several Processes (torchrun)     one all-reduce per step
-     2628  Command Line and the Tiny Model  main(), --tiny
+     1040  Data                             dataset scan, aspect buckets, the latent and text cache
+     1211  Training                         Trainer and the training loop
+     1497  Part 2: plumbing                 a reader can stop here
+     1504  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1948  Hub Downloads                    snapshot downloads, tokenizers
+     2005  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2222  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2324  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2524  Output Files                     atomic writes, loss.png
+     2592  Several Processes (torchrun)     one all-reduce per step
+     2631  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1006,6 +1006,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if embeddings is None:
         pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
         pipe.text.warn_cut([negative] if s.cfg > 1.0 else [], "negative prompts")
+        if negative and s.cfg <= 1.0:                   # diffusers ignores it as silently
+            print(f"warning: the negative prompt has no effect without CFG (cfg {s.cfg} is 1 or less)",
+                  file=sys.stderr)
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None

@@ -505,6 +505,8 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
         f"warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. {'x' * 30!r}"]
     sd.generate(pipe, ["b" * 20], settings=cfg, progress=False)
     assert "1 of 1 prompts are cut" in capsys.readouterr().err
+    sd.generate(pipe, ["red"], "x" * 30, settings=s, progress=False)      # cfg 1: the negative is not read
+    assert capsys.readouterr().err.strip() == "warning: the negative prompt has no effect without CFG (cfg 1.0 is 1 or less)"
     items = [{"path": tmp_path / f"{i}.png", "caption": c, "size": (64, 64)}
              for i, c in enumerate(["red", "d" * 20, "e" * 80, "f" * 30])]
     for item in items:
