@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
-                   help=f"T5 tokens (default: the LoRA's training length, else {sd.T5_LENGTH})")
+                   help=f"T5 tokens (default: the LoRAs' training length, else {sd.T5_LENGTH})")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
@@ -90,18 +90,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def lora_text_settings(paths: list[str]) -> dict:
-    """T5 length and use, as the first LoRA that records them was trained (so sampling matches training)."""
+def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
+    """T5 length and use as the LoRAs that record them were trained (so sampling matches training). LoRAs
+    of different lengths need --t5-length (`t5_length`): no one length is right for both. T5 is left out only
+    when all were trained without it."""
+    found = {}
     for path in paths:
         info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
         if "t5_length" in info:
-            return {"t5_length": info["t5_length"], "use_t5": info.get("use_t5", True)}
-    return {}
+            found[path] = (info["t5_length"], info.get("use_t5", True))
+    if len({length for length, _ in found.values()}) > 1 and t5_length is None:
+        told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
+        raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
+                           f"--t5-length")
+    without = [path for path, (_, use_t5) in found.items() if not use_t5]
+    if without and len(without) < len(found):
+        print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: sampling with T5 "
+              f"(--no-t5: without)", file=sys.stderr)
+    if not found:
+        return {}
+    return {"t5_length": t5_length or next(iter(found.values()))[0], "use_t5": len(without) < len(found)}
 
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    trained = lora_text_settings(args.lora)
+    trained = lora_text_settings(args.lora, args.t5_length)
     t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
@@ -123,7 +136,8 @@ def main(argv=None) -> list[Path]:
         pipe.mmdit.compile_blocks()
     slg_scale = 0.0 if args.slg_scale is None and not args.slg else args.slg_scale     # None: the preset's
     settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, slg_scale,
-                                 args.slg_layers, args.width, args.height, args.seed).resolved(pipe.variant)
+                                 args.slg_layers, args.width, args.height, args.seed)
+    settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)    # as it runs: the PNG records it
     images = sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size)
     return save_images(images, args, settings, pipe.variant, t5_length)
 

@@ -21,18 +21,18 @@ have. Sections (line numbers):
       663  VAE                              16-channel autoencoder, the latent scale and shift
       808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1205  Training                         Trainer and the training loop
-     1492  Part 2: plumbing                 a reader can stop here
-     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1939  Hub Downloads                    snapshot downloads, tokenizers
-     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2315  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2516  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2602  Output Files                     atomic writes, loss.png
-     2670  Several Processes (torchrun)     one all-reduce per step
-     2716  Command Line and the Tiny Model  main(), --tiny
+     1034  Data                             dataset scan, aspect buckets, the latent and text cache
+     1203  Training                         Trainer and the training loop
+     1491  Part 2: plumbing                 a reader can stop here
+     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1944  Hub Downloads                    snapshot downloads, tokenizers
+     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2320  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2533  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2619  Output Files                     atomic writes, loss.png
+     2687  Several Processes (torchrun)     one all-reduce per step
+     2733  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -962,12 +962,23 @@ class SampleSettings:
     height: int = 1024
     seed: int = 0
 
-    def resolved(self, variant: str) -> "SampleSettings":
+    def resolved(self, variant: str, depth: int | None = None) -> "SampleSettings":
+        """The settings that run on `variant` with `depth` joint blocks: the preset's skip layers past a
+        smaller model's (7,8,9 of a tiny one) are left out, so that they are not recorded as having run."""
         preset = dataclasses.asdict(PRESETS[variant])
         out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
             raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                             f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
+        wrong = [i for i in out.slg_layers if depth is not None and not 0 <= i < depth]
+        if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
+            raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
+                            f"0..{depth - 1}: fix --slg-layers")
+        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
+        if out.slg_scale and out.cfg <= 1.0:                # denoise() guides with it only under CFG
+            raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
+                            f"--cfg or leave out --slg/--slg-scale")
         check_size(out.width, out.height)
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
@@ -977,33 +988,21 @@ class SampleSettings:
         return out
 
 
-def check_size(width: int, height: int, name: str = "width and height"):
-    """Image sides are positive multiples of 16: the VAE divides by 8, the MMDiT's 2x2 patches by 2 more."""
-    if width % 16 or height % 16 or width <= 0 or height <= 0:
-        raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
-
-
-def check_seed(seed: int, images: int, name: str = "seed"):
-    """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
-    if not 0 <= seed <= 2**64 - images:
-        raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
-
-
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
     """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time. `embeddings` = (cond, uncond)
     skips the text encoders."""
     from PIL import Image
-    s = (settings or SampleSettings()).resolved(pipe.variant)
+    s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
-    depth, wrong = pipe.mmdit.cfg.depth, [i for i in s.slg_layers if not 0 <= i < pipe.mmdit.cfg.depth]
-    if s.slg_scale and wrong and tuple(s.slg_layers) != PRESETS[pipe.variant].slg_layers:  # else: no effect
-        raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
-                        f"0..{depth - 1}: fix --slg-layers")
     if embeddings is None:
-        pipe.text.warn_cut([*prompts, negative] if s.cfg > 1.0 else prompts, "prompts")
+        pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
+        pipe.text.warn_cut([negative] if s.cfg > 1.0 else [], "negative prompts")
+        if negative and s.cfg <= 1.0:                   # diffusers ignores it as silently
+            print(f"warning: the negative prompt has no effect without CFG (cfg {s.cfg} is 1 or less)",
+                  file=sys.stderr)
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1015,13 +1014,12 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     with pipe.on_device(pipe.mmdit):
-        layers = [i for i in s.slg_layers if i not in wrong]               # presets may exceed a tiny model
         batches = []
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
             part = slice(i, i + batch_size)
             c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
-            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, layers,
-                                   progress))
+            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
+                                   s.slg_layers, progress))
         x = torch.cat(batches)
     with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
         images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
@@ -1292,7 +1290,8 @@ class Trainer:
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                pipe.text.warn_cut(s.prompts + [s.neg] * (self.sample_settings.cfg > 1.0), "sample.prompts")
+                pipe.text.warn_cut(s.prompts, "sample.prompts")
+                pipe.text.warn_cut([s.neg] * (self.sample_settings.cfg > 1.0), "sample.neg prompts")
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
@@ -1743,6 +1742,12 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
                         f"(config: vae)")
+    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
+    sd3 = (VAEConfig.scaling_factor, VAEConfig.shift_factor)
+    given = tuple(overrides.get(k, v) for k, v in zip(("scaling_factor", "shift_factor"), sd3))
+    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
+        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
+                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -2380,6 +2385,18 @@ AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "tr
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
                 "dataset.caption_dropout", "train.logit_std")
+
+
+def check_size(width: int, height: int, name: str = "width and height"):
+    """Image sides are positive multiples of 16: the VAE divides by 8, the MMDiT's 2x2 patches by 2 more."""
+    if width % 16 or height % 16 or width <= 0 or height <= 0:
+        raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
+
+
+def check_seed(seed: int, images: int, name: str = "seed"):
+    """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
+    if not 0 <= seed <= 2**64 - images:
+        raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
 
 
 def validate(cfg: Config) -> Config:

@@ -391,6 +391,22 @@ def test_vae_matches_diffusers(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path):
+    """FLUX.1's VAE has SD3's key names and shapes (a single ae.safetensors cannot be told apart), so its
+    diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images."""
+    pytest.importorskip("diffusers")
+    flux = make_components()["vae"]
+    flux.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    flux.save_pretrained(tmp_path / "flux", safe_serialization=True)
+    with pytest.raises(sd.UserError, match=r"latent scale and shift \(0.3611, 0.1159\), SD3's VAE \(1.5305, "
+                                           r"0.0609\): another model's VAE .*FLUX.1's.* use SD3's"):
+        sd.load_vae(tmp_path / "flux")
+    flux.register_to_config(scaling_factor=1.5305, shift_factor=None)   # SD3's; a missing shift is SD3's too
+    flux.save_pretrained(tmp_path / "sd3", safe_serialization=True)
+    assert (sd.load_vae(tmp_path / "sd3").cfg.scaling_factor, sd.load_vae(tmp_path / "sd3").cfg.shift_factor) == (
+        1.5305, 0.0609)
+
+
 def test_latent_scale_and_shift_round_trip():
     vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, groups=4))
     mean = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -484,6 +500,14 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
                      f"is ignored, e.g. {'b' * 20!r}"]
     sd.generate(pipe, ["red"], settings=s, progress=False)
     assert capsys.readouterr().err == ""
+    cfg = dataclasses.replace(s, cfg=4.0)      # the negative prompt was counted among the prompts: "1 of 3"
+    sd.generate(pipe, ["red", "blue"], "x" * 30, settings=cfg, progress=False)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. {'x' * 30!r}"]
+    sd.generate(pipe, ["b" * 20], settings=cfg, progress=False)
+    assert "1 of 1 prompts are cut" in capsys.readouterr().err
+    sd.generate(pipe, ["red"], "x" * 30, settings=s, progress=False)      # cfg 1: the negative is not read
+    assert capsys.readouterr().err.strip() == "warning: the negative prompt has no effect without CFG (cfg 1.0 is 1 or less)"
     items = [{"path": tmp_path / f"{i}.png", "caption": c, "size": (64, 64)}
              for i, c in enumerate(["red", "d" * 20, "e" * 80, "f" * 30])]
     for item in items:
@@ -2081,7 +2105,9 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert second == [tmp_path / "sample_01.png"] and (tmp_path / "sample_00.png").read_bytes() == first
     assert f"saved 1 images to {tmp_path}: sample_01.png" in capsys.readouterr().out
     params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (0, 1)]
-    assert params[0]["slg_scale"] == 0.0 and (params[1]["slg_scale"], params[1]["slg_layers"]) == (2.5, [7, 8, 9])
+    assert params[0]["slg_scale"] == 0.0 and params[1]["slg_scale"] == 0.0   # the tiny model has no block 7,8,9
+    on = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=24)    # --slg on Medium's 24 blocks
+    assert (on.slg_scale, on.slg_layers) == (2.5, (7, 8, 9))
     assert sd.SampleSettings().resolved("sd3.5-medium").slg_scale == 0.0           # both references' default
     with pytest.raises(sd.UserError, match="sd3.5-large has no recommended ones.*--slg-scale and --slg-layers"):
         sd.SampleSettings(slg_scale=None).resolved("sd3.5-large")
@@ -2097,6 +2123,27 @@ def test_skip_layers_outside_the_model_are_an_error_not_ignored():
             sd.generate(pipe, ["a cat"], settings=settings, progress=False)
     preset = sd.SampleSettings(steps=1, slg_scale=None, width=32, height=32)   # --slg: 7,8,9 of Medium's 24
     assert len(sd.generate(pipe, ["a cat"], settings=preset, progress=False)) == 1
+
+
+def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
+    """--slg on the 3-block tiny model recorded layers 7,8,9 at scale 2.5 though none of them ran, and with
+    --cfg 1 skip-layer guidance never runs (it guides the CFG step) while the PNG recorded it too."""
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "8", "--width", "32", "--height", "32"]
+    runs = {"off": [], "preset": ["--slg"], "given": ["--slg-scale", "2.5", "--slg-layers", "1,2"]}
+    params, images = {}, {}
+    for name, extra in runs.items():
+        path = sample.main([*base, *extra, "--out", str(tmp_path / name)])[0]
+        params[name], images[name] = json.loads(Image.open(path).text["parameters"]), images_of([path])
+    assert (params["preset"]["slg_scale"], params["preset"]["slg_layers"]) == (0.0, [])
+    assert images["preset"].tolist() == images["off"].tolist()
+    assert (params["given"]["slg_scale"], params["given"]["slg_layers"]) == (2.5, [1, 2])
+    assert images["given"].tolist() != images["off"].tolist()
+    with pytest.raises(sd.UserError, match="skip-layer guidance works only with CFG.*raise --cfg"):
+        sample.main([*base, *runs["given"], "--cfg", "1", "--out", str(tmp_path / "nocfg")])
+    with pytest.raises(sd.UserError, match=r"layers \[7, 8, 9\] are not in this 3-block"):   # typed: no preset
+        sample.main([*base, "--slg-scale", "2.5", "--slg-layers", "7,8,9", "--out", str(tmp_path / "typed")])
+    partial = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=8)   # what runs is recorded
+    assert (partial.slg_scale, partial.slg_layers) == (2.5, (7,))
 
 
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
@@ -2186,6 +2233,31 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+
+def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys):
+    """Several --lora of different recorded T5 lengths sampled at the first one's length without a word (the
+    second LoRA's own prompts got another context length than in its training); one LoRA trained without T5
+    turned T5 off, or not, by its place among the --lora flags."""
+    model = sd.tiny_pipeline().mmdit
+    sd.add_lora(model, rank=2)
+    loras = {}
+    for name, length, use_t5 in (("a77", 77, True), ("b24", 24, True), ("c24", 24, False)):
+        loras[name] = str(tmp_path / f"{name}.safetensors")
+        sd.save_lora(model, loras[name], metadata={"t5_length": length, "use_t5": use_t5})
+    base = ["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32"]
+    with pytest.raises(sd.UserError, match=rf"different T5 lengths \({loras['a77']}: 77, {loras['b24']}: 24\): "
+                                           "choose one with --t5-length"):
+        sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--out", str(tmp_path / "x")])
+    chosen = sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--t5-length", "24",
+                          "--out", str(tmp_path / "chosen")])[0]
+    assert json.loads(Image.open(chosen).text["parameters"])["t5_length"] == 24
+    capsys.readouterr()
+    for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
+        assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
+        assert f"warning: {loras['c24']} trained without T5, the other LoRAs with it: sampling with T5" in \
+            capsys.readouterr().err
+    assert sample.lora_text_settings([loras["c24"], loras["c24"]]) == {"t5_length": 24, "use_t5": False}
+
 
 def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
     """bf16 and fp32 give different images (up to 9/255 on the tiny model), and so do another VAE or text
