@@ -2799,7 +2799,7 @@ def main(argv=None):
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         rank, world = rank_and_world()
-        first = int(os.environ.get("LOCAL_RANK", rank)) == 0      # a dataset missing on one machine: its log
+        first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
         sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long

@@ -2857,6 +2857,17 @@ def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
         assert str(exit_info.value.code).startswith(str(code))
 
 
+def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
+    """One process (no WORLD_SIZE) is every machine's first, even with a LOCAL_RANK left in its environment
+    (exported, or started from a torchrun worker): it exited 1 without a word."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+    assert str(exit_info.value.code).startswith("error: 'train.lr'")
+
+
 def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
     """Seen under torchrun (gloo, train.dist_timeout 3, 400-step previews): process 1 waited out process 0's
     previews at its next all-reduce, timed out, and blamed a dead or hung process; the fix (raise dist_timeout)
