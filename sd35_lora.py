@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2516  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2602  Output Files                     atomic writes, loss.png
      2670  Several Processes (torchrun)     one all-reduce per step
-     2716  Command Line and the Tiny Model  main(), --tiny
+     2719  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2697,6 +2697,9 @@ def collective(call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        lost = re.search("remote process|[Tt]imeout|[Tt]imed out", str(e))  # NCCL: a peer gone, a timeout
+        if isinstance(e, dist.DistBackendError) and not lost:
+            raise           # NCCL's setup errors, met at the first barrier (a small /dev/shm): it says what
         raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
