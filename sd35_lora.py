@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2533  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2619  Output Files                     atomic writes, loss.png
      2687  Several Processes (torchrun)     one all-reduce per step
-     2733  Command Line and the Tiny Model  main(), --tiny
+     2736  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2714,6 +2714,9 @@ def collective(call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
+        lost = re.search("remote process|[Tt]imeout|[Tt]imed out", str(e))  # NCCL: a peer gone, a timeout
+        if isinstance(e, dist.DistBackendError) and not lost:
+            raise           # NCCL's setup errors, met at the first barrier (a small /dev/shm): it says what
         raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
@@ -2816,7 +2819,7 @@ def main(argv=None):
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         rank, world = rank_and_world()
-        first = int(os.environ.get("LOCAL_RANK", rank)) == 0      # a dataset missing on one machine: its log
+        first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
         sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long

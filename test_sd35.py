@@ -2929,6 +2929,34 @@ def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
         assert str(exit_info.value.code).startswith(str(code))
 
 
+def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
+    """One process (no WORLD_SIZE) is every machine's first, even with a LOCAL_RANK left in its environment
+    (exported, or started from a torchrun worker): it exited 1 without a word."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+    assert str(exit_info.value.code).startswith("error: 'train.lr'")
+
+
+def test_nccl_setup_errors_at_the_first_barrier_are_not_called_lost_contact(monkeypatch):
+    """NCCL connects lazily, at the cache barrier: its own errors there (a container's small /dev/shm, as
+    reported against other trainers' first barrier) are no dead peer; 'lost contact ... run again' dropped
+    the 'Last error' line that says what to fix. A peer NCCL lost is still 'lost contact'."""
+    shm = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:268, unhandled system error (run "
+           "with NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nLast error:\nError while creating shared "
+           "memory segment /dev/shm/nccl-LeXlEJ (size 9637888)")
+    remote = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:268, remote process exited "
+              "or there was a network error, NCCL version 2.21.5")
+    for message, lost in ((shm, False), (remote, True)):
+        def fail():
+            raise sd.dist.DistBackendError(message)
+        with pytest.raises(sd.UserError if lost else sd.dist.DistBackendError) as e:
+            sd.collective(fail)
+        assert ("lost contact" in str(e.value)) == lost and ("/dev/shm" in str(e.value)) != lost
+
+
 def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
     """Seen under torchrun (gloo, train.dist_timeout 3, 400-step previews): process 1 waited out process 0's
     previews at its next all-reduce, timed out, and blamed a dead or hung process; the fix (raise dist_timeout)
