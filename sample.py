@@ -105,8 +105,8 @@ def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
                            f"--t5-length")
     without = [path for path, (_, use_t5) in found.items() if not use_t5]
     if without and len(without) < len(found):
-        print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: sampling with T5 "
-              f"(--no-t5: without)", file=sys.stderr)
+        print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: T5 stays on "
+              f"unless --no-t5", file=sys.stderr)
     if not found:
         return {}
     return {"t5_length": t5_length or next(iter(found.values()))[0], "use_t5": len(without) < len(found)}

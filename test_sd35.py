@@ -2254,7 +2254,7 @@ def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given
     capsys.readouterr()
     for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
         assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
-        assert f"warning: {loras['c24']} trained without T5, the other LoRAs with it: sampling with T5" in \
+        assert f"warning: {loras['c24']} trained without T5, the other LoRAs with it: T5 stays on" in \
             capsys.readouterr().err
     assert sample.lora_text_settings([loras["c24"], loras["c24"]]) == {"t5_length": 24, "use_t5": False}
 
