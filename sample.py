@@ -92,8 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
     """T5 length and use as the LoRAs that record them were trained (so sampling matches training). LoRAs
-    of different lengths need --t5-length (`t5_length`): no one length is right for both. T5 is left out only
-    when all were trained without it."""
+    of different lengths need --t5-length (`t5_length`, which main() then uses): no one length is right for
+    both. T5 is left out only when all were trained without it."""
     found = {}
     for path in paths:
         info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
@@ -109,7 +109,7 @@ def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
               f"unless --no-t5", file=sys.stderr)
     if not found:
         return {}
-    return {"t5_length": t5_length or next(iter(found.values()))[0], "use_t5": len(without) < len(found)}
+    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found)}
 
 
 def main(argv=None) -> list[Path]:
