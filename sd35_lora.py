@@ -21,18 +21,18 @@ have. Sections (line numbers):
       663  VAE                              16-channel autoencoder, the latent scale and shift
       808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1034  Data                             dataset scan, aspect buckets, the latent and text cache
-     1203  Training                         Trainer and the training loop
-     1491  Part 2: plumbing                 a reader can stop here
-     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1944  Hub Downloads                    snapshot downloads, tokenizers
-     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2320  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2533  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2619  Output Files                     atomic writes, loss.png
-     2687  Several Processes (torchrun)     one all-reduce per step
-     2736  Command Line and the Tiny Model  main(), --tiny
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1205  Training                         Trainer and the training loop
+     1493  Part 2: plumbing                 a reader can stop here
+     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1946  Hub Downloads                    snapshot downloads, tokenizers
+     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2322  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2535  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2621  Output Files                     atomic writes, loss.png
+     2689  Several Processes (torchrun)     one all-reduce per step
+     2738  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -905,8 +905,10 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     if sigma_next == 0:
         return denoised
+    if sigma_next == sigma:                 # fp32 sigmas equal (very many steps, a huge shift): a step of 0
+        return x
     h = math.log(sigma / sigma_next)
-    if old_denoised is not None:
+    if old_denoised is not None and sigmas[i - 1] != sigma:    # after a step of 0: first order, as at i = 0
         r = math.log(sigmas[i - 1] / sigma) / h
         denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised
