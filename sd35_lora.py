@@ -22,17 +22,17 @@ have. Sections (line numbers):
       808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1205  Training                         Trainer and the training loop
-     1493  Part 2: plumbing                 a reader can stop here
-     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1946  Hub Downloads                    snapshot downloads, tokenizers
-     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2322  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2535  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2621  Output Files                     atomic writes, loss.png
-     2689  Several Processes (torchrun)     one all-reduce per step
-     2738  Command Line and the Tiny Model  main(), --tiny
+     1211  Training                         Trainer and the training loop
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1952  Hub Downloads                    snapshot downloads, tokenizers
+     2009  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2226  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2328  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2627  Output Files                     atomic writes, loss.png
+     2695  Several Processes (torchrun)     one all-reduce per step
+     2744  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1168,11 +1168,17 @@ class LatentDataset:
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            data = item["path"].read_bytes()
-            image_key = _digest(data, item["size"], flip, vae_id)
+            data = None                         # models load (minutes) after the scan: files may change
+            try:
+                data = item["path"].read_bytes()
+                image_key = _digest(data, item["size"], flip, vae_id)
+                self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
+                                               str(item["path"])))
+            except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
+                why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
+                raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
+                                f"it: restore it, or run again to scan anew", own=data is not None) from None
             contents.append(_digest(data, item["caption"]))
-            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                           str(item["path"])))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")                             # what caption dropout trains on

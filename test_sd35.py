@@ -1706,6 +1706,24 @@ def test_nan_encodings_are_refused_and_never_cached(tmp_path):
         assert not list((tmp_path / "cache" / folder).glob("*.safetensors"))
 
 
+def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_path, monkeypatch):
+    """Models load (minutes) between the dataset scan and caching. An image deleted meanwhile got main()'s
+    advice 'free disk space', one replaced by an image over sd.MAX_PIXELS a traceback."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    items = sd.scan_dataset(cfg.dataset)
+    (tmp_path / "data/blue_disc.png").unlink()
+    one_line_error(lambda: sd.LatentDataset(items, pipe, cfg, cfg.model),
+                   r"image .*blue_disc.png cannot be read \(No such file or directory\).*run again")
+    (tmp_path / "data/blue_disc.png").write_bytes(b"not an image: a copy cut short")
+    one_line_error(lambda: sd.LatentDataset(items, pipe, cfg, cfg.model),
+                   r"image .*blue_disc.png cannot be read \(cannot identify image file")
+    Image.new("RGB", (80, 80)).save(tmp_path / "data/red_stripes.png")
+    monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
+    one_line_error(lambda: sd.LatentDataset(items[1:], pipe, cfg, cfg.model),
+                   r"image .*red_stripes.png cannot be read \(over 0.005 megapixels\)")
+
+
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
     exif = image.getexif()
