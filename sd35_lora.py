@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2226  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2328  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
      2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2627  Output Files                     atomic writes, loss.png
-     2695  Several Processes (torchrun)     one all-reduce per step
-     2744  Command Line and the Tiny Model  main(), --tiny
+     2628  Output Files                     atomic writes, loss.png
+     2696  Several Processes (torchrun)     one all-reduce per step
+     2745  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2542,7 +2542,8 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
 #                                 Dataset Files                                 #
 #################################################################################
 
-# thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on
+# thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
+# any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
 NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
             "__MACOSX", "System Volume Information"}
 
@@ -2551,7 +2552,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
     out: -> (files, those folders)."""
-    seen, files, left_out = set(), [], []
+    seen, files, left_out, not_data = set(), [], [], {name.casefold() for name in NOT_DATA}
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2559,7 +2560,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             continue
         seen.add(real)
         files += [Path(folder, name) for name in names]
-        skip = [name for name in subfolders if name.startswith(".") or name in NOT_DATA]
+        skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
     return files, sorted(left_out)

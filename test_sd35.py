@@ -1795,7 +1795,8 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     ones). They were trained on; they are left out and named."""
     data = tmp_path / "data"
     sd.write_demo_dataset(data)
-    for folder in ("@eaDir/red_stripes.png", ".thumbnails/normal", ".git", "__MACOSX", "sub/@eaDir", "#recycle"):
+    for folder in ("@eaDir/red_stripes.png", ".thumbnails/normal", ".git", "__MACOSX", "sub/@eaDir", "#recycle",
+                   "$Recycle.Bin/S-1-5-21"):                  # as on Windows' system drive ($RECYCLE.BIN elsewhere)
         (data / folder).mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(data / folder / "SYNOPHOTO_THUMB_M.jpg")
     Image.new("RGB", (64, 64)).save(data / "sub" / "kept.png")
@@ -1803,7 +1804,7 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png", "kept.png"]
     out = capsys.readouterr()
     assert "SYNOPHOTO" not in out.err, out.err
-    assert "6 hidden, thumbnail and recycle folders: #recycle, .git, .thumbnails, @eaDir, __MACOSX, ...)" in out.out
+    assert "7 hidden, thumbnail and recycle folders: #recycle, $Recycle.Bin, .git, .thumbnails, @eaDir, ...)" in out.out
 
 
 def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_path):
