@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2226  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2328  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
      2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2628  Output Files                     atomic writes, loss.png
-     2696  Several Processes (torchrun)     one all-reduce per step
-     2745  Command Line and the Tiny Model  main(), --tiny
+     2629  Output Files                     atomic writes, loss.png
+     2697  Several Processes (torchrun)     one all-reduce per step
+     2746  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2571,9 +2571,10 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
-    for name in large:
-        print(f"warning: skipped {name}: over the limit of {MAX_PIXELS / 1e6:g} megapixels for images other "
-              f"than JPEG (a guard against decompression bombs); save it smaller or as JPEG", file=sys.stderr)
+    if large:
+        print(f"warning: skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for images "
+              f"other than JPEG (a guard against decompression bombs), e.g. {', '.join(large[:5])}; save them "
+              f"smaller or as JPEG", file=sys.stderr)
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if small:
