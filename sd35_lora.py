@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2629  Output Files                     atomic writes, loss.png
      2697  Several Processes (torchrun)     one all-reduce per step
-     2746  Command Line and the Tiny Model  main(), --tiny
+     2748  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2725,8 +2725,10 @@ def collective(call, *args, **kwargs):
         return call(*args, **kwargs)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
         lost = re.search("remote process|[Tt]imeout|[Tt]imed out", str(e))  # NCCL: a peer gone, a timeout
-        if isinstance(e, dist.DistBackendError) and not lost:
-            raise           # NCCL's setup errors, met at the first barrier (a small /dev/shm): it says what
+        if isinstance(e, dist.DistBackendError) and not lost:   # NCCL's own (at the first barrier: a small
+            said = " ".join(str(e).split("Exception raised from")[0].split())   # /dev/shm), on one line
+            raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume once "
+                            f"a checkpoint was saved)", own=True) from None
         raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
