@@ -2572,9 +2572,9 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     if rank_and_world()[0] != 0:
         return
     if large:
-        print(f"warning: skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for images "
-              f"other than JPEG (a guard against decompression bombs), e.g. {', '.join(large[:5])}; save them "
-              f"smaller or as JPEG", file=sys.stderr)
+        print(f"warning: skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for "
+              f"images other than JPEG (a guard against decompression bombs), e.g. {', '.join(large[:5])}; "
+              f"save them smaller or as JPEG", file=sys.stderr)
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if small:
@@ -2726,9 +2726,9 @@ def collective(call, *args, **kwargs):
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
         lost = re.search("remote process|[Tt]imeout|[Tt]imed out", str(e))  # NCCL: a peer gone, a timeout
         if isinstance(e, dist.DistBackendError) and not lost:   # NCCL's own (at the first barrier: a small
-            said = " ".join(str(e).split("Exception raised from")[0].split())   # /dev/shm), on one line
-            raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume once "
-                            f"a checkpoint was saved)", own=True) from None
+            said = " ".join(str(e).split("Exception raised from")[0].split())  # /dev/shm), on one line
+            raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
+                            f"once a checkpoint was saved)", own=True) from None
         raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
