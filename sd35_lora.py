@@ -21,18 +21,18 @@ have. Sections (line numbers):
       663  VAE                              16-channel autoencoder, the latent scale and shift
       808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1034  Data                             dataset scan, aspect buckets, the latent and text cache
-     1203  Training                         Trainer and the training loop
-     1491  Part 2: plumbing                 a reader can stop here
-     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1944  Hub Downloads                    snapshot downloads, tokenizers
-     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2320  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
-     2533  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2619  Output Files                     atomic writes, loss.png
-     2687  Several Processes (torchrun)     one all-reduce per step
-     2736  Command Line and the Tiny Model  main(), --tiny
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1211  Training                         Trainer and the training loop
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1952  Hub Downloads                    snapshot downloads, tokenizers
+     2009  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2226  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2328  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2629  Output Files                     atomic writes, loss.png
+     2697  Several Processes (torchrun)     one all-reduce per step
+     2748  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -905,8 +905,10 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     if sigma_next == 0:
         return denoised
+    if sigma_next == sigma:                 # fp32 sigmas equal (very many steps, a huge shift): a step of 0
+        return x
     h = math.log(sigma / sigma_next)
-    if old_denoised is not None:
+    if old_denoised is not None and sigmas[i - 1] != sigma:    # after a step of 0: first order, as at i = 0
         r = math.log(sigmas[i - 1] / sigma) / h
         denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised
@@ -1166,11 +1168,17 @@ class LatentDataset:
                 pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            data = item["path"].read_bytes()
-            image_key = _digest(data, item["size"], flip, vae_id)
+            data = None                         # models load (minutes) after the scan: files may change
+            try:
+                data = item["path"].read_bytes()
+                image_key = _digest(data, item["size"], flip, vae_id)
+                self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
+                                               str(item["path"])))
+            except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
+                why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
+                raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
+                                f"it: restore it, or run again to scan anew", own=data is not None) from None
             contents.append(_digest(data, item["caption"]))
-            self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                           str(item["path"])))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")                             # what caption dropout trains on
@@ -2534,7 +2542,8 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
 #                                 Dataset Files                                 #
 #################################################################################
 
-# thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on
+# thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
+# any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
 NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
             "__MACOSX", "System Volume Information"}
 
@@ -2543,7 +2552,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
     out: -> (files, those folders)."""
-    seen, files, left_out = set(), [], []
+    seen, files, left_out, not_data = set(), [], [], {name.casefold() for name in NOT_DATA}
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2551,7 +2560,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             continue
         seen.add(real)
         files += [Path(folder, name) for name in names]
-        skip = [name for name in subfolders if name.startswith(".") or name in NOT_DATA]
+        skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
     return files, sorted(left_out)
@@ -2562,9 +2571,10 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
-    for name in large:
-        print(f"warning: skipped {name}: over the limit of {MAX_PIXELS / 1e6:g} megapixels for images other "
-              f"than JPEG (a guard against decompression bombs); save it smaller or as JPEG", file=sys.stderr)
+    if large:
+        print(f"warning: skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for "
+              f"images other than JPEG (a guard against decompression bombs), e.g. {', '.join(large[:5])}; "
+              f"save them smaller or as JPEG", file=sys.stderr)
     if broken:
         print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
     if small:
@@ -2715,8 +2725,10 @@ def collective(call, *args, **kwargs):
         return call(*args, **kwargs)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
         lost = re.search("remote process|[Tt]imeout|[Tt]imed out", str(e))  # NCCL: a peer gone, a timeout
-        if isinstance(e, dist.DistBackendError) and not lost:
-            raise           # NCCL's setup errors, met at the first barrier (a small /dev/shm): it says what
+        if isinstance(e, dist.DistBackendError) and not lost:   # NCCL's own (at the first barrier: a small
+            said = " ".join(str(e).split("Exception raised from")[0].split())  # /dev/shm), on one line
+            raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
+                            f"once a checkpoint was saved)", own=True) from None
         raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
