@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
     p.add_argument("--prompt", action="append", help="repeatable: one image each")
-    p.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    p.add_argument("--negative", default="", help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
     p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
@@ -61,8 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
-                   help=f"T5 tokens (default: the LoRAs' training length, else {sd.T5_LENGTH})")
-    p.add_argument("--no-t5", action="store_true", help="skip T5 (zeros instead; saves ~10 GB)")
+                   help=f"T5 tokens (default: the LoRAs' training length, else {sd.T5_LENGTH}; needed for "
+                   "LoRAs trained with different lengths)")
+    p.add_argument("--no-t5", action="store_true",
+                   help="skip T5 (zeros instead; saves ~10 GB; the default for LoRAs trained without it)")
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
