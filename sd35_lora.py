@@ -23,12 +23,12 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1952  Hub Downloads                    snapshot downloads, tokenizers
-     2009  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2226  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2328  Config Files and Resume Rules    YAML + --set, validation, what a resume may change
+     1449  Part 2: plumbing                 a reader can stop here
+     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1902  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2629  Output Files                     atomic writes, loss.png
      2697  Several Processes (torchrun)     one all-reduce per step
@@ -1223,56 +1223,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                        cfg: Config, changes: list[str], data: str = ""):
-    """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
-    moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
-    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | {"rng.cpu": torch.get_rng_state()}
-    if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
-    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
-                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1]),
-                                 "data": data})
-
-
-def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
-    tensors, meta = read_safetensors(path, with_metadata=True)
-    try:
-        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
-    except (KeyError, ValueError, TypeError):
-        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
-    saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
-    if saved != [p.shape for p in params]:
-        raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
-                        f"resume with the run's config")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
-    state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-             for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
-    # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
-    moments = ("exp_avg", "exp_avg_sq")
-    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
-                                                 or any(m[k].shape != params[i].shape for k in moments))]
-    if bad or step and not any(state.values()):
-        raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
-                        f"resume; start anew in another output_dir")
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    torch.set_rng_state(rng)
-    if "rng.cuda" in tensors and params[0].device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
-    print(f"resumed from {path} at step {step}")
-    return step
-
-
-def check_sources(cfg: Config):
-    """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
-    pick_device(cfg.device)
-    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
-    for name in paths:
-        resolve_model(name, (), download=False)                       # hub ids download after the scan
-
-
 STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
 
 
@@ -2440,6 +2390,14 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_sources(cfg: Config):
+    """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
+    pick_device(cfg.device)
+    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
+    for name in paths:
+        resolve_model(name, (), download=False)                       # hub ids download after the scan
+
+
 def read_yaml(path: str, text: str | None = None):
     """A YAML file (or `text`, named `path` in errors), refusing a key given twice in one section: YAML would
     silently keep only the last. Numbers, dates and booleans stay text, as written: _coerce reads them."""
@@ -2488,6 +2446,48 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
 # (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
+def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
+                        cfg: Config, changes: list[str], data: str = ""):
+    """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
+    moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
+    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | {"rng.cpu": torch.get_rng_state()}
+    if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
+    _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
+                                 "changes": json.dumps(changes), "world_size": str(rank_and_world()[1]),
+                                 "data": data})
+
+
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
+    tensors, meta = read_safetensors(path, with_metadata=True)
+    try:
+        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
+    saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+    if saved != [p.shape for p in params]:
+        raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
+                        f"resume with the run's config")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+             for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
+    # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
+    moments = ("exp_avg", "exp_avg_sq")
+    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
+                                                 or any(m[k].shape != params[i].shape for k in moments))]
+    if bad or step and not any(state.values()):
+        raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
+                        f"resume; start anew in another output_dir")
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    torch.set_rng_state(rng)
+    if "rng.cuda" in tensors and params[0].device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
+    print(f"resumed from {path} at step {step}")
+    return step
+
+
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
