@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1211  Training                         Trainer and the training loop
      1449  Part 2: plumbing                 a reader can stop here
      1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1902  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2629  Output Files                     atomic writes, loss.png
-     2697  Several Processes (torchrun)     one all-reduce per step
-     2748  Command Line and the Tiny Model  main(), --tiny
+     1910  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2184  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2286  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2549  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2637  Output Files                     atomic writes, loss.png
+     2705  Several Processes (torchrun)     one all-reduce per step
+     2756  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -817,7 +817,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
-        self.files: list[str] = []   # _file_id of the single files read: a swapped file is a new cache
+        self.files: list[str] = []   # _file_id of the weight files read: a swapped file is a new cache
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1594,8 +1594,14 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
 
 def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     """Weights of a diffusers component: `stem.safetensors` or the shards in `stem.safetensors.index.json`."""
+    return {k: v for file in weight_files(folder, stem) if file.suffix == ".safetensors"
+            for k, v in read_safetensors(file, convert=convert).items()}
+
+
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards."""
     if (folder / f"{stem}.safetensors").is_file():
-        return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
+        return [folder / f"{stem}.safetensors"]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
@@ -1603,8 +1609,7 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
-        return {k: v for shard in shards
-                for k, v in read_safetensors(folder / shard, convert=convert).items()}
+        return [index, *(folder / shard for shard in shards)]
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
@@ -1784,6 +1789,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        read = [file for p in picked.values() if p.is_dir()          # they key the text cache, not the path
+                for file in (*weight_files(p, "model"), p / "config.json")]
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
@@ -1794,6 +1801,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
                                                          p.name.lower())), source) for r in roles}
+        read = list(picked.values())
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
                             if p.is_file() else {} for r, p in picked.items()}, {}
     for role, sd in weights.items():
@@ -1818,7 +1826,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [_file_id(p) for p in picked.values() if p.is_file()]
+    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight and config files too
     return text
 
 

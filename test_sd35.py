@@ -1693,6 +1693,40 @@ def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_fi
     assert captions() == third
 
 
+def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(single_files, tmp_path):
+    """text_encoders (or model) as a diffusers folder or hub snapshot: the cache was keyed by its path alone, so a
+    fine-tuned text encoder copied over it trained on the old one's cached embeddings. Its weight files key it now."""
+    root, pipe = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+
+    def captions():
+        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
+        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+        cached = load_file(data.empty)                                          # what the cache holds
+        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
+        return data.text_files
+    first = captions()
+    assert captions() == first                                                  # reused while nothing changed
+    clip_l = load_file(tmp_path / "enc/text_encoder/model.safetensors")
+    clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same path and size
+    save_file(clip_l, tmp_path / "enc/text_encoder/model.safetensors")
+    second = captions()
+    (tmp_path / "enc/text_encoder_3/model.safetensors").unlink()              # T5 as shards, one of them tuned
+    with torch.no_grad():
+        t5 = pipe.text_encoder_3.__class__(pipe.text_encoder_3.config)
+        t5.load_state_dict(pipe.text_encoder_3.state_dict())
+        t5.encoder.final_layer_norm.weight.mul_(2)
+    t5.save_pretrained(tmp_path / "enc/text_encoder_3", max_shard_size="100KB")
+    assert len(list((tmp_path / "enc/text_encoder_3").glob("model-*.safetensors"))) > 1
+    third = captions()
+    assert not set(first) & set(second) and not set(second) & set(third)
+
+
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
     """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
     cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
