@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       81  Presets and Configuration        per-variant sampling presets, the training config
-      198  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear and add_lora
-      663  VAE                              16-channel autoencoder, the latent scale and shift
-      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1211  Training                         Trainer and the training loop
-     1449  Part 2: plumbing                 a reader can stop here
-     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1910  Hub Downloads                    snapshot downloads, tokenizers
-     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2184  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2286  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2549  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2637  Output Files                     atomic writes, loss.png
-     2705  Several Processes (torchrun)     one all-reduce per step
-     2756  Command Line and the Tiny Model  main(), --tiny
+       82  Presets and Configuration        per-variant sampling presets, the training config
+      199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      513  LoRA                             LoRALinear and add_lora
+      664  VAE                              16-channel autoencoder, the latent scale and shift
+      809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1037  Data                             dataset scan, aspect buckets, the latent and text cache
+     1213  Training                         Trainer and the training loop
+     1451  Part 2: plumbing                 a reader can stop here
+     1458  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1912  Hub Downloads                    snapshot downloads, tokenizers
+     1969  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2186  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2288  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2551  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2641  Output Files                     atomic writes, loss.png
+     2709  Several Processes (torchrun)     one all-reduce per step
+     2760  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -47,6 +47,7 @@ import datetime
 import difflib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -1040,10 +1041,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
+def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> torch.Tensor:
+    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]. From `data`,
+    the file's bytes, if given."""
     from PIL import Image, ImageOps
-    with open_image(path) as im:                # ImageOps.fit crops and resizes in one resampling step
+    with open_image(path, data) as im:                # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
@@ -1165,12 +1167,12 @@ class LatentDataset:
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
             def encode_image():
-                pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
+                pixels = load_image(item["path"], item["size"], data)[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
             data = None                         # models load (minutes) after the scan: files may change
             try:
-                data = item["path"].read_bytes()
+                data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image_key = _digest(data, item["size"], flip, vae_id)
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"])))
@@ -2615,13 +2617,15 @@ class TooLarge(ValueError):
 
 
 @contextlib.contextmanager
-def open_image(path: Path):
+def open_image(path: Path, data: bytes | None = None):
     """Image.open with MAX_PIXELS for Pillow's limit. A JPEG over it is decoded at 1/2..1/8 scale (its cheap
-    DCT scaling); any other image over it raises TooLarge, before it is decoded."""
-    from PIL import Image
+    DCT scaling); any other image over it raises TooLarge, before it is decoded. `data`: the file's bytes."""
+    from PIL import Image, UnidentifiedImageError
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None                  # checked here instead
     try:
-        im = Image.open(path)
+        im = Image.open(path if data is None else io.BytesIO(data))
+    except UnidentifiedImageError:                          # from bytes, Pillow names a BytesIO object
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     with im:

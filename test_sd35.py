@@ -1751,7 +1751,7 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
                    r"image .*blue_disc.png cannot be read \(No such file or directory\).*run again")
     (tmp_path / "data/blue_disc.png").write_bytes(b"not an image: a copy cut short")
     one_line_error(lambda: sd.LatentDataset(items, pipe, cfg, cfg.model),
-                   r"image .*blue_disc.png cannot be read \(cannot identify image file")
+                   r"image .*blue_disc.png cannot be read \(cannot identify image file '.*blue_disc.png'\)")
     Image.new("RGB", (80, 80)).save(tmp_path / "data/red_stripes.png")
     monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
     one_line_error(lambda: sd.LatentDataset(items[1:], pipe, cfg, cfg.model),
@@ -1857,6 +1857,27 @@ def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_pa
     assert not set(first) & set(second)
     pixels = sd.load_image(tmp_path / "data" / "blue_disc.png", (64, 64))[None]
     torch.testing.assert_close(load_file(second[0])["moments"], pipe.vae.encode_moments(pixels)[0])
+
+
+def test_the_cached_latents_are_of_the_image_bytes_their_key_was_hashed_from(tmp_path, monkeypatch):
+    """Caching read an image's bytes for its key, then opened the file again to decode it: an image edited in
+    between was cached with its new pixels under the old key, and trained on as the old image in every run."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    items = sd.scan_dataset(cfg.dataset)
+    path, real_read = tmp_path / "data" / "blue_disc.png", Path.read_bytes
+    hashed = path.read_bytes()
+    (tmp_path / "copy.png").write_bytes(hashed)
+
+    def edited_right_after_reading(self):
+        data = real_read(self)
+        if self == path:                                            # an editor saves over it meanwhile
+            Image.new("RGB", (64, 64), (0, 200, 0)).save(path)
+        return data
+    monkeypatch.setattr(Path, "read_bytes", edited_right_after_reading)
+    latents = sd.LatentDataset(items, pipe, cfg, cfg.model).latent_files[[i["path"] for i in items].index(path)]
+    pixels = sd.load_image(tmp_path / "copy.png", (64, 64))[None]
+    torch.testing.assert_close(load_file(latents)["moments"], pipe.vae.encode_moments(pixels)[0])
 
 
 def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(tmp_path, capsys):
