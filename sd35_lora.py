@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1213  Training                         Trainer and the training loop
-     1451  Part 2: plumbing                 a reader can stop here
-     1458  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1912  Hub Downloads                    snapshot downloads, tokenizers
-     1969  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2186  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2288  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2551  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2641  Output Files                     atomic writes, loss.png
-     2709  Several Processes (torchrun)     one all-reduce per step
-     2760  Command Line and the Tiny Model  main(), --tiny
+     1453  Part 2: plumbing                 a reader can stop here
+     1460  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1914  Hub Downloads                    snapshot downloads, tokenizers
+     1971  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2290  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2553  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2643  Output Files                     atomic writes, the output_dir lock, loss.png
+     2739  Several Processes (torchrun)     one all-reduce per step
+     2790  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1300,6 +1300,7 @@ class Trainer:
         check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        lock_output_dir(self.out)                        # until train() ends: no second run writes there
         return changes
 
     def note_data_changes(self):
@@ -1442,6 +1443,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        lock_output_dir(tr.out, hold=False)
     bar.close()
     if tr.world > 1:
         collective(dist.barrier)                    # the others wait for process 0's last files
@@ -2673,6 +2675,34 @@ def writable_dir(path: str | Path, what: str):
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
+
+
+_LOCKS: dict[str, object] = {}               # output_dir -> this process's open, locked lock file
+
+
+def lock_output_dir(out: Path, hold: bool = True):
+    """Lock output_dir (process 0 of a run) for as long as the run goes: a second run there, fresh or
+    --resume, is refused, not let write over its files. An flock ends with its process, so a killed run leaves
+    no stale lock. `hold=False`: release it. No lock where flock is missing (Windows) or refused (mounts)."""
+    held = _LOCKS.pop(str(out.resolve()), None)
+    if held:
+        held.close()                # this process's earlier run there (a notebook's train() that failed)
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if not hold or rank_and_world()[0] > 0:
+        return
+    file = open(out / ".sd35_lora.lock", "a")     # hidden: no "earlier run's file" to the next run's check
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        file.close()
+        if isinstance(e, BlockingIOError):
+            raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
+                            f"output_dir (--set output_dir=...)") from None
+        return
+    _LOCKS[str(out.resolve())] = file
 
 
 def plot_losses(log_path: Path, png_path: Path):

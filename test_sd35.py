@@ -1609,6 +1609,40 @@ def test_an_output_dir_holding_only_hidden_files_is_no_earlier_run(tmp_path):
     one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images in dataset.path")   # the next check
 
 
+def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, monkeypatch):
+    """Two fresh runs started at once in one output_dir both found it empty, then wrote over each other's checkpoints
+    and LoRA files (so did a --resume of a run still going). A run's process 0 now locks output_dir for the run's
+    life; the OS drops a killed run's lock, and the hidden lock file is no earlier run's file."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a: (_ for _ in ()).throw(sd.UserError("past the checks")))
+
+    def first_run(resume: bool) -> subprocess.Popen:            # another process, just past its output_dir checks
+        script = ("import time, sd35_lora as sd\n"
+                  "sd.scan_dataset = lambda *a: print('scanning', flush=True) or time.sleep(600)\n"
+                  f"sd.train(sd.load_config(None, {tiny_overrides(tmp_path)!r}), {resume})\n")
+        job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert job.stdout.readline() == "scanning\n"
+        return job
+    for resume in (False, True):
+        job = first_run(resume)
+        try:
+            one_line_error(lambda: sd.train(cfg, resume), r"another run is using output_dir .*run: wait for it")
+            if not resume:                                      # torchrun: process 0 alone takes the lock
+                with monkeypatch.context() as patch:
+                    patch.setenv("RANK", "1")
+                    patch.setenv("WORLD_SIZE", "2")
+                    one_line_error(lambda: sd.train(cfg), "past the checks")
+        finally:
+            job.kill()
+            job.wait()
+        job = first_run(resume)                                 # killed: no stale lock, the next run starts
+        job.kill()
+        job.wait()
+        params = [torch.nn.Parameter(torch.ones(2))]                 # a checkpoint to resume from, next
+        sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
