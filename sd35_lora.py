@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       81  Presets and Configuration        per-variant sampling presets, the training config
-      198  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear and add_lora
-      663  VAE                              16-channel autoencoder, the latent scale and shift
-      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1211  Training                         Trainer and the training loop
-     1449  Part 2: plumbing                 a reader can stop here
-     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1902  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2629  Output Files                     atomic writes, loss.png
-     2697  Several Processes (torchrun)     one all-reduce per step
-     2748  Command Line and the Tiny Model  main(), --tiny
+       82  Presets and Configuration        per-variant sampling presets, the training config
+      199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      513  LoRA                             LoRALinear and add_lora
+      664  VAE                              16-channel autoencoder, the latent scale and shift
+      809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1037  Data                             dataset scan, aspect buckets, the latent and text cache
+     1213  Training                         Trainer and the training loop
+     1453  Part 2: plumbing                 a reader can stop here
+     1460  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1914  Hub Downloads                    snapshot downloads, tokenizers
+     1971  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2290  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2553  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2643  Output Files                     atomic writes, the output_dir lock, loss.png
+     2739  Several Processes (torchrun)     one all-reduce per step
+     2790  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -47,6 +47,7 @@ import datetime
 import difflib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -817,7 +818,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
-        self.files: list[str] = []   # _file_id of the single files read: a swapped file is a new cache
+        self.files: list[str] = []   # _file_id of the weight files read: a swapped file is a new cache
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1040,10 +1041,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]."""
+def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> torch.Tensor:
+    """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]. From `data`,
+    the file's bytes, if given."""
     from PIL import Image, ImageOps
-    with open_image(path) as im:                # ImageOps.fit crops and resizes in one resampling step
+    with open_image(path, data) as im:                # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
@@ -1165,12 +1167,12 @@ class LatentDataset:
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
             def encode_image():
-                pixels = load_image(item["path"], item["size"])[None].to(pipe.device)
+                pixels = load_image(item["path"], item["size"], data)[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
             data = None                         # models load (minutes) after the scan: files may change
             try:
-                data = item["path"].read_bytes()
+                data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image_key = _digest(data, item["size"], flip, vae_id)
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"])))
@@ -1298,6 +1300,7 @@ class Trainer:
         check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+        lock_output_dir(self.out)                        # until train() ends: no second run writes there
         return changes
 
     def note_data_changes(self):
@@ -1440,6 +1443,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        lock_output_dir(tr.out, hold=False)
     bar.close()
     if tr.world > 1:
         collective(dist.barrier)                    # the others wait for process 0's last files
@@ -1594,8 +1598,14 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
 
 def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     """Weights of a diffusers component: `stem.safetensors` or the shards in `stem.safetensors.index.json`."""
+    return {k: v for file in weight_files(folder, stem) if file.suffix == ".safetensors"
+            for k, v in read_safetensors(file, convert=convert).items()}
+
+
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards."""
     if (folder / f"{stem}.safetensors").is_file():
-        return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
+        return [folder / f"{stem}.safetensors"]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
@@ -1603,8 +1613,7 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
-        return {k: v for shard in shards
-                for k, v in read_safetensors(folder / shard, convert=convert).items()}
+        return [index, *(folder / shard for shard in shards)]
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
@@ -1784,6 +1793,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
+        read = [file for p in picked.values() if p.is_dir()          # they key the text cache, not the path
+                for file in (*weight_files(p, "model"), p / "config.json")]
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
@@ -1794,6 +1805,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
                                                          p.name.lower())), source) for r in roles}
+        read = list(picked.values())
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
                             if p.is_file() else {} for r, p in picked.items()}, {}
     for role, sd in weights.items():
@@ -1818,7 +1830,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [_file_id(p) for p in picked.values() if p.is_file()]
+    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight and config files too
     return text
 
 
@@ -2607,13 +2619,15 @@ class TooLarge(ValueError):
 
 
 @contextlib.contextmanager
-def open_image(path: Path):
+def open_image(path: Path, data: bytes | None = None):
     """Image.open with MAX_PIXELS for Pillow's limit. A JPEG over it is decoded at 1/2..1/8 scale (its cheap
-    DCT scaling); any other image over it raises TooLarge, before it is decoded."""
-    from PIL import Image
+    DCT scaling); any other image over it raises TooLarge, before it is decoded. `data`: the file's bytes."""
+    from PIL import Image, UnidentifiedImageError
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None                  # checked here instead
     try:
-        im = Image.open(path)
+        im = Image.open(path if data is None else io.BytesIO(data))
+    except UnidentifiedImageError:                          # from bytes, Pillow names a BytesIO object
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     with im:
@@ -2661,6 +2675,34 @@ def writable_dir(path: str | Path, what: str):
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
+
+
+_LOCKS: dict[str, object] = {}               # output_dir -> this process's open, locked lock file
+
+
+def lock_output_dir(out: Path, hold: bool = True):
+    """Lock output_dir (process 0 of a run) for as long as the run goes: a second run there, fresh or
+    --resume, is refused, not let write over its files. An flock ends with its process, so a killed run leaves
+    no stale lock. `hold=False`: release it. No lock where flock is missing (Windows) or refused (mounts)."""
+    held = _LOCKS.pop(str(out.resolve()), None)
+    if held:
+        held.close()                # this process's earlier run there (a notebook's train() that failed)
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if not hold or rank_and_world()[0] > 0:
+        return
+    file = open(out / ".sd35_lora.lock", "a")     # hidden: no "earlier run's file" to the next run's check
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        file.close()
+        if isinstance(e, BlockingIOError):
+            raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
+                            f"output_dir (--set output_dir=...)") from None
+        return
+    _LOCKS[str(out.resolve())] = file
 
 
 def plot_losses(log_path: Path, png_path: Path):

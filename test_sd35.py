@@ -1609,6 +1609,40 @@ def test_an_output_dir_holding_only_hidden_files_is_no_earlier_run(tmp_path):
     one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images in dataset.path")   # the next check
 
 
+def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, monkeypatch):
+    """Two fresh runs started at once in one output_dir both found it empty, then wrote over each other's checkpoints
+    and LoRA files (so did a --resume of a run still going). A run's process 0 now locks output_dir for the run's
+    life; the OS drops a killed run's lock, and the hidden lock file is no earlier run's file."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a: (_ for _ in ()).throw(sd.UserError("past the checks")))
+
+    def first_run(resume: bool) -> subprocess.Popen:            # another process, just past its output_dir checks
+        script = ("import time, sd35_lora as sd\n"
+                  "sd.scan_dataset = lambda *a: print('scanning', flush=True) or time.sleep(600)\n"
+                  f"sd.train(sd.load_config(None, {tiny_overrides(tmp_path)!r}), {resume})\n")
+        job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert job.stdout.readline() == "scanning\n"
+        return job
+    for resume in (False, True):
+        job = first_run(resume)
+        try:
+            one_line_error(lambda: sd.train(cfg, resume), r"another run is using output_dir .*run: wait for it")
+            if not resume:                                      # torchrun: process 0 alone takes the lock
+                with monkeypatch.context() as patch:
+                    patch.setenv("RANK", "1")
+                    patch.setenv("WORLD_SIZE", "2")
+                    one_line_error(lambda: sd.train(cfg), "past the checks")
+        finally:
+            job.kill()
+            job.wait()
+        job = first_run(resume)                                 # killed: no stale lock, the next run starts
+        job.kill()
+        job.wait()
+        params = [torch.nn.Parameter(torch.ones(2))]                 # a checkpoint to resume from, next
+        sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
@@ -1693,6 +1727,40 @@ def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_fi
     assert captions() == third
 
 
+def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(single_files, tmp_path):
+    """text_encoders (or model) as a diffusers folder or hub snapshot: the cache was keyed by its path alone, so a
+    fine-tuned text encoder copied over it trained on the old one's cached embeddings. Its weight files key it now."""
+    root, pipe = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+
+    def captions():
+        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
+        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+        cached = load_file(data.empty)                                          # what the cache holds
+        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
+        return data.text_files
+    first = captions()
+    assert captions() == first                                                  # reused while nothing changed
+    clip_l = load_file(tmp_path / "enc/text_encoder/model.safetensors")
+    clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same path and size
+    save_file(clip_l, tmp_path / "enc/text_encoder/model.safetensors")
+    second = captions()
+    (tmp_path / "enc/text_encoder_3/model.safetensors").unlink()              # T5 as shards, one of them tuned
+    with torch.no_grad():
+        t5 = pipe.text_encoder_3.__class__(pipe.text_encoder_3.config)
+        t5.load_state_dict(pipe.text_encoder_3.state_dict())
+        t5.encoder.final_layer_norm.weight.mul_(2)
+    t5.save_pretrained(tmp_path / "enc/text_encoder_3", max_shard_size="100KB")
+    assert len(list((tmp_path / "enc/text_encoder_3").glob("model-*.safetensors"))) > 1
+    third = captions()
+    assert not set(first) & set(second) and not set(second) & set(third)
+
+
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
     """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
     cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
@@ -1717,7 +1785,7 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
                    r"image .*blue_disc.png cannot be read \(No such file or directory\).*run again")
     (tmp_path / "data/blue_disc.png").write_bytes(b"not an image: a copy cut short")
     one_line_error(lambda: sd.LatentDataset(items, pipe, cfg, cfg.model),
-                   r"image .*blue_disc.png cannot be read \(cannot identify image file")
+                   r"image .*blue_disc.png cannot be read \(cannot identify image file '.*blue_disc.png'\)")
     Image.new("RGB", (80, 80)).save(tmp_path / "data/red_stripes.png")
     monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
     one_line_error(lambda: sd.LatentDataset(items[1:], pipe, cfg, cfg.model),
@@ -1823,6 +1891,27 @@ def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_pa
     assert not set(first) & set(second)
     pixels = sd.load_image(tmp_path / "data" / "blue_disc.png", (64, 64))[None]
     torch.testing.assert_close(load_file(second[0])["moments"], pipe.vae.encode_moments(pixels)[0])
+
+
+def test_the_cached_latents_are_of_the_image_bytes_their_key_was_hashed_from(tmp_path, monkeypatch):
+    """Caching read an image's bytes for its key, then opened the file again to decode it: an image edited in
+    between was cached with its new pixels under the old key, and trained on as the old image in every run."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    items = sd.scan_dataset(cfg.dataset)
+    path, real_read = tmp_path / "data" / "blue_disc.png", Path.read_bytes
+    hashed = path.read_bytes()
+    (tmp_path / "copy.png").write_bytes(hashed)
+
+    def edited_right_after_reading(self):
+        data = real_read(self)
+        if self == path:                                            # an editor saves over it meanwhile
+            Image.new("RGB", (64, 64), (0, 200, 0)).save(path)
+        return data
+    monkeypatch.setattr(Path, "read_bytes", edited_right_after_reading)
+    latents = sd.LatentDataset(items, pipe, cfg, cfg.model).latent_files[[i["path"] for i in items].index(path)]
+    pixels = sd.load_image(tmp_path / "copy.png", (64, 64))[None]
+    torch.testing.assert_close(load_file(latents)["moments"], pipe.vae.encode_moments(pixels)[0])
 
 
 def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(tmp_path, capsys):
