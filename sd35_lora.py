@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1213  Training                         Trainer and the training loop
-     1453  Part 2: plumbing                 a reader can stop here
-     1460  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1914  Hub Downloads                    snapshot downloads, tokenizers
-     1971  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2290  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2553  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2643  Output Files                     atomic writes, the output_dir lock, loss.png
-     2739  Several Processes (torchrun)     one all-reduce per step
-     2790  Command Line and the Tiny Model  main(), --tiny
+     1458  Part 2: plumbing                 a reader can stop here
+     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1919  Hub Downloads                    snapshot downloads, tokenizers
+     1976  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2295  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2558  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2648  Output Files                     atomic writes, the output_dir lock, loss.png
+     2738  Several Processes (torchrun)     one all-reduce per step
+     2789  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1300,7 +1300,7 @@ class Trainer:
         check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-        lock_output_dir(self.out)                        # until train() ends: no second run writes there
+        self.lock = lock_output_dir(self.out) if rank_and_world()[0] == 0 else None   # closed by train()
         return changes
 
     def note_data_changes(self):
@@ -1385,6 +1385,15 @@ class Trainer:
                             self.data.contents)
         print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
+    def diverged(self, loss: float, grad_norm: float) -> UserError:
+        """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
+        last = self.out / "lora.safetensors"                # none before the first save_every
+        last = (f"the last good checkpoint is {last}" if last.is_file()
+                else "no checkpoint was saved yet: start again in a new or empty output_dir")
+        fix = nan_advice([self.mmdit], "lower train.lr or check the data")
+        return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; "
+                         f"stopped without saving: {fix}; {last}")
+
     def save_and_sample(self, bins: torch.Tensor):
         """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
         tc, every, k = self.cfg.train, self.cfg.sample.sample_every, self.cfg.train.loss_bins
@@ -1418,12 +1427,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                last = tr.out / "lora.safetensors"              # none before the first save_every
-                last = (f"the last good checkpoint is {last}" if last.is_file()
-                        else "no checkpoint was saved yet: start again in a new or empty output_dir")
-                fix = nan_advice([tr.mmdit], "lower train.lr or check the data")
-                raise UserError(f"loss became {total} (gradient norm {grad_norm}) at step {tr.step + 1}; "
-                                f"stopped without saving: {fix}; {last}")
+                raise tr.diverged(total, grad_norm)
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -1443,7 +1447,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        lock_output_dir(tr.out, hold=False)
+        if tr.lock:                                 # a notebook's next run may use output_dir
+            tr.lock.close()
     bar.close()
     if tr.world > 1:
         collective(dist.barrier)                    # the others wait for process 0's last files
@@ -2677,32 +2682,26 @@ def writable_dir(path: str | Path, what: str):
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
-_LOCKS: dict[str, object] = {}               # output_dir -> this process's open, locked lock file
-
-
-def lock_output_dir(out: Path, hold: bool = True):
-    """Lock output_dir (process 0 of a run) for as long as the run goes: a second run there, fresh or
-    --resume, is refused, not let write over its files. An flock ends with its process, so a killed run leaves
-    no stale lock. `hold=False`: release it. No lock where flock is missing (Windows) or refused (mounts)."""
-    held = _LOCKS.pop(str(out.resolve()), None)
-    if held:
-        held.close()                # this process's earlier run there (a notebook's train() that failed)
+def lock_output_dir(out: Path):
+    """-> an open file holding a lock on output_dir for the run's life: a second run there, fresh or --resume,
+    is refused. The OS drops the lock with its process, so a killed run leaves none; a POSIX lock belongs to
+    the process, so a notebook's failed run (kept by its traceback) does not block its next. None where locks
+    are missing (Windows) or refused (some network mounts)."""
     try:
         import fcntl
     except ImportError:
-        return
-    if not hold or rank_and_world()[0] > 0:
-        return
+        return None
     file = open(out / ".sd35_lora.lock", "a")     # hidden: no "earlier run's file" to the next run's check
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return file
+    except (BlockingIOError, PermissionError):      # EAGAIN or EACCES: another process holds it
         file.close()
-        if isinstance(e, BlockingIOError):
-            raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
-                            f"output_dir (--set output_dir=...)") from None
-        return
-    _LOCKS[str(out.resolve())] = file
+        raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
+                        f"output_dir (--set output_dir=...)") from None
+    except OSError:
+        file.close()
+        return None
 
 
 def plot_losses(log_path: Path, png_path: Path):

@@ -1639,6 +1639,9 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
         job = first_run(resume)                                 # killed: no stale lock, the next run starts
         job.kill()
         job.wait()
+        held = sd.lock_output_dir(tmp_path / "run")             # a notebook's failed run, kept by its traceback,
+        assert sd.lock_output_dir(tmp_path / "run") and held    # does not block the next in the same process
+        held.close()
         params = [torch.nn.Parameter(torch.ones(2))]                 # a checkpoint to resume from, next
         sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
 
