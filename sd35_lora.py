@@ -23,16 +23,16 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1449  Part 2: plumbing                 a reader can stop here
-     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1902  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2629  Output Files                     atomic writes, loss.png
-     2697  Several Processes (torchrun)     one all-reduce per step
-     2748  Command Line and the Tiny Model  main(), --tiny
+     1447  Part 2: plumbing                 a reader can stop here
+     1454  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1900  Hub Downloads                    snapshot downloads, tokenizers
+     1957  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2174  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2276  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2539  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2627  Output Files                     atomic writes, loss.png
+     2695  Several Processes (torchrun)     one all-reduce per step
+     2746  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1233,7 +1233,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
-        self.changes = self.refuse_early(resume)
+        self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1262,9 +1262,9 @@ class Trainer:
             self.mmdit.compile_blocks()
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
-        self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
+        self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
         if resume:
-            self.note_data_changes()
+            self.note_data_changes(header.get("data", ""))
         if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
             print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
                   f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
@@ -1273,16 +1273,16 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
-    def refuse_early(self, resume: bool) -> list[str]:
+    def refuse_early(self, resume: bool) -> tuple[list[str], dict]:
         """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-        only process 0 checks output_dir). -> the trajectory changes of a resume."""
+        only process 0 checks output_dir). -> a resume's trajectory changes and state file header."""
         cfg = self.cfg
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                             "a hub id or 'tiny'")
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
-        changes = prepare_resume(self.state_path, cfg) if resume else []
+        resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
         if not resume and rank_and_world()[0] == 0 and earlier:
@@ -1298,13 +1298,11 @@ class Trainer:
         check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-        return changes
+        return resumed
 
-    def note_data_changes(self):
+    def note_data_changes(self, saved: str):
         """Images or captions edited, added or removed under the same dataset.path: warned and recorded, as a
-        changed config key is (states saved before this check hold no digest: nothing to compare)."""
-        with safe_open(str(self.state_path), framework="pt") as f:
-            saved = (f.metadata() or {}).get("data", "")
+        changed config key is. `saved`: the state file's digest (older ones hold none: nothing to compare)."""
         if saved and saved != self.data.contents:
             self.changes.append(f"step {self.step}: the images or captions in dataset.path")
             if self.rank == 0:
@@ -2458,10 +2456,10 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                                  "data": data})
 
 
-def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
-    tensors, meta = read_safetensors(path, with_metadata=True)
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
+    tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
     try:
-        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
+        step, rng = int(meta["step"]), tensors["rng.cpu"]
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
@@ -2496,9 +2494,9 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
                     "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
-def prepare_resume(path: Path, cfg: Config) -> list[str]:
+def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     """Before any model loads: refuse config changes that alter what the training state `path` means; drop
-    the log lines written past its step (they are redone). -> the trajectory changes so far."""
+    the log lines written past its step (they are redone). -> the trajectory changes so far and its header."""
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -2535,7 +2533,7 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
-    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else []), meta
 
 
 #################################################################################

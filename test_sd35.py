@@ -1958,17 +1958,48 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
-def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys):
+def spy_reads(monkeypatch):
+    """sd.safe_open, counted: (opens per file name, tensor reads per (file name, tensor name))."""
+    opens, reads, real = __import__("collections").Counter(), __import__("collections").Counter(), sd.safe_open
+
+    class Spy:
+        def __init__(self, path, **kwargs):
+            self.file, self.name = real(path, **kwargs), Path(path).name
+            opens[self.name] += 1
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, key):
+            reads[self.name, key] += 1
+            return self.file.get_tensor(key)
+
+        def __getattr__(self, name):                                    # keys(), metadata()
+            return getattr(self.file, name)
+    monkeypatch.setattr(sd, "safe_open", Spy)
+    return opens, reads
+
+
+def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys, monkeypatch):
     """The README: a resume with changed data is warned about and recorded, also when dataset.path stays the same
-    but its images or captions were edited, added or removed (the losses are no longer the uninterrupted run's)."""
+    but its images or captions were edited, added or removed (the losses are no longer the uninterrupted run's).
+    The state file (GBs of AdamW moments for Large) is opened twice, not three times: its header before any model
+    loads, its tensors (each read once) after."""
     make_dataset(tmp_path / "data")
     base = {"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}
     sd.train(tiny_config(tmp_path, **base))
     caption = next((tmp_path / "data").glob("*.txt"))
     caption.write_text(caption.read_text() + ", edited")
     capsys.readouterr()
+    opens, reads = spy_reads(monkeypatch)
     lora = sd.train(tiny_config(tmp_path, **{**base, "train.steps": 3}), resume=True)
     assert "images or captions in dataset.path changed" in capsys.readouterr().err
+    state = [n for (name, _), n in reads.items() if name == sd.STATE_FILE]
+    assert opens[sd.STATE_FILE] == 2 and set(state) == {1}, (opens, state)
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 2: the images or captions in dataset.path"]
 
@@ -1980,7 +2011,7 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
                   {"step": "4", "config": json.dumps(dataclasses.asdict(saved))})
         changes = sd.prepare_resume(tmp_path / "state.safetensors",
-                                    tiny_config(tmp_path, **{"train.lr_schedule": schedule, "train.steps": 80}))
+                                    tiny_config(tmp_path, **{"train.lr_schedule": schedule, "train.steps": 80}))[0]
         assert ("changed train.steps 40 -> 80" in capsys.readouterr().err) == warned
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
@@ -1990,7 +2021,7 @@ def test_resume_that_switches_train_compile_warns_and_records_it(tmp_path, capsy
     train.compile on a resume changes the trajectory as a changed lr does. It was free: silent, unrecorded."""
     save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
               {"step": "4", "config": json.dumps(dataclasses.asdict(tiny_config(tmp_path)))})
-    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))[0]
     assert changes == ["step 4: train.compile False -> True"]
     assert "changed train.compile False -> True (recorded in the LoRA)" in capsys.readouterr().err
 
@@ -2038,10 +2069,10 @@ def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_
     monkeypatch.setenv("WORLD_SIZE", "1")
     for sets in ({"train.batch_size": 2}, {"train.grad_accum": 2}):
         capsys.readouterr()
-        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets)) == []
+        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets))[0] == []
         assert "warning" not in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))[0]
     assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
 
 
@@ -2054,7 +2085,7 @@ def test_resume_on_another_split_with_lora_dropout_is_a_recorded_change(tmp_path
               {"step": "2", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "1"})
     monkeypatch.setenv("WORLD_SIZE", "1")
     changes = sd.prepare_resume(tmp_path / "state.safetensors",
-                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))
+                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))[0]
     assert changes == ["step 2: train.batch_size 2 -> 1; train.grad_accum 1 -> 2"]
     assert "changed train.batch_size 2 -> 1" in capsys.readouterr().err
 
@@ -2653,7 +2684,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
                        "lacks a readable step and config")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
-    state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
+    state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params), {})
     one_line_error(state, "lacks step, config or RNG state")
     # Ctrl-C in sample.py: exit 130 with one line
 
@@ -2680,12 +2711,12 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
-        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "damaged AdamW moments .*start anew in another output_dir")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
-    assert sd.load_training_state(path, fresh, opt) == 1
+    assert sd.load_training_state(path, fresh, opt, meta) == 1
     sum(p.sum() for p in fresh).backward()
     opt.step()
 
