@@ -1564,9 +1564,9 @@ def describe_checkpoint(sd: dict) -> str:
     return f"it looks like {what}" if what else f"its first keys are {sorted(sd)[:3]}"
 
 
-def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = "", convert=None):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read), each
-    through `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
+def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read; None:
+    none), each through `convert(name, tensor)`, and its metadata; or a UserError saying what is wrong."""
     path = Path(path)
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1578,7 +1578,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+            names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files

@@ -2290,10 +2290,12 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
 
-def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys):
+def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys,
+                                                                                                monkeypatch):
     """Several --lora of different recorded T5 lengths sampled at the first one's length without a word (the
     second LoRA's own prompts got another context length than in its training); one LoRA trained without T5
-    turned T5 off, or not, by its place among the --lora flags."""
+    turned T5 off, or not, by its place among the --lora flags. The T5 settings come from the header alone: each
+    LoRA's tensors are read once, by load_lora."""
     model = sd.tiny_pipeline().mmdit
     sd.add_lora(model, rank=2)
     loras = {}
@@ -2307,6 +2309,9 @@ def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given
     chosen = sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--t5-length", "24",
                           "--out", str(tmp_path / "chosen")])[0]
     assert json.loads(Image.open(chosen).text["parameters"])["t5_length"] == 24
+    opens, reads = spy_reads(monkeypatch)
+    sample.main([*base, "--lora", loras["b24"], "--out", str(tmp_path / "b24")])
+    assert opens["b24.safetensors"] == 2 and set(reads.values()) == {1}, (opens, reads)
     capsys.readouterr()
     for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
         assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
