@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1211  Training                         Trainer and the training loop
      1447  Part 2: plumbing                 a reader can stop here
      1454  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1900  Hub Downloads                    snapshot downloads, tokenizers
-     1957  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2174  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2276  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2539  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2627  Output Files                     atomic writes, loss.png
-     2695  Several Processes (torchrun)     one all-reduce per step
-     2746  Command Line and the Tiny Model  main(), --tiny
+     1903  Hub Downloads                    snapshot downloads, tokenizers
+     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2177  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2279  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2542  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2630  Output Files                     atomic writes, loss.png
+     2698  Several Processes (torchrun)     one all-reduce per step
+     2749  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1607,9 +1607,10 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
 
-def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
-    """(weights, config.json) of a diffusers root folder's `part`/ or of that folder itself; or the tensors of
-    an official single file under `prefix` (stripped; all if none has it), and {}. Tensors pass `convert`."""
+def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None,
+               weights: bool = True) -> tuple[dict, dict]:
+    """(weights, or {} if not `weights`; checked config.json) of a diffusers root's `part`/ or that folder; or
+    (a single file's tensors under `prefix`, stripped, or all if none has it; {}). Tensors pass `convert`."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
@@ -1622,7 +1623,13 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
                         f"give the right folder (--model, or --vae for the VAE; in a config: model, vae)")
-    return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
+    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
+    sd3, names = (VAEConfig.scaling_factor, VAEConfig.shift_factor), ("scaling_factor", "shift_factor")
+    given = tuple(v if config.get(k) is None else config[k] for k, v in zip(names, sd3))     # VAEs' keys only
+    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
+        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
+                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
+    return read_weights_dir(folder, "diffusion_pytorch_model", convert) if weights else {}, config
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1698,12 +1705,6 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
                         f"(config: vae)")
-    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
-    sd3 = (VAEConfig.scaling_factor, VAEConfig.shift_factor)
-    given = tuple(overrides.get(k, v) for k, v in zip(("scaling_factor", "shift_factor"), sd3))
-    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
-        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
-                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -1884,6 +1885,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or its vae/ "
                         f"folder)")
+    if vae_root.is_dir():               # its config.json: e.g. FLUX.1's VAE, refused before the MMDiT loads
+        _read_part(vae_root, "vae", "AutoencoderKL", "", weights=False)
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim

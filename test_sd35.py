@@ -397,16 +397,20 @@ def test_vae_matches_diffusers(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path):
+def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path, diffusers_folder, monkeypatch):
     """FLUX.1's VAE has SD3's key names and shapes (a single ae.safetensors cannot be told apart), so its
-    diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images."""
-    pytest.importorskip("diffusers")
+    diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images.
+    load_pipeline refused it only after the MMDiT and the text encoders had loaded (minutes for Large)."""
     flux = make_components()["vae"]
     flux.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
     flux.save_pretrained(tmp_path / "flux", safe_serialization=True)
     with pytest.raises(sd.UserError, match=r"latent scale and shift \(0.3611, 0.1159\), SD3's VAE \(1.5305, "
                                            r"0.0609\): another model's VAE .*FLUX.1's.* use SD3's"):
         sd.load_vae(tmp_path / "flux")
+    with monkeypatch.context() as m:
+        m.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the VAE's config.json"))
+        one_line_error(lambda: sd.load_pipeline(str(diffusers_folder[0]), vae=str(tmp_path / "flux"), device="cpu"),
+                       r"latent scale and shift \(0.3611, 0.1159\)")
     flux.register_to_config(scaling_factor=1.5305, shift_factor=None)   # SD3's; a missing shift is SD3's too
     flux.save_pretrained(tmp_path / "sd3", safe_serialization=True)
     assert (sd.load_vae(tmp_path / "sd3").cfg.scaling_factor, sd.load_vae(tmp_path / "sd3").cfg.shift_factor) == (
