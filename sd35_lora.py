@@ -1093,12 +1093,12 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {', '.join(left_out[:5])}"
+    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {shown}" if left_out else ""
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
-              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out"
-              + skipped * bool(left_out) + ", ..." * (len(left_out) > 5) + ")")
+              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out{skipped})")
     return items
 
 
