@@ -23,16 +23,16 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1447  Part 2: plumbing                 a reader can stop here
-     1454  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1903  Hub Downloads                    snapshot downloads, tokenizers
-     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2177  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2279  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2542  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2630  Output Files                     atomic writes, loss.png
-     2698  Several Processes (torchrun)     one all-reduce per step
-     2749  Command Line and the Tiny Model  main(), --tiny
+     1450  Part 2: plumbing                 a reader can stop here
+     1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1906  Hub Downloads                    snapshot downloads, tokenizers
+     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2282  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2545  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2633  Output Files                     atomic writes, loss.png
+     2701  Several Processes (torchrun)     one all-reduce per step
+     2752  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1241,7 +1241,7 @@ class Trainer:
         self.pipe = pipe
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
-        self.sample_settings = settings.resolved(pipe.variant)
+        self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
@@ -1250,6 +1250,9 @@ class Trainer:
             if self.rank == 0 and s.prompts:
                 pipe.text.warn_cut(s.prompts, "sample.prompts")
                 pipe.text.warn_cut([s.neg] * (self.sample_settings.cfg > 1.0), "sample.neg prompts")
+                if s.neg and self.sample_settings.cfg <= 1.0:             # as generate() warns in sample.py
+                    print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
+                          f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)

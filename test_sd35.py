@@ -2131,6 +2131,16 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_training_previews_without_cfg_say_once_that_sample_neg_is_unused(tmp_path, capsys):
+    """sample.py warns that a negative prompt does nothing at cfg 1 or less (Large Turbo's preset); training
+    previews ignored sample.neg there without a word."""
+    make_dataset(tmp_path / "data")
+    for cfg, said in ((1, 1), (2, 0)):                                     # previews at steps 0 and 1: said once
+        sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": cfg, "sample.neg": "blurry",
+                                          "output_dir": str(tmp_path / f"cfg{cfg}")}))
+        assert capsys.readouterr().err.count("warning: sample.neg has no effect without CFG (the previews' cfg") == said
+
+
 def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, monkeypatch):
     """A damaged checkpoint holding NaN loads (a check of every weight while loading would cost seconds per
     gigabyte); the NaN images or loss it gives name the weight, not the cfg scale or train.lr."""
