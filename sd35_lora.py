@@ -976,11 +976,11 @@ class SampleSettings:
         if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
             raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                             f"0..{depth - 1}: fix --slg-layers")
-        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
-        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
-        if out.slg_scale and out.cfg <= 1.0:                # denoise() guides with it only under CFG
+        if out.slg_scale and out.cfg <= 1.0:        # SLG guides the CFG step only; refused on any depth
             raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
                             f"--cfg or leave out --slg/--slg-scale")
+        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
         check_size(out.width, out.height)
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
