@@ -23,16 +23,16 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1450  Part 2: plumbing                 a reader can stop here
-     1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1906  Hub Downloads                    snapshot downloads, tokenizers
-     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2282  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2545  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2633  Output Files                     atomic writes, loss.png
-     2701  Several Processes (torchrun)     one all-reduce per step
-     2752  Command Line and the Tiny Model  main(), --tiny
+     1449  Part 2: plumbing                 a reader can stop here
+     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1905  Hub Downloads                    snapshot downloads, tokenizers
+     1962  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2281  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2544  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2632  Output Files                     atomic writes, loss.png
+     2700  Several Processes (torchrun)     one all-reduce per step
+     2751  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1266,8 +1266,7 @@ class Trainer:
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
-        if resume:
-            self.note_data_changes(header.get("data", ""))
+        self.note_data_changes(header.get("data", ""))                 # a fresh run's header {}: nothing
         if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
             print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
                   f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
