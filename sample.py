@@ -98,7 +98,8 @@ def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
     both. T5 is left out only when all were trained without it."""
     found = {}
     for path in paths:
-        info = sd.lora_metadata(sd.read_safetensors(path, with_metadata=True)[1], path)[0]
+        header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
+        info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:

@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1213  Training                         Trainer and the training loop
      1458  Part 2: plumbing                 a reader can stop here
      1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1919  Hub Downloads                    snapshot downloads, tokenizers
-     1976  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2295  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2558  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2648  Output Files                     atomic writes, the output_dir lock, loss.png
-     2738  Several Processes (torchrun)     one all-reduce per step
-     2789  Command Line and the Tiny Model  main(), --tiny
+     1922  Hub Downloads                    snapshot downloads, tokenizers
+     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2298  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2561  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2651  Output Files                     atomic writes, the output_dir lock, loss.png
+     2741  Several Processes (torchrun)     one all-reduce per step
+     2792  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -977,11 +977,11 @@ class SampleSettings:
         if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
             raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
                             f"0..{depth - 1}: fix --slg-layers")
-        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
-        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
-        if out.slg_scale and out.cfg <= 1.0:                # denoise() guides with it only under CFG
+        if out.slg_scale and out.cfg <= 1.0:        # SLG guides the CFG step only; refused on any depth
             raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
                             f"--cfg or leave out --slg/--slg-scale")
+        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        out.slg_scale = out.slg_scale if out.slg_layers else 0.0
         check_size(out.width, out.height)
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
@@ -1095,12 +1095,12 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {', '.join(left_out[:5])}"
+    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {shown}" if left_out else ""
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
-              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out"
-              + skipped * bool(left_out) + ", ..." * (len(left_out) > 5) + ")")
+              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out{skipped})")
     return items
 
 
@@ -1235,7 +1235,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
-        self.changes = self.refuse_early(resume)
+        self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
         self.rank, self.world = init_distributed(cfg)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1243,7 +1243,7 @@ class Trainer:
         self.pipe = pipe
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
-        self.sample_settings = settings.resolved(pipe.variant)
+        self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
         pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
@@ -1252,6 +1252,9 @@ class Trainer:
             if self.rank == 0 and s.prompts:
                 pipe.text.warn_cut(s.prompts, "sample.prompts")
                 pipe.text.warn_cut([s.neg] * (self.sample_settings.cfg > 1.0), "sample.neg prompts")
+                if s.neg and self.sample_settings.cfg <= 1.0:             # as generate() warns in sample.py
+                    print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
+                          f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
@@ -1264,9 +1267,8 @@ class Trainer:
             self.mmdit.compile_blocks()
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
-        self.step = load_training_state(self.state_path, self.params, self.opt) if resume else 0
-        if resume:
-            self.note_data_changes()
+        self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
+        self.note_data_changes(header.get("data", ""))                 # a fresh run's header {}: nothing
         if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
             print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
                   f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
@@ -1275,16 +1277,16 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
-    def refuse_early(self, resume: bool) -> list[str]:
+    def refuse_early(self, resume: bool) -> tuple[list[str], dict]:
         """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-        only process 0 checks output_dir). -> the trajectory changes of a resume."""
+        only process 0 checks output_dir). -> a resume's trajectory changes and state file header."""
         cfg = self.cfg
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                             "a hub id or 'tiny'")
         if resume and not self.state_path.is_file():
             raise UserError(f"--resume: no {self.state_path} to resume from")
-        changes = prepare_resume(self.state_path, cfg) if resume else []
+        resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
         if not resume and rank_and_world()[0] == 0 and earlier:
@@ -1301,13 +1303,11 @@ class Trainer:
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.lock = lock_output_dir(self.out) if rank_and_world()[0] == 0 else None   # closed by train()
-        return changes
+        return resumed
 
-    def note_data_changes(self):
+    def note_data_changes(self, saved: str):
         """Images or captions edited, added or removed under the same dataset.path: warned and recorded, as a
-        changed config key is (states saved before this check hold no digest: nothing to compare)."""
-        with safe_open(str(self.state_path), framework="pt") as f:
-            saved = (f.metadata() or {}).get("data", "")
+        changed config key is. `saved`: the state file's digest (older ones hold none: nothing to compare)."""
         if saved and saved != self.data.contents:
             self.changes.append(f"step {self.step}: the images or captions in dataset.path")
             if self.rank == 0:
@@ -1575,9 +1575,9 @@ def describe_checkpoint(sd: dict) -> str:
     return f"it looks like {what}" if what else f"its first keys are {sorted(sd)[:3]}"
 
 
-def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str = "", convert=None):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read), each
-    through `convert(name, tensor)` as it is read, and its metadata; or a UserError saying what is wrong."""
+def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
+    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read; None:
+    none), each through `convert(name, tensor)`, and its metadata; or a UserError saying what is wrong."""
     path = Path(path)
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1589,7 +1589,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = {k[len(prefix):]: k for k in f.keys() if k.startswith(prefix)}
+            names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
@@ -1623,9 +1623,10 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
 
-def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
-    """(weights, config.json) of a diffusers root folder's `part`/ or of that folder itself; or the tensors of
-    an official single file under `prefix` (stripped; all if none has it), and {}. Tensors pass `convert`."""
+def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None,
+               weights: bool = True) -> tuple[dict, dict]:
+    """(weights, or {} if not `weights`; checked config.json) of a diffusers root's `part`/ or that folder; or
+    (a single file's tensors under `prefix`, stripped, or all if none has it; {}). Tensors pass `convert`."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
@@ -1638,7 +1639,13 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
                         f"give the right folder (--model, or --vae for the VAE; in a config: model, vae)")
-    return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
+    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
+    sd3, names = (VAEConfig.scaling_factor, VAEConfig.shift_factor), ("scaling_factor", "shift_factor")
+    given = tuple(v if config.get(k) is None else config[k] for k, v in zip(names, sd3))     # VAEs' keys only
+    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
+        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
+                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
+    return read_weights_dir(folder, "diffusion_pytorch_model", convert) if weights else {}, config
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1714,12 +1721,6 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
                         f"(config: vae)")
-    # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
-    sd3 = (VAEConfig.scaling_factor, VAEConfig.shift_factor)
-    given = tuple(overrides.get(k, v) for k, v in zip(("scaling_factor", "shift_factor"), sd3))
-    if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
-        raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
-                        f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
@@ -1903,6 +1904,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or its vae/ "
                         f"folder)")
+    if vae_root.is_dir():               # its config.json: e.g. FLUX.1's VAE, refused before the MMDiT loads
+        _read_part(vae_root, "vae", "AutoencoderKL", "", weights=False)
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
@@ -2475,10 +2478,10 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
                                  "data": data})
 
 
-def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
-    tensors, meta = read_safetensors(path, with_metadata=True)
+def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
+    tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
     try:
-        step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
+        step, rng = int(meta["step"]), tensors["rng.cpu"]
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
     saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
@@ -2513,9 +2516,9 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
                     "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
-def prepare_resume(path: Path, cfg: Config) -> list[str]:
+def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     """Before any model loads: refuse config changes that alter what the training state `path` means; drop
-    the log lines written past its step (they are redone). -> the trajectory changes so far."""
+    the log lines written past its step (they are redone). -> the trajectory changes so far and its header."""
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -2552,7 +2555,7 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
     if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
         lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
-    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else [])
+    return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else []), meta
 
 
 #################################################################################

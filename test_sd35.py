@@ -397,16 +397,20 @@ def test_vae_matches_diffusers(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path):
+def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path, diffusers_folder, monkeypatch):
     """FLUX.1's VAE has SD3's key names and shapes (a single ae.safetensors cannot be told apart), so its
-    diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images."""
-    pytest.importorskip("diffusers")
+    diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images.
+    load_pipeline refused it only after the MMDiT and the text encoders had loaded (minutes for Large)."""
     flux = make_components()["vae"]
     flux.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
     flux.save_pretrained(tmp_path / "flux", safe_serialization=True)
     with pytest.raises(sd.UserError, match=r"latent scale and shift \(0.3611, 0.1159\), SD3's VAE \(1.5305, "
                                            r"0.0609\): another model's VAE .*FLUX.1's.* use SD3's"):
         sd.load_vae(tmp_path / "flux")
+    with monkeypatch.context() as m:
+        m.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the VAE's config.json"))
+        one_line_error(lambda: sd.load_pipeline(str(diffusers_folder[0]), vae=str(tmp_path / "flux"), device="cpu"),
+                       r"latent scale and shift \(0.3611, 0.1159\)")
     flux.register_to_config(scaling_factor=1.5305, shift_factor=None)   # SD3's; a missing shift is SD3's too
     flux.save_pretrained(tmp_path / "sd3", safe_serialization=True)
     assert (sd.load_vae(tmp_path / "sd3").cfg.scaling_factor, sd.load_vae(tmp_path / "sd3").cfg.shift_factor) == (
@@ -2050,17 +2054,48 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
-def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys):
+def spy_reads(monkeypatch):
+    """sd.safe_open, counted: (opens per file name, tensor reads per (file name, tensor name))."""
+    opens, reads, real = __import__("collections").Counter(), __import__("collections").Counter(), sd.safe_open
+
+    class Spy:
+        def __init__(self, path, **kwargs):
+            self.file, self.name = real(path, **kwargs), Path(path).name
+            opens[self.name] += 1
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, key):
+            reads[self.name, key] += 1
+            return self.file.get_tensor(key)
+
+        def __getattr__(self, name):                                    # keys(), metadata()
+            return getattr(self.file, name)
+    monkeypatch.setattr(sd, "safe_open", Spy)
+    return opens, reads
+
+
+def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys, monkeypatch):
     """The README: a resume with changed data is warned about and recorded, also when dataset.path stays the same
-    but its images or captions were edited, added or removed (the losses are no longer the uninterrupted run's)."""
+    but its images or captions were edited, added or removed (the losses are no longer the uninterrupted run's).
+    The state file (GBs of AdamW moments for Large) is opened twice, not three times: its header before any model
+    loads, its tensors (each read once) after."""
     make_dataset(tmp_path / "data")
     base = {"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}
     sd.train(tiny_config(tmp_path, **base))
     caption = next((tmp_path / "data").glob("*.txt"))
     caption.write_text(caption.read_text() + ", edited")
     capsys.readouterr()
+    opens, reads = spy_reads(monkeypatch)
     lora = sd.train(tiny_config(tmp_path, **{**base, "train.steps": 3}), resume=True)
     assert "images or captions in dataset.path changed" in capsys.readouterr().err
+    state = [n for (name, _), n in reads.items() if name == sd.STATE_FILE]
+    assert opens[sd.STATE_FILE] == 2 and set(state) == {1}, (opens, state)
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 2: the images or captions in dataset.path"]
 
@@ -2072,7 +2107,7 @@ def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, cap
         save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
                   {"step": "4", "config": json.dumps(dataclasses.asdict(saved))})
         changes = sd.prepare_resume(tmp_path / "state.safetensors",
-                                    tiny_config(tmp_path, **{"train.lr_schedule": schedule, "train.steps": 80}))
+                                    tiny_config(tmp_path, **{"train.lr_schedule": schedule, "train.steps": 80}))[0]
         assert ("changed train.steps 40 -> 80" in capsys.readouterr().err) == warned
         assert changes == (["step 4: train.steps 40 -> 80"] if warned else [])
 
@@ -2082,7 +2117,7 @@ def test_resume_that_switches_train_compile_warns_and_records_it(tmp_path, capsy
     train.compile on a resume changes the trajectory as a changed lr does. It was free: silent, unrecorded."""
     save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
               {"step": "4", "config": json.dumps(dataclasses.asdict(tiny_config(tmp_path)))})
-    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.compile": True}))[0]
     assert changes == ["step 4: train.compile False -> True"]
     assert "changed train.compile False -> True (recorded in the LoRA)" in capsys.readouterr().err
 
@@ -2130,10 +2165,10 @@ def test_resume_keeping_the_global_batch_on_another_split_records_no_change(tmp_
     monkeypatch.setenv("WORLD_SIZE", "1")
     for sets in ({"train.batch_size": 2}, {"train.grad_accum": 2}):
         capsys.readouterr()
-        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets)) == []
+        assert sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **sets))[0] == []
         assert "warning" not in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
-    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))
+    changes = sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.batch_size": 2}))[0]
     assert changes == ["step 4: train.batch_size 1 -> 2"] and "changed train.batch_size" in capsys.readouterr().err
 
 
@@ -2146,7 +2181,7 @@ def test_resume_on_another_split_with_lora_dropout_is_a_recorded_change(tmp_path
               {"step": "2", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "1"})
     monkeypatch.setenv("WORLD_SIZE", "1")
     changes = sd.prepare_resume(tmp_path / "state.safetensors",
-                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))
+                                tiny_config(tmp_path, **{"train.grad_accum": 2, "lora.dropout": 0.2}))[0]
     assert changes == ["step 2: train.batch_size 2 -> 1; train.grad_accum 1 -> 2"]
     assert "changed train.batch_size 2 -> 1" in capsys.readouterr().err
 
@@ -2186,6 +2221,16 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert "NaN/inf values (black images)" in capsys.readouterr().err
     assert not list((tmp_path / "run").rglob("*.png"))
     assert len(losses(tmp_path / "run")) == 1
+
+
+def test_training_previews_without_cfg_say_once_that_sample_neg_is_unused(tmp_path, capsys):
+    """sample.py warns that a negative prompt does nothing at cfg 1 or less (Large Turbo's preset); training
+    previews ignored sample.neg there without a word."""
+    make_dataset(tmp_path / "data")
+    for cfg, said in ((1, 1), (2, 0)):                                     # previews at steps 0 and 1: said once
+        sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": cfg, "sample.neg": "blurry",
+                                          "output_dir": str(tmp_path / f"cfg{cfg}")}))
+        assert capsys.readouterr().err.count("warning: sample.neg has no effect without CFG (the previews' cfg") == said
 
 
 def test_nan_in_the_model_weights_is_named_not_blamed_on_the_settings(tmp_path, monkeypatch):
@@ -2255,8 +2300,9 @@ def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
     assert images["preset"].tolist() == images["off"].tolist()
     assert (params["given"]["slg_scale"], params["given"]["slg_layers"]) == (2.5, [1, 2])
     assert images["given"].tolist() != images["off"].tolist()
-    with pytest.raises(sd.UserError, match="skip-layer guidance works only with CFG.*raise --cfg"):
-        sample.main([*base, *runs["given"], "--cfg", "1", "--out", str(tmp_path / "nocfg")])
+    for name in ("given", "preset"):      # --slg --cfg 1 too, though none of Medium's 7,8,9 is in the tiny model
+        with pytest.raises(sd.UserError, match="skip-layer guidance works only with CFG.*raise --cfg"):
+            sample.main([*base, *runs[name], "--cfg", "1", "--out", str(tmp_path / "nocfg")])
     with pytest.raises(sd.UserError, match=r"layers \[7, 8, 9\] are not in this 3-block"):   # typed: no preset
         sample.main([*base, "--slg-scale", "2.5", "--slg-layers", "7,8,9", "--out", str(tmp_path / "typed")])
     partial = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=8)   # what runs is recorded
@@ -2351,10 +2397,12 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
 
-def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys):
+def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys,
+                                                                                                monkeypatch):
     """Several --lora of different recorded T5 lengths sampled at the first one's length without a word (the
     second LoRA's own prompts got another context length than in its training); one LoRA trained without T5
-    turned T5 off, or not, by its place among the --lora flags."""
+    turned T5 off, or not, by its place among the --lora flags. The T5 settings come from the header alone: each
+    LoRA's tensors are read once, by load_lora."""
     model = sd.tiny_pipeline().mmdit
     sd.add_lora(model, rank=2)
     loras = {}
@@ -2368,6 +2416,9 @@ def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given
     chosen = sample.main([*base, "--lora", loras["a77"], "--lora", loras["b24"], "--t5-length", "24",
                           "--out", str(tmp_path / "chosen")])[0]
     assert json.loads(Image.open(chosen).text["parameters"])["t5_length"] == 24
+    opens, reads = spy_reads(monkeypatch)
+    sample.main([*base, "--lora", loras["b24"], "--out", str(tmp_path / "b24")])
+    assert opens["b24.safetensors"] == 2 and set(reads.values()) == {1}, (opens, reads)
     capsys.readouterr()
     for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
         assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
@@ -2745,7 +2796,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
                        "lacks a readable step and config")
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
-    state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params))
+    state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params), {})
     one_line_error(state, "lacks step, config or RNG state")
     # Ctrl-C in sample.py: exit 130 with one line
 
@@ -2772,12 +2823,12 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
-        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "damaged AdamW moments .*start anew in another output_dir")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
-    assert sd.load_training_state(path, fresh, opt) == 1
+    assert sd.load_training_state(path, fresh, opt, meta) == 1
     sum(p.sum() for p in fresh).backward()
     opt.step()
 
