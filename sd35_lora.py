@@ -1428,8 +1428,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.log(total, lr, grad_norm, sigma=numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item())
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
-                raise KeyboardInterrupt
+            if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
+                raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
             tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
