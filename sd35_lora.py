@@ -23,16 +23,16 @@ have. Sections (line numbers):
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1449  Part 2: plumbing                 a reader can stop here
-     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1902  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2629  Output Files                     atomic writes, loss.png
-     2697  Several Processes (torchrun)     one all-reduce per step
-     2748  Command Line and the Tiny Model  main(), --tiny
+     1450  Part 2: plumbing                 a reader can stop here
+     1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1903  Hub Downloads                    snapshot downloads, tokenizers
+     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2177  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2279  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2542  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2630  Output Files                     atomic writes, loss.png
+     2698  Several Processes (torchrun)     one all-reduce per step
+     2749  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1411,7 +1411,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             lr = get_lr(tr.step, tc)
             tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
             numbers = tr.forward_backward(bool(stop))
-            total, stopping = numbers[0].item(), numbers[2].item() > 0
+            # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
+            total, stopping = numbers[0].item(), numbers[2].item() > 0 or (tr.world == 1 and bool(stop))
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
