@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1213  Training                         Trainer and the training loop
-     1458  Part 2: plumbing                 a reader can stop here
-     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1922  Hub Downloads                    snapshot downloads, tokenizers
-     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2298  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2561  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2651  Output Files                     atomic writes, the output_dir lock, loss.png
-     2741  Several Processes (torchrun)     one all-reduce per step
-     2792  Command Line and the Tiny Model  main(), --tiny
+     1459  Part 2: plumbing                 a reader can stop here
+     1466  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1923  Hub Downloads                    snapshot downloads, tokenizers
+     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2299  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2562  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2652  Output Files                     atomic writes, the output_dir lock, loss.png
+     2742  Several Processes (torchrun)     one all-reduce per step
+     2793  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1423,7 +1423,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             lr = get_lr(tr.step, tc)
             tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
             numbers = tr.forward_backward(bool(stop))
-            total, stopping = numbers[0].item(), numbers[2].item() > 0
+            # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
+            total, stopping = numbers[0].item(), numbers[2].item() > 0 or (tr.world == 1 and bool(stop))
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -1435,8 +1436,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.log(total, lr, grad_norm, sigma=numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item())
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            if stopping:                                # Ctrl-C or SIGTERM in any process: all stop here
-                raise KeyboardInterrupt
+            if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
+                raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
             tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()

@@ -1384,6 +1384,40 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
 
 
+def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
+    """Ctrl-C between steps stops after the next one: when that is the last step, the run has ended. It said
+    "interrupted ... Continue with --resume" and skipped the final previews and loss.png, which --resume
+    ("nothing to train") never made either."""
+    make_dataset(tmp_path / "data")
+    real_log = sd.Trainer.log
+
+    def interrupt_after_step_2(self, *args, **kwargs):
+        real_log(self, *args, **kwargs)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(sd.Trainer, "log", interrupt_after_step_2)
+    lora = sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 0}))
+    assert lora.is_file() and (tmp_path / "run/loss.png").is_file()
+    assert (tmp_path / "run/samples_step_000003/step_000003_sample_01.png").is_file()
+
+
+def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
+    """README: Ctrl-C or SIGTERM ends the run after the current step. One process trained one more step first
+    (seconds to minutes on a large model, while a scheduler's grace period before SIGKILL runs out)."""
+    make_dataset(tmp_path / "data")
+    real_loss = sd.flow_matching_loss
+
+    def interrupt_in_step_2(*args):
+        if (tmp_path / "run/log.jsonl").is_file() and len(losses(tmp_path / "run")) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", interrupt_in_step_2)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 10, "sample.sample_every": 0}))
+    assert exit_info.value.code == 130 and len(losses(tmp_path / "run")) == 2
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback."""
