@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1902  Hub Downloads                    snapshot downloads, tokenizers
      1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2176  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2278  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2541  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2629  Output Files                     atomic writes, loss.png
-     2697  Several Processes (torchrun)     one all-reduce per step
-     2748  Command Line and the Tiny Model  main(), --tiny
+     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2281  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2544  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2632  Output Files                     atomic writes, loss.png
+     2700  Several Processes (torchrun)     one all-reduce per step
+     2751  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2035,11 +2035,14 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not suffix or module not in spellings:
             ignored.append(key)
             continue
+        if tensor.is_complex():                             # .float() would drop the imaginary part
+            raise UserError(f"{path}: tensor '{key}' is complex, no LoRA weight: use another file")
+        tensor = tensor.float()                             # first: fp8 (e4m3) has no isfinite
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
             _two_adapters(path, spellings[module][0], key)
-        groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
+        groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")

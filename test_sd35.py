@@ -936,6 +936,19 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     assert "text-encoder" not in capsys.readouterr().err
 
 
+def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
+    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors", format="kohya")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn).float() for k, v in tensors.items()}, tmp_path / "ref.safetensors")
+    ours, ref = tiny_mmdit(), tiny_mmdit()
+    assert sd.load_lora(ours, tmp_path / "fp8.safetensors") == sd.load_lora(ref, tmp_path / "ref.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
+
+
 def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
     """sd-scripts' emb_dims train the x_embedder's 2x2 conv: down (r, 16, 2, 2), up (hidden, r, 1, 1)."""
     g = torch.Generator().manual_seed(0)
