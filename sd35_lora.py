@@ -1600,7 +1600,7 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
         return {k: v for shard in shards
@@ -1619,7 +1619,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, RecursionError) as e:     # (json recurses per nesting level)
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
@@ -1787,7 +1787,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
-        except (OSError, ValueError) as e:                  # a config.json missing, cut short, of no model
+        except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
                             f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
@@ -2005,7 +2005,7 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
     try:
         headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
                         for h in ("sd35_lora", "lora_adapter_metadata"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
     for header in headers:
         for key, (types, lo, hi) in LORA_METADATA.items():
@@ -2431,7 +2431,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if path:
         try:
             _fill(config, read_yaml(path) or {})
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -2510,7 +2510,7 @@ def prepare_resume(path: Path, cfg: Config) -> list[str]:
         changes = json.loads(meta.get("changes", "[]"))
         if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
             raise ValueError
-    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
     kept = before == cfg.train.batch_size * cfg.train.grad_accum * world

@@ -2679,6 +2679,33 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
+    """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors, meta = sd.read_safetensors(tmp_path / "lora.safetensors", with_metadata=True)
+    save_file(tensors, tmp_path / "deep.safetensors", {**meta, "sd35_lora": deep})
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "deep.safetensors"), "metadata is no JSON")
+    config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))
+    save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config, "changes": deep})
+    one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)), "lacks a readable")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(deep)
+    one_line_error(lambda: sd.load_mmdit(folder), "cannot read .*config.json as a JSON")
+    (folder / "config.json").unlink()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(deep)
+    one_line_error(lambda: sd.load_mmdit(folder), "cannot read .*index.json as a shard")
+    encoders = tmp_path / "encoders"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        (encoders / part).mkdir(parents=True)
+        save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
+        (encoders / part / "config.json").write_text('{"model_type": "t5", "x": %s}' % deep)
+    one_line_error(lambda: sd.load_text_encoders(encoders), "config.json is missing or damaged")
+    (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
+
+
 def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
     with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
