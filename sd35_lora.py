@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2281  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2544  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2632  Output Files                     atomic writes, loss.png
-     2700  Several Processes (torchrun)     one all-reduce per step
-     2751  Command Line and the Tiny Model  main(), --tiny
+     2548  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2636  Output Files                     atomic writes, loss.png
+     2704  Several Processes (torchrun)     one all-reduce per step
+     2755  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2465,9 +2465,12 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     tensors, meta = read_safetensors(path, with_metadata=True)
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]        # the config: checked by prepare_resume
+        saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:   # else bare errors later
+            raise ValueError
     except (KeyError, ValueError, TypeError):
-        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
-    saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
+                        f"anew in another output_dir") from None
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
@@ -2478,7 +2481,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
-    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
+    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
+                                                 or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):
         raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "

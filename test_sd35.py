@@ -2717,11 +2717,18 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     sd.save_training_state(path, params, opt, 1, sd.Config(), [])
     tensors, meta = sd.read_safetensors(path, with_metadata=True)
     moments = {k: None for k in tensors if k.startswith("opt.")}
-    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
+    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
+                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
                        "damaged AdamW moments .*start anew in another output_dir")
+    for edit in ({"rng.cpu": tensors["rng.cpu"].float()}, {"rng.cpu": tensors["rng.cpu"][:10]},
+                 {"param.0": None, "param.5": tensors["param.0"]}):     # were a bare TypeError, RuntimeError, KeyError
+        save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
+        fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh)),
+                       "lacks step, config or RNG state.*start anew in another output_dir")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
