@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1211  Training                         Trainer and the training loop
      1449  Part 2: plumbing                 a reader can stop here
      1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1902  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2281  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2548  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2636  Output Files                     atomic writes, loss.png
-     2704  Several Processes (torchrun)     one all-reduce per step
-     2755  Command Line and the Tiny Model  main(), --tiny
+     1903  Hub Downloads                    snapshot downloads, tokenizers
+     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2282  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2549  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2637  Output Files                     atomic writes, loss.png
+     2705  Several Processes (torchrun)     one all-reduce per step
+     2756  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1706,6 +1706,7 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
         raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
                         f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
+    _fp8_checkpoint(sd, False, dtype)                 # fp8 files: upcast (no fp8 convolutions), ints refused
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)

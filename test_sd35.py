@@ -397,6 +397,20 @@ def test_vae_matches_diffusers(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_an_fp8_vae_file_is_upcast_on_load_not_left_to_fail_at_decode(tmp_path):
+    """e4m3 VAE weights stayed e4m3: load_vae passed, then the first encode or decode was a bare
+    NotImplementedError (no fp8 convolution). Now upcast as the text encoders' fp8 files are."""
+    torch.manual_seed(0)
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, groups=32)).state_dict()
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in vae.items()}, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn).float() for k, v in vae.items()}, tmp_path / "ref.safetensors")
+    latents = torch.randn(1, 16, 4, 4)
+    assert torch.equal(sd.load_vae(tmp_path / "fp8.safetensors").decode(latents),
+                       sd.load_vae(tmp_path / "ref.safetensors").decode(latents))
+    save_file({k: v.to(torch.complex64) for k, v in vae.items()}, tmp_path / "complex.safetensors")
+    one_line_error(lambda: sd.load_vae(tmp_path / "complex.safetensors"), "unsupported: use a bf16/fp16/fp8 file")
+
+
 def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path):
     """FLUX.1's VAE has SD3's key names and shapes (a single ae.safetensors cannot be told apart), so its
     diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images."""
