@@ -22,17 +22,17 @@ have. Sections (line numbers):
       808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1211  Training                         Trainer and the training loop
-     1449  Part 2: plumbing                 a reader can stop here
-     1456  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1903  Hub Downloads                    snapshot downloads, tokenizers
-     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2282  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2549  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2637  Output Files                     atomic writes, loss.png
-     2705  Several Processes (torchrun)     one all-reduce per step
-     2756  Command Line and the Tiny Model  main(), --tiny
+     1212  Training                         Trainer and the training loop
+     1450  Part 2: plumbing                 a reader can stop here
+     1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1904  Hub Downloads                    snapshot downloads, tokenizers
+     1961  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2181  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2283  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2550  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2638  Output Files                     atomic writes, loss.png
+     2706  Several Processes (torchrun)     one all-reduce per step
+     2757  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1060,7 +1060,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     files, left_out = files_under(root)
     # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("._"))
-    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
+    # not the run's own samples; realpath, not Path.resolve: that raises on a link that loops (a broken image)
+    paths = [p for p in found if not any(map(Path(os.path.realpath(p)).is_relative_to, own))]
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]

@@ -1938,6 +1938,15 @@ def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     assert "unreadable" not in capsys.readouterr().err
 
 
+def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
+    """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "loop.png").symlink_to(tmp_path / "data" / "loop.png")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))
+    assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
+    assert "skipped 1 unreadable images: loop.png" in capsys.readouterr().err
+
+
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data)
