@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1450  Part 2: plumbing                 a reader can stop here
      1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1904  Hub Downloads                    snapshot downloads, tokenizers
-     1961  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2181  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2283  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2550  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2638  Output Files                     atomic writes, loss.png
-     2706  Several Processes (torchrun)     one all-reduce per step
-     2757  Command Line and the Tiny Model  main(), --tiny
+     1907  Hub Downloads                    snapshot downloads, tokenizers
+     1964  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2184  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2286  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2553  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2641  Output Files                     atomic writes, loss.png
+     2709  Several Processes (torchrun)     one all-reduce per step
+     2760  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1575,6 +1575,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         example = f" in it, e.g. {inside[0]}" if inside else ""
         raise UserError(f"{path} is a folder: give a .safetensors file{example}")
+    if path.is_symlink() and not path.exists():         # e.g. a hub cache's snapshot copied without its blobs
+        raise UserError(f"{path} is a link to a missing file ({os.readlink(path)}): copy the files "
+                        f"themselves (cp -L), or download again")
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
@@ -1595,7 +1598,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
 
 def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
     """Weights of a diffusers component: `stem.safetensors` or the shards in `stem.safetensors.index.json`."""
-    if (folder / f"{stem}.safetensors").is_file():
+    if os.path.lexists(folder / f"{stem}.safetensors"):     # a folder or a broken link: read_safetensors says
         return read_safetensors(folder / f"{stem}.safetensors", convert=convert)
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -1797,7 +1800,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
                                                          p.name.lower())), source) for r in roles}
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
-                            if p.is_file() else {} for r, p in picked.items()}, {}
+                            if p != source or p.is_file() else {} for r, p in picked.items()}, {}
     for role, sd in weights.items():
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"

@@ -3200,6 +3200,19 @@ def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
     one_line_error(lambda: sd.read_safetensors(tmp_path / "missing.safetensors"), "file not found")
 
 
+def test_weights_that_are_broken_links_are_named_as_such_not_as_missing(tmp_path):
+    """A Hugging Face cache snapshot copied without its blobs/ holds links to nothing: load_mmdit said 'no
+    diffusion_pytorch_model.safetensors in transformer (has ['diffusion_pytorch_model.safetensors'])', and the
+    text encoders 'clip_l.safetensors has no clip_l'."""
+    for folder in ("transformer", "encoders"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to("../../blobs/0a1b")
+    one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "diffusion_pytorch_model.safetensors is a "
+                   "link to a missing file .*blobs/0a1b.*cp -L")
+    (tmp_path / "encoders" / "clip_l.safetensors").symlink_to("../../blobs/2c3d")
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "encoders"), "clip_l.safetensors is a link to a missing")
+
+
 def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download(tmp_path):
     """Renaming model.ckpt to .safetensors converts nothing; a failed download may save a login page: neither
     is fixed by downloading the same thing again. Pickles are refused by their name in any case, never read."""
