@@ -2254,7 +2254,7 @@ def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """An FP8_WEIGHTS matrix (official or diffusers name) quantized as it is read; row scales to `scales`."""
     module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
-    if is_matrix and re.match(FP8_WEIGHTS, module):
+    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, module):   # ints: refused later
         tensor, scales[module] = quantize_fp8(tensor)
     return tensor
 

@@ -2507,6 +2507,17 @@ def test_fp8_user_errors(monkeypatch):
         sd.load_pipeline("tiny", device="cpu", fp8=True)
 
 
+def test_integer_weights_are_refused_with_fp8_too(tmp_path):
+    """With fp8 on, an int16/int32 (or complex) matrix was quantized as it was read, as if it were float: the
+    refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
+    weights = tiny_mmdit().state_dict()
+    for dtype in (torch.int32, torch.complex64):
+        qkv = "joint_blocks.0.x_block.attn.qkv.weight"
+        save_file({**weights, qkv: weights[qkv].to(dtype)}, tmp_path / "int.safetensors")
+        for fp8 in (False, True):
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), "weights .* are unsupported")
+
+
 def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
     """Measured on the tiny pipeline (fp32 compute): the MMDiT output's relative error is 0.03 % for fp8 weights,
     0.2 % with a strong LoRA merged into them (dequantize, add, requantize), 0.1 % with it unmerged."""
