@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1450  Part 2: plumbing                 a reader can stop here
      1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1907  Hub Downloads                    snapshot downloads, tokenizers
-     1964  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2184  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2286  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2553  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2641  Output Files                     atomic writes, loss.png
-     2709  Several Processes (torchrun)     one all-reduce per step
-     2760  Command Line and the Tiny Model  main(), --tiny
+     1908  Hub Downloads                    snapshot downloads, tokenizers
+     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2185  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2287  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2554  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2642  Output Files                     atomic writes, loss.png
+     2710  Several Processes (torchrun)     one all-reduce per step
+     2761  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1686,8 +1686,9 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
         cfg = MMDiTConfig.from_state_dict(sd)
         if config:                # shapes show the head count only through qk_norm; config.json names it
             cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
-        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
-        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
+        sizes = [v for v in dataclasses.astuple(cfg) if type(v) not in (bool, tuple)]  # but qk_norm, dual
+        if (any(type(v) is not int or v < 1 for v in sizes) or cfg.hidden % cfg.heads      # 4.0: no model
+                or cfg.depth != _block_count(sd, "joint_blocks.")):
             raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None

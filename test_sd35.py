@@ -2597,6 +2597,9 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
                   dual_attention_layers=[0])
     (folder / "config.json").write_text(json.dumps(config))
     one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
+    for heads in (4.0, "4", None):                          # 4.0 built no model: a bare TypeError in LayerNorm
+        (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3, "num_attention_heads": heads}))
+        one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
     (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
     assert sd.load_mmdit(folder).cfg.depth == 3
     vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)).state_dict()
