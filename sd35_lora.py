@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2185  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2287  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2554  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2642  Output Files                     atomic writes, loss.png
-     2710  Several Processes (torchrun)     one all-reduce per step
-     2761  Command Line and the Tiny Model  main(), --tiny
+     2557  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2645  Output Files                     atomic writes, loss.png
+     2713  Several Processes (torchrun)     one all-reduce per step
+     2764  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2378,6 +2378,9 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
+        raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
+                        f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
     if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
         raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
                         f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")

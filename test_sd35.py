@@ -1540,6 +1540,14 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
+def test_huge_loss_bins_or_dist_timeout_are_refused_before_any_model_loads():
+    """train.loss_bins 1e14 was a bare RuntimeError (allocating 800 TB) after loading and caching; a
+    train.dist_timeout past timedelta's range a bare OverflowError when torchrun's processes joined."""
+    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]), "'train.loss_bins' .* at most")
+    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]), "'train.dist_timeout' at most")
+    assert sd.load_config(None, ["train.loss_bins=20", "train.dist_timeout=86400"]).train.loss_bins == 20
+
+
 def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
     """YAML keeps the last of two equal keys: a second `train:` section added at the end of config.yaml silently
     dropped every setting of the first (train.steps 3000 became the default 1000)."""
