@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1450  Part 2: plumbing                 a reader can stop here
      1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1908  Hub Downloads                    snapshot downloads, tokenizers
-     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2185  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2287  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2557  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2645  Output Files                     atomic writes, loss.png
-     2713  Several Processes (torchrun)     one all-reduce per step
-     2764  Command Line and the Tiny Model  main(), --tiny
+     1911  Hub Downloads                    snapshot downloads, tokenizers
+     1968  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2290  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2560  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2648  Output Files                     atomic writes, loss.png
+     2716  Several Processes (torchrun)     one all-reduce per step
+     2767  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1765,6 +1765,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
+    if config.max_position_embeddings < tok.model_max_length:          # else a bare error at the first prompt
+        raise ValueError(f"{config.max_position_embeddings} positions, tokenizer's {tok.model_max_length}")
+
     def clip(cfg):                                                      # with the position ids no file holds
         model = transformers.CLIPTextModelWithProjection(cfg)
         positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
@@ -1810,7 +1813,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                           "a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
-    width = {r: weights[r][TEXT_ENCODERS[r][2]].shape[-1] for r in ("clip_l", "clip_g")}
+    width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
     if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
         raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
                         f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
@@ -1820,7 +1823,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     except UserError:
         raise
-    except (KeyError, ValueError, IndexError, AttributeError) as e:    # tensors missing from a damaged file
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError, ZeroDivisionError) as e:  # damaged
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)

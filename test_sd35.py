@@ -1279,6 +1279,24 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     assert r.returncode != 0 and "no tokenizer*/ in" in last and "go online once" in last, r.stderr
 
 
+def test_text_encoder_files_with_hostile_shapes_are_one_line_errors_before_any_prompt(single_files, tmp_path):
+    """A 0-dim token embedding was a bare IndexError, a T5 of 0 heads a bare ZeroDivisionError; a CLIP with
+    fewer positions than its tokenizer's 77 loaded, then the first prompt was transformers' bare ValueError."""
+    root, _ = single_files
+    l, g, t5 = (load_file(root / "clip" / f"{n}.safetensors") for n in ("clip_l", "clip_g", "t5xxl_fp16"))
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    for name, edit in [("clip_l", {"text_model.embeddings.token_embedding.weight": torch.tensor(1.0)}),
+                       ("t5xxl_fp16", {bias: torch.zeros(32, 0)}),
+                       ("clip_g", {"text_model.embeddings.position_embedding.weight": torch.zeros(5, 128)})]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for part in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (folder / part).symlink_to(root / "clip" / part)
+        for file, weights in (("clip_l", l), ("clip_g", g), ("t5xxl_fp16", t5)):
+            save_file({**weights, **edit} if file == name else weights, folder / f"{file}.safetensors")
+        one_line_error(lambda: sd.load_text_encoders(folder, context_dim=192), "bad text encoder weights")
+
+
 #################################################################################
 #                                   Training                                    #
 #################################################################################
