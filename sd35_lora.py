@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1450  Part 2: plumbing                 a reader can stop here
      1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1911  Hub Downloads                    snapshot downloads, tokenizers
-     1968  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2290  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2560  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2648  Output Files                     atomic writes, loss.png
-     2716  Several Processes (torchrun)     one all-reduce per step
-     2767  Command Line and the Tiny Model  main(), --tiny
+     1912  Hub Downloads                    snapshot downloads, tokenizers
+     1970  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2292  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2562  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2650  Output Files                     atomic writes, loss.png
+     2718  Several Processes (torchrun)     one all-reduce per step
+     2769  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1795,7 +1795,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
-            configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
+            configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
+                       for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
         except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
                             f"({str(e).splitlines()[0][:150]}): download it again") from None
@@ -1921,7 +1922,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         try:
-            return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+            return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
+                    for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
             reason = str(e).splitlines()[0][:120]
             raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "

@@ -2769,6 +2769,21 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
 
 
+def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
+    """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
+    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it."""
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run a download's code"))
+    folder = tmp_path / "model"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "evil.py").write_text("raise SystemExit('custom code ran')\n")
+        save_file({"x": torch.zeros(1)}, folder / part / "model.safetensors")
+        (folder / part / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}))
+        (folder / part / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
+    one_line_error(lambda: sd.load_text_encoders(folder), "contains custom code")
+    one_line_error(lambda: sd._tokenizers(folder, True), "contains custom code")
+
+
 def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
     with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
