@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1450  Part 2: plumbing                 a reader can stop here
      1457  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1912  Hub Downloads                    snapshot downloads, tokenizers
-     1970  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2292  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2562  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2650  Output Files                     atomic writes, loss.png
-     2718  Several Processes (torchrun)     one all-reduce per step
-     2769  Command Line and the Tiny Model  main(), --tiny
+     1913  Hub Downloads                    snapshot downloads, tokenizers
+     1971  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2191  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2293  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2563  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2651  Output Files                     atomic writes, loss.png
+     2719  Several Processes (torchrun)     one all-reduce per step
+     2770  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1716,7 +1716,8 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
         c = cfg = VAEConfig.from_state_dict(sd, **overrides)
-        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
+        sizes = (c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult)   # groups 32.0: no model
+        if any(type(v) is not int or v < 1 for v in sizes) or c.ch % c.groups:
             raise ValueError(f"sizes of no SD3 VAE: {c}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None

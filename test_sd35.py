@@ -427,6 +427,17 @@ def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tm
         1.5305, 0.0609)
 
 
+def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
+    """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
+    bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
+    pytest.importorskip("diffusers")
+    vae = make_components()["vae"]
+    for groups in (32.0, True):
+        vae.register_to_config(norm_num_groups=groups)
+        vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+        one_line_error(lambda: sd.load_vae(tmp_path / "vae"), "sizes of no SD3 VAE")
+
+
 def test_latent_scale_and_shift_round_trip():
     vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, groups=4))
     mean = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
