@@ -22,17 +22,17 @@ have. Sections (line numbers):
       809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1213  Training                         Trainer and the training loop
-     1459  Part 2: plumbing                 a reader can stop here
-     1466  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1923  Hub Downloads                    snapshot downloads, tokenizers
-     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2299  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2562  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2652  Output Files                     atomic writes, the output_dir lock, loss.png
-     2742  Several Processes (torchrun)     one all-reduce per step
-     2793  Command Line and the Tiny Model  main(), --tiny
+     1214  Training                         Trainer and the training loop
+     1460  Part 2: plumbing                 a reader can stop here
+     1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1934  Hub Downloads                    snapshot downloads, tokenizers
+     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2584  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2674  Output Files                     atomic writes, the output_dir lock, loss.png
+     2764  Several Processes (torchrun)     one all-reduce per step
+     2815  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1062,7 +1062,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     files, left_out = files_under(root)
     # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("._"))
-    paths = [p for p in found if not any(map(p.resolve().is_relative_to, own))]   # not the run's own samples
+    # not the run's own samples; realpath, not Path.resolve: that raises on a link that loops (a broken image)
+    paths = [p for p in found if not any(map(Path(os.path.realpath(p)).is_relative_to, own))]
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
@@ -1584,6 +1585,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         example = f" in it, e.g. {inside[0]}" if inside else ""
         raise UserError(f"{path} is a folder: give a .safetensors file{example}")
+    if path.is_symlink() and not path.exists():         # e.g. a hub cache's snapshot copied without its blobs
+        raise UserError(f"{path} is a link to a missing file ({os.readlink(path)}): copy the files "
+                        f"themselves (cp -L), or download again")
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
@@ -1610,13 +1614,13 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
     """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards."""
-    if (folder / f"{stem}.safetensors").is_file():
+    if os.path.lexists(folder / f"{stem}.safetensors"):     # a folder or a broken link: read_safetensors says
         return [folder / f"{stem}.safetensors"]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
         return [index, *(folder / shard for shard in shards)]
@@ -1635,7 +1639,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, RecursionError) as e:     # (json recurses per nesting level)
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
         raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
@@ -1704,8 +1708,9 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
         cfg = MMDiTConfig.from_state_dict(sd)
         if config:                # shapes show the head count only through qk_norm; config.json names it
             cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
-        sizes = [v for v in dataclasses.astuple(cfg) if type(v) is int]     # all but qk_norm and dual layers
-        if min(sizes) < 1 or cfg.hidden % cfg.heads or cfg.depth != _block_count(sd, "joint_blocks."):
+        sizes = [v for v in dataclasses.astuple(cfg) if type(v) not in (bool, tuple)]  # but qk_norm, dual
+        if (any(type(v) is not int or v < 1 for v in sizes) or cfg.hidden % cfg.heads      # 4.0: no model
+                or cfg.depth != _block_count(sd, "joint_blocks.")):
             raise ValueError(f"sizes of no SD3 MMDiT: {cfg}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 MMDiT weights ({type(e).__name__}: {e}); download again") from None
@@ -1722,11 +1727,13 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     if "decoder.conv_in.weight" not in sd:
         raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
                         f"(config: vae)")
+    _fp8_checkpoint(sd, False, dtype)                 # fp8 files: upcast (no fp8 convolutions), ints refused
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
         c = cfg = VAEConfig.from_state_dict(sd, **overrides)
-        if min(c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult) < 1 or c.ch % c.groups:
+        sizes = (c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult)   # groups 32.0: no model
+        if any(type(v) is not int or v < 1 for v in sizes) or c.ch % c.groups:
             raise ValueError(f"sizes of no SD3 VAE: {c}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
@@ -1775,6 +1782,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
+    if config.max_position_embeddings < tok.model_max_length:          # else a bare error at the first prompt
+        raise ValueError(f"{config.max_position_embeddings} positions, tokenizer's {tok.model_max_length}")
+
     def clip(cfg):                                                      # with the position ids no file holds
         model = transformers.CLIPTextModelWithProjection(cfg)
         positions = torch.arange(cfg.max_position_embeddings, device="cpu")[None]
@@ -1804,8 +1814,9 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                 for file in (*weight_files(p, "model"), p / "config.json")]
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
-            configs = {r: transformers.AutoConfig.from_pretrained(p) for r, p in picked.items() if p.is_dir()}
-        except (OSError, ValueError) as e:                  # a config.json missing, cut short, of no model
+            configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
+                       for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
+        except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
                             f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
@@ -1814,7 +1825,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                                                          p.name.lower())), source) for r in roles}
         read = list(picked.values())
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
-                            if p.is_file() else {} for r, p in picked.items()}, {}
+                            if p != source or p.is_file() else {} for r, p in picked.items()}, {}
     for role, sd in weights.items():
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
@@ -1823,7 +1834,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                           "a diffusers SD3.5 folder")
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
-    width = {r: weights[r][TEXT_ENCODERS[r][2]].shape[-1] for r in ("clip_l", "clip_g")}
+    width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
     if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
         raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
                         f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
@@ -1833,7 +1844,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     except UserError:
         raise
-    except (KeyError, ValueError, IndexError, AttributeError) as e:    # tensors missing from a damaged file
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError, ZeroDivisionError) as e:  # damaged
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
@@ -1933,7 +1944,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         try:
-            return [AutoTokenizer.from_pretrained(folder / n) for n in names] + [None] * (not use_t5)
+            return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
+                    for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
             reason = str(e).splitlines()[0][:120]
             raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
@@ -2026,7 +2038,7 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
     try:
         headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
                         for h in ("sd35_lora", "lora_adapter_metadata"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
     for header in headers:
         for key, (types, lo, hi) in LORA_METADATA.items():
@@ -2056,11 +2068,14 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not suffix or module not in spellings:
             ignored.append(key)
             continue
+        if tensor.is_complex():                             # .float() would drop the imaginary part
+            raise UserError(f"{path}: tensor '{key}' is complex, no LoRA weight: use another file")
+        tensor = tensor.float()                             # first: fp8 (e4m3) has no isfinite
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
             _two_adapters(path, spellings[module][0], key)
-        groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor.float()
+        groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
@@ -2267,7 +2282,7 @@ def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """An FP8_WEIGHTS matrix (official or diffusers name) quantized as it is read; row scales to `scales`."""
     module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
-    if is_matrix and re.match(FP8_WEIGHTS, module):
+    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, module):   # ints: refused later
         tensor, scales[module] = quantize_fp8(tensor)
     return tensor
 
@@ -2390,6 +2405,9 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
+        raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
+                        f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
     if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
         raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
                         f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
@@ -2449,7 +2467,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if path:
         try:
             _fill(config, read_yaml(path) or {})
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -2483,9 +2501,12 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
+        saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:   # else bare errors later
+            raise ValueError
     except (KeyError, ValueError, TypeError):
-        raise UserError(f"{path} lacks step, config or RNG state: start anew in another output_dir") from None
-    saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
+                        f"anew in another output_dir") from None
     if saved != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
@@ -2496,7 +2517,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
-    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments}
+    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
+                                                 or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):
         raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
@@ -2528,7 +2550,7 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
         changes = json.loads(meta.get("changes", "[]"))
         if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
             raise ValueError
-    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
     kept = before == cfg.train.batch_size * cfg.train.grad_accum * world

@@ -397,6 +397,20 @@ def test_vae_matches_diffusers(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_an_fp8_vae_file_is_upcast_on_load_not_left_to_fail_at_decode(tmp_path):
+    """e4m3 VAE weights stayed e4m3: load_vae passed, then the first encode or decode was a bare
+    NotImplementedError (no fp8 convolution). Now upcast as the text encoders' fp8 files are."""
+    torch.manual_seed(0)
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, groups=32)).state_dict()
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in vae.items()}, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn).float() for k, v in vae.items()}, tmp_path / "ref.safetensors")
+    latents = torch.randn(1, 16, 4, 4)
+    assert torch.equal(sd.load_vae(tmp_path / "fp8.safetensors").decode(latents),
+                       sd.load_vae(tmp_path / "ref.safetensors").decode(latents))
+    save_file({k: v.to(torch.complex64) for k, v in vae.items()}, tmp_path / "complex.safetensors")
+    one_line_error(lambda: sd.load_vae(tmp_path / "complex.safetensors"), "unsupported: use a bf16/fp16/fp8 file")
+
+
 def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path, diffusers_folder, monkeypatch):
     """FLUX.1's VAE has SD3's key names and shapes (a single ae.safetensors cannot be told apart), so its
     diffusers folder loaded silently and decoded with FLUX's scale 0.3611 and shift 0.1159: wrong images.
@@ -415,6 +429,17 @@ def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tm
     flux.save_pretrained(tmp_path / "sd3", safe_serialization=True)
     assert (sd.load_vae(tmp_path / "sd3").cfg.scaling_factor, sd.load_vae(tmp_path / "sd3").cfg.shift_factor) == (
         1.5305, 0.0609)
+
+
+def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
+    """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
+    bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
+    pytest.importorskip("diffusers")
+    vae = make_components()["vae"]
+    for groups in (32.0, True):
+        vae.register_to_config(norm_num_groups=groups)
+        vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+        one_line_error(lambda: sd.load_vae(tmp_path / "vae"), "sizes of no SD3 VAE")
 
 
 def test_latent_scale_and_shift_round_trip():
@@ -940,6 +965,19 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     assert "text-encoder" not in capsys.readouterr().err
 
 
+def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
+    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors", format="kohya")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn).float() for k, v in tensors.items()}, tmp_path / "ref.safetensors")
+    ours, ref = tiny_mmdit(), tiny_mmdit()
+    assert sd.load_lora(ours, tmp_path / "fp8.safetensors") == sd.load_lora(ref, tmp_path / "ref.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
+
+
 def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
     """sd-scripts' emb_dims train the x_embedder's 2x2 conv: down (r, 16, 2, 2), up (hidden, r, 1, 1)."""
     g = torch.Generator().manual_seed(0)
@@ -1256,6 +1294,24 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     assert r.returncode != 0 and "no tokenizer*/ in" in last and "go online once" in last, r.stderr
 
 
+def test_text_encoder_files_with_hostile_shapes_are_one_line_errors_before_any_prompt(single_files, tmp_path):
+    """A 0-dim token embedding was a bare IndexError, a T5 of 0 heads a bare ZeroDivisionError; a CLIP with
+    fewer positions than its tokenizer's 77 loaded, then the first prompt was transformers' bare ValueError."""
+    root, _ = single_files
+    l, g, t5 = (load_file(root / "clip" / f"{n}.safetensors") for n in ("clip_l", "clip_g", "t5xxl_fp16"))
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    for name, edit in [("clip_l", {"text_model.embeddings.token_embedding.weight": torch.tensor(1.0)}),
+                       ("t5xxl_fp16", {bias: torch.zeros(32, 0)}),
+                       ("clip_g", {"text_model.embeddings.position_embedding.weight": torch.zeros(5, 128)})]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for part in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            (folder / part).symlink_to(root / "clip" / part)
+        for file, weights in (("clip_l", l), ("clip_g", g), ("t5xxl_fp16", t5)):
+            save_file({**weights, **edit} if file == name else weights, folder / f"{file}.safetensors")
+        one_line_error(lambda: sd.load_text_encoders(folder, context_dim=192), "bad text encoder weights")
+
+
 #################################################################################
 #                                   Training                                    #
 #################################################################################
@@ -1549,6 +1605,14 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     loading and caching; 0 is a valid (fixed-sigma) choice."""
     one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be a number >= 0")
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
+
+
+def test_huge_loss_bins_or_dist_timeout_are_refused_before_any_model_loads():
+    """train.loss_bins 1e14 was a bare RuntimeError (allocating 800 TB) after loading and caching; a
+    train.dist_timeout past timedelta's range a bare OverflowError when torchrun's processes joined."""
+    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]), "'train.loss_bins' .* at most")
+    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]), "'train.dist_timeout' at most")
+    assert sd.load_config(None, ["train.loss_bins=20", "train.dist_timeout=86400"]).train.loss_bins == 20
 
 
 def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
@@ -2039,6 +2103,15 @@ def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64, cache_dir=str(tmp_path)))
     assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
     assert "unreadable" not in capsys.readouterr().err
+
+
+def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
+    """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "loop.png").symlink_to(tmp_path / "data" / "loop.png")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))
+    assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
+    assert "skipped 1 unreadable images: loop.png" in capsys.readouterr().err
 
 
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
@@ -2648,6 +2721,17 @@ def test_fp8_user_errors(monkeypatch):
         sd.load_pipeline("tiny", device="cpu", fp8=True)
 
 
+def test_integer_weights_are_refused_with_fp8_too(tmp_path):
+    """With fp8 on, an int16/int32 (or complex) matrix was quantized as it was read, as if it were float: the
+    refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
+    weights = tiny_mmdit().state_dict()
+    for dtype in (torch.int32, torch.complex64):
+        qkv = "joint_blocks.0.x_block.attn.qkv.weight"
+        save_file({**weights, qkv: weights[qkv].to(dtype)}, tmp_path / "int.safetensors")
+        for fp8 in (False, True):
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), "weights .* are unsupported")
+
+
 def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
     """Measured on the tiny pipeline (fp32 compute): the MMDiT output's relative error is 0.03 % for fp8 weights,
     0.2 % with a strong LoRA merged into them (dequantize, add, requantize), 0.1 % with it unmerged."""
@@ -2727,6 +2811,9 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
                   dual_attention_layers=[0])
     (folder / "config.json").write_text(json.dumps(config))
     one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
+    for heads in (4.0, "4", None):                          # 4.0 built no model: a bare TypeError in LayerNorm
+        (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3, "num_attention_heads": heads}))
+        one_line_error(lambda: sd.load_mmdit(folder), "sizes of no SD3 MMDiT")
     (folder / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
     assert sd.load_mmdit(folder).cfg.depth == 3
     vae = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)).state_dict()
@@ -2843,6 +2930,48 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
+    """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors, meta = sd.read_safetensors(tmp_path / "lora.safetensors", with_metadata=True)
+    save_file(tensors, tmp_path / "deep.safetensors", {**meta, "sd35_lora": deep})
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "deep.safetensors"), "metadata is no JSON")
+    config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))
+    save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config, "changes": deep})
+    one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)), "lacks a readable")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(deep)
+    one_line_error(lambda: sd.load_mmdit(folder), "cannot read .*config.json as a JSON")
+    (folder / "config.json").unlink()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(deep)
+    one_line_error(lambda: sd.load_mmdit(folder), "cannot read .*index.json as a shard")
+    encoders = tmp_path / "encoders"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        (encoders / part).mkdir(parents=True)
+        save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
+        (encoders / part / "config.json").write_text('{"model_type": "t5", "x": %s}' % deep)
+    one_line_error(lambda: sd.load_text_encoders(encoders), "config.json is missing or damaged")
+    (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
+
+
+def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
+    """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
+    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it."""
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run a download's code"))
+    folder = tmp_path / "model"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "evil.py").write_text("raise SystemExit('custom code ran')\n")
+        save_file({"x": torch.zeros(1)}, folder / part / "model.safetensors")
+        (folder / part / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}))
+        (folder / part / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
+    one_line_error(lambda: sd.load_text_encoders(folder), "contains custom code")
+    one_line_error(lambda: sd._tokenizers(folder, True), "contains custom code")
+
+
 def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
     with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
@@ -2854,11 +2983,18 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     sd.save_training_state(path, params, opt, 1, sd.Config(), [])
     tensors, meta = sd.read_safetensors(path, with_metadata=True)
     moments = {k: None for k in tensors if k.startswith("opt.")}
-    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments):
+    for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
+                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "damaged AdamW moments .*start anew in another output_dir")
+    for edit in ({"rng.cpu": tensors["rng.cpu"].float()}, {"rng.cpu": tensors["rng.cpu"][:10]},
+                 {"param.0": None, "param.5": tensors["param.0"]}):     # were a bare TypeError, RuntimeError, KeyError
+        save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
+        fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                       "lacks step, config or RNG state.*start anew in another output_dir")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
@@ -3305,6 +3441,19 @@ def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "lora.safetensors")
     one_line_error(lambda: sd.read_safetensors(tmp_path), "is a folder: give a .safetensors file in it, e.g. lora.")
     one_line_error(lambda: sd.read_safetensors(tmp_path / "missing.safetensors"), "file not found")
+
+
+def test_weights_that_are_broken_links_are_named_as_such_not_as_missing(tmp_path):
+    """A Hugging Face cache snapshot copied without its blobs/ holds links to nothing: load_mmdit said 'no
+    diffusion_pytorch_model.safetensors in transformer (has ['diffusion_pytorch_model.safetensors'])', and the
+    text encoders 'clip_l.safetensors has no clip_l'."""
+    for folder in ("transformer", "encoders"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to("../../blobs/0a1b")
+    one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "diffusion_pytorch_model.safetensors is a "
+                   "link to a missing file .*blobs/0a1b.*cp -L")
+    (tmp_path / "encoders" / "clip_l.safetensors").symlink_to("../../blobs/2c3d")
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "encoders"), "clip_l.safetensors is a link to a missing")
 
 
 def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download(tmp_path):
