@@ -1815,21 +1815,25 @@ def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_fi
     save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
     cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
 
-    def captions():
-        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
-        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
-        cached = load_file(data.empty)                                          # what the cache holds
-        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
-        return data.text_files
-    first = captions()
+    first = cached_captions(cfg)
     clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same name and size
     save_file(clip_l, tmp_path / "enc/clip_l.safetensors")
-    second = captions()
+    second = cached_captions(cfg)
     (tmp_path / "enc/t5xxl_fp16.safetensors").symlink_to(root / "clip/t5xxl_fp16.safetensors")
-    third = captions()
+    third = cached_captions(cfg)
     assert not set(first) & set(second) and not set(second) & set(third)
     os.utime(tmp_path / "enc/clip_l.safetensors", (1, 1))     # a copy on another machine (torchrun): the same
-    assert captions() == third
+    assert cached_captions(cfg) == third
+
+
+def cached_captions(cfg: sd.Config) -> list:
+    """The text cache files of cfg's dataset, after checking that the cached empty caption is what the text
+    encoders give now."""
+    pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    cached = load_file(data.empty)
+    torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
+    return data.text_files
 
 
 def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(single_files, tmp_path):
@@ -1843,18 +1847,12 @@ def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(sin
             (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
     cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
 
-    def captions():
-        pipe = sd.load_pipeline(cfg.model, cfg.text_encoders, device="cpu", dtype="fp32", t5_length=16)
-        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
-        cached = load_file(data.empty)                                          # what the cache holds
-        torch.testing.assert_close((cached["context"], cached["pooled"]), [e[0] for e in pipe.text.encode([""])])
-        return data.text_files
-    first = captions()
-    assert captions() == first                                                  # reused while nothing changed
+    first = cached_captions(cfg)
+    assert cached_captions(cfg) == first                                                  # reused while nothing changed
     clip_l = load_file(tmp_path / "enc/text_encoder/model.safetensors")
     clip_l["text_model.embeddings.token_embedding.weight"].mul_(2)         # a fine-tune, same path and size
     save_file(clip_l, tmp_path / "enc/text_encoder/model.safetensors")
-    second = captions()
+    second = cached_captions(cfg)
     (tmp_path / "enc/text_encoder_3/model.safetensors").unlink()              # T5 as shards, one of them tuned
     with torch.no_grad():
         t5 = pipe.text_encoder_3.__class__(pipe.text_encoder_3.config)
@@ -1862,7 +1860,7 @@ def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(sin
         t5.encoder.final_layer_norm.weight.mul_(2)
     t5.save_pretrained(tmp_path / "enc/text_encoder_3", max_shard_size="100KB")
     assert len(list((tmp_path / "enc/text_encoder_3").glob("model-*.safetensors"))) > 1
-    third = captions()
+    third = cached_captions(cfg)
     assert not set(first) & set(second) and not set(second) & set(third)
 
 
