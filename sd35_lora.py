@@ -1983,10 +1983,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
-        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
-                        f" --local-dir DIR` where there is a network, then --model DIR (config: model: DIR);"
-                        f" gated? accept the"
-                        f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
+        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
+                        f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
+                        f"gated? accept the licence at huggingface.co/{name}, then `hf auth login`") from None
 
 
 #################################################################################
