@@ -1725,8 +1725,7 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
     overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
-                        f"(config: vae)")
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}): pass --vae (config: vae)")
     _fp8_checkpoint(sd, False, dtype)                 # fp8 files: upcast (no fp8 convolutions), ints refused
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
@@ -1914,8 +1913,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (config: text_encoders; "
                         f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
-        raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or its vae/ "
-                        f"folder)")
+        raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or vae/)")
     if vae_root.is_dir():               # its config.json: e.g. FLUX.1's VAE, refused before the MMDiT loads
         _read_part(vae_root, "vae", "AutoencoderKL", "", weights=False)
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
