@@ -2480,8 +2480,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     return validate(config)
 
 
-# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
-# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
                         cfg: Config, changes: list[str], data: str = ""):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
@@ -2528,6 +2526,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
