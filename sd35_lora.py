@@ -1958,8 +1958,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors,
-# which is what read_weights_dir reads
+# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors
 FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
 
 
@@ -2449,8 +2448,7 @@ def read_yaml(path: str, text: str | None = None):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false: paths and prompts
-    # were rewritten. Scalars stay text; _coerce reads the number and true/false keys.
+    # YAML 1.1 rewrote paths, prompts: `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
