@@ -1945,9 +1945,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
-            reason = str(e).splitlines()[0][:120]
-            raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
-                            f"from a diffusers SD3.5 download") from None
+            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}): "
+                            f"copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
