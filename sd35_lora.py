@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1460  Part 2: plumbing                 a reader can stop here
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1934  Hub Downloads                    snapshot downloads, tokenizers
-     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2584  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2674  Output Files                     atomic writes, the output_dir lock, loss.png
-     2764  Several Processes (torchrun)     one all-reduce per step
-     2815  Command Line and the Tiny Model  main(), --tiny
+     1932  Hub Downloads                    snapshot downloads, tokenizers
+     1987  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2309  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2578  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2668  Output Files                     atomic writes, the output_dir lock, loss.png
+     2758  Several Processes (torchrun)     one all-reduce per step
+     2809  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
