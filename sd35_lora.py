@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1460  Part 2: plumbing                 a reader can stop here
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1934  Hub Downloads                    snapshot downloads, tokenizers
-     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2584  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2674  Output Files                     atomic writes, the output_dir lock, loss.png
-     2764  Several Processes (torchrun)     one all-reduce per step
-     2815  Command Line and the Tiny Model  main(), --tiny
+     1932  Hub Downloads                    snapshot downloads, tokenizers
+     1987  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2309  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2578  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2668  Output Files                     atomic writes, the output_dir lock, loss.png
+     2758  Several Processes (torchrun)     one all-reduce per step
+     2809  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1725,8 +1725,7 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
     overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
-        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}); pass the VAE with --vae "
-                        f"(config: vae)")
+        raise UserError(f"{path} holds no SD3 VAE ({describe_checkpoint(sd)}): pass --vae (config: vae)")
     _fp8_checkpoint(sd, False, dtype)                 # fp8 files: upcast (no fp8 convolutions), ints refused
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
@@ -1914,8 +1913,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (config: text_encoders; "
                         f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
-        raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or its vae/ "
-                        f"folder)")
+        raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or vae/)")
     if vae_root.is_dir():               # its config.json: e.g. FLUX.1's VAE, refused before the MMDiT loads
         _read_part(vae_root, "vae", "AutoencoderKL", "", weights=False)
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
@@ -1947,9 +1945,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
-            reason = str(e).splitlines()[0][:120]
-            raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
-                            f"from a diffusers SD3.5 download") from None
+            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}): "
+                            f"copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
@@ -1960,8 +1957,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors,
-# which is what read_weights_dir reads
+# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors
 FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
 
 
@@ -1983,10 +1979,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
-        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name}"
-                        f" --local-dir DIR` where there is a network, then --model DIR (config: model: DIR);"
-                        f" gated? accept the"
-                        f" licence at https://huggingface.co/{name}, then `hf auth login`") from None
+        raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
+                        f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
+                        f"gated? accept the licence at huggingface.co/{name}, then `hf auth login`") from None
 
 
 #################################################################################
@@ -2452,8 +2447,7 @@ def read_yaml(path: str, text: str | None = None):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    # YAML 1.1 read `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false: paths and prompts
-    # were rewritten. Scalars stay text; _coerce reads the number and true/false keys.
+    # YAML 1.1 rewrote paths, prompts: `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -2483,8 +2477,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     return validate(config)
 
 
-# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
-# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
                         cfg: Config, changes: list[str], data: str = ""):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
@@ -2531,6 +2523,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+# --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
+# (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
                "dataset.caption_dropout lora.dropout sample.shift").split() + [f"train.{k}" for k in (
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
