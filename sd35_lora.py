@@ -1981,7 +1981,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
                         f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
-                        f"gated? accept the licence at huggingface.co/{name}, then `hf auth login`") from None
+                        f"gated? accept the licence at https://huggingface.co/{name}, then `hf auth login`") from None
 
 
 #################################################################################
