@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1460  Part 2: plumbing                 a reader can stop here
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1932  Hub Downloads                    snapshot downloads, tokenizers
-     1987  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2309  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2578  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2668  Output Files                     atomic writes, the output_dir lock, loss.png
-     2758  Several Processes (torchrun)     one all-reduce per step
-     2809  Command Line and the Tiny Model  main(), --tiny
+     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2310  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2579  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2669  Output Files                     atomic writes, the output_dir lock, loss.png
+     2759  Several Processes (torchrun)     one all-reduce per step
+     2810  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1981,7 +1981,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
                         f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
-                        f"gated? accept the licence at https://huggingface.co/{name}, then `hf auth login`") from None
+                        f"gated? accept the licence at https://huggingface.co/{name}, then `hf auth "
+                        f"login`") from None
 
 
 #################################################################################
