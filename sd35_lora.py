@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1934  Hub Downloads                    snapshot downloads, tokenizers
      1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2584  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2674  Output Files                     atomic writes, the output_dir lock, loss.png
-     2764  Several Processes (torchrun)     one all-reduce per step
-     2815  Command Line and the Tiny Model  main(), --tiny
+     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2315  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2585  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2675  Output Files                     atomic writes, the output_dir lock, loss.png
+     2765  Several Processes (torchrun)     one all-reduce per step
+     2816  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2068,8 +2068,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not suffix or module not in spellings:
             ignored.append(key)
             continue
-        if tensor.is_complex():                             # .float() would drop the imaginary part
-            raise UserError(f"{path}: tensor '{key}' is complex, no LoRA weight: use another file")
+        # complex: .float() would drop the imaginary part; int/bool down/up: a quantized file's, or no weights
+        if tensor.is_complex() or not tensor.is_floating_point() and LORA_ROLES[suffix] != "alpha":
+            raise UserError(f"{path}: '{key}' is {str(tensor.dtype)[6:]}, no LoRA weight: use another file")
         tensor = tensor.float()                             # first: fp8 (e4m3) has no isfinite
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")

@@ -966,7 +966,8 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
 
 
 def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
-    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part."""
+    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part;
+    int or bool down/up loaded as plain numbers."""
     sd.save_lora(lora_model(), tmp_path / "lora.safetensors", format="kohya")
     tensors = load_file(tmp_path / "lora.safetensors")
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, tmp_path / "fp8.safetensors")
@@ -976,6 +977,9 @@ def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
     save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
+    for dtype in (torch.int32, torch.bool):       # (an int alpha is fine: a number)
+        save_file({k: v if k.endswith("alpha") else v.to(dtype) for k, v in tensors.items()}, tmp_path / "i.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "i.safetensors"), f"is {str(dtype)[6:]}, no LoRA")
 
 
 def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
