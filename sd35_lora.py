@@ -28,11 +28,11 @@ have. Sections (line numbers):
      1934  Hub Downloads                    snapshot downloads, tokenizers
      1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2315  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2585  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2675  Output Files                     atomic writes, the output_dir lock, loss.png
-     2765  Several Processes (torchrun)     one all-reduce per step
-     2816  Command Line and the Tiny Model  main(), --tiny
+     2317  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2587  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2677  Output Files                     atomic writes, the output_dir lock, loss.png
+     2767  Several Processes (torchrun)     one all-reduce per step
+     2818  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2293,8 +2293,10 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {module: row s}; else each: dtype."""
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
-    if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("integer-quantized weights (int8, nvfp4) are unsupported: use a bf16/fp16/fp8 file")
+    odd = next((str(t.dtype)[6:] for t in sd.values() if not t.is_floating_point()), "")    # "torch.int8"
+    if odd:                                                 # ints: int8 or nvfp4 (uint8) quantized files
+        what = f"{odd} (integer-quantized: int8, nvfp4)" if "int" in odd else odd    # else complex or bool
+        raise UserError(f"weights stored as {what} are unsupported: use a bf16/fp16/fp8 file")
     scales = {}
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]

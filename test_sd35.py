@@ -2727,11 +2727,12 @@ def test_integer_weights_are_refused_with_fp8_too(tmp_path):
     """With fp8 on, an int16/int32 (or complex) matrix was quantized as it was read, as if it were float: the
     refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
     weights = tiny_mmdit().state_dict()
-    for dtype in (torch.int32, torch.complex64):
+    for dtype, what in ((torch.int32, "int32 .integer-quantized.*"), (torch.complex64, "complex64"),
+                        (torch.bool, "bool")):                  # complex and bool were called integer-quantized
         qkv = "joint_blocks.0.x_block.attn.qkv.weight"
         save_file({**weights, qkv: weights[qkv].to(dtype)}, tmp_path / "int.safetensors")
         for fp8 in (False, True):
-            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), "weights .* are unsupported")
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), f"weights stored as {what} are unsupported")
 
 
 def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
