@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1460  Part 2: plumbing                 a reader can stop here
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1934  Hub Downloads                    snapshot downloads, tokenizers
-     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2317  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2587  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2677  Output Files                     atomic writes, the output_dir lock, loss.png
-     2767  Several Processes (torchrun)     one all-reduce per step
-     2818  Command Line and the Tiny Model  main(), --tiny
+     1942  Hub Downloads                    snapshot downloads, tokenizers
+     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2222  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2326  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2596  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2686  Output Files                     atomic writes, the output_dir lock, loss.png
+     2776  Several Processes (torchrun)     one all-reduce per step
+     2827  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1802,6 +1802,13 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
+def _no_custom_code(folder: Path, error: Exception):
+    """transformers' refusal (trust_remote_code=False) of an auto_map's code, said as what it is."""
+    if "trust_remote_code" in str(error):                   # (else: missing or damaged)
+        raise UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
+                        f"which is never run: use a folder of the standard SD3.5 text encoders") from None
+
+
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
@@ -1817,6 +1824,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
         except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
+            _no_custom_code(source, e)
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
                             f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
@@ -1947,6 +1955,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
+            _no_custom_code(folder, e)
             reason = str(e).splitlines()[0][:120]
             raise UserError(f"{folder}: its tokenizer*/ folders are incomplete ({reason}): copy them again "
                             f"from a diffusers SD3.5 download") from None

@@ -2962,7 +2962,8 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
 
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
-    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it."""
+    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it.
+    Then refused as 'missing or damaged ... download it again', which downloads the same code again."""
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run a download's code"))
     folder = tmp_path / "model"
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
@@ -2971,8 +2972,8 @@ def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tm
         save_file({"x": torch.zeros(1)}, folder / part / "model.safetensors")
         (folder / part / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}))
         (folder / part / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
-    one_line_error(lambda: sd.load_text_encoders(folder), "contains custom code")
-    one_line_error(lambda: sd._tokenizers(folder, True), "contains custom code")
+    one_line_error(lambda: sd.load_text_encoders(folder), "holds custom code .*never run: use a folder of the standard")
+    one_line_error(lambda: sd._tokenizers(folder, True), "holds custom code .*never run: use a folder of the standard")
 
 
 def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
