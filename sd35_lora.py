@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1460  Part 2: plumbing                 a reader can stop here
      1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1942  Hub Downloads                    snapshot downloads, tokenizers
-     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2222  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2326  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2596  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2686  Output Files                     atomic writes, the output_dir lock, loss.png
-     2776  Several Processes (torchrun)     one all-reduce per step
-     2827  Command Line and the Tiny Model  main(), --tiny
+     1943  Hub Downloads                    snapshot downloads, tokenizers
+     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2597  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2687  Output Files                     atomic writes, the output_dir lock, loss.png
+     2777  Several Processes (torchrun)     one all-reduce per step
+     2828  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1569,7 +1569,8 @@ CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
     ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
-    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer")]
+    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+    ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
 def describe_checkpoint(sd: dict) -> str:

@@ -862,6 +862,10 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
     save_file({"input_blocks.0.0.weight": torch.zeros(2, 2)}, tmp_path / "unet.safetensors")
     with pytest.raises(sd.UserError, match="not a LoRA.*UNet"):
         sd.load_lora(model, tmp_path / "unet.safetensors")
+    params = [torch.nn.Parameter(torch.ones(2, 3))]        # given as the LoRA: was only 'not a LoRA', its keys
+    sd.save_training_state(tmp_path / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, sd.Config(), [])
+    with pytest.raises(sd.UserError, match="not a LoRA.*a training state.*its LoRA is lora.safetensors in the same"):
+        sd.load_lora(model, tmp_path / sd.STATE_FILE)
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 2432),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(2432, 4)}, tmp_path / "large.safetensors")
     with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\).*down \(4, 2432\)"):
