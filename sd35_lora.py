@@ -2895,7 +2895,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    cfg = None
+    cfg, term = None, []
+    # SIGTERM before train() takes it (models loading, caching): not a silent death but as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, lambda *a: term.append(1) or signal.default_int_handler(*a))
     try:
         # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
         # "none" when several machines are started without --rdzv-id)
@@ -2920,11 +2922,13 @@ def main(argv=None):
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
+        name, code = ("terminated", 143) if term else ("interrupted", 130)
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
-            print("interrupted before training began: nothing new to save (finished cache files are kept)",
+            print(f"{name} before training began: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
-        sys.exit(130)
+        sys.exit(code)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

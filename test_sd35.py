@@ -1484,16 +1484,18 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
 
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
-    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback."""
+    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
+    SIGTERM there ended the run without a word: now the same line, saying terminated, and exit code 143."""
     make_dataset(tmp_path / "data")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(sd, "LatentDataset", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted before training began")
+    fail = lambda *a: pytest.fail("SIGTERM before training ended the run silently")
+    default = signal.signal(signal.SIGTERM, fail)
+    for sig, code, name in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+        monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), sig))
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        assert exit_info.value.code == code
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{name} before training began")
+    assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
     assert not (tmp_path / "run/training_state.safetensors").exists()
     monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
