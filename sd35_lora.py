@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1214  Training                         Trainer and the training loop
-     1460  Part 2: plumbing                 a reader can stop here
-     1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1943  Hub Downloads                    snapshot downloads, tokenizers
-     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2597  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2687  Output Files                     atomic writes, the output_dir lock, loss.png
-     2777  Several Processes (torchrun)     one all-reduce per step
-     2828  Command Line and the Tiny Model  main(), --tiny
+     1462  Part 2: plumbing                 a reader can stop here
+     1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1945  Hub Downloads                    snapshot downloads, tokenizers
+     2004  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2329  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2599  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2689  Output Files                     atomic writes, the output_dir lock, loss.png
+     2779  Several Processes (torchrun)     one all-reduce per step
+     2830  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1417,8 +1417,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}          # before the step-0 previews too
     try:
-        if tr.step == 0:
-            tr.sample_images()                                            # baseline before any update
+        every = cfg.sample.sample_every
+        skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
+        if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
+            tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)

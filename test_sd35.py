@@ -1467,7 +1467,8 @@ def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_preview
 
 def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     """README: Ctrl-C or SIGTERM ends the run after the current step. One process trained one more step first
-    (seconds to minutes on a large model, while a scheduler's grace period before SIGKILL runs out)."""
+    (seconds to minutes on a large model, while a scheduler's grace period before SIGKILL runs out). A stop at
+    a sample_every step skipped its previews (and loss.png), and --resume never made them."""
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
 
@@ -1476,10 +1477,14 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args)
     monkeypatch.setattr(sd, "flow_matching_loss", interrupt_in_step_2)
+    run = {"train.steps": 10, "sample.sample_every": 2, "sample.prompts": ["red stripes"]}
     with pytest.raises(SystemExit) as exit_info:
-        sd.train(tiny_config(tmp_path, **{"train.steps": 10, "sample.sample_every": 0}))
+        sd.train(tiny_config(tmp_path, **run))
     assert exit_info.value.code == 130 and len(losses(tmp_path / "run")) == 2
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 3}), resume=True)
+    assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
