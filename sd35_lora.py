@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1214  Training                         Trainer and the training loop
-     1460  Part 2: plumbing                 a reader can stop here
-     1467  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1932  Hub Downloads                    snapshot downloads, tokenizers
-     1988  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2310  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2579  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2669  Output Files                     atomic writes, the output_dir lock, loss.png
-     2759  Several Processes (torchrun)     one all-reduce per step
-     2810  Command Line and the Tiny Model  main(), --tiny
+     1462  Part 2: plumbing                 a reader can stop here
+     1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1943  Hub Downloads                    snapshot downloads, tokenizers
+     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2594  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2684  Output Files                     atomic writes, the output_dir lock, loss.png
+     2774  Several Processes (torchrun)     one all-reduce per step
+     2825  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1417,8 +1417,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}          # before the step-0 previews too
     try:
-        if tr.step == 0:
-            tr.sample_images()                                            # baseline before any update
+        every = cfg.sample.sample_every
+        skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
+        if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
+            tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
         while tr.step < tc.steps:
             lr = get_lr(tr.step, tc)
@@ -1569,7 +1571,8 @@ CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
     ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
-    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer")]
+    ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+    ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
 def describe_checkpoint(sd: dict) -> str:
@@ -1801,6 +1804,13 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
+def _no_custom_code(folder: Path, error: Exception):
+    """transformers' refusal (trust_remote_code=False) of an auto_map's code, said as what it is."""
+    if "trust_remote_code" in str(error):                   # (else: missing or damaged)
+        raise UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
+                        f"which is never run: use a folder of the standard SD3.5 text encoders") from None
+
+
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
@@ -1816,6 +1826,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
         except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
+            _no_custom_code(source, e)
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
                             f"({str(e).splitlines()[0][:150]}): download it again") from None
     else:
@@ -1945,6 +1956,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
         except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
+            _no_custom_code(folder, e)
             raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}): "
                             f"copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
@@ -2064,8 +2076,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not suffix or module not in spellings:
             ignored.append(key)
             continue
-        if tensor.is_complex():                             # .float() would drop the imaginary part
-            raise UserError(f"{path}: tensor '{key}' is complex, no LoRA weight: use another file")
+        # complex: .float() would drop the imaginary part; int/bool down/up: a quantized file's, or no weights
+        if tensor.is_complex() or not tensor.is_floating_point() and LORA_ROLES[suffix] != "alpha":
+            raise UserError(f"{path}: '{key}' is {str(tensor.dtype)[6:]}, no LoRA weight: use another file")
         tensor = tensor.float()                             # first: fp8 (e4m3) has no isfinite
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
@@ -2288,8 +2301,10 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
     none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {module: row s}; else each: dtype."""
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
-    if any(not t.is_floating_point() for t in sd.values()):
-        raise UserError("integer-quantized weights (int8, nvfp4) are unsupported: use a bf16/fp16/fp8 file")
+    odd = next((str(t.dtype)[6:] for t in sd.values() if not t.is_floating_point()), "")    # "torch.int8"
+    if odd:                                                 # ints: int8 or nvfp4 (uint8) quantized files
+        what = f"{odd} (integer-quantized: int8, nvfp4)" if "int" in odd else odd    # else complex or bool
+        raise UserError(f"weights stored as {what} are unsupported: use a bf16/fp16/fp8 file")
     scales = {}
     for key in [k for k, t in sd.items() if t.element_size() == 1]:
         module, weight = key.removesuffix(".weight"), sd[key]
@@ -2877,7 +2892,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    cfg = None
+    cfg, term = None, []
+
+    def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
+        term.append(signum)
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
         # "none" when several machines are started without --rdzv-id)
@@ -2902,11 +2922,13 @@ def main(argv=None):
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
+        name, code = ("terminated", 143) if term else ("interrupted", 130)
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
-            print("interrupted before training began: nothing new to save (finished cache files are kept)",
+            print(f"{name} before training began: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
-        sys.exit(130)
+        sys.exit(code)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

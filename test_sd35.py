@@ -862,6 +862,10 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
     save_file({"input_blocks.0.0.weight": torch.zeros(2, 2)}, tmp_path / "unet.safetensors")
     with pytest.raises(sd.UserError, match="not a LoRA.*UNet"):
         sd.load_lora(model, tmp_path / "unet.safetensors")
+    params = [torch.nn.Parameter(torch.ones(2, 3))]        # given as the LoRA: was only 'not a LoRA', its keys
+    sd.save_training_state(tmp_path / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, sd.Config(), [])
+    with pytest.raises(sd.UserError, match="not a LoRA.*a training state.*its LoRA is lora.safetensors in the same"):
+        sd.load_lora(model, tmp_path / sd.STATE_FILE)
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 2432),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(2432, 4)}, tmp_path / "large.safetensors")
     with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\).*down \(4, 2432\)"):
@@ -966,7 +970,8 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
 
 
 def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
-    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part."""
+    """e4m3 has no isfinite: the NaN check was a bare NotImplementedError; complex lost its imaginary part;
+    int or bool down/up loaded as plain numbers."""
     sd.save_lora(lora_model(), tmp_path / "lora.safetensors", format="kohya")
     tensors = load_file(tmp_path / "lora.safetensors")
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, tmp_path / "fp8.safetensors")
@@ -976,6 +981,9 @@ def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
     save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
+    for dtype in (torch.int32, torch.bool):       # (an int alpha is fine: a number)
+        save_file({k: v if k.endswith("alpha") else v.to(dtype) for k, v in tensors.items()}, tmp_path / "i.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "i.safetensors"), f"is {str(dtype)[6:]}, no LoRA")
 
 
 def test_a_conv_lora_on_the_patch_embedding_is_refused_as_such_not_as_a_rank_mismatch(tmp_path):
@@ -1459,7 +1467,8 @@ def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_preview
 
 def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     """README: Ctrl-C or SIGTERM ends the run after the current step. One process trained one more step first
-    (seconds to minutes on a large model, while a scheduler's grace period before SIGKILL runs out)."""
+    (seconds to minutes on a large model, while a scheduler's grace period before SIGKILL runs out). A stop at
+    a sample_every step skipped its previews (and loss.png), and --resume never made them."""
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
 
@@ -1468,24 +1477,30 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args)
     monkeypatch.setattr(sd, "flow_matching_loss", interrupt_in_step_2)
+    run = {"train.steps": 10, "sample.sample_every": 2, "sample.prompts": ["red stripes"]}
     with pytest.raises(SystemExit) as exit_info:
-        sd.train(tiny_config(tmp_path, **{"train.steps": 10, "sample.sample_every": 0}))
+        sd.train(tiny_config(tmp_path, **run))
     assert exit_info.value.code == 130 and len(losses(tmp_path / "run")) == 2
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 3}), resume=True)
+    assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
-    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback."""
+    loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
+    SIGTERM there ended the run without a word: now the same line, saying terminated, and exit code 143."""
     make_dataset(tmp_path / "data")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(sd, "LatentDataset", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted before training began")
+    fail = lambda *a: pytest.fail("SIGTERM before training ended the run silently")
+    default = signal.signal(signal.SIGTERM, fail)
+    for sig, code, name in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+        monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), sig))
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        assert exit_info.value.code == code
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{name} before training began")
+    assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
     assert not (tmp_path / "run/training_state.safetensors").exists()
     monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
@@ -2723,11 +2738,12 @@ def test_integer_weights_are_refused_with_fp8_too(tmp_path):
     """With fp8 on, an int16/int32 (or complex) matrix was quantized as it was read, as if it were float: the
     refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
     weights = tiny_mmdit().state_dict()
-    for dtype in (torch.int32, torch.complex64):
+    for dtype, what in ((torch.int32, "int32 .integer-quantized.*"), (torch.complex64, "complex64"),
+                        (torch.bool, "bool")):                  # complex and bool were called integer-quantized
         qkv = "joint_blocks.0.x_block.attn.qkv.weight"
         save_file({**weights, qkv: weights[qkv].to(dtype)}, tmp_path / "int.safetensors")
         for fp8 in (False, True):
-            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), "weights .* are unsupported")
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), f"weights stored as {what} are unsupported")
 
 
 def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
@@ -2957,7 +2973,8 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
 
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
-    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it."""
+    downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it.
+    Then refused as 'missing or damaged ... download it again', which downloads the same code again."""
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run a download's code"))
     folder = tmp_path / "model"
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
@@ -2966,8 +2983,8 @@ def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tm
         save_file({"x": torch.zeros(1)}, folder / part / "model.safetensors")
         (folder / part / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}))
         (folder / part / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
-    one_line_error(lambda: sd.load_text_encoders(folder), "contains custom code")
-    one_line_error(lambda: sd._tokenizers(folder, True), "contains custom code")
+    one_line_error(lambda: sd.load_text_encoders(folder), "holds custom code .*never run: use a folder of the standard")
+    one_line_error(lambda: sd._tokenizers(folder, True), "holds custom code .*never run: use a folder of the standard")
 
 
 def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
