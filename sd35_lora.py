@@ -2510,7 +2510,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
         saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
-        if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:   # else bare errors later
+        cuda = tensors.get("rng.cuda", rng)                              # (saved and set on a GPU only)
+        if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "

@@ -3005,7 +3005,8 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "damaged AdamW moments .*start anew in another output_dir")
     for edit in ({"rng.cpu": tensors["rng.cpu"].float()}, {"rng.cpu": tensors["rng.cpu"][:10]},
-                 {"param.0": None, "param.5": tensors["param.0"]}):     # were a bare TypeError, RuntimeError, KeyError
+                 {"param.0": None, "param.5": tensors["param.0"]},      # were a bare TypeError, RuntimeError, KeyError
+                 {"rng.cuda": torch.zeros(16)}):                        # rng.cuda: would fail on a GPU only
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
