@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2594  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2684  Output Files                     atomic writes, the output_dir lock, loss.png
-     2774  Several Processes (torchrun)     one all-reduce per step
-     2825  Command Line and the Tiny Model  main(), --tiny
+     2595  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2685  Output Files                     atomic writes, the output_dir lock, loss.png
+     2775  Several Processes (torchrun)     one all-reduce per step
+     2826  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
