@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA, fp32 elsewhere")
-    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("give at least one --prompt")
