@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1214  Training                         Trainer and the training loop
-     1462  Part 2: plumbing                 a reader can stop here
-     1469  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1943  Hub Downloads                    snapshot downloads, tokenizers
-     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2595  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2685  Output Files                     atomic writes, the output_dir lock, loss.png
-     2775  Several Processes (torchrun)     one all-reduce per step
-     2826  Command Line and the Tiny Model  main(), --tiny
+     1464  Part 2: plumbing                 a reader can stop here
+     1471  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1945  Hub Downloads                    snapshot downloads, tokenizers
+     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2600  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2690  Output Files                     atomic writes, the output_dir lock, loss.png
+     2780  Several Processes (torchrun)     one all-reduce per step
+     2831  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1304,6 +1304,8 @@ class Trainer:
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
         self.lock = lock_output_dir(self.out) if rank_and_world()[0] == 0 else None   # closed by train()
+        if resume and rank_and_world()[0] == 0:         # after the lock: a refused resume keeps a live run's
+            drop_log_lines_after(self.log_path, int(resumed[1]["step"]))
         return resumed
 
     def note_data_changes(self, saved: str):
@@ -2550,9 +2552,16 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
                     "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
 
 
+def drop_log_lines_after(log: Path, step: int):
+    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
+    if log.is_file():                                       # a line cut short (no newline) goes too
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+        _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
+
+
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
-    """Before any model loads: refuse config changes that alter what the training state `path` means; drop
-    the log lines written past its step (they are redone). -> the trajectory changes so far and its header."""
+    """Before any model loads: refuse config changes that alter what the training state `path` means.
+    -> the trajectory changes so far and its header."""
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -2585,10 +2594,6 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     warned = [c for k, c in changed.items() if k in warn]
     if warned and rank_and_world()[0] == 0:              # torchrun: once, not once per process
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
-    log = path.with_name("log.jsonl")
-    if log.is_file() and rank_and_world()[0] == 0:          # a line cut short (no newline) goes too
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
-        _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
     return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else []), meta
 
 

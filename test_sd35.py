@@ -1744,7 +1744,11 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
     for resume in (False, True):
         job = first_run(resume)
         try:
+            log, line = tmp_path / "run" / "log.jsonl", '{"step": 2, "loss": 1.0}\n'   # past the checkpoint
+            if resume:                                          # the live run's log: a refused resume keeps it
+                log.write_text(line)
             one_line_error(lambda: sd.train(cfg, resume), r"another run is using output_dir .*run: wait for it")
+            assert not resume or log.read_text() == line
             if not resume:                                      # torchrun: process 0 alone takes the lock
                 with monkeypatch.context() as patch:
                     patch.setenv("RANK", "1")
