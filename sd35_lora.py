@@ -23,16 +23,16 @@ have. Sections (line numbers):
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
      1214  Training                         Trainer and the training loop
-     1464  Part 2: plumbing                 a reader can stop here
-     1471  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1945  Hub Downloads                    snapshot downloads, tokenizers
-     2002  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2600  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2690  Output Files                     atomic writes, the output_dir lock, loss.png
-     2780  Several Processes (torchrun)     one all-reduce per step
-     2831  Command Line and the Tiny Model  main(), --tiny
+     1465  Part 2: plumbing                 a reader can stop here
+     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1946  Hub Downloads                    snapshot downloads, tokenizers
+     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2224  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2601  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2691  Output Files                     atomic writes, the output_dir lock, loss.png
+     2781  Several Processes (torchrun)     one all-reduce per step
+     2832  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1252,8 +1252,9 @@ class Trainer:
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
                 pipe.text.warn_cut(s.prompts, "sample.prompts")
-                pipe.text.warn_cut([s.neg] * (self.sample_settings.cfg > 1.0), "sample.neg prompts")
-                if s.neg and self.sample_settings.cfg <= 1.0:             # as generate() warns in sample.py
+                if self.sample_settings.cfg > 1.0:
+                    pipe.text.warn_cut([s.neg], "sample.neg prompts")
+                elif s.neg:                                                 # as generate() warns in sample.py
                     print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
                           f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
