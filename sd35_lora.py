@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1465  Part 2: plumbing                 a reader can stop here
      1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1946  Hub Downloads                    snapshot downloads, tokenizers
-     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2224  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2601  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2691  Output Files                     atomic writes, the output_dir lock, loss.png
-     2781  Several Processes (torchrun)     one all-reduce per step
-     2832  Command Line and the Tiny Model  main(), --tiny
+     1951  Hub Downloads                    snapshot downloads, tokenizers
+     2008  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2696  Output Files                     atomic writes, the output_dir lock, loss.png
+     2786  Several Processes (torchrun)     one all-reduce per step
+     2837  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1045,7 +1045,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]. From `data`,
     the file's bytes, if given."""
     from PIL import Image, ImageOps
-    with open_image(path, data) as im:                # ImageOps.fit crops and resizes in one resampling step
+    with open_image(path, data) as im:          # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
@@ -1634,13 +1634,8 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
 
-def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None,
-               weights: bool = True) -> tuple[dict, dict]:
-    """(weights, or {} if not `weights`; checked config.json) of a diffusers root's `part`/ or that folder; or
-    (a single file's tensors under `prefix`, stripped, or all if none has it; {}). Tensors pass `convert`."""
-    if not path.is_dir():
-        sd = read_safetensors(path, prefix=prefix, convert=convert)
-        return sd or read_safetensors(path, convert=convert), {}
+def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
+    """(the folder, its checked config.json) of a diffusers root's `part`/ or of that folder itself."""
     folder = path / part if (path / part).is_dir() else path
     file = folder / "config.json"
     try:
@@ -1656,7 +1651,17 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     if not all(type(g) in (int, float) and math.isclose(g, v, rel_tol=1e-3) for g, v in zip(given, sd3)):
         raise UserError(f"{path}: its config.json gives the latent scale and shift {given}, SD3's VAE "
                         f"{sd3}: another model's VAE (FLUX.1's: (0.3611, 0.1159))? use SD3's")
-    return read_weights_dir(folder, "diffusion_pytorch_model", convert) if weights else {}, config
+    return folder, config
+
+
+def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
+    """(weights, checked config.json) of a diffusers root's `part`/ or that folder itself; or the tensors of
+    an official single file under `prefix` (stripped; all if none has it), and {}. Tensors pass `convert`."""
+    if not path.is_dir():
+        sd = read_safetensors(path, prefix=prefix, convert=convert)
+        return sd or read_safetensors(path, convert=convert), {}
+    folder, config = _part_config(path, part, class_name)
+    return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
 
 def _block_count(sd: dict, prefix: str) -> int:
@@ -1928,8 +1933,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
                         f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or vae/)")
-    if vae_root.is_dir():               # its config.json: e.g. FLUX.1's VAE, refused before the MMDiT loads
-        _read_part(vae_root, "vae", "AutoencoderKL", "", weights=False)
+    if vae_root.is_dir():               # its config.json checked: e.g. FLUX.1's VAE, refused before the MMDiT
+        _part_config(vae_root, "vae", "AutoencoderKL")
     mmdit = load_mmdit(root, "cpu", dtype, fp8)
     text = load_text_encoders(text_root, "cpu", dtype, t5_length, use_t5, mmdit.cfg.context_dim)
     pooled = text.clip_l.config.projection_dim + text.clip_g.config.projection_dim
