@@ -1282,7 +1282,7 @@ class Trainer:
     def refuse_early(self, resume: bool) -> tuple[list[str], dict]:
         """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
         only process 0 checks output_dir). -> a resume's trajectory changes and state file header."""
-        cfg = self.cfg
+        cfg, first = self.cfg, rank_and_world()[0] == 0         # torchrun's process 0 (init comes later)
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                             "a hub id or 'tiny'")
@@ -1291,7 +1291,7 @@ class Trainer:
         resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
-        if not resume and rank_and_world()[0] == 0 and earlier:
+        if not resume and first and earlier:
             saved, data = self.state_path.is_file(), Path(cfg.dataset.path).resolve()
             if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
                 raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
@@ -1304,8 +1304,8 @@ class Trainer:
         check_sources(cfg)
         writable_dir(self.out, "output_dir")
         writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-        self.lock = lock_output_dir(self.out) if rank_and_world()[0] == 0 else None   # closed by train()
-        if resume and rank_and_world()[0] == 0:         # after the lock: a refused resume keeps a live run's
+        self.lock = lock_output_dir(self.out) if first else None         # closed by train()
+        if resume and first:                        # after the lock: a refused resume keeps a live run's log
             drop_log_lines_after(self.log_path, int(resumed[1]["step"]))
         return resumed
 
