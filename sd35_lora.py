@@ -18,21 +18,21 @@ have. Sections (line numbers):
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear and add_lora
-      664  VAE                              16-channel autoencoder, the latent scale and shift
-      809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1214  Training                         Trainer and the training loop
-     1465  Part 2: plumbing                 a reader can stop here
-     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1951  Hub Downloads                    snapshot downloads, tokenizers
-     2008  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2696  Output Files                     atomic writes, the output_dir lock, loss.png
-     2786  Several Processes (torchrun)     one all-reduce per step
-     2837  Command Line and the Tiny Model  main(), --tiny
+      672  VAE                              16-channel autoencoder, the latent scale and shift
+      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1045  Data                             dataset scan, aspect buckets, the latent and text cache
+     1222  Training                         Trainer and the training loop
+     1473  Part 2: plumbing                 a reader can stop here
+     1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1959  Hub Downloads                    snapshot downloads, tokenizers
+     2016  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2237  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2635  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2725  Output Files                     atomic writes, the output_dir lock, loss.png
+     2815  Several Processes (torchrun)     one all-reduce per step
+     2866  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -503,7 +503,7 @@ class MMDiT(nn.Module):
             if i in skip_layers:
                 continue
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, x = checkpoint(block, context, x, c, use_reentrant=False)
+                context, x = checkpoint(block, context, x, c, use_reentrant=False, context_fn=block_contexts)
             else:
                 context, x = block(context, x, c)
         x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
@@ -524,15 +524,23 @@ LORA_TARGETS = {
 
 class FrozenLinear(torch.autograd.Function):
     """x W^T + b for a frozen W (fp8 when it comes with row scales: the backward dequantizes it again rather
-    than keep a copy), plus, given LoRA adapters, scale * x' down^T up^T (x': x after LoRA dropout; None: x),
-    with the backward written out. A Large LoRA step is bound by kernel launches: a LoRA adds ~25 operators
-    per layer to a checkpointed training step here, ~50 as autograd's graph of the same formula. The fp32
-    adapters compute in x's dtype; their gradients come back in fp32."""
+    than keep a copy, but see `checkpointed`), plus, given LoRA adapters, scale * x' down^T up^T (x': x
+    after LoRA dropout; None: x), with the backward written out. A Large LoRA step is bound by kernel
+    launches: a LoRA adds ~25 operators per layer to a checkpointed training step here, ~50 as autograd's
+    graph of the same formula. The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
+
+    checkpointed = False                                        # see `checkpointed` (fp8 Weights)
 
     @staticmethod
     def forward(ctx, x, weight, w_scale, bias, x_lora=None, down=None, up=None, scale=0.0):
         x2 = x.reshape(-1, x.shape[-1])                                                 # (N, in)
-        out = F.linear(x2, weight, bias) if w_scale is None else fp8_matmul(x2, weight, w_scale, bias)
+        if w_scale is not None and fp8_tensor_cores(x2, weight):
+            out = fp8_matmul(x2, weight, w_scale, bias)
+        else:
+            w = weight if w_scale is None else dequantize_fp8(weight, w_scale, x.dtype)
+            out = F.linear(x2, w, bias)
+            if not torch.compiler.is_compiling() and FrozenLinear.checkpointed and ctx.needs_input_grad[0]:
+                weight, w_scale = w, None       # see `checkpointed`
         hidden = None
         if down is not None:
             x_lora = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
@@ -2250,17 +2258,38 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return w.to(dtype, copy=True).mul_(scale.float()[:, None])
 
 
-def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
-    """(N, in) x fp8 W^T + b: on fp8 tensor cores when compiled on a card with them, else W dequantized."""
+def block_contexts() -> tuple:
+    """checkpoint's context_fn: a joint block's forward, then its recompute, both `checkpointed`."""
+    return checkpointed(), checkpointed()
+
+
+@contextlib.contextmanager
+def checkpointed():
+    """A joint block under gradient checkpointing: its fp8 layers save their weights dequantized for the
+    backward. checkpoint drops what the forward saves and keeps what the recompute saves, right before the
+    block's backward: one block's weights at a time (~0.3 GB on Large), each dequantized twice a step, not
+    three times. Compiled, the partitioner decides what the backward keeps."""
+    FrozenLinear.checkpointed = True
+    try:
+        yield
+    finally:
+        FrozenLinear.checkpointed = False
+
+
+def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether (N, in) x fp8 W^T runs on fp8 tensor cores (compiled, on a card with them), not dequantized."""
     # Eager, quantizing x per token takes separate kernels that cost more than the fp8 GEMM saves (H200, Large
     # LoRA step: 0.60 s vs 0.56 s dequantized); compiled, they fuse into the kernel before it and the fp8 GEMM
     # wins. torch._scaled_mm with row-wise scales needs an NVIDIA card of compute capability >= 8.9 (ROCm's
     # takes other fp8 types), bf16, dims multiple of 16.
-    if not (FP8_MATMUL and torch.compiler.is_compiling() and x.is_cuda and not torch.version.hip
+    return (FP8_MATMUL and torch.compiler.is_compiling() and x.is_cuda and not torch.version.hip
             and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 9)):
-        return F.linear(x, dequantize_fp8(weight, scale, x.dtype), bias)
-    rows, x_scale = quantize_fp8(x)                              # fp8 tensor cores: x quantized per token
+            and torch.cuda.get_device_capability(x.device) >= (8, 9))
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """(N, in) x fp8 W^T + b on fp8 tensor cores: x quantized per token, both scales applied in the GEMM."""
+    rows, x_scale = quantize_fp8(x)
     return torch._scaled_mm(rows, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None], bias=bias,
                             out_dtype=torch.bfloat16, use_fast_accum=True)
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 import zlib
 from pathlib import Path
 
@@ -2616,6 +2617,35 @@ def test_fp8_layer_equals_linear_with_dequantized_weight():
     with torch.no_grad():
         expected = torch.nn.functional.linear(x, weight + delta_weight(lora), base.bias)
         torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_weights_are_dequantized_twice_a_checkpointed_step_with_the_same_gradients(monkeypatch):
+    """With gradient checkpointing, a block's recompute hands its dequantized fp8 weights to the backward, which
+    comes next: forward and recompute dequantize, the backward does not. The gradients are those of a step
+    without checkpointing, bit for bit, and no dequantized weight outlives the forward (fp8 keeps its memory)."""
+    model = sd.quantize_mmdit(tiny_mmdit())
+    sd.add_lora(model, rank=4, targets="attn")
+    made = []
+    def dequantize(*args):
+        made.append(weakref.ref(out := dequantize_fp8(*args)))
+        return out
+    dequantize_fp8 = sd.dequantize_fp8
+    monkeypatch.setattr(sd, "dequantize_fp8", dequantize)
+    grads, counts = {}, {}
+    for checkpointing in (False, True):
+        model.enable_gradient_checkpointing(checkpointing).zero_grad(set_to_none=True)
+        made.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(*mmdit_inputs())
+        assert all(ref() is None for ref in made)                     # none kept past the forward
+        forward = len(made)
+        out.float().square().mean().backward()
+        counts[checkpointing] = forward, len(made) - forward
+        grads[checkpointing] = [p.grad for p in model.parameters() if p.requires_grad]
+    fp8_layers = sum(isinstance(m, (sd.Fp8Linear, sd.LoRALinear)) for m in model.modules())
+    assert counts[False][0] == counts[True][0] == fp8_layers and counts[False][1] > 0   # backward: 0 < B < all
+    assert counts[True][1] == fp8_layers - 1            # the recompute's alone: all but the context embedder
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
 
 
 @pytest.mark.parametrize("size", ["medium", "large"])
