@@ -298,7 +298,7 @@ def bench_train():
 
 def fp8_scaled_mm_check() -> dict:
     """Compiled, torch._scaled_mm row-wise runs (the fp8 path is taken) and matches the dequantized matmul, grad_x
-    included; eager, the layer dequantizes (fp8_matmul says why). Times: fp8 compiled, dequantized eager, bf16."""
+    included; eager, the layer dequantizes (fp8_tensor_cores says why). Times: fp8 compiled, dequantized eager, bf16."""
     g = torch.Generator(DEVICE).manual_seed(0)
     rows, dim, out_dim = (64, 64, 192) if SMOKE else (2 * 4429, 1536, 6144)   # Medium's fc1, CFG batch 2
     x = torch.randn(rows, dim, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
