@@ -2083,8 +2083,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
                             f"LoRA files are")
         if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
             if tensor.any():                                # (bias_diff on): zero ones change nothing
-                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI LoraSave's "
-                                f"bias_diff or full_diff): not supported; save it as standard, bias_diff off")
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI's TrainLoraNode, "
+                                f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
+                                f"save it as standard, bias_diff off")
             continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
