@@ -470,8 +470,8 @@ class MMDiT(nn.Module):
     def compile_blocks(self):
         """torch.compile each joint block ("regional" compilation): blocks of the same structure share one
         compiled graph, so the one-off compile covers a few blocks instead of the whole model."""
-        # every (block structure, grad mode, input shape) is one more version of JointBlock.forward; past the
-        # limit (8 by default) dynamo silently runs the rest eagerly, and training with buckets passes it
+        # each (block structure, grad mode) compiles once, then again as each dim starts to vary; past the
+        # limit (8 by default) dynamo warns, runs the rest eagerly, and training with buckets passes it
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.joint_blocks:
             block.compile()
