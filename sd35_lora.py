@@ -4,7 +4,7 @@
     python sd35_lora.py config.yaml --set train.lr=5e-5    # override any config key
     python sd35_lora.py config.yaml --resume               # continue the run in output_dir
     python sd35_lora.py config.yaml --tiny                 # ~1 minute CPU smoke run, random tiny model
-    torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # the same run on 8 GPUs
+    torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # 8 GPUs: 8x the batch
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
 Data flow:
