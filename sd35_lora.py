@@ -792,7 +792,7 @@ class VAE(nn.Module):
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
                              noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z ~ N(mean, var), scaled into the MMDiT's latent space (the one place the scale lives)."""
+        """z ~ N(mean, var), scaled into the MMDiT's latent space (decode() alone undoes it)."""
         mean, logvar = moments.float().chunk(2, dim=1)
         noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
