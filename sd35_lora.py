@@ -4,7 +4,7 @@
     python sd35_lora.py config.yaml --set train.lr=5e-5    # override any config key
     python sd35_lora.py config.yaml --resume               # continue the run in output_dir
     python sd35_lora.py config.yaml --tiny                 # ~1 minute CPU smoke run, random tiny model
-    torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # the same run on 8 GPUs
+    torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # 8 GPUs: 8x the batch
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
 Data flow:
@@ -470,8 +470,8 @@ class MMDiT(nn.Module):
     def compile_blocks(self):
         """torch.compile each joint block ("regional" compilation): blocks of the same structure share one
         compiled graph, so the one-off compile covers a few blocks instead of the whole model."""
-        # every (block structure, grad mode, input shape) is one more version of JointBlock.forward; past the
-        # limit (8 by default) dynamo silently runs the rest eagerly, and training with buckets passes it
+        # each (block structure, grad mode) compiles once, then again as each dim starts to vary; past the
+        # limit (8 by default) dynamo warns, runs the rest eagerly, and training with buckets passes it
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.joint_blocks:
             block.compile()
@@ -610,8 +610,8 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
         return set(range(depth))
     blocks = set()
     for part in str(spec).split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
+        if not lo.isdigit() or dash and not (hi.isdigit() and int(hi) >= int(lo)):
             raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
         if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
             raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
@@ -800,7 +800,7 @@ class VAE(nn.Module):
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
                              noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z ~ N(mean, var), scaled into the MMDiT's latent space (the one place the scale lives)."""
+        """z ~ N(mean, var), scaled into the MMDiT's latent space (decode() alone undoes it)."""
         mean, logvar = moments.float().chunk(2, dim=1)
         noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise

@@ -591,6 +591,14 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
     one_line_error(lambda: sd.load_config(None, ["lora.blocks=0-99999999999"]), "names block 99999999999")
 
 
+def test_lora_blocks_reversed_or_open_range_is_refused():
+    """lora.blocks '0-5,12-8' trained only blocks 0-5 (a reversed range added nothing, silently) and '3-' trained
+    block 3 alone: both are typos of a range, refused before anything loads."""
+    for blocks in ("0-5,12-8", "3-"):
+        one_line_error(lambda: sd.load_config(None, [f"lora.blocks={blocks}"]), "lora.blocks must look like")
+    assert sd.parse_blocks("0-5,7,9-9", 24) == {0, 1, 2, 3, 4, 5, 7, 9}
+
+
 def test_merge_and_unmerge():
     model = lora_model()
     x = mmdit_inputs()
@@ -1597,7 +1605,7 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     every preview)."""
     for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
                         ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
-                        ("lora.blocks=5-3", "select nothing"), ("lora.targets=' , '", "select nothing"),
+                        ("lora.blocks=5-3", "must look like"), ("lora.targets=' , '", "select nothing"),
                         ("sample.width=1000", "sample.width and sample.height must be positive multiples of 16"),
                         (f"sample.seed={2**64 - 1}", r"sample.seed .* is outside 0..2\^64-2")]:  # 2 prompts: seed+1
         one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
