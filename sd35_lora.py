@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1959  Hub Downloads                    snapshot downloads, tokenizers
      2016  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2237  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2635  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2725  Output Files                     atomic writes, the output_dir lock, loss.png
-     2815  Several Processes (torchrun)     one all-reduce per step
-     2866  Command Line and the Tiny Model  main(), --tiny
+     2238  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2636  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2726  Output Files                     atomic writes, the output_dir lock, loss.png
+     2816  Several Processes (torchrun)     one all-reduce per step
+     2867  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2083,7 +2083,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
                             f"LoRA files are")
         if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
             if tensor.any():                                # (bias_diff on): zero ones change nothing
-                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI's TrainLoraNode, "
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
                                 f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
                                 f"save it as standard, bias_diff off")
             continue
