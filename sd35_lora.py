@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2696  Output Files                     atomic writes, the output_dir lock, loss.png
-     2786  Several Processes (torchrun)     one all-reduce per step
-     2837  Command Line and the Tiny Model  main(), --tiny
+     2697  Output Files                     atomic writes, the output_dir lock, loss.png
+     2787  Several Processes (torchrun)     one all-reduce per step
+     2838  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2656,7 +2656,8 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     stems = collections.Counter(path.with_suffix("") for path in paths)
     if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
         print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
+               and not p.name.startswith("._")]                            # a Mac's ._name twin: no caption
     if orphans:                                                          # (a .heic's, say)
         print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
               f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)

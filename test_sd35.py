@@ -2111,15 +2111,18 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
 def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     """Image folders linked into the dataset were left out without a word (Path.rglob does not follow links);
     a link back to a parent folder is no endless loop and no image is read twice. macOS's ._name metadata
-    files (one per image in a zip made on a Mac) are no images, not 'unreadable images'."""
+    files (one per image and caption copied from a Mac) are no images, not 'unreadable images', and no
+    captions, not '.txt captions that have no image'."""
     sd.write_demo_dataset(tmp_path / "elsewhere")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "._red_stripes.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    for name in ("._red_stripes.png", "._red_stripes.txt"):
+        (tmp_path / "data" / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "data", target_is_directory=True)
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64, cache_dir=str(tmp_path)))
     assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
-    assert "unreadable" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unreadable" not in err and "no image" not in err, err
 
 
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
