@@ -22,17 +22,17 @@ have. Sections (line numbers):
       809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1214  Training                         Trainer and the training loop
-     1465  Part 2: plumbing                 a reader can stop here
-     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1951  Hub Downloads                    snapshot downloads, tokenizers
-     2008  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2697  Output Files                     atomic writes, the output_dir lock, loss.png
-     2787  Several Processes (torchrun)     one all-reduce per step
-     2838  Command Line and the Tiny Model  main(), --tiny
+     1218  Training                         Trainer and the training loop
+     1469  Part 2: plumbing                 a reader can stop here
+     1476  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1955  Hub Downloads                    snapshot downloads, tokenizers
+     2012  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2233  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2337  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2610  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2701  Output Files                     atomic writes, the output_dir lock, loss.png
+     2791  Several Processes (torchrun)     one all-reduce per step
+     2842  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1049,6 +1049,10 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
+        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do;
+        # an image transparent all over has an unused alpha (some 32-bit BMPs), as browsers read them
+        if ("A" in im.getbands() or "transparency" in im.info) and max(im.convert("RGBA").getextrema()[3]):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
@@ -1144,7 +1148,7 @@ class LatentDataset:
         rank, world = rank_and_world()
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
-                         "crop-then-resize")     # caches of the older resize-then-crop load_image: not reused
+                         "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 

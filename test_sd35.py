@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import struct
 import sys
 import time
 import zlib
@@ -1930,6 +1931,35 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     Image.fromarray((grey / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
     ramp16, ramp8 = (sd.load_image(tmp_path / f"ramp{bits}.png", (64, 64)) for bits in (16, 8))
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
+
+
+def test_transparent_pixels_train_as_shown_on_white_not_as_the_colour_stored_under_them(tmp_path):
+    """convert('RGB') drops alpha: transparent pixels trained as whatever colour the file stores under them
+    (black from most background removers, the erased background from editors that only clear alpha), which
+    no viewer shows. They are composited on white; opaque pixels are kept. A 32-bit BMP whose alpha is 0 all
+    over has an unused alpha (browsers show its colours): it keeps its colours, not a blank white."""
+    cutout = np.zeros((64, 64, 4), np.uint8)
+    cutout[..., :3] = (20, 160, 30)                                      # a green background, erased: alpha 0
+    cutout[16:48, 16:48] = (30, 60, 250, 255)                            # an opaque blue square
+    cutout[:, :8, 3] = 128                                               # half-transparent green edge
+    Image.fromarray(cutout).save(tmp_path / "cutout.png")
+    Image.fromarray(cutout).convert("LA").save(tmp_path / "grey.png")
+    sticker = Image.new("P", (64, 64), 1)                                # palette: 0 blue, 1 red but transparent
+    sticker.putpalette([30, 60, 250, 255, 0, 0])
+    sticker.paste(0, (16, 16, 48, 48))
+    sticker.save(tmp_path / "sticker.png", transparency=1)
+    for name in ("cutout.png", "grey.png", "sticker.png"):
+        pixels = (sd.load_image(tmp_path / name, (64, 64)) + 1) * 127.5
+        assert pixels[:, 32, 8:12].min() >= 254.5, (name, pixels[:, 32, 8:12])          # transparent: white
+    pixels = (sd.load_image(tmp_path / "cutout.png", (64, 64)) + 1) * 127.5
+    torch.testing.assert_close(pixels[:, 32, 32], torch.tensor([30.0, 60, 250]), atol=0.5, rtol=0)
+    torch.testing.assert_close(pixels[:, 32, 2], torch.tensor([20.0, 160, 30]) / 2 + 127.5, atol=1, rtol=0)
+    header = struct.pack("<IiiHHIIiiII4I", 124, 64, 64, 1, 32, 3, 64 * 64 * 4, 2835, 2835, 0, 0,
+                         0xFF0000, 0xFF00, 0xFF, 0xFF000000).ljust(124, b"\0")     # BITMAPV5HEADER, bitfields
+    (tmp_path / "unused_alpha.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 14 + 124 + 64 * 64 * 4, 0, 0, 138)
+                                                + header + bytes([30, 60, 250, 0]) * (64 * 64))    # BGRA
+    pixels = (sd.load_image(tmp_path / "unused_alpha.bmp", (64, 64)) + 1) * 127.5
+    torch.testing.assert_close(pixels[:, 32, 32], torch.tensor([250.0, 60, 30]), atol=0.5, rtol=0)
 
 
 def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(tmp_path, capsys):
