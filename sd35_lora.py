@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2233  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2337  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2610  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2701  Output Files                     atomic writes, the output_dir lock, loss.png
-     2791  Several Processes (torchrun)     one all-reduce per step
-     2842  Command Line and the Tiny Model  main(), --tiny
+     2703  Output Files                     atomic writes, the output_dir lock, loss.png
+     2793  Several Processes (torchrun)     one all-reduce per step
+     2844  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2657,9 +2657,11 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
               f"train with the empty caption (unconditioned); delete such a .txt to use "
               f"dataset.default_caption", file=sys.stderr)
-    stems = collections.Counter(path.with_suffix("") for path in paths)
-    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
-        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
+    stems = collections.defaultdict(list)                          # image names by path without extension
+    for path in paths:
+        stems[path.with_suffix("")].append(path.name)
+    if shared := [" + ".join(names) for names in stems.values() if len(names) > 1]:
+        print(f"warning: images sharing one caption file: {', '.join(shared[:5])}", file=sys.stderr)
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
                and not p.name.startswith("._")]                            # a Mac's ._name twin: no caption
     if orphans:                                                          # (a .heic's, say)

@@ -2155,6 +2155,14 @@ def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     assert "unreadable" not in err and "no image" not in err, err
 
 
+def test_images_sharing_a_caption_file_are_named_by_group(tmp_path, capsys):
+    """a.png + a.jpg and b.png + b.webp were named 'a.jpg + a.png + b.png + b.webp', as if all four shared one."""
+    for name in ("a.png", "a.jpg", "b.png", "b.webp", "c.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "images sharing one caption file: a.jpg + a.png, b.png + b.webp\n" in capsys.readouterr().err
+
+
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
     """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
     sd.write_demo_dataset(tmp_path / "data")
