@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2233  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2337  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2610  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2703  Output Files                     atomic writes, the output_dir lock, loss.png
-     2793  Several Processes (torchrun)     one all-reduce per step
-     2844  Command Line and the Tiny Model  main(), --tiny
+     2708  Output Files                     atomic writes, the output_dir lock, loss.png
+     2798  Several Processes (torchrun)     one all-reduce per step
+     2849  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2662,6 +2662,11 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         stems[path.with_suffix("")].append(path.name)
     if shared := [" + ".join(names) for names in stems.values() if len(names) > 1]:
         print(f"warning: images sharing one caption file: {', '.join(shared[:5])}", file=sys.stderr)
+    # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
+    repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"\d+_.+", p.parent.name)})
+    if len({int(name.split("_")[0]) for name in repeats}) > 1:
+        print(f"warning: kohya's repeat folders ({', '.join(repeats[:5])}): each image trains equally often "
+              f"here, whatever its folder's number; copy images to weight them", file=sys.stderr)
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
                and not p.name.startswith("._")]                            # a Mac's ._name twin: no caption
     if orphans:                                                          # (a .heic's, say)

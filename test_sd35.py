@@ -2163,6 +2163,20 @@ def test_images_sharing_a_caption_file_are_named_by_group(tmp_path, capsys):
     assert "images sharing one caption file: a.jpg + a.png, b.png + b.webp\n" in capsys.readouterr().err
 
 
+def test_kohya_repeat_folders_of_different_counts_are_named_as_not_weighting(tmp_path, capsys):
+    """A dataset made for kohya sd-scripts weights its folders by their names (10_sks dog: 10 repeats per
+    epoch, 1_dog: 1); here every image trains equally often, which changed the balance without a word."""
+    for folder in ("10_sks dog", "1_dog", "10_sks dog/close-ups"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert "kohya's repeat folders (10_sks dog, 1_dog): each image trains equally often here" in err, err
+    (tmp_path / "1_dog" / "a.png").rename(tmp_path / "10_sks dog" / "b.png")       # one count: no difference
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "repeat" not in capsys.readouterr().err
+
+
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
     """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
     sd.write_demo_dataset(tmp_path / "data")
