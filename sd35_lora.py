@@ -22,17 +22,17 @@ have. Sections (line numbers):
       809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1218  Training                         Trainer and the training loop
-     1469  Part 2: plumbing                 a reader can stop here
-     1476  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1955  Hub Downloads                    snapshot downloads, tokenizers
-     2012  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2233  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2337  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2610  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2708  Output Files                     atomic writes, the output_dir lock, loss.png
-     2798  Several Processes (torchrun)     one all-reduce per step
-     2849  Command Line and the Tiny Model  main(), --tiny
+     1219  Training                         Trainer and the training loop
+     1470  Part 2: plumbing                 a reader can stop here
+     1477  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1956  Hub Downloads                    snapshot downloads, tokenizers
+     2013  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2713  Output Files                     atomic writes, the output_dir lock, loss.png
+     2803  Several Processes (torchrun)     one all-reduce per step
+     2854  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1071,7 +1071,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty, large, small = [], [], [], [], [], []
+    items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
     for path in paths:
         try:
             with open_image(path) as im:
@@ -1095,7 +1095,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small)
+        cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
+    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
     if not items:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -2636,7 +2637,8 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
-                     uncaptioned: list[str], empty: list[str], large: list[str], small: list[str]):
+                     uncaptioned: list[str], empty: list[str], large: list[str], small: list[str],
+                     cropped: list[str]):
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
@@ -2650,6 +2652,9 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         print(f"warning: {len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
               f"{cfg.resolution} px, so they train blurred, e.g. {', '.join(small[:5])}; use larger images "
               f"or a lower dataset.resolution", file=sys.stderr)
+    if cropped:
+        print(f"warning: {len(cropped)} images are cropped to under half their picture to fit the widest "
+              f"aspect bucket, e.g. {', '.join(cropped[:5])}; cut them into parts", file=sys.stderr)
     if uncaptioned:
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
               f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)

@@ -2112,6 +2112,17 @@ def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_p
     assert "e.g. thumb.png (32x24);" in err, err
 
 
+def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, capsys):
+    """Buckets go up to 4:1, and each image is centre-cropped to its bucket: a 1:10 webtoon strip or a 360
+    degree panorama lost over half its picture without a word. Up to 8:1 (at most half cut) passes quietly."""
+    for name, size in (("strip.png", (100, 1000)), ("pano.png", (1600, 160)), ("wide.png", (640, 100))):
+        Image.new("RGB", size).save(tmp_path / name)
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))) == 3
+    err = capsys.readouterr().err
+    assert "2 images are cropped to under half their picture to fit the widest aspect bucket, e.g. pano.png, " \
+           "strip.png;" in err, err
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
