@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2713  Output Files                     atomic writes, the output_dir lock, loss.png
-     2803  Several Processes (torchrun)     one all-reduce per step
-     2854  Command Line and the Tiny Model  main(), --tiny
+     2719  Output Files                     atomic writes, the output_dir lock, loss.png
+     2809  Several Processes (torchrun)     one all-reduce per step
+     2860  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2615,15 +2615,15 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 # thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
 # any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
 NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
-            "__MACOSX", "System Volume Information"}
+            "__MACOSX", "System Volume Information", "lost+found"}
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
     out: -> (files, those folders)."""
-    seen, files, left_out, not_data = set(), [], [], {name.casefold() for name in NOT_DATA}
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders.clear()
@@ -2633,6 +2633,12 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
+    # os.walk passes by a folder it may not list; a dataset.path missing or a file is named by scan_dataset
+    locked = [f"{e.filename} ({e.strerror})" for e in errors
+              if not isinstance(e, (FileNotFoundError, NotADirectoryError))]
+    if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
+        print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
+              file=sys.stderr)
     return files, sorted(left_out)
 
 

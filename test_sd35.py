@@ -2188,6 +2188,26 @@ def test_kohya_repeat_folders_of_different_counts_are_named_as_not_weighting(tmp
     assert "repeat" not in capsys.readouterr().err
 
 
+def test_a_dataset_folder_that_cannot_be_read_is_named_not_left_out_without_a_word(tmp_path, capsys, monkeypatch):
+    """os.walk passes by a folder it may not list (copied with sudo, a root-owned docker volume): its images
+    were left out without a word, while an unreadable image file is named. A disk's lost+found (root only)
+    is no data, as System Volume Information is not."""
+    for folder in ("open", "locked", "lost+found"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
+    scandir = os.scandir
+
+    def refuse(path):                                                    # as for a user not allowed in
+        if Path(path).name in ("locked", "lost+found"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert [item["path"].parent.name for item in items] == ["open"]
+    err = capsys.readouterr().err
+    assert f"skipped 1 folders that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
+
+
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
     """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
     sd.write_demo_dataset(tmp_path / "data")
