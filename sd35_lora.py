@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2719  Output Files                     atomic writes, the output_dir lock, loss.png
-     2809  Several Processes (torchrun)     one all-reduce per step
-     2860  Command Line and the Tiny Model  main(), --tiny
+     2725  Output Files                     atomic writes, the output_dir lock, loss.png
+     2815  Several Processes (torchrun)     one all-reduce per step
+     2866  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2616,6 +2616,8 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 # any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
 NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
             "__MACOSX", "System Volume Information", "lost+found"}
+# pictures in formats not read (phones' .heic, Windows' .jfif for web images): named, not left out unsaid
+OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
@@ -2683,6 +2685,10 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     if orphans:                                                          # (a .heic's, say)
         print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
               f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
+    if others := sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS and p.name[:2] != "._"):
+        print(f"warning: {len(others)} images in formats not read are left out, e.g. "
+              f"{', '.join(others[:5])}; images are read from {', '.join(sorted(IMAGE_EXTS))} files only",
+              file=sys.stderr)
 
 
 # Pillow's bomb guard (89 MP) refuses 108 and 200 MP phone photos; past this, a small file that claims e.g.

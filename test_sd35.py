@@ -2208,6 +2208,18 @@ def test_a_dataset_folder_that_cannot_be_read_is_named_not_left_out_without_a_wo
     assert f"skipped 1 folders that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
 
 
+def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
+    """A .heic, .gif or .jfif (Windows saves web images as .jfif) was named only through its .txt caption:
+    without one (a folder trained on dataset.default_caption) it was left out without a word."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    for name in ("IMG_0001.heic", "saved.jfif", "._a.gif"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert "2 images in formats not read are left out, e.g. IMG_0001.heic, saved.jfif; images are read from " \
+           ".bmp, .jpeg, .jpg, .png, .webp files only" in err, err
+
+
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
     """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
     sd.write_demo_dataset(tmp_path / "data")
