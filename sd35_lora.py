@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2725  Output Files                     atomic writes, the output_dir lock, loss.png
-     2815  Several Processes (torchrun)     one all-reduce per step
-     2866  Command Line and the Tiny Model  main(), --tiny
+     2726  Output Files                     atomic writes, the output_dir lock, loss.png
+     2816  Several Processes (torchrun)     one all-reduce per step
+     2867  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2676,7 +2676,8 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     if shared := [" + ".join(names) for names in stems.values() if len(names) > 1]:
         print(f"warning: images sharing one caption file: {', '.join(shared[:5])}", file=sys.stderr)
     # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
-    repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"\d+_.+", p.parent.name)})
+    # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
+    repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
     if len({int(name.split("_")[0]) for name in repeats}) > 1:
         print(f"warning: kohya's repeat folders ({', '.join(repeats[:5])}): each image trains equally often "
               f"here, whatever its folder's number; copy images to weight them", file=sys.stderr)

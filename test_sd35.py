@@ -2184,6 +2184,9 @@ def test_kohya_repeat_folders_of_different_counts_are_named_as_not_weighting(tmp
     err = capsys.readouterr().err
     assert "kohya's repeat folders (10_sks dog, 1_dog): each image trains equally often here" in err, err
     (tmp_path / "1_dog" / "a.png").rename(tmp_path / "10_sks dog" / "b.png")       # one count: no difference
+    for folder in ("2023_summer", "2024_winter", "01_faces", "02_full body"):      # dated or numbered folders
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
     sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
     assert "repeat" not in capsys.readouterr().err
 
