@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2726  Output Files                     atomic writes, the output_dir lock, loss.png
-     2816  Several Processes (torchrun)     one all-reduce per step
-     2867  Command Line and the Tiny Model  main(), --tiny
+     2729  Output Files                     atomic writes, the output_dir lock, loss.png
+     2819  Several Processes (torchrun)     one all-reduce per step
+     2870  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2623,7 +2623,7 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
-    out: -> (files, those folders)."""
+    out: -> (files, those folders). Folders that cannot be read are named in a warning."""
     seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
@@ -2635,9 +2635,12 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
-    # os.walk passes by a folder it may not list; a dataset.path missing or a file is named by scan_dataset
+    # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
+    # and lists a link to a missing folder (a drive not mounted) as a file (images: named as unreadable)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
               if not isinstance(e, (FileNotFoundError, NotADirectoryError))]
+    locked += [f"{p} (a link to the missing {os.readlink(p)})" for p in files if p.suffix.lower() not in
+               IMAGE_EXTS and os.path.islink(p) and not os.path.exists(p)]
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
               file=sys.stderr)

@@ -2211,6 +2211,19 @@ def test_a_dataset_folder_that_cannot_be_read_is_named_not_left_out_without_a_wo
     assert f"skipped 1 folders that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
 
 
+def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys):
+    """A folder linked into the dataset from a drive that is not mounted: os.walk lists the dangling link as
+    a file, which has no image extension, so the folder's images were left out without a word."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "usb photos").symlink_to(tmp_path / "unmounted" / "photos", target_is_directory=True)
+    (tmp_path / "data" / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")  # named as unreadable
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
+    err = capsys.readouterr().err
+    assert f"skipped 1 folders that cannot be read: {tmp_path / 'data' / 'usb photos'} (a link to the missing " \
+           f"{tmp_path / 'unmounted' / 'photos'})" in err, err
+    assert "skipped 1 unreadable images: gone.png (FileNotFoundError)" in err, err
+
+
 def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
     """A .heic, .gif or .jfif (Windows saves web images as .jfif) was named only through its .txt caption:
     without one (a folder trained on dataset.default_caption) it was left out without a word."""
