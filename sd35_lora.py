@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2234  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2611  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2729  Output Files                     atomic writes, the output_dir lock, loss.png
-     2819  Several Processes (torchrun)     one all-reduce per step
-     2870  Command Line and the Tiny Model  main(), --tiny
+     2731  Output Files                     atomic writes, the output_dir lock, loss.png
+     2821  Several Processes (torchrun)     one all-reduce per step
+     2872  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2667,8 +2667,10 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         print(f"warning: {len(cropped)} images are cropped to under half their picture to fit the widest "
               f"aspect bucket, e.g. {', '.join(cropped[:5])}; cut them into parts", file=sys.stderr)
     if uncaptioned:
+        kohya = sum(p.suffix.lower() == ".caption" and p.name[:2] != "._" for p in files)  # sd-scripts
+        hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
-              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+              f"using dataset.default_caption {cfg.default_caption!r}{hint}", file=sys.stderr)
     if empty:
         print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
               f"train with the empty caption (unconditioned); delete such a .txt to use "

@@ -2236,6 +2236,17 @@ def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path
            ".bmp, .jpeg, .jpg, .png, .webp files only" in err, err
 
 
+def test_kohya_caption_files_are_named_as_not_read(tmp_path, capsys):
+    """kohya sd-scripts' captioners (make_captions.py) and its --caption_extension default write .caption
+    files: the warning said only 'no .txt caption', as if the dataset had none."""
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.caption").write_text("a photo of sks dog")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "using dataset.default_caption ''; 2 .caption files (kohya's) are not read: rename them to .txt" \
+           in capsys.readouterr().err
+
+
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
     """Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): the scan ended in a bare traceback."""
     sd.write_demo_dataset(tmp_path / "data")
