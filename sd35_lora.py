@@ -1049,10 +1049,10 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
-        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do;
-        # an image transparent all over has an unused alpha (some 32-bit BMPs), as browsers read them
-        if ("A" in im.getbands() or "transparency" in im.info) and max(im.convert("RGBA").getextrema()[3]):
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
+        alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
+        if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
         im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
