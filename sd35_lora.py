@@ -22,17 +22,17 @@ have. Sections (line numbers):
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1045  Data                             dataset scan, aspect buckets, the latent and text cache
-     1222  Training                         Trainer and the training loop
-     1473  Part 2: plumbing                 a reader can stop here
-     1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1959  Hub Downloads                    snapshot downloads, tokenizers
-     2016  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2238  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2636  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2726  Output Files                     atomic writes, the output_dir lock, loss.png
-     2816  Several Processes (torchrun)     one all-reduce per step
-     2867  Command Line and the Tiny Model  main(), --tiny
+     1227  Training                         Trainer and the training loop
+     1478  Part 2: plumbing                 a reader can stop here
+     1485  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1964  Hub Downloads                    snapshot downloads, tokenizers
+     2021  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2368  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2641  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2761  Output Files                     atomic writes, the output_dir lock, loss.png
+     2851  Several Processes (torchrun)     one all-reduce per step
+     2902  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1057,6 +1057,10 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
             im = im.point(lambda v: v / 257)
+        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
+        alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
+        if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
         im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
@@ -1075,7 +1079,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty, large, small = [], [], [], [], [], []
+    items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
     for path in paths:
         try:
             with open_image(path) as im:
@@ -1099,7 +1103,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small)
+        cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
+    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
     if not items:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -1152,7 +1157,7 @@ class LatentDataset:
         rank, world = rank_and_world()
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
-                         "crop-then-resize")     # caches of the older resize-then-crop load_image: not reused
+                         "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
 
@@ -2640,15 +2645,17 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 # thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
 # any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
 NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
-            "__MACOSX", "System Volume Information"}
+            "__MACOSX", "System Volume Information", "lost+found"}
+# pictures in formats not read (phones' .heic, Windows' .jfif for web images): named, not left out unsaid
+OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
-    out: -> (files, those folders)."""
-    seen, files, left_out, not_data = set(), [], [], {name.casefold() for name in NOT_DATA}
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    out: -> (files, those folders). Folders that cannot be read are named in a warning."""
+    seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders.clear()
@@ -2658,11 +2665,21 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
+    # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
+    # and lists a link to a missing folder (a drive not mounted) as a file (images: named as unreadable)
+    locked = [f"{e.filename} ({e.strerror})" for e in errors
+              if not isinstance(e, (FileNotFoundError, NotADirectoryError))]
+    locked += [f"{p} (a link to the missing {os.readlink(p)})" for p in files if p.suffix.lower() not in
+               IMAGE_EXTS and os.path.islink(p) and not os.path.exists(p)]
+    if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
+        print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
+              file=sys.stderr)
     return files, sorted(left_out)
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
-                     uncaptioned: list[str], empty: list[str], large: list[str], small: list[str]):
+                     uncaptioned: list[str], empty: list[str], large: list[str], small: list[str],
+                     cropped: list[str]):
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
@@ -2676,20 +2693,38 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         print(f"warning: {len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
               f"{cfg.resolution} px, so they train blurred, e.g. {', '.join(small[:5])}; use larger images "
               f"or a lower dataset.resolution", file=sys.stderr)
+    if cropped:
+        print(f"warning: {len(cropped)} images are cropped to under half their picture to fit the widest "
+              f"aspect bucket, e.g. {', '.join(cropped[:5])}; cut them into parts", file=sys.stderr)
     if uncaptioned:
+        kohya = sum(p.suffix.lower() == ".caption" and p.name[:2] != "._" for p in files)  # sd-scripts
+        hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
-              f"using dataset.default_caption {cfg.default_caption!r}", file=sys.stderr)
+              f"using dataset.default_caption {cfg.default_caption!r}{hint}", file=sys.stderr)
     if empty:
         print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
               f"train with the empty caption (unconditioned); delete such a .txt to use "
               f"dataset.default_caption", file=sys.stderr)
-    stems = collections.Counter(path.with_suffix("") for path in paths)
-    if shared := [path.name for path in paths if stems[path.with_suffix("")] > 1]:
-        print(f"warning: images sharing one caption file: {' + '.join(shared[:6])}", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    stems = collections.defaultdict(list)                          # image names by path without extension
+    for path in paths:
+        stems[path.with_suffix("")].append(path.name)
+    if shared := [" + ".join(names) for names in stems.values() if len(names) > 1]:
+        print(f"warning: images sharing one caption file: {', '.join(shared[:5])}", file=sys.stderr)
+    # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
+    # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
+    repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
+    if len({int(name.split("_")[0]) for name in repeats}) > 1:
+        print(f"warning: kohya's repeat folders ({', '.join(repeats[:5])}): each image trains equally often "
+              f"here, whatever its folder's number; copy images to weight them", file=sys.stderr)
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
+               and not p.name.startswith("._")]                            # a Mac's ._name twin: no caption
     if orphans:                                                          # (a .heic's, say)
         print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
               f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
+    if others := sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS and p.name[:2] != "._"):
+        print(f"warning: {len(others)} images in formats not read are left out, e.g. "
+              f"{', '.join(others[:5])}; images are read from {', '.join(sorted(IMAGE_EXTS))} files only",
+              file=sys.stderr)
 
 
 # Pillow's bomb guard (89 MP) refuses 108 and 200 MP phone photos; past this, a small file that claims e.g.

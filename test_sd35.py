@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import struct
 import sys
 import time
 import weakref
@@ -1941,6 +1942,35 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
 
 
+def test_transparent_pixels_train_as_shown_on_white_not_as_the_colour_stored_under_them(tmp_path):
+    """convert('RGB') drops alpha: transparent pixels trained as whatever colour the file stores under them
+    (black from most background removers, the erased background from editors that only clear alpha), which
+    no viewer shows. They are composited on white; opaque pixels are kept. A 32-bit BMP whose alpha is 0 all
+    over has an unused alpha (browsers show its colours): it keeps its colours, not a blank white."""
+    cutout = np.zeros((64, 64, 4), np.uint8)
+    cutout[..., :3] = (20, 160, 30)                                      # a green background, erased: alpha 0
+    cutout[16:48, 16:48] = (30, 60, 250, 255)                            # an opaque blue square
+    cutout[:, :8, 3] = 128                                               # half-transparent green edge
+    Image.fromarray(cutout).save(tmp_path / "cutout.png")
+    Image.fromarray(cutout).convert("LA").save(tmp_path / "grey.png")
+    sticker = Image.new("P", (64, 64), 1)                                # palette: 0 blue, 1 red but transparent
+    sticker.putpalette([30, 60, 250, 255, 0, 0])
+    sticker.paste(0, (16, 16, 48, 48))
+    sticker.save(tmp_path / "sticker.png", transparency=1)
+    for name in ("cutout.png", "grey.png", "sticker.png"):
+        pixels = (sd.load_image(tmp_path / name, (64, 64)) + 1) * 127.5
+        assert pixels[:, 32, 8:12].min() >= 254.5, (name, pixels[:, 32, 8:12])          # transparent: white
+    pixels = (sd.load_image(tmp_path / "cutout.png", (64, 64)) + 1) * 127.5
+    torch.testing.assert_close(pixels[:, 32, 32], torch.tensor([30.0, 60, 250]), atol=0.5, rtol=0)
+    torch.testing.assert_close(pixels[:, 32, 2], torch.tensor([20.0, 160, 30]) / 2 + 127.5, atol=1, rtol=0)
+    header = struct.pack("<IiiHHIIiiII4I", 124, 64, 64, 1, 32, 3, 64 * 64 * 4, 2835, 2835, 0, 0,
+                         0xFF0000, 0xFF00, 0xFF, 0xFF000000).ljust(124, b"\0")     # BITMAPV5HEADER, bitfields
+    (tmp_path / "unused_alpha.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 14 + 124 + 64 * 64 * 4, 0, 0, 138)
+                                                + header + bytes([30, 60, 250, 0]) * (64 * 64))    # BGRA
+    pixels = (sd.load_image(tmp_path / "unused_alpha.bmp", (64, 64)) + 1) * 127.5
+    torch.testing.assert_close(pixels[:, 32, 32], torch.tensor([250.0, 60, 30]), atol=0.5, rtol=0)
+
+
 def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(tmp_path, capsys):
     """An empty .txt (a tagger that found nothing, a caption never written) trains as the empty caption, as
     caption dropout does: it may be meant (not the default_caption, which is for images without a .txt), but
@@ -2091,6 +2121,17 @@ def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_p
     assert "e.g. thumb.png (32x24);" in err, err
 
 
+def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, capsys):
+    """Buckets go up to 4:1, and each image is centre-cropped to its bucket: a 1:10 webtoon strip or a 360
+    degree panorama lost over half its picture without a word. Up to 8:1 (at most half cut) passes quietly."""
+    for name, size in (("strip.png", (100, 1000)), ("pano.png", (1600, 160)), ("wide.png", (640, 100))):
+        Image.new("RGB", size).save(tmp_path / name)
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))) == 3
+    err = capsys.readouterr().err
+    assert "2 images are cropped to under half their picture to fit the widest aspect bucket, e.g. pano.png, " \
+           "strip.png;" in err, err
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
@@ -2120,15 +2161,99 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
 def test_dataset_scan_follows_linked_image_folders_once(tmp_path, capsys):
     """Image folders linked into the dataset were left out without a word (Path.rglob does not follow links);
     a link back to a parent folder is no endless loop and no image is read twice. macOS's ._name metadata
-    files (one per image in a zip made on a Mac) are no images, not 'unreadable images'."""
+    files (one per image and caption copied from a Mac) are no images, not 'unreadable images', and no
+    captions, not '.txt captions that have no image'."""
     sd.write_demo_dataset(tmp_path / "elsewhere")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "._red_stripes.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    for name in ("._red_stripes.png", "._red_stripes.txt"):
+        (tmp_path / "data" / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "data", target_is_directory=True)
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64, cache_dir=str(tmp_path)))
     assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
-    assert "unreadable" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unreadable" not in err and "no image" not in err, err
+
+
+def test_images_sharing_a_caption_file_are_named_by_group(tmp_path, capsys):
+    """a.png + a.jpg and b.png + b.webp were named 'a.jpg + a.png + b.png + b.webp', as if all four shared one."""
+    for name in ("a.png", "a.jpg", "b.png", "b.webp", "c.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "images sharing one caption file: a.jpg + a.png, b.png + b.webp\n" in capsys.readouterr().err
+
+
+def test_kohya_repeat_folders_of_different_counts_are_named_as_not_weighting(tmp_path, capsys):
+    """A dataset made for kohya sd-scripts weights its folders by their names (10_sks dog: 10 repeats per
+    epoch, 1_dog: 1); here every image trains equally often, which changed the balance without a word."""
+    for folder in ("10_sks dog", "1_dog", "10_sks dog/close-ups"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert "kohya's repeat folders (10_sks dog, 1_dog): each image trains equally often here" in err, err
+    (tmp_path / "1_dog" / "a.png").rename(tmp_path / "10_sks dog" / "b.png")       # one count: no difference
+    for folder in ("2023_summer", "2024_winter", "01_faces", "02_full body"):      # dated or numbered folders
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "repeat" not in capsys.readouterr().err
+
+
+def test_a_dataset_folder_that_cannot_be_read_is_named_not_left_out_without_a_word(tmp_path, capsys, monkeypatch):
+    """os.walk passes by a folder it may not list (copied with sudo, a root-owned docker volume): its images
+    were left out without a word, while an unreadable image file is named. A disk's lost+found (root only)
+    is no data, as System Volume Information is not."""
+    for folder in ("open", "locked", "lost+found"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a.png")
+    scandir = os.scandir
+
+    def refuse(path):                                                    # as for a user not allowed in
+        if Path(path).name in ("locked", "lost+found"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert [item["path"].parent.name for item in items] == ["open"]
+    err = capsys.readouterr().err
+    assert f"skipped 1 folders that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
+
+
+def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys):
+    """A folder linked into the dataset from a drive that is not mounted: os.walk lists the dangling link as
+    a file, which has no image extension, so the folder's images were left out without a word."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "usb photos").symlink_to(tmp_path / "unmounted" / "photos", target_is_directory=True)
+    (tmp_path / "data" / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")  # named as unreadable
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
+    err = capsys.readouterr().err
+    assert f"skipped 1 folders that cannot be read: {tmp_path / 'data' / 'usb photos'} (a link to the missing " \
+           f"{tmp_path / 'unmounted' / 'photos'})" in err, err
+    assert "skipped 1 unreadable images: gone.png (FileNotFoundError)" in err, err
+
+
+def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
+    """A .heic, .gif or .jfif (Windows saves web images as .jfif) was named only through its .txt caption:
+    without one (a folder trained on dataset.default_caption) it was left out without a word."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    for name in ("IMG_0001.heic", "saved.jfif", "._a.gif"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert "2 images in formats not read are left out, e.g. IMG_0001.heic, saved.jfif; images are read from " \
+           ".bmp, .jpeg, .jpg, .png, .webp files only" in err, err
+
+
+def test_kohya_caption_files_are_named_as_not_read(tmp_path, capsys):
+    """kohya sd-scripts' captioners (make_captions.py) and its --caption_extension default write .caption
+    files: the warning said only 'no .txt caption', as if the dataset had none."""
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.caption").write_text("a photo of sks dog")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert "using dataset.default_caption ''; 2 .caption files (kohya's) are not read: rename them to .txt" \
+           in capsys.readouterr().err
 
 
 def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_path, capsys):
