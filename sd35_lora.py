@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2696  Output Files                     atomic writes, the output_dir lock, loss.png
      2786  Several Processes (torchrun)     one all-reduce per step
-     2837  Command Line and the Tiny Model  main(), --tiny
+     2839  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2818,7 +2818,9 @@ def collective(call, *args, **kwargs):
             said = " ".join(str(e).split("Exception raised from")[0].split())  # /dev/shm), on one line
             raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
                             f"once a checkpoint was saved)", own=True) from None
-        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
+        # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
+        said = re.sub(r"^\[\S+\] ", "", str(e).splitlines()[0]).split(". ")[0]
+        raise UserError(f"lost contact with the others ({said[:150]}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
                         f"checkpoint was saved", own=True) from None

@@ -3333,6 +3333,24 @@ def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
     assert e.value.own
 
 
+def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
+    """gloo's messages start with an 80-character '[/__w/pytorch/.../unbound_buffer.cc:78] ' tag: cut at 99
+    characters, a 600 s timeout read 'Timed out waiting 6' (the time to raise was lost). Messages as gloo
+    2.13's all_reduce gave them, one process killed or stopped."""
+    tag = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/{}] "
+    for said, shown in ((tag.format("unbound_buffer.cc:78") + "Timed out waiting 600000ms for recv operation to "
+                         "complete", "Timed out waiting 600000ms for recv operation to complete"),
+                        (tag.format("pair.cc:553") + "Connection closed by peer [127.0.0.1]:41897. This is "
+                         "typically caused by a remote worker crashing. Check the logs of the remote worker before "
+                         "reporting an error. GLHF! \N{BEACH WITH UMBRELLA}",
+                         "Connection closed by peer [127.0.0.1]:41897")):
+        def fail():
+            raise RuntimeError(said)
+        with pytest.raises(sd.UserError) as e:
+            sd.collective(fail)
+        assert str(e.value).startswith(f"lost contact with the others ({shown}): one died"), str(e.value)
+
+
 def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact_not_a_traceback(tmp_path, monkeypatch):
     """Seen with two `torchrun --nnodes 2`, one machine failing before it joined: the other waited out
     train.dist_timeout and ended in a DistStoreError traceback (a hang while the cache builds: a RuntimeError)."""
