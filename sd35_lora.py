@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2696  Output Files                     atomic writes, the output_dir lock, loss.png
      2786  Several Processes (torchrun)     one all-reduce per step
-     2839  Command Line and the Tiny Model  main(), --tiny
+     2844  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2797,6 +2797,11 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
     if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
+        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} not "
+                        f"set: start the processes with torchrun (README: Several GPUs), or unset WORLD_SIZE "
+                        f"to train in one", own=True)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

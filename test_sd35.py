@@ -3333,6 +3333,19 @@ def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
     assert e.value.own
 
 
+def test_torchrun_variables_left_in_a_plain_runs_environment_are_one_line(tmp_path, monkeypatch):
+    """WORLD_SIZE (and RANK) exported, e.g. by a cluster script, then `python sd35_lora.py`: after the dataset
+    scan, a ValueError traceback from torch's env:// rendezvous ("MASTER_ADDR expected, but not set")."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(sd.UserError, match=r"^WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT are not set: start "
+                                           r"the processes with torchrun .* or unset WORLD_SIZE") as e:
+        sd.init_distributed(tiny_config(tmp_path))
+    assert e.value.own                          # printed whatever RANK and LOCAL_RANK say
+
+
 def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
     """gloo's messages start with an 80-character '[/__w/pytorch/.../unbound_buffer.cc:78] ' tag: cut at 99
     characters, a 600 s timeout read 'Timed out waiting 6' (the time to raise was lost). Messages as gloo
@@ -3356,7 +3369,8 @@ def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact
     train.dist_timeout and ended in a DistStoreError traceback (a hang while the cache builds: a RuntimeError)."""
     make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)                                  # what torchrun sets
     def fail(*args, **kwargs):
         raise sd.dist.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cpu//0/1")
     for name, call in (("init_process_group", lambda: sd.init_distributed(cfg)),
