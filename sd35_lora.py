@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2696  Output Files                     atomic writes, the output_dir lock, loss.png
      2786  Several Processes (torchrun)     one all-reduce per step
-     2844  Command Line and the Tiny Model  main(), --tiny
+     2845  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2789,7 +2789,8 @@ def plot_losses(log_path: Path, png_path: Path):
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))        # a RANK left alone: a plain run (it trained nothing)
+    return int(os.environ.get("RANK", 0)) if world > 1 else 0, world
 
 
 def init_distributed(cfg: Config) -> tuple[int, int]:

@@ -1503,6 +1503,7 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
     assert not (tmp_path / "run/training_state.safetensors").exists()
     monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
     with pytest.raises(SystemExit):
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
@@ -3296,6 +3297,19 @@ def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
     assert str(exit_info.value.code).startswith("error: 'train.lr'")
+
+
+def test_a_plain_run_with_a_rank_left_in_its_environment_trains_and_saves(tmp_path, monkeypatch, capsys):
+    """RANK without WORLD_SIZE (exported, or a shell started from a torchrun worker): the one process took itself
+    for torchrun's process 1 of 1, trained no sample, and after the models and the cache loaded ended in a
+    ZeroDivisionError traceback; its prints went to /dev/null and nothing would have been saved."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert sd.rank_and_world() == (0, 1)
+    sets = {"train.steps": 1, "train.save_every": 1, "sample.prompts": [], "lora.targets": "attn"}
+    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    assert "done: " in capsys.readouterr().out and (tmp_path / "run/lora.safetensors").is_file()
 
 
 def test_nccl_setup_errors_at_the_first_barrier_are_not_called_lost_contact(monkeypatch):
