@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1465  Part 2: plumbing                 a reader can stop here
      1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1951  Hub Downloads                    snapshot downloads, tokenizers
-     2008  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2696  Output Files                     atomic writes, the output_dir lock, loss.png
-     2786  Several Processes (torchrun)     one all-reduce per step
-     2845  Command Line and the Tiny Model  main(), --tiny
+     1952  Hub Downloads                    snapshot downloads, tokenizers
+     2009  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2230  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2334  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2607  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2697  Output Files                     atomic writes, the output_dir lock, loss.png
+     2787  Several Processes (torchrun)     one all-reduce per step
+     2846  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1872,6 +1872,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 def pick_device(name: str = "auto") -> torch.device:
     by_rank = name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+    by_rank = by_rank and rank_and_world()[1] > 1             # a LOCAL_RANK left in a plain run's environment
     if by_rank:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
     if name == "auto":

@@ -2577,7 +2577,10 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     for name, match in [("mps", "sees 0 mps"), ("cuda:1", "sees 1 cuda"), ("xla", "unknown device 'xla'"),
                         ("gpu", "unknown device 'gpu'")]:
         one_line_error(lambda: sd.pick_device(name), match)
-    monkeypatch.setenv("LOCAL_RANK", "1")                   # torchrun with more processes than GPUs
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")       # left in a plain run's environment: not torchrun's, no cuda:1 error
+    assert sd.pick_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")                   # torchrun with more processes than GPUs
     one_line_error(lambda: sd.pick_device("auto"), "cuda:1 asked for, but this torch sees 1 cuda")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert sd.pick_device("auto") == torch.device("cuda", 0)
