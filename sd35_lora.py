@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2607  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2697  Output Files                     atomic writes, the output_dir lock, loss.png
      2787  Several Processes (torchrun)     one all-reduce per step
-     2846  Command Line and the Tiny Model  main(), --tiny
+     2847  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2826,8 +2826,9 @@ def collective(call, *args, **kwargs):
             raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
                             f"once a checkpoint was saved)", own=True) from None
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
-        said = re.sub(r"^\[\S+\] ", "", str(e).splitlines()[0]).split(". ")[0]
-        raise UserError(f"lost contact with the others ({said[:150]}): one died, or hung or "
+        said = re.sub(r"^\[\S+\] ", "", str(e).splitlines()[0])
+        said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
+        raise UserError(f"lost contact with the others ({said}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
                         f"checkpoint was saved", own=True) from None

@@ -3373,7 +3373,10 @@ def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
                         (tag.format("pair.cc:553") + "Connection closed by peer [127.0.0.1]:41897. This is "
                          "typically caused by a remote worker crashing. Check the logs of the remote worker before "
                          "reporting an error. GLHF! \N{BEACH WITH UMBRELLA}",
-                         "Connection closed by peer [127.0.0.1]:41897")):
+                         "Connection closed by peer [127.0.0.1]:41897. This is typically caused by a remote worker "
+                         "crashing"),
+                        ("Timed out after 11 seconds waiting for clients. 1/2 clients joined.",     # TCPStore's
+                         "Timed out after 11 seconds waiting for clients. 1/2 clients joined.")):
         def fail():
             raise RuntimeError(said)
         with pytest.raises(sd.UserError) as e:
