@@ -2801,9 +2801,9 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
-        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} not "
-                        f"set: start the processes with torchrun (README: Several GPUs), or unset WORLD_SIZE "
-                        f"to train in one", own=True)
+        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
+                        f"not set: start the processes with torchrun (README: Several GPUs), or unset "
+                        f"WORLD_SIZE to train in one", own=True)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -2945,8 +2945,9 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         name, code = ("terminated", 143) if term else ("interrupted", 130)
+        why = " (by torchrun if a process failed: see its error)" * (rank_and_world()[1] > 1 and bool(term))
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
-            print(f"{name} before training began: nothing new to save (finished cache files are kept)",
+            print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
         sys.exit(code)
     finally:

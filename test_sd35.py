@@ -1510,6 +1510,24 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert "interrupted" not in capsys.readouterr().err
 
 
+def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not_blame_the_user(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
+    torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
+    user or a scheduler had stopped the job."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))
+    monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "terminated before training began (by torchrun if a process failed: see its error): "
+        "nothing new to save (finished cache files are kept)")
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
