@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1227  Training                         Trainer and the training loop
      1478  Part 2: plumbing                 a reader can stop here
      1485  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1964  Hub Downloads                    snapshot downloads, tokenizers
-     2021  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2368  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2641  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2761  Output Files                     atomic writes, the output_dir lock, loss.png
-     2851  Several Processes (torchrun)     one all-reduce per step
-     2902  Command Line and the Tiny Model  main(), --tiny
+     1965  Hub Downloads                    snapshot downloads, tokenizers
+     2022  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2244  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2369  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2642  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2762  Output Files                     atomic writes, the output_dir lock, loss.png
+     2852  Several Processes (torchrun)     one all-reduce per step
+     2912  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1885,6 +1885,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 def pick_device(name: str = "auto") -> torch.device:
     by_rank = name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+    by_rank = by_rank and rank_and_world()[1] > 1             # a LOCAL_RANK left in a plain run's environment
     if by_rank:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
     if name == "auto":
@@ -2854,7 +2855,8 @@ def plot_losses(log_path: Path, png_path: Path):
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))        # a RANK left alone: a plain run (it trained nothing)
+    return int(os.environ.get("RANK", 0)) if world > 1 else 0, world
 
 
 def init_distributed(cfg: Config) -> tuple[int, int]:
@@ -2862,6 +2864,11 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
     if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
+        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
+                        f"not set: start the processes with torchrun (README: Several GPUs), or unset "
+                        f"WORLD_SIZE to train in one", own=True)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -2883,7 +2890,10 @@ def collective(call, *args, **kwargs):
             said = " ".join(str(e).split("Exception raised from")[0].split())  # /dev/shm), on one line
             raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
                             f"once a checkpoint was saved)", own=True) from None
-        raise UserError(f"lost contact with the others ({str(e).splitlines()[0][:99]}): one died, or hung or "
+        # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
+        said = re.sub(r"^\[\S+\] ", "", str(e).splitlines()[0])
+        said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
+        raise UserError(f"lost contact with the others ({said}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
                         f"checkpoints: raise it if those take longer); run again, with --resume once a "
                         f"checkpoint was saved", own=True) from None
@@ -3000,8 +3010,9 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         name, code = ("terminated", 143) if term else ("interrupted", 130)
+        why = " (by torchrun if a process failed: see its error)" * (rank_and_world()[1] > 1 and bool(term))
         if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
-            print(f"{name} before training began: nothing new to save (finished cache files are kept)",
+            print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
         sys.exit(code)
     finally:

@@ -1513,10 +1513,29 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
     assert not (tmp_path / "run/training_state.safetensors").exists()
     monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
     with pytest.raises(SystemExit):
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert "interrupted" not in capsys.readouterr().err
+
+
+def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not_blame_the_user(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
+    torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
+    user or a scheduler had stopped the job."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))
+    monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "terminated before training began (by torchrun if a process failed: see its error): "
+        "nothing new to save (finished cache files are kept)")
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
@@ -2710,7 +2729,10 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     for name, match in [("mps", "sees 0 mps"), ("cuda:1", "sees 1 cuda"), ("xla", "unknown device 'xla'"),
                         ("gpu", "unknown device 'gpu'")]:
         one_line_error(lambda: sd.pick_device(name), match)
-    monkeypatch.setenv("LOCAL_RANK", "1")                   # torchrun with more processes than GPUs
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")       # left in a plain run's environment: not torchrun's, no cuda:1 error
+    assert sd.pick_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")                   # torchrun with more processes than GPUs
     one_line_error(lambda: sd.pick_device("auto"), "cuda:1 asked for, but this torch sees 1 cuda")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert sd.pick_device("auto") == torch.device("cuda", 0)
@@ -3461,6 +3483,19 @@ def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
     assert str(exit_info.value.code).startswith("error: 'train.lr'")
 
 
+def test_a_plain_run_with_a_rank_left_in_its_environment_trains_and_saves(tmp_path, monkeypatch, capsys):
+    """RANK without WORLD_SIZE (exported, or a shell started from a torchrun worker): the one process took itself
+    for torchrun's process 1 of 1, trained no sample, and after the models and the cache loaded ended in a
+    ZeroDivisionError traceback; its prints went to /dev/null and nothing would have been saved."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert sd.rank_and_world() == (0, 1)
+    sets = {"train.steps": 1, "train.save_every": 1, "sample.prompts": [], "lora.targets": "attn"}
+    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    assert "done: " in capsys.readouterr().out and (tmp_path / "run/lora.safetensors").is_file()
+
+
 def test_nccl_setup_errors_at_the_first_barrier_are_not_called_lost_contact(monkeypatch):
     """NCCL connects lazily, at the cache barrier: its own errors there (a container's small /dev/shm, as
     reported against other trainers' first barrier) are no dead peer; 'lost contact ... run again' dropped
@@ -3496,12 +3531,47 @@ def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
     assert e.value.own
 
 
+def test_torchrun_variables_left_in_a_plain_runs_environment_are_one_line(tmp_path, monkeypatch):
+    """WORLD_SIZE (and RANK) exported, e.g. by a cluster script, then `python sd35_lora.py`: after the dataset
+    scan, a ValueError traceback from torch's env:// rendezvous ("MASTER_ADDR expected, but not set")."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(sd.UserError, match=r"^WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT are not set: start "
+                                           r"the processes with torchrun .* or unset WORLD_SIZE") as e:
+        sd.init_distributed(tiny_config(tmp_path))
+    assert e.value.own                          # printed whatever RANK and LOCAL_RANK say
+
+
+def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
+    """gloo's messages start with an 80-character '[/__w/pytorch/.../unbound_buffer.cc:78] ' tag: cut at 99
+    characters, a 600 s timeout read 'Timed out waiting 6' (the time to raise was lost). Messages as gloo
+    2.13's all_reduce gave them, one process killed or stopped."""
+    tag = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/{}] "
+    for said, shown in ((tag.format("unbound_buffer.cc:78") + "Timed out waiting 600000ms for recv operation to "
+                         "complete", "Timed out waiting 600000ms for recv operation to complete"),
+                        (tag.format("pair.cc:553") + "Connection closed by peer [127.0.0.1]:41897. This is "
+                         "typically caused by a remote worker crashing. Check the logs of the remote worker before "
+                         "reporting an error. GLHF! \N{BEACH WITH UMBRELLA}",
+                         "Connection closed by peer [127.0.0.1]:41897. This is typically caused by a remote worker "
+                         "crashing"),
+                        ("Timed out after 11 seconds waiting for clients. 1/2 clients joined.",     # TCPStore's
+                         "Timed out after 11 seconds waiting for clients. 1/2 clients joined.")):
+        def fail():
+            raise RuntimeError(said)
+        with pytest.raises(sd.UserError) as e:
+            sd.collective(fail)
+        assert str(e.value).startswith(f"lost contact with the others ({shown}): one died"), str(e.value)
+
+
 def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact_not_a_traceback(tmp_path, monkeypatch):
     """Seen with two `torchrun --nnodes 2`, one machine failing before it joined: the other waited out
     train.dist_timeout and ended in a DistStoreError traceback (a hang while the cache builds: a RuntimeError)."""
     make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)                                  # what torchrun sets
     def fail(*args, **kwargs):
         raise sd.dist.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cpu//0/1")
     for name, call in (("init_process_group", lambda: sd.init_distributed(cfg)),
