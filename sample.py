@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -185,11 +186,22 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
             number += 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout` and schedulers send), handled as Ctrl-C: else the process died at once, leaving
+    the sample_NN.png being written as the empty file reserve() made."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except sd.UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted: images already written stay in --out", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{name}: images already written stay in --out", file=sys.stderr)
+        sys.exit(code)

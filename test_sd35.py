@@ -2501,6 +2501,22 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
 
 
 
+def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) killed sample.py outright: the sample_NN.png it had reserved
+    (created empty, O_EXCL) stayed behind as a 0-byte image that later runs number after. It is handled as
+    Ctrl-C: the unfinished image is removed, one line says so, exit code 143."""
+    script = tmp_path / "run.py"                    # SIGTERM arrives while the first image is being written
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                "--height", "32", "--out", str(tmp_path / "out"))
+    assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("terminated: ")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
