@@ -142,17 +142,31 @@ def main(argv=None) -> list[Path]:
     settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, slg_scale,
                                  args.slg_layers, args.width, args.height, args.seed)
     settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)    # as it runs: the PNG records it
-    images = sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size)
-    return save_images(images, args, settings, pipe.variant, t5_length)
+    earlier, paths = len(taken_numbers(Path(args.out))), []
+
+    def keep(images):                                   # each batch is saved when done: a Ctrl-C keeps them
+        save_images(images, args, settings, pipe.variant, t5_length, paths)
+    try:
+        sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size, keep=keep)
+    finally:
+        kept = f" (after the {earlier} earlier samples there, kept)" if earlier else ""
+        if paths:
+            print(f"saved {len(paths)} images to {Path(args.out)}: {', '.join(p.name for p in paths)}{kept}")
+    return paths
 
 
-def save_images(images, args, settings, variant: str, t5_length: int) -> list[Path]:
+def taken_numbers(out: Path) -> list[int]:
+    return [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
+
+
+def save_images(images, args, settings, variant: str, t5_length: int, paths: list[Path]) -> list[Path]:
+    """The images of args.prompt[len(paths):] as the next free sample_NN.png of --out (the parameters in each),
+    added to `paths` one by one."""
     from PIL.PngImagePlugin import PngInfo
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
-    number = max(taken, default=-1) + 1                 # never overwrite earlier samples: number on
-    for i, (image, prompt) in enumerate(zip(images, args.prompt)):
+    number = max(taken_numbers(out), default=-1) + 1    # never overwrite earlier samples: number on
+    for i, (image, prompt) in enumerate(zip(images, args.prompt[len(paths):]), len(paths)):
         # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
@@ -169,8 +183,6 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
             raise
         paths.append(path)
         number += 1
-    kept = f" (after the {len(taken)} earlier samples there, kept)" if taken else ""
-    print(f"saved {len(paths)} images to {out}: {', '.join(p.name for p in paths)}{kept}")
     return paths
 
 

@@ -21,18 +21,18 @@ have. Sections (line numbers):
       664  VAE                              16-channel autoencoder, the latent scale and shift
       809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1214  Training                         Trainer and the training loop
-     1465  Part 2: plumbing                 a reader can stop here
-     1472  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1951  Hub Downloads                    snapshot downloads, tokenizers
-     2008  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2333  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2606  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2696  Output Files                     atomic writes, the output_dir lock, loss.png
-     2786  Several Processes (torchrun)     one all-reduce per step
-     2837  Command Line and the Tiny Model  main(), --tiny
+     1040  Data                             dataset scan, aspect buckets, the latent and text cache
+     1217  Training                         Trainer and the training loop
+     1468  Part 2: plumbing                 a reader can stop here
+     1475  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1954  Hub Downloads                    snapshot downloads, tokenizers
+     2011  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2232  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2336  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2609  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2699  Output Files                     atomic writes, the output_dir lock, loss.png
+     2789  Several Processes (torchrun)     one all-reduce per step
+     2840  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -993,9 +993,10 @@ class SampleSettings:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
-             embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time. `embeddings` = (cond, uncond)
-    skips the text encoders."""
+             embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
+    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time; keep(images) gets each
+    batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
+    the text encoders."""
     from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
@@ -1016,22 +1017,24 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    with pipe.on_device(pipe.mmdit):
-        batches = []
-        for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            part = slice(i, i + batch_size)
-            c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
-            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
-                                   s.slg_layers, progress))
-        x = torch.cat(batches)
-    with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
-    if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-            [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
-            "lower the cfg/LoRA scale or use fp32"))
-    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
+    done = []
+    for i in range(0, len(x), batch_size):              # not all at once: many prompts ran out of GPU memory
+        part = slice(i, i + batch_size)
+        c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
+        with pipe.on_device(pipe.mmdit):
+            z = denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers,
+                        progress)
+        with pipe.on_device(pipe.vae):                     # one image at a time: VAE activations are large
+            images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])    # (B, 3, H, W) in [-1, 1]
+        if not images.isfinite().all():                    # one check per batch, not per sampling step
+            raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+                [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
+                "lower the cfg/LoRA scale or use fp32"))
+        arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
+        if keep:
+            keep(done[i:])
+    return done
 
 
 #################################################################################

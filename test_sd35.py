@@ -2517,6 +2517,27 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_sample_cli_interrupted_keeps_the_images_already_denoised(tmp_path, monkeypatch, capsys):
+    """Every image was written only after the last one was denoised: a Ctrl-C (or SIGTERM) at the tenth of ten
+    prompts lost the nine finished ones, though the message said "images already written stay in --out".
+    Each batch is now saved as soon as it is decoded."""
+    calls, real = [], sd.denoise
+    def denoise(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                                             # Ctrl-C in the third batch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(sd, "denoise", denoise)
+    (tmp_path / "sample_00.png").write_bytes(b"an earlier run's image")
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--model", "tiny", "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1",
+                     "--width", "32", "--height", "32", "--seed", "7", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
+    params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (1, 2)]
+    assert [(p["prompt"], p["seed"]) for p in params] == [("a", 7), ("b", 8)]
+    assert "saved 2 images to" in capsys.readouterr().out
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
