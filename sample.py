@@ -31,6 +31,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def utf8_text(text: str) -> str:
+    """A prompt from bytes that are not UTF-8 (a Latin-1 file or terminal) holds lone surrogates, which the
+    tokenizers refuse with a bare TypeError, after the models have loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {text!r:.60} (save the file it came from as "
+                                         f"UTF-8, or set the terminal to UTF-8)") from None
+    return text
+
+
 def block_list(text: str) -> tuple[int, ...]:
     if not all(part.strip().isdigit() for part in text.split(",")):
         raise argparse.ArgumentTypeError(f"expected joint block numbers such as 7,8,9, got {text!r}")
@@ -45,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
-    p.add_argument("--prompt", action="append", help="repeatable: one image each")
-    p.add_argument("--negative", default="", help="negative prompt (default: empty; used only with CFG)")
+    p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
+    p.add_argument("--negative", default="", type=utf8_text,
+                   help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
     p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
@@ -160,8 +172,8 @@ def taken_numbers(out: Path) -> list[int]:
 
 
 def save_images(images, args, settings, variant: str, t5_length: int, paths: list[Path]) -> list[Path]:
-    """The images of args.prompt[len(paths):] as the next free sample_NN.png of --out (the parameters in each),
-    added to `paths` one by one."""
+    """The images of args.prompt[len(paths):] as the next free sample_NN.png of --out (the parameters in
+    each), added to `paths` one by one."""
     from PIL.PngImagePlugin import PngInfo
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2460,6 +2460,18 @@ def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     assert "expected joint block numbers such as 7,8,9, got '7,x'" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_a_prompt_that_is_not_utf8_before_loading(capsys):
+    """--prompt "$(cat prompt.txt)" of a Latin-1 file (or a Latin-1 terminal) gives Python lone surrogates
+    ('caf\\udce9'): the tokenizers raised a bare TypeError traceback after the models had loaded."""
+    for flag in ("--prompt", "--negative"):
+        args = ["--model", "tiny", "--prompt", "a cat", flag, "caf\udce9"]
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(args)
+        assert exit_info.value.code == 2 and "not UTF-8 text" in capsys.readouterr().err
+    ok = sample.parse_args(["--model", "tiny", "--prompt", "café 🦊", "--prompt", "", "--negative", "ü"])
+    assert (ok.prompt, ok.negative) == (["café 🦊", ""], "ü")
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(capsys):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         with pytest.raises(SystemExit) as exit_info:
