@@ -21,18 +21,18 @@ have. Sections (line numbers):
       664  VAE                              16-channel autoencoder, the latent scale and shift
       809  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       860  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1040  Data                             dataset scan, aspect buckets, the latent and text cache
-     1217  Training                         Trainer and the training loop
-     1468  Part 2: plumbing                 a reader can stop here
-     1475  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1954  Hub Downloads                    snapshot downloads, tokenizers
-     2011  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2232  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2336  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2609  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2699  Output Files                     atomic writes, the output_dir lock, loss.png
-     2789  Several Processes (torchrun)     one all-reduce per step
-     2840  Command Line and the Tiny Model  main(), --tiny
+     1043  Data                             dataset scan, aspect buckets, the latent and text cache
+     1220  Training                         Trainer and the training loop
+     1471  Part 2: plumbing                 a reader can stop here
+     1478  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1957  Hub Downloads                    snapshot downloads, tokenizers
+     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2235  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2612  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2702  Output Files                     atomic writes, the output_dir lock, loss.png
+     2792  Several Processes (torchrun)     one all-reduce per step
+     2843  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -986,6 +986,9 @@ class SampleSettings:
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
+        if out.slg_scale and not math.floor(SLG_WINDOW[0] * out.steps) + 1 < SLG_WINDOW[1] * out.steps:
+            raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
+                            f"on none of the {out.steps} steps: use more or leave out --slg/--slg-scale")
         check_choice("sampler", out.sampler, SAMPLERS)
         check_choice("schedule", out.schedule, SCHEDULES)
         return out

@@ -2411,6 +2411,19 @@ def test_skip_layers_outside_the_model_are_an_error_not_ignored():
     assert len(sd.generate(pipe, ["a cat"], settings=preset, progress=False)) == 1
 
 
+def test_skip_layer_guidance_with_too_few_steps_for_its_window_is_refused():
+    """SLG acts on the steps past 1 % and before 20 % of the run (as in both references): with 5 steps or fewer
+    no step is, so --slg-scale was silently ignored (the same image as without it) and recorded as having run."""
+    for steps in (1, 5):
+        with pytest.raises(sd.UserError, match=f"skip-layer guidance.*none of the {steps} steps: use more"):
+            sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium", depth=3)
+    with pytest.raises(sd.UserError, match="none of the 4 steps"):                 # --slg on Medium's 24 blocks
+        sd.SampleSettings(steps=4, slg_scale=None).resolved("sd3.5-medium", depth=24)
+    for steps in (6, 100, 10**9):
+        assert sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium").slg_scale
+    assert sd.SampleSettings(steps=1, slg_scale=None).resolved("sd3.5-medium", depth=3).slg_scale == 0.0
+
+
 def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
     """--slg on the 3-block tiny model recorded layers 7,8,9 at scale 2.5 though none of them ran, and with
     --cfg 1 skip-layer guidance never runs (it guides the CFG step) while the PNG recorded it too."""
