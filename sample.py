@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def utf8_text(text: str) -> str:
+    """A prompt from bytes that are not UTF-8 (a Latin-1 file or terminal) holds lone surrogates, which the
+    tokenizers refuse with a bare TypeError, after the models have loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {text!r:.60} (save the file it came from as "
+                                         f"UTF-8, or set the terminal to UTF-8)") from None
+    return text
+
+
 def block_list(text: str) -> tuple[int, ...]:
     if not all(part.strip().isdigit() for part in text.split(",")):
         raise argparse.ArgumentTypeError(f"expected joint block numbers such as 7,8,9, got {text!r}")
@@ -44,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
-    p.add_argument("--prompt", action="append", help="repeatable: one image each")
-    p.add_argument("--negative", default="", help="negative prompt (default: empty; used only with CFG)")
+    p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
+    p.add_argument("--negative", default="", type=utf8_text,
+                   help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
     p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
@@ -141,17 +154,31 @@ def main(argv=None) -> list[Path]:
     settings = sd.SampleSettings(args.steps, args.cfg, args.shift, args.sampler, args.schedule, slg_scale,
                                  args.slg_layers, args.width, args.height, args.seed)
     settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)    # as it runs: the PNG records it
-    images = sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size)
-    return save_images(images, args, settings, pipe.variant, t5_length)
+    earlier, paths = len(taken_numbers(Path(args.out))), []
+
+    def keep(images):                                   # each batch is saved when done: a Ctrl-C keeps them
+        save_images(images, args, settings, pipe.variant, t5_length, paths)
+    try:
+        sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size, keep=keep)
+    finally:
+        kept = f" (after the {earlier} earlier samples there, kept)" if earlier else ""
+        if paths:
+            print(f"saved {len(paths)} images to {Path(args.out)}: {', '.join(p.name for p in paths)}{kept}")
+    return paths
 
 
-def save_images(images, args, settings, variant: str, t5_length: int) -> list[Path]:
+def taken_numbers(out: Path) -> list[int]:
+    return [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
+
+
+def save_images(images, args, settings, variant: str, t5_length: int, paths: list[Path]) -> list[Path]:
+    """The images of args.prompt[len(paths):] as the next free sample_NN.png of --out (the parameters in
+    each), added to `paths` one by one."""
     from PIL.PngImagePlugin import PngInfo
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths, taken = [], [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
-    number = max(taken, default=-1) + 1                 # never overwrite earlier samples: number on
-    for i, (image, prompt) in enumerate(zip(images, args.prompt)):
+    number = max(taken_numbers(out), default=-1) + 1    # never overwrite earlier samples: number on
+    for i, (image, prompt) in enumerate(zip(images, args.prompt[len(paths):]), len(paths)):
         # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
                   "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
@@ -168,8 +195,6 @@ def save_images(images, args, settings, variant: str, t5_length: int) -> list[Pa
             raise
         paths.append(path)
         number += 1
-    kept = f" (after the {len(taken)} earlier samples there, kept)" if taken else ""
-    print(f"saved {len(paths)} images to {out}: {', '.join(p.name for p in paths)}{kept}")
     return paths
 
 
@@ -185,11 +210,22 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
             number += 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout` and schedulers send), handled as Ctrl-C: else the process died at once, leaving
+    the sample_NN.png being written as the empty file reserve() made."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except sd.UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted: images already written stay in --out", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{name}: images already written stay in --out", file=sys.stderr)
+        sys.exit(code)

@@ -21,18 +21,18 @@ have. Sections (line numbers):
       672  VAE                              16-channel autoencoder, the latent scale and shift
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1045  Data                             dataset scan, aspect buckets, the latent and text cache
-     1227  Training                         Trainer and the training loop
-     1478  Part 2: plumbing                 a reader can stop here
-     1485  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1965  Hub Downloads                    snapshot downloads, tokenizers
-     2022  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2244  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2369  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2642  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2762  Output Files                     atomic writes, the output_dir lock, loss.png
-     2852  Several Processes (torchrun)     one all-reduce per step
-     2912  Command Line and the Tiny Model  main(), --tiny
+     1051  Data                             dataset scan, aspect buckets, the latent and text cache
+     1233  Training                         Trainer and the training loop
+     1484  Part 2: plumbing                 a reader can stop here
+     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1971  Hub Downloads                    snapshot downloads, tokenizers
+     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2648  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2768  Output Files                     atomic writes, the output_dir lock, loss.png
+     2858  Several Processes (torchrun)     one all-reduce per step
+     2918  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -994,6 +994,9 @@ class SampleSettings:
         if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
+        if out.slg_scale and not math.floor(SLG_WINDOW[0] * out.steps) + 1 < SLG_WINDOW[1] * out.steps:
+            raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
+                            f"on none of the {out.steps} steps: use more or leave out --slg/--slg-scale")
         check_choice("sampler", out.sampler, SAMPLERS)
         check_choice("schedule", out.schedule, SCHEDULES)
         return out
@@ -1001,9 +1004,10 @@ class SampleSettings:
 
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
-             embeddings=None, progress: bool = True, batch_size: int = 1) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time. `embeddings` = (cond, uncond)
-    skips the text encoders."""
+             embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
+    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time; keep(images) gets each
+    batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
+    the text encoders."""
     from PIL import Image
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
@@ -1024,22 +1028,24 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    with pipe.on_device(pipe.mmdit):
-        batches = []
-        for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            part = slice(i, i + batch_size)
-            c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
-            batches.append(denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
-                                   s.slg_layers, progress))
-        x = torch.cat(batches)
-    with pipe.on_device(pipe.vae):                         # one image at a time: VAE activations are large
-        images = torch.cat([pipe.vae.decode(z[None]) for z in x])             # (B, 3, H, W) in [-1, 1]
-    if not images.isfinite().all():                        # one check per batch, not per sampling step
-        raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-            [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
-            "lower the cfg/LoRA scale or use fp32"))
-    arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]                         # rounded as diffusers does
+    done = []
+    for i in range(0, len(x), batch_size):              # not all at once: many prompts ran out of GPU memory
+        part = slice(i, i + batch_size)
+        c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
+        with pipe.on_device(pipe.mmdit):
+            z = denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers,
+                        progress)
+        with pipe.on_device(pipe.vae):                     # one image at a time: VAE activations are large
+            images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])    # (B, 3, H, W) in [-1, 1]
+        if not images.isfinite().all():                    # one check per batch, not per sampling step
+            raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+                [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
+                "lower the cfg/LoRA scale or use fp32"))
+        arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
+        if keep:
+            keep(done[i:])
+    return done
 
 
 #################################################################################

@@ -2564,6 +2564,19 @@ def test_skip_layers_outside_the_model_are_an_error_not_ignored():
     assert len(sd.generate(pipe, ["a cat"], settings=preset, progress=False)) == 1
 
 
+def test_skip_layer_guidance_with_too_few_steps_for_its_window_is_refused():
+    """SLG acts on the steps past 1 % and before 20 % of the run (as in both references): with 5 steps or fewer
+    no step is, so --slg-scale was silently ignored (the same image as without it) and recorded as having run."""
+    for steps in (1, 5):
+        with pytest.raises(sd.UserError, match=f"skip-layer guidance.*none of the {steps} steps: use more"):
+            sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium", depth=3)
+    with pytest.raises(sd.UserError, match="none of the 4 steps"):                 # --slg on Medium's 24 blocks
+        sd.SampleSettings(steps=4, slg_scale=None).resolved("sd3.5-medium", depth=24)
+    for steps in (6, 100, 10**9):
+        assert sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium").slg_scale
+    assert sd.SampleSettings(steps=1, slg_scale=None).resolved("sd3.5-medium", depth=3).slg_scale == 0.0
+
+
 def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
     """--slg on the 3-block tiny model recorded layers 7,8,9 at scale 2.5 though none of them ran, and with
     --cfg 1 skip-layer guidance never runs (it guides the CFG step) while the PNG recorded it too."""
@@ -2613,6 +2626,18 @@ def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     assert "expected joint block numbers such as 7,8,9, got '7,x'" in capsys.readouterr().err
 
 
+def test_sample_cli_refuses_a_prompt_that_is_not_utf8_before_loading(capsys):
+    """--prompt "$(cat prompt.txt)" of a Latin-1 file (or a Latin-1 terminal) gives Python lone surrogates
+    ('caf\\udce9'): the tokenizers raised a bare TypeError traceback after the models had loaded."""
+    for flag in ("--prompt", "--negative"):
+        args = ["--model", "tiny", "--prompt", "a cat", flag, "caf\udce9"]
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(args)
+        assert exit_info.value.code == 2 and "not UTF-8 text" in capsys.readouterr().err
+    ok = sample.parse_args(["--model", "tiny", "--prompt", "café 🦊", "--prompt", "", "--negative", "ü"])
+    assert (ok.prompt, ok.negative) == (["café 🦊", ""], "ü")
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(capsys):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         with pytest.raises(SystemExit) as exit_info:
@@ -2652,6 +2677,43 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
 
+
+
+def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) killed sample.py outright: the sample_NN.png it had reserved
+    (created empty, O_EXCL) stayed behind as a 0-byte image that later runs number after. It is handled as
+    Ctrl-C: the unfinished image is removed, one line says so, exit code 143."""
+    script = tmp_path / "run.py"                    # SIGTERM arrives while the first image is being written
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                "--height", "32", "--out", str(tmp_path / "out"))
+    assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("terminated: ")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sample_cli_interrupted_keeps_the_images_already_denoised(tmp_path, monkeypatch, capsys):
+    """Every image was written only after the last one was denoised: a Ctrl-C (or SIGTERM) at the tenth of ten
+    prompts lost the nine finished ones, though the message said "images already written stay in --out".
+    Each batch is now saved as soon as it is decoded."""
+    calls, real = [], sd.denoise
+    def denoise(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:                                             # Ctrl-C in the third batch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(sd, "denoise", denoise)
+    (tmp_path / "sample_00.png").write_bytes(b"an earlier run's image")
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--model", "tiny", "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1",
+                     "--width", "32", "--height", "32", "--seed", "7", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
+    params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (1, 2)]
+    assert [(p["prompt"], p["seed"]) for p in params] == [("a", 7), ("b", 8)]
+    assert "saved 2 images to" in capsys.readouterr().out
 
 
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
