@@ -2674,11 +2674,11 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
-    # and lists a link to a missing folder (a drive not mounted) as a file (images: named as unreadable)
+    # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
               if not isinstance(e, (FileNotFoundError, NotADirectoryError))]
     locked += [f"{p} (a link to the missing {os.readlink(p)})" for p in files if p.suffix.lower() not in
-               IMAGE_EXTS and os.path.islink(p) and not os.path.exists(p)]
+               {*IMAGE_EXTS, ".txt"} and os.path.islink(p) and not os.path.exists(p)]
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
               file=sys.stderr)

@@ -2252,6 +2252,16 @@ def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys
     assert "skipped 1 unreadable images: gone.png (FileNotFoundError)" in err, err
 
 
+def test_a_caption_link_whose_target_is_missing_is_not_named_as_a_folder(tmp_path, capsys):
+    """A dataset copied as links (cp -rs) from a drive not mounted: each dangling .txt was named among the
+    'folders that cannot be read'; as the .txt captions without an image they are named already."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "lonely.txt").symlink_to(tmp_path / "unmounted" / "lonely.txt")
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" not in err and "1 .txt captions have no image, e.g. lonely.txt" in err, err
+
+
 def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
     """A .heic, .gif or .jfif (Windows saves web images as .jfif) was named only through its .txt caption:
     without one (a folder trained on dataset.default_caption) it was left out without a word."""
