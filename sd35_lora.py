@@ -28,11 +28,11 @@ have. Sections (line numbers):
      1971  Hub Downloads                    snapshot downloads, tokenizers
      2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2648  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2768  Output Files                     atomic writes, the output_dir lock, loss.png
-     2858  Several Processes (torchrun)     one all-reduce per step
-     2918  Command Line and the Tiny Model  main(), --tiny
+     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2649  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2769  Output Files                     atomic writes, the output_dir lock, loss.png
+     2859  Several Processes (torchrun)     one all-reduce per step
+     2919  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -503,7 +503,7 @@ class MMDiT(nn.Module):
             if i in skip_layers:
                 continue
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, x = checkpoint(block, context, x, c, use_reentrant=False, context_fn=block_contexts)
+                context, x = checkpoint(block, context, x, c, use_reentrant=False, **block_contexts())
             else:
                 context, x = block(context, x, c)
         x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
@@ -2271,9 +2271,10 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return w.to(dtype, copy=True).mul_(scale.float()[:, None])
 
 
-def block_contexts() -> tuple:
-    """checkpoint's context_fn: a joint block's forward, then its recompute, both `checkpointed`."""
-    return checkpointed(), checkpointed()
+def block_contexts() -> dict:
+    """checkpoint's context_fn for a joint block: its forward, then its recompute, both `checkpointed`. None
+    when a torch.compile of the whole model traces it: there checkpoint takes dispatch modes only."""
+    return {} if torch.compiler.is_compiling() else {"context_fn": lambda: (checkpointed(), checkpointed())}
 
 
 @contextlib.contextmanager
@@ -2673,11 +2674,11 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
-    # and lists a link to a missing folder (a drive not mounted) as a file (images: named as unreadable)
+    # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
               if not isinstance(e, (FileNotFoundError, NotADirectoryError))]
     locked += [f"{p} (a link to the missing {os.readlink(p)})" for p in files if p.suffix.lower() not in
-               IMAGE_EXTS and os.path.islink(p) and not os.path.exists(p)]
+               {*IMAGE_EXTS, ".txt"} and os.path.islink(p) and not os.path.exists(p)]
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
               file=sys.stderr)

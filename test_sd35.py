@@ -2252,6 +2252,16 @@ def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys
     assert "skipped 1 unreadable images: gone.png (FileNotFoundError)" in err, err
 
 
+def test_a_caption_link_whose_target_is_missing_is_not_named_as_a_folder(tmp_path, capsys):
+    """A dataset copied as links (cp -rs) from a drive not mounted: each dangling .txt was named among the
+    'folders that cannot be read'; as the .txt captions without an image they are named already."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "data" / "lonely.txt").symlink_to(tmp_path / "unmounted" / "lonely.txt")
+    assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" not in err and "1 .txt captions have no image, e.g. lonely.txt" in err, err
+
+
 def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
     """A .heic, .gif or .jfif (Windows saves web images as .jfif) was named only through its .txt caption:
     without one (a folder trained on dataset.default_caption) it was left out without a word."""
@@ -2863,6 +2873,25 @@ def test_fp8_weights_are_dequantized_twice_a_checkpointed_step_with_the_same_gra
     assert counts[False][0] == counts[True][0] == fp8_layers and counts[False][1] > 0   # backward: 0 < B < all
     assert counts[True][1] == fp8_layers - 1            # the recompute's alone: all but the context embedder
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+
+
+def test_the_whole_mmdit_compiled_trains_with_gradient_checkpointing():
+    """torch.compile(model), as a fork or notebook compiles a model, with gradient checkpointing (the default):
+    the checkpoint's fp8 contexts (context_fn) made it an AssertionError at the first step ('context_fn ...
+    must generate a tuple of two TorchDispatchModes'); it trained before they came."""
+    model = sd.quantize_mmdit(tiny_mmdit())
+    sd.add_lora(model, rank=4, targets="attn")
+    for layer in sd.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    model.enable_gradient_checkpointing(True).train()
+    grads = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(*mmdit_inputs()).float().square().mean().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=2e-2)
 
 
 @pytest.mark.parametrize("size", ["medium", "large"])
