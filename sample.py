@@ -19,7 +19,7 @@ import sd35_lora as sd
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
 
@@ -43,7 +43,7 @@ def utf8_text(text: str) -> str:
 
 
 def block_list(text: str) -> tuple[int, ...]:
-    if not all(part.strip().isdigit() for part in text.split(",")):
+    if not all(part.strip().isdecimal() for part in text.split(",")):
         raise argparse.ArgumentTypeError(f"expected joint block numbers such as 7,8,9, got {text!r}")
     return tuple(int(part) for part in text.split(","))
 

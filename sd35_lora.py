@@ -611,7 +611,7 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
     blocks = set()
     for part in str(spec).split(","):
         lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
-        if not lo.isdigit() or dash and not (hi.isdigit() and int(hi) >= int(lo)):
+        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
             raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
         if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
             raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "

@@ -595,7 +595,7 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
 def test_lora_blocks_reversed_or_open_range_is_refused():
     """lora.blocks '0-5,12-8' trained only blocks 0-5 (a reversed range added nothing, silently) and '3-' trained
     block 3 alone: both are typos of a range, refused before anything loads."""
-    for blocks in ("0-5,12-8", "3-"):
+    for blocks in ("0-5,12-8", "3-", "2²", "1-²"):                   # superscripts: isdigit, not int()
         one_line_error(lambda: sd.load_config(None, [f"lora.blocks={blocks}"]), "lora.blocks must look like")
     assert sd.parse_blocks("0-5,7,9-9", 24) == {0, 1, 2, 3, 4, 5, 7, 9}
 
