@@ -2898,7 +2898,7 @@ def collective(call, *args, **kwargs):
             raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
                             f"once a checkpoint was saved)", own=True) from None
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
-        said = re.sub(r"^\[\S+\] ", "", str(e).splitlines()[0])
+        said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
         raise UserError(f"lost contact with the others ({said}): one died, or hung or "
                         f"was busy past train.dist_timeout (the others wait out process 0's previews and "
