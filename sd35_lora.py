@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2648  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2768  Output Files                     atomic writes, the output_dir lock, loss.png
-     2858  Several Processes (torchrun)     one all-reduce per step
-     2918  Command Line and the Tiny Model  main(), --tiny
+     2654  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2774  Output Files                     atomic writes, the output_dir lock, loss.png
+     2864  Several Processes (torchrun)     one all-reduce per step
+     2924  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2377,6 +2377,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #################################################################################
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
 
 
 def _coerce(value, default, key: str):
@@ -2389,6 +2390,9 @@ def _coerce(value, default, key: str):
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
         text = "" if value is None else str(value)
+        if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
+            raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
+                            f"itself, in UTF-8)")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -2533,6 +2537,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
+        if LONE_SURROGATE.search(item):                 # YAML would say "special characters are not allowed"
+            raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:

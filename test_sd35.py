@@ -1815,6 +1815,16 @@ def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
 
 
+def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp_path):
+    """A lone surrogate in a prompt (YAML's "\\ud800" escape, or --set from a Latin-1 terminal: 'caf\\udce9')
+    reached the tokenizers after loading and caching: a bare TypeError traceback. The --set case said "not
+    valid YAML (quote a list ...)"; paths keep any name the file system gives."""
+    for key in ("sample.prompts", "sample.neg", "dataset.default_caption"):
+        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), f"'{key}' is not UTF-8 text")
+        one_line_error(lambda: sd.load_config(None, [f"{key}=caf\udce9"]), "not UTF-8 text.*terminal to UTF-8")
+    assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
+
+
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
     """Also `--tiny --resume`, as the interrupt message suggests: --tiny names its folder by the time, and the
     resume looked for a checkpoint in a new folder ("no ... to resume from"); it continues the newest tiny run."""
