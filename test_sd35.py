@@ -160,6 +160,19 @@ def test_schedule_matches_diffusers_scheduler():
         torch.testing.assert_close(sd.get_schedule(steps, shift), ref.sigmas.float(), atol=1e-6, rtol=0)
 
 
+def test_a_tiny_shift_starts_from_pure_noise_not_inf():
+    """shift * s / (1 + (shift - 1) * s) divided by 0 at s = 1 for shift below 2^-54 (2^-25 on fp32 training
+    sigmas): the first sigma was inf, sampling gave NaN blamed on the cfg/LoRA scale, a training step NaN blamed
+    on train.lr; just above, the first sigma was 0.54 or 0.84, not 1."""
+    for shift in (1e-17, 6e-17, 1e-12):
+        sigmas = sd.get_schedule(4, shift)
+        assert sigmas[0] == 1.0 and sigmas[1:].isfinite().all() and (sigmas[1:] < 1e-6).all()
+    cfg = sd.TrainConfig(timestep_sampling="uniform")
+    for shift in (1e-8, 1e-7):
+        sigmas = sd.sample_training_sigmas(5000, cfg, shift, torch.Generator().manual_seed(0))
+        assert sigmas.max() == 1.0 and sigmas.isfinite().all()
+
+
 def test_cosine_schedule_is_denser_at_both_ends():
     linear, cosine = sd.get_schedule(20, 1.0, "linear"), sd.get_schedule(20, 1.0, "cosine")
     assert cosine[0] == linear[0] == 1.0 and cosine[-2] == pytest.approx(linear[-2]) and cosine[-1] == 0
