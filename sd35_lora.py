@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2655  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2775  Output Files                     atomic writes, the output_dir lock, loss.png
-     2865  Several Processes (torchrun)     one all-reduce per step
-     2925  Command Line and the Tiny Model  main(), --tiny
+     2784  Output Files                     atomic writes, the output_dir lock, loss.png
+     2874  Several Processes (torchrun)     one all-reduce per step
+     2934  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1101,7 +1101,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         if not caption_file.exists() and path.with_suffix(".TXT").exists():    # as Windows and macOS find it
             caption_file = path.with_suffix(".TXT")
         try:
-            caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
+            caption = read_caption(caption_file)
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
@@ -2662,6 +2662,15 @@ NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recentl
             "__MACOSX", "System Volume Information", "lost+found"}
 # pictures in formats not read (phones' .heic, Windows' .jfif for web images): named, not left out unsaid
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
+    as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    text = path.read_text(encoding="utf-8-sig")
+    if "\x00" in text:
+        raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
+    return text.strip()
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:

@@ -2134,6 +2134,19 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
         torch.testing.assert_close(load_file(path), good[name])
 
 
+def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_characters(tmp_path):
+    """UTF-16 without a BOM decodes as UTF-8 without an error: 'b\\x00l\\x00u\\x00e...' reached the tokenizers
+    and was trained on; with a BOM it was already refused (its 0xff byte)."""
+    sd.write_demo_dataset(tmp_path / "data")
+    for codec in ("utf-16-le", "utf-16-be"):
+        (tmp_path / "data" / "blue_disc.txt").write_bytes("blue disc".encode(codec))
+        one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                       "caption .*blue_disc.txt: .*NUL characters .*UTF-16.*save it as UTF-8")
+    (tmp_path / "data" / "blue_disc.txt").write_bytes("\ufeffblue disc \n".encode())      # UTF-8 with a BOM: read
+    captions = [item["caption"] for item in sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data")))]
+    assert captions == ["blue disc", "red stripes"]
+
+
 def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
     """IMG_0001.JPG + IMG_0001.TXT (a camera's and an old tool's names) captioned on Windows, trained on a Linux
     GPU box: the caption was replaced by default_caption (a case-sensitive file system finds no .txt)."""
