@@ -22,17 +22,17 @@ have. Sections (line numbers):
       818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1052  Data                             dataset scan, aspect buckets, the latent and text cache
-     1234  Training                         Trainer and the training loop
-     1485  Part 2: plumbing                 a reader can stop here
-     1492  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1972  Hub Downloads                    snapshot downloads, tokenizers
-     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2655  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2784  Output Files                     atomic writes, the output_dir lock, loss.png
-     2874  Several Processes (torchrun)     one all-reduce per step
-     2934  Command Line and the Tiny Model  main(), --tiny
+     1233  Training                         Trainer and the training loop
+     1484  Part 2: plumbing                 a reader can stop here
+     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1971  Hub Downloads                    snapshot downloads, tokenizers
+     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2654  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2794  Output Files                     atomic writes, the output_dir lock, loss.png
+     2884  Several Processes (torchrun)     one all-reduce per step
+     2944  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1062,8 +1062,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     from PIL import Image, ImageOps
     with open_image(path, data) as im:          # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
-            im = im.point(lambda v: v / 257)
+        im = from_16_bit(im) if im.mode.startswith("I") else im     # (PNG's 16-bit grey)
         # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
         alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
         if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
@@ -2779,6 +2778,17 @@ def open_image(path: Path, data: bytes | None = None):
         if im.width * im.height > MAX_PIXELS:
             raise TooLarge(f"{path.name} ({width} x {height})")
         yield im
+
+
+def from_16_bit(im):
+    """16-bit grey (PNG, mode I;16) as 8-bit L, or LA where PNG's colour key (16-bit) marks transparent
+    pixels: convert("RGB") would clip it to white, and an 8-bit copy loses a key of 16-bit values (or matches
+    it to other pixels)."""
+    import numpy as np
+    from PIL import Image
+    grey, key = im.point(lambda v: v / 257).convert("L"), im.info.get("transparency")
+    alpha = None if key is None else Image.fromarray(np.asarray(im) != key).convert("L")    # 0: the key
+    return grey if alpha is None else Image.merge("LA", (grey, alpha))
 
 
 #################################################################################

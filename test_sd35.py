@@ -1984,6 +1984,18 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
 
 
+def test_16_bit_grey_png_with_a_transparent_colour_key_trains_on_white(tmp_path):
+    """PNG's tRNS key of a 16-bit grey image is a 16-bit value: the 8-bit image made from it lost it (pixels of
+    the key trained grey), or matched it against the 8-bit values (opaque 25700 / 257 = 100 trained white)."""
+    for key in (30000, 100):
+        grey = np.full((64, 64), 25700, np.uint16)
+        grey[:, :32] = key                                                      # left half: transparent
+        Image.fromarray(grey).save(tmp_path / "keyed16.png", transparency=key)
+        pixels = sd.load_image(tmp_path / "keyed16.png", (64, 64))
+        assert (pixels[:, :, :32] == 1).all(), (key, pixels[0, 0, 0])         # on white
+        assert (pixels[:, :, 32:] - (100 / 127.5 - 1)).abs().max() < 1e-6, (key, pixels[0, 0, 40])
+
+
 def test_transparent_pixels_train_as_shown_on_white_not_as_the_colour_stored_under_them(tmp_path):
     """convert('RGB') drops alpha: transparent pixels trained as whatever colour the file stores under them
     (black from most background removers, the erased background from editors that only clear alpha), which
