@@ -16,23 +16,23 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        82  Presets and Configuration        per-variant sampling presets, the training config
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      261  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      514  LoRA                             LoRALinear and add_lora
-      673  VAE                              16-channel autoencoder, the latent scale and shift
-      818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1052  Data                             dataset scan, aspect buckets, the latent and text cache
-     1233  Training                         Trainer and the training loop
-     1484  Part 2: plumbing                 a reader can stop here
-     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1971  Hub Downloads                    snapshot downloads, tokenizers
-     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2654  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2794  Output Files                     atomic writes, the output_dir lock, loss.png
-     2884  Several Processes (torchrun)     one all-reduce per step
-     2944  Command Line and the Tiny Model  main(), --tiny
+      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      515  LoRA                             LoRALinear and add_lora
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1053  Data                             dataset scan, aspect buckets, the latent and text cache
+     1234  Training                         Trainer and the training loop
+     1485  Part 2: plumbing                 a reader can stop here
+     1492  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1972  Hub Downloads                    snapshot downloads, tokenizers
+     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2655  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2795  Output Files                     atomic writes, the output_dir lock, loss.png
+     2885  Several Processes (torchrun)     one all-reduce per step
+     2945  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -201,9 +201,10 @@ class Config:
 #################################################################################
 
 def shift_sigma(sigma, shift: float):
-    """Time shift of SD3 (resolution-dependent in the paper, 3.0 for SD3.5): shift s / (1 + (shift - 1) s),
-    written so that s = 1 stays 1 for any shift (1 + (shift - 1) rounds to 0 below shift 2^-54: inf)."""
-    return shift * sigma / (shift * sigma + (1 - sigma))
+    """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
+    shifted = shift * sigma / (1 + (shift - 1) * sigma)             # the references' formula and rounding
+    # sigma 1 stays 1: 1 + (shift - 1) rounds to 0 below shift 2^-54 (2^-25 in fp32), which made it inf
+    return torch.where(sigma == 1, 1.0, shifted) if torch.is_tensor(sigma) else shifted
 
 
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:

@@ -171,6 +171,9 @@ def test_a_tiny_shift_starts_from_pure_noise_not_inf():
     for shift in (1e-8, 1e-7):
         sigmas = sd.sample_training_sigmas(5000, cfg, shift, torch.Generator().manual_seed(0))
         assert sigmas.max() == 1.0 and sigmas.isfinite().all()
+    diffusers = pytest.importorskip("diffusers")                    # and a usual shift rounds as diffusers'
+    table = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas[:1000]
+    assert torch.equal(sd.shift_sigma(torch.arange(1000, 0, -1) / 1000, 3.0), table)
 
 
 def test_cosine_schedule_is_denser_at_both_ends():
