@@ -16,23 +16,23 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        82  Presets and Configuration        per-variant sampling presets, the training config
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      513  LoRA                             LoRALinear and add_lora
-      672  VAE                              16-channel autoencoder, the latent scale and shift
-      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1051  Data                             dataset scan, aspect buckets, the latent and text cache
-     1233  Training                         Trainer and the training loop
-     1484  Part 2: plumbing                 a reader can stop here
-     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1971  Hub Downloads                    snapshot downloads, tokenizers
-     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2649  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2769  Output Files                     atomic writes, the output_dir lock, loss.png
-     2859  Several Processes (torchrun)     one all-reduce per step
-     2919  Command Line and the Tiny Model  main(), --tiny
+      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      515  LoRA                             LoRALinear and add_lora
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1053  Data                             dataset scan, aspect buckets, the latent and text cache
+     1234  Training                         Trainer and the training loop
+     1485  Part 2: plumbing                 a reader can stop here
+     1492  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1972  Hub Downloads                    snapshot downloads, tokenizers
+     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2377  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2656  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2796  Output Files                     atomic writes, the output_dir lock, loss.png
+     2886  Several Processes (torchrun)     one all-reduce per step
+     2946  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -202,7 +202,9 @@ class Config:
 
 def shift_sigma(sigma, shift: float):
     """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
+    shifted = shift * sigma / (1 + (shift - 1) * sigma)             # the references' formula and rounding
+    # sigma 1 stays 1: 1 + (shift - 1) rounds to 0 below shift 2^-54 (2^-25 in fp32), which made it inf
+    return torch.where(sigma == 1, 1.0, shifted) if torch.is_tensor(sigma) else shifted
 
 
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
@@ -1061,8 +1063,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     from PIL import Image, ImageOps
     with open_image(path, data) as im:          # ImageOps.fit crops and resizes in one resampling step
         im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):             # 16-bit grey: convert("RGB") would clip it to white
-            im = im.point(lambda v: v / 257)
+        im = from_16_bit(im) if im.mode.startswith("I") else im     # (PNG's 16-bit grey)
         # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
         alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
         if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
@@ -1100,7 +1101,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         if not caption_file.exists() and path.with_suffix(".TXT").exists():    # as Windows and macOS find it
             caption_file = path.with_suffix(".TXT")
         try:
-            caption = caption_file.read_text(encoding="utf-8-sig").strip()      # a bad byte is no silent ?
+            caption = read_caption(caption_file)
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
@@ -2378,6 +2379,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #################################################################################
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
 
 
 def _coerce(value, default, key: str):
@@ -2390,6 +2392,9 @@ def _coerce(value, default, key: str):
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
         text = "" if value is None else str(value)
+        if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
+            raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
+                            f"itself, in UTF-8)")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -2534,6 +2539,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
+        if LONE_SURROGATE.search(item):                 # YAML would say "special characters are not allowed"
+            raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except yaml.YAMLError:
@@ -2658,6 +2665,15 @@ NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recentl
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
+    as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    text = path.read_text(encoding="utf-8-sig")
+    if "\x00" in text:
+        raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
+    return text.strip()
+
+
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
@@ -2764,6 +2780,17 @@ def open_image(path: Path, data: bytes | None = None):
         if im.width * im.height > MAX_PIXELS:
             raise TooLarge(f"{path.name} ({width} x {height})")
         yield im
+
+
+def from_16_bit(im):
+    """16-bit grey (PNG, mode I;16) as 8-bit L, or LA where PNG's colour key (16-bit) marks transparent
+    pixels: convert("RGB") would clip it to white, and an 8-bit copy loses a key of 16-bit values (or matches
+    it to other pixels)."""
+    import numpy as np
+    from PIL import Image
+    grey, key = im.point(lambda v: v / 257).convert("L"), im.info.get("transparency")
+    alpha = None if key is None else Image.fromarray(np.asarray(im) != key).convert("L")    # 0: the key
+    return grey if alpha is None else Image.merge("LA", (grey, alpha))
 
 
 #################################################################################

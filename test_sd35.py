@@ -160,6 +160,22 @@ def test_schedule_matches_diffusers_scheduler():
         torch.testing.assert_close(sd.get_schedule(steps, shift), ref.sigmas.float(), atol=1e-6, rtol=0)
 
 
+def test_a_tiny_shift_starts_from_pure_noise_not_inf():
+    """shift * s / (1 + (shift - 1) * s) divided by 0 at s = 1 for shift below 2^-54 (2^-25 on fp32 training
+    sigmas): the first sigma was inf, sampling gave NaN blamed on the cfg/LoRA scale, a training step NaN blamed
+    on train.lr; just above, the first sigma was 0.54 or 0.84, not 1."""
+    for shift in (1e-17, 6e-17, 1e-12):
+        sigmas = sd.get_schedule(4, shift)
+        assert sigmas[0] == 1.0 and sigmas[1:].isfinite().all() and (sigmas[1:] < 1e-6).all()
+    cfg = sd.TrainConfig(timestep_sampling="uniform")
+    for shift in (1e-8, 1e-7):
+        sigmas = sd.sample_training_sigmas(5000, cfg, shift, torch.Generator().manual_seed(0))
+        assert sigmas.max() == 1.0 and sigmas.isfinite().all()
+    diffusers = pytest.importorskip("diffusers")                    # and a usual shift rounds as diffusers'
+    table = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas[:1000]
+    assert torch.equal(sd.shift_sigma(torch.arange(1000, 0, -1) / 1000, 3.0), table)
+
+
 def test_cosine_schedule_is_denser_at_both_ends():
     linear, cosine = sd.get_schedule(20, 1.0, "linear"), sd.get_schedule(20, 1.0, "cosine")
     assert cosine[0] == linear[0] == 1.0 and cosine[-2] == pytest.approx(linear[-2]) and cosine[-1] == 0
@@ -1815,6 +1831,16 @@ def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
 
 
+def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp_path):
+    """A lone surrogate in a prompt (YAML's "\\ud800" escape, or --set from a Latin-1 terminal: 'caf\\udce9')
+    reached the tokenizers after loading and caching: a bare TypeError traceback. The --set case said "not
+    valid YAML (quote a list ...)"; paths keep any name the file system gives."""
+    for key in ("sample.prompts", "sample.neg", "dataset.default_caption"):
+        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), f"'{key}' is not UTF-8 text")
+        one_line_error(lambda: sd.load_config(None, [f"{key}=caf\udce9"]), "not UTF-8 text.*terminal to UTF-8")
+    assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
+
+
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
     """Also `--tiny --resume`, as the interrupt message suggests: --tiny names its folder by the time, and the
     resume looked for a checkpoint in a new folder ("no ... to resume from"); it continues the newest tiny run."""
@@ -1959,6 +1985,18 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     Image.fromarray((grey / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
     ramp16, ramp8 = (sd.load_image(tmp_path / f"ramp{bits}.png", (64, 64)) for bits in (16, 8))
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
+
+
+def test_16_bit_grey_png_with_a_transparent_colour_key_trains_on_white(tmp_path):
+    """PNG's tRNS key of a 16-bit grey image is a 16-bit value: the 8-bit image made from it lost it (pixels of
+    the key trained grey), or matched it against the 8-bit values (opaque 25700 / 257 = 100 trained white)."""
+    for key in (30000, 100):
+        grey = np.full((64, 64), 25700, np.uint16)
+        grey[:, :32] = key                                                      # left half: transparent
+        Image.fromarray(grey).save(tmp_path / "keyed16.png", transparency=key)
+        pixels = sd.load_image(tmp_path / "keyed16.png", (64, 64))
+        assert (pixels[:, :, :32] == 1).all(), (key, pixels[0, 0, 0])         # on white
+        assert (pixels[:, :, 32:] - (100 / 127.5 - 1)).abs().max() < 1e-6, (key, pixels[0, 0, 40])
 
 
 def test_transparent_pixels_train_as_shown_on_white_not_as_the_colour_stored_under_them(tmp_path):
@@ -2109,6 +2147,19 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
     assert capsys.readouterr().err.count("rebuilding") == 2
     for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1])):
         torch.testing.assert_close(load_file(path), good[name])
+
+
+def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_characters(tmp_path):
+    """UTF-16 without a BOM decodes as UTF-8 without an error: 'b\\x00l\\x00u\\x00e...' reached the tokenizers
+    and was trained on; with a BOM it was already refused (its 0xff byte)."""
+    sd.write_demo_dataset(tmp_path / "data")
+    for codec in ("utf-16-le", "utf-16-be"):
+        (tmp_path / "data" / "blue_disc.txt").write_bytes("blue disc".encode(codec))
+        one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                       "caption .*blue_disc.txt: .*NUL characters .*UTF-16.*save it as UTF-8")
+    (tmp_path / "data" / "blue_disc.txt").write_bytes("\ufeffblue disc \n".encode())      # UTF-8 with a BOM: read
+    captions = [item["caption"] for item in sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data")))]
+    assert captions == ["blue disc", "red stripes"]
 
 
 def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
