@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
-    p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule")
+    p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule (0.001..1000)")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
     p.add_argument("--slg", action="store_true", help="skip-layer guidance at the variant's recommended "

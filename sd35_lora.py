@@ -16,23 +16,23 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        82  Presets and Configuration        per-variant sampling presets, the training config
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      515  LoRA                             LoRALinear and add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1053  Data                             dataset scan, aspect buckets, the latent and text cache
-     1234  Training                         Trainer and the training loop
-     1485  Part 2: plumbing                 a reader can stop here
-     1492  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1972  Hub Downloads                    snapshot downloads, tokenizers
-     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2377  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2656  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2796  Output Files                     atomic writes, the output_dir lock, loss.png
-     2886  Several Processes (torchrun)     one all-reduce per step
-     2946  Command Line and the Tiny Model  main(), --tiny
+      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      513  LoRA                             LoRALinear and add_lora
+      672  VAE                              16-channel autoencoder, the latent scale and shift
+      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1052  Data                             dataset scan, aspect buckets, the latent and text cache
+     1233  Training                         Trainer and the training loop
+     1484  Part 2: plumbing                 a reader can stop here
+     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1971  Hub Downloads                    snapshot downloads, tokenizers
+     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2655  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2795  Output Files                     atomic writes, the output_dir lock, loss.png
+     2885  Several Processes (torchrun)     one all-reduce per step
+     2945  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -202,9 +202,7 @@ class Config:
 
 def shift_sigma(sigma, shift: float):
     """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
-    shifted = shift * sigma / (1 + (shift - 1) * sigma)             # the references' formula and rounding
-    # sigma 1 stays 1: 1 + (shift - 1) rounds to 0 below shift 2^-54 (2^-25 in fp32), which made it inf
-    return torch.where(sigma == 1, 1.0, shifted) if torch.is_tensor(sigma) else shifted
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
@@ -993,8 +991,9 @@ class SampleSettings:
         out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
         out.slg_scale = out.slg_scale if out.slg_layers else 0.0
         check_size(out.width, out.height)
-        if out.steps < 1 or not 0 < out.shift < math.inf or not math.isfinite(out.cfg + out.slg_scale):
-            raise UserError(f"steps must be at least 1, shift above 0, cfg and slg scale finite: got "
+        # shift: 1 + (shift - 1) * sigma rounds to 0 at sigma 1 below 2^-25 in fp32 (inf sigmas, NaN images)
+        if out.steps < 1 or not 1e-3 <= out.shift <= 1e3 or not math.isfinite(out.cfg + out.slg_scale):
+            raise UserError(f"steps must be at least 1, shift in 0.001..1000, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
         if out.slg_scale and not math.floor(SLG_WINDOW[0] * out.steps) + 1 < SLG_WINDOW[1] * out.steps:
             raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
