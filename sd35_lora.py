@@ -1424,8 +1424,8 @@ class Trainer:
             self.save()
         if (every and self.step % every == 0) or self.step == tc.steps:
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
-            print("loss by sigma bin: " + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}"
-                                                    for i, m in enumerate(means)))
+            print(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
+                  + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
             bins.zero_()                                    # the next report covers the steps after this one
             self.sample_images()
 

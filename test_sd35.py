@@ -1398,7 +1398,11 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
               "dataset.caption_dropout": 0.3, "train.batch_size": 2, "train.grad_accum": 2}
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "full")}))
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 6, "output_dir": str(tmp_path / "half")}))
+    out = capsys.readouterr().out                           # 2 images: a global batch of 2, not 2 x 2
+    assert "loss by sigma bin (24 samples since the last report or resume): [0.0,0.2)" in out   # 12 steps
+    assert "loss by sigma bin (12 samples" in out                                                 # 6 steps
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
+    assert "loss by sigma bin (12 samples" in capsys.readouterr().out      # since the resume: said so
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     capsys.readouterr()
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
