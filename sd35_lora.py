@@ -22,14 +22,14 @@ have. Sections (line numbers):
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1052  Data                             dataset scan, aspect buckets, the latent and text cache
-     1233  Training                         Trainer and the training loop
-     1484  Part 2: plumbing                 a reader can stop here
-     1491  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1971  Hub Downloads                    snapshot downloads, tokenizers
-     2028  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2250  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2376  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2655  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     1232  Training                         Trainer and the training loop
+     1483  Part 2: plumbing                 a reader can stop here
+     1490  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1970  Hub Downloads                    snapshot downloads, tokenizers
+     2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2249  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2654  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2795  Output Files                     atomic writes, the output_dir lock, loss.png
      2885  Several Processes (torchrun)     one all-reduce per step
      2945  Command Line and the Tiny Model  main(), --tiny
@@ -1078,8 +1078,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     root, res = Path(cfg.path), cfg.resolution
     own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     files, left_out = files_under(root)
-    # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image
-    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("._"))
+    found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     # not the run's own samples; realpath, not Path.resolve: that raises on a link that loops (a broken image)
     paths = [p for p in found if not any(map(Path(os.path.realpath(p)).is_relative_to, own))]
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
@@ -2675,8 +2674,9 @@ def read_caption(path: Path) -> str:
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root, through symlinked folders too (people link image folders into a dataset), each
-    real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders are left
-    out: -> (files, those folders). Folders that cannot be read are named in a warning."""
+    real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders, and
+    macOS's ._name files, are left out: -> (files, those folders). Folders that cannot be read are named in
+    a warning."""
     seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
@@ -2684,7 +2684,8 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             subfolders.clear()
             continue
         seen.add(real)
-        files += [Path(folder, name) for name in names]
+        # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
+        files += [Path(folder, name) for name in names if not name.startswith("._")]
         skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
         subfolders[:] = [name for name in subfolders if name not in skip]
         left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
@@ -2720,7 +2721,7 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         print(f"warning: {len(cropped)} images are cropped to under half their picture to fit the widest "
               f"aspect bucket, e.g. {', '.join(cropped[:5])}; cut them into parts", file=sys.stderr)
     if uncaptioned:
-        kohya = sum(p.suffix.lower() == ".caption" and p.name[:2] != "._" for p in files)  # sd-scripts
+        kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
         hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
         print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
               f"using dataset.default_caption {cfg.default_caption!r}{hint}", file=sys.stderr)
@@ -2739,12 +2740,11 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     if len({int(name.split("_")[0]) for name in repeats}) > 1:
         print(f"warning: kohya's repeat folders ({', '.join(repeats[:5])}): each image trains equally often "
               f"here, whatever its folder's number; copy images to weight them", file=sys.stderr)
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
-               and not p.name.startswith("._")]                            # a Mac's ._name twin: no caption
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
     if orphans:                                                          # (a .heic's, say)
         print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
               f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
-    if others := sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS and p.name[:2] != "._"):
+    if others := sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS):
         print(f"warning: {len(others)} images in formats not read are left out, e.g. "
               f"{', '.join(others[:5])}; images are read from {', '.join(sorted(IMAGE_EXTS))} files only",
               file=sys.stderr)
