@@ -171,7 +171,7 @@ def taken_numbers(out: Path) -> list[int]:
     return [int(p.stem[7:]) for p in out.glob("sample_*.png") if p.stem[7:].isdecimal()]
 
 
-def save_images(images, args, settings, variant: str, t5_length: int, paths: list[Path]) -> list[Path]:
+def save_images(images, args, settings, variant: str, t5_length: int, paths: list[Path]):
     """The images of args.prompt[len(paths):] as the next free sample_NN.png of --out (the parameters in
     each), added to `paths` one by one."""
     from PIL.PngImagePlugin import PngInfo
@@ -195,7 +195,6 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
             raise
         paths.append(path)
         number += 1
-    return paths
 
 
 def reserve(out: Path, number: int) -> tuple[Path, int]:
