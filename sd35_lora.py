@@ -21,18 +21,18 @@ have. Sections (line numbers):
       672  VAE                              16-channel autoencoder, the latent scale and shift
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1052  Data                             dataset scan, aspect buckets, the latent and text cache
-     1232  Training                         Trainer and the training loop
-     1483  Part 2: plumbing                 a reader can stop here
-     1490  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1970  Hub Downloads                    snapshot downloads, tokenizers
-     2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2249  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2654  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2795  Output Files                     atomic writes, the output_dir lock, loss.png
-     2885  Several Processes (torchrun)     one all-reduce per step
-     2945  Command Line and the Tiny Model  main(), --tiny
+     1057  Data                             dataset scan, aspect buckets, the latent and text cache
+     1237  Training                         Trainer and the training loop
+     1488  Part 2: plumbing                 a reader can stop here
+     1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1975  Hub Downloads                    snapshot downloads, tokenizers
+     2032  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2254  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2380  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2659  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2800  Output Files                     atomic writes, the output_dir lock, loss.png
+     2890  Several Processes (torchrun)     one all-reduce per step
+     2950  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -923,6 +923,11 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
     return (sigma_next / sigma) * x - math.expm1(-h) * denoised
 
 
+def slg_acts(i: int, steps: int) -> bool:
+    """Whether skip-layer guidance acts at step i of `steps`: inside SLG_WINDOW, as in both references."""
+    return SLG_WINDOW[0] * steps < i < SLG_WINDOW[1] * steps
+
+
 @torch.no_grad()
 def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=None, cfg: float = 1.0,
             sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(),
@@ -942,7 +947,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
-            if slg_scale and slg_layers and SLG_WINDOW[0] * steps < i < SLG_WINDOW[1] * steps:
+            if slg_scale and slg_layers and slg_acts(i, steps):
                 v_skip = model(x, (sigma * 1000).expand(x.shape[0]), *cond, skip_layers=tuple(slg_layers))
                 v = v + slg_scale * (v_cond - v_skip.float())
         if sampler == "euler":
@@ -995,7 +1000,7 @@ class SampleSettings:
         if out.steps < 1 or not 1e-3 <= out.shift <= 1e3 or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift in 0.001..1000, cfg and slg scale finite: got "
                             f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
-        if out.slg_scale and not math.floor(SLG_WINDOW[0] * out.steps) + 1 < SLG_WINDOW[1] * out.steps:
+        if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
             raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
                             f"on none of the {out.steps} steps: use more or leave out --slg/--slg-scale")
         check_choice("sampler", out.sampler, SAMPLERS)
