@@ -3015,7 +3015,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
-    if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
+    rank, world = rank_and_world()
+    if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     cfg, term = None, []
 
@@ -3037,7 +3038,6 @@ def main(argv=None):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        rank, world = rank_and_world()
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
         sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
@@ -3048,8 +3048,8 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         name, code = ("terminated", 143) if term else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (rank_and_world()[1] > 1 and bool(term))
-        if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
+        why = " (by torchrun if a process failed: see its error)" * (world > 1 and bool(term))
+        if rank == 0:                           # torchrun: process 0 speaks for all
             print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
         sys.exit(code)
