@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2380  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2659  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2800  Output Files                     atomic writes, the output_dir lock, loss.png
-     2890  Several Processes (torchrun)     one all-reduce per step
-     2950  Command Line and the Tiny Model  main(), --tiny
+     2889  Several Processes (torchrun)     one all-reduce per step
+     2949  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2847,12 +2847,11 @@ def lock_output_dir(out: Path):
     try:
         fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return file
-    except (BlockingIOError, PermissionError):      # EAGAIN or EACCES: another process holds it
+    except OSError as e:
         file.close()
-        raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
-                        f"output_dir (--set output_dir=...)") from None
-    except OSError:
-        file.close()
+        if isinstance(e, (BlockingIOError, PermissionError)):   # EAGAIN or EACCES: another process holds it
+            raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
+                            f"output_dir (--set output_dir=...)") from None
         return None
 
 
