@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2254  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2380  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2659  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2800  Output Files                     atomic writes, the output_dir lock, loss.png
-     2890  Several Processes (torchrun)     one all-reduce per step
-     2950  Command Line and the Tiny Model  main(), --tiny
+     2796  Output Files                     atomic writes, the output_dir lock, loss.png
+     2885  Several Processes (torchrun)     one all-reduce per step
+     2945  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2712,47 +2712,43 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     """What scan_dataset found odd, from process 0 only (torchrun: not once per process)."""
     if rank_and_world()[0] != 0:
         return
-    if large:
-        print(f"warning: skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for "
-              f"images other than JPEG (a guard against decompression bombs), e.g. {', '.join(large[:5])}; "
-              f"save them smaller or as JPEG", file=sys.stderr)
-    if broken:
-        print(f"warning: skipped {len(broken)} unreadable images: {', '.join(broken[:5])}", file=sys.stderr)
-    if small:
-        print(f"warning: {len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
-              f"{cfg.resolution} px, so they train blurred, e.g. {', '.join(small[:5])}; use larger images "
-              f"or a lower dataset.resolution", file=sys.stderr)
-    if cropped:
-        print(f"warning: {len(cropped)} images are cropped to under half their picture to fit the widest "
-              f"aspect bucket, e.g. {', '.join(cropped[:5])}; cut them into parts", file=sys.stderr)
-    if uncaptioned:
-        kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
-        hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
-        print(f"warning: {len(uncaptioned)} images have no .txt caption, e.g. {', '.join(uncaptioned[:5])}; "
-              f"using dataset.default_caption {cfg.default_caption!r}{hint}", file=sys.stderr)
-    if empty:
-        print(f"warning: {len(empty)} .txt captions are empty, e.g. {', '.join(empty[:5])}; their images "
-              f"train with the empty caption (unconditioned); delete such a .txt to use "
-              f"dataset.default_caption", file=sys.stderr)
     stems = collections.defaultdict(list)                          # image names by path without extension
     for path in paths:
         stems[path.with_suffix("")].append(path.name)
-    if shared := [" + ".join(names) for names in stems.values() if len(names) > 1]:
-        print(f"warning: images sharing one caption file: {', '.join(shared[:5])}", file=sys.stderr)
+    shared = [" + ".join(names) for names in stems.values() if len(names) > 1]
     # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
     # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
     repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
-    if len({int(name.split("_")[0]) for name in repeats}) > 1:
-        print(f"warning: kohya's repeat folders ({', '.join(repeats[:5])}): each image trains equally often "
-              f"here, whatever its folder's number; copy images to weight them", file=sys.stderr)
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
-    if orphans:                                                          # (a .heic's, say)
-        print(f"warning: {len(orphans)} .txt captions have no image, e.g. {', '.join(orphans[:5])}; images "
-              f"are read from {', '.join(sorted(IMAGE_EXTS))} files only", file=sys.stderr)
-    if others := sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS):
-        print(f"warning: {len(others)} images in formats not read are left out, e.g. "
-              f"{', '.join(others[:5])}; images are read from {', '.join(sorted(IMAGE_EXTS))} files only",
-              file=sys.stderr)
+    others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
+    kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
+    hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
+    read = f"images are read from {', '.join(sorted(IMAGE_EXTS))} files only"
+
+    def eg(names: list[str]) -> str:
+        return ", ".join(names[:5])
+    said = [
+        (large, f"skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for images "
+                f"other than JPEG (a guard against decompression bombs), e.g. {eg(large)}; save them smaller "
+                f"or as JPEG"),
+        (broken, f"skipped {len(broken)} unreadable images: {eg(broken)}"),
+        (small, f"{len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
+                f"{cfg.resolution} px, so they train blurred, e.g. {eg(small)}; use larger images or a lower "
+                f"dataset.resolution"),
+        (cropped, f"{len(cropped)} images are cropped to under half their picture to fit the widest aspect "
+                  f"bucket, e.g. {eg(cropped)}; cut them into parts"),
+        (uncaptioned, f"{len(uncaptioned)} images have no .txt caption, e.g. {eg(uncaptioned)}; using "
+                      f"dataset.default_caption {cfg.default_caption!r}{hint}"),
+        (empty, f"{len(empty)} .txt captions are empty, e.g. {eg(empty)}; their images train with the empty "
+                f"caption (unconditioned); delete such a .txt to use dataset.default_caption"),
+        (shared, f"images sharing one caption file: {eg(shared)}"),
+        (len({int(name.split("_")[0]) for name in repeats}) > 1, f"kohya's repeat folders ({eg(repeats)}): "
+         f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
+        (orphans, f"{len(orphans)} .txt captions have no image, e.g. {eg(orphans)}; {read}"),  # a .heic's?
+        (others, f"{len(others)} images in formats not read are left out, e.g. {eg(others)}; {read}")]
+    for when, text in said:
+        if when:
+            print(f"warning: {text}", file=sys.stderr)
 
 
 # Pillow's bomb guard (89 MP) refuses 108 and 200 MP phone photos; past this, a small file that claims e.g.
@@ -2847,12 +2843,11 @@ def lock_output_dir(out: Path):
     try:
         fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return file
-    except (BlockingIOError, PermissionError):      # EAGAIN or EACCES: another process holds it
+    except OSError as e:
         file.close()
-        raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
-                        f"output_dir (--set output_dir=...)") from None
-    except OSError:
-        file.close()
+        if isinstance(e, (BlockingIOError, PermissionError)):   # EAGAIN or EACCES: another process holds it
+            raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
+                            f"output_dir (--set output_dir=...)") from None
         return None
 
 
@@ -3015,7 +3010,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
-    if rank_and_world()[0] > 0:                     # torchrun: process 0 speaks for all
+    rank, world = rank_and_world()
+    if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     cfg, term = None, []
 
@@ -3037,7 +3033,6 @@ def main(argv=None):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        rank, world = rank_and_world()
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
         sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
@@ -3048,8 +3043,8 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
         name, code = ("terminated", 143) if term else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (rank_and_world()[1] > 1 and bool(term))
-        if rank_and_world()[0] == 0:            # torchrun: process 0 speaks for all
+        why = " (by torchrun if a process failed: see its error)" * (world > 1 and bool(term))
+        if rank == 0:                           # torchrun: process 0 speaks for all
             print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
         sys.exit(code)
