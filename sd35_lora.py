@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1975  Hub Downloads                    snapshot downloads, tokenizers
      2032  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2254  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2380  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2659  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2800  Output Files                     atomic writes, the output_dir lock, loss.png
-     2890  Several Processes (torchrun)     one all-reduce per step
-     2950  Command Line and the Tiny Model  main(), --tiny
+     2256  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2661  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2802  Output Files                     atomic writes, the output_dir lock, loss.png
+     2892  Several Processes (torchrun)     one all-reduce per step
+     2952  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2193,15 +2193,17 @@ def _two_adapters(path, official: str, key: str):
 
 
 def _alpha_pattern(peft: dict, path) -> dict[str, float]:
-    """PEFT's per-module alphas, {module name regex: alpha}, checked: the metadata is untrusted."""
+    """PEFT's per-module alphas, {module name: alpha}, checked: the metadata is untrusted. PEFT reads the keys
+    as regexes, and one of nested repeats, (\\w|\\w)*y, runs for hours: only module names are taken (as PEFT
+    and diffusers write them; "." still matches any character, as there): each match takes length^2 steps."""
     alphas = peft.get("alpha_pattern") or {}
-    try:
-        for k, v in alphas.items():
-            re.compile(k)
-            if type(v) not in (int, float) or not abs(v) <= 1e9:
-                raise ValueError
-    except (AttributeError, re.error, ValueError):
-        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again") from None
+    bad = lambda a: type(a) not in (int, float) or not abs(a) <= 1e9
+    if type(alphas) is not dict or any(map(bad, alphas.values())):
+        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again")
+    regex = next((k for k in alphas if not re.fullmatch(r"[\w.]*", k, re.ASCII)), None)
+    if regex is not None:
+        raise UserError(f"{path}: PEFT alpha_pattern key {regex!r} is a regex, not a module name; a file's "
+                        f"regexes are not run (one can hang for hours): name the modules instead")
     return alphas
 
 

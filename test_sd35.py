@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import struct
@@ -866,13 +867,27 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
     for bad in ({"to_(q": 2}, {"to_q": "2"}, [2]):                  # untrusted metadata: a one-line error
         save_file(load_file(written), tmp_path / "bad.safetensors",
                   {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": bad})})
-        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern is no")
+        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern (is no|key .* regex)")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
     with pytest.raises(sd.UserError, match="DoRA"):
         sd.load_lora(ours, tmp_path / "dora.safetensors")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.hada_w1_a": torch.ones(4, 192)}, tmp_path / "loha.safetensors")
     with pytest.raises(sd.UserError, match="LoHa"):                    # LyCORIS, not an 'incomplete pair'
         sd.load_lora(ours, tmp_path / "loha.safetensors")
+
+
+def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
+    """alpha_pattern keys come from the file's header and PEFT matches them as regexes: one of nested repeats,
+    (\\w|\\w)*y, backtracks 2^n steps per module name (hours on the real model's).
+    Plain module names, as PEFT and diffusers write them: test_peft_lora_with_alpha_metadata_matches_diffusers."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    for key in (r"(\w|\w)*y", "attn.to_(q|k)"):
+        save_file(tensors, tmp_path / "bad.safetensors",
+                  {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": {key: 3}})})
+        start = time.perf_counter()
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bad.safetensors"), re.escape(repr(key)))
+        assert time.perf_counter() - start < 1
 
 
 def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
