@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1975  Hub Downloads                    snapshot downloads, tokenizers
      2032  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2256  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2661  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2802  Output Files                     atomic writes, the output_dir lock, loss.png
-     2892  Several Processes (torchrun)     one all-reduce per step
-     2952  Command Line and the Tiny Model  main(), --tiny
+     2260  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2386  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2665  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2806  Output Files                     atomic writes, the output_dir lock, loss.png
+     2896  Several Processes (torchrun)     one all-reduce per step
+     2956  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2170,7 +2170,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
-        key = next((k for k in alphas if re.match(rf"(.*\.)?({k})$", module)), None)   # as PEFT matches
+        key = next((pattern for pattern in alphas if pattern.match(module)), None)   # PEFT: the first
         alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         bound = float(torch.linalg.norm(up)) * float(torch.linalg.norm(down)) * abs(alpha / divisor)
@@ -2192,19 +2192,23 @@ def _two_adapters(path, official: str, key: str):
                     f"keep one of them")
 
 
-def _alpha_pattern(peft: dict, path) -> dict[str, float]:
+def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
     """PEFT's per-module alphas, {module name: alpha}, checked: the metadata is untrusted. PEFT reads the keys
     as regexes, and one of nested repeats, (\\w|\\w)*y, runs for hours: only module names are taken (as PEFT
-    and diffusers write them; "." still matches any character, as there): each match takes length^2 steps."""
+    and diffusers write them; "." still matches any character, as there): each match takes length^2 steps.
+    Each compiled once (re's cache holds 512), and at most 10,000 (SD3.5 Large has ~540 LoRA-able layers)."""
     alphas = peft.get("alpha_pattern") or {}
     bad = lambda a: type(a) not in (int, float) or not abs(a) <= 1e9
     if type(alphas) is not dict or any(map(bad, alphas.values())):
         raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again")
+    if len(alphas) > 10_000:
+        raise UserError(f"{path}: PEFT alpha_pattern has {len(alphas)} keys, more than any SD3 model has "
+                        f"layers (at most 10,000 are read): a damaged file? use another")
     regex = next((k for k in alphas if not re.fullmatch(r"[\w.]*", k, re.ASCII)), None)
     if regex is not None:
         raise UserError(f"{path}: PEFT alpha_pattern key {regex!r} is a regex, not a module name; a file's "
                         f"regexes are not run (one can hang for hours): name the modules instead")
-    return alphas
+    return {re.compile(rf"(.*\.)?({k})$"): alpha for k, alpha in alphas.items()}      # as PEFT matches them
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

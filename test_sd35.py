@@ -890,6 +890,19 @@ def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(t
         assert time.perf_counter() - start < 1
 
 
+def test_a_loras_alpha_pattern_of_more_keys_than_any_model_has_modules_is_refused_at_once(tmp_path):
+    """Each key is a regex matched against each module: 20,000 took minutes on the tiny model (a re.compile per
+    key and module: the re cache holds 512), a 100 MB header's would take days on the real one."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    many = {f"transformer_blocks.{i}.attn.to_q" for i in range(3, 20003)}     # none of the model's
+    save_file(tensors, tmp_path / "many.safetensors",
+              {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": dict.fromkeys(many, 3)})})
+    start = time.perf_counter()
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "many.safetensors"), "20000 keys.*at most")
+    assert time.perf_counter() - start < 1
+
+
 def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
     model = tiny_mmdit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
