@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1237  Training                         Trainer and the training loop
      1488  Part 2: plumbing                 a reader can stop here
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1975  Hub Downloads                    snapshot downloads, tokenizers
-     2032  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2260  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2386  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2665  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2806  Output Files                     atomic writes, the output_dir lock, loss.png
-     2896  Several Processes (torchrun)     one all-reduce per step
-     2956  Command Line and the Tiny Model  main(), --tiny
+     1976  Hub Downloads                    snapshot downloads, tokenizers
+     2033  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2261  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2387  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2666  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2807  Output Files                     atomic writes, the output_dir lock, loss.png
+     2897  Several Processes (torchrun)     one all-reduce per step
+     2957  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -826,7 +826,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
-        self.files: list[str] = []   # _file_id of the weight files read: a swapped file is a new cache
+        self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1879,7 +1879,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
         raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
                         f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
-    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
+    folder = source if source.is_dir() else source.parent    # its tokenizer*/ files key the text cache too
+    tokenizers, read = _tokenizers(folder, use_t5), read + sorted(folder.glob("tokenizer*/*"))
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
@@ -1889,7 +1890,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight and config files too
+    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight, config, tokenizer files
     return text
 
 

@@ -1963,6 +1963,25 @@ def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(sin
     assert not set(first) & set(second) and not set(second) & set(third)
 
 
+def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
+    """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
+    the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
+    root, _ = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+    first = cached_captions(cfg)
+    file = tmp_path / "enc/tokenizer_3/tokenizer.json"
+    tokenizer = json.loads(file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["red"], vocab["fox"] = vocab["fox"], vocab["red"]                  # same size, other ids
+    file.write_text(json.dumps(tokenizer))
+    assert not set(first) & set(cached_captions(cfg))
+
+
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
     """A damaged (or overflowing) VAE or text encoder: the image or caption is named, nothing is cached (a
     cached NaN would come back in every later run with the same settings, as a NaN loss blamed on the lr)."""
