@@ -2958,15 +2958,17 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
 #                        Command Line and the Tiny Model                        #
 #################################################################################
 
-def tiny_tokenizer():
-    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
+def tiny_tokenizer(t5: bool = False):
+    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window. T5's, as T5's,
+    ends a text with <eos> only: <bos> too could not be truncated to a t5_length of 1."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
     from transformers import PreTrainedTokenizerFast
     tokens = ["<pad>", "<unk>", "<bos>", "<eos>", *"abcdefghijklmnopqrstuvwxyz0123456789.,!-'"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\s"), "")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")            # one token per character
-    tok.post_processor = processors.BertProcessing(("<eos>", 3), ("<bos>", 2))  # (sep, cls): <bos> text <eos>
+    tok.post_processor = (processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 3)])
+                          if t5 else processors.BertProcessing(("<eos>", 3), ("<bos>", 2)))  # <bos> t <eos>
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
@@ -2989,7 +2991,8 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
         for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
             if "adaLN_modulation" in name:
                 p.mul_(0.1)
-    text = TextEncoders(clip_l, clip_g, t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
+    text = TextEncoders(clip_l, clip_g, t5, (tok, tok, tiny_tokenizer(t5=True)), t5_length=t5_length,
+                        context_dim=64)
     for m in [mmdit, vae, *text.modules()]:
         m.to(dtype=dtype).eval().requires_grad_(False)
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))

@@ -1643,6 +1643,15 @@ def test_lora_settings_the_model_cannot_take_are_refused_before_the_cache_builds
         sd.train(tiny_config(tmp_path, **setting))
 
 
+def test_the_tiny_model_encodes_at_t5_length_1_as_t5_does():
+    """t5_length 1 (allowed: 1..512) was a bare ValueError with --tiny: its T5 tokenizer added <bos> and <eos>,
+    two tokens that cannot be truncated to one; T5's adds </s> only, which a length of 1 keeps."""
+    text = sd.load_pipeline("tiny", device="cpu", t5_length=1).text
+    context, pooled = text.encode(["a red fox", "a"])
+    assert context.shape == (2, 77 + 1, 64) and pooled.shape == (2, 80)
+    assert text.tok_t5(["ab"]).input_ids == [[4, 5, 3]]                      # the text, then <eos>
+
+
 def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
     """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo, a
     missing model, text_encoders or vae path, an unwritable output_dir or cache_dir or a t5_length above 512
