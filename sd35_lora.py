@@ -1647,12 +1647,12 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         return [folder / f"{stem}.safetensors"]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
+        try:                                                    # (a shard named by a number: TypeError)
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [index, *(folder / shard for shard in shards)]
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
-        return [index, *(folder / shard for shard in shards)]
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 

@@ -3305,7 +3305,8 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
     (tmp_path / "transformer" / "config.json").unlink()
     index = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
-    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
+    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}',
+                 '{"weight_map": {"a": 1}}', '{"weight_map": {"a": null}}'):     # (were bare TypeErrors)
         index.write_text(text)
         one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
     config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))           # a hand-edited resume header
