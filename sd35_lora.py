@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1237  Training                         Trainer and the training loop
      1488  Part 2: plumbing                 a reader can stop here
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1976  Hub Downloads                    snapshot downloads, tokenizers
-     2033  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2261  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2387  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2666  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2807  Output Files                     atomic writes, the output_dir lock, loss.png
-     2897  Several Processes (torchrun)     one all-reduce per step
-     2957  Command Line and the Tiny Model  main(), --tiny
+     1978  Hub Downloads                    snapshot downloads, tokenizers
+     2035  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2263  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2389  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2668  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2809  Output Files                     atomic writes, the output_dir lock, loss.png
+     2899  Several Processes (torchrun)     one all-reduce per step
+     2959  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1784,7 +1784,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
     config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
     import transformers
-    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
+    other_half = ("vision_model.", "visual_projection.", "decoder.", "lm_head.")   # whole CLIP/T5 files: as
+    sd = {k: v for k, v in sd.items()                                           # ComfyUI, the text part only
+          if not k.endswith(("position_ids", "logit_scale")) and not k.startswith(other_half)}
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
     layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
     if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built

@@ -1286,6 +1286,25 @@ def test_a_clip_l_file_with_a_text_projection_is_read_as_the_references_read_it(
                                expected)
 
 
+def test_whole_clip_and_t5_model_files_load_their_text_encoder_as_comfyui_does(single_files, tmp_path):
+    """A clip_l file holding the whole CLIP (vision tower too, as openai/clip-vit-large-patch14's model.safetensors)
+    or a t5xxl holding the whole T5 (decoder, lm_head): ComfyUI reads their text encoder; here they were refused
+    as weights that 'do not fit the detected architecture'."""
+    root, _ = single_files
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    clip_l, t5 = load_file(root / "clip/clip_l.safetensors"), load_file(root / "clip/t5xxl_fp16.safetensors")
+    save_file({**clip_l, "vision_model.embeddings.patch_embedding.weight": torch.ones(8, 3, 14, 14),
+               "visual_projection.weight": torch.ones(64, 8), "logit_scale": torch.tensor(4.6)},
+              tmp_path / "enc/clip_l.safetensors")
+    save_file({**t5, "decoder.block.0.layer.0.SelfAttention.q.weight": torch.ones(64, 192).half(),
+               "lm_head.weight": torch.ones(40, 192).half()}, tmp_path / "enc/t5xxl_fp16.safetensors")
+    expected = sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"])
+    torch.testing.assert_close(sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"]),
+                               expected)
+
+
 def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     root, _ = single_files
     model = root / "aio" / ALL_IN_ONE
