@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1237  Training                         Trainer and the training loop
      1488  Part 2: plumbing                 a reader can stop here
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1978  Hub Downloads                    snapshot downloads, tokenizers
-     2035  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2263  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2389  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2668  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2809  Output Files                     atomic writes, the output_dir lock, loss.png
-     2899  Several Processes (torchrun)     one all-reduce per step
-     2959  Command Line and the Tiny Model  main(), --tiny
+     1982  Hub Downloads                    snapshot downloads, tokenizers
+     2039  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2672  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2813  Output Files                     atomic writes, the output_dir lock, loss.png
+     2903  Several Processes (torchrun)     one all-reduce per step
+     2963  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1628,6 +1628,10 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         if "header too large" in str(e):        # first 8 bytes that no cut-short download has
+            with open(path, "rb") as f:             # a hub repo cloned without git-lfs: ~130-byte pointers
+                if f.read(23) == b"version https://git-lfs":
+                    raise UserError(f"{path} is a git-lfs pointer, not the file (cloned without git-lfs?): "
+                                    f"run `git lfs pull` in the clone, or `hf download` it") from None
             raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "
                             f"never read) or a web page saved by a failed download? get the file") from None
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "

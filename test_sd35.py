@@ -3935,3 +3935,12 @@ def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download
                         ("page.safetensors", "is no .safetensors file"), ("MODEL.CKPT", "pickle files can run code")):
         one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / name), match)
         one_line_error(lambda: sd.load_mmdit(tmp_path / name), match)
+
+
+def test_a_git_lfs_pointer_cloned_without_git_lfs_is_named_as_such(tmp_path):
+    """`git clone` of a hub repo without git-lfs leaves ~130-byte pointer files under the weights' names: they
+    were called 'a renamed .ckpt/.pt or a web page saved by a failed download'."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer/diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 4939212345\n")
+    one_line_error(lambda: sd.load_mmdit(tmp_path), "is a git-lfs pointer.*git lfs pull")
