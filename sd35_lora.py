@@ -1862,10 +1862,10 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
-        except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
+        except Exception as e:  # missing, cut short, of no model, a field's type (huggingface_hub error)
             _no_custom_code(source, e)
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
-                            f"({str(e).splitlines()[0][:150]}): download it again") from None
+                            f"({' '.join(str(e).split())[:150]}): download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",

@@ -3348,6 +3348,16 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_error(tmp_path):
+    """transformers 5 checks config fields' types with huggingface_hub's strict dataclasses, whose error is no
+    ValueError: '"num_layers": "24"' (hand-edited) was a bare StrictDataclassFieldValidationError traceback."""
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        (tmp_path / part).mkdir()
+        save_file({"x": torch.zeros(1)}, tmp_path / part / "model.safetensors")
+        (tmp_path / part / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": "24"}))
+    one_line_error(lambda: sd.load_text_encoders(tmp_path), "text_encoder.*config.json is missing or damaged")
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
