@@ -1994,10 +1994,10 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
-        except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
+        except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
-            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}): "
-                            f"copy them again from a diffusers SD3.5 download") from None
+            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
+                            f": copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)

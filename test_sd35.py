@@ -3358,6 +3358,18 @@ def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_erro
     one_line_error(lambda: sd.load_text_encoders(tmp_path), "text_encoder.*config.json is missing or damaged")
 
 
+def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_path):
+    """A tokenizer.json of a newer tokenizers ('data did not match any variant of untagged enum', a plain
+    Exception) or of no tokenizer (valid JSON: a KeyError) was a bare traceback, not 'incomplete' in one line."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    file = tmp_path / "tokenizer_3/tokenizer.json"
+    newer = {**json.loads(file.read_text()), "model": {"type": "FutureModel", "vocab": {}}}
+    for text in (json.dumps(newer), "{}"):
+        file.write_text(text)
+        one_line_error(lambda: sd._tokenizers(tmp_path, True), "tokenizer.* folders are incomplete")
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
