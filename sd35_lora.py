@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1237  Training                         Trainer and the training loop
      1488  Part 2: plumbing                 a reader can stop here
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1975  Hub Downloads                    snapshot downloads, tokenizers
-     2032  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2254  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2380  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2659  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2796  Output Files                     atomic writes, the output_dir lock, loss.png
-     2885  Several Processes (torchrun)     one all-reduce per step
-     2945  Command Line and the Tiny Model  main(), --tiny
+     1982  Hub Downloads                    snapshot downloads, tokenizers
+     2039  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2672  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2809  Output Files                     atomic writes, the output_dir lock, loss.png
+     2898  Several Processes (torchrun)     one all-reduce per step
+     2958  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -826,7 +826,7 @@ class TextEncoders:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
-        self.files: list[str] = []   # _file_id of the weight files read: a swapped file is a new cache
+        self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1628,6 +1628,10 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         if "header too large" in str(e):        # first 8 bytes that no cut-short download has
+            with open(path, "rb") as f:             # a hub repo cloned without git-lfs: ~130-byte pointers
+                if f.read(23) == b"version https://git-lfs":
+                    raise UserError(f"{path} is a git-lfs pointer, not the file (cloned without git-lfs?): "
+                                    f"run `git lfs pull` in the clone, or `hf download` it") from None
             raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "
                             f"never read) or a web page saved by a failed download? get the file") from None
         raise UserError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
@@ -1647,12 +1651,12 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         return [folder / f"{stem}.safetensors"]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
+        try:                                                    # (a shard named by a number: TypeError)
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [index, *(folder / shard for shard in shards)]
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
                             f"again") from None
-        return [index, *(folder / shard for shard in shards)]
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 
@@ -1784,7 +1788,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
     config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
     import transformers
-    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
+    other_half = ("vision_model.", "visual_projection.", "decoder.", "lm_head.")   # whole CLIP/T5 files: as
+    sd = {k: v for k, v in sd.items()                                           # ComfyUI, the text part only
+          if not k.endswith(("position_ids", "logit_scale")) and not k.startswith(other_half)}
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
     layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
     if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built
@@ -1856,10 +1862,10 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
-        except (OSError, ValueError, RecursionError) as e:  # a config.json missing, cut short, of no model
+        except Exception as e:  # missing, cut short, of no model, a field's type (huggingface_hub error)
             _no_custom_code(source, e)
             raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
-                            f"({str(e).splitlines()[0][:150]}): download it again") from None
+                            f"({' '.join(str(e).split())[:150]}): download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
@@ -1879,7 +1885,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
         raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
                         f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
-    tokenizers = _tokenizers(source if source.is_dir() else source.parent, use_t5)
+    folder = source if source.is_dir() else source.parent    # its tokenizer*/ files key the text cache too
+    tokenizers, read = _tokenizers(folder, use_t5), read + sorted(folder.glob("tokenizer*/*"))
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
@@ -1889,7 +1896,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight and config files too
+    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight, config, tokenizer files
     return text
 
 
@@ -1987,10 +1994,10 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
                     for n in names] + [None] * (not use_t5)
-        except (OSError, ValueError) as e:                 # an empty or half-copied tokenizer folder
+        except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
-            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({str(e).splitlines()[0][:120]}): "
-                            f"copy them again from a diffusers SD3.5 download") from None
+            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
+                            f": copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
@@ -2170,7 +2177,7 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         rank = down.shape[0]
-        key = next((k for k in alphas if re.match(rf"(.*\.)?({k})$", module)), None)   # as PEFT matches
+        key = next((pattern for pattern in alphas if pattern.match(module)), None)   # PEFT: the first
         alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
         bound = float(torch.linalg.norm(up)) * float(torch.linalg.norm(down)) * abs(alpha / divisor)
@@ -2192,17 +2199,23 @@ def _two_adapters(path, official: str, key: str):
                     f"keep one of them")
 
 
-def _alpha_pattern(peft: dict, path) -> dict[str, float]:
-    """PEFT's per-module alphas, {module name regex: alpha}, checked: the metadata is untrusted."""
+def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
+    """PEFT's per-module alphas, {module name: alpha}, checked: the metadata is untrusted. PEFT reads the keys
+    as regexes, and one of nested repeats, (\\w|\\w)*y, runs for hours: only module names are taken (as PEFT
+    and diffusers write them; "." still matches any character, as there): each match takes length^2 steps.
+    Each compiled once (re's cache holds 512), and at most 10,000 (SD3.5 Large has ~540 LoRA-able layers)."""
     alphas = peft.get("alpha_pattern") or {}
-    try:
-        for k, v in alphas.items():
-            re.compile(k)
-            if type(v) not in (int, float) or not abs(v) <= 1e9:
-                raise ValueError
-    except (AttributeError, re.error, ValueError):
-        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again") from None
-    return alphas
+    bad = lambda a: type(a) not in (int, float) or not abs(a) <= 1e9
+    if type(alphas) is not dict or any(map(bad, alphas.values())):
+        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again")
+    if len(alphas) > 10_000:
+        raise UserError(f"{path}: PEFT alpha_pattern has {len(alphas)} keys, more than any SD3 model has "
+                        f"layers (at most 10,000 are read): a damaged file? use another")
+    regex = next((k for k in alphas if not re.fullmatch(r"[\w.]*", k, re.ASCII)), None)
+    if regex is not None:
+        raise UserError(f"{path}: PEFT alpha_pattern key {regex!r} is a regex, not a module name; a file's "
+                        f"regexes are not run (one can hang for hours): name the modules instead")
+    return {re.compile(rf"(.*\.)?({k})$"): alpha for k, alpha in alphas.items()}      # as PEFT matches them
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -2946,15 +2959,17 @@ def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.
 #                        Command Line and the Tiny Model                        #
 #################################################################################
 
-def tiny_tokenizer():
-    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window."""
+def tiny_tokenizer(t5: bool = False):
+    """A character-level tokenizer (built in-process, no download) with CLIP's 77-token window. T5's, as T5's,
+    ends a text with <eos> only: <bos> too could not be truncated to a t5_length of 1."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, normalizers
     from transformers import PreTrainedTokenizerFast
     tokens = ["<pad>", "<unk>", "<bos>", "<eos>", *"abcdefghijklmnopqrstuvwxyz0123456789.,!-'"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\s"), "")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")            # one token per character
-    tok.post_processor = processors.BertProcessing(("<eos>", 3), ("<bos>", 2))  # (sep, cls): <bos> text <eos>
+    tok.post_processor = (processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 3)])
+                          if t5 else processors.BertProcessing(("<eos>", 3), ("<bos>", 2)))  # <bos> t <eos>
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
@@ -2977,7 +2992,8 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
         for name, p in mmdit.named_parameters():  # small adaLN gates: near-identity blocks train well
             if "adaLN_modulation" in name:
                 p.mul_(0.1)
-    text = TextEncoders(clip_l, clip_g, t5, (tok, tok, tok), t5_length=t5_length, context_dim=64)
+    text = TextEncoders(clip_l, clip_g, t5, (tok, tok, tiny_tokenizer(t5=True)), t5_length=t5_length,
+                        context_dim=64)
     for m in [mmdit, vae, *text.modules()]:
         m.to(dtype=dtype).eval().requires_grad_(False)
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import struct
@@ -866,13 +867,40 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
     for bad in ({"to_(q": 2}, {"to_q": "2"}, [2]):                  # untrusted metadata: a one-line error
         save_file(load_file(written), tmp_path / "bad.safetensors",
                   {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": bad})})
-        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern is no")
+        one_line_error(lambda: sd.load_lora(ours, tmp_path / "bad.safetensors"), "alpha_pattern (is no|key .* regex)")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.dora_scale": torch.ones(1, 192)}, tmp_path / "dora.safetensors")
     with pytest.raises(sd.UserError, match="DoRA"):
         sd.load_lora(ours, tmp_path / "dora.safetensors")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.hada_w1_a": torch.ones(4, 192)}, tmp_path / "loha.safetensors")
     with pytest.raises(sd.UserError, match="LoHa"):                    # LyCORIS, not an 'incomplete pair'
         sd.load_lora(ours, tmp_path / "loha.safetensors")
+
+
+def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
+    """alpha_pattern keys come from the file's header and PEFT matches them as regexes: one of nested repeats,
+    (\\w|\\w)*y, backtracks 2^n steps per module name (hours on the real model's).
+    Plain module names, as PEFT and diffusers write them: test_peft_lora_with_alpha_metadata_matches_diffusers."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    for key in (r"(\w|\w)*y", "attn.to_(q|k)"):
+        save_file(tensors, tmp_path / "bad.safetensors",
+                  {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": {key: 3}})})
+        start = time.perf_counter()
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "bad.safetensors"), re.escape(repr(key)))
+        assert time.perf_counter() - start < 1
+
+
+def test_a_loras_alpha_pattern_of_more_keys_than_any_model_has_modules_is_refused_at_once(tmp_path):
+    """Each key is a regex matched against each module: 20,000 took minutes on the tiny model (a re.compile per
+    key and module: the re cache holds 512), a 100 MB header's would take days on the real one."""
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    tensors = load_file(tmp_path / "lora.safetensors")
+    many = {f"transformer_blocks.{i}.attn.to_q" for i in range(3, 20003)}     # none of the model's
+    save_file(tensors, tmp_path / "many.safetensors",
+              {"lora_adapter_metadata": json.dumps({"transformer.alpha_pattern": dict.fromkeys(many, 3)})})
+    start = time.perf_counter()
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "many.safetensors"), "20000 keys.*at most")
+    assert time.perf_counter() - start < 1
 
 
 def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
@@ -1258,6 +1286,25 @@ def test_a_clip_l_file_with_a_text_projection_is_read_as_the_references_read_it(
                                expected)
 
 
+def test_whole_clip_and_t5_model_files_load_their_text_encoder_as_comfyui_does(single_files, tmp_path):
+    """A clip_l file holding the whole CLIP (vision tower too, as openai/clip-vit-large-patch14's model.safetensors)
+    or a t5xxl holding the whole T5 (decoder, lm_head): ComfyUI reads their text encoder; here they were refused
+    as weights that 'do not fit the detected architecture'."""
+    root, _ = single_files
+    (tmp_path / "enc").mkdir()
+    for name in ("clip_g.safetensors", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).symlink_to(root / "clip" / name)
+    clip_l, t5 = load_file(root / "clip/clip_l.safetensors"), load_file(root / "clip/t5xxl_fp16.safetensors")
+    save_file({**clip_l, "vision_model.embeddings.patch_embedding.weight": torch.ones(8, 3, 14, 14),
+               "visual_projection.weight": torch.ones(64, 8), "logit_scale": torch.tensor(4.6)},
+              tmp_path / "enc/clip_l.safetensors")
+    save_file({**t5, "decoder.block.0.layer.0.SelfAttention.q.weight": torch.ones(64, 192).half(),
+               "lm_head.weight": torch.ones(40, 192).half()}, tmp_path / "enc/t5xxl_fp16.safetensors")
+    expected = sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"])
+    torch.testing.assert_close(sd.load_text_encoders(tmp_path / "enc", context_dim=192).encode(["a red fox"]),
+                               expected)
+
+
 def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     root, _ = single_files
     model = root / "aio" / ALL_IN_ONE
@@ -1615,6 +1662,15 @@ def test_lora_settings_the_model_cannot_take_are_refused_before_the_cache_builds
         sd.train(tiny_config(tmp_path, **setting))
 
 
+def test_the_tiny_model_encodes_at_t5_length_1_as_t5_does():
+    """t5_length 1 (allowed: 1..512) was a bare ValueError with --tiny: its T5 tokenizer added <bos> and <eos>,
+    two tokens that cannot be truncated to one; T5's adds </s> only, which a length of 1 keeps."""
+    text = sd.load_pipeline("tiny", device="cpu", t5_length=1).text
+    context, pooled = text.encode(["a red fox", "a"])
+    assert context.shape == (2, 77 + 1, 64) and pooled.shape == (2, 80)
+    assert text.tok_t5(["ab"]).input_ids == [[4, 5, 3]]                      # the text, then <eos>
+
+
 def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_path, monkeypatch):
     """The scan decodes every image (~70 ms per megapixel PNG: minutes for a large dataset); a device typo, a
     missing model, text_encoders or vae path, an unwritable output_dir or cache_dir or a t5_length above 512
@@ -1933,6 +1989,25 @@ def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(sin
     assert len(list((tmp_path / "enc/text_encoder_3").glob("model-*.safetensors"))) > 1
     third = cached_captions(cfg)
     assert not set(first) & set(second) and not set(second) & set(third)
+
+
+def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
+    """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
+    the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
+    root, _ = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / "enc" / name).mkdir(parents=True)
+        for f in (root / "diffusers" / name).iterdir():
+            (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
+    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+    first = cached_captions(cfg)
+    file = tmp_path / "enc/tokenizer_3/tokenizer.json"
+    tokenizer = json.loads(file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["red"], vocab["fox"] = vocab["fox"], vocab["red"]                  # same size, other ids
+    file.write_text(json.dumps(tokenizer))
+    assert not set(first) & set(cached_captions(cfg))
 
 
 def test_nan_encodings_are_refused_and_never_cached(tmp_path):
@@ -3249,7 +3324,8 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
     (tmp_path / "transformer" / "config.json").unlink()
     index = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
-    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}'):
+    for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}',
+                 '{"weight_map": {"a": 1}}', '{"weight_map": {"a": null}}'):     # (were bare TypeErrors)
         index.write_text(text)
         one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
     config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))           # a hand-edited resume header
@@ -3270,6 +3346,28 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         __import__("runpy").run_path(str(ROOT / "sample.py"), run_name="__main__")
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_error(tmp_path):
+    """transformers 5 checks config fields' types with huggingface_hub's strict dataclasses, whose error is no
+    ValueError: '"num_layers": "24"' (hand-edited) was a bare StrictDataclassFieldValidationError traceback."""
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        (tmp_path / part).mkdir()
+        save_file({"x": torch.zeros(1)}, tmp_path / part / "model.safetensors")
+        (tmp_path / part / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": "24"}))
+    one_line_error(lambda: sd.load_text_encoders(tmp_path), "text_encoder.*config.json is missing or damaged")
+
+
+def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_path):
+    """A tokenizer.json of a newer tokenizers ('data did not match any variant of untagged enum', a plain
+    Exception) or of no tokenizer (valid JSON: a KeyError) was a bare traceback, not 'incomplete' in one line."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    file = tmp_path / "tokenizer_3/tokenizer.json"
+    newer = {**json.loads(file.read_text()), "model": {"type": "FutureModel", "vocab": {}}}
+    for text in (json.dumps(newer), "{}"):
+        file.write_text(text)
+        one_line_error(lambda: sd._tokenizers(tmp_path, True), "tokenizer.* folders are incomplete")
 
 
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
@@ -3859,3 +3957,12 @@ def test_a_renamed_pickle_or_a_saved_web_page_is_not_called_a_truncated_download
                         ("page.safetensors", "is no .safetensors file"), ("MODEL.CKPT", "pickle files can run code")):
         one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / name), match)
         one_line_error(lambda: sd.load_mmdit(tmp_path / name), match)
+
+
+def test_a_git_lfs_pointer_cloned_without_git_lfs_is_named_as_such(tmp_path):
+    """`git clone` of a hub repo without git-lfs leaves ~130-byte pointer files under the weights' names: they
+    were called 'a renamed .ckpt/.pt or a web page saved by a failed download'."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer/diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 4939212345\n")
+    one_line_error(lambda: sd.load_mmdit(tmp_path), "is a git-lfs pointer.*git lfs pull")
