@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1237  Training                         Trainer and the training loop
      1488  Part 2: plumbing                 a reader can stop here
      1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1982  Hub Downloads                    snapshot downloads, tokenizers
-     2039  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2672  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2809  Output Files                     atomic writes, the output_dir lock, loss.png
-     2898  Several Processes (torchrun)     one all-reduce per step
-     2958  Command Line and the Tiny Model  main(), --tiny
+     1986  Hub Downloads                    snapshot downloads, tokenizers
+     2043  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2676  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2813  Output Files                     atomic writes, the output_dir lock, loss.png
+     2902  Several Processes (torchrun)     one all-reduce per step
+     2962  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1646,17 +1646,21 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards."""
-    if os.path.lexists(folder / f"{stem}.safetensors"):     # a folder or a broken link: read_safetensors says
-        return [folder / f"{stem}.safetensors"]
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:                                                    # (a shard named by a number: TypeError)
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            return [index, *(folder / shard for shard in shards)]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-            raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download it "
-                            f"again") from None
+    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards; else those of
+    the fp16 variant (the same weights in fp16: a folder saved with variant="fp16" has only them)."""
+    for variant in ("", ".fp16"):
+        if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder or a broken link: read_... says
+            return [folder / f"{stem}{variant}.safetensors"]
+        index = folder / f"{stem}.safetensors.index{variant}.json"
+        if index.is_file():
+            try:                                                # (a shard named by a number: TypeError)
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                if any(Path(shard).name != shard or not shard.endswith(".safetensors") for shard in shards):
+                    raise ValueError("shards must be .safetensors files beside it")   # ../, /, or a pickle
+                return [index, *(folder / shard for shard in shards)]
+            except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+                raise UserError(f"cannot read {index} as a shard index ({type(e).__name__}: {e}): download "
+                                f"it again") from None
     found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
     raise UserError(f"no {stem}.safetensors in {folder} (has {found[:5]}); only safetensors weights are read")
 

@@ -1991,6 +1991,26 @@ def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(sin
     assert not set(first) & set(second) and not set(second) & set(third)
 
 
+def test_a_diffusers_folder_saved_as_the_fp16_variant_alone_loads(single_files, tmp_path):
+    """A folder saved with variant="fp16" (or downloaded with only its fp16 files) holds model.fp16.safetensors
+    and diffusion_pytorch_model.safetensors.index.fp16.json with fp16 shards: it was 'no model.safetensors in'."""
+    root, pipe = single_files
+    for part in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        component = getattr(pipe, part)
+        shards = "200KB" if part in ("transformer", "text_encoder_3") else "10GB"        # both layouts
+        component.to(torch.float16).save_pretrained(tmp_path / part, variant="fp16", max_shard_size=shards)
+        component.float()
+    for name in ("vae", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (tmp_path / name).symlink_to(root / "diffusers" / name)
+    (tmp_path / "model_index.json").write_bytes((root / "diffusers/model_index.json").read_bytes())
+    assert list(tmp_path.glob("text_encoder/model.fp16.safetensors"))
+    assert list(tmp_path.glob("transformer/diffusion_pytorch_model.safetensors.index.fp16.json"))
+    got, want = sd.load_pipeline(str(tmp_path), device="cpu"), sd.load_pipeline(str(root / "diffusers"), device="cpu")
+    for a, b in ((got.mmdit, want.mmdit), (got.text.t5, want.text.t5), (got.text.clip_l, want.text.clip_l)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y.half().float()), name
+
+
 def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
     """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
     the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
@@ -3325,7 +3345,8 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "transformer" / "config.json").unlink()
     index = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
     for text in ('{"weight_map": {"a": "x.safetensors"', '{"metadata": {}}', '{"weight_map": [1]}',
-                 '{"weight_map": {"a": 1}}', '{"weight_map": {"a": null}}'):     # (were bare TypeErrors)
+                 '{"weight_map": {"a": 1}}', '{"weight_map": {"a": null}}',      # (were bare TypeErrors)
+                 '{"weight_map": {"a": "../x.safetensors"}}', '{"weight_map": {"a": "x.bin"}}'):  # (were read)
         index.write_text(text)
         one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*index.json as a shard")
     config = json.dumps(dataclasses.asdict(tiny_config(tmp_path)))           # a hand-edited resume header
