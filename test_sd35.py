@@ -2726,6 +2726,27 @@ def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_
     assert np.abs(images["1"] - np.stack(alone)).max() <= 1
 
 
+def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch):
+    """Since sample.py saves each batch as it is decoded, with offload (auto on small GPUs, or --offload) the
+    MMDiT and the VAE went to the GPU and back once per batch: for Large 16 GB each way per prompt. Where the two
+    fit there together (the rule that decides offload for all models), they visit once per run; else they take
+    turns for each batch, as before, so that only one of them is on the GPU at a time."""
+    moves, real = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        moves.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    pipe, s, saved = sd.tiny_pipeline(), sd.SampleSettings(steps=1, width=32, height=32), []
+    pipe.offload = True
+    for too_large, expected in ((0, 2), (10**12, 6)):      # there and back: once, or for each of 3 batches
+        monkeypatch.setattr(sd, "too_large_for", lambda device, *modules: too_large, raising=False)
+        moves.clear()
+        sd.generate(pipe, ["a", "b", "c"], settings=s, progress=False, keep=saved.append)
+        assert moves.count("MMDiT") == moves.count("VAE") == expected, moves
+    assert [len(images) for images in saved] == [1] * 6 and pipe.visiting == ()
+
+
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
