@@ -23,16 +23,16 @@ have. Sections (line numbers):
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1061  Data                             dataset scan, aspect buckets, the latent and text cache
      1241  Training                         Trainer and the training loop
-     1492  Part 2: plumbing                 a reader can stop here
-     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1987  Hub Downloads                    snapshot downloads, tokenizers
-     2044  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2671  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2812  Output Files                     atomic writes, the output_dir lock, loss.png
-     2902  Several Processes (torchrun)     one all-reduce per step
-     2962  Command Line and the Tiny Model  main(), --tiny
+     1493  Part 2: plumbing                 a reader can stop here
+     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1988  Hub Downloads                    snapshot downloads, tokenizers
+     2045  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2672  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2813  Output Files                     atomic writes, the output_dir lock, loss.png
+     2903  Several Processes (torchrun)     one all-reduce per step
+     2963  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1452,9 +1452,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
+        if stop and tr.world == 1:                      # during those previews: stop before training on
+            raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
-            lr = get_lr(tr.step, tc)
-            tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
+            tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA
             numbers = tr.forward_backward(bool(stop))
             # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
             total, stopping = numbers[0].item(), numbers[2].item() > 0 or (tr.world == 1 and bool(stop))

@@ -1456,7 +1456,10 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
-def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """One process trained a step after a Ctrl-C (or SIGTERM) during the step-0 previews, then saved step 1.
+    It stops before training, with a checkpoint at step 0 (an output_dir with previews but no checkpoint is
+    refused by a new run and cannot be resumed), from which --resume trains as a run not interrupted."""
     make_dataset(tmp_path / "data")
     real_generate = sd.generate
 
@@ -1468,7 +1471,14 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     with pytest.raises(SystemExit) as exit_info:
         sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 0}))
     assert exit_info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "0"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ("interrupted at step 0; checkpoint saved. "
+                                                                "Continue with --resume")
+    assert not (tmp_path / "run/log.jsonl").exists()
+    monkeypatch.setattr(sd, "generate", real_generate)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}), resume=True)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0, "output_dir": str(tmp_path / "b")}))
+    assert_same_run(tmp_path / "run", tmp_path / "b")
 
 
 def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
