@@ -3037,8 +3037,7 @@ def main(argv=None):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
-        # "none" when several machines are started without --rdzv-id)
+        # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
         if args.tiny and args.resume:                           # continue the newest tiny run that saved
@@ -3052,7 +3051,8 @@ def main(argv=None):
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         rank, world = rank_and_world()
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
-        sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
+        tag = f"process {rank}: " * (e.own and world > 1 and "MASTER_ADDR" in os.environ)  # not a plain run's
+        sys.exit(f"error: {tag}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

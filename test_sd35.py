@@ -3714,6 +3714,23 @@ def test_torchrun_variables_left_in_a_plain_runs_environment_are_one_line(tmp_pa
     assert e.value.own                          # printed whatever RANK and LOCAL_RANK say
 
 
+def test_a_plain_run_with_world_size_exported_is_not_called_process_0(tmp_path, monkeypatch):
+    """A user who never used torchrun, with WORLD_SIZE exported by a cluster script, read "error: process 0:
+    WORLD_SIZE is 2 but ...": there is no process 0 of anything. Processes a launcher started say which they are."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert str(exit_info.value.code).startswith("error: WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not "
+                                                "set: start the processes with torchrun"), exit_info.value.code
+    monkeypatch.setenv("MASTER_ADDR", "localhost")          # as torchrun sets it: its process 0 says so
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert str(exit_info.value.code).startswith("error: process 0: WORLD_SIZE is 2 but RANK, MASTER_PORT")
+
+
 def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
     """gloo's messages start with an 80-character '[/__w/pytorch/.../unbound_buffer.cc:78] ' tag: cut at 99
     characters, a 600 s timeout read 'Timed out waiting 6' (the time to raise was lost). Messages as gloo
