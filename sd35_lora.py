@@ -1473,6 +1473,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
             tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
+        bar.close()
+        if tr.world > 1:                            # the others wait for process 0's last files (a signal
+            collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
         tr.save()
@@ -1484,9 +1487,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
             signal.signal(sig, handler)
         if tr.lock:                                 # a notebook's next run may use output_dir
             tr.lock.close()
-    bar.close()
-    if tr.world > 1:
-        collective(dist.barrier)                    # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 

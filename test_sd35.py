@@ -1561,6 +1561,25 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
         "nothing new to save (finished cache files are kept)")
 
 
+def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run_as_done(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The processes wait at a last barrier for process 0's final files. A SIGTERM there (a scheduler's time
+    limit) came after the run's handlers were put back: with the LoRA saved, a process said "terminated
+    before training began ... nothing new to save" and exited 143 (process 0: or "lost contact" when the
+    others left the barrier). The run has ended: it says done."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))     # process 0 of 2, as torchrun starts it
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+
+    def collective(call, *args, **kwargs):
+        if call is sd.dist.barrier and (tmp_path / "run/lora.safetensors").is_file():
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(sd, "collective", collective)
+    sets = {"train.steps": 2, "sample.prompts": []}
+    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
