@@ -2686,6 +2686,18 @@ def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
     assert (partial.slg_scale, partial.slg_layers) == (2.5, (7,))
 
 
+def test_the_sample_commands_the_docs_show_are_complete():
+    """README and sample.py's docstring showed `python sample.py --model ... --lora my.safetensors` without a
+    --prompt: copied as shown, it only said "give at least one --prompt"."""
+    import re
+    import shlex
+    docs = [(ROOT / doc).read_text().replace("\\\n", " ") for doc in ("README.md", "sample.py", "sd35_lora.py")]
+    commands = [line for doc in docs for line in re.findall(r"^\s*python sample\.py (.+)$", doc, re.M)]
+    assert len(commands) >= 6
+    for command in commands:
+        sample.parse_args(shlex.split(command, comments=True))
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
