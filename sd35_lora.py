@@ -1452,7 +1452,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
-        if stop and tr.world == 1:                      # during those previews: stop before training on
+        if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
             tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import struct
@@ -1479,6 +1480,10 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}), resume=True)
     sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0, "output_dir": str(tmp_path / "b")}))
     assert_same_run(tmp_path / "run", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/samples_step_000002")       # previews a resume makes up, of a finished run
+    monkeypatch.setattr(sd, "generate", interrupted)
+    b = {"train.steps": 2, "sample.sample_every": 2, "output_dir": str(tmp_path / "b")}
+    assert sd.train(tiny_config(tmp_path, **b), resume=True) == tmp_path / "b/lora.safetensors"   # not "stopped"
 
 
 def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
