@@ -871,7 +871,7 @@ class TextEncoders:
 
 @dataclass
 class Pipeline:
-    """Everything sampling needs. With `offload`, the components visit `device` one at a time."""
+    """Everything sampling needs. With `offload`, the models visit `device` only while they run."""
     mmdit: MMDiT
     vae: VAE
     text: TextEncoders | None
