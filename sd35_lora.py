@@ -2906,8 +2906,8 @@ def plot_losses(log_path: Path, png_path: Path):
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    world = int(os.environ.get("WORLD_SIZE", 1))        # a RANK left alone: a plain run (it trained nothing)
-    return int(os.environ.get("RANK", 0)) if world > 1 else 0, world
+    world = int(os.environ.get("WORLD_SIZE") or 1)      # a RANK left alone: a plain run (it trained nothing);
+    return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
 
 
 def init_distributed(cfg: Config) -> tuple[int, int]:

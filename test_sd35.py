@@ -3689,6 +3689,17 @@ def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
     assert str(exit_info.value.code).startswith("error: 'train.lr'")
 
 
+def test_a_world_size_exported_empty_is_a_plain_run_not_a_traceback(monkeypatch):
+    """`export WORLD_SIZE=$SLURM_NTASKS` in a script run outside Slurm leaves it empty: every start of
+    sd35_lora.py (and sample.py with a LOCAL_RANK) ended in a ValueError traceback from int('')."""
+    monkeypatch.setenv("WORLD_SIZE", "")
+    monkeypatch.setenv("RANK", "")
+    assert sd.rank_and_world() == (0, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+    assert str(exit_info.value.code).startswith("error: 'train.lr'")
+
+
 def test_a_plain_run_with_a_rank_left_in_its_environment_trains_and_saves(tmp_path, monkeypatch, capsys):
     """RANK without WORLD_SIZE (exported, or a shell started from a torchrun worker): the one process took itself
     for torchrun's process 1 of 1, trained no sample, and after the models and the cache loaded ended in a
