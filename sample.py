@@ -1,7 +1,8 @@
 """Generate images with SD3 / SD3.5, optionally with LoRAs.
 
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red fox in snow"
-    python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors
+    python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors \
+        --prompt "a red fox in snow"
     python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
 
 Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower; for checking; one "
                    "unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep models on the CPU, each visiting the GPU only while it runs (default: when they "
-                   "do not fit)")
+                   help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the VAE "
+                   "together for all images where they fit; default: when all models do not fit)")
     p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; "
                    "with --compile, fp8 matmuls on NVIDIA GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",

@@ -21,18 +21,18 @@ have. Sections (line numbers):
       672  VAE                              16-channel autoencoder, the latent scale and shift
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1057  Data                             dataset scan, aspect buckets, the latent and text cache
-     1237  Training                         Trainer and the training loop
-     1488  Part 2: plumbing                 a reader can stop here
-     1495  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1986  Hub Downloads                    snapshot downloads, tokenizers
-     2043  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2676  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2813  Output Files                     atomic writes, the output_dir lock, loss.png
-     2902  Several Processes (torchrun)     one all-reduce per step
-     2962  Command Line and the Tiny Model  main(), --tiny
+     1061  Data                             dataset scan, aspect buckets, the latent and text cache
+     1241  Training                         Trainer and the training loop
+     1493  Part 2: plumbing                 a reader can stop here
+     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1999  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2826  Output Files                     atomic writes, the output_dir lock, loss.png
+     2915  Several Processes (torchrun)     one all-reduce per step
+     2975  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -871,21 +871,22 @@ class TextEncoders:
 
 @dataclass
 class Pipeline:
-    """Everything sampling needs. With `offload`, the components visit `device` one at a time."""
+    """Everything sampling needs. With `offload`, the models visit `device` only while they run."""
     mmdit: MMDiT
     vae: VAE
     text: TextEncoders | None
     variant: str
     device: torch.device
     offload: bool = False
+    visiting: tuple = ()                    # the modules that on_device() brought to `device`
 
     def place(self, offload: bool | None = None) -> "Pipeline":
         """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
         modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
         if offload is None:
-            need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
-            offload = self.device.type == "cuda" and need > 0.85 * torch.cuda.mem_get_info(self.device)[0]
+            need = too_large_for(self.device, *modules)
+            offload = need > 0
             if offload:
                 print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
         self.offload = offload
@@ -895,13 +896,15 @@ class Pipeline:
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
-        """With `offload`, the modules visit `device` for the `with` block, then go back to the CPU."""
-        visiting = modules if self.offload else ()
+        """With `offload`, the modules not there yet visit `device` for the `with` block, then go back."""
+        visiting = [m for m in modules if self.offload and m not in self.visiting]
+        self.visiting += tuple(visiting)
         try:
             for m in visiting:
                 m.to(self.device)
             yield
         finally:
+            self.visiting = self.visiting[:len(self.visiting) - len(visiting)]
             for m in visiting:
                 m.to("cpu")
             if visiting and self.device.type == "cuda":
@@ -1029,28 +1032,29 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
     else:
         cond, uncond = embeddings
-    cond = tuple(t.to(pipe.device) for t in cond)
-    uncond = tuple(t.to(pipe.device) for t in uncond) if uncond is not None else None
+    cond, uncond = (tuple(t.to(pipe.device) for t in pair) if pair else None for pair in (cond, uncond))
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    done = []
-    for i in range(0, len(x), batch_size):              # not all at once: many prompts ran out of GPU memory
-        part = slice(i, i + batch_size)
-        c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
-        with pipe.on_device(pipe.mmdit):
-            z = denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers,
-                        progress)
-        with pipe.on_device(pipe.vae):                     # one image at a time: VAE activations are large
-            images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])    # (B, 3, H, W) in [-1, 1]
-        if not images.isfinite().all():                    # one check per batch, not per sampling step
-            raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-                [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
-                "lower the cfg/LoRA scale or use fp32"))
-        arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
-        if keep:
-            keep(done[i:])
+    done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
+    # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
+    with pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
+        for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
+            part = slice(i, i + batch_size)
+            c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
+            with pipe.on_device(pipe.mmdit):
+                z = denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers,
+                            progress)
+            with pipe.on_device(pipe.vae):                 # one image at a time: VAE activations are large
+                images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])   # (B, 3, H, W), [-1, 1]
+            if not images.isfinite().all():                # one check per batch, not per sampling step
+                raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+                    [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
+                    "lower the cfg/LoRA scale or use fp32"))
+            arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
+            if keep:
+                keep(done[i:])
     return done
 
 
@@ -1448,9 +1452,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
+        if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
+            raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
-            lr = get_lr(tr.step, tc)
-            tr.opt.param_groups[0]["lr"] = lr                    # one parameter group: the LoRA
+            tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA
             numbers = tr.forward_backward(bool(stop))
             # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
             total, stopping = numbers[0].item(), numbers[2].item() > 0 or (tr.world == 1 and bool(stop))
@@ -1468,6 +1473,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
             tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
+        bar.close()
+        if tr.world > 1:                            # the others wait for process 0's last files (a signal
+            collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
         tr.save()
@@ -1479,9 +1487,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
             signal.signal(sig, handler)
         if tr.lock:                                 # a notebook's next run may use output_dir
             tr.lock.close()
-    bar.close()
-    if tr.world > 1:
-        collective(dist.barrier)                    # the others wait for process 0's last files
     return tr.out / "lora.safetensors"
 
 
@@ -1923,6 +1928,14 @@ def pick_device(name: str = "auto") -> torch.device:
                         f"device(s); use --device cpu, or (torchrun) at most one process per GPU",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
+
+
+def too_large_for(device: torch.device, *modules: nn.Module) -> int:
+    """The bytes of the modules' weights if they take over 85 % of the GPU's free memory (the rest is for the
+    activations), else 0."""
+    need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
+    fits = device.type != "cuda" or need <= 0.85 * torch.cuda.mem_get_info(device)[0]
+    return 0 if fits else need
 
 
 def _header_groups(path: Path) -> set[str]:
@@ -2905,8 +2918,8 @@ def plot_losses(log_path: Path, png_path: Path):
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    world = int(os.environ.get("WORLD_SIZE", 1))        # a RANK left alone: a plain run (it trained nothing)
-    return int(os.environ.get("RANK", 0)) if world > 1 else 0, world
+    world = int(os.environ.get("WORLD_SIZE") or 1)      # a RANK left alone: a plain run (it trained nothing);
+    return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
 
 
 def init_distributed(cfg: Config) -> tuple[int, int]:
@@ -3040,8 +3053,7 @@ def main(argv=None):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        # --tiny's output folder: a timestamp, or under torchrun the job's id (the same in every process;
-        # "none" when several machines are started without --rdzv-id)
+        # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
         if args.tiny and args.resume:                           # continue the newest tiny run that saved
@@ -3054,7 +3066,8 @@ def main(argv=None):
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
-        sys.exit(f"error: {f'process {rank}: ' * (e.own and world > 1)}{e}" if first or e.own else 1)
+        tag = f"process {rank}: " * (e.own and world > 1 and "MASTER_ADDR" in os.environ)  # not a plain run's
+        sys.exit(f"error: {tag}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

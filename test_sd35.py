@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import struct
@@ -1503,7 +1504,10 @@ def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "4"
 
 
-def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """One process trained a step after a Ctrl-C (or SIGTERM) during the step-0 previews, then saved step 1.
+    It stops before training, with a checkpoint at step 0 (an output_dir with previews but no checkpoint is
+    refused by a new run and cannot be resumed), from which --resume trains as a run not interrupted."""
     make_dataset(tmp_path / "data")
     real_generate = sd.generate
 
@@ -1515,7 +1519,18 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     with pytest.raises(SystemExit) as exit_info:
         sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 0}))
     assert exit_info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "1"
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "0"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ("interrupted at step 0; checkpoint saved. "
+                                                                "Continue with --resume")
+    assert not (tmp_path / "run/log.jsonl").exists()
+    monkeypatch.setattr(sd, "generate", real_generate)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}), resume=True)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0, "output_dir": str(tmp_path / "b")}))
+    assert_same_run(tmp_path / "run", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/samples_step_000002")       # previews a resume makes up, of a finished run
+    monkeypatch.setattr(sd, "generate", interrupted)
+    b = {"train.steps": 2, "sample.sample_every": 2, "output_dir": str(tmp_path / "b")}
+    assert sd.train(tiny_config(tmp_path, **b), resume=True) == tmp_path / "b/lora.safetensors"   # not "stopped"
 
 
 def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
@@ -1596,6 +1611,25 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "terminated before training began (by torchrun if a process failed: see its error): "
         "nothing new to save (finished cache files are kept)")
+
+
+def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run_as_done(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The processes wait at a last barrier for process 0's final files. A SIGTERM there (a scheduler's time
+    limit) came after the run's handlers were put back: with the LoRA saved, a process said "terminated
+    before training began ... nothing new to save" and exited 143 (process 0: or "lost contact" when the
+    others left the barrier). The run has ended: it says done."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))     # process 0 of 2, as torchrun starts it
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+
+    def collective(call, *args, **kwargs):
+        if call is sd.dist.barrier and (tmp_path / "run/lora.safetensors").is_file():
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(sd, "collective", collective)
+    sets = {"train.steps": 2, "sample.prompts": []}
+    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
@@ -2752,6 +2786,18 @@ def test_png_parameters_record_the_skip_layer_guidance_that_ran(tmp_path):
     assert (partial.slg_scale, partial.slg_layers) == (2.5, (7,))
 
 
+def test_the_sample_commands_the_docs_show_are_complete():
+    """README and sample.py's docstring showed `python sample.py --model ... --lora my.safetensors` without a
+    --prompt: copied as shown, it only said "give at least one --prompt"."""
+    import re
+    import shlex
+    docs = [(ROOT / doc).read_text().replace("\\\n", " ") for doc in ("README.md", "sample.py", "sd35_lora.py")]
+    commands = [line for doc in docs for line in re.findall(r"^\s*python sample\.py (.+)$", doc, re.M)]
+    assert len(commands) >= 6
+    for command in commands:
+        sample.parse_args(shlex.split(command, comments=True))
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
@@ -2819,6 +2865,27 @@ def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_
     alone = [np.asarray(sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=5 + i), progress=False)[0])
              for i, p in enumerate(["red", "a fox", "blue"])]
     assert np.abs(images["1"] - np.stack(alone)).max() <= 1
+
+
+def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch):
+    """Since sample.py saves each batch as it is decoded, with offload (auto on small GPUs, or --offload) the
+    MMDiT and the VAE went to the GPU and back once per batch: for Large 16 GB each way per prompt. Where the two
+    fit there together (the rule that decides offload for all models), they visit once per run; else they take
+    turns for each batch, as before, so that only one of them is on the GPU at a time."""
+    moves, real = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        moves.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    pipe, s, saved = sd.tiny_pipeline(), sd.SampleSettings(steps=1, width=32, height=32), []
+    pipe.offload = True
+    for too_large, expected in ((0, 2), (10**12, 6)):      # there and back: once, or for each of 3 batches
+        monkeypatch.setattr(sd, "too_large_for", lambda device, *modules: too_large, raising=False)
+        moves.clear()
+        sd.generate(pipe, ["a", "b", "c"], settings=s, progress=False, keep=saved.append)
+        assert moves.count("MMDiT") == moves.count("VAE") == expected, moves
+    assert [len(images) for images in saved] == [1] * 6 and pipe.visiting == ()
 
 
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
@@ -3741,6 +3808,17 @@ def test_a_plain_run_prints_its_errors_whatever_local_rank_says(monkeypatch):
     assert str(exit_info.value.code).startswith("error: 'train.lr'")
 
 
+def test_a_world_size_exported_empty_is_a_plain_run_not_a_traceback(monkeypatch):
+    """`export WORLD_SIZE=$SLURM_NTASKS` in a script run outside Slurm leaves it empty: every start of
+    sd35_lora.py (and sample.py with a LOCAL_RANK) ended in a ValueError traceback from int('')."""
+    monkeypatch.setenv("WORLD_SIZE", "")
+    monkeypatch.setenv("RANK", "")
+    assert sd.rank_and_world() == (0, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(["--set", "model=tiny", "--set", "train.lr=-1"])
+    assert str(exit_info.value.code).startswith("error: 'train.lr'")
+
+
 def test_a_plain_run_with_a_rank_left_in_its_environment_trains_and_saves(tmp_path, monkeypatch, capsys):
     """RANK without WORLD_SIZE (exported, or a shell started from a torchrun worker): the one process took itself
     for torchrun's process 1 of 1, trained no sample, and after the models and the cache loaded ended in a
@@ -3800,6 +3878,23 @@ def test_torchrun_variables_left_in_a_plain_runs_environment_are_one_line(tmp_pa
                                            r"the processes with torchrun .* or unset WORLD_SIZE") as e:
         sd.init_distributed(tiny_config(tmp_path))
     assert e.value.own                          # printed whatever RANK and LOCAL_RANK say
+
+
+def test_a_plain_run_with_world_size_exported_is_not_called_process_0(tmp_path, monkeypatch):
+    """A user who never used torchrun, with WORLD_SIZE exported by a cluster script, read "error: process 0:
+    WORLD_SIZE is 2 but ...": there is no process 0 of anything. Processes a launcher started say which they are."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert str(exit_info.value.code).startswith("error: WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not "
+                                                "set: start the processes with torchrun"), exit_info.value.code
+    monkeypatch.setenv("MASTER_ADDR", "localhost")          # as torchrun sets it: its process 0 says so
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+    assert str(exit_info.value.code).startswith("error: process 0: WORLD_SIZE is 2 but RANK, MASTER_PORT")
 
 
 def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
