@@ -1997,16 +1997,22 @@ def cached_captions(cfg: sd.Config) -> list:
     return data.text_files
 
 
-def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(single_files, tmp_path):
-    """text_encoders (or model) as a diffusers folder or hub snapshot: the cache was keyed by its path alone, so a
-    fine-tuned text encoder copied over it trained on the old one's cached embeddings. Its weight files key it now."""
-    root, pipe = single_files
+def copied_text_encoders(root: Path, tmp_path: Path) -> sd.Config:
+    """A tiny run's config whose text encoders are a copy of the diffusers folder's (tmp_path/enc), to edit."""
     sd.write_demo_dataset(tmp_path / "data")
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
         (tmp_path / "enc" / name).mkdir(parents=True)
         for f in (root / "diffusers" / name).iterdir():
             (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
     cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+    return cfg
+
+
+def test_text_cache_is_not_reused_after_a_diffusers_text_encoder_is_replaced(single_files, tmp_path):
+    """text_encoders (or model) as a diffusers folder or hub snapshot: the cache was keyed by its path alone, so a
+    fine-tuned text encoder copied over it trained on the old one's cached embeddings. Its weight files key it now."""
+    root, pipe = single_files
+    cfg = copied_text_encoders(root, tmp_path)
 
     first = cached_captions(cfg)
     assert cached_captions(cfg) == first                                                  # reused while nothing changed
@@ -2049,12 +2055,7 @@ def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tm
     """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
     the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
     root, _ = single_files
-    sd.write_demo_dataset(tmp_path / "data")
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-        (tmp_path / "enc" / name).mkdir(parents=True)
-        for f in (root / "diffusers" / name).iterdir():
-            (tmp_path / "enc" / name / f.name).write_bytes(f.read_bytes())
-    cfg = tiny_config(tmp_path, model=str(root / "aio" / ALL_IN_ONE), text_encoders=str(tmp_path / "enc"))
+    cfg = copied_text_encoders(root, tmp_path)
     first = cached_captions(cfg)
     file = tmp_path / "enc/tokenizer_3/tokenizer.json"
     tokenizer = json.loads(file.read_text())
