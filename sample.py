@@ -34,12 +34,10 @@ def finite_float(text: str) -> float:
 
 def utf8_text(text: str) -> str:
     """A prompt from bytes that are not UTF-8 (a Latin-1 file or terminal) holds lone surrogates, which the
-    tokenizers refuse with a bare TypeError, after the models have loaded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    tokenizers refuse with a bare TypeError, after the models have loaded (config prompts: sd._coerce)."""
+    if sd.LONE_SURROGATE.search(text):
         raise argparse.ArgumentTypeError(f"not UTF-8 text: {text!r:.60} (save the file it came from as "
-                                         f"UTF-8, or set the terminal to UTF-8)") from None
+                                         f"UTF-8, or set the terminal to UTF-8)")
     return text
 
 
