@@ -160,9 +160,9 @@ def main(argv=None) -> list[Path]:
     try:
         sd.generate(pipe, args.prompt, args.negative, settings, batch_size=args.batch_size, keep=keep)
     finally:
-        kept = f" (after the {earlier} earlier samples there, kept)" if earlier else ""
+        kept = " (the earlier samples there are kept)" if earlier else ""
         if paths:
-            print(f"saved {len(paths)} images to {Path(args.out)}: {', '.join(p.name for p in paths)}{kept}")
+            print(f"saved to {Path(args.out)}: {', '.join(p.name for p in paths)}{kept}")
     return paths
 
 
