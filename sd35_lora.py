@@ -23,16 +23,16 @@ have. Sections (line numbers):
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1061  Data                             dataset scan, aspect buckets, the latent and text cache
      1241  Training                         Trainer and the training loop
-     1493  Part 2: plumbing                 a reader can stop here
-     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1999  Hub Downloads                    snapshot downloads, tokenizers
-     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2826  Output Files                     atomic writes, the output_dir lock, loss.png
-     2915  Several Processes (torchrun)     one all-reduce per step
-     2975  Command Line and the Tiny Model  main(), --tiny
+     1491  Part 2: plumbing                 a reader can stop here
+     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1997  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2687  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2824  Output Files                     atomic writes, the output_dir lock, loss.png
+     2913  Several Processes (torchrun)     one all-reduce per step
+     2973  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1444,8 +1444,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = Trainer(cfg, resume)
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
-    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}          # before the step-0 previews too
+    previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         every = cfg.sample.sample_every
         skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
@@ -1483,8 +1482,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
         if tr.lock:                                 # a notebook's next run may use output_dir
             tr.lock.close()
     return tr.out / "lora.safetensors"
@@ -3035,6 +3033,22 @@ def write_demo_dataset(folder: Path):
         _atomic_save(caption, folder / f"{name}.txt")              # under torchrun every process writes them
 
 
+def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
+    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
+    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
+    Ctrl-C or SIGTERM stays that program's (train() had failed there, after loading and caching)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in signals}
+
+
+def restore_signals(previous: dict):
+    """Put back the handlers handle_signals replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA; config.yaml lists every setting.")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
@@ -3051,7 +3065,7 @@ def main(argv=None):
     def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
         term.append(signum)
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = handle_signals(terminate, (signal.SIGTERM,))
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -3082,7 +3096,7 @@ def main(argv=None):
                   file=sys.stderr)
         sys.exit(code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

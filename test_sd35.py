@@ -1572,6 +1572,32 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
+def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
+    """A web UI or a notebook widget runs train() (or main()) in a worker thread, where Python refuses to set
+    signal handlers: it failed with "signal only works in main thread", after the models loaded and the cache
+    was built. There it now trains without taking Ctrl-C or SIGTERM, which stay the main thread's."""
+    import threading
+    make_dataset(tmp_path / "data")
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    results = []
+    runs = [lambda: sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0})),
+            lambda: sd.main([arg for item in tiny_overrides(tmp_path, **{"train.steps": 2, "sample.sample_every": 0,
+                                                                          "output_dir": str(tmp_path / "cli")})
+                             for arg in ("--set", item)])]
+    for run in runs:
+        def work(run=run):
+            try:
+                results.append(run())
+            except BaseException as e:              # (a thread's exception is otherwise only printed)
+                results.append(e)
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    assert results == [tmp_path / "run/lora.safetensors", None], results
+    assert (tmp_path / "cli/lora.safetensors").is_file()
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
