@@ -2989,6 +2989,7 @@ def tiny_tokenizer(t5: bool = False):
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
+@torch.random.fork_rng(devices=[])         # seeded: the same weights each time; the caller's RNG untouched
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
