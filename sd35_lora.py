@@ -21,18 +21,18 @@ have. Sections (line numbers):
       672  VAE                              16-channel autoencoder, the latent scale and shift
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1061  Data                             dataset scan, aspect buckets, the latent and text cache
-     1241  Training                         Trainer and the training loop
-     1491  Part 2: plumbing                 a reader can stop here
-     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1997  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2687  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2824  Output Files                     atomic writes, the output_dir lock, loss.png
-     2913  Several Processes (torchrun)     one all-reduce per step
-     2973  Command Line and the Tiny Model  main(), --tiny
+     1062  Data                             dataset scan, aspect buckets, the latent and text cache
+     1242  Training                         Trainer and the training loop
+     1492  Part 2: plumbing                 a reader can stop here
+     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1998  Hub Downloads                    snapshot downloads, tokenizers
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2283  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2688  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2825  Output Files                     atomic writes, the output_dir lock, loss.png
+     2914  Several Processes (torchrun)     one all-reduce per step
+     2974  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -963,8 +963,9 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    shape = (1, channels, height // 8, width // 8)      # float32 named: a caller's default dtype draws others
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+                      for s in seeds])
 
 
 @dataclass

@@ -539,6 +539,18 @@ def test_loading_the_tiny_model_and_sampling_leave_the_callers_random_numbers_al
     assert all(torch.equal(a, b) for a, b in zip(pipe.mmdit.state_dict().values(), again.mmdit.state_dict().values()))
 
 
+def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
+    """A notebook that set torch.set_default_dtype(torch.float64) drew the initial noise in float64: other
+    numbers from the same seed, so another image than sample.py's and diffusers' for that seed."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, seed=3)
+    plain = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), plain)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_generate_is_deterministic_per_seed_and_prompt():
     pipe = sd.tiny_pipeline()
     s = sd.SampleSettings(steps=3, width=32, height=32, seed=5)
