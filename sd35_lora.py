@@ -23,16 +23,16 @@ have. Sections (line numbers):
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1062  Data                             dataset scan, aspect buckets, the latent and text cache
      1242  Training                         Trainer and the training loop
-     1492  Part 2: plumbing                 a reader can stop here
-     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1998  Hub Downloads                    snapshot downloads, tokenizers
-     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2283  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2688  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2825  Output Files                     atomic writes, the output_dir lock, loss.png
-     2914  Several Processes (torchrun)     one all-reduce per step
-     2974  Command Line and the Tiny Model  main(), --tiny
+     1493  Part 2: plumbing                 a reader can stop here
+     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1999  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2826  Output Files                     atomic writes, the output_dir lock, loss.png
+     2915  Several Processes (torchrun)     one all-reduce per step
+     2975  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1439,6 +1439,7 @@ class Trainer:
             self.sample_images()
 
 
+@torch.enable_grad()                    # a notebook may have turned gradients off (set_grad_enabled(False))
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm

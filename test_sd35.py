@@ -1623,6 +1623,19 @@ def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handler
     assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
+def test_training_runs_where_the_caller_turned_gradients_off_and_leaves_them_off(tmp_path):
+    """A notebook that sampled after torch.set_grad_enabled(False) got "element 0 of tensors does not require
+    grad" from train(), after the models loaded and the cache was built."""
+    make_dataset(tmp_path / "data")
+    torch.set_grad_enabled(False)
+    try:
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
