@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2826  Output Files                     atomic writes, the output_dir lock, loss.png
-     2915  Several Processes (torchrun)     one all-reduce per step
-     2975  Command Line and the Tiny Model  main(), --tiny
+     2929  Several Processes (torchrun)     one all-reduce per step
+     2989  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1443,7 +1443,7 @@ class Trainer:
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm
-    tr = Trainer(cfg, resume)
+    tr = start_trainer(cfg, resume)
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
@@ -2879,6 +2879,20 @@ def lock_output_dir(out: Path):
             raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
                             f"output_dir (--set output_dir=...)") from None
         return None
+
+
+def start_trainer(cfg: Config, resume: bool) -> Trainer:
+    """Trainer(cfg, resume), letting go of its output_dir lock if it fails (no images, a bad model, Ctrl-C
+    while caching): a notebook keeps the error's traceback, and so the half-made Trainer and its lock, until
+    its next error, and a run started in a terminal was told that another run is using output_dir."""
+    trainer = Trainer.__new__(Trainer)
+    try:
+        trainer.__init__(cfg, resume)
+    except BaseException:
+        if getattr(trainer, "lock", None):
+            trainer.lock.close()
+        raise
+    return trainer
 
 
 def plot_losses(log_path: Path, png_path: Path):

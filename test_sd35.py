@@ -1963,6 +1963,19 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
         sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
 
 
+def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
+    """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
+    images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
+    in a terminal was refused: "another run is using output_dir"."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(sd.UserError, match="no usable images") as kept:       # `kept` holds the traceback
+        sd.train(tiny_config(tmp_path))
+    script = f"import sd35_lora as sd; from pathlib import Path; print(bool(sd.lock_output_dir(Path({str(tmp_path / 'run')!r}))))"
+    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert other.stdout == "True\n", other.stderr[-300:]
+    assert kept.value.__traceback__ is not None
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
