@@ -1261,7 +1261,7 @@ class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.cfg, self.out = validate(cfg), Path(cfg.output_dir)      # a Config made in Python: no file read
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = self.refuse_early(resume)          # header: the state file's, read once

@@ -1800,6 +1800,20 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
                                  f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
 
 
+def test_a_config_built_or_changed_in_python_is_checked_by_train_as_a_config_file_is(tmp_path, monkeypatch):
+    """A notebook or script that builds sd.Config(...) or sets cfg.lora.alpha = 0 passes no config file, so
+    load_config's checks never ran: alpha 0 trained nothing without a word, fp16 trained without loss scaling,
+    a sample size the VAE cannot take failed every preview. train() checks the config it is given."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("loaded models for a bad config"))
+    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "dtype fp16"),
+                              ("sample", ("width", 100), "positive multiples of 16"),
+                              ("train", ("timestep_sampling", "logit-normal"), "train.timestep_sampling")]:
+        cfg = tiny_config(tmp_path)
+        setattr(getattr(cfg, key) if key else cfg, *value)
+        one_line_error(lambda: sd.train(cfg), match)
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
