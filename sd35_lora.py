@@ -343,7 +343,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         hidden = self.fc1(x)                                        # (B, L, 4D): the block's largest
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.fc1._forward_hooks:     # a fork's hook may keep fc1's output
             return self.fc2(F.gelu(hidden, approximate="tanh"))
         return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
 

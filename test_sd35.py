@@ -695,6 +695,18 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) == matmuls
 
 
+def test_a_forward_hook_on_fc1_keeps_its_output_when_sampling_without_gradients():
+    """A research fork records activations with forward hooks, under no_grad: the MLP's in-place GELU (which saves
+    a buffer when no graph is kept) overwrote the fc1 output a hook had kept, so it held GELU(fc1) instead."""
+    model, kept = tiny_mmdit(), []
+    model.joint_blocks[0].x_block.mlp.fc1.register_forward_hook(lambda module, args, out: kept.append(out.detach()))
+    x, t, ctx, y = mmdit_inputs()
+    with torch.no_grad():
+        plain = model(x, t, ctx, y)
+    graph = model(x, t, ctx, y)
+    assert torch.equal(kept[0], kept[1]) and torch.equal(plain, graph.detach())
+
+
 def test_frozen_layers_take_an_empty_batch_like_nn_linear():
     """0 images or 0 tokens pass a LoRA layer and an fp8 layer as they pass nn.Linear, forward and backward."""
     base = torch.nn.Linear(8, 12)
