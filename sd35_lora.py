@@ -23,16 +23,16 @@ have. Sections (line numbers):
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1062  Data                             dataset scan, aspect buckets, the latent and text cache
      1242  Training                         Trainer and the training loop
-     1493  Part 2: plumbing                 a reader can stop here
-     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1999  Hub Downloads                    snapshot downloads, tokenizers
-     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2826  Output Files                     atomic writes, the output_dir lock, loss.png
-     2929  Several Processes (torchrun)     one all-reduce per step
-     2989  Command Line and the Tiny Model  main(), --tiny
+     1491  Part 2: plumbing                 a reader can stop here
+     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1997  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2687  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2824  Output Files                     atomic writes, the output_dir lock, loss.png
+     2941  Several Processes (torchrun)     one all-reduce per step
+     3001  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1484,9 +1484,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
     finally:
-        restore_signals(previous)
-        if tr.lock:                                 # a notebook's next run may use output_dir
-            tr.lock.close()
+        end_training(tr, previous)
     return tr.out / "lora.safetensors"
 
 
@@ -2893,6 +2891,20 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
             trainer.lock.close()
         raise
     return trainer
+
+
+def end_training(trainer: Trainer, previous: dict):
+    """train()'s last act: the signal handlers put back, the output_dir lock let go (a notebook's next run may
+    use output_dir), and after an error the models' memory freed. A notebook keeps the error's traceback, and
+    with it the Trainer, until its next error: a run started again after a fix (a smaller batch after running
+    out of GPU memory, a lower lr) ran out of GPU memory on the models of the last. They are train()'s own."""
+    restore_signals(previous)
+    if trainer.lock:
+        trainer.lock.close()
+    if sys.exc_info()[1] is not None:               # meta: no memory, and no copy to the CPU
+        trainer.mmdit.to("meta")
+        trainer.pipe.vae.to("meta")
+        trainer.opt.state.clear()                   # AdamW's moments: twice the LoRA, in fp32
 
 
 def plot_losses(log_path: Path, png_path: Path):

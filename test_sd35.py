@@ -1708,6 +1708,27 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
 
 
+def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
+    """A notebook keeps the last error's traceback, and with it the failed run's models: after running out of GPU
+    memory (or a diverged run), the run started again with a smaller batch ran out of it on the last run's
+    models. They are train()'s own: their memory is freed when it fails."""
+    make_dataset(tmp_path / "data")
+    real_load, real_loss, adamw, pipes, optimizers = sd.load_pipeline, sd.flow_matching_loss, torch.optim.AdamW, [], []
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: optimizers.append(adamw(*a, **k)) or optimizers[-1])
+
+    def out_of_memory_in_step_2(*args):
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2)
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 0}))
+    assert kept.value.__traceback__ is not None and len(losses(tmp_path / "run")) == 1
+    devices = {t.device.type for m in (pipes[0].mmdit, pipes[0].vae) for t in [*m.parameters(), *m.buffers()]}
+    assert devices == {"meta"} and not optimizers[0].state, devices
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
