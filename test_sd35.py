@@ -3061,6 +3061,21 @@ def test_sample_cli_interrupted_keeps_the_images_already_denoised(tmp_path, monk
     assert "saved 2 images to" in capsys.readouterr().out
 
 
+def test_sample_cli_called_in_a_notebook_frees_its_models_when_it_fails(tmp_path, monkeypatch):
+    """sample.main() in a notebook: a notebook keeps the last error's traceback, and with it the models sample.main
+    loaded; after running out of GPU memory (or a Ctrl-C, or a LoRA that does not fit), the call made again ran
+    out of GPU memory on the models of the last. They are freed when it fails."""
+    real_load, pipes = sd.load_pipeline, []
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
+    monkeypatch.setattr(sd, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
+    args = ["--model", "tiny", "--prompt", "red", "--width", "32", "--height", "32", "--steps", "2"]
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sample.main([*args, "--out", str(tmp_path / "out")])
+    assert kept.value.__traceback__ is not None
+    models = (pipes[0].mmdit, pipes[0].vae, *pipes[0].text.modules())
+    assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
