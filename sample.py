@@ -142,8 +142,7 @@ def main(argv=None) -> list[Path]:
     try:
         return sample_with(pipe, args, t5_length)
     except BaseException:   # a notebook keeps the traceback, and with it the models, until its next error: the
-        for model in (pipe.mmdit, pipe.vae, *pipe.text.modules()):     # next call ran out of GPU memory
-            model.to("meta")                        # no memory, and no copy to the CPU
+        sd.free_models(pipe)                        # next call ran out of GPU memory
         raise
 
 

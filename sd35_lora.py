@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2687  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2824  Output Files                     atomic writes, the output_dir lock, loss.png
-     2941  Several Processes (torchrun)     one all-reduce per step
-     3001  Command Line and the Tiny Model  main(), --tiny
+     2945  Several Processes (torchrun)     one all-reduce per step
+     3005  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2880,31 +2880,35 @@ def lock_output_dir(out: Path):
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
-    """Trainer(cfg, resume), letting go of its output_dir lock if it fails (no images, a bad model, Ctrl-C
-    while caching): a notebook keeps the error's traceback, and so the half-made Trainer and its lock, until
-    its next error, and a run started in a terminal was told that another run is using output_dir."""
+    """Trainer(cfg, resume); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far
+    is let go as end_training lets go of a failed run's."""
     trainer = Trainer.__new__(Trainer)
     try:
         trainer.__init__(cfg, resume)
     except BaseException:
-        if getattr(trainer, "lock", None):
-            trainer.lock.close()
+        end_training(trainer, {})
         raise
     return trainer
 
 
 def end_training(trainer: Trainer, previous: dict):
-    """train()'s last act: the signal handlers put back, the output_dir lock let go (a notebook's next run may
-    use output_dir), and after an error the models' memory freed. A notebook keeps the error's traceback, and
-    with it the Trainer, until its next error: a run started again after a fix (a smaller batch after running
-    out of GPU memory, a lower lr) ran out of GPU memory on the models of the last. They are train()'s own."""
+    """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
+    memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
+    error: a run started meanwhile in a terminal was told that another run is using output_dir, and a run
+    started again after a fix (a smaller batch after running out of GPU memory) ran out of it again."""
     restore_signals(previous)
-    if trainer.lock:
+    if getattr(trainer, "lock", None):              # a notebook's next run may use output_dir
         trainer.lock.close()
-    if sys.exc_info()[1] is not None:               # meta: no memory, and no copy to the CPU
-        trainer.mmdit.to("meta")
-        trainer.pipe.vae.to("meta")
-        trainer.opt.state.clear()                   # AdamW's moments: twice the LoRA, in fp32
+    if sys.exc_info()[1] is not None:
+        free_models(getattr(trainer, "pipe", None))
+        if hasattr(trainer, "opt"):
+            trainer.opt.state.clear()               # AdamW's moments: twice the LoRA, in fp32
+
+
+def free_models(pipe: Pipeline | None):
+    """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
+    for model in (pipe.mmdit, pipe.vae, *(pipe.text.modules() if pipe.text else [])) if pipe else ():
+        model.to("meta")
 
 
 def plot_losses(log_path: Path, png_path: Path):

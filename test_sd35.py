@@ -1727,6 +1727,11 @@ def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path
     assert kept.value.__traceback__ is not None and len(losses(tmp_path / "run")) == 1
     devices = {t.device.type for m in (pipes[0].mmdit, pipes[0].vae) for t in [*m.parameters(), *m.buffers()]}
     assert devices == {"meta"} and not optimizers[0].state, devices
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):                  # Ctrl-C while the cache builds
+        sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "again")}))
+    models = (pipes[1].mmdit, pipes[1].vae, *pipes[1].text.modules())
+    assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
