@@ -21,18 +21,18 @@ have. Sections (line numbers):
       672  VAE                              16-channel autoencoder, the latent scale and shift
       817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1062  Data                             dataset scan, aspect buckets, the latent and text cache
-     1242  Training                         Trainer and the training loop
-     1491  Part 2: plumbing                 a reader can stop here
-     1498  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1997  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2687  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2824  Output Files                     atomic writes, the output_dir lock, loss.png
-     2945  Several Processes (torchrun)     one all-reduce per step
-     3005  Command Line and the Tiny Model  main(), --tiny
+     1063  Data                             dataset scan, aspect buckets, the latent and text cache
+     1243  Training                         Trainer and the training loop
+     1492  Part 2: plumbing                 a reader can stop here
+     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1998  Hub Downloads                    snapshot downloads, tokenizers
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2283  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2688  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2825  Output Files                     atomic writes, the output_dir lock, loss.png
+     2946  Several Processes (torchrun)     one all-reduce per step
+     3006  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1019,6 +1019,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
+    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating

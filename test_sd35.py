@@ -562,6 +562,15 @@ def test_generate_is_deterministic_per_seed_and_prompt():
 
 
 
+def test_generate_takes_one_prompt_given_as_text():
+    """generate(pipe, "a cat"), as diffusers' pipelines take a prompt, failed with "object of type 'int' has no
+    len()" (the text was read as a list of one-character prompts)."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    one = sd.generate(pipe, "red disc", settings=s, progress=False)
+    assert len(one) == 1
+    assert np.array_equal(np.asarray(one[0]), np.asarray(sd.generate(pipe, ["red disc"], settings=s, progress=False)[0]))
+
+
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
     """CLIP reads 77 tokens and T5 t5_length: the rest of a longer prompt was dropped without a word (diffusers
     warns). One line with a count, not a line per prompt or caption."""
