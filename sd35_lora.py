@@ -18,21 +18,21 @@ have. Sections (line numbers):
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear and add_lora
-      672  VAE                              16-channel autoencoder, the latent scale and shift
-      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1243  Training                         Trainer and the training loop
-     1492  Part 2: plumbing                 a reader can stop here
-     1499  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1998  Hub Downloads                    snapshot downloads, tokenizers
-     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2283  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2688  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2825  Output Files                     atomic writes, the output_dir lock, loss.png
-     2946  Several Processes (torchrun)     one all-reduce per step
-     3006  Command Line and the Tiny Model  main(), --tiny
+      673  VAE                              16-channel autoencoder, the latent scale and shift
+      818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1064  Data                             dataset scan, aspect buckets, the latent and text cache
+     1244  Training                         Trainer and the training loop
+     1493  Part 2: plumbing                 a reader can stop here
+     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1999  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2826  Output Files                     atomic writes, the output_dir lock, loss.png
+     2947  Several Processes (torchrun)     one all-reduce per step
+     3007  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -654,7 +654,8 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
-        layer = _replace(model, name, LoRALinear(base, rank, rank if alpha is None else alpha, dropout))
+        layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
+        _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
     return params
 

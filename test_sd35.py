@@ -614,6 +614,19 @@ def lora_model(targets="all", seed=0, dual=(0,)):
     return model
 
 
+def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
+    """add_lora(..., dropout=0.5) on a loaded (eval) pipeline made LoRA layers in train mode: the model said
+    training=False, yet generate() dropped out LoRA inputs, so a seed gave another image on every call."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    params = sd.add_lora(pipe.mmdit, rank=4, targets="all", dropout=0.5)
+    with torch.no_grad():
+        for up in params[1::2]:                             # a trained LoRA's
+            up.normal_(generator=torch.Generator().manual_seed(0))
+    images = [np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]) for _ in range(2)]
+    assert np.array_equal(*images)
+    assert {m.training for m in sd.lora_layers(pipe.mmdit.train()).values()} == {True}    # and trains with it
+
+
 def test_fresh_lora_changes_nothing_and_targets_presets():
     model = tiny_mmdit()
     x = mmdit_inputs()
