@@ -18,21 +18,21 @@ have. Sections (line numbers):
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear and add_lora
-      673  VAE                              16-channel autoencoder, the latent scale and shift
-      818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1064  Data                             dataset scan, aspect buckets, the latent and text cache
-     1244  Training                         Trainer and the training loop
-     1493  Part 2: plumbing                 a reader can stop here
-     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1999  Hub Downloads                    snapshot downloads, tokenizers
-     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2826  Output Files                     atomic writes, the output_dir lock, loss.png
-     2947  Several Processes (torchrun)     one all-reduce per step
-     3007  Command Line and the Tiny Model  main(), --tiny
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1065  Data                             dataset scan, aspect buckets, the latent and text cache
+     1245  Training                         Trainer and the training loop
+     1494  Part 2: plumbing                 a reader can stop here
+     1501  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2000  Hub Downloads                    snapshot downloads, tokenizers
+     2057  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2690  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2827  Output Files                     atomic writes, the output_dir lock, loss.png
+     2948  Several Processes (torchrun)     one all-reduce per step
+     3008  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -648,7 +648,8 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
-    model.requires_grad_(False)
+    for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
+        p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
         base = model.get_submodule(name)

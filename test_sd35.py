@@ -614,6 +614,17 @@ def lora_model(targets="all", seed=0, dual=(0,)):
     return model
 
 
+def test_a_second_add_lora_on_other_layers_keeps_the_first_ones_trainable():
+    """A fork giving attention and MLP LoRAs their own ranks calls add_lora twice: the second froze the first's
+    adapters, and an optimizer given both lists trained only the second, without a word."""
+    model = sd.tiny_pipeline().mmdit
+    first = sd.add_lora(model, 8, targets="attn")
+    second = sd.add_lora(model, 4, targets=r"mlp\.fc[12]$")
+    assert all(p.requires_grad for p in first + second)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in first + second}                   # and the rest of the model frozen
+
+
 def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
     """add_lora(..., dropout=0.5) on a loaded (eval) pipeline made LoRA layers in train mode: the model said
     training=False, yet generate() dropped out LoRA inputs, so a seed gave another image on every call."""
