@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1065  Data                             dataset scan, aspect buckets, the latent and text cache
      1245  Training                         Trainer and the training loop
-     1494  Part 2: plumbing                 a reader can stop here
-     1501  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2000  Hub Downloads                    snapshot downloads, tokenizers
-     2057  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2690  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2827  Output Files                     atomic writes, the output_dir lock, loss.png
-     2948  Several Processes (torchrun)     one all-reduce per step
-     3008  Command Line and the Tiny Model  main(), --tiny
+     1495  Part 2: plumbing                 a reader can stop here
+     1502  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2001  Hub Downloads                    snapshot downloads, tokenizers
+     2058  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2693  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2830  Output Files                     atomic writes, the output_dir lock, loss.png
+     2951  Several Processes (torchrun)     one all-reduce per step
+     3011  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1264,8 +1264,8 @@ class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out = validate(cfg), Path(cfg.output_dir)      # a Config made in Python: no file read
-        tc, s, lc = cfg.train, cfg.sample, cfg.lora
+        self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
+        self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
@@ -1447,6 +1447,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm
     tr = start_trainer(cfg, resume)
+    cfg = tr.cfg                                # as validate() read it
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
@@ -2495,7 +2496,9 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 
 
 def validate(cfg: Config) -> Config:
-    """Reject bad values before any model is loaded, instead of hours into a run."""
+    """Reject bad values before any model is loaded, instead of hours into a run. -> a copy, its values read
+    as a config file's: a Config made in Python may hold Path objects (the checkpoint's JSON refused them)."""
+    cfg = _fill(type(cfg)(), dataclasses.asdict(cfg))
     flat = flat_config(cfg)
     for key, options in CHOICES.items():
         if flat[key] not in options:

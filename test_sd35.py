@@ -1885,6 +1885,20 @@ def test_a_config_built_or_changed_in_python_is_checked_by_train_as_a_config_fil
         one_line_error(lambda: sd.train(cfg), match)
 
 
+def test_a_config_holding_path_objects_trains_saves_and_resumes(tmp_path):
+    """cfg.dataset.path = Path(...) in a notebook (or a fork) trained up to the first checkpoint, then failed with
+    "Object of type PosixPath is not JSON serializable": no training state, so no --resume. A Config made in
+    Python is read as a config file's values are."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0})
+    cfg.dataset.path, cfg.output_dir, cfg.dataset.cache_dir = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
+    cfg.train.steps = 3
+    sd.train(cfg, resume=True)
+    assert len(losses(tmp_path / "run")) == 3
+    assert isinstance(cfg.output_dir, Path)                     # the caller's config is left as it was
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
