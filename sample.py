@@ -139,6 +139,15 @@ def main(argv=None) -> list[Path]:
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
+    try:
+        return sample_with(pipe, args, t5_length)
+    except BaseException:   # a notebook keeps the traceback, and with it the models, until its next error: the
+        sd.free_models(pipe)                        # next call ran out of GPU memory
+        raise
+
+
+def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> list[Path]:
+    """main() once the models have loaded: the LoRAs, then the images, each saved as soon as it is done."""
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
     one_for_all = args.lora_scale if len(args.lora_scale) == 1 else [1.0] if not args.lora_scale else None

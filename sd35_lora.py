@@ -18,21 +18,21 @@ have. Sections (line numbers):
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear and add_lora
-      672  VAE                              16-channel autoencoder, the latent scale and shift
-      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1061  Data                             dataset scan, aspect buckets, the latent and text cache
-     1241  Training                         Trainer and the training loop
-     1493  Part 2: plumbing                 a reader can stop here
-     1500  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1999  Hub Downloads                    snapshot downloads, tokenizers
-     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2689  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2826  Output Files                     atomic writes, the output_dir lock, loss.png
-     2915  Several Processes (torchrun)     one all-reduce per step
-     2975  Command Line and the Tiny Model  main(), --tiny
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1065  Data                             dataset scan, aspect buckets, the latent and text cache
+     1245  Training                         Trainer and the training loop
+     1495  Part 2: plumbing                 a reader can stop here
+     1502  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2001  Hub Downloads                    snapshot downloads, tokenizers
+     2058  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2693  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2830  Output Files                     atomic writes, the output_dir lock, loss.png
+     2951  Several Processes (torchrun)     one all-reduce per step
+     3011  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -343,7 +343,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         hidden = self.fc1(x)                                        # (B, L, 4D): the block's largest
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.fc1._forward_hooks:     # a fork's hook may keep fc1's output
             return self.fc2(F.gelu(hidden, approximate="tanh"))
         return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
 
@@ -648,13 +648,15 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
-    model.requires_grad_(False)
+    for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
+        p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
-        layer = _replace(model, name, LoRALinear(base, rank, rank if alpha is None else alpha, dropout))
+        layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
+        _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
     return params
 
@@ -963,8 +965,9 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    shape = (1, channels, height // 8, width // 8)      # float32 named: a caller's default dtype draws others
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+                      for s in seeds])
 
 
 @dataclass
@@ -1018,6 +1021,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
+    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -1260,8 +1264,8 @@ class Trainer:
     """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.out = cfg, Path(cfg.output_dir)
-        tc, s, lc = cfg.train, cfg.sample, cfg.lora
+        self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
+        self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
@@ -1438,14 +1442,15 @@ class Trainer:
             self.sample_images()
 
 
+@torch.enable_grad()                    # a notebook may have turned gradients off (set_grad_enabled(False))
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     from tqdm import tqdm
-    tr = Trainer(cfg, resume)
+    tr = start_trainer(cfg, resume)
+    cfg = tr.cfg                                # as validate() read it
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
-    previous = {sig: signal.signal(sig, lambda signum, _: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}          # before the step-0 previews too
+    previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         every = cfg.sample.sample_every
         skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
@@ -1483,10 +1488,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if tr.lock:                                 # a notebook's next run may use output_dir
-            tr.lock.close()
+        end_training(tr, previous)
     return tr.out / "lora.safetensors"
 
 
@@ -2494,7 +2496,9 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 
 
 def validate(cfg: Config) -> Config:
-    """Reject bad values before any model is loaded, instead of hours into a run."""
+    """Reject bad values before any model is loaded, instead of hours into a run. -> a copy, its values read
+    as a config file's: a Config made in Python may hold Path objects (the checkpoint's JSON refused them)."""
+    cfg = _fill(type(cfg)(), dataclasses.asdict(cfg))
     flat = flat_config(cfg)
     for key, options in CHOICES.items():
         if flat[key] not in options:
@@ -2881,6 +2885,38 @@ def lock_output_dir(out: Path):
         return None
 
 
+def start_trainer(cfg: Config, resume: bool) -> Trainer:
+    """Trainer(cfg, resume); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far
+    is let go as end_training lets go of a failed run's."""
+    trainer = Trainer.__new__(Trainer)
+    try:
+        trainer.__init__(cfg, resume)
+    except BaseException:
+        end_training(trainer, {})
+        raise
+    return trainer
+
+
+def end_training(trainer: Trainer, previous: dict):
+    """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
+    memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
+    error: a run started meanwhile in a terminal was told that another run is using output_dir, and a run
+    started again after a fix (a smaller batch after running out of GPU memory) ran out of it again."""
+    restore_signals(previous)
+    if getattr(trainer, "lock", None):              # a notebook's next run may use output_dir
+        trainer.lock.close()
+    if sys.exc_info()[1] is not None:
+        free_models(getattr(trainer, "pipe", None))
+        if hasattr(trainer, "opt"):
+            trainer.opt.state.clear()               # AdamW's moments: twice the LoRA, in fp32
+
+
+def free_models(pipe: Pipeline | None):
+    """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
+    for model in (pipe.mmdit, pipe.vae, *(pipe.text.modules() if pipe.text else [])) if pipe else ():
+        model.to("meta")
+
+
 def plot_losses(log_path: Path, png_path: Path):
     """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
@@ -2991,6 +3027,7 @@ def tiny_tokenizer(t5: bool = False):
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
+@torch.random.fork_rng(devices=[])         # seeded: the same weights each time; the caller's RNG untouched
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -3035,6 +3072,22 @@ def write_demo_dataset(folder: Path):
         _atomic_save(caption, folder / f"{name}.txt")              # under torchrun every process writes them
 
 
+def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
+    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
+    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
+    Ctrl-C or SIGTERM stays that program's (train() had failed there, after loading and caching)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in signals}
+
+
+def restore_signals(previous: dict):
+    """Put back the handlers handle_signals replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA; config.yaml lists every setting.")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
@@ -3051,7 +3104,7 @@ def main(argv=None):
     def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
         term.append(signum)
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = handle_signals(terminate, (signal.SIGTERM,))
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -3082,7 +3135,7 @@ def main(argv=None):
                   file=sys.stderr)
         sys.exit(code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -526,6 +526,31 @@ def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
     assert all(a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)) for a, b in pairs)
 
 
+def test_loading_the_tiny_model_and_sampling_leave_the_callers_random_numbers_alone():
+    """load_pipeline("tiny") seeded the global RNG with 0: a notebook's or a fork's test's later random numbers
+    were the same whatever seed it had set. Its weights stay the same on every load."""
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    pipe = sd.load_pipeline("tiny", device="cpu")
+    sd.generate(pipe, ["red"], settings=sd.SampleSettings(steps=2, width=32, height=32), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    again = sd.load_pipeline("tiny", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.mmdit.state_dict().values(), again.mmdit.state_dict().values()))
+
+
+def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
+    """A notebook that set torch.set_default_dtype(torch.float64) drew the initial noise in float64: other
+    numbers from the same seed, so another image than sample.py's and diffusers' for that seed."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, seed=3)
+    plain = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), plain)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_generate_is_deterministic_per_seed_and_prompt():
     pipe = sd.tiny_pipeline()
     s = sd.SampleSettings(steps=3, width=32, height=32, seed=5)
@@ -535,6 +560,15 @@ def test_generate_is_deterministic_per_seed_and_prompt():
     assert np.abs(a[1].astype(int) - b.astype(int)).max() <= 1               # batch position does not matter
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 1
 
+
+
+def test_generate_takes_one_prompt_given_as_text():
+    """generate(pipe, "a cat"), as diffusers' pipelines take a prompt, failed with "object of type 'int' has no
+    len()" (the text was read as a list of one-character prompts)."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    one = sd.generate(pipe, "red disc", settings=s, progress=False)
+    assert len(one) == 1
+    assert np.array_equal(np.asarray(one[0]), np.asarray(sd.generate(pipe, ["red disc"], settings=s, progress=False)[0]))
 
 
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
@@ -578,6 +612,30 @@ def lora_model(targets="all", seed=0, dual=(0,)):
     for layer in sd.lora_layers(model).values():
         layer.lora_up.weight.data = torch.randn(layer.lora_up.weight.shape, generator=g) * 0.1
     return model
+
+
+def test_a_second_add_lora_on_other_layers_keeps_the_first_ones_trainable():
+    """A fork giving attention and MLP LoRAs their own ranks calls add_lora twice: the second froze the first's
+    adapters, and an optimizer given both lists trained only the second, without a word."""
+    model = sd.tiny_pipeline().mmdit
+    first = sd.add_lora(model, 8, targets="attn")
+    second = sd.add_lora(model, 4, targets=r"mlp\.fc[12]$")
+    assert all(p.requires_grad for p in first + second)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in first + second}                   # and the rest of the model frozen
+
+
+def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
+    """add_lora(..., dropout=0.5) on a loaded (eval) pipeline made LoRA layers in train mode: the model said
+    training=False, yet generate() dropped out LoRA inputs, so a seed gave another image on every call."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    params = sd.add_lora(pipe.mmdit, rank=4, targets="all", dropout=0.5)
+    with torch.no_grad():
+        for up in params[1::2]:                             # a trained LoRA's
+            up.normal_(generator=torch.Generator().manual_seed(0))
+    images = [np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]) for _ in range(2)]
+    assert np.array_equal(*images)
+    assert {m.training for m in sd.lora_layers(pipe.mmdit.train()).values()} == {True}    # and trains with it
 
 
 def test_fresh_lora_changes_nothing_and_targets_presets():
@@ -668,6 +726,18 @@ def test_lora_gradients_equal_autograd_of_the_plain_formula(fp8, dropout):
         with profile() as prof:
             out.backward()
         assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) == matmuls
+
+
+def test_a_forward_hook_on_fc1_keeps_its_output_when_sampling_without_gradients():
+    """A research fork records activations with forward hooks, under no_grad: the MLP's in-place GELU (which saves
+    a buffer when no graph is kept) overwrote the fc1 output a hook had kept, so it held GELU(fc1) instead."""
+    model, kept = tiny_mmdit(), []
+    model.joint_blocks[0].x_block.mlp.fc1.register_forward_hook(lambda module, args, out: kept.append(out.detach()))
+    x, t, ctx, y = mmdit_inputs()
+    with torch.no_grad():
+        plain = model(x, t, ctx, y)
+    graph = model(x, t, ctx, y)
+    assert torch.equal(kept[0], kept[1]) and torch.equal(plain, graph.detach())
 
 
 def test_frozen_layers_take_an_empty_batch_like_nn_linear():
@@ -1572,6 +1642,45 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
+def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
+    """A web UI or a notebook widget runs train() (or main()) in a worker thread, where Python refuses to set
+    signal handlers: it failed with "signal only works in main thread", after the models loaded and the cache
+    was built. There it now trains without taking Ctrl-C or SIGTERM, which stay the main thread's."""
+    import threading
+    make_dataset(tmp_path / "data")
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    results = []
+    runs = [lambda: sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0})),
+            lambda: sd.main([arg for item in tiny_overrides(tmp_path, **{"train.steps": 2, "sample.sample_every": 0,
+                                                                          "output_dir": str(tmp_path / "cli")})
+                             for arg in ("--set", item)])]
+    for run in runs:
+        def work(run=run):
+            try:
+                results.append(run())
+            except BaseException as e:              # (a thread's exception is otherwise only printed)
+                results.append(e)
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    assert results == [tmp_path / "run/lora.safetensors", None], results
+    assert (tmp_path / "cli/lora.safetensors").is_file()
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def test_training_runs_where_the_caller_turned_gradients_off_and_leaves_them_off(tmp_path):
+    """A notebook that sampled after torch.set_grad_enabled(False) got "element 0 of tensors does not require
+    grad" from train(), after the models loaded and the cache was built."""
+    make_dataset(tmp_path / "data")
+    torch.set_grad_enabled(False)
+    try:
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
@@ -1630,6 +1739,32 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     sets = {"train.steps": 2, "sample.prompts": []}
     sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
+
+
+def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
+    """A notebook keeps the last error's traceback, and with it the failed run's models: after running out of GPU
+    memory (or a diverged run), the run started again with a smaller batch ran out of it on the last run's
+    models. They are train()'s own: their memory is freed when it fails."""
+    make_dataset(tmp_path / "data")
+    real_load, real_loss, adamw, pipes, optimizers = sd.load_pipeline, sd.flow_matching_loss, torch.optim.AdamW, [], []
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: optimizers.append(adamw(*a, **k)) or optimizers[-1])
+
+    def out_of_memory_in_step_2(*args):
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2)
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 0}))
+    assert kept.value.__traceback__ is not None and len(losses(tmp_path / "run")) == 1
+    devices = {t.device.type for m in (pipes[0].mmdit, pipes[0].vae) for t in [*m.parameters(), *m.buffers()]}
+    assert devices == {"meta"} and not optimizers[0].state, devices
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):                  # Ctrl-C while the cache builds
+        sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "again")}))
+    models = (pipes[1].mmdit, pipes[1].vae, *pipes[1].text.modules())
+    assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
@@ -1734,6 +1869,34 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
         one_line_error(lambda: sd.load_config(None, ["model=tiny", "sample.prompts=[a, b]", item]), match)
     assert sd.load_config(None, ["lora.targets=attn\\.qkv$", "lora.blocks=0-3", "sample.height=768",
                                  f"sample.seed={2**64 - 1}"])              # one (built-in) prompt: fits
+
+
+def test_a_config_built_or_changed_in_python_is_checked_by_train_as_a_config_file_is(tmp_path, monkeypatch):
+    """A notebook or script that builds sd.Config(...) or sets cfg.lora.alpha = 0 passes no config file, so
+    load_config's checks never ran: alpha 0 trained nothing without a word, fp16 trained without loss scaling,
+    a sample size the VAE cannot take failed every preview. train() checks the config it is given."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("loaded models for a bad config"))
+    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "dtype fp16"),
+                              ("sample", ("width", 100), "positive multiples of 16"),
+                              ("train", ("timestep_sampling", "logit-normal"), "train.timestep_sampling")]:
+        cfg = tiny_config(tmp_path)
+        setattr(getattr(cfg, key) if key else cfg, *value)
+        one_line_error(lambda: sd.train(cfg), match)
+
+
+def test_a_config_holding_path_objects_trains_saves_and_resumes(tmp_path):
+    """cfg.dataset.path = Path(...) in a notebook (or a fork) trained up to the first checkpoint, then failed with
+    "Object of type PosixPath is not JSON serializable": no training state, so no --resume. A Config made in
+    Python is read as a config file's values are."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0})
+    cfg.dataset.path, cfg.output_dir, cfg.dataset.cache_dir = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
+    cfg.train.steps = 3
+    sd.train(cfg, resume=True)
+    assert len(losses(tmp_path / "run")) == 3
+    assert isinstance(cfg.output_dir, Path)                     # the caller's config is left as it was
 
 
 def test_fractions_above_1_are_refused_before_any_model_loads():
@@ -1897,6 +2060,19 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
         held.close()
         params = [torch.nn.Parameter(torch.ones(2))]                 # a checkpoint to resume from, next
         sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
+
+
+def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
+    """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
+    images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
+    in a terminal was refused: "another run is using output_dir"."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(sd.UserError, match="no usable images") as kept:       # `kept` holds the traceback
+        sd.train(tiny_config(tmp_path))
+    script = f"import sd35_lora as sd; from pathlib import Path; print(bool(sd.lock_output_dir(Path({str(tmp_path / 'run')!r}))))"
+    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert other.stdout == "True\n", other.stderr[-300:]
+    assert kept.value.__traceback__ is not None
 
 
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
@@ -2935,6 +3111,21 @@ def test_sample_cli_interrupted_keeps_the_images_already_denoised(tmp_path, monk
     params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (1, 2)]
     assert [(p["prompt"], p["seed"]) for p in params] == [("a", 7), ("b", 8)]
     assert f"saved to {tmp_path}: sample_01.png, sample_02.png (the earlier samples" in capsys.readouterr().out
+
+
+def test_sample_cli_called_in_a_notebook_frees_its_models_when_it_fails(tmp_path, monkeypatch):
+    """sample.main() in a notebook: a notebook keeps the last error's traceback, and with it the models sample.main
+    loaded; after running out of GPU memory (or a Ctrl-C, or a LoRA that does not fit), the call made again ran
+    out of GPU memory on the models of the last. They are freed when it fails."""
+    real_load, pipes = sd.load_pipeline, []
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
+    monkeypatch.setattr(sd, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
+    args = ["--model", "tiny", "--prompt", "red", "--width", "32", "--height", "32", "--steps", "2"]
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sample.main([*args, "--out", str(tmp_path / "out")])
+    assert kept.value.__traceback__ is not None
+    models = (pipes[0].mmdit, pipes[0].vae, *pipes[0].text.modules())
+    assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
