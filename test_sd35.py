@@ -3454,7 +3454,9 @@ def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_erro
         (tmp_path / part).mkdir()
         save_file({"x": torch.zeros(1)}, tmp_path / part / "model.safetensors")
         (tmp_path / part / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": "24"}))
-    one_line_error(lambda: sd.load_text_encoders(tmp_path), "text_encoder.*config.json is missing or damaged")
+    strict = int(__import__("transformers").__version__.split(".")[0]) >= 5    # 4.x reads "24" as given: the
+    one_line_error(lambda: sd.load_text_encoders(tmp_path),                   # weights' check refuses then
+                   "text_encoder.*config.json is missing or damaged" if strict else "not a clip_l text encoder")
 
 
 def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_path):
