@@ -1634,9 +1634,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
-        if "header too large" in str(e):        # first 8 bytes that no cut-short download has
-            with open(path, "rb") as f:             # a hub repo cloned without git-lfs: ~130-byte pointers
-                if f.read(23) == b"version https://git-lfs":
+        if re.search("header ?too ?large", str(e), re.I):  # first 8 bytes no cut-short download has (<0.6:
+            with open(path, "rb") as f:             # HeaderTooLarge); a hub repo cloned without git-lfs:
+                if f.read(23) == b"version https://git-lfs":    # ~130-byte pointers
                     raise UserError(f"{path} is a git-lfs pointer, not the file (cloned without git-lfs?): "
                                     f"run `git lfs pull` in the clone, or `hf download` it") from None
             raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "

@@ -30,6 +30,10 @@ import sd35_lora as sd
 
 ROOT = Path(__file__).parent
 torch.set_num_threads(min(4, os.cpu_count() or 1))
+try:                                    # safetensors before 0.7 cannot write complex tensors: those refusals
+    COMPLEX_FILES = bool(__import__("safetensors.torch").torch.save({"c": torch.zeros(1, dtype=torch.complex64)}))
+except KeyError:                        # go untested there (it cannot read such a file either)
+    COMPLEX_FILES = False
 
 
 #################################################################################
@@ -420,8 +424,9 @@ def test_an_fp8_vae_file_is_upcast_on_load_not_left_to_fail_at_decode(tmp_path):
     latents = torch.randn(1, 16, 4, 4)
     assert torch.equal(sd.load_vae(tmp_path / "fp8.safetensors").decode(latents),
                        sd.load_vae(tmp_path / "ref.safetensors").decode(latents))
-    save_file({k: v.to(torch.complex64) for k, v in vae.items()}, tmp_path / "complex.safetensors")
-    one_line_error(lambda: sd.load_vae(tmp_path / "complex.safetensors"), "unsupported: use a bf16/fp16/fp8 file")
+    if COMPLEX_FILES:
+        save_file({k: v.to(torch.complex64) for k, v in vae.items()}, tmp_path / "complex.safetensors")
+        one_line_error(lambda: sd.load_vae(tmp_path / "complex.safetensors"), "unsupported: use a bf16/fp16/fp8 file")
 
 
 def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tmp_path, diffusers_folder, monkeypatch):
@@ -1097,8 +1102,9 @@ def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
     ours, ref = tiny_mmdit(), tiny_mmdit()
     assert sd.load_lora(ours, tmp_path / "fp8.safetensors") == sd.load_lora(ref, tmp_path / "ref.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
-    save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
-    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
+    if COMPLEX_FILES:
+        save_file({k: v.to(torch.complex64) for k, v in tensors.items()}, tmp_path / "complex.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "complex.safetensors"), "is complex")
     for dtype in (torch.int32, torch.bool):       # (an int alpha is fine: a number)
         save_file({k: v if k.endswith("alpha") else v.to(dtype) for k, v in tensors.items()}, tmp_path / "i.safetensors")
         one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "i.safetensors"), f"is {str(dtype)[6:]}, no LoRA")
@@ -2296,7 +2302,9 @@ def test_16_bit_grey_png_with_a_transparent_colour_key_trains_on_white(tmp_path)
     for key in (30000, 100):
         grey = np.full((64, 64), 25700, np.uint16)
         grey[:, :32] = key                                                      # left half: transparent
-        Image.fromarray(grey).save(tmp_path / "keyed16.png", transparency=key)
+        Image.fromarray(grey).save(tmp_path / "keyed16.png")      # tRNS spliced in after IHDR: Pillow < 10.3
+        raw, trns = (tmp_path / "keyed16.png").read_bytes(), b"tRNS" + key.to_bytes(2, "big")  # cannot save it
+        (tmp_path / "keyed16.png").write_bytes(raw[:33] + b"\0\0\0\2" + trns + struct.pack(">I", zlib.crc32(trns)) + raw[33:])
         pixels = sd.load_image(tmp_path / "keyed16.png", (64, 64))
         assert (pixels[:, :, :32] == 1).all(), (key, pixels[0, 0, 0])         # on white
         assert (pixels[:, :, 32:] - (100 / 127.5 - 1)).abs().max() < 1e-6, (key, pixels[0, 0, 40])
@@ -2442,7 +2450,8 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
     cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
     build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
     data = build()
-    good = {name: load_file(path) for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1]))}
+    good = {name: {k: v.clone() for k, v in load_file(path).items()}     # safetensors < 0.8 maps the file:
+            for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1]))}  # NaN below
     for name, path in (("latent", data.latent_files[0]), ("text", data.text_files[1])):
         save_file({k: torch.full_like(v, math.nan) for k, v in good[name].items()}, path)
     capsys.readouterr()
@@ -3395,7 +3404,8 @@ def test_e5m2_file_is_requantized_while_reading_never_upcast_whole(tmp_path, mon
     fp8 = sd.load_mmdit(path, fp8=True)
     monkeypatch.setattr(sd, "_build", real_build)
     after = sd.quantize_mmdit(sd.load_mmdit(path))                    # fp32: the same per-row quantization
-    assert all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
+    bits = lambda t: t.view(torch.uint8) if t.dtype == sd.FP8 else t     # torch 2.5 has no torch.equal for fp8
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
 
 
 def test_fp8_user_errors(monkeypatch):
@@ -3421,7 +3431,7 @@ def test_integer_weights_are_refused_with_fp8_too(tmp_path):
     refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
     weights = tiny_mmdit().state_dict()
     for dtype, what in ((torch.int32, "int32 .integer-quantized.*"), (torch.complex64, "complex64"),
-                        (torch.bool, "bool")):                  # complex and bool were called integer-quantized
+                        (torch.bool, "bool"))[::1 if COMPLEX_FILES else 2]:  # complex and bool: called integer-quantized
         qkv = "joint_blocks.0.x_block.attn.qkv.weight"
         save_file({**weights, qkv: weights[qkv].to(dtype)}, tmp_path / "int.safetensors")
         for fp8 in (False, True):
@@ -3635,7 +3645,9 @@ def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_erro
         (tmp_path / part).mkdir()
         save_file({"x": torch.zeros(1)}, tmp_path / part / "model.safetensors")
         (tmp_path / part / "config.json").write_text(json.dumps({"model_type": "t5", "num_layers": "24"}))
-    one_line_error(lambda: sd.load_text_encoders(tmp_path), "text_encoder.*config.json is missing or damaged")
+    strict = int(__import__("transformers").__version__.split(".")[0]) >= 5    # 4.x reads "24" as given: the
+    one_line_error(lambda: sd.load_text_encoders(tmp_path),                   # weights' check refuses then
+                   "text_encoder.*config.json is missing or damaged" if strict else "not a clip_l text encoder")
 
 
 def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_path):
@@ -3703,6 +3715,7 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     path = tmp_path / "state.safetensors"
     sd.save_training_state(path, params, opt, 1, sd.Config(), [])
     tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
     moments = {k: None for k in tensors if k.startswith("opt.")}
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
                  {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
@@ -3969,8 +3982,13 @@ def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     make_dataset(tmp_path / "data")
     sets = {**LONG_RUN, "train.steps": 2}
     cfg = tiny_config(tmp_path, **sets)
-    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
-    blocked = next(f for f in data.latent_files + data.text_files if int(f.stem, 16) % 2 == 1)   # process 1's
+    for n in range(64):                     # the files' names are digests: all 4 can be process 0's (on torch 2.5
+        data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+        odd = [f for f in data.latent_files + data.text_files if int(f.stem, 16) % 2 == 1]   # process 1's
+        if odd:                             # + transformers 4.56 they are): another caption then
+            break
+        (tmp_path / "data/red_stripes.txt").write_text(f"red stripes {n}", encoding="utf-8")
+    blocked = odd[0]
     blocked.unlink()
     blocked.mkdir()                                 # its rewrite fails
     r = torchrun(*train_cli(tmp_path, **sets))
@@ -4185,7 +4203,8 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
     fp8 = sd.load_mmdit(path, fp8=True)
     monkeypatch.setattr(sd, "_build", real_build)
     after = sd.quantize_mmdit(sd.load_mmdit(path))                              # quantized after loading
-    assert seen and all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
+    bits = lambda t: t.view(torch.uint8) if t.dtype == sd.FP8 else t     # torch 2.5 has no torch.equal for fp8
+    assert seen and all(torch.equal(bits(a), bits(b)) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
     x = mmdit_inputs()
     with torch.no_grad():
         torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
