@@ -2984,6 +2984,28 @@ def test_the_sample_commands_the_docs_show_are_complete():
         sample.parse_args(shlex.split(command, comments=True))
 
 
+def test_the_python_example_in_the_readme_runs(tmp_path, monkeypatch):
+    """README's "From Python" block, run as shown on the tiny model (its hub id, LoRA file, sizes and config
+    replaced): a renamed function or argument there fails here."""
+    code = re.search(r"## From Python.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    tiny_config = [*sd.TINY_RUN, "output_dir=run", "train.steps=2", "sample.sample_every=0"]
+    for shown, tried in [('"stabilityai/stable-diffusion-3.5-medium"', '"tiny"'),
+                         ("seed=7)", "seed=7, steps=2, width=64, height=64)"),
+                         ('sd.load_config("config.yaml", ["train.steps=500"])',
+                          f"sd.load_config(None, {tiny_config})")]:
+        assert shown in code
+        code = code.replace(shown, tried)
+    monkeypatch.chdir(tmp_path)
+    sd.write_demo_dataset(Path(sd.TINY_DATA))
+    lora_model = sd.load_pipeline("tiny").mmdit
+    sd.add_lora(lora_model, 4)
+    sd.save_lora(lora_model, tmp_path / "runs/lora/lora.safetensors")
+    scope = {}
+    exec(code, scope)
+    assert Image.open(tmp_path / "fox.png").size == (64, 64)
+    assert scope["lora_file"] == Path("run/lora.safetensors") and scope["lora_file"].is_file()
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
