@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1065  Data                             dataset scan, aspect buckets, the latent and text cache
-     1245  Training                         Trainer and the training loop
-     1495  Part 2: plumbing                 a reader can stop here
-     1502  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2058  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2693  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2830  Output Files                     atomic writes, the output_dir lock, loss.png
-     2951  Several Processes (torchrun)     one all-reduce per step
-     3011  Command Line and the Tiny Model  main(), --tiny
+     1068  Data                             dataset scan, aspect buckets, the latent and text cache
+     1248  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2004  Hub Downloads                    snapshot downloads, tokenizers
+     2061  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2696  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2833  Output Files                     atomic writes, the output_dir lock, loss.png
+     2954  Several Processes (torchrun)     one all-reduce per step
+     3014  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -882,10 +882,13 @@ class Pipeline:
     offload: bool = False
     visiting: tuple = ()                    # the modules that on_device() brought to `device`
 
+    def modules(self) -> list[nn.Module]:
+        return [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
+
     def place(self, offload: bool | None = None) -> "Pipeline":
         """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
-        modules = [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
+        modules = self.modules()
         if offload is None:
             need = too_large_for(self.device, *modules)
             offload = need > 0
@@ -2913,7 +2916,7 @@ def end_training(trainer: Trainer, previous: dict):
 
 def free_models(pipe: Pipeline | None):
     """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
-    for model in (pipe.mmdit, pipe.vae, *(pipe.text.modules() if pipe.text else [])) if pipe else ():
+    for model in pipe.modules() if pipe else ():
         model.to("meta")
 
 
