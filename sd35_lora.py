@@ -2227,8 +2227,8 @@ def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
     and diffusers write them; "." still matches any character, as there): each match takes length^2 steps.
     Each compiled once (re's cache holds 512), and at most 10,000 (SD3.5 Large has ~540 LoRA-able layers)."""
     alphas = peft.get("alpha_pattern") or {}
-    bad = lambda a: type(a) not in (int, float) or not abs(a) <= 1e9
-    if type(alphas) is not dict or any(map(bad, alphas.values())):
+    if type(alphas) is not dict or any(type(a) not in (int, float) or not abs(a) <= 1e9
+                                       for a in alphas.values()):
         raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again")
     if len(alphas) > 10_000:
         raise UserError(f"{path}: PEFT alpha_pattern has {len(alphas)} keys, more than any SD3 model has "
