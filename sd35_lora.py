@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1248  Training                         Trainer and the training loop
      1498  Part 2: plumbing                 a reader can stop here
      1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2004  Hub Downloads                    snapshot downloads, tokenizers
-     2061  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2696  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2833  Output Files                     atomic writes, the output_dir lock, loss.png
-     2954  Several Processes (torchrun)     one all-reduce per step
-     3014  Command Line and the Tiny Model  main(), --tiny
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2060  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2694  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2831  Output Files                     atomic writes, the output_dir lock, loss.png
+     2952  Several Processes (torchrun)     one all-reduce per step
+     3012  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1550,13 +1550,12 @@ def diffusers_names(depth: int) -> dict[str, tuple[str, ...]]:
     return names
 
 
-def is_swapped(official_name: str, depth: int) -> bool:
-    """diffusers stores these two modulations as (scale, shift); the official files as (shift, scale)."""
-    return official_name in ("final_layer.adaLN_modulation.1",
-                             f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
-
-
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_modulation(t: torch.Tensor, official_name: str, depth: int) -> torch.Tensor:
+    """diffusers stores two modulations as (scale, shift), the official files as (shift, scale): their halves
+    swapped (the same swap converts either way); the tensors of any other module as they are."""
+    if official_name not in ("final_layer.adaLN_modulation.1",
+                             f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1"):
+        return t
     return torch.cat(t.chunk(2)[::-1])
 
 
@@ -1569,7 +1568,7 @@ def mmdit_from_diffusers(sd: dict, depth: int) -> dict:
             tensors = [sd.pop(f"{name}.{p}") for name in parts if f"{name}.{p}" in sd]
             if tensors:
                 t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-                out[f"{official}.{p}"] = swap_halves(t) if is_swapped(official, depth) else t
+                out[f"{official}.{p}"] = swap_modulation(t, official, depth)
     if sd:
         raise UserError(f"unexpected keys in the diffusers transformer weights: {sorted(sd)[:5]}")
     return out
@@ -2077,7 +2076,7 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
         else:                                                    # diffusers
             up = up * (layer.alpha / layer.rank)
-            up = swap_halves(up) if is_swapped(name, model.cfg.depth) else up
+            up = swap_modulation(up, name, model.cfg.depth)
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
@@ -2173,12 +2172,11 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)
     alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
-    spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part
-    for official, parts in diffusers_names(depth).items():
+    spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part,
+    for official, parts in diffusers_names(depth).items():     # and whether it is a diffusers name
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
-            swap = is_swapped(official, depth)
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), swap)
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
     groups = _lora_groups(sd, path, spellings)
     if not groups:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
@@ -2206,8 +2204,8 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if not bound <= torch.finfo(torch.float32).max:     # |(up down)_ij| <= |up| |down|: inf weights else
             raise UserError(f"{path}: '{module}' has alpha {alpha:g} (rank {rank}): its update would "
                             f"overflow to inf (a damaged file?); use another file")
-        official, index, n_parts, swap = spellings[module]
-        up = swap_halves(up) if swap else up
+        official, index, n_parts, diffusers = spellings[module]
+        up = swap_modulation(up, official, depth) if diffusers else up
         slots = pieces.setdefault(official, [None] * n_parts)
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
             _two_adapters(path, official, module)

@@ -293,7 +293,7 @@ def mmdit_to_diffusers(official: dict, depth: int) -> dict:
         for p in ("weight", "bias"):
             if f"{name}.{p}" in official:
                 t = official.pop(f"{name}.{p}")
-                t = sd.swap_halves(t) if sd.is_swapped(name, depth) else t
+                t = sd.swap_modulation(t, name, depth)
                 out.update(zip((f"{part}.{p}" for part in parts), t.chunk(len(parts))))
     assert not official, sorted(official)[:5]
     return out
