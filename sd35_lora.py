@@ -1027,6 +1027,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
+    if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
+        raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts

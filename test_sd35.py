@@ -574,6 +574,8 @@ def test_generate_takes_one_prompt_given_as_text():
     one = sd.generate(pipe, "red disc", settings=s, progress=False)
     assert len(one) == 1
     assert np.array_equal(np.asarray(one[0]), np.asarray(sd.generate(pipe, ["red disc"], settings=s, progress=False)[0]))
+    with pytest.raises(sd.UserError, match="batch_size must be 1 or more, not 0"):      # was range()'s ValueError
+        sd.generate(pipe, "red disc", settings=s, progress=False, batch_size=0)
 
 
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
