@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1068  Data                             dataset scan, aspect buckets, the latent and text cache
-     1248  Training                         Trainer and the training loop
-     1498  Part 2: plumbing                 a reader can stop here
-     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2003  Hub Downloads                    snapshot downloads, tokenizers
-     2060  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2694  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2831  Output Files                     atomic writes, the output_dir lock, loss.png
-     2952  Several Processes (torchrun)     one all-reduce per step
-     3012  Command Line and the Tiny Model  main(), --tiny
+     1070  Data                             dataset scan, aspect buckets, the latent and text cache
+     1250  Training                         Trainer and the training loop
+     1500  Part 2: plumbing                 a reader can stop here
+     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2005  Hub Downloads                    snapshot downloads, tokenizers
+     2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2696  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2833  Output Files                     atomic writes, the output_dir lock, loss.png
+     2954  Several Processes (torchrun)     one all-reduce per step
+     3014  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3100,6 +3100,7 @@ def main(argv=None):
                         "demo dataset on the CPU (~1 minute), through the same code paths")
     args = parser.parse_args(argv)
     rank, world = rank_and_world()
+    stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     cfg, term = None, []
@@ -3139,7 +3140,10 @@ def main(argv=None):
         sys.exit(code)
     finally:
         restore_signals(previous)
-        if dist.is_initialized():
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if dist.is_initialized() and not joined:
             dist.destroy_process_group()
 
 

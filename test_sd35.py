@@ -1707,9 +1707,23 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
+    stdout = sys.stdout
     with pytest.raises(SystemExit):
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert "interrupted" not in capsys.readouterr().err
+    assert sys.stdout is stdout                         # main() as a library call: was left on os.devnull
+
+
+def test_main_leaves_a_process_group_it_did_not_create(tmp_path):
+    """main() called by a script that had joined a process group itself destroyed that group on return."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit, match="train.steps"):
+            sd.main(["--set", "model=tiny", "--set", "train.steps=0"])
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not_blame_the_user(tmp_path, monkeypatch,
