@@ -3091,15 +3091,18 @@ def restore_signals(previous: dict):
         signal.signal(sig, handler)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an SD3/SD3.5 LoRA; config.yaml lists every setting.")
     parser.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=5e-5")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (~1 minute), through the same code paths")
-    args = parser.parse_args(argv)
-    rank, world = rank_and_world()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args, (rank, world) = parse_args(argv), rank_and_world()
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
