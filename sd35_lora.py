@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2005  Hub Downloads                    snapshot downloads, tokenizers
      2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2696  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2833  Output Files                     atomic writes, the output_dir lock, loss.png
-     2954  Several Processes (torchrun)     one all-reduce per step
-     3014  Command Line and the Tiny Model  main(), --tiny
+     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2700  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2837  Output Files                     atomic writes, the output_dir lock, loss.png
+     2958  Several Processes (torchrun)     one all-reduce per step
+     3018  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2278,8 +2278,12 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             layer.weight_scale.copy_(row_scale)
         elif merge:
             layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
-        else:
-            wrapped = _replace(model, name, LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]))
+        else:       # LoRALinear's random init, overwritten at once, must leave the caller's seed alone
+            device = layer.weight.device
+            accelerators = [] if device.index is None else [device.index]      # the CPU's is always forked
+            with torch.random.fork_rng(accelerators, device_type=device.type):
+                wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]).requires_grad_(False)
+            _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)
             wrapped.multiplier = scale

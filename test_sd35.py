@@ -873,6 +873,25 @@ def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tm
     assert list(sd.lora_layers(model)) == ["joint_blocks.1.x_block.attn.proj"]          # block 0 untouched
 
 
+def test_an_unmerged_lora_leaves_the_global_seed_alone_and_loads_frozen(tmp_path):
+    """load_lora(merge=False) wraps layers in LoRALinear, whose random init it overwrites at once: torch.randn
+    must give what it gave without the call. Its adapters are for inference (sample.py --no-merge): they do not
+    require grad, and a LoRA added on other layers for training still does."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_joint_blocks_1_x_block_attn_proj.lora_down.weight": torch.randn(2, 64, generator=g),
+               "lora_unet_joint_blocks_1_x_block_attn_proj.lora_up.weight": torch.randn(64, 2, generator=g)},
+              tmp_path / "a.safetensors")
+    model = tiny_mmdit().requires_grad_(False)                                   # frozen, as load_mmdit's are
+    torch.manual_seed(0)
+    expected = torch.randn(8)
+    torch.manual_seed(0)
+    sd.load_lora(model, tmp_path / "a.safetensors", merge=False)
+    assert torch.equal(torch.randn(8), expected)
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+    trained = sd.add_lora(model, rank=2, targets=r"attn\.qkv$")
+    assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
