@@ -1,4 +1,4 @@
-"""Generate images with SD3 / SD3.5, optionally with LoRAs.
+r"""Generate images with SD3 / SD3.5, optionally with LoRAs.
 
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red fox in snow"
     python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors \

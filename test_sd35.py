@@ -3041,6 +3041,13 @@ def test_the_python_example_in_the_readme_runs(tmp_path, monkeypatch):
     assert scope["lora_file"] == Path("run/lora.safetensors") and scope["lora_file"].is_file()
 
 
+def test_the_run_commands_in_the_module_docstrings_print_as_written():
+    """sample.py --help (its docstring) joined a command continued with a backslash into one line broken by a
+    run of spaces: a non-raw docstring reads a backslash at a line's end as a line continuation."""
+    for module in (sd, sample):
+        assert module.__doc__ in Path(module.__file__).read_text(encoding="utf-8")
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
