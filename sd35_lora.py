@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2700  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2837  Output Files                     atomic writes, the output_dir lock, loss.png
-     2958  Several Processes (torchrun)     one all-reduce per step
-     3018  Command Line and the Tiny Model  main(), --tiny
+     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2845  Output Files                     atomic writes, the output_dir lock, loss.png
+     2966  Several Processes (torchrun)     one all-reduce per step
+     3019  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2541,8 +2541,16 @@ def validate(cfg: Config) -> Config:
 
 
 def check_sources(cfg: Config):
-    """A device typo ('gpu') or a missing model path, refused before the dataset scan decodes every image."""
-    pick_device(cfg.device)
+    """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
+    before the dataset scan decodes every image."""
+    device, world = pick_device(cfg.device), rank_and_world()[1]
+    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
+        raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
+        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
+                        f"not set: start the processes with torchrun (README: Several GPUs), or unset "
+                        f"WORLD_SIZE to train in one", own=True)
     paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
     for name in paths:
         resolve_model(name, (), download=False)                       # hub ids download after the scan
@@ -2968,13 +2976,6 @@ def rank_and_world() -> tuple[int, int]:
 def init_distributed(cfg: Config) -> tuple[int, int]:
     """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
-    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
-        raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
-        raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
-                        f"not set: start the processes with torchrun (README: Several GPUs), or unset "
-                        f"WORLD_SIZE to train in one", own=True)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

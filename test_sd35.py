@@ -1723,13 +1723,13 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{name} before training began")
     assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
     assert not (tmp_path / "run/training_state.safetensors").exists()
-    monkeypatch.setenv("RANK", "1")                     # torchrun: the other processes exit quietly
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # torchrun: the other processes exit quietly
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
     stdout = sys.stdout
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
-    assert "interrupted" not in capsys.readouterr().err
+    assert exit_info.value.code == 143 and "before training began" not in capsys.readouterr().err   # (SIGTERM)
     assert sys.stdout is stdout                         # main() as a library call: was left on os.devnull
 
 
@@ -1751,8 +1751,8 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
     torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
     user or a scheduler had stopped the job."""
     make_dataset(tmp_path / "data")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                         # as torchrun sets them
     monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))
     monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as exit_info:
@@ -2087,8 +2087,9 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
             assert not resume or log.read_text() == line
             if not resume:                                      # torchrun: process 0 alone takes the lock
                 with monkeypatch.context() as patch:
-                    patch.setenv("RANK", "1")
-                    patch.setenv("WORLD_SIZE", "2")
+                    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"),
+                                        ("MASTER_PORT", "29500")):
+                        patch.setenv(name, value)
                     one_line_error(lambda: sd.train(cfg), "past the checks")
         finally:
             job.kill()
@@ -4143,14 +4144,15 @@ def test_lost_contact_names_process_0s_previews_as_a_cause(monkeypatch):
 
 def test_torchrun_variables_left_in_a_plain_runs_environment_are_one_line(tmp_path, monkeypatch):
     """WORLD_SIZE (and RANK) exported, e.g. by a cluster script, then `python sd35_lora.py`: after the dataset
-    scan, a ValueError traceback from torch's env:// rendezvous ("MASTER_ADDR expected, but not set")."""
+    scan, a ValueError traceback from torch's env:// rendezvous ("MASTER_ADDR expected, but not set"); then
+    a one-line error, still after the scan, which decodes every image: now before it."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(sd.UserError, match=r"^WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT are not set: start "
                                            r"the processes with torchrun .* or unset WORLD_SIZE") as e:
-        sd.init_distributed(tiny_config(tmp_path))
+        sd.check_sources(tiny_config(tmp_path))
     assert e.value.own                          # printed whatever RANK and LOCAL_RANK say
 
 
@@ -4161,6 +4163,7 @@ def test_a_plain_run_with_world_size_exported_is_not_called_process_0(tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a: pytest.fail("the dataset was scanned first"))
     with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert str(exit_info.value.code).startswith("error: WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not "
