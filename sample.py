@@ -4,6 +4,7 @@ r"""Generate images with SD3 / SD3.5, optionally with LoRAs.
     python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors \
         --prompt "a red fox in snow"
     python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
+    python sample.py --lora runs/lora/lora.safetensors --prompt "a red fox in snow"  # on the model it was trained on
 
 Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer
 guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3_infer.py.
@@ -49,8 +50,8 @@ def block_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny'")
+    p.add_argument("--model", help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny' "
+                   "(default: the model the --lora was trained on, as its file records)")
     p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
                                            " (for single-file models without them)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("give at least one --prompt")
+    if not args.model and not args.lora:
+        p.error("give --model (or a --lora trained here: it records its model)")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
     if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
@@ -104,16 +107,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
-    """T5 length and use as the LoRAs that record them were trained (so sampling matches training). LoRAs
-    of different lengths need --t5-length (`t5_length`, which main() then uses): no one length is right for
-    both. T5 is left out only when all were trained without it."""
-    found = {}
+def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
+    """T5 length and use, and the model, as the LoRAs that record them were trained (so sampling matches
+    training). LoRAs of different lengths need --t5-length (`t5_length`, which main() then uses): no one
+    length is right for both. T5 is left out only when all were trained without it."""
+    found, models = {}, {}
     for path in paths:
         header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
+        base = info.get("base_model")
+        models[path] = base if isinstance(base, str) and base else None     # (a hostile file's: no text)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
@@ -122,14 +127,20 @@ def lora_text_settings(paths: list[str], t5_length: int | None = None) -> dict:
     if without and len(without) < len(found):
         print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: T5 stays on "
               f"unless --no-t5", file=sys.stderr)
+    model = {"model": models[paths[0]]} if len(set(models.values())) == 1 and models[paths[0]] else {}
     if not found:
-        return {}
-    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found)}
+        return model
+    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **model}
 
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    trained = lora_text_settings(args.lora, args.t5_length)
+    trained = trained_settings(args.lora, args.t5_length)
+    if not args.model:
+        if "model" not in trained:                      # a LoRA made elsewhere, or LoRAs of different models
+            raise sd.UserError(f"no one model recorded as trained on in {', '.join(args.lora)}: give --model")
+        args.model = trained["model"]
+        print(f"model: {args.model} (the --lora's, as trained; --model to choose another)")
     t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")

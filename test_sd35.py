@@ -818,7 +818,7 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
         assert sd.load_lora(fresh, tmp_path / "l.safetensors", merge=merge) == len(sd.lora_layers(trained))
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), expected, atol=1e-5, rtol=1e-5)
-    assert sample.lora_text_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
+    assert sample.trained_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
 
 
 def test_kohya_lora_equals_manual_merge(tmp_path):
@@ -2963,6 +2963,26 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
 
 
+def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(tmp_path, capsys):
+    """`python sample.py --lora x.safetensors` was refused for want of --model, though the LoRA records the
+    model it was trained on; LoRAs of other models, or of none recorded, still need --model."""
+    mmdit = sd.tiny_pipeline().mmdit
+    sd.add_lora(mmdit, rank=2)
+    for name, base in (("tiny", "tiny"), ("other", "stabilityai/stable-diffusion-3.5-large"), ("none", None),
+                       ("hostile", [1])):
+        sd.save_lora(mmdit, tmp_path / f"{name}.safetensors", metadata={"base_model": base} if base else {})
+    args = ["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    paths = sample.main(["--lora", str(tmp_path / "tiny.safetensors"), *args])
+    assert json.loads(Image.open(paths[0]).text["parameters"])["model"] == "tiny"
+    assert "model: tiny (the --lora's, as trained" in capsys.readouterr().out
+    for loras in (["tiny", "other"], ["none"], ["hostile"]):
+        lora_args = [arg for name in loras for arg in ("--lora", str(tmp_path / f"{name}.safetensors"))]
+        one_line_error(lambda: sample.main([*lora_args, *args]), "no one model recorded as trained on .*give --model")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(args)
+    assert exit_info.value.code == 2 and "give --model (or a --lora" in capsys.readouterr().err
+
+
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
     pipe = sd.tiny_pipeline()                                            # 3 joint blocks
     for layers in ((1, 5), (-1,)):                                       # a typo would silently skip nothing
@@ -3246,10 +3266,10 @@ def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given
     assert opens["b24.safetensors"] == 2 and set(reads.values()) == {1}, (opens, reads)
     capsys.readouterr()
     for order in ((loras["b24"], loras["c24"]), (loras["c24"], loras["b24"])):
-        assert sample.lora_text_settings(list(order)) == {"t5_length": 24, "use_t5": True}
+        assert sample.trained_settings(list(order)) == {"t5_length": 24, "use_t5": True}
         assert f"warning: {loras['c24']} trained without T5, the other LoRAs with it: T5 stays on" in \
             capsys.readouterr().err
-    assert sample.lora_text_settings([loras["c24"], loras["c24"]]) == {"t5_length": 24, "use_t5": False}
+    assert sample.trained_settings([loras["c24"], loras["c24"]]) == {"t5_length": 24, "use_t5": False}
 
 
 def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
@@ -3564,7 +3584,7 @@ def one_line_error(call, match: str):
 def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
     lora = tmp_path / "lora.safetensors"
     sd.save_lora(lora_model(), lora, metadata={"t5_length": 10**9})
-    one_line_error(lambda: sample.lora_text_settings([str(lora)]), "t5_length = 1000000000 is not in 1..512")
+    one_line_error(lambda: sample.trained_settings([str(lora)]), "t5_length = 1000000000 is not in 1..512")
     one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=10**9), "T5 length .* 1..512")
     # checkpoint headers: a block index far out, zero and 1-D shapes, a config.json claiming 2M blocks
     weights = tiny_mmdit().state_dict()
@@ -3640,7 +3660,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         save_file(tensors, bad, metadata={**meta, header: text})
         one_line_error(lambda: sd.load_lora(model, bad), match)
         if header == "sd35_lora":
-            one_line_error(lambda: sample.lora_text_settings([str(bad)]), match)
+            one_line_error(lambda: sample.trained_settings([str(bad)]), match)
     key = "lora_unet_joint_blocks_0_x_block_attn_proj"
     rank_0 = {f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)}
     for extra, match in [(rank_0, "rank mismatch"), ({f"{key}.alpha": torch.ones(2)}, "2 alphas, not one")]:
