@@ -647,7 +647,7 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
-    on module names, comma-separated) selects in the joint `blocks`, and return the trainable parameters."""
+    on module names, comma-separated) selects (in joint blocks, only `blocks`), and return their new LoRA weights."""
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
@@ -1182,7 +1182,7 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.x_embedder.proj.weight.dtype                         # bf16 halves the cache
+        dtype = pipe.mmdit.x_embedder.proj.weight.dtype  # of the text embeddings (bf16 halves them)
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
             try:
