@@ -647,7 +647,7 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
-    on module names, comma-separated) selects (in joint blocks, only `blocks`), and return their new LoRA weights."""
+    on module names, comma-separated) selects (in joint blocks: only `blocks`) -> the new LoRA weights."""
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
