@@ -161,8 +161,9 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     """main() once the models have loaded: the LoRAs, then the images, each saved as soon as it is done."""
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
-    one_for_all = args.lora_scale if len(args.lora_scale) == 1 else [1.0] if not args.lora_scale else None
-    scales = one_for_all * len(args.lora) if one_for_all else args.lora_scale
+    scales = args.lora_scale or [1.0]
+    if len(scales) == 1:                                # one scale for all the LoRAs
+        scales = scales * len(args.lora)
     args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
     for path, scale in zip(args.lora, scales):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
