@@ -2645,7 +2645,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     torch.set_rng_state(rng)
     if "rng.cuda" in tensors and params[0].device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], params[0].device)
+        torch.cuda.set_rng_state(cuda, params[0].device)
     print(f"resumed from {path} at step {step}")
     return step
 
