@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.prompt:
         p.error("give at least one --prompt")
     if not args.model and not args.lora:
-        p.error("give --model (or a --lora trained here: it records its model)")
+        p.error("give --model (or a --lora trained by sd35_lora.py: it records its model)")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
     if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
