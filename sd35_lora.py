@@ -3115,7 +3115,8 @@ def main(argv=None):
 
     def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
         term.append(signum)
-        raise KeyboardInterrupt
+        if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):  # not while an error ends the run
+            raise KeyboardInterrupt                 # (torchrun's, after a peer died): that error stands
     previous = handle_signals(terminate, (signal.SIGTERM,))
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)

@@ -1763,6 +1763,22 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
         "nothing new to save (finished cache files are kept)")
 
 
+def test_torchrun_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path, monkeypatch, capsys):
+    """A peer killed mid-run: process 0's all-reduce failed at once ("lost contact"), and torchrun's SIGTERM
+    came while that error left train(), once main()'s handler was back: process 0 said "terminated before
+    training began" (seen in CI), and the error was lost."""
+    def train(cfg, resume):
+        try:
+            raise sd.UserError("lost contact with the others (a test)", own=True)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)                # torchrun's, as the error leaves train()
+    monkeypatch.setattr(sd, "train", train)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(["--set", "model=tiny", "--set", f"output_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == "error: lost contact with the others (a test)"
+    assert "terminated" not in capsys.readouterr().err
+
+
 def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run_as_done(tmp_path, monkeypatch,
                                                                                          capsys):
     """The processes wait at a last barrier for process 0's final files. A SIGTERM there (a scheduler's time
