@@ -111,14 +111,14 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     """T5 length and use, and the model, as the LoRAs that record them were trained (so sampling matches
     training). LoRAs of different lengths need --t5-length (`t5_length`, which main() then uses): no one
     length is right for both. T5 is left out only when all were trained without it."""
-    found, models = {}, {}
+    found, models = {}, set()
     for path in paths:
         header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
         base = info.get("base_model")
-        models[path] = base if isinstance(base, str) and base else None     # (a hostile file's: no text)
+        models.add(base if isinstance(base, str) and base else None)      # (a hostile file's: no text)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
@@ -127,7 +127,7 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     if without and len(without) < len(found):
         print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: T5 stays on "
               f"unless --no-t5", file=sys.stderr)
-    model = {"model": models[paths[0]]} if len(set(models.values())) == 1 and models[paths[0]] else {}
+    model = {"model": next(iter(models))} if len(models) == 1 and None not in models else {}
     if not found:
         return model
     return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **model}
