@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2845  Output Files                     atomic writes, the output_dir lock, loss.png
      2966  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     3025  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1274,7 +1274,7 @@ class Trainer:
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
-        self.rank, self.world = init_distributed(cfg)
+        self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
         self.pipe = pipe
@@ -2973,16 +2973,22 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
 
 
-def init_distributed(cfg: Config) -> tuple[int, int]:
-    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch. -> (rank, world)"""
+def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch, and warn when no
+    aspect bucket (`buckets`: the images') fills it, as a step's images share one bucket. -> (rank, world)"""
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         collective(dist.init_process_group, "nccl" if device.type == "cuda" else "gloo",
                    timeout=datetime.timedelta(seconds=tc.dist_timeout))
-    print(f"global batch {tc.batch_size * tc.grad_accum * world} = {world} processes x batch_size "
-          f"{tc.batch_size} x grad_accum {tc.grad_accum}")
+    batch, most = tc.batch_size * tc.grad_accum * world, max(collections.Counter(buckets).values(), default=0)
+    print(f"global batch {batch} = {world} processes x batch_size {tc.batch_size} x grad_accum "
+          f"{tc.grad_accum}")
+    if 0 < most < batch and rank == 0:
+        print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest: {most}); a "
+              f"step's images share one bucket, so steps train on {most} or fewer: lower train.batch_size "
+              f"or grad_accum, or add images", file=sys.stderr)
     return rank, world
 
 

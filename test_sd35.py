@@ -1725,7 +1725,7 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert not (tmp_path / "run/training_state.safetensors").exists()
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                 # torchrun: the other processes exit quietly
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (1, 1))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 1))
     stdout = sys.stdout
     with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
@@ -1753,7 +1753,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
     make_dataset(tmp_path / "data")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                         # as torchrun sets them
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
     monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
@@ -1786,7 +1786,7 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     before training began ... nothing new to save" and exited 143 (process 0: or "lost contact" when the
     others left the barrier). The run has ended: it says done."""
     make_dataset(tmp_path / "data")
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg: (0, 2))     # process 0 of 2, as torchrun starts it
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))     # process 0 of 2, as torchrun starts it
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
 
     def collective(call, *args, **kwargs):
@@ -2564,6 +2564,22 @@ def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, c
     err = capsys.readouterr().err
     assert "2 images are cropped to under half their picture to fit the widest aspect bucket, e.g. pano.png, " \
            "strip.png;" in err, err
+
+
+def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys):
+    """A step's images share one aspect bucket: batch 3 on the demo's 2 square images trained on 2 per step
+    while the run printed "global batch 3" (and the LoRA recorded it) without a word."""
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"train.steps": 1, "train.batch_size": 3, "sample.sample_every": 0}))
+    out, err = capsys.readouterr()
+    assert "global batch 3 = 1 processes x batch_size 3 x grad_accum 1" in out
+    assert "warning: no aspect bucket holds a global batch of 3 images (the largest: 2); a step's images share " \
+           "one bucket, so steps train on 2 or fewer: lower train.batch_size or grad_accum, or add images" in err, err
+    cfg = tiny_config(tmp_path, **{"train.batch_size": 2, "train.grad_accum": 2})       # counted: 2 x 2 > 3
+    assert sd.init_distributed(cfg, [(64, 64), (64, 128), (64, 64), (64, 64)]) == (0, 1)
+    assert "(the largest: 3)" in capsys.readouterr().err
+    sd.init_distributed(tiny_config(tmp_path, **{"train.batch_size": 3}), [(64, 64)] * 3 + [(128, 64)])
+    assert "warning" not in capsys.readouterr().err                 # one bucket fills it: the others' are short
 
 
 def test_bf16_autocast_training_step_runs(tmp_path):
