@@ -100,8 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model (or a --lora trained by sd35_lora.py: it records its model)")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         p.error("give one --lora-scale per --lora, or a single one for all (and at least one --lora)")
-    if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
-        p.error("--model tiny has its own random text encoders and VAE: leave out --text-encoders and --vae")
     if args.slg_layers is not None and args.slg_scale is None and not args.slg:     # else silently no SLG
         p.error("--slg-layers needs --slg-scale S (or --slg for the variant's recommended scale)")
     return args
@@ -141,6 +139,9 @@ def main(argv=None) -> list[Path]:
             raise sd.UserError(f"no one model recorded as trained on in {', '.join(args.lora)}: give --model")
         args.model = trained["model"]
         print(f"model: {args.model} (the --lora's, as trained; --model to choose another)")
+    if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
+        raise sd.UserError("the tiny model has its own random text encoders and VAE: leave out --text-encoders "
+                           "and --vae")
     t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
