@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       82  Presets and Configuration        per-variant sampling presets, the training config
-      199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      513  LoRA                             LoRALinear and add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+       83  Presets and Configuration        per-variant sampling presets, the training config
+      200  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      261  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      514  LoRA                             LoRALinear and add_lora
+      675  VAE                              16-channel autoencoder, the latent scale and shift
+      820  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      871  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1070  Data                             dataset scan, aspect buckets, the latent and text cache
-     1250  Training                         Trainer and the training loop
-     1500  Part 2: plumbing                 a reader can stop here
-     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2005  Hub Downloads                    snapshot downloads, tokenizers
-     2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2845  Output Files                     atomic writes, the output_dir lock, loss.png
-     2966  Several Processes (torchrun)     one all-reduce per step
-     3025  Command Line and the Tiny Model  main(), --tiny
+     1249  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2060  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2417  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2706  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2843  Output Files                     atomic writes, the output_dir lock, loss.png
+     2964  Several Processes (torchrun)     one all-reduce per step
+     3023  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -67,6 +67,7 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 
 class UserError(ValueError):
@@ -943,7 +944,6 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the steps of SLG_WINDOW (1 %-20 %)."""
     check_choice("sampler", sampler, SAMPLERS)
-    from tqdm import tqdm
     use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
     steps, previous, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
@@ -1161,9 +1161,9 @@ def cached(path: Path, compute, source: str = "") -> Path:
         try:
             if all(t.isfinite().all() for t in load_file(str(path)).values()):
                 return path
-            print(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
+            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
         except Exception:
-            print(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
+            tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
     tensors = compute()
     if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
         raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
@@ -1197,7 +1197,6 @@ class LatentDataset:
                 return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             return store(path, encode, f"the caption {caption!r:.60}")
-        from tqdm import tqdm
         if rank == 0:
             pipe.text.warn_cut([item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1392,12 +1391,12 @@ class Trainer:
             for i, image in enumerate(images):
                 path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
                 _atomic_save(image, path)
-                print(f"sample: {path}")
+                tqdm.write(f"sample: {path}")
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
-            print(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training goes on",
-                  file=sys.stderr)
+            tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
+                       f"goes on", file=sys.stderr)
         finally:
             self.pipe.vae.to("cpu")
             self.mmdit.train()
@@ -1423,7 +1422,7 @@ class Trainer:
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
         save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes,
                             self.data.contents)
-        print(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
+        tqdm.write(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
     def diverged(self, loss: float, grad_norm: float) -> UserError:
         """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
@@ -1441,8 +1440,8 @@ class Trainer:
             self.save()
         if (every and self.step % every == 0) or self.step == tc.steps:
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
-            print(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
-                  + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
+            tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
+                       + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
             bins.zero_()                                    # the next report covers the steps after this one
             self.sample_images()
 
@@ -1450,7 +1449,6 @@ class Trainer:
 @torch.enable_grad()                    # a notebook may have turned gradients off (set_grad_enabled(False))
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
-    from tqdm import tqdm
     tr = start_trainer(cfg, resume)
     cfg = tr.cfg                                # as validate() read it
     tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin

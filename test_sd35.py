@@ -3,6 +3,7 @@
     pytest -q test_sd35.py
 """
 import dataclasses
+import io
 import json
 import math
 import os
@@ -2580,6 +2581,26 @@ def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys):
     assert "(the largest: 3)" in capsys.readouterr().err
     sd.init_distributed(tiny_config(tmp_path, **{"train.batch_size": 3}), [(64, 64)] * 3 + [(128, 64)])
     assert "warning" not in capsys.readouterr().err                 # one bucket fills it: the others' are short
+
+
+def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_path, monkeypatch):
+    """In a terminal (stdout and stderr on one screen), "saved ...", the loss by sigma bin and "sample: ..."
+    were written after the progress bar's text: "training:  50%|...| 30/60 [...]saved runs/...". """
+    make_dataset(tmp_path / "data")
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2, "sample.sample_every": 2,
+                                      "sample.width": 32, "sample.height": 32}))
+    lines = []                          # what the screen shows: a carriage return overwrites; the previews at
+                                        # step 0, then at steps 2 and 4 a save, the loss bins and 2 previews
+    for line in screen.getvalue().split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    said = [line for line in lines if re.search("saved |loss by sigma bin|sample: ", line)]
+    assert len(said) == 2 + 2 * 4 and all(re.match("(saved|loss by|sample:) ", line) for line in said), said
 
 
 def test_bf16_autocast_training_step_runs(tmp_path):
