@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1500  Part 2: plumbing                 a reader can stop here
      1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2005  Hub Downloads                    snapshot downloads, tokenizers
-     2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2845  Output Files                     atomic writes, the output_dir lock, loss.png
-     2966  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     2059  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2416  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2705  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2842  Output Files                     atomic writes, the output_dir lock, loss.png
+     2963  Several Processes (torchrun)     one all-reduce per step
+     3016  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2031,10 +2031,6 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors
-FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
-
-
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
     None without `download`."""
@@ -2046,9 +2042,10 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     if not download:
         return None
     from huggingface_hub import snapshot_download
-    try:
+    try:  # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", *FP16_COPIES]))
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", "*.fp16.safetensors",
+                                                       "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
