@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1500  Part 2: plumbing                 a reader can stop here
      1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2005  Hub Downloads                    snapshot downloads, tokenizers
-     2059  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2416  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2705  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2842  Output Files                     atomic writes, the output_dir lock, loss.png
-     2963  Several Processes (torchrun)     one all-reduce per step
-     3016  Command Line and the Tiny Model  main(), --tiny
+     2057  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2703  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2840  Output Files                     atomic writes, the output_dir lock, loss.png
+     2961  Several Processes (torchrun)     one all-reduce per step
+     3014  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2006,9 +2006,6 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
 #                                 Hub Downloads                                 #
 #################################################################################
 
-TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
-
-
 def _tokenizers(folder: Path, use_t5: bool) -> list:
     """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
     from transformers import AutoTokenizer
@@ -2022,10 +2019,11 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
                             f": copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
+    repos = ("openai/clip-vit-large-patch14", "google-t5/t5-base")      # T5 v1.1 has t5-base's vocabulary
     try:
-        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
+        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in repos)
     except Exception:  # offline without a cached copy, mostly
-        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
+        raise UserError(f"no tokenizer*/ in {folder}, and downloading {repos} failed: go online"
                         f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
     return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
