@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1250  Training                         Trainer and the training loop
      1500  Part 2: plumbing                 a reader can stop here
      1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2005  Hub Downloads                    snapshot downloads, tokenizers
-     2057  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2703  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2840  Output Files                     atomic writes, the output_dir lock, loss.png
-     2961  Several Processes (torchrun)     one all-reduce per step
-     3014  Command Line and the Tiny Model  main(), --tiny
+     2004  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2702  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2839  Output Files                     atomic writes, the output_dir lock, loss.png
+     2960  Several Processes (torchrun)     one all-reduce per step
+     3013  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1937,8 +1937,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
-    """The bytes of the modules' weights if they take over 85 % of the GPU's free memory (the rest is for the
-    activations), else 0."""
+    """The modules' weight bytes if over 85 % of the GPU's free memory (the rest: activations), else 0."""
     need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
     fits = device.type != "cuda" or need <= 0.85 * torch.cuda.mem_get_info(device)[0]
     return 0 if fits else need
