@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1249  Training                         Trainer and the training loop
      1498  Part 2: plumbing                 a reader can stop here
      1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2003  Hub Downloads                    snapshot downloads, tokenizers
-     2060  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2417  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2706  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2843  Output Files                     atomic writes, the output_dir lock, loss.png
-     2964  Several Processes (torchrun)     one all-reduce per step
-     3023  Command Line and the Tiny Model  main(), --tiny
+     2002  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2700  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2837  Output Files                     atomic writes, the output_dir lock, loss.png
+     2958  Several Processes (torchrun)     one all-reduce per step
+     3017  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1935,8 +1935,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
-    """The bytes of the modules' weights if they take over 85 % of the GPU's free memory (the rest is for the
-    activations), else 0."""
+    """The modules' weight bytes if over 85 % of the GPU's free memory (the rest: activations), else 0."""
     need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
     fits = device.type != "cuda" or need <= 0.85 * torch.cuda.mem_get_info(device)[0]
     return 0 if fits else need
@@ -2004,9 +2003,6 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
 #                                 Hub Downloads                                 #
 #################################################################################
 
-TOKENIZER_REPOS = ("openai/clip-vit-large-patch14", "google-t5/t5-base")  # T5 v1.1 has t5-base's vocabulary
-
-
 def _tokenizers(folder: Path, use_t5: bool) -> list:
     """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
     from transformers import AutoTokenizer
@@ -2020,17 +2016,14 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
                             f": copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
+    repos = ("openai/clip-vit-large-patch14", "google-t5/t5-base")      # T5 v1.1 has t5-base's vocabulary
     try:
-        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in TOKENIZER_REPOS)
+        clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in repos)
     except Exception:  # offline without a cached copy, mostly
-        raise UserError(f"no tokenizer*/ in {folder}, and downloading {TOKENIZER_REPOS} failed: go online"
+        raise UserError(f"no tokenizer*/ in {folder}, and downloading {repos} failed: go online"
                         f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
     return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
-
-
-# the fp16 variant files of diffusers repos: copies (~11 GB for SD3.5's text encoders) of model*.safetensors
-FP16_COPIES = ("*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json")
 
 
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
@@ -2044,9 +2037,10 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     if not download:
         return None
     from huggingface_hub import snapshot_download
-    try:
+    try:  # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", *FP16_COPIES]))
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", "*.fp16.safetensors",
+                                                       "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
