@@ -2710,9 +2710,9 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 #################################################################################
 
 # thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
-# any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
-NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
-            "__MACOSX", "System Volume Information", "lost+found"}
+# any case, as Windows finds them (its system drive's bin is $Recycle.Bin): casefolded names
+NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recently-snapshot", "$recycle.bin",
+            "__macosx", "system volume information", "lost+found"}
 # pictures in formats not read (phones' .heic, Windows' .jfif for web images): named, not left out unsaid
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
@@ -2731,7 +2731,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders, and
     macOS's ._name files, are left out: -> (files, those folders). Folders that cannot be read are named in
     a warning."""
-    seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
+    seen, files, left_out, errors = set(), [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2740,9 +2740,9 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
         files += [Path(folder, name) for name in names if not name.startswith("._")]
-        skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
-        subfolders[:] = [name for name in subfolders if name not in skip]
-        left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
+        for name in [name for name in subfolders if name.startswith(".") or name.casefold() in NOT_DATA]:
+            subfolders.remove(name)
+            left_out.append(os.path.relpath(os.path.join(folder, name), root))
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
     # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
