@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2845  Output Files                     atomic writes, the output_dir lock, loss.png
-     2966  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     2844  Output Files                     atomic writes, the output_dir lock, loss.png
+     2964  Several Processes (torchrun)     one all-reduce per step
+     3017  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2727,10 +2727,9 @@ def read_caption(path: Path) -> str:
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
-    """Every file below root, through symlinked folders too (people link image folders into a dataset), each
-    real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders, and
-    macOS's ._name files, are left out: -> (files, those folders). Folders that cannot be read are named in
-    a warning."""
+    """Every file below root but macOS's ._name files, through symlinked folders too (people link image
+    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, the hidden
+    (.thumbnails, .git) and NOT_DATA folders left out); folders that cannot be read are named in a warning."""
     seen, files, left_out, errors = set(), [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
@@ -2915,10 +2914,9 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 def end_training(trainer: Trainer, previous: dict):
     """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
     memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
-    error: a run started meanwhile in a terminal was told that another run is using output_dir, and a run
-    started again after a fix (a smaller batch after running out of GPU memory) ran out of it again."""
+    error: the next run (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
     restore_signals(previous)
-    if getattr(trainer, "lock", None):              # a notebook's next run may use output_dir
+    if getattr(trainer, "lock", None):
         trainer.lock.close()
     if sys.exc_info()[1] is not None:
         free_models(getattr(trainer, "pipe", None))
