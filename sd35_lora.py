@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2844  Output Files                     atomic writes, the output_dir lock, loss.png
-     2964  Several Processes (torchrun)     one all-reduce per step
-     3017  Command Line and the Tiny Model  main(), --tiny
+     2710  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2846  Output Files                     atomic writes, the output_dir lock, loss.png
+     2966  Several Processes (torchrun)     one all-reduce per step
+     3019  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2448,8 +2448,10 @@ def _coerce(value, default, key: str):
         with contextlib.suppress(ValueError):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
+    import numbers
     kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
-    if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy's too (notebooks)
+    if not number or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
     return type(default)(value)
 
