@@ -14,23 +14,23 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       83  Presets and Configuration        per-variant sampling presets, the training config
-      200  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      261  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      514  LoRA                             LoRALinear and add_lora
-      675  VAE                              16-channel autoencoder, the latent scale and shift
-      820  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      871  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1070  Data                             dataset scan, aspect buckets, the latent and text cache
-     1249  Training                         Trainer and the training loop
-     1498  Part 2: plumbing                 a reader can stop here
-     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2002  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2700  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2837  Output Files                     atomic writes, the output_dir lock, loss.png
+       84  Presets and Configuration        per-variant sampling presets, the training config
+      201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      515  LoRA                             LoRALinear and add_lora
+      676  VAE                              16-channel autoencoder, the latent scale and shift
+      821  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1071  Data                             dataset scan, aspect buckets, the latent and text cache
+     1250  Training                         Trainer and the training loop
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2702  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2838  Output Files                     atomic writes, the output_dir lock, loss.png
      2958  Several Processes (torchrun)     one all-reduce per step
      3017  Command Line and the Tiny Model  main(), --tiny
 
@@ -50,6 +50,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import re
 import signal
@@ -2441,7 +2442,8 @@ def _coerce(value, default, key: str):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
     kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
-    if type(value) not in (int, float) or not math.isfinite(value) or kind == "whole" and value % 1:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy's too (notebooks)
+    if not number or not math.isfinite(value) or kind == "whole" and value % 1:
         raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
     return type(default)(value)
 
@@ -2702,9 +2704,9 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 #################################################################################
 
 # thumbnails (Synology, QNAP), recycle bins (NAS, Windows), a Mac zip's metadata: no images to train on. In
-# any case, as Windows finds them (its system drive's bin is $Recycle.Bin)
-NOT_DATA = {"@eaDir", "@__thumb", "#recycle", "@Recycle", "#snapshot", "@Recently-Snapshot", "$RECYCLE.BIN",
-            "__MACOSX", "System Volume Information", "lost+found"}
+# any case, as Windows finds them (its system drive's bin is $Recycle.Bin): casefolded names
+NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recently-snapshot", "$recycle.bin",
+            "__macosx", "system volume information", "lost+found"}
 # pictures in formats not read (phones' .heic, Windows' .jfif for web images): named, not left out unsaid
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
@@ -2719,11 +2721,10 @@ def read_caption(path: Path) -> str:
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
-    """Every file below root, through symlinked folders too (people link image folders into a dataset), each
-    real folder once: a link to a parent is no loop. Hidden (.thumbnails, .git) and NOT_DATA folders, and
-    macOS's ._name files, are left out: -> (files, those folders). Folders that cannot be read are named in
-    a warning."""
-    seen, files, left_out, not_data, errors = set(), [], [], {name.casefold() for name in NOT_DATA}, []
+    """Every file below root but macOS's ._name files, through symlinked folders too (people link image
+    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, the hidden
+    (.thumbnails, .git) and NOT_DATA folders left out); folders that cannot be read are named in a warning."""
+    seen, files, left_out, errors = set(), [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2732,9 +2733,9 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
         files += [Path(folder, name) for name in names if not name.startswith("._")]
-        skip = [name for name in subfolders if name.startswith(".") or name.casefold() in not_data]
-        subfolders[:] = [name for name in subfolders if name not in skip]
-        left_out += [os.path.relpath(os.path.join(folder, name), root) for name in skip]
+        for name in [name for name in subfolders if name.startswith(".") or name.casefold() in NOT_DATA]:
+            subfolders.remove(name)
+            left_out.append(os.path.relpath(os.path.join(folder, name), root))
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
     # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
@@ -2907,10 +2908,9 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 def end_training(trainer: Trainer, previous: dict):
     """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
     memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
-    error: a run started meanwhile in a terminal was told that another run is using output_dir, and a run
-    started again after a fix (a smaller batch after running out of GPU memory) ran out of it again."""
+    error: the next run (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
     restore_signals(previous)
-    if getattr(trainer, "lock", None):              # a notebook's next run may use output_dir
+    if getattr(trainer, "lock", None):
         trainer.lock.close()
     if sys.exc_info()[1] is not None:
         free_models(getattr(trainer, "pipe", None))

@@ -1957,6 +1957,19 @@ def test_a_config_holding_path_objects_trains_saves_and_resumes(tmp_path):
     assert isinstance(cfg.output_dir, Path)                     # the caller's config is left as it was
 
 
+def test_numpy_numbers_in_a_config_built_in_python_are_numbers():
+    """A notebook sweeping cfg.train.lr over np.logspace (np.float64) or setting cfg.train.steps from numpy
+    (np.int64) was refused by train(): "'train.lr' must be a finite number, got np.float64(0.0001)"."""
+    cfg = sd.Config()
+    cfg.train.lr, cfg.train.steps, cfg.sample.seed = np.float64(1e-4), np.int64(10), np.uint64(2**64 - 2)
+    checked = sd.validate(cfg)
+    assert (checked.train.lr, checked.train.steps, checked.sample.seed) == (1e-4, 10, 2**64 - 2)
+    assert type(checked.train.steps) is int and json.dumps(dataclasses.asdict(checked))     # (checkpoints)
+    for value in (np.float64("nan"), np.float64(1.5), np.bool_(True), True):
+        cfg.train.steps = value
+        one_line_error(lambda: sd.validate(cfg), "'train.steps' must be a whole number")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
