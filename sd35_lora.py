@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2702  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2838  Output Files                     atomic writes, the output_dir lock, loss.png
-     2958  Several Processes (torchrun)     one all-reduce per step
-     3017  Command Line and the Tiny Model  main(), --tiny
+     2704  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2840  Output Files                     atomic writes, the output_dir lock, loss.png
+     2960  Several Processes (torchrun)     one all-reduce per step
+     3019  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2520,8 +2520,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
-    if cfg.dataset.resolution < 64 or cfg.dataset.resolution % 64:
-        raise UserError(f"dataset.resolution must be a multiple of 64, got {cfg.dataset.resolution}")
+    # SD3's position table covers 6144 px per side; 10240 (a 0 too many) failed only after scan and loading
+    if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
+        raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (SD3's largest image "
+                        f"side), got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
     if cfg.lora.alpha == 0:                             # (kohya reads 0 as alpha = rank)

@@ -1981,6 +1981,15 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
 
 
+def test_a_dataset_resolution_off_the_64_px_grid_or_above_sd3s_largest_side_is_refused_before_any_model_loads():
+    """resolution 10240 (a 0 too many) was refused as too large for the model only after the dataset scan and
+    the models had loaded; 6400000000 hung in the scan, which lists every bucket width up to 4x it."""
+    for value in (96, 0, 10240, 6400000000):
+        one_line_error(lambda: sd.load_config(None, [f"dataset.resolution={value}"]),
+                       rf"dataset.resolution must be a multiple of 64 in 64..6144 .*got {value}$")
+    assert sd.load_config(None, ["dataset.resolution=6144"]).dataset.resolution == 6144
+
+
 def test_a_negative_logit_std_is_refused_before_any_model_loads():
     """train.logit_std -1 ended in torch's bare RuntimeError (normal expects std >= 0) at the first step, after
     loading and caching; 0 is a valid (fixed-sigma) choice."""
