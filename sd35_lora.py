@@ -2520,10 +2520,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
-    # SD3's position table covers 6144 px per side; 10240 (a 0 too many) failed only after scan and loading
+    # SD3.5 Medium's position table, SD3's largest, covers 6144 px per side (Large's 3072: the model says so)
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
-        raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (SD3's largest image "
-                        f"side), got {cfg.dataset.resolution}")
+        raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (no SD3 model takes larger "
+                        f"images), got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
     if cfg.lora.alpha == 0:                             # (kohya reads 0 as alpha = rank)
