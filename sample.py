@@ -240,6 +240,7 @@ def terminate(signum, frame):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in order
     signal.signal(signal.SIGTERM, terminate)
     try:
         main()

@@ -2980,9 +2980,9 @@ def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[
     print(f"global batch {batch} = {world} processes x batch_size {tc.batch_size} x grad_accum "
           f"{tc.grad_accum}")
     if 0 < most < batch and rank == 0:
-        print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest: {most}); a "
-              f"step's images share one bucket, so steps train on {most} or fewer: lower train.batch_size "
-              f"or grad_accum, or add images", file=sys.stderr)
+        print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest holds {most}); "
+              f"a step's images share one bucket, so steps train on {most} or fewer: lower the global batch "
+              f"(batch_size x grad_accum x processes) or add images", file=sys.stderr)
     return rank, world
 
 
@@ -3157,4 +3157,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in step order
     main()

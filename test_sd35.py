@@ -2199,6 +2199,23 @@ def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
+def test_a_log_file_of_the_clis_holds_their_lines_in_the_order_they_were_printed(tmp_path):
+    """`python sd35_lora.py config.yaml > log 2>&1`: stdout into a file is block-buffered, so "saved ..." and
+    the loss by sigma bin reached the log only at exit, after the last progress bar (or never, when the job
+    was killed); sample.py's "model: ..." came after its denoising bars."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "HF_HUB_OFFLINE": "1"}
+
+    def log(*args) -> str:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=600, env=env).stdout
+    text = log(str(ROOT / "sd35_lora.py"), str(ROOT / "config.yaml"), "--tiny", "--set", "train.steps=4",
+               "--set", "train.save_every=2", "--set", "sample.sample_every=0")
+    assert text.index("lora_step_000002.safetensors") < text.index("4/4"), text[-2000:]
+    lora = next((tmp_path / "runs").glob("tiny_*/lora.safetensors"))
+    text = log(str(ROOT / "sample.py"), "--lora", str(lora), "--prompt", "a", "--width", "32", "--height", "32")
+    assert text.index("model: tiny") < text.index("denoising"), text[-2000:]
+
+
 def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, capsys):
     sd.write_demo_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, **{"dataset.flip": True})
@@ -2589,40 +2606,58 @@ def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, c
            "strip.png;" in err, err
 
 
-def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys):
+def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys, monkeypatch):
     """A step's images share one aspect bucket: batch 3 on the demo's 2 square images trained on 2 per step
     while the run printed "global batch 3" (and the LoRA recorded it) without a word."""
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"train.steps": 1, "train.batch_size": 3, "sample.sample_every": 0}))
     out, err = capsys.readouterr()
     assert "global batch 3 = 1 processes x batch_size 3 x grad_accum 1" in out
-    assert "warning: no aspect bucket holds a global batch of 3 images (the largest: 2); a step's images share " \
-           "one bucket, so steps train on 2 or fewer: lower train.batch_size or grad_accum, or add images" in err, err
+    assert "warning: no aspect bucket holds a global batch of 3 images (the largest holds 2); a step's images " \
+           "share one bucket, so steps train on 2 or fewer: lower the global batch (batch_size x grad_accum x " \
+           "processes) or add images" in err, err
     cfg = tiny_config(tmp_path, **{"train.batch_size": 2, "train.grad_accum": 2})       # counted: 2 x 2 > 3
     assert sd.init_distributed(cfg, [(64, 64), (64, 128), (64, 64), (64, 64)]) == (0, 1)
-    assert "(the largest: 3)" in capsys.readouterr().err
+    assert "(the largest holds 3)" in capsys.readouterr().err
     sd.init_distributed(tiny_config(tmp_path, **{"train.batch_size": 3}), [(64, 64)] * 3 + [(128, 64)])
     assert "warning" not in capsys.readouterr().err                 # one bucket fills it: the others' are short
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # torchrun's process 1: process 0 warns for all
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *args, **kwargs: None)
+    assert sd.init_distributed(cfg, [(64, 64)] * 3) == (1, 2)
+    out, err = capsys.readouterr()
+    assert "global batch 8 = 2 processes" in out and not err
 
 
 def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_path, monkeypatch):
-    """In a terminal (stdout and stderr on one screen), "saved ...", the loss by sigma bin and "sample: ..."
-    were written after the progress bar's text: "training:  50%|...| 30/60 [...]saved runs/...". """
+    """In a terminal (stdout and stderr on one screen), "saved ...", the loss by sigma bin, "sample: ..." and the
+    warnings met while a progress bar is up were written after the bar's text: "training:  50%|...]saved ..."."""
     make_dataset(tmp_path / "data")
     screen = io.StringIO()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
-    sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2, "sample.sample_every": 2,
-                                      "sample.width": 32, "sample.height": 32}))
-    lines = []                          # what the screen shows: a carriage return overwrites; the previews at
-                                        # step 0, then at steps 2 and 4 a save, the loss bins and 2 previews
-    for line in screen.getvalue().split("\n"):
-        shown = ""
-        for part in line.split("\r"):
-            shown = part + shown[len(part):]
-        lines.append(shown.rstrip())
-    said = [line for line in lines if re.search("saved |loss by sigma bin|sample: ", line)]
+
+    def shown(what: str) -> list[str]:              # the lines on the screen that say `what`: \r overwrites
+        lines = []
+        for line in screen.getvalue().split("\n"):
+            text = ""
+            for part in line.split("\r"):
+                text = part + text[len(part):]
+            lines += [text.rstrip()] * bool(re.search(what, text))
+        screen.seek(0)
+        screen.truncate()
+        return lines
+    sets = {"train.steps": 4, "train.save_every": 2, "sample.sample_every": 2, "sample.width": 32, "sample.height": 32}
+    sd.train(tiny_config(tmp_path, **sets))
+    said = shown("saved |loss by sigma bin|sample: ")  # previews at step 0; at 2 and 4 a save, the bins, 2 previews
     assert len(said) == 2 + 2 * 4 and all(re.match("(saved|loss by|sample:) ", line) for line in said), said
+    damaged = next((tmp_path / "cache/latents").iterdir())
+    damaged.write_bytes(b"damaged")                                              # warned while caching
+    monkeypatch.setattr(sd, "generate", lambda *args, **kwargs: 1 / 0)           # warned while training
+    sd.train(tiny_config(tmp_path, **sets, output_dir=str(tmp_path / "again")))
+    warned = shown("warning: (rebuilding|sampling)")
+    assert [line.split(" (")[0] for line in warned] == [f"warning: rebuilding unreadable cache file {damaged}",
+                                                        *(f"warning: sampling at step {n} failed" for n in (0, 2, 4))]
 
 
 def test_bf16_autocast_training_step_runs(tmp_path):
