@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2845  Output Files                     atomic writes, the output_dir lock, loss.png
-     2966  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     2710  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2847  Output Files                     atomic writes, the output_dir lock, loss.png
+     2968  Several Processes (torchrun)     one all-reduce per step
+     3021  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2516,6 +2516,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
+        raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
     if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
         raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
                         f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
