@@ -18,21 +18,21 @@ have. Sections (line numbers):
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear and add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1070  Data                             dataset scan, aspect buckets, the latent and text cache
-     1250  Training                         Trainer and the training loop
-     1500  Part 2: plumbing                 a reader can stop here
-     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2005  Hub Downloads                    snapshot downloads, tokenizers
-     2062  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2710  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2847  Output Files                     atomic writes, the output_dir lock, loss.png
-     2968  Several Processes (torchrun)     one all-reduce per step
-     3021  Command Line and the Tiny Model  main(), --tiny
+      673  VAE                              16-channel autoencoder, the latent scale and shift
+      818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1069  Data                             dataset scan, aspect buckets, the latent and text cache
+     1249  Training                         Trainer and the training loop
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2004  Hub Downloads                    snapshot downloads, tokenizers
+     2061  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2418  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2709  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2846  Output Files                     atomic writes, the output_dir lock, loss.png
+     2967  Several Processes (torchrun)     one all-reduce per step
+     3020  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -160,7 +160,7 @@ class TrainConfig:
     weighting: str = "none"                # none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (compiled at the first steps)
-    loss_bins: int = 5                     # loss is also tracked per timestep bin
+    loss_bins: int = 5                     # the loss is also reported per sigma bin with each sample set
     dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
 
@@ -227,7 +227,7 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     else:                                                       # uniform
         u = torch.rand(n, generator=g)
-    index = (u * 1000).long().clamp(0, 999)
+    index = (u * 1000).long().clamp(0, 999)                    # u = 1 (mode's u = 0, sigmoid's rounding)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
@@ -661,10 +661,9 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     return params
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+def _replace(model: nn.Module, name: str, module: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-    return module
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
