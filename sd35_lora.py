@@ -16,23 +16,23 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        82  Presets and Configuration        per-variant sampling presets, the training config
       199  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      260  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      513  LoRA                             LoRALinear and add_lora
-      673  VAE                              16-channel autoencoder, the latent scale and shift
-      818  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      869  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1069  Data                             dataset scan, aspect buckets, the latent and text cache
-     1249  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2004  Hub Downloads                    snapshot downloads, tokenizers
-     2061  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2418  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2709  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2846  Output Files                     atomic writes, the output_dir lock, loss.png
-     2967  Several Processes (torchrun)     one all-reduce per step
-     3020  Command Line and the Tiny Model  main(), --tiny
+      259  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear and add_lora
+      672  VAE                              16-channel autoencoder, the latent scale and shift
+      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      868  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1068  Data                             dataset scan, aspect buckets, the latent and text cache
+     1248  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2060  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2417  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2708  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2845  Output Files                     atomic writes, the output_dir lock, loss.png
+     2966  Several Processes (torchrun)     one all-reduce per step
+     3019  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -222,11 +222,10 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
     check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
-    elif cfg.timestep_sampling == "mode":
+    else:
         u = torch.rand(n, generator=g)
+    if cfg.timestep_sampling == "mode":                         # uniform u through the SD3 paper's f_mode
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    else:                                                       # uniform
-        u = torch.rand(n, generator=g)
     index = (u * 1000).long().clamp(0, 999)                    # u = 1 (mode's u = 0, sigmoid's rounding)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
