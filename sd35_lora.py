@@ -243,8 +243,8 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
                        g: torch.Generator, autocast_dtype: torch.dtype | None, keep: slice = slice(None),
                        n: int = 0):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
-    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
+    """Rectified flow: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, unweighted MSEs, sigmas)
+    The batch may be slice `keep` of a batch of n (sigmas, noise drawn for all n); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
