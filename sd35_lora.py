@@ -16,19 +16,19 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      515  LoRA                             LoRALinear and add_lora
-      676  VAE                              16-channel autoencoder, the latent scale and shift
-      821  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1250  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2003  Hub Downloads                    snapshot downloads, tokenizers
-     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+      261  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      514  LoRA                             LoRALinear and add_lora
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1069  Data                             dataset scan, aspect buckets, the latent and text cache
+     1248  Training                         Trainer and the training loop
+     1497  Part 2: plumbing                 a reader can stop here
+     1504  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2001  Hub Downloads                    snapshot downloads, tokenizers
+     2053  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2704  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2840  Output Files                     atomic writes, the output_dir lock, loss.png
      2960  Several Processes (torchrun)     one all-reduce per step
@@ -162,7 +162,7 @@ class TrainConfig:
     weighting: str = "none"                # none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (compiled at the first steps)
-    loss_bins: int = 5                     # loss is also tracked per timestep bin
+    loss_bins: int = 5                     # the loss is also reported per sigma bin with each sample set
     dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
 
@@ -224,12 +224,11 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
     check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
-    elif cfg.timestep_sampling == "mode":
+    else:
         u = torch.rand(n, generator=g)
+    if cfg.timestep_sampling == "mode":                         # uniform u through the SD3 paper's f_mode
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    else:                                                       # uniform
-        u = torch.rand(n, generator=g)
-    index = (u * 1000).long().clamp(0, 999)
+    index = (u * 1000).long().clamp(0, 999)                    # u = 1 (mode's u = 0, sigmoid's rounding)
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
@@ -246,8 +245,8 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
                        g: torch.Generator, autocast_dtype: torch.dtype | None, keep: slice = slice(None),
                        n: int = 0):
-    """Rectified-flow loss: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, per sample, sigmas)
-    The batch may be the slice `keep` of a batch of n: timesteps and noise drawn for all n; loss = sum / n."""
+    """Rectified flow: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, unweighted MSEs, sigmas)
+    The batch may be slice `keep` of a batch of n (sigmas, noise drawn for all n); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
@@ -663,10 +662,9 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     return params
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+def _replace(model: nn.Module, name: str, module: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-    return module
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -2510,6 +2508,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
         raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
+        raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
     if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
         raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
                         f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")

@@ -1997,6 +1997,20 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
+def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_loads():
+    """train.mode_scale 12.9 (meant 1.29) or -3 trained silently with ~26-29 % of the samples clamped onto sigma
+    1.0 or the table's smallest sigma: outside -1..2/(pi-2) the mode curve leaves 0..1 (diffusers: IndexError
+    or a wrapped negative index)."""
+    for scale in ("12.9", "-3", "1.8"):
+        one_line_error(lambda: sd.load_config(None, ["train.timestep_sampling=mode", f"train.mode_scale={scale}"]),
+                       "'train.mode_scale' must be in -1..1.75")
+    for scale in (-1.0, 0.0, 1.29, 1.75):
+        cfg = sd.load_config(None, ["train.timestep_sampling=mode", f"train.mode_scale={scale}"]).train
+        u = sd.sample_training_sigmas(100_000, cfg, 1.0, torch.Generator().manual_seed(0))     # no shift
+        assert (u == 1.0).float().mean() < 0.05 and (u == u.min()).float().mean() < 0.05     # 12.9: 26 %
+    assert sd.load_config(None, ["train.mode_scale=12.9"]).train.mode_scale == 12.9     # unused: not refused
+
+
 def test_huge_loss_bins_or_dist_timeout_are_refused_before_any_model_loads():
     """train.loss_bins 1e14 was a bare RuntimeError (allocating 800 TB) after loading and caching; a
     train.dist_timeout past timedelta's range a bare OverflowError when torchrun's processes joined."""
