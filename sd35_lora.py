@@ -17,7 +17,7 @@ have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       261  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      514  LoRA                             LoRALinear and add_lora
+      514  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
