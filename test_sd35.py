@@ -2674,6 +2674,22 @@ def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_pa
                                                         *(f"warning: sampling at step {n} failed" for n in (0, 2, 4))]
 
 
+def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, monkeypatch):
+    """A notebook keeps a failed train()'s traceback, and with it its progress bar: tqdm redrew that dead bar
+    ("training:  20%|... lr=1.00e+08") with every line of the next run, whose own bar came a line below it."""
+    make_dataset(tmp_path / "data")
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    sets = {"train.steps": 4, "sample.sample_every": 0}
+    with pytest.raises(sd.UserError, match="loss became") as failed:           # kept, as a notebook keeps it
+        sd.train(tiny_config(tmp_path, **sets, **{"train.lr": 1e8, "train.max_grad_norm": 0}))
+    screen.seek(0)
+    screen.truncate()
+    sd.train(tiny_config(tmp_path, **sets, output_dir=str(tmp_path / "again")))
+    assert failed.value and "e+08" not in screen.getvalue() and "\x1b[A" not in screen.getvalue(), screen.getvalue()
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
