@@ -3250,6 +3250,22 @@ def test_sample_cli_refuses_a_prompt_that_is_not_utf8_before_loading(capsys):
     assert (ok.prompt, ok.negative) == (["café 🦊", ""], "ü")
 
 
+def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node=2 sample.py: each process made every image (sample_00..03 for 2 prompts), their
+    bars drew over each other and each printed its own "saved to" line."""
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded"))
+    for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    args = ["--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path)]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(sd.UserError, match="run it with python, not torchrun"):      # process 0 says why
+        sample.main(args)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:                                     # the others: only a code
+        sample.main(args)
+    assert exit_info.value.code == 1 and capsys.readouterr() == ("", "") and not list(tmp_path.iterdir())
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path",
