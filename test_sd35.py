@@ -2674,6 +2674,22 @@ def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_pa
                                                         *(f"warning: sampling at step {n} failed" for n in (0, 2, 4))]
 
 
+def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, monkeypatch):
+    """A notebook keeps a failed train()'s traceback, and with it its progress bar: tqdm redrew that dead bar
+    ("training:  20%|... lr=1.00e+08") with every line of the next run, whose own bar came a line below it."""
+    make_dataset(tmp_path / "data")
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    sets = {"train.steps": 4, "sample.sample_every": 0}
+    with pytest.raises(sd.UserError, match="loss became") as failed:           # kept, as a notebook keeps it
+        sd.train(tiny_config(tmp_path, **sets, **{"train.lr": 1e8, "train.max_grad_norm": 0}))
+    screen.seek(0)
+    screen.truncate()
+    sd.train(tiny_config(tmp_path, **sets, output_dir=str(tmp_path / "again")))
+    assert failed.value and "e+08" not in screen.getvalue() and "\x1b[A" not in screen.getvalue(), screen.getvalue()
+
+
 def test_bf16_autocast_training_step_runs(tmp_path):
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
@@ -3232,6 +3248,22 @@ def test_sample_cli_refuses_a_prompt_that_is_not_utf8_before_loading(capsys):
         assert exit_info.value.code == 2 and "not UTF-8 text" in capsys.readouterr().err
     ok = sample.parse_args(["--model", "tiny", "--prompt", "café 🦊", "--prompt", "", "--negative", "ü"])
     assert (ok.prompt, ok.negative) == (["café 🦊", ""], "ü")
+
+
+def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node=2 sample.py: each process made every image (sample_00..03 for 2 prompts), their
+    bars drew over each other and each printed its own "saved to" line."""
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded"))
+    for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    args = ["--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path)]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(sd.UserError, match="run it with python, not torchrun"):      # process 0 says why
+        sample.main(args)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:                                     # the others: only a code
+        sample.main(args)
+    assert exit_info.value.code == 1 and capsys.readouterr() == ("", "") and not list(tmp_path.iterdir())
 
 
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
