@@ -2418,7 +2418,7 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, o
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        items = value if isinstance(value, list) else [] if value is None else [value]
+        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
         if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path

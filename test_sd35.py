@@ -1970,6 +1970,15 @@ def test_numpy_numbers_in_a_config_built_in_python_are_numbers():
         one_line_error(lambda: sd.validate(cfg), "'train.steps' must be a whole number")
 
 
+def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
+    """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
+    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
+    cfg = sd.Config()
+    cfg.sample.prompts = ("red stripes", "blue disc")
+    assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
+    assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
