@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1069  Data                             dataset scan, aspect buckets, the latent and text cache
-     1248  Training                         Trainer and the training loop
-     1497  Part 2: plumbing                 a reader can stop here
-     1504  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2053  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2704  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2840  Output Files                     atomic writes, the output_dir lock, loss.png
-     2960  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     1072  Data                             dataset scan, aspect buckets, the latent and text cache
+     1251  Training                         Trainer and the training loop
+     1500  Part 2: plumbing                 a reader can stop here
+     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2004  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2723  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2859  Output Files                     atomic writes, the output_dir lock, loss.png
+     2979  Several Processes (torchrun)     one all-reduce per step
+     3038  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1026,8 +1026,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
+    check_text_inputs(pipe, prompts, embeddings, s.cfg)
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
+    if not prompts:                                     # (the tokenizers fail on an empty batch)
+        return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
@@ -2492,6 +2495,22 @@ def check_seed(seed: int, images: int, name: str = "seed"):
     """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
     if not 0 <= seed <= 2**64 - images:
         raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
+
+
+def check_text_inputs(pipe: Pipeline, prompts: list[str], embeddings, cfg: float):
+    """generate()'s text: a Pipeline without text encoders (train() drops its own; a notebook may too, to free
+    memory) needs `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    if embeddings is None and pipe.text is None:
+        raise UserError("this Pipeline has no text encoders (pipe.text is None): pass embeddings=(cond, "
+                        "uncond) from TextEncoders.encode, or load the pipeline again")
+    if embeddings is None:
+        return
+    (context, _), uncond = embeddings
+    if len(context) != len(prompts):
+        raise UserError(f"embeddings for {len(context)} prompts, not {len(prompts)}: encode those prompts")
+    if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
+        raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
+                        f"(cond, uncond) or cfg=1")
 
 
 def validate(cfg: Config) -> Config:

@@ -557,6 +557,23 @@ def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
         torch.set_default_dtype(torch.float32)
 
 
+def test_generate_without_prompts_or_text_encoders_in_a_notebook():
+    """A notebook's generate(pipe, []) (a filtered prompt list came out empty) failed in the tokenizer with a bare
+    IndexError; a Pipeline whose text encoders were dropped (pipe.text = None, as train() drops its own, to free
+    memory) with an AttributeError on None; embeddings for another number of prompts with a bare size mismatch;
+    embeddings without the uncond half sampled without CFG, silently, whatever cfg asked for."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    assert sd.generate(pipe, [], settings=s, progress=False) == []
+    embeddings = (pipe.text.encode(["red"]), pipe.text.encode([""]))
+    pipe.text = None
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False), "no text encoders.*embeddings")
+    assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings)) == 1
+    one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=embeddings),
+                   "embeddings for 1 prompts, not 2")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(embeddings[0], None)),
+                   "no uncond")
+
+
 def test_generate_is_deterministic_per_seed_and_prompt():
     pipe = sd.tiny_pipeline()
     s = sd.SampleSettings(steps=3, width=32, height=32, seed=5)
