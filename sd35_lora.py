@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2004  Hub Downloads                    snapshot downloads, tokenizers
      2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2723  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2859  Output Files                     atomic writes, the output_dir lock, loss.png
-     2979  Several Processes (torchrun)     one all-reduce per step
-     3038  Command Line and the Tiny Model  main(), --tiny
+     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2724  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2860  Output Files                     atomic writes, the output_dir lock, loss.png
+     2980  Several Processes (torchrun)     one all-reduce per step
+     3039  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2277,6 +2277,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             accelerators = [] if device.index is None else [device.index]      # the CPU's is always forked
             with torch.random.fork_rng(accelerators, device_type=device.type):
                 wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]).requires_grad_(False)
+            wrapped.train(layer.training)                       # an eval() model's layers stay in eval
             _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)

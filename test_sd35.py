@@ -910,6 +910,17 @@ def test_an_unmerged_lora_leaves_the_global_seed_alone_and_loads_frozen(tmp_path
     assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_an_unmerged_lora_in_an_eval_model_is_in_eval_mode_too(tmp_path):
+    """load_lora(merge=False) on a loaded pipeline's MMDiT (in eval mode) left its new LoRALinear layers in train
+    mode: pipe.mmdit.training False, yet ~40 of its modules training (add_lora keeps the model's mode)."""
+    pipe = sd.load_pipeline("tiny", device="cpu")
+    trained = sd.tiny_pipeline().mmdit
+    sd.add_lora(trained, rank=4, targets="all")
+    sd.save_lora(trained, tmp_path / "a.safetensors")
+    sd.load_lora(pipe.mmdit, tmp_path / "a.safetensors", merge=False)
+    assert sd.lora_layers(pipe.mmdit) and not [name for name, m in pipe.mmdit.named_modules() if m.training]
+
+
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
