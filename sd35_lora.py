@@ -967,9 +967,9 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)      # float32 named: a caller's default dtype draws others
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-                      for s in seeds])
+    shape = (1, channels, height // 8, width // 8)      # named: a caller's default dtype/device draws others
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32,
+                                  device="cpu") for s in seeds])
 
 
 @dataclass
@@ -3059,7 +3059,7 @@ def tiny_tokenizer(t5: bool = False):
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    torch.manual_seed(0)
+    torch.random.default_generator.manual_seed(0)        # torch.manual_seed would reseed every GPU's too
     tok = tiny_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2,
                                  num_heads=4, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None

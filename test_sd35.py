@@ -545,6 +545,24 @@ def test_loading_the_tiny_model_and_sampling_leave_the_callers_random_numbers_al
     assert all(torch.equal(a, b) for a, b in zip(pipe.mmdit.state_dict().values(), again.mmdit.state_dict().values()))
 
 
+def test_loading_the_tiny_model_leaves_the_gpus_random_numbers_alone(monkeypatch):
+    """tiny_pipeline forks only the CPU's generator, but seeded with torch.manual_seed, which reseeds every GPU's
+    too: on a CUDA machine, load_pipeline("tiny") set the caller's CUDA random numbers back to seed 0."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    sd.load_pipeline("tiny", device="cpu")
+    assert reseeded == []
+
+
+def test_a_seed_gives_the_same_noise_whatever_the_callers_default_device():
+    """A notebook that set torch.set_default_device("cuda") drew the initial noise on that device with the CPU's
+    seeded generator (torch refuses a CPU generator for CUDA tensors); "meta" stands in for it here."""
+    expected = sd.initial_noise([3, 4], 16, 64, 64)
+    with torch.device("meta"):
+        noise = sd.initial_noise([3, 4], 16, 64, 64)
+    assert noise.device.type == "cpu" and torch.equal(noise, expected)
+
+
 def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
     """A notebook that set torch.set_default_dtype(torch.float64) drew the initial noise in float64: other
     numbers from the same seed, so another image than sample.py's and diffusers' for that seed."""
