@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2724  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2860  Output Files                     atomic writes, the output_dir lock, loss.png
-     2980  Several Processes (torchrun)     one all-reduce per step
-     3039  Command Line and the Tiny Model  main(), --tiny
+     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2864  Output Files                     atomic writes, the output_dir lock, loss.png
+     2984  Several Processes (torchrun)     one all-reduce per step
+     3043  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1026,7 +1026,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
-    check_text_inputs(pipe, prompts, embeddings, s.cfg)
+    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     if not prompts:                                     # (the tokenizers fail on an empty batch)
@@ -2498,9 +2498,13 @@ def check_seed(seed: int, images: int, name: str = "seed"):
         raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
 
 
-def check_text_inputs(pipe: Pipeline, prompts: list[str], embeddings, cfg: float):
-    """generate()'s text: a Pipeline without text encoders (train() drops its own; a notebook may too, to free
-    memory) needs `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
+    """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
+    Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
+    `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    if not (isinstance(negative, str) and all(isinstance(prompt, str) for prompt in prompts)):
+        raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
+                        f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
         raise UserError("this Pipeline has no text encoders (pipe.text is None): pass embeddings=(cond, "
                         "uncond) from TextEncoders.encode, or load the pipeline again")

@@ -592,6 +592,17 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
                    "no uncond")
 
 
+def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
+    """generate(pipe, prompts, negative=["blurry", "dark"]) (diffusers takes one negative per prompt) encoded the
+    list as one text pair, "blurry" + "dark", as every image's negative: other images, without a word. None or
+    bytes among the prompts failed in the tokenizer with a bare TypeError/ValueError."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    for prompts, negative in [(["red", "blue"], ["blurry", "dark"]), (["red"], None), (["red", None], ""),
+                              (b"red", "")]:
+        one_line_error(lambda: sd.generate(pipe, prompts, negative, settings=s, progress=False),
+                       "prompts and the negative prompt must be text")
+
+
 def test_generate_is_deterministic_per_seed_and_prompt():
     pipe = sd.tiny_pipeline()
     s = sd.SampleSettings(steps=3, width=32, height=32, seed=5)
