@@ -1448,7 +1448,7 @@ class Trainer:
             self.sample_images()
 
 
-@torch.enable_grad()                    # a notebook may have turned gradients off (set_grad_enabled(False))
+@torch.inference_mode(False)            # gradients on, where a notebook turned them off or ran inference_mode
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)

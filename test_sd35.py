@@ -1766,6 +1766,17 @@ def test_training_runs_where_the_caller_turned_gradients_off_and_leaves_them_off
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+def test_training_inside_inference_mode_trains(tmp_path):
+    """train() called inside `with torch.inference_mode():` (a notebook cell that sampled that way first) failed
+    after the models loaded and the cache was built, with torch's bare "Inference tensors cannot be saved for
+    backward": enable_grad() turns gradients on, not inference mode off."""
+    make_dataset(tmp_path / "data")
+    with torch.inference_mode():
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert torch.is_inference_mode_enabled()
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
