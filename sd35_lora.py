@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1069  Data                             dataset scan, aspect buckets, the latent and text cache
-     1248  Training                         Trainer and the training loop
-     1497  Part 2: plumbing                 a reader can stop here
-     1504  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2053  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2704  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2840  Output Files                     atomic writes, the output_dir lock, loss.png
-     2969  Several Processes (torchrun)     one all-reduce per step
-     3028  Command Line and the Tiny Model  main(), --tiny
+     1072  Data                             dataset scan, aspect buckets, the latent and text cache
+     1251  Training                         Trainer and the training loop
+     1500  Part 2: plumbing                 a reader can stop here
+     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2004  Hub Downloads                    snapshot downloads, tokenizers
+     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2864  Output Files                     atomic writes, the output_dir lock, loss.png
+     2993  Several Processes (torchrun)     one all-reduce per step
+     3052  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -967,9 +967,9 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)      # float32 named: a caller's default dtype draws others
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-                      for s in seeds])
+    shape = (1, channels, height // 8, width // 8)      # named: a caller's default dtype/device draws others
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32,
+                                  device="cpu") for s in seeds])
 
 
 @dataclass
@@ -1026,8 +1026,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
+    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
+    if not prompts:                                     # (the tokenizers fail on an empty batch)
+        return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
         pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
@@ -1445,7 +1448,7 @@ class Trainer:
             self.sample_images()
 
 
-@torch.enable_grad()                    # a notebook may have turned gradients off (set_grad_enabled(False))
+@torch.inference_mode(False)            # gradients on, where a notebook turned them off or ran inference_mode
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)
@@ -2274,6 +2277,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
             accelerators = [] if device.index is None else [device.index]      # the CPU's is always forked
             with torch.random.fork_rng(accelerators, device_type=device.type):
                 wrapped = LoRALinear(layer, rank=down.shape[0], alpha=down.shape[0]).requires_grad_(False)
+            wrapped.train(layer.training)                       # an eval() model's layers stay in eval
             _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
             wrapped.lora_down.weight.copy_(down)
             wrapped.lora_up.weight.copy_(up)
@@ -2418,7 +2422,7 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, o
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        items = value if isinstance(value, list) else [] if value is None else [value]
+        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
         if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path
@@ -2492,6 +2496,26 @@ def check_seed(seed: int, images: int, name: str = "seed"):
     """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
     if not 0 <= seed <= 2**64 - images:
         raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
+
+
+def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
+    """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
+    Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
+    `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    if not (isinstance(negative, str) and all(isinstance(prompt, str) for prompt in prompts)):
+        raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
+                        f"{prompts!r:.60} and {negative!r:.60}")
+    if embeddings is None and pipe.text is None:
+        raise UserError("this Pipeline has no text encoders (pipe.text is None): pass embeddings=(cond, "
+                        "uncond) from TextEncoders.encode, or load the pipeline again")
+    if embeddings is None:
+        return
+    (context, _), uncond = embeddings
+    if len(context) != len(prompts):
+        raise UserError(f"embeddings for {len(context)} prompts, not {len(prompts)}: encode those prompts")
+    if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
+        raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
+                        f"(cond, uncond) or cfg=1")
 
 
 def validate(cfg: Config) -> Config:
@@ -3048,7 +3072,7 @@ def tiny_tokenizer(t5: bool = False):
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    torch.manual_seed(0)
+    torch.random.default_generator.manual_seed(0)        # torch.manual_seed would reseed every GPU's too
     tok = tiny_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=96, num_layers=2,
                                  num_heads=4, eos_token_id=3, decoder_start_token_id=0)) if use_t5 else None

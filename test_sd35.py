@@ -545,6 +545,24 @@ def test_loading_the_tiny_model_and_sampling_leave_the_callers_random_numbers_al
     assert all(torch.equal(a, b) for a, b in zip(pipe.mmdit.state_dict().values(), again.mmdit.state_dict().values()))
 
 
+def test_loading_the_tiny_model_leaves_the_gpus_random_numbers_alone(monkeypatch):
+    """tiny_pipeline forks only the CPU's generator, but seeded with torch.manual_seed, which reseeds every GPU's
+    too: on a CUDA machine, load_pipeline("tiny") set the caller's CUDA random numbers back to seed 0."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    sd.load_pipeline("tiny", device="cpu")
+    assert reseeded == []
+
+
+def test_a_seed_gives_the_same_noise_whatever_the_callers_default_device():
+    """A notebook that set torch.set_default_device("cuda") drew the initial noise on that device with the CPU's
+    seeded generator (torch refuses a CPU generator for CUDA tensors); "meta" stands in for it here."""
+    expected = sd.initial_noise([3, 4], 16, 64, 64)
+    with torch.device("meta"):
+        noise = sd.initial_noise([3, 4], 16, 64, 64)
+    assert noise.device.type == "cpu" and torch.equal(noise, expected)
+
+
 def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
     """A notebook that set torch.set_default_dtype(torch.float64) drew the initial noise in float64: other
     numbers from the same seed, so another image than sample.py's and diffusers' for that seed."""
@@ -555,6 +573,34 @@ def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
         assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), plain)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_generate_without_prompts_or_text_encoders_in_a_notebook():
+    """A notebook's generate(pipe, []) (a filtered prompt list came out empty) failed in the tokenizer with a bare
+    IndexError; a Pipeline whose text encoders were dropped (pipe.text = None, as train() drops its own, to free
+    memory) with an AttributeError on None; embeddings for another number of prompts with a bare size mismatch;
+    embeddings without the uncond half sampled without CFG, silently, whatever cfg asked for."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    assert sd.generate(pipe, [], settings=s, progress=False) == []
+    embeddings = (pipe.text.encode(["red"]), pipe.text.encode([""]))
+    pipe.text = None
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False), "no text encoders.*embeddings")
+    assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings)) == 1
+    one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=embeddings),
+                   "embeddings for 1 prompts, not 2")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(embeddings[0], None)),
+                   "no uncond")
+
+
+def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
+    """generate(pipe, prompts, negative=["blurry", "dark"]) (diffusers takes one negative per prompt) encoded the
+    list as one text pair, "blurry" + "dark", as every image's negative: other images, without a word. None or
+    bytes among the prompts failed in the tokenizer with a bare TypeError/ValueError."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    for prompts, negative in [(["red", "blue"], ["blurry", "dark"]), (["red"], None), (["red", None], ""),
+                              (b"red", "")]:
+        one_line_error(lambda: sd.generate(pipe, prompts, negative, settings=s, progress=False),
+                       "prompts and the negative prompt must be text")
 
 
 def test_generate_is_deterministic_per_seed_and_prompt():
@@ -891,6 +937,17 @@ def test_an_unmerged_lora_leaves_the_global_seed_alone_and_loads_frozen(tmp_path
     assert not [name for name, p in model.named_parameters() if p.requires_grad]
     trained = sd.add_lora(model, rank=2, targets=r"attn\.qkv$")
     assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_an_unmerged_lora_in_an_eval_model_is_in_eval_mode_too(tmp_path):
+    """load_lora(merge=False) on a loaded pipeline's MMDiT (in eval mode) left its new LoRALinear layers in train
+    mode: pipe.mmdit.training False, yet ~40 of its modules training (add_lora keeps the model's mode)."""
+    pipe = sd.load_pipeline("tiny", device="cpu")
+    trained = sd.tiny_pipeline().mmdit
+    sd.add_lora(trained, rank=4, targets="all")
+    sd.save_lora(trained, tmp_path / "a.safetensors")
+    sd.load_lora(pipe.mmdit, tmp_path / "a.safetensors", merge=False)
+    assert sd.lora_layers(pipe.mmdit) and not [name for name, m in pipe.mmdit.named_modules() if m.training]
 
 
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
@@ -1709,6 +1766,17 @@ def test_training_runs_where_the_caller_turned_gradients_off_and_leaves_them_off
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+def test_training_inside_inference_mode_trains(tmp_path):
+    """train() called inside `with torch.inference_mode():` (a notebook cell that sampled that way first) failed
+    after the models loaded and the cache was built, with torch's bare "Inference tensors cannot be saved for
+    backward": enable_grad() turns gradients on, not inference mode off."""
+    make_dataset(tmp_path / "data")
+    with torch.inference_mode():
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert torch.is_inference_mode_enabled()
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
@@ -1968,6 +2036,15 @@ def test_numpy_numbers_in_a_config_built_in_python_are_numbers():
     for value in (np.float64("nan"), np.float64(1.5), np.bool_(True), True):
         cfg.train.steps = value
         one_line_error(lambda: sd.validate(cfg), "'train.steps' must be a whole number")
+
+
+def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
+    """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
+    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
+    cfg = sd.Config()
+    cfg.sample.prompts = ("red stripes", "blue disc")
+    assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
+    assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
 
 
 def test_fractions_above_1_are_refused_before_any_model_loads():
