@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1069  Data                             dataset scan, aspect buckets, the latent and text cache
      1248  Training                         Trainer and the training loop
-     1497  Part 2: plumbing                 a reader can stop here
-     1504  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2053  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2284  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2704  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2840  Output Files                     atomic writes, the output_dir lock, loss.png
-     2960  Several Processes (torchrun)     one all-reduce per step
-     3019  Command Line and the Tiny Model  main(), --tiny
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2002  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2705  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2841  Output Files                     atomic writes, the output_dir lock, loss.png
+     2961  Several Processes (torchrun)     one all-reduce per step
+     3020  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1454,8 +1454,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
-        every = cfg.sample.sample_every
-        skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
+        every, made = cfg.sample.sample_every, tr.out.glob(f"samples_step_{tr.step:06d}/*.png")
+        due = every and tr.step % every == 0 or tr.step == tc.steps      # a sample step's, or the last's
+        skipped = due and len(list(made)) < len(cfg.sample.prompts)     # a killed run may have made some
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True, disable=tr.rank > 0)
