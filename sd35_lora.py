@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1069  Data                             dataset scan, aspect buckets, the latent and text cache
      1248  Training                         Trainer and the training loop
-     1498  Part 2: plumbing                 a reader can stop here
-     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2002  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2705  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2841  Output Files                     atomic writes, the output_dir lock, loss.png
-     2961  Several Processes (torchrun)     one all-reduce per step
-     3020  Command Line and the Tiny Model  main(), --tiny
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2706  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2842  Output Files                     atomic writes, the output_dir lock, loss.png
+     2962  Several Processes (torchrun)     one all-reduce per step
+     3021  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1321,7 +1321,8 @@ class Trainer:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                             "a hub id or 'tiny'")
         if resume and not self.state_path.is_file():
-            raise UserError(f"--resume: no {self.state_path} to resume from")
+            raise UserError(f"--resume: no {self.state_path} to resume from (no checkpoint yet, or another "
+                            f"output_dir?): start the run anew without --resume, in an empty output_dir")
         resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())

@@ -2123,6 +2123,15 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
         sd.train(tiny_config(tmp_path))                            # "empty it" deleted the trained LoRA
 
 
+def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
+    """A run killed before its first checkpoint (during the caching or the step-0 previews): --resume answered
+    only "no .../training_state.safetensors to resume from", and left the user to guess the next command."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    with pytest.raises(sd.UserError, match="to resume from .*: start the run anew without --resume, in an empty"):
+        sd.train(tiny_config(tmp_path), resume=True)
+
+
 def test_an_output_dir_holding_the_dataset_is_not_to_be_emptied(tmp_path):
     """output_dir set to the image folder (or a folder above it, '.'): the error said 'empty it', which deletes the
     user's images; it names the dataset and asks for another output_dir."""
