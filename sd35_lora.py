@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1072  Data                             dataset scan, aspect buckets, the latent and text cache
      1251  Training                         Trainer and the training loop
-     1500  Part 2: plumbing                 a reader can stop here
-     1507  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2004  Hub Downloads                    snapshot downloads, tokenizers
-     2056  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2414  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2864  Output Files                     atomic writes, the output_dir lock, loss.png
-     2993  Several Processes (torchrun)     one all-reduce per step
-     3052  Command Line and the Tiny Model  main(), --tiny
+     1499  Part 2: plumbing                 a reader can stop here
+     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2003  Hub Downloads                    snapshot downloads, tokenizers
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2866  Output Files                     atomic writes, the output_dir lock, loss.png
+     2995  Several Processes (torchrun)     one all-reduce per step
+     3054  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1323,8 +1323,6 @@ class Trainer:
         if not cfg.model:
             raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                             "a hub id or 'tiny'")
-        if resume and not self.state_path.is_file():
-            raise UserError(f"--resume: no {self.state_path} to resume from")
         resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
         # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
         earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
@@ -1457,8 +1455,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
-        every = cfg.sample.sample_every
-        skipped = every and tr.step % every == 0 and not (tr.out / f"samples_step_{tr.step:06d}").is_dir()
+        every, made = cfg.sample.sample_every, tr.out.glob(f"samples_step_{tr.step:06d}/*.png")
+        due = every and tr.step % every == 0 or tr.step == tc.steps      # a sample step's, or the last's
+        skipped = due and len(list(made)) < len(cfg.sample.prompts)     # a killed run may have made some
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = training_bar(tr)                          # end_training closes it after an error too
@@ -2690,6 +2689,9 @@ def drop_log_lines_after(log: Path, step: int):
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     """Before any model loads: refuse config changes that alter what the training state `path` means.
     -> the trajectory changes so far and its header."""
+    if not path.is_file():
+        raise UserError(f"--resume: no {path} to resume from (no checkpoint yet, or another output_dir?): "
+                        f"start the run anew without --resume, in an empty output_dir")
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

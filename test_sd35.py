@@ -1727,6 +1727,32 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
+@pytest.mark.parametrize("sample_every, killed_at", [(2, 2), (0, 3)])      # a sample_every step, the last step
+def test_a_run_killed_during_its_previews_gets_them_all_on_resume(tmp_path, monkeypatch, sample_every, killed_at):
+    """SIGKILL (the OOM killer, a scheduler) while a sample step's previews were written left that step's folder
+    with some (or none: _atomic_save makes it first) of them; --resume took the folder as made and never wrote
+    the rest, nor that step's loss.png; a last step's previews it never made under any sample_every. Killed
+    in-process: an exception nothing catches, raised in place of the second image's write."""
+    class Killed(BaseException):
+        pass
+    make_dataset(tmp_path / "data")
+    real_save = sd._atomic_save
+    second = tmp_path / f"run/samples_step_{killed_at:06d}/step_{killed_at:06d}_sample_01.png"
+
+    def killed_at_the_second_preview(data, path, *args, **kwargs):
+        if Path(path) == second:
+            raise Killed
+        return real_save(data, path, *args, **kwargs)
+    monkeypatch.setattr(sd, "_atomic_save", killed_at_the_second_preview)
+    run = {"train.steps": 3, "train.save_every": 1, "sample.sample_every": sample_every}
+    with pytest.raises(Killed):
+        sd.train(tiny_config(tmp_path, **run))
+    assert not second.exists() and second.with_name(f"step_{killed_at:06d}_sample_00.png").is_file()
+    monkeypatch.setattr(sd, "_atomic_save", real_save)
+    sd.train(tiny_config(tmp_path, **run), resume=True)
+    assert second.is_file() and len(losses(tmp_path / "run")) == 3
+
+
 def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
     """A web UI or a notebook widget runs train() (or main()) in a worker thread, where Python refuses to set
     signal handlers: it failed with "signal only works in main thread", after the models loaded and the cache
@@ -2172,6 +2198,15 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
     (tmp_path / "run" / "lora.safetensors").write_bytes(b"")      # its training state deleted to save space:
     with pytest.raises(sd.UserError, match="holds LoRA files but no training state: move them away or choose"):
         sd.train(tiny_config(tmp_path))                            # "empty it" deleted the trained LoRA
+
+
+def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
+    """A run killed before its first checkpoint (during the caching or the step-0 previews): --resume answered
+    only "no .../training_state.safetensors to resume from", and left the user to guess the next command."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    with pytest.raises(sd.UserError, match="to resume from .*: start the run anew without --resume, in an empty"):
+        sd.train(tiny_config(tmp_path), resume=True)
 
 
 def test_an_output_dir_holding_the_dataset_is_not_to_be_emptied(tmp_path):
