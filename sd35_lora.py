@@ -1455,9 +1455,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
-        every, made = cfg.sample.sample_every, tr.out.glob(f"samples_step_{tr.step:06d}/*.png")
+        every, made = cfg.sample.sample_every, len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))
         due = every and tr.step % every == 0 or tr.step == tc.steps      # a sample step's, or the last's
-        skipped = due and len(list(made)) < len(cfg.sample.prompts)     # a killed run may have made some
+        skipped = due and made < len(cfg.sample.prompts)                # a killed run may have made some
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
         bar = training_bar(tr)                          # end_training closes it after an error too
