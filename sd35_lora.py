@@ -2424,7 +2424,7 @@ def _coerce(value, default, key: str):
         items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
-        if isinstance(value, (dict, list)):             # never its Python repr as a prompt or a path
+        if isinstance(value, (dict, list, tuple)):           # never its Python repr as a prompt or a path
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
         text = "" if value is None else str(value)

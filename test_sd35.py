@@ -2071,6 +2071,8 @@ def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     cfg.sample.prompts = ("red stripes", "blue disc")
     assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
     assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
+    cfg.model = ("tiny",)                                          # a text key: refused, not its repr as a path
+    one_line_error(lambda: sd.validate(cfg), r"config key 'model' must be text, got \('tiny',\)")
 
 
 def test_fractions_above_1_are_refused_before_any_model_loads():
