@@ -133,7 +133,9 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
 
 def main(argv=None) -> list[Path]:
     args, (rank, world) = parse_args(argv), sd.rank_and_world()
-    if world > 1:           # torchrun: each process made every image, with its own bar and "saved to" line
+    # torchrun: each process made every image, with its own bar and "saved to" line (a WORLD_SIZE that a
+    # cluster exports, without torchrun's MASTER_ADDR, is no torchrun: it runs as ever)
+    if world > 1 and "MASTER_ADDR" in os.environ:
         raise sd.UserError("sample.py makes all its images in one process, on one GPU: run it with python, "
                            "not torchrun (--device cuda:N picks the GPU)") if rank == 0 else SystemExit(1)
     trained = trained_settings(args.lora, args.t5_length)

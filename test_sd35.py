@@ -3378,6 +3378,10 @@ def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_
     with pytest.raises(SystemExit) as exit_info:                                     # the others: only a code
         sample.main(args)
     assert exit_info.value.code == 1 and capsys.readouterr() == ("", "") and not list(tmp_path.iterdir())
+    monkeypatch.undo()                                          # the models load again
+    monkeypatch.setenv("WORLD_SIZE", "2")                       # a WORLD_SIZE a cluster exports, no torchrun:
+    monkeypatch.delenv("MASTER_ADDR", raising=False)            # sample.py runs as ever
+    assert len(sample.main([*args, "--width", "32", "--height", "32", "--steps", "1"])) == 1
 
 
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
