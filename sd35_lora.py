@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2866  Output Files                     atomic writes, the output_dir lock, loss.png
-     2995  Several Processes (torchrun)     one all-reduce per step
-     3054  Command Line and the Tiny Model  main(), --tiny
+     2988  Several Processes (torchrun)     one all-reduce per step
+     3047  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1460,7 +1460,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         skipped = due and made < len(cfg.sample.prompts)                # a killed run may have made some
         if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
             tr.sample_images()                          # baseline before any update, or the skipped ones
-        bar = training_bar(tr)                          # end_training closes it after an error too
+        tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
+                            disable=tr.rank > 0)        # end_training closes it, after an error too
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
@@ -1482,7 +1483,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
             tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
-        bar.close()
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
@@ -2933,19 +2933,12 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
     return trainer
 
 
-def training_bar(trainer: Trainer) -> tqdm:
-    """train()'s progress bar (process 0 draws it), kept on the trainer for end_training to close."""
-    trainer.bar = tqdm(total=trainer.cfg.train.steps, initial=trainer.step, desc="training",
-                       dynamic_ncols=True, disable=trainer.rank > 0)
-    return trainer.bar
-
-
 def end_training(trainer: Trainer, previous: dict):
     """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
     memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
     error: the next run (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
     restore_signals(previous)
-    if getattr(trainer, "bar", None):   # a failed run's: a notebook keeps it in the traceback, and tqdm then
+    if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
         trainer.lock.close()
