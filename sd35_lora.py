@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2003  Hub Downloads                    snapshot downloads, tokenizers
      2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2866  Output Files                     atomic writes, the output_dir lock, loss.png
-     2988  Several Processes (torchrun)     one all-reduce per step
-     3047  Command Line and the Tiny Model  main(), --tiny
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2729  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2865  Output Files                     atomic writes, the output_dir lock, loss.png
+     2987  Several Processes (torchrun)     one all-reduce per step
+     3046  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2070,8 +2070,7 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(float(layer.alpha))})
         else:                                                    # diffusers
-            up = up * (layer.alpha / layer.rank)
-            up = swap_modulation(up, name, model.cfg.depth)
+            up = swap_modulation(up * (layer.alpha / layer.rank), name, model.cfg.depth)
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
