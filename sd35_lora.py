@@ -1782,10 +1782,10 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     try:
         if any(k.startswith("decoder.up_blocks.") for k in sd):              # diffusers names
             sd = vae_from_diffusers(sd)
-        c = cfg = VAEConfig.from_state_dict(sd, **overrides)
-        sizes = (c.ch, c.num_res_blocks, c.latent_channels, c.groups, *c.ch_mult)   # groups 32.0: no model
-        if any(type(v) is not int or v < 1 for v in sizes) or c.ch % c.groups:
-            raise ValueError(f"sizes of no SD3 VAE: {c}")
+        cfg = VAEConfig.from_state_dict(sd, **overrides)
+        sizes = (cfg.ch, cfg.num_res_blocks, cfg.latent_channels, cfg.groups, *cfg.ch_mult)
+        if any(type(v) is not int or v < 1 for v in sizes) or cfg.ch % cfg.groups:  # groups 32.0: no model
+            raise ValueError(f"sizes of no SD3 VAE: {cfg}")
     except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: bad SD3 VAE weights ({type(e).__name__}: {e}); download again") from None
     return _build(VAE, cfg, sd, "VAE", path, device, dtype)
