@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1251  Training                         Trainer and the training loop
      1499  Part 2: plumbing                 a reader can stop here
      1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2003  Hub Downloads                    snapshot downloads, tokenizers
-     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2729  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2865  Output Files                     atomic writes, the output_dir lock, loss.png
-     2987  Several Processes (torchrun)     one all-reduce per step
-     3046  Command Line and the Tiny Model  main(), --tiny
+     2002  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2864  Output Files                     atomic writes, the output_dir lock, loss.png
+     2986  Several Processes (torchrun)     one all-reduce per step
+     3045  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1924,12 +1924,11 @@ def pick_device(name: str = "auto") -> torch.device:
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     try:
         device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in count:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if (device.index or 0) >= count[device.type]:       # else a bare error at the first tensor moved there
-        raise UserError(f"device {name} asked for, but this torch sees {count[device.type]} {device.type} "
+        available = count[device.type]
+    except (RuntimeError, KeyError):                    # no device name, or a type no run here can use
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
+        raise UserError(f"device {name} asked for, but this torch sees {available} {device.type} "
                         f"device(s); use --device cpu, or (torchrun) at most one process per GPU",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
