@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1072  Data                             dataset scan, aspect buckets, the latent and text cache
-     1251  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2003  Hub Downloads                    snapshot downloads, tokenizers
-     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2866  Output Files                     atomic writes, the output_dir lock, loss.png
-     2988  Several Processes (torchrun)     one all-reduce per step
-     3047  Command Line and the Tiny Model  main(), --tiny
+     1071  Data                             dataset scan, aspect buckets, the latent and text cache
+     1250  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2002  Hub Downloads                    snapshot downloads, tokenizers
+     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2886  Output Files                     atomic writes, the output_dir lock, loss.png
+     3008  Several Processes (torchrun)     one all-reduce per step
+     3067  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1024,11 +1024,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     the text encoders."""
     from PIL import Image
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
-    s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
+    settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
+    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
-    if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
-        raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -2442,11 +2441,15 @@ def _coerce(value, default, key: str):
         with contextlib.suppress(ValueError):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
-    kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy's too (notebooks)
-    if not number or not math.isfinite(value) or kind == "whole" and value % 1:
-        raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
-    return type(default)(value)
+    return read_number(value, isinstance(default, int), f"config key '{key}'")
+
+
+def read_number(value, whole: bool, name: str) -> int | float:
+    """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or whole and value % 1:
+        raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r}")
+    return int(value) if whole else float(value)
 
 
 def _fill(obj, data: dict, prefix: str = ""):
@@ -2515,6 +2518,23 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
+
+
+def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[SampleSettings, int]:
+    """generate()'s settings and batch_size from Python, their numbers read as a config file's: text, None
+    where no preset stands in, or a dict is a one-line error, not a TypeError from deep inside torch."""
+    if not isinstance(settings, (SampleSettings, type(None))):
+        raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
+                        f"SampleSettings(**a_dict), not a {type(settings).__name__}")
+    settings, plain = settings or SampleSettings(), {}
+    for f in dataclasses.fields(settings):        # f.type: the annotation's text, e.g. "int | None"
+        value, kind = getattr(settings, f.name), f.type.split(" ")[0]
+        if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
+            plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    batch_size = read_number(batch_size, True, "batch_size")
+    if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
+        raise UserError(f"batch_size must be 1 or more, not {batch_size}")
+    return dataclasses.replace(settings, **plain), batch_size
 
 
 def validate(cfg: Config) -> Config:

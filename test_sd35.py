@@ -625,6 +625,29 @@ def test_generate_takes_one_prompt_given_as_text():
         sd.generate(pipe, "red disc", settings=s, progress=False, batch_size=0)
 
 
+def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
+    """From Python, SampleSettings(steps="20"), width="512", seed=None, settings={"steps": 20} (a dict) or
+    batch_size="2" failed deep inside with bare TypeErrors (torch.linspace, check_size's %, range()). Their numbers
+    are read as a config file's: numpy's, and a whole float (steps=20.0, batch_size=2.0: a TypeError too) as an int."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    for wrong, error in [({"steps": "2"}, "settings.steps must be a whole number, got '2'"),
+                         ({"steps": 2.5}, "settings.steps must be a whole number, got 2.5"),
+                         ({"steps": True}, "settings.steps must be a whole number, got True"),
+                         ({"width": "32"}, "settings.width must be a whole number, got '32'"),
+                         ({"seed": None}, "settings.seed must be a whole number, got None"),
+                         ({"cfg": "4"}, "settings.cfg must be a finite number, got '4'")]:
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, **wrong), progress=False),
+                       error)
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings={"steps": 2}, progress=False),
+                   r"settings must be a SampleSettings.*SampleSettings\(\*\*a_dict\), not a dict")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, batch_size="2", progress=False),
+                   "batch_size must be a whole number, got '2'")
+    plain = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
+    numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
+    assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
+                          plain)
+
+
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
     """CLIP reads 77 tokens and T5 t5_length: the rest of a longer prompt was dropped without a word (diffusers
     warns). One line with a count, not a line per prompt or caption."""
