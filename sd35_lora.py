@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2886  Output Files                     atomic writes, the output_dir lock, loss.png
-     3008  Several Processes (torchrun)     one all-reduce per step
-     3067  Command Line and the Tiny Model  main(), --tiny
+     2751  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2887  Output Files                     atomic writes, the output_dir lock, loss.png
+     3009  Several Processes (torchrun)     one all-reduce per step
+     3068  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2434,6 +2434,7 @@ def _coerce(value, default, key: str):
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
+        value = bool(value) if type(value).__name__ in ("bool", "bool_") else value  # numpy's (1.x: bool_)
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value

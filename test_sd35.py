@@ -2087,6 +2087,17 @@ def test_numpy_numbers_in_a_config_built_in_python_are_numbers():
         one_line_error(lambda: sd.validate(cfg), "'train.steps' must be a whole number")
 
 
+def test_numpy_bools_in_a_config_built_in_python_are_true_or_false():
+    """cfg.dataset.flip = np.bool_(True) in a notebook (a comparison of numpy numbers, e.g. np.mean(...) > 0.5) was
+    refused by train(): "config key 'dataset.flip' must be true or false, got np.True_", numpy's numbers taken."""
+    cfg = sd.Config()
+    cfg.dataset.flip, cfg.use_t5 = np.float64(0.7) > 0.5, np.bool_(False)
+    checked = sd.validate(cfg)
+    assert checked.dataset.flip is True and checked.use_t5 is False         # Python's: the checkpoint's JSON
+    cfg.use_t5 = np.int64(1)                                    # a number is still no true or false
+    one_line_error(lambda: sd.validate(cfg), "config key 'use_t5' must be true or false, got np.int64\\(1\\)")
+
+
 def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
     repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
