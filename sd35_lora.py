@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2751  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2887  Output Files                     atomic writes, the output_dir lock, loss.png
      3009  Several Processes (torchrun)     one all-reduce per step
-     3068  Command Line and the Tiny Model  main(), --tiny
+     3072  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3017,8 +3017,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
-    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch, and warn when no
-    aspect bucket (`buckets`: the images') fills it, as a step's images share one bucket. -> (rank, world)"""
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch; warn where no
+    aspect bucket (`buckets`: the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -3032,6 +3032,10 @@ def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[
         print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest holds {most}); "
               f"a step's images share one bucket, so steps train on {most} or fewer: lower the global batch "
               f"(batch_size x grad_accum x processes) or add images", file=sys.stderr)
+    if tc.warmup_steps > tc.steps and rank == 0:    # e.g. --set train.steps=20 with the default 50: warned
+        print(f"warning: train.warmup_steps {tc.warmup_steps} is more than train.steps {tc.steps}: the lr "
+              f"peaks at {get_lr(tc.steps - 1, tc):.3g}, not train.lr {tc.lr:g}; lower train.warmup_steps "
+              f"(e.g. --set train.warmup_steps={tc.steps // 10})", file=sys.stderr)
     return rank, world
 
 

@@ -2791,6 +2791,24 @@ def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys, monke
     assert "global batch 8 = 2 processes" in out and not err
 
 
+def test_a_warmup_longer_than_the_run_is_warned(tmp_path, capsys, monkeypatch):
+    """--set train.steps=20 with the default warmup_steps 50 ended inside the warmup without a word: lr never came
+    above 20/50 of train.lr. Warned (by process 0), not refused: a short trial run is a fair thing to ask for."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 20, "train.warmup_steps": 50, "train.lr": 1e-4})
+    sd.init_distributed(cfg)
+    assert capsys.readouterr().err == ("warning: train.warmup_steps 50 is more than train.steps 20: the lr peaks "
+                                       "at 4e-05, not train.lr 0.0001; lower train.warmup_steps (e.g. --set "
+                                       "train.warmup_steps=2)\n")
+    for steps, warmup in ((20, 20), (20, 0)):           # at 20 of 20 the last step has train.lr
+        sd.init_distributed(tiny_config(tmp_path, **{"train.steps": steps, "train.warmup_steps": warmup}))
+        assert capsys.readouterr().err == ""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # torchrun's process 1: process 0 warns for all
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *args, **kwargs: None)
+    sd.init_distributed(cfg)
+    assert capsys.readouterr().err == ""
+
+
 def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_path, monkeypatch):
     """In a terminal (stdout and stderr on one screen), "saved ...", the loss by sigma bin, "sample: ..." and the
     warnings met while a progress bar is up were written after the bar's text: "training:  50%|...]saved ..."."""
