@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1498  Part 2: plumbing                 a reader can stop here
      1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2002  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2751  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2887  Output Files                     atomic writes, the output_dir lock, loss.png
-     3009  Several Processes (torchrun)     one all-reduce per step
-     3072  Command Line and the Tiny Model  main(), --tiny
+     2055  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2756  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2892  Output Files                     atomic writes, the output_dir lock, loss.png
+     3014  Several Processes (torchrun)     one all-reduce per step
+     3077  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2031,6 +2031,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     None without `download`."""
     if os.path.exists(name):
         return Path(name)
+    name = str(name)                                        # a Path from Python
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
@@ -2256,6 +2257,8 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 @torch.no_grad()
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
+    if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
+        raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
     adapters = read_lora(model, path)                      # validates everything before touching the model
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
@@ -2541,6 +2544,8 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run. -> a copy, its values read
     as a config file's: a Config made in Python may hold Path objects (the checkpoint's JSON refused them)."""
+    if not isinstance(cfg, Config):                    # e.g. train("config.yaml"): asdict's bare TypeError
+        raise UserError(f"train() takes a Config, e.g. load_config('config.yaml'), not {cfg!r:.60}")
     cfg = _fill(type(cfg)(), dataclasses.asdict(cfg))
     flat = flat_config(cfg)
     for key, options in CHOICES.items():

@@ -2109,6 +2109,22 @@ def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     one_line_error(lambda: sd.validate(cfg), r"config key 'model' must be text, got \('tiny',\)")
 
 
+def test_library_calls_given_the_wrong_object_say_what_to_pass(tmp_path):
+    """train("config.yaml") (a path, not a Config) failed in dataclasses.asdict with a bare TypeError;
+    load_lora(pipe, path) (the Pipeline, as diffusers' pipe.load_lora_weights) with "'Pipeline' object has no
+    attribute 'cfg'"; load_pipeline(Path("mistyped.safetensors")) with "'PosixPath' object has no attribute
+    'endswith'" where a str said "model not found"."""
+    one_line_error(lambda: sd.train("config.yaml"),
+                   r"train\(\) takes a Config.*load_config\('config.yaml'\), not 'config")
+    pipe, trained, lora = sd.tiny_pipeline(), sd.tiny_pipeline().mmdit, tmp_path / "lora.safetensors"
+    sd.add_lora(trained, rank=4)
+    sd.save_lora(trained, lora)
+    one_line_error(lambda: sd.load_lora(pipe, lora), r"the MMDiT \(pipe.mmdit\), not a Pipeline")
+    assert sd.load_lora(pipe.mmdit, lora) > 0
+    one_line_error(lambda: sd.load_pipeline(tmp_path / "missing.safetensors", device="cpu"),
+                   "model not found: .*missing")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
