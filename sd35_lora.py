@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1072  Data                             dataset scan, aspect buckets, the latent and text cache
-     1251  Training                         Trainer and the training loop
-     1499  Part 2: plumbing                 a reader can stop here
-     1506  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2002  Hub Downloads                    snapshot downloads, tokenizers
+     1071  Data                             dataset scan, aspect buckets, the latent and text cache
+     1250  Training                         Trainer and the training loop
+     1498  Part 2: plumbing                 a reader can stop here
+     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2001  Hub Downloads                    snapshot downloads, tokenizers
      2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2285  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2864  Output Files                     atomic writes, the output_dir lock, loss.png
-     2986  Several Processes (torchrun)     one all-reduce per step
-     3045  Command Line and the Tiny Model  main(), --tiny
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2890  Output Files                     atomic writes, the output_dir lock, loss.png
+     3012  Several Processes (torchrun)     one all-reduce per step
+     3075  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1024,11 +1024,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     the text encoders."""
     from PIL import Image
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
-    s = (settings or SampleSettings()).resolved(pipe.variant, pipe.mmdit.cfg.depth)
+    settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
+    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_seed(s.seed, len(prompts))
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
-    if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
-        raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -2031,6 +2030,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     None without `download`."""
     if os.path.exists(name):
         return Path(name)
+    name = str(name)                                        # a Path from Python
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
@@ -2255,6 +2255,8 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
 @torch.no_grad()
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count."""
+    if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
+        raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
     adapters = read_lora(model, path)                      # validates everything before touching the model
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
@@ -2433,6 +2435,7 @@ def _coerce(value, default, key: str):
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
+        value = bool(value) if type(value).__name__ in ("bool", "bool_") else value  # numpy's (1.x: bool_)
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' must be true or false, got {value!r}")
         return value
@@ -2440,11 +2443,15 @@ def _coerce(value, default, key: str):
         with contextlib.suppress(ValueError):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
-    kind = "whole" if isinstance(default, int) else "finite"       # NaN (and True) would pass every `<` check
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy's too (notebooks)
-    if not number or not math.isfinite(value) or kind == "whole" and value % 1:
-        raise UserError(f"config key '{key}' must be a {kind} number, got {value!r}")
-    return type(default)(value)
+    return read_number(value, isinstance(default, int), f"config key '{key}'")
+
+
+def read_number(value, whole: bool, name: str) -> int | float:
+    """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or whole and value % 1:
+        raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r}")
+    return int(value) if whole else float(value)
 
 
 def _fill(obj, data: dict, prefix: str = ""):
@@ -2515,9 +2522,28 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
+def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[SampleSettings, int]:
+    """generate()'s settings and batch_size from Python, their numbers read as a config file's: text, None
+    where no preset stands in, or a dict is a one-line error, not a TypeError from deep inside torch."""
+    if not isinstance(settings, (SampleSettings, type(None))):
+        raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
+                        f"SampleSettings(**a_dict), not a {type(settings).__name__}")
+    settings, plain = settings or SampleSettings(), {}
+    for f in dataclasses.fields(settings):        # f.type: the annotation's text, e.g. "int | None"
+        value, kind = getattr(settings, f.name), f.type.split(" ")[0]
+        if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
+            plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    batch_size = read_number(batch_size, True, "batch_size")
+    if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
+        raise UserError(f"batch_size must be 1 or more, not {batch_size}")
+    return dataclasses.replace(settings, **plain), batch_size
+
+
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run. -> a copy, its values read
     as a config file's: a Config made in Python may hold Path objects (the checkpoint's JSON refused them)."""
+    if not isinstance(cfg, Config):                    # e.g. train("config.yaml"): asdict's bare TypeError
+        raise UserError(f"train() takes a Config, e.g. load_config('config.yaml'), not {cfg!r:.60}")
     cfg = _fill(type(cfg)(), dataclasses.asdict(cfg))
     flat = flat_config(cfg)
     for key, options in CHOICES.items():
@@ -2994,8 +3020,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
-    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch, and warn when no
-    aspect bucket (`buckets`: the images') fills it, as a step's images share one bucket. -> (rank, world)"""
+    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch; warn where no
+    aspect bucket (`buckets`: the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
     (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -3009,6 +3035,10 @@ def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[
         print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest holds {most}); "
               f"a step's images share one bucket, so steps train on {most} or fewer: lower the global batch "
               f"(batch_size x grad_accum x processes) or add images", file=sys.stderr)
+    if tc.warmup_steps > tc.steps and rank == 0:    # e.g. --set train.steps=20 with the default 50: warned
+        print(f"warning: train.warmup_steps {tc.warmup_steps} is more than train.steps {tc.steps}: the lr "
+              f"peaks at {get_lr(tc.steps - 1, tc):.3g}, not train.lr {tc.lr:g}; lower train.warmup_steps "
+              f"(e.g. --set train.warmup_steps={tc.steps // 10})", file=sys.stderr)
     return rank, world
 
 

@@ -625,6 +625,29 @@ def test_generate_takes_one_prompt_given_as_text():
         sd.generate(pipe, "red disc", settings=s, progress=False, batch_size=0)
 
 
+def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
+    """From Python, SampleSettings(steps="20"), width="512", seed=None, settings={"steps": 20} (a dict) or
+    batch_size="2" failed deep inside with bare TypeErrors (torch.linspace, check_size's %, range()). Their numbers
+    are read as a config file's: numpy's, and a whole float (steps=20.0, batch_size=2.0: a TypeError too) as an int."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    for wrong, error in [({"steps": "2"}, "settings.steps must be a whole number, got '2'"),
+                         ({"steps": 2.5}, "settings.steps must be a whole number, got 2.5"),
+                         ({"steps": True}, "settings.steps must be a whole number, got True"),
+                         ({"width": "32"}, "settings.width must be a whole number, got '32'"),
+                         ({"seed": None}, "settings.seed must be a whole number, got None"),
+                         ({"cfg": "4"}, "settings.cfg must be a finite number, got '4'")]:
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, **wrong), progress=False),
+                       error)
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings={"steps": 2}, progress=False),
+                   r"settings must be a SampleSettings.*SampleSettings\(\*\*a_dict\), not a dict")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, batch_size="2", progress=False),
+                   "batch_size must be a whole number, got '2'")
+    plain = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
+    numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
+    assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
+                          plain)
+
+
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
     """CLIP reads 77 tokens and T5 t5_length: the rest of a longer prompt was dropped without a word (diffusers
     warns). One line with a count, not a line per prompt or caption."""
@@ -2064,6 +2087,17 @@ def test_numpy_numbers_in_a_config_built_in_python_are_numbers():
         one_line_error(lambda: sd.validate(cfg), "'train.steps' must be a whole number")
 
 
+def test_numpy_bools_in_a_config_built_in_python_are_true_or_false():
+    """cfg.dataset.flip = np.bool_(True) in a notebook (a comparison of numpy numbers, e.g. np.mean(...) > 0.5) was
+    refused by train(): "config key 'dataset.flip' must be true or false, got np.True_", numpy's numbers taken."""
+    cfg = sd.Config()
+    cfg.dataset.flip, cfg.use_t5 = np.float64(0.7) > 0.5, np.bool_(False)
+    checked = sd.validate(cfg)
+    assert checked.dataset.flip is True and checked.use_t5 is False         # Python's: the checkpoint's JSON
+    cfg.use_t5 = np.int64(1)                                    # a number is still no true or false
+    one_line_error(lambda: sd.validate(cfg), "config key 'use_t5' must be true or false, got np.int64\\(1\\)")
+
+
 def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
     repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
@@ -2073,6 +2107,22 @@ def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
     cfg.model = ("tiny",)                                          # a text key: refused, not its repr as a path
     one_line_error(lambda: sd.validate(cfg), r"config key 'model' must be text, got \('tiny',\)")
+
+
+def test_library_calls_given_the_wrong_object_say_what_to_pass(tmp_path):
+    """train("config.yaml") (a path, not a Config) failed in dataclasses.asdict with a bare TypeError;
+    load_lora(pipe, path) (the Pipeline, as diffusers' pipe.load_lora_weights) with "'Pipeline' object has no
+    attribute 'cfg'"; load_pipeline(Path("mistyped.safetensors")) with "'PosixPath' object has no attribute
+    'endswith'" where a str said "model not found"."""
+    one_line_error(lambda: sd.train("config.yaml"),
+                   r"train\(\) takes a Config.*load_config\('config.yaml'\), not 'config")
+    pipe, trained, lora = sd.tiny_pipeline(), sd.tiny_pipeline().mmdit, tmp_path / "lora.safetensors"
+    sd.add_lora(trained, rank=4)
+    sd.save_lora(trained, lora)
+    one_line_error(lambda: sd.load_lora(pipe, lora), r"the MMDiT \(pipe.mmdit\), not a Pipeline")
+    assert sd.load_lora(pipe.mmdit, lora) > 0
+    one_line_error(lambda: sd.load_pipeline(tmp_path / "missing.safetensors", device="cpu"),
+                   "model not found: .*missing")
 
 
 def test_fractions_above_1_are_refused_before_any_model_loads():
@@ -2755,6 +2805,24 @@ def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys, monke
     assert sd.init_distributed(cfg, [(64, 64)] * 3) == (1, 2)
     out, err = capsys.readouterr()
     assert "global batch 8 = 2 processes" in out and not err
+
+
+def test_a_warmup_longer_than_the_run_is_warned(tmp_path, capsys, monkeypatch):
+    """--set train.steps=20 with the default warmup_steps 50 ended inside the warmup without a word: lr never came
+    above 20/50 of train.lr. Warned (by process 0), not refused: a short trial run is a fair thing to ask for."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 20, "train.warmup_steps": 50, "train.lr": 1e-4})
+    sd.init_distributed(cfg)
+    assert capsys.readouterr().err == ("warning: train.warmup_steps 50 is more than train.steps 20: the lr peaks "
+                                       "at 4e-05, not train.lr 0.0001; lower train.warmup_steps (e.g. --set "
+                                       "train.warmup_steps=2)\n")
+    for steps, warmup in ((20, 20), (20, 0)):           # at 20 of 20 the last step has train.lr
+        sd.init_distributed(tiny_config(tmp_path, **{"train.steps": steps, "train.warmup_steps": warmup}))
+        assert capsys.readouterr().err == ""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # torchrun's process 1: process 0 warns for all
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda *args, **kwargs: None)
+    sd.init_distributed(cfg)
+    assert capsys.readouterr().err == ""
 
 
 def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_path, monkeypatch):
