@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2866  Output Files                     atomic writes, the output_dir lock, loss.png
      2988  Several Processes (torchrun)     one all-reduce per step
-     3047  Command Line and the Tiny Model  main(), --tiny
+     3053  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2995,6 +2995,12 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun (or a launcher like it), which sets MASTER_ADDR with WORLD_SIZE. A WORLD_SIZE
+    alone is one a cluster exports: sample.py runs as a plain run; training refuses it (check_sources)."""
+    return rank_and_world()[1] > 1 and "MASTER_ADDR" in os.environ
+
+
 def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
     """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch, and warn when no
     aspect bucket (`buckets`: the images') fills it, as a step's images share one bucket. -> (rank, world)"""
@@ -3108,6 +3114,17 @@ def write_demo_dataset(folder: Path):
         _atomic_save(caption, folder / f"{name}.txt")              # under torchrun every process writes them
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, schedulers and torchrun send) raised by terminate(): ended as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    """The command lines' SIGTERM handler (train() takes it over during its steps). Not while an error ends
+    the run (torchrun's SIGTERM after a peer died): that error stands, not "terminated" over it."""
+    if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):
+        raise Terminated
+
+
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
     main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
@@ -3139,13 +3156,7 @@ def main(argv=None):
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    cfg, term = None, []
-
-    def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
-        term.append(signum)
-        if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):  # not while an error ends the run
-            raise KeyboardInterrupt                 # (torchrun's, after a peer died): that error stands
-    previous = handle_signals(terminate, (signal.SIGTERM,))
+    cfg, previous = None, handle_signals(terminate, (signal.SIGTERM,))     # loading, caching: as Ctrl-C
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -3160,7 +3171,7 @@ def main(argv=None):
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
-        tag = f"process {rank}: " * (e.own and world > 1 and "MASTER_ADDR" in os.environ)  # not a plain run's
+        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
@@ -3168,9 +3179,9 @@ def main(argv=None):
         then = ("continue with --resume" if saved else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
-    except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
-        name, code = ("terminated", 143) if term else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (world > 1 and bool(term))
+    except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
+        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        why = " (by torchrun if a process failed: see its error)" * (world > 1 and code == 143)
         if rank == 0:                           # torchrun: process 0 speaks for all
             print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)
