@@ -1383,7 +1383,9 @@ class Trainer:
         """Validation images for the configured prompts, with the same seeds at every step."""
         if not self.cfg.sample.prompts or self.rank > 0:
             return
-        try:
+        try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
+            if self.log_path.is_file():
+                plot_losses(self.log_path, self.out / "loss.png")
             self.mmdit.eval()
             self.pipe.vae.to(self.pipe.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
@@ -1392,8 +1394,6 @@ class Trainer:
                 path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
                 _atomic_save(image, path)
                 tqdm.write(f"sample: {path}")
-            if self.log_path.is_file():
-                plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
             tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
                        f"goes on", file=sys.stderr)

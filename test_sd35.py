@@ -1753,6 +1753,29 @@ def test_a_run_killed_during_its_previews_gets_them_all_on_resume(tmp_path, monk
     assert second.is_file() and len(losses(tmp_path / "run")) == 3
 
 
+def test_a_run_killed_before_its_last_loss_plot_gets_it_on_resume(tmp_path, monkeypatch):
+    """SIGKILL after the last step's previews, before loss.png was redrawn: --resume saw the previews and the
+    run finished, and loss.png stayed one sample set stale (drawn at step 2 of 3) for good."""
+    class Killed(BaseException):
+        pass
+    make_dataset(tmp_path / "data")
+    real_plot, run = sd.plot_losses, tmp_path / "run"
+
+    def killed_at_the_last_plot(log_path, png_path):
+        if len(losses(run)) == 3:
+            raise Killed
+        return real_plot(log_path, png_path)
+    monkeypatch.setattr(sd, "plot_losses", killed_at_the_last_plot)
+    sets = {"train.steps": 3, "train.save_every": 1, "sample.sample_every": 2}
+    with pytest.raises(Killed):
+        sd.train(tiny_config(tmp_path, **sets))
+    monkeypatch.setattr(sd, "plot_losses", real_plot)
+    sd.train(tiny_config(tmp_path, **sets), resume=True)
+    real_plot(run / "log.jsonl", tmp_path / "expected.png")                  # the curve of all 3 steps
+    assert Image.open(run / "loss.png").tobytes() == Image.open(tmp_path / "expected.png").tobytes()
+    assert len(list(run.glob("samples_step_000003/*.png"))) == 2 and len(losses(run)) == 3
+
+
 def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
     """A web UI or a notebook widget runs train() (or main()) in a worker thread, where Python refuses to set
     signal handlers: it failed with "signal only works in main thread", after the models loaded and the cache
