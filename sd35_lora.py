@@ -1433,12 +1433,15 @@ class Trainer:
         return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; "
                          f"stopped without saving: {fix}; {last}")
 
+    def every_or_last(self, n: int) -> bool:            # checkpoints and samples (n = 0: at the last only)
+        return n > 0 and self.step % n == 0 or self.step == self.cfg.train.steps
+
     def save_and_sample(self, bins: torch.Tensor):
         """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
-        tc, every, k = self.cfg.train, self.cfg.sample.sample_every, self.cfg.train.loss_bins
-        if self.step % tc.save_every == 0 or self.step == tc.steps:
+        k = self.cfg.train.loss_bins
+        if self.every_or_last(self.cfg.train.save_every):
             self.save()
-        if (every and self.step % every == 0) or self.step == tc.steps:
+        if self.every_or_last(self.cfg.sample.sample_every):
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
             tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
                        + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
@@ -1450,16 +1453,13 @@ class Trainer:
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)
-    cfg = tr.cfg                                # as validate() read it
-    tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
+    tc, bins = tr.cfg.train, torch.zeros(2, tr.cfg.train.loss_bins)   # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
-        every, made = cfg.sample.sample_every, len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))
-        due = every and tr.step % every == 0 or tr.step == tc.steps      # a sample step's, or the last's
-        skipped = due and made < len(cfg.sample.prompts)                # a killed run may have made some
-        if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
-            tr.sample_images()                          # baseline before any update, or the skipped ones
+        made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
+        if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
+            tr.sample_images()      # a baseline before any update, or those a stop at a sample step skipped
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
