@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2730  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2866  Output Files                     atomic writes, the output_dir lock, loss.png
      2988  Several Processes (torchrun)     one all-reduce per step
-     3053  Command Line and the Tiny Model  main(), --tiny
+     3052  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2996,8 +2996,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def under_torchrun() -> bool:
-    """Started by torchrun (or a launcher like it), which sets MASTER_ADDR with WORLD_SIZE. A WORLD_SIZE
-    alone is one a cluster exports: sample.py runs as a plain run; training refuses it (check_sources)."""
+    """Started by torchrun, which sets MASTER_ADDR: not a WORLD_SIZE alone, as a cluster may export it."""
     return rank_and_world()[1] > 1 and "MASTER_ADDR" in os.environ
 
 
@@ -3119,8 +3118,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def terminate(signum, frame):
-    """The command lines' SIGTERM handler (train() takes it over during its steps). Not while an error ends
-    the run (torchrun's SIGTERM after a peer died): that error stands, not "terminated" over it."""
+    """SIGTERM as Ctrl-C, but not over an error ending the run (torchrun's SIGTERM after a peer died)."""
     if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):
         raise Terminated
 
@@ -3156,7 +3154,8 @@ def main(argv=None):
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    cfg, previous = None, handle_signals(terminate, (signal.SIGTERM,))     # loading, caching: as Ctrl-C
+    cfg = None
+    previous = handle_signals(terminate, (signal.SIGTERM,))        # loading, caching; train() takes it over
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
