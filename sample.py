@@ -132,10 +132,8 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
 
 
 def main(argv=None) -> list[Path]:
-    args, (rank, world) = parse_args(argv), sd.rank_and_world()
-    # torchrun: each process made every image, with its own bar and "saved to" line (a WORLD_SIZE that a
-    # cluster exports, without torchrun's MASTER_ADDR, is no torchrun: it runs as ever)
-    if world > 1 and "MASTER_ADDR" in os.environ:
+    args, rank = parse_args(argv), sd.rank_and_world()[0]
+    if sd.under_torchrun():     # each process made every image, with its own bar and "saved to" line
         raise sd.UserError("sample.py makes all its images in one process, on one GPU: run it with python, "
                            "not torchrun (--device cuda:N picks the GPU)") if rank == 0 else SystemExit(1)
     trained = trained_settings(args.lora, args.t5_length)
@@ -235,23 +233,15 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
             number += 1
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `timeout` and schedulers send), handled as Ctrl-C: else the process died at once, leaving
-    the sample_NN.png being written as the empty file reserve() made."""
-
-
-def terminate(signum, frame):
-    raise Terminated
-
-
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in order
-    signal.signal(signal.SIGTERM, terminate)
+    # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
+    signal.signal(signal.SIGTERM, sd.terminate)     # sample_NN.png being written as the empty file reserve() made
     try:
         main()
     except sd.UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
-        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        name, code = ("terminated", 143) if isinstance(e, sd.Terminated) else ("interrupted", 130)
         print(f"{name}: images already written stay in --out", file=sys.stderr)
         sys.exit(code)

@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2890  Output Files                     atomic writes, the output_dir lock, loss.png
      3012  Several Processes (torchrun)     one all-reduce per step
-     3075  Command Line and the Tiny Model  main(), --tiny
+     3080  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1382,7 +1382,9 @@ class Trainer:
         """Validation images for the configured prompts, with the same seeds at every step."""
         if not self.cfg.sample.prompts or self.rank > 0:
             return
-        try:
+        try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
+            if self.log_path.is_file():
+                plot_losses(self.log_path, self.out / "loss.png")
             self.mmdit.eval()
             self.pipe.vae.to(self.pipe.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
@@ -1391,8 +1393,6 @@ class Trainer:
                 path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
                 _atomic_save(image, path)
                 tqdm.write(f"sample: {path}")
-            if self.log_path.is_file():
-                plot_losses(self.log_path, self.out / "loss.png")
         except Exception as e:                              # a failed preview must not end a long run
             tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
                        f"goes on", file=sys.stderr)
@@ -1432,12 +1432,15 @@ class Trainer:
         return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; "
                          f"stopped without saving: {fix}; {last}")
 
+    def every_or_last(self, n: int) -> bool:            # checkpoints and samples (n = 0: at the last only)
+        return n > 0 and self.step % n == 0 or self.step == self.cfg.train.steps
+
     def save_and_sample(self, bins: torch.Tensor):
         """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
-        tc, every, k = self.cfg.train, self.cfg.sample.sample_every, self.cfg.train.loss_bins
-        if self.step % tc.save_every == 0 or self.step == tc.steps:
+        k = self.cfg.train.loss_bins
+        if self.every_or_last(self.cfg.train.save_every):
             self.save()
-        if (every and self.step % every == 0) or self.step == tc.steps:
+        if self.every_or_last(self.cfg.sample.sample_every):
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
             tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
                        + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
@@ -1449,16 +1452,13 @@ class Trainer:
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)
-    cfg = tr.cfg                                # as validate() read it
-    tc, bins = cfg.train, torch.zeros(2, cfg.train.loss_bins)         # bins: loss sums, counts per sigma bin
+    tc, bins = tr.cfg.train, torch.zeros(2, tr.cfg.train.loss_bins)   # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
-        every, made = cfg.sample.sample_every, len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))
-        due = every and tr.step % every == 0 or tr.step == tc.steps      # a sample step's, or the last's
-        skipped = due and made < len(cfg.sample.prompts)                # a killed run may have made some
-        if tr.step == 0 or skipped:                     # (a stop at a sample step skips them until --resume)
-            tr.sample_images()                          # baseline before any update, or the skipped ones
+        made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
+        if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
+            tr.sample_images()      # a baseline before any update, or those a stop at a sample step skipped
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
@@ -3019,6 +3019,11 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun, which sets MASTER_ADDR: not a WORLD_SIZE alone, as a cluster may export it."""
+    return rank_and_world()[1] > 1 and "MASTER_ADDR" in os.environ
+
+
 def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
     """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch; warn where no
     aspect bucket (`buckets`: the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
@@ -3136,6 +3141,16 @@ def write_demo_dataset(folder: Path):
         _atomic_save(caption, folder / f"{name}.txt")              # under torchrun every process writes them
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, schedulers and torchrun send) raised by terminate(): ended as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    """SIGTERM as Ctrl-C, but not over an error ending the run (torchrun's SIGTERM after a peer died)."""
+    if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):
+        raise Terminated
+
+
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
     main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
@@ -3167,13 +3182,8 @@ def main(argv=None):
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    cfg, term = None, []
-
-    def terminate(signum, frame):           # SIGTERM before train() takes it (loading, caching): as Ctrl-C
-        term.append(signum)
-        if not isinstance(sys.exc_info()[1], (UserError, SystemExit)):  # not while an error ends the run
-            raise KeyboardInterrupt                 # (torchrun's, after a peer died): that error stands
-    previous = handle_signals(terminate, (signal.SIGTERM,))
+    cfg = None
+    previous = handle_signals(terminate, (signal.SIGTERM,))        # loading, caching; train() takes it over
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -3188,7 +3198,7 @@ def main(argv=None):
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
-        tag = f"process {rank}: " * (e.own and world > 1 and "MASTER_ADDR" in os.environ)  # not a plain run's
+        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if first or e.own else 1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
@@ -3196,9 +3206,9 @@ def main(argv=None):
         then = ("continue with --resume" if saved else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
-    except KeyboardInterrupt:                   # models loading or caching; train() catches later ones
-        name, code = ("terminated", 143) if term else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (world > 1 and bool(term))
+    except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
+        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        why = " (by torchrun if a process failed: see its error)" * (world > 1 and code == 143)
         if rank == 0:                           # torchrun: process 0 speaks for all
             print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)

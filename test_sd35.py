@@ -1776,6 +1776,29 @@ def test_a_run_killed_during_its_previews_gets_them_all_on_resume(tmp_path, monk
     assert second.is_file() and len(losses(tmp_path / "run")) == 3
 
 
+def test_a_run_killed_before_its_last_loss_plot_gets_it_on_resume(tmp_path, monkeypatch):
+    """SIGKILL after the last step's previews, before loss.png was redrawn: --resume saw the previews and the
+    run finished, and loss.png stayed one sample set stale (drawn at step 2 of 3) for good."""
+    class Killed(BaseException):
+        pass
+    make_dataset(tmp_path / "data")
+    real_plot, run = sd.plot_losses, tmp_path / "run"
+
+    def killed_at_the_last_plot(log_path, png_path):
+        if len(losses(run)) == 3:
+            raise Killed
+        return real_plot(log_path, png_path)
+    monkeypatch.setattr(sd, "plot_losses", killed_at_the_last_plot)
+    sets = {"train.steps": 3, "train.save_every": 1, "sample.sample_every": 2}
+    with pytest.raises(Killed):
+        sd.train(tiny_config(tmp_path, **sets))
+    monkeypatch.setattr(sd, "plot_losses", real_plot)
+    sd.train(tiny_config(tmp_path, **sets), resume=True)
+    real_plot(run / "log.jsonl", tmp_path / "expected.png")                  # the curve of all 3 steps
+    assert Image.open(run / "loss.png").tobytes() == Image.open(tmp_path / "expected.png").tobytes()
+    assert len(list(run.glob("samples_step_000003/*.png"))) == 2 and len(losses(run)) == 3
+
+
 def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
     """A web UI or a notebook widget runs train() (or main()) in a worker thread, where Python refuses to set
     signal handlers: it failed with "signal only works in main thread", after the models loaded and the cache
@@ -3452,6 +3475,17 @@ def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_
     assert len(sample.main([*args, "--width", "32", "--height", "32", "--steps", "1"])) == 1
 
 
+def test_torchrun_is_a_world_size_over_1_with_its_master_addr_for_sample_py_and_error_tags(monkeypatch):
+    """One answer for sample.py's refusal and main()'s "process N: " tag: a WORLD_SIZE alone (a cluster's) is none."""
+    for world, master, under in (("", None, False), ("1", "localhost", False), ("2", None, False), ("2", "h", True)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        if master:
+            monkeypatch.setenv("MASTER_ADDR", master)
+        else:
+            monkeypatch.delenv("MASTER_ADDR", raising=False)
+        assert sd.under_torchrun() is under, (world, master)
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path",
@@ -3528,6 +3562,34 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("terminated: ")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
+    """sample.py's SIGTERM handler raised whatever the process was doing: a SIGTERM (a scheduler's, `timeout`'s)
+    while an error left main() (here as its models were let go) said "terminated: images already written stay
+    in --out", exit 143, and the error was lost; as in sd35_lora.py's main(), the error stands."""
+    script = tmp_path / "run.py"
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "def refuse(*args, **kwargs):\n    raise sd35_lora.UserError('a bad LoRA (a test)')\n"
+                      "sd35_lora.generate = refuse\n"
+                      "sd35_lora.free_models = lambda pipe: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: a bad LoRA (a test)", r.stderr[-2000:]
+    assert "terminated" not in r.stderr
+
+
+def test_the_sigterm_handler_raises_as_ctrl_c_but_not_over_an_error_ending_the_run():
+    """sd35_lora.py's main() and sample.py share it: terminated, or the error that was already ending the run."""
+    with pytest.raises(sd.Terminated):
+        sd.terminate(signal.SIGTERM, None)
+    assert issubclass(sd.Terminated, KeyboardInterrupt)            # ended as Ctrl-C is, with exit code 143
+    for error in (sd.UserError("a test"), SystemExit(1)):
+        try:
+            raise error
+        except BaseException:
+            sd.terminate(signal.SIGTERM, None)                      # no exception: the error stands
 
 
 def test_sample_cli_interrupted_keeps_the_images_already_denoised(tmp_path, monkeypatch, capsys):
