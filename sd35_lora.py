@@ -105,7 +105,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
-T5_LENGTH = 256                            # T5 tokens; training, in-training samples and sample.py share it
+T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
 SAMPLERS = ("euler", "dpmpp_2m")
@@ -220,7 +220,7 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
 
 
 def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Generator) -> torch.Tensor:
-    """Training noise levels: u in (0, 1) by density, then the shifted 1000-step table (diffusers' recipe)."""
+    """Training noise levels: u in [0, 1] by density, then the shifted 1000-step table (diffusers' recipe)."""
     check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
@@ -228,7 +228,7 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
         u = torch.rand(n, generator=g)
     if cfg.timestep_sampling == "mode":                         # uniform u through the SD3 paper's f_mode
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    index = (u * 1000).long().clamp(0, 999)                    # u = 1 (mode's u = 0, sigmoid's rounding)
+    index = (u * 1000).long().clamp(0, 999)  # u = 1 (mode's draw of 0, a sigmoid rounding up): no row 1000
     return shift_sigma((1000 - index).float() / 1000, shift)
 
 
@@ -320,7 +320,7 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(shift, x, 1 + scale)
+    return torch.addcmul(shift, x, 1 + scale)                  # x * (1 + scale) + shift, in one kernel
 
 
 def without_autocast(norm, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -442,7 +442,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = adaLN(hidden, 2)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(2, dim=-1)   # diffusers: scale, shift
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
@@ -516,7 +516,7 @@ class MMDiT(nn.Module):
 #################################################################################
 
 LORA_TARGETS = {
-    "attn": r"joint_blocks\.\d+\.\w+_block\.attn\.(qkv|proj)$",
+    "attn": r"joint_blocks\.\d+\.\w+_block\.attn\.(qkv|proj)$",          # diffusers' default layers
     "attn_mlp": r"joint_blocks\.\d+\.\w+_block\.(attn\.(qkv|proj)|mlp\.fc[12])$",
     "all": r"(attn2?\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1|_embedder(\.mlp\.[02])?"
            r"|final_layer\.linear)$",
@@ -945,7 +945,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     check_choice("sampler", sampler, SAMPLERS)
     use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
-    steps, previous, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
+    steps, old_denoised, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
     x = x.float()
     for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
         sigma = sigmas[i]
@@ -961,7 +961,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             x = x + (sigmas[i + 1] - sigma) * v
         else:
             denoised = x - sigma * v
-            x, previous = dpmpp_2m_step(x, denoised, previous, sigma_values, i), denoised
+            x, old_denoised = dpmpp_2m_step(x, denoised, old_denoised, sigma_values, i), denoised
     return x
 
 
@@ -1174,8 +1174,8 @@ def cached(path: Path, compute, source: str = "") -> Path:
 
 
 class LatentDataset:
-    """VAE moments and text embeddings per image, cached on disk (keyed by content and every setting that
-    changes them) and read back per batch: RAM does not grow with the dataset (~5 MB per 1024 px image)."""
+    """VAE moments and text embeddings per image, cached on disk (~5 MB per 1024 px image; keyed by content
+    and every setting that changes them) and read back per batch: RAM does not grow with the dataset."""
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
@@ -1454,7 +1454,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = start_trainer(cfg, resume)
     tc, bins = tr.cfg.train, torch.zeros(2, tr.cfg.train.loss_bins)   # bins: loss sums, counts per sigma bin
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
-    previous = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
+    old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
         if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
@@ -1491,7 +1491,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
     finally:
-        end_training(tr, previous)
+        end_training(tr, old_handlers)
     return tr.out / "lora.safetensors"
 
 
