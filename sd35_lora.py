@@ -1353,15 +1353,15 @@ class Trainer:
                       "the LoRA)", file=sys.stderr)
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
-        """Gradients of this process's slices of the step's global batch, then of the whole batch (summed over
-        the processes, with [loss, sigma sum, stop, loss sums per sigma bin, samples per bin])."""
+        """Gradients of this process's slices of the step's global batch, then (summed over the processes) of
+        the whole batch. -> sums: [loss, sigma sum, stop flag, loss sums per sigma bin, samples per bin]"""
         tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         epoch, nth = divmod(self.step, len(self.order))
         if epoch != self.epoch:
             self.epoch, self.order = epoch, self.data.batches(self.global_batch, tc.seed + epoch)
         ids = self.order[nth]
-        numbers = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)
+        sums = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)      # one tensor: one all-reduce
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
         for start in range(self.rank * size, len(ids), self.world * size):  # up to grad_accum micro-batches
@@ -1373,10 +1373,10 @@ class Trainer:
                                                           g, self.autocast, keep, len(ids))
             loss.backward()
             index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
-            numbers[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
+            sums[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
             loss_sums = index.bincount(weights=per_sample.cpu(), minlength=bins)
-            numbers[3:] += torch.cat([loss_sums, index.bincount(minlength=bins)])
-        return all_reduce_step(self.params, numbers) if self.world > 1 else numbers
+            sums[3:] += torch.cat([loss_sums, index.bincount(minlength=bins)])
+        return all_reduce_step(self.params, sums) if self.world > 1 else sums
 
     def sample_images(self):
         """Validation images for the configured prompts, with the same seeds at every step."""
@@ -1465,9 +1465,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
             tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA
-            numbers = tr.forward_backward(bool(stop))
+            sums = tr.forward_backward(bool(stop))
             # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
-            total, stopping = numbers[0].item(), numbers[2].item() > 0 or (tr.world == 1 and bool(stop))
+            total, stopping = sums[0].item(), sums[2].item() > 0 or (tr.world == 1 and bool(stop))
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -1475,8 +1475,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
-            bins += numbers[3:].view(2, -1)
-            tr.log(total, lr, grad_norm, sigma=numbers[1].item() / numbers[3 + tc.loss_bins:].sum().item())
+            bins += sums[3:].view(2, -1)
+            tr.log(total, lr, grad_norm, sigma=sums[1].item() / sums[3 + tc.loss_bins:].sum().item())
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
@@ -3067,14 +3067,14 @@ def collective(call, *args, **kwargs):
                         f"checkpoint was saved", own=True) from None
 
 
-def all_reduce_step(params: list[nn.Parameter], numbers: torch.Tensor) -> torch.Tensor:
-    """Sum the LoRA gradients and the step's numbers over all processes in one collective."""
+def all_reduce_step(params: list[nn.Parameter], sums: torch.Tensor) -> torch.Tensor:
+    """Sum the LoRA gradients and forward_backward's step sums over all processes in one collective."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # an empty slice adds nothing
-    flat = torch.cat([g.flatten() for g in grads] + [numbers.to(params[0].device)])
+    flat = torch.cat([g.flatten() for g in grads] + [sums.to(params[0].device)])
     collective(dist.all_reduce, flat)
-    for p, grad in zip(params, flat[:-len(numbers)].split([p.numel() for p in params])):
+    for p, grad in zip(params, flat[:-len(sums)].split([p.numel() for p in params])):
         p.grad = grad.view_as(p)
-    return flat[-len(numbers):].cpu()
+    return flat[-len(sums):].cpu()
 
 
 #################################################################################
