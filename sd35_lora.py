@@ -274,7 +274,7 @@ class MMDiTConfig:
     pooled_dim: int = 2048                 # CLIP-L + CLIP-G pooled
     pos_embed_max_size: int = 384
     qk_norm: bool = True
-    dual_attention_layers: tuple[int, ...] = ()
+    dual_attention_layers: tuple[int, ...] = ()    # SD3.5 Medium's: 0-12 (the other defaults are Medium's)
     mlp_ratio: int = 4
 
     @classmethod
@@ -1252,7 +1252,7 @@ class LatentDataset:
 #################################################################################
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then constant or cosine decay to zero."""
+    """Linear warmup (step 0 at lr / warmup_steps; diffusers' at 0), then constant or cosine decay to zero."""
     check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -1281,8 +1281,8 @@ class Trainer:
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))   # too large?
-        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)
+        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))
+        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)     # too large: refused before the caching
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
