@@ -22,15 +22,15 @@ have. Sections (line numbers):
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1250  Training                         Trainer and the training loop
-     1498  Part 2: plumbing                 a reader can stop here
-     1505  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2054  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2890  Output Files                     atomic writes, the output_dir lock, loss.png
+     1219  Training                         Trainer and the training loop
+     1467  Part 2: plumbing                 a reader can stop here
+     1474  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1970  Hub Downloads                    snapshot downloads, tokenizers
+     2023  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2256  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2723  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2859  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3012  Several Processes (torchrun)     one all-reduce per step
      3080  Command Line and the Tiny Model  main(), --tiny
 
@@ -1140,37 +1140,6 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
               f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out{skipped})")
     return items
-
-
-def _digest(*parts) -> str:
-    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _weights_digest(module: nn.Module) -> str:
-    """Of the weights as loaded (~0.5 s for SD3's VAE): a file replaced under the same path changes it."""
-    h = hashlib.sha256()
-    for t in module.state_dict().values():
-        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def cached(path: Path, compute, source: str = "") -> Path:
-    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
-    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
-    if path.is_file():
-        try:
-            if all(t.isfinite().all() for t in load_file(str(path)).values()):
-                return path
-            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
-        except Exception:
-            tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
-    tensors = compute()
-    if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
-        raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
-                        f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
-    _atomic_save(tensors, path)
-    return path
 
 
 class LatentDataset:
@@ -2890,6 +2859,37 @@ def from_16_bit(im):
 #################################################################################
 #                                  Output Files                                 #
 #################################################################################
+
+def _digest(*parts) -> str:
+    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """Of the weights as loaded (~0.5 s for SD3's VAE): a file replaced under the same path changes it."""
+    h = hashlib.sha256()
+    for t in module.state_dict().values():
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cached(path: Path, compute, source: str = "") -> Path:
+    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
+    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
+    if path.is_file():
+        try:
+            if all(t.isfinite().all() for t in load_file(str(path)).values()):
+                return path
+            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
+        except Exception:
+            tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
+    tensors = compute()
+    if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
+        raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
+                        f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
+    _atomic_save(tensors, path)
+    return path
+
 
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
