@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
-      202  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      263  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      676  VAE                              16-channel autoencoder, the latent scale and shift
-      821  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1073  Data                             dataset scan, aspect buckets, the latent and text cache
-     1221  Training                         Trainer and the training loop
-     1469  Part 2: plumbing                 a reader can stop here
-     1476  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1972  Hub Downloads                    snapshot downloads, tokenizers
-     2025  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2384  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2725  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2861  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3014  Several Processes (torchrun)     one all-reduce per step
-     3082  Command Line and the Tiny Model  main(), --tiny
+      201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      514  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1071  Data                             dataset scan, aspect buckets, the latent and text cache
+     1219  Training                         Trainer and the training loop
+     1467  Part 2: plumbing                 a reader can stop here
+     1474  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1970  Hub Downloads                    snapshot downloads, tokenizers
+     2023  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2256  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2723  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2859  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3012  Several Processes (torchrun)     one all-reduce per step
+     3080  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -99,7 +99,6 @@ class Preset:
 PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0, sampler="euler"),               # diffusers' model card
     # Stability AI's sd3_infer.py CONFIGS; its SLG applies only with --skip_layer_cfg, diffusers has it off
-    # (its skip_layer_config's cfg 4.0 is dead: main() samples with the _cfg read before it, ControlNet aside)
     "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m",
                            slg_scale=2.5, slg_layers=(7, 8, 9)),
     "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),          # sd3_infer.py CONFIGS
@@ -396,8 +395,7 @@ class StreamBlock(nn.Module):
         self.n_mod = 2 if pre_only else 9 if dual else 6
         self.attn = Attention(dim, cfg.heads, cfg.qk_norm, pre_only)
         self.attn2 = Attention(dim, cfg.heads, cfg.qk_norm) if dual else None
-        if not pre_only:
-            self.mlp = MLP(dim, dim * cfg.mlp_ratio)
+        self.mlp = None if pre_only else MLP(dim, dim * cfg.mlp_ratio)
         self.adaLN_modulation = adaLN(dim, self.n_mod)
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
