@@ -1324,13 +1324,13 @@ class Trainer:
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then (summed over the processes) of
         the whole batch. -> sums: [loss, sigma sum, stop flag, loss sums per sigma bin, samples per bin]"""
-        tc, bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
+        tc, n_bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         epoch, nth = divmod(self.step, len(self.order))
         if epoch != self.epoch:
             self.epoch, self.order = epoch, self.data.batches(self.global_batch, tc.seed + epoch)
         ids = self.order[nth]
-        sums = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * bins)      # one tensor: one all-reduce
+        sums = torch.tensor([0.0, 0.0, float(stopping)] + [0.0] * 2 * n_bins)    # one tensor: one all-reduce
         if self.world > 1:                          # LoRA dropout: own masks per process, resumable
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
         for start in range(self.rank * size, len(ids), self.world * size):  # up to grad_accum micro-batches
@@ -1341,10 +1341,10 @@ class Trainer:
             loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, self.sample_settings.shift,
                                                           g, self.autocast, keep, len(ids))
             loss.backward()
-            index = (sigmas.cpu() * bins).long().clamp(max=bins - 1)
+            sigma_bin = (sigmas.cpu() * n_bins).long().clamp(max=n_bins - 1)       # sigma 1: the last bin
             sums[:2] += torch.tensor([loss.item(), sigmas.sum().item()])
-            loss_sums = index.bincount(weights=per_sample.cpu(), minlength=bins)
-            sums[3:] += torch.cat([loss_sums, index.bincount(minlength=bins)])
+            loss_sums = sigma_bin.bincount(weights=per_sample.cpu(), minlength=n_bins)
+            sums[3:] += torch.cat([loss_sums, sigma_bin.bincount(minlength=n_bins)])
         return all_reduce_step(self.params, sums) if self.world > 1 else sums
 
     def sample_images(self):
