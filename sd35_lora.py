@@ -191,7 +191,7 @@ class Config:
     dtype: str = "bf16"                    # frozen weights; LoRA and optimizer stay fp32
     t5_length: int = T5_LENGTH
     use_t5: bool = True                    # False: zeros instead of T5 (saves ~10 GB)
-    fp8: bool = False                      # joint-block weights in float8, a scale per row (half the MMDiT)
+    fp8: bool = False                      # joint-block weights in float8, a scale per row: MMDiT memory ~1/2
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
