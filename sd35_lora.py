@@ -1079,14 +1079,14 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     """Centre-crop to the aspect of `size` (width, height), then resize -> (3, H, W) in [-1, 1]. From `data`,
     the file's bytes, if given."""
     from PIL import Image, ImageOps
-    with open_image(path, data) as im:          # ImageOps.fit crops and resizes in one resampling step
+    with open_image(path, data) as im:
         im = ImageOps.exif_transpose(im)
         im = from_16_bit(im) if im.mode.startswith("I") else im     # (PNG's 16-bit grey)
         # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
         alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
         if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
-        im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)
+        im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)    # crop and resize: one resampling step
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
@@ -1242,7 +1242,7 @@ class Trainer:
         self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
-        items = scan_dataset(cfg.dataset, cfg.output_dir)          # last: it decodes every image
+        items = scan_dataset(cfg.dataset, cfg.output_dir)          # after those: it decodes every image
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
