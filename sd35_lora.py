@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1474  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1970  Hub Downloads                    snapshot downloads, tokenizers
      2023  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2256  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2723  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2859  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3012  Several Processes (torchrun)     one all-reduce per step
-     3080  Command Line and the Tiny Model  main(), --tiny
+     2257  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2383  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2724  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2860  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3013  Several Processes (torchrun)     one all-reduce per step
+     3081  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2033,18 +2033,19 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
         raise UserError("the model has no LoRA layers to save (call add_lora first)")
     for name, layer in layers.items():
         down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
+        alpha = layer.alpha * layer.multiplier     # with an unmerged load_lora's scale: as the model runs
         if format == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                        f"{key}.alpha": torch.tensor(float(layer.alpha))})
+                        f"{key}.alpha": torch.tensor(float(alpha))})
         else:                                                    # diffusers
-            up = swap_modulation(up * (layer.alpha / layer.rank), name, model.cfg.depth)
+            up = swap_modulation(up * (alpha / layer.rank), name, model.cfg.depth)
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
     first = next(iter(layers.values()))
-    info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
-            "modules": sorted(layers), **(metadata or {})}
+    info = {"format": format, "rank": first.rank, "alpha": first.alpha * first.multiplier,
+            "alpha_folded": format == "diffusers", "modules": sorted(layers), **(metadata or {})}
     _atomic_save(out, path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 

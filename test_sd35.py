@@ -891,6 +891,22 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
     assert sample.trained_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_lora_loaded_unmerged_at_a_scale_saves_as_the_model_runs(fmt, tmp_path):
+    """load_lora(merge=False, scale=0.5) then save_lora wrote the adapters at scale 1: the saved file gave other
+    images than the model it was saved from. It now holds the update the model applies (scale in alpha)."""
+    sd.save_lora(lora_model(), tmp_path / "trained.safetensors", fmt)
+    x = mmdit_inputs()
+    for scale in (0.5, -1.5, 0.0):
+        model = tiny_mmdit()
+        sd.load_lora(model, tmp_path / "trained.safetensors", scale=scale, merge=False)
+        sd.save_lora(model, tmp_path / "saved.safetensors", fmt)
+        fresh = tiny_mmdit()
+        sd.load_lora(fresh, tmp_path / "saved.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(*x), model(*x), atol=1e-5, rtol=1e-5)
+
+
 def test_kohya_lora_equals_manual_merge(tmp_path):
     model = tiny_mmdit()
     g = torch.Generator().manual_seed(0)
