@@ -959,6 +959,37 @@ def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tm
     assert list(sd.lora_layers(model)) == ["joint_blocks.1.x_block.attn.proj"]          # block 0 untouched
 
 
+class FailsWhenUsed(torch.Tensor):
+    """A LoRA tensor whose first use raises, as a Ctrl-C or an out-of-memory error part way through would."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("merge, fp8", [(True, False), (True, True), (False, False)])
+def test_a_lora_load_failing_part_way_leaves_the_model_as_it_was(tmp_path, monkeypatch, merge, fp8):
+    """load_lora changed the layers one by one: a Ctrl-C part way (a notebook's interrupt) left the model half
+    merged, and loading the file again merged its first layers twice. Now the layers done are put back."""
+    sd.save_lora(lora_model(), tmp_path / "l.safetensors")
+    model = sd.quantize_mmdit(tiny_mmdit()) if fp8 else tiny_mmdit()
+    sd.load_lora(model, tmp_path / "l.safetensors", scale=0.3, merge=not merge)     # one already there
+    before, modules = {k: v.clone() for k, v in model.state_dict().items()}, dict(model.named_modules())
+    read_lora = sd.read_lora
+
+    def late_failure(model, path):
+        adapters = read_lora(model, path)
+        name = list(adapters)[len(adapters) // 2]                              # half of the layers come first
+        adapters[name] = (adapters[name][0], adapters[name][1].as_subclass(FailsWhenUsed))
+        return adapters
+    monkeypatch.setattr(sd, "read_lora", late_failure)
+    with pytest.raises(KeyboardInterrupt):
+        sd.load_lora(model, tmp_path / "l.safetensors", merge=merge)
+    assert dict(model.named_modules()) == modules
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_an_unmerged_lora_leaves_the_global_seed_alone_and_loads_frozen(tmp_path):
     """load_lora(merge=False) wraps layers in LoRALinear, whose random init it overwrites at once: torch.randn
     must give what it gave without the call. Its adapters are for inference (sample.py --no-merge): they do not
