@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny' "
                    "(default: the model the --lora was trained on, as its file records)")
     p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
-                                           " (for single-file models without them)")
-    p.add_argument("--vae", help="VAE file or folder (default: the one in --model)")
+                                           " (for single-file models without them; without --model: the --lora's)")
+    p.add_argument("--vae", help="VAE file or folder (default: the one in --model; without --model: the --lora's)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
     p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
     p.add_argument("--negative", default="", type=utf8_text,
@@ -105,18 +105,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PIPELINE = {"model": "base_model", "text_encoders": "text_encoders", "vae": "vae"}   # flag: the LoRA's key
+
+
 def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
-    """T5 length and use, and the model, as the LoRAs that record them were trained (so sampling matches
-    training). LoRAs of different lengths need --t5-length (`t5_length`, which main() then uses): no one
-    length is right for both. T5 is left out only when all were trained without it."""
-    found, models = {}, set()
+    """T5 length and use, and the model (with the text encoders and VAE given apart), as the LoRAs that record
+    them were trained (so sampling matches training), each only when all the LoRAs record the same. LoRAs of
+    different lengths need --t5-length (`t5_length`, which main() then uses): no one length is right for both.
+    T5 is left out only when all were trained without it."""
+    found, pipelines = {}, {flag: set() for flag in PIPELINE}
     for path in paths:
         header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
-        base = info.get("base_model")
-        models.add(base if isinstance(base, str) and base else None)      # (a hostile file's: no text)
+        for flag, key in PIPELINE.items():      # a hostile file's: not text, or with control characters (an
+            value = info.get(key)               # escape sequence could hide it where main() prints it)
+            pipelines[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
@@ -125,10 +130,11 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     if without and len(without) < len(found):
         print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: T5 stays on "
               f"unless --no-t5", file=sys.stderr)
-    model = {"model": next(iter(models))} if len(models) == 1 and None not in models else {}
+    pipeline = {flag: next(iter(values)) for flag, values in pipelines.items()
+                if len(values) == 1 and None not in values}
     if not found:
-        return model
-    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **model}
+        return pipeline
+    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **pipeline}
 
 
 def main(argv=None) -> list[Path]:
@@ -142,6 +148,11 @@ def main(argv=None) -> list[Path]:
             raise sd.UserError(f"no one model recorded as trained on in {', '.join(args.lora)}: give --model")
         args.model = trained["model"]
         print(f"model: {args.model} (the --lora's, as trained; --model to choose another)")
+        for flag in ("text_encoders", "vae"):               # a single-file model's, unless given (tiny: none)
+            option = "--" + flag.replace("_", "-")
+            if flag in trained and getattr(args, flag) is None and args.model != "tiny":
+                setattr(args, flag, trained[flag])
+                print(f"{option} {trained[flag]} (the --lora's, as trained; {option} to choose another)")
     if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
         raise sd.UserError("the tiny model has its own random text encoders and VAE: leave out --text-encoders "
                            "and --vae")

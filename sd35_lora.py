@@ -1382,9 +1382,9 @@ class Trainer:
         if self.rank > 0:                                   # one writer: process 0
             return
         trained = ("lr", "batch_size", "timestep_sampling", "weighting")
-        meta = {"variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5,
-                "targets": c.lora.targets, "base_model": c.model, "step": self.step,
-                "resumed_with_changes": self.changes, "fp8": c.fp8, "world_size": self.world,
+        meta = {"base_model": c.model, "text_encoders": c.text_encoders, "vae": c.vae, "fp8": c.fp8,
+                "variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": self.step,
+                "targets": c.lora.targets, "resumed_with_changes": self.changes, "world_size": self.world,
                 "global_batch": self.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
         save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
         save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)

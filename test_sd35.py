@@ -2509,6 +2509,39 @@ def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_fi
     assert cached_captions(cfg) == third
 
 
+def test_a_lora_trained_on_a_single_file_samples_with_its_text_encoders_and_vae(single_files, tmp_path, capsys):
+    """A LoRA trained on a single-file MMDiT with text_encoders: and vae: recorded only the model: `sample.py --lora
+    x` stopped with 'holds no text encoders: pass --text-encoders'. They are recorded now, and used (and printed)
+    when neither --model nor their flag is given; a hostile file's (not text, or control characters that would
+    hide them when printed) are not."""
+    root, _ = single_files
+    sd.write_demo_dataset(tmp_path / "data")
+    official_single_file(root / "diffusers", tmp_path / "both.safetensors")
+    save_file({k: v for k, v in load_file(tmp_path / "both.safetensors").items() if k.startswith("model.")},
+              tmp_path / "mmdit.safetensors")                                       # no VAE, no text encoders
+    text, vae = str(root / "clip"), str(root / "diffusers")
+    lora = sd.train(tiny_config(tmp_path, model=str(tmp_path / "mmdit.safetensors"), text_encoders=text, vae=vae,
+                                **{"train.steps": 1, "sample.sample_every": 0, "sample.prompts": []}))
+    capsys.readouterr()
+    args = ["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    paths = sample.main(["--lora", str(lora), *args])
+    out = capsys.readouterr().out
+    assert f"--text-encoders {text} (the --lora's, as trained" in out and f"--vae {vae} (the --lora's" in out
+    parameters = json.loads(Image.open(paths[0]).text["parameters"])
+    assert (parameters["model"], parameters["text_encoders"], parameters["vae"]) == (str(tmp_path / "mmdit.safetensors"),
+                                                                                     text, vae)
+    sample.main(["--lora", str(lora), "--text-encoders", vae, *args])                # the user's flag wins
+    assert "--text-encoders" not in capsys.readouterr().out
+    one_line_error(lambda: sample.main(["--lora", str(lora), "--model", str(tmp_path / "mmdit.safetensors"), *args]),
+                   "holds no text encoders: pass --text-encoders")                 # the user's model: theirs alone
+    tensors, header = sd.read_safetensors(lora, with_metadata=True)
+    for hostile in ({"text_encoders": text + "\x1b[2K", "vae": vae}, {"text_encoders": [text], "vae": vae}):
+        info = {**json.loads(header["sd35_lora"]), **hostile}
+        save_file(tensors, tmp_path / "hostile.safetensors", {**header, "sd35_lora": json.dumps(info)})
+        one_line_error(lambda: sample.main(["--lora", str(tmp_path / "hostile.safetensors"), *args]),
+                       "holds no text encoders: pass --text-encoders")
+
+
 def cached_captions(cfg: sd.Config) -> list:
     """The text cache files of cfg's dataset, after checking that the cached empty caption is what the text
     encoders give now."""
