@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1474  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1970  Hub Downloads                    snapshot downloads, tokenizers
      2023  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2269  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2736  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2872  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3025  Several Processes (torchrun)     one all-reduce per step
-     3093  Command Line and the Tiny Model  main(), --tiny
+     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2402  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2743  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2879  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3032  Several Processes (torchrun)     one all-reduce per step
+     3100  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2222,10 +2222,21 @@ def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor,
     return adapters
 
 
+def merge_delta(layer: nn.Module, delta: torch.Tensor):
+    """layer.weight += delta; an fp8 weight is dequantized, added to and quantized again."""
+    if getattr(layer, "weight_scale", None) is not None:
+        weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
+        weight, row_scale = quantize_fp8(weight + delta.to(weight.device))
+        layer.weight.copy_(weight)
+        layer.weight_scale.copy_(row_scale)
+    else:
+        layer.weight += delta.to(layer.weight.device, layer.weight.dtype)
+
+
 @torch.no_grad()
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. All or
-    nothing: a failure part way (Ctrl-C, out of memory) puts back the layers done, so a notebook can retry."""
+    nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
     if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
         raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
     adapters = read_lora(model, path)                      # validates everything before touching the model
@@ -2233,35 +2244,31 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
                         f"merge the others (sample.py: leave out --no-merge)")
-    done = []                       # (name, layer, its tensors before), put back if a later layer fails
+    done = {}                                       # {name: the layer as it was}, undone if a later one fails
     try:
         for name, (down, up) in adapters.items():
             layer = model.get_submodule(name)
-            before = layer.state_dict()             # (an unmerged LoRA leaves these as they are)
-            if merge:                               # copied first, to the CPU: GPUs have less memory to spare
-                before = {k: v.to("cpu", copy=True) for k, v in before.items()}
-            done.append((name, layer, before))
-            if merge and getattr(layer, "weight_scale", None) is not None:  # fp8: dequantize, add, requantize
-                weight = dequantize_fp8(layer.weight, layer.weight_scale, torch.float32)
-                weight, row_scale = quantize_fp8(weight + ((up @ down) * scale).to(weight.device))
-                layer.weight.copy_(weight)
-                layer.weight_scale.copy_(row_scale)
-            elif merge:
-                layer.weight += ((up @ down) * scale).to(layer.weight.device, layer.weight.dtype)
+            if merge:
+                merge_delta(layer, (up @ down) * scale)
+                done[name] = layer
             else:       # LoRALinear's random init, overwritten at once, must leave the caller's seed alone
                 device = layer.weight.device
                 accelerators = [] if device.index is None else [device.index]  # the CPU's is always forked
                 with torch.random.fork_rng(accelerators, device_type=device.type):
                     wrapped = LoRALinear(layer, rank=len(down), alpha=len(down)).requires_grad_(False)
                 wrapped.train(layer.training)                       # an eval() model's layers stay in eval
+                done[name] = layer                                  # replaced from here: put back on failure
                 _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
                 wrapped.lora_down.weight.copy_(down)
                 wrapped.lora_up.weight.copy_(up)
                 wrapped.multiplier = scale
-    except BaseException:       # e.g. Ctrl-C or out of memory part way: the layers done are put back
-        for name, layer, before in done:
-            _replace(model, name, layer)                            # unmerged: the plain layer back
-            layer.load_state_dict(before)
+    except BaseException:       # e.g. Ctrl-C or out of memory part way: the layers done are undone
+        for name, layer in done.items():
+            if merge:           # subtracted, not restored from a copy (that would cost the model's size):
+                down, up = adapters[name]           # as it was to within rounding (fp8: its rounding)
+                merge_delta(layer, -(up @ down) * scale)
+            else:
+                _replace(model, name, layer)
         raise
     return len(adapters)
 
