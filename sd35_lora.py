@@ -22,17 +22,17 @@ have. Sections (line numbers):
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1219  Training                         Trainer and the training loop
-     1467  Part 2: plumbing                 a reader can stop here
-     1474  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1970  Hub Downloads                    snapshot downloads, tokenizers
-     2023  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2402  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2743  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2879  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3032  Several Processes (torchrun)     one all-reduce per step
-     3100  Command Line and the Tiny Model  main(), --tiny
+     1220  Training                         Trainer and the training loop
+     1468  Part 2: plumbing                 a reader can stop here
+     1475  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1971  Hub Downloads                    snapshot downloads, tokenizers
+     2024  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2403  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2744  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2880  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3033  Several Processes (torchrun)     one all-reduce per step
+     3101  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1134,11 +1134,12 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-    skipped = f"; {len(left_out)} hidden, thumbnail and recycle folders: {shown}" if left_out else ""
+    left = [f"{len(found) - len(paths)} in output_dir and dataset.cache_dir"] * (len(paths) < len(found))
+    left += [f"{len(left_out)} hidden, thumbnail and recycle folders: {shown}"] * bool(left_out)
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
-              f" ({len(found) - len(paths)} in output_dir and dataset.cache_dir left out{skipped})")
+              + (f" (left out: {'; '.join(left)})" if left else ""))
     return items
 
 

@@ -2785,6 +2785,19 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     out = capsys.readouterr()
     assert "SYNOPHOTO" not in out.err, out.err
     assert "7 hidden, thumbnail and recycle folders: #recycle, $Recycle.Bin, .git, .thumbnails, @eaDir, ...)" in out.out
+    assert "recursively (left out: 7 hidden" in out.out, out.out        # no "0 in output_dir ..." before it
+
+
+def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_path, capsys):
+    """Every run's dataset line said "(0 in output_dir and dataset.cache_dir left out)": a note about nothing."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, cache_dir=str(tmp_path / "cache")))
+    assert capsys.readouterr().out.strip().endswith(f"under {data}, searched recursively")
+    (data / "run" / "samples").mkdir(parents=True)                        # output_dir inside the dataset
+    Image.new("RGB", (64, 64)).save(data / "run" / "samples" / "preview.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64), str(data / "run"))
+    assert capsys.readouterr().out.strip().endswith("(left out: 1 in output_dir and dataset.cache_dir)")
 
 
 def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_path):
