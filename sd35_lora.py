@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1071  Data                             dataset scan, aspect buckets, the latent and text cache
      1220  Training                         Trainer and the training loop
-     1468  Part 2: plumbing                 a reader can stop here
-     1475  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1971  Hub Downloads                    snapshot downloads, tokenizers
-     2024  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2403  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2744  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2880  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3033  Several Processes (torchrun)     one all-reduce per step
-     3101  Command Line and the Tiny Model  main(), --tiny
+     1470  Part 2: plumbing                 a reader can stop here
+     1477  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1973  Hub Downloads                    snapshot downloads, tokenizers
+     2026  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2279  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2405  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2746  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2882  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3035  Several Processes (torchrun)     one all-reduce per step
+     3103  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1355,6 +1355,7 @@ class Trainer:
         try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
             if self.log_path.is_file():
                 plot_losses(self.log_path, self.out / "loss.png")
+            self.bar.set_description(f"sampling {len(self.cfg.sample.prompts)} previews")  # not a frozen bar
             self.mmdit.eval()
             self.pipe.vae.to(self.pipe.device)
             images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
@@ -1367,6 +1368,7 @@ class Trainer:
             tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
                        f"goes on", file=sys.stderr)
         finally:
+            self.bar.set_description("training")
             self.pipe.vae.to("cpu")
             self.mmdit.train()
 
@@ -1426,11 +1428,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
+        tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
+                            disable=tr.rank > 0)        # end_training closes it, after an error too
         made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
         if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
             tr.sample_images()      # a baseline before any update, or those a stop at a sample step skipped
-        tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
-                            disable=tr.rank > 0)        # end_training closes it, after an error too
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:

@@ -2982,6 +2982,24 @@ def test_lines_printed_during_training_start_their_own_line_in_a_terminal(tmp_pa
                                                         *(f"warning: sampling at step {n} failed" for n in (0, 2, 4))]
 
 
+def test_the_training_bar_says_that_previews_are_made_while_they_are(tmp_path, monkeypatch):
+    """At a sample step the bar stood still, without a word, for the minutes a large model takes to make the
+    previews: the run looked hung. The step 0 previews (before any bar) too."""
+    make_dataset(tmp_path / "data")
+    screen, seen = io.StringIO(), []
+    monkeypatch.setattr(sys, "stderr", screen)
+    generate = sd.generate
+
+    def watched(*args, **kwargs):                       # the bar as drawn when the previews start
+        seen.append(screen.getvalue().rsplit("\r", 1)[-1])
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", watched)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 1}))
+    assert [line.split("|")[0] for line in seen] == ["sampling 2 previews:   0%", "sampling 2 previews:  50%",
+                                                      "sampling 2 previews: 100%"], seen
+    assert screen.getvalue().rsplit("\r", 1)[-1].startswith("training: 100%|"), screen.getvalue()[-300:]
+
+
 def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, monkeypatch):
     """A notebook keeps a failed train()'s traceback, and with it its progress bar: tqdm redrew that dead bar
     ("training:  20%|... lr=1.00e+08") with every line of the next run, whose own bar came a line below it."""
