@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1220  Training                         Trainer and the training loop
-     1470  Part 2: plumbing                 a reader can stop here
-     1477  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1973  Hub Downloads                    snapshot downloads, tokenizers
-     2026  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2279  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2405  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2746  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2882  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3035  Several Processes (torchrun)     one all-reduce per step
-     3103  Command Line and the Tiny Model  main(), --tiny
+     1074  Data                             dataset scan, aspect buckets, the latent and text cache
+     1223  Training                         Trainer and the training loop
+     1473  Part 2: plumbing                 a reader can stop here
+     1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1976  Hub Downloads                    snapshot downloads, tokenizers
+     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2749  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2885  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3038  Several Processes (torchrun)     one all-reduce per step
+     3106  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -939,15 +939,16 @@ def slg_acts(i: int, steps: int) -> bool:
 @torch.no_grad()
 def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=None, cfg: float = 1.0,
             sampler: str = "euler", slg_scale: float = 0.0, slg_layers=(),
-            progress: bool = False) -> torch.Tensor:
+            bar: tqdm | None = None) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
-    skip-layer guidance adds a cond pass without `slg_layers` in the steps of SLG_WINDOW (1 %-20 %)."""
+    skip-layer guidance adds a cond pass without `slg_layers` in the steps of SLG_WINDOW (1 %-20 %). `bar`
+    counts each image's steps (generate's: one bar over all its batches)."""
     check_choice("sampler", sampler, SAMPLERS)
     use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
     steps, old_denoised, sigma_values = len(sigmas) - 1, None, sigmas.tolist()
     x = x.float()
-    for i in tqdm(range(steps), desc="denoising", disable=not progress, leave=False):
+    for i in range(steps):
         sigma = sigmas[i]
         batch = torch.cat([x, x]) if use_cfg else x
         v = model(batch, (sigma * 1000).expand(batch.shape[0]), context, pooled).float()
@@ -962,6 +963,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
         else:
             denoised = x - sigma * v
             x, old_denoised = dpmpp_2m_step(x, denoised, old_denoised, sigma_values, i), denoised
+        if bar is not None:
+            bar.update(len(x))
     return x
 
 
@@ -1047,14 +1050,14 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
+    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {len(x)} images", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    with pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
+    with pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), bar:
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            part = slice(i, i + batch_size)
-            c, u = ([t[part] for t in pair] if pair else None for pair in (cond, uncond))
+            c, u = ([t[i:i + batch_size] for t in pair] if pair else None for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
-                z = denoise(pipe.mmdit, x[part], sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers,
-                            progress)
+                z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
+                            s.slg_layers, bar)
             with pipe.on_device(pipe.vae):                 # one image at a time: VAE activations are large
                 images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])   # (B, 3, H, W), [-1, 1]
             if not images.isfinite().all():                # one check per batch, not per sampling step

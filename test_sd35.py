@@ -648,6 +648,23 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
                           plain)
 
 
+def test_images_made_in_batches_show_one_progress_bar_over_all_their_steps(monkeypatch, capsys):
+    """sample.py drew a bar per batch, each from 0 %: 16 images in batches of 4 made four bars, and no bar said
+    how far the whole run was. One bar counts every image's steps; progress=False draws none."""
+    pipe, s, bars = sd.tiny_pipeline(), sd.SampleSettings(steps=3, width=32, height=32, cfg=1.0), []
+
+    class Recorded(sd.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+    monkeypatch.setattr(sd, "tqdm", Recorded)
+    assert len(sd.generate(pipe, ["red", "blue", "green"], settings=s, batch_size=2)) == 3
+    assert [(bar.n, bar.total) for bar in bars] == [(9, 9)]
+    assert "denoising 3 images: 100%|" in capsys.readouterr().err
+    sd.generate(pipe, ["red", "blue", "green"], settings=s, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_path, capsys):
     """CLIP reads 77 tokens and T5 t5_length: the rest of a longer prompt was dropped without a word (diffusers
     warns). One line with a count, not a line per prompt or caption."""
