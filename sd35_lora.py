@@ -20,19 +20,19 @@ have. Sections (line numbers):
       514  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1074  Data                             dataset scan, aspect buckets, the latent and text cache
-     1223  Training                         Trainer and the training loop
-     1473  Part 2: plumbing                 a reader can stop here
-     1480  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1976  Hub Downloads                    snapshot downloads, tokenizers
-     2029  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2749  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2885  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3038  Several Processes (torchrun)     one all-reduce per step
-     3106  Command Line and the Tiny Model  main(), --tiny
+      855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1059  Data                             dataset scan, aspect buckets, the latent and text cache
+     1208  Training                         Trainer and the training loop
+     1458  Part 2: plumbing                 a reader can stop here
+     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1961  Hub Downloads                    snapshot downloads, tokenizers
+     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2886  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3039  Several Processes (torchrun)     one all-reduce per step
+     3107  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -837,21 +837,6 @@ class TextEncoders:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(self.clip_l.device)
 
-    def warn_cut(self, texts: list[str], what: str):
-        """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which encode() cuts
-        without a word (as transformers does; diffusers warns)."""
-        limits = [("CLIP", self.tok_l, self.tok_l.model_max_length)]
-        limits += [("T5", self.tok_t5, self.t5_length)] if self.t5 is not None else []
-        cut = {}
-        for name, tok, limit in limits if texts else ():
-            lengths = map(len, tok(texts, verbose=False).input_ids)
-            cut[f"{name}'s {limit}"] = {i for i, n in enumerate(lengths) if n > limit}
-        over = sorted(set().union(*cut.values()))
-        if over:
-            told = ", ".join(f"{len(i)} at {window}" for window, i in cut.items() if i)
-            print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
-                  f"ignored, e.g. {texts[over[0]]!r:.60}", file=sys.stderr)
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
@@ -1035,8 +1020,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
-        pipe.text.warn_cut(prompts, "prompts")         # the negative apart: a user counts only the prompts
-        pipe.text.warn_cut([negative] if s.cfg > 1.0 else [], "negative prompts")
+        warn_cut(pipe.text, prompts, "prompts")         # the negative apart: a user counts only the prompts
+        warn_cut(pipe.text, [negative] if s.cfg > 1.0 else [], "negative prompts")
         if negative and s.cfg <= 1.0:                   # diffusers ignores it as silently
             print(f"warning: the negative prompt has no effect without CFG (cfg {s.cfg} is 1 or less)",
                   file=sys.stderr)
@@ -1172,7 +1157,7 @@ class LatentDataset:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             return store(path, encode, f"the caption {caption!r:.60}")
         if rank == 0:
-            pipe.text.warn_cut([item["caption"] for item in items], "captions")
+            warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
             @torch.no_grad()
@@ -1260,9 +1245,9 @@ class Trainer:
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                pipe.text.warn_cut(s.prompts, "sample.prompts")
+                warn_cut(pipe.text, s.prompts, "sample.prompts")
                 if self.sample_settings.cfg > 1.0:
-                    pipe.text.warn_cut([s.neg], "sample.neg prompts")
+                    warn_cut(pipe.text, [s.neg], "sample.neg prompts")
                 elif s.neg:                                                 # as generate() warns in sample.py
                     print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
                           f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
@@ -2495,6 +2480,22 @@ def check_seed(seed: int, images: int, name: str = "seed"):
     """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
     if not 0 <= seed <= 2**64 - images:
         raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
+
+
+def warn_cut(text: TextEncoders, texts: list[str], what: str):
+    """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which TextEncoders.encode
+    cuts without a word (as transformers does; diffusers warns)."""
+    limits = [("CLIP", text.tok_l, text.tok_l.model_max_length)]
+    limits += [("T5", text.tok_t5, text.t5_length)] if text.t5 is not None else []
+    cut = {}
+    for name, tok, limit in limits if texts else ():
+        lengths = map(len, tok(texts, verbose=False).input_ids)
+        cut[f"{name}'s {limit}"] = {i for i, n in enumerate(lengths) if n > limit}
+    over = sorted(set().union(*cut.values()))
+    if over:
+        told = ", ".join(f"{len(i)} at {window}" for window, i in cut.items() if i)
+        print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
+              f"ignored, e.g. {texts[over[0]]!r:.60}", file=sys.stderr)
 
 
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
