@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2886  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3039  Several Processes (torchrun)     one all-reduce per step
-     3107  Command Line and the Tiny Model  main(), --tiny
+     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2890  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3043  Several Processes (torchrun)     one all-reduce per step
+     3111  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2484,7 +2484,7 @@ def check_seed(seed: int, images: int, name: str = "seed"):
 
 def warn_cut(text: TextEncoders, texts: list[str], what: str):
     """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which TextEncoders.encode
-    cuts without a word (as transformers does; diffusers warns)."""
+    cuts without a word (as transformers does; diffusers warns), with the words that one of them loses."""
     limits = [("CLIP", text.tok_l, text.tok_l.model_max_length)]
     limits += [("T5", text.tok_t5, text.t5_length)] if text.t5 is not None else []
     cut = {}
@@ -2494,8 +2494,12 @@ def warn_cut(text: TextEncoders, texts: list[str], what: str):
     over = sorted(set().union(*cut.values()))
     if over:
         told = ", ".join(f"{len(i)} at {window}" for window, i in cut.items() if i)
+        # both tokenizers end a text with one special token, which the cut keeps: tokens [limit - 1:] are lost
+        lost = {name: tok.decode(tok(texts[over[0]], verbose=False).input_ids[limit - 1:],
+                                 skip_special_tokens=True) for name, tok, limit in limits}
+        name = max(lost, key=lambda window: len(lost[window]))          # the shorter window: more words lost
         print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
-              f"ignored, e.g. {texts[over[0]]!r:.60}", file=sys.stderr)
+              f"ignored, e.g. {name} does not read {lost[name]!r:.60}", file=sys.stderr)
 
 
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):

@@ -673,13 +673,14 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
     sd.generate(pipe, ["red", "b" * 20, "c" * 90, "b" * 20], settings=s, progress=False)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["warning: 3 of 4 prompts are cut (1 at CLIP's 77, 3 at T5's 16 tokens): the rest of them "
-                     f"is ignored, e.g. {'b' * 20!r}"]
+                     "is ignored, e.g. T5 does not read 'b b b b b'"]           # the 5 of 20 past T5's 15 + <eos>
     sd.generate(pipe, ["red"], settings=s, progress=False)
     assert capsys.readouterr().err == ""
     cfg = dataclasses.replace(s, cfg=4.0)      # the negative prompt was counted among the prompts: "1 of 3"
     sd.generate(pipe, ["red", "blue"], "x" * 30, settings=cfg, progress=False)
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. {'x' * 30!r}"]
+        "warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. T5 does not "
+        f"read {' '.join('x' * 15)!r}"]
     sd.generate(pipe, ["b" * 20], settings=cfg, progress=False)
     assert "1 of 1 prompts are cut" in capsys.readouterr().err
     sd.generate(pipe, ["red"], "x" * 30, settings=s, progress=False)      # cfg 1: the negative is not read
@@ -692,7 +693,20 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
     sd.LatentDataset(items, pipe, cfg, cfg.model)
     assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [   # not tqdm's
         "warning: 3 of 4 captions are cut (1 at CLIP's 77, 3 at T5's 16 tokens): the rest of them is ignored, "
-        f"e.g. {'d' * 20!r}"]
+        "e.g. T5 does not read 'd d d d d'"]
+
+
+def test_the_warning_about_a_cut_prompt_shows_the_words_that_are_lost(capsys):
+    """It showed the start of the prompt, which the text encoders read: a user wants to know which words are
+    lost. Those of the window that loses most (the tiny tokenizers: a token per letter, spaces dropped)."""
+    s = sd.SampleSettings(steps=1, width=32, height=32, cfg=1.0)
+    sd.generate(sd.tiny_pipeline(t5_length=16), ["abcdefghijklmno xyz9"], settings=s, progress=False)
+    assert capsys.readouterr().err.strip().endswith("e.g. T5 does not read 'x y z 9'")
+    sd.generate(sd.tiny_pipeline(use_t5=False), ["a" * 75 + " zy,9"], settings=s, progress=False)
+    assert capsys.readouterr().err.strip().endswith("(1 at CLIP's 77 tokens): the rest of them is ignored, e.g. CLIP "
+                                                    "does not read 'z y , 9'")
+    sd.generate(sd.tiny_pipeline(t5_length=90), ["a" * 80 + "bc"], settings=s, progress=False)   # CLIP's 77 first
+    assert capsys.readouterr().err.strip().endswith("e.g. CLIP does not read 'a a a a a b c'")
 
 
 #################################################################################
