@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1208  Training                         Trainer and the training loop
      1458  Part 2: plumbing                 a reader can stop here
      1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1961  Hub Downloads                    snapshot downloads, tokenizers
-     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2890  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3043  Several Processes (torchrun)     one all-reduce per step
-     3111  Command Line and the Tiny Model  main(), --tiny
+     1960  Hub Downloads                    snapshot downloads, tokenizers
+     2013  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2753  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2889  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3042  Several Processes (torchrun)     one all-reduce per step
+     3119  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1874,10 +1874,9 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    by_rank = name in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
-    by_rank = by_rank and rank_and_world()[1] > 1             # a LOCAL_RANK left in a plain run's environment
+    by_rank = name in ("auto", "cuda") and under_torchrun() and torch.cuda.is_available()
     if by_rank:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"                  # torchrun: one GPU per process
+        name = f"cuda:{local_rank()}"                        # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
@@ -2587,7 +2586,7 @@ def check_sources(cfg: Config):
     """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
     before the dataset scan decodes every image."""
     device, world = pick_device(cfg.device), rank_and_world()[1]
-    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
+    if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
@@ -3044,15 +3043,24 @@ def plot_losses(log_path: Path, png_path: Path):
 #                          Several Processes (torchrun)                         #
 #################################################################################
 
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, number of processes): set by torchrun, (0, 1) for a plain run."""
-    world = int(os.environ.get("WORLD_SIZE") or 1)      # a RANK left alone: a plain run (it trained nothing);
-    return int(os.environ.get("RANK") or 0) if world > 1 else 0, world    # empty (exported unset): not set
-
-
 def under_torchrun() -> bool:
-    """Started by torchrun, which sets MASTER_ADDR: not a WORLD_SIZE alone, as a cluster may export it."""
-    return rank_and_world()[1] > 1 and "MASTER_ADDR" in os.environ
+    """One of several processes started by torchrun (it sets MASTER_ADDR: a WORLD_SIZE alone may be a
+    cluster's) or joined by a caller; else a plain run, whatever a stray RANK, LOCAL_RANK or job id says."""
+    several = int(os.environ.get("WORLD_SIZE") or 1) > 1         # empty (exported unset): not set
+    return several and ("MASTER_ADDR" in os.environ or dist.is_initialized())
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): torchrun's. A plain run is process 0 whatever a stray RANK
+    says (as process 1 it hid its own errors), of WORLD_SIZE processes if one is exported: check_sources
+    refuses that."""
+    rank = int(os.environ.get("RANK") or 0) if under_torchrun() else 0
+    return rank, int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def local_rank() -> int:
+    """This process's number on its machine, and its GPU: torchrun's LOCAL_RANK, 0 for a plain run."""
+    return int(os.environ.get("LOCAL_RANK") or rank_and_world()[0]) if under_torchrun() else 0
 
 
 def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
@@ -3209,7 +3217,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None):
-    args, (rank, world) = parse_args(argv), rank_and_world()
+    args, rank = parse_args(argv), rank_and_world()[0]
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
@@ -3217,7 +3225,7 @@ def main(argv=None):
     previous = handle_signals(terminate, (signal.SIGTERM,))        # loading, caching; train() takes it over
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
-        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "none") if under_torchrun() else "none"
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else job[:15]
         if args.tiny and args.resume:                           # continue the newest tiny run that saved
             saved = sorted(Path("runs").glob(f"tiny_*/{STATE_FILE}"), key=os.path.getmtime)
@@ -3228,9 +3236,8 @@ def main(argv=None):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        first = world == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0  # a dataset missing on one machine
         tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if first or e.own else 1)
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
@@ -3239,7 +3246,7 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
         name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (world > 1 and code == 143)
+        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and code == 143)
         if rank == 0:                           # torchrun: process 0 speaks for all
             print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
                   file=sys.stderr)

@@ -1974,6 +1974,21 @@ def test_main_leaves_a_process_group_it_did_not_create(tmp_path):
         torch.distributed.destroy_process_group()
 
 
+def test_processes_a_caller_joined_without_master_addr_keep_their_ranks(tmp_path, monkeypatch):
+    """A script that joined its processes itself (a tcp:// or file:// rendezvous: no MASTER_ADDR) and exported
+    RANK and WORLD_SIZE: each is its RANK, not one more process 0 (as a plain run with a stray RANK is)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert sd.rank_and_world() == (0, 2) and not sd.under_torchrun()
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert sd.rank_and_world() == (1, 2) and sd.under_torchrun()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not_blame_the_user(tmp_path, monkeypatch,
                                                                                                  capsys):
     """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
@@ -3330,6 +3345,7 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
     save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
               {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")                              # as torchrun sets them
     for rank, warnings in (("1", 0), ("0", 4)):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
@@ -3859,9 +3875,22 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")       # left in a plain run's environment: not torchrun's, no cuda:1 error
     assert sd.pick_device("auto") == torch.device("cuda")
     monkeypatch.setenv("WORLD_SIZE", "2")                   # torchrun with more processes than GPUs
+    monkeypatch.setenv("MASTER_ADDR", "localhost")          # (torchrun sets it)
     one_line_error(lambda: sd.pick_device("auto"), "cuda:1 asked for, but this torch sees 1 cuda")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert sd.pick_device("auto") == torch.device("cuda", 0)
+
+
+def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
+    """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
+    cuda:2 asked for, but this torch sees 1": LOCAL_RANK chose a GPU with no torchrun (no MASTER_ADDR)."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert sd.pick_device("auto") == sd.pick_device("cuda") == torch.device("cuda")
 
 
 def test_fp8_rows_round_within_e4m3_precision():
@@ -4596,7 +4625,8 @@ def test_torchrun_sigterm_stops_every_process_after_the_same_step(tmp_path):
 
 def test_tiny_under_torchrun_shares_one_output_dir_and_writes_whole_demo_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")        # what torchrun gives every process of a job
+    for name, value in (("TORCHELASTIC_RUN_ID", "job-42"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost")):
+        monkeypatch.setenv(name, value)                         # what torchrun gives every process of a job
     (tmp_path / "runs/tiny_data").mkdir(parents=True)          # another process has just created it
     seen = []
     monkeypatch.setattr(sd, "train", lambda cfg, resume: seen.append(cfg) or Path("lora.safetensors"))
@@ -4604,6 +4634,18 @@ def test_tiny_under_torchrun_shares_one_output_dir_and_writes_whole_demo_files(t
     assert seen[0].output_dir == "runs/tiny_job-42"          # not a timestamp that may differ by a second
     names = sorted(p.name for p in (tmp_path / "runs/tiny_data").iterdir())
     assert names == ["blue_disc.png", "blue_disc.txt", "red_stripes.png", "red_stripes.txt"]
+
+
+def test_tiny_with_a_torchrun_job_id_left_in_a_plain_runs_environment_makes_a_new_run(tmp_path, monkeypatch):
+    """A TORCHELASTIC_RUN_ID copied from a torchrun shell named every plain `--tiny` run's output_dir after it:
+    the second was refused ("output_dir runs/tiny_job-42 already holds files of an earlier run")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-42")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    seen = []
+    monkeypatch.setattr(sd, "train", lambda cfg, resume: seen.append(cfg) or Path("lora.safetensors"))
+    sd.main(["--tiny"])
+    assert re.fullmatch(r"runs/tiny_\d{8}-\d{6}", seen[0].output_dir), seen[0].output_dir     # a timestamp
 
 
 def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
@@ -4642,6 +4684,7 @@ def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
     """Once, not once per process; but by each machine's first process: with two machines (seen with two
     `torchrun --nnodes 2`), a dataset.path missing on the second one stopped its processes without a word."""
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")              # as torchrun sets them
     for (rank, local), code in (((1, 1), 1), ((0, 0), "error: 'train.lr'"), ((2, 0), "error: 'train.lr'")):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(local))
@@ -4750,6 +4793,29 @@ def test_a_plain_run_with_world_size_exported_is_not_called_process_0(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert str(exit_info.value.code).startswith("error: process 0: WORLD_SIZE is 2 but RANK, MASTER_PORT")
+
+
+def test_a_plain_run_with_torchrun_variables_exported_prints_its_errors(tmp_path, monkeypatch):
+    """`python sd35_lora.py` with WORLD_SIZE=2 RANK=1 exported (a cluster job, a shell copied from torchrun's)
+    took itself for torchrun's process 1: a config error exited 1 without a word, and so did the refusal of
+    device cuda:0 ("under torchrun puts every process on one GPU": no torchrun here); auto picked LOCAL_RANK's
+    GPU, which a 1-GPU machine lacks. One process says why it stopped: the WORLD_SIZE it must not train with."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a: pytest.fail("the dataset was scanned first"))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for world, rank, local in (("2", "1", None), ("4", "3", "2")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", rank)
+        if local:
+            monkeypatch.setenv("LOCAL_RANK", local)
+        for sets, said in (({"train.lr": -1}, "error: 'train.lr'"), ({"device": "auto"}, "error: WORLD_SIZE is"),
+                           ({"device": "cuda:0"}, "error: WORLD_SIZE is")):
+            with pytest.raises(SystemExit) as exit_info:
+                sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+            assert str(exit_info.value.code).startswith(said), (world, rank, local, sets, exit_info.value.code)
 
 
 def test_lost_contact_keeps_what_gloo_said_past_its_source_file_tag():
