@@ -23,16 +23,16 @@ have. Sections (line numbers):
       855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1059  Data                             dataset scan, aspect buckets, the latent and text cache
      1208  Training                         Trainer and the training loop
-     1458  Part 2: plumbing                 a reader can stop here
-     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1961  Hub Downloads                    snapshot downloads, tokenizers
-     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2890  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3043  Several Processes (torchrun)     one all-reduce per step
-     3111  Command Line and the Tiny Model  main(), --tiny
+     1418  Part 2: plumbing                 a reader can stop here
+     1425  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1921  Hub Downloads                    snapshot downloads, tokenizers
+     1974  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2227  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2353  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2864  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3046  Several Processes (torchrun)     one all-reduce per step
+     3114  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1230,7 +1230,7 @@ class Trainer:
         self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
         self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
-        self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
+        self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # after those: it decodes every image
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1264,51 +1264,11 @@ class Trainer:
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
-        self.note_data_changes(header.get("data", ""))                 # a fresh run's header {}: nothing
-        if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
-            print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
-                  f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
+        note_resume(self, header)
         weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
         self.autocast = None if weights_dtype == torch.float32 else weights_dtype
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
-
-    def refuse_early(self, resume: bool) -> tuple[list[str], dict]:
-        """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-        only process 0 checks output_dir). -> a resume's trajectory changes and state file header."""
-        cfg, first = self.cfg, rank_and_world()[0] == 0         # torchrun's process 0 (init comes later)
-        if not cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
-                            "a hub id or 'tiny'")
-        resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
-        # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
-        earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
-        if not resume and first and earlier:
-            saved, data = self.state_path.is_file(), Path(cfg.dataset.path).resolve()
-            if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
-                raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
-                                f"another output_dir (--set output_dir=...), outside the dataset")
-            loras = not saved and any(self.out.glob("lora*.safetensors"))    # not to be emptied away
-            fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
-                   "move them away" if loras else "it saved no checkpoint: empty it")
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
-                            f"another output_dir (--set output_dir=...)")
-        check_sources(cfg)
-        writable_dir(self.out, "output_dir")
-        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-        self.lock = lock_output_dir(self.out) if first else None         # closed by train()
-        if resume and first:                        # after the lock: a refused resume keeps a live run's log
-            drop_log_lines_after(self.log_path, int(resumed[1]["step"]))
-        return resumed
-
-    def note_data_changes(self, saved: str):
-        """Images or captions edited, added or removed under the same dataset.path: warned and recorded, as a
-        changed config key is. `saved`: the state file's digest (older ones hold none: nothing to compare)."""
-        if saved and saved != self.data.contents:
-            self.changes.append(f"step {self.step}: the images or captions in dataset.path")
-            if self.rank == 0:
-                print("warning: resumed after the images or captions in dataset.path changed (recorded in "
-                      "the LoRA)", file=sys.stderr)
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then (summed over the processes) of
@@ -2751,6 +2711,20 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else []), meta
 
 
+def note_resume(trainer: Trainer, header: dict):
+    """A resume's warnings: images or captions edited, added or removed under the same dataset.path (recorded,
+    as a changed config key is), and no step left to train. `header`: the state file's ({} fresh: none)."""
+    saved, steps = header.get("data", ""), trainer.cfg.train.steps  # older state files: no digest to compare
+    if saved and saved != trainer.data.contents:
+        trainer.changes.append(f"step {trainer.step}: the images or captions in dataset.path")
+        if trainer.rank == 0:
+            print("warning: resumed after the images or captions in dataset.path changed (recorded in "
+                  "the LoRA)", file=sys.stderr)
+    if header and trainer.step >= steps and trainer.rank == 0:     # e.g. a finished run resumed as it was
+        print(f"warning: nothing to train: the checkpoint is at step {trainer.step} and train.steps is "
+              f"{steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
+
+
 #################################################################################
 #                                 Dataset Files                                 #
 #################################################################################
@@ -2974,6 +2948,35 @@ def lock_output_dir(out: Path):
             raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
                             f"output_dir (--set output_dir=...)") from None
         return None
+
+
+def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
+    """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
+    only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
+    cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
+    if not cfg.model:
+        raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
+                        "a hub id or 'tiny'")
+    resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
+    # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
+    earlier = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+    if not resume and first and earlier:
+        saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
+        if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
+            raise UserError(f"output_dir {out} holds dataset.path {cfg.dataset.path}: choose "
+                            f"another output_dir (--set output_dir=...), outside the dataset")
+        loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
+        fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
+               "move them away" if loras else "it saved no checkpoint: empty it")
+        raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
+                        f"another output_dir (--set output_dir=...)")
+    check_sources(cfg)
+    writable_dir(out, "output_dir")
+    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
+    if resume and first:                        # after the lock: a refused resume keeps a live run's log
+        drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
+    return resumed
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
