@@ -21,18 +21,18 @@ have. Sections (line numbers):
       674  VAE                              16-channel autoencoder, the latent scale and shift
       819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1059  Data                             dataset scan, aspect buckets, the latent and text cache
-     1208  Training                         Trainer and the training loop
-     1418  Part 2: plumbing                 a reader can stop here
-     1425  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1921  Hub Downloads                    snapshot downloads, tokenizers
-     1974  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2227  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2353  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2728  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2864  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3046  Several Processes (torchrun)     one all-reduce per step
-     3114  Command Line and the Tiny Model  main(), --tiny
+     1055  Data                             dataset scan, aspect buckets, the latent and text cache
+     1204  Training                         Trainer and the training loop
+     1409  Part 2: plumbing                 a reader can stop here
+     1416  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1912  Hub Downloads                    snapshot downloads, tokenizers
+     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2344  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2731  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2867  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3049  Several Processes (torchrun)     one all-reduce per step
+     3117  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1020,11 +1020,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
     if embeddings is None:
-        warn_cut(pipe.text, prompts, "prompts")         # the negative apart: a user counts only the prompts
-        warn_cut(pipe.text, [negative] if s.cfg > 1.0 else [], "negative prompts")
-        if negative and s.cfg <= 1.0:                   # diffusers ignores it as silently
-            print(f"warning: the negative prompt has no effect without CFG (cfg {s.cfg} is 1 or less)",
-                  file=sys.stderr)
+        warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1245,12 +1241,7 @@ class Trainer:
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                warn_cut(pipe.text, s.prompts, "sample.prompts")
-                if self.sample_settings.cfg > 1.0:
-                    warn_cut(pipe.text, [s.neg], "sample.neg prompts")
-                elif s.neg:                                                 # as generate() warns in sample.py
-                    print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
-                          f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
+                warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
@@ -2460,6 +2451,18 @@ def warn_cut(text: TextEncoders, texts: list[str], what: str):
         name = max(lost, key=lambda window: len(lost[window]))          # the shorter window: more words lost
         print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
               f"ignored, e.g. {name} does not read {lost[name]!r:.60}", file=sys.stderr)
+
+
+def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: float, previews: bool = False):
+    """warn_cut for generate()'s prompts and negative prompt, or the training previews' (named by their config
+    keys); a negative prompt that CFG does not read is named too (diffusers ignores it as silently)."""
+    warn_cut(text, prompts, "sample.prompts" if previews else "prompts")    # a user counts only the prompts
+    if cfg > 1.0:
+        warn_cut(text, [negative], "sample.neg prompts" if previews else "negative prompts")
+    elif negative:
+        what, whose, fix = (("sample.neg", "the previews' cfg", ": sample.guidance_scale") if previews
+                            else ("the negative prompt", "cfg", ""))
+        print(f"warning: {what} has no effect without CFG ({whose} {cfg} is 1 or less{fix})", file=sys.stderr)
 
 
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
