@@ -17,22 +17,22 @@ have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      514  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1055  Data                             dataset scan, aspect buckets, the latent and text cache
-     1204  Training                         Trainer and the training loop
-     1409  Part 2: plumbing                 a reader can stop here
-     1416  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1912  Hub Downloads                    snapshot downloads, tokenizers
-     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2344  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2731  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2867  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3049  Several Processes (torchrun)     one all-reduce per step
-     3117  Command Line and the Tiny Model  main(), --tiny
+      517  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      677  VAE                              16-channel autoencoder, the latent scale and shift
+      822  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      858  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1058  Data                             dataset scan, aspect buckets, the latent and text cache
+     1207  Training                         Trainer and the training loop
+     1411  Part 2: plumbing                 a reader can stop here
+     1418  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1914  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2733  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2869  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3051  Several Processes (torchrun)     one all-reduce per step
+     3119  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -488,12 +488,15 @@ class MMDiT(nn.Module):
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:         # the weights' as loaded; fp8 Linears compute in it too
+        return self.x_embedder.proj.weight.dtype
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 skip_layers=()) -> torch.Tensor:
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity."""
-        p = self.cfg.patch_size
+        p, dtype = self.cfg.patch_size, self.compute_dtype
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        dtype = self.x_embedder.proj.weight.dtype                # the compute dtype, never fp8
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
@@ -1137,7 +1140,7 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.x_embedder.proj.weight.dtype  # of the text embeddings (bf16 halves them)
+        dtype = pipe.mmdit.compute_dtype                 # of the text embeddings (bf16 halves them)
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
             try:
@@ -1256,8 +1259,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
         note_resume(self, header)
-        weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
-        self.autocast = None if weights_dtype == torch.float32 else weights_dtype
+        self.autocast = None if self.mmdit.compute_dtype == torch.float32 else self.mmdit.compute_dtype
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
 
