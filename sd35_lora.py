@@ -17,22 +17,22 @@ have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      517  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      677  VAE                              16-channel autoencoder, the latent scale and shift
-      822  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      858  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1058  Data                             dataset scan, aspect buckets, the latent and text cache
-     1207  Training                         Trainer and the training loop
-     1411  Part 2: plumbing                 a reader can stop here
-     1418  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1914  Hub Downloads                    snapshot downloads, tokenizers
-     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2733  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2869  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3051  Several Processes (torchrun)     one all-reduce per step
-     3119  Command Line and the Tiny Model  main(), --tiny
+      520  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      680  VAE                              16-channel autoencoder, the latent scale and shift
+      825  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1061  Data                             dataset scan, aspect buckets, the latent and text cache
+     1210  Training                         Trainer and the training loop
+     1414  Part 2: plumbing                 a reader can stop here
+     1421  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1917  Hub Downloads                    snapshot downloads, tokenizers
+     1970  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2736  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2872  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3054  Several Processes (torchrun)     one all-reduce per step
+     3122  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -454,6 +454,7 @@ class MMDiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden, cfg.patch_size
         self.x_embedder = nn.ModuleDict({"proj": nn.Conv2d(cfg.in_channels, D, p, stride=p)})
+        self.patch_px = p * 8                           # image pixels per patch side: the VAE's 8 x p
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
         self.t_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))})
         self.y_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(),
@@ -478,11 +479,13 @@ class MMDiT(nn.Module):
             block.compile()
         return self
 
+    def check_image_fits(self, height: int, width: int):        # sides in pixels; too large: a UserError
+        self.cropped_pos_embed(height // self.patch_px, width // self.patch_px)
+
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
-        m = self.cfg.pos_embed_max_size
+        m, px = self.cfg.pos_embed_max_size, self.patch_px
         if h > m or w > m:
-            px = self.cfg.patch_size * 8
             raise UserError(f"{w * px}x{h * px} px is too large for this model: at most {m * px} px per side")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
@@ -1021,7 +1024,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
-    pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
+    pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
@@ -1239,7 +1242,7 @@ class Trainer:
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))
-        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)     # too large: refused before the caching
+        pipe.mmdit.check_image_fits(largest, largest)                  # too large: refused before the caching
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
