@@ -23,16 +23,16 @@ have. Sections (line numbers):
       861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1061  Data                             dataset scan, aspect buckets, the latent and text cache
      1210  Training                         Trainer and the training loop
-     1414  Part 2: plumbing                 a reader can stop here
-     1421  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1917  Hub Downloads                    snapshot downloads, tokenizers
-     1970  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2223  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2736  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2872  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3054  Several Processes (torchrun)     one all-reduce per step
-     3122  Command Line and the Tiny Model  main(), --tiny
+     1411  Part 2: plumbing                 a reader can stop here
+     1418  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1914  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2734  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2870  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3052  Several Processes (torchrun)     one all-reduce per step
+     3120  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1220,9 +1220,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr
-
-
-STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
 
 
 class Trainer:
@@ -2661,6 +2658,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
 # (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
