@@ -23,16 +23,16 @@ have. Sections (line numbers):
       861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1061  Data                             dataset scan, aspect buckets, the latent and text cache
      1210  Training                         Trainer and the training loop
-     1411  Part 2: plumbing                 a reader can stop here
-     1418  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1914  Hub Downloads                    snapshot downloads, tokenizers
-     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2734  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2870  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3052  Several Processes (torchrun)     one all-reduce per step
-     3120  Command Line and the Tiny Model  main(), --tiny
+     1371  Part 2: plumbing                 a reader can stop here
+     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1874  Hub Downloads                    snapshot downloads, tokenizers
+     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2306  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2694  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2830  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3055  Several Processes (torchrun)     one all-reduce per step
+     3123  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1289,52 +1289,12 @@ class Trainer:
             sums[3:] += torch.cat([loss_sums, sigma_bin.bincount(minlength=n_bins)])
         return all_reduce_step(self.params, sums) if self.world > 1 else sums
 
-    def sample_images(self):
-        """Validation images for the configured prompts, with the same seeds at every step."""
-        if not self.cfg.sample.prompts or self.rank > 0:
-            return
-        try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
-            if self.log_path.is_file():
-                plot_losses(self.log_path, self.out / "loss.png")
-            self.bar.set_description(f"sampling {len(self.cfg.sample.prompts)} previews")  # not a frozen bar
-            self.mmdit.eval()
-            self.pipe.vae.to(self.pipe.device)
-            images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
-                              embeddings=self.embeddings, progress=False)
-            for i, image in enumerate(images):
-                path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
-                _atomic_save(image, path)
-                tqdm.write(f"sample: {path}")
-        except Exception as e:                              # a failed preview must not end a long run
-            tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
-                       f"goes on", file=sys.stderr)
-        finally:
-            self.bar.set_description("training")
-            self.pipe.vae.to("cpu")
-            self.mmdit.train()
-
     def log(self, loss: float, lr: float, grad_norm: float, sigma: float):
         """One line of log.jsonl per step (process 0)."""
         if self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                     "sigma": sigma, "time": time.time()}) + "\n")
-
-    def save(self):
-        """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
-        c = self.cfg
-        if self.rank > 0:                                   # one writer: process 0
-            return
-        trained = ("lr", "batch_size", "timestep_sampling", "weighting")
-        meta = {"base_model": c.model, "text_encoders": c.text_encoders, "vae": c.vae, "fp8": c.fp8,
-                "variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": self.step,
-                "targets": c.lora.targets, "resumed_with_changes": self.changes, "world_size": self.world,
-                "global_batch": self.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
-        save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
-        save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
-        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes,
-                            self.data.contents)
-        tqdm.write(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
     def diverged(self, loss: float, grad_norm: float) -> UserError:
         """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
@@ -1352,13 +1312,13 @@ class Trainer:
         """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
         k = self.cfg.train.loss_bins
         if self.every_or_last(self.cfg.train.save_every):
-            self.save()
+            save_checkpoint(self)
         if self.every_or_last(self.cfg.sample.sample_every):
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
             tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
                        + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
             bins.zero_()                                    # the next report covers the steps after this one
-            self.sample_images()
+            save_previews(self)
 
 
 @torch.inference_mode(False)            # gradients on, where a notebook turned them off or ran inference_mode
@@ -1373,7 +1333,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
         if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
-            tr.sample_images()      # a baseline before any update, or those a stop at a sample step skipped
+            save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
@@ -1399,7 +1359,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        tr.save()
+        save_checkpoint(tr)
         name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
@@ -2983,6 +2943,49 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
         drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
     return resumed
+
+
+def save_checkpoint(trainer: Trainer):
+    """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
+    c, step = trainer.cfg, trainer.step
+    if trainer.rank > 0:                                   # one writer: process 0
+        return
+    trained = ("lr", "batch_size", "timestep_sampling", "weighting")
+    meta = {"base_model": c.model, "text_encoders": c.text_encoders, "vae": c.vae, "fp8": c.fp8,
+            "variant": trainer.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": step,
+            "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
+            "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
+    save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
+    save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
+                        trainer.data.contents)
+    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+
+
+def save_previews(trainer: Trainer):
+    """Validation images for the configured prompts, with the same seeds at every step."""
+    sample, step = trainer.cfg.sample, trainer.step
+    if not sample.prompts or trainer.rank > 0:
+        return
+    try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
+        if trainer.log_path.is_file():
+            plot_losses(trainer.log_path, trainer.out / "loss.png")
+        trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
+        trainer.mmdit.eval()
+        trainer.pipe.vae.to(trainer.pipe.device)
+        images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
+                          embeddings=trainer.embeddings, progress=False)
+        for i, image in enumerate(images):
+            path = trainer.out / f"samples_step_{step:06d}" / f"step_{step:06d}_sample_{i:02d}.png"
+            _atomic_save(image, path)
+            tqdm.write(f"sample: {path}")
+    except Exception as e:                              # a failed preview must not end a long run
+        tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
+                   f"goes on", file=sys.stderr)
+    finally:
+        trainer.bar.set_description("training")
+        trainer.pipe.vae.to("cpu")
+        trainer.mmdit.train()
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
