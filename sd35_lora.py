@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2306  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2694  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2830  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3055  Several Processes (torchrun)     one all-reduce per step
-     3123  Command Line and the Tiny Model  main(), --tiny
+     3056  Several Processes (torchrun)     one all-reduce per step
+     3124  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2967,6 +2967,7 @@ def save_previews(trainer: Trainer):
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
+    training = trainer.bar.desc                         # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
         if trainer.log_path.is_file():
             plot_losses(trainer.log_path, trainer.out / "loss.png")
@@ -2983,7 +2984,7 @@ def save_previews(trainer: Trainer):
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
-        trainer.bar.set_description("training")
+        trainer.bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
         trainer.mmdit.train()
 
