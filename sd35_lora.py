@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2180  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2306  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2694  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2830  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3056  Several Processes (torchrun)     one all-reduce per step
-     3124  Command Line and the Tiny Model  main(), --tiny
+     2693  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2829  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3055  Several Processes (torchrun)     one all-reduce per step
+     3123  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1223,7 +1223,7 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
+    """The loop's state: pipeline, LoRA parameters, optimizer, output folder (Part 2 checks and saves it)."""
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
@@ -2416,12 +2416,11 @@ def warn_cut(text: TextEncoders, texts: list[str], what: str):
 
 
 def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: float, previews: bool = False):
-    """warn_cut for generate()'s prompts and negative prompt, or the training previews' (named by their config
-    keys); a negative prompt that CFG does not read is named too (diffusers ignores it as silently)."""
+    """warn_cut for generate()'s texts or the previews' (by config key), and a negative prompt left unread."""
     warn_cut(text, prompts, "sample.prompts" if previews else "prompts")    # a user counts only the prompts
     if cfg > 1.0:
         warn_cut(text, [negative], "sample.neg prompts" if previews else "negative prompts")
-    elif negative:
+    elif negative:                                      # without CFG: diffusers ignores it as silently
         what, whose, fix = (("sample.neg", "the previews' cfg", ": sample.guidance_scale") if previews
                             else ("the negative prompt", "cfg", ""))
         print(f"warning: {what} has no effect without CFG ({whose} {cfg} is 1 or less{fix})", file=sys.stderr)
