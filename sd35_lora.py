@@ -17,22 +17,22 @@ have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      514  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1059  Data                             dataset scan, aspect buckets, the latent and text cache
-     1208  Training                         Trainer and the training loop
-     1458  Part 2: plumbing                 a reader can stop here
-     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1960  Hub Downloads                    snapshot downloads, tokenizers
-     2013  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2753  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2889  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3042  Several Processes (torchrun)     one all-reduce per step
-     3119  Command Line and the Tiny Model  main(), --tiny
+      520  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      680  VAE                              16-channel autoencoder, the latent scale and shift
+      825  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1061  Data                             dataset scan, aspect buckets, the latent and text cache
+     1210  Training                         Trainer and the training loop
+     1371  Part 2: plumbing                 a reader can stop here
+     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1873  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2305  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2692  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2828  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3054  Several Processes (torchrun)     one all-reduce per step
+     3131  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -454,6 +454,7 @@ class MMDiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden, cfg.patch_size
         self.x_embedder = nn.ModuleDict({"proj": nn.Conv2d(cfg.in_channels, D, p, stride=p)})
+        self.patch_px = p * 8                           # image pixels per patch side: the VAE's 8 x p
         self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
         self.t_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))})
         self.y_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(),
@@ -478,22 +479,27 @@ class MMDiT(nn.Module):
             block.compile()
         return self
 
+    def check_image_fits(self, height: int, width: int):        # sides in pixels; too large: a UserError
+        self.cropped_pos_embed(height // self.patch_px, width // self.patch_px)
+
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
-        m = self.cfg.pos_embed_max_size
+        m, px = self.cfg.pos_embed_max_size, self.patch_px
         if h > m or w > m:
-            px = self.cfg.patch_size * 8
             raise UserError(f"{w * px}x{h * px} px is too large for this model: at most {m * px} px per side")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:         # the weights' as loaded; fp8 Linears compute in it too
+        return self.x_embedder.proj.weight.dtype
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 skip_layers=()) -> torch.Tensor:
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity."""
-        p = self.cfg.patch_size
+        p, dtype = self.cfg.patch_size, self.compute_dtype
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        dtype = self.x_embedder.proj.weight.dtype                # the compute dtype, never fp8
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
@@ -1018,13 +1024,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
-    pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
+    pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
     if embeddings is None:
-        warn_cut(pipe.text, prompts, "prompts")         # the negative apart: a user counts only the prompts
-        warn_cut(pipe.text, [negative] if s.cfg > 1.0 else [], "negative prompts")
-        if negative and s.cfg <= 1.0:                   # diffusers ignores it as silently
-            print(f"warning: the negative prompt has no effect without CFG (cfg {s.cfg} is 1 or less)",
-                  file=sys.stderr)
+        warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
             cond = pipe.text.encode(prompts)
             uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
@@ -1141,7 +1143,7 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.x_embedder.proj.weight.dtype  # of the text embeddings (bf16 halves them)
+        dtype = pipe.mmdit.compute_dtype                 # of the text embeddings (bf16 halves them)
 
         def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
             try:
@@ -1220,17 +1222,14 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
-
-
 class Trainer:
-    """State shared by the loop's helpers: pipeline, LoRA parameters, optimizer and output folder."""
+    """The loop's state: pipeline, LoRA parameters, optimizer, output folder (Part 2 checks and saves it)."""
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
         self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
-        self.changes, header = self.refuse_early(resume)          # header: the state file's, read once
+        self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)          # after those: it decodes every image
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1240,17 +1239,12 @@ class Trainer:
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         largest = max(s.width, s.height, *(side for item in items for side in item["size"]))
-        pipe.mmdit.cropped_pos_embed(largest // 16, largest // 16)     # too large: refused before the caching
+        pipe.mmdit.check_image_fits(largest, largest)                  # too large: refused before the caching
         lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
-                warn_cut(pipe.text, s.prompts, "sample.prompts")
-                if self.sample_settings.cfg > 1.0:
-                    warn_cut(pipe.text, [s.neg], "sample.neg prompts")
-                elif s.neg:                                                 # as generate() warns in sample.py
-                    print(f"warning: sample.neg has no effect without CFG (the previews' cfg "
-                          f"{self.sample_settings.cfg} is 1 or less: sample.guidance_scale)", file=sys.stderr)
+                warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
             cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
             uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
         self.embeddings = (cond, uncond)
@@ -1264,51 +1258,10 @@ class Trainer:
         fused = pipe.device.type in ("cpu", "cuda")              # one kernel per step, not ~12 per parameter
         self.opt = torch.optim.AdamW(self.params, tc.lr, weight_decay=tc.weight_decay, fused=fused)
         self.step = load_training_state(self.state_path, self.params, self.opt, header) if resume else 0
-        self.note_data_changes(header.get("data", ""))                 # a fresh run's header {}: nothing
-        if resume and self.step >= tc.steps and self.rank == 0:      # e.g. a finished run resumed as it was
-            print(f"warning: nothing to train: the checkpoint is at step {self.step} and train.steps is "
-                  f"{tc.steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
-        weights_dtype = pipe.mmdit.x_embedder.proj.weight.dtype
-        self.autocast = None if weights_dtype == torch.float32 else weights_dtype
+        note_resume(self, header)
+        self.autocast = None if self.mmdit.compute_dtype == torch.float32 else self.mmdit.compute_dtype
         self.global_batch = tc.batch_size * tc.grad_accum * self.world
         self.epoch, self.order = 0, self.data.batches(self.global_batch, tc.seed)   # epoch 0's batches
-
-    def refuse_early(self, resume: bool) -> tuple[list[str], dict]:
-        """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-        only process 0 checks output_dir). -> a resume's trajectory changes and state file header."""
-        cfg, first = self.cfg, rank_and_world()[0] == 0         # torchrun's process 0 (init comes later)
-        if not cfg.model:
-            raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
-                            "a hub id or 'tiny'")
-        resumed = prepare_resume(self.state_path, cfg) if resume else ([], {})
-        # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
-        earlier = self.out.is_dir() and any(not p.name.startswith(".") for p in self.out.iterdir())
-        if not resume and first and earlier:
-            saved, data = self.state_path.is_file(), Path(cfg.dataset.path).resolve()
-            if not saved and self.out.resolve() in (data, *data.parents):     # "empty it" deletes the images
-                raise UserError(f"output_dir {self.out} holds dataset.path {cfg.dataset.path}: choose "
-                                f"another output_dir (--set output_dir=...), outside the dataset")
-            loras = not saved and any(self.out.glob("lora*.safetensors"))    # not to be emptied away
-            fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
-                   "move them away" if loras else "it saved no checkpoint: empty it")
-            raise UserError(f"output_dir {self.out} already holds files of an earlier run; {fix} or choose "
-                            f"another output_dir (--set output_dir=...)")
-        check_sources(cfg)
-        writable_dir(self.out, "output_dir")
-        writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-        self.lock = lock_output_dir(self.out) if first else None         # closed by train()
-        if resume and first:                        # after the lock: a refused resume keeps a live run's log
-            drop_log_lines_after(self.log_path, int(resumed[1]["step"]))
-        return resumed
-
-    def note_data_changes(self, saved: str):
-        """Images or captions edited, added or removed under the same dataset.path: warned and recorded, as a
-        changed config key is. `saved`: the state file's digest (older ones hold none: nothing to compare)."""
-        if saved and saved != self.data.contents:
-            self.changes.append(f"step {self.step}: the images or captions in dataset.path")
-            if self.rank == 0:
-                print("warning: resumed after the images or captions in dataset.path changed (recorded in "
-                      "the LoRA)", file=sys.stderr)
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then (summed over the processes) of
@@ -1336,52 +1289,12 @@ class Trainer:
             sums[3:] += torch.cat([loss_sums, sigma_bin.bincount(minlength=n_bins)])
         return all_reduce_step(self.params, sums) if self.world > 1 else sums
 
-    def sample_images(self):
-        """Validation images for the configured prompts, with the same seeds at every step."""
-        if not self.cfg.sample.prompts or self.rank > 0:
-            return
-        try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
-            if self.log_path.is_file():
-                plot_losses(self.log_path, self.out / "loss.png")
-            self.bar.set_description(f"sampling {len(self.cfg.sample.prompts)} previews")  # not a frozen bar
-            self.mmdit.eval()
-            self.pipe.vae.to(self.pipe.device)
-            images = generate(self.pipe, self.cfg.sample.prompts, self.cfg.sample.neg, self.sample_settings,
-                              embeddings=self.embeddings, progress=False)
-            for i, image in enumerate(images):
-                path = self.out / f"samples_step_{self.step:06d}" / f"step_{self.step:06d}_sample_{i:02d}.png"
-                _atomic_save(image, path)
-                tqdm.write(f"sample: {path}")
-        except Exception as e:                              # a failed preview must not end a long run
-            tqdm.write(f"warning: sampling at step {self.step} failed ({type(e).__name__}: {e}); training "
-                       f"goes on", file=sys.stderr)
-        finally:
-            self.bar.set_description("training")
-            self.pipe.vae.to("cpu")
-            self.mmdit.train()
-
     def log(self, loss: float, lr: float, grad_norm: float, sigma: float):
         """One line of log.jsonl per step (process 0)."""
         if self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                     "sigma": sigma, "time": time.time()}) + "\n")
-
-    def save(self):
-        """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
-        c = self.cfg
-        if self.rank > 0:                                   # one writer: process 0
-            return
-        trained = ("lr", "batch_size", "timestep_sampling", "weighting")
-        meta = {"base_model": c.model, "text_encoders": c.text_encoders, "vae": c.vae, "fp8": c.fp8,
-                "variant": self.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": self.step,
-                "targets": c.lora.targets, "resumed_with_changes": self.changes, "world_size": self.world,
-                "global_batch": self.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
-        save_lora(self.mmdit, self.out / f"lora_step_{self.step:06d}.safetensors", c.lora.format, meta)
-        save_lora(self.mmdit, self.out / "lora.safetensors", c.lora.format, meta)
-        save_training_state(self.state_path, self.params, self.opt, self.step, c, self.changes,
-                            self.data.contents)
-        tqdm.write(f"saved {self.out / f'lora_step_{self.step:06d}.safetensors'}")
 
     def diverged(self, loss: float, grad_norm: float) -> UserError:
         """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
@@ -1399,13 +1312,13 @@ class Trainer:
         """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
         k = self.cfg.train.loss_bins
         if self.every_or_last(self.cfg.train.save_every):
-            self.save()
+            save_checkpoint(self)
         if self.every_or_last(self.cfg.sample.sample_every):
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
             tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
                        + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
             bins.zero_()                                    # the next report covers the steps after this one
-            self.sample_images()
+            save_previews(self)
 
 
 @torch.inference_mode(False)            # gradients on, where a notebook turned them off or ran inference_mode
@@ -1420,7 +1333,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
         if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
-            tr.sample_images()      # a baseline before any update, or those a stop at a sample step skipped
+            save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
@@ -1446,7 +1359,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        tr.save()
+        save_checkpoint(tr)
         name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
         print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
         raise SystemExit(code)
@@ -2501,6 +2414,17 @@ def warn_cut(text: TextEncoders, texts: list[str], what: str):
               f"ignored, e.g. {name} does not read {lost[name]!r:.60}", file=sys.stderr)
 
 
+def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: float, previews: bool = False):
+    """warn_cut for generate()'s texts or the previews' (by config key), and a negative prompt left unread."""
+    warn_cut(text, prompts, "sample.prompts" if previews else "prompts")    # a user counts only the prompts
+    if cfg > 1.0:
+        warn_cut(text, [negative], "sample.neg prompts" if previews else "negative prompts")
+    elif negative:                                      # without CFG: diffusers ignores it as silently
+        what, whose, fix = (("sample.neg", "the previews' cfg", ": sample.guidance_scale") if previews
+                            else ("the negative prompt", "cfg", ""))
+        print(f"warning: {what} has no effect without CFG ({whose} {cfg} is 1 or less{fix})", file=sys.stderr)
+
+
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
     """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
     Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
@@ -2692,6 +2616,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     return step
 
 
+STATE_FILE = "training_state.safetensors"        # in output_dir: what --resume continues from
 # --resume refuses any changed key but these: trajectory-only ones (warned) and ones that change nothing saved
 # (train.compile is warned: compiled kernels round differently, and with fp8 may run fp8 matmuls)
 RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.default_caption dataset.flip "
@@ -2748,6 +2673,20 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     if warned and rank_and_world()[0] == 0:              # torchrun: once, not once per process
         print(f"warning: resumed with changed {'; '.join(warned)} (recorded in the LoRA)", file=sys.stderr)
     return changes + ([f"step {step}: {'; '.join(warned)}"] if warned else []), meta
+
+
+def note_resume(trainer: Trainer, header: dict):
+    """A resume's warnings: images or captions edited, added or removed under the same dataset.path (recorded,
+    as a changed config key is), and no step left to train. `header`: the state file's ({} fresh: none)."""
+    saved, steps = header.get("data", ""), trainer.cfg.train.steps  # older state files: no digest to compare
+    if saved and saved != trainer.data.contents:
+        trainer.changes.append(f"step {trainer.step}: the images or captions in dataset.path")
+        if trainer.rank == 0:
+            print("warning: resumed after the images or captions in dataset.path changed (recorded in "
+                  "the LoRA)", file=sys.stderr)
+    if header and trainer.step >= steps and trainer.rank == 0:     # e.g. a finished run resumed as it was
+        print(f"warning: nothing to train: the checkpoint is at step {trainer.step} and train.steps is "
+              f"{steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
 
 
 #################################################################################
@@ -2973,6 +2912,79 @@ def lock_output_dir(out: Path):
             raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
                             f"output_dir (--set output_dir=...)") from None
         return None
+
+
+def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
+    """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
+    only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
+    cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
+    if not cfg.model:
+        raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
+                        "a hub id or 'tiny'")
+    resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
+    # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
+    earlier = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+    if not resume and first and earlier:
+        saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
+        if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
+            raise UserError(f"output_dir {out} holds dataset.path {cfg.dataset.path}: choose "
+                            f"another output_dir (--set output_dir=...), outside the dataset")
+        loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
+        fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
+               "move them away" if loras else "it saved no checkpoint: empty it")
+        raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
+                        f"another output_dir (--set output_dir=...)")
+    check_sources(cfg)
+    writable_dir(out, "output_dir")
+    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
+    if resume and first:                        # after the lock: a refused resume keeps a live run's log
+        drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
+    return resumed
+
+
+def save_checkpoint(trainer: Trainer):
+    """lora_step_XXXXXX.safetensors, lora.safetensors (latest) and the resumable training state."""
+    c, step = trainer.cfg, trainer.step
+    if trainer.rank > 0:                                   # one writer: process 0
+        return
+    trained = ("lr", "batch_size", "timestep_sampling", "weighting")
+    meta = {"base_model": c.model, "text_encoders": c.text_encoders, "vae": c.vae, "fp8": c.fp8,
+            "variant": trainer.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": step,
+            "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
+            "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
+    save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
+    save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
+                        trainer.data.contents)
+    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+
+
+def save_previews(trainer: Trainer):
+    """Validation images for the configured prompts, with the same seeds at every step."""
+    sample, step = trainer.cfg.sample, trainer.step
+    if not sample.prompts or trainer.rank > 0:
+        return
+    training = trainer.bar.desc                         # train()'s words on the bar, put back after these
+    try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
+        if trainer.log_path.is_file():
+            plot_losses(trainer.log_path, trainer.out / "loss.png")
+        trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
+        trainer.mmdit.eval()
+        trainer.pipe.vae.to(trainer.pipe.device)
+        images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
+                          embeddings=trainer.embeddings, progress=False)
+        for i, image in enumerate(images):
+            path = trainer.out / f"samples_step_{step:06d}" / f"step_{step:06d}_sample_{i:02d}.png"
+            _atomic_save(image, path)
+            tqdm.write(f"sample: {path}")
+    except Exception as e:                              # a failed preview must not end a long run
+        tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
+                   f"goes on", file=sys.stderr)
+    finally:
+        trainer.bar.set_description_str(training)
+        trainer.pipe.vae.to("cpu")
+        trainer.mmdit.train()
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
