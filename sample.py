@@ -34,7 +34,7 @@ def finite_float(text: str) -> float:
 
 
 def schedule_shift(text: str) -> float:
-    """Refused here, not after the models have loaded (minutes for Large): generate() refuses the same range."""
+    """Refused here, not after the models have loaded (minutes for Large): the range generate() takes."""
     value = finite_float(text)
     if not 1e-3 <= value <= 1e3:
         raise argparse.ArgumentTypeError(f"expected a shift in 0.001..1000, got {text!r}")
