@@ -33,6 +33,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def schedule_shift(text: str) -> float:
+    """Refused here, not after the models have loaded (minutes for Large): the range generate() takes."""
+    value = finite_float(text)
+    if not 1e-3 <= value <= 1e3:
+        raise argparse.ArgumentTypeError(f"expected a shift in 0.001..1000, got {text!r}")
+    return value
+
+
 def utf8_text(text: str) -> str:
     """A prompt from bytes that are not UTF-8 (a Latin-1 file or terminal) holds lone surrogates, which the
     tokenizers refuse with a bare TypeError, after the models have loaded (config prompts: sd._coerce)."""
@@ -61,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
-    p.add_argument("--shift", type=finite_float, help="sigma shift of the schedule (0.001..1000)")
+    p.add_argument("--shift", type=schedule_shift, help="sigma shift of the schedule (0.001..1000)")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
     p.add_argument("--slg", action="store_true", help="skip-layer guidance at the variant's recommended "

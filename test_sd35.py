@@ -3584,6 +3584,16 @@ def test_the_run_commands_in_the_module_docstrings_print_as_written():
         assert module.__doc__ in Path(module.__file__).read_text(encoding="utf-8")
 
 
+def test_sample_cli_refuses_a_shift_out_of_range_before_loading_the_model(capsys):
+    """README: a --shift outside 0.001..1000 is refused up front. It was refused by generate(), after the models
+    had loaded (minutes for Large)."""
+    for shift in ("2000", "0.0001", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(["--model", "tiny", "--prompt", "a cat", "--shift", shift])
+        assert exit_info.value.code == 2 and "--shift" in capsys.readouterr().err
+    assert sample.parse_args(["--model", "tiny", "--prompt", "a cat", "--shift", "1000"]).shift == 1000
+
+
 def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # would sample without any LoRA
