@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2305  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2692  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2828  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3054  Several Processes (torchrun)     one all-reduce per step
-     3131  Command Line and the Tiny Model  main(), --tiny
+     2836  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3065  Several Processes (torchrun)     one all-reduce per step
+     3142  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1085,10 +1085,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import ImageOps
     root, res = Path(cfg.path), cfg.resolution
-    own = [d for d in (Path(x).resolve() for x in (output_dir, cfg.cache_dir)) if root.resolve() in d.parents]
     files, left_out = files_under(root)
+    own = runs_folders(root, files, output_dir, cfg.cache_dir)         # their previews are no training data
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
-    # not the run's own samples; realpath, not Path.resolve: that raises on a link that loops (a broken image)
+    # realpath, not Path.resolve: that raises on a link that loops (a broken image)
     paths = [p for p in found if not any(map(Path(os.path.realpath(p)).is_relative_to, own))]
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
@@ -1124,7 +1124,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-    left = [f"{len(found) - len(paths)} in output_dir and dataset.cache_dir"] * (len(paths) < len(found))
+    left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
     left += [f"{len(left_out)} hidden, thumbnail and recycle folders: {shown}"] * bool(left_out)
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
@@ -2738,6 +2738,14 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     return files, sorted(left_out)
 
 
+def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str) -> list[Path]:
+    """This run's output_dir and dataset.cache_dir where they lie below root, and earlier runs' output_dirs
+    there (a new output_dir for each run, kept in the dataset folder): marked by their lock or state file."""
+    own = [d for d in (Path(x).resolve() for x in (output_dir, cache_dir)) if root.resolve() in d.parents]
+    marks = (LOCK_FILE, STATE_FILE)
+    return own + [Path(os.path.realpath(p.parent)) for p in files if p.name in marks and p.parent != root]
+
+
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
                      uncaptioned: list[str], empty: list[str], large: list[str], small: list[str],
                      cropped: list[str]):
@@ -2893,6 +2901,9 @@ def writable_dir(path: str | Path, what: str):
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
 
+LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check
+
+
 def lock_output_dir(out: Path):
     """-> an open file holding a lock on output_dir for the run's life: a second run there, fresh or --resume,
     is refused. The OS drops the lock with its process, so a killed run leaves none; a POSIX lock belongs to
@@ -2902,7 +2913,7 @@ def lock_output_dir(out: Path):
         import fcntl
     except ImportError:
         return None
-    file = open(out / ".sd35_lora.lock", "a")     # hidden: no "earlier run's file" to the next run's check
+    file = open(out / LOCK_FILE, "a")
     try:
         fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return file

@@ -2843,7 +2843,23 @@ def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_pa
     (data / "run" / "samples").mkdir(parents=True)                        # output_dir inside the dataset
     Image.new("RGB", (64, 64)).save(data / "run" / "samples" / "preview.png")
     sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64), str(data / "run"))
-    assert capsys.readouterr().out.strip().endswith("(left out: 1 in output_dir and dataset.cache_dir)")
+    assert capsys.readouterr().out.strip().endswith("(left out: 1 in runs' output_dir and cache_dir)")
+
+
+def test_an_earlier_runs_output_dir_inside_the_dataset_is_no_training_data(tmp_path, capsys):
+    """A run with output_dir inside dataset.path left out its own folder only: the next run, in a new
+    output_dir, trained on the first one's previews and loss.png. Its lock or state file marks it now."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    for run, mark in (("run1", sd.LOCK_FILE), ("run2", sd.STATE_FILE)):
+        (data / run / "samples_step_000000").mkdir(parents=True)
+        (data / run / mark).touch()
+        Image.new("RGB", (64, 64)).save(data / run / "samples_step_000000" / "step_000000_sample_00.png")
+        Image.new("RGB", (64, 64)).save(data / run / "loss.png")
+    (data / sd.LOCK_FILE).touch()                   # dataset.path itself a run's folder: its images stay data
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64), str(data / "run3"))
+    assert sorted(i["path"].name for i in items) == sorted(p.name for p in data.glob("*.png"))
+    assert capsys.readouterr().out.strip().endswith("(left out: 4 in runs' output_dir and cache_dir)")
 
 
 def test_latent_cache_follows_the_vae_weights_not_the_path_they_came_from(tmp_path):
