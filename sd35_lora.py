@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1961  Hub Downloads                    snapshot downloads, tokenizers
      2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2890  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3043  Several Processes (torchrun)     one all-reduce per step
-     3111  Command Line and the Tiny Model  main(), --tiny
+     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2399  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2760  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2896  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3049  Several Processes (torchrun)     one all-reduce per step
+     3117  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2230,7 +2230,13 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
     if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
         raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
+    scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     adapters = read_lora(model, path)                      # validates everything before touching the model
+    dtype = model.x_embedder.proj.weight.dtype          # the compute dtype (fp8 weights dequantize to it)
+    for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
+        if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
+            raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
+                            f"'{name}': lower the scale")
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "

@@ -1244,6 +1244,35 @@ def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weigh
     assert torch.isfinite(model.joint_blocks[0].x_block.attn.proj.weight).all()
 
 
+def test_a_lora_scale_that_is_no_number_or_overflows_the_dtype_is_refused_before_any_weight_changes(tmp_path):
+    """load_lora(model, path, scale=nan / inf / 1e38) from Python merged NaN or inf into the weights without a word
+    (sample.py checks only its own flag), scale="0.5" or None failed with a bare TypeError, and the overflow bound
+    ignored the scale and stood at float32's max: fp16 weights took an update of 1e5 as inf."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    for alpha, name in [(2.0, "lora"), (3e38, "huge"), (1e6, "large")]:
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                   f"{key}.alpha": torch.tensor(alpha)}, tmp_path / f"{name}.safetensors")
+    for dtype, name, scale, error in [
+            (torch.float32, "lora", math.nan, "scale must be a finite number, got nan"),
+            (torch.float32, "lora", math.inf, "scale must be a finite number, got inf"),
+            (torch.float32, "lora", "0.5", "scale must be a finite number, got '0.5'"),
+            (torch.float32, "lora", None, "scale must be a finite number, got None"),
+            (torch.float32, "lora", 1e38, "at scale 1e\\+38 would make inf weights in float32 at .*: lower the scale"),
+            (torch.float16, "lora", 1e5, "at scale 100000 would make inf weights in float16 at .*: lower the scale"),
+            (torch.float32, "huge", 1e-30, "alpha 3e\\+38.*would overflow")]:    # made in fp32, then scaled
+        for merge in (True, False):
+            model = tiny_mmdit().to(dtype)
+            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge), error)
+            for param, weights in tiny_mmdit().to(dtype).state_dict().items():
+                assert torch.equal(model.state_dict()[param], weights), param
+    model = tiny_mmdit().half()
+    sd.load_lora(model, tmp_path / "lora.safetensors", np.float32(-100.0))     # numpy's numbers, negative ones too
+    sd.load_lora(model, tmp_path / "large.safetensors", 1e-6)     # over fp16's range at scale 1, not at 1e-6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_peft_keys_with_the_adapter_name_load_and_unknown_lora_layouts_are_named(tmp_path):
     """A PEFT model's own state dict names the adapter (`lora_A.default.weight`); a layout read nowhere here gets an
     error that shows its keys, not 'is not a LoRA ... it looks like a LoRA (load it with --lora)'."""
