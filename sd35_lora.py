@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2399  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2760  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2896  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3049  Several Processes (torchrun)     one all-reduce per step
-     3117  Command Line and the Tiny Model  main(), --tiny
+     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2902  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3055  Several Processes (torchrun)     one all-reduce per step
+     3123  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1014,8 +1014,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-    check_seed(s.seed, len(prompts))
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
+    check_seed(s.seed, len(prompts))
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.cropped_pos_embed(s.height // 16, s.width // 16)       # too large: fail before allocating
@@ -1918,7 +1918,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if isinstance(dtype, str) and dtype:
+    if dtype and not isinstance(dtype, torch.dtype):          # None or "": the device's default
         check_choice("dtype", dtype, DTYPES)
     if variant:
         check_choice("variant", variant, PRESETS)
@@ -1988,9 +1988,9 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
     None without `download`."""
+    name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
-    name = str(name)                                        # a Path from Python
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
@@ -2512,7 +2512,8 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
     Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
     `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
-    if not (isinstance(negative, str) and all(isinstance(prompt, str) for prompt in prompts)):
+    if not (isinstance(prompts, (list, tuple))                     # e.g. None: len()'s bare TypeError
+            and all(isinstance(text, str) for text in [negative, *prompts])):
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
                         f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
@@ -2539,6 +2540,11 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         value, kind = getattr(settings, f.name), f.type.split(" ")[0]
         if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
             plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
+    if not isinstance(layers, (list, tuple, type(None))):
+        raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
+    for block in layers or ():
+        read_number(block, True, "each of settings.slg_layers")
     batch_size = read_number(batch_size, True, "batch_size")
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")

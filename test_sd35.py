@@ -648,6 +648,26 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
                           plain)
 
 
+def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors():
+    """load_pipeline(dtype=3) ended in a bare KeyError, load_pipeline(None) and generate(pipe, None) in bare
+    TypeErrors (os.stat's, len()'s), and SampleSettings(slg_layers=7) or slg_layers="1" in one from deep inside
+    generate(); a block 1.5 skipped nothing, silently."""
+    one_line_error(lambda: sd.load_pipeline("tiny", dtype=3), "unknown dtype 3: use one of fp32, bf16, fp16")
+    one_line_error(lambda: sd.load_pipeline(None),
+                   r"model not found: 'None' \(a diffusers folder, .safetensors, hub id or 'tiny'\)")
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=10, width=32, height=32, cfg=4.0, slg_scale=2.0)
+    one_line_error(lambda: sd.generate(pipe, None, settings=s, progress=False),
+                   "prompts and the negative prompt must be text")
+    for layers, error in [(7, "settings.slg_layers must list joint blocks, e.g. \\(7, 8, 9\\), not 7"),
+                          ("1", "settings.slg_layers must list joint blocks.*not '1'"),
+                          (("1",), "each of settings.slg_layers must be a whole number, got '1'"),
+                          ((1.5,), "each of settings.slg_layers must be a whole number, got 1.5")]:
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, slg_layers=layers),
+                                           progress=False), error)
+    numpy = dataclasses.replace(s, slg_layers=[np.int64(1)])
+    assert len(sd.generate(pipe, ["red"], settings=numpy, progress=False)) == 1
+
+
 def test_images_made_in_batches_show_one_progress_bar_over_all_their_steps(monkeypatch, capsys):
     """sample.py drew a bar per batch, each from 0 %: 16 images in batches of 4 made four bars, and no bar said
     how far the whole run was. One bar counts every image's steps; progress=False draws none."""
