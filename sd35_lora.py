@@ -23,16 +23,16 @@ have. Sections (line numbers):
       855  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1059  Data                             dataset scan, aspect buckets, the latent and text cache
      1208  Training                         Trainer and the training loop
-     1458  Part 2: plumbing                 a reader can stop here
-     1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1961  Hub Downloads                    snapshot downloads, tokenizers
-     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2399  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2902  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3055  Several Processes (torchrun)     one all-reduce per step
-     3123  Command Line and the Tiny Model  main(), --tiny
+     1456  Part 2: plumbing                 a reader can stop here
+     1463  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1959  Hub Downloads                    snapshot downloads, tokenizers
+     2012  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2764  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2900  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3053  Several Processes (torchrun)     one all-reduce per step
+     3121  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1447,9 +1447,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
         tr.save()
-        name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
-        print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
-        raise SystemExit(code)
+        exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
     finally:
         end_training(tr, old_handlers)
     return tr.out / "lora.safetensors"
@@ -3194,6 +3192,11 @@ def terminate(signum, frame):
         raise Terminated
 
 
+def exit_stopped(terminated: bool, message: str, file=None):   # as shells report it: exit code 128 + signal
+    print(("terminated" if terminated else "interrupted") + message, file=file)
+    sys.exit(143 if terminated else 130)
+
+
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
     main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
@@ -3250,12 +3253,9 @@ def main(argv=None):
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
-        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (world > 1 and code == 143)
-        if rank == 0:                           # torchrun: process 0 speaks for all
-            print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
-                  file=sys.stderr)
-        sys.exit(code)
+        why = " (by torchrun if a process failed: see its error)" * (world > 1 and isinstance(e, Terminated))
+        exit_stopped(isinstance(e, Terminated), f" before training began{why}: nothing new to save (finished "
+                     "cache files are kept)", sys.stderr if rank == 0 else sys.stdout)  # others': devnull
     finally:
         restore_signals(previous)
         if sys.stdout is not stdout:
