@@ -119,7 +119,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_choice(name: str, value, options):
     """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in options:
+    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
         raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 

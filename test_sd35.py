@@ -653,6 +653,8 @@ def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors
     TypeErrors (os.stat's, len()'s), and SampleSettings(slg_layers=7) or slg_layers="1" in one from deep inside
     generate(); a block 1.5 skipped nothing, silently."""
     one_line_error(lambda: sd.load_pipeline("tiny", dtype=3), "unknown dtype 3: use one of fp32, bf16, fp16")
+    one_line_error(lambda: sd.load_pipeline("tiny", dtype=["fp16"]), r"unknown dtype \['fp16'\]: use one of fp32")
+    one_line_error(lambda: sd.load_pipeline("tiny", variant=["sd3-medium"]), r"unknown variant \['sd3-medium'\]")
     one_line_error(lambda: sd.load_pipeline(None),
                    r"model not found: 'None' \(a diffusers folder, .safetensors, hub id or 'tiny'\)")
     pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=10, width=32, height=32, cfg=4.0, slg_scale=2.0)
