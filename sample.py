@@ -261,6 +261,4 @@ if __name__ == "__main__":
     except sd.UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
-        name, code = ("terminated", 143) if isinstance(e, sd.Terminated) else ("interrupted", 130)
-        print(f"{name}: images already written stay in --out", file=sys.stderr)
-        sys.exit(code)
+        sd.exit_stopped(isinstance(e, sd.Terminated), ": images already written stay in --out", sys.stderr)

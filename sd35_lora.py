@@ -23,16 +23,16 @@ have. Sections (line numbers):
       861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1061  Data                             dataset scan, aspect buckets, the latent and text cache
      1210  Training                         Trainer and the training loop
-     1371  Part 2: plumbing                 a reader can stop here
-     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2179  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2305  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2692  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2836  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3065  Several Processes (torchrun)     one all-reduce per step
-     3142  Command Line and the Tiny Model  main(), --tiny
+     1369  Part 2: plumbing                 a reader can stop here
+     1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1871  Hub Downloads                    snapshot downloads, tokenizers
+     1924  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2183  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2309  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2702  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2846  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3075  Several Processes (torchrun)     one all-reduce per step
+     3152  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -119,7 +119,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_choice(name: str, value, options):
     """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in options:
+    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
         raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
@@ -1020,8 +1020,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-    check_seed(s.seed, len(prompts))
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
+    check_seed(s.seed, len(prompts))
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
@@ -1360,9 +1360,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
         save_checkpoint(tr)
-        name, code = ("terminated", 143) if signal.SIGTERM in stop else ("interrupted", 130)
-        print(f"{name} at step {tr.step}; checkpoint saved. Continue with --resume")
-        raise SystemExit(code)
+        exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
     finally:
         end_training(tr, old_handlers)
     return tr.out / "lora.safetensors"
@@ -1830,7 +1828,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if isinstance(dtype, str) and dtype:
+    if dtype and not isinstance(dtype, torch.dtype):          # None or "": the device's default
         check_choice("dtype", dtype, DTYPES)
     if variant:
         check_choice("variant", variant, PRESETS)
@@ -1900,9 +1898,9 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
     None without `download`."""
+    name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
-    name = str(name)                                        # a Path from Python
     local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
@@ -2142,7 +2140,13 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
     if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
         raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
+    scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     adapters = read_lora(model, path)                      # validates everything before touching the model
+    dtype = model.x_embedder.proj.weight.dtype          # the compute dtype (fp8 weights dequantize to it)
+    for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
+        if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
+            raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
+                            f"'{name}': lower the scale")
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
@@ -2429,7 +2433,8 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
     Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
     `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
-    if not (isinstance(negative, str) and all(isinstance(prompt, str) for prompt in prompts)):
+    if not (isinstance(prompts, (list, tuple))                     # e.g. None: len()'s bare TypeError
+            and all(isinstance(text, str) for text in [negative, *prompts])):
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
                         f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
@@ -2456,6 +2461,11 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         value, kind = getattr(settings, f.name), f.type.split(" ")[0]
         if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
             plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
+    if not isinstance(layers, (list, tuple, type(None))):
+        raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
+    for block in layers or ():
+        read_number(block, True, "each of settings.slg_layers")
     batch_size = read_number(batch_size, True, "batch_size")
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
@@ -3213,6 +3223,12 @@ def terminate(signum, frame):
         raise Terminated
 
 
+def exit_stopped(terminated: bool, message: str, file=None):
+    """End a run stopped by SIGTERM or Ctrl-C with one line and the code a shell gives it: 128 + signal."""
+    print(("terminated" if terminated else "interrupted") + message, file=file)
+    sys.exit(143 if terminated else 130)
+
+
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
     main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
@@ -3268,12 +3284,10 @@ def main(argv=None):
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
-        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and code == 143)
-        if rank == 0:                           # torchrun: process 0 speaks for all
-            print(f"{name} before training began{why}: nothing new to save (finished cache files are kept)",
-                  file=sys.stderr)
-        sys.exit(code)
+        term = isinstance(e, Terminated)
+        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and term)
+        exit_stopped(term, f" before training began{why}: nothing new to save (finished cache files are kept)",
+                     sys.stderr if rank == 0 else sys.stdout)   # torchrun: process 0 speaks (others: devnull)
     finally:
         restore_signals(previous)
         if sys.stdout is not stdout:

@@ -648,6 +648,28 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
                           plain)
 
 
+def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors():
+    """load_pipeline(dtype=3) ended in a bare KeyError, load_pipeline(None) and generate(pipe, None) in bare
+    TypeErrors (os.stat's, len()'s), and SampleSettings(slg_layers=7) or slg_layers="1" in one from deep inside
+    generate(); a block 1.5 skipped nothing, silently."""
+    one_line_error(lambda: sd.load_pipeline("tiny", dtype=3), "unknown dtype 3: use one of fp32, bf16, fp16")
+    one_line_error(lambda: sd.load_pipeline("tiny", dtype=["fp16"]), r"unknown dtype \['fp16'\]: use one of fp32")
+    one_line_error(lambda: sd.load_pipeline("tiny", variant=["sd3-medium"]), r"unknown variant \['sd3-medium'\]")
+    one_line_error(lambda: sd.load_pipeline(None),
+                   r"model not found: 'None' \(a diffusers folder, .safetensors, hub id or 'tiny'\)")
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=10, width=32, height=32, cfg=4.0, slg_scale=2.0)
+    one_line_error(lambda: sd.generate(pipe, None, settings=s, progress=False),
+                   "prompts and the negative prompt must be text")
+    for layers, error in [(7, "settings.slg_layers must list joint blocks, e.g. \\(7, 8, 9\\), not 7"),
+                          ("1", "settings.slg_layers must list joint blocks.*not '1'"),
+                          (("1",), "each of settings.slg_layers must be a whole number, got '1'"),
+                          ((1.5,), "each of settings.slg_layers must be a whole number, got 1.5")]:
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, slg_layers=layers),
+                                           progress=False), error)
+    numpy = dataclasses.replace(s, slg_layers=[np.int64(1)])
+    assert len(sd.generate(pipe, ["red"], settings=numpy, progress=False)) == 1
+
+
 def test_images_made_in_batches_show_one_progress_bar_over_all_their_steps(monkeypatch, capsys):
     """sample.py drew a bar per batch, each from 0 %: 16 images in batches of 4 made four bars, and no bar said
     how far the whole run was. One bar counts every image's steps; progress=False draws none."""
@@ -1242,6 +1264,35 @@ def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weigh
     model = tiny_mmdit()
     one_line_error(lambda: sd.load_lora(model, tmp_path / "huge.safetensors"), "alpha 3.*e\\+38.*overflow.*another file")
     assert torch.isfinite(model.joint_blocks[0].x_block.attn.proj.weight).all()
+
+
+def test_a_lora_scale_that_is_no_number_or_overflows_the_dtype_is_refused_before_any_weight_changes(tmp_path):
+    """load_lora(model, path, scale=nan / inf / 1e38) from Python merged NaN or inf into the weights without a word
+    (sample.py checks only its own flag), scale="0.5" or None failed with a bare TypeError, and the overflow bound
+    ignored the scale and stood at float32's max: fp16 weights took an update of 1e5 as inf."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    for alpha, name in [(2.0, "lora"), (3e38, "huge"), (1e6, "large")]:
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                   f"{key}.alpha": torch.tensor(alpha)}, tmp_path / f"{name}.safetensors")
+    for dtype, name, scale, error in [
+            (torch.float32, "lora", math.nan, "scale must be a finite number, got nan"),
+            (torch.float32, "lora", math.inf, "scale must be a finite number, got inf"),
+            (torch.float32, "lora", "0.5", "scale must be a finite number, got '0.5'"),
+            (torch.float32, "lora", None, "scale must be a finite number, got None"),
+            (torch.float32, "lora", 1e38, "at scale 1e\\+38 would make inf weights in float32 at .*: lower the scale"),
+            (torch.float16, "lora", 1e5, "at scale 100000 would make inf weights in float16 at .*: lower the scale"),
+            (torch.float32, "huge", 1e-30, "alpha 3e\\+38.*would overflow")]:    # made in fp32, then scaled
+        for merge in (True, False):
+            model = tiny_mmdit().to(dtype)
+            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge), error)
+            for param, weights in tiny_mmdit().to(dtype).state_dict().items():
+                assert torch.equal(model.state_dict()[param], weights), param
+    model = tiny_mmdit().half()
+    sd.load_lora(model, tmp_path / "lora.safetensors", np.float32(-100.0))     # numpy's numbers, negative ones too
+    sd.load_lora(model, tmp_path / "large.safetensors", 1e-6)     # over fp16's range at scale 1, not at 1e-6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_peft_keys_with_the_adapter_name_load_and_unknown_lora_layouts_are_named(tmp_path):
