@@ -2142,7 +2142,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
         raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
     scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     adapters = read_lora(model, path)                      # validates everything before touching the model
-    dtype = model.x_embedder.proj.weight.dtype          # the compute dtype (fp8 weights dequantize to it)
+    dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
         if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
             raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
@@ -3286,8 +3286,8 @@ def main(argv=None):
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
         term = isinstance(e, Terminated)
         why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and term)
-        exit_stopped(term, f" before training began{why}: nothing new to save (finished cache files are kept)",
-                     sys.stderr if rank == 0 else sys.stdout)   # torchrun: process 0 speaks (others: devnull)
+        message = f" before training began{why}: nothing new to save (finished cache files are kept)"
+        exit_stopped(term, message, sys.stderr if rank == 0 else sys.stdout)    # others' stdout: devnull
     finally:
         restore_signals(previous)
         if sys.stdout is not stdout:
