@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1458  Part 2: plumbing                 a reader can stop here
      1465  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1961  Hub Downloads                    snapshot downloads, tokenizers
-     2014  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2393  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2754  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2890  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3043  Several Processes (torchrun)     one all-reduce per step
-     3111  Command Line and the Tiny Model  main(), --tiny
+     2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2758  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2894  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3047  Several Processes (torchrun)     one all-reduce per step
+     3115  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1968,8 +1968,12 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         try:
-            return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
-                    for n in names] + [None] * (not use_t5)
+            tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)  # (as for configs)
+                          for n in names]
+            unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
+            if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
+                raise ValueError(f"{unpadded}/ has no padding token")
+            return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
             raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"

@@ -4305,6 +4305,16 @@ def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_pa
         one_line_error(lambda: sd._tokenizers(tmp_path, True), "tokenizer.* folders are incomplete")
 
 
+def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before_any_text(tmp_path):
+    """tokenizer_3/ copied without tokenizer_config.json: its tokenizer.json alone loads without a padding
+    token, and the first caption or prompt was a bare ValueError ('Asking to pad ...'), after the models."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "tokenizer_3/tokenizer_config.json").unlink()
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), "incomplete .*tokenizer_3/ has no padding token")
+    assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
