@@ -1968,8 +1968,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         try:
-            tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)  # (as for configs)
-                          for n in names]
+            tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
+                          for n in names]                                       # (as for configs)
             unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
             if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
                 raise ValueError(f"{unpadded}/ has no padding token")
