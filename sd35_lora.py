@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2758  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2894  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3047  Several Processes (torchrun)     one all-reduce per step
-     3115  Command Line and the Tiny Model  main(), --tiny
+     2759  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2895  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3048  Several Processes (torchrun)     one all-reduce per step
+     3116  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2709,8 +2709,9 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
-    if log.is_file():                                       # a line cut short (no newline) goes too
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+    if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
+        text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in text.splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
 
 

@@ -3212,6 +3212,16 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
 
 
+def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_traceback(tmp_path):
+    """A machine that crashes can leave stray bytes (not UTF-8) past a file's last write: --resume's trimming
+    of log.jsonl was a bare UnicodeDecodeError; the steps' lines are kept, the garbage goes as a cut line does."""
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3)]
+    log.write_bytes("".join(lines).encode() + b"\xff\xfe\x00\x93garbage")
+    sd.drop_log_lines_after(log, 2)
+    assert log.read_text() == "".join(lines[:2])
+
+
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
     make_dataset(tmp_path / "data")
     base = {"train.steps": 4, "train.save_every": 2, "sample.sample_every": 0}
