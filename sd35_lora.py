@@ -29,10 +29,10 @@ have. Sections (line numbers):
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2271  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2759  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2895  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3048  Several Processes (torchrun)     one all-reduce per step
-     3116  Command Line and the Tiny Model  main(), --tiny
+     2761  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2897  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3050  Several Processes (torchrun)     one all-reduce per step
+     3118  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2622,6 +2622,8 @@ def read_yaml(path: str, text: str | None = None):
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag in drop:                # tagged ones too (`!!int x` was a bare ValueError, `!!bool maybe` a KeyError)
+        loader.add_constructor(tag, yaml.SafeLoader.construct_scalar)
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 

@@ -2325,6 +2325,18 @@ def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
     one_line_error(lambda: sd.load_config(None, ["dataset.flip=maybe"]), "'dataset.flip' must be true or false")
 
 
+def test_a_yaml_tag_its_value_does_not_fit_is_a_one_line_error(tmp_path):
+    """`steps: !!int x` (from the file or --set) was a bare ValueError, `!!bool maybe` a KeyError: tagged values
+    stay text as untagged ones do, and _coerce names the key; tags that fit read as before."""
+    (tmp_path / "c.yaml").write_text("train:\n  steps: !!int x\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'train.steps' must be a whole number")
+    one_line_error(lambda: sd.load_config(None, ["fp8=!!bool maybe"]), "'fp8' must be true or false")
+    one_line_error(lambda: sd.load_config(None, ["train.lr=!!float 1e999"]), "'train.lr' must be a finite")
+    cfg = sd.load_config(None, ["train.lr=!!float 1e-4", "train.steps=!!int 20", "fp8=!!bool yes",
+                                "sample.neg=!!timestamp 2024-01-05"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.fp8, cfg.sample.neg) == (1e-4, 20, True, "2024-01-05")
+
+
 def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     """`output_dir: ~/runs` (and --set output_dir=~/runs, which the shell leaves alone) made a folder named '~' in
     the current one; every path key now expands '~' as a shell would, and text keys keep it."""
