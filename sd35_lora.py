@@ -2622,7 +2622,7 @@ def read_yaml(path: str, text: str | None = None):
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    for tag in drop:                # tagged ones too (`!!int x` was a bare ValueError, `!!bool maybe` a KeyError)
+    for tag in drop:                # tagged too: `!!int x` was a bare ValueError, `!!bool maybe` a KeyError
         loader.add_constructor(tag, yaml.SafeLoader.construct_scalar)
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
