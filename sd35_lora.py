@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1369  Part 2: plumbing                 a reader can stop here
      1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1871  Hub Downloads                    snapshot downloads, tokenizers
-     1924  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2183  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2309  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2702  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2846  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3075  Several Processes (torchrun)     one all-reduce per step
-     3152  Command Line and the Tiny Model  main(), --tiny
+     1928  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2187  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2313  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2709  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2853  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3082  Several Processes (torchrun)     one all-reduce per step
+     3159  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1878,8 +1878,12 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
     if all((folder / n).is_dir() for n in names):
         try:
-            return [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)   # (as for configs)
-                    for n in names] + [None] * (not use_t5)
+            tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
+                          for n in names]                                       # (as for configs)
+            unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
+            if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
+                raise ValueError(f"{unpadded}/ has no padding token")
+            return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
             raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
@@ -2551,6 +2555,8 @@ def read_yaml(path: str, text: str | None = None):
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag in drop:                # tagged too: `!!int x` was a bare ValueError, `!!bool maybe` a KeyError
+        loader.add_constructor(tag, yaml.SafeLoader.construct_scalar)
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
@@ -2639,8 +2645,9 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
-    if log.is_file():                                       # a line cut short (no newline) goes too
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in log.read_text().splitlines(True)]
+    if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
+        text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
+        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in text.splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
 
 

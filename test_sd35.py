@@ -2391,6 +2391,18 @@ def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
     one_line_error(lambda: sd.load_config(None, ["dataset.flip=maybe"]), "'dataset.flip' must be true or false")
 
 
+def test_a_yaml_tag_its_value_does_not_fit_is_a_one_line_error(tmp_path):
+    """`steps: !!int x` (from the file or --set) was a bare ValueError, `!!bool maybe` a KeyError: tagged values
+    stay text as untagged ones do, and _coerce names the key; tags that fit read as before."""
+    (tmp_path / "c.yaml").write_text("train:\n  steps: !!int x\n")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'train.steps' must be a whole number")
+    one_line_error(lambda: sd.load_config(None, ["fp8=!!bool maybe"]), "'fp8' must be true or false")
+    one_line_error(lambda: sd.load_config(None, ["train.lr=!!float 1e999"]), "'train.lr' must be a finite")
+    cfg = sd.load_config(None, ["train.lr=!!float 1e-4", "train.steps=!!int 20", "fp8=!!bool yes",
+                                "sample.neg=!!timestamp 2024-01-05"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.fp8, cfg.sample.neg) == (1e-4, 20, True, "2024-01-05")
+
+
 def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     """`output_dir: ~/runs` (and --set output_dir=~/runs, which the shell leaves alone) made a folder named '~' in
     the current one; every path key now expands '~' as a shell would, and text keys keep it."""
@@ -3292,6 +3304,16 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     assert "1 .txt captions have no image, e.g. IMG_0001.txt; images are read from .bmp" in out.err, out.err
     cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
     assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
+
+
+def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_traceback(tmp_path):
+    """A machine that crashes can leave stray bytes (not UTF-8) past a file's last write: --resume's trimming
+    of log.jsonl was a bare UnicodeDecodeError; the steps' lines are kept, the garbage goes as a cut line does."""
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3)]
+    log.write_bytes("".join(lines).encode() + b"\xff\xfe\x00\x93garbage")
+    sd.drop_log_lines_after(log, 2)
+    assert log.read_text() == "".join(lines[:2])
 
 
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
@@ -4409,6 +4431,16 @@ def test_a_tokenizer_json_this_tokenizers_cannot_read_is_a_one_line_error(tmp_pa
     for text in (json.dumps(newer), "{}"):
         file.write_text(text)
         one_line_error(lambda: sd._tokenizers(tmp_path, True), "tokenizer.* folders are incomplete")
+
+
+def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before_any_text(tmp_path):
+    """tokenizer_3/ copied without tokenizer_config.json: its tokenizer.json alone loads without a padding
+    token, and the first caption or prompt was a bare ValueError ('Asking to pad ...'), after the models."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "tokenizer_3/tokenizer_config.json").unlink()
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), "incomplete .*tokenizer_3/ has no padding token")
+    assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
