@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny' "
                    "(default: the model the --lora was trained on, as its file records)")
-    p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout"
-                                           " (for single-file models without them; without --model: the --lora's)")
-    p.add_argument("--vae", help="VAE file or folder (default: the one in --model; without --model: the --lora's)")
+    p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout "
+                   "(for single-file models without them; without --model: the --lora's)")
+    p.add_argument("--vae", help="VAE file or folder (default: the one in --model; without --model: the "
+                   "--lora's)")
     p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
     p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
     p.add_argument("--negative", default="", type=utf8_text,
@@ -113,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-PIPELINE = {"model": "base_model", "text_encoders": "text_encoders", "vae": "vae"}   # flag: the LoRA's key
+RECORDED_AS = {"model": "base_model", "text_encoders": "text_encoders", "vae": "vae"}   # flag: metadata key
 
 
 def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
@@ -121,13 +122,13 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     them were trained (so sampling matches training), each only when all the LoRAs record the same. LoRAs of
     different lengths need --t5-length (`t5_length`, which main() then uses): no one length is right for both.
     T5 is left out only when all were trained without it."""
-    found, pipelines = {}, {flag: set() for flag in PIPELINE}
+    found, pipelines = {}, {flag: set() for flag in RECORDED_AS}
     for path in paths:
         header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
-        for flag, key in PIPELINE.items():      # a hostile file's: not text, or with control characters (an
+        for flag, key in RECORDED_AS.items():   # a hostile file's: not text, or with control characters (an
             value = info.get(key)               # escape sequence could hide it where main() prints it)
             pipelines[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
@@ -255,7 +256,8 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in order
     # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
-    signal.signal(signal.SIGTERM, sd.terminate)     # sample_NN.png being written as the empty file reserve() made
+    # sample_NN.png being written as the empty file reserve() made
+    signal.signal(signal.SIGTERM, sd.terminate)
     try:
         main()
     except sd.UserError as e:

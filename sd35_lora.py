@@ -27,12 +27,12 @@ have. Sections (line numbers):
      1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1871  Hub Downloads                    snapshot downloads, tokenizers
      1928  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2187  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2313  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2709  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2853  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3082  Several Processes (torchrun)     one all-reduce per step
-     3159  Command Line and the Tiny Model  main(), --tiny
+     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2710  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2854  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3086  Several Processes (torchrun)     one all-reduce per step
+     3163  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1039,7 +1039,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
     bar = tqdm(total=len(x) * s.steps, desc=f"denoising {len(x)} images", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    with pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), bar:
+    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
             c, u = ([t[i:i + batch_size] for t in pair] if pair else None for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
@@ -1937,20 +1937,21 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     if not layers:
         raise UserError("the model has no LoRA layers to save (call add_lora first)")
     for name, layer in layers.items():
-        down, up = layer.lora_down.weight.detach().float(), layer.lora_up.weight.detach().float()
-        alpha = layer.alpha * layer.multiplier     # with an unmerged load_lora's scale: as the model runs
+        down = layer.lora_down.weight.detach().float()
+        # with an unmerged load_lora's scale, as the model runs (in lora_up: kohya reads alpha 0 as rank)
+        up = layer.lora_up.weight.detach().float() * layer.multiplier
         if format == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                        f"{key}.alpha": torch.tensor(float(alpha))})
+                        f"{key}.alpha": torch.tensor(float(layer.alpha))})
         else:                                                    # diffusers
-            up = swap_modulation(up * (alpha / layer.rank), name, model.cfg.depth)
+            up = swap_modulation(up * (layer.alpha / layer.rank), name, model.cfg.depth)
             for part, up_part in zip(names[name], up.chunk(len(names[name]))):
                 out[f"transformer.{part}.lora_A.weight"] = down.clone()   # safetensors refuses shared memory
                 out[f"transformer.{part}.lora_B.weight"] = up_part
     first = next(iter(layers.values()))
-    info = {"format": format, "rank": first.rank, "alpha": first.alpha * first.multiplier,
-            "alpha_folded": format == "diffusers", "modules": sorted(layers), **(metadata or {})}
+    info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
+            "modules": sorted(layers), **(metadata or {})}
     _atomic_save(out, path, {"format": "pt", "sd35_lora": json.dumps(info)})
 
 
@@ -2349,8 +2350,8 @@ def _coerce(value, default, key: str):
 def read_number(value, whole: bool, name: str) -> int | float:
     """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or whole and value % 1:
-        raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r}")
+    if not number or not abs(value) <= sys.float_info.max or whole and value % 1:   # NaN, inf, 10**400: no
+        raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r:.60}")
     return int(value) if whole else float(value)
 
 
@@ -2466,10 +2467,10 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
             plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
     layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
-    if not isinstance(layers, (list, tuple, type(None))):
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (collections.abc.Iterable, type(None))):
         raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
-    for block in layers or ():
-        read_number(block, True, "each of settings.slg_layers")
+    if layers is not None:                                      # range(7, 10) too
+        plain["slg_layers"] = tuple(read_number(i, True, "each of settings.slg_layers") for i in layers)
     batch_size = read_number(batch_size, True, "batch_size")
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
@@ -2994,9 +2995,12 @@ def save_previews(trainer: Trainer):
     if not sample.prompts or trainer.rank > 0:
         return
     training = trainer.bar.desc                         # train()'s words on the bar, put back after these
-    try:            # loss.png first: with a preview missing (a killed run) --resume redoes it all
+    try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
         if trainer.log_path.is_file():
             plot_losses(trainer.log_path, trainer.out / "loss.png")
+    except Exception as e:                      # e.g. a viewer holding it open on Windows: previews go on
+        tqdm.write(f"warning: loss.png not redrawn ({type(e).__name__}: {e})", file=sys.stderr)
+    try:
         trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
         trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)

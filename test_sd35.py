@@ -667,7 +667,12 @@ def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors
         one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, slg_layers=layers),
                                            progress=False), error)
     numpy = dataclasses.replace(s, slg_layers=[np.int64(1)])
-    assert len(sd.generate(pipe, ["red"], settings=numpy, progress=False)) == 1
+    image = np.asarray(sd.generate(pipe, ["red"], settings=numpy, progress=False)[0])
+    as_range = dataclasses.replace(s, slg_layers=range(1, 2))                   # a range lists blocks too
+    assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=as_range, progress=False)[0]), image)
+    for huge in (10**400, -10**400):               # math.isfinite's bare OverflowError, past a float's range
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=dataclasses.replace(s, seed=huge), progress=False),
+                       "settings.seed must be a whole number, got -?1000")
 
 
 def test_images_made_in_batches_show_one_progress_bar_over_all_their_steps(monkeypatch, capsys):
@@ -958,6 +963,8 @@ def test_a_lora_loaded_unmerged_at_a_scale_saves_as_the_model_runs(fmt, tmp_path
         sd.load_lora(fresh, tmp_path / "saved.safetensors")
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), model(*x), atol=1e-5, rtol=1e-5)
+        alphas = [t.item() for k, t in load_file(tmp_path / "saved.safetensors").items() if k.endswith("alpha")]
+        assert 0 not in alphas                 # kohya's loader reads alpha 0 as alpha = rank: full strength
 
 
 def test_kohya_lora_equals_manual_merge(tmp_path):
@@ -1936,6 +1943,19 @@ def test_a_run_killed_before_its_last_loss_plot_gets_it_on_resume(tmp_path, monk
     real_plot(run / "log.jsonl", tmp_path / "expected.png")                  # the curve of all 3 steps
     assert Image.open(run / "loss.png").tobytes() == Image.open(tmp_path / "expected.png").tobytes()
     assert len(list(run.glob("samples_step_000003/*.png"))) == 2 and len(losses(run)) == 3
+
+
+def test_a_loss_plot_that_cannot_be_written_costs_no_previews(tmp_path, monkeypatch, capsys):
+    """loss.png drawn first in the previews' try: a plot that failed (a viewer holding it open on Windows)
+    cost every sample step its previews, with a warning blaming the sampling."""
+    def held_open(log_path, png_path):
+        raise PermissionError(13, "Permission denied", str(png_path))
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "plot_losses", held_open)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 1}))
+    assert [len(list((tmp_path / "run").glob(f"samples_step_00000{i}/*.png"))) for i in range(3)] == [2, 2, 2]
+    err = capsys.readouterr().err
+    assert "warning: loss.png not redrawn (PermissionError" in err and "sampling at step" not in err
 
 
 def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handlers_alone(tmp_path):
