@@ -2467,7 +2467,7 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
             plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
     layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, (collections.abc.Iterable, type(None))):
+    if isinstance(layers, (str, bytes)) or not (layers is None or hasattr(layers, "__iter__")):
         raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
     if layers is not None:                                      # range(7, 10) too
         plain["slg_layers"] = tuple(read_number(i, True, "each of settings.slg_layers") for i in layers)
