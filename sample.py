@@ -35,9 +35,9 @@ def finite_float(text: str) -> float:
 
 def schedule_shift(text: str) -> float:
     """Refused here, not after the models have loaded (minutes for Large): the range generate() takes."""
-    value = finite_float(text)
-    if not 1e-3 <= value <= 1e3:
-        raise argparse.ArgumentTypeError(f"expected a shift in 0.001..1000, got {text!r}")
+    value, (lo, hi) = finite_float(text), sd.SHIFT_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"expected a shift in {lo:g}..{hi:g}, got {text!r}")
     return value
 
 
@@ -122,7 +122,7 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     them were trained (so sampling matches training), each only when all the LoRAs record the same. LoRAs of
     different lengths need --t5-length (`t5_length`, which main() then uses): no one length is right for both.
     T5 is left out only when all were trained without it."""
-    found, pipelines = {}, {flag: set() for flag in RECORDED_AS}
+    found, recorded = {}, {flag: set() for flag in RECORDED_AS}
     for path in paths:
         header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
         info = sd.lora_metadata(header, path)[0]
@@ -130,7 +130,7 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
             found[path] = (info["t5_length"], info.get("use_t5", True))
         for flag, key in RECORDED_AS.items():   # a hostile file's: not text, or with control characters (an
             value = info.get(key)               # escape sequence could hide it where main() prints it)
-            pipelines[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
+            recorded[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
@@ -139,11 +139,11 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     if without and len(without) < len(found):
         print(f"warning: {', '.join(without)} trained without T5, the other LoRAs with it: T5 stays on "
               f"unless --no-t5", file=sys.stderr)
-    pipeline = {flag: next(iter(values)) for flag, values in pipelines.items()
-                if len(values) == 1 and None not in values}
+    agreed = {flag: next(iter(values)) for flag, values in recorded.items()
+              if len(values) == 1 and None not in values}
     if not found:
-        return pipeline
-    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **pipeline}
+        return agreed
+    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **agreed}
 
 
 def main(argv=None) -> list[Path]:

@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
-      201  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      262  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      520  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      680  VAE                              16-channel autoencoder, the latent scale and shift
-      825  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      861  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1061  Data                             dataset scan, aspect buckets, the latent and text cache
-     1210  Training                         Trainer and the training loop
-     1369  Part 2: plumbing                 a reader can stop here
-     1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1871  Hub Downloads                    snapshot downloads, tokenizers
-     1928  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2188  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2314  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2710  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2854  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3086  Several Processes (torchrun)     one all-reduce per step
-     3163  Command Line and the Tiny Model  main(), --tiny
+      202  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      263  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      521  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      681  VAE                              16-channel autoencoder, the latent scale and shift
+      826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1063  Data                             dataset scan, aspect buckets, the latent and text cache
+     1212  Training                         Trainer and the training loop
+     1371  Part 2: plumbing                 a reader can stop here
+     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1873  Hub Downloads                    snapshot downloads, tokenizers
+     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2712  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2856  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3088  Several Processes (torchrun)     one all-reduce per step
+     3165  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -105,6 +105,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
+SHIFT_RANGE = (1e-3, 1e3)                  # below, 1 + (shift - 1) sigma is 0 in fp32 at sigma 1 (NaN images)
 T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
@@ -998,10 +999,11 @@ class SampleSettings:
         out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
         out.slg_scale = out.slg_scale if out.slg_layers else 0.0
         check_size(out.width, out.height)
-        # shift: 1 + (shift - 1) * sigma rounds to 0 at sigma 1 below 2^-25 in fp32 (inf sigmas, NaN images)
-        if out.steps < 1 or not 1e-3 <= out.shift <= 1e3 or not math.isfinite(out.cfg + out.slg_scale):
-            raise UserError(f"steps must be at least 1, shift in 0.001..1000, cfg and slg scale finite: got "
-                            f"{out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale {out.slg_scale}")
+        lo, hi = SHIFT_RANGE
+        if out.steps < 1 or not lo <= out.shift <= hi or not math.isfinite(out.cfg + out.slg_scale):
+            raise UserError(f"steps must be at least 1, shift in {lo:g}..{hi:g}, cfg and slg scale finite: "
+                            f"got {out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale "
+                            f"{out.slg_scale}")
         if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
             raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
                             f"on none of the {out.steps} steps: use more or leave out --slg/--slg-scale")
