@@ -3033,11 +3033,11 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
     return trainer
 
 
-def end_training(trainer: Trainer, previous: dict):
+def end_training(trainer: Trainer, old_handlers: dict):
     """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
     memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
     error: the next run (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
-    restore_signals(previous)
+    restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
@@ -3252,9 +3252,9 @@ def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     return {sig: signal.signal(sig, handler) for sig in signals}
 
 
-def restore_signals(previous: dict):
+def restore_signals(old_handlers: dict):
     """Put back the handlers handle_signals replaced."""
-    for sig, handler in previous.items():
+    for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
 
 
@@ -3274,7 +3274,7 @@ def main(argv=None):
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
     cfg = None
-    previous = handle_signals(terminate, (signal.SIGTERM,))        # loading, caching; train() takes it over
+    old_handlers = handle_signals(terminate, (signal.SIGTERM,))   # loading, caching; train() takes it over
     try:
         # --tiny's output: a timestamp, or torchrun's job id (same in every process; "none" without --rdzv-id)
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none") if under_torchrun() else "none"
@@ -3302,7 +3302,7 @@ def main(argv=None):
         message = f" before training began{why}: nothing new to save (finished cache files are kept)"
         exit_stopped(term, message, sys.stderr if rank == 0 else sys.stdout)    # others' stdout: devnull
     finally:
-        restore_signals(previous)
+        restore_signals(old_handlers)
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
