@@ -183,6 +183,7 @@ def main(argv=None) -> list[Path]:
 
 def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> list[Path]:
     """main() once the models have loaded: the LoRAs, then the images, each saved as soon as it is done."""
+    pipe.mmdit.check_image_fits(args.height, args.width, "lower --width and --height")   # before LoRAs load
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
     scales = args.lora_scale or [1.0]

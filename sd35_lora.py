@@ -17,22 +17,22 @@ have. Sections (line numbers):
        84  Presets and Configuration        per-variant sampling presets, the training config
       202  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       263  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      521  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      681  VAE                              16-channel autoencoder, the latent scale and shift
-      826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1212  Training                         Trainer and the training loop
-     1371  Part 2: plumbing                 a reader can stop here
-     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2712  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2856  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3088  Several Processes (torchrun)     one all-reduce per step
-     3165  Command Line and the Tiny Model  main(), --tiny
+      524  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      684  VAE                              16-channel autoencoder, the latent scale and shift
+      829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1066  Data                             dataset scan, aspect buckets, the latent and text cache
+     1215  Training                         Trainer and the training loop
+     1375  Part 2: plumbing                 a reader can stop here
+     1382  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1877  Hub Downloads                    snapshot downloads, tokenizers
+     1934  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2320  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2716  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2860  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3092  Several Processes (torchrun)     one all-reduce per step
+     3169  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -480,14 +480,17 @@ class MMDiT(nn.Module):
             block.compile()
         return self
 
-    def check_image_fits(self, height: int, width: int):        # sides in pixels; too large: a UserError
-        self.cropped_pos_embed(height // self.patch_px, width // self.patch_px)
+    def check_image_fits(self, height: int, width: int, fix: str = "lower the width and height"):
+        """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
+        most = self.cfg.pos_embed_max_size * self.patch_px
+        if height > most or width > most:
+            raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
+                            f"{fix}")
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
-        m, px = self.cfg.pos_embed_max_size, self.patch_px
-        if h > m or w > m:
-            raise UserError(f"{w * px}x{h * px} px is too large for this model: at most {m * px} px per side")
+        m = self.cfg.pos_embed_max_size
+        self.check_image_fits(h * self.patch_px, w * self.patch_px)
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
@@ -1240,9 +1243,10 @@ class Trainer:
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-        largest = max(s.width, s.height, *(side for item in items for side in item["size"]))
-        pipe.mmdit.check_image_fits(largest, largest)                  # too large: refused before the caching
-        lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # refused before the caching, not after
+        pipe.mmdit.check_image_fits(s.height, s.width, "lower sample.width and sample.height")
+        w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
+        pipe.mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
+        lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # these: refused before the caching
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
