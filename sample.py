@@ -192,7 +192,7 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
     for path, scale in zip(args.lora, scales):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
-        print(f"loaded {path} on {n} layers (scale {scale})")
+        print(f"loaded {path} on {sd.counted(n, 'layer')} (scale {scale})")
     if args.compile:
         pipe.mmdit.compile_blocks()
     slg_scale = 0.0 if args.slg_scale is None and not args.slg else args.slg_scale     # None: the preset's

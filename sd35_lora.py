@@ -23,16 +23,16 @@ have. Sections (line numbers):
       865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1066  Data                             dataset scan, aspect buckets, the latent and text cache
      1215  Training                         Trainer and the training loop
-     1375  Part 2: plumbing                 a reader can stop here
-     1382  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1877  Hub Downloads                    snapshot downloads, tokenizers
-     1934  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2320  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2716  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2860  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3092  Several Processes (torchrun)     one all-reduce per step
-     3169  Command Line and the Tiny Model  main(), --tiny
+     1376  Part 2: plumbing                 a reader can stop here
+     1383  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2322  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2725  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3103  Several Processes (torchrun)     one all-reduce per step
+     3180  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1005,11 +1005,11 @@ class SampleSettings:
         lo, hi = SHIFT_RANGE
         if out.steps < 1 or not lo <= out.shift <= hi or not math.isfinite(out.cfg + out.slg_scale):
             raise UserError(f"steps must be at least 1, shift in {lo:g}..{hi:g}, cfg and slg scale finite: "
-                            f"got {out.steps} steps, shift {out.shift}, cfg {out.cfg}, slg scale "
+                            f"got {counted(out.steps, 'step')}, shift {out.shift}, cfg {out.cfg}, slg scale "
                             f"{out.slg_scale}")
         if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
             raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
-                            f"on none of the {out.steps} steps: use more or leave out --slg/--slg-scale")
+                            f"on no step of a {out.steps}-step one: use more or leave out --slg/--slg-scale")
         check_choice("sampler", out.sampler, SAMPLERS)
         check_choice("schedule", out.schedule, SCHEDULES)
         return out
@@ -1042,7 +1042,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
     done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
-    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {len(x)} images", disable=not progress)
+    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
@@ -1130,10 +1130,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
     shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
     left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += [f"{len(left_out)} hidden, thumbnail and recycle folders: {shown}"] * bool(left_out)
+    left += [f"{counted(len(left_out), 'hidden, thumbnail or recycle folder')}: {shown}"] * bool(left_out)
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
-        folders = len({i["path"].parent for i in items})
-        print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
+        folders = counted(len({i["path"].parent for i in items}), "folder")
+        print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
               + (f" (left out: {'; '.join(left)})" if left else ""))
     return items
 
@@ -1321,7 +1321,8 @@ class Trainer:
             save_checkpoint(self)
         if self.every_or_last(self.cfg.sample.sample_every):
             means = [f"{s / n:.4f}" if n else "-" for s, n in bins.T.tolist()]
-            tqdm.write(f"loss by sigma bin ({int(bins[1].sum())} samples since the last report or resume): "
+            samples = counted(int(bins[1].sum()), "sample")
+            tqdm.write(f"loss by sigma bin ({samples} since the last report or resume): "
                        + "  ".join(f"[{i / k:.1f},{(i + 1) / k:.1f}) {m}" for i, m in enumerate(means)))
             bins.zero_()                                    # the next report covers the steps after this one
             save_previews(self)
@@ -1684,7 +1685,8 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
     layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
     if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built
-        raise ValueError(f"weights of {layers} layers, config of {getattr(config, 'num_hidden_layers', 0)}")
+        raise ValueError(f"weights of {counted(layers, 'layer')}, config of "
+                         f"{getattr(config, 'num_hidden_layers', 0)}")
     rows = lambda name: sd[name].shape[0]
     if role == "t5xxl":                                                 # one tied tensor under both names
         embedding = sd.pop("encoder.embed_tokens.weight", None)
@@ -2029,10 +2031,10 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     if text and not groups and not rest:                    # (else e.g. an SDXL LoRA: read_lora says so)
         raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
     if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
-        print(f"warning: {path}: its text-encoder LoRA ({len(text)} tensors, e.g. {text[0]}) is not applied, "
-              f"only its MMDiT part", file=sys.stderr)
+        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {text[0]}) "
+              f"is not applied, only its MMDiT part", file=sys.stderr)
     if rest and groups:                                     # (no groups: read_lora says why)
-        print(f"warning: ignored {len(rest)} tensors of {path} that are no LoRA weights of this model, "
+        print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
 
@@ -2409,6 +2411,11 @@ def check_seed(seed: int, images: int, name: str = "seed"):
         raise UserError(f"{name} {seed} is outside 0..2^64-{images} (image i uses seed + i)")
 
 
+def counted(n: int, one: str, many: str = "") -> str:
+    """'1 image', '2 images', '2 processes'; `many` for other plurals ('1 image is', '2 images are')."""
+    return f"{n} {one if n == 1 else many or one + ('es' if one.endswith('s') else 's')}"
+
+
 def warn_cut(text: TextEncoders, texts: list[str], what: str):
     """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which TextEncoders.encode
     cuts without a word (as transformers does; diffusers warns), with the words that one of them loses."""
@@ -2425,8 +2432,9 @@ def warn_cut(text: TextEncoders, texts: list[str], what: str):
         lost = {name: tok.decode(tok(texts[over[0]], verbose=False).input_ids[limit - 1:],
                                  skip_special_tokens=True) for name, tok, limit in limits}
         name = max(lost, key=lambda window: len(lost[window]))          # the shorter window: more words lost
-        print(f"warning: {len(over)} of {len(texts)} {what} are cut ({told} tokens): the rest of them is "
-              f"ignored, e.g. {name} does not read {lost[name]!r:.60}", file=sys.stderr)
+        verb, pronoun = ("is", "it") if len(over) == 1 else ("are", "them")
+        print(f"warning: {len(over)} of {len(texts)} {what} {verb} cut ({told} tokens): the rest of "
+              f"{pronoun} is ignored, e.g. {name} does not read {lost[name]!r:.60}", file=sys.stderr)
 
 
 def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: float, previews: bool = False):
@@ -2455,7 +2463,8 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
         return
     (context, _), uncond = embeddings
     if len(context) != len(prompts):
-        raise UserError(f"embeddings for {len(context)} prompts, not {len(prompts)}: encode those prompts")
+        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode those "
+                        f"prompts")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
@@ -2677,13 +2686,13 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size
     kept = before == cfg.train.batch_size * cfg.train.grad_accum * world
     if world != was and not kept:
+        recorded = f"{path} had a global batch of {before} on {counted(was, 'process')}"
         if before % world:                             # no whole batch_size x grad_accum keeps it
             counts = [str(n) for n in range(1, before + 1) if before % n == 0]
-            raise UserError(f"{path} had a global batch of {before} on {was} processes: {world} processes "
-                            f"cannot share it; resume on a process count that divides {before} "
-                            f"({', '.join(counts)})")
-        raise UserError(f"{path} had a global batch of {before} on {was} processes: on {world}, keep it "
-                        f"with train.batch_size x train.grad_accum = {before / world:g}, or resume on {was}")
+            raise UserError(f"{recorded}: {world} processes cannot share it; resume on a process count that "
+                            f"divides {before} ({', '.join(counts)})")
+        raise UserError(f"{recorded}: on {world}, keep it with train.batch_size x train.grad_accum = "
+                        f"{before / world:g}, or resume on {was}")
     # the same global batch on another split: no change, unless LoRA dropout's masks follow the split
     split = ("train.batch_size", "train.grad_accum") if kept and not cfg.lora.dropout else ()
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
@@ -2757,8 +2766,8 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     locked += [f"{p} (a link to the missing {os.readlink(p)})" for p in files if p.suffix.lower() not in
                {*IMAGE_EXTS, ".txt"} and os.path.islink(p) and not os.path.exists(p)]
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
-        print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
-              file=sys.stderr)
+        print(f"warning: skipped {counted(len(locked), 'folder')} that cannot be read: "
+              f"{', '.join(locked[:5])}", file=sys.stderr)
     return files, sorted(left_out)
 
 
@@ -2786,30 +2795,32 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
     others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
     kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
-    hint = f"; {kohya} .caption files (kohya's) are not read: rename them to .txt" if kohya else ""
+    hint = f"; kohya's .caption files are not read ({kohya} here): rename them to .txt" if kohya else ""
     read = f"images are read from {', '.join(sorted(IMAGE_EXTS))} files only"
 
     def eg(names: list[str]) -> str:
         return ", ".join(names[:5])
     said = [
-        (large, f"skipped {len(large)} images over the limit of {MAX_PIXELS / 1e6:g} megapixels for images "
-                f"other than JPEG (a guard against decompression bombs), e.g. {eg(large)}; save them smaller "
-                f"or as JPEG"),
-        (broken, f"skipped {len(broken)} unreadable images: {eg(broken)}"),
-        (small, f"{len(small)} images are upscaled over 2x to their bucket around dataset.resolution "
-                f"{cfg.resolution} px, so they train blurred, e.g. {eg(small)}; use larger images or a lower "
-                f"dataset.resolution"),
-        (cropped, f"{len(cropped)} images are cropped to under half their picture to fit the widest aspect "
-                  f"bucket, e.g. {eg(cropped)}; cut them into parts"),
-        (uncaptioned, f"{len(uncaptioned)} images have no .txt caption, e.g. {eg(uncaptioned)}; using "
-                      f"dataset.default_caption {cfg.default_caption!r}{hint}"),
-        (empty, f"{len(empty)} .txt captions are empty, e.g. {eg(empty)}; their images train with the empty "
-                f"caption (unconditioned); delete such a .txt to use dataset.default_caption"),
+        (large, f"skipped {counted(len(large), 'image')} over the limit of {MAX_PIXELS / 1e6:g} megapixels "
+                f"for images other than JPEG (a guard against decompression bombs), e.g. {eg(large)}; save "
+                f"such images smaller or as JPEG"),
+        (broken, f"skipped {counted(len(broken), 'unreadable image')}: {eg(broken)}"),
+        (small, f"{counted(len(small), 'image is', 'images are')} upscaled over 2x to a bucket around "
+                f"dataset.resolution {cfg.resolution} px, so the LoRA learns blur, e.g. {eg(small)}; use "
+                f"larger images or a lower dataset.resolution"),
+        (cropped, f"{counted(len(cropped), 'image is', 'images are')} cropped to under half the picture to "
+                  f"fit the widest aspect bucket, e.g. {eg(cropped)}; cut such images into parts"),
+        (uncaptioned, f"{counted(len(uncaptioned), 'image has', 'images have')} no .txt caption, e.g. "
+                      f"{eg(uncaptioned)}; using dataset.default_caption {cfg.default_caption!r}{hint}"),
+        (empty, f"{counted(len(empty), '.txt caption is', '.txt captions are')} empty, e.g. {eg(empty)}; an "
+                f"image with one trains with the empty caption (unconditioned); delete such a .txt to use "
+                f"dataset.default_caption"),
         (shared, f"images sharing one caption file: {eg(shared)}"),
         (len({int(name.split("_")[0]) for name in repeats}) > 1, f"kohya's repeat folders ({eg(repeats)}): "
          f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
-        (orphans, f"{len(orphans)} .txt captions have no image, e.g. {eg(orphans)}; {read}"),  # a .heic's?
-        (others, f"{len(others)} images in formats not read are left out, e.g. {eg(others)}; {read}")]
+        (orphans, f"{counted(len(orphans), '.txt caption has', '.txt captions have')} no image, e.g. "
+                  f"{eg(orphans)}; {read}"),                                             # a .heic's?
+        (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}")]
     for when, text in said:
         if when:
             print(f"warning: {text}", file=sys.stderr)
@@ -3007,7 +3018,7 @@ def save_previews(trainer: Trainer):
     except Exception as e:                      # e.g. a viewer holding it open on Windows: previews go on
         tqdm.write(f"warning: loss.png not redrawn ({type(e).__name__}: {e})", file=sys.stderr)
     try:
-        trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
+        trainer.bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")  # not a frozen bar
         trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)
         images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
@@ -3123,8 +3134,8 @@ def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[
         collective(dist.init_process_group, "nccl" if device.type == "cuda" else "gloo",
                    timeout=datetime.timedelta(seconds=tc.dist_timeout))
     batch, most = tc.batch_size * tc.grad_accum * world, max(collections.Counter(buckets).values(), default=0)
-    print(f"global batch {batch} = {world} processes x batch_size {tc.batch_size} x grad_accum "
-          f"{tc.grad_accum}")
+    print(f"global batch {batch} = {counted(world, 'process')} x batch_size {tc.batch_size} x "
+          f"grad_accum {tc.grad_accum}")
     if 0 < most < batch and rank == 0:
         print(f"warning: no aspect bucket holds a global batch of {batch} images (the largest holds {most}); "
               f"a step's images share one bucket, so steps train on {most} or fewer: lower the global batch "

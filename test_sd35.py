@@ -587,7 +587,7 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False), "no text encoders.*embeddings")
     assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings)) == 1
     one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=embeddings),
-                   "embeddings for 1 prompts, not 2")
+                   "embeddings for 1 prompt, not 2")
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(embeddings[0], None)),
                    "no uncond")
 
@@ -706,10 +706,10 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
     cfg = dataclasses.replace(s, cfg=4.0)      # the negative prompt was counted among the prompts: "1 of 3"
     sd.generate(pipe, ["red", "blue"], "x" * 30, settings=cfg, progress=False)
     assert capsys.readouterr().err.strip().splitlines() == [
-        "warning: 1 of 1 negative prompts are cut (1 at T5's 16 tokens): the rest of them is ignored, e.g. T5 does not "
+        "warning: 1 of 1 negative prompts is cut (1 at T5's 16 tokens): the rest of it is ignored, e.g. T5 does not "
         f"read {' '.join('x' * 15)!r}"]
     sd.generate(pipe, ["b" * 20], settings=cfg, progress=False)
-    assert "1 of 1 prompts are cut" in capsys.readouterr().err
+    assert "1 of 1 prompts is cut" in capsys.readouterr().err
     sd.generate(pipe, ["red"], "x" * 30, settings=s, progress=False)      # cfg 1: the negative is not read
     assert capsys.readouterr().err.strip() == "warning: the negative prompt has no effect without CFG (cfg 1.0 is 1 or less)"
     items = [{"path": tmp_path / f"{i}.png", "caption": c, "size": (64, 64)}
@@ -2871,7 +2871,7 @@ def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(t
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64, default_caption="a shape"))
     assert [item["caption"] for item in items] == ["", "red stripes"]
     err = capsys.readouterr().err
-    assert "1 .txt captions are empty, e.g. blue_disc.txt" in err and "default_caption" in err, err
+    assert "1 .txt caption is empty, e.g. blue_disc.txt" in err and "default_caption" in err, err
 
 
 def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipped(tmp_path, monkeypatch, capsys):
@@ -2924,7 +2924,7 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png", "kept.png"]
     out = capsys.readouterr()
     assert "SYNOPHOTO" not in out.err, out.err
-    assert "7 hidden, thumbnail and recycle folders: #recycle, $Recycle.Bin, .git, .thumbnails, @eaDir, ...)" in out.out
+    assert "7 hidden, thumbnail or recycle folders: #recycle, $Recycle.Bin, .git, .thumbnails, @eaDir, ...)" in out.out
     assert "recursively (left out: 7 hidden" in out.out, out.out        # no "0 in output_dir ..." before it
 
 
@@ -2933,7 +2933,7 @@ def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_pa
     data = tmp_path / "data"
     sd.write_demo_dataset(data)
     sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, cache_dir=str(tmp_path / "cache")))
-    assert capsys.readouterr().out.strip().endswith(f"under {data}, searched recursively")
+    assert capsys.readouterr().out.strip().endswith(f"2 images in 1 folder under {data}, searched recursively")
     (data / "run" / "samples").mkdir(parents=True)                        # output_dir inside the dataset
     Image.new("RGB", (64, 64)).save(data / "run" / "samples" / "preview.png")
     sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64), str(data / "run"))
@@ -3035,7 +3035,7 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
     err = capsys.readouterr().err
     assert item["caption"] == "a dog" and "no .txt caption" not in err, err
-    assert "1 .txt captions have no image, e.g. IMG_0002.TXT" in err, err
+    assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
 
 
 def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
@@ -3051,7 +3051,7 @@ def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_p
         Image.new("RGB", size).save(tmp_path / name)
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))) == 3
     err = capsys.readouterr().err
-    assert "1 images are upscaled over 2x to their bucket around dataset.resolution 128 px" in err, err
+    assert "1 image is upscaled over 2x to a bucket around dataset.resolution 128 px" in err, err
     assert "e.g. thumb.png (32x24);" in err, err
 
 
@@ -3062,7 +3062,7 @@ def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, c
         Image.new("RGB", size).save(tmp_path / name)
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))) == 3
     err = capsys.readouterr().err
-    assert "2 images are cropped to under half their picture to fit the widest aspect bucket, e.g. pano.png, " \
+    assert "2 images are cropped to under half the picture to fit the widest aspect bucket, e.g. pano.png, " \
            "strip.png;" in err, err
 
 
@@ -3072,7 +3072,7 @@ def test_a_global_batch_no_aspect_bucket_fills_is_warned(tmp_path, capsys, monke
     make_dataset(tmp_path / "data")
     sd.train(tiny_config(tmp_path, **{"train.steps": 1, "train.batch_size": 3, "sample.sample_every": 0}))
     out, err = capsys.readouterr()
-    assert "global batch 3 = 1 processes x batch_size 3 x grad_accum 1" in out
+    assert "global batch 3 = 1 process x batch_size 3 x grad_accum 1" in out
     assert "warning: no aspect bucket holds a global batch of 3 images (the largest holds 2); a step's images " \
            "share one bucket, so steps train on 2 or fewer: lower the global batch (batch_size x grad_accum x " \
            "processes) or add images" in err, err
@@ -3257,7 +3257,7 @@ def test_a_dataset_folder_that_cannot_be_read_is_named_not_left_out_without_a_wo
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
     assert [item["path"].parent.name for item in items] == ["open"]
     err = capsys.readouterr().err
-    assert f"skipped 1 folders that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
+    assert f"skipped 1 folder that cannot be read: {tmp_path / 'locked'} (Permission denied)" in err, err
 
 
 def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys):
@@ -3268,9 +3268,9 @@ def test_a_linked_image_folder_whose_target_is_missing_is_named(tmp_path, capsys
     (tmp_path / "data" / "gone.png").symlink_to(tmp_path / "unmounted" / "gone.png")  # named as unreadable
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
     err = capsys.readouterr().err
-    assert f"skipped 1 folders that cannot be read: {tmp_path / 'data' / 'usb photos'} (a link to the missing " \
+    assert f"skipped 1 folder that cannot be read: {tmp_path / 'data' / 'usb photos'} (a link to the missing " \
            f"{tmp_path / 'unmounted' / 'photos'})" in err, err
-    assert "skipped 1 unreadable images: gone.png (FileNotFoundError)" in err, err
+    assert "skipped 1 unreadable image: gone.png (FileNotFoundError)" in err, err
 
 
 def test_a_caption_link_whose_target_is_missing_is_not_named_as_a_folder(tmp_path, capsys):
@@ -3291,7 +3291,7 @@ def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path
         (tmp_path / name).write_bytes(b"\0" * 16)
     sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
     err = capsys.readouterr().err
-    assert "2 images in formats not read are left out, e.g. IMG_0001.heic, saved.jfif; images are read from " \
+    assert "skipped 2 images in formats not read, e.g. IMG_0001.heic, saved.jfif; images are read from " \
            ".bmp, .jpeg, .jpg, .png, .webp files only" in err, err
 
 
@@ -3302,7 +3302,7 @@ def test_kohya_caption_files_are_named_as_not_read(tmp_path, capsys):
         Image.new("RGB", (64, 64)).save(tmp_path / f"{name}.png")
         (tmp_path / f"{name}.caption").write_text("a photo of sks dog")
     sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
-    assert "using dataset.default_caption ''; 2 .caption files (kohya's) are not read: rename them to .txt" \
+    assert "using dataset.default_caption ''; kohya's .caption files are not read (2 here): rename them to .txt" \
            in capsys.readouterr().err
 
 
@@ -3312,7 +3312,7 @@ def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_p
     (tmp_path / "data" / "loop.png").symlink_to(tmp_path / "data" / "loop.png")
     items = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))
     assert sorted(item["path"].name for item in items) == ["blue_disc.png", "red_stripes.png"]
-    assert "skipped 1 unreadable images: loop.png" in capsys.readouterr().err
+    assert "skipped 1 unreadable image: loop.png" in capsys.readouterr().err
 
 
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
@@ -3332,7 +3332,7 @@ def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path,
     out = capsys.readouterr()
     assert "4 images in 2 folders" in out.out and "run" in out.out and "cache" in out.out, out.out
     assert "lonely.png" in out.err and "red_stripes.jpg + red_stripes.png" in out.err, out.err
-    assert "1 .txt captions have no image, e.g. IMG_0001.txt; images are read from .bmp" in out.err, out.err
+    assert "1 .txt caption has no image, e.g. IMG_0001.txt; images are read from .bmp" in out.err, out.err
     cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path)})     # a cache_dir holding the dataset
     assert len(sd.scan_dataset(cfg.dataset, str(data / "run"))) == 4
 
@@ -3632,9 +3632,9 @@ def test_skip_layer_guidance_with_too_few_steps_for_its_window_is_refused():
     """SLG acts on the steps past 1 % and before 20 % of the run (as in both references): with 5 steps or fewer
     no step is, so --slg-scale was silently ignored (the same image as without it) and recorded as having run."""
     for steps in (1, 5):
-        with pytest.raises(sd.UserError, match=f"skip-layer guidance.*none of the {steps} steps: use more"):
+        with pytest.raises(sd.UserError, match=f"skip-layer guidance.*no step of a {steps}-step one: use more"):
             sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium", depth=3)
-    with pytest.raises(sd.UserError, match="none of the 4 steps"):                 # --slg on Medium's 24 blocks
+    with pytest.raises(sd.UserError, match="no step of a 4-step one"):                 # --slg on Medium's 24 blocks
         sd.SampleSettings(steps=4, slg_scale=None).resolved("sd3.5-medium", depth=24)
     for steps in (6, 100, 10**9):
         assert sd.SampleSettings(steps=steps, slg_scale=2.5, slg_layers=(1,)).resolved("sd3.5-medium").slg_scale
@@ -4342,7 +4342,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     Image.new("RGB", (80, 80)).save(data / "bomb.png")
     monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))) == 2
-    assert "skipped 1 images over the limit of 0.005 megapixels" in capsys.readouterr().err
+    assert "skipped 1 image over the limit of 0.005 megapixels" in capsys.readouterr().err
     monkeypatch.undo()
     # sampling: sizes against the model before the noise exists; seeds within torch's range, never wrapped
     pipe = sd.tiny_pipeline()
