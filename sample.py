@@ -147,10 +147,11 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
 
 
 def main(argv=None) -> list[Path]:
-    args, rank = parse_args(argv), sd.rank_and_world()[0]
+    args, (rank, world) = parse_args(argv), sd.rank_and_world()
     if sd.under_torchrun():     # each process made every image, with its own bar and "saved to" line
-        raise sd.UserError("sample.py makes all its images in one process, on one GPU: run it with python, "
-                           "not torchrun (--device cuda:N picks the GPU)") if rank == 0 else SystemExit(1)
+        raise sd.UserError(f"sample.py makes all its images in one process, on one GPU: run it with python, "
+                           f"not torchrun or srun, with WORLD_SIZE unset (it is {world}; a job script may "
+                           f"export it); --device cuda:N picks the GPU") if rank == 0 else SystemExit(1)
     trained = trained_settings(args.lora, args.t5_length)
     if not args.model:
         if "model" not in trained:                      # a LoRA made elsewhere, or LoRAs of different models

@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1215  Training                         Trainer and the training loop
      1376  Part 2: plumbing                 a reader can stop here
      1383  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2322  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2725  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3103  Several Processes (torchrun)     one all-reduce per step
-     3180  Command Line and the Tiny Model  main(), --tiny
+     1880  Hub Downloads                    snapshot downloads, tokenizers
+     1937  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2872  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3104  Several Processes (torchrun)     one all-reduce per step
+     3182  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1805,8 +1805,9 @@ def pick_device(name: str = "auto") -> torch.device:
     except (RuntimeError, KeyError):                    # no device name, or a type no run here can use
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
-        raise UserError(f"device {name} asked for, but this torch sees {available} {device.type} "
-                        f"device(s); use --device cpu, or (torchrun) at most one process per GPU",
+        seen = counted(available, device.type + " device")
+        raise UserError(f"device {name} asked for, but this torch sees {seen}: use --device cpu, or at most "
+                        f"one process per GPU (started without torchrun: export LOCAL_RANK, its GPU)",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 
@@ -3105,8 +3106,9 @@ def plot_losses(log_path: Path, png_path: Path):
 #################################################################################
 
 def under_torchrun() -> bool:
-    """One of several processes started by torchrun (it sets MASTER_ADDR: a WORLD_SIZE alone may be a
-    cluster's) or joined by a caller; else a plain run, whatever a stray RANK, LOCAL_RANK or job id says."""
+    """One of several processes: torchrun's, a job script's that exports MASTER_ADDR too (srun; a WORLD_SIZE
+    alone may be a cluster's), or joined by a caller; else a plain run, whatever a stray RANK, LOCAL_RANK or
+    job id says."""
     several = int(os.environ.get("WORLD_SIZE") or 1) > 1         # empty (exported unset): not set
     return several and ("MASTER_ADDR" in os.environ or dist.is_initialized())
 

@@ -3763,6 +3763,8 @@ def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(sd.UserError, match="run it with python, not torchrun"):      # process 0 says why
         sample.main(args)
+    # the same variables from a job script (srun), with `python sample.py`: it said "not torchrun" only
+    one_line_error(lambda: sample.main(args), r"not torchrun or srun, with WORLD_SIZE unset \(it is 2; a job script")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as exit_info:                                     # the others: only a code
         sample.main(args)
@@ -4009,6 +4011,9 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     one_line_error(lambda: sd.pick_device("auto"), "cuda:1 asked for, but this torch sees 1 cuda")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert sd.pick_device("auto") == torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")            # srun's process 5 of 8 (4 GPUs a machine) from a job script: cuda:5
+    monkeypatch.setenv("RANK", "5")
+    one_line_error(lambda: sd.pick_device("auto"), r"cuda:5 .* sees 1 cuda device: .*export LOCAL_RANK, its GPU")
 
 
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
