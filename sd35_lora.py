@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2872  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3104  Several Processes (torchrun)     one all-reduce per step
-     3182  Command Line and the Tiny Model  main(), --tiny
+     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3111  Several Processes (torchrun)     one all-reduce per step
+     3189  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2813,9 +2813,8 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
                   f"fit the widest aspect bucket, e.g. {eg(cropped)}; cut such images into parts"),
         (uncaptioned, f"{counted(len(uncaptioned), 'image has', 'images have')} no .txt caption, e.g. "
                       f"{eg(uncaptioned)}; using dataset.default_caption {cfg.default_caption!r}{hint}"),
-        (empty, f"{counted(len(empty), '.txt caption is', '.txt captions are')} empty, e.g. {eg(empty)}; an "
-                f"image with one trains with the empty caption (unconditioned); delete such a .txt to use "
-                f"dataset.default_caption"),
+        (empty, f"{counted(len(empty), '.txt caption is', '.txt captions are')} empty, e.g. {eg(empty)}; "
+                f"an image with one trains unconditioned; delete such a .txt to use dataset.default_caption"),
         (shared, f"images sharing one caption file: {eg(shared)}"),
         (len({int(name.split("_")[0]) for name in repeats}) > 1, f"kohya's repeat folders ({eg(repeats)}): "
          f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
@@ -2938,6 +2937,9 @@ def writable_dir(path: str | Path, what: str):
 
 
 LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check
+# output_dir (real path) -> the Trainer of this process's run there: the lock keeps out other processes only
+# (another thread's run, a notebook's or a web UI's, shares it, and its close of the file would end the lock)
+RUNS_HERE = {}
 
 
 def lock_output_dir(out: Path):
@@ -2965,6 +2967,9 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
+    if RUNS_HERE.setdefault(os.path.realpath(out), trainer) is not trainer:    # atomic: one thread wins
+        raise UserError(f"another run in this process (another thread) is using output_dir {out}: wait for "
+                        f"it to end, or choose another output_dir")
     if not cfg.model:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
@@ -3058,6 +3063,8 @@ def end_training(trainer: Trainer, old_handlers: dict):
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
         trainer.lock.close()
+    if RUNS_HERE.get(os.path.realpath(getattr(trainer, "out", ""))) is trainer:     # not a refused thread's
+        del RUNS_HERE[os.path.realpath(trainer.out)]
     if sys.exc_info()[1] is not None:
         free_models(getattr(trainer, "pipe", None))
         if hasattr(trainer, "opt"):

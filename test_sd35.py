@@ -2554,6 +2554,34 @@ def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_
     assert kept.value.__traceback__ is not None
 
 
+def test_a_second_run_in_another_thread_on_the_same_output_dir_is_refused(tmp_path, monkeypatch):
+    """A POSIX lock belongs to the process: train() in a second thread (a notebook's, a web UI's) took the same
+    output_dir's lock too, and both runs trained into it (log.jsonl held both runs' steps)."""
+    import threading
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0})
+    scanning, go_on, real_scan, done = threading.Event(), threading.Event(), sd.scan_dataset, []
+
+    def held_scan(*args):                               # the first run holds output_dir while it scans
+        if not scanning.is_set():
+            scanning.set()
+            go_on.wait(60)
+        return real_scan(*args)
+    monkeypatch.setattr(sd, "scan_dataset", held_scan)
+    first = threading.Thread(target=lambda: done.append(sd.train(cfg)))
+    first.start()
+    try:
+        assert scanning.wait(60)
+        for _ in range(2):                              # a refused run does not free the first one's claim
+            one_line_error(lambda: sd.train(cfg), "another run in this process .* is using output_dir .*run: wait")
+    finally:
+        go_on.set()
+        first.join(60)
+    assert done and len(losses(tmp_path / "run")) == 2
+    sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 0}), resume=True)   # let go
+    assert len(losses(tmp_path / "run")) == 3
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
