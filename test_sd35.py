@@ -3903,7 +3903,8 @@ def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path
                       "sd35_lora.free_models = lambda pipe: os.kill(os.getpid(), signal.SIGTERM)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
-    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "out"))
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--width", "64", "--height", "64", "--out",
+                str(tmp_path / "out"))                  # a size the tiny model takes: sample.py checks it first
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: a bad LoRA (a test)", r.stderr[-2000:]
     assert "terminated" not in r.stderr
 
