@@ -1,10 +1,10 @@
 r"""Generate images with SD3 / SD3.5, optionally with LoRAs.
 
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red fox in snow"
-    python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers --lora my.safetensors \
-        --prompt "a red fox in snow"
-    python sample.py --model tiny --prompt "smoke test" --width 64 --height 64      # random miniature, seconds on a CPU
-    python sample.py --lora runs/lora/lora.safetensors --prompt "a red fox in snow"  # on the model it was trained on
+    python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers \
+        --lora my.safetensors --prompt "a red fox in snow"
+    python sample.py --model tiny --prompt "smoke test" --width 64 --height 64    # random miniature, seconds
+    python sample.py --lora runs/lora/lora.safetensors --prompt "a red fox"       # on the LoRA's own model
 
 Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer
 guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3_infer.py.
@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--negative", default="", type=utf8_text,
                    help="negative prompt (default: empty; used only with CFG)")
     p.add_argument("--steps", type=positive_int)
-    p.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1 or less = off, as in diffusers)")
+    p.add_argument("--cfg", type=finite_float,
+                   help="classifier-free guidance scale (1 or less = off, as in diffusers)")
     p.add_argument("--shift", type=schedule_shift, help="sigma shift of the schedule (0.001..1000)")
     p.add_argument("--sampler", choices=sd.SAMPLERS)
     p.add_argument("--schedule", choices=sd.SCHEDULES, default="linear")
@@ -78,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
     p.add_argument("--slg-layers", type=block_list, help="joint blocks to skip, e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images denoised at once (more: faster on "
-                   "a large GPU, more memory; the same images to within 1/255: matmuls round differently)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images denoised at once (more: faster "
+                   "on a large GPU, more memory; the same images to within 1/255: matmuls round differently)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
@@ -90,11 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
-    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower; for checking; one "
-                   "unmerged LoRA per layer)")
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower; for checking; "
+                   "one unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the VAE "
-                   "together for all images where they fit; default: when all models do not fit)")
+                   help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the "
+                   "VAE together for all images where they fit; default: when all models do not fit)")
     p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; "
                    "with --compile, fp8 matmuls on NVIDIA GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",
@@ -164,8 +165,8 @@ def main(argv=None) -> list[Path]:
                 setattr(args, flag, trained[flag])
                 print(f"{option} {trained[flag]} (the --lora's, as trained; {option} to choose another)")
     if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
-        raise sd.UserError("the tiny model has its own random text encoders and VAE: leave out --text-encoders "
-                           "and --vae")
+        raise sd.UserError("the tiny model has its own random text encoders and VAE: leave out "
+                           "--text-encoders and --vae")
     t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
@@ -177,8 +178,8 @@ def main(argv=None) -> list[Path]:
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     try:
         return sample_with(pipe, args, t5_length)
-    except BaseException:   # a notebook keeps the traceback, and with it the models, until its next error: the
-        sd.free_models(pipe)                        # next call ran out of GPU memory
+    except BaseException:   # a notebook keeps the traceback, and with it the models, until its next error:
+        sd.free_models(pipe)                        # the next call ran out of GPU memory
         raise
 
 
@@ -187,11 +188,9 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     pipe.mmdit.check_image_fits(args.height, args.width, "lower --width and --height")   # before LoRAs load
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
-    scales = args.lora_scale or [1.0]
-    if len(scales) == 1:                                # one scale for all the LoRAs
-        scales = scales * len(args.lora)
-    args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
-    for path, scale in zip(args.lora, scales):
+    if len(args.lora_scale) <= 1:                       # one scale (none: 1.0) for all the LoRAs; the PNG
+        args.lora_scale = (args.lora_scale or [1.0]) * len(args.lora)     # records each LoRA's, not the flags
+    for path, scale in zip(args.lora, args.lora_scale):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
         print(f"loaded {path} on {sd.counted(n, 'layer')} (scale {scale})")
     if args.compile:
@@ -227,9 +226,9 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
     for i, (image, prompt) in enumerate(zip(images, args.prompt[len(paths):]), len(paths)):
         # t5_length matters without T5 too: the context then holds that many zero tokens
         params = {"prompt": prompt, "negative": args.negative, "model": args.model, "variant": variant,
-                  "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5, "lora": args.lora,
-                  "lora_scale": args.lora_scale, "fp8": args.fp8, "no_merge": args.no_merge,
-                  "dtype": args.dtype, "text_encoders": args.text_encoders, "vae": args.vae,   # all change it
+                  "seed": settings.seed + i, "t5_length": t5_length, "use_t5": not args.no_t5,
+                  **{flag: getattr(args, flag) for flag in ("lora", "lora_scale", "fp8", "no_merge", "dtype",
+                                                            "text_encoders", "vae")},       # all change it
                   **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
