@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3111  Several Processes (torchrun)     one all-reduce per step
-     3189  Command Line and the Tiny Model  main(), --tiny
+     3109  Several Processes (torchrun)     one all-reduce per step
+     3186  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2937,9 +2937,7 @@ def writable_dir(path: str | Path, what: str):
 
 
 LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check
-# output_dir (real path) -> the Trainer of this process's run there: the lock keeps out other processes only
-# (another thread's run, a notebook's or a web UI's, shares it, and its close of the file would end the lock)
-RUNS_HERE = {}
+RUNS_HERE = {}   # output_dir -> this process's run there: the lock file keeps out other processes only
 
 
 def lock_output_dir(out: Path):
@@ -3113,9 +3111,8 @@ def plot_losses(log_path: Path, png_path: Path):
 #################################################################################
 
 def under_torchrun() -> bool:
-    """One of several processes: torchrun's, a job script's that exports MASTER_ADDR too (srun; a WORLD_SIZE
-    alone may be a cluster's), or joined by a caller; else a plain run, whatever a stray RANK, LOCAL_RANK or
-    job id says."""
+    """One of several processes: torchrun's, a job script's with MASTER_ADDR too (srun; a WORLD_SIZE alone
+    may be a cluster's) or a caller's; else a plain run, whatever a stray RANK, LOCAL_RANK or job id says."""
     several = int(os.environ.get("WORLD_SIZE") or 1) > 1         # empty (exported unset): not set
     return several and ("MASTER_ADDR" in os.environ or dist.is_initialized())
 
