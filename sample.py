@@ -185,11 +185,9 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     """main() once the models have loaded: the LoRAs, then the images, each saved as soon as it is done."""
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
-    scales = args.lora_scale or [1.0]
-    if len(scales) == 1:                                # one scale for all the LoRAs
-        scales = scales * len(args.lora)
-    args.lora_scale = scales                            # the PNG records each LoRA's scale, not the flags
-    for path, scale in zip(args.lora, scales):
+    if len(args.lora_scale) < 2:                        # one scale (none: 1.0) for all the LoRAs; the PNG
+        args.lora_scale = (args.lora_scale or [1.0]) * len(args.lora)     # records each one's, not the flags
+    for path, scale in zip(args.lora, args.lora_scale):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
         print(f"loaded {path} on {n} layers (scale {scale})")
     if args.compile:
