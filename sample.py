@@ -141,9 +141,9 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
               f"unless --no-t5", file=sys.stderr)
     agreed = {flag: next(iter(values)) for flag, values in recorded.items()
               if len(values) == 1 and None not in values}
-    if not found:
-        return agreed
-    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **agreed}
+    if found:
+        agreed.update(t5_length=next(iter(found.values()))[0], use_t5=len(without) < len(found))
+    return agreed
 
 
 def main(argv=None) -> list[Path]:
