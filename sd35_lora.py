@@ -3253,7 +3253,6 @@ def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
 
 
 def restore_signals(old_handlers: dict):
-    """Put back the handlers handle_signals replaced."""
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
 
