@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2712  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2856  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3088  Several Processes (torchrun)     one all-reduce per step
-     3165  Command Line and the Tiny Model  main(), --tiny
+     2713  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2857  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3089  Several Processes (torchrun)     one all-reduce per step
+     3166  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2464,10 +2464,11 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
                         f"SampleSettings(**a_dict), not a {type(settings).__name__}")
     settings, plain = settings or SampleSettings(), {}
-    for f in dataclasses.fields(settings):        # f.type: the annotation's text, e.g. "int | None"
-        value, kind = getattr(settings, f.name), f.type.split(" ")[0]
-        if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
-            plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    preset = PRESETS["sd3.5-medium"]            # a setting a preset has may be None: the variant's value
+    for f in dataclasses.fields(settings):      # whole or real as the preset's value, else as the default
+        value, example = getattr(settings, f.name), getattr(preset, f.name, f.default)
+        if isinstance(example, (int, float)) and not (value is None and hasattr(preset, f.name)):
+            plain[f.name] = read_number(value, isinstance(example, int), f"settings.{f.name}")
     layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
     if isinstance(layers, (str, bytes)) or not (layers is None or hasattr(layers, "__iter__")):
         raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")

@@ -14,6 +14,7 @@ import subprocess
 import struct
 import sys
 import time
+import typing
 import weakref
 import zlib
 from pathlib import Path
@@ -646,6 +647,23 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
     numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
     assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
                           plain)
+
+
+def test_settings_numbers_are_read_without_the_annotations_being_text(monkeypatch):
+    """read_sample_inputs told whole from real numbers by the annotation's text (`f.type.split(" ")`), text only
+    under `from __future__ import annotations`: a fork without it, or Python 3.14 (PEP 649), holds the types
+    themselves there, and every generate() failed with a bare AttributeError."""
+    hints = typing.get_type_hints(sd.SampleSettings)
+    for field in dataclasses.fields(sd.SampleSettings):
+        monkeypatch.setattr(field, "type", hints[field.name])          # the annotation evaluated
+    settings, batch_size = sd.read_sample_inputs(sd.SampleSettings(steps=20.0, cfg=np.float32(4), width=64), 2.0)
+    assert (settings.steps, settings.cfg, settings.width, settings.shift, batch_size) == (20, 4.0, 64, None, 2)
+    assert (type(settings.steps), type(settings.cfg)) == (int, float)
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(seed=None), 1),
+                   "settings.seed must be a whole number, got None")
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(cfg="4"), 1),
+                   "settings.cfg must be a finite number, got '4'")
+    assert sd.read_sample_inputs(sd.SampleSettings(slg_scale=None), 1)[0].slg_scale is None    # the preset's
 
 
 def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors():
