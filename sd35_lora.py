@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2713  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2857  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3089  Several Processes (torchrun)     one all-reduce per step
-     3166  Command Line and the Tiny Model  main(), --tiny
+     3092  Several Processes (torchrun)     one all-reduce per step
+     3169  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2997,14 +2997,16 @@ def save_previews(trainer: Trainer):
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
-    training = trainer.bar.desc                         # train()'s words on the bar, put back after these
+    bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
+    training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
         if trainer.log_path.is_file():
             plot_losses(trainer.log_path, trainer.out / "loss.png")
     except Exception as e:                      # e.g. a viewer holding it open on Windows: previews go on
         tqdm.write(f"warning: loss.png not redrawn ({type(e).__name__}: {e})", file=sys.stderr)
     try:
-        trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
+        if bar:                                                         # not a frozen bar
+            bar.set_description(f"sampling {len(sample.prompts)} previews")
         trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)
         images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
@@ -3017,7 +3019,8 @@ def save_previews(trainer: Trainer):
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
-        trainer.bar.set_description_str(training)
+        if bar:
+            bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
         trainer.mmdit.train()
 

@@ -1780,6 +1780,19 @@ def test_training_end_to_end_overfits_and_writes_outputs(tmp_path):
         sd.train(tiny_config(tmp_path))
 
 
+def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
+    """save_previews read train()'s progress bar, which only train() makes: a notebook calling save_and_sample()
+    on a Trainer it built got a bare AttributeError ('Trainer' object has no attribute 'bar')."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    try:
+        trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
+    finally:
+        sd.end_training(trainer, {})
+    assert (tmp_path / "run" / "samples_step_000000" / "step_000000_sample_00.png").is_file()
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
 def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
     """Also: resuming a finished run without raising train.steps says there is nothing to train (it returned
     the LoRA without a word, as if it had trained on)."""
