@@ -2152,8 +2152,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
         if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
-            raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
-                            f"'{name}': lower the scale")
+            raise UserError(f"{path} at scale {scale:g} would make inf {'weights' if merge else 'outputs'} "
+                            f"in {str(dtype)[6:]} at '{name}': lower the scale")
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "

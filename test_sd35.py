@@ -1311,7 +1311,9 @@ def test_a_lora_scale_that_is_no_number_or_overflows_the_dtype_is_refused_before
             (torch.float32, "huge", 1e-30, "alpha 3e\\+38.*would overflow")]:    # made in fp32, then scaled
         for merge in (True, False):
             model = tiny_mmdit().to(dtype)
-            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge), error)
+            unmerged = error.replace("inf weights", "inf outputs")             # unmerged, no weight changes
+            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge),
+                           error if merge else unmerged)
             for param, weights in tiny_mmdit().to(dtype).state_dict().items():
                 assert torch.equal(model.state_dict()[param], weights), param
     model = tiny_mmdit().half()
