@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1212  Training                         Trainer and the training loop
      1371  Part 2: plumbing                 a reader can stop here
      1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2713  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2857  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3092  Several Processes (torchrun)     one all-reduce per step
-     3169  Command Line and the Tiny Model  main(), --tiny
+     1876  Hub Downloads                    snapshot downloads, tokenizers
+     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2319  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2716  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2860  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3095  Several Processes (torchrun)     one all-reduce per step
+     3172  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1830,8 +1830,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if dtype and not isinstance(dtype, torch.dtype):          # None or "": the device's default
-        check_choice("dtype", dtype, DTYPES)
+    if dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1):
+        check_choice("dtype", dtype, DTYPES)    # None or "": the device's default; float64 runs, int8/fp8 not
     if variant:
         check_choice("variant", variant, PRESETS)
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
@@ -1839,6 +1839,9 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
+        if text_encoders or vae:                        # never silently unused
+            raise UserError("the tiny model has its own random text encoders and VAE: leave out "
+                            "text_encoders and vae (sample.py: --text-encoders and --vae)")
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
@@ -3212,10 +3215,11 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
 
 
 TINY_DATA = "runs/tiny_data"
-TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
-            f"dataset.path={TINY_DATA}", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
-            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
-            "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
+TINY_RUN = ["model=tiny", "text_encoders=", "vae=", "device=cpu", "dtype=fp32", "t5_length=16",
+            "dataset.cache_dir=runs/tiny_cache", f"dataset.path={TINY_DATA}", "dataset.resolution=64",
+            "lora.targets=all", "train.save_every=30", "train.steps=60", "train.lr=1e-2",
+            "train.warmup_steps=0", "sample.width=64", "sample.height=64", "sample.sample_every=30",
+            "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):

@@ -649,6 +649,21 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
                           plain)
 
 
+def test_the_tiny_model_refuses_text_encoders_and_a_vae_and_no_dtype_that_cannot_run_is_taken(tmp_path):
+    """load_pipeline("tiny", text_encoders=..., vae=...) ignored both without a word (sample.py alone refused
+    them), and dtype=torch.int8 (bool, float8, complex) was taken, to fail later: nn.Module.to's bare TypeError,
+    or at the first add ("add_stub" not implemented for 'Float8_e4m3fn'). --tiny clears a config's paths."""
+    for paths in ({"text_encoders": str(tmp_path)}, {"vae": str(tmp_path)}):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", **paths),
+                       "the tiny model has its own random text encoders and VAE: leave out text_encoders and vae")
+    for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn, torch.complex64):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", dtype=dtype),
+                       f"unknown dtype {dtype}: use one of fp32, bf16, fp16")
+    assert sd.load_pipeline("tiny", device="cpu", dtype=torch.float64).mmdit.compute_dtype == torch.float64
+    tiny = sd.load_config(None, ["text_encoders=clips", "vae=vae.safetensors", *sd.TINY_RUN])
+    assert (tiny.text_encoders, tiny.vae) == ("", "")
+
+
 def test_settings_numbers_are_read_without_the_annotations_being_text(monkeypatch):
     """read_sample_inputs told whole from real numbers by the annotation's text (`f.type.split(" ")`), text only
     under `from __future__ import annotations`: a fork without it, or Python 3.14 (PEP 649), holds the types
