@@ -21,18 +21,18 @@ have. Sections (line numbers):
       681  VAE                              16-channel autoencoder, the latent scale and shift
       826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1212  Training                         Trainer and the training loop
-     1371  Part 2: plumbing                 a reader can stop here
-     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1876  Hub Downloads                    snapshot downloads, tokenizers
-     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2319  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2716  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2860  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3095  Several Processes (torchrun)     one all-reduce per step
-     3172  Command Line and the Tiny Model  main(), --tiny
+     1065  Data                             dataset scan, aspect buckets, the latent and text cache
+     1214  Training                         Trainer and the training loop
+     1373  Part 2: plumbing                 a reader can stop here
+     1380  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2721  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2865  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3100  Several Processes (torchrun)     one all-reduce per step
+     3177  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1019,6 +1019,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
+    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
+        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1836,6 +1838,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         check_choice("variant", variant, PRESETS)
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: a bare TypeError below
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
@@ -1937,6 +1940,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    if isinstance(model, Pipeline):                 # as load_lora takes it
+        raise UserError("save_lora takes the MMDiT (pipe.mmdit), not a Pipeline: save_lora(pipe.mmdit, path)")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:

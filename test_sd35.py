@@ -664,6 +664,22 @@ def test_the_tiny_model_refuses_text_encoders_and_a_vae_and_no_dtype_that_cannot
     assert (tiny.text_encoders, tiny.vae) == ("", "")
 
 
+def test_a_model_for_a_pipeline_or_back_and_a_t5_length_of_text_are_one_line_errors(tmp_path):
+    """generate(pipe.mmdit, ...), the model load_lora takes, failed with "'MMDiT' object has no attribute
+    'variant'", save_lora(pipe, ...) with "'Pipeline' object has no attribute 'named_modules'" (load_lora(pipe)
+    says what to pass), load_pipeline(t5_length="77") or None with a bare TypeError; 16.5 was taken."""
+    pipe = sd.tiny_pipeline()
+    one_line_error(lambda: sd.generate(pipe.mmdit, ["red"], progress=False),
+                   "generate takes the Pipeline from load_pipeline, not a MMDiT")
+    sd.add_lora(pipe.mmdit, rank=2)
+    one_line_error(lambda: sd.save_lora(pipe, tmp_path / "lora.safetensors"),
+                   r"save_lora takes the MMDiT \(pipe.mmdit\), not a Pipeline: save_lora\(pipe.mmdit, path\)")
+    for length in ("16", None, 16.5):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=length),
+                       f"t5_length must be a whole number, got {length!r}")
+    assert sd.load_pipeline("tiny", device="cpu", t5_length=np.int64(16)).text.t5_length == 16
+
+
 def test_settings_numbers_are_read_without_the_annotations_being_text(monkeypatch):
     """read_sample_inputs told whole from real numbers by the annotation's text (`f.type.split(" ")`), text only
     under `from __future__ import annotations`: a fork without it, or Python 3.14 (PEP 649), holds the types
