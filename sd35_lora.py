@@ -2572,7 +2572,7 @@ def read_yaml(path: str, text: str | None = None):
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
@@ -2581,7 +2581,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-    for item in overrides:
+    for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")

@@ -2507,6 +2507,13 @@ def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
 
 
+def test_load_config_takes_one_override_as_text_and_none(tmp_path):
+    """load_config("config.yaml", "train.steps=500"), one override without its list, read each character as
+    an override: "--set expects key=value (e.g. train.lr=5e-5), got 't'"; overrides=None was a bare TypeError."""
+    assert sd.load_config(None, "train.steps=500").train.steps == 500
+    assert sd.load_config(None, None) == sd.load_config(None)
+
+
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
     (tmp_path / "c.yaml").write_text("lora:\n  # rank: 8\ntrain:\n  steps: 3\n")
     cfg = sd.load_config(str(tmp_path / "c.yaml"))
