@@ -1844,7 +1844,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if model == "tiny":
         if text_encoders or vae:                        # never silently unused
             raise UserError("the tiny model has its own random text encoders and VAE: leave out "
-                            "text_encoders and vae (sample.py: --text-encoders and --vae)")
+                            "text_encoders and vae")
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
