@@ -1940,7 +1940,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
-    if isinstance(model, Pipeline):                 # as load_lora takes it
+    if isinstance(model, Pipeline):                 # as diffusers' save_lora_weights takes it
         raise UserError("save_lora takes the MMDiT (pipe.mmdit), not a Pipeline: save_lora(pipe.mmdit, path)")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
