@@ -21,18 +21,18 @@ have. Sections (line numbers):
       681  VAE                              16-channel autoencoder, the latent scale and shift
       826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1212  Training                         Trainer and the training loop
-     1371  Part 2: plumbing                 a reader can stop here
-     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2712  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2856  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3088  Several Processes (torchrun)     one all-reduce per step
-     3165  Command Line and the Tiny Model  main(), --tiny
+     1065  Data                             dataset scan, aspect buckets, the latent and text cache
+     1214  Training                         Trainer and the training loop
+     1373  Part 2: plumbing                 a reader can stop here
+     1380  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2721  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2865  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3100  Several Processes (torchrun)     one all-reduce per step
+     3177  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1019,6 +1019,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
+    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
+        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1830,15 +1832,19 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if dtype and not isinstance(dtype, torch.dtype):          # None or "": the device's default
-        check_choice("dtype", dtype, DTYPES)
+    if dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1):
+        check_choice("dtype", dtype, DTYPES)    # None or "": the device's default; float64 runs, int8/fp8 not
     if variant:
         check_choice("variant", variant, PRESETS)
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: a bare TypeError below
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
+        if text_encoders or vae:                        # never silently unused
+            raise UserError("the tiny model has its own random text encoders and VAE: leave out "
+                            "text_encoders and vae")
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
@@ -1934,6 +1940,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    if isinstance(model, Pipeline):                 # as diffusers' save_lora_weights takes it
+        raise UserError("save_lora takes the MMDiT (pipe.mmdit), not a Pipeline: save_lora(pipe.mmdit, path)")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -2152,8 +2160,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
         if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
-            raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
-                            f"'{name}': lower the scale")
+            raise UserError(f"{path} at scale {scale:g} would make inf {'weights' if merge else 'outputs'} "
+                            f"in {str(dtype)[6:]} at '{name}': lower the scale")
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
@@ -2464,10 +2472,11 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
                         f"SampleSettings(**a_dict), not a {type(settings).__name__}")
     settings, plain = settings or SampleSettings(), {}
-    for f in dataclasses.fields(settings):        # f.type: the annotation's text, e.g. "int | None"
-        value, kind = getattr(settings, f.name), f.type.split(" ")[0]
-        if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
-            plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    preset = PRESETS["sd3.5-medium"]            # a setting a preset has may be None: the variant's value
+    for f in dataclasses.fields(settings):      # whole or real as the preset's value, else as the default
+        value, example = getattr(settings, f.name), getattr(preset, f.name, f.default)
+        if isinstance(example, (int, float)) and not (value is None and hasattr(preset, f.name)):
+            plain[f.name] = read_number(value, isinstance(example, int), f"settings.{f.name}")
     layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
     if isinstance(layers, (str, bytes)) or not (layers is None or hasattr(layers, "__iter__")):
         raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
@@ -2563,7 +2572,7 @@ def read_yaml(path: str, text: str | None = None):
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
@@ -2572,7 +2581,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-    for item in overrides:
+    for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
@@ -2996,14 +3005,16 @@ def save_previews(trainer: Trainer):
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
-    training = trainer.bar.desc                         # train()'s words on the bar, put back after these
+    bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
+    training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
         if trainer.log_path.is_file():
             plot_losses(trainer.log_path, trainer.out / "loss.png")
     except Exception as e:                      # e.g. a viewer holding it open on Windows: previews go on
         tqdm.write(f"warning: loss.png not redrawn ({type(e).__name__}: {e})", file=sys.stderr)
     try:
-        trainer.bar.set_description(f"sampling {len(sample.prompts)} previews")  # not a frozen bar
+        if bar:                                                         # not a frozen bar
+            bar.set_description(f"sampling {len(sample.prompts)} previews")
         trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)
         images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
@@ -3016,7 +3027,8 @@ def save_previews(trainer: Trainer):
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
-        trainer.bar.set_description_str(training)
+        if bar:
+            bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
         trainer.mmdit.train()
 
@@ -3208,10 +3220,11 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
 
 
 TINY_DATA = "runs/tiny_data"
-TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
-            f"dataset.path={TINY_DATA}", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
-            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
-            "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
+TINY_RUN = ["model=tiny", "text_encoders=", "vae=", "device=cpu", "dtype=fp32", "t5_length=16",
+            "dataset.cache_dir=runs/tiny_cache", f"dataset.path={TINY_DATA}", "dataset.resolution=64",
+            "lora.targets=all", "train.save_every=30", "train.steps=60", "train.lr=1e-2",
+            "train.warmup_steps=0", "sample.width=64", "sample.height=64", "sample.sample_every=30",
+            "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):

@@ -14,6 +14,7 @@ import subprocess
 import struct
 import sys
 import time
+import typing
 import weakref
 import zlib
 from pathlib import Path
@@ -646,6 +647,54 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
     numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
     assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
                           plain)
+
+
+def test_the_tiny_model_refuses_text_encoders_and_a_vae_and_no_dtype_that_cannot_run_is_taken(tmp_path):
+    """load_pipeline("tiny", text_encoders=..., vae=...) ignored both without a word (sample.py alone refused
+    them), and dtype=torch.int8 (bool, float8, complex) was taken, to fail later: nn.Module.to's bare TypeError,
+    or at the first add ("add_stub" not implemented for 'Float8_e4m3fn'). --tiny clears a config's paths."""
+    for paths in ({"text_encoders": str(tmp_path)}, {"vae": str(tmp_path)}):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", **paths),
+                       "the tiny model has its own random text encoders and VAE: leave out text_encoders and vae")
+    for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn, torch.complex64):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", dtype=dtype),
+                       f"unknown dtype {dtype}: use one of fp32, bf16, fp16")
+    assert sd.load_pipeline("tiny", device="cpu", dtype=torch.float64).mmdit.compute_dtype == torch.float64
+    tiny = sd.load_config(None, ["text_encoders=clips", "vae=vae.safetensors", *sd.TINY_RUN])
+    assert (tiny.text_encoders, tiny.vae) == ("", "")
+
+
+def test_a_model_for_a_pipeline_or_back_and_a_t5_length_of_text_are_one_line_errors(tmp_path):
+    """generate(pipe.mmdit, ...), the model load_lora takes, failed with "'MMDiT' object has no attribute
+    'variant'", save_lora(pipe, ...) with "'Pipeline' object has no attribute 'named_modules'" (load_lora(pipe)
+    says what to pass), load_pipeline(t5_length="77") or None with a bare TypeError; 16.5 was taken."""
+    pipe = sd.tiny_pipeline()
+    one_line_error(lambda: sd.generate(pipe.mmdit, ["red"], progress=False),
+                   "generate takes the Pipeline from load_pipeline, not a MMDiT")
+    sd.add_lora(pipe.mmdit, rank=2)
+    one_line_error(lambda: sd.save_lora(pipe, tmp_path / "lora.safetensors"),
+                   r"save_lora takes the MMDiT \(pipe.mmdit\), not a Pipeline: save_lora\(pipe.mmdit, path\)")
+    for length in ("16", None, 16.5):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=length),
+                       f"t5_length must be a whole number, got {length!r}")
+    assert sd.load_pipeline("tiny", device="cpu", t5_length=np.int64(16)).text.t5_length == 16
+
+
+def test_settings_numbers_are_read_without_the_annotations_being_text(monkeypatch):
+    """read_sample_inputs told whole from real numbers by the annotation's text (`f.type.split(" ")`), text only
+    under `from __future__ import annotations`: a fork without it, or Python 3.14 (PEP 649), holds the types
+    themselves there, and every generate() failed with a bare AttributeError."""
+    hints = typing.get_type_hints(sd.SampleSettings)
+    for field in dataclasses.fields(sd.SampleSettings):
+        monkeypatch.setattr(field, "type", hints[field.name])          # the annotation evaluated
+    settings, batch_size = sd.read_sample_inputs(sd.SampleSettings(steps=20.0, cfg=np.float32(4), width=64), 2.0)
+    assert (settings.steps, settings.cfg, settings.width, settings.shift, batch_size) == (20, 4.0, 64, None, 2)
+    assert (type(settings.steps), type(settings.cfg)) == (int, float)
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(seed=None), 1),
+                   "settings.seed must be a whole number, got None")
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(cfg="4"), 1),
+                   "settings.cfg must be a finite number, got '4'")
+    assert sd.read_sample_inputs(sd.SampleSettings(slg_scale=None), 1)[0].slg_scale is None    # the preset's
 
 
 def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors():
@@ -1293,7 +1342,9 @@ def test_a_lora_scale_that_is_no_number_or_overflows_the_dtype_is_refused_before
             (torch.float32, "huge", 1e-30, "alpha 3e\\+38.*would overflow")]:    # made in fp32, then scaled
         for merge in (True, False):
             model = tiny_mmdit().to(dtype)
-            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge), error)
+            unmerged = error.replace("inf weights", "inf outputs")             # unmerged, no weight changes
+            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge),
+                           error if merge else unmerged)
             for param, weights in tiny_mmdit().to(dtype).state_dict().items():
                 assert torch.equal(model.state_dict()[param], weights), param
     model = tiny_mmdit().half()
@@ -1760,6 +1811,19 @@ def test_training_end_to_end_overfits_and_writes_outputs(tmp_path):
     assert np.abs(plain.astype(int) - tuned.astype(int)).mean() > 2
     with pytest.raises(sd.UserError, match="already holds files.*--resume"):
         sd.train(tiny_config(tmp_path))
+
+
+def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
+    """save_previews read train()'s progress bar, which only train() makes: a notebook calling save_and_sample()
+    on a Trainer it built got a bare AttributeError ('Trainer' object has no attribute 'bar')."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    try:
+        trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
+    finally:
+        sd.end_training(trainer, {})
+    assert (tmp_path / "run" / "samples_step_000000" / "step_000000_sample_00.png").is_file()
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
@@ -2441,6 +2505,13 @@ def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     from_file = sd.load_config(str(tmp_path / "c.yaml")).sample
     from_set = sd.load_config(None, ["sample.prompts=", "sample.neg="]).sample
     assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
+
+
+def test_load_config_takes_one_override_as_text_and_none(tmp_path):
+    """load_config("config.yaml", "train.steps=500"), one override without its list, read each character as
+    an override: "--set expects key=value (e.g. train.lr=5e-5), got 't'"; overrides=None was a bare TypeError."""
+    assert sd.load_config(None, "train.steps=500").train.steps == 500
+    assert sd.load_config(None, None) == sd.load_config(None)
 
 
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
