@@ -22,17 +22,17 @@ have. Sections (line numbers):
       826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1212  Training                         Trainer and the training loop
-     1371  Part 2: plumbing                 a reader can stop here
-     1378  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2316  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2712  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2856  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3088  Several Processes (torchrun)     one all-reduce per step
-     3165  Command Line and the Tiny Model  main(), --tiny
+     1215  Training                         Trainer and the training loop
+     1374  Part 2: plumbing                 a reader can stop here
+     1381  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1876  Hub Downloads                    snapshot downloads, tokenizers
+     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2319  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2715  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2859  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3096  Several Processes (torchrun)     one all-reduce per step
+     3173  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1145,21 +1145,22 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.compute_dtype                 # of the text embeddings (bf16 halves them)
 
-        def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
+        def store(path: Path, compute, source: str, layout: dict) -> Path:  # torchrun: one writer per file
             try:
-                return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+                return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
             except UserError as e:                      # this process's share: process 0 may never see it
                 e.own = True
                 raise
 
+        def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
+            embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
+            return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
+        text_layout = {name: (t.shape, t.dtype) for name, t in encode("").items()}     # every caption's
+
         def text_file(caption: str) -> Path:
-            def encode():
-                context, pooled = pipe.text.encode([caption])
-                return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            return store(path, encode, f"the caption {caption!r:.60}")
+            return store(path, lambda: encode(caption), f"the caption {caption!r:.60}", text_layout)
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1173,8 +1174,10 @@ class LatentDataset:
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image_key = _digest(data, item["size"], flip, vae_id)
+                shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
+                layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                               str(item["path"])))
+                                               str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
                 why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
                 raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
@@ -2870,14 +2873,19 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cached(path: Path, compute, source: str = "") -> Path:
-    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
-    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
+def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
+    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or
+    damaged on disk: it is read whole anyway) and holds the tensors `layout` names ({name: (shape, dtype)}:
+    the cache is ours: one edited or of other shapes is stale, rebuilt, not a KeyError hours into training);
+    computed from `compute()` and written atomically if not."""
     if path.is_file():
         try:
-            if all(t.isfinite().all() for t in load_file(str(path)).values()):
+            tensors = load_file(str(path))
+            other = layout is not None and {k: (t.shape, t.dtype) for k, t in tensors.items()} != layout
+            if not other and all(t.isfinite().all() for t in tensors.values()):
                 return path
-            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
+            why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
+            tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
         except Exception:
             tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
     tensors = compute()

@@ -3002,6 +3002,27 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
         torch.testing.assert_close(load_file(path), good[name])
 
 
+def test_a_cache_file_of_other_tensors_than_a_run_writes_is_rebuilt_not_a_key_error_in_training(tmp_path, capsys):
+    """The cache is ours: a file under a cache name holding renamed tensors, other shapes or another dtype
+    (edited, or written by another tool) is stale, rebuilt while caching; it was a bare KeyError mid-run."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path, **{"dataset.flip": True}), sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    data = build()
+    paths = [data.latent_files[0], data.latent_files[1], data.text_files[1]]
+    good = [{k: v.clone() for k, v in load_file(path).items()} for path in paths]
+    save_file({"mean": good[0]["moments"], "flipped": good[0]["flipped"]}, paths[0])          # renamed
+    save_file({"moments": good[1]["moments"][:, :4].clone(), "flipped": good[1]["flipped"]}, paths[1])  # cut
+    save_file({**good[2], "context": good[2]["context"].half()}, paths[2])                    # another dtype
+    capsys.readouterr()
+    data = build()
+    assert capsys.readouterr().err.count("its tensors are not those this run writes") == 3
+    for path, tensors in zip(paths, good):
+        torch.testing.assert_close(load_file(path), tensors)
+    latents, context, pooled = data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+
+
 def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_characters(tmp_path):
     """UTF-16 without a BOM decodes as UTF-8 without an error: 'b\\x00l\\x00u\\x00e...' reached the tokenizers
     and was trained on; with a BOM it was already refused (its 0xff byte)."""
