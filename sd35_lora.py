@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2319  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2715  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2859  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3096  Several Processes (torchrun)     one all-reduce per step
-     3173  Command Line and the Tiny Model  main(), --tiny
+     2719  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2863  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3100  Several Processes (torchrun)     one all-reduce per step
+     3177  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2605,26 +2605,30 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
     tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)    # what LoRAs and AdamW take
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
-        saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)                              # (saved and set on a GPU only)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
+            raise ValueError
+        if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
                         f"anew in another output_dir") from None
-    if saved != [p.shape for p in params]:
+    if [t.shape for t in lora] != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
+        for p, saved in zip(params, lora):
+            p.copy_(saved)
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
+                                                 or any(t.dtype not in floats for t in m.values())
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):

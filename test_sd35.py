@@ -4560,6 +4560,29 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     opt.step()
 
 
+def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_one_line_error(tmp_path):
+    """An AdamW step stored as uint32 (or bool, complex, fp8) was a bare NotImplementedError or RuntimeError;
+    moments and LoRA weights of such dtypes loaded silently cast (bools as 0/1, complex without .imag)."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
+    tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    for dtype in (torch.uint32, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.int64):
+        for key, match in (("opt.0.step", "damaged AdamW moments"), ("opt.1.exp_avg", "damaged AdamW moments"),
+                           ("param.0", "lacks step, config or RNG state")):
+            save_file(tensors | {key: tensors[key].to(dtype)}, path, meta)
+            fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+            one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                           f"{match}.*start anew in another output_dir")
+    save_file(tensors | {"opt.0.step": tensors["opt.0.step"].double()}, path, meta)  # a float64 default dtype's
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    assert sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta) == 1
+
+
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
