@@ -26,13 +26,13 @@ have. Sections (line numbers):
      1374  Part 2: plumbing                 a reader can stop here
      1381  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1876  Hub Downloads                    snapshot downloads, tokenizers
-     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2193  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2319  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2719  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2863  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3100  Several Processes (torchrun)     one all-reduce per step
-     3177  Command Line and the Tiny Model  main(), --tiny
+     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2724  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2868  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3105  Several Processes (torchrun)     one all-reduce per step
+     3182  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1885,9 +1885,14 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                                       # (as for configs)
-            unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
-            if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
-                raise ValueError(f"{unpadded}/ has no padding token")
+            # else a traceback at the first text: no padding token (a tokenizer.json without its config),
+            # one outside the vocabulary (hand-edited: a new id, past the model's), CLIP's length not a count
+            for name, tok in zip(names, tokenizers):
+                length = tok.model_max_length                             # (T5's is t5_length)
+                if tok.pad_token is None or tok.pad_token_id >= tok.vocab_size:
+                    raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
+                if name != "tokenizer_3" and (type(length) is not int or length < 1):
+                    raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)

@@ -4484,6 +4484,24 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
+def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path):
+    """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
+    IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
+    OverflowError) there. Both are refused as the tokenizer folders load."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, "tokenizer_3/ has no padding token"),
+                              ("tokenizer_2", {"pad_token": "<nothing>"}, "tokenizer_2/ has no padding token"),
+                              ("tokenizer", {"model_max_length": [77]}, r"tokenizer/tokenizer_config.json: .*\[77\]"),
+                              ("tokenizer_2", {"model_max_length": 0}, "tokenizer_2/tokenizer_config.json: model_max")]:
+        config = tmp_path / part / "tokenizer_config.json"
+        saved = config.read_text()
+        config.write_text(json.dumps({**json.loads(saved), **edit}))
+        one_line_error(lambda: sd._tokenizers(tmp_path, True), f"incomplete .*{match}.*copy them again")
+        config.write_text(saved)
+    assert [tok.pad_token for tok in sd._tokenizers(tmp_path, True)] == ["<|endoftext|>", "!", "<pad>"]
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
