@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2724  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2868  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3105  Several Processes (torchrun)     one all-reduce per step
-     3182  Command Line and the Tiny Model  main(), --tiny
+     2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3108  Several Processes (torchrun)     one all-reduce per step
+     3185  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2342,6 +2342,9 @@ def _coerce(value, default, key: str):
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
             raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
                             f"itself, in UTF-8)")
+        if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
+            raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
+                            f"{text!r:.60}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}

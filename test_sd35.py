@@ -2434,6 +2434,22 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
+    check ended in a bare ValueError ('embedded null byte') traceback."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("output_dir", "dataset.path", "dataset.cache_dir", "vae"):
+        section, _, name = key.rpartition(".")
+        line = f'{name}: "runs/a\\0b"'
+        (tmp_path / "c.yaml").write_text(f"model: tiny\n{section}:\n  {line}\n" if section else f"model: tiny\n{line}\n")
+        with pytest.raises(SystemExit) as e:
+            sd.main([str(tmp_path / "c.yaml")])
+        assert str(e.value) == (f"error: config key '{key}' holds a NUL character, which no path can: "
+                                f"remove it from 'runs/a\\x00b'")
+    config = sd.Config(model="tiny", output_dir="runs/a\0b")
+    one_line_error(lambda: sd.train(config), "config key 'output_dir' holds a NUL character")
+
+
 def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
     sampled an unconditional preview set every sample_every steps."""
