@@ -22,17 +22,17 @@ have. Sections (line numbers):
       826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1063  Data                             dataset scan, aspect buckets, the latent and text cache
-     1215  Training                         Trainer and the training loop
-     1374  Part 2: plumbing                 a reader can stop here
-     1381  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1876  Hub Downloads                    snapshot downloads, tokenizers
-     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3108  Several Processes (torchrun)     one all-reduce per step
-     3185  Command Line and the Tiny Model  main(), --tiny
+     1214  Training                         Trainer and the training loop
+     1373  Part 2: plumbing                 a reader can stop here
+     1380  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1875  Hub Downloads                    snapshot downloads, tokenizers
+     1937  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2880  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3117  Several Processes (torchrun)     one all-reduce per step
+     3194  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1125,9 +1125,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
     left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += [f"{len(left_out)} hidden, thumbnail and recycle folders: {shown}"] * bool(left_out)
+    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
@@ -2739,6 +2738,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(path: Path) -> str:
     """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
     as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+        raise FileNotFoundError(path)          # (files_under leaves it out: its image is uncaptioned)
     text = path.read_text(encoding="utf-8-sig")
     if "\x00" in text:
         raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
@@ -2747,9 +2748,10 @@ def read_caption(path: Path) -> str:
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files, through symlinked folders too (people link image
-    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, the hidden
-    (.thumbnails, .git) and NOT_DATA folders left out); folders that cannot be read are named in a warning."""
-    seen, files, left_out, errors = set(), [], [], []
+    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
+    out, as the dataset line says it: hidden (.thumbnails, .git) and NOT_DATA folders, named pipes); folders
+    that cannot be read are named in a warning."""
+    seen, files, folders, special, errors = set(), [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2757,10 +2759,14 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             continue
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
-        files += [Path(folder, name) for name in names if not name.startswith("._")]
+        for path in (Path(folder, name) for name in names if not name.startswith("._")):
+            if os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
+                files.append(path)
+            else:       # a named pipe, socket or device named like an image or caption: reading it never ends
+                special.append(os.path.relpath(path, root))
         for name in [name for name in subfolders if name.startswith(".") or name.casefold() in NOT_DATA]:
             subfolders.remove(name)
-            left_out.append(os.path.relpath(os.path.join(folder, name), root))
+            folders.append(os.path.relpath(os.path.join(folder, name), root))
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
     # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
@@ -2770,7 +2776,10 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
               file=sys.stderr)
-    return files, sorted(left_out)
+    left_out = [("hidden, thumbnail and recycle folders", sorted(folders)),
+                ("named pipes and other special files", sorted(special))]
+    return files, [f"{len(names)} {what}: {', '.join(names[:5])}" + ", ..." * (len(names) > 5)
+                   for what, names in left_out if names]
 
 
 def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str) -> list[Path]:

@@ -3341,6 +3341,34 @@ def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_p
     assert "skipped 1 unreadable images: loop.png" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipes_named_like_images_or_captions_are_left_out_not_waited_on(tmp_path, capsys):
+    """A named pipe (FIFO) called x.png or x.txt in dataset.path: the scan opened it and waited forever for a
+    writer. Files that are not regular files are left out and named in the dataset line."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    os.mkfifo(data / "pipe.png")
+    (data / "blue_disc.txt").unlink()
+    os.mkfifo(data / "blue_disc.txt")
+    (data / "pipe_link.jpg").symlink_to(data / "pipe.png")
+
+    def waited(signum, frame):
+        raise TimeoutError("the dataset scan waited on a named pipe")
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)                                   # an open() waiting on a pipe ends with the exception
+    try:
+        items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, default_caption="fallback"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [(i["path"].name, i["caption"]) for i in items] == [("blue_disc.png", "fallback"),
+                                                               ("red_stripes.png", "red stripes")]
+    out = capsys.readouterr()
+    assert out.out.strip().endswith("(left out: 3 named pipes and other special files: blue_disc.txt, pipe.png, "
+                                    "pipe_link.jpg)"), out.out
+    assert "1 images have no .txt caption, e.g. blue_disc.png" in out.err and "unreadable" not in out.err, out.err
+
+
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data)
