@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1937  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2880  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3117  Several Processes (torchrun)     one all-reduce per step
-     3194  Command Line and the Tiny Model  main(), --tiny
+     2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2881  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3118  Several Processes (torchrun)     one all-reduce per step
+     3195  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2664,7 +2664,8 @@ def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
     if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
         text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in text.splitlines(True)]
+        # "step" anywhere in a line: a log rewritten by hand or by jq (-c, -S) keeps its lines
+        lines = [re.match(r'\{.*"step"\s*:\s*(\d+).*\n', line) for line in text.splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
 
 

@@ -3401,6 +3401,18 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
     assert log.read_text() == "".join(lines[:2])
 
 
+def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
+    """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
+    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history."""
+    log = tmp_path / "log.jsonl"
+    entries = [{"step": step, "loss": 1.0 / step, "lr": 1e-4} for step in (1, 2, 3, 4)]
+    lines = [json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries]   # "step" last
+    lines[1] = json.dumps(entries[1], indent=None).replace(": ", " : ") + "\r\n"           # an editor's
+    log.write_bytes(("".join(lines) + '{"loss":0.1,"step":5').encode())                      # and a cut line
+    sd.drop_log_lines_after(log, 3)
+    assert log.read_text().splitlines() == "".join(lines[:3]).splitlines()
+
+
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
     make_dataset(tmp_path / "data")
     base = {"train.steps": 4, "train.save_every": 2, "sample.sample_every": 0}
