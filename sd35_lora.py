@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2881  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3118  Several Processes (torchrun)     one all-reduce per step
-     3195  Command Line and the Tiny Model  main(), --tiny
+     2880  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3116  Several Processes (torchrun)     one all-reduce per step
+     3193  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2750,8 +2750,7 @@ def read_caption(path: Path) -> str:
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files, through symlinked folders too (people link image
     folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
-    out, as the dataset line says it: hidden (.thumbnails, .git) and NOT_DATA folders, named pipes); folders
-    that cannot be read are named in a warning."""
+    out, as the dataset line says: hidden and NOT_DATA folders, named pipes); unreadable folders warned."""
     seen, files, folders, special, errors = set(), [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
@@ -2896,10 +2895,9 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
-    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or
-    damaged on disk: it is read whole anyway) and holds the tensors `layout` names ({name: (shape, dtype)}:
-    the cache is ours: one edited or of other shapes is stale, rebuilt, not a KeyError hours into training);
-    computed from `compute()` and written atomically if not."""
+    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
+    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
+    not a KeyError hours into training); else computed from `compute()` and written atomically."""
     if path.is_file():
         try:
             tensors = load_file(str(path))
