@@ -2046,9 +2046,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     sd, meta = read_safetensors(path, with_metadata=True)
     ours, peft = lora_metadata(meta, path)
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
-    if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
+    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
-              f"not work as intended", file=sys.stderr)
+              f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part,
     for official, parts in diffusers_names(depth).items():     # and whether it is a diffusers name

@@ -3684,6 +3684,22 @@ def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(
                    "the tiny model has its own random text encoders")       # the LoRA's tiny: --vae was unused
 
 
+def test_a_loras_metadata_text_of_megabytes_or_escape_codes_is_never_printed(tmp_path, capsys):
+    """A downloaded LoRA's metadata is untrusted: a base_model of megabytes was printed whole (twice) and tried
+    as a path, and a variant holding escape codes was printed raw in the 'was trained on' warning."""
+    mmdit = sd.tiny_pipeline().mmdit
+    sd.add_lora(mmdit, rank=2)
+    sd.save_lora(mmdit, tmp_path / "big.safetensors", metadata={"base_model": "m" * 200_000})
+    sd.save_lora(mmdit, tmp_path / "red.safetensors", metadata={"base_model": "tiny", "variant": "\x1b[31mred"})
+    args = ["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    one_line_error(lambda: sample.main(["--lora", str(tmp_path / "big.safetensors"), *args]),
+                   "^no one model recorded as trained on .*give --model$")
+    capsys.readouterr()
+    sample.main(["--lora", str(tmp_path / "red.safetensors"), *args])
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "was trained on" not in out.err, out.err
+
+
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
     pipe = sd.tiny_pipeline()                                            # 3 joint blocks
     for layers in ((1, 5), (-1,)):                                       # a typo would silently skip nothing
