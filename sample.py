@@ -129,9 +129,10 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
-        for flag, key in RECORDED_AS.items():   # a hostile file's: not text, or with control characters (an
-            value = info.get(key)               # escape sequence could hide it where main() prints it)
-            recorded[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
+        for flag, key in RECORDED_AS.items():   # a hostile file's: not text, with control characters (an
+            value = info.get(key)               # escape sequence could hide it where main() prints it), or
+            usable = isinstance(value, str) and value.isprintable() and 0 < len(value) <= 4096   # too long
+            recorded[flag].add(value if usable else None)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "
@@ -142,9 +143,9 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
               f"unless --no-t5", file=sys.stderr)
     agreed = {flag: next(iter(values)) for flag, values in recorded.items()
               if len(values) == 1 and None not in values}
-    if not found:
-        return agreed
-    return {"t5_length": next(iter(found.values()))[0], "use_t5": len(without) < len(found), **agreed}
+    if found:
+        agreed.update(t5_length=next(iter(found.values()))[0], use_t5=len(without) < len(found))
+    return agreed
 
 
 def main(argv=None) -> list[Path]:
@@ -188,8 +189,8 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     pipe.mmdit.check_image_fits(args.height, args.width, "lower --width and --height")   # before LoRAs load
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
-    if len(args.lora_scale) <= 1:                       # one scale (none: 1.0) for all the LoRAs; the PNG
-        args.lora_scale = (args.lora_scale or [1.0]) * len(args.lora)     # records each LoRA's, not the flags
+    if len(args.lora_scale) < 2:                        # one scale (none: 1.0) for all the LoRAs; the PNG
+        args.lora_scale = (args.lora_scale or [1.0]) * len(args.lora)     # records each one's, not the flags
     for path, scale in zip(args.lora, args.lora_scale):
         n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
         print(f"loaded {path} on {sd.counted(n, 'layer')} (scale {scale})")

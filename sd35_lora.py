@@ -21,18 +21,18 @@ have. Sections (line numbers):
       684  VAE                              16-channel autoencoder, the latent scale and shift
       829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1066  Data                             dataset scan, aspect buckets, the latent and text cache
-     1215  Training                         Trainer and the training loop
-     1376  Part 2: plumbing                 a reader can stop here
-     1383  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1880  Hub Downloads                    snapshot downloads, tokenizers
-     1937  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2726  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3109  Several Processes (torchrun)     one all-reduce per step
-     3186  Command Line and the Tiny Model  main(), --tiny
+     1068  Data                             dataset scan, aspect buckets, the latent and text cache
+     1219  Training                         Trainer and the training loop
+     1380  Part 2: plumbing                 a reader can stop here
+     1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1888  Hub Downloads                    snapshot downloads, tokenizers
+     1950  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2904  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3149  Several Processes (torchrun)     one all-reduce per step
+     3226  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1022,6 +1022,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
+    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
+        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
     settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1128,9 +1130,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
     left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += [f"{counted(len(left_out), 'hidden, thumbnail or recycle folder')}: {shown}"] * bool(left_out)
+    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = counted(len({i["path"].parent for i in items}), "folder")
         print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
@@ -1148,21 +1149,22 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.compute_dtype                 # of the text embeddings (bf16 halves them)
 
-        def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
+        def store(path: Path, compute, source: str, layout: dict) -> Path:  # torchrun: one writer per file
             try:
-                return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+                return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
             except UserError as e:                      # this process's share: process 0 may never see it
                 e.own = True
                 raise
 
+        def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
+            embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
+            return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
+        text_layout = {name: (t.shape, t.dtype) for name, t in encode("").items()}     # every caption's
+
         def text_file(caption: str) -> Path:
-            def encode():
-                context, pooled = pipe.text.encode([caption])
-                return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            return store(path, encode, f"the caption {caption!r:.60}")
+            return store(path, lambda: encode(caption), f"the caption {caption!r:.60}", text_layout)
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1176,8 +1178,10 @@ class LatentDataset:
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image_key = _digest(data, item["size"], flip, vae_id)
+                shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
+                layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                               str(item["path"])))
+                                               str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
                 why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
                 raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
@@ -1837,15 +1841,19 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and (FP8 is None or device.type == "mps"):
         raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
-    if dtype and not isinstance(dtype, torch.dtype):          # None or "": the device's default
-        check_choice("dtype", dtype, DTYPES)
+    if dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1):
+        check_choice("dtype", dtype, DTYPES)    # None or "": the device's default; float64 runs, int8/fp8 not
     if variant:
         check_choice("variant", variant, PRESETS)
     if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
         dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: a bare TypeError below
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
+        if text_encoders or vae:                        # never silently unused
+            raise UserError("the tiny model has its own random text encoders and VAE: leave out "
+                            "text_encoders and vae")
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
@@ -1889,9 +1897,14 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                                       # (as for configs)
-            unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
-            if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
-                raise ValueError(f"{unpadded}/ has no padding token")
+            # else a traceback at the first text: no padding token (a tokenizer.json without its config),
+            # one outside the vocabulary (hand-edited: a new id, past the model's), CLIP's length not a count
+            for name, tok in zip(names, tokenizers):
+                length = tok.model_max_length                             # (T5's is t5_length)
+                if tok.pad_token is None or tok.pad_token_id >= tok.vocab_size:
+                    raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
+                if name != "tokenizer_3" and (type(length) is not int or length < 1):
+                    raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
@@ -1941,6 +1954,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    if isinstance(model, Pipeline):                 # as diffusers' save_lora_weights takes it
+        raise UserError("save_lora takes the MMDiT (pipe.mmdit), not a Pipeline: save_lora(pipe.mmdit, path)")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -2046,9 +2061,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     sd, meta = read_safetensors(path, with_metadata=True)
     ours, peft = lora_metadata(meta, path)
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
-    if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
+    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
-              f"not work as intended", file=sys.stderr)
+              f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part,
     for official, parts in diffusers_names(depth).items():     # and whether it is a diffusers name
@@ -2159,8 +2174,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
         if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
-            raise UserError(f"{path} at scale {scale:g} would make inf weights in {str(dtype)[6:]} at "
-                            f"'{name}': lower the scale")
+            raise UserError(f"{path} at scale {scale:g} would make inf {'weights' if merge else 'outputs'} "
+                            f"in {str(dtype)[6:]} at '{name}': lower the scale")
     taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
     if taken and not merge:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
@@ -2341,6 +2356,9 @@ def _coerce(value, default, key: str):
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
             raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
                             f"itself, in UTF-8)")
+        if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
+            raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
+                            f"{text!r:.60}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -2478,10 +2496,11 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
         raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
                         f"SampleSettings(**a_dict), not a {type(settings).__name__}")
     settings, plain = settings or SampleSettings(), {}
-    for f in dataclasses.fields(settings):        # f.type: the annotation's text, e.g. "int | None"
-        value, kind = getattr(settings, f.name), f.type.split(" ")[0]
-        if kind in ("int", "float") and not (value is None and f.type.endswith("None")):  # None: the preset's
-            plain[f.name] = read_number(value, kind == "int", f"settings.{f.name}")
+    preset = PRESETS["sd3.5-medium"]            # a setting a preset has may be None: the variant's value
+    for f in dataclasses.fields(settings):      # whole or real as the preset's value, else as the default
+        value, example = getattr(settings, f.name), getattr(preset, f.name, f.default)
+        if isinstance(example, (int, float)) and not (value is None and hasattr(preset, f.name)):
+            plain[f.name] = read_number(value, isinstance(example, int), f"settings.{f.name}")
     layers = settings.slg_layers               # 7, or "7,8,9" as sample.py's flag reads: no list of blocks
     if isinstance(layers, (str, bytes)) or not (layers is None or hasattr(layers, "__iter__")):
         raise UserError(f"settings.slg_layers must list joint blocks, e.g. (7, 8, 9), not {layers!r:.60}")
@@ -2577,7 +2596,7 @@ def read_yaml(path: str, text: str | None = None):
     return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Config:
     """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
@@ -2586,7 +2605,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
-    for item in overrides:
+    for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
@@ -2616,26 +2635,30 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
     tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)    # what LoRAs and AdamW take
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
-        saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)                              # (saved and set on a GPU only)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
+            raise ValueError
+        if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
                         f"anew in another output_dir") from None
-    if saved != [p.shape for p in params]:
+    if [t.shape for t in lora] != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
+        for p, saved in zip(params, lora):
+            p.copy_(saved)
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
+                                                 or any(t.dtype not in floats for t in m.values())
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):
@@ -2664,7 +2687,8 @@ def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
     if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
         text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in text.splitlines(True)]
+        # "step" anywhere in a line: a log rewritten by hand or by jq (-c, -S) keeps its lines
+        lines = [re.match(r'\{.*"step"\s*:\s*(\d+).*\n', line) for line in text.splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
 
 
@@ -2738,6 +2762,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(path: Path) -> str:
     """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
     as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+        raise FileNotFoundError(path)          # (files_under leaves it out: its image is uncaptioned)
     text = path.read_text(encoding="utf-8-sig")
     if "\x00" in text:
         raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
@@ -2746,9 +2772,9 @@ def read_caption(path: Path) -> str:
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files, through symlinked folders too (people link image
-    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, the hidden
-    (.thumbnails, .git) and NOT_DATA folders left out); folders that cannot be read are named in a warning."""
-    seen, files, left_out, errors = set(), [], [], []
+    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
+    out, as the dataset line says: hidden and NOT_DATA folders, named pipes); unreadable folders warned."""
+    seen, files, folders, special, errors = set(), [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2756,10 +2782,14 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             continue
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
-        files += [Path(folder, name) for name in names if not name.startswith("._")]
+        for path in (Path(folder, name) for name in names if not name.startswith("._")):
+            if os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
+                files.append(path)
+            else:       # a named pipe, socket or device named like an image or caption: reading it never ends
+                special.append(os.path.relpath(path, root))
         for name in [name for name in subfolders if name.startswith(".") or name.casefold() in NOT_DATA]:
             subfolders.remove(name)
-            left_out.append(os.path.relpath(os.path.join(folder, name), root))
+            folders.append(os.path.relpath(os.path.join(folder, name), root))
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
     # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
@@ -2769,7 +2799,10 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {counted(len(locked), 'folder')} that cannot be read: "
               f"{', '.join(locked[:5])}", file=sys.stderr)
-    return files, sorted(left_out)
+    left_out = [(sorted(folders), "hidden, thumbnail or recycle folder", ""),
+                (sorted(special), "named pipe or other special file", "named pipes and other special files")]
+    return files, [f"{counted(len(names), one, many)}: {', '.join(names[:5])}" + ", ..." * (len(names) > 5)
+                   for names, one, many in left_out if names]
 
 
 def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str) -> list[Path]:
@@ -2885,14 +2918,18 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cached(path: Path, compute, source: str = "") -> Path:
-    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
-    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
+def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
+    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
+    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
+    not a KeyError hours into training); else computed from `compute()` and written atomically."""
     if path.is_file():
         try:
-            if all(t.isfinite().all() for t in load_file(str(path)).values()):
+            tensors = load_file(str(path))
+            other = layout is not None and {k: (t.shape, t.dtype) for k, t in tensors.items()} != layout
+            if not other and all(t.isfinite().all() for t in tensors.values()):
                 return path
-            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
+            why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
+            tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
         except Exception:
             tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
     tensors = compute()
@@ -3015,14 +3052,16 @@ def save_previews(trainer: Trainer):
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
-    training = trainer.bar.desc                         # train()'s words on the bar, put back after these
+    bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
+    training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
         if trainer.log_path.is_file():
             plot_losses(trainer.log_path, trainer.out / "loss.png")
     except Exception as e:                      # e.g. a viewer holding it open on Windows: previews go on
         tqdm.write(f"warning: loss.png not redrawn ({type(e).__name__}: {e})", file=sys.stderr)
     try:
-        trainer.bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")  # not a frozen bar
+        if bar:                                                         # not a frozen bar
+            bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")
         trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)
         images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
@@ -3035,7 +3074,8 @@ def save_previews(trainer: Trainer):
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
-        trainer.bar.set_description_str(training)
+        if bar:
+            bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
         trainer.mmdit.train()
 
@@ -3229,10 +3269,11 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
 
 
 TINY_DATA = "runs/tiny_data"
-TINY_RUN = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", "dataset.cache_dir=runs/tiny_cache",
-            f"dataset.path={TINY_DATA}", "dataset.resolution=64", "lora.targets=all", "train.save_every=30",
-            "train.steps=60", "train.lr=1e-2", "train.warmup_steps=0", "sample.width=64", "sample.height=64",
-            "sample.sample_every=30", "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
+TINY_RUN = ["model=tiny", "text_encoders=", "vae=", "device=cpu", "dtype=fp32", "t5_length=16",
+            "dataset.cache_dir=runs/tiny_cache", f"dataset.path={TINY_DATA}", "dataset.resolution=64",
+            "lora.targets=all", "train.save_every=30", "train.steps=60", "train.lr=1e-2",
+            "train.warmup_steps=0", "sample.width=64", "sample.height=64", "sample.sample_every=30",
+            "sample.sample_steps=8", "sample.prompts=[red stripes, blue disc]"]
 
 
 def write_demo_dataset(folder: Path):
@@ -3274,7 +3315,6 @@ def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
 
 
 def restore_signals(old_handlers: dict):
-    """Put back the handlers handle_signals replaced."""
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
 

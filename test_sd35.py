@@ -14,6 +14,7 @@ import subprocess
 import struct
 import sys
 import time
+import typing
 import weakref
 import zlib
 from pathlib import Path
@@ -646,6 +647,54 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
     numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
     assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
                           plain)
+
+
+def test_the_tiny_model_refuses_text_encoders_and_a_vae_and_no_dtype_that_cannot_run_is_taken(tmp_path):
+    """load_pipeline("tiny", text_encoders=..., vae=...) ignored both without a word (sample.py alone refused
+    them), and dtype=torch.int8 (bool, float8, complex) was taken, to fail later: nn.Module.to's bare TypeError,
+    or at the first add ("add_stub" not implemented for 'Float8_e4m3fn'). --tiny clears a config's paths."""
+    for paths in ({"text_encoders": str(tmp_path)}, {"vae": str(tmp_path)}):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", **paths),
+                       "the tiny model has its own random text encoders and VAE: leave out text_encoders and vae")
+    for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn, torch.complex64):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", dtype=dtype),
+                       f"unknown dtype {dtype}: use one of fp32, bf16, fp16")
+    assert sd.load_pipeline("tiny", device="cpu", dtype=torch.float64).mmdit.compute_dtype == torch.float64
+    tiny = sd.load_config(None, ["text_encoders=clips", "vae=vae.safetensors", *sd.TINY_RUN])
+    assert (tiny.text_encoders, tiny.vae) == ("", "")
+
+
+def test_a_model_for_a_pipeline_or_back_and_a_t5_length_of_text_are_one_line_errors(tmp_path):
+    """generate(pipe.mmdit, ...), the model load_lora takes, failed with "'MMDiT' object has no attribute
+    'variant'", save_lora(pipe, ...) with "'Pipeline' object has no attribute 'named_modules'" (load_lora(pipe)
+    says what to pass), load_pipeline(t5_length="77") or None with a bare TypeError; 16.5 was taken."""
+    pipe = sd.tiny_pipeline()
+    one_line_error(lambda: sd.generate(pipe.mmdit, ["red"], progress=False),
+                   "generate takes the Pipeline from load_pipeline, not a MMDiT")
+    sd.add_lora(pipe.mmdit, rank=2)
+    one_line_error(lambda: sd.save_lora(pipe, tmp_path / "lora.safetensors"),
+                   r"save_lora takes the MMDiT \(pipe.mmdit\), not a Pipeline: save_lora\(pipe.mmdit, path\)")
+    for length in ("16", None, 16.5):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=length),
+                       f"t5_length must be a whole number, got {length!r}")
+    assert sd.load_pipeline("tiny", device="cpu", t5_length=np.int64(16)).text.t5_length == 16
+
+
+def test_settings_numbers_are_read_without_the_annotations_being_text(monkeypatch):
+    """read_sample_inputs told whole from real numbers by the annotation's text (`f.type.split(" ")`), text only
+    under `from __future__ import annotations`: a fork without it, or Python 3.14 (PEP 649), holds the types
+    themselves there, and every generate() failed with a bare AttributeError."""
+    hints = typing.get_type_hints(sd.SampleSettings)
+    for field in dataclasses.fields(sd.SampleSettings):
+        monkeypatch.setattr(field, "type", hints[field.name])          # the annotation evaluated
+    settings, batch_size = sd.read_sample_inputs(sd.SampleSettings(steps=20.0, cfg=np.float32(4), width=64), 2.0)
+    assert (settings.steps, settings.cfg, settings.width, settings.shift, batch_size) == (20, 4.0, 64, None, 2)
+    assert (type(settings.steps), type(settings.cfg)) == (int, float)
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(seed=None), 1),
+                   "settings.seed must be a whole number, got None")
+    one_line_error(lambda: sd.read_sample_inputs(sd.SampleSettings(cfg="4"), 1),
+                   "settings.cfg must be a finite number, got '4'")
+    assert sd.read_sample_inputs(sd.SampleSettings(slg_scale=None), 1)[0].slg_scale is None    # the preset's
 
 
 def test_pipelines_prompts_and_skip_layers_of_the_wrong_type_are_one_line_errors():
@@ -1293,7 +1342,9 @@ def test_a_lora_scale_that_is_no_number_or_overflows_the_dtype_is_refused_before
             (torch.float32, "huge", 1e-30, "alpha 3e\\+38.*would overflow")]:    # made in fp32, then scaled
         for merge in (True, False):
             model = tiny_mmdit().to(dtype)
-            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge), error)
+            unmerged = error.replace("inf weights", "inf outputs")             # unmerged, no weight changes
+            one_line_error(lambda: sd.load_lora(model, tmp_path / f"{name}.safetensors", scale, merge=merge),
+                           error if merge else unmerged)
             for param, weights in tiny_mmdit().to(dtype).state_dict().items():
                 assert torch.equal(model.state_dict()[param], weights), param
     model = tiny_mmdit().half()
@@ -1771,6 +1822,19 @@ def test_training_end_to_end_overfits_and_writes_outputs(tmp_path):
     assert np.abs(plain.astype(int) - tuned.astype(int)).mean() > 2
     with pytest.raises(sd.UserError, match="already holds files.*--resume"):
         sd.train(tiny_config(tmp_path))
+
+
+def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
+    """save_previews read train()'s progress bar, which only train() makes: a notebook calling save_and_sample()
+    on a Trainer it built got a bare AttributeError ('Trainer' object has no attribute 'bar')."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    try:
+        trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
+    finally:
+        sd.end_training(trainer, {})
+    assert (tmp_path / "run" / "samples_step_000000" / "step_000000_sample_00.png").is_file()
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
@@ -2445,6 +2509,22 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
+    check ended in a bare ValueError ('embedded null byte') traceback."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("output_dir", "dataset.path", "dataset.cache_dir", "vae"):
+        section, _, name = key.rpartition(".")
+        line = f'{name}: "runs/a\\0b"'
+        (tmp_path / "c.yaml").write_text(f"model: tiny\n{section}:\n  {line}\n" if section else f"model: tiny\n{line}\n")
+        with pytest.raises(SystemExit) as e:
+            sd.main([str(tmp_path / "c.yaml")])
+        assert str(e.value) == (f"error: config key '{key}' holds a NUL character, which no path can: "
+                                f"remove it from 'runs/a\\x00b'")
+    config = sd.Config(model="tiny", output_dir="runs/a\0b")
+    one_line_error(lambda: sd.train(config), "config key 'output_dir' holds a NUL character")
+
+
 def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
     sampled an unconditional preview set every sample_every steps."""
@@ -2452,6 +2532,13 @@ def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     from_file = sd.load_config(str(tmp_path / "c.yaml")).sample
     from_set = sd.load_config(None, ["sample.prompts=", "sample.neg="]).sample
     assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
+
+
+def test_load_config_takes_one_override_as_text_and_none(tmp_path):
+    """load_config("config.yaml", "train.steps=500"), one override without its list, read each character as
+    an override: "--set expects key=value (e.g. train.lr=5e-5), got 't'"; overrides=None was a bare TypeError."""
+    assert sd.load_config(None, "train.steps=500").train.steps == 500
+    assert sd.load_config(None, None) == sd.load_config(None)
 
 
 def test_a_config_section_with_every_line_commented_out_keeps_its_defaults(tmp_path):
@@ -3041,6 +3128,27 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
         torch.testing.assert_close(load_file(path), good[name])
 
 
+def test_a_cache_file_of_other_tensors_than_a_run_writes_is_rebuilt_not_a_key_error_in_training(tmp_path, capsys):
+    """The cache is ours: a file under a cache name holding renamed tensors, other shapes or another dtype
+    (edited, or written by another tool) is stale, rebuilt while caching; it was a bare KeyError mid-run."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path, **{"dataset.flip": True}), sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    data = build()
+    paths = [data.latent_files[0], data.latent_files[1], data.text_files[1]]
+    good = [{k: v.clone() for k, v in load_file(path).items()} for path in paths]
+    save_file({"mean": good[0]["moments"], "flipped": good[0]["flipped"]}, paths[0])          # renamed
+    save_file({"moments": good[1]["moments"][:, :4].clone(), "flipped": good[1]["flipped"]}, paths[1])  # cut
+    save_file({**good[2], "context": good[2]["context"].half()}, paths[2])                    # another dtype
+    capsys.readouterr()
+    data = build()
+    assert capsys.readouterr().err.count("its tensors are not those this run writes") == 3
+    for path, tensors in zip(paths, good):
+        torch.testing.assert_close(load_file(path), tensors)
+    latents, context, pooled = data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+
+
 def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_characters(tmp_path):
     """UTF-16 without a BOM decodes as UTF-8 without an error: 'b\\x00l\\x00u\\x00e...' reached the tokenizers
     and was trained on; with a BOM it was already refused (its 0xff byte)."""
@@ -3343,6 +3451,34 @@ def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_p
     assert "skipped 1 unreadable image: loop.png" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipes_named_like_images_or_captions_are_left_out_not_waited_on(tmp_path, capsys):
+    """A named pipe (FIFO) called x.png or x.txt in dataset.path: the scan opened it and waited forever for a
+    writer. Files that are not regular files are left out and named in the dataset line."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    os.mkfifo(data / "pipe.png")
+    (data / "blue_disc.txt").unlink()
+    os.mkfifo(data / "blue_disc.txt")
+    (data / "pipe_link.jpg").symlink_to(data / "pipe.png")
+
+    def waited(signum, frame):
+        raise TimeoutError("the dataset scan waited on a named pipe")
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)                                   # an open() waiting on a pipe ends with the exception
+    try:
+        items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, default_caption="fallback"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [(i["path"].name, i["caption"]) for i in items] == [("blue_disc.png", "fallback"),
+                                                               ("red_stripes.png", "red stripes")]
+    out = capsys.readouterr()
+    assert out.out.strip().endswith("(left out: 3 named pipes and other special files: blue_disc.txt, pipe.png, "
+                                    "pipe_link.jpg)"), out.out
+    assert "1 image has no .txt caption, e.g. blue_disc.png" in out.err and "unreadable" not in out.err, out.err
+
+
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data)
@@ -3373,6 +3509,18 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
     log.write_bytes("".join(lines).encode() + b"\xff\xfe\x00\x93garbage")
     sd.drop_log_lines_after(log, 2)
     assert log.read_text() == "".join(lines[:2])
+
+
+def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
+    """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
+    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history."""
+    log = tmp_path / "log.jsonl"
+    entries = [{"step": step, "loss": 1.0 / step, "lr": 1e-4} for step in (1, 2, 3, 4)]
+    lines = [json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries]   # "step" last
+    lines[1] = json.dumps(entries[1], indent=None).replace(": ", " : ") + "\r\n"           # an editor's
+    log.write_bytes(("".join(lines) + '{"loss":0.1,"step":5').encode())                      # and a cut line
+    sd.drop_log_lines_after(log, 3)
+    assert log.read_text().splitlines() == "".join(lines[:3]).splitlines()
 
 
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
@@ -3644,6 +3792,22 @@ def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(
     assert exit_info.value.code == 2 and "give --model (or a --lora" in capsys.readouterr().err
     one_line_error(lambda: sample.main(["--lora", str(tmp_path / "tiny.safetensors"), "--vae", str(tmp_path), *args]),
                    "the tiny model has its own random text encoders")       # the LoRA's tiny: --vae was unused
+
+
+def test_a_loras_metadata_text_of_megabytes_or_escape_codes_is_never_printed(tmp_path, capsys):
+    """A downloaded LoRA's metadata is untrusted: a base_model of megabytes was printed whole (twice) and tried
+    as a path, and a variant holding escape codes was printed raw in the 'was trained on' warning."""
+    mmdit = sd.tiny_pipeline().mmdit
+    sd.add_lora(mmdit, rank=2)
+    sd.save_lora(mmdit, tmp_path / "big.safetensors", metadata={"base_model": "m" * 200_000})
+    sd.save_lora(mmdit, tmp_path / "red.safetensors", metadata={"base_model": "tiny", "variant": "\x1b[31mred"})
+    args = ["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    one_line_error(lambda: sample.main(["--lora", str(tmp_path / "big.safetensors"), *args]),
+                   "^no one model recorded as trained on .*give --model$")
+    capsys.readouterr()
+    sample.main(["--lora", str(tmp_path / "red.safetensors"), *args])
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "was trained on" not in out.err, out.err
 
 
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
@@ -4508,6 +4672,24 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
+def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path):
+    """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
+    IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
+    OverflowError) there. Both are refused as the tokenizer folders load."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, "tokenizer_3/ has no padding token"),
+                              ("tokenizer_2", {"pad_token": "<nothing>"}, "tokenizer_2/ has no padding token"),
+                              ("tokenizer", {"model_max_length": [77]}, r"tokenizer/tokenizer_config.json: .*\[77\]"),
+                              ("tokenizer_2", {"model_max_length": 0}, "tokenizer_2/tokenizer_config.json: model_max")]:
+        config = tmp_path / part / "tokenizer_config.json"
+        saved = config.read_text()
+        config.write_text(json.dumps({**json.loads(saved), **edit}))
+        one_line_error(lambda: sd._tokenizers(tmp_path, True), f"incomplete .*{match}.*copy them again")
+        config.write_text(saved)
+    assert [tok.pad_token for tok in sd._tokenizers(tmp_path, True)] == ["<|endoftext|>", "!", "<pad>"]
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
@@ -4582,6 +4764,29 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     assert sd.load_training_state(path, fresh, opt, meta) == 1
     sum(p.sum() for p in fresh).backward()
     opt.step()
+
+
+def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_one_line_error(tmp_path):
+    """An AdamW step stored as uint32 (or bool, complex, fp8) was a bare NotImplementedError or RuntimeError;
+    moments and LoRA weights of such dtypes loaded silently cast (bools as 0/1, complex without .imag)."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
+    tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    for dtype in (torch.uint32, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.int64):
+        for key, match in (("opt.0.step", "damaged AdamW moments"), ("opt.1.exp_avg", "damaged AdamW moments"),
+                           ("param.0", "lacks step, config or RNG state")):
+            save_file(tensors | {key: tensors[key].to(dtype)}, path, meta)
+            fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+            one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                           f"{match}.*start anew in another output_dir")
+    save_file(tensors | {"opt.0.step": tensors["opt.0.step"].double()}, path, meta)  # a float64 default dtype's
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    assert sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta) == 1
 
 
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
