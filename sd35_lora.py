@@ -3323,5 +3323,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in step order
+    # a log (> log 2>&1) gets lines in step order; text cp1252 (Windows, redirected) lacks as \u, not a crash
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     main()

@@ -5204,3 +5204,21 @@ def test_a_git_lfs_pointer_cloned_without_git_lfs_is_named_as_such(tmp_path):
     (tmp_path / "transformer/diffusion_pytorch_model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 4939212345\n")
     one_line_error(lambda: sd.load_mmdit(tmp_path), "is a git-lfs pointer.*git lfs pull")
+
+
+#################################################################################
+#                   Windows and macOS, simulated on Linux                       #
+#################################################################################
+
+def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_crash(tmp_path):
+    """Windows writes stdout in its code page (cp1252) when it goes to a file or a pipe: a folder named in
+    Cyrillic (a user name) ended sample.py with a UnicodeEncodeError after its images were made, and training at
+    its 'dataset:' line. Simulated with PYTHONIOENCODING=cp1252."""
+    home = tmp_path / "Тимур"
+    make_dataset(home / "data")
+    out = run_cli("sample.py", "--model", "tiny", "--prompt", "a 🦊", "--width", "32", "--height", "32", "--steps",
+                  "2", "--out", str(home / "samples"), PYTHONIOENCODING="cp1252")
+    assert out.returncode == 0 and (home / "samples" / "sample_00.png").is_file(), out.stderr
+    assert "\\u0422\\u0438\\u043c\\u0443\\u0440" in out.stdout
+    run = run_cli(*train_cli(home, **{"train.steps": 1}), PYTHONIOENCODING="cp1252")
+    assert run.returncode == 0 and "done: " in run.stdout and (home / "run" / "lora.safetensors").is_file(), run.stderr
