@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2721  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2865  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3100  Several Processes (torchrun)     one all-reduce per step
-     3177  Command Line and the Tiny Model  main(), --tiny
+     3101  Several Processes (torchrun)     one all-reduce per step
+     3178  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2936,15 +2936,16 @@ LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the nex
 def lock_output_dir(out: Path):
     """-> an open file holding a lock on output_dir for the run's life: a second run there, fresh or --resume,
     is refused. The OS drops the lock with its process, so a killed run leaves none; a POSIX lock belongs to
-    the process, so a notebook's failed run (kept by its traceback) does not block its next. None where locks
-    are missing (Windows) or refused (some network mounts)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
+    the process, so a notebook's failed run (kept by its traceback) does not block its next (Windows' msvcrt
+    lock belongs to the open file). None where locks are refused (some network mounts)."""
     file = open(out / LOCK_FILE, "a")
     try:
-        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if sys.platform == "win32":                                     # no fcntl there
+            import msvcrt
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)          # EACCES (PermissionError) when held
+        else:
+            import fcntl
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return file
     except OSError as e:
         file.close()

@@ -14,6 +14,7 @@ import subprocess
 import struct
 import sys
 import time
+import types
 import typing
 import weakref
 import zlib
@@ -5222,3 +5223,24 @@ def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_cra
     assert "\\u0422\\u0438\\u043c\\u0443\\u0440" in out.stdout
     run = run_cli(*train_cli(home, **{"train.steps": 1}), PYTHONIOENCODING="cp1252")
     assert run.returncode == 0 and "done: " in run.stdout and (home / "run" / "lora.safetensors").is_file(), run.stderr
+
+
+def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
+    """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
+    output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
+    refuses a second holder with EACCES, as Windows' _locking does)."""
+    held = []
+
+    def locking(fd: int, mode: int, nbytes: int):
+        assert mode == fake.LK_NBLCK and nbytes == 1
+        if held:
+            raise PermissionError(13, "Permission denied")
+        held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    first = sd.lock_output_dir(tmp_path)
+    assert first is not None and held == [first.fileno()]
+    one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
+    first.close()
