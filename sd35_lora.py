@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2721  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2865  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3101  Several Processes (torchrun)     one all-reduce per step
-     3178  Command Line and the Tiny Model  main(), --tiny
+     3106  Several Processes (torchrun)     one all-reduce per step
+     3183  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2915,8 +2915,10 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
-        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): free disk space or "
-                        f"choose another folder; older files are intact") from None
+        held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
+        fix = "close what holds it open (a viewer, ComfyUI)" if held else "free disk space"
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
+                        f"folder; older files are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -2995,7 +2997,10 @@ def save_checkpoint(trainer: Trainer):
             "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
     save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
-    save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    try:                                # the latest's copy: ComfyUI holding it open must not end the run
+        save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    except UserError as e:
+        tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")

@@ -5244,3 +5244,25 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
     first.close()
+
+
+def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    """Windows refuses to replace a file another program holds open (ComfyUI maps a LoRA it loaded, a viewer a
+    PNG): PermissionError. lora.safetensors, the latest's copy, held so ended the run at its next checkpoint, with
+    the advice to free disk space. Now a warning names lora_step_*, and any other file's error says what to do."""
+    make_dataset(tmp_path / "data")
+    real_replace = os.replace
+
+    def held_open(src, dst):
+        if Path(dst).name in ("lora.safetensors", "held.png"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", held_open)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0}))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("*.safetensors")) == [
+        "lora_step_000001.safetensors", "lora_step_000002.safetensors", sd.STATE_FILE]
+    assert "(Permission denied): close what holds it open (a viewer, ComfyUI) or choose another folder; older " \
+           "files are intact; lora_step_000002.safetensors is the latest" in capsys.readouterr().err
+    one_line_error(lambda: sd._atomic_save(Image.new("RGB", (8, 8)), tmp_path / "held.png"),
+                   r"cannot write .*held.png \(Permission denied\): close what holds it open")
