@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2721  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2865  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3106  Several Processes (torchrun)     one all-reduce per step
-     3183  Command Line and the Tiny Model  main(), --tiny
+     2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3112  Several Processes (torchrun)     one all-reduce per step
+     3189  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2327,6 +2327,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
+WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n): use 'single quotes' or /"
 
 
 def _coerce(value, default, key: str):
@@ -2342,6 +2343,8 @@ def _coerce(value, default, key: str):
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
             raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
                             f"itself, in UTF-8)")
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
+            raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -2580,7 +2583,10 @@ def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Con
         try:
             _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
-            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0]            # "C:\Users\me" in double quotes: \U starts an escape
+            if "escape" in (getattr(e, "problem", None) or ""):
+                why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
+            raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = item.partition("=")
         if not sep:

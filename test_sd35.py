@@ -5266,3 +5266,19 @@ def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path,
            "files are intact; lora_step_000002.safetensors is the latest" in capsys.readouterr().err
     one_line_error(lambda: sd._atomic_save(Image.new("RGB", (8, 8)), tmp_path / "held.png"),
                    r"cannot write .*held.png \(Permission denied\): close what holds it open")
+
+
+def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
+    """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
+    scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
+    'uns', a line break and 'ew': a folder of that name was made."""
+    config = tmp_path / "config.yaml"
+    config.write_text('model: tiny\noutput_dir: "C:\\Users\\me\\runs"\n')
+    one_line_error(lambda: sd.load_config(str(config)), r"config.yaml as UTF-8 YAML: line 2: expected escape "
+                   r"sequence .*; in YAML's double quotes a backslash starts an escape .* use 'single quotes' or /")
+    config.write_text('model: tiny\noutput_dir: "D:\\runs\\new"\n')
+    one_line_error(lambda: sd.load_config(str(config)), r"config key 'output_dir' holds a control character, "
+                   r"'D:\\runs\\new': in YAML's double quotes")
+    config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
+    cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
