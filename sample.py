@@ -172,6 +172,8 @@ def main(argv=None) -> list[Path]:
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
+    if args.compile:
+        sd.check_compile(sd.pick_device(args.device))   # before loading models (torch.compile fails late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     try:

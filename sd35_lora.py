@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1214  Training                         Trainer and the training loop
      1373  Part 2: plumbing                 a reader can stop here
      1380  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2324  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2727  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2871  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3112  Several Processes (torchrun)     one all-reduce per step
-     3189  Command Line and the Tiny Model  main(), --tiny
+     1887  Hub Downloads                    snapshot downloads, tokenizers
+     1944  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2206  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2737  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2881  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3122  Several Processes (torchrun)     one all-reduce per step
+     3199  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1807,6 +1807,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def check_compile(device: torch.device):
+    """A GPU's torch.compile needs Triton: refused before models load, not by the first step's inductor."""
+    from importlib.util import find_spec
+    if device.type == "cuda" and find_spec("triton") is None:         # PyTorch's Windows wheels bring none
+        raise UserError("compile needs Triton, which this torch lacks (Windows: pip install triton-windows): "
+                        "set train.compile false (sample.py: leave out --compile)")
+
+
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
     """The modules' weight bytes if over 85 % of the GPU's free memory (the rest: activations), else 0."""
     need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
@@ -2541,6 +2549,8 @@ def check_sources(cfg: Config):
     device, world = pick_device(cfg.device), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
+    if cfg.train.compile:
+        check_compile(device)
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
         raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "

@@ -5282,3 +5282,19 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
     cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    """torch.compile on a GPU needs Triton, which PyTorch's Windows wheels do not bring: train.compile (and
+    sample.py --compile) failed at the first step, after the loading and caching, with the inductor's long
+    traceback. Simulated: a CUDA device and no triton module."""
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    make_dataset(tmp_path / "data")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.compile": True})),
+                   r"compile needs Triton, which this torch lacks \(Windows: pip install triton-windows\)")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--compile", "--out", str(tmp_path / "s")]),
+                   "compile needs Triton")
