@@ -128,9 +128,10 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
-        for flag, key in RECORDED_AS.items():   # a hostile file's: not text, or with control characters (an
-            value = info.get(key)               # escape sequence could hide it where main() prints it)
-            recorded[flag].add(value if isinstance(value, str) and value.isprintable() and value else None)
+        for flag, key in RECORDED_AS.items():   # a hostile file's: not text, with control characters (an
+            value = info.get(key)               # escape sequence could hide it where main() prints it), or
+            usable = isinstance(value, str) and value.isprintable() and 0 < len(value) <= 4096  # megabytes long
+            recorded[flag].add(value if usable else None)
     if len({length for length, _ in found.values()}) > 1 and t5_length is None:
         told = ", ".join(f"{path}: {length}" for path, (length, _) in found.items())
         raise sd.UserError(f"the LoRAs were trained with different T5 lengths ({told}): choose one with "

@@ -22,17 +22,17 @@ have. Sections (line numbers):
       826  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       862  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1065  Data                             dataset scan, aspect buckets, the latent and text cache
-     1214  Training                         Trainer and the training loop
-     1373  Part 2: plumbing                 a reader can stop here
-     1380  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1887  Hub Downloads                    snapshot downloads, tokenizers
-     1944  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2206  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2737  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2881  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3122  Several Processes (torchrun)     one all-reduce per step
-     3199  Command Line and the Tiny Model  main(), --tiny
+     1216  Training                         Trainer and the training loop
+     1375  Part 2: plumbing                 a reader can stop here
+     1382  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1889  Hub Downloads                    snapshot downloads, tokenizers
+     1951  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2752  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2905  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3150  Several Processes (torchrun)     one all-reduce per step
+     3227  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1127,9 +1127,8 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
     left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += [f"{len(left_out)} hidden, thumbnail and recycle folders: {shown}"] * bool(left_out)
+    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
     if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
         folders = len({i["path"].parent for i in items})
         print(f"dataset: {len(items)} images in {folders} folders under {root}, searched recursively"
@@ -1147,21 +1146,22 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        dtype = pipe.mmdit.compute_dtype                 # of the text embeddings (bf16 halves them)
 
-        def store(path: Path, compute, source: str) -> Path:    # torchrun: one writer per file, by its digest
+        def store(path: Path, compute, source: str, layout: dict) -> Path:  # torchrun: one writer per file
             try:
-                return cached(path, compute, source) if int(path.stem, 16) % world == rank else path
+                return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
             except UserError as e:                      # this process's share: process 0 may never see it
                 e.own = True
                 raise
 
+        def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
+            embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
+            return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
+        text_layout = {name: (t.shape, t.dtype) for name, t in encode("").items()}     # every caption's
+
         def text_file(caption: str) -> Path:
-            def encode():
-                context, pooled = pipe.text.encode([caption])
-                return {"context": context[0].to(dtype).cpu(), "pooled": pooled[0].to(dtype).cpu()}
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            return store(path, encode, f"the caption {caption!r:.60}")
+            return store(path, lambda: encode(caption), f"the caption {caption!r:.60}", text_layout)
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1175,8 +1175,10 @@ class LatentDataset:
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image_key = _digest(data, item["size"], flip, vae_id)
+                shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
+                layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                               str(item["path"])))
+                                               str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
                 why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
                 raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
@@ -1896,9 +1898,14 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                                       # (as for configs)
-            unpadded = next((n for n, tok in zip(names, tokenizers) if tok.pad_token is None), None)
-            if unpadded:    # tokenizer.json without tokenizer_config.json: else a traceback at the first text
-                raise ValueError(f"{unpadded}/ has no padding token")
+            # else a traceback at the first text: no padding token (a tokenizer.json without its config),
+            # one outside the vocabulary (hand-edited: a new id, past the model's), CLIP's length not a count
+            for name, tok in zip(names, tokenizers):
+                length = tok.model_max_length                             # (T5's is t5_length)
+                if tok.pad_token is None or tok.pad_token_id >= tok.vocab_size:
+                    raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
+                if name != "tokenizer_3" and (type(length) is not int or length < 1):
+                    raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
             _no_custom_code(folder, e)
@@ -2055,9 +2062,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
     sd, meta = read_safetensors(path, with_metadata=True)
     ours, peft = lora_metadata(meta, path)
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
-    if trained_on != model.cfg.variant():     # e.g. SD3.5 Medium's attention LoRA fits SD3 Medium's shapes
+    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
-              f"not work as intended", file=sys.stderr)
+              f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
     spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part,
     for official, parts in diffusers_names(depth).items():     # and whether it is a diffusers name
@@ -2351,6 +2358,9 @@ def _coerce(value, default, key: str):
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
             raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
                             f"itself, in UTF-8)")
+        if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
+            raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
+                            f"{text!r:.60}")
         if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
             raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
@@ -2627,26 +2637,30 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
     tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)    # what LoRAs and AdamW take
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
-        saved = [tensors[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in tensors))]
+        lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)                              # (saved and set on a GPU only)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
+            raise ValueError
+        if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
                         f"anew in another output_dir") from None
-    if saved != [p.shape for p in params]:
+    if [t.shape for t in lora] != [p.shape for p in params]:
         raise UserError(f"{path} holds a LoRA of another shape (different lora.rank/targets/blocks?); "
                         f"resume with the run's config")
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
+        for p, saved in zip(params, lora):
+            p.copy_(saved)
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
+                                                 or any(t.dtype not in floats for t in m.values())
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):
@@ -2675,7 +2689,8 @@ def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
     if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
         text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
-        lines = [re.match(r'\{"step": (\d+),.*\n', line) for line in text.splitlines(True)]
+        # "step" anywhere in a line: a log rewritten by hand or by jq (-c, -S) keeps its lines
+        lines = [re.match(r'\{.*"step"\s*:\s*(\d+).*\n', line) for line in text.splitlines(True)]
         _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
 
 
@@ -2749,6 +2764,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(path: Path) -> str:
     """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
     as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+        raise FileNotFoundError(path)          # (files_under leaves it out: its image is uncaptioned)
     text = path.read_text(encoding="utf-8-sig")
     if "\x00" in text:
         raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
@@ -2757,9 +2774,9 @@ def read_caption(path: Path) -> str:
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files, through symlinked folders too (people link image
-    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, the hidden
-    (.thumbnails, .git) and NOT_DATA folders left out); folders that cannot be read are named in a warning."""
-    seen, files, left_out, errors = set(), [], [], []
+    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
+    out, as the dataset line says: hidden and NOT_DATA folders, named pipes); unreadable folders warned."""
+    seen, files, folders, special, errors = set(), [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -2767,10 +2784,14 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
             continue
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
-        files += [Path(folder, name) for name in names if not name.startswith("._")]
+        for path in (Path(folder, name) for name in names if not name.startswith("._")):
+            if os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
+                files.append(path)
+            else:       # a named pipe, socket or device named like an image or caption: reading it never ends
+                special.append(os.path.relpath(path, root))
         for name in [name for name in subfolders if name.startswith(".") or name.casefold() in NOT_DATA]:
             subfolders.remove(name)
-            left_out.append(os.path.relpath(os.path.join(folder, name), root))
+            folders.append(os.path.relpath(os.path.join(folder, name), root))
     # os.walk passes by a folder it may not list (a dataset.path missing or a file: named by scan_dataset),
     # and lists a link to a missing folder (a drive not mounted) as a file (images and .txt: named apart)
     locked = [f"{e.filename} ({e.strerror})" for e in errors
@@ -2780,7 +2801,10 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
     if locked and rank_and_world()[0] == 0:                             # torchrun: process 0 prints for all
         print(f"warning: skipped {len(locked)} folders that cannot be read: {', '.join(locked[:5])}",
               file=sys.stderr)
-    return files, sorted(left_out)
+    left_out = [("hidden, thumbnail and recycle folders", sorted(folders)),
+                ("named pipes and other special files", sorted(special))]
+    return files, [f"{len(names)} {what}: {', '.join(names[:5])}" + ", ..." * (len(names) > 5)
+                   for what, names in left_out if names]
 
 
 def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str) -> list[Path]:
@@ -2895,14 +2919,18 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cached(path: Path, compute, source: str = "") -> Path:
-    """`path`, after checking that it reads and is finite (files of versions that did not refuse NaN, or
-    damaged on disk: it is read whole anyway); computed from `compute()` and written atomically if not."""
+def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
+    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
+    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
+    not a KeyError hours into training); else computed from `compute()` and written atomically."""
     if path.is_file():
         try:
-            if all(t.isfinite().all() for t in load_file(str(path)).values()):
+            tensors = load_file(str(path))
+            other = layout is not None and {k: (t.shape, t.dtype) for k, t in tensors.items()} != layout
+            if not other and all(t.isfinite().all() for t in tensors.values()):
                 return path
-            tqdm.write(f"warning: rebuilding cache file {path}: it holds NaN/inf", file=sys.stderr)
+            why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
+            tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
         except Exception:
             tqdm.write(f"warning: rebuilding unreadable cache file {path}", file=sys.stderr)
     tensors = compute()

@@ -2499,6 +2499,22 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
+    check ended in a bare ValueError ('embedded null byte') traceback."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("output_dir", "dataset.path", "dataset.cache_dir", "vae"):
+        section, _, name = key.rpartition(".")
+        line = f'{name}: "runs/a\\0b"'
+        (tmp_path / "c.yaml").write_text(f"model: tiny\n{section}:\n  {line}\n" if section else f"model: tiny\n{line}\n")
+        with pytest.raises(SystemExit) as e:
+            sd.main([str(tmp_path / "c.yaml")])
+        assert str(e.value) == (f"error: config key '{key}' holds a NUL character, which no path can: "
+                                f"remove it from 'runs/a\\x00b'")
+    config = sd.Config(model="tiny", output_dir="runs/a\0b")
+    one_line_error(lambda: sd.train(config), "config key 'output_dir' holds a NUL character")
+
+
 def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     """`--set sample.prompts=` is YAML's `prompts:` (null): no previews. It was read as one empty prompt, which
     sampled an unconditional preview set every sample_every steps."""
@@ -3074,6 +3090,27 @@ def test_a_cache_file_of_an_older_version_holding_nan_is_rebuilt_not_trained_on(
         torch.testing.assert_close(load_file(path), good[name])
 
 
+def test_a_cache_file_of_other_tensors_than_a_run_writes_is_rebuilt_not_a_key_error_in_training(tmp_path, capsys):
+    """The cache is ours: a file under a cache name holding renamed tensors, other shapes or another dtype
+    (edited, or written by another tool) is stale, rebuilt while caching; it was a bare KeyError mid-run."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path, **{"dataset.flip": True}), sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    data = build()
+    paths = [data.latent_files[0], data.latent_files[1], data.text_files[1]]
+    good = [{k: v.clone() for k, v in load_file(path).items()} for path in paths]
+    save_file({"mean": good[0]["moments"], "flipped": good[0]["flipped"]}, paths[0])          # renamed
+    save_file({"moments": good[1]["moments"][:, :4].clone(), "flipped": good[1]["flipped"]}, paths[1])  # cut
+    save_file({**good[2], "context": good[2]["context"].half()}, paths[2])                    # another dtype
+    capsys.readouterr()
+    data = build()
+    assert capsys.readouterr().err.count("its tensors are not those this run writes") == 3
+    for path, tensors in zip(paths, good):
+        torch.testing.assert_close(load_file(path), tensors)
+    latents, context, pooled = data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+
+
 def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_characters(tmp_path):
     """UTF-16 without a BOM decodes as UTF-8 without an error: 'b\\x00l\\x00u\\x00e...' reached the tokenizers
     and was trained on; with a BOM it was already refused (its 0xff byte)."""
@@ -3376,6 +3413,34 @@ def test_an_image_link_that_loops_is_skipped_as_unreadable_not_a_traceback(tmp_p
     assert "skipped 1 unreadable images: loop.png" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipes_named_like_images_or_captions_are_left_out_not_waited_on(tmp_path, capsys):
+    """A named pipe (FIFO) called x.png or x.txt in dataset.path: the scan opened it and waited forever for a
+    writer. Files that are not regular files are left out and named in the dataset line."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    os.mkfifo(data / "pipe.png")
+    (data / "blue_disc.txt").unlink()
+    os.mkfifo(data / "blue_disc.txt")
+    (data / "pipe_link.jpg").symlink_to(data / "pipe.png")
+
+    def waited(signum, frame):
+        raise TimeoutError("the dataset scan waited on a named pipe")
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)                                   # an open() waiting on a pipe ends with the exception
+    try:
+        items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, default_caption="fallback"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [(i["path"].name, i["caption"]) for i in items] == [("blue_disc.png", "fallback"),
+                                                               ("red_stripes.png", "red stripes")]
+    out = capsys.readouterr()
+    assert out.out.strip().endswith("(left out: 3 named pipes and other special files: blue_disc.txt, pipe.png, "
+                                    "pipe_link.jpg)"), out.out
+    assert "1 images have no .txt caption, e.g. blue_disc.png" in out.err and "unreadable" not in out.err, out.err
+
+
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data)
@@ -3406,6 +3471,18 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
     log.write_bytes("".join(lines).encode() + b"\xff\xfe\x00\x93garbage")
     sd.drop_log_lines_after(log, 2)
     assert log.read_text() == "".join(lines[:2])
+
+
+def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
+    """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
+    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history."""
+    log = tmp_path / "log.jsonl"
+    entries = [{"step": step, "loss": 1.0 / step, "lr": 1e-4} for step in (1, 2, 3, 4)]
+    lines = [json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries]   # "step" last
+    lines[1] = json.dumps(entries[1], indent=None).replace(": ", " : ") + "\r\n"           # an editor's
+    log.write_bytes(("".join(lines) + '{"loss":0.1,"step":5').encode())                      # and a cut line
+    sd.drop_log_lines_after(log, 3)
+    assert log.read_text().splitlines() == "".join(lines[:3]).splitlines()
 
 
 def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log(tmp_path, capsys):
@@ -3677,6 +3754,22 @@ def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(
     assert exit_info.value.code == 2 and "give --model (or a --lora" in capsys.readouterr().err
     one_line_error(lambda: sample.main(["--lora", str(tmp_path / "tiny.safetensors"), "--vae", str(tmp_path), *args]),
                    "the tiny model has its own random text encoders")       # the LoRA's tiny: --vae was unused
+
+
+def test_a_loras_metadata_text_of_megabytes_or_escape_codes_is_never_printed(tmp_path, capsys):
+    """A downloaded LoRA's metadata is untrusted: a base_model of megabytes was printed whole (twice) and tried
+    as a path, and a variant holding escape codes was printed raw in the 'was trained on' warning."""
+    mmdit = sd.tiny_pipeline().mmdit
+    sd.add_lora(mmdit, rank=2)
+    sd.save_lora(mmdit, tmp_path / "big.safetensors", metadata={"base_model": "m" * 200_000})
+    sd.save_lora(mmdit, tmp_path / "red.safetensors", metadata={"base_model": "tiny", "variant": "\x1b[31mred"})
+    args = ["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    one_line_error(lambda: sample.main(["--lora", str(tmp_path / "big.safetensors"), *args]),
+                   "^no one model recorded as trained on .*give --model$")
+    capsys.readouterr()
+    sample.main(["--lora", str(tmp_path / "red.safetensors"), *args])
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "was trained on" not in out.err, out.err
 
 
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
@@ -4535,6 +4628,24 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
+def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path):
+    """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
+    IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
+    OverflowError) there. Both are refused as the tokenizer folders load."""
+    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, "tokenizer_3/ has no padding token"),
+                              ("tokenizer_2", {"pad_token": "<nothing>"}, "tokenizer_2/ has no padding token"),
+                              ("tokenizer", {"model_max_length": [77]}, r"tokenizer/tokenizer_config.json: .*\[77\]"),
+                              ("tokenizer_2", {"model_max_length": 0}, "tokenizer_2/tokenizer_config.json: model_max")]:
+        config = tmp_path / part / "tokenizer_config.json"
+        saved = config.read_text()
+        config.write_text(json.dumps({**json.loads(saved), **edit}))
+        one_line_error(lambda: sd._tokenizers(tmp_path, True), f"incomplete .*{match}.*copy them again")
+        config.write_text(saved)
+    assert [tok.pad_token for tok in sd._tokenizers(tmp_path, True)] == ["<|endoftext|>", "!", "<pad>"]
+
+
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     """Python's json and PyYAML recurse per level: 100,000 nested brackets raised a bare RecursionError."""
     deep = "[" * 100_000 + "]" * 100_000
@@ -4609,6 +4720,29 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     assert sd.load_training_state(path, fresh, opt, meta) == 1
     sum(p.sum() for p in fresh).backward()
     opt.step()
+
+
+def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_one_line_error(tmp_path):
+    """An AdamW step stored as uint32 (or bool, complex, fp8) was a bare NotImplementedError or RuntimeError;
+    moments and LoRA weights of such dtypes loaded silently cast (bools as 0/1, complex without .imag)."""
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
+    tensors, meta = sd.read_safetensors(path, with_metadata=True)
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    for dtype in (torch.uint32, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.int64):
+        for key, match in (("opt.0.step", "damaged AdamW moments"), ("opt.1.exp_avg", "damaged AdamW moments"),
+                           ("param.0", "lacks step, config or RNG state")):
+            save_file(tensors | {key: tensors[key].to(dtype)}, path, meta)
+            fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+            one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                           f"{match}.*start anew in another output_dir")
+    save_file(tensors | {"opt.0.step": tensors["opt.0.step"].double()}, path, meta)  # a float64 default dtype's
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    assert sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta) == 1
 
 
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
