@@ -3373,6 +3373,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # a log (> log 2>&1) gets lines in step order; text cp1252 (Windows, redirected) lacks as \u, not a crash
+    # a log (> log 2>&1) gets lines in step order; what stdout cannot encode (Windows: cp1252) as \u escapes
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     main()
