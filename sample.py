@@ -175,6 +175,8 @@ def main(argv=None) -> list[Path]:
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
+    if args.compile:
+        sd.check_compile(sd.pick_device(args.device))   # before loading models (torch.compile fails late)
     pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
                             use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
     try:
@@ -256,7 +258,9 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in order
+    # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks (Windows'
+    # cp1252 when redirected) as \u escapes, not an error after the images were made
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
     # sample_NN.png being written as the empty file reserve() made
     signal.signal(signal.SIGTERM, sd.terminate)

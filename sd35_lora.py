@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1219  Training                         Trainer and the training loop
      1380  Part 2: plumbing                 a reader can stop here
      1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1888  Hub Downloads                    snapshot downloads, tokenizers
-     1950  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2750  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2904  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3149  Several Processes (torchrun)     one all-reduce per step
-     3226  Command Line and the Tiny Model  main(), --tiny
+     1896  Hub Downloads                    snapshot downloads, tokenizers
+     1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2920  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3171  Several Processes (torchrun)     one all-reduce per step
+     3248  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1816,6 +1816,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def check_compile(device: torch.device):
+    """A GPU's torch.compile needs Triton: refused before models load, not by the first step's inductor."""
+    from importlib.util import find_spec
+    if device.type == "cuda" and find_spec("triton") is None:         # PyTorch's Windows wheels bring none
+        raise UserError("compile needs Triton, which this torch lacks (Windows: pip install triton-windows): "
+                        "set train.compile false (sample.py: leave out --compile)")
+
+
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
     """The modules' weight bytes if over 85 % of the GPU's free memory (the rest: activations), else 0."""
     need = sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
@@ -2341,6 +2349,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
+WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n): use 'single quotes' or /"
 
 
 def _coerce(value, default, key: str):
@@ -2359,6 +2368,8 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
+            raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -2562,6 +2573,8 @@ def check_sources(cfg: Config):
     device, world = pick_device(cfg.device), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
+    if cfg.train.compile:
+        check_compile(device)
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
         raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
@@ -2604,7 +2617,10 @@ def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Con
         try:
             _fill(config, read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
-            raise UserError(f"cannot read {path} as UTF-8 YAML: {str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0]            # "C:\Users\me" in double quotes: \U starts an escape
+            if "escape" in (getattr(e, "problem", None) or ""):
+                why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
+            raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = item.partition("=")
         if not sep:
@@ -2958,8 +2974,10 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
-        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): free disk space or "
-                        f"choose another folder; older files are intact") from None
+        held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
+        fix = "close what holds it open (a viewer, ComfyUI)" if held else "free disk space"
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
+                        f"folder; older files are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -2980,15 +2998,16 @@ RUNS_HERE = {}   # output_dir -> this process's run there: the lock file keeps o
 def lock_output_dir(out: Path):
     """-> an open file holding a lock on output_dir for the run's life: a second run there, fresh or --resume,
     is refused. The OS drops the lock with its process, so a killed run leaves none; a POSIX lock belongs to
-    the process, so a notebook's failed run (kept by its traceback) does not block its next. None where locks
-    are missing (Windows) or refused (some network mounts)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
+    the process, so a notebook's failed run (kept by its traceback) does not block its next (Windows' msvcrt
+    lock belongs to the open file). None where locks are refused (some network mounts)."""
     file = open(out / LOCK_FILE, "a")
     try:
-        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if sys.platform == "win32":                                     # no fcntl there
+            import msvcrt
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)          # EACCES (PermissionError) when held
+        else:
+            import fcntl
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return file
     except OSError as e:
         file.close()
@@ -3041,7 +3060,10 @@ def save_checkpoint(trainer: Trainer):
             "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
     save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
-    save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    try:                                # the latest's copy: ComfyUI holding it open must not end the run
+        save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+    except UserError as e:
+        tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
@@ -3372,5 +3394,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)     # a log file (> log 2>&1) gets each line in step order
+    # a log (> log 2>&1) gets lines in step order; what stdout cannot encode (Windows: cp1252) as \u escapes
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     main()

@@ -14,6 +14,7 @@ import subprocess
 import struct
 import sys
 import time
+import types
 import typing
 import weakref
 import zlib
@@ -5383,3 +5384,96 @@ def test_a_git_lfs_pointer_cloned_without_git_lfs_is_named_as_such(tmp_path):
     (tmp_path / "transformer/diffusion_pytorch_model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 4939212345\n")
     one_line_error(lambda: sd.load_mmdit(tmp_path), "is a git-lfs pointer.*git lfs pull")
+
+
+#################################################################################
+#                   Windows and macOS, simulated on Linux                       #
+#################################################################################
+
+def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_crash(tmp_path):
+    """Windows writes stdout in its code page (cp1252) when it goes to a file or a pipe: a folder named in
+    Cyrillic (a user name) ended sample.py with a UnicodeEncodeError after its images were made, and training at
+    its 'dataset:' line. Simulated with PYTHONIOENCODING=cp1252."""
+    home = tmp_path / "Тимур"
+    make_dataset(home / "data")
+    out = run_cli("sample.py", "--model", "tiny", "--prompt", "a 🦊", "--width", "32", "--height", "32", "--steps",
+                  "2", "--out", str(home / "samples"), PYTHONIOENCODING="cp1252")
+    assert out.returncode == 0 and (home / "samples" / "sample_00.png").is_file(), out.stderr
+    assert "\\u0422\\u0438\\u043c\\u0443\\u0440" in out.stdout
+    run = run_cli(*train_cli(home, **{"train.steps": 1}), PYTHONIOENCODING="cp1252")
+    assert run.returncode == 0 and "done: " in run.stdout and (home / "run" / "lora.safetensors").is_file(), run.stderr
+
+
+def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
+    """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
+    output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
+    refuses a second holder with EACCES, as Windows' _locking does)."""
+    held = []
+
+    def locking(fd: int, mode: int, nbytes: int):
+        assert mode == fake.LK_NBLCK and nbytes == 1
+        if held:
+            raise PermissionError(13, "Permission denied")
+        held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    first = sd.lock_output_dir(tmp_path)
+    assert first is not None and held == [first.fileno()]
+    one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
+    first.close()
+
+
+def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    """Windows refuses to replace a file another program holds open (ComfyUI maps a LoRA it loaded, a viewer a
+    PNG): PermissionError. lora.safetensors, the latest's copy, held so ended the run at its next checkpoint, with
+    the advice to free disk space. Now a warning names lora_step_*, and any other file's error says what to do."""
+    make_dataset(tmp_path / "data")
+    real_replace = os.replace
+
+    def held_open(src, dst):
+        if Path(dst).name in ("lora.safetensors", "held.png"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", held_open)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0}))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("*.safetensors")) == [
+        "lora_step_000001.safetensors", "lora_step_000002.safetensors", sd.STATE_FILE]
+    assert "(Permission denied): close what holds it open (a viewer, ComfyUI) or choose another folder; older " \
+           "files are intact; lora_step_000002.safetensors is the latest" in capsys.readouterr().err
+    one_line_error(lambda: sd._atomic_save(Image.new("RGB", (8, 8)), tmp_path / "held.png"),
+                   r"cannot write .*held.png \(Permission denied\): close what holds it open")
+
+
+def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
+    """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
+    scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
+    'uns', a line break and 'ew': a folder of that name was made."""
+    config = tmp_path / "config.yaml"
+    config.write_text('model: tiny\noutput_dir: "C:\\Users\\me\\runs"\n')
+    one_line_error(lambda: sd.load_config(str(config)), r"config.yaml as UTF-8 YAML: line 2: expected escape "
+                   r"sequence .*; in YAML's double quotes a backslash starts an escape .* use 'single quotes' or /")
+    config.write_text('model: tiny\noutput_dir: "D:\\runs\\new"\n')
+    one_line_error(lambda: sd.load_config(str(config)), r"config key 'output_dir' holds a control character, "
+                   r"'D:\\runs\\new': in YAML's double quotes")
+    config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
+    cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    """torch.compile on a GPU needs Triton, which PyTorch's Windows wheels do not bring: train.compile (and
+    sample.py --compile) failed at the first step, after the loading and caching, with the inductor's long
+    traceback. Simulated: a CUDA device and no triton module."""
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    make_dataset(tmp_path / "data")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.compile": True})),
+                   r"compile needs Triton, which this torch lacks \(Windows: pip install triton-windows\)")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--compile", "--out", str(tmp_path / "s")]),
+                   "compile needs Triton")
