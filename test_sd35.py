@@ -4234,7 +4234,7 @@ def test_integer_weights_are_refused_with_fp8_too(tmp_path):
             one_line_error(lambda: sd.load_mmdit(tmp_path / "int.safetensors", fp8=fp8), f"weights stored as {what} are unsupported")
 
 
-def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
+def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path, monkeypatch):
     """Measured on the tiny pipeline (fp32 compute): the MMDiT output's relative error is 0.03 % for fp8 weights,
     0.2 % with a strong LoRA merged into them (dequantize, add, requantize), 0.1 % with it unmerged."""
     base = sd.tiny_pipeline().mmdit
@@ -4255,10 +4255,14 @@ def test_fp8_merged_lora_and_sampling_stay_close_to_full_precision(tmp_path):
         reference = base(*x)
         sd.load_lora(fp8, tmp_path / "lora.safetensors")
         assert rel(reference, plain) > 0.3 and rel(fp8(*x), reference) < 0.01
+    real_load, pipes = sd.load_pipeline, []
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
     common = ["--model", "tiny", "--prompt", "red stripes", "--width", "32", "--height", "32", "--steps", "3"]
     full = images_of(sample.main([*common, "--out", str(tmp_path / "full")]))
     fp8_images = images_of(sample.main([*common, "--fp8", "--out", str(tmp_path / "fp8")]))
     assert np.abs(full.astype(int) - fp8_images.astype(int)).mean() <= 1.0      # measured 0.07 of 255
+    quantized = [any(isinstance(m, sd.Fp8Linear) for m in pipe.mmdit.modules()) for pipe in pipes]
+    assert quantized == [False, True]                       # --fp8 ran: the images alone pass without it
 
 
 def test_fp8_training_tracks_full_precision_and_its_lora_samples(tmp_path):
