@@ -959,10 +959,12 @@ def test_a_lora_loaded_unmerged_at_a_scale_saves_as_the_model_runs(fmt, tmp_path
         model = tiny_mmdit()
         sd.load_lora(model, tmp_path / "trained.safetensors", scale=scale, merge=False)
         sd.save_lora(model, tmp_path / "saved.safetensors", fmt)
-        fresh = tiny_mmdit()
+        fresh, merged = tiny_mmdit(), tiny_mmdit()
         sd.load_lora(fresh, tmp_path / "saved.safetensors")
+        sd.load_lora(merged, tmp_path / "trained.safetensors", scale=scale)     # the scale is applied at all
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), model(*x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(*x), merged(*x), atol=1e-5, rtol=1e-5)
         alphas = [t.item() for k, t in load_file(tmp_path / "saved.safetensors").items() if k.endswith("alpha")]
         assert 0 not in alphas                 # kohya's loader reads alpha 0 as alpha = rank: full strength
 
