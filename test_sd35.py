@@ -2628,6 +2628,22 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
     assert "rebuilding unreadable cache file" in capsys.readouterr().err
     latents, context, pooled = repaired.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
     assert latents.shape == (2, 16, 8, 8) and context.shape == (2, 77 + 16, 64) and pooled.shape == (2, 80)
+    # flips and caption dropout are drawn per sample: 32 draws of the stripes hold both kinds (alike: 2^-31)
+    item = sd.scan_dataset(cfg.dataset)[1]
+    pixels = sd.load_image(item["path"], item["size"])[None]
+    cached, empty = load_file(repaired.latent_files[1]), load_file(repaired.empty)["context"]
+    assert item["path"].name == "red_stripes.png" and not torch.equal(pixels, pixels.flip(-1))
+    for name, image in (("moments", pixels), ("flipped", pixels.flip(-1))):
+        torch.testing.assert_close(cached[name], pipe.vae.encode_moments(image)[0])
+    pipe.vae.latents_from_moments = lambda moments, noise: moments               # the cached moments drawn
+    for flip, dropout in ((True, 0.5), (False, 0.0)):
+        dataset = dataclasses.replace(cfg.dataset, flip=flip, caption_dropout=dropout)
+        drawn = dataclasses.replace(cfg, dataset=dataset)
+        moments, context, _ = repaired.get([1] * 32, pipe.vae, drawn, torch.Generator().manual_seed(0))
+        flipped = [torch.equal(m, cached["flipped"]) for m in moments]
+        assert all(f or torch.equal(m, cached["moments"]) for f, m in zip(flipped, moments))
+        dropped = [torch.equal(c, empty) for c in context]
+        assert set(flipped) == {False, flip} and set(dropped) == {False, dropout > 0}, (flipped, dropped)
 
 
 def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_files, tmp_path):
