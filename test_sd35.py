@@ -1791,17 +1791,18 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
 
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
-    real_load, disturbance = sd.load_pipeline, iter([1, 2])
+    real_load, disturbance = sd.load_pipeline, iter([1, 2, 3])
 
     def load_then_disturb(*args, **kwargs):           # real weights leave the global RNG in any state
         pipe = real_load(*args, **kwargs)
         torch.manual_seed(next(disturbance))
         return pipe
     monkeypatch.setattr(sd, "load_pipeline", load_then_disturb)
-    for run in ("first", "second"):
-        sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 0, "lora.dropout": 0.1,
+    for run, dropout in (("first", 0.1), ("second", 0.1), ("no_dropout", 0.0)):
+        sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 0, "lora.dropout": dropout,
                                           "output_dir": str(tmp_path / run)}))
     assert losses(tmp_path / "first") == losses(tmp_path / "second")
+    assert losses(tmp_path / "first") != losses(tmp_path / "no_dropout")          # lora.dropout is applied
 
 
 def test_interrupt_saves_and_nan_stops_without_overwriting(tmp_path, monkeypatch):
