@@ -3958,6 +3958,15 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+    with torch.no_grad():                      # a LoRA that changes the image: the scale recorded is used
+        for layer in sd.lora_layers(model).values():
+            layer.lora_up.weight.normal_(generator=torch.Generator().manual_seed(0))
+    sd.save_lora(model, tmp_path / "strong.safetensors")
+    strong = {}
+    for scale in ("0", "1"):
+        flags = ["--lora", str(tmp_path / "strong.safetensors"), "--lora-scale", scale]
+        strong[scale] = images_of(sample.main([*base, *flags, "--out", str(tmp_path / f"strong{scale}")]))
+    assert strong["0"].tolist() == images_of([one]).tolist() != strong["1"].tolist()
 
 def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys,
                                                                                                 monkeypatch):
