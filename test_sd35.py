@@ -2158,12 +2158,16 @@ def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypat
 
 
 def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
+    from torch._dynamo.utils import counters
     make_dataset(tmp_path / "data")
-    runs = {}
+    runs, graphs = {}, {}
     for label, compiled in (("eager", False), ("compiled", True)):
-        runs[label] = tmp_path / label
+        torch._dynamo.reset()                       # an earlier test's compiled blocks are not reused unseen
+        runs[label], before = tmp_path / label, counters["stats"]["unique_graphs"]
         sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0, "train.compile": compiled,
                                           "output_dir": str(runs[label])}))
+        graphs[label] = counters["stats"]["unique_graphs"] - before
+    assert graphs["eager"] == 0 < graphs["compiled"], graphs        # else eager compared with eager
     np.testing.assert_allclose(losses(runs["compiled"]), losses(runs["eager"]), rtol=1e-4)
     image = lambda run: np.asarray(Image.open(run / "samples_step_000002/step_000002_sample_00.png"), dtype=int)
     assert np.abs(image(runs["compiled"]) - image(runs["eager"])).max() <= 1
