@@ -2820,12 +2820,17 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
 
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
+    image.paste((30, 30, 200), (64, 0, 128, 64))                # stored: red left half, blue right half
     exif = image.getexif()
     exif[274] = 6                                                            # stored landscape, shown portrait
     image.save(tmp_path / "phone.jpg", exif=exif)
     (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=256))
     width, height = item["size"]
-    assert height > width and sd.load_image(item["path"], item["size"]).shape == (3, height, width)
+    pixels = sd.load_image(item["path"], item["size"])
+    assert height > width and pixels.shape == (3, height, width)
+    # shown turned 90 degrees clockwise: red on top, blue below (unturned, the crop is red left, blue right)
+    top, bottom = pixels[:, : height // 4].mean((1, 2)), pixels[:, -height // 4:].mean((1, 2))
+    assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
 
 
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
