@@ -4022,11 +4022,13 @@ def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
 def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_path, monkeypatch):
     """sample.py denoised every --prompt in one batch (twice that with CFG): ten prompts on a small GPU ran out
     of memory. Image i has its own seed, so one image at a time (the default, also for the training's previews)
-    gives the same images (batched matmuls round differently: within 1/255) under the same names."""
+    gives the same images (batched matmuls round differently: within 1/255) under the same names. They are
+    generate()'s with the flags' settings: a --shift or --schedule left unused changes them by 8/255."""
     sizes, real = [], sd.denoise
     monkeypatch.setattr(sd, "denoise", lambda model, x, *a, **k: sizes.append(len(x)) or real(model, x, *a, **k))
     base = ["--model", "tiny", "--prompt", "red", "--prompt", "a fox", "--prompt", "blue", "--negative", "ugly",
-            "--cfg", "4", "--steps", "3", "--width", "48", "--height", "32", "--seed", "5"]
+            "--cfg", "4", "--steps", "4", "--shift", "2", "--schedule", "cosine", "--width", "48", "--height",
+            "32", "--seed", "5"]
     runs = {size: sample.main([*base, *extra, "--out", str(tmp_path / size)])
             for size, extra in (("1", []), ("2", ["--batch-size", "2"]), ("3", ["--batch-size", "3"]))}
     assert sizes == [1, 1, 1, 2, 1, 3]
@@ -4036,7 +4038,9 @@ def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_
     assert params["1"] == params["2"] == params["3"]
     images = {size: images_of(paths).astype(int) for size, paths in runs.items()}
     assert np.abs(images["1"] - images["3"]).max() <= 1 and np.abs(images["2"] - images["3"]).max() <= 1
-    pipe, s = sd.tiny_pipeline(t5_length=sd.T5_LENGTH), sd.SampleSettings(steps=3, width=48, height=32, cfg=4.0)
+    assert (json.loads(params["1"][0])["shift"], json.loads(params["1"][0])["schedule"]) == (2.0, "cosine")
+    pipe = sd.tiny_pipeline(t5_length=sd.T5_LENGTH)
+    s = sd.SampleSettings(steps=4, cfg=4.0, shift=2.0, schedule="cosine", width=48, height=32)
     alone = [np.asarray(sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=5 + i), progress=False)[0])
              for i, p in enumerate(["red", "a fox", "blue"])]
     assert np.abs(images["1"] - np.stack(alone)).max() <= 1
