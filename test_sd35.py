@@ -4159,10 +4159,11 @@ def test_sample_cli_called_in_a_notebook_frees_its_models_when_it_fails(tmp_path
     assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
-def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
+def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monkeypatch):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
-    ([] for the default 1.0, one value for several LoRAs)."""
+    ([] for the default 1.0, one value for several LoRAs). --no-merge keeps the LoRA as adapters on the layers
+    (it was run by no test) and gives the merged LoRA's image to within 2/255 (1 measured on the CPU)."""
     model = sd.tiny_pipeline().mmdit
     sd.add_lora(model, rank=2)
     sd.save_lora(model, tmp_path / "lora.safetensors")
@@ -4182,11 +4183,20 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
         for layer in sd.lora_layers(model).values():
             layer.lora_up.weight.normal_(generator=torch.Generator().manual_seed(0))
     sd.save_lora(model, tmp_path / "strong.safetensors")
-    strong = {}
-    for scale in ("0", "1"):
-        flags = ["--lora", str(tmp_path / "strong.safetensors"), "--lora-scale", scale]
-        strong[scale] = images_of(sample.main([*base, *flags, "--out", str(tmp_path / f"strong{scale}")]))
+    strong, adapters, real_load = {}, [], sd.load_lora
+
+    def load_lora(mmdit, *args, **kwargs):              # the adapters left on the model's layers
+        loaded = real_load(mmdit, *args, **kwargs)
+        adapters.append(len(sd.lora_layers(mmdit)))
+        return loaded
+    monkeypatch.setattr(sd, "load_lora", load_lora)
+    for scale, extra in (("0", []), ("1", []), ("1 unmerged", ["--no-merge"])):
+        flags = ["--lora", str(tmp_path / "strong.safetensors"), "--lora-scale", scale.split()[0], *extra]
+        paths = sample.main([*base, *flags, "--out", str(tmp_path / f"strong{scale}")])
+        strong[scale], params[scale] = images_of(paths), json.loads(Image.open(paths[0]).text["parameters"])
     assert strong["0"].tolist() == images_of([one]).tolist() != strong["1"].tolist()
+    assert adapters == [0, 0, len(sd.lora_layers(model))] and params["1 unmerged"]["no_merge"] is True
+    assert np.abs(strong["1 unmerged"].astype(int) - strong["1"]).max() <= 2
 
 def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given_the_first_ones(tmp_path, capsys,
                                                                                                 monkeypatch):
