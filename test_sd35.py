@@ -3367,10 +3367,20 @@ def test_lora_alpha_weighting_clipping_and_weight_decay_act_on_a_training_step(t
         torch.testing.assert_close(lora[f"{key}.lora_down.weight"], 0.9 * layer.lora_down.weight.detach())
 
 
-def test_bf16_autocast_training_step_runs(tmp_path):
+def test_bf16_autocast_training_step_runs(tmp_path, monkeypatch):
+    """dtype bf16 trains under bf16 autocast: finite losses alone passed a run whose autocast was off or whose
+    weights were loaded in fp32 (then no autocast). The attention inputs of the training steps show it."""
     make_dataset(tmp_path / "data")
+    seen, real_attention = set(), sd.attention
+
+    def attention(q, k, v):
+        if torch.is_grad_enabled():                     # training (previews run without gradients)
+            seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), q.dtype))
+        return real_attention(q, k, v)
+    monkeypatch.setattr(sd, "attention", attention)
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
+    assert seen == {(True, torch.bfloat16, torch.bfloat16)}, seen
     with pytest.raises(sd.UserError, match="fp16 is not supported for training"):
         tiny_config(tmp_path, dtype="fp16")
 
