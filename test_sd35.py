@@ -3342,23 +3342,26 @@ def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, mon
     assert failed.value and "e+08" not in screen.getvalue() and "\x1b[A" not in screen.getvalue(), screen.getvalue()
 
 
-def test_lora_alpha_weighting_clipping_and_weight_decay_act_on_a_training_step(tmp_path, capsys):
-    """No test saw lora.alpha, train.weighting, train.max_grad_norm or train.weight_decay act: a run ignoring
-    any of them passed. One step shows all four: the layers' alpha is in the (kohya) file; the logged loss is
-    the loss-by-sigma-bin report's unweighted MSE times sigma^-2 (sigma 0.92 here: 1.19 times); and Adam's first
-    step moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless it is clipped far below
-    eps: clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial value times
-    1 - lr * weight_decay (0.9; ignored: 1)."""
+def test_alpha_weighting_clipping_decay_seed_and_shift_each_act_on_a_training_step(tmp_path, capsys):
+    """No test saw lora.alpha, train.weighting, train.max_grad_norm, train.weight_decay, train.seed or
+    sample.shift act on training: a run ignoring any of them passed. One step shows all six: the layers' alpha
+    is in the (kohya) file; the logged loss is the loss-by-sigma-bin report's unweighted MSE times sigma^-2
+    (sigma 0.26 here: 15 times); sample.shift 1 keeps sigma on the 1000-step table (the preset's 3 takes it
+    off); and Adam's first step moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless
+    it is clipped far below eps: clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial
+    value as train.seed draws it times 1 - lr * weight_decay (0.9; ignored: 1)."""
     make_dataset(tmp_path / "data")
     sets = {"train.steps": 1, "lora.alpha": 2, "lora.format": "kohya", "train.weighting": "sigma_sqrt",
-            "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": []}
+            "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": [],
+            "sample.shift": 1.0, "train.seed": 1}
     lora = load_file(sd.train(tiny_config(tmp_path, **sets)))
     (step,) = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss by sigma bin"))
     (unweighted,) = [float(mean) for mean in re.findall(r"\) (\d+\.\d+)", report)]     # the one sample's bin
     assert step["loss"] == pytest.approx(unweighted / step["sigma"] ** 2, rel=1e-3) and step["sigma"] < 0.95
-    with torch.random.fork_rng(devices=[]):             # the LoRA's initial weights, as train.seed 0 draws them
-        torch.manual_seed(0)
+    assert step["sigma"] * 1000 == pytest.approx(round(step["sigma"] * 1000), abs=1e-3)      # unshifted
+    with torch.random.fork_rng(devices=[]):             # the LoRA's initial weights, as train.seed 1 draws them
+        torch.manual_seed(1)
         initial = sd.tiny_pipeline().mmdit
         sd.add_lora(initial, rank=8, alpha=2, targets="all")
     for name, layer in sd.lora_layers(initial).items():
