@@ -3794,18 +3794,18 @@ def test_training_previews_without_cfg_say_once_that_sample_neg_is_unused(tmp_pa
     """sample.py warns that a negative prompt does nothing at cfg 1 or less (Large Turbo's preset); training
     previews ignored sample.neg there without a word. With CFG they use it: a run whose previews took the empty
     negative prompt passed. The step-0 previews (LoRA still zero) are generate()'s with sample.neg (without it:
-    5/255 off), or without it at cfg 1."""
+    5/255 off), or without it at cfg 1, and with the sample settings (sample.sampler ignored: 142/255 off)."""
     make_dataset(tmp_path / "data")
     previews = {}
     for cfg, said in ((1, 1), (2, 0)):                                     # previews at steps 0 and 1: said once
         sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.guidance_scale": cfg, "sample.neg": "blurry",
-                                          "output_dir": str(tmp_path / f"cfg{cfg}")}))
+                                          "sample.sampler": "euler", "output_dir": str(tmp_path / f"cfg{cfg}")}))
         assert capsys.readouterr().err.count("warning: sample.neg has no effect without CFG (the previews' cfg") == said
         previews[cfg] = images_of(sorted((tmp_path / f"cfg{cfg}/samples_step_000000").glob("*.png"))).astype(int)
     pipe = sd.tiny_pipeline()
 
     def made(cfg: float, negative: str) -> np.ndarray:
-        settings = sd.SampleSettings(steps=3, cfg=cfg, width=32, height=32, seed=42)
+        settings = sd.SampleSettings(steps=3, cfg=cfg, sampler="euler", width=32, height=32, seed=42)
         images = sd.generate(pipe, ["red stripes", "blue disc"], negative, settings, progress=False)
         return np.stack([np.asarray(image) for image in images]).astype(int)
     assert np.abs(previews[2] - made(2.0, "blurry")).max() <= 1 < np.abs(previews[2] - made(2.0, "")).max()
