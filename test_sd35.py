@@ -4281,7 +4281,8 @@ def test_stacked_loras_trained_with_different_t5_settings_are_not_silently_given
 def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(tmp_path):
     """bf16 and fp32 give different images (up to 9/255 on the tiny model), and so do another VAE or text
     encoders: without them in the PNG's parameters the image cannot be made again. The default dtype depends
-    on the device, so the one used is recorded, not the flag."""
+    on the device, so the one used is recorded, not the flag. --variant (no test gave it) picks the presets
+    that run, and is recorded with them."""
     base = ["--model", "tiny", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32"]
     params = {}
     for dtype in ("", "bf16"):
@@ -4290,6 +4291,10 @@ def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(t
     assert images_of([tmp_path / "sample_00.png"]).tolist() != images_of([tmp_path / "bf16/sample_00.png"]).tolist()
     assert (params[""]["dtype"], params["bf16"]["dtype"]) == ("fp32", "bf16")
     assert all(params[""][key] is None for key in ("text_encoders", "vae")) and params[""]["no_merge"] is False
+    turbo = sample.main([*base, "--variant", "sd3.5-large-turbo", "--out", str(tmp_path / "turbo")])[0]
+    turbo = json.loads(Image.open(turbo).text["parameters"])
+    assert (turbo["variant"], turbo["cfg"], turbo["sampler"]) == ("sd3.5-large-turbo", 1.0, "euler")
+    assert (params[""]["variant"], params[""]["cfg"], params[""]["sampler"]) == ("sd3.5-medium", 5.0, "dpmpp_2m")
 
 #################################################################################
 #                                  fp8 weights                                  #
