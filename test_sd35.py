@@ -5106,6 +5106,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert job.returncode == 143, err[-2000:]
     assert out.strip().splitlines()[-1] == f"terminated at step {step}; checkpoint saved. Continue with --resume"
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == str(step)
+    for lora in ("lora.safetensors", f"lora_step_{step:06d}.safetensors"):     # the LoRA of the step it stopped at
+        header = sd.read_safetensors(tmp_path / "run" / lora, with_metadata=True)[1]
+        assert json.loads(header["sd35_lora"])["step"] == step
 
 
 def test_torchrun_sigterm_stops_every_process_after_the_same_step(tmp_path):
