@@ -4098,7 +4098,7 @@ def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_
     assert np.abs(images["1"] - np.stack(alone)).max() <= 1
 
 
-def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch):
+def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
     """Since sample.py saves each batch as it is decoded, with offload (auto on small GPUs, or --offload) the
     MMDiT and the VAE went to the GPU and back once per batch: for Large 16 GB each way per prompt. Where the two
     fit there together (the rule that decides offload for all models), they visit once per run; else they take
@@ -4117,6 +4117,17 @@ def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_
         sd.generate(pipe, ["a", "b", "c"], settings=s, progress=False, keep=saved.append)
         assert moves.count("MMDiT") == moves.count("VAE") == expected, moves
     assert [len(images) for images in saved] == [1] * 6 and pipe.visiting == ()
+    offloaded, real_generate = [], sd.generate              # sample.py --offload (no test gave it) offloads
+
+    def generate(pipe, *args, **kwargs):
+        offloaded.append(pipe.offload)
+        return real_generate(pipe, *args, **kwargs)
+    monkeypatch.setattr(sd, "generate", generate)
+    monkeypatch.setattr(sd, "too_large_for", lambda device, *modules: 0)      # all fit: not offloaded unless asked
+    for flags in (["--offload"], []):
+        sample.main(["--model", "tiny", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32", *flags,
+                     "--out", str(tmp_path)])
+    assert offloaded == [True, False]
 
 
 def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
