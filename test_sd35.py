@@ -4053,6 +4053,23 @@ def test_sample_cli_under_torchrun_is_refused_once_not_run_in_every_process(tmp_
     assert len(sample.main([*args, "--width", "32", "--height", "32", "--steps", "1"])) == 1
 
 
+def test_sample_cli_compile_compiles_the_mmdit_that_samples(tmp_path, monkeypatch):
+    """No test gave sample.py --compile (a CPU compile takes minutes): sample.py ignoring it passed. Its blocks
+    are compiled (compile_blocks, spied on here; what it does is test_compiled_blocks_train_and_sample_like_eager's)
+    on the MMDiT that then samples, and only with the flag."""
+    compiled, sampled, real_generate = [], [], sd.generate
+    monkeypatch.setattr(sd.MMDiT, "compile_blocks", lambda mmdit: compiled.append(mmdit) or mmdit)
+
+    def generate(pipe, *args, **kwargs):
+        sampled.append(pipe.mmdit)
+        return real_generate(pipe, *args, **kwargs)
+    monkeypatch.setattr(sd, "generate", generate)
+    for flags in (["--compile"], []):
+        sample.main(["--model", "tiny", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32", *flags,
+                     "--out", str(tmp_path)])
+    assert len(compiled) == 1 and compiled[0] is sampled[0]
+
+
 def test_torchrun_is_a_world_size_over_1_with_its_master_addr_for_sample_py_and_error_tags(monkeypatch):
     """One answer for sample.py's refusal and main()'s "process N: " tag: a WORLD_SIZE alone (a cluster's) is none."""
     for world, master, under in (("", None, False), ("1", "localhost", False), ("2", None, False), ("2", "h", True)):
