@@ -4330,7 +4330,10 @@ def test_png_parameters_record_the_precision_and_the_files_that_made_the_image(t
 #                                  fp8 weights                                  #
 #################################################################################
 
-def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
+def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_path):
+    args = ["--model", "tiny", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32", "--device", "xla",
+            "--out", str(tmp_path)]
+    one_line_error(lambda: sample.main(args), "unknown device 'xla'")                   # sample.py's --device is used
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
