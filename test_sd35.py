@@ -4256,6 +4256,8 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monk
         params[length] = json.loads(Image.open(path).text["parameters"])
     assert images_of([tmp_path / "8/sample_00.png"]).tolist() != images_of([tmp_path / "24/sample_00.png"]).tolist()
     assert (params["8"]["t5_length"], params["8"]["use_t5"], params["24"]["t5_length"]) == (8, False, 24)
+    with_t5 = sample.main([*base[:-1], "--t5-length", "8", "--out", str(tmp_path / "t5")])     # --no-t5 is used
+    assert images_of(with_t5).tolist() != images_of([tmp_path / "8/sample_00.png"]).tolist()
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
