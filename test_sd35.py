@@ -3342,19 +3342,19 @@ def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, mon
     assert failed.value and "e+08" not in screen.getvalue() and "\x1b[A" not in screen.getvalue(), screen.getvalue()
 
 
-def test_alpha_weighting_clipping_decay_seed_shift_and_warmup_each_act_on_a_training_step(tmp_path, capsys):
-    """No test saw lora.alpha, train.weighting, train.max_grad_norm, train.weight_decay, train.seed,
-    sample.shift or train.warmup_steps act on training: a run ignoring any of them passed. One step shows each:
-    the layers' alpha is in the (kohya) file; the logged loss is the loss-by-sigma-bin report's unweighted MSE
-    times sigma^-2 (sigma 0.26 here: 15 times); sample.shift 1 keeps sigma on the 1000-step table (the preset's
-    3 takes it off); and Adam's first step moves a weight by lr * g / (|g| + eps), lr whatever the gradient's
-    size unless it is clipped far below eps: clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is
-    its initial value as train.seed draws it times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1,
-    no warmup: 0.9)."""
+def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys):
+    """No test saw lora.alpha, lora.blocks, train.weighting, train.max_grad_norm, train.weight_decay,
+    train.seed, sample.shift or train.warmup_steps act on training: a run ignoring any of them passed. One step
+    shows each: the (kohya) file holds the layers lora.targets and lora.blocks select, with their alpha; the
+    logged loss is the loss-by-sigma-bin report's unweighted MSE times sigma^-2 (sigma 0.26 here: 15 times);
+    sample.shift 1 keeps sigma on the 1000-step table (the preset's 3 takes it off); and Adam's first step
+    moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless it is clipped far below eps:
+    clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial value as train.seed draws it
+    times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1, no warmup: 0.9)."""
     make_dataset(tmp_path / "data")
     sets = {"train.steps": 1, "lora.alpha": 2, "lora.format": "kohya", "train.weighting": "sigma_sqrt",
             "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": [],
-            "sample.shift": 1.0, "train.seed": 1, "train.warmup_steps": 2}
+            "sample.shift": 1.0, "train.seed": 1, "train.warmup_steps": 2, "lora.blocks": "1"}
     lora = load_file(sd.train(tiny_config(tmp_path, **sets)))
     (step,) = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss by sigma bin"))
@@ -3365,8 +3365,10 @@ def test_alpha_weighting_clipping_decay_seed_shift_and_warmup_each_act_on_a_trai
     with torch.random.fork_rng(devices=[]):             # the LoRA's initial weights, as train.seed 1 draws them
         torch.manual_seed(1)
         initial = sd.tiny_pipeline().mmdit
-        sd.add_lora(initial, rank=8, alpha=2, targets="all")
-    for name, layer in sd.lora_layers(initial).items():
+        sd.add_lora(initial, rank=8, alpha=2, targets="all", blocks="1")
+    layers = sd.lora_layers(initial)                    # "all": the embedders', final layer's, block 1's
+    assert {key.split(".")[0] for key in lora} == {"lora_unet_" + name.replace(".", "_") for name in layers}
+    for name, layer in layers.items():
         key = "lora_unet_" + name.replace(".", "_")
         assert lora[f"{key}.alpha"].item() == 2.0 and lora[f"{key}.lora_up.weight"].abs().max() < 1e-6
         torch.testing.assert_close(lora[f"{key}.lora_down.weight"], 0.95 * layer.lora_down.weight.detach())
