@@ -3342,7 +3342,7 @@ def test_a_failed_runs_progress_bar_is_not_redrawn_by_the_next_run(tmp_path, mon
     assert failed.value and "e+08" not in screen.getvalue() and "\x1b[A" not in screen.getvalue(), screen.getvalue()
 
 
-def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys):
+def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys, monkeypatch):
     """No test saw lora.alpha, lora.blocks, train.weighting, train.max_grad_norm, train.weight_decay,
     train.seed, sample.shift or train.warmup_steps act on training: a run ignoring any of them passed. One step
     shows each: the (kohya) file holds the layers lora.targets and lora.blocks select, with their alpha; the
@@ -3350,14 +3350,24 @@ def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys)
     sample.shift 1 keeps sigma on the 1000-step table (the preset's 3 takes it off); and Adam's first step
     moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless it is clipped far below eps:
     clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial value as train.seed draws it
-    times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1, no warmup: 0.9)."""
+    times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1, no warmup: 0.9). The report has
+    train.loss_bins bins, and train.gradient_checkpointing checkpoints each joint block."""
     make_dataset(tmp_path / "data")
     sets = {"train.steps": 1, "lora.alpha": 2, "lora.format": "kohya", "train.weighting": "sigma_sqrt",
             "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": [],
-            "sample.shift": 1.0, "train.seed": 1, "train.warmup_steps": 2, "lora.blocks": "1"}
+            "sample.shift": 1.0, "train.seed": 1, "train.warmup_steps": 2, "lora.blocks": "1", "train.loss_bins": 4,
+            "train.gradient_checkpointing": True}
+    checkpointed, real_checkpoint = [], sd.checkpoint
+
+    def checkpoint(block, *args, **kwargs):
+        checkpointed.append(block)
+        return real_checkpoint(block, *args, **kwargs)
+    monkeypatch.setattr(sd, "checkpoint", checkpoint)
     lora = load_file(sd.train(tiny_config(tmp_path, **sets)))
+    assert len(checkpointed) == 3                                   # the tiny model's joint blocks, one step
     (step,) = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss by sigma bin"))
+    assert len(re.findall(r"\[\d\.\d,\d\.\d\) ", report)) == 4, report
     (unweighted,) = [float(mean) for mean in re.findall(r"\) (\d+\.\d+)", report)]     # the one sample's bin
     assert step["loss"] == pytest.approx(unweighted / step["sigma"] ** 2, rel=1e-3) and step["sigma"] < 0.95
     assert step["sigma"] * 1000 == pytest.approx(round(step["sigma"] * 1000), abs=1e-3)      # unshifted
