@@ -780,7 +780,7 @@ def test_the_warning_about_a_cut_prompt_shows_the_words_that_are_lost(capsys):
     sd.generate(sd.tiny_pipeline(t5_length=16), ["abcdefghijklmno xyz9"], settings=s, progress=False)
     assert capsys.readouterr().err.strip().endswith("e.g. T5 does not read 'x y z 9'")
     sd.generate(sd.tiny_pipeline(use_t5=False), ["a" * 75 + " zy,9"], settings=s, progress=False)
-    assert capsys.readouterr().err.strip().endswith("(1 at CLIP's 77 tokens): the rest of them is ignored, e.g. CLIP "
+    assert capsys.readouterr().err.strip().endswith("(1 at CLIP's 77 tokens): the rest of it is ignored, e.g. CLIP "
                                                     "does not read 'z y , 9'")
     sd.generate(sd.tiny_pipeline(t5_length=90), ["a" * 80 + "bc"], settings=s, progress=False)   # CLIP's 77 first
     assert capsys.readouterr().err.strip().endswith("e.g. CLIP does not read 'a a a a a b c'")
@@ -3450,7 +3450,7 @@ def test_a_caption_link_whose_target_is_missing_is_not_named_as_a_folder(tmp_pat
     (tmp_path / "data" / "lonely.txt").symlink_to(tmp_path / "unmounted" / "lonely.txt")
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
     err = capsys.readouterr().err
-    assert "cannot be read" not in err and "1 .txt captions have no image, e.g. lonely.txt" in err, err
+    assert "cannot be read" not in err and "1 .txt caption has no image, e.g. lonely.txt" in err, err
 
 
 def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
