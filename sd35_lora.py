@@ -22,17 +22,17 @@ have. Sections (line numbers):
       829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1068  Data                             dataset scan, aspect buckets, the latent and text cache
-     1219  Training                         Trainer and the training loop
-     1380  Part 2: plumbing                 a reader can stop here
-     1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1896  Hub Downloads                    snapshot downloads, tokenizers
-     1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2920  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3171  Several Processes (torchrun)     one all-reduce per step
-     3248  Command Line and the Tiny Model  main(), --tiny
+     1220  Training                         Trainer and the training loop
+     1381  Part 2: plumbing                 a reader can stop here
+     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1897  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2921  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3172  Several Processes (torchrun)     one all-reduce per step
+     3249  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1119,8 +1119,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
-        except (OSError, UnicodeError) as e:
-            raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
+        except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
+            fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
+            raise UserError(f"caption {caption_file}: {getattr(e, 'strerror', None) or e}; {fix}") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)

@@ -3163,6 +3163,26 @@ def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_character
     assert captions == ["blue disc", "red stripes"]
 
 
+def test_a_caption_that_cannot_be_read_is_not_called_a_wrong_encoding(tmp_path, monkeypatch):
+    """A caption without read permission (chmod 000; simulated: the tests may run as root) or a folder named
+    like one was refused with "save it as UTF-8 text", advice for an encoding error."""
+    sd.write_demo_dataset(tmp_path / "data")
+    real_read_text = Path.read_text
+
+    def denied(path, *args, **kwargs):
+        if path.name == "blue_disc.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", denied)
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*blue_disc.txt: Permission denied; make it a readable file$")
+    monkeypatch.undo()
+    (tmp_path / "data" / "red_stripes.txt").unlink()
+    (tmp_path / "data" / "red_stripes.txt").mkdir()
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*red_stripes.txt: Is a directory; make it a readable file$")
+
+
 def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
     """IMG_0001.JPG + IMG_0001.TXT (a camera's and an old tool's names) captioned on Windows, trained on a Linux
     GPU box: the caption was replaced by default_caption (a case-sensitive file system finds no .txt)."""
