@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2921  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3172  Several Processes (torchrun)     one all-reduce per step
-     3249  Command Line and the Tiny Model  main(), --tiny
+     2927  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3178  Several Processes (torchrun)     one all-reduce per step
+     3255  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2843,7 +2843,13 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
     # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
     repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    asked = {str(path.with_suffix("")).casefold(): path.with_suffix(".txt") for path in paths}
+
+    def opened(txt: Path) -> bool:      # scan_dataset asks for a.png's a.txt: macOS and Windows open A.txt
+        caption = asked.get(str(txt.with_suffix("")).casefold())
+        return caption is not None and caption.exists() and txt.exists() and os.path.samefile(caption, txt)
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
+               and not opened(p)]
     others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
     kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
     hint = f"; kohya's .caption files are not read ({kohya} here): rename them to .txt" if kohya else ""

@@ -3195,6 +3195,33 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
 
 
+def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
+    """macOS and Windows open A.txt for a.png's a.txt, and the caption is used; yet the scan warned '1 .txt
+    caption has no image, e.g. A.txt' (names compared by case). Simulated on Linux: a.txt a link to A.txt that
+    the folder's listing leaves out, as such a file system lists only the name a file was saved with."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "A.txt").write_text("a dog")
+    (tmp_path / "a.txt").symlink_to("A.txt")
+    real_files_under = sd.files_under
+
+    def listed_as_saved(root):
+        files, left_out = real_files_under(root)
+        return [p for p in files if p.name != "a.txt"], left_out
+    monkeypatch.setattr(sd, "files_under", listed_as_saved)
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert item["caption"] == "a dog" and "caption" not in err, err
+    monkeypatch.undo()                          # a case-sensitive file system: a.txt and A.txt are two captions
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "a.txt").write_text("a cat")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
+    (tmp_path / "A.txt").unlink()
+    (tmp_path / "A.txt").symlink_to(tmp_path / "unmounted" / "A.txt")    # a link to a drive not mounted
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
+
+
 def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "me.png")
     one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "me.png"))),
