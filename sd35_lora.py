@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2927  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3178  Several Processes (torchrun)     one all-reduce per step
-     3255  Command Line and the Tiny Model  main(), --tiny
+     3259  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3236,10 +3236,14 @@ def collective(call, *args, **kwargs):
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
-        raise UserError(f"lost contact with the others ({said}): one died, or hung or "
-                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
-                        f"checkpoints: raise it if those take longer); run again, with --resume once a "
-                        f"checkpoint was saved", own=True) from None
+        why = ("one died, or hung or was busy past train.dist_timeout (the others wait out process 0's "
+               "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
+               "checkpoint was saved")
+        if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
+            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
+                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
+                   "process")
+        raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
 def all_reduce_step(params: list[nn.Parameter], sums: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import struct
 import sys
@@ -5283,6 +5284,27 @@ def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact
         with pytest.raises(sd.UserError, match=r"lost contact with the others \(wait timeout after 600000ms") as e:
             call()
         assert e.value.own
+
+
+def test_processes_that_never_join_are_named_as_such_not_as_lost_during_training(tmp_path, monkeypatch):
+    """`python sd35_lora.py` alone in a job script's shell (WORLD_SIZE=2, MASTER_ADDR, MASTER_PORT, RANK
+    exported) waited train.dist_timeout to join, then blamed a process that died or hung, and previews and
+    checkpoints: no other process was ever started. Real gloo joins, as process 0 (the store's server) and as
+    process 1 (whose server never came)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(tmp_path, **{"train.dist_timeout": 1})
+    for rank in ("0", "1"):
+        job_script = {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in job_script.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(sd.UserError, match=r"^lost contact with the others \(.*[Tt]imed out.*\): the other processes "
+                                               r"never joined within train.dist_timeout: start them all \(e.g. with "
+                                               r"torchrun or srun; one that failed says why\), or unset WORLD_SIZE "
+                                               r"to train in a single process$") as e:
+            sd.init_distributed(cfg)
+        assert e.value.own and "\n" not in str(e.value) and not sd.dist.is_initialized()
 
 
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
