@@ -3392,7 +3392,7 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
         term = isinstance(e, Terminated)
-        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and term)
+        why = " (if another process failed: see its error)" * (under_torchrun() and term)
         message = f" before training began{why}: nothing new to save (finished cache files are kept)"
         exit_stopped(term, message, sys.stderr if rank == 0 else sys.stdout)    # others' stdout: devnull
     finally:

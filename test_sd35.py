@@ -2141,7 +2141,8 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
                                                                                                  capsys):
     """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
     torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
-    user or a scheduler had stopped the job."""
+    user or a scheduler had stopped the job. Then it named torchrun, also under srun (a job script), where a
+    scheduler's time limit or scancel sends it."""
     make_dataset(tmp_path / "data")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                         # as torchrun sets them
@@ -2151,7 +2152,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert exit_info.value.code == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "terminated before training began (by torchrun if a process failed: see its error): "
+        "terminated before training began (if another process failed: see its error): "
         "nothing new to save (finished cache files are kept)")
 
 
