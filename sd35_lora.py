@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2927  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3178  Several Processes (torchrun)     one all-reduce per step
-     3259  Command Line and the Tiny Model  main(), --tiny
+     3183  Several Processes (torchrun)     one all-reduce per step
+     3264  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2979,6 +2979,11 @@ def _atomic_save(data, path: str | Path, metadata=None):
         umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
+        # Windows: a virus scanner or an indexer opens a new file for a moment (PermissionError): try again
+        for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
+            with contextlib.suppress(PermissionError):
+                return os.replace(tmp, path)
+            time.sleep(wait)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced

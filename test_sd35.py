@@ -5371,6 +5371,27 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
         torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
 
 
+def test_a_new_file_a_virus_scanner_holds_a_moment_on_windows_is_saved_on_a_second_try(tmp_path, monkeypatch):
+    """Windows: a virus scanner or indexer opens a freshly written file for a moment, and renaming it over the
+    target fails once (PermissionError): a preview or checkpoint ended the run with 'close what holds it open'.
+    Simulated: os.replace fails once, sys.platform says win32. A file held for good still fails, after ~1 s."""
+    real_replace, tries, waits = os.replace, [], []
+
+    def scanned_once(src, dst):
+        tries.append(dst)
+        if len(tries) == 1 or Path(dst).name == "held.txt":
+            raise PermissionError(13, "Access is denied", str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", scanned_once)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(time, "sleep", waits.append)
+    sd._atomic_save({"a": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    assert len(tries) == 2 and sd.load_file(tmp_path / "lora.safetensors")["a"].shape == (2,)
+    one_line_error(lambda: sd._atomic_save("text", tmp_path / "held.txt"),
+                   r"cannot write .*held.txt \(Access is denied\): close what holds it open")
+    assert 0.5 <= sum(waits) <= 1.5 and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
 def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monkeypatch):
     from safetensors import SafetensorError                  # not an OSError: save_file's own error type
 
