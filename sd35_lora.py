@@ -22,17 +22,17 @@ have. Sections (line numbers):
       829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1068  Data                             dataset scan, aspect buckets, the latent and text cache
-     1219  Training                         Trainer and the training loop
-     1380  Part 2: plumbing                 a reader can stop here
-     1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1896  Hub Downloads                    snapshot downloads, tokenizers
-     1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2920  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3171  Several Processes (torchrun)     one all-reduce per step
-     3248  Command Line and the Tiny Model  main(), --tiny
+     1220  Training                         Trainer and the training loop
+     1381  Part 2: plumbing                 a reader can stop here
+     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1897  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2927  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3183  Several Processes (torchrun)     one all-reduce per step
+     3264  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1119,8 +1119,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
-        except (OSError, UnicodeError) as e:
-            raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
+        except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
+            fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
+            raise UserError(f"caption {caption_file}: {getattr(e, 'strerror', None) or e}; {fix}") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
@@ -2842,7 +2843,13 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
     # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
     repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    asked = {str(path.with_suffix("")).casefold(): path.with_suffix(".txt") for path in paths}
+
+    def opened(txt: Path) -> bool:      # scan_dataset asks for a.png's a.txt: macOS and Windows open A.txt
+        caption = asked.get(str(txt.with_suffix("")).casefold())
+        return caption is not None and caption.exists() and txt.exists() and os.path.samefile(caption, txt)
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
+               and not opened(p)]
     others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
     kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
     hint = f"; kohya's .caption files are not read ({kohya} here): rename them to .txt" if kohya else ""
@@ -2972,6 +2979,11 @@ def _atomic_save(data, path: str | Path, metadata=None):
         umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
+        # Windows: a virus scanner or an indexer opens a new file for a moment (PermissionError): try again
+        for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
+            with contextlib.suppress(PermissionError):
+                return os.replace(tmp, path)
+            time.sleep(wait)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
@@ -3229,10 +3241,14 @@ def collective(call, *args, **kwargs):
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
-        raise UserError(f"lost contact with the others ({said}): one died, or hung or "
-                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
-                        f"checkpoints: raise it if those take longer); run again, with --resume once a "
-                        f"checkpoint was saved", own=True) from None
+        why = ("one died, or hung or was busy past train.dist_timeout (the others wait out process 0's "
+               "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
+               "checkpoint was saved")
+        if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
+            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
+                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
+                   "process")
+        raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
 def all_reduce_step(params: list[nn.Parameter], sums: torch.Tensor) -> torch.Tensor:
@@ -3381,7 +3397,7 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
         term = isinstance(e, Terminated)
-        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and term)
+        why = " (if another process failed: see its error)" * (under_torchrun() and term)
         message = f" before training began{why}: nothing new to save (finished cache files are kept)"
         exit_stopped(term, message, sys.stderr if rank == 0 else sys.stdout)    # others' stdout: devnull
     finally:

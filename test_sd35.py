@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import struct
 import sys
@@ -2148,7 +2149,8 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
                                                                                                  capsys):
     """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
     torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
-    user or a scheduler had stopped the job."""
+    user or a scheduler had stopped the job. Then it named torchrun, also under srun (a job script), where a
+    scheduler's time limit or scancel sends it."""
     make_dataset(tmp_path / "data")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                         # as torchrun sets them
@@ -2158,7 +2160,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert exit_info.value.code == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "terminated before training began (by torchrun if a process failed: see its error): "
+        "terminated before training began (if another process failed: see its error): "
         "nothing new to save (finished cache files are kept)")
 
 
@@ -3196,6 +3198,26 @@ def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_character
     assert captions == ["blue disc", "red stripes"]
 
 
+def test_a_caption_that_cannot_be_read_is_not_called_a_wrong_encoding(tmp_path, monkeypatch):
+    """A caption without read permission (chmod 000; simulated: the tests may run as root) or a folder named
+    like one was refused with "save it as UTF-8 text", advice for an encoding error."""
+    sd.write_demo_dataset(tmp_path / "data")
+    real_read_text = Path.read_text
+
+    def denied(path, *args, **kwargs):
+        if path.name == "blue_disc.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", denied)
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*blue_disc.txt: Permission denied; make it a readable file$")
+    monkeypatch.undo()
+    (tmp_path / "data" / "red_stripes.txt").unlink()
+    (tmp_path / "data" / "red_stripes.txt").mkdir()
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*red_stripes.txt: Is a directory; make it a readable file$")
+
+
 def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
     """IMG_0001.JPG + IMG_0001.TXT (a camera's and an old tool's names) captioned on Windows, trained on a Linux
     GPU box: the caption was replaced by default_caption (a case-sensitive file system finds no .txt)."""
@@ -3206,6 +3228,33 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     err = capsys.readouterr().err
     assert item["caption"] == "a dog" and "no .txt caption" not in err, err
     assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
+
+
+def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
+    """macOS and Windows open A.txt for a.png's a.txt, and the caption is used; yet the scan warned '1 .txt
+    caption has no image, e.g. A.txt' (names compared by case). Simulated on Linux: a.txt a link to A.txt that
+    the folder's listing leaves out, as such a file system lists only the name a file was saved with."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "A.txt").write_text("a dog")
+    (tmp_path / "a.txt").symlink_to("A.txt")
+    real_files_under = sd.files_under
+
+    def listed_as_saved(root):
+        files, left_out = real_files_under(root)
+        return [p for p in files if p.name != "a.txt"], left_out
+    monkeypatch.setattr(sd, "files_under", listed_as_saved)
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert item["caption"] == "a dog" and "caption" not in err, err
+    monkeypatch.undo()                          # a case-sensitive file system: a.txt and A.txt are two captions
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "a.txt").write_text("a cat")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
+    (tmp_path / "A.txt").unlink()
+    (tmp_path / "A.txt").symlink_to(tmp_path / "unmounted" / "A.txt")    # a link to a drive not mounted
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
 
 
 def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
@@ -5284,6 +5333,27 @@ def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact
         assert e.value.own
 
 
+def test_processes_that_never_join_are_named_as_such_not_as_lost_during_training(tmp_path, monkeypatch):
+    """`python sd35_lora.py` alone in a job script's shell (WORLD_SIZE=2, MASTER_ADDR, MASTER_PORT, RANK
+    exported) waited train.dist_timeout to join, then blamed a process that died or hung, and previews and
+    checkpoints: no other process was ever started. Real gloo joins, as process 0 (the store's server) and as
+    process 1 (whose server never came)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(tmp_path, **{"train.dist_timeout": 1})
+    for rank in ("0", "1"):
+        job_script = {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in job_script.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(sd.UserError, match=r"^lost contact with the others \(.*[Tt]imed out.*\): the other processes "
+                                               r"never joined within train.dist_timeout: start them all \(e.g. with "
+                                               r"torchrun or srun; one that failed says why\), or unset WORLD_SIZE "
+                                               r"to train in a single process$") as e:
+            sd.init_distributed(cfg)
+        assert e.value.own and "\n" not in str(e.value) and not sd.dist.is_initialized()
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
@@ -5345,6 +5415,27 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
     x = mmdit_inputs()
     with torch.no_grad():
         torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
+
+
+def test_a_new_file_a_virus_scanner_holds_a_moment_on_windows_is_saved_on_a_second_try(tmp_path, monkeypatch):
+    """Windows: a virus scanner or indexer opens a freshly written file for a moment, and renaming it over the
+    target fails once (PermissionError): a preview or checkpoint ended the run with 'close what holds it open'.
+    Simulated: os.replace fails once, sys.platform says win32. A file held for good still fails, after ~1 s."""
+    real_replace, tries, waits = os.replace, [], []
+
+    def scanned_once(src, dst):
+        tries.append(dst)
+        if len(tries) == 1 or Path(dst).name == "held.txt":
+            raise PermissionError(13, "Access is denied", str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", scanned_once)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(time, "sleep", waits.append)
+    sd._atomic_save({"a": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    assert len(tries) == 2 and sd.load_file(tmp_path / "lora.safetensors")["a"].shape == (2,)
+    one_line_error(lambda: sd._atomic_save("text", tmp_path / "held.txt"),
+                   r"cannot write .*held.txt \(Access is denied\): close what holds it open")
+    assert 0.5 <= sum(waits) <= 1.5 and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
 
 
 def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monkeypatch):
