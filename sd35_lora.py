@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2927  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3183  Several Processes (torchrun)     one all-reduce per step
-     3264  Command Line and the Tiny Model  main(), --tiny
+     2768  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2928  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3184  Several Processes (torchrun)     one all-reduce per step
+     3265  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2389,6 +2389,7 @@ def _coerce(value, default, key: str):
 def read_number(value, whole: bool, name: str) -> int | float:
     """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    value = value.item() if number and hasattr(value, "item") else value  # numpy's: a float32 warned at `<=`
     if not number or not abs(value) <= sys.float_info.max or whole and value % 1:   # NaN, inf, 10**400: no
         raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r:.60}")
     return int(value) if whole else float(value)
