@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2920  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3171  Several Processes (torchrun)     one all-reduce per step
-     3248  Command Line and the Tiny Model  main(), --tiny
+     2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2921  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3172  Several Processes (torchrun)     one all-reduce per step
+     3249  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2368,7 +2368,8 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
-        if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
+        # "D:\runs\new": a CR and a line break; "D:\Projects\Lora", "D:\Neu": \P, \L, \N (U+2029, 2028, 0085)
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):
             raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
