@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2921  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3172  Several Processes (torchrun)     one all-reduce per step
-     3249  Command Line and the Tiny Model  main(), --tiny
+     3175  Several Processes (torchrun)     one all-reduce per step
+     3252  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2960,6 +2960,7 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    replacing = False
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
@@ -2973,10 +2974,12 @@ def _atomic_save(data, path: str | Path, metadata=None):
         umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
+        replacing = True                            # the folder took the write: only `path` itself can refuse
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
-        held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
-        fix = "close what holds it open (a viewer, ComfyUI)" if held else "free disk space"
+        denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
+               else "make its folder writable" if denied else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:

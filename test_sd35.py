@@ -5493,6 +5493,17 @@ def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path,
                    r"cannot write .*held.png \(Permission denied\): close what holds it open")
 
 
+def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(tmp_path, monkeypatch):
+    """A PermissionError met writing the temporary file (a shared cache_dir's latents/ made by another user, a
+    folder made read-only mid-run: Linux, no program holds anything) was answered 'close what holds it open (a
+    viewer, ComfyUI)'. Only replacing the file itself can meet a program holding it (Windows)."""
+    def refused(*args, **kwargs):                            # chmod cannot stop root: simulate the refusal
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sd, "save_file", refused)
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                   r"cannot write .*a.safetensors \(Permission denied\): make its folder writable or choose another "
+                   r"folder; older files are intact$")
+
 def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
     scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
