@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1219  Training                         Trainer and the training loop
      1380  Part 2: plumbing                 a reader can stop here
      1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1896  Hub Downloads                    snapshot downloads, tokenizers
-     1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2767  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2921  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3175  Several Processes (torchrun)     one all-reduce per step
-     3252  Command Line and the Tiny Model  main(), --tiny
+     1897  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2768  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2922  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3176  Several Processes (torchrun)     one all-reduce per step
+     3253  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1810,8 +1810,9 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
-        raise UserError(f"device {name} asked for, but this torch sees {seen}: use --device cpu, or at most "
-                        f"one process per GPU (started without torchrun: export LOCAL_RANK, its GPU)",
+        fix = ("use --device cpu, or at most one process per GPU (started without torchrun: export "
+               "LOCAL_RANK, its GPU)" if by_rank else "use --device cpu or one it sees")     # else a typo
+        raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 

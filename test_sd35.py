@@ -4252,6 +4252,16 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     one_line_error(lambda: sd.pick_device("auto"), r"cuda:5 .* sees 1 cuda device: .*export LOCAL_RANK, its GPU")
 
 
+def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monkeypatch):
+    """`sample.py --device cuda:1` on a one-GPU machine, one process: the advice was 'at most one process per GPU
+    (started without torchrun: export LOCAL_RANK, its GPU)', the fix for srun's processes, not for a typo."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one_line_error(lambda: sd.pick_device("cuda:1"), r"^device cuda:1 asked for, but this torch sees 1 cuda device: "
+                   r"use --device cpu or one it sees$")
+
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
     """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
     cuda:2 asked for, but this torch sees 1": LOCAL_RANK chose a GPU with no torchrun (no MASTER_ADDR)."""
