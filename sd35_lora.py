@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1220  Training                         Trainer and the training loop
      1381  Part 2: plumbing                 a reader can stop here
      1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1897  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2221  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2347  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2768  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2928  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3184  Several Processes (torchrun)     one all-reduce per step
-     3265  Command Line and the Tiny Model  main(), --tiny
+     1898  Hub Downloads                    snapshot downloads, tokenizers
+     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2222  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2348  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2770  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2930  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3189  Several Processes (torchrun)     one all-reduce per step
+     3270  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1811,8 +1811,9 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
-        raise UserError(f"device {name} asked for, but this torch sees {seen}: use --device cpu, or at most "
-                        f"one process per GPU (started without torchrun: export LOCAL_RANK, its GPU)",
+        fix = ("use --device cpu, or at most one process per GPU (started without torchrun: export "
+               "LOCAL_RANK, its GPU)" if by_rank else "use --device cpu or one it sees")     # else a typo
+        raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 
@@ -2369,7 +2370,8 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
-        if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
+        # "D:\runs\new": a CR and a line break; "D:\Projects\Lora", "D:\Neu": \P, \L, \N (U+2029, 2028, 0085)
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):
             raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
@@ -2967,6 +2969,7 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    replacing = False
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
@@ -2980,6 +2983,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
+        replacing = True                            # the folder took the write: only `path` itself can refuse
         # Windows: a virus scanner or an indexer opens a new file for a moment (PermissionError): try again
         for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
             with contextlib.suppress(PermissionError):
@@ -2987,8 +2991,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
             time.sleep(wait)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
-        held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
-        fix = "close what holds it open (a viewer, ComfyUI)" if held else "free disk space"
+        denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
+               else "make its folder writable" if denied else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:

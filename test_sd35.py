@@ -4304,6 +4304,16 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
     one_line_error(lambda: sd.pick_device("auto"), r"cuda:5 .* sees 1 cuda device: .*export LOCAL_RANK, its GPU")
 
 
+def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monkeypatch):
+    """`sample.py --device cuda:1` on a one-GPU machine, one process: the advice was 'at most one process per GPU
+    (started without torchrun: export LOCAL_RANK, its GPU)', the fix for srun's processes, not for a typo."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one_line_error(lambda: sd.pick_device("cuda:1"), r"^device cuda:1 asked for, but this torch sees 1 cuda device: "
+                   r"use --device cpu or one it sees$")
+
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
     """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
     cuda:2 asked for, but this torch sees 1": LOCAL_RANK chose a GPU with no torchrun (no MASTER_ADDR)."""
@@ -5587,6 +5597,17 @@ def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path,
                    r"cannot write .*held.png \(Permission denied\): close what holds it open")
 
 
+def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(tmp_path, monkeypatch):
+    """A PermissionError met writing the temporary file (a shared cache_dir's latents/ made by another user, a
+    folder made read-only mid-run: Linux, no program holds anything) was answered 'close what holds it open (a
+    viewer, ComfyUI)'. Only replacing the file itself can meet a program holding it (Windows)."""
+    def refused(*args, **kwargs):                            # chmod cannot stop root: simulate the refusal
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sd, "save_file", refused)
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                   r"cannot write .*a.safetensors \(Permission denied\): make its folder writable or choose another "
+                   r"folder; older files are intact$")
+
 def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
     scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
@@ -5601,6 +5622,18 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
     cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_path):
+    """YAML's double quotes read \\N, \\L and \\P as NEL (U+0085) and the line and paragraph separators (U+2028,
+    U+2029): "D:\\Projects\\Lora" (or a German "D:\\Neuer Ordner") read silently as D:, U+2029, 'rojects', U+2028,
+    'ora', and a folder of that name was made; only the ASCII control characters (\\r, \\n) were refused."""
+    config = tmp_path / "config.yaml"
+    for path, read in [("D:\\Projects\\Lora", "'D:\\\\u2029rojects\\\\u2028ora'"),
+                       ("D:\\Neuer Ordner", "'D:\\\\x85euer Ordner'")]:
+        config.write_text(f'model: tiny\noutput_dir: "{path}"\n')
+        one_line_error(lambda: sd.load_config(str(config)), f"config key 'output_dir' holds a control character, "
+                       f"{read}: in YAML's double quotes a backslash starts an escape")
 
 
 def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
