@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2348  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2770  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2930  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3189  Several Processes (torchrun)     one all-reduce per step
-     3270  Command Line and the Tiny Model  main(), --tiny
+     3191  Several Processes (torchrun)     one all-reduce per step
+     3272  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3010,7 +3010,7 @@ def writable_dir(path: str | Path, what: str):
 
 
 LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check
-RUNS_HERE = {}   # output_dir -> this process's run there: the lock file keeps out other processes only
+RUNS_HERE = {}   # output_dir -> train()'s run there in this process: the lock keeps out other processes only
 
 
 def lock_output_dir(out: Path):
@@ -3039,9 +3039,6 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
-    if RUNS_HERE.setdefault(os.path.realpath(out), trainer) is not trainer:    # atomic: one thread wins
-        raise UserError(f"another run in this process (another thread) is using output_dir {out}: wait for "
-                        f"it to end, or choose another output_dir")
     if not cfg.model:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
@@ -3121,9 +3118,14 @@ def save_previews(trainer: Trainer):
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
-    """Trainer(cfg, resume); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far
-    is let go as end_training lets go of a failed run's."""
+    """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
+    threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
+    end_training lets go of a failed run's."""
     trainer = Trainer.__new__(Trainer)
+    trainer.claim = os.path.realpath(validate(cfg).output_dir)     # kept: a chdir would move a relative one
+    if RUNS_HERE.setdefault(trainer.claim, trainer) is not trainer:    # atomic: one thread wins
+        raise UserError(f"another run in this process (another thread) is using output_dir "
+                        f"{cfg.output_dir}: wait for it to end, or choose another output_dir")
     try:
         trainer.__init__(cfg, resume)
     except BaseException:
@@ -3141,8 +3143,8 @@ def end_training(trainer: Trainer, old_handlers: dict):
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
         trainer.lock.close()
-    if RUNS_HERE.get(os.path.realpath(getattr(trainer, "out", ""))) is trainer:     # not a refused thread's
-        del RUNS_HERE[os.path.realpath(trainer.out)]
+    if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
+        del RUNS_HERE[trainer.claim]
     if sys.exc_info()[1] is not None:
         free_models(getattr(trainer, "pipe", None))
         if hasattr(trainer, "opt"):

@@ -2687,6 +2687,17 @@ def test_a_second_run_in_another_thread_on_the_same_output_dir_is_refused(tmp_pa
     assert len(losses(tmp_path / "run")) == 3
 
 
+def test_a_trainer_made_by_hand_that_failed_does_not_hold_output_dir_for_train(tmp_path):
+    """The thread guard's claim was made inside Trainer.__init__ and let go only by train(): a notebook's
+    sd.Trainer(cfg) failing (no dataset yet) refused every later train() there as 'another run in this process'."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 1, "sample.sample_every": 0})
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.Trainer(cfg)
+    make_dataset(tmp_path / "data")
+    sd.train(cfg)
+    assert len(losses(tmp_path / "run")) == 1 and not sd.RUNS_HERE
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
