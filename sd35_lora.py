@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2769  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2923  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3231  Several Processes (torchrun)     one all-reduce per step
-     3308  Command Line and the Tiny Model  main(), --tiny
+     3232  Several Processes (torchrun)     one all-reduce per step
+     3309  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3182,19 +3182,20 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
     saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
-    if tr.rng_after_update and tr.rank > 0:
-        saved = "process 0 saves the checkpoints"
-    elif tr.rng_after_update:                       # the RNG as after that step: --resume continues exactly
-        torch.set_rng_state(tr.rng_after_update[0])
-        if tr.rng_after_update[1] is not None:
-            torch.cuda.set_rng_state(tr.rng_after_update[1], tr.params[0].device)
-        save_checkpoint(tr)
-        saved = f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
+    if tr.rng_after_update:                         # (a step's images share a bucket: process 0 usually ran out)
+        saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
+                 if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
     w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
     levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
               + ["lower dataset.resolution"]
               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
-    return memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
+        torch.set_rng_state(tr.rng_after_update[0])
+        if tr.rng_after_update[1] is not None:
+            torch.cuda.set_rng_state(tr.rng_after_update[1], tr.params[0].device)
+        save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
+    return error
 
 
 def plot_losses(log_path: Path, png_path: Path):

@@ -5173,6 +5173,23 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
 
 
+def test_torchrun_out_of_memory_in_every_process_saves_once_and_each_says_so(tmp_path):
+    """A step's images share one bucket: every process runs out of memory in the same step. Each printed torch's
+    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step."""
+    make_dataset(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real, calls = sd35_lora.flow_matching_loss, []\n"
+                      "def loss(*args):\n    calls.append(1)\n    if len(calls) == 3:\n"
+                      "        raise torch.OutOfMemoryError('CUDA out of memory')\n    return real(*args)\n"
+                      "sd35_lora.flow_matching_loss = loss\nsd35_lora.main()\n")
+    r = torchrun(str(script), *train_cli(tmp_path, **{**LONG_RUN, "train.steps": 5})[1:])
+    assert r.returncode == 1 and "]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "error: process 0: out of GPU memory in training step 3 (64x64 images); checkpoint of step 2 saved" in r.stderr
+    assert "error: process 1: out of GPU memory in training step 3 (64x64 images); process 0 saves step 2 if" in r.stderr
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+
+
 def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     """A cache file of process 1's share that cannot be written: only process 1 meets the error, and torchrun
     stops process 0 before it says anything; process 1 exited 1 without a word."""
