@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2769  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2923  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3232  Several Processes (torchrun)     one all-reduce per step
-     3309  Command Line and the Tiny Model  main(), --tiny
+     3235  Several Processes (torchrun)     one all-reduce per step
+     3312  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3096,6 +3096,8 @@ def save_previews(trainer: Trainer):
             _atomic_save(image, path)
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
+        if out_of_memory(e):
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
@@ -3142,7 +3144,7 @@ def free_models(pipe: Pipeline | None):
 
 
 def watch_updates(trainer: Trainer):
-    """trainer.rng_after_update: the RNG states after the last optimizer update (LoRA dropout draws from them);
+    """trainer.rng_after_update: the RNG states after the last optimizer update (LoRA dropout draws on them);
     None inside an update, which an error can leave half done (AdamW's weight decay comes first)."""
     gpu = trainer.params[0].device if trainer.params[0].is_cuda else None
 
@@ -3160,10 +3162,11 @@ def out_of_memory(e: BaseException) -> bool:
 
 def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOfMemoryError:
     """The one wording of running out of GPU memory: where, how much more was asked for, the run's levers.
-    The failed frames' tensors are let go: a notebook keeps the error, and its traceback, until its next one."""
+    The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
-    fixes, more = ", ".join(levers + ["or free the GPU of other programs"]), f" {asked[1]} more" if asked else ""
+    fixes = ", ".join(levers + ["or free the GPU of other programs"])
+    more = f" {asked[1]} more" if asked else ""
     error = torch.OutOfMemoryError(f"out of GPU memory {where}. To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
     return error
@@ -3182,7 +3185,7 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
     saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
-    if tr.rng_after_update:                         # (a step's images share a bucket: process 0 usually ran out)
+    if tr.rng_after_update:                         # (a step's images share a bucket: all usually ran out)
         saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
                  if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
     w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
@@ -3435,7 +3438,8 @@ def main(argv=None):
         tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
     except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
-        sys.exit(f"error: {'process %d: ' % rank * under_torchrun()}{e}")
+        tag = f"process {rank}: " * under_torchrun()
+        sys.exit(f"error: {tag}{e}")
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

@@ -2322,7 +2322,9 @@ def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch
     monkeypatch.setattr(sd, "generate", out_of_memory_at_step_2)
     monkeypatch.setattr(sd, "flow_matching_loss", loss)
     sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 2, "sample.prompts": ["red"]}))
-    assert "warning: sampling at step 2 failed (OutOfMemoryError: CUDA out of memory" in capsys.readouterr().err
+    assert ("warning: sampling at step 2 failed (OutOfMemoryError: out of GPU memory in the previews. To fit 2.00 GiB "
+            "more: lower sample.width and sample.height, or free the GPU of other programs); training goes on"
+            in capsys.readouterr().err)
     assert seen == [(True, True)] * 4 and len(losses(tmp_path / "run")) == 4
     assert (tmp_path / "run/samples_step_000004/step_000004_sample_00.png").is_file()
 
