@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       84  Presets and Configuration        per-variant sampling presets, the training config
-      202  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      263  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      524  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      684  VAE                              16-channel autoencoder, the latent scale and shift
-      829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1068  Data                             dataset scan, aspect buckets, the latent and text cache
-     1220  Training                         Trainer and the training loop
-     1381  Part 2: plumbing                 a reader can stop here
-     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1898  Hub Downloads                    snapshot downloads, tokenizers
-     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2222  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2348  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2770  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2930  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3191  Several Processes (torchrun)     one all-reduce per step
-     3272  Command Line and the Tiny Model  main(), --tiny
+       85  Presets and Configuration        per-variant sampling presets, the training config
+      203  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      264  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      525  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      685  VAE                              16-channel autoencoder, the latent scale and shift
+      830  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      866  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1069  Data                             dataset scan, aspect buckets, the latent and text cache
+     1221  Training                         Trainer and the training loop
+     1384  Part 2: plumbing                 a reader can stop here
+     1391  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1901  Hub Downloads                    snapshot downloads, tokenizers
+     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2773  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2933  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3255  Several Processes (torchrun)     one all-reduce per step
+     3336  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -57,6 +57,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1373,6 +1374,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         bar.close()
         save_checkpoint(tr)
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
+    except RuntimeError as e:                       # out of GPU memory: a checkpoint of the last step, advice
+        raise stopped_by_memory(tr, e)
     finally:
         end_training(tr, old_handlers)
     return tr.out / "lora.safetensors"
@@ -3108,6 +3111,8 @@ def save_previews(trainer: Trainer):
             _atomic_save(image, path)
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
+        if out_of_memory(e):
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
@@ -3128,9 +3133,10 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
                         f"{cfg.output_dir}: wait for it to end, or choose another output_dir")
     try:
         trainer.__init__(cfg, resume)
-    except BaseException:
+    except BaseException as e:
         end_training(trainer, {})
-        raise
+        raise stopped_by_memory(trainer, e)
+    watch_updates(trainer)
     return trainer
 
 
@@ -3155,6 +3161,64 @@ def free_models(pipe: Pipeline | None):
     """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
     for model in pipe.modules() if pipe else ():
         model.to("meta")
+
+
+def watch_updates(trainer: Trainer):
+    """trainer.rng_after_update: the RNG states after the last optimizer update (LoRA dropout draws on them);
+    None inside an update, which an error can leave half done (AdamW's weight decay comes first)."""
+    gpu = trainer.params[0].device if trainer.params[0].is_cuda else None
+
+    def after_update(*_):
+        trainer.rng_after_update = torch.get_rng_state(), gpu and torch.cuda.get_rng_state(gpu)
+    trainer.opt.register_step_pre_hook(lambda *_: setattr(trainer, "rng_after_update", None))
+    trainer.opt.register_step_post_hook(after_update)
+    after_update()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """The one test of running out of GPU memory: torch's error (CUDA), or a RuntimeError saying so (MPS)."""
+    return isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and "out of memory" in str(e)
+
+
+def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOfMemoryError:
+    """The one wording of running out of GPU memory: where, how much more was asked for, the run's levers.
+    The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
+    traceback.clear_frames(e.__traceback__)
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
+    fixes = ", ".join(levers + ["or free the GPU of other programs"])
+    more = f" {asked[1]} more" if asked else ""
+    error = torch.OutOfMemoryError(f"out of GPU memory {where}. To fit{more}: {fixes}")
+    error.__cause__ = e                             # torch's own message, in a traceback
+    return error
+
+
+def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
+    """train()'s out-of-memory error in memory_error's words, with this config's levers for what was running;
+    in a step, after a checkpoint of the last one completed where the LoRA is whole. Else: `e` itself."""
+    if not out_of_memory(e):
+        return e
+    c, new = tr.cfg, " (a new run: --resume refuses it)"
+    fp8 = [f"set fp8: true{new}"] * (not c.fp8 and FP8 is not None and pick_device(c.device).type != "mps")
+    if not hasattr(tr, "embeddings"):
+        levers = [f"set use_t5: false{new}"] * c.use_t5 + ["lower dataset.resolution"]
+        return memory_error(e, "while caching latents and text embeddings; nothing new saved", levers)
+    if not hasattr(tr, "bar"):
+        return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
+    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
+    if tr.rng_after_update:                         # (a step's images share a bucket: all usually ran out)
+        saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
+                 if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
+    w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
+    levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
+              + ["lower dataset.resolution"]
+              + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
+    error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
+        torch.set_rng_state(tr.rng_after_update[0])
+        if tr.rng_after_update[1] is not None:
+            torch.cuda.set_rng_state(tr.rng_after_update[1], tr.params[0].device)
+        save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
+    return error
 
 
 def plot_losses(log_path: Path, png_path: Path):
@@ -3397,6 +3461,9 @@ def main(argv=None):
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
+    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
+        tag = f"process {rank}: " * under_torchrun()
+        sys.exit(f"error: {tag}{e}")
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

@@ -2228,6 +2228,120 @@ def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path
     assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.69 GiB of which "
+            "1.06 GiB is free. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+def test_out_of_memory_in_a_step_saves_the_last_step_says_what_to_lower_and_resumes_exactly(tmp_path, monkeypatch):
+    """Running out of GPU memory in step 4 (a larger aspect bucket's first batch) ended the run with torch's long
+    traceback, and lost every step since the last save_every checkpoint. The forward and backward change no
+    parameter: the run stops as after a Ctrl-C, with a checkpoint of step 3 and one line naming the step and
+    the levers of this config, and --resume continues as the run not stopped (LoRA dropout's draws too)."""
+    make_dataset(tmp_path / "data")
+    shared = {"train.steps": 6, "train.save_every": 100, "sample.prompts": [], "lora.dropout": 0.1,
+              "train.batch_size": 2, "train.gradient_checkpointing": False}
+    sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "full")))
+    real_loss = sd.flow_matching_loss
+
+    def out_of_memory_in_step_4(*args):
+        result = real_loss(*args)                   # the forward has drawn its dropout masks
+        if (tmp_path / "run/log.jsonl").is_file() and len(losses(tmp_path / "run")) == 3:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return result
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_4)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory in training step 4 (64x64 images); checkpoint of step 3 saved (continue with "
+        "--resume after a change below). To fit 2.00 GiB more: lower train.batch_size (raise train.grad_accum to keep "
+        "the batch), lower dataset.resolution, set train.gradient_checkpointing: true, set fp8: true (a new run: "
+        "--resume refuses it), or free the GPU of other programs")
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "3"
+    assert (tmp_path / "run/lora_step_000003.safetensors").is_file()
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    sd.train(tiny_config(tmp_path, **shared), resume=True)
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    assert_same_run(tmp_path / "run", tmp_path / "full", rtol=0)
+
+
+def test_out_of_memory_inside_the_optimizer_update_saves_nothing(tmp_path, monkeypatch):
+    """An update stopped part way may have changed some parameters (AdamW's weight decay comes first): no
+    checkpoint of a half-updated LoRA; the one of step 2 stays the latest."""
+    make_dataset(tmp_path / "data")
+    real_update, calls = torch._fused_adamw_, []
+
+    def out_of_memory_in_update_3(*args, **kwargs):
+        real_update(*args, **kwargs)                # the parameters are changed, the update not finished
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "_fused_adamw_", out_of_memory_in_update_3)
+    with pytest.raises(torch.OutOfMemoryError, match=r"in training step 3 \(64x64 images\); it stopped inside "
+                                                     r"the optimizer's update: nothing saved, the last checkpoint "
+                                                     r"stays. To fit: lower dataset.resolution, set fp8"):
+        sd.train(tiny_config(tmp_path, **{"train.steps": 6, "train.save_every": 2, "sample.prompts": []}))
+    run = tmp_path / "run"
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    assert not (run / "lora_step_000003.safetensors").exists()
+    assert load_file(run / "lora.safetensors").keys() == load_file(run / "lora_step_000002.safetensors").keys()
+    assert all(torch.equal(v, load_file(run / "lora_step_000002.safetensors")[k])
+               for k, v in load_file(run / "lora.safetensors").items())
+
+
+def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, monkeypatch):
+    """A notebook keeps the last error and its traceback: the tensors of the frames that ran out of memory (the
+    activations of a forward) stayed alive with it, so the retry, with a smaller batch, ran out again. They are
+    let go; the error stays torch's OutOfMemoryError. Out of memory while caching says so, with its levers."""
+    make_dataset(tmp_path / "data")
+    real_loss, activations = sd.flow_matching_loss, []
+
+    def out_of_memory_in_step_2(*args):
+        activation = torch.zeros(1000)
+        activations.append(weakref.ref(activation))
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2)
+    config = tiny_config(tmp_path, **{"train.steps": 3, "sample.prompts": []})
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sd.train(config)
+    assert kept.value.__traceback__ is not None and activations[-1]() is None
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    assert sd.train(config, resume=True).is_file() and len(losses(tmp_path / "run")) == 3     # the retry
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching latents and text "
+                                                     "embeddings; nothing new saved. To fit: set use_t5: false "
+                                                     r"\(a new run: --resume refuses it\), lower dataset.resolution, "
+                                                     "or free the GPU of other programs$"):
+        sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
+
+
+def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch, capsys):
+    """The previews catch their errors: out of GPU memory there, the run trains on with its models where they were
+    (the MMDiT in training mode) and the failed sampling's tensors let go."""
+    make_dataset(tmp_path / "data")
+    real_generate, real_loss, activations, seen = sd.generate, sd.flow_matching_loss, [], []
+
+    def out_of_memory_at_step_2(*args, **kwargs):
+        activation = torch.zeros(1000)
+        activations.append(weakref.ref(activation))
+        if len(activations) == 2:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_generate(*args, **kwargs)
+
+    def loss(model, *args):
+        seen.append((model.training, activations[-1]() is None))
+        return real_loss(model, *args)
+    monkeypatch.setattr(sd, "generate", out_of_memory_at_step_2)
+    monkeypatch.setattr(sd, "flow_matching_loss", loss)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 2, "sample.prompts": ["red"]}))
+    assert ("warning: sampling at step 2 failed (OutOfMemoryError: out of GPU memory in the previews. To fit 2.00 GiB "
+            "more: lower sample.width and sample.height, or free the GPU of other programs); training goes on"
+            in capsys.readouterr().err)
+    assert seen == [(True, True)] * 4 and len(losses(tmp_path / "run")) == 4
+    assert (tmp_path / "run/samples_step_000004/step_000004_sample_00.png").is_file()
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
@@ -4218,6 +4332,26 @@ def test_sample_cli_called_in_a_notebook_frees_its_models_when_it_fails(tmp_path
     assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
+def test_sample_cli_out_of_memory_is_one_line_with_its_levers_and_keeps_the_images_made(tmp_path):
+    """sample.py ended with torch's long traceback when the GPU ran out of memory; the images made are kept."""
+    script = tmp_path / "run.py"
+    script.write_text(f"import runpy, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real, calls = sd35_lora.denoise, []\n"
+                      "def denoise(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 2:\n"
+                      f"        raise torch.OutOfMemoryError({CUDA_OOM!r})\n    return real(*args, **kwargs)\n"
+                      "sd35_lora.denoise = denoise\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1",
+                "--width", "32", "--height", "32", "--batch-size", "2", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: out of GPU memory while sampling; the images finished are saved. To fit 2.00 GiB more: lower "
+        "--batch-size, lower --width and --height, add --fp8, add --no-t5, use --dtype bf16, or free the GPU "
+        "of other programs")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sample_00.png", "sample_01.png"]
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
@@ -5158,6 +5292,23 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     r = torchrun(*train_cli(tmp_path, **sets))
     assert r.returncode != 0 and r.stderr.count("error: loss became nan (gradient norm nan) at step 1") == 1, r.stderr
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_torchrun_out_of_memory_in_every_process_saves_once_and_each_says_so(tmp_path):
+    """A step's images share one bucket: every process runs out of memory in the same step. Each printed torch's
+    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step."""
+    make_dataset(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real, calls = sd35_lora.flow_matching_loss, []\n"
+                      "def loss(*args):\n    calls.append(1)\n    if len(calls) == 3:\n"
+                      "        raise torch.OutOfMemoryError('CUDA out of memory')\n    return real(*args)\n"
+                      "sd35_lora.flow_matching_loss = loss\nsd35_lora.main()\n")
+    r = torchrun(str(script), *train_cli(tmp_path, **{**LONG_RUN, "train.steps": 5})[1:])
+    assert r.returncode == 1 and "]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "error: process 0: out of GPU memory in training step 3 (64x64 images); checkpoint of step 2 saved" in r.stderr
+    assert "error: process 1: out of GPU memory in training step 3 (64x64 images); process 0 saves step 2 if" in r.stderr
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
 
 
 def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
