@@ -4987,9 +4987,8 @@ def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tm
     one_line_error(lambda: sd._tokenizers(folder, True), "holds custom code .*never run: use a folder of the standard")
 
 
-def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
-    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
-    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+def saved_adamw_state(tmp_path):
+    """A training state of two parameters after one AdamW step -> (params, path, its tensors, its header)."""
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
     opt = torch.optim.AdamW(params)
     sum(p.sum() for p in params).backward()
@@ -4997,7 +4996,14 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     path = tmp_path / "state.safetensors"
     sd.save_training_state(path, params, opt, 1, sd.Config(), [])
     tensors, meta = sd.read_safetensors(path, with_metadata=True)
-    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over later
+    return params, path, tensors, meta
+
+
+def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
+    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
+    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
     moments = {k: None for k in tensors if k.startswith("opt.")}
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
                  {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
@@ -5023,14 +5029,7 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
 def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_one_line_error(tmp_path):
     """An AdamW step stored as uint32 (or bool, complex, fp8) was a bare NotImplementedError or RuntimeError;
     moments and LoRA weights of such dtypes loaded silently cast (bools as 0/1, complex without .imag)."""
-    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
-    opt = torch.optim.AdamW(params)
-    sum(p.sum() for p in params).backward()
-    opt.step()
-    path = tmp_path / "state.safetensors"
-    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
-    tensors, meta = sd.read_safetensors(path, with_metadata=True)
-    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
     for dtype in (torch.uint32, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.int64):
         for key, match in (("opt.0.step", "damaged AdamW moments"), ("opt.1.exp_avg", "damaged AdamW moments"),
                            ("param.0", "lacks step, config or RNG state")):
