@@ -177,13 +177,28 @@ def main(argv=None) -> list[Path]:
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     if args.compile:
         sd.check_compile(sd.pick_device(args.device))   # before loading models (torch.compile fails late)
-    pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
-                            use_t5=not args.no_t5, variant=args.variant, offload=args.offload, fp8=args.fp8)
+    pipe = None
     try:
+        pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
+                                use_t5=not args.no_t5, variant=args.variant, offload=args.offload,
+                                fp8=args.fp8)
         return sample_with(pipe, args, t5_length)
-    except BaseException:   # a notebook keeps the traceback, and with it the models, until its next error:
+    except BaseException as e:  # a notebook keeps the traceback, and with it the models, to its next error:
         sd.free_models(pipe)                        # the next call ran out of GPU memory
+        if sd.out_of_memory(e):
+            where = "while sampling; the images finished are saved"
+            raise sd.memory_error(e, where, memory_levers(args, pipe))
         raise
+
+
+def memory_levers(args: argparse.Namespace, pipe) -> list[str]:
+    """The flags that lower sample.py's GPU memory, of those not given yet (pipe: None if it did not load)."""
+    device = sd.pick_device(args.device).type
+    offload = device != "cpu" and not (pipe.offload if pipe else args.offload)
+    fp8 = sd.FP8 is not None and not args.fp8 and device != "mps"
+    return (["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+            + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)
+            + ["use --dtype bf16"] * (args.dtype == "fp32"))
 
 
 def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> list[Path]:
@@ -266,7 +281,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, sd.terminate)
     try:
         main()
-    except sd.UserError as e:
+    except (sd.UserError, sd.torch.OutOfMemoryError) as e:     # main() words running out of memory
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         sd.exit_stopped(isinstance(e, sd.Terminated), ": images already written stay in --out", sys.stderr)

@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       84  Presets and Configuration        per-variant sampling presets, the training config
-      202  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      263  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      524  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      684  VAE                              16-channel autoencoder, the latent scale and shift
-      829  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      865  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1068  Data                             dataset scan, aspect buckets, the latent and text cache
-     1219  Training                         Trainer and the training loop
-     1380  Part 2: plumbing                 a reader can stop here
-     1387  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1896  Hub Downloads                    snapshot downloads, tokenizers
-     1958  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2346  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2766  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2920  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3171  Several Processes (torchrun)     one all-reduce per step
-     3248  Command Line and the Tiny Model  main(), --tiny
+       85  Presets and Configuration        per-variant sampling presets, the training config
+      203  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      264  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      525  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      685  VAE                              16-channel autoencoder, the latent scale and shift
+      830  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      866  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1069  Data                             dataset scan, aspect buckets, the latent and text cache
+     1221  Training                         Trainer and the training loop
+     1384  Part 2: plumbing                 a reader can stop here
+     1391  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1901  Hub Downloads                    snapshot downloads, tokenizers
+     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2773  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2933  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3255  Several Processes (torchrun)     one all-reduce per step
+     3336  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -57,6 +57,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1119,8 +1120,9 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
             empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
         except FileNotFoundError:
             uncaptioned.append(path.name)
-        except (OSError, UnicodeError) as e:
-            raise UserError(f"caption {caption_file}: {e}; save it as UTF-8 text") from None
+        except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
+            fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
+            raise UserError(f"caption {caption_file}: {getattr(e, 'strerror', None) or e}; {fix}") from None
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
@@ -1372,6 +1374,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         bar.close()
         save_checkpoint(tr)
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
+    except RuntimeError as e:                       # out of GPU memory: a checkpoint of the last step, advice
+        raise stopped_by_memory(tr, e)
     finally:
         end_training(tr, old_handlers)
     return tr.out / "lora.safetensors"
@@ -1810,8 +1814,9 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
-        raise UserError(f"device {name} asked for, but this torch sees {seen}: use --device cpu, or at most "
-                        f"one process per GPU (started without torchrun: export LOCAL_RANK, its GPU)",
+        fix = ("use --device cpu, or at most one process per GPU (started without torchrun: export "
+               "LOCAL_RANK, its GPU)" if by_rank else "use --device cpu or one it sees")     # else a typo
+        raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
 
@@ -2368,7 +2373,8 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
-        if key in PATH_KEYS and re.search(r"[\x00-\x1f]", text):    # "D:\runs\new": a CR and a line break
+        # "D:\runs\new": a CR and a line break; "D:\Projects\Lora", "D:\Neu": \P, \L, \N (U+2029, 2028, 0085)
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):
             raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
@@ -2388,6 +2394,7 @@ def _coerce(value, default, key: str):
 def read_number(value, whole: bool, name: str) -> int | float:
     """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    value = value.item() if number and hasattr(value, "item") else value  # numpy's: a float32 warned at `<=`
     if not number or not abs(value) <= sys.float_info.max or whole and value % 1:   # NaN, inf, 10**400: no
         raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r:.60}")
     return int(value) if whole else float(value)
@@ -2842,7 +2849,13 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
     # kohya's N_name folders: N repeats of each image per epoch, which weights folders against each other
     # (N as kohya users write it: not dated or numbered folders, 2024_trip, 01_faces)
     repeats = sorted({p.parent.name for p in paths if re.fullmatch(r"[1-9]\d{0,2}_.+", p.parent.name)})
-    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems]
+    asked = {str(path.with_suffix("")).casefold(): path.with_suffix(".txt") for path in paths}
+
+    def opened(txt: Path) -> bool:      # scan_dataset asks for a.png's a.txt: macOS and Windows open A.txt
+        caption = asked.get(str(txt.with_suffix("")).casefold())
+        return caption is not None and caption.exists() and txt.exists() and os.path.samefile(caption, txt)
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
+               and not opened(p)]
     others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
     kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
     hint = f"; kohya's .caption files are not read ({kohya} here): rename them to .txt" if kohya else ""
@@ -2959,6 +2972,7 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    replacing = False
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
@@ -2972,10 +2986,17 @@ def _atomic_save(data, path: str | Path, metadata=None):
         umask = os.umask(0o022)                     # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
+        replacing = True                            # the folder took the write: only `path` itself can refuse
+        # Windows: a virus scanner or an indexer opens a new file for a moment (PermissionError): try again
+        for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
+            with contextlib.suppress(PermissionError):
+                return os.replace(tmp, path)
+            time.sleep(wait)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
-        held = isinstance(e, PermissionError)     # Windows: a file open in another program is not replaced
-        fix = "close what holds it open (a viewer, ComfyUI)" if held else "free disk space"
+        denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
+               else "make its folder writable" if denied else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
@@ -2992,7 +3013,7 @@ def writable_dir(path: str | Path, what: str):
 
 
 LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check
-RUNS_HERE = {}   # output_dir -> this process's run there: the lock file keeps out other processes only
+RUNS_HERE = {}   # output_dir -> train()'s run there in this process: the lock keeps out other processes only
 
 
 def lock_output_dir(out: Path):
@@ -3021,9 +3042,6 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
-    if RUNS_HERE.setdefault(os.path.realpath(out), trainer) is not trainer:    # atomic: one thread wins
-        raise UserError(f"another run in this process (another thread) is using output_dir {out}: wait for "
-                        f"it to end, or choose another output_dir")
     if not cfg.model:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
@@ -3093,6 +3111,8 @@ def save_previews(trainer: Trainer):
             _atomic_save(image, path)
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
+        if out_of_memory(e):
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
@@ -3103,14 +3123,20 @@ def save_previews(trainer: Trainer):
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
-    """Trainer(cfg, resume); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far
-    is let go as end_training lets go of a failed run's."""
+    """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
+    threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
+    end_training lets go of a failed run's."""
     trainer = Trainer.__new__(Trainer)
+    trainer.claim = os.path.realpath(validate(cfg).output_dir)     # kept: a chdir would move a relative one
+    if RUNS_HERE.setdefault(trainer.claim, trainer) is not trainer:    # atomic: one thread wins
+        raise UserError(f"another run in this process (another thread) is using output_dir "
+                        f"{cfg.output_dir}: wait for it to end, or choose another output_dir")
     try:
         trainer.__init__(cfg, resume)
-    except BaseException:
+    except BaseException as e:
         end_training(trainer, {})
-        raise
+        raise stopped_by_memory(trainer, e)
+    watch_updates(trainer)
     return trainer
 
 
@@ -3123,8 +3149,8 @@ def end_training(trainer: Trainer, old_handlers: dict):
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
         trainer.lock.close()
-    if RUNS_HERE.get(os.path.realpath(getattr(trainer, "out", ""))) is trainer:     # not a refused thread's
-        del RUNS_HERE[os.path.realpath(trainer.out)]
+    if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
+        del RUNS_HERE[trainer.claim]
     if sys.exc_info()[1] is not None:
         free_models(getattr(trainer, "pipe", None))
         if hasattr(trainer, "opt"):
@@ -3135,6 +3161,64 @@ def free_models(pipe: Pipeline | None):
     """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
     for model in pipe.modules() if pipe else ():
         model.to("meta")
+
+
+def watch_updates(trainer: Trainer):
+    """trainer.rng_after_update: the RNG states after the last optimizer update (LoRA dropout draws on them);
+    None inside an update, which an error can leave half done (AdamW's weight decay comes first)."""
+    gpu = trainer.params[0].device if trainer.params[0].is_cuda else None
+
+    def after_update(*_):
+        trainer.rng_after_update = torch.get_rng_state(), gpu and torch.cuda.get_rng_state(gpu)
+    trainer.opt.register_step_pre_hook(lambda *_: setattr(trainer, "rng_after_update", None))
+    trainer.opt.register_step_post_hook(after_update)
+    after_update()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """The one test of running out of GPU memory: torch's error (CUDA), or a RuntimeError saying so (MPS)."""
+    return isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and "out of memory" in str(e)
+
+
+def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOfMemoryError:
+    """The one wording of running out of GPU memory: where, how much more was asked for, the run's levers.
+    The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
+    traceback.clear_frames(e.__traceback__)
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
+    fixes = ", ".join(levers + ["or free the GPU of other programs"])
+    more = f" {asked[1]} more" if asked else ""
+    error = torch.OutOfMemoryError(f"out of GPU memory {where}. To fit{more}: {fixes}")
+    error.__cause__ = e                             # torch's own message, in a traceback
+    return error
+
+
+def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
+    """train()'s out-of-memory error in memory_error's words, with this config's levers for what was running;
+    in a step, after a checkpoint of the last one completed where the LoRA is whole. Else: `e` itself."""
+    if not out_of_memory(e):
+        return e
+    c, new = tr.cfg, " (a new run: --resume refuses it)"
+    fp8 = [f"set fp8: true{new}"] * (not c.fp8 and FP8 is not None and pick_device(c.device).type != "mps")
+    if not hasattr(tr, "embeddings"):
+        levers = [f"set use_t5: false{new}"] * c.use_t5 + ["lower dataset.resolution"]
+        return memory_error(e, "while caching latents and text embeddings; nothing new saved", levers)
+    if not hasattr(tr, "bar"):
+        return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
+    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
+    if tr.rng_after_update:                         # (a step's images share a bucket: all usually ran out)
+        saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
+                 if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
+    w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
+    levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
+              + ["lower dataset.resolution"]
+              + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
+    error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
+        torch.set_rng_state(tr.rng_after_update[0])
+        if tr.rng_after_update[1] is not None:
+            torch.cuda.set_rng_state(tr.rng_after_update[1], tr.params[0].device)
+        save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
+    return error
 
 
 def plot_losses(log_path: Path, png_path: Path):
@@ -3229,10 +3313,14 @@ def collective(call, *args, **kwargs):
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
-        raise UserError(f"lost contact with the others ({said}): one died, or hung or "
-                        f"was busy past train.dist_timeout (the others wait out process 0's previews and "
-                        f"checkpoints: raise it if those take longer); run again, with --resume once a "
-                        f"checkpoint was saved", own=True) from None
+        why = ("one died, or hung or was busy past train.dist_timeout (the others wait out process 0's "
+               "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
+               "checkpoint was saved")
+        if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
+            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
+                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
+                   "process")
+        raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
 def all_reduce_step(params: list[nn.Parameter], sums: torch.Tensor) -> torch.Tensor:
@@ -3373,6 +3461,9 @@ def main(argv=None):
     except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
         tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
+    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
+        tag = f"process {rank}: " * under_torchrun()
+        sys.exit(f"error: {tag}{e}")
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
@@ -3381,7 +3472,7 @@ def main(argv=None):
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
         term = isinstance(e, Terminated)
-        why = " (by torchrun if a process failed: see its error)" * (under_torchrun() and term)
+        why = " (if another process failed: see its error)" * (under_torchrun() and term)
         message = f" before training began{why}: nothing new to save (finished cache files are kept)"
         exit_stopped(term, message, sys.stderr if rank == 0 else sys.stdout)    # others' stdout: devnull
     finally:

@@ -10,12 +10,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import struct
 import sys
 import time
 import types
 import typing
+import warnings
 import weakref
 import zlib
 from pathlib import Path
@@ -646,8 +648,10 @@ def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
                    "batch_size must be a whole number, got '2'")
     plain = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
     numpy = dataclasses.replace(s, steps=2.0, width=np.int64(32), seed=np.uint64(0), cfg=np.float32(4.0))
-    assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)[0]),
-                          plain)
+    with warnings.catch_warnings():             # a float32 against float's max warned of an overflow in a cast
+        warnings.simplefilter("error", RuntimeWarning)
+        images = sd.generate(pipe, ["red"], settings=numpy, batch_size=2.0, progress=False)
+    assert np.array_equal(np.asarray(images[0]), plain)
 
 
 def test_the_tiny_model_refuses_text_encoders_and_a_vae_and_no_dtype_that_cannot_run_is_taken(tmp_path):
@@ -780,7 +784,7 @@ def test_the_warning_about_a_cut_prompt_shows_the_words_that_are_lost(capsys):
     sd.generate(sd.tiny_pipeline(t5_length=16), ["abcdefghijklmno xyz9"], settings=s, progress=False)
     assert capsys.readouterr().err.strip().endswith("e.g. T5 does not read 'x y z 9'")
     sd.generate(sd.tiny_pipeline(use_t5=False), ["a" * 75 + " zy,9"], settings=s, progress=False)
-    assert capsys.readouterr().err.strip().endswith("(1 at CLIP's 77 tokens): the rest of them is ignored, e.g. CLIP "
+    assert capsys.readouterr().err.strip().endswith("(1 at CLIP's 77 tokens): the rest of it is ignored, e.g. CLIP "
                                                     "does not read 'z y , 9'")
     sd.generate(sd.tiny_pipeline(t5_length=90), ["a" * 80 + "bc"], settings=s, progress=False)   # CLIP's 77 first
     assert capsys.readouterr().err.strip().endswith("e.g. CLIP does not read 'a a a a a b c'")
@@ -2148,7 +2152,8 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
                                                                                                  capsys):
     """Process 1 failed on its share of the cache (its one-line error printed) while process 0 still cached:
     torchrun SIGTERMs the others, and process 0 then said only 'terminated before training began', as if the
-    user or a scheduler had stopped the job."""
+    user or a scheduler had stopped the job. Then it named torchrun, also under srun (a job script), where a
+    scheduler's time limit or scancel sends it."""
     make_dataset(tmp_path / "data")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                         # as torchrun sets them
@@ -2158,7 +2163,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
         sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
     assert exit_info.value.code == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "terminated before training began (by torchrun if a process failed: see its error): "
+        "terminated before training began (if another process failed: see its error): "
         "nothing new to save (finished cache files are kept)")
 
 
@@ -2221,6 +2226,120 @@ def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path
         sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "again")}))
     models = (pipes[1].mmdit, pipes[1].vae, *pipes[1].text.modules())
     assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.69 GiB of which "
+            "1.06 GiB is free. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+def test_out_of_memory_in_a_step_saves_the_last_step_says_what_to_lower_and_resumes_exactly(tmp_path, monkeypatch):
+    """Running out of GPU memory in step 4 (a larger aspect bucket's first batch) ended the run with torch's long
+    traceback, and lost every step since the last save_every checkpoint. The forward and backward change no
+    parameter: the run stops as after a Ctrl-C, with a checkpoint of step 3 and one line naming the step and
+    the levers of this config, and --resume continues as the run not stopped (LoRA dropout's draws too)."""
+    make_dataset(tmp_path / "data")
+    shared = {"train.steps": 6, "train.save_every": 100, "sample.prompts": [], "lora.dropout": 0.1,
+              "train.batch_size": 2, "train.gradient_checkpointing": False}
+    sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "full")))
+    real_loss = sd.flow_matching_loss
+
+    def out_of_memory_in_step_4(*args):
+        result = real_loss(*args)                   # the forward has drawn its dropout masks
+        if (tmp_path / "run/log.jsonl").is_file() and len(losses(tmp_path / "run")) == 3:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return result
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_4)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory in training step 4 (64x64 images); checkpoint of step 3 saved (continue with "
+        "--resume after a change below). To fit 2.00 GiB more: lower train.batch_size (raise train.grad_accum to keep "
+        "the batch), lower dataset.resolution, set train.gradient_checkpointing: true, set fp8: true (a new run: "
+        "--resume refuses it), or free the GPU of other programs")
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "3"
+    assert (tmp_path / "run/lora_step_000003.safetensors").is_file()
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    sd.train(tiny_config(tmp_path, **shared), resume=True)
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    assert_same_run(tmp_path / "run", tmp_path / "full", rtol=0)
+
+
+def test_out_of_memory_inside_the_optimizer_update_saves_nothing(tmp_path, monkeypatch):
+    """An update stopped part way may have changed some parameters (AdamW's weight decay comes first): no
+    checkpoint of a half-updated LoRA; the one of step 2 stays the latest."""
+    make_dataset(tmp_path / "data")
+    real_update, calls = torch._fused_adamw_, []
+
+    def out_of_memory_in_update_3(*args, **kwargs):
+        real_update(*args, **kwargs)                # the parameters are changed, the update not finished
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "_fused_adamw_", out_of_memory_in_update_3)
+    with pytest.raises(torch.OutOfMemoryError, match=r"in training step 3 \(64x64 images\); it stopped inside "
+                                                     r"the optimizer's update: nothing saved, the last checkpoint "
+                                                     r"stays. To fit: lower dataset.resolution, set fp8"):
+        sd.train(tiny_config(tmp_path, **{"train.steps": 6, "train.save_every": 2, "sample.prompts": []}))
+    run = tmp_path / "run"
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    assert not (run / "lora_step_000003.safetensors").exists()
+    assert load_file(run / "lora.safetensors").keys() == load_file(run / "lora_step_000002.safetensors").keys()
+    assert all(torch.equal(v, load_file(run / "lora_step_000002.safetensors")[k])
+               for k, v in load_file(run / "lora.safetensors").items())
+
+
+def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, monkeypatch):
+    """A notebook keeps the last error and its traceback: the tensors of the frames that ran out of memory (the
+    activations of a forward) stayed alive with it, so the retry, with a smaller batch, ran out again. They are
+    let go; the error stays torch's OutOfMemoryError. Out of memory while caching says so, with its levers."""
+    make_dataset(tmp_path / "data")
+    real_loss, activations = sd.flow_matching_loss, []
+
+    def out_of_memory_in_step_2(*args):
+        activation = torch.zeros(1000)
+        activations.append(weakref.ref(activation))
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2)
+    config = tiny_config(tmp_path, **{"train.steps": 3, "sample.prompts": []})
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        sd.train(config)
+    assert kept.value.__traceback__ is not None and activations[-1]() is None
+    monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
+    assert sd.train(config, resume=True).is_file() and len(losses(tmp_path / "run")) == 3     # the retry
+    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching latents and text "
+                                                     "embeddings; nothing new saved. To fit: set use_t5: false "
+                                                     r"\(a new run: --resume refuses it\), lower dataset.resolution, "
+                                                     "or free the GPU of other programs$"):
+        sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
+
+
+def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch, capsys):
+    """The previews catch their errors: out of GPU memory there, the run trains on with its models where they were
+    (the MMDiT in training mode) and the failed sampling's tensors let go."""
+    make_dataset(tmp_path / "data")
+    real_generate, real_loss, activations, seen = sd.generate, sd.flow_matching_loss, [], []
+
+    def out_of_memory_at_step_2(*args, **kwargs):
+        activation = torch.zeros(1000)
+        activations.append(weakref.ref(activation))
+        if len(activations) == 2:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_generate(*args, **kwargs)
+
+    def loss(model, *args):
+        seen.append((model.training, activations[-1]() is None))
+        return real_loss(model, *args)
+    monkeypatch.setattr(sd, "generate", out_of_memory_at_step_2)
+    monkeypatch.setattr(sd, "flow_matching_loss", loss)
+    sd.train(tiny_config(tmp_path, **{"train.steps": 4, "sample.sample_every": 2, "sample.prompts": ["red"]}))
+    assert ("warning: sampling at step 2 failed (OutOfMemoryError: out of GPU memory in the previews. To fit 2.00 GiB "
+            "more: lower sample.width and sample.height, or free the GPU of other programs); training goes on"
+            in capsys.readouterr().err)
+    assert seen == [(True, True)] * 4 and len(losses(tmp_path / "run")) == 4
+    assert (tmp_path / "run/samples_step_000004/step_000004_sample_00.png").is_file()
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
@@ -2680,6 +2799,17 @@ def test_a_second_run_in_another_thread_on_the_same_output_dir_is_refused(tmp_pa
     assert done and len(losses(tmp_path / "run")) == 2
     sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 0}), resume=True)   # let go
     assert len(losses(tmp_path / "run")) == 3
+
+
+def test_a_trainer_made_by_hand_that_failed_does_not_hold_output_dir_for_train(tmp_path):
+    """The thread guard's claim was made inside Trainer.__init__ and let go only by train(): a notebook's
+    sd.Trainer(cfg) failing (no dataset yet) refused every later train() there as 'another run in this process'."""
+    cfg = tiny_config(tmp_path, **{"train.steps": 1, "sample.sample_every": 0})
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.Trainer(cfg)
+    make_dataset(tmp_path / "data")
+    sd.train(cfg)
+    assert len(losses(tmp_path / "run")) == 1 and not sd.RUNS_HERE
 
 
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
@@ -3196,6 +3326,26 @@ def test_a_utf16_caption_without_a_bom_is_refused_not_trained_with_nul_character
     assert captions == ["blue disc", "red stripes"]
 
 
+def test_a_caption_that_cannot_be_read_is_not_called_a_wrong_encoding(tmp_path, monkeypatch):
+    """A caption without read permission (chmod 000; simulated: the tests may run as root) or a folder named
+    like one was refused with "save it as UTF-8 text", advice for an encoding error."""
+    sd.write_demo_dataset(tmp_path / "data")
+    real_read_text = Path.read_text
+
+    def denied(path, *args, **kwargs):
+        if path.name == "blue_disc.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", denied)
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*blue_disc.txt: Permission denied; make it a readable file$")
+    monkeypatch.undo()
+    (tmp_path / "data" / "red_stripes.txt").unlink()
+    (tmp_path / "data" / "red_stripes.txt").mkdir()
+    one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
+                   r"^caption .*red_stripes.txt: Is a directory; make it a readable file$")
+
+
 def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
     """IMG_0001.JPG + IMG_0001.TXT (a camera's and an old tool's names) captioned on Windows, trained on a Linux
     GPU box: the caption was replaced by default_caption (a case-sensitive file system finds no .txt)."""
@@ -3206,6 +3356,33 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     err = capsys.readouterr().err
     assert item["caption"] == "a dog" and "no .txt caption" not in err, err
     assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
+
+
+def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
+    """macOS and Windows open A.txt for a.png's a.txt, and the caption is used; yet the scan warned '1 .txt
+    caption has no image, e.g. A.txt' (names compared by case). Simulated on Linux: a.txt a link to A.txt that
+    the folder's listing leaves out, as such a file system lists only the name a file was saved with."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "A.txt").write_text("a dog")
+    (tmp_path / "a.txt").symlink_to("A.txt")
+    real_files_under = sd.files_under
+
+    def listed_as_saved(root):
+        files, left_out = real_files_under(root)
+        return [p for p in files if p.name != "a.txt"], left_out
+    monkeypatch.setattr(sd, "files_under", listed_as_saved)
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    err = capsys.readouterr().err
+    assert item["caption"] == "a dog" and "caption" not in err, err
+    monkeypatch.undo()                          # a case-sensitive file system: a.txt and A.txt are two captions
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "a.txt").write_text("a cat")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
+    (tmp_path / "A.txt").unlink()
+    (tmp_path / "A.txt").symlink_to(tmp_path / "unmounted" / "A.txt")    # a link to a drive not mounted
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "1 .txt caption has no image, e.g. A.txt" in capsys.readouterr().err
 
 
 def test_a_single_image_given_as_dataset_path_is_not_called_missing(tmp_path):
@@ -3502,7 +3679,7 @@ def test_a_caption_link_whose_target_is_missing_is_not_named_as_a_folder(tmp_pat
     (tmp_path / "data" / "lonely.txt").symlink_to(tmp_path / "unmounted" / "lonely.txt")
     assert len(sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"), resolution=64))) == 2
     err = capsys.readouterr().err
-    assert "cannot be read" not in err and "1 .txt captions have no image, e.g. lonely.txt" in err, err
+    assert "cannot be read" not in err and "1 .txt caption has no image, e.g. lonely.txt" in err, err
 
 
 def test_images_in_formats_not_read_are_named_with_or_without_a_caption(tmp_path, capsys):
@@ -4251,6 +4428,26 @@ def test_sample_cli_called_in_a_notebook_frees_its_models_when_it_fails(tmp_path
     assert {t.device.type for m in models for t in [*m.parameters(), *m.buffers()]} == {"meta"}
 
 
+def test_sample_cli_out_of_memory_is_one_line_with_its_levers_and_keeps_the_images_made(tmp_path):
+    """sample.py ended with torch's long traceback when the GPU ran out of memory; the images made are kept."""
+    script = tmp_path / "run.py"
+    script.write_text(f"import runpy, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real, calls = sd35_lora.denoise, []\n"
+                      "def denoise(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 2:\n"
+                      f"        raise torch.OutOfMemoryError({CUDA_OOM!r})\n    return real(*args, **kwargs)\n"
+                      "sd35_lora.denoise = denoise\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1",
+                "--width", "32", "--height", "32", "--batch-size", "2", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: out of GPU memory while sampling; the images finished are saved. To fit 2.00 GiB more: lower "
+        "--batch-size, lower --width and --height, add --fp8, add --no-t5, use --dtype bf16, or free the GPU "
+        "of other programs")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sample_00.png", "sample_01.png"]
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monkeypatch):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
@@ -4367,6 +4564,16 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "5")
     one_line_error(lambda: sd.pick_device("auto"), r"cuda:5 .* sees 1 cuda device: .*export LOCAL_RANK, its GPU")
 
+
+def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monkeypatch):
+    """`sample.py --device cuda:1` on a one-GPU machine, one process: the advice was 'at most one process per GPU
+    (started without torchrun: export LOCAL_RANK, its GPU)', the fix for srun's processes, not for a typo."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one_line_error(lambda: sd.pick_device("cuda:1"), r"^device cuda:1 asked for, but this torch sees 1 cuda device: "
+                   r"use --device cpu or one it sees$")
 
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
     """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
@@ -4896,9 +5103,8 @@ def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tm
     one_line_error(lambda: sd._tokenizers(folder, True), "holds custom code .*never run: use a folder of the standard")
 
 
-def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
-    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
-    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+def saved_adamw_state(tmp_path):
+    """A training state of two parameters after one AdamW step -> (params, path, its tensors, its header)."""
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
     opt = torch.optim.AdamW(params)
     sum(p.sum() for p in params).backward()
@@ -4906,7 +5112,14 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     path = tmp_path / "state.safetensors"
     sd.save_training_state(path, params, opt, 1, sd.Config(), [])
     tensors, meta = sd.read_safetensors(path, with_metadata=True)
-    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over later
+    return params, path, tensors, meta
+
+
+def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
+    """A training state with an AdamW moment cut out (or of another shape) resumed, then the first step failed
+    with a bare KeyError: 'exp_avg_sq'; without any moments after step 0 it would restart AdamW unnoticed."""
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
     moments = {k: None for k in tensors if k.startswith("opt.")}
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
                  {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
@@ -4932,14 +5145,7 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
 def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_one_line_error(tmp_path):
     """An AdamW step stored as uint32 (or bool, complex, fp8) was a bare NotImplementedError or RuntimeError;
     moments and LoRA weights of such dtypes loaded silently cast (bools as 0/1, complex without .imag)."""
-    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3))]
-    opt = torch.optim.AdamW(params)
-    sum(p.sum() for p in params).backward()
-    opt.step()
-    path = tmp_path / "state.safetensors"
-    sd.save_training_state(path, params, opt, 1, sd.Config(), [])
-    tensors, meta = sd.read_safetensors(path, with_metadata=True)
-    tensors = {k: v.clone() for k, v in tensors.items()}     # safetensors < 0.8 maps the file written over below
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
     for dtype in (torch.uint32, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.int64):
         for key, match in (("opt.0.step", "damaged AdamW moments"), ("opt.1.exp_avg", "damaged AdamW moments"),
                            ("param.0", "lacks step, config or RNG state")):
@@ -5206,6 +5412,23 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
     assert "]: Traceback" not in r.stderr and not list((tmp_path / "run").glob("*.safetensors"))
 
 
+def test_torchrun_out_of_memory_in_every_process_saves_once_and_each_says_so(tmp_path):
+    """A step's images share one bucket: every process runs out of memory in the same step. Each printed torch's
+    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step."""
+    make_dataset(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real, calls = sd35_lora.flow_matching_loss, []\n"
+                      "def loss(*args):\n    calls.append(1)\n    if len(calls) == 3:\n"
+                      "        raise torch.OutOfMemoryError('CUDA out of memory')\n    return real(*args)\n"
+                      "sd35_lora.flow_matching_loss = loss\nsd35_lora.main()\n")
+    r = torchrun(str(script), *train_cli(tmp_path, **{**LONG_RUN, "train.steps": 5})[1:])
+    assert r.returncode == 1 and "]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "error: process 0: out of GPU memory in training step 3 (64x64 images); checkpoint of step 2 saved" in r.stderr
+    assert "error: process 1: out of GPU memory in training step 3 (64x64 images); process 0 saves step 2 if" in r.stderr
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+
+
 def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     """A cache file of process 1's share that cannot be written: only process 1 meets the error, and torchrun
     stops process 0 before it says anything; process 1 exited 1 without a word."""
@@ -5403,6 +5626,27 @@ def test_a_process_that_never_joins_or_reaches_the_cache_barrier_is_lost_contact
         assert e.value.own
 
 
+def test_processes_that_never_join_are_named_as_such_not_as_lost_during_training(tmp_path, monkeypatch):
+    """`python sd35_lora.py` alone in a job script's shell (WORLD_SIZE=2, MASTER_ADDR, MASTER_PORT, RANK
+    exported) waited train.dist_timeout to join, then blamed a process that died or hung, and previews and
+    checkpoints: no other process was ever started. Real gloo joins, as process 0 (the store's server) and as
+    process 1 (whose server never came)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(tmp_path, **{"train.dist_timeout": 1})
+    for rank in ("0", "1"):
+        job_script = {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in job_script.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(sd.UserError, match=r"^lost contact with the others \(.*[Tt]imed out.*\): the other processes "
+                                               r"never joined within train.dist_timeout: start them all \(e.g. with "
+                                               r"torchrun or srun; one that failed says why\), or unset WORLD_SIZE "
+                                               r"to train in a single process$") as e:
+            sd.init_distributed(cfg)
+        assert e.value.own and "\n" not in str(e.value) and not sd.dist.is_initialized()
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
@@ -5464,6 +5708,27 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
     x = mmdit_inputs()
     with torch.no_grad():
         torch.testing.assert_close(fp8(*x), after(*x), rtol=0, atol=0)
+
+
+def test_a_new_file_a_virus_scanner_holds_a_moment_on_windows_is_saved_on_a_second_try(tmp_path, monkeypatch):
+    """Windows: a virus scanner or indexer opens a freshly written file for a moment, and renaming it over the
+    target fails once (PermissionError): a preview or checkpoint ended the run with 'close what holds it open'.
+    Simulated: os.replace fails once, sys.platform says win32. A file held for good still fails, after ~1 s."""
+    real_replace, tries, waits = os.replace, [], []
+
+    def scanned_once(src, dst):
+        tries.append(dst)
+        if len(tries) == 1 or Path(dst).name == "held.txt":
+            raise PermissionError(13, "Access is denied", str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", scanned_once)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(time, "sleep", waits.append)
+    sd._atomic_save({"a": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    assert len(tries) == 2 and sd.load_file(tmp_path / "lora.safetensors")["a"].shape == (2,)
+    one_line_error(lambda: sd._atomic_save("text", tmp_path / "held.txt"),
+                   r"cannot write .*held.txt \(Access is denied\): close what holds it open")
+    assert 0.5 <= sum(waits) <= 1.5 and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
 
 
 def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monkeypatch):
@@ -5612,6 +5877,17 @@ def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path,
                    r"cannot write .*held.png \(Permission denied\): close what holds it open")
 
 
+def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(tmp_path, monkeypatch):
+    """A PermissionError met writing the temporary file (a shared cache_dir's latents/ made by another user, a
+    folder made read-only mid-run: Linux, no program holds anything) was answered 'close what holds it open (a
+    viewer, ComfyUI)'. Only replacing the file itself can meet a program holding it (Windows)."""
+    def refused(*args, **kwargs):                            # chmod cannot stop root: simulate the refusal
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sd, "save_file", refused)
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                   r"cannot write .*a.safetensors \(Permission denied\): make its folder writable or choose another "
+                   r"folder; older files are intact$")
+
 def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
     scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
@@ -5626,6 +5902,18 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
     cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_path):
+    """YAML's double quotes read \\N, \\L and \\P as NEL (U+0085) and the line and paragraph separators (U+2028,
+    U+2029): "D:\\Projects\\Lora" (or a German "D:\\Neuer Ordner") read silently as D:, U+2029, 'rojects', U+2028,
+    'ora', and a folder of that name was made; only the ASCII control characters (\\r, \\n) were refused."""
+    config = tmp_path / "config.yaml"
+    for path, read in [("D:\\Projects\\Lora", "'D:\\\\u2029rojects\\\\u2028ora'"),
+                       ("D:\\Neuer Ordner", "'D:\\\\x85euer Ordner'")]:
+        config.write_text(f'model: tiny\noutput_dir: "{path}"\n')
+        one_line_error(lambda: sd.load_config(str(config)), f"config key 'output_dir' holds a control character, "
+                       f"{read}: in YAML's double quotes a backslash starts an escape")
 
 
 def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
