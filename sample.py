@@ -186,7 +186,7 @@ def main(argv=None) -> list[Path]:
     except BaseException as e:  # a notebook keeps the traceback, and with it the models, to its next error:
         sd.free_models(pipe)                        # the next call ran out of GPU memory
         if sd.out_of_memory(e):
-            where = "while sampling; the images finished are saved"
+            where = "while sampling; the images finished are saved" if pipe else "while loading the models"
             raise sd.memory_error(e, where, memory_levers(args, pipe))
         raise
 
@@ -196,7 +196,8 @@ def memory_levers(args: argparse.Namespace, pipe) -> list[str]:
     device = sd.pick_device(args.device).type
     offload = device != "cpu" and not (pipe.offload if pipe else args.offload)
     fp8 = sd.FP8 is not None and not args.fp8 and device != "mps"
-    return (["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+    sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+    return (sampling * (pipe is not None)
             + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)
             + ["use --dtype bf16"] * (args.dtype == "fp32"))
 

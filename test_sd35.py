@@ -4448,6 +4448,18 @@ def test_sample_cli_out_of_memory_is_one_line_with_its_levers_and_keeps_the_imag
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sample_00.png", "sample_01.png"]
 
 
+def test_sample_cli_out_of_memory_while_loading_names_the_loading_and_its_levers(tmp_path, monkeypatch):
+    """Out of GPU memory while the models moved to the GPU (--no-offload, or an estimate that just fit) said
+    "while sampling; the images finished are saved", none made, and offered --batch-size and the size, which
+    lower only the sampling's need."""
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError(CUDA_OOM)))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sample.main(["--model", "tiny", "--prompt", "a", "--batch-size", "2", "--dtype", "fp32", "--out",
+                     str(tmp_path / "out")])
+    assert str(e.value) == ("out of GPU memory while loading the models. To fit 2.00 GiB more: add --fp8, add "
+                            "--no-t5, use --dtype bf16, or free the GPU of other programs")
+
+
 def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monkeypatch):
     """README: the PNG's `parameters` are those of the image. Without T5 the context still holds t5_length zero
     tokens, so the length changes the image (it was recorded as 0); the LoRA scales were the flags as typed
