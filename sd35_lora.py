@@ -1814,8 +1814,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
-        fix = ("use --device cpu, or at most one process per GPU (started without torchrun: export "
-               "LOCAL_RANK, its GPU)" if by_rank else "use --device cpu or one it sees")     # else a typo
+        fix = ("run at most one process per GPU (started without torchrun: export LOCAL_RANK, its GPU), or "
+               "set device: cpu" if by_rank else "use --device cpu or one it sees")     # else a typo
         raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device

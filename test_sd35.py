@@ -4575,6 +4575,9 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_RANK")            # srun's process 5 of 8 (4 GPUs a machine) from a job script: cuda:5
     monkeypatch.setenv("RANK", "5")
     one_line_error(lambda: sd.pick_device("auto"), r"cuda:5 .* sees 1 cuda device: .*export LOCAL_RANK, its GPU")
+    with pytest.raises(sd.UserError) as e:      # torchrun's processes train: the config's device, no --device flag
+        sd.pick_device("auto")
+    assert "--device" not in str(e.value) and str(e.value).endswith(", or set device: cpu")
 
 
 def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monkeypatch):
