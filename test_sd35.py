@@ -2268,19 +2268,21 @@ def test_out_of_memory_inside_the_optimizer_update_saves_nothing(tmp_path, monke
     """An update stopped part way may have changed some parameters (AdamW's weight decay comes first): no
     checkpoint of a half-updated LoRA; the one of step 2 stays the latest."""
     make_dataset(tmp_path / "data")
-    real_update, calls = torch._fused_adamw_, []
+    real_update, calls, run, step_2 = torch._fused_adamw_, [], tmp_path / "run", {}
+    saved = ("lora.safetensors", "lora_step_000002.safetensors", "training_state.safetensors")
 
     def out_of_memory_in_update_3(*args, **kwargs):
         real_update(*args, **kwargs)                # the parameters are changed, the update not finished
         calls.append(1)
         if len(calls) == 3:
+            step_2.update({name: (run / name).read_bytes() for name in saved})
             raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(torch, "_fused_adamw_", out_of_memory_in_update_3)
     with pytest.raises(torch.OutOfMemoryError, match=r"in training step 3 \(64x64 images\); it stopped inside "
                                                      r"the optimizer's update: nothing saved, the last checkpoint "
                                                      r"stays. To fit: lower dataset.resolution, set fp8"):
         sd.train(tiny_config(tmp_path, **{"train.steps": 6, "train.save_every": 2, "sample.prompts": []}))
-    run = tmp_path / "run"
+    assert {name: (run / name).read_bytes() for name in saved} == step_2       # not rewritten by the failed update
     assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "2"
     assert not (run / "lora_step_000003.safetensors").exists()
     assert load_file(run / "lora.safetensors").keys() == load_file(run / "lora_step_000002.safetensors").keys()
