@@ -2373,8 +2373,8 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
-        # "D:\runs\new": a CR and a line break; "D:\Projects\Lora", "D:\Neu": \P, \L, \N (U+2029, 2028, 0085)
-        if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):
+        # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
+        if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):

@@ -5924,10 +5924,11 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
 def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_path):
     """YAML's double quotes read \\N, \\L and \\P as NEL (U+0085) and the line and paragraph separators (U+2028,
     U+2029): "D:\\Projects\\Lora" (or a German "D:\\Neuer Ordner") read silently as D:, U+2029, 'rojects', U+2028,
-    'ora', and a folder of that name was made; only the ASCII control characters (\\r, \\n) were refused."""
+    'ora', and a folder of that name was made; only the ASCII control characters (\\r, \\n) were refused. \\_ is a
+    no-break space (U+00A0): "D:\\_data", a folder sorted first, read as D:, U+00A0, 'data'."""
     config = tmp_path / "config.yaml"
     for path, read in [("D:\\Projects\\Lora", "'D:\\\\u2029rojects\\\\u2028ora'"),
-                       ("D:\\Neuer Ordner", "'D:\\\\x85euer Ordner'")]:
+                       ("D:\\Neuer Ordner", "'D:\\\\x85euer Ordner'"), ("D:\\_data", "'D:\\\\xa0data'")]:
         config.write_text(f'model: tiny\noutput_dir: "{path}"\n')
         one_line_error(lambda: sd.load_config(str(config)), f"config key 'output_dir' holds a control character, "
                        f"{read}: in YAML's double quotes a backslash starts an escape")
