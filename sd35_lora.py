@@ -3185,7 +3185,7 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
-    fixes = ", ".join(levers + ["or free the GPU of other programs"])
+    fixes = ", ".join(levers + ["or " * bool(levers) + "free the GPU of other programs"])    # (fp8 on: none)
     more = f" {asked[1]} more" if asked else ""
     error = torch.OutOfMemoryError(f"out of GPU memory {where}. To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback

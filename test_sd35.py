@@ -2318,6 +2318,17 @@ def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, mon
         sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
 
 
+def test_out_of_memory_with_no_setting_left_to_lower_names_only_the_other_programs(tmp_path, monkeypatch):
+    """Moving the MMDiT to the GPU with fp8 already on (or on MPS, which has no fp8) leaves no setting of the
+    config to lower: the message read 'To fit 2.00 GiB more: or free the GPU of other programs'."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "add_lora", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError(CUDA_OOM)))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, fp8=True))
+    assert str(e.value) == ("out of GPU memory while moving the MMDiT to the GPU; nothing new saved. To fit 2.00 GiB "
+                            "more: free the GPU of other programs")
+
+
 def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch, capsys):
     """The previews catch their errors: out of GPU memory there, the run trains on with its models where they were
     (the MMDiT in training mode) and the failed sampling's tensors let go."""
