@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2773  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2933  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3255  Several Processes (torchrun)     one all-reduce per step
-     3336  Command Line and the Tiny Model  main(), --tiny
+     2779  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2939  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3261  Several Processes (torchrun)     one all-reduce per step
+     3342  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2707,12 +2707,18 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def drop_log_lines_after(log: Path, step: int):
-    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
-    if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
-        text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
-        # "step" anywhere in a line: a log rewritten by hand or by jq (-c, -S) keeps its lines
-        lines = [re.match(r'\{.*"step"\s*:\s*(\d+).*\n', line) for line in text.splitlines(True)]
-        _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
+    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them), and
+    any that is no JSON object with a step: a line cut short (no newline), the stray bytes (not UTF-8) that a
+    crash of the machine can leave at a file's end. Lines of any JSON writer (jq -c, -S; by hand) are kept."""
+    if log.is_file():
+        *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
+        kept = []
+        for line in lines:
+            with contextlib.suppress(ValueError, RecursionError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
+                    kept.append(line + "\n")
+        _atomic_save("".join(kept), log)
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:

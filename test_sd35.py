@@ -3776,12 +3776,14 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
 
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
     """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
-    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history."""
+    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history. A line
+    past the step with an inner "step" of an earlier one was kept."""
     log = tmp_path / "log.jsonl"
     entries = [{"step": step, "loss": 1.0 / step, "lr": 1e-4} for step in (1, 2, 3, 4)]
     lines = [json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries]   # "step" last
     lines[1] = json.dumps(entries[1], indent=None).replace(": ", " : ") + "\r\n"           # an editor's
-    log.write_bytes(("".join(lines) + '{"loss":0.1,"step":5').encode())                      # and a cut line
+    nested = '{"step": 6, "eval": {"step": 1}}\n'          # (a greedy search for "step" found 1, kept it)
+    log.write_bytes(("".join(lines) + nested + '{"loss":0.1,"step":5').encode())             # and a cut line
     sd.drop_log_lines_after(log, 3)
     assert log.read_text().splitlines() == "".join(lines[:3]).splitlines()
 
