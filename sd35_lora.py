@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2779  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2939  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3261  Several Processes (torchrun)     one all-reduce per step
-     3342  Command Line and the Tiny Model  main(), --tiny
+     3264  Several Processes (torchrun)     one all-reduce per step
+     3345  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3154,6 +3154,9 @@ def end_training(trainer: Trainer, old_handlers: dict):
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
+        if sys.platform == "win32":         # closed locked, it is freed "after a delay": a retry was refused
+            import msvcrt
+            msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
         trainer.lock.close()
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]

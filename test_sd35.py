@@ -5839,22 +5839,28 @@ def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_cra
 def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
     output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
-    refuses a second holder with EACCES, as Windows' _locking does)."""
+    refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
+    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
-        assert mode == fake.LK_NBLCK and nbytes == 1
-        if held:
+        assert mode in (fake.LK_NBLCK, fake.LK_UNLCK) and nbytes == 1
+        if mode == fake.LK_UNLCK:
+            held.remove(fd)
+        elif held:
             raise PermissionError(13, "Permission denied")
-        held.append(fd)
-    fake = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+        else:
+            held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setitem(sys.modules, "fcntl", None)
     monkeypatch.setitem(sys.modules, "msvcrt", fake)
     first = sd.lock_output_dir(tmp_path)
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
-    first.close()
+    sd.end_training(types.SimpleNamespace(lock=first), {})
+    assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
+    sd.lock_output_dir(tmp_path).close()
 
 
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
