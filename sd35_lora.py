@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2779  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2939  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3264  Several Processes (torchrun)     one all-reduce per step
-     3345  Command Line and the Tiny Model  main(), --tiny
+     3348  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3322,6 +3322,9 @@ def collective(call, *args, **kwargs):
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
+        if "failed to listen" in said:      # process 0's store: MASTER_PORT taken, e.g. by another job
+            raise UserError(f"{said}: MASTER_PORT {os.environ.get('MASTER_PORT')} is in use: pick another "
+                            f"(torchrun: --master-port)", own=True) from None
         why = ("one died, or hung or was busy past train.dist_timeout (the others wait out process 0's "
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")

@@ -5649,6 +5649,22 @@ def test_processes_that_never_join_are_named_as_such_not_as_lost_during_training
         assert e.value.own and "\n" not in str(e.value) and not sd.dist.is_initialized()
 
 
+def test_a_master_port_in_use_is_named_as_such_not_as_lost_contact(tmp_path, monkeypatch):
+    """MASTER_PORT taken by another job: process 0's store cannot listen, and the error read 'lost contact with
+    the others (The server socket has failed to listen...): one died, or hung ...', which it did not."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job_script = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in job_script.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(sd.UserError, match=rf"failed to listen.*: MASTER_PORT {port} is in use: pick another "
+                                               r"\(torchrun: --master-port\)$") as e:
+            sd.init_distributed(tiny_config(tmp_path, **{"train.dist_timeout": 1}))
+    assert e.value.own and not str(e.value).startswith("lost contact") and not sd.dist.is_initialized()
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
