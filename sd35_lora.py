@@ -20,19 +20,19 @@ have. Sections (line numbers):
       525  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       685  VAE                              16-channel autoencoder, the latent scale and shift
       830  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      866  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1069  Data                             dataset scan, aspect buckets, the latent and text cache
-     1221  Training                         Trainer and the training loop
-     1384  Part 2: plumbing                 a reader can stop here
-     1391  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1901  Hub Downloads                    snapshot downloads, tokenizers
-     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2779  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2939  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3264  Several Processes (torchrun)     one all-reduce per step
-     3348  Command Line and the Tiny Model  main(), --tiny
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1073  Data                             dataset scan, aspect buckets, the latent and text cache
+     1225  Training                         Trainer and the training loop
+     1388  Part 2: plumbing                 a reader can stop here
+     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1905  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2355  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2783  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2943  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3268  Several Processes (torchrun)     one all-reduce per step
+     3352  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -840,6 +840,10 @@ class TextEncoders:
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
         self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
+        for tok, model in zip(tokenizers, self.modules()):     # else an IndexError at the first text
+            if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:   # hand-edited: a new id
+                raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
+                                f"encoder's vocabulary: copy the tokenizer folders again from its download")
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1911,10 +1915,10 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                                       # (as for configs)
             # else a traceback at the first text: no padding token (a tokenizer.json without its config),
-            # one outside the vocabulary (hand-edited: a new id, past the model's), CLIP's length not a count
+            # CLIP's length not a count (one past the text encoder's vocabulary: see TextEncoders)
             for name, tok in zip(names, tokenizers):
                 length = tok.model_max_length                             # (T5's is t5_length)
-                if tok.pad_token is None or tok.pad_token_id >= tok.vocab_size:
+                if tok.pad_token is None:
                     raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
                 if name != "tokenizer_3" and (type(length) is not int or length < 1):
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")

@@ -5044,22 +5044,37 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
-def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path):
+def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path, diffusers_folder):
     """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
     IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
-    OverflowError) there. Both are refused as the tokenizer folders load."""
-    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
-        tok.save_pretrained(tmp_path / name)
-    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, "tokenizer_3/ has no padding token"),
-                              ("tokenizer_2", {"pad_token": "<nothing>"}, "tokenizer_2/ has no padding token"),
-                              ("tokenizer", {"model_max_length": [77]}, r"tokenizer/tokenizer_config.json: .*\[77\]"),
-                              ("tokenizer_2", {"model_max_length": 0}, "tokenizer_2/tokenizer_config.json: model_max")]:
+    OverflowError) there. Both are refused as the folders load. A pad token added with the embedding grown to
+    match (its id past tokenizer.vocab_size, which leaves added tokens out) was refused as 'incomplete'."""
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(diffusers_folder[0] / part, tmp_path / part)
+    load = lambda: sd.load_text_encoders(tmp_path, context_dim=96)
+    past = "padding token '<nothing>' is past the text encoder's vocabulary: copy the tokenizer folders again"
+    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, f"tokenizer_3: {past}"),
+                              ("tokenizer_2", {"pad_token": "<nothing>"}, f"tokenizer_2: {past}"),
+                              ("tokenizer", {"model_max_length": [77]},
+                               r"incomplete .*tokenizer/tokenizer_config.json: .*\[77\].*copy them again"),
+                              ("tokenizer_2", {"model_max_length": 0},
+                               "incomplete .*tokenizer_2/tokenizer_config.json: model_max.*copy them again")]:
         config = tmp_path / part / "tokenizer_config.json"
         saved = config.read_text()
         config.write_text(json.dumps({**json.loads(saved), **edit}))
-        one_line_error(lambda: sd._tokenizers(tmp_path, True), f"incomplete .*{match}.*copy them again")
+        one_line_error(load, match)
         config.write_text(saved)
     assert [tok.pad_token for tok in sd._tokenizers(tmp_path, True)] == ["<|endoftext|>", "!", "<pad>"]
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer_2")
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.save_pretrained(tmp_path / "tokenizer_2")
+    model = CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder_2")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    text = load()
+    assert tok.pad_token_id >= tok.vocab_size and text.tok_g.pad_token == "<|pad|>"
+    assert text.encode(["a red fox"])[0].isfinite().all()
 
 
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
