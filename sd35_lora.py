@@ -20,19 +20,19 @@ have. Sections (line numbers):
       525  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       685  VAE                              16-channel autoencoder, the latent scale and shift
       830  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      866  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1069  Data                             dataset scan, aspect buckets, the latent and text cache
-     1221  Training                         Trainer and the training loop
-     1384  Part 2: plumbing                 a reader can stop here
-     1391  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1901  Hub Downloads                    snapshot downloads, tokenizers
-     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2225  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2773  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2933  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3255  Several Processes (torchrun)     one all-reduce per step
-     3336  Command Line and the Tiny Model  main(), --tiny
+      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1073  Data                             dataset scan, aspect buckets, the latent and text cache
+     1225  Training                         Trainer and the training loop
+     1388  Part 2: plumbing                 a reader can stop here
+     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1905  Hub Downloads                    snapshot downloads, tokenizers
+     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2355  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2783  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2943  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3268  Several Processes (torchrun)     one all-reduce per step
+     3352  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -840,6 +840,10 @@ class TextEncoders:
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
         self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
+        for tok, model in zip(tokenizers, self.modules()):     # else an IndexError at the first text
+            if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:   # hand-edited: a new id
+                raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
+                                f"encoder's vocabulary: copy the tokenizer folders again from its download")
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1911,10 +1915,10 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                                       # (as for configs)
             # else a traceback at the first text: no padding token (a tokenizer.json without its config),
-            # one outside the vocabulary (hand-edited: a new id, past the model's), CLIP's length not a count
+            # CLIP's length not a count (one past the text encoder's vocabulary: see TextEncoders)
             for name, tok in zip(names, tokenizers):
                 length = tok.model_max_length                             # (T5's is t5_length)
-                if tok.pad_token is None or tok.pad_token_id >= tok.vocab_size:
+                if tok.pad_token is None:
                     raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
                 if name != "tokenizer_3" and (type(length) is not int or length < 1):
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
@@ -2707,12 +2711,18 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def drop_log_lines_after(log: Path, step: int):
-    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them)."""
-    if log.is_file():      # a line cut short (no newline) goes too; so do the stray bytes that a crash of
-        text = log.read_text(errors="replace")          # the machine can leave at a file's end (not UTF-8)
-        # "step" anywhere in a line: a log rewritten by hand or by jq (-c, -S) keeps its lines
-        lines = [re.match(r'\{.*"step"\s*:\s*(\d+).*\n', line) for line in text.splitlines(True)]
-        _atomic_save("".join(m[0] for m in lines if m and int(m[1]) <= step), log)
+    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them), and
+    any that is no JSON object with a step: a line cut short (no newline), the stray bytes (not UTF-8) that a
+    crash of the machine can leave at a file's end. Lines of any JSON writer (jq -c, -S; by hand) are kept."""
+    if log.is_file():
+        *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
+        kept = []
+        for line in lines:
+            with contextlib.suppress(ValueError, RecursionError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
+                    kept.append(line + "\n")
+        _atomic_save("".join(kept), log)
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
@@ -3148,6 +3158,9 @@ def end_training(trainer: Trainer, old_handlers: dict):
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
     if getattr(trainer, "lock", None):
+        if sys.platform == "win32":         # closed locked, it is freed "after a delay": a retry was refused
+            import msvcrt
+            msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
         trainer.lock.close()
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
@@ -3313,6 +3326,9 @@ def collective(call, *args, **kwargs):
         # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
+        if "failed to listen" in said:      # process 0's store: MASTER_PORT taken, e.g. by another job
+            raise UserError(f"{said}: MASTER_PORT {os.environ.get('MASTER_PORT')} is in use: pick another "
+                            f"(torchrun: --master-port)", own=True) from None
         why = ("one died, or hung or was busy past train.dist_timeout (the others wait out process 0's "
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")

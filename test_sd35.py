@@ -3789,12 +3789,14 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
 
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
     """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
-    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history."""
+    compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history. A line
+    past the step with an inner "step" of an earlier one was kept."""
     log = tmp_path / "log.jsonl"
     entries = [{"step": step, "loss": 1.0 / step, "lr": 1e-4} for step in (1, 2, 3, 4)]
     lines = [json.dumps(e, separators=(",", ":"), sort_keys=True) + "\n" for e in entries]   # "step" last
     lines[1] = json.dumps(entries[1], indent=None).replace(": ", " : ") + "\r\n"           # an editor's
-    log.write_bytes(("".join(lines) + '{"loss":0.1,"step":5').encode())                      # and a cut line
+    nested = '{"step": 6, "eval": {"step": 1}}\n'          # (a greedy search for "step" found 1, kept it)
+    log.write_bytes(("".join(lines) + nested + '{"loss":0.1,"step":5').encode())             # and a cut line
     sd.drop_log_lines_after(log, 3)
     assert log.read_text().splitlines() == "".join(lines[:3]).splitlines()
 
@@ -5070,22 +5072,37 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
-def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path):
+def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path, diffusers_folder):
     """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
     IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
-    OverflowError) there. Both are refused as the tokenizer folders load."""
-    for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), make_tokenizers()):
-        tok.save_pretrained(tmp_path / name)
-    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, "tokenizer_3/ has no padding token"),
-                              ("tokenizer_2", {"pad_token": "<nothing>"}, "tokenizer_2/ has no padding token"),
-                              ("tokenizer", {"model_max_length": [77]}, r"tokenizer/tokenizer_config.json: .*\[77\]"),
-                              ("tokenizer_2", {"model_max_length": 0}, "tokenizer_2/tokenizer_config.json: model_max")]:
+    OverflowError) there. Both are refused as the folders load. A pad token added with the embedding grown to
+    match (its id past tokenizer.vocab_size, which leaves added tokens out) was refused as 'incomplete'."""
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(diffusers_folder[0] / part, tmp_path / part)
+    load = lambda: sd.load_text_encoders(tmp_path, context_dim=96)
+    past = "padding token '<nothing>' is past the text encoder's vocabulary: copy the tokenizer folders again"
+    for part, edit, match in [("tokenizer_3", {"pad_token": "<nothing>"}, f"tokenizer_3: {past}"),
+                              ("tokenizer_2", {"pad_token": "<nothing>"}, f"tokenizer_2: {past}"),
+                              ("tokenizer", {"model_max_length": [77]},
+                               r"incomplete .*tokenizer/tokenizer_config.json: .*\[77\].*copy them again"),
+                              ("tokenizer_2", {"model_max_length": 0},
+                               "incomplete .*tokenizer_2/tokenizer_config.json: model_max.*copy them again")]:
         config = tmp_path / part / "tokenizer_config.json"
         saved = config.read_text()
         config.write_text(json.dumps({**json.loads(saved), **edit}))
-        one_line_error(lambda: sd._tokenizers(tmp_path, True), f"incomplete .*{match}.*copy them again")
+        one_line_error(load, match)
         config.write_text(saved)
     assert [tok.pad_token for tok in sd._tokenizers(tmp_path, True)] == ["<|endoftext|>", "!", "<pad>"]
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer_2")
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.save_pretrained(tmp_path / "tokenizer_2")
+    model = CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder_2")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    text = load()
+    assert tok.pad_token_id >= tok.vocab_size and text.tok_g.pad_token == "<|pad|>"
+    assert text.encode(["a red fox"])[0].isfinite().all()
 
 
 def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
@@ -5675,6 +5692,22 @@ def test_processes_that_never_join_are_named_as_such_not_as_lost_during_training
         assert e.value.own and "\n" not in str(e.value) and not sd.dist.is_initialized()
 
 
+def test_a_master_port_in_use_is_named_as_such_not_as_lost_contact(tmp_path, monkeypatch):
+    """MASTER_PORT taken by another job: process 0's store cannot listen, and the error read 'lost contact with
+    the others (The server socket has failed to listen...): one died, or hung ...', which it did not."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job_script = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in job_script.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(sd.UserError, match=rf"failed to listen.*: MASTER_PORT {port} is in use: pick another "
+                                               r"\(torchrun: --master-port\)$") as e:
+            sd.init_distributed(tiny_config(tmp_path, **{"train.dist_timeout": 1}))
+    assert e.value.own and not str(e.value).startswith("lost contact") and not sd.dist.is_initialized()
+
+
 def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
     make_dataset(tmp_path / "data")
     # 15 s: process 0's collective must time out before torchrun SIGKILLs it, 30 s after its SIGTERM (at 30 s
@@ -5865,22 +5898,28 @@ def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_cra
 def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
     output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
-    refuses a second holder with EACCES, as Windows' _locking does)."""
+    refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
+    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
-        assert mode == fake.LK_NBLCK and nbytes == 1
-        if held:
+        assert mode in (fake.LK_NBLCK, fake.LK_UNLCK) and nbytes == 1
+        if mode == fake.LK_UNLCK:
+            held.remove(fd)
+        elif held:
             raise PermissionError(13, "Permission denied")
-        held.append(fd)
-    fake = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+        else:
+            held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setitem(sys.modules, "fcntl", None)
     monkeypatch.setitem(sys.modules, "msvcrt", fake)
     first = sd.lock_output_dir(tmp_path)
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
-    first.close()
+    sd.end_training(types.SimpleNamespace(lock=first), {})
+    assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
+    sd.lock_output_dir(tmp_path).close()
 
 
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
