@@ -3151,9 +3151,10 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 
 
 def end_training(trainer: Trainer, old_handlers: dict):
-    """train()'s last act: the signal handlers put back, the output_dir lock let go; after an error also the
-    memory of its own models. A notebook keeps the error's traceback, and with it the Trainer, until its next
-    error: the next run (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
+    """train()'s last act: the signal handlers put back, the output_dir lock and the memory of its own models
+    let go. A notebook keeps an error's traceback, and with it the Trainer, until its next error; a finished
+    run's Trainer waits for the garbage collector (its optimizer's hooks refer back to it). The next run
+    (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
     restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
@@ -3164,14 +3165,13 @@ def end_training(trainer: Trainer, old_handlers: dict):
         trainer.lock.close()
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
-    if sys.exc_info()[1] is not None:
-        free_models(getattr(trainer, "pipe", None))
-        if hasattr(trainer, "opt"):
-            trainer.opt.state.clear()               # AdamW's moments: twice the LoRA, in fp32
+    free_models(getattr(trainer, "pipe", None))
+    if hasattr(trainer, "opt"):
+        trainer.opt.state.clear()                   # AdamW's moments: twice the LoRA, in fp32
 
 
 def free_models(pipe: Pipeline | None):
-    """A failed call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
+    """A call's own models to meta: no memory, and no copy to the CPU (train(), sample.py's main())."""
     for model in pipe.modules() if pipe else ():
         model.to("meta")
 

@@ -2825,6 +2825,18 @@ def test_a_trainer_made_by_hand_that_failed_does_not_hold_output_dir_for_train(t
     assert len(losses(tmp_path / "run")) == 1 and not sd.RUNS_HERE
 
 
+def test_a_finished_run_lets_go_of_its_models_without_waiting_for_the_garbage_collector(tmp_path, monkeypatch):
+    """A finished train() kept its models (and their GPU memory) until the garbage collector ran: its Trainer
+    sits in a reference cycle (the optimizer's hooks), and a notebook's next run could run out of memory."""
+    make_dataset(tmp_path / "data")
+    trainers, real = [], sd.start_trainer
+    monkeypatch.setattr(sd, "start_trainer", lambda *args: trainers.append(real(*args)) or trainers[-1])
+    sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.sample_every": 0}))
+    (trainer,) = trainers
+    assert {p.device.type for m in trainer.pipe.modules() for p in m.parameters()} == {"meta"}
+    assert not trainer.opt.state
+
+
 def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
     """An SD3.5 Medium attention LoRA fits SD3 Medium's shapes: loading it there warns (the metadata says so)."""
     model = sd.tiny_pipeline().mmdit                                    # sd3.5-medium structure
