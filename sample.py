@@ -274,8 +274,8 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
-    # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks (Windows'
-    # cp1252 when redirected) as \u escapes, not an error after the images were made
+    # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks
+    # (Windows' cp1252 when redirected) as \u escapes, not an error after the images were made
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
     # sample_NN.png being written as the empty file reserve() made
