@@ -193,9 +193,9 @@ def main(argv=None) -> list[Path]:
 
 def memory_levers(args: argparse.Namespace, pipe) -> list[str]:
     """The flags that lower sample.py's GPU memory, of those not given yet (pipe: None if it did not load)."""
-    device = sd.pick_device(args.device).type
-    offload = device != "cpu" and not (pipe.offload if pipe else args.offload)
-    fp8 = sd.FP8 is not None and not args.fp8 and device != "mps"
+    device = sd.pick_device(args.device)
+    offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload)
+    fp8 = not args.fp8 and not sd.fp8_lacking(device)
     sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
     return (sampling * (pipe is not None)
             + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)

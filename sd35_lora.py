@@ -28,11 +28,11 @@ have. Sections (line numbers):
      1905  Hub Downloads                    snapshot downloads, tokenizers
      1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2355  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2783  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2943  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3268  Several Processes (torchrun)     one all-reduce per step
-     3352  Command Line and the Tiny Model  main(), --tiny
+     2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2788  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2948  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3273  Several Processes (torchrun)     one all-reduce per step
+     3357  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1856,8 +1856,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
     "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
     device = pick_device(str(device))
-    if fp8 and (FP8 is None or device.type == "mps"):
-        raise UserError(f"fp8 needs float8, which {'MPS' if FP8 else 'this torch'} lacks: turn fp8 off")
+    if fp8 and fp8_lacking(device):
+        raise UserError(f"fp8 needs float8, which {fp8_lacking(device)} lacks: turn fp8 off")
     if dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1):
         check_choice("dtype", dtype, DTYPES)    # None or "": the device's default; float64 runs, int8/fp8 not
     if variant:
@@ -1919,7 +1919,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             for name, tok in zip(names, tokenizers):
                 length = tok.model_max_length                             # (T5's is t5_length)
                 if tok.pad_token is None:
-                    raise ValueError(f"{name}/ has no padding token in its vocabulary ({tok.pad_token!r})")
+                    raise ValueError(f"{name}/ has no padding token")
                 if name != "tokenizer_3" and (type(length) is not int or length < 1):
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
@@ -2235,6 +2235,11 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
 FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
 FP8_WEIGHTS = r"^((joint|transformer)_blocks\.\d+\..+|context_embedder)$"  # Linears whose weight goes fp8
 FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
+
+
+def fp8_lacking(device: torch.device) -> str:
+    """What keeps fp8 weights off `device` ("this torch", "MPS"), or "" where they work."""
+    return "this torch" if FP8 is None else "MPS" if device.type == "mps" else ""
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3211,7 +3216,7 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
     if not out_of_memory(e):
         return e
     c, new = tr.cfg, " (a new run: --resume refuses it)"
-    fp8 = [f"set fp8: true{new}"] * (not c.fp8 and FP8 is not None and pick_device(c.device).type != "mps")
+    fp8 = [f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(pick_device(c.device)))
     if not hasattr(tr, "embeddings"):
         levers = [f"set use_t5: false{new}"] * c.use_t5 + ["lower dataset.resolution"]
         return memory_error(e, "while caching latents and text embeddings; nothing new saved", levers)
