@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2788  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2948  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3273  Several Processes (torchrun)     one all-reduce per step
-     3357  Command Line and the Tiny Model  main(), --tiny
+     2798  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2958  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3279  Several Processes (torchrun)     one all-reduce per step
+     3363  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2653,13 +2653,25 @@ def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Con
     return validate(config)
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators LoRA dropout draws from: the CPU's, and the training GPU's where it trains on one."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device):
+    torch.set_rng_state(states["rng.cpu"])
+    if "rng.cuda" in states and device.type == "cuda":                  # (saved and set on a GPU only)
+        torch.cuda.set_rng_state(states["rng.cuda"], device)
+
+
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
                         cfg: Config, changes: list[str], data: str = ""):
     """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
     moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
-    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | {"rng.cpu": torch.get_rng_state()}
-    if params[0].device.type == "cuda":                 # LoRA dropout draws from the training GPU's generator
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(params[0].device)
+    tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | rng_states(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
                                  "changes": json.dumps(changes), "world_size": str(rank_and_world()[1]),
                                  "data": data})
@@ -2671,7 +2683,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
         lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
-        cuda = tensors.get("rng.cuda", rng)                              # (saved and set on a GPU only)
+        cuda = tensors.get("rng.cuda", rng)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
             raise ValueError
         if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
@@ -2697,9 +2709,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
                         f"resume; start anew in another output_dir")
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    torch.set_rng_state(rng)
-    if "rng.cuda" in tensors and params[0].device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, params[0].device)
+    set_rng_states(tensors, params[0].device)
     print(f"resumed from {path} at step {step}")
     return step
 
@@ -3184,10 +3194,8 @@ def free_models(pipe: Pipeline | None):
 def watch_updates(trainer: Trainer):
     """trainer.rng_after_update: the RNG states after the last optimizer update (LoRA dropout draws on them);
     None inside an update, which an error can leave half done (AdamW's weight decay comes first)."""
-    gpu = trainer.params[0].device if trainer.params[0].is_cuda else None
-
     def after_update(*_):
-        trainer.rng_after_update = torch.get_rng_state(), gpu and torch.cuda.get_rng_state(gpu)
+        trainer.rng_after_update = rng_states(trainer.params[0].device)
     trainer.opt.register_step_pre_hook(lambda *_: setattr(trainer, "rng_after_update", None))
     trainer.opt.register_step_post_hook(after_update)
     after_update()
@@ -3232,9 +3240,7 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
     error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
     if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
-        torch.set_rng_state(tr.rng_after_update[0])
-        if tr.rng_after_update[1] is not None:
-            torch.cuda.set_rng_state(tr.rng_after_update[1], tr.params[0].device)
+        set_rng_states(tr.rng_after_update, tr.params[0].device)
         save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
     return error
 
