@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1225  Training                         Trainer and the training loop
      1388  Part 2: plumbing                 a reader can stop here
      1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1905  Hub Downloads                    snapshot downloads, tokenizers
-     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2798  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2958  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3279  Several Processes (torchrun)     one all-reduce per step
-     3363  Command Line and the Tiny Model  main(), --tiny
+     1914  Hub Downloads                    snapshot downloads, tokenizers
+     1976  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2238  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2369  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2807  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2967  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3288  Several Processes (torchrun)     one all-reduce per step
+     3372  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1825,6 +1825,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype: `name`, by default bf16 on a GPU that has it (SD3.5 Large + T5 in fp32: 54 GB,
+    more than a 16-32 GB Mac holds), else fp32. MPS has bf16 from macOS 14 (torch 2.9+ has MPS only there)."""
+    if name and not (isinstance(name, torch.dtype) and name.is_floating_point and name.itemsize > 1):
+        check_choice("dtype", name, DTYPES)     # float64 runs, int8/fp8 not
+    bf16 = device.type == "cuda" or device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
+    dtype = DTYPES.get(name, name) if name else torch.bfloat16 if bf16 else torch.float32    # torch's: kept
+    if dtype == torch.bfloat16 and device.type == "mps" and not bf16:     # else a TypeError moving a weight
+        raise UserError("bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 (--dtype fp32)")
+    return dtype
+
+
 def check_compile(device: torch.device):
     """A GPU's torch.compile needs Triton: refused before models load, not by the first step's inductor."""
     from importlib.util import find_spec
@@ -1858,12 +1870,9 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     device = pick_device(str(device))
     if fp8 and fp8_lacking(device):
         raise UserError(f"fp8 needs float8, which {fp8_lacking(device)} lacks: turn fp8 off")
-    if dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1):
-        check_choice("dtype", dtype, DTYPES)    # None or "": the device's default; float64 runs, int8/fp8 not
+    dtype = pick_dtype(dtype, device)
     if variant:
         check_choice("variant", variant, PRESETS)
-    if not isinstance(dtype, torch.dtype):                      # default: bf16 on CUDA, fp32 elsewhere
-        dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: a bare TypeError below
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")

@@ -4834,6 +4834,24 @@ def test_fp8_user_errors(monkeypatch):
         sd.load_pipeline("tiny", device="cpu", fp8=True)
 
 
+def test_sampling_on_a_mac_defaults_to_bf16_where_mps_has_it(monkeypatch, tmp_path):
+    """On MPS the default was fp32, as on the CPU: SD3.5 Large + T5 then need ~54 GB, more than a 16-32 GB Mac
+    has. bf16 (macOS 14+) halves it; before macOS 14 fp32 stays the default, and asking for bf16 (the training
+    config's default) is a one-line error, not a TypeError at the first weight moved there."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)           # as on a Mac
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (15, 0))
+    pipe = sd.load_pipeline("tiny", device="auto", offload=True)        # offload: the models stay on this CPU
+    assert pipe.device == torch.device("mps") and pipe.mmdit.compute_dtype == torch.bfloat16
+    args = ["--model", "tiny", "--prompt", "a", "--out", str(tmp_path)]
+    monkeypatch.setattr(sample, "sample_with", lambda pipe, args, t5_length: [pipe.mmdit.compute_dtype])
+    assert sample.main(args + ["--offload"]) == [torch.bfloat16]           # sample.py: no --dtype, the same
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
+    assert sd.load_pipeline("tiny", device="mps", offload=True).mmdit.compute_dtype == torch.float32
+    one_line_error(lambda: sd.load_pipeline("tiny", device="mps", dtype="bf16", offload=True),
+                   r"^bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 \(--dtype fp32\)$")
+
+
 def test_integer_weights_are_refused_with_fp8_too(tmp_path):
     """With fp8 on, an int16/int32 (or complex) matrix was quantized as it was read, as if it were float: the
     refusal of integer-quantized files never saw it, and the model loaded with wrong weights."""
