@@ -275,6 +275,8 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
+    # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
+    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
     # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks
     # (Windows' cp1252 when redirected) as \u escapes, not an error after the images were made
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")

@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2369  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2807  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2967  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3288  Several Processes (torchrun)     one all-reduce per step
-     3372  Command Line and the Tiny Model  main(), --tiny
+     3291  Several Processes (torchrun)     one all-reduce per step
+     3375  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3029,8 +3029,11 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        # Windows without long paths refuses a path of 260 characters or more, as not found or as too long
+        too_long = sys.platform == "win32" and len(os.path.abspath(tmp)) >= 260
         fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
-               else "make its folder writable" if denied else "free disk space")
+               else "make its folder writable" if denied else "free disk space" if not too_long
+               else "its path is over Windows' 260 characters: enable long paths (LongPathsEnabled)")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
@@ -3521,6 +3524,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
+    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
     # a log (> log 2>&1) gets lines in step order; what stdout cannot encode (Windows: cp1252) as \u escapes
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     main()

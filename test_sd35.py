@@ -2897,6 +2897,32 @@ def test_a_log_file_of_the_clis_holds_their_lines_in_the_order_they_were_printed
     assert text.index("model: tiny") < text.index("denoising"), text[-2000:]
 
 
+def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
+    """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3) or as too
+    long (206): a deep sample or cache file failed with "free disk space or choose another folder"."""
+    def refuse(self, *args, **kwargs):                  # as Windows does, whatever the disk holds
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(Path, "write_text", refuse)
+    deep = tmp_path / ("d" * 120) / ("e" * 120) / "caption.txt"
+    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path is over "
+                   r"Windows' 260 characters: enable long paths \(LongPathsEnabled\) or choose another folder; older")
+    one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): free disk space or choose")
+
+
+def test_the_clis_run_without_a_console_as_pythonw_starts_them(tmp_path):
+    """pythonw (Windows, a shortcut or a scheduled task) gives a script no stdout or stderr: both are None.
+    Both CLIs died at once on sys.stdout.reconfigure (AttributeError), and a progress bar on its first write."""
+    def pythonw(script: str, *args) -> subprocess.CompletedProcess:
+        code = ("import os, runpy, sys; sys.stdout = sys.stderr = None; sys.argv = sys.argv[1:]; "
+                "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
+        return run_cli("-c", code, str(ROOT / script), *args, cwd=tmp_path)
+    r = pythonw("sd35_lora.py", "--tiny", "--set", "train.steps=1", "--set", "sample.sample_every=0")
+    assert r.returncode == 0 and list((tmp_path / "runs").glob("tiny_*/lora.safetensors")), r
+    r = pythonw("sample.py", "--model", "tiny", "--prompt", "a", "--width", "32", "--height", "32", "--steps", "2")
+    assert r.returncode == 0 and (tmp_path / "samples/sample_00.png").is_file(), r
+
+
 def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, capsys):
     sd.write_demo_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, **{"dataset.flip": True})
