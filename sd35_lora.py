@@ -32,7 +32,7 @@ have. Sections (line numbers):
      2807  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2967  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3291  Several Processes (torchrun)     one all-reduce per step
-     3375  Command Line and the Tiny Model  main(), --tiny
+     3381  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3312,15 +3312,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK") or rank_and_world()[0]) if under_torchrun() else 0
 
 
-def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
-    """Join the torchrun job (NCCL between GPUs, gloo on the CPU); print the global batch; warn where no
-    aspect bucket (`buckets`: the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
-    (rank, world), device, tc = rank_and_world(), pick_device(cfg.device), cfg.train
-    if world > 1 and not dist.is_initialized():
+def join_processes(cfg: Config):
+    """Join the torchrun job, once: NCCL between GPUs, gloo on the CPU."""
+    device = pick_device(cfg.device)
+    if rank_and_world()[1] > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         collective(dist.init_process_group, "nccl" if device.type == "cuda" else "gloo",
-                   timeout=datetime.timedelta(seconds=tc.dist_timeout))
+                   timeout=datetime.timedelta(seconds=cfg.train.dist_timeout))
+
+
+def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
+    """Join the torchrun job (join_processes); print the global batch; warn where no aspect bucket (`buckets`:
+    the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
+    join_processes(cfg)
+    (rank, world), tc = rank_and_world(), cfg.train
     batch, most = tc.batch_size * tc.grad_accum * world, max(collections.Counter(buckets).values(), default=0)
     print(f"global batch {batch} = {counted(world, 'process')} x batch_size {tc.batch_size} x "
           f"grad_accum {tc.grad_accum}")
@@ -3494,6 +3500,11 @@ def main(argv=None):
             stamp = saved[-1].parent.name.removeprefix("tiny_") if saved else stamp
         tiny = TINY_RUN + [f"output_dir=runs/tiny_{stamp}"] if args.tiny else []
         cfg = load_config(args.config, tiny + args.set)
+        if args.tiny and job == "none" and under_torchrun():    # srun, torchrun without --rdzv-id: each clock
+            join_processes(cfg)                                 # named its own folder; all take process 0's
+            shared = [cfg.output_dir]
+            collective(dist.broadcast_object_list, shared)
+            cfg.output_dir = shared[0]
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")

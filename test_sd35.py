@@ -5488,6 +5488,26 @@ def test_tiny_under_torchrun_shares_one_output_dir_and_writes_whole_demo_files(t
     assert names == ["blue_disc.png", "blue_disc.txt", "red_stripes.png", "red_stripes.txt"]
 
 
+def test_tiny_under_srun_or_torchrun_without_a_run_id_shares_process_0s_output_dir(tmp_path):
+    """srun (a job script's MASTER_ADDR etc.) and torchrun without --rdzv-id give no run id: each process named
+    its --tiny folder by its own clock, and two started across a second's turn wrote to two folders. Two real
+    gloo processes here, their clocks a second apart."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); import sd35_lora as sd; "
+            "time.strftime = lambda *args: '20260101-00000' + os.environ['RANK']; "
+            "sd.train = lambda cfg, resume: open('rank' + os.environ['RANK'], 'w').write(cfg.output_dir); "
+            "sd.main(['--tiny'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                              env={**env, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "OMP_NUM_THREADS": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in "01"]
+    errors = [p.communicate(timeout=120)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in "01"] == ["runs/tiny_20260101-000000"] * 2
+
+
 def test_tiny_with_a_torchrun_job_id_left_in_a_plain_runs_environment_makes_a_new_run(tmp_path, monkeypatch):
     """A TORCHELASTIC_RUN_ID copied from a torchrun shell named every plain `--tiny` run's output_dir after it:
     the second was refused ("output_dir runs/tiny_job-42 already holds files of an earlier run")."""
