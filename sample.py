@@ -17,6 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C while torch imports (seconds): no traceback
 import sd35_lora as sd
 
 
@@ -275,6 +277,8 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set at the top for the imports: Ctrl-C as usual
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
     sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
     # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks

@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       85  Presets and Configuration        per-variant sampling presets, the training config
-      203  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      264  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      525  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      685  VAE                              16-channel autoencoder, the latent scale and shift
-      830  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1073  Data                             dataset scan, aspect buckets, the latent and text cache
-     1225  Training                         Trainer and the training loop
-     1388  Part 2: plumbing                 a reader can stop here
-     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1914  Hub Downloads                    snapshot downloads, tokenizers
-     1976  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2238  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2369  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2807  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2967  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3291  Several Processes (torchrun)     one all-reduce per step
-     3381  Command Line and the Tiny Model  main(), --tiny
+       87  Presets and Configuration        per-variant sampling presets, the training config
+      205  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      266  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      527  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      687  VAE                              16-channel autoencoder, the latent scale and shift
+      832  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1075  Data                             dataset scan, aspect buckets, the latent and text cache
+     1227  Training                         Trainer and the training loop
+     1390  Part 2: plumbing                 a reader can stop here
+     1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1916  Hub Downloads                    snapshot downloads, tokenizers
+     1978  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2240  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2371  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2809  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2969  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3293  Several Processes (torchrun)     one all-reduce per step
+     3383  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -61,6 +61,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C while torch imports (seconds): no traceback
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -3535,6 +3537,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set at the top for the imports: Ctrl-C as usual
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
     sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
     # a log (> log 2>&1) gets lines in step order; what stdout cannot encode (Windows: cp1252) as \u escapes

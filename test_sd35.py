@@ -2897,6 +2897,22 @@ def test_a_log_file_of_the_clis_holds_their_lines_in_the_order_they_were_printed
     assert text.index("model: tiny") < text.index("denoising"), text[-2000:]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_while_the_clis_import_torch_ends_them_without_a_traceback(tmp_path):
+    """Ctrl-C in the seconds `import torch` takes printed a KeyboardInterrupt traceback through importlib. A
+    stand-in for einops (imported after torch) says when the imports are under way, then waits."""
+    (tmp_path / "einops.py").write_text("import sys, time\nprint('importing', file=sys.stderr, flush=True)\n"
+                                        "time.sleep(60)\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    for script in ("sd35_lora.py", "sample.py"):
+        p = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": path})
+        assert p.stderr.readline() == "importing\n"
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == -signal.SIGINT and "Traceback" not in err, err    # as a shell shows it: 130
+
+
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
     """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3) or as too
     long (206): a deep sample or cache file failed with "free disk space or choose another folder"."""
