@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2371  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2809  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2969  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3293  Several Processes (torchrun)     one all-reduce per step
-     3383  Command Line and the Tiny Model  main(), --tiny
+     3294  Several Processes (torchrun)     one all-reduce per step
+     3384  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1831,9 +1831,9 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     """The weights' dtype: `name`, by default bf16 on a GPU that has it (SD3.5 Large + T5 in fp32: 54 GB,
     more than a 16-32 GB Mac holds), else fp32. MPS has bf16 from macOS 14 (torch 2.9+ has MPS only there)."""
     if name and not (isinstance(name, torch.dtype) and name.is_floating_point and name.itemsize > 1):
-        check_choice("dtype", name, DTYPES)     # float64 runs, int8/fp8 not
+        check_choice("dtype", name, DTYPES)     # None or "": the default; float64 runs, int8/fp8 not
     bf16 = device.type == "cuda" or device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
-    dtype = DTYPES.get(name, name) if name else torch.bfloat16 if bf16 else torch.float32    # torch's: kept
+    dtype = DTYPES.get(name, name) if name else torch.bfloat16 if bf16 else torch.float32    # torch's: as is
     if dtype == torch.bfloat16 and device.type == "mps" and not bf16:     # else a TypeError moving a weight
         raise UserError("bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 (--dtype fp32)")
     return dtype
@@ -3031,11 +3031,12 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
-        # Windows without long paths refuses a path of 260 characters or more, as not found or as too long
-        too_long = sys.platform == "win32" and len(os.path.abspath(tmp)) >= 260
+        # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
+        not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
+        too_long = not_found and len(os.path.abspath(tmp)) >= 260
         fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else "free disk space" if not too_long
-               else "its path is over Windows' 260 characters: enable long paths (LongPathsEnabled)")
+               else "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:

@@ -2914,16 +2914,19 @@ def test_ctrl_c_while_the_clis_import_torch_ends_them_without_a_traceback(tmp_pa
 
 
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
-    """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3) or as too
-    long (206): a deep sample or cache file failed with "free disk space or choose another folder"."""
-    def refuse(self, *args, **kwargs):                  # as Windows does, whatever the disk holds
-        raise FileNotFoundError(2, "No such file or directory", str(self))
+    """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3 or 206): a
+    deep sample or cache file failed with "free disk space or choose another folder"."""
+    refusal = FileNotFoundError(2, "No such file or directory")         # as Windows does, whatever the disk holds
+    def refuse(self, *args, **kwargs):
+        raise refusal
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(Path, "write_text", refuse)
     deep = tmp_path / ("d" * 120) / ("e" * 120) / "caption.txt"
-    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path is over "
-                   r"Windows' 260 characters: enable long paths \(LongPathsEnabled\) or choose another folder; older")
+    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path is too long "
+                   r"for Windows \(260 characters\): enable long paths \(LongPathsEnabled\) or choose another folder")
     one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): free disk space or choose")
+    refusal = OSError(28, "No space left on device")                    # a full disk there: as before
+    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No space left on device\): free disk space or choose")
 
 
 def test_the_clis_run_without_a_console_as_pythonw_starts_them(tmp_path):
