@@ -23,16 +23,16 @@ have. Sections (line numbers):
       870  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1073  Data                             dataset scan, aspect buckets, the latent and text cache
      1225  Training                         Trainer and the training loop
-     1388  Part 2: plumbing                 a reader can stop here
-     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1905  Hub Downloads                    snapshot downloads, tokenizers
-     1967  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2798  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2958  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3279  Several Processes (torchrun)     one all-reduce per step
-     3363  Command Line and the Tiny Model  main(), --tiny
+     1390  Part 2: plumbing                 a reader can stop here
+     1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1907  Hub Downloads                    snapshot downloads, tokenizers
+     1969  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2231  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2800  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2960  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3281  Several Processes (torchrun)     one all-reduce per step
+     3365  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1379,6 +1379,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         save_checkpoint(tr)
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
     except RuntimeError as e:                       # out of GPU memory: a checkpoint of the last step, advice
+        if not out_of_memory(e):
+            raise                                   # any other error: its own traceback
         raise stopped_by_memory(tr, e)
     finally:
         end_training(tr, old_handlers)
@@ -3160,6 +3162,8 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
         trainer.__init__(cfg, resume)
     except BaseException as e:
         end_training(trainer, {})
+        if not out_of_memory(e):
+            raise
         raise stopped_by_memory(trainer, e)
     watch_updates(trainer)
     return trainer
@@ -3218,11 +3222,9 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     return error
 
 
-def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
+def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     """train()'s out-of-memory error in memory_error's words, with this config's levers for what was running;
-    in a step, after a checkpoint of the last one completed where the LoRA is whole. Else: `e` itself."""
-    if not out_of_memory(e):
-        return e
+    in a step, after a checkpoint of the last one completed where the LoRA is whole."""
     c, new = tr.cfg, " (a new run: --resume refuses it)"
     fp8 = [f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(pick_device(c.device)))
     if not hasattr(tr, "embeddings"):

@@ -2355,6 +2355,20 @@ def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch
     assert (tmp_path / "run/samples_step_000004/step_000004_sample_00.png").is_file()
 
 
+def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
+    """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
+    the one that failed: `raise stopped_by_memory(tr, e)`."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as in_step:
+        sd.train(tiny_config(tmp_path, **{"sample.prompts": []}))
+    monkeypatch.setattr(sd, "add_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as in_start:
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "other")))
+    for kept, where in ((in_step, "train"), (in_start, "start_trainer")):
+        assert [entry.name for entry in kept.traceback].count(where) == 1
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
