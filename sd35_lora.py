@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2800  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2960  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3281  Several Processes (torchrun)     one all-reduce per step
-     3365  Command Line and the Tiny Model  main(), --tiny
+     3301  Several Processes (torchrun)     one all-reduce per step
+     3385  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3223,8 +3223,8 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
 
 
 def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
-    """train()'s out-of-memory error in memory_error's words, with this config's levers for what was running;
-    in a step, after a checkpoint of the last one completed where the LoRA is whole."""
+    """train()'s out-of-memory error in memory_error's words, with this config's levers for what ran out; in
+    a step or its checkpoint, after a checkpoint of the last step completed (the LoRA whole)."""
     c, new = tr.cfg, " (a new run: --resume refuses it)"
     fp8 = [f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(pick_device(c.device)))
     if not hasattr(tr, "embeddings"):
@@ -3232,19 +3232,39 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
         return memory_error(e, "while caching latents and text embeddings; nothing new saved", levers)
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
-    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
-    if tr.rng_after_update:                         # (a step's images share a bucket: all usually ran out)
-        saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
-                 if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
     w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
-    levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
-              + ["lower dataset.resolution"]
-              + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
-    error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    batch = ["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
+    in_step = (batch + ["lower dataset.resolution"]
+               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
+    after_step = {save_checkpoint.__code__: (f"while saving the checkpoint of step {tr.step}", fp8)}
+    ran = next((after_step[frame.f_code] for frame, _ in traceback.walk_tb(e.__traceback__)
+                if frame.f_code in after_step), None)        # None: the step's forward, backward or update
+    where, levers = ran or (f"in training step {tr.step + 1} ({w}x{h} images)", in_step)
+    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
     if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
         set_rng_states(tr.rng_after_update, tr.params[0].device)
-        save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
-    return error
+        traceback.clear_frames(e.__traceback__)     # the failed tensors: the checkpoint may need their memory
+        saved = checkpoint_after_memory(tr, second_try=ran == after_step[save_checkpoint.__code__])
+    return memory_error(e, f"{where}; {saved}", levers)
+
+
+def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
+    """stopped_by_memory's checkpoint of the last step completed, and its words for it; out of memory again,
+    the checkpoint --resume has instead."""
+    if tr.rank > 0:                             # (a step's images share a bucket: all usually ran out)
+        return f"process 0 saves step {tr.step} if it ran out too"
+    resume = "continue with --resume after a change below"
+    try:
+        save_checkpoint(tr)
+        return f"checkpoint of step {tr.step} saved{' at a second try' * second_try} ({resume})"
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+    latest = "none was saved before (start again in a new or empty output_dir)"
+    with contextlib.suppress(OSError, SafetensorError, KeyError, TypeError):    # its header only
+        with safe_open(str(tr.state_path), "pt") as f:
+            latest = f"the latest is step {f.metadata()['step']}'s ({resume})"
+    return f"the checkpoint of step {tr.step} could not be saved (out of memory again): {latest}"
 
 
 def plot_losses(log_path: Path, png_path: Path):
