@@ -2416,6 +2416,61 @@ def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoi
         "lower dataset.resolution, set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
 
 
+def test_out_of_ram_after_the_previews_names_the_previews(tmp_path, monkeypatch):
+    """The previews go on after their own errors, but out of RAM moving the VAE back off the GPU after them
+    (in their finally) ended in Python's MemoryError; train() caught only RuntimeError. It stops as after a step,
+    naming the previews and their levers, not a step 3 that never began."""
+    make_dataset(tmp_path / "data")
+    real_to = sd.VAE.to
+
+    def out_of_ram_after_the_step_2_previews(vae, *args, **kwargs):
+        if args == ("cpu",) and (tmp_path / "run/log.jsonl").is_file() and len(losses(tmp_path / "run")) == 2:
+            raise MemoryError
+        return real_to(vae, *args, **kwargs)
+    monkeypatch.setattr(sd.VAE, "to", out_of_ram_after_the_step_2_previews)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2, "sample.sample_every": 2,
+                                          "sample.prompts": ["red"]}))
+    assert str(e.value) == ("out of memory (RAM) in the previews at step 2; checkpoint of step 2 saved (continue with "
+                            "--resume after a change below). To fit: lower sample.width and sample.height, or close "
+                            "other programs")
+    assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monkeypatch):
+    """Out of the CPU's memory (torch's DefaultCPUAllocator, or Python's MemoryError), e.g. SD3.5 Large and T5
+    loading into 16 GB of RAM, ended in a traceback. It names the RAM and what lowers its need: on a GPU the
+    models' size and T5 (not the batch or resolution, which the GPU holds); on the CPU all the run's levers."""
+    make_dataset(tmp_path / "data")
+    real_loss = sd.flow_matching_loss
+
+    def out_of_ram_in_step_2(*args):
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise MemoryError
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_ram_in_step_2)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.prompts": []}))
+    assert str(e.value) == ("out of memory (RAM) in training step 2 (64x64 images); checkpoint of step 1 saved "
+                            "(continue with --resume after a change below). To fit: lower dataset.resolution, set "
+                            "fp8: true (a new run: --resume refuses it), or close other programs")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set fp8: true "
+                            "(a new run: --resume refuses it), set dtype: bf16 (a new run: --resume refuses it), set "
+                            "use_t5: false (a new run: --resume refuses it), or close other programs")
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --fp8, add --no-t5, use "
+                            "--dtype bf16, or close other programs")
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
