@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2800  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2960  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3316  Several Processes (torchrun)     one all-reduce per step
-     3400  Command Line and the Tiny Model  main(), --tiny
+     3315  Several Processes (torchrun)     one all-reduce per step
+     3399  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3264,8 +3264,7 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
 
 
 def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
-    """stopped_by_memory's checkpoint of the last step completed, and its words for it; out of memory again,
-    the checkpoint --resume has instead."""
+    """stopped_by_memory's checkpoint of the last step, in words; out of memory again: what --resume has."""
     if tr.rank > 0:                             # (a step's images share a bucket: all usually ran out)
         return f"process 0 saves step {tr.step} if it ran out too"
     resume = "continue with --resume after a change below"
