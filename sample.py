@@ -190,14 +190,15 @@ def main(argv=None) -> list[Path]:
         sd.free_models(pipe)                        # the next call ran out of GPU memory
         if sd.out_of_memory(e):
             where = "while sampling; the images finished are saved" if pipe else "while loading the models"
-            raise sd.memory_error(e, where, memory_levers(args, pipe))
+            raise sd.memory_error(e, where, memory_levers(args, pipe, ram=sd.out_of_ram(e)))
         raise
 
 
-def memory_levers(args: argparse.Namespace, pipe) -> list[str]:
-    """The flags that lower sample.py's GPU memory, of those not given yet (pipe: None if it did not load)."""
+def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
+    """The flags that lower sample.py's GPU memory (ram: RAM's, which --offload raises), of those not given
+    yet (pipe: None if it did not load)."""
     device = sd.pick_device(args.device)
-    offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload)
+    offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload) and not ram
     fp8 = not args.fp8 and not sd.fp8_lacking(device)
     sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
     return (sampling * (pipe is not None)

@@ -23,16 +23,16 @@ have. Sections (line numbers):
       872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1075  Data                             dataset scan, aspect buckets, the latent and text cache
      1227  Training                         Trainer and the training loop
-     1390  Part 2: plumbing                 a reader can stop here
-     1397  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1916  Hub Downloads                    snapshot downloads, tokenizers
-     1978  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2240  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2371  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2809  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2969  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3294  Several Processes (torchrun)     one all-reduce per step
-     3384  Command Line and the Tiny Model  main(), --tiny
+     1392  Part 2: plumbing                 a reader can stop here
+     1399  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1918  Hub Downloads                    snapshot downloads, tokenizers
+     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2242  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2373  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2811  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2971  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3330  Several Processes (torchrun)     one all-reduce per step
+     3420  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1380,7 +1380,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         bar.close()
         save_checkpoint(tr)
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
-    except RuntimeError as e:                       # out of GPU memory: a checkpoint of the last step, advice
+    except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
+        if not out_of_memory(e):
+            raise                                   # any other error: its own traceback
         raise stopped_by_memory(tr, e)
     finally:
         end_training(tr, old_handlers)
@@ -3175,6 +3177,8 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
         trainer.__init__(cfg, resume)
     except BaseException as e:
         end_training(trainer, {})
+        if not out_of_memory(e):
+            raise
         raise stopped_by_memory(trainer, e)
     watch_updates(trainer)
     return trainer
@@ -3217,47 +3221,79 @@ def watch_updates(trainer: Trainer):
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """The one test of running out of GPU memory: torch's error (CUDA), or a RuntimeError saying so (MPS)."""
-    return isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and "out of memory" in str(e)
+    """The one test of running out of memory: torch's error (CUDA), a RuntimeError saying so (MPS), RAM's."""
+    return (isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and "out of memory" in str(e)
+            or out_of_ram(e))
+
+
+def out_of_ram(e: BaseException) -> bool:
+    """Out of the CPU's memory: torch's CPU allocator says so, or Python raises MemoryError."""
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e)
 
 
 def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOfMemoryError:
-    """The one wording of running out of GPU memory: where, how much more was asked for, the run's levers.
+    """The one wording of running out of memory: which, where, how much more was asked for, the run's levers.
     The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
-    fixes = ", ".join(levers + ["or " * bool(levers) + "free the GPU of other programs"])    # (fp8 on: none)
+    others = "close other programs" if out_of_ram(e) else "free the GPU of other programs"
+    fixes = ", ".join(levers + ["or " * bool(levers) + others])      # (fp8 on: none)
     more = f" {asked[1]} more" if asked else ""
-    error = torch.OutOfMemoryError(f"out of GPU memory {where}. To fit{more}: {fixes}")
+    error = torch.OutOfMemoryError(f"out of {'memory (RAM)' if out_of_ram(e) else 'GPU memory'} {where}. "
+                                   f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
     return error
 
 
-def stopped_by_memory(tr: Trainer, e: BaseException) -> BaseException:
-    """train()'s out-of-memory error in memory_error's words, with this config's levers for what was running;
-    in a step, after a checkpoint of the last one completed where the LoRA is whole. Else: `e` itself."""
-    if not out_of_memory(e):
-        return e
-    c, new = tr.cfg, " (a new run: --resume refuses it)"
-    fp8 = [f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(pick_device(c.device)))
+def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
+    """train()'s out-of-memory error in memory_error's words, with this config's levers for what ran out; in
+    a step, or its checkpoint or previews, after a checkpoint of the last step completed (the LoRA whole)."""
+    c, new, device = tr.cfg, " (a new run: --resume refuses it)", pick_device(tr.cfg.device)
+    ram = out_of_ram(e) and device.type != "cpu"    # training on a GPU: RAM holds the models as they load
+    smaller = ([f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(device))
+               + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and device.type != "cpu"))
     if not hasattr(tr, "embeddings"):
-        levers = [f"set use_t5: false{new}"] * c.use_t5 + ["lower dataset.resolution"]
-        return memory_error(e, "while caching latents and text embeddings; nothing new saved", levers)
+        loaded = hasattr(tr, "pipe")
+        where = "caching latents and text embeddings" if loaded else "loading the models"
+        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * c.use_t5
+        levers += ["lower dataset.resolution"] * (loaded and not ram)
+        return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):
-        return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", fp8)
-    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
-    if tr.rng_after_update:                         # (a step's images share a bucket: all usually ran out)
-        saved = (f"checkpoint of step {tr.step} saved (continue with --resume after a change below)"
-                 if tr.rank == 0 else f"process 0 saves step {tr.step} if it ran out too")
+        return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", smaller)
     w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
-    levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
-              + ["lower dataset.resolution"]
-              + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + fp8)
-    error = memory_error(e, f"in training step {tr.step + 1} ({w}x{h} images); {saved}", levers)
+    batch = ["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
+    in_step = (batch + ["lower dataset.resolution"]
+               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + smaller)
+    previews = ["lower sample.width and sample.height"]
+    after_step = {save_checkpoint.__code__: (f"while saving the checkpoint of step {tr.step}", smaller),
+                  save_previews.__code__: (f"in the previews at step {tr.step}", previews)}
+    ran = next((after_step[frame.f_code] for frame, _ in traceback.walk_tb(e.__traceback__)
+                if frame.f_code in after_step), None)        # None: the step's forward, backward or update
+    where, levers = ran or (f"in training step {tr.step + 1} ({w}x{h} images)", in_step)
+    saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
     if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
         set_rng_states(tr.rng_after_update, tr.params[0].device)
-        save_checkpoint(tr)                         # process 0's (after the failed step's tensors are let go)
-    return error
+        traceback.clear_frames(e.__traceback__)     # the failed tensors: the checkpoint may need their memory
+        saved = checkpoint_after_memory(tr, second_try=ran == after_step[save_checkpoint.__code__])
+    return memory_error(e, f"{where}; {saved}", [] if ram else levers)
+
+
+def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
+    """stopped_by_memory's checkpoint of the last step, in words; out of memory again: what --resume has."""
+    if tr.rank > 0:                             # (a step's images share a bucket: all usually ran out)
+        return f"process 0 saves step {tr.step} if it ran out too"
+    resume = "continue with --resume after a change below"
+    try:
+        save_checkpoint(tr)
+        return f"checkpoint of step {tr.step} saved{' at a second try' * second_try} ({resume})"
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+    latest = "none was saved before (start again in a new or empty output_dir)"
+    with contextlib.suppress(OSError, SafetensorError, KeyError, TypeError):    # its header only
+        with safe_open(str(tr.state_path), "pt") as f:
+            latest = f"the latest is step {f.metadata()['step']}'s ({resume})"
+    return f"the checkpoint of step {tr.step} could not be saved (out of memory again): {latest}"
 
 
 def plot_losses(log_path: Path, png_path: Path):

@@ -2355,6 +2355,136 @@ def test_out_of_memory_in_the_previews_lets_training_go_on(tmp_path, monkeypatch
     assert (tmp_path / "run/samples_step_000004/step_000004_sample_00.png").is_file()
 
 
+def test_out_of_memory_while_saving_a_checkpoint_names_it_and_saves_it_at_a_second_try(tmp_path, monkeypatch):
+    """Out of GPU memory while saving the checkpoint of step 2 read "in training step 3 (64x64 images)": step 3
+    never began. It names the saving; the failed frames let go, the checkpoint saves at a second try, whole (the
+    LoRA, AdamW and RNG after step 2: --resume continues as the run not stopped)."""
+    make_dataset(tmp_path / "data")
+    shared = {"train.steps": 4, "train.save_every": 2, "sample.prompts": [], "lora.dropout": 0.1}
+    sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "full")))
+    real_save, calls = sd.save_training_state, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(sd, "save_training_state", out_of_memory_once)
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory while saving the checkpoint of step 2; checkpoint of step 2 saved at a second try "
+        "(continue with --resume after a change below). To fit 2.00 GiB more: set fp8: true (a new run: --resume "
+        "refuses it), or free the GPU of other programs")
+    monkeypatch.setattr(sd, "save_training_state", real_save)
+    sd.train(tiny_config(tmp_path, **shared), resume=True)
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    assert_same_run(tmp_path / "run", tmp_path / "full", rtol=0)
+
+
+def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoint(tmp_path, monkeypatch):
+    """Out of GPU memory a second time, while saving the checkpoint after the first, ended in torch's own error
+    and two tracebacks. It stays one line: that checkpoint is not saved, and which one --resume has instead."""
+    make_dataset(tmp_path / "data")
+    real_save, real_loss, calls = sd.save_training_state, sd.flow_matching_loss, []
+
+    def out_of_memory_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_save(*args, **kwargs)
+
+    def out_of_memory_in_step_2_of_again(*args):
+        if (tmp_path / "again/log.jsonl").is_file():
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "save_training_state", out_of_memory_after_the_first)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2_of_again)
+    shared = {"train.steps": 4, "train.save_every": 2, "sample.prompts": []}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
+        "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
+        "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+    assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "again")))
+    assert str(e.value) == (
+        "out of GPU memory in training step 2 (64x64 images); the checkpoint of step 1 could not be saved (out of "
+        "memory again): none was saved before (start again in a new or empty output_dir). To fit 2.00 GiB more: "
+        "lower dataset.resolution, set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+
+
+def test_out_of_ram_after_the_previews_names_the_previews(tmp_path, monkeypatch):
+    """The previews go on after their own errors, but out of RAM moving the VAE back off the GPU after them
+    (in their finally) ended in Python's MemoryError; train() caught only RuntimeError. It stops as after a step,
+    naming the previews and their levers, not a step 3 that never began."""
+    make_dataset(tmp_path / "data")
+    real_to = sd.VAE.to
+
+    def out_of_ram_after_the_step_2_previews(vae, *args, **kwargs):
+        if args == ("cpu",) and (tmp_path / "run/log.jsonl").is_file() and len(losses(tmp_path / "run")) == 2:
+            raise MemoryError
+        return real_to(vae, *args, **kwargs)
+    monkeypatch.setattr(sd.VAE, "to", out_of_ram_after_the_step_2_previews)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 4, "train.save_every": 2, "sample.sample_every": 2,
+                                          "sample.prompts": ["red"]}))
+    assert str(e.value) == ("out of memory (RAM) in the previews at step 2; checkpoint of step 2 saved (continue with "
+                            "--resume after a change below). To fit: lower sample.width and sample.height, or close "
+                            "other programs")
+    assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monkeypatch):
+    """Out of the CPU's memory (torch's DefaultCPUAllocator, or Python's MemoryError), e.g. SD3.5 Large and T5
+    loading into 16 GB of RAM, ended in a traceback. It names the RAM and what lowers its need: on a GPU the
+    models' size and T5 (not the batch or resolution, which the GPU holds); on the CPU all the run's levers."""
+    make_dataset(tmp_path / "data")
+    real_loss = sd.flow_matching_loss
+
+    def out_of_ram_in_step_2(*args):
+        if (tmp_path / "run/log.jsonl").is_file():
+            raise MemoryError
+        return real_loss(*args)
+    monkeypatch.setattr(sd, "flow_matching_loss", out_of_ram_in_step_2)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.prompts": []}))
+    assert str(e.value) == ("out of memory (RAM) in training step 2 (64x64 images); checkpoint of step 1 saved "
+                            "(continue with --resume after a change below). To fit: lower dataset.resolution, set "
+                            "fp8: true (a new run: --resume refuses it), or close other programs")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set fp8: true "
+                            "(a new run: --resume refuses it), set dtype: bf16 (a new run: --resume refuses it), set "
+                            "use_t5: false (a new run: --resume refuses it), or close other programs")
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --fp8, add --no-t5, use "
+                            "--dtype bf16, or close other programs")
+
+
+def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
+    """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
+    the one that failed: `raise stopped_by_memory(tr, e)`."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as in_step:
+        sd.train(tiny_config(tmp_path, **{"sample.prompts": []}))
+    monkeypatch.setattr(sd, "add_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as in_start:
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "other")))
+    for kept, where in ((in_step, "train"), (in_start, "start_trainer")):
+        assert [entry.name for entry in kept.traceback].count(where) == 1
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
