@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2373  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2811  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      2971  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3330  Several Processes (torchrun)     one all-reduce per step
-     3420  Command Line and the Tiny Model  main(), --tiny
+     3332  Several Processes (torchrun)     one all-reduce per step
+     3422  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3123,6 +3123,8 @@ def save_checkpoint(trainer: Trainer):
     try:                                # the latest's copy: ComfyUI holding it open must not end the run
         save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
     except UserError as e:
+        if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
+            raise
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)

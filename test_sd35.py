@@ -6169,6 +6169,23 @@ def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path,
                    r"cannot write .*held.png \(Permission denied\): close what holds it open")
 
 
+def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
+    """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
+    warning too, and the run went on (its state file saved, if it fitted)."""
+    make_dataset(tmp_path / "data")
+    real_save_file = sd.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).name.startswith(".lora.safetensors."):
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, path, metadata=metadata)
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    config = tiny_config(tmp_path, **{"train.steps": 1, "train.save_every": 1, "sample.sample_every": 0})
+    one_line_error(lambda: sd.train(config), r"cannot write .*lora.safetensors \(No space left on device\): "
+                   r"free disk space or choose another folder")
+    assert not (tmp_path / "run" / sd.STATE_FILE).exists()
+
+
 def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(tmp_path, monkeypatch):
     """A PermissionError met writing the temporary file (a shared cache_dir's latents/ made by another user, a
     folder made read-only mid-run: Linux, no program holds anything) was answered 'close what holds it open (a
