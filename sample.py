@@ -169,8 +169,7 @@ def main(argv=None) -> list[Path]:
                 setattr(args, flag, trained[flag])
                 print(f"{option} {trained[flag]} (the --lora's, as trained; {option} to choose another)")
     if args.model == "tiny" and (args.text_encoders or args.vae):      # else silently unused
-        raise sd.UserError("the tiny model has its own random text encoders and VAE: leave out "
-                           "--text-encoders and --vae")
+        raise sd.UserError(sd.TINY_OWN_PARTS.format("--text-encoders", "--vae"))
     t5_length = args.t5_length or trained.get("t5_length", sd.T5_LENGTH)
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")

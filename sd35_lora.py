@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1227  Training                         Trainer and the training loop
      1392  Part 2: plumbing                 a reader can stop here
      1399  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1918  Hub Downloads                    snapshot downloads, tokenizers
-     1980  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2242  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2373  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2811  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2971  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3332  Several Processes (torchrun)     one all-reduce per step
-     3422  Command Line and the Tiny Model  main(), --tiny
+     1917  Hub Downloads                    snapshot downloads, tokenizers
+     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2241  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2372  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2810  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2970  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3331  Several Processes (torchrun)     one all-reduce per step
+     3421  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1882,8 +1882,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
         if text_encoders or vae:                        # never silently unused
-            raise UserError("the tiny model has its own random text encoders and VAE: leave out "
-                            "text_encoders and vae")
+            raise UserError(TINY_OWN_PARTS.format("text_encoders", "vae"))
         pipe = tiny_pipeline(device, dtype, t5_length, use_t5)
         pipe.mmdit = quantize_mmdit(pipe.mmdit) if fp8 else pipe.mmdit
         pipe.variant = variant or pipe.variant
@@ -3464,6 +3463,7 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5
     return Pipeline(mmdit, vae, text, "sd3.5-medium", torch.device(device))
 
 
+TINY_OWN_PARTS = "the tiny model has its own random text encoders and VAE: leave out {} and {}"
 TINY_DATA = "runs/tiny_data"
 TINY_RUN = ["model=tiny", "text_encoders=", "vae=", "device=cpu", "dtype=fp32", "t5_length=16",
             "dataset.cache_dir=runs/tiny_cache", f"dataset.path={TINY_DATA}", "dataset.resolution=64",
