@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        87  Presets and Configuration        per-variant sampling presets, the training config
-      205  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      266  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      527  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      687  VAE                              16-channel autoencoder, the latent scale and shift
-      832  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      872  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1075  Data                             dataset scan, aspect buckets, the latent and text cache
-     1227  Training                         Trainer and the training loop
-     1392  Part 2: plumbing                 a reader can stop here
-     1399  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1917  Hub Downloads                    snapshot downloads, tokenizers
-     1979  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2241  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2372  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2810  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2970  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3331  Several Processes (torchrun)     one all-reduce per step
-     3421  Command Line and the Tiny Model  main(), --tiny
+      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      267  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      688  VAE                              16-channel autoencoder, the latent scale and shift
+      833  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      873  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1077  Data                             dataset scan, aspect buckets, the latent and text cache
+     1229  Training                         Trainer and the training loop
+     1394  Part 2: plumbing                 a reader can stop here
+     1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1919  Hub Downloads                    snapshot downloads, tokenizers
+     1981  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2812  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2972  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3333  Several Processes (torchrun)     one all-reduce per step
+     3423  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -109,6 +109,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 SHIFT_RANGE = (1e-3, 1e3)                  # below, 1 + (shift - 1) sigma is 0 in fp32 at sigma 1 (NaN images)
+MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
@@ -1010,10 +1011,11 @@ class SampleSettings:
         out.slg_scale = out.slg_scale if out.slg_layers else 0.0
         check_size(out.width, out.height)
         lo, hi = SHIFT_RANGE
-        if out.steps < 1 or not lo <= out.shift <= hi or not math.isfinite(out.cfg + out.slg_scale):
-            raise UserError(f"steps must be at least 1, shift in {lo:g}..{hi:g}, cfg and slg scale finite: "
-                            f"got {counted(out.steps, 'step')}, shift {out.shift}, cfg {out.cfg}, slg scale "
-                            f"{out.slg_scale}")
+        if (not 1 <= out.steps <= MAX_STEPS or not lo <= out.shift <= hi
+                or not math.isfinite(out.cfg + out.slg_scale)):
+            raise UserError(f"steps must be in 1..{MAX_STEPS}, shift in {lo:g}..{hi:g}, cfg and slg scale "
+                            f"finite: got {counted(out.steps, 'step')}, shift {out.shift}, cfg {out.cfg}, "
+                            f"slg scale {out.slg_scale}")
         if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
             raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
                             f"on no step of a {out.steps}-step one: use more or leave out --slg/--slg-scale")

@@ -180,6 +180,19 @@ def test_a_shift_too_small_or_large_for_the_sigmas_is_refused():
     assert sd.SampleSettings(shift=1e-3).resolved("sd3.5-medium").shift == 1e-3
 
 
+def test_more_steps_than_float32_has_noise_levels_is_a_one_line_error(tmp_path):
+    """--steps 100000000000 ended in a bare allocation error ('can't allocate memory: you tried to allocate
+    800000000000 bytes') building the schedule. float32 holds 1,065,353,216 values in (0, 1] (1.0's bits): a
+    schedule of more steps repeats noise levels, steps that do nothing."""
+    assert torch.tensor(1.0).view(torch.int32).item() == sd.MAX_STEPS == 1_065_353_216
+    assert sd.SampleSettings(steps=sd.MAX_STEPS).resolved("sd3.5-medium").steps == sd.MAX_STEPS
+    for steps in (sd.MAX_STEPS + 1, 10**11):
+        one_line_error(lambda: sd.SampleSettings(steps=steps).resolved("sd3.5-medium"),
+                       f"steps must be in 1..1065353216, .*got {steps} steps")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a", "--steps", "100000000000", "--width", "32",
+                                        "--height", "32", "--out", str(tmp_path)]), "steps must be in 1..1065353216")
+
+
 def test_cosine_schedule_is_denser_at_both_ends():
     linear, cosine = sd.get_schedule(20, 1.0, "linear"), sd.get_schedule(20, 1.0, "cosine")
     assert cosine[0] == linear[0] == 1.0 and cosine[-2] == pytest.approx(linear[-2]) and cosine[-1] == 0
