@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1981  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2812  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2972  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3333  Several Processes (torchrun)     one all-reduce per step
-     3423  Command Line and the Tiny Model  main(), --tiny
+     2814  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2974  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3335  Several Processes (torchrun)     one all-reduce per step
+     3425  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2587,9 +2587,11 @@ def validate(cfg: Config) -> Config:
                         f"images), got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
-    if cfg.lora.alpha == 0:                             # (kohya reads 0 as alpha = rank)
-        raise UserError("lora.alpha 0 scales the LoRA by alpha / rank = 0: it would train nothing; use "
-                        f"e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
+    most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
+    if not (cfg.lora.alpha and abs(cfg.lora.alpha) <= most):    # (kohya reads 0 as alpha = rank)
+        raise UserError(f"lora.alpha {cfg.lora.alpha:g} is outside what works: 0 scales the LoRA by 0 (it "
+                        f"would train nothing), more than {most:g} either way saves LoRA files load_lora "
+                        f"refuses; use e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
     # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
     if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
         raise UserError(f"lora.targets {cfg.lora.targets!r} in lora.blocks {cfg.lora.blocks!r} select "

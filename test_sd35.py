@@ -6210,6 +6210,16 @@ def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(t
                    r"cannot write .*a.safetensors \(Permission denied\): make its folder writable or choose another "
                    r"folder; older files are intact$")
 
+def test_a_lora_alpha_whose_files_would_not_load_is_refused_before_any_model_loads():
+    """lora.alpha 1e300 ended the first step in a bare RuntimeError (alpha / rank overflows float32), 1e39 in a
+    diverged run blamed on train.lr, and from 1e9 on the run saved LoRA files whose alpha load_lora (and with it
+    sample.py) refuses: 'metadata alpha = 2000000000.0 is not in -1000000000.0..1000000000.0'."""
+    for alpha in ("-2e9", "2e9", "1e39", "1e300"):
+        one_line_error(lambda: sd.load_config(None, [f"lora.alpha={alpha}"]),
+                       re.escape(f"lora.alpha {float(alpha):g} is outside") + r".* more than 1e\+09 either way")
+    assert sd.load_config(None, ["lora.alpha=-1e9"]).lora.alpha == -1e9
+
+
 def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
     scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
