@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1981  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2814  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2974  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3335  Several Processes (torchrun)     one all-reduce per step
-     3425  Command Line and the Tiny Model  main(), --tiny
+     2817  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2977  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3338  Several Processes (torchrun)     one all-reduce per step
+     3428  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2581,6 +2581,9 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
+    if len(cfg.sample.prompts) > 100:                   # previews sample_00..99, encoded as one batch
+        raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: each sample step makes a "
+                        f"preview of every one; give at most 100")
     # SD3.5 Medium's position table, SD3's largest, covers 6144 px per side (Large's 3072: the model says so)
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (no SD3 model takes larger "

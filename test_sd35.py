@@ -6220,6 +6220,15 @@ def test_a_lora_alpha_whose_files_would_not_load_is_refused_before_any_model_loa
     assert sd.load_config(None, ["lora.alpha=-1e9"]).lora.alpha == -1e9
 
 
+def test_more_preview_prompts_than_a_sample_step_can_make_is_a_one_line_error():
+    """100,000 sample.prompts were encoded as one batch when training began (gigabytes per thousand prompts with
+    T5-XXL, kept all run) and would each have been sampled at every sample step, as sample_100000.png."""
+    prompts = lambda n: "sample.prompts=[" + ", ".join(["a cat"] * n) + "]"
+    assert len(sd.load_config(None, [prompts(100)]).sample.prompts) == 100            # sample_00 .. sample_99
+    for n in (101, 100_000):
+        one_line_error(lambda: sd.load_config(None, [prompts(n)]), f"sample.prompts lists {n} prompts: .*at most 100")
+
+
 def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     """"C:\\Users\\me\\..." in YAML's double quotes (Explorer's "Copy as path" adds them) was refused as 'while
     scanning a double-quoted scalar', without a word of why; "D:\\runs\\new" read silently as D:, a carriage return,
