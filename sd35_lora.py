@@ -30,9 +30,9 @@ have. Sections (line numbers):
      2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2817  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2977  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3338  Several Processes (torchrun)     one all-reduce per step
-     3428  Command Line and the Tiny Model  main(), --tiny
+     2981  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3342  Several Processes (torchrun)     one all-reduce per step
+     3432  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1087,7 +1087,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     from PIL import Image, ImageOps
     with open_image(path, data) as im:
         im = ImageOps.exif_transpose(im)
-        im = from_16_bit(im) if im.mode.startswith("I") else im     # (PNG's 16-bit grey)
+        im = from_16_bit(im, path) if im.mode[0] in "IF" else im    # PNG's 16-bit grey; 32-bit refused
         # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
         alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
         if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
@@ -2963,12 +2963,16 @@ def open_image(path: Path, data: bytes | None = None):
         yield im
 
 
-def from_16_bit(im):
-    """16-bit grey (PNG, mode I;16) as 8-bit L, or LA where PNG's colour key (16-bit) marks transparent
-    pixels: convert("RGB") would clip it to white, and an 8-bit copy loses a key of 16-bit values (or matches
-    it to other pixels)."""
+def from_16_bit(im, path: Path):
+    """16-bit grey (PNG: mode I;16, Pillow < 10.3: I) as 8-bit L, or LA where PNG's colour key (16-bit) marks
+    transparent pixels: convert("RGB") would clip it to white, and an 8-bit copy loses a key of 16-bit values
+    (or matches it to other pixels). 32-bit integers past 16 bits, or floats (TIFF): no one range to map."""
     import numpy as np
     from PIL import Image
+    low, high = im.getextrema()
+    if im.mode == "F" or not 0 <= low <= high <= 65535:
+        raise UserError(f"image {path} holds 32-bit {'floats' if im.mode == 'F' else 'integers'} ({low:g}.."
+                        f"{high:g}): save it with 8 or 16 bits per channel")
     grey, key = im.point(lambda v: v / 257).convert("L"), im.info.get("transparency")
     alpha = None if key is None else Image.fromarray(np.asarray(im) != key).convert("L")    # 0: the key
     return grey if alpha is None else Image.merge("LA", (grey, alpha))

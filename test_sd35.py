@@ -3311,6 +3311,22 @@ def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     assert (ramp16 - ramp8).abs().max() <= 1.5 / 127.5, (ramp16.mean(), ramp8.mean())
 
 
+def test_32_bit_integer_or_float_images_are_refused_not_trained_as_white_or_black(tmp_path):
+    """A TIFF of 32-bit integers (mode I) or floats (mode F) under an image name (Pillow reads the content)
+    trained as white (read as 16-bit, clipped) or black (floats 0..1, clipped): no one range maps them to 8 bits.
+    Mode I within 0..65535 is 16-bit grey (as Pillow < 10.3 opens a 16-bit PNG) and trains as before."""
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    for array, what in [((grey * 1000).astype(np.int32), "integers"), ((grey / 65535).astype(np.float32), "floats")]:
+        Image.fromarray(array).save(tmp_path / "wide.png", format="TIFF")
+        assert Image.open(tmp_path / "wide.png").mode in ("I", "F")
+        one_line_error(lambda: sd.load_image(tmp_path / "wide.png", (64, 64)),
+                       f"image .*wide.png holds 32-bit {what} .*: save it with 8 or 16 bits per channel")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "ramp32.png", format="TIFF")
+    Image.fromarray((grey / 257).round().astype(np.uint8)).save(tmp_path / "ramp8.png")
+    ramp32, ramp8 = (sd.load_image(tmp_path / f"ramp{bits}.png", (64, 64)) for bits in (32, 8))
+    assert (ramp32 - ramp8).abs().max() <= 1.5 / 127.5
+
+
 def test_16_bit_grey_png_with_a_transparent_colour_key_trains_on_white(tmp_path):
     """PNG's tRNS key of a 16-bit grey image is a 16-bit value: the 8-bit image made from it lost it (pixels of
     the key trained grey), or matched it against the 8-bit values (opaque 25700 / 257 = 100 trained white)."""
