@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1981  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2817  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2981  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3342  Several Processes (torchrun)     one all-reduce per step
-     3432  Command Line and the Tiny Model  main(), --tiny
+     2819  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2983  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3344  Several Processes (torchrun)     one all-reduce per step
+     3434  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2574,6 +2574,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
         raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
                         f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
+    if cfg.sample.sample_steps > MAX_STEPS:             # else refused only once the models have loaded
+        raise UserError(f"'sample.sample_steps' must be at most {MAX_STEPS}, got {cfg.sample.sample_steps}")
     if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
         raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
                         f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")

@@ -191,6 +191,8 @@ def test_more_steps_than_float32_has_noise_levels_is_a_one_line_error(tmp_path):
                        f"steps must be in 1..1065353216, .*got {steps} steps")
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a", "--steps", "100000000000", "--width", "32",
                                         "--height", "32", "--out", str(tmp_path)]), "steps must be in 1..1065353216")
+    one_line_error(lambda: sd.load_config(None, ["sample.sample_steps=1e11"]),     # before the models load
+                   "'sample.sample_steps' must be at most 1065353216, got 100000000000")
 
 
 def test_cosine_schedule_is_denser_at_both_ends():
