@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1229  Training                         Trainer and the training loop
      1394  Part 2: plumbing                 a reader can stop here
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1919  Hub Downloads                    snapshot downloads, tokenizers
-     1981  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2243  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2374  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2819  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2983  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3344  Several Processes (torchrun)     one all-reduce per step
-     3434  Command Line and the Tiny Model  main(), --tiny
+     1921  Hub Downloads                    snapshot downloads, tokenizers
+     1983  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2246  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2377  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2827  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2991  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3353  Several Processes (torchrun)     one all-reduce per step
+     3443  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1874,6 +1874,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     """The one entry point: a diffusers folder, an official single file (+ text_encoders folder), a hub id, or
     "tiny". Models load on the CPU, then go to `device` (see Pipeline.place for `offload`)."""
     device = pick_device(str(device))
+    use_t5, fp8 = read_flag(use_t5, "use_t5"), read_flag(fp8, "fp8")
+    offload = offload if offload is None else read_flag(offload, "offload")    # None: as memory allows
     if fp8 and fp8_lacking(device):
         raise UserError(f"fp8 needs float8, which {fp8_lacking(device)} lacks: turn fp8 off")
     dtype = pick_dtype(dtype, device)
@@ -2201,6 +2203,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
         raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
     scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
+    merge = read_flag(merge, "merge")
     adapters = read_lora(model, path)                      # validates everything before touching the model
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
@@ -2403,10 +2406,7 @@ def _coerce(value, default, key: str):
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
-        value = bool(value) if type(value).__name__ in ("bool", "bool_") else value  # numpy's (1.x: bool_)
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
+        return read_flag(value, f"config key '{key}'")
     for parse in (int, float) if isinstance(value, str) else ():    # read_yaml leaves numbers as text
         with contextlib.suppress(ValueError):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
@@ -2421,6 +2421,14 @@ def read_number(value, whole: bool, name: str) -> int | float:
     if not number or not abs(value) <= sys.float_info.max or whole and value % 1:   # NaN, inf, 10**400: no
         raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r:.60}")
     return int(value) if whole else float(value)
+
+
+def read_flag(value, name: str) -> bool:
+    """`value` as True or False, numpy's too; from Python the text "no" or "False" would be true to `if`."""
+    value = bool(value) if type(value).__name__ in ("bool", "bool_") else value  # numpy's (1.x: bool_)
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _fill(obj, data: dict, prefix: str = ""):
@@ -3096,6 +3104,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
+    resume = read_flag(resume, "resume")
     if not cfg.model:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")

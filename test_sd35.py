@@ -2687,6 +2687,24 @@ def test_library_calls_given_the_wrong_object_say_what_to_pass(tmp_path):
                    "model not found: .*missing")
 
 
+def test_options_given_as_text_or_numbers_where_true_or_false_is_meant_are_refused(tmp_path):
+    """load_lora(merge="no") merged, load_pipeline(use_t5="False") loaded T5, offload="0" and fp8="no" offloaded
+    and quantized, train(resume="no") resumed: any text is true to `if`. numpy's bools are Python's."""
+    trained, lora = lora_model(), tmp_path / "lora.safetensors"
+    sd.save_lora(trained, lora)
+    for value in ("no", "False", "0", 0, None):
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), lora, merge=value), f"merge must be true or false, got {value!r}")
+    for option in ("use_t5", "offload", "fp8"):
+        one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", **{option: "no"}),
+                       f"{option} must be true or false, got 'no'")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path), resume="no"), "resume must be true or false, got 'no'")
+    model = tiny_mmdit()
+    sd.load_lora(model, lora, merge=np.False_)
+    assert len(sd.lora_layers(model)) > 0                                   # unmerged, as False
+    pipe = sd.load_pipeline("tiny", device="cpu", use_t5=np.False_, offload=np.True_)
+    assert pipe.text.t5 is None and pipe.offload is True
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
