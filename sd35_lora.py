@@ -18,21 +18,21 @@ have. Sections (line numbers):
       206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       267  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      688  VAE                              16-channel autoencoder, the latent scale and shift
-      833  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      873  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1077  Data                             dataset scan, aspect buckets, the latent and text cache
-     1229  Training                         Trainer and the training loop
-     1394  Part 2: plumbing                 a reader can stop here
-     1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1921  Hub Downloads                    snapshot downloads, tokenizers
-     1983  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2246  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2377  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2827  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2991  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3353  Several Processes (torchrun)     one all-reduce per step
-     3443  Command Line and the Tiny Model  main(), --tiny
+      689  VAE                              16-channel autoencoder, the latent scale and shift
+      834  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      874  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1078  Data                             dataset scan, aspect buckets, the latent and text cache
+     1230  Training                         Trainer and the training loop
+     1395  Part 2: plumbing                 a reader can stop here
+     1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1922  Hub Downloads                    snapshot downloads, tokenizers
+     1984  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2832  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     2996  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3358  Several Processes (torchrun)     one all-reduce per step
+     3448  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -663,6 +663,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects (in joint blocks: only `blocks`) -> the new LoRA weights."""
+    refuse_pipeline(model, "add_lora", "rank=16")
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
@@ -1984,11 +1985,16 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #                                   LoRA Files                                  #
 #################################################################################
 
+def refuse_pipeline(model, call: str, args: str):
+    """add_lora, load_lora and save_lora take the MMDiT (diffusers' take the pipeline): say so."""
+    if isinstance(model, Pipeline):
+        raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
+
+
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
-    if isinstance(model, Pipeline):                 # as diffusers' save_lora_weights takes it
-        raise UserError("save_lora takes the MMDiT (pipe.mmdit), not a Pipeline: save_lora(pipe.mmdit, path)")
+    refuse_pipeline(model, "save_lora", "path")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -2200,8 +2206,7 @@ def merge_delta(layer: nn.Module, delta: torch.Tensor):
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. All or
     nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
-    if isinstance(model, Pipeline):                 # as diffusers' pipe.load_lora_weights takes it
-        raise UserError("load_lora takes the MMDiT (pipe.mmdit), not a Pipeline: load_lora(pipe.mmdit, path)")
+    refuse_pipeline(model, "load_lora", "path")
     scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     merge = read_flag(merge, "merge")
     adapters = read_lora(model, path)                      # validates everything before touching the model

@@ -2705,6 +2705,15 @@ def test_options_given_as_text_or_numbers_where_true_or_false_is_meant_are_refus
     assert pipe.text.t5 is None and pipe.offload is True
 
 
+def test_add_lora_given_the_pipeline_says_to_pass_its_mmdit():
+    """add_lora(pipe) (the Pipeline, as load_lora(pipe) and save_lora(pipe) are refused by name) failed with
+    "'Pipeline' object has no attribute 'named_parameters'"."""
+    pipe = sd.tiny_pipeline()
+    one_line_error(lambda: sd.add_lora(pipe, rank=2),
+                   r"add_lora takes the MMDiT \(pipe.mmdit\), not a Pipeline: add_lora\(pipe.mmdit, rank=")
+    assert not sd.lora_layers(pipe.mmdit) and len(sd.add_lora(pipe.mmdit, rank=2)) > 0
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
