@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1230  Training                         Trainer and the training loop
      1395  Part 2: plumbing                 a reader can stop here
      1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1922  Hub Downloads                    snapshot downloads, tokenizers
-     1984  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2251  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2382  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2832  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     2996  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3358  Several Processes (torchrun)     one all-reduce per step
-     3448  Command Line and the Tiny Model  main(), --tiny
+     1929  Hub Downloads                    snapshot downloads, tokenizers
+     1991  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2263  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2394  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2844  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3008  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3371  Several Processes (torchrun)     one all-reduce per step
+     3461  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1512,10 +1512,17 @@ def describe_checkpoint(sd: dict) -> str:
     return f"it looks like {what}" if what else f"its first keys are {sorted(sd)[:3]}"
 
 
+def file_path(path, what: str) -> Path:
+    """`path` (str or Path) as a Path; None or an open file is a one-line error, not pathlib's TypeError."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"give the path of {what} (str or Path), not {path!r:.60}")
+    return Path(path)
+
+
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
     """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read; None:
     none), each through `convert(name, tensor)`, and its metadata; or a UserError saying what is wrong."""
-    path = Path(path)
+    path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         example = f" in it, e.g. {inside[0]}" if inside else ""
@@ -2014,8 +2021,13 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
                 out[f"transformer.{part}.lora_B.weight"] = up_part
     first = next(iter(layers.values()))
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
-            "modules": sorted(layers), **(metadata or {})}
-    _atomic_save(out, path, {"format": "pt", "sd35_lora": json.dumps(info)})
+            "modules": sorted(layers)}
+    try:                                # (ValueError: a dict that holds itself)
+        header = json.dumps({**info, **(metadata or {})})
+    except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
+        raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
+                        f"x.item() for a numpy number) ({e})") from None
+    _atomic_save(out, path, {"format": "pt", "sd35_lora": header})
 
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
@@ -3034,7 +3046,8 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    path = file_path(path, "the file to write")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)

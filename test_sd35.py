@@ -2714,6 +2714,21 @@ def test_add_lora_given_the_pipeline_says_to_pass_its_mmdit():
     assert not sd.lora_layers(pipe.mmdit) and len(sd.add_lora(pipe.mmdit, rank=2)) > 0
 
 
+def test_lora_metadata_that_is_no_json_and_a_lora_path_that_is_no_path_say_what_to_pass(tmp_path):
+    """save_lora(metadata={"steps": np.int64(500)}) failed with json's bare "Object of type int64 is not JSON
+    serializable", metadata=[...] with "'list' object is not a mapping"; load_lora(model, None) and save_lora(model,
+    None) with pathlib's "expected str, bytes or os.PathLike object, not NoneType". No file is left behind."""
+    model, lora = lora_model(), tmp_path / "lora.safetensors"
+    for metadata, why in [({"steps": np.int64(500)}, "int64 is not JSON serializable"), ([("steps", 500)], "not a")]:
+        one_line_error(lambda: sd.save_lora(model, lora, metadata=metadata),
+                       rf"metadata must be a dict of JSON values.*\.item\(\).*{why}")
+    assert not list(tmp_path.iterdir())
+    one_line_error(lambda: sd.save_lora(model, None), "give the path of the file to write .str or Path., not None")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), None), "give the path of a .safetensors file .str or Path., not None")
+    sd.save_lora(model, str(lora), metadata={"steps": 500})
+    assert sd.load_lora(tiny_mmdit(), str(lora)) == len(sd.lora_layers(model))
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
