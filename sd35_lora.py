@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1991  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2263  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2394  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2844  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3008  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3371  Several Processes (torchrun)     one all-reduce per step
-     3461  Command Line and the Tiny Model  main(), --tiny
+     2847  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3011  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3374  Several Processes (torchrun)     one all-reduce per step
+     3464  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2537,6 +2537,9 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
     Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
     `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
+        raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
+                        "settings=SampleSettings(...)")
     if not (isinstance(prompts, (list, tuple))                     # e.g. None: len()'s bare TypeError
             and all(isinstance(text, str) for text in [negative, *prompts])):
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "

@@ -2729,6 +2729,14 @@ def test_lora_metadata_that_is_no_json_and_a_lora_path_that_is_no_path_say_what_
     assert sd.load_lora(tiny_mmdit(), str(lora)) == len(sd.lora_layers(model))
 
 
+def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings_by_name():
+    """generate(pipe, prompts, SampleSettings(...)) put the settings in `negative`, and the error said only that the
+    negative prompt must be text."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    one_line_error(lambda: sd.generate(pipe, ["red"], s, progress=False),
+                   r"third argument is the negative prompt: pass the settings by name, settings=SampleSettings")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
