@@ -18,21 +18,21 @@ have. Sections (line numbers):
       206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       267  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      689  VAE                              16-channel autoencoder, the latent scale and shift
-      834  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      874  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1078  Data                             dataset scan, aspect buckets, the latent and text cache
-     1230  Training                         Trainer and the training loop
-     1395  Part 2: plumbing                 a reader can stop here
-     1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1929  Hub Downloads                    snapshot downloads, tokenizers
-     1991  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2263  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2394  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2847  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3011  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3374  Several Processes (torchrun)     one all-reduce per step
-     3464  Command Line and the Tiny Model  main(), --tiny
+      690  VAE                              16-channel autoencoder, the latent scale and shift
+      835  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      875  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1079  Data                             dataset scan, aspect buckets, the latent and text cache
+     1231  Training                         Trainer and the training loop
+     1396  Part 2: plumbing                 a reader can stop here
+     1403  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1930  Hub Downloads                    snapshot downloads, tokenizers
+     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2859  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3023  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3386  Several Processes (torchrun)     one all-reduce per step
+     3476  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -664,6 +664,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects (in joint blocks: only `blocks`) -> the new LoRA weights."""
     refuse_pipeline(model, "add_lora", "rank=16")
+    rank, alpha, dropout = read_lora_inputs(rank, alpha, dropout, targets)
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
@@ -2579,6 +2580,17 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     return dataclasses.replace(settings, **plain), batch_size
+
+
+def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, float]:
+    """add_lora's arguments from Python, read as a config file's: rank "4" or 4.0 was a bare TypeError, alpha
+    "8" one at the first forward, dropout 1.5 torch's ValueError (-0.1: no dropout, silently)."""
+    rank, dropout = read_number(rank, True, "rank"), read_number(dropout, False, "dropout")
+    alpha = alpha if alpha is None else read_number(alpha, False, "alpha")
+    if not (0 <= dropout < 1 and isinstance(targets, str)):
+        raise UserError(f"dropout must be in 0..1 (below 1) and targets text (attn, attn_mlp, all or "
+                        f"regexes, comma-separated): got {dropout} and {targets!r:.60}")
+    return rank, alpha, dropout
 
 
 def validate(cfg: Config) -> Config:

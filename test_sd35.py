@@ -2737,6 +2737,24 @@ def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings
                    r"third argument is the negative prompt: pass the settings by name, settings=SampleSettings")
 
 
+def test_add_lora_reads_its_numbers_as_a_config_file_does():
+    """From Python, add_lora(rank="4") failed with a bare TypeError ('<=' between int and str), rank=4.0 in
+    torch.empty, targets=["attn"] with "unhashable type: 'list'", dropout=1.5 with torch's ValueError; alpha="8" was
+    taken and failed at the first forward. numpy's numbers and a whole float are numbers."""
+    for wrong, error in [({"rank": "4"}, "rank must be a whole number, got '4'"),
+                         ({"alpha": "8"}, "alpha must be a finite number, got '8'"),
+                         ({"dropout": 1.5}, "dropout must be in 0..1.*got 1.5"),
+                         ({"dropout": -0.1}, "dropout must be in 0..1.*got -0.1"),
+                         ({"targets": ["attn"]}, r"and targets text .*got 0.0 and \['attn'\]")]:
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.add_lora(model, **{"rank": 2, **wrong}), error)
+        assert not sd.lora_layers(model)
+    model = tiny_mmdit()
+    sd.add_lora(model, rank=4.0, alpha=np.float32(8), dropout=np.float64(0.1))
+    layer = next(iter(sd.lora_layers(model).values()))
+    assert (layer.rank, layer.alpha, layer.dropout.p) == (4, 8.0, 0.1) and type(layer.alpha) is float
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
