@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2859  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3023  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3386  Several Processes (torchrun)     one all-reduce per step
-     3476  Command Line and the Tiny Model  main(), --tiny
+     2860  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3024  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3387  Several Processes (torchrun)     one all-reduce per step
+     3477  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2683,23 +2683,24 @@ def read_yaml(path: str, text: str | None = None):
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     for tag in drop:                # tagged too: `!!int x` was a bare ValueError, `!!bool maybe` a KeyError
         loader.add_constructor(tag, yaml.SafeLoader.construct_scalar)
-    return yaml.load(Path(path).read_text(encoding="utf-8") if text is None else text, loader)
+    text = file_path(path, "a YAML config file").read_text(encoding="utf-8") if text is None else text
+    return yaml.load(text, loader)
 
 
-def load_config(path: str | None, overrides: list[str] | str | None = ()) -> Config:
-    """Config from YAML plus `a.b=value` overrides (values parsed as YAML)."""
+def load_config(path: str | dict | None, overrides: list[str] | str | None = ()) -> Config:
+    """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
     if path:
         try:
-            _fill(config, read_yaml(path) or {})
+            _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
             why = str(e).splitlines()[0]            # "C:\Users\me" in double quotes: \U starts an escape
             if "escape" in (getattr(e, "problem", None) or ""):
                 why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
-        key, sep, raw = item.partition("=")
+        key, sep, raw = str(item).partition("=")                 # ("train.lr", 1e-4): refused as text
         if not sep:
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         if LONE_SURROGATE.search(item):                 # YAML would say "special characters are not allowed"

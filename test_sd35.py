@@ -2693,7 +2693,8 @@ def test_options_given_as_text_or_numbers_where_true_or_false_is_meant_are_refus
     trained, lora = lora_model(), tmp_path / "lora.safetensors"
     sd.save_lora(trained, lora)
     for value in ("no", "False", "0", 0, None):
-        one_line_error(lambda: sd.load_lora(tiny_mmdit(), lora, merge=value), f"merge must be true or false, got {value!r}")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), lora, merge=value),
+                       f"merge must be true or false, got {value!r}")
     for option in ("use_t5", "offload", "fp8"):
         one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", **{option: "no"}),
                        f"{option} must be true or false, got 'no'")
@@ -2724,7 +2725,8 @@ def test_lora_metadata_that_is_no_json_and_a_lora_path_that_is_no_path_say_what_
                        rf"metadata must be a dict of JSON values.*\.item\(\).*{why}")
     assert not list(tmp_path.iterdir())
     one_line_error(lambda: sd.save_lora(model, None), "give the path of the file to write .str or Path., not None")
-    one_line_error(lambda: sd.load_lora(tiny_mmdit(), None), "give the path of a .safetensors file .str or Path., not None")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), None),
+                   "give the path of a .safetensors file .str or Path., not None")
     sd.save_lora(model, str(lora), metadata={"steps": 500})
     assert sd.load_lora(tiny_mmdit(), str(lora)) == len(sd.lora_layers(model))
 
@@ -2753,6 +2755,18 @@ def test_add_lora_reads_its_numbers_as_a_config_file_does():
     sd.add_lora(model, rank=4.0, alpha=np.float32(8), dropout=np.float64(0.1))
     layer = next(iter(sd.lora_layers(model).values()))
     assert (layer.rank, layer.alpha, layer.dropout.p) == (4, 8.0, 0.1) and type(layer.alpha) is float
+
+
+def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass():
+    """load_config({"model": "tiny", ...}) (a config kept as a dict in a notebook) failed with pathlib's bare
+    "expected str, bytes or os.PathLike object, not dict", load_config(None, [("train.lr", 1e-4)]) with "'tuple' object
+    has no attribute 'partition'". A dict is read as the YAML file's mapping, checked the same way."""
+    cfg = sd.load_config({"model": "tiny", "train": {"lr": "5e-5", "steps": 20}}, ["train.steps=30"])
+    assert (cfg.model, cfg.train.lr, cfg.train.steps) == ("tiny", 5e-5, 30)
+    one_line_error(lambda: sd.load_config({"train": {"lr": 1e-4, "step": 20}}), "unknown config key 'train.step'")
+    one_line_error(lambda: sd.load_config(5), "give the path of a YAML config file .str or Path., not 5")
+    one_line_error(lambda: sd.load_config(None, [("train.lr", 1e-4)]),
+                   r"--set expects key=value .*got \('train.lr', 0.0001\)")
 
 
 def test_fractions_above_1_are_refused_before_any_model_loads():
