@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA and MPS (macOS 14+), fp32 "
                    "on the CPU")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    if isinstance(argv, str):                   # main("--prompt red") from Python: argparse reads its letters
+        raise sd.UserError(f"main takes a list of arguments, e.g. main(['--model', 'tiny', '--prompt', "
+                           f"'a fox']), not {argv!r:.60}")
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("give at least one --prompt")

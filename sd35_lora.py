@@ -3578,6 +3578,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (seconds to a minute), through the same code paths")
+    if isinstance(argv, str):                   # main("config.yaml") from Python: argparse reads its letters
+        raise UserError(f"main takes a list of arguments, e.g. main(['config.yaml', '--resume']), not "
+                        f"{argv!r:.60}")
     return parser.parse_args(argv)
 
 

@@ -2769,6 +2769,15 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
                    r"--set expects key=value .*got \('train.lr', 0.0001\)")
 
 
+def test_main_given_its_command_line_as_one_text_says_to_pass_a_list(capsys):
+    """sd.main("config.yaml --resume") and sample.main("--model tiny --prompt red") from a notebook: argparse read
+    the text letter by letter, "unrecognized arguments: o n f i g . y a m l ...", and exited (SystemExit 2)."""
+    one_line_error(lambda: sd.main("config.yaml --resume"),
+                   r"main takes a list of arguments, e.g. main\(\['config.yaml', '--resume'\]\), not 'config.yaml")
+    one_line_error(lambda: sample.main("--model tiny --prompt red"),
+                   r"main takes a list of arguments, e.g. main\(\['--model', 'tiny', '--prompt', 'a fox'\]\)")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
