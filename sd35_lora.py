@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2860  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3024  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3387  Several Processes (torchrun)     one all-reduce per step
-     3477  Command Line and the Tiny Model  main(), --tiny
+     3390  Several Processes (torchrun)     one all-reduce per step
+     3480  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3063,6 +3063,9 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     path = file_path(path, "the file to write")
+    if path.is_dir():           # save_lora(model, "runs"); the other files' paths are made here, not given
+        raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
+                        f"{path / 'lora.safetensors'}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
     try:

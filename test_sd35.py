@@ -2778,6 +2778,14 @@ def test_main_given_its_command_line_as_one_text_says_to_pass_a_list(capsys):
                    r"main takes a list of arguments, e.g. main\(\['--model', 'tiny', '--prompt', 'a fox'\]\)")
 
 
+def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
+    """save_lora(model, "runs") (the folder to save into) said "cannot write runs (Is a directory): free disk space
+    or choose another folder"."""
+    one_line_error(lambda: sd.save_lora(lora_model(), tmp_path),
+                   f"{re.escape(str(tmp_path))} is a folder: give the path of a file in it, e.g. .*lora.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
