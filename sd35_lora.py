@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2860  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3024  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3390  Several Processes (torchrun)     one all-reduce per step
-     3480  Command Line and the Tiny Model  main(), --tiny
+     2870  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3034  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3400  Several Processes (torchrun)     one all-reduce per step
+     3490  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1036,7 +1036,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
         raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
-    settings, batch_size = read_sample_inputs(settings, batch_size)     # from Python: checked, plain numbers
+    settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     check_seed(s.seed, len(prompts))
@@ -2550,7 +2550,14 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         "uncond) from TextEncoders.encode, or load the pipeline again")
     if embeddings is None:
         return
-    (context, _), uncond = embeddings
+    try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: a bare ValueError
+        (context, pooled), uncond = embeddings
+        widths = context.shape[2], pooled.shape[1]
+    except (TypeError, ValueError, AttributeError, IndexError):
+        widths = None
+    if widths != (pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim):     # another model's: torch's error
+        raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
+                        "TextEncoders.encode; uncond None without CFG")
     if len(context) != len(prompts):
         raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode those "
                         f"prompts")
@@ -2559,8 +2566,8 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
-def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[SampleSettings, int]:
-    """generate()'s settings and batch_size from Python, their numbers read as a config file's: text, None
+def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -> tuple[SampleSettings, int]:
+    """generate()'s settings, batch_size and keep from Python, the numbers read as a config file's: text, None
     where no preset stands in, or a dict is a one-line error, not a TypeError from deep inside torch."""
     if not isinstance(settings, (SampleSettings, type(None))):
         raise UserError(f"settings must be a SampleSettings, e.g. SampleSettings(steps=20) or "
@@ -2579,6 +2586,9 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size) -> tuple[Sam
     batch_size = read_number(batch_size, True, "batch_size")
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
+    if keep and not callable(keep):                     # keep=True: a TypeError after the first batch's work
+        raise UserError(f"keep takes a function of each batch's images (e.g. a_list.extend), not "
+                        f"{keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
 
 

@@ -2786,6 +2786,22 @@ def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
+    """generate(..., embeddings=pipe.text.encode(prompts)) (the cond pair alone, not (cond, uncond)) failed with a
+    bare "not enough values to unpack", embeddings of another model's widths with torch's "mat1 and mat2 shapes
+    cannot be multiplied", keep=True with "'bool' object is not callable" after the first batch was sampled."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=1.0)
+    cond = pipe.text.encode(["red"])
+    for embeddings in (cond, (cond[0], None), ((cond[0][..., :10], cond[1]), None), ((cond[0], cond[1][:, :8]), None)):
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings),
+                       r"embeddings must be \(cond, uncond\), each \(context, pooled\)")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, keep=True),
+                   "keep takes a function .*, not True")
+    kept = []
+    assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(cond, None), keep=kept.extend)) == 1
+    assert len(kept) == 1
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
