@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1231  Training                         Trainer and the training loop
      1396  Part 2: plumbing                 a reader can stop here
      1403  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1930  Hub Downloads                    snapshot downloads, tokenizers
-     1992  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2395  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2870  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3034  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3400  Several Processes (torchrun)     one all-reduce per step
-     3490  Command Line and the Tiny Model  main(), --tiny
+     1931  Hub Downloads                    snapshot downloads, tokenizers
+     1993  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2265  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2396  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2871  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3035  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3401  Several Processes (torchrun)     one all-reduce per step
+     3491  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1650,7 +1650,8 @@ def nan_advice(modules: list[nn.Module], otherwise: str) -> str:
 def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = False) -> MMDiT:
     """The transformer from a diffusers root folder, its `transformer/` folder, or a single .safetensors."""
     quantized = {}                      # fp8: matrices are quantized as they are read, never all in bf16
-    sd, config = _read_part(Path(path), "transformer", "SD3Transformer2DModel", "model.diffusion_model.",
+    sd, config = _read_part(file_path(path, "an MMDiT"), "transformer", "SD3Transformer2DModel",
+                            "model.diffusion_model.",
                             functools.partial(_fp8_on_read, quantized) if fp8 else None)
     if "x_embedder.proj.weight" not in sd and "pos_embed.proj.weight" not in sd:
         raise UserError(f"{path} is not an SD3/SD3.5 checkpoint: {describe_checkpoint(sd)}")
@@ -1677,7 +1678,7 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
 
 def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
     """The VAE from a diffusers root folder, its `vae/` folder, or an official single file."""
-    sd, config = _read_part(Path(path), "vae", "AutoencoderKL", "first_stage_model.")
+    sd, config = _read_part(file_path(path, "a VAE"), "vae", "AutoencoderKL", "first_stage_model.")
     names = {"groups": "norm_num_groups", "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
     overrides = {k: config[d] for k, d in names.items() if config.get(d) is not None}
     if "decoder.conv_in.weight" not in sd:
@@ -1772,7 +1773,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
     folder of single files (clip_l, clip_g, t5xxl_fp16/_fp8_e4m3fn .safetensors) or an all-in-one file."""
     import transformers
-    source, roles = Path(source), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
+    source, roles = file_path(source, "text encoders"), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
         read = [file for p in picked.values() if p.is_dir()          # they key the text cache, not the path

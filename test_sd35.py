@@ -2802,6 +2802,13 @@ def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_func
     assert len(kept) == 1
 
 
+def test_the_model_loaders_given_no_path_say_what_to_pass():
+    """load_mmdit(None), load_vae(None) and load_text_encoders(None) (a config's path left unset) failed with
+    pathlib's bare "expected str, bytes or os.PathLike object, not NoneType"."""
+    for load, what in [(sd.load_mmdit, "an MMDiT"), (sd.load_vae, "a VAE"), (sd.load_text_encoders, "text encoders")]:
+        one_line_error(lambda: load(None), f"give the path of {what} .str or Path., not None")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
