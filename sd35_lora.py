@@ -471,7 +471,7 @@ class MMDiT(nn.Module):
 
     def enable_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each joint block in the backward pass: activation memory ~1 block instead of all."""
-        self.gradient_checkpointing = enabled
+        self.gradient_checkpointing = read_flag(enabled, "enabled")
         return self
 
     def compile_blocks(self):
@@ -899,7 +899,7 @@ class Pipeline:
             offload = need > 0
             if offload:
                 print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
-        self.offload = offload
+        self.offload = offload = read_flag(offload, "offload")
         for m in modules:
             m.to("cpu" if offload else self.device)
         return self

@@ -2809,6 +2809,16 @@ def test_the_model_loaders_given_no_path_say_what_to_pass():
         one_line_error(lambda: load(None), f"give the path of {what} .str or Path., not None")
 
 
+def test_the_models_own_switches_take_true_or_false_only():
+    """pipe.place(offload="no") kept the models on the CPU, mmdit.enable_gradient_checkpointing("no") turned
+    checkpointing on: any text is true."""
+    pipe = sd.tiny_pipeline()
+    one_line_error(lambda: pipe.place(offload="no"), "offload must be true or false, got 'no'")
+    one_line_error(lambda: pipe.mmdit.enable_gradient_checkpointing("no"), "enabled must be true or false, got 'no'")
+    assert pipe.place(np.False_).offload is False
+    assert pipe.mmdit.enable_gradient_checkpointing(np.True_).gradient_checkpointing is True
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
