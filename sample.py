@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if isinstance(argv, str):                   # main("--prompt red") from Python: argparse reads its letters
         raise sd.UserError(f"main takes a list of arguments, e.g. main(['--model', 'tiny', '--prompt', "
                            f"'a fox']), not {argv!r:.60}")
-    args = p.parse_args(argv)
+    args = p.parse_args(None if argv is None else [str(a) for a in argv])       # a Path, 5: as typed
     if not args.prompt:
         p.error("give at least one --prompt")
     if not args.model and not args.lora:

@@ -3595,7 +3595,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if isinstance(argv, str):                   # main("config.yaml") from Python: argparse reads its letters
         raise UserError(f"main takes a list of arguments, e.g. main(['config.yaml', '--resume']), not "
                         f"{argv!r:.60}")
-    return parser.parse_args(argv)
+    return parser.parse_args(None if argv is None else [str(a) for a in argv])  # a Path, 5: as typed
 
 
 def main(argv=None):

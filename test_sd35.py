@@ -2819,6 +2819,15 @@ def test_the_models_own_switches_take_true_or_false_only():
     assert pipe.mmdit.enable_gradient_checkpointing(np.True_).gradient_checkpointing is True
 
 
+def test_main_takes_paths_and_numbers_among_its_arguments(tmp_path):
+    """sd.main([Path("config.yaml")]) or sample.main([..., "--seed", 5]) from a notebook failed in argparse with a
+    bare "'PosixPath' object is not subscriptable" ('int' for the number): they are read as typed on a command line."""
+    args = sd.parse_args([tmp_path / "config.yaml", "--set", "train.lr=1e-4"])
+    assert (args.config, args.set) == (str(tmp_path / "config.yaml"), ["train.lr=1e-4"])
+    args = sample.parse_args(["--model", "tiny", "--prompt", "red", "--seed", 5, "--out", tmp_path])
+    assert (args.seed, args.out) == (5, str(tmp_path))
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
