@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1993  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2265  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2396  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2871  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3035  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3401  Several Processes (torchrun)     one all-reduce per step
-     3491  Command Line and the Tiny Model  main(), --tiny
+     2872  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3036  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3402  Several Processes (torchrun)     one all-reduce per step
+     3492  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2405,7 +2405,8 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        many = hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))   # numpy's, pandas'
+        items = list(value) if many else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
         if isinstance(value, (dict, list, tuple)):           # never its Python repr as a prompt or a path

@@ -2828,6 +2828,16 @@ def test_main_takes_paths_and_numbers_among_its_arguments(tmp_path):
     assert (args.seed, args.out) == (5, str(tmp_path))
 
 
+def test_a_numpy_array_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
+    """cfg.sample.prompts = df.caption.values[:2] (a numpy array) in a notebook trained with one preview prompt, the
+    array's text "['red stripes' 'blue disc']", without a word: an array is a list, as a tuple is."""
+    cfg = sd.Config()
+    cfg.sample.prompts = np.array(["red stripes", "blue disc"])
+    assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
+    cfg.sample.prompts = {"red": 1}                               # a mapping: refused, not its keys taken
+    one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be text, got \{'red': 1\}")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
