@@ -21,18 +21,18 @@ have. Sections (line numbers):
       690  VAE                              16-channel autoencoder, the latent scale and shift
       835  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       875  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1079  Data                             dataset scan, aspect buckets, the latent and text cache
-     1231  Training                         Trainer and the training loop
-     1396  Part 2: plumbing                 a reader can stop here
-     1403  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1931  Hub Downloads                    snapshot downloads, tokenizers
-     1993  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2265  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2396  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2872  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3036  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3402  Several Processes (torchrun)     one all-reduce per step
-     3492  Command Line and the Tiny Model  main(), --tiny
+     1080  Data                             dataset scan, aspect buckets, the latent and text cache
+     1232  Training                         Trainer and the training loop
+     1397  Part 2: plumbing                 a reader can stop here
+     1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1932  Hub Downloads                    snapshot downloads, tokenizers
+     1994  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2873  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3037  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3403  Several Processes (torchrun)     one all-reduce per step
+     3493  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -997,6 +997,7 @@ class SampleSettings:
     def resolved(self, variant: str, depth: int | None = None) -> "SampleSettings":
         """The settings that run on `variant` with `depth` joint blocks: the preset's skip layers past a
         smaller model's (7,8,9 of a tiny one) are left out, so that they are not recorded as having run."""
+        check_choice("variant", variant, PRESETS)                  # e.g. pipe.variant set by hand
         preset = dataclasses.asdict(PRESETS[variant])
         out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers

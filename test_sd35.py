@@ -2838,6 +2838,15 @@ def test_a_numpy_array_of_prompts_in_a_config_built_in_python_is_a_list_of_promp
     one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be text, got \{'red': 1\}")
 
 
+def test_settings_resolved_for_a_mistyped_variant_name_the_variants():
+    """SampleSettings().resolved("sd3.5") (or generate on a pipe whose variant was set by hand, e.g. pipe.variant =
+    "sd3.5-turbo") failed with a bare KeyError: 'sd3.5'."""
+    one_line_error(lambda: sd.SampleSettings().resolved("sd3.5"), "unknown variant 'sd3.5': use one of sd3-medium, ")
+    pipe = sd.tiny_pipeline()
+    pipe.variant = "sd3.5-turbo"
+    one_line_error(lambda: sd.generate(pipe, ["red"], progress=False), "unknown variant 'sd3.5-turbo'")
+
+
 def test_fractions_above_1_are_refused_before_any_model_loads():
     """lora.dropout 1.5 ended in torch's bare ValueError after loading and caching (1.0 zeroes every LoRA input:
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
