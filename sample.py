@@ -180,6 +180,8 @@ def main(argv=None) -> list[Path]:
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
+    if args.steps and args.steps > sd.MAX_STEPS:        # before loading models (generate checks it late)
+        raise sd.UserError(f"--steps must be in 1..{sd.MAX_STEPS}, got {args.steps}")
     if args.compile:
         sd.check_compile(sd.pick_device(args.device))   # before loading models (torch.compile fails late)
     pipe = None

@@ -4589,6 +4589,14 @@ def test_sample_cli_refuses_a_bad_size_before_loading_the_model(tmp_path, monkey
             sample.main(["--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path), *size])
 
 
+def test_sample_cli_refuses_more_steps_than_max_steps_before_loading_the_model(tmp_path, monkeypatch):
+    """--steps 100000000000 (a typo) was refused only by generate(), after the models had loaded: minutes
+    for SD3.5 Large, as sample.sample_steps was before validate took it."""
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    with pytest.raises(sd.UserError, match=f"--steps must be in 1..{sd.MAX_STEPS}, got 100000000000"):
+        sample.main(["--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path), "--steps", "100000000000"])
+
+
 def test_sample_cli_refuses_skip_layers_without_a_scale(capsys):
     base = ["--model", "tiny", "--prompt", "a cat"]
     with pytest.raises(SystemExit) as exit_info:                         # the scale's default 0 = no SLG
