@@ -14,16 +14,16 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
-       87  Presets and Configuration        per-variant sampling presets, the training config
-      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      267  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      690  VAE                              16-channel autoencoder, the latent scale and shift
-      835  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      875  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1080  Data                             dataset scan, aspect buckets, the latent and text cache
-     1232  Training                         Trainer and the training loop
-     1397  Part 2: plumbing                 a reader can stop here
+       77  Presets and Configuration        per-variant sampling presets, the training config
+      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      674  VAE                              16-channel autoencoder, the latent scale and shift
+      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1064  Data                             dataset scan, aspect buckets, the latent and text cache
+     1216  Training                         Trainer and the training loop
+     1381  Part 2: plumbing                 a reader can stop here
      1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1932  Hub Downloads                    snapshot downloads, tokenizers
      1994  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
@@ -74,16 +74,6 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
-class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
-    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
-    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
-
-    def __init__(self, message: str, own: bool = False):
-        super().__init__(message)
-        self.own = own
-
-
 #################################################################################
 #                           Presets and Configuration                           #
 #################################################################################
@@ -120,12 +110,6 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULES = ("constant", "cosine")
 LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_choice(name: str, value, options):
-    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
-        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 @dataclass
@@ -1399,6 +1383,22 @@ def train(cfg: Config, resume: bool = False) -> Path:
 #      The method ends above: a reader can stop here. Below: checkpoint and     #
 #     LoRA file formats, downloads, fp8, config files, torchrun glue, the CLI.  #
 #################################################################################
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
+
+
+def check_choice(name: str, value, options):
+    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
+    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 #################################################################################
