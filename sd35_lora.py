@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
-      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      674  VAE                              16-channel autoencoder, the latent scale and shift
-      819  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      859  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1064  Data                             dataset scan, aspect buckets, the latent and text cache
-     1216  Training                         Trainer and the training loop
-     1381  Part 2: plumbing                 a reader can stop here
-     1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1932  Hub Downloads                    snapshot downloads, tokenizers
-     1994  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2873  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3037  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3403  Several Processes (torchrun)     one all-reduce per step
-     3493  Command Line and the Tiny Model  main(), --tiny
+      188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      510  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      672  VAE                              16-channel autoencoder, the latent scale and shift
+      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      857  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1042  Data                             dataset scan, aspect buckets, the latent and text cache
+     1194  Training                         Trainer and the training loop
+     1359  Part 2: plumbing                 a reader can stop here
+     1382  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1910  Hub Downloads                    snapshot downloads, tokenizers
+     1972  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2244  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2884  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3048  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3414  Several Processes (torchrun)     one all-reduce per step
+     3504  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -98,8 +98,6 @@ PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
-SHIFT_RANGE = (1e-3, 1e3)                  # below, 1 + (shift - 1) sigma is 0 in fp32 at sigma 1 (NaN images)
-MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
@@ -984,30 +982,10 @@ class SampleSettings:
         check_choice("variant", variant, PRESETS)                  # e.g. pipe.variant set by hand
         preset = dataclasses.asdict(PRESETS[variant])
         out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
-        if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
-            raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
-                            f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
-        wrong = [i for i in out.slg_layers if depth is not None and not 0 <= i < depth]
-        if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
-            raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
-                            f"0..{depth - 1}: fix --slg-layers")
-        if out.slg_scale and out.cfg <= 1.0:        # SLG guides the CFG step only; refused on any depth
-            raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
-                            f"--cfg or leave out --slg/--slg-scale")
-        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        check_skip_layer_guidance(out, variant, depth, layers_given=self.slg_layers is not None)
+        out.slg_layers = tuple(i for i in out.slg_layers if depth is None or 0 <= i < depth)
         out.slg_scale = out.slg_scale if out.slg_layers else 0.0
-        check_size(out.width, out.height)
-        lo, hi = SHIFT_RANGE
-        if (not 1 <= out.steps <= MAX_STEPS or not lo <= out.shift <= hi
-                or not math.isfinite(out.cfg + out.slg_scale)):
-            raise UserError(f"steps must be in 1..{MAX_STEPS}, shift in {lo:g}..{hi:g}, cfg and slg scale "
-                            f"finite: got {counted(out.steps, 'step')}, shift {out.shift}, cfg {out.cfg}, "
-                            f"slg scale {out.slg_scale}")
-        if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
-            raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
-                            f"on no step of a {out.steps}-step one: use more or leave out --slg/--slg-scale")
-        check_choice("sampler", out.sampler, SAMPLERS)
-        check_choice("schedule", out.schedule, SCHEDULES)
+        check_sample_settings(out)                  # sizes, step count, shift, finite scales, option names
         return out
 
 
@@ -2492,6 +2470,39 @@ def check_size(width: int, height: int, name: str = "width and height"):
     """Image sides are positive multiples of 16: the VAE divides by 8, the MMDiT's 2x2 patches by 2 more."""
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
+
+
+SHIFT_RANGE = (1e-3, 1e3)      # wide margins: below 2^-25, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
+MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
+
+
+def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
+    """SampleSettings.resolved's refusals before it drops the preset's skip layers that `depth` lacks."""
+    if s.slg_scale is None or s.slg_scale and not s.slg_layers:       # --slg, or a scale without layers
+        raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
+                        f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
+    wrong = [i for i in s.slg_layers if depth is not None and not 0 <= i < depth]
+    if s.slg_scale and wrong and layers_given:                      # given, not the preset's: a typo
+        raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
+                        f"0..{depth - 1}: fix --slg-layers")
+    if s.slg_scale and s.cfg <= 1.0:            # SLG guides the CFG step only; refused on any depth
+        raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {s.cfg}): raise "
+                        f"--cfg or leave out --slg/--slg-scale")
+
+
+def check_sample_settings(s: SampleSettings):
+    """SampleSettings.resolved's refusals of the settings that will run."""
+    check_size(s.width, s.height)
+    lo, hi = SHIFT_RANGE
+    if not 1 <= s.steps <= MAX_STEPS or not lo <= s.shift <= hi or not math.isfinite(s.cfg + s.slg_scale):
+        raise UserError(f"steps must be in 1..{MAX_STEPS}, shift in {lo:g}..{hi:g}, cfg and slg scale "
+                        f"finite: got {counted(s.steps, 'step')}, shift {s.shift}, cfg {s.cfg}, "
+                        f"slg scale {s.slg_scale}")
+    if s.slg_scale and not any(slg_acts(i, s.steps) for i in range(s.steps)):
+        raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
+                        f"on no step of a {s.steps}-step one: use more or leave out --slg/--slg-scale")
+    check_choice("sampler", s.sampler, SAMPLERS)
+    check_choice("schedule", s.schedule, SCHEDULES)
 
 
 def check_seed(seed: int, images: int, name: str = "seed"):
