@@ -18,17 +18,17 @@ have. Sections (line numbers):
       188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       510  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      672  VAE                              16-channel autoencoder, the latent scale and shift
-      817  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      857  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1042  Data                             dataset scan, aspect buckets, the latent and text cache
-     1194  Training                         Trainer and the training loop
-     1359  Part 2: plumbing                 a reader can stop here
-     1382  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1910  Hub Downloads                    snapshot downloads, tokenizers
-     1972  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2244  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2375  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+      647  VAE                              16-channel autoencoder, the latent scale and shift
+      792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      832  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1017  Data                             dataset scan, aspect buckets, the latent and text cache
+     1169  Training                         Trainer and the training loop
+     1334  Part 2: plumbing                 a reader can stop here
+     1357  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1885  Hub Downloads                    snapshot downloads, tokenizers
+     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2350  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2884  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3048  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3414  Several Processes (torchrun)     one all-reduce per step
@@ -599,31 +599,6 @@ class LoRALinear(nn.Linear):
         out = FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias, x_lora, self.lora_down.weight,
                                  self.lora_up.weight, self.scale)
         return out.to(x.dtype)
-
-
-def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
-    if not spec:
-        return set(range(depth))
-    blocks = set()
-    for part in str(spec).split(","):
-        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
-        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
-            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
-        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
-            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
-                            f"are 0-{depth - 1}")
-        blocks.update(range(int(lo), int(hi or lo) + 1))
-    return blocks
-
-
-def target_regexes(targets: str) -> list[re.Pattern]:
-    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
-    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    try:
-        return [re.compile(p.strip()) for p in patterns if p.strip()]
-    except re.error as e:
-        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str]:
@@ -2604,6 +2579,31 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
         raise UserError(f"keep takes a function of each batch's images (e.g. a_list.extend), not "
                         f"{keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
+
+
+def parse_blocks(spec: str, depth: int) -> set[int]:
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
+    if not spec:
+        return set(range(depth))
+    blocks = set()
+    for part in str(spec).split(","):
+        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
+        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
+            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
+            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
+                            f"are 0-{depth - 1}")
+        blocks.update(range(int(lo), int(hi or lo) + 1))
+    return blocks
+
+
+def target_regexes(targets: str) -> list[re.Pattern]:
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    try:
+        return [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, float]:
