@@ -21,18 +21,18 @@ have. Sections (line numbers):
       647  VAE                              16-channel autoencoder, the latent scale and shift
       792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       832  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1017  Data                             dataset scan, aspect buckets, the latent and text cache
-     1169  Training                         Trainer and the training loop
-     1334  Part 2: plumbing                 a reader can stop here
-     1357  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1885  Hub Downloads                    snapshot downloads, tokenizers
-     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2350  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2884  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3048  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3414  Several Processes (torchrun)     one all-reduce per step
-     3504  Command Line and the Tiny Model  main(), --tiny
+     1011  Data                             dataset scan, aspect buckets, the latent and text cache
+     1163  Training                         Trainer and the training loop
+     1328  Part 2: plumbing                 a reader can stop here
+     1351  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2344  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3061  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3427  Several Processes (torchrun)     one all-reduce per step
+     3517  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -971,13 +971,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
-    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
-        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
-    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
-    settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
-    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
-    check_seed(s.seed, len(prompts))
+    # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
+    prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
+                                                  keep)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
@@ -1004,9 +1000,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             with pipe.on_device(pipe.vae):                 # one image at a time: VAE activations are large
                 images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])   # (B, 3, H, W), [-1, 1]
             if not images.isfinite().all():                # one check per batch, not per sampling step
-                raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-                    [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
-                    "lower the cfg/LoRA scale or use fp32"))
+                raise nan_images_error(pipe, text_encoded=embeddings is None)
             arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
             if keep:
@@ -2553,6 +2547,25 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
+
+
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep):
+    """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
+    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
+        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
+    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
+    settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
+    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
+    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
+    check_seed(s.seed, len(prompts))
+    return prompts, s, batch_size
+
+
+def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:
+    """generate()'s error for NaN/inf images, naming a damaged weight of the models that ran, if any."""
+    modules = [pipe.mmdit, pipe.vae, *(pipe.text.modules() if text_encoded else [])]
+    return UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+        modules, "lower the cfg/LoRA scale or use fp32"))
 
 
 def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -> tuple[SampleSettings, int]:
