@@ -20,19 +20,19 @@ have. Sections (line numbers):
       510  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       647  VAE                              16-channel autoencoder, the latent scale and shift
       792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      832  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1011  Data                             dataset scan, aspect buckets, the latent and text cache
-     1163  Training                         Trainer and the training loop
-     1328  Part 2: plumbing                 a reader can stop here
-     1351  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2213  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2344  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3061  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3427  Several Processes (torchrun)     one all-reduce per step
-     3517  Command Line and the Tiny Model  main(), --tiny
+      829  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1008  Data                             dataset scan, aspect buckets, the latent and text cache
+     1160  Training                         Trainer and the training loop
+     1325  Part 2: plumbing                 a reader can stop here
+     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1884  Hub Downloads                    snapshot downloads, tokenizers
+     1946  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2902  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3066  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3432  Several Processes (torchrun)     one all-reduce per step
+     3522  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -802,10 +802,7 @@ class TextEncoders:
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
         self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
-        for tok, model in zip(tokenizers, self.modules()):     # else an IndexError at the first text
-            if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:   # hand-edited: a new id
-                raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
-                                f"encoder's vocabulary: copy the tokenizer folders again from its download")
+        check_pad_tokens(tokenizers, self.modules())
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -1714,6 +1711,14 @@ def _no_custom_code(folder: Path, error: Exception):
     if "trust_remote_code" in str(error):                   # (else: missing or damaged)
         raise UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
                         f"which is never run: use a folder of the standard SD3.5 text encoders") from None
+
+
+def check_pad_tokens(tokenizers, encoders: list[nn.Module]):
+    """A padding id past the vocabulary (a hand-edited tokenizer) is refused: it was an IndexError later."""
+    for tok, model in zip(tokenizers, encoders):
+        if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:
+            raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
+                            f"encoder's vocabulary: copy the tokenizer folders again from its download")
 
 
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
