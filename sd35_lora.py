@@ -22,17 +22,17 @@ have. Sections (line numbers):
       792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       829  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1008  Data                             dataset scan, aspect buckets, the latent and text cache
-     1160  Training                         Trainer and the training loop
-     1325  Part 2: plumbing                 a reader can stop here
-     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1884  Hub Downloads                    snapshot downloads, tokenizers
-     1946  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2218  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2349  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2902  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3066  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3432  Several Processes (torchrun)     one all-reduce per step
-     3522  Command Line and the Tiny Model  main(), --tiny
+     1153  Training                         Trainer and the training loop
+     1318  Part 2: plumbing                 a reader can stop here
+     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1877  Hub Downloads                    snapshot downloads, tokenizers
+     1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2211  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2342  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2895  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3069  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3435  Several Processes (torchrun)     one all-reduce per step
+     3525  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1051,17 +1051,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
-        caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
-        if not caption_file.exists() and path.with_suffix(".TXT").exists():    # as Windows and macOS find it
-            caption_file = path.with_suffix(".TXT")
-        try:
-            caption = read_caption(caption_file)
-            empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
-        except FileNotFoundError:
-            uncaptioned.append(path.name)
-        except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
-            fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
-            raise UserError(f"caption {caption_file}: {getattr(e, 'strerror', None) or e}; {fix}") from None
+        caption, caption_file = read_caption(path)                 # None: no caption file
+        uncaptioned += [path.name] * (caption is None)
+        empty += [caption_file.name] * (caption == "")         # meant (unconditional), or a tagger's miss?
+        caption = cfg.default_caption if caption is None else caption
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
@@ -2911,15 +2904,25 @@ NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recentl
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
-def read_caption(path: Path) -> str:
-    """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
-    as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
-    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
-        raise FileNotFoundError(path)          # (files_under leaves it out: its image is uncaptioned)
-    text = path.read_text(encoding="utf-8-sig")
-    if "\x00" in text:
-        raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
-    return text.strip()
+def read_caption(image: Path) -> tuple[str | None, Path]:
+    """-> (the text of the image's .txt, or None where there is none; that file). A bad byte is refused (no
+    silent ?), and so is a NUL: UTF-16 saved without a BOM reads as UTF-8 without an error,
+    'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    path = image.with_suffix(".txt")
+    if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
+        path = image.with_suffix(".TXT")
+    try:
+        if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+            raise FileNotFoundError(path)      # (files_under leaves it out: its image is uncaptioned)
+        text = path.read_text(encoding="utf-8-sig")
+        if "\x00" in text:
+            raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
+    except FileNotFoundError:
+        return None, path
+    except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
+        fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
+        raise UserError(f"caption {path}: {getattr(e, 'strerror', None) or e}; {fix}") from None
+    return text.strip(), path
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
