@@ -22,17 +22,17 @@ have. Sections (line numbers):
       792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       829  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1008  Data                             dataset scan, aspect buckets, the latent and text cache
-     1153  Training                         Trainer and the training loop
-     1318  Part 2: plumbing                 a reader can stop here
-     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1877  Hub Downloads                    snapshot downloads, tokenizers
-     1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2211  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2342  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2895  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3069  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3435  Several Processes (torchrun)     one all-reduce per step
-     3525  Command Line and the Tiny Model  main(), --tiny
+     1145  Training                         Trainer and the training loop
+     1310  Part 2: plumbing                 a reader can stop here
+     1333  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1869  Hub Downloads                    snapshot downloads, tokenizers
+     1931  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2203  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2334  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2887  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3068  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3444  Several Processes (torchrun)     one all-reduce per step
+     3534  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1083,13 +1083,7 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-
-        def store(path: Path, compute, source: str, layout: dict) -> Path:  # torchrun: one writer per file
-            try:
-                return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
-            except UserError as e:                      # this process's share: process 0 may never see it
-                e.own = True
-                raise
+        store = functools.partial(cache_share, rank=rank, world=world)     # torchrun: one writer per file
 
         def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
             embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
@@ -1117,9 +1111,7 @@ class LatentDataset:
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
-                why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
-                raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
-                                f"it: restore it, or run again to scan anew", own=data is not None) from None
+                raise image_gone_error(item["path"], e, own=data is not None) from None
             contents.append(_digest(data, item["caption"]))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
@@ -3029,6 +3021,13 @@ class TooLarge(ValueError):
     """An image over MAX_PIXELS that cannot be read smaller: not decoded."""
 
 
+def image_gone_error(path: Path, e: OSError | TooLarge, own: bool) -> UserError:
+    """An image the dataset scan read that cannot be read when its latents are cached (edited or removed)."""
+    why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
+    return UserError(f"image {path} cannot be read ({why}), though the dataset scan read it: restore it, or "
+                     f"run again to scan anew", own=own)
+
+
 @contextlib.contextmanager
 def open_image(path: Path, data: bytes | None = None):
     """Image.open with MAX_PIXELS for Pillow's limit. A JPEG over it is decoded at 1/2..1/8 scale (its cheap
@@ -3081,6 +3080,16 @@ def _weights_digest(module: nn.Module) -> str:
     for t in module.state_dict().values():
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world: int) -> Path:
+    """cached() for this process's share of the cache files (by the name's hash), else just the path. A
+    refusal met here is this process's own (UserError.own): process 0 may never see it."""
+    try:
+        return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
+    except UserError as e:
+        e.own = True
+        raise
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
