@@ -17,22 +17,22 @@ have. Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
       188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      510  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      647  VAE                              16-channel autoencoder, the latent scale and shift
-      792  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      829  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1008  Data                             dataset scan, aspect buckets, the latent and text cache
-     1145  Training                         Trainer and the training loop
-     1310  Part 2: plumbing                 a reader can stop here
-     1333  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1869  Hub Downloads                    snapshot downloads, tokenizers
-     1931  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2203  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2334  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2887  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3068  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3444  Several Processes (torchrun)     one all-reduce per step
-     3534  Command Line and the Tiny Model  main(), --tiny
+      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      651  VAE                              16-channel autoencoder, the latent scale and shift
+      796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1013  Data                             dataset scan, aspect buckets, the latent and text cache
+     1150  Training                         Trainer and the training loop
+     1315  Part 2: plumbing                 a reader can stop here
+     1338  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1874  Hub Downloads                    snapshot downloads, tokenizers
+     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2892  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3073  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3449  Several Processes (torchrun)     one all-reduce per step
+     3539  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -410,6 +410,7 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+        """context (B, Lc, D), x (B, Lx, D), c (B, D) = SiLU(timestep + pooled embedding) -> context, x"""
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
@@ -487,7 +488,8 @@ class MMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 skip_layers=()) -> torch.Tensor:
-        """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity."""
+        """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity,
+        x's shape (noise - x0, as flow_matching_loss trains it)."""
         p, dtype = self.cfg.patch_size, self.compute_dtype
         h, w = x.shape[-2] // p, x.shape[-1] // p
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
@@ -520,11 +522,11 @@ LORA_TARGETS = {
 
 
 class FrozenLinear(torch.autograd.Function):
-    """x W^T + b for a frozen W (fp8 when it comes with row scales: the backward dequantizes it again rather
-    than keep a copy, but see `checkpointed`), plus, given LoRA adapters, scale * x' down^T up^T (x': x
-    after LoRA dropout; None: x), with the backward written out. A Large LoRA step is bound by kernel
-    launches: a LoRA adds ~25 operators per layer to a checkpointed training step here, ~50 as autograd's
-    graph of the same formula. The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
+    """x W^T + b for a frozen W, plus (given LoRA adapters) scale * x' down^T up^T, x' being x after LoRA
+    dropout (None: x itself). The backward is written out because a Large LoRA step is bound by kernel
+    launches: ~25 operators per layer in a checkpointed step, ~50 as autograd's graph of the same formula.
+    An fp8 W comes with row scales; the backward dequantizes it again rather than keep a copy (but see
+    `checkpointed`). The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
 
     checkpointed = False                                        # see `checkpointed` (fp8 Weights)
 
@@ -592,7 +594,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
-        x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x   # autocast's fp32 outputs: bf16
+        # under autocast an fp32 x (an op autocast keeps in fp32) is cast, as F.linear would: the base matmul,
+        # the update and the written-out backward all run in autocast's dtype
+        x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x
         # the update runs in x's dtype; without autocast in the adapters' fp32 (a bf16 model sampled unmerged)
         x_lora = self.dropout(x if autocast else x.to(self.lora_down.weight.dtype))
         x_lora = None if x_lora is x else x_lora                        # None: one input, one gradient
@@ -929,7 +933,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)      # named: a caller's default dtype/device draws others
+    shape = (1, channels, height // 8, width // 8)
+    # dtype and device named: under a caller's set_default_dtype/set_default_device the draws would differ
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32,
                                   device="cpu") for s in seeds])
 
