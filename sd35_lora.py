@@ -23,16 +23,16 @@ have. Sections (line numbers):
       833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1013  Data                             dataset scan, aspect buckets, the latent and text cache
      1150  Training                         Trainer and the training loop
-     1315  Part 2: plumbing                 a reader can stop here
-     1338  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1874  Hub Downloads                    snapshot downloads, tokenizers
-     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2892  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3073  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3449  Several Processes (torchrun)     one all-reduce per step
-     3539  Command Line and the Tiny Model  main(), --tiny
+     1312  Part 2: plumbing                 a reader can stop here
+     1335  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1871  Hub Downloads                    snapshot downloads, tokenizers
+     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2336  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2889  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3454  Several Processes (torchrun)     one all-reduce per step
+     3544  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1178,10 +1178,7 @@ class Trainer:
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-        pipe.mmdit.check_image_fits(s.height, s.width, "lower sample.width and sample.height")
-        w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
-        pipe.mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
-        lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # these: refused before the caching
+        refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
@@ -3281,6 +3278,14 @@ def save_previews(trainer: Trainer):
             bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
         trainer.mmdit.train()
+
+
+def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):
+    """Preview and bucket sizes past the loaded model's position table; LoRA targets it does not have."""
+    mmdit.check_image_fits(cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
+    w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
+    mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
+    lora_targets(mmdit, cfg.lora.rank, cfg.lora.targets, cfg.lora.blocks)
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
