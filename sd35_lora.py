@@ -22,17 +22,17 @@ have. Sections (line numbers):
       796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1013  Data                             dataset scan, aspect buckets, the latent and text cache
-     1150  Training                         Trainer and the training loop
-     1312  Part 2: plumbing                 a reader can stop here
-     1335  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1871  Hub Downloads                    snapshot downloads, tokenizers
-     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2205  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2336  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2889  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3454  Several Processes (torchrun)     one all-reduce per step
-     3544  Command Line and the Tiny Model  main(), --tiny
+     1141  Training                         Trainer and the training loop
+     1303  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1862  Hub Downloads                    snapshot downloads, tokenizers
+     1924  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2880  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3076  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3460  Several Processes (torchrun)     one all-reduce per step
+     3550  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1065,16 +1065,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
         cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
     dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
-    if not items:
-        missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
-        raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
-                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
-    if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
-        folders = counted(len({i["path"].parent for i in items}), "folder")
-        print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
-              + (f" (left out: {'; '.join(left)})" if left else ""))
+    dataset_summary(root, items, len(found) - len(paths), left_out)     # or an error if nothing is usable
     return items
 
 
@@ -2960,6 +2951,21 @@ def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str)
     own = [d for d in (Path(x).resolve() for x in (output_dir, cache_dir)) if root.resolve() in d.parents]
     marks = (LOCK_FILE, STATE_FILE)
     return own + [Path(os.path.realpath(p.parent)) for p in files if p.name in marks and p.parent != root]
+
+
+def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[str]):
+    """scan_dataset's last word: no usable image is an error saying why; else one line (from process 0: once
+    under torchrun) of what it found and left out (`in_runs` images in runs' own folders, then `left_out`)."""
+    if not items:
+        missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
+        raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
+                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
+    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0)
+    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
+    if rank_and_world()[0] == 0:
+        folders = counted(len({i["path"].parent for i in items}), "folder")
+        print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
+              + (f" (left out: {'; '.join(left)})" if left else ""))
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
