@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have. Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
-      188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      651  VAE                              16-channel autoencoder, the latent scale and shift
-      796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1013  Data                             dataset scan, aspect buckets, the latent and text cache
-     1141  Training                         Trainer and the training loop
-     1303  Part 2: plumbing                 a reader can stop here
-     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1862  Hub Downloads                    snapshot downloads, tokenizers
-     1924  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2196  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2327  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2880  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3076  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3460  Several Processes (torchrun)     one all-reduce per step
-     3550  Command Line and the Tiny Model  main(), --tiny
+      187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      248  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      650  VAE                              16-channel autoencoder, the latent scale and shift
+      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      832  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1012  Data                             dataset scan, aspect buckets, the latent and text cache
+     1140  Training                         Trainer and the training loop
+     1302  Part 2: plumbing                 a reader can stop here
+     1325  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1864  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2329  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2882  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3078  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3462  Several Processes (torchrun)     one all-reduce per step
+     3552  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -99,7 +99,6 @@ PRESETS = {  # sources: README "Variants and recommended settings"
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
 T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
-T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
@@ -1807,6 +1806,9 @@ def _header_groups(path: Path) -> set[str]:
             return {k.removeprefix("model.diffusion_model.").split(".")[0] for k in f.keys()}
     except Exception:                               # not safetensors: load_mmdit's error says what it is
         return set()
+
+
+T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
