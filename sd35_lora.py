@@ -13,26 +13,26 @@ Data flow:
                captions -> TextEncoders -> cond -+-> flow-matching loss on MMDiT+LoRA -> AdamW -> LoRA file
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
-have. Sections (line numbers):
+have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
       187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       248  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       650  VAE                              16-channel autoencoder, the latent scale and shift
-      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      832  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1012  Data                             dataset scan, aspect buckets, the latent and text cache
-     1140  Training                         Trainer and the training loop
-     1302  Part 2: plumbing                 a reader can stop here
-     1325  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1864  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2329  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2882  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3078  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3462  Several Processes (torchrun)     one all-reduce per step
-     3552  Command Line and the Tiny Model  main(), --tiny
+      796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1013  Data                             dataset scan, aspect buckets, the latent and text cache
+     1141  Training                         Trainer and the training loop
+     1303  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1865  Hub Downloads                    snapshot downloads, tokenizers
+     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2199  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2330  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2883  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3079  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3463  Several Processes (torchrun)     one all-reduce per step
+     3553  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -717,6 +717,7 @@ class Resample(nn.Module):
 
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
+    """One resolution level's ResNet blocks, as `.block`; the caller adds its down- or upsample."""
     level = nn.Module()
     widths = [cin] + [cout] * (n_blocks - 1)                         # the first block changes the width
     level.block = nn.Sequential(*(ResnetBlock(w, cout, groups) for w in widths))
