@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1013  Data                             dataset scan, aspect buckets, the latent and text cache
      1141  Training                         Trainer and the training loop
-     1303  Part 2: plumbing                 a reader can stop here
-     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1865  Hub Downloads                    snapshot downloads, tokenizers
-     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2199  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2330  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2883  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3079  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3463  Several Processes (torchrun)     one all-reduce per step
-     3553  Command Line and the Tiny Model  main(), --tiny
+     1294  Part 2: plumbing                 a reader can stop here
+     1317  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1856  Hub Downloads                    snapshot downloads, tokenizers
+     1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3464  Several Processes (torchrun)     one all-reduce per step
+     3554  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1225,15 +1225,6 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                     "sigma": sigma, "time": time.time()}) + "\n")
 
-    def diverged(self, loss: float, grad_norm: float) -> UserError:
-        """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
-        last = self.out / "lora.safetensors"                # none before the first save_every
-        last = (f"the last good checkpoint is {last}" if last.is_file()
-                else "no checkpoint was saved yet: start again in a new or empty output_dir")
-        fix = nan_advice([self.mmdit], "lower train.lr or check the data")
-        return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; "
-                         f"stopped without saving: {fix}; {last}")
-
     def every_or_last(self, n: int) -> bool:            # checkpoints and samples (n = 0: at the last only)
         return n > 0 and self.step % n == 0 or self.step == self.cfg.train.steps
 
@@ -1274,7 +1265,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                raise tr.diverged(total, grad_norm)
+                raise diverged(tr, total, grad_norm)
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -3376,6 +3367,16 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
                                    f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
     return error
+
+
+def diverged(tr: Trainer, loss: float, grad_norm: float) -> UserError:
+    """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
+    last = tr.out / "lora.safetensors"                  # none before the first save_every
+    last = (f"the last good checkpoint is {last}" if last.is_file()
+            else "no checkpoint was saved yet: start again in a new or empty output_dir")
+    fix = nan_advice([tr.mmdit], "lower train.lr or check the data")
+    return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {tr.step + 1}; "
+                     f"stopped without saving: {fix}; {last}")
 
 
 def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
