@@ -16,23 +16,23 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
       187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      248  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      650  VAE                              16-channel autoencoder, the latent scale and shift
-      796  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1013  Data                             dataset scan, aspect buckets, the latent and text cache
-     1141  Training                         Trainer and the training loop
-     1294  Part 2: plumbing                 a reader can stop here
-     1317  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1856  Hub Downloads                    snapshot downloads, tokenizers
-     1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2321  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3464  Several Processes (torchrun)     one all-reduce per step
-     3554  Command Line and the Tiny Model  main(), --tiny
+      249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      513  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      652  VAE                              16-channel autoencoder, the latent scale and shift
+      798  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1015  Data                             dataset scan, aspect buckets, the latent and text cache
+     1143  Training                         Trainer and the training loop
+     1296  Part 2: plumbing                 a reader can stop here
+     1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1858  Hub Downloads                    snapshot downloads, tokenizers
+     1920  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2192  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2876  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3072  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3466  Several Processes (torchrun)     one all-reduce per step
+     3556  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -233,7 +233,8 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
                        n: int = 0):
     """Rectified flow: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, unweighted MSEs, sigmas)
     (diffusers' SD3 scripts default to precondition_outputs: an MSE on x0 = x_t - s v, s^2 times this one.)
-    The batch may be slice `keep` of a batch of n (sigmas, noise drawn for all n); loss = weighted sum / n."""
+    latents (b, 16, h, w), context (b, L, 4096), pooled (b, 2048) may be slice `keep` of a batch of n (sigmas
+    and noise are drawn for all n, so any slice sees what the whole batch would); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
@@ -391,6 +392,7 @@ class StreamBlock(nn.Module):
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
+        """This stream's share of the joint attention, (B, L, D) -> x + gated attention(s) + gated MLP"""
         normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
@@ -1161,7 +1163,7 @@ class Trainer:
         self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
-        items = scan_dataset(cfg.dataset, cfg.output_dir)          # after those: it decodes every image
+        items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
