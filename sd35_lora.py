@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1143  Training                         Trainer and the training loop
      1296  Part 2: plumbing                 a reader can stop here
      1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1858  Hub Downloads                    snapshot downloads, tokenizers
-     1920  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2192  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2876  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3072  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3466  Several Processes (torchrun)     one all-reduce per step
-     3556  Command Line and the Tiny Model  main(), --tiny
+     1855  Hub Downloads                    snapshot downloads, tokenizers
+     1917  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3464  Several Processes (torchrun)     one all-reduce per step
+     3554  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1802,9 +1802,6 @@ def _header_groups(path: Path) -> set[str]:
         return set()
 
 
-T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
-
-
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
                   dtype: str | torch.dtype | None = None, t5_length: int = T5_LENGTH, use_t5: bool = True,
                   variant: str = "", offload: bool | None = None, fp8: bool = False) -> Pipeline:
@@ -1969,6 +1966,7 @@ TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' par
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
+T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
