@@ -13,26 +13,26 @@ Data flow:
                captions -> TextEncoders -> cond -+-> flow-matching loss on MMDiT+LoRA -> AdamW -> LoRA file
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
-have. Sections (line numbers):
-       87  Presets and Configuration        per-variant sampling presets, the training config
-      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      267  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      690  VAE                              16-channel autoencoder, the latent scale and shift
-      835  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      875  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1080  Data                             dataset scan, aspect buckets, the latent and text cache
-     1232  Training                         Trainer and the training loop
-     1397  Part 2: plumbing                 a reader can stop here
-     1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1932  Hub Downloads                    snapshot downloads, tokenizers
-     1994  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2873  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3037  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3403  Several Processes (torchrun)     one all-reduce per step
-     3493  Command Line and the Tiny Model  main(), --tiny
+have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
+       77  Presets and Configuration        per-variant sampling presets, the training config
+      187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      513  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      652  VAE                              16-channel autoencoder, the latent scale and shift
+      798  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1015  Data                             dataset scan, aspect buckets, the latent and text cache
+     1143  Training                         Trainer and the training loop
+     1296  Part 2: plumbing                 a reader can stop here
+     1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1855  Hub Downloads                    snapshot downloads, tokenizers
+     1917  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2321  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3464  Several Processes (torchrun)     one all-reduce per step
+     3554  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -74,16 +74,6 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
-class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
-    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
-    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
-
-    def __init__(self, message: str, own: bool = False):
-        super().__init__(message)
-        self.own = own
-
-
 #################################################################################
 #                           Presets and Configuration                           #
 #################################################################################
@@ -108,10 +98,7 @@ PRESETS = {  # sources: README "Variants and recommended settings"
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),        # sd3_infer.py CONFIGS
 }
 SLG_WINDOW = (0.01, 0.20)                  # skip-layer guidance acts on steps inside this fraction of the run
-SHIFT_RANGE = (1e-3, 1e3)                  # below, 1 + (shift - 1) sigma is 0 in fp32 at sigma 1 (NaN images)
-MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 T5_LENGTH = 256                            # diffusers' default; shared by training, previews and sample.py
-T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 # every option list, once: validate(), sample.py's flags and check_choice (in the functions) read these
 SAMPLERS = ("euler", "dpmpp_2m")
 SCHEDULES = ("linear", "cosine")
@@ -120,12 +107,6 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULES = ("constant", "cosine")
 LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_choice(name: str, value, options):
-    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
-        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 @dataclass
@@ -252,7 +233,8 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
                        n: int = 0):
     """Rectified flow: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, unweighted MSEs, sigmas)
     (diffusers' SD3 scripts default to precondition_outputs: an MSE on x0 = x_t - s v, s^2 times this one.)
-    The batch may be slice `keep` of a batch of n (sigmas, noise drawn for all n); loss = weighted sum / n."""
+    latents (b, 16, h, w), context (b, L, 4096), pooled (b, 2048) may be slice `keep` of a batch of n (sigmas
+    and noise are drawn for all n, so any slice sees what the whole batch would); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
@@ -410,6 +392,7 @@ class StreamBlock(nn.Module):
         return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
+        """This stream's share of the joint attention, (B, L, D) -> x + gated attention(s) + gated MLP"""
         normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
@@ -428,6 +411,7 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(cfg, dual=index in cfg.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+        """context (B, Lc, D), x (B, Lx, D), c (B, D) = SiLU(timestep + pooled embedding) -> context, x"""
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
@@ -505,7 +489,8 @@ class MMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 skip_layers=()) -> torch.Tensor:
-        """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity."""
+        """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity,
+        x's shape (noise - x0, as flow_matching_loss trains it)."""
         p, dtype = self.cfg.patch_size, self.compute_dtype
         h, w = x.shape[-2] // p, x.shape[-1] // p
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
@@ -538,11 +523,11 @@ LORA_TARGETS = {
 
 
 class FrozenLinear(torch.autograd.Function):
-    """x W^T + b for a frozen W (fp8 when it comes with row scales: the backward dequantizes it again rather
-    than keep a copy, but see `checkpointed`), plus, given LoRA adapters, scale * x' down^T up^T (x': x
-    after LoRA dropout; None: x), with the backward written out. A Large LoRA step is bound by kernel
-    launches: a LoRA adds ~25 operators per layer to a checkpointed training step here, ~50 as autograd's
-    graph of the same formula. The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
+    """x W^T + b for a frozen W, plus (given LoRA adapters) scale * x' down^T up^T, x' being x after LoRA
+    dropout (None: x itself). The backward is written out because a Large LoRA step is bound by kernel
+    launches: ~25 operators per layer in a checkpointed step, ~50 as autograd's graph of the same formula.
+    An fp8 W comes with row scales; the backward dequantizes it again rather than keep a copy (but see
+    `checkpointed`). The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
 
     checkpointed = False                                        # see `checkpointed` (fp8 Weights)
 
@@ -610,38 +595,15 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
-        x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x   # autocast's fp32 outputs: bf16
+        # under autocast an fp32 x (an op autocast keeps in fp32) is cast, as F.linear would: the base matmul,
+        # the update and the written-out backward all run in autocast's dtype
+        x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x
         # the update runs in x's dtype; without autocast in the adapters' fp32 (a bf16 model sampled unmerged)
         x_lora = self.dropout(x if autocast else x.to(self.lora_down.weight.dtype))
         x_lora = None if x_lora is x else x_lora                        # None: one input, one gradient
         out = FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias, x_lora, self.lora_down.weight,
                                  self.lora_up.weight, self.scale)
         return out.to(x.dtype)
-
-
-def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
-    if not spec:
-        return set(range(depth))
-    blocks = set()
-    for part in str(spec).split(","):
-        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
-        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
-            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
-        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
-            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
-                            f"are 0-{depth - 1}")
-        blocks.update(range(int(lo), int(hi or lo) + 1))
-    return blocks
-
-
-def target_regexes(targets: str) -> list[re.Pattern]:
-    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
-    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    try:
-        return [re.compile(p.strip()) for p in patterns if p.strip()]
-    except re.error as e:
-        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str]:
@@ -757,6 +719,7 @@ class Resample(nn.Module):
 
 
 def _level(cin: int, cout: int, n_blocks: int, groups: int) -> nn.Module:
+    """One resolution level's ResNet blocks, as `.block`; the caller adds its down- or upsample."""
     level = nn.Module()
     widths = [cin] + [cout] * (n_blocks - 1)                         # the first block changes the width
     level.block = nn.Sequential(*(ResnetBlock(w, cout, groups) for w in widths))
@@ -845,10 +808,7 @@ class TextEncoders:
         self.tok_l, self.tok_g, self.tok_t5 = tokenizers
         self.t5_length, self.context_dim = t5_length, context_dim
         self.files: list[str] = []   # _file_id of the files read (weights, tokenizers): a swapped one is new
-        for tok, model in zip(tokenizers, self.modules()):     # else an IndexError at the first text
-            if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:   # hand-edited: a new id
-                raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
-                                f"encoder's vocabulary: copy the tokenizer folders again from its download")
+        check_pad_tokens(tokenizers, self.modules())
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.clip_l, self.clip_g, self.t5) if m is not None]
@@ -975,7 +935,8 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
     """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
-    shape = (1, channels, height // 8, width // 8)      # named: a caller's default dtype/device draws others
+    shape = (1, channels, height // 8, width // 8)
+    # dtype and device named: under a caller's set_default_dtype/set_default_device the draws would differ
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32,
                                   device="cpu") for s in seeds])
 
@@ -1000,30 +961,10 @@ class SampleSettings:
         check_choice("variant", variant, PRESETS)                  # e.g. pipe.variant set by hand
         preset = dataclasses.asdict(PRESETS[variant])
         out = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
-        if out.slg_scale is None or out.slg_scale and not out.slg_layers:   # --slg, or a scale without layers
-            raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
-                            f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
-        wrong = [i for i in out.slg_layers if depth is not None and not 0 <= i < depth]
-        if out.slg_scale and wrong and self.slg_layers is not None:        # given, not the preset's: a typo
-            raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
-                            f"0..{depth - 1}: fix --slg-layers")
-        if out.slg_scale and out.cfg <= 1.0:        # SLG guides the CFG step only; refused on any depth
-            raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {out.cfg}): raise "
-                            f"--cfg or leave out --slg/--slg-scale")
-        out.slg_layers = tuple(i for i in out.slg_layers if i not in wrong)
+        check_skip_layer_guidance(out, variant, depth, layers_given=self.slg_layers is not None)
+        out.slg_layers = tuple(i for i in out.slg_layers if depth is None or 0 <= i < depth)
         out.slg_scale = out.slg_scale if out.slg_layers else 0.0
-        check_size(out.width, out.height)
-        lo, hi = SHIFT_RANGE
-        if (not 1 <= out.steps <= MAX_STEPS or not lo <= out.shift <= hi
-                or not math.isfinite(out.cfg + out.slg_scale)):
-            raise UserError(f"steps must be in 1..{MAX_STEPS}, shift in {lo:g}..{hi:g}, cfg and slg scale "
-                            f"finite: got {counted(out.steps, 'step')}, shift {out.shift}, cfg {out.cfg}, "
-                            f"slg scale {out.slg_scale}")
-        if out.slg_scale and not any(slg_acts(i, out.steps) for i in range(out.steps)):
-            raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
-                            f"on no step of a {out.steps}-step one: use more or leave out --slg/--slg-scale")
-        check_choice("sampler", out.sampler, SAMPLERS)
-        check_choice("schedule", out.schedule, SCHEDULES)
+        check_sample_settings(out)                  # sizes, step count, shift, finite scales, option names
         return out
 
 
@@ -1034,13 +975,9 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
     the text encoders."""
     from PIL import Image
-    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
-        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
-    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
-    settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
-    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
-    check_seed(s.seed, len(prompts))
+    # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
+    prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
+                                                  keep)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
@@ -1067,9 +1004,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             with pipe.on_device(pipe.vae):                 # one image at a time: VAE activations are large
                 images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])   # (B, 3, H, W), [-1, 1]
             if not images.isfinite().all():                # one check per batch, not per sampling step
-                raise UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-                    [pipe.mmdit, pipe.vae, *(pipe.text.modules() if embeddings is None else [])],
-                    "lower the cfg/LoRA scale or use fp32"))
+                raise nan_images_error(pipe, text_encoded=embeddings is None)
             arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
             if keep:
@@ -1123,32 +1058,16 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         except Exception as e:
             broken.append(f"{path.name} ({type(e).__name__})")
             continue
-        caption, caption_file = cfg.default_caption, path.with_suffix(".txt")
-        if not caption_file.exists() and path.with_suffix(".TXT").exists():    # as Windows and macOS find it
-            caption_file = path.with_suffix(".TXT")
-        try:
-            caption = read_caption(caption_file)
-            empty += [caption_file.name] * (not caption)      # meant (unconditional), or a tagger's miss?
-        except FileNotFoundError:
-            uncaptioned.append(path.name)
-        except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
-            fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
-            raise UserError(f"caption {caption_file}: {getattr(e, 'strerror', None) or e}; {fix}") from None
+        caption, caption_file = read_caption(path)                 # None: no caption file
+        uncaptioned += [path.name] * (caption is None)
+        empty += [caption_file.name] * (caption == "")         # meant (unconditional), or a tagger's miss?
+        caption = cfg.default_caption if caption is None else caption
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
         cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
     dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
-    if not items:
-        missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
-        raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
-                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    left = [f"{len(found) - len(paths)} in runs' output_dir and cache_dir"] * (len(paths) < len(found))
-    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
-    if rank_and_world()[0] == 0:                                   # torchrun: process 0 prints for all
-        folders = counted(len({i["path"].parent for i in items}), "folder")
-        print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
-              + (f" (left out: {'; '.join(left)})" if left else ""))
+    dataset_summary(root, items, len(found) - len(paths), left_out)     # or an error if nothing is usable
     return items
 
 
@@ -1162,13 +1081,7 @@ class LatentDataset:
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-
-        def store(path: Path, compute, source: str, layout: dict) -> Path:  # torchrun: one writer per file
-            try:
-                return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
-            except UserError as e:                      # this process's share: process 0 may never see it
-                e.own = True
-                raise
+        store = functools.partial(cache_share, rank=rank, world=world)     # torchrun: one writer per file
 
         def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
             embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
@@ -1196,9 +1109,7 @@ class LatentDataset:
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
-                why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
-                raise UserError(f"image {item['path']} cannot be read ({why}), though the dataset scan read "
-                                f"it: restore it, or run again to scan anew", own=data is not None) from None
+                raise image_gone_error(item["path"], e, own=data is not None) from None
             contents.append(_digest(data, item["caption"]))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
@@ -1252,7 +1163,7 @@ class Trainer:
         self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
-        items = scan_dataset(cfg.dataset, cfg.output_dir)          # after those: it decodes every image
+        items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
@@ -1260,10 +1171,7 @@ class Trainer:
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
-        pipe.mmdit.check_image_fits(s.height, s.width, "lower sample.width and sample.height")
-        w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
-        pipe.mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
-        lora_targets(pipe.mmdit, lc.rank, lc.targets, lc.blocks)   # these: refused before the caching
+        refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
         with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
@@ -1319,15 +1227,6 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                     "sigma": sigma, "time": time.time()}) + "\n")
 
-    def diverged(self, loss: float, grad_norm: float) -> UserError:
-        """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
-        last = self.out / "lora.safetensors"                # none before the first save_every
-        last = (f"the last good checkpoint is {last}" if last.is_file()
-                else "no checkpoint was saved yet: start again in a new or empty output_dir")
-        fix = nan_advice([self.mmdit], "lower train.lr or check the data")
-        return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1}; "
-                         f"stopped without saving: {fix}; {last}")
-
     def every_or_last(self, n: int) -> bool:            # checkpoints and samples (n = 0: at the last only)
         return n > 0 and self.step % n == 0 or self.step == self.cfg.train.steps
 
@@ -1368,7 +1267,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                raise tr.diverged(total, grad_norm)
+                raise diverged(tr, total, grad_norm)
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
             tr.step += 1
@@ -1399,6 +1298,22 @@ def train(cfg: Config, resume: bool = False) -> Path:
 #      The method ends above: a reader can stop here. Below: checkpoint and     #
 #     LoRA file formats, downloads, fp8, config files, torchrun glue, the CLI.  #
 #################################################################################
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
+
+
+def check_choice(name: str, value, options):
+    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
+    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 #################################################################################
@@ -1769,6 +1684,14 @@ def _no_custom_code(folder: Path, error: Exception):
                         f"which is never run: use a folder of the standard SD3.5 text encoders") from None
 
 
+def check_pad_tokens(tokenizers, encoders: list[nn.Module]):
+    """A padding id past the vocabulary (a hand-edited tokenizer) is refused: it was an IndexError later."""
+    for tok, model in zip(tokenizers, encoders):
+        if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:
+            raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
+                            f"encoder's vocabulary: copy the tokenizer folders again from its download")
+
+
 def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5_length: int = T5_LENGTH,
                        use_t5: bool = True, context_dim: int = 4096) -> TextEncoders:
     """CLIP-L, CLIP-G, T5 and tokenizers from a diffusers-layout folder (text_encoder*/, tokenizer*/), a
@@ -2043,6 +1966,7 @@ TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' par
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
+T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
@@ -2494,6 +2418,39 @@ def check_size(width: int, height: int, name: str = "width and height"):
         raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
 
 
+SHIFT_RANGE = (1e-3, 1e3)      # wide margins: below 2^-25, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
+MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
+
+
+def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
+    """SampleSettings.resolved's refusals before it drops the preset's skip layers that `depth` lacks."""
+    if s.slg_scale is None or s.slg_scale and not s.slg_layers:       # --slg, or a scale without layers
+        raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
+                        f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
+    wrong = [i for i in s.slg_layers if depth is not None and not 0 <= i < depth]
+    if s.slg_scale and wrong and layers_given:                      # given, not the preset's: a typo
+        raise UserError(f"skip-layer guidance layers {wrong} are not in this {depth}-block model's "
+                        f"0..{depth - 1}: fix --slg-layers")
+    if s.slg_scale and s.cfg <= 1.0:            # SLG guides the CFG step only; refused on any depth
+        raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {s.cfg}): raise "
+                        f"--cfg or leave out --slg/--slg-scale")
+
+
+def check_sample_settings(s: SampleSettings):
+    """SampleSettings.resolved's refusals of the settings that will run."""
+    check_size(s.width, s.height)
+    lo, hi = SHIFT_RANGE
+    if not 1 <= s.steps <= MAX_STEPS or not lo <= s.shift <= hi or not math.isfinite(s.cfg + s.slg_scale):
+        raise UserError(f"steps must be in 1..{MAX_STEPS}, shift in {lo:g}..{hi:g}, cfg and slg scale "
+                        f"finite: got {counted(s.steps, 'step')}, shift {s.shift}, cfg {s.cfg}, "
+                        f"slg scale {s.slg_scale}")
+    if s.slg_scale and not any(slg_acts(i, s.steps) for i in range(s.steps)):
+        raise UserError(f"skip-layer guidance acts {SLG_WINDOW[0]:.0%}-{SLG_WINDOW[1]:.0%} into a run, "
+                        f"on no step of a {s.steps}-step one: use more or leave out --slg/--slg-scale")
+    check_choice("sampler", s.sampler, SAMPLERS)
+    check_choice("schedule", s.schedule, SCHEDULES)
+
+
 def check_seed(seed: int, images: int, name: str = "seed"):
     """Image i uses seed + i, and torch wraps seeds mod 2^64: out of range, two seeds would give one image."""
     if not 0 <= seed <= 2**64 - images:
@@ -2569,6 +2526,25 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep):
+    """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
+    if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
+        raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
+    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
+    settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
+    s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
+    check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
+    check_seed(s.seed, len(prompts))
+    return prompts, s, batch_size
+
+
+def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:
+    """generate()'s error for NaN/inf images, naming a damaged weight of the models that ran, if any."""
+    modules = [pipe.mmdit, pipe.vae, *(pipe.text.modules() if text_encoded else [])]
+    return UserError("sampling gave NaN/inf values (black images): " + nan_advice(
+        modules, "lower the cfg/LoRA scale or use fp32"))
+
+
 def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -> tuple[SampleSettings, int]:
     """generate()'s settings, batch_size and keep from Python, the numbers read as a config file's: text, None
     where no preset stands in, or a dict is a one-line error, not a TypeError from deep inside torch."""
@@ -2593,6 +2569,31 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
         raise UserError(f"keep takes a function of each batch's images (e.g. a_list.extend), not "
                         f"{keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
+
+
+def parse_blocks(spec: str, depth: int) -> set[int]:
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
+    if not spec:
+        return set(range(depth))
+    blocks = set()
+    for part in str(spec).split(","):
+        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
+        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
+            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
+            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
+                            f"are 0-{depth - 1}")
+        blocks.update(range(int(lo), int(hi or lo) + 1))
+    return blocks
+
+
+def target_regexes(targets: str) -> list[re.Pattern]:
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    try:
+        return [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, float]:
@@ -2882,15 +2883,25 @@ NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recentl
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
-def read_caption(path: Path) -> str:
-    """A caption file's text, a bad byte refused (no silent ?). So is a NUL: UTF-16 saved without a BOM reads
-    as UTF-8 without an error, 'b\\x00l\\x00u\\x00e', and would be trained on as such."""
-    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
-        raise FileNotFoundError(path)          # (files_under leaves it out: its image is uncaptioned)
-    text = path.read_text(encoding="utf-8-sig")
-    if "\x00" in text:
-        raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
-    return text.strip()
+def read_caption(image: Path) -> tuple[str | None, Path]:
+    """-> (the text of the image's .txt, or None where there is none; that file). A bad byte is refused (no
+    silent ?), and so is a NUL: UTF-16 saved without a BOM reads as UTF-8 without an error,
+    'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    path = image.with_suffix(".txt")
+    if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
+        path = image.with_suffix(".TXT")
+    try:
+        if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+            raise FileNotFoundError(path)      # (files_under leaves it out: its image is uncaptioned)
+        text = path.read_text(encoding="utf-8-sig")
+        if "\x00" in text:
+            raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
+    except FileNotFoundError:
+        return None, path
+    except (OSError, UnicodeError) as e:          # (no permission; a folder named a.txt; a bad byte)
+        fix = "save it as UTF-8 text" if isinstance(e, UnicodeError) else "make it a readable file"
+        raise UserError(f"caption {path}: {getattr(e, 'strerror', None) or e}; {fix}") from None
+    return text.strip(), path
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
@@ -2934,6 +2945,21 @@ def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str)
     own = [d for d in (Path(x).resolve() for x in (output_dir, cache_dir)) if root.resolve() in d.parents]
     marks = (LOCK_FILE, STATE_FILE)
     return own + [Path(os.path.realpath(p.parent)) for p in files if p.name in marks and p.parent != root]
+
+
+def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[str]):
+    """scan_dataset's last word: no usable image is an error saying why; else one line (from process 0: once
+    under torchrun) of what it found and left out (`in_runs` images in runs' own folders, then `left_out`)."""
+    if not items:
+        missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
+        raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
+                        f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
+    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0)
+    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
+    if rank_and_world()[0] == 0:
+        folders = counted(len({i["path"].parent for i in items}), "folder")
+        print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
+              + (f" (left out: {'; '.join(left)})" if left else ""))
 
 
 def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], broken: list[str],
@@ -2997,6 +3023,13 @@ class TooLarge(ValueError):
     """An image over MAX_PIXELS that cannot be read smaller: not decoded."""
 
 
+def image_gone_error(path: Path, e: OSError | TooLarge, own: bool) -> UserError:
+    """An image the dataset scan read that cannot be read when its latents are cached (edited or removed)."""
+    why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
+    return UserError(f"image {path} cannot be read ({why}), though the dataset scan read it: restore it, or "
+                     f"run again to scan anew", own=own)
+
+
 @contextlib.contextmanager
 def open_image(path: Path, data: bytes | None = None):
     """Image.open with MAX_PIXELS for Pillow's limit. A JPEG over it is decoded at 1/2..1/8 scale (its cheap
@@ -3049,6 +3082,16 @@ def _weights_digest(module: nn.Module) -> str:
     for t in module.state_dict().values():
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world: int) -> Path:
+    """cached() for this process's share of the cache files (by the name's hash), else just the path. A
+    refusal met here is this process's own (UserError.own): process 0 may never see it."""
+    try:
+        return cached(path, compute, source, layout) if int(path.stem, 16) % world == rank else path
+    except UserError as e:
+        e.own = True
+        raise
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
@@ -3237,6 +3280,14 @@ def save_previews(trainer: Trainer):
         trainer.mmdit.train()
 
 
+def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):
+    """Preview and bucket sizes past the loaded model's position table; LoRA targets it does not have."""
+    mmdit.check_image_fits(cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
+    w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
+    mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
+    lora_targets(mmdit, cfg.lora.rank, cfg.lora.targets, cfg.lora.blocks)
+
+
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
     """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
     threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
@@ -3316,6 +3367,16 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
                                    f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
     return error
+
+
+def diverged(tr: Trainer, loss: float, grad_norm: float) -> UserError:
+    """The error that stops a diverged run without saving: the last checkpoint on disk stays good."""
+    last = tr.out / "lora.safetensors"                  # none before the first save_every
+    last = (f"the last good checkpoint is {last}" if last.is_file()
+            else "no checkpoint was saved yet: start again in a new or empty output_dir")
+    fix = nan_advice([tr.mmdit], "lower train.lr or check the data")
+    return UserError(f"loss became {loss} (gradient norm {grad_norm}) at step {tr.step + 1}; "
+                     f"stopped without saving: {fix}; {last}")
 
 
 def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
