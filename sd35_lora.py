@@ -31,8 +31,8 @@ have. Sections (line numbers):
      2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2873  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3037  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3403  Several Processes (torchrun)     one all-reduce per step
-     3493  Command Line and the Tiny Model  main(), --tiny
+     3405  Several Processes (torchrun)     one all-reduce per step
+     3495  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3333,21 +3333,23 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
         return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", smaller)
-    w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
-    batch = ["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
-    in_step = (batch + ["lower dataset.resolution"]
-               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + smaller)
-    previews = ["lower sample.width and sample.height"]
-    after_step = {save_checkpoint.__code__: (f"while saving the checkpoint of step {tr.step}", smaller),
-                  save_previews.__code__: (f"in the previews at step {tr.step}", previews)}
-    ran = next((after_step[frame.f_code] for frame, _ in traceback.walk_tb(e.__traceback__)
-                if frame.f_code in after_step), None)        # None: the step's forward, backward or update
-    where, levers = ran or (f"in training step {tr.step + 1} ({w}x{h} images)", in_step)
+    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
+    saving = save_checkpoint.__code__ in running
+    if saving:
+        where, levers = f"while saving the checkpoint of step {tr.step}", smaller
+    elif save_previews.__code__ in running:             # in their finally: their own errors are warnings
+        where, levers = f"in the previews at step {tr.step}", ["lower sample.width and sample.height"]
+    else:                                               # the step's forward, backward or update
+        w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
+        where, tc = f"in training step {tr.step + 1} ({w}x{h} images)", c.train
+        levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (tc.batch_size > 1)
+                  + ["lower dataset.resolution"]
+                  + ["set train.gradient_checkpointing: true"] * (not tc.gradient_checkpointing) + smaller)
     saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
     if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
         set_rng_states(tr.rng_after_update, tr.params[0].device)
         traceback.clear_frames(e.__traceback__)     # the failed tensors: the checkpoint may need their memory
-        saved = checkpoint_after_memory(tr, second_try=ran == after_step[save_checkpoint.__code__])
+        saved = checkpoint_after_memory(tr, second_try=saving)
     return memory_error(e, f"{where}; {saved}", [] if ram else levers)
 
 
