@@ -25,14 +25,14 @@ have. Sections (line numbers):
      1232  Training                         Trainer and the training loop
      1397  Part 2: plumbing                 a reader can stop here
      1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1932  Hub Downloads                    snapshot downloads, tokenizers
-     1994  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2266  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2873  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3037  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3405  Several Processes (torchrun)     one all-reduce per step
-     3495  Command Line and the Tiny Model  main(), --tiny
+     1933  Hub Downloads                    snapshot downloads, tokenizers
+     1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2398  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3038  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3406  Several Processes (torchrun)     one all-reduce per step
+     3496  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1848,7 +1848,8 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     if name and not (isinstance(name, torch.dtype) and name.is_floating_point and name.itemsize > 1):
         check_choice("dtype", name, DTYPES)     # None or "": the default; float64 runs, int8/fp8 not
     bf16 = device.type == "cuda" or device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
-    dtype = DTYPES.get(name, name) if name else torch.bfloat16 if bf16 else torch.float32    # torch's: as is
+    default = torch.bfloat16 if bf16 else torch.float32
+    dtype = DTYPES.get(name, name) if name else default                 # a torch.dtype: as is
     if dtype == torch.bfloat16 and device.type == "mps" and not bf16:     # else a TypeError moving a weight
         raise UserError("bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 (--dtype fp32)")
     return dtype
