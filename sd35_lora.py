@@ -2714,8 +2714,8 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
                 why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
-        key, sep, raw = str(item).partition("=")                 # ("train.lr", 1e-4): refused as text
-        if not sep:
+        key, sep, raw = str(item).partition("=")
+        if not (sep and isinstance(item, str)):         # ("train.lr", 1e-4), ["train.lr=1e-4"]: no --set text
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         if LONE_SURROGATE.search(item):                 # YAML would say "special characters are not allowed"
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")

@@ -2767,6 +2767,9 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     one_line_error(lambda: sd.load_config(5), "give the path of a YAML config file .str or Path., not 5")
     one_line_error(lambda: sd.load_config(None, [("train.lr", 1e-4)]),
                    r"--set expects key=value .*got \('train.lr', 0.0001\)")
+    # a list in the list (overrides=[TINY_RUN]): its text holds '=', and the regex check failed on the list
+    one_line_error(lambda: sd.load_config(None, [["train.lr=1e-4"]]),
+                   r"--set expects key=value .*got \['train.lr=1e-4'\]")
 
 
 def test_main_given_its_command_line_as_one_text_says_to_pass_a_list(capsys):
