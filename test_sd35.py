@@ -2486,6 +2486,25 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
                             "--dtype bf16, or close other programs")
 
 
+def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
+    """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
+    models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    new = " (a new run: --resume refuses it)"
+    caching = types.SimpleNamespace(cfg=sd.load_config(None, ["dtype=fp32", "fp8=true"]), pipe=None)
+    assert str(sd.stopped_by_memory(caching, MemoryError())) == (
+        f"out of memory (RAM) while caching latents and text embeddings; nothing new saved. To fit: set dtype: "
+        f"bf16{new}, set use_t5: false{new}, or close other programs")
+    assert str(sd.stopped_by_memory(caching, torch.OutOfMemoryError(CUDA_OOM))) == (
+        f"out of GPU memory while caching latents and text embeddings; nothing new saved. To fit 2.00 GiB more: "
+        f"set use_t5: false{new}, lower dataset.resolution, or free the GPU of other programs")
+    step = types.SimpleNamespace(cfg=caching.cfg, embeddings=None, bar=None, step=3, order=[(0,)],
+                                 data=types.SimpleNamespace(sizes=[(64, 64)]), rng_after_update=None)
+    assert str(sd.stopped_by_memory(step, MemoryError())) == (
+        "out of memory (RAM) in training step 4 (64x64 images); it stopped inside the optimizer's update: nothing "
+        "saved, the last checkpoint stays. To fit: close other programs")
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
