@@ -3107,9 +3107,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         too_long = not_found and len(os.path.abspath(tmp)) >= 260
+        long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
         fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
-               else "make its folder writable" if denied else "free disk space" if not too_long
-               else "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)")
+               else "make its folder writable" if denied else long_paths if too_long else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
