@@ -899,9 +899,9 @@ class Pipeline:
             offload = need > 0
             if offload:
                 print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
-        self.offload = offload = read_flag(offload, "offload")
+        self.offload = read_flag(offload, "offload")
         for m in modules:
-            m.to("cpu" if offload else self.device)
+            m.to("cpu" if self.offload else self.device)
         return self
 
     @contextlib.contextmanager
