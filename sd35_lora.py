@@ -29,10 +29,10 @@ have. Sections (line numbers):
      1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2267  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2398  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3038  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3406  Several Processes (torchrun)     one all-reduce per step
-     3496  Command Line and the Tiny Model  main(), --tiny
+     2875  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3039  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3407  Several Processes (torchrun)     one all-reduce per step
+     3497  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2407,7 +2407,8 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        many = hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))   # numpy's, pandas'
+        many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
+                and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
         items = list(value) if many else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):

@@ -2856,6 +2856,8 @@ def test_a_numpy_array_of_prompts_in_a_config_built_in_python_is_a_list_of_promp
     cfg = sd.Config()
     cfg.sample.prompts = np.array(["red stripes", "blue disc"])
     assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
+    cfg.sample.prompts = np.array("red stripes")                  # 0-d: one prompt, not "iteration over a 0-d array"
+    assert sd.validate(cfg).sample.prompts == ["red stripes"]
     cfg.sample.prompts = {"red": 1}                               # a mapping: refused, not its keys taken
     one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be text, got \{'red': 1\}")
 
