@@ -3242,6 +3242,17 @@ def test_ctrl_c_while_the_clis_import_torch_ends_them_without_a_traceback(tmp_pa
         assert p.returncode == -signal.SIGINT and "Traceback" not in err, err    # as a shell shows it: 130
 
 
+def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
+    """The CLIs let Ctrl-C end them at once while torch imports; left so, Ctrl-C in training would kill the run
+    without its checkpoint and the line saying so. main() (here argparse's --help) runs with Python's handler."""
+    code = ("import argparse, runpy, signal, sys; sys.argv = sys.argv[1:]; argparse.ArgumentParser.print_help = "
+            "lambda self, file=None: print(signal.getsignal(signal.SIGINT)); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for script in ("sd35_lora.py", "sample.py"):
+        r = run_cli("-c", code, str(ROOT / script), "--help")
+        assert r.returncode == 0 and "default_int_handler" in r.stdout, r
+
+
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
     """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3 or 206): a
     deep sample or cache file failed with "free disk space or choose another folder"."""
