@@ -5251,6 +5251,8 @@ def test_sampling_on_a_mac_defaults_to_bf16_where_mps_has_it(monkeypatch, tmp_pa
     assert sd.load_pipeline("tiny", device="mps", offload=True).mmdit.compute_dtype == torch.float32
     one_line_error(lambda: sd.load_pipeline("tiny", device="mps", dtype="bf16", offload=True),
                    r"^bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 \(--dtype fp32\)$")
+    cuda_and_cpu = [sd.pick_dtype(None, torch.device(name)) for name in ("cuda", "cpu")]
+    assert cuda_and_cpu == [torch.bfloat16, torch.float32]                  # their defaults, as before
 
 
 def test_integer_weights_are_refused_with_fp8_too(tmp_path):
