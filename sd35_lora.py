@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1143  Training                         Trainer and the training loop
      1296  Part 2: plumbing                 a reader can stop here
      1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1855  Hub Downloads                    snapshot downloads, tokenizers
-     1917  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2190  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2321  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2874  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3070  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3464  Several Processes (torchrun)     one all-reduce per step
-     3554  Command Line and the Tiny Model  main(), --tiny
+     1856  Hub Downloads                    snapshot downloads, tokenizers
+     1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2191  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2322  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2876  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3072  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3468  Several Processes (torchrun)     one all-reduce per step
+     3558  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -859,9 +859,9 @@ class Pipeline:
             offload = need > 0
             if offload:
                 print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
-        self.offload = offload = read_flag(offload, "offload")
+        self.offload = read_flag(offload, "offload")
         for m in modules:
-            m.to("cpu" if offload else self.device)
+            m.to("cpu" if self.offload else self.device)
         return self
 
     @contextlib.contextmanager
@@ -1771,7 +1771,8 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     if name and not (isinstance(name, torch.dtype) and name.is_floating_point and name.itemsize > 1):
         check_choice("dtype", name, DTYPES)     # None or "": the default; float64 runs, int8/fp8 not
     bf16 = device.type == "cuda" or device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
-    dtype = DTYPES.get(name, name) if name else torch.bfloat16 if bf16 else torch.float32    # torch's: as is
+    default = torch.bfloat16 if bf16 else torch.float32
+    dtype = DTYPES.get(name, name) if name else default                 # a torch.dtype: as is
     if dtype == torch.bfloat16 and device.type == "mps" and not bf16:     # else a TypeError moving a weight
         raise UserError("bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 (--dtype fp32)")
     return dtype
@@ -2330,7 +2331,8 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        many = hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))   # numpy's, pandas'
+        many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
+                and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
         items = list(value) if many else [] if value is None else [value]
         return [_coerce(v, "", key) for v in items]
     if isinstance(default, str):
@@ -2714,8 +2716,8 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
                 why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
-        key, sep, raw = str(item).partition("=")                 # ("train.lr", 1e-4): refused as text
-        if not sep:
+        key, sep, raw = str(item).partition("=")
+        if not (sep and isinstance(item, str)):         # ("train.lr", 1e-4), ["train.lr=1e-4"]: no --set text
             raise UserError(f"--set expects key=value (e.g. train.lr=5e-5), got {item!r}")
         if LONE_SURROGATE.search(item):                 # YAML would say "special characters are not allowed"
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
@@ -3149,9 +3151,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         too_long = not_found and len(os.path.abspath(tmp)) >= 260
+        long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
         fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
-               else "make its folder writable" if denied else "free disk space" if not too_long
-               else "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)")
+               else "make its folder writable" if denied else long_paths if too_long else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
@@ -3394,21 +3396,23 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
         return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", smaller)
-    w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
-    batch = ["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (c.train.batch_size > 1)
-    in_step = (batch + ["lower dataset.resolution"]
-               + ["set train.gradient_checkpointing: true"] * (not c.train.gradient_checkpointing) + smaller)
-    previews = ["lower sample.width and sample.height"]
-    after_step = {save_checkpoint.__code__: (f"while saving the checkpoint of step {tr.step}", smaller),
-                  save_previews.__code__: (f"in the previews at step {tr.step}", previews)}
-    ran = next((after_step[frame.f_code] for frame, _ in traceback.walk_tb(e.__traceback__)
-                if frame.f_code in after_step), None)        # None: the step's forward, backward or update
-    where, levers = ran or (f"in training step {tr.step + 1} ({w}x{h} images)", in_step)
+    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
+    saving = save_checkpoint.__code__ in running
+    if saving:
+        where, levers = f"while saving the checkpoint of step {tr.step}", smaller
+    elif save_previews.__code__ in running:             # in their finally: their own errors are warnings
+        where, levers = f"in the previews at step {tr.step}", ["lower sample.width and sample.height"]
+    else:                                               # the step's forward, backward or update
+        w, h = tr.data.sizes[tr.order[tr.step % len(tr.order)][0]]
+        where, tc = f"in training step {tr.step + 1} ({w}x{h} images)", c.train
+        levers = (["lower train.batch_size (raise train.grad_accum to keep the batch)"] * (tc.batch_size > 1)
+                  + ["lower dataset.resolution"]
+                  + ["set train.gradient_checkpointing: true"] * (not tc.gradient_checkpointing) + smaller)
     saved = "it stopped inside the optimizer's update: nothing saved, the last checkpoint stays"
     if tr.rng_after_update:                         # the RNG as after that step: --resume continues exactly
         set_rng_states(tr.rng_after_update, tr.params[0].device)
         traceback.clear_frames(e.__traceback__)     # the failed tensors: the checkpoint may need their memory
-        saved = checkpoint_after_memory(tr, second_try=ran == after_step[save_checkpoint.__code__])
+        saved = checkpoint_after_memory(tr, second_try=saving)
     return memory_error(e, f"{where}; {saved}", [] if ram else levers)
 
 

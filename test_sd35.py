@@ -2486,6 +2486,25 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
                             "--dtype bf16, or close other programs")
 
 
+def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
+    """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
+    models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    new = " (a new run: --resume refuses it)"
+    caching = types.SimpleNamespace(cfg=sd.load_config(None, ["dtype=fp32", "fp8=true"]), pipe=None)
+    assert str(sd.stopped_by_memory(caching, MemoryError())) == (
+        f"out of memory (RAM) while caching latents and text embeddings; nothing new saved. To fit: set dtype: "
+        f"bf16{new}, set use_t5: false{new}, or close other programs")
+    assert str(sd.stopped_by_memory(caching, torch.OutOfMemoryError(CUDA_OOM))) == (
+        f"out of GPU memory while caching latents and text embeddings; nothing new saved. To fit 2.00 GiB more: "
+        f"set use_t5: false{new}, lower dataset.resolution, or free the GPU of other programs")
+    step = types.SimpleNamespace(cfg=caching.cfg, embeddings=None, bar=None, step=3, order=[(0,)],
+                                 data=types.SimpleNamespace(sizes=[(64, 64)]), rng_after_update=None)
+    assert str(sd.stopped_by_memory(step, MemoryError())) == (
+        "out of memory (RAM) in training step 4 (64x64 images); it stopped inside the optimizer's update: nothing "
+        "saved, the last checkpoint stays. To fit: close other programs")
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
@@ -2767,6 +2786,9 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     one_line_error(lambda: sd.load_config(5), "give the path of a YAML config file .str or Path., not 5")
     one_line_error(lambda: sd.load_config(None, [("train.lr", 1e-4)]),
                    r"--set expects key=value .*got \('train.lr', 0.0001\)")
+    # a list in the list (overrides=[TINY_RUN]): its text holds '=', and the regex check failed on the list
+    one_line_error(lambda: sd.load_config(None, [["train.lr=1e-4"]]),
+                   r"--set expects key=value .*got \['train.lr=1e-4'\]")
 
 
 def test_main_given_its_command_line_as_one_text_says_to_pass_a_list(capsys):
@@ -2834,6 +2856,8 @@ def test_a_numpy_array_of_prompts_in_a_config_built_in_python_is_a_list_of_promp
     cfg = sd.Config()
     cfg.sample.prompts = np.array(["red stripes", "blue disc"])
     assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
+    cfg.sample.prompts = np.array("red stripes")                  # 0-d: one prompt, not "iteration over a 0-d array"
+    assert sd.validate(cfg).sample.prompts == ["red stripes"]
     cfg.sample.prompts = {"red": 1}                               # a mapping: refused, not its keys taken
     one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be text, got \{'red': 1\}")
 
@@ -3216,6 +3240,17 @@ def test_ctrl_c_while_the_clis_import_torch_ends_them_without_a_traceback(tmp_pa
         p.send_signal(signal.SIGINT)
         err = p.communicate(timeout=60)[1]
         assert p.returncode == -signal.SIGINT and "Traceback" not in err, err    # as a shell shows it: 130
+
+
+def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
+    """The CLIs let Ctrl-C end them at once while torch imports; left so, Ctrl-C in training would kill the run
+    without its checkpoint and the line saying so. main() (here argparse's --help) runs with Python's handler."""
+    code = ("import argparse, runpy, signal, sys; sys.argv = sys.argv[1:]; argparse.ArgumentParser.print_help = "
+            "lambda self, file=None: print(signal.getsignal(signal.SIGINT)); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for script in ("sd35_lora.py", "sample.py"):
+        r = run_cli("-c", code, str(ROOT / script), "--help")
+        assert r.returncode == 0 and "default_int_handler" in r.stdout, r
 
 
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
@@ -5224,6 +5259,8 @@ def test_sampling_on_a_mac_defaults_to_bf16_where_mps_has_it(monkeypatch, tmp_pa
     assert sd.load_pipeline("tiny", device="mps", offload=True).mmdit.compute_dtype == torch.float32
     one_line_error(lambda: sd.load_pipeline("tiny", device="mps", dtype="bf16", offload=True),
                    r"^bf16 on MPS needs macOS 14 or newer: update macOS or set dtype fp32 \(--dtype fp32\)$")
+    cuda_and_cpu = [sd.pick_dtype(None, torch.device(name)) for name in ("cuda", "cpu")]
+    assert cuda_and_cpu == [torch.bfloat16, torch.float32]                  # their defaults, as before
 
 
 def test_integer_weights_are_refused_with_fp8_too(tmp_path):
