@@ -27,10 +27,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1856  Hub Downloads                    snapshot downloads, tokenizers
      1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2191  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2322  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2876  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3072  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2879  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3075  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3468  Several Processes (torchrun)     one all-reduce per step
      3558  Command Line and the Tiny Model  main(), --tiny
 
@@ -1929,6 +1929,9 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     refuse_pipeline(model, "save_lora", "path")
+    if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
+        raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
+                        f"{Path(path, 'lora.safetensors')}")
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -3121,9 +3124,6 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     path = file_path(path, "the file to write")
-    if path.is_dir():           # save_lora(model, "runs"); the other files' paths are made here, not given
-        raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
-                        f"{path / 'lora.safetensors'}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
     try:
