@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(for single-file models without them; without --model: the --lora's)")
     p.add_argument("--vae", help="VAE file or folder (default: the one in --model; without --model: the "
                    "--lora's)")
-    p.add_argument("--variant", default="", choices=sd.CHOICES["variant"], help="default: the detected one")
+    p.add_argument("--variant", default="", choices=list(sd.PRESETS), help="default: the detected one")
     p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
     p.add_argument("--negative", default="", type=utf8_text,
                    help="negative prompt (default: empty; used only with CFG)")

@@ -4599,6 +4599,14 @@ def test_the_run_commands_in_the_module_docstrings_print_as_written():
         assert module.__doc__ in Path(module.__file__).read_text(encoding="utf-8")
 
 
+def test_sample_cli_help_lists_the_variants_without_an_empty_one(capsys):
+    """sample.py --help listed --variant {,sd3-medium,...}: the config's "" (detect it) as a choice to type."""
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "--variant {sd3-medium,sd3.5-medium," in capsys.readouterr().out
+    assert sample.parse_args(["--model", "tiny", "--prompt", "a cat"]).variant == ""        # detected
+
+
 def test_sample_cli_refuses_a_shift_out_of_range_before_loading_the_model(capsys):
     """README: a --shift outside 0.001..1000 is refused up front. It was refused by generate(), after the models
     had loaded (minutes for Large)."""
