@@ -2,6 +2,7 @@
 
     pytest -q test_sd35.py
 """
+import collections
 import dataclasses
 import io
 import json
@@ -207,6 +208,48 @@ def test_training_sigmas_and_weights_match_diffusers():
         torch.testing.assert_close(sd.loss_weight(sigmas, scheme), ref)
 
 
+def test_flow_matching_loss_is_the_weighted_velocity_mse_at_the_drawn_sigmas():
+    """x_t = (1 - s) x0 + s noise at t = 1000 s, target noise - x0, weighted, summed over the slice `keep` and
+    divided by the whole batch's n; sigmas, then noise, drawn from g for all n (as resume reproduces them)."""
+    seen = []
+
+    def velocity(x, t, context, pooled):       # any mix-up of x_t, t or the conditioning shows in the loss
+        seen.append((x, t))
+        return 0.5 * x + (t / 1000 + context.mean((1, 2)) + pooled[:, 0]).view(-1, 1, 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    x0, context, pooled = (torch.randn(shape, generator=gen) for shape in ((4, 16, 4, 6), (4, 5, 8), (4, 6)))
+    for weighting in sd.WEIGHTINGS:
+        cfg = sd.TrainConfig(timestep_sampling="uniform", weighting=weighting)
+        for keep in (slice(None), slice(1, 3)):
+            seen.clear()
+            loss, per_sample, sigmas = sd.flow_matching_loss(velocity, x0[keep], context[keep], pooled[keep], cfg,
+                                                             2.0, torch.Generator().manual_seed(7), None, keep, 4)
+            g = torch.Generator().manual_seed(7)
+            s = sd.sample_training_sigmas(4, cfg, 2.0, g)[keep]
+            noise = torch.randn(x0.shape, generator=g)[keep]
+            x_t = (1 - s.view(-1, 1, 1, 1)) * x0[keep] + s.view(-1, 1, 1, 1) * noise
+            v = velocity(x_t, 1000 * s, context[keep], pooled[keep])
+            mse = ((v - (noise - x0[keep])) ** 2).mean((1, 2, 3))
+            weight = {"none": torch.ones_like(s), "sigma_sqrt": 1 / s ** 2,
+                      "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s * s))}[weighting]
+            torch.testing.assert_close(seen[0][0], x_t)
+            torch.testing.assert_close(seen[0][1], 1000 * s)
+            torch.testing.assert_close(sigmas, s)
+            torch.testing.assert_close(per_sample, mse)
+            torch.testing.assert_close(loss, (weight * mse).sum() / 4)
+
+
+def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
+    """u = 1 (a sigmoid that rounds up, mode's draw of 0) indexes row 1000 of the 1000-row table, past its end
+    (diffusers: an IndexError): it takes the last row, sigma shift(1/1000); sigma 0 is a noiseless sample whose
+    sigma_sqrt weight is inf."""
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    cfg = sd.TrainConfig(logit_mean=50.0, logit_std=1.0)          # sigmoid(50 + N(0, 1)) is 1.0 in fp32
+    sigmas = sd.sample_training_sigmas(8, cfg, 3.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigmas, table[-1].expand(8), atol=1e-7, rtol=0)
+    assert sd.loss_weight(sigmas, "sigma_sqrt").isfinite().all()
+
+
 def test_lr_warmup_then_constant_or_cosine_as_diffusers():
     optimization = pytest.importorskip("diffusers.optimization")
     cfg = sd.TrainConfig(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
@@ -269,6 +312,34 @@ def test_dpmpp_2m_converges_at_second_order():
     assert (sd.denoise(ExactVelocity(), x1, many, cond, sampler="dpmpp_2m") - a * x1).abs().max() < 1e-3
     torch.testing.assert_close(sd.denoise(ExactVelocity(), x1, stuck, cond, sampler="dpmpp_2m"),
                                sd.denoise(ExactVelocity(), x1, stuck, cond, sampler="euler"))
+
+
+def test_dpmpp_2m_takes_k_diffusions_steps_with_cfg():
+    """denoise(sampler="dpmpp_2m") against k-diffusion's sample_dpmpp_2m written out (t = -log sigma, the
+    second-order correction from the step before, the last step to the x0 estimate), on a velocity that is not
+    linear in x, with CFG: the convergence test cannot see a wrong correction weight."""
+    class Velocity(torch.nn.Module):
+        def forward(self, x, t, context, y, skip_layers=()):
+            return torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000) + context.mean() * y.view(-1, 1, 1, 1)
+    model, cfg = Velocity(), 3.0
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, uncond = ((torch.ones(1, 1, 1), torch.full((1, 1), y)) for y in (0.5, -0.2))
+    sigmas = sd.get_schedule(6, 3.0)
+    ours = sd.denoise(model, x, sigmas, cond, uncond, cfg, sampler="dpmpp_2m")
+    s, old = sigmas.tolist(), None
+    for i in range(len(s) - 1):
+        t_in = torch.tensor([s[i] * 1000])
+        v_u, v_c = model(x, t_in, *uncond), model(x, t_in, *cond)
+        denoised = x - s[i] * (v_u + cfg * (v_c - v_u))
+        t, t_next = -math.log(s[i]), -math.log(s[i + 1]) if s[i + 1] else math.inf
+        h = t_next - t
+        if old is None or s[i + 1] == 0:
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * denoised
+        else:
+            r = (t - (-math.log(s[i - 1]))) / h
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old)
+        old = denoised
+    torch.testing.assert_close(ours, x)
 
 
 #################################################################################
@@ -477,6 +548,19 @@ def test_latent_scale_and_shift_round_trip():
     torch.testing.assert_close(seen["z"], mean, atol=1e-6, rtol=0)
 
 
+def test_latents_from_extreme_log_variances_are_clamped_as_diffusers_samples_them():
+    """The posterior's log-variance is clamped to -30..20 before the square root, as in diffusers'
+    DiagonalGaussianDistribution: an encoder output of 100 would otherwise give latents of e^50 (inf in bf16)."""
+    vae_module = pytest.importorskip("diffusers.models.autoencoders.vae")
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    mean = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(0))
+    logvar = torch.tensor([-100.0, -30.5, -3.0, 0.0, 19.0, 100.0]).repeat(16).view(1, 16, 2, 3)
+    noise = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(1))
+    dist = vae_module.DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+    expected = (dist.mean + dist.std * noise - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+    torch.testing.assert_close(vae.latents_from_moments(torch.cat([mean, logvar], 1), noise=noise), expected)
+
+
 #################################################################################
 #                  End to end against diffusers' SD3 pipeline                   #
 #################################################################################
@@ -519,6 +603,29 @@ def test_cfg_of_1_or_less_is_no_guidance_as_in_diffusers(diffusers_folder):
         settings = sd.SampleSettings(steps=4, cfg=cfg, sampler="euler", width=32, height=32, seed=2)
         mine = np.stack([np.asarray(im) for im in sd.generate(ours, ["a red fox"], "snow", settings, progress=False)])
         assert_images_close(mine, run_diffusers(pipe, ["a red fox"], "snow", seed=2, cfg=cfg, height=32, width=32))
+
+
+def test_t5_length_defaults_to_diffusers_pipelines_in_training_and_sampling():
+    """T5_LENGTH (training's t5_length, the previews' and sample.py's default) is diffusers' max_sequence_length
+    default: LoRAs trained here sample in diffusers' pipeline with the context they were trained on."""
+    diffusers = pytest.importorskip("diffusers")
+    import inspect
+    call = inspect.signature(diffusers.StableDiffusion3Pipeline.__call__)
+    default = call.parameters["max_sequence_length"].default
+    assert sd.T5_LENGTH == default == sd.Config().t5_length
+
+
+def test_generated_pixels_are_rounded_as_diffusers_does_not_truncated():
+    """generate()'s uint8 pixels are round((decoded / 2 + 0.5).clamp(0, 1) * 255) of the denoised latents, as
+    diffusers' numpy_to_pil; truncating makes images up to 1/255 darker."""
+    pipe = sd.tiny_pipeline()
+    settings = sd.SampleSettings(steps=2, cfg=1.0, shift=3.0, sampler="euler", width=64, height=64, seed=3)
+    image = sd.generate(pipe, ["a red fox"], settings=settings, progress=False)[0]
+    cond = pipe.text.encode(["a red fox"])
+    z = sd.denoise(pipe.mmdit, sd.initial_noise([3], 16, 64, 64), sd.get_schedule(2, 3.0), cond)
+    pixels = ((pipe.vae.decode(z)[0] / 2 + 0.5).clamp(0, 1) * 255).permute(1, 2, 0)
+    assert not torch.equal(pixels.round(), pixels.floor())          # the image can tell the two apart
+    assert np.array_equal(np.asarray(image), pixels.round().to(torch.uint8).numpy())
 
 
 def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
@@ -3113,6 +3220,22 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     # shown turned 90 degrees clockwise: red on top, blue below (unturned, the crop is red left, blue right)
     top, bottom = pixels[:, : height // 4].mean((1, 2)), pixels[:, -height // 4:].mean((1, 2))
     assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
+
+
+def test_an_epoch_batches_every_image_once_within_its_bucket():
+    """LatentDataset.batches: each image exactly once per epoch, a batch never mixes buckets, batches of
+    batch_size except each bucket's last, and another epoch seed another order."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes = [(64, 64)] * 5 + [(128, 64)] * 3 + [(64, 128)]
+    for batch_size in (1, 2, 3):
+        epoch = data.batches(batch_size, epoch_seed=4)
+        assert sorted(i for batch in epoch for i in batch) == list(range(len(data.sizes)))
+        assert all(len({data.sizes[i] for i in batch}) == 1 and len(batch) <= batch_size for batch in epoch)
+        per_bucket = collections.Counter(data.sizes[batch[0]] for batch in epoch)
+        assert per_bucket == {(64, 64): -(-5 // batch_size), (128, 64): -(-3 // batch_size), (64, 128): 1}
+    assert data.batches(1, 4) == data.batches(1, 4) != data.batches(1, 5)
+    data.sizes = [(64, 64)] * 6                   # one bucket: which images share a batch changes per epoch too
+    assert len({frozenset(map(frozenset, data.batches(2, seed))) for seed in range(8)}) > 1
 
 
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
