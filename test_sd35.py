@@ -1168,6 +1168,31 @@ def test_separate_qkv_adapters_and_comfyui_prefixes(tmp_path):
             torch.testing.assert_close(model(*x), by_hand(*x), atol=1e-5, rtol=1e-5)
 
 
+def test_every_key_layout_comfyui_reads_merges_the_same_update(tmp_path):
+    """One adapter on block 1's image attention output, in each key layout read here (the prefixes and role
+    names of kohya, ComfyUI, diffusers/PEFT, OneTrainer and SimpleTuner's LyCORIS): each merges up @ down."""
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    official, diffusers = "joint_blocks.1.x_block.attn.proj", "transformer_blocks.1.attn.to_out.0"
+    flat = lambda name: name.replace(".", "_")
+    layouts = {"kohya": (f"lora_unet_{flat(official)}", "lora_down", "lora_up"),
+               "official": (f"model.diffusion_model.{official}", "lora_down", "lora_up"),
+               "comfyui": (f"diffusion_model.{official}", "lora_down", "lora_up"),
+               "diffusers": (f"transformer.{diffusers}", "lora_A", "lora_B"),
+               "peft": (f"base_model.model.{diffusers}", "lora_A", "lora_B"),
+               "peft model": (f"base_model.model.{diffusers}", "lora_A.default", "lora_B.default"),
+               "no prefix": (diffusers, "lora_A", "lora_B"),
+               "comfyui diffusers3": (f"transformer.{diffusers}", "lora.down", "lora.up"),
+               "onetrainer": (f"lora_transformer_{flat(diffusers)}", "lora_down", "lora_up"),
+               "lycoris": (f"lycoris_{flat(diffusers)}", "lora_down", "lora_up")}
+    for name, (key, a, b) in layouts.items():
+        save_file({f"{key}.{a}.weight": down, f"{key}.{b}.weight": up}, tmp_path / "lora.safetensors")
+        model = tiny_mmdit()
+        before = model.get_submodule(official).weight.clone()
+        assert sd.load_lora(model, tmp_path / "lora.safetensors") == 1, name
+        torch.testing.assert_close(model.get_submodule(official).weight - before, up @ down, msg=name)
+
+
 def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tmp_path):
     g = torch.Generator().manual_seed(0)
     pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
