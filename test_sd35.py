@@ -2001,6 +2001,58 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
 
 
+def stub_trainer(step: int = 0, seed: int = 0, sizes=((64, 64),) * 4) -> sd.Trainer:
+    """The state Trainer.forward_backward steps through, without models: data.get records each batch's first
+    image and the first number its generator draws (flow_matching_loss is the caller's)."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes, data.drawn = list(sizes), []
+
+    def get(ids, vae, cfg, g, keep):
+        data.drawn.append((ids[0], torch.rand(1, generator=g).item()))
+        return [torch.zeros(1)] * 3                 # latents, context, pooled
+    data.get = get
+    tr = sd.Trainer.__new__(sd.Trainer)
+    tr.cfg, tr.data, tr.step, tr.world, tr.rank, tr.global_batch = sd.Config(), data, step, 1, 0, 1
+    tr.cfg.train.seed, tr.pipe = seed, types.SimpleNamespace(device="cpu", vae=None)
+    tr.mmdit, tr.autocast, tr.sample_settings = None, None, types.SimpleNamespace(shift=3.0)
+    tr.epoch, tr.order = 0, data.batches(1, seed)                   # as Trainer.__init__ starts
+    return tr
+
+
+def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_redraws_them(monkeypatch):
+    """Trainer.forward_backward: every image once per epoch, a new order each epoch, new noise (the generator
+    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained."""
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True),
+                                                                 torch.zeros(1), torch.full((1,), 0.5)))
+
+    def run(tr: sd.Trainer, steps: int) -> list:
+        while tr.step < steps:
+            tr.forward_backward(False)
+            tr.step += 1
+        return tr.data.drawn
+    whole = run(stub_trainer(0), 12)
+    images, draws = [image for image, _ in whole], [draw for _, draw in whole]
+    assert all(sorted(images[e:e + 4]) == [0, 1, 2, 3] for e in (0, 4, 8))
+    assert len({tuple(images[e:e + 4]) for e in (0, 4, 8)}) > 1 and len(set(draws)) == 12
+    assert run(stub_trainer(6), 12) == whole[6:]
+    assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
+
+
+def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkeypatch):
+    """forward_backward's sums: loss_bins equal bins of 0..1, [i/k, (i+1)/k), sigma 1 in the last: per bin the
+    summed unweighted MSE and the count of samples, as the report 'loss by sigma bin' prints them."""
+    sigmas, mse = torch.tensor([0.0, 0.19, 0.2, 0.55, 0.61, 0.999, 1.0]), torch.arange(1.0, 8.0)
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True), mse, sigmas))
+    tr = stub_trainer()
+    tr.cfg.train.loss_bins = 5
+    sums = tr.forward_backward(False)
+    lower = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8])
+    inside = (sigmas[:, None] >= lower) & ((sigmas[:, None] < lower + 0.2) | (lower == 0.8))   # (sample, bin)
+    assert inside.sum(1).tolist() == [1] * 7
+    torch.testing.assert_close(sums[3:8], (inside * mse[:, None]).sum(0))
+    torch.testing.assert_close(sums[8:], inside.sum(0).float())
+
+
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_load, disturbance = sd.load_pipeline, iter([1, 2, 3])
@@ -3984,6 +4036,39 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
+
+
+def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
+    """--resume with a key changed: one that changes only the trajectory from here on (noise levels, the seed,
+    the loss weighting, the data) is warned and recorded; one that changes no saved number (where files go, the
+    LoRA file's layout, gradient checkpointing, previews) is taken silently; one that changes what the saved
+    LoRA and AdamW state mean (rank, alpha, model, text conditioning) is refused."""
+    params = [torch.zeros(2, requires_grad=True)]
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, torch.optim.AdamW(params), 3, sd.Config(), [])
+    warned = {"text_encoders": "te", "vae": "v", "dataset.path": "d", "dataset.resolution": 512,
+              "dataset.default_caption": "x", "dataset.flip": True, "dataset.caption_dropout": 0.2,
+              "lora.dropout": 0.1, "sample.shift": 2.0, "train.lr": 1e-3, "train.lr_schedule": "cosine",
+              "train.warmup_steps": 5, "train.weight_decay": 0.1, "train.max_grad_norm": 2.0, "train.seed": 1,
+              "train.batch_size": 2, "train.grad_accum": 2, "train.timestep_sampling": "mode",
+              "train.logit_mean": 0.5, "train.logit_std": 2.0, "train.mode_scale": 1.0, "train.weighting": "cosmap",
+              "train.compile": True}
+    free = {"output_dir": "o", "device": "cpu", "dataset.cache_dir": "c", "lora.format": "kohya",
+            "train.steps": 2000, "train.save_every": 10, "train.gradient_checkpointing": False, "train.loss_bins": 3,
+            "train.dist_timeout": 60.0, "sample.sampler": "euler", "sample.sample_every": 10,
+            "sample.sample_steps": 4, "sample.guidance_scale": 2.0, "sample.prompts": ["x"], "sample.neg": "y",
+            "sample.width": 512, "sample.height": 512, "sample.seed": 1}
+    refused = {"model": "m", "variant": "sd3.5-large", "dtype": "fp32", "t5_length": 77, "use_t5": False,
+               "fp8": True, "lora.rank": 8, "lora.alpha": 8.0, "lora.targets": "all", "lora.blocks": "0-1"}
+    assert set(warned) | set(free) | set(refused) == set(sd.flat_config(sd.Config()))    # every key
+    for key, value in {**warned, **free}.items():
+        capsys.readouterr()
+        changes, _ = sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
+        err = capsys.readouterr().err
+        assert (f"changed {key} " in err, len(changes)) == ((True, 1) if key in warned else (False, 0)), key
+    for key, value in refused.items():
+        with pytest.raises(sd.UserError, match=f"--resume with changed {key} "):
+            sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
 
 
 def spy_reads(monkeypatch):
