@@ -208,6 +208,17 @@ def test_training_sigmas_and_weights_match_diffusers():
         torch.testing.assert_close(sd.loss_weight(sigmas, scheme), ref)
 
 
+def test_mode_sampling_takes_train_mode_scale_as_diffusers_does():
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    for scale in (-0.5, 0.8):
+        cfg = sd.TrainConfig(timestep_sampling="mode", mode_scale=scale)
+        ours = sd.sample_training_sigmas(64, cfg, 3.0, torch.Generator().manual_seed(5))
+        u = training_utils.compute_density_for_timestep_sampling("mode", 64, mode_scale=scale,
+                                                                 generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(ours, table[(u * 1000).long()], atol=1e-6, rtol=0)
+
+
 def test_flow_matching_loss_is_the_weighted_velocity_mse_at_the_drawn_sigmas():
     """x_t = (1 - s) x0 + s noise at t = 1000 s, target noise - x0, weighted, summed over the slice `keep` and
     divided by the whole batch's n; sigmas, then noise, drawn from g for all n (as resume reproduces them)."""
@@ -1981,6 +1992,23 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_told(tmp_path):
+    """use_t5 false: the captions' and the previews' T5 tokens are zeros (what sample.py gives a LoRA trained so);
+    variant: the previews take that variant's presets (Large Turbo's 4 steps, cfg 1, Euler), not the detected one's."""
+    make_dataset(tmp_path / "data")
+    sets = {"use_t5": False, "variant": "sd3.5-large-turbo", "sample.sample_steps": 0, "sample.prompts": ["a"]}
+    trainer = sd.Trainer(tiny_config(tmp_path, **sets))
+    try:
+        turbo, detected = sd.PRESETS["sd3.5-large-turbo"], sd.PRESETS[trainer.mmdit.cfg.variant()]
+        s = trainer.sample_settings
+        assert (turbo.steps, turbo.cfg, turbo.sampler) != (detected.steps, detected.cfg, detected.sampler)
+        assert trainer.pipe.variant == "sd3.5-large-turbo" and (s.steps, s.cfg, s.sampler) == (4, 1.0, "euler")
+        contexts = [trainer.embeddings[0][0][0]] + [load_file(f)["context"] for f in trainer.data.text_files]
+        assert all(c.shape[0] == 77 + 16 and c[:77].any() and not c[77:].any() for c in contexts)
+    finally:
+        sd.end_training(trainer, {})
+
+
 def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
     """Also: resuming a finished run without raising train.steps says there is nothing to train (it returned
     the LoRA without a word, as if it had trained on)."""
@@ -3297,6 +3325,16 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     # shown turned 90 degrees clockwise: red on top, blue below (unturned, the crop is red left, blue right)
     top, bottom = pixels[:, : height // 4].mean((1, 2)), pixels[:, -height // 4:].mean((1, 2))
     assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
+
+
+def test_images_are_downscaled_filtered_not_point_sampled():
+    """load_image resizes with a bicubic filter: a fine pattern averages out (nearest-neighbour sampling
+    keeps one of its colours: aliasing, moire on fabrics and fences)."""
+    checkerboard = Image.fromarray(((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    data = io.BytesIO()
+    checkerboard.save(data, "PNG")
+    pixels = sd.load_image(Path("checkerboard.png"), (64, 64), data.getvalue())
+    assert pixels.abs().max() < 0.1                 # mid grey everywhere: 0 in [-1, 1]
 
 
 def test_an_epoch_batches_every_image_once_within_its_bucket():
