@@ -3791,7 +3791,8 @@ def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys,
     moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless it is clipped far below eps:
     clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial value as train.seed draws it
     times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1, no warmup: 0.9). The report has
-    train.loss_bins bins, and train.gradient_checkpointing checkpoints each joint block."""
+    train.loss_bins bins, and train.gradient_checkpointing checkpoints each joint block. lora_step_N.safetensors
+    is in lora.format too (it was diffusers' whatever lora.format said: passed)."""
     make_dataset(tmp_path / "data")
     sets = {"train.steps": 1, "lora.alpha": 2, "lora.format": "kohya", "train.weighting": "sigma_sqrt",
             "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": [],
@@ -3804,6 +3805,8 @@ def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys,
         return real_checkpoint(block, *args, **kwargs)
     monkeypatch.setattr(sd, "checkpoint", checkpoint)
     lora = load_file(sd.train(tiny_config(tmp_path, **sets)))
+    step_file = load_file(tmp_path / "run/lora_step_000001.safetensors")     # in lora.format too, the same
+    assert step_file.keys() == lora.keys() and all(torch.equal(step_file[k], t) for k, t in lora.items())
     assert len(checkpointed) == 3                                   # the tiny model's joint blocks, one step
     (step,) = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss by sigma bin"))
