@@ -1992,6 +1992,26 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
+    """save_previews samples the MMDiT in eval mode (LoRA dropout would make the previews noisy and differ from
+    the LoRA file's images), then puts it back in train mode for the next steps."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"lora.dropout": 0.5, "sample.prompts": ["red stripes"]}))
+    dropouts = [m for m in trainer.mmdit.modules() if isinstance(m, torch.nn.Dropout)]
+    seen, real_generate = [], sd.generate
+
+    def generate(pipe, *args, **kwargs):
+        seen.append([m.training for m in dropouts])
+        return real_generate(pipe, *args, **kwargs)
+    monkeypatch.setattr(sd, "generate", generate)
+    try:
+        assert dropouts and all(m.training for m in dropouts)
+        sd.save_previews(trainer)
+    finally:
+        sd.end_training(trainer, {})
+    assert seen == [[False] * len(dropouts)] and all(m.training for m in dropouts)
+
+
 def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_told(tmp_path):
     """use_t5 false: the captions' and the previews' T5 tokens are zeros (what sample.py gives a LoRA trained so);
     variant: the previews take that variant's presets (Large Turbo's 4 steps, cfg 1, Euler), not the detected one's."""
