@@ -616,6 +616,17 @@ def test_cfg_of_1_or_less_is_no_guidance_as_in_diffusers(diffusers_folder):
         assert_images_close(mine, run_diffusers(pipe, ["a red fox"], "snow", seed=2, cfg=cfg, height=32, width=32))
 
 
+def test_denoise_given_an_uncond_runs_no_guidance_at_cfg_1_or_less_as_diffusers():
+    """diffusers guides only for guidance_scale > 1 (its Turbo recipe passes 0); denoise() called with the
+    uncond embeddings and cfg 0 or 0.5 must sample as without them, not extrapolate away from the prompt."""
+    model, (x, _, context, pooled) = tiny_mmdit(), mmdit_inputs(batch=1)
+    uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
+    sigmas = sd.get_schedule(2, 3.0)
+    plain = sd.denoise(model, x, sigmas, (context, pooled))
+    for cfg in (0.0, 0.5, 1.0):
+        assert torch.equal(sd.denoise(model, x, sigmas, (context, pooled), uncond, cfg), plain), cfg
+
+
 def test_t5_length_defaults_to_diffusers_pipelines_in_training_and_sampling():
     """T5_LENGTH (training's t5_length, the previews' and sample.py's default) is diffusers' max_sequence_length
     default: LoRAs trained here sample in diffusers' pipeline with the context they were trained on."""
