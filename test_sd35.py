@@ -979,6 +979,19 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
     one_line_error(lambda: sd.load_config(None, ["lora.blocks=0-99999999999"]), "names block 99999999999")
 
 
+def test_the_target_presets_wrap_the_layers_their_names_say():
+    """attn: both streams' attention qkv and output projections (diffusers' default layers); attn_mlp: those and
+    both MLP layers; dual attention (attn2) only in `all`. The last text block has no
+    projection or MLP (pre_only)."""
+    model = tiny_mmdit(dual=(0,))
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    attn = {n for n in linears if n.startswith("joint_blocks.") and n.endswith((".attn.qkv", ".attn.proj"))}
+    mlp = {n for n in linears if n.startswith("joint_blocks.") and n.endswith((".mlp.fc1", ".mlp.fc2"))}
+    assert len(attn) == 3 * 4 - 1 and len(mlp) == 3 * 4 - 2               # 3 blocks, 2 streams
+    assert set(sd.lora_targets(model, 4, "attn", "")) == attn
+    assert set(sd.lora_targets(model, 4, "attn_mlp", "")) == attn | mlp
+
+
 def test_lora_blocks_reversed_or_open_range_is_refused():
     """lora.blocks '0-5,12-8' trained only blocks 0-5 (a reversed range added nothing, silently) and '3-' trained
     block 3 alone: both are typos of a range, refused before anything loads."""
