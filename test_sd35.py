@@ -2,6 +2,7 @@
 
     pytest -q test_sd35.py
 """
+import collections
 import dataclasses
 import io
 import json
@@ -222,6 +223,59 @@ def test_training_sigmas_and_weights_match_diffusers():
         torch.testing.assert_close(sd.loss_weight(sigmas, scheme), ref)
 
 
+def test_mode_sampling_takes_train_mode_scale_as_diffusers_does():
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    for scale in (-0.5, 0.8):
+        cfg = sd.TrainConfig(timestep_sampling="mode", mode_scale=scale)
+        ours = sd.sample_training_sigmas(64, cfg, 3.0, torch.Generator().manual_seed(5))
+        u = training_utils.compute_density_for_timestep_sampling("mode", 64, mode_scale=scale,
+                                                                 generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(ours, table[(u * 1000).long()], atol=1e-6, rtol=0)
+
+
+def test_flow_matching_loss_is_the_weighted_velocity_mse_at_the_drawn_sigmas():
+    """x_t = (1 - s) x0 + s noise at t = 1000 s, target noise - x0, weighted, summed over the slice `keep` and
+    divided by the whole batch's n; sigmas, then noise, drawn from g for all n (as resume reproduces them)."""
+    seen = []
+
+    def velocity(x, t, context, pooled):       # any mix-up of x_t, t or the conditioning shows in the loss
+        seen.append((x, t))
+        return 0.5 * x + (t / 1000 + context.mean((1, 2)) + pooled[:, 0]).view(-1, 1, 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    x0, context, pooled = (torch.randn(shape, generator=gen) for shape in ((4, 16, 4, 6), (4, 5, 8), (4, 6)))
+    for weighting in sd.WEIGHTINGS:
+        cfg = sd.TrainConfig(timestep_sampling="uniform", weighting=weighting)
+        for keep in (slice(None), slice(1, 3)):
+            seen.clear()
+            loss, per_sample, sigmas = sd.flow_matching_loss(velocity, x0[keep], context[keep], pooled[keep], cfg,
+                                                             2.0, torch.Generator().manual_seed(7), None, keep, 4)
+            g = torch.Generator().manual_seed(7)
+            s = sd.sample_training_sigmas(4, cfg, 2.0, g)[keep]
+            noise = torch.randn(x0.shape, generator=g)[keep]
+            x_t = (1 - s.view(-1, 1, 1, 1)) * x0[keep] + s.view(-1, 1, 1, 1) * noise
+            v = velocity(x_t, 1000 * s, context[keep], pooled[keep])
+            mse = ((v - (noise - x0[keep])) ** 2).mean((1, 2, 3))
+            weight = {"none": torch.ones_like(s), "sigma_sqrt": 1 / s ** 2,
+                      "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s * s))}[weighting]
+            torch.testing.assert_close(seen[0][0], x_t)
+            torch.testing.assert_close(seen[0][1], 1000 * s)
+            torch.testing.assert_close(sigmas, s)
+            torch.testing.assert_close(per_sample, mse)
+            torch.testing.assert_close(loss, (weight * mse).sum() / 4)
+
+
+def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
+    """u = 1 (a sigmoid that rounds up, mode's draw of 0) indexes row 1000 of the 1000-row table, past its end
+    (diffusers: an IndexError): it takes the last row, sigma shift(1/1000); sigma 0 is a noiseless sample whose
+    sigma_sqrt weight is inf."""
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    cfg = sd.TrainConfig(logit_mean=50.0, logit_std=1.0)          # sigmoid(50 + N(0, 1)) is 1.0 in fp32
+    sigmas = sd.sample_training_sigmas(8, cfg, 3.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigmas, table[-1].expand(8), atol=1e-7, rtol=0)
+    assert sd.loss_weight(sigmas, "sigma_sqrt").isfinite().all()
+
+
 def test_lr_warmup_then_constant_or_cosine_as_diffusers():
     optimization = pytest.importorskip("diffusers.optimization")
     cfg = sd.TrainConfig(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
@@ -284,6 +338,34 @@ def test_dpmpp_2m_converges_at_second_order():
     assert (sd.denoise(ExactVelocity(), x1, many, cond, sampler="dpmpp_2m") - a * x1).abs().max() < 1e-3
     torch.testing.assert_close(sd.denoise(ExactVelocity(), x1, stuck, cond, sampler="dpmpp_2m"),
                                sd.denoise(ExactVelocity(), x1, stuck, cond, sampler="euler"))
+
+
+def test_dpmpp_2m_takes_k_diffusions_steps_with_cfg():
+    """denoise(sampler="dpmpp_2m") against k-diffusion's sample_dpmpp_2m written out (t = -log sigma, the
+    second-order correction from the step before, the last step to the x0 estimate), on a velocity that is not
+    linear in x, with CFG: the convergence test cannot see a wrong correction weight."""
+    class Velocity(torch.nn.Module):
+        def forward(self, x, t, context, y, skip_layers=()):
+            return torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000) + context.mean() * y.view(-1, 1, 1, 1)
+    model, cfg = Velocity(), 3.0
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, uncond = ((torch.ones(1, 1, 1), torch.full((1, 1), y)) for y in (0.5, -0.2))
+    sigmas = sd.get_schedule(6, 3.0)
+    ours = sd.denoise(model, x, sigmas, cond, uncond, cfg, sampler="dpmpp_2m")
+    s, old = sigmas.tolist(), None
+    for i in range(len(s) - 1):
+        t_in = torch.tensor([s[i] * 1000])
+        v_u, v_c = model(x, t_in, *uncond), model(x, t_in, *cond)
+        denoised = x - s[i] * (v_u + cfg * (v_c - v_u))
+        t, t_next = -math.log(s[i]), -math.log(s[i + 1]) if s[i + 1] else math.inf
+        h = t_next - t
+        if old is None or s[i + 1] == 0:
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * denoised
+        else:
+            r = (t - (-math.log(s[i - 1]))) / h
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old)
+        old = denoised
+    torch.testing.assert_close(ours, x)
 
 
 #################################################################################
@@ -492,6 +574,19 @@ def test_latent_scale_and_shift_round_trip():
     torch.testing.assert_close(seen["z"], mean, atol=1e-6, rtol=0)
 
 
+def test_latents_from_extreme_log_variances_are_clamped_as_diffusers_samples_them():
+    """The posterior's log-variance is clamped to -30..20 before the square root, as in diffusers'
+    DiagonalGaussianDistribution: an encoder output of 100 would otherwise give latents of e^50 (inf in bf16)."""
+    vae_module = pytest.importorskip("diffusers.models.autoencoders.vae")
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    mean = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(0))
+    logvar = torch.tensor([-100.0, -30.5, -3.0, 0.0, 19.0, 100.0]).repeat(16).view(1, 16, 2, 3)
+    noise = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(1))
+    dist = vae_module.DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+    expected = (dist.mean + dist.std * noise - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+    torch.testing.assert_close(vae.latents_from_moments(torch.cat([mean, logvar], 1), noise=noise), expected)
+
+
 #################################################################################
 #                  End to end against diffusers' SD3 pipeline                   #
 #################################################################################
@@ -534,6 +629,40 @@ def test_cfg_of_1_or_less_is_no_guidance_as_in_diffusers(diffusers_folder):
         settings = sd.SampleSettings(steps=4, cfg=cfg, sampler="euler", width=32, height=32, seed=2)
         mine = np.stack([np.asarray(im) for im in sd.generate(ours, ["a red fox"], "snow", settings, progress=False)])
         assert_images_close(mine, run_diffusers(pipe, ["a red fox"], "snow", seed=2, cfg=cfg, height=32, width=32))
+
+
+def test_denoise_given_an_uncond_runs_no_guidance_at_cfg_1_or_less_as_diffusers():
+    """diffusers guides only for guidance_scale > 1 (its Turbo recipe passes 0); denoise() called with the
+    uncond embeddings and cfg 0 or 0.5 must sample as without them, not extrapolate away from the prompt."""
+    model, (x, _, context, pooled) = tiny_mmdit(), mmdit_inputs(batch=1)
+    uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
+    sigmas = sd.get_schedule(2, 3.0)
+    plain = sd.denoise(model, x, sigmas, (context, pooled))
+    for cfg in (0.0, 0.5, 1.0):
+        assert torch.equal(sd.denoise(model, x, sigmas, (context, pooled), uncond, cfg), plain), cfg
+
+
+def test_t5_length_defaults_to_diffusers_pipelines_in_training_and_sampling():
+    """T5_LENGTH (training's t5_length, the previews' and sample.py's default) is diffusers' max_sequence_length
+    default: LoRAs trained here sample in diffusers' pipeline with the context they were trained on."""
+    diffusers = pytest.importorskip("diffusers")
+    import inspect
+    call = inspect.signature(diffusers.StableDiffusion3Pipeline.__call__)
+    default = call.parameters["max_sequence_length"].default
+    assert sd.T5_LENGTH == default == sd.Config().t5_length
+
+
+def test_generated_pixels_are_rounded_as_diffusers_does_not_truncated():
+    """generate()'s uint8 pixels are round((decoded / 2 + 0.5).clamp(0, 1) * 255) of the denoised latents, as
+    diffusers' numpy_to_pil; truncating makes images up to 1/255 darker."""
+    pipe = sd.tiny_pipeline()
+    settings = sd.SampleSettings(steps=2, cfg=1.0, shift=3.0, sampler="euler", width=64, height=64, seed=3)
+    image = sd.generate(pipe, ["a red fox"], settings=settings, progress=False)[0]
+    cond = pipe.text.encode(["a red fox"])
+    z = sd.denoise(pipe.mmdit, sd.initial_noise([3], 16, 64, 64), sd.get_schedule(2, 3.0), cond)
+    pixels = ((pipe.vae.decode(z)[0] / 2 + 0.5).clamp(0, 1) * 255).permute(1, 2, 0)
+    assert not torch.equal(pixels.round(), pixels.floor())          # the image can tell the two apart
+    assert np.array_equal(np.asarray(image), pixels.round().to(torch.uint8).numpy())
 
 
 def test_loaded_models_are_frozen_and_sampling_keeps_no_graph(diffusers_folder):
@@ -865,6 +994,19 @@ def test_fresh_lora_changes_nothing_and_targets_presets():
     one_line_error(lambda: sd.load_config(None, ["lora.blocks=0-99999999999"]), "names block 99999999999")
 
 
+def test_the_target_presets_wrap_the_layers_their_names_say():
+    """attn: both streams' attention qkv and output projections (diffusers' default layers); attn_mlp: those and
+    both MLP layers; dual attention (attn2) only in `all`. The last text block has no
+    projection or MLP (pre_only)."""
+    model = tiny_mmdit(dual=(0,))
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    attn = {n for n in linears if n.startswith("joint_blocks.") and n.endswith((".attn.qkv", ".attn.proj"))}
+    mlp = {n for n in linears if n.startswith("joint_blocks.") and n.endswith((".mlp.fc1", ".mlp.fc2"))}
+    assert len(attn) == 3 * 4 - 1 and len(mlp) == 3 * 4 - 2               # 3 blocks, 2 streams
+    assert set(sd.lora_targets(model, 4, "attn", "")) == attn
+    assert set(sd.lora_targets(model, 4, "attn_mlp", "")) == attn | mlp
+
+
 def test_lora_blocks_reversed_or_open_range_is_refused():
     """lora.blocks '0-5,12-8' trained only blocks 0-5 (a reversed range added nothing, silently) and '3-' trained
     block 3 alone: both are typos of a range, refused before anything loads."""
@@ -1074,6 +1216,31 @@ def test_separate_qkv_adapters_and_comfyui_prefixes(tmp_path):
         sd.load_lora(model, tmp_path / "p.safetensors", merge=merge)
         with torch.no_grad():
             torch.testing.assert_close(model(*x), by_hand(*x), atol=1e-5, rtol=1e-5)
+
+
+def test_every_key_layout_comfyui_reads_merges_the_same_update(tmp_path):
+    """One adapter on block 1's image attention output, in each key layout read here (the prefixes and role
+    names of kohya, ComfyUI, diffusers/PEFT, OneTrainer and SimpleTuner's LyCORIS): each merges up @ down."""
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    official, diffusers = "joint_blocks.1.x_block.attn.proj", "transformer_blocks.1.attn.to_out.0"
+    flat = lambda name: name.replace(".", "_")
+    layouts = {"kohya": (f"lora_unet_{flat(official)}", "lora_down", "lora_up"),
+               "official": (f"model.diffusion_model.{official}", "lora_down", "lora_up"),
+               "comfyui": (f"diffusion_model.{official}", "lora_down", "lora_up"),
+               "diffusers": (f"transformer.{diffusers}", "lora_A", "lora_B"),
+               "peft": (f"base_model.model.{diffusers}", "lora_A", "lora_B"),
+               "peft model": (f"base_model.model.{diffusers}", "lora_A.default", "lora_B.default"),
+               "no prefix": (diffusers, "lora_A", "lora_B"),
+               "comfyui diffusers3": (f"transformer.{diffusers}", "lora.down", "lora.up"),
+               "onetrainer": (f"lora_transformer_{flat(diffusers)}", "lora_down", "lora_up"),
+               "lycoris": (f"lycoris_{flat(diffusers)}", "lora_down", "lora_up")}
+    for name, (key, a, b) in layouts.items():
+        save_file({f"{key}.{a}.weight": down, f"{key}.{b}.weight": up}, tmp_path / "lora.safetensors")
+        model = tiny_mmdit()
+        before = model.get_submodule(official).weight.clone()
+        assert sd.load_lora(model, tmp_path / "lora.safetensors") == 1, name
+        torch.testing.assert_close(model.get_submodule(official).weight - before, up @ down, msg=name)
 
 
 def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tmp_path):
@@ -1864,6 +2031,43 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
+    """save_previews samples the MMDiT in eval mode (LoRA dropout would make the previews noisy and differ from
+    the LoRA file's images), then puts it back in train mode for the next steps."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"lora.dropout": 0.5, "sample.prompts": ["red stripes"]}))
+    dropouts = [m for m in trainer.mmdit.modules() if isinstance(m, torch.nn.Dropout)]
+    seen, real_generate = [], sd.generate
+
+    def generate(pipe, *args, **kwargs):
+        seen.append([m.training for m in dropouts])
+        return real_generate(pipe, *args, **kwargs)
+    monkeypatch.setattr(sd, "generate", generate)
+    try:
+        assert dropouts and all(m.training for m in dropouts)
+        sd.save_previews(trainer)
+    finally:
+        sd.end_training(trainer, {})
+    assert seen == [[False] * len(dropouts)] and all(m.training for m in dropouts)
+
+
+def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_told(tmp_path):
+    """use_t5 false: the captions' and the previews' T5 tokens are zeros (what sample.py gives a LoRA trained so);
+    variant: the previews take that variant's presets (Large Turbo's 4 steps, cfg 1, Euler), not the detected one's."""
+    make_dataset(tmp_path / "data")
+    sets = {"use_t5": False, "variant": "sd3.5-large-turbo", "sample.sample_steps": 0, "sample.prompts": ["a"]}
+    trainer = sd.Trainer(tiny_config(tmp_path, **sets))
+    try:
+        turbo, detected = sd.PRESETS["sd3.5-large-turbo"], sd.PRESETS[trainer.mmdit.cfg.variant()]
+        s = trainer.sample_settings
+        assert (turbo.steps, turbo.cfg, turbo.sampler) != (detected.steps, detected.cfg, detected.sampler)
+        assert trainer.pipe.variant == "sd3.5-large-turbo" and (s.steps, s.cfg, s.sampler) == (4, 1.0, "euler")
+        contexts = [trainer.embeddings[0][0][0]] + [load_file(f)["context"] for f in trainer.data.text_files]
+        assert all(c.shape[0] == 77 + 16 and c[:77].any() and not c[77:].any() for c in contexts)
+    finally:
+        sd.end_training(trainer, {})
+
+
 def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
     """Also: resuming a finished run without raising train.steps says there is nothing to train (it returned
     the LoRA without a word, as if it had trained on)."""
@@ -1882,6 +2086,58 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
     sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 12, "output_dir": str(tmp_path / "half")}), resume=True)
     assert "nothing to train: the checkpoint is at step 12 and train.steps is 12" in capsys.readouterr().err
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
+
+
+def stub_trainer(step: int = 0, seed: int = 0, sizes=((64, 64),) * 4) -> sd.Trainer:
+    """The state Trainer.forward_backward steps through, without models: data.get records each batch's first
+    image and the first number its generator draws (flow_matching_loss is the caller's)."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes, data.drawn = list(sizes), []
+
+    def get(ids, vae, cfg, g, keep):
+        data.drawn.append((ids[0], torch.rand(1, generator=g).item()))
+        return [torch.zeros(1)] * 3                 # latents, context, pooled
+    data.get = get
+    tr = sd.Trainer.__new__(sd.Trainer)
+    tr.cfg, tr.data, tr.step, tr.world, tr.rank, tr.global_batch = sd.Config(), data, step, 1, 0, 1
+    tr.cfg.train.seed, tr.pipe = seed, types.SimpleNamespace(device="cpu", vae=None)
+    tr.mmdit, tr.autocast, tr.sample_settings = None, None, types.SimpleNamespace(shift=3.0)
+    tr.epoch, tr.order = 0, data.batches(1, seed)                   # as Trainer.__init__ starts
+    return tr
+
+
+def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_redraws_them(monkeypatch):
+    """Trainer.forward_backward: every image once per epoch, a new order each epoch, new noise (the generator
+    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained."""
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True),
+                                                                 torch.zeros(1), torch.full((1,), 0.5)))
+
+    def run(tr: sd.Trainer, steps: int) -> list:
+        while tr.step < steps:
+            tr.forward_backward(False)
+            tr.step += 1
+        return tr.data.drawn
+    whole = run(stub_trainer(0), 12)
+    images, draws = [image for image, _ in whole], [draw for _, draw in whole]
+    assert all(sorted(images[e:e + 4]) == [0, 1, 2, 3] for e in (0, 4, 8))
+    assert len({tuple(images[e:e + 4]) for e in (0, 4, 8)}) > 1 and len(set(draws)) == 12
+    assert run(stub_trainer(6), 12) == whole[6:]
+    assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
+
+
+def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkeypatch):
+    """forward_backward's sums: loss_bins equal bins of 0..1, [i/k, (i+1)/k), sigma 1 in the last: per bin the
+    summed unweighted MSE and the count of samples, as the report 'loss by sigma bin' prints them."""
+    sigmas, mse = torch.tensor([0.0, 0.19, 0.2, 0.55, 0.61, 0.999, 1.0]), torch.arange(1.0, 8.0)
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True), mse, sigmas))
+    tr = stub_trainer()
+    tr.cfg.train.loss_bins = 5
+    sums = tr.forward_backward(False)
+    lower = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8])
+    inside = (sigmas[:, None] >= lower) & ((sigmas[:, None] < lower + 0.2) | (lower == 0.8))   # (sample, bin)
+    assert inside.sum(1).tolist() == [1] * 7
+    torch.testing.assert_close(sums[3:8], (inside * mse[:, None]).sum(0))
+    torch.testing.assert_close(sums[8:], inside.sum(0).float())
 
 
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
@@ -3500,6 +3756,32 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
 
 
+def test_images_are_downscaled_filtered_not_point_sampled():
+    """load_image resizes with a bicubic filter: a fine pattern averages out (nearest-neighbour sampling
+    keeps one of its colours: aliasing, moire on fabrics and fences)."""
+    checkerboard = Image.fromarray(((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    data = io.BytesIO()
+    checkerboard.save(data, "PNG")
+    pixels = sd.load_image(Path("checkerboard.png"), (64, 64), data.getvalue())
+    assert pixels.abs().max() < 0.1                 # mid grey everywhere: 0 in [-1, 1]
+
+
+def test_an_epoch_batches_every_image_once_within_its_bucket():
+    """LatentDataset.batches: each image exactly once per epoch, a batch never mixes buckets, batches of
+    batch_size except each bucket's last, and another epoch seed another order."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes = [(64, 64)] * 5 + [(128, 64)] * 3 + [(64, 128)]
+    for batch_size in (1, 2, 3):
+        epoch = data.batches(batch_size, epoch_seed=4)
+        assert sorted(i for batch in epoch for i in batch) == list(range(len(data.sizes)))
+        assert all(len({data.sizes[i] for i in batch}) == 1 and len(batch) <= batch_size for batch in epoch)
+        per_bucket = collections.Counter(data.sizes[batch[0]] for batch in epoch)
+        assert per_bucket == {(64, 64): -(-5 // batch_size), (128, 64): -(-3 // batch_size), (64, 128): 1}
+    assert data.batches(1, 4) == data.batches(1, 4) != data.batches(1, 5)
+    data.sizes = [(64, 64)] * 6                   # one bucket: which images share a batch changes per epoch too
+    assert len({frozenset(map(frozenset, data.batches(2, seed))) for seed in range(8)}) > 1
+
+
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)      # a dark-to-light ramp
     Image.fromarray(grey).save(tmp_path / "ramp16.png")                          # opens in mode I;16
@@ -3954,7 +4236,8 @@ def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys,
     moves a weight by lr * g / (|g| + eps), lr whatever the gradient's size unless it is clipped far below eps:
     clipped to 1e-12, lora_up stays 0 (unclipped: lr) and lora_down is its initial value as train.seed draws it
     times 1 - lr * weight_decay, lr the warmup's (0.95; no decay: 1, no warmup: 0.9). The report has
-    train.loss_bins bins, and train.gradient_checkpointing checkpoints each joint block."""
+    train.loss_bins bins, and train.gradient_checkpointing checkpoints each joint block. lora_step_N.safetensors
+    is in lora.format too (it was diffusers' whatever lora.format said: passed)."""
     make_dataset(tmp_path / "data")
     sets = {"train.steps": 1, "lora.alpha": 2, "lora.format": "kohya", "train.weighting": "sigma_sqrt",
             "train.max_grad_norm": 1e-12, "train.weight_decay": 10.0, "train.lr": 1e-2, "sample.prompts": [],
@@ -3967,6 +4250,8 @@ def test_lora_and_training_settings_each_act_on_a_one_step_run(tmp_path, capsys,
         return real_checkpoint(block, *args, **kwargs)
     monkeypatch.setattr(sd, "checkpoint", checkpoint)
     lora = load_file(sd.train(tiny_config(tmp_path, **sets)))
+    step_file = load_file(tmp_path / "run/lora_step_000001.safetensors")     # in lora.format too, the same
+    assert step_file.keys() == lora.keys() and all(torch.equal(step_file[k], t) for k, t in lora.items())
     assert len(checkpointed) == 3                                   # the tiny model's joint blocks, one step
     (step,) = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("loss by sigma bin"))
@@ -4237,6 +4522,39 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
+
+
+def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
+    """--resume with a key changed: one that changes only the trajectory from here on (noise levels, the seed,
+    the loss weighting, the data) is warned and recorded; one that changes no saved number (where files go, the
+    LoRA file's layout, gradient checkpointing, previews) is taken silently; one that changes what the saved
+    LoRA and AdamW state mean (rank, alpha, model, text conditioning) is refused."""
+    params = [torch.zeros(2, requires_grad=True)]
+    path = tmp_path / "state.safetensors"
+    sd.save_training_state(path, params, torch.optim.AdamW(params), 3, sd.Config(), [])
+    warned = {"text_encoders": "te", "vae": "v", "dataset.path": "d", "dataset.resolution": 512,
+              "dataset.default_caption": "x", "dataset.flip": True, "dataset.caption_dropout": 0.2,
+              "lora.dropout": 0.1, "sample.shift": 2.0, "train.lr": 1e-3, "train.lr_schedule": "cosine",
+              "train.warmup_steps": 5, "train.weight_decay": 0.1, "train.max_grad_norm": 2.0, "train.seed": 1,
+              "train.batch_size": 2, "train.grad_accum": 2, "train.timestep_sampling": "mode",
+              "train.logit_mean": 0.5, "train.logit_std": 2.0, "train.mode_scale": 1.0, "train.weighting": "cosmap",
+              "train.compile": True}
+    free = {"output_dir": "o", "device": "cpu", "dataset.cache_dir": "c", "lora.format": "kohya",
+            "train.steps": 2000, "train.save_every": 10, "train.gradient_checkpointing": False, "train.loss_bins": 3,
+            "train.dist_timeout": 60.0, "sample.sampler": "euler", "sample.sample_every": 10,
+            "sample.sample_steps": 4, "sample.guidance_scale": 2.0, "sample.prompts": ["x"], "sample.neg": "y",
+            "sample.width": 512, "sample.height": 512, "sample.seed": 1}
+    refused = {"model": "m", "variant": "sd3.5-large", "dtype": "fp32", "t5_length": 77, "use_t5": False,
+               "fp8": True, "lora.rank": 8, "lora.alpha": 8.0, "lora.targets": "all", "lora.blocks": "0-1"}
+    assert set(warned) | set(free) | set(refused) == set(sd.flat_config(sd.Config()))    # every key
+    for key, value in {**warned, **free}.items():
+        capsys.readouterr()
+        changes, _ = sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
+        err = capsys.readouterr().err
+        assert (f"changed {key} " in err, len(changes)) == ((True, 1) if key in warned else (False, 0)), key
+    for key, value in refused.items():
+        with pytest.raises(sd.UserError, match=f"--resume with changed {key} "):
+            sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
 
 
 def spy_reads(monkeypatch):
