@@ -4546,7 +4546,10 @@ def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_pa
             "sample.width": 512, "sample.height": 512, "sample.seed": 1}
     refused = {"model": "m", "variant": "sd3.5-large", "dtype": "fp32", "t5_length": 77, "use_t5": False,
                "fp8": True, "lora.rank": 8, "lora.alpha": 8.0, "lora.targets": "all", "lora.blocks": "0-1"}
-    assert set(warned) | set(free) | set(refused) == set(sd.flat_config(sd.Config()))    # every key
+    listed, keys = set(warned) | set(free) | set(refused), set(sd.flat_config(sd.Config()))
+    assert listed == keys, (f"keys not listed here: {sorted(keys - listed)}, gone: {sorted(listed - keys)}. "
+                            "Decide what changing a new key on --resume means: RESUME_WARN (trajectory "
+                            "only), RESUME_FREE (no saved number) or neither (refused); add it here, changed")
     for key, value in {**warned, **free}.items():
         capsys.readouterr()
         changes, _ = sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
