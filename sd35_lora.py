@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2879  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3075  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3468  Several Processes (torchrun)     one all-reduce per step
-     3558  Command Line and the Tiny Model  main(), --tiny
+     3469  Several Processes (torchrun)     one all-reduce per step
+     3559  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3152,7 +3152,8 @@ def _atomic_save(data, path: str | Path, metadata=None):
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         too_long = not_found and len(os.path.abspath(tmp)) >= 260
         long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
-        fix = ("close what holds it open (a viewer, ComfyUI)" if denied and replacing
+        fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
+               else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None

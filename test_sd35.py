@@ -3064,6 +3064,14 @@ def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp_path):
+    """A folder in place of a cache, state or preview file (a run writes them at paths it makes): the write failed
+    with "cannot write ... (Is a directory): free disk space or choose another folder"."""
+    (tmp_path / "state.safetensors").mkdir()
+    one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "state.safetensors"),
+                   r"^cannot write .*state.safetensors \(.*\): remove the folder of that name or choose another")
+
+
 def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
     """generate(..., embeddings=pipe.text.encode(prompts)) (the cond pair alone, not (cond, uncond)) failed with a
     bare "not enough values to unpack", embeddings of another model's widths with torch's "mat1 and mat2 shapes
