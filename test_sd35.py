@@ -4557,7 +4557,8 @@ def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_pa
     listed, keys = set(warned) | set(free) | set(refused), set(sd.flat_config(sd.Config()))
     assert listed == keys, (f"keys not listed here: {sorted(keys - listed)}, gone: {sorted(listed - keys)}. "
                             "Decide what changing a new key on --resume means: RESUME_WARN (trajectory "
-                            "only), RESUME_FREE (no saved number) or neither (refused); add it here, changed")
+                            "only), RESUME_FREE (no saved number) or neither (refused); then add it to "
+                            "warned, free or refused above, with a value unlike its default")
     for key, value in {**warned, **free}.items():
         capsys.readouterr()
         changes, _ = sd.prepare_resume(path, sd.load_config(None, [f"{key}={json.dumps(value)}"]))
