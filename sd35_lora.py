@@ -2423,7 +2423,7 @@ def check_size(width: int, height: int, name: str = "width and height"):
         raise UserError(f"{name} must be positive multiples of 16: {width}x{height}")
 
 
-SHIFT_RANGE = (1e-3, 1e3)      # wide margins: below 2^-25, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
+SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 
 

@@ -173,8 +173,9 @@ def test_schedule_matches_diffusers_scheduler():
 
 
 def test_a_shift_too_small_or_large_for_the_sigmas_is_refused():
-    """1 + (shift - 1) * sigma rounds to 0 at sigma 1 below shift 2^-25 in fp32 (2^-54 in fp64): the first sigma
-    was inf, sampling gave NaN blamed on the cfg/LoRA scale, a training step NaN blamed on train.lr."""
+    """1 + (shift - 1) * sigma rounds to 0 at sigma 1 at shift 2^-25 or less in fp32 (2^-54 in fp64): the
+    first sigma was inf, sampling gave NaN blamed on the cfg/LoRA scale, a training step NaN blamed on
+    train.lr."""
     assert not torch.isfinite(sd.shift_sigma(torch.ones(1), 1e-8)).all()           # what the bound prevents
     for shift in (1e-17, 1e-8, 1e4):
         one_line_error(lambda: sd.SampleSettings(shift=shift).resolved("sd3.5-medium"), "shift in 0.001..1000")
