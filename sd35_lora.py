@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1015  Data                             dataset scan, aspect buckets, the latent and text cache
      1143  Training                         Trainer and the training loop
-     1296  Part 2: plumbing                 a reader can stop here
-     1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1856  Hub Downloads                    snapshot downloads, tokenizers
-     1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2879  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3075  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3468  Several Processes (torchrun)     one all-reduce per step
-     3558  Command Line and the Tiny Model  main(), --tiny
+     1299  Part 2: plumbing                 a reader can stop here
+     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1859  Hub Downloads                    snapshot downloads, tokenizers
+     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2882  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3078  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3471  Several Processes (torchrun)     one all-reduce per step
+     3561  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1282,7 +1282,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        save_checkpoint(tr)
+        try:
+            save_checkpoint(tr)
+        except (RuntimeError, MemoryError) as e:    # out of memory: as a step's checkpoint, a second try
+            raise stopped_by_memory(tr, e) if out_of_memory(e) else e
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):

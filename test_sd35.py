@@ -2687,6 +2687,35 @@ def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoi
         "lower dataset.resolution, set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
 
 
+def test_out_of_memory_saving_the_checkpoint_of_a_ctrl_c_is_one_line_naming_the_latest(tmp_path, monkeypatch):
+    """Out of GPU memory while saving the checkpoint that Ctrl-C (or SIGTERM) asks for ended in torch's own
+    error under the KeyboardInterrupt's traceback. It is one line, as in a step's checkpoint: a second try, then
+    which checkpoint --resume has."""
+    make_dataset(tmp_path / "data")
+    real_save, real_log, calls = sd.save_training_state, sd.Trainer.log, []
+
+    def out_of_memory_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_save(*args, **kwargs)
+
+    def interrupt_after_step_3(self, *args, **kwargs):
+        real_log(self, *args, **kwargs)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(sd, "save_training_state", out_of_memory_after_the_first)
+    monkeypatch.setattr(sd.Trainer, "log", interrupt_after_step_3)
+    shared = {"train.steps": 6, "train.save_every": 2, "sample.prompts": []}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
+        "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
+        "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+    assert len(calls) == 3
+
+
 def test_out_of_ram_after_the_previews_names_the_previews(tmp_path, monkeypatch):
     """The previews go on after their own errors, but out of RAM moving the VAE back off the GPU after them
     (in their finally) ended in Python's MemoryError; train() caught only RuntimeError. It stops as after a step,
