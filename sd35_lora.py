@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2882  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3078  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3471  Several Processes (torchrun)     one all-reduce per step
-     3561  Command Line and the Tiny Model  main(), --tiny
+     2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3477  Several Processes (torchrun)     one all-reduce per step
+     3567  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2608,11 +2608,21 @@ def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, 
     """add_lora's arguments from Python, read as a config file's: rank "4" or 4.0 was a bare TypeError, alpha
     "8" one at the first forward, dropout 1.5 torch's ValueError (-0.1: no dropout, silently)."""
     rank, dropout = read_number(rank, True, "rank"), read_number(dropout, False, "dropout")
-    alpha = alpha if alpha is None else read_number(alpha, False, "alpha")
+    alpha = alpha if alpha is None else check_alpha(read_number(alpha, False, "alpha"), rank)
     if not (0 <= dropout < 1 and isinstance(targets, str)):
         raise UserError(f"dropout must be in 0..1 (below 1) and targets text (attn, attn_mlp, all or "
                         f"regexes, comma-separated): got {dropout} and {targets!r:.60}")
     return rank, alpha, dropout
+
+
+def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
+    """`alpha` if a LoRA trained with it works (the config's lora.alpha, add_lora's), else a UserError."""
+    most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
+    if not (alpha and abs(alpha) <= most):              # (kohya reads 0 as alpha = rank)
+        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 scales the LoRA by 0 (it would "
+                        f"train nothing), more than {most:g} either way saves LoRA files load_lora "
+                        f"refuses; use e.g. {prefix}alpha = {prefix}rank ({rank})")
+    return alpha
 
 
 def validate(cfg: Config) -> Config:
@@ -2654,11 +2664,7 @@ def validate(cfg: Config) -> Config:
                         f"images), got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
-    most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
-    if not (cfg.lora.alpha and abs(cfg.lora.alpha) <= most):    # (kohya reads 0 as alpha = rank)
-        raise UserError(f"lora.alpha {cfg.lora.alpha:g} is outside what works: 0 scales the LoRA by 0 (it "
-                        f"would train nothing), more than {most:g} either way saves LoRA files load_lora "
-                        f"refuses; use e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
+    check_alpha(cfg.lora.alpha, cfg.lora.rank, "lora.")
     # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
     if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
         raise UserError(f"lora.targets {cfg.lora.targets!r} in lora.blocks {cfg.lora.blocks!r} select "

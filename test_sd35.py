@@ -3046,9 +3046,12 @@ def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings
 def test_add_lora_reads_its_numbers_as_a_config_file_does():
     """From Python, add_lora(rank="4") failed with a bare TypeError ('<=' between int and str), rank=4.0 in
     torch.empty, targets=["attn"] with "unhashable type: 'list'", dropout=1.5 with torch's ValueError; alpha="8" was
-    taken and failed at the first forward. numpy's numbers and a whole float are numbers."""
+    taken and failed at the first forward. numpy's numbers and a whole float are numbers. alpha 0 or 1e300, which
+    the config refuses (a LoRA that trains nothing, or saved files load_lora refuses), were taken."""
     for wrong, error in [({"rank": "4"}, "rank must be a whole number, got '4'"),
                          ({"alpha": "8"}, "alpha must be a finite number, got '8'"),
+                         ({"alpha": 0}, r"alpha 0 is outside what works: .* use e.g. alpha = rank \(2\)"),
+                         ({"alpha": 1e300}, "alpha 1e\\+300 is outside what works"),
                          ({"dropout": 1.5}, "dropout must be in 0..1.*got 1.5"),
                          ({"dropout": -0.1}, "dropout must be in 0..1.*got -0.1"),
                          ({"targets": ["attn"]}, r"and targets text .*got 0.0 and \['attn'\]")]:
