@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3477  Several Processes (torchrun)     one all-reduce per step
-     3567  Command Line and the Tiny Model  main(), --tiny
+     3478  Several Processes (torchrun)     one all-reduce per step
+     3568  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3395,8 +3395,9 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     a step, or its checkpoint or previews, after a checkpoint of the last step completed (the LoRA whole)."""
     c, new, device = tr.cfg, " (a new run: --resume refuses it)", pick_device(tr.cfg.device)
     ram = out_of_ram(e) and device.type != "cpu"    # training on a GPU: RAM holds the models as they load
+    bf16_runs = pick_dtype(None, device) == torch.bfloat16     # its default where it runs (MPS: macOS 14+)
     smaller = ([f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(device))
-               + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and device.type != "cpu"))
+               + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and bf16_runs))
     if not hasattr(tr, "embeddings"):
         loaded = hasattr(tr, "pipe")
         where = "caching latents and text embeddings" if loaded else "loading the models"

@@ -2771,6 +2771,19 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
                             "--dtype bf16, or close other programs")
 
 
+def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
+    """On MPS under macOS 13, out of memory offered "set dtype: bf16", which pick_dtype then refuses there (bf16
+    on MPS needs macOS 14). It is offered only where bf16 runs."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("mps"))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, dtype="fp32"))
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set use_t5: "
+                            "false (a new run: --resume refuses it), or close other programs")
+
+
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
     """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
     models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
