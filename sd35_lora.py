@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3478  Several Processes (torchrun)     one all-reduce per step
-     3568  Command Line and the Tiny Model  main(), --tiny
+     2890  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3086  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3480  Several Processes (torchrun)     one all-reduce per step
+     3570  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2337,6 +2337,8 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
+        if isinstance(value, (set, frozenset)):     # its order changes between runs: sample_00 another prompt
+            raise UserError(f"config key '{key}' must be a list, not a set (its order changes between runs)")
         many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
                 and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
         items = list(value) if many else [] if value is None else [value]

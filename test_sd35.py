@@ -2979,11 +2979,14 @@ def test_numpy_bools_in_a_config_built_in_python_are_true_or_false():
 
 def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
-    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
+    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate(). A set
+    was taken in hash order, which changes between runs (sample_00 another prompt on --resume): refused."""
     cfg = sd.Config()
     cfg.sample.prompts = ("red stripes", "blue disc")
     assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
     assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
+    cfg.sample.prompts = {"red stripes", "blue disc"}              # hash order: sample_00 changed between runs
+    one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be a list, not a set \(its order")
     cfg.model = ("tiny",)                                          # a text key: refused, not its repr as a path
     one_line_error(lambda: sd.validate(cfg), r"config key 'model' must be text, got \('tiny',\)")
 
