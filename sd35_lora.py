@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2890  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3086  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3480  Several Processes (torchrun)     one all-reduce per step
-     3570  Command Line and the Tiny Model  main(), --tiny
+     2893  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3089  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3483  Several Processes (torchrun)     one all-reduce per step
+     3573  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2433,7 +2433,7 @@ MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1]
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
-    """SampleSettings.resolved's refusals before it drops the preset's skip layers that `depth` lacks."""
+    """SampleSettings.resolved's checks before it drops the preset's skip layers `depth` lacks (warned)."""
     if s.slg_scale is None or s.slg_scale and not s.slg_layers:       # --slg, or a scale without layers
         raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                         f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
@@ -2444,6 +2444,9 @@ def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None
     if s.slg_scale and s.cfg <= 1.0:            # SLG guides the CFG step only; refused on any depth
         raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {s.cfg}): raise "
                         f"--cfg or leave out --slg/--slg-scale")
+    if s.slg_scale and wrong:                                       # the preset's, asked for by --slg
+        print(f"warning: skip-layer guidance layers {wrong} ({variant}'s) are not in this {depth}-block "
+              f"model: left out", file=sys.stderr)
 
 
 def check_sample_settings(s: SampleSettings):

@@ -4829,7 +4829,10 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     first = sample.main(args)[0].read_bytes()
     second = sample.main([*args, "--slg", "--seed", "1"])
     assert second == [tmp_path / "sample_01.png"] and (tmp_path / "sample_00.png").read_bytes() == first
-    assert f"saved to {tmp_path}: sample_01.png" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"saved to {tmp_path}: sample_01.png" in printed.out
+    assert ("warning: skip-layer guidance layers [7, 8, 9] (sd3.5-medium's) are not in this 3-block model: left "
+            "out") in printed.err                                   # --slg asked for: not silently off
     params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (0, 1)]
     assert params[0]["slg_scale"] == 0.0 and params[1]["slg_scale"] == 0.0   # the tiny model has no block 7,8,9
     on = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=24)    # --slg on Medium's 24 blocks
