@@ -2773,7 +2773,7 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
 
 def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
     """On MPS under macOS 13, out of memory offered "set dtype: bf16", which pick_dtype then refuses there (bf16
-    on MPS needs macOS 14). It is offered only where bf16 runs."""
+    on MPS needs macOS 14); sample.py's "use --dtype bf16" too. They are offered only where bf16 runs."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
     monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("mps"))
@@ -2782,6 +2782,9 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
         sd.train(tiny_config(tmp_path, dtype="fp32"))
     assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set use_t5: "
                             "false (a new run: --resume refuses it), or close other programs")
+    with pytest.raises(torch.OutOfMemoryError) as e:                    # sample.py's levers alike
+        sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
+    assert str(e.value) == "out of memory (RAM) while loading the models. To fit: add --no-t5, or close other programs"
 
 
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
