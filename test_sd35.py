@@ -2784,7 +2784,8 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
                             "false (a new run: --resume refuses it), or close other programs")
     with pytest.raises(torch.OutOfMemoryError) as e:                    # sample.py's levers alike
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
-    assert str(e.value) == "out of memory (RAM) while loading the models. To fit: add --no-t5, or close other programs"
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --no-t5, or close other "
+                            "programs")
 
 
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
