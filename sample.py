@@ -204,10 +204,11 @@ def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
     device = sd.pick_device(args.device)
     offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload) and not ram
     fp8 = not args.fp8 and not sd.fp8_lacking(device)
+    bf16 = device.type != "mps" or sd.pick_dtype(None, device) == sd.DTYPES["bf16"]    # MPS: macOS 14+
     sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
     return (sampling * (pipe is not None)
             + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)
-            + ["use --dtype bf16"] * (args.dtype == "fp32"))
+            + ["use --dtype bf16"] * (args.dtype == "fp32" and bf16))
 
 
 def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> list[Path]:

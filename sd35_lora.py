@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1015  Data                             dataset scan, aspect buckets, the latent and text cache
      1143  Training                         Trainer and the training loop
-     1296  Part 2: plumbing                 a reader can stop here
-     1319  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1856  Hub Downloads                    snapshot downloads, tokenizers
-     1918  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2194  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2325  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2879  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3075  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3469  Several Processes (torchrun)     one all-reduce per step
-     3559  Command Line and the Tiny Model  main(), --tiny
+     1299  Part 2: plumbing                 a reader can stop here
+     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1859  Hub Downloads                    snapshot downloads, tokenizers
+     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2893  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3089  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3484  Several Processes (torchrun)     one all-reduce per step
+     3574  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1282,7 +1282,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
         bar.close()
-        save_checkpoint(tr)
+        try:
+            save_checkpoint(tr)
+        except (RuntimeError, MemoryError) as e:    # out of memory: as a step's checkpoint, a second try
+            raise stopped_by_memory(tr, e) if out_of_memory(e) else e
         exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
@@ -2334,6 +2337,8 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
+        if isinstance(value, (set, frozenset)):     # its order changes between runs: sample_00 another prompt
+            raise UserError(f"config key '{key}' must be a list, not a set (its order changes between runs)")
         many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
                 and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
         items = list(value) if many else [] if value is None else [value]
@@ -2428,7 +2433,7 @@ MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1]
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
-    """SampleSettings.resolved's refusals before it drops the preset's skip layers that `depth` lacks."""
+    """SampleSettings.resolved's checks before it drops the preset's skip layers `depth` lacks (warned)."""
     if s.slg_scale is None or s.slg_scale and not s.slg_layers:       # --slg, or a scale without layers
         raise UserError(f"skip-layer guidance needs a scale and layers ({variant} has no recommended "
                         f"ones): give --slg-scale and --slg-layers, e.g. 2.5 and 7,8,9")
@@ -2439,6 +2444,9 @@ def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None
     if s.slg_scale and s.cfg <= 1.0:            # SLG guides the CFG step only; refused on any depth
         raise UserError(f"skip-layer guidance works only with CFG (cfg above 1, not {s.cfg}): raise "
                         f"--cfg or leave out --slg/--slg-scale")
+    if s.slg_scale and wrong:                                       # the preset's, asked for by --slg
+        print(f"warning: skip-layer guidance layers {wrong} ({variant}'s) are not in this {depth}-block "
+              f"model: left out", file=sys.stderr)
 
 
 def check_sample_settings(s: SampleSettings):
@@ -2605,11 +2613,21 @@ def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, 
     """add_lora's arguments from Python, read as a config file's: rank "4" or 4.0 was a bare TypeError, alpha
     "8" one at the first forward, dropout 1.5 torch's ValueError (-0.1: no dropout, silently)."""
     rank, dropout = read_number(rank, True, "rank"), read_number(dropout, False, "dropout")
-    alpha = alpha if alpha is None else read_number(alpha, False, "alpha")
+    alpha = alpha if alpha is None else check_alpha(read_number(alpha, False, "alpha"), rank)
     if not (0 <= dropout < 1 and isinstance(targets, str)):
         raise UserError(f"dropout must be in 0..1 (below 1) and targets text (attn, attn_mlp, all or "
                         f"regexes, comma-separated): got {dropout} and {targets!r:.60}")
     return rank, alpha, dropout
+
+
+def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
+    """`alpha` if a LoRA trained with it works (the config's lora.alpha, add_lora's), else a UserError."""
+    most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
+    if not (alpha and abs(alpha) <= most):              # (kohya reads 0 as alpha = rank)
+        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 scales the LoRA by 0 (it would "
+                        f"train nothing), more than {most:g} either way saves LoRA files load_lora "
+                        f"refuses; use e.g. {prefix}alpha = {prefix}rank ({rank})")
+    return alpha
 
 
 def validate(cfg: Config) -> Config:
@@ -2651,11 +2669,7 @@ def validate(cfg: Config) -> Config:
                         f"images), got {cfg.dataset.resolution}")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
-    most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
-    if not (cfg.lora.alpha and abs(cfg.lora.alpha) <= most):    # (kohya reads 0 as alpha = rank)
-        raise UserError(f"lora.alpha {cfg.lora.alpha:g} is outside what works: 0 scales the LoRA by 0 (it "
-                        f"would train nothing), more than {most:g} either way saves LoRA files load_lora "
-                        f"refuses; use e.g. lora.alpha = lora.rank ({cfg.lora.rank})")
+    check_alpha(cfg.lora.alpha, cfg.lora.rank, "lora.")
     # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
     if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
         raise UserError(f"lora.targets {cfg.lora.targets!r} in lora.blocks {cfg.lora.blocks!r} select "
@@ -3387,8 +3401,9 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     a step, or its checkpoint or previews, after a checkpoint of the last step completed (the LoRA whole)."""
     c, new, device = tr.cfg, " (a new run: --resume refuses it)", pick_device(tr.cfg.device)
     ram = out_of_ram(e) and device.type != "cpu"    # training on a GPU: RAM holds the models as they load
+    bf16_runs = pick_dtype(None, device) == torch.bfloat16     # its default where it runs (MPS: macOS 14+)
     smaller = ([f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(device))
-               + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and device.type != "cpu"))
+               + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and bf16_runs))
     if not hasattr(tr, "embeddings"):
         loaded = hasattr(tr, "pipe")
         where = "caching latents and text embeddings" if loaded else "loading the models"

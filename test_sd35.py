@@ -2688,6 +2688,35 @@ def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoi
         "lower dataset.resolution, set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
 
 
+def test_out_of_memory_saving_the_checkpoint_of_a_ctrl_c_is_one_line_naming_the_latest(tmp_path, monkeypatch):
+    """Out of GPU memory while saving the checkpoint that Ctrl-C (or SIGTERM) asks for ended in torch's own
+    error under the KeyboardInterrupt's traceback. It is one line, as in a step's checkpoint: a second try, then
+    which checkpoint --resume has."""
+    make_dataset(tmp_path / "data")
+    real_save, real_log, calls = sd.save_training_state, sd.Trainer.log, []
+
+    def out_of_memory_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_save(*args, **kwargs)
+
+    def interrupt_after_step_3(self, *args, **kwargs):
+        real_log(self, *args, **kwargs)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(sd, "save_training_state", out_of_memory_after_the_first)
+    monkeypatch.setattr(sd.Trainer, "log", interrupt_after_step_3)
+    shared = {"train.steps": 6, "train.save_every": 2, "sample.prompts": []}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+    assert exit_info.value.code == (
+        "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
+        "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
+        "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+    assert len(calls) == 3
+
+
 def test_out_of_ram_after_the_previews_names_the_previews(tmp_path, monkeypatch):
     """The previews go on after their own errors, but out of RAM moving the VAE back off the GPU after them
     (in their finally) ended in Python's MemoryError; train() caught only RuntimeError. It stops as after a step,
@@ -2741,6 +2770,23 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
     assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --fp8, add --no-t5, use "
                             "--dtype bf16, or close other programs")
+
+
+def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
+    """On MPS under macOS 13, out of memory offered "set dtype: bf16", which pick_dtype then refuses there (bf16
+    on MPS needs macOS 14); sample.py's "use --dtype bf16" too. They are offered only where bf16 runs."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
+    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("mps"))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sd.train(tiny_config(tmp_path, dtype="fp32"))
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set use_t5: "
+                            "false (a new run: --resume refuses it), or close other programs")
+    with pytest.raises(torch.OutOfMemoryError) as e:                    # sample.py's levers alike
+        sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --no-t5, or close other "
+                            "programs")
 
 
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
@@ -2938,11 +2984,14 @@ def test_numpy_bools_in_a_config_built_in_python_are_true_or_false():
 
 def test_a_tuple_of_prompts_in_a_config_built_in_python_is_a_list_of_prompts():
     """cfg.sample.prompts = ("red stripes", "blue disc") in a notebook trained with one preview prompt, the tuple's
-    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate()."""
+    repr "('red stripes', 'blue disc')" (warned as cut at T5's length): a tuple is a list, as in generate(). A set
+    was taken in hash order, which changes between runs (sample_00 another prompt on --resume): refused."""
     cfg = sd.Config()
     cfg.sample.prompts = ("red stripes", "blue disc")
     assert sd.validate(cfg).sample.prompts == ["red stripes", "blue disc"]
     assert cfg.sample.prompts == ("red stripes", "blue disc")             # the caller's config as it was
+    cfg.sample.prompts = {"red stripes", "blue disc"}              # hash order: sample_00 changed between runs
+    one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be a list, not a set \(its order")
     cfg.model = ("tiny",)                                          # a text key: refused, not its repr as a path
     one_line_error(lambda: sd.validate(cfg), r"config key 'model' must be text, got \('tiny',\)")
 
@@ -3018,9 +3067,12 @@ def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings
 def test_add_lora_reads_its_numbers_as_a_config_file_does():
     """From Python, add_lora(rank="4") failed with a bare TypeError ('<=' between int and str), rank=4.0 in
     torch.empty, targets=["attn"] with "unhashable type: 'list'", dropout=1.5 with torch's ValueError; alpha="8" was
-    taken and failed at the first forward. numpy's numbers and a whole float are numbers."""
+    taken and failed at the first forward. numpy's numbers and a whole float are numbers. alpha 0 or 1e300, which
+    the config refuses (a LoRA that trains nothing, or saved files load_lora refuses), were taken."""
     for wrong, error in [({"rank": "4"}, "rank must be a whole number, got '4'"),
                          ({"alpha": "8"}, "alpha must be a finite number, got '8'"),
+                         ({"alpha": 0}, r"alpha 0 is outside what works: .* use e.g. alpha = rank \(2\)"),
+                         ({"alpha": 1e300}, "alpha 1e\\+300 is outside what works"),
                          ({"dropout": 1.5}, "dropout must be in 0..1.*got 1.5"),
                          ({"dropout": -0.1}, "dropout must be in 0..1.*got -0.1"),
                          ({"targets": ["attn"]}, r"and targets text .*got 0.0 and \['attn'\]")]:
@@ -4794,7 +4846,10 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
     first = sample.main(args)[0].read_bytes()
     second = sample.main([*args, "--slg", "--seed", "1"])
     assert second == [tmp_path / "sample_01.png"] and (tmp_path / "sample_00.png").read_bytes() == first
-    assert f"saved to {tmp_path}: sample_01.png" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"saved to {tmp_path}: sample_01.png" in printed.out
+    assert ("warning: skip-layer guidance layers [7, 8, 9] (sd3.5-medium's) are not in this 3-block model: left "
+            "out") in printed.err                                   # --slg asked for: not silently off
     params = [json.loads(Image.open(tmp_path / f"sample_0{i}.png").text["parameters"]) for i in (0, 1)]
     assert params[0]["slg_scale"] == 0.0 and params[1]["slg_scale"] == 0.0   # the tiny model has no block 7,8,9
     on = sd.SampleSettings(slg_scale=None).resolved("sd3.5-medium", depth=24)    # --slg on Medium's 24 blocks
