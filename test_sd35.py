@@ -2504,6 +2504,17 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
             "1.06 GiB is free. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
 
 
+def out_of_memory_on_calls(real, fails):
+    """`real`, raising CUDA's out-of-memory error on the calls `fails(n)` picks (n counts from 1); .calls: n."""
+    def wrapped(*args, **kwargs):
+        wrapped.calls += 1
+        if fails(wrapped.calls):
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*args, **kwargs)
+    wrapped.calls = 0
+    return wrapped
+
+
 def test_out_of_memory_in_a_step_saves_the_last_step_says_what_to_lower_and_resumes_exactly(tmp_path, monkeypatch):
     """Running out of GPU memory in step 4 (a larger aspect bucket's first batch) ended the run with torch's long
     traceback, and lost every step since the last save_every checkpoint. The forward and backward change no
@@ -2634,14 +2645,8 @@ def test_out_of_memory_while_saving_a_checkpoint_names_it_and_saves_it_at_a_seco
     make_dataset(tmp_path / "data")
     shared = {"train.steps": 4, "train.save_every": 2, "sample.prompts": [], "lora.dropout": 0.1}
     sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "full")))
-    real_save, calls = sd.save_training_state, []
-
-    def out_of_memory_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError(CUDA_OOM)
-        return real_save(*args, **kwargs)
-    monkeypatch.setattr(sd, "save_training_state", out_of_memory_once)
+    real_save = sd.save_training_state
+    monkeypatch.setattr(sd, "save_training_state", out_of_memory_on_calls(real_save, lambda n: n == 1))
     with pytest.raises(SystemExit) as exit_info:
         sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
     assert exit_info.value.code == (
@@ -2658,19 +2663,14 @@ def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoi
     """Out of GPU memory a second time, while saving the checkpoint after the first, ended in torch's own error
     and two tracebacks. It stays one line: that checkpoint is not saved, and which one --resume has instead."""
     make_dataset(tmp_path / "data")
-    real_save, real_loss, calls = sd.save_training_state, sd.flow_matching_loss, []
-
-    def out_of_memory_after_the_first(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise torch.OutOfMemoryError(CUDA_OOM)
-        return real_save(*args, **kwargs)
+    real_loss = sd.flow_matching_loss
 
     def out_of_memory_in_step_2_of_again(*args):
         if (tmp_path / "again/log.jsonl").is_file():
             raise torch.OutOfMemoryError(CUDA_OOM)
         return real_loss(*args)
-    monkeypatch.setattr(sd, "save_training_state", out_of_memory_after_the_first)
+    save = out_of_memory_on_calls(sd.save_training_state, lambda n: n > 1)
+    monkeypatch.setattr(sd, "save_training_state", save)
     monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2_of_again)
     shared = {"train.steps": 4, "train.save_every": 2, "sample.prompts": []}
     with pytest.raises(SystemExit) as exit_info:
@@ -2693,19 +2693,13 @@ def test_out_of_memory_saving_the_checkpoint_of_a_ctrl_c_is_one_line_naming_the_
     error under the KeyboardInterrupt's traceback. It is one line, as in a step's checkpoint: a second try, then
     which checkpoint --resume has."""
     make_dataset(tmp_path / "data")
-    real_save, real_log, calls = sd.save_training_state, sd.Trainer.log, []
-
-    def out_of_memory_after_the_first(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise torch.OutOfMemoryError(CUDA_OOM)
-        return real_save(*args, **kwargs)
+    real_log, save = sd.Trainer.log, out_of_memory_on_calls(sd.save_training_state, lambda n: n > 1)
 
     def interrupt_after_step_3(self, *args, **kwargs):
         real_log(self, *args, **kwargs)
         if self.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(sd, "save_training_state", out_of_memory_after_the_first)
+    monkeypatch.setattr(sd, "save_training_state", save)
     monkeypatch.setattr(sd.Trainer, "log", interrupt_after_step_3)
     shared = {"train.steps": 6, "train.save_every": 2, "sample.prompts": []}
     with pytest.raises(SystemExit) as exit_info:
@@ -2714,7 +2708,7 @@ def test_out_of_memory_saving_the_checkpoint_of_a_ctrl_c_is_one_line_naming_the_
         "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
         "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
         "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
-    assert len(calls) == 3
+    assert save.calls == 3
 
 
 def test_out_of_ram_after_the_previews_names_the_previews(tmp_path, monkeypatch):
