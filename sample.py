@@ -106,10 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA and MPS (macOS 14+), fp32 "
                    "on the CPU")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    if isinstance(argv, str):                   # main("--prompt red") from Python: argparse reads its letters
-        raise sd.UserError(f"main takes a list of arguments, e.g. main(['--model', 'tiny', '--prompt', "
-                           f"'a fox']), not {argv!r:.60}")
-    args = p.parse_args(None if argv is None else [str(a) for a in argv])       # a Path, 5: as typed
+    args = p.parse_args(sd.read_argv(argv, "['--model', 'tiny', '--prompt', 'a fox']"))
     if not args.prompt:
         p.error("give at least one --prompt")
     if not args.model and not args.lora:
@@ -283,13 +280,7 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set at the top for the imports: Ctrl-C as usual
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
-    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
-    # a log file (> log 2>&1) gets each line in order; a path or prompt the console's code page lacks
-    # (Windows' cp1252 when redirected) as \u escapes, not an error after the images were made
-    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    sd.prepare_console()        # Ctrl-C as usual again, pythonw's missing streams, a log's line order
     # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
     # sample_NN.png being written as the empty file reserve() made
     signal.signal(signal.SIGTERM, sd.terminate)

@@ -3675,10 +3675,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (seconds to a minute), through the same code paths")
-    if isinstance(argv, str):                   # main("config.yaml") from Python: argparse reads its letters
-        raise UserError(f"main takes a list of arguments, e.g. main(['config.yaml', '--resume']), not "
-                        f"{argv!r:.60}")
-    return parser.parse_args(None if argv is None else [str(a) for a in argv])  # a Path, 5: as typed
+    return parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
+
+
+def read_argv(argv, example: str) -> list[str] | None:
+    """A CLI's main(argv) from Python: each item as typed (a Path, 5); one text is refused, not read by
+    argparse a letter at a time (main("config.yaml"))."""
+    if isinstance(argv, str):
+        raise UserError(f"main takes a list of arguments, e.g. main({example}), not {argv!r:.60}")
+    return None if argv is None else [str(a) for a in argv]
+
+
+def prepare_console():
+    """A CLI script's console after its imports: Ctrl-C (silenced for them) raises KeyboardInterrupt again;
+    pythonw's None stdout/stderr become os.devnull (reconfigure and progress bars failed); a log gets lines in
+    order, and what stdout cannot encode (Windows' cp1252 when redirected) as \\u escapes."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
 
 
 def main(argv=None):
@@ -3732,10 +3747,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set at the top for the imports: Ctrl-C as usual
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    # pythonw (Windows, no console) gives no stdout and stderr (None): reconfigure and progress bars failed
-    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
-    # a log (> log 2>&1) gets lines in step order; what stdout cannot encode (Windows: cp1252) as \u escapes
-    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    prepare_console()
     main()
