@@ -19,20 +19,20 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       652  VAE                              16-channel autoencoder, the latent scale and shift
-      798  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1015  Data                             dataset scan, aspect buckets, the latent and text cache
-     1143  Training                         Trainer and the training loop
-     1299  Part 2: plumbing                 a reader can stop here
-     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1859  Hub Downloads                    snapshot downloads, tokenizers
-     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2893  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3089  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3484  Several Processes (torchrun)     one all-reduce per step
-     3574  Command Line and the Tiny Model  main(), --tiny
+      799  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1016  Data                             dataset scan, aspect buckets, the latent and text cache
+     1144  Training                         Trainer and the training loop
+     1300  Part 2: plumbing                 a reader can stop here
+     1323  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1860  Hub Downloads                    snapshot downloads, tokenizers
+     1922  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2329  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2894  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3090  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3485  Several Processes (torchrun)     one all-reduce per step
+     3575  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -210,8 +210,8 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
     check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
-    else:
-        u = torch.rand(n, generator=g)
+    else:                   # on the CPU, as g, under a caller's set_default_device too (normal ignores it)
+        u = torch.rand(n, generator=g, device="cpu")
     if cfg.timestep_sampling == "mode":                         # uniform u through the SD3 paper's f_mode
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     index = (u * 1000).long().clamp(0, 999)  # u = 1 (mode's draw of 0, a sigmoid rounding up): no row 1000
@@ -237,7 +237,7 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     and noise are drawn for all n, so any slice sees what the whole batch would); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
-    noise = torch.randn((n, *latents.shape[1:]), generator=g)[keep].to(device)
+    noise = torch.randn((n, *latents.shape[1:]), generator=g, device="cpu")[keep].to(device)
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -783,8 +783,9 @@ class VAE(nn.Module):
                              noise: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(mean, var), scaled into the MMDiT's latent space (decode() alone undoes it)."""
         mean, logvar = moments.float().chunk(2, dim=1)
-        noise = (torch.randn(mean.shape, generator=generator) if noise is None else noise).to(mean.device)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        if noise is None:           # on the CPU, as the generator, under a caller's set_default_device too
+            noise = torch.randn(mean.shape, generator=generator, device="cpu")
+        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)
         return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

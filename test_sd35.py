@@ -266,6 +266,24 @@ def test_flow_matching_loss_is_the_weighted_velocity_mse_at_the_drawn_sigmas():
             torch.testing.assert_close(loss, (weight * mse).sum() / 4)
 
 
+def test_the_training_draws_are_the_generators_whatever_the_callers_default_device():
+    """A fork's own loop under torch.set_default_device("cuda") drew the uniform and mode sigmas, the loss's noise
+    and the VAE's posterior sample on that device with its CPU generator: torch refuses that ("meta" stands in
+    for it here, as for the initial noise)."""
+    velocity = lambda x, t, context, pooled: 0.5 * x
+    x0, context, pooled = torch.ones(2, 16, 4, 4), torch.ones(2, 5, 8), torch.ones(2, 6)
+    vae, moments = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), groups=4)), torch.zeros(1, 32, 2, 2)
+    for scheme in sd.TIMESTEP_SAMPLINGS:
+        cfg = sd.TrainConfig(timestep_sampling=scheme)
+        draws = lambda: (*sd.flow_matching_loss(velocity, x0, context, pooled, cfg, 3.0, torch.Generator().manual_seed(0),
+                                                None), vae.latents_from_moments(moments, torch.Generator().manual_seed(0)))
+        expected = draws()
+        with torch.device("meta"):
+            drawn = draws()
+        for got, want in zip(drawn, expected):
+            assert got.device.type == "cpu" and torch.equal(got, want), scheme
+
+
 def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
     """u = 1 (a sigmoid that rounds up, mode's draw of 0) indexes row 1000 of the 1000-row table, past its end
     (diffusers: an IndexError): it takes the last row, sigma shift(1/1000); sigma 0 is a noiseless sample whose
