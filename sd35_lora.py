@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        77  Presets and Configuration        per-variant sampling presets, the training config
       187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      513  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      652  VAE                              16-channel autoencoder, the latent scale and shift
-      799  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      836  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1016  Data                             dataset scan, aspect buckets, the latent and text cache
-     1144  Training                         Trainer and the training loop
-     1300  Part 2: plumbing                 a reader can stop here
-     1323  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1860  Hub Downloads                    snapshot downloads, tokenizers
-     1922  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2198  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2329  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2894  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3090  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3485  Several Processes (torchrun)     one all-reduce per step
-     3575  Command Line and the Tiny Model  main(), --tiny
+      516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      655  VAE                              16-channel autoencoder, the latent scale and shift
+      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      839  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1019  Data                             dataset scan, aspect buckets, the latent and text cache
+     1147  Training                         Trainer and the training loop
+     1303  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1863  Hub Downloads                    snapshot downloads, tokenizers
+     1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3093  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3488  Several Processes (torchrun)     one all-reduce per step
+     3578  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -492,6 +492,9 @@ class MMDiT(nn.Module):
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity,
         x's shape (noise - x0, as flow_matching_loss trains it)."""
         p, dtype = self.cfg.patch_size, self.compute_dtype
+        if x.shape[-2] % p or x.shape[-1] % p:         # the patch conv would drop the last row or column
+            raise UserError(f"latents of {x.shape[-1]}x{x.shape[-2]} (width x height): both must be "
+                            f"multiples of the patch size {p} (of images: {self.patch_px} px)")
         h, w = x.shape[-2] // p, x.shape[-1] // p
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()

@@ -519,6 +519,16 @@ def test_mmdit_matches_diffusers_transformer(variant, tmp_path):
             assert expected.abs().mean() > 0.1
 
 
+def test_latents_of_an_odd_size_are_refused_not_cropped_by_the_patch_conv():
+    """A fork's latents of images whose sides are multiples of 8 px but not of 16 (1000x744 px: 125x93 latents)
+    lost their last column or row in the MMDiT's 2x2 patches: a velocity smaller than x, silently, and then a bare
+    size mismatch in flow_matching_loss or denoise."""
+    model, (_, t, context, pooled) = tiny_mmdit(), mmdit_inputs()
+    for h, w in ((9, 6), (8, 7)):
+        one_line_error(lambda: model(torch.randn(2, 16, h, w), t, context, pooled),
+                       rf"^latents of {w}x{h} \(width x height\): .* multiples of the patch size 2 .*16 px")
+
+
 def test_vae_matches_diffusers(tmp_path):
     pytest.importorskip("diffusers")
     ref = make_components()["vae"]
