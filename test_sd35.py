@@ -752,6 +752,15 @@ def test_a_seed_gives_the_same_image_whatever_the_callers_default_dtype():
         torch.set_default_dtype(torch.float32)
 
 
+def test_text_encoders_take_one_prompt_as_text_with_or_without_t5():
+    """pipe.text.encode("a cat") (one prompt, not a list) encoded it with T5; without T5 (use_t5 false) the zeros in
+    its place were made for len("a cat") = 5 prompts: a bare size mismatch."""
+    for use_t5 in (True, False):
+        text = sd.tiny_pipeline(use_t5=use_t5).text
+        for got, expected in zip(text.encode("a cat"), text.encode(["a cat"])):
+            assert torch.equal(got, expected)
+
+
 def test_generate_without_prompts_or_text_encoders_in_a_notebook():
     """A notebook's generate(pipe, []) (a filtered prompt list came out empty) failed in the tokenizer with a bare
     IndexError; a Pipeline whose text encoders were dropped (pipe.text = None, as train() drops its own, to free
