@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1863  Hub Downloads                    snapshot downloads, tokenizers
      1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3093  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3488  Several Processes (torchrun)     one all-reduce per step
-     3578  Command Line and the Tiny Model  main(), --tiny
+     2203  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2334  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2899  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3095  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3490  Several Processes (torchrun)     one all-reduce per step
+     3580  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -628,7 +628,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects (in joint blocks: only `blocks`) -> the new LoRA weights."""
-    refuse_pipeline(model, "add_lora", "rank=16")
+    model = unwrap_mmdit(model, "add_lora", "rank=16")
     rank, alpha, dropout = read_lora_inputs(rank, alpha, dropout, targets)
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
@@ -1926,16 +1926,18 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #                                   LoRA Files                                  #
 #################################################################################
 
-def refuse_pipeline(model, call: str, args: str):
-    """add_lora, load_lora and save_lora take the MMDiT (diffusers' take the pipeline): say so."""
+def unwrap_mmdit(model, call: str, args: str) -> MMDiT:
+    """The MMDiT add_lora, load_lora and save_lora work on: torch.compile's wrapper unwrapped (it names the
+    layers "_orig_mod.*"); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
     if isinstance(model, Pipeline):
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
+    return getattr(model, "_orig_mod", model)
 
 
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
     """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
-    refuse_pipeline(model, "save_lora", "path")
+    model = unwrap_mmdit(model, "save_lora", "path")
     if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
         raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
                         f"{Path(path, 'lora.safetensors')}")
@@ -2156,7 +2158,7 @@ def merge_delta(layer: nn.Module, delta: torch.Tensor):
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. All or
     nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
-    refuse_pipeline(model, "load_lora", "path")
+    model = unwrap_mmdit(model, "load_lora", "path")
     scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     merge = read_flag(merge, "merge")
     adapters = read_lora(model, path)                      # validates everything before touching the model

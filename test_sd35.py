@@ -3071,6 +3071,26 @@ def test_add_lora_given_the_pipeline_says_to_pass_its_mmdit():
     assert not sd.lora_layers(pipe.mmdit) and len(sd.add_lora(pipe.mmdit, rank=2)) > 0
 
 
+def test_lora_files_save_and_load_through_a_torch_compiled_mmdit(tmp_path):
+    """model = torch.compile(model), as a fork compiles one: save_lora(model) failed with a bare KeyError
+    '_orig_mod.joint_blocks.0...', and load_lora(model) said the file had a layer this model lacks ("a LoRA for
+    another variant?"): the compiled wrapper names the layers with an _orig_mod. prefix."""
+    model = tiny_mmdit()
+    sd.add_lora(model, rank=2)
+    for layer in sd.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    sd.save_lora(torch.compile(model), tmp_path / "compiled.safetensors")      # nothing runs: no compile
+    sd.save_lora(model, tmp_path / "eager.safetensors")
+    saved, expected = (load_file(tmp_path / f"{name}.safetensors") for name in ("compiled", "eager"))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    for merge in (True, False):
+        loaded, eager = tiny_mmdit(), tiny_mmdit()
+        assert sd.load_lora(torch.compile(loaded), tmp_path / "eager.safetensors", merge=merge) > 0
+        sd.load_lora(eager, tmp_path / "eager.safetensors", merge=merge)
+        state, expected = loaded.state_dict(), eager.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
 def test_lora_metadata_that_is_no_json_and_a_lora_path_that_is_no_path_say_what_to_pass(tmp_path):
     """save_lora(metadata={"steps": np.int64(500)}) failed with json's bare "Object of type int64 is not JSON
     serializable", metadata=[...] with "'list' object is not a mapping"; load_lora(model, None) and save_lora(model,
