@@ -331,8 +331,8 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        hidden = self.fc1(x)                                        # (B, L, 4D): the block's largest
-        if torch.is_grad_enabled() or self.fc1._forward_hooks:     # a fork's hook may keep fc1's output
+        hidden = self.fc1(x)        # (B, L, 4D), the block's largest; a hook (fc1's, or global) may keep it
+        if torch.is_grad_enabled() or self.fc1._forward_hooks or nn.modules.module._global_forward_hooks:
             return self.fc2(F.gelu(hidden, approximate="tanh"))
         return self.fc2(torch.ops.aten.gelu_(hidden, approximate="tanh"))    # no graph kept: reuse the buffer
 

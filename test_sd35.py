@@ -1124,6 +1124,23 @@ def test_a_forward_hook_on_fc1_keeps_its_output_when_sampling_without_gradients(
     assert torch.equal(kept[0], kept[1]) and torch.equal(plain, graph.detach())
 
 
+def test_a_global_forward_hook_keeps_fc1s_output_when_sampling_without_gradients():
+    """The same with a global hook (nn.modules.module.register_module_forward_hook, as activation-recording tools
+    set one for every module): fc1 itself has none, so the in-place GELU overwrote the output the hook had kept."""
+    model, kept = tiny_mmdit(), []
+    fc1 = model.joint_blocks[0].x_block.mlp.fc1
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: kept.append(out.detach()) if module is fc1 else None)
+    try:
+        x, t, ctx, y = mmdit_inputs()
+        with torch.no_grad():
+            plain = model(x, t, ctx, y)
+        graph = model(x, t, ctx, y)
+    finally:
+        handle.remove()
+    assert torch.equal(kept[0], kept[1]) and torch.equal(plain, graph.detach())
+
+
 def test_frozen_layers_take_an_empty_batch_like_nn_linear():
     """0 images or 0 tokens pass a LoRA layer and an fp8 layer as they pass nn.Linear, forward and backward."""
     base = torch.nn.Linear(8, 12)
