@@ -18,21 +18,21 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      655  VAE                              16-channel autoencoder, the latent scale and shift
-      802  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      839  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1019  Data                             dataset scan, aspect buckets, the latent and text cache
-     1147  Training                         Trainer and the training loop
-     1303  Part 2: plumbing                 a reader can stop here
-     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1863  Hub Downloads                    snapshot downloads, tokenizers
-     1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2203  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2334  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2899  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3095  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3490  Several Processes (torchrun)     one all-reduce per step
-     3580  Command Line and the Tiny Model  main(), --tiny
+      656  VAE                              16-channel autoencoder, the latent scale and shift
+      803  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1020  Data                             dataset scan, aspect buckets, the latent and text cache
+     1148  Training                         Trainer and the training loop
+     1304  Part 2: plumbing                 a reader can stop here
+     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1864  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2204  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2335  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2900  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3096  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3491  Several Processes (torchrun)     one all-reduce per step
+     3581  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -636,7 +636,8 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
     for name in lora_targets(model, rank, targets, blocks):
         base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
-            raise UserError(f"{name} already has a LoRA; merge it first (load_lora(..., merge=True))")
+            raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
+                            f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
         layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
         _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]

@@ -996,6 +996,16 @@ def test_a_second_add_lora_on_other_layers_keeps_the_first_ones_trainable():
     assert trainable == {id(p) for p in first + second}                   # and the rest of the model frozen
 
 
+def test_a_second_add_lora_on_the_same_layers_says_a_layer_takes_one():
+    """add_lora twice on the same layers (a fork trying another rank) was told to "merge it first
+    (load_lora(..., merge=True))": no load_lora merges an adapter that add_lora made."""
+    model = tiny_mmdit()
+    sd.add_lora(model, 8, targets="attn")
+    one_line_error(lambda: sd.add_lora(model, 4, targets="attn_mlp"),
+                   r"^joint_blocks.0.context_block.attn.qkv already has a LoRA \(add_lora's or an unmerged "
+                   r"load_lora's\): one per layer; target other layers, or load a file merged")
+
+
 def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
     """add_lora(..., dropout=0.5) on a loaded (eval) pipeline made LoRA layers in train mode: the model said
     training=False, yet generate() dropped out LoRA inputs, so a seed gave another image on every call."""
