@@ -19,20 +19,20 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       513  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       652  VAE                              16-channel autoencoder, the latent scale and shift
-      798  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1015  Data                             dataset scan, aspect buckets, the latent and text cache
-     1143  Training                         Trainer and the training loop
-     1299  Part 2: plumbing                 a reader can stop here
-     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1859  Hub Downloads                    snapshot downloads, tokenizers
-     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2893  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3089  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3484  Several Processes (torchrun)     one all-reduce per step
-     3574  Command Line and the Tiny Model  main(), --tiny
+      799  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      839  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1019  Data                             dataset scan, aspect buckets, the latent and text cache
+     1147  Training                         Trainer and the training loop
+     1303  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1863  Hub Downloads                    snapshot downloads, tokenizers
+     1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2922  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3118  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3513  Several Processes (torchrun)     one all-reduce per step
+     3603  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -777,6 +777,7 @@ class VAE(nn.Module):
 
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance (what the cache stores)."""
+        check_image_batch(images)
         return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
@@ -820,6 +821,9 @@ class TextEncoders:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
+        prompts = read_prompts(prompts)
+        if not prompts:                 # the tokenizers fail on an empty batch: a prompt's shapes, no rows
+            return tuple(t[:0] for t in self.encode([""]))
         outs = [model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
                 for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g))]
         clip = torch.cat([out.hidden_states[-2].float() for out in outs], dim=-1)   # (B, 77, D_l + D_g)
@@ -977,7 +981,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
-                                                  keep)
+                                                  keep, progress)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
@@ -2337,12 +2341,7 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        if isinstance(value, (set, frozenset)):     # its order changes between runs: sample_00 another prompt
-            raise UserError(f"config key '{key}' must be a list, not a set (its order changes between runs)")
-        many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
-                and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
-        items = list(value) if many else [] if value is None else [value]
-        return [_coerce(v, "", key) for v in items]
+        return [_coerce(v, "", key) for v in ([] if value is None else listed(value, f"config key '{key}'"))]
     if isinstance(default, str):
         if isinstance(value, (dict, list, tuple)):           # never its Python repr as a prompt or a path
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
@@ -2367,6 +2366,15 @@ def _coerce(value, default, key: str):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
     return read_number(value, isinstance(default, int), f"config key '{key}'")
+
+
+def listed(value, name: str) -> list:
+    """The items of a list, tuple, numpy or pandas array (config lists, generate's prompts), or [value]."""
+    if isinstance(value, (set, frozenset)):         # its order changes between runs: sample_00 another prompt
+        raise UserError(f"{name} must be a list, not a set (its order changes between runs)")
+    many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))      # numpy's, pandas'
+            and getattr(value, "ndim", 1) > 0)                      # a 0-d array is one value, not iterable
+    return list(value) if many else [value]
 
 
 def read_number(value, whole: bool, name: str) -> int | float:
@@ -2514,8 +2522,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
         raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
                         "settings=SampleSettings(...)")
-    if not (isinstance(prompts, (list, tuple))                     # e.g. None: len()'s bare TypeError
-            and all(isinstance(text, str) for text in [negative, *prompts])):
+    if not all(isinstance(text, str) for text in [negative, *prompts]):       # e.g. None: a bare TypeError
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
                         f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
@@ -2539,16 +2546,38 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
-def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep):
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep,
+                         progress):
     """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
     if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
         raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
-    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
+    if any(p.is_meta for model in pipe.modules() for p in model.parameters()):     # e.g. by free_models
+        raise UserError("this Pipeline's models were freed (moved to the meta device, as train() and a "
+                        "failed sample.main free theirs): load the pipeline again with load_pipeline")
+    prompts = listed(prompts, "prompts")        # one prompt (as diffusers takes it), a numpy or pandas array
+    read_flag(progress, "progress")
     settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     check_seed(s.seed, len(prompts))
     return prompts, s, batch_size
+
+
+def read_prompts(prompts) -> list[str]:
+    """TextEncoders.encode's prompts: one text, or a list, tuple, numpy or pandas array of texts."""
+    prompts = listed(prompts, "prompts")
+    if not all(isinstance(text, str) for text in prompts):          # None, bytes: the tokenizers' bare errors
+        raise UserError(f"prompts must be text (str) or a list of texts, got {prompts!r:.60}")
+    return prompts
+
+
+def check_image_batch(images):
+    """VAE.encode's images: GroupNorm's error for one (3, H, W) image names neither the shape nor the fix."""
+    tensor = isinstance(images, torch.Tensor)
+    if not (tensor and images.ndim == 4 and images.shape[1] == 3):
+        shown = f"a tensor of shape {tuple(images.shape)}" if tensor else repr(images)
+        raise UserError(f"VAE.encode takes images (B, 3, H, W) in [-1, 1] (one: images[None]; load_image "
+                        f"reads a file), not {shown:.60}")
 
 
 def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:

@@ -592,6 +592,16 @@ def test_latents_from_extreme_log_variances_are_clamped_as_diffusers_samples_the
 #                  End to end against diffusers' SD3 pipeline                   #
 #################################################################################
 
+def test_vae_encode_given_one_image_or_a_pil_image_says_what_to_pass():
+    """vae.encode(load_image(...)) (one (3, H, W) image) failed with GroupNorm's bare "Expected weight to be a vector
+    of size equal to the number of channels in input", a PIL image with "'Image' object has no attribute 'to'"."""
+    vae, image = sd.tiny_pipeline().vae, torch.zeros(3, 32, 32)
+    for wrong, shown in [(image, r"a tensor of shape \(3, 32, 32\)"), (Image.new("RGB", (32, 32)), "<PIL.Image.Image image mode=RGB")]:
+        one_line_error(lambda: vae.encode(wrong), r"VAE.encode takes images \(B, 3, H, W\) in \[-1, 1\] \(one: "
+                                                  rf"images\[None\]; load_image reads a file\), not {shown}")
+    assert vae.encode(image[None]).shape == (1, 16, 4, 4)
+
+
 def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
     folder, pipe = diffusers_folder
     prompts = ["a red fox in the snow", "a blue boat on the lake at sunset"]
@@ -772,6 +782,37 @@ def test_generate_takes_one_prompt_given_as_text():
     assert np.array_equal(np.asarray(one[0]), np.asarray(sd.generate(pipe, ["red disc"], settings=s, progress=False)[0]))
     with pytest.raises(sd.UserError, match="batch_size must be 1 or more, not 0"):      # was range()'s ValueError
         sd.generate(pipe, "red disc", settings=s, progress=False, batch_size=0)
+
+
+def test_prompts_in_a_numpy_array_or_none_and_a_progress_given_as_text_from_python():
+    """generate(pipe, np.array(prompts)) was refused as no text while a config's sample.prompts takes the array;
+    TextEncoders.encode([]) failed with a bare IndexError, encode(None) with the tokenizer's "You need to specify
+    either `text` or `text_target`"; generate(progress="no") drew the bar (the text is true to `if`)."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=1.0)
+    images = sd.generate(pipe, ["red", "blue"], settings=s, progress=False)
+    from_numpy = sd.generate(pipe, np.array(["red", "blue"]), settings=s, progress=False)
+    assert [np.asarray(im).tolist() for im in from_numpy] == [np.asarray(im).tolist() for im in images]
+    one_line_error(lambda: sd.generate(pipe, {"red", "blue"}, settings=s, progress=False),
+                   r"prompts must be a list, not a set \(its order changes between runs\)")
+    one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress="no"),
+                   "progress must be true or false, got 'no'")
+    context, pooled = pipe.text.encode([])                        # no prompts, no rows: as generate(pipe, [])
+    one = pipe.text.encode(["red"])
+    assert (context.shape, pooled.shape) == ((0, *one[0].shape[1:]), (0, *one[1].shape[1:]))
+    for wrong in (None, ["red", None]):
+        one_line_error(lambda: pipe.text.encode(wrong), r"prompts must be text \(str\) or a list of texts, got")
+
+
+def test_generate_on_a_pipeline_whose_models_were_freed_says_to_load_it_again():
+    """generate() on a Pipeline whose models went to the meta device (a finished train() and a failed sample.main
+    free theirs so; a notebook may free its own) failed with torch's "Cannot copy out of meta tensor; no data!" or
+    "Tensor on device meta is not on the expected device cpu!"."""
+    s = sd.SampleSettings(steps=2, width=32, height=32)
+    for free in (sd.free_models, lambda pipe: pipe.vae.to("meta")):
+        pipe = sd.tiny_pipeline()
+        free(pipe)
+        one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False),
+                       r"this Pipeline's models were freed \(moved to the meta device.*load_pipeline")
 
 
 def test_generate_refuses_settings_and_batch_sizes_of_the_wrong_type():
