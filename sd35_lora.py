@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1863  Hub Downloads                    snapshot downloads, tokenizers
      1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2922  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3118  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3513  Several Processes (torchrun)     one all-reduce per step
-     3603  Command Line and the Tiny Model  main(), --tiny
+     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2928  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3124  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3520  Several Processes (torchrun)     one all-reduce per step
+     3610  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1933,12 +1933,18 @@ def refuse_pipeline(model, call: str, args: str):
 
 
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
-    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    """The model's adapters -> a LoRA file (lora_file's tensors and header), written whole or not at all."""
     refuse_pipeline(model, "save_lora", "path")
     if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
         raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
                         f"{Path(path, 'lora.safetensors')}")
+    tensors, header = lora_file(model, format, metadata)
+    _atomic_save(tensors, path, header)
+
+
+def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, dict]:
+    """Adapters -> tensors, and rank/alpha/targets and `metadata` as the header. diffusers: alpha folded into
+    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -1960,11 +1966,11 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
             "modules": sorted(layers)}
     try:                                # (ValueError: a dict that holds itself)
-        header = json.dumps({**info, **(metadata or {})})
+        header = json.dumps({**(metadata or {}), **info})        # the file's own entries win
     except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
-    _atomic_save(out, path, {"format": "pt", "sd35_lora": header})
+    return out, {"format": "pt", "sd35_lora": header}
 
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
@@ -3279,9 +3285,10 @@ def save_checkpoint(trainer: Trainer):
             "variant": trainer.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": step,
             "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
-    save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
+    lora, header = lora_file(trainer.mmdit, c.lora.format, meta)    # written as the run's other files are
+    _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
     try:                                # the latest's copy: ComfyUI holding it open must not end the run
-        save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+        _atomic_save(lora, trainer.out / "lora.safetensors", header)
     except UserError as e:
         if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
             raise

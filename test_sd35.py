@@ -3091,6 +3091,19 @@ def test_lora_metadata_that_is_no_json_and_a_lora_path_that_is_no_path_say_what_
     assert sd.load_lora(tiny_mmdit(), str(lora)) == len(sd.lora_layers(model))
 
 
+def test_save_lora_metadata_cannot_overwrite_what_the_file_holds(tmp_path):
+    """save_lora(metadata={"format": "kohya", "rank": 0, ...}) wrote those over the file's own entries: a diffusers
+    file whose header said kohya, rank 0 and alpha not folded, which load_lora then refused ("metadata rank = 0 is
+    not in 1..1048576; save it again"). The file's own values are written; the caller's other keys are kept."""
+    model, lora = lora_model(), tmp_path / "lora.safetensors"
+    sd.save_lora(model, lora, metadata={"format": "kohya", "rank": 0, "alpha": "8", "alpha_folded": False,
+                                        "modules": [], "steps": 5})
+    header = json.loads(sd.read_safetensors(lora, with_metadata=True, prefix=None)[1]["sd35_lora"])
+    assert [header[key] for key in ("format", "rank", "alpha", "alpha_folded", "steps")] == ["diffusers", 4, 8, True, 5]
+    assert header["modules"] == sorted(sd.lora_layers(model))
+    assert sd.load_lora(tiny_mmdit(), lora) == len(sd.lora_layers(model))
+
+
 def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings_by_name():
     """generate(pipe, prompts, SampleSettings(...)) put the settings in `negative`, and the error said only that the
     negative prompt must be text."""
@@ -3154,10 +3167,16 @@ def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
 
 def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp_path):
     """A folder in place of a cache, state or preview file (a run writes them at paths it makes): the write failed
-    with "cannot write ... (Is a directory): free disk space or choose another folder"."""
+    with "cannot write ... (Is a directory): free disk space or choose another folder"; in place of the run's
+    lora.safetensors with save_lora's advice to a caller, to give the path of a file in that folder."""
     (tmp_path / "state.safetensors").mkdir()
     one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "state.safetensors"),
                    r"^cannot write .*state.safetensors \(.*\): remove the folder of that name or choose another")
+    (tmp_path / "lora.safetensors").mkdir()        # (a run's LoRA: not save_lora's "give a file in it, e.g. ...")
+    run = types.SimpleNamespace(cfg=sd.Config(), rank=0, step=1, pipe=types.SimpleNamespace(variant="sd3.5-medium"),
+                                changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path)
+    one_line_error(lambda: sd.save_checkpoint(run),
+                   r"^cannot write .*lora.safetensors \(.*\): remove the folder of that name or choose another")
 
 
 def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
