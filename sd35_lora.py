@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       799  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       839  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1019  Data                             dataset scan, aspect buckets, the latent and text cache
-     1147  Training                         Trainer and the training loop
-     1303  Part 2: plumbing                 a reader can stop here
-     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1863  Hub Downloads                    snapshot downloads, tokenizers
-     1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2207  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2338  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2928  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3124  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3520  Several Processes (torchrun)     one all-reduce per step
-     3610  Command Line and the Tiny Model  main(), --tiny
+     1148  Training                         Trainer and the training loop
+     1304  Part 2: plumbing                 a reader can stop here
+     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1864  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2932  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3128  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3524  Several Processes (torchrun)     one all-reduce per step
+     3614  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1042,6 +1042,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import ImageOps
+    cfg = DatasetConfig(path=os.fspath(cfg)) if isinstance(cfg, (str, os.PathLike)) else cfg    # a folder
     root, res = Path(cfg.path), cfg.resolution
     files, left_out = files_under(root)
     own = runs_folders(root, files, output_dir, cfg.cache_dir)         # their previews are no training data
@@ -2759,6 +2760,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
+    if path and not isinstance(path, (str, os.PathLike, dict)):       # file_path's words, and the dict
+        raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
+                        f"{path!r:.60}")
     if path:
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})

@@ -3140,7 +3140,8 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     cfg = sd.load_config({"model": "tiny", "train": {"lr": "5e-5", "steps": 20}}, ["train.steps=30"])
     assert (cfg.model, cfg.train.lr, cfg.train.steps) == ("tiny", 5e-5, 30)
     one_line_error(lambda: sd.load_config({"train": {"lr": 1e-4, "step": 20}}), "unknown config key 'train.step'")
-    one_line_error(lambda: sd.load_config(5), "give the path of a YAML config file .str or Path., not 5")
+    one_line_error(lambda: sd.load_config(5),
+                   "give the path of a YAML config file .str or Path. or a dict of its keys, not 5")
     one_line_error(lambda: sd.load_config(None, [("train.lr", 1e-4)]),
                    r"--set expects key=value .*got \('train.lr', 0.0001\)")
     # a list in the list (overrides=[TINY_RUN]): its text holds '=', and the regex check failed on the list
@@ -3231,6 +3232,15 @@ def test_a_numpy_array_of_prompts_in_a_config_built_in_python_is_a_list_of_promp
     assert sd.validate(cfg).sample.prompts == ["red stripes"]
     cfg.sample.prompts = {"red": 1}                               # a mapping: refused, not its keys taken
     one_line_error(lambda: sd.validate(cfg), r"config key 'sample.prompts' must be text, got \{'red': 1\}")
+
+
+def test_scan_dataset_takes_the_folder_as_a_path(tmp_path):
+    """scan_dataset("data") (the folder, as a notebook has it) failed with "'str' object has no attribute 'path'": it
+    took a DatasetConfig alone. A folder is read as DatasetConfig(path=folder)."""
+    sd.write_demo_dataset(tmp_path / "data")
+    expected = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data")))
+    for folder in (str(tmp_path / "data"), tmp_path / "data"):
+        assert sd.scan_dataset(folder) == expected
 
 
 def test_settings_resolved_for_a_mistyped_variant_name_the_variants():
