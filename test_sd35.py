@@ -1363,6 +1363,7 @@ def test_an_unmerged_lora_in_an_eval_model_is_in_eval_mode_too(tmp_path):
     assert sd.lora_layers(pipe.mmdit) and not [name for name, m in pipe.mmdit.named_modules() if m.training]
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")      # PEFT, as a second adapter loads
 def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
     pytest.importorskip("peft")
     from diffusers import StableDiffusion3Pipeline
@@ -1399,6 +1400,19 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
                          "--seed", "1", "--steps", "3", "--cfg", "4.5", "--sampler", "euler",
                          "--t5-length", "16", "--width", "64", "--height", "64", "--out", str(tmp_path / "o")])
     assert_images_close(images_of(paths), ref_images)
+    g = torch.Generator().manual_seed(2)    # a second LoRA on the same layers: two adapters in diffusers
+    for layer in sd.lora_layers(ours).values():
+        layer.lora_up.weight.data = torch.randn(layer.lora_up.weight.shape, generator=g) * 0.2
+    sd.save_lora(ours, tmp_path / "second.safetensors")
+    ref.load_lora_weights(tmp_path / "second.safetensors", adapter_name="second")
+    ref.set_adapters([*ref.get_list_adapters()["transformer"]], [0.6, -0.4])     # [the first, "second"]
+    both = sd.load_mmdit(folder)
+    sd.load_lora(both, tmp_path / "lora.safetensors", scale=0.6, merge=False)
+    sd.load_lora(both, tmp_path / "second.safetensors", scale=-0.4)
+    with torch.no_grad():
+        expected = ref.transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                                   timestep=t, return_dict=False)[0]
+        torch.testing.assert_close(both(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rslora, patterns", [(False, False), (True, False), (False, True), (True, True)])
