@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1015  Data                             dataset scan, aspect buckets, the latent and text cache
      1143  Training                         Trainer and the training loop
-     1299  Part 2: plumbing                 a reader can stop here
-     1322  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1859  Hub Downloads                    snapshot downloads, tokenizers
-     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2197  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2328  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2893  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3089  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3484  Several Processes (torchrun)     one all-reduce per step
-     3574  Command Line and the Tiny Model  main(), --tiny
+     1294  Part 2: plumbing                 a reader can stop here
+     1317  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1854  Hub Downloads                    snapshot downloads, tokenizers
+     1916  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2192  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3492  Several Processes (torchrun)     one all-reduce per step
+     3582  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1281,12 +1281,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
-        bar.close()
-        try:
-            save_checkpoint(tr)
-        except (RuntimeError, MemoryError) as e:    # out of memory: as a step's checkpoint, a second try
-            raise stopped_by_memory(tr, e) if out_of_memory(e) else e
-        exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -3448,6 +3443,19 @@ def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
         with safe_open(str(tr.state_path), "pt") as f:
             latest = f"the latest is step {f.metadata()['step']}'s ({resume})"
     return f"the checkpoint of step {tr.step} could not be saved (out of memory again): {latest}"
+
+
+def stop_with_checkpoint(tr: Trainer, terminated: bool):
+    """train() stopped by Ctrl-C or SIGTERM: one checkpoint, then the shell's exit code for the signal. Out of
+    memory saving it: as a step's checkpoint, a second try and the levers."""
+    tr.bar.close()
+    try:
+        save_checkpoint(tr)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise                                   # any other error: its own traceback
+        raise stopped_by_memory(tr, e)
+    exit_stopped(terminated, f" at step {tr.step}; checkpoint saved. Continue with --resume")
 
 
 def plot_losses(log_path: Path, png_path: Path):

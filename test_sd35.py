@@ -2816,6 +2816,17 @@ def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatc
         assert [entry.name for entry in kept.traceback].count(where) == 1
 
 
+def test_an_error_other_than_memory_saving_a_ctrl_c_checkpoint_keeps_its_own_traceback(tmp_path, monkeypatch):
+    """The checkpoint that Ctrl-C asks for re-raised any other error with `raise ... if out_of_memory(e) else e`,
+    which put train() twice in the traceback, the first time at that line of the out-of-memory handler."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sd, "save_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as error:
+        sd.train(tiny_config(tmp_path, **{"sample.prompts": []}))
+    assert [entry.name for entry in error.traceback].count("train") == 1
+
+
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_loss = sd.flow_matching_loss
