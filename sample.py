@@ -197,9 +197,9 @@ def main(argv=None) -> list[Path]:
 
 def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
     """The flags that lower sample.py's GPU memory (ram: RAM's, which --offload raises), of those not given
-    yet (pipe: None if it did not load)."""
+    yet (pipe: None if it did not load). --offload only on CUDA: MPS shares one memory with the CPU."""
     device = sd.pick_device(args.device)
-    offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload) and not ram
+    offload = device.type == "cuda" and not (pipe.offload if pipe else args.offload) and not ram
     fp8 = not args.fp8 and not sd.fp8_lacking(device)
     bf16 = device.type != "mps" or sd.pick_dtype(None, device) == sd.DTYPES["bf16"]    # MPS: macOS 14+
     sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]

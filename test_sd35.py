@@ -2783,6 +2783,21 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
                             "programs")
 
 
+def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
+    """sample.py out of memory on Apple's MPS offered "add --offload", which keeps the models in the CPU's half of
+    the one memory that MPS shares with it: the total stays the same. It is offered on CUDA only."""
+    mps_oom = ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB, max allowed: 18.13 "
+               "GB). Tried to allocate 2.00 GB on private pool.")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(mps_oom)))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    for device, offload in (("mps", ""), ("cuda", "add --offload, or ")):
+        monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device(device))
+        with pytest.raises(torch.OutOfMemoryError) as e:
+            sample.main(["--model", "tiny", "--prompt", "a", "--no-t5", "--fp8", "--out", str(tmp_path / "out")])
+        assert str(e.value) == (f"out of GPU memory while loading the models. To fit 2.00 GB more: {offload}free the "
+                                f"GPU of other programs")
+
+
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
     """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
     models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
