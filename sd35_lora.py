@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3492  Several Processes (torchrun)     one all-reduce per step
-     3582  Command Line and the Tiny Model  main(), --tiny
+     3493  Several Processes (torchrun)     one all-reduce per step
+     3583  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3371,10 +3371,11 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     """The one wording of running out of memory: which, where, how much more was asked for, the run's levers.
     The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
+    asked = re.search(r"[Tt]ried to allocate (?:([\d.]+ ?[KMGT]i?B)|(\d+) bytes)", str(e))
+    size = asked and (asked[1] or f"{int(asked[2]) / 2**30:.2f} GiB")   # the CPU's in bytes; 0.00: RAM full
     others = "close other programs" if out_of_ram(e) else "free the GPU of other programs"
     fixes = ", ".join(levers + ["or " * bool(levers) + others])      # (fp8 on: none)
-    more = f" {asked[1]} more" if asked else ""
+    more = f" {size} more" if size not in (None, "0.00 GiB") else ""
     error = torch.OutOfMemoryError(f"out of {'memory (RAM)' if out_of_ram(e) else 'GPU memory'} {where}. "
                                    f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback

@@ -2757,13 +2757,25 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
     monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
-    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set fp8: true "
-                            "(a new run: --resume refuses it), set dtype: bf16 (a new run: --resume refuses it), set "
-                            "use_t5: false (a new run: --resume refuses it), or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
+                            "set fp8: true (a new run: --resume refuses it), set dtype: bf16 (a new run: --resume "
+                            "refuses it), set use_t5: false (a new run: --resume refuses it), or close other programs")
     with pytest.raises(torch.OutOfMemoryError) as e:
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
-    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --fp8, add --no-t5, use "
-                            "--dtype bf16, or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit 16.00 GiB more: add --fp8, add "
+                            "--no-t5, use --dtype bf16, or close other programs")
+
+
+def test_out_of_ram_says_how_much_more_the_failed_allocation_asked_for():
+    """Out of the CPU's memory said "To fit:" without the amount, though torch's CPU allocator names it, in bytes
+    (CUDA's and MPS's messages in GiB or GB were read). Python's MemoryError names none, and an allocation of a
+    few bytes (memory simply full) rounds to 0.00 GiB: neither gives a number."""
+    def to_fit(message):
+        return re.search(r"To fit([^:]*):", str(sd.memory_error(RuntimeError(message), "here", [])))[1]
+    assert to_fit(CPU_OOM) == " 16.00 GiB more"
+    assert to_fit(CPU_OOM.replace("17179869184", "1600000000")) == " 1.49 GiB more"
+    assert to_fit(CPU_OOM.replace("17179869184", "64")) == to_fit("out of memory") == ""
+    assert str(sd.memory_error(MemoryError(), "here", [])) == "out of memory (RAM) here. To fit: close other programs"
 
 
 def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
@@ -2775,12 +2787,12 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, dtype="fp32"))
-    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set use_t5: "
-                            "false (a new run: --resume refuses it), or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
+                            "set use_t5: false (a new run: --resume refuses it), or close other programs")
     with pytest.raises(torch.OutOfMemoryError) as e:                    # sample.py's levers alike
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
-    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --no-t5, or close other "
-                            "programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit 16.00 GiB more: add --no-t5, or "
+                            "close other programs")
 
 
 def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
