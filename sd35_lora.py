@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3493  Several Processes (torchrun)     one all-reduce per step
-     3583  Command Line and the Tiny Model  main(), --tiny
+     3495  Several Processes (torchrun)     one all-reduce per step
+     3585  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3159,8 +3159,10 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
-        too_long = not_found and len(os.path.abspath(tmp)) >= 260
-        long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
+        written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
+        too_long = not_found and written >= 260
+        long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
+                      f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")

@@ -3611,11 +3611,34 @@ def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypa
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(Path, "write_text", refuse)
     deep = tmp_path / ("d" * 120) / ("e" * 120) / "caption.txt"
-    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path is too long "
-                   r"for Windows \(260 characters\): enable long paths \(LongPathsEnabled\) or choose another folder")
+    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path, \d+ characters as "
+                   r"the temporary file written first, is too long for Windows \(259 at most\): enable long paths "
+                   r"\(LongPathsEnabled\) or choose another folder")
     one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): free disk space or choose")
     refusal = OSError(28, "No space left on device")                    # a full disk there: as before
     one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No space left on device\): free disk space or choose")
+
+
+def test_a_path_too_long_for_windows_names_the_length_of_the_temporary_file_it_is_written_as(tmp_path, monkeypatch):
+    """A file is written first as a temporary file beside it, whose name is 15 characters and the process id longer:
+    Windows refused a 245-character path (its temporary file: over 259), and the error said that the path, 245
+    characters, was too long for Windows (260 characters). It names the length Windows refused."""
+    real_write = Path.write_text
+
+    def as_windows(self, *args, **kwargs):                  # long paths off: 260 characters or more are refused
+        if len(os.path.abspath(self)) >= 260:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_write(self, *args, **kwargs)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(Path, "write_text", as_windows)
+    folder, extra = tmp_path / ("d" * 100), 15 + len(str(os.getpid()))         # ".NAME.PID-8hex.tmp"
+    fits = folder / ("f" * (259 - extra - len(str(folder)) - 1))                 # its temporary file: 259
+    sd._atomic_save("a fox", fits)
+    assert fits.read_text() == "a fox"
+    refused = folder / ("r" * (245 - len(str(folder)) - 1))
+    one_line_error(lambda: sd._atomic_save("a fox", refused), rf"\(No such file or directory\): its path, {245 + extra} "
+                   r"characters as the temporary file written first, is too long for Windows \(259 at most\): enable "
+                   r"long paths \(LongPathsEnabled\) or choose another folder")
 
 
 def test_the_clis_run_without_a_console_as_pythonw_starts_them(tmp_path):
