@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3495  Several Processes (torchrun)     one all-reduce per step
-     3585  Command Line and the Tiny Model  main(), --tiny
+     3508  Several Processes (torchrun)     one all-reduce per step
+     3598  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3207,9 +3207,20 @@ def lock_output_dir(out: Path):
         return None
 
 
+def remove_if_unused(out: Path, made: list[Path]):
+    """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
+    are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
+    with contextlib.suppress(OSError):
+        if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            for folder in made:
+                folder.rmdir()
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
+    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
+    trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3229,6 +3240,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
+    trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
@@ -3335,6 +3347,7 @@ def end_training(trainer: Trainer, old_handlers: dict):
             import msvcrt
             msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
         trainer.lock.close()
+        remove_if_unused(trainer.out, trainer.made)
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
     free_models(getattr(trainer, "pipe", None))

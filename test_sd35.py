@@ -2829,6 +2829,27 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
         "saved, the last checkpoint stays. To fit: close other programs")
 
 
+def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_path, monkeypatch):
+    """A run that failed a check after it made output_dir (here: no images, found by the dataset scan) left the
+    folder behind, and those made above it, holding only its hidden lock file. They are removed, only the ones
+    the run made and only while empty: an output_dir there before, or one another file went into, stays."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "there").mkdir()
+    for out in ("runs/new/run", "there"):
+        with pytest.raises(sd.UserError, match="no usable images"):
+            sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "there"]
+    real_scan = sd.scan_dataset
+
+    def scan_as_a_file_arrives(cfg, output_dir):
+        (Path(output_dir) / "notes.txt").write_text("mine")
+        return real_scan(cfg, output_dir)
+    monkeypatch.setattr(sd, "scan_dataset", scan_as_a_file_arrives)
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/run")))
+    assert (tmp_path / "runs/run/notes.txt").read_text() == "mine"
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
@@ -3456,6 +3477,7 @@ def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
     in a terminal was refused: "another run is using output_dir"."""
     (tmp_path / "data").mkdir()
+    (tmp_path / "run").mkdir()                  # there before the run: kept (one the run made goes with it)
     with pytest.raises(sd.UserError, match="no usable images") as kept:       # `kept` holds the traceback
         sd.train(tiny_config(tmp_path))
     script = f"import sd35_lora as sd; from pathlib import Path; print(bool(sd.lock_output_dir(Path({str(tmp_path / 'run')!r}))))"
@@ -6827,7 +6849,7 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     first = sd.lock_output_dir(tmp_path)
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
-    sd.end_training(types.SimpleNamespace(lock=first), {})
+    sd.end_training(types.SimpleNamespace(lock=first, out=tmp_path, made=[]), {})
     assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
     sd.lock_output_dir(tmp_path).close()
 
