@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       652  VAE                              16-channel autoencoder, the latent scale and shift
       798  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1015  Data                             dataset scan, aspect buckets, the latent and text cache
-     1143  Training                         Trainer and the training loop
-     1294  Part 2: plumbing                 a reader can stop here
-     1317  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1854  Hub Downloads                    snapshot downloads, tokenizers
-     1916  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2192  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2323  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2888  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3084  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3508  Several Processes (torchrun)     one all-reduce per step
-     3598  Command Line and the Tiny Model  main(), --tiny
+     1024  Data                             dataset scan, aspect buckets, the latent and text cache
+     1152  Training                         Trainer and the training loop
+     1303  Part 2: plumbing                 a reader can stop here
+     1326  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1863  Hub Downloads                    snapshot downloads, tokenizers
+     1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3093  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3517  Several Processes (torchrun)     one all-reduce per step
+     3607  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -968,12 +968,20 @@ class SampleSettings:
         return out
 
 
+def encode_in_batches(text: TextEncoders, prompts: list[str], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """(context, pooled) of batch_size prompts at a time, kept on the CPU until their batch denoises: T5-XXL
+    on all of sample.py's prompts at once, and all their embeddings, could fill a small GPU."""
+    parts = [[t.cpu() for t in text.encode(prompts[i:i + batch_size])]
+             for i in range(0, len(prompts), batch_size)]
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time; keep(images) gets each
-    batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
-    the text encoders."""
+    """Prompts -> PIL images (image i: seed + i), encoded and denoised batch_size at a time; keep(images)
+    gets each batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond,
+    uncond) skips the text encoders."""
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
@@ -984,11 +992,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
-            cond = pipe.text.encode(prompts)
-            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
+            cond = encode_in_batches(pipe.text, prompts, batch_size)
+            negatives = [negative] * len(prompts)
+            uncond = encode_in_batches(pipe.text, negatives, batch_size) if s.cfg > 1.0 else None
     else:
         cond, uncond = embeddings
-    cond, uncond = (tuple(t.to(pipe.device) for t in pair) if pair else None for pair in (cond, uncond))
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
@@ -997,7 +1005,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            c, u = ([t[i:i + batch_size] for t in pair] if pair else None for pair in (cond, uncond))
+            c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
+                    for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
                 z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
                             s.slg_layers, bar)
