@@ -81,9 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
     p.add_argument("--slg-layers", type=block_list, help="joint blocks to skip, e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts encoded and images denoised at "
-                   "once (more: faster on a large GPU, more memory; the same images to within 1/255: matmuls round "
-                   "differently)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts encoded and images denoised "
+                   "at once (more: faster on a large GPU, more memory; the same images to within 1/255: "
+                   "matmuls round differently)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
