@@ -203,7 +203,8 @@ def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
     offload = device.type == "cuda" and not (pipe.offload if pipe else args.offload) and not ram
     fp8 = not args.fp8 and not sd.fp8_lacking(device)
     bf16 = device.type != "mps" or sd.pick_dtype(None, device) == sd.DTYPES["bf16"]    # MPS: macOS 14+
-    sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+    sampling = (["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+                + ["lower --steps"] * ((args.steps or 0) >= sd.MANY_STEPS))       # GiBs of sigma schedule
     return (sampling * (pipe is not None)
             + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)
             + ["use --dtype bf16"] * (args.dtype == "fp32" and bf16))

@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1925  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2201  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2332  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2897  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3093  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3517  Several Processes (torchrun)     one all-reduce per step
-     3607  Command Line and the Tiny Model  main(), --tiny
+     2898  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3094  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3519  Several Processes (torchrun)     one all-reduce per step
+     3609  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2434,6 +2434,7 @@ def check_size(width: int, height: int, name: str = "width and height"):
 
 SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
+MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
@@ -3305,7 +3306,8 @@ def save_previews(trainer: Trainer):
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
-            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
+            many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:

@@ -2778,6 +2778,28 @@ def test_out_of_ram_says_how_much_more_the_failed_allocation_asked_for():
     assert str(sd.memory_error(MemoryError(), "here", [])) == "out of memory (RAM) here. To fit: close other programs"
 
 
+def test_out_of_ram_with_steps_by_the_ten_million_names_the_steps(tmp_path, monkeypatch, capsys):
+    """The sigma schedule takes ~45 bytes of RAM a step while built (float64) and read (a list): --steps
+    200000000 (a typo; under MAX_STEPS) ran out of RAM, and the levers named the size, fp8, T5 and the dtype, not
+    the steps. Where the schedule takes a GiB or more, the steps are a lever too (sample.py's, the previews')."""
+    def schedule_out_of_ram(steps, *args):
+        raise RuntimeError(CPU_OOM.replace("17179869184", str(8 * steps)))
+    monkeypatch.setattr(sd, "get_schedule", schedule_out_of_ram)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sample.main(["--model", "tiny", "--prompt", "a", "--steps", "200000000", "--width", "32", "--height", "32",
+                     "--no-t5", "--fp8", "--dtype", "bf16", "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("out of memory (RAM) while sampling; the images finished are saved. To fit 1.49 GiB more: "
+                            "lower --width and --height, lower --steps, or close other programs")
+    previews = types.SimpleNamespace(pipe=sd.tiny_pipeline(), out=tmp_path / "run", rank=0, embeddings=None,
+                                     log_path=tmp_path / "none", step=0, sample_settings=None)
+    previews.mmdit, previews.cfg = previews.pipe.mmdit, tiny_config(tmp_path, **{"sample.sample_steps": 200000000})
+    monkeypatch.setattr(sd, "generate", lambda *a, **k: schedule_out_of_ram(200000000))
+    sd.save_previews(previews)
+    assert ("warning: sampling at step 0 failed (OutOfMemoryError: out of memory (RAM) in the previews. To fit 1.49 "
+            "GiB more: lower sample.width and sample.height, lower sample.sample_steps, or close other programs); "
+            "training goes on") in capsys.readouterr().err
+
+
 def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
     """On MPS under macOS 13, out of memory offered "set dtype: bf16", which pick_dtype then refuses there (bf16
     on MPS needs macOS 14); sample.py's "use --dtype bf16" too. They are offered only where bf16 runs."""
