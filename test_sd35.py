@@ -2891,7 +2891,7 @@ def test_an_error_other_than_memory_saving_a_ctrl_c_checkpoint_keeps_its_own_tra
     which put train() twice in the traceback, the first time at that line of the out-of-memory handler."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    monkeypatch.setattr(sd, "save_lora", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(sd, "save_training_state", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="^a bug$") as error:
         sd.train(tiny_config(tmp_path, **{"sample.prompts": []}))
     assert [entry.name for entry in error.traceback].count("train") == 1
