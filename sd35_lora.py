@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       652  VAE                              16-channel autoencoder, the latent scale and shift
       799  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       839  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1019  Data                             dataset scan, aspect buckets, the latent and text cache
-     1148  Training                         Trainer and the training loop
-     1304  Part 2: plumbing                 a reader can stop here
-     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1864  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2208  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2339  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2932  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3128  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3524  Several Processes (torchrun)     one all-reduce per step
-     3614  Command Line and the Tiny Model  main(), --tiny
+     1028  Data                             dataset scan, aspect buckets, the latent and text cache
+     1157  Training                         Trainer and the training loop
+     1308  Part 2: plumbing                 a reader can stop here
+     1331  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1868  Hub Downloads                    snapshot downloads, tokenizers
+     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2212  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2343  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2937  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3133  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3559  Several Processes (torchrun)     one all-reduce per step
+     3649  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -972,12 +972,20 @@ class SampleSettings:
         return out
 
 
+def encode_in_batches(text: TextEncoders, prompts: list[str], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """(context, pooled) of batch_size prompts at a time, kept on the CPU until their batch denoises: T5-XXL
+    on all of sample.py's prompts at once, and all their embeddings, could fill a small GPU."""
+    parts = [[t.cpu() for t in text.encode(prompts[i:i + batch_size])]
+             for i in range(0, len(prompts), batch_size)]
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time; keep(images) gets each
-    batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
-    the text encoders."""
+    """Prompts -> PIL images (image i: seed + i), encoded and denoised batch_size at a time; keep(images)
+    gets each batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond,
+    uncond) skips the text encoders."""
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
@@ -988,11 +996,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
-            cond = pipe.text.encode(prompts)
-            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
+            cond = encode_in_batches(pipe.text, prompts, batch_size)
+            negatives = [negative] * len(prompts)
+            uncond = encode_in_batches(pipe.text, negatives, batch_size) if s.cfg > 1.0 else None
     else:
         cond, uncond = embeddings
-    cond, uncond = (tuple(t.to(pipe.device) for t in pair) if pair else None for pair in (cond, uncond))
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
@@ -1001,7 +1009,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            c, u = ([t[i:i + batch_size] for t in pair] if pair else None for pair in (cond, uncond))
+            c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
+                    for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
                 z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
                             s.slg_layers, bar)
@@ -1286,12 +1295,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
-        bar.close()
-        try:
-            save_checkpoint(tr)
-        except (RuntimeError, MemoryError) as e:    # out of memory: as a step's checkpoint, a second try
-            raise stopped_by_memory(tr, e) if out_of_memory(e) else e
-        exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -2445,6 +2449,7 @@ def check_size(width: int, height: int, name: str = "width and height"):
 
 SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
+MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
@@ -3203,8 +3208,10 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
-        too_long = not_found and len(os.path.abspath(tmp)) >= 260
-        long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
+        written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
+        too_long = not_found and written >= 260
+        long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
+                      f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")
@@ -3249,9 +3256,20 @@ def lock_output_dir(out: Path):
         return None
 
 
+def remove_if_unused(out: Path, made: list[Path]):
+    """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
+    are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
+    with contextlib.suppress(OSError):
+        if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            for folder in made:
+                folder.rmdir()
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
+    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
+    trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3271,6 +3289,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
+    trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
@@ -3327,7 +3346,8 @@ def save_previews(trainer: Trainer):
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
-            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
+            many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
@@ -3378,6 +3398,7 @@ def end_training(trainer: Trainer, old_handlers: dict):
             import msvcrt
             msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
         trainer.lock.close()
+        remove_if_unused(trainer.out, trainer.made)
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
     free_models(getattr(trainer, "pipe", None))
@@ -3416,10 +3437,11 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     """The one wording of running out of memory: which, where, how much more was asked for, the run's levers.
     The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
+    asked = re.search(r"[Tt]ried to allocate (?:([\d.]+ ?[KMGT]i?B)|(\d+) bytes)", str(e))
+    size = asked and (asked[1] or f"{int(asked[2]) / 2**30:.2f} GiB")   # the CPU's in bytes; 0.00: RAM full
     others = "close other programs" if out_of_ram(e) else "free the GPU of other programs"
     fixes = ", ".join(levers + ["or " * bool(levers) + others])      # (fp8 on: none)
-    more = f" {asked[1]} more" if asked else ""
+    more = f" {size} more" if size not in (None, "0.00 GiB") else ""
     error = torch.OutOfMemoryError(f"out of {'memory (RAM)' if out_of_ram(e) else 'GPU memory'} {where}. "
                                    f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
@@ -3488,6 +3510,19 @@ def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
         with safe_open(str(tr.state_path), "pt") as f:
             latest = f"the latest is step {f.metadata()['step']}'s ({resume})"
     return f"the checkpoint of step {tr.step} could not be saved (out of memory again): {latest}"
+
+
+def stop_with_checkpoint(tr: Trainer, terminated: bool):
+    """train() stopped by Ctrl-C or SIGTERM: one checkpoint, then the shell's exit code for the signal. Out of
+    memory saving it: as a step's checkpoint, a second try and the levers."""
+    tr.bar.close()
+    try:
+        save_checkpoint(tr)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise                                   # any other error: its own traceback
+        raise stopped_by_memory(tr, e)
+    exit_stopped(terminated, f" at step {tr.step}; checkpoint saved. Continue with --resume")
 
 
 def plot_losses(log_path: Path, png_path: Path):

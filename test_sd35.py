@@ -2849,13 +2849,47 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
     monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
-    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set fp8: true "
-                            "(a new run: --resume refuses it), set dtype: bf16 (a new run: --resume refuses it), set "
-                            "use_t5: false (a new run: --resume refuses it), or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
+                            "set fp8: true (a new run: --resume refuses it), set dtype: bf16 (a new run: --resume "
+                            "refuses it), set use_t5: false (a new run: --resume refuses it), or close other programs")
     with pytest.raises(torch.OutOfMemoryError) as e:
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
-    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --fp8, add --no-t5, use "
-                            "--dtype bf16, or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit 16.00 GiB more: add --fp8, add "
+                            "--no-t5, use --dtype bf16, or close other programs")
+
+
+def test_out_of_ram_says_how_much_more_the_failed_allocation_asked_for():
+    """Out of the CPU's memory said "To fit:" without the amount, though torch's CPU allocator names it, in bytes
+    (CUDA's and MPS's messages in GiB or GB were read). Python's MemoryError names none, and an allocation of a
+    few bytes (memory simply full) rounds to 0.00 GiB: neither gives a number."""
+    def to_fit(message):
+        return re.search(r"To fit([^:]*):", str(sd.memory_error(RuntimeError(message), "here", [])))[1]
+    assert to_fit(CPU_OOM) == " 16.00 GiB more"
+    assert to_fit(CPU_OOM.replace("17179869184", "1600000000")) == " 1.49 GiB more"
+    assert to_fit(CPU_OOM.replace("17179869184", "64")) == to_fit("out of memory") == ""
+    assert str(sd.memory_error(MemoryError(), "here", [])) == "out of memory (RAM) here. To fit: close other programs"
+
+
+def test_out_of_ram_with_steps_by_the_ten_million_names_the_steps(tmp_path, monkeypatch, capsys):
+    """The sigma schedule takes ~45 bytes of RAM a step while built (float64) and read (a list): --steps
+    200000000 (a typo; under MAX_STEPS) ran out of RAM, and the levers named the size, fp8, T5 and the dtype, not
+    the steps. Where the schedule takes a GiB or more, the steps are a lever too (sample.py's, the previews')."""
+    def schedule_out_of_ram(steps, *args):
+        raise RuntimeError(CPU_OOM.replace("17179869184", str(8 * steps)))
+    monkeypatch.setattr(sd, "get_schedule", schedule_out_of_ram)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sample.main(["--model", "tiny", "--prompt", "a", "--steps", "200000000", "--width", "32", "--height", "32",
+                     "--no-t5", "--fp8", "--dtype", "bf16", "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("out of memory (RAM) while sampling; the images finished are saved. To fit 1.49 GiB more: "
+                            "lower --width and --height, lower --steps, or close other programs")
+    previews = types.SimpleNamespace(pipe=sd.tiny_pipeline(), out=tmp_path / "run", rank=0, embeddings=None,
+                                     log_path=tmp_path / "none", step=0, sample_settings=None)
+    previews.mmdit, previews.cfg = previews.pipe.mmdit, tiny_config(tmp_path, **{"sample.sample_steps": 200000000})
+    monkeypatch.setattr(sd, "generate", lambda *a, **k: schedule_out_of_ram(200000000))
+    sd.save_previews(previews)
+    assert ("warning: sampling at step 0 failed (OutOfMemoryError: out of memory (RAM) in the previews. To fit 1.49 "
+            "GiB more: lower sample.width and sample.height, lower sample.sample_steps, or close other programs); "
+            "training goes on") in capsys.readouterr().err
 
 
 def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypatch):
@@ -2867,12 +2901,27 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, dtype="fp32"))
-    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit: set use_t5: "
-                            "false (a new run: --resume refuses it), or close other programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
+                            "set use_t5: false (a new run: --resume refuses it), or close other programs")
     with pytest.raises(torch.OutOfMemoryError) as e:                    # sample.py's levers alike
         sample.main(["--model", "tiny", "--prompt", "a", "--dtype", "fp32", "--out", str(tmp_path / "out")])
-    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit: add --no-t5, or close other "
-                            "programs")
+    assert str(e.value) == ("out of memory (RAM) while loading the models. To fit 16.00 GiB more: add --no-t5, or "
+                            "close other programs")
+
+
+def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
+    """sample.py out of memory on Apple's MPS offered "add --offload", which keeps the models in the CPU's half of
+    the one memory that MPS shares with it: the total stays the same. It is offered on CUDA only."""
+    mps_oom = ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB, max allowed: 18.13 "
+               "GB). Tried to allocate 2.00 GB on private pool.")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(mps_oom)))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    for device, offload in (("mps", ""), ("cuda", "add --offload, or ")):
+        monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device(device))
+        with pytest.raises(torch.OutOfMemoryError) as e:
+            sample.main(["--model", "tiny", "--prompt", "a", "--no-t5", "--fp8", "--out", str(tmp_path / "out")])
+        assert str(e.value) == (f"out of GPU memory while loading the models. To fit 2.00 GB more: {offload}free the "
+                                f"GPU of other programs")
 
 
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
@@ -2894,6 +2943,27 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
         "saved, the last checkpoint stays. To fit: close other programs")
 
 
+def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_path, monkeypatch):
+    """A run that failed a check after it made output_dir (here: no images, found by the dataset scan) left the
+    folder behind, and those made above it, holding only its hidden lock file. They are removed, only the ones
+    the run made and only while empty: an output_dir there before, or one another file went into, stays."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "there").mkdir()
+    for out in ("runs/new/run", "there"):
+        with pytest.raises(sd.UserError, match="no usable images"):
+            sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "there"]
+    real_scan = sd.scan_dataset
+
+    def scan_as_a_file_arrives(cfg, output_dir):
+        (Path(output_dir) / "notes.txt").write_text("mine")
+        return real_scan(cfg, output_dir)
+    monkeypatch.setattr(sd, "scan_dataset", scan_as_a_file_arrives)
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/run")))
+    assert (tmp_path / "runs/run/notes.txt").read_text() == "mine"
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
@@ -2906,6 +2976,17 @@ def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatc
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "other")))
     for kept, where in ((in_step, "train"), (in_start, "start_trainer")):
         assert [entry.name for entry in kept.traceback].count(where) == 1
+
+
+def test_an_error_other_than_memory_saving_a_ctrl_c_checkpoint_keeps_its_own_traceback(tmp_path, monkeypatch):
+    """The checkpoint that Ctrl-C asks for re-raised any other error with `raise ... if out_of_memory(e) else e`,
+    which put train() twice in the traceback, the first time at that line of the out-of-memory handler."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sd, "save_training_state", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$") as error:
+        sd.train(tiny_config(tmp_path, **{"sample.prompts": []}))
+    assert [entry.name for entry in error.traceback].count("train") == 1
 
 
 def test_nan_before_the_first_checkpoint_names_no_checkpoint(tmp_path, monkeypatch):
@@ -3539,6 +3620,7 @@ def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
     in a terminal was refused: "another run is using output_dir"."""
     (tmp_path / "data").mkdir()
+    (tmp_path / "run").mkdir()                  # there before the run: kept (one the run made goes with it)
     with pytest.raises(sd.UserError, match="no usable images") as kept:       # `kept` holds the traceback
         sd.train(tiny_config(tmp_path))
     script = f"import sd35_lora as sd; from pathlib import Path; print(bool(sd.lock_output_dir(Path({str(tmp_path / 'run')!r}))))"
@@ -3694,11 +3776,34 @@ def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypa
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(Path, "write_text", refuse)
     deep = tmp_path / ("d" * 120) / ("e" * 120) / "caption.txt"
-    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path is too long "
-                   r"for Windows \(260 characters\): enable long paths \(LongPathsEnabled\) or choose another folder")
+    one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path, \d+ characters as "
+                   r"the temporary file written first, is too long for Windows \(259 at most\): enable long paths "
+                   r"\(LongPathsEnabled\) or choose another folder")
     one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): free disk space or choose")
     refusal = OSError(28, "No space left on device")                    # a full disk there: as before
     one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No space left on device\): free disk space or choose")
+
+
+def test_a_path_too_long_for_windows_names_the_length_of_the_temporary_file_it_is_written_as(tmp_path, monkeypatch):
+    """A file is written first as a temporary file beside it, whose name is 15 characters and the process id longer:
+    Windows refused a 245-character path (its temporary file: over 259), and the error said that the path, 245
+    characters, was too long for Windows (260 characters). It names the length Windows refused."""
+    real_write = Path.write_text
+
+    def as_windows(self, *args, **kwargs):                  # long paths off: 260 characters or more are refused
+        if len(os.path.abspath(self)) >= 260:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_write(self, *args, **kwargs)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(Path, "write_text", as_windows)
+    folder, extra = tmp_path / ("d" * 100), 15 + len(str(os.getpid()))         # ".NAME.PID-8hex.tmp"
+    fits = folder / ("f" * (259 - extra - len(str(folder)) - 1))                 # its temporary file: 259
+    sd._atomic_save("a fox", fits)
+    assert fits.read_text() == "a fox"
+    refused = folder / ("r" * (245 - len(str(folder)) - 1))
+    one_line_error(lambda: sd._atomic_save("a fox", refused), rf"\(No such file or directory\): its path, {245 + extra} "
+                   r"characters as the temporary file written first, is too long for Windows \(259 at most\): enable "
+                   r"long paths \(LongPathsEnabled\) or choose another folder")
 
 
 def test_the_clis_run_without_a_console_as_pythonw_starts_them(tmp_path):
@@ -5247,6 +5352,24 @@ def test_sampling_denoises_batch_size_images_at_a_time_with_the_same_images(tmp_
     alone = [np.asarray(sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=5 + i), progress=False)[0])
              for i, p in enumerate(["red", "a fox", "blue"])]
     assert np.abs(images["1"] - np.stack(alone)).max() <= 1
+
+
+def test_the_text_encoders_take_batch_size_prompts_at_a_time_with_the_same_images(monkeypatch):
+    """generate() denoised batch_size images at a time but encoded all the prompts, and as many negatives, in one
+    batch each: T5-XXL on 20 prompts needs ~0.8 GB more than on one, on top of its 9.5 GB of weights (a 12 GB GPU
+    ran out of memory where one prompt at a time fits). The text encoders take batch_size prompts at a time too;
+    image i keeps its seed, so one at a time gives exactly the images of each prompt alone."""
+    pipe = sd.tiny_pipeline()
+    sizes, real = [], pipe.text.encode
+    monkeypatch.setattr(pipe.text, "encode", lambda prompts: sizes.append(len(prompts)) or real(prompts))
+    s = sd.SampleSettings(steps=2, cfg=4.0, width=32, height=32, seed=3)
+    prompts = ["red", "a fox", "blue"]
+    together = np.stack(sd.generate(pipe, prompts, "ugly", s, progress=False, batch_size=2)).astype(int)
+    assert sorted(sizes) == [1, 1, 2, 2]
+    one_by_one = np.stack(sd.generate(pipe, prompts, "ugly", s, progress=False))
+    alone = [sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=3 + i), progress=False)[0]
+             for i, p in enumerate(prompts)]
+    assert np.array_equal(one_by_one, np.stack(alone)) and np.abs(together - one_by_one).max() <= 1
 
 
 def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
@@ -6887,7 +7010,7 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     first = sd.lock_output_dir(tmp_path)
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
-    sd.end_training(types.SimpleNamespace(lock=first), {})
+    sd.end_training(types.SimpleNamespace(lock=first, out=tmp_path, made=[]), {})
     assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
     sd.lock_output_dir(tmp_path).close()
 
