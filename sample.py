@@ -81,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slg-scale", type=finite_float, help="skip-layer guidance scale (default 0 = off)")
     p.add_argument("--slg-layers", type=block_list, help="joint blocks to skip, e.g. 7,8,9")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images denoised at once (more: faster "
-                   "on a large GPU, more memory; the same images to within 1/255: matmuls round differently)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts encoded and images denoised "
+                   "at once (more: faster on a large GPU, more memory; the same images to within 1/255: "
+                   "matmuls round differently)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--t5-length", type=positive_int,
@@ -197,12 +198,13 @@ def main(argv=None) -> list[Path]:
 
 def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
     """The flags that lower sample.py's GPU memory (ram: RAM's, which --offload raises), of those not given
-    yet (pipe: None if it did not load)."""
+    yet (pipe: None if it did not load). --offload only on CUDA: MPS shares one memory with the CPU."""
     device = sd.pick_device(args.device)
-    offload = device.type != "cpu" and not (pipe.offload if pipe else args.offload) and not ram
+    offload = device.type == "cuda" and not (pipe.offload if pipe else args.offload) and not ram
     fp8 = not args.fp8 and not sd.fp8_lacking(device)
     bf16 = device.type != "mps" or sd.pick_dtype(None, device) == sd.DTYPES["bf16"]    # MPS: macOS 14+
-    sampling = ["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+    sampling = (["lower --batch-size"] * (args.batch_size > 1) + ["lower --width and --height"]
+                + ["lower --steps"] * ((args.steps or 0) >= sd.MANY_STEPS))       # GiBs of sigma schedule
     return (sampling * (pipe is not None)
             + ["add --offload"] * offload + ["add --fp8"] * fp8 + ["add --no-t5"] * (not args.no_t5)
             + ["use --dtype bf16"] * (args.dtype == "fp32" and bf16))

@@ -19,20 +19,20 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       656  VAE                              16-channel autoencoder, the latent scale and shift
-      803  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1020  Data                             dataset scan, aspect buckets, the latent and text cache
-     1148  Training                         Trainer and the training loop
-     1304  Part 2: plumbing                 a reader can stop here
-     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1864  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2204  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2335  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2900  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3096  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3491  Several Processes (torchrun)     one all-reduce per step
-     3581  Command Line and the Tiny Model  main(), --tiny
+      804  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      844  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1033  Data                             dataset scan, aspect buckets, the latent and text cache
+     1162  Training                         Trainer and the training loop
+     1313  Part 2: plumbing                 a reader can stop here
+     1336  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1873  Hub Downloads                    snapshot downloads, tokenizers
+     1935  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2350  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2944  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3140  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3566  Several Processes (torchrun)     one all-reduce per step
+     3656  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -781,6 +781,7 @@ class VAE(nn.Module):
 
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 2*C, H/8, W/8): mean and log-variance (what the cache stores)."""
+        check_image_batch(images)
         return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
@@ -825,6 +826,9 @@ class TextEncoders:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context (B, 77 + t5_length, D_t5 = 4096), pooled (B, D_l + D_g = 768 + 1280 = 2048), float32."""
+        prompts = read_prompts(prompts)
+        if not prompts:                 # the tokenizers fail on an empty batch: a prompt's shapes, no rows
+            return tuple(t[:0] for t in self.encode([""]))
         outs = [model(self._tokens(tok, prompts, tok.model_max_length), output_hidden_states=True)
                 for model, tok in ((self.clip_l, self.tok_l), (self.clip_g, self.tok_g))]
         clip = torch.cat([out.hidden_states[-2].float() for out in outs], dim=-1)   # (B, 77, D_l + D_g)
@@ -973,27 +977,35 @@ class SampleSettings:
         return out
 
 
+def encode_in_batches(text: TextEncoders, prompts: list[str], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """(context, pooled) of batch_size prompts at a time, kept on the CPU until their batch denoises: T5-XXL
+    on all of sample.py's prompts at once, and all their embeddings, could fill a small GPU."""
+    parts = [[t.cpu() for t in text.encode(prompts[i:i + batch_size])]
+             for i in range(0, len(prompts), batch_size)]
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
-    """Prompts -> PIL images (image i: seed + i), denoised batch_size at a time; keep(images) gets each
-    batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond, uncond) skips
-    the text encoders."""
+    """Prompts -> PIL images (image i: seed + i), encoded and denoised batch_size at a time; keep(images)
+    gets each batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond,
+    uncond) skips the text encoders."""
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
-                                                  keep)
+                                                  keep, progress)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
     pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
-            cond = pipe.text.encode(prompts)
-            uncond = pipe.text.encode([negative] * len(prompts)) if s.cfg > 1.0 else None
+            cond = encode_in_batches(pipe.text, prompts, batch_size)
+            negatives = [negative] * len(prompts)
+            uncond = encode_in_batches(pipe.text, negatives, batch_size) if s.cfg > 1.0 else None
     else:
         cond, uncond = embeddings
-    cond, uncond = (tuple(t.to(pipe.device) for t in pair) if pair else None for pair in (cond, uncond))
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
@@ -1002,7 +1014,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
-            c, u = ([t[i:i + batch_size] for t in pair] if pair else None for pair in (cond, uncond))
+            c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
+                    for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
                 z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
                             s.slg_layers, bar)
@@ -1043,6 +1056,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
     from PIL import ImageOps
+    cfg = DatasetConfig(path=os.fspath(cfg)) if isinstance(cfg, (str, os.PathLike)) else cfg    # a folder
     root, res = Path(cfg.path), cfg.resolution
     files, left_out = files_under(root)
     own = runs_folders(root, files, output_dir, cfg.cache_dir)         # their previews are no training data
@@ -1286,12 +1300,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
-        bar.close()
-        try:
-            save_checkpoint(tr)
-        except (RuntimeError, MemoryError) as e:    # out of memory: as a step's checkpoint, a second try
-            raise stopped_by_memory(tr, e) if out_of_memory(e) else e
-        exit_stopped(signal.SIGTERM in stop, f" at step {tr.step}; checkpoint saved. Continue with --resume")
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -1936,12 +1945,18 @@ def unwrap_mmdit(model, call: str, args: str) -> MMDiT:
 
 
 def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadata: dict | None = None):
-    """Adapters -> safetensors, rank/alpha/targets and `metadata` in the header. diffusers: alpha folded into
-    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
+    """The model's adapters -> a LoRA file (lora_file's tensors and header), written whole or not at all."""
     model = unwrap_mmdit(model, "save_lora", "path")
     if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
         raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
                         f"{Path(path, 'lora.safetensors')}")
+    tensors, header = lora_file(model, format, metadata)
+    _atomic_save(tensors, path, header)
+
+
+def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, dict]:
+    """Adapters -> tensors, and rank/alpha/targets and `metadata` as the header. diffusers: alpha folded into
+    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -1963,11 +1978,11 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     info = {"format": format, "rank": first.rank, "alpha": first.alpha, "alpha_folded": format == "diffusers",
             "modules": sorted(layers)}
     try:                                # (ValueError: a dict that holds itself)
-        header = json.dumps({**info, **(metadata or {})})
+        header = json.dumps({**(metadata or {}), **info})        # the file's own entries win
     except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
-    _atomic_save(out, path, {"format": "pt", "sd35_lora": header})
+    return out, {"format": "pt", "sd35_lora": header}
 
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
@@ -2344,12 +2359,7 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
     if isinstance(default, list):
-        if isinstance(value, (set, frozenset)):     # its order changes between runs: sample_00 another prompt
-            raise UserError(f"config key '{key}' must be a list, not a set (its order changes between runs)")
-        many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))  # numpy's, pandas'
-                and getattr(value, "ndim", 1) > 0)                  # a 0-d array is one value, not iterable
-        items = list(value) if many else [] if value is None else [value]
-        return [_coerce(v, "", key) for v in items]
+        return [_coerce(v, "", key) for v in ([] if value is None else listed(value, f"config key '{key}'"))]
     if isinstance(default, str):
         if isinstance(value, (dict, list, tuple)):           # never its Python repr as a prompt or a path
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
@@ -2374,6 +2384,15 @@ def _coerce(value, default, key: str):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
     return read_number(value, isinstance(default, int), f"config key '{key}'")
+
+
+def listed(value, name: str) -> list:
+    """The items of a list, tuple, numpy or pandas array (config lists, generate's prompts), or [value]."""
+    if isinstance(value, (set, frozenset)):         # its order changes between runs: sample_00 another prompt
+        raise UserError(f"{name} must be a list, not a set (its order changes between runs)")
+    many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))      # numpy's, pandas'
+            and getattr(value, "ndim", 1) > 0)                      # a 0-d array is one value, not iterable
+    return list(value) if many else [value]
 
 
 def read_number(value, whole: bool, name: str) -> int | float:
@@ -2437,6 +2456,7 @@ def check_size(width: int, height: int, name: str = "width and height"):
 
 SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
+MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
@@ -2521,8 +2541,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
         raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
                         "settings=SampleSettings(...)")
-    if not (isinstance(prompts, (list, tuple))                     # e.g. None: len()'s bare TypeError
-            and all(isinstance(text, str) for text in [negative, *prompts])):
+    if not all(isinstance(text, str) for text in [negative, *prompts]):       # e.g. None: a bare TypeError
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
                         f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
@@ -2546,16 +2565,38 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
-def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep):
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep,
+                         progress):
     """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
     if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
         raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
-    prompts = [prompts] if isinstance(prompts, str) else prompts     # one prompt (as diffusers takes it)
+    if any(p.is_meta for model in pipe.modules() for p in model.parameters()):     # e.g. by free_models
+        raise UserError("this Pipeline's models were freed (moved to the meta device, as train() and a "
+                        "failed sample.main free theirs): load the pipeline again with load_pipeline")
+    prompts = listed(prompts, "prompts")        # one prompt (as diffusers takes it), a numpy or pandas array
+    read_flag(progress, "progress")
     settings, batch_size = read_sample_inputs(settings, batch_size, keep)   # from Python: checked, plain
     s = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     check_seed(s.seed, len(prompts))
     return prompts, s, batch_size
+
+
+def read_prompts(prompts) -> list[str]:
+    """TextEncoders.encode's prompts: one text, or a list, tuple, numpy or pandas array of texts."""
+    prompts = listed(prompts, "prompts")
+    if not all(isinstance(text, str) for text in prompts):          # None, bytes: the tokenizers' bare errors
+        raise UserError(f"prompts must be text (str) or a list of texts, got {prompts!r:.60}")
+    return prompts
+
+
+def check_image_batch(images):
+    """VAE.encode's images: GroupNorm's error for one (3, H, W) image names neither the shape nor the fix."""
+    tensor = isinstance(images, torch.Tensor)
+    if not (tensor and images.ndim == 4 and images.shape[1] == 3):
+        shown = f"a tensor of shape {tuple(images.shape)}" if tensor else repr(images)
+        raise UserError(f"VAE.encode takes images (B, 3, H, W) in [-1, 1] (one: images[None]; load_image "
+                        f"reads a file), not {shown:.60}")
 
 
 def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:
@@ -2731,6 +2772,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
+    if path and not isinstance(path, (str, os.PathLike, dict)):       # file_path's words, and the dict
+        raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
+                        f"{path!r:.60}")
     if path:
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
@@ -3171,8 +3215,10 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
-        too_long = not_found and len(os.path.abspath(tmp)) >= 260
-        long_paths = "its path is too long for Windows (260 characters): enable long paths (LongPathsEnabled)"
+        written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
+        too_long = not_found and written >= 260
+        long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
+                      f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")
@@ -3217,9 +3263,20 @@ def lock_output_dir(out: Path):
         return None
 
 
+def remove_if_unused(out: Path, made: list[Path]):
+    """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
+    are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
+    with contextlib.suppress(OSError):
+        if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            for folder in made:
+                folder.rmdir()
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock. -> a resume's trajectory changes and state header"""
+    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
+    trajectory changes and state header"""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3239,6 +3296,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
+    trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
@@ -3257,9 +3315,10 @@ def save_checkpoint(trainer: Trainer):
             "variant": trainer.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": step,
             "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
-    save_lora(trainer.mmdit, trainer.out / f"lora_step_{step:06d}.safetensors", c.lora.format, meta)
+    lora, header = lora_file(trainer.mmdit, c.lora.format, meta)    # written as the run's other files are
+    _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
     try:                                # the latest's copy: ComfyUI holding it open must not end the run
-        save_lora(trainer.mmdit, trainer.out / "lora.safetensors", c.lora.format, meta)
+        _atomic_save(lora, trainer.out / "lora.safetensors", header)
     except UserError as e:
         if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
             raise
@@ -3294,7 +3353,8 @@ def save_previews(trainer: Trainer):
             tqdm.write(f"sample: {path}")
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
-            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"])
+            many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
+            e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
         tqdm.write(f"warning: sampling at step {step} failed ({type(e).__name__}: {e}); training "
                    f"goes on", file=sys.stderr)
     finally:
@@ -3345,6 +3405,7 @@ def end_training(trainer: Trainer, old_handlers: dict):
             import msvcrt
             msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
         trainer.lock.close()
+        remove_if_unused(trainer.out, trainer.made)
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
     free_models(getattr(trainer, "pipe", None))
@@ -3383,10 +3444,11 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     """The one wording of running out of memory: which, where, how much more was asked for, the run's levers.
     The failed frames' tensors are let go: a notebook keeps the error, and its traceback, to its next one."""
     traceback.clear_frames(e.__traceback__)
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))
+    asked = re.search(r"[Tt]ried to allocate (?:([\d.]+ ?[KMGT]i?B)|(\d+) bytes)", str(e))
+    size = asked and (asked[1] or f"{int(asked[2]) / 2**30:.2f} GiB")   # the CPU's in bytes; 0.00: RAM full
     others = "close other programs" if out_of_ram(e) else "free the GPU of other programs"
     fixes = ", ".join(levers + ["or " * bool(levers) + others])      # (fp8 on: none)
-    more = f" {asked[1]} more" if asked else ""
+    more = f" {size} more" if size not in (None, "0.00 GiB") else ""
     error = torch.OutOfMemoryError(f"out of {'memory (RAM)' if out_of_ram(e) else 'GPU memory'} {where}. "
                                    f"To fit{more}: {fixes}")
     error.__cause__ = e                             # torch's own message, in a traceback
@@ -3455,6 +3517,19 @@ def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
         with safe_open(str(tr.state_path), "pt") as f:
             latest = f"the latest is step {f.metadata()['step']}'s ({resume})"
     return f"the checkpoint of step {tr.step} could not be saved (out of memory again): {latest}"
+
+
+def stop_with_checkpoint(tr: Trainer, terminated: bool):
+    """train() stopped by Ctrl-C or SIGTERM: one checkpoint, then the shell's exit code for the signal. Out of
+    memory saving it: as a step's checkpoint, a second try and the levers."""
+    tr.bar.close()
+    try:
+        save_checkpoint(tr)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise                                   # any other error: its own traceback
+        raise stopped_by_memory(tr, e)
+    exit_stopped(terminated, f" at step {tr.step}; checkpoint saved. Continue with --resume")
 
 
 def plot_losses(log_path: Path, png_path: Path):
