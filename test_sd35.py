@@ -276,8 +276,9 @@ def test_the_training_draws_are_the_generators_whatever_the_callers_default_devi
     vae, moments = sd.VAE(sd.VAEConfig(ch=8, ch_mult=(1, 2), groups=4)), torch.zeros(1, 32, 2, 2)
     for scheme in sd.TIMESTEP_SAMPLINGS:
         cfg = sd.TrainConfig(timestep_sampling=scheme)
-        draws = lambda: (*sd.flow_matching_loss(velocity, x0, context, pooled, cfg, 3.0, torch.Generator().manual_seed(0),
-                                                None), vae.latents_from_moments(moments, torch.Generator().manual_seed(0)))
+        seeded = lambda: torch.Generator().manual_seed(0)
+        draws = lambda: (*sd.flow_matching_loss(velocity, x0, context, pooled, cfg, 3.0, seeded(), None),
+                         vae.latents_from_moments(moments, seeded()))
         expected = draws()
         with torch.device("meta"):
             drawn = draws()
