@@ -836,7 +836,7 @@ class TextEncoders:
         if self.t5 is not None:
             t5 = self.t5(self._tokens(self.tok_t5, prompts, self.t5_length)).last_hidden_state.float()
         else:
-            t5 = clip.new_zeros(len(clip), self.t5_length, self.context_dim)    # str prompt: 1, not len(str)
+            t5 = clip.new_zeros(len(clip), self.t5_length, self.context_dim)
         context = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
         return context, pooled
 
