@@ -501,6 +501,27 @@ def test_mmdit_matches_diffusers_transformer(variant, tmp_path):
             assert expected.abs().mean() > 0.1
 
 
+def test_a_diffusers_folder_without_qk_norm_takes_its_head_count_from_config_json(tmp_path):
+    """Without qk-norm the shapes show no head width: the heads come from config.json (here 4 of 32 channels;
+    read from the shapes alone they would be 2 of 64, and the images another model's)."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=4, caption_projection_dim=128, joint_attention_dim=96, pooled_projection_dim=80,
+        pos_embed_max_size=16, qk_norm=None).eval()
+    randomize(ref, torch.Generator().manual_seed(0))
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours = sd.load_mmdit(tmp_path)
+    assert ours.cfg.heads == 4
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
+    context, pooled = torch.randn(1, 5, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                       return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_vae_matches_diffusers(tmp_path):
     pytest.importorskip("diffusers")
     ref = make_components()["vae"]
