@@ -1180,6 +1180,9 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), expected, atol=1e-5, rtol=1e-5)
     assert sample.trained_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
+    header = sd.read_safetensors(tmp_path / "l.safetensors", with_metadata=True, prefix=None)[1]
+    info = json.loads(header["sd35_lora"])       # diffusers' lora_B holds alpha / rank: a reader must not again
+    assert (info["format"], info["rank"], info["alpha"], info["alpha_folded"]) == (fmt, 4, 8, fmt == "diffusers")
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
