@@ -2807,6 +2807,17 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
                             "programs")
 
 
+def test_mps_running_out_of_memory_is_told_as_the_gpus_not_left_a_traceback():
+    """MPS runs out of memory with a plain RuntimeError (torch's OutOfMemoryError is CUDA's): it is still worded
+    as running out of GPU memory, with the size asked for (in a step: after a checkpoint), not a traceback."""
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 17.10 GB, other allocations: 1.20 GB, max allowed: "
+                       "18.13 GB). Tried to allocate 256.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")
+    assert sd.out_of_memory(mps) and not sd.out_of_ram(mps) and not sd.out_of_memory(RuntimeError("size mismatch"))
+    assert str(sd.memory_error(mps, "in training step 3 (1024x1024 images)", ["lower dataset.resolution"])) == (
+        "out of GPU memory in training step 3 (1024x1024 images). To fit 256.00 MB more: lower dataset.resolution, or "
+        "free the GPU of other programs")
+
+
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
     """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
     models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
