@@ -5497,6 +5497,13 @@ def test_fp8_layer_equals_linear_with_dequantized_weight():
     with torch.no_grad():
         expected = torch.nn.functional.linear(x, weight + delta_weight(lora), base.bias)
         torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast an fp32 input (a norm's output) dequantizes to bf16: the weight a checkpointed block's
+    # recompute keeps for its backward is bf16, not an fp32 copy of twice the size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16), sd.checkpointed():
+        assert layer(x).dtype == torch.bfloat16
+    assert [t.dtype for t in saved if t.shape == (32, 48)] == [torch.bfloat16]
 
 
 def test_fp8_weights_are_dequantized_twice_a_checkpointed_step_with_the_same_gradients(monkeypatch):
