@@ -6728,6 +6728,27 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
                    "text_encoder_3/model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors"]
 
 
+def test_text_encoder_files_without_tokenizer_folders_get_sd3s_standard_tokenizers(monkeypatch, tmp_path):
+    """Single files carry no vocabularies: CLIP-L's and T5's standard tokenizers are downloaded (their text
+    files only), and CLIP-G's is CLIP-L's padding with "!" (id 0), as SD3's tokenizer_2 pads: with CLIP-L's EOS
+    padding its padded positions, and so every prompt's CLIP-G features, would differ from the references'."""
+    import huggingface_hub
+    tok_l, _, tok_t5 = make_tokenizers()
+    tok_l.save_pretrained(tmp_path / "clip")
+    tok_t5.save_pretrained(tmp_path / "t5")
+    asked = []
+
+    def snapshot_download(repo, allow_patterns=None):
+        asked.append(repo)
+        assert not any(p.endswith((".safetensors", ".bin")) for p in allow_patterns)       # no weights
+        return str(tmp_path / {"openai/clip-vit-large-patch14": "clip", "google-t5/t5-base": "t5"}[repo])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    clip_l, clip_g, t5 = sd._tokenizers(tmp_path / "single_files", use_t5=True)
+    assert asked == ["openai/clip-vit-large-patch14", "google-t5/t5-base"]
+    assert (clip_l.pad_token, clip_g.pad_token, clip_g.pad_token_id, t5.pad_token) == (tok_l.eos_token, "!", 0, "<pad>")
+    assert sd._tokenizers(tmp_path / "single_files", use_t5=False)[2] is None
+
+
 def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
     """`--lora runs/my_run` (the training run's folder) said 'file not found', though the folder exists."""
     save_file({"x": torch.zeros(1)}, tmp_path / "training_state.safetensors")
