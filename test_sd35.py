@@ -1918,6 +1918,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     layouts = {  # folder -> {file name: the file it is}
         "renamed": {l: l, g: g, "google_t5-v1_1-xxl_encoderonly-fp16.safetensors": t5,
                     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": l},   # Wan's T5, not SD3's: never picked
+        "umt5_first": {l: l, g: g, "t5xxl_fp8_e4m3fn.safetensors": t5, "umt5_xxl_fp16.safetensors": l},  # nor as fp16
         "empty": {"notes.safetensors": "vae"}, "no_t5": {l: l, g: g},
         "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}, "swapped": {l: g, g: l, t5: t5}}
     for folder, files in layouts.items():
@@ -1928,6 +1929,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
             vae = root / "diffusers/vae/diffusion_pytorch_model.safetensors"
             (tmp_path / folder / name).symlink_to(vae if what == "vae" else root / "clip" / what)
     assert sd.load_text_encoders(tmp_path / "renamed", context_dim=192).t5.config.d_model == 192
+    assert sd.load_text_encoders(tmp_path / "umt5_first", context_dim=192).t5.config.d_model == 192
     cases = {
         "empty": "empty has no clip_l \\(looked for clip_l\\*.safetensors or a diffusers-layout text_encoder",
         "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
