@@ -1480,6 +1480,12 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(2432, 4)}, tmp_path / "large.safetensors")
     with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\).*down \(4, 2432\)"):
         sd.load_lora(model, tmp_path / "large.safetensors")
+    q, k = "transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_k"
+    save_file({f"{q}.lora_A.weight": torch.zeros(4, 64), f"{q}.lora_B.weight": torch.zeros(72, 4),  # 192 rows with
+               f"{k}.lora_A.weight": torch.zeros(4, 64), f"{k}.lora_B.weight": torch.zeros(56, 4)},  # v's: not q's 64
+              tmp_path / "rows.safetensors")
+    with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\) per part.*up \(72, 4\)"):
+        sd.load_lora(model, tmp_path / "rows.safetensors")
     save_file({"transformer.transformer_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 64),
                "transformer.transformer_blocks.9.attn.to_q.lora_B.weight": torch.zeros(64, 4)}, tmp_path / "deep.safetensors")
     with pytest.raises(sd.UserError, match="matches no layer.*transformer_blocks.9"):
