@@ -1402,8 +1402,11 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
     transformer.save_pretrained(tmp_path / "base" / "transformer")
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
                         use_rslora=rslora, rank_pattern={"to_q": 2, "transformer_blocks.1.attn.to_k": 3} if patterns else {},
-                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5} if patterns else {})
-    transformer.add_adapter(config)
+                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5, "k": 9} if patterns else {})
+    with warnings.catch_warnings(record=True) as caught:    # k, a tail of to_k and no module's name: PEFT
+        warnings.simplefilter("always")                     # matches nothing with it, and says so
+        transformer.add_adapter(config)
+    assert any("keys did not match any targeted module" in str(w.message) for w in caught) == patterns
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
