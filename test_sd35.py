@@ -425,6 +425,8 @@ def test_key_conversion_roundtrip_loses_nothing():
     there = mmdit_to_diffusers(official, 3)
     back = sd.mmdit_from_diffusers(there, 3)
     assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
+    with pytest.raises(sd.UserError, match=r"unexpected keys .*\['context_embedder_2.weight'\]"):  # never dropped
+        sd.mmdit_from_diffusers({**there, "context_embedder_2.weight": torch.zeros(1)}, 3)
     assert sum(v.numel() for v in there.values()) == sum(v.numel() for v in official.values())
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
