@@ -3799,6 +3799,20 @@ def test_a_diffusers_folder_saved_as_the_fp16_variant_alone_loads(single_files, 
             assert torch.equal(x, y.half().float()), name
 
 
+def test_the_variant_of_a_large_model_folder_is_turbo_where_its_path_says_so(diffusers_folder, tmp_path):
+    """Large Turbo has Large's shapes: "turbo" in the model's path tells them apart, and picks Turbo's preset (4
+    steps, no CFG; with Large's 40 steps at cfg 4.5 a Turbo's images come out over-guided)."""
+    folder, _ = diffusers_folder
+    turbo = tmp_path / "stable-diffusion-3.5-large-turbo"
+    turbo.mkdir()
+    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (turbo / part).symlink_to(folder / part)
+    make_components("sd3.5-large")["transformer"].save_pretrained(turbo / "transformer", safe_serialization=True)
+    assert sd.load_pipeline(str(turbo), device="cpu").variant == "sd3.5-large-turbo"
+    (tmp_path / "large").symlink_to(turbo)
+    assert sd.load_pipeline(str(tmp_path / "large"), device="cpu").variant == "sd3.5-large"
+
+
 def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
     """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
     the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
