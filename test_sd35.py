@@ -4722,6 +4722,8 @@ def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys,
     assert opens[sd.STATE_FILE] == 2 and set(state) == {1}, (opens, state)
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 2: the images or captions in dataset.path"]
+    state = sd.read_safetensors(lora.parent / sd.STATE_FILE, with_metadata=True, prefix=None)[1]
+    assert json.loads(state["changes"]) == meta["resumed_with_changes"]         # the next resume keeps them
 
 
 def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, capsys):
@@ -6067,7 +6069,8 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     params, path, tensors, meta = saved_adamw_state(tmp_path)
     moments = {k: None for k in tensors if k.startswith("opt.")}
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
-                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
+                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)},   # AdamW failed at its step
+                 {"opt.0.step": torch.tensor(0.0)}):                     # (step 0: its bias correction divides by 0)
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
@@ -6079,6 +6082,9 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "lacks step, config or RNG state.*start anew in another output_dir")
+    save_file(tensors | {"param.0": tensors["param.0"][:1]}, path, meta)     # (1, 3): copy_ would broadcast it
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta), "LoRA of another shape")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
