@@ -1184,6 +1184,9 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
     assert sample.trained_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
     header = sd.read_safetensors(tmp_path / "l.safetensors", with_metadata=True, prefix=None)[1]
     info = json.loads(header["sd35_lora"])       # diffusers' lora_B holds alpha / rank: a reader must not again
+    names = {re.sub(r"\.(lora_\w+\.weight|alpha)$", "", k) for k in load_file(tmp_path / "l.safetensors")}
+    kohya = {"lora_unet_" + name.replace(".", "_") for name in sd.lora_layers(trained)}    # ComfyUI's names
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in kohya and (names == kohya) == (fmt == "kohya")
     assert (info["format"], info["rank"], info["alpha"], info["alpha_folded"]) == (fmt, 4, 8, fmt == "diffusers")
 
 
