@@ -1037,6 +1037,8 @@ def test_lora_blocks_reversed_or_open_range_is_refused():
     for blocks in ("0-5,12-8", "3-", "2²", "1-²"):                   # superscripts: isdigit, not int()
         one_line_error(lambda: sd.load_config(None, [f"lora.blocks={blocks}"]), "lora.blocks must look like")
     assert sd.parse_blocks("0-5,7,9-9", 24) == {0, 1, 2, 3, 4, 5, 7, 9}
+    assert sd.parse_blocks("23", 24) == {23}                               # the last block, and one past it:
+    one_line_error(lambda: sd.parse_blocks("20-24", 24), "names block 24: the model's joint blocks are 0-23")
 
 
 def test_merge_and_unmerge():
@@ -3319,6 +3321,7 @@ def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
     cfg = sd.load_config(str(tmp_path / "b.yaml"), ["dataset.flip=true"])              # `neg: no` was "False"
     assert (cfg.use_t5, cfg.fp8, cfg.dataset.flip, cfg.sample.neg, cfg.sample.prompts) == (
         False, True, True, "no", ["on", "yes"])
+    assert sd.load_config(None, ["use_t5=no"]).use_t5 is False                 # (true by default)
     one_line_error(lambda: sd.load_config(None, ["dataset.flip=maybe"]), "'dataset.flip' must be true or false")
 
 
