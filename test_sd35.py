@@ -2107,6 +2107,9 @@ def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_tol
         assert trainer.pipe.variant == "sd3.5-large-turbo" and (s.steps, s.cfg, s.sampler) == (4, 1.0, "euler")
         contexts = [trainer.embeddings[0][0][0]] + [load_file(f)["context"] for f in trainer.data.text_files]
         assert all(c.shape[0] == 77 + 16 and c[:77].any() and not c[77:].any() for c in contexts)
+        sd.save_checkpoint(trainer)                     # the LoRA says so: sample.py then samples without T5
+        trained = sample.trained_settings([str(tmp_path / "run" / "lora.safetensors")])
+        assert (trained["use_t5"], trained["t5_length"], trained["model"]) == (False, 16, "tiny")
     finally:
         sd.end_training(trainer, {})
 
@@ -5376,6 +5379,10 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monk
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+    sd.save_lora(model, tmp_path / "t5_8.safetensors", metadata={"t5_length": 8, "use_t5": False})
+    as_trained = sample.main([*base[:-1], "--lora", str(tmp_path / "t5_8.safetensors"), "--out", str(tmp_path / "s")])
+    as_trained = json.loads(Image.open(as_trained[0]).text["parameters"])       # no flags: the LoRA's T5 settings
+    assert (as_trained["t5_length"], as_trained["use_t5"]) == (8, False)
     with torch.no_grad():                      # a LoRA that changes the image: the scale recorded is used
         for layer in sd.lora_layers(model).values():
             layer.lora_up.weight.normal_(generator=torch.Generator().manual_seed(0))
