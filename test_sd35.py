@@ -4926,6 +4926,8 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
         sd.SampleSettings(slg_scale=None).resolved("sd3.5-large")
     readme = (ROOT / "README.md").read_text()
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
+    (tmp_path / "sample_01.png").rename(tmp_path / "sample_05.png")     # numbered on after the last, not in a gap
+    assert sample.main(args) == [tmp_path / "sample_06.png"]
 
 
 def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(tmp_path, capsys):
@@ -4964,6 +4966,9 @@ def test_a_loras_metadata_text_of_megabytes_or_escape_codes_is_never_printed(tmp
     sample.main(["--lora", str(tmp_path / "red.safetensors"), *args])
     out = capsys.readouterr()
     assert "\x1b" not in out.out + out.err and "was trained on" not in out.err, out.err
+    sd.save_lora(mmdit, tmp_path / "title.safetensors", metadata={"base_model": "\x1b]0;a title\x07tiny"})
+    one_line_error(lambda: sample.main(["--lora", str(tmp_path / "title.safetensors"), *args]),
+                   "^no one model recorded as trained on .*give --model$")      # never printed, nor tried
 
 
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
