@@ -3563,6 +3563,22 @@ def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp
     assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
 
 
+def test_tiny_resume_continues_the_newest_tiny_run_that_saved(tmp_path, monkeypatch):
+    """`--tiny --resume` continues the tiny run whose checkpoint is newest (by its time, not its folder's name),
+    not another (nor one that saved none)."""
+    monkeypatch.chdir(tmp_path)
+    for stamp, mtime in (("20261129-090000", 100), ("20261128-120000", 300), ("20261127-080000", 200)):
+        state = tmp_path / "runs" / f"tiny_{stamp}" / sd.STATE_FILE
+        state.parent.mkdir(parents=True)
+        state.write_bytes(b"")
+        os.utime(state, (mtime, mtime))
+    (tmp_path / "runs" / "tiny_20261130-000000").mkdir()                  # the newest folder, but saved nothing
+    resumed = []
+    monkeypatch.setattr(sd, "train", lambda cfg, resume: resumed.append((cfg.output_dir, resume)) or "lora")
+    sd.main(["--tiny", "--resume"])
+    assert resumed == [("runs/tiny_20261128-120000", True)]
+
+
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
     """Also `--tiny --resume`, as the interrupt message suggests: --tiny names its folder by the time, and the
     resume looked for a checkpoint in a new folder ("no ... to resume from"); it continues the newest tiny run."""
