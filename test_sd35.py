@@ -445,6 +445,8 @@ def test_key_conversion_roundtrip_loses_nothing():
     there = mmdit_to_diffusers(official, 3)
     back = sd.mmdit_from_diffusers(there, 3)
     assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
+    with pytest.raises(sd.UserError, match=r"unexpected keys .*\['context_embedder_2.weight'\]"):  # never dropped
+        sd.mmdit_from_diffusers({**there, "context_embedder_2.weight": torch.zeros(1)}, 3)
     assert sum(v.numel() for v in there.values()) == sum(v.numel() for v in official.values())
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
@@ -532,6 +534,27 @@ def test_latents_of_an_odd_size_are_refused_not_cropped_by_the_patch_conv():
     for h, w in ((9, 6), (8, 7)):
         one_line_error(lambda: model(torch.randn(2, 16, h, w), t, context, pooled),
                        rf"^latents of {w}x{h} \(width x height\): .* multiples of the patch size 2 .*16 px")
+
+
+def test_a_diffusers_folder_without_qk_norm_takes_its_head_count_from_config_json(tmp_path):
+    """Without qk-norm the shapes show no head width: the heads come from config.json (here 4 of 32 channels;
+    read from the shapes alone they would be 2 of 64, and the images another model's)."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=4, caption_projection_dim=128, joint_attention_dim=96, pooled_projection_dim=80,
+        pos_embed_max_size=16, qk_norm=None).eval()
+    randomize(ref, torch.Generator().manual_seed(0))
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours = sd.load_mmdit(tmp_path)
+    assert ours.cfg.heads == 4
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
+    context, pooled = torch.randn(1, 5, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                       return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_vae_matches_diffusers(tmp_path):
@@ -1132,6 +1155,8 @@ def test_lora_blocks_reversed_or_open_range_is_refused():
     for blocks in ("0-5,12-8", "3-", "2²", "1-²"):                   # superscripts: isdigit, not int()
         one_line_error(lambda: sd.load_config(None, [f"lora.blocks={blocks}"]), "lora.blocks must look like")
     assert sd.parse_blocks("0-5,7,9-9", 24) == {0, 1, 2, 3, 4, 5, 7, 9}
+    assert sd.parse_blocks("23", 24) == {23}                               # the last block, and one past it:
+    one_line_error(lambda: sd.parse_blocks("20-24", 24), "names block 24: the model's joint blocks are 0-23")
 
 
 def test_merge_and_unmerge():
@@ -1294,6 +1319,12 @@ def test_lora_save_load_roundtrip(fmt, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), expected, atol=1e-5, rtol=1e-5)
     assert sample.trained_settings([str(tmp_path / "l.safetensors")]) == {"t5_length": 77, "use_t5": True}
+    header = sd.read_safetensors(tmp_path / "l.safetensors", with_metadata=True, prefix=None)[1]
+    info = json.loads(header["sd35_lora"])       # diffusers' lora_B holds alpha / rank: a reader must not again
+    names = {re.sub(r"\.(lora_\w+\.weight|alpha)$", "", k) for k in load_file(tmp_path / "l.safetensors")}
+    kohya = {"lora_unet_" + name.replace(".", "_") for name in sd.lora_layers(trained)}    # ComfyUI's names
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in kohya and (names == kohya) == (fmt == "kohya")
+    assert (info["format"], info["rank"], info["alpha"], info["alpha_folded"]) == (fmt, 4, 8, fmt == "diffusers")
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
@@ -1535,8 +1566,11 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
     transformer.save_pretrained(tmp_path / "base" / "transformer")
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "norm_out.linear"],
                         use_rslora=rslora, rank_pattern={"to_q": 2, "transformer_blocks.1.attn.to_k": 3} if patterns else {},
-                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5} if patterns else {})
-    transformer.add_adapter(config)
+                        alpha_pattern={"add_v_proj": 5, "norm_out.linear": 2.5, "k": 9} if patterns else {})
+    with warnings.catch_warnings(record=True) as caught:    # k, a tail of to_k and no module's name: PEFT
+        warnings.simplefilter("always")                     # matches nothing with it, and says so
+        transformer.add_adapter(config)
+    assert any("keys did not match any targeted module" in str(w.message) for w in caught) == patterns
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
@@ -1613,6 +1647,12 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(2432, 4)}, tmp_path / "large.safetensors")
     with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\).*down \(4, 2432\)"):
         sd.load_lora(model, tmp_path / "large.safetensors")
+    q, k = "transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_k"
+    save_file({f"{q}.lora_A.weight": torch.zeros(4, 64), f"{q}.lora_B.weight": torch.zeros(72, 4),  # 192 rows with
+               f"{k}.lora_A.weight": torch.zeros(4, 64), f"{k}.lora_B.weight": torch.zeros(56, 4)},  # v's: not q's 64
+              tmp_path / "rows.safetensors")
+    with pytest.raises(sd.UserError, match=r"attn\.qkv' takes \(64 -> 64\) per part.*up \(72, 4\)"):
+        sd.load_lora(model, tmp_path / "rows.safetensors")
     save_file({"transformer.transformer_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 64),
                "transformer.transformer_blocks.9.attn.to_q.lora_B.weight": torch.zeros(64, 4)}, tmp_path / "deep.safetensors")
     with pytest.raises(sd.UserError, match="matches no layer.*transformer_blocks.9"):
@@ -2051,6 +2091,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     layouts = {  # folder -> {file name: the file it is}
         "renamed": {l: l, g: g, "google_t5-v1_1-xxl_encoderonly-fp16.safetensors": t5,
                     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": l},   # Wan's T5, not SD3's: never picked
+        "umt5_first": {l: l, g: g, "t5xxl_fp8_e4m3fn.safetensors": t5, "umt5_xxl_fp16.safetensors": l},  # nor as fp16
         "empty": {"notes.safetensors": "vae"}, "no_t5": {l: l, g: g},
         "vae_as_g": {l: l, g: "vae", t5: t5}, "l_as_g": {l: l, g: l, t5: t5}, "swapped": {l: g, g: l, t5: t5}}
     for folder, files in layouts.items():
@@ -2061,6 +2102,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
             vae = root / "diffusers/vae/diffusion_pytorch_model.safetensors"
             (tmp_path / folder / name).symlink_to(vae if what == "vae" else root / "clip" / what)
     assert sd.load_text_encoders(tmp_path / "renamed", context_dim=192).t5.config.d_model == 192
+    assert sd.load_text_encoders(tmp_path / "umt5_first", context_dim=192).t5.config.d_model == 192
     cases = {
         "empty": "empty has no clip_l \\(looked for clip_l\\*.safetensors or a diffusers-layout text_encoder",
         "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
@@ -2222,6 +2264,9 @@ def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_tol
         assert trainer.pipe.variant == "sd3.5-large-turbo" and (s.steps, s.cfg, s.sampler) == (4, 1.0, "euler")
         contexts = [trainer.embeddings[0][0][0]] + [load_file(f)["context"] for f in trainer.data.text_files]
         assert all(c.shape[0] == 77 + 16 and c[:77].any() and not c[77:].any() for c in contexts)
+        sd.save_checkpoint(trainer)                     # the LoRA says so: sample.py then samples without T5
+        trained = sample.trained_settings([str(tmp_path / "run" / "lora.safetensors")])
+        assert (trained["use_t5"], trained["t5_length"], trained["model"]) == (False, 16, "tiny")
     finally:
         sd.end_training(trainer, {})
 
@@ -2989,6 +3034,17 @@ def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
                                 f"GPU of other programs")
 
 
+def test_mps_running_out_of_memory_is_told_as_the_gpus_not_left_a_traceback():
+    """MPS runs out of memory with a plain RuntimeError (torch's OutOfMemoryError is CUDA's): it is still worded
+    as running out of GPU memory, with the size asked for (in a step: after a checkpoint), not a traceback."""
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 17.10 GB, other allocations: 1.20 GB, max allowed: "
+                       "18.13 GB). Tried to allocate 256.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")
+    assert sd.out_of_memory(mps) and not sd.out_of_ram(mps) and not sd.out_of_memory(RuntimeError("size mismatch"))
+    assert str(sd.memory_error(mps, "in training step 3 (1024x1024 images)", ["lower dataset.resolution"])) == (
+        "out of GPU memory in training step 3 (1024x1024 images). To fit 256.00 MB more: lower dataset.resolution, or "
+        "free the GPU of other programs")
+
+
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
     """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
     models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
@@ -3555,6 +3611,7 @@ def test_yaml_1_1_number_forms_never_rewrite_a_path_or_a_prompt(tmp_path):
     cfg = sd.load_config(str(tmp_path / "b.yaml"), ["dataset.flip=true"])              # `neg: no` was "False"
     assert (cfg.use_t5, cfg.fp8, cfg.dataset.flip, cfg.sample.neg, cfg.sample.prompts) == (
         False, True, True, "no", ["on", "yes"])
+    assert sd.load_config(None, ["use_t5=no"]).use_t5 is False                 # (true by default)
     one_line_error(lambda: sd.load_config(None, ["dataset.flip=maybe"]), "'dataset.flip' must be true or false")
 
 
@@ -3792,6 +3849,22 @@ def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp
         one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), f"'{key}' is not UTF-8 text")
         one_line_error(lambda: sd.load_config(None, [f"{key}=caf\udce9"]), "not UTF-8 text.*terminal to UTF-8")
     assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
+
+
+def test_tiny_resume_continues_the_newest_tiny_run_that_saved(tmp_path, monkeypatch):
+    """`--tiny --resume` continues the tiny run whose checkpoint is newest (by its time, not its folder's name),
+    not another (nor one that saved none)."""
+    monkeypatch.chdir(tmp_path)
+    for stamp, mtime in (("20261129-090000", 100), ("20261128-120000", 300), ("20261127-080000", 200)):
+        state = tmp_path / "runs" / f"tiny_{stamp}" / sd.STATE_FILE
+        state.parent.mkdir(parents=True)
+        state.write_bytes(b"")
+        os.utime(state, (mtime, mtime))
+    (tmp_path / "runs" / "tiny_20261130-000000").mkdir()                  # the newest folder, but saved nothing
+    resumed = []
+    monkeypatch.setattr(sd, "train", lambda cfg, resume: resumed.append((cfg.output_dir, resume)) or "lora")
+    sd.main(["--tiny", "--resume"])
+    assert resumed == [("runs/tiny_20261128-120000", True)]
 
 
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
@@ -4060,6 +4133,20 @@ def test_a_diffusers_folder_saved_as_the_fp16_variant_alone_loads(single_files, 
     for a, b in ((got.mmdit, want.mmdit), (got.text.t5, want.text.t5), (got.text.clip_l, want.text.clip_l)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y.half().float()), name
+
+
+def test_the_variant_of_a_large_model_folder_is_turbo_where_its_path_says_so(diffusers_folder, tmp_path):
+    """Large Turbo has Large's shapes: "turbo" in the model's path tells them apart, and picks Turbo's preset (4
+    steps, no CFG; with Large's 40 steps at cfg 4.5 a Turbo's images come out over-guided)."""
+    folder, _ = diffusers_folder
+    turbo = tmp_path / "stable-diffusion-3.5-large-turbo"
+    turbo.mkdir()
+    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        (turbo / part).symlink_to(folder / part)
+    make_components("sd3.5-large")["transformer"].save_pretrained(turbo / "transformer", safe_serialization=True)
+    assert sd.load_pipeline(str(turbo), device="cpu").variant == "sd3.5-large-turbo"
+    (tmp_path / "large").symlink_to(turbo)
+    assert sd.load_pipeline(str(tmp_path / "large"), device="cpu").variant == "sd3.5-large"
 
 
 def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
@@ -4971,6 +5058,8 @@ def test_resume_with_edited_dataset_files_warns_and_records_it(tmp_path, capsys,
     assert opens[sd.STATE_FILE] == 2 and set(state) == {1}, (opens, state)
     meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
     assert meta["resumed_with_changes"] == ["step 2: the images or captions in dataset.path"]
+    state = sd.read_safetensors(lora.parent / sd.STATE_FILE, with_metadata=True, prefix=None)[1]
+    assert json.loads(state["changes"]) == meta["resumed_with_changes"]         # the next resume keeps them
 
 
 def test_resume_with_more_steps_warns_only_under_a_cosine_schedule(tmp_path, capsys):
@@ -5164,6 +5253,8 @@ def test_sample_cli_never_overwrites_and_slg_is_off_unless_asked(tmp_path, capsy
         sd.SampleSettings(slg_scale=None).resolved("sd3.5-large")
     readme = (ROOT / "README.md").read_text()
     assert "--skip_layer_cfg" in readme and readme.count("sd3_infer.py") >= 2
+    (tmp_path / "sample_01.png").rename(tmp_path / "sample_05.png")     # numbered on after the last, not in a gap
+    assert sample.main(args) == [tmp_path / "sample_06.png"]
 
 
 def test_sample_cli_samples_a_lora_on_the_model_it_was_trained_on_without_model(tmp_path, capsys):
@@ -5202,6 +5293,9 @@ def test_a_loras_metadata_text_of_megabytes_or_escape_codes_is_never_printed(tmp
     sample.main(["--lora", str(tmp_path / "red.safetensors"), *args])
     out = capsys.readouterr()
     assert "\x1b" not in out.out + out.err and "was trained on" not in out.err, out.err
+    sd.save_lora(mmdit, tmp_path / "title.safetensors", metadata={"base_model": "\x1b]0;a title\x07tiny"})
+    one_line_error(lambda: sample.main(["--lora", str(tmp_path / "title.safetensors"), *args]),
+                   "^no one model recorded as trained on .*give --model$")      # never printed, nor tried
 
 
 def test_skip_layers_outside_the_model_are_an_error_not_ignored():
@@ -5635,6 +5729,10 @@ def test_png_parameters_record_the_t5_length_and_lora_scales_used(tmp_path, monk
     assert params["8"]["lora_scale"] == [] and params["24"]["lora_scale"] == [0.5, 0.5]
     one = sample.main([*base, "--lora", lora, "--out", str(tmp_path / "one")])[0]
     assert json.loads(Image.open(one).text["parameters"])["lora_scale"] == [1.0]
+    sd.save_lora(model, tmp_path / "t5_8.safetensors", metadata={"t5_length": 8, "use_t5": False})
+    as_trained = sample.main([*base[:-1], "--lora", str(tmp_path / "t5_8.safetensors"), "--out", str(tmp_path / "s")])
+    as_trained = json.loads(Image.open(as_trained[0]).text["parameters"])       # no flags: the LoRA's T5 settings
+    assert (as_trained["t5_length"], as_trained["use_t5"]) == (8, False)
     with torch.no_grad():                      # a LoRA that changes the image: the scale recorded is used
         for layer in sd.lora_layers(model).values():
             layer.lora_up.weight.normal_(generator=torch.Generator().manual_seed(0))
@@ -5767,6 +5865,8 @@ def test_fp8_rows_round_within_e4m3_precision():
     assert ((back - w).abs() <= w.abs() / 16 + scale[:, None] / 1024 + 1e-30).all()
     assert ((back - w).abs() <= absmax / 16).all() and torch.equal(back[5], w[5])
     torch.testing.assert_close(back.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6, atol=0)  # absmax: exact
+    # each row's largest lands on e4m3's largest, 448: a smaller target leaves more of a row's small weights subnormal
+    assert (q.float().abs().amax(dim=1) == torch.where(w.abs().amax(dim=1) > 0, 448.0, 0.0)).all()
     for dtype in (torch.bfloat16, torch.float16):              # one rounding, not a rounded scale per row
         assert torch.equal(sd.dequantize_fp8(q, scale, dtype), back.to(dtype))
 
@@ -5789,6 +5889,13 @@ def test_fp8_layer_equals_linear_with_dequantized_weight():
     with torch.no_grad():
         expected = torch.nn.functional.linear(x, weight + delta_weight(lora), base.bias)
         torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast an fp32 input (a norm's output) dequantizes to bf16: the weight a checkpointed block's
+    # recompute keeps for its backward is bf16, not an fp32 copy of twice the size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16), sd.checkpointed():
+        assert layer(x).dtype == torch.bfloat16
+    assert [t.dtype for t in saved if t.shape == (32, 48)] == [torch.bfloat16]
 
 
 def test_fp8_weights_are_dequantized_twice_a_checkpointed_step_with_the_same_gradients(monkeypatch):
@@ -6325,7 +6432,8 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
     params, path, tensors, meta = saved_adamw_state(tmp_path)
     moments = {k: None for k in tensors if k.startswith("opt.")}
     for edit in ({"opt.1.exp_avg_sq": None}, {"opt.0.exp_avg": torch.zeros(3)}, moments,
-                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)}):   # AdamW failed at its step
+                 {"opt.0.step": torch.ones(5)}, {"opt.0.step": torch.tensor(-3.0)},   # AdamW failed at its step
+                 {"opt.0.step": torch.tensor(0.0)}):                     # (step 0: its bias correction divides by 0)
         save_file({k: v for k, v in (tensors | edit).items() if v is not None}, path, meta)
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
@@ -6337,6 +6445,9 @@ def test_a_state_file_with_damaged_adamw_moments_is_a_one_line_error(tmp_path):
         fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
         one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                        "lacks step, config or RNG state.*start anew in another output_dir")
+    save_file(tensors | {"param.0": tensors["param.0"][:1]}, path, meta)     # (1, 3): copy_ would broadcast it
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta), "LoRA of another shape")
     save_file(tensors, path, meta)                                      # intact: resumes and steps
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     opt = torch.optim.AdamW(fresh)
@@ -7011,6 +7122,27 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
     sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("text_encoder", "text_encoder_3", "vae"))
     assert got == ["model_index.json", "text_encoder/model.safetensors", "text_encoder_3/model-00001-of-00002.safetensors",
                    "text_encoder_3/model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_text_encoder_files_without_tokenizer_folders_get_sd3s_standard_tokenizers(monkeypatch, tmp_path):
+    """Single files carry no vocabularies: CLIP-L's and T5's standard tokenizers are downloaded (their text
+    files only), and CLIP-G's is CLIP-L's padding with "!" (id 0), as SD3's tokenizer_2 pads: with CLIP-L's EOS
+    padding its padded positions, and so every prompt's CLIP-G features, would differ from the references'."""
+    import huggingface_hub
+    tok_l, _, tok_t5 = make_tokenizers()
+    tok_l.save_pretrained(tmp_path / "clip")
+    tok_t5.save_pretrained(tmp_path / "t5")
+    asked = []
+
+    def snapshot_download(repo, allow_patterns=None):
+        asked.append(repo)
+        assert not any(p.endswith((".safetensors", ".bin")) for p in allow_patterns)       # no weights
+        return str(tmp_path / {"openai/clip-vit-large-patch14": "clip", "google-t5/t5-base": "t5"}[repo])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    clip_l, clip_g, t5 = sd._tokenizers(tmp_path / "single_files", use_t5=True)
+    assert asked == ["openai/clip-vit-large-patch14", "google-t5/t5-base"]
+    assert (clip_l.pad_token, clip_g.pad_token, clip_g.pad_token_id, t5.pad_token) == (tok_l.eos_token, "!", 0, "<pad>")
+    assert sd._tokenizers(tmp_path / "single_files", use_t5=False)[2] is None
 
 
 def test_a_folder_given_as_a_file_names_the_file_to_give(tmp_path):
