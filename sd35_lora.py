@@ -1002,8 +1002,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
             cond = encode_in_batches(pipe.text, prompts, batch_size)
-            negatives = [negative] * len(prompts)
-            uncond = encode_in_batches(pipe.text, negatives, batch_size) if s.cfg > 1.0 else None
+            negative_rows = pipe.text.encode([negative]) if s.cfg > 1.0 else ()  # T5-XXL once, not per prompt
+            uncond = tuple(t.cpu().expand(len(prompts), *t.shape[1:]) for t in negative_rows) or None
     else:
         cond, uncond = embeddings
     seeds = [s.seed + i for i in range(len(prompts))]

@@ -5537,15 +5537,17 @@ def test_the_text_encoders_take_batch_size_prompts_at_a_time_with_the_same_image
     """generate() denoised batch_size images at a time but encoded all the prompts, and as many negatives, in one
     batch each: T5-XXL on 20 prompts needs ~0.8 GB more than on one, on top of its 9.5 GB of weights (a 12 GB GPU
     ran out of memory where one prompt at a time fits). The text encoders take batch_size prompts at a time too;
-    image i keeps its seed, so one at a time gives exactly the images of each prompt alone."""
+    image i keeps its seed, so one at a time gives exactly the images of each prompt alone. The negative prompt,
+    the same for all, is encoded once (it was encoded once per prompt: [1, 1, 2, 2] here, six times one by one)."""
     pipe = sd.tiny_pipeline()
-    sizes, real = [], pipe.text.encode
-    monkeypatch.setattr(pipe.text, "encode", lambda prompts: sizes.append(len(prompts)) or real(prompts))
+    encoded, real = [], pipe.text.encode
+    monkeypatch.setattr(pipe.text, "encode", lambda prompts: encoded.append(list(prompts)) or real(prompts))
     s = sd.SampleSettings(steps=2, cfg=4.0, width=32, height=32, seed=3)
     prompts = ["red", "a fox", "blue"]
     together = np.stack(sd.generate(pipe, prompts, "ugly", s, progress=False, batch_size=2)).astype(int)
-    assert sorted(sizes) == [1, 1, 2, 2]
+    assert sorted(encoded) == [["blue"], ["red", "a fox"], ["ugly"]]
     one_by_one = np.stack(sd.generate(pipe, prompts, "ugly", s, progress=False))
+    assert encoded[3:] == [["red"], ["a fox"], ["blue"], ["ugly"]]
     alone = [sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=3 + i), progress=False)[0]
              for i, p in enumerate(prompts)]
     assert np.array_equal(one_by_one, np.stack(alone)) and np.abs(together - one_by_one).max() <= 1
