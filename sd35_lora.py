@@ -2772,10 +2772,10 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
-    if path and not isinstance(path, (str, os.PathLike, dict)):       # file_path's words, and the dict
+    if path is not None and (path == "" or not isinstance(path, (str, os.PathLike, dict))):  # 0, "": no file
         raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
                         f"{path!r:.60}")
-    if path:
+    if path is not None:            # (`if path` read 0, False, "" and [] as no file: the default config)
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)

@@ -3415,6 +3415,9 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     one_line_error(lambda: sd.load_config({"train": {"lr": 1e-4, "step": 20}}), "unknown config key 'train.step'")
     one_line_error(lambda: sd.load_config(5),
                    "give the path of a YAML config file .str or Path. or a dict of its keys, not 5")
+    for wrong in (0, False, "", []):                    # were read as no file: the default config, silently
+        one_line_error(lambda: sd.load_config(wrong), rf"or a dict of its keys, not {re.escape(repr(wrong))}$")
+    assert sd.load_config({}) == sd.load_config(None)
     one_line_error(lambda: sd.load_config(None, [("train.lr", 1e-4)]),
                    r"--set expects key=value .*got \('train.lr', 0.0001\)")
     # a list in the list (overrides=[TINY_RUN]): its text holds '=', and the regex check failed on the list
