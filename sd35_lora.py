@@ -19,20 +19,20 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       656  VAE                              16-channel autoencoder, the latent scale and shift
-      804  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      844  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1033  Data                             dataset scan, aspect buckets, the latent and text cache
-     1162  Training                         Trainer and the training loop
-     1313  Part 2: plumbing                 a reader can stop here
-     1336  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1873  Hub Downloads                    snapshot downloads, tokenizers
-     1935  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2350  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2944  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3140  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3566  Several Processes (torchrun)     one all-reduce per step
-     3656  Command Line and the Tiny Model  main(), --tiny
+      805  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      845  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1034  Data                             dataset scan, aspect buckets, the latent and text cache
+     1163  Training                         Trainer and the training loop
+     1314  Part 2: plumbing                 a reader can stop here
+     1337  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1874  Hub Downloads                    snapshot downloads, tokenizers
+     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2950  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3146  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3572  Several Processes (torchrun)     one all-reduce per step
+     3662  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -797,6 +797,7 @@ class VAE(nn.Module):
         return self.latents_from_moments(self.encode_moments(images), generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        check_image_batch(latents, "VAE.decode", self.cfg.latent_channels)
         z = latents / self.cfg.scaling_factor + self.cfg.shift_factor
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
 
@@ -2590,13 +2591,18 @@ def read_prompts(prompts) -> list[str]:
     return prompts
 
 
-def check_image_batch(images):
-    """VAE.encode's images: GroupNorm's error for one (3, H, W) image names neither the shape nor the fix."""
+def check_image_batch(images, call: str = "VAE.encode", channels: int = 3):
+    """VAE.encode's images, VAE.decode's latents: GroupNorm's error for one (C, H, W) names neither the shape
+    nor the fix; uint8 pixels in 0..255 were encoded silently as if in [-1, 1]."""
     tensor = isinstance(images, torch.Tensor)
-    if not (tensor and images.ndim == 4 and images.shape[1] == 3):
+    if not (tensor and images.ndim == 4 and images.shape[1] == channels):
         shown = f"a tensor of shape {tuple(images.shape)}" if tensor else repr(images)
-        raise UserError(f"VAE.encode takes images (B, 3, H, W) in [-1, 1] (one: images[None]; load_image "
-                        f"reads a file), not {shown:.60}")
+        what = (f"latents (B, {channels}, H/8, W/8) (one: latents[None])" if call == "VAE.decode" else
+                "images (B, 3, H, W) in [-1, 1] (one: images[None]; load_image reads a file)")
+        raise UserError(f"{call} takes {what}, not {shown:.60}")
+    if call == "VAE.encode" and not images.is_floating_point():
+        raise UserError(f"VAE.encode takes images in [-1, 1], not {str(images.dtype)[6:]} pixels: scale "
+                        f"them, e.g. pixels / 127.5 - 1 for 0..255")
 
 
 def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:

@@ -680,7 +680,14 @@ def test_vae_encode_given_one_image_or_a_pil_image_says_what_to_pass():
     for wrong, shown in [(image, r"a tensor of shape \(3, 32, 32\)"), (Image.new("RGB", (32, 32)), "<PIL.Image.Image image mode=RGB")]:
         one_line_error(lambda: vae.encode(wrong), r"VAE.encode takes images \(B, 3, H, W\) in \[-1, 1\] \(one: "
                                                   rf"images\[None\]; load_image reads a file\), not {shown}")
-    assert vae.encode(image[None]).shape == (1, 16, 4, 4)
+    latents = vae.encode(image[None])
+    assert latents.shape == (1, 16, 4, 4) and vae.decode(latents).shape == (1, 3, 32, 32)
+    # uint8 pixels (0..255) were encoded silently; one (16, 4, 4) latent was GroupNorm's bare error in decode
+    one_line_error(lambda: vae.encode(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)),
+                   r"VAE.encode takes images in \[-1, 1\], not uint8 pixels: scale them, e.g. pixels / 127.5 - 1")
+    one_line_error(lambda: vae.decode(latents[0]),
+                   r"VAE.decode takes latents \(B, 16, H/8, W/8\) \(one: latents\[None\]\), not a tensor of shape "
+                   r"\(16, 4, 4\)")
 
 
 def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
