@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1337  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1874  Hub Downloads                    snapshot downloads, tokenizers
      1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2220  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2351  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2950  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3146  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3572  Several Processes (torchrun)     one all-reduce per step
-     3662  Command Line and the Tiny Model  main(), --tiny
+     2227  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2358  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2957  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3153  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3579  Several Processes (torchrun)     one all-reduce per step
+     3669  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -628,7 +628,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
              blocks: str = "", dropout: float = 0.0) -> list[nn.Parameter]:
     """Freeze the model, wrap in LoRALinear the Linears that `targets` (a LORA_TARGETS preset or regexes
     on module names, comma-separated) selects (in joint blocks: only `blocks`) -> the new LoRA weights."""
-    model = unwrap_mmdit(model, "add_lora", "rank=16")
+    model = unwrap_mmdit(model, "add_lora", "rank=16", adds_layers=True)
     rank, alpha, dropout = read_lora_inputs(rank, alpha, dropout, targets)
     for name, p in model.named_parameters():        # an earlier add_lora's adapters (other layers) train on
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
@@ -1937,11 +1937,18 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #                                   LoRA Files                                  #
 #################################################################################
 
-def unwrap_mmdit(model, call: str, args: str) -> MMDiT:
-    """The MMDiT add_lora, load_lora and save_lora work on: torch.compile's wrapper unwrapped (it names the
-    layers "_orig_mod.*"); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
+def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
+    """The MMDiT add_lora, load_lora and save_lora work on, out of torch.compile's wrapper (it names layers
+    "_orig_mod.*"), DataParallel's or DDP's (accelerate.prepare's; DDP syncs only the parameters it was given:
+    no layers are added in it); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
     if isinstance(model, Pipeline):
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
+    model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
+    if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise UserError(f"{call} would add LoRA layers whose gradients DistributedDataParallel does not "
+                        f"sync: call {call} on the MMDiT before wrapping it (DDP, accelerate.prepare)")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
     return getattr(model, "_orig_mod", model)
 
 
@@ -2175,9 +2182,9 @@ def merge_delta(layer: nn.Module, delta: torch.Tensor):
 def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
     """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. All or
     nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
-    model = unwrap_mmdit(model, "load_lora", "path")
-    scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     merge = read_flag(merge, "merge")
+    model = unwrap_mmdit(model, "load_lora", "path", adds_layers=not merge)
+    scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
     adapters = read_lora(model, path)                      # validates everything before touching the model
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else

@@ -3335,6 +3335,40 @@ def test_add_lora_given_the_pipeline_says_to_pass_its_mmdit():
     assert not sd.lora_layers(pipe.mmdit) and len(sd.add_lora(pipe.mmdit, rank=2)) > 0
 
 
+def test_lora_files_save_and_load_through_a_data_parallel_or_ddp_wrapped_mmdit(tmp_path):
+    """accelerate.prepare(model) returns DistributedDataParallel (or DataParallel) holding the MMDiT as .module:
+    save_lora, load_lora and add_lora on it failed with "'DistributedDataParallel' object has no attribute 'cfg'".
+    They take the MMDiT inside, but DDP's is not given new layers (add_lora, an unmerged load_lora): it would not
+    sync their gradients. DataParallel copies its module at each forward: new layers in it are used."""
+    model, path = tiny_mmdit(), tmp_path / "lora.safetensors"
+    assert len(sd.add_lora(torch.nn.DataParallel(model), rank=2)) > 0 and sd.lora_layers(model)
+    for layer in sd.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    sd.save_lora(model, path)
+    sd.save_lora(torch.nn.DataParallel(model), tmp_path / "dp.safetensors")
+    expected, from_dp = tiny_mmdit(), tiny_mmdit()
+    sd.load_lora(expected, path)
+    assert sd.load_lora(torch.nn.DataParallel(from_dp), path) > 0
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        sd.save_lora(ddp(model), tmp_path / "ddp.safetensors")
+        from_ddp = tiny_mmdit()
+        assert sd.load_lora(ddp(from_ddp), path) > 0
+        for call in (lambda: sd.add_lora(ddp(tiny_mmdit()), rank=2),
+                     lambda: sd.load_lora(ddp(tiny_mmdit()), path, merge=False)):
+            one_line_error(call, "would add LoRA layers whose gradients DistributedDataParallel does not sync: call "
+                                 r"(add|load)_lora on the MMDiT before wrapping it \(DDP, accelerate.prepare\)")
+    finally:
+        torch.distributed.destroy_process_group()
+    saved = {name: load_file(tmp_path / f"{name}.safetensors") for name in ("lora", "dp", "ddp")}
+    assert all(saved[name].keys() == saved["lora"].keys() for name in saved)
+    assert all(torch.equal(saved[name][k], saved["lora"][k]) for name in saved for k in saved["lora"])
+    state = expected.state_dict()
+    assert all(torch.equal(m.state_dict()[k], state[k]) for m in (from_dp, from_ddp) for k in state)
+
+
 def test_lora_files_save_and_load_through_a_torch_compiled_mmdit(tmp_path):
     """model = torch.compile(model), as a fork compiles one: save_lora(model) failed with a bare KeyError
     '_orig_mod.joint_blocks.0...', and load_lora(model) said the file had a layer this model lacks ("a LoRA for
