@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1935  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2219  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2350  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2944  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3140  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3566  Several Processes (torchrun)     one all-reduce per step
-     3656  Command Line and the Tiny Model  main(), --tiny
+     2946  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3142  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3568  Several Processes (torchrun)     one all-reduce per step
+     3658  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2390,6 +2390,8 @@ def listed(value, name: str) -> list:
     """The items of a list, tuple, numpy or pandas array (config lists, generate's prompts), or [value]."""
     if isinstance(value, (set, frozenset)):         # its order changes between runs: sample_00 another prompt
         raise UserError(f"{name} must be a list, not a set (its order changes between runs)")
+    if getattr(value, "ndim", 1) > 1:           # a table: a DataFrame iterates over its column names
+        raise UserError(f"{name} must be a list or a 1-D array, not a {value.ndim}-D {type(value).__name__}")
     many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))      # numpy's, pandas'
             and getattr(value, "ndim", 1) > 0)                      # a 0-d array is one value, not iterable
     return list(value) if many else [value]
