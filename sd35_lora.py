@@ -3300,8 +3300,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
+    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
         drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
     return resumed

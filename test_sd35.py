@@ -3101,6 +3101,16 @@ def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_
     assert (tmp_path / "runs/run/notes.txt").read_text() == "mine"
 
 
+def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path):
+    """dataset.cache_dir was checked after output_dir was made but before its lock: a cache_dir that is a file left
+    an empty output_dir (and the folders made above it) behind, as a failed run did before they were removed."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(sd.UserError, match="dataset.cache_dir .* is not a writable folder"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/new")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
