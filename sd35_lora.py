@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2227  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2358  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2957  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3153  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3579  Several Processes (torchrun)     one all-reduce per step
-     3669  Command Line and the Tiny Model  main(), --tiny
+     2959  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3155  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3581  Several Processes (torchrun)     one all-reduce per step
+     3671  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2398,6 +2398,8 @@ def listed(value, name: str) -> list:
     """The items of a list, tuple, numpy or pandas array (config lists, generate's prompts), or [value]."""
     if isinstance(value, (set, frozenset)):         # its order changes between runs: sample_00 another prompt
         raise UserError(f"{name} must be a list, not a set (its order changes between runs)")
+    if getattr(value, "ndim", 1) > 1:           # a table: a DataFrame iterates over its column names
+        raise UserError(f"{name} must be a list or a 1-D array, not a {value.ndim}-D {type(value).__name__}")
     many = (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))      # numpy's, pandas'
             and getattr(value, "ndim", 1) > 0)                      # a 0-d array is one value, not iterable
     return list(value) if many else [value]
@@ -3311,8 +3313,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
+    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
-    trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
         drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
     return resumed

@@ -900,6 +900,22 @@ def test_prompts_in_a_numpy_array_or_none_and_a_progress_given_as_text_from_pyth
         one_line_error(lambda: pipe.text.encode(wrong), r"prompts must be text \(str\) or a list of texts, got")
 
 
+def test_prompts_in_a_table_are_refused_not_read_as_its_column_names_or_rows():
+    """A pandas DataFrame iterates over its column names: generate(pipe, df) drew one image of the prompt "prompt"
+    (a stand-in here: pandas is not installed), and a config's 2-D numpy array of prompts made each row's repr,
+    "['a fox' 'a cat']", a prompt. Both are refused: a list or a 1-D array (a column, df["prompt"]) is taken."""
+    class Frame:                                    # as pandas.DataFrame: 2-D, iterating over its column labels
+        ndim = 2
+
+        def __iter__(self):
+            return iter(["prompt"])
+    s = sd.SampleSettings(steps=2, width=32, height=32, cfg=1.0)
+    one_line_error(lambda: sd.generate(sd.tiny_pipeline(), Frame(), settings=s, progress=False),
+                   r"prompts must be a list or a 1-D array, not a 2-D Frame")
+    one_line_error(lambda: sd.load_config({"sample": {"prompts": np.array([["a fox", "a cat"]])}}),
+                   r"config key 'sample.prompts' must be a list or a 1-D array, not a 2-D ndarray")
+
+
 def test_generate_on_a_pipeline_whose_models_were_freed_says_to_load_it_again():
     """generate() on a Pipeline whose models went to the meta device (a finished train() and a failed sample.main
     free theirs so; a notebook may free its own) failed with torch's "Cannot copy out of meta tensor; no data!" or
@@ -3090,6 +3106,16 @@ def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_
     with pytest.raises(sd.UserError, match="no usable images"):
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/run")))
     assert (tmp_path / "runs/run/notes.txt").read_text() == "mine"
+
+
+def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path):
+    """dataset.cache_dir was checked after output_dir was made but before its lock: a cache_dir that is a file left
+    an empty output_dir (and the folders made above it) behind, as a failed run did before they were removed."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(sd.UserError, match="dataset.cache_dir .* is not a writable folder"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/new")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
 
 
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
