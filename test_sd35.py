@@ -688,6 +688,13 @@ def test_vae_encode_given_one_image_or_a_pil_image_says_what_to_pass():
     one_line_error(lambda: vae.decode(latents[0]),
                    r"VAE.decode takes latents \(B, 16, H/8, W/8\) \(one: latents\[None\]\), not a tensor of shape "
                    r"\(16, 4, 4\)")
+    # an RGBA image, a video's (B, 3, T, H, W), SD1's 4-channel latents: refused, not left to the convs' bare errors
+    for wrong in (torch.zeros(1, 4, 32, 32), torch.zeros(1, 3, 2, 32, 32)):
+        shape = re.escape(str(tuple(wrong.shape)))
+        one_line_error(lambda: vae.encode(wrong),
+                       rf"VAE.encode takes images \(B, 3, H, W\) .*, not a tensor of shape {shape}")
+    one_line_error(lambda: vae.decode(torch.zeros(1, 4, 4, 4)),
+                   r"VAE.decode takes latents \(B, 16, H/8, W/8\) .*, not a tensor of shape \(1, 4, 4, 4\)")
 
 
 def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
