@@ -3381,6 +3381,7 @@ def test_lora_files_save_and_load_through_a_data_parallel_or_ddp_wrapped_mmdit(t
         torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
     sd.save_lora(model, path)
     sd.save_lora(torch.nn.DataParallel(model), tmp_path / "dp.safetensors")
+    sd.save_lora(torch.nn.DataParallel(torch.compile(model)), tmp_path / "dp_compiled.safetensors")
     expected, from_dp = tiny_mmdit(), tiny_mmdit()
     sd.load_lora(expected, path)
     assert sd.load_lora(torch.nn.DataParallel(from_dp), path) > 0
@@ -3389,6 +3390,7 @@ def test_lora_files_save_and_load_through_a_data_parallel_or_ddp_wrapped_mmdit(t
     try:
         ddp = torch.nn.parallel.DistributedDataParallel
         sd.save_lora(ddp(model), tmp_path / "ddp.safetensors")
+        sd.save_lora(torch.compile(ddp(model)), tmp_path / "compiled_ddp.safetensors")    # as accelerate compiles
         from_ddp = tiny_mmdit()
         assert sd.load_lora(ddp(from_ddp), path) > 0
         for call in (lambda: sd.add_lora(ddp(tiny_mmdit()), rank=2),
@@ -3397,7 +3399,8 @@ def test_lora_files_save_and_load_through_a_data_parallel_or_ddp_wrapped_mmdit(t
                                  r"(add|load)_lora on the MMDiT before wrapping it \(DDP, accelerate.prepare\)")
     finally:
         torch.distributed.destroy_process_group()
-    saved = {name: load_file(tmp_path / f"{name}.safetensors") for name in ("lora", "dp", "ddp")}
+    files = ("lora", "dp", "dp_compiled", "ddp", "compiled_ddp")
+    saved = {name: load_file(tmp_path / f"{name}.safetensors") for name in files}
     assert all(saved[name].keys() == saved["lora"].keys() for name in saved)
     assert all(torch.equal(saved[name][k], saved["lora"][k]) for name in saved for k in saved["lora"])
     state = expected.state_dict()
