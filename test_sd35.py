@@ -3533,6 +3533,10 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                                 changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path)
     one_line_error(lambda: sd.save_checkpoint(run),
                    r"^cannot write .*lora.safetensors \(.*\): remove the folder of that name or choose another")
+    run.step = 2                                    # a step's LoRA alike
+    (tmp_path / "lora_step_000002.safetensors").mkdir()
+    one_line_error(lambda: sd.save_checkpoint(run),
+                   r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
 
 
 def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
