@@ -3114,6 +3114,14 @@ def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "runs/run")))
     assert (tmp_path / "runs/run/notes.txt").read_text() == "mine"
 
+    def scan_as_a_file_arrives_above(cfg, output_dir):          # in a folder the run made above output_dir
+        (Path(output_dir).parent / "notes.txt").write_text("mine")
+        return real_scan(cfg, output_dir)
+    monkeypatch.setattr(sd, "scan_dataset", scan_as_a_file_arrives_above)
+    with pytest.raises(sd.UserError, match="no usable images"):        # not rmdir's OSError for that folder
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "other/run")))
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
 
 def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path):
     """dataset.cache_dir was checked after output_dir was made but before its lock: a cache_dir that is a file left
