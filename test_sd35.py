@@ -5645,6 +5645,9 @@ def test_the_text_encoders_take_batch_size_prompts_at_a_time_with_the_same_image
     alone = [sd.generate(pipe, [p], "ugly", dataclasses.replace(s, seed=3 + i), progress=False)[0]
              for i, p in enumerate(prompts)]
     assert np.array_equal(one_by_one, np.stack(alone)) and np.abs(together - one_by_one).max() <= 1
+    encoded.clear()                                             # no CFG: no negative prompt encoded
+    sd.generate(pipe, prompts, "ugly", dataclasses.replace(s, cfg=1.0), progress=False, batch_size=2)
+    assert encoded == [["red", "a fox"], ["blue"]]
 
 
 def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
