@@ -2559,9 +2559,8 @@ def test_training_called_from_a_worker_thread_runs_and_leaves_the_signal_handler
     handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     results = []
     runs = [lambda: sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0})),
-            lambda: sd.main([arg for item in tiny_overrides(tmp_path, **{"train.steps": 2, "sample.sample_every": 0,
-                                                                          "output_dir": str(tmp_path / "cli")})
-                             for arg in ("--set", item)])]
+            lambda: sd.main(tiny_sets(tmp_path, **{"train.steps": 2, "sample.sample_every": 0,
+                                                   "output_dir": str(tmp_path / "cli")}))]
     for run in runs:
         def work(run=run):
             try:
@@ -2610,7 +2609,7 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     for sig, code, name in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), sig))
         with pytest.raises(SystemExit) as exit_info:
-            sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+            sd.main(tiny_sets(tmp_path))
         assert exit_info.value.code == code
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{name} before training began")
     assert signal.signal(signal.SIGTERM, default) is fail       # main() put back the handler it found
@@ -2620,7 +2619,7 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 1))
     stdout = sys.stdout
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path))
     assert exit_info.value.code == 143 and "before training began" not in capsys.readouterr().err   # (SIGTERM)
     assert sys.stdout is stdout                         # main() as a library call: was left on os.devnull
 
@@ -2664,7 +2663,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
     monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
     monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path))
     assert exit_info.value.code == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "terminated before training began (if another process failed: see its error): "
@@ -2702,7 +2701,7 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(sd, "collective", collective)
     sets = {"train.steps": 2, "sample.prompts": []}
-    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    sd.main(tiny_sets(tmp_path, **sets))
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
 
 
@@ -2765,7 +2764,7 @@ def test_out_of_memory_in_a_step_saves_the_last_step_says_what_to_lower_and_resu
         return result
     monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_4)
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path, **shared))
     assert exit_info.value.code == (
         "error: out of GPU memory in training step 4 (64x64 images); checkpoint of step 3 saved (continue with "
         "--resume after a change below). To fit 2.00 GiB more: lower train.batch_size (raise train.grad_accum to keep "
@@ -2880,7 +2879,7 @@ def test_out_of_memory_while_saving_a_checkpoint_names_it_and_saves_it_at_a_seco
     real_save = sd.save_training_state
     monkeypatch.setattr(sd, "save_training_state", out_of_memory_on_calls(real_save, lambda n: n == 1))
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path, **shared))
     assert exit_info.value.code == (
         "error: out of GPU memory while saving the checkpoint of step 2; checkpoint of step 2 saved at a second try "
         "(continue with --resume after a change below). To fit 2.00 GiB more: set fp8: true (a new run: --resume "
@@ -2889,6 +2888,13 @@ def test_out_of_memory_while_saving_a_checkpoint_names_it_and_saves_it_at_a_seco
     sd.train(tiny_config(tmp_path, **shared), resume=True)
     assert losses(tmp_path / "run") == losses(tmp_path / "full")
     assert_same_run(tmp_path / "run", tmp_path / "full", rtol=0)
+
+
+# the one line of a run whose checkpoint of step 4 met out of memory twice; step 2's was saved
+STEP_4_NOT_SAVED_AGAIN = (
+    "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
+    "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
+    "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
 
 
 def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoint(tmp_path, monkeypatch):
@@ -2906,11 +2912,8 @@ def test_out_of_memory_again_while_saving_is_one_line_naming_the_latest_checkpoi
     monkeypatch.setattr(sd, "flow_matching_loss", out_of_memory_in_step_2_of_again)
     shared = {"train.steps": 4, "train.save_every": 2, "sample.prompts": []}
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
-    assert exit_info.value.code == (
-        "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
-        "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
-        "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+        sd.main(tiny_sets(tmp_path, **shared))
+    assert exit_info.value.code == STEP_4_NOT_SAVED_AGAIN
     assert sd.read_safetensors(tmp_path / "run/training_state.safetensors", with_metadata=True)[1]["step"] == "2"
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, **shared, output_dir=str(tmp_path / "again")))
@@ -2935,11 +2938,8 @@ def test_out_of_memory_saving_the_checkpoint_of_a_ctrl_c_is_one_line_naming_the_
     monkeypatch.setattr(sd.Trainer, "log", interrupt_after_step_3)
     shared = {"train.steps": 6, "train.save_every": 2, "sample.prompts": []}
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path, **shared) for arg in ("--set", item)])
-    assert exit_info.value.code == (
-        "error: out of GPU memory while saving the checkpoint of step 4; the checkpoint of step 4 could not be "
-        "saved (out of memory again): the latest is step 2's (continue with --resume after a change below). To "
-        "fit 2.00 GiB more: set fp8: true (a new run: --resume refuses it), or free the GPU of other programs")
+        sd.main(tiny_sets(tmp_path, **shared))
+    assert exit_info.value.code == STEP_4_NOT_SAVED_AGAIN
     assert save.calls == 3
 
 
@@ -6698,8 +6698,13 @@ def torchrun(*args, nproc: int = 2, wait: bool = True, **env):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def tiny_sets(tmp_path, **sets) -> list[str]:
+    """tiny_overrides as main()'s command line: --set key=value for each."""
+    return [arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)]
+
+
 def train_cli(tmp_path, **sets) -> list[str]:
-    return [str(ROOT / "sd35_lora.py"), *(arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item))]
+    return [str(ROOT / "sd35_lora.py"), *tiny_sets(tmp_path, **sets)]
 
 
 def wait_for_steps(run: Path, n: int, job: subprocess.Popen, limit: float = 120):
@@ -6925,7 +6930,7 @@ def test_a_plain_run_with_a_rank_left_in_its_environment_trains_and_saves(tmp_pa
     monkeypatch.setenv("RANK", "1")
     assert sd.rank_and_world() == (0, 1)
     sets = {"train.steps": 1, "train.save_every": 1, "sample.prompts": [], "lora.targets": "attn"}
-    sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+    sd.main(tiny_sets(tmp_path, **sets))
     assert "done: " in capsys.readouterr().out and (tmp_path / "run/lora.safetensors").is_file()
 
 
@@ -6987,12 +6992,12 @@ def test_a_plain_run_with_world_size_exported_is_not_called_process_0(tmp_path, 
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sd, "scan_dataset", lambda *a: pytest.fail("the dataset was scanned first"))
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path))
     assert str(exit_info.value.code).startswith("error: WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not "
                                                 "set: start the processes with torchrun"), exit_info.value.code
     monkeypatch.setenv("MASTER_ADDR", "localhost")          # as torchrun sets it: its process 0 says so
     with pytest.raises(SystemExit) as exit_info:
-        sd.main([arg for item in tiny_overrides(tmp_path) for arg in ("--set", item)])
+        sd.main(tiny_sets(tmp_path))
     assert str(exit_info.value.code).startswith("error: process 0: WORLD_SIZE is 2 but RANK, MASTER_PORT")
 
 
@@ -7015,7 +7020,7 @@ def test_a_plain_run_with_torchrun_variables_exported_prints_its_errors(tmp_path
         for sets, said in (({"train.lr": -1}, "error: 'train.lr'"), ({"device": "auto"}, "error: WORLD_SIZE is"),
                            ({"device": "cuda:0"}, "error: WORLD_SIZE is")):
             with pytest.raises(SystemExit) as exit_info:
-                sd.main([arg for item in tiny_overrides(tmp_path, **sets) for arg in ("--set", item)])
+                sd.main(tiny_sets(tmp_path, **sets))
             assert str(exit_info.value.code).startswith(said), (world, rank, local, sets, exit_info.value.code)
 
 
