@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       656  VAE                              16-channel autoencoder, the latent scale and shift
       805  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       845  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1034  Data                             dataset scan, aspect buckets, the latent and text cache
-     1163  Training                         Trainer and the training loop
-     1314  Part 2: plumbing                 a reader can stop here
-     1337  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1874  Hub Downloads                    snapshot downloads, tokenizers
-     1936  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2227  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2358  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2959  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3155  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3581  Several Processes (torchrun)     one all-reduce per step
-     3671  Command Line and the Tiny Model  main(), --tiny
+     1036  Data                             dataset scan, aspect buckets, the latent and text cache
+     1165  Training                         Trainer and the training loop
+     1316  Part 2: plumbing                 a reader can stop here
+     1339  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1876  Hub Downloads                    snapshot downloads, tokenizers
+     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3583  Several Processes (torchrun)     one all-reduce per step
+     3673  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1003,8 +1003,10 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
             cond = encode_in_batches(pipe.text, prompts, batch_size)
-            negative_rows = pipe.text.encode([negative]) if s.cfg > 1.0 else ()  # T5-XXL once, not per prompt
-            uncond = tuple(t.cpu().expand(len(prompts), *t.shape[1:]) for t in negative_rows) or None
+            uncond = None
+            if s.cfg > 1.0:             # the negative encoded once (not per prompt), a view of it per prompt
+                negative_rows = pipe.text.encode([negative])
+                uncond = tuple(t.cpu().expand(len(prompts), *t.shape[1:]) for t in negative_rows)
     else:
         cond, uncond = embeddings
     seeds = [s.seed + i for i in range(len(prompts))]
@@ -2787,10 +2789,10 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
     import yaml
     config = Config()
-    if path is not None and (path == "" or not isinstance(path, (str, os.PathLike, dict))):  # 0, "": no file
-        raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
-                        f"{path!r:.60}")
-    if path is not None:            # (`if path` read 0, False, "" and [] as no file: the default config)
+    if path is not None:            # None alone means no file: 0, False, "" or [] is a mistake
+        if path == "" or not isinstance(path, (str, os.PathLike, dict)):
+            raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
+                            f"{path!r:.60}")
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
