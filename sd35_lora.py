@@ -16,8 +16,8 @@ Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads a
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        77  Presets and Configuration        per-variant sampling presets, the training config
       187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      249  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      516  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      250  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      517  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       656  VAE                              16-channel autoencoder, the latent scale and shift
       805  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       845  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
@@ -112,7 +112,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class DatasetConfig:
     path: str = "data"                     # folder of images with same-name .txt captions
-    resolution: int = 1024                 # bucket area ~ resolution^2, sides multiples of 64
+    resolution: int = 1024                 # bucket area ~ resolution^2 px, sides multiples of 64
     default_caption: str = ""              # used (and counted) where a .txt is missing
     caption_dropout: float = 0.1           # share of samples on the empty caption (keeps CFG working)
     flip: bool = False                     # random horizontal flips
@@ -141,14 +141,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 250
-    timestep_sampling: str = "logit_normal"  # logit_normal | mode | uniform
+    timestep_sampling: str = "logit_normal"  # density of the training sigmas: logit_normal | mode | uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
     weighting: str = "none"                # none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (compiled at the first steps)
-    loss_bins: int = 5                     # the loss is also reported per sigma bin with each sample set
+    loss_bins: int = 5                     # the unweighted MSE is reported by sigma bin with each sample set
     dist_timeout: float = 600.0            # torchrun: seconds a process waits for the others, then fails
 
 
@@ -189,13 +189,14 @@ class Config:
 #################################################################################
 
 def shift_sigma(sigma, shift: float):
-    """Time shift of SD3 (resolution-dependent in the paper, a constant 3.0 for SD3.5)."""
+    """SD3's time shift: more of the run at high noise, which larger images need (the paper scales the shift
+    with resolution; SD3.5 uses a constant 3.0)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Tensor:
-    """Sigmas from 1 to 0 (steps + 1 values), built as the references do: the end point
-    shift(1/1000) is spaced, then shifted again. `cosine` spaces densely at both ends."""
+    """Sigmas from 1 to 0 (steps + 1 values) as both references build them: `steps` values spaced from 1 to
+    shift(1/1000), all shifted (so that end twice), then 0. `cosine` spaces them densely at both ends."""
     check_choice("schedule", spacing, SCHEDULES)
     end = shift_sigma(1 / 1000, shift)
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -206,7 +207,7 @@ def get_schedule(steps: int, shift: float, spacing: str = "linear") -> torch.Ten
 
 
 def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Generator) -> torch.Tensor:
-    """Training noise levels: u in [0, 1] by density, then the shifted 1000-step table (diffusers' recipe)."""
+    """Training sigmas: u in [0, 1] by density, then the shifted 1000-step table (diffusers' recipe)."""
     check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.sigmoid(torch.normal(cfg.logit_mean, cfg.logit_std, size=(n,), generator=g))
@@ -231,8 +232,8 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig, shift: float,
                        g: torch.Generator, autocast_dtype: torch.dtype | None, keep: slice = slice(None),
                        n: int = 0):
-    """Rectified flow: x_t = (1 - s) x0 + s noise, target v = noise - x0. -> (loss, unweighted MSEs, sigmas)
-    (diffusers' SD3 scripts default to precondition_outputs: an MSE on x0 = x_t - s v, s^2 times this one.)
+    """Rectified flow, s = sigma: x_s = (1-s) x0 + s noise, v = noise - x0. -> (loss, unweighted MSEs, sigmas)
+    (diffusers' SD3 scripts default to precondition_outputs: an MSE on x0 = x_s - s v, s^2 times this one.)
     latents (b, 16, h, w), context (b, L, 4096), pooled (b, 2048) may be slice `keep` of a batch of n (sigmas
     and noise are drawn for all n, so any slice sees what the whole batch would); loss = weighted sum / n."""
     device, n = latents.device, n or latents.shape[0]
@@ -262,7 +263,7 @@ class MMDiTConfig:
     pooled_dim: int = 2048                 # CLIP-L + CLIP-G pooled
     pos_embed_max_size: int = 384
     qk_norm: bool = True
-    dual_attention_layers: tuple[int, ...] = ()    # SD3.5 Medium's: 0-12 (the other defaults are Medium's)
+    dual_attention_layers: tuple[int, ...] = ()    # none; SD3.5 Medium (the other defaults) has 0-12
     mlp_ratio: int = 4
 
     @classmethod
@@ -414,7 +415,7 @@ class JointBlock(nn.Module):
         """context (B, Lc, D), x (B, Lx, D), c (B, D) = SiLU(timestep + pooled embedding) -> context, x"""
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))       # (B, Lc + Lx, H, d)
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))  # (B, Lc + Lx, heads, head_dim)
         del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before attention
         out = attention(q, k, v)
         del q, k, v                                 # and the joined ones before the MLPs
@@ -527,10 +528,10 @@ LORA_TARGETS = {
 
 class FrozenLinear(torch.autograd.Function):
     """x W^T + b for a frozen W, plus (given LoRA adapters) scale * x' down^T up^T, x' being x after LoRA
-    dropout (None: x itself). The backward is written out because a Large LoRA step is bound by kernel
-    launches: ~25 operators per layer in a checkpointed step, ~50 as autograd's graph of the same formula.
-    An fp8 W comes with row scales; the backward dequantizes it again rather than keep a copy (but see
-    `checkpointed`). The fp32 adapters compute in x's dtype; their gradients come back in fp32."""
+    dropout or a cast to fp32 (None: x itself). The backward is written out because a Large LoRA step is bound
+    by kernel launches: ~25 operators per layer in a checkpointed step, ~50 as autograd's graph of the same
+    formula. An fp8 W comes with row scales; the backward dequantizes it again rather than keep a copy (but
+    see `checkpointed`). The fp32 adapters compute in the dtype of x'; their gradients come back in fp32."""
 
     checkpointed = False                                        # see `checkpointed` (fp8 Weights)
 
@@ -566,7 +567,7 @@ class FrozenLinear(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_x_lora = ((grad_hidden @ down) * ctx.scale).view(ctx.x_shape)    # x_lora: x's shape
         if ctx.needs_input_grad[0]:
-            # the base matmul ran in x's dtype (autocast casts fp32 weights to it); g: fp32 for an fp32 update
+            # the base matmul ran in x's dtype (autocast casts fp32 weights to it); an fp32 update made g fp32
             w = weight.to(ctx.x_dtype) if w_scale is None else dequantize_fp8(weight, w_scale, ctx.x_dtype)
             grad_x = g.to(ctx.x_dtype) @ w
             if grad_hidden is not None and grad_x_lora is None:        # x fed the update too
@@ -598,10 +599,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
-        # under autocast an fp32 x (an op autocast keeps in fp32) is cast, as F.linear would: the base matmul,
-        # the update and the written-out backward all run in autocast's dtype
+        # under autocast x is cast as F.linear would, an fp32 one too: matmul, update, backward in one dtype
         x = x.to(torch.get_autocast_dtype(x.device.type)) if autocast else x
-        # the update runs in x's dtype; without autocast in the adapters' fp32 (a bf16 model sampled unmerged)
+        # without autocast the update runs in the adapters' fp32 (a bf16 model sampled unmerged)
         x_lora = self.dropout(x if autocast else x.to(self.lora_down.weight.dtype))
         x_lora = None if x_lora is x else x_lora                        # None: one input, one gradient
         out = FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias, x_lora, self.lora_down.weight,
@@ -664,7 +664,7 @@ class VAEConfig:
     num_res_blocks: int = 2                # per level in the encoder; the decoder has one more
     latent_channels: int = 16
     groups: int = 32
-    scaling_factor: float = 1.5305         # SD3's latents: (z - shift) * scale goes into the MMDiT
+    scaling_factor: float = 1.5305         # (z - shift) * scale: SD3's latents about zero-mean, unit-variance
     shift_factor: float = 0.0609
 
     @classmethod
@@ -688,7 +688,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels (the VAE's mid block)."""
+    """Single-head self-attention over every position of the 1/8-scale feature map (the VAE's mid block)."""
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
@@ -772,7 +772,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """SD3's 16-channel autoencoder: pixels in [-1, 1], latents 8x smaller, already scaled for the MMDiT."""
+    """SD3's 16-channel autoencoder: pixels in [-1, 1], latents 1/8 the side, already scaled for the MMDiT."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -892,7 +892,7 @@ class Pipeline:
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigmas: list[float], i: int):
-    """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in t = -log(sigma).
+    """DPM-Solver++(2M) as in k-diffusion / the SD3.5 reference: second order in -log(sigma), h its step.
     `sigmas` are Python floats: branching on device tensors would stall the GPU at every step."""
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     if sigma_next == 0:
@@ -944,7 +944,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
 
 
 def initial_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
-    """Reference noise recipe: float32 CPU generator per image, so a seed gives the same image everywhere."""
+    """sd3_infer.py's noise for height x width px: float32, a CPU generator per seed: same on any device."""
     shape = (1, channels, height // 8, width // 8)
     # dtype and device named: under a caller's set_default_dtype/set_default_device the draws would differ
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32,
@@ -1016,7 +1016,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
-        for i in range(0, len(x), batch_size):          # not all at once: many prompts ran out of GPU memory
+        for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
             c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
                     for pair in (cond, uncond))
             with pipe.on_device(pipe.mmdit):
@@ -1101,7 +1101,7 @@ class LatentDataset:
         rank, world = rank_and_world()
         cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
-                         "crop-then-resize", "alpha-on-white")  # caches of older load_images: not reused
+                         "crop-then-resize", "alpha-on-white")  # load_image's recipe: another's cache unused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         store = functools.partial(cache_share, rank=rank, world=world)     # torchrun: one writer per file
 
@@ -1218,7 +1218,7 @@ class Trainer:
 
     def forward_backward(self, stopping: bool) -> torch.Tensor:
         """Gradients of this process's slices of the step's global batch, then (summed over the processes) of
-        the whole batch. -> sums: [loss, sigma sum, stop flag, loss sums per sigma bin, samples per bin]"""
+        the whole batch. -> [loss, sigma sum, stop flag, unweighted MSE sums by sigma bin, counts by bin]"""
         tc, n_bins, size = self.cfg.train, self.cfg.train.loss_bins, self.cfg.train.batch_size
         # an epoch's batch order is drawn once (not per step); its length depends only on the buckets
         epoch, nth = divmod(self.step, len(self.order))
@@ -1230,7 +1230,7 @@ class Trainer:
             torch.manual_seed(hash((tc.seed, self.step, self.rank)) % 2**63)
         for start in range(self.rank * size, len(ids), self.world * size):  # up to grad_accum micro-batches
             keep = slice(start, start + size)       # this process's; a bucket's last batch can be short
-            # the global batch's randomness (noise, timesteps, flips) from (seed, step): resume reproduces it
+            # the global batch's draws (sigmas, noise, flips, caption dropout) from (seed, step): resumable
             g = torch.Generator().manual_seed((tc.seed * 1_000_003 + self.step) % 2**64)
             batch = [t.to(self.pipe.device) for t in self.data.get(ids, self.pipe.vae, self.cfg, g, keep)]
             loss, per_sample, sigmas = flow_matching_loss(self.mmdit, *batch, tc, self.sample_settings.shift,
@@ -1253,7 +1253,7 @@ class Trainer:
         return n > 0 and self.step % n == 0 or self.step == self.cfg.train.steps
 
     def save_and_sample(self, bins: torch.Tensor):
-        """A checkpoint every save_every steps; samples and the mean loss per sigma bin every sample_every."""
+        """A checkpoint every save_every steps; samples and the MSE by sigma bin every sample_every."""
         k = self.cfg.train.loss_bins
         if self.every_or_last(self.cfg.train.save_every):
             save_checkpoint(self)
