@@ -189,8 +189,8 @@ class Config:
 #################################################################################
 
 def shift_sigma(sigma, shift: float):
-    """SD3's time shift: more of the run at high noise, which larger images need (the paper scales the shift
-    with resolution; SD3.5 uses a constant 3.0)."""
+    """SD3's time shift: moves sigmas toward 1 (more noise), which more pixels need (the paper scales the
+    shift with resolution; SD3.5 uses a constant 3.0)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
@@ -1150,7 +1150,7 @@ class LatentDataset:
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def get(self, ids: list[int], vae: VAE, cfg: Config, g: torch.Generator, keep: slice = slice(None)):
-        """-> latents (b, 16, h, w), context (b, L, D), pooled (b, P) of ids[keep], with flips, caption
+        """-> latents (b, 16, h, w), context (b, L, 4096), pooled (b, 2048) of ids[keep], with flips, caption
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
         drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
