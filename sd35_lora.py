@@ -142,10 +142,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 250
     timestep_sampling: str = "logit_normal"  # density of the training sigmas: logit_normal | mode | uniform
-    logit_mean: float = 0.0
+    logit_mean: float = 0.0                # u = sigmoid(N(mean, std)): (0, 1) ranked best in the SD3 paper
     logit_std: float = 1.0
-    mode_scale: float = 1.29
-    weighting: str = "none"                # none | sigma_sqrt | cosmap
+    mode_scale: float = 1.29               # the s of the SD3 paper's f_mode (diffusers' default)
+    weighting: str = "none"                # loss weight by sigma: none | sigma_sqrt | cosmap
     gradient_checkpointing: bool = True
     compile: bool = False                  # torch.compile the joint blocks (compiled at the first steps)
     loss_bins: int = 5                     # the unweighted MSE is reported by sigma bin with each sample set
@@ -158,7 +158,7 @@ class SampleConfig:
     sample_every: int = 250                # 0 = only at the start and the end
     sample_steps: int = 0                  # 0 = the variant's preset
     guidance_scale: float = 0.0            # 0 = the variant's preset
-    shift: float = 0.0                     # 0 = the variant's preset
+    shift: float = 0.0                     # 0 = the variant's preset; the training sigmas use this shift too
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
     neg: str = ""
     width: int = 1024
