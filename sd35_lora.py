@@ -220,7 +220,7 @@ def sample_training_sigmas(n: int, cfg: TrainConfig, shift: float, g: torch.Gene
 
 
 def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Per-sample loss weights of SD3's paper: none, sigma_sqrt (sigma^-2) or cosmap."""
+    """Per-sample loss weights (diffusers' SD3 schemes): none, sigma_sqrt (it is sigma^-2) or cosmap."""
     check_choice("weighting", scheme, WEIGHTINGS)
     if scheme == "none":
         return torch.ones_like(sigmas)
