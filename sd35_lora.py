@@ -1299,7 +1299,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if stopping and tr.step < tc.steps:         # Ctrl-C or SIGTERM in any process: all stop here
                 raise KeyboardInterrupt                 # (after the last step: the run ends as usual)
-            tr.save_and_sample(bins)                    # checkpoint, then samples and the loss by sigma bin
+            tr.save_and_sample(bins)                    # checkpoint, then samples and the MSE by sigma bin
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
