@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3583  Several Processes (torchrun)     one all-reduce per step
-     3673  Command Line and the Tiny Model  main(), --tiny
+     3588  Several Processes (torchrun)     one all-reduce per step
+     3678  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3271,6 +3271,10 @@ def lock_output_dir(out: Path):
         else:
             import fcntl
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(file.fileno()).st_nlink == 0:   # unlinked by a failed run ending here, which took out
+                file.close()                            # too if it made it (remove_if_unused): made again
+                writable_dir(out, "output_dir")
+                return lock_output_dir(out)
         return file
     except OSError as e:
         file.close()
@@ -3421,8 +3425,9 @@ def end_training(trainer: Trainer, old_handlers: dict):
         if sys.platform == "win32":         # closed locked, it is freed "after a delay": a retry was refused
             import msvcrt
             msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
-        trainer.lock.close()
-        remove_if_unused(trainer.out, trainer.made)
+            trainer.lock.close()            # before the unlink: Windows unlinks no open file
+        remove_if_unused(trainer.out, trainer.made)     # POSIX: unlinked locked, which a run locking it next
+        trainer.lock.close()                            # sees (lock_output_dir)
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none
         del RUNS_HERE[trainer.claim]
     free_models(getattr(trainer, "pipe", None))

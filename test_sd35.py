@@ -3865,6 +3865,47 @@ def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_
     assert kept.value.__traceback__ is not None
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks (fcntl); Windows unlinks no open file")
+@pytest.mark.parametrize("b_locks", ["between A's close and unlink", "the file A opened and unlinked"])
+def test_a_failed_run_removing_the_output_dir_it_made_keeps_the_lock_of_a_run_starting_there(tmp_path, monkeypatch,
+                                                                                             b_locks):
+    """A failed run A removes the output_dir it made when only its lock file is left. A run B starting there at
+    that moment locked the file after A closed it, before A unlinked it: A then unlinked B's lock and removed the
+    folder, and a third run could lock a new file there beside B. Forced here in one process (where a POSIX lock
+    never refuses another): B locks the file A's path names, in a folder that is there."""
+    import fcntl
+    out, held, real_lockf = tmp_path / "run", [], fcntl.lockf
+    out.mkdir()
+
+    def run_b_starts():                             # refuse_early's steps
+        sd.writable_dir(out, "output_dir")
+        held.append(sd.lock_output_dir(out))
+
+    class LockThatStartsB:                          # A's lock: B opens and locks the moment A closes it
+        def __init__(self, file):
+            self.file = file
+
+        def close(self):
+            self.file.close()
+            run_b_starts()
+
+    def lockf_after_a_ended(file, flags):           # B's file opened, then A ends before B locks it
+        if a.lock:
+            sd.end_training(a, {})
+            a.lock = None
+        real_lockf(file, flags)
+    a = types.SimpleNamespace(lock=sd.lock_output_dir(out), out=out, made=[out])
+    if b_locks == "between A's close and unlink":
+        a.lock = LockThatStartsB(a.lock)
+        sd.end_training(a, {})
+    else:
+        monkeypatch.setattr(fcntl, "lockf", lockf_after_a_ended)
+        run_b_starts()
+    assert held and (out / sd.LOCK_FILE).exists()
+    assert os.path.samestat(os.fstat(held[0].fileno()), os.stat(out / sd.LOCK_FILE))
+    held[0].close()
+
+
 def test_a_second_run_in_another_thread_on_the_same_output_dir_is_refused(tmp_path, monkeypatch):
     """A POSIX lock belongs to the process: train() in a second thread (a notebook's, a web UI's) took the same
     output_dir's lock too, and both runs trained into it (log.jsonl held both runs' steps)."""
