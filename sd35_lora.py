@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       656  VAE                              16-channel autoencoder, the latent scale and shift
       805  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       845  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1036  Data                             dataset scan, aspect buckets, the latent and text cache
-     1165  Training                         Trainer and the training loop
-     1316  Part 2: plumbing                 a reader can stop here
-     1339  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1876  Hub Downloads                    snapshot downloads, tokenizers
-     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3588  Several Processes (torchrun)     one all-reduce per step
-     3678  Command Line and the Tiny Model  main(), --tiny
+     1037  Data                             dataset scan, aspect buckets, the latent and text cache
+     1166  Training                         Trainer and the training loop
+     1317  Part 2: plumbing                 a reader can stop here
+     1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1877  Hub Downloads                    snapshot downloads, tokenizers
+     1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2230  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2361  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2962  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3158  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3589  Several Processes (torchrun)     one all-reduce per step
+     3679  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -978,12 +978,17 @@ class SampleSettings:
         return out
 
 
-def encode_in_batches(text: TextEncoders, prompts: list[str], batch_size: int) -> tuple[torch.Tensor, ...]:
-    """(context, pooled) of batch_size prompts at a time, kept on the CPU until their batch denoises: T5-XXL
-    on all of sample.py's prompts at once, and all their embeddings, could fill a small GPU."""
+def encode_in_batches(text: TextEncoders, prompts: list[str], negative: str, cfg: float, batch_size: int):
+    """-> (cond, uncond), each (context, pooled), of batch_size prompts at a time, kept on the CPU until their
+    batch denoises: T5-XXL on all of sample.py's prompts at once, and all their embeddings (training's up to
+    100 previews', for the whole run), could fill a small GPU. uncond: None without CFG."""
     parts = [[t.cpu() for t in text.encode(prompts[i:i + batch_size])]
              for i in range(0, len(prompts), batch_size)]
-    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+    cond = tuple(torch.cat(tensors) for tensors in zip(*parts))
+    if cfg <= 1.0:
+        return cond, None
+    negative_rows = text.encode([negative])         # encoded once (not per prompt), a view of it per prompt
+    return cond, tuple(t.cpu().expand(len(prompts), *t.shape[1:]) for t in negative_rows)
 
 
 @torch.no_grad()
@@ -1002,11 +1007,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
-            cond = encode_in_batches(pipe.text, prompts, batch_size)
-            uncond = None
-            if s.cfg > 1.0:             # the negative encoded once (not per prompt), a view of it per prompt
-                negative_rows = pipe.text.encode([negative])
-                uncond = tuple(t.cpu().expand(len(prompts), *t.shape[1:]) for t in negative_rows)
+            cond, uncond = encode_in_batches(pipe.text, prompts, negative, s.cfg, batch_size)
     else:
         cond, uncond = embeddings
     seeds = [s.seed + i for i in range(len(prompts))]
@@ -1198,9 +1199,9 @@ class Trainer:
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
                 warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
-            cond = pipe.text.encode(s.prompts) if s.prompts else None        # sample prompts, encoded once
-            uncond = pipe.text.encode([s.neg] * len(s.prompts)) if s.prompts else None
-        self.embeddings = (cond, uncond)
+            previews = (encode_in_batches(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, 1)
+                        if s.prompts else (None, None))                 # sample prompts, encoded once
+        self.embeddings = previews
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
         self.mmdit = pipe.mmdit.to(pipe.device)
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed

@@ -2281,6 +2281,28 @@ def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_
     assert seen == [[False] * len(dropouts)] and all(m.training for m in dropouts)
 
 
+def test_training_keeps_its_preview_prompts_embeddings_on_the_cpu_until_their_batch(tmp_path, monkeypatch):
+    """The Trainer kept its preview prompts' embeddings (up to 100, T5-XXL's rows in each) where the text encoders
+    made them, on the GPU, for the whole run; generate() keeps its own on the CPU until their batch. The encoders'
+    outputs are marked here as on the GPU: a tensor subclass whose .cpu() gives a plain tensor."""
+    class OnTheGPU(torch.Tensor):
+        def cpu(self):
+            return self.as_subclass(torch.Tensor)
+    real_encode = sd.TextEncoders.encode
+    monkeypatch.setattr(sd.TextEncoders, "encode",
+                        lambda text, prompts: tuple(t.as_subclass(OnTheGPU) for t in real_encode(text, prompts)))
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path))
+    try:
+        assert trainer.sample_settings.cfg > 1                  # the negative prompt's rows kept too
+        stored = [t for pair in trainer.embeddings for t in pair]
+        sd.save_previews(trainer)
+    finally:
+        sd.end_training(trainer, {})
+    assert len(stored) == 4 and all(type(t) is torch.Tensor for t in stored)
+    assert len(list((tmp_path / "run" / "samples_step_000000").glob("*.png"))) == 2
+
+
 def test_a_trainer_conditions_without_t5_and_previews_with_the_variant_it_is_told(tmp_path):
     """use_t5 false: the captions' and the previews' T5 tokens are zeros (what sample.py gives a LoRA trained so);
     variant: the previews take that variant's presets (Large Turbo's 4 steps, cfg 1, Euler), not the detected one's."""
