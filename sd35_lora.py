@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2230  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2361  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2962  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3158  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3589  Several Processes (torchrun)     one all-reduce per step
-     3679  Command Line and the Tiny Model  main(), --tiny
+     2973  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3169  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3600  Several Processes (torchrun)     one all-reduce per step
+     3690  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -917,7 +917,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
             bar: tqdm | None = None) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to 0. cond/uncond = (context, pooled); CFG runs both in one batch,
     skip-layer guidance adds a cond pass without `slg_layers` in the steps of SLG_WINDOW (1 %-20 %). `bar`
-    counts each image's steps (generate's: one bar over all its batches)."""
+    counts each image's steps (generate's: one bar over all its batches). Under no_grad: no gradients."""
     check_choice("sampler", sampler, SAMPLERS)
     use_cfg = uncond is not None and cfg > 1.0        # as diffusers: cfg 0 (its Turbo recipe) is no CFG
     context, pooled = (torch.cat([u, c]) for u, c in zip(uncond, cond)) if use_cfg else cond
@@ -996,7 +996,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
              embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
     """Prompts -> PIL images (image i: seed + i), encoded and denoised batch_size at a time; keep(images)
     gets each batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond,
-    uncond) skips the text encoders."""
+    uncond) skips the text encoders. The MMDiT in eval mode (the caller's after), under no_grad."""
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
@@ -1016,7 +1016,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
     bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())):
+    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), in_eval_mode(pipe.mmdit):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
             c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
                     for pair in (cond, uncond))
@@ -2593,6 +2593,17 @@ def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     check_seed(s.seed, len(prompts))
     return prompts, s, batch_size
+
+
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module):
+    """generate's model in eval mode (LoRA dropout off, as the Trainer's previews), then each module's own."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def read_prompts(prompts) -> list[str]:

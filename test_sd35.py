@@ -877,6 +877,23 @@ def test_generate_is_deterministic_per_seed_and_prompt():
 
 
 
+def test_generate_on_a_model_left_in_train_mode_samples_without_lora_dropout_and_keeps_its_modes():
+    """A notebook sampling mid-training (trainer.pipe, its MMDiT in train mode): LoRA dropout was on, so the same
+    seed gave another image at each call (and drew on the training's random numbers). Now the images are those
+    of the model in eval mode, as the Trainer's previews, and each module's mode is the caller's again."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, seed=3)
+    sd.add_lora(pipe.mmdit, rank=4, dropout=0.5)
+    with torch.no_grad():                                       # a LoRA that changes the image
+        for layer in sd.lora_layers(pipe.mmdit).values():
+            layer.lora_up.weight.normal_(generator=torch.Generator().manual_seed(0))
+    in_eval = np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0])
+    pipe.mmdit.train()
+    pipe.mmdit.final_layer.eval()                               # one the caller keeps in eval
+    for _ in range(2):
+        assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), in_eval)
+    assert pipe.mmdit.joint_blocks[0].training and not pipe.mmdit.final_layer.training
+
+
 def test_generate_takes_one_prompt_given_as_text():
     """generate(pipe, "a cat"), as diffusers' pipelines take a prompt, failed with "object of type 'int' has no
     len()" (the text was read as a list of one-character prompts)."""
