@@ -28,11 +28,11 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1877  Hub Downloads                    snapshot downloads, tokenizers
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2230  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2361  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2973  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3169  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3600  Several Processes (torchrun)     one all-reduce per step
-     3690  Command Line and the Tiny Model  main(), --tiny
+     2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2974  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3170  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3601  Several Processes (torchrun)     one all-reduce per step
+     3691  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2311,6 +2311,7 @@ class Fp8Linear(nn.Linear):
 @torch.no_grad()
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
     """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
+    model = unwrap_mmdit(model, "quantize_mmdit", "scales=None")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
     if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
         raise UserError(f"fp8: {next(iter(lora_layers(model)))} already has a LoRA: quantize once, before "

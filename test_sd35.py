@@ -6228,6 +6228,15 @@ def test_e5m2_file_is_requantized_while_reading_never_upcast_whole(tmp_path, mon
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
 
 
+def test_quantize_mmdit_takes_a_compiled_model_as_add_lora_does():
+    """quantize_mmdit(torch.compile(model)) said "no plain joint-block Linear left to quantize: quantize once,
+    before any LoRA" (the wrapper names the layers "_orig_mod.*"): the model in it is quantized now."""
+    model = tiny_mmdit()
+    assert sd.quantize_mmdit(torch.compile(model)) is model
+    assert type(model.joint_blocks[0].x_block.attn.qkv) is sd.Fp8Linear
+    one_line_error(lambda: sd.quantize_mmdit(sd.tiny_pipeline()), r"takes the MMDiT \(pipe.mmdit\), not a Pipeline")
+
+
 def test_fp8_user_errors(monkeypatch):
     model = sd.quantize_mmdit(tiny_mmdit())
     with pytest.raises(sd.UserError, match="no plain joint-block Linear left to quantize"):
