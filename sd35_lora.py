@@ -3481,7 +3481,7 @@ def memory_error(e: BaseException, where: str, levers: list[str]) -> torch.OutOf
     traceback.clear_frames(e.__traceback__)
     asked = re.search(r"[Tt]ried to allocate (?:([\d.]+ ?[KMGT]i?B)|(\d+) bytes)", str(e))
     size = asked and (asked[1] or f"{int(asked[2]) / 2**30:.2f} GiB")   # the CPU's in bytes; 0.00: RAM full
-    others = "close other programs" if out_of_ram(e) else "free the GPU of other programs"
+    others = "close other programs" if out_of_ram(e) or "MPS" in str(e) else "free the GPU of other programs"
     fixes = ", ".join(levers + ["or " * bool(levers) + others])      # (fp8 on: none)
     more = f" {size} more" if size not in (None, "0.00 GiB") else ""
     error = torch.OutOfMemoryError(f"out of {'memory (RAM)' if out_of_ram(e) else 'GPU memory'} {where}. "

@@ -3090,17 +3090,18 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
 
 def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
     """sample.py out of memory on Apple's MPS offered "add --offload", which keeps the models in the CPU's half of
-    the one memory that MPS shares with it: the total stays the same. It is offered on CUDA only."""
+    the one memory that MPS shares with it: the total stays the same. It is offered on CUDA only. MPS was told to
+    "free the GPU of other programs", whose memory is the RAM any program takes: "close other programs"."""
     mps_oom = ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB, max allowed: 18.13 "
                "GB). Tried to allocate 2.00 GB on private pool.")
-    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(mps_oom)))
+    errors = {"mps": mps_oom, "cuda": "CUDA out of memory. Tried to allocate 2.00 GB."}
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(errors[device])))
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
-    for device, offload in (("mps", ""), ("cuda", "add --offload, or ")):
+    for device, fixes in (("mps", "close other programs"), ("cuda", "add --offload, or free the GPU of other programs")):
         monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device(device))
         with pytest.raises(torch.OutOfMemoryError) as e:
             sample.main(["--model", "tiny", "--prompt", "a", "--no-t5", "--fp8", "--out", str(tmp_path / "out")])
-        assert str(e.value) == (f"out of GPU memory while loading the models. To fit 2.00 GB more: {offload}free the "
-                                f"GPU of other programs")
+        assert str(e.value) == f"out of GPU memory while loading the models. To fit 2.00 GB more: {fixes}"
 
 
 def test_mps_running_out_of_memory_is_told_as_the_gpus_not_left_a_traceback():
@@ -3111,7 +3112,7 @@ def test_mps_running_out_of_memory_is_told_as_the_gpus_not_left_a_traceback():
     assert sd.out_of_memory(mps) and not sd.out_of_ram(mps) and not sd.out_of_memory(RuntimeError("size mismatch"))
     assert str(sd.memory_error(mps, "in training step 3 (1024x1024 images)", ["lower dataset.resolution"])) == (
         "out of GPU memory in training step 3 (1024x1024 images). To fit 256.00 MB more: lower dataset.resolution, or "
-        "free the GPU of other programs")
+        "close other programs")                                 # its memory is the RAM
 
 
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
