@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1877  Hub Downloads                    snapshot downloads, tokenizers
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2230  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2362  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2974  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3170  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3601  Several Processes (torchrun)     one all-reduce per step
-     3691  Command Line and the Tiny Model  main(), --tiny
+     2231  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2975  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3171  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3602  Several Processes (torchrun)     one all-reduce per step
+     3692  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1993,6 +1993,7 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
     except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
+    lora_metadata({"sd35_lora": header}, "save_lora")       # what loaders refuse (t5_length "77"): unwritten
     return out, {"format": "pt", "sd35_lora": header}
 
 

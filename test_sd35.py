@@ -3504,6 +3504,18 @@ def test_save_lora_metadata_cannot_overwrite_what_the_file_holds(tmp_path):
     assert sd.load_lora(tiny_mmdit(), lora) == len(sd.lora_layers(model))
 
 
+def test_save_lora_refuses_metadata_that_loaders_would_refuse(tmp_path):
+    """save_lora(metadata={"t5_length": "77"}) wrote a file that load_lora and sample.py then refused ("metadata
+    t5_length = '77' is not in 1..512; save it again"), the trained model perhaps gone by then. Refused as saved,
+    nothing written; values the loaders take are written as given."""
+    model, lora = lora_model(), tmp_path / "lora.safetensors"
+    for key, value in (("t5_length", "77"), ("use_t5", "no"), ("t5_length", 10**9)):
+        one_line_error(lambda: sd.save_lora(model, lora, metadata={key: value}), f"save_lora: metadata {key} = ")
+    assert not list(tmp_path.iterdir())
+    sd.save_lora(model, lora, metadata={"t5_length": 77, "use_t5": False})
+    assert sample.trained_settings([str(lora)])["t5_length"] == 77
+
+
 def test_generate_given_its_settings_in_the_negative_prompts_place_says_settings_by_name():
     """generate(pipe, prompts, SampleSettings(...)) put the settings in `negative`, and the error said only that the
     negative prompt must be text."""
@@ -6352,7 +6364,10 @@ def one_line_error(call, match: str):
 
 def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
     lora = tmp_path / "lora.safetensors"
-    sd.save_lora(lora_model(), lora, metadata={"t5_length": 10**9})
+    sd.save_lora(lora_model(), lora)                                # a hostile header (save_lora refuses it)
+    tensors, meta = sd.read_safetensors(lora, with_metadata=True)
+    header = json.dumps({**json.loads(meta["sd35_lora"]), "t5_length": 10**9})
+    save_file(tensors, lora, metadata={**meta, "sd35_lora": header})
     one_line_error(lambda: sample.trained_settings([str(lora)]), "t5_length = 1000000000 is not in 1..512")
     one_line_error(lambda: sd.load_pipeline("tiny", device="cpu", t5_length=10**9), "T5 length .* 1..512")
     # checkpoint headers: a block index far out, zero and 1-D shapes, a config.json claiming 2M blocks
