@@ -1764,7 +1764,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     return text
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", advice: str = "use --device cpu") -> torch.device:
     by_rank = name in ("auto", "cuda") and under_torchrun() and torch.cuda.is_available()
     if by_rank:
         name = f"cuda:{local_rank()}"                        # torchrun: one GPU per process
@@ -1779,7 +1779,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
         fix = ("run at most one process per GPU (started without torchrun: export LOCAL_RANK, its GPU), or "
-               "set device: cpu" if by_rank else "use --device cpu or one it sees")     # else a typo
+               "set device: cpu" if by_rank else f"{advice} or one it sees")     # else a typo
         raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
@@ -2745,7 +2745,7 @@ def validate(cfg: Config) -> Config:
 def check_sources(cfg: Config):
     """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
     before the dataset scan decodes every image."""
-    device, world = pick_device(cfg.device), rank_and_world()[1]
+    device, world = pick_device(cfg.device, "set device: cpu (--set device=cpu)"), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     if cfg.train.compile:

@@ -5940,6 +5940,17 @@ def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monke
     one_line_error(lambda: sd.pick_device("cuda:1"), r"^device cuda:1 asked for, but this torch sees 1 cuda device: "
                    r"use --device cpu or one it sees$")
 
+
+def test_training_on_a_gpu_it_lacks_is_told_the_config_key_not_a_flag(monkeypatch, tmp_path):
+    """`device: cuda` in config.yaml on a CPU machine: training was told 'use --device cpu', a flag that
+    sd35_lora.py does not have (its device is the config key)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(sd.UserError) as e:
+        sd.train(tiny_config(tmp_path, device="cuda"))
+    assert "--device" not in str(e.value) and str(e.value).endswith("set device: cpu (--set device=cpu) "
+                                                                    "or one it sees")
+
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
     """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
     cuda:2 asked for, but this torch sees 1": LOCAL_RANK chose a GPU with no torchrun (no MASTER_ADDR)."""
