@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3583  Several Processes (torchrun)     one all-reduce per step
-     3673  Command Line and the Tiny Model  main(), --tiny
+     2963  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3159  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3585  Several Processes (torchrun)     one all-reduce per step
+     3675  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2796,9 +2796,11 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
-            why = str(e).splitlines()[0]            # "C:\Users\me" in double quotes: \U starts an escape
-            if "escape" in (getattr(e, "problem", None) or ""):
-                why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
+            why = str(e).splitlines()[0]    # YAML's syntax errors put the line and the problem below this
+            if getattr(e, "problem_mark", None) and e.problem:
+                why = f"line {e.problem_mark.line + 1}: {e.problem}"
+            if "escape" in (getattr(e, "problem", None) or ""):     # "C:\Users" in double quotes: \U escapes
+                why = f"{why}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = str(item).partition("=")

@@ -7432,6 +7432,17 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
 
 
+def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
+    """A key indented one space too few, a tab, an unclosed quote: the error was only YAML's first line, e.g.
+    'while parsing a block mapping', with neither the line nor what was wrong there."""
+    config = tmp_path / "config.yaml"
+    for text, match in [("model: tiny\ntrain:\n  steps: 3\n lr: 1\n", r"line 4: expected <block end>, but found"),
+                        ("model: tiny\n\tdataset: x\n", r"line 2: found character '\\t' that cannot start any token"),
+                        ('model: "tiny\n', r"line 2: found unexpected end of stream")]:
+        config.write_text(text)
+        one_line_error(lambda: sd.load_config(str(config)), rf"config.yaml as UTF-8 YAML: {match}")
+
+
 def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_path):
     """YAML's double quotes read \\N, \\L and \\P as NEL (U+0085) and the line and paragraph separators (U+2028,
     U+2029): "D:\\Projects\\Lora" (or a German "D:\\Neuer Ordner") read silently as D:, U+2029, 'rojects', U+2028,
