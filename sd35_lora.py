@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2229  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2963  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3159  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3585  Several Processes (torchrun)     one all-reduce per step
-     3675  Command Line and the Tiny Model  main(), --tiny
+     2964  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3160  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3586  Several Processes (torchrun)     one all-reduce per step
+     3676  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2430,10 +2430,11 @@ def _fill(obj, data: dict, prefix: str = ""):
         raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        if key not in names:            # a key of another section first (`lr: 1e-5` of a flat config)
+            moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
+            close = moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults
             _fill(current, {} if value is None else value, f"{prefix}{key}.")

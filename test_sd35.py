@@ -3186,6 +3186,17 @@ def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
     assert np.abs(image(runs["compiled"]) - image(runs["eager"])).max() <= 1
 
 
+def test_a_config_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
+    """`--set lr=1e-5` was answered 'did you mean lora?', `rank: 32` 'did you mean train?', `steps: 100` with the
+    top-level keys: a flat config from another trainer, or a key under the wrong section, never named its key."""
+    for sets, match in [("lr=1e-5", "'lr' (did you mean 'train.lr'?)"), ("rank=32", "'rank' (did you mean 'lora.rank'?)"),
+                        ("steps=100", "'steps' (did you mean 'train.steps'?)"),
+                        ("train.resolution=512", "'train.resolution' (did you mean 'dataset.resolution'?)"),
+                        ("dataset.device=cpu", "'dataset.device' (did you mean 'device'?)"),
+                        ("seed=1", "'seed' (did you mean 'train.seed' or 'sample.seed'?)")]:
+        one_line_error(lambda: sd.load_config(None, [sets]), f"^unknown config key {re.escape(match)}$")
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
