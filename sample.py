@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "with --compile, fp8 matmuls on NVIDIA GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the MMDiT's joint blocks (a one-off compile before the first step)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (the default: cuda, else mps, else cpu), cpu, "
+                   "cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA and MPS (macOS 14+), fp32 "
                    "on the CPU")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")

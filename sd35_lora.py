@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2231  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2975  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3171  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3602  Several Processes (torchrun)     one all-reduce per step
-     3692  Command Line and the Tiny Model  main(), --tiny
+     2978  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3174  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3605  Several Processes (torchrun)     one all-reduce per step
+     3695  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1765,7 +1765,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     return text
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", advice: str = "use --device cpu") -> torch.device:
     by_rank = name in ("auto", "cuda") and under_torchrun() and torch.cuda.is_available()
     if by_rank:
         name = f"cuda:{local_rank()}"                        # torchrun: one GPU per process
@@ -1780,7 +1780,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
         seen = counted(available, device.type + " device")
         fix = ("run at most one process per GPU (started without torchrun: export LOCAL_RANK, its GPU), or "
-               "set device: cpu" if by_rank else "use --device cpu or one it sees")     # else a typo
+               "set device: cpu" if by_rank else f"{advice} or one it sees")     # else a typo
         raise UserError(f"device {name} asked for, but this torch sees {seen}: {fix}",
                         own=by_rank)                # torchrun: only the processes past the last GPU
     return device
@@ -2433,10 +2433,11 @@ def _fill(obj, data: dict, prefix: str = ""):
         raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+        if key not in names:            # a key of another section first (`lr: 1e-5` of a flat config)
+            moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
+            close = moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults
             _fill(current, {} if value is None else value, f"{prefix}{key}.")
@@ -2759,7 +2760,7 @@ def validate(cfg: Config) -> Config:
 def check_sources(cfg: Config):
     """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
     before the dataset scan decodes every image."""
-    device, world = pick_device(cfg.device), rank_and_world()[1]
+    device, world = pick_device(cfg.device, "set device: cpu (--set device=cpu)"), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     if cfg.train.compile:
@@ -2810,9 +2811,11 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
-            why = str(e).splitlines()[0]            # "C:\Users\me" in double quotes: \U starts an escape
-            if "escape" in (getattr(e, "problem", None) or ""):
-                why = f"line {e.problem_mark.line + 1}: {e.problem}; {WINDOWS_PATHS}"
+            why = str(e).splitlines()[0]    # YAML's syntax errors put the line and the problem below this
+            if getattr(e, "problem_mark", None) and e.problem:
+                why = f"line {e.problem_mark.line + 1}: {e.problem}"
+            if "escape" in (getattr(e, "problem", None) or ""):     # "C:\Users" in double quotes: \U escapes
+                why = f"{why}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
         key, sep, raw = str(item).partition("=")

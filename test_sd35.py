@@ -3226,6 +3226,17 @@ def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
     assert np.abs(image(runs["compiled"]) - image(runs["eager"])).max() <= 1
 
 
+def test_a_config_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
+    """`--set lr=1e-5` was answered 'did you mean lora?', `rank: 32` 'did you mean train?', `steps: 100` with the
+    top-level keys: a flat config from another trainer, or a key under the wrong section, never named its key."""
+    for sets, match in [("lr=1e-5", "'lr' (did you mean 'train.lr'?)"), ("rank=32", "'rank' (did you mean 'lora.rank'?)"),
+                        ("steps=100", "'steps' (did you mean 'train.steps'?)"),
+                        ("train.resolution=512", "'train.resolution' (did you mean 'dataset.resolution'?)"),
+                        ("dataset.device=cpu", "'dataset.device' (did you mean 'device'?)"),
+                        ("seed=1", "'seed' (did you mean 'train.seed' or 'sample.seed'?)")]:
+        one_line_error(lambda: sd.load_config(None, [sets]), f"^unknown config key {re.escape(match)}$")
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
@@ -6033,6 +6044,17 @@ def test_a_plain_run_asking_for_a_gpu_it_lacks_is_not_told_about_processes(monke
     one_line_error(lambda: sd.pick_device("cuda:1"), r"^device cuda:1 asked for, but this torch sees 1 cuda device: "
                    r"use --device cpu or one it sees$")
 
+
+def test_training_on_a_gpu_it_lacks_is_told_the_config_key_not_a_flag(monkeypatch, tmp_path):
+    """`device: cuda` in config.yaml on a CPU machine: training was told 'use --device cpu', a flag that
+    sd35_lora.py does not have (its device is the config key)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(sd.UserError) as e:
+        sd.train(tiny_config(tmp_path, device="cuda"))
+    assert "--device" not in str(e.value) and str(e.value).endswith("set device: cpu (--set device=cpu) "
+                                                                    "or one it sees")
+
 def test_a_local_rank_a_cluster_exports_without_torchrun_picks_no_gpu(monkeypatch):
     """A Slurm job exporting WORLD_SIZE=4 LOCAL_RANK=2, then `python sample.py` on a 1-GPU machine: "device
     cuda:2 asked for, but this torch sees 1": LOCAL_RANK chose a GPU with no torchrun (no MASTER_ADDR)."""
@@ -7524,6 +7546,17 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
     cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
+    """A key indented one space too few, a tab, an unclosed quote: the error was only YAML's first line, e.g.
+    'while parsing a block mapping', with neither the line nor what was wrong there."""
+    config = tmp_path / "config.yaml"
+    for text, match in [("model: tiny\ntrain:\n  steps: 3\n lr: 1\n", r"line 4: expected <block end>, but found"),
+                        ("model: tiny\n\tdataset: x\n", r"line 2: found character '\\t' that cannot start any token"),
+                        ('model: "tiny\n', r"line 2: found unexpected end of stream")]:
+        config.write_text(text)
+        one_line_error(lambda: sd.load_config(str(config)), rf"config.yaml as UTF-8 YAML: {match}")
 
 
 def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_path):
