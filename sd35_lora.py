@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2978  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3174  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3605  Several Processes (torchrun)     one all-reduce per step
-     3695  Command Line and the Tiny Model  main(), --tiny
+     3609  Several Processes (torchrun)     one all-reduce per step
+     3699  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3322,13 +3322,17 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                         "a hub id or 'tiny'")
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
-    earlier = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
-    if not resume and first and earlier:
+    shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if not resume and first and shown:
         saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
         if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
             raise UserError(f"output_dir {out} holds dataset.path {cfg.dataset.path}: choose "
                             f"another output_dir (--set output_dir=...), outside the dataset")
         loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
+        ran = saved or loras or any(any(out.glob(n)) for n in ("log.jsonl", "loss.png", "samples_step_*"))
+        if not ran:                                 # e.g. ~/Pictures: "empty it" would delete the user's files
+            raise UserError(f"output_dir {out} holds files that no run wrote (e.g. {shown[0]!r}): choose "
+                            f"a new or empty output_dir (--set output_dir=...)")
         fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
                "move them away" if loras else "it saved no checkpoint: empty it")
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "

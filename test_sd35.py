@@ -3845,6 +3845,18 @@ def test_an_output_dir_without_a_checkpoint_is_not_sent_to_resume(tmp_path):
         sd.train(tiny_config(tmp_path))                            # "empty it" deleted the trained LoRA
 
 
+def test_an_output_dir_of_the_users_own_files_is_not_to_be_emptied(tmp_path):
+    """output_dir pointed at a folder of other files (~/Pictures): the error said "files of an earlier run; it
+    saved no checkpoint: empty it", advice that deletes them."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "holiday.jpg").write_bytes(b"mine")
+    (tmp_path / "run" / ".DS_Store").write_bytes(b"")
+    with pytest.raises(sd.UserError, match="holds files that no run wrote \\(e.g. 'holiday.jpg'\\): choose a new or"
+                       " empty output_dir") as error:
+        sd.train(tiny_config(tmp_path))
+    assert "empty it" not in str(error.value) and (tmp_path / "run" / "holiday.jpg").read_bytes() == b"mine"
+
+
 def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
     """A run killed before its first checkpoint (during the caching or the step-0 previews): --resume answered
     only "no .../training_state.safetensors to resume from", and left the user to guess the next command."""
