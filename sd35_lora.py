@@ -1333,7 +1333,7 @@ class UserError(ValueError):
 
 def check_choice(name: str, value, options):
     """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in tuple(options):             # (a dict's `in` hashes: a list value was a bare TypeError)
+    if value not in tuple(options):             # a tuple: a dict's `in` hashes, and a list is unhashable
         raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
@@ -1478,9 +1478,9 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
-        if re.search("header ?too ?large", str(e), re.I):  # first 8 bytes no cut-short download has (<0.6:
-            with open(path, "rb") as f:             # HeaderTooLarge); a hub repo cloned without git-lfs:
-                if f.read(23) == b"version https://git-lfs":    # ~130-byte pointers
+        if re.search("header ?too ?large", str(e), re.I):  # a header length no cut-short download has (<0.6:
+            with open(path, "rb") as f:             # HeaderTooLarge): text, e.g. the ~130-byte pointers of a
+                if f.read(23) == b"version https://git-lfs":    # hub repo cloned without git-lfs
                     raise UserError(f"{path} is a git-lfs pointer, not the file (cloned without git-lfs?): "
                                     f"run `git lfs pull` in the clone, or `hf download` it") from None
             raise UserError(f"{path} is no .safetensors file: a renamed .ckpt/.pt (pickles can run code: "
@@ -1498,13 +1498,13 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
     """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards; else those of
-    the fp16 variant (the same weights in fp16: a folder saved with variant="fp16" has only them)."""
+    the fp16 variant (a folder saved with variant="fp16" has only them); neither: a UserError."""
     for variant in ("", ".fp16"):
         if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder, a broken link: read_... says
             return [folder / f"{stem}{variant}.safetensors"]
         index = folder / f"{stem}.safetensors.index{variant}.json"
         if index.is_file():
-            try:                                                # (a shard named by a number: TypeError)
+            try:                                                # TypeError: a shard named by a number
                 shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
                 if any(Path(shard).name != shard or not shard.endswith(".safetensors") for shard in shards):
                     raise ValueError("shards must be .safetensors files beside it")   # ../, /, or a pickle
@@ -1517,7 +1517,7 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
 
 
 def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
-    """(the folder, its checked config.json) of a diffusers root's `part`/ or of that folder itself."""
+    """(the folder, its config.json) of a diffusers root's `part`/ or that folder; another model's refused."""
     folder = path / part if (path / part).is_dir() else path
     file = folder / "config.json"
     try:
@@ -1678,7 +1678,7 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         max_position_embeddings=rows("text_model.embeddings.position_embedding.weight"),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
-    if config.max_position_embeddings < tok.model_max_length:          # else a bare error at the first prompt
+    if config.max_position_embeddings < tok.model_max_length:          # a full-length prompt would overrun
         raise ValueError(f"{config.max_position_embeddings} positions, tokenizer's {tok.model_max_length}")
 
     def clip(cfg):                                                      # with the position ids no file holds
@@ -1706,7 +1706,7 @@ def _no_custom_code(folder: Path, error: Exception):
 
 
 def check_pad_tokens(tokenizers, encoders: list[nn.Module]):
-    """A padding id past the vocabulary (a hand-edited tokenizer) is refused: it was an IndexError later."""
+    """A padding id past the vocabulary (a hand-edited tokenizer) is refused: padding would index past it."""
     for tok, model in zip(tokenizers, encoders):
         if tok.pad_token_id >= model.get_input_embeddings().num_embeddings:
             raise UserError(f"{tok.name_or_path}: padding token {tok.pad_token!r} is past the text "
@@ -1777,7 +1777,7 @@ def pick_device(name: str = "auto", advice: str = "use --device cpu") -> torch.d
         available = count[device.type]
     except (RuntimeError, KeyError):                    # no device name, or a type no run here can use
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.index or 0) >= available:                # else a bare error at the first tensor moved there
+    if (device.index or 0) >= available:                # else torch fails at the first tensor moved there
         seen = counted(available, device.type + " device")
         fix = ("run at most one process per GPU (started without torchrun: export LOCAL_RANK, its GPU), or "
                "set device: cpu" if by_rank else f"{advice} or one it sees")     # else a typo
@@ -1837,7 +1837,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     dtype = pick_dtype(dtype, device)
     if variant:
         check_choice("variant", variant, PRESETS)
-    t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: a bare TypeError below
+    t5_length = read_number(t5_length, True, "t5_length")          # "77" or None: no `<=` below takes them
     if not 1 <= t5_length <= T5_MAX_LENGTH:
         raise UserError(f"T5 length {t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
     if model == "tiny":
