@@ -1885,9 +1885,9 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     if all((folder / n).is_dir() for n in names):
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
-                          for n in names]                                       # (as for configs)
-            # else a traceback at the first text: no padding token (a tokenizer.json without its config),
-            # CLIP's length not a count (one past the text encoder's vocabulary: see TextEncoders)
+                          for n in names]                   # (never a download's code, as for configs)
+            # refused here, not by a traceback at the first text: no padding token (a tokenizer.json without
+            # its config; one past the vocabulary: check_pad_tokens), a CLIP length that is no count
             for name, tok in zip(names, tokenizers):
                 length = tok.model_max_length                             # (T5's is t5_length)
                 if tok.pad_token is None:
