@@ -28,11 +28,11 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1877  Hub Downloads                    snapshot downloads, tokenizers
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2231  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2363  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2978  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3174  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3609  Several Processes (torchrun)     one all-reduce per step
-     3699  Command Line and the Tiny Model  main(), --tiny
+     2364  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2979  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3175  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3610  Several Processes (torchrun)     one all-reduce per step
+     3700  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2258,8 +2258,8 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def block_contexts() -> dict:
-    """checkpoint's context_fn for a joint block: its forward, then its recompute, both `checkpointed`. None
-    when a torch.compile of the whole model traces it: there checkpoint takes dispatch modes only."""
+    """checkpoint's keywords for a joint block: a context_fn running its forward and recompute `checkpointed`;
+    none ({}) while torch.compile traces the whole model: there checkpoint takes dispatch modes only."""
     return {} if torch.compiler.is_compiling() else {"context_fn": lambda: (checkpointed(), checkpointed())}
 
 
@@ -2311,7 +2311,8 @@ class Fp8Linear(nn.Linear):
 
 @torch.no_grad()
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
-    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`.
+    -> the model; one holding LoRA layers, or with no plain Linear left to quantize, is refused."""
     model = unwrap_mmdit(model, "quantize_mmdit", "scales=None")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
     if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
