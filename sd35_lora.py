@@ -2379,10 +2379,10 @@ def _coerce(value, default, key: str):
             raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
                             f"unquoted 'a: b' as a mapping)")
         text = "" if value is None else str(value)
-        if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # else the tokenizers' bare TypeError
+        if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # the tokenizers cannot encode it
             raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
                             f"itself, in UTF-8)")
-        if key in PATH_KEYS and "\0" in text:                        # else os's bare "embedded null byte"
+        if key in PATH_KEYS and "\0" in text:                        # os would say only "embedded null byte"
             raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
                             f"{text!r:.60}")
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
@@ -2414,7 +2414,7 @@ def listed(value, name: str) -> list:
 def read_number(value, whole: bool, name: str) -> int | float:
     """`value` as an int (whole: 20.0 too) or a float, numpy's too; NaN or True would pass every `<` check."""
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    value = value.item() if number and hasattr(value, "item") else value  # numpy's: a float32 warned at `<=`
+    value = value.item() if number and hasattr(value, "item") else value  # numpy's: a float32 warns at `<=`
     if not number or not abs(value) <= sys.float_info.max or whole and value % 1:   # NaN, inf, 10**400: no
         raise UserError(f"{name} must be a {'whole' if whole else 'finite'} number, got {value!r:.60}")
     return int(value) if whole else float(value)
@@ -2558,7 +2558,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
         raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
                         "settings=SampleSettings(...)")
-    if not all(isinstance(text, str) for text in [negative, *prompts]):       # e.g. None: a bare TypeError
+    if not all(isinstance(text, str) for text in [negative, *prompts]):    # e.g. None: no tokenizer reads it
         raise UserError(f"prompts and the negative prompt must be text (str), the negative one for all: got "
                         f"{prompts!r:.60} and {negative!r:.60}")
     if embeddings is None and pipe.text is None:
@@ -2566,7 +2566,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         "uncond) from TextEncoders.encode, or load the pipeline again")
     if embeddings is None:
         return
-    try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: a bare ValueError
+    try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: no (cond, uncond)
         (context, pooled), uncond = embeddings
         widths = context.shape[2], pooled.shape[1]
     except (TypeError, ValueError, AttributeError, IndexError):
@@ -2620,7 +2620,7 @@ def read_prompts(prompts) -> list[str]:
 
 def check_image_batch(images, call: str = "VAE.encode", channels: int = 3):
     """VAE.encode's images, VAE.decode's latents: GroupNorm's error for one (C, H, W) names neither the shape
-    nor the fix; uint8 pixels in 0..255 were encoded silently as if in [-1, 1]."""
+    nor the fix; uint8 pixels in 0..255 would be encoded silently as if in [-1, 1]."""
     tensor = isinstance(images, torch.Tensor)
     if not (tensor and images.ndim == 4 and images.shape[1] == channels):
         shown = f"a tensor of shape {tuple(images.shape)}" if tensor else repr(images)
@@ -2691,8 +2691,8 @@ def target_regexes(targets: str) -> list[re.Pattern]:
 
 
 def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, float]:
-    """add_lora's arguments from Python, read as a config file's: rank "4" or 4.0 was a bare TypeError, alpha
-    "8" one at the first forward, dropout 1.5 torch's ValueError (-0.1: no dropout, silently)."""
+    """add_lora's arguments from Python, read as a config file's -> (rank, alpha, dropout): rank "4" or 4.0
+    would fail in torch, alpha "8" at the first forward, dropout 1.5 in nn.Dropout (-0.1: silently none)."""
     rank, dropout = read_number(rank, True, "rank"), read_number(dropout, False, "dropout")
     alpha = alpha if alpha is None else check_alpha(read_number(alpha, False, "alpha"), rank)
     if not (0 <= dropout < 1 and isinstance(targets, str)):
@@ -2713,8 +2713,8 @@ def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
 
 def validate(cfg: Config) -> Config:
     """Reject bad values before any model is loaded, instead of hours into a run. -> a copy, its values read
-    as a config file's: a Config made in Python may hold Path objects (the checkpoint's JSON refused them)."""
-    if not isinstance(cfg, Config):                    # e.g. train("config.yaml"): asdict's bare TypeError
+    as a config file's: a Config made in Python may hold Path objects, which the state file's JSON cannot."""
+    if not isinstance(cfg, Config):                    # e.g. train("config.yaml"), which asdict cannot read
         raise UserError(f"train() takes a Config, e.g. load_config('config.yaml'), not {cfg!r:.60}")
     cfg = _fill(type(cfg)(), dataclasses.asdict(cfg))
     flat = flat_config(cfg)
@@ -2729,7 +2729,7 @@ def validate(cfg: Config) -> Config:
                         f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
     if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
         raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
-    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else bare errors later
+    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else: TBs of bins, overflow
         raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
                         f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
     if cfg.sample.sample_steps > MAX_STEPS:             # else refused only once the models have loaded
@@ -2791,11 +2791,11 @@ def read_yaml(path: str, text: str | None = None):
         return loader.construct_mapping(node, deep=True)
     loader = type("UniqueKeyLoader", (yaml.SafeLoader,), {})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, unique_keys)
-    # YAML 1.1 rewrote paths, prompts: `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false
+    # YAML 1.1 rewrites paths, prompts: `010` as 8, `2024_01` 202401, `1:30` 90, `2024-1-5` a date, `no` false
     drop = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool"))
     loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in drop]
                                       for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    for tag in drop:                # tagged too: `!!int x` was a bare ValueError, `!!bool maybe` a KeyError
+    for tag in drop:                # `!!int x`, `!!bool maybe` too: text, which _coerce reads or refuses
         loader.add_constructor(tag, yaml.SafeLoader.construct_scalar)
     text = file_path(path, "a YAML config file").read_text(encoding="utf-8") if text is None else text
     return yaml.load(text, loader)
