@@ -3112,7 +3112,7 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         (len({int(name.split("_")[0]) for name in repeats}) > 1, f"kohya's repeat folders ({eg(repeats)}): "
          f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
         (orphans, f"{counted(len(orphans), '.txt caption has', '.txt captions have')} no image, e.g. "
-                  f"{eg(orphans)}; {read}"),                                             # a .heic's?
+                  f"{eg(orphans)}; {read}"),                                     # e.g. a .heic's caption
         (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}")]
     for when, text in said:
         if when:
