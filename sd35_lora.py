@@ -3289,8 +3289,8 @@ def lock_output_dir(out: Path):
         else:
             import fcntl
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(file.fileno()).st_nlink == 0:   # unlinked by a failed run ending here, which took out
-                file.close()                            # too if it made it (remove_if_unused): made again
+            if os.fstat(file.fileno()).st_nlink == 0:   # unlinked by a failed run's remove_if_unused, which
+                file.close()                            # removes `out` too if the run made it: make both anew
                 writable_dir(out, "output_dir")
                 return lock_output_dir(out)
         return file
@@ -3331,7 +3331,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                             f"another output_dir (--set output_dir=...), outside the dataset")
         loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
         ran = saved or loras or any(any(out.glob(n)) for n in ("log.jsonl", "loss.png", "samples_step_*"))
-        if not ran:                                 # e.g. ~/Pictures: "empty it" would delete the user's files
+        if not ran:                         # e.g. ~/Pictures: "empty it" would delete the user's files
             raise UserError(f"output_dir {out} holds files that no run wrote (e.g. {shown[0]!r}): choose "
                             f"a new or empty output_dir (--set output_dir=...)")
         fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
@@ -3442,9 +3442,9 @@ def end_training(trainer: Trainer, old_handlers: dict):
     (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
     restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
-        trainer.bar.close()             # redrew it with each line of the next run, whose bar came below it
+        trainer.bar.close()             # redraws an open bar with each line the next run prints
     if getattr(trainer, "lock", None):
-        if sys.platform == "win32":         # closed locked, it is freed "after a delay": a retry was refused
+        if sys.platform == "win32":         # closed locked, it unlocks "after a delay", refusing a next run
             import msvcrt
             msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
             trainer.lock.close()            # before the unlink: Windows unlinks no open file
