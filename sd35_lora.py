@@ -32,7 +32,7 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2979  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3175  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3610  Several Processes (torchrun)     one all-reduce per step
-     3700  Command Line and the Tiny Model  main(), --tiny
+     3699  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3620,8 +3620,7 @@ def under_torchrun() -> bool:
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): torchrun's. A plain run is process 0 whatever a stray RANK
-    says (as process 1 it hid its own errors), of WORLD_SIZE processes if one is exported: check_sources
-    refuses that."""
+    says (as process 1 it would hide its errors), of WORLD_SIZE if exported: check_sources refuses that."""
     rank = int(os.environ.get("RANK") or 0) if under_torchrun() else 0
     return rank, int(os.environ.get("WORLD_SIZE") or 1)
 
@@ -3661,8 +3660,8 @@ def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[
 
 
 def collective(call, *args, **kwargs):
-    """Joining, a barrier or an all-reduce of every process: one that died, or never came within
-    train.dist_timeout, is a one-line error (it was a traceback outside the training steps)."""
+    """`call` (joining, a barrier or an all-reduce of every process) -> its result; a process that died, or
+    never came within train.dist_timeout, is a one-line UserError, in the training steps or out of them."""
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:                       # a peer closed the connection (gloo), or the timeout
@@ -3671,7 +3670,7 @@ def collective(call, *args, **kwargs):
             said = " ".join(str(e).split("Exception raised from")[0].split())  # /dev/shm), on one line
             raise UserError(f"{said} (NCCL's own error: fix what it names, then run again, with --resume "
                             f"once a checkpoint was saved)", own=True) from None
-        # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": cut to 99, it hid the timeout
+        # gloo's start with an 80-character "[/__w/.../tcp/pair.cc:553] ": dropped, so the cut keeps the cause
         said = re.sub(r"^\[\S+\] ", "", str(e).partition("\n")[0])
         said = said if len(said) <= 120 else said[:120].rsplit(". ", 1)[0]     # whole sentences if it can
         if "failed to listen" in said:      # process 0's store: MASTER_PORT taken, e.g. by another job
