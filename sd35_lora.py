@@ -3780,8 +3780,8 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
-    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set, and a
-    Ctrl-C or SIGTERM stays that program's (train() had failed there, after loading and caching)."""
+    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set (else a
+    ValueError ends train() after its loading and caching), and a Ctrl-C or SIGTERM stays that program's."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -3813,8 +3813,8 @@ def read_argv(argv, example: str) -> list[str] | None:
 
 def prepare_console():
     """A CLI script's console after its imports: Ctrl-C (silenced for them) raises KeyboardInterrupt again;
-    pythonw's None stdout/stderr become os.devnull (reconfigure and progress bars failed); a log gets lines in
-    order, and what stdout cannot encode (Windows' cp1252 when redirected) as \\u escapes."""
+    pythonw's None stdout/stderr become os.devnull (reconfigure and progress bars need a file); a log gets
+    lines in order, and what stdout cannot encode (Windows' cp1252 when redirected) as \\u escapes."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
