@@ -1912,7 +1912,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
     """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
-    None without `download`."""
+    None without `download`; else (not found, a failed download) a UserError."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
