@@ -2429,7 +2429,7 @@ def read_flag(value, name: str) -> bool:
 
 
 def _fill(obj, data: dict, prefix: str = ""):
-    """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    """Set dataclass fields from a nested dict -> `obj`; an unknown key is refused, naming the likely one."""
     if not isinstance(data, dict):
         raise UserError(f"config {prefix[:-1] or 'file'} needs `key: value` lines, got {data!r:.60}")
     names = [f.name for f in dataclasses.fields(obj)]
@@ -2666,7 +2666,7 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
 
 
 def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`."""
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`; else a UserError."""
     if not spec:
         return set(range(depth))
     blocks = set()
@@ -2682,7 +2682,7 @@ def parse_blocks(spec: str, depth: int) -> set[int]:
 
 
 def target_regexes(targets: str) -> list[re.Pattern]:
-    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled."""
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled; a bad one: a UserError."""
     patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
     try:
         return [re.compile(p.strip()) for p in patterns if p.strip()]
@@ -2802,7 +2802,7 @@ def read_yaml(path: str, text: str | None = None):
 
 
 def load_config(path: str | dict | None, overrides: list[str] | str | None = ()) -> Config:
-    """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values parsed as YAML)."""
+    """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values as YAML), validated."""
     import yaml
     config = Config()
     if path is not None:            # None alone means no file: 0, False, "" or [] is a mistake
