@@ -3315,7 +3315,7 @@ def remove_if_unused(out: Path, made: list[Path]):
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
-    trajectory changes and state header"""
+    trajectory changes and state header."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
