@@ -1500,7 +1500,7 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards; else those of
     the fp16 variant (a folder saved with variant="fp16" has only them); neither: a UserError."""
     for variant in ("", ".fp16"):
-        if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder, a broken link: read_... says
+        if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder or dead link: named when read
             return [folder / f"{stem}{variant}.safetensors"]
         index = folder / f"{stem}.safetensors.index{variant}.json"
         if index.is_file():
