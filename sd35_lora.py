@@ -2613,7 +2613,7 @@ def in_eval_mode(model: nn.Module):
 def read_prompts(prompts) -> list[str]:
     """TextEncoders.encode's prompts: one text, or a list, tuple, numpy or pandas array of texts."""
     prompts = listed(prompts, "prompts")
-    if not all(isinstance(text, str) for text in prompts):          # None, bytes: the tokenizers' bare errors
+    if not all(isinstance(text, str) for text in prompts):       # None, bytes: else the tokenizers' traceback
         raise UserError(f"prompts must be text (str) or a list of texts, got {prompts!r:.60}")
     return prompts
 
