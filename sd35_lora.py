@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2231  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2364  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2979  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3175  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3610  Several Processes (torchrun)     one all-reduce per step
-     3699  Command Line and the Tiny Model  main(), --tiny
+     2982  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3178  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3613  Several Processes (torchrun)     one all-reduce per step
+     3702  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2935,6 +2935,9 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
         changes = json.loads(meta.get("changes", "[]"))
         if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
             raise ValueError
+    except UserError as e:                  # _fill's refusal of a key or value, e.g. one a newer version wrote
+        raise UserError(f"{path}: this sd35_lora.py refuses its config ({e}); resume with the version that "
+                        f"saved it, or start over in a new output_dir") from None
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError):
         raise UserError(f"{path} lacks a readable step and config: start over in a new output_dir") from None
     before = saved["train.batch_size"] * saved["train.grad_accum"] * was   # kept: exact on any world size

@@ -6526,6 +6526,11 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config, **header})
         one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
                        "lacks a readable step and config")
+    newer = json.dumps({**dataclasses.asdict(tiny_config(tmp_path)), "ema": 0.999})   # a key of a later version
+    save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": newer})
+    one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
+                   r"state.safetensors: this sd35_lora.py refuses its config \(unknown config key 'ema'.*\); resume "
+                   "with the version that saved it")      # was "lacks a readable step and config: start over"
     save_file({"param.0": torch.zeros(2)}, tmp_path / "state.safetensors")
     params = [torch.nn.Parameter(torch.zeros(2))]
     state = lambda: sd.load_training_state(tmp_path / "state.safetensors", params, torch.optim.AdamW(params), {})
