@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3583  Several Processes (torchrun)     one all-reduce per step
-     3673  Command Line and the Tiny Model  main(), --tiny
+     3586  Several Processes (torchrun)     one all-reduce per step
+     3676  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3230,6 +3230,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
@@ -3237,12 +3238,14 @@ def _atomic_save(data, path: str | Path, metadata=None):
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
+               else "rename the file on its path where a folder belongs" if misplaced
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):          # where mkdir failed, unlink fails too: not over its error
+            tmp.unlink()
 
 
 def writable_dir(path: str | Path, what: str):

@@ -3547,6 +3547,17 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                    r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
 
 
+def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
+    """A file in place of a folder on the path (save_lora(model, "runs/fox/lora.safetensors") with runs/fox a file):
+    the clean-up of the temporary file, never written, raised a bare NotADirectoryError naming that temporary file
+    in place of the one line (and a path too long for Linux, File name too long, alike)."""
+    (tmp_path / "fox").write_text("a file")
+    for path in (tmp_path / "fox" / "lora.safetensors", tmp_path / "fox" / "deeper" / "lora.safetensors"):
+        one_line_error(lambda: sd.save_lora(lora_model(), path), r"^cannot write .*fox/.*lora.safetensors \(.*\): "
+                       r"rename the file on its path where a folder belongs or choose another folder")
+    assert os.listdir(tmp_path) == ["fox"]
+
+
 def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
     """generate(..., embeddings=pipe.text.encode(prompts)) (the cond pair alone, not (cond, uncond)) failed with a
     bare "not enough values to unpack", embeddings of another model's widths with torch's "mat1 and mat2 shapes
