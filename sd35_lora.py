@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3586  Several Processes (torchrun)     one all-reduce per step
-     3676  Command Line and the Tiny Model  main(), --tiny
+     3598  Several Processes (torchrun)     one all-reduce per step
+     3688  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3293,6 +3293,16 @@ def remove_if_unused(out: Path, made: list[Path]):
                 folder.rmdir()
 
 
+def remove_killed_writes(folder: Path):
+    """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
+    the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
+    younger one may be a write at work (sample.py's, another run's cache)."""
+    for tmp in [*folder.glob(".*.*-????????.tmp"), *folder.glob("*/.*.*-????????.tmp")]:
+        with contextlib.suppress(OSError):                  # (another run removed it first)
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
@@ -3320,6 +3330,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     writable_dir(out, "output_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+    for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
+        remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
         drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
     return resumed

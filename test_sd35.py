@@ -3547,6 +3547,23 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                    r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
 
 
+def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path):
+    """kill -9 (the OOM killer, a scheduler's SIGKILL after its grace time) or a power cut while a file was written
+    left its hidden temporary file, as large as a LoRA, the training state or a cache file, in output_dir or
+    dataset.cache_dir for good. Those over an hour old go; a younger one may be another run's write at work."""
+    (tmp_path / "data").mkdir()
+    killed = [tmp_path / "run" / ".lora.safetensors.123-0a1b2c3d.tmp",
+              tmp_path / "cache" / "latents" / ".0f8d.safetensors.123-0a1b2c3d.tmp"]
+    at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
+    for path in [*killed, at_work]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    for path in killed:
+        os.utime(path, (time.time() - 7200,) * 2)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images")
+    assert not any(path.exists() for path in killed) and at_work.exists()
+
+
 def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
     """A file in place of a folder on the path (save_lora(model, "runs/fox/lora.safetensors") with runs/fox a file):
     the clean-up of the temporary file, never written, raised a bare NotADirectoryError naming that temporary file
