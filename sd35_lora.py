@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2360  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2961  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3157  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3598  Several Processes (torchrun)     one all-reduce per step
-     3688  Command Line and the Tiny Model  main(), --tiny
+     3599  Several Processes (torchrun)     one all-reduce per step
+     3689  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3297,7 +3297,8 @@ def remove_killed_writes(folder: Path):
     """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
     the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
     younger one may be a write at work (sample.py's, another run's cache)."""
-    for tmp in [*folder.glob(".*.*-????????.tmp"), *folder.glob("*/.*.*-????????.tmp")]:
+    named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
+    for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink()
