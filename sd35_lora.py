@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2365  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2983  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3179  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3614  Several Processes (torchrun)     one all-reduce per step
-     3703  Command Line and the Tiny Model  main(), --tiny
+     3630  Several Processes (torchrun)     one all-reduce per step
+     3719  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3252,6 +3252,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
+        misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
@@ -3259,12 +3260,14 @@ def _atomic_save(data, path: str | Path, metadata=None):
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
+               else "rename the file on its path where a folder belongs" if misplaced
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long else "free disk space")
         raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
                         f"folder; older files are intact") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):          # where mkdir failed, unlink fails too: not over its error
+            tmp.unlink()
 
 
 def writable_dir(path: str | Path, what: str):
@@ -3316,6 +3319,17 @@ def remove_if_unused(out: Path, made: list[Path]):
                 folder.rmdir()
 
 
+def remove_killed_writes(folder: Path):
+    """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
+    the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
+    younger one may be a write at work (sample.py's, another run's cache)."""
+    named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
+    for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
+        with contextlib.suppress(OSError):                  # (another run removed it first)
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
     only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
@@ -3347,6 +3361,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     writable_dir(out, "output_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+    for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
+        remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
         drop_log_lines_after(trainer.log_path, int(resumed[1]["step"]))
     return resumed

@@ -3610,6 +3610,35 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                    r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
 
 
+def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path):
+    """kill -9 (the OOM killer, a scheduler's SIGKILL after its grace time) or a power cut while a file was written
+    left its hidden temporary file, as large as a LoRA, the training state or a cache file, in output_dir or
+    dataset.cache_dir for good. Those over an hour old go; a younger one may be another run's write at work."""
+    (tmp_path / "data").mkdir()
+    killed = [tmp_path / "run" / ".lora.safetensors.123-0a1b2c3d.tmp",
+              tmp_path / "cache" / "latents" / ".0f8d.safetensors.123-0a1b2c3d.tmp"]
+    at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
+    not_ours = tmp_path / "cache" / ".notes.backup-20240101.tmp"                   # a file of the user's
+    for path in [*killed, at_work, not_ours]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    for path in [*killed, not_ours]:
+        os.utime(path, (time.time() - 7200,) * 2)
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images")
+    assert not any(path.exists() for path in killed) and at_work.exists() and not_ours.exists()
+
+
+def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
+    """A file in place of a folder on the path (save_lora(model, "runs/fox/lora.safetensors") with runs/fox a file):
+    the clean-up of the temporary file, never written, raised a bare NotADirectoryError naming that temporary file
+    in place of the one line (and a path too long for Linux, File name too long, alike)."""
+    (tmp_path / "fox").write_text("a file")
+    for path in (tmp_path / "fox" / "lora.safetensors", tmp_path / "fox" / "deeper" / "lora.safetensors"):
+        one_line_error(lambda: sd.save_lora(lora_model(), path), r"^cannot write .*fox/.*lora.safetensors \(.*\): "
+                       r"rename the file on its path where a folder belongs or choose another folder")
+    assert os.listdir(tmp_path) == ["fox"]
+
+
 def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_function():
     """generate(..., embeddings=pipe.text.encode(prompts)) (the cond pair alone, not (cond, uncond)) failed with a
     bare "not enough values to unpack", embeddings of another model's widths with torch's "mat1 and mat2 shapes
