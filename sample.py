@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
-    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower; for checking; "
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA's MMDiT part unmerged (slower; for checking; "
                    "one unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the "
@@ -219,7 +219,7 @@ def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> 
     if len(args.lora_scale) < 2:                        # one scale (none: 1.0) for all the LoRAs; the PNG
         args.lora_scale = (args.lora_scale or [1.0]) * len(args.lora)     # records each one's, not the flags
     for path, scale in zip(args.lora, args.lora_scale):
-        n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge)
+        n = sd.load_lora(pipe.mmdit, path, scale, merge=not args.no_merge, text=pipe.text)
         print(f"loaded {path} on {sd.counted(n, 'layer')} (scale {scale})")
     if args.compile:
         pipe.mmdit.compile_blocks()

@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1878  Hub Downloads                    snapshot downloads, tokenizers
      1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2232  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2365  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2983  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3179  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3630  Several Processes (torchrun)     one all-reduce per step
-     3719  Command Line and the Tiny Model  main(), --tiny
+     2274  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3672  Several Processes (torchrun)     one all-reduce per step
+     3761  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2005,6 +2005,11 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_", "lycoris_")
 TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' part: CLIP-L, CLIP-G, T5
+# Its layers' names in diffusers' pipeline -> their prefix in diffusers/PEFT (no T5: diffusers loads none),
+# kohya sd-scripts (+ transformers' names flattened with "_") and ComfyUI's generic layout
+TEXT_LORA_NAMES = {"text_encoder": ("text_encoder.", "lora_te1_", "text_encoders.clip_l.transformer."),
+                   "text_encoder_2": ("text_encoder_2.", "lora_te2_", "text_encoders.clip_g.transformer."),
+                   "text_encoder_3": ("lora_te3_", "text_encoders.t5xxl.transformer.")}
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
@@ -2014,10 +2019,10 @@ LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), Fa
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
 
 
-def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
-    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
+def lora_metadata(meta: dict, path, part: str = "transformer") -> tuple[dict, dict]:
+    """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (flat: "transformer.r"), for `part`."""
     try:
-        headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
+        headers = tuple({k.removeprefix(f"{part}."): v for k, v in json.loads(meta.get(h, "{}")).items()}
                         for h in ("sd35_lora", "lora_adapter_metadata"))
     except (ValueError, AttributeError, RecursionError):
         raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
@@ -2064,32 +2069,36 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
-    if text and not groups and not rest:                    # (else e.g. an SDXL LoRA: read_lora says so)
-        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}): only MMDiT LoRAs are applied")
-    if text and groups:                 # diffusers and ComfyUI apply it: their images differ from these
+    if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
+        return {}                                               # LoRA's (its CLIPs' may): read_lora says why
+    unloaded = ("no such layer in the text encoders given: is T5 off (--no-t5, use_t5 false)? From Python: "
+                "load_lora(..., text=pipe.text)")
+    if text and not groups:
+        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}), {unloaded}")
+    if text:                            # diffusers and ComfyUI apply it: their images differ from these
         print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {text[0]}) "
-              f"is not applied, only its MMDiT part", file=sys.stderr)
-    if rest and groups:                                     # (no groups: read_lora says why)
+              f"is not applied, {unloaded}", file=sys.stderr)
+    if rest:
         print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
 
 
-def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A LoRA file in any supported layout -> {official module: (down (r, in), up (out, r) * alpha / r)},
-    checked against the model's layers. Raises UserError, touching nothing, when the file does not fit."""
+def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
+    """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
+    checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    ours, peft = lora_metadata(meta, path)
+    ours = lora_metadata(meta, path)[0]
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    alphas = _alpha_pattern(peft, path)         # (PEFT's rank_pattern: each module's rank is its shape's)
-    spellings, pieces = {}, {}  # a name past LORA_PREFIXES: official or diffusers, "." or "_" -> its part,
-    for official, parts in diffusers_names(depth).items():     # and whether it is a diffusers name
-        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
-        for i, part in enumerate(parts):
-            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+    pefts = {}        # each part's PEFT header and alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
+    for part in ("transformer", *TEXT_LORA_NAMES):
+        peft = lora_metadata(meta, path, part)[1]
+        pefts[part] = peft, _alpha_pattern(peft, path)
+    targets = loadable_layers(model, text)
+    spellings, pieces = _lora_spellings(depth, targets), {}
     groups = _lora_groups(sd, path, spellings)
     if not groups:
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
@@ -2109,7 +2118,9 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
                             f"vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
+        official, index, n_parts, diffusers = spellings[module]
         rank = down.shape[0]
+        peft, alphas = pefts.get(official.partition(".")[0], pefts["transformer"])
         key = next((pattern for pattern in alphas if pattern.match(module)), None)   # PEFT: the first
         alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
         divisor = math.sqrt(rank) if peft.get("use_rslora") else rank      # PEFT's rsLoRA: alpha / sqrt(r)
@@ -2117,13 +2128,28 @@ def read_lora(model: MMDiT, path: str | Path) -> dict[str, tuple[torch.Tensor, t
         if not bound <= torch.finfo(torch.float32).max:     # |(up down)_ij| <= |up| |down|: inf weights else
             raise UserError(f"{path}: '{module}' has alpha {alpha:g} (rank {rank}): its update would "
                             f"overflow to inf (a damaged file?); use another file")
-        official, index, n_parts, diffusers = spellings[module]
         up = swap_modulation(up, official, depth) if diffusers else up
         slots = pieces.setdefault(official, [None] * n_parts)
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
             _two_adapters(path, official, module)
         slots[index] = (down, up * (alpha / divisor))
-    return _fit_lora(model, pieces, path)
+    return _fit_lora(model, pieces, path, targets)
+
+
+def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:
+    """A layer's names in LoRA files, past LORA_PREFIXES (official or diffusers, "." or "_"; a text encoder's
+    in each layout of TEXT_LORA_NAMES) -> (official name, its part, of how many, whether a diffusers name)."""
+    spellings = {}
+    for official, parts in diffusers_names(depth).items():
+        spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
+        for i, part in enumerate(parts):
+            spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+    for official in targets:
+        part, _, name = official.partition(".")
+        for prefix in TEXT_LORA_NAMES.get(part, ()):
+            spelled = name.replace(".", "_") if prefix.endswith("_") else name       # kohya's, or as named
+            spellings[prefix + spelled] = (official, 0, 1, False)
+    return spellings
 
 
 def _two_adapters(path, official: str, key: str):
@@ -2151,9 +2177,9 @@ def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
     return {re.compile(rf"(.*\.)?({k})$"): alpha for k, alpha in alphas.items()}      # as PEFT matches them
 
 
-def _fit_lora(model: MMDiT, pieces: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Check each module's (down, up) parts against the model's layer and join them into one adapter."""
-    modules, adapters = dict(model.named_modules()), {}
+def _fit_lora(model: MMDiT, pieces: dict, path, modules: dict) -> dict[str, tuple]:
+    """Check each module's (down, up) parts against its layer in `modules` and join them into one adapter."""
+    adapters = {}
     for official, parts in pieces.items():
         layer = modules.get(official)
         if not isinstance(layer, nn.Linear):
@@ -2183,28 +2209,44 @@ def merge_delta(layer: nn.Module, delta: torch.Tensor):
         layer.weight += delta.to(layer.weight.device, layer.weight.dtype)
 
 
+def loadable_layers(model: MMDiT, text: TextEncoders | None) -> dict[str, nn.Module]:
+    """The layers a LoRA file may change: the MMDiT's by official name, the Linears of the text encoders given
+    as diffusers' pipeline names them: text_encoder.* CLIP-L, text_encoder_2.* CLIP-G, text_encoder_3.* T5."""
+    if text is not None and not isinstance(text, TextEncoders):        # e.g. the Pipeline
+        raise UserError(f"load_lora's text takes the text encoders (pipe.text), not a {type(text).__name__}")
+    targets = dict(model.named_modules())
+    for part, encoder in zip(TEXT_LORA_NAMES, (text.clip_l, text.clip_g, text.t5) if text else ()):
+        for name, layer in encoder.named_modules() if encoder is not None else ():
+            if isinstance(layer, nn.Linear):
+                targets[f"{part}.{name}"] = layer
+    return targets
+
+
 @torch.no_grad()
-def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True) -> int:
-    """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. All or
-    nothing: a failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
+def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = True,
+              text: TextEncoders | None = None) -> int:
+    """Apply a LoRA file, merged (stackable, zero overhead) or as LoRALinear; returns the layer count. Its
+    text-encoder part goes into `text` (pipe.text), merged: they run once per prompt. All or nothing: a
+    failure part way (Ctrl-C, out of memory) undoes the layers done, so a notebook can retry."""
     merge = read_flag(merge, "merge")
     model = unwrap_mmdit(model, "load_lora", "path", adds_layers=not merge)
     scale = read_number(scale, False, "the LoRA scale")       # NaN or inf would be merged into every weight
-    adapters = read_lora(model, path)                      # validates everything before touching the model
+    adapters, layers = read_lora(model, path, text), loadable_layers(model, text)   # read_lora checks it all
     dtype = model.compute_dtype                             # (fp8 weights dequantize to it)
     for name, (down, up) in adapters.items():       # |s (up down)_ij| <= |s| |up| |down|: inf weights else
         if not abs(scale) * float(torch.linalg.norm(up) * torch.linalg.norm(down)) <= torch.finfo(dtype).max:
             raise UserError(f"{path} at scale {scale:g} would make inf {'weights' if merge else 'outputs'} "
                             f"in {str(dtype)[6:]} at '{name}': lower the scale")
-    taken = [name for name in adapters if isinstance(model.get_submodule(name), LoRALinear)]
-    if taken and not merge:
+    unmerged = [] if merge else [name for name in adapters if not name.startswith(tuple(TEXT_LORA_NAMES))]
+    taken = [name for name in unmerged if isinstance(layers[name], LoRALinear)]
+    if taken:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
                         f"merge the others (sample.py: leave out --no-merge)")
     done = {}                                       # {name: the layer as it was}, undone if a later one fails
     try:
         for name, (down, up) in adapters.items():
-            layer = model.get_submodule(name)
-            if merge:
+            layer = layers[name]
+            if name not in unmerged:
                 merge_delta(layer, (up @ down) * scale)
                 done[name] = layer
             else:       # LoRALinear's random init, overwritten at once, must leave the caller's seed alone
@@ -2220,8 +2262,8 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
                 wrapped.multiplier = scale
     except BaseException:       # e.g. Ctrl-C or out of memory part way: the layers done are undone
         for name, layer in done.items():
-            if merge:           # subtracted, not restored from a copy (that would cost the model's size):
-                down, up = adapters[name]           # as it was to within rounding (fp8: its rounding)
+            if name not in unmerged:    # subtracted, not restored from a copy (that would cost the model's
+                down, up = adapters[name]           # size): as it was to within rounding (fp8: its rounding)
                 merge_delta(layer, -(up @ down) * scale)
             else:
                 _replace(model, name, layer)

@@ -1495,8 +1495,8 @@ def test_a_lora_load_failing_part_way_leaves_the_model_as_it_was(tmp_path, monke
     before, modules = {k: v.clone() for k, v in model.state_dict().items()}, dict(model.named_modules())
     read_lora = sd.read_lora
 
-    def late_failure(model, path):
-        adapters = read_lora(model, path)
+    def late_failure(model, path, text=None):
+        adapters = read_lora(model, path, text)
         name = list(adapters)[len(adapters) // 2]                              # half of the layers come first
         adapters[name] = (adapters[name][0], adapters[name][1].as_subclass(FailsWhenUsed))
         return adapters
@@ -1828,6 +1828,122 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     capsys.readouterr()
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "sdxl.safetensors"), "matches no layer")
     assert "text-encoder" not in capsys.readouterr().err
+
+
+def peft_text_lora(folder: Path, path: Path):
+    """A CLIP-L + CLIP-G LoRA trained with PEFT (r 4, lora_alpha 8: the scale is in the metadata), as diffusers'
+    SD3 scripts save one with --train_text_encoder."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    g, parts = torch.Generator().manual_seed(5), {}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name)
+        encoder.add_adapter(config)
+        with torch.no_grad():
+            for key, p in encoder.named_parameters():
+                if "lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        parts.update({f"{name}_lora_layers": get_peft_model_state_dict(encoder),
+                      f"{name}_lora_adapter_metadata": config.to_dict()})
+    StableDiffusion3Pipeline.save_lora_weights(path.parent, weight_name=path.name, **parts)
+
+
+def test_a_loras_text_encoder_part_is_applied_as_diffusers_applies_it(diffusers_folder, tmp_path, monkeypatch):
+    """A LoRA trained with the text encoders (diffusers' --train_text_encoder; sd-scripts' lora_te1_/lora_te2_,
+    the civitai ones) changed only the MMDiT here, its CLIP-L/CLIP-G part left out with a warning (a
+    text-encoder-only file, this one, was refused): the images were not diffusers' or ComfyUI's. Now the part
+    is merged into them, scaled by --lora-scale as diffusers' joint_attention_kwargs scale does, --no-merge too;
+    kohya's and ComfyUI's layouts of the same LoRA give the same embeddings."""
+    peft = pytest.importorskip("peft")
+    from diffusers import StableDiffusion3Pipeline
+    from transformers.integrations import peft as transformers_peft
+    # transformers 5 asks for peft 0.22 (unreleased; 0.21.2 is the newest) for a text encoder's adapters: its
+    # add_adapter and load_adapter (diffusers' load_lora_weights) work with 0.21, as this test shows
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", peft.__version__)
+    folder, _ = diffusers_folder
+    lora = tmp_path / "text.safetensors"
+    peft_text_lora(folder, lora)
+    ref = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    plain = run_diffusers(ref, ["a red fox"], seed=1, steps=3, t5_length=16)
+    ref.load_lora_weights(lora)
+    expected = run_diffusers(ref, ["a red fox"], seed=1, steps=3, t5_length=16, joint_attention_kwargs={"scale": 0.6})
+    assert np.abs(expected.astype(int) - plain).max() > 20                     # the LoRA does change the images
+    args = ["--model", str(folder), "--lora", str(lora), "--lora-scale", "0.6", "--prompt", "a red fox", "--seed", "1",
+            "--steps", "3", "--cfg", "4.5", "--sampler", "euler", "--t5-length", "16", "--width", "64", "--height", "64"]
+    for flags in ([], ["--no-merge"]):
+        assert_images_close(images_of(sample.main([*args, *flags, "--out", str(tmp_path / f"o{len(flags)}")])), expected)
+    with torch.no_grad():
+        context, _, pooled, _ = ref.encode_prompt("a red fox", None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=16, lora_scale=0.6)
+    layouts = {"kohya": lambda part, module, role: f"lora_te{part[-1] if part[-1] == '2' else 1}_"
+                                                   f"{module.replace('.', '_')}.lora_{'down' if role == 'A' else 'up'}",
+               "comfyui": lambda part, module, role: f"text_encoders.{'clip_g' if part[-1] == '2' else 'clip_l'}"
+                                                     f".transformer.{module}.lora_{role}"}
+    for layout, spell in layouts.items():                   # alpha 8 as a tensor, with no PEFT metadata
+        renamed = {}
+        for key, tensor in load_file(lora).items():
+            name = spell(*re.fullmatch(r"(text_encoder(?:_2)?)\.(.+)\.lora_([AB])\.weight", key).groups())
+            renamed.update({f"{name}.weight": tensor, f"{name.rsplit('.', 1)[0]}.alpha": torch.tensor(8.0)})
+        save_file(renamed, tmp_path / f"{layout}.safetensors")
+    for path in (lora, tmp_path / "kohya.safetensors", tmp_path / "comfyui.safetensors"):
+        pipe = sd.load_pipeline(str(folder), device="cpu", t5_length=16)
+        assert sd.load_lora(pipe.mmdit, path, scale=0.6, text=pipe.text) == 2 * 3 * 6        # 2 CLIPs x 3 layers
+        ours = pipe.text.encode(["a red fox"])
+        torch.testing.assert_close(ours[0][:, :, :context.shape[-1]], context, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[1], pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loras_t5_part_is_merged_or_said_to_be_left_out_and_bad_parts_refused(tmp_path, capsys, monkeypatch):
+    """sd-scripts' train_t5xxl=True writes T5-XXL's part as lora_te3_ (ComfyUI loads it; diffusers loads no T5
+    LoRA): merged as scale * alpha / rank * up @ down; with T5 off (--no-t5) a warning says it is not applied.
+    A text part of wrong shapes, NaN or half a pair is a one-line error naming it, and nothing is changed, as
+    when a load stops part way (Ctrl-C)."""
+    pipe, g = sd.tiny_pipeline(), torch.Generator().manual_seed(0)
+    pair = lambda key, layer, alpha: {f"{key}.lora_down.weight": torch.randn(2, layer.in_features, generator=g),
+                                      f"{key}.lora_up.weight": torch.randn(layer.out_features, 2, generator=g),
+                                      f"{key}.alpha": torch.tensor(alpha)}
+    q, fc1 = pipe.text.t5.encoder.block[1].layer[0].SelfAttention.q, pipe.text.clip_l.text_model.encoder.layers[1].mlp.fc1
+    tensors = {**pair("lora_unet_joint_blocks_0_x_block_attn_proj", pipe.mmdit.joint_blocks[0].x_block.attn.proj, 2.0),
+               **pair("lora_te3_encoder_block_1_layer_0_SelfAttention_q", q, 1.0),
+               **pair("lora_te1_text_model_encoder_layers_1_mlp_fc1", fc1, 4.0)}
+    save_file(tensors, tmp_path / "lora.safetensors")
+    key = "lora_te3_encoder_block_1_layer_0_SelfAttention_q"
+    expected = q.weight + 0.5 * (1.0 / 2) * tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]
+    assert sd.load_lora(pipe.mmdit, tmp_path / "lora.safetensors", scale=0.5, text=pipe.text) == 3
+    torch.testing.assert_close(q.weight, expected)
+    capsys.readouterr()
+    sample.main(["--model", "tiny", "--no-t5", "--lora", str(tmp_path / "lora.safetensors"), "--prompt", "a", "--steps",
+                 "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert f"text-encoder LoRA (3 tensors, e.g. {key}.alpha) is not applied" in err and "--no-t5" in err
+    one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "lora.safetensors", text=pipe),
+                   r"text takes the text encoders \(pipe.text\), not a Pipeline")
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in pipe.modules()]
+    for bad, match in (({f"{key}.lora_down.weight": torch.ones(2, 5)},
+                        r"'text_encoder_3\.encoder\.block\.1\.layer\.0\.SelfAttention\.q' takes .* not down \(2, 5\)"),
+                       ({f"{key}.lora_up.weight": torch.full((64, 2), math.nan)}, f"{key}.lora_up.weight' holds NaN"),
+                       ({f"{key}.lora_up.weight": None}, f"pair for '{key}' is incomplete")):
+        broken = {k: v for k, v in {**tensors, **bad}.items() if v is not None}
+        save_file(broken, tmp_path / "bad.safetensors")
+        one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "bad.safetensors", text=pipe.text), match)
+    read_lora = sd.read_lora
+
+    def late_failure(model, path, text=None):       # at the MMDiT's layer, after the text encoders' two
+        adapters = read_lora(model, path, text)
+        name = list(adapters)[-1]
+        assert name == "joint_blocks.0.x_block.attn.proj" and len(adapters) == 3
+        adapters[name] = (adapters[name][0], adapters[name][1].as_subclass(FailsWhenUsed))
+        return adapters
+    monkeypatch.setattr(sd, "read_lora", late_failure)
+    with pytest.raises(KeyboardInterrupt):
+        sd.load_lora(pipe.mmdit, tmp_path / "lora.safetensors", text=pipe.text)
+    for module, was in zip(pipe.modules(), before):
+        for name, tensor in module.state_dict().items():
+            torch.testing.assert_close(tensor, was[name], atol=1e-6, rtol=0)
 
 
 def test_a_lora_stored_in_fp8_loads_and_a_complex_one_is_refused(tmp_path):
