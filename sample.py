@@ -94,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
-    p.add_argument("--no-merge", action="store_true", help="keep the LoRA's MMDiT part unmerged (slower; for checking; "
-                   "one unmerged LoRA per layer)")
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA's MMDiT part unmerged (slower; for "
+                   "checking; one unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the "
                    "VAE together for all images where they fit; default: when all models do not fit)")
