@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2365  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      2983  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3179  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3630  Several Processes (torchrun)     one all-reduce per step
-     3719  Command Line and the Tiny Model  main(), --tiny
+     3631  Several Processes (torchrun)     one all-reduce per step
+     3720  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3348,7 +3348,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
             raise UserError(f"output_dir {out} holds dataset.path {cfg.dataset.path}: choose "
                             f"another output_dir (--set output_dir=...), outside the dataset")
         loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
-        ran = saved or loras or any(any(out.glob(n)) for n in ("log.jsonl", "loss.png", "samples_step_*"))
+        marks = (LOCK_FILE, "log.jsonl", "loss.png", "samples_step_*")   # a lock stays, even where a run
+        ran = saved or loras or any(any(out.glob(n)) for n in marks)    # stopped while caching into `out`
         if not ran:                         # e.g. ~/Pictures: "empty it" would delete the user's files
             raise UserError(f"output_dir {out} holds files that no run wrote (e.g. {shown[0]!r}): choose "
                             f"a new or empty output_dir (--set output_dir=...)")

@@ -3886,6 +3886,18 @@ def test_an_output_dir_of_the_users_own_files_is_not_to_be_emptied(tmp_path):
     assert "empty it" not in str(error.value) and (tmp_path / "run" / "holiday.jpg").read_bytes() == b"mine"
 
 
+def test_an_output_dir_holding_a_stopped_runs_cache_is_called_an_earlier_runs(tmp_path, monkeypatch):
+    """dataset.cache_dir inside output_dir, a run stopped after caching (Ctrl-C before its first previews): the
+    next run was told that output_dir "holds files that no run wrote (e.g. 'cache')"; its lock file is a run's."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path / "run" / "cache")})
+    with monkeypatch.context() as m:
+        m.setattr(sd, "add_lora", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            sd.train(cfg)
+    one_line_error(lambda: sd.train(cfg), r"already holds files of an earlier run; it saved no checkpoint: empty it")
+
+
 def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
     """A run killed before its first checkpoint (during the caching or the step-0 previews): --resume answered
     only "no .../training_state.safetensors to resume from", and left the user to guess the next command."""
