@@ -1942,7 +1942,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #################################################################################
 
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
-    """The MMDiT add_lora, load_lora and save_lora work on, out of torch.compile's wrapper (it names layers
+    """The MMDiT the LoRA calls and quantize_mmdit work on, out of torch.compile's wrapper (it names layers
     "_orig_mod.*"), DataParallel's or DDP's (accelerate.prepare's; DDP syncs only the parameters it was given:
     no layers are added in it); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
     if isinstance(model, Pipeline):
@@ -2936,7 +2936,7 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
         changes = json.loads(meta.get("changes", "[]"))
         if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
             raise ValueError
-    except UserError as e:                  # _fill's refusal of a key or value, e.g. one a newer version wrote
+    except UserError as e:                  # _fill refused a key or value, e.g. one a newer version wrote
         raise UserError(f"{path}: this sd35_lora.py refuses its config ({e}); resume with the version that "
                         f"saved it, or start over in a new output_dir") from None
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError):
