@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2232  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2365  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2983  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3179  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3631  Several Processes (torchrun)     one all-reduce per step
-     3720  Command Line and the Tiny Model  main(), --tiny
+     2984  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3180  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3632  Several Processes (torchrun)     one all-reduce per step
+     3721  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2436,8 +2436,9 @@ def _fill(obj, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         if key not in names:            # a key of another section first (`lr: 1e-5` of a flat config)
+            own = [prefix + n for n in names if str(key) in n.split("_")]     # `sample.steps`: sample_steps
             moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
-            close = moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
+            close = own + moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
             raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
         current = getattr(obj, key)

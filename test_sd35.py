@@ -3237,6 +3237,15 @@ def test_a_config_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_p
         one_line_error(lambda: sd.load_config(None, [sets]), f"^unknown config key {re.escape(match)}$")
 
 
+def test_a_key_that_is_part_of_its_sections_key_names_that_key_first():
+    """`sample: {steps: 28}` (the sampling steps, as other tools name them) was answered "did you mean 'train.steps'?",
+    which sets the training's length; `dataset.dropout` only 'lora.dropout'. The section's own key comes first."""
+    for sets, match in [("sample.steps=28", "'sample.steps' (did you mean 'sample.sample_steps' or 'train.steps'?)"),
+                        ("dataset.dropout=0.1", "(did you mean 'dataset.caption_dropout' or 'lora.dropout'?)"),
+                        ("sample.every=100", "'sample.every' (did you mean 'sample.sample_every'?)")]:
+        one_line_error(lambda: sd.load_config(None, [sets]), f"{re.escape(match)}$")
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
