@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1166  Training                         Trainer and the training loop
      1317  Part 2: plumbing                 a reader can stop here
      1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1878  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2232  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2365  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     2984  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3180  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3632  Several Processes (torchrun)     one all-reduce per step
-     3721  Command Line and the Tiny Model  main(), --tiny
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2233  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2366  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     2985  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3181  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3633  Several Processes (torchrun)     one all-reduce per step
+     3722  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1679,8 +1679,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     if config.max_position_embeddings < tok.model_max_length:          # a full-length prompt would overrun
-        raise UserError(f"{path}: a tokenizer's model_max_length {tok.model_max_length} is past {role}'s "
-                        f"{config.max_position_embeddings} positions: set it in its tokenizer_config.json")
+        raise UserError(f"{tok.name_or_path}: model_max_length {tok.model_max_length} is past {role}'s "
+                        f"{config.max_position_embeddings} positions: set it to "
+                        f"{config.max_position_embeddings} in its tokenizer_config.json")
 
     def clip(cfg):                                                      # with the position ids no file holds
         model = transformers.CLIPTextModelWithProjection(cfg)
