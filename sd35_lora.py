@@ -1995,7 +1995,7 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
     except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
-    lora_metadata({"sd35_lora": header}, "save_lora")       # what loaders refuse (t5_length "77"): unwritten
+    lora_metadata({"sd35_lora": header}, "save_lora", "give a value in that range")  # the loaders' check
     return out, {"format": "pt", "sd35_lora": header}
 
 
@@ -2015,7 +2015,7 @@ LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), Fa
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
 
 
-def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
+def lora_metadata(meta: dict, path, fix: str = "save it again") -> tuple[dict, dict]:
     """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (the latter flat: "transformer.r")."""
     try:
         headers = tuple({k.removeprefix("transformer."): v for k, v in json.loads(meta.get(h, "{}")).items()}
@@ -2026,7 +2026,7 @@ def lora_metadata(meta: dict, path) -> tuple[dict, dict]:
         for key, (types, lo, hi) in LORA_METADATA.items():
             value = header.get(key, lo)
             if type(value) not in types or not lo <= value <= hi:    # type(): True is no rank
-                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; save it again")
+                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; {fix}")
     return headers
 
 
