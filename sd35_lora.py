@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1166  Training                         Trainer and the training loop
      1317  Part 2: plumbing                 a reader can stop here
      1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1878  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2274  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3672  Several Processes (torchrun)     one all-reduce per step
-     3761  Command Line and the Tiny Model  main(), --tiny
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3676  Several Processes (torchrun)     one all-reduce per step
+     3765  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1679,8 +1679,9 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     if config.max_position_embeddings < tok.model_max_length:          # a full-length prompt would overrun
-        raise UserError(f"{path}: a tokenizer's model_max_length {tok.model_max_length} is past {role}'s "
-                        f"{config.max_position_embeddings} positions: set it in its tokenizer_config.json")
+        raise UserError(f"{tok.name_or_path}: model_max_length {tok.model_max_length} is past {role}'s "
+                        f"{config.max_position_embeddings} positions: set it to "
+                        f"{config.max_position_embeddings} in its tokenizer_config.json")
 
     def clip(cfg):                                                      # with the position ids no file holds
         model = transformers.CLIPTextModelWithProjection(cfg)
@@ -1942,7 +1943,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #################################################################################
 
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
-    """The MMDiT add_lora, load_lora and save_lora work on, out of torch.compile's wrapper (it names layers
+    """The MMDiT the LoRA calls and quantize_mmdit work on, out of torch.compile's wrapper (it names layers
     "_orig_mod.*"), DataParallel's or DDP's (accelerate.prepare's; DDP syncs only the parameters it was given:
     no layers are added in it); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
     if isinstance(model, Pipeline):
@@ -1994,7 +1995,7 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
     except (TypeError, ValueError) as e:        # e.g. numpy's numbers: json's bare "not JSON serializable"
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
-    lora_metadata({"sd35_lora": header}, "save_lora")       # what loaders refuse (t5_length "77"): unwritten
+    lora_metadata({"sd35_lora": header}, "save_lora", fix="give a value in that range")  # the loaders' check
     return out, {"format": "pt", "sd35_lora": header}
 
 
@@ -2019,7 +2020,8 @@ LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), Fa
                  "lora_alpha": ((int, float), -1e9, 1e9), "use_rslora": ((bool,), False, True)}
 
 
-def lora_metadata(meta: dict, path, part: str = "transformer") -> tuple[dict, dict]:
+def lora_metadata(meta: dict, path, part: str = "transformer",
+                  fix: str = "save it again") -> tuple[dict, dict]:
     """A LoRA's `sd35_lora` and PEFT's `lora_adapter_metadata` headers (flat: "transformer.r"), for `part`."""
     try:
         headers = tuple({k.removeprefix(f"{part}."): v for k, v in json.loads(meta.get(h, "{}")).items()}
@@ -2030,7 +2032,7 @@ def lora_metadata(meta: dict, path, part: str = "transformer") -> tuple[dict, di
         for key, (types, lo, hi) in LORA_METADATA.items():
             value = header.get(key, lo)
             if type(value) not in types or not lo <= value <= hi:    # type(): True is no rank
-                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; save it again")
+                raise UserError(f"{path}: metadata {key} = {value!r} is not in {lo}..{hi}; {fix}")
     return headers
 
 
@@ -2478,8 +2480,9 @@ def _fill(obj, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         if key not in names:            # a key of another section first (`lr: 1e-5` of a flat config)
+            own = [prefix + n for n in names if str(key) in n.split("_")]     # `sample.steps`: sample_steps
             moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
-            close = moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
+            close = own + moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
             raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
         current = getattr(obj, key)
@@ -2978,7 +2981,7 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
         changes = json.loads(meta.get("changes", "[]"))
         if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
             raise ValueError
-    except UserError as e:                  # _fill's refusal of a key or value, e.g. one a newer version wrote
+    except UserError as e:                  # _fill refused a key or value, e.g. one a newer version wrote
         raise UserError(f"{path}: this sd35_lora.py refuses its config ({e}); resume with the version that "
                         f"saved it, or start over in a new output_dir") from None
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError):
@@ -3390,7 +3393,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
             raise UserError(f"output_dir {out} holds dataset.path {cfg.dataset.path}: choose "
                             f"another output_dir (--set output_dir=...), outside the dataset")
         loras = not saved and any(out.glob("lora*.safetensors"))    # not to be emptied away
-        ran = saved or loras or any(any(out.glob(n)) for n in ("log.jsonl", "loss.png", "samples_step_*"))
+        marks = (LOCK_FILE, "log.jsonl", "loss.png", "samples_step_*")   # a lock stays, even where a run
+        ran = saved or loras or any(any(out.glob(n)) for n in marks)    # stopped while caching into `out`
         if not ran:                         # e.g. ~/Pictures: "empty it" would delete the user's files
             raise UserError(f"output_dir {out} holds files that no run wrote (e.g. {shown[0]!r}): choose "
                             f"a new or empty output_dir (--set output_dir=...)")

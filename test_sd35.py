@@ -3353,6 +3353,15 @@ def test_a_config_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_p
         one_line_error(lambda: sd.load_config(None, [sets]), f"^unknown config key {re.escape(match)}$")
 
 
+def test_a_key_that_is_part_of_its_sections_key_names_that_key_first():
+    """`sample: {steps: 28}` (the sampling steps, as other tools name them) was answered "did you mean 'train.steps'?",
+    which sets the training's length; `dataset.dropout` only 'lora.dropout'. The section's own key comes first."""
+    for sets, match in [("sample.steps=28", "'sample.steps' (did you mean 'sample.sample_steps' or 'train.steps'?)"),
+                        ("dataset.dropout=0.1", "(did you mean 'dataset.caption_dropout' or 'lora.dropout'?)"),
+                        ("sample.every=100", "'sample.every' (did you mean 'sample.sample_every'?)")]:
+        one_line_error(lambda: sd.load_config(None, [sets]), f"{re.escape(match)}$")
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
@@ -3634,10 +3643,12 @@ def test_save_lora_metadata_cannot_overwrite_what_the_file_holds(tmp_path):
 def test_save_lora_refuses_metadata_that_loaders_would_refuse(tmp_path):
     """save_lora(metadata={"t5_length": "77"}) wrote a file that load_lora and sample.py then refused ("metadata
     t5_length = '77' is not in 1..512; save it again"), the trained model perhaps gone by then. Refused as saved,
-    nothing written; values the loaders take are written as given."""
+    nothing written, with the advice to give another value (not the loaders' "save it again"); values the loaders
+    take are written as given."""
     model, lora = lora_model(), tmp_path / "lora.safetensors"
     for key, value in (("t5_length", "77"), ("use_t5", "no"), ("t5_length", 10**9)):
-        one_line_error(lambda: sd.save_lora(model, lora, metadata={key: value}), f"save_lora: metadata {key} = ")
+        one_line_error(lambda: sd.save_lora(model, lora, metadata={key: value}),
+                       f"^save_lora: metadata {key} = .* is not in .*; give a value in that range$")
     assert not list(tmp_path.iterdir())
     sd.save_lora(model, lora, metadata={"t5_length": 77, "use_t5": False})
     assert sample.trained_settings([str(lora)])["t5_length"] == 77
@@ -4000,6 +4011,18 @@ def test_an_output_dir_of_the_users_own_files_is_not_to_be_emptied(tmp_path):
                        " empty output_dir") as error:
         sd.train(tiny_config(tmp_path))
     assert "empty it" not in str(error.value) and (tmp_path / "run" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_an_output_dir_holding_a_stopped_runs_cache_is_called_an_earlier_runs(tmp_path, monkeypatch):
+    """dataset.cache_dir inside output_dir, a run stopped after caching (Ctrl-C before its first previews): the
+    next run was told that output_dir "holds files that no run wrote (e.g. 'cache')"; its lock file is a run's."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"dataset.cache_dir": str(tmp_path / "run" / "cache")})
+    with monkeypatch.context() as m:
+        m.setattr(sd, "add_lora", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            sd.train(cfg)
+    one_line_error(lambda: sd.train(cfg), r"already holds files of an earlier run; it saved no checkpoint: empty it")
 
 
 def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
@@ -6741,8 +6764,8 @@ def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_
                               ("tokenizer_2", {"model_max_length": 0},
                                "incomplete .*tokenizer_2/tokenizer_config.json: model_max.*copy them again"),
                               ("tokenizer", {"model_max_length": 10**30},      # transformers' value when unset
-                               r"model_max_length 10{30} is past clip_l's 77 positions: set it in its "
-                               "tokenizer_config.json")]:     # was "bad text encoder weights: download them again"
+                               r"/tokenizer: model_max_length 10{30} is past clip_l's 77 positions: set it to 77 "
+                               "in its tokenizer_config.json$")]:   # was "bad text encoder weights: download them"
         config = tmp_path / part / "tokenizer_config.json"
         saved = config.read_text()
         config.write_text(json.dumps({**json.loads(saved), **edit}))
