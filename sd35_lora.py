@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3676  Several Processes (torchrun)     one all-reduce per step
-     3765  Command Line and the Tiny Model  main(), --tiny
+     3681  Several Processes (torchrun)     one all-reduce per step
+     3770  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3328,26 +3328,31 @@ LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the nex
 RUNS_HERE = {}   # output_dir -> train()'s run there in this process: the lock keeps out other processes only
 
 
-def lock_output_dir(out: Path):
+def lock_output_dir(out: Path, tries: int = 3):
     """-> an open file holding a lock on output_dir for the run's life: a second run there, fresh or --resume,
     is refused. The OS drops the lock with its process, so a killed run leaves none; a POSIX lock belongs to
     the process, so a notebook's failed run (kept by its traceback) does not block its next (Windows' msvcrt
     lock belongs to the open file). None where locks are refused (some network mounts)."""
-    file = open(out / LOCK_FILE, "a")
+    file = None
     try:
+        file = open(out / LOCK_FILE, "a")
         if sys.platform == "win32":                                     # no fcntl there
             import msvcrt
             msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)          # EACCES (PermissionError) when held
         else:
             import fcntl
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(file.fileno()).st_nlink == 0:   # unlinked by a failed run's remove_if_unused, which
-                file.close()                            # removes `out` too if the run made it: make both anew
-                writable_dir(out, "output_dir")
-                return lock_output_dir(out)
+            # a failed run ending here unlinks its lock file (and removes `out` if it made it) maybe after we
+            # opened it: locked, it must still be the file the path names (else FileNotFoundError: again)
+            if not os.path.samestat(os.fstat(file.fileno()), os.stat(out / LOCK_FILE)):
+                raise FileNotFoundError
         return file
     except OSError as e:
-        file.close()
+        if file is not None:
+            file.close()
+        if isinstance(e, FileNotFoundError) and tries > 1:
+            writable_dir(out, "output_dir")
+            return lock_output_dir(out, tries - 1)
         if isinstance(e, (BlockingIOError, PermissionError)):   # EAGAIN or EACCES: another process holds it
             raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
                             f"output_dir (--set output_dir=...)") from None

@@ -4109,7 +4109,8 @@ def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks (fcntl); Windows unlinks no open file")
-@pytest.mark.parametrize("b_locks", ["between A's close and unlink", "the file A opened and unlinked"])
+@pytest.mark.parametrize("b_locks", ["between A's close and unlink", "the file A opened and unlinked",
+                                     "after A removed the folder"])
 def test_a_failed_run_removing_the_output_dir_it_made_keeps_the_lock_of_a_run_starting_there(tmp_path, monkeypatch,
                                                                                              b_locks):
     """A failed run A removes the output_dir it made when only its lock file is left. A run B starting there at
@@ -4141,6 +4142,10 @@ def test_a_failed_run_removing_the_output_dir_it_made_keeps_the_lock_of_a_run_st
     if b_locks == "between A's close and unlink":
         a.lock = LockThatStartsB(a.lock)
         sd.end_training(a, {})
+    elif b_locks == "after A removed the folder":       # between B's writable_dir and its open: was a bare
+        sd.writable_dir(out, "output_dir")              # FileNotFoundError
+        sd.end_training(a, {})
+        held.append(sd.lock_output_dir(out))
     else:
         monkeypatch.setattr(fcntl, "lockf", lockf_after_a_ended)
         run_b_starts()
