@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
-       77  Presets and Configuration        per-variant sampling presets, the training config
-      187  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      250  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      517  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      656  VAE                              16-channel autoencoder, the latent scale and shift
-      805  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      845  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1037  Data                             dataset scan, aspect buckets, the latent and text cache
-     1166  Training                         Trainer and the training loop
-     1317  Part 2: plumbing                 a reader can stop here
-     1340  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3681  Several Processes (torchrun)     one all-reduce per step
-     3770  Command Line and the Tiny Model  main(), --tiny
+       78  Presets and Configuration        per-variant sampling presets, the training config
+      188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      518  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      657  VAE                              16-channel autoencoder, the latent scale and shift
+      806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1038  Data                             dataset scan, aspect buckets, the latent and text cache
+     1167  Training                         Trainer and the training loop
+     1318  Part 2: plumbing                 a reader can stop here
+     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1880  Hub Downloads                    snapshot downloads, tokenizers
+     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3225  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3684  Several Processes (torchrun)     one all-reduce per step
+     3773  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import functools
 import hashlib
 import io
@@ -1929,7 +1930,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt", "*.fp16.safetensors",
                                                        "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
-        if getattr(e, "errno", None) == 28 or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
@@ -3302,14 +3303,16 @@ def _atomic_save(data, path: str | Path, metadata=None):
         not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
         too_long = not_found and written >= 260
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, SafetensorError)
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
                else "rename the file on its path where a folder belongs" if misplaced
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
-               else "make its folder writable" if denied else long_paths if too_long else "free disk space")
-        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix} or choose another "
-                        f"folder; older files are intact") from None
+               else "make its folder writable" if denied else long_paths if too_long
+               else "free disk space" if full else "")     # e.g. a read-only disk, a name too long: no advice
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix + ' or ' * bool(fix)}"
+                        f"choose another folder; older files are intact") from None
     finally:
         with contextlib.suppress(OSError):          # where mkdir failed, unlink fails too: not over its error
             tmp.unlink()

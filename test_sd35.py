@@ -4320,9 +4320,12 @@ def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypa
     one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No such file or directory\): its path, \d+ characters as "
                    r"the temporary file written first, is too long for Windows \(259 at most\): enable long paths "
                    r"\(LongPathsEnabled\) or choose another folder")
-    one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): free disk space or choose")
+    one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), r"\): choose another folder")
     refusal = OSError(28, "No space left on device")                    # a full disk there: as before
     one_line_error(lambda: sd._atomic_save("a fox", deep), r"\(No space left on device\): free disk space or choose")
+    for code, why in [(30, "Read-only file system"), (36, "File name too long")]:      # no space to free there
+        refusal = OSError(code, why)
+        one_line_error(lambda: sd._atomic_save("a fox", tmp_path / "caption.txt"), rf"\({why}\): choose another")
 
 
 def test_a_path_too_long_for_windows_names_the_length_of_the_temporary_file_it_is_written_as(tmp_path, monkeypatch):
