@@ -526,6 +526,17 @@ def test_mmdit_matches_diffusers_transformer(variant, tmp_path):
                 assert expected.abs().mean() > 0.1
 
 
+def test_a_fresh_models_position_table_is_the_references_sine_cosine_table():
+    """Checkpoints bring their own pos_embed, so the diffusers comparison never sees a fresh model's (the tiny
+    model's): sines before cosines, the first half of each row from the column, frequencies over dim/4 (the
+    references' formula; diffusers' at base_size = grid, scale 1)."""
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    for dim, grid in ((64, 16), (96, 5)):
+        expected = embeddings.get_2d_sincos_pos_embed(dim, grid, base_size=grid, interpolation_scale=1.0,
+                                                      output_type="pt")
+        torch.testing.assert_close(sd.sincos_pos_embed(dim, grid), expected[None].float(), atol=0, rtol=0)
+
+
 def test_latents_of_an_odd_size_are_refused_not_cropped_by_the_patch_conv():
     """A fork's latents of images whose sides are multiples of 8 px but not of 16 (1000x744 px: 125x93 latents)
     lost their last column or row in the MMDiT's 2x2 patches: a velocity smaller than x, silently, and then a bare
@@ -4241,6 +4252,13 @@ def test_the_variant_of_a_large_model_folder_is_turbo_where_its_path_says_so(dif
     assert sd.load_pipeline(str(turbo), device="cpu").variant == "sd3.5-large-turbo"
     (tmp_path / "large").symlink_to(turbo)
     assert sd.load_pipeline(str(tmp_path / "large"), device="cpu").variant == "sd3.5-large"
+
+
+def test_a_turbo_file_named_in_capitals_takes_turbos_presets():
+    """Files are renamed (SD3.5-Large-Turbo.safetensors in a ComfyUI folder): "turbo" is found in any case."""
+    large = sd.MMDiTConfig(depth=38, hidden=2432, heads=38, pos_embed_max_size=192)
+    assert large.variant("models/SD3.5-Large-TURBO.safetensors") == "sd3.5-large-turbo"
+    assert large.variant("models/SD3.5-Large.safetensors") == "sd3.5-large"
 
 
 def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
