@@ -526,6 +526,30 @@ def test_mmdit_matches_diffusers_transformer(variant, tmp_path):
                 assert expected.abs().mean() > 0.1
 
 
+def test_qk_norm_of_near_zero_queries_and_keys_is_diffusers_at_its_eps(tmp_path):
+    """The comparison above has q and k of order 1, where RMSNorm's eps (1e-6) is below its tolerance: here the
+    q and k projections of both streams are shrunk a thousandfold, so eps decides what comes out."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=24, pooled_projection_dim=20,
+        pos_embed_max_size=8, qk_norm="rms_norm").eval()
+    randomize(ref, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if re.search(r"attn\.(to_[qk]|add_[qk]_proj)\.", name):
+                p.mul_(1e-3)
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours = sd.load_mmdit(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
+    context, pooled = torch.randn(1, 5, 24, generator=g), torch.randn(1, 20, generator=g)
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                       return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_fresh_models_position_table_is_the_references_sine_cosine_table():
     """Checkpoints bring their own pos_embed, so the diffusers comparison never sees a fresh model's (the tiny
     model's): sines before cosines, the first half of each row from the column, frequencies over dim/4 (the
