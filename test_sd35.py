@@ -1178,6 +1178,15 @@ def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
     assert {m.training for m in sd.lora_layers(pipe.mmdit.train()).values()} == {True}    # and trains with it
 
 
+def test_a_fresh_lora_down_is_drawn_as_peft_draws_it():
+    """PEFT (diffusers' training scripts) draws lora_A uniform in +-1/sqrt(in_features), kaiming_uniform with
+    a = sqrt(5), and lora_B zero: a wider draw trains faster at the same lr than the recipes it is set from."""
+    torch.manual_seed(0)
+    layer = sd.LoRALinear(torch.nn.Linear(256, 64), rank=16, alpha=16)
+    bound, drawn = 1 / math.sqrt(256), layer.lora_down.weight.abs().max().item()     # 4,096 draws
+    assert 0.99 * bound < drawn <= bound and not layer.lora_up.weight.any()
+
+
 def test_fresh_lora_changes_nothing_and_targets_presets():
     model = tiny_mmdit()
     x = mmdit_inputs()
