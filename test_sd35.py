@@ -1367,6 +1367,10 @@ def test_lora_forward_is_base_plus_scaled_update_in_each_precision():
     out = layer(xb)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(xb.float()), atol=3e-2, rtol=1e-2)
+    # the update in fp32, rounded once: the bf16 rounding of the fp32 sum, but for a rare tie (in bf16: 42 % off)
+    update = 0.5 * (xb.float() @ layer.lora_down.weight.T @ layer.lora_up.weight.T)
+    in_fp32 = (torch.nn.functional.linear(xb, layer.weight, layer.bias).float() + update).bfloat16()
+    assert (out != in_fp32).float().mean() < 0.02
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(xb)
     assert out.dtype == torch.bfloat16
