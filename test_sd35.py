@@ -6375,6 +6375,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
         one_line_error(lambda: sample.main(args), f"--seed {seed} is outside")
     # training settings
     one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
+    assert sd.add_lora(tiny_mmdit(), rank=64)[0].shape == (64, 64)             # the width itself is taken
     for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
         one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"must be above 0.*{value}")
 
