@@ -748,6 +748,13 @@ def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
     assert params["prompt"] == prompts[1] and params["seed"] == 8 and params["steps"] == 4
 
 
+def test_skip_layer_guidance_acts_strictly_inside_its_window_as_both_references():
+    """diffusers' pipeline and Stability AI's sd3_impls skip layers at steps i with 0.01 * steps < i < 0.2 * steps;
+    the sampling comparisons never land on a bound: at 100 steps 2..19 (not 1), at 50 steps 1..9 (not 10)."""
+    acting = lambda steps: [i for i in range(steps) if sd.slg_acts(i, steps)]
+    assert acting(100) == list(range(2, 20)) and acting(50) == list(range(1, 10)) and acting(10) == [1]
+
+
 def test_no_t5_and_skip_layer_guidance_match_diffusers(diffusers_folder):
     from diffusers import StableDiffusion3Pipeline
     folder, pipe = diffusers_folder
