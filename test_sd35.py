@@ -209,6 +209,17 @@ def test_cosine_schedule_is_denser_at_both_ends():
     torch.testing.assert_close(fractions(unshifted), fractions(cosine[:-1].double()), atol=1e-6, rtol=0)
 
 
+def test_generate_samples_on_the_schedule_its_settings_name(monkeypatch):
+    """SampleSettings.schedule reaches denoise(): the cosine sigmas at the settings' shift, not the linear ones
+    (sample.py's --schedule passes through generate(), so comparing the two never saw it dropped there)."""
+    pipe, seen, real = sd.tiny_pipeline(), [], sd.denoise
+    monkeypatch.setattr(sd, "denoise", lambda model, x, sigmas, *a: seen.append(sigmas) or real(model, x, sigmas, *a))
+    # 4 steps: at 3 the cosine spacing (0, 1/2, 1) is the linear one
+    s = sd.SampleSettings(steps=4, cfg=1.0, shift=2.0, schedule="cosine", width=32, height=32)
+    sd.generate(pipe, ["red"], settings=s, progress=False)
+    assert len(seen) == 1 and torch.equal(seen[0], sd.get_schedule(4, 2.0, "cosine"))
+
+
 def test_training_sigmas_and_weights_match_diffusers():
     training_utils = pytest.importorskip("diffusers.training_utils")
     from diffusers import FlowMatchEulerDiscreteScheduler
