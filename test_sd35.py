@@ -4376,6 +4376,14 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
 
 
+def test_an_image_gets_the_bucket_that_crops_least_of_it(tmp_path):
+    """Buckets are compared by log aspect ratio, whose distance is the share a centre crop cuts: 110:160 at
+    resolution 512 keeps 88.4 % in 448x576 (nearer in log), 87.3 % in 384x640 (nearer in plain ratio)."""
+    Image.new("RGB", (220, 320), "red").save(tmp_path / "portrait.png")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=512))
+    assert item["size"] == (448, 576)
+
+
 def test_images_are_downscaled_filtered_not_point_sampled():
     """load_image resizes with a bicubic filter: a fine pattern averages out (nearest-neighbour sampling
     keeps one of its colours: aliasing, moire on fabrics and fences)."""
