@@ -4408,6 +4408,10 @@ def test_an_epoch_batches_every_image_once_within_its_bucket():
     assert data.batches(1, 4) == data.batches(1, 4) != data.batches(1, 5)
     data.sizes = [(64, 64)] * 6                   # one bucket: which images share a batch changes per epoch too
     assert len({frozenset(map(frozenset, data.batches(2, seed))) for seed in range(8)}) > 1
+    data.sizes = [(64, 64)] * 8 + [(128, 64)] * 8      # the buckets' batches mixed, not one bucket after the other
+    for seed in range(4):
+        order = [data.sizes[batch[0]] for batch in data.batches(1, seed)]
+        assert sum(a != b for a, b in zip(order, order[1:])) > 1, order
 
 
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
