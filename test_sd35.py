@@ -4414,6 +4414,27 @@ def test_an_epoch_batches_every_image_once_within_its_bucket():
         assert sum(a != b for a, b in zip(order, order[1:])) > 1, order
 
 
+def test_a_batch_trains_on_sampled_latents_and_drops_captions_at_the_configured_rate(tmp_path):
+    """LatentDataset.get: latents drawn from the cached posterior (mean 0, log-variance 0 here: N(0, 1), then
+    (z - 0.0609) * 1.5305), not its mean; the empty caption's embeddings in place of a caption at caption_dropout."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    save_file({"moments": torch.zeros(32, 2, 2)}, tmp_path / "image.safetensors")
+    for name, value in (("caption", 1.0), ("empty", 0.0)):
+        save_file({"context": torch.full((3, 4), value), "pooled": torch.full((5,), value)},
+                  tmp_path / f"{name}.safetensors")
+    data.latent_files, data.text_files = [tmp_path / "image.safetensors"], [tmp_path / "caption.safetensors"]
+    data.empty, cfg, ids = tmp_path / "empty.safetensors", sd.Config(), [0] * 200
+    scales = types.SimpleNamespace(cfg=sd.VAEConfig())                    # the VAE's latent scale and shift
+    vae = types.SimpleNamespace(latents_from_moments=lambda *a, **k: sd.VAE.latents_from_moments(scales, *a, **k))
+    for dropout, kept in ((0.0, 1.0), (1.0, 0.0), (0.5, None)):
+        cfg.dataset.caption_dropout = dropout
+        latents, context, pooled = data.get(ids, vae, cfg, torch.Generator().manual_seed(0))
+        assert latents.shape == (200, 16, 2, 2) and abs(latents.std() - 1.5305) < 0.05
+        assert abs(latents.mean() + 0.0609 * 1.5305) < 0.05 and context.amax((1, 2)).equal(pooled.amax(1))
+        share_kept = pooled.amax(1).mean().item()
+        assert share_kept == kept if kept is not None else 0.4 < share_kept < 0.6
+
+
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)      # a dark-to-light ramp
     Image.fromarray(grey).save(tmp_path / "ramp16.png")                          # opens in mode I;16
