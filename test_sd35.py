@@ -2437,6 +2437,7 @@ def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkey
     assert inside.sum(1).tolist() == [1] * 7
     torch.testing.assert_close(sums[3:8], (inside * mse[:, None]).sum(0))
     torch.testing.assert_close(sums[8:], inside.sum(0).float())
+    assert sums[1] == pytest.approx(sigmas.sum().item())     # the log's sigma: this sum over the count of samples
 
 
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
