@@ -171,6 +171,7 @@ def test_schedule_matches_diffusers_scheduler():
         ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
         ref.set_timesteps(steps)
         torch.testing.assert_close(sd.get_schedule(steps, shift), ref.sigmas.float(), atol=1e-6, rtol=0)
+        assert torch.equal(sd.get_schedule(steps, shift), ref.sigmas.float())    # both in fp64, rounded once
 
 
 def test_a_shift_too_small_or_large_for_the_sigmas_is_refused():
