@@ -2441,6 +2441,17 @@ def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkey
     assert sums[1] == pytest.approx(sigmas.sum().item())     # the log's sigma: this sum over the count of samples
 
 
+def test_each_loss_report_covers_the_samples_since_the_last_one(monkeypatch, capsys):
+    """save_and_sample prints the loss by sigma bin of the samples since the last report, then starts anew."""
+    monkeypatch.setattr(sd, "save_previews", lambda tr: None)
+    tr = stub_trainer(step=2)
+    tr.cfg.sample.sample_every, tr.cfg.train.save_every = 2, 0
+    bins = torch.tensor([[1.5, 0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0]])   # loss sums, counts
+    tr.save_and_sample(bins)
+    assert "(3 samples since the last report or resume): [0.0,0.2) 0.5000  [0.2,0.4) -" in capsys.readouterr().out
+    assert not bins.any()
+
+
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     real_load, disturbance = sd.load_pipeline, iter([1, 2, 3])
