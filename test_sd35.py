@@ -171,6 +171,7 @@ def test_schedule_matches_diffusers_scheduler():
         ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
         ref.set_timesteps(steps)
         torch.testing.assert_close(sd.get_schedule(steps, shift), ref.sigmas.float(), atol=1e-6, rtol=0)
+        assert torch.equal(sd.get_schedule(steps, shift), ref.sigmas.float())    # both in fp64, rounded once
 
 
 def test_a_shift_too_small_or_large_for_the_sigmas_is_refused():
@@ -207,6 +208,17 @@ def test_cosine_schedule_is_denser_at_both_ends():
     unshifted = shifted / (3.0 - 2.0 * shifted)                               # inverse of shift_sigma(., 3)
     fractions = lambda s: (1 - s) / (1 - s[-1])                              # the spacing, whatever the end point
     torch.testing.assert_close(fractions(unshifted), fractions(cosine[:-1].double()), atol=1e-6, rtol=0)
+
+
+def test_generate_samples_on_the_schedule_its_settings_name(monkeypatch):
+    """SampleSettings.schedule reaches denoise(): the cosine sigmas at the settings' shift, not the linear ones
+    (sample.py's --schedule passes through generate(), so comparing the two never saw it dropped there)."""
+    pipe, seen, real = sd.tiny_pipeline(), [], sd.denoise
+    monkeypatch.setattr(sd, "denoise", lambda model, x, sigmas, *a: seen.append(sigmas) or real(model, x, sigmas, *a))
+    # 4 steps: at 3 the cosine spacing (0, 1/2, 1) is the linear one
+    s = sd.SampleSettings(steps=4, cfg=1.0, shift=2.0, schedule="cosine", width=32, height=32)
+    sd.generate(pipe, ["red"], settings=s, progress=False)
+    assert len(seen) == 1 and torch.equal(seen[0], sd.get_schedule(4, 2.0, "cosine"))
 
 
 def test_training_sigmas_and_weights_match_diffusers():
@@ -526,6 +538,41 @@ def test_mmdit_matches_diffusers_transformer(variant, tmp_path):
                 assert expected.abs().mean() > 0.1
 
 
+def test_qk_norm_of_near_zero_queries_and_keys_is_diffusers_at_its_eps(tmp_path):
+    """The comparison above has q and k of order 1, where RMSNorm's eps (1e-6) is below its tolerance: here the
+    q and k projections of both streams are shrunk a thousandfold, so eps decides what comes out."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=24, pooled_projection_dim=20,
+        pos_embed_max_size=8, qk_norm="rms_norm").eval()
+    randomize(ref, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if re.search(r"attn\.(to_[qk]|add_[qk]_proj)\.", name):
+                p.mul_(1e-3)
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours = sd.load_mmdit(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
+    context, pooled = torch.randn(1, 5, 24, generator=g), torch.randn(1, 20, generator=g)
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                       return_dict=False)[0]
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fresh_models_position_table_is_the_references_sine_cosine_table():
+    """Checkpoints bring their own pos_embed, so the diffusers comparison never sees a fresh model's (the tiny
+    model's): sines before cosines, the first half of each row from the column, frequencies over dim/4 (the
+    references' formula; diffusers' at base_size = grid, scale 1)."""
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    for dim, grid in ((64, 16), (96, 5)):
+        expected = embeddings.get_2d_sincos_pos_embed(dim, grid, base_size=grid, interpolation_scale=1.0,
+                                                      output_type="pt")
+        torch.testing.assert_close(sd.sincos_pos_embed(dim, grid), expected[None].float(), atol=0, rtol=0)
+
+
 def test_latents_of_an_odd_size_are_refused_not_cropped_by_the_patch_conv():
     """A fork's latents of images whose sides are multiples of 8 px but not of 16 (1000x744 px: 125x93 latents)
     lost their last column or row in the MMDiT's 2x2 patches: a velocity smaller than x, silently, and then a bare
@@ -711,6 +758,13 @@ def test_sample_cli_matches_diffusers_pipeline(diffusers_folder, tmp_path):
     assert_images_close(images_of(paths), ref)
     params = json.loads(Image.open(paths[1]).text["parameters"])
     assert params["prompt"] == prompts[1] and params["seed"] == 8 and params["steps"] == 4
+
+
+def test_skip_layer_guidance_acts_strictly_inside_its_window_as_both_references():
+    """diffusers' pipeline and Stability AI's sd3_impls skip layers at steps i with 0.01 * steps < i < 0.2 * steps;
+    the sampling comparisons never land on a bound: at 100 steps 2..19 (not 1), at 50 steps 1..9 (not 10)."""
+    acting = lambda steps: [i for i in range(steps) if sd.slg_acts(i, steps)]
+    assert acting(100) == list(range(2, 20)) and acting(50) == list(range(1, 10)) and acting(10) == [1]
 
 
 def test_no_t5_and_skip_layer_guidance_match_diffusers(diffusers_folder):
@@ -1160,6 +1214,15 @@ def test_a_lora_added_to_a_model_in_eval_mode_samples_without_dropout():
     assert {m.training for m in sd.lora_layers(pipe.mmdit.train()).values()} == {True}    # and trains with it
 
 
+def test_a_fresh_lora_down_is_drawn_as_peft_draws_it():
+    """PEFT (diffusers' training scripts) draws lora_A uniform in +-1/sqrt(in_features), kaiming_uniform with
+    a = sqrt(5), and lora_B zero: a wider draw trains faster at the same lr than the recipes it is set from."""
+    torch.manual_seed(0)
+    layer = sd.LoRALinear(torch.nn.Linear(256, 64), rank=16, alpha=16)
+    bound, drawn = 1 / math.sqrt(256), layer.lora_down.weight.abs().max().item()     # 4,096 draws
+    assert 0.99 * bound < drawn <= bound and not layer.lora_up.weight.any()
+
+
 def test_fresh_lora_changes_nothing_and_targets_presets():
     model = tiny_mmdit()
     x = mmdit_inputs()
@@ -1340,6 +1403,10 @@ def test_lora_forward_is_base_plus_scaled_update_in_each_precision():
     out = layer(xb)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(xb.float()), atol=3e-2, rtol=1e-2)
+    # the update in fp32, rounded once: the bf16 rounding of the fp32 sum, but for a rare tie (in bf16: 42 % off)
+    update = 0.5 * (xb.float() @ layer.lora_down.weight.T @ layer.lora_up.weight.T)
+    in_fp32 = (torch.nn.functional.linear(xb, layer.weight, layer.bias).float() + update).bfloat16()
+    assert (out != in_fp32).float().mean() < 0.02
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(xb)
     assert out.dtype == torch.bfloat16
@@ -2526,6 +2593,18 @@ def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkey
     assert inside.sum(1).tolist() == [1] * 7
     torch.testing.assert_close(sums[3:8], (inside * mse[:, None]).sum(0))
     torch.testing.assert_close(sums[8:], inside.sum(0).float())
+    assert sums[1] == pytest.approx(sigmas.sum().item())     # the log's sigma: this sum over the count of samples
+
+
+def test_each_loss_report_covers_the_samples_since_the_last_one(monkeypatch, capsys):
+    """save_and_sample prints the loss by sigma bin of the samples since the last report, then starts anew."""
+    monkeypatch.setattr(sd, "save_previews", lambda tr: None)
+    tr = stub_trainer(step=2)
+    tr.cfg.sample.sample_every, tr.cfg.train.save_every = 2, 0
+    bins = torch.tensor([[1.5, 0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0]])   # loss sums, counts
+    tr.save_and_sample(bins)
+    assert "(3 samples since the last report or resume): [0.0,0.2) 0.5000  [0.2,0.4) -" in capsys.readouterr().out
+    assert not bins.any()
 
 
 def test_fresh_runs_with_the_same_seed_are_identical(tmp_path, monkeypatch):
@@ -4535,6 +4614,13 @@ def test_the_variant_of_a_large_model_folder_is_turbo_where_its_path_says_so(dif
     assert sd.load_pipeline(str(tmp_path / "large"), device="cpu").variant == "sd3.5-large"
 
 
+def test_a_turbo_file_named_in_capitals_takes_turbos_presets():
+    """Files are renamed (SD3.5-Large-Turbo.safetensors in a ComfyUI folder): "turbo" is found in any case."""
+    large = sd.MMDiTConfig(depth=38, hidden=2432, heads=38, pos_embed_max_size=192)
+    assert large.variant("models/SD3.5-Large-TURBO.safetensors") == "sd3.5-large-turbo"
+    assert large.variant("models/SD3.5-Large.safetensors") == "sd3.5-large"
+
+
 def test_text_cache_is_not_reused_after_a_tokenizer_is_replaced(single_files, tmp_path):
     """A tokenizer*/ folder changed in place (another T5 tokenizer copied over) reused the cached embeddings of
     the old one's token ids: the cache was keyed by the text encoders' weight and config files alone."""
@@ -4595,6 +4681,14 @@ def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     assert top[0] > 0.3 > top[2] and bottom[2] > 0.3 > bottom[0], (top, bottom)
 
 
+def test_an_image_gets_the_bucket_that_crops_least_of_it(tmp_path):
+    """Buckets are compared by log aspect ratio, whose distance is the share a centre crop cuts: 110:160 at
+    resolution 512 keeps 88.4 % in 448x576 (nearer in log), 87.3 % in 384x640 (nearer in plain ratio)."""
+    Image.new("RGB", (220, 320), "red").save(tmp_path / "portrait.png")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=512))
+    assert item["size"] == (448, 576)
+
+
 def test_images_are_downscaled_filtered_not_point_sampled():
     """load_image resizes with a bicubic filter: a fine pattern averages out (nearest-neighbour sampling
     keeps one of its colours: aliasing, moire on fabrics and fences)."""
@@ -4619,6 +4713,31 @@ def test_an_epoch_batches_every_image_once_within_its_bucket():
     assert data.batches(1, 4) == data.batches(1, 4) != data.batches(1, 5)
     data.sizes = [(64, 64)] * 6                   # one bucket: which images share a batch changes per epoch too
     assert len({frozenset(map(frozenset, data.batches(2, seed))) for seed in range(8)}) > 1
+    data.sizes = [(64, 64)] * 8 + [(128, 64)] * 8      # the buckets' batches mixed, not one bucket after the other
+    for seed in range(4):
+        order = [data.sizes[batch[0]] for batch in data.batches(1, seed)]
+        assert sum(a != b for a, b in zip(order, order[1:])) > 1, order
+
+
+def test_a_batch_trains_on_sampled_latents_and_drops_captions_at_the_configured_rate(tmp_path):
+    """LatentDataset.get: latents drawn from the cached posterior (mean 0, log-variance 0 here: N(0, 1), then
+    (z - 0.0609) * 1.5305), not its mean; the empty caption's embeddings in place of a caption at caption_dropout."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    save_file({"moments": torch.zeros(32, 2, 2)}, tmp_path / "image.safetensors")
+    for name, value in (("caption", 1.0), ("empty", 0.0)):
+        save_file({"context": torch.full((3, 4), value), "pooled": torch.full((5,), value)},
+                  tmp_path / f"{name}.safetensors")
+    data.latent_files, data.text_files = [tmp_path / "image.safetensors"], [tmp_path / "caption.safetensors"]
+    data.empty, cfg, ids = tmp_path / "empty.safetensors", sd.Config(), [0] * 200
+    scales = types.SimpleNamespace(cfg=sd.VAEConfig())                    # the VAE's latent scale and shift
+    vae = types.SimpleNamespace(latents_from_moments=lambda *a, **k: sd.VAE.latents_from_moments(scales, *a, **k))
+    for dropout, kept in ((0.0, 1.0), (1.0, 0.0), (0.5, None)):
+        cfg.dataset.caption_dropout = dropout
+        latents, context, pooled = data.get(ids, vae, cfg, torch.Generator().manual_seed(0))
+        assert latents.shape == (200, 16, 2, 2) and abs(latents.std() - 1.5305) < 0.05
+        assert abs(latents.mean() + 0.0609 * 1.5305) < 0.05 and context.amax((1, 2)).equal(pooled.amax(1))
+        share_kept = pooled.amax(1).mean().item()
+        assert share_kept == kept if kept is not None else 0.4 < share_kept < 0.6
 
 
 def test_16_bit_grey_png_trains_as_its_picture_not_white(tmp_path):
@@ -6635,6 +6754,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
         one_line_error(lambda: sample.main(args), f"--seed {seed} is outside")
     # training settings
     one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
+    assert sd.add_lora(tiny_mmdit(), rank=64)[0].shape == (64, 64)             # the width itself is taken
     for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
         one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"must be above 0.*{value}")
 
