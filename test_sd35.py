@@ -2580,6 +2580,16 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
 
 
+def test_the_logged_sigma_is_the_mean_of_the_steps_samples_with_grad_accum(tmp_path, monkeypatch):
+    """log.jsonl's sigma is the step's mean training sigma over the samples it trained on (grad_accum micro-
+    batches, a bucket's short last batch), not the sum over train.batch_size (mutation audit of Part 1)."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "sample_training_sigmas", lambda n, cfg, shift, g: torch.full((n,), 0.25))
+    sd.train(tiny_config(tmp_path, **{"train.steps": 2, "train.grad_accum": 2, "sample.sample_every": 0}))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [round(entry["sigma"], 6) for entry in logged] == [0.25, 0.25]
+
+
 def test_the_loss_by_sigma_bin_counts_each_sample_in_the_bin_of_its_sigma(monkeypatch):
     """forward_backward's sums: loss_bins equal bins of 0..1, [i/k, (i+1)/k), sigma 1 in the last: per bin the
     summed unweighted MSE and the count of samples, as the report 'loss by sigma bin' prints them."""
