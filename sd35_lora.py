@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3225  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3684  Several Processes (torchrun)     one all-reduce per step
-     3773  Command Line and the Tiny Model  main(), --tiny
+     3685  Several Processes (torchrun)     one all-reduce per step
+     3774  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1930,7 +1930,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
                                       ignore_patterns=["*.bin", "*.pt", "*.ckpt", "*.fp16.safetensors",
                                                        "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):      # ENOSPC (hf_xet: in its text)
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):      # (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
@@ -3311,8 +3311,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
                else "close what holds it open (a viewer, ComfyUI)" if denied and replacing
                else "make its folder writable" if denied else long_paths if too_long
                else "free disk space" if full else "")     # e.g. a read-only disk, a name too long: no advice
-        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix + ' or ' * bool(fix)}"
-                        f"choose another folder; older files are intact") from None
+        fix += " or " * bool(fix)
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}): {fix}choose another "
+                        f"folder; older files are intact") from None
     finally:
         with contextlib.suppress(OSError):          # where mkdir failed, unlink fails too: not over its error
             tmp.unlink()
