@@ -3025,7 +3025,7 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
                             "(continue with --resume after a change below). To fit: lower dataset.resolution, set "
                             "fp8: true (a new run: --resume refuses it), or close other programs")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))             # a GPU's run
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
     assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
@@ -3076,7 +3076,7 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
     on MPS needs macOS 14); sample.py's "use --dtype bf16" too. They are offered only where bf16 runs."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("mps"))
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("mps"))
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, dtype="fp32"))
