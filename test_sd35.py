@@ -7489,7 +7489,9 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
     output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
     refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
-    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it."""
+    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it.
+    A failed run's own output_dir, left with its lock file alone, is removed: the file closed first (Windows
+    unlinks no open file; the stand-in unlink refuses it too)."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
@@ -7510,6 +7512,18 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     sd.end_training(types.SimpleNamespace(lock=first, out=tmp_path, made=[]), {})
     assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
     sd.lock_output_dir(tmp_path).close()
+    made = tmp_path / "made"                    # a failed run's own output_dir: removed, its lock file closed first
+    made.mkdir()
+    held.clear()                                # (the lock just closed locked: the stand-in keeps it)
+    lock, real_unlink = sd.lock_output_dir(made), Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False):
+        if path.name == sd.LOCK_FILE and not lock.closed:           # Windows unlinks no open file
+            raise PermissionError(13, "The process cannot access the file")
+        real_unlink(path, missing_ok)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    sd.end_training(types.SimpleNamespace(lock=lock, out=made, made=[made]), {})
+    assert lock.closed and not made.exists()
 
 
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
