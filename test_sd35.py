@@ -893,6 +893,28 @@ def test_generate_on_a_model_left_in_train_mode_samples_without_lora_dropout_and
         assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), in_eval)
     assert pipe.mmdit.joint_blocks[0].training and not pipe.mmdit.final_layer.training
 
+    def interrupted(images):                                    # a Ctrl-C as sample.py saves a batch
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sd.generate(pipe, ["red"], settings=s, progress=False, keep=interrupted)
+    assert pipe.mmdit.joint_blocks[0].training and not pipe.mmdit.final_layer.training      # the modes, again
+
+
+def test_generate_encodes_the_negative_prompt_once_and_only_with_cfg():
+    """The negative prompt's rows are encoded once and viewed per prompt (T5-XXL on one text, not on as many as
+    there are prompts), and not at all at cfg 1 or less, where no guidance runs."""
+    pipe, encoded, real_encode = sd.tiny_pipeline(), [], sd.TextEncoders.encode
+
+    def encode(text, prompts):
+        encoded.append(list(prompts))
+        return real_encode(text, prompts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sd.TextEncoders, "encode", encode)
+        for cfg in (2.0, 1.0):
+            settings = sd.SampleSettings(steps=1, cfg=cfg, width=32, height=32)
+            sd.generate(pipe, ["red", "blue", "green"], "blurry", settings, progress=False, batch_size=2)
+    assert encoded == [["red", "blue"], ["green"], ["blurry"], ["red", "blue"], ["green"]]
+
 
 def test_generate_takes_one_prompt_given_as_text():
     """generate(pipe, "a cat"), as diffusers' pipelines take a prompt, failed with "object of type 'int' has no
