@@ -3640,14 +3640,18 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
     killed = [tmp_path / "run" / ".lora.safetensors.123-0a1b2c3d.tmp",
               tmp_path / "cache" / "latents" / ".0f8d.safetensors.123-0a1b2c3d.tmp"]
     at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
-    not_ours = tmp_path / "cache" / ".notes.backup-20240101.tmp"                   # a file of the user's
-    for path in [*killed, at_work, not_ours]:
+    not_ours = [tmp_path / "cache" / ".notes.backup-20240101.tmp",                 # files of the user's
+                tmp_path / "cache" / "report.v2-20240101.tmp"]                     # (not hidden)
+    for path in [*killed, at_work, *not_ours]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
-    for path in [*killed, not_ours]:
+    for path in [*killed[1:], *not_ours]:
         os.utime(path, (time.time() - 7200,) * 2)
+    now = time.time()                                   # ages by the last write (mtime), not the last read
+    os.utime(killed[0], (now, now - 61 * 60))
+    os.utime(at_work, (now - 7200, now - 59 * 60))
     one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images")
-    assert not any(path.exists() for path in killed) and at_work.exists() and not_ours.exists()
+    assert not any(path.exists() for path in killed) and at_work.exists() and all(p.exists() for p in not_ours)
 
 
 def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
