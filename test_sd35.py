@@ -3912,6 +3912,20 @@ def test_an_output_dir_of_the_users_own_files_is_not_to_be_emptied(tmp_path):
     assert "empty it" not in str(error.value) and (tmp_path / "run" / "holiday.jpg").read_bytes() == b"mine"
 
 
+def test_any_file_a_run_writes_makes_output_dir_an_earlier_runs(tmp_path):
+    """Each file a run writes, alone in output_dir, makes it an earlier run's, told what to do with it (not "files
+    that no run wrote"): a run that ended after its loss plot or its step-0 previews, a checkpoint, LoRA files."""
+    for written, fix in [("loss.png", "it saved no checkpoint: empty it"),
+                         ("samples_step_000000", "it saved no checkpoint: empty it"),
+                         (sd.STATE_FILE, "continue it with --resume"),
+                         ("lora_step_000002.safetensors", "it holds LoRA files but no training state: move them away")]:
+        out = tmp_path / written.replace(".", "_")
+        out.mkdir()
+        (out / written).mkdir() if "." not in written else (out / written).write_bytes(b"")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(out))),
+                       f"already holds files of an earlier run; {fix} or choose another output_dir")
+
+
 def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
     """A run killed before its first checkpoint (during the caching or the step-0 previews): --resume answered
     only "no .../training_state.safetensors to resume from", and left the user to guess the next command."""
