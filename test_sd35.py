@@ -2327,9 +2327,9 @@ def test_training_keeps_its_preview_prompts_embeddings_on_the_cpu_until_their_ba
     class OnTheGPU(torch.Tensor):
         def cpu(self):
             return self.as_subclass(torch.Tensor)
-    real_encode = sd.TextEncoders.encode
-    monkeypatch.setattr(sd.TextEncoders, "encode",
-                        lambda text, prompts: tuple(t.as_subclass(OnTheGPU) for t in real_encode(text, prompts)))
+    real_encode, encoded = sd.TextEncoders.encode, []
+    monkeypatch.setattr(sd.TextEncoders, "encode", lambda text, prompts: encoded.append(len(prompts)) or
+                        tuple(t.as_subclass(OnTheGPU) for t in real_encode(text, prompts)))
     make_dataset(tmp_path / "data")
     trainer = sd.Trainer(tiny_config(tmp_path))
     try:
@@ -2339,6 +2339,7 @@ def test_training_keeps_its_preview_prompts_embeddings_on_the_cpu_until_their_ba
     finally:
         sd.end_training(trainer, {})
     assert len(stored) == 4 and all(type(t) is torch.Tensor for t in stored)
+    assert max(encoded) == 1                        # T5-XXL on one text at a time: 100 previews at once fill a GPU
     assert len(list((tmp_path / "run" / "samples_step_000000").glob("*.png"))) == 2
 
 
