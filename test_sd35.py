@@ -3631,6 +3631,7 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
     (tmp_path / "lora_step_000002.safetensors").mkdir()
     one_line_error(lambda: sd.save_checkpoint(run),
                    r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
+    assert not list(tmp_path.glob(".*.tmp"))        # the temporary files written, not renamed: removed
 
 
 def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path):
