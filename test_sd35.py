@@ -3643,7 +3643,8 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
               tmp_path / "cache" / "latents" / ".0f8d.safetensors.123-0a1b2c3d.tmp"]
     at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
     not_ours = [tmp_path / "cache" / ".notes.backup-20240101.tmp",                 # files of the user's
-                tmp_path / "cache" / "report.v2-20240101.tmp"]                     # (not hidden)
+                tmp_path / "cache" / "report.v2-20240101.tmp",                     # (not hidden)
+                tmp_path / "cache" / "a" / "b" / ".c.1-20240101.tmp"]     # two folders down: no run writes there
     for path in [*killed, at_work, *not_ours]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
