@@ -3644,6 +3644,8 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
     at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
     not_ours = [tmp_path / "cache" / ".notes.backup-20240101.tmp",                 # files of the user's
                 tmp_path / "cache" / "report.v2-20240101.tmp",                     # (not hidden)
+                tmp_path / "cache" / ".report.v2-20240101.txt",                    # (not .tmp)
+                tmp_path / "cache" / ".notes.2-2024010112.tmp",                    # (10 digits, not 8)
                 tmp_path / "cache" / "a" / "b" / ".c.1-20240101.tmp"]     # two folders down: no run writes there
     for path in [*killed, at_work, *not_ours]:
         path.parent.mkdir(parents=True, exist_ok=True)
