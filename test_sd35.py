@@ -6671,7 +6671,7 @@ def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_
                                "incomplete .*tokenizer_2/tokenizer_config.json: model_max.*copy them again"),
                               ("tokenizer", {"model_max_length": 10**30},      # transformers' value when unset
                                r"model_max_length 10{30} is past clip_l's 77 positions: set it in its "
-                               "tokenizer_config.json")]:     # was "bad text encoder weights: download them again"
+                               "tokenizer_config.json$")]:    # was "bad text encoder weights: download them again"
         config = tmp_path / part / "tokenizer_config.json"
         saved = config.read_text()
         config.write_text(json.dumps({**json.loads(saved), **edit}))
