@@ -3634,7 +3634,7 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
     assert not list(tmp_path.glob(".*.tmp"))        # the temporary files written, not renamed: removed
 
 
-def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path):
+def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path, monkeypatch):
     """kill -9 (the OOM killer, a scheduler's SIGKILL after its grace time) or a power cut while a file was written
     left its hidden temporary file, as large as a LoRA, the training state or a cache file, in output_dir or
     dataset.cache_dir for good. Those over an hour old go; a younger one may be another run's write at work."""
@@ -3657,6 +3657,16 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
     os.utime(at_work, (now - 7200, now - 59 * 60))
     one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images")
     assert not any(path.exists() for path in killed) and at_work.exists() and all(p.exists() for p in not_ours)
+    killed[0].write_bytes(b"half")                      # two runs starting at once: the other removes it first
+    os.utime(killed[0], (now - 7200,) * 2)
+    real_unlink = Path.unlink
+
+    def removed_first_by_another_run(path: Path, missing_ok: bool = False):
+        real_unlink(path)
+        real_unlink(path, missing_ok)
+    monkeypatch.setattr(Path, "unlink", removed_first_by_another_run)
+    sd.remove_killed_writes(tmp_path / "run")
+    assert not killed[0].exists()
 
 
 def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
