@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1167  Training                         Trainer and the training loop
      1318  Part 2: plumbing                 a reader can stop here
      1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1880  Hub Downloads                    snapshot downloads, tokenizers
-     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3225  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3685  Several Processes (torchrun)     one all-reduce per step
-     3774  Command Line and the Tiny Model  main(), --tiny
+     1878  Hub Downloads                    snapshot downloads, tokenizers
+     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3683  Several Processes (torchrun)     one all-reduce per step
+     3772  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1680,9 +1680,7 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     if config.max_position_embeddings < tok.model_max_length:          # a full-length prompt would overrun
-        raise UserError(f"{tok.name_or_path}: model_max_length {tok.model_max_length} is past {role}'s "
-                        f"{config.max_position_embeddings} positions: set it to "
-                        f"{config.max_position_embeddings} in its tokenizer_config.json")
+        raise ValueError(f"{config.max_position_embeddings} positions, tokenizer's {tok.model_max_length}")
 
     def clip(cfg):                                                      # with the position ids no file holds
         model = transformers.CLIPTextModelWithProjection(cfg)
@@ -1892,10 +1890,10 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             # refused here, not by a traceback at the first text: no padding token (a tokenizer.json without
             # its config; one past the vocabulary: check_pad_tokens), a CLIP length that is no count
             for name, tok in zip(names, tokenizers):
-                length = tok.model_max_length                             # (T5's is t5_length)
+                length = tok.model_max_length               # (T5's is t5_length); transformers' 1e30: unset
                 if tok.pad_token is None:
                     raise ValueError(f"{name}/ has no padding token")
-                if name != "tokenizer_3" and (type(length) is not int or length < 1):
+                if name != "tokenizer_3" and (type(length) is not int or not 1 <= length < 2**31):
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception

@@ -947,6 +947,28 @@ def test_generate_on_a_model_left_in_train_mode_samples_without_lora_dropout_and
         assert np.array_equal(np.asarray(sd.generate(pipe, ["red"], settings=s, progress=False)[0]), in_eval)
     assert pipe.mmdit.joint_blocks[0].training and not pipe.mmdit.final_layer.training
 
+    def interrupted(images):                                    # a Ctrl-C as sample.py saves a batch
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sd.generate(pipe, ["red"], settings=s, progress=False, keep=interrupted)
+    assert pipe.mmdit.joint_blocks[0].training and not pipe.mmdit.final_layer.training      # the modes, again
+
+
+def test_generate_encodes_the_negative_prompt_once_and_only_with_cfg():
+    """The negative prompt's rows are encoded once and viewed per prompt (T5-XXL on one text, not on as many as
+    there are prompts), and not at all at cfg 1 or less, where no guidance runs."""
+    pipe, encoded, real_encode = sd.tiny_pipeline(), [], sd.TextEncoders.encode
+
+    def encode(text, prompts):
+        encoded.append(list(prompts))
+        return real_encode(text, prompts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sd.TextEncoders, "encode", encode)
+        for cfg in (2.0, 1.0):
+            settings = sd.SampleSettings(steps=1, cfg=cfg, width=32, height=32)
+            sd.generate(pipe, ["red", "blue", "green"], "blurry", settings, progress=False, batch_size=2)
+    assert encoded == [["red", "blue"], ["green"], ["blurry"], ["red", "blue"], ["green"]]
+
 
 def test_generate_takes_one_prompt_given_as_text():
     """generate(pipe, "a cat"), as diffusers' pipelines take a prompt, failed with "object of type 'int' has no
@@ -2488,9 +2510,9 @@ def test_training_keeps_its_preview_prompts_embeddings_on_the_cpu_until_their_ba
     class OnTheGPU(torch.Tensor):
         def cpu(self):
             return self.as_subclass(torch.Tensor)
-    real_encode = sd.TextEncoders.encode
-    monkeypatch.setattr(sd.TextEncoders, "encode",
-                        lambda text, prompts: tuple(t.as_subclass(OnTheGPU) for t in real_encode(text, prompts)))
+    real_encode, encoded = sd.TextEncoders.encode, []
+    monkeypatch.setattr(sd.TextEncoders, "encode", lambda text, prompts: encoded.append(len(prompts)) or
+                        tuple(t.as_subclass(OnTheGPU) for t in real_encode(text, prompts)))
     make_dataset(tmp_path / "data")
     trainer = sd.Trainer(tiny_config(tmp_path))
     try:
@@ -2500,6 +2522,7 @@ def test_training_keeps_its_preview_prompts_embeddings_on_the_cpu_until_their_ba
     finally:
         sd.end_training(trainer, {})
     assert len(stored) == 4 and all(type(t) is torch.Tensor for t in stored)
+    assert max(encoded) == 1                        # T5-XXL on one text at a time: 100 previews at once fill a GPU
     assert len(list((tmp_path / "run" / "samples_step_000000").glob("*.png"))) == 2
 
 
@@ -3230,7 +3253,7 @@ def test_out_of_ram_is_one_line_with_the_levers_of_what_filled_it(tmp_path, monk
                             "(continue with --resume after a change below). To fit: lower dataset.resolution, set "
                             "fp8: true (a new run: --resume refuses it), or close other programs")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))     # a GPU's run
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))             # a GPU's run
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "gpu")))
     assert str(e.value) == ("out of memory (RAM) while loading the models; nothing new saved. To fit 16.00 GiB more: "
@@ -3281,7 +3304,7 @@ def test_out_of_memory_on_mps_before_macos_14_offers_no_bf16(tmp_path, monkeypat
     on MPS needs macOS 14); sample.py's "use --dtype bf16" too. They are offered only where bf16 runs."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(CPU_OOM)))
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("mps"))
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("mps"))
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 6))
     with pytest.raises(torch.OutOfMemoryError) as e:
         sd.train(tiny_config(tmp_path, dtype="fp32"))
@@ -3824,9 +3847,10 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
     (tmp_path / "lora_step_000002.safetensors").mkdir()
     one_line_error(lambda: sd.save_checkpoint(run),
                    r"^cannot write .*lora_step_000002.safetensors \(.*\): remove the folder of that name or choose")
+    assert not list(tmp_path.glob(".*.tmp"))        # the temporary files written, not renamed: removed
 
 
-def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path):
+def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run(tmp_path, monkeypatch):
     """kill -9 (the OOM killer, a scheduler's SIGKILL after its grace time) or a power cut while a file was written
     left its hidden temporary file, as large as a LoRA, the training state or a cache file, in output_dir or
     dataset.cache_dir for good. Those over an hour old go; a younger one may be another run's write at work."""
@@ -3834,14 +3858,31 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
     killed = [tmp_path / "run" / ".lora.safetensors.123-0a1b2c3d.tmp",
               tmp_path / "cache" / "latents" / ".0f8d.safetensors.123-0a1b2c3d.tmp"]
     at_work = tmp_path / "cache" / "text" / ".4316.safetensors.456-0a1b2c3d.tmp"
-    not_ours = tmp_path / "cache" / ".notes.backup-20240101.tmp"                   # a file of the user's
-    for path in [*killed, at_work, not_ours]:
+    not_ours = [tmp_path / "cache" / ".notes.backup-20240101.tmp",                 # files of the user's
+                tmp_path / "cache" / "report.v2-20240101.tmp",                     # (not hidden)
+                tmp_path / "cache" / ".report.v2-20240101.txt",                    # (not .tmp)
+                tmp_path / "cache" / ".notes.2-2024010112.tmp",                    # (10 digits, not 8)
+                tmp_path / "cache" / "a" / "b" / ".c.1-20240101.tmp"]     # two folders down: no run writes there
+    for path in [*killed, at_work, *not_ours]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
-    for path in [*killed, not_ours]:
+    for path in [*killed[1:], *not_ours]:
         os.utime(path, (time.time() - 7200,) * 2)
+    now = time.time()                                   # ages by the last write (mtime), not the last read
+    os.utime(killed[0], (now, now - 61 * 60))
+    os.utime(at_work, (now - 7200, now - 59 * 60))
     one_line_error(lambda: sd.train(tiny_config(tmp_path)), "no usable images")
-    assert not any(path.exists() for path in killed) and at_work.exists() and not_ours.exists()
+    assert not any(path.exists() for path in killed) and at_work.exists() and all(p.exists() for p in not_ours)
+    killed[0].write_bytes(b"half")                      # two runs starting at once: the other removes it first
+    os.utime(killed[0], (now - 7200,) * 2)
+    real_unlink = Path.unlink
+
+    def removed_first_by_another_run(path: Path, missing_ok: bool = False):
+        real_unlink(path)
+        real_unlink(path, missing_ok)
+    monkeypatch.setattr(Path, "unlink", removed_first_by_another_run)
+    sd.remove_killed_writes(tmp_path / "run")
+    assert not killed[0].exists()
 
 
 def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
@@ -4112,6 +4153,20 @@ def test_an_output_dir_holding_a_stopped_runs_cache_is_called_an_earlier_runs(tm
         with pytest.raises(KeyboardInterrupt):
             sd.train(cfg)
     one_line_error(lambda: sd.train(cfg), r"already holds files of an earlier run; it saved no checkpoint: empty it")
+
+
+def test_any_file_a_run_writes_makes_output_dir_an_earlier_runs(tmp_path):
+    """Each file a run writes, alone in output_dir, makes it an earlier run's, told what to do with it (not "files
+    that no run wrote"): a run that ended after its loss plot or its step-0 previews, a checkpoint, LoRA files."""
+    for written, fix in [("loss.png", "it saved no checkpoint: empty it"),
+                         ("samples_step_000000", "it saved no checkpoint: empty it"),
+                         (sd.STATE_FILE, "continue it with --resume"),
+                         ("lora_step_000002.safetensors", "it holds LoRA files but no training state: move them away")]:
+        out = tmp_path / written.replace(".", "_")
+        out.mkdir()
+        (out / written).mkdir() if "." not in written else (out / written).write_bytes(b"")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(out))),
+                       f"already holds files of an earlier run; {fix} or choose another output_dir")
 
 
 def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path):
@@ -6902,8 +6957,8 @@ def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_
                               ("tokenizer_2", {"model_max_length": 0},
                                "incomplete .*tokenizer_2/tokenizer_config.json: model_max.*copy them again"),
                               ("tokenizer", {"model_max_length": 10**30},      # transformers' value when unset
-                               r"/tokenizer: model_max_length 10{30} is past clip_l's 77 positions: set it to 77 "
-                               "in its tokenizer_config.json$")]:   # was "bad text encoder weights: download them"
+                               r"incomplete .*tokenizer/tokenizer_config.json: model_max_length 10{30}, no length"
+                               ".*copy them again")]:      # was "bad text encoder weights: download them again"
         config = tmp_path / part / "tokenizer_config.json"
         saved = config.read_text()
         config.write_text(json.dumps({**json.loads(saved), **edit}))
@@ -7766,7 +7821,9 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
     output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
     refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
-    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it."""
+    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it.
+    A failed run's own output_dir, left with its lock file alone, is removed: the file closed first (Windows
+    unlinks no open file; the stand-in unlink refuses it too)."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
@@ -7787,6 +7844,18 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     sd.end_training(types.SimpleNamespace(lock=first, out=tmp_path, made=[]), {})
     assert first.closed and held == []          # (a lock closed still held: the stand-in keeps it, as Windows may)
     sd.lock_output_dir(tmp_path).close()
+    made = tmp_path / "made"                    # a failed run's own output_dir: removed, its lock file closed first
+    made.mkdir()
+    held.clear()                                # (the lock just closed locked: the stand-in keeps it)
+    lock, real_unlink = sd.lock_output_dir(made), Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False):
+        if path.name == sd.LOCK_FILE and not lock.closed:           # Windows unlinks no open file
+            raise PermissionError(13, "The process cannot access the file")
+        real_unlink(path, missing_ok)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    sd.end_training(types.SimpleNamespace(lock=lock, out=made, made=[made]), {})
+    assert lock.closed and not made.exists()
 
 
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
