@@ -3326,7 +3326,7 @@ def test_out_of_memory_on_mps_offers_no_offload(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(errors[device])))
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
     for device, fixes in (("mps", "close other programs"), ("cuda", "add --offload, or free the GPU of other programs")):
-        monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device(device))
+        monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device(device))
         with pytest.raises(torch.OutOfMemoryError) as e:
             sample.main(["--model", "tiny", "--prompt", "a", "--no-t5", "--fp8", "--out", str(tmp_path / "out")])
         assert str(e.value) == f"out of GPU memory while loading the models. To fit 2.00 GB more: {fixes}"
@@ -3346,7 +3346,7 @@ def test_mps_running_out_of_memory_is_told_as_the_gpus_not_left_a_traceback():
 def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_holds(monkeypatch):
     """On a GPU, the batch and the resolution fill the GPU's memory, not RAM: out of RAM while caching offers the
     models' size and T5, in a step only closing other programs (the GPU's own error keeps its levers)."""
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))
     new = " (a new run: --resume refuses it)"
     caching = types.SimpleNamespace(cfg=sd.load_config(None, ["dtype=fp32", "fp8=true"]), pipe=None)
     assert str(sd.stopped_by_memory(caching, MemoryError())) == (
@@ -7974,7 +7974,7 @@ def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, mon
     import importlib.util
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
-    monkeypatch.setattr(sd, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the check"))
     make_dataset(tmp_path / "data")
     one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.compile": True})),
