@@ -551,15 +551,8 @@ def test_qk_norm_of_near_zero_queries_and_keys_is_diffusers_at_its_eps(tmp_path)
         for name, p in ref.named_parameters():
             if re.search(r"attn\.(to_[qk]|add_[qk]_proj)\.", name):
                 p.mul_(1e-3)
-    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
-    ours = sd.load_mmdit(tmp_path)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
-    context, pooled = torch.randn(1, 5, 24, generator=g), torch.randn(1, 20, generator=g)
-    with torch.no_grad():
-        expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
-                       return_dict=False)[0]
-        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
+    _, got, expected = saved_and_compared(ref, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_fresh_models_position_table_is_the_references_sine_cosine_table():
@@ -592,16 +585,23 @@ def test_a_diffusers_folder_without_qk_norm_takes_its_head_count_from_config_jso
         num_attention_heads=4, caption_projection_dim=128, joint_attention_dim=96, pooled_projection_dim=80,
         pos_embed_max_size=16, qk_norm=None).eval()
     randomize(ref, torch.Generator().manual_seed(0))
-    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
-    ours = sd.load_mmdit(tmp_path)
+    ours, got, expected = saved_and_compared(ref, tmp_path)
     assert ours.cfg.heads == 4
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def saved_and_compared(ref, tmp_path):
+    """diffusers' SD3Transformer2DModel `ref` saved and loaded here -> (ours, its output, ref's) on one input."""
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours, c = sd.load_mmdit(tmp_path), ref.config
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
-    context, pooled = torch.randn(1, 5, 96, generator=g), torch.randn(1, 80, generator=g)
+    context = torch.randn(1, 5, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, c.pooled_projection_dim, generator=g)
     with torch.no_grad():
         expected = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
                        return_dict=False)[0]
-        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-4, rtol=1e-4)
+        return ours, ours(x, t, context, pooled), expected
 
 
 def test_vae_matches_diffusers(tmp_path):
