@@ -7704,6 +7704,22 @@ def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_a_tensor_file_refused_by_the_os_for_another_reason_than_space_is_no_full_disk(tmp_path, monkeypatch):
+    """safetensors wraps every OS error in its SafetensorError: a LoRA, cache or training-state file with a name
+    too long, on a read-only disk or in a folder not writable was answered 'free disk space'."""
+    from safetensors import SafetensorError
+    long_name = tmp_path / ("a" * 250 + ".safetensors")                # the OS refuses it: no mock
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, long_name), r"\(os error 36\)\): choose another")
+    for code, why, fix in [(13, "Permission denied", "make its folder writable or choose"),
+                           (30, "Read-only file system", "choose another"), (28, "No space left", "free disk space")]:
+        def refuse(tensors, filename, metadata=None):
+            raise SafetensorError(f"Error while serializing: I/O error: {why} (os error {code}) at path \"x\"")
+        monkeypatch.setattr(sd, "save_file", refuse)
+        one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                       rf"{why} \(os error {code}\) at path \"x\"\): {fix}")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
     import huggingface_hub
     for error in (OSError(28, "No space left on device"),                                  # plain http download
