@@ -2044,7 +2044,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
             raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
                             f"LoRA files are")
-        if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
+        if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
                                 f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
