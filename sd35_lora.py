@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3683  Several Processes (torchrun)     one all-reduce per step
-     3772  Command Line and the Tiny Model  main(), --tiny
+     3686  Several Processes (torchrun)     one all-reduce per step
+     3775  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2044,7 +2044,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
             raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
                             f"LoRA files are")
-        if key.endswith((".diff", ".diff_b")) and not re.match(TEXT_LORA, key):   # ComfyUI's LoraSave
+        if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
                                 f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
@@ -3295,6 +3295,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
             time.sleep(wait)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
+        # ... and any other OS error: its code is in its text (Windows': OSError maps that system's to errno)
+        code = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+        e = OSError(int(code[1]), str(e), None, int(code[1])) if code else e     # e.g. PermissionError
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)

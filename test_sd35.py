@@ -2077,6 +2077,30 @@ def test_simpletuner_lycoris_plain_lora_loads_as_comfyui_reads_it(tmp_path):
         torch.testing.assert_close(model(*x), by_hand(*x))
 
 
+def test_a_comfyui_extracted_text_encoder_part_with_bias_diffs_loads_exactly_or_is_refused(tmp_path, capsys):
+    """LoraSave with a text_encoder_diff writes its CLIP/T5 part as text_encoders.*, bias_diff's `.diff_b`/`.diff`
+    too. Applied since the text-encoder part is, CLIP-L's LoRA weights were merged and its bias differences left
+    out (a warning asked 'is T5 off?'): other images than ComfyUI's, where the MMDiT's are refused. Now as there:
+    zero ones change nothing and load without a word, others are refused."""
+    pipe, g = sd.tiny_pipeline(), torch.Generator().manual_seed(0)
+    q = pipe.text.clip_l.text_model.encoder.layers[0].self_attn.q_proj
+    key = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    norm = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1.diff"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, q.in_features, generator=g),
+               f"{key}.lora_up.weight": torch.randn(q.out_features, 2, generator=g),
+               f"{key}.diff_b": torch.zeros(q.out_features), norm: torch.zeros(q.in_features)}
+    save_file(tensors, tmp_path / "zero.safetensors")
+    expected = q.weight + tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]
+    assert sd.load_lora(pipe.mmdit, tmp_path / "zero.safetensors", text=pipe.text) == 1
+    torch.testing.assert_close(q.weight, expected)
+    assert "warning" not in capsys.readouterr().err
+    for bad in (f"{key}.diff_b", norm):
+        save_file({**tensors, bad: torch.ones_like(tensors[bad])}, tmp_path / "bias.safetensors")
+        one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "bias.safetensors", text=pipe.text),
+                       f"'{re.escape(bad)}' is a whole weight/bias difference .*bias_diff off")
+    torch.testing.assert_close(q.weight, expected)
+
+
 def test_comfyui_extracted_lora_with_bias_diffs_loads_exactly_or_is_refused(tmp_path, capsys):
     """ComfyUI's LoraSave (bias_diff on by default) adds `.diff_b` for every bias and `.diff` for 1-D weights: zero
     ones change nothing, others would be dropped (the LoRA loaded without them): refused."""
@@ -7701,6 +7725,22 @@ def test_a_full_disk_reported_by_safetensors_is_a_one_line_error(tmp_path, monke
     monkeypatch.setattr(sd, "save_file", full_disk)
     one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
                    r"cannot write .*a\.safetensors .*No space left on device")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_tensor_file_refused_by_the_os_for_another_reason_than_space_is_no_full_disk(tmp_path, monkeypatch):
+    """safetensors wraps every OS error in its SafetensorError: a LoRA, cache or training-state file with a name
+    too long, on a read-only disk or in a folder not writable was answered 'free disk space'."""
+    from safetensors import SafetensorError
+    long_name = tmp_path / ("a" * 250 + ".safetensors")                # the OS refuses it: no mock
+    one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, long_name), r"\(os error 36\)\): choose another")
+    for code, why, fix in [(13, "Permission denied", "make its folder writable or choose"),
+                           (30, "Read-only file system", "choose another"), (28, "No space left", "free disk space")]:
+        def refuse(tensors, filename, metadata=None):
+            raise SafetensorError(f"Error while serializing: I/O error: {why} (os error {code}) at path \"x\"")
+        monkeypatch.setattr(sd, "save_file", refuse)
+        one_line_error(lambda: sd._atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors"),
+                       rf"{why} \(os error {code}\) at path \"x\"\): {fix}")
     assert not list(tmp_path.iterdir())
 
 
