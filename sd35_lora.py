@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3686  Several Processes (torchrun)     one all-reduce per step
-     3775  Command Line and the Tiny Model  main(), --tiny
+     3684  Several Processes (torchrun)     one all-reduce per step
+     3773  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3462,7 +3462,6 @@ def save_previews(trainer: Trainer):
     try:
         if bar:                                                         # not a frozen bar
             bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")
-        trainer.mmdit.eval()
         trainer.pipe.vae.to(trainer.pipe.device)
         images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
                           embeddings=trainer.embeddings, progress=False)
@@ -3480,7 +3479,6 @@ def save_previews(trainer: Trainer):
         if bar:
             bar.set_description_str(training)
         trainer.pipe.vae.to("cpu")
-        trainer.mmdit.train()
 
 
 def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):

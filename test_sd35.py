@@ -2509,16 +2509,16 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
 
 def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
     """save_previews samples the MMDiT in eval mode (LoRA dropout would make the previews noisy and differ from
-    the LoRA file's images), then puts it back in train mode for the next steps."""
+    the LoRA file's images; generate's in_eval_mode), then puts it back in train mode for the next steps."""
     make_dataset(tmp_path / "data")
     trainer = sd.Trainer(tiny_config(tmp_path, **{"lora.dropout": 0.5, "sample.prompts": ["red stripes"]}))
     dropouts = [m for m in trainer.mmdit.modules() if isinstance(m, torch.nn.Dropout)]
-    seen, real_generate = [], sd.generate
+    seen, real_denoise = [], sd.denoise
 
-    def generate(pipe, *args, **kwargs):
+    def denoise(model, *args, **kwargs):                    # the modes the previews are sampled in
         seen.append([m.training for m in dropouts])
-        return real_generate(pipe, *args, **kwargs)
-    monkeypatch.setattr(sd, "generate", generate)
+        return real_denoise(model, *args, **kwargs)
+    monkeypatch.setattr(sd, "denoise", denoise)
     try:
         assert dropouts and all(m.training for m in dropouts)
         sd.save_previews(trainer)
