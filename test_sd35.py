@@ -325,6 +325,55 @@ def test_lr_warmup_then_constant_or_cosine_as_diffusers():
         sd.get_lr(5, dataclasses.replace(cfg, lr_schedule="cosin"))
 
 
+
+def test_a_training_step_is_diffusers_dreambooth_sd3_step_with_precondition_outputs_0(tmp_path):
+    """README, Training: train_dreambooth_lora_sd3.py's step (u by compute_density_for_timestep_sampling, its
+    scheduler's timesteps and sigmas, PEFT LoRA on to_out.0/to_add_out, compute_loss_weighting_for_sd3, the mean
+    over pixels then samples) on the same weights and draws gives flow_matching_loss's loss and LoRA gradients."""
+    diffusers = pytest.importorskip("diffusers")
+    training_utils, peft = pytest.importorskip("diffusers.training_utils"), pytest.importorskip("peft")
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, num_layers=3, attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
+        joint_attention_dim=32, pooled_projection_dim=24, pos_embed_max_size=16, qk_norm="rms_norm",
+        dual_attention_layers=(0,))
+    randomize(ref, torch.Generator().manual_seed(0))
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    ours = sd.load_mmdit(tmp_path).train()
+    sd.add_lora(ours, rank=4, targets=r"attn\.proj$")
+    ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["attn.to_out.0", "attn.to_add_out"]))
+    pairs = []                                          # (ours, PEFT's) down and up weights, made equal
+    with torch.no_grad():
+        for name, layer in sd.lora_layers(ours).items():
+            stream = "to_out.0" if ".x_block." in name else "to_add_out"
+            theirs = ref.get_submodule(f"transformer_blocks.{name.split('.')[1]}.attn.{stream}")
+            layer.lora_up.weight.normal_(0, 0.05)   # non-zero: the down weights get gradients too
+            for mine, peft_weight in ((layer.lora_down, theirs.lora_A), (layer.lora_up, theirs.lora_B)):
+                peft_weight["default"].weight.copy_(mine.weight)
+                pairs.append((mine.weight, peft_weight["default"].weight))
+    assert len(pairs) == 10 == sum(p.requires_grad for p in ref.parameters())
+    scheduler, gen = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), torch.Generator().manual_seed(2)
+    x0, context, pooled = (torch.randn(shape, generator=gen) for shape in ((3, 16, 8, 6), (3, 7, 32), (3, 24)))
+    for sampling, weighting in (("logit_normal", "none"), ("mode", "cosmap"), ("uniform", "sigma_sqrt")):
+        cfg = sd.TrainConfig(timestep_sampling=sampling, weighting=weighting)
+        loss, _, sigmas = sd.flow_matching_loss(ours, x0, context, pooled, cfg, 3.0, torch.Generator().manual_seed(7),
+                                                None)
+        loss.backward()
+        g = torch.Generator().manual_seed(7)                        # u, then the noise, as ours draws them
+        u = training_utils.compute_density_for_timestep_sampling(sampling, 3, 0.0, 1.0, 1.29, generator=g)
+        timesteps = scheduler.timesteps[(u * 1000).long()]
+        s = scheduler.sigmas[[(scheduler.timesteps == t).nonzero().item() for t in timesteps]].view(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=g)
+        pred = ref(hidden_states=(1 - s) * x0 + s * noise, timestep=timesteps, encoder_hidden_states=context,
+                   pooled_projections=pooled, return_dict=False)[0]
+        weight = training_utils.compute_loss_weighting_for_sd3(weighting, s)
+        expected = (weight * (pred - (noise - x0)) ** 2).reshape(3, -1).mean(1).mean()
+        expected.backward()
+        assert torch.equal(sigmas, s.flatten()), sampling
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+        for mine, theirs in pairs:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+            mine.grad, theirs.grad = None, None
+
 def test_a_mistyped_option_never_runs_another_algorithm(tmp_path):
     model = tiny_mmdit()
     sd.add_lora(model, rank=2)
