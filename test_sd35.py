@@ -2676,6 +2676,27 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
 
 
+
+def test_resume_mid_epoch_with_buckets_and_uneven_micro_batches_reproduces_the_losses(tmp_path):
+    """3 square and 2 wide images, global batch 2 x grad_accum 2: a bucket's step is 2 + 1 or 2 + 0 samples.
+    Stopped at step 3 (mid-epoch: 2 steps each) and resumed, the run gives the uninterrupted run's losses."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for name, shape in (("square", (128, 128, 3)), ("wide", (64, 192, 3))):
+        for i in range(3 if name == "square" else 2):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / "data" / f"{name}{i}.png")
+            (tmp_path / "data" / f"{name}{i}.txt").write_text(f"{name} {i}")
+    shared = {"dataset.resolution": 128, "train.batch_size": 2, "train.grad_accum": 2, "train.save_every": 3,
+              "sample.sample_every": 0, "sample.prompts": [], "lora.targets": "attn", "lora.dropout": 0.1,
+              "dataset.flip": True, "dataset.caption_dropout": 0.3, "train.warmup_steps": 2,
+              "train.lr_schedule": "cosine", "train.timestep_sampling": "logit_normal"}
+    buckets = [item["size"] for item in sd.scan_dataset(tiny_config(tmp_path, **shared).dataset)]
+    assert sorted(collections.Counter(buckets).values()) == [2, 3]
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 5, "output_dir": str(tmp_path / "full")}))
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 3, "output_dir": str(tmp_path / "half")}))
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 5, "output_dir": str(tmp_path / "half")}), resume=True)
+    assert len(losses(tmp_path / "full")) == 5 and losses(tmp_path / "half") == losses(tmp_path / "full")
+
 def test_the_logged_sigma_is_the_mean_of_the_steps_samples_with_grad_accum(tmp_path, monkeypatch):
     """log.jsonl's sigma is the step's mean training sigma over the samples it trained on (grad_accum micro-
     batches, a bucket's short last batch), not the sum over train.batch_size (mutation audit of Part 1)."""
