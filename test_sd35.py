@@ -355,8 +355,8 @@ def test_a_training_step_is_diffusers_dreambooth_sd3_step_with_precondition_outp
     x0, context, pooled = (torch.randn(shape, generator=gen) for shape in ((3, 16, 8, 6), (3, 7, 32), (3, 24)))
     for sampling, weighting in (("logit_normal", "none"), ("mode", "cosmap"), ("uniform", "sigma_sqrt")):
         cfg = sd.TrainConfig(timestep_sampling=sampling, weighting=weighting)
-        loss, _, sigmas = sd.flow_matching_loss(ours, x0, context, pooled, cfg, 3.0, torch.Generator().manual_seed(7),
-                                                None)
+        draws = torch.Generator().manual_seed(7)
+        loss, _, sigmas = sd.flow_matching_loss(ours, x0, context, pooled, cfg, 3.0, draws, None)
         loss.backward()
         g = torch.Generator().manual_seed(7)                        # u, then the noise, as ours draws them
         u = training_utils.compute_density_for_timestep_sampling(sampling, 3, 0.0, 1.0, 1.29, generator=g)
