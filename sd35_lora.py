@@ -3042,9 +3042,9 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
     path = image.with_suffix(".txt")
     if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
         path = image.with_suffix(".TXT")
+    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+        return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
-        if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
-            raise FileNotFoundError(path)      # (files_under leaves it out: its image is uncaptioned)
         text = path.read_text(encoding="utf-8-sig")
         if "\x00" in text:
             raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
