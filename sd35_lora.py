@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3026  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3222  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3683  Several Processes (torchrun)     one all-reduce per step
-     3772  Command Line and the Tiny Model  main(), --tiny
+     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3682  Several Processes (torchrun)     one all-reduce per step
+     3771  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3106,8 +3106,7 @@ def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0)
-    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
+    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0) + left_out
     if rank_and_world()[0] == 0:
         folders = counted(len({i["path"].parent for i in items}), "folder")
         print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
