@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3684  Several Processes (torchrun)     one all-reduce per step
-     3773  Command Line and the Tiny Model  main(), --tiny
+     3026  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3682  Several Processes (torchrun)     one all-reduce per step
+     3771  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2416,32 +2416,31 @@ WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n)
 
 def _coerce(value, default, key: str):
     """Cast a YAML value to the type of the field's default, or explain why it cannot be."""
+    name = f"config key '{key}'"
     if isinstance(default, list):
-        return [_coerce(v, "", key) for v in ([] if value is None else listed(value, f"config key '{key}'"))]
+        return [_coerce(v, "", key) for v in ([] if value is None else listed(value, name))]
     if isinstance(default, str):
         if isinstance(value, (dict, list, tuple)):           # never its Python repr as a prompt or a path
-            raise UserError(f"config key '{key}' must be text, got {value!r:.60}: quote it (YAML reads an "
-                            f"unquoted 'a: b' as a mapping)")
+            raise UserError(f"{name} must be text, got {value!r:.60}: quote it (YAML reads an unquoted "
+                            f"'a: b' as a mapping)")
         text = "" if value is None else str(value)
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # the tokenizers cannot encode it
-            raise UserError(f"config key '{key}' is not UTF-8 text: {text!r:.60} (write the character "
-                            f"itself, in UTF-8)")
+            raise UserError(f"{name} is not UTF-8 text: {text!r:.60} (write the character itself, in UTF-8)")
         if key in PATH_KEYS and "\0" in text:                        # os would say only "embedded null byte"
-            raise UserError(f"config key '{key}' holds a NUL character, which no path can: remove it from "
-                            f"{text!r:.60}")
+            raise UserError(f"{name} holds a NUL character, which no path can: remove it from {text!r:.60}")
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
-            raise UserError(f"config key '{key}' holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
+            raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
         return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
-        return read_flag(value, f"config key '{key}'")
+        return read_flag(value, name)
     for parse in (int, float) if isinstance(value, str) else ():    # read_yaml leaves numbers as text
         with contextlib.suppress(ValueError):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
-    return read_number(value, isinstance(default, int), f"config key '{key}'")
+    return read_number(value, isinstance(default, int), name)
 
 
 def listed(value, name: str) -> list:
@@ -3043,9 +3042,9 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
     path = image.with_suffix(".txt")
     if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
         path = image.with_suffix(".TXT")
+    if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
+        return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
-        if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
-            raise FileNotFoundError(path)      # (files_under leaves it out: its image is uncaptioned)
         text = path.read_text(encoding="utf-8-sig")
         if "\x00" in text:
             raise UnicodeError("it holds NUL characters (UTF-16 text without a BOM?)")
@@ -3107,8 +3106,7 @@ def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-name .txt captions")
-    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0)
-    left += left_out                                    # hidden, thumbnail and recycle folders, named pipes
+    left = [f"{in_runs} in runs' output_dir and cache_dir"] * (in_runs > 0) + left_out
     if rank_and_world()[0] == 0:
         folders = counted(len({i["path"].parent for i in items}), "folder")
         print(f"dataset: {counted(len(items), 'image')} in {folders} under {root}, searched recursively"
