@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1167  Training                         Trainer and the training loop
      1318  Part 2: plumbing                 a reader can stop here
      1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1878  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3684  Several Processes (torchrun)     one all-reduce per step
-     3773  Command Line and the Tiny Model  main(), --tiny
+     1876  Hub Downloads                    snapshot downloads, tokenizers
+     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2406  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3682  Several Processes (torchrun)     one all-reduce per step
+     3771  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1597,9 +1597,7 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
         if "x_embedder.proj.weight" not in sd:                                   # diffusers names
             depth = _block_count(sd, "transformer_blocks.")
             sd = mmdit_from_diffusers(sd, depth)
-            # row scales follow their rows: fused into qkv, halves swapped
-            scales = mmdit_from_diffusers({f"{m}.weight": s for m, s in quantized.items()}, depth)
-            quantized = {name.removesuffix(".weight"): s for name, s in scales.items()}
+            quantized = mmdit_from_diffusers(quantized, depth)     # row scales follow rows: qkv fused, swaps
         cfg = MMDiTConfig.from_state_dict(sd)
         if config:                # shapes show the head count only through qk_norm; config.json names it
             cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
@@ -2355,8 +2353,8 @@ class Fp8Linear(nn.Linear):
 
 @torch.no_grad()
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
-    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`.
-    -> the model; one holding LoRA layers, or with no plain Linear left to quantize, is refused."""
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales` (by
+    weight name). -> the model; one holding LoRA layers, or with no plain Linear to quantize, is refused."""
     model = unwrap_mmdit(model, "quantize_mmdit", "scales=None")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
     if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
@@ -2365,23 +2363,23 @@ def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) 
     if not layers:
         raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
     for name, layer in layers:
-        weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
+        scale = (scales or {}).get(f"{name}.weight")
+        weight, scale = (layer.weight, scale) if scale is not None else quantize_fp8(layer.weight)
         _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
     return model
 
 
 def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """An FP8_WEIGHTS matrix (official or diffusers name) quantized as it is read; row scales to `scales`."""
-    module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
-    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, module):   # ints: refused later
-        tensor, scales[module] = quantize_fp8(tensor)
+    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, name.removesuffix(".weight")):
+        tensor, scales[name] = quantize_fp8(tensor)                                      # ints: refused later
     return tensor
 
 
 def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
-    none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {module: row s}; else each: dtype."""
+    none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {weight: row s}; else each: dtype."""
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     odd = next((str(t.dtype)[6:] for t in sd.values() if not t.is_floating_point()), "")    # "torch.int8"
@@ -2399,9 +2397,9 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         if not (fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module)):  # biases, norms, the rest,
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)  # one by one
         elif weight.dtype == FP8:                       # e4m3 matrices stay (load_mmdit: on-read scales win)
-            scales[module] = scale
+            scales[key] = scale
         else:                                           # e5m2: to e4m3 now, not all upcast to dtype first
-            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])
+            sd[key], scales[key] = quantize_fp8(weight.float() * scale[:, None])
     return scales
 
 
