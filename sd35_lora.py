@@ -25,7 +25,7 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1167  Training                         Trainer and the training loop
      1318  Part 2: plumbing                 a reader can stop here
      1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1876  Hub Downloads                    snapshot downloads, tokenizers
+     1877  Hub Downloads                    snapshot downloads, tokenizers
      1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2406  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
@@ -1697,11 +1697,13 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
-def _no_custom_code(folder: Path, error: Exception):
-    """transformers' refusal (trust_remote_code=False) of an auto_map's code, said as what it is."""
-    if "trust_remote_code" in str(error):                   # (else: missing or damaged)
-        raise UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
-                        f"which is never run: use a folder of the standard SD3.5 text encoders") from None
+def _from_pretrained_error(folder: Path, error: Exception, problem: str, fix: str) -> UserError:
+    """What transformers' from_pretrained raised, said as what it is: its refusal (trust_remote_code=False) of
+    an auto_map's code, else `problem` with the error's text and `fix`."""
+    if "trust_remote_code" in str(error):
+        return UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
+                         f"which is never run: use a folder of the standard SD3.5 text encoders")
+    return UserError(f"{folder}: {problem} ({' '.join(str(error).split())[:150]}): {fix}")
 
 
 def check_pad_tokens(tokenizers, encoders: list[nn.Module]):
@@ -1727,9 +1729,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
         except Exception as e:  # missing, cut short, of no model, a field's type (huggingface_hub error)
-            _no_custom_code(source, e)
-            raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
-                            f"({' '.join(str(e).split())[:150]}): download it again") from None
+            raise _from_pretrained_error(source, e, "a text_encoder*/config.json is missing or damaged",
+                                         "download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
@@ -1895,9 +1896,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
-            _no_custom_code(folder, e)
-            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
-                            f": copy them again from a diffusers SD3.5 download") from None
+            raise _from_pretrained_error(folder, e, "tokenizer*/ folders are incomplete",
+                                         "copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     repos = ("openai/clip-vit-large-patch14", "google-t5/t5-base")      # T5 v1.1 has t5-base's vocabulary
     try:
