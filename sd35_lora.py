@@ -1637,6 +1637,8 @@ TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key
     "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
     "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
     "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+PASS_TEXT_ENCODERS = ("pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl "
+                      ".safetensors files or a diffusers-layout SD3.5 folder")
 
 
 def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
@@ -1742,8 +1744,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
             where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else "pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl files or "
-                          "a diffusers SD3.5 folder")
+                     else PASS_TEXT_ENCODERS)
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
     width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
@@ -1855,8 +1856,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
-        raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (config: text_encoders; "
-                        f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
+        raise UserError(f"{root} holds no text encoders: {PASS_TEXT_ENCODERS}")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or vae/)")
     if vae_root.is_dir():               # its config.json checked: e.g. FLUX.1's VAE, refused before the MMDiT
