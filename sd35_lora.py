@@ -28,11 +28,11 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1877  Hub Downloads                    snapshot downloads, tokenizers
      1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2406  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3682  Several Processes (torchrun)     one all-reduce per step
-     3771  Command Line and the Tiny Model  main(), --tiny
+     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3026  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3222  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3683  Several Processes (torchrun)     one all-reduce per step
+     3772  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2371,9 +2371,10 @@ def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) 
 
 def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """An FP8_WEIGHTS matrix (official or diffusers name) quantized as it is read; row scales to `scales`."""
+    module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
-    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, name.removesuffix(".weight")):
-        tensor, scales[name] = quantize_fp8(tensor)                                      # ints: refused later
+    if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, module):   # ints: refused later
+        tensor, scales[name] = quantize_fp8(tensor)
     return tensor
 
 
