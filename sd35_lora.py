@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1167  Training                         Trainer and the training loop
      1318  Part 2: plumbing                 a reader can stop here
      1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1878  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3026  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3221  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3682  Several Processes (torchrun)     one all-reduce per step
-     3771  Command Line and the Tiny Model  main(), --tiny
+     1877  Hub Downloads                    snapshot downloads, tokenizers
+     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3220  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3681  Several Processes (torchrun)     one all-reduce per step
+     3770  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1597,9 +1597,7 @@ def load_mmdit(path: str | Path, device="cpu", dtype=torch.float32, fp8: bool = 
         if "x_embedder.proj.weight" not in sd:                                   # diffusers names
             depth = _block_count(sd, "transformer_blocks.")
             sd = mmdit_from_diffusers(sd, depth)
-            # row scales follow their rows: fused into qkv, halves swapped
-            scales = mmdit_from_diffusers({f"{m}.weight": s for m, s in quantized.items()}, depth)
-            quantized = {name.removesuffix(".weight"): s for name, s in scales.items()}
+            quantized = mmdit_from_diffusers(quantized, depth)     # row scales follow rows: qkv fused, swaps
         cfg = MMDiTConfig.from_state_dict(sd)
         if config:                # shapes show the head count only through qk_norm; config.json names it
             cfg = dataclasses.replace(cfg, depth=config["num_layers"], heads=config["num_attention_heads"])
@@ -1639,6 +1637,8 @@ TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key
     "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
     "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
     "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+PASS_TEXT_ENCODERS = ("pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl "
+                      ".safetensors files or a diffusers-layout SD3.5 folder")
 
 
 def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
@@ -1699,11 +1699,13 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
-def _no_custom_code(folder: Path, error: Exception):
-    """transformers' refusal (trust_remote_code=False) of an auto_map's code, said as what it is."""
-    if "trust_remote_code" in str(error):                   # (else: missing or damaged)
-        raise UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
-                        f"which is never run: use a folder of the standard SD3.5 text encoders") from None
+def _from_pretrained_error(folder: Path, error: Exception, problem: str, fix: str) -> UserError:
+    """What transformers' from_pretrained raised, said as what it is: its refusal (trust_remote_code=False) of
+    an auto_map's code, else `problem` with the error's text and `fix`."""
+    if "trust_remote_code" in str(error):
+        return UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
+                         f"which is never run: use a folder of the standard SD3.5 text encoders")
+    return UserError(f"{folder}: {problem} ({' '.join(str(error).split())[:150]}): {fix}")
 
 
 def check_pad_tokens(tokenizers, encoders: list[nn.Module]):
@@ -1729,9 +1731,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
                        for r, p in picked.items() if p.is_dir()}              # run a download's auto_map code
         except Exception as e:  # missing, cut short, of no model, a field's type (huggingface_hub error)
-            _no_custom_code(source, e)
-            raise UserError(f"{source}: a text_encoder*/config.json is missing or damaged "
-                            f"({' '.join(str(e).split())[:150]}): download it again") from None
+            raise _from_pretrained_error(source, e, "a text_encoder*/config.json is missing or damaged",
+                                         "download it again") from None
     else:
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
@@ -1743,8 +1744,7 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         if TEXT_ENCODERS[role][2] not in sd:
             problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
             where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else "pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl files or "
-                          "a diffusers SD3.5 folder")
+                     else PASS_TEXT_ENCODERS)
             raise UserError(f"{picked[role]} {problem} ({where})"
                             + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
     width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
@@ -1856,8 +1856,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
-        raise UserError(f"{root} holds no text encoders: pass --text-encoders DIR (config: text_encoders; "
-                        f"clip_l, clip_g, t5xxl .safetensors files, or a diffusers-layout SD3.5 folder)")
+        raise UserError(f"{root} holds no text encoders: {PASS_TEXT_ENCODERS}")
     if mmdit_file and "first_stage_model" not in groups and not vae:      # (not read whole a second time)
         raise UserError(f"{root} holds no VAE: pass --vae (config: vae; a diffusers SD3.5 folder or vae/)")
     if vae_root.is_dir():               # its config.json checked: e.g. FLUX.1's VAE, refused before the MMDiT
@@ -1897,9 +1896,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
                     raise ValueError(f"{name}/tokenizer_config.json: model_max_length {length!r}, no length")
             return tokenizers + [None] * (not use_t5)
         except Exception as e:      # empty, half-copied; a newer tokenizers' file: a plain Exception
-            _no_custom_code(folder, e)
-            raise UserError(f"{folder}: tokenizer*/ folders are incomplete ({' '.join(str(e).split())[:120]})"
-                            f": copy them again from a diffusers SD3.5 download") from None
+            raise _from_pretrained_error(folder, e, "tokenizer*/ folders are incomplete",
+                                         "copy them again from a diffusers SD3.5 download") from None
     from huggingface_hub import snapshot_download
     repos = ("openai/clip-vit-large-patch14", "google-t5/t5-base")      # T5 v1.1 has t5-base's vocabulary
     try:
@@ -2355,8 +2353,8 @@ class Fp8Linear(nn.Linear):
 
 @torch.no_grad()
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
-    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`.
-    -> the model; one holding LoRA layers, or with no plain Linear left to quantize, is refused."""
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales` (by
+    weight name). -> the model; one holding LoRA layers, or with no plain Linear to quantize, is refused."""
     model = unwrap_mmdit(model, "quantize_mmdit", "scales=None")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
     if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
@@ -2365,7 +2363,8 @@ def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) 
     if not layers:
         raise UserError("fp8: no plain joint-block Linear left to quantize: quantize once, before any LoRA")
     for name, layer in layers:
-        weight, scale = (layer.weight, scales[name]) if name in (scales or {}) else quantize_fp8(layer.weight)
+        scale = (scales or {}).get(f"{name}.weight")
+        weight, scale = (layer.weight, scale) if scale is not None else quantize_fp8(layer.weight)
         _replace(model, name, Fp8Linear(weight.detach(), scale.to(weight.device), layer.bias))
     return model
 
@@ -2375,13 +2374,13 @@ def _fp8_on_read(scales: dict, name: str, tensor: torch.Tensor) -> torch.Tensor:
     module = name.removesuffix(".weight")
     is_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.element_size() > 1
     if is_matrix and tensor.is_floating_point() and re.match(FP8_WEIGHTS, module):   # ints: refused later
-        tensor, scales[module] = quantize_fp8(tensor)
+        tensor, scales[name] = quantize_fp8(tensor)
     return tensor
 
 
 def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """ComfyUI's fp8 files: W = w * s, s per tensor in `X.scale_weight` (comfy-kitchen: `X.weight_scale`) or
-    none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {module: row s}; else each: dtype."""
+    none (1); markers are dropped. fp8: matrices stay or become e4m3 -> {weight: row s}; else each: dtype."""
     for key in [k for k in sd if re.search(r"^scaled_fp8$|\.(scale_input|input_scale|comfy_quant)$", k)]:
         del sd[key]
     odd = next((str(t.dtype)[6:] for t in sd.values() if not t.is_floating_point()), "")    # "torch.int8"
@@ -2399,9 +2398,9 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         if not (fp8 and weight.ndim == 2 and re.match(FP8_WEIGHTS, module)):  # biases, norms, the rest,
             sd[key] = (weight.float() * scale.reshape(-1, *[1] * (weight.ndim - 1))).to(dtype)  # one by one
         elif weight.dtype == FP8:                       # e4m3 matrices stay (load_mmdit: on-read scales win)
-            scales[module] = scale
+            scales[key] = scale
         else:                                           # e5m2: to e4m3 now, not all upcast to dtype first
-            sd[key], scales[module] = quantize_fp8(weight.float() * scale[:, None])
+            sd[key], scales[key] = quantize_fp8(weight.float() * scale[:, None])
     return scales
 
 
