@@ -6209,6 +6209,38 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
+def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path):
+    """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
+    empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
+    after. An image now gets its sample_NN.png only once it is complete."""
+    script = tmp_path / "run.py"                    # SIGKILL while the first image is being written
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                "--height", "32", "--out", str(tmp_path / "out"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch):
+    """Where the file system makes no hard links (FAT, some network shares), an image is still saved under the
+    first free number, never over an image another sample.py wrote there meanwhile, and no hidden file stays."""
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
+    saved = sample.main(["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--steps", "1",
+                         "--width", "32", "--height", "32", "--out", str(tmp_path)])
+    assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
+    assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
+    assert all(Image.open(path).size == (32, 32) for path in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
+
+
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
     """sample.py's SIGTERM handler raised whatever the process was doing: a SIGTERM (a scheduler's, `timeout`'s)
     while an error left main() (here as its models were let go) said "terminated: images already written stay
