@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3684  Several Processes (torchrun)     one all-reduce per step
-     3773  Command Line and the Tiny Model  main(), --tiny
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3685  Several Processes (torchrun)     one all-reduce per step
+     3774  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2975,11 +2975,12 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+        config, step = json.loads(meta["config"]), int(meta["step"])
         was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
         changes = json.loads(meta.get("changes", "[]"))
-        if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
-            raise ValueError
+        if step < 0 or was < 1 or not (isinstance(changes, list) and isinstance(config, dict)):
+            raise ValueError                                            # a hand-edited header
+        saved = flat_config(_fill(Config(), config))
     except UserError as e:                  # _fill refused a key or value, e.g. one a newer version wrote
         raise UserError(f"{path}: this sd35_lora.py refuses its config ({e}); resume with the version that "
                         f"saved it, or start over in a new output_dir") from None

@@ -6963,6 +6963,16 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
 
 
+def test_a_training_state_whose_config_is_no_json_object_is_called_damaged(tmp_path):
+    """A training-state header whose config is JSON but no object (a list, a number, null) was answered "this
+    sd35_lora.py refuses its config (config file needs `key: value` lines ...); resume with the version that
+    saved it": no version writes one. It is damaged, as a header without a config is: start over."""
+    for config in ("[1, 2]", "3", "null", '"tiny"'):
+        save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config})
+        one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
+                       "state.safetensors lacks a readable step and config: start over in a new output_dir")
+
+
 def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_error(tmp_path):
     """transformers 5 checks config fields' types with huggingface_hub's strict dataclasses, whose error is no
     ValueError: '"num_layers": "24"' (hand-edited) was a bare StrictDataclassFieldValidationError traceback."""
