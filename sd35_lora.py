@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1038  Data                             dataset scan, aspect buckets, the latent and text cache
-     1167  Training                         Trainer and the training loop
-     1318  Part 2: plumbing                 a reader can stop here
-     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1878  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3685  Several Processes (torchrun)     one all-reduce per step
-     3774  Command Line and the Tiny Model  main(), --tiny
+     1169  Training                         Trainer and the training loop
+     1320  Part 2: plumbing                 a reader can stop here
+     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1880  Hub Downloads                    snapshot downloads, tokenizers
+     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3030  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3226  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3687  Several Processes (torchrun)     one all-reduce per step
+     3776  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1110,11 +1110,13 @@ class LatentDataset:
         def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
             embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
             return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
-        text_layout = {name: (t.shape, t.dtype) for name, t in encode("").items()}     # every caption's
+        empty = encode("")                                  # what caption dropout trains on: encoded once
+        text_layout = {name: (t.shape, t.dtype) for name, t in empty.items()}          # every caption's
 
         def text_file(caption: str) -> Path:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            return store(path, lambda: encode(caption), f"the caption {caption!r:.60}", text_layout)
+            compute = (lambda: encode(caption)) if caption else (lambda: empty)
+            return store(path, compute, f"the caption {caption!r:.60}", text_layout)
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1137,7 +1139,7 @@ class LatentDataset:
             contents.append(_digest(data, item["caption"]))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
-        self.empty = text_file("")                             # what caption dropout trains on
+        self.empty = text_file("")
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             collective(dist.barrier)                           # the cache is complete

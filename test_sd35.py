@@ -4567,6 +4567,20 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
         assert set(flipped) == {False, flip} and set(dropped) == {False, dropout > 0}, (flipped, dropped)
 
 
+def test_the_empty_caption_is_encoded_once_on_a_fresh_cache(tmp_path, monkeypatch):
+    """The empty caption (caption dropout's) was encoded twice into a new cache: once for the layout each
+    caption's file is checked against, once more to be cached."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    encoded, real_encode = [], pipe.text.encode
+    monkeypatch.setattr(pipe.text, "encode", lambda prompts: encoded.extend(prompts) or real_encode(prompts))
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    assert sorted(encoded) == ["", "blue disc", "red stripes"]
+    context, pooled = real_encode([""])
+    assert torch.equal(load_file(data.empty)["context"], context[0]) and torch.equal(load_file(data.empty)["pooled"],
+                                                                                       pooled[0])
+
+
 def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_files, tmp_path):
     """The cache is keyed by the text_encoders folder; a file swapped in it (a fine-tuned clip_l under the
     same name, a t5xxl_fp16 added beside the fp8 one, which it then replaces) must give new embeddings."""
