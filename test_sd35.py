@@ -4262,6 +4262,29 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
         sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
 
 
+def test_a_fresh_run_in_the_output_dir_of_a_live_run_is_told_it_is_in_use_not_to_resume(tmp_path):
+    """A fresh run pointed at the output_dir of a run still going (one past its first checkpoint) was told it
+    "already holds files of an earlier run; continue it with --resume", and --resume then said it was in use."""
+    make_dataset(tmp_path / "data")
+    cfg, out = tiny_config(tmp_path), tmp_path / "run"
+    out.mkdir()
+    for name in ("log.jsonl", "lora.safetensors"):                        # the live run's checkpoint
+        (out / name).write_bytes(b"")
+    params = [torch.nn.Parameter(torch.ones(2))]
+    sd.save_training_state(out / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
+    script = (f"import time, sd35_lora as sd\nfrom pathlib import Path\nheld = sd.lock_output_dir(Path({str(out)!r}))\n"
+              "print('locked' if held else 'no lock', flush=True)\ntime.sleep(600)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline() == "locked\n"
+        for resume in (False, True):
+            one_line_error(lambda: sd.train(cfg, resume), r"another run is using output_dir .*run: wait for it")
+    finally:
+        job.kill()
+        job.wait()
+    one_line_error(lambda: sd.train(cfg), "already holds files of an earlier run; continue it with --resume")
+
+
 def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
     """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
