@@ -10,6 +10,7 @@ Unset sampling flags take the detected variant's recommended settings (PRESETS i
 guidance is off unless asked for (--slg), as in diffusers and Stability AI's sd3_infer.py.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -260,14 +261,37 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
                   **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        path, number = reserve(out, number)
+        written = out / f".sample.{os.getpid()}-{os.urandom(4).hex()}.png"     # hidden until complete
         try:
-            sd._atomic_save(image, path, info)
-        except BaseException:                           # full disk or Ctrl-C: no empty PNG left behind
-            path.unlink(missing_ok=True)
-            raise
+            sd._atomic_save(image, written, info)
+            path, number = publish(written, out, number)
+        finally:                                        # full disk, Ctrl-C, or published: none left behind
+            with contextlib.suppress(OSError):
+                written.unlink()
         paths.append(path)
         number += 1
+
+
+def publish(written: Path, out: Path, number: int) -> tuple[Path, int]:
+    """The complete image `written` as the first free sample_NN.png from `number` on: a hard link fails where
+    the name is taken (as O_EXCL does), so another sample.py writing into the same --out at the same time
+    takes the next number instead of overwriting this one, and a killed one (kill -9, the OOM killer) leaves
+    no empty or partial sample_NN.png."""
+    while True:
+        path = out / f"sample_{number:02d}.png"
+        try:
+            os.link(written, path)
+            return path, number
+        except FileExistsError:
+            number += 1
+        except OSError:                                 # no hard links here (FAT, some network shares): the
+            path, number = reserve(out, number)         # name taken empty first; only a kill now leaves it so
+            try:
+                os.replace(written, path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            return path, number
 
 
 def reserve(out: Path, number: int) -> tuple[Path, int]:
@@ -284,8 +308,8 @@ def reserve(out: Path, number: int) -> tuple[Path, int]:
 
 if __name__ == "__main__":
     sd.prepare_console()        # Ctrl-C as usual again, pythonw's missing streams, a log's line order
-    # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, leaving the
-    # sample_NN.png being written as the empty file reserve() made
+    # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, without its
+    # "saved to" line, leaving the image being written as a hidden file
     signal.signal(signal.SIGTERM, sd.terminate)
     try:
         main()

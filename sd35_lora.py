@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1038  Data                             dataset scan, aspect buckets, the latent and text cache
-     1167  Training                         Trainer and the training loop
-     1318  Part 2: plumbing                 a reader can stop here
-     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1877  Hub Downloads                    snapshot downloads, tokenizers
-     1938  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3025  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3220  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3681  Several Processes (torchrun)     one all-reduce per step
-     3770  Command Line and the Tiny Model  main(), --tiny
+     1169  Training                         Trainer and the training loop
+     1320  Part 2: plumbing                 a reader can stop here
+     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3687  Several Processes (torchrun)     one all-reduce per step
+     3776  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1110,11 +1110,13 @@ class LatentDataset:
         def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
             embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
             return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
-        text_layout = {name: (t.shape, t.dtype) for name, t in encode("").items()}     # every caption's
+        empty = encode("")                                  # what caption dropout trains on: encoded once
+        text_layout = {name: (t.shape, t.dtype) for name, t in empty.items()}          # every caption's
 
         def text_file(caption: str) -> Path:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            return store(path, lambda: encode(caption), f"the caption {caption!r:.60}", text_layout)
+            compute = (lambda: encode(caption)) if caption else (lambda: empty)
+            return store(path, compute, f"the caption {caption!r:.60}", text_layout)
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
@@ -1137,7 +1139,7 @@ class LatentDataset:
             contents.append(_digest(data, item["caption"]))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
-        self.empty = text_file("")                             # what caption dropout trains on
+        self.empty = text_file("")
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             collective(dist.barrier)                           # the cache is complete
@@ -2973,11 +2975,12 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     try:                                       # the header only; keys added since the save get their defaults
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        saved, step = flat_config(_fill(Config(), json.loads(meta["config"]))), int(meta["step"])
+        config, step = json.loads(meta["config"]), int(meta["step"])
         was, world = int(meta.get("world_size", 1)), rank_and_world()[1]
         changes = json.loads(meta.get("changes", "[]"))
-        if step < 0 or was < 1 or not isinstance(changes, list):          # a hand-edited header
-            raise ValueError
+        if step < 0 or was < 1 or not (isinstance(changes, list) and isinstance(config, dict)):
+            raise ValueError                                            # a hand-edited header
+        saved = flat_config(_fill(Config(), config))
     except UserError as e:                  # _fill refused a key or value, e.g. one a newer version wrote
         raise UserError(f"{path}: this sd35_lora.py refuses its config ({e}); resume with the version that "
                         f"saved it, or start over in a new output_dir") from None
@@ -3394,6 +3397,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
     shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    earlier_run = None              # refused once locked: where a run still goes on, "in use", not "--resume"
     if not resume and first and shown:
         saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
         if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
@@ -3407,12 +3411,14 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                             f"a new or empty output_dir (--set output_dir=...)")
         fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
                "move them away" if loras else "it saved no checkpoint: empty it")
-        raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
-                        f"another output_dir (--set output_dir=...)")
+        earlier_run = UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
+                                f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
     trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
+    if earlier_run:
+        raise earlier_run
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)

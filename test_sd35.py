@@ -4332,6 +4332,29 @@ def test_a_run_in_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_loc
         sd.save_training_state(tmp_path / "run" / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
 
 
+def test_a_fresh_run_in_the_output_dir_of_a_live_run_is_told_it_is_in_use_not_to_resume(tmp_path):
+    """A fresh run pointed at the output_dir of a run still going (one past its first checkpoint) was told it
+    "already holds files of an earlier run; continue it with --resume", and --resume then said it was in use."""
+    make_dataset(tmp_path / "data")
+    cfg, out = tiny_config(tmp_path), tmp_path / "run"
+    out.mkdir()
+    for name in ("log.jsonl", "lora.safetensors"):                        # the live run's checkpoint
+        (out / name).write_bytes(b"")
+    params = [torch.nn.Parameter(torch.ones(2))]
+    sd.save_training_state(out / sd.STATE_FILE, params, torch.optim.AdamW(params), 1, cfg, [])
+    script = (f"import time, sd35_lora as sd\nfrom pathlib import Path\nheld = sd.lock_output_dir(Path({str(out)!r}))\n"
+              "print('locked' if held else 'no lock', flush=True)\ntime.sleep(600)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline() == "locked\n"
+        for resume in (False, True):
+            one_line_error(lambda: sd.train(cfg, resume), r"another run is using output_dir .*run: wait for it")
+    finally:
+        job.kill()
+        job.wait()
+    one_line_error(lambda: sd.train(cfg), "already holds files of an earlier run; continue it with --resume")
+
+
 def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
     """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
@@ -4635,6 +4658,20 @@ def test_latent_cache_is_reused_invalidated_by_edits_and_repaired(tmp_path, caps
         assert all(f or torch.equal(m, cached["moments"]) for f, m in zip(flipped, moments))
         dropped = [torch.equal(c, empty) for c in context]
         assert set(flipped) == {False, flip} and set(dropped) == {False, dropout > 0}, (flipped, dropped)
+
+
+def test_the_empty_caption_is_encoded_once_on_a_fresh_cache(tmp_path, monkeypatch):
+    """The empty caption (caption dropout's) was encoded twice into a new cache: once for the layout each
+    caption's file is checked against, once more to be cached."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    encoded, real_encode = [], pipe.text.encode
+    monkeypatch.setattr(pipe.text, "encode", lambda prompts: encoded.extend(prompts) or real_encode(prompts))
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    assert sorted(encoded) == ["", "blue disc", "red stripes"]
+    context, pooled = real_encode([""])
+    assert torch.equal(load_file(data.empty)["context"], context[0]) and torch.equal(load_file(data.empty)["pooled"],
+                                                                                       pooled[0])
 
 
 def test_text_cache_is_not_reused_after_a_text_encoder_file_is_swapped(single_files, tmp_path):
@@ -6279,6 +6316,38 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
+def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path):
+    """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
+    empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
+    after. An image now gets its sample_NN.png only once it is complete."""
+    script = tmp_path / "run.py"                    # SIGKILL while the first image is being written
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                "--height", "32", "--out", str(tmp_path / "out"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch):
+    """Where the file system makes no hard links (FAT, some network shares), an image is still saved under the
+    first free number, never over an image another sample.py wrote there meanwhile, and no hidden file stays."""
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
+    saved = sample.main(["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--steps", "1",
+                         "--width", "32", "--height", "32", "--out", str(tmp_path)])
+    assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
+    assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
+    assert all(Image.open(path).size == (32, 32) for path in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
+
+
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
     """sample.py's SIGTERM handler raised whatever the process was doing: a SIGTERM (a scheduler's, `timeout`'s)
     while an error left main() (here as its models were let go) said "terminated: images already written stay
@@ -6999,6 +7068,16 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         __import__("runpy").run_path(str(ROOT / "sample.py"), run_name="__main__")
     assert e.value.code == 130 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_training_state_whose_config_is_no_json_object_is_called_damaged(tmp_path):
+    """A training-state header whose config is JSON but no object (a list, a number, null) was answered "this
+    sd35_lora.py refuses its config (config file needs `key: value` lines ...); resume with the version that
+    saved it": no version writes one. It is damaged, as a header without a config is: start over."""
+    for config in ("[1, 2]", "3", "null", '"tiny"'):
+        save_file({"x": torch.zeros(1)}, tmp_path / "state.safetensors", {"step": "4", "config": config})
+        one_line_error(lambda: sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path)),
+                       "state.safetensors lacks a readable step and config: start over in a new output_dir")
 
 
 def test_a_text_encoder_config_with_a_field_of_the_wrong_type_is_a_one_line_error(tmp_path):
