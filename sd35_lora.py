@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1878  Hub Downloads                    snapshot downloads, tokenizers
      1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2408  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3027  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3684  Several Processes (torchrun)     one all-reduce per step
-     3773  Command Line and the Tiny Model  main(), --tiny
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2419  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3038  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3234  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3695  Several Processes (torchrun)     one all-reduce per step
+     3784  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2072,17 +2072,28 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
     if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
         return {}                                               # LoRA's (its CLIPs' may): read_lora says why
-    unloaded = ("no such layer in the text encoders given: is T5 off (--no-t5, use_t5 false)? From Python: "
-                "load_lora(..., text=pipe.text)")
-    if text and not groups:
-        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}), {unloaded}")
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
-        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {text[0]}) "
+        example, unloaded = _text_lora_left_out(text, spellings)
+        if not groups:
+            raise UserError(f"{path} is a text-encoder LoRA only (e.g. {example}), {unloaded}")
+        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {example}) "
               f"is not applied, {unloaded}", file=sys.stderr)
     if rest:
         print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
+
+
+def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
+    """Text-encoder keys that fit no layer of `spellings` -> one and why: an encoder not given, or not SD3's."""
+    given = {official.partition(".")[0] for official, *_ in spellings.values()}
+    absent = tuple(prefix for part in TEXT_LORA_NAMES.keys() - given for prefix in TEXT_LORA_NAMES[part])
+    unfit = [key for key in text if not key.startswith(absent)]   # e.g. SD1.x's lora_te_ (ComfyUI: its CLIP-L)
+    if unfit:
+        return unfit[0], "no layer of SD3's text encoders has such a name: a LoRA for another model?"
+    t5 = any(key.startswith(TEXT_LORA_NAMES["text_encoder_3"]) for key in text)       # T5 off, or no `text`
+    advice = "is T5 off (--no-t5, use_t5 false)? From Python: " if t5 else "give the text encoders: "
+    return text[0], advice + "load_lora(..., text=pipe.text)"
 
 
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
