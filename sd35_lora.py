@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1169  Training                         Trainer and the training loop
      1320  Part 2: plumbing                 a reader can stop here
      1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3687  Several Processes (torchrun)     one all-reduce per step
-     3776  Command Line and the Tiny Model  main(), --tiny
+     1880  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3235  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3699  Several Processes (torchrun)     one all-reduce per step
+     3788  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1440,17 +1440,18 @@ def vae_from_diffusers(sd: dict) -> dict:
     return out
 
 
-CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is
+CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is; [1:4]: the networks of other models
     ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
-    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.0.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
+    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
-def describe_checkpoint(sd: dict) -> str:
-    what = next((kind for fragment, kind in CHECKPOINT_SIGNATURES if any(fragment in k for k in sd)), None)
-    return f"it looks like {what}" if what else f"its first keys are {sorted(sd)[:3]}"
+def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
+    """What a file holding `keys` is, by `signatures` (whose "." matches kohya LoRA names' "_" too)."""
+    what = next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
+    return f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:3]}"
 
 
 def file_path(path, what: str) -> Path:
@@ -2072,17 +2073,28 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
     if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
         return {}                                               # LoRA's (its CLIPs' may): read_lora says why
-    unloaded = ("no such layer in the text encoders given: is T5 off (--no-t5, use_t5 false)? From Python: "
-                "load_lora(..., text=pipe.text)")
-    if text and not groups:
-        raise UserError(f"{path} is a text-encoder LoRA only (e.g. {text[0]}), {unloaded}")
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
-        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {text[0]}) "
+        example, unloaded = _text_lora_left_out(text, spellings)
+        if not groups:
+            raise UserError(f"{path} is a text-encoder LoRA only (e.g. {example}), {unloaded}")
+        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {example}) "
               f"is not applied, {unloaded}", file=sys.stderr)
     if rest:
         print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
               f"e.g. {rest[:3]}", file=sys.stderr)
     return groups
+
+
+def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
+    """Text-encoder keys that fit no layer of `spellings` -> an example and why: not given, or not SD3's."""
+    given = {official.partition(".")[0] for official, *_ in spellings.values()}
+    absent = tuple(prefix for part in TEXT_LORA_NAMES.keys() - given for prefix in TEXT_LORA_NAMES[part])
+    unfit = [key for key in text if not key.startswith(absent)]     # e.g. SD1.x's lora_te_ (ComfyUI: CLIP-L)
+    if unfit:
+        return unfit[0], "no layer of SD3's text encoders has such a name: a LoRA for another model?"
+    t5 = any(key.startswith(TEXT_LORA_NAMES["text_encoder_3"]) for key in text)       # T5 off, or no `text`
+    advice = "is T5 off (--no-t5, use_t5 false)? From Python: " if t5 else "give the text encoders: "
+    return text[0], advice + "load_lora(..., text=pipe.text)"
 
 
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
@@ -2094,17 +2106,17 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    pefts = {}        # each part's PEFT header and alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
-    for part in ("transformer", *TEXT_LORA_NAMES):
-        peft = lora_metadata(meta, path, part)[1]
-        pefts[part] = peft, _alpha_pattern(peft, path)
+    # each part's PEFT header and alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
+    headers = {part: lora_metadata(meta, path, part)[1] for part in ("transformer", *TEXT_LORA_NAMES)}
+    pefts = {part: (peft, _alpha_pattern(peft, path)) for part, peft in headers.items()}
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
     groups = _lora_groups(sd, path, spellings)
-    if not groups:
-        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}): first "
-                        f"keys {sorted(sd)[:3]}; expected e.g. 'transformer.transformer_blocks.0.attn.to_q."
-                        "lora_A.weight' or 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
+    if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
+        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
+                        f"LoRA for another model? ({describe_checkpoint(sd, CHECKPOINT_SIGNATURES[1:4])}); "
+                        "expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' or "
+                        "'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")

@@ -1968,6 +1968,52 @@ def test_a_lora_with_text_encoder_parts_says_they_are_not_applied(tmp_path, caps
     assert "text-encoder" not in capsys.readouterr().err
 
 
+def test_a_text_encoder_part_that_fits_no_layer_is_named_for_what_it_is(tmp_path, capsys):
+    """Text-encoder keys that fit no layer all got 'is T5 off (--no-t5)?': for CLIP keys of a layer CLIP-L lacks,
+    for SD1.x's digitless lora_te_ (ComfyUI maps it to CLIP-L as SD1.x's one CLIP; SD3's trainers write lora_te1_,
+    lora_te2_, lora_te3_), and for CLIP keys loaded without `text`. Now each says what is the case."""
+    pipe, g = sd.tiny_pipeline(use_t5=False), torch.Generator().manual_seed(0)
+    pair = lambda key, width: {f"{key}.lora_down.weight": torch.randn(2, width, generator=g),
+                               f"{key}.lora_up.weight": torch.randn(width, 2, generator=g)}
+    mmdit_part = pair("lora_unet_joint_blocks_0_x_block_attn_proj", 64)
+    for key in ("lora_te1_text_model_encoder_layers_7_self_attn_q_proj",       # CLIP-L has 2 layers
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
+        save_file(pair(key, 32), tmp_path / "text.safetensors")
+        one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "text.safetensors", text=pipe.text),
+                       f"only \\(e.g. {key}.*no layer of SD3's text encoders.*another model\\?$")
+        save_file({**mmdit_part, **pair(key, 32)}, tmp_path / "both.safetensors")
+        assert sd.load_lora(pipe.mmdit, tmp_path / "both.safetensors", text=pipe.text) == 1
+        err = capsys.readouterr().err
+        assert f"e.g. {key}" in err and "another model?" in err and "T5" not in err
+    clip = pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32)
+    save_file({**mmdit_part, **clip}, tmp_path / "clip.safetensors")
+    assert sd.load_lora(pipe.mmdit, tmp_path / "clip.safetensors") == 1
+    err = capsys.readouterr().err
+    assert "load_lora(..., text=pipe.text)" in err and "T5" not in err
+
+
+def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_model(tmp_path):
+    """An SDXL LoRA's CLIP keys fit SD3's CLIP-L: sample.py said 'matches no layer' showing those very keys
+    (the first ones); now what model its other keys are of, as describe_checkpoint tells of checkpoints."""
+    g = torch.Generator().manual_seed(0)
+    pair = lambda key, width: {f"{key}.lora_down.weight": torch.randn(2, width, generator=g),
+                               f"{key}.lora_up.weight": torch.randn(width, 2, generator=g)}
+    clip = pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32)
+    save_file({**pair("lora_unet_input_blocks_4_1_proj_in", 64), **clip}, tmp_path / "sdxl.safetensors")
+    args = ["--model", "tiny", "--lora", str(tmp_path / "sdxl.safetensors"), "--prompt", "a", "--width", "32",
+            "--height", "32", "--out", str(tmp_path)]
+    one_line_error(lambda: sample.main(args),
+                   r"matches no layer .*, a LoRA for another model\? \(it looks like an SD1.x/SDXL UNet\)")
+    pipe = sd.tiny_pipeline()                   # diffusers' layout: SDXL's UNet has no down_blocks.0.attentions
+    save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.ones(2, 64),
+               "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": torch.ones(64, 2),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(32, 2)},
+              tmp_path / "diffusers.safetensors")
+    one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "diffusers.safetensors", text=pipe.text),
+                   r"another model\? \(it looks like a diffusers UNet \(SD1.x/SDXL\)\)")
+
+
 def peft_text_lora(folder: Path, path: Path):
     """A CLIP-L + CLIP-G LoRA trained with PEFT (r 4, lora_alpha 8: the scale is in the metadata), as diffusers'
     SD3 scripts save one with --train_text_encoder."""
