@@ -287,7 +287,7 @@ def publish(written: Path, out: Path, number: int) -> tuple[Path, int]:
         except OSError:                                 # no hard links here (FAT, some network shares): the
             path, number = reserve(out, number)         # name taken empty first; only a kill now leaves it so
             try:
-                os.replace(written, path)
+                sd._replace_file(written, path)
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise

@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3235  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3699  Several Processes (torchrun)     one all-reduce per step
-     3788  Command Line and the Tiny Model  main(), --tiny
+     3703  Several Processes (torchrun)     one all-reduce per step
+     3792  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3281,6 +3281,15 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
     return path
 
 
+def _replace_file(tmp: Path, path: Path):
+    """os.replace, tried again on Windows: a virus scanner or an indexer opens a new file for a moment."""
+    for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
+        with contextlib.suppress(PermissionError):
+            return os.replace(tmp, path)
+        time.sleep(wait)
+    os.replace(tmp, path)
+
+
 def _atomic_save(data, path: str | Path, metadata=None):
     """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
     path = file_path(path, "the file to write")
@@ -3300,12 +3309,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)               # safetensors makes owner-only files; a LoRA is shared
         replacing = True                            # the folder took the write: only `path` itself can refuse
-        # Windows: a virus scanner or an indexer opens a new file for a moment (PermissionError): try again
-        for wait in (0.1, 0.3, 0.6) if sys.platform == "win32" else ():
-            with contextlib.suppress(PermissionError):
-                return os.replace(tmp, path)
-            time.sleep(wait)
-        os.replace(tmp, path)
+        _replace_file(tmp, path)
     except (OSError, SafetensorError) as e:        # safetensors reports a full disk as its own error
         # ... and any other OS error: its code is in its text (Windows': OSError maps that system's to errno)
         code = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None

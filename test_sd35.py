@@ -6394,6 +6394,31 @@ def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
 
 
+def test_sample_publish_without_hard_links_waits_for_a_windows_scanner_on_the_reserved_name(tmp_path, monkeypatch):
+    """Without hard links (Windows on FAT or exFAT: CreateHardLink fails), an image replaces the sample_NN.png
+    reserved empty, which a virus scanner or an indexer opens for a moment: the replace is refused once
+    (PermissionError). sample.py wrote it through _atomic_save, which tries again there; publish's fallback
+    then raised, ending the run."""
+    def no_links(*args):
+        raise OSError(22, "Incorrect function")                      # Windows' answer on FAT
+    real_replace, refused = os.replace, []
+
+    def scanned_once(source, target):
+        if not refused:
+            refused.append(target)
+            raise PermissionError(13, "Access is denied")
+        return real_replace(source, target)
+    written = tmp_path / ".sample.png"
+    written.write_bytes(b"the image")
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", scanned_once)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert sample.publish(written, tmp_path, 0) == (tmp_path / "sample_00.png", 0)
+    assert refused == [tmp_path / "sample_00.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sample_00.png"]
+    assert (tmp_path / "sample_00.png").read_bytes() == b"the image"
+
+
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
     """sample.py's SIGTERM handler raised whatever the process was doing: a SIGTERM (a scheduler's, `timeout`'s)
     while an error left main() (here as its models were let go) said "terminated: images already written stay
