@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3235  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3703  Several Processes (torchrun)     one all-reduce per step
-     3792  Command Line and the Tiny Model  main(), --tiny
+     3705  Several Processes (torchrun)     one all-reduce per step
+     3794  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3429,6 +3429,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                "move them away" if loras else "it saved no checkpoint: empty it")
         earlier_run = UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                                 f"another output_dir (--set output_dir=...)")
+        if not (out / LOCK_FILE).exists():      # no live run; a lock file left would make any file a run's
+            raise earlier_run
     check_sources(cfg)
     trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")

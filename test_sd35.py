@@ -4283,6 +4283,21 @@ def test_an_output_dir_of_the_users_own_files_is_not_to_be_emptied(tmp_path):
     assert "empty it" not in str(error.value) and (tmp_path / "run" / "holiday.jpg").read_bytes() == b"mine"
 
 
+def test_a_refused_fresh_run_leaves_no_lock_file_that_makes_the_users_folder_a_runs(tmp_path):
+    """output_dir pointed at a folder of the user's LoRAs, one named lora_*: "it holds LoRA files but no training
+    state: move them away". Refused once output_dir was locked, the run left its hidden lock file there, and with
+    that LoRA moved away as told, the lock made the user's other files an earlier run's: "empty it"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("lora_style.safetensors", "portrait.safetensors"):
+        (out / name).write_bytes(b"mine")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "holds LoRA files but no training state: move them away")
+    assert sorted(p.name for p in out.iterdir()) == ["lora_style.safetensors", "portrait.safetensors"]
+    (out / "lora_style.safetensors").rename(tmp_path / "lora_style.safetensors")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)),
+                   r"holds files that no run wrote \(e.g. 'portrait.safetensors'\): choose a new or empty output_dir")
+
+
 def test_an_output_dir_holding_a_stopped_runs_cache_is_called_an_earlier_runs(tmp_path, monkeypatch):
     """dataset.cache_dir inside output_dir, a run stopped after caching (Ctrl-C before its first previews): the
     next run was told that output_dir "holds files that no run wrote (e.g. 'cache')"; its lock file is a run's."""
