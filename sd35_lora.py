@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1169  Training                         Trainer and the training loop
      1320  Part 2: plumbing                 a reader can stop here
      1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1880  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2287  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3235  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3705  Several Processes (torchrun)     one all-reduce per step
-     3794  Command Line and the Tiny Model  main(), --tiny
+     1881  Hub Downloads                    snapshot downloads, tokenizers
+     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2422  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3041  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3236  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3706  Several Processes (torchrun)     one all-reduce per step
+     3795  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1440,9 +1440,10 @@ def vae_from_diffusers(sd: dict) -> dict:
     return out
 
 
-CHECKPOINT_SIGNATURES = [  # key fragment -> what a file holding it is; [1:4]: the networks of other models
-    ("lora_", "a LoRA (load it with --lora)"), ("double_blocks.", "a FLUX transformer"),
-    ("input_blocks.", "an SD1.x/SDXL UNet"), ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)"),
+OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of other models (their LoRAs too)
+    ("double_blocks.", "a FLUX transformer"), ("input_blocks.", "an SD1.x/SDXL UNet"),
+    ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
+CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
@@ -2114,7 +2115,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     groups = _lora_groups(sd, path, spellings)
     if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
-                        f"LoRA for another model? ({describe_checkpoint(sd, CHECKPOINT_SIGNATURES[1:4])}); "
+                        f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)}); "
                         "expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' or "
                         "'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
     for module, t in groups.items():
