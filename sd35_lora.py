@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1038  Data                             dataset scan, aspect buckets, the latent and text cache
-     1169  Training                         Trainer and the training loop
-     1320  Part 2: plumbing                 a reader can stop here
-     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3223  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3687  Several Processes (torchrun)     one all-reduce per step
-     3776  Command Line and the Tiny Model  main(), --tiny
+     1170  Training                         Trainer and the training loop
+     1321  Part 2: plumbing                 a reader can stop here
+     1344  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1880  Hub Downloads                    snapshot downloads, tokenizers
+     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3688  Several Processes (torchrun)     one all-reduce per step
+     3777  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1113,6 +1113,7 @@ class LatentDataset:
         empty = encode("")                                  # what caption dropout trains on: encoded once
         text_layout = {name: (t.shape, t.dtype) for name, t in empty.items()}          # every caption's
 
+        @functools.cache                # once per caption: a trigger word's file is not re-read per image
         def text_file(caption: str) -> Path:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             compute = (lambda: encode(caption)) if caption else (lambda: empty)
