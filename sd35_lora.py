@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
-       78  Presets and Configuration        per-variant sampling presets, the training config
-      188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      518  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      657  VAE                              16-channel autoencoder, the latent scale and shift
-      806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1038  Data                             dataset scan, aspect buckets, the latent and text cache
-     1170  Training                         Trainer and the training loop
-     1321  Part 2: plumbing                 a reader can stop here
-     1344  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1880  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3224  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3688  Several Processes (torchrun)     one all-reduce per step
-     3777  Command Line and the Tiny Model  main(), --tiny
+       79  Presets and Configuration        per-variant sampling presets, the training config
+      189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      519  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      658  VAE                              16-channel autoencoder, the latent scale and shift
+      807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1039  Data                             dataset scan, aspect buckets, the latent and text cache
+     1171  Training                         Trainer and the training loop
+     1322  Part 2: plumbing                 a reader can stop here
+     1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1881  Hub Downloads                    snapshot downloads, tokenizers
+     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3030  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3225  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3690  Several Processes (torchrun)     one all-reduce per step
+     3779  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -49,6 +49,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import numbers
@@ -3663,7 +3664,8 @@ def plot_losses(log_path: Path, png_path: Path):
     steps = [e.get("step", i + 1) for i, e in enumerate(entries)]      # a hand-made log: by line
     losses = [e["loss"] for e in entries]
     window = max(2, len(losses) // 20)
-    smooth = [sum(losses[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(losses))]
+    sums = [0.0, *itertools.accumulate(losses)]       # running sums: a window's sum is one subtraction
+    smooth = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
     lo, hi, first, last = min(losses), max(losses), steps[0], steps[-1]
     W, H, left, pad = 800, 400, 70, 40
 
