@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1171  Training                         Trainer and the training loop
-     1322  Part 2: plumbing                 a reader can stop here
-     1345  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1881  Hub Downloads                    snapshot downloads, tokenizers
-     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2277  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2411  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3030  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3225  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3690  Several Processes (torchrun)     one all-reduce per step
-     3779  Command Line and the Tiny Model  main(), --tiny
+     1172  Training                         Trainer and the training loop
+     1323  Part 2: plumbing                 a reader can stop here
+     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1882  Hub Downloads                    snapshot downloads, tokenizers
+     1943  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2278  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3031  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3226  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3694  Several Processes (torchrun)     one all-reduce per step
+     3783  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1131,14 +1131,15 @@ class LatentDataset:
             data = None                         # models load (minutes) after the scan: files may change
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
-                image_key = _digest(data, item["size"], flip, vae_id)
+                image = hashlib.sha256(data)        # hashed once: for the key and the contents
+                image_key = _digest(item["size"], flip, vae_id, after=image)
                 shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
                 layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
                 raise image_gone_error(item["path"], e, own=data is not None) from None
-            contents.append(_digest(data, item["caption"]))
+            contents.append(_digest(item["caption"], after=image))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")
@@ -3226,9 +3227,12 @@ def from_16_bit(im, path: Path):
 #                                  Output Files                                 #
 #################################################################################
 
-def _digest(*parts) -> str:
-    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
-    return hashlib.sha256(data).hexdigest()[:32]
+def _digest(*parts, after=None) -> str:
+    """Of the parts joined; `after`: a sha256 of bytes that come first, hashed once for several digests."""
+    h = hashlib.sha256() if after is None else after.copy()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()[:32]
 
 
 def _weights_digest(module: nn.Module) -> str:
