@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
-       78  Presets and Configuration        per-variant sampling presets, the training config
-      188  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      251  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      518  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      657  VAE                              16-channel autoencoder, the latent scale and shift
-      806  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      846  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1038  Data                             dataset scan, aspect buckets, the latent and text cache
-     1169  Training                         Trainer and the training loop
-     1320  Part 2: plumbing                 a reader can stop here
-     1343  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1881  Hub Downloads                    snapshot downloads, tokenizers
-     1942  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2422  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3041  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3236  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3706  Several Processes (torchrun)     one all-reduce per step
-     3795  Command Line and the Tiny Model  main(), --tiny
+       79  Presets and Configuration        per-variant sampling presets, the training config
+      189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      519  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      658  VAE                              16-channel autoencoder, the latent scale and shift
+      807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1039  Data                             dataset scan, aspect buckets, the latent and text cache
+     1172  Training                         Trainer and the training loop
+     1323  Part 2: plumbing                 a reader can stop here
+     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1884  Hub Downloads                    snapshot downloads, tokenizers
+     1945  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3239  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3713  Several Processes (torchrun)     one all-reduce per step
+     3802  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -49,6 +49,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import numbers
@@ -1113,6 +1114,7 @@ class LatentDataset:
         empty = encode("")                                  # what caption dropout trains on: encoded once
         text_layout = {name: (t.shape, t.dtype) for name, t in empty.items()}          # every caption's
 
+        @functools.cache                # once per caption: a trigger word's file is not re-read per image
         def text_file(caption: str) -> Path:
             path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
             compute = (lambda: encode(caption)) if caption else (lambda: empty)
@@ -1129,14 +1131,15 @@ class LatentDataset:
             data = None                         # models load (minutes) after the scan: files may change
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
-                image_key = _digest(data, item["size"], flip, vae_id)
+                image = hashlib.sha256(data)        # hashed once: for the key and the contents
+                image_key = _digest(item["size"], flip, vae_id, after=image)
                 shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
                 layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
                 raise image_gone_error(item["path"], e, own=data is not None) from None
-            contents.append(_digest(data, item["caption"]))
+            contents.append(_digest(item["caption"], after=image))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
         self.empty = text_file("")
@@ -3237,9 +3240,12 @@ def from_16_bit(im, path: Path):
 #                                  Output Files                                 #
 #################################################################################
 
-def _digest(*parts) -> str:
-    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
-    return hashlib.sha256(data).hexdigest()[:32]
+def _digest(*parts, after=None) -> str:
+    """Of the parts joined; `after`: a sha256 of bytes that come first, hashed once for several digests."""
+    h = hashlib.sha256() if after is None else after.copy()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()[:32]
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -3681,7 +3687,8 @@ def plot_losses(log_path: Path, png_path: Path):
     steps = [e.get("step", i + 1) for i, e in enumerate(entries)]      # a hand-made log: by line
     losses = [e["loss"] for e in entries]
     window = max(2, len(losses) // 20)
-    smooth = [sum(losses[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(losses))]
+    sums = [0.0, *itertools.accumulate(losses)]       # running sums: a window's sum is one subtraction
+    smooth = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
     lo, hi, first, last = min(losses), max(losses), steps[0], steps[-1]
     W, H, left, pad = 800, 400, 70, 40
 
