@@ -6343,6 +6343,7 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
 
 
 
@@ -6363,13 +6364,14 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path):
+@pytest.mark.parametrize("killed_in", ["sd35_lora._atomic_save", "os.link"])
+def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in):
     """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
     empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
-    after. An image now gets its sample_NN.png only once it is complete."""
-    script = tmp_path / "run.py"                    # SIGKILL while the first image is being written
+    after. An image now gets its sample_NN.png only once it is complete; killed just before, a hidden file."""
+    script = tmp_path / "run.py"                    # SIGKILL while the first image is written or numbered
     script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
-                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                      f"{killed_in} = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -6392,6 +6394,27 @@ def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
+
+
+def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_empty_png(tmp_path, monkeypatch):
+    """Where no hard links can be made, an image's number is taken by an empty sample_NN.png (O_EXCL) that the
+    complete image is renamed onto: Ctrl-C or an error at that rename leaves neither that empty file, which
+    later runs would number after, nor the hidden image."""
+    real_replace = os.replace
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+
+    def interrupted(source, target):
+        if Path(target).name.startswith("sample_"):
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32",
+                     "--out", str(tmp_path / "out")])
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
