@@ -2014,6 +2014,21 @@ def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_mode
                    r"another model\? \(it looks like a diffusers UNet \(SD1.x/SDXL\)\)")
 
 
+def test_a_flux_lora_is_named_as_such_and_a_lora_of_an_unknown_layout_by_its_first_keys(tmp_path):
+    """A kohya FLUX LoRA names FLUX's double_blocks; a layout read nowhere here, even one naming a CLIP's
+    text_model, is no CLIP text encoder: its first keys are shown."""
+    lora = lambda *keys: {f"{key}.lora_{part}.weight": torch.ones(2, 2) for key in keys for part in "AB"}
+    save_file(lora("lora_unet_double_blocks_0_img_attn_qkv"), tmp_path / "flux.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "flux.safetensors"),
+                   r"a LoRA for another model\? \(it looks like a FLUX transformer\)")
+    save_file(lora("te.text_model.encoder.layers.0.mlp.fc1", "te.text_model.encoder.layers.0.mlp.fc2"),
+              tmp_path / "unknown.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "unknown.safetensors"),
+                   re.escape("(its first keys are ['te.text_model.encoder.layers.0.mlp.fc1.lora_A.weight', "
+                             "'te.text_model.encoder.layers.0.mlp.fc1.lora_B.weight', "
+                             "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight']);"))
+
+
 def peft_text_lora(folder: Path, path: Path):
     """A CLIP-L + CLIP-G LoRA trained with PEFT (r 4, lora_alpha 8: the scale is in the metadata), as diffusers'
     SD3 scripts save one with --train_text_encoder."""
