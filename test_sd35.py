@@ -6427,8 +6427,8 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
     monkeypatch.setattr(os, "link", no_links)
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32",
-                     "--out", str(tmp_path / "out")])
+        sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                     "--height", "32", "--out", str(tmp_path / "out")])
     assert list((tmp_path / "out").iterdir()) == []
 
 
