@@ -1990,6 +1990,11 @@ def test_a_text_encoder_part_that_fits_no_layer_is_named_for_what_it_is(tmp_path
     assert sd.load_lora(pipe.mmdit, tmp_path / "clip.safetensors") == 1
     err = capsys.readouterr().err
     assert "load_lora(..., text=pipe.text)" in err and "T5" not in err
+    sd1 = pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32)      # after CLIP-L's in the file
+    save_file({**mmdit_part, **clip, **sd1}, tmp_path / "mixed.safetensors")
+    assert sd.load_lora(pipe.mmdit, tmp_path / "mixed.safetensors") == 1
+    err = capsys.readouterr().err
+    assert "e.g. lora_te_text_model_encoder_layers_0_self_attn_q_proj" in err and "another model?" in err
 
 
 def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_model(tmp_path):
