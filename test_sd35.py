@@ -1995,6 +1995,9 @@ def test_a_text_encoder_part_that_fits_no_layer_is_named_for_what_it_is(tmp_path
     assert sd.load_lora(pipe.mmdit, tmp_path / "mixed.safetensors") == 1
     err = capsys.readouterr().err
     assert "e.g. lora_te_text_model_encoder_layers_0_self_attn_q_proj" in err and "another model?" in err
+    save_file({**clip, **sd1}, tmp_path / "mixed_text.safetensors")
+    one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "mixed_text.safetensors"),
+                   r"only \(e\.g\. lora_te_text_model_encoder_layers_0_self_attn_q_proj.*another model\?$")
 
 
 def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_model(tmp_path):
