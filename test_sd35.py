@@ -2527,10 +2527,14 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), r"weights of \d+ layers, config of 2000000")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
+    passing = re.escape("pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl "
+                        ".safetensors files or a diffusers-layout SD3.5 folder")
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "no_text.safetensors"),
+                   f"no_text.safetensors has no clip_l \\({passing}\\)$")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_text.safetensors"), device="cpu"),
-                       "no_text.safetensors holds no text encoders: pass --text-encoders DIR")
+                       "no_text.safetensors holds no text encoders: " + passing)
         save_file({k: v for k, v in load_file(model).items() if not k.startswith("first_stage_model.")},
                   tmp_path / "no_vae.safetensors")          # else read whole a second time, only to fail
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_vae.safetensors"), device="cpu"),
@@ -7122,11 +7126,15 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
                    r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):      # weights, but no or a cut config
         save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
-    one_line_error(lambda: sd._tokenizers(encoders, True), "tokenizer.* folders are incomplete")  # empty
+    one_line_error(lambda: sd._tokenizers(encoders, True),                                          # empty
+                   re.escape(f"{encoders}: tokenizer*/ folders are incomplete (") + ".+"
+                   + re.escape("): copy them again from a diffusers SD3.5 download") + "$")
     for damaged in (False, True):                                           # missing, then cut short
         if damaged:
             (encoders / "text_encoder" / "config.json").write_text('{"model_type": "clip_text')
-        one_line_error(lambda: sd.load_text_encoders(encoders), "text_encoder.*config.json is missing or damaged")
+        one_line_error(lambda: sd.load_text_encoders(encoders),
+                       re.escape(f"{encoders}: a text_encoder*/config.json is missing or damaged (") + ".+"
+                       + re.escape("): download it again") + "$")
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
