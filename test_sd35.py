@@ -4563,7 +4563,9 @@ def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp
     reached the tokenizers after loading and caching: a bare TypeError traceback. The --set case said "not
     valid YAML (quote a list ...)"; paths keep any name the file system gives."""
     for key in ("sample.prompts", "sample.neg", "dataset.default_caption"):
-        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), f"'{key}' is not UTF-8 text")
+        said = (f"config key '{key}' is not UTF-8 text: " + r"'a \ud800 cat'"
+                " (write the character itself, in UTF-8)")
+        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), re.escape(said) + "$")
         one_line_error(lambda: sd.load_config(None, [f"{key}=caf\udce9"]), "not UTF-8 text.*terminal to UTF-8")
     assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
 
