@@ -3645,7 +3645,7 @@ def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
         sd.load_config(str(tmp_path / "c.yaml"))
-    with pytest.raises(sd.UserError, match="must be a whole number"):
+    with pytest.raises(sd.UserError, match=r"config key 'train.steps' must be a whole number, got 1\.5$"):
         sd.load_config(None, ["train.steps=1.5"])
     assert sd.load_config(None, ["train.lr=5e-5", "sample.prompts=[a, b]"]).train.lr == 5e-5
     shipped = sd.load_config(str(ROOT / "config.yaml"))
@@ -4552,7 +4552,8 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
-    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'sample.prompts' must be text.*quote it")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")),
+                   r"'sample.prompts' must be text.*quote it \(YAML reads an unquoted 'a: b' as a mapping\)$")
     one_line_error(lambda: sd.load_config(None, ["sample.neg=[blurry, lowres]"]), "'sample.neg' must be text")
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - 'a dog, style: watercolor'\n    - 7\n")
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
@@ -5680,6 +5681,12 @@ def test_named_pipes_named_like_images_or_captions_are_left_out_not_waited_on(tm
     assert out.out.strip().endswith("(left out: 3 named pipes and other special files: blue_disc.txt, pipe.png, "
                                     "pipe_link.jpg)"), out.out
     assert "1 image has no .txt caption, e.g. blue_disc.png" in out.err and "unreadable" not in out.err, out.err
+    (data / ".thumbs").mkdir()                                          # two kinds left out: both named
+    Image.new("RGB", (64, 64)).save(data / ".thumbs" / "red_stripes.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, default_caption="fallback"))
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("(left out: 1 hidden, thumbnail or recycle folder: .thumbs; 3 named pipes and other "
+                         "special files: blue_disc.txt, pipe.png, pipe_link.jpg)"), line
 
 
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
