@@ -6416,11 +6416,13 @@ def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in
     assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
 
 
-def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", [PermissionError(1, "Operation not permitted"),          # Linux on FAT
+                                     OSError(95, "Operation not supported")])           # some network shares
+def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch, refusal):
     """Where the file system makes no hard links (FAT, some network shares), an image is still saved under the
     first free number, never over an image another sample.py wrote there meanwhile, and no hidden file stays."""
     def no_links(*args):
-        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+        raise refusal
     monkeypatch.setattr(os, "link", no_links)
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
