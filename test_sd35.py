@@ -1991,6 +1991,14 @@ def test_a_text_encoder_part_that_fits_no_layer_is_named_for_what_it_is(tmp_path
     assert sd.load_lora(pipe.mmdit, tmp_path / "clip.safetensors") == 1
     err = capsys.readouterr().err
     assert "load_lora(..., text=pipe.text)" in err and "T5" not in err
+    sd1 = pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32)      # after CLIP-L's in the file
+    save_file({**mmdit_part, **clip, **sd1}, tmp_path / "mixed.safetensors")
+    assert sd.load_lora(pipe.mmdit, tmp_path / "mixed.safetensors") == 1
+    err = capsys.readouterr().err
+    assert "e.g. lora_te_text_model_encoder_layers_0_self_attn_q_proj" in err and "another model?" in err
+    save_file({**clip, **sd1}, tmp_path / "mixed_text.safetensors")
+    one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "mixed_text.safetensors"),
+                   r"only \(e\.g\. lora_te_text_model_encoder_layers_0_self_attn_q_proj.*another model\?$")
 
 
 def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_model(tmp_path):
@@ -2013,6 +2021,21 @@ def test_an_sdxl_lora_whose_clip_part_fits_is_refused_as_a_lora_for_another_mode
               tmp_path / "diffusers.safetensors")
     one_line_error(lambda: sd.load_lora(pipe.mmdit, tmp_path / "diffusers.safetensors", text=pipe.text),
                    r"another model\? \(it looks like a diffusers UNet \(SD1.x/SDXL\)\)")
+
+
+def test_a_flux_lora_is_named_as_such_and_a_lora_of_an_unknown_layout_by_its_first_keys(tmp_path):
+    """A kohya FLUX LoRA names FLUX's double_blocks; a layout read nowhere here, even one naming a CLIP's
+    text_model, is no CLIP text encoder: its first keys are shown."""
+    lora = lambda *keys: {f"{key}.lora_{part}.weight": torch.ones(2, 2) for key in keys for part in "AB"}
+    save_file(lora("lora_unet_double_blocks_0_img_attn_qkv"), tmp_path / "flux.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "flux.safetensors"),
+                   r"a LoRA for another model\? \(it looks like a FLUX transformer\)")
+    save_file(lora("te.text_model.encoder.layers.0.mlp.fc1", "te.text_model.encoder.layers.0.mlp.fc2"),
+              tmp_path / "unknown.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "unknown.safetensors"),
+                   re.escape("(its first keys are ['te.text_model.encoder.layers.0.mlp.fc1.lora_A.weight', "
+                             "'te.text_model.encoder.layers.0.mlp.fc1.lora_B.weight', "
+                             "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight']);"))
 
 
 def peft_text_lora(folder: Path, path: Path):
@@ -2505,10 +2528,14 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
     one_line_error(lambda: sd.load_text_encoders(tmp_path / "huge"), r"weights of \d+ layers, config of 2000000")
     weights = {k: v for k, v in load_file(model).items() if not k.startswith("text_encoders.")}
     save_file(weights, tmp_path / "no_text.safetensors")  # said from the header, before the MMDiT loads:
+    passing = re.escape("pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl "
+                        ".safetensors files or a diffusers-layout SD3.5 folder")
+    one_line_error(lambda: sd.load_text_encoders(tmp_path / "no_text.safetensors"),
+                   f"no_text.safetensors has no clip_l \\({passing}\\)$")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_text.safetensors"), device="cpu"),
-                       "no_text.safetensors holds no text encoders: pass --text-encoders DIR")
+                       "no_text.safetensors holds no text encoders: " + passing)
         save_file({k: v for k, v in load_file(model).items() if not k.startswith("first_stage_model.")},
                   tmp_path / "no_vae.safetensors")          # else read whole a second time, only to fail
         one_line_error(lambda: sd.load_pipeline(str(tmp_path / "no_vae.safetensors"), device="cpu"),
@@ -3619,7 +3646,7 @@ def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
         sd.load_config(str(tmp_path / "c.yaml"))
-    with pytest.raises(sd.UserError, match="must be a whole number"):
+    with pytest.raises(sd.UserError, match=r"config key 'train.steps' must be a whole number, got 1\.5$"):
         sd.load_config(None, ["train.steps=1.5"])
     assert sd.load_config(None, ["train.lr=5e-5", "sample.prompts=[a, b]"]).train.lr == 5e-5
     shipped = sd.load_config(str(ROOT / "config.yaml"))
@@ -4541,7 +4568,8 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
-    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), "'sample.prompts' must be text.*quote it")
+    one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")),
+                   r"'sample.prompts' must be text.*quote it \(YAML reads an unquoted 'a: b' as a mapping\)$")
     one_line_error(lambda: sd.load_config(None, ["sample.neg=[blurry, lowres]"]), "'sample.neg' must be text")
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - 'a dog, style: watercolor'\n    - 7\n")
     assert sd.load_config(str(tmp_path / "c.yaml")).sample.prompts == ["a dog, style: watercolor", "7"]
@@ -4552,7 +4580,9 @@ def test_config_prompts_that_are_not_utf8_are_refused_before_any_model_loads(tmp
     reached the tokenizers after loading and caching: a bare TypeError traceback. The --set case said "not
     valid YAML (quote a list ...)"; paths keep any name the file system gives."""
     for key in ("sample.prompts", "sample.neg", "dataset.default_caption"):
-        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), f"'{key}' is not UTF-8 text")
+        said = (f"config key '{key}' is not UTF-8 text: " + r"'a \ud800 cat'"
+                " (write the character itself, in UTF-8)")
+        one_line_error(lambda: sd.load_config(None, [f'{key}="a \\ud800 cat"']), re.escape(said) + "$")
         one_line_error(lambda: sd.load_config(None, [f"{key}=caf\udce9"]), "not UTF-8 text.*terminal to UTF-8")
     assert sd.load_config(None, ["sample.prompts=[café 🦊]", 'sample.neg="\\u00fc"']).sample.neg == "ü"
 
@@ -5717,6 +5747,12 @@ def test_named_pipes_named_like_images_or_captions_are_left_out_not_waited_on(tm
     assert out.out.strip().endswith("(left out: 3 named pipes and other special files: blue_disc.txt, pipe.png, "
                                     "pipe_link.jpg)"), out.out
     assert "1 image has no .txt caption, e.g. blue_disc.png" in out.err and "unreadable" not in out.err, out.err
+    (data / ".thumbs").mkdir()                                          # two kinds left out: both named
+    Image.new("RGB", (64, 64)).save(data / ".thumbs" / "red_stripes.png")
+    sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64, default_caption="fallback"))
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("(left out: 1 hidden, thumbnail or recycle folder: .thumbs; 3 named pipes and other "
+                         "special files: blue_disc.txt, pipe.png, pipe_link.jpg)"), line
 
 
 def test_dataset_scan_leaves_out_own_outputs_and_reports_what_it_found(tmp_path, capsys):
@@ -6409,6 +6445,7 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
 
 
 
@@ -6429,13 +6466,14 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path):
+@pytest.mark.parametrize("killed_in", ["sd35_lora._atomic_save", "os.link"])
+def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in):
     """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
     empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
-    after. An image now gets its sample_NN.png only once it is complete."""
-    script = tmp_path / "run.py"                    # SIGKILL while the first image is being written
+    after. An image now gets its sample_NN.png only once it is complete; killed just before, a hidden file."""
+    script = tmp_path / "run.py"                    # SIGKILL while the first image is written or numbered
     script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
-                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                      f"{killed_in} = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -6444,11 +6482,13 @@ def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
 
 
-def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", [PermissionError(1, "Operation not permitted"),          # Linux on FAT
+                                     OSError(95, "Operation not supported")])           # some network shares
+def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch, refusal):
     """Where the file system makes no hard links (FAT, some network shares), an image is still saved under the
     first free number, never over an image another sample.py wrote there meanwhile, and no hidden file stays."""
     def no_links(*args):
-        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+        raise refusal
     monkeypatch.setattr(os, "link", no_links)
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
@@ -6483,6 +6523,27 @@ def test_sample_publish_without_hard_links_waits_for_a_windows_scanner_on_the_re
     assert refused == [tmp_path / "sample_00.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["sample_00.png"]
     assert (tmp_path / "sample_00.png").read_bytes() == b"the image"
+
+
+def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_empty_png(tmp_path, monkeypatch):
+    """Where no hard links can be made, an image's number is taken by an empty sample_NN.png (O_EXCL) that the
+    complete image is renamed onto: Ctrl-C or an error at that rename leaves neither that empty file, which
+    later runs would number after, nor the hidden image."""
+    real_replace = os.replace
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+
+    def interrupted(source, target):
+        if Path(target).name.startswith("sample_"):
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
+                     "--height", "32", "--out", str(tmp_path / "out")])
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
@@ -7167,11 +7228,15 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
                    r"no model\.safetensors in .*text_encoder .*only safetensors weights are read")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):      # weights, but no or a cut config
         save_file({"x": torch.zeros(1)}, encoders / part / "model.safetensors")
-    one_line_error(lambda: sd._tokenizers(encoders, True), "tokenizer.* folders are incomplete")  # empty
+    one_line_error(lambda: sd._tokenizers(encoders, True),                                          # empty
+                   re.escape(f"{encoders}: tokenizer*/ folders are incomplete (") + ".+"
+                   + re.escape("): copy them again from a diffusers SD3.5 download") + "$")
     for damaged in (False, True):                                           # missing, then cut short
         if damaged:
             (encoders / "text_encoder" / "config.json").write_text('{"model_type": "clip_text')
-        one_line_error(lambda: sd.load_text_encoders(encoders), "text_encoder.*config.json is missing or damaged")
+        one_line_error(lambda: sd.load_text_encoders(encoders),
+                       re.escape(f"{encoders}: a text_encoder*/config.json is missing or damaged (") + ".+"
+                       + re.escape("): download it again") + "$")
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
     one_line_error(lambda: sd.load_mmdit(tmp_path / "transformer"), "cannot read .*config.json as a JSON")
