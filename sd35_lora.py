@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3239  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3713  Several Processes (torchrun)     one all-reduce per step
-     3802  Command Line and the Tiny Model  main(), --tiny
+     3712  Several Processes (torchrun)     one all-reduce per step
+     3801  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3420,7 +3420,6 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
     shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    earlier_run = None              # refused once locked: where a run still goes on, "in use", not "--resume"
     if not resume and first and shown:
         saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
         if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
@@ -3434,16 +3433,16 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                             f"a new or empty output_dir (--set output_dir=...)")
         fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
                "move them away" if loras else "it saved no checkpoint: empty it")
-        earlier_run = UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
-                                f"another output_dir (--set output_dir=...)")
-        if not (out / LOCK_FILE).exists():      # no live run; a lock file left would make any file a run's
-            raise earlier_run
+        # a live run holds its lock: "in use", not "--resume" (no lock file made: it would mark a run)
+        lock = lock_output_dir(out) if (out / LOCK_FILE).exists() else None
+        if lock:
+            lock.close()
+        raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
+                        f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
     trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
     writable_dir(out, "output_dir")
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    if earlier_run:
-        raise earlier_run
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
