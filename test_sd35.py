@@ -5101,6 +5101,35 @@ def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipp
     assert Image.MAX_IMAGE_PIXELS == 64 * 64                                 # Pillow's own setting kept
 
 
+def test_a_second_scan_decodes_only_images_it_has_not_decoded_as_they_are(tmp_path, monkeypatch, capsys):
+    """The scan decodes each image to skip broken ones: 128 ms for a 12 MP photo, 43 minutes per start (--resume
+    too) for 20,000. Decoded once, an image is remembered in dataset.cache_dir by path, byte size and mtime; one
+    whose file changed is decoded again, and a broken file put in its place is still skipped before training."""
+    make_dataset(tmp_path / "data")                                             # with a broken image
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "data" / "noise.png")
+    cfg = tiny_config(tmp_path).dataset
+    (tmp_path / "cache").mkdir()
+    opened, real_open = [], sd.open_image
+    monkeypatch.setattr(sd, "open_image", lambda path, *a: opened.append(path.name) or real_open(path, *a))
+    scan = lambda: [(item["path"].name, item["size"]) for item in sd.scan_dataset(cfg)]
+    first = scan()
+    assert sorted(opened) == ["blue_disc.png", "broken.jpg", "noise.png", "red_stripes.png"] and len(first) == 3
+    opened.clear()
+    assert scan() == first and opened == ["broken.jpg"]                 # only the one that failed: as broken
+    stat = (tmp_path / "data" / "noise.png").stat()
+    os.utime(tmp_path / "data" / "noise.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))    # touched
+    opened.clear()
+    assert scan() == first and sorted(opened) == ["broken.jpg", "noise.png"]
+    data = (tmp_path / "data" / "noise.png").read_bytes()
+    (tmp_path / "data" / "noise.png").write_bytes(data[:len(data) // 2])      # truncated: its header reads
+    capsys.readouterr()
+    assert scan() == [first[0], first[2]] and "skipped 2 unreadable images" in capsys.readouterr().err
+    (tmp_path / "cache" / sd.SCAN_MEMO).write_text('{"x": [1, 2, 3')             # damaged: decoded anew
+    opened.clear()
+    assert scan() == [first[0], first[2]] and len(opened) == 4
+
+
 def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_path, capsys):
     """A Synology NAS keeps a thumbnail folder @eaDir (one subfolder per image) in every folder, file managers
     .thumbnails, zips made on a Mac __MACOSX, NAS recycle bins #recycle: no images of the dataset (or deleted
