@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2412  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3031  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3264  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3732  Several Processes (torchrun)     one all-reduce per step
-     3821  Command Line and the Tiny Model  main(), --tiny
+     3751  Several Processes (torchrun)     one all-reduce per step
+     3840  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1161,7 +1161,7 @@ class LatentDataset:
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
         drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
-        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
+        moments = torch.stack([load_tensor(self.latent_files[i], "flipped" if f else "moments")
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
         embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
@@ -3291,15 +3291,28 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
         raise
 
 
+CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before
+HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
     """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
     on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
-    not a KeyError hours into training); else computed from `compute()` and written atomically."""
+    not a KeyError hours into training); else computed from `compute()` and written atomically. A file marked
+    CHECKED_FINITE is checked by its header: reading all of a 20,000-image cache took minutes each start."""
     if path.is_file():
         try:
-            tensors = load_file(str(path))
-            other = layout is not None and {k: (t.shape, t.dtype) for k, t in tensors.items()} != layout
+            with safe_open(str(path), framework="pt") as f:                 # reads the header only
+                marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
+                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
+            other = layout is not None and found != wanted
+            # copies: safetensors < 0.8 maps the file, which Windows would not let the marking below replace
+            tensors = {} if marked or other else {k: t.clone() for k, t in load_file(str(path)).items()}
             if not other and all(t.isfinite().all() for t in tensors.values()):
+                if not marked:          # an older version's file, read in full once: marked, for its header
+                    with contextlib.suppress(UserError):                # only speed is lost
+                        _atomic_save(tensors, path, CHECKED_FINITE)
                 return path
             why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
             tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
@@ -3309,8 +3322,14 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
     if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
         raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
                         f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
-    _atomic_save(tensors, path)
+    _atomic_save(tensors, path, CHECKED_FINITE)
     return path
+
+
+def load_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a .safetensors file, the others not read (with dataset.flip: half a latent file)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _atomic_save(data, path: str | Path, metadata=None):

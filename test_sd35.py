@@ -4683,11 +4683,45 @@ def test_a_caption_many_images_share_is_read_from_the_cache_once(tmp_path, monke
         Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(tmp_path / "data" / f"{i}.png")
     cfg, pipe = tiny_config(tmp_path, **{"dataset.default_caption": "sks dog"}), sd.tiny_pipeline(t5_length=16)
     sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
-    read, real_load = [], sd.load_file
-    monkeypatch.setattr(sd, "load_file", lambda path: read.append(Path(path).parent.name) or real_load(path))
+    read, real_open = [], sd.safe_open              # the check reads a file's header (this version's files)
+    monkeypatch.setattr(sd, "safe_open", lambda path, **kw: read.append(Path(path).parent.name) or real_open(path, **kw))
     again = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
     assert read.count("latents") == 5 and read.count("text") == 2          # "sks dog" and the empty caption
     assert len(set(again.text_files)) == 1 and len(again.text_files) == 5
+
+
+def test_a_second_start_reads_this_versions_cache_files_by_their_header_only(tmp_path, monkeypatch, capsys):
+    """Every start read each cache file in full to check it for NaN (~100 GB for 20,000 images: minutes, 10+ on a
+    NAS). Files this version wrote refused NaN before writing and say so: their header is checked (names, shapes,
+    dtypes); an older version's file is read in full once, then marked. A flip's batch reads one of two latents."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path, **{"dataset.flip": True}), sd.tiny_pipeline(t5_length=16)
+    build = lambda: sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    data = build()
+    read, real_load = [], sd.load_file
+    monkeypatch.setattr(sd, "load_file", lambda path: read.append(Path(path).parent.name) or real_load(path))
+    build()
+    assert read == []
+    older = {k: v.clone() for k, v in real_load(data.latent_files[0]).items()}
+    save_file(older, data.latent_files[0])                                        # unmarked: an older version's
+    save_file({"moments": older["moments"][:, :4].clone(), "flipped": older["flipped"][:, :4].clone()},
+              data.latent_files[1], sd.CHECKED_FINITE)                            # marked, but of other shapes
+    capsys.readouterr()
+    build()
+    assert read == ["latents"] and capsys.readouterr().err.count("its tensors are not those this run writes") == 1
+    for path in data.latent_files:
+        with sd.safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == sd.CHECKED_FINITE and f.get_slice("moments").get_shape() == [32, 8, 8]
+    torch.testing.assert_close(real_load(data.latent_files[0]), older)
+    read.clear()
+    build()
+    assert read == []
+    pipe.vae.latents_from_moments = lambda moments, noise: moments
+    moments, _, _ = data.get([0, 1, 0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+    assert "latents" not in read
+    for i, m in zip([0, 1, 0, 1], moments):
+        cached = real_load(data.latent_files[i])
+        assert torch.equal(m, cached["moments"]) or torch.equal(m, cached["flipped"])
 
 
 def test_each_image_is_hashed_once_per_start_into_the_same_keys(tmp_path, monkeypatch):
