@@ -5147,6 +5147,12 @@ def test_a_second_scan_decodes_only_images_it_has_not_decoded_as_they_are(tmp_pa
     opened, real_open = [], sd.open_image
     monkeypatch.setattr(sd, "open_image", lambda path, *a: opened.append(path.name) or real_open(path, *a))
     scan = lambda: [(item["path"].name, item["size"]) for item in sd.scan_dataset(cfg)]
+    with monkeypatch.context() as torchrun:                     # process 1 of 2 leaves the memo to process 0
+        for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("RANK", "1")):
+            torchrun.setenv(name, value)
+        scan()
+    assert not (tmp_path / "cache" / sd.SCAN_MEMO).exists()
+    opened.clear()
     first = scan()
     assert sorted(opened) == ["blue_disc.png", "broken.jpg", "noise.png", "red_stripes.png"] and len(first) == 3
     opened.clear()
