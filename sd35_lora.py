@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3239  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3712  Several Processes (torchrun)     one all-reduce per step
-     3801  Command Line and the Tiny Model  main(), --tiny
+     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3763  Several Processes (torchrun)     one all-reduce per step
+     3852  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1061,7 +1061,6 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
 
 def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     """Images, searched recursively but outside the run's own folders, with captions and aspect bucket."""
-    from PIL import ImageOps
     cfg = DatasetConfig(path=os.fspath(cfg)) if isinstance(cfg, (str, os.PathLike)) else cfg    # a folder
     root, res = Path(cfg.path), cfg.resolution
     files, left_out = files_under(root)
@@ -1073,10 +1072,10 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
     items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
+    decoded = read_scan_memo(cfg.cache_dir)             # images earlier scans decoded, by path, size, mtime
     for path in paths:
         try:
-            with open_image(path) as im:
-                width, height = ImageOps.exif_transpose(im).size  # decodes (broken files fail); phones rotate
+            width, height = image_size(path, decoded)   # decodes (broken files fail) if not remembered
         except TooLarge as e:
             large.append(str(e))
             continue
@@ -1091,6 +1090,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         items.append({"path": path, "caption": caption, "size": bucket})
         small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
         cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
+    write_scan_memo(cfg.cache_dir, decoded)
     dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
     dataset_summary(root, items, len(found) - len(paths), left_out)     # or an error if nothing is usable
     return items
@@ -1161,7 +1161,7 @@ class LatentDataset:
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
         drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
-        moments = torch.stack([load_file(str(self.latent_files[i]))["flipped" if f else "moments"]
+        moments = torch.stack([load_tensor(self.latent_files[i], "flipped" if f else "moments")
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
         embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
@@ -3221,6 +3221,44 @@ def open_image(path: Path, data: bytes | None = None):
         yield im
 
 
+SCAN_MEMO = "images_scanned.json"         # in dataset.cache_dir
+
+
+def read_scan_memo(cache_dir: str) -> dict:
+    """{real path: [bytes, mtime_ns, width, height]} of the images earlier scans decoded; {} if there is no
+    readable memo (a damaged one only costs decoding again)."""
+    try:
+        memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def image_size(path: Path, decoded: dict) -> tuple[int, int]:
+    """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken or truncated one fails
+    here, not hours into training. Not decoded again (128 ms for a 12 MP photo, each start) where `decoded`
+    (read_scan_memo's) holds it with this byte size and mtime; what is decoded is added to `decoded`."""
+    from PIL import ImageOps
+    real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
+    seen = decoded.get(real)
+    if isinstance(seen, list) and len(seen) == 4 and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+        if all(isinstance(side, int) and side > 0 for side in seen[2:]):       # not a hand-edited memo
+            return seen[2], seen[3]
+    with open_image(path) as im:
+        width, height = ImageOps.exif_transpose(im).size
+    decoded[real] = [stat.st_size, stat.st_mtime_ns, width, height]
+    return width, height
+
+
+def write_scan_memo(cache_dir: str, decoded: dict):
+    """Adds `decoded` to the memo, if it holds news and cache_dir exists (a training run made it). Process 0
+    writes (torchrun's others scan the same files); a failed write only costs decoding again."""
+    memo = read_scan_memo(cache_dir)                # another run's scan may have added other images
+    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir() and {**memo, **decoded} != memo:
+        with contextlib.suppress(UserError, OSError):
+            _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
+
+
 def from_16_bit(im, path: Path):
     """16-bit grey (PNG: mode I;16, Pillow < 10.3: I) as 8-bit L, or LA where PNG's colour key (16-bit) marks
     transparent pixels: convert("RGB") would clip it to white, and an 8-bit copy loses a key of 16-bit values
@@ -3266,15 +3304,28 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
         raise
 
 
+CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before
+HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
     """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
     on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
-    not a KeyError hours into training); else computed from `compute()` and written atomically."""
+    not a KeyError hours into training); else computed from `compute()` and written atomically. A file marked
+    CHECKED_FINITE is checked by its header: reading all of a 20,000-image cache took minutes each start."""
     if path.is_file():
         try:
-            tensors = load_file(str(path))
-            other = layout is not None and {k: (t.shape, t.dtype) for k, t in tensors.items()} != layout
+            with safe_open(str(path), framework="pt") as f:                 # reads the header only
+                marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
+                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
+            other = layout is not None and found != wanted
+            # copies: safetensors < 0.8 maps the file, which Windows would not let the marking below replace
+            tensors = {} if marked or other else {k: t.clone() for k, t in load_file(str(path)).items()}
             if not other and all(t.isfinite().all() for t in tensors.values()):
+                if not marked:          # an older version's file, read in full once: marked, for its header
+                    with contextlib.suppress(UserError):                # only speed is lost
+                        _atomic_save(tensors, path, CHECKED_FINITE)
                 return path
             why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
             tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
@@ -3284,7 +3335,7 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
     if not all(t.isfinite().all() for t in tensors.values()):     # cached, a NaN would fail every later run
         raise UserError(f"encoding {source or path} gave NaN/inf: the VAE or text encoder weights are "
                         f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
-    _atomic_save(tensors, path)
+    _atomic_save(tensors, path, CHECKED_FINITE)
     return path
 
 
