@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3763  Several Processes (torchrun)     one all-reduce per step
-     3852  Command Line and the Tiny Model  main(), --tiny
+     3765  Several Processes (torchrun)     one all-reduce per step
+     3854  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3320,12 +3320,8 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
                 found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
             wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
             other = layout is not None and found != wanted
-            # copies: safetensors < 0.8 maps the file, which Windows would not let the marking below replace
-            tensors = {} if marked or other else {k: t.clone() for k, t in load_file(str(path)).items()}
+            tensors = {} if marked or other else load_file(str(path))      # an older version's: read whole
             if not other and all(t.isfinite().all() for t in tensors.values()):
-                if not marked:          # an older version's file, read in full once: marked, for its header
-                    with contextlib.suppress(UserError):                # only speed is lost
-                        _atomic_save(tensors, path, CHECKED_FINITE)
                 return path
             why = "its tensors are not those this run writes" if other else "it holds NaN/inf"
             tqdm.write(f"warning: rebuilding cache file {path}: {why}", file=sys.stderr)
@@ -3337,6 +3333,12 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
                         f"damaged or overflow in this dtype; use dtype fp32 or bf16, or download them again")
     _atomic_save(tensors, path, CHECKED_FINITE)
     return path
+
+
+def load_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a .safetensors file, the others not read (with dataset.flip: half a latent file)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _replace_file(tmp: Path, path: Path):
