@@ -8266,6 +8266,32 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     assert lock.closed and not made.exists()
 
 
+def test_a_fresh_run_refused_on_windows_unlocks_the_lock_it_tried(tmp_path, monkeypatch):
+    """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use", not
+    "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started again at
+    once, the folder emptied as told, could be refused as "another run is using output_dir"."""
+    held = []
+
+    def locking(fd: int, mode: int, nbytes: int):
+        if mode == fake.LK_UNLCK:
+            held.remove(fd)
+        elif held:
+            raise PermissionError(13, "Permission denied")
+        else:
+            held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / sd.LOCK_FILE).touch()                                # a killed run's: no process holds it
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "earlier run; it saved no checkpoint: empty it")
+    assert held == []       # (a lock closed still held: the stand-in keeps it, as Windows may for a while)
+    sd.lock_output_dir(out).close()
+
+
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):
     """Windows refuses to replace a file another program holds open (ComfyUI maps a LoRA it loaded, a viewer a
     PNG): PermissionError. lora.safetensors, the latest's copy, held so ended the run at its next checkpoint, with
