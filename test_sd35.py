@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import load_file, save_file
 
 import sample
@@ -7559,6 +7559,31 @@ def test_the_loss_curves_moving_average_takes_one_pass_over_the_log(tmp_path, mo
     monkeypatch.setattr(sd, "json", types.SimpleNamespace(loads=lambda line: real_loads(line, parse_float=Loss)))
     sd.plot_losses(log, tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400) and len(additions) < 10 * 2000   # was 200,000
+
+
+def test_the_loss_curves_moving_average_is_the_mean_of_the_last_window_of_losses(tmp_path, monkeypatch):
+    """loss.png's dark curve and its 'last' number: the mean of the last max(2, steps // 20) losses, fewer at
+    the start. No test looked at them: a window one step off or a wrong divisor drew a wrong curve unseen."""
+    drawn, real_line, real_text = {}, ImageDraw.ImageDraw.line, ImageDraw.ImageDraw.text
+
+    def line(self, points, fill=None, width=0):
+        drawn[fill] = points
+        return real_line(self, points, fill=fill, width=width)
+
+    def text(self, xy, words, fill=None):
+        drawn.setdefault("text", []).append(words)
+        return real_text(self, xy, words, fill=fill)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", line)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    losses = [float(s % 7) for s in range(1, 61)]                  # window 3
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                                for s, v in enumerate(losses, 1)))
+    sd.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+    lo, hi, height, pad = min(losses), max(losses), 400, 40                  # plot_losses' y axis, inverted
+    smooth = [lo + (height - pad - y) * (hi - lo) / (height - 2 * pad) for _, y in drawn[(20, 60, 180)]]
+    expected = [sum(losses[max(0, i - 2):i + 1]) / min(i + 1, 3) for i in range(60)]
+    assert smooth == pytest.approx(expected, abs=1e-9)
+    assert f"dark: mean of 3, last {expected[-1]:.4f})" in drawn["text"][-1]
 
 
 def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
