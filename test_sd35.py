@@ -8292,9 +8292,9 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
 
 
 def test_a_fresh_run_refused_on_windows_unlocks_the_lock_it_tried(tmp_path, monkeypatch):
-    """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use", not
-    "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started again at
-    once, the folder emptied as told, could be refused as "another run is using output_dir"."""
+    """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use",
+    not "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started
+    again at once, the folder emptied as told, could be refused as "another run is using output_dir"."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
