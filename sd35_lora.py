@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3239  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3719  Several Processes (torchrun)     one all-reduce per step
-     3808  Command Line and the Tiny Model  main(), --tiny
+     3718  Several Processes (torchrun)     one all-reduce per step
+     3807  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3388,8 +3388,7 @@ def lock_output_dir(out: Path, tries: int = 3):
 
 
 def unlock_output_dir(lock):
-    """Closes lock_output_dir's file, unlocked first on Windows: closed locked, it unlocks "after a delay",
-    refusing a next run."""
+    """Closes lock_output_dir's file, unlocked first on Windows: it frees a lock closed "after a delay"."""
     if sys.platform == "win32":
         import msvcrt
         msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
