@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3765  Several Processes (torchrun)     one all-reduce per step
-     3854  Command Line and the Tiny Model  main(), --tiny
+     3771  Several Processes (torchrun)     one all-reduce per step
+     3860  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3440,6 +3440,14 @@ def lock_output_dir(out: Path, tries: int = 3):
         return None
 
 
+def unlock_output_dir(lock):
+    """Closes lock_output_dir's file, unlocked first on Windows: it frees a lock closed "after a delay"."""
+    if sys.platform == "win32":
+        import msvcrt
+        msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
+    lock.close()
+
+
 def remove_if_unused(out: Path, made: list[Path]):
     """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
     are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
@@ -3489,7 +3497,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         # a live run holds its lock: "in use", not "--resume" (no lock file made: it would mark a run)
         lock = lock_output_dir(out) if (out / LOCK_FILE).exists() else None
         if lock:
-            lock.close()
+            unlock_output_dir(lock)
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
@@ -3598,10 +3606,8 @@ def end_training(trainer: Trainer, old_handlers: dict):
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redraws an open bar with each line the next run prints
     if getattr(trainer, "lock", None):
-        if sys.platform == "win32":         # closed locked, it unlocks "after a delay", refusing a next run
-            import msvcrt
-            msvcrt.locking(trainer.lock.fileno(), msvcrt.LK_UNLCK, 1)      # (the byte locked: nothing moved)
-            trainer.lock.close()            # before the unlink: Windows unlinks no open file
+        if sys.platform == "win32":
+            unlock_output_dir(trainer.lock)     # before the unlink: Windows unlinks no open file
         remove_if_unused(trainer.out, trainer.made)     # POSIX: unlinked locked, which a run locking it next
         trainer.lock.close()                            # sees (lock_output_dir)
     if RUNS_HERE.get(getattr(trainer, "claim", None)) is trainer:      # a Trainer made by hand claims none

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import load_file, save_file
 
 import sample
@@ -7631,6 +7631,31 @@ def test_the_loss_curves_moving_average_takes_one_pass_over_the_log(tmp_path, mo
     assert Image.open(tmp_path / "loss.png").size == (800, 400) and len(additions) < 10 * 2000   # was 200,000
 
 
+def test_the_loss_curves_moving_average_is_the_mean_of_the_last_window_of_losses(tmp_path, monkeypatch):
+    """loss.png's dark curve and its 'last' number: the mean of the last max(2, steps // 20) losses, fewer at
+    the start. No test looked at them: a window one step off or a wrong divisor drew a wrong curve unseen."""
+    drawn, real_line, real_text = {}, ImageDraw.ImageDraw.line, ImageDraw.ImageDraw.text
+
+    def line(self, points, fill=None, width=0):
+        drawn[fill] = points
+        return real_line(self, points, fill=fill, width=width)
+
+    def text(self, xy, words, fill=None):
+        drawn.setdefault("text", []).append(words)
+        return real_text(self, xy, words, fill=fill)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", line)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    losses = [float(s % 7) for s in range(1, 61)]                  # window 3
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                                for s, v in enumerate(losses, 1)))
+    sd.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+    lo, hi, height, pad = min(losses), max(losses), 400, 40                  # plot_losses' y axis, inverted
+    smooth = [lo + (height - pad - y) * (hi - lo) / (height - 2 * pad) for _, y in drawn[(20, 60, 180)]]
+    expected = [sum(losses[max(0, i - 2):i + 1]) / min(i + 1, 3) for i in range(60)]
+    assert smooth == pytest.approx(expected, abs=1e-9)
+    assert f"dark: mean of 3, last {expected[-1]:.4f})" in drawn["text"][-1]
+
+
 def test_atomic_writes_use_unique_flushed_temporaries(tmp_path, monkeypatch):
     target, real_save, calls = tmp_path / "cache" / "x.safetensors", sd.save_file, []
 
@@ -8334,6 +8359,32 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "unlink", unlink)
     sd.end_training(types.SimpleNamespace(lock=lock, out=made, made=[made]), {})
     assert lock.closed and not made.exists()
+
+
+def test_a_fresh_run_refused_on_windows_unlocks_the_lock_it_tried(tmp_path, monkeypatch):
+    """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use",
+    not "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started
+    again at once, the folder emptied as told, could be refused as "another run is using output_dir"."""
+    held = []
+
+    def locking(fd: int, mode: int, nbytes: int):
+        if mode == fake.LK_UNLCK:
+            held.remove(fd)
+        elif held:
+            raise PermissionError(13, "Permission denied")
+        else:
+            held.append(fd)
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / sd.LOCK_FILE).touch()                                # a killed run's: no process holds it
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)), "earlier run; it saved no checkpoint: empty it")
+    assert held == []       # (a lock closed still held: the stand-in keeps it, as Windows may for a while)
+    sd.lock_output_dir(out).close()
 
 
 def test_a_lora_file_held_open_by_another_program_does_not_end_the_run(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@
 Writes synthetic checkpoints of the real layouts with random weights (SD3.5 Medium's width, `--blocks` joint
 blocks with dual attention in the first half; T5-XXL's width with `--t5-layers`; ~8 GB of files in all,
 deleted at the end), then loads each in a fresh process. Per case, in units of the loaded model's bytes and
-above the process's RSS after its imports:
+above what the process held after its imports (its RSS; for anon, its anonymous memory):
 
 - rss: the kernel's peak RSS (VmHWM, reset before loading). It counts the pages of the memory-mapped
   file that were read: page cache, which the kernel drops under memory pressure instead of killing the
@@ -127,7 +127,8 @@ def write_checkpoints(root: Path, blocks: int, t5_layers: int):
     model = sd.load_mmdit(root / "mmdit_bf16.safetensors", dtype=BF16)
     sd.add_lora(model, rank=16, targets="all")
     for name, p in model.named_parameters():
-        p.data.normal_(0, 0.01) if "lora_up" in name else None
+        if "lora_up" in name:                       # not all zero: the merge has something to add
+            p.data.normal_(0, 0.01)
     sd.save_lora(model, root / "lora.safetensors")
 
 
