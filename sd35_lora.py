@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3765  Several Processes (torchrun)     one all-reduce per step
-     3854  Command Line and the Tiny Model  main(), --tiny
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3766  Several Processes (torchrun)     one all-reduce per step
+     3855  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3225,8 +3225,8 @@ SCAN_MEMO = "images_scanned.json"         # in dataset.cache_dir
 
 
 def read_scan_memo(cache_dir: str) -> dict:
-    """{real path: [bytes, mtime_ns, width, height]} of the images earlier scans decoded; {} if there is no
-    readable memo (a damaged one only costs decoding again)."""
+    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images earlier scans decoded; {} if
+    there is no readable memo (a damaged one only costs decoding again)."""
     try:
         memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
     except (OSError, ValueError):
@@ -3237,16 +3237,17 @@ def read_scan_memo(cache_dir: str) -> dict:
 def image_size(path: Path, decoded: dict) -> tuple[int, int]:
     """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken or truncated one fails
     here, not hours into training. Not decoded again (128 ms for a 12 MP photo, each start) where `decoded`
-    (read_scan_memo's) holds it with this byte size and mtime; what is decoded is added to `decoded`."""
+    (read_scan_memo's) holds it with this size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes,
+    not ctimes); what is decoded is added to `decoded`."""
     from PIL import ImageOps
     real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
-    seen = decoded.get(real)
-    if isinstance(seen, list) and len(seen) == 4 and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
-        if all(isinstance(side, int) and side > 0 for side in seen[2:]):       # not a hand-edited memo
-            return seen[2], seen[3]
+    seen, times = decoded.get(real), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    if isinstance(seen, list) and len(seen) == 5 and seen[:3] == times:
+        if all(isinstance(side, int) and side > 0 for side in seen[3:]):       # not a hand-edited memo
+            return seen[3], seen[4]
     with open_image(path) as im:
         width, height = ImageOps.exif_transpose(im).size
-    decoded[real] = [stat.st_size, stat.st_mtime_ns, width, height]
+    decoded[real] = [*times, width, height]
     return width, height
 
 

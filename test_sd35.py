@@ -5262,6 +5262,23 @@ def test_a_second_scan_decodes_only_images_it_has_not_decoded_as_they_are(tmp_pa
     assert scan() == [first[0], first[2]] and len(opened) == 4
 
 
+def test_a_scan_decodes_again_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
+    """cp -p, rsync -a and tar keep a file's mtime: a 64x256 BMP copied over a 256x64 one (the same byte size)
+    with the old one's mtime was taken for the image the scan's memo held, and trained in its bucket (cropped
+    to a quarter). The change time (ctime), which no copy keeps, is remembered too."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cache").mkdir()
+    image, cfg = tmp_path / "data" / "a.bmp", sd.DatasetConfig(str(tmp_path / "data"), 128,
+                                                     cache_dir=str(tmp_path / "cache"))
+    Image.new("RGB", (256, 64), "red").save(image)
+    assert sd.scan_dataset(cfg)[0]["size"] == (256, 64)
+    stat = image.stat()
+    Image.new("RGB", (64, 256), "red").save(tmp_path / "rotated.bmp")
+    image.write_bytes((tmp_path / "rotated.bmp").read_bytes())                        # edited in place
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))                           # its mtime kept
+    assert image.stat().st_size == stat.st_size and sd.scan_dataset(cfg)[0]["size"] == (64, 256)
+
+
 def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_path, capsys):
     """A Synology NAS keeps a thumbnail folder @eaDir (one subfolder per image) in every folder, file managers
     .thumbnails, zips made on a Mac __MACOSX, NAS recycle bins #recycle: no images of the dataset (or deleted
