@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3766  Several Processes (torchrun)     one all-reduce per step
-     3855  Command Line and the Tiny Model  main(), --tiny
+     3771  Several Processes (torchrun)     one all-reduce per step
+     3860  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1164,9 +1164,9 @@ class LatentDataset:
         moments = torch.stack([load_tensor(self.latent_files[i], "flipped" if f else "moments")
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
-        return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
-                torch.stack([e["pooled"] for e in embeds]))
+        texts = [self.empty if d else self.text_files[i] for i, d in zip(ids[keep], drop)]
+        context, pooled = ([load_tensor(path, name) for path in texts] for name in ("context", "pooled"))
+        return vae.latents_from_moments(moments, noise=noise), torch.stack(context), torch.stack(pooled)
 
 
 #################################################################################
@@ -3337,9 +3337,14 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 
 
 def load_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a .safetensors file, the others not read (with dataset.flip: half a latent file)."""
+    """One tensor of a cache file, the others not read (with dataset.flip: half a latent file), checked here
+    for NaN/inf: of a file this version wrote, cached() reads the header alone, not damage on disk since."""
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(name)
+        tensor = f.get_tensor(name)
+    if not tensor.isfinite().all():                 # else a NaN loss at this step, again on each --resume
+        raise UserError(f"cache file {path} holds NaN/inf (damaged on disk since it was written): delete it; "
+                        f"the next start rebuilds it", own=True)
+    return tensor
 
 
 def _replace_file(tmp: Path, path: Path):

@@ -4837,6 +4837,22 @@ def test_a_cache_file_is_read_by_its_header_only_where_it_has_this_versions_mark
     assert read == [] and real_load(path)["t"].shape == (2, 3)
 
 
+def test_a_cache_file_damaged_after_it_was_written_is_named_when_a_batch_reads_it(tmp_path):
+    """A cache file this version wrote is checked by its header alone at start: one damaged on disk since (NaN
+    bytes under an intact header) trained into 'loss became nan ...: lower train.lr or check the data', at the
+    same step again on every --resume. The batch that reads it names the file to delete."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    for damaged in (data.latent_files[1], data.text_files[0]):
+        good = damaged.read_bytes()
+        start = 8 + struct.unpack("<Q", good[:8])[0]                         # the header, then the tensors
+        damaged.write_bytes(good[:start] + b"\xff" * (len(good) - start))     # NaN in every float dtype
+        with pytest.raises(sd.UserError, match=f"cache file {re.escape(str(damaged))} holds NaN/inf"):
+            data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+        damaged.write_bytes(good)
+
+
 def test_each_image_is_hashed_once_per_start_into_the_same_keys(tmp_path, monkeypatch):
     """Every start hashed each image's bytes twice, for its cache key and for the dataset's digest (which a resume
     compares): 73 s more per start for 20,000 12-megapixel photos. The keys and the digest stay as they were."""
