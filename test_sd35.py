@@ -4848,8 +4848,9 @@ def test_a_cache_file_damaged_after_it_was_written_is_named_when_a_batch_reads_i
         good = damaged.read_bytes()
         start = 8 + struct.unpack("<Q", good[:8])[0]                         # the header, then the tensors
         damaged.write_bytes(good[:start] + b"\xff" * (len(good) - start))     # NaN in every float dtype
-        with pytest.raises(sd.UserError, match=f"cache file {re.escape(str(damaged))} holds NaN/inf"):
+        with pytest.raises(sd.UserError, match=f"cache file {re.escape(str(damaged))} holds NaN/inf") as error:
             data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+        assert error.value.own                                      # torchrun: printed by the process that met it
         damaged.write_bytes(good)
 
 
