@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3771  Several Processes (torchrun)     one all-reduce per step
-     3860  Command Line and the Tiny Model  main(), --tiny
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3777  Several Processes (torchrun)     one all-reduce per step
+     3866  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1164,9 +1164,9 @@ class LatentDataset:
         moments = torch.stack([load_tensor(self.latent_files[i], "flipped" if f else "moments")
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        embeds = [load_file(str(self.empty if d else self.text_files[i])) for i, d in zip(ids[keep], drop)]
-        return (vae.latents_from_moments(moments, noise=noise), torch.stack([e["context"] for e in embeds]),
-                torch.stack([e["pooled"] for e in embeds]))
+        texts = [self.empty if d else self.text_files[i] for i, d in zip(ids[keep], drop)]
+        context, pooled = ([load_tensor(path, name) for path in texts] for name in ("context", "pooled"))
+        return vae.latents_from_moments(moments, noise=noise), torch.stack(context), torch.stack(pooled)
 
 
 #################################################################################
@@ -3225,8 +3225,8 @@ SCAN_MEMO = "images_scanned.json"         # in dataset.cache_dir
 
 
 def read_scan_memo(cache_dir: str) -> dict:
-    """{real path: [bytes, mtime_ns, width, height]} of the images earlier scans decoded; {} if there is no
-    readable memo (a damaged one only costs decoding again)."""
+    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images earlier scans decoded; {} if
+    there is no readable memo (a damaged one only costs decoding again)."""
     try:
         memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
     except (OSError, ValueError):
@@ -3237,16 +3237,17 @@ def read_scan_memo(cache_dir: str) -> dict:
 def image_size(path: Path, decoded: dict) -> tuple[int, int]:
     """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken or truncated one fails
     here, not hours into training. Not decoded again (128 ms for a 12 MP photo, each start) where `decoded`
-    (read_scan_memo's) holds it with this byte size and mtime; what is decoded is added to `decoded`."""
+    (read_scan_memo's) holds it with this size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes,
+    not ctimes); what is decoded is added to `decoded`."""
     from PIL import ImageOps
     real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
-    seen = decoded.get(real)
-    if isinstance(seen, list) and len(seen) == 4 and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
-        if all(isinstance(side, int) and side > 0 for side in seen[2:]):       # not a hand-edited memo
-            return seen[2], seen[3]
+    seen, times = decoded.get(real), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    if isinstance(seen, list) and len(seen) == 5 and seen[:3] == times:
+        if all(isinstance(side, int) and side > 0 for side in seen[3:]):       # not a hand-edited memo
+            return seen[3], seen[4]
     with open_image(path) as im:
         width, height = ImageOps.exif_transpose(im).size
-    decoded[real] = [stat.st_size, stat.st_mtime_ns, width, height]
+    decoded[real] = [*times, width, height]
     return width, height
 
 
@@ -3336,9 +3337,14 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 
 
 def load_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a .safetensors file, the others not read (with dataset.flip: half a latent file)."""
+    """One tensor of a cache file, the others not read (with dataset.flip: half a latent file), checked here
+    for NaN/inf: of a file this version wrote, cached() reads the header alone, not damage on disk since."""
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(name)
+        tensor = f.get_tensor(name)
+    if not tensor.isfinite().all():                 # else a NaN loss at this step, again on each --resume
+        raise UserError(f"cache file {path} holds NaN/inf (damaged on disk since it was written): delete it; "
+                        f"the next start rebuilds it", own=True)
+    return tensor
 
 
 def _replace_file(tmp: Path, path: Path):

@@ -4816,6 +4816,44 @@ def test_a_second_start_reads_this_versions_cache_files_by_their_header_only(tmp
         assert torch.equal(m, cached["moments"]) or torch.equal(m, cached["flipped"])
 
 
+def test_a_cache_file_is_read_by_its_header_only_where_it_has_this_versions_mark(tmp_path, monkeypatch):
+    """A cache file is checked by its header alone (names, shapes, dtypes: not computed again) where it carries
+    this version's mark, for each dtype a cache holds (bf16 or fp16 text embeddings; float64 from Python).
+    Another tool's metadata (its "format", or this key with another value) is no mark: a file holding NaN under
+    it is read in full and rebuilt; a file of other shapes is rebuilt without being read."""
+    read, real_load = [], sd.load_file
+    monkeypatch.setattr(sd, "load_file", lambda path: read.append(path) or real_load(path))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        path, layout = tmp_path / f"{dtype}.safetensors", {"t": ((2, 3), dtype)}
+        sd.cached(path, lambda: {"t": torch.ones(2, 3, dtype=dtype)}, layout=layout)
+        assert sd.cached(path, pytest.fail, layout=layout) == path and read == []
+    path, layout = tmp_path / "other.safetensors", {"t": ((2, 3), torch.float32)}
+    for metadata in ({"format": "pt"}, {"sd35_lora": "checked"}):
+        save_file({"t": torch.full((2, 3), math.nan)}, path, metadata)
+        sd.cached(path, lambda: {"t": torch.ones(2, 3)}, layout=layout)
+        assert torch.equal(real_load(path)["t"], torch.ones(2, 3)) and read.pop() == str(path)
+    save_file({"t": torch.ones(3, 2)}, path)                                # unmarked, of other shapes
+    sd.cached(path, lambda: {"t": torch.ones(2, 3)}, layout=layout)
+    assert read == [] and real_load(path)["t"].shape == (2, 3)
+
+
+def test_a_cache_file_damaged_after_it_was_written_is_named_when_a_batch_reads_it(tmp_path):
+    """A cache file this version wrote is checked by its header alone at start: one damaged on disk since (NaN
+    bytes under an intact header) trained into 'loss became nan ...: lower train.lr or check the data', at the
+    same step again on every --resume. The batch that reads it names the file to delete."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    for damaged in (data.latent_files[1], data.text_files[0]):
+        good = damaged.read_bytes()
+        start = 8 + struct.unpack("<Q", good[:8])[0]                         # the header, then the tensors
+        damaged.write_bytes(good[:start] + b"\xff" * (len(good) - start))     # NaN in every float dtype
+        with pytest.raises(sd.UserError, match=f"cache file {re.escape(str(damaged))} holds NaN/inf") as error:
+            data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+        assert error.value.own                                      # torchrun: printed by the process that met it
+        damaged.write_bytes(good)
+
+
 def test_each_image_is_hashed_once_per_start_into_the_same_keys(tmp_path, monkeypatch):
     """Every start hashed each image's bytes twice, for its cache key and for the dataset's digest (which a resume
     compares): 73 s more per start for 20,000 12-megapixel photos. The keys and the digest stay as they were."""
@@ -5260,6 +5298,77 @@ def test_a_second_scan_decodes_only_images_it_has_not_decoded_as_they_are(tmp_pa
     (tmp_path / "cache" / sd.SCAN_MEMO).write_text('{"x": [1, 2, 3')             # damaged: decoded anew
     opened.clear()
     assert scan() == [first[0], first[2]] and len(opened) == 4
+
+
+def test_a_scan_decodes_again_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
+    """cp -p, rsync -a and tar keep a file's mtime: a 64x256 BMP copied over a 256x64 one (the same byte size)
+    with the old one's mtime was taken for the image the scan's memo held, and trained in its bucket (cropped
+    to a quarter). The change time (ctime), which no copy keeps, is remembered too."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cache").mkdir()
+    image, cfg = tmp_path / "data" / "a.bmp", sd.DatasetConfig(str(tmp_path / "data"), 128,
+                                                     cache_dir=str(tmp_path / "cache"))
+    Image.new("RGB", (256, 64), "red").save(image)
+    assert sd.scan_dataset(cfg)[0]["size"] == (256, 64)
+    stat = image.stat()
+    Image.new("RGB", (64, 256), "red").save(tmp_path / "rotated.bmp")
+    image.write_bytes((tmp_path / "rotated.bmp").read_bytes())                        # edited in place
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))                           # its mtime kept
+    assert image.stat().st_size == stat.st_size and sd.scan_dataset(cfg)[0]["size"] == (64, 256)
+
+
+def test_a_hand_edited_or_shared_scan_memo_only_costs_decoding_again(tmp_path, monkeypatch):
+    """The scan's memo is a file anyone may edit or damage, or another run (another dataset) rewrite meanwhile:
+    an entry it cannot trust is decoded again (never skipped as broken, never a traceback); an image is known by
+    its real path (the dataset through a link too); what another run added meanwhile stays; a memo with no news
+    is not written again, and none is written (nor cache_dir made) where no cache_dir exists."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    cfg = sd.DatasetConfig(str(data), 128, cache_dir=str(cache))
+    assert [item["size"] for item in sd.scan_dataset(cfg)] == [(128, 128)] and not cache.exists()
+    cache.mkdir()
+    opened, real_open = [], sd.open_image
+
+    def open_image(path, *a):                                       # another run's scan adds its images
+        opened.append(path.name)
+        memo = json.loads((cache / sd.SCAN_MEMO).read_text()) if (cache / sd.SCAN_MEMO).exists() else {}
+        (cache / sd.SCAN_MEMO).write_text(json.dumps({**memo, "/elsewhere/b.png": [1, 2, 3, 64, 64]}))
+        return real_open(path, *a)
+    monkeypatch.setattr(sd, "open_image", open_image)
+    sd.scan_dataset(cfg)
+    memo = json.loads((cache / sd.SCAN_MEMO).read_text())
+    assert opened == ["a.png"] and memo["/elsewhere/b.png"] == [1, 2, 3, 64, 64]
+    real = os.path.realpath(data / "a.png")
+    remembered, written = memo[real], (cache / sd.SCAN_MEMO).stat().st_mtime_ns
+    (tmp_path / "link").symlink_to(data)
+    opened.clear()
+    linked = sd.DatasetConfig(str(tmp_path / "link"), 128, cache_dir=str(cache))
+    assert [item["size"] for item in sd.scan_dataset(linked)] == [(128, 128)] and opened == []
+    assert (cache / sd.SCAN_MEMO).stat().st_mtime_ns == written                 # no news: not written again
+    monkeypatch.setattr(sd, "open_image", lambda path, *a: opened.append(path.name) or real_open(path, *a))
+    known = remembered[:-2]
+    for entry in ([*known, 0, 64], [*known, "64", 64], known[:-1] + [64, 64], [*known, 64],
+                  7, None, [known[0] + 1, *known[1:], 256, 64], [known[0], known[1] + 1, *known[2:], 256, 64],
+                  [*known[:2], known[2] + 1, 256, 64] if len(known) > 2 else 7):
+        for text in (json.dumps({real: entry}), json.dumps([entry]), "null"):
+            (cache / sd.SCAN_MEMO).write_text(text)
+            opened.clear()
+            assert [item["size"] for item in sd.scan_dataset(cfg)] == [(128, 128)] and opened == ["a.png"], text
+    real_transpose = ImageOps.exif_transpose
+
+    def replaced_while_decoded(im, **kw):           # the file's state before decoding is what is remembered
+        im.load()
+        Image.new("RGB", (256, 64), "red").save(data / "a.png")
+        return real_transpose(im, **kw)
+    (cache / sd.SCAN_MEMO).write_text("{}")
+    with monkeypatch.context() as replacing:
+        replacing.setattr(ImageOps, "exif_transpose", replaced_while_decoded)
+        assert [item["size"] for item in sd.scan_dataset(cfg)] == [(128, 128)]
+    assert [item["size"] for item in sd.scan_dataset(cfg)] == [(256, 64)]
+    (cache / sd.SCAN_MEMO).unlink()
+    (cache / sd.SCAN_MEMO).mkdir()                                  # unwritable: costs only the decoding
+    assert [item["size"] for item in sd.scan_dataset(cfg)] == [(256, 64)]
 
 
 def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_path, capsys):
