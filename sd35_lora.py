@@ -3229,7 +3229,7 @@ def read_scan_memo(cache_dir: str) -> dict:
     there is no readable memo (a damaged one only costs decoding again)."""
     try:
         memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):       # RecursionError: nested a thousand deep (hostile)
         return {}
     return memo if isinstance(memo, dict) else {}
 

@@ -5351,7 +5351,7 @@ def test_a_hand_edited_or_shared_scan_memo_only_costs_decoding_again(tmp_path, m
     for entry in ([*known, 0, 64], [*known, "64", 64], known[:-1] + [64, 64], [*known, 64],
                   7, None, [known[0] + 1, *known[1:], 256, 64], [known[0], known[1] + 1, *known[2:], 256, 64],
                   [*known[:2], known[2] + 1, 256, 64] if len(known) > 2 else 7):
-        for text in (json.dumps({real: entry}), json.dumps([entry]), "null"):
+        for text in (json.dumps({real: entry}), json.dumps([entry]), "null", "[" * 100_000):   # too deep
             (cache / sd.SCAN_MEMO).write_text(text)
             opened.clear()
             assert [item["size"] for item in sd.scan_dataset(cfg)] == [(128, 128)] and opened == ["a.png"], text
