@@ -6616,7 +6616,17 @@ def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_
     assert offloaded == [True, False]
 
 
-def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", [None,                                                    # hard links
+                                     PermissionError(1, "Operation not permitted"),          # Linux on FAT
+                                     OSError(95, "Operation not supported")])           # some network shares
+def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(tmp_path, monkeypatch, refusal):
+    """An image is saved under the first free number, never over an image another sample.py wrote there after
+    this run looked, and no hidden file stays; also where the file system makes no hard links (FAT, some network
+    shares)."""
+    def no_links(*args):
+        raise refusal
+    if refusal:
+        monkeypatch.setattr(os, "link", no_links)
     (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
     saved = sample.main(["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--steps", "1",
@@ -6625,7 +6635,6 @@ def test_sample_cli_takes_the_next_number_when_another_run_wrote_after_its_scan(
     assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
     assert all(Image.open(path).size == (32, 32) for path in saved)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
-
 
 
 def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
@@ -6659,24 +6668,6 @@ def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in
                 "--height", "32", "--out", str(tmp_path / "out"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
-
-
-@pytest.mark.parametrize("refusal", [PermissionError(1, "Operation not permitted"),          # Linux on FAT
-                                     OSError(95, "Operation not supported")])           # some network shares
-def test_sample_cli_without_hard_links_still_takes_the_next_free_number(tmp_path, monkeypatch, refusal):
-    """Where the file system makes no hard links (FAT, some network shares), an image is still saved under the
-    first free number, never over an image another sample.py wrote there meanwhile, and no hidden file stays."""
-    def no_links(*args):
-        raise refusal
-    monkeypatch.setattr(os, "link", no_links)
-    (tmp_path / "sample_00.png").write_bytes(b"another run's image")   # written after this run looked
-    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))
-    saved = sample.main(["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--steps", "1",
-                         "--width", "32", "--height", "32", "--out", str(tmp_path)])
-    assert saved == [tmp_path / "sample_01.png", tmp_path / "sample_02.png"]
-    assert (tmp_path / "sample_00.png").read_bytes() == b"another run's image"
-    assert all(Image.open(path).size == (32, 32) for path in saved)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_00.png", "sample_01.png", "sample_02.png"]
 
 
 def test_sample_publish_without_hard_links_waits_for_a_windows_scanner_on_the_reserved_name(tmp_path, monkeypatch):
@@ -8429,13 +8420,10 @@ def test_a_path_or_prompt_the_console_cannot_encode_is_printed_escaped_not_a_cra
     assert run.returncode == 0 and "done: " in run.stdout and (home / "run" / "lora.safetensors").is_file(), run.stderr
 
 
-def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
-    """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
-    output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
-    refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
-    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it.
-    A failed run's own output_dir, left with its lock file alone, is removed: the file closed first (Windows
-    unlinks no open file; the stand-in unlink refuses it too)."""
+def windows_locks(monkeypatch) -> list:
+    """Windows simulated: no fcntl, and a stand-in msvcrt whose byte lock refuses a second holder with EACCES, as
+    Windows' _locking does. -> the file descriptors holding a lock (a lock closed still held stays, as Windows
+    may keep it for a while)."""
     held = []
 
     def locking(fd: int, mode: int, nbytes: int):
@@ -8450,6 +8438,17 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setitem(sys.modules, "fcntl", None)
     monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    return held
+
+
+def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
+    """Windows has no fcntl: lock_output_dir returned None there, so two runs (or a --resume of a live run) in one
+    output_dir wrote over each other's files. There msvcrt's byte lock is taken (simulated: a stand-in msvcrt that
+    refuses a second holder with EACCES, as Windows' _locking does). end_training closed it still locked, which
+    Windows frees only "after a delay": a notebook's run after a failed one could be refused; now it unlocks it.
+    A failed run's own output_dir, left with its lock file alone, is removed: the file closed first (Windows
+    unlinks no open file; the stand-in unlink refuses it too)."""
+    held = windows_locks(monkeypatch)
     first = sd.lock_output_dir(tmp_path)
     assert first is not None and held == [first.fileno()]
     one_line_error(lambda: sd.lock_output_dir(tmp_path), r"another run is using output_dir .*: wait for it")
@@ -8474,19 +8473,7 @@ def test_a_fresh_run_refused_on_windows_unlocks_the_lock_it_tried(tmp_path, monk
     """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use",
     not "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started
     again at once, the folder emptied as told, could be refused as "another run is using output_dir"."""
-    held = []
-
-    def locking(fd: int, mode: int, nbytes: int):
-        if mode == fake.LK_UNLCK:
-            held.remove(fd)
-        elif held:
-            raise PermissionError(13, "Permission denied")
-        else:
-            held.append(fd)
-    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setitem(sys.modules, "fcntl", None)
-    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    held = windows_locks(monkeypatch)
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
