@@ -1072,7 +1072,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
     items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
-    decoded = read_scan_memo(cfg.cache_dir)             # images earlier scans decoded, by path, size, mtime
+    decoded = read_scan_memo(cfg.cache_dir)             # images earlier scans decoded, by path, size, times
     for path in paths:
         try:
             width, height = image_size(path, decoded)   # decodes (broken files fail) if not remembered
