@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1172  Training                         Trainer and the training loop
-     1323  Part 2: plumbing                 a reader can stop here
-     1346  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1884  Hub Downloads                    snapshot downloads, tokenizers
-     1945  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3777  Several Processes (torchrun)     one all-reduce per step
-     3866  Command Line and the Tiny Model  main(), --tiny
+     1174  Training                         Trainer and the training loop
+     1325  Part 2: plumbing                 a reader can stop here
+     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1886  Hub Downloads                    snapshot downloads, tokenizers
+     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3779  Several Processes (torchrun)     one all-reduce per step
+     3868  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1138,6 +1138,8 @@ class LatentDataset:
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
+                with contextlib.suppress(OSError):      # the memo vouched for it: the next scan decodes anew
+                    (cache / SCAN_MEMO).unlink()
                 raise image_gone_error(item["path"], e, own=data is not None) from None
             contents.append(_digest(item["caption"], after=image))
             self.text_files.append(text_file(item["caption"]))

@@ -5077,6 +5077,32 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
                    r"image .*red_stripes.png cannot be read \(over 0.005 megapixels\)")
 
 
+def test_an_image_the_scan_memo_vouched_for_that_caching_cannot_read_is_scanned_anew_next_run(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """The scan does not decode an image its memo remembers. One that cannot be read when cached (a file another
+    user cannot read in a shared cache_dir, a WebP where this Pillow lacks WebP) failed with 'run again to scan
+    anew', and every run again trusted the memo and failed the same way."""
+    sd.write_demo_dataset(tmp_path / "data")
+    (tmp_path / "cache").mkdir()
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    assert len(sd.scan_dataset(cfg.dataset)) == 2 and (tmp_path / "cache" / sd.SCAN_MEMO).exists()
+    real_open = sd.open_image
+
+    def unreadable(path, *a):                       # from now on, as for this user (or this Pillow)
+        if path.name == "blue_disc.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a)
+    monkeypatch.setattr(sd, "open_image", unreadable)
+    items = sd.scan_dataset(cfg.dataset)
+    assert len(items) == 2                                                  # the memo vouched for it
+    one_line_error(lambda: sd.LatentDataset(items, pipe, cfg, cfg.model),
+                   r"image .*blue_disc.png cannot be read \(Permission denied\).*run again to scan anew")
+    items = sd.scan_dataset(cfg.dataset)                                    # run again
+    assert [item["path"].name for item in items] == ["red_stripes.png"]
+    assert "skipped 1 unreadable image: blue_disc.png (PermissionError)" in capsys.readouterr().err
+    assert len(sd.LatentDataset(items, pipe, cfg, cfg.model).latent_files) == 1
+
+
 def test_exif_rotated_photo_gets_a_portrait_bucket(tmp_path):
     image = Image.new("RGB", (128, 64), (200, 30, 30))
     image.paste((30, 30, 200), (64, 0, 128, 64))                # stored: red left half, blue right half
