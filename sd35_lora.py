@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3779  Several Processes (torchrun)     one all-reduce per step
-     3868  Command Line and the Tiny Model  main(), --tiny
+     3783  Several Processes (torchrun)     one all-reduce per step
+     3872  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3442,6 +3442,10 @@ def lock_output_dir(out: Path, tries: int = 3):
         if isinstance(e, FileNotFoundError) and tries > 1:
             writable_dir(out, "output_dir")
             return lock_output_dir(out, tries - 1)
+        if file is None and isinstance(e, PermissionError):     # open() refused: no lock was tried
+            raise UserError(f"the lock file {out / LOCK_FILE} cannot be opened ({e.strerror or e}): its "
+                            f"owner or permissions keep this user out; choose another output_dir "
+                            f"(--set output_dir=...)") from None
         if isinstance(e, (BlockingIOError, PermissionError)):   # EAGAIN or EACCES: another process holds it
             raise UserError(f"another run is using output_dir {out}: wait for it to end, or choose another "
                             f"output_dir (--set output_dir=...)") from None

@@ -8495,6 +8495,25 @@ def test_output_dir_is_locked_on_windows_too(tmp_path, monkeypatch):
     assert lock.closed and not made.exists()
 
 
+@pytest.mark.parametrize("windows", [False, True])
+def test_a_lock_file_that_cannot_be_opened_is_not_called_another_run(tmp_path, monkeypatch, windows):
+    """A group-shared output_dir whose lock file another user owns (or a read-only lock file): open() refuses it
+    with EACCES, and the run was told "another run is using output_dir: wait for it to end", which no waiting
+    ends. Only the lock call's refusal means another run. (Simulated: this machine's root opens any file.)"""
+    held = windows_locks(monkeypatch) if windows else []
+    (tmp_path / sd.LOCK_FILE).touch()
+
+    def refused(file, *a, **k):
+        if Path(file).name == sd.LOCK_FILE:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *a, **k)
+    monkeypatch.setattr(sd, "open", refused, raising=False)
+    one_line_error(lambda: sd.lock_output_dir(tmp_path),
+                   r"^the lock file .*\.sd35_lora\.lock cannot be opened \(Permission denied\): .*owner.*choose "
+                   r"another output_dir")
+    assert held == []
+
+
 def test_a_fresh_run_refused_on_windows_unlocks_the_lock_it_tried(tmp_path, monkeypatch):
     """A fresh run refused in an earlier run's output_dir tries that run's lock first (a live run's: "in use",
     not "--resume"); it closed it still locked, which Windows frees only "after a delay": the run started
