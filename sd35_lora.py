@@ -3245,7 +3245,7 @@ def image_size(path: Path, decoded: dict) -> tuple[int, int]:
     real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
     seen, times = decoded.get(real), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     if isinstance(seen, list) and len(seen) == 5 and seen[:3] == times:
-        if all(isinstance(side, int) and side > 0 for side in seen[3:]):       # not a hand-edited memo
+        if all(isinstance(side, int) and 0 < side <= MAX_PIXELS for side in seen[3:]):     # not hand-edited
             return seen[3], seen[4]
     with open_image(path) as im:
         width, height = ImageOps.exif_transpose(im).size

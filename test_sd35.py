@@ -5375,6 +5375,7 @@ def test_a_hand_edited_or_shared_scan_memo_only_costs_decoding_again(tmp_path, m
     monkeypatch.setattr(sd, "open_image", lambda path, *a: opened.append(path.name) or real_open(path, *a))
     known = remembered[:-2]
     for entry in ([*known, 0, 64], [*known, "64", 64], known[:-1] + [64, 64], [*known, 64],
+                  [*known, 10 ** 400, 64], [*known, 64, sd.MAX_PIXELS + 1],   # no OverflowError, not over limit
                   7, None, [known[0] + 1, *known[1:], 256, 64], [known[0], known[1] + 1, *known[2:], 256, 64],
                   [*known[:2], known[2] + 1, 256, 64] if len(known) > 2 else 7):
         for text in (json.dumps({real: entry}), json.dumps([entry]), "null", "[" * 100_000):   # too deep
