@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1174  Training                         Trainer and the training loop
-     1325  Part 2: plumbing                 a reader can stop here
-     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1886  Hub Downloads                    snapshot downloads, tokenizers
-     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3783  Several Processes (torchrun)     one all-reduce per step
-     3872  Command Line and the Tiny Model  main(), --tiny
+     1175  Training                         Trainer and the training loop
+     1326  Part 2: plumbing                 a reader can stop here
+     1349  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1887  Hub Downloads                    snapshot downloads, tokenizers
+     1948  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2294  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3047  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3281  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3784  Several Processes (torchrun)     one all-reduce per step
+     3873  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1163,12 +1163,13 @@ class LatentDataset:
         dropout and posterior noise drawn from g for all of ids: any slice sees what the whole batch would."""
         flip = ((torch.rand(len(ids), generator=g) < 0.5) & cfg.dataset.flip)[keep].tolist()
         drop = (torch.rand(len(ids), generator=g) < cfg.dataset.caption_dropout)[keep].tolist()
-        moments = torch.stack([load_tensor(self.latent_files[i], "flipped" if f else "moments")
+        moments = torch.stack([load_tensors(self.latent_files[i], "flipped" if f else "moments")[0]
                                for i, f in zip(ids[keep], flip)])
         noise = torch.randn((len(ids), moments.shape[1] // 2, *moments.shape[2:]), generator=g)[keep]
-        texts = [self.empty if d else self.text_files[i] for i, d in zip(ids[keep], drop)]
-        context, pooled = ([load_tensor(path, name) for path in texts] for name in ("context", "pooled"))
-        return vae.latents_from_moments(moments, noise=noise), torch.stack(context), torch.stack(pooled)
+        embeds = [load_tensors(self.empty if d else self.text_files[i], "context", "pooled")
+                  for i, d in zip(ids[keep], drop)]
+        context, pooled = (torch.stack(tensors) for tensors in zip(*embeds))
+        return vae.latents_from_moments(moments, noise=noise), context, pooled
 
 
 #################################################################################
@@ -3338,15 +3339,15 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
     return path
 
 
-def load_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a cache file, the others not read (with dataset.flip: half a latent file), checked here
-    for NaN/inf: of a file this version wrote, cached() reads the header alone, not damage on disk since."""
+def load_tensors(path: Path, *names: str) -> list[torch.Tensor]:
+    """`names`' tensors of a cache file, the others not read (with dataset.flip: half a latent file), checked
+    for NaN/inf here: of a file this version wrote, cached() reads the header, not damage on disk since."""
     with safe_open(str(path), framework="pt") as f:
-        tensor = f.get_tensor(name)
-    if not tensor.isfinite().all():                 # else a NaN loss at this step, again on each --resume
+        tensors = [f.get_tensor(name) for name in names]
+    if not all(t.isfinite().all() for t in tensors):    # else a NaN loss at this step, again on each --resume
         raise UserError(f"cache file {path} holds NaN/inf (damaged on disk since it was written): delete it; "
                         f"the next start rebuilds it", own=True)
-    return tensor
+    return tensors
 
 
 def _replace_file(tmp: Path, path: Path):
