@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1039  Data                             dataset scan, aspect buckets, the latent and text cache
      1175  Training                         Trainer and the training loop
-     1326  Part 2: plumbing                 a reader can stop here
-     1349  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1887  Hub Downloads                    snapshot downloads, tokenizers
-     1948  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2294  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3047  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3281  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3784  Several Processes (torchrun)     one all-reduce per step
-     3873  Command Line and the Tiny Model  main(), --tiny
+     1325  Part 2: plumbing                 a reader can stop here
+     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1886  Hub Downloads                    snapshot downloads, tokenizers
+     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3783  Several Processes (torchrun)     one all-reduce per step
+     3872  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1208,9 +1208,8 @@ class Trainer:
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
                 warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
-            previews = (encode_in_batches(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, 1)
-                        if s.prompts else (None, None))                 # sample prompts, encoded once
-        self.embeddings = previews
+            self.embeddings = (encode_in_batches(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, 1)
+                               if s.prompts else (None, None))          # sample prompts, encoded once
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
         self.mmdit = pipe.mmdit.to(pipe.device)
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
