@@ -273,34 +273,29 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
 
 
 def publish(written: Path, out: Path, number: int) -> tuple[Path, int]:
-    """The complete image `written` as the first free sample_NN.png from `number` on: a hard link fails where
-    the name is taken (as O_EXCL does), so another sample.py writing into the same --out at the same time
-    takes the next number instead of overwriting this one, and a killed one (kill -9, the OOM killer) leaves
-    no empty or partial sample_NN.png."""
+    """The complete image `written` as the first free sample_NN.png from `number` on, hard-linked: a killed
+    sample.py (kill -9, the OOM killer) leaves no empty or partial sample_NN.png."""
+    try:
+        return first_free(out, number, lambda path: os.link(written, path))
+    except OSError:             # no hard links here (FAT, some network shares): the name taken empty first
+        created = os.O_CREAT | os.O_EXCL | os.O_WRONLY          # (only a kill now leaves it empty)
+        path, number = first_free(out, number, lambda path: os.close(os.open(path, created)))
+        try:
+            sd._replace_file(written, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, number
+
+
+def first_free(out: Path, number: int, make) -> tuple[Path, int]:
+    """The first sample_NN.png from `number` on that make(path) creates (FileExistsError where it is taken, as
+    a hard link or O_EXCL refuse it): another sample.py writing into the same --out at the same time takes
+    the next number instead of overwriting this one."""
     while True:
         path = out / f"sample_{number:02d}.png"
         try:
-            os.link(written, path)
-            return path, number
-        except FileExistsError:
-            number += 1
-        except OSError:                                 # no hard links here (FAT, some network shares): the
-            path, number = reserve(out, number)         # name taken empty first; only a kill now leaves it so
-            try:
-                sd._replace_file(written, path)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            return path, number
-
-
-def reserve(out: Path, number: int) -> tuple[Path, int]:
-    """The first free sample_NN.png from `number` on, created empty at once (O_EXCL): another sample.py
-    writing into the same --out at the same time takes the next number instead of overwriting this one."""
-    while True:
-        path = out / f"sample_{number:02d}.png"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            make(path)
             return path, number
         except FileExistsError:
             number += 1
