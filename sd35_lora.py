@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3783  Several Processes (torchrun)     one all-reduce per step
-     3872  Command Line and the Tiny Model  main(), --tiny
+     3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3781  Several Processes (torchrun)     one all-reduce per step
+     3870  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2445,8 +2445,6 @@ def _coerce(value, default, key: str):
         text = "" if value is None else str(value)
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # the tokenizers cannot encode it
             raise UserError(f"{name} is not UTF-8 text: {text!r:.60} (write the character itself, in UTF-8)")
-        if key in PATH_KEYS and "\0" in text:                        # os would say only "embedded null byte"
-            raise UserError(f"{name} holds a NUL character, which no path can: remove it from {text!r:.60}")
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
