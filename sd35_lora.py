@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3044  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3781  Several Processes (torchrun)     one all-reduce per step
-     3870  Command Line and the Tiny Model  main(), --tiny
+     3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3274  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3777  Several Processes (torchrun)     one all-reduce per step
+     3866  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2519,11 +2519,6 @@ def flat_config(cfg: Config) -> dict:
 CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": LORA_FORMATS,
            "train.lr_schedule": LR_SCHEDULES, "train.timestep_sampling": TIMESTEP_SAMPLINGS,
            "train.weighting": WEIGHTINGS, "sample.sampler": ("", *SAMPLERS)}
-AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
-                "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
-                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout", "train.logit_std")
 
 
 def check_size(width: int, height: int, name: str = "width and height"):
@@ -2535,6 +2530,15 @@ def check_size(width: int, height: int, name: str = "width and height"):
 SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
+# the config's numbers, lowest and highest allowed; validate checks those with other rules (lr > 0, ...)
+RANGES = {**dict.fromkeys(("lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
+                           "train.save_every", "sample.width", "sample.height"), (1, math.inf)),
+          **dict.fromkeys(("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "lora.dropout",
+                           "sample.sample_every", "sample.guidance_scale", "sample.shift", "train.logit_std"),
+                          (0, math.inf)),
+          "t5_length": (1, T5_MAX_LENGTH), "dataset.caption_dropout": (0, 1), "train.seed": (0, 2**64 - 1),
+          "sample.seed": (0, 2**64 - 1), "sample.sample_steps": (0, MAX_STEPS),
+          "train.loss_bins": (1, 1000), "train.dist_timeout": (1, 10**9)}     # more: TBs of bins, an overflow
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
@@ -2782,24 +2786,16 @@ def validate(cfg: Config) -> Config:
     for key, options in CHOICES.items():
         if flat[key] not in options:
             raise UserError(f"config key '{key}' is {flat[key]!r} (valid: {', '.join(map(repr, options))})")
-    for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
-        if not flat[key] >= lowest:                         # `not >=`: NaN fails too
-            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
-    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
-        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
-                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    for key, (lowest, highest) in RANGES.items():
+        if not lowest <= flat[key] <= highest:                          # `not`: NaN fails too
+            bound = f"at least {lowest}" if highest == math.inf else f"in {lowest}..{highest}"
+            raise UserError(f"config key '{key}' must be {bound}, got {flat[key]}")
+    if not cfg.train.lr > 0:
+        raise UserError(f"'train.lr' must be above 0, got {cfg.train.lr}")
     if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
         raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
-    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else: TBs of bins, overflow
-        raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
-                        f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
-    if cfg.sample.sample_steps > MAX_STEPS:             # else refused only once the models have loaded
-        raise UserError(f"'sample.sample_steps' must be at most {MAX_STEPS}, got {cfg.sample.sample_steps}")
-    if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
-        raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
-                        f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
-    if cfg.t5_length > T5_MAX_LENGTH:                   # else only after the dataset scan
-        raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
+    if not cfg.lora.dropout < 1:                        # 1: every LoRA input is 0, it trains nothing
+        raise UserError(f"'lora.dropout' must be below 1 (a fraction, e.g. 0.1), got {cfg.lora.dropout}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if len(cfg.sample.prompts) > 100:                   # previews sample_00..99, encoded as one batch

@@ -197,7 +197,7 @@ def test_more_steps_than_float32_has_noise_levels_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a", "--steps", "100000000000", "--width", "32",
                                         "--height", "32", "--out", str(tmp_path)]), "steps must be in 1..1065353216")
     one_line_error(lambda: sd.load_config(None, ["sample.sample_steps=1e11"]),     # before the models load
-                   "'sample.sample_steps' must be at most 1065353216, got 100000000000")
+                   "'sample.sample_steps' must be in 0..1065353216, got 100000000000")
 
 
 def test_cosine_schedule_is_denser_at_both_ends():
@@ -3707,7 +3707,7 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
         bad = str(tmp_path / "file" / "run")
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: bad})), f"{key} .*run is not a writable")
-    one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "t5_length 1000 is outside 1..512")
+    one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "'t5_length' must be in 1..512, got 1000")
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
@@ -4141,7 +4141,7 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
     for item, match in [("lora.dropout=1.5", "'lora.dropout' must be below 1.*got 1.5"),
                         ("lora.dropout=1", "'lora.dropout' must be below 1.*got 1.0"),
-                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' at most 1.*10.0")]:
+                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' must be in 0..1, got 10.0")]:
         one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
     cfg = sd.load_config(None, ["lora.dropout=0.99", "dataset.caption_dropout=1"])   # all captions empty: allowed
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
@@ -4159,7 +4159,7 @@ def test_a_dataset_resolution_off_the_64_px_grid_or_above_sd3s_largest_side_is_r
 def test_a_negative_logit_std_is_refused_before_any_model_loads():
     """train.logit_std -1 ended in torch's bare RuntimeError (normal expects std >= 0) at the first step, after
     loading and caching; 0 is a valid (fixed-sigma) choice."""
-    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be a number >= 0")
+    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be at least 0, got -1")
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
@@ -4180,8 +4180,10 @@ def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_l
 def test_huge_loss_bins_or_dist_timeout_are_refused_before_any_model_loads():
     """train.loss_bins 1e14 was a bare RuntimeError (allocating 800 TB) after loading and caching; a
     train.dist_timeout past timedelta's range a bare OverflowError when torchrun's processes joined."""
-    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]), "'train.loss_bins' .* at most")
-    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]), "'train.dist_timeout' at most")
+    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]),
+                   "'train.loss_bins' must be in 1..1000,")
+    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]),
+                   "'train.dist_timeout' must be in 1..1000000000,")
     assert sd.load_config(None, ["train.loss_bins=20", "train.dist_timeout=86400"]).train.loss_bins == 20
 
 
@@ -7379,7 +7381,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
     assert sd.add_lora(tiny_mmdit(), rank=64)[0].shape == (64, 64)             # the width itself is taken
     for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
-        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"must be above 0.*{value}")
+        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"'{key}' must be .*got {value}")
 
 
 def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
