@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3274  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3777  Several Processes (torchrun)     one all-reduce per step
-     3866  Command Line and the Tiny Model  main(), --tiny
+     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3266  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3769  Several Processes (torchrun)     one all-reduce per step
+     3858  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2585,8 +2585,7 @@ def counted(n: int, one: str, many: str = "") -> str:
 
 
 def warn_cut(text: TextEncoders, texts: list[str], what: str):
-    """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which TextEncoders.encode
-    cuts without a word (as transformers does; diffusers warns), with the words that one of them loses."""
+    """One warning for texts past CLIP's 77 tokens or T5's t5_length, which encode cuts (diffusers warns)."""
     limits = [("CLIP", text.tok_l, text.tok_l.model_max_length)]
     limits += [("T5", text.tok_t5, text.t5_length)] if text.t5 is not None else []
     cut = {}
@@ -2617,9 +2616,8 @@ def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: flo
 
 
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
-    """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
-    Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
-    `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    """generate()'s texts, one negative prompt for all (the tokenizers read a list as a text pair); without
+    text encoders (train() drops its own) `embeddings` for as many prompts, uncond too where CFG runs."""
     if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
         raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
                         "settings=SampleSettings(...)")
@@ -2816,8 +2814,7 @@ def validate(cfg: Config) -> Config:
 
 
 def check_sources(cfg: Config):
-    """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
-    before the dataset scan decodes every image."""
+    """A device typo ('gpu') or one torchrun cannot use, or a missing model path: refused before the scan."""
     device, world = pick_device(cfg.device, "set device: cpu (--set device=cpu)"), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
@@ -2964,9 +2961,8 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def drop_log_lines_after(log: Path, step: int):
-    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them), and
-    any that is no JSON object with a step: a line cut short (no newline), the stray bytes (not UTF-8) that a
-    crash of the machine can leave at a file's end. Lines of any JSON writer (jq -c, -S; by hand) are kept."""
+    """log.jsonl without the lines past the checkpoint's step (a resume redoes them) and those that are no
+    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept."""
     if log.is_file():
         *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
         kept = []
@@ -2979,8 +2975,7 @@ def drop_log_lines_after(log: Path, step: int):
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
-    """Before any model loads: refuse config changes that alter what the training state `path` means.
-    -> the trajectory changes so far and its header."""
+    """Refuse config changes that alter what the state `path` means. -> (the changes so far, its header)"""
     if not path.is_file():
         raise UserError(f"--resume: no {path} to resume from (no checkpoint yet, or another output_dir?): "
                         f"start the run anew without --resume, in an empty output_dir")
@@ -3050,9 +3045,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 
 
 def read_caption(image: Path) -> tuple[str | None, Path]:
-    """-> (the text of the image's .txt, or None where there is none; that file). A bad byte is refused (no
-    silent ?), and so is a NUL: UTF-16 saved without a BOM reads as UTF-8 without an error,
-    'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
+    UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
         path = image.with_suffix(".TXT")
@@ -3221,8 +3215,7 @@ SCAN_MEMO = "images_scanned.json"         # in dataset.cache_dir
 
 
 def read_scan_memo(cache_dir: str) -> dict:
-    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images earlier scans decoded; {} if
-    there is no readable memo (a damaged one only costs decoding again)."""
+    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images decoded before, or {}."""
     try:
         memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
     except (OSError, ValueError, RecursionError):       # RecursionError: nested a thousand deep (hostile)
@@ -3231,10 +3224,9 @@ def read_scan_memo(cache_dir: str) -> dict:
 
 
 def image_size(path: Path, decoded: dict) -> tuple[int, int]:
-    """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken or truncated one fails
-    here, not hours into training. Not decoded again (128 ms for a 12 MP photo, each start) where `decoded`
-    (read_scan_memo's) holds it with this size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes,
-    not ctimes); what is decoded is added to `decoded`."""
+    """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken one fails here, not
+    hours into training. Not decoded again (128 ms for 12 MP, each start) where `decoded` holds it with this
+    size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes, not ctimes); new ones are added."""
     from PIL import ImageOps
     real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
     seen, times = decoded.get(real), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
