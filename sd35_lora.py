@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3266  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3769  Several Processes (torchrun)     one all-reduce per step
-     3858  Command Line and the Tiny Model  main(), --tiny
+     3031  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3262  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3765  Several Processes (torchrun)     one all-reduce per step
+     3854  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2638,8 +2638,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
                         "TextEncoders.encode; uncond None without CFG")
     if len(context) != len(prompts):
-        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode those "
-                        f"prompts")
+        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode these")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
@@ -2723,8 +2722,7 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     if keep and not callable(keep):                     # keep=True: a TypeError after the first batch's work
-        raise UserError(f"keep takes a function of each batch's images (e.g. a_list.extend), not "
-                        f"{keep!r:.60}")
+        raise UserError(f"keep takes a function of each batch's images, e.g. a_list.extend, not {keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
 
 
@@ -2797,8 +2795,7 @@ def validate(cfg: Config) -> Config:
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if len(cfg.sample.prompts) > 100:                   # previews sample_00..99, encoded as one batch
-        raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: each sample step makes a "
-                        f"preview of every one; give at most 100")
+        raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: give at most 100")
     # SD3.5 Medium's position table, SD3's largest, covers 6144 px per side (Large's 3072: the model says so)
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (no SD3 model takes larger "
@@ -2861,8 +2858,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     config = Config()
     if path is not None:            # None alone means no file: 0, False, "" or [] is a mistake
         if path == "" or not isinstance(path, (str, os.PathLike, dict)):
-            raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
-                            f"{path!r:.60}")
+            raise UserError(f"give the path of a YAML config file or a dict of its keys, not {path!r:.60}")
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)

@@ -954,7 +954,7 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False), "no text encoders.*embeddings")
     assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings)) == 1
     one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=embeddings),
-                   "embeddings for 1 prompt, not 2")
+                   "embeddings for 1 prompt, not 2: encode these")
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(embeddings[0], None)),
                    "no uncond")
 
@@ -3971,7 +3971,7 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     assert (cfg.model, cfg.train.lr, cfg.train.steps) == ("tiny", 5e-5, 30)
     one_line_error(lambda: sd.load_config({"train": {"lr": 1e-4, "step": 20}}), "unknown config key 'train.step'")
     one_line_error(lambda: sd.load_config(5),
-                   "give the path of a YAML config file .str or Path. or a dict of its keys, not 5")
+                   "give the path of a YAML config file or a dict of its keys, not 5")
     for wrong in (0, False, "", []):                    # were read as no file: the default config, silently
         one_line_error(lambda: sd.load_config(wrong), rf"or a dict of its keys, not {re.escape(repr(wrong))}$")
     assert sd.load_config({}) == sd.load_config(None)
