@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3031  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3262  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3765  Several Processes (torchrun)     one all-reduce per step
-     3854  Command Line and the Tiny Model  main(), --tiny
+     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3259  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3762  Several Processes (torchrun)     one all-reduce per step
+     3851  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2516,9 +2516,9 @@ def flat_config(cfg: Config) -> dict:
     return flat
 
 
-CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": LORA_FORMATS,
+CHOICES = {"variant": ("", *PRESETS), "lora.format": LORA_FORMATS, "sample.sampler": ("", *SAMPLERS),
            "train.lr_schedule": LR_SCHEDULES, "train.timestep_sampling": TIMESTEP_SAMPLINGS,
-           "train.weighting": WEIGHTINGS, "sample.sampler": ("", *SAMPLERS)}
+           "train.weighting": WEIGHTINGS, "dtype": ("fp32", "bf16")}          # fp16 needs loss scaling
 
 
 def check_size(width: int, height: int, name: str = "width and height"):
@@ -2800,8 +2800,6 @@ def validate(cfg: Config) -> Config:
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (no SD3 model takes larger "
                         f"images), got {cfg.dataset.resolution}")
-    if cfg.dtype == "fp16":
-        raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
     check_alpha(cfg.lora.alpha, cfg.lora.rank, "lora.")
     # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
     if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
@@ -3146,8 +3144,7 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         return ", ".join(names[:5])
     said = [
         (large, f"skipped {counted(len(large), 'image')} over the limit of {MAX_PIXELS / 1e6:g} megapixels "
-                f"for images other than JPEG (a guard against decompression bombs), e.g. {eg(large)}; save "
-                f"such images smaller or as JPEG"),
+                f"(a guard against decompression bombs), e.g. {eg(large)}; save them smaller or as JPEG"),
         (broken, f"skipped {counted(len(broken), 'unreadable image')}: {eg(broken)}"),
         (small, f"{counted(len(small), 'image is', 'images are')} upscaled over 2x to a bucket around "
                 f"dataset.resolution {cfg.resolution} px, so the LoRA learns blur, e.g. {eg(small)}; use "

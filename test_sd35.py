@@ -3730,7 +3730,7 @@ def test_a_config_built_or_changed_in_python_is_checked_by_train_as_a_config_fil
     a sample size the VAE cannot take failed every preview. train() checks the config it is given."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("loaded models for a bad config"))
-    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "dtype fp16"),
+    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "'dtype' is 'fp16'"),
                               ("sample", ("width", 100), "positive multiples of 16"),
                               ("train", ("timestep_sampling", "logit-normal"), "train.timestep_sampling")]:
         cfg = tiny_config(tmp_path)
@@ -5790,7 +5790,7 @@ def test_bf16_autocast_training_step_runs(tmp_path, monkeypatch):
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
     assert seen == {(True, torch.bfloat16, torch.bfloat16)}, seen
-    with pytest.raises(sd.UserError, match="fp16 is not supported for training"):
+    with pytest.raises(sd.UserError, match=r"config key 'dtype' is 'fp16' \(valid: 'fp32', 'bf16'\)"):
         tiny_config(tmp_path, dtype="fp16")
 
 
