@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3259  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3762  Several Processes (torchrun)     one all-reduce per step
-     3851  Command Line and the Tiny Model  main(), --tiny
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3258  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3761  Several Processes (torchrun)     one all-reduce per step
+     3850  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2766,9 +2766,8 @@ def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
     """`alpha` if a LoRA trained with it works (the config's lora.alpha, add_lora's), else a UserError."""
     most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
     if not (alpha and abs(alpha) <= most):              # (kohya reads 0 as alpha = rank)
-        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 scales the LoRA by 0 (it would "
-                        f"train nothing), more than {most:g} either way saves LoRA files load_lora "
-                        f"refuses; use e.g. {prefix}alpha = {prefix}rank ({rank})")
+        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 trains nothing, and load_lora "
+                        f"refuses over {most:g} either way; use e.g. {prefix}alpha = {prefix}rank ({rank})")
     return alpha
 
 

@@ -3714,7 +3714,7 @@ def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
     every preview)."""
-    for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
+    for item, match in [("lora.alpha=0", "lora.alpha 0 .* trains nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
                         ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
                         ("lora.blocks=5-3", "must look like"), ("lora.targets=' , '", "select nothing"),
                         ("sample.width=1000", "sample.width and sample.height must be positive multiples of 16"),
