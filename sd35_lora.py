@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3258  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3761  Several Processes (torchrun)     one all-reduce per step
-     3850  Command Line and the Tiny Model  main(), --tiny
+     3257  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3760  Several Processes (torchrun)     one all-reduce per step
+     3849  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3101,8 +3101,7 @@ def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str)
 
 
 def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[str]):
-    """scan_dataset's last word: no usable image is an error saying why; else one line (from process 0: once
-    under torchrun) of what it found and left out (`in_runs` images in runs' own folders, then `left_out`)."""
+    """scan_dataset's last word: an error saying why no image is usable, or one line of what it found."""
     if not items:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
