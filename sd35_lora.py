@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        79  Presets and Configuration        per-variant sampling presets, the training config
       189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      519  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      658  VAE                              16-channel autoencoder, the latent scale and shift
-      807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1175  Training                         Trainer and the training loop
-     1325  Part 2: plumbing                 a reader can stop here
-     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1886  Hub Downloads                    snapshot downloads, tokenizers
-     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3783  Several Processes (torchrun)     one all-reduce per step
-     3872  Command Line and the Tiny Model  main(), --tiny
+      518  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      651  VAE                              16-channel autoencoder, the latent scale and shift
+      800  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1032  Data                             dataset scan, aspect buckets, the latent and text cache
+     1168  Training                         Trainer and the training loop
+     1318  Part 2: plumbing                 a reader can stop here
+     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2420  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3060  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3294  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3797  Several Processes (torchrun)     one all-reduce per step
+     3886  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -241,11 +241,11 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g, device="cpu")[keep].to(device)
-    s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
+    s = sigmas.view(-1, 1, 1, 1)                                                # (b, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise                                       # x_s, (b, 16, h, w)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = model(noisy, sigmas * 1000, context, pooled)
-    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
+    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))  # (b,)
     return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
 
@@ -297,7 +297,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     """Sinusoidal embedding of t = sigma * 1000, cosines first. (B,) -> (B, dim)"""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[:, None] * freqs[None]                                            # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -391,12 +391,13 @@ class StreamBlock(nn.Module):
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """-> (q, k, v) of this stream and the state post_attention needs."""
         mods = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
-        normed = layer_norm(x)
-        return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
+        shift_msa, scale_msa = mods[:2]
+        normed = layer_norm(x)                                                        # (B, L, D)
+        return self.attn.qkv_heads(modulate(normed, shift_msa, scale_msa)), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
         """This stream's share of the joint attention, (B, L, D) -> x + gated attention(s) + gated MLP"""
-        normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
+        normed, mods = state                        # mods[:2] went into pre_attention
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
         if self.dual:
@@ -419,7 +420,7 @@ class JointBlock(nn.Module):
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))  # (B, Lc + Lx, heads, head_dim)
         del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before attention
-        out = attention(q, k, v)
+        out = attention(q, k, v)                    # (B, Lc + Lx, D)
         del q, k, v                                 # and the joined ones before the MLPs
         ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
         if not self.context_block.pre_only:
@@ -495,9 +496,7 @@ class MMDiT(nn.Module):
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity,
         x's shape (noise - x0, as flow_matching_loss trains it)."""
         p, dtype = self.cfg.patch_size, self.compute_dtype
-        if x.shape[-2] % p or x.shape[-1] % p:         # the patch conv would drop the last row or column
-            raise UserError(f"latents of {x.shape[-1]}x{x.shape[-2]} (width x height): both must be "
-                            f"multiples of the patch size {p} (of images: {self.patch_px} px)")
+        check_latent_size(x, p, self.patch_px)          # the patch conv would drop a last row or column
         h, w = x.shape[-2] // p, x.shape[-1] // p
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
@@ -620,10 +619,7 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
              and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
-    if not names:
-        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
-                        f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
+    return check_targets_found(names, targets, blocks)
 
 
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
@@ -636,10 +632,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
-        base = model.get_submodule(name)
-        if isinstance(base, LoRALinear):
-            raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
-                            f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
+        base = check_no_lora_yet(model.get_submodule(name), name)
         layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
         _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
@@ -927,7 +920,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     x = x.float()
     for i in range(steps):
         sigma = sigmas[i]
-        batch = torch.cat([x, x]) if use_cfg else x
+        batch = torch.cat([x, x]) if use_cfg else x         # (2B, 16, h, w) under CFG: uncond, then cond
         v = model(batch, (sigma * 1000).expand(batch.shape[0]), context, pooled).float()
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
@@ -938,7 +931,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
         if sampler == "euler":
             x = x + (sigmas[i + 1] - sigma) * v
         else:
-            denoised = x - sigma * v
+            denoised = x - sigma * v                        # the x0 estimate
             x, old_denoised = dpmpp_2m_step(x, denoised, old_denoised, sigma_values, i), denoised
         if bar is not None:
             bar.update(len(x))
@@ -1020,8 +1013,8 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
     with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), in_eval_mode(pipe.mmdit):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
-            c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
-                    for pair in (cond, uncond))
+            c = [t[i:i + batch_size].to(pipe.device) for t in cond]
+            u = [t[i:i + batch_size].to(pipe.device) for t in uncond] if uncond else None
             with pipe.on_device(pipe.mmdit):
                 z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
                             s.slg_layers, bar)
@@ -2427,6 +2420,27 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #################################################################################
 #                         Config Files and Resume Rules                         #
 #################################################################################
+
+# Part 1's checks of what its callers pass, kept out of its story
+def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
+    if latents.shape[-2] % patch or latents.shape[-1] % patch:
+        raise UserError(f"latents of {latents.shape[-1]}x{latents.shape[-2]} (width x height): both must be "
+                        f"multiples of the patch size {patch} (of images: {patch_px} px)")
+
+
+def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
+    if isinstance(layer, LoRALinear):
+        raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
+                        f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
+    return layer
+
+
+def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
+    if not names:
+        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
+                        f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
+    return names
+
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
