@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       800  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1032  Data                             dataset scan, aspect buckets, the latent and text cache
-     1168  Training                         Trainer and the training loop
-     1318  Part 2: plumbing                 a reader can stop here
-     1341  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1879  Hub Downloads                    snapshot downloads, tokenizers
-     1940  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2286  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2420  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     1161  Training                         Trainer and the training loop
+     1311  Part 2: plumbing                 a reader can stop here
+     1334  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1872  Hub Downloads                    snapshot downloads, tokenizers
+     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2279  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3060  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3294  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3797  Several Processes (torchrun)     one all-reduce per step
-     3886  Command Line and the Tiny Model  main(), --tiny
+     3306  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3809  Several Processes (torchrun)     one all-reduce per step
+     3898  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1041,13 +1041,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     the file's bytes, if given."""
     from PIL import Image, ImageOps
     with open_image(path, data) as im:
-        im = ImageOps.exif_transpose(im)
-        im = from_16_bit(im, path) if im.mode[0] in "IF" else im    # PNG's 16-bit grey; 32-bit refused
-        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
-        alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
-        if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
-        im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)    # crop and resize: one resampling step
+        im = ImageOps.fit(as_rgb(im, path), size, Image.BICUBIC)    # crop and resize: one resampling step
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
@@ -1116,12 +1110,13 @@ class LatentDataset:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
+            data = None                         # models load (minutes) after the scan: files may change
+
             @torch.no_grad()
-            def encode_image():
+            def encode_image():                 # of the bytes read below, if the file is not cached yet
                 pixels = load_image(item["path"], item["size"], data)[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            data = None                         # models load (minutes) after the scan: files may change
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image = hashlib.sha256(data)        # hashed once: for the key and the contents
@@ -1131,9 +1126,7 @@ class LatentDataset:
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
-                with contextlib.suppress(OSError):      # the memo vouched for it: the next scan decodes anew
-                    (cache / SCAN_MEMO).unlink()
-                raise image_gone_error(item["path"], e, own=data is not None) from None
+                raise image_gone(item["path"], e, own=data is not None, cache=cache) from None
             contents.append(_digest(item["caption"], after=image))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
@@ -2435,6 +2428,13 @@ def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
     return layer
 
 
+def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
+    """image_gone_error, once the scan memo that vouched for the image is gone: the next scan decodes anew."""
+    with contextlib.suppress(OSError):
+        (cache / SCAN_MEMO).unlink()
+    return image_gone_error(path, e, own)
+
+
 def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
@@ -3289,6 +3289,18 @@ def from_16_bit(im, path: Path):
     grey, key = im.point(lambda v: v / 257).convert("L"), im.info.get("transparency")
     alpha = None if key is None else Image.fromarray(np.asarray(im) != key).convert("L")    # 0: the key
     return grey if alpha is None else Image.merge("LA", (grey, alpha))
+
+
+def as_rgb(im, path: Path):
+    """A decoded image upright (its EXIF rotation), 16-bit grey as 8-bit, transparent pixels (they store any
+    colour: black, an erased background) shown on white as viewers do -> RGB."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
+    im = from_16_bit(im, path) if im.mode[0] in "IF" else im    # PNG's 16-bit grey; 32-bit refused
+    alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
+    if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
+    return im.convert("RGB")
 
 
 #################################################################################
