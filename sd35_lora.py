@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       800  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1032  Data                             dataset scan, aspect buckets, the latent and text cache
-     1161  Training                         Trainer and the training loop
-     1311  Part 2: plumbing                 a reader can stop here
-     1334  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1872  Hub Downloads                    snapshot downloads, tokenizers
-     1933  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2279  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3060  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3306  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3809  Several Processes (torchrun)     one all-reduce per step
-     3898  Command Line and the Tiny Model  main(), --tiny
+     1158  Training                         Trainer and the training loop
+     1308  Part 2: plumbing                 a reader can stop here
+     1331  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1869  Hub Downloads                    snapshot downloads, tokenizers
+     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3313  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3816  Several Processes (torchrun)     one all-reduce per step
+     3905  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1058,27 +1058,24 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
+    items, odd = [], {kind: [] for kind in ("broken", "uncaptioned", "empty", "large", "small", "cropped")}
     decoded = read_scan_memo(cfg.cache_dir)             # images earlier scans decoded, by path, size, times
     for path in paths:
         try:
             width, height = image_size(path, decoded)   # decodes (broken files fail) if not remembered
         except TooLarge as e:
-            large.append(str(e))
+            odd["large"].append(str(e))
             continue
         except Exception as e:
-            broken.append(f"{path.name} ({type(e).__name__})")
+            odd["broken"].append(f"{path.name} ({type(e).__name__})")
             continue
         caption, caption_file = read_caption(path)                 # None: no caption file
-        uncaptioned += [path.name] * (caption is None)
-        empty += [caption_file.name] * (caption == "")         # meant (unconditional), or a tagger's miss?
-        caption = cfg.default_caption if caption is None else caption
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
+        note_odd_image(odd, path, caption, caption_file, (width, height), bucket)
+        caption = cfg.default_caption if caption is None else caption
         items.append({"path": path, "caption": caption, "size": bucket})
-        small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
-        cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
     write_scan_memo(cfg.cache_dir, decoded)
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
+    dataset_warnings(cfg, files, paths, **odd)
     dataset_summary(root, items, len(found) - len(paths), left_out)     # or an error if nothing is usable
     return items
 
@@ -3301,6 +3298,16 @@ def as_rgb(im, path: Path):
     if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
     return im.convert("RGB")
+
+
+def note_odd_image(odd: dict, path: Path, caption: str | None, caption_file: Path, size: tuple[int, int],
+                   bucket: tuple[int, int]):
+    """Adds to `odd` (dataset_warnings' lists) what scan_dataset found odd in one image and its caption."""
+    width, height = size
+    odd["uncaptioned"] += [path.name] * (caption is None)
+    odd["empty"] += [caption_file.name] * (caption == "")      # meant (unconditional), or a tagger's miss?
+    odd["small"] += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
+    odd["cropped"] += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
 
 
 #################################################################################
