@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        79  Presets and Configuration        per-variant sampling presets, the training config
       189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      518  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      651  VAE                              16-channel autoencoder, the latent scale and shift
-      800  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      840  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1032  Data                             dataset scan, aspect buckets, the latent and text cache
-     1158  Training                         Trainer and the training loop
-     1308  Part 2: plumbing                 a reader can stop here
-     1331  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1869  Hub Downloads                    snapshot downloads, tokenizers
-     1930  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2410  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3313  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3816  Several Processes (torchrun)     one all-reduce per step
-     3905  Command Line and the Tiny Model  main(), --tiny
+      511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      644  VAE                              16-channel autoencoder, the latent scale and shift
+      793  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1025  Data                             dataset scan, aspect buckets, the latent and text cache
+     1151  Training                         Trainer and the training loop
+     1301  Part 2: plumbing                 a reader can stop here
+     1324  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1862  Hub Downloads                    snapshot downloads, tokenizers
+     1923  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2269  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2403  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3058  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3314  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3817  Several Processes (torchrun)     one all-reduce per step
+     3906  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -472,17 +472,10 @@ class MMDiT(nn.Module):
             block.compile()
         return self
 
-    def check_image_fits(self, height: int, width: int, fix: str = "lower the width and height"):
-        """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
-        most = self.cfg.pos_embed_max_size * self.patch_px
-        if height > most or width > most:
-            raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
-                            f"{fix}")
-
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
         m = self.cfg.pos_embed_max_size
-        self.check_image_fits(h * self.patch_px, w * self.patch_px)
+        check_image_fits(self, h * self.patch_px, w * self.patch_px)
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
@@ -998,7 +991,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
                                                   keep, progress)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
-    pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
+    check_image_fits(pipe.mmdit, s.height, s.width)                   # too large: fail before allocating
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
@@ -2412,6 +2405,14 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #################################################################################
 
 # Part 1's checks of what its callers pass, kept out of its story
+def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower the width and height"):
+    """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
+    most = model.cfg.pos_embed_max_size * model.patch_px
+    if height > most or width > most:
+        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
+                        f"{fix}")
+
+
 def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
     if latents.shape[-2] % patch or latents.shape[-1] % patch:
         raise UserError(f"latents of {latents.shape[-1]}x{latents.shape[-2]} (width x height): both must be "
@@ -3616,9 +3617,9 @@ def save_previews(trainer: Trainer):
 
 def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):
     """Preview and bucket sizes past the loaded model's position table; LoRA targets it does not have."""
-    mmdit.check_image_fits(cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
+    check_image_fits(mmdit, cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
     w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
-    mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
+    check_image_fits(mmdit, h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
     lora_targets(mmdit, cfg.lora.rank, cfg.lora.targets, cfg.lora.blocks)
 
 
