@@ -19,20 +19,20 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
       644  VAE                              16-channel autoencoder, the latent scale and shift
-      793  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      833  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1025  Data                             dataset scan, aspect buckets, the latent and text cache
-     1151  Training                         Trainer and the training loop
-     1301  Part 2: plumbing                 a reader can stop here
-     1324  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1862  Hub Downloads                    snapshot downloads, tokenizers
-     1923  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2269  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2403  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3058  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3314  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3817  Several Processes (torchrun)     one all-reduce per step
-     3906  Command Line and the Tiny Model  main(), --tiny
+      794  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      834  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1027  Data                             dataset scan, aspect buckets, the latent and text cache
+     1153  Training                         Trainer and the training loop
+     1304  Part 2: plumbing                 a reader can stop here
+     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1865  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2272  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2406  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3061  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3317  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3826  Several Processes (torchrun)     one all-reduce per step
+     3915  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -671,7 +671,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -1001,10 +1002,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
-    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), in_eval_mode(pipe.mmdit):
+    fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
+    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
+    done = []
+    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if fit_together else ())), in_eval_mode(pipe.mmdit):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
             c = [t[i:i + batch_size].to(pipe.device) for t in cond]
             u = [t[i:i + batch_size].to(pipe.device) for t in uncond] if uncond else None
@@ -1168,7 +1170,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
-        self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
+        self.out = Path(cfg.output_dir)
+        tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
@@ -1255,14 +1258,14 @@ class Trainer:
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)
-    tc, bins = tr.cfg.train, torch.zeros(2, tr.cfg.train.loss_bins)   # bins: loss sums, counts per sigma bin
+    tc = tr.cfg.train
+    bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
-        made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
-        if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
+        if tr.step == 0 or previews_unfinished(tr):
             save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
@@ -3812,6 +3815,12 @@ def plot_losses(log_path: Path, png_path: Path):
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
     draw.text((5, 10), f"loss (light: per step, dark: mean of {window}, last {smooth[-1]:.4f})", fill="black")
     _atomic_save(im, png_path)
+
+
+def previews_unfinished(trainer) -> bool:
+    """Whether this step (a run resumed) is a sample step whose previews a killed run left unfinished."""
+    made = len(list(trainer.out.glob(f"samples_step_{trainer.step:06d}/*.png")))
+    return trainer.every_or_last(trainer.cfg.sample.sample_every) and made < len(trainer.cfg.sample.prompts)
 
 
 #################################################################################
