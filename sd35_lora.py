@@ -531,17 +531,17 @@ class FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, w_scale, bias, x_lora=None, down=None, up=None, scale=0.0):
-        x2 = x.reshape(-1, x.shape[-1])                                                 # (N, in)
-        if w_scale is not None and fp8_tensor_cores(x2, weight):
-            out = fp8_matmul(x2, weight, w_scale, bias)
+        x_rows = x.reshape(-1, x.shape[-1])                                             # (N = B * L, in)
+        if w_scale is not None and fp8_tensor_cores(x_rows, weight):
+            out = fp8_matmul(x_rows, weight, w_scale, bias)
         else:
             w = weight if w_scale is None else dequantize_fp8(weight, w_scale, x.dtype)
-            out = F.linear(x2, w, bias)
+            out = F.linear(x_rows, w, bias)
             if not torch.compiler.is_compiling() and FrozenLinear.checkpointed and ctx.needs_input_grad[0]:
                 weight, w_scale = w, None       # see `checkpointed`
         hidden = None
         if down is not None:
-            x_lora = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+            x_lora = x_rows if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
             down, up = down.to(x_lora.dtype), up.to(x_lora.dtype)
             hidden = x_lora @ down.t()                                                  # (N, rank)
             out = torch.addmm(out.to(x_lora.dtype), hidden, up.t(), alpha=scale)        # (N, out)
