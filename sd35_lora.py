@@ -244,7 +244,7 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     s = sigmas.view(-1, 1, 1, 1)                                                # (b, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise                                       # x_s, (b, 16, h, w)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = model(noisy, sigmas * 1000, context, pooled)
+        pred = model(noisy, sigmas * 1000, context, pooled)                     # v, (b, 16, h, w)
     per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))  # (b,)
     return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
@@ -422,7 +422,7 @@ class JointBlock(nn.Module):
         del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before attention
         out = attention(q, k, v)                    # (B, Lc + Lx, D)
         del q, k, v                                 # and the joined ones before the MLPs
-        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
+        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)     # (B, Lc, D), (B, Lx, D)
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(ctx_out, context, ctx_state)
         return context, self.x_block.post_attention(x_out, x, x_state)
