@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2294  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3282  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3799  Several Processes (torchrun)     one all-reduce per step
-     3888  Command Line and the Tiny Model  main(), --tiny
+     3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3800  Several Processes (torchrun)     one all-reduce per step
+     3889  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3258,10 +3258,11 @@ def image_size(path: Path, decoded: dict) -> tuple[int, int]:
 def write_scan_memo(cache_dir: str, decoded: dict):
     """Adds `decoded` to the memo, if it holds news and cache_dir exists (a training run made it). Process 0
     writes (torchrun's others scan the same files); a failed write only costs decoding again."""
-    memo = read_scan_memo(cache_dir)                # another run's scan may have added other images
-    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir() and {**memo, **decoded} != memo:
-        with contextlib.suppress(UserError, OSError):
-            _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
+    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir():
+        memo = read_scan_memo(cache_dir)            # another run's scan may have added other images
+        if {**memo, **decoded} != memo:
+            with contextlib.suppress(UserError, OSError):
+                _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
 
 
 def from_16_bit(im, path: Path):
