@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3800  Several Processes (torchrun)     one all-reduce per step
-     3889  Command Line and the Tiny Model  main(), --tiny
+     3801  Several Processes (torchrun)     one all-reduce per step
+     3890  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3323,7 +3323,8 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
         try:
             with safe_open(str(path), framework="pt") as f:                 # reads the header only
                 marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
-                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                found = {k: (list(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
             wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
             other = layout is not None and found != wanted
             tensors = {} if marked or other else load_file(str(path))      # an older version's: read whole
