@@ -8581,6 +8581,8 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
     assert all((run / name).read_bytes() == b"not this run's" for name in mine)
     assert capsys.readouterr().err.count("warning: old checkpoint kept ([Errno 13] Permission denied: '"
                                          f"{run / 'lora_step_000002.safetensors'}'); a later save deletes it") == 2
+    sd.train(tiny_config(tmp_path, **{**sets, "train.steps": 6, "train.keep_last": 1}), resume=True)   # after deletes
+    assert checkpoints() == sorted(mine + [f"lora_step_00000{step}.safetensors" for step in (2, 6, 9)])
     one_line_error(lambda: sd.load_config(None, ["train.keep_last=-1"]), "'train.keep_last' must be a number >= 0")
 
 
