@@ -4012,12 +4012,10 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
-    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
-        tag = f"process {rank}: " * under_torchrun()
-        sys.exit(f"error: {tag}{e}")
+    except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
+        own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
+        tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
