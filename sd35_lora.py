@@ -32,7 +32,7 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3777  Several Processes (torchrun)     one all-reduce per step
-     3866  Command Line and the Tiny Model  main(), --tiny
+     3865  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3847,9 +3847,8 @@ def collective(call, *args, **kwargs):
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")
         if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
-            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
-                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
-                   "process")
+            why = ("the other processes never joined within train.dist_timeout: start them all (torchrun, "
+                   "srun; one that failed says why), or unset WORLD_SIZE to train in one process")
         raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
