@@ -3945,9 +3945,8 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
-    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
-    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set (else a
-    ValueError ends train() after its loading and caching), and a Ctrl-C or SIGTERM stays that program's."""
+    """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
+    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
