@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3801  Several Processes (torchrun)     one all-reduce per step
-     3890  Command Line and the Tiny Model  main(), --tiny
+     3795  Several Processes (torchrun)     one all-reduce per step
+     3883  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3315,10 +3315,9 @@ HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
-    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
-    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
-    not a KeyError hours into training); else computed from `compute()` and written atomically. A file marked
-    CHECKED_FINITE is checked by its header: reading all of a 20,000-image cache took minutes each start."""
+    """`path` if it reads, is finite (an older version's, or damaged on disk) and holds `layout`'s tensors,
+    {name: (shape, dtype)} (an edited file is stale: not a KeyError hours into training); else `compute()`,
+    written atomically. A file marked CHECKED_FINITE is read by its header (a 20,000-image cache: minutes)."""
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:                 # reads the header only
@@ -3389,9 +3388,8 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
-        not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
-        too_long = not_found and written >= 260
+        too_long = sys.platform == "win32" and isinstance(e, FileNotFoundError) and written >= 260
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, SafetensorError)
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
@@ -3475,9 +3473,8 @@ def remove_if_unused(out: Path, made: list[Path]):
 
 
 def remove_killed_writes(folder: Path):
-    """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
-    the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
-    younger one may be a write at work (sample.py's, another run's cache)."""
+    """The hidden temporary files (each as large as a LoRA) of writes a kill -9 or a power cut ended, in
+    `folder` and its subfolders, if over an hour old: a younger one may be sample.py's or another run's."""
     named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
     for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
@@ -3486,9 +3483,8 @@ def remove_killed_writes(folder: Path):
 
 
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
-    """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
-    trajectory changes and state header."""
+    """Bad resumes, paths and outputs, refused before the dataset scan and loading (torchrun: process 0 checks
+    output_dir); sets trainer.lock and .made (the folders it makes). -> prepare_resume's result."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3609,8 +3605,7 @@ def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dic
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
     """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
-    threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
-    end_training lets go of a failed run's."""
+    threads); failing (no images, a bad model, Ctrl-C while caching), end_training lets go of what it took."""
     trainer = Trainer.__new__(Trainer)
     trainer.claim = os.path.realpath(validate(cfg).output_dir)     # kept: a chdir would move a relative one
     if RUNS_HERE.setdefault(trainer.claim, trainer) is not trainer:    # atomic: one thread wins
@@ -3628,10 +3623,9 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 
 
 def end_training(trainer: Trainer, old_handlers: dict):
-    """train()'s last act: the signal handlers put back, the output_dir lock and the memory of its own models
-    let go. A notebook keeps an error's traceback, and with it the Trainer, until its next error; a finished
-    run's Trainer waits for the garbage collector (its optimizer's hooks refer back to it). The next run
-    (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
+    """train()'s last act: the signal handlers put back; the output_dir lock and the models' memory let go for
+    the next run (after a fix, e.g. a smaller batch), though the Trainer lives on: in a notebook's traceback
+    of the error, or until the garbage collector runs (its optimizer's hooks refer back to it)."""
     restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redraws an open bar with each line the next run prints
@@ -3871,9 +3865,8 @@ def collective(call, *args, **kwargs):
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")
         if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
-            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
-                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
-                   "process")
+            why = ("the other processes never joined within train.dist_timeout: start them all (torchrun, "
+                   "srun; one that failed says why), or unset WORLD_SIZE to train in one process")
         raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
@@ -3970,9 +3963,8 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
-    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
-    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set (else a
-    ValueError ends train() after its loading and caching), and a Ctrl-C or SIGTERM stays that program's."""
+    """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
+    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -4036,12 +4028,10 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
-    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
-        tag = f"process {rank}: " * under_torchrun()
-        sys.exit(f"error: {tag}{e}")
+    except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
+        own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
+        tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
