@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        79  Presets and Configuration        per-variant sampling presets, the training config
-      189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      519  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      658  VAE                              16-channel autoencoder, the latent scale and shift
-      807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1175  Training                         Trainer and the training loop
-     1325  Part 2: plumbing                 a reader can stop here
-     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1886  Hub Downloads                    snapshot downloads, tokenizers
-     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3046  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3280  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3777  Several Processes (torchrun)     one all-reduce per step
-     3865  Command Line and the Tiny Model  main(), --tiny
+      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      520  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      659  VAE                              16-channel autoencoder, the latent scale and shift
+      808  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      848  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1040  Data                             dataset scan, aspect buckets, the latent and text cache
+     1176  Training                         Trainer and the training loop
+     1326  Part 2: plumbing                 a reader can stop here
+     1349  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1887  Hub Downloads                    snapshot downloads, tokenizers
+     1948  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2294  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3795  Several Processes (torchrun)     one all-reduce per step
+     3883  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -143,6 +143,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 250
+    keep_last: int = 0                     # lora_step_*.safetensors kept: the newest N (0 = all)
     timestep_sampling: str = "logit_normal"  # density of the training sigmas: logit_normal | mode | uniform
     logit_mean: float = 0.0                # u = sigmoid(N(mean, std)): (0, 1) ranked best in the SD3 paper
     logit_std: float = 1.0
@@ -2525,7 +2526,7 @@ AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "tr
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout", "train.logit_std")
+                "dataset.caption_dropout", "train.logit_std", "train.keep_last")
 
 
 def check_size(width: int, height: int, name: str = "width and height"):
@@ -2966,7 +2967,8 @@ RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.defaul
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
                    "timestep_sampling logit_mean logit_std mode_scale weighting compile").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
+                    "train.keep_last train.gradient_checkpointing train.loss_bins train.dist_timeout "
+                    "sample.".split())
 
 
 def drop_log_lines_after(log: Path, step: int):
@@ -3256,10 +3258,11 @@ def image_size(path: Path, decoded: dict) -> tuple[int, int]:
 def write_scan_memo(cache_dir: str, decoded: dict):
     """Adds `decoded` to the memo, if it holds news and cache_dir exists (a training run made it). Process 0
     writes (torchrun's others scan the same files); a failed write only costs decoding again."""
-    memo = read_scan_memo(cache_dir)                # another run's scan may have added other images
-    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir() and {**memo, **decoded} != memo:
-        with contextlib.suppress(UserError, OSError):
-            _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
+    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir():
+        memo = read_scan_memo(cache_dir)            # another run's scan may have added other images
+        if {**memo, **decoded} != memo:
+            with contextlib.suppress(UserError, OSError):
+                _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
 
 
 def from_16_bit(im, path: Path):
@@ -3319,7 +3322,8 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
         try:
             with safe_open(str(path), framework="pt") as f:                 # reads the header only
                 marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
-                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                found = {k: (list(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
             wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
             other = layout is not None and found != wanted
             tensors = {} if marked or other else load_file(str(path))      # an older version's: read whole
@@ -3541,6 +3545,20 @@ def save_checkpoint(trainer: Trainer):
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+    if c.train.keep_last:                               # 0: all kept
+        remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+
+
+def remove_old_checkpoints(out: Path, step: int, keep: int):
+    """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
+    writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
+    written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    for old in sorted(s for s in steps if s <= step)[:-keep]:
+        try:
+            steps[old].unlink()
+        except OSError as e:                # e.g. a viewer holding it open (Windows): the run goes on
+            tqdm.write(f"warning: old checkpoint kept ({e}); a later save deletes it", file=sys.stderr)
 
 
 def save_previews(trainer: Trainer):
