@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        79  Presets and Configuration        per-variant sampling presets, the training config
-      189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      511  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      644  VAE                              16-channel autoencoder, the latent scale and shift
-      794  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      834  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1027  Data                             dataset scan, aspect buckets, the latent and text cache
-     1153  Training                         Trainer and the training loop
-     1304  Part 2: plumbing                 a reader can stop here
-     1327  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1865  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2272  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2406  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3061  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3317  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3826  Several Processes (torchrun)     one all-reduce per step
-     3915  Command Line and the Tiny Model  main(), --tiny
+      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      645  VAE                              16-channel autoencoder, the latent scale and shift
+      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1028  Data                             dataset scan, aspect buckets, the latent and text cache
+     1154  Training                         Trainer and the training loop
+     1305  Part 2: plumbing                 a reader can stop here
+     1328  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1866  Hub Downloads                    snapshot downloads, tokenizers
+     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3063  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3320  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3838  Several Processes (torchrun)     one all-reduce per step
+     3926  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -143,6 +143,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 250
+    keep_last: int = 0                     # lora_step_*.safetensors kept: the newest N (0 = all)
     timestep_sampling: str = "logit_normal"  # density of the training sigmas: logit_normal | mode | uniform
     logit_mean: float = 0.0                # u = sigmoid(N(mean, std)): (0, 1) ranked best in the SD3 paper
     logit_std: float = 1.0
@@ -2540,7 +2541,7 @@ AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "tr
                 "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
 NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
                 "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout", "train.logit_std")
+                "dataset.caption_dropout", "train.logit_std", "train.keep_last")
 
 
 def check_size(width: int, height: int, name: str = "width and height"):
@@ -2981,7 +2982,8 @@ RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.defaul
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
                    "timestep_sampling logit_mean logit_std mode_scale weighting compile").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
+                    "train.keep_last train.gradient_checkpointing train.loss_bins train.dist_timeout "
+                    "sample.".split())
 
 
 def drop_log_lines_after(log: Path, step: int):
@@ -3271,10 +3273,11 @@ def image_size(path: Path, decoded: dict) -> tuple[int, int]:
 def write_scan_memo(cache_dir: str, decoded: dict):
     """Adds `decoded` to the memo, if it holds news and cache_dir exists (a training run made it). Process 0
     writes (torchrun's others scan the same files); a failed write only costs decoding again."""
-    memo = read_scan_memo(cache_dir)                # another run's scan may have added other images
-    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir() and {**memo, **decoded} != memo:
-        with contextlib.suppress(UserError, OSError):
-            _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
+    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir():
+        memo = read_scan_memo(cache_dir)            # another run's scan may have added other images
+        if {**memo, **decoded} != memo:
+            with contextlib.suppress(UserError, OSError):
+                _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
 
 
 def from_16_bit(im, path: Path):
@@ -3349,15 +3352,15 @@ HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
-    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
-    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
-    not a KeyError hours into training); else computed from `compute()` and written atomically. A file marked
-    CHECKED_FINITE is checked by its header: reading all of a 20,000-image cache took minutes each start."""
+    """`path` if it reads, is finite (an older version's, or damaged on disk) and holds `layout`'s tensors,
+    {name: (shape, dtype)} (an edited file is stale: not a KeyError hours into training); else `compute()`,
+    written atomically. A file marked CHECKED_FINITE is read by its header (a 20,000-image cache: minutes)."""
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:                 # reads the header only
                 marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
-                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                found = {k: (list(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
             wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
             other = layout is not None and found != wanted
             tensors = {} if marked or other else load_file(str(path))      # an older version's: read whole
@@ -3422,9 +3425,8 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
-        not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
-        too_long = not_found and written >= 260
+        too_long = sys.platform == "win32" and isinstance(e, FileNotFoundError) and written >= 260
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, SafetensorError)
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
@@ -3508,9 +3510,8 @@ def remove_if_unused(out: Path, made: list[Path]):
 
 
 def remove_killed_writes(folder: Path):
-    """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
-    the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
-    younger one may be a write at work (sample.py's, another run's cache)."""
+    """The hidden temporary files (each as large as a LoRA) of writes a kill -9 or a power cut ended, in
+    `folder` and its subfolders, if over an hour old: a younger one may be sample.py's or another run's."""
     named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
     for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
@@ -3519,9 +3520,8 @@ def remove_killed_writes(folder: Path):
 
 
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
-    """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
-    trajectory changes and state header."""
+    """Bad resumes, paths and outputs, refused before the dataset scan and loading (torchrun: process 0 checks
+    output_dir); sets trainer.lock and .made (the folders it makes). -> prepare_resume's result."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3582,6 +3582,20 @@ def save_checkpoint(trainer: Trainer):
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+    if c.train.keep_last:                               # 0: all kept
+        remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+
+
+def remove_old_checkpoints(out: Path, step: int, keep: int):
+    """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
+    writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
+    written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    for old in sorted(s for s in steps if s <= step)[:-keep]:
+        try:
+            steps[old].unlink()
+        except OSError as e:                # e.g. a viewer holding it open (Windows): the run goes on
+            tqdm.write(f"warning: old checkpoint kept ({e}); a later save deletes it", file=sys.stderr)
 
 
 def save_previews(trainer: Trainer):
@@ -3628,8 +3642,7 @@ def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dic
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
     """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
-    threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
-    end_training lets go of a failed run's."""
+    threads); failing (no images, a bad model, Ctrl-C while caching), end_training lets go of what it took."""
     trainer = Trainer.__new__(Trainer)
     trainer.claim = os.path.realpath(validate(cfg).output_dir)     # kept: a chdir would move a relative one
     if RUNS_HERE.setdefault(trainer.claim, trainer) is not trainer:    # atomic: one thread wins
@@ -3647,10 +3660,9 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 
 
 def end_training(trainer: Trainer, old_handlers: dict):
-    """train()'s last act: the signal handlers put back, the output_dir lock and the memory of its own models
-    let go. A notebook keeps an error's traceback, and with it the Trainer, until its next error; a finished
-    run's Trainer waits for the garbage collector (its optimizer's hooks refer back to it). The next run
-    (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
+    """train()'s last act: the signal handlers put back; the output_dir lock and the models' memory let go for
+    the next run (after a fix, e.g. a smaller batch), though the Trainer lives on: in a notebook's traceback
+    of the error, or until the garbage collector runs (its optimizer's hooks refer back to it)."""
     restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redraws an open bar with each line the next run prints
@@ -3896,9 +3908,8 @@ def collective(call, *args, **kwargs):
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")
         if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
-            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
-                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
-                   "process")
+            why = ("the other processes never joined within train.dist_timeout: start them all (torchrun, "
+                   "srun; one that failed says why), or unset WORLD_SIZE to train in one process")
         raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
@@ -3995,9 +4006,8 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
-    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
-    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set (else a
-    ValueError ends train() after its loading and caching), and a Ctrl-C or SIGTERM stays that program's."""
+    """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
+    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -4061,12 +4071,10 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
-    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
-        tag = f"process {rank}: " * under_torchrun()
-        sys.exit(f"error: {tag}{e}")
+    except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
+        own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
+        tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
