@@ -214,7 +214,7 @@ def memory_levers(args: argparse.Namespace, pipe, ram: bool) -> list[str]:
 
 def sample_with(pipe: sd.Pipeline, args: argparse.Namespace, t5_length: int) -> list[Path]:
     """main() once the models have loaded: the LoRAs, then the images, each saved as soon as it is done."""
-    pipe.mmdit.check_image_fits(args.height, args.width, "lower --width and --height")   # before LoRAs load
+    sd.check_image_fits(pipe.mmdit, args.height, args.width, "lower --width and --height")  # ahead of LoRAs
     used = next(pipe.vae.parameters()).dtype            # the PNG records the dtype used (the default's
     args.dtype = next(name for name, dtype in sd.DTYPES.items() if dtype == used)     # depends on the device)
     if len(args.lora_scale) < 2:                        # one scale (none: 1.0) for all the LoRAs; the PNG

@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        79  Presets and Configuration        per-variant sampling presets, the training config
-      189  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      252  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      519  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      658  VAE                              16-channel autoencoder, the latent scale and shift
-      807  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      847  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1039  Data                             dataset scan, aspect buckets, the latent and text cache
-     1175  Training                         Trainer and the training loop
-     1325  Part 2: plumbing                 a reader can stop here
-     1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1886  Hub Downloads                    snapshot downloads, tokenizers
-     1947  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2427  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3257  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3760  Several Processes (torchrun)     one all-reduce per step
-     3849  Command Line and the Tiny Model  main(), --tiny
+      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      645  VAE                              16-channel autoencoder, the latent scale and shift
+      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1028  Data                             dataset scan, aspect buckets, the latent and text cache
+     1154  Training                         Trainer and the training loop
+     1305  Part 2: plumbing                 a reader can stop here
+     1328  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1866  Hub Downloads                    snapshot downloads, tokenizers
+     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3045  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3297  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3815  Several Processes (torchrun)     one all-reduce per step
+     3903  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -143,6 +143,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 250
+    keep_last: int = 0                     # lora_step_*.safetensors kept: the newest N (0 = all)
     timestep_sampling: str = "logit_normal"  # density of the training sigmas: logit_normal | mode | uniform
     logit_mean: float = 0.0                # u = sigmoid(N(mean, std)): (0, 1) ranked best in the SD3 paper
     logit_std: float = 1.0
@@ -241,11 +242,11 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
     device, n = latents.device, n or latents.shape[0]
     sigmas = sample_training_sigmas(n, cfg, shift, g)[keep].to(device)
     noise = torch.randn((n, *latents.shape[1:]), generator=g, device="cpu")[keep].to(device)
-    s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
+    s = sigmas.view(-1, 1, 1, 1)                                                # (b, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise                                       # x_s, (b, 16, h, w)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        pred = model(noisy, sigmas * 1000, context, pooled)
-    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
+        pred = model(noisy, sigmas * 1000, context, pooled)                     # v, (b, 16, h, w)
+    per_sample = ((pred.float() - (noise - latents)) ** 2).mean(dim=(1, 2, 3))  # (b,)
     return (per_sample * loss_weight(sigmas, cfg.weighting)).sum() / n, per_sample.detach(), sigmas
 
 
@@ -297,7 +298,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     """Sinusoidal embedding of t = sigma * 1000, cosines first. (B,) -> (B, dim)"""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[:, None] * freqs[None]                                            # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -391,12 +392,13 @@ class StreamBlock(nn.Module):
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """-> (q, k, v) of this stream and the state post_attention needs."""
         mods = self.adaLN_modulation["1"](c).unsqueeze(1).chunk(self.n_mod, dim=-1)   # n_mod x (B, 1, D)
-        normed = layer_norm(x)
-        return self.attn.qkv_heads(modulate(normed, mods[0], mods[1])), (normed, mods)
+        shift_msa, scale_msa = mods[:2]
+        normed = layer_norm(x)                                                        # (B, L, D)
+        return self.attn.qkv_heads(modulate(normed, shift_msa, scale_msa)), (normed, mods)
 
     def post_attention(self, attn_out: torch.Tensor, x: torch.Tensor, state) -> torch.Tensor:
         """This stream's share of the joint attention, (B, L, D) -> x + gated attention(s) + gated MLP"""
-        normed, mods = state                        # mods[0:2] (shift, scale) went into pre_attention
+        normed, mods = state                        # mods[:2] went into pre_attention
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = torch.addcmul(x, gate_msa, self.attn.proj(attn_out))
         if self.dual:
@@ -419,9 +421,9 @@ class JointBlock(nn.Module):
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv))  # (B, Lc + Lx, heads, head_dim)
         del ctx_qkv, x_qkv                          # peak memory: the streams' q, k, v die before attention
-        out = attention(q, k, v)
+        out = attention(q, k, v)                    # (B, Lc + Lx, D)
         del q, k, v                                 # and the joined ones before the MLPs
-        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
+        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)     # (B, Lc, D), (B, Lx, D)
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(ctx_out, context, ctx_state)
         return context, self.x_block.post_attention(x_out, x, x_state)
@@ -471,17 +473,10 @@ class MMDiT(nn.Module):
             block.compile()
         return self
 
-    def check_image_fits(self, height: int, width: int, fix: str = "lower the width and height"):
-        """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
-        most = self.cfg.pos_embed_max_size * self.patch_px
-        if height > most or width > most:
-            raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
-                            f"{fix}")
-
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the stored (max x max) table for an h x w patch grid. -> (1, h*w, D)"""
         m = self.cfg.pos_embed_max_size
-        self.check_image_fits(h * self.patch_px, w * self.patch_px)
+        check_image_fits(self, h * self.patch_px, w * self.patch_px)
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)
@@ -495,9 +490,7 @@ class MMDiT(nn.Module):
         """x (B, 16, H/8, W/8) latents, t (B,) = sigma*1000, context (B, L, 4096), y (B, 2048) -> velocity,
         x's shape (noise - x0, as flow_matching_loss trains it)."""
         p, dtype = self.cfg.patch_size, self.compute_dtype
-        if x.shape[-2] % p or x.shape[-1] % p:         # the patch conv would drop the last row or column
-            raise UserError(f"latents of {x.shape[-1]}x{x.shape[-2]} (width x height): both must be "
-                            f"multiples of the patch size {p} (of images: {self.patch_px} px)")
+        check_latent_size(x, p, self.patch_px)          # the patch conv would drop a last row or column
         h, w = x.shape[-2] // p, x.shape[-1] // p
         # (B, h*w, D), contiguous: in the conv's channel-first layout every LayerNorm and Linear would copy it
         x = rearrange(self.x_embedder.proj(x.to(dtype)), "b d h w -> b (h w) d").contiguous()
@@ -539,17 +532,17 @@ class FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, w_scale, bias, x_lora=None, down=None, up=None, scale=0.0):
-        x2 = x.reshape(-1, x.shape[-1])                                                 # (N, in)
-        if w_scale is not None and fp8_tensor_cores(x2, weight):
-            out = fp8_matmul(x2, weight, w_scale, bias)
+        x_rows = x.reshape(-1, x.shape[-1])                                             # (N = B * L, in)
+        if w_scale is not None and fp8_tensor_cores(x_rows, weight):
+            out = fp8_matmul(x_rows, weight, w_scale, bias)
         else:
             w = weight if w_scale is None else dequantize_fp8(weight, w_scale, x.dtype)
-            out = F.linear(x2, w, bias)
+            out = F.linear(x_rows, w, bias)
             if not torch.compiler.is_compiling() and FrozenLinear.checkpointed and ctx.needs_input_grad[0]:
                 weight, w_scale = w, None       # see `checkpointed`
         hidden = None
         if down is not None:
-            x_lora = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
+            x_lora = x_rows if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])
             down, up = down.to(x_lora.dtype), up.to(x_lora.dtype)
             hidden = x_lora @ down.t()                                                  # (N, rank)
             out = torch.addmm(out.to(x_lora.dtype), hidden, up.t(), alpha=scale)        # (N, out)
@@ -620,10 +613,7 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
              and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
-    if not names:
-        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
-                        f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
+    return check_targets_found(names, targets, blocks)
 
 
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
@@ -636,10 +626,7 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
-        base = model.get_submodule(name)
-        if isinstance(base, LoRALinear):
-            raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
-                            f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
+        base = check_no_lora_yet(model.get_submodule(name), name)
         layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
         _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
@@ -685,7 +672,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -927,7 +915,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
     x = x.float()
     for i in range(steps):
         sigma = sigmas[i]
-        batch = torch.cat([x, x]) if use_cfg else x
+        batch = torch.cat([x, x]) if use_cfg else x         # (2B, 16, h, w) under CFG: uncond, then cond
         v = model(batch, (sigma * 1000).expand(batch.shape[0]), context, pooled).float()
         if use_cfg:
             v_uncond, v_cond = v.chunk(2)
@@ -938,7 +926,7 @@ def denoise(model: MMDiT, x: torch.Tensor, sigmas: torch.Tensor, cond, uncond=No
         if sampler == "euler":
             x = x + (sigmas[i + 1] - sigma) * v
         else:
-            denoised = x - sigma * v
+            denoised = x - sigma * v                        # the x0 estimate
             x, old_denoised = dpmpp_2m_step(x, denoised, old_denoised, sigma_values, i), denoised
         if bar is not None:
             bar.update(len(x))
@@ -1005,7 +993,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
                                                   keep, progress)
     if not prompts:                                     # (the tokenizers fail on an empty batch)
         return []
-    pipe.mmdit.check_image_fits(s.height, s.width)                    # too large: fail before allocating
+    check_image_fits(pipe.mmdit, s.height, s.width)                   # too large: fail before allocating
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
         with pipe.on_device(*pipe.text.modules()):
@@ -1015,13 +1003,14 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     seeds = [s.seed + i for i in range(len(prompts))]
     x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    done, together = [], pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
-    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
     # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if together else ())), in_eval_mode(pipe.mmdit):
+    fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
+    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
+    done = []
+    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if fit_together else ())), in_eval_mode(pipe.mmdit):
         for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
-            c, u = ([t[i:i + batch_size].to(pipe.device) for t in pair] if pair else None
-                    for pair in (cond, uncond))
+            c = [t[i:i + batch_size].to(pipe.device) for t in cond]
+            u = [t[i:i + batch_size].to(pipe.device) for t in uncond] if uncond else None
             with pipe.on_device(pipe.mmdit):
                 z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
                             s.slg_layers, bar)
@@ -1048,13 +1037,7 @@ def load_image(path: Path, size: tuple[int, int], data: bytes | None = None) -> 
     the file's bytes, if given."""
     from PIL import Image, ImageOps
     with open_image(path, data) as im:
-        im = ImageOps.exif_transpose(im)
-        im = from_16_bit(im, path) if im.mode[0] in "IF" else im    # PNG's 16-bit grey; 32-bit refused
-        # transparent pixels store any colour (black, an erased background): shown on white, as viewers do
-        alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
-        if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
-        im = ImageOps.fit(im.convert("RGB"), size, Image.BICUBIC)    # crop and resize: one resampling step
+        im = ImageOps.fit(as_rgb(im, path), size, Image.BICUBIC)    # crop and resize: one resampling step
         pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
@@ -1071,27 +1054,24 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     # aspect buckets (width, height): multiples of 64, area close to resolution^2, aspect up to 4:1
     sides = [(w, res * res // w // 64 * 64) for w in range(64, 4 * res + 1, 64)]
     buckets = [(w, h) for w, h in sides if h >= 64 and max(w / h, h / w) <= 4]
-    items, broken, uncaptioned, empty, large, small, cropped = [], [], [], [], [], [], []
+    items, odd = [], {kind: [] for kind in ("broken", "uncaptioned", "empty", "large", "small", "cropped")}
     decoded = read_scan_memo(cfg.cache_dir)             # images earlier scans decoded, by path, size, times
     for path in paths:
         try:
             width, height = image_size(path, decoded)   # decodes (broken files fail) if not remembered
         except TooLarge as e:
-            large.append(str(e))
+            odd["large"].append(str(e))
             continue
         except Exception as e:
-            broken.append(f"{path.name} ({type(e).__name__})")
+            odd["broken"].append(f"{path.name} ({type(e).__name__})")
             continue
         caption, caption_file = read_caption(path)                 # None: no caption file
-        uncaptioned += [path.name] * (caption is None)
-        empty += [caption_file.name] * (caption == "")         # meant (unconditional), or a tagger's miss?
-        caption = cfg.default_caption if caption is None else caption
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
+        note_odd_image(odd, path, caption, caption_file, (width, height), bucket)
+        caption = cfg.default_caption if caption is None else caption
         items.append({"path": path, "caption": caption, "size": bucket})
-        small += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
-        cropped += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
     write_scan_memo(cfg.cache_dir, decoded)
-    dataset_warnings(cfg, files, paths, broken, uncaptioned, empty, large, small, cropped)
+    dataset_warnings(cfg, files, paths, **odd)
     dataset_summary(root, items, len(found) - len(paths), left_out)     # or an error if nothing is usable
     return items
 
@@ -1123,12 +1103,13 @@ class LatentDataset:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
+            data = None                         # models load (minutes) after the scan: files may change
+
             @torch.no_grad()
-            def encode_image():
+            def encode_image():                 # of the bytes read below, if the file is not cached yet
                 pixels = load_image(item["path"], item["size"], data)[None].to(pipe.device)
                 versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
                 return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            data = None                         # models load (minutes) after the scan: files may change
             try:
                 data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
                 image = hashlib.sha256(data)        # hashed once: for the key and the contents
@@ -1138,9 +1119,7 @@ class LatentDataset:
                 self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
                                                str(item["path"]), layout))
             except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
-                with contextlib.suppress(OSError):      # the memo vouched for it: the next scan decodes anew
-                    (cache / SCAN_MEMO).unlink()
-                raise image_gone_error(item["path"], e, own=data is not None) from None
+                raise image_gone(item["path"], e, own=data is not None, cache=cache) from None
             contents.append(_digest(item["caption"], after=image))
             self.text_files.append(text_file(item["caption"]))
             self.sizes.append(item["size"])
@@ -1192,7 +1171,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg = validate(cfg)          # a Config made in Python too: checked and read as a file's
-        self.out, (tc, s, lc) = Path(cfg.output_dir), (cfg.train, cfg.sample, cfg.lora)
+        self.out = Path(cfg.output_dir)
+        tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
         items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
@@ -1279,14 +1259,14 @@ class Trainer:
 def train(cfg: Config, resume: bool = False) -> Path:
     """The training loop. Returns the path of the final LoRA."""
     tr = start_trainer(cfg, resume)
-    tc, bins = tr.cfg.train, torch.zeros(2, tr.cfg.train.loss_bins)   # bins: loss sums, counts per sigma bin
+    tc = tr.cfg.train
+    bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
     stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
     old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
-        made = len(list(tr.out.glob(f"samples_step_{tr.step:06d}/*.png")))  # a killed run may have made some
-        if tr.step == 0 or tr.every_or_last(tr.cfg.sample.sample_every) and made < len(tr.cfg.sample.prompts):
+        if tr.step == 0 or previews_unfinished(tr):
             save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
         if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
@@ -2428,6 +2408,42 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
 #                         Config Files and Resume Rules                         #
 #################################################################################
 
+# Part 1's checks of what its callers pass, kept out of its story
+def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower the width and height"):
+    """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
+    most = model.cfg.pos_embed_max_size * model.patch_px
+    if height > most or width > most:
+        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
+                        f"{fix}")
+
+
+def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
+    if latents.shape[-2] % patch or latents.shape[-1] % patch:
+        raise UserError(f"latents of {latents.shape[-1]}x{latents.shape[-2]} (width x height): both must be "
+                        f"multiples of the patch size {patch} (of images: {patch_px} px)")
+
+
+def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
+    if isinstance(layer, LoRALinear):
+        raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
+                        f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
+    return layer
+
+
+def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
+    """image_gone_error, once the scan memo that vouched for the image is gone: the next scan decodes anew."""
+    with contextlib.suppress(OSError):
+        (cache / SCAN_MEMO).unlink()
+    return image_gone_error(path, e, own)
+
+
+def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
+    if not names:
+        raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
+                        f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
+    return names
+
+
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")    # bytes that were not UTF-8, or YAML's "\ud800": no text
 WINDOWS_PATHS = "in YAML's double quotes a backslash starts an escape (\\t, \\n): use 'single quotes' or /"
@@ -2534,8 +2550,8 @@ MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 by
 RANGES = {**dict.fromkeys(("lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
                            "train.save_every", "sample.width", "sample.height"), (1, math.inf)),
           **dict.fromkeys(("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "lora.dropout",
-                           "sample.sample_every", "sample.guidance_scale", "sample.shift", "train.logit_std"),
-                          (0, math.inf)),
+                           "sample.sample_every", "sample.guidance_scale", "sample.shift", "train.logit_std",
+                           "train.keep_last"), (0, math.inf)),
           "t5_length": (1, T5_MAX_LENGTH), "dataset.caption_dropout": (0, 1), "train.seed": (0, 2**64 - 1),
           "sample.seed": (0, 2**64 - 1), "sample.sample_steps": (0, MAX_STEPS),
           "train.loss_bins": (1, 1000), "train.dist_timeout": (1, 10**9)}     # more: TBs of bins, an overflow
@@ -2950,7 +2966,8 @@ RESUME_WARN = ("text_encoders vae dataset.path dataset.resolution dataset.defaul
                    "lr lr_schedule warmup_steps weight_decay max_grad_norm seed batch_size grad_accum "
                    "timestep_sampling logit_mean logit_std mode_scale weighting compile").split()]
 RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps train.save_every "
-                    "train.gradient_checkpointing train.loss_bins train.dist_timeout sample.".split())
+                    "train.keep_last train.gradient_checkpointing train.loss_bins train.dist_timeout "
+                    "sample.".split())
 
 
 def drop_log_lines_after(log: Path, step: int):
@@ -3233,10 +3250,11 @@ def image_size(path: Path, decoded: dict) -> tuple[int, int]:
 def write_scan_memo(cache_dir: str, decoded: dict):
     """Adds `decoded` to the memo, if it holds news and cache_dir exists (a training run made it). Process 0
     writes (torchrun's others scan the same files); a failed write only costs decoding again."""
-    memo = read_scan_memo(cache_dir)                # another run's scan may have added other images
-    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir() and {**memo, **decoded} != memo:
-        with contextlib.suppress(UserError, OSError):
-            _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
+    if rank_and_world()[0] == 0 and Path(cache_dir).is_dir():
+        memo = read_scan_memo(cache_dir)            # another run's scan may have added other images
+        if {**memo, **decoded} != memo:
+            with contextlib.suppress(UserError, OSError):
+                _atomic_save(json.dumps({**memo, **decoded}), Path(cache_dir) / SCAN_MEMO)
 
 
 def from_16_bit(im, path: Path):
@@ -3252,6 +3270,28 @@ def from_16_bit(im, path: Path):
     grey, key = im.point(lambda v: v / 257).convert("L"), im.info.get("transparency")
     alpha = None if key is None else Image.fromarray(np.asarray(im) != key).convert("L")    # 0: the key
     return grey if alpha is None else Image.merge("LA", (grey, alpha))
+
+
+def as_rgb(im, path: Path):
+    """A decoded image upright (its EXIF rotation), 16-bit grey as 8-bit, transparent pixels (they store any
+    colour: black, an erased background) shown on white as viewers do -> RGB."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
+    im = from_16_bit(im, path) if im.mode[0] in "IF" else im    # PNG's 16-bit grey; 32-bit refused
+    alpha = "A" in im.getbands() or "transparency" in im.info          # RGBA, LA, palette, colour key
+    if alpha and (rgba := im.convert("RGBA")).getextrema()[3][1]:  # all alpha 0: an unused alpha (BMP)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba)
+    return im.convert("RGB")
+
+
+def note_odd_image(odd: dict, path: Path, caption: str | None, caption_file: Path, size: tuple[int, int],
+                   bucket: tuple[int, int]):
+    """Adds to `odd` (dataset_warnings' lists) what scan_dataset found odd in one image and its caption."""
+    width, height = size
+    odd["uncaptioned"] += [path.name] * (caption is None)
+    odd["empty"] += [caption_file.name] * (caption == "")      # meant (unconditional), or a tagger's miss?
+    odd["small"] += [f"{path.name} ({width}x{height})"] * (max(bucket[0] / width, bucket[1] / height) > 2)
+    odd["cropped"] += [path.name] * (not 0.5 <= bucket[0] * height / bucket[1] / width <= 2)   # 1:10 strips
 
 
 #################################################################################
@@ -3289,15 +3329,15 @@ HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F
 
 
 def cached(path: Path, compute, source: str = "", layout: dict | None = None) -> Path:
-    """`path`, after checking that it reads, is finite (files of versions that did not refuse NaN, or damaged
-    on disk) and holds `layout`'s tensors, {name: (shape, dtype)} (an edited one, or another tool's, is stale:
-    not a KeyError hours into training); else computed from `compute()` and written atomically. A file marked
-    CHECKED_FINITE is checked by its header: reading all of a 20,000-image cache took minutes each start."""
+    """`path` if it reads, is finite (an older version's, or damaged on disk) and holds `layout`'s tensors,
+    {name: (shape, dtype)} (an edited file is stale: not a KeyError hours into training); else `compute()`,
+    written atomically. A file marked CHECKED_FINITE is read by its header (a 20,000-image cache: minutes)."""
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:                 # reads the header only
                 marked = (f.metadata() or {}).items() >= CHECKED_FINITE.items()
-                found = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                found = {k: (list(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
             wanted = {k: (list(size), HEADER_DTYPES.get(dt)) for k, (size, dt) in (layout or {}).items()}
             other = layout is not None and found != wanted
             tensors = {} if marked or other else load_file(str(path))      # an older version's: read whole
@@ -3362,9 +3402,8 @@ def _atomic_save(data, path: str | Path, metadata=None):
         denied = isinstance(e, PermissionError)   # replacing, on Windows: a file open in another program
         misplaced = isinstance(e, (FileExistsError, NotADirectoryError))    # mkdir met a file on the path
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
-        not_found = sys.platform == "win32" and isinstance(e, FileNotFoundError)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
-        too_long = not_found and written >= 260
+        too_long = sys.platform == "win32" and isinstance(e, FileNotFoundError) and written >= 260
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, SafetensorError)
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
@@ -3448,9 +3487,8 @@ def remove_if_unused(out: Path, made: list[Path]):
 
 
 def remove_killed_writes(folder: Path):
-    """Hidden temporary files of writes a kill -9 or a power cut ended, as large as what they held (a LoRA,
-    the training state), in `folder` and its subfolders (previews, cache parts), if over an hour old: a
-    younger one may be a write at work (sample.py's, another run's cache)."""
+    """The hidden temporary files (each as large as a LoRA) of writes a kill -9 or a power cut ended, in
+    `folder` and its subfolders, if over an hour old: a younger one may be sample.py's or another run's."""
     named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
     for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
@@ -3459,9 +3497,8 @@ def remove_killed_writes(folder: Path):
 
 
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
-    """Bad resumes, paths and outputs, refused before the dataset scan and gigabytes of loading (torchrun:
-    only process 0 checks output_dir); sets trainer.lock and .made (the folders it makes). -> a resume's
-    trajectory changes and state header."""
+    """Bad resumes, paths and outputs, refused before the dataset scan and loading (torchrun: process 0 checks
+    output_dir); sets trainer.lock and .made (the folders it makes). -> prepare_resume's result."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
     if not cfg.model:
@@ -3522,6 +3559,20 @@ def save_checkpoint(trainer: Trainer):
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+    if c.train.keep_last:                               # 0: all kept
+        remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+
+
+def remove_old_checkpoints(out: Path, step: int, keep: int):
+    """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
+    writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
+    written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    for old in sorted(s for s in steps if s <= step)[:-keep]:
+        try:
+            steps[old].unlink()
+        except OSError as e:                # e.g. a viewer holding it open (Windows): the run goes on
+            tqdm.write(f"warning: old checkpoint kept ({e}); a later save deletes it", file=sys.stderr)
 
 
 def save_previews(trainer: Trainer):
@@ -3560,16 +3611,15 @@ def save_previews(trainer: Trainer):
 
 def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):
     """Preview and bucket sizes past the loaded model's position table; LoRA targets it does not have."""
-    mmdit.check_image_fits(cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
+    check_image_fits(mmdit, cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
     w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
-    mmdit.check_image_fits(h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
+    check_image_fits(mmdit, h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
     lora_targets(mmdit, cfg.lora.rank, cfg.lora.targets, cfg.lora.blocks)
 
 
 def start_trainer(cfg: Config, resume: bool) -> Trainer:
     """Trainer(cfg, resume), train()'s only run on its output_dir in this process (a notebook's or web UI's
-    threads); if that fails (no images, a bad model, Ctrl-C while caching), what it took so far is let go as
-    end_training lets go of a failed run's."""
+    threads); failing (no images, a bad model, Ctrl-C while caching), end_training lets go of what it took."""
     trainer = Trainer.__new__(Trainer)
     trainer.claim = os.path.realpath(validate(cfg).output_dir)     # kept: a chdir would move a relative one
     if RUNS_HERE.setdefault(trainer.claim, trainer) is not trainer:    # atomic: one thread wins
@@ -3587,10 +3637,9 @@ def start_trainer(cfg: Config, resume: bool) -> Trainer:
 
 
 def end_training(trainer: Trainer, old_handlers: dict):
-    """train()'s last act: the signal handlers put back, the output_dir lock and the memory of its own models
-    let go. A notebook keeps an error's traceback, and with it the Trainer, until its next error; a finished
-    run's Trainer waits for the garbage collector (its optimizer's hooks refer back to it). The next run
-    (after a fix, e.g. a smaller batch) needs output_dir and the GPU memory."""
+    """train()'s last act: the signal handlers put back; the output_dir lock and the models' memory let go for
+    the next run (after a fix, e.g. a smaller batch), though the Trainer lives on: in a notebook's traceback
+    of the error, or until the garbage collector runs (its optimizer's hooks refer back to it)."""
     restore_signals(old_handlers)
     if getattr(trainer, "bar", None):   # also a failed run's: a notebook keeps it in the traceback, and tqdm
         trainer.bar.close()             # redraws an open bar with each line the next run prints
@@ -3757,6 +3806,12 @@ def plot_losses(log_path: Path, png_path: Path):
     _atomic_save(im, png_path)
 
 
+def previews_unfinished(trainer) -> bool:
+    """Whether this step (a run resumed) is a sample step whose previews a killed run left unfinished."""
+    made = len(list(trainer.out.glob(f"samples_step_{trainer.step:06d}/*.png")))
+    return trainer.every_or_last(trainer.cfg.sample.sample_every) and made < len(trainer.cfg.sample.prompts)
+
+
 #################################################################################
 #                          Several Processes (torchrun)                         #
 #################################################################################
@@ -3830,9 +3885,8 @@ def collective(call, *args, **kwargs):
                "previews and checkpoints: raise it if those take longer); run again, with --resume once a "
                "checkpoint was saved")
         if lost and call is dist.init_process_group:    # e.g. WORLD_SIZE=2 exported, and one process run
-            why = ("the other processes never joined within train.dist_timeout: start them all (e.g. with "
-                   "torchrun or srun; one that failed says why), or unset WORLD_SIZE to train in a single "
-                   "process")
+            why = ("the other processes never joined within train.dist_timeout: start them all (torchrun, "
+                   "srun; one that failed says why), or unset WORLD_SIZE to train in one process")
         raise UserError(f"lost contact with the others ({said}): {why}", own=True) from None
 
 
@@ -3929,9 +3983,8 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
-    """Install `handler` for `signals` -> {signal: the handler it replaced}, to put back. Python lets only the
-    main thread set them: called in another (a web UI's or a notebook's worker thread), none is set (else a
-    ValueError ends train() after its loading and caching), and a Ctrl-C or SIGTERM stays that program's."""
+    """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
+    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -3995,12 +4048,10 @@ def main(argv=None):
         if args.tiny and (cfg.dataset.path == TINY_DATA or not Path(cfg.dataset.path).exists()):
             write_demo_dataset(Path(cfg.dataset.path))
         print(f"done: {train(cfg, args.resume)}")
-    except UserError as e:      # torchrun: by each machine's first process (its log), or the one it is own to
-        tag = f"process {rank}: " * (e.own and under_torchrun())    # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or e.own else 1)  # a dataset missing on one machine
-    except torch.OutOfMemoryError as e:     # train() words it: where, what it saved, what lowers the need
-        tag = f"process {rank}: " * under_torchrun()
-        sys.exit(f"error: {tag}{e}")
+    except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
+        own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
+        tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
