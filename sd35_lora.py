@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3045  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3297  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3815  Several Processes (torchrun)     one all-reduce per step
-     3903  Command Line and the Tiny Model  main(), --tiny
+     3038  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3293  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3811  Several Processes (torchrun)     one all-reduce per step
+     3899  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2430,13 +2430,6 @@ def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
     return layer
 
 
-def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
-    """image_gone_error, once the scan memo that vouched for the image is gone: the next scan decodes anew."""
-    with contextlib.suppress(OSError):
-        (cache / SCAN_MEMO).unlink()
-    return image_gone_error(path, e, own)
-
-
 def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
@@ -3190,8 +3183,11 @@ class TooLarge(ValueError):
     """An image over MAX_PIXELS that cannot be read smaller: not decoded."""
 
 
-def image_gone_error(path: Path, e: OSError | TooLarge, own: bool) -> UserError:
-    """An image the dataset scan read that cannot be read when its latents are cached (edited or removed)."""
+def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
+    """The error for an image the scan read that cannot be read when its latents are cached (edited or
+    removed); the scan memo that vouched for it is deleted, so that the next scan decodes anew."""
+    with contextlib.suppress(OSError):
+        (cache / SCAN_MEMO).unlink()
     why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
     return UserError(f"image {path} cannot be read ({why}), though the dataset scan read it: restore it, or "
                      f"run again to scan anew", own=own)
