@@ -2775,8 +2775,8 @@ def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
     """`alpha` if a LoRA trained with it works (the config's lora.alpha, add_lora's), else a UserError."""
     most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
     if not (alpha and abs(alpha) <= most):              # (kohya reads 0 as alpha = rank)
-        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 trains nothing, and load_lora "
-                        f"refuses over {most:g} either way; use e.g. {prefix}alpha = {prefix}rank ({rank})")
+        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 trains nothing, load_lora refuses "
+                        f"more than {most:g} either way; use e.g. {prefix}alpha = {prefix}rank ({rank})")
     return alpha
 
 
