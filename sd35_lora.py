@@ -18,21 +18,21 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
       512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      645  VAE                              16-channel autoencoder, the latent scale and shift
-      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1028  Data                             dataset scan, aspect buckets, the latent and text cache
-     1154  Training                         Trainer and the training loop
-     1305  Part 2: plumbing                 a reader can stop here
-     1328  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1866  Hub Downloads                    snapshot downloads, tokenizers
-     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3063  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3320  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3838  Several Processes (torchrun)     one all-reduce per step
-     3926  Command Line and the Tiny Model  main(), --tiny
+      647  VAE                              16-channel autoencoder, the latent scale and shift
+      797  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1030  Data                             dataset scan, aspect buckets, the latent and text cache
+     1156  Training                         Trainer and the training loop
+     1307  Part 2: plumbing                 a reader can stop here
+     1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1868  Hub Downloads                    snapshot downloads, tokenizers
+     1929  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2275  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3066  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3323  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3841  Several Processes (torchrun)     one all-reduce per step
+     3929  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -613,7 +613,8 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
              and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
-    return check_targets_found(names, targets, blocks)
+    check_targets_found(names, targets, blocks)
+    return names
 
 
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
@@ -626,7 +627,8 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
-        base = check_no_lora_yet(model.get_submodule(name), name)
+        base = model.get_submodule(name)
+        check_no_lora_yet(base, name)
         layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
         _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
@@ -2418,16 +2420,17 @@ def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower th
 
 
 def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
+    """MMDiT.forward's latents: sides the patch conv divides without dropping a last row or column."""
     if latents.shape[-2] % patch or latents.shape[-1] % patch:
         raise UserError(f"latents of {latents.shape[-1]}x{latents.shape[-2]} (width x height): both must be "
                         f"multiples of the patch size {patch} (of images: {patch_px} px)")
 
 
-def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
+def check_no_lora_yet(layer: nn.Linear, name: str):
+    """add_lora's layer: one LoRA per layer."""
     if isinstance(layer, LoRALinear):
         raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
                         f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
-    return layer
 
 
 def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
@@ -2437,11 +2440,11 @@ def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> Use
     return image_gone_error(path, e, own)
 
 
-def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
+def check_targets_found(names: list[str], targets: str, blocks: str):
+    """lora_targets' result: at least one layer."""
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
                         f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
 
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")
