@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1175  Training                         Trainer and the training loop
      1325  Part 2: plumbing                 a reader can stop here
      1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1881  Hub Downloads                    snapshot downloads, tokenizers
-     1941  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2282  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2415  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3034  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3268  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3771  Several Processes (torchrun)     one all-reduce per step
-     3860  Command Line and the Tiny Model  main(), --tiny
+     1879  Hub Downloads                    snapshot downloads, tokenizers
+     1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2280  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3032  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3266  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3769  Several Processes (torchrun)     one all-reduce per step
+     3858  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1506,8 +1506,7 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards; else those of
-    the fp16 variant (a folder saved with variant="fp16" has only them); neither: a UserError."""
+    """`stem.safetensors` or its shard index and shards, else the fp16 variant's (a variant="fp16" save)."""
     for variant in ("", ".fp16"):
         if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder or dead link: named when read
             return [folder / f"{stem}{variant}.safetensors"]
@@ -1563,8 +1562,7 @@ def _block_count(sd: dict, prefix: str) -> int:
 
 
 def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
-    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast. Loaded models are
-    frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
+    """Build on meta, adopt the tensors cast to `dtype`, move; frozen: training adds its own LoRA layers."""
     with torch.device("meta"):
         model = module_cls(cfg)
     for name, tensor in sd.items():         # cast in place, one tensor at a time: never two copies in RAM
