@@ -1468,7 +1468,7 @@ def file_path(path, what: str) -> Path:
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
-    """A .safetensors file's tensors named `prefix`* (stripped; None: none) via `convert`, [and metadata]."""
+    """Its tensors named `prefix`* (stripped; only those read; None: none) via `convert`, [and metadata]."""
     path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1943,7 +1943,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
     """The MMDiT out of torch.compile's wrapper (it names layers "_orig_mod.*"), DataParallel or DDP
     (accelerate.prepare's; DDP syncs only the parameters it was given: no layers are added in it)."""
-    if isinstance(model, Pipeline):
+    if isinstance(model, Pipeline):                 # as diffusers' LoRA calls do
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
     model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
     if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -2039,7 +2039,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     for key, tensor in sd.items():
         # LyCORIS' hada, lokr; lora biases (diffusers adds them: without them, another LoRA)
         if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|\.lora_(B|up)\.bias$", key):
-            raise UserError(f"{path}: {key} (DoRA, LoHa, LoKr or PEFT lora_bias=True) is not supported: "
+            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr or PEFT lora_bias=True) is not supported: "
                             f"use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
