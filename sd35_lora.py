@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1348  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1879  Hub Downloads                    snapshot downloads, tokenizers
      1939  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2280  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2413  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3032  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3266  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3769  Several Processes (torchrun)     one all-reduce per step
-     3858  Command Line and the Tiny Model  main(), --tiny
+     2276  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2409  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3262  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3765  Several Processes (torchrun)     one all-reduce per step
+     3854  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2011,6 +2011,8 @@ TEXT_LORA_NAMES = {"text_encoder": ("text_encoder.", "lora_te1_", "text_encoders
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
+# keeping either of a layer's two adapters would give other images than the tool that wrote the file
+TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2059,7 +2061,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
-            _two_adapters(path, spellings[module][0], key)
+            raise UserError(TWO_ADAPTERS.format(path, spellings[module][0], key))
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
@@ -2137,7 +2139,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
         up = swap_modulation(up, official, depth) if diffusers else up
         slots = pieces.setdefault(official, [None] * n_parts)
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
-            _two_adapters(path, official, module)
+            raise UserError(TWO_ADAPTERS.format(path, official, module))
         slots[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path, targets)
 
@@ -2156,12 +2158,6 @@ def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int,
             spelled = name.replace(".", "_") if prefix.endswith("_") else name       # kohya's, or as named
             spellings[prefix + spelled] = (official, 0, 1, False)
     return spellings
-
-
-def _two_adapters(path, official: str, key: str):
-    """Keeping either of a layer's two adapters would give other images than the tool that wrote the file."""
-    raise UserError(f"{path} has two adapters for '{official}' (again as '{key}'): a file of two layouts? "
-                    f"keep one of them")
 
 
 def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
