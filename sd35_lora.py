@@ -15,15 +15,15 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        79  Presets and Configuration        per-variant sampling presets, the training config
-      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      647  VAE                              16-channel autoencoder, the latent scale and shift
-      797  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      837  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1030  Data                             dataset scan, aspect buckets, the latent and text cache
-     1156  Training                         Trainer and the training loop
-     1307  Part 2: plumbing                 a reader can stop here
+      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      269  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      663  VAE                              16-channel autoencoder, the latent scale and shift
+      813  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1046  Data                             dataset scan, aspect buckets, the latent and text cache
+     1172  Training                         Trainer and the training loop
+     1323  Part 2: plumbing                 a reader can stop here
      1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1861  Hub Downloads                    snapshot downloads, tokenizers
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
@@ -109,6 +109,22 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULES = ("constant", "cosine")
 LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
+
+
+def check_choice(name: str, value, options):
+    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
+    if value not in tuple(options):             # a tuple: a dict's `in` hashes, and a list is unhashable
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 @dataclass
@@ -1309,22 +1325,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
 #      The method ends above: a reader can stop here. Below: checkpoint and     #
 #     LoRA file formats, downloads, fp8, config files, torchrun glue, the CLI.  #
 #################################################################################
-
-
-class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
-    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
-    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
-
-    def __init__(self, message: str, own: bool = False):
-        super().__init__(message)
-        self.own = own
-
-
-def check_choice(name: str, value, options):
-    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in tuple(options):             # a tuple: a dict's `in` hashes, and a list is unhashable
-        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 #################################################################################
