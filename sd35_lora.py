@@ -15,24 +15,24 @@ Data flow:
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
        79  Presets and Configuration        per-variant sampling presets, the training config
-      190  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      253  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      512  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      645  VAE                              16-channel autoencoder, the latent scale and shift
-      795  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      835  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1028  Data                             dataset scan, aspect buckets, the latent and text cache
-     1154  Training                         Trainer and the training loop
-     1305  Part 2: plumbing                 a reader can stop here
-     1328  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1866  Hub Downloads                    snapshot downloads, tokenizers
-     1927  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2273  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2407  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3038  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3293  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3811  Several Processes (torchrun)     one all-reduce per step
-     3899  Command Line and the Tiny Model  main(), --tiny
+      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      269  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      663  VAE                              16-channel autoencoder, the latent scale and shift
+      813  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1046  Data                             dataset scan, aspect buckets, the latent and text cache
+     1172  Training                         Trainer and the training loop
+     1323  Part 2: plumbing                 a reader can stop here
+     1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1861  Hub Downloads                    snapshot downloads, tokenizers
+     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3023  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3796  Several Processes (torchrun)     one all-reduce per step
+     3884  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -109,6 +109,22 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULES = ("constant", "cosine")
 LORA_FORMATS = ("diffusers", "kohya")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
+    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
+    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
+
+    def __init__(self, message: str, own: bool = False):
+        super().__init__(message)
+        self.own = own
+
+
+def check_choice(name: str, value, options):
+    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
+    if value not in tuple(options):             # a tuple: a dict's `in` hashes, and a list is unhashable
+        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
 
 
 @dataclass
@@ -613,7 +629,8 @@ def lora_targets(model: MMDiT, rank: int, targets: str, blocks: str) -> list[str
              if isinstance(m, nn.Linear) and not name.endswith(("lora_down", "lora_up"))
              and any(r.search(name) for r in regexes)
              and (not name.startswith("joint_blocks.") or int(name.split(".")[1]) in keep)]
-    return check_targets_found(names, targets, blocks)
+    check_targets_found(names, targets, blocks)
+    return names
 
 
 def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: str = "attn",
@@ -626,7 +643,8 @@ def add_lora(model: MMDiT, rank: int = 16, alpha: float | None = None, targets: 
         p.requires_grad_(p.requires_grad and name.endswith((".lora_down.weight", ".lora_up.weight")))
     params = []
     for name in lora_targets(model, rank, targets, blocks):
-        base = check_no_lora_yet(model.get_submodule(name), name)
+        base = model.get_submodule(name)
+        check_no_lora_yet(base, name)
         layer = LoRALinear(base, rank, rank if alpha is None else alpha, dropout).train(base.training)
         _replace(model, name, layer)                # in the model's mode: no dropout in an eval() model
         params += [layer.lora_down.weight, layer.lora_up.weight]
@@ -1309,22 +1327,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
 #################################################################################
 
 
-class UserError(ValueError):
-    """Bad input from the user: printed as one line by the command-line entry points, no traceback. Under
-    torchrun each machine's first process prints those all its processes meet (config, paths, data); `own`:
-    one of this process alone (its GPU, its share of the cache, its link to the others), which it prints."""
-
-    def __init__(self, message: str, own: bool = False):
-        super().__init__(message)
-        self.own = own
-
-
-def check_choice(name: str, value, options):
-    """A value outside its option list is a one-line error: a typo must never run another algorithm."""
-    if value not in tuple(options):             # a tuple: a dict's `in` hashes, and a list is unhashable
-        raise UserError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
-
-
 #################################################################################
 #                         Checkpoint Formats and Loading                        #
 #################################################################################
@@ -1448,8 +1450,7 @@ def file_path(path, what: str) -> Path:
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
-    """The tensors of a .safetensors file whose names start with `prefix` (stripped; no others are read; None:
-    none), each through `convert(name, tensor)`, and its metadata; or a UserError saying what is wrong."""
+    """Its tensors named `prefix`* (stripped; only those read; None: none) via `convert`, [and metadata]."""
     path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1487,8 +1488,7 @@ def read_weights_dir(folder: Path, stem: str, convert=None) -> dict:
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The files read_weights_dir reads: `stem.safetensors`, or the shard index and its shards; else those of
-    the fp16 variant (a folder saved with variant="fp16" has only them); neither: a UserError."""
+    """`stem.safetensors` or its shard index and shards, else the fp16 variant's (a variant="fp16" save)."""
     for variant in ("", ".fp16"):
         if os.path.lexists(folder / f"{stem}{variant}.safetensors"):  # a folder or dead link: named when read
             return [folder / f"{stem}{variant}.safetensors"]
@@ -1527,8 +1527,7 @@ def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
 
 
 def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None) -> tuple[dict, dict]:
-    """(weights, checked config.json) of a diffusers root's `part`/ or that folder itself; or the tensors of
-    an official single file under `prefix` (stripped; all if none has it), and {}. Tensors pass `convert`."""
+    """(weights, checked config.json) of a diffusers root's `part`/ or that folder; a file: (tensors, {})."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
         return sd or read_safetensors(path, convert=convert), {}
@@ -1545,8 +1544,7 @@ def _block_count(sd: dict, prefix: str) -> int:
 
 
 def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
-    """Instantiate without allocating (meta), adopt the loaded tensors, then move and cast. Loaded models are
-    frozen: training adds its own trainable LoRA parameters, and nothing else should build autograd graphs."""
+    """Build on meta, adopt the tensors cast to `dtype`, move; frozen: training adds its own LoRA layers."""
     with torch.device("meta"):
         model = module_cls(cfg)
     for name, tensor in sd.items():         # cast in place, one tensor at a time: never two copies in RAM
@@ -1631,8 +1629,7 @@ PASS_TEXT_ENCODERS = ("pass --text-encoders DIR (config: text_encoders): clip_l,
 
 
 def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dtype) -> nn.Module:
-    """A transformers CLIP/T5, meta-built, adopting the tensors (fp8 upcast) one at a time; single files get a
-    config from their shapes, otherwise as the published CLIP-L/G and T5-XXL."""
+    """A transformers CLIP/T5 built on meta, adopting the tensors; a single file's config from its shapes."""
     import transformers
     other_half = ("vision_model.", "visual_projection.", "decoder.", "lm_head.")   # whole CLIP/T5 files: as
     sd = {k: v for k, v in sd.items()                                           # ComfyUI, the text part only
@@ -1689,8 +1686,7 @@ def _file_id(path: Path) -> str:
 
 
 def _from_pretrained_error(folder: Path, error: Exception, problem: str, fix: str) -> UserError:
-    """What transformers' from_pretrained raised, said as what it is: its refusal (trust_remote_code=False) of
-    an auto_map's code, else `problem` with the error's text and `fix`."""
+    """A from_pretrained error as a UserError: its refusal of an auto_map's code, or `problem` and `fix`."""
     if "trust_remote_code" in str(error):
         return UserError(f"{folder} holds custom code (an auto_map in a text encoder or tokenizer config), "
                          f"which is never run: use a folder of the standard SD3.5 text encoders")
@@ -1805,8 +1801,7 @@ def too_large_for(device: torch.device, *modules: nn.Module) -> int:
 
 
 def _header_groups(path: Path) -> set[str]:
-    """First parts of the tensor names in a .safetensors header, past `model.diffusion_model.` (no tensor is
-    read): {"joint_blocks", "text_encoders", ...}; empty for any other file."""
+    """First parts of a .safetensors header's names past `model.diffusion_model.`; empty for other files."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k.removeprefix("model.diffusion_model.").split(".")[0] for k in f.keys()}
@@ -1899,8 +1894,7 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 
 
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
-    """A local path as is; a hub repo id: its diffusers-layout `parts`, downloaded (safetensors only), or
-    None without `download`; else (not found, a failed download) a UserError."""
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only), or None without `download`."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
@@ -1929,10 +1923,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 #################################################################################
 
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
-    """The MMDiT the LoRA calls and quantize_mmdit work on, out of torch.compile's wrapper (it names layers
-    "_orig_mod.*"), DataParallel's or DDP's (accelerate.prepare's; DDP syncs only the parameters it was given:
-    no layers are added in it); a Pipeline refused (diffusers' take the pipeline), saying what to pass."""
-    if isinstance(model, Pipeline):
+    """The MMDiT out of torch.compile's wrapper (it names layers "_orig_mod.*"), DataParallel or DDP
+    (accelerate.prepare's; DDP syncs only the parameters it was given: no layers are added in it)."""
+    if isinstance(model, Pipeline):                 # as diffusers' LoRA calls do
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
     model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
     if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -2000,6 +1993,8 @@ TEXT_LORA_NAMES = {"text_encoder": ("text_encoder.", "lora_te1_", "text_encoders
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
+# keeping either of a layer's two adapters would give other images than the tool that wrote the file
+TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2026,16 +2021,14 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
-        if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w", key):       # LyCORIS: hada, lokr
-            raise UserError(f"{path} is a DoRA, LoHa or LoKr ({key}); only plain LoRA files are supported")
-        if re.search(r"\.lora_(B|up)\.bias$", key):      # diffusers adds them: without them, another LoRA
-            raise UserError(f"{path} has LoRA biases ({key}, PEFT lora_bias=True): not supported; only plain "
-                            f"LoRA files are")
+        # LyCORIS' hada, lokr; lora biases (diffusers adds them: without them, another LoRA)
+        if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|\.lora_(B|up)\.bias$", key):
+            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr or PEFT lora_bias=True) is not supported: "
+                            f"use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
-                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
-                                f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
-                                f"save it as standard, bias_diff off")
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (TrainLoraNode; LoraSave:"
+                                f" bias_diff, full_diff): unsupported; save it as standard, bias_diff off")
             continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
@@ -2050,7 +2043,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         if not torch.isfinite(tensor).all():                # would merge into NaN weights: black images
             raise UserError(f"{path}: tensor '{key}' holds NaN/inf (diverged or damaged): use another file")
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
-            _two_adapters(path, spellings[module][0], key)
+            raise UserError(TWO_ADAPTERS.format(path, spellings[module][0], key))
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
     if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
         what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
@@ -2100,9 +2093,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     groups = _lora_groups(sd, path, spellings)
     if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
-                        f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)}); "
-                        "expected e.g. 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' or "
-                        "'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight'")
+                        f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)})")
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
@@ -2130,7 +2121,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
         up = swap_modulation(up, official, depth) if diffusers else up
         slots = pieces.setdefault(official, [None] * n_parts)
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
-            _two_adapters(path, official, module)
+            raise UserError(TWO_ADAPTERS.format(path, official, module))
         slots[index] = (down, up * (alpha / divisor))
     return _fit_lora(model, pieces, path, targets)
 
@@ -2149,12 +2140,6 @@ def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int,
             spelled = name.replace(".", "_") if prefix.endswith("_") else name       # kohya's, or as named
             spellings[prefix + spelled] = (official, 0, 1, False)
     return spellings
-
-
-def _two_adapters(path, official: str, key: str):
-    """Keeping either of a layer's two adapters would give other images than the tool that wrote the file."""
-    raise UserError(f"{path} has two adapters for '{official}' (again as '{key}'): a file of two layouts? "
-                    f"keep one of them")
 
 
 def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
@@ -2353,8 +2338,7 @@ class Fp8Linear(nn.Linear):
 
 @torch.no_grad()
 def quantize_mmdit(model: MMDiT, scales: dict[str, torch.Tensor] | None = None) -> MMDiT:
-    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales` (by
-    weight name). -> the model; one holding LoRA layers, or with no plain Linear to quantize, is refused."""
+    """Swap the FP8_WEIGHTS Linears for Fp8Linears, one at a time; weights already fp8 come with `scales`."""
     model = unwrap_mmdit(model, "quantize_mmdit", "scales=None")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and re.match(FP8_WEIGHTS, n)]
     if lora_layers(model):          # its adapters would turn fp8 without their scales, its bases stay full
@@ -2418,23 +2402,24 @@ def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower th
 
 
 def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
+    """MMDiT.forward's latents: sides the patch conv divides without dropping a last row or column."""
     if latents.shape[-2] % patch or latents.shape[-1] % patch:
         raise UserError(f"latents of {latents.shape[-1]}x{latents.shape[-2]} (width x height): both must be "
                         f"multiples of the patch size {patch} (of images: {patch_px} px)")
 
 
-def check_no_lora_yet(layer: nn.Linear, name: str) -> nn.Linear:
+def check_no_lora_yet(layer: nn.Linear, name: str):
+    """add_lora's layer: one LoRA per layer."""
     if isinstance(layer, LoRALinear):
         raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
                         f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
-    return layer
 
 
-def check_targets_found(names: list[str], targets: str, blocks: str) -> list[str]:
+def check_targets_found(names: list[str], targets: str, blocks: str):
+    """lora_targets' result: at least one layer."""
     if not names:
         raise UserError(f"lora.targets {targets!r} (blocks {blocks or 'all'}) matches no Linear layer of the "
                         f"MMDiT; use attn, attn_mlp, all or a regex such as 'attn\\.qkv$'")
-    return names
 
 
 PATH_KEYS = ("model", "text_encoders", "vae", "output_dir", "dataset.path", "dataset.cache_dir")

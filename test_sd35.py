@@ -2035,7 +2035,7 @@ def test_a_flux_lora_is_named_as_such_and_a_lora_of_an_unknown_layout_by_its_fir
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "unknown.safetensors"),
                    re.escape("(its first keys are ['te.text_model.encoder.layers.0.mlp.fc1.lora_A.weight', "
                              "'te.text_model.encoder.layers.0.mlp.fc1.lora_B.weight', "
-                             "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight']);"))
+                             "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight'])"))
 
 
 def peft_text_lora(folder: Path, path: Path):
