@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3023  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3796  Several Processes (torchrun)     one all-reduce per step
-     3884  Command Line and the Tiny Model  main(), --tiny
+     3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3795  Several Processes (torchrun)     one all-reduce per step
+     3883  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2397,8 +2397,7 @@ def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower th
     """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
     most = model.cfg.pos_embed_max_size * model.patch_px
     if height > most or width > most:
-        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
-                        f"{fix}")
+        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px a side): {fix}")
 
 
 def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):

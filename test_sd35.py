@@ -2314,11 +2314,11 @@ def test_an_image_too_large_for_the_model_names_the_flag_or_key_to_lower(tmp_pat
     """sample.py --model tiny (at most 512 px) without --width/--height said only that 1024x1024 px was too large;
     training said the same for sample.width/height or dataset.resolution, without naming which to lower."""
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "out")]),
-                   r"^1024x1024 px is too large for this model \(at most 512 px per side\): lower --width and --height$")
+                   r"^1024x1024 px is too large for this model \(at most 512 px a side\): lower --width and --height$")
     make_dataset(tmp_path / "data")
     fixes = {"sample.width": "lower sample.width and sample.height", "dataset.resolution": "lower dataset.resolution"}
     for key, fix in fixes.items():
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* per side\\): {fix}")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* a side\\): {fix}")
 
 
 def standard_components() -> dict:
