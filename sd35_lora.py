@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3305  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3823  Several Processes (torchrun)     one all-reduce per step
-     3911  Command Line and the Tiny Model  main(), --tiny
+     3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3795  Several Processes (torchrun)     one all-reduce per step
+     3883  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2397,8 +2397,7 @@ def check_image_fits(model: MMDiT, height: int, width: int, fix: str = "lower th
     """Sides in pixels, against the position table; too large: a UserError that tells `fix`."""
     most = model.cfg.pos_embed_max_size * model.patch_px
     if height > most or width > most:
-        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px per side): "
-                        f"{fix}")
+        raise UserError(f"{width}x{height} px is too large for this model (at most {most} px a side): {fix}")
 
 
 def check_latent_size(latents: torch.Tensor, patch: int, patch_px: int):
@@ -2413,13 +2412,6 @@ def check_no_lora_yet(layer: nn.Linear, name: str):
     if isinstance(layer, LoRALinear):
         raise UserError(f"{name} already has a LoRA (add_lora's or an unmerged load_lora's): one per "
                         f"layer; target other layers, or load a file merged (load_lora(..., merge=True))")
-
-
-def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
-    """image_gone_error, once the scan memo that vouched for the image is gone: the next scan decodes anew."""
-    with contextlib.suppress(OSError):
-        (cache / SCAN_MEMO).unlink()
-    return image_gone_error(path, e, own)
 
 
 def check_targets_found(names: list[str], targets: str, blocks: str):
@@ -2446,8 +2438,6 @@ def _coerce(value, default, key: str):
         text = "" if value is None else str(value)
         if key not in PATH_KEYS and LONE_SURROGATE.search(text):    # the tokenizers cannot encode it
             raise UserError(f"{name} is not UTF-8 text: {text!r:.60} (write the character itself, in UTF-8)")
-        if key in PATH_KEYS and "\0" in text:                        # os would say only "embedded null byte"
-            raise UserError(f"{name} holds a NUL character, which no path can: remove it from {text!r:.60}")
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
@@ -2519,14 +2509,9 @@ def flat_config(cfg: Config) -> dict:
     return flat
 
 
-CHOICES = {"variant": ("", *PRESETS), "dtype": tuple(DTYPES), "lora.format": LORA_FORMATS,
+CHOICES = {"variant": ("", *PRESETS), "lora.format": LORA_FORMATS, "sample.sampler": ("", *SAMPLERS),
            "train.lr_schedule": LR_SCHEDULES, "train.timestep_sampling": TIMESTEP_SAMPLINGS,
-           "train.weighting": WEIGHTINGS, "sample.sampler": ("", *SAMPLERS)}
-AT_LEAST_ONE = ("t5_length", "lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
-                "train.save_every", "train.loss_bins", "train.dist_timeout", "sample.width", "sample.height")
-NOT_NEGATIVE = ("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "sample.sample_every",
-                "sample.sample_steps", "sample.guidance_scale", "sample.shift", "lora.dropout",
-                "dataset.caption_dropout", "train.logit_std", "train.keep_last")
+           "train.weighting": WEIGHTINGS, "dtype": ("fp32", "bf16")}          # fp16 needs loss scaling
 
 
 def check_size(width: int, height: int, name: str = "width and height"):
@@ -2538,6 +2523,15 @@ def check_size(width: int, height: int, name: str = "width and height"):
 SHIFT_RANGE = (1e-3, 1e3)      # wide margins: at 2^-25 or less, fp32's 1 + (shift - 1) sigma is 0 at sigma 1
 MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1] (1.0's bits): more repeat one
 MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
+# the config's numbers, lowest and highest allowed; validate checks those with other rules (lr > 0, ...)
+RANGES = {**dict.fromkeys(("lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
+                           "train.save_every", "sample.width", "sample.height"), (1, math.inf)),
+          **dict.fromkeys(("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "lora.dropout",
+                           "sample.sample_every", "sample.guidance_scale", "sample.shift", "train.logit_std",
+                           "train.keep_last"), (0, math.inf)),
+          "t5_length": (1, T5_MAX_LENGTH), "dataset.caption_dropout": (0, 1), "train.seed": (0, 2**64 - 1),
+          "sample.seed": (0, 2**64 - 1), "sample.sample_steps": (0, MAX_STEPS),
+          "train.loss_bins": (1, 1000), "train.dist_timeout": (1, 10**9)}     # more: TBs of bins, an overflow
 
 
 def check_skip_layer_guidance(s: SampleSettings, variant: str, depth: int | None, layers_given: bool):
@@ -2584,8 +2578,7 @@ def counted(n: int, one: str, many: str = "") -> str:
 
 
 def warn_cut(text: TextEncoders, texts: list[str], what: str):
-    """One warning for the texts longer than CLIP's 77 tokens or T5's t5_length, which TextEncoders.encode
-    cuts without a word (as transformers does; diffusers warns), with the words that one of them loses."""
+    """One warning for texts past CLIP's 77 tokens or T5's t5_length, which encode cuts (diffusers warns)."""
     limits = [("CLIP", text.tok_l, text.tok_l.model_max_length)]
     limits += [("T5", text.tok_t5, text.t5_length)] if text.t5 is not None else []
     cut = {}
@@ -2616,9 +2609,8 @@ def warn_prompts(text: TextEncoders, prompts: list[str], negative: str, cfg: flo
 
 
 def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddings, cfg: float):
-    """generate()'s text: texts, one negative prompt for all (the tokenizers read a list as a text pair); a
-    Pipeline without text encoders (train() drops its own; a notebook may too, to free memory) needs
-    `embeddings`, those of as many prompts, with the uncond half where CFG runs."""
+    """generate()'s texts, one negative prompt for all (the tokenizers read a list as a text pair); without
+    text encoders (train() drops its own) `embeddings` for as many prompts, uncond too where CFG runs."""
     if isinstance(negative, SampleSettings):            # generate(pipe, prompts, SampleSettings(...))
         raise UserError("generate's third argument is the negative prompt: pass the settings by name, "
                         "settings=SampleSettings(...)")
@@ -2639,8 +2631,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
                         "TextEncoders.encode; uncond None without CFG")
     if len(context) != len(prompts):
-        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode those "
-                        f"prompts")
+        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode these")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
@@ -2724,8 +2715,7 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
     if batch_size < 1:                                  # range() would say "arg 3 must not be zero"
         raise UserError(f"batch_size must be 1 or more, not {batch_size}")
     if keep and not callable(keep):                     # keep=True: a TypeError after the first batch's work
-        raise UserError(f"keep takes a function of each batch's images (e.g. a_list.extend), not "
-                        f"{keep!r:.60}")
+        raise UserError(f"keep takes a function of each batch's images, e.g. a_list.extend, not {keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
 
 
@@ -2769,9 +2759,8 @@ def check_alpha(alpha: float, rank: int, prefix: str = "") -> float:
     """`alpha` if a LoRA trained with it works (the config's lora.alpha, add_lora's), else a UserError."""
     most = LORA_METADATA["alpha"][2]                    # the alpha load_lora takes from the files a run saves
     if not (alpha and abs(alpha) <= most):              # (kohya reads 0 as alpha = rank)
-        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 scales the LoRA by 0 (it would "
-                        f"train nothing), more than {most:g} either way saves LoRA files load_lora "
-                        f"refuses; use e.g. {prefix}alpha = {prefix}rank ({rank})")
+        raise UserError(f"{prefix}alpha {alpha:g} is outside what works: 0 trains nothing, load_lora refuses "
+                        f"more than {most:g} either way; use e.g. {prefix}alpha = {prefix}rank ({rank})")
     return alpha
 
 
@@ -2785,35 +2774,24 @@ def validate(cfg: Config) -> Config:
     for key, options in CHOICES.items():
         if flat[key] not in options:
             raise UserError(f"config key '{key}' is {flat[key]!r} (valid: {', '.join(map(repr, options))})")
-    for key, lowest in [(key, 1) for key in AT_LEAST_ONE] + [(key, 0) for key in NOT_NEGATIVE]:
-        if not flat[key] >= lowest:                         # `not >=`: NaN fails too
-            raise UserError(f"config key '{key}' must be a number >= {lowest}, got {flat[key]}")
-    if not (cfg.train.lr > 0 and 0 <= cfg.train.seed < 2**64 and 0 <= cfg.sample.seed < 2**64):
-        raise UserError(f"'train.lr' must be above 0, 'train.seed' and 'sample.seed' in 0..2^64-1: "
-                        f"got {cfg.train.lr}, {cfg.train.seed} and {cfg.sample.seed}")
+    for key, (lowest, highest) in RANGES.items():
+        if not lowest <= flat[key] <= highest:                          # `not`: NaN fails too
+            bound = f"at least {lowest}" if highest == math.inf else f"in {lowest}..{highest}"
+            raise UserError(f"config key '{key}' must be {bound}, got {flat[key]}")
+    if not cfg.train.lr > 0:
+        raise UserError(f"'train.lr' must be above 0, got {cfg.train.lr}")
     if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
         raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
-    if not (cfg.train.loss_bins <= 1000 and cfg.train.dist_timeout <= 1e9):     # else: TBs of bins, overflow
-        raise UserError(f"'train.loss_bins' must be at most 1000 and 'train.dist_timeout' at most 1e9 "
-                        f"seconds: got {cfg.train.loss_bins} and {cfg.train.dist_timeout:g}")
-    if cfg.sample.sample_steps > MAX_STEPS:             # else refused only once the models have loaded
-        raise UserError(f"'sample.sample_steps' must be at most {MAX_STEPS}, got {cfg.sample.sample_steps}")
-    if not (cfg.lora.dropout < 1 and cfg.dataset.caption_dropout <= 1):     # lora.dropout 1: LoRA input 0
-        raise UserError(f"'lora.dropout' must be below 1 and 'dataset.caption_dropout' at most 1 (fractions, "
-                        f"e.g. 0.1): got {cfg.lora.dropout} and {cfg.dataset.caption_dropout}")
-    if cfg.t5_length > T5_MAX_LENGTH:                   # else only after the dataset scan
-        raise UserError(f"t5_length {cfg.t5_length} is outside 1..{T5_MAX_LENGTH}: use e.g. {T5_LENGTH}")
+    if not cfg.lora.dropout < 1:                        # 1: every LoRA input is 0, it trains nothing
+        raise UserError(f"'lora.dropout' must be below 1 (a fraction, e.g. 0.1), got {cfg.lora.dropout}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
     if len(cfg.sample.prompts) > 100:                   # previews sample_00..99, encoded as one batch
-        raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: each sample step makes a "
-                        f"preview of every one; give at most 100")
+        raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: give at most 100")
     # SD3.5 Medium's position table, SD3's largest, covers 6144 px per side (Large's 3072: the model says so)
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
         raise UserError(f"dataset.resolution must be a multiple of 64 in 64..6144 (no SD3 model takes larger "
                         f"images), got {cfg.dataset.resolution}")
-    if cfg.dtype == "fp16":
-        raise UserError("dtype fp16 is not supported for training (it needs loss scaling): use bf16 or fp32")
     check_alpha(cfg.lora.alpha, cfg.lora.rank, "lora.")
     # parsed now, not after the dataset is cached; no SD3 model has more than Large's 38 blocks
     if not target_regexes(cfg.lora.targets) or not parse_blocks(cfg.lora.blocks, 38):
@@ -2823,8 +2801,7 @@ def validate(cfg: Config) -> Config:
 
 
 def check_sources(cfg: Config):
-    """A device typo ('gpu'), a device or environment torchrun cannot use, or a missing model path, refused
-    before the dataset scan decodes every image."""
+    """A device typo ('gpu') or one torchrun cannot use, or a missing model path: refused before the scan."""
     device, world = pick_device(cfg.device, "set device: cpu (--set device=cpu)"), rank_and_world()[1]
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
@@ -2871,8 +2848,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
     config = Config()
     if path is not None:            # None alone means no file: 0, False, "" or [] is a mistake
         if path == "" or not isinstance(path, (str, os.PathLike, dict)):
-            raise UserError(f"give the path of a YAML config file (str or Path) or a dict of its keys, not "
-                            f"{path!r:.60}")
+            raise UserError(f"give the path of a YAML config file or a dict of its keys, not {path!r:.60}")
         try:
             _fill(config, path if isinstance(path, dict) else read_yaml(path) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:    # (deep nesting)
@@ -2972,9 +2948,8 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 
 def drop_log_lines_after(log: Path, step: int):
-    """log.jsonl without the lines a crashed run wrote past its checkpoint's step (a resume redoes them), and
-    any that is no JSON object with a step: a line cut short (no newline), the stray bytes (not UTF-8) that a
-    crash of the machine can leave at a file's end. Lines of any JSON writer (jq -c, -S; by hand) are kept."""
+    """log.jsonl without the lines past the checkpoint's step (a resume redoes them) and those that are no
+    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept."""
     if log.is_file():
         *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
         kept = []
@@ -2987,8 +2962,7 @@ def drop_log_lines_after(log: Path, step: int):
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
-    """Before any model loads: refuse config changes that alter what the training state `path` means.
-    -> the trajectory changes so far and its header."""
+    """Refuse config changes that alter what the state `path` means. -> (the changes so far, its header)"""
     if not path.is_file():
         raise UserError(f"--resume: no {path} to resume from (no checkpoint yet, or another output_dir?): "
                         f"start the run anew without --resume, in an empty output_dir")
@@ -3058,9 +3032,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 
 
 def read_caption(image: Path) -> tuple[str | None, Path]:
-    """-> (the text of the image's .txt, or None where there is none; that file). A bad byte is refused (no
-    silent ?), and so is a NUL: UTF-16 saved without a BOM reads as UTF-8 without an error,
-    'b\\x00l\\x00u\\x00e', and would be trained on as such."""
+    """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
+    UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
         path = image.with_suffix(".TXT")
@@ -3122,8 +3095,7 @@ def runs_folders(root: Path, files: list[Path], output_dir: str, cache_dir: str)
 
 
 def dataset_summary(root: Path, items: list[dict], in_runs: int, left_out: list[str]):
-    """scan_dataset's last word: no usable image is an error saying why; else one line (from process 0: once
-    under torchrun) of what it found and left out (`in_runs` images in runs' own folders, then `left_out`)."""
+    """scan_dataset's last word: an error saying why no image is usable, or one line of what it found."""
     if not items:
         missing = "" if root.is_dir() else " (a file, not a folder)" if root.exists() else " (no such folder)"
         raise UserError(f"no usable images in dataset.path {root}{missing}: give a folder of images "
@@ -3164,8 +3136,7 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         return ", ".join(names[:5])
     said = [
         (large, f"skipped {counted(len(large), 'image')} over the limit of {MAX_PIXELS / 1e6:g} megapixels "
-                f"for images other than JPEG (a guard against decompression bombs), e.g. {eg(large)}; save "
-                f"such images smaller or as JPEG"),
+                f"(a guard against decompression bombs), e.g. {eg(large)}; save them smaller or as JPEG"),
         (broken, f"skipped {counted(len(broken), 'unreadable image')}: {eg(broken)}"),
         (small, f"{counted(len(small), 'image is', 'images are')} upscaled over 2x to a bucket around "
                 f"dataset.resolution {cfg.resolution} px, so the LoRA learns blur, e.g. {eg(small)}; use "
@@ -3196,8 +3167,11 @@ class TooLarge(ValueError):
     """An image over MAX_PIXELS that cannot be read smaller: not decoded."""
 
 
-def image_gone_error(path: Path, e: OSError | TooLarge, own: bool) -> UserError:
-    """An image the dataset scan read that cannot be read when its latents are cached (edited or removed)."""
+def image_gone(path: Path, e: OSError | TooLarge, own: bool, cache: Path) -> UserError:
+    """The error for an image the scan read that cannot be read when its latents are cached (edited or
+    removed); the scan memo that vouched for it is deleted, so that the next scan decodes anew."""
+    with contextlib.suppress(OSError):
+        (cache / SCAN_MEMO).unlink()
     why = e.strerror or e if isinstance(e, OSError) else f"over {MAX_PIXELS / 1e6:g} megapixels"
     return UserError(f"image {path} cannot be read ({why}), though the dataset scan read it: restore it, or "
                      f"run again to scan anew", own=own)
@@ -3229,8 +3203,7 @@ SCAN_MEMO = "images_scanned.json"         # in dataset.cache_dir
 
 
 def read_scan_memo(cache_dir: str) -> dict:
-    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images earlier scans decoded; {} if
-    there is no readable memo (a damaged one only costs decoding again)."""
+    """{real path: [bytes, mtime_ns, ctime_ns, width, height]} of the images decoded before, or {}."""
     try:
         memo = json.loads((Path(cache_dir) / SCAN_MEMO).read_text())
     except (OSError, ValueError, RecursionError):       # RecursionError: nested a thousand deep (hostile)
@@ -3239,10 +3212,9 @@ def read_scan_memo(cache_dir: str) -> dict:
 
 
 def image_size(path: Path, decoded: dict) -> tuple[int, int]:
-    """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken or truncated one fails
-    here, not hours into training. Not decoded again (128 ms for a 12 MP photo, each start) where `decoded`
-    (read_scan_memo's) holds it with this size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes,
-    not ctimes); what is decoded is added to `decoded`."""
+    """(width, height) after EXIF rotation (phones rotate), decoding the file: a broken one fails here, not
+    hours into training. Not decoded again (128 ms for 12 MP, each start) where `decoded` holds it with this
+    size, mtime and ctime (cp -p, rsync -a, tar and chmod keep mtimes, not ctimes); new ones are added."""
     from PIL import ImageOps
     real, stat = os.path.realpath(path), path.stat()       # before decoding: an edit meanwhile is seen
     seen, times = decoded.get(real), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]

@@ -197,7 +197,7 @@ def test_more_steps_than_float32_has_noise_levels_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a", "--steps", "100000000000", "--width", "32",
                                         "--height", "32", "--out", str(tmp_path)]), "steps must be in 1..1065353216")
     one_line_error(lambda: sd.load_config(None, ["sample.sample_steps=1e11"]),     # before the models load
-                   "'sample.sample_steps' must be at most 1065353216, got 100000000000")
+                   "'sample.sample_steps' must be in 0..1065353216, got 100000000000")
 
 
 def test_cosine_schedule_is_denser_at_both_ends():
@@ -954,7 +954,7 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False), "no text encoders.*embeddings")
     assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=embeddings)) == 1
     one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=embeddings),
-                   "embeddings for 1 prompt, not 2")
+                   "embeddings for 1 prompt, not 2: encode these")
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(embeddings[0], None)),
                    "no uncond")
 
@@ -2314,11 +2314,11 @@ def test_an_image_too_large_for_the_model_names_the_flag_or_key_to_lower(tmp_pat
     """sample.py --model tiny (at most 512 px) without --width/--height said only that 1024x1024 px was too large;
     training said the same for sample.width/height or dataset.resolution, without naming which to lower."""
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "out")]),
-                   r"^1024x1024 px is too large for this model \(at most 512 px per side\): lower --width and --height$")
+                   r"^1024x1024 px is too large for this model \(at most 512 px a side\): lower --width and --height$")
     make_dataset(tmp_path / "data")
     fixes = {"sample.width": "lower sample.width and sample.height", "dataset.resolution": "lower dataset.resolution"}
     for key, fix in fixes.items():
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* per side\\): {fix}")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* a side\\): {fix}")
 
 
 def standard_components() -> dict:
@@ -3707,14 +3707,14 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
         bad = str(tmp_path / "file" / "run")
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: bad})), f"{key} .*run is not a writable")
-    one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "t5_length 1000 is outside 1..512")
+    one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "'t5_length' must be in 1..512, got 1000")
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
     every preview)."""
-    for item, match in [("lora.alpha=0", "lora.alpha 0 .* train nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
+    for item, match in [("lora.alpha=0", "lora.alpha 0 .* trains nothing"), ("lora.blocks=0-x", "lora.blocks must look like"),
                         ("lora.targets=attn\\.(qkv", "lora.targets: invalid regex"),
                         ("lora.blocks=5-3", "must look like"), ("lora.targets=' , '", "select nothing"),
                         ("sample.width=1000", "sample.width and sample.height must be positive multiples of 16"),
@@ -3730,7 +3730,7 @@ def test_a_config_built_or_changed_in_python_is_checked_by_train_as_a_config_fil
     a sample size the VAE cannot take failed every preview. train() checks the config it is given."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("loaded models for a bad config"))
-    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "dtype fp16"),
+    for key, value, match in [("lora", ("alpha", 0.0), "lora.alpha 0"), ("", ("dtype", "fp16"), "'dtype' is 'fp16'"),
                               ("sample", ("width", 100), "positive multiples of 16"),
                               ("train", ("timestep_sampling", "logit-normal"), "train.timestep_sampling")]:
         cfg = tiny_config(tmp_path)
@@ -3971,7 +3971,7 @@ def test_load_config_takes_a_dict_of_the_files_keys_and_says_what_else_to_pass()
     assert (cfg.model, cfg.train.lr, cfg.train.steps) == ("tiny", 5e-5, 30)
     one_line_error(lambda: sd.load_config({"train": {"lr": 1e-4, "step": 20}}), "unknown config key 'train.step'")
     one_line_error(lambda: sd.load_config(5),
-                   "give the path of a YAML config file .str or Path. or a dict of its keys, not 5")
+                   "give the path of a YAML config file or a dict of its keys, not 5")
     for wrong in (0, False, "", []):                    # were read as no file: the default config, silently
         one_line_error(lambda: sd.load_config(wrong), rf"or a dict of its keys, not {re.escape(repr(wrong))}$")
     assert sd.load_config({}) == sd.load_config(None)
@@ -4141,7 +4141,7 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     it trains nothing); caption_dropout 10 (meant as 10 %) trained every step on the empty caption, silently."""
     for item, match in [("lora.dropout=1.5", "'lora.dropout' must be below 1.*got 1.5"),
                         ("lora.dropout=1", "'lora.dropout' must be below 1.*got 1.0"),
-                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' at most 1.*10.0")]:
+                        ("dataset.caption_dropout=10", "'dataset.caption_dropout' must be in 0..1, got 10.0")]:
         one_line_error(lambda: sd.load_config(None, ["model=tiny", item]), match)
     cfg = sd.load_config(None, ["lora.dropout=0.99", "dataset.caption_dropout=1"])   # all captions empty: allowed
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
@@ -4159,7 +4159,7 @@ def test_a_dataset_resolution_off_the_64_px_grid_or_above_sd3s_largest_side_is_r
 def test_a_negative_logit_std_is_refused_before_any_model_loads():
     """train.logit_std -1 ended in torch's bare RuntimeError (normal expects std >= 0) at the first step, after
     loading and caching; 0 is a valid (fixed-sigma) choice."""
-    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be a number >= 0")
+    one_line_error(lambda: sd.load_config(None, ["train.logit_std=-1"]), "'train.logit_std' must be at least 0, got -1")
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
@@ -4180,8 +4180,10 @@ def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_l
 def test_huge_loss_bins_or_dist_timeout_are_refused_before_any_model_loads():
     """train.loss_bins 1e14 was a bare RuntimeError (allocating 800 TB) after loading and caching; a
     train.dist_timeout past timedelta's range a bare OverflowError when torchrun's processes joined."""
-    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]), "'train.loss_bins' .* at most")
-    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]), "'train.dist_timeout' at most")
+    one_line_error(lambda: sd.load_config(None, ["train.loss_bins=100000000000000"]),
+                   "'train.loss_bins' must be in 1..1000,")
+    one_line_error(lambda: sd.load_config(None, ["train.dist_timeout=1e300"]),
+                   "'train.dist_timeout' must be in 1..1000000000,")
     assert sd.load_config(None, ["train.loss_bins=20", "train.dist_timeout=86400"]).train.loss_bins == 20
 
 
@@ -4259,10 +4261,10 @@ def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypa
         (tmp_path / "c.yaml").write_text(f"model: tiny\n{section}:\n  {line}\n" if section else f"model: tiny\n{line}\n")
         with pytest.raises(SystemExit) as e:
             sd.main([str(tmp_path / "c.yaml")])
-        assert str(e.value) == (f"error: config key '{key}' holds a NUL character, which no path can: "
-                                f"remove it from 'runs/a\\x00b'")
+        assert str(e.value) == (f"error: config key '{key}' holds a control character, 'runs/a\\x00b': "
+                                f"{sd.WINDOWS_PATHS}")
     config = sd.Config(model="tiny", output_dir="runs/a\0b")
-    one_line_error(lambda: sd.train(config), "config key 'output_dir' holds a NUL character")
+    one_line_error(lambda: sd.train(config), "config key 'output_dir' holds a control character")
 
 
 def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
@@ -5788,7 +5790,7 @@ def test_bf16_autocast_training_step_runs(tmp_path, monkeypatch):
     sd.train(tiny_config(tmp_path, **{"dtype": "bf16", "train.steps": 2, "sample.sample_every": 0}))
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
     assert seen == {(True, torch.bfloat16, torch.bfloat16)}, seen
-    with pytest.raises(sd.UserError, match="fp16 is not supported for training"):
+    with pytest.raises(sd.UserError, match=r"config key 'dtype' is 'fp16' \(valid: 'fp32', 'bf16'\)"):
         tiny_config(tmp_path, dtype="fp16")
 
 
@@ -7379,7 +7381,7 @@ def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, mo
     one_line_error(lambda: sd.add_lora(tiny_mmdit(), rank=65), r"lora.rank must be in 1..64")
     assert sd.add_lora(tiny_mmdit(), rank=64)[0].shape == (64, 64)             # the width itself is taken
     for key, value in (("train.lr", 0), ("train.seed", -1), ("sample.seed", 2**64)):
-        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"must be above 0.*{value}")
+        one_line_error(lambda: sd.load_config(None, [f"{key}={value}"]), f"'{key}' must be .*got {value}")
 
 
 def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
@@ -8583,7 +8585,7 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
                                          f"{run / 'lora_step_000002.safetensors'}'); a later save deletes it") == 2
     sd.train(tiny_config(tmp_path, **{**sets, "train.steps": 6, "train.keep_last": 1}), resume=True)   # after deletes
     assert checkpoints() == sorted(mine + [f"lora_step_00000{step}.safetensors" for step in (2, 6, 9)])
-    one_line_error(lambda: sd.load_config(None, ["train.keep_last=-1"]), "'train.keep_last' must be a number >= 0")
+    one_line_error(lambda: sd.load_config(None, ["train.keep_last=-1"]), "'train.keep_last' must be at least 0, got -1")
 
 
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
