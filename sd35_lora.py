@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3795  Several Processes (torchrun)     one all-reduce per step
-     3883  Command Line and the Tiny Model  main(), --tiny
+     3796  Several Processes (torchrun)     one all-reduce per step
+     3884  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3547,7 +3547,8 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
     """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
     writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
     written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
-    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out))
+             if m and os.path.isfile(out / m[0])}           # a folder so named: no checkpoint, kept
     for old in sorted(s for s in steps if s <= step)[:-keep]:
         try:
             steps[old].unlink()
