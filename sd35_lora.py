@@ -1925,7 +1925,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
     """The MMDiT out of torch.compile's wrapper (it names layers "_orig_mod.*"), DataParallel or DDP
     (accelerate.prepare's; DDP syncs only the parameters it was given: no layers are added in it)."""
-    if isinstance(model, Pipeline):                 # as diffusers' LoRA calls do
+    if isinstance(model, Pipeline):                 # diffusers' LoRA calls take the pipeline: a habit
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
     model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
     if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
