@@ -1530,7 +1530,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     """(weights, checked config.json) of a diffusers root's `part`/ or that folder; a file: (tensors, {})."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
-        return sd or read_safetensors(path, convert=convert), {}
+        return sd or read_safetensors(path, convert=convert), {}   # none under `prefix`: a file of this part
     folder, config = _part_config(path, part, class_name)
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
