@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3795  Several Processes (torchrun)     one all-reduce per step
-     3883  Command Line and the Tiny Model  main(), --tiny
+     3796  Several Processes (torchrun)     one all-reduce per step
+     3884  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1530,7 +1530,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     """(weights, checked config.json) of a diffusers root's `part`/ or that folder; a file: (tensors, {})."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
-        return sd or read_safetensors(path, convert=convert), {}
+        return sd or read_safetensors(path, convert=convert), {}   # none under `prefix`: a file of this part
     folder, config = _part_config(path, part, class_name)
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
@@ -1925,7 +1925,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
     """The MMDiT out of torch.compile's wrapper (it names layers "_orig_mod.*"), DataParallel or DDP
     (accelerate.prepare's; DDP syncs only the parameters it was given: no layers are added in it)."""
-    if isinstance(model, Pipeline):                 # as diffusers' LoRA calls do
+    if isinstance(model, Pipeline):                 # diffusers' LoRA calls take the pipeline: a habit
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
     model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
     if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -3547,7 +3547,8 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
     """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
     writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
     written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
-    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out))
+             if m and os.path.isfile(out / m[0])}           # a folder so named: no checkpoint, kept
     for old in sorted(s for s in steps if s <= step)[:-keep]:
         try:
             steps[old].unlink()
