@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1861  Hub Downloads                    snapshot downloads, tokenizers
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3796  Several Processes (torchrun)     one all-reduce per step
-     3884  Command Line and the Tiny Model  main(), --tiny
+     2259  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3023  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3797  Several Processes (torchrun)     one all-reduce per step
+     3885  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2027,8 +2027,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
                             f"use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
-                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (TrainLoraNode; LoraSave:"
-                                f" bias_diff, full_diff): unsupported; save it as standard, bias_diff off")
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
+                                f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
+                                f"save it as standard, bias_diff off")
             continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
@@ -3467,8 +3468,8 @@ def remove_if_unused(out: Path, made: list[Path]):
 
 
 def remove_killed_writes(folder: Path):
-    """The hidden temporary files (each as large as a LoRA) of writes a kill -9 or a power cut ended, in
-    `folder` and its subfolders, if over an hour old: a younger one may be sample.py's or another run's."""
+    """Hidden temporary files (as large as a LoRA or the training state) of writes a kill -9 or power cut
+    ended, in `folder` and its subfolders, if over an hour old: a younger one may be another run's at work."""
     named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
     for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
@@ -3965,7 +3966,7 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
-    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
+    ValueError ends train() after caching): in a web UI's or notebook's thread none is; Ctrl-C is theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
