@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1861  Hub Downloads                    snapshot downloads, tokenizers
      1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2258  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2391  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3022  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3277  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3795  Several Processes (torchrun)     one all-reduce per step
-     3883  Command Line and the Tiny Model  main(), --tiny
+     2259  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3023  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3797  Several Processes (torchrun)     one all-reduce per step
+     3885  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1530,7 +1530,7 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
     """(weights, checked config.json) of a diffusers root's `part`/ or that folder; a file: (tensors, {})."""
     if not path.is_dir():
         sd = read_safetensors(path, prefix=prefix, convert=convert)
-        return sd or read_safetensors(path, convert=convert), {}
+        return sd or read_safetensors(path, convert=convert), {}   # none under `prefix`: a file of this part
     folder, config = _part_config(path, part, class_name)
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
 
@@ -1925,7 +1925,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
 def unwrap_mmdit(model, call: str, args: str, adds_layers: bool = False) -> MMDiT:
     """The MMDiT out of torch.compile's wrapper (it names layers "_orig_mod.*"), DataParallel or DDP
     (accelerate.prepare's; DDP syncs only the parameters it was given: no layers are added in it)."""
-    if isinstance(model, Pipeline):                 # as diffusers' LoRA calls do
+    if isinstance(model, Pipeline):                 # diffusers' LoRA calls take the pipeline: a habit
         raise UserError(f"{call} takes the MMDiT (pipe.mmdit), not a Pipeline: {call}(pipe.mmdit, {args})")
     model = getattr(model, "_orig_mod", model)      # accelerate compiles the DDP wrapper
     if adds_layers and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -2027,8 +2027,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
                             f"use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
-                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (TrainLoraNode; LoraSave:"
-                                f" bias_diff, full_diff): unsupported; save it as standard, bias_diff off")
+                raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
+                                f"or LoraSave's bias_diff or full_diff): unsupported; from LoraSave, "
+                                f"save it as standard, bias_diff off")
             continue
         suffix = next((s for s in LORA_ROLES if key.endswith(s)), "")
         module = key.removesuffix(suffix)
@@ -3467,8 +3468,8 @@ def remove_if_unused(out: Path, made: list[Path]):
 
 
 def remove_killed_writes(folder: Path):
-    """The hidden temporary files (each as large as a LoRA) of writes a kill -9 or a power cut ended, in
-    `folder` and its subfolders, if over an hour old: a younger one may be sample.py's or another run's."""
+    """Hidden temporary files (as large as a LoRA or the training state) of writes a kill -9 or power cut
+    ended, in `folder` and its subfolders, if over an hour old: a younger one may be another run's at work."""
     named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
     for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
@@ -3547,7 +3548,8 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
     """train.keep_last: the lora_step_*.safetensors past the newest `keep` deleted: only names save_checkpoint
     writes (a user's lora_step_best stays), none past `step` (a killed run's, which this one may skip)."""
     written = re.compile(r"lora_step_([0-9]{6}|[1-9][0-9]{6,})\.safetensors")     # f"{step:06d}"'s names
-    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out)) if m}
+    steps = {int(m[1]): out / m[0] for m in map(written.fullmatch, os.listdir(out))
+             if m and os.path.isfile(out / m[0])}           # a folder so named: no checkpoint, kept
     for old in sorted(s for s in steps if s <= step)[:-keep]:
         try:
             steps[old].unlink()
@@ -3964,7 +3966,7 @@ def exit_stopped(terminated: bool, message: str, file=None):
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
-    ValueError after the caching): in a web UI's or notebook's worker thread none is, Ctrl-C stays theirs."""
+    ValueError ends train() after caching): in a web UI's or notebook's thread none is; Ctrl-C is theirs."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}

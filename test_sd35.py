@@ -8588,6 +8588,18 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
     one_line_error(lambda: sd.load_config(None, ["train.keep_last=-1"]), "'train.keep_last' must be at least 0, got -1")
 
 
+def test_train_keep_last_counts_and_deletes_only_files_not_folders_of_a_checkpoints_name(tmp_path, capsys):
+    """A folder named lora_step_000003.safetensors took one of keep_last's places (keep_last 2 kept one checkpoint),
+    and one named for an older step was 'kept' with a warning at every save that a later save deletes it."""
+    for step in (1, 2, 4):
+        (tmp_path / f"lora_step_00000{step}.safetensors").write_bytes(b"lora")
+    for step in (0, 3):
+        (tmp_path / f"lora_step_00000{step}.safetensors").mkdir()
+    sd.remove_old_checkpoints(tmp_path, 4, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"lora_step_00000{step}.safetensors" for step in (0, 2, 3, 4)]
+    assert capsys.readouterr().err == ""
+
+
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
     """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
     warning too, and the run went on (its state file saved, if it fitted)."""
