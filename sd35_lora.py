@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       663  VAE                              16-channel autoencoder, the latent scale and shift
       813  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1046  Data                             dataset scan, aspect buckets, the latent and text cache
-     1172  Training                         Trainer and the training loop
-     1323  Part 2: plumbing                 a reader can stop here
-     1330  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1861  Hub Downloads                    snapshot downloads, tokenizers
-     1921  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2259  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2392  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3023  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3278  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3797  Several Processes (torchrun)     one all-reduce per step
-     3885  Command Line and the Tiny Model  main(), --tiny
+     1045  Data                             dataset scan, aspect buckets, the latent and text cache
+     1177  Training                         Trainer and the training loop
+     1328  Part 2: plumbing                 a reader can stop here
+     1335  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1866  Hub Downloads                    snapshot downloads, tokenizers
+     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3802  Several Processes (torchrun)     one all-reduce per step
+     3890  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -871,31 +871,30 @@ class Pipeline:
     def place(self, offload: bool | None = None) -> "Pipeline":
         """Move all models to `device`, or keep them on the CPU (offload). None: offload only when they do not
         fit into the GPU's free memory together (SD3.5 Large + T5-XXL in bf16 is ~27 GB)."""
-        modules = self.modules()
         if offload is None:
-            need = too_large_for(self.device, *modules)
+            need = too_large_for(self.device, *self.modules())
             offload = need > 0
             if offload:
                 print(f"models of {need / 2**30:.1f} GB exceed free GPU memory: they visit it one at a time")
         self.offload = read_flag(offload, "offload")
-        for m in modules:
+        for m in self.modules():
             m.to("cpu" if self.offload else self.device)
         return self
 
     @contextlib.contextmanager
     def on_device(self, *modules: nn.Module):
         """With `offload`, the modules not there yet visit `device` for the `with` block, then go back."""
-        visiting = [m for m in modules if self.offload and m not in self.visiting]
-        self.visiting += tuple(visiting)
+        arriving = [m for m in modules if self.offload and m not in self.visiting]
+        self.visiting += tuple(arriving)
         try:
-            for m in visiting:
+            for m in arriving:
                 m.to(self.device)
             yield
         finally:
-            self.visiting = self.visiting[:len(self.visiting) - len(visiting)]
-            for m in visiting:
+            self.visiting = tuple(m for m in self.visiting if m not in arriving)
+            for m in arriving:
                 m.to("cpu")
-            if visiting and self.device.type == "cuda":
+            if arriving and self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
@@ -1100,51 +1099,57 @@ class LatentDataset:
 
     def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
         rank, world = rank_and_world()
-        cache, flip = Path(cfg.dataset.cache_dir), cfg.dataset.flip
+        self.pipe, self.flip, self.cache_dir = pipe, cfg.dataset.flip, Path(cfg.dataset.cache_dir)
+        self.store = functools.partial(cache_share, rank=rank, world=world)    # torchrun: one writer per file
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # load_image's recipe: another's cache unused
         text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
-        store = functools.partial(cache_share, rank=rank, world=world)     # torchrun: one writer per file
-
-        def encode(caption: str) -> dict:                   # in the MMDiT's compute dtype (bf16 halves them)
-            embeddings = zip(("context", "pooled"), pipe.text.encode([caption]))
-            return {name: t[0].to(pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
-        empty = encode("")                                  # what caption dropout trains on: encoded once
-        text_layout = {name: (t.shape, t.dtype) for name, t in empty.items()}          # every caption's
-
-        @functools.cache                # once per caption: a trigger word's file is not re-read per image
-        def text_file(caption: str) -> Path:
-            path = cache / "text" / f"{_digest(caption, text_id)}.safetensors"
-            compute = (lambda: encode(caption)) if caption else (lambda: empty)
-            return store(path, compute, f"the caption {caption!r:.60}", text_layout)
+        self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
+        self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
         if rank == 0:
             warn_cut(pipe.text, [item["caption"] for item in items], "captions")
+        caption_file = functools.cache(self.caption_file)   # a trigger word's file is not re-read per image
         self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
         for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
-            data = None                         # models load (minutes) after the scan: files may change
-
-            @torch.no_grad()
-            def encode_image():                 # of the bytes read below, if the file is not cached yet
-                pixels = load_image(item["path"], item["size"], data)[None].to(pipe.device)
-                versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if flip else {})}
-                return {name: pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
-            try:
-                data = item["path"].read_bytes()    # the key's bytes are decoded: no edit slips in between
-                image = hashlib.sha256(data)        # hashed once: for the key and the contents
-                image_key = _digest(item["size"], flip, vae_id, after=image)
-                shape = (2 * pipe.vae.cfg.latent_channels, item["size"][1] // 8, item["size"][0] // 8)
-                layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + flip]}
-                self.latent_files.append(store(cache / "latents" / f"{image_key}.safetensors", encode_image,
-                                               str(item["path"]), layout))
-            except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
-                raise image_gone(item["path"], e, own=data is not None, cache=cache) from None
-            contents.append(_digest(item["caption"], after=image))
-            self.text_files.append(text_file(item["caption"]))
+            latent_file, image_hash = self.latent_file(item["path"], item["size"])
+            self.latent_files.append(latent_file)
+            self.text_files.append(caption_file(item["caption"]))
             self.sizes.append(item["size"])
-        self.empty = text_file("")
+            contents.append(_digest(item["caption"], after=image_hash))
+        self.empty = caption_file("")
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             collective(dist.barrier)                           # the cache is complete
+
+    def latent_file(self, path: Path, size: tuple[int, int]):    # -> its cache file, the hash of its bytes
+        data = None                         # models load (minutes) after the scan: files may change
+        try:
+            data = path.read_bytes()        # the key's bytes are decoded: no edit slips in between
+            image_hash = hashlib.sha256(data)       # hashed once: for the key and the contents
+            key = _digest(size, self.flip, self.vae_id, after=image_hash)
+            shape = (2 * self.pipe.vae.cfg.latent_channels, size[1] // 8, size[0] // 8)
+            layout = {name: (shape, torch.float32) for name in ("moments", "flipped")[:1 + self.flip]}
+            file = self.store(self.cache_dir / "latents" / f"{key}.safetensors",
+                              lambda: self.encode_image(path, size, data), str(path), layout)
+        except (OSError, TooLarge) as e:            # own: met decoding this process's share of the cache
+            raise image_gone(path, e, own=data is not None, cache=self.cache_dir) from None
+        return file, image_hash
+
+    @torch.no_grad()
+    def encode_image(self, path: Path, size: tuple[int, int], data: bytes) -> dict:
+        pixels = load_image(path, size, data)[None].to(self.pipe.device)
+        versions = {"moments": pixels, **({"flipped": pixels.flip(-1)} if self.flip else {})}
+        return {name: self.pipe.vae.encode_moments(p)[0].cpu() for name, p in versions.items()}
+
+    def caption_file(self, caption: str) -> Path:
+        path = self.cache_dir / "text" / f"{_digest(caption, self.text_id)}.safetensors"
+        layout = {name: (t.shape, t.dtype) for name, t in self.no_caption.items()}     # every caption's
+        return self.store(path, lambda: (self.encode_caption(caption) if caption else self.no_caption),
+                          f"the caption {caption!r:.60}", layout)
+
+    def encode_caption(self, caption: str) -> dict:       # in the MMDiT's compute dtype (bf16 halves them)
+        embeddings = zip(("context", "pooled"), self.pipe.text.encode([caption]))
+        return {name: t[0].to(self.pipe.mmdit.compute_dtype).cpu() for name, t in embeddings}
 
     def batches(self, batch_size: int, epoch_seed: int) -> list[list[int]]:
         """One epoch: indices shuffled within each bucket, cut into batches, batches shuffled."""
