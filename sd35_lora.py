@@ -17,18 +17,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        79  Presets and Configuration        per-variant sampling presets, the training config
       206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       269  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      528  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      663  VAE                              16-channel autoencoder, the latent scale and shift
-      813  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      853  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1045  Data                             dataset scan, aspect buckets, the latent and text cache
-     1177  Training                         Trainer and the training loop
-     1328  Part 2: plumbing                 a reader can stop here
-     1335  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1866  Hub Downloads                    snapshot downloads, tokenizers
-     1926  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2264  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2397  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+      536  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      696  VAE                              16-channel autoencoder, the latent scale and shift
+      846  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      886  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1078  Data                             dataset scan, aspect buckets, the latent and text cache
+     1210  Training                         Trainer and the training loop
+     1361  Part 2: plumbing                 a reader can stop here
+     1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1891  Hub Downloads                    snapshot downloads, tokenizers
+     1951  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2422  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      3802  Several Processes (torchrun)     one all-reduce per step
@@ -269,6 +269,14 @@ def flow_matching_loss(model: MMDiT, latents, context, pooled, cfg: TrainConfig,
 #################################################################################
 #                                     MMDiT                                     #
 #################################################################################
+
+def _block_count(sd: dict, prefix: str) -> int:
+    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
+    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    if found != {str(i) for i in range(len(found))}:
+        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
+    return len(found)
+
 
 @dataclass
 class MMDiTConfig:
@@ -535,6 +543,31 @@ LORA_TARGETS = {
     "all": r"(attn2?\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1|_embedder(\.mlp\.[02])?"
            r"|final_layer\.linear)$",
 }
+
+
+def target_regexes(targets: str) -> list[re.Pattern]:
+    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled; a bad one: a UserError."""
+    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
+    try:
+        return [re.compile(p.strip()) for p in patterns if p.strip()]
+    except re.error as e:
+        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
+
+
+def parse_blocks(spec: str, depth: int) -> set[int]:
+    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`; else a UserError."""
+    if not spec:
+        return set(range(depth))
+    blocks = set()
+    for part in str(spec).split(","):
+        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
+        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
+            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
+        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
+            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
+                            f"are 0-{depth - 1}")
+        blocks.update(range(int(lo), int(hi or lo) + 1))
+    return blocks
 
 
 class FrozenLinear(torch.autograd.Function):
@@ -1538,14 +1571,6 @@ def _read_part(path: Path, part: str, class_name: str, prefix: str, convert=None
         return sd or read_safetensors(path, convert=convert), {}   # none under `prefix`: a file of this part
     folder, config = _part_config(path, part, class_name)
     return read_weights_dir(folder, "diffusion_pytorch_model", convert), config
-
-
-def _block_count(sd: dict, prefix: str) -> int:
-    """N for weights named `prefix`0. to `prefix`N-1.; a gap (a hostile `joint_blocks.2000000.`) errs."""
-    found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
-    if found != {str(i) for i in range(len(found))}:
-        raise ValueError(f"{prefix}* indices are not 0..{len(found) - 1}: {sorted(found)[:5]}")
-    return len(found)
 
 
 def _build(module_cls, cfg, sd: dict, what: str, path, device, dtype):
@@ -2723,31 +2748,6 @@ def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -
     if keep and not callable(keep):                     # keep=True: a TypeError after the first batch's work
         raise UserError(f"keep takes a function of each batch's images, e.g. a_list.extend, not {keep!r:.60}")
     return dataclasses.replace(settings, **plain), batch_size
-
-
-def parse_blocks(spec: str, depth: int) -> set[int]:
-    """"" -> all blocks; "0-11" or "3,5,9-12" -> those joint blocks, all below `depth`; else a UserError."""
-    if not spec:
-        return set(range(depth))
-    blocks = set()
-    for part in str(spec).split(","):
-        lo, dash, hi = part.strip().partition("-")     # a reversed or open range is a typo, never skipped
-        if not lo.isdecimal() or dash and not (hi.isdecimal() and int(hi) >= int(lo)):
-            raise UserError(f"lora.blocks must look like '0-11' or '3,5,9-12', got {spec!r}")
-        if int(hi or lo) >= depth:                  # e.g. a Large recipe on Medium: never silently cut short
-            raise UserError(f"lora.blocks {spec!r} names block {int(hi or lo)}: the model's joint blocks "
-                            f"are 0-{depth - 1}")
-        blocks.update(range(int(lo), int(hi or lo) + 1))
-    return blocks
-
-
-def target_regexes(targets: str) -> list[re.Pattern]:
-    """A LORA_TARGETS preset or comma-separated regexes on module names, compiled; a bad one: a UserError."""
-    patterns = [LORA_TARGETS[targets]] if targets in LORA_TARGETS else targets.split(",")
-    try:
-        return [re.compile(p.strip()) for p in patterns if p.strip()]
-    except re.error as e:
-        raise UserError(f"lora.targets: invalid regex ({e}); use attn, attn_mlp, all or regexes") from None
 
 
 def read_lora_inputs(rank, alpha, dropout, targets) -> tuple[int, float | None, float]:
