@@ -1890,6 +1890,31 @@ def test_a_peft_lora_with_biases_is_refused_not_loaded_without_them(tmp_path):
                        tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"])
 
 
+def test_each_kind_of_lora_file_beyond_plain_pairs_is_refused_by_its_key_not_loaded_in_part(tmp_path):
+    """DoRA (kohya's dora_scale, PEFT's lora_magnitude_vector), LyCORIS' LoHa (hada_w*) and LoKr (lokr_w*), and LoRA
+    biases (PEFT's lora_B.bias, kohya's lora_up.bias) each change what a layer computes: loading the plain pairs
+    beside them, with the rest warned of as ignored, would give other images than the tool that wrote the file."""
+    g = torch.Generator().manual_seed(0)
+    layouts = {"transformer.transformer_blocks.0.attn.to_out.0": ("lora_A", "lora_B"),
+               "lora_unet_joint_blocks_0_x_block_attn_proj": ("lora_down", "lora_up")}
+    extras = [("transformer.transformer_blocks.0.attn.to_out.0", ".lora_magnitude_vector", (64,)),
+              ("transformer.transformer_blocks.0.attn.to_out.0", ".lora_B.bias", (64,)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".dora_scale", (1, 64)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".lora_up.bias", (64,)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".hada_w1_a", (64, 2)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".lokr_w1", (2, 2))]
+    untouched = tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"]
+    for module, extra, shape in extras:
+        down, up = layouts[module]
+        save_file({f"{module}.{down}.weight": torch.randn(2, 64, generator=g),
+                   f"{module}.{up}.weight": torch.randn(64, 2, generator=g),
+                   f"{module}{extra}": torch.randn(*shape, generator=g)}, tmp_path / "other.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
+                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr or PEFT lora_bias=True\) is not supported")
+        assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"], untouched)
+
+
 def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
     g = torch.Generator().manual_seed(0)
     key = "lora_unet_joint_blocks_0_x_block_attn_proj"
