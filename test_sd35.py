@@ -8613,6 +8613,30 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
     one_line_error(lambda: sd.load_config(None, ["train.keep_last=-1"]), "'train.keep_last' must be at least 0, got -1")
 
 
+def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_any_file_it_cannot_delete(
+        tmp_path, monkeypatch, capsys):
+    """train.keep_last's deletions by step number, whatever the listing's order: from step 1,000,000 the names have 7
+    digits (f"{step:06d}"); 5 digits, or 7 with a leading zero, are no name a run writes (a user's: kept). A name it
+    cannot delete (here a folder: any OSError, not only a file held open on Windows) is warned about, and the rest
+    still deleted."""
+    mine = ["lora_step_01000.safetensors", "lora_step_0999998.safetensors"]
+    for reverse in (False, True):
+        out = tmp_path / str(reverse)
+        out.mkdir()
+        for step in (999_999, 1_000_000, 1_000_001, 2_000_000):       # 2,000,000: a killed run's, past this step
+            (out / f"lora_step_{step:06d}.safetensors").write_bytes(b"")
+        (out / "lora_step_000005.safetensors").mkdir()
+        for name in mine:
+            (out / name).write_bytes(b"")
+        listed = sorted(os.listdir(out), reverse=reverse)
+        with monkeypatch.context() as patched:
+            patched.setattr(sd.os, "listdir", lambda path: listed)
+            sd.remove_old_checkpoints(out, 1_000_001, 2)
+        assert sorted(os.listdir(out)) == sorted(mine + [f"lora_step_{step:06d}.safetensors"
+                                                         for step in (5, 1_000_000, 1_000_001, 2_000_000)])
+        assert capsys.readouterr().err.count("warning: old checkpoint kept") == 1
+
+
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
     """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
     warning too, and the run went on (its state file saved, if it fitted)."""
