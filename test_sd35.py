@@ -4188,6 +4188,48 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
+def test_each_config_number_takes_its_bounds_and_refuses_what_is_past_them_by_name():
+    """Each number the config bounds, at its bounds (taken) and just past them (refused before any model loads,
+    naming the key): a rank, batch or step count of 0 failed only after loading and caching, or trained nothing;
+    the bounds are those of the README. sample.width/height: check_size's multiples of 16 (1..15 refused alike)."""
+    bounds = {  # key: (refused, lowest, highest or None, refused)
+        "lora.rank": (0, 1, None, None), "train.steps": (0, 1, None, None), "train.batch_size": (0, 1, None, None),
+        "train.grad_accum": (0, 1, None, None), "train.save_every": (0, 1, None, None),
+        "train.warmup_steps": (-1, 0, None, None), "sample.sample_every": (-1, 0, None, None),
+        "train.keep_last": (-1, 0, None, None), "train.weight_decay": (-0.5, 0, None, None),
+        "train.max_grad_norm": (-0.5, 0, None, None), "lora.dropout": (-0.5, 0, None, None),
+        "sample.guidance_scale": (-0.5, 0, None, None), "sample.shift": (-0.5, 0, None, None),
+        "train.logit_std": (-0.5, 0, None, None), "t5_length": (0, 1, 512, 513),
+        "dataset.caption_dropout": (-0.5, 0, 1, 1.5), "train.seed": (-1, 0, 2**64 - 1, 2**64),
+        "sample.seed": (-1, 0, 2**64 - 1, 2**64), "sample.sample_steps": (-1, 0, 1065353216, 1065353217),
+        "train.loss_bins": (0, 1, 1000, 1001), "train.dist_timeout": (0.5, 1, 10**9, 1e9 + 0.5)}
+    for key, (below, lowest, highest, above) in bounds.items():
+        bound = f"at least {lowest}" if highest is None else f"in {lowest}..{highest}"
+        for value in (below, above)[:1 + (highest is not None)]:
+            one_line_error(lambda: sd.load_config(None, ["sample.prompts=[]", f"{key}={value}"]),
+                           rf"^config key '{key}' must be {bound}, got {value}$")
+        for value in (lowest, highest)[:1 + (highest is not None)]:
+            cfg = sd.load_config(None, ["sample.prompts=[]", f"{key}={value}"])    # (no preview: any sample.seed)
+            assert sd.flat_config(cfg)[key] == value, (key, value)
+
+
+def test_each_config_option_refuses_a_typo_by_name_and_takes_each_of_its_options():
+    """A typo in any of the config's options is refused before any model loads, with the options to choose from:
+    else train.lr_schedule 'cosin' or lora.format 'comfyui' was refused only after the scan and loading, or at
+    the first save. "" (the variant's preset) is an option of variant and sample.sampler; fp16 of no dtype (it
+    would need loss scaling)."""
+    options = {"variant": ["", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"],
+               "dtype": ["fp32", "bf16"], "lora.format": ["diffusers", "kohya"], "sample.sampler": ["", "euler", "dpmpp_2m"],
+               "train.lr_schedule": ["constant", "cosine"], "train.timestep_sampling": ["logit_normal", "mode", "uniform"],
+               "train.weighting": ["none", "sigma_sqrt", "cosmap"]}
+    for key, valid in options.items():
+        for typo in ("x", "fp16", "Euler"):
+            one_line_error(lambda: sd.load_config(None, [f"{key}={typo}"]),
+                           rf"^config key '{key}' is '{typo}' \(valid: {', '.join(map(repr, valid))}\)$")
+        for value in valid:
+            assert sd.flat_config(sd.load_config(None, [f"{key}='{value}'"]))[key] == value
+
+
 def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_loads():
     """train.mode_scale 12.9 (meant 1.29) or -3 trained silently with ~26-29 % of the samples clamped onto sigma
     1.0 or the table's smallest sigma: outside -1..2/(pi-2) the mode curve leaves 0..1 (diffusers: IndexError
