@@ -1868,7 +1868,9 @@ def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_pa
                          **pair("diffusion_model.joint_blocks.0.x_block.attn.proj")},
              "spellings": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"lora_transformer_{q}")},
              "fused and split": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),
-                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")}}
+                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")},
+             "fused and split k": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),    # to_k: not qkv's slot 0
+                                   **pair(f"transformer.{q[:-1]}k", 64, "lora_A", "lora_B")}}
     for name, tensors in files.items():
         save_file(tensors, tmp_path / f"{name}.safetensors")
         model = tiny_mmdit()
