@@ -2348,6 +2348,29 @@ def test_an_image_too_large_for_the_model_names_the_flag_or_key_to_lower(tmp_pat
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* a side\\): {fix}")
 
 
+def test_a_wide_or_tall_image_too_large_is_named_width_by_height_before_any_text_is_encoded(tmp_path, monkeypatch):
+    """The size too large is said as width x height wherever it is met: sample.py, training's widest bucket,
+    generate() and the model itself; generate() says it before its text encoders run (T5 on a CPU: minutes), and
+    the model's largest side (tiny: 512 px) is taken."""
+    too_large = r"^{} px is too large for this model \(at most 512 px a side\): {}$"
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--width", "512", "--height", "1024",
+                                        "--out", str(tmp_path / "out")]), too_large.format("512x1024", "lower --width and --height"))
+    sd.write_demo_dataset(tmp_path / "data")
+    Image.new("RGB", (256, 64), "red").save(tmp_path / "data" / "wide.png")     # 4:1 at resolution 512: 1024x256
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.resolution": 512, "sample.width": 64})),
+                   too_large.format("1024x256", re.escape("lower dataset.resolution (a 4:1 bucket's long side is twice it)")))
+    pipe = sd.tiny_pipeline(t5_length=16)
+    monkeypatch.setattr(sd, "encode_in_batches", lambda *a, **k: pytest.fail("encoded the prompts first"))
+    for width, height in ((1024, 512), (512, 1024)):
+        one_line_error(lambda: sd.generate(pipe, ["x"], settings=sd.SampleSettings(steps=1, width=width, height=height),
+                                           progress=False), too_large.format(f"{width}x{height}", "lower the width and height"))
+        latents = torch.zeros(1, 16, height // 8, width // 8)
+        one_line_error(lambda: pipe.mmdit(latents, torch.ones(1), torch.zeros(1, 1, 64), torch.zeros(1, 64)),
+                       too_large.format(f"{width}x{height}", "lower the width and height"))
+    monkeypatch.undo()
+    assert len(sd.generate(pipe, ["x"], settings=sd.SampleSettings(steps=1, width=512, height=512), progress=False)) == 1
+
+
 def standard_components() -> dict:
     """make_components with what single files imply: CLIP heads of 64 channels (files carry no config), a
     CLIP-L projection that is the identity (they carry none), T5 weights that fp16 holds exactly."""
