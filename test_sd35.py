@@ -5171,6 +5171,24 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
                    r"image .*red_stripes.png cannot be read \(over 0.005 megapixels\)")
 
 
+def test_an_image_this_process_read_but_cannot_cache_is_its_own_error(tmp_path, monkeypatch):
+    """Under torchrun each process caches its share of the images: one whose bytes it read but cannot decode (cut
+    short, or over the pixel limit) is this process's own error, which main() has it print: said as an error all
+    processes meet (printed by each machine's first alone), one met by another process was never printed."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    items = sd.scan_dataset(cfg.dataset)
+    (tmp_path / "data/blue_disc.png").write_bytes(b"not an image: a copy cut short")
+    with pytest.raises(sd.UserError, match="blue_disc.png cannot be read") as e:
+        sd.LatentDataset(items, pipe, cfg, cfg.model)
+    assert e.value.own
+    Image.new("RGB", (80, 80)).save(tmp_path / "data/red_stripes.png")
+    monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
+    with pytest.raises(sd.UserError, match="red_stripes.png cannot be read") as e:
+        sd.LatentDataset(items[1:], pipe, cfg, cfg.model)
+    assert e.value.own
+
+
 def test_an_image_the_scan_memo_vouched_for_that_caching_cannot_read_is_scanned_anew_next_run(tmp_path, monkeypatch,
                                                                                             capsys):
     """The scan does not decode an image its memo remembers. One that cannot be read when cached (a file another
