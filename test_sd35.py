@@ -5724,6 +5724,23 @@ def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_p
     assert "e.g. thumb.png (32x24);" in err, err
 
 
+def test_images_upscaled_just_over_2x_or_cropped_to_just_under_half_are_named_and_those_at_the_limit_not(tmp_path,
+                                                                                                       capsys):
+    """The scan names images upscaled over 2x (by their more upscaled side) and those cropped to under half the
+    picture. At resolution 128: 64x64 is upscaled exactly 2x to 128x128, 100x30 2.13x in height (1.92x in width)
+    to 192x64; 8:1 and 1:8 strips keep exactly half in the widest buckets (256x64, 64x256), 9:1 and 1:9 ones less."""
+    sizes = {"at_2x.png": (64, 64), "over_2x.png": (100, 30), "half_wide.png": (512, 64), "half_tall.png": (64, 512),
+             "under_half_wide.png": (576, 64), "under_half_tall.png": (64, 576)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, "red").save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("red", encoding="utf-8")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))
+    err = capsys.readouterr().err
+    assert "warning: 1 image is upscaled over 2x" in err and "e.g. over_2x.png (100x30);" in err, err
+    assert "warning: 2 images are cropped to under half" in err, err
+    assert "e.g. under_half_tall.png, under_half_wide.png;" in err, err
+
+
 def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, capsys):
     """Buckets go up to 4:1, and each image is centre-cropped to its bucket: a 1:10 webtoon strip or a 360
     degree panorama lost over half its picture without a word. Up to 8:1 (at most half cut) passes quietly."""
