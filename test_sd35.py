@@ -8718,10 +8718,11 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
 def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_any_file_it_cannot_delete(
         tmp_path, monkeypatch, capsys):
     """train.keep_last's deletions by step number, whatever the listing's order: from step 1,000,000 the names have 7
-    digits (f"{step:06d}"); 5 digits, or 7 with a leading zero, are no name a run writes (a user's: kept). A name it
-    cannot delete (here a folder: any OSError, not only a file held open on Windows) is warned about, and the rest
-    still deleted."""
-    mine = ["lora_step_01000.safetensors", "lora_step_0999998.safetensors"]
+    digits (f"{step:06d}"); 5 digits, 7 with a leading zero, or more around the name are no name a run writes (a
+    user's: kept, and no step of the run's own). A name it cannot delete (here a folder: any OSError, not only a
+    file held open on Windows) is warned about, and the rest still deleted."""
+    mine = ["lora_step_01000.safetensors", "lora_step_0999998.safetensors", "lora_step_999997.safetensors.bak",
+            "old_lora_step_999996.safetensors"]        # (no step 999,997 or 999,996 to take their places)
     for reverse in (False, True):
         out = tmp_path / str(reverse)
         out.mkdir()
