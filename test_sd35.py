@@ -2973,6 +2973,24 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
 
 
+def test_a_resume_makes_the_previews_of_its_first_step_only_where_a_sample_step_lacks_some(tmp_path, monkeypatch):
+    """A run resumed at a sample step makes that step's previews only where a killed run left some unmade, and at
+    any other step none: one that ended after its last step's previews (step 2, sample_every 2) and goes on to
+    step 3 makes step 3's alone; resumed at step 3 (of 4: no sample step), it makes none there though its folder
+    is gone."""
+    make_dataset(tmp_path / "data")
+    run = {"train.steps": 2, "train.save_every": 1, "sample.sample_every": 2}
+    sd.train(tiny_config(tmp_path, **run))
+    assert len(list((tmp_path / "run/samples_step_000002").glob("*.png"))) == len(tiny_config(tmp_path).sample.prompts)
+    real_previews, made = sd.save_previews, []
+    monkeypatch.setattr(sd, "save_previews", lambda trainer: made.append(trainer.step) or real_previews(trainer))
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 3}), resume=True)
+    assert made == [3]
+    shutil.rmtree(tmp_path / "run/samples_step_000003")
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 4}), resume=True)
+    assert made == [3, 4]
+
+
 @pytest.mark.parametrize("sample_every, killed_at", [(2, 2), (0, 3)])      # a sample_every step, the last step
 def test_a_run_killed_during_its_previews_gets_them_all_on_resume(tmp_path, monkeypatch, sample_every, killed_at):
     """SIGKILL (the OOM killer, a scheduler) while a sample step's previews were written left that step's folder
