@@ -2354,21 +2354,25 @@ def test_a_wide_or_tall_image_too_large_is_named_width_by_height_before_any_text
     the model's largest side (tiny: 512 px) is taken."""
     too_large = r"^{} px is too large for this model \(at most 512 px a side\): {}$"
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--width", "512", "--height", "1024",
-                                        "--out", str(tmp_path / "out")]), too_large.format("512x1024", "lower --width and --height"))
+                                        "--out", str(tmp_path / "out")]),
+                   too_large.format("512x1024", "lower --width and --height"))
     sd.write_demo_dataset(tmp_path / "data")
     Image.new("RGB", (256, 64), "red").save(tmp_path / "data" / "wide.png")     # 4:1 at resolution 512: 1024x256
     one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.resolution": 512, "sample.width": 64})),
-                   too_large.format("1024x256", re.escape("lower dataset.resolution (a 4:1 bucket's long side is twice it)")))
+                   too_large.format("1024x256", re.escape("lower dataset.resolution (a 4:1 bucket's long side is "
+                                                          "twice it)")))
     pipe = sd.tiny_pipeline(t5_length=16)
     monkeypatch.setattr(sd, "encode_in_batches", lambda *a, **k: pytest.fail("encoded the prompts first"))
     for width, height in ((1024, 512), (512, 1024)):
-        one_line_error(lambda: sd.generate(pipe, ["x"], settings=sd.SampleSettings(steps=1, width=width, height=height),
-                                           progress=False), too_large.format(f"{width}x{height}", "lower the width and height"))
+        settings = sd.SampleSettings(steps=1, width=width, height=height)
+        one_line_error(lambda: sd.generate(pipe, ["x"], settings=settings, progress=False),
+                       too_large.format(f"{width}x{height}", "lower the width and height"))
         latents = torch.zeros(1, 16, height // 8, width // 8)
         one_line_error(lambda: pipe.mmdit(latents, torch.ones(1), torch.zeros(1, 1, 64), torch.zeros(1, 64)),
                        too_large.format(f"{width}x{height}", "lower the width and height"))
     monkeypatch.undo()
-    assert len(sd.generate(pipe, ["x"], settings=sd.SampleSettings(steps=1, width=512, height=512), progress=False)) == 1
+    largest = sd.SampleSettings(steps=1, width=512, height=512)
+    assert len(sd.generate(pipe, ["x"], settings=largest, progress=False)) == 1
 
 
 def standard_components() -> dict:
@@ -4262,8 +4266,9 @@ def test_each_config_option_refuses_a_typo_by_name_and_takes_each_of_its_options
     the first save. "" (the variant's preset) is an option of variant and sample.sampler; fp16 of no dtype (it
     would need loss scaling)."""
     options = {"variant": ["", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"],
-               "dtype": ["fp32", "bf16"], "lora.format": ["diffusers", "kohya"], "sample.sampler": ["", "euler", "dpmpp_2m"],
-               "train.lr_schedule": ["constant", "cosine"], "train.timestep_sampling": ["logit_normal", "mode", "uniform"],
+               "dtype": ["fp32", "bf16"], "lora.format": ["diffusers", "kohya"],
+               "sample.sampler": ["", "euler", "dpmpp_2m"], "train.lr_schedule": ["constant", "cosine"],
+               "train.timestep_sampling": ["logit_normal", "mode", "uniform"],
                "train.weighting": ["none", "sigma_sqrt", "cosmap"]}
     for key, valid in options.items():
         for typo in ("x", "fp16", "Euler"):
