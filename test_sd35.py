@@ -4,6 +4,7 @@
 """
 import collections
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -1868,7 +1869,9 @@ def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_pa
                          **pair("diffusion_model.joint_blocks.0.x_block.attn.proj")},
              "spellings": {**pair(f"transformer.{q}", 64, "lora_A", "lora_B"), **pair(f"lora_transformer_{q}")},
              "fused and split": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),
-                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")}}
+                                 **pair(f"transformer.{q}", 64, "lora_A", "lora_B")},
+             "fused and split k": {**pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 192),    # to_k: not qkv's slot 0
+                                   **pair(f"transformer.{q[:-1]}k", 64, "lora_A", "lora_B")}}
     for name, tensors in files.items():
         save_file(tensors, tmp_path / f"{name}.safetensors")
         model = tiny_mmdit()
@@ -1888,6 +1891,31 @@ def test_a_peft_lora_with_biases_is_refused_not_loaded_without_them(tmp_path):
     one_line_error(lambda: sd.load_lora(model, tmp_path / "bias.safetensors"), "lora_B.bias.*lora_bias.*not supported")
     assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"],
                        tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"])
+
+
+def test_each_kind_of_lora_file_beyond_plain_pairs_is_refused_by_its_key_not_loaded_in_part(tmp_path):
+    """DoRA (kohya's dora_scale, PEFT's lora_magnitude_vector), LyCORIS' LoHa (hada_w*) and LoKr (lokr_w*), and LoRA
+    biases (PEFT's lora_B.bias, kohya's lora_up.bias) each change what a layer computes: loading the plain pairs
+    beside them, with the rest warned of as ignored, would give other images than the tool that wrote the file."""
+    g = torch.Generator().manual_seed(0)
+    layouts = {"transformer.transformer_blocks.0.attn.to_out.0": ("lora_A", "lora_B"),
+               "lora_unet_joint_blocks_0_x_block_attn_proj": ("lora_down", "lora_up")}
+    extras = [("transformer.transformer_blocks.0.attn.to_out.0", ".lora_magnitude_vector", (64,)),
+              ("transformer.transformer_blocks.0.attn.to_out.0", ".lora_B.bias", (64,)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".dora_scale", (1, 64)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".lora_up.bias", (64,)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".hada_w1_a", (64, 2)),
+              ("lora_unet_joint_blocks_0_x_block_attn_proj", ".lokr_w1", (2, 2))]
+    untouched = tiny_mmdit().state_dict()["joint_blocks.0.x_block.attn.proj.weight"]
+    for module, extra, shape in extras:
+        down, up = layouts[module]
+        save_file({f"{module}.{down}.weight": torch.randn(2, 64, generator=g),
+                   f"{module}.{up}.weight": torch.randn(64, 2, generator=g),
+                   f"{module}{extra}": torch.randn(*shape, generator=g)}, tmp_path / "other.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
+                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr or PEFT lora_bias=True\) is not supported")
+        assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"], untouched)
 
 
 def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
@@ -2319,6 +2347,33 @@ def test_an_image_too_large_for_the_model_names_the_flag_or_key_to_lower(tmp_pat
     fixes = {"sample.width": "lower sample.width and sample.height", "dataset.resolution": "lower dataset.resolution"}
     for key, fix in fixes.items():
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* a side\\): {fix}")
+
+
+def test_a_wide_or_tall_image_too_large_is_named_width_by_height_before_any_text_is_encoded(tmp_path, monkeypatch):
+    """The size too large is said as width x height wherever it is met: sample.py, training's widest bucket,
+    generate() and the model itself; generate() says it before its text encoders run (T5 on a CPU: minutes), and
+    the model's largest side (tiny: 512 px) is taken."""
+    too_large = r"^{} px is too large for this model \(at most 512 px a side\): {}$"
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--width", "512", "--height", "1024",
+                                        "--out", str(tmp_path / "out")]),
+                   too_large.format("512x1024", "lower --width and --height"))
+    sd.write_demo_dataset(tmp_path / "data")
+    Image.new("RGB", (256, 64), "red").save(tmp_path / "data" / "wide.png")     # 4:1 at resolution 512: 1024x256
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.resolution": 512, "sample.width": 64})),
+                   too_large.format("1024x256", re.escape("lower dataset.resolution (a 4:1 bucket's long side is "
+                                                          "twice it)")))
+    pipe = sd.tiny_pipeline(t5_length=16)
+    monkeypatch.setattr(sd, "encode_in_batches", lambda *a, **k: pytest.fail("encoded the prompts first"))
+    for width, height in ((1024, 512), (512, 1024)):
+        settings = sd.SampleSettings(steps=1, width=width, height=height)
+        one_line_error(lambda: sd.generate(pipe, ["x"], settings=settings, progress=False),
+                       too_large.format(f"{width}x{height}", "lower the width and height"))
+        latents = torch.zeros(1, 16, height // 8, width // 8)
+        one_line_error(lambda: pipe.mmdit(latents, torch.ones(1), torch.zeros(1, 1, 64), torch.zeros(1, 64)),
+                       too_large.format(f"{width}x{height}", "lower the width and height"))
+    monkeypatch.undo()
+    largest = sd.SampleSettings(steps=1, width=512, height=512)
+    assert len(sd.generate(pipe, ["x"], settings=largest, progress=False)) == 1
 
 
 def standard_components() -> dict:
@@ -2921,6 +2976,24 @@ def test_ctrl_c_in_a_step_stops_after_that_step(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
     sd.train(tiny_config(tmp_path, **{**run, "train.steps": 3}), resume=True)
     assert (tmp_path / "run/samples_step_000002/step_000002_sample_00.png").is_file()
+
+
+def test_a_resume_makes_the_previews_of_its_first_step_only_where_a_sample_step_lacks_some(tmp_path, monkeypatch):
+    """A run resumed at a sample step makes that step's previews only where a killed run left some unmade, and at
+    any other step none: one that ended after its last step's previews (step 2, sample_every 2) and goes on to
+    step 3 makes step 3's alone; resumed at step 3 (of 4: no sample step), it makes none there though its folder
+    is gone."""
+    make_dataset(tmp_path / "data")
+    run = {"train.steps": 2, "train.save_every": 1, "sample.sample_every": 2}
+    sd.train(tiny_config(tmp_path, **run))
+    assert len(list((tmp_path / "run/samples_step_000002").glob("*.png"))) == len(tiny_config(tmp_path).sample.prompts)
+    real_previews, made = sd.save_previews, []
+    monkeypatch.setattr(sd, "save_previews", lambda trainer: made.append(trainer.step) or real_previews(trainer))
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 3}), resume=True)
+    assert made == [3]
+    shutil.rmtree(tmp_path / "run/samples_step_000003")
+    sd.train(tiny_config(tmp_path, **{**run, "train.steps": 4}), resume=True)
+    assert made == [3, 4]
 
 
 @pytest.mark.parametrize("sample_every, killed_at", [(2, 2), (0, 3)])      # a sample_every step, the last step
@@ -4163,6 +4236,49 @@ def test_a_negative_logit_std_is_refused_before_any_model_loads():
     assert sd.load_config(None, ["train.logit_std=0"]).train.logit_std == 0
 
 
+def test_each_config_number_takes_its_bounds_and_refuses_what_is_past_them_by_name():
+    """Each number the config bounds, at its bounds (taken) and just past them (refused before any model loads,
+    naming the key): a rank, batch or step count of 0 failed only after loading and caching, or trained nothing;
+    the bounds are those of the README. sample.width/height: check_size's multiples of 16 (1..15 refused alike)."""
+    bounds = {  # key: (refused, lowest, highest or None, refused)
+        "lora.rank": (0, 1, None, None), "train.steps": (0, 1, None, None), "train.batch_size": (0, 1, None, None),
+        "train.grad_accum": (0, 1, None, None), "train.save_every": (0, 1, None, None),
+        "train.warmup_steps": (-1, 0, None, None), "sample.sample_every": (-1, 0, None, None),
+        "train.keep_last": (-1, 0, None, None), "train.weight_decay": (-0.5, 0, None, None),
+        "train.max_grad_norm": (-0.5, 0, None, None), "lora.dropout": (-0.5, 0, None, None),
+        "sample.guidance_scale": (-0.5, 0, None, None), "sample.shift": (-0.5, 0, None, None),
+        "train.logit_std": (-0.5, 0, None, None), "t5_length": (0, 1, 512, 513),
+        "dataset.caption_dropout": (-0.5, 0, 1, 1.5), "train.seed": (-1, 0, 2**64 - 1, 2**64),
+        "sample.seed": (-1, 0, 2**64 - 1, 2**64), "sample.sample_steps": (-1, 0, 1065353216, 1065353217),
+        "train.loss_bins": (0, 1, 1000, 1001), "train.dist_timeout": (0.5, 1, 10**9, 1e9 + 0.5)}
+    for key, (below, lowest, highest, above) in bounds.items():
+        bound = f"at least {lowest}" if highest is None else f"in {lowest}..{highest}"
+        for value in (below, above)[:1 + (highest is not None)]:
+            one_line_error(lambda: sd.load_config(None, ["sample.prompts=[]", f"{key}={value}"]),
+                           rf"^config key '{key}' must be {bound}, got {value}$")
+        for value in (lowest, highest)[:1 + (highest is not None)]:
+            cfg = sd.load_config(None, ["sample.prompts=[]", f"{key}={value}"])    # (no preview: any sample.seed)
+            assert sd.flat_config(cfg)[key] == value, (key, value)
+
+
+def test_each_config_option_refuses_a_typo_by_name_and_takes_each_of_its_options():
+    """A typo in any of the config's options is refused before any model loads, with the options to choose from:
+    else train.lr_schedule 'cosin' or lora.format 'comfyui' was refused only after the scan and loading, or at
+    the first save. "" (the variant's preset) is an option of variant and sample.sampler; fp16 of no dtype (it
+    would need loss scaling)."""
+    options = {"variant": ["", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"],
+               "dtype": ["fp32", "bf16"], "lora.format": ["diffusers", "kohya"],
+               "sample.sampler": ["", "euler", "dpmpp_2m"], "train.lr_schedule": ["constant", "cosine"],
+               "train.timestep_sampling": ["logit_normal", "mode", "uniform"],
+               "train.weighting": ["none", "sigma_sqrt", "cosmap"]}
+    for key, valid in options.items():
+        for typo in ("x", "fp16", "Euler"):
+            one_line_error(lambda: sd.load_config(None, [f"{key}={typo}"]),
+                           rf"^config key '{key}' is '{typo}' \(valid: {', '.join(map(repr, valid))}\)$")
+        for value in valid:
+            assert sd.flat_config(sd.load_config(None, [f"{key}='{value}'"]))[key] == value
+
+
 def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_loads():
     """train.mode_scale 12.9 (meant 1.29) or -3 trained silently with ~26-29 % of the samples clamped onto sigma
     1.0 or the table's smallest sigma: outside -1..2/(pi-2) the mode curve leaves 0..1 (diffusers: IndexError
@@ -5079,6 +5195,24 @@ def test_an_image_deleted_or_replaced_after_the_scan_is_named_in_one_line(tmp_pa
                    r"image .*red_stripes.png cannot be read \(over 0.005 megapixels\)")
 
 
+def test_an_image_this_process_read_but_cannot_cache_is_its_own_error(tmp_path, monkeypatch):
+    """Under torchrun each process caches its share of the images: one whose bytes it read but cannot decode (cut
+    short, or over the pixel limit) is this process's own error, which main() has it print: said as an error all
+    processes meet (printed by each machine's first alone), one met by another process was never printed."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    items = sd.scan_dataset(cfg.dataset)
+    (tmp_path / "data/blue_disc.png").write_bytes(b"not an image: a copy cut short")
+    with pytest.raises(sd.UserError, match="blue_disc.png cannot be read") as e:
+        sd.LatentDataset(items, pipe, cfg, cfg.model)
+    assert e.value.own
+    Image.new("RGB", (80, 80)).save(tmp_path / "data/red_stripes.png")
+    monkeypatch.setattr(sd, "MAX_PIXELS", 5000)                # 6400 px: over the limit, not decoded
+    with pytest.raises(sd.UserError, match="red_stripes.png cannot be read") as e:
+        sd.LatentDataset(items[1:], pipe, cfg, cfg.model)
+    assert e.value.own
+
+
 def test_an_image_the_scan_memo_vouched_for_that_caching_cannot_read_is_scanned_anew_next_run(tmp_path, monkeypatch,
                                                                                             capsys):
     """The scan does not decode an image its memo remembers. One that cannot be read when cached (a file another
@@ -5612,6 +5746,23 @@ def test_images_far_smaller_than_their_bucket_are_named_they_train_blurred(tmp_p
     err = capsys.readouterr().err
     assert "1 image is upscaled over 2x to a bucket around dataset.resolution 128 px" in err, err
     assert "e.g. thumb.png (32x24);" in err, err
+
+
+def test_images_upscaled_just_over_2x_or_cropped_to_just_under_half_are_named_and_those_at_the_limit_not(tmp_path,
+                                                                                                       capsys):
+    """The scan names images upscaled over 2x (by their more upscaled side) and those cropped to under half the
+    picture. At resolution 128: 64x64 is upscaled exactly 2x to 128x128, 100x30 2.13x in height (1.92x in width)
+    to 192x64; 8:1 and 1:8 strips keep exactly half in the widest buckets (256x64, 64x256), 9:1 and 1:9 ones less."""
+    sizes = {"at_2x.png": (64, 64), "over_2x.png": (100, 30), "half_wide.png": (512, 64), "half_tall.png": (64, 512),
+             "under_half_wide.png": (576, 64), "under_half_tall.png": (64, 576)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, "red").save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("red", encoding="utf-8")
+    sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=128))
+    err = capsys.readouterr().err
+    assert "warning: 1 image is upscaled over 2x" in err and "e.g. over_2x.png (100x30);" in err, err
+    assert "warning: 2 images are cropped to under half" in err, err
+    assert "e.g. under_half_tall.png, under_half_wide.png;" in err, err
 
 
 def test_images_cropped_to_under_half_by_the_widest_bucket_are_named(tmp_path, capsys):
@@ -8598,6 +8749,38 @@ def test_train_keep_last_counts_and_deletes_only_files_not_folders_of_a_checkpoi
     sd.remove_old_checkpoints(tmp_path, 4, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"lora_step_00000{step}.safetensors" for step in (0, 2, 3, 4)]
     assert capsys.readouterr().err == ""
+
+
+def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_any_file_it_cannot_delete(
+        tmp_path, monkeypatch, capsys):
+    """train.keep_last's deletions by step number, whatever the listing's order: from step 1,000,000 the names have 7
+    digits (f"{step:06d}"); 5 digits, 7 with a leading zero, or more around the name are no name a run writes (a
+    user's: kept, and no step of the run's own). A file it cannot delete (any OSError, here EBUSY, not only a
+    file held open on Windows) is warned about, and the rest still deleted."""
+    mine = ["lora_step_01000.safetensors", "lora_step_0999998.safetensors", "lora_step_999997.safetensors.bak",
+            "old_lora_step_999996.safetensors"]        # (no step 999,997 or 999,996 to take their places)
+    for reverse in (False, True):
+        out = tmp_path / str(reverse)
+        out.mkdir()
+        for step in (999_999, 1_000_000, 1_000_001, 2_000_000):       # 2,000,000: a killed run's, past this step
+            (out / f"lora_step_{step:06d}.safetensors").write_bytes(b"")
+        (out / "lora_step_000005.safetensors").write_bytes(b"")
+        for name in mine:
+            (out / name).write_bytes(b"")
+        listed = sorted(os.listdir(out), reverse=reverse)
+        with monkeypatch.context() as patched:
+            patched.setattr(sd.os, "listdir", lambda path: listed)
+            unlink = Path.unlink
+
+            def busy(path, *args):
+                if path.name == "lora_step_000005.safetensors":
+                    raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+                unlink(path, *args)
+            patched.setattr(Path, "unlink", busy)
+            sd.remove_old_checkpoints(out, 1_000_001, 2)
+        assert sorted(os.listdir(out)) == sorted(mine + [f"lora_step_{step:06d}.safetensors"
+                                                         for step in (5, 1_000_000, 1_000_001, 2_000_000)])
+        assert capsys.readouterr().err.count("warning: old checkpoint kept") == 1
 
 
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
