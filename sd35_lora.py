@@ -2556,7 +2556,7 @@ MAX_STEPS = 0x3F800000                     # fp32 has this many sigmas in (0, 1]
 MANY_STEPS = 2**30 // 45        # their sigma schedule takes a GiB of RAM (45 bytes a step: float64, a list)
 # the config's numbers, lowest and highest allowed; validate checks those with other rules (lr > 0, ...)
 RANGES = {**dict.fromkeys(("lora.rank", "train.steps", "train.batch_size", "train.grad_accum",
-                           "train.save_every", "sample.width", "sample.height"), (1, math.inf)),
+                           "train.save_every"), (1, math.inf)),
           **dict.fromkeys(("train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "lora.dropout",
                            "sample.sample_every", "sample.guidance_scale", "sample.shift", "train.logit_std",
                            "train.keep_last"), (0, math.inf)),
