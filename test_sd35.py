@@ -5676,13 +5676,7 @@ def test_a_caption_that_cannot_be_read_is_not_called_a_wrong_encoding(tmp_path, 
     """A caption without read permission (chmod 000; simulated: the tests may run as root) or a folder named
     like one was refused with "save it as UTF-8 text", advice for an encoding error."""
     sd.write_demo_dataset(tmp_path / "data")
-    real_read_text = Path.read_text
-
-    def denied(path, *args, **kwargs):
-        if path.name == "blue_disc.txt":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_read_text(path, *args, **kwargs)
-    monkeypatch.setattr(Path, "read_text", denied)
+    failing_for(monkeypatch, "read_text", "blue_disc.txt", PermissionError(13, "Permission denied", "blue_disc.txt"))
     one_line_error(lambda: sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path / "data"))),
                    r"^caption .*blue_disc.txt: Permission denied; make it a readable file$")
     monkeypatch.undo()
@@ -7467,6 +7461,17 @@ def one_line_error(call, match: str):
     assert "\n" not in str(e.value)
 
 
+def failing_for(monkeypatch, method: str, name: str, error: OSError):
+    """Path.`method` raises `error` for files called `name` (held open, unreadable, busy); others as usual."""
+    real = getattr(Path, method)
+
+    def fake(path: Path, *args, **kwargs):
+        if path.name == name:
+            raise error
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(Path, method, fake)
+
+
 def test_untrusted_numbers_are_bounded_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
     lora = tmp_path / "lora.safetensors"
     sd.save_lora(lora_model(), lora)                                # a hostile header (save_lora refuses it)
@@ -8721,13 +8726,8 @@ def test_train_keep_last_deletes_all_but_the_newest_checkpoints_and_no_other_fil
             "lora_step_\u0660\u0660\u0660\u0660\u0660\u0661.safetensors"]      # Arabic-Indic digits: int() reads them
     for name in mine + ["lora_step_000009.safetensors"]:
         (run / name).write_bytes(b"not this run's")
-    real_unlink = Path.unlink
-
-    def held_open(path, *args, **kwargs):
-        if path.name == "lora_step_000002.safetensors":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_unlink(path, *args, **kwargs)
-    monkeypatch.setattr(Path, "unlink", held_open)
+    held_open = PermissionError(13, "Permission denied", str(run / "lora_step_000002.safetensors"))
+    failing_for(monkeypatch, "unlink", "lora_step_000002.safetensors", held_open)
     capsys.readouterr()
     sd.train(tiny_config(tmp_path, **{**sets, "train.steps": 5, "train.keep_last": 2}), resume=True)
     assert checkpoints() == sorted(mine + [f"lora_step_00000{step}.safetensors" for step in (2, 4, 5, 9)])
@@ -8770,13 +8770,7 @@ def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_an
         listed = sorted(os.listdir(out), reverse=reverse)
         with monkeypatch.context() as patched:
             patched.setattr(sd.os, "listdir", lambda path: listed)
-            unlink = Path.unlink
-
-            def busy(path, *args):
-                if path.name == "lora_step_000005.safetensors":
-                    raise OSError(errno.EBUSY, "Device or resource busy", str(path))
-                unlink(path, *args)
-            patched.setattr(Path, "unlink", busy)
+            failing_for(patched, "unlink", "lora_step_000005.safetensors", OSError(errno.EBUSY, "Busy"))
             sd.remove_old_checkpoints(out, 1_000_001, 2)
         assert sorted(os.listdir(out)) == sorted(mine + [f"lora_step_{step:06d}.safetensors"
                                                          for step in (5, 1_000_000, 1_000_001, 2_000_000)])
