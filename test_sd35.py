@@ -5,6 +5,7 @@
 import collections
 import dataclasses
 import errno
+import gc
 import hashlib
 import io
 import json
@@ -2683,6 +2684,27 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
         sd.end_training(trainer, {})
     assert (tmp_path / "run" / "samples_step_000000" / "step_000000_sample_00.png").is_file()
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline(tmp_path, monkeypatch):
+    """The Trainer drops pipe.text once the captions and preview prompts are encoded (T5-XXL is ~10 GB); its
+    LatentDataset keeps the Pipeline (self.pipe), and a dataset's or Trainer's reference to the encoders would
+    keep them for the whole run. gc.collect(): the first import of transformers' model classes leaves a cycle
+    of frames holding the loader's locals until the collector runs."""
+    real_load, encoders = sd.load_pipeline, []
+
+    def load_pipeline(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        encoders.extend(weakref.ref(m) for m in [pipe.text, *pipe.text.modules()])
+        return pipe
+    monkeypatch.setattr(sd, "load_pipeline", load_pipeline)
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    try:
+        gc.collect()
+        assert len(encoders) == 4 and [ref() for ref in encoders] == [None] * 4
+    finally:
+        sd.end_training(trainer, {})
 
 
 def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
