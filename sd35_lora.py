@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1210  Training                         Trainer and the training loop
      1361  Part 2: plumbing                 a reader can stop here
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1891  Hub Downloads                    snapshot downloads, tokenizers
-     1951  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2289  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2422  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3028  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3283  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3802  Several Processes (torchrun)     one all-reduce per step
-     3890  Command Line and the Tiny Model  main(), --tiny
+     1892  Hub Downloads                    snapshot downloads, tokenizers
+     1952  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2423  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3284  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3803  Several Processes (torchrun)     one all-reduce per step
+     3891  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1488,7 +1488,8 @@ def file_path(path, what: str) -> Path:
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
-    """Its tensors named `prefix`* (stripped; only those read; None: none) via `convert`, [and metadata]."""
+    """The file's tensors named `prefix`* (stripped; only those are read; None: none), each through
+    `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file: a UserError."""
     path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
