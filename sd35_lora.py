@@ -3794,7 +3794,7 @@ def plot_losses(log_path: Path, png_path: Path):
     _atomic_save(im, png_path)
 
 
-def previews_unfinished(trainer) -> bool:
+def previews_unfinished(trainer: Trainer) -> bool:
     """Whether this step (a run resumed) is a sample step whose previews a killed run left unfinished."""
     made = len(list(trainer.out.glob(f"samples_step_{trainer.step:06d}/*.png")))
     return trainer.every_or_last(trainer.cfg.sample.sample_every) and made < len(trainer.cfg.sample.prompts)
