@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sd35_lora as sd  # noqa: E402
 
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
-SAFETENSORS_DTYPES = {BF16: "BF16", torch.float16: "F16", torch.float32: "F32", FP8: "F8_E4M3"}
+SAFETENSORS_DTYPES = {**sd.HEADER_DTYPES, FP8: "F8_E4M3"}     # header names: cached() reads the same
 
 
 def write_streamed(path: Path, items: list):
