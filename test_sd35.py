@@ -2707,6 +2707,22 @@ def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline
         sd.end_training(trainer, {})
 
 
+def test_a_trainer_frees_its_text_encoders_before_the_garbage_collector_runs(tmp_path):
+    """The first import of transformers (or of its model classes) leaves reference cycles of import frames, and
+    through them the frames of the loaders that called it: load_pipeline's held the text encoders (T5-XXL:
+    ~9.5 GB of RAM) after the Trainer dropped them, until the garbage collector ran. A fresh process makes that
+    first import; the collector is off there."""
+    make_dataset(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path, **{"sample.prompts": ["red stripes"]})
+    script = ("import gc, weakref, sd35_lora as sd\ngc.disable()\nreal_load, encoders = sd.load_pipeline, []\n"
+              "def load_pipeline(*args, **kwargs):\n    pipe = real_load(*args, **kwargs)\n"
+              "    encoders.extend(weakref.ref(m) for m in [pipe.text, *pipe.text.modules()])\n    return pipe\n"
+              f"sd.load_pipeline = load_pipeline\ntrainer = sd.Trainer(sd.load_config(None, {overrides!r}))\n"
+              "print([ref() is None for ref in encoders])\nsd.end_training(trainer, {})\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert run.stdout.splitlines()[-1:] == [str([True] * 4)], run.stderr[-500:]
+
+
 def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
     """save_previews samples the MMDiT in eval mode (LoRA dropout would make the previews noisy and differ from
     the LoRA file's images; generate's in_eval_mode), then puts it back in train mode for the next steps."""
