@@ -178,6 +178,7 @@ def main(argv=None) -> list[Path]:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
         args.no_t5 = True
     sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
+    sd.remove_killed_writes(Path(args.out))             # a killed sample.py's hidden temporary files
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     if args.steps and args.steps > sd.MAX_STEPS:        # before loading models (generate checks it late)
@@ -261,7 +262,8 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
                   **{k: v for k, v in vars(settings).items() if k != "seed"}}
         info = PngInfo()
         info.add_text("parameters", json.dumps(params))
-        written = out / f".sample.{os.getpid()}-{os.urandom(4).hex()}.png"     # hidden until complete
+        # hidden until complete; named as _atomic_save's temporary files: a kill's is removed by the next run
+        written = out / f".sample.png.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
             sd._atomic_save(image, written, info)
             path, number = publish(written, out, number)

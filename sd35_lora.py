@@ -14,25 +14,25 @@ Data flow:
 
 Part 1 is the reference, in data-flow order; Part 2 is the plumbing that reads and writes the files people
 have, and checks what they give (a mistake raises UserError: one line, no traceback). Sections (line numbers):
-       79  Presets and Configuration        per-variant sampling presets, the training config
-      206  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
-      269  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      536  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      696  VAE                              16-channel autoencoder, the latent scale and shift
-      846  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      886  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1078  Data                             dataset scan, aspect buckets, the latent and text cache
-     1210  Training                         Trainer and the training loop
-     1362  Part 2: plumbing                 a reader can stop here
-     1369  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1893  Hub Downloads                    snapshot downloads, tokenizers
-     1953  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3030  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3285  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3804  Several Processes (torchrun)     one all-reduce per step
-     3892  Command Line and the Tiny Model  main(), --tiny
+       80  Presets and Configuration        per-variant sampling presets, the training config
+      207  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
+      270  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
+      537  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      697  VAE                              16-channel autoencoder, the latent scale and shift
+      847  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1079  Data                             dataset scan, aspect buckets, the latent and text cache
+     1211  Training                         Trainer and the training loop
+     1364  Part 2: plumbing                 a reader can stop here
+     1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1895  Hub Downloads                    snapshot downloads, tokenizers
+     1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3032  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3287  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3806  Several Processes (torchrun)     one all-reduce per step
+     3894  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -47,6 +47,7 @@ import datetime
 import difflib
 import errno
 import functools
+import gc
 import hashlib
 import io
 import itertools
@@ -1247,6 +1248,7 @@ class Trainer:
             self.embeddings = (encode_in_batches(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, 1)
                                if s.prompts else (None, None))          # sample prompts, encoded once
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
+        gc.collect()    # freed now: a cycle that transformers' first import left holds load_pipeline's frame
         self.mmdit = pipe.mmdit.to(pipe.device)
         torch.manual_seed(tc.seed)                                 # LoRA init (and dropout) follow train.seed
         self.params = add_lora(self.mmdit, lc.rank, lc.alpha, lc.targets, lc.blocks, lc.dropout)

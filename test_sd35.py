@@ -2707,6 +2707,22 @@ def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline
         sd.end_training(trainer, {})
 
 
+def test_a_trainer_frees_its_text_encoders_before_the_garbage_collector_runs(tmp_path):
+    """The first import of transformers (or of its model classes) leaves reference cycles of import frames, and
+    through them the frames of the loaders that called it: load_pipeline's held the text encoders (T5-XXL:
+    ~9.5 GB of RAM) after the Trainer dropped them, until the garbage collector ran. A fresh process makes that
+    first import; the collector is off there."""
+    make_dataset(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path, **{"sample.prompts": ["red stripes"]})
+    script = ("import gc, weakref, sd35_lora as sd\ngc.disable()\nreal_load, encoders = sd.load_pipeline, []\n"
+              "def load_pipeline(*args, **kwargs):\n    pipe = real_load(*args, **kwargs)\n"
+              "    encoders.extend(weakref.ref(m) for m in [pipe.text, *pipe.text.modules()])\n    return pipe\n"
+              f"sd.load_pipeline = load_pipeline\ntrainer = sd.Trainer(sd.load_config(None, {overrides!r}))\n"
+              "print([ref() is None for ref in encoders])\nsd.end_training(trainer, {})\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert run.stdout.splitlines()[-1:] == [str([True] * 4)], run.stderr[-500:]
+
+
 def test_previews_sample_with_lora_dropout_off_and_training_goes_on_with_it(tmp_path, monkeypatch):
     """save_previews samples the MMDiT in eval mode (LoRA dropout would make the previews noisy and differ from
     the LoRA file's images; generate's in_eval_mode), then puts it back in train mode for the next steps."""
@@ -6855,15 +6871,39 @@ def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in
     """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
     empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
     after. An image now gets its sample_NN.png only once it is complete; killed just before, a hidden file."""
-    script = tmp_path / "run.py"                    # SIGKILL while the first image is written or numbered
+    kill_sample_cli(tmp_path, killed_in)
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+
+
+TINY_SAMPLE_ARGS = ["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32"]
+
+
+def kill_sample_cli(tmp_path, killed_in: str):
+    """sample.py (tiny) writing into tmp_path/out, killed by SIGKILL when it calls `killed_in`."""
+    script = tmp_path / "run.py"
     script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
                       f"{killed_in} = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
-    r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
-                "--height", "32", "--out", str(tmp_path / "out"))
+    r = run_cli(str(script), *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
+@pytest.mark.parametrize("killed_in", ["sd35_lora._replace_file", "os.link"])    # in _atomic_save, in publish
+def test_the_temporary_file_of_a_killed_sample_cli_is_removed_by_the_next(tmp_path, killed_in):
+    """sample.py killed (kill -9, the OOM killer) while it saved an image left a hidden temporary file, the size
+    of the image, in --out for good: one more per kill. The next sample.py removes those over an hour old (a
+    younger one may be another sample.py's at work there), as a training run removes its own."""
+    kill_sample_cli(tmp_path, killed_in)
+    out = tmp_path / "out"
+    killed = list(out.iterdir())
+    assert len(killed) == 1 and killed[0].name.startswith(".")
+    sample.main([*TINY_SAMPLE_ARGS, "--out", str(out)])
+    assert killed[0].exists()
+    os.utime(killed[0], (time.time() - 7200,) * 2)
+    sample.main([*TINY_SAMPLE_ARGS, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["sample_00.png", "sample_01.png"]
 
 
 def test_sample_publish_without_hard_links_waits_for_a_windows_scanner_on_the_reserved_name(tmp_path, monkeypatch):
