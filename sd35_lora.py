@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1952  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2423  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3029  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3284  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3803  Several Processes (torchrun)     one all-reduce per step
-     3891  Command Line and the Tiny Model  main(), --tiny
+     3030  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3285  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3804  Several Processes (torchrun)     one all-reduce per step
+     3892  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2914,7 +2914,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         cuda = tensors.get("rng.cuda", rng)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
             raise ValueError
-        if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
+        if any(t.dtype not in floats or not t.isfinite().all() for t in lora):  # copy_: bools as 0/1, no imag
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
@@ -2930,7 +2930,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
-                                                 or any(t.dtype not in floats for t in m.values())
+                                                 or any(t.dtype not in floats or not t.isfinite().all()
+                                                        for t in m.values())    # inf exp_avg_sq: no update
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):

@@ -7756,6 +7756,7 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
 
 
+
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
     downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it.
@@ -7830,6 +7831,21 @@ def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_on
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     assert sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta) == 1
 
+
+def test_a_state_file_holding_nan_or_inf_is_a_one_line_error(tmp_path):
+    """A training state with inf in an AdamW exp_avg_sq (a damaged file) resumed silently, that weight never
+    to move again (its update is 0); NaN in a LoRA weight or moment resumed into 'loss became nan ... lower
+    train.lr', on each --resume. Found by fuzzing the state file."""
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
+    for key, match in (("param.0", "lacks step, config or RNG state"), ("opt.0.exp_avg", "damaged AdamW moments"),
+                       ("opt.1.exp_avg_sq", "damaged AdamW moments"), ("opt.1.step", "damaged AdamW moments")):
+        for value in (float("nan"), float("inf")):
+            damaged = tensors[key].clone()
+            damaged.view(-1)[-1] = value
+            save_file(tensors | {key: damaged}, path, meta)
+            fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+            one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                           f"{match}.*start anew in another output_dir")
 
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
