@@ -2873,7 +2873,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}

@@ -7756,6 +7756,12 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
 
 
+def test_deeply_nested_yaml_in_a_set_value_is_a_one_line_error():
+    """--set train.lr=[[[[... (2,000 brackets, closed or not) was a bare RecursionError from PyYAML, as in a
+    file before (test above). Found by fuzzing --set."""
+    for value in ("[" * 2000, "[" * 2000 + "]" * 2000):
+        one_line_error(lambda: sd.load_config(None, [f"train.lr={value}"]), "--set train.lr=.*not valid YAML")
+
 
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
