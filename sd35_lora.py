@@ -2404,7 +2404,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         what = f"{odd} (integer-quantized: int8, nvfp4)" if "int" in odd else odd    # else complex or bool
         raise UserError(f"weights stored as {what} are unsupported: use a bf16/fp16/fp8 file")
     scales = {}
-    for key in [k for k, t in sd.items() if t.element_size() == 1]:
+    for key in [k for k, t in sd.items() if t.element_size() == 1 and t.ndim]:    # 0-dim: _build refuses
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
         if given and given[0].numel() not in (1, weight.shape[0]):

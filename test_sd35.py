@@ -7322,6 +7322,21 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
         one_line_error(lambda: sd.load_mmdit(tmp_path / "mx.safetensors", fp8=fp8), r"block-wise fp8 scales \(64, 2\)")
 
 
+def test_a_single_fp8_number_in_a_model_file_is_a_one_line_error(tmp_path):
+    """A 0-dim float8 tensor (a damaged or hostile file), in the MMDiT's part or the VAE's, as a known or an
+    unknown name, was a bare IndexError from the fp8 scaling. Found by fuzzing model files."""
+    comfyui_fp8_file(tiny_mmdit(), tmp_path / "fp8.safetensors")
+    one = torch.tensor(1.0).to(torch.float8_e4m3fn)
+    for name in ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.bias", "model.diffusion_model.extra"):
+        save_file({**load_file(tmp_path / "fp8.safetensors"), name: one}, tmp_path / "scalar.safetensors")
+        for fp8 in (True, False):
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "scalar.safetensors", fp8=fp8),
+                           "MMDiT weights do not fit the detected architecture")
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, groups=32)).state_dict()
+    for name in ("decoder.conv_in.bias", "extra"):
+        save_file({**vae, name: one}, tmp_path / "vae.safetensors")
+        one_line_error(lambda: sd.load_vae(tmp_path / "vae.safetensors"), "VAE weights do not fit the detected")
+
 def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
     """A whole-model fp8 cast (biases and qk-norm weights in float8 too): only matrices stay fp8 with `fp8`."""
     fp8_part = ("joint_blocks.", "context_")
