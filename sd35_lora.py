@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3032  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3287  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3806  Several Processes (torchrun)     one all-reduce per step
-     3894  Command Line and the Tiny Model  main(), --tiny
+     3033  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3288  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3807  Several Processes (torchrun)     one all-reduce per step
+     3895  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2407,7 +2407,7 @@ def _fp8_checkpoint(sd: dict, fp8: bool, dtype: torch.dtype) -> dict[str, torch.
         what = f"{odd} (integer-quantized: int8, nvfp4)" if "int" in odd else odd    # else complex or bool
         raise UserError(f"weights stored as {what} are unsupported: use a bf16/fp16/fp8 file")
     scales = {}
-    for key in [k for k, t in sd.items() if t.element_size() == 1]:
+    for key in [k for k, t in sd.items() if t.element_size() == 1 and t.ndim]:    # 0-dim: _build refuses
         module, weight = key.removesuffix(".weight"), sd[key]
         given = [sd.pop(f"{module}.{n}") for n in ("scale_weight", "weight_scale") if f"{module}.{n}" in sd]
         if given and given[0].numel() not in (1, weight.shape[0]):
@@ -2876,7 +2876,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
@@ -2917,7 +2917,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         cuda = tensors.get("rng.cuda", rng)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
             raise ValueError
-        if any(t.dtype not in floats for t in lora):        # copy_ would take bools as 0/1, drop .imag
+        if any(t.dtype not in floats or not t.isfinite().all() for t in lora):  # copy_: bools as 0/1, no imag
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
@@ -2933,7 +2933,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
-                                                 or any(t.dtype not in floats for t in m.values())
+                                                 or any(t.dtype not in floats or not t.isfinite().all()
+                                                        for t in m.values())    # inf exp_avg_sq: no update
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):

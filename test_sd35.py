@@ -7362,6 +7362,21 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
         one_line_error(lambda: sd.load_mmdit(tmp_path / "mx.safetensors", fp8=fp8), r"block-wise fp8 scales \(64, 2\)")
 
 
+def test_a_single_fp8_number_in_a_model_file_is_a_one_line_error(tmp_path):
+    """A 0-dim float8 tensor (a damaged or hostile file), in the MMDiT's part or the VAE's, as a known or an
+    unknown name, was a bare IndexError from the fp8 scaling. Found by fuzzing model files."""
+    comfyui_fp8_file(tiny_mmdit(), tmp_path / "fp8.safetensors")
+    one = torch.tensor(1.0).to(torch.float8_e4m3fn)
+    for name in ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.bias", "model.diffusion_model.extra"):
+        save_file({**load_file(tmp_path / "fp8.safetensors"), name: one}, tmp_path / "scalar.safetensors")
+        for fp8 in (True, False):
+            one_line_error(lambda: sd.load_mmdit(tmp_path / "scalar.safetensors", fp8=fp8),
+                           "MMDiT weights do not fit the detected architecture")
+    vae = sd.VAE(sd.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, groups=32)).state_dict()
+    for name in ("decoder.conv_in.bias", "extra"):
+        save_file({**vae, name: one}, tmp_path / "vae.safetensors")
+        one_line_error(lambda: sd.load_vae(tmp_path / "vae.safetensors"), "VAE weights do not fit the detected")
+
 def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
     """A whole-model fp8 cast (biases and qk-norm weights in float8 too): only matrices stay fp8 with `fp8`."""
     fp8_part = ("joint_blocks.", "context_")
@@ -7796,6 +7811,13 @@ def test_deeply_nested_json_or_yaml_in_a_file_is_a_one_line_error(tmp_path):
     one_line_error(lambda: sd.load_config(str(tmp_path / "deep.yaml")), "cannot read .*deep.yaml as UTF-8 YAML")
 
 
+def test_deeply_nested_yaml_in_a_set_value_is_a_one_line_error():
+    """--set train.lr=[[[[... (2,000 brackets, closed or not) was a bare RecursionError from PyYAML, as in a
+    file before (test above). Found by fuzzing --set."""
+    for value in ("[" * 2000, "[" * 2000 + "]" * 2000):
+        one_line_error(lambda: sd.load_config(None, [f"train.lr={value}"]), "--set train.lr=.*not valid YAML")
+
+
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
     downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it.
@@ -7870,6 +7892,21 @@ def test_a_state_file_with_adamw_moments_or_lora_of_a_dtype_no_run_saves_is_a_on
     fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     assert sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta) == 1
 
+
+def test_a_state_file_holding_nan_or_inf_is_a_one_line_error(tmp_path):
+    """A training state with inf in an AdamW exp_avg_sq (a damaged file) resumed silently, that weight never
+    to move again (its update is 0); NaN in a LoRA weight or moment resumed into 'loss became nan ... lower
+    train.lr', on each --resume. Found by fuzzing the state file."""
+    params, path, tensors, meta = saved_adamw_state(tmp_path)
+    for key, match in (("param.0", "lacks step, config or RNG state"), ("opt.0.exp_avg", "damaged AdamW moments"),
+                       ("opt.1.exp_avg_sq", "damaged AdamW moments"), ("opt.1.step", "damaged AdamW moments")):
+        for value in (float("nan"), float("inf")):
+            damaged = tensors[key].clone()
+            damaged.view(-1)[-1] = value
+            save_file(tensors | {key: damaged}, path, meta)
+            fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+            one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
+                           f"{match}.*start anew in another output_dir")
 
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
