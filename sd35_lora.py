@@ -4062,4 +4062,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     prepare_console()
-    main()
+    try:
+        main()
+    finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as at the start
+        signal.signal(signal.SIGINT, signal.SIG_DFL)

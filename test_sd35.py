@@ -4801,6 +4801,18 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
         assert r.returncode == 0 and "default_int_handler" in r.stdout, r
 
 
+def test_ctrl_c_as_the_training_cli_exits_prints_no_traceback():
+    """Ctrl-C just as a run ended ("done: ..." printed, every file written) met Python's handler while Python shut
+    down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt". Ended as while
+    torch imports: at once, no traceback. Here the Ctrl-C comes in an atexit callback, after an error's line."""
+    code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT) or sum(range(10 ** 6))); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = run_cli("-c", code, str(ROOT / "sd35_lora.py"), "--set", "train.lr=-1")
+    assert r.returncode == -signal.SIGINT and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+
+
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
     """Windows (long paths off) refuses a path of 260 characters or more, as not found (WinError 3 or 206): a
     deep sample or cache file failed with "free disk space or choose another folder"."""
