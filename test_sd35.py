@@ -4584,6 +4584,24 @@ def test_a_fresh_run_in_the_output_dir_of_a_live_run_is_told_it_is_in_use_not_to
     one_line_error(lambda: sd.train(cfg), "already holds files of an earlier run; continue it with --resume")
 
 
+def test_a_resume_in_the_output_dir_of_a_live_run_before_its_first_checkpoint_is_told_it_is_in_use(tmp_path):
+    """--resume pointed at a run still caching or in its step-0 previews (no checkpoint yet) was told: no
+    training_state.safetensors, "start the run anew without --resume, in an empty output_dir": emptying it
+    deletes the live run's files and lock, and a run started there then shares the folder. Found by the kill hunt."""
+    make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    script = (f"import time, sd35_lora as sd\nfrom pathlib import Path\nheld = sd.lock_output_dir(Path({str(out)!r}))\n"
+              "print('locked' if held else 'no lock', flush=True)\ntime.sleep(600)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline() == "locked\n"
+        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True), r"another run is using output_dir .*run: wait")
+    finally:
+        job.kill()
+        job.wait()
+
+
 def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
     """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
