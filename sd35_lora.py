@@ -3495,6 +3495,10 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     if not cfg.model:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
+    # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
+    lock = lock_output_dir(out) if first and (out / LOCK_FILE).exists() else None
+    if lock:
+        unlock_output_dir(lock)
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
     shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
@@ -3511,10 +3515,6 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
                             f"a new or empty output_dir (--set output_dir=...)")
         fix = ("continue it with --resume" if saved else "it holds LoRA files but no training state: "
                "move them away" if loras else "it saved no checkpoint: empty it")
-        # a live run holds its lock: "in use", not "--resume" (no lock file made: it would mark a run)
-        lock = lock_output_dir(out) if (out / LOCK_FILE).exists() else None
-        if lock:
-            unlock_output_dir(lock)
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
@@ -4066,4 +4066,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     prepare_console()
-    main()
+    try:
+        main()
+    finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as at the start
+        signal.signal(signal.SIGINT, signal.SIG_DFL)

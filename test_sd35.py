@@ -4600,6 +4600,24 @@ def test_a_fresh_run_in_the_output_dir_of_a_live_run_is_told_it_is_in_use_not_to
     one_line_error(lambda: sd.train(cfg), "already holds files of an earlier run; continue it with --resume")
 
 
+def test_a_resume_in_the_output_dir_of_a_live_run_before_its_first_checkpoint_is_told_it_is_in_use(tmp_path):
+    """--resume pointed at a run still caching or in its step-0 previews (no checkpoint yet) was told: no
+    training_state.safetensors, "start the run anew without --resume, in an empty output_dir": emptying it
+    deletes the live run's files and lock, and a run started there then shares the folder. Found by the kill hunt."""
+    make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    script = (f"import time, sd35_lora as sd\nfrom pathlib import Path\nheld = sd.lock_output_dir(Path({str(out)!r}))\n"
+              "print('locked' if held else 'no lock', flush=True)\ntime.sleep(600)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline() == "locked\n"
+        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True), r"another run is using output_dir .*run: wait")
+    finally:
+        job.kill()
+        job.wait()
+
+
 def test_a_run_that_failed_before_training_leaves_output_dir_unlocked_while_its_error_is_kept(tmp_path):
     """A notebook keeps the last error's traceback: a run that failed after taking the output_dir lock (no usable
     images, a bad model path, Ctrl-C while caching) held it through the half-made Trainer, and a run started
@@ -4815,6 +4833,18 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
     for script in ("sd35_lora.py", "sample.py"):
         r = run_cli("-c", code, str(ROOT / script), "--help")
         assert r.returncode == 0 and "default_int_handler" in r.stdout, r
+
+
+def test_ctrl_c_as_the_training_cli_exits_prints_no_traceback():
+    """Ctrl-C just as a run ended ("done: ..." printed, every file written) met Python's handler while Python shut
+    down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt". Ended as while
+    torch imports: at once, no traceback. Here the Ctrl-C comes in an atexit callback, after an error's line."""
+    code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT) or sum(range(10 ** 6))); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = run_cli("-c", code, str(ROOT / "sd35_lora.py"), "--set", "train.lr=-1")
+    assert r.returncode == -signal.SIGINT and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
 
 
 def test_a_path_too_long_for_windows_is_an_error_that_says_so(tmp_path, monkeypatch):
