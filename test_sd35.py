@@ -4705,6 +4705,16 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
         assert ("was trained on sd3-medium, this model is sd3.5-medium" in capsys.readouterr().err) == warned
 
 
+def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
+    """A LoRA on dual attention (attn2, SD3.5 Medium's) loaded into a model without it: a one-line error that
+    names the layer and the model's dual-attention blocks, not an AttributeError on the missing layer."""
+    donor = tiny_mmdit(dual=(0,))
+    sd.add_lora(donor, rank=2, targets="all")
+    sd.save_lora(donor, tmp_path / "lora.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(dual=()), tmp_path / "lora.safetensors"),
+                   r"no 'joint_blocks\.0\.x_block\.attn2\.qkv' in this model \(depth 3, dual attention \[\]\)")
+
+
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
