@@ -732,6 +732,18 @@ def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tm
         1.5305, 0.0609)
 
 
+def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_is_read(tmp_path):
+    """A diffusers folder whose config.json names another class (FLUX's transformer as --model, the MMDiT's
+    folder as --vae) is refused by that name, before gigabytes of its weights are read (here there are none)."""
+    for part, written, load, needed in (("transformer", "FluxTransformer2DModel", sd.load_mmdit, "SD3Transformer2DModel"),
+                                        ("vae", "SD3Transformer2DModel", sd.load_vae, "AutoencoderKL")):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
+        for given in (tmp_path, tmp_path / part):                       # the root, or the part's folder
+            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))} holds a {written}, not the "
+                                                f"{needed} needed here: give the right folder")
+
+
 def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
     """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
     bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
@@ -7330,6 +7342,29 @@ def test_comfyui_fp8_file_loads_as_fp8_without_upcast(tmp_path):
     save_file(block_scaled, tmp_path / "mx.safetensors")
     for fp8 in (True, False):
         one_line_error(lambda: sd.load_mmdit(tmp_path / "mx.safetensors", fp8=fp8), r"block-wise fp8 scales \(64, 2\)")
+
+
+def test_a_comfy_kitchen_fp8_file_loads_as_its_scale_weight_twin(tmp_path):
+    """ComfyUI's newer fp8 layout (comfy-kitchen): per fp8 matrix `X.weight_scale`, an activation `X.input_scale`
+    and a `X.comfy_quant` marker (JSON bytes as uint8), no `scaled_fp8`: the same model as the `scale_weight`
+    layout, with fp8 and without; its uint8 markers are no integer-quantized weights to refuse."""
+    tensors = comfyui_fp8_file(tiny_mmdit(), tmp_path / "scale_weight.safetensors")
+    marker = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    kitchen = {}
+    for name, t in tensors.items():
+        if name != "scaled_fp8" and not name.endswith(".scale_input"):
+            kitchen[name.replace(".scale_weight", ".weight_scale")] = t
+        if t.dtype == torch.float8_e4m3fn and t.ndim == 2:
+            kitchen[name.replace(".weight", ".input_scale")] = torch.tensor(1.0)
+            kitchen[name.replace(".weight", ".comfy_quant")] = marker.clone()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in kitchen.items()}, tmp_path / "k.safetensors")
+    x = mmdit_inputs()
+    for fp8 in (True, False):
+        old, new = (sd.load_mmdit(tmp_path / file, fp8=fp8) for file in ("scale_weight.safetensors", "k.safetensors"))
+        assert old.state_dict().keys() == new.state_dict().keys()
+        assert all(torch.equal(t.float(), new.state_dict()[name].float()) for name, t in old.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(old(*x), new(*x))
 
 
 def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
