@@ -732,6 +732,29 @@ def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tm
         1.5305, 0.0609)
 
 
+def test_a_model_file_missing_a_tensor_or_with_a_foreign_one_is_refused_naming_it(tmp_path):
+    """Weights that do not fill the detected architecture (a tensor missing, one no layer takes) are a one-line
+    error naming the tensor, not a model left holding empty meta tensors that fail at the first step."""
+    weights = tiny_mmdit().state_dict()
+    for name, changed in (("final_layer.linear.bias", {k: v for k, v in weights.items() if k != "final_layer.linear.bias"}),
+                          ("joint_blocks.0.x_block.extra", {**weights, "joint_blocks.0.x_block.extra": torch.zeros(2)})):
+        save_file(changed, tmp_path / "mmdit.safetensors")
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "mmdit.safetensors"),
+                       rf"MMDiT weights do not fit the detected architecture: .*\"{re.escape(name)}\"")
+
+
+def test_another_parts_file_given_as_the_vae_is_named_by_what_it_holds(tmp_path):
+    """--vae given the MMDiT's or a text encoder's single file: "holds no SD3 VAE" and what the file is, not the
+    "bad SD3 VAE weights (KeyError ...)" of a damaged VAE."""
+    files = {"an SD3 MMDiT": tiny_mmdit().state_dict(),
+             "a CLIP text encoder": {"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)},
+             "a T5 text encoder": {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}}
+    for what, tensors in files.items():
+        save_file(tensors, tmp_path / "part.safetensors")
+        one_line_error(lambda: sd.load_vae(tmp_path / "part.safetensors"),
+                       rf"part.safetensors holds no SD3 VAE \(it looks like {what}\): pass --vae")
+
+
 def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_is_read(tmp_path):
     """A diffusers folder whose config.json names another class (FLUX's transformer as --model, the MMDiT's
     folder as --vae) is refused by that name, before gigabytes of its weights are read (here there are none)."""
