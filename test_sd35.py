@@ -736,8 +736,9 @@ def test_a_model_file_missing_a_tensor_or_with_a_foreign_one_is_refused_naming_i
     """Weights that do not fill the detected architecture (a tensor missing, one no layer takes) are a one-line
     error naming the tensor, not a model left holding empty meta tensors that fail at the first step."""
     weights = tiny_mmdit().state_dict()
-    for name, changed in (("final_layer.linear.bias", {k: v for k, v in weights.items() if k != "final_layer.linear.bias"}),
-                          ("joint_blocks.0.x_block.extra", {**weights, "joint_blocks.0.x_block.extra": torch.zeros(2)})):
+    missing = {k: v for k, v in weights.items() if k != "final_layer.linear.bias"}
+    foreign = {**weights, "joint_blocks.0.x_block.extra": torch.zeros(2)}
+    for name, changed in (("final_layer.linear.bias", missing), ("joint_blocks.0.x_block.extra", foreign)):
         save_file(changed, tmp_path / "mmdit.safetensors")
         one_line_error(lambda: sd.load_mmdit(tmp_path / "mmdit.safetensors"),
                        rf"MMDiT weights do not fit the detected architecture: .*\"{re.escape(name)}\"")
@@ -758,8 +759,9 @@ def test_another_parts_file_given_as_the_vae_is_named_by_what_it_holds(tmp_path)
 def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_is_read(tmp_path):
     """A diffusers folder whose config.json names another class (FLUX's transformer as --model, the MMDiT's
     folder as --vae) is refused by that name, before gigabytes of its weights are read (here there are none)."""
-    for part, written, load, needed in (("transformer", "FluxTransformer2DModel", sd.load_mmdit, "SD3Transformer2DModel"),
-                                        ("vae", "SD3Transformer2DModel", sd.load_vae, "AutoencoderKL")):
+    cases = (("transformer", "FluxTransformer2DModel", sd.load_mmdit, "SD3Transformer2DModel"),
+             ("vae", "SD3Transformer2DModel", sd.load_vae, "AutoencoderKL"))
+    for part, written, load, needed in cases:
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
         for given in (tmp_path, tmp_path / part):                       # the root, or the part's folder
