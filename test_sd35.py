@@ -8508,6 +8508,23 @@ def test_file_layout_rules_of_the_reference():
                                    for n, title in rows), rows
 
 
+def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
+    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
+    never the whole model in 16 bits first."""
+    real_build, seen = sd._build, []
+
+    def build(cls, cfg, weights, *args):
+        seen.extend(k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2)
+        assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
+        return real_build(cls, cfg, weights, *args)
+    monkeypatch.setattr(sd, "_build", build)
+    for dtype in (torch.bfloat16, torch.float16):
+        seen.clear()
+        save_file({k: v.to(dtype) for k, v in tiny_mmdit().state_dict().items()}, tmp_path / "m.safetensors")
+        fp8 = sd.load_mmdit(tmp_path / "m.safetensors", dtype=dtype, fp8=True)
+        assert seen and isinstance(fp8.joint_blocks[0].x_block.attn.qkv, sd.Fp8Linear)
+
+
 @pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
 def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
     """The host never holds the full-precision joint-block matrices: they arrive at _build already in fp8."""
