@@ -732,6 +732,43 @@ def test_a_flux_vae_folder_is_refused_by_its_latent_scale_not_decoded_with_it(tm
         1.5305, 0.0609)
 
 
+def test_a_model_file_missing_a_tensor_or_with_a_foreign_one_is_refused_naming_it(tmp_path):
+    """Weights that do not fill the detected architecture (a tensor missing, one no layer takes) are a one-line
+    error naming the tensor, not a model left holding empty meta tensors that fail at the first step."""
+    weights = tiny_mmdit().state_dict()
+    missing = {k: v for k, v in weights.items() if k != "final_layer.linear.bias"}
+    foreign = {**weights, "joint_blocks.0.x_block.extra": torch.zeros(2)}
+    for name, changed in (("final_layer.linear.bias", missing), ("joint_blocks.0.x_block.extra", foreign)):
+        save_file(changed, tmp_path / "mmdit.safetensors")
+        one_line_error(lambda: sd.load_mmdit(tmp_path / "mmdit.safetensors"),
+                       rf"MMDiT weights do not fit the detected architecture: .*\"{re.escape(name)}\"")
+
+
+def test_another_parts_file_given_as_the_vae_is_named_by_what_it_holds(tmp_path):
+    """--vae given the MMDiT's or a text encoder's single file: "holds no SD3 VAE" and what the file is, not the
+    "bad SD3 VAE weights (KeyError ...)" of a damaged VAE."""
+    files = {"an SD3 MMDiT": tiny_mmdit().state_dict(),
+             "a CLIP text encoder": {"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)},
+             "a T5 text encoder": {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}}
+    for what, tensors in files.items():
+        save_file(tensors, tmp_path / "part.safetensors")
+        one_line_error(lambda: sd.load_vae(tmp_path / "part.safetensors"),
+                       rf"part.safetensors holds no SD3 VAE \(it looks like {what}\): pass --vae")
+
+
+def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_is_read(tmp_path):
+    """A diffusers folder whose config.json names another class (FLUX's transformer as --model, the MMDiT's
+    folder as --vae) is refused by that name, before gigabytes of its weights are read (here there are none)."""
+    cases = (("transformer", "FluxTransformer2DModel", sd.load_mmdit, "SD3Transformer2DModel"),
+             ("vae", "SD3Transformer2DModel", sd.load_vae, "AutoencoderKL"))
+    for part, written, load, needed in cases:
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
+        for given in (tmp_path, tmp_path / part):                       # the root, or the part's folder
+            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))} holds a {written}, not the "
+                                                f"{needed} needed here: give the right folder")
+
+
 def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
     """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
     bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
@@ -4739,6 +4776,16 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
         assert ("was trained on sd3-medium, this model is sd3.5-medium" in capsys.readouterr().err) == warned
 
 
+def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
+    """A LoRA on dual attention (attn2, SD3.5 Medium's) loaded into a model without it: a one-line error that
+    names the layer and the model's dual-attention blocks, not an AttributeError on the missing layer."""
+    donor = tiny_mmdit(dual=(0,))
+    sd.add_lora(donor, rank=2, targets="all")
+    sd.save_lora(donor, tmp_path / "lora.safetensors")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(dual=()), tmp_path / "lora.safetensors"),
+                   r"no 'joint_blocks\.0\.x_block\.attn2\.qkv' in this model \(depth 3, dual attention \[\]\)")
+
+
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
@@ -7407,6 +7454,30 @@ def test_a_single_fp8_number_in_a_model_file_is_a_one_line_error(tmp_path):
         save_file({**vae, name: one}, tmp_path / "vae.safetensors")
         one_line_error(lambda: sd.load_vae(tmp_path / "vae.safetensors"), "VAE weights do not fit the detected")
 
+
+def test_a_comfy_kitchen_fp8_file_loads_as_its_scale_weight_twin(tmp_path):
+    """ComfyUI's newer fp8 layout (comfy-kitchen): per fp8 matrix `X.weight_scale`, an activation `X.input_scale`
+    and a `X.comfy_quant` marker (JSON bytes as uint8), no `scaled_fp8`: the same model as the `scale_weight`
+    layout, with fp8 and without; its uint8 markers are no integer-quantized weights to refuse."""
+    tensors = comfyui_fp8_file(tiny_mmdit(), tmp_path / "scale_weight.safetensors")
+    marker = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    kitchen = {}
+    for name, t in tensors.items():
+        if name != "scaled_fp8" and not name.endswith(".scale_input"):
+            kitchen[name.replace(".scale_weight", ".weight_scale")] = t
+        if t.dtype == torch.float8_e4m3fn and t.ndim == 2:
+            kitchen[name.replace(".weight", ".input_scale")] = torch.tensor(1.0)
+            kitchen[name.replace(".weight", ".comfy_quant")] = marker.clone()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in kitchen.items()}, tmp_path / "k.safetensors")
+    x = mmdit_inputs()
+    for fp8 in (True, False):
+        old, new = (sd.load_mmdit(tmp_path / file, fp8=fp8) for file in ("scale_weight.safetensors", "k.safetensors"))
+        assert old.state_dict().keys() == new.state_dict().keys()
+        assert all(torch.equal(t.float(), new.state_dict()[name].float()) for name, t in old.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(old(*x), new(*x))
+
+
 def test_fp8_file_with_fp8_biases_and_norms_loads_with_fp8(tmp_path):
     """A whole-model fp8 cast (biases and qk-norm weights in float8 too): only matrices stay fp8 with `fp8`."""
     fp8_part = ("joint_blocks.", "context_")
@@ -8543,6 +8614,23 @@ def test_file_layout_rules_of_the_reference():
     rows = re.findall(r"^ +(\d+)  (\S.*?) {2,}", sd.__doc__, re.M)
     assert len(rows) >= 15 and all(lines[int(n) - 1].startswith("#####") and title in lines[int(n)]
                                    for n, title in rows), rows
+
+
+def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
+    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
+    never the whole model in 16 bits first."""
+    real_build, seen = sd._build, []
+
+    def build(cls, cfg, weights, *args):
+        seen.extend(k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2)
+        assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
+        return real_build(cls, cfg, weights, *args)
+    monkeypatch.setattr(sd, "_build", build)
+    for dtype in (torch.bfloat16, torch.float16):
+        seen.clear()
+        save_file({k: v.to(dtype) for k, v in tiny_mmdit().state_dict().items()}, tmp_path / "m.safetensors")
+        fp8 = sd.load_mmdit(tmp_path / "m.safetensors", dtype=dtype, fp8=True)
+        assert seen and isinstance(fp8.joint_blocks[0].x_block.attn.qkv, sd.Fp8Linear)
 
 
 @pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
