@@ -312,6 +312,15 @@ def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
     assert sd.loss_weight(sigmas, "sigma_sqrt").isfinite().all()
 
 
+def test_a_draw_of_u_below_1_in_1000_trains_at_sigma_1_the_tables_first_row():
+    """u in [0, 0.001) (a sigmoid of a very negative draw, 1 in 1000 uniform draws) is row 0 of the 1000-row table,
+    sigma 1 (pure noise) as diffusers indexes it, not row 1."""
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    cfg = sd.TrainConfig(logit_mean=-50.0, logit_std=1.0)         # sigmoid(-50 + N(0, 1)) is below 1e-20
+    sigmas = sd.sample_training_sigmas(8, cfg, 3.0, torch.Generator().manual_seed(0))
+    assert table[0] == 1.0 and sigmas.tolist() == [1.0] * 8
+
+
 def test_lr_warmup_then_constant_or_cosine_as_diffusers():
     optimization = pytest.importorskip("diffusers.optimization")
     cfg = sd.TrainConfig(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
