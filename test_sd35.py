@@ -5323,6 +5323,14 @@ def test_an_epoch_batches_every_image_once_within_its_bucket():
         assert sum(a != b for a, b in zip(order, order[1:])) > 1, order
 
 
+def test_an_epoch_seed_past_2_to_the_64_wraps_and_every_seed_draws_its_own_order():
+    """train.seed may be 2**64 - 1, so seed + epoch passes the generator's range: it wraps modulo 2**64 (epoch
+    2**64 + 4 orders as 4) instead of failing in the second epoch; seeds of one parity still differ."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes = [(64, 64)] * 12
+    assert data.batches(1, 2**64 + 4) == data.batches(1, 4) != data.batches(1, 6)
+
+
 def test_a_batch_trains_on_sampled_latents_and_drops_captions_at_the_configured_rate(tmp_path):
     """LatentDataset.get: latents drawn from the cached posterior (mean 0, log-variance 0 here: N(0, 1), then
     (z - 0.0609) * 1.5305), not its mean; the empty caption's embeddings in place of a caption at caption_dropout."""
