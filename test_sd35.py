@@ -4201,6 +4201,17 @@ def test_the_models_own_switches_take_true_or_false_only():
     assert pipe.mmdit.enable_gradient_checkpointing(np.True_).gradient_checkpointing is True
 
 
+def test_place_offloads_and_says_so_only_where_the_models_do_not_fit(monkeypatch, capsys):
+    """place(None) keeps the models on the device, silently, where they fit (the CPU: always); where they do not,
+    it offloads and says how large they are. A Pipeline made by hand does not offload."""
+    pipe = sd.tiny_pipeline()
+    assert sd.Pipeline(pipe.mmdit, pipe.vae, pipe.text, pipe.variant, pipe.device).offload is False
+    assert pipe.place(None).offload is False and capsys.readouterr().out == ""
+    monkeypatch.setattr(sd, "too_large_for", lambda device, *modules: 3 * 2**30)
+    assert pipe.place(None).offload is True
+    assert capsys.readouterr().out == "models of 3.0 GB exceed free GPU memory: they visit it one at a time\n"
+
+
 def test_main_takes_paths_and_numbers_among_its_arguments(tmp_path):
     """sd.main([Path("config.yaml")]) or sample.main([..., "--seed", 5]) from a notebook failed in argparse with a
     bare "'PosixPath' object is not subscriptable" ('int' for the number): they are read as typed on a command line."""
