@@ -6438,6 +6438,14 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_a_run_without_previews_says_nothing_about_their_negative_prompt(tmp_path, capsys):
+    """sample.neg at cfg 1 is worth a warning only where previews are made: none without sample.prompts."""
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.prompts": [], "sample.guidance_scale": 1,
+                                      "sample.neg": "blurry"}))
+    assert "sample.neg" not in capsys.readouterr().err
+
+
 def test_training_previews_without_cfg_say_once_that_sample_neg_is_unused(tmp_path, capsys):
     """sample.py warns that a negative prompt does nothing at cfg 1 or less (Large Turbo's preset); training
     previews ignored sample.neg there without a word. With CFG they use it: a run whose previews took the empty
