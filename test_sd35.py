@@ -2695,6 +2695,25 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_a_trainers_previews_leave_its_models_on_its_device(tmp_path, monkeypatch):
+    """The Trainer loads with offload (the encoders visit the GPU for the caching), then trains on the device:
+    previews that still offloaded would send its MMDiT back to the CPU after each."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    moves, real = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        moves.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    try:
+        trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
+        moved = list(moves)                         # (save_previews brings the VAE over, end_training frees all)
+    finally:
+        sd.end_training(trainer, {})
+    assert trainer.pipe.offload is False and "MMDiT" not in moved, moved
+
+
 def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline(tmp_path, monkeypatch):
     """The Trainer drops pipe.text once the captions and preview prompts are encoded (T5-XXL is ~10 GB); its
     LatentDataset keeps the Pipeline (self.pipe), and a dataset's or Trainer's reference to the encoders would
@@ -6814,6 +6833,15 @@ def test_the_text_encoders_take_batch_size_prompts_at_a_time_with_the_same_image
     encoded.clear()                                             # no CFG: no negative prompt encoded
     sd.generate(pipe, prompts, "ugly", dataclasses.replace(s, cfg=1.0), progress=False, batch_size=2)
     assert encoded == [["red", "a fox"], ["blue"]]
+
+
+def test_offloaded_sampling_gives_the_images_of_sampling_in_place():
+    """With offload, generate() asks too_large_for whether the MMDiT and the VAE fit together (the test above
+    stubs it): on the CPU they do, and the images are those made without offload."""
+    pipe, settings = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    in_place = sd.generate(pipe, ["a", "b"], settings=settings, progress=False)
+    offloaded = sd.generate(pipe.place(offload=True), ["a", "b"], settings=settings, progress=False)
+    assert [np.array(image).tolist() for image in offloaded] == [np.array(image).tolist() for image in in_place]
 
 
 def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
