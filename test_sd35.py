@@ -313,8 +313,8 @@ def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
 
 
 def test_a_draw_of_u_below_1_in_1000_trains_at_sigma_1_the_tables_first_row():
-    """u in [0, 0.001) (a sigmoid of a very negative draw, 1 in 1000 uniform draws) is row 0 of the 1000-row table,
-    sigma 1 (pure noise) as diffusers indexes it, not row 1."""
+    """u in [0, 0.001) (a sigmoid of a very negative draw, 1 in 1000 uniform draws) is row 0 of the 1000-row
+    table, sigma 1 (pure noise) as diffusers indexes it, not row 1."""
     table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
     cfg = sd.TrainConfig(logit_mean=-50.0, logit_std=1.0)         # sigmoid(-50 + N(0, 1)) is below 1e-20
     sigmas = sd.sample_training_sigmas(8, cfg, 3.0, torch.Generator().manual_seed(0))
@@ -2708,7 +2708,7 @@ def test_a_trainers_previews_leave_its_models_on_its_device(tmp_path, monkeypatc
     monkeypatch.setattr(torch.nn.Module, "to", to)
     try:
         trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
-        moved = list(moves)                         # (save_previews brings the VAE over, end_training frees all)
+        moved = list(moves)             # (save_previews brings the VAE over, end_training frees all)
     finally:
         sd.end_training(trainer, {})
     assert trainer.pipe.offload is False and "MMDiT" not in moved, moved
@@ -4221,8 +4221,8 @@ def test_the_models_own_switches_take_true_or_false_only():
 
 
 def test_place_offloads_and_says_so_only_where_the_models_do_not_fit(monkeypatch, capsys):
-    """place(None) keeps the models on the device, silently, where they fit (the CPU: always); where they do not,
-    it offloads and says how large they are. A Pipeline made by hand does not offload."""
+    """place(None) keeps the models on the device, silently, where they fit (the CPU: always); where they do
+    not, it offloads and says how large they are. A Pipeline made by hand does not offload."""
     pipe = sd.tiny_pipeline()
     assert sd.Pipeline(pipe.mmdit, pipe.vae, pipe.text, pipe.variant, pipe.device).offload is False
     assert pipe.place(None).offload is False and capsys.readouterr().out == ""
@@ -6841,7 +6841,7 @@ def test_offloaded_sampling_gives_the_images_of_sampling_in_place():
     pipe, settings = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
     in_place = sd.generate(pipe, ["a", "b"], settings=settings, progress=False)
     offloaded = sd.generate(pipe.place(offload=True), ["a", "b"], settings=settings, progress=False)
-    assert [np.array(image).tolist() for image in offloaded] == [np.array(image).tolist() for image in in_place]
+    assert [np.array(image).tolist() for image in offloaded] == [np.array(im).tolist() for im in in_place]
 
 
 def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
