@@ -2695,6 +2695,15 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_previews_are_made_every_sample_every_steps_and_at_the_last(tmp_path):
+    """sample.sample_every 2 of 3 steps: previews (and the loss report) at steps 0, 2 and 3, not at each step."""
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 2, "sample.sample_steps": 1,
+                                      "sample.prompts": ["red stripes"]}))
+    made = sorted(path.name for path in (tmp_path / "run").glob("samples_step_*"))
+    assert made == [f"samples_step_{step:06d}" for step in (0, 2, 3)]
+
+
 def test_a_trainers_previews_leave_its_models_on_its_device(tmp_path, monkeypatch):
     """The Trainer loads with offload (the encoders visit the GPU for the caching), then trains on the device:
     previews that still offloaded would send its MMDiT back to the CPU after each."""
