@@ -312,6 +312,15 @@ def test_a_draw_of_u_1_trains_at_the_tables_last_sigma_not_at_0():
     assert sd.loss_weight(sigmas, "sigma_sqrt").isfinite().all()
 
 
+def test_a_draw_of_u_below_1_in_1000_trains_at_sigma_1_the_tables_first_row():
+    """u in [0, 0.001) (a sigmoid of a very negative draw, 1 in 1000 uniform draws) is row 0 of the 1000-row
+    table, sigma 1 (pure noise) as diffusers indexes it, not row 1."""
+    table = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    cfg = sd.TrainConfig(logit_mean=-50.0, logit_std=1.0)         # sigmoid(-50 + N(0, 1)) is below 1e-20
+    sigmas = sd.sample_training_sigmas(8, cfg, 3.0, torch.Generator().manual_seed(0))
+    assert table[0] == 1.0 and sigmas.tolist() == [1.0] * 8
+
+
 def test_lr_warmup_then_constant_or_cosine_as_diffusers():
     optimization = pytest.importorskip("diffusers.optimization")
     cfg = sd.TrainConfig(lr=1e-3, warmup_steps=4, steps=20, lr_schedule="cosine")
@@ -2723,6 +2732,34 @@ def test_a_trainer_made_by_hand_saves_and_samples_without_train(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
+def test_previews_are_made_every_sample_every_steps_and_at_the_last(tmp_path):
+    """sample.sample_every 2 of 3 steps: previews (and the loss report) at steps 0, 2 and 3, not at each step."""
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"train.steps": 3, "sample.sample_every": 2, "sample.sample_steps": 1,
+                                      "sample.prompts": ["red stripes"]}))
+    made = sorted(path.name for path in (tmp_path / "run").glob("samples_step_*"))
+    assert made == [f"samples_step_{step:06d}" for step in (0, 2, 3)]
+
+
+def test_a_trainers_previews_leave_its_models_on_its_device(tmp_path, monkeypatch):
+    """The Trainer loads with offload (the encoders visit the GPU for the caching), then trains on the device:
+    previews that still offloaded would send its MMDiT back to the CPU after each."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]}))
+    moves, real = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        moves.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    try:
+        trainer.save_and_sample(torch.zeros(2, trainer.cfg.train.loss_bins))
+        moved = list(moves)             # (save_previews brings the VAE over, end_training frees all)
+    finally:
+        sd.end_training(trainer, {})
+    assert trainer.pipe.offload is False and "MMDiT" not in moved, moved
+
+
 def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline(tmp_path, monkeypatch):
     """The Trainer drops pipe.text once the captions and preview prompts are encoded (T5-XXL is ~10 GB); its
     LatentDataset keeps the Pipeline (self.pipe), and a dataset's or Trainer's reference to the encoders would
@@ -4245,6 +4282,17 @@ def test_the_models_own_switches_take_true_or_false_only():
     assert pipe.mmdit.enable_gradient_checkpointing(np.True_).gradient_checkpointing is True
 
 
+def test_place_offloads_and_says_so_only_where_the_models_do_not_fit(monkeypatch, capsys):
+    """place(None) keeps the models on the device, silently, where they fit (the CPU: always); where they do
+    not, it offloads and says how large they are. A Pipeline made by hand does not offload."""
+    pipe = sd.tiny_pipeline()
+    assert sd.Pipeline(pipe.mmdit, pipe.vae, pipe.text, pipe.variant, pipe.device).offload is False
+    assert pipe.place(None).offload is False and capsys.readouterr().out == ""
+    monkeypatch.setattr(sd, "too_large_for", lambda device, *modules: 3 * 2**30)
+    assert pipe.place(None).offload is True
+    assert capsys.readouterr().out == "models of 3.0 GB exceed free GPU memory: they visit it one at a time\n"
+
+
 def test_main_takes_paths_and_numbers_among_its_arguments(tmp_path):
     """sd.main([Path("config.yaml")]) or sample.main([..., "--seed", 5]) from a notebook failed in argparse with a
     bare "'PosixPath' object is not subscriptable" ('int' for the number): they are read as typed on a command line."""
@@ -5407,6 +5455,14 @@ def test_an_epoch_batches_every_image_once_within_its_bucket():
         assert sum(a != b for a, b in zip(order, order[1:])) > 1, order
 
 
+def test_an_epoch_seed_past_2_to_the_64_wraps_and_every_seed_draws_its_own_order():
+    """train.seed may be 2**64 - 1, so seed + epoch passes the generator's range: it wraps modulo 2**64 (epoch
+    2**64 + 4 orders as 4) instead of failing in the second epoch; seeds of one parity still differ."""
+    data = sd.LatentDataset.__new__(sd.LatentDataset)
+    data.sizes = [(64, 64)] * 12
+    assert data.batches(1, 2**64 + 4) == data.batches(1, 4) != data.batches(1, 6)
+
+
 def test_a_batch_trains_on_sampled_latents_and_drops_captions_at_the_configured_rate(tmp_path):
     """LatentDataset.get: latents drawn from the cached posterior (mean 0, log-variance 0 here: N(0, 1), then
     (z - 0.0609) * 1.5305), not its mean; the empty caption's embeddings in place of a caption at caption_dropout."""
@@ -6503,6 +6559,14 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_a_run_without_previews_says_nothing_about_their_negative_prompt(tmp_path, capsys):
+    """sample.neg at cfg 1 is worth a warning only where previews are made: none without sample.prompts."""
+    make_dataset(tmp_path / "data")
+    sd.train(tiny_config(tmp_path, **{"train.steps": 1, "sample.prompts": [], "sample.guidance_scale": 1,
+                                      "sample.neg": "blurry"}))
+    assert "sample.neg" not in capsys.readouterr().err
+
+
 def test_training_previews_without_cfg_say_once_that_sample_neg_is_unused(tmp_path, capsys):
     """sample.py warns that a negative prompt does nothing at cfg 1 or less (Large Turbo's preset); training
     previews ignored sample.neg there without a word. With CFG they use it: a run whose previews took the empty
@@ -6871,6 +6935,15 @@ def test_the_text_encoders_take_batch_size_prompts_at_a_time_with_the_same_image
     encoded.clear()                                             # no CFG: no negative prompt encoded
     sd.generate(pipe, prompts, "ugly", dataclasses.replace(s, cfg=1.0), progress=False, batch_size=2)
     assert encoded == [["red", "a fox"], ["blue"]]
+
+
+def test_offloaded_sampling_gives_the_images_of_sampling_in_place():
+    """With offload, generate() asks too_large_for whether the MMDiT and the VAE fit together (the test above
+    stubs it): on the CPU they do, and the images are those made without offload."""
+    pipe, settings = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32)
+    in_place = sd.generate(pipe, ["a", "b"], settings=settings, progress=False)
+    offloaded = sd.generate(pipe.place(offload=True), ["a", "b"], settings=settings, progress=False)
+    assert [np.array(image).tolist() for image in offloaded] == [np.array(im).tolist() for im in in_place]
 
 
 def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_together(monkeypatch, tmp_path):
