@@ -4882,15 +4882,21 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
         assert r.returncode == 0 and "default_int_handler" in r.stdout, r
 
 
-def test_ctrl_c_as_the_training_cli_exits_prints_no_traceback():
-    """Ctrl-C just as a run ended ("done: ..." printed, every file written) met Python's handler while Python shut
-    down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt". Ended as while
-    torch imports: at once, no traceback. Here the Ctrl-C comes in an atexit callback, after an error's line."""
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("cli", [["sd35_lora.py", "--set", "train.lr=-1"],
+                                 ["sample.py", "--model", "tiny", "--prompt", "a", "--width", "33"]])
+def test_ctrl_c_as_the_clis_exit_prints_no_traceback(cli, ignored):
+    """Ctrl-C just as a run ended ("done: ..." or "saved to ..." printed, every file written) met Python's handler
+    while Python shut down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt".
+    Ended as while torch imports: at once, no traceback; where it was ignored (a shell script's `job &`), it still
+    is. Here the Ctrl-C comes in an atexit callback, after an error's line."""
     code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
+            f"signal.signal(signal.SIGINT, signal.SIG_IGN) if {ignored} else None; "
             "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT) or sum(range(10 ** 6))); "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    r = run_cli("-c", code, str(ROOT / "sd35_lora.py"), "--set", "train.lr=-1")
-    assert r.returncode == -signal.SIGINT and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("-c", code, str(ROOT / cli[0]), *cli[1:])
+    assert r.returncode == (1 if ignored else -signal.SIGINT) and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
 
 
@@ -8008,6 +8014,7 @@ def test_a_state_file_holding_nan_or_inf_is_a_one_line_error(tmp_path):
             fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
             one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                            f"{match}.*start anew in another output_dir")
+
 
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
