@@ -8623,9 +8623,8 @@ def test_file_layout_rules_of_the_reference():
                                    for n, title in rows), rows
 
 
-def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
-    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
-    never the whole model in 16 bits first."""
+def fp8_build_spy(monkeypatch) -> list[str]:
+    """sd._build, checking that every joint-block matrix reaches it in fp8 -> the list of those seen."""
     real_build, seen = sd._build, []
 
     def build(cls, cfg, weights, *args):
@@ -8633,6 +8632,13 @@ def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
         assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
         return real_build(cls, cfg, weights, *args)
     monkeypatch.setattr(sd, "_build", build)
+    return seen
+
+
+def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
+    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
+    never the whole model in 16 bits first."""
+    seen = fp8_build_spy(monkeypatch)
     for dtype in (torch.bfloat16, torch.float16):
         seen.clear()
         save_file({k: v.to(dtype) for k, v in tiny_mmdit().state_dict().items()}, tmp_path / "m.safetensors")
@@ -8651,15 +8657,9 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
         path.mkdir()
         save_file(mmdit_to_diffusers(model.state_dict(), 3), path / "diffusion_pytorch_model.safetensors")
         (path / "config.json").write_text(json.dumps({"num_layers": 3, "num_attention_heads": 4}))
-    real_build, seen = sd._build, []
-
-    def build(cls, cfg, weights, *args):
-        seen.extend(k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2)
-        assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
-        return real_build(cls, cfg, weights, *args)
-    monkeypatch.setattr(sd, "_build", build)
+    seen = fp8_build_spy(monkeypatch)
     fp8 = sd.load_mmdit(path, fp8=True)
-    monkeypatch.setattr(sd, "_build", real_build)
+    monkeypatch.undo()                                                          # the real _build
     after = sd.quantize_mmdit(sd.load_mmdit(path))                              # quantized after loading
     bits = lambda t: t.view(torch.uint8) if t.dtype == sd.FP8 else t     # torch 2.5 has no torch.equal for fp8
     assert seen and all(torch.equal(bits(a), bits(b)) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
