@@ -4649,7 +4649,8 @@ def test_a_resume_in_the_output_dir_of_a_live_run_before_its_first_checkpoint_is
     job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert job.stdout.readline() == "locked\n"
-        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True), r"another run is using output_dir .*run: wait")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True),
+                       r"another run is using output_dir .*run: wait")
     finally:
         job.kill()
         job.wait()
