@@ -4069,4 +4069,5 @@ if __name__ == "__main__":
     try:
         main()
     finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as at the start
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)

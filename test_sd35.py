@@ -4697,7 +4697,8 @@ def test_a_resume_in_the_output_dir_of_a_live_run_before_its_first_checkpoint_is
     job = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert job.stdout.readline() == "locked\n"
-        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True), r"another run is using output_dir .*run: wait")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path), resume=True),
+                       r"another run is using output_dir .*run: wait")
     finally:
         job.kill()
         job.wait()
@@ -4930,15 +4931,21 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
         assert r.returncode == 0 and "default_int_handler" in r.stdout, r
 
 
-def test_ctrl_c_as_the_training_cli_exits_prints_no_traceback():
-    """Ctrl-C just as a run ended ("done: ..." printed, every file written) met Python's handler while Python shut
-    down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt". Ended as while
-    torch imports: at once, no traceback. Here the Ctrl-C comes in an atexit callback, after an error's line."""
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("cli", [["sd35_lora.py", "--set", "train.lr=-1"],
+                                 ["sample.py", "--model", "tiny", "--prompt", "a", "--width", "33"]])
+def test_ctrl_c_as_the_clis_exit_prints_no_traceback(cli, ignored):
+    """Ctrl-C just as a run ended ("done: ..." or "saved to ..." printed, every file written) met Python's handler
+    while Python shut down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt".
+    Ended as while torch imports: at once, no traceback; where it was ignored (a shell script's `job &`), it still
+    is. Here the Ctrl-C comes in an atexit callback, after an error's line."""
     code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
+            f"signal.signal(signal.SIGINT, signal.SIG_IGN) if {ignored} else None; "
             "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT) or sum(range(10 ** 6))); "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    r = run_cli("-c", code, str(ROOT / "sd35_lora.py"), "--set", "train.lr=-1")
-    assert r.returncode == -signal.SIGINT and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("-c", code, str(ROOT / cli[0]), *cli[1:])
+    assert r.returncode == (1 if ignored else -signal.SIGINT) and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
 
 
@@ -8082,6 +8089,7 @@ def test_a_state_file_holding_nan_or_inf_is_a_one_line_error(tmp_path):
             one_line_error(lambda: sd.load_training_state(path, fresh, torch.optim.AdamW(fresh), meta),
                            f"{match}.*start anew in another output_dir")
 
+
 def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     make_dataset(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
@@ -8689,9 +8697,8 @@ def test_file_layout_rules_of_the_reference():
                                    for n, title in rows), rows
 
 
-def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
-    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
-    never the whole model in 16 bits first."""
+def fp8_build_spy(monkeypatch) -> list[str]:
+    """sd._build, checking that every joint-block matrix reaches it in fp8 -> the list of those seen."""
     real_build, seen = sd._build, []
 
     def build(cls, cfg, weights, *args):
@@ -8699,6 +8706,13 @@ def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
         assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
         return real_build(cls, cfg, weights, *args)
     monkeypatch.setattr(sd, "_build", build)
+    return seen
+
+
+def test_fp8_quantizes_a_bf16_or_fp16_file_while_reading(tmp_path, monkeypatch):
+    """Releases are bf16/fp16 (2 bytes a weight): their joint-block matrices too reach _build already in fp8,
+    never the whole model in 16 bits first."""
+    seen = fp8_build_spy(monkeypatch)
     for dtype in (torch.bfloat16, torch.float16):
         seen.clear()
         save_file({k: v.to(dtype) for k, v in tiny_mmdit().state_dict().items()}, tmp_path / "m.safetensors")
@@ -8717,15 +8731,9 @@ def test_fp8_weights_are_quantized_while_reading(tmp_path, monkeypatch, layout):
         path.mkdir()
         save_file(mmdit_to_diffusers(model.state_dict(), 3), path / "diffusion_pytorch_model.safetensors")
         (path / "config.json").write_text(json.dumps({"num_layers": 3, "num_attention_heads": 4}))
-    real_build, seen = sd._build, []
-
-    def build(cls, cfg, weights, *args):
-        seen.extend(k for k, v in weights.items() if k.startswith("joint_blocks.") and v.ndim == 2)
-        assert all(weights[k].dtype == sd.FP8 for k in seen), "a joint-block matrix reached _build unquantized"
-        return real_build(cls, cfg, weights, *args)
-    monkeypatch.setattr(sd, "_build", build)
+    seen = fp8_build_spy(monkeypatch)
     fp8 = sd.load_mmdit(path, fp8=True)
-    monkeypatch.setattr(sd, "_build", real_build)
+    monkeypatch.undo()                                                          # the real _build
     after = sd.quantize_mmdit(sd.load_mmdit(path))                              # quantized after loading
     bits = lambda t: t.view(torch.uint8) if t.dtype == sd.FP8 else t     # torch 2.5 has no torch.equal for fp8
     assert seen and all(torch.equal(bits(a), bits(b)) for a, b in zip(fp8.state_dict().values(), after.state_dict().values()))
