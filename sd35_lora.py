@@ -3,7 +3,7 @@
     python sd35_lora.py config.yaml                        # train a LoRA, sampling every N steps
     python sd35_lora.py config.yaml --set train.lr=5e-5    # override any config key
     python sd35_lora.py config.yaml --resume               # continue the run in output_dir
-    python sd35_lora.py config.yaml --tiny                 # CPU smoke run (seconds to a minute), tiny model
+    python sd35_lora.py config.yaml --tiny                 # CPU smoke run (seconds to minutes), tiny model
     torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # 8 GPUs: 8x the batch
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
@@ -3998,7 +3998,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=5e-5")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
-                        "demo dataset on the CPU (seconds to a minute), through the same code paths")
+                        "demo dataset on the CPU (seconds to minutes), through the same code paths")
     return parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
 
 
