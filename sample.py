@@ -3,7 +3,7 @@ r"""Generate images with SD3 / SD3.5, optionally with LoRAs.
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red fox in snow"
     python sample.py --model sd3.5_large.safetensors --text-encoders ./sd35-large-diffusers \
         --lora my.safetensors --prompt "a red fox in snow"
-    python sample.py --model tiny --prompt "smoke test" --width 64 --height 64    # random miniature, seconds
+    python sample.py --model tiny --prompt "smoke test" --width 64 --height 64    # random tiny model
     python sample.py --lora runs/lora/lora.safetensors --prompt "a red fox"       # on the LoRA's own model
 
 Unset sampling flags take the detected variant's recommended settings (PRESETS in sd35_lora.py); skip-layer

@@ -3,7 +3,7 @@
     python sd35_lora.py config.yaml                        # train a LoRA, sampling every N steps
     python sd35_lora.py config.yaml --set train.lr=5e-5    # override any config key
     python sd35_lora.py config.yaml --resume               # continue the run in output_dir
-    python sd35_lora.py config.yaml --tiny                 # CPU smoke run (seconds to a minute), tiny model
+    python sd35_lora.py config.yaml --tiny                 # CPU smoke run (seconds to minutes), tiny model
     torchrun --nproc_per_node=8 sd35_lora.py config.yaml   # 8 GPUs: 8x the batch
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a fox" --lora lora.safetensors
 
@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3033  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3288  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3807  Several Processes (torchrun)     one all-reduce per step
-     3895  Command Line and the Tiny Model  main(), --tiny
+     3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3811  Several Processes (torchrun)     one all-reduce per step
+     3899  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2790,6 +2790,10 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config key '{key}' must be {bound}, got {flat[key]}")
     if not cfg.train.lr > 0:
         raise UserError(f"'train.lr' must be above 0, got {cfg.train.lr}")
+    lo, hi = SHIFT_RANGE
+    if cfg.sample.shift and not lo <= cfg.sample.shift <= hi:       # else refused once the model has loaded
+        raise UserError(f"'sample.shift' must be 0 (the variant's preset) or in {lo:g}..{hi:g}, "
+                        f"got {cfg.sample.shift}")
     if cfg.train.timestep_sampling == "mode" and not -1 <= cfg.train.mode_scale <= 2 / (math.pi - 2):
         raise UserError(f"'train.mode_scale' must be in -1..1.75 (SD3 paper), got {cfg.train.mode_scale}")
     if not cfg.lora.dropout < 1:                        # 1: every LoRA input is 0, it trains nothing
@@ -3994,7 +3998,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=5e-5")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
-                        "demo dataset on the CPU (seconds to a minute), through the same code paths")
+                        "demo dataset on the CPU (seconds to minutes), through the same code paths")
     return parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
 
 

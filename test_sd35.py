@@ -4402,6 +4402,16 @@ def test_each_config_option_refuses_a_typo_by_name_and_takes_each_of_its_options
             assert sd.flat_config(sd.load_config(None, [f"{key}='{value}'"]))[key] == value
 
 
+def test_a_sample_shift_outside_samplings_range_is_refused_before_any_model_loads():
+    """README: bad values are refused before any model loads. sample.shift 5000 or 0.0001 (0 is the preset's)
+    passed validate and was refused only by the previews' settings, after the model had loaded."""
+    for shift in ("5000", "0.0001"):
+        one_line_error(lambda: sd.load_config(None, [f"sample.shift={shift}"]),
+                       r"'sample.shift' must be 0 \(the variant's preset\) or in 0.001..1000, got")
+    for shift in (0.0, 0.001, 1000.0):
+        assert sd.load_config(None, [f"sample.shift={shift}"]).sample.shift == shift
+
+
 def test_a_mode_scale_outside_the_sd3_papers_range_is_refused_before_any_model_loads():
     """train.mode_scale 12.9 (meant 1.29) or -3 trained silently with ~26-29 % of the samples clamped onto sigma
     1.0 or the table's smallest sigma: outside -1..2/(pi-2) the mode curve leaves 0..1 (diffusers: IndexError
