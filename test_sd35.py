@@ -8009,6 +8009,15 @@ def test_deeply_nested_yaml_in_a_set_value_is_a_one_line_error():
         one_line_error(lambda: sd.load_config(None, [f"train.lr={value}"]), "--set train.lr=.*not valid YAML")
 
 
+def test_a_set_value_that_is_not_valid_yaml_says_to_quote_the_list_as_a_whole():
+    """--set sample.prompts=[a cat, a dog] unquoted reaches Python as the words "sample.prompts=[a", "cat,",
+    ...: an unclosed list (or quote) is no YAML. Said in one line with the fix, not PyYAML's traceback."""
+    for value in ("[a", "'a cat", "a: b: c"):
+        one_line_error(lambda: sd.load_config(None, [f"sample.prompts={value}"]),
+                       re.escape(f"--set sample.prompts={value}: not valid YAML (quote a list like '[a, b]' "
+                                 "as a whole)") + "$")
+
+
 def test_a_downloaded_folder_with_custom_code_is_refused_never_offered_to_run(tmp_path, monkeypatch):
     """An auto_map in a text_encoder*/config.json or tokenizer_config.json (a hub repo's text_encoder/* files are
     downloaded, .py too) made transformers ask 'Do you wish to run the custom code? [y/N]' mid-load; y ran it.
