@@ -7136,6 +7136,21 @@ def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path
     assert "terminated" not in r.stderr
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM from the process itself is POSIX's")
+def test_sample_cli_sigterm_as_it_exits_after_saving_is_no_traceback(tmp_path):
+    """A SIGTERM (`timeout`'s, a scheduler's) that came just after "saved to", while Python exited (threads'
+    shutdown, atexit callbacks: tens of milliseconds), printed a traceback of Terminated (exit code 0 or 1). It
+    ends the process as at the start, as Ctrl-C there does: no traceback, the image kept."""
+    script = tmp_path / "run.py"                    # the SIGTERM arrives in an atexit callback
+    script.write_text(f"import atexit, os, runpy, signal, sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
+                      "def terminated():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n"
+                      "atexit.register(terminated)\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out"))
+    assert r.returncode == -signal.SIGTERM and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["sample_00.png"]
+
 def test_the_sigterm_handler_raises_as_ctrl_c_but_not_over_an_error_ending_the_run():
     """sd35_lora.py's main() and sample.py share it: terminated, or the error that was already ending the run."""
     with pytest.raises(sd.Terminated):
