@@ -314,7 +314,7 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         sd.exit_stopped(isinstance(e, sd.Terminated), ": images already written stay in --out", sys.stderr)
-    finally:        # Ctrl-C or SIGTERM while Python exits (torch's atexit callbacks): no traceback, as at the start
+    finally:        # Ctrl-C or SIGTERM while Python exits (torch's atexit callbacks): no traceback
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
             signal.signal(signal.SIGINT, signal.SIG_DFL)
