@@ -4941,21 +4941,23 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
         assert r.returncode == 0 and "default_int_handler" in r.stdout, r
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT and SIGTERM")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("ignored", [False, True])
 @pytest.mark.parametrize("cli", [["sd35_lora.py", "--set", "train.lr=-1"],
                                  ["sample.py", "--model", "tiny", "--prompt", "a", "--width", "33"]])
-def test_ctrl_c_as_the_clis_exit_prints_no_traceback(cli, ignored):
+def test_ctrl_c_or_sigterm_as_the_clis_exit_prints_no_traceback(cli, ignored, sig):
     """Ctrl-C just as a run ended ("done: ..." or "saved to ..." printed, every file written) met Python's handler
     while Python shut down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt".
     Ended as while torch imports: at once, no traceback; where it was ignored (a shell script's `job &`), it still
-    is. Here the Ctrl-C comes in an atexit callback, after an error's line."""
+    is. SIGTERM alike: sample.py ended by one its parent had set to be ignored (143, not its own code). Here the
+    signal comes in an atexit callback, after an error's line."""
     code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
-            f"signal.signal(signal.SIGINT, signal.SIG_IGN) if {ignored} else None; "
-            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT) or sum(range(10 ** 6))); "
+            f"signal.signal({int(sig)}, signal.SIG_IGN) if {ignored} else None; "
+            f"atexit.register(lambda: os.kill(os.getpid(), {int(sig)}) or sum(range(10 ** 6))); "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     r = run_cli("-c", code, str(ROOT / cli[0]), *cli[1:])
-    assert r.returncode == (1 if ignored else -signal.SIGINT) and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == (1 if ignored else -sig) and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
 
 
@@ -7150,6 +7152,7 @@ def test_sample_cli_sigterm_as_it_exits_after_saving_is_no_traceback(tmp_path):
     r = run_cli(str(script), *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out"))
     assert r.returncode == -signal.SIGTERM and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["sample_00.png"]
+
 
 def test_the_sigterm_handler_raises_as_ctrl_c_but_not_over_an_error_ending_the_run():
     """sd35_lora.py's main() and sample.py share it: terminated, or the error that was already ending the run."""
