@@ -4947,11 +4947,11 @@ def test_once_imported_the_clis_take_ctrl_c_as_python_does(tmp_path):
 @pytest.mark.parametrize("cli", [["sd35_lora.py", "--set", "train.lr=-1"],
                                  ["sample.py", "--model", "tiny", "--prompt", "a", "--width", "33"]])
 def test_ctrl_c_or_sigterm_as_the_clis_exit_prints_no_traceback(cli, ignored, sig):
-    """Ctrl-C just as a run ended ("done: ..." or "saved to ..." printed, every file written) met Python's handler
-    while Python shut down: torch's atexit callback printed "Exception ignored ... Traceback ... KeyboardInterrupt".
-    Ended as while torch imports: at once, no traceback; where it was ignored (a shell script's `job &`), it still
-    is. SIGTERM alike: sample.py was ended by one its parent had set to be ignored (143, not its own code).
-    Here the signal comes in an atexit callback, after an error's line."""
+    """Ctrl-C just as a run ended ("done: ..." or "saved to ..." printed, every file written) met Python's
+    handler while Python shut down: torch's atexit callback printed "Exception ignored ... Traceback ...
+    KeyboardInterrupt". Ended as while torch imports: at once, no traceback; where it was ignored (a shell
+    script's `job &`), it still is. SIGTERM alike: sample.py was ended by one its parent had set to be ignored
+    (143, not its own code). Here the signal comes in an atexit callback, after an error's line."""
     code = ("import atexit, os, runpy, signal, sys; sys.argv = sys.argv[1:]; "
             f"signal.signal({int(sig)}, signal.SIG_IGN) if {ignored} else None; "
             f"atexit.register(lambda: os.kill(os.getpid(), {int(sig)}) or sum(range(10 ** 6))); "
