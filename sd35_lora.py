@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3811  Several Processes (torchrun)     one all-reduce per step
-     3899  Command Line and the Tiny Model  main(), --tiny
+     3812  Several Processes (torchrun)     one all-reduce per step
+     3900  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3484,8 +3484,9 @@ def remove_if_unused(out: Path, made: list[Path]):
 def remove_killed_writes(folder: Path):
     """Hidden temporary files (as large as a LoRA or the training state) of writes a kill -9 or power cut
     ended, in `folder` and its subfolders, if over an hour old: a younger one may be another run's at work."""
-    named = ".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp"     # _atomic_save's .NAME.PID-RANDOM.tmp
-    for tmp in [*folder.glob(named), *folder.glob(f"*/{named}")]:
+    named = (".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp",     # _atomic_save's .NAME.PID-RANDOM.tmp, and the
+             ".tmp" + "[0-9A-Za-z]" * 6)                 # .tmpXXXXXX safetensors' save_file renames to it
+    for tmp in [path for name in named for path in (*folder.glob(name), *folder.glob(f"*/{name}"))]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink()

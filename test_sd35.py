@@ -4238,6 +4238,21 @@ def test_the_temporary_files_of_a_killed_runs_writes_are_removed_by_the_next_run
     assert not killed[0].exists()
 
 
+def test_a_worker_killed_in_save_file_leaves_no_safetensors_temporary_file_to_pile_up(tmp_path):
+    """safetensors' save_file writes its own .tmpXXXXXX first, then renames it to _atomic_save's file: a torchrun
+    worker killed there (kill -9, the OOM killer) while caching or saving left one each time, never removed."""
+    killed = [tmp_path / "run" / ".tmp3K1PSx", tmp_path / "cache" / "latents" / ".tmpzljcq5"]
+    at_work = tmp_path / "cache" / "text" / ".tmpAb12Cd"                # another run's, under an hour old
+    for path in [*killed, at_work]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    for path in killed:
+        os.utime(path, (time.time() - 7200,) * 2)
+    sd.remove_killed_writes(tmp_path / "run")
+    sd.remove_killed_writes(tmp_path / "cache")
+    assert not any(path.exists() for path in killed) and at_work.exists()
+
+
 def test_a_file_where_a_written_files_folder_belongs_is_named_as_such_not_the_temporary_files_error(tmp_path):
     """A file in place of a folder on the path (save_lora(model, "runs/fox/lora.safetensors") with runs/fox a file):
     the clean-up of the temporary file, never written, raised a bare NotADirectoryError naming that temporary file
