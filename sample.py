@@ -304,17 +304,17 @@ def first_free(out: Path, number: int, make) -> tuple[Path, int]:
 
 
 if __name__ == "__main__":
-    sd.prepare_console()        # Ctrl-C as usual again, pythonw's missing streams, a log's line order
-    # SIGTERM (what `timeout` and schedulers send) as Ctrl-C: else the process died at once, without its
-    # "saved to" line, leaving the image being written as a hidden file
-    inherited = signal.signal(signal.SIGTERM, sd.terminate)
-    try:
-        main()
-    except (sd.UserError, sd.torch.OutOfMemoryError) as e:     # main() words running out of memory
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        sd.exit_stopped(isinstance(e, sd.Terminated), ": images already written stay in --out", sys.stderr)
-    finally:        # Ctrl-C or SIGTERM while Python exits (torch's atexit callbacks): no traceback
-        signal.signal(signal.SIGTERM, inherited)        # the default, or ignored as the parent set it
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # Ctrl-C as usual again, pythonw's missing streams, a log's line order; and SIGTERM (what `timeout` and
+    # schedulers send) as Ctrl-C: else the process died at once, without its "saved to" line, leaving the
+    # image being written as a hidden file. Both are handed back as the process exits (no traceback then).
+    with sd.cli_console():
+        inherited = sd.handle_signals(sd.terminate, (signal.SIGTERM,))
+        try:
+            main()
+        except (sd.UserError, sd.torch.OutOfMemoryError) as e:     # main() words running out of memory
+            sys.exit(f"error: {e}")
+        except KeyboardInterrupt as e:
+            stopped = ": images already written stay in --out"
+            sd.exit_stopped(isinstance(e, sd.Terminated), stopped, sys.stderr)
+        finally:
+            sd.restore_signals(inherited)           # the default, or ignored as the parent set it

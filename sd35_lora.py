@@ -4011,7 +4011,8 @@ def read_argv(argv, example: str) -> list[str] | None:
     return None if argv is None else [str(a) for a in argv]
 
 
-def prepare_console():
+@contextlib.contextmanager
+def cli_console():
     """A CLI script's console after its imports: Ctrl-C (silenced for them) raises KeyboardInterrupt again;
     pythonw's None stdout/stderr become os.devnull (reconfigure and progress bars need a file); a log gets
     lines in order, and what stdout cannot encode (Windows' cp1252 when redirected) as \\u escapes."""
@@ -4019,6 +4020,11 @@ def prepare_console():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    try:
+        yield
+    finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as while importing
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def main(argv=None):
@@ -4070,9 +4076,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    prepare_console()
-    try:
+    with cli_console():
         main()
-    finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as at the start
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
