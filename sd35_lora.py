@@ -2914,14 +2914,15 @@ def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
     tensors = read_safetensors(path)             # `meta`: its header as prepare_resume read it -> the step
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)    # what LoRAs and AdamW take
+    def usable(t):      # copy_ would take bools as 0/1 and drop .imag; an inf exp_avg_sq stops its weight
+        return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and t.isfinite().all()
     try:
         step, rng = int(meta["step"]), tensors["rng.cpu"]
         lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)
         if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
             raise ValueError
-        if any(t.dtype not in floats or not t.isfinite().all() for t in lora):  # copy_: bools as 0/1, no imag
+        if not all(map(usable, lora)):
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
@@ -2937,8 +2938,7 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
     moments = ("exp_avg", "exp_avg_sq")
     bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
-                                                 or any(t.dtype not in floats or not t.isfinite().all()
-                                                        for t in m.values())    # inf exp_avg_sq: no update
+                                                 or not all(map(usable, m.values()))
                                                  or not m["step"] >= 1         # AdamW's bias correction
                                                  or any(m[k].shape != params[i].shape for k in moments))]
     if bad or step and not any(state.values()):
