@@ -3485,7 +3485,7 @@ def remove_killed_writes(folder: Path):
     """Hidden temporary files (as large as a LoRA or the training state) of writes a kill -9 or power cut
     ended, in `folder` and its subfolders, if over an hour old: a younger one may be another run's at work."""
     named = (".*.*[0-9]-" + "[0-9a-f]" * 8 + ".tmp",     # _atomic_save's .NAME.PID-RANDOM.tmp, and the
-             ".tmp" + "[0-9A-Za-z]" * 6)                 # .tmpXXXXXX safetensors' save_file renames to it
+             ".tmp" + "[0-9A-Za-z]" * 6)                 # .tmpXXXXXX safetensors' save_file writes it through
     for tmp in [path for name in named for path in (*folder.glob(name), *folder.glob(f"*/{name}"))]:
         with contextlib.suppress(OSError):                  # (another run removed it first)
             if time.time() - tmp.stat().st_mtime > 3600:
