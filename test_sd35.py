@@ -6159,6 +6159,13 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert results["fp8"]["scaled_mm"]["rel_err_vs_dequantized"] < 1e-6 and results["fp8"]["train_large"]["fp8_step_s"] > 0
 
 
+def test_gpu_benchmark_without_a_gpu_says_so_in_one_line(tmp_path):
+    """Without --smoke on a machine with no GPU, bench_gpu.py ended in a bare 'Torch not compiled with CUDA' traceback."""
+    r = run_cli(".ci/bench_gpu.py", "compile", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "bench_gpu.py: no CUDA GPU here: run it on a GPU machine, or add --smoke for the tiny CPU check"], r.stderr
+
+
 #################################################################################
 #                     Hardening: odd datasets, resumes, numbers                  #
 #################################################################################

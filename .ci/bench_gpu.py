@@ -38,6 +38,8 @@ import sd35_lora as sd  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    sys.exit("bench_gpu.py: no CUDA GPU here: run it on a GPU machine, or add --smoke for the tiny CPU check")
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 PX = 64 if SMOKE else 1024
 BUDGET_GIB = 23.0                 # a 24 GB card less the CUDA context
