@@ -2115,14 +2115,14 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    ours = lora_metadata(meta, path)[0]
+    # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
+    headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
+    pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
+    ours = headers["transformer"][0]
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    # each part's PEFT header and alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
-    headers = {part: lora_metadata(meta, path, part)[1] for part in ("transformer", *TEXT_LORA_NAMES)}
-    pefts = {part: (peft, _alpha_pattern(peft, path)) for part, peft in headers.items()}
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
     groups = _lora_groups(sd, path, spellings)
