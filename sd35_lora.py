@@ -2261,31 +2261,29 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     if taken:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
                         f"merge the others (sample.py: leave out --no-merge)")
-    done = {}                                       # {name: the layer as it was}, undone if a later one fails
+    merged = []                                     # the layers merged so far: subtracted again on failure
     try:
         for name, (down, up) in adapters.items():
             layer = layers[name]
             if name not in unmerged:
                 merge_delta(layer, (up @ down) * scale)
-                done[name] = layer
+                merged.append(name)
             else:       # LoRALinear's random init, overwritten at once, must leave the caller's seed alone
                 device = layer.weight.device
                 accelerators = [] if device.index is None else [device.index]  # the CPU's is always forked
                 with torch.random.fork_rng(accelerators, device_type=device.type):
                     wrapped = LoRALinear(layer, rank=len(down), alpha=len(down)).requires_grad_(False)
                 wrapped.train(layer.training)                       # an eval() model's layers stay in eval
-                done[name] = layer                                  # replaced from here: put back on failure
-                _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
                 wrapped.lora_down.weight.copy_(down)
                 wrapped.lora_up.weight.copy_(up)
                 wrapped.multiplier = scale
+                _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
     except BaseException:       # e.g. Ctrl-C or out of memory part way: the layers done are undone
-        for name, layer in done.items():
-            if name not in unmerged:    # subtracted, not restored from a copy (that would cost the model's
-                down, up = adapters[name]           # size): as it was to within rounding (fp8: its rounding)
-                merge_delta(layer, -(up @ down) * scale)
-            else:
-                _replace(model, name, layer)
+        for name in unmerged:               # `layers` holds them as they were (one not yet replaced: a no-op)
+            _replace(model, name, layers[name])
+        for name in merged:     # subtracted, not restored from a copy (that would cost the model's size): as
+            down, up = adapters[name]               # it was to within rounding (fp8: its rounding)
+            merge_delta(layers[name], -(up @ down) * scale)
         raise
     return len(adapters)
 
