@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1895  Hub Downloads                    snapshot downloads, tokenizers
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3812  Several Processes (torchrun)     one all-reduce per step
-     3900  Command Line and the Tiny Model  main(), --tiny
+     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3290  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3810  Several Processes (torchrun)     one all-reduce per step
+     3898  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
