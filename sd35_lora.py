@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1895  Hub Downloads                    snapshot downloads, tokenizers
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3812  Several Processes (torchrun)     one all-reduce per step
-     3900  Command Line and the Tiny Model  main(), --tiny
+     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3290  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3810  Several Processes (torchrun)     one all-reduce per step
+     3898  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2115,14 +2115,14 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    ours = lora_metadata(meta, path)[0]
+    # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
+    headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
+    pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
+    ours = headers["transformer"][0]
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
               f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    # each part's PEFT header and alpha_pattern (PEFT's rank_pattern: a rank is its shape's)
-    headers = {part: lora_metadata(meta, path, part)[1] for part in ("transformer", *TEXT_LORA_NAMES)}
-    pefts = {part: (peft, _alpha_pattern(peft, path)) for part, peft in headers.items()}
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
     groups = _lora_groups(sd, path, spellings)
@@ -2261,31 +2261,29 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
     if taken:
         raise UserError(f"{taken[0]} already has an unmerged LoRA: only one per layer can stay unmerged, "
                         f"merge the others (sample.py: leave out --no-merge)")
-    done = {}                                       # {name: the layer as it was}, undone if a later one fails
+    merged = []                                     # the layers merged so far: subtracted again on failure
     try:
         for name, (down, up) in adapters.items():
             layer = layers[name]
             if name not in unmerged:
                 merge_delta(layer, (up @ down) * scale)
-                done[name] = layer
+                merged.append(name)
             else:       # LoRALinear's random init, overwritten at once, must leave the caller's seed alone
                 device = layer.weight.device
                 accelerators = [] if device.index is None else [device.index]  # the CPU's is always forked
                 with torch.random.fork_rng(accelerators, device_type=device.type):
                     wrapped = LoRALinear(layer, rank=len(down), alpha=len(down)).requires_grad_(False)
                 wrapped.train(layer.training)                       # an eval() model's layers stay in eval
-                done[name] = layer                                  # replaced from here: put back on failure
-                _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
                 wrapped.lora_down.weight.copy_(down)
                 wrapped.lora_up.weight.copy_(up)
                 wrapped.multiplier = scale
+                _replace(model, name, wrapped)                      # for inference: add_lora leaves it frozen
     except BaseException:       # e.g. Ctrl-C or out of memory part way: the layers done are undone
-        for name, layer in done.items():
-            if name not in unmerged:    # subtracted, not restored from a copy (that would cost the model's
-                down, up = adapters[name]           # size): as it was to within rounding (fp8: its rounding)
-                merge_delta(layer, -(up @ down) * scale)
-            else:
-                _replace(model, name, layer)
+        for name in unmerged:               # `layers` holds them as they were (one not yet replaced: a no-op)
+            _replace(model, name, layers[name])
+        for name in merged:     # subtracted, not restored from a copy (that would cost the model's size): as
+            down, up = adapters[name]               # it was to within rounding (fp8: its rounding)
+            merge_delta(layers[name], -(up @ down) * scale)
         raise
     return len(adapters)
 
