@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3812  Several Processes (torchrun)     one all-reduce per step
-     3900  Command Line and the Tiny Model  main(), --tiny
+     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3290  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3810  Several Processes (torchrun)     one all-reduce per step
+     3898  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2672,8 +2672,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         f"(cond, uncond) or cfg=1")
 
 
-def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep,
-                         progress):
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep, progress):
     """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
     if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
         raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
@@ -2920,9 +2919,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         step, rng = int(meta["step"]), tensors["rng.cpu"]
         lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)
-        if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
-            raise ValueError
-        if not all(map(usable, lora)):
+        rng_intact = rng.shape == torch.get_rng_state().shape and rng.dtype == cuda.dtype == torch.uint8
+        if not (rng_intact and all(map(usable, lora))):
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "
