@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3290  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3810  Several Processes (torchrun)     one all-reduce per step
-     3898  Command Line and the Tiny Model  main(), --tiny
+     3041  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3296  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3816  Several Processes (torchrun)     one all-reduce per step
+     3904  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2657,16 +2657,22 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         "uncond) from TextEncoders.encode, or load the pipeline again")
     if embeddings is None:
         return
+    widths = pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim
     try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: no (cond, uncond)
-        (context, pooled), uncond = embeddings
-        widths = context.shape[2], pooled.shape[1]
+        cond, uncond = embeddings
+        pairs = [cond] if uncond is None or cfg <= 1.0 else [cond, uncond]      # the halves that will run
+        rows = [len(context) for context, _ in pairs]
+        intact = all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs)
     except (TypeError, ValueError, AttributeError, IndexError):
-        widths = None
-    if widths != (pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim):     # another model's: torch's error
+        intact = False
+    if not intact:                                      # another model's: torch's error
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
                         "TextEncoders.encode; uncond None without CFG")
-    if len(context) != len(prompts):
-        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode these")
+    if rows[0] != len(prompts):
+        raise UserError(f"embeddings for {counted(rows[0], 'prompt')}, not {len(prompts)}: encode these")
+    if rows[-1] != len(prompts):                # a negative encoded once: the other images would go without
+        raise UserError(f"embeddings' uncond half is for {counted(rows[-1], 'prompt')}, not {len(prompts)}: "
+                        f"encode the negative prompt once per prompt ([negative] * {len(prompts)})")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
