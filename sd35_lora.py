@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3035  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3290  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3810  Several Processes (torchrun)     one all-reduce per step
-     3898  Command Line and the Tiny Model  main(), --tiny
+     3039  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3294  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3814  Several Processes (torchrun)     one all-reduce per step
+     3902  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2655,23 +2655,28 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         "uncond) from TextEncoders.encode, or load the pipeline again")
     if embeddings is None:
         return
+    widths = pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim
     try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: no (cond, uncond)
-        (context, pooled), uncond = embeddings
-        widths = context.shape[2], pooled.shape[1]
+        cond, uncond = embeddings
+        pairs = [cond] if uncond is None or cfg <= 1.0 else [cond, uncond]      # the halves that will run
+        rows = [len(context) for context, _ in pairs]
+        intact = all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs)
     except (TypeError, ValueError, AttributeError, IndexError):
-        widths = None
-    if widths != (pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim):     # another model's: torch's error
+        intact = False
+    if not intact:                                      # another model's: torch's error
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
                         "TextEncoders.encode; uncond None without CFG")
-    if len(context) != len(prompts):
-        raise UserError(f"embeddings for {counted(len(context), 'prompt')}, not {len(prompts)}: encode these")
+    if rows[0] != len(prompts):
+        raise UserError(f"embeddings for {counted(rows[0], 'prompt')}, not {len(prompts)}: encode these")
+    if rows[-1] != len(prompts):                # a negative encoded once: the other images would go without
+        raise UserError(f"embeddings' uncond half is for {counted(rows[-1], 'prompt')}, not {len(prompts)}: "
+                        f"encode the negative prompt once per prompt ([negative] * {len(prompts)})")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
 
 
-def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep,
-                         progress):
+def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep, progress):
     """generate()'s arguments checked -> (prompts as a list, the settings resolved for pipe, batch_size)."""
     if not isinstance(pipe, Pipeline):                  # e.g. pipe.mmdit, which load_lora takes
         raise UserError(f"generate takes the Pipeline from load_pipeline, not a {type(pipe).__name__}")
@@ -2918,9 +2923,8 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
         step, rng = int(meta["step"]), tensors["rng.cpu"]
         lora = [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
         cuda = tensors.get("rng.cuda", rng)
-        if rng.shape != torch.get_rng_state().shape or any(t.dtype != torch.uint8 for t in (rng, cuda)):
-            raise ValueError
-        if not all(map(usable, lora)):
+        rng_intact = rng.shape == torch.get_rng_state().shape and rng.dtype == cuda.dtype == torch.uint8
+        if not (rng_intact and all(map(usable, lora))):
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} lacks step, config or RNG state, or a param.N, or one is damaged: start "

@@ -1007,6 +1007,21 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
                    "no uncond")
 
 
+def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
+    """embeddings=(encode(prompts), encode([negative])), the negative encoded once, made the second image with no
+    uncond rows at batch_size 1 (silently another image) and failed with a bare size mismatch at batch_size 2; an
+    uncond of another model's width, or none, a bare TypeError or an error from deep inside torch."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
+    cond, negative = pipe.text.encode(["red", "blue"]), pipe.text.encode([""])
+    for batch_size in (1, 2):
+        one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, batch_size=batch_size,
+                                           embeddings=(cond, negative)), "uncond half is for 1 prompt, not 2")
+    for uncond in (5, (cond[0], cond[1][:, :7]), (cond[0], cond[1][:1])):
+        one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False,
+                                           embeddings=(cond, uncond)), r"embeddings must be \(cond, uncond\)")
+    repeated = tuple(t.expand(2, *t.shape[1:]) for t in negative)
+    assert len(sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=(cond, repeated))) == 2
+
 def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
     """generate(pipe, prompts, negative=["blurry", "dark"]) (diffusers takes one negative per prompt) encoded the
     list as one text pair, "blurry" + "dark", as every image's negative: other images, without a word. None or
