@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1211  Training                         Trainer and the training loop
      1364  Part 2: plumbing                 a reader can stop here
      1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1895  Hub Downloads                    snapshot downloads, tokenizers
-     1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3039  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3294  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3814  Several Processes (torchrun)     one all-reduce per step
-     3902  Command Line and the Tiny Model  main(), --tiny
+     1894  Hub Downloads                    snapshot downloads, tokenizers
+     1954  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2423  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3038  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3293  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3813  Several Processes (torchrun)     one all-reduce per step
+     3901  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1743,8 +1743,6 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     source, roles = file_path(source, "text encoders"), ["clip_l", "clip_g", "t5xxl"][:2 + use_t5]
     if (source / "text_encoder").is_dir():
         picked = {r: source / TEXT_ENCODERS[r][0] for r in roles}
-        read = [file for p in picked.values() if p.is_dir()          # they key the text cache, not the path
-                for file in (*weight_files(p, "model"), p / "config.json")]
         weights = {r: read_weights_dir(p, "model") if p.is_dir() else {} for r, p in picked.items()}
         try:
             configs = {r: transformers.AutoConfig.from_pretrained(p, trust_remote_code=False)  # never ask to
@@ -1756,7 +1754,6 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         files = sorted(source.glob("*.safetensors"), key=lambda p: ("fp8" in p.name.lower(), p.name))
         picked = {r: next((p for p in files if re.search(rf"(?<![a-z]){TEXT_ENCODERS[r][1]}(?![a-z])",
                                                          p.name.lower())), source) for r in roles}
-        read = list(picked.values())
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
                             if p != source or p.is_file() else {} for r, p in picked.items()}, {}
     for role, sd in weights.items():
@@ -1770,8 +1767,8 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
     if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
         raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
                         f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
-    folder = source if source.is_dir() else source.parent    # its tokenizer*/ files key the text cache too
-    tokenizers, read = _tokenizers(folder, use_t5), read + sorted(folder.glob("tokenizer*/*"))
+    folder = source if source.is_dir() else source.parent
+    tokenizers = _tokenizers(folder, use_t5)
     try:
         encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
@@ -1781,7 +1778,9 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
         raise UserError(f"{source}: bad text encoder weights ({type(e).__name__}: {e}); download them "
                         f"again") from None
     text = TextEncoders(*encoders, tokenizers, t5_length=t5_length, context_dim=context_dim)
-    text.files = [_file_id(p) for p in read if p.is_file()]     # a folder's weight, config, tokenizer files
+    read = [file for p in picked.values()             # the files key the text cache, not the paths
+            for file in ((*weight_files(p, "model"), p / "config.json") if p.is_dir() else (p,))]
+    text.files = [_file_id(p) for p in [*read, *sorted(folder.glob("tokenizer*/*"))] if p.is_file()]
     return text
 
 
