@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1211  Training                         Trainer and the training loop
      1364  Part 2: plumbing                 a reader can stop here
      1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1894  Hub Downloads                    snapshot downloads, tokenizers
-     1954  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2290  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2423  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3038  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3293  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3813  Several Processes (torchrun)     one all-reduce per step
-     3901  Command Line and the Tiny Model  main(), --tiny
+     1897  Hub Downloads                    snapshot downloads, tokenizers
+     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2295  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3043  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3298  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3818  Several Processes (torchrun)     one all-reduce per step
+     3906  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1490,6 +1490,9 @@ def file_path(path, what: str) -> Path:
     return Path(path)
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")     # never read, never downloaded
+
+
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
     """The file's tensors named `prefix`* (stripped; only those are read; None: none), each through
     `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file: a UserError."""
@@ -1503,7 +1506,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
                         f"themselves (cp -L), or download again")
     if not path.is_file():
         raise UserError(f"file not found: {path}")
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -1931,16 +1934,18 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
-    local = name.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or os.path.exists(name.split("/")[0])
+    local = name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
     if not download:
         return None
     from huggingface_hub import snapshot_download
-    try:  # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
+    # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
+    skipped = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    skipped += ["*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]
+    try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt", "*.fp16.safetensors",
-                                                       "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]))
+                                      ignore_patterns=skipped))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
         if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):      # (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "

@@ -8897,6 +8897,26 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
                    "text_encoder_3/model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors"]
 
 
+def test_pickle_files_are_never_downloaded_and_a_missing_one_is_not_found(monkeypatch, tmp_path):
+    """The pickle suffixes were listed three times, and not alike: a repo's .pth and .pkl files were downloaded
+    (never read), and a missing `runs/model.pth` was taken for a hub id ("could not download ... offline?")."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    repo = ["model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/model.pth", "vae/x.pkl"]
+    got = []
+
+    def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
+        got.append(name)
+        got.extend(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",))
+    assert got == ["stabilityai/stable-diffusion-3.5-medium", "model_index.json", "vae/diffusion_pytorch_model.safetensors"]
+    for missing in ("runs/model.pth", "runs/model.pkl", "runs/MODEL.CKPT"):
+        one_line_error(lambda: sd.resolve_model(missing, ("vae",)), rf"model not found: '{missing}'")
+    assert len(got) == 3
+
+
 def test_text_encoder_files_without_tokenizer_folders_get_sd3s_standard_tokenizers(monkeypatch, tmp_path):
     """Single files carry no vocabularies: CLIP-L's and T5's standard tokenizers are downloaded (their text
     files only), and CLIP-G's is CLIP-L's padding with "!" (id 0), as SD3's tokenizer_2 pads: with CLIP-L's EOS
