@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3812  Several Processes (torchrun)     one all-reduce per step
-     3900  Command Line and the Tiny Model  main(), --tiny
+     3813  Several Processes (torchrun)     one all-reduce per step
+     3901  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3419,7 +3419,8 @@ def writable_dir(path: str | Path, what: str):
     """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
 
