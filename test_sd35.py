@@ -8198,9 +8198,9 @@ def test_a_full_disk_at_the_start_is_refused_before_any_model_loads(tmp_path, mo
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded on a full disk"))
     monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb"))  # writes: ENOSPC
     one_line_error(lambda: sd.train(tiny_config(tmp_path)),
-                   r"output_dir .*run is not a writable folder \(No space left on device\)")
+                   r"output_dir .*run is not a writable folder \(No space left on device\): free disk space")
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s")]),
-                   r"--out .*s is not a writable folder \(No space left on device\)")
+                   r"--out .*s is not a writable folder \(No space left on device\): free disk space")
 
 
 def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
