@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3043  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3298  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3818  Several Processes (torchrun)     one all-reduce per step
-     3906  Command Line and the Tiny Model  main(), --tiny
+     3825  Several Processes (torchrun)     one all-reduce per step
+     3913  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3405,7 +3405,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         # Windows without long paths refuses a path of 260 characters or more: not found (WinError 3 or 206)
         written = len(os.path.abspath(tmp))         # tmp's, the longer path, written first
         too_long = sys.platform == "win32" and isinstance(e, FileNotFoundError) and written >= 260
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, SafetensorError)
+        full = out_of_space(e) or isinstance(e, SafetensorError)
         long_paths = (f"its path, {written} characters as the temporary file written first, is too long for "
                       f"Windows (259 at most): enable long paths (LongPathsEnabled)")
         fix = ("remove the folder of that name" if os.path.isdir(path)   # e.g. a cache file (never raises)
@@ -3425,9 +3425,16 @@ def writable_dir(path: str | Path, what: str):
     """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
-        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): give another") from None
+        fix = "free disk space or give another" if out_of_space(e) else "give another"
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
+
+
+def out_of_space(e: OSError) -> bool:
+    """A full disk, or the user's disk quota used up."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
 LOCK_FILE = ".sd35_lora.lock"       # hidden: no "earlier run's file" to the next run's check

@@ -8211,6 +8211,20 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
     assert checkpoints() == before
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_at_the_start_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """On a real full disk (tmpfs, ext4) a file can be made but no byte written: writable_dir made its test
+    file without writing, so train() loaded the models, cached the dataset, ran a step and failed appending
+    to log.jsonl, leaving an output_dir that now had to be emptied; sample.py loaded its models too."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded on a full disk"))
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb"))  # writes: ENOSPC
+    one_line_error(lambda: sd.train(tiny_config(tmp_path)),
+                   r"output_dir .*run is not a writable folder \(No space left on device\): free disk space")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s")]),
+                   r"--out .*s is not a writable folder \(No space left on device\): free disk space")
+
+
 def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
     """main's error for an OSError (a full disk while the log is appended to) said 'then continue with --resume'
     also before the first checkpoint, where --resume only answers that there is nothing to resume from."""
