@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3037  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3292  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3812  Several Processes (torchrun)     one all-reduce per step
-     3900  Command Line and the Tiny Model  main(), --tiny
+     3041  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3296  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3818  Several Processes (torchrun)     one all-reduce per step
+     3906  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2964,16 +2964,20 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines past the checkpoint's step (a resume redoes them) and those that are no
-    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept."""
+    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept.
+    Line by line: a million steps' log read whole took 0.6 GB of RAM."""
     if log.is_file():
-        *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
-        kept = []
-        for line in lines:
+        _atomic_save(log_lines_up_to(log, step), log)
+
+
+def log_lines_up_to(log: Path, step: int):
+    """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read."""
+    with open(log, errors="replace", newline="\n") as f:
+        for line in f:
             with contextlib.suppress(ValueError, RecursionError):
-                entry = json.loads(line)
+                entry = json.loads(line) if line.endswith("\n") else None     # the last may be cut short
                 if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
-                    kept.append(line + "\n")
-        _atomic_save("".join(kept), log)
+                    yield line
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
@@ -3371,7 +3375,8 @@ def _replace_file(tmp: Path, path: Path):
 
 
 def _atomic_save(data, path: str | Path, metadata=None):
-    """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
+    """Tensors, text (or a generator of its lines) or a PIL image to a tmp file of this process, fsynced,
+    renamed: never a half file."""
     path = file_path(path, "the file to write")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
@@ -3379,8 +3384,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
             save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
-        elif isinstance(data, str):
-            tmp.write_text(data)
+        elif isinstance(data, str) or hasattr(data, "__next__"):
+            with open(tmp, "w") as f:
+                f.writelines([data] if isinstance(data, str) else data)
         else:
             data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:

@@ -19,6 +19,7 @@ import subprocess
 import struct
 import sys
 import time
+import tracemalloc
 import types
 import typing
 import warnings
@@ -6344,6 +6345,23 @@ def test_a_log_whose_end_holds_bytes_that_are_not_utf8_is_trimmed_not_a_tracebac
     log.write_bytes("".join(lines).encode() + b"\xff\xfe\x00\x93garbage")
     sd.drop_log_lines_after(log, 2)
     assert log.read_text() == "".join(lines[:2])
+
+
+def test_a_resume_trims_the_log_line_by_line_not_read_whole(tmp_path):
+    """--resume read log.jsonl whole and held it three times over (text, lines, kept lines): a million steps'
+    log (144 MB) took 0.6 GB of RAM. Measured by Python's allocations: under a quarter of the file now."""
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-4, "time": 1.7e9}) + "\n"
+             for step in range(1, 20_001)]
+    log.write_text("".join(lines))
+    size = log.stat().st_size
+    tracemalloc.start()
+    try:
+        sd.drop_log_lines_after(log, 15_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert log.read_text() == "".join(lines[:15_000]) and peak < size / 4, (peak, size)
 
 
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
