@@ -8268,6 +8268,29 @@ def test_the_loss_curves_moving_average_takes_one_pass_over_the_log(tmp_path, mo
     assert Image.open(tmp_path / "loss.png").size == (800, 400) and len(additions) < 10 * 2000   # was 200,000
 
 
+def test_loss_png_reads_the_log_line_by_line_and_draws_a_point_pair_per_pixel_column(tmp_path, monkeypatch):
+    """loss.png, redrawn at every sample_every, read log.jsonl whole as dicts (~1 KB a step: 1 GB at a million
+    steps) and drew every step as a point of both curves (a Python tuple each) into 690 pixel columns."""
+    drawn, real_line = [], ImageDraw.ImageDraw.line
+
+    def line(self, points, fill=None, width=0):
+        drawn.append(len(points))
+        return real_line(self, points, fill=fill, width=width)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", line)
+    steps = 30_000
+    (tmp_path / "log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1 / s, "lr": 1e-4, "grad_norm": 0.5, "sigma": 0.5, "time": 1.7e9}) + "\n"
+        for s in range(1, steps + 1)))
+    tracemalloc.start()
+    try:
+        sd.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert Image.open(tmp_path / "loss.png").size == (800, 400)
+    assert max(drawn) <= 16 * 800 and peak < 300 * steps, (drawn, peak)     # were 30,000 points, 1 KB a step
+
+
 def test_the_loss_curves_moving_average_is_the_mean_of_the_last_window_of_losses(tmp_path, monkeypatch):
     """loss.png's dark curve and its 'last' number: the mean of the last max(2, steps // 20) losses, fewer at
     the start. No test looked at them: a window one step off or a wrong divisor drew a wrong curve unseen."""
