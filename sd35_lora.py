@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3041  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3296  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3839  Several Processes (torchrun)     one all-reduce per step
-     3927  Command Line and the Tiny Model  main(), --tiny
+     3841  Several Processes (torchrun)     one all-reduce per step
+     3929  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3384,9 +3384,11 @@ def _atomic_save(data, path: str | Path, metadata=None):
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, dict):
             save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
-        elif isinstance(data, str) or hasattr(data, "__next__"):
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        elif hasattr(data, "__next__"):                        # lines, written as they are read
             with open(tmp, "w") as f:
-                f.writelines([data] if isinstance(data, str) else data)
+                f.writelines(data)
         else:
             data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:
