@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2295  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3043  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3298  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3825  Several Processes (torchrun)     one all-reduce per step
-     3913  Command Line and the Tiny Model  main(), --tiny
+     3047  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3302  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3854  Several Processes (torchrun)     one all-reduce per step
+     3942  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2970,16 +2970,20 @@ RESUME_FREE = tuple("output_dir device dataset.cache_dir lora.format train.steps
 
 def drop_log_lines_after(log: Path, step: int):
     """log.jsonl without the lines past the checkpoint's step (a resume redoes them) and those that are no
-    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept."""
+    JSON object with a step (cut short, or stray bytes a crash left); lines of any JSON writer are kept.
+    Line by line: a million steps' log read whole took 0.6 GB of RAM."""
     if log.is_file():
-        *lines, _ = log.read_text(errors="replace").split("\n")       # the last: "", or a line cut short
-        kept = []
-        for line in lines:
+        _atomic_save(log_lines_up_to(log, step), log)
+
+
+def log_lines_up_to(log: Path, step: int):
+    """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read."""
+    with open(log, errors="replace", newline="\n") as f:
+        for line in f:
             with contextlib.suppress(ValueError, RecursionError):
-                entry = json.loads(line)
+                entry = json.loads(line) if line.endswith("\n") else None     # the last may be cut short
                 if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
-                    kept.append(line + "\n")
-        _atomic_save("".join(kept), log)
+                    yield line
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
@@ -3377,7 +3381,8 @@ def _replace_file(tmp: Path, path: Path):
 
 
 def _atomic_save(data, path: str | Path, metadata=None):
-    """Tensors, text or a PIL image to a tmp file of this process, fsynced, renamed: never a half file."""
+    """Tensors, text (or a generator of its lines) or a PIL image to a tmp file of this process, fsynced,
+    renamed: never a half file."""
     path = file_path(path, "the file to write")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
@@ -3387,6 +3392,9 @@ def _atomic_save(data, path: str | Path, metadata=None):
             save_file({k: t.detach().contiguous().cpu() for k, t in data.items()}, tmp, metadata=metadata)
         elif isinstance(data, str):
             tmp.write_text(data)
+        elif hasattr(data, "__next__"):                        # lines, written as they are read
+            with open(tmp, "w") as f:
+                f.writelines(data)
         else:
             data.save(tmp, format="PNG", pnginfo=metadata)
         with open(tmp, "rb+") as f:
@@ -3787,11 +3795,9 @@ def stop_with_checkpoint(tr: Trainer, terminated: bool):
 def plot_losses(log_path: Path, png_path: Path):
     """Loss curve (raw and moving average) against the step, with labelled axes, drawn with Pillow."""
     from PIL import Image, ImageDraw
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    if len(entries) < 2:
+    steps, losses = logged_losses(log_path)
+    if len(losses) < 2:
         return
-    steps = [e.get("step", i + 1) for i, e in enumerate(entries)]      # a hand-made log: by line
-    losses = [e["loss"] for e in entries]
     window = max(2, len(losses) // 20)
     sums = [0.0, *itertools.accumulate(losses)]       # running sums: a window's sum is one subtraction
     smooth = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
@@ -3809,11 +3815,34 @@ def plot_losses(log_path: Path, png_path: Path):
         x, y = xy(step, loss)
         draw.text((x - 10, H - pad + 5), f"{step:.0f}", fill="black")
         draw.text((5, y - 6), f"{loss:.4g}", fill="black")
-    draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
-    draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 180), width=2)
+    stride = max(1, len(losses) // (8 * (W - left - pad)))     # up to 16 points a pixel column: enough
+    draw.line([xy(*point) for point in thinned(steps, losses, stride)], fill=(170, 190, 230), width=1)
+    draw.line([xy(*point) for point in thinned(steps, smooth, stride)], fill=(20, 60, 180), width=2)
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
     draw.text((5, 10), f"loss (light: per step, dark: mean of {window}, last {smooth[-1]:.4f})", fill="black")
     _atomic_save(im, png_path)
+
+
+def logged_losses(log_path: Path) -> tuple[list, list]:
+    """(steps, losses) of log.jsonl, read line by line: a million steps' entries as dicts took 1 GB of RAM."""
+    steps, losses = [], []
+    with open(log_path) as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                steps.append(entry.get("step", len(steps) + 1))      # a hand-made log: by line
+                losses.append(entry["loss"])
+    return steps, losses
+
+
+def thinned(steps: list, values: list, stride: int):
+    """(step, value) points to draw: the lowest and highest of each `stride` values, in their order, at the
+    first one's step (stride 1: every point). A million steps in 690 pixel columns look the same (a few
+    pixels differ)."""
+    for start in range(0, len(values), stride):
+        run = range(start, min(start + stride, len(values)))
+        extremes = sorted({min(run, key=values.__getitem__), max(run, key=values.__getitem__)})
+        yield from ((steps[start], values[i]) for i in extremes)
 
 
 def previews_unfinished(trainer: Trainer) -> bool:
