@@ -3987,7 +3987,9 @@ def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {sig: signal.signal(sig, handler) for sig in signals}
+    # one ignored stays so: a shell script's `job &` (Ctrl-C for the script in front) or the caller's choice
+    taken = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+    return {sig: signal.signal(sig, handler) for sig in taken}
 
 
 def restore_signals(old_handlers: dict):

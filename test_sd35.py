@@ -3234,6 +3234,29 @@ def test_training_inside_inference_mode_trains(tmp_path):
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT and SIGTERM")
+def test_training_where_the_caller_ignores_ctrl_c_and_sigterm_keeps_ignoring_them(tmp_path, monkeypatch):
+    """A shell script's `python research.py &` starts with Ctrl-C ignored (a Ctrl-C for the script in front
+    must not stop it), as may a caller that set SIG_IGN: train() took both signals over for its run, so that
+    Ctrl-C stopped the background training after step 1 (SystemExit 130). Ignored, they stay ignored."""
+    make_dataset(tmp_path / "data")
+    step = sd.Trainer.forward_backward
+    def signalled_step(trainer, stopping):
+        if trainer.step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(trainer, stopping)
+    monkeypatch.setattr(sd.Trainer, "forward_backward", signalled_step)
+    found = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert [signal.getsignal(sig) for sig in found] == [signal.SIG_IGN] * 2
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
