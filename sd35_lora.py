@@ -3918,7 +3918,20 @@ def tiny_tokenizer(t5: bool = False):
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
+@contextlib.contextmanager
+def float32_on_cpu():
+    """The caller's default dtype and device set aside: tensors made inside are float32, on the CPU."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 @torch.random.fork_rng(devices=[])         # seeded: the same weights each time; the caller's RNG untouched
+@float32_on_cpu()                           # and the same under a caller's float64 or GPU default (its RNG)
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel

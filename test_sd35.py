@@ -3257,6 +3257,26 @@ def test_training_where_the_caller_ignores_ctrl_c_and_sigterm_keeps_ignoring_the
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+def test_the_tiny_model_is_the_same_under_a_callers_default_dtype_and_device():
+    """The tiny model drew its random weights in the caller's default dtype (float64: another model, whose
+    captions were cached under the float32 one's keys) and on the caller's default device (a GPU's draws, from
+    the GPU generator fork_rng does not keep; "meta" stands in for one here: no weights at all)."""
+    reference = sd.tiny_pipeline()
+    for set_default, put_back in [(lambda: torch.set_default_dtype(torch.float64),
+                                   lambda: torch.set_default_dtype(torch.float32)),
+                                  (lambda: torch.set_default_device("meta"),
+                                   lambda: torch.set_default_device(None))]:
+        set_default()
+        try:
+            pipe = sd.tiny_pipeline()
+        finally:
+            put_back()
+        for ours, theirs in zip([pipe.mmdit, pipe.vae, *pipe.text.modules()],
+                                [reference.mmdit, reference.vae, *reference.text.modules()]):
+            for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+                assert a.device == b.device and torch.equal(a, b)
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
