@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1079  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1364  Part 2: plumbing                 a reader can stop here
-     1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1895  Hub Downloads                    snapshot downloads, tokenizers
-     1955  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2291  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2424  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3039  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3294  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3814  Several Processes (torchrun)     one all-reduce per step
-     3902  Command Line and the Tiny Model  main(), --tiny
+     1365  Part 2: plumbing                 a reader can stop here
+     1372  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1896  Hub Downloads                    snapshot downloads, tokenizers
+     1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3040  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3295  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3815  Several Processes (torchrun)     one all-reduce per step
+     3903  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1241,7 +1241,8 @@ class Trainer:
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
-        with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
+        # the encoders visit the GPU once; a caller's autocast (a notebook cell's) would change what is cached
+        with pipe.on_device(pipe.vae, *pipe.text.modules()), torch.autocast(pipe.device.type, enabled=False):
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
                 warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)

@@ -3257,6 +3257,24 @@ def test_training_where_the_caller_ignores_ctrl_c_and_sigterm_keeps_ignoring_the
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+def test_training_under_a_callers_autocast_caches_what_a_plain_run_caches(tmp_path):
+    """A notebook cell that sampled under `torch.autocast("cpu", torch.bfloat16)` (or "cuda") and then called
+    train() there encoded the latents and captions in bf16 and cached them under an fp32 run's keys: every
+    later run on that cache, in any process, trained on them (another LoRA than a fresh cache gives)."""
+    make_dataset(tmp_path / "data")
+    sets = {"train.steps": 1, "sample.sample_every": 0, "sample.prompts": []}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sd.train(tiny_config(tmp_path, **sets))
+    sd.train(tiny_config(tmp_path, **sets, **{"output_dir": str(tmp_path / "plain"),
+                                              "dataset.cache_dir": str(tmp_path / "plain_cache")}))
+    files = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(tmp_path / "plain_cache")
+                           for p in (tmp_path / "plain_cache").rglob("*.safetensors")) and files
+    for name in files:
+        cached, plain = (load_file(str(tmp_path / folder / name)) for folder in ("cache", "plain_cache"))
+        assert all(torch.equal(cached[k], plain[k]) for k in plain), name
+
+
 def test_the_tiny_model_is_the_same_under_a_callers_default_dtype_and_device():
     """The tiny model drew its random weights in the caller's default dtype (float64: another model, whose
     captions were cached under the float32 one's keys) and on the caller's default device (a GPU's draws, from
