@@ -23,16 +23,16 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1079  Data                             dataset scan, aspect buckets, the latent and text cache
      1211  Training                         Trainer and the training loop
-     1364  Part 2: plumbing                 a reader can stop here
-     1371  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1897  Hub Downloads                    snapshot downloads, tokenizers
-     1959  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2295  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3047  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3302  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3854  Several Processes (torchrun)     one all-reduce per step
-     3942  Command Line and the Tiny Model  main(), --tiny
+     1365  Part 2: plumbing                 a reader can stop here
+     1372  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1898  Hub Downloads                    snapshot downloads, tokenizers
+     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3303  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3855  Several Processes (torchrun)     one all-reduce per step
+     3943  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1241,7 +1241,8 @@ class Trainer:
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
-        with pipe.on_device(pipe.vae, *pipe.text.modules()):            # the encoders visit the GPU once
+        # the encoders visit the GPU once; a caller's autocast (a notebook cell's) would change what is cached
+        with pipe.on_device(pipe.vae, *pipe.text.modules()), torch.autocast(pipe.device.type, enabled=False):
             self.data = LatentDataset(items, pipe, cfg, cfg.model)
             if self.rank == 0 and s.prompts:
                 warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
@@ -3958,7 +3959,20 @@ def tiny_tokenizer(t5: bool = False):
                                    unk_token="<unk>", pad_token="<eos>", model_max_length=77)
 
 
+@contextlib.contextmanager
+def float32_on_cpu():
+    """The caller's default dtype and device set aside: tensors made inside are float32, on the CPU."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 @torch.random.fork_rng(devices=[])         # seeded: the same weights each time; the caller's RNG untouched
+@float32_on_cpu()                           # and the same under a caller's float64 or GPU default (its RNG)
 def tiny_pipeline(device="cpu", dtype=torch.float32, t5_length: int = 16, use_t5: bool = True) -> Pipeline:
     """A random tiny SD3.5 Medium (dual attention, qk-norm) with CLIP/T5: the real code paths on a CPU."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -4027,7 +4041,9 @@ def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     import threading
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {sig: signal.signal(sig, handler) for sig in signals}
+    # one ignored stays so: a shell script's `job &` (Ctrl-C for the script in front) or the caller's choice
+    taken = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+    return {sig: signal.signal(sig, handler) for sig in taken}
 
 
 def restore_signals(old_handlers: dict):

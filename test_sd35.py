@@ -3235,6 +3235,67 @@ def test_training_inside_inference_mode_trains(tmp_path):
     assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT and SIGTERM")
+def test_training_where_the_caller_ignores_ctrl_c_and_sigterm_keeps_ignoring_them(tmp_path, monkeypatch):
+    """A shell script's `python research.py &` starts with Ctrl-C ignored (a Ctrl-C for the script in front
+    must not stop it), as may a caller that set SIG_IGN: train() took both signals over for its run, so that
+    Ctrl-C stopped the background training after step 1 (SystemExit 130). Ignored, they stay ignored."""
+    make_dataset(tmp_path / "data")
+    step = sd.Trainer.forward_backward
+    def signalled_step(trainer, stopping):
+        if trainer.step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(trainer, stopping)
+    monkeypatch.setattr(sd.Trainer, "forward_backward", signalled_step)
+    found = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        lora = sd.train(tiny_config(tmp_path, **{"train.steps": 2, "sample.sample_every": 0}))
+        assert [signal.getsignal(sig) for sig in found] == [signal.SIG_IGN] * 2
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
+    assert len(losses(tmp_path / "run")) == 2 and lora.is_file()
+
+
+def test_training_under_a_callers_autocast_caches_what_a_plain_run_caches(tmp_path):
+    """A notebook cell that sampled under `torch.autocast("cpu", torch.bfloat16)` (or "cuda") and then called
+    train() there encoded the latents and captions in bf16 and cached them under an fp32 run's keys: every
+    later run on that cache, in any process, trained on them (another LoRA than a fresh cache gives)."""
+    make_dataset(tmp_path / "data")
+    sets = {"train.steps": 1, "sample.sample_every": 0, "sample.prompts": []}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sd.train(tiny_config(tmp_path, **sets))
+    sd.train(tiny_config(tmp_path, **sets, **{"output_dir": str(tmp_path / "plain"),
+                                              "dataset.cache_dir": str(tmp_path / "plain_cache")}))
+    files = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(tmp_path / "plain_cache")
+                           for p in (tmp_path / "plain_cache").rglob("*.safetensors")) and files
+    for name in files:
+        cached, plain = (load_file(str(tmp_path / folder / name)) for folder in ("cache", "plain_cache"))
+        assert all(torch.equal(cached[k], plain[k]) for k in plain), name
+
+
+def test_the_tiny_model_is_the_same_under_a_callers_default_dtype_and_device():
+    """The tiny model drew its random weights in the caller's default dtype (float64: another model, whose
+    captions were cached under the float32 one's keys) and on the caller's default device (a GPU's draws, from
+    the GPU generator fork_rng does not keep; "meta" stands in for one here: no weights at all)."""
+    reference = sd.tiny_pipeline()
+    for set_default, put_back in [(lambda: torch.set_default_dtype(torch.float64),
+                                   lambda: torch.set_default_dtype(torch.float32)),
+                                  (lambda: torch.set_default_device("meta"),
+                                   lambda: torch.set_default_device(None))]:
+        set_default()
+        try:
+            pipe = sd.tiny_pipeline()
+        finally:
+            put_back()
+        for ours, theirs in zip([pipe.mmdit, pipe.vae, *pipe.text.modules()],
+                                [reference.mmdit, reference.vae, *reference.text.modules()]):
+            for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+                assert a.device == b.device and torch.equal(a, b)
+
+
 def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     """README: Ctrl-C ends the run with a one-line message and exit code 130; before the first step (models
     loading, the cache building: minutes on a real dataset) there is nothing to save, and it was a traceback.
