@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3048  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3303  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3855  Several Processes (torchrun)     one all-reduce per step
-     3943  Command Line and the Tiny Model  main(), --tiny
+     3049  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3304  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3856  Several Processes (torchrun)     one all-reduce per step
+     3944  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2978,11 +2978,12 @@ def drop_log_lines_after(log: Path, step: int):
 
 
 def log_lines_up_to(log: Path, step: int):
-    """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read."""
-    with open(log, errors="replace", newline="\n") as f:
+    """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read. As bytes:
+    written back as they were (Windows' CRLF stays CRLF; stray bytes, not UTF-8, fail json.loads)."""
+    with open(log, "rb") as f:
         for line in f:
             with contextlib.suppress(ValueError, RecursionError):
-                entry = json.loads(line) if line.endswith("\n") else None     # the last may be cut short
+                entry = json.loads(line) if line.endswith(b"\n") else None    # the last may be cut short
                 if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
                     yield line
 
@@ -3382,8 +3383,8 @@ def _replace_file(tmp: Path, path: Path):
 
 
 def _atomic_save(data, path: str | Path, metadata=None):
-    """Tensors, text (or a generator of its lines) or a PIL image to a tmp file of this process, fsynced,
-    renamed: never a half file."""
+    """Tensors, text (or a generator of its lines as bytes) or a PIL image to a tmp file of this process,
+    fsynced, renamed: never a half file."""
     path = file_path(path, "the file to write")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     replacing = False
@@ -3394,7 +3395,7 @@ def _atomic_save(data, path: str | Path, metadata=None):
         elif isinstance(data, str):
             tmp.write_text(data)
         elif hasattr(data, "__next__"):                        # lines, written as they are read
-            with open(tmp, "w") as f:
+            with open(tmp, "wb") as f:
                 f.writelines(data)
         else:
             data.save(tmp, format="PNG", pnginfo=metadata)

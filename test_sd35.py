@@ -6447,6 +6447,20 @@ def test_a_resume_trims_the_log_line_by_line_not_read_whole(tmp_path):
     assert log.read_text() == "".join(lines[:15_000]) and peak < size / 4, (peak, size)
 
 
+def test_a_windows_log_keeps_its_line_ends_when_a_resume_trims_it(tmp_path, monkeypatch):
+    """On Windows a run writes log.jsonl in text mode: CRLF line ends. The trimming read them as they were and
+    wrote them in text mode again, so every --resume added a "\\r" to each line ("\\r\\r\\n": a blank line between
+    steps to Python's and others' readers). Windows' text mode stood in for by Python's own io with its linesep."""
+    import _pyio
+    monkeypatch.setattr(os, "linesep", "\r\n")
+    monkeypatch.setattr(sd, "open", _pyio.open, raising=False)
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0}).encode() + b"\r\n" for step in (1, 2, 3)]
+    log.write_bytes(b"".join(lines))
+    sd.drop_log_lines_after(log, 2)
+    assert log.read_bytes() == b"".join(lines[:2])
+
+
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
     """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
     compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history. A line
