@@ -1948,7 +1948,7 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
                                       ignore_patterns=skipped))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):      # (hf_xet: in its text)
+        if out_of_space(e) or "os error 28" in str(e):      # (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
@@ -3442,7 +3442,7 @@ def writable_dir(path: str | Path, what: str):
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
 
 
-def out_of_space(e: OSError) -> bool:
+def out_of_space(e: Exception) -> bool:
     """A full disk, or the user's disk quota used up."""
     return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 

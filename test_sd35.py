@@ -8996,8 +8996,10 @@ def test_a_tensor_file_refused_by_the_os_for_another_reason_than_space_is_no_ful
 
 
 def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
+    """A disk quota used up (a shared cluster's home) was called offline or gated, as a full disk once was."""
     import huggingface_hub
     for error in (OSError(28, "No space left on device"),                                  # plain http download
+                  OSError(errno.EDQUOT, "Disk quota exceeded"),
                   RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")):  # hf_xet
 
         def full_disk(*args, error=error, **kwargs):
