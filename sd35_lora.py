@@ -3817,7 +3817,7 @@ def plot_losses(log_path: Path, png_path: Path):
         x, y = xy(step, loss)
         draw.text((x - 10, H - pad + 5), f"{step:.0f}", fill="black")
         draw.text((5, y - 6), f"{loss:.4g}", fill="black")
-    stride = max(1, len(losses) // (8 * (W - left - pad)))     # up to 16 points a pixel column: enough
+    stride = math.ceil(len(losses) / (8 * (W - left - pad)))     # up to 16 points a pixel column: enough
     draw.line([xy(*point) for point in thinned(steps, losses, stride)], fill=(170, 190, 230), width=1)
     draw.line([xy(*point) for point in thinned(steps, smooth, stride)], fill=(20, 60, 180), width=2)
     draw.text((W // 2 - 15, H - 18), "steps", fill="black")
