@@ -2663,7 +2663,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     widths = pipe.mmdit.cfg.context_dim, pipe.mmdit.cfg.pooled_dim
     try:                    # e.g. one (context, pooled) pair, as TextEncoders.encode gives: no (cond, uncond)
         cond, uncond = embeddings
-        pairs = [cond] if uncond is None or cfg <= 1.0 else [cond, uncond]      # the halves that will run
+        pairs = [cond] if uncond is None else [cond, uncond]        # (generate slices an unused one too)
         rows = [len(context) for context, _ in pairs]
         intact = all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs)
     except (TypeError, ValueError, AttributeError, IndexError):
@@ -2673,7 +2673,7 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
                         "TextEncoders.encode; uncond None without CFG")
     if rows[0] != len(prompts):
         raise UserError(f"embeddings for {counted(rows[0], 'prompt')}, not {len(prompts)}: encode these")
-    if rows[-1] != len(prompts):                # a negative encoded once: the other images would go without
+    if cfg > 1.0 and rows[-1] != len(prompts):  # a negative encoded once: the other images would go without
         raise UserError(f"embeddings' uncond half is for {counted(rows[-1], 'prompt')}, not {len(prompts)}: "
                         f"encode the negative prompt once per prompt ([negative] * {len(prompts)})")
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently

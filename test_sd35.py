@@ -1017,11 +1017,14 @@ def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
     for batch_size in (1, 2):
         one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False, batch_size=batch_size,
                                            embeddings=(cond, negative)), "uncond half is for 1 prompt, not 2")
-    for uncond in (5, (cond[0], cond[1][:, :7]), (cond[0], cond[1][:1])):
-        one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False,
+    no_cfg = sd.SampleSettings(steps=2, width=32, height=32, cfg=1.0)      # an uncond that is no pair: TypeError
+    for uncond, settings in [(5, s), ((cond[0], cond[1][:, :7]), s), ((cond[0], cond[1][:1]), s), (5, no_cfg)]:
+        one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=settings, progress=False,
                                            embeddings=(cond, uncond)), r"embeddings must be \(cond, uncond\)")
     repeated = tuple(t.expand(2, *t.shape[1:]) for t in negative)
     assert len(sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=(cond, repeated))) == 2
+    assert len(sd.generate(pipe, ["red", "blue"], settings=no_cfg, progress=False, embeddings=(cond, negative))) == 2
+
 
 def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
     """generate(pipe, prompts, negative=["blurry", "dark"]) (diffusers takes one negative per prompt) encoded the
