@@ -2917,6 +2917,23 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
 
 
+def test_under_torchrun_each_process_draws_its_own_lora_dropout_masks_each_step_as_a_resume_redraws_them(monkeypatch):
+    """Two processes: forward_backward seeds the LoRA dropout (the global generator) from (train.seed, step,
+    process), so no two processes or steps share masks, and a resumed run redraws a step's masks as they were."""
+    drawn = []
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, sums: sums)
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: drawn.append(tuple(torch.rand(4).tolist())) or
+                        (torch.zeros((), requires_grad=True), torch.zeros(1), torch.full((1,), 0.5)))
+    def masks(rank: int, step: int) -> tuple:               # the first draws of the step's dropout masks
+        tr = stub_trainer(step)
+        tr.world, tr.rank, tr.global_batch, tr.order, tr.params = 2, rank, 2, tr.data.batches(2, 0), []
+        torch.rand(7)                                       # whatever ran before in this process: no matter
+        tr.forward_backward(False)
+        return drawn[-1]
+    seen = [masks(rank, step) for rank, step in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    assert len(set(seen)) == 4 and masks(1, 1) == seen[-1], seen
+
+
 
 def test_resume_mid_epoch_with_buckets_and_uneven_micro_batches_reproduces_the_losses(tmp_path):
     """3 square and 2 wide images, global batch 2 x grad_accum 2: a bucket's step is 2 + 1 or 2 + 0 samples.
