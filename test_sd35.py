@@ -8490,13 +8490,21 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
 
 def test_torchrun_out_of_memory_in_every_process_saves_once_and_each_says_so(tmp_path):
     """A step's images share one bucket: every process runs out of memory in the same step. Each printed torch's
-    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step."""
+    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step. Process 0
+    writes its share of the cache slowly here: process 1 must find every cache file there as training starts."""
     make_dataset(tmp_path / "data")
     script = tmp_path / "run.py"
-    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+    script.write_text(f"import os, sys, time, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
                       "real, calls = sd35_lora.flow_matching_loss, []\n"
                       "def loss(*args):\n    calls.append(1)\n    if len(calls) == 3:\n"
                       "        raise torch.OutOfMemoryError('CUDA out of memory')\n    return real(*args)\n"
+                      "def slow(*args):\n    time.sleep(1)\n    return cache(*args)\n"
+                      "def step(trainer, *args):\n    files = trainer.data.latent_files + trainer.data.text_files\n"
+                      "    assert all(map(os.path.isfile, files)), 'training began before the cache was complete'\n"
+                      "    return forward_backward(trainer, *args)\n"
+                      "cache, forward_backward = sd35_lora.cached, sd35_lora.Trainer.forward_backward\n"
+                      "sd35_lora.cached = slow if os.environ['RANK'] == '0' else cache\n"
+                      "sd35_lora.Trainer.forward_backward = step\n"
                       "sd35_lora.flow_matching_loss = loss\nsd35_lora.main()\n")
     r = torchrun(str(script), *train_cli(tmp_path, **{**LONG_RUN, "train.steps": 5})[1:])
     assert r.returncode == 1 and "]: Traceback" not in r.stderr, r.stderr[-3000:]
@@ -8522,6 +8530,7 @@ def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     blocked.mkdir()                                 # its rewrite fails
     r = torchrun(*train_cli(tmp_path, **sets))
     assert r.returncode != 0 and r.stderr.count(f"error: process 1: cannot write {blocked}") == 1, r.stderr[-3000:]
+    assert f"process 0: cannot write {blocked}" not in r.stderr         # each file has one writer: its share's
 
 
 def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
@@ -8756,7 +8765,10 @@ def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
 
 if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
     for overrides, resume in json.loads(Path(sys.argv[1]).read_text()):
-        sd.train(sd.load_config(None, overrides), resume)
+        cfg = sd.load_config(None, overrides)
+        lora = sd.train(cfg, resume)            # in every process: once process 0 has written the last files
+        previews = list(lora.parent.glob(f"samples_step_{cfg.train.steps:06d}/*.png"))
+        assert lora.is_file() and len(previews) == len(cfg.sample.prompts), "train() returned before they were"
 
 
 def test_file_layout_rules_of_the_reference():
