@@ -3342,6 +3342,34 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
 
 
+def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_step(tmp_path, monkeypatch, capsys):
+    """Under torchrun a process that alone got SIGTERM (in a step, or in process 0's step-0 previews) must not stop
+    on its own: the others would wait for it in the next all-reduce. Its flag goes into the next step's sums,
+    after which all stop together. Process 0 of 2 here; the others' sums carry no flag (all_reduce_step: its own)."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    forward_backward, when = sd.Trainer.forward_backward, {}
+
+    def signal_at(place: str, trainer: sd.Trainer):
+        if when.get(place) == trainer.step:
+            del when[place]
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step(trainer, stopping):
+        signal_at("step", trainer)                  # train() has read the stop flag this step sends
+        return forward_backward(trainer, stopping)
+    monkeypatch.setattr(sd.Trainer, "forward_backward", step)
+    monkeypatch.setattr(sd, "save_previews", lambda trainer: signal_at("previews", trainer))
+    for place, at, stops_at in (("previews", 0, 1), ("step", 1, 3)):    # step 1: the second
+        when[place] = at
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(tiny_sets(tmp_path, **{**LONG_RUN, "train.steps": 6, "output_dir": str(tmp_path / place)}))
+        assert exit_info.value.code == 143 and capsys.readouterr().out.strip().splitlines()[-1] == (
+            f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
+
+
 def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
     """A notebook keeps the last error's traceback, and with it the failed run's models: after running out of GPU
     memory (or a diverged run), the run started again with a smaller batch ran out of it on the last run's
