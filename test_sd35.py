@@ -3370,6 +3370,22 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
             f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
 
 
+def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch):
+    """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
+    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1})
+    sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # as torchrun sets them
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    (tmp_path / "run").mkdir()                          # process 0 made it
+    assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
+    assert not list((tmp_path / "run").iterdir())
+
+
 def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
     """A notebook keeps the last error's traceback, and with it the failed run's models: after running out of GPU
     memory (or a diverged run), the run started again with a smaller batch ran out of it on the last run's
