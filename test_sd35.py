@@ -2936,6 +2936,23 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
 
 
+def test_under_torchrun_each_process_draws_its_own_lora_dropout_masks_each_step_as_a_resume_redraws_them(monkeypatch):
+    """Two processes: forward_backward seeds the LoRA dropout (the global generator) from (train.seed, step,
+    process), so no two processes or steps share masks, and a resumed run redraws a step's masks as they were."""
+    drawn = []
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, sums: sums)
+    monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: drawn.append(tuple(torch.rand(4).tolist())) or
+                        (torch.zeros((), requires_grad=True), torch.zeros(1), torch.full((1,), 0.5)))
+    def masks(rank: int, step: int) -> tuple:               # the first draws of the step's dropout masks
+        tr = stub_trainer(step)
+        tr.world, tr.rank, tr.global_batch, tr.order, tr.params = 2, rank, 2, tr.data.batches(2, 0), []
+        torch.rand(7)                                       # whatever ran before in this process: no matter
+        tr.forward_backward(False)
+        return drawn[-1]
+    seen = [masks(rank, step) for rank, step in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    assert len(set(seen)) == 4 and masks(1, 1) == seen[-1], seen
+
+
 
 def test_resume_mid_epoch_with_buckets_and_uneven_micro_batches_reproduces_the_losses(tmp_path):
     """3 square and 2 wide images, global batch 2 x grad_accum 2: a bucket's step is 2 + 1 or 2 + 0 samples.
@@ -3403,6 +3420,50 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     sets = {"train.steps": 2, "sample.prompts": []}
     sd.main(tiny_sets(tmp_path, **sets))
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"done: {tmp_path / 'run/lora.safetensors'}"
+
+
+def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_step(tmp_path, monkeypatch, capsys):
+    """Under torchrun a process that alone got SIGTERM (in a step, or in process 0's step-0 previews) must not stop
+    on its own: the others would wait for it in the next all-reduce. Its flag goes into the next step's sums,
+    after which all stop together. Process 0 of 2 here; the others' sums carry no flag (all_reduce_step: its own)."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    forward_backward, when = sd.Trainer.forward_backward, {}
+
+    def signal_at(place: str, trainer: sd.Trainer):
+        if when.get(place) == trainer.step:
+            del when[place]
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step(trainer, stopping):
+        signal_at("step", trainer)                  # train() has read the stop flag this step sends
+        return forward_backward(trainer, stopping)
+    monkeypatch.setattr(sd.Trainer, "forward_backward", step)
+    monkeypatch.setattr(sd, "save_previews", lambda trainer: signal_at("previews", trainer))
+    for place, at, stops_at in (("previews", 0, 1), ("step", 1, 3)):    # step 1: the second
+        when[place] = at
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(tiny_sets(tmp_path, **{**LONG_RUN, "train.steps": 6, "output_dir": str(tmp_path / place)}))
+        assert exit_info.value.code == 143 and capsys.readouterr().out.strip().splitlines()[-1] == (
+            f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
+
+
+def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch):
+    """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
+    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them."""
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1})
+    sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)                 # as torchrun sets them
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    (tmp_path / "run").mkdir()                          # process 0 made it
+    assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
+    assert not list((tmp_path / "run").iterdir())
 
 
 def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
@@ -6631,12 +6692,13 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
     make_dataset(tmp_path / "data")                                             # with a broken image
     Image.new("RGB", (64, 64)).save(tmp_path / "data" / "red_stripes.jpg")      # no caption of its own, shared
     Image.new("RGB", (64, 64)).save(tmp_path / "data" / "lonely.png")           # no caption
+    os.symlink(tmp_path / "gone", tmp_path / "data" / "album")                  # a link to a missing folder
     saved = tiny_config(tmp_path)
     save_file({"param.0": torch.zeros(1)}, tmp_path / "state.safetensors",
               {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")                              # as torchrun sets them
-    for rank, warnings in (("1", 0), ("0", 4)):
+    for rank, warnings in (("1", 0), ("0", 5)):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
         assert len(sd.scan_dataset(saved.dataset)) == 4
@@ -8621,13 +8683,21 @@ def test_torchrun_nan_on_one_process_stops_all_without_saving(tmp_path):
 
 def test_torchrun_out_of_memory_in_every_process_saves_once_and_each_says_so(tmp_path):
     """A step's images share one bucket: every process runs out of memory in the same step. Each printed torch's
-    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step."""
+    traceback and nothing was saved; now each says it in one line, and process 0 saves the last step. Process 0
+    writes its share of the cache slowly here: process 1 must find every cache file there as training starts."""
     make_dataset(tmp_path / "data")
     script = tmp_path / "run.py"
-    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+    script.write_text(f"import os, sys, time, torch\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
                       "real, calls = sd35_lora.flow_matching_loss, []\n"
                       "def loss(*args):\n    calls.append(1)\n    if len(calls) == 3:\n"
                       "        raise torch.OutOfMemoryError('CUDA out of memory')\n    return real(*args)\n"
+                      "def slow(*args):\n    time.sleep(1)\n    return cache(*args)\n"
+                      "def step(trainer, *args):\n    files = trainer.data.latent_files + trainer.data.text_files\n"
+                      "    assert all(map(os.path.isfile, files)), 'training began before the cache was complete'\n"
+                      "    return forward_backward(trainer, *args)\n"
+                      "cache, forward_backward = sd35_lora.cached, sd35_lora.Trainer.forward_backward\n"
+                      "sd35_lora.cached = slow if os.environ['RANK'] == '0' else cache\n"
+                      "sd35_lora.Trainer.forward_backward = step\n"
                       "sd35_lora.flow_matching_loss = loss\nsd35_lora.main()\n")
     r = torchrun(str(script), *train_cli(tmp_path, **{**LONG_RUN, "train.steps": 5})[1:])
     assert r.returncode == 1 and "]: Traceback" not in r.stderr, r.stderr[-3000:]
@@ -8653,6 +8723,7 @@ def test_torchrun_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
     blocked.mkdir()                                 # its rewrite fails
     r = torchrun(*train_cli(tmp_path, **sets))
     assert r.returncode != 0 and r.stderr.count(f"error: process 1: cannot write {blocked}") == 1, r.stderr[-3000:]
+    assert f"process 0: cannot write {blocked}" not in r.stderr         # each file has one writer: its share's
 
 
 def test_errors_every_process_meets_are_printed_once_per_machine(monkeypatch):
@@ -8887,7 +8958,10 @@ def test_torchrun_dead_process_ends_the_job_in_bounded_time(tmp_path):
 
 if __name__ == "__main__":      # torchrun test_sd35.py PLAN.json: a test's training runs, in every process
     for overrides, resume in json.loads(Path(sys.argv[1]).read_text()):
-        sd.train(sd.load_config(None, overrides), resume)
+        cfg = sd.load_config(None, overrides)
+        lora = sd.train(cfg, resume)            # in every process: once process 0 has written the last files
+        previews = list(lora.parent.glob(f"samples_step_{cfg.train.steps:06d}/*.png"))
+        assert lora.is_file() and len(previews) == len(cfg.sample.prompts), "train() returned before they were"
 
 
 def test_file_layout_rules_of_the_reference():
