@@ -2120,7 +2120,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
     sd, meta = read_safetensors(path, with_metadata=True)
-    # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (PEFT's rank_pattern: a rank is its shape)
+    # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
     ours = headers["transformer"][0]
