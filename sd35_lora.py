@@ -2297,7 +2297,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
 #                                  fp8 Weights                                  #
 #################################################################################
 
-# fp8: the frozen weight matrices of the joint blocks and the context embedder (~95 % of the bytes) are stored
+# fp8: the frozen weight matrices of the joint blocks and the context embedder (90-98 % of bytes) are stored
 # as float8_e4m3fn (3 mantissa bits, largest value 448) with one fp32 scale per output row: W[i] = w[i] * s[i]
 FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
 FP8_WEIGHTS = r"^((joint|transformer)_blocks\.\d+\..+|context_embedder)$"  # Linears whose weight goes fp8
@@ -2332,7 +2332,7 @@ def block_contexts() -> dict:
 def checkpointed():
     """A joint block under gradient checkpointing: its fp8 layers save their weights dequantized for the
     backward. checkpoint drops what the forward saves and keeps what the recompute saves, right before the
-    block's backward: one block's weights at a time (~0.3 GB on Large), each dequantized twice a step, not
+    block's backward: one block's weights at a time (~0.4 GB on Large), each dequantized twice a step, not
     three times. Compiled, the partitioner decides what the backward keeps."""
     FrozenLinear.checkpointed = True
     try:
@@ -2808,7 +2808,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"'lora.dropout' must be below 1 (a fraction, e.g. 0.1), got {cfg.lora.dropout}")
     check_size(cfg.sample.width, cfg.sample.height, "sample.width and sample.height")   # else after loading
     check_seed(cfg.sample.seed, len(cfg.sample.prompts), "sample.seed")   # else every preview fails
-    if len(cfg.sample.prompts) > 100:                   # previews sample_00..99, encoded as one batch
+    if len(cfg.sample.prompts) > 100:                   # previews sample_00..99
         raise UserError(f"sample.prompts lists {len(cfg.sample.prompts)} prompts: give at most 100")
     # SD3.5 Medium's position table, SD3's largest, covers 6144 px per side (Large's 3072: the model says so)
     if not 64 <= cfg.dataset.resolution <= 6144 or cfg.dataset.resolution % 64:
@@ -3185,8 +3185,8 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
             print(f"warning: {text}", file=sys.stderr)
 
 
-# Pillow's bomb guard (89 MP) refuses 108 and 200 MP phone photos; past this, a small file that claims e.g.
-# 50,000 x 50,000 pixels would take gigabytes of RAM
+# Pillow's bomb guard warns past 89 MP (108 MP phone photos), refuses 200 MP ones; past this, a small file
+# claiming e.g. 50,000 x 50,000 pixels would take gigabytes of RAM
 MAX_PIXELS = 300_000_000
 
 
