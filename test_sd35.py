@@ -5740,7 +5740,7 @@ def test_a_caption_file_of_only_whitespace_trains_unconditioned_and_is_counted(t
 
 
 def test_photos_over_pillows_pixel_limit_train_and_decompression_bombs_are_skipped(tmp_path, monkeypatch, capsys):
-    """Pillow's 89 MP bomb guard skipped 108 and 200 MP phone photos as 'unreadable'. Up to sd.MAX_PIXELS an
+    """Pillow's bomb guard (a warning past 89 MP) skipped 200 MP phone photos as 'unreadable'. Up to sd.MAX_PIXELS an
     image trains as it is (the same pixels as before); over it a JPEG is decoded at 1/2..1/8 scale (its cheap
     DCT scaling), any other file is skipped with a warning naming the limit, and a tiny file claiming 50,000 x
     50,000 pixels is never decoded. Both limits are scaled down here (no 200 MP test image)."""
