@@ -6300,6 +6300,16 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert results["fp8"]["scaled_mm"]["rel_err_vs_dequantized"] < 1e-6 and results["fp8"]["train_large"]["fp8_step_s"] > 0
 
 
+def test_torchrun_benchmark_script_runs(tmp_path):
+    """.ci/bench_dist.py (README, Several GPUs: "Cost, measured") exited 1: its tiny runs kept the default 1024 px
+    previews, which the 512 px model refuses though sample.prompts is empty; and the all-reduce part's stdout,
+    read as one JSON object, now starts with init_distributed's "global batch" lines."""
+    r = run_cli(".ci/bench_dist.py", "--steps", "7", "--reps", "1", TMPDIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["lora_params"] == 34816 and result["two_process_batch1_step_s"] > 0, result
+
+
 def test_gpu_benchmark_without_a_gpu_says_so_in_one_line(tmp_path):
     """Without --smoke on a machine with no GPU, bench_gpu.py ended in a bare 'Torch not compiled with CUDA' traceback."""
     r = run_cli(".ci/bench_gpu.py", "compile", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
