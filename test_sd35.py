@@ -3450,12 +3450,16 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
             f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
 
 
-def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch):
+def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch, capsys):
     """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
-    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them."""
+    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them.
+    Nor does it print what process 0 prints for all: here a caption and a preview prompt past CLIP's window."""
     make_dataset(tmp_path / "data")
-    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1})
+    (tmp_path / "data/red_stripes.txt").write_text("red stripes " * 10)
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1,
+                                   "sample.prompts": ["blue disc " * 10]})
     sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    assert "warning: 1 of 2 captions is cut" in capsys.readouterr().err         # process 0's
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                 # as torchrun sets them
     monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 2))
@@ -3463,7 +3467,7 @@ def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
     (tmp_path / "run").mkdir()                          # process 0 made it
     assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
-    assert not list((tmp_path / "run").iterdir())
+    assert not list((tmp_path / "run").iterdir()) and capsys.readouterr().err == ""
 
 
 def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
@@ -6698,11 +6702,15 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
               {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")                              # as torchrun sets them
-    for rank, warnings in (("1", 0), ("0", 5)):
+    for rank, warnings in (("1", 0), ("0", 7)):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
         assert len(sd.scan_dataset(saved.dataset)) == 4
         sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.lr": 1e-3}))
+        trainer = stub_trainer(step=4)              # resumed at its last step, its images edited since
+        trainer.rank, trainer.changes, trainer.data.contents = int(rank), [], "edited"
+        trainer.cfg.train.steps = 4
+        sd.note_resume(trainer, {"data": "as saved"})
         out = capsys.readouterr()
         assert out.err.count("warning: ") == warnings and out.out.count("dataset: ") == (rank == "0"), out
 
