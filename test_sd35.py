@@ -2919,9 +2919,11 @@ def stub_trainer(step: int = 0, seed: int = 0, sizes=((64, 64),) * 4) -> sd.Trai
 
 def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_redraws_them(monkeypatch):
     """Trainer.forward_backward: every image once per epoch, a new order each epoch, new noise (the generator
-    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained."""
+    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained.
+    Under torchrun each of 2 processes trains its half of the same global batches, with the same draws."""
     monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True),
                                                                  torch.zeros(1), torch.full((1,), 0.5)))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, sums: sums)
 
     def run(tr: sd.Trainer, steps: int) -> list:
         while tr.step < steps:
@@ -2934,6 +2936,16 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert len({tuple(images[e:e + 4]) for e in (0, 4, 8)}) > 1 and len(set(draws)) == 12
     assert run(stub_trainer(6), 12) == whole[6:]
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
+
+    def process(rank: int) -> tuple[list, list]:        # process `rank` of 2, a global batch of 2: 3 epochs
+        tr, taken = stub_trainer(0), []
+        tr.world, tr.rank, tr.global_batch, tr.order, tr.params = 2, rank, 2, tr.data.batches(2, 0), []
+        get = tr.data.get
+        tr.data.get = lambda ids, vae, cfg, g, keep: taken.extend(ids[keep]) or get(ids, vae, cfg, g, keep)
+        return run(tr, 6), taken
+    (drawn_0, taken_0), (drawn_1, taken_1) = process(0), process(1)
+    assert drawn_0 == drawn_1                           # the same global batch and draws in every step
+    assert all(sorted(taken_0[e:e + 2] + taken_1[e:e + 2]) == [0, 1, 2, 3] for e in (0, 2, 4))   # halves
 
 
 def test_under_torchrun_each_process_draws_its_own_lora_dropout_masks_each_step_as_a_resume_redraws_them(monkeypatch):
