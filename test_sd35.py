@@ -39,6 +39,10 @@ import sample
 import sd35_lora as sd
 
 ROOT = Path(__file__).parent
+# a script's `pytest ... &` (a CI step run in the background) starts with Ctrl-C ignored, and train() and the CLIs
+# keep it so, by design: the tests that send themselves SIGINT need it delivered (7 of them failed there)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 try:                                    # safetensors before 0.7 cannot write complex tensors: those refusals
     COMPLEX_FILES = bool(__import__("safetensors.torch").torch.save({"c": torch.zeros(1, dtype=torch.complex64)}))
