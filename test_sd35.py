@@ -39,6 +39,10 @@ import sample
 import sd35_lora as sd
 
 ROOT = Path(__file__).parent
+# a script's `pytest ... &` (a CI step run in the background) starts with Ctrl-C ignored, and train() and the CLIs
+# keep it so, by design: the tests that send themselves SIGINT need it delivered (7 of them failed there)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 try:                                    # safetensors before 0.7 cannot write complex tensors: those refusals
     COMPLEX_FILES = bool(__import__("safetensors.torch").torch.save({"c": torch.zeros(1, dtype=torch.complex64)}))
@@ -2919,9 +2923,11 @@ def stub_trainer(step: int = 0, seed: int = 0, sizes=((64, 64),) * 4) -> sd.Trai
 
 def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_redraws_them(monkeypatch):
     """Trainer.forward_backward: every image once per epoch, a new order each epoch, new noise (the generator
-    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained."""
+    handed to the batch and the loss) each step; a run resumed at step 6 trains what the whole run trained.
+    Under torchrun each of 2 processes trains its half of the same global batches, with the same draws."""
     monkeypatch.setattr(sd, "flow_matching_loss", lambda *args: (torch.zeros((), requires_grad=True),
                                                                  torch.zeros(1), torch.full((1,), 0.5)))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, sums: sums)
 
     def run(tr: sd.Trainer, steps: int) -> list:
         while tr.step < steps:
@@ -2934,6 +2940,16 @@ def test_each_step_draws_its_own_noise_and_each_epoch_its_own_order_as_a_resume_
     assert len({tuple(images[e:e + 4]) for e in (0, 4, 8)}) > 1 and len(set(draws)) == 12
     assert run(stub_trainer(6), 12) == whole[6:]
     assert [draw for _, draw in run(stub_trainer(0, seed=1), 12)] != draws
+
+    def process(rank: int) -> tuple[list, list]:        # process `rank` of 2, a global batch of 2: 3 epochs
+        tr, taken = stub_trainer(0), []
+        tr.world, tr.rank, tr.global_batch, tr.order, tr.params = 2, rank, 2, tr.data.batches(2, 0), []
+        get = tr.data.get
+        tr.data.get = lambda ids, vae, cfg, g, keep: taken.extend(ids[keep]) or get(ids, vae, cfg, g, keep)
+        return run(tr, 6), taken
+    (drawn_0, taken_0), (drawn_1, taken_1) = process(0), process(1)
+    assert drawn_0 == drawn_1                           # the same global batch and draws in every step
+    assert all(sorted(taken_0[e:e + 2] + taken_1[e:e + 2]) == [0, 1, 2, 3] for e in (0, 2, 4))   # halves
 
 
 def test_under_torchrun_each_process_draws_its_own_lora_dropout_masks_each_step_as_a_resume_redraws_them(monkeypatch):
@@ -3450,12 +3466,16 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
             f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
 
 
-def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch):
+def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch, capsys):
     """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
-    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them."""
+    all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them.
+    Nor does it print what process 0 prints for all: here a caption and a preview prompt past CLIP's window."""
     make_dataset(tmp_path / "data")
-    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1})
+    (tmp_path / "data/red_stripes.txt").write_text("red stripes " * 10)
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 1,
+                                   "sample.prompts": ["blue disc " * 10]})
     sd.LatentDataset(sd.scan_dataset(cfg.dataset), sd.tiny_pipeline(t5_length=16), cfg, cfg.model)
+    assert "warning: 1 of 2 captions is cut" in capsys.readouterr().err         # process 0's
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                 # as torchrun sets them
     monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 2))
@@ -3463,7 +3483,7 @@ def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
     (tmp_path / "run").mkdir()                          # process 0 made it
     assert sd.train(cfg) == tmp_path / "run/lora.safetensors"
-    assert not list((tmp_path / "run").iterdir())
+    assert not list((tmp_path / "run").iterdir()) and capsys.readouterr().err == ""
 
 
 def test_a_failed_run_frees_its_models_while_a_notebook_keeps_the_error(tmp_path, monkeypatch):
@@ -6708,11 +6728,15 @@ def test_under_torchrun_dataset_and_resume_warnings_come_once_from_process_0(tmp
               {"step": "4", "config": json.dumps(dataclasses.asdict(saved)), "world_size": "2"})
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")                              # as torchrun sets them
-    for rank, warnings in (("1", 0), ("0", 5)):
+    for rank, warnings in (("1", 0), ("0", 7)):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
         assert len(sd.scan_dataset(saved.dataset)) == 4
         sd.prepare_resume(tmp_path / "state.safetensors", tiny_config(tmp_path, **{"train.lr": 1e-3}))
+        trainer = stub_trainer(step=4)              # resumed at its last step, its images edited since
+        trainer.rank, trainer.changes, trainer.data.contents = int(rank), [], "edited"
+        trainer.cfg.train.steps = 4
+        sd.note_resume(trainer, {"data": "as saved"})
         out = capsys.readouterr()
         assert out.err.count("warning: ") == warnings and out.out.count("dataset: ") == (rank == "0"), out
 
