@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3049  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3304  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3856  Several Processes (torchrun)     one all-reduce per step
-     3944  Command Line and the Tiny Model  main(), --tiny
+     3053  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3308  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3860  Several Processes (torchrun)     one all-reduce per step
+     3948  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2679,6 +2679,10 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
+    tokens = [context.shape[1] for context, _ in pairs]
+    if cfg > 1.0 and tokens[0] != tokens[-1]:           # CFG runs them as one batch (torch.cat)
+        raise UserError(f"embeddings' cond and uncond contexts have {tokens[0]} and {tokens[-1]} tokens: "
+                        f"encode both with one TextEncoders (one t5_length)")
 
 
 def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep, progress):

@@ -1011,7 +1011,8 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
 def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
     """embeddings=(encode(prompts), encode([negative])), the negative encoded once, made the second image with no
     uncond rows at batch_size 1 (silently another image) and failed with a bare size mismatch at batch_size 2; an
-    uncond of another model's width, or none, a bare TypeError or an error from deep inside torch."""
+    uncond of another model's width, or none, a bare TypeError or an error from deep inside torch; one of another
+    token length (another t5_length) torch.cat's bare size mismatch under CFG."""
     pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
     cond, negative = pipe.text.encode(["red", "blue"]), pipe.text.encode([""])
     for batch_size in (1, 2):
@@ -1022,8 +1023,12 @@ def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
         one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=settings, progress=False,
                                            embeddings=(cond, uncond)), r"embeddings must be \(cond, uncond\)")
     repeated = tuple(t.expand(2, *t.shape[1:]) for t in negative)
+    shorter = (repeated[0][:, :-3], repeated[1])        # e.g. the negative encoded at another t5_length
+    one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False,
+                                       embeddings=(cond, shorter)), "cond and uncond contexts have 93 and 90 tokens")
     assert len(sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=(cond, repeated))) == 2
-    assert len(sd.generate(pipe, ["red", "blue"], settings=no_cfg, progress=False, embeddings=(cond, negative))) == 2
+    for uncond in (negative, shorter):                  # without CFG the uncond half goes unused
+        assert len(sd.generate(pipe, ["red", "blue"], settings=no_cfg, progress=False, embeddings=(cond, uncond))) == 2
 
 
 def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
