@@ -1941,8 +1941,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     if not download:
         return None
     from huggingface_hub import snapshot_download
-    # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
-    skipped = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
+    skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
     skipped += ["*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],

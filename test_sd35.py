@@ -9113,10 +9113,12 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
 
 def test_pickle_files_are_never_downloaded_and_a_missing_one_is_not_found(monkeypatch, tmp_path):
     """The pickle suffixes were listed three times, and not alike: a repo's .pth and .pkl files were downloaded
-    (never read), and a missing `runs/model.pth` was taken for a hub id ("could not download ... offline?")."""
+    (never read), and a missing `runs/model.pth` was taken for a hub id ("could not download ... offline?"). The
+    hub's patterns are case-sensitive (fnmatchcase): a model.PTH or x.Bin was downloaded too."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-    repo = ["model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/model.pth", "vae/x.pkl"]
+    repo = ["model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/model.pth", "vae/x.pkl", "vae/model.PTH",
+            "vae/x.Bin", "vae/y.CKPT"]
     got = []
 
     def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
