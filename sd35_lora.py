@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3053  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3308  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3860  Several Processes (torchrun)     one all-reduce per step
-     3948  Command Line and the Tiny Model  main(), --tiny
+     3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3312  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3864  Several Processes (torchrun)     one all-reduce per step
+     3952  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2984,12 +2984,16 @@ def drop_log_lines_after(log: Path, step: int):
 def log_lines_up_to(log: Path, step: int):
     """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read. As bytes:
     written back as they were (Windows' CRLF stays CRLF; stray bytes, not UTF-8, fail json.loads)."""
-    with open(log, "rb") as f:
-        for line in f:
-            with contextlib.suppress(ValueError, RecursionError):
-                entry = json.loads(line) if line.endswith(b"\n") else None    # the last may be cut short
-                if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
-                    yield line
+    try:                                # (not _atomic_save's "cannot write": the write is not what failed)
+        with open(log, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, RecursionError):
+                    entry = json.loads(line) if line.endswith(b"\n") else None    # the last may be cut short
+                    if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
+                        yield line
+    except OSError as e:
+        raise UserError(f"cannot read {log} ({e.strerror or e}): make it readable, or move it away to resume "
+                        f"without its lines; it is unchanged") from None
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:

@@ -6530,6 +6530,24 @@ def test_a_windows_log_keeps_its_line_ends_when_a_resume_trims_it(tmp_path, monk
     assert log.read_bytes() == b"".join(lines[:2])
 
 
+def test_a_log_that_fails_reading_on_resume_is_reported_unreadable_and_kept(tmp_path, monkeypatch):
+    """A read error part way through log.jsonl (a failing disk: EIO; another user's 0600 file) came out of the
+    rewrite as "cannot write log.jsonl (...): choose another folder", which a resume cannot. The log stays."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(json.dumps({"step": step}).encode() + b"\n" for step in (1, 2, 3)))
+    before = log.read_bytes()
+
+    class FailingReader(io.BufferedReader):
+        def __iter__(self):
+            yield self.readline()
+            raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(sd, "open", lambda path, mode: FailingReader(io.FileIO(path)) if path == log
+                        else open(path, mode), raising=False)
+    one_line_error(lambda: sd.drop_log_lines_after(log, 2), r"cannot read .*log.jsonl \(Input/output error\): "
+                   "make it readable, or move it away")
+    assert log.read_bytes() == before and os.listdir(tmp_path) == ["log.jsonl"]
+
+
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
     """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
     compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history. A line
