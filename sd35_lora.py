@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3312  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3864  Several Processes (torchrun)     one all-reduce per step
-     3952  Command Line and the Tiny Model  main(), --tiny
+     3869  Several Processes (torchrun)     one all-reduce per step
+     3957  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3439,15 +3439,21 @@ def _atomic_save(data, path: str | Path, metadata=None):
             tmp.unlink()
 
 
-def writable_dir(path: str | Path, what: str):
-    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
+def writable_dir(path: str | Path, what: str) -> list[Path]:
+    """Create the folder `path` and write there before any model loads: a bad output path costs no work.
+    -> the folders it made, innermost first; refused, it removes them (rmdir removes no folder in use)."""
+    made = [d for d in (Path(path), *Path(path).parents) if not d.exists()]
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            for folder in made:
+                folder.rmdir()
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
+    return made
 
 
 def out_of_space(e: Exception) -> bool:
@@ -3554,8 +3560,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
-    trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
-    writable_dir(out, "output_dir")
+    trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():

@@ -8396,14 +8396,19 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
 def test_a_full_disk_at_the_start_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     """On a real full disk (tmpfs, ext4) a file can be made but no byte written: writable_dir made its test
     file without writing, so train() loaded the models, cached the dataset, ran a step and failed appending
-    to log.jsonl, leaving an output_dir that now had to be emptied; sample.py loaded its models too."""
+    to log.jsonl, leaving an output_dir that now had to be emptied; sample.py loaded its models too. The refused
+    folder (and those made above it) stayed behind, empty: a tmpfs or a quota lets mkdir make it."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded on a full disk"))
-    monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb"))  # writes: ENOSPC
-    one_line_error(lambda: sd.train(tiny_config(tmp_path)),
-                   r"output_dir .*run is not a writable folder \(No space left on device\): free disk space")
-    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s")]),
+    real = sd.tempfile.TemporaryFile                                                    # writes: ENOSPC
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb") if "on_full" in str(dir)
+                        else real(dir=dir))
+    for key in ("output_dir", "dataset.cache_dir"):     # cache_dir's: after output_dir's lock (which goes too)
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(tmp_path / "on_full/new/run")})),
+                       rf"{key} .*run is not a writable folder \(No space left on device\): free disk space")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "on_full/s")]),
                    r"--out .*s is not a writable folder \(No space left on device\): free disk space")
+    assert os.listdir(tmp_path) == ["data"]
 
 
 def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
