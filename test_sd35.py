@@ -3900,6 +3900,35 @@ def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
 
 
+def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatch, capsys):
+    """A team's precomputed cache on a read-only mount was refused at the start ("not a writable folder: give
+    another"), though a run only reads a complete one. Now it is read, with a warning; a file missing there fails
+    the run in one line, and the cache stays as it was. Read-only simulated: chmod cannot stop root."""
+    make_dataset(tmp_path / "data")
+    sets, cache = {"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}, tmp_path / "cache"
+    sd.train(tiny_config(tmp_path, **sets))                 # fills the cache
+    files = lambda: {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    before, real_probe, real_save = files(), sd.tempfile.TemporaryFile, sd.save_file
+
+    def refused_in_cache(real):                         # TemporaryFile(dir=folder), save_file(tensors, file)
+        def write(*args, **kwargs):
+            if cache in (Path(kwargs["dir"], "probe") if "dir" in kwargs else Path(args[1])).parents:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(*args, **kwargs)
+        return write
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", refused_in_cache(real_probe))
+    monkeypatch.setattr(sd, "save_file", refused_in_cache(real_save))
+    sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "run2"), **sets))
+    assert "dataset.cache_dir" in capsys.readouterr().err and files() == before
+    trained, again = (load_file(tmp_path / run / "lora.safetensors") for run in ("run", "run2"))
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    missing = next((cache / "text").iterdir())
+    missing.unlink()
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "run3"), **sets)),
+                   rf"cannot write .*{missing.name} \(Read-only file system\): choose another folder")
+    assert files() == {p: b for p, b in before.items() if p != missing} and not (tmp_path / "run3").exists()
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
