@@ -267,6 +267,10 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
         try:
             sd._atomic_save(image, written, info)
             path, number = publish(written, out, number)
+        except OSError as e:                            # publish's (without hard links: its fallback's)
+            fix = "free disk space or " if sd.out_of_space(e) else ""
+            raise sd.UserError(f"cannot save image {i + 1} in {out} ({e.strerror or e}): {fix}choose "
+                               f"another --out") from None
         finally:                                        # full disk, Ctrl-C, or published: none left behind
             with contextlib.suppress(OSError):
                 written.unlink()

@@ -7369,6 +7369,27 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("refused", ["os.open", "os.replace"])
+def test_sample_cli_without_hard_links_whose_fallback_fails_is_one_line(tmp_path, monkeypatch, refused):
+    """Where no hard links can be made, a failure of the fallback (a full disk at its empty sample_NN.png, its
+    rename refused) came out of sample.py as a bare OSError traceback. One line now; earlier images stay."""
+    real = getattr(os, refused.split(".")[1])
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+
+    def full_at_the_second(*args, **kwargs):
+        if Path(args[-1] if refused == "os.replace" else args[0]).name == "sample_01.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, refused.split(".")[1], full_at_the_second)
+    out = tmp_path / "out"
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--prompt", "a dog", "--out", str(out)]),
+                   r"cannot save image 2 in .*out \(No space left on device\): free disk space or choose another --out")
+    assert [p.name for p in out.iterdir()] == ["sample_00.png"]
+
+
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
     """sample.py's SIGTERM handler raised whatever the process was doing: a SIGTERM (a scheduler's, `timeout`'s)
     while an error left main() (here as its models were let go) said "terminated: images already written stay
