@@ -314,11 +314,12 @@ if __name__ == "__main__":
     with sd.cli_console():
         inherited = sd.handle_signals(sd.terminate, (signal.SIGTERM,))
         try:
-            main()
+            try:
+                main()
+            finally:            # a SIGTERM as they are put back (main() done) is handled below too
+                sd.restore_signals(inherited)       # the default, or ignored as the parent set it
         except (sd.UserError, sd.torch.OutOfMemoryError) as e:     # main() words running out of memory
             sys.exit(f"error: {e}")
         except KeyboardInterrupt as e:
             stopped = ": images already written stay in --out"
             sd.exit_stopped(isinstance(e, sd.Terminated), stopped, sys.stderr)
-        finally:
-            sd.restore_signals(inherited)           # the default, or ignored as the parent set it
