@@ -267,6 +267,10 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
         try:
             sd._atomic_save(image, written, info)
             path, number = publish(written, out, number)
+        except OSError as e:                            # publish's (without hard links: its fallback's)
+            fix = "free disk space or " if sd.out_of_space(e) else ""
+            raise sd.UserError(f"cannot save image {i + 1} in {out} ({e.strerror or e}): {fix}choose "
+                               f"another --out") from None
         finally:                                        # full disk, Ctrl-C, or published: none left behind
             with contextlib.suppress(OSError):
                 written.unlink()
@@ -310,11 +314,12 @@ if __name__ == "__main__":
     with sd.cli_console():
         inherited = sd.handle_signals(sd.terminate, (signal.SIGTERM,))
         try:
-            main()
+            try:
+                main()
+            finally:            # a SIGTERM as they are put back (main() done) is handled below too
+                sd.restore_signals(inherited)       # the default, or ignored as the parent set it
         except (sd.UserError, sd.torch.OutOfMemoryError) as e:     # main() words running out of memory
             sys.exit(f"error: {e}")
         except KeyboardInterrupt as e:
             stopped = ": images already written stay in --out"
             sd.exit_stopped(isinstance(e, sd.Terminated), stopped, sys.stderr)
-        finally:
-            sd.restore_signals(inherited)           # the default, or ignored as the parent set it

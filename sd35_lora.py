@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3049  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3304  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3856  Several Processes (torchrun)     one all-reduce per step
-     3944  Command Line and the Tiny Model  main(), --tiny
+     3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3312  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3874  Several Processes (torchrun)     one all-reduce per step
+     3962  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1941,8 +1941,8 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
     if not download:
         return None
     from huggingface_hub import snapshot_download
-    # skipped: pickles, and the fp16 variant files of diffusers repos (copies: ~11 GB for SD3.5's)
-    skipped = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
+    skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
     skipped += ["*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
@@ -2679,6 +2679,10 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
     if uncond is None and cfg > 1.0:                # denoise() would run without CFG, silently
         raise UserError(f"embeddings with no uncond (negative prompt) half cannot run CFG at cfg {cfg}: pass "
                         f"(cond, uncond) or cfg=1")
+    tokens = [context.shape[1] for context, _ in pairs]
+    if cfg > 1.0 and tokens[0] != tokens[-1]:           # CFG runs them as one batch (torch.cat)
+        raise UserError(f"embeddings' cond and uncond contexts have {tokens[0]} and {tokens[-1]} tokens: "
+                        f"encode both with one TextEncoders (one t5_length)")
 
 
 def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings, batch_size, keep, progress):
@@ -2980,12 +2984,16 @@ def drop_log_lines_after(log: Path, step: int):
 def log_lines_up_to(log: Path, step: int):
     """drop_log_lines_after's lines, read one at a time; the file is closed when the last is read. As bytes:
     written back as they were (Windows' CRLF stays CRLF; stray bytes, not UTF-8, fail json.loads)."""
-    with open(log, "rb") as f:
-        for line in f:
-            with contextlib.suppress(ValueError, RecursionError):
-                entry = json.loads(line) if line.endswith(b"\n") else None    # the last may be cut short
-                if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
-                    yield line
+    try:                                # (not _atomic_save's "cannot write": the write is not what failed)
+        with open(log, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, RecursionError):
+                    entry = json.loads(line) if line.endswith(b"\n") else None    # the last may be cut short
+                    if isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] <= step:
+                        yield line
+    except OSError as e:
+        raise UserError(f"cannot read {log} ({e.strerror or e}): make it readable, or move it away to resume "
+                        f"without its lines; it is unchanged") from None
 
 
 def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
@@ -3431,15 +3439,26 @@ def _atomic_save(data, path: str | Path, metadata=None):
             tmp.unlink()
 
 
-def writable_dir(path: str | Path, what: str):
-    """Create the folder `path` and write there before any model loads: a bad output path costs no work."""
+def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> list[Path]:
+    """Create the folder `path` and write there before any model loads: a bad output path costs no work.
+    -> the folders it made, innermost first; refused, it removes them (rmdir removes no folder in use).
+    read_only_ok: a folder there that refuses writes is read as it is (a team's cache, mounted read-only)."""
+    made = [d for d in (Path(path), *Path(path).parents) if not d.exists()]
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            for folder in made:
+                folder.rmdir()
+        if read_only_ok and not made and e.errno in (errno.EROFS, errno.EACCES):
+            print(f"warning: {what} {path} is read-only ({e.strerror}): read as it is; a file missing there "
+                  f"fails the run once the models have loaded", file=sys.stderr)
+            return made
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
+    return made
 
 
 def out_of_space(e: Exception) -> bool:
@@ -3546,10 +3565,9 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError(f"output_dir {out} already holds files of an earlier run; {fix} or choose "
                         f"another output_dir (--set output_dir=...)")
     check_sources(cfg)
-    trainer.made = [d for d in (out, *out.parents) if not d.exists()]  # end_training removes them if empty
-    writable_dir(out, "output_dir")
+    trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir")
+    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_ok=True)
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log

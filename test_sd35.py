@@ -1015,7 +1015,8 @@ def test_generate_without_prompts_or_text_encoders_in_a_notebook():
 def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
     """embeddings=(encode(prompts), encode([negative])), the negative encoded once, made the second image with no
     uncond rows at batch_size 1 (silently another image) and failed with a bare size mismatch at batch_size 2; an
-    uncond of another model's width, or none, a bare TypeError or an error from deep inside torch."""
+    uncond of another model's width, or none, a bare TypeError or an error from deep inside torch; one of another
+    token length (another t5_length) torch.cat's bare size mismatch under CFG."""
     pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=2, width=32, height=32, cfg=4.0)
     cond, negative = pipe.text.encode(["red", "blue"]), pipe.text.encode([""])
     for batch_size in (1, 2):
@@ -1026,8 +1027,12 @@ def test_generate_refuses_an_uncond_half_that_does_not_match_the_prompts():
         one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=settings, progress=False,
                                            embeddings=(cond, uncond)), r"embeddings must be \(cond, uncond\)")
     repeated = tuple(t.expand(2, *t.shape[1:]) for t in negative)
+    shorter = (repeated[0][:, :-3], repeated[1])        # e.g. the negative encoded at another t5_length
+    one_line_error(lambda: sd.generate(pipe, ["red", "blue"], settings=s, progress=False,
+                                       embeddings=(cond, shorter)), "cond and uncond contexts have 93 and 90 tokens")
     assert len(sd.generate(pipe, ["red", "blue"], settings=s, progress=False, embeddings=(cond, repeated))) == 2
-    assert len(sd.generate(pipe, ["red", "blue"], settings=no_cfg, progress=False, embeddings=(cond, negative))) == 2
+    for uncond in (negative, shorter):                  # without CFG the uncond half goes unused
+        assert len(sd.generate(pipe, ["red", "blue"], settings=no_cfg, progress=False, embeddings=(cond, uncond))) == 2
 
 
 def test_generate_refuses_prompts_and_negatives_that_are_not_texts():
@@ -3915,6 +3920,35 @@ def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
 
 
+def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatch, capsys):
+    """A team's precomputed cache on a read-only mount was refused at the start ("not a writable folder: give
+    another"), though a run only reads a complete one. Now it is read, with a warning; a file missing there fails
+    the run in one line, and the cache stays as it was. Read-only simulated: chmod cannot stop root."""
+    make_dataset(tmp_path / "data")
+    sets, cache = {"train.steps": 2, "train.save_every": 2, "sample.sample_every": 0}, tmp_path / "cache"
+    sd.train(tiny_config(tmp_path, **sets))                 # fills the cache
+    files = lambda: {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    before, real_probe, real_save = files(), sd.tempfile.TemporaryFile, sd.save_file
+
+    def refused_in_cache(real):                         # TemporaryFile(dir=folder), save_file(tensors, file)
+        def write(*args, **kwargs):
+            if cache in (Path(kwargs["dir"], "probe") if "dir" in kwargs else Path(args[1])).parents:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(*args, **kwargs)
+        return write
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", refused_in_cache(real_probe))
+    monkeypatch.setattr(sd, "save_file", refused_in_cache(real_save))
+    sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "run2"), **sets))
+    assert "dataset.cache_dir" in capsys.readouterr().err and files() == before
+    trained, again = (load_file(tmp_path / run / "lora.safetensors") for run in ("run", "run2"))
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    missing = next((cache / "text").iterdir())
+    missing.unlink()
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "run3"), **sets)),
+                   rf"cannot write .*{missing.name} \(Read-only file system\): choose another folder")
+    assert files() == {p: b for p, b in before.items() if p != missing} and not (tmp_path / "run3").exists()
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
@@ -6555,6 +6589,24 @@ def test_a_windows_log_keeps_its_line_ends_when_a_resume_trims_it(tmp_path, monk
     assert log.read_bytes() == b"".join(lines[:2])
 
 
+def test_a_log_that_fails_reading_on_resume_is_reported_unreadable_and_kept(tmp_path, monkeypatch):
+    """A read error part way through log.jsonl (a failing disk: EIO; another user's 0600 file) came out of the
+    rewrite as "cannot write log.jsonl (...): choose another folder", which a resume cannot. The log stays."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(json.dumps({"step": step}).encode() + b"\n" for step in (1, 2, 3)))
+    before = log.read_bytes()
+
+    class FailingReader(io.BufferedReader):
+        def __iter__(self):
+            yield self.readline()
+            raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(sd, "open", lambda path, mode: FailingReader(io.FileIO(path)) if path == log
+                        else open(path, mode), raising=False)
+    one_line_error(lambda: sd.drop_log_lines_after(log, 2), r"cannot read .*log.jsonl \(Input/output error\): "
+                   "make it readable, or move it away")
+    assert log.read_bytes() == before and os.listdir(tmp_path) == ["log.jsonl"]
+
+
 def test_a_log_rewritten_by_jq_or_by_hand_keeps_its_lines_when_a_resume_trims_it(tmp_path):
     """--resume dropped every log.jsonl line not written exactly as a run writes it ('{"step": N, ...'): a log
     compacted or key-sorted by jq (-c, -S), or saved by another JSON writer, lost its whole loss history. A line
@@ -7264,6 +7316,21 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_sample_cli_terminated_just_after_its_saved_to_line_is_one_line(tmp_path):
+    """SIGTERM just after the "saved to" line (main() returned, its handler not yet put back: 2 of 18 tries
+    at 0-2 ms) raised out of restore_signals, past the except clauses: a Terminated traceback, exit code 1."""
+    script = tmp_path / "run.py"                    # SIGTERM arrives as the handlers are put back
+    script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
+                      "real = sd35_lora.restore_signals\ndef late(old):\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "    real(old)\nsd35_lora.restore_signals = late\n"
+                      f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
+                      "run_name='__main__')\n")
+    r = run_cli(str(script), *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out"))
+    assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "terminated: images already written stay in --out"
+    assert "saved to" in r.stdout and [p.name for p in (tmp_path / "out").iterdir()] == ["sample_00.png"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
 @pytest.mark.parametrize("killed_in", ["sd35_lora._atomic_save", "os.link"])
 def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in):
@@ -7349,6 +7416,27 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
         sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                      "--height", "32", "--out", str(tmp_path / "out")])
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("refused", ["os.open", "os.replace"])
+def test_sample_cli_without_hard_links_whose_fallback_fails_is_one_line(tmp_path, monkeypatch, refused):
+    """Where no hard links can be made, a failure of the fallback (a full disk at its empty sample_NN.png, its
+    rename refused) came out of sample.py as a bare OSError traceback. One line now; earlier images stay."""
+    real = getattr(os, refused.split(".")[1])
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")        # Linux's answer on FAT
+
+    def full_at_the_second(*args, **kwargs):
+        if Path(args[-1] if refused == "os.replace" else args[0]).name == "sample_01.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, refused.split(".")[1], full_at_the_second)
+    out = tmp_path / "out"
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--prompt", "a dog", "--out", str(out)]),
+                   r"cannot save image 2 in .*out \(No space left on device\): free disk space or choose another --out")
+    assert [p.name for p in out.iterdir()] == ["sample_00.png"]
 
 
 def test_sample_cli_sigterm_while_an_error_ends_the_run_keeps_the_error(tmp_path):
@@ -8407,14 +8495,19 @@ def test_output_paths_are_checked_first_and_a_full_disk_keeps_the_last_checkpoin
 def test_a_full_disk_at_the_start_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     """On a real full disk (tmpfs, ext4) a file can be made but no byte written: writable_dir made its test
     file without writing, so train() loaded the models, cached the dataset, ran a step and failed appending
-    to log.jsonl, leaving an output_dir that now had to be emptied; sample.py loaded its models too."""
+    to log.jsonl, leaving an output_dir that now had to be emptied; sample.py loaded its models too. The refused
+    folder (and those made above it) stayed behind, empty: a tmpfs or a quota lets mkdir make it."""
     make_dataset(tmp_path / "data")
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded on a full disk"))
-    monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb"))  # writes: ENOSPC
-    one_line_error(lambda: sd.train(tiny_config(tmp_path)),
-                   r"output_dir .*run is not a writable folder \(No space left on device\): free disk space")
-    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "s")]),
+    real = sd.tempfile.TemporaryFile                                                    # writes: ENOSPC
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb") if "on_full" in str(dir)
+                        else real(dir=dir))
+    for key in ("output_dir", "dataset.cache_dir"):     # cache_dir's: after output_dir's lock (which goes too)
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(tmp_path / "on_full/new/run")})),
+                       rf"{key} .*run is not a writable folder \(No space left on device\): free disk space")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "on_full/s")]),
                    r"--out .*s is not a writable folder \(No space left on device\): free disk space")
+    assert os.listdir(tmp_path) == ["data"]
 
 
 def test_a_full_disk_before_the_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
@@ -9142,10 +9235,12 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
 
 def test_pickle_files_are_never_downloaded_and_a_missing_one_is_not_found(monkeypatch, tmp_path):
     """The pickle suffixes were listed three times, and not alike: a repo's .pth and .pkl files were downloaded
-    (never read), and a missing `runs/model.pth` was taken for a hub id ("could not download ... offline?")."""
+    (never read), and a missing `runs/model.pth` was taken for a hub id ("could not download ... offline?"). The
+    hub's patterns are case-sensitive (fnmatchcase): a model.PTH or x.Bin was downloaded too."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-    repo = ["model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/model.pth", "vae/x.pkl"]
+    repo = ["model_index.json", "vae/diffusion_pytorch_model.safetensors", "vae/model.pth", "vae/x.pkl", "vae/model.PTH",
+            "vae/x.Bin", "vae/y.CKPT"]
     got = []
 
     def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
