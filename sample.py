@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "checking; one unmerged LoRA per layer)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep models on the CPU, each visiting the GPU only while it runs (the MMDiT and the "
-                   "VAE together for all images where they fit; default: when all models do not fit)")
+                   f"VAE together, once every {sd.PROMPTS_AHEAD} prompts, where they fit; default: when all "
+                   "models do not fit)")
     p.add_argument("--fp8", action="store_true", help="MMDiT joint-block weights in float8 (half the memory; "
                    "with --compile, fp8 matmuls on NVIDIA GPUs of compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true",

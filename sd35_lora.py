@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       697  VAE                              16-channel autoencoder, the latent scale and shift
       847  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1079  Data                             dataset scan, aspect buckets, the latent and text cache
-     1211  Training                         Trainer and the training loop
-     1365  Part 2: plumbing                 a reader can stop here
-     1372  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1898  Hub Downloads                    snapshot downloads, tokenizers
-     1960  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2296  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2429  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3057  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3312  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3874  Several Processes (torchrun)     one all-reduce per step
-     3962  Command Line and the Tiny Model  main(), --tiny
+     1071  Data                             dataset scan, aspect buckets, the latent and text cache
+     1203  Training                         Trainer and the training loop
+     1357  Part 2: plumbing                 a reader can stop here
+     1364  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1890  Hub Downloads                    snapshot downloads, tokenizers
+     1952  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3075  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3330  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3892  Several Processes (torchrun)     one all-reduce per step
+     3980  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1036,8 +1036,9 @@ def encode_in_batches(text: TextEncoders, prompts: list[str], negative: str, cfg
 def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: SampleSettings | None = None,
              embeddings=None, progress: bool = True, batch_size: int = 1, keep=None) -> list:
     """Prompts -> PIL images (image i: seed + i), encoded and denoised batch_size at a time; keep(images)
-    gets each batch's as it is done (sample.py saves them: a Ctrl-C keeps them). `embeddings` = (cond,
-    uncond) skips the text encoders. The MMDiT in eval mode (the caller's after), under no_grad."""
+    gets each batch's as it is done, instead of the list returned (sample.py saves them: a Ctrl-C keeps them,
+    and 10,000 prompts take no more memory than 100). `embeddings` = (cond, uncond) skips the text encoders.
+    The MMDiT in eval mode (the caller's after), under no_grad."""
     from PIL import Image
     # every argument checked (a notebook's too), one prompt made a list, settings resolved with the preset
     prompts, s, batch_size = read_generate_inputs(pipe, prompts, negative, settings, embeddings, batch_size,
@@ -1047,32 +1048,23 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     check_image_fits(pipe.mmdit, s.height, s.width)                   # too large: fail before allocating
     if embeddings is None:
         warn_prompts(pipe.text, prompts, negative, s.cfg)
-        with pipe.on_device(*pipe.text.modules()):
-            cond, uncond = encode_in_batches(pipe.text, prompts, negative, s.cfg, batch_size)
-    else:
-        cond, uncond = embeddings
-    seeds = [s.seed + i for i in range(len(prompts))]
-    x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
     sigmas = get_schedule(s.steps, s.shift, s.schedule).to(pipe.device)
-    # offload: the MMDiT and the VAE visit the GPU once per run where they fit there together, else per batch
-    fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
-    bar = tqdm(total=len(x) * s.steps, desc=f"denoising {counted(len(x), 'image')}", disable=not progress)
+    bar = tqdm(total=len(prompts) * s.steps, desc=f"denoising {counted(len(prompts), 'image')}",
+               disable=not progress)
     done = []
-    with bar, pipe.on_device(*((pipe.mmdit, pipe.vae) if fit_together else ())), in_eval_mode(pipe.mmdit):
-        for i in range(0, len(x), batch_size):          # not all at once: many prompts can fill GPU memory
-            c = [t[i:i + batch_size].to(pipe.device) for t in cond]
-            u = [t[i:i + batch_size].to(pipe.device) for t in uncond] if uncond else None
+    # batch by batch: the seeds and the embeddings (encoded a chunk ahead), the models placed for them
+    batches = embedded_batches(pipe, prompts, negative, s, embeddings, batch_size)
+    with bar, contextlib.closing(batches), in_eval_mode(pipe.mmdit):      # closing: an error puts them back
+        for seeds, c, u in batches:
+            x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
             with pipe.on_device(pipe.mmdit):
-                z = denoise(pipe.mmdit, x[i:i + batch_size], sigmas, c, u, s.cfg, s.sampler, s.slg_scale,
-                            s.slg_layers, bar)
+                z = denoise(pipe.mmdit, x, sigmas, c, u, s.cfg, s.sampler, s.slg_scale, s.slg_layers, bar)
             with pipe.on_device(pipe.vae):                 # one image at a time: VAE activations are large
                 images = torch.cat([pipe.vae.decode(latent[None]) for latent in z])   # (B, 3, H, W), [-1, 1]
             if not images.isfinite().all():                # one check per batch, not per sampling step
                 raise nan_images_error(pipe, text_encoded=embeddings is None)
             arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-            done += [Image.fromarray(a) for a in arrays.cpu().numpy()]      # rounded as diffusers does
-            if keep:
-                keep(done[i:])
+            (keep or done.extend)([Image.fromarray(a) for a in arrays.cpu().numpy()])   # rounded as diffusers
     return done
 
 
@@ -2699,6 +2691,32 @@ def read_generate_inputs(pipe: Pipeline, prompts, negative, settings, embeddings
     check_text_inputs(pipe, prompts, negative, embeddings, s.cfg)
     check_seed(s.seed, len(prompts))
     return prompts, s, batch_size
+
+
+PROMPTS_AHEAD = 100     # generate() encodes this many (whole batches) at a time: SD3.5's 5.5 MB each in fp32
+
+
+def embedded_batches(pipe: Pipeline, prompts: list[str], negative: str, s: SampleSettings, embeddings,
+                     batch_size: int):
+    """generate()'s batches: (seeds, cond, uncond) on pipe.device (uncond None if none). The prompts are
+    encoded PROMPTS_AHEAD at a time (whole batches: the same images), not all at once: the embeddings of an
+    evaluation set of thousands took GBs of RAM. With offload the text encoders visit the GPU once for each
+    such chunk, then the MMDiT and the VAE for its batches: once where they fit there together, else in turn
+    for each batch (generate)."""
+    ahead = batch_size * math.ceil(PROMPTS_AHEAD / batch_size)
+    fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
+    for start in range(0, len(prompts), ahead):
+        if embeddings is None:
+            with pipe.on_device(*pipe.text.modules()):
+                cond, uncond = encode_in_batches(pipe.text, prompts[start:start + ahead], negative, s.cfg,
+                                                 batch_size)
+        else:                               # the caller's (training's previews): rows sliced, not copied
+            cond, uncond = ([t[start:start + ahead] for t in half] if half else None for half in embeddings)
+        with pipe.on_device(*((pipe.mmdit, pipe.vae) if fit_together else ())):
+            for i in range(0, len(cond[0]), batch_size):
+                c = [t[i:i + batch_size].to(pipe.device) for t in cond]
+                u = [t[i:i + batch_size].to(pipe.device) for t in uncond] if uncond else None
+                yield range(s.seed + start + i, s.seed + start + i + len(c[0])), c, u
 
 
 @contextlib.contextmanager

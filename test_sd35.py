@@ -4471,8 +4471,8 @@ def test_generate_refuses_embeddings_of_another_shape_and_a_keep_that_is_no_func
     one_line_error(lambda: sd.generate(pipe, ["red"], settings=s, progress=False, keep=True),
                    "keep takes a function .*, not True")
     kept = []
-    assert len(sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(cond, None), keep=kept.extend)) == 1
-    assert len(kept) == 1
+    assert sd.generate(pipe, ["red"], settings=s, progress=False, embeddings=(cond, None), keep=kept.extend) == []
+    assert len(kept) == 1                                       # kept there, not here too
 
 
 def test_the_model_loaders_given_no_path_say_what_to_pass():
@@ -7277,6 +7277,80 @@ def test_offloaded_sampling_moves_the_mmdit_and_vae_once_per_run_where_they_fit_
         sample.main(["--model", "tiny", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32", *flags,
                      "--out", str(tmp_path)])
     assert offloaded == [True, False]
+
+
+def test_generate_holds_the_embeddings_noise_and_images_of_one_chunk_of_prompts_not_of_all(monkeypatch):
+    """generate() encoded all its prompts before the first image (SD3.5's context is 5.5 MB a prompt in float32:
+    9 GB of RAM for PartiPrompts' 1,600, 55 GB for 10,000), drew the noise of all images on the device at once
+    (1 MB each at 1024 px) and kept every image (3 MB at 1024 px) to return them, also when keep (sample.py's)
+    had saved them. The prompts are encoded PROMPTS_AHEAD at a time and the noise drawn per batch: the tensors
+    held at each batch are those of 4 prompts, for 4 prompts as for 12; with keep no image outlives its batch
+    and none is returned. Without keep, all are returned: the images of one chunk of 12 prompts."""
+    pipe, s = sd.tiny_pipeline(), sd.SampleSettings(steps=1, width=32, height=32, cfg=4.0, seed=3)
+    prompts = [f"prompt {i}" for i in range(12)]
+    made, given, held, earlier = [], [], [], []     # weak references to tensors and images; what each batch saw
+    real_encode, real_noise, real_denoise = sd.encode_in_batches, sd.initial_noise, sd.denoise
+
+    def encode(*args):
+        cond, uncond = real_encode(*args)
+        made.extend(weakref.ref(t) for t in [*cond, *uncond])
+        return cond, uncond
+
+    def noise(*args):
+        x = real_noise(*args)
+        made.append(weakref.ref(x))
+        return x
+
+    def denoise(*args, **kwargs):
+        alive = [t.untyped_storage() for t in (ref() for ref in made) if t is not None]
+        held.append(sum({storage.data_ptr(): storage.nbytes() for storage in alive}.values()))
+        return real_denoise(*args, **kwargs)
+
+    def keep(images):                       # as sample.py's: saves them, holds none
+        earlier.append(sum(ref() is not None for ref in given))
+        given.extend(weakref.ref(image) for image in images)
+    monkeypatch.setattr(sd, "PROMPTS_AHEAD", 4, raising=False)
+    for name, function in (("encode_in_batches", encode), ("initial_noise", noise), ("denoise", denoise)):
+        monkeypatch.setattr(sd, name, function)
+    peaks = {}
+    for n in (4, 12):
+        held.clear()
+        assert sd.generate(pipe, prompts[:n], "ugly", s, progress=False, batch_size=2, keep=keep) == []
+        peaks[n] = max(held)
+    context = len(pipe.text.encode(["a"])[0][0].flatten()) * 4        # bytes: the 4 prompts' and the negative's,
+    assert peaks[12] == peaks[4] and 5 * context < peaks[4] < 6 * context   # pooled, a batch's noise
+    assert earlier == [0] * 8
+    chunked = sd.generate(pipe, prompts, "ugly", s, progress=False, batch_size=2)
+    monkeypatch.setattr(sd, "PROMPTS_AHEAD", 12, raising=False)
+    assert np.array_equal(np.stack(chunked), np.stack(sd.generate(pipe, prompts, "ugly", s, progress=False,
+                                                                     batch_size=2)))
+
+
+def test_prompts_in_chunks_move_the_encoders_once_a_chunk_with_one_warning_and_one_bar(monkeypatch, capsys):
+    """generate() encodes PROMPTS_AHEAD prompts (whole batches) at a time. With offload the text encoders visit
+    the GPU once per chunk, not per batch, and the MMDiT and the VAE (where they fit together) then once for the
+    chunk's batches; the prompts cut short are named in one line for the run, and one bar counts all steps."""
+    moves, real, bars = [], torch.nn.Module.to, []
+
+    def to(module, *args, **kwargs):
+        moves.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    class Recorded(sd.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+    pipe, s = sd.tiny_pipeline(t5_length=16), sd.SampleSettings(steps=2, width=32, height=32, cfg=1.0)
+    for name, value in (("too_large_for", lambda device, *modules: 0), ("PROMPTS_AHEAD", 3), ("tqdm", Recorded)):
+        monkeypatch.setattr(sd, name, value)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    pipe.offload = True                                 # 2 chunks (4 prompts: whole batches, then 1), 3 batches
+    assert len(sd.generate(pipe, ["red", "b" * 20, "c", "d", "e" * 20], settings=s, batch_size=2)) == 5
+    counts = collections.Counter(moves)
+    assert (counts["T5EncoderModel"], counts["MMDiT"], counts["VAE"], pipe.visiting) == (4, 4, 4, ())
+    assert [(bar.n, bar.total) for bar in bars] == [(10, 10)]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "2 of 5 prompts are cut" in warnings[0]
 
 
 @pytest.mark.parametrize("refusal", [None,                                                    # hard links
