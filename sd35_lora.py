@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3075  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3330  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3892  Several Processes (torchrun)     one all-reduce per step
-     3980  Command Line and the Tiny Model  main(), --tiny
+     3893  Several Processes (torchrun)     one all-reduce per step
+     3981  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3461,7 +3461,8 @@ def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> lis
     """Create the folder `path` and write there before any model loads: a bad output path costs no work.
     -> the folders it made, innermost first; refused, it removes them (rmdir removes no folder in use).
     read_only_ok: a folder there that refuses writes is read as it is (a team's cache, mounted read-only)."""
-    made = [d for d in (Path(path), *Path(path).parents) if not d.exists()]
+    # os.path's: Path.exists raises PermissionError under a folder one may not enter (mkdir's to refuse)
+    made = [d for d in (Path(path), *Path(path).parents) if not os.path.exists(d)]
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:

@@ -3920,6 +3920,30 @@ def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
 
 
+def test_a_folder_under_one_that_cannot_be_entered_is_refused_in_one_line(tmp_path, monkeypatch):
+    """writable_dir listed the folders it would make with Path.exists, which raises PermissionError (Python
+    before 3.14) for a path under a folder the user may not enter (another user's 0700 home): a bare traceback
+    for --out and dataset.cache_dir, where mkdir's refusal had been one line."""
+    make_dataset(tmp_path / "data")
+    locked = tmp_path / "locked"                    # chmod cannot stop root: the kernel's answers simulated
+    locked.mkdir()
+    real_stat, real_mkdir = os.stat, os.mkdir
+
+    def refused(real):
+        def call(path, *args, **kwargs):
+            if locked in Path(path).parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return call
+    monkeypatch.setattr(os, "stat", refused(real_stat))
+    monkeypatch.setattr(os, "mkdir", refused(real_mkdir))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.cache_dir": str(locked / "x/cache")})),
+                   r"dataset.cache_dir .*cache is not a writable folder \(Permission denied\)")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(locked / "x/s")]),
+                   r"--out .*s is not a writable folder \(Permission denied\)")
+    assert os.listdir(locked) == [] and not (tmp_path / "run").exists()
+
+
 def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatch, capsys):
     """A team's precomputed cache on a read-only mount was refused at the start ("not a writable folder: give
     another"), though a run only reads a complete one. Now it is read, with a warning; a file missing there fails
