@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3075  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3330  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3893  Several Processes (torchrun)     one all-reduce per step
-     3981  Command Line and the Tiny Model  main(), --tiny
+     3896  Several Processes (torchrun)     one all-reduce per step
+     3984  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3457,10 +3457,11 @@ def _atomic_save(data, path: str | Path, metadata=None):
             tmp.unlink()
 
 
-def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> list[Path]:
+def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()) -> list[Path]:
     """Create the folder `path` and write there before any model loads: a bad output path costs no work.
-    -> the folders it made, innermost first; refused, it removes them (rmdir removes no folder in use).
-    read_only_ok: a folder there that refuses writes is read as it is (a team's cache, mounted read-only)."""
+    -> the folders it made, innermost first; refused, it removes them (rmdir removes none written into).
+    read_only_if: subfolders whose presence gets a folder that refuses writes read as it is (a team's cache,
+    mounted read-only); one without them is refused at once (a wrong path: no run's files to read there)."""
     # os.path's: Path.exists raises PermissionError under a folder one may not enter (mkdir's to refuse)
     made = [d for d in (Path(path), *Path(path).parents) if not os.path.exists(d)]
     try:
@@ -3471,9 +3472,11 @@ def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> lis
         with contextlib.suppress(OSError):
             for folder in made:
                 folder.rmdir()
-        if read_only_ok and not made and e.errno in (errno.EROFS, errno.EACCES):
-            print(f"warning: {what} {path} is read-only ({e.strerror}): read as it is; a file missing there "
-                  f"fails the run once the models have loaded", file=sys.stderr)
+        filled = read_only_if and all(os.path.isdir(Path(path, folder)) for folder in read_only_if)
+        if filled and not made and e.errno in (errno.EROFS, errno.EACCES):
+            if rank_and_world()[0] == 0:                    # torchrun: once, not once per process
+                print(f"warning: {what} {path} is read-only ({e.strerror}): read as it is; a file missing "
+                      f"there fails the run once the models have loaded", file=sys.stderr)
             return made
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
@@ -3586,7 +3589,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_ok=True)
+    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_if=("latents", "text"))   # a cache's
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log

@@ -3973,6 +3973,35 @@ def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatc
     assert files() == {p: b for p, b in before.items() if p != missing} and not (tmp_path / "run3").exists()
 
 
+def test_a_read_only_folder_holding_no_cache_is_refused_and_a_caches_warned_of_once_under_torchrun(
+        tmp_path, monkeypatch, capsys):
+    """A read-only dataset.cache_dir holding no cache (a wrong path, e.g. a dataset's read-only mount) was read
+    with a warning: the run loaded its models (minutes for Large) to fail at its first cache file. Refused at
+    the start again; one holding a cache's folders (latents/, text/) is read, warned of by process 0 alone
+    (under torchrun every process printed it)."""
+    make_dataset(tmp_path / "data")
+    ro, real_probe = tmp_path / "ro", sd.tempfile.TemporaryFile
+    ro.mkdir()
+
+    def probe(dir):
+        if Path(dir) == ro:                             # chmod cannot stop root: the refusal simulated
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_probe(dir=dir)
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", probe)
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("models loaded for no cache"))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.cache_dir": str(ro)})),
+                   r"dataset.cache_dir .*ro is not a writable folder \(Read-only file system\)")
+    assert os.listdir(ro) == [] and not (tmp_path / "run").exists()
+    for name in ("latents", "text"):
+        (ro / name).mkdir()
+    for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost")):   # as torchrun sets them
+        monkeypatch.setenv(name, value)
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert sd.writable_dir(ro, "dataset.cache_dir", read_only_if=("latents", "text")) == []
+        assert ("warning: dataset.cache_dir" in capsys.readouterr().err) == warned
+
+
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
     """train() re-raised any other error from its out-of-memory handler, which added a line to the traceback under
     the one that failed: `raise stopped_by_memory(tr, e)`."""
