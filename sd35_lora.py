@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       697  VAE                              16-channel autoencoder, the latent scale and shift
       847  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1203  Training                         Trainer and the training loop
-     1357  Part 2: plumbing                 a reader can stop here
-     1364  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1890  Hub Downloads                    snapshot downloads, tokenizers
-     1952  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3075  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3330  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3896  Several Processes (torchrun)     one all-reduce per step
-     3984  Command Line and the Tiny Model  main(), --tiny
+     1075  Data                             dataset scan, aspect buckets, the latent and text cache
+     1207  Training                         Trainer and the training loop
+     1361  Part 2: plumbing                 a reader can stop here
+     1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1894  Hub Downloads                    snapshot downloads, tokenizers
+     1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3900  Several Processes (torchrun)     one all-reduce per step
+     3988  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1054,7 +1054,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     done = []
     # batch by batch: the seeds and the embeddings (encoded a chunk ahead), the models placed for them
     batches = embedded_batches(pipe, prompts, negative, s, embeddings, batch_size)
-    with bar, contextlib.closing(batches), in_eval_mode(pipe.mmdit):      # closing: an error puts them back
+    with bar, contextlib.closing(batches), in_eval_mode(pipe.mmdit):    # closing: an error puts models back
         for seeds, c, u in batches:
             x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
             with pipe.on_device(pipe.mmdit):
@@ -1064,7 +1064,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             if not images.isfinite().all():                # one check per batch, not per sampling step
                 raise nan_images_error(pipe, text_encoded=embeddings is None)
             arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-            (keep or done.extend)([Image.fromarray(a) for a in arrays.cpu().numpy()])   # rounded as diffusers
+            images = [Image.fromarray(a) for a in arrays.cpu().numpy()]         # rounded as diffusers does
+            if keep:                                       # saved by the caller: none held here
+                keep(images)
+            else:
+                done += images
     return done
 
 
