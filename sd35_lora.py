@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3900  Several Processes (torchrun)     one all-reduce per step
-     3988  Command Line and the Tiny Model  main(), --tiny
+     3901  Several Processes (torchrun)     one all-reduce per step
+     3989  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3569,12 +3569,13 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
-    lock = lock_output_dir(out) if first and (out / LOCK_FILE).exists() else None
+    # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
+    lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None
     if lock:
         unlock_output_dir(lock)
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
-    shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if os.path.isdir(out) else []
     if not resume and first and shown:
         saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
         if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images

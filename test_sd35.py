@@ -3923,7 +3923,8 @@ def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path
 def test_a_folder_under_one_that_cannot_be_entered_is_refused_in_one_line(tmp_path, monkeypatch):
     """writable_dir listed the folders it would make with Path.exists, which raises PermissionError (Python
     before 3.14) for a path under a folder the user may not enter (another user's 0700 home): a bare traceback
-    for --out and dataset.cache_dir, where mkdir's refusal had been one line."""
+    for --out and dataset.cache_dir, where mkdir's refusal had been one line; for output_dir (its lock file and
+    contents looked for first) a bare traceback too, earlier."""
     make_dataset(tmp_path / "data")
     locked = tmp_path / "locked"                    # chmod cannot stop root: the kernel's answers simulated
     locked.mkdir()
@@ -3937,8 +3938,9 @@ def test_a_folder_under_one_that_cannot_be_entered_is_refused_in_one_line(tmp_pa
         return call
     monkeypatch.setattr(os, "stat", refused(real_stat))
     monkeypatch.setattr(os, "mkdir", refused(real_mkdir))
-    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.cache_dir": str(locked / "x/cache")})),
-                   r"dataset.cache_dir .*cache is not a writable folder \(Permission denied\)")
+    for key in ("output_dir", "dataset.cache_dir"):
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(locked / "x/folder")})),
+                       rf"{key} .*folder is not a writable folder \(Permission denied\)")
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(locked / "x/s")]),
                    r"--out .*s is not a writable folder \(Permission denied\)")
     assert os.listdir(locked) == [] and not (tmp_path / "run").exists()
@@ -8665,7 +8667,8 @@ def test_an_output_dir_name_too_long_gets_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
     with pytest.raises(SystemExit) as e:
         sd.main([])
-    assert e.value.code.startswith("error: [Errno ") and "File name too long" in e.value.code   # 63 on macOS
+    assert e.value.code.startswith("error: output_dir ") and "is not a writable folder (File name too long)" \
+        in e.value.code                                 # (checked before any other look into it)
     assert "\n" not in e.value.code
 
 
