@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       697  VAE                              16-channel autoencoder, the latent scale and shift
       847  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       887  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1071  Data                             dataset scan, aspect buckets, the latent and text cache
-     1203  Training                         Trainer and the training loop
-     1357  Part 2: plumbing                 a reader can stop here
-     1364  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1890  Hub Downloads                    snapshot downloads, tokenizers
-     1952  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2288  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2421  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3075  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3330  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3892  Several Processes (torchrun)     one all-reduce per step
-     3980  Command Line and the Tiny Model  main(), --tiny
+     1075  Data                             dataset scan, aspect buckets, the latent and text cache
+     1207  Training                         Trainer and the training loop
+     1361  Part 2: plumbing                 a reader can stop here
+     1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1894  Hub Downloads                    snapshot downloads, tokenizers
+     1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3901  Several Processes (torchrun)     one all-reduce per step
+     3989  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1054,7 +1054,7 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
     done = []
     # batch by batch: the seeds and the embeddings (encoded a chunk ahead), the models placed for them
     batches = embedded_batches(pipe, prompts, negative, s, embeddings, batch_size)
-    with bar, contextlib.closing(batches), in_eval_mode(pipe.mmdit):      # closing: an error puts them back
+    with bar, contextlib.closing(batches), in_eval_mode(pipe.mmdit):    # closing: an error puts models back
         for seeds, c, u in batches:
             x = initial_noise(seeds, pipe.mmdit.cfg.in_channels, s.height, s.width).to(pipe.device)
             with pipe.on_device(pipe.mmdit):
@@ -1064,7 +1064,11 @@ def generate(pipe: Pipeline, prompts: list[str], negative: str = "", settings: S
             if not images.isfinite().all():                # one check per batch, not per sampling step
                 raise nan_images_error(pipe, text_encoded=embeddings is None)
             arrays = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-            (keep or done.extend)([Image.fromarray(a) for a in arrays.cpu().numpy()])   # rounded as diffusers
+            images = [Image.fromarray(a) for a in arrays.cpu().numpy()]         # rounded as diffusers does
+            if keep:                                       # saved by the caller: none held here
+                keep(images)
+            else:
+                done += images
     return done
 
 
@@ -3457,11 +3461,13 @@ def _atomic_save(data, path: str | Path, metadata=None):
             tmp.unlink()
 
 
-def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> list[Path]:
+def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()) -> list[Path]:
     """Create the folder `path` and write there before any model loads: a bad output path costs no work.
-    -> the folders it made, innermost first; refused, it removes them (rmdir removes no folder in use).
-    read_only_ok: a folder there that refuses writes is read as it is (a team's cache, mounted read-only)."""
-    made = [d for d in (Path(path), *Path(path).parents) if not d.exists()]
+    -> the folders it made, innermost first; refused, it removes them (rmdir removes none written into).
+    read_only_if: subfolders whose presence gets a folder that refuses writes read as it is (a team's cache,
+    mounted read-only); one without them is refused at once (a wrong path: no run's files to read there)."""
+    # os.path's: Path.exists raises PermissionError under a folder one may not enter (mkdir's to refuse)
+    made = [d for d in (Path(path), *Path(path).parents) if not os.path.exists(d)]
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:
@@ -3470,9 +3476,11 @@ def writable_dir(path: str | Path, what: str, read_only_ok: bool = False) -> lis
         with contextlib.suppress(OSError):
             for folder in made:
                 folder.rmdir()
-        if read_only_ok and not made and e.errno in (errno.EROFS, errno.EACCES):
-            print(f"warning: {what} {path} is read-only ({e.strerror}): read as it is; a file missing there "
-                  f"fails the run once the models have loaded", file=sys.stderr)
+        filled = read_only_if and all(os.path.isdir(Path(path, folder)) for folder in read_only_if)
+        if filled and not made and e.errno in (errno.EROFS, errno.EACCES):
+            if rank_and_world()[0] == 0:                    # torchrun: once, not once per process
+                print(f"warning: {what} {path} is read-only ({e.strerror}): read as it is; a file missing "
+                      f"there fails the run once the models have loaded", file=sys.stderr)
             return made
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
@@ -3561,12 +3569,13 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
                         "a hub id or 'tiny'")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
-    lock = lock_output_dir(out) if first and (out / LOCK_FILE).exists() else None
+    # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
+    lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None
     if lock:
         unlock_output_dir(lock)
     resumed = prepare_resume(trainer.state_path, cfg) if resume else ([], {})
     # hidden files (macOS's .DS_Store in a folder made for the run) are no earlier run's
-    shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    shown = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if os.path.isdir(out) else []
     if not resume and first and shown:
         saved, data = trainer.state_path.is_file(), Path(cfg.dataset.path).resolve()
         if not saved and out.resolve() in (data, *data.parents):     # "empty it" deletes the images
@@ -3585,7 +3594,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_ok=True)
+    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_if=("latents", "text"))   # a cache's
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log

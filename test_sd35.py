@@ -3920,6 +3920,32 @@ def test_a_run_refused_for_its_cache_dir_removes_the_output_dir_it_made(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data"]
 
 
+def test_a_folder_under_one_that_cannot_be_entered_is_refused_in_one_line(tmp_path, monkeypatch):
+    """writable_dir listed the folders it would make with Path.exists, which raises PermissionError (Python
+    before 3.14) for a path under a folder the user may not enter (another user's 0700 home): a bare traceback
+    for --out and dataset.cache_dir, where mkdir's refusal had been one line; for output_dir (its lock file and
+    contents looked for first) a bare traceback too, earlier."""
+    make_dataset(tmp_path / "data")
+    locked = tmp_path / "locked"                    # chmod cannot stop root: the kernel's answers simulated
+    locked.mkdir()
+    real_stat, real_mkdir = os.stat, os.mkdir
+
+    def refused(real):
+        def call(path, *args, **kwargs):
+            if locked in Path(path).parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return call
+    monkeypatch.setattr(os, "stat", refused(real_stat))
+    monkeypatch.setattr(os, "mkdir", refused(real_mkdir))
+    for key in ("output_dir", "dataset.cache_dir"):
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: str(locked / "x/folder")})),
+                       rf"{key} .*folder is not a writable folder \(Permission denied\)")
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--out", str(locked / "x/s")]),
+                   r"--out .*s is not a writable folder \(Permission denied\)")
+    assert os.listdir(locked) == [] and not (tmp_path / "run").exists()
+
+
 def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatch, capsys):
     """A team's precomputed cache on a read-only mount was refused at the start ("not a writable folder: give
     another"), though a run only reads a complete one. Now it is read, with a warning; a file missing there fails
@@ -3947,6 +3973,35 @@ def test_a_complete_read_only_cache_dir_is_read_not_refused(tmp_path, monkeypatc
     one_line_error(lambda: sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "run3"), **sets)),
                    rf"cannot write .*{missing.name} \(Read-only file system\): choose another folder")
     assert files() == {p: b for p, b in before.items() if p != missing} and not (tmp_path / "run3").exists()
+
+
+def test_a_read_only_folder_holding_no_cache_is_refused_and_a_caches_warned_of_once_under_torchrun(
+        tmp_path, monkeypatch, capsys):
+    """A read-only dataset.cache_dir holding no cache (a wrong path, e.g. a dataset's read-only mount) was read
+    with a warning: the run loaded its models (minutes for Large) to fail at its first cache file. Refused at
+    the start again; one holding a cache's folders (latents/, text/) is read, warned of by process 0 alone
+    (under torchrun every process printed it)."""
+    make_dataset(tmp_path / "data")
+    ro, real_probe = tmp_path / "ro", sd.tempfile.TemporaryFile
+    ro.mkdir()
+
+    def probe(dir):
+        if Path(dir) == ro:                             # chmod cannot stop root: the refusal simulated
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_probe(dir=dir)
+    monkeypatch.setattr(sd.tempfile, "TemporaryFile", probe)
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("models loaded for no cache"))
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"dataset.cache_dir": str(ro)})),
+                   r"dataset.cache_dir .*ro is not a writable folder \(Read-only file system\)")
+    assert os.listdir(ro) == [] and not (tmp_path / "run").exists()
+    for name in ("latents", "text"):
+        (ro / name).mkdir()
+    for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost")):   # as torchrun sets them
+        monkeypatch.setenv(name, value)
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert sd.writable_dir(ro, "dataset.cache_dir", read_only_if=("latents", "text")) == []
+        assert ("warning: dataset.cache_dir" in capsys.readouterr().err) == warned
 
 
 def test_an_error_other_than_memory_keeps_its_own_traceback(tmp_path, monkeypatch):
@@ -8612,7 +8667,8 @@ def test_an_output_dir_name_too_long_gets_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "load_config", lambda *a: cfg)
     with pytest.raises(SystemExit) as e:
         sd.main([])
-    assert e.value.code.startswith("error: [Errno ") and "File name too long" in e.value.code   # 63 on macOS
+    assert e.value.code.startswith("error: output_dir ") and "is not a writable folder (File name too long)" \
+        in e.value.code                                 # (checked before any other look into it)
     assert "\n" not in e.value.code
 
 
