@@ -94,6 +94,20 @@ def peak_gib() -> dict:
             "start_allocated_gib": round(start_bytes / 2**30, 2)}
 
 
+def device_time(fn, n: int = 10) -> dict:
+    """Where one call of fn spends device time: the sum over all kernels and the n costliest (ms), to aim work."""
+    try:
+        with torch.profiler.profile() as prof:
+            fn()
+            sync()
+        own = (lambda e: e.self_device_time_total) if DEVICE.type == "cuda" else (lambda e: e.self_cpu_time_total)
+        events = sorted((e for e in prof.key_averages() if own(e) > 0), key=own, reverse=True)
+        return {"busy_ms": round(sum(map(own, events)) / 1e3, 2),
+                "top_ms": [[e.key[:90], e.count, round(own(e) / 1e3, 2)] for e in events[:n]]}
+    except Exception:
+        return {"error": traceback.format_exc()[-500:]}
+
+
 @contextlib.contextmanager
 def building():
     """Create modules directly on the device in the benchmark dtype (no fp32 host copy of 8B parameters)."""
@@ -167,6 +181,7 @@ def bench_compile():
                 reset_peak()
                 out["sd35_lora_compiled_step_s"] = seconds_per_call(lambda: ours(x, t, context, pooled), 5)
                 out["sd35_lora_compiled_memory"] = peak_gib()
+                out["sd35_lora_compiled_device_time"] = device_time(lambda: ours(x, t, context, pooled))
             for label in ("sd35_lora_eager", "sd35_lora_compiled"):
                 out[f"ratio_{label}_vs_diffusers_eager"] = round(out[f"{label}_step_s"] / out["diffusers_eager_step_s"], 3)
             if name == "medium":
@@ -267,6 +282,7 @@ def bench_train():
             step = lora_train_step(model, params, latents, context, pooled, fused=True)   # as `train` makes it
             r["sd35_lora_step_s"] = seconds_per_call(step, 5)
             r["sd35_lora_memory"] = peak_gib()
+            r["sd35_lora_device_time"] = device_time(step)                 # busy_ms well under the step: launch-bound
             if not SMOKE or name == "medium":                   # train.compile: true (one size is enough on a CPU)
                 model.compile_blocks()
                 reset_peak()
@@ -364,6 +380,7 @@ def fp8_sampling_step() -> dict:
             reset_peak()
             r[f"{label}_compiled_step_s"] = seconds_per_call(lambda: model(x, t, context, pooled), 10)
             r[f"{label}_compiled_memory"] = peak_gib()
+            r[f"{label}_compiled_device_time"] = device_time(lambda: model(x, t, context, pooled))
         model = None
         torch._dynamo.reset()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
@@ -395,10 +412,12 @@ def bench_fp8():
              "train_medium": lambda: fp8_train("medium", baseline=False), "sample_medium": fp8_sampling_step,
              "pipeline_large_t5_offload": fp8_pipeline}
     for label, part in parts.items():
+        start = time.perf_counter()
         try:
             out[label] = part()
         except Exception:
             out[label] = {"error": traceback.format_exc()[-1500:]}
+        out[label]["part_s"] = round(time.perf_counter() - start, 1)       # building and compiling included
         torch._dynamo.reset()
         reset_peak()
         report("fp8", out)
@@ -407,9 +426,11 @@ def bench_fp8():
 if __name__ == "__main__":
     stages = [a for a in sys.argv[1:] if not a.startswith("--")] or ["pipeline", "train", "compile"]
     for stage in stages:
+        stage_start = time.perf_counter()
         try:
             {"compile": bench_compile, "pipeline": bench_pipeline, "train": bench_train, "fp8": bench_fp8}[stage]()
         except Exception:
             report(stage, {"error": traceback.format_exc()[-1500:]})
         torch._dynamo.reset()
         reset_peak()
+        print(f"bench_gpu.py: stage {stage} took {time.perf_counter() - stage_start:.0f} s", flush=True)
