@@ -100,8 +100,10 @@ def device_time(fn, n: int = 10) -> dict:
         with torch.profiler.profile() as prof:
             fn()
             sync()
-        own = (lambda e: e.self_device_time_total) if DEVICE.type == "cuda" else (lambda e: e.self_cpu_time_total)
-        events = sorted((e for e in prof.key_averages() if own(e) > 0), key=own, reverse=True)
+        cuda = DEVICE.type == "cuda"      # kernels only: an operator's own device time repeats its kernels'
+        own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        events = sorted((e for e in prof.key_averages() if own(e) > 0 and (e.device_type.name == "CUDA") == cuda),
+                        key=own, reverse=True)
         return {"busy_ms": round(sum(map(own, events)) / 1e3, 2),
                 "top_ms": [[e.key[:90], e.count, round(own(e) / 1e3, 2)] for e in events[:n]]}
     except Exception:
