@@ -1,7 +1,7 @@
 """GPU checks of the targets in issues 2, 4 and 10 that ../shared/bench/gpu_compare.py does not cover.
 
     PYTHONPATH=/tmp/site:. python3 .ci/bench_gpu.py [pipeline] [train] [compile] [fp8]   # default: the first three
-    python3 .ci/bench_gpu.py train compile          # every row of issue 10's table (~6-8 min on one H100/H200)
+    python3 .ci/bench_gpu.py fp8 compile train      # issues 9 and 10 (~5 min on one H200, 2026-11-30)
     python .ci/bench_gpu.py --smoke                                                  # tiny sizes on the CPU: the script runs
 
 1. compile:  sampling step at SD3.5 Medium and Large size, bf16, 1024x1024, CFG batch 2, 333 text tokens, on the same
