@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3901  Several Processes (torchrun)     one all-reduce per step
-     3989  Command Line and the Tiny Model  main(), --tiny
+     3902  Several Processes (torchrun)     one all-reduce per step
+     3990  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3676,7 +3676,8 @@ def save_previews(trainer: Trainer):
 
 def refuse_what_the_model_cannot_take(mmdit: MMDiT, cfg: Config, items: list[dict]):
     """Preview and bucket sizes past the loaded model's position table; LoRA targets it does not have."""
-    check_image_fits(mmdit, cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
+    if cfg.sample.prompts:                                              # else no previews use the size
+        check_image_fits(mmdit, cfg.sample.height, cfg.sample.width, "lower sample.width and sample.height")
     w, h = max((item["size"] for item in items), key=max)               # the bucket with the longest side
     check_image_fits(mmdit, h, w, "lower dataset.resolution (a 4:1 bucket's long side is twice it)")
     lora_targets(mmdit, cfg.lora.rank, cfg.lora.targets, cfg.lora.blocks)

@@ -2422,6 +2422,9 @@ def test_an_image_too_large_for_the_model_names_the_flag_or_key_to_lower(tmp_pat
     fixes = {"sample.width": "lower sample.width and sample.height", "dataset.resolution": "lower dataset.resolution"}
     for key, fix in fixes.items():
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: 1024})), f"^1024x.* a side\\): {fix}")
+    no_previews = {"sample.width": 1024, "sample.prompts": [], "train.steps": 1, "output_dir": str(tmp_path / "quiet")}
+    sd.train(tiny_config(tmp_path, **no_previews))                      # a size no preview uses is not refused
+    assert (tmp_path / "quiet" / "lora.safetensors").exists()
 
 
 def test_a_wide_or_tall_image_too_large_is_named_width_by_height_before_any_text_is_encoded(tmp_path, monkeypatch):
