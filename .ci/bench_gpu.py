@@ -12,12 +12,16 @@
              with T5 (offloaded: each model visits the GPU while it runs) and without T5 (everything resident).
 3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
-             sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory.
+             sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory,
+             sd35_lora's device_time.
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
 4. fp8:      issue 9's float8 weights: a compiled torch._scaled_mm row-wise check against the dequantized matmul;
-             LoRA training steps of Large (bf16 and fp8, eager and compiled) and Medium (fp8); a Medium CFG sampling
-             step, eager and compiled, bf16 vs fp8 with the relative error of the output; Large sampling, T5 offloaded.
+             LoRA training steps of Large (bf16 and fp8, eager and compiled, fp8 compiled also dequantized) and Medium
+             (fp8); a Medium CFG sampling step, eager and compiled, bf16 vs fp8 with the relative error of the output;
+             Large sampling, T5 offloaded.
 Peaks are max_memory_allocated since the stage's reset; `start_allocated_gib` is what was resident at the reset.
+`device_time`: the kernels' summed time in one profiled call (busy_ms) and the costliest kernels, to tell a step
+that waits on launches (busy_ms well under the step) from one that keeps the GPU busy.
 Each stage prints a JSON line of its results so far as each of its parts (model size, fp8 check) finishes,
 and rewrites bench_gpu.json in $OUT (or /tmp).
 """
@@ -284,12 +288,13 @@ def bench_train():
             step = lora_train_step(model, params, latents, context, pooled, fused=True)   # as `train` makes it
             r["sd35_lora_step_s"] = seconds_per_call(step, 5)
             r["sd35_lora_memory"] = peak_gib()
-            r["sd35_lora_device_time"] = device_time(step)                 # busy_ms well under the step: launch-bound
+            r["sd35_lora_device_time"] = device_time(step)
             if not SMOKE or name == "medium":                   # train.compile: true (one size is enough on a CPU)
                 model.compile_blocks()
                 reset_peak()
                 r["sd35_lora_compiled_step_s"] = seconds_per_call(step, 5, warmup=3)
                 r["sd35_lora_compiled_memory"] = peak_gib()
+                r["sd35_lora_compiled_device_time"] = device_time(step)
             model = params = step = None
             with building():
                 ref = SD3Transformer2DModel(**diffusers_config(MMDIT[name])).requires_grad_(False)
@@ -343,24 +348,32 @@ def fp8_scaled_mm_check() -> dict:
 
 def fp8_train(name: str, baseline: bool) -> dict:
     """LoRA training step as in `train` (rank 16, attn, grad ckpt, 1024 px): fp8 weights vs bf16 in the same run,
-    eager (fp8 dequantized) and, with `baseline`, compiled (fp8 tensor cores)."""
+    eager (fp8 dequantized) and, with `baseline`, compiled (fp8 tensor cores, and dequantized as
+    SD35_FP8_MATMUL=0 makes it); the GPU's kernel time of each: the step waits on launches."""
     r = {}
-    for label in ["bf16", "fp8", "bf16_compiled", "fp8_compiled"][slice(None) if baseline else slice(1, 2)]:
+    labels = ["bf16", "fp8", "bf16_compiled", "fp8_compiled", "fp8_compiled_dequantized"] if baseline else ["fp8"]
+    for label in labels:
         model = random_mmdit(name)
         model = sd.quantize_mmdit(model) if label.startswith("fp8") else model
         params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
         model.enable_gradient_checkpointing().train()
-        if label.endswith("compiled") and not SMOKE:
+        if "compiled" in label and not SMOKE:
             model.compile_blocks()
         latents, _, context, pooled = inputs(1, model.cfg)
         reset_peak()
         step = lora_train_step(model, params, latents, context, pooled, fused=True)       # as `train` makes it
-        r[f"{label}_step_s"] = seconds_per_call(step, 5, warmup=3)
-        r[f"{label}_memory"] = peak_gib()
+        matmul, sd.FP8_MATMUL = sd.FP8_MATMUL, sd.FP8_MATMUL and not label.endswith("dequantized")
+        try:
+            r[f"{label}_step_s"] = seconds_per_call(step, 5, warmup=3)
+            r[f"{label}_memory"] = peak_gib()
+            r[f"{label}_device_time"] = device_time(step)
+        finally:
+            sd.FP8_MATMUL = matmul
         model = params = step = None
         torch._dynamo.reset()
-    for label in ("", "_compiled") if baseline else ():
-        r[f"ratio_fp8_vs_bf16{label}_step"] = round(r[f"fp8{label}_step_s"] / r[f"bf16{label}_step_s"], 3)
+    for label in ("", "_compiled", "_compiled_dequantized") if baseline else ():
+        bf16 = r[f"bf16{label.removesuffix('_dequantized')}_step_s"]
+        r[f"ratio_fp8_vs_bf16{label}_step"] = round(r[f"fp8{label}_step_s"] / bf16, 3)
     return r
 
 
