@@ -28,8 +28,7 @@ def step_time(folder: Path, nproc: int, batch: int, steps: int) -> float:
     sets = ["model=tiny", "device=cpu", "dtype=fp32", "t5_length=16", f"dataset.path={folder / 'data'}",
             "dataset.resolution=64", f"dataset.cache_dir={folder / 'cache'}", f"output_dir={run}", "lora.targets=attn",
             f"train.steps={steps}", f"train.save_every={steps}", "train.gradient_checkpointing=false",
-            f"train.batch_size={batch}", "sample.prompts=[]", "train.warmup_steps=0",
-            "sample.width=64", "sample.height=64"]      # no previews, but the size is checked: tiny's <= 512 px
+            f"train.batch_size={batch}", "sample.prompts=[]", "train.warmup_steps=0"]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(ROOT / "sd35_lora.py"), *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
