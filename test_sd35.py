@@ -6414,8 +6414,8 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
 
 def test_torchrun_benchmark_script_runs(tmp_path):
     """.ci/bench_dist.py (README, Several GPUs: "Cost, measured") exited 1: its tiny runs kept the default 1024 px
-    previews, which the 512 px model refused though sample.prompts was empty (no more); and the all-reduce part's stdout,
-    read as one JSON object, now starts with init_distributed's "global batch" lines."""
+    previews, which the 512 px model refused though sample.prompts was empty (no more); and the all-reduce part's
+    stdout, read as one JSON object, now starts with init_distributed's "global batch" lines."""
     r = run_cli(".ci/bench_dist.py", "--steps", "7", "--reps", "1", TMPDIR=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
