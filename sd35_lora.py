@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1894  Hub Downloads                    snapshot downloads, tokenizers
      1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3902  Several Processes (torchrun)     one all-reduce per step
-     3990  Command Line and the Tiny Model  main(), --tiny
+     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3080  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3335  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3903  Several Processes (torchrun)     one all-reduce per step
+     3991  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2030,6 +2030,8 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
 # keeping either of a layer's two adapters would give other images than the tool that wrote the file
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
+# DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
+NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2056,10 +2058,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
     groups, ignored = {}, []
     for key, tensor in sd.items():
-        # LyCORIS' hada, lokr; lora biases (diffusers adds them: without them, another LoRA)
-        if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|\.lora_(B|up)\.bias$", key):
-            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr or PEFT lora_bias=True) is not supported: "
-                            f"use a plain LoRA file")
+        if re.search(NOT_PLAIN_LORA, key):
+            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True) "
+                            f"is not supported: use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "

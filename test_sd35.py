@@ -1989,8 +1989,34 @@ def test_each_kind_of_lora_file_beyond_plain_pairs_is_refused_by_its_key_not_loa
                    f"{module}{extra}": torch.randn(*shape, generator=g)}, tmp_path / "other.safetensors")
         model = tiny_mmdit()
         one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
-                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr or PEFT lora_bias=True\) is not supported")
+                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr, .*PEFT lora_bias=True\) is not supported")
         assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"], untouched)
+
+
+def test_oft_files_and_lycoris_norm_weights_are_refused_as_such_not_as_an_incomplete_pair(tmp_path):
+    """An OFT or BOFT file (kohya's oft_blocks + alpha; LyCORIS' with rescale, SimpleTuner's lycoris_ prefix) was
+    refused as 'LoRA tensor pair ... is incomplete (has ['alpha'])'; LyCORIS' trained norms (w_norm, b_norm beside
+    plain pairs) were warned of as 'no LoRA weights of this model' and the rest merged: other images than the tool
+    that wrote the file. Each is now refused by its key, touching nothing."""
+    g = torch.Generator().manual_seed(0)
+    kohya, lycoris = "lora_unet_joint_blocks_0_x_block_attn_proj", "lycoris_transformer_blocks_0_attn_to_out_0"
+    files = {f"{kohya}.oft_blocks": {f"{kohya}.oft_blocks": torch.randn(4, 16, 16, generator=g),
+                                     f"{kohya}.alpha": torch.tensor(1e-3)},
+             f"{lycoris}.oft_blocks": {f"{lycoris}.oft_blocks": torch.randn(2, 4, 8, 8, generator=g),
+                                       f"{lycoris}.rescale": torch.ones(64, 1), f"{lycoris}.alpha": torch.tensor(0.0)},
+             "lora_unet_joint_blocks_0_x_block_attn_ln_k.b_norm": {
+                 f"{kohya}.lora_down.weight": torch.randn(2, 64, generator=g),
+                 f"{kohya}.lora_up.weight": torch.randn(64, 2, generator=g),
+                 "lora_unet_joint_blocks_0_x_block_attn_ln_k.w_norm": torch.randn(16, generator=g),
+                 "lora_unet_joint_blocks_0_x_block_attn_ln_k.b_norm": torch.randn(16, generator=g)}}
+    untouched = tiny_mmdit().state_dict()
+    for key, tensors in files.items():
+        save_file(tensors, tmp_path / "other.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
+                       rf"'{re.escape(key)}' \(DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True\) is not "
+                       rf"supported")
+        assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items()) and not sd.lora_layers(model)
 
 
 def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
