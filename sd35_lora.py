@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1894  Hub Downloads                    snapshot downloads, tokenizers
      1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2293  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2426  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3080  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3335  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3903  Several Processes (torchrun)     one all-reduce per step
-     3991  Command Line and the Tiny Model  main(), --tiny
+     2295  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3082  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3337  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3905  Several Processes (torchrun)     one all-reduce per step
+     3993  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2054,9 +2054,9 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
     return headers
 
 
-def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
-    groups, ignored = {}, []
+def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
+    groups, ignored, notes = {}, [], []
     for key, tensor in sd.items():
         if re.search(NOT_PLAIN_LORA, key):
             raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True) "
@@ -2088,17 +2088,17 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
     if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
-        return {}                                               # LoRA's (its CLIPs' may): read_lora says why
+        return {}, []                                           # LoRA's (its CLIPs' may): read_lora says why
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
         example, unloaded = _text_lora_left_out(text, spellings)
         if not groups:
             raise UserError(f"{path} is a text-encoder LoRA only (e.g. {example}), {unloaded}")
-        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {example}) "
-              f"is not applied, {unloaded}", file=sys.stderr)
+        notes.append(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. "
+                     f"{example}) is not applied, {unloaded}")
     if rest:
-        print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
-              f"e.g. {rest[:3]}", file=sys.stderr)
-    return groups
+        notes.append(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this "
+                     f"model, e.g. {rest[:3]}")
+    return groups, notes
 
 
 def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
@@ -2122,12 +2122,12 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
     ours = headers["transformer"][0]
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
-    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
-        print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
-              f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
-    groups = _lora_groups(sd, path, spellings)
+    groups, notes = _lora_groups(sd, path, spellings)
+    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
+        notes.insert(0, f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: "
+                        f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
                         f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)})")
@@ -2160,7 +2160,9 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
             raise UserError(TWO_ADAPTERS.format(path, official, module))
         slots[index] = (down, up * (alpha / divisor))
-    return _fit_lora(model, pieces, path, targets)
+    adapters = _fit_lora(model, pieces, path, targets)
+    print("".join(f"{note}\n" for note in notes), end="", file=sys.stderr)   # for a file that fits only
+    return adapters
 
 
 def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:

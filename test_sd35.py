@@ -5139,6 +5139,21 @@ def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
                    r"no 'joint_blocks\.0\.x_block\.attn2\.qkv' in this model \(depth 3, dual attention \[\]\)")
 
 
+def test_a_lora_of_a_deeper_wider_variant_is_refused_in_one_line_not_after_warnings(tmp_path, capsys):
+    """A Large LoRA (38 blocks, width 2432) on Medium (24, 1536): before its one-line error, the load printed
+    'was trained on sd3.5-large ...' and 'ignored N tensors ... no LoRA weights of this model' (blocks 24-37),
+    as if it went on. The warnings about a file are now given only once it fits; the refusal is one line."""
+    large = sd.MMDiT(sd.MMDiTConfig(depth=5, hidden=96, heads=6, context_dim=32, pooled_dim=24,
+                                    pos_embed_max_size=16, qk_norm=True, dual_attention_layers=()))
+    sd.add_lora(large, rank=2)
+    for fmt in ("diffusers", "kohya"):
+        sd.save_lora(large, tmp_path / "large.safetensors", fmt, metadata={"variant": "sd3.5-large"})
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "large.safetensors"),
+                       r"'joint_blocks\.0\.\w+_block\.attn\.(qkv|proj)' takes \(64 -> 64\).*another variant's LoRA")
+        assert capsys.readouterr().err == ""
+
+
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
     """An unquoted `- a dog, style: watercolor` is a mapping in YAML: refused, never used as its Python repr."""
     (tmp_path / "c.yaml").write_text("sample:\n  prompts:\n    - a dog, style: watercolor\n    - plain\n")
