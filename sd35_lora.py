@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1207  Training                         Trainer and the training loop
      1361  Part 2: plumbing                 a reader can stop here
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1894  Hub Downloads                    snapshot downloads, tokenizers
-     1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2295  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2428  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3082  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3337  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3905  Several Processes (torchrun)     one all-reduce per step
-     3993  Command Line and the Tiny Model  main(), --tiny
+     1895  Hub Downloads                    snapshot downloads, tokenizers
+     1957  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2297  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2430  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3084  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3339  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3907  Several Processes (torchrun)     one all-reduce per step
+     3995  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1466,7 +1466,8 @@ def vae_from_diffusers(sd: dict) -> dict:
 
 
 OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of other models (their LoRAs too)
-    ("double_blocks.", "a FLUX transformer"), ("input_blocks.", "an SD1.x/SDXL UNet"),
+    ("double_blocks.", "a FLUX transformer"), ("single_transformer_blocks.", "a FLUX transformer"),
+    ("input_blocks.", "an SD1.x/SDXL UNet"),
     ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
@@ -2087,8 +2088,9 @@ def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, t
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
-    if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
-        return {}, []                                           # LoRA's (its CLIPs' may): read_lora says why
+    other_model = any(re.search(fragment, key) for fragment, _ in OTHER_MODELS for key in rest)   # FLUX's
+    if other_model or rest and all(re.match(TEXT_LORA, module) for module in groups):   # an SDXL LoRA's CLIP
+        return {}, []                                           # part may fit alone: read_lora says why
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
         example, unloaded = _text_lora_left_out(text, spellings)
         if not groups:

@@ -2167,6 +2167,22 @@ def test_a_flux_lora_is_named_as_such_and_a_lora_of_an_unknown_layout_by_its_fir
                              "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight'])"))
 
 
+def test_a_flux_lora_in_diffusers_layout_is_named_as_one_not_as_another_sd3_variants(tmp_path):
+    """diffusers' FLUX LoRAs (the hub's usual layout) share SD3's transformer_blocks.N.attn.to_q names: one was
+    refused as "... takes (1536 -> 1536) per part, not down (16, 3072) ...: another variant's LoRA?", as if it
+    were an SD3.5 Large one; its single_transformer_blocks now name it a LoRA for another model, FLUX."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key in ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_q"):
+        tensors.update({f"{key}.lora_A.weight": torch.randn(2, 96, generator=g),
+                        f"{key}.lora_B.weight": torch.randn(96, 2, generator=g)})
+    save_file(tensors, tmp_path / "flux.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "flux.safetensors"),
+                   r"a LoRA for another model\? \(it looks like a FLUX transformer\)")
+    assert not sd.lora_layers(model)
+
+
 def peft_text_lora(folder: Path, path: Path):
     """A CLIP-L + CLIP-G LoRA trained with PEFT (r 4, lora_alpha 8: the scale is in the metadata), as diffusers'
     SD3 scripts save one with --train_text_encoder."""
