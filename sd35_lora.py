@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1207  Training                         Trainer and the training loop
      1361  Part 2: plumbing                 a reader can stop here
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1894  Hub Downloads                    snapshot downloads, tokenizers
-     1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3902  Several Processes (torchrun)     one all-reduce per step
-     3990  Command Line and the Tiny Model  main(), --tiny
+     1895  Hub Downloads                    snapshot downloads, tokenizers
+     1957  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2297  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2430  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3084  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3339  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3907  Several Processes (torchrun)     one all-reduce per step
+     3995  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1466,7 +1466,8 @@ def vae_from_diffusers(sd: dict) -> dict:
 
 
 OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of other models (their LoRAs too)
-    ("double_blocks.", "a FLUX transformer"), ("input_blocks.", "an SD1.x/SDXL UNet"),
+    ("double_blocks.", "a FLUX transformer"), ("single_transformer_blocks.", "a FLUX transformer"),
+    ("input_blocks.", "an SD1.x/SDXL UNet"),
     ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
@@ -2030,6 +2031,8 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
 # keeping either of a layer's two adapters would give other images than the tool that wrote the file
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
+# DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
+NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2052,14 +2055,13 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
     return headers
 
 
-def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warns of the rest."""
-    groups, ignored = {}, []
+def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
+    groups, ignored, notes = {}, [], []
     for key, tensor in sd.items():
-        # LyCORIS' hada, lokr; lora biases (diffusers adds them: without them, another LoRA)
-        if re.search(r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|\.lora_(B|up)\.bias$", key):
-            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr or PEFT lora_bias=True) is not supported: "
-                            f"use a plain LoRA file")
+        if re.search(NOT_PLAIN_LORA, key):
+            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True) "
+                            f"is not supported: use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
@@ -2086,18 +2088,19 @@ def _lora_groups(sd: dict, path, spellings: dict) -> dict[str, dict[str, torch.T
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
-    if rest and all(re.match(TEXT_LORA, module) for module in groups):   # no MMDiT part fits, e.g. an SDXL
-        return {}                                               # LoRA's (its CLIPs' may): read_lora says why
+    other_model = any(re.search(fragment, key) for fragment, _ in OTHER_MODELS for key in rest)   # FLUX's
+    if other_model or rest and all(re.match(TEXT_LORA, module) for module in groups):   # an SDXL LoRA's CLIP
+        return {}, []                                           # part may fit alone: read_lora says why
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
         example, unloaded = _text_lora_left_out(text, spellings)
         if not groups:
             raise UserError(f"{path} is a text-encoder LoRA only (e.g. {example}), {unloaded}")
-        print(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. {example}) "
-              f"is not applied, {unloaded}", file=sys.stderr)
+        notes.append(f"warning: {path}: its text-encoder LoRA ({counted(len(text), 'tensor')}, e.g. "
+                     f"{example}) is not applied, {unloaded}")
     if rest:
-        print(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this model, "
-              f"e.g. {rest[:3]}", file=sys.stderr)
-    return groups
+        notes.append(f"warning: ignored {counted(len(rest), 'tensor')} of {path}: no LoRA weights of this "
+                     f"model, e.g. {rest[:3]}")
+    return groups, notes
 
 
 def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
@@ -2121,12 +2124,12 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
     ours = headers["transformer"][0]
     depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
-    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
-        print(f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: it may "
-              f"not work as intended", file=sys.stderr)     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
-    groups = _lora_groups(sd, path, spellings)
+    groups, notes = _lora_groups(sd, path, spellings)
+    if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
+        notes.insert(0, f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: "
+                        f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
         raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
                         f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)})")
@@ -2159,7 +2162,9 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
         if len(slots) != n_parts or slots[index] is not None:   # official and diffusers names, qkv and to_q
             raise UserError(TWO_ADAPTERS.format(path, official, module))
         slots[index] = (down, up * (alpha / divisor))
-    return _fit_lora(model, pieces, path, targets)
+    adapters = _fit_lora(model, pieces, path, targets)
+    print("".join(f"{note}\n" for note in notes), end="", file=sys.stderr)   # for a file that fits only
+    return adapters
 
 
 def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:

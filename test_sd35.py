@@ -1989,8 +1989,34 @@ def test_each_kind_of_lora_file_beyond_plain_pairs_is_refused_by_its_key_not_loa
                    f"{module}{extra}": torch.randn(*shape, generator=g)}, tmp_path / "other.safetensors")
         model = tiny_mmdit()
         one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
-                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr or PEFT lora_bias=True\) is not supported")
+                       rf"'{re.escape(module + extra)}' \(DoRA, LoHa, LoKr, .*PEFT lora_bias=True\) is not supported")
         assert torch.equal(model.state_dict()["joint_blocks.0.x_block.attn.proj.weight"], untouched)
+
+
+def test_oft_files_and_lycoris_norm_weights_are_refused_as_such_not_as_an_incomplete_pair(tmp_path):
+    """An OFT or BOFT file (kohya's oft_blocks + alpha; LyCORIS' with rescale, SimpleTuner's lycoris_ prefix) was
+    refused as 'LoRA tensor pair ... is incomplete (has ['alpha'])'; LyCORIS' trained norms (w_norm, b_norm beside
+    plain pairs) were warned of as 'no LoRA weights of this model' and the rest merged: other images than the tool
+    that wrote the file. Each is now refused by its key, touching nothing."""
+    g = torch.Generator().manual_seed(0)
+    kohya, lycoris = "lora_unet_joint_blocks_0_x_block_attn_proj", "lycoris_transformer_blocks_0_attn_to_out_0"
+    files = {f"{kohya}.oft_blocks": {f"{kohya}.oft_blocks": torch.randn(4, 16, 16, generator=g),
+                                     f"{kohya}.alpha": torch.tensor(1e-3)},
+             f"{lycoris}.oft_blocks": {f"{lycoris}.oft_blocks": torch.randn(2, 4, 8, 8, generator=g),
+                                       f"{lycoris}.rescale": torch.ones(64, 1), f"{lycoris}.alpha": torch.tensor(0.0)},
+             "lora_unet_joint_blocks_0_x_block_attn_ln_k.b_norm": {
+                 f"{kohya}.lora_down.weight": torch.randn(2, 64, generator=g),
+                 f"{kohya}.lora_up.weight": torch.randn(64, 2, generator=g),
+                 "lora_unet_joint_blocks_0_x_block_attn_ln_k.w_norm": torch.randn(16, generator=g),
+                 "lora_unet_joint_blocks_0_x_block_attn_ln_k.b_norm": torch.randn(16, generator=g)}}
+    untouched = tiny_mmdit().state_dict()
+    for key, tensors in files.items():
+        save_file(tensors, tmp_path / "other.safetensors")
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "other.safetensors"),
+                       rf"'{re.escape(key)}' \(DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True\) is not "
+                       rf"supported")
+        assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items()) and not sd.lora_layers(model)
 
 
 def test_an_alpha_that_overflows_the_update_is_refused_before_it_makes_inf_weights(tmp_path):
@@ -2139,6 +2165,22 @@ def test_a_flux_lora_is_named_as_such_and_a_lora_of_an_unknown_layout_by_its_fir
                    re.escape("(its first keys are ['te.text_model.encoder.layers.0.mlp.fc1.lora_A.weight', "
                              "'te.text_model.encoder.layers.0.mlp.fc1.lora_B.weight', "
                              "'te.text_model.encoder.layers.0.mlp.fc2.lora_A.weight'])"))
+
+
+def test_a_flux_lora_in_diffusers_layout_is_named_as_one_not_as_another_sd3_variants(tmp_path):
+    """diffusers' FLUX LoRAs (the hub's usual layout) share SD3's transformer_blocks.N.attn.to_q names: one was
+    refused as "... takes (1536 -> 1536) per part, not down (16, 3072) ...: another variant's LoRA?", as if it
+    were an SD3.5 Large one; its single_transformer_blocks now name it a LoRA for another model, FLUX."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key in ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_q"):
+        tensors.update({f"{key}.lora_A.weight": torch.randn(2, 96, generator=g),
+                        f"{key}.lora_B.weight": torch.randn(96, 2, generator=g)})
+    save_file(tensors, tmp_path / "flux.safetensors")
+    model = tiny_mmdit()
+    one_line_error(lambda: sd.load_lora(model, tmp_path / "flux.safetensors"),
+                   r"a LoRA for another model\? \(it looks like a FLUX transformer\)")
+    assert not sd.lora_layers(model)
 
 
 def peft_text_lora(folder: Path, path: Path):
@@ -5111,6 +5153,21 @@ def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
     sd.save_lora(donor, tmp_path / "lora.safetensors")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(dual=()), tmp_path / "lora.safetensors"),
                    r"no 'joint_blocks\.0\.x_block\.attn2\.qkv' in this model \(depth 3, dual attention \[\]\)")
+
+
+def test_a_lora_of_a_deeper_wider_variant_is_refused_in_one_line_not_after_warnings(tmp_path, capsys):
+    """A Large LoRA (38 blocks, width 2432) on Medium (24, 1536): before its one-line error, the load printed
+    'was trained on sd3.5-large ...' and 'ignored N tensors ... no LoRA weights of this model' (blocks 24-37),
+    as if it went on. The warnings about a file are now given only once it fits; the refusal is one line."""
+    large = sd.MMDiT(sd.MMDiTConfig(depth=5, hidden=96, heads=6, context_dim=32, pooled_dim=24,
+                                    pos_embed_max_size=16, qk_norm=True, dual_attention_layers=()))
+    sd.add_lora(large, rank=2)
+    for fmt in ("diffusers", "kohya"):
+        sd.save_lora(large, tmp_path / "large.safetensors", fmt, metadata={"variant": "sd3.5-large"})
+        model = tiny_mmdit()
+        one_line_error(lambda: sd.load_lora(model, tmp_path / "large.safetensors"),
+                       r"'joint_blocks\.0\.\w+_block\.attn\.(qkv|proj)' takes \(64 -> 64\).*another variant's LoRA")
+        assert capsys.readouterr().err == ""
 
 
 def test_text_keys_refuse_yaml_mappings_and_lists(tmp_path):
