@@ -185,7 +185,7 @@ def main(argv=None) -> list[Path]:
     if args.steps and args.steps > sd.MAX_STEPS:        # before loading models (generate checks it late)
         raise sd.UserError(f"--steps must be in 1..{sd.MAX_STEPS}, got {args.steps}")
     if args.compile:
-        sd.check_compile(sd.pick_device(args.device))   # before loading models (torch.compile fails late)
+        sd.check_compile(sd.pick_device(args.device), args.fp8)   # before loading models (compiles fail late)
     pipe = None
     try:
         pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,

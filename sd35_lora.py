@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1207  Training                         Trainer and the training loop
      1361  Part 2: plumbing                 a reader can stop here
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1895  Hub Downloads                    snapshot downloads, tokenizers
-     1957  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2297  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2430  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3084  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3339  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3907  Several Processes (torchrun)     one all-reduce per step
-     3995  Command Line and the Tiny Model  main(), --tiny
+     1901  Hub Downloads                    snapshot downloads, tokenizers
+     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2303  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2437  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3091  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3346  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3914  Several Processes (torchrun)     one all-reduce per step
+     4002  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1819,12 +1819,18 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     return dtype
 
 
-def check_compile(device: torch.device):
-    """A GPU's torch.compile needs Triton: refused before models load, not by the first step's inductor."""
+def check_compile(device: torch.device, fp8: bool):
+    """A GPU's torch.compile needs Triton, and fp8 weights Triton's float8 (NVIDIA: Ada or newer; older cards
+    fail pytorch#167082's way): refused before models load, not by the first step's inductor."""
     from importlib.util import find_spec
+    off = "set train.compile false (sample.py: leave out --compile)"
+    nvidia = device.type == "cuda" and not torch.version.hip
     if device.type == "cuda" and find_spec("triton") is None:         # PyTorch's Windows wheels bring none
         raise UserError("compile needs Triton, which this torch lacks (Windows: pip install triton-windows): "
-                        "set train.compile false (sample.py: leave out --compile)")
+                        + off)
+    if fp8 and nvidia and torch.cuda.get_device_capability(device) < FP8_NVIDIA:
+        raise UserError(f"compiled fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer (Ada, "
+                        f"Hopper), where Triton converts float8: {off}, or turn fp8 off")
 
 
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
@@ -2303,6 +2309,7 @@ def load_lora(model: MMDiT, path: str | Path, scale: float = 1.0, merge: bool = 
 FP8 = getattr(torch, "float8_e4m3fn", None)                  # None in a torch without float8 dtypes
 FP8_WEIGHTS = r"^((joint|transformer)_blocks\.\d+\..+|context_embedder)$"  # Linears whose weight goes fp8
 FP8_MATMUL = os.environ.get("SD35_FP8_MATMUL", "1") != "0"   # 0: always dequantize, never fp8 tensor cores
+FP8_NVIDIA = (8, 9)              # compute capability of fp8 tensor cores and of Triton's float8_e4m3fn (Ada)
 
 
 def fp8_lacking(device: torch.device) -> str:
@@ -2350,7 +2357,7 @@ def fp8_tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # takes other fp8 types), bf16, dims multiple of 16.
     return (FP8_MATMUL and torch.compiler.is_compiling() and x.is_cuda and not torch.version.hip
             and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 9))
+            and torch.cuda.get_device_capability(x.device) >= FP8_NVIDIA)
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
@@ -2859,7 +2866,7 @@ def check_sources(cfg: Config):
     if under_torchrun() and device.type == "cuda" and cfg.device not in ("auto", "cuda"):
         raise UserError(f"device {cfg.device} under torchrun puts every process on one GPU: use auto or cuda")
     if cfg.train.compile:
-        check_compile(device)
+        check_compile(device, cfg.fp8)
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():     # exported, then a plain `python`: traceback
         raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "

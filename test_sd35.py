@@ -9785,6 +9785,36 @@ def test_windows_paths_whose_escapes_make_line_separators_are_refused_too(tmp_pa
                        f"{read}: in YAML's double quotes a backslash starts an escape")
 
 
+def test_compiling_fp8_weights_on_an_nvidia_card_before_ada_is_one_line_before_any_model_loads(tmp_path,
+                                                                                              monkeypatch):
+    """Triton has no float8_e4m3fn below compute capability 8.9 (pytorch/pytorch#167082: "type fp8e4nv not
+    supported in this architecture"), so fp8 with train.compile or sample.py --compile on an A100, RTX 3090 or T4
+    would fail in the first step's inductor, after loading and caching. Simulated: a CUDA device of each
+    capability, Triton present; AMD (ROCm) and fp8 without compile are let through."""
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find_spec(name, *a))
+    capability = [(8, 6)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
+    cuda = torch.device("cuda")
+    message = r"^compiled fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer .*, or turn fp8 off$"
+    with pytest.raises(sd.UserError, match=message):
+        sd.check_compile(cuda, fp8=True)
+    sd.check_compile(cuda, fp8=False)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    sd.check_compile(cuda, fp8=True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    capability[0] = (8, 9)
+    sd.check_compile(cuda, fp8=True)
+    capability[0] = (7, 5)
+    monkeypatch.setattr(sd, "pick_device", lambda *args: cuda)
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    make_dataset(tmp_path / "data")
+    one_line_error(lambda: sd.train(tiny_config(tmp_path, **{"train.compile": True, "fp8": True})), message)
+    one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--compile", "--fp8", "--out",
+                                        str(tmp_path / "s")]), message)
+
+
 def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
     """torch.compile on a GPU needs Triton, which PyTorch's Windows wheels do not bring: train.compile (and
     sample.py --compile) failed at the first step, after the loading and caching, with the inductor's long
