@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3079  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3334  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3902  Several Processes (torchrun)     one all-reduce per step
-     3990  Command Line and the Tiny Model  main(), --tiny
+     3908  Several Processes (torchrun)     one all-reduce per step
+     3996  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3560,14 +3560,20 @@ def remove_killed_writes(folder: Path):
                 tmp.unlink()
 
 
+EMPTY_PATH_ADVICE = {"model": "a diffusers folder, .safetensors, a hub id or 'tiny'",
+                     "output_dir": "a new folder", "dataset.path": "the folder of images ('.': this one)",
+                     "dataset.cache_dir": "a folder for the cache (e.g. cache)"}
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and loading (torchrun: process 0 checks
     output_dir); sets trainer.lock and .made (the folders it makes). -> prepare_resume's result."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
-    if not cfg.model:
-        raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
-                        "a hub id or 'tiny'")
+    # an empty path is the current folder: a dataset.path left blank would train on all images below it
+    for key, value in flat_config(cfg).items():
+        if not value and key in EMPTY_PATH_ADVICE:
+            raise UserError(f"config key '{key}' is empty: set it to {EMPTY_PATH_ADVICE[key]}")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
     # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
     lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None

@@ -4148,6 +4148,16 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "'t5_length' must be in 1..512, got 1000")
 
 
+def test_a_blank_path_in_the_config_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """`path:` left blank (or --set dataset.path=) is "", which Path reads as the current folder: the run
+    trained on every image below wherever it was started, and cached into it, without a word."""
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned"))
+    monkeypatch.chdir(tmp_path)
+    for key in ("model", "output_dir", "dataset.path", "dataset.cache_dir"):
+        config = tiny_config(tmp_path, **{key: None})
+        one_line_error(lambda: sd.train(config), f"config key '{key}' is empty: set it to ")
+
+
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
     """README: bad values are refused before any model loads (these failed after loading and caching, or, for
     alpha 0, trained nothing: the LoRA's scale alpha / rank was 0; a sample.seed too large for its prompts failed
