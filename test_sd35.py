@@ -4803,6 +4803,15 @@ def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
 
 
+def test_a_set_value_with_a_yaml_comment_in_it_is_refused_not_cut_short():
+    """--set "sample.neg=blurry #lowres" read as YAML drops " #lowres" as a comment: the run trained with
+    "blurry" as its negative prompt (and "#lowres" alone as none), without a word. Quoted, # is text."""
+    for item in ("sample.neg=blurry #lowres", "sample.neg=#lowres", "sample.prompts=a cat #cute"):
+        one_line_error(lambda: sd.load_config(None, [item]), "YAML drops ' #' and all after")
+    assert sd.load_config(None, ["sample.neg='blurry #lowres'"]).sample.neg == "blurry #lowres"
+    assert sd.load_config(None, ["sample.neg=no#1"]).sample.neg == "no#1"              # no space: text
+
+
 def test_load_config_takes_one_override_as_text_and_none(tmp_path):
     """load_config("config.yaml", "train.steps=500"), one override without its list, read each character as
     an override: "--set expects key=value (e.g. train.lr=5e-5), got 't'"; overrides=None was a bare TypeError."""
