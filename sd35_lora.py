@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3082  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3337  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3911  Several Processes (torchrun)     one all-reduce per step
-     3999  Command Line and the Tiny Model  main(), --tiny
+     3085  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3340  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3914  Several Processes (torchrun)     one all-reduce per step
+     4002  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2919,6 +2919,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
         if "#" in raw and "#" not in str(nested):       # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
                             f"in YAML, e.g. {key.strip()}='a #b'")
+        setting = key.strip().rpartition(".")[0]
+        if setting in flat_config(Config()):            # model.x=1: not "quote it", as for a YAML mapping
+            raise UserError(f"--set {item}: '{setting}' is a setting, not a section: --set {setting}=VALUE")
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _fill(config, nested)

@@ -4812,6 +4812,13 @@ def test_a_set_value_with_a_yaml_comment_in_it_is_refused_not_cut_short():
     assert sd.load_config(None, ["sample.neg=no#1"]).sample.neg == "no#1"              # no space: text
 
 
+def test_a_set_key_under_a_setting_that_is_no_section_is_named_as_such():
+    """--set model.x=1 was told "config key 'model' must be text, got {'x': '1'}: quote it", and
+    train.lr.x=1 "must be a finite number, got {'x': '1'}": the dotted key became a mapping."""
+    for item, setting in (("model.x=1", "model"), ("train.lr.x=1", "train.lr")):
+        one_line_error(lambda: sd.load_config(None, [item]), f"'{setting}' is a setting, not a section: --set ")
+
+
 def test_load_config_takes_one_override_as_text_and_none(tmp_path):
     """load_config("config.yaml", "train.steps=500"), one override without its list, read each character as
     an override: "--set expects key=value (e.g. train.lr=5e-5), got 't'"; overrides=None was a bare TypeError."""
