@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3085  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3340  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3914  Several Processes (torchrun)     one all-reduce per step
-     4002  Command Line and the Tiny Model  main(), --tiny
+     3089  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3344  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3918  Several Processes (torchrun)     one all-reduce per step
+     4006  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2475,7 +2475,11 @@ def _coerce(value, default, key: str):
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
-        return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
+        text = os.path.expandvars(os.path.expanduser(text)) if key in PATH_KEYS else text   # as in a shell
+        if key in PATH_KEYS and (unset := re.search(r"\$(\w+|\{[^}]*\})", text)):     # else a folder "$X"
+            raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it or "
+                            f"write the path out")
+        return text
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words

@@ -4778,6 +4778,19 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_unset(tmp_path, monkeypatch):
+    """`output_dir: $HOME/runs` (or ${HOME}) made a folder named "$HOME" in the current folder, and
+    `dataset.path: $DATA/cats` was "no such folder" with the variable set; prompts keep their $ as text."""
+    monkeypatch.setenv("SD35_TEST_ROOT", str(tmp_path))
+    monkeypatch.delenv("SD35_TEST_UNSET", raising=False)
+    cfg = sd.load_config(None, ["output_dir=$SD35_TEST_ROOT/runs", "dataset.path=${SD35_TEST_ROOT}/data",
+                                "sample.neg=$5 bill"])
+    assert (cfg.output_dir, cfg.dataset.path, cfg.sample.neg) == (f"{tmp_path}/runs", f"{tmp_path}/data", "$5 bill")
+    for path in ("$SD35_TEST_UNSET/runs", "${SD35_TEST_UNSET}/runs"):
+        one_line_error(lambda: sd.load_config(None, [f"output_dir={path}"]),
+                       r"'output_dir' names \$\{?SD35_TEST_UNSET\}?, an environment variable that is not set")
+
+
 def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
     check ended in a bare ValueError ('embedded null byte') traceback."""
