@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3089  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3344  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3918  Several Processes (torchrun)     one all-reduce per step
-     4006  Command Line and the Tiny Model  main(), --tiny
+     3348  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3922  Several Processes (torchrun)     one all-reduce per step
+     4010  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3119,10 +3119,11 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
-    """Every file below root but macOS's ._name files, through symlinked folders too (people link image
-    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
-    out, as the dataset line says: hidden and NOT_DATA folders, named pipes); unreadable folders warned."""
-    seen, files, folders, special, errors = set(), [], [], [], []
+    """Every file below root but macOS's ._name files and hidden images, through symlinked folders too (people
+    link image folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what
+    was left out, as the dataset line says: hidden images, hidden and NOT_DATA folders, named pipes);
+    unreadable folders warned."""
+    seen, files, folders, hidden, special, errors = set(), [], [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -3131,7 +3132,9 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
         for path in (Path(folder, name) for name in names if not name.startswith("._")):
-            if os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
+            if path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTS:    # as kohya's glob and
+                hidden.append(os.path.relpath(path, root))                    # Hugging Face datasets do
+            elif os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
                 files.append(path)
             else:       # a named pipe, socket or device named like an image or caption: reading it never ends
                 special.append(os.path.relpath(path, root))
@@ -3148,6 +3151,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         print(f"warning: skipped {counted(len(locked), 'folder')} that cannot be read: "
               f"{', '.join(locked[:5])}", file=sys.stderr)
     left_out = [(sorted(folders), "hidden, thumbnail or recycle folder", ""),
+                (sorted(hidden), "hidden image", ""),
                 (sorted(special), "named pipe or other special file", "named pipes and other special files")]
     return files, [f"{counted(len(names), one, many)}: {', '.join(names[:5])}" + ", ..." * (len(names) > 5)
                    for names, one, many in left_out if names]

@@ -6051,6 +6051,17 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     assert "recursively (left out: 7 hidden" in out.out, out.out        # no "0 in output_dir ..." before it
 
 
+def test_hidden_images_in_the_dataset_are_left_out_and_named(tmp_path, capsys):
+    """.name.png, hidden in file managers, was trained on, though kohya's sd-scripts (glob) and Hugging Face
+    datasets leave such files out."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    Image.new("RGB", (64, 64)).save(data / ".cover.jpg")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))
+    assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png"]
+    assert capsys.readouterr().out.strip().endswith("(left out: 1 hidden image: .cover.jpg)")
+
+
 def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_path, capsys):
     """Every run's dataset line said "(0 in output_dir and dataset.cache_dir left out)": a note about nothing."""
     data = tmp_path / "data"
