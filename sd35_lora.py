@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1956  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3089  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3348  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3922  Several Processes (torchrun)     one all-reduce per step
-     4010  Command Line and the Tiny Model  main(), --tiny
+     3090  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3349  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3923  Several Processes (torchrun)     one all-reduce per step
+     4011  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2530,7 +2530,8 @@ def _fill(obj, data: dict, prefix: str = ""):
             moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
             close = own + moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
-            raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
+            shown = f"{prefix}{key}".encode("ascii", "backslashreplace").decode()    # a pasted U+00A0 or BOM
+            raise UserError(f"unknown config key '{shown}' ({hint})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults
             _fill(current, {} if value is None else value, f"{prefix}{key}.")
