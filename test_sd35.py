@@ -4792,8 +4792,9 @@ def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_uns
     monkeypatch.setenv("SD35_TEST_ROOT", str(tmp_path))
     monkeypatch.delenv("SD35_TEST_UNSET", raising=False)
     cfg = sd.load_config(None, ["output_dir=$SD35_TEST_ROOT/runs", "dataset.path=${SD35_TEST_ROOT}/data",
-                                "sample.neg=$5 bill"])
-    assert (cfg.output_dir, cfg.dataset.path, cfg.sample.neg) == (f"{tmp_path}/runs", f"{tmp_path}/data", "$5 bill")
+                                "sample.neg=$5 bill", "dataset.cache_dir=my$cache"])      # lower case: a name
+    assert (cfg.output_dir, cfg.dataset.path, cfg.sample.neg, cfg.dataset.cache_dir) == (
+        f"{tmp_path}/runs", f"{tmp_path}/data", "$5 bill", "my$cache")
     for path in ("$SD35_TEST_UNSET/runs", "${SD35_TEST_UNSET}/runs"):
         one_line_error(lambda: sd.load_config(None, [f"output_dir={path}"]),
                        r"'output_dir' names \$\{?SD35_TEST_UNSET\}?, an environment variable that is not set")
