@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2292  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2425  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3091  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3350  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3924  Several Processes (torchrun)     one all-reduce per step
-     4012  Command Line and the Tiny Model  main(), --tiny
+     3349  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3923  Several Processes (torchrun)     one all-reduce per step
+     4011  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3103,9 +3103,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(image: Path) -> tuple[str | None, Path]:
     """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
     UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
-    path = image.with_suffix(".txt")
-    if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
-        path = image.with_suffix(".TXT")
+    spellings = (image.with_suffix("." + "".join(c)) for c in itertools.product("tT", "xX", "tT"))
+    path = next((p for p in spellings if p.exists()), image.with_suffix(".txt"))   # as Windows, macOS find
     if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
         return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:

@@ -6216,6 +6216,15 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
 
 
+def test_a_caption_of_any_case_is_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
+    """a.png + a.Txt (any spelling but .txt and .TXT) trained on default_caption on Linux, with a warning
+    that the image had no .txt caption and none that the .Txt was unread."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.Txt").write_text("a cat")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "caption" not in capsys.readouterr().err
+
+
 def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
     """macOS and Windows open A.txt for a.png's a.txt, and the caption is used; yet the scan warned '1 .txt
     caption has no image, e.g. A.txt' (names compared by case). Simulated on Linux: a.txt a link to A.txt that
