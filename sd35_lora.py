@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2303  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2437  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3091  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3346  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3914  Several Processes (torchrun)     one all-reduce per step
-     4002  Command Line and the Tiny Model  main(), --tiny
+     3103  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3361  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3935  Several Processes (torchrun)     one all-reduce per step
+     4023  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2487,7 +2487,12 @@ def _coerce(value, default, key: str):
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
-        return os.path.expanduser(text) if key in PATH_KEYS else text    # ~/runs: home, as in a shell
+        text = os.path.expandvars(os.path.expanduser(text)) if key in PATH_KEYS else text   # as in a shell
+        # an unset $NAME would make a folder "$NAME"; a lower-case "my$files" has no other way to be written
+        if key in PATH_KEYS and (unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text)):
+            raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it or "
+                            f"write the path out")
+        return text
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
@@ -2538,7 +2543,8 @@ def _fill(obj, data: dict, prefix: str = ""):
             moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
             close = own + moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
-            raise UserError(f"unknown config key '{prefix}{key}' ({hint})")
+            shown = f"{prefix}{key}".encode("ascii", "backslashreplace").decode()    # a pasted U+00A0 or BOM
+            raise UserError(f"unknown config key '{shown}' ({hint})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults
             _fill(current, {} if value is None else value, f"{prefix}{key}.")
@@ -2928,6 +2934,12 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
+        if "#" in raw and "#" not in str(nested):       # a prompt's " #tag" and all after it: YAML's comment
+            raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
+                            f"in YAML, e.g. {key.strip()}='a #b'")
+        setting = key.strip().rpartition(".")[0]
+        if setting in flat_config(Config()):            # model.x=1: not "quote it", as for a YAML mapping
+            raise UserError(f"--set {item}: '{setting}' is a setting, not a section: --set {setting}=VALUE")
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _fill(config, nested)
@@ -3103,9 +3115,8 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(image: Path) -> tuple[str | None, Path]:
     """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
     UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
-    path = image.with_suffix(".txt")
-    if not path.exists() and image.with_suffix(".TXT").exists():       # as Windows and macOS find it
-        path = image.with_suffix(".TXT")
+    spellings = (image.with_suffix("." + "".join(c)) for c in itertools.product("tT", "xX", "tT"))
+    path = next((p for p in spellings if p.exists()), image.with_suffix(".txt"))   # as Windows, macOS find
     if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
         return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
@@ -3121,10 +3132,11 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
 
 
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
-    """Every file below root but macOS's ._name files, through symlinked folders too (people link image
-    folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what was left
-    out, as the dataset line says: hidden and NOT_DATA folders, named pipes); unreadable folders warned."""
-    seen, files, folders, special, errors = set(), [], [], [], []
+    """Every file below root but macOS's ._name files and hidden images, through symlinked folders too (people
+    link image folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what
+    was left out, as the dataset line says: hidden images, hidden and NOT_DATA folders, named pipes);
+    unreadable folders warned."""
+    seen, files, folders, hidden, special, errors = set(), [], [], [], [], []
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -3133,7 +3145,9 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         seen.add(real)
         # ._name: macOS's metadata twin of each file copied to a foreign disk or zipped, no image or caption
         for path in (Path(folder, name) for name in names if not name.startswith("._")):
-            if os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
+            if path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTS:    # as kohya's glob and
+                hidden.append(os.path.relpath(path, root))                    # Hugging Face datasets do
+            elif os.path.isfile(path) or not os.path.exists(path):     # (a broken link: named by the scan)
                 files.append(path)
             else:       # a named pipe, socket or device named like an image or caption: reading it never ends
                 special.append(os.path.relpath(path, root))
@@ -3150,6 +3164,7 @@ def files_under(root: Path) -> tuple[list[Path], list[str]]:
         print(f"warning: skipped {counted(len(locked), 'folder')} that cannot be read: "
               f"{', '.join(locked[:5])}", file=sys.stderr)
     left_out = [(sorted(folders), "hidden, thumbnail or recycle folder", ""),
+                (sorted(hidden), "hidden image", ""),
                 (sorted(special), "named pipe or other special file", "named pipes and other special files")]
     return files, [f"{counted(len(names), one, many)}: {', '.join(names[:5])}" + ", ..." * (len(names) > 5)
                    for names, one, many in left_out if names]
@@ -3572,14 +3587,20 @@ def remove_killed_writes(folder: Path):
                 tmp.unlink()
 
 
+EMPTY_PATH_ADVICE = {"model": "a diffusers folder, .safetensors, a hub id or 'tiny'",
+                     "output_dir": "a new folder", "dataset.path": "the folder of images ('.': this one)",
+                     "dataset.cache_dir": "a folder for the cache (e.g. cache)"}
+
+
 def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     """Bad resumes, paths and outputs, refused before the dataset scan and loading (torchrun: process 0 checks
     output_dir); sets trainer.lock and .made (the folders it makes). -> prepare_resume's result."""
     cfg, out, first = trainer.cfg, trainer.out, rank_and_world()[0] == 0   # torchrun's init comes later
     resume = read_flag(resume, "resume")
-    if not cfg.model:
-        raise UserError("config key 'model' is empty: set it to a diffusers folder, .safetensors, "
-                        "a hub id or 'tiny'")
+    # an empty path is the current folder: a dataset.path left blank would train on all images below it
+    for key, value in flat_config(cfg).items():
+        if not value and key in EMPTY_PATH_ADVICE:
+            raise UserError(f"config key '{key}' is empty: set it to {EMPTY_PATH_ADVICE[key]}")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
     # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
     lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None

@@ -4122,6 +4122,14 @@ def test_a_key_that_is_part_of_its_sections_key_names_that_key_first():
         one_line_error(lambda: sd.load_config(None, [sets]), f"{re.escape(match)}$")
 
 
+def test_an_unknown_config_key_shows_the_invisible_characters_in_it(tmp_path):
+    """An indent copied from a web page (a no-break space) or a second file's BOM pasted in made a key that
+    was named as "unknown config key '  lr'" or "'train' (did you mean 'train'?)": they are shown escaped."""
+    for text, shown in (("train:\n\u00a0 lr: 1\n", r"'\\xa0 lr'"), ("\ufefftrain:\n  lr: 1\n", r"'\\ufefftrain'")):
+        (tmp_path / "c.yaml").write_text(f"model: tiny\n{text}", encoding="utf-8")
+        one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), f"unknown config key {shown}")
+
+
 def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lrr: 1e-4\n")
     with pytest.raises(sd.UserError, match=r"unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"):
@@ -4188,6 +4196,16 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
         bad = str(tmp_path / "file" / "run")
         one_line_error(lambda: sd.train(tiny_config(tmp_path, **{key: bad})), f"{key} .*run is not a writable")
     one_line_error(lambda: sd.load_config(None, ["t5_length=1000"]), "'t5_length' must be in 1..512, got 1000")
+
+
+def test_a_blank_path_in_the_config_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """`path:` left blank (or --set dataset.path=) is "", which Path reads as the current folder: the run
+    trained on every image below wherever it was started, and cached into it, without a word."""
+    monkeypatch.setattr(sd, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned"))
+    monkeypatch.chdir(tmp_path)
+    for key in ("model", "output_dir", "dataset.path", "dataset.cache_dir"):
+        config = tiny_config(tmp_path, **{key: None})
+        one_line_error(lambda: sd.train(config), f"config key '{key}' is empty: set it to ")
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
@@ -4810,6 +4828,20 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_unset(tmp_path, monkeypatch):
+    """`output_dir: $HOME/runs` (or ${HOME}) made a folder named "$HOME" in the current folder, and
+    `dataset.path: $DATA/cats` was "no such folder" with the variable set; prompts keep their $ as text."""
+    monkeypatch.setenv("SD35_TEST_ROOT", str(tmp_path))
+    monkeypatch.delenv("SD35_TEST_UNSET", raising=False)
+    cfg = sd.load_config(None, ["output_dir=$SD35_TEST_ROOT/runs", "dataset.path=${SD35_TEST_ROOT}/data",
+                                "sample.neg=$5 bill", "dataset.cache_dir=my$cache"])      # lower case: a name
+    assert (cfg.output_dir, cfg.dataset.path, cfg.sample.neg, cfg.dataset.cache_dir) == (
+        f"{tmp_path}/runs", f"{tmp_path}/data", "$5 bill", "my$cache")
+    for path in ("$SD35_TEST_UNSET/runs", "${SD35_TEST_UNSET}/runs"):
+        one_line_error(lambda: sd.load_config(None, [f"output_dir={path}"]),
+                       r"'output_dir' names \$\{?SD35_TEST_UNSET\}?, an environment variable that is not set")
+
+
 def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
     check ended in a bare ValueError ('embedded null byte') traceback."""
@@ -4833,6 +4865,22 @@ def test_an_empty_set_value_reads_as_the_empty_yaml_value(tmp_path):
     from_file = sd.load_config(str(tmp_path / "c.yaml")).sample
     from_set = sd.load_config(None, ["sample.prompts=", "sample.neg="]).sample
     assert from_set.prompts == from_file.prompts == [] and from_set.neg == from_file.neg == ""
+
+
+def test_a_set_value_with_a_yaml_comment_in_it_is_refused_not_cut_short():
+    """--set "sample.neg=blurry #lowres" read as YAML drops " #lowres" as a comment: the run trained with
+    "blurry" as its negative prompt (and "#lowres" alone as none), without a word. Quoted, # is text."""
+    for item in ("sample.neg=blurry #lowres", "sample.neg=#lowres", "sample.prompts=a cat #cute"):
+        one_line_error(lambda: sd.load_config(None, [item]), "YAML drops ' #' and all after")
+    assert sd.load_config(None, ["sample.neg='blurry #lowres'"]).sample.neg == "blurry #lowres"
+    assert sd.load_config(None, ["sample.neg=no#1"]).sample.neg == "no#1"              # no space: text
+
+
+def test_a_set_key_under_a_setting_that_is_no_section_is_named_as_such():
+    """--set model.x=1 was told "config key 'model' must be text, got {'x': '1'}: quote it", and
+    train.lr.x=1 "must be a finite number, got {'x': '1'}": the dotted key became a mapping."""
+    for item, setting in (("model.x=1", "model"), ("train.lr.x=1", "train.lr")):
+        one_line_error(lambda: sd.load_config(None, [item]), f"'{setting}' is a setting, not a section: --set ")
 
 
 def test_load_config_takes_one_override_as_text_and_none(tmp_path):
@@ -6069,6 +6117,17 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
     assert "recursively (left out: 7 hidden" in out.out, out.out        # no "0 in output_dir ..." before it
 
 
+def test_hidden_images_in_the_dataset_are_left_out_and_named(tmp_path, capsys):
+    """.name.png, hidden in file managers, was trained on, though kohya's sd-scripts (glob) and Hugging Face
+    datasets leave such files out."""
+    data = tmp_path / "data"
+    sd.write_demo_dataset(data)
+    Image.new("RGB", (64, 64)).save(data / ".cover.jpg")
+    items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))
+    assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png"]
+    assert capsys.readouterr().out.strip().endswith("(left out: 1 hidden image: .cover.jpg)")
+
+
 def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_path, capsys):
     """Every run's dataset line said "(0 in output_dir and dataset.cache_dir left out)": a note about nothing."""
     data = tmp_path / "data"
@@ -6212,6 +6271,15 @@ def test_uppercase_txt_captions_are_read_on_linux_as_on_windows_and_macos(tmp_pa
     err = capsys.readouterr().err
     assert item["caption"] == "a dog" and "no .txt caption" not in err, err
     assert "1 .txt caption has no image, e.g. IMG_0002.TXT" in err, err
+
+
+def test_a_caption_of_any_case_is_read_on_linux_as_on_windows_and_macos(tmp_path, capsys):
+    """a.png + a.Txt (any spelling but .txt and .TXT) trained on default_caption on Linux, with a warning
+    that the image had no .txt caption and none that the .Txt was unread."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.Txt").write_text("a cat")
+    (item,) = sd.scan_dataset(sd.DatasetConfig(path=str(tmp_path), resolution=64))
+    assert item["caption"] == "a cat" and "caption" not in capsys.readouterr().err
 
 
 def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
