@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1207  Training                         Trainer and the training loop
      1361  Part 2: plumbing                 a reader can stop here
      1368  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1901  Hub Downloads                    snapshot downloads, tokenizers
-     1963  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2303  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2437  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3103  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3361  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3935  Several Processes (torchrun)     one all-reduce per step
-     4023  Command Line and the Tiny Model  main(), --tiny
+     1903  Hub Downloads                    snapshot downloads, tokenizers
+     1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2305  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2439  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3105  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3363  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3937  Several Processes (torchrun)     one all-reduce per step
+     4025  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1830,7 +1830,8 @@ def check_compile(device: torch.device, fp8: bool):
                         + off)
     if fp8 and nvidia and torch.cuda.get_device_capability(device) < FP8_NVIDIA:
         raise UserError(f"compiled fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer (Ada, "
-                        f"Hopper), where Triton converts float8: {off}, or turn fp8 off")
+                        f"Hopper), where Triton converts float8: {off}, or set fp8 false (sample.py: "
+                        f"leave out --fp8)")
 
 
 def too_large_for(device: torch.device, *modules: nn.Module) -> int:
@@ -1858,7 +1859,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     use_t5, fp8 = read_flag(use_t5, "use_t5"), read_flag(fp8, "fp8")
     offload = offload if offload is None else read_flag(offload, "offload")    # None: as memory allows
     if fp8 and fp8_lacking(device):
-        raise UserError(f"fp8 needs float8, which {fp8_lacking(device)} lacks: turn fp8 off")
+        raise UserError(f"fp8 needs float8, which {fp8_lacking(device)} lacks: set fp8 false (sample.py: "
+                        f"leave out --fp8)")
     dtype = pick_dtype(dtype, device)
     if variant:
         check_choice("variant", variant, PRESETS)

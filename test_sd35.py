@@ -9865,7 +9865,7 @@ def test_compiling_fp8_weights_on_an_nvidia_card_before_ada_is_one_line_before_a
     capability = [(8, 6)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
     cuda = torch.device("cuda")
-    message = r"^compiled fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer .*, or turn fp8 off$"
+    message = r"^compiled fp8 weights need an NVIDIA GPU of compute capability 8.9 or newer .*, or set fp8 false \(sample.py: leave out --fp8\)$"
     with pytest.raises(sd.UserError, match=message):
         sd.check_compile(cuda, fp8=True)
     sd.check_compile(cuda, fp8=False)
