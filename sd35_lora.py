@@ -2936,9 +2936,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
         except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
             raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
-        if "#" in raw and "#" not in str(nested):       # a prompt's " #tag" and all after it: YAML's comment
+        if raw.count("#") > str(nested).count("#"):     # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
-                            f"in YAML, e.g. {key.strip()}='a #b'")
+                            f"in YAML, e.g. --set \"{key.strip()}='a #b'\"")     # a shell removes bare quotes
         setting = key.strip().rpartition(".")[0]
         if setting in flat_config(Config()):            # model.x=1: not "quote it", as for a YAML mapping
             raise UserError(f"--set {item}: '{setting}' is a setting, not a section: --set {setting}=VALUE")
