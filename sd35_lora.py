@@ -3212,7 +3212,7 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
         caption = asked.get(str(txt.with_suffix("")).casefold())
         return caption is not None and caption.exists() and txt.exists() and os.path.samefile(caption, txt)
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.with_suffix("") not in stems
-               and not opened(p)]
+               and not opened(p) and not p.name.startswith(".")]      # .a.txt: files_under's hidden .a.png's
     others = sorted(p.name for p in files if p.suffix.lower() in OTHER_IMAGE_EXTS)
     kohya = sum(p.suffix.lower() == ".caption" for p in files)                # sd-scripts' captions
     hint = f"; kohya's .caption files are not read ({kohya} here): rename them to .txt" if kohya else ""

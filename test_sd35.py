@@ -6122,13 +6122,15 @@ def test_thumbnail_recycle_and_hidden_folders_in_the_dataset_are_left_out(tmp_pa
 
 def test_hidden_images_in_the_dataset_are_left_out_and_named(tmp_path, capsys):
     """.name.png, hidden in file managers, was trained on, though kohya's sd-scripts (glob) and Hugging Face
-    datasets leave such files out."""
+    datasets leave such files out. Its caption, .cover.txt, is no orphan to warn of ("has no image")."""
     data = tmp_path / "data"
     sd.write_demo_dataset(data)
     Image.new("RGB", (64, 64)).save(data / ".cover.jpg")
+    (data / ".cover.txt").write_text("a cover")
     items = sd.scan_dataset(sd.DatasetConfig(path=str(data), resolution=64))
     assert [item["path"].name for item in items] == ["blue_disc.png", "red_stripes.png"]
-    assert capsys.readouterr().out.strip().endswith("(left out: 1 hidden image: .cover.jpg)")
+    out = capsys.readouterr()
+    assert out.out.strip().endswith("(left out: 1 hidden image: .cover.jpg)") and out.err == "", out.err
 
 
 def test_the_dataset_line_names_what_was_left_out_only_when_something_was(tmp_path, capsys):
