@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2305  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2439  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3105  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3363  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3937  Several Processes (torchrun)     one all-reduce per step
-     4025  Command Line and the Tiny Model  main(), --tiny
+     3376  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3950  Several Processes (torchrun)     one all-reduce per step
+     4038  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3117,8 +3117,9 @@ OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", 
 def read_caption(image: Path) -> tuple[str | None, Path]:
     """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
     UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
-    spellings = (image.with_suffix("." + "".join(c)) for c in itertools.product("tT", "xX", "tT"))
-    path = next((p for p in spellings if p.exists()), image.with_suffix(".txt"))   # as Windows, macOS find
+    path = image.with_suffix(".txt")
+    if not path.exists():           # a.TXT, a.Txt: Windows and macOS open them as a.txt, Linux from a listing
+        path = path.with_name(txt_files(os.fspath(image.parent)).get(image.stem, path.name))
     if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
         return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
@@ -3133,12 +3134,24 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
     return text.strip(), path
 
 
+@functools.cache
+def txt_files(folder: str) -> dict[str, str]:
+    """A folder's .txt files of any case by name without it, listed once per scan (files_under forgets them),
+    not found by eight stats for each image without a caption. Of a.TXT and a.Txt, a.TXT (the last here)."""
+    try:
+        names = sorted(os.listdir(folder), reverse=True)
+    except OSError:                                     # read_caption finds no caption, as by stats
+        return {}
+    return {name[:-4]: name for name in names if name[-4:].lower() == ".txt"}
+
+
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files and hidden images, through symlinked folders too (people
     link image folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what
     was left out, as the dataset line says: hidden images, hidden and NOT_DATA folders, named pipes);
     unreadable folders warned."""
     seen, files, folders, hidden, special, errors = set(), [], [], [], [], []
+    txt_files.cache_clear()                             # this scan's captions, not an earlier one's
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:

@@ -6287,6 +6287,26 @@ def test_a_caption_of_any_case_is_read_on_linux_as_on_windows_and_macos(tmp_path
     assert item["caption"] == "a cat" and "caption" not in capsys.readouterr().err
 
 
+def test_looking_for_captions_of_other_case_costs_no_stats_per_uncaptioned_image(tmp_path, monkeypatch):
+    """Trying the eight spellings of .txt asked the file system nine times per image without a caption (the
+    old code twice): a large uncaptioned dataset on a network drive scanned minutes longer. A folder is
+    listed once instead; captions spelt a.Txt or a.TXT are read as before, and one added later is seen."""
+    for name in ("a.png", "b.png", *(f"u{i}.png" for i in range(20))):
+        (tmp_path / name).touch()
+    (tmp_path / "a.Txt").write_text("a cat")
+    (tmp_path / "b.TXT").write_text("a dog")
+    real_stat, stats = os.stat, []
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    sd.files_under(tmp_path)
+    stats.clear()
+    captions = [sd.read_caption(tmp_path / f"u{i}.png")[0] for i in range(20)]
+    assert captions == [None] * 20 and len(stats) <= 2 * 20, len(stats)
+    assert [sd.read_caption(tmp_path / f"{n}.png")[0] for n in "ab"] == ["a cat", "a dog"]
+    (tmp_path / "u0.tXt").write_text("late")
+    sd.files_under(tmp_path)                                             # a new scan lists the folder anew
+    assert sd.read_caption(tmp_path / "u0.png")[0] == "late"
+
+
 def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
     """macOS and Windows open A.txt for a.png's a.txt, and the caption is used; yet the scan warned '1 .txt
     caption has no image, e.g. A.txt' (names compared by case). Simulated on Linux: a.txt a link to A.txt that
