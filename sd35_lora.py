@@ -2545,7 +2545,7 @@ def _fill(obj, data: dict, prefix: str = ""):
             moved = [k for k in flat_config(Config()) if k.rsplit(".", 1)[-1] == str(key)]
             close = own + moved or [prefix + k for k in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"valid: {', '.join(names)}"
-            shown = f"{prefix}{key}".encode("ascii", "backslashreplace").decode()    # a pasted U+00A0 or BOM
+            shown = repr(f"{prefix}{key}")[1:-1]        # a pasted U+00A0 or BOM escaped, unlike an é
             raise UserError(f"unknown config key '{shown}' ({hint})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):           # a section with every line commented out: defaults

@@ -4124,8 +4124,10 @@ def test_a_key_that_is_part_of_its_sections_key_names_that_key_first():
 
 def test_an_unknown_config_key_shows_the_invisible_characters_in_it(tmp_path):
     """An indent copied from a web page (a no-break space) or a second file's BOM pasted in made a key that
-    was named as "unknown config key '  lr'" or "'train' (did you mean 'train'?)": they are shown escaped."""
-    for text, shown in (("train:\n\u00a0 lr: 1\n", r"'\\xa0 lr'"), ("\ufefftrain:\n  lr: 1\n", r"'\\ufefftrain'")):
+    was named as "unknown config key '  lr'" or "'train' (did you mean 'train'?)": they are shown escaped;
+    letters one can see (résolution) stay as typed."""
+    for text, shown in (("train:\n\u00a0 lr: 1\n", r"'\\xa0 lr'"), ("\ufefftrain:\n  lr: 1\n", r"'\\ufefftrain'"),
+                        ("dataset:\n  résolution: 64\n", "'dataset.résolution' \\(did you mean")):
         (tmp_path / "c.yaml").write_text(f"model: tiny\n{text}", encoding="utf-8")
         one_line_error(lambda: sd.load_config(str(tmp_path / "c.yaml")), f"unknown config key {shown}")
 
