@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1965  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2305  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2439  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3105  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3376  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3950  Several Processes (torchrun)     one all-reduce per step
-     4038  Command Line and the Tiny Model  main(), --tiny
+     3107  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3378  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3952  Several Processes (torchrun)     one all-reduce per step
+     4040  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2489,7 +2489,9 @@ def _coerce(value, default, key: str):
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
-        text = os.path.expandvars(os.path.expanduser(text)) if key in PATH_KEYS else text   # as in a shell
+        if key in PATH_KEYS:    # ~, $X, ${X} as in a shell: Windows' expandvars skips all after a ' (O'Brien)
+            text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
+            text = os.path.expandvars(os.path.expanduser(text))            # and Windows' %X%
         # an unset $NAME would make a folder "$NAME"; a lower-case "my$files" has no other way to be written
         if key in PATH_KEYS and (unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text)):
             raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it or "

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import ntpath
 import os
 import re
 import shutil
@@ -4842,6 +4843,11 @@ def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_uns
     for path in ("$SD35_TEST_UNSET/runs", "${SD35_TEST_UNSET}/runs"):
         one_line_error(lambda: sd.load_config(None, [f"output_dir={path}"]),
                        r"'output_dir' names \$\{?SD35_TEST_UNSET\}?, an environment variable that is not set")
+    # Windows' os.path.expandvars copies text after a ' as it is: a set variable in C:/Users/O'Brien/$X/runs
+    # was refused as "not set". Simulated; Windows' %X% still expands there.
+    monkeypatch.setattr(os.path, "expandvars", ntpath.expandvars)
+    cfg = sd.load_config(None, ["output_dir=O'Brien/$SD35_TEST_ROOT/runs", "dataset.path=d/%SD35_TEST_ROOT%"])
+    assert (cfg.output_dir, cfg.dataset.path) == (f"O'Brien/{tmp_path}/runs", f"d/{tmp_path}")
 
 
 def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
