@@ -2492,10 +2492,10 @@ def _coerce(value, default, key: str):
         if key in PATH_KEYS:    # ~, $X, ${X} as in a shell: Windows' expandvars skips all after a ' (O'Brien)
             text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
             text = os.path.expandvars(os.path.expanduser(text))            # and Windows' %X%
-        # an unset $NAME would make a folder "$NAME"; a lower-case "my$files" has no other way to be written
-        if key in PATH_KEYS and (unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text)):
-            raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it or "
-                            f"write the path out")
+            # an unset $NAME would make a folder "$NAME"; lower-case "my$files" stays (else unwritable)
+            if unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text):
+                raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it "
+                                f"or write the path out")
         return text
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
