@@ -21,6 +21,12 @@ bf16 autocast, gradient checkpointing, forward, recompute, backward, clip_grad_n
 (b) the same step without a LoRA, training only the image stream's q RMSNorm weights (so that backward runs
 through every block); (c) one SD3.5 Medium CFG sampling step (batch 2, no grad, `denoise` with DPM++ 2M).
 
+    python .ci/bench_cpu.py --compiled-step [--reps 5]
+
+times a compiled LoRA training step (compile_blocks, gradient checkpointing, tiny width: the host's work, not
+the kernels') on SD3.5 Medium's block structure, the checkpoint inside each compiled block vs around it, and
+counts its Python calls (a GPU step that waits on launches waits on these too). Compiling takes minutes.
+
     python .ci/bench_cpu.py --peak-memory
 
 tracks the bytes of the live tensors that one CFG sampling forward allocates (weights and inputs left out),
@@ -32,6 +38,9 @@ the attention kernels' workspaces are not in it: a proxy for the GPU peak, to co
 import argparse
 import collections
 import copy
+import cProfile
+import functools
+import pstats
 import statistics
 import sys
 import tempfile
@@ -43,6 +52,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sd35_lora as sd  # noqa: E402
@@ -51,12 +61,12 @@ import sd35_lora as sd  # noqa: E402
 clock = time.perf_counter
 
 
-def median_time(fn, reps: int) -> float:
-    times = []
+def median_time(fn, reps: int, timer=None) -> float:
+    times, timer = [], timer or clock
     for _ in range(reps):
-        start = clock()
+        start = timer()
         fn()
-        times.append(clock() - start)
+        times.append(timer() - start)
     return statistics.median(times)
 
 
@@ -111,15 +121,17 @@ def count_train_step(lora: bool) -> OpCounter:
     model.enable_gradient_checkpointing().train()
     tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)     # as `train` makes it
+    return counted(functools.partial(train_step, model, params, opt, tc, g, latents, context, pooled))
 
-    def step():
-        loss = sd.flow_matching_loss(model, latents, context, pooled, tc, 3.0, g, torch.bfloat16)[0]
-        loss.backward()
-        loss.item()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return counted(step)
+
+def train_step(model, params, opt, tc, g, latents, context, pooled):
+    """One step as `train` runs it: loss, backward, the two .item()s, clipping, AdamW."""
+    loss = sd.flow_matching_loss(model, latents, context, pooled, tc, 3.0, g, torch.bfloat16)[0]
+    loss.backward()
+    loss.item()
+    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def count_sampling_step() -> OpCounter:
@@ -204,6 +216,43 @@ def peak_memory():
         print(f"  {label}: {tracker.peak / 2**20:.1f} MiB, at {tracker.where}")
 
 
+def python_calls(fn) -> int:
+    """Python functions and builtins one call of fn makes (cProfile's count): host work, apart from kernels."""
+    fn()
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    return pstats.Stats(profiler).total_calls
+
+
+def compiled_training(reps: int):
+    """A compiled LoRA training step on Medium's block structure with gradient checkpointing: compile_blocks
+    (the checkpoint inside each compiled block) vs checkpoint around each compiled block (before 2026-11-30)."""
+    torch.set_num_threads(1)                        # process time: other tenants of a shared VM do not count
+    steps = {}
+    for label in ("inside", "around"):
+        model, (latents, context, pooled) = small_mmdit(24, dual=tuple(range(13)))
+        params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+        model.enable_gradient_checkpointing().train().compile_blocks()
+        if label == "around":
+            for block in model.joint_blocks:
+                block.compile()
+            model.run_block = lambda block, context, x, c, checkpointed: checkpoint(
+                block, context, x, c, use_reentrant=False, **sd.block_contexts())
+        tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        steps[label] = functools.partial(train_step, model, params, opt, tc, g, latents, context, pooled)
+        start = time.perf_counter()
+        steps[label]()
+        print(f"  checkpoint {label} the compiled block: compiled in {time.perf_counter() - start:.0f} s, "
+              f"{python_calls(steps[label])} Python calls a step")
+    ratios = []
+    for i in range(reps):
+        order = ("inside", "around") if i % 2 else ("around", "inside")
+        times = {label: median_time(steps[label], 1, time.process_time) for label in order}
+        ratios.append(times["inside"] / times["around"])
+    report("process time a step, inside / around", ratios)
+
+
 def count_ops():
     print("aten operators per step (bytes: read + written by non-view operators, at this small width):")
     for label, counter in (("LoRA training step, Large structure", count_train_step(True)),
@@ -222,9 +271,12 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--count-ops", action="store_true", help="count the operators of a step instead of timing")
     p.add_argument("--peak-memory", action="store_true", help="peak live activations of a CFG forward vs diffusers")
+    p.add_argument("--compiled-step", action="store_true", help="a compiled training step's host work")
     args = p.parse_args()
     if args.count_ops:
         return count_ops()
+    if args.compiled_step:
+        return compiled_training(args.reps)
     if args.peak_memory:
         return peak_memory()
     global clock
