@@ -468,8 +468,8 @@ class FinalLayer(nn.Module):
 def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                     checkpointed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """block(context, x, c); checkpointed: its activations are recomputed in the backward, not kept. Compiled
-    (compile_blocks), the checkpoint is inside the graph: the recompute is part of the compiled backward, and
-    no Python hook runs per saved tensor (a compiled step's host time 0.75x of checkpointing a compiled block)."""
+    (compile_blocks), the checkpoint is inside the graph: the recompute is part of the compiled backward and
+    no Python hook runs per saved tensor (host time a step 0.75x of checkpointing a compiled block)."""
     if checkpointed:
         return checkpoint(block, context, x, c, use_reentrant=False, **block_contexts())
     return block(context, x, c)
@@ -501,7 +501,7 @@ class MMDiT(nn.Module):
 
     def compile_blocks(self):
         """torch.compile each joint block with its checkpoint ("regional" compilation): blocks of the same
-        structure share one compiled graph, so the one-off compile covers a few blocks, not the whole model."""
+        structure share one compiled graph, so the one-off compile covers a few blocks, not the model."""
         # each (block structure, grad mode) compiles once, then again as each dim starts to vary; past the
         # limit (8 by default) dynamo warns, runs the rest eagerly, and training with buckets passes it
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
