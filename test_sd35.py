@@ -4103,6 +4103,43 @@ def test_compiled_blocks_train_and_sample_like_eager(tmp_path):
     assert np.abs(image(runs["compiled"]) - image(runs["eager"])).max() <= 1
 
 
+def test_compiled_blocks_keep_their_checkpoint_inside_the_graph():
+    """compile_blocks compiled each block and checkpoint wrapped it: a training step ran each block's compiled
+    forward twice and Python hooks for every saved tensor (host time 1.3x: .ci/bench_cpu.py --compiled-step).
+    The checkpoint is now part of the compiled graph: once compiled, a step runs no Python of
+    torch.utils.checkpoint, and the backward keeps about what eager checkpointing keeps, not the activations."""
+    import cProfile
+    import pstats
+    kept, checkpoint_calls = {}, {}
+    for label, compiled, checkpointed in (("eager", False, True), ("compiled", True, True), ("all", False, False)):
+        model = tiny_mmdit(depth=2)
+        sd.add_lora(model, rank=4, targets="attn")
+        model.enable_gradient_checkpointing(checkpointed).train()
+        if compiled:
+            model.compile_blocks()
+        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        storages = {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        def step():
+            storages.clear()
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = model(*mmdit_inputs(h=16, w=16)).square().mean()     # (the few kept vectors: noise)
+            loss.backward()
+        step()                                                          # compiles
+        profile = cProfile.Profile()
+        profile.runcall(step)
+        kept[label] = sum(storages.values())
+        checkpoint_calls[label] = sum(calls for (file, _, _), (_, calls, *_) in pstats.Stats(profile).stats.items()
+                                      if Path(file).parts[-2:] == ("utils", "checkpoint.py"))
+    assert checkpoint_calls["eager"] > 0 == checkpoint_calls["compiled"], checkpoint_calls
+    assert kept["compiled"] <= 1.2 * kept["eager"] < 0.3 * kept["all"], kept
+
+
 def test_a_config_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
     """`--set lr=1e-5` was answered 'did you mean lora?', `rank: 32` 'did you mean train?', `steps: 100` with the
     top-level keys: a flat config from another trainer, or a key under the wrong section, never named its key."""
