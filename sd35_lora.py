@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1215  Training                         Trainer and the training loop
      1369  Part 2: plumbing                 a reader can stop here
      1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1911  Hub Downloads                    snapshot downloads, tokenizers
-     1973  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2313  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2447  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3115  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3386  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3960  Several Processes (torchrun)     one all-reduce per step
-     4048  Command Line and the Tiny Model  main(), --tiny
+     1916  Hub Downloads                    snapshot downloads, tokenizers
+     1978  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2318  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2452  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3120  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3391  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3965  Several Processes (torchrun)     one all-reduce per step
+     4053  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1483,9 +1483,14 @@ CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODEL
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
+def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
+    """What a file holding `keys` is by `signatures` ("." matches kohya LoRA names' "_" too), or None."""
+    return next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
+
+
 def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
-    """What a file holding `keys` is, by `signatures` (whose "." matches kohya LoRA names' "_" too)."""
-    what = next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
+    """checkpoint_kind in words, or the first keys where no signature fits."""
+    what = checkpoint_kind(keys, signatures)
     return f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:3]}"
 
 
@@ -2104,7 +2109,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, t
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
-    other_model = any(re.search(fragment, key) for fragment, _ in OTHER_MODELS for key in rest)   # FLUX's
+    other_model = checkpoint_kind(rest, OTHER_MODELS)                                            # FLUX's
     if other_model or rest and all(re.match(TEXT_LORA, module) for module in groups):   # an SDXL LoRA's CLIP
         return {}, []                                           # part may fit alone: read_lora says why
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
