@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        80  Presets and Configuration        per-variant sampling presets, the training config
       207  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       270  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      545  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      705  VAE                              16-channel autoencoder, the latent scale and shift
-      855  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      895  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1083  Data                             dataset scan, aspect buckets, the latent and text cache
-     1215  Training                         Trainer and the training loop
-     1369  Part 2: plumbing                 a reader can stop here
-     1376  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1916  Hub Downloads                    snapshot downloads, tokenizers
-     1978  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2318  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2452  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3120  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3391  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3965  Several Processes (torchrun)     one all-reduce per step
-     4053  Command Line and the Tiny Model  main(), --tiny
+      557  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      717  VAE                              16-channel autoencoder, the latent scale and shift
+      867  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      907  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1095  Data                             dataset scan, aspect buckets, the latent and text cache
+     1227  Training                         Trainer and the training loop
+     1381  Part 2: plumbing                 a reader can stop here
+     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1928  Hub Downloads                    snapshot downloads, tokenizers
+     1990  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2330  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2458  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3126  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3397  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3971  Several Processes (torchrun)     one all-reduce per step
+     4059  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -466,13 +466,25 @@ class FinalLayer(nn.Module):
 
 
 def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
-                    checkpointed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """block(context, x, c); checkpointed: its activations are recomputed in the backward, not kept. Compiled
-    (compile_blocks), the checkpoint is inside the graph: the recompute is part of the compiled backward and
-    no Python hook runs per saved tensor (host time a step 0.75x of checkpointing a compiled block)."""
-    if checkpointed:
-        return checkpoint(block, context, x, c, use_reentrant=False, **block_contexts())
-    return block(context, x, c)
+                    recompute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """block(context, x, c); recompute: gradient checkpointing, its activations recomputed in the backward."""
+    if not recompute:
+        return block(context, x, c)
+    if torch.compiler.is_compiling():          # compile_blocks: the recompute joins the compiled backward
+        return checkpoint(block, context, x, c, use_reentrant=False)
+    # Eager, the reentrant checkpoint: no graph in the forward, no hook per saved tensor (host time, which a
+    # GPU step waits on), but loss.backward() only, not torch.autograd.grad. Its output requires grad only if
+    # an input does: a trainable weight rides along.
+    trainable = next((p for p in block.parameters() if p.requires_grad), None)
+    if trainable is None and not (context.requires_grad or x.requires_grad or c.requires_grad):
+        return block(context, x, c)                 # nothing to train through: no graph is kept
+    return checkpoint(run_checkpointed, block, context, x, c, trainable, use_reentrant=True)
+
+
+def run_checkpointed(block: JointBlock, context, x, c, _trainable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward and the recompute of run_joint_block's checkpoint (see `checkpointed`: fp8 weights)."""
+    with checkpointed():
+        return block(context, x, c)
 
 
 class MMDiT(nn.Module):
@@ -536,8 +548,8 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i in skip_layers:
                 continue
-            checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-            context, x = self.run_block(block, context, x, c, checkpointed)
+            recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+            context, x = self.run_block(block, context, x, c, recompute)
         x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
@@ -2345,18 +2357,12 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return w.to(dtype, copy=True).mul_(scale.float()[:, None])
 
 
-def block_contexts() -> dict:
-    """checkpoint's keywords for a joint block: a context_fn running its forward and recompute `checkpointed`;
-    none ({}) while torch.compile traces the whole model: there checkpoint takes dispatch modes only."""
-    return {} if torch.compiler.is_compiling() else {"context_fn": lambda: (checkpointed(), checkpointed())}
-
-
 @contextlib.contextmanager
 def checkpointed():
     """A joint block under gradient checkpointing: its fp8 layers save their weights dequantized for the
-    backward. checkpoint drops what the forward saves and keeps what the recompute saves, right before the
-    block's backward: one block's weights at a time (~0.4 GB on Large), each dequantized twice a step, not
-    three times. Compiled, the partitioner decides what the backward keeps."""
+    backward. Its forward saves nothing (no grad) and the recompute runs right before the block's backward:
+    one block's weights at a time (~0.4 GB on Large), each dequantized twice a step, not three times.
+    Compiled, the partitioner decides what the backward keeps."""
     FrozenLinear.checkpointed = True
     try:
         yield

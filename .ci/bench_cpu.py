@@ -21,11 +21,12 @@ bf16 autocast, gradient checkpointing, forward, recompute, backward, clip_grad_n
 (b) the same step without a LoRA, training only the image stream's q RMSNorm weights (so that backward runs
 through every block); (c) one SD3.5 Medium CFG sampling step (batch 2, no grad, `denoise` with DPM++ 2M).
 
-    python .ci/bench_cpu.py --compiled-step [--reps 5]
+    python .ci/bench_cpu.py --checkpoint-step [--reps 5]
 
-times a compiled LoRA training step (compile_blocks, gradient checkpointing, tiny width: the host's work, not
-the kernels') on SD3.5 Medium's block structure, the checkpoint inside each compiled block vs around it, and
-counts its Python calls (a GPU step that waits on launches waits on these too). Compiling takes minutes.
+times a LoRA training step with gradient checkpointing (tiny width: the host's work, not the kernels') on SD3.5
+Medium's block structure, eager and compiled (compile_blocks), as MMDiT runs it now vs torch's non-reentrant
+checkpoint around each block (before 2026-11-30), and counts its Python calls: a GPU step that waits on
+launches waits on these too. Compiling takes minutes.
 
     python .ci/bench_cpu.py --peak-memory
 
@@ -96,6 +97,7 @@ def counted(fn) -> OpCounter:
     fn()                                                    # warm-up: lazy state (optimizer moments) exists
     with OpCounter() as counter:
         fn()
+    counter.python_calls = python_calls(fn)
     return counter
 
 
@@ -224,33 +226,43 @@ def python_calls(fn) -> int:
     return pstats.Stats(profiler).total_calls
 
 
-def compiled_training(reps: int):
-    """A compiled LoRA training step on Medium's block structure with gradient checkpointing: compile_blocks
-    (the checkpoint inside each compiled block) vs checkpoint around each compiled block (before 2026-11-30)."""
+def checkpointed_block_before(block, context, x, c, recompute: bool):
+    """How MMDiT ran a block before 2026-11-30: torch's non-reentrant checkpoint around it (compiled or not)."""
+    if not recompute:
+        return block(context, x, c)
+    return checkpoint(block, context, x, c, use_reentrant=False,
+                      context_fn=lambda: (sd.checkpointed(), sd.checkpointed()))
+
+
+def checkpoint_host_work(reps: int):
+    """A LoRA training step on Medium's block structure with gradient checkpointing, eager and compiled: as
+    run_joint_block runs it now vs `checkpointed_block_before`; Python calls and process time a step."""
     torch.set_num_threads(1)                        # process time: other tenants of a shared VM do not count
-    steps = {}
-    for label in ("inside", "around"):
-        model, (latents, context, pooled) = small_mmdit(24, dual=tuple(range(13)))
-        params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
-        model.enable_gradient_checkpointing().train().compile_blocks()
-        if label == "around":
-            for block in model.joint_blocks:
-                block.compile()
-            model.run_block = lambda block, context, x, c, checkpointed: checkpoint(
-                block, context, x, c, use_reentrant=False, **sd.block_contexts())
-        tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-        steps[label] = functools.partial(train_step, model, params, opt, tc, g, latents, context, pooled)
-        start = time.perf_counter()
-        steps[label]()
-        print(f"  checkpoint {label} the compiled block: compiled in {time.perf_counter() - start:.0f} s, "
-              f"{python_calls(steps[label])} Python calls a step")
-    ratios = []
-    for i in range(reps):
-        order = ("inside", "around") if i % 2 else ("around", "inside")
-        times = {label: median_time(steps[label], 1, time.process_time) for label in order}
-        ratios.append(times["inside"] / times["around"])
-    report("process time a step, inside / around", ratios)
+    for compiled in (False, True):
+        steps = {}
+        for label in ("now", "before"):
+            model, (latents, context, pooled) = small_mmdit(24, dual=tuple(range(13)))
+            params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+            model.enable_gradient_checkpointing().train()
+            if compiled:
+                model.compile_blocks()
+            if label == "before":
+                for block in model.joint_blocks if compiled else ():
+                    block.compile()
+                model.run_block = checkpointed_block_before
+            tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+            opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+            steps[label] = functools.partial(train_step, model, params, opt, tc, g, latents, context, pooled)
+            start = time.perf_counter()
+            steps[label]()
+            print(f"  {'compiled' if compiled else 'eager'} {label}: first step {time.perf_counter() - start:.0f} s, "
+                  f"{python_calls(steps[label])} Python calls a step")
+        ratios = []
+        for i in range(reps):
+            order = ("now", "before") if i % 2 else ("before", "now")
+            times = {label: median_time(steps[label], 1, time.process_time) for label in order}
+            ratios.append(times["now"] / times["before"])
+        report(f"{'compiled' if compiled else 'eager'}: process time a step, now / before", ratios)
 
 
 def count_ops():
@@ -259,7 +271,8 @@ def count_ops():
                            ("training step without LoRA (q RMSNorm weights)", count_train_step(False)),
                            ("Medium CFG sampling step, batch 2", count_sampling_step())):
         top = ", ".join(f"{k} {v}" for k, v in counter.ops.most_common(8))
-        print(f"  {label}: {sum(counter.ops.values())} ops, {sum(counter.bytes.values()) / 2**20:.1f} MiB ({top})")
+        print(f"  {label}: {sum(counter.ops.values())} ops, {sum(counter.bytes.values()) / 2**20:.1f} MiB, "
+              f"{counter.python_calls} Python calls ({top})")
 
 
 def main():
@@ -271,12 +284,12 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--count-ops", action="store_true", help="count the operators of a step instead of timing")
     p.add_argument("--peak-memory", action="store_true", help="peak live activations of a CFG forward vs diffusers")
-    p.add_argument("--compiled-step", action="store_true", help="a compiled training step's host work")
+    p.add_argument("--checkpoint-step", action="store_true", help="a checkpointed training step's host work")
     args = p.parse_args()
     if args.count_ops:
         return count_ops()
-    if args.compiled_step:
-        return compiled_training(args.reps)
+    if args.checkpoint_step:
+        return checkpoint_host_work(args.reps)
     if args.peak_memory:
         return peak_memory()
     global clock
