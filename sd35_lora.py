@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        80  Presets and Configuration        per-variant sampling presets, the training config
       207  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       270  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      557  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      717  VAE                              16-channel autoencoder, the latent scale and shift
-      867  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      907  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1095  Data                             dataset scan, aspect buckets, the latent and text cache
-     1227  Training                         Trainer and the training loop
-     1381  Part 2: plumbing                 a reader can stop here
-     1388  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1928  Hub Downloads                    snapshot downloads, tokenizers
-     1990  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2330  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2458  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3126  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3397  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3971  Several Processes (torchrun)     one all-reduce per step
-     4059  Command Line and the Tiny Model  main(), --tiny
+      562  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      722  VAE                              16-channel autoencoder, the latent scale and shift
+      872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1100  Data                             dataset scan, aspect buckets, the latent and text cache
+     1232  Training                         Trainer and the training loop
+     1386  Part 2: plumbing                 a reader can stop here
+     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1933  Hub Downloads                    snapshot downloads, tokenizers
+     1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3976  Several Processes (torchrun)     one all-reduce per step
+     4064  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -465,6 +465,12 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
+# The reentrant checkpoint's output requires grad only if one of its inputs does, and a block's trainable
+# weights are not its inputs: this leaf, passed in and unused, stands in for them. (A weight itself would run
+# its gradient hooks twice: DistributedDataParallel raises "Expected to mark a variable ready only once".)
+WEIGHTS_STAND_IN = torch.empty(0, device="cpu", requires_grad=True)
+
+
 def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                     recompute: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """block(context, x, c); recompute: gradient checkpointing, its activations recomputed in the backward."""
@@ -472,16 +478,15 @@ def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c
         return block(context, x, c)
     if torch.compiler.is_compiling():          # compile_blocks: the recompute joins the compiled backward
         return checkpoint(block, context, x, c, use_reentrant=False)
-    # Eager, the reentrant checkpoint: no graph in the forward, no hook per saved tensor (host time, which a
-    # GPU step waits on), but loss.backward() only, not torch.autograd.grad. Its output requires grad only if
-    # an input does: a trainable weight rides along.
-    trainable = next((p for p in block.parameters() if p.requires_grad), None)
-    if trainable is None and not (context.requires_grad or x.requires_grad or c.requires_grad):
+    if not (context.requires_grad or x.requires_grad or c.requires_grad
+            or any(p.requires_grad for p in block.parameters())):
         return block(context, x, c)                 # nothing to train through: no graph is kept
-    return checkpoint(run_checkpointed, block, context, x, c, trainable, use_reentrant=True)
+    # Eager, the reentrant checkpoint: no graph in the forward, no hook per saved tensor (host time, which a
+    # GPU step waits on), but loss.backward() only, not torch.autograd.grad.
+    return checkpoint(run_checkpointed, block, context, x, c, WEIGHTS_STAND_IN, use_reentrant=True)
 
 
-def run_checkpointed(block: JointBlock, context, x, c, _trainable) -> tuple[torch.Tensor, torch.Tensor]:
+def run_checkpointed(block: JointBlock, context, x, c, _stand_in) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward and the recompute of run_joint_block's checkpoint (see `checkpointed`: fp8 weights)."""
     with checkpointed():
         return block(context, x, c)

@@ -4136,6 +4136,30 @@ def test_eager_checkpointing_runs_its_python_once_a_block_with_the_same_gradient
         assert 0 < calls[True] <= 30 * 3, (blocks, calls)                  # non-reentrant: ~900 a block
 
 
+def test_eager_checkpointing_trains_under_distributed_data_parallel(tmp_path):
+    """Eager checkpointing passed each block's first trainable weight into the reentrant checkpoint (so that its
+    output required grad): under DistributedDataParallel (accelerate.prepare's) that weight's gradient hook ran
+    twice and the first backward raised "Expected to mark a variable ready only once". Now the gradients are those
+    of the model alone without checkpointing, bit for bit."""
+    grads = {}
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        for ddp in (False, True):
+            model = tiny_mmdit(depth=3)
+            sd.add_lora(model, rank=4, targets="attn")
+            for layer in sd.lora_layers(model).values():
+                torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+            model.enable_gradient_checkpointing(ddp).train()
+            wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+            for seed in (1, 2):
+                wrapped(*mmdit_inputs(seed=seed)).square().mean().backward()
+            grads[ddp] = [p.grad for p in model.parameters() if p.requires_grad]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+
+
 def test_compiled_blocks_keep_their_checkpoint_inside_the_graph():
     """compile_blocks compiled each block and checkpoint wrapped it: a training step ran each block's compiled
     forward twice and Python hooks for every saved tensor (host time 1.3x: .ci/bench_cpu.py --checkpoint-step).
