@@ -4114,7 +4114,7 @@ def checkpoint_calls(profile: cProfile.Profile) -> int:
 def test_eager_checkpointing_runs_its_python_once_a_block_with_the_same_gradients():
     """Eager gradient checkpointing ran torch's non-reentrant checkpoint: Python hooks for each tensor a block
     saves (~900 calls into torch.utils.checkpoint a block here; a Medium LoRA step made 143k Python calls, now
-    57k), host time a GPU step waits on. The reentrant checkpoint runs once a block. The gradients stay those of
+    55k), host time a GPU step waits on. The reentrant checkpoint runs once a block. The gradients stay those of
     a step without checkpointing bit for bit, LoRA dropout included (the recompute draws the forward's masks),
     and blocks before the first LoRA block (lora.blocks) run without a checkpoint and without a warning."""
     for blocks in ("", "2"):
