@@ -32,9 +32,17 @@ def step_time(folder: Path, nproc: int, batch: int, steps: int) -> float:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(ROOT / "sd35_lora.py"), *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    run_or_exit(cmd, env)
     times = [json.loads(line)["time"] for line in (run / "log.jsonl").read_text().splitlines()]
     return statistics.median(b - a for a, b in zip(times[5:], times[6:]))
+
+
+def run_or_exit(cmd: list[str], env: dict) -> str:
+    """cmd's stdout; if it fails, exit with its stderr's end (a failure under CI's load shows its cause)."""
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"{' '.join(cmd[1:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result.stdout
 
 
 def all_reduce_time(reps: int = 200) -> dict:
@@ -70,9 +78,8 @@ def main():
         for _ in range(args.reps):
             one.append(step_time(folder, 1, 2, args.steps))
             two.append(step_time(folder, 2, 1, args.steps))
-    reduce = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             __file__], check=True, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    reduce = run_or_exit([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          __file__], {**os.environ, "OMP_NUM_THREADS": "1"})
     reduce = next(line for line in reduce.splitlines() if line.startswith("{"))   # after "global batch" lines
     one_s, two_s = statistics.median(one), statistics.median(two)
     print(json.dumps({"one_process_batch2_step_s": one_s, "two_process_batch1_step_s": two_s,
