@@ -4162,7 +4162,7 @@ def test_eager_checkpointing_trains_under_distributed_data_parallel(tmp_path):
 
 def test_compiled_blocks_keep_their_checkpoint_inside_the_graph():
     """compile_blocks compiled each block and checkpoint wrapped it: a training step ran each block's compiled
-    forward twice and Python hooks for every saved tensor (host time 1.3x: .ci/bench_cpu.py --checkpoint-step).
+    forward twice and Python hooks for every saved tensor (host time 1.24x: .ci/bench_cpu.py --checkpoint-step).
     The checkpoint is now part of the compiled graph: once compiled, a step runs no Python of
     torch.utils.checkpoint, and the backward keeps about what eager checkpointing keeps, not the activations."""
     kept, calls = {}, {}
