@@ -6656,6 +6656,7 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert set(results["pipeline"]) == {"budget_gib", "large_t5_offload", "large_no_t5_resident"}
     assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
     assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
+    assert all(results["train"][size]["ratio_sd35_lora_vs_before"] > 0 for size in ("medium", "large"))
     assert set(results["fp8"]) == {"scaled_mm", "train_large", "train_medium", "sample_medium", "pipeline_large_t5_offload"}
     assert results["fp8"]["scaled_mm"]["rel_err_vs_dequantized"] < 1e-6 and results["fp8"]["train_large"]["fp8_step_s"] > 0
 

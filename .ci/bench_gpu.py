@@ -13,7 +13,7 @@
 3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
              sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory,
-             sd35_lora's device_time.
+             sd35_lora's device_time; eager also with the blocks' checkpoint as before 2026-11-30 (`_before`).
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
 4. fp8:      issue 9's float8 weights: a compiled torch._scaled_mm row-wise check against the dequantized matmul;
              LoRA training steps of Large (bf16 and fp8, eager and compiled, fp8 compiled also dequantized) and Medium
@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sd35_lora as sd  # noqa: E402
+from bench_cpu import checkpointed_block_before  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
@@ -289,6 +290,11 @@ def bench_train():
             r["sd35_lora_step_s"] = seconds_per_call(step, 5)
             r["sd35_lora_memory"] = peak_gib()
             r["sd35_lora_device_time"] = device_time(step)
+            model.run_block = checkpointed_block_before             # the same step as it ran before 2026-11-30
+            r["sd35_lora_before_step_s"] = seconds_per_call(step, 5)
+            r["sd35_lora_before_device_time"] = device_time(step)
+            r["ratio_sd35_lora_vs_before"] = round(r["sd35_lora_step_s"] / r["sd35_lora_before_step_s"], 3)
+            model.run_block = sd.run_joint_block
             if not SMOKE or name == "medium":                   # train.compile: true (one size is enough on a CPU)
                 model.compile_blocks()
                 reset_peak()
