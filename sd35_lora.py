@@ -550,10 +550,10 @@ class MMDiT(nn.Module):
         c = self.t_embedder.mlp(timestep_embedding(t).to(dtype)) + self.y_embedder.mlp(y.to(dtype))  # (B, D)
         c = F.silu(c)                                   # the SiLU that starts every adaLN_modulation, once
         context = self.context_embedder(context.to(dtype))                      # (B, L, D)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.joint_blocks):
             if i in skip_layers:
                 continue
-            recompute = self.gradient_checkpointing and torch.is_grad_enabled()
             context, x = self.run_block(block, context, x, c, recompute)
         x = self.final_layer(x, c)                                               # (B, h*w, p*p*C)
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
