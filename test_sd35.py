@@ -6657,6 +6657,12 @@ def test_gpu_benchmark_script_runs_at_smoke_size(tmp_path):
     assert all(results["train"][size]["ratio_sd35_lora_vs_diffusers_peft"] > 0 for size in ("medium", "large"))
     assert results["train"]["medium"]["sd35_lora_compiled_step_s"] > 0
     assert all(results["train"][size]["ratio_sd35_lora_vs_before"] > 0 for size in ("medium", "large"))
+    medium = results["train"]["medium"]             # CUDA graphs: on a CPU torch compiles as without them
+    assert medium["ratio_sd35_lora_cudagraphs_vs_compiled"] > 0 and medium["sd35_lora_cudagraphs_device_time"]
+    grad_rel_errs = [medium[f"sd35_lora_{label}_grad_rel_err"] for label in ("compiled_repeat", "cudagraphs")]
+    assert max(grad_rel_errs) < 1e-5, grad_rel_errs
+    assert medium["sd35_lora_cudagraphs_skips"] > 0 and medium["sd35_lora_cudagraphs_graphs"] is None, medium
+    assert isinstance(medium["sd35_lora_cudagraphs_notes"], str)
     assert set(results["fp8"]) == {"scaled_mm", "train_large", "train_medium", "sample_medium", "pipeline_large_t5_offload"}
     assert results["fp8"]["scaled_mm"]["rel_err_vs_dequantized"] < 1e-6 and results["fp8"]["train_large"]["fp8_step_s"] > 0
 

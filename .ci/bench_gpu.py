@@ -13,7 +13,10 @@
 3. train:    a LoRA training step (this project's flow_matching_loss, rank 16 on the attention projections, AdamW
              fp32, clipping) at 1024px, batch 1, gradient checkpointing, bf16 weights + autocast, Medium and Large
              sizes: sd35_lora (eager and compiled) vs diffusers + PEFT on the same step; time, peak memory,
-             sd35_lora's device_time; eager also with the blocks' checkpoint as before 2026-11-30 (`_before`).
+             sd35_lora's device_time; eager also with the blocks' checkpoint as before 2026-11-30 (`_before`);
+             compiled also with CUDA graphs (`_cudagraphs`: mode="reduce-overhead", cudagraph trees), with
+             the relative difference of its loss and LoRA gradients from the plain compiled step's
+             (`grad_rel_err`; the compiled step against itself: the noise floor) and torch's warnings.
              The fused qkv has one rank-16 adapter here (q, k, v share lora_A), PEFT puts one on each of to_q/k/v.
 4. fp8:      issue 9's float8 weights: a compiled torch._scaled_mm row-wise check against the dequantized matmul;
              LoRA training steps of Large (bf16 and fp8, eager and compiled, fp8 compiled also dequantized) and Medium
@@ -28,11 +31,13 @@ and rewrites bench_gpu.json in $OUT (or /tmp).
 import contextlib
 import gc
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -258,50 +263,161 @@ def diffusers_config(c: sd.MMDiTConfig) -> dict:
                 pos_embed_max_size=c.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=c.dual_attention_layers)
 
 
-def lora_train_step(forward, params, latents, context, pooled, fused: bool | None = None):
-    """One step of this project's loss (timestep sampling, flow target) + AdamW, for either model."""
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
-    tc, g = sd.TrainConfig(), torch.Generator().manual_seed(0)
+TRAIN_CONFIG = sd.TrainConfig()
+
+
+def lora_loss(forward, latents, context, pooled, g: torch.Generator) -> torch.Tensor:
+    """This project's loss (timestep sampling, flow target), starting a training step, for either model."""
+    # A new generation of CUDA graph trees: they may overwrite what the last step's graphs returned (its
+    # gradients are None by now). Without it they guess a step's end from a backward having run. A no-op
+    # with no CUDA graphs.
+    torch.compiler.cudagraph_mark_step_begin()
     autocast = None if DTYPE == torch.float32 else DTYPE
+    return sd.flow_matching_loss(forward, latents.float(), context, pooled, TRAIN_CONFIG, 3.0, g, autocast)[0]
+
+
+def lora_train_step(forward, params, latents, context, pooled, fused: bool | None = None):
+    """One step of this project's loss + AdamW, for either model."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
+    g = torch.Generator().manual_seed(0)
 
     def step():
-        loss = sd.flow_matching_loss(forward, latents.float(), context, pooled, tc, 3.0, g, autocast)[0]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        lora_loss(forward, latents, context, pooled, g).backward()
+        torch.nn.utils.clip_grad_norm_(params, TRAIN_CONFIG.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def lora_gradients(model, params, start, latents, context, pooled) -> list[torch.Tensor]:
+    """[loss, *LoRA gradients] (on the CPU) of one step from the LoRA weights `start` with the same timestep
+    and noise each call: what any variant of `model` must agree on. The weights are copied in, in place as
+    AdamW updates them (a CUDA graph reads its parameters where it recorded them)."""
+    with torch.no_grad():
+        for p, value in zip(params, start):
+            p.copy_(value)
+    loss = lora_loss(model, latents, context, pooled, torch.Generator().manual_seed(1))
+    loss.backward()
+    found = [loss.detach().reshape(1)] + [p.grad for p in params]
+    found = [t.to("cpu", copy=True) for t in found]         # a graph's next replay overwrites its outputs
+    for p in params:
+        p.grad = None
+    return found
+
+
+def max_rel_err(found: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The largest |found - expected| / |expected| (L2 norms) over the tensors."""
+    return max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(found, expected))
+
+
+@contextlib.contextmanager
+def torch_warnings():
+    """Collects what torch warns inside: Python warnings and its loggers' warnings (inductor logs there why it
+    skips or re-records a CUDA graph), the list filled on exit."""
+    notes = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    names = ("torch._inductor", "torch._inductor.cudagraph_trees", "torch._dynamo")   # none propagates up
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield notes
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
+            notes += [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def cuda_graphs_recorded() -> int | None:
+    """How many CUDA graphs the cudagraph trees hold (re-recordings included); None on a CPU."""
+    if DEVICE.type != "cuda":
+        return None
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    nodes = [node for roots in manager.roots.values() for node in roots] if manager else []
+    return sum(1 + node.num_descendants() for node in nodes)
+
+
+def train_sd35_lora(name: str, r: dict):
+    """sd35_lora's LoRA step at `name`'s size into r: eager, eager as before 2026-11-30, compiled, compiled
+    with CUDA graphs. -> the step's inputs"""
+    model = random_mmdit(name)
+    params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
+    model.enable_gradient_checkpointing().train()
+    latents, _, context, pooled = inputs(1, model.cfg)
+    reset_peak()
+    step = lora_train_step(model, params, latents, context, pooled, fused=True)   # as `train` makes it
+    r["sd35_lora_step_s"] = seconds_per_call(step, 5)
+    r["sd35_lora_memory"] = peak_gib()
+    r["sd35_lora_device_time"] = device_time(step)
+    model.run_block = checkpointed_block_before             # the same step as it ran before 2026-11-30
+    r["sd35_lora_before_step_s"] = seconds_per_call(step, 5)
+    r["sd35_lora_before_device_time"] = device_time(step)
+    r["ratio_sd35_lora_vs_before"] = round(r["sd35_lora_step_s"] / r["sd35_lora_before_step_s"], 3)
+    model.run_block = sd.run_joint_block
+    if SMOKE and name != "medium":                          # one compiled size is enough on a CPU
+        return latents, context, pooled
+    model.compile_blocks()                                  # train.compile: true
+    reset_peak()
+    r["sd35_lora_compiled_step_s"] = seconds_per_call(step, 5, warmup=3)
+    r["sd35_lora_compiled_memory"] = peak_gib()
+    r["sd35_lora_compiled_device_time"] = device_time(step)
+    start = [p.detach().to("cpu", copy=True) for p in params]   # trained a few steps: no lora_up is 0
+    gradients = lambda: lora_gradients(model, params, start, latents, context, pooled)
+    expected = gradients()
+    r["sd35_lora_compiled_repeat_grad_rel_err"] = max_rel_err(gradients(), expected)
+    report("train", results["train"])                      # kept if the CUDA graphs take the process down
+    train_cudagraphs(model, step, r, lambda: max_rel_err(gradients(), expected))
+    return latents, context, pooled
+
+
+def train_cudagraphs(model: sd.MMDiT, step, r: dict, grad_rel_err):
+    """The compiled step with CUDA graphs (mode="reduce-overhead": cudagraph trees) into r; a failure as one
+    line in `sd35_lora_cudagraphs_error`, and the stage goes on."""
+    # The trees record a graph per call in call order: each block's forward, then each block's backward, is
+    # its own node holding its block's parameters (dynamo marks nn.Parameters static inputs), so the blocks
+    # sharing compiled code do not re-record one another, and cudagraph_unexpected_rerecord_limit stays
+    # untouched. Step 1 warms up, step 2 records, later steps replay: `_graphs` stays at about 2 x depth (x
+    # partitions) unless replays re-record. AdamW updates the LoRA weights in place, where the graphs read
+    # them; eager inputs (x, c, the last block's output gradient) are copied into the graphs' own.
+    torch._dynamo.reset()                                  # the plain compiled blocks go: one clean compile
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    model.run_block = torch.compile(sd.run_joint_block, mode="reduce-overhead")
+    notes = []
+    try:
+        with torch_warnings() as notes:                    # compiling, warming up, recording, replaying
+            reset_peak()
+            r["sd35_lora_cudagraphs_step_s"] = seconds_per_call(step, 5, warmup=3)
+        r["sd35_lora_cudagraphs_memory"] = peak_gib()
+        r["ratio_sd35_lora_cudagraphs_vs_compiled"] = round(
+            r["sd35_lora_cudagraphs_step_s"] / r["sd35_lora_compiled_step_s"], 3)
+        r["sd35_lora_cudagraphs_device_time"] = device_time(step)
+        r["sd35_lora_cudagraphs_grad_rel_err"] = grad_rel_err()
+        r["sd35_lora_cudagraphs_graphs"] = cuda_graphs_recorded()
+    except Exception as e:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        lines = [line.strip() for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        r["sd35_lora_cudagraphs_error"] = f"{' | '.join(lines)[:600]} (at {where})"
+    finally:
+        r["sd35_lora_cudagraphs_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+        r["sd35_lora_cudagraphs_notes"] = " | ".join(dict.fromkeys(note[:300] for note in notes))[:1500]
+        torch._dynamo.reset()                              # the trees' graphs and memory pool go
 
 
 def bench_train():
     """Rank-16 LoRA on the attention projections of both streams, as diffusers' training scripts target them."""
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
-    out = {}
+    out = results["train"] = {}
     for name in ("medium", "large"):
         r = out[name] = {}
         try:
-            model = random_mmdit(name)
-            params = sd.add_lora(model, rank=16, alpha=16, targets="attn")
-            model.enable_gradient_checkpointing().train()
-            latents, _, context, pooled = inputs(1, model.cfg)
+            latents, context, pooled = train_sd35_lora(name, r)
             reset_peak()
-            step = lora_train_step(model, params, latents, context, pooled, fused=True)   # as `train` makes it
-            r["sd35_lora_step_s"] = seconds_per_call(step, 5)
-            r["sd35_lora_memory"] = peak_gib()
-            r["sd35_lora_device_time"] = device_time(step)
-            model.run_block = checkpointed_block_before             # the same step as it ran before 2026-11-30
-            r["sd35_lora_before_step_s"] = seconds_per_call(step, 5)
-            r["sd35_lora_before_device_time"] = device_time(step)
-            r["ratio_sd35_lora_vs_before"] = round(r["sd35_lora_step_s"] / r["sd35_lora_before_step_s"], 3)
-            model.run_block = sd.run_joint_block
-            if not SMOKE or name == "medium":                   # train.compile: true (one size is enough on a CPU)
-                model.compile_blocks()
-                reset_peak()
-                r["sd35_lora_compiled_step_s"] = seconds_per_call(step, 5, warmup=3)
-                r["sd35_lora_compiled_memory"] = peak_gib()
-                r["sd35_lora_compiled_device_time"] = device_time(step)
-            model = params = step = None
             with building():
                 ref = SD3Transformer2DModel(**diffusers_config(MMDIT[name])).requires_grad_(False)
             ref.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=[
@@ -317,12 +433,12 @@ def bench_train():
             reset_peak()
             r["diffusers_peft_step_s"] = seconds_per_call(lora_train_step(forward, params, latents, context, pooled), 5)
             r["diffusers_peft_memory"] = peak_gib()
-            for label in ("sd35_lora", "sd35_lora_compiled"):
+            for label in ("sd35_lora", "sd35_lora_compiled", "sd35_lora_cudagraphs"):
                 if f"{label}_step_s" in r:
                     r[f"ratio_{label}_vs_diffusers_peft"] = round(r[f"{label}_step_s"] / r["diffusers_peft_step_s"], 3)
         except Exception:
             r["error"] = traceback.format_exc()[-1500:]
-        model = params = ref = forward = None
+        params = ref = forward = None
         reset_peak()
         report("train", out)
 
