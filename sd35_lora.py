@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1933  Hub Downloads                    snapshot downloads, tokenizers
      1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3976  Several Processes (torchrun)     one all-reduce per step
-     4064  Command Line and the Tiny Model  main(), --tiny
+     2342  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2470  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3138  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3409  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3983  Several Processes (torchrun)     one all-reduce per step
+     4071  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2071,6 +2071,13 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 # DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
 NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
+# The model in SAI's ModelSpec header, as sd-scripts (from the weights' shapes) and OneTrainer ("v") name it:
+# the variant of a LoRA whose shapes fit another (SD3 and SD3.5 Medium attention). ComfyUI's ids name none.
+MODELSPEC_VARIANTS = {"stable-diffusion-3-medium/lora": "sd3-medium",
+                      "stable-diffusion-v3-medium/lora": "sd3-medium",
+                      "stable-diffusion-3-5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-3-5-large/lora": "sd3.5-large",
+                      "stable-diffusion-v3.5-large/lora": "sd3.5-large"}
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2160,8 +2167,8 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
-    ours = headers["transformer"][0]
-    depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
+    ours, spec = headers["transformer"][0], MODELSPEC_VARIANTS.get(meta.get("modelspec.architecture"))
+    depth, trained_on = model.cfg.depth, str(ours.get("variant", spec)).removesuffix("-turbo")
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
     groups, notes = _lora_groups(sd, path, spellings)

@@ -5294,6 +5294,27 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
         assert ("was trained on sd3-medium, this model is sd3.5-medium" in capsys.readouterr().err) == warned
 
 
+def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warns_by_its_modelspec(tmp_path, capsys):
+    """An SD3 Medium attention LoRA by sd-scripts or OneTrainer fits SD3.5 Medium's shapes and loaded there without
+    a word: their files name the model in SAI's ModelSpec header (modelspec.architecture), which was not read.
+    An id that does not tell Medium from Large (OneTrainer's older stable-diffusion-v3.5) says nothing."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+               f"{key}.lora_up.weight": torch.randn(64, 2, generator=g), f"{key}.alpha": torch.tensor(1.0)}
+    for architecture, trained_on in (("stable-diffusion-3-medium/lora", "sd3-medium"),        # sd-scripts'
+                                     ("stable-diffusion-v3-medium/lora", "sd3-medium"),       # OneTrainer's
+                                     ("stable-diffusion-3-5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-v3.5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-3-5-medium/lora", None), ("stable-diffusion-v3.5/lora", None),
+                                     ("stable-diffusion-v3-medium", None)):     # ComfyUI's for any SD3 checkpoint
+        save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": architecture})
+        assert sd.load_lora(tiny_mmdit(dual=(0,)), tmp_path / "lora.safetensors") == 1
+        warning = capsys.readouterr().err
+        assert (f"was trained on {trained_on}, this model is sd3.5-medium" in warning) == bool(trained_on), architecture
+        assert bool(warning) == bool(trained_on), warning
+
+
 def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
     """A LoRA on dual attention (attn2, SD3.5 Medium's) loaded into a model without it: a one-line error that
     names the layer and the model's dual-attention blocks, not an AttributeError on the missing layer."""
