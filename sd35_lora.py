@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1933  Hub Downloads                    snapshot downloads, tokenizers
      1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2342  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2470  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3138  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3409  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3983  Several Processes (torchrun)     one all-reduce per step
-     4071  Command Line and the Tiny Model  main(), --tiny
+     2345  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2473  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3141  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3412  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3986  Several Processes (torchrun)     one all-reduce per step
+     4074  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2016,6 +2016,9 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
         raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
                         f"{Path(path, 'lora.safetensors')}")
+    if Path(path).suffix.lower() != ".safetensors":     # ComfyUI and diffusers would unpickle a .pt
+        raise UserError(f"{path}: name the LoRA file .safetensors, e.g. "
+                        f"{Path(path).with_suffix('.safetensors')}: ComfyUI and diffusers go by its name")
     tensors, header = lora_file(model, format, metadata)
     _atomic_save(tensors, path, header)
 

@@ -4590,6 +4590,16 @@ def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_save_lora_given_a_name_other_than_safetensors_says_so_instead_of_writing_a_file_no_one_loads(tmp_path):
+    """save_lora(model, "style.pt") wrote safetensors bytes under a pickle's name: load_lora refused it as a pickle
+    ("pickle files can run code ... use that release"), and ComfyUI and diffusers, going by the name, unpickle it."""
+    for name in ("style.pt", "style.bin", "style.ckpt", "style"):
+        one_line_error(lambda: sd.save_lora(lora_model(), tmp_path / name), rf"{name}: name the LoRA file .*\.safetensors")
+    assert not list(tmp_path.iterdir())
+    sd.save_lora(lora_model(), tmp_path / "style.SafeTensors")
+    assert sd.load_lora(tiny_mmdit(), tmp_path / "style.SafeTensors")
+
+
 def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp_path):
     """A folder in place of a cache, state or preview file (a run writes them at paths it makes): the write failed
     with "cannot write ... (Is a directory): free disk space or choose another folder"; in place of the run's
