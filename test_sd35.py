@@ -5370,6 +5370,9 @@ def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warn
         warning = capsys.readouterr().err
         assert (f"was trained on {trained_on}, this model is sd3.5-medium" in warning) == bool(trained_on), architecture
         assert bool(warning) == bool(trained_on), warning
+    save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"})
+    sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")       # OMI's id, on SD3 Medium
+    assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err
 
 
 def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
