@@ -2058,7 +2058,7 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
 # prefix, lora_A/B; kohya: `lora_unet_` + official names flattened with "_", lora_down/up and alpha; ComfyUI:
 # `diffusion_model.` + official names, or `lora_transformer_` (OneTrainer) or `lycoris_` (SimpleTuner's
-# LyCORIS) + flattened diffusers names; OMI (OneTrainer's since 2025): `transformer.` + official names.
+# LyCORIS) + flattened diffusers names; OMI (OneTrainer's 2025 default): `transformer.` + official names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_", "lycoris_")
 TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.|clip_[lg]\.|t5\.)"     # the text encoders': CLIP-L, -G, T5
