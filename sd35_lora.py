@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1933  Hub Downloads                    snapshot downloads, tokenizers
      1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3976  Several Processes (torchrun)     one all-reduce per step
-     4064  Command Line and the Tiny Model  main(), --tiny
+     2349  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2477  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3145  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3416  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3990  Several Processes (torchrun)     one all-reduce per step
+     4078  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2016,6 +2016,9 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     if file_path(path, "the file to write").is_dir():                # save_lora(model, "runs")
         raise UserError(f"{path} is a folder: give the path of a file in it, e.g. "
                         f"{Path(path, 'lora.safetensors')}")
+    if Path(path).suffix.lower() != ".safetensors":     # ComfyUI and diffusers would unpickle a .pt
+        raise UserError(f"{path}: name the LoRA file .safetensors, e.g. "
+                        f"{Path(path).with_suffix('.safetensors')}: ComfyUI and diffusers go by its name")
     tensors, header = lora_file(model, format, metadata)
     _atomic_save(tensors, path, header)
 
@@ -2055,15 +2058,16 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
 # prefix, lora_A/B; kohya: `lora_unet_` + official names flattened with "_", lora_down/up and alpha; ComfyUI:
 # `diffusion_model.` + official names, or `lora_transformer_` (OneTrainer) or `lycoris_` (SimpleTuner's
-# LyCORIS) + flattened diffusers names.
+# LyCORIS) + flattened diffusers names; OMI (OneTrainer's 2025 default): `transformer.` + official names.
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_", "lycoris_")
-TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.)"     # the text encoders' part: CLIP-L, CLIP-G, T5
+TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.|clip_[lg]\.|t5\.)"     # the text encoders': CLIP-L, -G, T5
 # Its layers' names in diffusers' pipeline -> their prefix in diffusers/PEFT (no T5: diffusers loads none),
-# kohya sd-scripts (+ transformers' names flattened with "_") and ComfyUI's generic layout
-TEXT_LORA_NAMES = {"text_encoder": ("text_encoder.", "lora_te1_", "text_encoders.clip_l.transformer."),
-                   "text_encoder_2": ("text_encoder_2.", "lora_te2_", "text_encoders.clip_g.transformer."),
-                   "text_encoder_3": ("lora_te3_", "text_encoders.t5xxl.transformer.")}
+# kohya sd-scripts (+ transformers' names flattened with "_"), ComfyUI's generic layout and OMI's (OneTrainer)
+TEXT_LORA_NAMES = {
+    "text_encoder": ("text_encoder.", "lora_te1_", "text_encoders.clip_l.transformer.", "clip_l."),
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_", "text_encoders.clip_g.transformer.", "clip_g."),
+    "text_encoder_3": ("lora_te3_", "text_encoders.t5xxl.transformer.", "t5.")}
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
@@ -2071,6 +2075,14 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 # DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
 NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
+# The model in SAI's ModelSpec header, as sd-scripts (from the weights' shapes) and OneTrainer ("v") name it:
+# the variant of a LoRA whose shapes fit another (SD3 and SD3.5 Medium attention). ComfyUI's ids name none.
+MODELSPEC_VARIANTS = {"stable-diffusion-3-medium/lora": "sd3-medium",
+                      "stable-diffusion-v3-medium/lora": "sd3-medium",
+                      "stable-diffusion-3-5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-v3.5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-3-5-large/lora": "sd3.5-large",
+                      "stable-diffusion-v3.5-large/lora": "sd3.5-large"}
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2160,8 +2172,8 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
-    ours = headers["transformer"][0]
-    depth, trained_on = model.cfg.depth, str(ours.get("variant", model.cfg.variant())).removesuffix("-turbo")
+    ours, spec = headers["transformer"][0], MODELSPEC_VARIANTS.get(meta.get("modelspec.architecture"))
+    depth, trained_on = model.cfg.depth, str(ours.get("variant", spec)).removesuffix("-turbo")
     targets = loadable_layers(model, text)
     spellings, pieces = _lora_spellings(depth, targets), {}
     groups, notes = _lora_groups(sd, path, spellings)
@@ -2213,6 +2225,8 @@ def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int,
         spellings[official] = spellings[official.replace(".", "_")] = (official, 0, 1, False)
         for i, part in enumerate(parts):
             spellings[part] = spellings[part.replace(".", "_")] = (official, i, len(parts), True)
+            if len(parts) > 1:                              # OMI's (OneTrainer's) q, k, v: qkv.0 to qkv.2
+                spellings[f"{official}.{i}"] = (official, i, len(parts), False)
     for official in targets:
         part, _, name = official.partition(".")
         for prefix in TEXT_LORA_NAMES.get(part, ()):

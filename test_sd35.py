@@ -1675,6 +1675,53 @@ def test_every_key_layout_comfyui_reads_merges_the_same_update(tmp_path):
         torch.testing.assert_close(model.get_submodule(official).weight - before, up @ down, msg=name)
 
 
+def test_a_onetrainer_omi_lora_loads_as_the_same_adapters_in_diffusers_and_comfyui_names(tmp_path, capsys):
+    """OneTrainer saves SD3 LoRAs in the OMI layout (official names under `transformer.`, q, k and v as
+    `qkv.0`-`qkv.2`; the text encoders under `clip_l.`, `clip_g.`, `t5.`). Its q/k/v adapters were 'ignored ... no
+    LoRA weights of this model' and the rest merged, its text part left out with them: another LoRA than the one
+    OneTrainer trained. Each adapter now merges as the same one in diffusers' and ComfyUI's names does."""
+    g = torch.Generator().manual_seed(0)
+    layers = {n: m for n, m in sd.loadable_layers(sd.tiny_pipeline().mmdit, sd.tiny_pipeline().text).items()
+              if isinstance(m, torch.nn.Linear)}
+    omi, twin = {}, {}
+    adapters = [("transformer.joint_blocks.1.x_block.attn.qkv.{}", "transformer.transformer_blocks.1.attn.{}",
+                 "joint_blocks.1.x_block.attn.qkv", ("to_q", "to_k", "to_v")),
+                ("transformer.joint_blocks.0.context_block.attn.qkv.{}", "transformer.transformer_blocks.0.attn.{}",
+                 "joint_blocks.0.context_block.attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+                ("transformer.joint_blocks.0.x_block.attn2.qkv.{}", "transformer.transformer_blocks.0.attn2.{}",
+                 "joint_blocks.0.x_block.attn2.qkv", ("to_q", "to_k", "to_v")),
+                ("transformer.joint_blocks.1.x_block.mlp.fc1{}", "diffusion_model.joint_blocks.1.x_block.mlp.fc1{}",
+                 "joint_blocks.1.x_block.mlp.fc1", ("",)),
+                ("clip_l.text_model.encoder.layers.0.self_attn.q_proj{}",
+                 "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj{}",
+                 "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", ("",)),
+                ("clip_g.text_model.encoder.layers.1.mlp.fc2{}",
+                 "text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc2{}",
+                 "text_encoder_2.text_model.encoder.layers.1.mlp.fc2", ("",)),
+                ("t5.encoder.block.0.layer.0.SelfAttention.q{}",
+                 "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q{}",
+                 "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q", ("",))]
+    for omi_key, twin_key, layer, parts in adapters:
+        rows = layers[layer].out_features // len(parts)
+        for i, part in enumerate(parts):
+            down, up = torch.randn(2, layers[layer].in_features, generator=g), torch.randn(rows, 2, generator=g)
+            key, other = omi_key.format(i if part else ""), twin_key.format(part)
+            omi.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(3.0)})
+            twin.update({f"{other}.lora_down.weight": down, f"{other}.lora_up.weight": up,
+                         f"{other}.alpha": torch.tensor(3.0)})
+    save_file(omi, tmp_path / "omi.safetensors", {"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"})
+    save_file(twin, tmp_path / "twin.safetensors")
+    loaded = []
+    for name in ("omi", "twin"):
+        pipe = sd.tiny_pipeline()
+        assert sd.load_lora(pipe.mmdit, tmp_path / f"{name}.safetensors", scale=0.7, text=pipe.text) == 7
+        assert capsys.readouterr().err == ""
+        loaded.append({n: m.weight for n, m in sd.loadable_layers(pipe.mmdit, pipe.text).items()
+                       if isinstance(m, torch.nn.Linear)})
+    assert all(torch.equal(loaded[0][n], loaded[1][n]) for n in layers)
+    assert not any(torch.equal(loaded[0][layer], layers[layer].weight) for *_, layer, _ in adapters)
+
+
 def test_a_second_unmerged_lora_on_the_same_layer_is_refused_touching_nothing(tmp_path):
     g = torch.Generator().manual_seed(0)
     pair = lambda key: {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
@@ -4590,6 +4637,16 @@ def test_save_lora_given_a_folder_says_to_name_a_file_in_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_save_lora_given_a_name_other_than_safetensors_says_so_instead_of_writing_a_file_no_one_loads(tmp_path):
+    """save_lora(model, "style.pt") wrote safetensors bytes under a pickle's name: load_lora refused it as a pickle
+    ("pickle files can run code ... use that release"), and ComfyUI and diffusers, going by the name, unpickle it."""
+    for name in ("style.pt", "style.bin", "style.ckpt", "style"):
+        one_line_error(lambda: sd.save_lora(lora_model(), tmp_path / name), rf"{name}: name the LoRA file .*\.safetensors")
+    assert not list(tmp_path.iterdir())
+    sd.save_lora(lora_model(), tmp_path / "style.SafeTensors")
+    assert sd.load_lora(tiny_mmdit(), tmp_path / "style.SafeTensors")
+
+
 def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp_path):
     """A folder in place of a cache, state or preview file (a run writes them at paths it makes): the write failed
     with "cannot write ... (Is a directory): free disk space or choose another folder"; in place of the run's
@@ -5292,6 +5349,30 @@ def test_a_lora_of_another_variant_with_the_same_shapes_warns(tmp_path, capsys):
         sd.save_lora(model, tmp_path / "lora.safetensors", metadata={"variant": variant})
         sd.load_lora(sd.tiny_pipeline().mmdit, tmp_path / "lora.safetensors")
         assert ("was trained on sd3-medium, this model is sd3.5-medium" in capsys.readouterr().err) == warned
+
+
+def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warns_by_its_modelspec(tmp_path, capsys):
+    """An SD3 Medium attention LoRA by sd-scripts or OneTrainer fits SD3.5 Medium's shapes and loaded there without
+    a word: their files name the model in SAI's ModelSpec header (modelspec.architecture), which was not read.
+    An id that does not tell Medium from Large (OneTrainer's older stable-diffusion-v3.5) says nothing."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
+               f"{key}.lora_up.weight": torch.randn(64, 2, generator=g), f"{key}.alpha": torch.tensor(1.0)}
+    for architecture, trained_on in (("stable-diffusion-3-medium/lora", "sd3-medium"),        # sd-scripts'
+                                     ("stable-diffusion-v3-medium/lora", "sd3-medium"),       # OneTrainer's
+                                     ("stable-diffusion-3-5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-v3.5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-3-5-medium/lora", None), ("stable-diffusion-v3.5/lora", None),
+                                     ("stable-diffusion-v3-medium", None)):     # ComfyUI's for any SD3 checkpoint
+        save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": architecture})
+        assert sd.load_lora(tiny_mmdit(dual=(0,)), tmp_path / "lora.safetensors") == 1
+        warning = capsys.readouterr().err
+        assert (f"was trained on {trained_on}, this model is sd3.5-medium" in warning) == bool(trained_on), architecture
+        assert bool(warning) == bool(trained_on), warning
+    save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"})
+    sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")       # OMI's id, on SD3 Medium
+    assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err
 
 
 def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
