@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3976  Several Processes (torchrun)     one all-reduce per step
-     4064  Command Line and the Tiny Model  main(), --tiny
+     3981  Several Processes (torchrun)     one all-reduce per step
+     4069  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3463,8 +3463,13 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def load_tensors(path: Path, *names: str) -> list[torch.Tensor]:
     """`names`' tensors of a cache file, the others not read (with dataset.flip: half a latent file), checked
     for NaN/inf here: of a file this version wrote, cached() reads the header, not damage on disk since."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = [f.get_tensor(name) for name in names]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = [f.get_tensor(name) for name in names]
+    except (OSError, SafetensorError) as e:     # deleted (a shared cache cleaned up) or cut short since
+        why = "deleted" if isinstance(e, FileNotFoundError) else e      # (its text repeats the path)
+        raise UserError(f"cache file {path} cannot be read ({why}): run again (with --resume once a "
+                        f"checkpoint was saved); the next start rebuilds it", own=True) from None
     if not all(t.isfinite().all() for t in tensors):    # else a NaN loss at this step, again on each --resume
         raise UserError(f"cache file {path} holds NaN/inf (damaged on disk since it was written): delete it; "
                         f"the next start rebuilds it", own=True)

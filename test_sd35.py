@@ -5629,6 +5629,25 @@ def test_a_cache_file_damaged_after_it_was_written_is_named_when_a_batch_reads_i
         damaged.write_bytes(good)
 
 
+def test_a_cache_file_deleted_or_cut_short_after_it_was_written_is_named_when_a_batch_reads_it(tmp_path):
+    """A cache file deleted while the run trained (a clean-up of a shared cache) ended it with 'No such file or
+    directory: ...: free disk space (or fix the path)'; one cut short since it was written, with a bare
+    SafetensorError traceback. The batch that reads it names the file; the next start rebuilds it."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    for damaged in (data.latent_files[1], data.text_files[0]):
+        good = damaged.read_bytes()
+        for damage in (lambda: damaged.write_bytes(good[:100]), lambda: damaged.write_bytes(good[:-10]),
+                       damaged.unlink):
+            damage()
+            with pytest.raises(sd.UserError, match=rf"^cache file {re.escape(str(damaged))} cannot be read "
+                                                   rf"\(.*\): run again .*rebuilds it$") as error:
+                data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+            assert error.value.own and "\n" not in str(error.value)
+            damaged.write_bytes(good)
+
+
 def test_each_image_is_hashed_once_per_start_into_the_same_keys(tmp_path, monkeypatch):
     """Every start hashed each image's bytes twice, for its cache key and for the dataset's digest (which a resume
     compares): 73 s more per start for 20,000 12-megapixel photos. The keys and the digest stay as they were."""
