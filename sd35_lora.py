@@ -30,9 +30,9 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3981  Several Processes (torchrun)     one all-reduce per step
-     4069  Command Line and the Tiny Model  main(), --tiny
+     3403  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3982  Several Processes (torchrun)     one all-reduce per step
+     4070  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3277,10 +3277,11 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
          f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
         (orphans, f"{counted(len(orphans), '.txt caption has', '.txt captions have')} no image, e.g. "
                   f"{eg(orphans)}; {read}"),                                     # e.g. a .heic's caption
-        (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}")]
-    for when, text in said:
-        if when:
-            print(f"warning: {text}", file=sys.stderr)
+        (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}"),
+        (cfg.caption_dropout == 1, "dataset.caption_dropout is 1: every sample trains on the empty caption, "
+                                   "so the LoRA learns none of the captions; for a share use e.g. 0.1")]
+    for text in (text for when, text in said if when):
+        print(f"warning: {text}", file=sys.stderr)
 
 
 # Pillow's bomb guard warns past 89 MP (108 MP phone photos), refuses 200 MP ones; past this, a small file

@@ -4764,6 +4764,18 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
 
 
+def test_a_caption_dropout_of_1_is_warned_at_the_scan_as_training_on_no_caption(tmp_path, capsys):
+    """dataset.caption_dropout 1 trains every sample on the empty caption, so the LoRA learns none of the captions
+    (1 % meant?): it was taken without a word. The scan warns, saying what to use; 0.99 is not warned."""
+    sd.write_demo_dataset(tmp_path / "data")
+    for dropout, warned in ((1, True), (0.99, False)):
+        cfg = sd.load_config(None, [f"dataset.path={tmp_path / 'data'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                                    f"dataset.caption_dropout={dropout}"])
+        sd.scan_dataset(cfg.dataset)
+        err = capsys.readouterr().err
+        assert ("warning: dataset.caption_dropout is 1: every sample trains on the empty caption" in err) == warned, err
+
+
 def test_a_dataset_resolution_off_the_64_px_grid_or_above_sd3s_largest_side_is_refused_before_any_model_loads():
     """resolution 10240 (a 0 too many) was refused as too large for the model only after the dataset scan and
     the models had loaded; 6400000000 hung in the scan, which lists every bucket width up to 4x it."""
