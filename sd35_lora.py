@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1100  Data                             dataset scan, aspect buckets, the latent and text cache
-     1232  Training                         Trainer and the training loop
-     1386  Part 2: plumbing                 a reader can stop here
-     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1933  Hub Downloads                    snapshot downloads, tokenizers
-     1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3403  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3982  Several Processes (torchrun)     one all-reduce per step
-     4070  Command Line and the Tiny Model  main(), --tiny
+     1233  Training                         Trainer and the training loop
+     1387  Part 2: plumbing                 a reader can stop here
+     1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1934  Hub Downloads                    snapshot downloads, tokenizers
+     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2336  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2464  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3132  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3400  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3979  Several Processes (torchrun)     one all-reduce per step
+     4067  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1119,6 +1119,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     cfg = DatasetConfig(path=os.fspath(cfg)) if isinstance(cfg, (str, os.PathLike)) else cfg    # a folder
     root, res = Path(cfg.path), cfg.resolution
     files, left_out = files_under(root)
+    captions = caption_files(files)
     own = runs_folders(root, files, output_dir, cfg.cache_dir)         # their previews are no training data
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     # realpath, not Path.resolve: that raises on a link that loops (a broken image)
@@ -1137,7 +1138,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         except Exception as e:
             odd["broken"].append(f"{path.name} ({type(e).__name__})")
             continue
-        caption, caption_file = read_caption(path)                 # None: no caption file
+        caption, caption_file = read_caption(path, captions)       # None: no caption file
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         note_odd_image(odd, path, caption, caption_file, (width, height), bucket)
         caption = cfg.default_caption if caption is None else caption
@@ -3140,12 +3141,20 @@ NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recentl
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
-def read_caption(image: Path) -> tuple[str | None, Path]:
-    """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
-    UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
+def caption_files(files: list[Path]) -> dict[Path, Path]:
+    """The .txt files of the scan's listing by path without it, of any case (of a.TXT and a.Txt, a.TXT: the
+    last here): read_caption's, without a second listing or eight stats for each image without a caption."""
+    txts = sorted((p for p in files if p.suffix.lower() == ".txt"), reverse=True)
+    return {p.with_suffix(""): p for p in txts}
+
+
+def read_caption(image: Path, captions: dict[Path, Path]) -> tuple[str | None, Path]:
+    """-> (the image's .txt caption or None, that file), `captions` caption_files'. A bad byte is refused
+    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 without an error,
+    'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists():           # a.TXT, a.Txt: Windows and macOS open them as a.txt, Linux from a listing
-        path = path.with_name(txt_files(os.fspath(image.parent)).get(image.stem, path.name))
+        path = captions.get(image.with_suffix(""), path)
     if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
         return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
@@ -3160,24 +3169,12 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
     return text.strip(), path
 
 
-@functools.cache
-def txt_files(folder: str) -> dict[str, str]:
-    """A folder's .txt files of any case by name without it, listed once per scan (files_under forgets them),
-    not found by eight stats for each image without a caption. Of a.TXT and a.Txt, a.TXT (the last here)."""
-    try:
-        names = sorted(os.listdir(folder), reverse=True)
-    except OSError:                                     # read_caption finds no caption, as by stats
-        return {}
-    return {name[:-4]: name for name in names if name[-4:].lower() == ".txt"}
-
-
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files and hidden images, through symlinked folders too (people
     link image folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what
     was left out, as the dataset line says: hidden images, hidden and NOT_DATA folders, named pipes);
     unreadable folders warned."""
     seen, files, folders, hidden, special, errors = set(), [], [], [], [], []
-    txt_files.cache_clear()                             # this scan's captions, not an earlier one's
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:

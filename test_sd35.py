@@ -6426,14 +6426,14 @@ def test_looking_for_captions_of_other_case_costs_no_stats_per_uncaptioned_image
     (tmp_path / "b.TXT").write_text("a dog")
     real_stat, stats = os.stat, []
     monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
-    sd.files_under(tmp_path)
+    listed = sd.caption_files(sd.files_under(tmp_path)[0])
     stats.clear()
-    captions = [sd.read_caption(tmp_path / f"u{i}.png")[0] for i in range(20)]
+    captions = [sd.read_caption(tmp_path / f"u{i}.png", listed)[0] for i in range(20)]
     assert captions == [None] * 20 and len(stats) <= 2 * 20, len(stats)
-    assert [sd.read_caption(tmp_path / f"{n}.png")[0] for n in "ab"] == ["a cat", "a dog"]
+    assert [sd.read_caption(tmp_path / f"{n}.png", listed)[0] for n in "ab"] == ["a cat", "a dog"]
     (tmp_path / "u0.tXt").write_text("late")
-    sd.files_under(tmp_path)                                             # a new scan lists the folder anew
-    assert sd.read_caption(tmp_path / "u0.png")[0] == "late"
+    listed = sd.caption_files(sd.files_under(tmp_path)[0])              # a new scan lists the folder anew
+    assert sd.read_caption(tmp_path / "u0.png", listed)[0] == "late"
 
 
 def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
