@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2464  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3132  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3400  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3979  Several Processes (torchrun)     one all-reduce per step
-     4067  Command Line and the Tiny Model  main(), --tiny
+     3986  Several Processes (torchrun)     one all-reduce per step
+     4074  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1343,7 +1343,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = start_trainer(cfg, resume)
     tc = tr.cfg.train
     bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
-    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
+    tr.stop = stop = []                         # Ctrl-C or SIGTERM: every process stops after the same step
     old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
@@ -3718,10 +3718,21 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 
 def save_previews(trainer: Trainer):
-    """Validation images for the configured prompts, with the same seeds at every step."""
+    """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
+    A Ctrl-C or SIGTERM (train()'s trainer.stop; one process) stops them after the image at work, before the
+    last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
+    folder = trainer.out / f"samples_step_{step:06d}"
+    names = (f"step_{step:06d}_sample_{i:02d}.png" for i in itertools.count())
+
+    def save(images: list):
+        for image, name in zip(images, names):
+            _atomic_save(image, folder / name)
+            tqdm.write(f"sample: {folder / name}")
+        if getattr(trainer, "stop", None) and trainer.world == 1 and step < trainer.cfg.train.steps:
+            raise KeyboardInterrupt                     # train() saves a checkpoint of this step
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
@@ -3733,12 +3744,8 @@ def save_previews(trainer: Trainer):
         if bar:                                                         # not a frozen bar
             bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")
         trainer.pipe.vae.to(trainer.pipe.device)
-        images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
-                          embeddings=trainer.embeddings, progress=False)
-        for i, image in enumerate(images):
-            path = trainer.out / f"samples_step_{step:06d}" / f"step_{step:06d}_sample_{i:02d}.png"
-            _atomic_save(image, path)
-            tqdm.write(f"sample: {path}")
+        generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
+                 embeddings=trainer.embeddings, progress=False, keep=save)
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule

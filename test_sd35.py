@@ -3156,6 +3156,33 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.train(tiny_config(tmp_path, **b), resume=True) == tmp_path / "b/lora.safetensors"   # not "stopped"
 
 
+def test_ctrl_c_during_the_previews_of_a_sample_step_stops_after_the_image_at_work(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM while a sample step's previews rendered went on through all of them (up to 100 prompts:
+    minutes on Large, past a scheduler's grace period before SIGKILL), then trained one more step before it saved.
+    One process stops after the image at work, with a checkpoint of that step; --resume makes the rest of its
+    previews and trains on as a run not interrupted."""
+    make_dataset(tmp_path / "data")
+    real_generate, calls = sd.generate, []
+
+    def interrupted_at_step_2(*args, **kwargs):      # the second preview set: step 2's
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", interrupted_at_step_2)
+    run, sets = tmp_path / "run", {"train.steps": 4, "train.save_every": 4, "sample.sample_every": 2}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.train(tiny_config(tmp_path, **sets))
+    assert exit_info.value.code == 130 and len(losses(run)) == 2
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    assert [p.name for p in (run / "samples_step_000002").iterdir()] == ["step_000002_sample_00.png"]
+    monkeypatch.setattr(sd, "generate", real_generate)
+    sd.train(tiny_config(tmp_path, **sets), resume=True)
+    assert (run / "samples_step_000002/step_000002_sample_01.png").is_file()
+    sd.train(tiny_config(tmp_path, **{**sets, "output_dir": str(tmp_path / "b")}))
+    assert_same_run(run, tmp_path / "b")
+
+
 def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
     """Ctrl-C between steps stops after the next one: when that is the last step, the run has ended. It said
     "interrupted ... Continue with --resume" and skipped the final previews and loss.png, which --resume
