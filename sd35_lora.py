@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1100  Data                             dataset scan, aspect buckets, the latent and text cache
-     1232  Training                         Trainer and the training loop
-     1386  Part 2: plumbing                 a reader can stop here
-     1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1933  Hub Downloads                    snapshot downloads, tokenizers
-     1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2349  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2477  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3145  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3416  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3990  Several Processes (torchrun)     one all-reduce per step
-     4078  Command Line and the Tiny Model  main(), --tiny
+     1233  Training                         Trainer and the training loop
+     1387  Part 2: plumbing                 a reader can stop here
+     1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1934  Hub Downloads                    snapshot downloads, tokenizers
+     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2350  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2478  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3146  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3414  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4000  Several Processes (torchrun)     one all-reduce per step
+     4088  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1119,6 +1119,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
     cfg = DatasetConfig(path=os.fspath(cfg)) if isinstance(cfg, (str, os.PathLike)) else cfg    # a folder
     root, res = Path(cfg.path), cfg.resolution
     files, left_out = files_under(root)
+    captions = caption_files(files)
     own = runs_folders(root, files, output_dir, cfg.cache_dir)         # their previews are no training data
     found = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS)
     # realpath, not Path.resolve: that raises on a link that loops (a broken image)
@@ -1137,7 +1138,7 @@ def scan_dataset(cfg: DatasetConfig, output_dir: str = "") -> list[dict]:
         except Exception as e:
             odd["broken"].append(f"{path.name} ({type(e).__name__})")
             continue
-        caption, caption_file = read_caption(path)                 # None: no caption file
+        caption, caption_file = read_caption(path, captions)       # None: no caption file
         bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
         note_odd_image(odd, path, caption, caption_file, (width, height), bucket)
         caption = cfg.default_caption if caption is None else caption
@@ -1342,7 +1343,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = start_trainer(cfg, resume)
     tc = tr.cfg.train
     bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
-    stop = []                                   # Ctrl-C or SIGTERM: every process stops after the same step
+    tr.stop = stop = []                         # Ctrl-C or SIGTERM: every process stops after the same step
     old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
@@ -3154,12 +3155,20 @@ NOT_DATA = {"@eadir", "@__thumb", "#recycle", "@recycle", "#snapshot", "@recentl
 OTHER_IMAGE_EXTS = {".avif", ".gif", ".heic", ".heif", ".jfif", ".jpe", ".jxl", ".tif", ".tiff"}
 
 
-def read_caption(image: Path) -> tuple[str | None, Path]:
-    """-> (the image's .txt caption or None, that file). A bad byte is refused (no silent ?), and so is a NUL:
-    UTF-16 without a BOM reads as UTF-8 without an error, 'b\\x00l\\x00u\\x00e'."""
+def caption_files(files: list[Path]) -> dict[Path, Path]:
+    """The .txt files of the scan's listing by path without it, of any case (of a.TXT and a.Txt, a.TXT: the
+    last here): read_caption's, without a second listing or eight stats for each image without a caption."""
+    txts = sorted((p for p in files if p.suffix.lower() == ".txt"), reverse=True)
+    return {p.with_suffix(""): p for p in txts}
+
+
+def read_caption(image: Path, captions: dict[Path, Path]) -> tuple[str | None, Path]:
+    """-> (the image's .txt caption or None, that file), `captions` caption_files'. A bad byte is refused
+    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 without an error,
+    'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists():           # a.TXT, a.Txt: Windows and macOS open them as a.txt, Linux from a listing
-        path = path.with_name(txt_files(os.fspath(image.parent)).get(image.stem, path.name))
+        path = captions.get(image.with_suffix(""), path)
     if path.exists() and not (path.is_file() or path.is_dir()):    # a named pipe: reading it never ends
         return None, path               # (files_under leaves it out: its image is uncaptioned)
     try:
@@ -3174,24 +3183,12 @@ def read_caption(image: Path) -> tuple[str | None, Path]:
     return text.strip(), path
 
 
-@functools.cache
-def txt_files(folder: str) -> dict[str, str]:
-    """A folder's .txt files of any case by name without it, listed once per scan (files_under forgets them),
-    not found by eight stats for each image without a caption. Of a.TXT and a.Txt, a.TXT (the last here)."""
-    try:
-        names = sorted(os.listdir(folder), reverse=True)
-    except OSError:                                     # read_caption finds no caption, as by stats
-        return {}
-    return {name[:-4]: name for name in names if name[-4:].lower() == ".txt"}
-
-
 def files_under(root: Path) -> tuple[list[Path], list[str]]:
     """Every file below root but macOS's ._name files and hidden images, through symlinked folders too (people
     link image folders into a dataset), each real folder once: a link to a parent is no loop. -> (files, what
     was left out, as the dataset line says: hidden images, hidden and NOT_DATA folders, named pipes);
     unreadable folders warned."""
     seen, files, folders, hidden, special, errors = set(), [], [], [], [], []
-    txt_files.cache_clear()                             # this scan's captions, not an earlier one's
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(folder)
         if real in seen:
@@ -3291,10 +3288,11 @@ def dataset_warnings(cfg: DatasetConfig, files: list[Path], paths: list[Path], b
          f"each image trains equally often here, whatever its folder's number; copy images to weight them"),
         (orphans, f"{counted(len(orphans), '.txt caption has', '.txt captions have')} no image, e.g. "
                   f"{eg(orphans)}; {read}"),                                     # e.g. a .heic's caption
-        (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}")]
-    for when, text in said:
-        if when:
-            print(f"warning: {text}", file=sys.stderr)
+        (others, f"skipped {counted(len(others), 'image')} in formats not read, e.g. {eg(others)}; {read}"),
+        (cfg.caption_dropout == 1, "dataset.caption_dropout is 1: every sample trains on the empty caption, "
+                                   "so the LoRA learns none of the captions; for a share use e.g. 0.1")]
+    for text in (text for when, text in said if when):
+        print(f"warning: {text}", file=sys.stderr)
 
 
 # Pillow's bomb guard warns past 89 MP (108 MP phone photos), refuses 200 MP ones; past this, a small file
@@ -3477,8 +3475,13 @@ def cached(path: Path, compute, source: str = "", layout: dict | None = None) ->
 def load_tensors(path: Path, *names: str) -> list[torch.Tensor]:
     """`names`' tensors of a cache file, the others not read (with dataset.flip: half a latent file), checked
     for NaN/inf here: of a file this version wrote, cached() reads the header, not damage on disk since."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = [f.get_tensor(name) for name in names]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = [f.get_tensor(name) for name in names]
+    except (OSError, SafetensorError) as e:     # deleted (a shared cache cleaned up) or cut short since
+        why = "deleted" if isinstance(e, FileNotFoundError) else e      # (its text repeats the path)
+        raise UserError(f"cache file {path} cannot be read ({why}): run again (with --resume once a "
+                        f"checkpoint was saved); the next start rebuilds it", own=True) from None
     if not all(t.isfinite().all() for t in tensors):    # else a NaN loss at this step, again on each --resume
         raise UserError(f"cache file {path} holds NaN/inf (damaged on disk since it was written): delete it; "
                         f"the next start rebuilds it", own=True)
@@ -3729,10 +3732,21 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 
 def save_previews(trainer: Trainer):
-    """Validation images for the configured prompts, with the same seeds at every step."""
+    """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
+    A Ctrl-C or SIGTERM (train()'s trainer.stop; one process) stops them after the image at work, before the
+    last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
+    folder = trainer.out / f"samples_step_{step:06d}"
+    names = (f"step_{step:06d}_sample_{i:02d}.png" for i in itertools.count())
+
+    def save(images: list):
+        for image, name in zip(images, names):
+            _atomic_save(image, folder / name)
+            tqdm.write(f"sample: {folder / name}")
+        if getattr(trainer, "stop", None) and trainer.world == 1 and step < trainer.cfg.train.steps:
+            raise KeyboardInterrupt                     # train() saves a checkpoint of this step
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
@@ -3744,12 +3758,8 @@ def save_previews(trainer: Trainer):
         if bar:                                                         # not a frozen bar
             bar.set_description(f"sampling {counted(len(sample.prompts), 'preview')}")
         trainer.pipe.vae.to(trainer.pipe.device)
-        images = generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
-                          embeddings=trainer.embeddings, progress=False)
-        for i, image in enumerate(images):
-            path = trainer.out / f"samples_step_{step:06d}" / f"step_{step:06d}_sample_{i:02d}.png"
-            _atomic_save(image, path)
-            tqdm.write(f"sample: {path}")
+        generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
+                 embeddings=trainer.embeddings, progress=False, keep=save)
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule

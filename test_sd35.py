@@ -3203,6 +3203,33 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.train(tiny_config(tmp_path, **b), resume=True) == tmp_path / "b/lora.safetensors"   # not "stopped"
 
 
+def test_ctrl_c_during_the_previews_of_a_sample_step_stops_after_the_image_at_work(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM while a sample step's previews rendered went on through all of them (up to 100 prompts:
+    minutes on Large, past a scheduler's grace period before SIGKILL), then trained one more step before it saved.
+    One process stops after the image at work, with a checkpoint of that step; --resume makes the rest of its
+    previews and trains on as a run not interrupted."""
+    make_dataset(tmp_path / "data")
+    real_generate, calls = sd.generate, []
+
+    def interrupted_at_step_2(*args, **kwargs):      # the second preview set: step 2's
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", interrupted_at_step_2)
+    run, sets = tmp_path / "run", {"train.steps": 4, "train.save_every": 4, "sample.sample_every": 2}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.train(tiny_config(tmp_path, **sets))
+    assert exit_info.value.code == 130 and len(losses(run)) == 2
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "2"
+    assert [p.name for p in (run / "samples_step_000002").iterdir()] == ["step_000002_sample_00.png"]
+    monkeypatch.setattr(sd, "generate", real_generate)
+    sd.train(tiny_config(tmp_path, **sets), resume=True)
+    assert (run / "samples_step_000002/step_000002_sample_01.png").is_file()
+    sd.train(tiny_config(tmp_path, **{**sets, "output_dir": str(tmp_path / "b")}))
+    assert_same_run(run, tmp_path / "b")
+
+
 def test_ctrl_c_during_the_next_to_last_step_ends_the_run_with_its_final_previews(tmp_path, monkeypatch):
     """Ctrl-C between steps stops after the next one: when that is the last step, the run has ended. It said
     "interrupted ... Continue with --resume" and skipped the final previews and loss.png, which --resume
@@ -4821,6 +4848,18 @@ def test_fractions_above_1_are_refused_before_any_model_loads():
     assert (cfg.lora.dropout, cfg.dataset.caption_dropout) == (0.99, 1.0)
 
 
+def test_a_caption_dropout_of_1_is_warned_at_the_scan_as_training_on_no_caption(tmp_path, capsys):
+    """dataset.caption_dropout 1 trains every sample on the empty caption, so the LoRA learns none of the captions
+    (1 % meant?): it was taken without a word. The scan warns, saying what to use; 0.99 is not warned."""
+    sd.write_demo_dataset(tmp_path / "data")
+    for dropout, warned in ((1, True), (0.99, False)):
+        cfg = sd.load_config(None, [f"dataset.path={tmp_path / 'data'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                                    f"dataset.caption_dropout={dropout}"])
+        sd.scan_dataset(cfg.dataset)
+        err = capsys.readouterr().err
+        assert ("warning: dataset.caption_dropout is 1: every sample trains on the empty caption" in err) == warned, err
+
+
 def test_a_dataset_resolution_off_the_64_px_grid_or_above_sd3s_largest_side_is_refused_before_any_model_loads():
     """resolution 10240 (a 0 too many) was refused as too large for the model only after the dataset scan and
     the models had loaded; 6400000000 hung in the scan, which lists every bucket width up to 4x it."""
@@ -5710,6 +5749,25 @@ def test_a_cache_file_damaged_after_it_was_written_is_named_when_a_batch_reads_i
         damaged.write_bytes(good)
 
 
+def test_a_cache_file_deleted_or_cut_short_after_it_was_written_is_named_when_a_batch_reads_it(tmp_path):
+    """A cache file deleted while the run trained (a clean-up of a shared cache) ended it with 'No such file or
+    directory: ...: free disk space (or fix the path)'; one cut short since it was written, with a bare
+    SafetensorError traceback. The batch that reads it names the file; the next start rebuilds it."""
+    sd.write_demo_dataset(tmp_path / "data")
+    cfg, pipe = tiny_config(tmp_path), sd.tiny_pipeline(t5_length=16)
+    data = sd.LatentDataset(sd.scan_dataset(cfg.dataset), pipe, cfg, cfg.model)
+    for damaged in (data.latent_files[1], data.text_files[0]):
+        good = damaged.read_bytes()
+        for damage in (lambda: damaged.write_bytes(good[:100]), lambda: damaged.write_bytes(good[:-10]),
+                       damaged.unlink):
+            damage()
+            with pytest.raises(sd.UserError, match=rf"^cache file {re.escape(str(damaged))} cannot be read "
+                                                   rf"\(.*\): run again .*rebuilds it$") as error:
+                data.get([0, 1], pipe.vae, cfg, torch.Generator().manual_seed(0))
+            assert error.value.own and "\n" not in str(error.value)
+            damaged.write_bytes(good)
+
+
 def test_each_image_is_hashed_once_per_start_into_the_same_keys(tmp_path, monkeypatch):
     """Every start hashed each image's bytes twice, for its cache key and for the dataset's digest (which a resume
     compares): 73 s more per start for 20,000 12-megapixel photos. The keys and the digest stay as they were."""
@@ -6476,14 +6534,14 @@ def test_looking_for_captions_of_other_case_costs_no_stats_per_uncaptioned_image
     (tmp_path / "b.TXT").write_text("a dog")
     real_stat, stats = os.stat, []
     monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
-    sd.files_under(tmp_path)
+    listed = sd.caption_files(sd.files_under(tmp_path)[0])
     stats.clear()
-    captions = [sd.read_caption(tmp_path / f"u{i}.png")[0] for i in range(20)]
+    captions = [sd.read_caption(tmp_path / f"u{i}.png", listed)[0] for i in range(20)]
     assert captions == [None] * 20 and len(stats) <= 2 * 20, len(stats)
-    assert [sd.read_caption(tmp_path / f"{n}.png")[0] for n in "ab"] == ["a cat", "a dog"]
+    assert [sd.read_caption(tmp_path / f"{n}.png", listed)[0] for n in "ab"] == ["a cat", "a dog"]
     (tmp_path / "u0.tXt").write_text("late")
-    sd.files_under(tmp_path)                                             # a new scan lists the folder anew
-    assert sd.read_caption(tmp_path / "u0.png")[0] == "late"
+    listed = sd.caption_files(sd.files_under(tmp_path)[0])              # a new scan lists the folder anew
+    assert sd.read_caption(tmp_path / "u0.png", listed)[0] == "late"
 
 
 def test_a_caption_a_case_insensitive_file_system_opens_is_not_called_orphaned(tmp_path, monkeypatch, capsys):
