@@ -390,7 +390,7 @@ class Attention(nn.Module):
         return without_autocast(self.ln_q, q), without_autocast(self.ln_k, k), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain self-attention (the dual `attn2` of MMDiT-X)."""
+        """Plain self-attention: the image-only `attn2` of SD3.5 Medium's dual blocks (MMDiT-X)."""
         return self.proj(attention(*self.qkv_heads(x)))
 
 
@@ -1046,8 +1046,8 @@ class SampleSettings:
 
 def encode_in_batches(text: TextEncoders, prompts: list[str], negative: str, cfg: float, batch_size: int):
     """-> (cond, uncond), each (context, pooled), of batch_size prompts at a time, kept on the CPU until their
-    batch denoises: T5-XXL on all of sample.py's prompts at once, and all their embeddings (training's up to
-    100 previews', for the whole run), could fill a small GPU. uncond: None without CFG."""
+    batch denoises: T5-XXL on a whole chunk at once (generate's PROMPTS_AHEAD prompts, training's up to 100
+    previews, kept for the run), and their embeddings, could fill a small GPU. uncond: None without CFG."""
     parts = [[t.cpu() for t in text.encode(prompts[i:i + batch_size])]
              for i in range(0, len(prompts), batch_size)]
     cond = tuple(torch.cat(tensors) for tensors in zip(*parts))
