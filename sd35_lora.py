@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1232  Training                         Trainer and the training loop
      1386  Part 2: plumbing                 a reader can stop here
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1933  Hub Downloads                    snapshot downloads, tokenizers
-     1995  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2335  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2463  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3131  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3402  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3976  Several Processes (torchrun)     one all-reduce per step
-     4064  Command Line and the Tiny Model  main(), --tiny
+     1934  Hub Downloads                    snapshot downloads, tokenizers
+     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2336  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2464  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3132  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3403  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3977  Several Processes (torchrun)     one all-reduce per step
+     4065  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1494,9 +1494,10 @@ OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of o
     ("double_blocks.", "a FLUX transformer"), ("single_transformer_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"),
     ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
+# the MMDiT's ahead of the VAE's and the text encoders': a whole checkpoint holds them too
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
-    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 

@@ -1935,6 +1935,20 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
     assert not sd.lora_layers(model)
 
 
+def test_a_whole_model_file_given_as_a_lora_is_named_as_the_model_it_is(tmp_path):
+    """sample.py --lora sd3.5_large.safetensors (the model file, beside the LoRAs in a UI's folders) said "it
+    looks like a VAE", and the all-in-one checkpoint "a CLIP text encoder": the first signature that fit
+    was its VAE's or text encoders', not its MMDiT's."""
+    mmdit = {f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()}
+    parts = {"vae": {"first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(1)},
+             "all_in_one": {"first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(1),
+                            "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}}
+    for name, others in parts.items():
+        save_file({**mmdit, **others}, tmp_path / f"{name}.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / f"{name}.safetensors"),
+                       r"is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
+
+
 def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
     """One file holding a layer's adapter twice (two prefixes, official and diffusers names, fused qkv and to_q):
     keeping either silently would give other images than the tool that wrote it; refused, naming the layer."""
