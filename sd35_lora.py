@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1232  Training                         Trainer and the training loop
      1386  Part 2: plumbing                 a reader can stop here
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1934  Hub Downloads                    snapshot downloads, tokenizers
-     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2336  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2464  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3132  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3403  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3977  Several Processes (torchrun)     one all-reduce per step
-     4065  Command Line and the Tiny Model  main(), --tiny
+     1936  Hub Downloads                    snapshot downloads, tokenizers
+     1998  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2338  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2466  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3134  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3405  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3979  Several Processes (torchrun)     one all-reduce per step
+     4067  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1583,6 +1583,8 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
 def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     """(the folder, its config.json) of a diffusers root's `part`/ or that folder; another model's refused."""
     folder = path / part if (path / part).is_dir() else path
+    if folder == path and (path / "model_index.json").is_file():       # a diffusers root: not the part's own
+        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again")
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}

@@ -786,6 +786,18 @@ def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_
                                                 f"{needed} needed here: give the right folder")
 
 
+def test_a_diffusers_folder_missing_a_part_names_the_part(tmp_path, monkeypatch):
+    """A diffusers folder without vae/ or transformer/ (a download cut short, or one made with --include) was
+    searched itself for their weights: "no diffusion_pytorch_model.safetensors in FOLDER (has ['model_index.json',
+    'scheduler', 'text_encoder', 'text_encoder_2', 'text_encoder_3']); only safetensors weights are read",
+    which names neither the part missing nor a fix."""
+    monkeypatch.setattr(sd, "load_text_encoders", lambda *a, **k: pytest.fail("a part's absence found late"))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    for part in ("vae", "transformer"):                         # the VAE's folder is checked first
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path), device="cpu"),
+                       rf"^{re.escape(str(tmp_path))} has no {part}/ folder: an incomplete download\? download it again$")
+        (tmp_path / "vae").mkdir(exist_ok=True)
+
 def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
     """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
     bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
