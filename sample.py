@@ -266,9 +266,12 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
         # hidden until complete; named as _atomic_save's temporary files: a kill's is removed by the next run
         written = out / f".sample.png.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
-            sd._atomic_save(image, written, info)
+            with open(written, "xb") as file:               # complete and on the disk before it is named
+                image.save(file, format="PNG", pnginfo=info)
+                file.flush()
+                os.fsync(file.fileno())
             path, number = publish(written, out, number)
-        except OSError as e:                            # publish's (without hard links: its fallback's)
+        except OSError as e:                            # the write's, or publish's (or its fallback's)
             fix = "free disk space or " if sd.out_of_space(e) else ""
             raise sd.UserError(f"cannot save image {i + 1} in {out} ({e.strerror or e}): {fix}choose "
                                f"another --out") from None

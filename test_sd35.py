@@ -7713,7 +7713,7 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     Ctrl-C: the unfinished image is removed, one line says so, exit code 143."""
     script = tmp_path / "run.py"                    # SIGTERM arrives while the first image is being written
     script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
-                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "os.fsync = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -7739,7 +7739,7 @@ def test_sample_cli_terminated_just_after_its_saved_to_line_is_one_line(tmp_path
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-@pytest.mark.parametrize("killed_in", ["sd35_lora._atomic_save", "os.link"])
+@pytest.mark.parametrize("killed_in", ["os.fsync", "os.link"])
 def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in):
     """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
     empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
@@ -7763,7 +7763,7 @@ def kill_sample_cli(tmp_path, killed_in: str):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-@pytest.mark.parametrize("killed_in", ["sd35_lora._replace_file", "os.link"])    # in _atomic_save, in publish
+@pytest.mark.parametrize("killed_in", ["os.fsync", "os.link"])    # the image written, then in publish
 def test_the_temporary_file_of_a_killed_sample_cli_is_removed_by_the_next(tmp_path, killed_in):
     """sample.py killed (kill -9, the OOM killer) while it saved an image left a hidden temporary file, the size
     of the image, in --out for good: one more per kill. The next sample.py removes those over an hour old (a
@@ -7823,6 +7823,25 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
         sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                      "--height", "32", "--out", str(tmp_path / "out")])
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sample_cli_out_of_disk_space_while_writing_an_image_names_the_image_and_out(tmp_path, monkeypatch):
+    """A full disk while an image was written (not only while it was named) said "cannot write
+    OUT/.sample.png.1234-89abcdef.tmp (No space left on device): ... choose another folder": a hidden name the
+    user never gave, not the image or --out (the image went through _atomic_save, a temporary file of a
+    temporary file, whose own error it was). One hidden file now, and sample.py's error."""
+    real_save, saves = Image.Image.save, []
+
+    def full_at_the_second(image, *args, **kwargs):
+        saves.append(args)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", full_at_the_second)
+    out = tmp_path / "out"
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--prompt", "a dog", "--out", str(out)]),
+                   r"^cannot save image 2 in .*out \(No space left on device\): free disk space or choose another --out$")
+    assert [p.name for p in out.iterdir()] == ["sample_00.png"]
 
 
 @pytest.mark.parametrize("refused", ["os.open", "os.replace"])
