@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1232  Training                         Trainer and the training loop
      1386  Part 2: plumbing                 a reader can stop here
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1936  Hub Downloads                    snapshot downloads, tokenizers
-     1998  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2338  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2466  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3134  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3405  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3979  Several Processes (torchrun)     one all-reduce per step
-     4067  Command Line and the Tiny Model  main(), --tiny
+     1937  Hub Downloads                    snapshot downloads, tokenizers
+     1999  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2346  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2474  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3142  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3413  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3987  Several Processes (torchrun)     one all-reduce per step
+     4075  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1874,13 +1874,13 @@ def too_large_for(device: torch.device, *modules: nn.Module) -> int:
     return 0 if fits else need
 
 
-def _header_groups(path: Path) -> set[str]:
-    """First parts of a .safetensors header's names past `model.diffusion_model.`; empty for other files."""
+def header_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, from its header alone; none for other files."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k.removeprefix("model.diffusion_model.").split(".")[0] for k in f.keys()}
-    except Exception:                               # not safetensors: load_mmdit's error says what it is
-        return set()
+            return list(f.keys())
+    except Exception:                               # not safetensors: the reader's error says what it is
+        return []
 
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
@@ -1912,7 +1912,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
     vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
-    groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
+    groups = {key.removeprefix("model.diffusion_model.").split(".")[0]     # before gigabytes load
+              for key in (header_keys(root) if root.is_file() else [])}
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
         raise UserError(f"{root} holds no text encoders: {PASS_TEXT_ENCODERS}")
@@ -2096,13 +2097,23 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
     return headers
 
 
+def check_lora_keys(keys, path):
+    """A LoRA file read here, by its tensor names alone (sample.py: before any model loads): no DoRA, LoHa,
+    LoKr or OFT, and no model given as the LoRA (named for what it is; `.diff` files: _lora_groups says)."""
+    unsupported = [key for key in keys if re.search(NOT_PLAIN_LORA, key)]
+    if unsupported:
+        raise UserError(f"{path}: '{unsupported[0]}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT "
+                        f"lora_bias=True) is not supported: use a plain LoRA file")
+    if not any(key.endswith((*LORA_ROLES, ".diff", ".diff_b")) for key in keys):
+        what = f"keys {sorted(keys)[:3]}" if any("lora" in k for k in keys) else describe_checkpoint(keys)
+        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
+
+
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
     groups, ignored, notes = {}, [], []
+    check_lora_keys(sd, path)
     for key, tensor in sd.items():
-        if re.search(NOT_PLAIN_LORA, key):
-            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True) "
-                            f"is not supported: use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
@@ -2124,9 +2135,6 @@ def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, t
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
             raise UserError(TWO_ADAPTERS.format(path, spellings[module][0], key))
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
-    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
-        what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
-        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
     other_model = checkpoint_kind(rest, OTHER_MODELS)                                            # FLUX's

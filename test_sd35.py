@@ -1961,6 +1961,18 @@ def test_a_whole_model_file_given_as_a_lora_is_named_as_the_model_it_is(tmp_path
                        r"is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
 
 
+def test_sample_cli_refuses_a_file_that_is_no_lora_before_loading_the_models(tmp_path, monkeypatch):
+    """sample.py --model M --lora sd3.5_large.safetensors loaded M (minutes for Large), then read the whole file
+    given as the LoRA into RAM (16 GB for Large's), and only then said it held no LoRA. Its header tells."""
+    save_file({f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()},
+              tmp_path / "model.safetensors")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    monkeypatch.setattr(sd, "read_lora", lambda *a, **k: pytest.fail("the file was read before the error"))
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(tmp_path / "model.safetensors"),
+                                        "--out", str(tmp_path / "out")]),
+                   r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
+
+
 def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
     """One file holding a layer's adapter twice (two prefixes, official and diffusers names, fused qkv and to_q):
     keeping either silently would give other images than the tool that wrote it; refused, naming the layer."""
