@@ -7735,6 +7735,18 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_sample_cli_whose_output_pipe_closed_ends_without_a_traceback(tmp_path):
+    """`python sample.py ... | head -n 1` (or a pager quit early): its next line to stdout raised BrokenPipeError,
+    a traceback of 20 lines on the terminal. It ends as other command-line tools do, saying nothing; the images
+    already written stay."""
+    p = subprocess.Popen([sys.executable, "sample.py", *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                                                    # the reader gone before the first line
+    stderr = p.stderr.read()
+    assert p.wait(timeout=600) == 1 and "Traceback" not in stderr and "Error" not in stderr, stderr[-2000:]
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["sample_00.png"]
+
+
 def test_sample_cli_terminated_just_after_its_saved_to_line_is_one_line(tmp_path):
     """SIGTERM just after the "saved to" line (main() returned, its handler not yet put back: 2 of 18 tries
     at 0-2 ms) raised out of restore_signals, past the except clauses: a Terminated traceback, exit code 1."""
