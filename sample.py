@@ -132,8 +132,8 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     T5 is left out only when all were trained without it."""
     found, recorded = {}, {flag: set() for flag in RECORDED_AS}
     for path in paths:
-        header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
-        sd.check_lora_keys(sd.header_keys(path), path)      # e.g. a model given as the LoRA: before it loads
+        names, header = sd.read_safetensors(path, with_metadata=True, prefix=None)   # no tensors: load_lora's
+        sd.check_lora_keys(names, path)             # a model given as the LoRA: refused before models load
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))

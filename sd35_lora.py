@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1232  Training                         Trainer and the training loop
      1386  Part 2: plumbing                 a reader can stop here
      1393  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1937  Hub Downloads                    snapshot downloads, tokenizers
-     1999  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2346  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2474  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3142  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3413  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     3987  Several Processes (torchrun)     one all-reduce per step
-     4075  Command Line and the Tiny Model  main(), --tiny
+     1938  Hub Downloads                    snapshot downloads, tokenizers
+     2000  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2347  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2475  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3143  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3414  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     3988  Several Processes (torchrun)     one all-reduce per step
+     4076  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1523,8 +1523,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")     # never read, nev
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
-    """The file's tensors named `prefix`* (stripped; only those are read; None: none), each through
-    `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file: a UserError."""
+    """The file's tensors named `prefix`* (stripped; only those are read; None: none, all names mapped to
+    None), each through `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file:
+    a UserError."""
     path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1541,6 +1542,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         with safe_open(str(path), framework="pt") as f:
             names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
+            sd = dict.fromkeys(f.keys()) if prefix is None else sd      # None: the header's names alone
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         if re.search("header ?too ?large", str(e), re.I):  # a header length no cut-short download has (<0.6:
@@ -1874,13 +1876,13 @@ def too_large_for(device: torch.device, *modules: nn.Module) -> int:
     return 0 if fits else need
 
 
-def header_keys(path: Path) -> list[str]:
-    """The tensor names of a .safetensors file, from its header alone; none for other files."""
+def _header_groups(path: Path) -> set[str]:
+    """First parts of a .safetensors header's names past `model.diffusion_model.`; empty for other files."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:                               # not safetensors: the reader's error says what it is
-        return []
+            return {k.removeprefix("model.diffusion_model.").split(".")[0] for k in f.keys()}
+    except Exception:                               # not safetensors: load_mmdit's error says what it is
+        return set()
 
 
 def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None = None, device="auto",
@@ -1912,8 +1914,7 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
     text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
     vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
-    groups = {key.removeprefix("model.diffusion_model.").split(".")[0]     # before gigabytes load
-              for key in (header_keys(root) if root.is_file() else [])}
+    groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
         raise UserError(f"{root} holds no text encoders: {PASS_TEXT_ENCODERS}")
