@@ -132,7 +132,8 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     T5 is left out only when all were trained without it."""
     found, recorded = {}, {flag: set() for flag in RECORDED_AS}
     for path in paths:
-        header = sd.read_safetensors(path, with_metadata=True, prefix=None)[1]   # load_lora reads the tensors
+        names, header = sd.read_safetensors(path, with_metadata=True, prefix=None)   # no tensors: load_lora's
+        sd.check_lora_keys(names, path)             # a model given as the LoRA: refused before models load
         info = sd.lora_metadata(header, path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
@@ -266,9 +267,12 @@ def save_images(images, args, settings, variant: str, t5_length: int, paths: lis
         # hidden until complete; named as _atomic_save's temporary files: a kill's is removed by the next run
         written = out / f".sample.png.{os.getpid()}-{os.urandom(4).hex()}.tmp"
         try:
-            sd._atomic_save(image, written, info)
+            with open(written, "xb") as file:               # complete and on the disk before it is named
+                image.save(file, format="PNG", pnginfo=info)
+                file.flush()
+                os.fsync(file.fileno())
             path, number = publish(written, out, number)
-        except OSError as e:                            # publish's (without hard links: its fallback's)
+        except OSError as e:                            # the write's, or publish's (or its fallback's)
             fix = "free disk space or " if sd.out_of_space(e) else ""
             raise sd.UserError(f"cannot save image {i + 1} in {out} ({e.strerror or e}): {fix}choose "
                                f"another --out") from None
@@ -324,3 +328,6 @@ if __name__ == "__main__":
         except KeyboardInterrupt as e:
             stopped = ": images already written stay in --out"
             sd.exit_stopped(isinstance(e, sd.Terminated), stopped, sys.stderr)
+        except BrokenPipeError:     # the reader of stdout gone (`| head`): ends quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # (Python flushes it at exit)
+            sys.exit(1)

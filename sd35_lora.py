@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1934  Hub Downloads                    snapshot downloads, tokenizers
-     1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2350  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2478  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3146  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3414  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4000  Several Processes (torchrun)     one all-reduce per step
-     4088  Command Line and the Tiny Model  main(), --tiny
+     1939  Hub Downloads                    snapshot downloads, tokenizers
+     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2362  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2490  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3158  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3426  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4012  Several Processes (torchrun)     one all-reduce per step
+     4100  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1495,9 +1495,10 @@ OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of o
     ("double_blocks.", "a FLUX transformer"), ("single_transformer_blocks.", "a FLUX transformer"),
     ("input_blocks.", "an SD1.x/SDXL UNet"),
     ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
+# the MMDiT's ahead of the VAE's and the text encoders': a whole checkpoint holds them too
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
-    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
+    ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
@@ -1523,8 +1524,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")     # never read, nev
 
 
 def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str | None = "", convert=None):
-    """The file's tensors named `prefix`* (stripped; only those are read; None: none), each through
-    `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file: a UserError."""
+    """The file's tensors named `prefix`* (stripped; only those are read; None: none, all names mapped to
+    None), each through `convert(name, tensor)`, and with_metadata its metadata; what is wrong with the file:
+    a UserError."""
     path = file_path(path, "a .safetensors file")
     if path.is_dir():                                   # e.g. a training run's folder given as the LoRA
         inside = sorted(p.name for p in path.glob("*.safetensors"))
@@ -1541,6 +1543,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         with safe_open(str(path), framework="pt") as f:
             names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
             sd = {n: convert(n, f.get_tensor(k)) if convert else f.get_tensor(k) for n, k in names.items()}
+            sd = dict.fromkeys(f.keys()) if prefix is None else sd      # None: the header's names alone
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         if re.search("header ?too ?large", str(e), re.I):  # a header length no cut-short download has (<0.6:
@@ -1583,6 +1586,8 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
 def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     """(the folder, its config.json) of a diffusers root's `part`/ or that folder; another model's refused."""
     folder = path / part if (path / part).is_dir() else path
+    if folder == path and (path / "model_index.json").is_file():       # a diffusers root: not the part's own
+        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again")
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
@@ -2106,13 +2111,23 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
     return headers
 
 
+def check_lora_keys(keys, path):
+    """A LoRA file read here, by its tensor names alone (sample.py: before any model loads): no DoRA, LoHa,
+    LoKr or OFT, and no model given as the LoRA (named for what it is; `.diff` files: _lora_groups says)."""
+    unsupported = [key for key in keys if re.search(NOT_PLAIN_LORA, key)]
+    if unsupported:
+        raise UserError(f"{path}: '{unsupported[0]}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT "
+                        f"lora_bias=True) is not supported: use a plain LoRA file")
+    if not any(key.endswith((*LORA_ROLES, ".diff", ".diff_b")) for key in keys):
+        what = f"keys {sorted(keys)[:3]}" if any("lora" in k for k in keys) else describe_checkpoint(keys)
+        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
+
+
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
     groups, ignored, notes = {}, [], []
+    check_lora_keys(sd, path)
     for key, tensor in sd.items():
-        if re.search(NOT_PLAIN_LORA, key):
-            raise UserError(f"{path}: '{key}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT lora_bias=True) "
-                            f"is not supported: use a plain LoRA file")
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
                 raise UserError(f"{path}: '{key}' is a whole weight/bias difference (ComfyUI TrainLoraNode, "
@@ -2134,9 +2149,6 @@ def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, t
         if LORA_ROLES[suffix] in groups.get(module, {}):    # e.g. transformer. and base_model.model. both
             raise UserError(TWO_ADAPTERS.format(path, spellings[module][0], key))
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
-    if not any(key.endswith(tuple(LORA_ROLES)) for key in sd):      # (describe_checkpoint: "a LoRA")
-        what = f"keys {sorted(sd)[:3]}" if any("lora" in k for k in sd) else describe_checkpoint(sd)
-        raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
     other_model = checkpoint_kind(rest, OTHER_MODELS)                                            # FLUX's

@@ -786,6 +786,18 @@ def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_
                                                 f"{needed} needed here: give the right folder")
 
 
+def test_a_diffusers_folder_missing_a_part_names_the_part(tmp_path, monkeypatch):
+    """A diffusers folder without vae/ or transformer/ (a download cut short, or one made with --include) was
+    searched itself for their weights: "no diffusion_pytorch_model.safetensors in FOLDER (has ['model_index.json',
+    'scheduler', 'text_encoder', 'text_encoder_2', 'text_encoder_3']); only safetensors weights are read",
+    which names neither the part missing nor a fix."""
+    monkeypatch.setattr(sd, "load_text_encoders", lambda *a, **k: pytest.fail("a part's absence found late"))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    for part in ("vae", "transformer"):                         # the VAE's folder is checked first
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path), device="cpu"),
+                       rf"^{re.escape(str(tmp_path))} has no {part}/ folder: an incomplete download\? download it again$")
+        (tmp_path / "vae").mkdir(exist_ok=True)
+
 def test_a_vae_config_with_a_non_integer_group_count_is_a_one_line_error(tmp_path):
     """norm_num_groups 32.0 or true in a VAE's config.json loaded, then the first encode or decode was torch's
     bare TypeError (group_norm takes an int): after the MMDiT and text encoders had loaded."""
@@ -1980,6 +1992,32 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
         sd.load_lora(model, tmp_path / "cut.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not sd.lora_layers(model)
+
+
+def test_a_whole_model_file_given_as_a_lora_is_named_as_the_model_it_is(tmp_path):
+    """sample.py --lora sd3.5_large.safetensors (the model file, beside the LoRAs in a UI's folders) said "it
+    looks like a VAE", and the all-in-one checkpoint "a CLIP text encoder": the first signature that fit
+    was its VAE's or text encoders', not its MMDiT's."""
+    mmdit = {f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()}
+    parts = {"vae": {"first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(1)},
+             "all_in_one": {"first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(1),
+                            "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}}
+    for name, others in parts.items():
+        save_file({**mmdit, **others}, tmp_path / f"{name}.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / f"{name}.safetensors"),
+                       r"is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
+
+
+def test_sample_cli_refuses_a_file_that_is_no_lora_before_loading_the_models(tmp_path, monkeypatch):
+    """sample.py --model M --lora sd3.5_large.safetensors loaded M (minutes for Large), then read the whole file
+    given as the LoRA into RAM (16 GB for Large's), and only then said it held no LoRA. Its header tells."""
+    save_file({f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()},
+              tmp_path / "model.safetensors")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    monkeypatch.setattr(sd, "read_lora", lambda *a, **k: pytest.fail("the file was read before the error"))
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(tmp_path / "model.safetensors"),
+                                        "--out", str(tmp_path / "out")]),
+                   r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
 
 
 def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
@@ -7832,7 +7870,7 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     Ctrl-C: the unfinished image is removed, one line says so, exit code 143."""
     script = tmp_path / "run.py"                    # SIGTERM arrives while the first image is being written
     script.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\n"
-                      "sd35_lora._atomic_save = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "os.fsync = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -7840,6 +7878,18 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
     assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("terminated: ")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sample_cli_whose_output_pipe_closed_ends_without_a_traceback(tmp_path):
+    """`python sample.py ... | head -n 1` (or a pager quit early): its next line to stdout raised BrokenPipeError,
+    a traceback of 20 lines on the terminal. It ends as other command-line tools do, saying nothing; the images
+    already written stay."""
+    p = subprocess.Popen([sys.executable, "sample.py", *TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                                                    # the reader gone before the first line
+    stderr = p.stderr.read()
+    assert p.wait(timeout=600) == 1 and "Traceback" not in stderr and "Error" not in stderr, stderr[-2000:]
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["sample_00.png"]
 
 
 def test_sample_cli_terminated_just_after_its_saved_to_line_is_one_line(tmp_path):
@@ -7858,7 +7908,7 @@ def test_sample_cli_terminated_just_after_its_saved_to_line_is_one_line(tmp_path
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-@pytest.mark.parametrize("killed_in", ["sd35_lora._atomic_save", "os.link"])
+@pytest.mark.parametrize("killed_in", ["os.fsync", "os.link"])
 def test_sample_cli_killed_while_writing_leaves_no_empty_png(tmp_path, killed_in):
     """kill -9 (the OOM killer) while sample.py wrote an image left the sample_NN.png it had reserved (created
     empty, O_EXCL, before the write) for good: a 0-byte image that viewers call broken and later runs number
@@ -7882,7 +7932,7 @@ def kill_sample_cli(tmp_path, killed_in: str):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX's")
-@pytest.mark.parametrize("killed_in", ["sd35_lora._replace_file", "os.link"])    # in _atomic_save, in publish
+@pytest.mark.parametrize("killed_in", ["os.fsync", "os.link"])    # the image written, then in publish
 def test_the_temporary_file_of_a_killed_sample_cli_is_removed_by_the_next(tmp_path, killed_in):
     """sample.py killed (kill -9, the OOM killer) while it saved an image left a hidden temporary file, the size
     of the image, in --out for good: one more per kill. The next sample.py removes those over an hour old (a
@@ -7942,6 +7992,25 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
         sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                      "--height", "32", "--out", str(tmp_path / "out")])
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sample_cli_out_of_disk_space_while_writing_an_image_names_the_image_and_out(tmp_path, monkeypatch):
+    """A full disk while an image was written (not only while it was named) said "cannot write
+    OUT/.sample.png.1234-89abcdef.tmp (No space left on device): ... choose another folder": a hidden name the
+    user never gave, not the image or --out (the image went through _atomic_save, a temporary file of a
+    temporary file, whose own error it was). One hidden file now, and sample.py's error."""
+    real_save, saves = Image.Image.save, []
+
+    def full_at_the_second(image, *args, **kwargs):
+        saves.append(args)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", full_at_the_second)
+    out = tmp_path / "out"
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--prompt", "a dog", "--out", str(out)]),
+                   r"^cannot save image 2 in .*out \(No space left on device\): free disk space or choose another --out$")
+    assert [p.name for p in out.iterdir()] == ["sample_00.png"]
 
 
 @pytest.mark.parametrize("refused", ["os.open", "os.replace"])
