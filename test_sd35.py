@@ -5399,8 +5399,10 @@ def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warn
     tensors = {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
                f"{key}.lora_up.weight": torch.randn(64, 2, generator=g), f"{key}.alpha": torch.tensor(1.0)}
     for architecture, trained_on in (("stable-diffusion-3-medium/lora", "sd3-medium"),        # sd-scripts'
+                                     ("stable-diffusion-3-3-medium/lora", "sd3-medium"),      # (Oct 2024-Aug 2025)
                                      ("stable-diffusion-v3-medium/lora", "sd3-medium"),       # OneTrainer's
                                      ("stable-diffusion-3-5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-3-3-5-large/lora", "sd3.5-large"),
                                      ("stable-diffusion-v3.5-large/lora", "sd3.5-large"),
                                      ("stable-diffusion-3-5-medium/lora", None), ("stable-diffusion-v3.5/lora", None),
                                      ("stable-diffusion-v3-medium", None)):     # ComfyUI's for any SD3 checkpoint
@@ -5409,9 +5411,53 @@ def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warn
         warning = capsys.readouterr().err
         assert (f"was trained on {trained_on}, this model is sd3.5-medium" in warning) == bool(trained_on), architecture
         assert bool(warning) == bool(trained_on), warning
-    save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"})
-    sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")       # OMI's id, on SD3 Medium
-    assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err
+    for architecture in ("stable-diffusion-v3.5-medium/lora", "stable-diffusion-3-3-5-medium/lora"):  # OMI's, sd-scripts'
+        save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": architecture})
+        sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")   # on SD3 Medium
+        assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err, architecture
+
+
+def test_saved_loras_name_their_model_in_sai_modelspec_as_model_browsers_read_it(tmp_path, capsys):
+    """Our files carried no SAI ModelSpec header, so LoRA browsers that sort by it (SwarmUI) could not tell which
+    model one is for. The spec's own ids are written (it lists SD3 as stable-diffusion-v3-medium; SwarmUI and the
+    OMI standard spell SD3.5 stable-diffusion-v3.5-*), ones read_lora maps back to the variant: an SD3 Medium
+    LoRA saved without metadata now warns on SD3.5 Medium. Large Turbo, a finetune of Large, has Large's id."""
+    day = time.strftime("%Y-%m-%d")
+    for dual, qk_norm, variant, architecture in (((), False, "sd3-medium", "stable-diffusion-v3-medium/lora"),
+                                                 ((0,), True, "sd3.5-medium", "stable-diffusion-v3.5-medium/lora"),
+                                                 ((), True, "sd3.5-large", "stable-diffusion-v3.5-large/lora")):
+        model = tiny_mmdit(dual=dual, qk_norm=qk_norm)
+        sd.add_lora(model, rank=2)
+        for format, implementation in (("diffusers", "diffusers"), ("kohya", "https://github.com/Stability-AI/sd3.5")):
+            sd.save_lora(model, tmp_path / "my style.safetensors", format)
+            meta = sd.read_safetensors(tmp_path / "my style.safetensors", with_metadata=True)[1]
+            assert {k: v for k, v in meta.items() if k.startswith("modelspec.")} == {
+                "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
+                "modelspec.implementation": implementation, "modelspec.title": "my style",
+                "modelspec.date": meta["modelspec.date"]} and meta["modelspec.date"] in (day, time.strftime("%Y-%m-%d"))
+            assert "variant" not in json.loads(meta["sd35_lora"])
+            sd.load_lora(tiny_mmdit(dual=(0,)), tmp_path / "my style.safetensors")   # all the layers of each
+            warning = capsys.readouterr().err
+            assert (f"was trained on {variant}, this model is sd3.5-medium" in warning) == (variant != "sd3.5-medium")
+    sd.save_lora(model, tmp_path / "turbo.safetensors", metadata={"variant": "sd3.5-large-turbo"})
+    meta = sd.read_safetensors(tmp_path / "turbo.safetensors", with_metadata=True)[1]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v3.5-large/lora"
+    assert json.loads(meta["sd35_lora"])["variant"] == "sd3.5-large-turbo"         # ours tells Turbo apart
+
+
+def test_a_runs_loras_take_the_runs_name_as_their_modelspec_title(tmp_path):
+    """A run's lora.safetensors and lora_step_*.safetensors are titled by the run (the output folder's name), as
+    sd-scripts titles its files by their output_name, with the variant the run trained."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path))
+    try:
+        sd.save_checkpoint(trainer)
+    finally:
+        sd.end_training(trainer, {})
+    for name in ("lora.safetensors", "lora_step_000000.safetensors"):
+        meta = sd.read_safetensors(tmp_path / "run" / name, with_metadata=True)[1]
+        assert meta["modelspec.title"] == "run", name
+        assert meta["modelspec.architecture"] == "stable-diffusion-v3.5-medium/lora", name
 
 
 def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
