@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1934  Hub Downloads                    snapshot downloads, tokenizers
      1996  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2361  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2489  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3157  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3425  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4012  Several Processes (torchrun)     one all-reduce per step
-     4100  Command Line and the Tiny Model  main(), --tiny
+     2370  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2498  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3166  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3434  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4021  Several Processes (torchrun)     one all-reduce per step
+     4109  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2025,9 +2025,8 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
 
 
 def lora_file(model: MMDiT, format: str, metadata: dict | None, title: str) -> tuple[dict, dict]:
-    """Adapters -> tensors, and rank/alpha/targets and `metadata` as the header, with SAI ModelSpec's keys for
-    LoRA browsers. diffusers: alpha folded into lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing
-    lora_A; kohya: official names + alpha."""
+    """Adapters -> tensors; rank, alpha, targets, `metadata`, ModelSpec keys -> header. diffusers: alpha in
+    lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
     if not layers:
@@ -2082,10 +2081,9 @@ TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layo
 # DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
 NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
 # The model in SAI's ModelSpec header (modelspec.architecture): the variant of a LoRA whose shapes fit another
-# (SD3 and SD3.5 Medium attention). save_lora writes each variant's first: the spec's spelling (it lists
-# SD3 Medium as stable-diffusion-v3-medium), which SwarmUI sorts LoRAs by and OneTrainer (SD3) and the OMI
-# standard write; sd-scripts names them from the weights' shapes ("3-3-..." from October 2024 to August
-# 2025). Large Turbo, a finetune of Large, has Large's, as in sd-scripts and SwarmUI. ComfyUI's ids name none.
+# (SD3 and SD3.5 Medium attention). save_lora writes each variant's first, the spec's spelling, which SwarmUI
+# sorts by and OneTrainer (SD3) and OMI write; then sd-scripts' ("3-3-..." from Oct 2024 to Aug 2025). Large
+# Turbo, a finetune of Large, has Large's, as in sd-scripts and SwarmUI. ComfyUI's ids name none.
 MODELSPEC_VARIANTS = {"stable-diffusion-v3-medium/lora": "sd3-medium",
                       "stable-diffusion-3-medium/lora": "sd3-medium",
                       "stable-diffusion-3-3-medium/lora": "sd3-medium",
@@ -2180,7 +2178,7 @@ def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
-    sd, meta = read_safetensors(path, with_metadata=True)
+    sd, meta = read_lora_file(path)
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
@@ -2227,6 +2225,17 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     adapters = _fit_lora(model, pieces, path, targets)
     print("".join(f"{note}\n" for note in notes), end="", file=sys.stderr)   # for a file that fits only
     return adapters
+
+
+def read_lora_file(path) -> tuple[dict, dict]:
+    """A LoRA's tensors and header. PEFT's save_pretrained keeps lora_alpha, alpha_pattern and use_rslora in
+    adapter_config.json beside adapter_model.safetensors: read as its lora_adapter_metadata, as PEFT does."""
+    sd, meta = read_safetensors(path, with_metadata=True)
+    config = Path(path).with_name("adapter_config.json")
+    peft_file = Path(path).name == "adapter_model.safetensors" and "lora_adapter_metadata" not in meta
+    if peft_file and config.is_file():
+        meta = {**meta, "lora_adapter_metadata": config.read_text(encoding="utf-8", errors="replace")}
+    return sd, meta
 
 
 def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:

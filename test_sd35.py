@@ -1918,6 +1918,41 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
         sd.load_lora(ours, tmp_path / "loha.safetensors")
 
 
+@pytest.mark.parametrize("rslora_and_patterns", [False, True])
+def test_a_peft_adapter_model_takes_its_scale_from_the_adapter_config_json_beside_it(tmp_path, rslora_and_patterns):
+    """PeftModel.save_pretrained (Flash Diffusion's SD3 LoRA, scripts that wrap the transformer in PEFT) keeps
+    lora_alpha, rank/alpha_pattern and use_rslora in adapter_config.json beside adapter_model.safetensors, where
+    PeftModel.from_pretrained reads them: loaded here at alpha = rank, it gave other images than PEFT's."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    transformer = make_components()["transformer"]
+    transformer.save_pretrained(tmp_path / "base" / "transformer")
+    patterns = {"rank_pattern": {"to_q": 2}, "alpha_pattern": {"add_v_proj": 5}} if rslora_and_patterns else {}
+    peft_model = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=16, use_rslora=rslora_and_patterns,
+                                                        target_modules=["to_q", "to_k", "add_v_proj", "to_out.0"],
+                                                        **patterns))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert next(iter(load_file(adapter))).startswith("base_model.model.transformer_blocks.")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
+    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                               return_dict=False)[0]
+        ours = sd.load_mmdit(tmp_path / "base")
+        sd.load_lora(ours, adapter)
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "16"}))
+    one_line_error(lambda: sd.load_lora(sd.load_mmdit(tmp_path / "base"), adapter), "lora_alpha = '16' is not in")
+
+
 def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
     """alpha_pattern keys come from the file's header and PEFT matches them as regexes: one of nested repeats,
     (\\w|\\w)*y, backtracks 2^n steps per module name (hours on the real model's).
