@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1939  Hub Downloads                    snapshot downloads, tokenizers
      2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2362  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2490  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3158  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3426  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4012  Several Processes (torchrun)     one all-reduce per step
-     4100  Command Line and the Tiny Model  main(), --tiny
+     2382  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2510  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3178  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3446  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4033  Several Processes (torchrun)     one all-reduce per step
+     4121  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2025,12 +2025,12 @@ def save_lora(model: MMDiT, path: str | Path, format: str = "diffusers", metadat
     if Path(path).suffix.lower() != ".safetensors":     # ComfyUI and diffusers would unpickle a .pt
         raise UserError(f"{path}: name the LoRA file .safetensors, e.g. "
                         f"{Path(path).with_suffix('.safetensors')}: ComfyUI and diffusers go by its name")
-    tensors, header = lora_file(model, format, metadata)
+    tensors, header = lora_file(model, format, metadata, Path(path).stem)
     _atomic_save(tensors, path, header)
 
 
-def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, dict]:
-    """Adapters -> tensors, and rank/alpha/targets and `metadata` as the header. diffusers: alpha folded into
+def lora_file(model: MMDiT, format: str, metadata: dict | None, title: str) -> tuple[dict, dict]:
+    """Adapters -> tensors; rank, alpha, targets, `metadata`, ModelSpec keys -> header. diffusers: alpha in
     lora_B (loaders assume alpha = rank), qkv as to_q/k/v sharing lora_A; kohya: official names + alpha."""
     check_choice("LoRA format", format, LORA_FORMATS)
     layers, names, out = lora_layers(model), diffusers_names(model.cfg.depth), {}
@@ -2058,7 +2058,11 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None) -> tuple[dict, d
         raise UserError(f"save_lora's metadata must be a dict of JSON values (text, numbers, lists, dicts; "
                         f"x.item() for a numpy number) ({e})") from None
     lora_metadata({"sd35_lora": header}, "save_lora", fix="give a value in that range")  # the loaders' check
-    return out, {"format": "pt", "sd35_lora": header}
+    architecture = next(a for a, v in MODELSPEC_VARIANTS.items() if v == model.cfg.variant())   # its first
+    implementation = "diffusers" if format == "diffusers" else "https://github.com/Stability-AI/sd3.5"
+    return out, {"format": "pt", "sd35_lora": header, "modelspec.sai_model_spec": "1.0.1",
+                 "modelspec.architecture": architecture, "modelspec.implementation": implementation,
+                 "modelspec.title": title, "modelspec.date": time.strftime("%Y-%m-%d")}
 
 
 # A LoRA tensor is `prefix + module + role suffix`. diffusers/PEFT: `transformer.`, `base_model.model.` or no
@@ -2081,14 +2085,19 @@ LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 # DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
 NOT_PLAIN_LORA = r"dora_scale|lora_magnitude_vector|hada_w|lokr_w|oft_blocks|\.[wb]_norm$|\.lora_(B|up)\.bias"
-# The model in SAI's ModelSpec header, as sd-scripts (from the weights' shapes) and OneTrainer ("v") name it:
-# the variant of a LoRA whose shapes fit another (SD3 and SD3.5 Medium attention). ComfyUI's ids name none.
-MODELSPEC_VARIANTS = {"stable-diffusion-3-medium/lora": "sd3-medium",
-                      "stable-diffusion-v3-medium/lora": "sd3-medium",
-                      "stable-diffusion-3-5-medium/lora": "sd3.5-medium",
+# The model in SAI's ModelSpec header (modelspec.architecture): the variant of a LoRA whose shapes fit another
+# (SD3 and SD3.5 Medium attention). save_lora writes each variant's first, the spec's spelling, which SwarmUI
+# sorts by and OneTrainer (SD3) and OMI write; then sd-scripts' ("3-3-..." from Oct 2024 to Aug 2025). Large
+# Turbo, a finetune of Large, has Large's, as in sd-scripts and SwarmUI. ComfyUI's ids name none.
+MODELSPEC_VARIANTS = {"stable-diffusion-v3-medium/lora": "sd3-medium",
+                      "stable-diffusion-3-medium/lora": "sd3-medium",
+                      "stable-diffusion-3-3-medium/lora": "sd3-medium",
                       "stable-diffusion-v3.5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-3-5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-3-3-5-medium/lora": "sd3.5-medium",
+                      "stable-diffusion-v3.5-large/lora": "sd3.5-large",
                       "stable-diffusion-3-5-large/lora": "sd3.5-large",
-                      "stable-diffusion-v3.5-large/lora": "sd3.5-large"}
+                      "stable-diffusion-3-3-5-large/lora": "sd3.5-large"}
 T5_MAX_LENGTH = 512                        # T5's own training length; diffusers refuses more
 LORA_METADATA = {"t5_length": ((int,), 1, T5_MAX_LENGTH), "use_t5": ((bool,), False, True),  # types, range
                  "rank": ((int,), 1, 2**20), "r": ((int,), 1, 2**20), "alpha": ((int, float), -1e9, 1e9),
@@ -2181,7 +2190,7 @@ def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
-    sd, meta = read_safetensors(path, with_metadata=True)
+    sd, meta = read_lora_file(path)
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
@@ -2228,6 +2237,17 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     adapters = _fit_lora(model, pieces, path, targets)
     print("".join(f"{note}\n" for note in notes), end="", file=sys.stderr)   # for a file that fits only
     return adapters
+
+
+def read_lora_file(path) -> tuple[dict, dict]:
+    """A LoRA's tensors and header. PEFT's save_pretrained keeps lora_alpha, alpha_pattern and use_rslora in
+    adapter_config.json beside adapter_model.safetensors: read as its lora_adapter_metadata, as PEFT does."""
+    sd, meta = read_safetensors(path, with_metadata=True)
+    config = Path(path).with_name("adapter_config.json")
+    peft_file = Path(path).name == "adapter_model.safetensors" and "lora_adapter_metadata" not in meta
+    if peft_file and config.is_file():
+        meta = {**meta, "lora_adapter_metadata": config.read_text(encoding="utf-8", errors="replace")}
+    return sd, meta
 
 
 def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:
@@ -3715,7 +3735,8 @@ def save_checkpoint(trainer: Trainer):
             "variant": trainer.pipe.variant, "t5_length": c.t5_length, "use_t5": c.use_t5, "step": step,
             "targets": c.lora.targets, "resumed_with_changes": trainer.changes, "world_size": trainer.world,
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
-    lora, header = lora_file(trainer.mmdit, c.lora.format, meta)    # written as the run's other files are
+    title = trainer.out.resolve().name                  # the run's name, as sd-scripts titles by output_name
+    lora, header = lora_file(trainer.mmdit, c.lora.format, meta, title)   # written as the run's other files
     _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
     try:                                # the latest's copy: ComfyUI holding it open must not end the run
         _atomic_save(lora, trainer.out / "lora.safetensors", header)

@@ -1930,6 +1930,41 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
         sd.load_lora(ours, tmp_path / "loha.safetensors")
 
 
+@pytest.mark.parametrize("rslora_and_patterns", [False, True])
+def test_a_peft_adapter_model_takes_its_scale_from_the_adapter_config_json_beside_it(tmp_path, rslora_and_patterns):
+    """PeftModel.save_pretrained (Flash Diffusion's SD3 LoRA, scripts that wrap the transformer in PEFT) keeps
+    lora_alpha, rank/alpha_pattern and use_rslora in adapter_config.json beside adapter_model.safetensors, where
+    PeftModel.from_pretrained reads them: loaded here at alpha = rank, it gave other images than PEFT's."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    transformer = make_components()["transformer"]
+    transformer.save_pretrained(tmp_path / "base" / "transformer")
+    patterns = {"rank_pattern": {"to_q": 2}, "alpha_pattern": {"add_v_proj": 5}} if rslora_and_patterns else {}
+    peft_model = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=16, use_rslora=rslora_and_patterns,
+                                                        target_modules=["to_q", "to_k", "add_v_proj", "to_out.0"],
+                                                        **patterns))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert next(iter(load_file(adapter))).startswith("base_model.model.transformer_blocks.")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
+    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                               return_dict=False)[0]
+        ours = sd.load_mmdit(tmp_path / "base")
+        sd.load_lora(ours, adapter)
+        torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "16"}))
+    one_line_error(lambda: sd.load_lora(sd.load_mmdit(tmp_path / "base"), adapter), "lora_alpha = '16' is not in")
+
+
 def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
     """alpha_pattern keys come from the file's header and PEFT matches them as regexes: one of nested repeats,
     (\\w|\\w)*y, backtracks 2^n steps per module name (hours on the real model's).
@@ -5437,8 +5472,10 @@ def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warn
     tensors = {f"{key}.lora_down.weight": torch.randn(2, 64, generator=g),
                f"{key}.lora_up.weight": torch.randn(64, 2, generator=g), f"{key}.alpha": torch.tensor(1.0)}
     for architecture, trained_on in (("stable-diffusion-3-medium/lora", "sd3-medium"),        # sd-scripts'
+                                     ("stable-diffusion-3-3-medium/lora", "sd3-medium"),      # (Oct 2024-Aug 2025)
                                      ("stable-diffusion-v3-medium/lora", "sd3-medium"),       # OneTrainer's
                                      ("stable-diffusion-3-5-large/lora", "sd3.5-large"),
+                                     ("stable-diffusion-3-3-5-large/lora", "sd3.5-large"),
                                      ("stable-diffusion-v3.5-large/lora", "sd3.5-large"),
                                      ("stable-diffusion-3-5-medium/lora", None), ("stable-diffusion-v3.5/lora", None),
                                      ("stable-diffusion-v3-medium", None)):     # ComfyUI's for any SD3 checkpoint
@@ -5447,9 +5484,53 @@ def test_a_kohya_or_onetrainer_lora_of_another_variant_with_the_same_shapes_warn
         warning = capsys.readouterr().err
         assert (f"was trained on {trained_on}, this model is sd3.5-medium" in warning) == bool(trained_on), architecture
         assert bool(warning) == bool(trained_on), warning
-    save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"})
-    sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")       # OMI's id, on SD3 Medium
-    assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err
+    for architecture in ("stable-diffusion-v3.5-medium/lora", "stable-diffusion-3-3-5-medium/lora"):  # OMI's, sd-scripts'
+        save_file(tensors, tmp_path / "lora.safetensors", {"modelspec.architecture": architecture})
+        sd.load_lora(tiny_mmdit(dual=(), qk_norm=False), tmp_path / "lora.safetensors")   # on SD3 Medium
+        assert "was trained on sd3.5-medium, this model is sd3-medium" in capsys.readouterr().err, architecture
+
+
+def test_saved_loras_name_their_model_in_sai_modelspec_as_model_browsers_read_it(tmp_path, capsys):
+    """Our files carried no SAI ModelSpec header, so LoRA browsers that sort by it (SwarmUI) could not tell which
+    model one is for. The spec's own ids are written (it lists SD3 as stable-diffusion-v3-medium; SwarmUI and the
+    OMI standard spell SD3.5 stable-diffusion-v3.5-*), ones read_lora maps back to the variant: an SD3 Medium
+    LoRA saved without metadata now warns on SD3.5 Medium. Large Turbo, a finetune of Large, has Large's id."""
+    day = time.strftime("%Y-%m-%d")
+    for dual, qk_norm, variant, architecture in (((), False, "sd3-medium", "stable-diffusion-v3-medium/lora"),
+                                                 ((0,), True, "sd3.5-medium", "stable-diffusion-v3.5-medium/lora"),
+                                                 ((), True, "sd3.5-large", "stable-diffusion-v3.5-large/lora")):
+        model = tiny_mmdit(dual=dual, qk_norm=qk_norm)
+        sd.add_lora(model, rank=2)
+        for format, implementation in (("diffusers", "diffusers"), ("kohya", "https://github.com/Stability-AI/sd3.5")):
+            sd.save_lora(model, tmp_path / "my style.safetensors", format)
+            meta = sd.read_safetensors(tmp_path / "my style.safetensors", with_metadata=True)[1]
+            assert {k: v for k, v in meta.items() if k.startswith("modelspec.")} == {
+                "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,
+                "modelspec.implementation": implementation, "modelspec.title": "my style",
+                "modelspec.date": meta["modelspec.date"]} and meta["modelspec.date"] in (day, time.strftime("%Y-%m-%d"))
+            assert "variant" not in json.loads(meta["sd35_lora"])
+            sd.load_lora(tiny_mmdit(dual=(0,)), tmp_path / "my style.safetensors")   # all the layers of each
+            warning = capsys.readouterr().err
+            assert (f"was trained on {variant}, this model is sd3.5-medium" in warning) == (variant != "sd3.5-medium")
+    sd.save_lora(model, tmp_path / "turbo.safetensors", metadata={"variant": "sd3.5-large-turbo"})
+    meta = sd.read_safetensors(tmp_path / "turbo.safetensors", with_metadata=True)[1]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v3.5-large/lora"
+    assert json.loads(meta["sd35_lora"])["variant"] == "sd3.5-large-turbo"         # ours tells Turbo apart
+
+
+def test_a_runs_loras_take_the_runs_name_as_their_modelspec_title(tmp_path):
+    """A run's lora.safetensors and lora_step_*.safetensors are titled by the run (the output folder's name), as
+    sd-scripts titles its files by their output_name, with the variant the run trained."""
+    make_dataset(tmp_path / "data")
+    trainer = sd.Trainer(tiny_config(tmp_path))
+    try:
+        sd.save_checkpoint(trainer)
+    finally:
+        sd.end_training(trainer, {})
+    for name in ("lora.safetensors", "lora_step_000000.safetensors"):
+        meta = sd.read_safetensors(tmp_path / "run" / name, with_metadata=True)[1]
+        assert meta["modelspec.title"] == "run", name
+        assert meta["modelspec.architecture"] == "stable-diffusion-v3.5-medium/lora", name
 
 
 def test_a_lora_on_a_layer_this_variant_lacks_is_refused_naming_it(tmp_path):
