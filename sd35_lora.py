@@ -3016,7 +3016,7 @@ def set_rng_states(states: dict[str, torch.Tensor], device: torch.device):
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
                         cfg: Config, changes: list[str], data: str = "", model: str = ""):
-    """LoRA, AdamW moments, step, RNG states, config, resume changes, model_id: one safetensors file."""
+    """LoRA, AdamW moments, step, RNG states, config, changes, model_id: one safetensors file (no pickle)."""
     moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
     tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | rng_states(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
