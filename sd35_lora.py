@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1939  Hub Downloads                    snapshot downloads, tokenizers
-     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2382  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2510  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3178  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3446  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4033  Several Processes (torchrun)     one all-reduce per step
-     4121  Command Line and the Tiny Model  main(), --tiny
+     1950  Hub Downloads                    snapshot downloads, tokenizers
+     2012  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2393  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2521  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3191  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3459  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4046  Several Processes (torchrun)     one all-reduce per step
+     4134  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1258,7 +1258,7 @@ class Trainer:
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
-        self.pipe = pipe
+        self.pipe, self.model_id = pipe, model_id(cfg.model)        # a hub id's: of its download, now local
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1756,6 +1756,17 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
+def model_id(model: str) -> str:
+    """Of the MMDiT's files (their _file_id: the same when moved or copied); "" for tiny and a hub id not yet
+    downloaded. The state file records it: a resume takes a moved model by it."""
+    root = None if model == "tiny" else resolve_model(model, ("transformer",), download=False)
+    files = [root] if root and root.is_file() else []                           # a single file
+    if root and root.is_dir():
+        folder = _part_config(root, "transformer", "SD3Transformer2DModel")[0]
+        files = [*weight_files(folder, "diffusion_pytorch_model"), folder / "config.json"]   # config: heads
+    return _digest(*(_file_id(p) for p in files if p.is_file())) if files else ""
+
+
 def _from_pretrained_error(folder: Path, error: Exception, problem: str, fix: str) -> UserError:
     """A from_pretrained error as a UserError: its refusal of an auto_map's code, or `problem` and `fix`."""
     if "trust_remote_code" in str(error):
@@ -1972,23 +1983,23 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
 
 
 def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
-    """A local path as is; a hub id: its `parts` downloaded (safetensors only), or None without `download`."""
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
     local = name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
-    if not download:
-        return None
     from huggingface_hub import snapshot_download
     # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
     skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
     skipped += ["*.fp16.safetensors", "*.fp16-*-of-*.safetensors", "*.index.fp16.json"]
     try:
         return Path(snapshot_download(name, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
-                                      ignore_patterns=skipped))
+                                      ignore_patterns=skipped, local_files_only=not download))
     except Exception as e:  # offline, gated or no such repo; huggingface_hub's error classes vary by version
+        if not download:                                    # not (completely) in the cache
+            return None
         if out_of_space(e) or "os error 28" in str(e):      # (hf_xet: in its text)
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
@@ -3036,13 +3047,13 @@ def set_rng_states(states: dict[str, torch.Tensor], device: torch.device):
 
 
 def save_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int,
-                        cfg: Config, changes: list[str], data: str = ""):
-    """LoRA, AdamW moments, step, RNG states, config, resume changes: one safetensors file (no pickle)."""
+                        cfg: Config, changes: list[str], data: str = "", model: str = ""):
+    """LoRA, AdamW moments, step, RNG states, config, changes, model_id: one safetensors file (no pickle)."""
     moments = {f"opt.{i}.{k}": v for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
     tensors = {f"param.{i}": p for i, p in enumerate(params)} | moments | rng_states(params[0].device)
     _atomic_save(tensors, path, {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
                                  "changes": json.dumps(changes), "world_size": str(rank_and_world()[1]),
-                                 "data": data})
+                                 "data": data, "model": model})
 
 
 def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict):
@@ -3151,6 +3162,8 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
+    if "model" in changed and meta.get("model") and meta["model"] == model_id(cfg.model):   # older: no id
+        changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
@@ -3745,7 +3758,7 @@ def save_checkpoint(trainer: Trainer):
             raise
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
-                        trainer.data.contents)
+                        trainer.data.contents, trainer.model_id)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
     if c.train.keep_last:                               # 0: all kept
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)

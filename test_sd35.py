@@ -7217,6 +7217,78 @@ def test_resume_refuses_changes_of_meaning_warns_on_trajectory_and_trims_the_log
     assert meta["resumed_with_changes"] == ["step 4: train.lr 0.003 -> 0.001"] and meta["training"]["lr"] == 1e-3
 
 
+def test_a_resume_takes_the_model_moved_and_refuses_other_weights_at_its_path(diffusers_folder, tmp_path, capsys):
+    """--resume refused any changed `model`, also the same files moved (a cluster job's copy in $SLURM_TMPDIR, a new
+    path each job): the run could not go on. The state records its MMDiT files' model_id: the same files at another
+    path resume exactly (fp8 too: the id is of the files), noted and recorded in the LoRA; other weights of the same
+    shapes there, or a state saved before the id was recorded, are refused as before."""
+    make_dataset(tmp_path / "data")
+    shutil.copytree(diffusers_folder[0], tmp_path / "old")
+    shared = {"model": str(tmp_path / "old"), "fp8": True, "train.save_every": 2, "sample.sample_every": 0,
+              "sample.prompts": [], "lora.targets": "attn"}
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 4, "output_dir": str(tmp_path / "full")}))
+    sd.train(tiny_config(tmp_path, **shared, **{"train.steps": 2}))
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "other")
+    weights = tmp_path / "other/transformer/diffusion_pytorch_model.safetensors"
+    save_file({k: torch.randn_like(v) for k, v in load_file(weights).items()}, weights)     # same shapes and size
+    state = tmp_path / "run" / sd.STATE_FILE
+    tensors, header = sd.read_safetensors(state, with_metadata=True)
+    moved = {**shared, "model": str(tmp_path / "new"), "train.steps": 4}
+    with pytest.raises(sd.UserError, match=r"--resume with changed model .*other'.*Resume with the run's values"):
+        sd.train(tiny_config(tmp_path, **{**moved, "model": str(tmp_path / "other")}), resume=True)
+    save_file(tensors, state, {k: v for k, v in header.items() if k != "model"})             # an older version's
+    with pytest.raises(sd.UserError, match=r"--resume with changed model .*new'.*Resume with the run's values"):
+        sd.train(tiny_config(tmp_path, **moved), resume=True)
+    save_file(tensors, state, header)
+    capsys.readouterr()
+    lora = sd.train(tiny_config(tmp_path, **moved), resume=True)
+    note = f"model {str(tmp_path / 'old')!r} -> {str(tmp_path / 'new')!r} (the same weights, moved)"
+    assert f"warning: resumed with changed {note} (recorded in the LoRA)" in capsys.readouterr().err
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    meta = json.loads(sd.read_safetensors(lora, with_metadata=True)[1]["sd35_lora"])
+    assert meta["resumed_with_changes"] == [f"step 2: {note}"] and meta["base_model"] == str(tmp_path / "new")
+
+
+def test_a_resume_takes_a_single_file_moved_and_a_hub_id_swapped_for_its_download_without_downloading(
+        diffusers_folder, tmp_path, monkeypatch):
+    """An official single file's model_id is the file's own; a hub id's is the one of its cached download, so
+    the id swapped for a copy of that folder (or back) resumes. A hub id not in the cache has none (nothing is
+    downloaded for the check), nor has the tiny model: a change to or from them is refused as before."""
+    import huggingface_hub
+    folder, path = diffusers_folder[0], tmp_path / "state.safetensors"
+    for place in ("a", "b"):
+        (tmp_path / place).mkdir()
+        official_single_file(folder, tmp_path / place / "sd3.5_tiny.safetensors")
+    snapshot = tmp_path / "hub/models--org--tiny/snapshots/0123abcd"
+    shutil.copytree(folder, snapshot)
+    weights, blob = snapshot / "transformer/diffusion_pytorch_model.safetensors", snapshot.parents[1] / "blobs/9f"
+    blob.parent.mkdir()
+    weights.rename(blob)
+    weights.symlink_to(blob)                                                    # as the hub's cache holds files
+    (tmp_path / "hub/models--org--tiny/refs").mkdir()
+    (tmp_path / "hub/models--org--tiny/refs/main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(k) or real(*a, **k))
+    params = [torch.zeros(2, requires_grad=True)]
+
+    def resumes(saved: str, model: str) -> bool:
+        sd.save_training_state(path, params, torch.optim.AdamW(params), 3, sd.load_config(None, [f"model={saved}"]),
+                               [], model=sd.model_id(saved))
+        try:
+            return bool(sd.prepare_resume(path, sd.load_config(None, [f"model={model}"])))
+        except sd.UserError as e:
+            assert "--resume with changed model" in str(e)
+            return False
+    a, b = (str(tmp_path / place / "sd3.5_tiny.safetensors") for place in ("a", "b"))
+    assert resumes(a, b) and resumes("org/tiny", str(folder)) and resumes(str(folder), "org/tiny")
+    assert not resumes(a, str(folder)) and not resumes("tiny", str(folder)) and not resumes(str(folder), "tiny")
+    assert not resumes(str(folder), "org/absent") and not resumes("org/absent", str(folder))
+    assert not resumes("tiny", "org/absent")                                    # no ids: nothing alike
+    assert asked and all(k.get("local_files_only") for k in asked)
+
+
 def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
     """--resume with a key changed: one that changes only the trajectory from here on (noise levels, the seed,
     the loss weighting, the data) is warned and recorded; one that changes no saved number (where files go, the
@@ -9901,7 +9973,7 @@ def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tm
             "vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.bin"]
     got = []
 
-    def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
+    def snapshot_download(name, allow_patterns=None, ignore_patterns=None, local_files_only=False):
         got.extend(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         return str(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -9920,7 +9992,7 @@ def test_pickle_files_are_never_downloaded_and_a_missing_one_is_not_found(monkey
             "vae/x.Bin", "vae/y.CKPT"]
     got = []
 
-    def snapshot_download(name, allow_patterns=None, ignore_patterns=None):
+    def snapshot_download(name, allow_patterns=None, ignore_patterns=None, local_files_only=False):
         got.append(name)
         got.extend(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         return str(tmp_path)
