@@ -26,13 +26,13 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1939  Hub Downloads                    snapshot downloads, tokenizers
-     2001  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2362  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2490  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3158  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3426  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4012  Several Processes (torchrun)     one all-reduce per step
-     4100  Command Line and the Tiny Model  main(), --tiny
+     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2364  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2492  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3160  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3428  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4014  Several Processes (torchrun)     one all-reduce per step
+     4102  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1913,8 +1913,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
-    vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
+    text_root = resolve_model(text_encoders, text_parts, key="text_encoders") if text_encoders else root
+    vae_root = resolve_model(vae, ("vae",), key="vae") if vae else root    # a mistyped path: an error first
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
@@ -1971,14 +1971,16 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
-    """A local path as is; a hub id: its `parts` downloaded (safetensors only), or None without `download`."""
+def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only), or None without `download`.
+    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
     local = name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
+        kinds = ".safetensors, hub id or 'tiny'" if key == "model" else ".safetensors or hub id"
+        raise UserError(f"{key} not found: {name!r} (a diffusers folder, {kinds})")
     if not download:
         return None
     from huggingface_hub import snapshot_download
@@ -1993,9 +1995,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
-                        f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
-                        f"gated? accept the licence at https://huggingface.co/{name}, then `hf auth "
-                        f"login`") from None
+                        f"--local-dir DIR` where there is a network, then --{key.replace('_', '-')} DIR "
+                        f"(config: {key}: DIR); gated? accept the licence at https://huggingface.co/{name}, "
+                        f"then `hf auth login`") from None
 
 
 #################################################################################
@@ -2933,9 +2935,9 @@ def check_sources(cfg: Config):
         raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
                         f"not set: start the processes with torchrun (README: Several GPUs), or unset "
                         f"WORLD_SIZE to train in one", own=True)
-    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
-    for name in paths:
-        resolve_model(name, (), download=False)                       # hub ids download after the scan
+    for key in ("model", "text_encoders", "vae") if cfg.model != "tiny" else ():    # tiny reads none
+        if getattr(cfg, key):
+            resolve_model(getattr(cfg, key), (), download=False, key=key)   # hub ids download after the scan
 
 
 def read_yaml(path: str, text: str | None = None):

@@ -4358,8 +4358,9 @@ def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(t
     monkeypatch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
     (tmp_path / "model").mkdir()
     for paths in ({"text_encoders": str(tmp_path / "missing")}, {"vae": str(tmp_path / "missing.safetensors")}):
-        with pytest.raises(sd.UserError, match="model not found: .*missing"):
-            sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
+        key = next(iter(paths))                 # named as given, without the 'tiny' only --model/model takes
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths),
+                       rf"^{key} not found: .*missing[^']*' \(a diffusers folder, .safetensors or hub id\)$")
 
 
 @pytest.mark.parametrize("setting, error", [
@@ -4395,7 +4396,7 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
         missing = str(tmp_path / "sd3.5_large.safetensor")
         sets = {"model": str(tmp_path), key: missing}             # (model tiny reads neither text_encoders nor vae)
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), "model not found: .*safetensor'")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), f"^{key} not found: .*safetensor'")
     (tmp_path / "file").write_text("")
     for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
         bad = str(tmp_path / "file" / "run")
@@ -9807,6 +9808,19 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
         one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
+
+
+def test_a_failed_download_of_text_encoders_or_a_vae_names_their_own_option(monkeypatch, tmp_path):
+    """A hub id given as --text-encoders or --vae that could not be downloaded (offline) advised "then --model
+    DIR (config: model: DIR)", the option the user had not given."""
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for key, flag in (("text_encoders", "--text-encoders"), ("vae", "--vae")):
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path), device="cpu", **{key: "org/repo"}),
+                       rf"could not download org/repo .*--local-dir DIR` .*, then {flag} DIR \(config: {key}: DIR\);")
 
 
 def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tmp_path):
