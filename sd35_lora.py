@@ -32,7 +32,7 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      3160  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3428  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      4014  Several Processes (torchrun)     one all-reduce per step
-     4102  Command Line and the Tiny Model  main(), --tiny
+     4110  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -4018,20 +4018,28 @@ def previews_unfinished(trainer: Trainer) -> bool:
 def under_torchrun() -> bool:
     """One of several processes: torchrun's, a job script's with MASTER_ADDR too (srun; a WORLD_SIZE alone
     may be a cluster's) or a caller's; else a plain run, whatever a stray RANK, LOCAL_RANK or job id says."""
-    several = int(os.environ.get("WORLD_SIZE") or 1) > 1         # empty (exported unset): not set
-    return several and ("MASTER_ADDR" in os.environ or dist.is_initialized())
+    return env_number("WORLD_SIZE", 1) > 1 and ("MASTER_ADDR" in os.environ or dist.is_initialized())
 
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): torchrun's. A plain run is process 0 whatever a stray RANK
     says (as process 1 it would hide its errors), of WORLD_SIZE if exported: check_sources refuses that."""
-    rank = int(os.environ.get("RANK") or 0) if under_torchrun() else 0
-    return rank, int(os.environ.get("WORLD_SIZE") or 1)
+    rank = env_number("RANK", 0) if under_torchrun() else 0
+    return rank, env_number("WORLD_SIZE", 1)
+
+
+def env_number(name: str, unset: int) -> int:
+    """A number torchrun sets (or a job script exports), e.g. WORLD_SIZE; empty (exported unset): `unset`."""
+    try:
+        return int(os.environ.get(name) or unset)
+    except ValueError:
+        raise UserError(f"the environment's {name}={os.environ[name]!r} is not a whole number: unset it (one "
+                        f"process) or start the processes with torchrun, which sets it") from None
 
 
 def local_rank() -> int:
     """This process's number on its machine, and its GPU: torchrun's LOCAL_RANK, 0 for a plain run."""
-    return int(os.environ.get("LOCAL_RANK") or rank_and_world()[0]) if under_torchrun() else 0
+    return env_number("LOCAL_RANK", rank_and_world()[0]) if under_torchrun() else 0
 
 
 def join_processes(cfg: Config):
@@ -4245,7 +4253,11 @@ def cli_console():
 
 
 def main(argv=None):
-    args, rank = parse_args(argv), rank_and_world()[0]
+    args = parse_args(argv)
+    try:                        # a job script's WORLD_SIZE=abc: refused here, as the except clauses use them
+        rank, first_here = rank_and_world()[0], local_rank() == 0
+    except UserError as e:
+        sys.exit(f"error: {e}")
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
@@ -4271,7 +4283,7 @@ def main(argv=None):
     except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
         own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
+        sys.exit(f"error: {tag}{e}" if first_here or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

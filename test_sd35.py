@@ -7672,6 +7672,25 @@ def test_torchrun_is_a_world_size_over_1_with_its_master_addr_for_sample_py_and_
         assert sd.under_torchrun() is under, (world, master)
 
 
+def test_a_process_count_in_the_environment_that_is_no_number_is_a_one_line_error(tmp_path, monkeypatch):
+    """WORLD_SIZE=abc (or RANK=abc under torchrun's variables) exported by a job script: sample.py and training
+    ended in a bare ValueError traceback ("invalid literal for int()") naming neither the variable nor a fix."""
+    for name, env in (("WORLD_SIZE", {"WORLD_SIZE": "abc"}),
+                      ("RANK", {"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "RANK": "abc"}),
+                      ("LOCAL_RANK", {"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "RANK": "1", "LOCAL_RANK": "x"})):
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded"))
+        error = rf"the environment's {name}='[a-z]+' is not a whole number: unset it"
+        if name != "LOCAL_RANK":                        # (sample.py refuses torchrun before it needs a GPU)
+            one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out")]), error)
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(["--set", "model=tiny", "--set", f"output_dir={tmp_path / 'run'}"])
+        assert re.fullmatch(f"error: {error}.*", str(exit_info.value.code)), exit_info.value.code
+        monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path",
