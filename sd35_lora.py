@@ -4225,7 +4225,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (seconds to minutes), through the same code paths")
-    return parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
+    args = parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
+    try:                # the environment torchrun sets: a job script's WORLD_SIZE=abc, before main() reads it
+        local_rank()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    return args
 
 
 def read_argv(argv, example: str) -> list[str] | None:
@@ -4253,11 +4258,7 @@ def cli_console():
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:                        # a job script's WORLD_SIZE=abc: refused here, as the except clauses use them
-        rank, first_here = rank_and_world()[0], local_rank() == 0
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    args, rank = parse_args(argv), rank_and_world()[0]
     stdout, joined = sys.stdout, dist.is_initialized()      # a library caller's: left as found
     if rank > 0:                                    # torchrun: process 0 speaks for all
         sys.stdout = open(os.devnull, "w")
@@ -4283,7 +4284,7 @@ def main(argv=None):
     except (UserError, torch.OutOfMemoryError) as e:    # out of memory: train() words it, each process's own
         own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
-        sys.exit(f"error: {tag}{e}" if first_here or own else 1)    # a dataset missing on one machine
+        sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
