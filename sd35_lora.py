@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2492  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3160  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3428  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4014  Several Processes (torchrun)     one all-reduce per step
-     4110  Command Line and the Tiny Model  main(), --tiny
+     4016  Several Processes (torchrun)     one all-reduce per step
+     4112  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1373,8 +1373,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.save_and_sample(bins)                    # checkpoint, then samples and the MSE by sigma bin
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
-    except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
-        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)
+    except (KeyboardInterrupt, BrokenPipeError):    # one checkpoint, then the shell's code for the signal; a
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # stdout nothing reads: its own (main)
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -3775,6 +3775,8 @@ def save_previews(trainer: Trainer):
         generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
                  embeddings=trainer.embeddings, progress=False, keep=save)
     except Exception as e:                              # a failed preview must not end a long run
+        if isinstance(e, BrokenPipeError):              # stdout's reader gone (`| head`): train() stops
+            raise
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
             e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
@@ -4285,6 +4287,9 @@ def main(argv=None):
         own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
+    except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved: quietly, as sample.py
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # (Python flushes stdout at exit)
+        sys.exit(1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
