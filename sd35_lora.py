@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2364  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2492  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3160  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3428  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4016  Several Processes (torchrun)     one all-reduce per step
-     4112  Command Line and the Tiny Model  main(), --tiny
+     3161  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3429  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4017  Several Processes (torchrun)     one all-reduce per step
+     4113  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2834,8 +2834,9 @@ def check_image_batch(images, call: str = "VAE.encode", channels: int = 3):
 def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:
     """generate()'s error for NaN/inf images, naming a damaged weight of the models that ran, if any."""
     modules = [pipe.mmdit, pipe.vae, *(pipe.text.modules() if text_encoded else [])]
+    fp32 = next(pipe.vae.parameters()).dtype == torch.float32      # the run's (fp8: only the MMDiT's weights)
     return UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-        modules, "lower the cfg/LoRA scale or use fp32"))
+        modules, "lower the cfg/LoRA scale" + " or use fp32" * (not fp32)))
 
 
 def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -> tuple[SampleSettings, int]:

@@ -7370,6 +7370,14 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_black_images_advise_fp32_only_to_a_run_that_is_not_fp32_already():
+    """NaN/inf images advised "lower the cfg/LoRA scale or use fp32" to a run already in fp32 (the CPU's
+    default)."""
+    for dtype, advice in ((torch.float32, "lower the cfg/LoRA scale$"), (torch.bfloat16, "scale or use fp32$")):
+        error = sd.nan_images_error(sd.tiny_pipeline(dtype=dtype), text_encoded=True)
+        assert re.search(advice, str(error)), (dtype, str(error))
+
+
 def test_a_run_without_previews_says_nothing_about_their_negative_prompt(tmp_path, capsys):
     """sample.neg at cfg 1 is worth a warning only where previews are made: none without sample.prompts."""
     make_dataset(tmp_path / "data")
