@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1939  Hub Downloads                    snapshot downloads, tokenizers
-     2003  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2364  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2492  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3161  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3429  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4017  Several Processes (torchrun)     one all-reduce per step
-     4113  Command Line and the Tiny Model  main(), --tiny
+     1942  Hub Downloads                    snapshot downloads, tokenizers
+     2006  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2367  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2495  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3164  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3432  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4020  Several Processes (torchrun)     one all-reduce per step
+     4116  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1594,8 +1594,11 @@ def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     except (OSError, ValueError, TypeError, RecursionError) as e:     # (json recurses per nesting level)
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
-        raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
-                        f"give the right folder (--model, or --vae for the VAE; in a config: model, vae)")
+        above = folder == path and (path.parent / "model_index.json").is_file()    # e.g. --model ROOT/vae
+        fix = (f"give the diffusers folder above it, {path.parent}" if above else "give the right folder "
+               "(--model, or --vae for the VAE; in a config: model, vae)")
+        raise UserError(f"{folder}'s config.json names {config['_class_name']}, not the {class_name} needed "
+                        f"here: {fix}")
     # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
     sd3, names = (VAEConfig.scaling_factor, VAEConfig.shift_factor), ("scaling_factor", "shift_factor")
     given = tuple(v if config.get(k) is None else config[k] for k, v in zip(names, sd3))     # VAEs' keys only

@@ -782,8 +782,22 @@ def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
         for given in (tmp_path, tmp_path / part):                       # the root, or the part's folder
-            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))} holds a {written}, not the "
-                                                f"{needed} needed here: give the right folder")
+            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))}'s config.json names {written}, "
+                                                f"not the {needed} needed here: give the right folder")
+
+
+def test_a_diffusers_part_folder_given_as_the_model_is_sent_to_the_folder_above_it(tmp_path):
+    """--model ROOT/transformer (or ROOT/vae) said "ROOT/transformer holds a SD3Transformer2DModel, not the
+    AutoencoderKL needed here" ("a AutoencoderKL" the other way), and "give the right folder": ROOT is."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    for part, written in (("transformer", "SD3Transformer2DModel"), ("vae", "AutoencoderKL")):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
+    for part, written, needed in (("transformer", "SD3Transformer2DModel", "AutoencoderKL"),
+                                  ("vae", "AutoencoderKL", "SD3Transformer2DModel")):
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / part), device="cpu"),
+                       f"^{re.escape(str(tmp_path / part))}'s config.json names {written}, not the {needed} needed "
+                       f"here: give the diffusers folder above it, {re.escape(str(tmp_path))}$")
 
 
 def test_a_diffusers_folder_missing_a_part_names_the_part(tmp_path, monkeypatch):
