@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1942  Hub Downloads                    snapshot downloads, tokenizers
      2006  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2367  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2495  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3164  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3432  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4020  Several Processes (torchrun)     one all-reduce per step
-     4116  Command Line and the Tiny Model  main(), --tiny
+     2366  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2494  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3163  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3431  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4019  Several Processes (torchrun)     one all-reduce per step
+     4115  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2131,7 +2131,6 @@ def check_lora_keys(keys, path):
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
     groups, ignored, notes = {}, [], []
-    check_lora_keys(sd, path)
     for key, tensor in sd.items():
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
@@ -2186,6 +2185,7 @@ def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
+    check_lora_keys(read_safetensors(path, prefix=None), path)     # a model given: by its names, unread
     sd, meta = read_safetensors(path, with_metadata=True)
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
@@ -2215,8 +2215,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                             f"vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
-        official, index, n_parts, diffusers = spellings[module]
-        rank = down.shape[0]
+        (official, index, n_parts, diffusers), rank = spellings[module], down.shape[0]
         peft, alphas = pefts.get(official.partition(".")[0], pefts["transformer"])
         key = next((pattern for pattern in alphas if pattern.match(module)), None)   # PEFT: the first
         alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))

@@ -2034,6 +2034,22 @@ def test_sample_cli_refuses_a_file_that_is_no_lora_before_loading_the_models(tmp
                    r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
 
 
+def test_load_lora_refuses_a_model_file_by_its_header_before_reading_its_tensors(tmp_path, monkeypatch):
+    """load_lora(pipe.mmdit, "sd3.5_large.safetensors") from Python read the whole file (16 GB for Large's) into
+    RAM before saying it held no LoRA: its names tell, as sample.py's check reads them."""
+    save_file({f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()},
+              tmp_path / "model.safetensors")
+    real = sd.read_safetensors
+
+    def names_only(path, with_metadata=False, prefix="", convert=None):
+        if prefix is not None:
+            pytest.fail("the tensors were read before the error")
+        return real(path, with_metadata, prefix, convert)
+    monkeypatch.setattr(sd, "read_safetensors", names_only)
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "model.safetensors"),
+                   r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
+
+
 def test_a_layer_with_two_adapters_in_one_file_is_refused_not_half_loaded(tmp_path):
     """One file holding a layer's adapter twice (two prefixes, official and diffusers names, fused qkv and to_q):
     keeping either silently would give other images than the tool that wrote it; refused, naming the layer."""
