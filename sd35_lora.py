@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2494  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3163  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3431  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4019  Several Processes (torchrun)     one all-reduce per step
-     4115  Command Line and the Tiny Model  main(), --tiny
+     4025  Several Processes (torchrun)     one all-reduce per step
+     4121  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3575,9 +3575,7 @@ def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            for folder in made:
-                folder.rmdir()
+        remove_empty(made)
         filled = read_only_if and all(os.path.isdir(Path(path, folder)) for folder in read_only_if)
         if filled and not made and e.errno in (errno.EROFS, errno.EACCES):
             if rank_and_world()[0] == 0:                    # torchrun: once, not once per process
@@ -3587,6 +3585,14 @@ def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
     return made
+
+
+def remove_empty(made: list[Path]):
+    """The folders writable_dir made (innermost first), those still empty: a failed call's (rmdir removes
+    none written into)."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def out_of_space(e: Exception) -> bool:
@@ -3643,12 +3649,11 @@ def unlock_output_dir(lock):
 
 def remove_if_unused(out: Path, made: list[Path]):
     """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
-    are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
+    are the other folders it made while empty (its cache_dir, those above): no empty folder per failed try."""
     with contextlib.suppress(OSError):
         if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
-            for folder in made:
-                folder.rmdir()
+    remove_empty(made)
 
 
 def remove_killed_writes(folder: Path):
@@ -3702,7 +3707,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_if=("latents", "text"))   # a cache's
+    trainer.made[:0] = writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir",   # first: it may lie in out's
+                                    read_only_if=("latents", "text"))             # a cache's subfolders
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log

@@ -4073,13 +4073,19 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
 
 def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_path, monkeypatch):
     """A run that failed a check after it made output_dir (here: no images, found by the dataset scan) left the
-    folder behind, and those made above it, holding only its hidden lock file. They are removed, only the ones
-    the run made and only while empty: an output_dir there before, or one another file went into, stays."""
+    folder behind, and those made above it, holding only its hidden lock file; and the empty dataset.cache_dir
+    it made. They are removed, only the ones the run made and only while empty: an output_dir or cache_dir
+    there before, or one another file went into, stays."""
     (tmp_path / "data").mkdir()
     (tmp_path / "there").mkdir()
     for out in ("runs/new/run", "there"):
+        sets = {"output_dir": str(tmp_path / out), "dataset.cache_dir": str(tmp_path / "c/new")}
         with pytest.raises(sd.UserError, match="no usable images"):
-            sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / out)))
+            sd.train(tiny_config(tmp_path, **sets))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "there"]
+    (tmp_path / "cache").mkdir()                                        # tiny_config's cache_dir, there before
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "there")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "there"]
     real_scan = sd.scan_dataset
 
@@ -7748,6 +7754,18 @@ def test_a_process_count_in_the_environment_that_is_no_number_is_a_one_line_erro
     assert not list(tmp_path.iterdir())
 
 
+def test_a_failed_sample_cli_removes_the_empty_out_folders_it_made_and_no_other(tmp_path, monkeypatch):
+    """sample.py failing after it made --out (here the model fails to load) left that folder, and those it made
+    above it, empty behind: one per failed try. Only those it made go, and only while empty."""
+    def cannot_load(*args, **kwargs):
+        raise sd.UserError("cannot load")
+    monkeypatch.setattr(sd, "load_pipeline", cannot_load)
+    (tmp_path / "there").mkdir()
+    for out in ("new/out", "there"):
+        one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--out", str(tmp_path / out)]), "cannot load")
+    assert [p.name for p in tmp_path.iterdir()] == ["there"]
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path",
@@ -7950,6 +7968,7 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
                       "os.fsync = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
+    (tmp_path / "out").mkdir()                      # there before: kept (one the run made goes, if left empty)
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                 "--height", "32", "--out", str(tmp_path / "out"))
     assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -8065,6 +8084,7 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
         return real_replace(source, target)
     monkeypatch.setattr(os, "link", no_links)
     monkeypatch.setattr(os, "replace", interrupted)
+    (tmp_path / "out").mkdir()                      # there before: kept (one the run made goes, if left empty)
     with pytest.raises(KeyboardInterrupt):
         sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                      "--height", "32", "--out", str(tmp_path / "out")])
