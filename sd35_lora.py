@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2494  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3163  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3431  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4025  Several Processes (torchrun)     one all-reduce per step
-     4121  Command Line and the Tiny Model  main(), --tiny
+     4024  Several Processes (torchrun)     one all-reduce per step
+     4119  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3588,8 +3588,7 @@ def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()
 
 
 def remove_empty(made: list[Path]):
-    """The folders writable_dir made (innermost first), those still empty: a failed call's (rmdir removes
-    none written into)."""
+    """The folders writable_dir made (innermost first), those left empty: rmdir removes none written into."""
     for folder in made:
         with contextlib.suppress(OSError):
             folder.rmdir()
@@ -3708,7 +3707,7 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
     trainer.made[:0] = writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir",   # first: it may lie in out's
-                                    read_only_if=("latents", "text"))             # a cache's subfolders
+                                    read_only_if=("latents", "text"))
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
@@ -4040,9 +4039,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def env_number(name: str, unset: int) -> int:
-    """A number torchrun sets (or a job script exports), e.g. WORLD_SIZE; empty (exported unset): `unset`."""
     try:
-        return int(os.environ.get(name) or unset)
+        return int(os.environ.get(name) or unset)         # empty (exported unset): not set
     except ValueError:
         raise UserError(f"the environment's {name}={os.environ[name]!r} is not a whole number: unset it (one "
                         f"process) or start the processes with torchrun, which sets it") from None
@@ -4236,12 +4234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     parser.add_argument("--tiny", action="store_true", help="smoke test: random tiny model and a 2-image "
                         "demo dataset on the CPU (seconds to minutes), through the same code paths")
-    args = parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
-    try:                # the environment torchrun sets: a job script's WORLD_SIZE=abc, before main() reads it
-        local_rank()
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    return args
+    return parser.parse_args(read_argv(argv, "['config.yaml', '--resume']"))
 
 
 def read_argv(argv, example: str) -> list[str] | None:
@@ -4263,6 +4256,8 @@ def cli_console():
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     try:
         yield
+    except UserError as e:      # one outside main()'s except clauses: torchrun's variables (WORLD_SIZE=abc)
+        sys.exit(f"error: {e}")
     finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as while importing
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
             signal.signal(signal.SIGINT, signal.SIG_DFL)

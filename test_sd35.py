@@ -7747,9 +7747,8 @@ def test_a_process_count_in_the_environment_that_is_no_number_is_a_one_line_erro
         error = rf"the environment's {name}='[a-z]+' is not a whole number: unset it"
         if name != "LOCAL_RANK":                        # (sample.py refuses torchrun before it needs a GPU)
             one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out")]), error)
-        with pytest.raises(SystemExit) as exit_info:
-            sd.main(["--set", "model=tiny", "--set", f"output_dir={tmp_path / 'run'}"])
-        assert re.fullmatch(f"error: {error}.*", str(exit_info.value.code)), exit_info.value.code
+        r = run_cli("sd35_lora.py", "--set", "model=tiny", "--set", f"output_dir={tmp_path / 'run'}", **env)
+        assert r.returncode == 1 and re.fullmatch(f"error: {error}.*\n", r.stderr), r.stderr[-2000:]
         monkeypatch.undo()
     assert not list(tmp_path.iterdir())
 
