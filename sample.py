@@ -179,14 +179,14 @@ def main(argv=None) -> list[Path]:
     if not trained.get("use_t5", True) and not args.no_t5:
         print("the LoRA was trained without T5: sampling without it too (as --no-t5)")
         args.no_t5 = True
-    sd.writable_dir(args.out, "--out")                  # before loading models: no image may be lost
-    sd.remove_killed_writes(Path(args.out))             # a killed sample.py's hidden temporary files
     sd.check_seed(args.seed, len(args.prompt), "--seed")     # before loading models
     sd.check_size(args.width, args.height)              # before loading models (generate checks it late)
     if args.steps and args.steps > sd.MAX_STEPS:        # before loading models (generate checks it late)
         raise sd.UserError(f"--steps must be in 1..{sd.MAX_STEPS}, got {args.steps}")
     if args.compile:
         sd.check_compile(sd.pick_device(args.device), args.fp8)   # before loading models (compiles fail late)
+    made = sd.writable_dir(args.out, "--out")           # before loading models: no image may be lost
+    sd.remove_killed_writes(Path(args.out))             # a killed sample.py's hidden temporary files
     pipe = None
     try:
         pipe = sd.load_pipeline(args.model, args.text_encoders, args.vae, args.device, args.dtype, t5_length,
@@ -195,6 +195,7 @@ def main(argv=None) -> list[Path]:
         return sample_with(pipe, args, t5_length)
     except BaseException as e:  # a notebook keeps the traceback, and with it the models, to its next error:
         sd.free_models(pipe)                        # the next call ran out of GPU memory
+        sd.remove_empty(made)                       # the --out folders made, if no image went there
         if sd.out_of_memory(e):
             where = "while sampling; the images finished are saved" if pipe else "while loading the models"
             raise sd.memory_error(e, where, memory_levers(args, pipe, ram=sd.out_of_ram(e)))

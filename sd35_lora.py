@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1950  Hub Downloads                    snapshot downloads, tokenizers
-     2012  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2393  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2521  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3191  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3459  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4046  Several Processes (torchrun)     one all-reduce per step
-     4134  Command Line and the Tiny Model  main(), --tiny
+     1953  Hub Downloads                    snapshot downloads, tokenizers
+     2017  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2397  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2525  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3196  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3464  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4058  Several Processes (torchrun)     one all-reduce per step
+     4153  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1373,8 +1373,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.save_and_sample(bins)                    # checkpoint, then samples and the MSE by sigma bin
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
-    except KeyboardInterrupt:                       # one checkpoint, then the shell's code for the signal
-        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)
+    except (KeyboardInterrupt, BrokenPipeError):    # one checkpoint, then the shell's code for the signal; a
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # stdout nothing reads: its own (main)
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -1594,8 +1594,11 @@ def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     except (OSError, ValueError, TypeError, RecursionError) as e:     # (json recurses per nesting level)
         raise UserError(f"cannot read {file} as a JSON object ({e}): download it again") from None
     if config.get("_class_name", class_name) != class_name:      # before reading gigabytes of another model
-        raise UserError(f"{folder} holds a {config['_class_name']}, not the {class_name} needed here: "
-                        f"give the right folder (--model, or --vae for the VAE; in a config: model, vae)")
+        above = folder == path and (path.parent / "model_index.json").is_file()    # e.g. --model ROOT/vae
+        fix = (f"give the diffusers folder above it, {path.parent}" if above else "give the right folder "
+               "(--model, or --vae for the VAE; in a config: model, vae)")
+        raise UserError(f"{folder}'s config.json names {config['_class_name']}, not the {class_name} needed "
+                        f"here: {fix}")
     # FLUX.1's VAE has SD3's names and shapes (a single file cannot be told apart); a folder's config.json can
     sd3, names = (VAEConfig.scaling_factor, VAEConfig.shift_factor), ("scaling_factor", "shift_factor")
     given = tuple(v if config.get(k) is None else config[k] for k, v in zip(names, sd3))     # VAEs' keys only
@@ -1924,8 +1927,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     text_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     text_parts += ("text_encoder_3", "tokenizer_3") if use_t5 else ()
     root = resolve_model(model, ("transformer", "vae") + (() if text_encoders else text_parts))
-    text_root = resolve_model(text_encoders, text_parts) if text_encoders else root   # a mistyped path: an
-    vae_root = resolve_model(vae, ("vae",)) if vae else root               # error before any model loads
+    text_root = resolve_model(text_encoders, text_parts, key="text_encoders") if text_encoders else root
+    vae_root = resolve_model(vae, ("vae",), key="vae") if vae else root    # a mistyped path: an error first
     groups = _header_groups(root) if root.is_file() else set()          # before gigabytes load
     mmdit_file = bool(groups & {"joint_blocks", "transformer_blocks"})
     if mmdit_file and "text_encoders" not in groups and not text_encoders:
@@ -1982,14 +1985,16 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> Path | None:
-    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None."""
+def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None.
+    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
     local = name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.path.exists(name.split("/")[0])
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"model not found: {name!r} (a diffusers folder, .safetensors, hub id or 'tiny')")
+        kinds = ".safetensors, hub id or 'tiny'" if key == "model" else ".safetensors or hub id"
+        raise UserError(f"{key} not found: {name!r} (a diffusers folder, {kinds})")
     from huggingface_hub import snapshot_download
     # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
     skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
@@ -2004,9 +2009,9 @@ def resolve_model(name: str, parts: tuple[str, ...], download: bool = True) -> P
             raise UserError(f"downloading {name} ran out of disk space: free some, or set HF_HOME to a "
                             f"folder on a bigger disk; then run again (finished files are kept)") from None
         raise UserError(f"could not download {name} ({type(e).__name__}): offline? run `hf download {name} "
-                        f"--local-dir DIR` where there is a network, then --model DIR (config: model: DIR); "
-                        f"gated? accept the licence at https://huggingface.co/{name}, then `hf auth "
-                        f"login`") from None
+                        f"--local-dir DIR` where there is a network, then --{key.replace('_', '-')} DIR "
+                        f"(config: {key}: DIR); gated? accept the licence at https://huggingface.co/{name}, "
+                        f"then `hf auth login`") from None
 
 
 #################################################################################
@@ -2146,7 +2151,6 @@ def check_lora_keys(keys, path):
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """The LoRA tensors of `spellings`' modules, {module: {"down", "up", "alpha"}}; warnings of the rest."""
     groups, ignored, notes = {}, [], []
-    check_lora_keys(sd, path)
     for key, tensor in sd.items():
         if key.endswith((".diff", ".diff_b")):          # ComfyUI's LoraSave, a text-encoder part's too
             if tensor.any():                                # (bias_diff on): zero ones change nothing
@@ -2230,8 +2234,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                             f"vs up {tuple(up.shape)}")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
-        official, index, n_parts, diffusers = spellings[module]
-        rank = down.shape[0]
+        (official, index, n_parts, diffusers), rank = spellings[module], down.shape[0]
         peft, alphas = pefts.get(official.partition(".")[0], pefts["transformer"])
         key = next((pattern for pattern in alphas if pattern.match(module)), None)   # PEFT: the first
         alpha = float(t["alpha"] if "alpha" in t else alphas[key] if key else peft.get("lora_alpha", rank))
@@ -2253,6 +2256,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
 def read_lora_file(path) -> tuple[dict, dict]:
     """A LoRA's tensors and header. PEFT's save_pretrained keeps lora_alpha, alpha_pattern and use_rslora in
     adapter_config.json beside adapter_model.safetensors: read as its lora_adapter_metadata, as PEFT does."""
+    check_lora_keys(read_safetensors(path, prefix=None), path)     # a model given: by its names, unread
     sd, meta = read_safetensors(path, with_metadata=True)
     config = Path(path).with_name("adapter_config.json")
     peft_file = Path(path).name == "adapter_model.safetensors" and "lora_adapter_metadata" not in meta
@@ -2863,8 +2867,9 @@ def check_image_batch(images, call: str = "VAE.encode", channels: int = 3):
 def nan_images_error(pipe: Pipeline, text_encoded: bool) -> UserError:
     """generate()'s error for NaN/inf images, naming a damaged weight of the models that ran, if any."""
     modules = [pipe.mmdit, pipe.vae, *(pipe.text.modules() if text_encoded else [])]
+    fp32 = next(pipe.vae.parameters()).dtype == torch.float32      # the run's (fp8: only the MMDiT's weights)
     return UserError("sampling gave NaN/inf values (black images): " + nan_advice(
-        modules, "lower the cfg/LoRA scale or use fp32"))
+        modules, "lower the cfg/LoRA scale" + " or use fp32" * (not fp32)))
 
 
 def read_sample_inputs(settings: SampleSettings | None, batch_size, keep=None) -> tuple[SampleSettings, int]:
@@ -2964,9 +2969,9 @@ def check_sources(cfg: Config):
         raise UserError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'are' if missing[1:] else 'is'} "
                         f"not set: start the processes with torchrun (README: Several GPUs), or unset "
                         f"WORLD_SIZE to train in one", own=True)
-    paths = {cfg.model, cfg.text_encoders, cfg.vae} - {""} if cfg.model != "tiny" else ()   # tiny reads none
-    for name in paths:
-        resolve_model(name, (), download=False)                       # hub ids download after the scan
+    for key in ("model", "text_encoders", "vae") if cfg.model != "tiny" else ():    # tiny reads none
+        if getattr(cfg, key):
+            resolve_model(getattr(cfg, key), (), download=False, key=key)   # hub ids download after the scan
 
 
 def read_yaml(path: str, text: str | None = None):
@@ -3603,9 +3608,7 @@ def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"0")       # a full disk makes the file but refuses a byte (its close writes it)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            for folder in made:
-                folder.rmdir()
+        remove_empty(made)
         filled = read_only_if and all(os.path.isdir(Path(path, folder)) for folder in read_only_if)
         if filled and not made and e.errno in (errno.EROFS, errno.EACCES):
             if rank_and_world()[0] == 0:                    # torchrun: once, not once per process
@@ -3615,6 +3618,13 @@ def writable_dir(path: str | Path, what: str, read_only_if: tuple[str, ...] = ()
         fix = "free disk space or give another" if out_of_space(e) else "give another"
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}): {fix}") from None
     return made
+
+
+def remove_empty(made: list[Path]):
+    """The folders writable_dir made (innermost first), those left empty: rmdir removes none written into."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def out_of_space(e: Exception) -> bool:
@@ -3671,12 +3681,11 @@ def unlock_output_dir(lock):
 
 def remove_if_unused(out: Path, made: list[Path]):
     """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
-    are the folders it made above it while empty (rmdir removes no other): no empty folder per failed try."""
+    are the other folders it made while empty (its cache_dir, those above): no empty folder per failed try."""
     with contextlib.suppress(OSError):
         if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
-            for folder in made:
-                folder.rmdir()
+    remove_empty(made)
 
 
 def remove_killed_writes(folder: Path):
@@ -3730,7 +3739,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     check_sources(cfg)
     trainer.made = writable_dir(out, "output_dir")      # end_training removes them if empty
     trainer.lock = lock_output_dir(out) if first else None     # end_training lets it go (and out, if unused)
-    writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir", read_only_if=("latents", "text"))   # a cache's
+    trainer.made[:0] = writable_dir(cfg.dataset.cache_dir, "dataset.cache_dir",   # first: it may lie in out's
+                                    read_only_if=("latents", "text"))
     for folder in (out, Path(cfg.dataset.cache_dir)) if first else ():
         remove_killed_writes(folder)
     if resume and first:                        # after the lock: a refused resume keeps a live run's log
@@ -3807,6 +3817,8 @@ def save_previews(trainer: Trainer):
         generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
                  embeddings=trainer.embeddings, progress=False, keep=save)
     except Exception as e:                              # a failed preview must not end a long run
+        if isinstance(e, BrokenPipeError):              # stdout's reader gone (`| head`): train() stops
+            raise
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
             e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
@@ -4050,20 +4062,27 @@ def previews_unfinished(trainer: Trainer) -> bool:
 def under_torchrun() -> bool:
     """One of several processes: torchrun's, a job script's with MASTER_ADDR too (srun; a WORLD_SIZE alone
     may be a cluster's) or a caller's; else a plain run, whatever a stray RANK, LOCAL_RANK or job id says."""
-    several = int(os.environ.get("WORLD_SIZE") or 1) > 1         # empty (exported unset): not set
-    return several and ("MASTER_ADDR" in os.environ or dist.is_initialized())
+    return env_number("WORLD_SIZE", 1) > 1 and ("MASTER_ADDR" in os.environ or dist.is_initialized())
 
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): torchrun's. A plain run is process 0 whatever a stray RANK
     says (as process 1 it would hide its errors), of WORLD_SIZE if exported: check_sources refuses that."""
-    rank = int(os.environ.get("RANK") or 0) if under_torchrun() else 0
-    return rank, int(os.environ.get("WORLD_SIZE") or 1)
+    rank = env_number("RANK", 0) if under_torchrun() else 0
+    return rank, env_number("WORLD_SIZE", 1)
+
+
+def env_number(name: str, unset: int) -> int:
+    try:
+        return int(os.environ.get(name) or unset)         # empty (exported unset): not set
+    except ValueError:
+        raise UserError(f"the environment's {name}={os.environ[name]!r} is not a whole number: unset it (one "
+                        f"process) or start the processes with torchrun, which sets it") from None
 
 
 def local_rank() -> int:
     """This process's number on its machine, and its GPU: torchrun's LOCAL_RANK, 0 for a plain run."""
-    return int(os.environ.get("LOCAL_RANK") or rank_and_world()[0]) if under_torchrun() else 0
+    return env_number("LOCAL_RANK", rank_and_world()[0]) if under_torchrun() else 0
 
 
 def join_processes(cfg: Config):
@@ -4271,6 +4290,8 @@ def cli_console():
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     try:
         yield
+    except UserError as e:      # one outside main()'s except clauses: torchrun's variables (WORLD_SIZE=abc)
+        sys.exit(f"error: {e}")
     finally:        # Ctrl-C while Python exits (torch's atexit callbacks): no traceback, as while importing
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # a script's `job &` ignores it
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -4304,6 +4325,9 @@ def main(argv=None):
         own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
+    except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved: quietly, as sample.py
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # (Python flushes stdout at exit)
+        sys.exit(1)
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))

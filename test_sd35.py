@@ -782,8 +782,22 @@ def test_another_models_folder_is_refused_by_its_config_class_before_any_weight_
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
         for given in (tmp_path, tmp_path / part):                       # the root, or the part's folder
-            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))} holds a {written}, not the "
-                                                f"{needed} needed here: give the right folder")
+            one_line_error(lambda: load(given), f"{re.escape(str(tmp_path / part))}'s config.json names {written}, "
+                                                f"not the {needed} needed here: give the right folder")
+
+
+def test_a_diffusers_part_folder_given_as_the_model_is_sent_to_the_folder_above_it(tmp_path):
+    """--model ROOT/transformer (or ROOT/vae) said "ROOT/transformer holds a SD3Transformer2DModel, not the
+    AutoencoderKL needed here" ("a AutoencoderKL" the other way), and "give the right folder": ROOT is."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    for part, written in (("transformer", "SD3Transformer2DModel"), ("vae", "AutoencoderKL")):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps({"_class_name": written}))
+    for part, written, needed in (("transformer", "SD3Transformer2DModel", "AutoencoderKL"),
+                                  ("vae", "AutoencoderKL", "SD3Transformer2DModel")):
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / part), device="cpu"),
+                       f"^{re.escape(str(tmp_path / part))}'s config.json names {written}, not the {needed} needed "
+                       f"here: give the diffusers folder above it, {re.escape(str(tmp_path))}$")
 
 
 def test_a_diffusers_folder_missing_a_part_names_the_part(tmp_path, monkeypatch):
@@ -2052,6 +2066,22 @@ def test_sample_cli_refuses_a_file_that_is_no_lora_before_loading_the_models(tmp
     monkeypatch.setattr(sd, "read_lora", lambda *a, **k: pytest.fail("the file was read before the error"))
     one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(tmp_path / "model.safetensors"),
                                         "--out", str(tmp_path / "out")]),
+                   r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
+
+
+def test_load_lora_refuses_a_model_file_by_its_header_before_reading_its_tensors(tmp_path, monkeypatch):
+    """load_lora(pipe.mmdit, "sd3.5_large.safetensors") from Python read the whole file (16 GB for Large's) into
+    RAM before saying it held no LoRA: its names tell, as sample.py's check reads them."""
+    save_file({f"model.diffusion_model.{k}": v for k, v in tiny_mmdit().state_dict().items()},
+              tmp_path / "model.safetensors")
+    real = sd.read_safetensors
+
+    def names_only(path, with_metadata=False, prefix="", convert=None):
+        if prefix is not None:
+            pytest.fail("the tensors were read before the error")
+        return real(path, with_metadata, prefix, convert)
+    monkeypatch.setattr(sd, "read_safetensors", names_only)
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "model.safetensors"),
                    r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
 
 
@@ -4078,13 +4108,19 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
 
 def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_path, monkeypatch):
     """A run that failed a check after it made output_dir (here: no images, found by the dataset scan) left the
-    folder behind, and those made above it, holding only its hidden lock file. They are removed, only the ones
-    the run made and only while empty: an output_dir there before, or one another file went into, stays."""
+    folder behind, and those made above it, holding only its hidden lock file; and the empty dataset.cache_dir
+    it made. They are removed, only the ones the run made and only while empty: an output_dir or cache_dir
+    there before, or one another file went into, stays."""
     (tmp_path / "data").mkdir()
     (tmp_path / "there").mkdir()
     for out in ("runs/new/run", "there"):
+        sets = {"output_dir": str(tmp_path / out), "dataset.cache_dir": str(tmp_path / "c/new")}
         with pytest.raises(sd.UserError, match="no usable images"):
-            sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / out)))
+            sd.train(tiny_config(tmp_path, **sets))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "there"]
+    (tmp_path / "cache").mkdir()                                        # tiny_config's cache_dir, there before
+    with pytest.raises(sd.UserError, match="no usable images"):
+        sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "there")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "there"]
     real_scan = sd.scan_dataset
 
@@ -4393,8 +4429,9 @@ def test_a_missing_text_encoders_or_vae_path_is_refused_before_any_model_loads(t
     monkeypatch.setattr(sd, "load_mmdit", lambda *a, **k: pytest.fail("the MMDiT loaded before the error"))
     (tmp_path / "model").mkdir()
     for paths in ({"text_encoders": str(tmp_path / "missing")}, {"vae": str(tmp_path / "missing.safetensors")}):
-        with pytest.raises(sd.UserError, match="model not found: .*missing"):
-            sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths)
+        key = next(iter(paths))                 # named as given, without the 'tiny' only --model/model takes
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path / "model"), device="cpu", **paths),
+                       rf"^{key} not found: .*missing[^']*' \(a diffusers folder, .safetensors or hub id\)$")
 
 
 @pytest.mark.parametrize("setting, error", [
@@ -4430,7 +4467,7 @@ def test_a_bad_device_path_or_t5_length_is_refused_before_the_dataset_scan(tmp_p
     for key in ("model", "text_encoders", "vae"):           # a mistyped path (downloads of hub ids come later)
         missing = str(tmp_path / "sd3.5_large.safetensor")
         sets = {"model": str(tmp_path), key: missing}             # (model tiny reads neither text_encoders nor vae)
-        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), "model not found: .*safetensor'")
+        one_line_error(lambda: sd.train(tiny_config(tmp_path, **sets)), f"^{key} not found: .*safetensor'")
     (tmp_path / "file").write_text("")
     for key in ("output_dir", "dataset.cache_dir"):                  # a folder under a file: never writable
         bad = str(tmp_path / "file" / "run")
@@ -5594,6 +5631,25 @@ def test_tiny_resume_continues_the_newest_tiny_run_that_saved(tmp_path, monkeypa
     monkeypatch.setattr(sd, "train", lambda cfg, resume: resumed.append((cfg.output_dir, resume)) or "lora")
     sd.main(["--tiny", "--resume"])
     assert resumed == [("runs/tiny_20261128-120000", True)]
+
+
+def test_training_whose_output_pipe_closed_stops_with_a_checkpoint_as_ctrl_c_does(tmp_path):
+    """`python sd35_lora.py config.yaml | head` (or a pager quit early): the next line to stdout raised
+    BrokenPipeError, reported as "error: [Errno 32] Broken pipe: free disk space ..." (wrong advice), and the
+    steps since the last checkpoint were lost. It stops as Ctrl-C does, with a checkpoint of the last step, and
+    ends quietly with exit code 1, as sample.py does."""
+    make_dataset(tmp_path / "data")
+    p = subprocess.Popen([sys.executable, *train_cli(tmp_path, **{"sample.sample_every": 2, "train.save_every": 40})],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    while "step_000000_sample_01" not in p.stdout.readline():          # step 0's last preview: training begins
+        pass
+    p.stdout.close()                                                    # the reader gone: step 2's report fails
+    stderr = p.stderr.read()
+    assert p.wait(timeout=600) == 1 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr[-2000:]
+    trained = len(losses(tmp_path / "run"))
+    assert 0 < trained < 40 and (tmp_path / f"run/lora_step_{trained:06d}.safetensors").is_file()
+    assert (tmp_path / "run" / sd.STATE_FILE).is_file()
 
 
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
@@ -7503,6 +7559,14 @@ def test_non_finite_numbers_are_refused_and_never_saved_as_black_images(tmp_path
     assert len(losses(tmp_path / "run")) == 1
 
 
+def test_black_images_advise_fp32_only_to_a_run_that_is_not_fp32_already():
+    """NaN/inf images advised "lower the cfg/LoRA scale or use fp32" to a run already in fp32 (the CPU's
+    default)."""
+    for dtype, advice in ((torch.float32, "lower the cfg/LoRA scale$"), (torch.bfloat16, "scale or use fp32$")):
+        error = sd.nan_images_error(sd.tiny_pipeline(dtype=dtype), text_encoded=True)
+        assert re.search(advice, str(error)), (dtype, str(error))
+
+
 def test_a_run_without_previews_says_nothing_about_their_negative_prompt(tmp_path, capsys):
     """sample.neg at cfg 1 is worth a warning only where previews are made: none without sample.prompts."""
     make_dataset(tmp_path / "data")
@@ -7824,6 +7888,36 @@ def test_torchrun_is_a_world_size_over_1_with_its_master_addr_for_sample_py_and_
         assert sd.under_torchrun() is under, (world, master)
 
 
+def test_a_process_count_in_the_environment_that_is_no_number_is_a_one_line_error(tmp_path, monkeypatch):
+    """WORLD_SIZE=abc (or RANK=abc under torchrun's variables) exported by a job script: sample.py and training
+    ended in a bare ValueError traceback ("invalid literal for int()") naming neither the variable nor a fix."""
+    for name, env in (("WORLD_SIZE", {"WORLD_SIZE": "abc"}),
+                      ("RANK", {"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "RANK": "abc"}),
+                      ("LOCAL_RANK", {"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "RANK": "1", "LOCAL_RANK": "x"})):
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded"))
+        error = rf"the environment's {name}='[a-z]+' is not a whole number: unset it"
+        if name != "LOCAL_RANK":                        # (sample.py refuses torchrun before it needs a GPU)
+            one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--out", str(tmp_path / "out")]), error)
+        r = run_cli("sd35_lora.py", "--set", "model=tiny", "--set", f"output_dir={tmp_path / 'run'}", **env)
+        assert r.returncode == 1 and re.fullmatch(f"error: {error}.*\n", r.stderr), r.stderr[-2000:]
+        monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_sample_cli_removes_the_empty_out_folders_it_made_and_no_other(tmp_path, monkeypatch):
+    """sample.py failing after it made --out (here the model fails to load) left that folder, and those it made
+    above it, empty behind: one per failed try. Only those it made go, and only while empty."""
+    def cannot_load(*args, **kwargs):
+        raise sd.UserError("cannot load")
+    monkeypatch.setattr(sd, "load_pipeline", cannot_load)
+    (tmp_path / "there").mkdir()
+    for out in ("new/out", "there"):
+        one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--out", str(tmp_path / out)]), "cannot load")
+    assert [p.name for p in tmp_path.iterdir()] == ["there"]
+
+
 def test_sample_cli_refuses_text_encoders_or_a_vae_for_the_tiny_model(tmp_path):
     for flag in ("--text-encoders", "--vae"):                           # it has its own: the path went unused
         one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "a cat", flag, "/no/such/path",
@@ -8026,6 +8120,7 @@ def test_sample_cli_terminated_while_writing_leaves_no_empty_png(tmp_path):
                       "os.fsync = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
                       f"sys.argv = ['sample.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'sample.py')!r}, "
                       "run_name='__main__')\n")
+    (tmp_path / "out").mkdir()                      # there before: kept (one the run made goes, if left empty)
     r = run_cli(str(script), "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                 "--height", "32", "--out", str(tmp_path / "out"))
     assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -8141,6 +8236,7 @@ def test_sample_cli_without_hard_links_interrupted_while_numbering_leaves_no_emp
         return real_replace(source, target)
     monkeypatch.setattr(os, "link", no_links)
     monkeypatch.setattr(os, "replace", interrupted)
+    (tmp_path / "out").mkdir()                      # there before: kept (one the run made goes, if left empty)
     with pytest.raises(KeyboardInterrupt):
         sample.main(["--model", "tiny", "--prompt", "a cat", "--steps", "1", "--width", "32",
                      "--height", "32", "--out", str(tmp_path / "out")])
@@ -9960,6 +10056,19 @@ def test_a_full_disk_while_downloading_is_named_not_called_offline(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
         one_line_error(lambda: sd.resolve_model("stabilityai/stable-diffusion-3.5-medium", ("vae",)),
                        "downloading stabilityai/stable-diffusion-3.5-medium ran out of disk space: .*HF_HOME")
+
+
+def test_a_failed_download_of_text_encoders_or_a_vae_names_their_own_option(monkeypatch, tmp_path):
+    """A hub id given as --text-encoders or --vae that could not be downloaded (offline) advised "then --model
+    DIR (config: model: DIR)", the option the user had not given."""
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for key, flag in (("text_encoders", "--text-encoders"), ("vae", "--vae")):
+        one_line_error(lambda: sd.load_pipeline(str(tmp_path), device="cpu", **{key: "org/repo"}),
+                       rf"could not download org/repo .*--local-dir DIR` .*, then {flag} DIR \(config: {key}: DIR\);")
 
 
 def test_hub_downloads_skip_the_fp16_copies_of_the_text_encoders(monkeypatch, tmp_path):
