@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2525  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3196  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3464  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4058  Several Processes (torchrun)     one all-reduce per step
-     4153  Command Line and the Tiny Model  main(), --tiny
+     4059  Several Processes (torchrun)     one all-reduce per step
+     4154  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3986,7 +3986,8 @@ def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
 def stop_with_checkpoint(tr: Trainer, terminated: bool):
     """train() stopped by Ctrl-C or SIGTERM: one checkpoint, then the shell's exit code for the signal. Out of
     memory saving it: as a step's checkpoint, a second try and the levers."""
-    tr.bar.close()
+    with contextlib.suppress(BrokenPipeError):      # stderr's reader gone too (`2>&1 | head`): saved still
+        tr.bar.close()
     try:
         save_checkpoint(tr)
     except (RuntimeError, MemoryError) as e:
