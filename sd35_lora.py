@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2525  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3196  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3464  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4059  Several Processes (torchrun)     one all-reduce per step
-     4154  Command Line and the Tiny Model  main(), --tiny
+     4060  Several Processes (torchrun)     one all-reduce per step
+     4155  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3682,10 +3682,11 @@ def unlock_output_dir(lock):
 def remove_if_unused(out: Path, made: list[Path]):
     """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
     are the other folders it made while empty (its cache_dir, those above): no empty folder per failed try."""
+    remove_empty(made)                                  # first a cache_dir it made in out
     with contextlib.suppress(OSError):
         if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
-    remove_empty(made)
+            remove_empty(made)                          # out now, and those above
 
 
 def remove_killed_writes(folder: Path):

@@ -4113,11 +4113,11 @@ def test_a_run_refused_after_making_its_output_dir_removes_it_if_left_empty(tmp_
     there before, or one another file went into, stays."""
     (tmp_path / "data").mkdir()
     (tmp_path / "there").mkdir()
-    for out in ("runs/new/run", "there"):
-        sets = {"output_dir": str(tmp_path / out), "dataset.cache_dir": str(tmp_path / "c/new")}
+    for out, cache in (("runs/new/run", "c/new"), ("there", "c/new"), ("runs/new/run", "runs/new/run/cache")):
+        sets = {"output_dir": str(tmp_path / out), "dataset.cache_dir": str(tmp_path / cache)}
         with pytest.raises(sd.UserError, match="no usable images"):
             sd.train(tiny_config(tmp_path, **sets))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "there"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "there"]     # a cache_dir made in out too
     (tmp_path / "cache").mkdir()                                        # tiny_config's cache_dir, there before
     with pytest.raises(sd.UserError, match="no usable images"):
         sd.train(tiny_config(tmp_path, output_dir=str(tmp_path / "there")))
