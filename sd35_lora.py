@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1953  Hub Downloads                    snapshot downloads, tokenizers
-     2017  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2397  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2525  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3196  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3464  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4060  Several Processes (torchrun)     one all-reduce per step
-     4155  Command Line and the Tiny Model  main(), --tiny
+     1954  Hub Downloads                    snapshot downloads, tokenizers
+     2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2398  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4061  Several Processes (torchrun)     one all-reduce per step
+     4156  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1587,7 +1587,8 @@ def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     """(the folder, its config.json) of a diffusers root's `part`/ or that folder; another model's refused."""
     folder = path / part if (path / part).is_dir() else path
     if folder == path and (path / "model_index.json").is_file():       # a diffusers root: not the part's own
-        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again")
+        unet = " (a UNet model's, e.g. SDXL's, has none: give an SD3 model)" * (part == "transformer")
+        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again{unet}")
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
