@@ -1153,13 +1153,13 @@ class LatentDataset:
     """VAE moments and text embeddings per image, cached on disk (~5 MB per 1024 px image; keyed by content
     and every setting that changes them) and read back per batch: RAM does not grow with the dataset."""
 
-    def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
+    def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model: str):
         rank, world = rank_and_world()
         self.pipe, self.flip, self.cache_dir = pipe, cfg.dataset.flip, Path(cfg.dataset.cache_dir)
         self.store = functools.partial(cache_share, rank=rank, world=world)    # torchrun: one writer per file
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # load_image's recipe: another's cache unused
-        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
+        text_id = _digest(model, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
         self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
         if rank == 0:
