@@ -1894,6 +1894,23 @@ def test_lora_loads_in_diffusers_with_same_output(diffusers_folder, tmp_path):
         torch.testing.assert_close(both(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
 
 
+def peft_lora_output(transformer) -> tuple[tuple, torch.Tensor]:
+    """make_components()'s transformer with PEFT adapters: its LoRA weights made random (PEFT starts lora_B at 0)
+    -> (x, t, context, pooled), its output for them."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
+    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
+    with torch.no_grad():
+        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                               return_dict=False)[0]
+    return (x, t, context, pooled), expected
+
+
 @pytest.mark.parametrize("rslora, patterns", [(False, False), (True, False), (False, True), (True, True)])
 def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patterns):
     """A LoRA trained with PEFT (lora_alpha != r, so the scale lives in the metadata), saved by diffusers; rsLoRA
@@ -1913,20 +1930,10 @@ def test_peft_lora_with_alpha_metadata_matches_diffusers(tmp_path, rslora, patte
         warnings.simplefilter("always")                     # matches nothing with it, and says so
         transformer.add_adapter(config)
     assert any("keys did not match any targeted module" in str(w.message) for w in caught) == patterns
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    (x, t, context, pooled), expected = peft_lora_output(transformer)
     lora = get_peft_model_state_dict(transformer)
     StableDiffusion3Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=lora,
                                                transformer_lora_adapter_metadata=config.to_dict())
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
-    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
-    with torch.no_grad():
-        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
-                               return_dict=False)[0]
     written = tmp_path / "pytorch_lora_weights.safetensors"
     unprefixed = tmp_path / "unprefixed.safetensors"
     save_file({k.removeprefix("transformer."): v for k, v in load_file(written).items()}, unprefixed,
@@ -1961,20 +1968,11 @@ def test_a_peft_adapter_model_takes_its_scale_from_the_adapter_config_json_besid
     peft_model = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=16, use_rslora=rslora_and_patterns,
                                                         target_modules=["to_q", "to_k", "add_v_proj", "to_out.0"],
                                                         **patterns))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    (x, t, context, pooled), expected = peft_lora_output(transformer)
     peft_model.save_pretrained(tmp_path / "adapter")
     adapter = tmp_path / "adapter" / "adapter_model.safetensors"
     assert next(iter(load_file(adapter))).startswith("base_model.model.transformer_blocks.")
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([600.0])
-    context, pooled = torch.randn(1, 9, 96, generator=g), torch.randn(1, 80, generator=g)
     with torch.no_grad():
-        expected = transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
-                               return_dict=False)[0]
         ours = sd.load_mmdit(tmp_path / "base")
         sd.load_lora(ours, adapter)
         torch.testing.assert_close(ours(x, t, context, pooled), expected, atol=1e-5, rtol=1e-5)
