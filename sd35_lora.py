@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1953  Hub Downloads                    snapshot downloads, tokenizers
-     2017  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2397  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2525  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3196  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3464  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4058  Several Processes (torchrun)     one all-reduce per step
-     4153  Command Line and the Tiny Model  main(), --tiny
+     1954  Hub Downloads                    snapshot downloads, tokenizers
+     2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2398  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4061  Several Processes (torchrun)     one all-reduce per step
+     4156  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1153,13 +1153,13 @@ class LatentDataset:
     """VAE moments and text embeddings per image, cached on disk (~5 MB per 1024 px image; keyed by content
     and every setting that changes them) and read back per batch: RAM does not grow with the dataset."""
 
-    def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model_id: str):
+    def __init__(self, items: list[dict], pipe: Pipeline, cfg: Config, model: str):
         rank, world = rank_and_world()
         self.pipe, self.flip, self.cache_dir = pipe, cfg.dataset.flip, Path(cfg.dataset.cache_dir)
         self.store = functools.partial(cache_share, rank=rank, world=world)    # torchrun: one writer per file
         vae_id = _digest(_weights_digest(pipe.vae), cfg.dtype, json.dumps(dataclasses.asdict(pipe.vae.cfg)),
                          "crop-then-resize", "alpha-on-white")  # load_image's recipe: another's cache unused
-        text_id = _digest(model_id, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
+        text_id = _digest(model, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
         self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
         if rank == 0:
@@ -1587,7 +1587,8 @@ def _part_config(path: Path, part: str, class_name: str) -> tuple[Path, dict]:
     """(the folder, its config.json) of a diffusers root's `part`/ or that folder; another model's refused."""
     folder = path / part if (path / part).is_dir() else path
     if folder == path and (path / "model_index.json").is_file():       # a diffusers root: not the part's own
-        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again")
+        unet = " (a UNet model's, e.g. SDXL's, has none: give an SD3 model)" * (part == "transformer")
+        raise UserError(f"{path} has no {part}/ folder: an incomplete download? download it again{unet}")
     file = folder / "config.json"
     try:
         config = dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
@@ -3682,10 +3683,11 @@ def unlock_output_dir(lock):
 def remove_if_unused(out: Path, made: list[Path]):
     """A failed run's output_dir holding nothing but its lock file, when the run made it, is removed, and so
     are the other folders it made while empty (its cache_dir, those above): no empty folder per failed try."""
+    remove_empty(made)                                  # first a cache_dir it made in out
     with contextlib.suppress(OSError):
         if out in made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
-    remove_empty(made)
+            remove_empty(made)                          # out now, and those above
 
 
 def remove_killed_writes(folder: Path):
@@ -3986,7 +3988,8 @@ def checkpoint_after_memory(tr: Trainer, second_try: bool) -> str:
 def stop_with_checkpoint(tr: Trainer, terminated: bool):
     """train() stopped by Ctrl-C or SIGTERM: one checkpoint, then the shell's exit code for the signal. Out of
     memory saving it: as a step's checkpoint, a second try and the levers."""
-    tr.bar.close()
+    with contextlib.suppress(BrokenPipeError):      # stderr's reader gone too (`2>&1 | head`): saved still
+        tr.bar.close()
     try:
         save_checkpoint(tr)
     except (RuntimeError, MemoryError) as e:
