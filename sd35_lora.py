@@ -32,7 +32,7 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
      4061  Several Processes (torchrun)     one all-reduce per step
-     4156  Command Line and the Tiny Model  main(), --tiny
+     4157  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1373,8 +1373,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             tr.save_and_sample(bins)                    # checkpoint, then samples and the MSE by sigma bin
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
-    except (KeyboardInterrupt, BrokenPipeError):    # one checkpoint, then the shell's code for the signal; a
-        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # stdout nothing reads: its own (main)
+    except (KeyboardInterrupt, BrokenPipeError):    # Ctrl-C, SIGTERM, or stdout's reader gone (`| head`):
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # a checkpoint, then main's exit code
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -4076,6 +4076,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def env_number(name: str, unset: int) -> int:
+    """torchrun's integer variable `name`; `unset` when it is absent or empty; a UserError if no integer."""
     try:
         return int(os.environ.get(name) or unset)         # empty (exported unset): not set
     except ValueError:
