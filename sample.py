@@ -329,6 +329,5 @@ if __name__ == "__main__":
         except KeyboardInterrupt as e:
             stopped = ": images already written stay in --out"
             sd.exit_stopped(isinstance(e, sd.Terminated), stopped, sys.stderr)
-        except BrokenPipeError:     # the reader of stdout gone (`| head`): ends quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # (Python flushes it at exit)
-            sys.exit(1)
+        except BrokenPipeError:     # the reader of stdout gone (`| head`)
+            sd.exit_output_gone()

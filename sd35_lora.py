@@ -4249,6 +4249,12 @@ def exit_stopped(terminated: bool, message: str, file=None):
     sys.exit(143 if terminated else 130)
 
 
+def exit_output_gone():
+    """End a run whose stdout lost its reader (`| head`, a pager quit) quietly, as Unix tools do: exit 1."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # Python flushes stdout at exit
+    sys.exit(1)
+
+
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
     """Install `handler` for `signals` -> {signal: the handler it replaced}. Only the main thread may (else a
     ValueError ends train() after caching): in a web UI's or notebook's thread none is; Ctrl-C is theirs."""
@@ -4329,9 +4335,8 @@ def main(argv=None):
         own = not isinstance(e, UserError) or e.own     # torchrun: others by each machine's first (its log)
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
-    except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved: quietly, as sample.py
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # (Python flushes stdout at exit)
-        sys.exit(1)
+    except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved
+        exit_output_gone()
     except OSError as e:                                    # e.g. a full disk while logging
         # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
         saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
