@@ -3818,9 +3818,9 @@ def save_previews(trainer: Trainer):
         trainer.pipe.vae.to(trainer.pipe.device)
         generate(trainer.pipe, sample.prompts, sample.neg, trainer.sample_settings,
                  embeddings=trainer.embeddings, progress=False, keep=save)
+    except BrokenPipeError:                             # stdout's reader gone (`| head`): train() stops
+        raise
     except Exception as e:                              # a failed preview must not end a long run
-        if isinstance(e, BrokenPipeError):              # stdout's reader gone (`| head`): train() stops
-            raise
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
             e = memory_error(e, "in the previews", ["lower sample.width and sample.height"] + many)
