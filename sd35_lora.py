@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1954  Hub Downloads                    snapshot downloads, tokenizers
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2398  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4061  Several Processes (torchrun)     one all-reduce per step
-     4157  Command Line and the Tiny Model  main(), --tiny
+     2402  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2530  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3201  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3469  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4065  Several Processes (torchrun)     one all-reduce per step
+     4161  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2098,6 +2098,7 @@ TEXT_LORA_NAMES = {
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()
+ANOTHER_MODELS_LORA = "{} matches no layer of {}, a LoRA for another model? ({})"    # which, where known
 # keeping either of a layer's two adapters would give other images than the tool that wrote the file
 TWO_ADAPTERS = "{} has two adapters for '{}' (again as '{}'): a file of two layouts? keep one of them"
 # DoRA, LyCORIS' LoHa, LoKr, OFT and trained norms, LoRA biases: the plain pairs beside them are another LoRA
@@ -2139,7 +2140,8 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
 
 def check_lora_keys(keys, path):
     """A LoRA file read here, by its tensor names alone (sample.py: before any model loads): no DoRA, LoHa,
-    LoKr or OFT, and no model given as the LoRA (named for what it is; `.diff` files: _lora_groups says)."""
+    LoKr or OFT, no model given as the LoRA, no LoRA of another known model (each named for what it is;
+    `.diff` files: _lora_groups says)."""
     unsupported = [key for key in keys if re.search(NOT_PLAIN_LORA, key)]
     if unsupported:
         raise UserError(f"{path}: '{unsupported[0]}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT "
@@ -2147,6 +2149,9 @@ def check_lora_keys(keys, path):
     if not any(key.endswith((*LORA_ROLES, ".diff", ".diff_b")) for key in keys):
         what = f"keys {sorted(keys)[:3]}" if any("lora" in k for k in keys) else describe_checkpoint(keys)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
+    other_model = checkpoint_kind(keys, OTHER_MODELS)   # e.g. an SDXL or FLUX LoRA: no model need load
+    if other_model:
+        raise UserError(ANOTHER_MODELS_LORA.format(path, "SD3's MMDiT", f"it looks like {other_model}"))
 
 
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -2176,8 +2181,7 @@ def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, t
         groups.setdefault(module, {})[LORA_ROLES[suffix]] = tensor
     text = [k for k in ignored if re.match(TEXT_LORA, k)]
     rest = [k for k in ignored if not re.match(TEXT_LORA, k)]
-    other_model = checkpoint_kind(rest, OTHER_MODELS)                                            # FLUX's
-    if other_model or rest and all(re.match(TEXT_LORA, module) for module in groups):   # an SDXL LoRA's CLIP
+    if rest and all(re.match(TEXT_LORA, module) for module in groups):     # an unknown model's LoRA: its CLIP
         return {}, []                                           # part may fit alone: read_lora says why
     if text:                            # diffusers and ComfyUI apply it: their images differ from these
         example, unloaded = _text_lora_left_out(text, spellings)
@@ -2218,9 +2222,9 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         notes.insert(0, f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: "
                         f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    if not groups:      # e.g. an SDXL LoRA's (its CLIP part may fit): which other model's layers it names
-        raise UserError(f"{path} matches no layer of this {model.cfg.variant()} MMDiT (depth {depth}), a "
-                        f"LoRA for another model? ({describe_checkpoint(sd, OTHER_MODELS)})")
+    if not groups:                                      # (another known model's: check_lora_keys said so)
+        raise UserError(ANOTHER_MODELS_LORA.format(path, f"this {model.cfg.variant()} MMDiT (depth {depth})",
+                                                   describe_checkpoint(sd, OTHER_MODELS)))
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")

@@ -2071,6 +2071,21 @@ def test_sample_cli_refuses_a_file_that_is_no_lora_before_loading_the_models(tmp
                    r"model.safetensors is not a LoRA read here \(.*; it looks like an SD3 MMDiT\)$")
 
 
+def test_sample_cli_refuses_another_models_lora_before_loading_the_models(tmp_path, monkeypatch):
+    """An SDXL or FLUX LoRA holds LoRA keys, so sample.py's check of the names let it through: it was refused
+    only once the models had loaded (minutes and 16 GB for Large), though its names alone tell."""
+    pair = lambda key: {f"{key}.lora_{part}.weight": torch.ones(2, 64) for part in "AB"}
+    save_file({**pair("lora_unet_input_blocks_4_1_proj_in"),
+               **pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")}, tmp_path / "sdxl.safetensors")
+    save_file({**pair("transformer.transformer_blocks.0.attn.to_q"),
+               **pair("transformer.single_transformer_blocks.0.attn.to_q")}, tmp_path / "flux.safetensors")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    for name, kind in (("sdxl", r"an SD1.x/SDXL UNet"), ("flux", "a FLUX transformer")):
+        one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(tmp_path / f"{name}.safetensors"),
+                                            "--out", str(tmp_path / "out")]),
+                       rf"{name}.safetensors matches no layer .*, a LoRA for another model\? \(it looks like {kind}\)$")
+
+
 def test_load_lora_refuses_a_model_file_by_its_header_before_reading_its_tensors(tmp_path, monkeypatch):
     """load_lora(pipe.mmdit, "sd3.5_large.safetensors") from Python read the whole file (16 GB for Large's) into
     RAM before saying it held no LoRA: its names tell, as sample.py's check reads them."""
