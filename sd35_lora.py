@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1954  Hub Downloads                    snapshot downloads, tokenizers
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2402  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2530  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3201  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3469  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4065  Several Processes (torchrun)     one all-reduce per step
-     4161  Command Line and the Tiny Model  main(), --tiny
+     2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3206  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3474  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4070  Several Processes (torchrun)     one all-reduce per step
+     4166  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2265,8 +2265,13 @@ def read_lora_file(path) -> tuple[dict, dict]:
     sd, meta = read_safetensors(path, with_metadata=True)
     config = Path(path).with_name("adapter_config.json")
     peft_file = Path(path).name == "adapter_model.safetensors" and "lora_adapter_metadata" not in meta
-    if peft_file and config.is_file():
-        meta = {**meta, "lora_adapter_metadata": config.read_text(encoding="utf-8", errors="replace")}
+    if peft_file and os.path.lexists(config):           # a folder or dead link: said, not skipped (alpha = r)
+        try:
+            meta = {**meta, "lora_adapter_metadata": config.read_text(encoding="utf-8", errors="replace")}
+        except OSError as e:
+            raise UserError(f"cannot read {config} ({e.strerror or e}), which holds the LoRA's scale "
+                            f"(lora_alpha): make it readable, or download the adapter again") from None
+        lora_metadata(meta, config, fix="fix it, or download the adapter again")    # named for the file at fault
     return sd, meta
 
 

@@ -1981,6 +1981,31 @@ def test_a_peft_adapter_model_takes_its_scale_from_the_adapter_config_json_besid
     one_line_error(lambda: sd.load_lora(sd.load_mmdit(tmp_path / "base"), adapter), "lora_alpha = '16' is not in")
 
 
+def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_blamed_on_the_weights(tmp_path,
+                                                                                                  monkeypatch):
+    """adapter_config.json holds a PEFT adapter's scale (lora_alpha). An unreadable one was a bare PermissionError
+    traceback; a folder or dead link of that name was skipped, the LoRA loaded at alpha = r (other images, no
+    word); a broken one was blamed on adapter_model.safetensors ("its ... metadata is no JSON object; save it
+    again"), whose header holds none. Each is now a one-line error naming adapter_config.json."""
+    adapter, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
+    save_file(load_file(tmp_path / "lora.safetensors"), adapter)            # as PEFT saves it: no metadata
+    for content in ("{", "[]", '"r"'):
+        config.write_text(content)
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), "adapter_config.json: .* no JSON object")
+    config.write_text('{"r": 16, "lora_alpha": 32}')
+    with monkeypatch.context() as patch:
+        failing_for(patch, "read_text", config.name, PermissionError(13, "Permission denied", str(config)))
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter),
+                       r"cannot read .*adapter_config.json \(Permission denied\).*lora_alpha.*: make it readable")
+    config.unlink()
+    config.mkdir()
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), r"adapter_config.json \(Is a directory\)")
+    config.rmdir()
+    config.symlink_to(tmp_path / "blobs" / "missing")
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), r"adapter_config.json \(No such file")
+
+
 def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
     """alpha_pattern keys come from the file's header and PEFT matches them as regexes: one of nested repeats,
     (\\w|\\w)*y, backtracks 2^n steps per module name (hours on the real model's).
