@@ -2271,7 +2271,7 @@ def read_lora_file(path) -> tuple[dict, dict]:
         except OSError as e:
             raise UserError(f"cannot read {config} ({e.strerror or e}), which holds the LoRA's scale "
                             f"(lora_alpha): make it readable, or download the adapter again") from None
-        lora_metadata(meta, config, fix="fix it, or download the adapter again")    # named for the file at fault
+        lora_metadata(meta, config, fix="fix it, or download the adapter again")     # the file at fault named
     return sd, meta
 
 
