@@ -132,9 +132,8 @@ def trained_settings(paths: list[str], t5_length: int | None = None) -> dict:
     T5 is left out only when all were trained without it."""
     found, recorded = {}, {flag: set() for flag in RECORDED_AS}
     for path in paths:
-        names, header = sd.read_safetensors(path, with_metadata=True, prefix=None)   # no tensors: load_lora's
-        sd.check_lora_keys(names, path)             # a model given as the LoRA: refused before models load
-        info = sd.lora_metadata(header, path)[0]
+        # what load_lora refuses by the header (names, adapter_config.json): refused before the models load
+        info = sd.lora_metadata(sd.read_lora_header(path), path)[0]
         if "t5_length" in info:
             found[path] = (info["t5_length"], info.get("use_t5", True))
         for flag, key in RECORDED_AS.items():   # a hostile file's: not text, with control characters (an

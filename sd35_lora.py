@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1954  Hub Downloads                    snapshot downloads, tokenizers
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3206  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3474  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4070  Several Processes (torchrun)     one all-reduce per step
-     4166  Command Line and the Tiny Model  main(), --tiny
+     2408  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2536  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3207  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3475  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4071  Several Processes (torchrun)     one all-reduce per step
+     4167  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2210,7 +2210,7 @@ def _text_lora_left_out(text: list, spellings: dict) -> tuple[str, str]:
 def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) -> dict[str, tuple]:
     """A LoRA file in any supported layout -> {loadable_layers' name: (down (r, in), up (out, r) * alpha / r)}
     checked against those layers. Raises UserError, touching nothing, when the file does not fit."""
-    sd, meta = read_lora_file(path)
+    meta, sd = read_lora_header(path), read_safetensors(path)         # the header (checked) first
     # each part's (sd35_lora, PEFT) headers and PEFT alpha_pattern (for rank_pattern, the shapes give ranks)
     headers = {part: lora_metadata(meta, path, part) for part in ("transformer", *TEXT_LORA_NAMES)}
     pefts = {part: (peft, _alpha_pattern(peft, path)) for part, (_, peft) in headers.items()}
@@ -2258,11 +2258,12 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     return adapters
 
 
-def read_lora_file(path) -> tuple[dict, dict]:
-    """A LoRA's tensors and header. PEFT's save_pretrained keeps lora_alpha, alpha_pattern and use_rslora in
+def read_lora_header(path) -> dict:
+    """A LoRA file's header, its tensor names checked first (a model given is refused unread; sample.py reads
+    it before any model loads). PEFT's save_pretrained keeps lora_alpha, alpha_pattern and use_rslora in
     adapter_config.json beside adapter_model.safetensors: read as its lora_adapter_metadata, as PEFT does."""
-    check_lora_keys(read_safetensors(path, prefix=None), path)     # a model given: by its names, unread
-    sd, meta = read_safetensors(path, with_metadata=True)
+    names, meta = read_safetensors(path, with_metadata=True, prefix=None)
+    check_lora_keys(names, path)
     config = Path(path).with_name("adapter_config.json")
     peft_file = Path(path).name == "adapter_model.safetensors" and "lora_adapter_metadata" not in meta
     if peft_file and os.path.lexists(config):           # a folder or dead link: said, not skipped (alpha = r)
@@ -2272,7 +2273,7 @@ def read_lora_file(path) -> tuple[dict, dict]:
             raise UserError(f"cannot read {config} ({e.strerror or e}), which holds the LoRA's scale "
                             f"(lora_alpha): make it readable, or download the adapter again") from None
         lora_metadata(meta, config, fix="fix it, or download the adapter again")     # the file at fault named
-    return sd, meta
+    return meta
 
 
 def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int, bool]]:

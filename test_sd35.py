@@ -2004,6 +2004,9 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
     config.rmdir()
     config.symlink_to(tmp_path / "blobs" / "missing")
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), r"adapter_config.json \(No such file")
+    monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
+    one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(adapter), "--out", str(tmp_path / "out")]),
+                   r"adapter_config.json \(No such file")           # sample.py: before the models load
 
 
 def test_a_regex_in_a_loras_alpha_pattern_is_refused_at_once_not_run_for_hours(tmp_path):
