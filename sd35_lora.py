@@ -2089,12 +2089,12 @@ def lora_file(model: MMDiT, format: str, metadata: dict | None, title: str) -> t
 LORA_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                  "lora_unet_", "lora_transformer_", "lycoris_")
 TEXT_LORA = r"(lora_te\d*_|text_encoders?(_\d)?\.|clip_[lg]\.|t5\.)"     # the text encoders': CLIP-L, -G, T5
-# Its layers' names in diffusers' pipeline -> their prefix in diffusers/PEFT (no T5: diffusers loads none),
-# kohya sd-scripts (+ transformers' names flattened with "_"), ComfyUI's generic layout and OMI's (OneTrainer)
+# Its layers' names in diffusers' pipeline -> their prefix in diffusers/PEFT (T5's too, though diffusers loads
+# none), kohya sd-scripts (+ transformers' names flattened with "_"), ComfyUI's generic layout and OMI's
 TEXT_LORA_NAMES = {
     "text_encoder": ("text_encoder.", "lora_te1_", "text_encoders.clip_l.transformer.", "clip_l."),
     "text_encoder_2": ("text_encoder_2.", "lora_te2_", "text_encoders.clip_g.transformer.", "clip_g."),
-    "text_encoder_3": ("lora_te3_", "text_encoders.t5xxl.transformer.", "t5.")}
+    "text_encoder_3": ("text_encoder_3.", "lora_te3_", "text_encoders.t5xxl.transformer.", "t5.")}
 LORA_ROLES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora.down.weight": "down",
               ".lora_B.weight": "up", ".lora_up.weight": "up", ".lora.up.weight": "up", ".alpha": "alpha",
               ".lora_A.default.weight": "down", ".lora_B.default.weight": "up"}  # PeftModel.state_dict()

@@ -2448,6 +2448,27 @@ def test_a_loras_text_encoder_part_is_applied_as_diffusers_applies_it(diffusers_
         torch.testing.assert_close(ours[1], pooled, atol=1e-5, rtol=1e-5)
 
 
+def test_a_t5_lora_in_peft_naming_is_merged_like_kohyas_not_called_another_models(tmp_path, capsys):
+    """T5's part named as diffusers' pipeline names T5 (text_encoder_3., PEFT's lora_A/B), as kohya's lora_te3_
+    and ComfyUI's t5xxl are read: it was left out with "no layer of SD3's text encoders has such a name: a LoRA
+    for another model?", though it names SD3's own T5. Merged now; with T5 off, the warning says T5 is off."""
+    pipe, g = sd.tiny_pipeline(), torch.Generator().manual_seed(0)
+    q, key = pipe.text.t5.encoder.block[1].layer[0].SelfAttention.q, "encoder.block.1.layer.0.SelfAttention.q"
+    down, up = torch.randn(2, q.in_features, generator=g), torch.randn(q.out_features, 2, generator=g)
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.lora_down.weight": torch.randn(2, 64, generator=g),
+               "lora_unet_joint_blocks_0_x_block_attn_proj.lora_up.weight": torch.randn(64, 2, generator=g),
+               f"text_encoder_3.{key}.lora_A.weight": down, f"text_encoder_3.{key}.lora_B.weight": up},
+              tmp_path / "lora.safetensors", {"lora_adapter_metadata": json.dumps({"text_encoder_3.lora_alpha": 1})})
+    expected = q.weight + 0.5 * (1 / 2) * up @ down
+    assert sd.load_lora(pipe.mmdit, tmp_path / "lora.safetensors", scale=0.5, text=pipe.text) == 2
+    torch.testing.assert_close(q.weight, expected)
+    assert capsys.readouterr().err == ""
+    no_t5 = sd.tiny_pipeline(use_t5=False)
+    assert sd.load_lora(no_t5.mmdit, tmp_path / "lora.safetensors", text=no_t5.text) == 1
+    err = capsys.readouterr().err
+    assert f"e.g. text_encoder_3.{key}" in err and "is T5 off" in err and "another model" not in err
+
+
 def test_a_loras_t5_part_is_merged_or_said_to_be_left_out_and_bad_parts_refused(tmp_path, capsys, monkeypatch):
     """sd-scripts' train_t5xxl=True writes T5-XXL's part as lora_te3_ (ComfyUI loads it; diffusers loads no T5
     LoRA): merged as scale * alpha / rank * up @ down; with T5 off (--no-t5) a warning says it is not applied.
