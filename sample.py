@@ -36,6 +36,15 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_path(text: str) -> str:
+    """A --lora file; ComfyUI's and A1111's habit, file:strength, is told what to type instead."""
+    path, _, scale = text.rpartition(":")
+    number = scale.lstrip("+-").replace(".", "", 1).isdecimal()
+    if number and os.path.isfile(path) and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a scale goes apart: --lora {path} --lora-scale {scale}")
+    return text
+
+
 def schedule_shift(text: str) -> float:
     """Refused here, not after the models have loaded (minutes for Large): the range generate() takes."""
     value, (lo, hi) = finite_float(text), sd.SHIFT_RANGE
@@ -92,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "LoRAs trained with different lengths)")
     p.add_argument("--no-t5", action="store_true",
                    help="skip T5 (zeros instead; saves ~10 GB; the default for LoRAs trained without it)")
-    p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (repeatable)")
+    p.add_argument("--lora", type=lora_path, action="append", default=[],
+                   help="LoRA .safetensors (repeatable)")
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[],
                    help="one per --lora, or one for all")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA's MMDiT part unmerged (slower; for "

@@ -7868,6 +7868,20 @@ def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     assert sample.parse_args([*base, "--lora", "a", "--lora", "b", "--lora-scale", "0.8"]).lora_scale == [0.8]
 
 
+def test_sample_cli_says_a_loras_scale_goes_in_lora_scale_not_after_a_colon(tmp_path, capsys):
+    """--lora style.safetensors:0.7 (ComfyUI's and A1111's file:strength habit) said 'file not found:
+    style.safetensors:0.7', not what to type instead. A file whose name does end in :0.7 is still read."""
+    lora = tmp_path / "style.safetensors"
+    save_file({"a.lora_A.weight": torch.zeros(1)}, lora)
+    base = ["--model", "tiny", "--prompt", "a cat"]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args([*base, "--lora", f"{lora}:0.7"])
+    assert exit_info.value.code == 2 and f"--lora {lora} --lora-scale 0.7" in capsys.readouterr().err
+    (tmp_path / "style.safetensors:0.7").write_bytes(b"")
+    assert sample.parse_args([*base, "--lora", f"{lora}:0.7"]).lora == [f"{lora}:0.7"]
+    assert sample.parse_args([*base, "--lora", f"{tmp_path}/none:0.7"]).lora == [f"{tmp_path}/none:0.7"]
+
+
 def test_sample_cli_refuses_a_bad_size_before_loading_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
     for size in (["--width", "1000"], ["--height", "0"]):               # generate() refuses it after loading
