@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1954  Hub Downloads                    snapshot downloads, tokenizers
      2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2408  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2536  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3207  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3475  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4071  Several Processes (torchrun)     one all-reduce per step
-     4167  Command Line and the Tiny Model  main(), --tiny
+     2412  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2540  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3211  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3479  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4075  Several Processes (torchrun)     one all-reduce per step
+     4171  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2314,7 +2314,8 @@ def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
 
 
 def _fit_lora(model: MMDiT, pieces: dict, path, modules: dict) -> dict[str, tuple]:
-    """Check each module's (down, up) parts against its layer in `modules` and join them into one adapter."""
+    """Check each module's (down, up) parts against its layer in `modules` and join them into one adapter;
+    a file of adapters that are all zero is said to change nothing."""
     adapters = {}
     for official, parts in pieces.items():
         layer = modules.get(official)
@@ -2331,6 +2332,9 @@ def _fit_lora(model: MMDiT, pieces: dict, path, modules: dict) -> dict[str, tupl
             adapters[official] = (downs[0], torch.cat(ups))
         else:                                               # separate A's: block-diagonal, ranks add up
             adapters[official] = (torch.cat(downs), torch.block_diag(*ups))
+    if not any(down.any() and up.any() for down, up in adapters.values()):     # e.g. saved before a step
+        print(f"warning: {path} changes no weight (all its LoRA products are zero: saved before training, "
+              f"or alpha 0?)", file=sys.stderr)
     return adapters
 
 

@@ -7868,6 +7868,23 @@ def test_sample_cli_refuses_a_lora_scale_without_a_lora(capsys):
     assert sample.parse_args([*base, "--lora", "a", "--lora", "b", "--lora-scale", "0.8"]).lora_scale == [0.8]
 
 
+def test_a_lora_that_changes_nothing_says_so(tmp_path, capsys):
+    """A LoRA whose up weights are all zero (saved before a training step: up starts at zero) or whose alpha is 0
+    loaded as 'loaded ... on N layers' and gave the base model's images, not a word why."""
+    g, key = torch.Generator().manual_seed(0), "lora_unet_joint_blocks_{}_x_block_attn_proj"
+    pair = lambda i, up, alpha: {f"{key.format(i)}.lora_down.weight": torch.randn(2, 64, generator=g),
+                                 f"{key.format(i)}.lora_up.weight": up, f"{key.format(i)}.alpha": torch.tensor(alpha)}
+    for tensors in ({**pair(0, torch.zeros(64, 2), 1.0), **pair(1, torch.zeros(64, 2), 1.0)},
+                    pair(0, torch.randn(64, 2, generator=g), 0.0)):
+        save_file(tensors, tmp_path / "nothing.safetensors")
+        assert sd.load_lora(tiny_mmdit(), tmp_path / "nothing.safetensors") == len(tensors) // 3
+        assert "nothing.safetensors changes no weight (all its LoRA products are zero" in capsys.readouterr().err
+    save_file({**pair(0, torch.zeros(64, 2), 1.0), **pair(1, torch.randn(64, 2, generator=g), 1.0)},
+              tmp_path / "some.safetensors")                    # a zero layer beside others: as ComfyUI saves
+    assert sd.load_lora(tiny_mmdit(), tmp_path / "some.safetensors") == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_sample_cli_says_a_loras_scale_goes_in_lora_scale_not_after_a_colon(tmp_path, capsys):
     """--lora style.safetensors:0.7 (ComfyUI's and A1111's file:strength habit) said 'file not found:
     style.safetensors:0.7', not what to type instead. A file whose name does end in :0.7 is still read."""
