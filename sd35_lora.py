@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1954  Hub Downloads                    snapshot downloads, tokenizers
-     2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2412  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2540  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3211  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3479  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4075  Several Processes (torchrun)     one all-reduce per step
-     4171  Command Line and the Tiny Model  main(), --tiny
+     1955  Hub Downloads                    snapshot downloads, tokenizers
+     2019  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2413  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2541  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3212  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3480  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4076  Several Processes (torchrun)     one all-reduce per step
+     4172  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1493,7 +1493,8 @@ def vae_from_diffusers(sd: dict) -> dict:
 
 OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of other models (their LoRAs too)
     ("double_blocks.", "a FLUX transformer"), ("single_transformer_blocks.", "a FLUX transformer"),
-    ("input_blocks.", "an SD1.x/SDXL UNet"),
+    ("single_blocks.", "a FLUX transformer"),                   # a LoRA of single blocks alone (kohya's)
+    ("input_blocks.", "an SD1.x/SDXL UNet"), ("output_blocks.", "an SD1.x/SDXL UNet"),
     ("down_blocks.1.attentions.", "a diffusers UNet (SD1.x/SDXL)")]
 # the MMDiT's ahead of the VAE's and the text encoders': a whole checkpoint holds them too
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,

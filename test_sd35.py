@@ -2107,8 +2107,11 @@ def test_sample_cli_refuses_another_models_lora_before_loading_the_models(tmp_pa
                **pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")}, tmp_path / "sdxl.safetensors")
     save_file({**pair("transformer.transformer_blocks.0.attn.to_q"),
                **pair("transformer.single_transformer_blocks.0.attn.to_q")}, tmp_path / "flux.safetensors")
+    save_file(pair("lora_unet_single_blocks_0_linear1"), tmp_path / "flux_single.safetensors")   # kohya's, those
+    save_file(pair("lora_unet_output_blocks_0_1_proj_in"), tmp_path / "sdxl_output.safetensors")  # blocks only
     monkeypatch.setattr(sd, "load_pipeline", lambda *a, **k: pytest.fail("the models loaded before the error"))
-    for name, kind in (("sdxl", r"an SD1.x/SDXL UNet"), ("flux", "a FLUX transformer")):
+    for name, kind in (("sdxl", r"an SD1.x/SDXL UNet"), ("flux", "a FLUX transformer"),
+                       ("flux_single", "a FLUX transformer"), ("sdxl_output", r"an SD1.x/SDXL UNet")):
         one_line_error(lambda: sample.main([*TINY_SAMPLE_ARGS, "--lora", str(tmp_path / f"{name}.safetensors"),
                                             "--out", str(tmp_path / "out")]),
                        rf"{name}.safetensors matches no layer .*, a LoRA for another model\? \(it looks like {kind}\)$")
