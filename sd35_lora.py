@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1955  Hub Downloads                    snapshot downloads, tokenizers
      2019  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2413  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2541  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3212  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3480  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4076  Several Processes (torchrun)     one all-reduce per step
-     4172  Command Line and the Tiny Model  main(), --tiny
+     2414  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2542  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3213  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3481  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4077  Several Processes (torchrun)     one all-reduce per step
+     4173  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2273,7 +2273,8 @@ def read_lora_header(path) -> dict:
         except OSError as e:
             raise UserError(f"cannot read {config} ({e.strerror or e}), which holds the LoRA's scale "
                             f"(lora_alpha): make it readable, or download the adapter again") from None
-        lora_metadata(meta, config, fix="fix it, or download the adapter again")     # the file at fault named
+        # checked here too, to name the file at fault: read_lora's checks name the .safetensors
+        _alpha_pattern(lora_metadata(meta, config, fix="fix it, or download the adapter again")[1], config)
     return meta
 
 

@@ -1990,9 +1990,11 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
     adapter, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
     save_file(load_file(tmp_path / "lora.safetensors"), adapter)            # as PEFT saves it: no metadata
-    for content in ("{", "[]", '"r"'):
+    for content, match in (("{", "no JSON object"), ("[]", "no JSON object"), ('"r"', "no JSON object"),
+                           ('{"lora_alpha": "8"}', "lora_alpha = '8'"), ('{"alpha_pattern": {"to_q": "2"}}',
+                                                                          "alpha_pattern is no")):
         config.write_text(content)
-        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), "adapter_config.json: .* no JSON object")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), f"adapter_config.json: .*{match}")
     config.write_text('{"r": 16, "lora_alpha": 32}')
     with monkeypatch.context() as patch:
         failing_for(patch, "read_text", config.name, PermissionError(13, "Permission denied", str(config)))
