@@ -26,13 +26,13 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      1981  Hub Downloads                    snapshot downloads, tokenizers
-     2045  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2425  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2553  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3224  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3492  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4088  Several Processes (torchrun)     one all-reduce per step
-     4184  Command Line and the Tiny Model  main(), --tiny
+     2047  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2427  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2555  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3226  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3494  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4090  Several Processes (torchrun)     one all-reduce per step
+     4186  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1986,7 +1986,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
     from transformers import AutoTokenizer
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
-    if all((folder / n).is_dir() for n in names):
+    missing = [f"{n}/" for n in names if not (folder / n).is_dir()]
+    if not missing:
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                   # (never a download's code, as for configs)
@@ -2007,7 +2008,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in repos)
     except Exception:  # offline without a cached copy, mostly
-        raise UserError(f"no tokenizer*/ in {folder}, and downloading {repos} failed: go online"
+        lacking = "tokenizer*/" if len(missing) == len(names) else ", ".join(missing)
+        raise UserError(f"no {lacking} in {folder}, and downloading {repos} failed: go online"
                         f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
     return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]

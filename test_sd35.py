@@ -9188,6 +9188,20 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
+def test_a_diffusers_folder_missing_one_tokenizer_folder_names_it_when_offline(tmp_path, monkeypatch):
+    """A download cut short before tokenizer_3/: offline, the error said 'no tokenizer*/ in' the folder that
+    holds tokenizer/ and tokenizer_2/."""
+    import huggingface_hub
+    for name, tok in zip(("tokenizer", "tokenizer_2"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: 1 / 0)     # offline, no cache
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer_3/ in .*go online once")
+    (tmp_path / "tokenizer_2").rename(tmp_path / "kept")
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer_2/, tokenizer_3/ in ")
+    (tmp_path / "tokenizer").rename(tmp_path / "kept_too")
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer\*/ in ")
+
+
 def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path, diffusers_folder):
     """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
     IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
