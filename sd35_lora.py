@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2047  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2427  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2555  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3226  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3494  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4090  Several Processes (torchrun)     one all-reduce per step
-     4186  Command Line and the Tiny Model  main(), --tiny
+     3232  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3500  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4096  Several Processes (torchrun)     one all-reduce per step
+     4192  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3029,6 +3029,11 @@ def read_yaml(path: str, text: str | None = None):
     return yaml.load(text, loader)
 
 
+def yaml_escape_error(e: Exception) -> bool:
+    """YAML's error for a backslash in double quotes that starts no escape ("C:\\Users": \\U)."""
+    return "escape" in (getattr(e, "problem", None) or "")
+
+
 def load_config(path: str | dict | None, overrides: list[str] | str | None = ()) -> Config:
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values as YAML), validated."""
     import yaml
@@ -3042,7 +3047,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             why = str(e).splitlines()[0]    # YAML's syntax errors put the line and the problem below this
             if getattr(e, "problem_mark", None) and e.problem:
                 why = f"line {e.problem_mark.line + 1}: {e.problem}"
-            if "escape" in (getattr(e, "problem", None) or ""):     # "C:\Users" in double quotes: \U escapes
+            if yaml_escape_error(e):
                 why = f"{why}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
@@ -3053,8 +3058,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
-            raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
+        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file)
+            why = f": {WINDOWS_PATHS}" if yaml_escape_error(e) else " (quote a list like '[a, b]' as a whole)"
+            raise UserError(f"--set {item}: not valid YAML{why}") from None
         if raw.count("#") > str(nested).count("#"):     # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
                             f"in YAML, e.g. --set \"{key.strip()}='a #b'\"")     # a shell removes bare quotes

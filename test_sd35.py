@@ -10512,6 +10512,16 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
 
 
+def test_a_windows_path_in_double_quotes_given_with_set_gets_the_same_advice():
+    """`--set dataset.path="C:\\Users\\me"` (PowerShell passes the quotes on) was refused as 'not valid YAML (quote
+    a list like '[a, b]' as a whole)': advice for another mistake."""
+    one_line_error(lambda: sd.load_config(None, ['dataset.path="C:\\Users\\me"']),
+                   r"^--set dataset.path=.*: not valid YAML: in YAML's double quotes a backslash starts an escape "
+                   r".* use 'single quotes' or /$")
+    one_line_error(lambda: sd.load_config(None, ["sample.prompts=[a, b"]),
+                   r"not valid YAML \(quote a list like '\[a, b\]' as a whole\)$")
+
+
 def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
     """A key indented one space too few, a tab, an unclosed quote: the error was only YAML's first line, e.g.
     'while parsing a block mapping', with neither the line nor what was wrong there."""
