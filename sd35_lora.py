@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1233  Training                         Trainer and the training loop
      1387  Part 2: plumbing                 a reader can stop here
      1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1955  Hub Downloads                    snapshot downloads, tokenizers
-     2019  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2414  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2542  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3213  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3481  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4077  Several Processes (torchrun)     one all-reduce per step
-     4173  Command Line and the Tiny Model  main(), --tiny
+     1982  Hub Downloads                    snapshot downloads, tokenizers
+     2048  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2443  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2571  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3248  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3516  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4112  Several Processes (torchrun)     one all-reduce per step
+     4208  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1500,6 +1500,8 @@ OTHER_MODELS = [  # key fragment -> what a file holding it is: the networks of o
 CHECKPOINT_SIGNATURES = [("lora_", "a LoRA (load it with --lora)"), *OTHER_MODELS,
     ("joint_blocks.", "an SD3 MMDiT"), ("transformer_blocks.", "a diffusers transformer"),
     ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"), ("decoder.up", "a VAE"),
+    ("resblocks.", "an OpenCLIP text encoder (open_clip's names: use one with transformers' names, as "
+                   "Stability AI's clip_g.safetensors)"),
     ("rng.cpu", "a training state (for --resume): its LoRA is lora.safetensors in the same folder")]
 
 
@@ -1696,10 +1698,13 @@ def load_vae(path: str | Path, device="cpu", dtype=torch.float32) -> VAE:
 
 
 # Text encoders as people have them. Key layouts, what files lack, sources: README, "Text encoder files".
-TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has)
-    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight"),
-    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight"),
-    "t5xxl": ("text_encoder_3", r"t5.?(v1_1.?)?xxl", "encoder.final_layer_norm.weight")}
+TEXT_ENCODERS = {  # role: (diffusers subfolder, file name as distributed, a key only it has, its layers)
+    "clip_l": ("text_encoder", r"clip.?l", "text_model.embeddings.token_embedding.weight",
+               "text_model.encoder.layers."),
+    "clip_g": ("text_encoder_2", r"clip.?g", "text_model.embeddings.token_embedding.weight",
+               "text_model.encoder.layers."),
+    "t5xxl": ("text_encoder_3", r"(?<!flan.)t5.?(v1_1.?)?xxl(?!.*flan)", "encoder.final_layer_norm.weight",
+              "encoder.block.")}          # (FLAN-T5 has T5-XXL's names and shapes: another model)
 PASS_TEXT_ENCODERS = ("pass --text-encoders DIR (config: text_encoders): clip_l, clip_g, t5xxl "
                       ".safetensors files or a diffusers-layout SD3.5 folder")
 
@@ -1711,7 +1716,7 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
     sd = {k: v for k, v in sd.items()                                           # ComfyUI, the text part only
           if not k.endswith(("position_ids", "logit_scale")) and not k.startswith(other_half)}
     _fp8_checkpoint(sd, False, dtype)                                   # fp8 files: upcast, one at a time
-    layers = _block_count(sd, "encoder.block." if role == "t5xxl" else "text_model.encoder.layers.")
+    layers = _block_count(sd, TEXT_ENCODERS[role][3])
     if not layers or config and config.num_hidden_layers != layers:        # before a hostile count is built
         raise ValueError(f"weights of {counted(layers, 'layer')}, config of "
                          f"{getattr(config, 'num_hidden_layers', 0)}")
@@ -1732,8 +1737,11 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         return t5
     vocab, width = sd[TEXT_ENCODERS[role][2]].shape
     # CLIP-L single files: SAI, ComfyUI and diffusers' converter apply no projection, even one the file has
-    if role == "clip_l" and not config or "text_projection.weight" not in sd:
+    if role == "clip_l" and (not config or "text_projection.weight" not in sd):
         sd["text_projection.weight"] = torch.eye(width)
+    if "text_projection.weight" not in sd:
+        raise UserError(f"{path} has no text_projection.weight, which CLIP-G's pooled output goes through (a "
+                        f"CLIP-L file?): use Stability AI's clip_g.safetensors")
     config = config or transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
         intermediate_size=rows("text_model.encoder.layers.0.mlp.fc1.weight"), layer_norm_eps=1e-5,
@@ -1750,6 +1758,34 @@ def _text_encoder(role: str, sd: dict, config, tok, path: Path, dtype: torch.dty
         model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
         return model
     return _build(clip, config, sd, role, path, "cpu", dtype)
+
+
+def _transformers_names(sd: dict, key: str) -> dict:
+    """`sd` without a prefix its `key` has (`model.`, an SD1 checkpoint's `cond_stage_model.transformer.`),
+    ComfyUI's older CLIPSave `text_projection` (transposed) as the Linear's weight, as ComfyUI reads it."""
+    prefix = "" if key in sd else next((k.removesuffix(key) for k in sd if k.endswith(f".{key}")), "")
+    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    if "text_projection" in sd:
+        sd["text_projection.weight"] = sd.pop("text_projection").T
+    return sd
+
+
+def _check_roles(weights: dict, picked: dict, source: Path):
+    """Each file is the encoder its name says, whole, and CLIP-L and CLIP-G are not swapped."""
+    for role, sd in weights.items():
+        key, layers = TEXT_ENCODERS[role][2:]
+        if any(k.startswith(layers) for k in sd) and key not in sd:
+            raise UserError(f"{picked[role]} has {role}'s layers but no {key}: cut short? download it again")
+        if key not in sd:
+            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
+            where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
+                     else PASS_TEXT_ENCODERS)
+            raise UserError(f"{picked[role]} {problem} ({where})"
+                            + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
+    width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
+    if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
+        raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
+                        f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
 
 
 def _file_id(path: Path) -> str:
@@ -1809,21 +1845,12 @@ def load_text_encoders(source: str | Path, device="cpu", dtype=torch.float32, t5
                                                          p.name.lower())), source) for r in roles}
         weights, configs = {r: read_safetensors(p, prefix=f"text_encoders.{r}.transformer." * (p == source))
                             if p != source or p.is_file() else {} for r, p in picked.items()}, {}
-    for role, sd in weights.items():
-        if TEXT_ENCODERS[role][2] not in sd:
-            problem = f"is not a {role} text encoder: {describe_checkpoint(sd)}" if sd else f"has no {role}"
-            where = (f"looked for {role}*.safetensors or a diffusers-layout text_encoder*/" if source.is_dir()
-                     else PASS_TEXT_ENCODERS)
-            raise UserError(f"{picked[role]} {problem} ({where})"
-                            + "; T5 may be skipped with --no-t5 (config: use_t5: false)" * (role == "t5xxl"))
-    width = {r: (weights[r][TEXT_ENCODERS[r][2]].shape or (0,))[-1] for r in ("clip_l", "clip_g")}  # 0-dim: 0
-    if width["clip_l"] > width["clip_g"]:       # swapped names: their pooled widths still add up to 2048
-        raise UserError(f"{picked['clip_l']} is {width['clip_l']} wide, {picked['clip_g'].name} "
-                        f"{width['clip_g']}: CLIP-L is the narrower (768; CLIP-G 1280): swap the two names")
+    weights = {r: _transformers_names(sd, TEXT_ENCODERS[r][2]) for r, sd in weights.items()}
+    _check_roles(weights, picked, source)
     folder = source if source.is_dir() else source.parent
     tokenizers = _tokenizers(folder, use_t5)
     try:
-        encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, source, dtype).to(device)
+        encoders = [_text_encoder(r, weights.pop(r), configs.get(r), tok, picked[r], dtype).to(device)
                     if r in roles else None for r, tok in zip(TEXT_ENCODERS, tokenizers)]
     except UserError:
         raise
@@ -1960,7 +1987,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     """tokenizer{,_2,_3}/ of a diffusers-layout folder if it has them, else the standard ones (cached)."""
     from transformers import AutoTokenizer
     names = ["tokenizer", "tokenizer_2", "tokenizer_3"][:2 + use_t5]
-    if all((folder / n).is_dir() for n in names):
+    missing = [f"{n}/" for n in names if not (folder / n).is_dir()]
+    if not missing:
         try:
             tokenizers = [AutoTokenizer.from_pretrained(folder / n, trust_remote_code=False)
                           for n in names]                   # (never a download's code, as for configs)
@@ -1981,7 +2009,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
     try:
         clip, t5 = (snapshot_download(r, allow_patterns=["*.json", "merges.txt"]) for r in repos)
     except Exception:  # offline without a cached copy, mostly
-        raise UserError(f"no tokenizer*/ in {folder}, and downloading {repos} failed: go online"
+        lacking = "tokenizer*/" if len(missing) == len(names) else ", ".join(missing)
+        raise UserError(f"no {lacking} in {folder}, and downloading {repos} failed: go online"
                         f" once (they are cached) or copy tokenizer*/ of a diffusers SD3.5 there") from None
     return [AutoTokenizer.from_pretrained(clip), AutoTokenizer.from_pretrained(clip, pad_token="!"),  # as SD3
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
@@ -3016,6 +3045,11 @@ def read_yaml(path: str, text: str | None = None):
     return yaml.load(text, loader)
 
 
+def yaml_escape_error(e: Exception) -> bool:
+    """YAML's error for a backslash in double quotes that starts no escape ("C:\\Users": \\U)."""
+    return "escape" in (getattr(e, "problem", None) or "")
+
+
 def load_config(path: str | dict | None, overrides: list[str] | str | None = ()) -> Config:
     """Config from YAML (or a dict of its keys) plus `a.b=value` overrides (values as YAML), validated."""
     import yaml
@@ -3029,7 +3063,7 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             why = str(e).splitlines()[0]    # YAML's syntax errors put the line and the problem below this
             if getattr(e, "problem_mark", None) and e.problem:
                 why = f"line {e.problem_mark.line + 1}: {e.problem}"
-            if "escape" in (getattr(e, "problem", None) or ""):     # "C:\Users" in double quotes: \U escapes
+            if yaml_escape_error(e):
                 why = f"{why}; {WINDOWS_PATHS}"
             raise UserError(f"cannot read {path} as UTF-8 YAML: {why}") from None
     for item in [overrides] if isinstance(overrides, str) else overrides or ():     # one as text, or None
@@ -3040,8 +3074,9 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except (yaml.YAMLError, RecursionError):        # (deep nesting, as in a file)
-            raise UserError(f"--set {item}: not valid YAML (quote a list like '[a, b]' as a whole)") from None
+        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file)
+            why = f": {WINDOWS_PATHS}" if yaml_escape_error(e) else " (quote a list like '[a, b]' as a whole)"
+            raise UserError(f"--set {item}: not valid YAML{why}") from None
         if raw.count("#") > str(nested).count("#"):     # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
                             f"in YAML, e.g. --set \"{key.strip()}='a #b'\"")     # a shell removes bare quotes

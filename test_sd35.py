@@ -2859,6 +2859,69 @@ def test_a_clip_l_file_with_a_text_projection_is_read_as_the_references_read_it(
                                expected)
 
 
+def encoder_folder(root: Path, folder: Path, **files: dict) -> Path:
+    """`folder` with the fixture's clip_l, clip_g and t5xxl_fp16 files and tokenizers, `files` (a file name's
+    stem: its tensors) written in their place or beside them."""
+    folder.mkdir()
+    for name in ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors", "tokenizer",
+                 "tokenizer_2", "tokenizer_3"):
+        if Path(name).stem not in files:
+            (folder / name).symlink_to(root / "clip" / name)
+    for stem, tensors in files.items():
+        save_file(tensors, folder / f"{stem}.safetensors")
+    return folder
+
+
+def test_a_clip_g_without_its_projection_is_refused_and_comfyuis_old_saves_load(single_files, tmp_path):
+    """A CLIP-G file without `text_projection.weight` loaded with the identity in its place (right for CLIP-L
+    only): every pooled vector silently wrong. ComfyUI's older CLIPSave node wrote the projection as
+    `text_projection` (transposed), which ComfyUI reads: here it was 'weights do not fit'."""
+    root, _ = single_files
+    clip_g = load_file(root / "clip/clip_g.safetensors")
+    projection = clip_g.pop("text_projection.weight")
+    folder = encoder_folder(root, tmp_path / "cut", clip_g=clip_g)
+    one_line_error(lambda: sd.load_text_encoders(folder, context_dim=192),
+                   r"cut/clip_g.safetensors has no text_projection.weight.*CLIP-G's pooled output")
+    folder = encoder_folder(root, tmp_path / "comfy", clip_g={**clip_g, "text_projection": projection.T.contiguous()})
+    torch.testing.assert_close(sd.load_text_encoders(folder, context_dim=192).encode(["a red fox"]),
+                               sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"]))
+
+
+def test_text_encoder_files_under_a_prefix_load_and_partial_or_openclip_ones_are_named(single_files, tmp_path):
+    """Files whose names carry a prefix (`model.`, an SD1 checkpoint's `cond_stage_model.transformer.`) were
+    refused as 'not a clip_l text encoder: it looks like a CLIP text encoder'; a T5 without its final norm
+    as 'not a t5xxl text encoder: it looks like a T5 text encoder'; an OpenCLIP-format CLIP-G by its keys."""
+    root, _ = single_files
+    l, g, t5 = (load_file(root / "clip" / f"{n}.safetensors") for n in ("clip_l", "clip_g", "t5xxl_fp16"))
+    folder = encoder_folder(root, tmp_path / "prefixed", clip_l={f"model.{k}": v for k, v in l.items()},
+                            clip_g={f"cond_stage_model.transformer.{k}": v for k, v in g.items()},
+                            t5xxl_fp16={f"model.{k}": v for k, v in t5.items()})
+    torch.testing.assert_close(sd.load_text_encoders(folder, context_dim=192).encode(["a red fox"]),
+                               sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"]))
+    no_norm = {k: v for k, v in t5.items() if "final_layer_norm" not in k}
+    folder = encoder_folder(root, tmp_path / "no_norm", t5xxl_fp16=no_norm)
+    one_line_error(lambda: sd.load_text_encoders(folder, context_dim=192),
+                   r"t5xxl_fp16.safetensors has t5xxl's layers but no encoder.final_layer_norm.weight: "
+                   r"cut short\? download it again")
+    openclip = {"transformer.resblocks.0.ln_1.weight": torch.ones(128), "token_embedding.weight": g[
+        "text_model.embeddings.token_embedding.weight"], "text_projection": torch.ones(128, 128)}
+    folder = encoder_folder(root, tmp_path / "openclip", clip_g=openclip)
+    one_line_error(lambda: sd.load_text_encoders(folder, context_dim=192),
+                   r"clip_g.safetensors is not a clip_g text encoder: it looks like an OpenCLIP text encoder "
+                   r"\(open_clip's names: use one with transformers' names, as Stability AI's clip_g")
+
+
+def test_a_flan_t5_beside_sd3s_t5_is_never_picked(single_files, tmp_path):
+    """FLAN-T5-XXL (its files: flan_t5_xxl_*, t5xxl_flan_*) has T5-XXL's names and shapes; in a shared ComfyUI
+    folder `flan_t5_xxl_fp16.safetensors` sorted before `t5xxl_fp16.safetensors` and was read as SD3's T5."""
+    root, _ = single_files
+    flan = {k: v * 2 for k, v in load_file(root / "clip/t5xxl_fp16.safetensors").items()}
+    folder = encoder_folder(root, tmp_path / "shared", flan_t5_xxl_fp16=flan, t5xxl_flan_fp16=flan)
+    expected = sd.load_text_encoders(root / "clip", context_dim=192).t5.state_dict()
+    loaded = sd.load_text_encoders(folder, context_dim=192).t5.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
 def test_whole_clip_and_t5_model_files_load_their_text_encoder_as_comfyui_does(single_files, tmp_path):
     """A clip_l file holding the whole CLIP (vision tower too, as openai/clip-vit-large-patch14's model.safetensors)
     or a t5xxl holding the whole T5 (decoder, lm_head): ComfyUI reads their text encoder; here they were refused
@@ -2901,7 +2964,7 @@ def test_single_file_text_encoder_names_and_errors(single_files, tmp_path):
         "empty": "empty has no clip_l \\(looked for clip_l\\*.safetensors or a diffusers-layout text_encoder",
         "no_t5": "no_t5 has no t5xxl.*; T5 may be skipped with --no-t5",
         "vae_as_g": "clip_g.safetensors is not a clip_g text encoder: it looks like a VAE",
-        "l_as_g": "wrong width for this MMDiT \\(pooled CLIP-L \\+ G: 128; it takes 192 and a 192-wide T5",
+        "l_as_g": "clip_g.safetensors has no text_projection.weight.*\\(a CLIP-L file\\?\\)",
         "swapped": "clip_l.safetensors is 128 wide, clip_g.safetensors 64: CLIP-L is the narrower",  # same sum
     }
     for folder, message in cases.items():
@@ -9225,6 +9288,20 @@ def test_a_tokenizer_folder_without_its_padding_token_is_a_one_line_error_before
     assert sd._tokenizers(tmp_path, False)[2] is None                   # without T5: not read
 
 
+def test_a_diffusers_folder_missing_one_tokenizer_folder_names_it_when_offline(tmp_path, monkeypatch):
+    """A download cut short before tokenizer_3/: offline, the error said 'no tokenizer*/ in' the folder that
+    holds tokenizer/ and tokenizer_2/."""
+    import huggingface_hub
+    for name, tok in zip(("tokenizer", "tokenizer_2"), make_tokenizers()):
+        tok.save_pretrained(tmp_path / name)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: 1 / 0)     # offline, no cache
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer_3/ in .*go online once")
+    (tmp_path / "tokenizer_2").rename(tmp_path / "kept")
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer_2/, tokenizer_3/ in ")
+    (tmp_path / "tokenizer").rename(tmp_path / "kept_too")
+    one_line_error(lambda: sd._tokenizers(tmp_path, True), r"^no tokenizer\*/ in ")
+
+
 def test_a_hand_edited_pad_token_or_model_max_length_is_a_one_line_error_naming_the_file(tmp_path, diffusers_folder):
     """A pad_token outside the vocabulary is added as a new id, past the text encoder's embedding: a bare
     IndexError at the first text; CLIP's model_max_length as a list (or 0, -1) a bare TypeError (ValueError,
@@ -10533,6 +10610,16 @@ def test_windows_paths_in_yaml_double_quotes_are_named_as_such(tmp_path):
     config.write_text("model: tiny\noutput_dir: 'D:\\runs\\new'\ndataset:\n  path: C:\\data\\train\n")
     cfg = sd.load_config(str(config), ["vae=C:/models/vae.safetensors"])
     assert (cfg.output_dir, cfg.dataset.path, cfg.vae) == ("D:\\runs\\new", "C:\\data\\train", "C:/models/vae.safetensors")
+
+
+def test_a_windows_path_in_double_quotes_given_with_set_gets_the_same_advice():
+    """`--set dataset.path="C:\\Users\\me"` (PowerShell passes the quotes on) was refused as 'not valid YAML (quote
+    a list like '[a, b]' as a whole)': advice for another mistake."""
+    one_line_error(lambda: sd.load_config(None, ['dataset.path="C:\\Users\\me"']),
+                   r"^--set dataset.path=.*: not valid YAML: in YAML's double quotes a backslash starts an escape "
+                   r".* use 'single quotes' or /$")
+    one_line_error(lambda: sd.load_config(None, ["sample.prompts=[a, b"]),
+                   r"not valid YAML \(quote a list like '\[a, b\]' as a whole\)$")
 
 
 def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
