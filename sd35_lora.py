@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4061  Several Processes (torchrun)     one all-reduce per step
-     4157  Command Line and the Tiny Model  main(), --tiny
+     4062  Several Processes (torchrun)     one all-reduce per step
+     4158  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3771,9 +3771,10 @@ def save_checkpoint(trainer: Trainer):
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents, trainer.model_id)
-    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+    # before the "saved" line: a lost stdout (`| head`) raises there, and that stop is pruned as Ctrl-C's is
     if c.train.keep_last:                               # 0: all kept
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
 
 
 def remove_old_checkpoints(out: Path, step: int, keep: int):

@@ -10372,6 +10372,25 @@ def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_an
         assert capsys.readouterr().err.count("warning: old checkpoint kept") == 1
 
 
+def test_a_run_stopped_by_a_lost_stdout_deletes_old_checkpoints_as_one_stopped_by_ctrl_c_does(tmp_path, monkeypatch):
+    """`... | head`: the "saved" line after a checkpoint raised BrokenPipeError before keep_last's deletions, so a
+    run stopped so kept every checkpoint since the last report; its stop's own checkpoint failed the same way."""
+    make_dataset(tmp_path / "data")
+    real, saved = sd.tqdm.write, []
+
+    def lost_stdout(text, file=None, **kwargs):
+        if file is None and text.startswith("saved") and len(saved.append(text) or saved) >= 3:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        return real(text, file=file, **kwargs)
+    monkeypatch.setattr(sd.tqdm, "write", lost_stdout)
+    sets = {"train.steps": 5, "train.save_every": 1, "train.keep_last": 2, "sample.sample_every": 0,
+            "sample.prompts": []}
+    with pytest.raises(BrokenPipeError):
+        sd.train(tiny_config(tmp_path, **sets))
+    assert sorted(p.name for p in (tmp_path / "run").glob("lora_step_*")) == [
+        "lora_step_000002.safetensors", "lora_step_000003.safetensors"]
+
+
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
     """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
     warning too, and the run went on (its state file saved, if it fitted)."""
