@@ -1254,6 +1254,7 @@ class Trainer:
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
+        self.stop: list[int] = []       # signals train() caught (Ctrl-C, SIGTERM): it stops after the step
         items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
@@ -1343,20 +1344,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = start_trainer(cfg, resume)
     tc = tr.cfg.train
     bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
-    tr.stop = stop = []                         # Ctrl-C or SIGTERM: every process stops after the same step
-    old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
+    old_handlers = handle_signals(lambda signum, _: tr.stop.append(signum))   # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         if tr.step == 0 or previews_unfinished(tr):
             save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
-        if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
+        if tr.stop and tr.world == 1 and tr.step < tc.steps:    # during those previews: stop before training
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
             tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA
-            sums = tr.forward_backward(bool(stop))
+            sums = tr.forward_backward(bool(tr.stop))
             # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
-            total, stopping = sums[0].item(), sums[2].item() > 0 or (tr.world == 1 and bool(stop))
+            total, stopping = sums[0].item(), sums[2].item() > 0 or (tr.world == 1 and bool(tr.stop))
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -1374,7 +1374,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except (KeyboardInterrupt, BrokenPipeError):    # Ctrl-C, SIGTERM, or stdout's reader gone (`| head`):
-        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # a checkpoint, then main's exit code
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in tr.stop)  # a checkpoint, then main's exit code
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -3792,7 +3792,7 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 def save_previews(trainer: Trainer):
     """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
-    A Ctrl-C or SIGTERM (train()'s trainer.stop; one process) stops them after the image at work, before the
+    A Ctrl-C or SIGTERM (trainer.stop; one process) stops them after the image at work, before the
     last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
@@ -3804,7 +3804,7 @@ def save_previews(trainer: Trainer):
         for image, name in zip(images, names):
             _atomic_save(image, folder / name)
             tqdm.write(f"sample: {folder / name}")
-        if getattr(trainer, "stop", None) and trainer.world == 1 and step < trainer.cfg.train.steps:
+        if trainer.stop and trainer.world == 1 and step < trainer.cfg.train.steps:
             raise KeyboardInterrupt                     # train() saves a checkpoint of this step
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these
