@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       722  VAE                              16-channel autoencoder, the latent scale and shift
       872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1100  Data                             dataset scan, aspect buckets, the latent and text cache
-     1233  Training                         Trainer and the training loop
-     1387  Part 2: plumbing                 a reader can stop here
-     1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1954  Hub Downloads                    snapshot downloads, tokenizers
-     2018  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2398  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4062  Several Processes (torchrun)     one all-reduce per step
-     4158  Command Line and the Tiny Model  main(), --tiny
+     1101  Data                             dataset scan, aspect buckets, the latent and text cache
+     1234  Training                         Trainer and the training loop
+     1388  Part 2: plumbing                 a reader can stop here
+     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1955  Hub Downloads                    snapshot downloads, tokenizers
+     2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3208  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3476  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4073  Several Processes (torchrun)     one all-reduce per step
+     4169  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -923,6 +923,7 @@ class Pipeline:
     device: torch.device
     offload: bool = False
     visiting: tuple = ()                    # the modules that on_device() brought to `device`
+    root: Path | None = None                # the model as load_pipeline resolved it (a hub id's download)
 
     def modules(self) -> list[nn.Module]:
         return [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
@@ -1259,7 +1260,7 @@ class Trainer:
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
-        self.pipe, self.model_id = pipe, model_id(cfg.model)        # a hub id's: of its download, now local
+        self.pipe, self.model_id = pipe, model_id(pipe.root)
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1760,10 +1761,9 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
-def model_id(model: str) -> str:
-    """Of the MMDiT's files (their _file_id: the same when moved or copied); "" for tiny and a hub id not yet
-    downloaded. The state file records it: a resume takes a moved model by it."""
-    root = None if model == "tiny" else resolve_model(model, ("transformer",), download=False)
+def model_id(root: Path | None) -> str:
+    """Of the MMDiT's files under resolve_model's `root` (their _file_id: the same when moved or copied); ""
+    for None (tiny, a hub id not downloaded). Recorded in the state: a resume knows a moved model by it."""
     files = [root] if root and root.is_file() else []                           # a single file
     if root and root.is_dir():
         folder = _part_config(root, "transformer", "SD3Transformer2DModel")[0]
@@ -1948,7 +1948,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
                         f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
-    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
+    pipe = Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device, root=root)
+    return pipe.place(offload)
 
 
 #################################################################################
@@ -1986,9 +1987,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
-    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None.
-    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
+def local_model(name: str, key: str) -> Path | None:
+    """`name` as a path that exists, None for a hub id (resolve_model's to look up), else a UserError."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
@@ -1996,6 +1996,15 @@ def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         kinds = ".safetensors, hub id or 'tiny'" if key == "model" else ".safetensors or hub id"
         raise UserError(f"{key} not found: {name!r} (a diffusers folder, {kinds})")
+    return None
+
+
+def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None.
+    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
+    name, local = str(name), local_model(name, key)     # (str: a Path from Python)
+    if local:
+        return local
     from huggingface_hub import snapshot_download
     # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
     skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
@@ -2972,7 +2981,7 @@ def check_sources(cfg: Config):
                         f"WORLD_SIZE to train in one", own=True)
     for key in ("model", "text_encoders", "vae") if cfg.model != "tiny" else ():    # tiny reads none
         if getattr(cfg, key):
-            resolve_model(getattr(cfg, key), (), download=False, key=key)   # hub ids download after the scan
+            local_model(getattr(cfg, key), key)     # hub ids are looked up (downloaded) after the scan
 
 
 def read_yaml(path: str, text: str | None = None):
@@ -3168,8 +3177,10 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
-    if "model" in changed and meta.get("model") and meta["model"] == model_id(cfg.model):   # older: no id
-        changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
+    if "model" in changed and meta.get("model"):     # (older versions recorded no id; tiny has none)
+        cached = resolve_model(cfg.model, ("transformer",), download=False) if cfg.model != "tiny" else None
+        if meta["model"] == model_id(cached):
+            changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
