@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3208  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3476  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4073  Several Processes (torchrun)     one all-reduce per step
-     4169  Command Line and the Tiny Model  main(), --tiny
+     3214  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3482  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4080  Several Processes (torchrun)     one all-reduce per step
+     4176  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2585,14 +2585,7 @@ def _coerce(value, default, key: str):
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
-        if key in PATH_KEYS:    # ~, $X, ${X} as in a shell: Windows' expandvars skips all after a ' (O'Brien)
-            text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
-            text = os.path.expandvars(os.path.expanduser(text))            # and Windows' %X%
-            # an unset $NAME would make a folder "$NAME"; lower-case "my$files" stays (else unwritable)
-            if unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text):
-                raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it "
-                                f"or write the path out")
-        return text
+        return expand_path(text, name) if key in PATH_KEYS else text
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
@@ -2602,6 +2595,19 @@ def _coerce(value, default, key: str):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
     return read_number(value, isinstance(default, int), name)
+
+
+def expand_path(text: str, name: str) -> str:
+    """A path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does: a config's, and a CLI option's after
+    `=` (--out=~/x), where the shell leaves them. `name`: the key or option, as errors name it."""
+    # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
+    text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
+    text = os.path.expandvars(os.path.expanduser(text))
+    # an unset $NAME would make a folder "$NAME"; lower-case "my$files" stays (else unwritable)
+    if unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text):
+        raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it "
+                        f"or write the path out")
+    return text
 
 
 def listed(value, name: str) -> list:
@@ -3725,7 +3731,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     # an empty path is the current folder: a dataset.path left blank would train on all images below it
     for key, value in flat_config(cfg).items():
         if not value and key in EMPTY_PATH_ADVICE:
-            raise UserError(f"config key '{key}' is empty: set it to {EMPTY_PATH_ADVICE[key]}")
+            raise UserError(f"config key '{key}' is empty (YAML reads a bare ~ as null: write '~/...' or a "
+                            f"full path): set it to {EMPTY_PATH_ADVICE[key]}")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
     # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
     lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None

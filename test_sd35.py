@@ -4484,7 +4484,7 @@ def test_a_blank_path_in_the_config_is_refused_not_read_as_the_current_folder(tm
     monkeypatch.chdir(tmp_path)
     for key in ("model", "output_dir", "dataset.path", "dataset.cache_dir"):
         config = tiny_config(tmp_path, **{key: None})
-        one_line_error(lambda: sd.train(config), f"config key '{key}' is empty: set it to ")
+        one_line_error(lambda: sd.train(config), rf"config key '{key}' is empty \(.*\): set it to ")
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
@@ -5127,6 +5127,27 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert (cfg.output_dir, cfg.dataset.path, cfg.dataset.cache_dir, cfg.model) == (
         str(tmp_path / "runs"), str(tmp_path / "data"), str(tmp_path / "cache"), str(tmp_path / "sd3.5.safetensors"))
     assert cfg.sample.neg == "~/x"
+
+
+def test_a_tilde_after_a_sample_option_s_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """`sample.py --out=~/x`: the shell expands no ~ after an `=`, and the images went into a folder named '~'
+    in the current one; sample.py's path options now expand it as config paths do (one helper)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--model", "tiny", "--no-t5", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32",
+                 "--out=~/x"])
+    assert [p.name for p in (tmp_path / "home/x").iterdir()] == ["sample_00.png"] and not (tmp_path / "~").exists()
+    one_line_error(lambda: sample.main(["--model=~/absent.safetensors", "--prompt", "a"]),
+                   f"model not found: '{tmp_path}/home/absent.safetensors'")
+
+
+def test_a_bare_tilde_for_a_config_path_is_refused_saying_yaml_reads_it_as_null(tmp_path):
+    """`output_dir: ~` is YAML's null, so the home folder was refused as "config key 'output_dir' is empty",
+    which the config did not look like: the error now says why and what to write."""
+    (tmp_path / "c.yaml").write_text("model: tiny\noutput_dir: ~\n")
+    one_line_error(lambda: sd.train(sd.load_config(str(tmp_path / "c.yaml"))),
+                   r"config key 'output_dir' is empty \(YAML reads a bare ~ as null: write '~/\.\.\.' or a full "
+                   r"path\): set it to a new folder")
 
 
 def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_unset(tmp_path, monkeypatch):
