@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1234  Training                         Trainer and the training loop
      1388  Part 2: plumbing                 a reader can stop here
      1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1955  Hub Downloads                    snapshot downloads, tokenizers
-     2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3214  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3482  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4080  Several Processes (torchrun)     one all-reduce per step
-     4176  Command Line and the Tiny Model  main(), --tiny
+     1964  Hub Downloads                    snapshot downloads, tokenizers
+     2036  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2416  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2544  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3223  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3491  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4091  Several Processes (torchrun)     one all-reduce per step
+     4187  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1521,6 +1521,14 @@ def file_path(path, what: str) -> Path:
     return Path(path)
 
 
+def check_utf8_path(path, what: str = ""):
+    """safetensors opens no path of bytes that are not UTF-8 (held by Python as lone surrogates). `what`: the
+    key, as errors name it."""
+    if LONE_SURROGATE.search(str(path)):
+        raise UserError(f"{what}{str(path)!r} is not UTF-8 (bytes of another encoding), which safetensors "
+                        f"cannot open: rename it, or the folder holding it, in UTF-8")
+
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")     # never read, never downloaded
 
 
@@ -1540,6 +1548,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         raise UserError(f"file not found: {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
+    check_utf8_path(path)               # else safetensors' error, read as a damaged file's
     try:
         with safe_open(str(path), framework="pt") as f:
             names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
@@ -3733,6 +3742,8 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
         if not value and key in EMPTY_PATH_ADVICE:
             raise UserError(f"config key '{key}' is empty (YAML reads a bare ~ as null: write '~/...' or a "
                             f"full path): set it to {EMPTY_PATH_ADVICE[key]}")
+        if key in ("output_dir", "dataset.cache_dir"):      # safetensors files written there are read back
+            check_utf8_path(value, f"config key '{key}' ")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
     # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
     lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None

@@ -5169,6 +5169,27 @@ def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_uns
     assert (cfg.output_dir, cfg.dataset.path) == (f"O'Brien/{tmp_path}/runs", f"d/{tmp_path}")
 
 
+def test_a_path_that_is_not_utf8_is_named_so_not_called_a_truncated_download(tmp_path):
+    """safetensors opens no path of bytes that are not UTF-8 (a Latin-1 'café', decoded to lone surrogates): a
+    --lora or model so named was "not a readable .safetensors file ...; a truncated download? download it
+    again"; an output_dir or cache_dir so named (a Config from Python) wrote its files, then failed to read them
+    back: every cache file "unreadable, rebuilding", each start, and the state "lacks a readable step"."""
+    save_file({"a": torch.zeros(2)}, tmp_path / "good.safetensors")
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    try:
+        shutil.copy(tmp_path / "good.safetensors", latin1.with_suffix(".safetensors"))
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    one_line_error(lambda: sd.read_safetensors(latin1.with_suffix(".safetensors")),
+                   r"caf\\udce9.safetensors' is not UTF-8 \(bytes of another encoding\), which safetensors cannot "
+                   r"open: rename it, or the folder holding it, in UTF-8")
+    for key in ("output_dir", "dataset.cache_dir"):
+        config = sd.validate(tiny_config(tmp_path))
+        setattr(config.dataset if "." in key else config, key.split(".")[-1], str(latin1))
+        one_line_error(lambda: sd.train(config), rf"config key '{key}' .*caf\\udce9' is not UTF-8")
+    assert not latin1.exists()
+
+
 def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """YAML's "\\0" (or a Config built in Python) put a NUL into a path: the dataset scan or the output_dir
     check ended in a bare ValueError ('embedded null byte') traceback."""
