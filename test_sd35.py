@@ -7392,6 +7392,19 @@ def test_a_resume_takes_a_single_file_moved_and_a_hub_id_swapped_for_its_downloa
     assert asked and all(k.get("local_files_only") for k in asked)
 
 
+def test_a_run_from_a_hub_id_looks_it_up_once_and_records_its_downloads_id(diffusers_folder, tmp_path, monkeypatch):
+    """A hub id was looked up three times a run: in the hub cache by check_sources (the result dropped), downloaded
+    by load_pipeline, and looked up again for the state's model_id; now load_pipeline's resolution is the only one."""
+    import huggingface_hub
+    make_dataset(tmp_path / "data")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **k: asked.append(name) or str(diffusers_folder[0]))
+    sd.train(tiny_config(tmp_path, **{"model": "org/tiny", "train.steps": 1, "sample.sample_every": 0, "sample.prompts": []}))
+    assert asked == ["org/tiny"]
+    state = sd.read_safetensors(tmp_path / "run" / sd.STATE_FILE, with_metadata=True, prefix=None)[1]
+    assert state["model"] == sd.model_id(diffusers_folder[0]) != ""
+
+
 def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
     """--resume with a key changed: one that changes only the trajectory from here on (noise levels, the seed,
     the loss weighting, the data) is warned and recorded; one that changes no saved number (where files go, the
