@@ -7405,6 +7405,19 @@ def test_a_run_from_a_hub_id_looks_it_up_once_and_records_its_downloads_id(diffu
     assert state["model"] == sd.model_id(diffusers_folder[0]) != ""
 
 
+def test_a_single_file_renamed_is_no_model_a_resume_takes_as_moved(tmp_path):
+    """model_id reads a file's size and last MB, not all of it: safetensors lays tensors out by name, so an
+    official file's last MB is its y_embedder, which a LoRA merged into the joint blocks leaves as it was. The
+    file name is what tells such a merge apart from the base: a renamed file is refused on resume, not taken as
+    the same weights moved (only the same name, at another path, is)."""
+    base, tail = os.urandom(2**20), os.urandom(2**20)
+    for place, name, head in (("a", "sd3.5_medium", base), ("b", "sd3.5_medium", base), ("c", "merged", os.urandom(2**20))):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / f"{name}.safetensors").write_bytes(head + tail)
+    a, b, c = (sd.model_id(next((tmp_path / place).iterdir())) for place in "abc")
+    assert a == b != c
+
+
 def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
     """--resume with a key changed: one that changes only the trajectory from here on (noise levels, the seed,
     the loss weighting, the data) is warned and recorded; one that changes no saved number (where files go, the
