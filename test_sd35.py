@@ -7406,8 +7406,8 @@ def test_a_run_from_a_hub_id_looks_it_up_once_and_records_its_downloads_id(diffu
 
 
 def test_a_single_file_renamed_is_no_model_a_resume_takes_as_moved(tmp_path):
-    """model_id reads a file's size and last MB, not all of it: safetensors lays tensors out by name, so an
-    official file's last MB is its y_embedder, which a LoRA merged into the joint blocks leaves as it was. The
+    """model_id reads a file's size and last MB, not all of it: safetensors lays tensors out by name (within a
+    dtype), so an official file's last MB is its y_embedder, which a LoRA merged into the joint blocks leaves. The
     file name is what tells such a merge apart from the base: a renamed file is refused on resume, not taken as
     the same weights moved (only the same name, at another path, is)."""
     base, tail = os.urandom(2**20), os.urandom(2**20)
