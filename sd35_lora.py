@@ -3193,8 +3193,8 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
     if "model" in changed and meta.get("model"):     # (older versions recorded no id; tiny has none)
-        cached = resolve_model(cfg.model, ("transformer",), download=False) if cfg.model != "tiny" else None
-        if meta["model"] == model_id(cached):
+        root = resolve_model(cfg.model, ("transformer",), download=False) if cfg.model != "tiny" else None
+        if meta["model"] == model_id(root):             # (a hub id: its download, if cached)
             changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
