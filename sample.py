@@ -121,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "on the CPU")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     args = p.parse_args(sd.read_argv(argv, "['--model', 'tiny', '--prompt', 'a fox']"))
+    for flag in ("model", "text_encoders", "vae", "out"):           # --out=~/x: no shell expands after `=`
+        if getattr(args, flag):
+            setattr(args, flag, sd.expand_path(getattr(args, flag), "--" + flag.replace("_", "-")))
+    args.lora = [sd.expand_path(path, "--lora") for path in args.lora]
     if not args.prompt:
         p.error("give at least one --prompt")
     if not args.model and not args.lora:

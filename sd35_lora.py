@@ -21,18 +21,18 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       722  VAE                              16-channel autoencoder, the latent scale and shift
       872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1100  Data                             dataset scan, aspect buckets, the latent and text cache
-     1233  Training                         Trainer and the training loop
-     1387  Part 2: plumbing                 a reader can stop here
-     1394  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1982  Hub Downloads                    snapshot downloads, tokenizers
-     2048  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2443  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2571  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3248  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3516  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4112  Several Processes (torchrun)     one all-reduce per step
-     4208  Command Line and the Tiny Model  main(), --tiny
+     1101  Data                             dataset scan, aspect buckets, the latent and text cache
+     1234  Training                         Trainer and the training loop
+     1388  Part 2: plumbing                 a reader can stop here
+     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1992  Hub Downloads                    snapshot downloads, tokenizers
+     2066  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2461  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2589  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3274  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3542  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4142  Several Processes (torchrun)     one all-reduce per step
+     4238  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -923,6 +923,7 @@ class Pipeline:
     device: torch.device
     offload: bool = False
     visiting: tuple = ()                    # the modules that on_device() brought to `device`
+    root: Path | None = None                # the model as load_pipeline resolved it (a hub id's download)
 
     def modules(self) -> list[nn.Module]:
         return [self.mmdit, self.vae, *(self.text.modules() if self.text else [])]
@@ -1254,11 +1255,12 @@ class Trainer:
         tc, s, lc = cfg.train, cfg.sample, cfg.lora
         self.state_path, self.log_path = self.out / STATE_FILE, self.out / "log.jsonl"
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
+        self.stop: list[int] = []       # signals train() caught (Ctrl-C, SIGTERM): it stops after the step
         items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
         self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
-        self.pipe, self.model_id = pipe, model_id(cfg.model)        # a hub id's: of its download, now local
+        self.pipe, self.model_id = pipe, model_id(pipe.root)
         settings = SampleSettings(s.sample_steps or None, s.guidance_scale or None, s.shift or None,
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
@@ -1343,20 +1345,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tr = start_trainer(cfg, resume)
     tc = tr.cfg.train
     bins = torch.zeros(2, tc.loss_bins)                 # per sigma bin: unweighted MSE sums, sample counts
-    tr.stop = stop = []                         # Ctrl-C or SIGTERM: every process stops after the same step
-    old_handlers = handle_signals(lambda signum, _: stop.append(signum))  # before the step-0 previews too
+    old_handlers = handle_signals(lambda signum, _: tr.stop.append(signum))   # before the step-0 previews too
     try:
         tr.bar = bar = tqdm(total=tc.steps, initial=tr.step, desc="training", dynamic_ncols=True,
                             disable=tr.rank > 0)        # end_training closes it, after an error too
         if tr.step == 0 or previews_unfinished(tr):
             save_previews(tr)       # a baseline before any update, or those a stop at a sample step skipped
-        if stop and tr.world == 1 and tr.step < tc.steps:   # during those previews: stop before training on
+        if tr.stop and tr.world == 1 and tr.step < tc.steps:    # during those previews: stop before training
             raise KeyboardInterrupt                     # (torchrun: after the next step, which all agree on)
         while tr.step < tc.steps:
             tr.opt.param_groups[0]["lr"] = lr = get_lr(tr.step, tc)     # one parameter group: the LoRA
-            sums = tr.forward_backward(bool(stop))
+            sums = tr.forward_backward(bool(tr.stop))
             # one process: a signal in this step stops after it; torchrun: after the next, which all agree on
-            total, stopping = sums[0].item(), sums[2].item() > 0 or (tr.world == 1 and bool(stop))
+            total, stopping = sums[0].item(), sums[2].item() > 0 or (tr.world == 1 and bool(tr.stop))
             # clip (max_grad_norm 0 = off); a diverged run stops here, the last checkpoint on disk intact
             grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tc.max_grad_norm or math.inf).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -1374,7 +1375,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if tr.world > 1:                            # the others wait for process 0's last files (a signal
             collective(dist.barrier)                # now: the run has ended, as after the last step)
     except (KeyboardInterrupt, BrokenPipeError):    # Ctrl-C, SIGTERM, or stdout's reader gone (`| head`):
-        stop_with_checkpoint(tr, terminated=signal.SIGTERM in stop)     # a checkpoint, then main's exit code
+        stop_with_checkpoint(tr, terminated=signal.SIGTERM in tr.stop)  # a checkpoint, then main's exit code
     except (RuntimeError, MemoryError) as e:        # out of memory: a checkpoint of the last step, advice
         if not out_of_memory(e):
             raise                                   # any other error: its own traceback
@@ -1523,6 +1524,14 @@ def file_path(path, what: str) -> Path:
     return Path(path)
 
 
+def check_utf8_path(path, what: str = ""):
+    """safetensors opens no path of bytes that are not UTF-8 (held by Python as lone surrogates). `what`: the
+    key, as errors name it."""
+    if LONE_SURROGATE.search(str(path)):
+        raise UserError(f"{what}{str(path)!r} is not UTF-8 (bytes of another encoding), which safetensors "
+                        f"cannot open: rename it, or the folder holding it, in UTF-8")
+
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")     # never read, never downloaded
 
 
@@ -1542,6 +1551,7 @@ def read_safetensors(path: str | Path, with_metadata: bool = False, prefix: str 
         raise UserError(f"file not found: {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"{path}: pickle files can run code, so only .safetensors is read: use that release")
+    check_utf8_path(path)               # else safetensors' error, read as a damaged file's
     try:
         with safe_open(str(path), framework="pt") as f:
             names = {k[len(prefix):]: k for k in f.keys() if prefix is not None and k.startswith(prefix)}
@@ -1797,10 +1807,9 @@ def _file_id(path: Path) -> str:
         return _digest(path.name, size, f.read())
 
 
-def model_id(model: str) -> str:
-    """Of the MMDiT's files (their _file_id: the same when moved or copied); "" for tiny and a hub id not yet
-    downloaded. The state file records it: a resume takes a moved model by it."""
-    root = None if model == "tiny" else resolve_model(model, ("transformer",), download=False)
+def model_id(root: Path | None) -> str:
+    """Of the MMDiT's files under resolve_model's `root` (their _file_id: the same when moved or copied); ""
+    for None (tiny, a hub id not downloaded). Recorded in the state: a resume knows a moved model by it."""
     files = [root] if root and root.is_file() else []                           # a single file
     if root and root.is_dir():
         folder = _part_config(root, "transformer", "SD3Transformer2DModel")[0]
@@ -1976,7 +1985,8 @@ def load_pipeline(model: str, text_encoders: str | None = None, vae: str | None 
     if vae_model.cfg.latent_channels != mmdit.cfg.in_channels:
         raise UserError(f"the VAE has {vae_model.cfg.latent_channels} latent channels, the MMDiT expects "
                         f"{mmdit.cfg.in_channels}: use SD3's 16-channel VAE")
-    return Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device).place(offload)
+    pipe = Pipeline(mmdit, vae_model, text, variant or mmdit.cfg.variant(str(model)), device, root=root)
+    return pipe.place(offload)
 
 
 #################################################################################
@@ -2016,9 +2026,8 @@ def _tokenizers(folder: Path, use_t5: bool) -> list:
             AutoTokenizer.from_pretrained(t5) if use_t5 else None]
 
 
-def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
-    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None.
-    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
+def local_model(name: str, key: str) -> Path | None:
+    """`name` as a path that exists, None for a hub id (resolve_model's to look up), else a UserError."""
     name = str(name)                        # a Path from Python; None: "not found", not os.stat's TypeError
     if os.path.exists(name):
         return Path(name)
@@ -2026,6 +2035,15 @@ def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "
     if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         kinds = ".safetensors, hub id or 'tiny'" if key == "model" else ".safetensors or hub id"
         raise UserError(f"{key} not found: {name!r} (a diffusers folder, {kinds})")
+    return None
+
+
+def resolve_model(name: str, parts: tuple[str, ...], download=True, key: str = "model") -> Path | None:
+    """A local path as is; a hub id: its `parts` downloaded (safetensors only); no `download`: cached/None.
+    key: the setting given it, as errors name it (model, text_encoders or vae; sample.py's --model ...)."""
+    name, local = str(name), local_model(name, key)     # (str: a Path from Python)
+    if local:
+        return local
     from huggingface_hub import snapshot_download
     # skipped: pickles in any case (hub patterns are case-sensitive), diffusers' fp16 copies (~11 GB, SD3.5)
     skipped = ["*." + "".join(f"[{c}{c.upper()}]" for c in suffix[1:]) for suffix in PICKLE_SUFFIXES]
@@ -2621,14 +2639,7 @@ def _coerce(value, default, key: str):
         # "D:\runs\new": CR, line break; "D:\Projects\Lora", "D:\Neu", "D:\_data": U+2029, 2028, 0085, 00A0
         if key in PATH_KEYS and re.search(r"[\x00-\x1f\x7f-\xa0\u2028\u2029]", text):
             raise UserError(f"{name} holds a control character, {text!r:.60}: {WINDOWS_PATHS}")
-        if key in PATH_KEYS:    # ~, $X, ${X} as in a shell: Windows' expandvars skips all after a ' (O'Brien)
-            text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
-            text = os.path.expandvars(os.path.expanduser(text))            # and Windows' %X%
-            # an unset $NAME would make a folder "$NAME"; lower-case "my$files" stays (else unwritable)
-            if unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text):
-                raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it "
-                                f"or write the path out")
-        return text
+        return expand_path(text, name) if key in PATH_KEYS else text
     if isinstance(default, bool):
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         value = words.get(value.lower(), value) if isinstance(value, str) else value   # YAML 1.1's words
@@ -2638,6 +2649,19 @@ def _coerce(value, default, key: str):
             value = parse(value)                           # int first: seeds up to 2^64 - 1 exactly
             break
     return read_number(value, isinstance(default, int), name)
+
+
+def expand_path(text: str, name: str) -> str:
+    """A path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does: a config's, and a CLI option's after
+    `=` (--out=~/x), where the shell leaves them. `name`: the key or option, as errors name it."""
+    # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
+    text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
+    text = os.path.expandvars(os.path.expanduser(text))
+    # an unset $NAME would make a folder "$NAME"; lower-case "my$files" stays (else unwritable)
+    if unset := re.search(r"\$([A-Z_][A-Z0-9_]*\b|\{[^}]*\})", text):
+        raise UserError(f"{name} names {unset[0]}, an environment variable that is not set: set it "
+                        f"or write the path out")
+    return text
 
 
 def listed(value, name: str) -> list:
@@ -3017,7 +3041,7 @@ def check_sources(cfg: Config):
                         f"WORLD_SIZE to train in one", own=True)
     for key in ("model", "text_encoders", "vae") if cfg.model != "tiny" else ():    # tiny reads none
         if getattr(cfg, key):
-            resolve_model(getattr(cfg, key), (), download=False, key=key)   # hub ids download after the scan
+            local_model(getattr(cfg, key), key)     # hub ids are looked up (downloaded) after the scan
 
 
 def read_yaml(path: str, text: str | None = None):
@@ -3219,8 +3243,10 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
     changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in flat_config(cfg).items()
                if saved[k] != v and k not in split}
     warn = RESUME_WARN + ["train.steps"] * (cfg.train.lr_schedule == "cosine")     # it moves a cosine's decay
-    if "model" in changed and meta.get("model") and meta["model"] == model_id(cfg.model):   # older: no id
-        changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
+    if "model" in changed and meta.get("model"):     # (older versions recorded no id; tiny has none)
+        root = resolve_model(cfg.model, ("transformer",), download=False) if cfg.model != "tiny" else None
+        if meta["model"] == model_id(root):             # (a hub id: its download, if cached)
+            changed["model"], warn = changed["model"] + " (the same weights, moved)", warn + ["model"]
     refused = [c for k, c in changed.items() if k not in warn and not k.startswith(RESUME_FREE)]
     if refused:
         raise UserError(f"--resume with changed {'; '.join(refused)}: the saved LoRA and optimizer state "
@@ -3765,7 +3791,10 @@ def refuse_early(trainer: Trainer, resume: bool) -> tuple[list[str], dict]:
     # an empty path is the current folder: a dataset.path left blank would train on all images below it
     for key, value in flat_config(cfg).items():
         if not value and key in EMPTY_PATH_ADVICE:
-            raise UserError(f"config key '{key}' is empty: set it to {EMPTY_PATH_ADVICE[key]}")
+            raise UserError(f"config key '{key}' is empty (YAML reads a bare ~ as null: write '~/...' or a "
+                            f"full path): set it to {EMPTY_PATH_ADVICE[key]}")
+        if key in ("output_dir", "dataset.cache_dir"):      # safetensors files written there are read back
+            check_utf8_path(value, f"config key '{key}' ")
     # a live run holds its lock: "in use", not "--resume"/"no checkpoint" (no lock file made: it marks a run)
     # os.path's tests: Path's raise PermissionError under a folder one may not enter (writable_dir refuses it)
     lock = lock_output_dir(out) if first and os.path.exists(out / LOCK_FILE) else None
@@ -3822,9 +3851,10 @@ def save_checkpoint(trainer: Trainer):
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents, trainer.model_id)
-    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
+    # before the "saved" line: a lost stdout (`| head`) raises there, and that stop is pruned as Ctrl-C's is
     if c.train.keep_last:                               # 0: all kept
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
 
 
 def remove_old_checkpoints(out: Path, step: int, keep: int):
@@ -3842,7 +3872,7 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 def save_previews(trainer: Trainer):
     """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
-    A Ctrl-C or SIGTERM (train()'s trainer.stop; one process) stops them after the image at work, before the
+    A Ctrl-C or SIGTERM (trainer.stop; one process) stops them after the image at work, before the
     last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
@@ -3854,7 +3884,7 @@ def save_previews(trainer: Trainer):
         for image, name in zip(images, names):
             _atomic_save(image, folder / name)
             tqdm.write(f"sample: {folder / name}")
-        if getattr(trainer, "stop", None) and trainer.world == 1 and step < trainer.cfg.train.steps:
+        if trainer.stop and trainer.world == 1 and step < trainer.cfg.train.steps:
             raise KeyboardInterrupt                     # train() saves a checkpoint of this step
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these

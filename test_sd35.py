@@ -4616,7 +4616,7 @@ def test_a_blank_path_in_the_config_is_refused_not_read_as_the_current_folder(tm
     monkeypatch.chdir(tmp_path)
     for key in ("model", "output_dir", "dataset.path", "dataset.cache_dir"):
         config = tiny_config(tmp_path, **{key: None})
-        one_line_error(lambda: sd.train(config), f"config key '{key}' is empty: set it to ")
+        one_line_error(lambda: sd.train(config), rf"config key '{key}' is empty \(.*\): set it to ")
 
 
 def test_lora_and_sample_settings_are_refused_before_any_model_loads():
@@ -5261,6 +5261,27 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.sample.neg == "~/x"
 
 
+def test_a_tilde_after_a_sample_option_s_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """`sample.py --out=~/x`: the shell expands no ~ after an `=`, and the images went into a folder named '~'
+    in the current one; sample.py's path options now expand it as config paths do (one helper)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--model", "tiny", "--no-t5", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32",
+                 "--out=~/x"])
+    assert [p.name for p in (tmp_path / "home/x").iterdir()] == ["sample_00.png"] and not (tmp_path / "~").exists()
+    one_line_error(lambda: sample.main(["--model=~/absent.safetensors", "--prompt", "a"]),
+                   f"model not found: '{tmp_path}/home/absent.safetensors'")
+
+
+def test_a_bare_tilde_for_a_config_path_is_refused_saying_yaml_reads_it_as_null(tmp_path):
+    """`output_dir: ~` is YAML's null, so the home folder was refused as "config key 'output_dir' is empty",
+    which the config did not look like: the error now says why and what to write."""
+    (tmp_path / "c.yaml").write_text("model: tiny\noutput_dir: ~\n")
+    one_line_error(lambda: sd.train(sd.load_config(str(tmp_path / "c.yaml"))),
+                   r"config key 'output_dir' is empty \(YAML reads a bare ~ as null: write '~/\.\.\.' or a full "
+                   r"path\): set it to a new folder")
+
+
 def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_unset(tmp_path, monkeypatch):
     """`output_dir: $HOME/runs` (or ${HOME}) made a folder named "$HOME" in the current folder, and
     `dataset.path: $DATA/cats` was "no such folder" with the variable set; prompts keep their $ as text."""
@@ -5278,6 +5299,27 @@ def test_an_environment_variable_in_a_config_path_is_its_value_or_named_when_uns
     monkeypatch.setattr(os.path, "expandvars", ntpath.expandvars)
     cfg = sd.load_config(None, ["output_dir=O'Brien/$SD35_TEST_ROOT/runs", "dataset.path=d/%SD35_TEST_ROOT%"])
     assert (cfg.output_dir, cfg.dataset.path) == (f"O'Brien/{tmp_path}/runs", f"d/{tmp_path}")
+
+
+def test_a_path_that_is_not_utf8_is_named_so_not_called_a_truncated_download(tmp_path):
+    """safetensors opens no path of bytes that are not UTF-8 (a Latin-1 'café', decoded to lone surrogates): a
+    --lora or model so named was "not a readable .safetensors file ...; a truncated download? download it
+    again"; an output_dir or cache_dir so named (a Config from Python) wrote its files, then failed to read them
+    back: every cache file "unreadable, rebuilding", each start, and the state "lacks a readable step"."""
+    save_file({"a": torch.zeros(2)}, tmp_path / "good.safetensors")
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    try:
+        shutil.copy(tmp_path / "good.safetensors", latin1.with_suffix(".safetensors"))
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    one_line_error(lambda: sd.read_safetensors(latin1.with_suffix(".safetensors")),
+                   r"caf\\udce9.safetensors' is not UTF-8 \(bytes of another encoding\), which safetensors cannot "
+                   r"open: rename it, or the folder holding it, in UTF-8")
+    for key in ("output_dir", "dataset.cache_dir"):
+        config = sd.validate(tiny_config(tmp_path))
+        setattr(config.dataset if "." in key else config, key.split(".")[-1], str(latin1))
+        one_line_error(lambda: sd.train(config), rf"config key '{key}' .*caf\\udce9' is not UTF-8")
+    assert not latin1.exists()
 
 
 def test_a_nul_character_in_a_config_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -7468,7 +7510,7 @@ def test_a_resume_takes_a_single_file_moved_and_a_hub_id_swapped_for_its_downloa
 
     def resumes(saved: str, model: str) -> bool:
         sd.save_training_state(path, params, torch.optim.AdamW(params), 3, sd.load_config(None, [f"model={saved}"]),
-                               [], model=sd.model_id(saved))
+                               [], model=sd.model_id(sd.resolve_model(saved, (), download=False) if saved != "tiny" else None))
         try:
             return bool(sd.prepare_resume(path, sd.load_config(None, [f"model={model}"])))
         except sd.UserError as e:
@@ -7480,6 +7522,32 @@ def test_a_resume_takes_a_single_file_moved_and_a_hub_id_swapped_for_its_downloa
     assert not resumes(str(folder), "org/absent") and not resumes("org/absent", str(folder))
     assert not resumes("tiny", "org/absent")                                    # no ids: nothing alike
     assert asked and all(k.get("local_files_only") for k in asked)
+
+
+def test_a_run_from_a_hub_id_looks_it_up_once_and_records_its_downloads_id(diffusers_folder, tmp_path, monkeypatch):
+    """A hub id was looked up three times a run: in the hub cache by check_sources (the result dropped), downloaded
+    by load_pipeline, and looked up again for the state's model_id; now load_pipeline's resolution is the only one."""
+    import huggingface_hub
+    make_dataset(tmp_path / "data")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **k: asked.append(name) or str(diffusers_folder[0]))
+    sd.train(tiny_config(tmp_path, **{"model": "org/tiny", "train.steps": 1, "sample.sample_every": 0, "sample.prompts": []}))
+    assert asked == ["org/tiny"]
+    state = sd.read_safetensors(tmp_path / "run" / sd.STATE_FILE, with_metadata=True, prefix=None)[1]
+    assert state["model"] == sd.model_id(diffusers_folder[0]) != ""
+
+
+def test_a_single_file_renamed_is_no_model_a_resume_takes_as_moved(tmp_path):
+    """model_id reads a file's size and last MB, not all of it: safetensors lays tensors out by name (within a
+    dtype), so an official file's last MB is its y_embedder, which a LoRA merged into the joint blocks leaves. The
+    file name is what tells such a merge apart from the base: a renamed file is refused on resume, not taken as
+    the same weights moved (only the same name, at another path, is)."""
+    base, tail = os.urandom(2**20), os.urandom(2**20)
+    for place, name, head in (("a", "sd3.5_medium", base), ("b", "sd3.5_medium", base), ("c", "merged", os.urandom(2**20))):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / f"{name}.safetensors").write_bytes(head + tail)
+    a, b, c = (sd.model_id(next((tmp_path / place).iterdir())) for place in "abc")
+    assert a == b != c
 
 
 def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
@@ -10547,6 +10615,25 @@ def test_keep_last_orders_checkpoints_by_step_past_a_million_and_goes_on_past_an
         assert sorted(os.listdir(out)) == sorted(mine + [f"lora_step_{step:06d}.safetensors"
                                                          for step in (5, 1_000_000, 1_000_001, 2_000_000)])
         assert capsys.readouterr().err.count("warning: old checkpoint kept") == 1
+
+
+def test_a_run_stopped_by_a_lost_stdout_deletes_old_checkpoints_as_one_stopped_by_ctrl_c_does(tmp_path, monkeypatch):
+    """`... | head`: the "saved" line after a checkpoint raised BrokenPipeError before keep_last's deletions, so a
+    run stopped so kept every checkpoint since the last report; its stop's own checkpoint failed the same way."""
+    make_dataset(tmp_path / "data")
+    real, saved = sd.tqdm.write, []
+
+    def lost_stdout(text, file=None, **kwargs):
+        if file is None and text.startswith("saved") and len(saved.append(text) or saved) >= 3:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        return real(text, file=file, **kwargs)
+    monkeypatch.setattr(sd.tqdm, "write", lost_stdout)
+    sets = {"train.steps": 5, "train.save_every": 1, "train.keep_last": 2, "sample.sample_every": 0,
+            "sample.prompts": []}
+    with pytest.raises(BrokenPipeError):
+        sd.train(tiny_config(tmp_path, **sets))
+    assert sorted(p.name for p in (tmp_path / "run").glob("lora_step_*")) == [
+        "lora_step_000002.safetensors", "lora_step_000003.safetensors"]
 
 
 def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
