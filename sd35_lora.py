@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2526  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3197  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3465  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4061  Several Processes (torchrun)     one all-reduce per step
-     4157  Command Line and the Tiny Model  main(), --tiny
+     4065  Several Processes (torchrun)     one all-reduce per step
+     4161  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3791,8 +3791,9 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 def save_previews(trainer: Trainer):
     """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
-    A Ctrl-C or SIGTERM (train()'s trainer.stop; one process) stops them after the image at work, before the
-    last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
+    A Ctrl-C or SIGTERM (train()'s trainer.stop) stops them after the image at work, before the last step:
+    up to 100 take minutes (a scheduler's SIGKILL follows; torchrun's after 30 s). One process: --resume
+    makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
@@ -3803,8 +3804,8 @@ def save_previews(trainer: Trainer):
         for image, name in zip(images, names):
             _atomic_save(image, folder / name)
             tqdm.write(f"sample: {folder / name}")
-        if getattr(trainer, "stop", None) and trainer.world == 1 and step < trainer.cfg.train.steps:
-            raise KeyboardInterrupt                     # train() saves a checkpoint of this step
+        if getattr(trainer, "stop", None) and step < trainer.cfg.train.steps:
+            raise KeyboardInterrupt
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
@@ -3820,6 +3821,9 @@ def save_previews(trainer: Trainer):
                  embeddings=trainer.embeddings, progress=False, keep=save)
     except BrokenPipeError:                             # stdout's reader gone (`| head`): train() stops
         raise
+    except KeyboardInterrupt:       # save()'s stop: one process saves this step; torchrun's others wait in
+        if trainer.world == 1:      # the next step, whose stop flag ends every process after it
+            raise
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule

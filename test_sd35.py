@@ -3698,6 +3698,34 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
             f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
 
 
+def test_torchrun_a_signal_during_process_0s_previews_stops_them_after_the_image_at_work(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Under torchrun a SIGTERM (a scheduler's, passed on to every process) during process 0's previews let them
+    all render (minutes for many prompts) while the others waited: torchrun SIGKILLs workers 30 s after its
+    SIGTERM, so process 0 died mid-previews without a checkpoint or a word (seen: 2 CPU processes, 20 prompts).
+    Process 0 now stops them after the image at work, as one process does, and the next step, which carries its
+    stop flag, ends every process with process 0's checkpoint. Process 0 of 2 here; the all-reduce its own."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    real_generate, calls = sd.generate, []
+
+    def terminated_at_step_2(*args, **kwargs):      # the second preview set: step 2's
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", terminated_at_step_2)
+    run, sets = tmp_path / "run", {"train.steps": 6, "train.save_every": 6, "sample.sample_every": 2}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(tiny_sets(tmp_path, **sets))
+    assert exit_info.value.code == 143 and capsys.readouterr().out.strip().splitlines()[-1] == (
+        "terminated at step 3; checkpoint saved. Continue with --resume")
+    assert [p.name for p in (run / "samples_step_000002").iterdir()] == ["step_000002_sample_00.png"]
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "3"
+
+
 def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch, capsys):
     """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
     all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them.
