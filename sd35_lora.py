@@ -3771,9 +3771,9 @@ def save_checkpoint(trainer: Trainer):
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents, trainer.model_id)
-    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
-    if c.train.keep_last:                               # 0: all kept
+    if c.train.keep_last:                               # 0: all kept; before the line, which `| head` can end
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
+    tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
 
 
 def remove_old_checkpoints(out: Path, step: int, keep: int):
@@ -4253,10 +4253,22 @@ def exit_stopped(terminated: bool, message: str, file=None):
     sys.exit(143 if terminated else 130)
 
 
-def exit_output_gone():
-    """End a run whose stdout lost its reader (`| head`, a pager quit) quietly, as Unix tools do: exit 1."""
+def exit_output_gone(cfg: Config | None = None):
+    """End a run whose stdout lost its reader (`| head`, a pager quit) quietly, as Unix tools do: exit 1.
+    Under torchrun, which then ends the others ("lost contact"), process 0 says why on stderr."""
+    if cfg is not None and under_torchrun():
+        then = "checkpoint saved (continue with --resume)" if has_checkpoint(cfg) else "before any checkpoint"
+        with contextlib.suppress(BrokenPipeError):          # stderr's reader gone too (`2>&1 | head`)
+            print(f"error: process {rank_and_world()[0]}: stdout lost its reader (`| head`, a pager quit): "
+                  f"stopped, {then}; torchrun stops the others", file=sys.stderr)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # Python flushes stdout at exit
     sys.exit(1)
+
+
+def has_checkpoint(cfg: Config | None) -> bool:
+    """Whether cfg's output_dir holds a training state. os.path.isfile, not Path.is_file: main() asks after an
+    OSError, which Path's raises again for a name too long."""
+    return cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
@@ -4340,11 +4352,9 @@ def main(argv=None):
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved
-        exit_output_gone()
+        exit_output_gone(cfg)
     except OSError as e:                                    # e.g. a full disk while logging
-        # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
-        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
-        then = ("continue with --resume" if saved else
+        then = ("continue with --resume" if has_checkpoint(cfg) else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones
