@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2026  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2406  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2534  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3205  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3473  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4073  Several Processes (torchrun)     one all-reduce per step
-     4169  Command Line and the Tiny Model  main(), --tiny
+     3219  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3487  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4087  Several Processes (torchrun)     one all-reduce per step
+     4183  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3191,6 +3191,8 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 def note_resume(trainer: Trainer, header: dict):
     """A resume's warnings: images or captions edited, added or removed under the same dataset.path (recorded,
     as a changed config key is), and no step left to train. `header`: the state file's ({} fresh: none)."""
+    if header and trainer.world > 1:
+        check_one_checkpoint(trainer, header)
     saved, steps = header.get("data", ""), trainer.cfg.train.steps  # older state files: no digest to compare
     if saved and saved != trainer.data.contents:
         trainer.changes.append(f"step {trainer.step}: the images or captions in dataset.path")
@@ -3200,6 +3202,18 @@ def note_resume(trainer: Trainer, header: dict):
     if header and trainer.step >= steps and trainer.rank == 0:     # e.g. a finished run resumed as it was
         print(f"warning: nothing to train: the checkpoint is at step {trainer.step} and train.steps is "
               f"{steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
+
+
+def check_one_checkpoint(trainer: Trainer, header: dict):
+    """torchrun: every process resumed from the same state file, not each machine's own output_dir (they
+    would train apart, or hang at a collective the others never reach, when their steps differ)."""
+    seen = [None] * trainer.world
+    collective(dist.all_gather_object, seen, header)
+    if any(other != header for other in seen):
+        steps = ", ".join(map(str, sorted({int(other["step"]) for other in seen})))
+        raise UserError(f"--resume: the processes found different checkpoints in output_dir {trainer.out} "
+                        f"(steps {steps}): put output_dir on a file system every machine sees, or copy "
+                        f"process 0's there to each machine")
 
 
 #################################################################################

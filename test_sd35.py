@@ -9656,6 +9656,25 @@ def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
     assert_same_run(tmp_path / "two_half", tmp_path / "two_bs1")
 
 
+def test_torchrun_resume_refuses_processes_that_found_different_checkpoints(tmp_path):
+    """Two machines each with its own output_dir (a local disk, not a shared one): each process loaded the
+    checkpoint its machine had, here steps 2 and 1, and the run trained on silently, the processes' LoRAs apart.
+    Two processes here, each in its own folder holding its own `run`."""
+    make_dataset(tmp_path / "data")
+    sets = {**LONG_RUN, "train.steps": 2, "train.batch_size": 2, "output_dir": "run"}
+    for machine, steps in (("machine0", 2), ("machine1", 1)):
+        (tmp_path / machine).mkdir()
+        r = run_cli(*train_cli(tmp_path, **{**sets, "train.steps": steps}), cwd=tmp_path / machine)
+        assert r.returncode == 0, r.stderr[-2000:]
+    script = tmp_path / "machine.py"
+    script.write_text(f"import os, sys\nos.chdir({str(tmp_path)!r} + '/machine' + os.environ['RANK'])\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\nsd35_lora.main()\n")
+    r = torchrun(str(script), *train_cli(tmp_path, **{**sets, "train.steps": 3, "train.batch_size": 1})[1:], "--resume")
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert ("error: --resume: the processes found different checkpoints in output_dir run (steps 1, 2): put "
+            "output_dir on a file system every machine sees") in r.stderr, r.stderr[-2000:]
+
+
 LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
             "train.gradient_checkpointing": False}
 
