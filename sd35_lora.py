@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       880  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       920  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1108  Data                             dataset scan, aspect buckets, the latent and text cache
-     1241  Training                         Trainer and the training loop
-     1395  Part 2: plumbing                 a reader can stop here
-     1402  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1962  Hub Downloads                    snapshot downloads, tokenizers
-     2026  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2406  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2534  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3219  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3487  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4087  Several Processes (torchrun)     one all-reduce per step
-     4183  Command Line and the Tiny Model  main(), --tiny
+     1242  Training                         Trainer and the training loop
+     1396  Part 2: plumbing                 a reader can stop here
+     1403  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1963  Hub Downloads                    snapshot downloads, tokenizers
+     2027  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2407  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2535  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3220  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3488  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4097  Several Processes (torchrun)     one all-reduce per step
+     4193  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1184,6 +1184,7 @@ class LatentDataset:
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             collective(dist.barrier)                           # the cache is complete
+            check_cache_shared(self.latent_files + self.text_files, rank, world)
 
     def latent_file(self, path: Path, size: tuple[int, int]):    # -> its cache file, the hash of its bytes
         data = None                         # models load (minutes) after the scan: files may change
@@ -3512,6 +3513,15 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
     except UserError as e:
         e.own = True
         raise
+
+
+def check_cache_shared(files: list[Path], rank: int, world: int):
+    """torchrun, the cache built: one file of another process's share is here too (else dataset.cache_dir is
+    each machine's own; one file: a stat each of 20,000 on a network file system would take a while)."""
+    other = next((f for f in files if int(f.stem, 16) % world != rank), None)
+    if other and not os.path.isfile(other):
+        raise UserError(f"cache file {other}, another process's share, is not in dataset.cache_dir here: put "
+                        f"it (and output_dir) on a file system every machine sees")
 
 
 CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before

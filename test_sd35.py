@@ -9675,6 +9675,24 @@ def test_torchrun_resume_refuses_processes_that_found_different_checkpoints(tmp_
             "output_dir on a file system every machine sees") in r.stderr, r.stderr[-2000:]
 
 
+def test_torchrun_a_cache_dir_each_machine_has_its_own_is_named_as_such(tmp_path):
+    """dataset.cache_dir on each machine's own disk: each process found the others' share of the cache missing in
+    the first step, as "cache file ... cannot be read (deleted): run again ...; the next start rebuilds it",
+    which no new start does. Two processes here, each in its own folder holding its own `cache`."""
+    make_dataset(tmp_path / "data")
+    for rank in "01":
+        (tmp_path / f"machine{rank}").mkdir()
+    script = tmp_path / "machine.py"
+    script.write_text(f"import os, sys\nos.chdir({str(tmp_path)!r} + '/machine' + os.environ['RANK'])\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\nsd35_lora.main()\n")
+    sets = {**LONG_RUN, "train.steps": 2, "output_dir": "run", "dataset.cache_dir": "cache"}
+    r = torchrun(str(script), *train_cli(tmp_path, **sets)[1:])
+    assert r.returncode != 0 and "cannot be read" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"error: cache file cache/\w+/\w+\.safetensors, another process's share, is not in "
+                     r"dataset.cache_dir here: put it \(and output_dir\) on a file system every machine sees",
+                     r.stderr), r.stderr[-2000:]
+
+
 LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
             "train.gradient_checkpointing": False}
 
