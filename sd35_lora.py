@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        80  Presets and Configuration        per-variant sampling presets, the training config
       207  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       270  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      562  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      722  VAE                              16-channel autoencoder, the latent scale and shift
-      872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1101  Data                             dataset scan, aspect buckets, the latent and text cache
-     1234  Training                         Trainer and the training loop
-     1388  Part 2: plumbing                 a reader can stop here
-     1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1992  Hub Downloads                    snapshot downloads, tokenizers
-     2066  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2461  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2589  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3274  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3542  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4142  Several Processes (torchrun)     one all-reduce per step
-     4238  Command Line and the Tiny Model  main(), --tiny
+      570  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      730  VAE                              16-channel autoencoder, the latent scale and shift
+      880  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      920  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1109  Data                             dataset scan, aspect buckets, the latent and text cache
+     1243  Training                         Trainer and the training loop
+     1397  Part 2: plumbing                 a reader can stop here
+     1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     2001  Hub Downloads                    snapshot downloads, tokenizers
+     2075  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2470  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2598  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3297  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3565  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4177  Several Processes (torchrun)     one all-reduce per step
+     4273  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -478,12 +478,20 @@ def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c
         return block(context, x, c)
     if torch.compiler.is_compiling():          # compile_blocks: the recompute joins the compiled backward
         return checkpoint(block, context, x, c, use_reentrant=False)
-    if not (context.requires_grad or x.requires_grad or c.requires_grad
-            or any(p.requires_grad for p in block.parameters())):
+    if not (context.requires_grad or x.requires_grad or c.requires_grad or trains(block)):
         return block(context, x, c)                 # nothing to train through: no graph is kept
     # Eager, the reentrant checkpoint: no graph in the forward, no hook per saved tensor (host time, which a
     # GPU step waits on), but loss.backward() only, not torch.autograd.grad.
     return checkpoint(run_checkpointed, block, context, x, c, WEIGHTS_STAND_IN, use_reentrant=True)
+
+
+def trains(block: nn.Module) -> bool:
+    """Whether a weight of `block` requires grad. nn.DataParallel's replicas register none: torch keeps their
+    weights (non-leaf copies) in each module's _former_parameters."""
+    if getattr(block, "_is_replica", False):
+        return any(w is not None and w.requires_grad
+                   for module in block.modules() for w in module._former_parameters.values())
+    return any(p.requires_grad for p in block.parameters())
 
 
 def run_checkpointed(block: JointBlock, context, x, c, _stand_in) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1177,6 +1185,7 @@ class LatentDataset:
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         if world > 1:
             collective(dist.barrier)                           # the cache is complete
+            check_cache_shared(self.latent_files + self.text_files, rank, world)
 
     def latent_file(self, path: Path, size: tuple[int, int]):    # -> its cache file, the hash of its bytes
         data = None                         # models load (minutes) after the scan: files may change
@@ -3260,6 +3269,8 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 def note_resume(trainer: Trainer, header: dict):
     """A resume's warnings: images or captions edited, added or removed under the same dataset.path (recorded,
     as a changed config key is), and no step left to train. `header`: the state file's ({} fresh: none)."""
+    if header and trainer.world > 1:
+        check_one_checkpoint(trainer, header)
     saved, steps = header.get("data", ""), trainer.cfg.train.steps  # older state files: no digest to compare
     if saved and saved != trainer.data.contents:
         trainer.changes.append(f"step {trainer.step}: the images or captions in dataset.path")
@@ -3269,6 +3280,18 @@ def note_resume(trainer: Trainer, header: dict):
     if header and trainer.step >= steps and trainer.rank == 0:     # e.g. a finished run resumed as it was
         print(f"warning: nothing to train: the checkpoint is at step {trainer.step} and train.steps is "
               f"{steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
+
+
+def check_one_checkpoint(trainer: Trainer, header: dict):
+    """torchrun: every process resumed from the same state file, not each machine's own output_dir (they
+    would train apart, or hang at a collective the others never reach, when their steps differ)."""
+    seen = [None] * trainer.world
+    collective(dist.all_gather_object, seen, header)
+    if any(other != header for other in seen):
+        steps = ", ".join(map(str, sorted({int(other["step"]) for other in seen})))
+        raise UserError(f"--resume: the processes found different checkpoints in output_dir {trainer.out} "
+                        f"(steps {steps}): put output_dir on a file system every machine sees, or copy "
+                        f"process 0's there to each machine")
 
 
 #################################################################################
@@ -3569,6 +3592,15 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
         raise
 
 
+def check_cache_shared(files: list[Path], rank: int, world: int):
+    """torchrun, the cache built: one file of another process's share is here too (else dataset.cache_dir is
+    each machine's own; one file: a stat each of 20,000 on a network file system would take a while)."""
+    other = next((f for f in files if int(f.stem, 16) % world != rank), None)
+    if other and not os.path.isfile(other):
+        raise UserError(f"cache file {other}, another process's share, is not in dataset.cache_dir here: put "
+                        f"it (and output_dir) on a file system every machine sees")
+
+
 CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before
 HEADER_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
@@ -3851,8 +3883,7 @@ def save_checkpoint(trainer: Trainer):
         tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
     save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                         trainer.data.contents, trainer.model_id)
-    # before the "saved" line: a lost stdout (`| head`) raises there, and that stop is pruned as Ctrl-C's is
-    if c.train.keep_last:                               # 0: all kept
+    if c.train.keep_last:                               # 0: all kept; before the line, which `| head` can end
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
 
@@ -3872,8 +3903,9 @@ def remove_old_checkpoints(out: Path, step: int, keep: int):
 
 def save_previews(trainer: Trainer):
     """Validation images for the configured prompts, with the same seeds at every step, each saved when done.
-    A Ctrl-C or SIGTERM (trainer.stop; one process) stops them after the image at work, before the
-    last step: up to 100 of them take minutes (a scheduler's SIGKILL follows); --resume makes them."""
+    A Ctrl-C or SIGTERM (train()'s trainer.stop) stops them after the image at work, before the last step:
+    up to 100 take minutes (a scheduler's SIGKILL follows; torchrun's after 30 s). One process: --resume
+    makes them."""
     sample, step = trainer.cfg.sample, trainer.step
     if not sample.prompts or trainer.rank > 0:
         return
@@ -3884,8 +3916,8 @@ def save_previews(trainer: Trainer):
         for image, name in zip(images, names):
             _atomic_save(image, folder / name)
             tqdm.write(f"sample: {folder / name}")
-        if trainer.stop and trainer.world == 1 and step < trainer.cfg.train.steps:
-            raise KeyboardInterrupt                     # train() saves a checkpoint of this step
+        if trainer.stop and step < trainer.cfg.train.steps:
+            raise KeyboardInterrupt
     bar = getattr(trainer, "bar", None)         # train()'s; none on a Trainer a notebook samples by hand
     training = bar and bar.desc                 # train()'s words on the bar, put back after these
     try:            # loss.png first: with a preview missing (a killed run) --resume redoes both
@@ -3901,6 +3933,9 @@ def save_previews(trainer: Trainer):
                  embeddings=trainer.embeddings, progress=False, keep=save)
     except BrokenPipeError:                             # stdout's reader gone (`| head`): train() stops
         raise
+    except KeyboardInterrupt:       # save()'s stop: one process saves this step; torchrun's others wait in
+        if trainer.world == 1:      # the next step, whose stop flag ends every process after it
+            raise
     except Exception as e:                              # a failed preview must not end a long run
         if out_of_memory(e):
             many = ["lower sample.sample_steps"] * (sample.sample_steps >= MANY_STEPS)   # GiBs of schedule
@@ -4330,10 +4365,22 @@ def exit_stopped(terminated: bool, message: str, file=None):
     sys.exit(143 if terminated else 130)
 
 
-def exit_output_gone():
-    """End a run whose stdout lost its reader (`| head`, a pager quit) quietly, as Unix tools do: exit 1."""
+def exit_output_gone(cfg: Config | None = None):
+    """End a run whose stdout lost its reader (`| head`, a pager quit) quietly, as Unix tools do: exit 1.
+    Under torchrun, which then ends the others ("lost contact"), process 0 says why on stderr."""
+    if cfg is not None and under_torchrun():
+        then = "checkpoint saved (continue with --resume)" if has_checkpoint(cfg) else "before any checkpoint"
+        with contextlib.suppress(BrokenPipeError):          # stderr's reader gone too (`2>&1 | head`)
+            print(f"error: process {rank_and_world()[0]}: stdout lost its reader (`| head`, a pager quit): "
+                  f"stopped, {then}; torchrun stops the others", file=sys.stderr)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # Python flushes stdout at exit
     sys.exit(1)
+
+
+def has_checkpoint(cfg: Config | None) -> bool:
+    """Whether cfg's output_dir holds a training state. os.path.isfile, not Path.is_file: main() asks after an
+    OSError, which Path's raises again for a name too long."""
+    return cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
 
 
 def handle_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> dict:
@@ -4417,11 +4464,9 @@ def main(argv=None):
         tag = f"process {rank}: " * (own and under_torchrun())      # not a plain run's (a WORLD_SIZE alone)
         sys.exit(f"error: {tag}{e}" if local_rank() == 0 or own else 1)    # a dataset missing on one machine
     except BrokenPipeError:     # stdout's reader gone (`| head`), a checkpoint saved
-        exit_output_gone()
+        exit_output_gone(cfg)
     except OSError as e:                                    # e.g. a full disk while logging
-        # os.path.isfile, not Path.is_file: that raises the same OSError again for a name too long
-        saved = cfg is not None and os.path.isfile(Path(cfg.output_dir, STATE_FILE))
-        then = ("continue with --resume" if saved else
+        then = ("continue with --resume" if has_checkpoint(cfg) else
                 "start the run anew (it saved no checkpoint yet: empty output_dir or choose another)")
         sys.exit(f"error: {e}: free disk space (or fix the path), then {then}")
     except KeyboardInterrupt as e:              # models loading or caching; train() catches later ones

@@ -3830,6 +3830,34 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
             f"terminated at step {stops_at}; checkpoint saved. Continue with --resume"), place
 
 
+def test_torchrun_a_signal_during_process_0s_previews_stops_them_after_the_image_at_work(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Under torchrun a SIGTERM (a scheduler's, passed on to every process) during process 0's previews let them
+    all render (minutes for many prompts) while the others waited: torchrun SIGKILLs workers 30 s after its
+    SIGTERM, so process 0 died mid-previews without a checkpoint or a word (seen: 2 CPU processes, 20 prompts).
+    Process 0 now stops them after the image at work, as one process does, and the next step, which carries its
+    stop flag, ends every process with process 0's checkpoint. Process 0 of 2 here; the all-reduce its own."""
+    make_dataset(tmp_path / "data")
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
+    monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
+    real_generate, calls = sd.generate, []
+
+    def terminated_at_step_2(*args, **kwargs):      # the second preview set: step 2's
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sd, "generate", terminated_at_step_2)
+    run, sets = tmp_path / "run", {"train.steps": 6, "train.save_every": 6, "sample.sample_every": 2}
+    with pytest.raises(SystemExit) as exit_info:
+        sd.main(tiny_sets(tmp_path, **sets))
+    assert exit_info.value.code == 143 and capsys.readouterr().out.strip().splitlines()[-1] == (
+        "terminated at step 3; checkpoint saved. Continue with --resume")
+    assert [p.name for p in (run / "samples_step_000002").iterdir()] == ["step_000002_sample_00.png"]
+    assert sd.read_safetensors(run / "training_state.safetensors", with_metadata=True)[1]["step"] == "3"
+
+
 def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path, monkeypatch, capsys):
     """One writer: process 0 saves the checkpoints, previews and log; process 1 of 2 (here in one process, its
     all-reduce its own, the cache built before as process 0 would have) trains along and writes none of them.
@@ -4474,6 +4502,41 @@ def test_eager_checkpointing_trains_under_distributed_data_parallel(tmp_path):
             grads[ddp] = [p.grad for p in model.parameters() if p.requires_grad]
     finally:
         torch.distributed.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+
+
+def data_parallel_replica(model: torch.nn.Module) -> torch.nn.Module:
+    """What nn.DataParallel runs on each of several GPUs (torch.nn.parallel.replicate's copy), made on the CPU:
+    every module copied with no parameters registered, its weights non-leaf tensors computed from the originals."""
+    copies = {module: module._replicate_for_data_parallel() for module in model.modules()}
+    for module, replica in copies.items():
+        replica._former_parameters = collections.OrderedDict()
+        for name, child in module._modules.items():
+            setattr(replica, name, copies[child])
+        for name, weight in module._parameters.items():
+            copy = None if weight is None else weight.view_as(weight)       # Broadcast's output, without GPUs
+            setattr(replica, name, copy)
+            replica._former_parameters[name] = copy
+    return copies[model]
+
+
+def test_eager_checkpointing_covers_the_first_trained_block_of_a_data_parallel_replica(monkeypatch):
+    """nn.DataParallel's replicas register no parameters, so the first trained block (nothing before it trains:
+    LoRA on attn, its inputs need no gradient) was taken for one with nothing to train and ran without its
+    checkpoint, keeping all its activations. Its gradients are the model's own, bit for bit."""
+    calls, real_checkpoint = [], sd.checkpoint
+    monkeypatch.setattr(sd, "checkpoint", lambda *args, **kwargs: calls.append(1) or real_checkpoint(*args, **kwargs))
+    grads, counted = {}, {}
+    for replicated in (False, True):
+        model = tiny_mmdit(depth=3)
+        sd.add_lora(model, rank=4, targets="attn")
+        for layer in sd.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+        model.enable_gradient_checkpointing().train()
+        calls.clear()
+        (data_parallel_replica(model) if replicated else model)(*mmdit_inputs()).square().mean().backward()
+        grads[replicated], counted[replicated] = [p.grad for p in model.parameters() if p.requires_grad], len(calls)
+    assert counted == {False: 3, True: 3}
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
 
 
@@ -5829,6 +5892,30 @@ def test_training_whose_output_pipe_closed_stops_with_a_checkpoint_as_ctrl_c_doe
     trained = int(state["step"])                                        # stderr_too: may stop at step 0
     assert (0 if stderr_too else 1) <= trained < 40
     assert (tmp_path / f"run/lora_step_{trained:06d}.safetensors").is_file()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_lost_stdout_keeps_keep_last_and_under_torchrun_process_0_says_why_it_stopped(tmp_path, processes):
+    """`... | head`, stopping at a checkpoint's "saved" line: the checkpoint was written but keep_last's pruning,
+    which came after that line, was skipped (2 checkpoints left with keep_last 1). Under torchrun process 0
+    exited 1 without a word, and the others' "lost contact ... one died" (a remote worker "crashing") was all
+    the user saw of why."""
+    make_dataset(tmp_path / "data")
+    cli = train_cli(tmp_path, **{**LONG_RUN, "train.save_every": 1, "train.keep_last": 1})
+    p = (torchrun(*cli, wait=False) if processes == 2 else
+         subprocess.Popen([sys.executable, *cli], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}))
+    while "lora_step_000002" not in p.stdout.readline():
+        pass
+    p.stdout.close()                                                    # the reader gone: step 3's "saved" fails
+    stderr = p.stderr.read()
+    assert p.wait(timeout=300) != 0 and "Broken pipe" not in stderr, stderr[-2000:]
+    left = sorted(path.name for path in (tmp_path / "run").glob("lora_step_*"))
+    step = int(sd.read_safetensors(tmp_path / "run" / sd.STATE_FILE, with_metadata=True, prefix=None)[1]["step"])
+    assert left == [f"lora_step_{step:06d}.safetensors"], left
+    said = ("error: process 0: stdout lost its reader (`| head`, a pager quit): stopped, checkpoint saved "
+            "(continue with --resume); torchrun stops the others")
+    assert (said in stderr) == (processes == 2), stderr[-2000:]
 
 
 def test_tiny_command_from_readme_runs_and_resumes(tmp_path):
@@ -9812,6 +9899,43 @@ def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
         sd.train(tiny_config(tmp_path, **half), resume=True)
     sd.train(tiny_config(tmp_path, **half, **{"train.batch_size": 2}), resume=True)
     assert_same_run(tmp_path / "two_half", tmp_path / "two_bs1")
+
+
+def test_torchrun_resume_refuses_processes_that_found_different_checkpoints(tmp_path):
+    """Two machines each with its own output_dir (a local disk, not a shared one): each process loaded the
+    checkpoint its machine had, here steps 2 and 1, and the run trained on silently, the processes' LoRAs apart.
+    Two processes here, each in its own folder holding its own `run`."""
+    make_dataset(tmp_path / "data")
+    sets = {**LONG_RUN, "train.steps": 2, "train.batch_size": 2, "output_dir": "run"}
+    for machine, steps in (("machine0", 2), ("machine1", 1)):
+        (tmp_path / machine).mkdir()
+        r = run_cli(*train_cli(tmp_path, **{**sets, "train.steps": steps}), cwd=tmp_path / machine)
+        assert r.returncode == 0, r.stderr[-2000:]
+    script = tmp_path / "machine.py"
+    script.write_text(f"import os, sys\nos.chdir({str(tmp_path)!r} + '/machine' + os.environ['RANK'])\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\nsd35_lora.main()\n")
+    r = torchrun(str(script), *train_cli(tmp_path, **{**sets, "train.steps": 3, "train.batch_size": 1})[1:], "--resume")
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert ("error: --resume: the processes found different checkpoints in output_dir run (steps 1, 2): put "
+            "output_dir on a file system every machine sees") in r.stderr, r.stderr[-2000:]
+
+
+def test_torchrun_a_cache_dir_each_machine_has_its_own_is_named_as_such(tmp_path):
+    """dataset.cache_dir on each machine's own disk: each process found the others' share of the cache missing in
+    the first step, as "cache file ... cannot be read (deleted): run again ...; the next start rebuilds it",
+    which no new start does. Two processes here, each in its own folder holding its own `cache`."""
+    make_dataset(tmp_path / "data")
+    for rank in "01":
+        (tmp_path / f"machine{rank}").mkdir()
+    script = tmp_path / "machine.py"
+    script.write_text(f"import os, sys\nos.chdir({str(tmp_path)!r} + '/machine' + os.environ['RANK'])\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\nsd35_lora.main()\n")
+    sets = {**LONG_RUN, "train.steps": 2, "output_dir": "run", "dataset.cache_dir": "cache"}
+    r = torchrun(str(script), *train_cli(tmp_path, **sets)[1:])
+    assert r.returncode != 0 and "cannot be read" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"error: cache file cache/\w+/\w+\.safetensors, another process's share, is not in "
+                     r"dataset.cache_dir here: put it \(and output_dir\) on a file system every machine sees",
+                     r.stderr), r.stderr[-2000:]
 
 
 LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
