@@ -17,22 +17,22 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
        80  Presets and Configuration        per-variant sampling presets, the training config
       207  Flow Matching                    sigma shift, schedules, training sigmas, loss weights, the loss
       270  MMDiT                            joint blocks, official parameter names, dual attention, qk-norm
-      570  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
-      730  VAE                              16-channel autoencoder, the latent scale and shift
-      880  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
-      920  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
-     1109  Data                             dataset scan, aspect buckets, the latent and text cache
-     1243  Training                         Trainer and the training loop
-     1397  Part 2: plumbing                 a reader can stop here
-     1404  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2001  Hub Downloads                    snapshot downloads, tokenizers
-     2075  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2470  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2598  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3297  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3565  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4177  Several Processes (torchrun)     one all-reduce per step
-     4273  Command Line and the Tiny Model  main(), --tiny
+      562  LoRA                             LoRALinear, FrozenLinear (its backward), add_lora
+      722  VAE                              16-channel autoencoder, the latent scale and shift
+      872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
+      912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
+     1101  Data                             dataset scan, aspect buckets, the latent and text cache
+     1235  Training                         Trainer and the training loop
+     1389  Part 2: plumbing                 a reader can stop here
+     1396  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1993  Hub Downloads                    snapshot downloads, tokenizers
+     2067  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2462  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2590  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3289  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3557  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4169  Several Processes (torchrun)     one all-reduce per step
+     4265  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -478,20 +478,12 @@ def run_joint_block(block: JointBlock, context: torch.Tensor, x: torch.Tensor, c
         return block(context, x, c)
     if torch.compiler.is_compiling():          # compile_blocks: the recompute joins the compiled backward
         return checkpoint(block, context, x, c, use_reentrant=False)
-    if not (context.requires_grad or x.requires_grad or c.requires_grad or trains(block)):
+    if not (context.requires_grad or x.requires_grad or c.requires_grad
+            or any(p.requires_grad for p in block.parameters())):
         return block(context, x, c)                 # nothing to train through: no graph is kept
     # Eager, the reentrant checkpoint: no graph in the forward, no hook per saved tensor (host time, which a
     # GPU step waits on), but loss.backward() only, not torch.autograd.grad.
     return checkpoint(run_checkpointed, block, context, x, c, WEIGHTS_STAND_IN, use_reentrant=True)
-
-
-def trains(block: nn.Module) -> bool:
-    """Whether a weight of `block` requires grad. nn.DataParallel's replicas register none: torch keeps their
-    weights (non-leaf copies) in each module's _former_parameters."""
-    if getattr(block, "_is_replica", False):
-        return any(w is not None and w.requires_grad
-                   for module in block.modules() for w in module._former_parameters.values())
-    return any(p.requires_grad for p in block.parameters())
 
 
 def run_checkpointed(block: JointBlock, context, x, c, _stand_in) -> tuple[torch.Tensor, torch.Tensor]:

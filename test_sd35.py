@@ -4505,41 +4505,6 @@ def test_eager_checkpointing_trains_under_distributed_data_parallel(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
 
 
-def data_parallel_replica(model: torch.nn.Module) -> torch.nn.Module:
-    """What nn.DataParallel runs on each of several GPUs (torch.nn.parallel.replicate's copy), made on the CPU:
-    every module copied with no parameters registered, its weights non-leaf tensors computed from the originals."""
-    copies = {module: module._replicate_for_data_parallel() for module in model.modules()}
-    for module, replica in copies.items():
-        replica._former_parameters = collections.OrderedDict()
-        for name, child in module._modules.items():
-            setattr(replica, name, copies[child])
-        for name, weight in module._parameters.items():
-            copy = None if weight is None else weight.view_as(weight)       # Broadcast's output, without GPUs
-            setattr(replica, name, copy)
-            replica._former_parameters[name] = copy
-    return copies[model]
-
-
-def test_eager_checkpointing_covers_the_first_trained_block_of_a_data_parallel_replica(monkeypatch):
-    """nn.DataParallel's replicas register no parameters, so the first trained block (nothing before it trains:
-    LoRA on attn, its inputs need no gradient) was taken for one with nothing to train and ran without its
-    checkpoint, keeping all its activations. Its gradients are the model's own, bit for bit."""
-    calls, real_checkpoint = [], sd.checkpoint
-    monkeypatch.setattr(sd, "checkpoint", lambda *args, **kwargs: calls.append(1) or real_checkpoint(*args, **kwargs))
-    grads, counted = {}, {}
-    for replicated in (False, True):
-        model = tiny_mmdit(depth=3)
-        sd.add_lora(model, rank=4, targets="attn")
-        for layer in sd.lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
-        model.enable_gradient_checkpointing().train()
-        calls.clear()
-        (data_parallel_replica(model) if replicated else model)(*mmdit_inputs()).square().mean().backward()
-        grads[replicated], counted[replicated] = [p.grad for p in model.parameters() if p.requires_grad], len(calls)
-    assert counted == {False: 3, True: 3}
-    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
-
-
 def test_compiled_blocks_keep_their_checkpoint_inside_the_graph():
     """compile_blocks compiled each block and checkpoint wrapped it: a training step ran each block's compiled
     forward twice and Python hooks for every saved tensor (host time 1.24x: .ci/bench_cpu.py --checkpoint-step).
