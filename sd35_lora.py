@@ -22,17 +22,17 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
       872  Text Encoders                    CLIP-L + CLIP-G + T5 -> (context, pooled)
       912  Sampling                         Euler / DPM++ 2M with CFG and skip-layer guidance, generate()
      1101  Data                             dataset scan, aspect buckets, the latent and text cache
-     1235  Training                         Trainer and the training loop
-     1389  Part 2: plumbing                 a reader can stop here
-     1396  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1993  Hub Downloads                    snapshot downloads, tokenizers
-     2067  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2462  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2590  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3289  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3557  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4169  Several Processes (torchrun)     one all-reduce per step
-     4265  Command Line and the Tiny Model  main(), --tiny
+     1238  Training                         Trainer and the training loop
+     1394  Part 2: plumbing                 a reader can stop here
+     1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
+     1998  Hub Downloads                    snapshot downloads, tokenizers
+     2072  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2467  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2595  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3294  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3562  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4174  Several Processes (torchrun)     one all-reduce per step
+     4270  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1162,19 +1162,22 @@ class LatentDataset:
                          "crop-then-resize", "alpha-on-white")  # load_image's recipe: another's cache unused
         text_id = _digest(model, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
-        self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
-        if rank == 0:
-            warn_cut(pipe.text, [item["caption"] for item in items], "captions")
-        caption_file = functools.cache(self.caption_file)   # a trigger word's file is not re-read per image
-        self.latent_files, self.text_files, self.sizes, contents = [], [], [], []
-        for item in tqdm(items, desc="caching latents and text", leave=False, disable=rank > 0):
-            latent_file, image_hash = self.latent_file(item["path"], item["size"])
-            self.latent_files.append(latent_file)
-            self.text_files.append(caption_file(item["caption"]))
-            self.sizes.append(item["size"])
-            contents.append(_digest(item["caption"], after=image_hash))
-        self.empty = caption_file("")
+        self.latent_files, self.sizes, contents = [], [item["size"] for item in items], []
+        # one model at a time on the GPU: T5 (9 GiB) beside the VAE's encoding would overflow a 12 GB card
+        with pipe.on_device(pipe.vae):
+            for item in tqdm(items, desc="caching latents", leave=False, disable=rank > 0):
+                latent_file, image_hash = self.latent_file(item["path"], item["size"])
+                self.latent_files.append(latent_file)
+                contents.append(_digest(item["caption"], after=image_hash))
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
+        with pipe.on_device(*pipe.text.modules()):
+            self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
+            if rank == 0:
+                warn_cut(pipe.text, [item["caption"] for item in items], "captions")
+            caption_file = functools.cache(self.caption_file)   # a trigger word's file: read once
+            self.text_files = [caption_file(item["caption"])
+                               for item in tqdm(items, desc="caching text", leave=False, disable=rank > 0)]
+            self.empty = caption_file("")
         if world > 1:
             collective(dist.barrier)                           # the cache is complete
             check_cache_shared(self.latent_files + self.text_files, rank, world)
@@ -1266,13 +1269,15 @@ class Trainer:
                                   s.sampler or None, width=s.width, height=s.height, seed=s.seed)
         self.sample_settings = settings.resolved(pipe.variant, pipe.mmdit.cfg.depth)
         refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
-        # the encoders visit the GPU once; a caller's autocast (a notebook cell's) would change what is cached
-        with pipe.on_device(pipe.vae, *pipe.text.modules()), torch.autocast(pipe.device.type, enabled=False):
-            self.data = LatentDataset(items, pipe, cfg, cfg.model)
-            if self.rank == 0 and s.prompts:
-                warn_prompts(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, previews=True)
-            self.embeddings = (encode_in_batches(pipe.text, s.prompts, s.neg, self.sample_settings.cfg, 1)
-                               if s.prompts else (None, None))          # sample prompts, encoded once
+        # a caller's autocast (a notebook cell's) would change what is cached
+        with torch.autocast(pipe.device.type, enabled=False):
+            self.data = LatentDataset(items, pipe, cfg, cfg.model)    # the VAE, then the text encoders visit
+            guidance, prompts = self.sample_settings.cfg, s.prompts
+            with pipe.on_device(*pipe.text.modules() if prompts else ()):     # again, for the sample prompts
+                if self.rank == 0 and prompts:
+                    warn_prompts(pipe.text, prompts, s.neg, guidance, previews=True)
+                self.embeddings = (encode_in_batches(pipe.text, prompts, s.neg, guidance, 1)
+                                   if prompts else (None, None))          # sample prompts, encoded once
         pipe.text, pipe.offload = None, False             # text encoders no longer needed; the rest stays put
         gc.collect()    # freed now: a cycle that transformers' first import left holds load_pipeline's frame
         self.mmdit = pipe.mmdit.to(pipe.device)

@@ -3141,6 +3141,26 @@ def test_a_trainer_frees_its_text_encoders_though_its_dataset_holds_the_pipeline
         sd.end_training(trainer, {})
 
 
+def test_caching_has_the_vae_or_the_text_encoders_on_the_gpu_never_both(tmp_path, monkeypatch):
+    """The Trainer brought the VAE and the text encoders to the GPU together for the caching: T5 (~9 GiB bf16)
+    beside the VAE's encoding of a 1024 px image (~1.25 GiB) overflowed a 12 GB card before training began."""
+    real_load, seen = sd.load_pipeline, []
+
+    def load_pipeline(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        vae, text = pipe.vae, pipe.text         # on the CPU too, offload tracks what visits the device
+        real_vae, real_text = vae.encode_moments, text.encode
+        on_device = lambda: {"vae": vae in pipe.visiting, "text": all(m in pipe.visiting for m in text.modules())}
+        monkeypatch.setattr(vae, "encode_moments", lambda *a: seen.append(("vae", on_device())) or real_vae(*a))
+        monkeypatch.setattr(text, "encode", lambda *a: seen.append(("text", on_device())) or real_text(*a))
+        return pipe
+    monkeypatch.setattr(sd, "load_pipeline", load_pipeline)
+    make_dataset(tmp_path / "data")
+    sd.end_training(sd.Trainer(tiny_config(tmp_path, **{"sample.prompts": ["red stripes"]})), {})
+    assert {"vae", "text"} == {what for what, _ in seen}
+    assert all(visiting == {"vae": what == "vae", "text": what == "text"} for what, visiting in seen), seen
+
+
 def test_a_trainer_frees_its_text_encoders_before_the_garbage_collector_runs(tmp_path):
     """The first import of transformers (or of its model classes) leaves reference cycles of import frames, and
     through them the frames of the loaders that called it: load_pipeline's held the text encoders (T5-XXL:
