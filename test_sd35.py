@@ -7604,16 +7604,39 @@ def test_a_run_from_a_hub_id_looks_it_up_once_and_records_its_downloads_id(diffu
 
 
 def test_a_single_file_renamed_is_no_model_a_resume_takes_as_moved(tmp_path):
-    """model_id reads a file's size and last MB, not all of it: safetensors lays tensors out by name (within a
-    dtype), so an official file's last MB is its y_embedder, which a LoRA merged into the joint blocks leaves. The
-    file name is what tells such a merge apart from the base: a renamed file is refused on resume, not taken as
-    the same weights moved (only the same name, at another path, is)."""
+    """model_id reads a file's name, size and samples of its bytes, not all of it: a renamed file (e.g. a merge
+    saved under its own name) is refused on resume, not taken as the same weights moved (only the same name, at
+    another path, is)."""
     base, tail = os.urandom(2**20), os.urandom(2**20)
     for place, name, head in (("a", "sd3.5_medium", base), ("b", "sd3.5_medium", base), ("c", "merged", os.urandom(2**20))):
         (tmp_path / place).mkdir()
         (tmp_path / place / f"{name}.safetensors").write_bytes(head + tail)
     a, b, c = (sd.model_id(next((tmp_path / place).iterdir())) for place in "abc")
     assert a == b != c
+
+
+@pytest.mark.parametrize("weights", ["sd3.5_medium.safetensors",
+                                     "transformer/diffusion_pytorch_model.safetensors"])
+def test_a_resume_refuses_a_model_of_the_same_name_and_size_that_differs_inside(tmp_path, weights, capsys):
+    """model_id read a file's name, size and last MB, where an official file has its y_embedder: a LoRA merged
+    into the joint blocks, saved under the official name at another path, resumed as "the same weights, moved"
+    and trained on other weights. It reads KiBs spread over the file too: a copy resumes, warned; a file whose
+    middle alone differs (as a single file, or a diffusers folder's MMDiT) is refused."""
+    head, base, tail = os.urandom(2**20), os.urandom(2**20), os.urandom(2**20)
+    for place, middle in (("a", base), ("copy", base), ("merged", os.urandom(2**20))):
+        (tmp_path / place / weights).parent.mkdir(parents=True)
+        (tmp_path / place / weights).write_bytes(head + middle + tail)
+    model = {place: tmp_path / place / weights if "/" not in weights else tmp_path / place
+             for place in ("a", "copy", "merged")}
+    params, state = [torch.zeros(2, requires_grad=True)], tmp_path / "state.safetensors"
+    config = {place: sd.load_config(None, [f"model={path}"]) for place, path in model.items()}
+    sd.save_training_state(state, params, torch.optim.AdamW(params), 3, config["a"], [],
+                           model=sd.model_id(model["a"]))
+    capsys.readouterr()
+    assert sd.prepare_resume(state, config["copy"])
+    assert "(the same weights, moved)" in capsys.readouterr().err
+    with pytest.raises(sd.UserError, match=r"--resume with changed model .*merged.*Resume with the run's"):
+        sd.prepare_resume(state, config["merged"])
 
 
 def test_each_key_a_resume_may_change_is_warned_or_taken_as_its_kind_says(tmp_path, capsys):
