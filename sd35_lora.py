@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1238  Training                         Trainer and the training loop
      1394  Part 2: plumbing                 a reader can stop here
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2005  Hub Downloads                    snapshot downloads, tokenizers
-     2079  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2474  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2602  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3301  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3569  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4181  Several Processes (torchrun)     one all-reduce per step
-     4277  Command Line and the Tiny Model  main(), --tiny
+     2006  Hub Downloads                    snapshot downloads, tokenizers
+     2080  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2475  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2603  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3302  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3570  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4182  Several Processes (torchrun)     one all-reduce per step
+     4278  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1807,7 +1807,8 @@ def _check_roles(weights: dict, picked: dict, source: Path):
 def _file_id(path: Path, samples: int = 0) -> str:
     """Name, size and last MB of a file: a fine-tune swapped in under the same name differs there. No mtime:
     under torchrun across machines each has its own copy, and all must agree on the cache's file names.
-    `samples`: also as many KiB spread over the file, at offsets hashed from the size (a copy's the same)."""
+    `samples`: also as many KiB spread over the file, at offsets hashed from the size (a copy's the same;
+    not evenly spaced: the blocks repeat, and samples at even steps could all fall in one kind of layer)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         spread = []
