@@ -2652,8 +2652,8 @@ def _coerce(value, default, key: str):
 
 
 def expand_path(text: str, name: str) -> str:
-    """A path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does: a config's, and a CLI option's after
-    `=` (--out=~/x), where the shell leaves them. `name`: the key or option, as errors name it."""
+    """A config path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does. `name`: the key, as errors
+    name it."""
     # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
     text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
     text = os.path.expandvars(os.path.expanduser(text))
