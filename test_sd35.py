@@ -1986,7 +1986,7 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
     """adapter_config.json holds a PEFT adapter's scale (lora_alpha). An unreadable one was a bare PermissionError
     traceback; a folder or dead link of that name was skipped, the LoRA loaded at alpha = r (other images, no
     word); a broken one was blamed on adapter_model.safetensors ("its ... metadata is no JSON object; save it
-    again"), whose header holds none. Each is now a one-line error naming adapter_config.json."""
+    again"), whose header holds none. Each is now a one-line error naming adapter_config.json, with its fix."""
     adapter, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
     save_file(load_file(tmp_path / "lora.safetensors"), adapter)            # as PEFT saves it: no metadata
@@ -1994,7 +1994,8 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
                            ('{"lora_alpha": "8"}', "lora_alpha = '8'"), ('{"alpha_pattern": {"to_q": "2"}}',
                                                                           "alpha_pattern is no")):
         config.write_text(content)
-        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), f"adapter_config.json: .*{match}")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter),
+                       f"adapter_config.json: .*{match}.*fix it, or download the adapter again$")
     config.write_text('{"r": 16, "lora_alpha": 32}')
     with monkeypatch.context() as patch:
         failing_for(patch, "read_text", config.name, PermissionError(13, "Permission denied", str(config)))
