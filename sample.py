@@ -36,8 +36,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def home_path(text: str) -> str:
+    """A path option's ~ expanded: no shell expands it after `=` (--out=~/x). Its $X the shell has expanded,
+    after `=` too: a `$` left was quoted to stay (a file named 'style$V2.safetensors')."""
+    return os.path.expanduser(text)
+
+
 def lora_path(text: str) -> str:
-    """A --lora file; ComfyUI's and A1111's habit, file:strength, is told what to type instead."""
+    """A --lora file (its ~ expanded); ComfyUI's and A1111's habit, file:strength, is told what to type
+    instead."""
+    text = home_path(text)
     path, _, scale = text.rpartition(":")
     number = scale.lstrip("+-").replace(".", "", 1).isdecimal()
     if number and os.path.isfile(path) and not os.path.exists(text):
@@ -70,12 +78,12 @@ def block_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="diffusers folder, official .safetensors, Hugging Face repo id, or 'tiny' "
-                   "(default: the model the --lora was trained on, as its file records)")
-    p.add_argument("--text-encoders", help="folder of clip_l, clip_g, t5xxl .safetensors or diffusers layout "
-                   "(for single-file models without them; without --model: the --lora's)")
-    p.add_argument("--vae", help="VAE file or folder (default: the one in --model; without --model: the "
-                   "--lora's)")
+    p.add_argument("--model", type=home_path, help="diffusers folder, official .safetensors, Hugging Face "
+                   "repo id, or 'tiny' (default: the model the --lora was trained on, as its file records)")
+    p.add_argument("--text-encoders", type=home_path, help="folder of clip_l, clip_g, t5xxl .safetensors or "
+                   "diffusers layout (for single-file models without them; without --model: the --lora's)")
+    p.add_argument("--vae", type=home_path, help="VAE file or folder (default: the one in --model; without "
+                   "--model: the --lora's)")
     p.add_argument("--variant", default="", choices=list(sd.PRESETS), help="default: the detected one")
     p.add_argument("--prompt", action="append", type=utf8_text, help="repeatable: one image each")
     p.add_argument("--negative", default="", type=utf8_text,
@@ -119,12 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=list(sd.DTYPES), help="default: bf16 on CUDA and MPS (macOS 14+), fp32 "
                    "on the CPU")
-    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--out", type=home_path, default="samples", help="output folder (default: samples)")
     args = p.parse_args(sd.read_argv(argv, "['--model', 'tiny', '--prompt', 'a fox']"))
-    for flag in ("model", "text_encoders", "vae", "out"):           # --out=~/x: no shell expands after `=`
-        if getattr(args, flag):
-            setattr(args, flag, sd.expand_path(getattr(args, flag), "--" + flag.replace("_", "-")))
-    args.lora = [sd.expand_path(path, "--lora") for path in args.lora]
     if not args.prompt:
         p.error("give at least one --prompt")
     if not args.model and not args.lora:

@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2006  Hub Downloads                    snapshot downloads, tokenizers
      2080  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2475  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2603  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3302  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3570  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4182  Several Processes (torchrun)     one all-reduce per step
-     4278  Command Line and the Tiny Model  main(), --tiny
+     2476  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2604  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3303  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3571  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4183  Several Processes (torchrun)     one all-reduce per step
+     4279  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2191,7 +2191,7 @@ def lora_metadata(meta: dict, path, part: str = "transformer",
         headers = tuple({k.removeprefix(f"{part}."): v for k, v in json.loads(meta.get(h, "{}")).items()}
                         for h in ("sd35_lora", "lora_adapter_metadata"))
     except (ValueError, AttributeError, RecursionError):
-        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; save it again") from None
+        raise UserError(f"{path}: its sd35_lora or PEFT metadata is no JSON object; {fix}") from None
     for header in headers:
         for key, (types, lo, hi) in LORA_METADATA.items():
             value = header.get(key, lo)
@@ -2335,7 +2335,8 @@ def read_lora_header(path) -> dict:
             raise UserError(f"cannot read {config} ({e.strerror or e}), which holds the LoRA's scale "
                             f"(lora_alpha): make it readable, or download the adapter again") from None
         # checked here too, to name the file at fault: read_lora's checks name the .safetensors
-        _alpha_pattern(lora_metadata(meta, config, fix="fix it, or download the adapter again")[1], config)
+        fix = "fix it, or download the adapter again"
+        _alpha_pattern(lora_metadata(meta, config, fix=fix)[1], config, fix)
     return meta
 
 
@@ -2357,7 +2358,7 @@ def _lora_spellings(depth: int, targets: dict) -> dict[str, tuple[str, int, int,
     return spellings
 
 
-def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
+def _alpha_pattern(peft: dict, path, fix: str = "save it again") -> dict[re.Pattern, float]:
     """PEFT's per-module alphas, {module name: alpha}, checked: the metadata is untrusted. PEFT reads the keys
     as regexes, and one of nested repeats, (\\w|\\w)*y, runs for hours: only module names are taken (as PEFT
     and diffusers write them; "." still matches any character, as there): each match takes length^2 steps.
@@ -2365,7 +2366,7 @@ def _alpha_pattern(peft: dict, path) -> dict[re.Pattern, float]:
     alphas = peft.get("alpha_pattern") or {}
     if type(alphas) is not dict or any(type(a) not in (int, float) or not abs(a) <= 1e9
                                        for a in alphas.values()):
-        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: save it again")
+        raise UserError(f"{path}: PEFT alpha_pattern is no {{module: alpha}} map: {fix}")
     if len(alphas) > 10_000:
         raise UserError(f"{path}: PEFT alpha_pattern has {len(alphas)} keys, more than any SD3 model has "
                         f"layers (at most 10,000 are read): a damaged file? use another")
@@ -2666,8 +2667,8 @@ def _coerce(value, default, key: str):
 
 
 def expand_path(text: str, name: str) -> str:
-    """A path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does: a config's, and a CLI option's after
-    `=` (--out=~/x), where the shell leaves them. `name`: the key or option, as errors name it."""
+    """A config path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does. `name`: the key, as errors
+    name it."""
     # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
     text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
     text = os.path.expandvars(os.path.expanduser(text))

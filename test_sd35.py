@@ -1986,7 +1986,7 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
     """adapter_config.json holds a PEFT adapter's scale (lora_alpha). An unreadable one was a bare PermissionError
     traceback; a folder or dead link of that name was skipped, the LoRA loaded at alpha = r (other images, no
     word); a broken one was blamed on adapter_model.safetensors ("its ... metadata is no JSON object; save it
-    again"), whose header holds none. Each is now a one-line error naming adapter_config.json."""
+    again"), whose header holds none. Each is now a one-line error naming adapter_config.json, with its fix."""
     adapter, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     sd.save_lora(lora_model(), tmp_path / "lora.safetensors")
     save_file(load_file(tmp_path / "lora.safetensors"), adapter)            # as PEFT saves it: no metadata
@@ -1994,7 +1994,8 @@ def test_an_unreadable_or_broken_adapter_config_json_is_named_not_skipped_or_bla
                            ('{"lora_alpha": "8"}', "lora_alpha = '8'"), ('{"alpha_pattern": {"to_q": "2"}}',
                                                                           "alpha_pattern is no")):
         config.write_text(content)
-        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter), f"adapter_config.json: .*{match}")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), adapter),
+                       f"adapter_config.json: .*{match}.*fix it, or download the adapter again$")
     config.write_text('{"r": 16, "lora_alpha": 32}')
     with monkeypatch.context() as patch:
         failing_for(patch, "read_text", config.name, PermissionError(13, "Permission denied", str(config)))
@@ -5311,7 +5312,7 @@ def test_a_tilde_in_a_config_path_is_the_home_folder(tmp_path, monkeypatch):
 
 def test_a_tilde_after_a_sample_option_s_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
     """`sample.py --out=~/x`: the shell expands no ~ after an `=`, and the images went into a folder named '~'
-    in the current one; sample.py's path options now expand it as config paths do (one helper)."""
+    in the current one; sample.py's path options now expand it."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     sample.main(["--model", "tiny", "--no-t5", "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32",
@@ -5319,6 +5320,25 @@ def test_a_tilde_after_a_sample_option_s_equals_sign_is_the_home_folder(tmp_path
     assert [p.name for p in (tmp_path / "home/x").iterdir()] == ["sample_00.png"] and not (tmp_path / "~").exists()
     one_line_error(lambda: sample.main(["--model=~/absent.safetensors", "--prompt", "a"]),
                    f"model not found: '{tmp_path}/home/absent.safetensors'")
+
+
+def test_a_dollar_in_a_sample_path_is_kept_as_the_shell_left_it(tmp_path, monkeypatch, capsys):
+    """The shell expands $X in sample.py's options, after an `=` too; a `$` it leaves was quoted to stay, as in
+    a file named 'style$V2.safetensors': it was refused ('names $V2, an environment variable that is not set'),
+    or, with V2 set, swapped for another path. A ~ after `=` (which no shell expands), also before a scale's
+    `:`, is the home folder."""
+    lora = tmp_path / "style$V2.safetensors"
+    save_file({"a.lora_A.weight": torch.zeros(1)}, lora)
+    base = ["--model", "tiny", "--prompt", "a cat"]
+    monkeypatch.delenv("V2", raising=False)
+    for _ in range(2):                                                                  # V2 unset, then set
+        args = sample.parse_args([*base, "--lora", str(lora), f"--out={tmp_path}/out$V2"])
+        assert (args.lora, args.out) == ([str(lora)], f"{tmp_path}/out$V2")
+        monkeypatch.setenv("V2", "other")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SystemExit):
+        sample.parse_args([*base, "--lora=~/style$V2.safetensors:0.7"])
+    assert f"--lora {lora} --lora-scale 0.7" in capsys.readouterr().err
 
 
 def test_a_bare_tilde_for_a_config_path_is_refused_saying_yaml_reads_it_as_null(tmp_path):
