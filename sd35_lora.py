@@ -1517,9 +1517,9 @@ def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
     return next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
 
 
-def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
+def describe_checkpoint(keys) -> str:
     """checkpoint_kind in words, or the first keys where no signature fits."""
-    what = checkpoint_kind(keys, signatures)
+    what = checkpoint_kind(keys)
     return f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:3]}"
 
 
@@ -2284,9 +2284,9 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
     if trained_on in PRESETS and trained_on != model.cfg.variant():   # a file's other text: escape codes?
         notes.insert(0, f"warning: {path} was trained on {trained_on}, this model is {model.cfg.variant()}: "
                         f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
-    if not groups:                                      # (another known model's: check_lora_keys said so)
+    if not groups:                          # (another known model's: check_lora_keys named it unread)
         raise UserError(ANOTHER_MODELS_LORA.format(path, f"this {model.cfg.variant()} MMDiT (depth {depth})",
-                                                   describe_checkpoint(sd, OTHER_MODELS)))
+                                                   f"its first keys are {sorted(sd)[:3]}"))
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
