@@ -1513,8 +1513,8 @@ def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
 
 def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
     """checkpoint_kind in words, or the first keys where no signature fits."""
-    what = checkpoint_kind(keys, signatures)
-    return f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:3]}"
+    what, first = checkpoint_kind(keys, signatures), f"its first keys are {sorted(keys)[:3]}"
+    return f"it looks like {what}" if what else first if keys else "it holds no tensors"
 
 
 def file_path(path, what: str) -> Path:

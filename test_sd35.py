@@ -10777,3 +10777,12 @@ def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, mon
                    r"compile needs Triton, which this torch lacks \(Windows: pip install triton-windows\)")
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--compile", "--out", str(tmp_path / "s")]),
                    "compile needs Triton")
+
+
+def test_an_empty_safetensors_file_is_said_to_hold_no_tensors(tmp_path):
+    """A .safetensors file with a valid header and no tensors, given as a LoRA or as the model, was refused
+    with 'its first keys are []'."""
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), empty), r"\(no lora_A/B .*; it holds no tensors\)$")
+    one_line_error(lambda: sd.load_mmdit(empty), r"is not an SD3/SD3.5 checkpoint: it holds no tensors$")
