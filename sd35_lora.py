@@ -2283,8 +2283,8 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                                 f"not supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
             continue
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
-                            f"vs up {tuple(up.shape)}")
+            raise UserError(f"{path}: '{module}' has down {tuple(down.shape)} and up {tuple(up.shape)}: a "
+                            f"LoRA pair is down (r, in) and up (out, r), r >= 1")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         (official, index, n_parts, diffusers), rank = spellings[module], down.shape[0]
