@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2589  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3274  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3542  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4142  Several Processes (torchrun)     one all-reduce per step
-     4238  Command Line and the Tiny Model  main(), --tiny
+     4145  Several Processes (torchrun)     one all-reduce per step
+     4241  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3842,15 +3842,18 @@ def save_checkpoint(trainer: Trainer):
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
     title = trainer.out.resolve().name                  # the run's name, as sd-scripts titles by output_name
     lora, header = lora_file(trainer.mmdit, c.lora.format, meta, title)   # written as the run's other files
-    _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
-    try:                                # the latest's copy: ComfyUI holding it open must not end the run
-        _atomic_save(lora, trainer.out / "lora.safetensors", header)
+    try:                                # a full disk ends the run; its last checkpoint, if any, resumes it
+        _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
+        try:                            # the latest's copy: ComfyUI holding it open must not end the run
+            _atomic_save(lora, trainer.out / "lora.safetensors", header)
+        except UserError as e:
+            if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
+                raise
+            tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
+        save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
+                            trainer.data.contents, trainer.model_id)
     except UserError as e:
-        if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
-            raise
-        tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
-    save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
-                        trainer.data.contents, trainer.model_id)
+        raise UserError(f"{e}{'; then continue with --resume' * trainer.state_path.is_file()}") from None
     # before the "saved" line: a lost stdout (`| head`) raises there, and that stop is pruned as Ctrl-C's is
     if c.train.keep_last:                               # 0: all kept
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)

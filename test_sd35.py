@@ -4927,7 +4927,8 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                    r"^cannot write .*state.safetensors \(.*\): remove the folder of that name or choose another")
     (tmp_path / "lora.safetensors").mkdir()        # (a run's LoRA: not save_lora's "give a file in it, e.g. ...")
     run = types.SimpleNamespace(cfg=sd.Config(), rank=0, step=1, pipe=types.SimpleNamespace(variant="sd3.5-medium"),
-                                changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path)
+                                changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path,
+                                state_path=tmp_path / sd.STATE_FILE)
     one_line_error(lambda: sd.save_checkpoint(run),
                    r"^cannot write .*lora.safetensors \(.*\): remove the folder of that name or choose another")
     run.step = 2                                    # a step's LoRA alike
@@ -10792,3 +10793,21 @@ def test_a_rank_0_lora_pair_is_not_called_a_rank_mismatch(tmp_path):
     save_file({f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)}, path)
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), path), r"'joint_blocks_0_x_block_attn_proj' has down "
                    r"\(0, 64\) and up \(64, 0\): a LoRA pair is down \(r, in\) and up \(out, r\), r >= 1")
+
+
+def test_a_full_disk_at_a_checkpoint_says_how_to_go_on(tmp_path, monkeypatch):
+    """A full disk writing a checkpoint ended the run with 'free disk space or choose another folder; older
+    files are intact', not saying that the run goes on with --resume from its last checkpoint (or, with none
+    saved yet, is started again)."""
+    make_dataset(tmp_path / "data")
+    real_save_file = sd.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).name.startswith(".lora_step_000002."):
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, path, metadata=metadata)
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    config = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0})
+    one_line_error(lambda: sd.train(config), r"lora_step_000002.safetensors \(No space left on device\): "
+                   r"free disk space or choose another folder; older files are intact; then continue with --resume$")
+    assert (tmp_path / "run" / sd.STATE_FILE).exists()
