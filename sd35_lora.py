@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2066  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2461  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2589  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3274  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3542  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4145  Several Processes (torchrun)     one all-reduce per step
-     4241  Command Line and the Tiny Model  main(), --tiny
+     3279  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3547  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4150  Several Processes (torchrun)     one all-reduce per step
+     4246  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3098,8 +3098,13 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file)
-            why = f": {WINDOWS_PATHS}" if yaml_escape_error(e) else " (quote a list like '[a, b]' as a whole)"
+        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file: no `problem`)
+            problem, quoted = getattr(e, "problem", None), raw.strip().replace("'", "''")
+            why = f" ({problem}): quote the value in YAML, e.g. --set \"{key.strip()}='{quoted}'\""
+            if yaml_escape_error(e):
+                why = f": {WINDOWS_PATHS}"
+            elif raw.lstrip().startswith(("[", "'", '"')) or not problem:    # a shell split it at its spaces
+                why = " (quote a list like '[a, b]' as a whole)"
             raise UserError(f"--set {item}: not valid YAML{why}") from None
         if raw.count("#") > str(nested).count("#"):     # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "

@@ -9442,7 +9442,7 @@ def test_deeply_nested_yaml_in_a_set_value_is_a_one_line_error():
 def test_a_set_value_that_is_not_valid_yaml_says_to_quote_the_list_as_a_whole():
     """--set sample.prompts=[a cat, a dog] unquoted reaches Python as the words "sample.prompts=[a", "cat,",
     ...: an unclosed list (or quote) is no YAML. Said in one line with the fix, not PyYAML's traceback."""
-    for value in ("[a", "'a cat", "a: b: c"):
+    for value in ("[a", "'a cat"):
         one_line_error(lambda: sd.load_config(None, [f"sample.prompts={value}"]),
                        re.escape(f"--set sample.prompts={value}: not valid YAML (quote a list like '[a, b]' "
                                  "as a whole)") + "$")
@@ -10811,3 +10811,14 @@ def test_a_full_disk_at_a_checkpoint_says_how_to_go_on(tmp_path, monkeypatch):
     one_line_error(lambda: sd.train(config), r"lora_step_000002.safetensors \(No space left on device\): "
                    r"free disk space or choose another folder; older files are intact; then continue with --resume$")
     assert (tmp_path / "run" / sd.STATE_FILE).exists()
+
+
+def test_set_values_yaml_refuses_get_advice_for_what_went_wrong():
+    """`--set dataset.path=%USERPROFILE%\\imgs` (PowerShell leaves %VAR% to the program; YAML starts no plain value
+    with %) was refused as 'not valid YAML (quote a list like '[a, b]' as a whole)': advice for another mistake."""
+    one_line_error(lambda: sd.load_config(None, ["dataset.path=%USERPROFILE%\\imgs"]),
+                   r"^--set dataset.path=%USERPROFILE%\\imgs: not valid YAML \(.*'%'\): quote the value in YAML, e.g. --set \"dataset.path='%USERPROFILE%\\imgs'\"$")
+    assert sd.load_config(None, ["dataset.path='%USERPROFILE%\\imgs'"]).dataset.path.endswith("imgs")  # as advised
+    one_line_error(lambda: sd.load_config(None, ["sample.prompts=a: b: c"]),
+                   re.escape("(mapping values are not allowed here): quote the value in YAML, e.g. --set "
+                             "\"sample.prompts='a: b: c'\"") + "$")
