@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1234  Training                         Trainer and the training loop
      1388  Part 2: plumbing                 a reader can stop here
      1395  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     1992  Hub Downloads                    snapshot downloads, tokenizers
-     2066  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2461  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2589  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3279  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3547  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4150  Several Processes (torchrun)     one all-reduce per step
-     4246  Command Line and the Tiny Model  main(), --tiny
+     1993  Hub Downloads                    snapshot downloads, tokenizers
+     2067  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2462  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2590  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3280  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3548  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4151  Several Processes (torchrun)     one all-reduce per step
+     4247  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1774,7 +1774,8 @@ def _transformers_names(sd: dict, key: str) -> dict:
     """`sd` without a prefix its `key` has (`model.`, an SD1 checkpoint's `cond_stage_model.transformer.`),
     ComfyUI's older CLIPSave `text_projection` (transposed) as the Linear's weight, as ComfyUI reads it."""
     prefix = "" if key in sd else next((k.removesuffix(key) for k in sd if k.endswith(f".{key}")), "")
-    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    outer, _, inner = key.partition(".")    # the inner model saved alone (CLIP's text_model, T5's encoder)
+    sd = {f"{outer}.{k}" if inner in sd else k.removeprefix(prefix): v for k, v in sd.items()}
     if "text_projection" in sd:
         sd["text_projection.weight"] = sd.pop("text_projection").T
     return sd

@@ -10822,3 +10822,16 @@ def test_set_values_yaml_refuses_get_advice_for_what_went_wrong():
     one_line_error(lambda: sd.load_config(None, ["sample.prompts=a: b: c"]),
                    re.escape("(mapping values are not allowed here): quote the value in YAML, e.g. --set "
                              "\"sample.prompts='a: b: c'\"") + "$")
+
+
+def test_text_encoder_files_of_the_inner_model_load(single_files, tmp_path):
+    """A CLIP-L saved from CLIPTextModel's inner text_model (names without `text_model.`: embeddings.*, encoder.layers.*,
+    final_layer_norm.*), or a T5 from T5EncoderModel's encoder stack (block.*, embed_tokens.*), was refused as 'not
+    a clip_l (t5xxl) text encoder: its first keys are [...]', without advice."""
+    root, _ = single_files
+    clip_l, t5 = load_file(root / "clip/clip_l.safetensors"), load_file(root / "clip/t5xxl_fp16.safetensors")
+    stack = {"embed_tokens.weight": t5.pop("shared.weight")} | {k.removeprefix("encoder."): v for k, v in t5.items()}
+    folder = encoder_folder(root, tmp_path / "inner", clip_l={k.removeprefix("text_model."): v for k, v in clip_l.items()},
+                            t5xxl_fp16=stack)
+    torch.testing.assert_close(sd.load_text_encoders(folder, context_dim=192).encode(["a red fox"]),
+                               sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"]))
