@@ -25,14 +25,14 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1238  Training                         Trainer and the training loop
      1394  Part 2: plumbing                 a reader can stop here
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
-     2006  Hub Downloads                    snapshot downloads, tokenizers
-     2080  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2476  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2604  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3303  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3571  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4183  Several Processes (torchrun)     one all-reduce per step
-     4279  Command Line and the Tiny Model  main(), --tiny
+     2007  Hub Downloads                    snapshot downloads, tokenizers
+     2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
+     2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3309  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3577  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4192  Several Processes (torchrun)     one all-reduce per step
+     4288  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1519,8 +1519,8 @@ def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
 
 def describe_checkpoint(keys) -> str:
     """checkpoint_kind in words, or the first keys where no signature fits."""
-    what = checkpoint_kind(keys)
-    return f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:3]}"
+    what, first = checkpoint_kind(keys), f"its first keys are {sorted(keys)[:3]}"
+    return f"it looks like {what}" if what else first if keys else "it holds no tensors"
 
 
 def file_path(path, what: str) -> Path:
@@ -1780,7 +1780,8 @@ def _transformers_names(sd: dict, key: str) -> dict:
     """`sd` without a prefix its `key` has (`model.`, an SD1 checkpoint's `cond_stage_model.transformer.`),
     ComfyUI's older CLIPSave `text_projection` (transposed) as the Linear's weight, as ComfyUI reads it."""
     prefix = "" if key in sd else next((k.removesuffix(key) for k in sd if k.endswith(f".{key}")), "")
-    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    outer, _, inner = key.partition(".")    # the inner model saved alone (CLIP's text_model, T5's encoder)
+    sd = {f"{outer}.{k}" if inner in sd else k.removeprefix(prefix): v for k, v in sd.items()}
     if "text_projection" in sd:
         sd["text_projection.weight"] = sd.pop("text_projection").T
     return sd
@@ -2297,8 +2298,8 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                                 f"not supported; use a LoRA without it (sd-scripts: emb_dims with x = 0)")
             continue
         if down.ndim != 2 or up.ndim != 2 or not 0 < down.shape[0] == up.shape[1]:
-            raise UserError(f"{path}: rank mismatch at '{module}': down {tuple(down.shape)} "
-                            f"vs up {tuple(up.shape)}")
+            raise UserError(f"{path}: '{module}' has down {tuple(down.shape)} and up {tuple(up.shape)}: a "
+                            f"LoRA pair is down (r, in) and up (out, r), r >= 1")
         if "alpha" in t and t["alpha"].numel() != 1:
             raise UserError(f"{path}: '{module}' has {t['alpha'].numel()} alphas, not one; save it again")
         (official, index, n_parts, diffusers), rank = spellings[module], down.shape[0]
@@ -3113,8 +3114,13 @@ def load_config(path: str | dict | None, overrides: list[str] | str | None = ())
             raise UserError(f"--set {item!r:.60} is not UTF-8 text: set the terminal to UTF-8")
         try:
             nested = read_yaml(f"--set {item}", raw)    # "key=" is YAML's "key:" (null): prompts= -> none
-        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file)
-            why = f": {WINDOWS_PATHS}" if yaml_escape_error(e) else " (quote a list like '[a, b]' as a whole)"
+        except (yaml.YAMLError, RecursionError) as e:   # (deep nesting, as in a file: no `problem`)
+            problem, quoted = getattr(e, "problem", None), raw.strip().replace("'", "''")
+            why = f" ({problem}): quote the value in YAML, e.g. --set \"{key.strip()}='{quoted}'\""
+            if yaml_escape_error(e):
+                why = f": {WINDOWS_PATHS}"
+            elif raw.lstrip().startswith(("[", "'", '"')) or not problem:    # a shell split it at its spaces
+                why = " (quote a list like '[a, b]' as a whole)"
             raise UserError(f"--set {item}: not valid YAML{why}") from None
         if raw.count("#") > str(nested).count("#"):     # a prompt's " #tag" and all after it: YAML's comment
             raise UserError(f"--set {item}: YAML drops ' #' and all after it as a comment: quote the value "
@@ -3880,15 +3886,18 @@ def save_checkpoint(trainer: Trainer):
             "global_batch": trainer.global_batch, "training": {k: getattr(c.train, k) for k in trained}}
     title = trainer.out.resolve().name                  # the run's name, as sd-scripts titles by output_name
     lora, header = lora_file(trainer.mmdit, c.lora.format, meta, title)   # written as the run's other files
-    _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
-    try:                                # the latest's copy: ComfyUI holding it open must not end the run
-        _atomic_save(lora, trainer.out / "lora.safetensors", header)
+    try:                                # a full disk ends the run; its last checkpoint, if any, resumes it
+        _atomic_save(lora, trainer.out / f"lora_step_{step:06d}.safetensors", header)
+        try:                            # the latest's copy: ComfyUI holding it open must not end the run
+            _atomic_save(lora, trainer.out / "lora.safetensors", header)
+        except UserError as e:
+            if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
+                raise
+            tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
+        save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
+                            trainer.data.contents, trainer.model_id)
     except UserError as e:
-        if not isinstance(e.__context__, PermissionError):      # e.g. a full disk: that ends the run
-            raise
-        tqdm.write(f"warning: {e}; lora_step_{step:06d}.safetensors is the latest", file=sys.stderr)
-    save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
-                        trainer.data.contents, trainer.model_id)
+        raise UserError(f"{e}{'; then continue with --resume' * trainer.state_path.is_file()}") from None
     if c.train.keep_last:                               # 0: all kept; before the line, which `| head` can end
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")

@@ -2065,7 +2065,7 @@ def test_bad_lora_files_are_clear_errors_and_change_nothing(tmp_path):
         sd.load_lora(model, tmp_path / "deep.safetensors")
     save_file({"lora_unet_joint_blocks_0_x_block_attn_proj.lora_down.weight": torch.zeros(4, 64),
                "lora_unet_joint_blocks_0_x_block_attn_proj.lora_up.weight": torch.zeros(64, 8)}, tmp_path / "rank.safetensors")
-    with pytest.raises(sd.UserError, match="rank mismatch.*attn_proj"):
+    with pytest.raises(sd.UserError, match=r"attn_proj' has down \(4, 64\) and up \(64, 8\): a LoRA pair"):
         sd.load_lora(model, tmp_path / "rank.safetensors")
     good = tmp_path / "good.safetensors"
     sd.save_lora(lora_model(), good)
@@ -4976,7 +4976,8 @@ def test_a_folder_where_a_run_writes_a_file_is_named_as_such_not_a_full_disk(tmp
                    r"^cannot write .*state.safetensors \(.*\): remove the folder of that name or choose another")
     (tmp_path / "lora.safetensors").mkdir()        # (a run's LoRA: not save_lora's "give a file in it, e.g. ...")
     run = types.SimpleNamespace(cfg=sd.Config(), rank=0, step=1, pipe=types.SimpleNamespace(variant="sd3.5-medium"),
-                                changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path)
+                                changes=[], world=1, global_batch=1, mmdit=lora_model(), out=tmp_path,
+                                state_path=tmp_path / sd.STATE_FILE)
     one_line_error(lambda: sd.save_checkpoint(run),
                    r"^cannot write .*lora.safetensors \(.*\): remove the folder of that name or choose another")
     run.step = 2                                    # a step's LoRA alike
@@ -9351,11 +9352,9 @@ def test_malformed_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         if header == "sd35_lora":
             one_line_error(lambda: sample.trained_settings([str(bad)]), match)
     key = "lora_unet_joint_blocks_0_x_block_attn_proj"
-    rank_0 = {f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)}
-    for extra, match in [(rank_0, "rank mismatch"), ({f"{key}.alpha": torch.ones(2)}, "2 alphas, not one")]:
-        base = {f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4)}
-        save_file({**base, **extra}, bad)
-        one_line_error(lambda: sd.load_lora(model, bad), match)
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4),
+               f"{key}.alpha": torch.ones(2)}, bad)
+    one_line_error(lambda: sd.load_lora(model, bad), "2 alphas, not one")
     # config files: a list at the top level, Latin-1 bytes
     (tmp_path / "list.yaml").write_text("- model: tiny\n")
     one_line_error(lambda: sd.load_config(str(tmp_path / "list.yaml")),
@@ -9552,7 +9551,7 @@ def test_deeply_nested_yaml_in_a_set_value_is_a_one_line_error():
 def test_a_set_value_that_is_not_valid_yaml_says_to_quote_the_list_as_a_whole():
     """--set sample.prompts=[a cat, a dog] unquoted reaches Python as the words "sample.prompts=[a", "cat,",
     ...: an unclosed list (or quote) is no YAML. Said in one line with the fix, not PyYAML's traceback."""
-    for value in ("[a", "'a cat", "a: b: c"):
+    for value in ("[a", "'a cat"):
         one_line_error(lambda: sd.load_config(None, [f"sample.prompts={value}"]),
                        re.escape(f"--set sample.prompts={value}: not valid YAML (quote a list like '[a, b]' "
                                  "as a whole)") + "$")
@@ -10923,3 +10922,62 @@ def test_compile_without_triton_is_one_line_before_any_model_loads(tmp_path, mon
                    r"compile needs Triton, which this torch lacks \(Windows: pip install triton-windows\)")
     one_line_error(lambda: sample.main(["--model", "tiny", "--prompt", "x", "--compile", "--out", str(tmp_path / "s")]),
                    "compile needs Triton")
+
+
+def test_an_empty_safetensors_file_is_said_to_hold_no_tensors(tmp_path):
+    """A .safetensors file with a valid header and no tensors, given as a LoRA or as the model, was refused
+    with 'its first keys are []'."""
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty)
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), empty), r"\(no lora_A/B .*; it holds no tensors\)$")
+    one_line_error(lambda: sd.load_mmdit(empty), r"is not an SD3/SD3.5 checkpoint: it holds no tensors$")
+
+
+def test_a_rank_0_lora_pair_is_not_called_a_rank_mismatch(tmp_path):
+    """down (0, 64) and up (64, 0) agree on their rank, 0: they were refused as a 'rank mismatch'."""
+    key, path = "lora_unet_joint_blocks_0_x_block_attn_proj", tmp_path / "rank0.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.zeros(0, 64), f"{key}.lora_up.weight": torch.zeros(64, 0)}, path)
+    one_line_error(lambda: sd.load_lora(tiny_mmdit(), path), r"'joint_blocks_0_x_block_attn_proj' has down "
+                   r"\(0, 64\) and up \(64, 0\): a LoRA pair is down \(r, in\) and up \(out, r\), r >= 1")
+
+
+def test_a_full_disk_at_a_checkpoint_says_how_to_go_on(tmp_path, monkeypatch):
+    """A full disk writing a checkpoint ended the run with 'free disk space or choose another folder; older
+    files are intact', not saying that the run goes on with --resume from its last checkpoint (or, with none
+    saved yet, is started again)."""
+    make_dataset(tmp_path / "data")
+    real_save_file = sd.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).name.startswith(".lora_step_000002."):
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, path, metadata=metadata)
+    monkeypatch.setattr(sd, "save_file", full_disk)
+    config = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0})
+    one_line_error(lambda: sd.train(config), r"lora_step_000002.safetensors \(No space left on device\): "
+                   r"free disk space or choose another folder; older files are intact; then continue with --resume$")
+    assert (tmp_path / "run" / sd.STATE_FILE).exists()
+
+
+def test_set_values_yaml_refuses_get_advice_for_what_went_wrong():
+    """`--set dataset.path=%USERPROFILE%\\imgs` (PowerShell leaves %VAR% to the program; YAML starts no plain value
+    with %) was refused as 'not valid YAML (quote a list like '[a, b]' as a whole)': advice for another mistake."""
+    one_line_error(lambda: sd.load_config(None, ["dataset.path=%USERPROFILE%\\imgs"]),
+                   r"^--set dataset.path=%USERPROFILE%\\imgs: not valid YAML \(.*'%'\): quote the value in YAML, e.g. --set \"dataset.path='%USERPROFILE%\\imgs'\"$")
+    assert sd.load_config(None, ["dataset.path='%USERPROFILE%\\imgs'"]).dataset.path.endswith("imgs")  # as advised
+    one_line_error(lambda: sd.load_config(None, ["sample.prompts=a: b: c"]),
+                   re.escape("(mapping values are not allowed here): quote the value in YAML, e.g. --set "
+                             "\"sample.prompts='a: b: c'\"") + "$")
+
+
+def test_text_encoder_files_of_the_inner_model_load(single_files, tmp_path):
+    """A CLIP-L saved from CLIPTextModel's inner text_model (names without `text_model.`: embeddings.*, encoder.layers.*,
+    final_layer_norm.*), or a T5 from T5EncoderModel's encoder stack (block.*, embed_tokens.*), was refused as 'not
+    a clip_l (t5xxl) text encoder: its first keys are [...]', without advice."""
+    root, _ = single_files
+    clip_l, t5 = load_file(root / "clip/clip_l.safetensors"), load_file(root / "clip/t5xxl_fp16.safetensors")
+    stack = {"embed_tokens.weight": t5.pop("shared.weight")} | {k.removeprefix("encoder."): v for k, v in t5.items()}
+    folder = encoder_folder(root, tmp_path / "inner", clip_l={k.removeprefix("text_model."): v for k, v in clip_l.items()},
+                            t5xxl_fp16=stack)
+    torch.testing.assert_close(sd.load_text_encoders(folder, context_dim=192).encode(["a red fox"]),
+                               sd.load_text_encoders(root / "clip", context_dim=192).encode(["a red fox"]))
