@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2604  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3303  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3571  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4183  Several Processes (torchrun)     one all-reduce per step
-     4279  Command Line and the Tiny Model  main(), --tiny
+     4185  Several Processes (torchrun)     one all-reduce per step
+     4281  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -3599,12 +3599,14 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
 
 
 def check_cache_shared(files: list[Path], rank: int, world: int):
-    """torchrun, the cache built: one file of another process's share is here too (else dataset.cache_dir is
-    each machine's own; one file: a stat each of 20,000 on a network file system would take a while)."""
-    other = next((f for f in files if int(f.stem, 16) % world != rank), None)
-    if other and not os.path.isfile(other):
-        raise UserError(f"cache file {other}, another process's share, is not in dataset.cache_dir here: put "
-                        f"it (and output_dir) on a file system every machine sees")
+    """torchrun, the cache built: one file of each other process's share is here too (else dataset.cache_dir
+    is each machine's own; one each: a stat each of 20,000 on a network file system would take a while, and
+    a machine's own disk holds the shares of all its processes)."""
+    first = {int(f.stem, 16) % world: f for f in reversed(files)}       # each share's first file
+    missing = [f for share, f in sorted(first.items()) if share != rank and not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"cache file {missing[0]}, another process's share, is not in dataset.cache_dir "
+                        f"here: put it (and output_dir) on a file system every machine sees")
 
 
 CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before

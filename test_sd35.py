@@ -9960,6 +9960,21 @@ def test_torchrun_a_cache_dir_each_machine_has_its_own_is_named_as_such(tmp_path
                      r.stderr), r.stderr[-2000:]
 
 
+def test_torchrun_a_cache_dir_of_each_machine_is_named_whichever_process_shares_its_disk(tmp_path):
+    """Two processes per machine (the usual torchrun across machines), each machine's own dataset.cache_dir:
+    process 0 looked for one file of another process's share, often process 1's, on its own disk, found it and
+    went on; process 2's share then failed in training as "cannot be read (deleted) ... the next start rebuilds
+    it". Process 0 of 4 here, its machine's disk holding processes 0 and 1's shares."""
+    names = [f"{i:064x}" for i in range(1, 9)]                          # shares: int(name, 16) % 4
+    files = [tmp_path / f"{name}.safetensors" for name in names]
+    for file in files:
+        if int(file.stem, 16) % 4 in (0, 1):
+            file.write_bytes(b"")
+    with pytest.raises(sd.UserError, match=r"cache file .*0{63}2\.safetensors, another process's share, is not"):
+        sd.check_cache_shared(files, 0, 4)
+    sd.check_cache_shared([f for f in files if int(f.stem, 16) % 4 < 2], 0, 4)      # no share of 2 or 3 listed
+
+
 LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
             "train.gradient_checkpointing": False}
 
