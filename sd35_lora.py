@@ -1163,6 +1163,8 @@ class LatentDataset:
         text_id = _digest(model, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
         self.latent_files, self.sizes, contents = [], [item["size"] for item in items], []
+        if rank == 0:           # tokenizers alone: said before the images encode (hours on a first run)
+            warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         # one model at a time on the GPU: T5 (9 GiB) beside the VAE's encoding would overflow a 12 GB card
         with pipe.on_device(pipe.vae):
             for item in tqdm(items, desc="caching latents", leave=False, disable=rank > 0):
@@ -1172,8 +1174,6 @@ class LatentDataset:
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         with pipe.on_device(*pipe.text.modules()):
             self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
-            if rank == 0:
-                warn_cut(pipe.text, [item["caption"] for item in items], "captions")
             caption_file = functools.cache(self.caption_file)   # a trigger word's file: read once
             self.text_files = [caption_file(item["caption"])
                                for item in tqdm(items, desc="caching text", leave=False, disable=rank > 0)]

@@ -1335,6 +1335,19 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
         "e.g. T5 does not read 'd d d d d'"]
 
 
+def test_the_warning_about_cut_captions_comes_before_the_images_are_encoded(tmp_path, monkeypatch):
+    """The caching split into the VAE's pass, then the text encoders': the warning (the tokenizers', no GPU)
+    moved into the second, after hours of encoding images on a first run of 20,000, not before as it was."""
+    pipe, said = sd.tiny_pipeline(t5_length=16), []
+    monkeypatch.setattr(sd, "warn_cut", lambda *args: said.append("warned"))
+    real_encode = pipe.vae.encode_moments
+    monkeypatch.setattr(pipe.vae, "encode_moments", lambda *args: said.append("encoded") or real_encode(*args))
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    sd.LatentDataset(sd.scan_dataset(cfg.dataset, cfg.output_dir), pipe, cfg, cfg.model)
+    assert said[0] == "warned" and "encoded" in said, said
+
+
 def test_the_warning_about_a_cut_prompt_shows_the_words_that_are_lost(capsys):
     """It showed the start of the prompt, which the text encoders read: a user wants to know which words are
     lost. Those of the window that loses most (the tiny tokenizers: a token per letter, spaces dropped)."""
