@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2604  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3303  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3571  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4185  Several Processes (torchrun)     one all-reduce per step
-     4281  Command Line and the Tiny Model  main(), --tiny
+     4186  Several Processes (torchrun)     one all-reduce per step
+     4282  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -4063,15 +4063,16 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     bf16_runs = pick_dtype(None, device) == torch.bfloat16     # its default where it runs (MPS: macOS 14+)
     smaller = ([f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(device))
                + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and bf16_runs))
-    if not hasattr(tr, "embeddings"):
-        loaded = hasattr(tr, "pipe")
-        where = "caching latents and text embeddings" if loaded else "loading the models"
-        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * c.use_t5
-        levers += ["lower dataset.resolution"] * (loaded and not ram)
+    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
+    if not hasattr(tr, "embeddings"):           # the VAE, then the text encoders visit the GPU, in turn
+        loaded, images = hasattr(tr, "pipe"), LatentDataset.encode_image.__code__ in running
+        where = f"caching {'latents' if images else 'text embeddings'}" if loaded else "loading the models"
+        t5 = c.use_t5 and (ram or not images)           # in RAM all along, on the GPU in its own visit
+        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * t5
+        levers += ["lower dataset.resolution"] * (images and not ram)
         return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", smaller)
-    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
     saving = save_checkpoint.__code__ in running
     if saving:
         where, levers = f"while saving the checkpoint of step {tr.step}", smaller

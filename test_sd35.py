@@ -4031,12 +4031,28 @@ def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, mon
     assert kept.value.__traceback__ is not None and activations[-1]() is None
     monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
     assert sd.train(config, resume=True).is_file() and len(losses(tmp_path / "run")) == 3     # the retry
-    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
-    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching latents and text "
-                                                     "embeddings; nothing new saved. To fit: set use_t5: false "
-                                                     r"\(a new run: --resume refuses it\), lower dataset.resolution, "
+    monkeypatch.setattr(sd.LatentDataset, "__init__", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching text embeddings; nothing "
+                                                     "new saved. To fit: set use_t5: false "
+                                                     r"\(a new run: --resume refuses it\), "
                                                      "or free the GPU of other programs$"):
         sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
+
+
+@pytest.mark.parametrize("encoder", ["VAE", "TextEncoders"])
+def test_out_of_memory_while_caching_offers_the_levers_of_what_was_on_the_gpu(tmp_path, monkeypatch, encoder):
+    """The caching brings the VAE, then the text encoders to the GPU, no longer both: running out while encoding
+    images offered use_t5 (T5 was on the CPU), while encoding captions (T5's 9 GiB, what a 12 GB card meets)
+    a lower dataset.resolution; neither changes what ran out."""
+    method = {"VAE": "encode_moments", "TextEncoders": "encode"}[encoder]
+    monkeypatch.setattr(getattr(sd, encoder), method, lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    make_dataset(tmp_path / "data")
+    new = r" \(a new run: --resume refuses it\)"
+    said = {"VAE": "latents; nothing new saved. To fit: lower dataset.resolution",
+            "TextEncoders": f"text embeddings; nothing new saved. To fit: set use_t5: false{new}"}[encoder]
+    with pytest.raises(torch.OutOfMemoryError, match=f"^out of GPU memory while caching {said}, or free the GPU "
+                                                     f"of other programs$"):
+        sd.train(tiny_config(tmp_path))
 
 
 def test_out_of_memory_with_no_setting_left_to_lower_names_only_the_other_programs(tmp_path, monkeypatch):
@@ -4290,11 +4306,11 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
     new = " (a new run: --resume refuses it)"
     caching = types.SimpleNamespace(cfg=sd.load_config(None, ["dtype=fp32", "fp8=true"]), pipe=None)
     assert str(sd.stopped_by_memory(caching, MemoryError())) == (
-        f"out of memory (RAM) while caching latents and text embeddings; nothing new saved. To fit: set dtype: "
+        f"out of memory (RAM) while caching text embeddings; nothing new saved. To fit: set dtype: "
         f"bf16{new}, set use_t5: false{new}, or close other programs")
     assert str(sd.stopped_by_memory(caching, torch.OutOfMemoryError(CUDA_OOM))) == (
-        f"out of GPU memory while caching latents and text embeddings; nothing new saved. To fit 2.00 GiB more: "
-        f"set use_t5: false{new}, lower dataset.resolution, or free the GPU of other programs")
+        f"out of GPU memory while caching text embeddings; nothing new saved. To fit 2.00 GiB more: "
+        f"set use_t5: false{new}, or free the GPU of other programs")
     step = types.SimpleNamespace(cfg=caching.cfg, embeddings=None, bar=None, step=3, order=[(0,)],
                                  data=types.SimpleNamespace(sizes=[(64, 64)]), rng_after_update=None)
     assert str(sd.stopped_by_memory(step, MemoryError())) == (
