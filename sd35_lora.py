@@ -4067,8 +4067,8 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     if not hasattr(tr, "embeddings"):           # the VAE, then the text encoders visit the GPU, in turn
         loaded, images = hasattr(tr, "pipe"), LatentDataset.encode_image.__code__ in running
         where = f"caching {'latents' if images else 'text embeddings'}" if loaded else "loading the models"
-        t5 = c.use_t5 and (ram or not images)           # in RAM all along, on the GPU in its own visit
-        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * t5
+        t5_held = ram or not images or device.type == "cpu"     # in RAM all along; a GPU's in its own visit
+        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * (c.use_t5 and t5_held)
         levers += ["lower dataset.resolution"] * (images and not ram)
         return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):

@@ -4039,20 +4039,25 @@ def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, mon
         sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
 
 
-@pytest.mark.parametrize("encoder", ["VAE", "TextEncoders"])
+@pytest.mark.parametrize("encoder", ["vae", "text"])
 def test_out_of_memory_while_caching_offers_the_levers_of_what_was_on_the_gpu(tmp_path, monkeypatch, encoder):
     """The caching brings the VAE, then the text encoders to the GPU, no longer both: running out while encoding
     images offered use_t5 (T5 was on the CPU), while encoding captions (T5's 9 GiB, what a 12 GB card meets)
-    a lower dataset.resolution; neither changes what ran out."""
-    method = {"VAE": "encode_moments", "TextEncoders": "encode"}[encoder]
-    monkeypatch.setattr(getattr(sd, encoder), method, lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    a lower dataset.resolution; neither changes what ran out. (On the CPU, T5 is beside the VAE: both.)"""
+    pipe = sd.tiny_pipeline(t5_length=16)
+    method = {"vae": "encode_moments", "text": "encode"}[encoder]
+    monkeypatch.setattr(getattr(pipe, encoder), method, lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     make_dataset(tmp_path / "data")
-    new = r" \(a new run: --resume refuses it\)"
-    said = {"VAE": "latents; nothing new saved. To fit: lower dataset.resolution",
-            "TextEncoders": f"text embeddings; nothing new saved. To fit: set use_t5: false{new}"}[encoder]
-    with pytest.raises(torch.OutOfMemoryError, match=f"^out of GPU memory while caching {said}, or free the GPU "
-                                                     f"of other programs$"):
-        sd.train(tiny_config(tmp_path))
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        sd.LatentDataset(sd.scan_dataset(cfg.dataset, cfg.output_dir), pipe, cfg, cfg.model)
+    on_cpu = str(sd.stopped_by_memory(types.SimpleNamespace(cfg=cfg, pipe=pipe), caught.value))
+    assert ("set use_t5: false" in on_cpu, "lower dataset.resolution" in on_cpu) == (True, encoder == "vae")
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))
+    said = {"vae": "latents; nothing new saved. To fit: lower dataset.resolution",
+            "text": "text embeddings; nothing new saved. To fit: set use_t5: false (a new run: --resume refuses it)"}
+    assert str(sd.stopped_by_memory(types.SimpleNamespace(cfg=cfg, pipe=pipe), caught.value)) == (
+        f"out of GPU memory while caching {said[encoder]}, or free the GPU of other programs")
 
 
 def test_out_of_memory_with_no_setting_left_to_lower_names_only_the_other_programs(tmp_path, monkeypatch):
