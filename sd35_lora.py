@@ -31,8 +31,8 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
      3309  Dataset Files                    folders listed, the pixel limit, what a scan found odd
      3577  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4192  Several Processes (torchrun)     one all-reduce per step
-     4288  Command Line and the Tiny Model  main(), --tiny
+     4195  Several Processes (torchrun)     one all-reduce per step
+     4291  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1163,6 +1163,8 @@ class LatentDataset:
         text_id = _digest(model, cfg.text_encoders, cfg.dtype, cfg.t5_length, cfg.use_t5, pipe.text.files)
         self.vae_id, self.text_id = vae_id, text_id         # in the cache keys: what changes the tensors
         self.latent_files, self.sizes, contents = [], [item["size"] for item in items], []
+        if rank == 0:           # tokenizers alone: said before the images encode (hours on a first run)
+            warn_cut(pipe.text, [item["caption"] for item in items], "captions")
         # one model at a time on the GPU: T5 (9 GiB) beside the VAE's encoding would overflow a 12 GB card
         with pipe.on_device(pipe.vae):
             for item in tqdm(items, desc="caching latents", leave=False, disable=rank > 0):
@@ -1172,8 +1174,6 @@ class LatentDataset:
         self.contents = _digest(*contents)          # the images and captions: a resume notes their edits
         with pipe.on_device(*pipe.text.modules()):
             self.no_caption = self.encode_caption("")       # what caption dropout trains on: encoded once
-            if rank == 0:
-                warn_cut(pipe.text, [item["caption"] for item in items], "captions")
             caption_file = functools.cache(self.caption_file)   # a trigger word's file: read once
             self.text_files = [caption_file(item["caption"])
                                for item in tqdm(items, desc="caching text", leave=False, disable=rank > 0)]
@@ -3605,12 +3605,14 @@ def cache_share(path: Path, compute, source: str, layout: dict, rank: int, world
 
 
 def check_cache_shared(files: list[Path], rank: int, world: int):
-    """torchrun, the cache built: one file of another process's share is here too (else dataset.cache_dir is
-    each machine's own; one file: a stat each of 20,000 on a network file system would take a while)."""
-    other = next((f for f in files if int(f.stem, 16) % world != rank), None)
-    if other and not os.path.isfile(other):
-        raise UserError(f"cache file {other}, another process's share, is not in dataset.cache_dir here: put "
-                        f"it (and output_dir) on a file system every machine sees")
+    """torchrun, the cache built: one file of each other process's share is here too (else dataset.cache_dir
+    is each machine's own; one each: a stat each of 20,000 on a network file system would take a while, and
+    a machine's own disk holds the shares of all its processes)."""
+    first = {int(f.stem, 16) % world: f for f in reversed(files)}       # each share's first file
+    missing = [f for share, f in sorted(first.items()) if share != rank and not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"cache file {missing[0]}, another process's share, is not in dataset.cache_dir "
+                        f"here: put it (and output_dir) on a file system every machine sees")
 
 
 CHECKED_FINITE = {"sd35_lora": "checked finite"}    # cache files' metadata: cached() refused NaN/inf before
@@ -4070,15 +4072,16 @@ def stopped_by_memory(tr: Trainer, e: BaseException) -> torch.OutOfMemoryError:
     bf16_runs = pick_dtype(None, device) == torch.bfloat16     # its default where it runs (MPS: macOS 14+)
     smaller = ([f"set fp8: true{new}"] * (not c.fp8 and not fp8_lacking(device))
                + [f"set dtype: bf16{new}"] * (c.dtype == "fp32" and bf16_runs))
-    if not hasattr(tr, "embeddings"):
-        loaded = hasattr(tr, "pipe")
-        where = "caching latents and text embeddings" if loaded else "loading the models"
-        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * c.use_t5
-        levers += ["lower dataset.resolution"] * (loaded and not ram)
+    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
+    if not hasattr(tr, "embeddings"):           # the VAE, then the text encoders visit the GPU, in turn
+        loaded, images = hasattr(tr, "pipe"), LatentDataset.encode_image.__code__ in running
+        where = f"caching {'latents' if images else 'text embeddings'}" if loaded else "loading the models"
+        t5_held = ram or not images or device.type == "cpu"     # in RAM all along; a GPU's in its own visit
+        levers = smaller * (ram or not loaded) + [f"set use_t5: false{new}"] * (c.use_t5 and t5_held)
+        levers += ["lower dataset.resolution"] * (images and not ram)
         return memory_error(e, f"while {where}; nothing new saved", levers)
     if not hasattr(tr, "bar"):
         return memory_error(e, "while moving the MMDiT to the GPU; nothing new saved", smaller)
-    running = {frame.f_code for frame, _ in traceback.walk_tb(e.__traceback__)}  # what the error came through
     saving = save_checkpoint.__code__ in running
     if saving:
         where, levers = f"while saving the checkpoint of step {tr.step}", smaller

@@ -1335,6 +1335,19 @@ def test_prompts_and_captions_longer_than_the_text_encoders_read_are_named(tmp_p
         "e.g. T5 does not read 'd d d d d'"]
 
 
+def test_the_warning_about_cut_captions_comes_before_the_images_are_encoded(tmp_path, monkeypatch):
+    """The caching split into the VAE's pass, then the text encoders': the warning (the tokenizers', no GPU)
+    moved into the second, after hours of encoding images on a first run of 20,000, not before as it was."""
+    pipe, said = sd.tiny_pipeline(t5_length=16), []
+    monkeypatch.setattr(sd, "warn_cut", lambda *args: said.append("warned"))
+    real_encode = pipe.vae.encode_moments
+    monkeypatch.setattr(pipe.vae, "encode_moments", lambda *args: said.append("encoded") or real_encode(*args))
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    sd.LatentDataset(sd.scan_dataset(cfg.dataset, cfg.output_dir), pipe, cfg, cfg.model)
+    assert said[0] == "warned" and "encoded" in said, said
+
+
 def test_the_warning_about_a_cut_prompt_shows_the_words_that_are_lost(capsys):
     """It showed the start of the prompt, which the text encoders read: a user wants to know which words are
     lost. Those of the window that loses most (the tiny tokenizers: a token per letter, spaces dropped)."""
@@ -4018,12 +4031,33 @@ def test_out_of_memory_lets_a_notebook_retry_and_names_the_caching(tmp_path, mon
     assert kept.value.__traceback__ is not None and activations[-1]() is None
     monkeypatch.setattr(sd, "flow_matching_loss", real_loss)
     assert sd.train(config, resume=True).is_file() and len(losses(tmp_path / "run")) == 3     # the retry
-    monkeypatch.setattr(sd, "LatentDataset", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
-    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching latents and text "
-                                                     "embeddings; nothing new saved. To fit: set use_t5: false "
-                                                     r"\(a new run: --resume refuses it\), lower dataset.resolution, "
+    monkeypatch.setattr(sd.LatentDataset, "__init__", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError, match="^out of GPU memory while caching text embeddings; nothing "
+                                                     "new saved. To fit: set use_t5: false "
+                                                     r"\(a new run: --resume refuses it\), "
                                                      "or free the GPU of other programs$"):
         sd.train(tiny_config(tmp_path, **{"output_dir": str(tmp_path / "other")}))
+
+
+@pytest.mark.parametrize("encoder", ["vae", "text"])
+def test_out_of_memory_while_caching_offers_the_levers_of_what_was_on_the_gpu(tmp_path, monkeypatch, encoder):
+    """The caching brings the VAE, then the text encoders to the GPU, no longer both: running out while encoding
+    images offered use_t5 (T5 was on the CPU), while encoding captions (T5's 9 GiB, what a 12 GB card meets)
+    a lower dataset.resolution; neither changes what ran out. (On the CPU, T5 is beside the VAE: both.)"""
+    pipe = sd.tiny_pipeline(t5_length=16)
+    method = {"vae": "encode_moments", "text": "encode"}[encoder]
+    monkeypatch.setattr(getattr(pipe, encoder), method, lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        sd.LatentDataset(sd.scan_dataset(cfg.dataset, cfg.output_dir), pipe, cfg, cfg.model)
+    on_cpu = str(sd.stopped_by_memory(types.SimpleNamespace(cfg=cfg, pipe=pipe), caught.value))
+    assert ("set use_t5: false" in on_cpu, "lower dataset.resolution" in on_cpu) == (True, encoder == "vae")
+    monkeypatch.setattr(sd, "pick_device", lambda *args: torch.device("cuda"))
+    said = {"vae": "latents; nothing new saved. To fit: lower dataset.resolution",
+            "text": "text embeddings; nothing new saved. To fit: set use_t5: false (a new run: --resume refuses it)"}
+    assert str(sd.stopped_by_memory(types.SimpleNamespace(cfg=cfg, pipe=pipe), caught.value)) == (
+        f"out of GPU memory while caching {said[encoder]}, or free the GPU of other programs")
 
 
 def test_out_of_memory_with_no_setting_left_to_lower_names_only_the_other_programs(tmp_path, monkeypatch):
@@ -4277,11 +4311,11 @@ def test_out_of_ram_on_a_gpu_offers_what_shrinks_the_models_not_what_the_gpu_hol
     new = " (a new run: --resume refuses it)"
     caching = types.SimpleNamespace(cfg=sd.load_config(None, ["dtype=fp32", "fp8=true"]), pipe=None)
     assert str(sd.stopped_by_memory(caching, MemoryError())) == (
-        f"out of memory (RAM) while caching latents and text embeddings; nothing new saved. To fit: set dtype: "
+        f"out of memory (RAM) while caching text embeddings; nothing new saved. To fit: set dtype: "
         f"bf16{new}, set use_t5: false{new}, or close other programs")
     assert str(sd.stopped_by_memory(caching, torch.OutOfMemoryError(CUDA_OOM))) == (
-        f"out of GPU memory while caching latents and text embeddings; nothing new saved. To fit 2.00 GiB more: "
-        f"set use_t5: false{new}, lower dataset.resolution, or free the GPU of other programs")
+        f"out of GPU memory while caching text embeddings; nothing new saved. To fit 2.00 GiB more: "
+        f"set use_t5: false{new}, or free the GPU of other programs")
     step = types.SimpleNamespace(cfg=caching.cfg, embeddings=None, bar=None, step=3, order=[(0,)],
                                  data=types.SimpleNamespace(sizes=[(64, 64)]), rng_after_update=None)
     assert str(sd.stopped_by_memory(step, MemoryError())) == (
@@ -9957,6 +9991,21 @@ def test_torchrun_a_cache_dir_each_machine_has_its_own_is_named_as_such(tmp_path
     assert re.search(r"error: cache file cache/\w+/\w+\.safetensors, another process's share, is not in "
                      r"dataset.cache_dir here: put it \(and output_dir\) on a file system every machine sees",
                      r.stderr), r.stderr[-2000:]
+
+
+def test_torchrun_a_cache_dir_of_each_machine_is_named_whichever_process_shares_its_disk(tmp_path):
+    """Two processes per machine (the usual torchrun across machines), each machine's own dataset.cache_dir:
+    process 0 looked for one file of another process's share, often process 1's, on its own disk, found it and
+    went on; process 2's share then failed in training as "cannot be read (deleted) ... the next start rebuilds
+    it". Process 0 of 4 here, its machine's disk holding processes 0 and 1's shares."""
+    names = [f"{i:064x}" for i in range(1, 9)]                          # shares: int(name, 16) % 4
+    files = [tmp_path / f"{name}.safetensors" for name in names]
+    for file in files:
+        if int(file.stem, 16) % 4 in (0, 1):
+            file.write_bytes(b"")
+    with pytest.raises(sd.UserError, match=r"cache file .*0{63}2\.safetensors, another process's share, is not"):
+        sd.check_cache_shared(files, 0, 4)
+    sd.check_cache_shared([f for f in files if int(f.stem, 16) % 4 < 2], 0, 4)      # no share of 2 or 3 listed
 
 
 LONG_RUN = {"train.steps": 10_000, "train.save_every": 10_000, "sample.prompts": [], "lora.targets": "attn",
