@@ -1271,9 +1271,9 @@ class Trainer:
         refuse_what_the_model_cannot_take(pipe.mmdit, cfg, items)       # before the caching (minutes)
         # a caller's autocast (a notebook cell's) would change what is cached
         with torch.autocast(pipe.device.type, enabled=False):
-            self.data = LatentDataset(items, pipe, cfg, cfg.model)    # the VAE, then the text encoders visit
+            self.data = LatentDataset(items, pipe, cfg, cfg.model)      # one model at a time on the GPU
             guidance, prompts = self.sample_settings.cfg, s.prompts
-            with pipe.on_device(*pipe.text.modules() if prompts else ()):     # again, for the sample prompts
+            with pipe.on_device(*pipe.text.modules() if prompts else ()):   # a second visit: seconds, not GiBs
                 if self.rank == 0 and prompts:
                     warn_prompts(pipe.text, prompts, s.neg, guidance, previews=True)
                 self.embeddings = (encode_in_batches(pipe.text, prompts, s.neg, guidance, 1)
