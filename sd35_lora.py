@@ -1273,7 +1273,7 @@ class Trainer:
         with torch.autocast(pipe.device.type, enabled=False):
             self.data = LatentDataset(items, pipe, cfg, cfg.model)      # one model at a time on the GPU
             guidance, prompts = self.sample_settings.cfg, s.prompts
-            with pipe.on_device(*pipe.text.modules() if prompts else ()):   # a second visit: seconds, not GiBs
+            with pipe.on_device(*pipe.text.modules() if prompts else ()):   # a second visit: seconds
                 if self.rank == 0 and prompts:
                     warn_prompts(pipe.text, prompts, s.neg, guidance, previews=True)
                 self.embeddings = (encode_in_batches(pipe.text, prompts, s.neg, guidance, 1)
