@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3309  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3577  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4192  Several Processes (torchrun)     one all-reduce per step
-     4288  Command Line and the Tiny Model  main(), --tiny
+     3308  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3576  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4191  Several Processes (torchrun)     one all-reduce per step
+     4287  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2855,12 +2855,11 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
         cond, uncond = embeddings
         pairs = [cond] if uncond is None else [cond, uncond]        # (generate slices an unused one too)
         rows = [len(context) for context, _ in pairs]
-        intact = all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs)
+        if not all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs):
+            raise ValueError                            # another model's: torch's error
     except (TypeError, ValueError, AttributeError, IndexError):
-        intact = False
-    if not intact:                                      # another model's: torch's error
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
-                        "TextEncoders.encode; uncond None without CFG")
+                        "TextEncoders.encode; uncond None without CFG") from None
     if rows[0] != len(prompts):
         raise UserError(f"embeddings for {counted(rows[0], 'prompt')}, not {len(prompts)}: encode these")
     if cfg > 1.0 and rows[-1] != len(prompts):  # a negative encoded once: the other images would go without
