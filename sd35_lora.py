@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3308  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3576  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4191  Several Processes (torchrun)     one all-reduce per step
-     4287  Command Line and the Tiny Model  main(), --tiny
+     3306  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3574  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4189  Several Processes (torchrun)     one all-reduce per step
+     4285  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2895,11 +2895,9 @@ PROMPTS_AHEAD = 100     # generate() encodes this many (whole batches) at a time
 
 def embedded_batches(pipe: Pipeline, prompts: list[str], negative: str, s: SampleSettings, embeddings,
                      batch_size: int):
-    """generate()'s batches: (seeds, cond, uncond) on pipe.device (uncond None if none). The prompts are
-    encoded PROMPTS_AHEAD at a time (whole batches: the same images), not all at once: the embeddings of an
-    evaluation set of thousands took GBs of RAM. With offload the text encoders visit the GPU once for each
-    such chunk, then the MMDiT and the VAE for its batches: once where they fit there together, else in turn
-    for each batch (generate)."""
+    """generate()'s batches: (seeds, cond, uncond) on pipe.device (uncond None if none), the prompts encoded
+    PROMPTS_AHEAD at a time (thousands at once took GBs of RAM). With offload the text encoders visit the GPU
+    once a chunk, the MMDiT and the VAE once where they fit there together, else in turn for each batch."""
     ahead = batch_size * math.ceil(PROMPTS_AHEAD / batch_size)
     fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
     for start in range(0, len(prompts), ahead):
