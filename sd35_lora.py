@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3306  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3574  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4189  Several Processes (torchrun)     one all-reduce per step
-     4285  Command Line and the Tiny Model  main(), --tiny
+     3305  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3572  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4187  Several Processes (torchrun)     one all-reduce per step
+     4283  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2668,8 +2668,7 @@ def _coerce(value, default, key: str):
 
 
 def expand_path(text: str, name: str) -> str:
-    """A config path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does. `name`: the key, as errors
-    name it."""
+    """A config path's ~, $X, ${X} (Windows' %X% too) expanded as a shell does; `name`: its key, in errors."""
     # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
     text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
     text = os.path.expandvars(os.path.expanduser(text))
@@ -3324,8 +3323,7 @@ def caption_files(files: list[Path]) -> dict[Path, Path]:
 
 def read_caption(image: Path, captions: dict[Path, Path]) -> tuple[str | None, Path]:
     """-> (the image's .txt caption or None, that file), `captions` caption_files'. A bad byte is refused
-    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 without an error,
-    'b\\x00l\\x00u\\x00e'."""
+    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 silently, 'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists():           # a.TXT, a.Txt: Windows and macOS open them as a.txt, Linux from a listing
         path = captions.get(image.with_suffix(""), path)
