@@ -3177,11 +3177,11 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
-    moments = ("exp_avg", "exp_avg_sq")
-    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
-                                                 or not all(map(usable, m.values()))
-                                                 or not m["step"] >= 1         # AdamW's bias correction
-                                                 or any(m[k].shape != params[i].shape for k in moments))]
+    def intact(m: dict, shape: torch.Size) -> bool:
+        return (m.keys() == {"step", "exp_avg", "exp_avg_sq"} and m["step"].numel() == 1
+                and all(map(usable, m.values())) and m["step"].item() >= 1  # AdamW's bias correction
+                and m["exp_avg"].shape == m["exp_avg_sq"].shape == shape)
+    bad = [i for i, m in state.items() if m and not intact(m, params[i].shape)]
     if bad or step and not any(state.values()):
         raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
                         f"resume; start anew in another output_dir")
