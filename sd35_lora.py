@@ -29,10 +29,10 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
      2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
      2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3309  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3577  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4195  Several Processes (torchrun)     one all-reduce per step
-     4291  Command Line and the Tiny Model  main(), --tiny
+     3305  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3572  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4190  Several Processes (torchrun)     one all-reduce per step
+     4286  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -2668,8 +2668,7 @@ def _coerce(value, default, key: str):
 
 
 def expand_path(text: str, name: str) -> str:
-    """A config path's ~, $X, ${X} (and Windows' %X%) expanded as a shell does. `name`: the key, as errors
-    name it."""
+    """A config path's ~, $X, ${X} (Windows' %X% too) expanded as a shell does; `name`: its key, in errors."""
     # Windows' expandvars skips all after a ' (O'Brien): $X and ${X} first, here
     text = re.sub(r"\$(\w+)|\$\{([^}]*)\}", lambda m: os.environ.get(m[1] or m[2], m[0]), text)
     text = os.path.expandvars(os.path.expanduser(text))
@@ -2855,12 +2854,11 @@ def check_text_inputs(pipe: Pipeline, prompts: list[str], negative: str, embeddi
         cond, uncond = embeddings
         pairs = [cond] if uncond is None else [cond, uncond]        # (generate slices an unused one too)
         rows = [len(context) for context, _ in pairs]
-        intact = all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs)
+        if not all((c.shape[2], p.shape[1]) == widths and len(p) == len(c) for c, p in pairs):
+            raise ValueError                            # another model's: torch's error
     except (TypeError, ValueError, AttributeError, IndexError):
-        intact = False
-    if not intact:                                      # another model's: torch's error
         raise UserError("embeddings must be (cond, uncond), each (context, pooled) from this pipeline's "
-                        "TextEncoders.encode; uncond None without CFG")
+                        "TextEncoders.encode; uncond None without CFG") from None
     if rows[0] != len(prompts):
         raise UserError(f"embeddings for {counted(rows[0], 'prompt')}, not {len(prompts)}: encode these")
     if cfg > 1.0 and rows[-1] != len(prompts):  # a negative encoded once: the other images would go without
@@ -2896,11 +2894,9 @@ PROMPTS_AHEAD = 100     # generate() encodes this many (whole batches) at a time
 
 def embedded_batches(pipe: Pipeline, prompts: list[str], negative: str, s: SampleSettings, embeddings,
                      batch_size: int):
-    """generate()'s batches: (seeds, cond, uncond) on pipe.device (uncond None if none). The prompts are
-    encoded PROMPTS_AHEAD at a time (whole batches: the same images), not all at once: the embeddings of an
-    evaluation set of thousands took GBs of RAM. With offload the text encoders visit the GPU once for each
-    such chunk, then the MMDiT and the VAE for its batches: once where they fit there together, else in turn
-    for each batch (generate)."""
+    """generate()'s batches: (seeds, cond, uncond) on pipe.device (uncond None if none), the prompts encoded
+    PROMPTS_AHEAD at a time (thousands at once took GBs of RAM). With offload the text encoders visit the GPU
+    once a chunk, the MMDiT and the VAE once where they fit there together, else in turn for each batch."""
     ahead = batch_size * math.ceil(PROMPTS_AHEAD / batch_size)
     fit_together = pipe.offload and not too_large_for(pipe.device, pipe.mmdit, pipe.vae)
     for start in range(0, len(prompts), ahead):
@@ -3181,11 +3177,11 @@ def load_training_state(path: Path, params: list[nn.Parameter], opt: torch.optim
     state = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
              for i in range(len(params))}                  # load_state_dict moves them where AdamW wants them
     # a hand-edited file: AdamW would fail with a KeyError at the first step, or restart unnoticed
-    moments = ("exp_avg", "exp_avg_sq")
-    bad = [i for i, m in state.items() if m and (m.keys() != {"step", *moments} or m["step"].numel() != 1
-                                                 or not all(map(usable, m.values()))
-                                                 or not m["step"] >= 1         # AdamW's bias correction
-                                                 or any(m[k].shape != params[i].shape for k in moments))]
+    def intact(m: dict, shape: torch.Size) -> bool:
+        return (m.keys() == {"step", "exp_avg", "exp_avg_sq"} and m["step"].numel() == 1
+                and all(map(usable, m.values())) and m["step"].item() >= 1  # AdamW's bias correction
+                and m["exp_avg"].shape == m["exp_avg_sq"].shape == shape)
+    bad = [i for i, m in state.items() if m and not intact(m, params[i].shape)]
     if bad or step and not any(state.values()):
         raise UserError(f"{path} holds damaged AdamW moments (opt.{bad[0] if bad else 0}.*): it cannot "
                         f"resume; start anew in another output_dir")
@@ -3327,8 +3323,7 @@ def caption_files(files: list[Path]) -> dict[Path, Path]:
 
 def read_caption(image: Path, captions: dict[Path, Path]) -> tuple[str | None, Path]:
     """-> (the image's .txt caption or None, that file), `captions` caption_files'. A bad byte is refused
-    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 without an error,
-    'b\\x00l\\x00u\\x00e'."""
+    (no silent ?), and so is a NUL: UTF-16 without a BOM reads as UTF-8 silently, 'b\\x00l\\x00u\\x00e'."""
     path = image.with_suffix(".txt")
     if not path.exists():           # a.TXT, a.Txt: Windows and macOS open them as a.txt, Linux from a listing
         path = captions.get(image.with_suffix(""), path)
