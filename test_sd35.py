@@ -3474,20 +3474,26 @@ def test_ctrl_c_during_the_first_previews_stops_with_a_checkpoint(tmp_path, monk
     assert sd.train(tiny_config(tmp_path, **b), resume=True) == tmp_path / "b/lora.safetensors"   # not "stopped"
 
 
+def signalling_at_the_second_call(function, signum: int):
+    """`function`, which sends this process `signum` as its second call begins (e.g. the second preview set)."""
+    calls = []
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return function(*args, **kwargs)
+    return signalling
+
+
 def test_ctrl_c_during_the_previews_of_a_sample_step_stops_after_the_image_at_work(tmp_path, monkeypatch):
     """A Ctrl-C or SIGTERM while a sample step's previews rendered went on through all of them (up to 100 prompts:
     minutes on Large, past a scheduler's grace period before SIGKILL), then trained one more step before it saved.
     One process stops after the image at work, with a checkpoint of that step; --resume makes the rest of its
     previews and trains on as a run not interrupted."""
     make_dataset(tmp_path / "data")
-    real_generate, calls = sd.generate, []
-
-    def interrupted_at_step_2(*args, **kwargs):      # the second preview set: step 2's
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_generate(*args, **kwargs)
-    monkeypatch.setattr(sd, "generate", interrupted_at_step_2)
+    real_generate = sd.generate
+    monkeypatch.setattr(sd, "generate", signalling_at_the_second_call(real_generate, signal.SIGINT))  # step 2's
     run, sets = tmp_path / "run", {"train.steps": 4, "train.save_every": 4, "sample.sample_every": 2}
     with pytest.raises(SystemExit) as exit_info:
         sd.train(tiny_config(tmp_path, **sets))
@@ -3875,14 +3881,7 @@ def test_torchrun_a_signal_during_process_0s_previews_stops_them_after_the_image
     monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
-    real_generate, calls = sd.generate, []
-
-    def terminated_at_step_2(*args, **kwargs):      # the second preview set: step 2's
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_generate(*args, **kwargs)
-    monkeypatch.setattr(sd, "generate", terminated_at_step_2)
+    monkeypatch.setattr(sd, "generate", signalling_at_the_second_call(sd.generate, signal.SIGTERM))  # step 2's
     run, sets = tmp_path / "run", {"train.steps": 6, "train.save_every": 6, "sample.sample_every": 2}
     with pytest.raises(SystemExit) as exit_info:
         sd.main(tiny_sets(tmp_path, **sets))
