@@ -10829,23 +10829,6 @@ def test_a_run_stopped_by_a_lost_stdout_deletes_old_checkpoints_as_one_stopped_b
         "lora_step_000002.safetensors", "lora_step_000003.safetensors"]
 
 
-def test_a_full_disk_writing_the_latest_lora_ends_the_run(tmp_path, monkeypatch):
-    """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
-    warning too, and the run went on (its state file saved, if it fitted)."""
-    make_dataset(tmp_path / "data")
-    real_save_file = sd.save_file
-
-    def full_disk(tensors, path, metadata=None):
-        if Path(path).name.startswith(".lora.safetensors."):
-            raise OSError(28, "No space left on device")
-        return real_save_file(tensors, path, metadata=metadata)
-    monkeypatch.setattr(sd, "save_file", full_disk)
-    config = tiny_config(tmp_path, **{"train.steps": 1, "train.save_every": 1, "sample.sample_every": 0})
-    one_line_error(lambda: sd.train(config), r"cannot write .*lora.safetensors \(No space left on device\): "
-                   r"free disk space or choose another folder")
-    assert not (tmp_path / "run" / sd.STATE_FILE).exists()
-
-
 def test_a_folder_refusing_a_write_is_not_blamed_on_a_program_holding_the_file(tmp_path, monkeypatch):
     """A PermissionError met writing the temporary file (a shared cache_dir's latents/ made by another user, a
     folder made read-only mid-run: Linux, no program holds anything) was answered 'close what holds it open (a
@@ -10989,22 +10972,25 @@ def test_a_rank_0_lora_pair_is_not_called_a_rank_mismatch(tmp_path):
                    r"\(0, 64\) and up \(64, 0\): a LoRA pair is down \(r, in\) and up \(out, r\), r >= 1")
 
 
-def test_a_full_disk_at_a_checkpoint_says_how_to_go_on(tmp_path, monkeypatch):
-    """A full disk writing a checkpoint ended the run with 'free disk space or choose another folder; older
-    files are intact', not saying that the run goes on with --resume from its last checkpoint (or, with none
-    saved yet, is started again)."""
+@pytest.mark.parametrize("name, steps", [("lora.safetensors", 1), ("lora_step_000002.safetensors", 2)])
+def test_a_full_disk_at_a_checkpoint_ends_the_run_saying_how_to_go_on(tmp_path, monkeypatch, name, steps):
+    """Any error writing lora.safetensors was the warning meant for a file held open: a full disk there was a
+    warning too, and the run went on. A full disk at a checkpoint ended the run with 'free disk space or choose
+    another folder; older files are intact', not saying that the run goes on with --resume from its last
+    checkpoint (with none saved yet, it is started again)."""
     make_dataset(tmp_path / "data")
     real_save_file = sd.save_file
 
     def full_disk(tensors, path, metadata=None):
-        if Path(path).name.startswith(".lora_step_000002."):
+        if Path(path).name.startswith(f".{name}."):                     # its temporary file
             raise OSError(28, "No space left on device")
         return real_save_file(tensors, path, metadata=metadata)
     monkeypatch.setattr(sd, "save_file", full_disk)
-    config = tiny_config(tmp_path, **{"train.steps": 2, "train.save_every": 1, "sample.sample_every": 0})
-    one_line_error(lambda: sd.train(config), r"lora_step_000002.safetensors \(No space left on device\): "
-                   r"free disk space or choose another folder; older files are intact; then continue with --resume$")
-    assert (tmp_path / "run" / sd.STATE_FILE).exists()
+    config = tiny_config(tmp_path, **{"train.steps": steps, "train.save_every": 1, "sample.sample_every": 0})
+    then = "; then continue with --resume" * (steps > 1)           # step 1's state saved before step 2's write
+    one_line_error(lambda: sd.train(config), rf"{name} \(No space left on device\): "
+                   rf"free disk space or choose another folder; older files are intact{then}$")
+    assert (tmp_path / "run" / sd.STATE_FILE).exists() == (steps > 1)
 
 
 def test_set_values_yaml_refuses_get_advice_for_what_went_wrong():
