@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2007  Hub Downloads                    snapshot downloads, tokenizers
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3305  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3572  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4190  Several Processes (torchrun)     one all-reduce per step
-     4286  Command Line and the Tiny Model  main(), --tiny
+     2478  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2606  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3306  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3573  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4191  Several Processes (torchrun)     one all-reduce per step
+     4287  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1517,9 +1517,9 @@ def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
     return next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
 
 
-def describe_checkpoint(keys) -> str:
-    """checkpoint_kind in words, or the first keys where no signature fits."""
-    what, first = checkpoint_kind(keys), f"its first keys are {sorted(keys)[:3]}"
+def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
+    """checkpoint_kind by `signatures` in words, or the first keys where none fits."""
+    what, first = checkpoint_kind(keys, signatures), f"its first keys are {sorted(keys)[:3]}"
     return f"it looks like {what}" if what else first if keys else "it holds no tensors"
 
 
@@ -2210,11 +2210,12 @@ def check_lora_keys(keys, path):
         raise UserError(f"{path}: '{unsupported[0]}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT "
                         f"lora_bias=True) is not supported: use a plain LoRA file")
     if not any(key.endswith((*LORA_ROLES, ".diff", ".diff_b")) for key in keys):
-        what = f"keys {sorted(keys)[:3]}" if any("lora" in k for k in keys) else describe_checkpoint(keys)
+        lora = any("lora" in k for k in keys)           # "it looks like a LoRA" would say nothing here
+        what = describe_checkpoint(keys, OTHER_MODELS if lora else CHECKPOINT_SIGNATURES)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
-    other_model = checkpoint_kind(keys, OTHER_MODELS)   # e.g. an SDXL or FLUX LoRA: no model need load
-    if other_model:
-        raise UserError(ANOTHER_MODELS_LORA.format(path, "SD3's MMDiT", f"it looks like {other_model}"))
+    if checkpoint_kind(keys, OTHER_MODELS):             # e.g. an SDXL or FLUX LoRA: no model need load
+        raise UserError(ANOTHER_MODELS_LORA.format(path, "SD3's MMDiT",
+                                                   describe_checkpoint(keys, OTHER_MODELS)))
 
 
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -2287,7 +2288,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                         f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     if not groups:                          # (another known model's: check_lora_keys named it unread)
         raise UserError(ANOTHER_MODELS_LORA.format(path, f"this {model.cfg.variant()} MMDiT (depth {depth})",
-                                                   f"its first keys are {sorted(sd)[:3]}"))
+                                                   describe_checkpoint(sd, OTHER_MODELS)))
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")

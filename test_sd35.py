@@ -10982,6 +10982,16 @@ def test_an_empty_safetensors_file_is_said_to_hold_no_tensors(tmp_path):
     one_line_error(lambda: sd.load_mmdit(empty), r"is not an SD3/SD3.5 checkpoint: it holds no tensors$")
 
 
+def test_a_file_of_lora_names_without_lora_weights_is_described_as_other_files_are(tmp_path):
+    """Names holding "lora" but no lora_A/B .weight were shown as 'keys [...]', and a FLUX LoRA's so named
+    was not named FLUX's: now 'its first keys are [...]', as elsewhere, or the other model's name."""
+    for key, said in [("x.lora_A", "its first keys are ['x.lora_A']"),
+                      ("lora_unet_double_blocks_0_img_attn_qkv.lora_A", "it looks like a FLUX transformer")]:
+        save_file({key: torch.ones(2, 2)}, tmp_path / "odd.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "odd.safetensors"),
+                       rf"is not a LoRA read here \(no lora_A/B .*; {re.escape(said)}\)$")
+
+
 def test_a_rank_0_lora_pair_is_not_called_a_rank_mismatch(tmp_path):
     """down (0, 64) and up (64, 0) agree on their rank, 0: they were refused as a 'rank mismatch'."""
     key, path = "lora_unet_joint_blocks_0_x_block_attn_proj", tmp_path / "rank0.safetensors"
