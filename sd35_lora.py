@@ -27,12 +27,12 @@ have, and checks what they give (a mistake raises UserError: one line, no traceb
      1401  Checkpoint Formats and Loading   diffusers <-> official names, single files, text encoder files
      2007  Hub Downloads                    snapshot downloads, tokenizers
      2081  LoRA Files                       diffusers / kohya / ComfyUI layouts, save and load
-     2477  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
-     2605  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
-     3305  Dataset Files                    folders listed, the pixel limit, what a scan found odd
-     3572  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
-     4190  Several Processes (torchrun)     one all-reduce per step
-     4286  Command Line and the Tiny Model  main(), --tiny
+     2478  fp8 Weights                      float8_e4m3fn with per-row scales, fp8 tensor-core matmuls
+     2606  Config Files and Resume Rules    YAML + --set, validation, training state, resume rules
+     3308  Dataset Files                    folders listed, the pixel limit, what a scan found odd
+     3575  Output Files                     cache files, atomic writes, the output_dir lock, loss.png
+     4193  Several Processes (torchrun)     one all-reduce per step
+     4292  Command Line and the Tiny Model  main(), --tiny
 
 Parameter names are those of Stability AI's official checkpoints (minus `model.diffusion_model.`), so an
 official file loads by stripping that prefix; the diffusers layout is converted on load through one key table.
@@ -1261,7 +1261,7 @@ class Trainer:
         self.changes, header = refuse_early(self, resume)         # header: the state file's, read once
         self.stop: list[int] = []       # signals train() caught (Ctrl-C, SIGTERM): it stops after the step
         items = scan_dataset(cfg.dataset, cfg.output_dir)   # after the quick refusals: it decodes images
-        self.rank, self.world = init_distributed(cfg, [item["size"] for item in items])
+        self.rank, self.world = init_distributed(cfg, [item["size"] for item in items], header)
         pipe = load_pipeline(cfg.model, cfg.text_encoders or None, cfg.vae or None, cfg.device, cfg.dtype,
                              cfg.t5_length, cfg.use_t5, cfg.variant, offload=True, fp8=cfg.fp8)
         self.pipe, self.model_id = pipe, model_id(pipe.root)
@@ -1517,9 +1517,9 @@ def checkpoint_kind(keys, signatures=CHECKPOINT_SIGNATURES) -> str | None:
     return next((kind for fragment, kind in signatures if any(re.search(fragment, k) for k in keys)), None)
 
 
-def describe_checkpoint(keys) -> str:
-    """checkpoint_kind in words, or the first keys where no signature fits."""
-    what, first = checkpoint_kind(keys), f"its first keys are {sorted(keys)[:3]}"
+def describe_checkpoint(keys, signatures=CHECKPOINT_SIGNATURES) -> str:
+    """checkpoint_kind by `signatures` in words, or the first keys where none fits."""
+    what, first = checkpoint_kind(keys, signatures), f"its first keys are {sorted(keys)[:3]}"
     return f"it looks like {what}" if what else first if keys else "it holds no tensors"
 
 
@@ -2210,11 +2210,12 @@ def check_lora_keys(keys, path):
         raise UserError(f"{path}: '{unsupported[0]}' (DoRA, LoHa, LoKr, OFT, LyCORIS norms or PEFT "
                         f"lora_bias=True) is not supported: use a plain LoRA file")
     if not any(key.endswith((*LORA_ROLES, ".diff", ".diff_b")) for key in keys):
-        what = f"keys {sorted(keys)[:3]}" if any("lora" in k for k in keys) else describe_checkpoint(keys)
+        lora = any("lora" in k for k in keys)           # "it looks like a LoRA" would say nothing here
+        what = describe_checkpoint(keys, OTHER_MODELS if lora else CHECKPOINT_SIGNATURES)
         raise UserError(f"{path} is not a LoRA read here (no lora_A/B or lora_down/up .weight; {what})")
-    other_model = checkpoint_kind(keys, OTHER_MODELS)   # e.g. an SDXL or FLUX LoRA: no model need load
-    if other_model:
-        raise UserError(ANOTHER_MODELS_LORA.format(path, "SD3's MMDiT", f"it looks like {other_model}"))
+    if checkpoint_kind(keys, OTHER_MODELS):             # e.g. an SDXL or FLUX LoRA: no model need load
+        raise UserError(ANOTHER_MODELS_LORA.format(path, "SD3's MMDiT",
+                                                   describe_checkpoint(keys, OTHER_MODELS)))
 
 
 def _lora_groups(sd: dict, path, spellings: dict) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -2287,7 +2288,7 @@ def read_lora(model: MMDiT, path: str | Path, text: TextEncoders | None = None) 
                         f"it may not work as intended")     # e.g. SD3.5 Medium's attention LoRA on SD3 Medium
     if not groups:                          # (another known model's: check_lora_keys named it unread)
         raise UserError(ANOTHER_MODELS_LORA.format(path, f"this {model.cfg.variant()} MMDiT (depth {depth})",
-                                                   f"its first keys are {sorted(sd)[:3]}"))
+                                                   describe_checkpoint(sd, OTHER_MODELS)))
     for module, t in groups.items():
         if "down" not in t or "up" not in t:
             raise UserError(f"{path}: LoRA tensor pair for '{module}' is incomplete (has {sorted(t)})")
@@ -3277,8 +3278,6 @@ def prepare_resume(path: Path, cfg: Config) -> tuple[list[str], dict]:
 def note_resume(trainer: Trainer, header: dict):
     """A resume's warnings: images or captions edited, added or removed under the same dataset.path (recorded,
     as a changed config key is), and no step left to train. `header`: the state file's ({} fresh: none)."""
-    if header and trainer.world > 1:
-        check_one_checkpoint(trainer, header)
     saved, steps = header.get("data", ""), trainer.cfg.train.steps  # older state files: no digest to compare
     if saved and saved != trainer.data.contents:
         trainer.changes.append(f"step {trainer.step}: the images or captions in dataset.path")
@@ -3290,16 +3289,20 @@ def note_resume(trainer: Trainer, header: dict):
               f"{steps}; raise train.steps (--set train.steps=...) to train on", file=sys.stderr)
 
 
-def check_one_checkpoint(trainer: Trainer, header: dict):
-    """torchrun: every process resumed from the same state file, not each machine's own output_dir (they
-    would train apart, or hang at a collective the others never reach, when their steps differ)."""
-    seen = [None] * trainer.world
+def check_one_checkpoint(header: dict, world: int, out: str):
+    """torchrun: every process resumes from the same state file (`header`), not each machine's own output_dir
+    (they would train apart, or hang at a collective the others never reach, when their steps differ)."""
+    seen = [None] * world
     collective(dist.all_gather_object, seen, header)
     if any(other != header for other in seen):
-        steps = ", ".join(map(str, sorted({int(other["step"]) for other in seen})))
-        raise UserError(f"--resume: the processes found different checkpoints in output_dir {trainer.out} "
-                        f"(steps {steps}): put output_dir on a file system every machine sees, or copy "
-                        f"process 0's there to each machine")
+        steps = sorted({int(other["step"]) for other in seen})
+        differ = sorted({key for other in seen for key in other.keys() | header.keys()
+                         if other.get(key) != header.get(key)})
+        which = (f"steps {', '.join(map(str, steps))}" if len(steps) > 1 else
+                 f"all at step {steps[0]}, saved with another {' and '.join(differ)}")
+        raise UserError(f"--resume: the processes found different checkpoints in output_dir {out} ({which}): "
+                        f"put output_dir on a file system every machine sees, or copy process 0's there to "
+                        f"each machine")
 
 
 #################################################################################
@@ -4228,11 +4231,14 @@ def join_processes(cfg: Config):
                    timeout=datetime.timedelta(seconds=cfg.train.dist_timeout))
 
 
-def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = ()) -> tuple[int, int]:
-    """Join the torchrun job (join_processes); print the global batch; warn where no aspect bucket (`buckets`:
-    the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
+def init_distributed(cfg: Config, buckets: list[tuple[int, int]] = (), header: dict | None = None):
+    """Join the torchrun job (join_processes); with --resume's `header`, refuse processes that found different
+    checkpoints, before the caching (minutes to hours); print the global batch; warn where no aspect bucket
+    (`buckets`: the images') fills it, or the run ends in the lr warmup. -> (rank, world)"""
     join_processes(cfg)
     (rank, world), tc = rank_and_world(), cfg.train
+    if header and world > 1:
+        check_one_checkpoint(header, world, cfg.output_dir)
     batch, most = tc.batch_size * tc.grad_accum * world, max(collections.Counter(buckets).values(), default=0)
     print(f"global batch {batch} = {counted(world, 'process')} x batch_size {tc.batch_size} x "
           f"grad_accum {tc.grad_accum}")

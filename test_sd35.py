@@ -3753,7 +3753,7 @@ def test_ctrl_c_while_the_cache_builds_is_one_line_and_exit_130(tmp_path, monkey
     assert not (tmp_path / "run/training_state.safetensors").exists()
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                 # torchrun: the other processes exit quietly
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 1))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (1, 1))
     stdout = sys.stdout
     with pytest.raises(SystemExit) as exit_info:
         sd.main(tiny_sets(tmp_path))
@@ -3797,7 +3797,7 @@ def test_torchrun_stopping_process_0_for_anothers_error_before_training_does_not
     make_dataset(tmp_path / "data")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                         # as torchrun sets them
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (0, 2))
     monkeypatch.setattr(sd, "LatentDataset", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as exit_info:
         sd.main(tiny_sets(tmp_path))
@@ -3830,7 +3830,7 @@ def test_torchrun_sigterm_while_waiting_at_the_final_barrier_ends_a_finished_run
     before training began ... nothing new to save" and exited 143 (process 0: or "lost contact" when the
     others left the barrier). The run has ended: it says done."""
     make_dataset(tmp_path / "data")
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))     # process 0 of 2, as torchrun starts it
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (0, 2))     # process 0 of 2, as torchrun starts it
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
 
     def collective(call, *args, **kwargs):
@@ -3847,7 +3847,7 @@ def test_torchrun_a_signal_to_one_process_stops_every_process_after_the_next_ste
     on its own: the others would wait for it in the next all-reduce. Its flag goes into the next step's sums,
     after which all stop together. Process 0 of 2 here; the others' sums carry no flag (all_reduce_step: its own)."""
     make_dataset(tmp_path / "data")
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (0, 2))
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
     forward_backward, when = sd.Trainer.forward_backward, {}
@@ -3878,7 +3878,7 @@ def test_torchrun_a_signal_during_process_0s_previews_stops_them_after_the_image
     Process 0 now stops them after the image at work, as one process does, and the next step, which carries its
     stop flag, ends every process with process 0's checkpoint. Process 0 of 2 here; the all-reduce its own."""
     make_dataset(tmp_path / "data")
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (0, 2))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (0, 2))
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
     monkeypatch.setattr(sd, "generate", signalling_at_the_second_call(sd.generate, signal.SIGTERM))  # step 2's
@@ -3903,7 +3903,7 @@ def test_torchrun_process_1_trains_but_writes_nothing_to_the_output_dir(tmp_path
     assert "warning: 1 of 2 captions is cut" in capsys.readouterr().err         # process 0's
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)                 # as torchrun sets them
-    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets: (1, 2))
+    monkeypatch.setattr(sd, "init_distributed", lambda cfg, buckets, header: (1, 2))
     monkeypatch.setattr(sd, "all_reduce_step", lambda params, numbers: numbers)
     monkeypatch.setattr(sd, "collective", lambda call, *args, **kwargs: None)
     (tmp_path / "run").mkdir()                          # process 0 made it
@@ -9958,7 +9958,8 @@ def test_torchrun_equals_one_process_and_resumes_on_any_world_size(tmp_path):
 def test_torchrun_resume_refuses_processes_that_found_different_checkpoints(tmp_path):
     """Two machines each with its own output_dir (a local disk, not a shared one): each process loaded the
     checkpoint its machine had, here steps 2 and 1, and the run trained on silently, the processes' LoRAs apart.
-    Two processes here, each in its own folder holding its own `run`."""
+    Then refused, but after caching the dataset (minutes to hours): now before; and two files of one step were
+    said to be '(steps 2)'. Two processes here, each in its own folder holding its own `run`."""
     make_dataset(tmp_path / "data")
     sets = {**LONG_RUN, "train.steps": 2, "train.batch_size": 2, "output_dir": "run"}
     for machine, steps in (("machine0", 2), ("machine1", 1)):
@@ -9968,10 +9969,20 @@ def test_torchrun_resume_refuses_processes_that_found_different_checkpoints(tmp_
     script = tmp_path / "machine.py"
     script.write_text(f"import os, sys\nos.chdir({str(tmp_path)!r} + '/machine' + os.environ['RANK'])\n"
                       f"sys.path.insert(0, {str(ROOT)!r})\nimport sd35_lora\nsd35_lora.main()\n")
-    r = torchrun(str(script), *train_cli(tmp_path, **{**sets, "train.steps": 3, "train.batch_size": 1})[1:], "--resume")
+    resume = lambda: torchrun(str(script), *train_cli(tmp_path, **{**sets, "train.steps": 3, "train.batch_size": 1})[1:],
+                              "--resume")
+    shutil.rmtree(tmp_path / "cache")
+    r = resume()
     assert r.returncode != 0, r.stderr[-2000:]
     assert ("error: --resume: the processes found different checkpoints in output_dir run (steps 1, 2): put "
             "output_dir on a file system every machine sees") in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))      # refused before the caching
+    shutil.rmtree(tmp_path / "machine1" / "run")    # step 2 too, saved with another (resume-free) save_every
+    r = run_cli(*train_cli(tmp_path, **{**sets, "train.save_every": 5}), cwd=tmp_path / "machine1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = resume()
+    assert r.returncode != 0 and "output_dir run (all at step 2, saved with another config): put" in r.stderr, \
+        r.stderr[-2000:]
 
 
 def test_torchrun_a_cache_dir_each_machine_has_its_own_is_named_as_such(tmp_path):
@@ -10962,6 +10973,16 @@ def test_an_empty_safetensors_file_is_said_to_hold_no_tensors(tmp_path):
     save_file({}, empty)
     one_line_error(lambda: sd.load_lora(tiny_mmdit(), empty), r"\(no lora_A/B .*; it holds no tensors\)$")
     one_line_error(lambda: sd.load_mmdit(empty), r"is not an SD3/SD3.5 checkpoint: it holds no tensors$")
+
+
+def test_a_file_of_lora_names_without_lora_weights_is_described_as_other_files_are(tmp_path):
+    """Names holding "lora" but no lora_A/B .weight were shown as 'keys [...]', and a FLUX LoRA's so named
+    was not named FLUX's: now 'its first keys are [...]', as elsewhere, or the other model's name."""
+    for key, said in [("x.lora_A", "its first keys are ['x.lora_A']"),
+                      ("lora_unet_double_blocks_0_img_attn_qkv.lora_A", "it looks like a FLUX transformer")]:
+        save_file({key: torch.ones(2, 2)}, tmp_path / "odd.safetensors")
+        one_line_error(lambda: sd.load_lora(tiny_mmdit(), tmp_path / "odd.safetensors"),
+                       rf"is not a LoRA read here \(no lora_A/B .*; {re.escape(said)}\)$")
 
 
 def test_a_rank_0_lora_pair_is_not_called_a_rank_mismatch(tmp_path):
