@@ -3897,7 +3897,7 @@ def save_checkpoint(trainer: Trainer):
         save_training_state(trainer.state_path, trainer.params, trainer.opt, step, c, trainer.changes,
                             trainer.data.contents, trainer.model_id)
     except UserError as e:
-        raise UserError(f"{e}{'; then continue with --resume' * trainer.state_path.is_file()}") from None
+        raise UserError(f"{e}{'; then continue with --resume' * has_checkpoint(c)}") from None
     if c.train.keep_last:                               # 0: all kept; before the line, which `| head` can end
         remove_old_checkpoints(trainer.out, step, c.train.keep_last)
     tqdm.write(f"saved {trainer.out / f'lora_step_{step:06d}.safetensors'}")
